@@ -1,0 +1,13 @@
+#pragma once
+#include <cstdint>
+
+namespace embgeom {
+
+// Row entropy of attention probabilities p: (B, H, T, T) row-major, rows = queries.
+// mask: (B, T) bytes (1 = real token) or nullptr. Keys outside the mask are ignored; query rows
+// outside the mask get NaN. With smoothing e > 0 each valid row becomes (1-e) p + e/n_valid.
+// out: (B, H, T) float, H = -sum p ln p in nats (0 ln 0 = 0).
+void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask,
+                           double smoothing, float* out);
+
+}  // namespace embgeom

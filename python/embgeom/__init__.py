@@ -1,0 +1,25 @@
+"""embgeom: a metric engine for the geometry of transformer embeddings."""
+from .api import ConeAccumulator, attention_entropy, cone_index, cone_index_stream, pairwise_stats
+from .models import load_model
+from .results import AttentionEntropy, ConeIndex, Histogram, PairList, PairwiseStats, RowTopK
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__", "pairwise_stats", "cone_index", "cone_index_stream", "ConeAccumulator",
+    "attention_entropy", "load_model", "trace", "knn",
+    "PairwiseStats", "PairList", "Histogram", "RowTopK", "ConeIndex", "AttentionEntropy",
+]
+
+
+def __getattr__(name):
+    # heavy optional parts (transformers, faiss) load on first use
+    if name == "trace":
+        from .hf import trace
+
+        return trace
+    if name == "knn":
+        from .knn import knn
+
+        return knn
+    raise AttributeError(f"module 'embgeom' has no attribute {name!r}")

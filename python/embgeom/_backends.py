@@ -1,0 +1,168 @@
+"""Backend registry and dispatch.
+
+Order: `backend=` argument > `EMBGEOM_BACKEND` > auto (cuda > triton on CUDA tensors > cpp on
+CPU > torch). Each backend answers `reasons(op, x) -> list[str]`: why it cannot run this call;
+the first with none wins. Compiled modules and optional packages load lazily, so importing
+embgeom never fails; an ImportError becomes a reason that says how to fix it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("embgeom")
+
+AUTO_ORDER = ("cuda", "triton", "cpp", "torch")
+ALL_BACKENDS = AUTO_ORDER + ("reference",)
+
+_import_errors: dict[str, str] = {}
+_modules: dict[str, object] = {}
+
+
+def load(module: str, fix: str):
+    """Import once; on failure remember a readable reason (returned as None)."""
+    if module in _modules:
+        return _modules[module]
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a reason, never a crash
+        _import_errors[module] = f"{module} not importable ({type(exc).__name__}: {exc}); {fix}"
+        mod = None
+    _modules[module] = mod
+    return mod
+
+
+def import_reason(module: str) -> str:
+    return _import_errors.get(module, f"{module} not importable")
+
+
+def cpp():
+    return load("embgeom._C", "rebuild with `pip install -e .` (needs cmake and a C++ compiler)")
+
+
+def cuda_ext():
+    return load("embgeom._cuda", "rebuild with nvcc on PATH and EMBGEOM_CUDA=auto|on")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class Backend:
+    name: str
+    base_reasons: Callable[[torch.Tensor], list[str]]
+    ops: dict[str, tuple[Callable, Callable | None]] = field(default_factory=dict)
+
+    def reasons(self, op: str, x: torch.Tensor, **kw) -> list[str]:
+        if op not in self.ops:
+            return [f"{self.name} has no {op} kernel"]
+        out = self.base_reasons(x)
+        if out:
+            return out
+        extra = self.ops[op][1]
+        return extra(x, **kw) if extra else []
+
+
+def _cpp_reasons(x: torch.Tensor) -> list[str]:
+    out = []
+    if x.device.type != "cpu":
+        out.append(f"cpp runs on CPU tensors, got {x.device}")
+    if cpp() is None:
+        out.append(import_reason("embgeom._C"))
+    return out
+
+
+def _cuda_device_reasons(x: torch.Tensor) -> list[str]:
+    if not torch.cuda.is_available():
+        return ["no usable CUDA device (torch.cuda.is_available() is False)"]
+    if x.device.type != "cuda":
+        return [f"needs CUDA tensors, got {x.device}"]
+    return []
+
+
+def _cuda_reasons(x: torch.Tensor) -> list[str]:
+    out = _cuda_device_reasons(x)
+    if not out and cuda_ext() is None:
+        out.append(import_reason("embgeom._cuda"))
+    return out
+
+
+def _triton_reasons(x: torch.Tensor) -> list[str]:
+    if load("triton", "pip install triton") is None:
+        return [import_reason("triton")]
+    if triton_interpreting() and x.device.type == "cpu":
+        return []
+    return _cuda_device_reasons(x)
+
+
+BACKENDS: dict[str, Backend] = {
+    "cuda": Backend("cuda", _cuda_reasons),
+    "triton": Backend("triton", _triton_reasons),
+    "cpp": Backend("cpp", _cpp_reasons),
+    "torch": Backend("torch", lambda x: []),
+    "reference": Backend("reference", lambda x: []),
+}
+
+
+def register(backend: str, op: str, run: Callable, reasons: Callable | None = None) -> None:
+    """reasons(x, **call_options) -> list[str] adds op-specific limits (e.g. precision)."""
+    BACKENDS[backend].ops[op] = (run, reasons)
+
+
+def pick(op: str, x: torch.Tensor, backend: str | None = None, **kw) -> tuple[str, Callable]:
+    """Return (name, run) of the backend for this call; raise ValueError listing why not."""
+    _ensure_registered()
+    requested = backend if backend is not None else os.environ.get("EMBGEOM_BACKEND") or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"backend: expected one of {', '.join(ALL_BACKENDS)}, got {requested!r}")
+        why = BACKENDS[requested].reasons(op, x, **kw)
+        if why:
+            raise ValueError(f"backend {requested!r} cannot run {op}: " + "; ".join(why))
+        return requested, BACKENDS[requested].ops[op][0]
+    skipped = []
+    for name in AUTO_ORDER:
+        why = BACKENDS[name].reasons(op, x, **kw)
+        if not why:
+            return name, BACKENDS[name].ops[op][0]
+        skipped.append(f"{name}: {'; '.join(why)}")
+        log.debug("embgeom %s: skipping %s: %s", op, name, "; ".join(why))
+    raise ValueError(f"no backend can run {op}: " + " | ".join(skipped))
+
+
+_registered = False
+
+
+def _ensure_registered() -> None:
+    """Backends register their ops on first use (keeps `import embgeom` light)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from . import _cpu, _torch_ops  # noqa: F401
+    try:
+        from . import _gpu  # noqa: F401
+    except ImportError as exc:  # the GPU glue itself is optional
+        log.debug("embgeom: GPU backends unavailable: %s", exc)
+
+
+def usable_report() -> list[dict]:
+    """For `python -m embgeom.info`: per backend and op, built/usable and why not."""
+    _ensure_registered()
+    probe_cpu = torch.zeros(1, 1)
+    probe = torch.zeros(1, 1, device="cuda") if torch.cuda.is_available() else probe_cpu
+    rows = []
+    for name in ALL_BACKENDS:
+        b = BACKENDS[name]
+        for op in sorted(b.ops):
+            why_cpu = b.reasons(op, probe_cpu)
+            why_gpu = b.reasons(op, probe) if probe is not probe_cpu else ["no usable CUDA device"]
+            rows.append({"backend": name, "op": op, "cpu": not why_cpu, "cuda": not why_gpu,
+                         "why_not_cpu": "; ".join(why_cpu), "why_not_cuda": "; ".join(why_gpu)})
+    return rows

@@ -1,0 +1,65 @@
+"""The `cpp` backend: the C++/OpenMP core in embgeom._C, zero-copy from CPU tensors."""
+from __future__ import annotations
+
+import torch
+
+from ._backends import cpp, register
+from ._pairwise import PairwiseConfig
+
+
+def _f32(x: torch.Tensor):
+    """Contiguous float32 numpy view (copies only when dtype or strides require it)."""
+    return x.detach().to(torch.float32).contiguous().numpy()
+
+
+def _mask_u8(mask):
+    return None if mask is None else mask.to(torch.uint8).contiguous().numpy()
+
+
+def cone_unit_sums(x: torch.Tensor, mask: torch.Tensor | None):
+    sums, used, zero = cpp().cone_unit_sums(_f32(x), _mask_u8(mask))
+    return torch.from_numpy(sums), torch.from_numpy(used), torch.from_numpy(zero)
+
+
+def row_entropy(attn: torch.Tensor, mask: torch.Tensor | None, smoothing: float = 0.0):
+    return torch.from_numpy(cpp().attention_row_entropy(_f32(attn), _mask_u8(mask), float(smoothing)))
+
+
+class CppEngine:
+    """Adapter from embgeom._C.PairwiseEngine to the engine protocol of _pairwise."""
+
+    name = "cpp"
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, threads: int = 0):
+        self._x, self._y = _f32(x), None if y is None else _f32(y)  # keep buffers alive
+        self._engine = cpp().PairwiseEngine(
+            self._x, self._y, metric=cfg.metric, precision=cfg.precision, block=cfg.block,
+            bins=cfg.bins, lo=cfg.lo, hi=cfg.hi, topk=cfg.topk, bottomk=cfg.bottomk,
+            near=cfg.near, near_k=cfg.near_k, row_topk=cfg.row_topk, row_bottomk=cfg.row_bottomk,
+            outside=cfg.outside, outside_limit=cfg.outside_limit, threads=threads)
+
+    def num_tiles(self):
+        return self._engine.num_tiles()
+
+    def tile_pairs(self, begin, end):
+        return self._engine.tile_pairs(begin, end)
+
+    def run(self, begin, end):
+        self._engine.run(begin, end)
+
+    def state(self):
+        return self._engine.state()
+
+    def load_state(self, state):
+        self._engine.load_state(state)
+
+
+def _engine_reasons(x, **_):
+    if not hasattr(cpp(), "PairwiseEngine"):
+        return ["embgeom._C was built without the pairwise engine"]
+    return []
+
+
+register("cpp", "pairwise_stats", CppEngine, _engine_reasons)
+register("cpp", "cone_index", cone_unit_sums)
+register("cpp", "attention_entropy", row_entropy)

@@ -1,0 +1,160 @@
+"""Input checks at the public edge: one message style, `name: expected ..., got ...`.
+
+Everything past this module may assume float tensors of the right rank, finite values and
+masks of matching shape; backends never re-check.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+    if isinstance(x, np.ndarray):
+        return f"{x.shape} {x.dtype}"
+    return type(x).__name__
+
+
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """torch.Tensor or numpy array -> tensor, zero-copy for numpy."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        if x.dtype == np.float64 or x.dtype == np.float32 or x.dtype == np.float16:
+            return torch.from_numpy(x) if x.flags.writeable else torch.from_numpy(x.copy())
+        raise TypeError(f"{name}: expected a float array, got {_describe(x)}")
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _check_float(x: torch.Tensor, name: str, shape_doc: str) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected {shape_doc} float, got {_describe(x)}")
+
+
+def check_finite(x: torch.Tensor, name: str, row_dims: int = 1) -> None:
+    """Raise ValueError naming the rows (leading `row_dims` indices) that hold NaN or Inf."""
+    if x.numel() == 0:
+        return
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return
+    rows = bad.reshape(*x.shape[:row_dims], -1).any(dim=-1).nonzero().tolist()
+    shown = [r[0] if row_dims == 1 else tuple(r) for r in rows[:10]]
+    more = f" (and {len(rows) - 10} more)" if len(rows) > 10 else ""
+    raise ValueError(f"{name}: NaN or Inf in {len(rows)} row(s): {shown}{more}")
+
+
+def embeddings(x: Any, name: str = "x") -> torch.Tensor:
+    """x: (N, D) float -> tensor; rejects wrong rank, dtype, empty and non-finite input."""
+    x = as_tensor(x, name)
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected (N, D) float, got {_describe(x)}")
+    _check_float(x, name, "(N, D)")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one row and one column, got {_describe(x)}")
+    check_finite(x, name)
+    return x
+
+
+def pair_of_embeddings(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x = embeddings(x, "x")
+    if y is None:
+        return x, None
+    y = embeddings(y, "y")
+    if y.shape[1] != x.shape[1]:
+        raise ValueError(f"y: expected D = {x.shape[1]} to match x, got {_describe(y)}")
+    if y.device != x.device:
+        raise ValueError(f"y: expected the same device as x ({x.device}), got {y.device}")
+    return x, y
+
+
+def sequences(x: Any, mask: Any = None, name: str = "x") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x: (B, T, D) float (or (N, D), taken as one set), mask: (B, T) bool or None."""
+    x = as_tensor(x, name)
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+        if mask is not None:
+            mask = as_tensor(mask, "mask") if not isinstance(mask, np.ndarray) else torch.from_numpy(mask)
+            if mask.dim() == 1:
+                mask = mask.unsqueeze(0)
+    if x.dim() != 3:
+        raise ValueError(f"{name}: expected (B, T, D) or (N, D) float, got {_describe(x)}")
+    _check_float(x, name, "(B, T, D)")
+    if x.shape[2] == 0:
+        raise ValueError(f"{name}: expected D >= 1, got {_describe(x)}")
+    mask = batch_mask(mask, x.shape[0], x.shape[1], x.device)
+    check_finite(x, name, row_dims=2)
+    return x, mask
+
+
+def batch_mask(mask: Any, B: int, T: int, device: torch.device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a (B, T) bool tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != (B, T):
+        raise ValueError(f"mask: expected shape ({B}, {T}), got {_describe(mask)}")
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise TypeError(f"mask: expected bool or integer 0/1, got {_describe(mask)}")
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("mask: expected only 0/1 values")
+        mask = mask.bool()
+    return mask.to(device)
+
+
+def attention(attn: Any, mask: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """attn: (B, H, T, T) float probabilities (rows = queries), mask: (B, T) bool."""
+    attn = as_tensor(attn, "attn")
+    if attn.dim() == 3:
+        attn = attn.unsqueeze(0)
+    if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn: expected (B, H, T, T) float, got {_describe(attn)}")
+    _check_float(attn, "attn", "(B, H, T, T)")
+    mask = batch_mask(mask, attn.shape[0], attn.shape[2], attn.device)
+    if attn.numel():
+        check_finite(attn, "attn", row_dims=3)
+        if bool((attn < 0).any()):
+            raise ValueError("attn: expected probabilities >= 0, found negative entries")
+    return attn, mask
+
+
+def positive_int(value: Any, name: str, *, allow_zero: bool = True) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected {'>= 0' if allow_zero else '>= 1'}, got {value}")
+    return int(value)
+
+
+def choice(value: Any, name: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, options))}, got {value!r}")
+    return value
+
+
+def finite_float(value: Any, name: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}") from None
+    if not np.isfinite(out):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return out
+
+
+def interval(value: Any, name: str) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name}: expected a pair (lo, hi), got {value!r}")
+    lo, hi = finite_float(value[0], f"{name}[0]"), finite_float(value[1], f"{name}[1]")
+    if not lo < hi:
+        raise ValueError(f"{name}: expected lo < hi, got ({lo}, {hi})")
+    return lo, hi

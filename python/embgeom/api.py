@@ -1,0 +1,149 @@
+"""Public functions: validate at the edge, dispatch to a backend, return a result object."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable
+
+import torch
+
+from . import _backends, _validate
+from ._pairwise import METRICS, PRECISIONS, PairwiseConfig, finalize, fingerprint, run_engine
+from .results import AttentionEntropy, ConeIndex, PairwiseStats
+
+
+def pairwise_stats(x, y=None, *, metric: str = "cosine", bins: int = 2000,
+                   range: tuple[float, float] | None = None, topk: int = 10,
+                   bottomk: int = 10, near: float | None = None, near_k: int = 10,
+                   row_topk: int = 0, row_bottomk: int = 0,
+                   outside: tuple[float, float] | None = None, outside_limit: int = 1000,
+                   precision: str = "exact", backend: str | None = None,
+                   checkpoint: str | None = None, progress: bool = False,
+                   block: int = 256) -> PairwiseStats:
+    """Statistics over all pairs, tile by tile (SPEC M1); the N x N matrix is never built.
+
+    x: (N, D) float; y: (M, D) float or None. Self mode (y None) covers the pairs i < j; cross
+    mode every (i, j). Every output is optional (bins=0, topk=0, ... switch it off). The
+    histogram `range` defaults to (-1, 1) for cosine and is required for `dot`/`euclidean`. `checkpoint=PATH` saves
+    finished tiles so an interrupted run resumes. Returns PairwiseStats (tensors on x's device).
+    """
+    x, y = _validate.pair_of_embeddings(x, y)
+    metric = _validate.choice(metric, "metric", METRICS)
+    precision = _validate.choice(precision, "precision", PRECISIONS)
+    bins = _validate.positive_int(bins, "bins")
+    if bins:
+        if range is None and metric == "cosine":
+            range = (-1.0, 1.0)
+        if range is None:
+            raise ValueError(f"range: required for metric={metric!r} when bins > 0 (e.g. range=(lo, hi))")
+        lo, hi = _validate.interval(range, "range")
+    else:
+        lo, hi = -1.0, 1.0
+    if outside is not None:
+        if not isinstance(outside, (tuple, list)) or len(outside) != 2:
+            raise TypeError(f"outside: expected a pair (a, b), got {outside!r}")
+        a = _validate.finite_float(outside[0], "outside[0]")
+        b = _validate.finite_float(outside[1], "outside[1]")
+        if a > b:
+            raise ValueError(f"outside: expected a <= b, got ({a}, {b})")
+        outside = (a, b)
+    cfg = PairwiseConfig(
+        metric=metric, bins=bins, lo=lo, hi=hi, topk=_validate.positive_int(topk, "topk"),
+        bottomk=_validate.positive_int(bottomk, "bottomk"),
+        near=None if near is None else _validate.finite_float(near, "near"),
+        near_k=_validate.positive_int(near_k, "near_k"),
+        row_topk=_validate.positive_int(row_topk, "row_topk"),
+        row_bottomk=_validate.positive_int(row_bottomk, "row_bottomk"), outside=outside,
+        outside_limit=_validate.positive_int(outside_limit, "outside_limit"), precision=precision,
+        block=_validate.positive_int(block, "block", allow_zero=False))
+    name, make_engine = _backends.pick("pairwise_stats", x, backend, precision=precision)
+    start = time.perf_counter()
+    engine = make_engine(x, y, cfg)
+    fp = fingerprint(x, y, cfg, name, engine.num_tiles()) if checkpoint else None
+    state = run_engine(engine, fp=fp, checkpoint=checkpoint, progress=progress)
+    return finalize(state, cfg, n=x.shape[0], m=None if y is None else y.shape[0], d=x.shape[1],
+                    backend=name, device=x.device, seconds=time.perf_counter() - start)
+
+
+def cone_index(x, mask=None, *, backend: str | None = None) -> ConeIndex:
+    """Cone index I = || sum_i x_i/||x_i|| || per set (SPEC M2), zero rows excluded.
+
+    x: (B, T, D) with mask (B, T) bool -> results of shape (B,); (N, D) -> shape (1,);
+    a tuple/list of L+1 hidden states (B, T, D) -> shape (L+1, B).
+    """
+    if isinstance(x, (tuple, list)):
+        if not x:
+            raise ValueError("x: expected a non-empty tuple of (B, T, D) hidden states")
+        parts = [cone_index(h, mask, backend=backend) for h in x]
+        return ConeIndex(*(torch.stack([getattr(p, f) for p in parts])
+                           for f in ("index", "normalized", "n", "zero_rows")), backend=parts[0].backend)
+    x, mask = _validate.sequences(x, mask)
+    name, run = _backends.pick("cone_index", x, backend)
+    sums, used, zero = run(x, mask)
+    return _cone_result(sums, used, zero, name, x.device)
+
+
+def _cone_result(sums, used, zero, name, device) -> ConeIndex:
+    index = torch.linalg.vector_norm(sums.double(), dim=-1).to(device)
+    used = used.to(device)
+    normalized = torch.where(used > 0, index / used.clamp(min=1), torch.full_like(index, math.nan))
+    return ConeIndex(index, normalized, used, zero.to(device), name)
+
+
+class ConeAccumulator:
+    """Streaming cone index of one huge set: `update(chunk (N_i, D))` as often as needed, then
+    `result()`. Memory stays O(D) whatever the number of vectors."""
+
+    def __init__(self, backend: str | None = None):
+        self.backend = backend
+        self.sums: torch.Tensor | None = None
+        self.used = 0
+        self.zero = 0
+        self._name = None
+
+    def update(self, chunk) -> None:
+        x, _ = _validate.sequences(chunk, None, name="chunk")
+        if self.sums is not None and x.shape[-1] != self.sums.shape[-1]:
+            raise ValueError(f"chunk: expected D = {self.sums.shape[-1]}, got {x.shape[-1]}")
+        self._name, run = _backends.pick("cone_index", x, self.backend)
+        sums, used, zero = run(x.reshape(1, -1, x.shape[-1]), None)
+        self.sums = sums[0].to(x.device) if self.sums is None else self.sums + sums[0].to(self.sums.device)
+        self.used += int(used.sum())
+        self.zero += int(zero.sum())
+
+    def result(self) -> ConeIndex:
+        if self.sums is None:
+            raise ValueError("ConeAccumulator: no chunk was added")
+        dev = self.sums.device
+        return _cone_result(self.sums[None], torch.tensor([self.used], device=dev),
+                            torch.tensor([self.zero], device=dev), self._name, dev)
+
+
+def cone_index_stream(chunks: Iterable[Any], *, backend: str | None = None) -> ConeIndex:
+    """Cone index of the union of all chunks ((N_i, D) each), streaming."""
+    acc = ConeAccumulator(backend)
+    for c in chunks:
+        acc.update(c)
+    return acc.result()
+
+
+def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
+                      backend: str | None = None) -> AttentionEntropy:
+    """Row entropy H = -sum_j p_ij ln p_ij (nats) of attention probabilities (SPEC M3).
+
+    attn: (B, H, T, T) rows = queries, padded keys zero; mask: (B, T) bool. Padded query rows are
+    NaN in `row_entropy` and left out of `mean` (H,). `smoothing` e mixes in the uniform
+    distribution: p' = (1 - e) p + e / n_valid (seed 004).
+    """
+    attn, mask = _validate.attention(attn, mask)
+    smoothing = _validate.finite_float(smoothing, "smoothing")
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"smoothing: expected a value in [0, 1], got {smoothing}")
+    name, run = _backends.pick("attention_entropy", attn, backend)
+    ent = run(attn, mask, smoothing).to(attn.device)
+    B, H, T, _ = attn.shape
+    valid = ~torch.isnan(ent)
+    n_rows = valid[:, 0, :].sum() if H else torch.tensor(0)
+    mean = torch.where(valid, ent, torch.zeros_like(ent)).double().sum(dim=(0, 2)) / valid.sum(dim=(0, 2)).clamp(min=1)
+    lengths = mask.sum(1).double() if mask is not None else torch.full((B,), float(T), dtype=torch.float64, device=attn.device)
+    return AttentionEntropy(ent, mean, torch.log(lengths), int(n_rows), smoothing, name)

@@ -1,0 +1,253 @@
+"""The float64 specification of every metric, in plain PyTorch (SPEC M1-M4).
+
+Readable over fast: it builds N x N matrices and loops in Python where that is clearer.
+Only tests and small cross-checks use it; it is never picked by dispatch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "pairwise_values", "pairwise_stats", "cone_index", "attention_entropy", "attention_summary",
+    "js_distance", "context_similarity",
+]
+
+
+def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norms = torch.linalg.vector_norm(x, dim=1)
+    valid = norms > 0
+    return x / torch.where(valid, norms, torch.ones_like(norms))[:, None], valid
+
+
+def pairwise_values(x, y=None, metric="cosine"):
+    """All pair values in float64 and the pair mask.
+
+    Returns (values (N, M), mask (N, M) bool, excluded_rows, excluded_cols): mask is True for
+    counted pairs (i < j in self mode, both rows non-zero for cosine).
+    """
+    x = torch.as_tensor(x).double().cpu()
+    self_mode = y is None
+    y = x if self_mode else torch.as_tensor(y).double().cpu()
+    n, m = x.shape[0], y.shape[0]
+    mask = torch.ones(n, m, dtype=torch.bool)
+    excluded_rows, excluded_cols = [], []
+    if metric == "cosine":
+        xu, xv = _unit_rows(x)
+        yu, yv = _unit_rows(y)
+        values = (xu @ yu.T).clamp(-1.0, 1.0)
+        mask &= xv[:, None] & yv[None, :]
+        excluded_rows = torch.nonzero(~xv).flatten().tolist()
+        excluded_cols = [] if self_mode else torch.nonzero(~yv).flatten().tolist()
+    elif metric == "dot":
+        values = x @ y.T
+    elif metric == "euclidean":
+        values = torch.cdist(x, y)
+    else:
+        raise ValueError(f"metric: unknown {metric!r}")
+    if self_mode:
+        mask &= torch.ones(n, m, dtype=torch.bool).triu(diagonal=1)
+    return values, mask, excluded_rows, excluded_cols
+
+
+def _sorted_pairs(values, mask, key, limit):
+    idx = mask.nonzero()
+    vals = values[idx[:, 0], idx[:, 1]]
+    items = sorted(zip(key(vals).tolist(), idx[:, 0].tolist(), idx[:, 1].tolist(), vals.tolist()))
+    return [[i, j, v] for _, i, j, v in items[:limit]]
+
+
+def _row_lists(values, mask, self_mode, k, largest):
+    n = values.shape[0]
+    full = mask | mask.T if self_mode else mask
+    indices = torch.full((n, k), -1, dtype=torch.int64)
+    vals = torch.full((n, k), math.nan, dtype=torch.float64)
+    for i in range(n):
+        cols = full[i].nonzero().flatten().tolist()
+        ranked = sorted(cols, key=lambda j: ((-values[i, j]) if largest else values[i, j], j))[:k]
+        for slot, j in enumerate(ranked):
+            indices[i, slot] = j
+            vals[i, slot] = values[i, j]
+    return {"indices": indices, "values": vals}
+
+
+def pairwise_stats(x, y=None, *, metric="cosine", bins=2000, range=(-1.0, 1.0), topk=10,
+                   bottomk=10, near=None, near_k=10, row_topk=0, row_bottomk=0, outside=None,
+                   outside_limit=1000) -> dict:
+    """SPEC M1 by brute force: a dict with the keys of the CLI JSON (values as tensors/lists)."""
+    self_mode = y is None
+    values, mask, excluded_rows, excluded_cols = pairwise_values(x, y, metric)
+    sel = values[mask]
+    count = int(sel.numel())
+    out = {"mode": "self" if self_mode else "cross", "metric": metric, "count": count,
+           "values": values, "mask": mask, "excluded_rows": excluded_rows,
+           "excluded_cols": excluded_cols}
+    out["mean"] = float(sel.mean()) if count else math.nan
+    out["std"] = float(sel.std(unbiased=False)) if count else math.nan
+    if count:
+        lo_pairs = _sorted_pairs(values, mask, lambda v: v, 1)
+        hi_pairs = _sorted_pairs(values, mask, lambda v: -v, 1)
+        out["min"], out["max"] = lo_pairs[0], hi_pairs[0]
+    else:
+        out["min"] = out["max"] = None
+    if bins:
+        lo, hi = range
+        width = (hi - lo) / bins
+        counts = torch.zeros(bins, dtype=torch.int64)
+        under = over = 0
+        for v in sel.tolist():
+            if v < lo:
+                under += 1
+            elif v > hi:
+                over += 1
+            else:
+                counts[min(int(math.floor((v - lo) / width)), bins - 1)] += 1
+        out["hist"] = {"lo": lo, "hi": hi, "bins": bins, "counts": counts, "underflow": under,
+                       "overflow": over}
+    out["top_pairs"] = _sorted_pairs(values, mask, lambda v: -v, topk)
+    out["bottom_pairs"] = _sorted_pairs(values, mask, lambda v: v, bottomk)
+    out["near_pairs"] = [] if near is None else _sorted_pairs(values, mask, lambda v: (v - near).abs(), near_k)
+    if row_topk:
+        out["row_topk"] = _row_lists(values, mask, self_mode, row_topk, largest=True)
+    if row_bottomk:
+        out["row_bottomk"] = _row_lists(values, mask, self_mode, row_bottomk, largest=False)
+    if outside is not None:
+        a, b = outside
+        hit = mask & ((values < a) | (values > b))
+        rows = hit.sum(1) + (hit.sum(0) if self_mode else 0)
+        out["outside"] = {"a": a, "b": b, "count": int(hit.sum()), "row_counts": rows,
+                          "pairs": _sorted_pairs(values, hit, lambda v: torch.zeros_like(v), outside_limit)}
+        if not self_mode:
+            out["outside"]["col_counts"] = hit.sum(0)
+    return out
+
+
+def cone_index(x, mask=None) -> dict:
+    """x: (B, T, D) or (N, D); mask: (B, T) bool. I_b = ||sum_i x_i/||x_i|| ||, zero rows out."""
+    x = torch.as_tensor(x).double().cpu()
+    if x.dim() == 2:
+        x = x[None]
+        mask = None if mask is None else torch.as_tensor(mask)[None]
+    B, T, _ = x.shape
+    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool().cpu()
+    index, n, zero = [], [], []
+    for b in range(B):
+        rows = x[b][mask[b]]
+        unit, valid = _unit_rows(rows)
+        index.append(float(torch.linalg.vector_norm(unit[valid].sum(0))))
+        n.append(int(valid.sum()))
+        zero.append(int((~valid).sum()))
+    index = torch.tensor(index, dtype=torch.float64)
+    n = torch.tensor(n)
+    return {"index": index, "normalized": index / n.clamp(min=1), "n": n, "zero_rows": torch.tensor(zero)}
+
+
+def attention_entropy(attn, mask=None, smoothing=0.0) -> dict:
+    """attn: (B, H, T, T). Row entropy -sum p ln p in nats over valid keys; padded queries NaN.
+
+    Returns row_entropy (B, H, T), mean (H,) over valid rows of all sequences and
+    uniform_baseline (B,) = ln(n_valid)."""
+    p = torch.as_tensor(attn).double().cpu()
+    B, H, T, _ = p.shape
+    mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool().cpu()
+    ent = torch.full((B, H, T), math.nan, dtype=torch.float64)
+    for b in range(B):
+        keys = mask[b]
+        n_valid = int(keys.sum())
+        for h in range(H):
+            for q in range(T):
+                if not keys[q]:
+                    continue
+                row = p[b, h, q][keys]
+                row = (1 - smoothing) * row + smoothing / n_valid
+                nz = row[row > 0]
+                ent[b, h, q] = float(-(nz * nz.log()).sum())
+    valid_rows = mask[:, None, :].expand(B, H, T)
+    mean = torch.stack([ent[:, h][valid_rows[:, h]].mean() for h in range(H)])
+    baseline = torch.log(mask.sum(1).double())
+    return {"row_entropy": ent, "mean": mean, "uniform_baseline": baseline}
+
+
+def attention_summary(attn, mask, special) -> dict:
+    """Mean attention mass per head (H,) over valid query rows to [CLS], [SEP], punctuation, the
+    previous and the next token; and the entropy of the head's mean attention distribution.
+
+    special: dict of (B, T) bool tensors "cls", "sep", "punct"."""
+    p = torch.as_tensor(attn).double().cpu()
+    B, H, T, _ = p.shape
+    mask = torch.as_tensor(mask).bool().cpu()
+    sums = {k: torch.zeros(H, dtype=torch.float64) for k in ("cls", "sep", "punct", "prev", "next")}
+    rows = 0
+    head_mean_entropy = torch.zeros(H, dtype=torch.float64)
+    for b in range(B):
+        valid = mask[b].nonzero().flatten().tolist()
+        for q in valid:
+            rows += 1
+            for h in range(H):
+                row = p[b, h, q]
+                for key in ("cls", "sep", "punct"):
+                    sums[key][h] += float(row[torch.as_tensor(special[key][b]).bool()].sum())
+                if q - 1 >= 0 and mask[b, q - 1]:
+                    sums["prev"][h] += float(row[q - 1])
+                if q + 1 < T and mask[b, q + 1]:
+                    sums["next"][h] += float(row[q + 1])
+        for h in range(H):
+            mean_row = p[b, h][mask[b]][:, mask[b]].mean(0)
+            nz = mean_row[mean_row > 0]
+            head_mean_entropy[h] += float(-(nz * nz.log()).sum())
+    out = {k: v / max(rows, 1) for k, v in sums.items()}
+    out["head_mean_entropy"] = head_mean_entropy / B
+    return out
+
+
+def js_distance(dists: torch.Tensor) -> torch.Tensor:
+    """dists: (K, R) probability rows (one averaged attention distribution set per head,
+    flattened). Returns the (K, K) Jensen-Shannon distance sqrt(JS divergence, nats)."""
+    d = torch.as_tensor(dists).double()
+    K = d.shape[0]
+    out = torch.zeros(K, K, dtype=torch.float64)
+
+    def kl(a, b):
+        nz = a > 0
+        return float((a[nz] * (a[nz] / b[nz]).log()).sum())
+
+    for i in range(K):
+        for j in range(K):
+            mid = 0.5 * (d[i] + d[j])
+            out[i, j] = math.sqrt(max(0.5 * kl(d[i], mid) + 0.5 * kl(d[j], mid), 0.0))
+    return out
+
+
+def context_similarity(head_out, mask, separators, cosine=False) -> dict:
+    """head_out: (B, T, d_h) one head's outputs O; mask (B, T); separators (B, T) bool.
+
+    For each valid token i, its most similar other valid token j under S = O O^T (or cosine),
+    ties to the smaller j. Returns per-token arrays and the summaries of SPEC M4:
+    distance |i - j| list, mean distance, the focus token count per sequence (the column with
+    the most top-similarity hits, ties to the smaller position) and the share of hits that land
+    on separator tokens."""
+    o = torch.as_tensor(head_out).double().cpu()
+    B, T, _ = o.shape
+    distances, sep_hits, hits, focus = [], 0, 0, []
+    for b in range(B):
+        idx = torch.as_tensor(mask[b]).bool().nonzero().flatten().tolist()
+        if len(idx) < 2:
+            focus.append(-1)
+            continue
+        v = o[b, idx]
+        if cosine:
+            v, _ = _unit_rows(v)
+        s = v @ v.T
+        counts = [0] * len(idx)
+        for a in range(len(idx)):
+            best = max((s[a, c].item(), -c) for c in range(len(idx)) if c != a)
+            c = -best[1]
+            counts[c] += 1
+            distances.append(abs(idx[a] - idx[c]))
+            hits += 1
+            sep_hits += int(bool(separators[b][idx[c]]))
+        top = max(range(len(idx)), key=lambda c: (counts[c], -c))
+        focus.append(idx[top])
+    return {"distances": distances, "mean_distance": sum(distances) / max(len(distances), 1),
+            "focus_token": focus, "separator_share": sep_hits / max(hits, 1)}

@@ -1,0 +1,51 @@
+"""Builds the C++ core (and the CUDA module when allowed) through CMake, cmake_example style."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_temp = Path(self.build_temp) / ext.name
+        build_temp.mkdir(parents=True, exist_ok=True)
+        cfg = "Debug" if os.environ.get("EMBGEOM_DEBUG") else "Release"
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DEMBGEOM_CUDA={os.environ.get('EMBGEOM_CUDA', 'auto')}",
+        ]
+        try:
+            import ninja  # noqa: F401
+
+            args.append("-GNinja")
+        except ImportError:
+            pass
+        jobs = os.environ.get("MAX_JOBS", "2")
+        subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
+        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_temp, check=True)
+
+
+setup(
+    ext_modules=[CMakeExtension("embgeom._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    packages=["embgeom", "embgeom.kernels", "embgeom.kernels.triton", "embgeom.kernels.cuda"],
+    package_dir={"": "python", "embgeom.kernels": "kernels"},
+    package_data={"embgeom.kernels.cuda": ["*.cu", "*.cuh"]},
+    zip_safe=False,
+)
