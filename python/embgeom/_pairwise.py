@@ -495,27 +495,29 @@ def run_engine(engine, *, fp: str | None = None, checkpoint: str | None = None,
     """
     total_tiles = engine.num_tiles()
     if checkpoint:
+        chunk_seconds = float(os.environ.get("EMBGEOM_CHECKPOINT_SECONDS", chunk_seconds))
         saved = load_checkpoint(checkpoint, fp)
         if saved is not None:
             engine.load_state(saved)
     done = int(engine.state()["tiles_done"])
+    if done and progress:
+        sys.stderr.write(f"embgeom pairs: resuming from {checkpoint}: {done} of {total_tiles} tiles done\n")
     total_pairs = engine.tile_pairs(0, total_tiles)
     resumed_pairs = engine.tile_pairs(0, done)
     bar = _Progress(total_pairs, progress)
     chunk = 1
     pairs_done = resumed_pairs
     while done < total_tiles:
-        end = min(total_tiles, done + chunk)
+        begin, end = done, min(total_tiles, done + chunk)
         t0 = time.perf_counter()
-        engine.run(done, end)
-        spent = time.perf_counter() - t0
-        pairs_done += engine.tile_pairs(done, end)
+        engine.run(begin, end)
+        per_tile = (time.perf_counter() - t0) / (end - begin)
+        pairs_done += engine.tile_pairs(begin, end)
         done = end
         if checkpoint:
             save_checkpoint(checkpoint, fp, engine.state())
         bar.update(pairs_done, resumed_pairs)
         # size chunks to ~chunk_seconds so progress and checkpoints stay frequent but cheap
-        per_tile = spent / max(end - (end - chunk), 1)
         chunk = max(1, min(total_tiles, int(chunk_seconds / max(per_tile, 1e-6))))
         if should_stop is not None and should_stop():
             break

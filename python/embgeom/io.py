@@ -16,24 +16,25 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
     if os.path.isdir(path):
         raise ValueError(f"{name}: expected a file, got a directory: {path}")
     suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{name}: unsupported file type {suffix!r} for {path} (expected one of {', '.join(SUFFIXES)})")
     try:
         if suffix == ".npy":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            if arr.dtype.kind != "f":
-                raise ValueError(f"{name}: expected a float array in {path}, got dtype {arr.dtype}")
-            return torch.from_numpy(np.array(arr, copy=False) if arr.flags.writeable else np.asarray(arr).copy())
-        if suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            return _first_tensor(obj, name, path)
-        if suffix == ".safetensors":
+            obj = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return _first_tensor(load_file(path), name, path)
-    except ValueError:
-        raise
+            obj = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear message
         raise ValueError(f"{name}: cannot read {path}: {type(exc).__name__}: {exc}") from None
-    raise ValueError(f"{name}: unsupported file type {suffix!r} for {path} (expected one of {', '.join(SUFFIXES)})")
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind != "f":
+            raise ValueError(f"{name}: expected a float array in {path}, got dtype {obj.dtype}")
+        # memory-mapped arrays are read-only; torch needs a writable buffer, so copy once
+        return torch.from_numpy(np.array(obj))
+    return _first_tensor(obj, name, path)
 
 
 def _first_tensor(obj, name, path) -> torch.Tensor:

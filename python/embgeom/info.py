@@ -1,0 +1,70 @@
+"""`python -m embgeom.info`: versions, what is built, and what is usable here (and why not)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - absence is information here
+        return None
+    return getattr(mod, "__version__", "installed")
+
+
+def collect() -> dict:
+    import torch
+
+    from . import __version__, _backends
+
+    c = _backends.cpp()
+    built = {
+        "_C": c is not None,
+        "_C.openmp": bool(getattr(c, "openmp", False)),
+        "_C.threads": c.max_threads() if c is not None else 0,
+        "_C.pairwise_engine": hasattr(c, "PairwiseEngine"),
+        "_C.cpu_features": c.cpu_features() if hasattr(c, "cpu_features") else None,
+        "_cuda": _backends.cuda_ext() is not None,
+    }
+    return {
+        "embgeom": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "packages": {m: _version(m) for m in ("numpy", "triton", "faiss", "transformers", "safetensors", "matplotlib")},
+        "env": {k: os.environ.get(k) for k in ("EMBGEOM_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS")},
+        "built": built,
+        "import_errors": {k: v for k, v in _backends._import_errors.items()},
+        "backends": _backends.usable_report(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m embgeom.info")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"embgeom {info['embgeom']}  python {info['python']}  torch {info['torch']}")
+    print(f"CUDA usable: {info['cuda_available']}" + (f" ({info['cuda_device']})" if info["cuda_device"] else ""))
+    print("packages: " + ", ".join(f"{k} {v or '-'}" for k, v in info["packages"].items()))
+    print("built: " + ", ".join(f"{k}={v}" for k, v in info["built"].items()))
+    print(f"{'backend':10} {'op':18} {'CPU':4} {'CUDA':4}  why not")
+    for row in info["backends"]:
+        why = row["why_not_cpu"] or row["why_not_cuda"]
+        if row["why_not_cpu"] and row["why_not_cuda"] and row["why_not_cpu"] != row["why_not_cuda"]:
+            why = f"cpu: {row['why_not_cpu']}; cuda: {row['why_not_cuda']}"
+        print(f"{row['backend']:10} {row['op']:18} {'yes' if row['cpu'] else 'no':4} {'yes' if row['cuda'] else 'no':4}  {why}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Inputs and tolerance-aware comparisons against the float64 reference.
+
+A kernel computes values in fp32 (or bf16); the reference in fp64. A value within `tol` of a bin
+edge or threshold may legitimately land on either side, and near-ties may swap places in a top
+list. The checks therefore require: counts between what is certainly in and what is possibly in;
+every reference pair clearly inside a top list present; nothing clearly outside it present.
+Exact ties (e.g. small-integer vectors with metric="dot") are compared exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from embgeom import reference
+
+
+def make_embeddings(n, d, *, dtype=torch.float32, zero_rows=0, duplicate_rows=0, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    # a shared direction makes cosines spread like real embeddings (anisotropy)
+    x += 0.5 * torch.randn(1, d, generator=g, dtype=torch.float64)
+    for r in range(min(zero_rows, n)):
+        x[(r * 7 + 1) % n] = 0
+    for r in range(min(duplicate_rows, n - 1)):
+        x[n - 1 - r] = x[r]
+    return x.to(dtype).to(device)
+
+
+def small_int_embeddings(n, d, seed=0, low=-2, high=3):
+    """Dot products of these are exact in fp32: ties are real ties."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, (n, d), generator=g).float()
+
+
+def tolerance(dtype: torch.dtype, precision: str = "exact", d: int = 64) -> float:
+    if precision == "fast" or dtype in (torch.bfloat16,):
+        return 2e-2
+    if dtype == torch.float16:
+        return 2e-3
+    return 1e-5 * max(1.0, math.sqrt(d) / 8)
+
+
+def _key(kind, v, near=None):
+    if kind == "top":
+        return -v
+    if kind == "bottom":
+        return v
+    if kind == "near":
+        return abs(v - near)
+    raise ValueError(kind)
+
+
+def check_pair_list(got, values, mask, kind, k, tol, near=None, exact_ties=False):
+    """got: PairList; values/mask: reference (N, M) fp64 values and counted-pair mask."""
+    idx = mask.nonzero()
+    ref_vals = values[idx[:, 0], idx[:, 1]]
+    keys = _key(kind, ref_vals, near)
+    order = sorted(range(len(keys)), key=lambda t: (float(keys[t]), int(idx[t, 0]), int(idx[t, 1])))
+    want = [(int(idx[t, 0]), int(idx[t, 1])) for t in order[:k]]
+    got_pairs = list(zip(got.i.tolist(), got.j.tolist()))
+    assert len(got_pairs) == len(want), f"{kind}: got {len(got_pairs)} pairs, want {len(want)}"
+    if exact_ties:
+        assert got_pairs == want, f"{kind}: got {got_pairs}, want {want}"
+    if not want:
+        return
+    kth = float(keys[order[len(want) - 1]])
+    got_keys = []
+    for (i, j), v in zip(got_pairs, got.values.tolist()):
+        assert bool(mask[i, j]), f"{kind}: ({i}, {j}) is not a counted pair"
+        assert abs(v - float(values[i, j])) <= tol, f"{kind}: value of ({i},{j}) {v} vs {float(values[i, j])}"
+        got_keys.append(float(_key(kind, float(values[i, j]), near)))
+        assert got_keys[-1] <= kth + 2 * tol, f"{kind}: ({i},{j}) should not be in the list"
+    assert all(a <= b + 2 * tol for a, b in zip(got_keys, got_keys[1:])), f"{kind}: not in order"
+    got_set = set(got_pairs)
+    for t in order[:len(want)]:
+        if float(keys[t]) < kth - 2 * tol:
+            pair = (int(idx[t, 0]), int(idx[t, 1]))
+            assert pair in got_set, f"{kind}: missing {pair} (value {float(ref_vals[t])})"
+
+
+def check_row_lists(got, values, mask, self_mode, k, largest, tol, exact_ties=False):
+    """got: RowTopK; per row i, the k best columns j (self excluded), ties by column."""
+    full = (mask | mask.T) if self_mode else mask
+    n = values.shape[0]
+    for i in range(n):
+        cols = full[i].nonzero().flatten().tolist()
+        order = sorted(cols, key=lambda j: ((-values[i, j]) if largest else values[i, j], j))[:k]
+        got_idx = [j for j in got.indices[i].tolist()]
+        got_val = got.values[i].tolist()
+        want_len = len(order)
+        assert all(j >= 0 for j in got_idx[:want_len]), f"row {i}: padding too early {got_idx}"
+        assert all(j == -1 for j in got_idx[want_len:]), f"row {i}: expected -1 padding {got_idx}"
+        assert all(math.isnan(v) for v in got_val[want_len:]), f"row {i}: expected NaN padding"
+        if exact_ties:
+            assert got_idx[:want_len] == order, f"row {i}: got {got_idx}, want {order}"
+        if not order:
+            continue
+        kth = float(values[i, order[-1]])
+        for j, v in zip(got_idx[:want_len], got_val[:want_len]):
+            assert bool(full[i, j]), f"row {i}: column {j} not a valid neighbour"
+            assert abs(v - float(values[i, j])) <= tol
+            assert (v >= kth - 2 * tol) if largest else (v <= kth + 2 * tol), f"row {i}: {j} should not be listed"
+        got_set = set(got_idx[:want_len])
+        for j in order:
+            clearly = float(values[i, j]) > kth + 2 * tol if largest else float(values[i, j]) < kth - 2 * tol
+            if clearly:
+                assert j in got_set, f"row {i}: missing neighbour {j}"
+
+
+def check_histogram(got, ref_values, lo, hi, bins, tol):
+    """Each bin count must lie between the number of values safely inside it and the number
+    possibly inside it (within tol of an edge); under/overflow likewise; totals exact."""
+    v = np.asarray(ref_values, dtype=np.float64)
+    w = (hi - lo) / bins
+    counts = np.asarray(got.counts.cpu())
+    assert counts.sum() + got.underflow + got.overflow == v.size
+    pos = (v - lo) / w
+    lo_bin = np.floor((v - tol - lo) / w).astype(np.int64)
+    hi_bin = np.floor((v + tol - lo) / w).astype(np.int64)
+    for name, count, safe, possible in (
+        ("underflow", got.underflow, (v < lo - tol).sum(), (v < lo + tol).sum()),
+        ("overflow", got.overflow, (v > hi + tol).sum(), (v > hi - tol).sum()),
+    ):
+        assert safe <= count <= possible, f"{name}: {count} not in [{safe}, {possible}]"
+    inside = (v >= lo - tol) & (v <= hi + tol)
+    lo_bin, hi_bin = np.clip(lo_bin, 0, bins - 1), np.clip(hi_bin, 0, bins - 1)
+    certain = np.zeros(bins, np.int64)
+    possible = np.zeros(bins, np.int64)
+    sure = inside & (lo_bin == hi_bin) & (v >= lo + tol) & (v <= hi - tol)
+    np.add.at(certain, lo_bin[sure], 1)
+    for a, b in zip(lo_bin[inside], hi_bin[inside]):
+        possible[a:b + 1] += 1
+    bad = np.nonzero((counts < certain) | (counts > possible))[0]
+    assert bad.size == 0, f"bins {bad[:5]}: got {counts[bad[:5]]}, certain {certain[bad[:5]]}, possible {possible[bad[:5]]}"
+    del pos
+
+
+def check_stats(got, x, y=None, *, tol, exact_ties=False, **kw):
+    """Compare every requested output of a PairwiseStats with embgeom.reference."""
+    want = reference.pairwise_stats(x, y, **kw)
+    values, mask = want["values"], want["mask"]
+    assert got.count == want["count"]
+    assert got.mode == want["mode"]
+    assert got.excluded_rows == want["excluded_rows"]
+    if want["count"]:
+        assert abs(got.mean - want["mean"]) <= tol
+        assert abs(got.std - want["std"]) <= 10 * tol
+        for name, kind in (("min", "bottom"), ("max", "top")):
+            i, j, v = getattr(got, name)
+            assert bool(mask[i, j])
+            assert abs(v - want[name][2]) <= tol
+            assert abs(float(values[i, j]) - want[name][2]) <= 2 * tol
+            if exact_ties:
+                assert [i, j] == want[name][:2]
+    else:
+        assert got.min is None and got.max is None
+    sel = values[mask]
+    if kw.get("bins", 2000):
+        lo, hi = kw.get("range", (-1.0, 1.0))
+        check_histogram(got.hist, sel.numpy(), lo, hi, kw.get("bins", 2000), tol)
+    for name, kind, k in (("top_pairs", "top", kw.get("topk", 10)), ("bottom_pairs", "bottom", kw.get("bottomk", 10))):
+        if k:
+            check_pair_list(getattr(got, name), values, mask, kind, k, tol, exact_ties=exact_ties)
+    if kw.get("near") is not None and kw.get("near_k", 10):
+        check_pair_list(got.near_pairs, values, mask, "near", kw.get("near_k", 10), tol, near=kw["near"],
+                        exact_ties=exact_ties)
+    for name, k, largest in (("row_topk", kw.get("row_topk", 0), True), ("row_bottomk", kw.get("row_bottomk", 0), False)):
+        if k:
+            check_row_lists(getattr(got, name), values, mask, y is None, k, largest, tol, exact_ties=exact_ties)
+    if kw.get("outside") is not None:
+        a, b = kw["outside"]
+        sure = mask & ((values < a - tol) | (values > b + tol))
+        maybe = mask & ((values < a + tol) | (values > b - tol))
+        assert int(sure.sum()) <= got.outside.count <= int(maybe.sum())
+        if exact_ties:
+            assert got.outside.count == want["outside"]["count"]
+            assert got.outside.row_counts.tolist() == want["outside"]["row_counts"].tolist()
+            assert got.outside.pairs.to_list() == [[i, j, got_v] for (i, j, _), got_v in
+                                                  zip(want["outside"]["pairs"], got.outside.pairs.values.tolist())]
+        pairs = list(zip(got.outside.pairs.i.tolist(), got.outside.pairs.j.tolist()))
+        assert pairs == sorted(pairs)
+        assert len(pairs) == min(kw.get("outside_limit", 1000), got.outside.count)
+        for i, j in pairs:
+            assert bool(maybe[i, j])
+    return want

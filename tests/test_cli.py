@@ -1,0 +1,153 @@
+"""The `embgeom` command line: pairs JSON vs the reference, errors, checkpoint resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from embgeom import reference
+from embgeom.cli import main
+
+from helpers import make_embeddings
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "embgeom", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_pairs_json_matches_reference(tmp_path, cross):
+    x = make_embeddings(53, 24, zero_rows=1, seed=1).numpy()  # exact ties: see test_pairwise
+    np.save(tmp_path / "x.npy", x)
+    args = ["pairs", tmp_path / "x.npy", "--bins", "20", "--topk", "4", "--bottomk", "3", "--near", "0",
+            "--near-k", "2", "--row-topk", "3", "--outside", "-0.2", "0.2", "--json", tmp_path / "out.json"]
+    y = None
+    if cross:
+        y = make_embeddings(17, 24, seed=2).numpy()
+        np.save(tmp_path / "y.npy", y)
+        args[2:2] = ["--against", tmp_path / "y.npy"]
+    assert main([str(a) for a in args]) == 0
+    out = json.loads((tmp_path / "out.json").read_text())
+    want = reference.pairwise_stats(x, y, bins=20, topk=4, bottomk=3, near=0.0, near_k=2, row_topk=3,
+                                    outside=(-0.2, 0.2))
+    assert out["mode"] == ("cross" if cross else "self")
+    assert (out["n"], out["m"], out["d"]) == (53, 17 if cross else 53, 24)
+    assert out["count"] == want["count"]
+    assert out["mean"] == pytest.approx(want["mean"], abs=1e-6)
+    assert out["std"] == pytest.approx(want["std"], abs=1e-6)
+    assert out["hist"]["counts"] == want["hist"]["counts"].tolist()
+    for key in ("top_pairs", "bottom_pairs", "near_pairs"):
+        assert [p[:2] for p in out[key]] == [p[:2] for p in want[key]], key
+        assert [p[2] for p in out[key]] == pytest.approx([p[2] for p in want[key]], abs=1e-6)
+    assert out["min"][:2] == want["min"][:2] and out["max"][:2] == want["max"][:2]
+    assert out["row_topk"]["indices"] == want["row_topk"]["indices"].tolist()
+    assert out["outside"]["count"] == want["outside"]["count"]
+    assert [p[:2] for p in out["outside"]["pairs"]] == [p[:2] for p in want["outside"]["pairs"]]
+    assert out["excluded_rows"] == want["excluded_rows"]
+    assert isinstance(out["seconds"], float)
+
+
+def test_pairs_reads_pt_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    x = make_embeddings(10, 4)
+    torch.save(x, tmp_path / "x.pt")
+    save_file({"emb": x}, str(tmp_path / "x.safetensors"))
+    for name in ("x.pt", "x.safetensors"):
+        assert main(["pairs", str(tmp_path / name), "--json", str(tmp_path / "o.json")]) == 0
+        assert json.loads((tmp_path / "o.json").read_text())["count"] == 45
+
+
+@pytest.mark.parametrize("setup,args,message", [
+    (None, ["pairs", "{t}/missing.npy"], "file not found"),
+    ("nan", ["pairs", "{t}/x.npy"], r"NaN or Inf in 2 row\(s\): \[1, 4\]"),
+    ("1d", ["pairs", "{t}/x.npy"], r"expected \(N, D\)"),
+    ("int", ["pairs", "{t}/x.npy"], "float"),
+    ("empty", ["pairs", "{t}/x.npy"], "at least one row"),
+    ("ok", ["pairs", "{t}/x.npy", "--against", "{t}/y.npy"], "D = 3"),
+    ("ok", ["pairs", "{t}/x.npy", "--metric", "dot"], "range: required"),
+    ("ok", ["pairs", "{t}/x.npy", "--range", "1", "0"], "lo < hi"),
+    ("ok", ["pairs", "{t}/x.npy", "--topk", "-1"], "topk"),
+    ("garbage", ["pairs", "{t}/x.npy"], "cannot read"),
+    ("ok", ["pairs", "{t}/x.npy", "--backend", "cuda"], "cannot run"),
+])
+def test_pairs_errors_are_clear(tmp_path, capsys, setup, args, message):
+    x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+    if setup == "nan":
+        x[1, 0] = np.nan
+        x[4, 2] = np.inf
+    if setup == "1d":
+        x = x[0]
+    if setup == "int":
+        x = np.arange(6).reshape(2, 3)
+    if setup == "empty":
+        x = np.zeros((0, 3), np.float32)
+    if setup == "garbage":
+        (tmp_path / "x.npy").write_bytes(b"not numpy")
+    elif setup is not None:
+        np.save(tmp_path / "x.npy", x)
+        np.save(tmp_path / "y.npy", np.ones((2, 4), np.float32))
+    argv = [a.format(t=tmp_path) for a in args] + ["--json", str(tmp_path / "o.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("embgeom: error:")
+    assert "Traceback" not in err
+    import re
+    assert re.search(message, err), err
+
+
+def test_info_runs():
+    r = run_cli("info")
+    assert r.returncode == 0, r.stderr
+    assert "backend" in r.stdout and "cpp" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "embgeom.info", "--json"], capture_output=True, text=True)
+    assert json.loads(r.stdout)["built"]["_C"] is True
+
+
+def test_checkpoint_survives_sigkill_and_resumes_identically(tmp_path):
+    x = make_embeddings(1500, 32, zero_rows=2, seed=3).numpy()
+    np.save(tmp_path / "x.npy", x)
+    common = ["pairs", tmp_path / "x.npy", "--row-topk", "5", "--outside", "-0.3", "0.3", "--block", "32",
+              "--backend", "torch"]
+    ref = run_cli(*common, "--json", tmp_path / "ref.json")
+    assert ref.returncode == 0, ref.stderr
+    ckpt = tmp_path / "run.ckpt"
+    env = dict(os.environ, EMBGEOM_CHECKPOINT_SECONDS="0.05")
+    proc = subprocess.Popen([sys.executable, "-m", "embgeom", *map(str, common), "--checkpoint", str(ckpt),
+                             "--json", str(tmp_path / "out.json")], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None, "run finished before it could be killed; make the input larger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out.json").exists()
+    resumed = run_cli(*common, "--checkpoint", ckpt, "--progress", "--json", tmp_path / "out.json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    done = int(resumed.stderr.split("resuming from")[1].split(":")[1].split("of")[0])
+    assert done > 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("ref.json", "out.json"))
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", make_embeddings(40, 8).numpy())
+    ckpt = str(tmp_path / "c.ckpt")
+    assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "a.json")]) == 0
+    assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--topk", "3", "--json",
+                 str(tmp_path / "b.json")]) == 2
+    assert "another input or other settings" in capsys.readouterr().err
+    (tmp_path / "c.ckpt").write_bytes(b"EMBGEOM-CKPT1\nbad\nbody")
+    assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "a.json")]) == 2
+    assert "checksum" in capsys.readouterr().err

@@ -1,0 +1,88 @@
+"""Bad input at the public edge: a ValueError/TypeError that names the argument."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import embgeom
+
+
+@pytest.mark.parametrize("x,exc,match", [
+    (torch.zeros(3), ValueError, r"x: expected \(N, D\) float, got \(3,\) float32"),
+    (torch.zeros(3, 4, dtype=torch.int64), TypeError, "x: expected .* float, got .* int64"),
+    (torch.zeros(0, 4), ValueError, "x: expected at least one row"),
+    ([[1.0, 2.0]], TypeError, "x: expected a torch.Tensor or numpy.ndarray, got list"),
+    (np.arange(6).reshape(2, 3), TypeError, "x: expected a float array"),
+])
+def test_pairwise_bad_x(x, exc, match):
+    with pytest.raises(exc, match=match):
+        embgeom.pairwise_stats(x)
+
+
+def test_nan_rows_are_named():
+    x = torch.randn(10, 3)
+    x[7, 1] = float("nan")
+    x[2, 0] = float("-inf")
+    with pytest.raises(ValueError, match=r"x: NaN or Inf in 2 row\(s\): \[2, 7\]"):
+        embgeom.pairwise_stats(x)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(metric="l1"), ValueError, "metric: expected one of"),
+    (dict(precision="half"), ValueError, "precision"),
+    (dict(bins=-1), ValueError, "bins: expected >= 0"),
+    (dict(topk=1.5), TypeError, "topk: expected an int"),
+    (dict(range=(1, 0)), ValueError, "range: expected lo < hi"),
+    (dict(range=(0, float("inf"))), ValueError, "range"),
+    (dict(metric="euclidean"), ValueError, "range: required"),
+    (dict(outside=(0.5, 0.1)), ValueError, "outside: expected a <= b"),
+    (dict(outside=0.5), TypeError, "outside: expected a pair"),
+    (dict(block=0), ValueError, "block: expected >= 1"),
+    (dict(backend="gpu"), ValueError, "backend: expected one of"),
+])
+def test_pairwise_bad_options(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        embgeom.pairwise_stats(torch.randn(5, 3), **kwargs)
+
+
+def test_cross_mode_mismatch():
+    with pytest.raises(ValueError, match="y: expected D = 3"):
+        embgeom.pairwise_stats(torch.randn(5, 3), torch.randn(4, 2))
+
+
+def test_cone_and_entropy_bad_input():
+    with pytest.raises(ValueError, match=r"mask: expected shape \(2, 3\)"):
+        embgeom.cone_index(torch.randn(2, 3, 4), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask: expected bool"):
+        embgeom.cone_index(torch.randn(2, 3, 4), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"x: NaN or Inf in 1 row\(s\): \[\(1, 2\)\]"):
+        bad = torch.randn(2, 3, 4)
+        bad[1, 2, 0] = float("nan")
+        embgeom.cone_index(bad)
+    with pytest.raises(ValueError, match=r"attn: expected \(B, H, T, T\)"):
+        embgeom.attention_entropy(torch.rand(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="attn: expected probabilities >= 0"):
+        embgeom.attention_entropy(-torch.rand(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="smoothing"):
+        embgeom.attention_entropy(torch.rand(1, 1, 2, 2), smoothing=2.0)
+    with pytest.raises(ValueError, match="chunk: expected D = 4"):
+        acc = embgeom.ConeAccumulator()
+        acc.update(torch.randn(3, 4))
+        acc.update(torch.randn(3, 5))
+
+
+def test_load_model_missing_path(tmp_path):
+    with pytest.raises(ValueError, match="model: no such directory"):
+        embgeom.load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .safetensors weights"):
+        embgeom.load_model(str(tmp_path / "empty"))
+
+
+def test_load_model_default_is_bundled_bert():
+    model, tok = embgeom.load_model()
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size, cfg.vocab_size) == (6, 12, 384, 30522)
+    assert model.config._attn_implementation == "eager"
+    assert tok.convert_tokens_to_ids("[CLS]") == 101
