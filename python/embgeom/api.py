@@ -28,34 +28,10 @@ def pairwise_stats(x, y=None, *, metric: str = "cosine", bins: int = 2000,
     finished tiles so an interrupted run resumes. Returns PairwiseStats (tensors on x's device).
     """
     x, y = _validate.pair_of_embeddings(x, y)
-    metric = _validate.choice(metric, "metric", METRICS)
-    precision = _validate.choice(precision, "precision", PRECISIONS)
-    bins = _validate.positive_int(bins, "bins")
-    if bins:
-        if range is None and metric == "cosine":
-            range = (-1.0, 1.0)
-        if range is None:
-            raise ValueError(f"range: required for metric={metric!r} when bins > 0 (e.g. range=(lo, hi))")
-        lo, hi = _validate.interval(range, "range")
-    else:
-        lo, hi = -1.0, 1.0
-    if outside is not None:
-        if not isinstance(outside, (tuple, list)) or len(outside) != 2:
-            raise TypeError(f"outside: expected a pair (a, b), got {outside!r}")
-        a = _validate.finite_float(outside[0], "outside[0]")
-        b = _validate.finite_float(outside[1], "outside[1]")
-        if a > b:
-            raise ValueError(f"outside: expected a <= b, got ({a}, {b})")
-        outside = (a, b)
-    cfg = PairwiseConfig(
-        metric=metric, bins=bins, lo=lo, hi=hi, topk=_validate.positive_int(topk, "topk"),
-        bottomk=_validate.positive_int(bottomk, "bottomk"),
-        near=None if near is None else _validate.finite_float(near, "near"),
-        near_k=_validate.positive_int(near_k, "near_k"),
-        row_topk=_validate.positive_int(row_topk, "row_topk"),
-        row_bottomk=_validate.positive_int(row_bottomk, "row_bottomk"), outside=outside,
-        outside_limit=_validate.positive_int(outside_limit, "outside_limit"), precision=precision,
-        block=_validate.positive_int(block, "block", allow_zero=False))
+    cfg = make_config(metric=metric, bins=bins, range=range, topk=topk, bottomk=bottomk, near=near,
+                      near_k=near_k, row_topk=row_topk, row_bottomk=row_bottomk, outside=outside,
+                      outside_limit=outside_limit, precision=precision, block=block)
+    precision = cfg.precision
     name, make_engine = _backends.pick("pairwise_stats", x, backend, precision=precision)
     start = time.perf_counter()
     engine = make_engine(x, y, cfg)
@@ -147,3 +123,37 @@ def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
     mean = torch.where(valid, ent, torch.zeros_like(ent)).double().sum(dim=(0, 2)) / valid.sum(dim=(0, 2)).clamp(min=1)
     lengths = mask.sum(1).double() if mask is not None else torch.full((B,), float(T), dtype=torch.float64, device=attn.device)
     return AttentionEntropy(ent, mean, torch.log(lengths), int(n_rows), smoothing, name)
+
+
+def make_config(*, metric="cosine", bins=2000, range=None, topk=10, bottomk=10, near=None,
+                near_k=10, row_topk=0, row_bottomk=0, outside=None, outside_limit=1000,
+                precision="exact", block=256) -> PairwiseConfig:
+    """Validate the options of pairwise_stats into a PairwiseConfig (one place for all callers)."""
+    metric = _validate.choice(metric, "metric", METRICS)
+    precision = _validate.choice(precision, "precision", PRECISIONS)
+    bins = _validate.positive_int(bins, "bins")
+    if bins:
+        if range is None and metric == "cosine":
+            range = (-1.0, 1.0)
+        if range is None:
+            raise ValueError(f"range: required for metric={metric!r} when bins > 0 (e.g. range=(lo, hi))")
+        lo, hi = _validate.interval(range, "range")
+    else:
+        lo, hi = -1.0, 1.0
+    if outside is not None:
+        if not isinstance(outside, (tuple, list)) or len(outside) != 2:
+            raise TypeError(f"outside: expected a pair (a, b), got {outside!r}")
+        a = _validate.finite_float(outside[0], "outside[0]")
+        b = _validate.finite_float(outside[1], "outside[1]")
+        if a > b:
+            raise ValueError(f"outside: expected a <= b, got ({a}, {b})")
+        outside = (a, b)
+    return PairwiseConfig(
+        metric=metric, bins=bins, lo=lo, hi=hi, topk=_validate.positive_int(topk, "topk"),
+        bottomk=_validate.positive_int(bottomk, "bottomk"),
+        near=None if near is None else _validate.finite_float(near, "near"),
+        near_k=_validate.positive_int(near_k, "near_k"),
+        row_topk=_validate.positive_int(row_topk, "row_topk"),
+        row_bottomk=_validate.positive_int(row_bottomk, "row_bottomk"), outside=outside,
+        outside_limit=_validate.positive_int(outside_limit, "outside_limit"), precision=precision,
+        block=_validate.positive_int(block, "block", allow_zero=False))

@@ -1,0 +1,83 @@
+"""torchrun with 2 gloo ranks on CPU gives the single-process answer."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from embgeom import distributed
+from embgeom.cli import main
+
+from helpers import make_embeddings, small_int_embeddings
+
+
+def test_plan_covers_every_pair_once_and_balances():
+    n = 1003
+    jobs = distributed.plan_jobs(n, 6)
+    assert sum(p for _, _, p in jobs) == n * (n - 1) // 2
+    owned = distributed.assign_jobs(jobs, 3)
+    assert sorted(j for o in owned for j in o) == list(range(len(jobs)))
+    loads = [sum(jobs[j][2] for j in o) for o in owned]
+    assert max(loads) / min(loads) < 1.3
+    assert distributed.assign_jobs(jobs, 3) == owned  # deterministic
+
+
+def _torchrun(args, tmp_path, nproc=2):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "embgeom", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", EMBGEOM_DIST_BACKEND="gloo")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("exact_input", [True, False], ids=["int-dot", "float-cosine"])
+def test_torchrun_two_ranks_equals_single_process(tmp_path, exact_input):
+    if exact_input:
+        x = small_int_embeddings(157, 6, seed=11).numpy()
+        opts = ["--metric", "dot", "--range", "-15", "15", "--outside", "-4", "4"]
+    else:
+        x = make_embeddings(157, 24, zero_rows=2, seed=12).numpy()
+        opts = ["--outside", "-0.2", "0.2"]
+    np.save(tmp_path / "x.npy", x)
+    common = ["pairs", tmp_path / "x.npy", "--bins", "40", "--topk", "7", "--bottomk", "5", "--near", "0.5",
+              "--near-k", "3", "--row-topk", "4", "--row-bottomk", "2", "--block", "16", *opts]
+    assert main([str(a) for a in common] + ["--json", str(tmp_path / "single.json")]) == 0
+    r = _torchrun([*common, "--distributed", "--checkpoint", tmp_path / "ck", "--json", tmp_path / "dist.json"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("single.json", "dist.json"))
+    assert b["backend"].endswith("x 2 ranks")
+    for key in ("count", "hist", "top_pairs", "bottom_pairs", "near_pairs", "min", "max", "row_topk",
+                "row_bottomk", "outside", "excluded_rows", "mode", "n"):
+        if exact_input or a["backend"] == "cpp":
+            assert a[key] == b[key], key
+        else:  # torch matmul may round the last ulp differently for another tile shape
+            assert _close(a[key], b[key]), key
+    assert abs(a["mean"] - b["mean"]) < 1e-9 and abs(a["std"] - b["std"]) < 1e-9
+    assert (tmp_path / "ck.rank0").exists() and (tmp_path / "ck.rank1").exists()
+    # a restart finds every job finished in the checkpoints and gives the same answer
+    r = _torchrun([*common, "--distributed", "--checkpoint", tmp_path / "ck", "--json", tmp_path / "again.json"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = json.loads((tmp_path / "again.json").read_text())
+    assert _close(c["top_pairs"], a["top_pairs"]) and _close(c["row_topk"], a["row_topk"])
+
+
+def _close(a, b, tol=1e-6):
+    """Equal structure and integers, floats within tol."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol
+    return a == b
+
+
+def test_distributed_without_torchrun_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    np.save(tmp_path / "x.npy", make_embeddings(10, 3).numpy())
+    assert main(["pairs", str(tmp_path / "x.npy"), "--distributed", "--json", str(tmp_path / "o.json")]) == 2
+    assert "not launched by torchrun" in capsys.readouterr().err
