@@ -1,0 +1,103 @@
+"""Shared benchmark plumbing: timing, versions, the results CSV, machine roofline."""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HEADER = ["metric", "provider", "n", "m", "d", "dtype", "device", "threads", "median_ms", "p20_ms",
+          "p80_ms", "pairs_per_s", "tflops", "roofline_pct", "peak_mb", "versions", "git_sha", "date"]
+
+
+def timeit(fn, repeats: int = 3, warmup: int = 1) -> dict:
+    """Run fn warmup + repeats times; median / p20 / p80 wall time in ms."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+
+    def pct(p):
+        return times[min(len(times) - 1, int(round(p * (len(times) - 1))))]
+
+    return {"median_ms": statistics.median(times), "p20_ms": pct(0.2), "p80_ms": pct(0.8)}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def versions() -> str:
+    import numpy
+    import torch
+
+    parts = [f"python={platform.python_version()}", f"torch={torch.__version__}", f"numpy={numpy.__version__}"]
+    for mod in ("embgeom", "faiss", "sklearn", "triton", "pykeops"):
+        try:
+            m = __import__(mod)
+            parts.append(f"{mod}={getattr(m, '__version__', '?')}")
+        except Exception:  # noqa: BLE001 - absent is fine
+            pass
+    return " ".join(parts)
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def cpu_fp32_peak_gflops(threads: int) -> float:
+    """Dense fp32 FMA peak: cores x GHz x flops/cycle (32 with two 256-bit or one 512-bit FMA
+    pipe pair, AVX-512/AVX2 FMA; 16 otherwise). A ceiling for the roofline column."""
+    ghz = 0.0
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz"):
+                ghz = float(line.split(":")[1]) / 1000
+                break
+    except OSError:
+        pass
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    per_cycle = 32 if (" avx512f" in flags or " fma" in flags) else 16
+    return threads * (ghz or 2.5) * per_cycle
+
+
+def append_rows(name: str, rows: list[dict]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / name
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=HEADER)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in HEADER})
+    return path
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")

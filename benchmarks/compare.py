@@ -1,0 +1,177 @@
+"""CPU all-pairs benchmark: embgeom against the baselines of issue 3, in one run.
+
+    python benchmarks/compare.py                       # all datasets, all providers
+    python benchmarks/compare.py --data minilm --repeats 3
+    python benchmarks/compare.py --data minilm --providers embgeom-exact,numpy-matmul
+
+Each provider runs in its own subprocess so its peak memory (ru_maxrss) is its own. Results are
+checked before they are timed (embgeom's top pairs against a brute-force float64 recomputation
+of the candidates), then printed as a ratio table and appended to benchmarks/results/cpu.csv.
+Never run this while anything else loads the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+
+DATASETS = {
+    "minilm": "default model word embeddings (30522 x 384)",
+    "random768": "random normal 30522 x 768 (bert-base sized)",
+    "random200k": "random normal 200000 x 384",
+}
+FULL = dict(bins=2000, topk=10, bottomk=10, row_topk=10, outside=(-0.2, 0.2))
+PROVIDERS = {
+    # name: (what it computes, datasets it runs on)
+    "embgeom-exact": ("full M1 output, cpp exact", ("minilm", "random768", "random200k")),
+    "embgeom-fast": ("full M1 output, cpp fast (bf16)", ("minilm", "random768", "random200k")),
+    "embgeom-rowtopk": ("per-row top-10 only, cpp exact", ("minilm", "random768")),
+    "embgeom-torch": ("full M1 output, torch backend (chunked)", ("minilm",)),
+    "numpy-matmul": ("normalised E @ E.T only (materialised)", ("minilm", "random768")),
+    "sklearn-cosine": ("sklearn cosine_similarity (materialised)", ("minilm",)),
+    "faiss-flat-10nn": ("FAISS IndexFlatIP exact 10-NN of all rows", ("minilm", "random768")),
+    "keops-argkmin": ("pykeops LazyTensor argKmin 10-NN", ("minilm",)),
+}
+
+
+def load(name: str):
+    import numpy as np
+
+    if name == "minilm":
+        from safetensors import safe_open
+
+        from embgeom.models import default_model_path
+
+        with safe_open(os.path.join(default_model_path(), "model.safetensors"), "np") as f:
+            return np.ascontiguousarray(f.get_tensor("embeddings.word_embeddings.weight"), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    n, d = {"random768": (30522, 768), "random200k": (200000, 384)}[name]
+    return rng.standard_normal((n, d), dtype=np.float32)
+
+
+def worker(provider: str, data: str, repeats: int) -> dict:
+    """Runs in a subprocess: check, time, report one provider on one dataset."""
+    import numpy as np
+    import torch
+
+    import embgeom
+
+    x = load(data)
+    n, d = x.shape
+    threads = torch.get_num_threads()
+    pairs = n * (n - 1) // 2
+    flops = 2.0 * pairs * d  # unique pairs: what the answer needs
+    xt = torch.from_numpy(x)
+
+    def unit(a):
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-30)
+
+    if provider.startswith("embgeom"):
+        opts = dict(FULL)
+        kw = {"backend": "cpp"}
+        if provider == "embgeom-fast":
+            kw["precision"] = "fast"
+        if provider == "embgeom-torch":
+            kw = {"backend": "torch"}
+        if provider == "embgeom-rowtopk":
+            opts = dict(bins=0, topk=0, bottomk=0, row_topk=10)
+        result = embgeom.pairwise_stats(xt, **opts, **kw)
+        if result.top_pairs is not None and len(result.top_pairs):
+            u = unit(x.astype(np.float64))
+            for i, j, v in result.top_pairs.to_list():
+                assert abs(float(u[i] @ u[j]) - v) < 1e-4, (i, j, v)
+        run = lambda: embgeom.pairwise_stats(xt, **opts, **kw)  # noqa: E731
+    elif provider == "numpy-matmul":
+        u = unit(x)
+        run = lambda: u @ u.T  # noqa: E731
+        flops = 2.0 * n * n * d
+    elif provider == "sklearn-cosine":
+        from sklearn.metrics.pairwise import cosine_similarity
+
+        run = lambda: cosine_similarity(x)  # noqa: E731
+        flops = 2.0 * n * n * d
+    elif provider == "faiss-flat-10nn":
+        import faiss
+
+        u = np.ascontiguousarray(unit(x))
+        index = faiss.IndexFlatIP(d)
+        index.add(u)
+        run = lambda: index.search(u, 11)  # noqa: E731  (11: the row itself comes back first)
+        flops = 2.0 * n * n * d
+    elif provider == "keops-argkmin":
+        from pykeops.torch import LazyTensor
+
+        u = torch.from_numpy(unit(x))
+        xi, xj = LazyTensor(u[:, None, :]), LazyTensor(u[None, :, :])
+        run = lambda: (-(xi * xj).sum(-1)).argKmin(11, dim=1)  # noqa: E731
+        flops = 2.0 * n * n * d
+    else:
+        raise ValueError(f"unknown provider {provider}")
+    timing = common.timeit(run, repeats=repeats, warmup=0 if repeats == 1 else 1)
+    seconds = timing["median_ms"] / 1e3
+    peak = common.cpu_fp32_peak_gflops(threads)
+    gflops = flops / seconds / 1e9
+    return {"metric": "pairwise_cosine", "provider": provider, "n": n, "m": n, "d": d, "dtype": "float32",
+            "device": common.cpu_name(), "threads": threads, **timing,
+            "pairs_per_s": pairs / seconds, "tflops": gflops / 1e3,
+            "roofline_pct": 100.0 * gflops / peak, "peak_mb": common.peak_rss_mb(),
+            "versions": common.versions(), "git_sha": common.git_sha(), "date": common.today()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=",".join(DATASETS))
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per provider run")
+    parser.add_argument("--no-csv", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.data, args.repeats)))
+        return 0
+    rows = []
+    for data in args.data.split(","):
+        print(f"\n== {data}: {DATASETS[data]}")
+        results = {}
+        for provider in args.providers.split(","):
+            if data not in PROVIDERS[provider][1]:
+                continue
+            cmd = [sys.executable, __file__, "--worker", provider, "--data", data, "--repeats", str(args.repeats)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  {provider:18} timed out after {args.timeout}s")
+                continue
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"  {provider:18} skipped: {last[:160]}")
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[provider] = row
+            rows.append(row)
+            print(f"  {provider:18} {row['median_ms'] / 1e3:8.2f} s  {row['pairs_per_s'] / 1e6:9.1f} Mpairs/s  "
+                  f"{row['tflops'] * 1e3:7.1f} GFLOP/s  {row['roofline_pct']:5.1f}% roofline  "
+                  f"peak {row['peak_mb']:7.0f} MB  ({PROVIDERS[provider][0]})")
+        ours = [p for p in ("embgeom-exact", "embgeom-fast", "embgeom-rowtopk") if p in results]
+        for p in ours:
+            for base in ("numpy-matmul", "embgeom-torch", "sklearn-cosine", "faiss-flat-10nn", "keops-argkmin"):
+                if base in results:
+                    ratio = results[p]["median_ms"] / results[base]["median_ms"]
+                    print(f"  ratio {p} / {base}: {ratio:.3f}  ({1 / ratio:.1f}x faster)")
+    if rows and not args.no_csv:
+        path = common.append_rows("cpu.csv", rows)
+        print(f"\nappended {len(rows)} rows to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
