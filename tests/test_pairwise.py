@@ -149,3 +149,18 @@ def test_env_backend_selection(monkeypatch):
 def test_explicit_unusable_backend_lists_reasons():
     with pytest.raises(ValueError, match="cuda"):
         embgeom.pairwise_stats(make_embeddings(5, 3), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_euclidean_near_duplicates_are_accurate(backend):
+    # |a|^2 + |b|^2 - 2ab loses everything for near-identical rows; distances must stay exact
+    x = make_embeddings(40, 32, seed=8) * 10
+    x[5] = x[17]
+    x[9] = x[30] + 1e-3
+    got = embgeom.pairwise_stats(x, metric="euclidean", range=(0.0, 200.0), bins=100, row_bottomk=1,
+                                 backend=backend)
+    assert got.min[:2] == (5, 17) and got.min[2] == 0.0
+    want = float(torch.linalg.vector_norm((x[9] - x[30]).double()))
+    pair = [p for p in got.bottom_pairs.to_list() if p[:2] == [9, 30]][0]
+    assert pair[2] == pytest.approx(want, rel=1e-4)
+    assert got.row_bottomk.indices[5, 0] == 17 and got.row_bottomk.values[5, 0] == 0.0

@@ -297,7 +297,15 @@ class TorchEngine:
         if self.cfg.metric == "cosine":
             v = v.clamp_(-1.0, 1.0)
         elif self.cfg.metric == "euclidean":
-            v = (self.x_sq[r0:r1, None] + self.y_sq[None, c0:c1] - 2 * v).clamp_(min=0).sqrt_()
+            scale = self.x_sq[r0:r1, None] + self.y_sq[None, c0:c1]
+            d2 = (scale - 2 * v).clamp_(min=0)
+            # |a|^2 + |b|^2 - 2ab cancels catastrophically for near-duplicate rows; recompute
+            # those few distances directly from the difference
+            close = (d2 < 1e-3 * scale).nonzero()
+            if close.numel():
+                diff = a[close[:, 0]] - b[close[:, 1]]
+                d2[close[:, 0], close[:, 1]] = (diff * diff).sum(1)
+            v = d2.sqrt_()
         return v
 
     def _tile(self, r, c) -> dict:
