@@ -81,3 +81,48 @@ def test_distributed_without_torchrun_is_a_clear_error(tmp_path, capsys, monkeyp
     np.save(tmp_path / "x.npy", make_embeddings(10, 3).numpy())
     assert main(["pairs", str(tmp_path / "x.npy"), "--distributed", "--json", str(tmp_path / "o.json")]) == 2
     assert "not launched by torchrun" in capsys.readouterr().err
+
+
+def _rank_pid(parent_pid: int, rank: str) -> int | None:
+    """The worker process of torchrun whose environment has RANK=rank."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != parent_pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(entry)
+    return None
+
+
+def test_dead_rank_fails_the_job_and_restart_resumes(tmp_path):
+    import signal
+    import time
+
+    np.save(tmp_path / "x.npy", make_embeddings(6000, 64, seed=13).numpy())
+    args = ["pairs", tmp_path / "x.npy", "--row-topk", "5", "--block", "32", "--backend", "torch", "--progress",
+            "--distributed", "--checkpoint", tmp_path / "ck", "--json", tmp_path / "out.json"]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", EMBGEOM_DIST_BACKEND="gloo")
+    proc = subprocess.Popen([torchrun, "--standalone", "--nproc_per_node=2", "-m", "embgeom", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (tmp_path / "ck.rank1").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    pid = _rank_pid(proc.pid, "1")
+    assert pid is not None and proc.poll() is None, "rank 1 finished before it could be killed"
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=120)  # fails instead of hanging
+    assert proc.returncode != 0
+    assert not (tmp_path / "out.json").exists()
+    r = _torchrun(args, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[rank 1]: resuming from" in r.stdout
+    assert json.loads((tmp_path / "out.json").read_text())["count"] == 6000 * 5999 // 2

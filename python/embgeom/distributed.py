@@ -202,6 +202,8 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
         saved = load_checkpoint(ckpt, fp)
         if saved is not None:
             state, done = saved["state"], list(saved["done"])
+            if progress:
+                print(f"embgeom pairs [rank {rank}]: resuming from {ckpt}: {len(done)} of {len(mine)} jobs done", flush=True)
     for job in mine:
         if job in done:
             continue
