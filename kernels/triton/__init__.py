@@ -1,0 +1,1 @@
+"""Triton kernels (@triton.jit) and their launchers: no checks, no dispatch (see embgeom._gpu)."""

@@ -1,0 +1,251 @@
+"""Fused all-pairs statistics (SPEC M1): one tl.dot tile -> every requested reduction.
+
+A launch covers one *band*: `band_rows` consecutive block-rows starting at `band_row0`, against
+every column block (cross mode) or every column block >= band_row0 (self mode: the upper
+triangle only, half the FLOPs). Programs are persistent: program p runs tiles p, p + P, ...;
+inside a band, consecutive tiles walk down the band's block-rows before moving one column
+block right (grouped order: the band's rows and one column block stay in L2).
+
+Per program, in registers, merged once at the end: count, float64 sum / sum of squares,
+outside count and a (NB,) sub-histogram (written per program, reduced by the caller).
+
+Ranked outputs (global top/bottom/near, per-row top/bottom, the first outside pairs) leave the
+kernel as *candidates*: a tile appends (v, i, j) for every pair whose key reaches the stream's
+running threshold, with one atomic per tile on the stream's counter. A threshold is always a
+lower bound of the k-th best key, so no pair of a final list is ever filtered out:
+- the caller seeds it from the merged state (its current k-th best key);
+- each tile raises it live with `atomic_max` using the bound min over G groups of the group
+  maximum (G = next_pow2(k) <= tile side): G distinct pairs reach that value, so the k-th best
+  does too. In `fast` precision the filter is `key >= threshold - margin`, margin = 2x the
+  product error bound, so pairs whose exact value belongs in a list survive the bf16/tf32 error.
+The caller selects exactly (value, then (i, j)) on the small candidate set, and retries a band
+with a higher threshold if a candidate buffer overflowed.
+
+Streams (index s into thr/cnt/cand arrays): 0 top, 1 bottom, 2 near, 3 row top, 4 row bottom,
+5 outside pairs (the first `outside_limit` by (i, j): linear key i * M + j < out_cut).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")
+
+
+@triton.jit
+def _append(m, v, ii, jj, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
+    """Append the masked pairs of a (R, C) tile to stream s: one atomic per tile."""
+    mi = m.to(tl.int32)
+    rc = tl.sum(mi, 1)
+    n = tl.sum(rc, 0)
+    if n > 0:
+        base = tl.atomic_add(cnt_ptr + s, n)
+        off = base + (tl.cumsum(rc, 0) - rc)[:, None] + tl.cumsum(mi, 1) - 1
+        ok = m & (off < cap)
+        off64 = off.to(tl.int64) + cap.to(tl.int64) * s
+        tl.store(cv_ptr + off64, v, mask=ok)
+        tl.store(ci_ptr + off64, ii, mask=ok)
+        tl.store(cj_ptr + off64, jj, mask=ok)
+
+
+@triton.jit
+def _global_stream(key, v, valid, ii, jj, s: tl.constexpr, thr_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+                   cap, margin, G: tl.constexpr, BM: tl.constexpr):
+    k = tl.where(valid, key, float("-inf"))
+    thr = tl.load(thr_ptr + s)
+    if G > 0:
+        # G row maxima are G distinct pairs: their minimum bounds the G-th (>= k-th) best key
+        lb = tl.min(tl.max(tl.reshape(tl.max(k, 1), (G, BM // G)), 1), 0)
+        if lb > thr:
+            tl.atomic_max(thr_ptr + s, lb)
+            thr = lb
+    m = valid & (k >= thr - margin)
+    _append(m, v, ii, jj, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+
+
+@triton.jit
+def _row_stream(key, v, valid, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, n_rows,
+                cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF: tl.constexpr,
+                G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Per-row lists: row i gets neighbour j; in self mode row j also gets neighbour i."""
+    k = tl.where(valid, key, float("-inf"))
+    base = rthr_ptr + (s - 3) * n_rows
+    thr = tl.load(base + rows, mask=row_ok, other=float("inf"))
+    if G > 0:
+        lb = tl.min(tl.max(tl.reshape(k, (BM, G, BN // G)), 2), 1)
+        up = row_ok & (lb > thr)
+        tl.atomic_max(base + rows, lb, mask=up)
+        thr = tl.maximum(thr, lb)
+    m = valid & (k >= thr[:, None] - margin)
+    _append(m, v, rows[:, None] + 0 * cols[None, :], cols[None, :] + 0 * rows[:, None], s,
+            cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+    if SELF:
+        cthr = tl.load(base + cols, mask=col_ok, other=float("inf"))
+        if G > 0:
+            clb = tl.min(tl.max(tl.reshape(k, (G, BM // G, BN)), 1), 0)
+            cup = col_ok & (clb > cthr)
+            tl.atomic_max(base + cols, clb, mask=cup)
+            cthr = tl.maximum(cthr, clb)
+        mc = valid & (k >= cthr[None, :] - margin)
+        _append(mc, v, cols[None, :] + 0 * rows[:, None], rows[:, None] + 0 * cols[None, :], s,
+                cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+
+
+@triton.jit
+def _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr):
+    """Histogram slot: 0 underflow, 1..bins, bins + 1 overflow. An fp32 estimate, then an exact
+    correction against edges[b] = the smallest fp32 value whose float64 bin
+    floor((v - lo) * bins / (hi - lo)) is >= b, so bins equal the float64 definition without
+    float64 math on the tile. lo_f/hi_f: lo/hi rounded inwards to fp32."""
+    bn = tl.floor((v - lo_f) * scale_f).to(tl.int32)
+    bn = tl.minimum(tl.maximum(bn, 0), bins - 1)
+    e0 = tl.load(edges_ptr + bn)
+    e1 = tl.load(edges_ptr + bn + 1)
+    bn = tl.where(v < e0, bn - 1, tl.where(v >= e1, bn + 1, bn))
+    bn = tl.minimum(tl.maximum(bn, 0), bins - 1) + 1
+    return tl.where(v < lo_f, 0, tl.where(v > hi_f, bins + 1, bn))
+
+
+@triton.jit
+def _pairwise_stats_kernel(
+    x_ptr, y_ptr, stride_xn, stride_yn, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr,
+    N, M, D, band_row0, band_rows, num_tiles,
+    # per-program reductions
+    part_cnt_ptr, part_sum_ptr, part_sq_ptr, part_out_ptr, hist_ptr, edges_ptr,
+    lo_f, hi_f, scale_f, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+    # candidate streams
+    gthr_ptr, rthr_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, near, margin, near_margin, out_cut,
+    METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, IN_PREC: tl.constexpr,
+    DO_STATS: tl.constexpr, NB: tl.constexpr, GHIST: tl.constexpr, HAS_OUT: tl.constexpr,
+    TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr, RTOP: tl.constexpr,
+    RBOT: tl.constexpr, OUTL: tl.constexpr,
+    G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
+    G_RBOT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """METRIC: 0 cosine (rows pre-normalised, values clamped), 1 dot, 2 euclidean.
+    IN_PREC: "ieee" / "tf32" for fp32 rows, "" for 16-bit rows. NB: register-histogram slots
+    (power of two >= bins + 2; 0 = none); GHIST: histogram by global atomics into hist (bins + 2,)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    acc_n = tl.zeros([BM], tl.int32)
+    acc_o = tl.zeros([BM], tl.int32)
+    acc_s = tl.zeros([BM], tl.float64)
+    acc_q = tl.zeros([BM], tl.float64)
+    if NB > 0:
+        hist = tl.zeros([NB], tl.int32)
+    for t in range(pid, num_tiles, nprog):
+        r = band_row0 + t % band_rows
+        if SELF:
+            c = band_row0 + t // band_rows
+        else:
+            c = t // band_rows
+        rows = r * BM + tl.arange(0, BM)
+        cols = c * BN + tl.arange(0, BN)
+        row_ok = rows < N
+        col_ok = cols < M
+        # below-diagonal tiles of the band (self mode) skip the matmul entirely
+        k_end = D
+        if SELF:
+            k_end = tl.where(r <= c, D, 0)
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, k_end, BK):
+            ks = k0 + tl.arange(0, BK)
+            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + ks[None, :],
+                        mask=row_ok[:, None] & (ks[None, :] < D), other=0.0)
+            b = tl.load(y_ptr + cols[:, None].to(tl.int64) * stride_yn + ks[None, :],
+                        mask=col_ok[:, None] & (ks[None, :] < D), other=0.0)
+            if IN_PREC == "" and UPCAST:
+                # the CPU interpreter mis-multiplies bf16 in tl.dot; bf16 products are exact in
+                # fp32, so upcasting computes the same values as the tensor-core path
+                acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+            elif IN_PREC == "":
+                acc = tl.dot(a, tl.trans(b), acc)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=IN_PREC)
+        valid = row_ok[:, None] & col_ok[None, :]
+        if SELF:
+            valid = valid & (rows[:, None] < cols[None, :])
+        if HAS_VALID:
+            xv = tl.load(xv_ptr + rows, mask=row_ok, other=0) != 0
+            yv = tl.load(yv_ptr + cols, mask=col_ok, other=0) != 0
+            valid = valid & xv[:, None] & yv[None, :]
+        if METRIC == 0:
+            v = tl.minimum(tl.maximum(acc, -1.0), 1.0)
+        elif METRIC == 1:
+            v = acc
+        else:
+            xs = tl.load(xsq_ptr + rows, mask=row_ok, other=0.0)
+            ys = tl.load(ysq_ptr + cols, mask=col_ok, other=0.0)
+            v = tl.sqrt(tl.maximum(xs[:, None] + ys[None, :] - 2.0 * acc, 0.0))
+
+        if DO_STATS:
+            vz = tl.where(valid, v, 0.0)
+            acc_n += tl.sum(valid.to(tl.int32), 1)
+            acc_s += tl.sum(vz, 1).to(tl.float64)
+            acc_q += tl.sum(vz * vz, 1).to(tl.float64)
+            if NB > 0:
+                slot = _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr)
+                hist += tl.histogram(tl.reshape(slot, (BM * BN,)), NB,
+                                     mask=tl.reshape(valid, (BM * BN,)))
+            if GHIST:
+                # too many bins for a register histogram: global atomics (slower, same bins)
+                slot = _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr)
+                tl.atomic_add(hist_ptr + slot, 1, mask=valid)
+            if HAS_OUT:
+                om = (valid & ((v < out_a) | (v > out_b))).to(tl.int32)
+                orow = tl.sum(om, 1)
+                ocol = tl.sum(om, 0)
+                acc_o += orow
+                tl.atomic_add(out_rows_ptr + rows, orow.to(tl.int64), mask=row_ok & (orow > 0))
+                tl.atomic_add(out_cols_ptr + cols, ocol.to(tl.int64), mask=col_ok & (ocol > 0))
+
+        ii = rows[:, None] + 0 * cols[None, :]
+        jj = cols[None, :] + 0 * rows[:, None]
+        if TOP:
+            _global_stream(v, v, valid, ii, jj, 0, gthr_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+                           cap, margin, G_TOP, BM)
+        if BOT:
+            _global_stream(-v, v, valid, ii, jj, 1, gthr_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+                           cap, margin, G_BOT, BM)
+        if NEAR:
+            _global_stream(-tl.abs(v - near), v, valid, ii, jj, 2, gthr_ptr, cnt_ptr, cv_ptr,
+                           ci_ptr, cj_ptr, cap, near_margin, G_NEAR, BM)
+        if RTOP:
+            _row_stream(v, v, valid, rows, cols, row_ok, col_ok, 3, rthr_ptr, N, cnt_ptr,
+                        cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RTOP, BM, BN)
+        if RBOT:
+            _row_stream(-v, v, valid, rows, cols, row_ok, col_ok, 4, rthr_ptr, N, cnt_ptr,
+                        cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RBOT, BM, BN)
+        if OUTL:
+            lin = ii.to(tl.int64) * M + jj
+            om2 = valid & ((v < out_a) | (v > out_b)) & (lin < out_cut)
+            _append(om2, v, ii, jj, 5, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+
+    if DO_STATS:
+        tl.store(part_cnt_ptr + pid, tl.sum(acc_n.to(tl.int64), 0))
+        tl.store(part_sum_ptr + pid, tl.sum(acc_s, 0))
+        tl.store(part_sq_ptr + pid, tl.sum(acc_q, 0))
+        tl.store(part_out_ptr + pid, tl.sum(acc_o.to(tl.int64), 0))
+        if NB > 0:
+            tl.store(hist_ptr + pid * NB + tl.arange(0, NB), hist)
+
+
+def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
+                    part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
+                    out_a, out_b, out_rows, out_cols, gthr, rthr, cnt, cv, ci, cj, cap, near,
+                    margin, near_margin, out_cut, *, metric, self_mode, has_valid, in_prec,
+                    do_stats, nb, ghist, has_out, streams, groups, bm, bk, num_warps=8, num_stages=3):
+    """streams: 6 bools (see STREAMS); groups: live-bound group counts for the first five."""
+    _pairwise_stats_kernel[(grid,)](
+        x, y, x.stride(0), y.stride(0), xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
+        part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
+        out_a, out_b, out_rows, out_cols, gthr, rthr, cnt, cv, ci, cj, cap, near, margin,
+        near_margin, out_cut,
+        METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
+        NB=nb, GHIST=ghist, HAS_OUT=has_out, TOP=streams[0], BOT=streams[1], NEAR=streams[2],
+        RTOP=streams[3], RBOT=streams[4], OUTL=streams[5], G_TOP=groups[0], G_BOT=groups[1],
+        G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4], BM=bm, BN=bm, BK=bk,
+        UPCAST=x.device.type == "cpu",
+        num_warps=num_warps, num_stages=num_stages,
+    )

@@ -1,0 +1,593 @@
+"""The `triton` and `cuda` backends.
+
+`triton`: the fused kernels of embgeom.kernels.triton on CUDA tensors (and on CPU tensors under
+TRITON_INTERPRET=1, for tests). `cuda`: the same engine, with the per-row top-k merge of the
+candidate buffers done by the CUDA kernel in embgeom._cuda (warp-unfriendly, data-dependent
+insertion that Triton expresses poorly); used only when a GPU is usable and _cuda is built.
+
+The all-pairs engine runs *bands* of block-rows (one kernel launch each; the engine's tiles,
+so checkpoints and progress work per band). After a launch it reduces the per-program partial
+sums and histograms, then selects exactly, in torch, on the candidate buffers: value (exact fp32
+rescoring in `fast` precision), then (i, j). See kernels/triton/pairwise.py for why no pair of a
+final list can be filtered out.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ._backends import cuda_ext, register
+from ._pairwise import PairwiseConfig, _np, empty_state, merge_pairs, merge_rows, sort_pairs
+
+STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")
+# unit roundoff of the products' inputs per `fast` input type (tf32 may truncate: 2^-10)
+UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "tf32": 2.0 ** -10}
+FAST_DTYPES = tuple(UNIT_ROUNDOFF)
+MAX_REGISTER_BINS = 8190  # bins + 2 slots <= 8192 in registers; more bins use global atomics
+NO_CUT = 2 ** 62
+
+
+def _kernels():
+    from embgeom.kernels.triton import cone, entropy, pairwise  # imports triton
+
+    return pairwise, cone, entropy
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _f32_up(v: float) -> float:
+    """Smallest fp32 >= v (for fp32 x: x < v <=> x < _f32_up(v))."""
+    t = torch.tensor(v, dtype=torch.float64).float()
+    if float(t) < v:
+        t = torch.nextafter(t, torch.tensor(math.inf))
+    return float(t)
+
+
+def _f32_down(v: float) -> float:
+    """Largest fp32 <= v (for fp32 x: x > v <=> x > _f32_down(v))."""
+    t = torch.tensor(v, dtype=torch.float64).float()
+    if float(t) > v:
+        t = torch.nextafter(t, torch.tensor(-math.inf))
+    return float(t)
+
+
+def _f32_order(f: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 key of fp32 values (-0.0 == 0.0)."""
+    bits = f.contiguous().view(torch.int32).long()
+    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
+
+
+def _f32_from_order(k: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(k >= 0, k, (-k) | 0x80000000)
+    bits = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+def hist_edges(lo: float, hi: float, bins: int) -> torch.Tensor:
+    """(bins + 1,) float32: edges[b] = the smallest fp32 v with floor((v - lo) * bins/(hi - lo))
+    >= b in float64 (the definition every engine uses); edges[0] = -inf, edges[bins] = +inf.
+    Bisection over the ordered fp32 bit patterns (exact, also for subnormals)."""
+    scale = bins / (hi - lo)
+    b = torch.arange(1, bins, dtype=torch.float64)
+    inf = torch.tensor([math.inf], dtype=torch.float32)
+    below = _f32_order(-inf).expand(b.shape).clone()  # bin(-inf) < b
+    above = _f32_order(inf).expand(b.shape).clone()   # bin(+inf) >= b
+    while bool(((above - below) > 1).any()):
+        mid = (below + above) // 2
+        ok = torch.floor((_f32_from_order(mid).double() - lo) * scale) >= b
+        above = torch.where(ok, mid, above)
+        below = torch.where(ok, below, mid)
+    return torch.cat([-inf, _f32_from_order(above), inf])
+
+
+def _binning_error_ok(lo: float, hi: float, bins: int) -> bool:
+    """The fp32 bin estimate is corrected by one bin at most: its error must stay below that."""
+    scale = bins / (hi - lo)
+    err = 4 * 2.0 ** -24 * max(abs(lo), abs(hi), 1.0) * scale + bins * 2.0 ** -22
+    return err < 0.75
+
+
+class TritonEngine:
+    """Fused all-pairs engine (engine protocol of _pairwise). x: (N, D), y: (M, D) or None.
+
+    fast_dtype: input type of the products in `fast` precision ("bf16", "fp16", "tf32").
+    block/group/programs/capacity: tile side, block-rows per band, persistent programs,
+    candidate slots per stream (defaults suit an H100; tests shrink them).
+    """
+
+    name = "triton"
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, *,
+                 fast_dtype: str = "bf16", block: int | None = None, group: int | None = None,
+                 programs: int | None = None, capacity: int | None = None):
+        if fast_dtype not in FAST_DTYPES:
+            raise ValueError(f"fast_dtype: expected one of {', '.join(FAST_DTYPES)}, got {fast_dtype!r}")
+        self.cfg = cfg
+        self.self_mode = y is None
+        self.device = x.device
+        on_gpu = x.device.type == "cuda"
+        self.mode = "exact" if cfg.precision == "exact" else fast_dtype
+        self.x32, xv, ex = self._prepare(x)
+        if self.self_mode:
+            self.y32, yv, ey = self.x32, xv, None
+        else:
+            self.y32, yv, ey = self._prepare(y)
+        self.n, self.d = self.x32.shape
+        self.m = self.y32.shape[0]
+        self.has_valid = xv is not None
+        dummy_u8 = torch.ones(1, dtype=torch.uint8, device=self.device)
+        self.xv = xv.to(torch.uint8) if xv is not None else dummy_u8
+        self.yv = yv.to(torch.uint8) if yv is not None else self.xv
+        self.xsq = (self.x32 * self.x32).sum(1) if cfg.metric == "euclidean" else self.x32.new_zeros(1)
+        self.ysq = self.xsq if (self.self_mode or cfg.metric != "euclidean") else (self.y32 * self.y32).sum(1)
+        if self.mode in ("bf16", "fp16"):
+            dt = torch.bfloat16 if self.mode == "bf16" else torch.float16
+            self.xin = self.x32.to(dt)
+            self.yin = self.xin if self.self_mode else self.y32.to(dt)
+            self.in_prec = ""
+        else:
+            self.xin, self.yin = self.x32, self.y32
+            self.in_prec = "tf32" if self.mode == "tf32" else "ieee"
+
+        # tiles: square BM x BM (self mode needs the same blocks on both sides)
+        if block is None:
+            block = 128 if on_gpu else min(64, max(16, _next_pow2(min(cfg.block, max(self.n, self.m, 1)))))
+        self.bm = max(16, _next_pow2(block))
+        wide = self.xin.element_size() == 2
+        self.bk = (64 if wide else 32) if on_gpu else min(64, max(16, _next_pow2(self.d)))
+        self.group = group or (8 if on_gpu else 4)
+        if programs is None:
+            programs = 2 * torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 2
+        self.programs = programs
+        self.nbr = -(-self.n // self.bm)
+        self.nbc = -(-self.m // self.bm)
+        self.nbands = -(-self.nbr // self.group)
+
+        # which outputs: top/bottom always (they also give max/min), the rest as asked
+        self.kinds_k = {"top": max(cfg.topk, 1), "bottom": max(cfg.bottomk, 1),
+                        "near": cfg.near_k if cfg.near is not None else 0,
+                        "row_top": cfg.row_topk, "row_bottom": cfg.row_bottomk,
+                        "outside_pairs": cfg.outside_limit if cfg.outside else 0}
+        self.active = [self.kinds_k[s] > 0 for s in STREAMS]
+        self.groups = []
+        for s in STREAMS[:5]:
+            g = _next_pow2(self.kinds_k[s]) if self.kinds_k[s] else 0
+            self.groups.append(g if g <= self.bm else 0)
+        need = max(self.kinds_k.values())
+        self.cap = max(capacity or ((1 << 20) if on_gpu else (1 << 12)), 2 * need + 64)
+
+        # error of the products (fast) -> filter margin and histogram error bound
+        nx = float(torch.linalg.vector_norm(self.x32, dim=1).max()) if self.n else 0.0
+        ny = float(torch.linalg.vector_norm(self.y32, dim=1).max()) if self.m else 0.0
+        if self.mode == "exact":
+            eps = 0.0
+        else:
+            u = UNIT_ROUNDOFF[self.mode]
+            eps = (2 * u + u * u + 2 * (self.d + 2) * 2.0 ** -24) * nx * ny * 1.01
+            if cfg.metric == "euclidean":
+                eps = math.sqrt(2 * eps)
+        self.eps = eps
+        self.margin = 2 * eps
+        vmax = {"cosine": 1.0, "dot": nx * ny, "euclidean": nx + ny}[cfg.metric]
+        near = cfg.near if cfg.near is not None else 0.0
+        # the kernel's near key is fp32 (|v - near_f32|), the final order float64: cover both
+        self.near_margin = self.margin + 2.0 ** -21 * (2 * abs(near) + vmax)
+
+        # histogram
+        self.bins = cfg.bins
+        if self.bins:
+            if not _binning_error_ok(cfg.lo, cfg.hi, cfg.bins):
+                raise ValueError(f"range: ({cfg.lo}, {cfg.hi}) with {cfg.bins} bins is too narrow for the "
+                                 "triton kernel's fp32 binning; use backend='cpp' or 'torch'")
+            self.edges = hist_edges(cfg.lo, cfg.hi, cfg.bins).to(self.device)
+            self.lo_f, self.hi_f = _f32_up(cfg.lo), _f32_down(cfg.hi)
+            self.scale_f = cfg.bins / (cfg.hi - cfg.lo)
+            self.nb = _next_pow2(self.bins + 2) if self.bins <= MAX_REGISTER_BINS else 0
+        else:
+            self.edges = torch.zeros(2, device=self.device)
+            self.lo_f, self.hi_f, self.scale_f, self.nb = 0.0, 1.0, 1.0, 0
+        if cfg.outside:
+            self.out_a, self.out_b = _f32_up(cfg.outside[0]), _f32_down(cfg.outside[1])
+        else:
+            self.out_a, self.out_b = 0.0, 0.0
+
+        dev = self.device
+        P = self.programs
+        self.part_cnt = torch.zeros(P, dtype=torch.int64, device=dev)
+        self.part_sum = torch.zeros(P, dtype=torch.float64, device=dev)
+        self.part_sq = torch.zeros(P, dtype=torch.float64, device=dev)
+        self.part_out = torch.zeros(P, dtype=torch.int64, device=dev)
+        hist_slots = P * self.nb if self.nb else (self.bins + 2 if self.bins else 1)
+        self.hist_buf = torch.zeros(hist_slots, dtype=torch.int32, device=dev)
+        self.cnt = torch.zeros(6, dtype=torch.int32, device=dev)
+        self._alloc_candidates(self.cap)
+        self.excluded_rows = ex
+        self.excluded_cols = ey if ey is not None else np.zeros(0, np.int64)
+        self._reset_accumulators()
+
+    # ------------------------------------------------------------------------------------------
+    def _prepare(self, v: torch.Tensor):
+        """fp32 rows; for cosine normalised in fp32 exactly as the torch/C++ engines do."""
+        v = v.to(torch.float32).contiguous()
+        if self.cfg.metric != "cosine":
+            return v, None, np.zeros(0, np.int64)
+        norms = torch.linalg.vector_norm(v, dim=1)
+        valid = norms > 0
+        v = (v / torch.where(valid, norms, torch.ones_like(norms)).unsqueeze(1)).contiguous()
+        return v, valid, _np(torch.nonzero(~valid).flatten()).astype(np.int64)
+
+    def _alloc_candidates(self, cap: int, keep: bool = False) -> None:
+        dev = self.device
+        new = (torch.zeros(6, cap, dtype=torch.float32, device=dev),
+               torch.zeros(6, cap, dtype=torch.int32, device=dev),
+               torch.zeros(6, cap, dtype=torch.int32, device=dev))
+        if keep:
+            for old, nw in zip((self.cv, self.ci, self.cj), new):
+                nw[:, :old.shape[1]] = old
+        self.cv, self.ci, self.cj = new
+        self.cap = cap
+
+    def _reset_accumulators(self) -> None:
+        dev, cfg = self.device, self.cfg
+        self.tiles_done = 0
+        self.count = torch.zeros((), dtype=torch.int64, device=dev)
+        self.sums = torch.zeros(2, dtype=torch.float64, device=dev)
+        self.outside_count = torch.zeros((), dtype=torch.int64, device=dev)
+        self.hist = torch.zeros(self.bins + 2, dtype=torch.int64, device=dev) if self.bins else None
+        self.out_rows = torch.zeros(max(self.n, 1), dtype=torch.int64, device=dev)
+        self.out_cols = self.out_rows if self.self_mode else torch.zeros(max(self.m, 1), dtype=torch.int64, device=dev)
+        empty = (torch.zeros(0, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.int64, device=dev),
+                 torch.zeros(0, dtype=torch.int64, device=dev))
+        self.lists = {s: empty for s in ("top", "bottom", "near", "outside_pairs")}
+        self.rows = {}
+        for s in ("row_top", "row_bottom"):
+            k = self.kinds_k[s]
+            if k:
+                self.rows[s] = (torch.full((self.n, k), math.nan, dtype=torch.float32, device=dev),
+                                torch.full((self.n, k), -1, dtype=torch.int64, device=dev))
+        self.gthr = torch.full((3,), -math.inf, dtype=torch.float32, device=dev)
+        self.rthr = torch.full((2, max(self.n, 1)), -math.inf, dtype=torch.float32, device=dev)
+        self.out_cut = NO_CUT
+
+    # engine protocol -------------------------------------------------------------------------
+    def num_tiles(self) -> int:
+        return self.nbands
+
+    def _band_rows(self, b: int) -> tuple[int, int]:
+        return b * self.group * self.bm, min(self.n, (b + 1) * self.group * self.bm)
+
+    def tile_pairs(self, begin: int, end: int) -> int:
+        total = 0
+        for b in range(begin, end):
+            a, e = self._band_rows(b)
+            if self.self_mode:
+                total += (e - a) * (self.n - 1) - (a + e - 1) * (e - a) // 2
+            else:
+                total += (e - a) * self.m
+        return total
+
+    def run(self, begin: int, end: int) -> None:
+        if begin != self.tiles_done:
+            raise ValueError(f"tiles must run in order: expected begin={self.tiles_done}, got {begin}")
+        for b in range(begin, end):
+            self._band(b)
+            self.tiles_done += 1
+
+    def state(self) -> dict:
+        cfg = self.cfg
+        st = empty_state(cfg, self.n, None if self.self_mode else self.m)
+        st["tiles_done"] = self.tiles_done
+        st["count"] = int(self.count)
+        st["sum"], st["sumsq"] = (float(v) for v in self.sums.tolist())
+        if self.bins:
+            st["hist"] = _np(self.hist).astype(np.int64)
+        limits = {"top": cfg.topk, "bottom": cfg.bottomk, "near": self.kinds_k["near"],
+                  "outside_pairs": self.kinds_k["outside_pairs"]}
+        for kind, limit in limits.items():
+            v, i, j = self.lists[kind]
+            st[kind] = (_np(v[:limit]).astype(np.float64), _np(i[:limit]).astype(np.int64),
+                        _np(j[:limit]).astype(np.int64))
+        for name, kind in (("max", "top"), ("min", "bottom")):
+            v, i, j = self.lists[kind]
+            st[name] = (float(v[0]), int(i[0]), int(j[0])) if v.numel() else None
+        for kind, (v, i) in self.rows.items():
+            st[kind] = (_np(v).astype(np.float32), _np(i).astype(np.int64))
+        if cfg.outside:
+            st["outside_count"] = int(self.outside_count)
+            st["outside_rows"] = _np(self.out_rows[:self.n]).astype(np.int64)
+            if not self.self_mode:
+                st["outside_cols"] = _np(self.out_cols[:self.m]).astype(np.int64)
+        st["excluded_rows"] = self.excluded_rows
+        st["excluded_cols"] = self.excluded_cols
+        st["hist_error_bound"] = self.eps
+        return st
+
+    def load_state(self, state: dict) -> None:
+        dev = self.device
+        self._reset_accumulators()
+        self.tiles_done = int(state["tiles_done"])
+        self.count.fill_(int(state["count"]))
+        self.sums.copy_(torch.tensor([float(state["sum"]), float(state["sumsq"])], dtype=torch.float64))
+        if self.bins:
+            self.hist.copy_(torch.as_tensor(np.asarray(state["hist"]), dtype=torch.int64))
+
+        def dev3(t):
+            return tuple(torch.as_tensor(np.asarray(a), dtype=dt).to(dev)
+                         for a, dt in zip(t, (torch.float64, torch.int64, torch.int64)))
+
+        for kind, extreme in (("top", "max"), ("bottom", "min"), ("near", None), ("outside_pairs", None)):
+            got = dev3(state[kind])
+            if extreme and state[extreme] is not None and got[0].numel() == 0:  # topk=0: keep max
+                e = state[extreme]
+                got = merge_pairs(kind, got, dev3(([e[0]], [e[1]], [e[2]])), self.kinds_k[kind], self.cfg.near)
+            self.lists[kind] = tuple(t.to(dev) for t in got)
+        for kind in self.rows:
+            v, i = state[kind]
+            self.rows[kind] = (torch.as_tensor(np.asarray(v), dtype=torch.float32).to(dev).contiguous(),
+                               torch.as_tensor(np.asarray(i), dtype=torch.int64).to(dev).contiguous())
+        if self.cfg.outside:
+            self.outside_count.fill_(int(state["outside_count"]))
+            self.out_rows[:self.n] = torch.as_tensor(np.asarray(state["outside_rows"]), dtype=torch.int64)
+            if not self.self_mode:
+                self.out_cols[:self.m] = torch.as_tensor(np.asarray(state["outside_cols"]), dtype=torch.int64)
+
+    # one band --------------------------------------------------------------------------------
+    def _band(self, b: int) -> None:
+        r0 = b * self.group
+        rows = min(self.group, self.nbr - r0)
+        ntiles = rows * ((self.nbc - r0) if self.self_mode else self.nbc)
+        self._refresh_thresholds()
+        self.cnt.zero_()
+        if self.bins and not self.nb:
+            self.hist_buf.zero_()
+        grid = self._launch(r0, rows, ntiles, True, self.active)
+        counts = self.cnt.tolist()
+        # stats of this band
+        self.count += self.part_cnt[:grid].sum()
+        self.sums += torch.stack([self.part_sum[:grid].sum(), self.part_sq[:grid].sum()])
+        if self.cfg.outside:
+            self.outside_count += self.part_out[:grid].sum()
+        if self.bins:
+            h = self.hist_buf[:grid * self.nb].view(grid, self.nb).sum(0) if self.nb else self.hist_buf
+            self.hist += h[: self.bins + 2].to(torch.int64)
+        # an overflowed stream gets a higher threshold (or more room) and runs again alone
+        while True:
+            over = [s for s in range(6) if self.active[s] and counts[s] > self.cap]
+            if not over:
+                break
+            retry = [False] * 6
+            grow = False
+            for s in over:
+                grow |= not self._raise_threshold(s)
+                retry[s] = True
+            if grow:
+                self._alloc_candidates(2 * self.cap, keep=True)
+            for s in over:
+                self.cnt[s] = 0
+            self._launch(r0, rows, ntiles, False, retry)
+            counts = self.cnt.tolist()
+        for s, kind in enumerate(STREAMS):
+            if self.active[s] and counts[s]:
+                self._merge(s, kind, counts[s])
+
+    def _launch(self, r0: int, rows: int, ntiles: int, do_stats: bool, streams) -> int:
+        pairwise, _, _ = _kernels()
+        grid = max(1, min(self.programs, ntiles))
+        cfg = self.cfg
+        pairwise.launch_pairwise(
+            grid, self.xin, self.yin, self.xv, self.yv, self.xsq, self.ysq, self.n, self.m, self.d,
+            r0, rows, ntiles, self.part_cnt, self.part_sum, self.part_sq, self.part_out,
+            self.hist_buf, self.edges, self.lo_f, self.hi_f, self.scale_f, max(self.bins, 1),
+            self.out_a, self.out_b, self.out_rows, self.out_cols, self.gthr, self.rthr, self.cnt,
+            self.cv, self.ci, self.cj, self.cap, float(cfg.near or 0.0), self.margin,
+            self.near_margin, self.out_cut,
+            metric={"cosine": 0, "dot": 1, "euclidean": 2}[cfg.metric], self_mode=self.self_mode,
+            has_valid=self.has_valid, in_prec=self.in_prec, do_stats=do_stats,
+            nb=self.nb if (do_stats and self.bins) else 0,
+            ghist=bool(do_stats and self.bins and not self.nb),
+            has_out=bool(do_stats and cfg.outside), streams=[bool(s) for s in streams],
+            groups=self.groups, bm=self.bm, bk=self.bk)
+        return grid
+
+    # thresholds ------------------------------------------------------------------------------
+    def _key(self, s: int, v: torch.Tensor) -> torch.Tensor:
+        """The kernel's fp32 key of stream s (larger is better)."""
+        v = v.float()
+        if s in (1, 4):
+            return -v
+        if s == 2:
+            return -(v - torch.tensor(float(self.cfg.near or 0.0), dtype=torch.float32)).abs()
+        return v
+
+    def _refresh_thresholds(self) -> None:
+        """Seed each stream's threshold with the merged state's k-th best key (a lower bound
+        of the final k-th best: thresholds only ever rise)."""
+        for s, kind in enumerate(STREAMS[:3]):
+            k = self.kinds_k[kind]
+            v = self.lists[kind][0]
+            if k and v.numel() >= k:
+                self.gthr[s] = torch.maximum(self.gthr[s], self._key(s, v[k - 1:k])[0])
+        for s, kind in ((3, "row_top"), (4, "row_bottom")):
+            if kind in self.rows:
+                v, i = self.rows[kind]
+                full = i[:, -1] >= 0
+                key = torch.where(full, self._key(s, v[:, -1]), torch.full_like(v[:, -1], -math.inf))
+                self.rthr[s - 3, :self.n] = torch.maximum(self.rthr[s - 3, :self.n], key)
+        if self.cfg.outside:
+            v, i, j = self.lists["outside_pairs"]
+            if v.numel() >= self.kinds_k["outside_pairs"]:
+                self.out_cut = min(self.out_cut, int(i[-1]) * self.m + int(j[-1]))
+
+    def _raise_threshold(self, s: int) -> bool:
+        """Stream s overflowed: its buffer holds `cap` genuine candidates of this band, whose
+        k-th best is a valid (higher) threshold. Returns False if nothing rose (ties): grow."""
+        k = self.kinds_k[STREAMS[s]]
+        v, i, j = self.cv[s], self.ci[s].long(), self.cj[s].long()
+        if s == 5:
+            lin = i * self.m + j
+            cut = int(torch.kthvalue(lin.cpu(), k).values) + 1
+            if cut < self.out_cut:
+                self.out_cut = cut
+                return True
+            return False
+        key = self._key(s, v)
+        if s < 3:
+            kth = torch.topk(key, k).values[-1]
+            if bool(kth > self.gthr[s]):
+                self.gthr[s] = kth
+                return True
+            return False
+        order = torch.argsort(-key, stable=True)
+        order = order[torch.argsort(i[order], stable=True)]
+        rows_sorted, key_sorted = i[order], key[order]
+        uniq, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        full = counts >= k
+        if not bool(full.any()):
+            return False
+        kth = key_sorted[starts[full] + k - 1]
+        target = self.rthr[s - 3]
+        before = target[uniq[full]].clone()
+        target[uniq[full]] = torch.maximum(before, kth)
+        return bool((target[uniq[full]] > before).any())
+
+    # exact selection on the candidates -------------------------------------------------------
+    def _rescore(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Exact fp32 values of pairs (i, j) (fast precision): the `exact` definition."""
+        out = torch.empty(i.numel(), dtype=torch.float32, device=self.device)
+        step = 1 << 16
+        for s in range(0, i.numel(), step):
+            a, b = i[s:s + step], j[s:s + step]
+            dot = (self.x32[a] * self.y32[b]).sum(1)
+            if self.cfg.metric == "cosine":
+                dot = dot.clamp(-1.0, 1.0)
+            elif self.cfg.metric == "euclidean":
+                dot = (self.xsq[a] + self.ysq[b] - 2 * dot).clamp(min=0).sqrt()
+            out[s:s + step] = dot
+        return out
+
+    def _merge(self, s: int, kind: str, n: int) -> None:
+        v, i, j = self.cv[s, :n], self.ci[s, :n].long(), self.cj[s, :n].long()
+        if self.mode != "exact":
+            v = self._rescore(i, j)
+        if s in (3, 4):
+            self._merge_rows(kind, i, j, v.float(), largest=(s == 3))
+            return
+        k = self.kinds_k[kind]
+        old = self.lists[kind]
+        self.lists[kind] = sort_pairs(kind, torch.cat([old[0], v.double()]), torch.cat([old[1], i]),
+                                      torch.cat([old[2], j]), self.cfg.near, k)
+
+    def _merge_rows(self, kind: str, i: torch.Tensor, j: torch.Tensor, v: torch.Tensor, largest: bool) -> None:
+        """Candidates (row i, column j, value v) into the per-row lists, exact order."""
+        k = self.kinds_k[kind]
+        key = -v.double() if largest else v.double()
+        order = torch.argsort(j, stable=True)
+        order = order[torch.argsort(key[order], stable=True)]
+        order = order[torch.argsort(i[order], stable=True)]
+        i, j, v = i[order], j[order], v[order]
+        uniq, counts = torch.unique_consecutive(i, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        seg = torch.repeat_interleave(torch.arange(uniq.numel(), device=i.device), counts)
+        rank = torch.arange(i.numel(), device=i.device) - starts[seg]
+        keep = rank < k
+        dv = torch.full((uniq.numel(), k), math.nan, dtype=torch.float32, device=i.device)
+        di = torch.full((uniq.numel(), k), -1, dtype=torch.int64, device=i.device)
+        dv[seg[keep], rank[keep]] = v[keep]
+        di[seg[keep], rank[keep]] = j[keep]
+        sv, si = self.rows[kind]
+        mv, mi = merge_rows((sv[uniq], si[uniq]), (dv, di), k, largest)
+        sv[uniq] = mv.to(sv.device, torch.float32)
+        si[uniq] = mi.to(si.device, torch.int64)
+
+
+class CudaEngine(TritonEngine):
+    """TritonEngine whose per-row candidate merge runs in the CUDA kernel of embgeom._cuda."""
+
+    name = "cuda"
+
+    def _merge_rows(self, kind, i, j, v, largest):
+        k = self.kinds_k[kind]
+        order = torch.argsort(i, stable=True)
+        i, j, v = i[order], j[order].contiguous(), v[order].float().contiguous()
+        uniq, counts = torch.unique_consecutive(i, return_counts=True)
+        starts = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=i.device)
+        starts[1:] = torch.cumsum(counts, 0)
+        uniq = uniq.contiguous()
+        sv, si = self.rows[kind]
+        cuda_ext().row_topk_merge(
+            sv.data_ptr(), si.data_ptr(), self.n, k, uniq.data_ptr(), starts.data_ptr(),
+            uniq.numel(), v.data_ptr(), j.data_ptr(), bool(largest),
+            torch.cuda.current_stream(self.device).cuda_stream)
+
+
+# --------------------------------------------------------------------------------------------
+# cone index and attention entropy
+# --------------------------------------------------------------------------------------------
+
+def triton_cone_unit_sums(x: torch.Tensor, mask: torch.Tensor | None):
+    """x: (B, T, D), mask: (B, T) | None -> sums (B, D) f64, used (B,) i64, zero (B,) i64."""
+    _, cone, _ = _kernels()
+    B, T, D = x.shape
+    dev = x.device
+    if x.numel() == 0:
+        from ._torch_ops import torch_cone_unit_sums
+
+        return torch_cone_unit_sums(x, mask)
+    on_gpu = dev.type == "cuda"
+    block_t = 16
+    block_d = min(128, _next_pow2(D)) if on_gpu else min(1024, _next_pow2(D))
+    blocks = -(-T // block_t)
+    target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 2
+    S = max(1, min(blocks, -(-target // B)))
+    part = torch.zeros(B, S, D, dtype=torch.float64, device=dev)
+    used = torch.zeros(B, S, dtype=torch.int64, device=dev)
+    zero = torch.zeros(B, S, dtype=torch.int64, device=dev)
+    mask_u8 = None if mask is None else mask.to(torch.uint8)
+    cone.launch_cone(x, mask_u8, part, used, zero, block_t=block_t, block_d=block_d)
+    return part.sum(1), used.sum(1), zero.sum(1)
+
+
+def triton_row_entropy(attn: torch.Tensor, mask: torch.Tensor | None, smoothing: float = 0.0):
+    """attn: (B, H, T, T) -> (B, H, T) float32 nats, NaN on padded query rows."""
+    _, _, entropy = _kernels()
+    B, H, T, _ = attn.shape
+    dev = attn.device
+    out = torch.empty(B, H, T, dtype=torch.float32, device=dev)
+    if out.numel() == 0:
+        return out
+    if mask is not None:
+        n_valid = mask.sum(1).clamp(min=1).to(torch.float32)
+        mask_u8 = mask.to(torch.uint8)
+    else:
+        n_valid = torch.full((B,), float(T), dtype=torch.float32, device=dev)
+        mask_u8 = None
+    on_gpu = dev.type == "cuda"
+    block_k = min(128 if on_gpu else 1024, _next_pow2(T))
+    block_r = 16 if on_gpu else min(64, _next_pow2(T))
+    entropy.launch_entropy(attn, mask_u8, n_valid, out, smoothing, block_r=block_r, block_k=block_k)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------
+
+def _cuda_pairwise_reasons(x, **_):
+    from ._backends import load
+
+    if load("triton", "pip install triton") is None:
+        return ["the cuda engine runs the Triton kernels too: pip install triton"]
+    if not hasattr(cuda_ext(), "row_topk_merge"):
+        return ["embgeom._cuda has no row_topk_merge (rebuild with nvcc)"]
+    return []
+
+
+register("triton", "pairwise_stats", TritonEngine)
+register("triton", "cone_index", triton_cone_unit_sums)
+register("triton", "attention_entropy", triton_row_entropy)
+register("cuda", "pairwise_stats", CudaEngine, _cuda_pairwise_reasons)

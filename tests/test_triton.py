@@ -1,0 +1,259 @@
+"""Triton kernels under the CPU interpreter: `TRITON_INTERPRET=1 pytest -m triton_interp`.
+
+Tiny shapes (the interpreter is slow); every output against the float64 reference with the
+tolerance-aware checks of helpers.py. Ties on small-integer inputs are exact and must break by
+(i, j). Candidate-buffer overflow, multi-band schedules and checkpoint resume are forced with
+small capacities and bands.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.triton_interp
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported", allow_module_level=True)
+pytest.importorskip("triton")
+
+import embgeom  # noqa: E402
+from embgeom import _gpu, reference  # noqa: E402
+from embgeom._pairwise import PairwiseConfig, finalize, run_engine  # noqa: E402
+
+from helpers import check_pair_list, check_row_lists, check_stats, make_embeddings, small_int_embeddings, tolerance  # noqa: E402
+
+ALL_OUTPUTS = dict(bins=50, topk=5, bottomk=5, near=0.0, near_k=4, row_topk=3, row_bottomk=2,
+                   outside=(-0.2, 0.2), outside_limit=7)
+
+
+def _engine_stats(x, y=None, *, engine_kw=None, **opts):
+    """Run TritonEngine directly (to shrink bands/capacity) and finalize like the API does."""
+    cfg = PairwiseConfig(**opts)
+    eng = _gpu.TritonEngine(x, y, cfg, **(engine_kw or {}))
+    state = run_engine(eng)
+    return finalize(state, cfg, n=x.shape[0], m=None if y is None else y.shape[0], d=x.shape[1],
+                    backend="triton", device=x.device, seconds=0.0), eng
+
+
+def _cfg_opts(opts, rng=(-1.0, 1.0)):
+    out = {k: v for k, v in opts.items() if k != "range"}
+    out["lo"], out["hi"] = rng
+    return out
+
+
+@pytest.mark.parametrize("n,d", [(1, 8), (2, 5), (37, 16), (70, 40)])
+def test_self_mode_all_outputs(n, d):
+    x = make_embeddings(n, d, zero_rows=2 if n > 5 else 0, duplicate_rows=2 if n > 5 else 0)
+    got = embgeom.pairwise_stats(x, backend="triton", block=16, **ALL_OUTPUTS)
+    assert got.backend == "triton"
+    check_stats(got, x, tol=tolerance(torch.float32, d=d), **{**ALL_OUTPUTS, "range": (-1.0, 1.0)})
+
+
+@pytest.mark.parametrize("n,m,d", [(1, 1, 4), (23, 9, 16), (40, 67, 32)])
+def test_cross_mode_all_outputs(n, m, d):
+    x = make_embeddings(n, d, zero_rows=1 if n > 5 else 0, seed=1)
+    y = make_embeddings(m, d, zero_rows=1 if m > 5 else 0, seed=2)
+    got = embgeom.pairwise_stats(x, y, backend="triton", block=16, **ALL_OUTPUTS)
+    assert got.mode == "cross" and got.m == m
+    want = check_stats(got, x, y, tol=tolerance(torch.float32, d=d), **{**ALL_OUTPUTS, "range": (-1.0, 1.0)})
+    assert got.excluded_cols == want["excluded_cols"]
+    assert got.outside.col_counts.shape == (m,)
+
+
+@pytest.mark.parametrize("metric,rng", [("dot", (-30.0, 30.0)), ("euclidean", (0.0, 12.0))])
+def test_exact_ties_self(metric, rng):
+    # small integers: every value is exact in fp32, ties are real and break by (i, j)
+    x = small_int_embeddings(45, 6)
+    x[10] = x[3]
+    opts = dict(ALL_OUTPUTS, outside=(-2.0, 2.0) if metric == "dot" else (1.0, 4.0), near=1.0)
+    got = embgeom.pairwise_stats(x, metric=metric, range=rng, backend="triton", block=16, **opts)
+    check_stats(got, x, tol=1e-4, exact_ties=True, metric=metric, range=rng, **opts)
+
+
+def test_exact_ties_cross():
+    x, y = small_int_embeddings(19, 5, seed=3), small_int_embeddings(13, 5, seed=4)
+    opts = dict(ALL_OUTPUTS, outside=(-1.0, 1.0))
+    got = embgeom.pairwise_stats(x, y, metric="dot", range=(-20.0, 20.0), backend="triton", block=16, **opts)
+    check_stats(got, x, y, tol=1e-4, exact_ties=True, metric="dot", range=(-20.0, 20.0), **opts)
+
+
+def test_histogram_edges_match_float64_definition():
+    # values exactly on bin edges and at hi: the fp32 estimate + edge correction must agree with
+    # floor((v - lo) * bins / (hi - lo)) in float64, hi in the last bin
+    x = torch.tensor([[0.0, 1.0], [0.25, 1.0], [0.5, 1.0], [1.0, 1.0], [-1.0, 1.0], [3.0, 1.0]])
+    got = embgeom.pairwise_stats(x, metric="dot", bins=8, range=(-1.0, 2.0), backend="triton",
+                                 topk=0, bottomk=0)
+    want = reference.pairwise_stats(x, metric="dot", bins=8, range=(-1.0, 2.0), topk=0, bottomk=0)
+    assert got.hist.counts.tolist() == want["hist"]["counts"].tolist()
+    assert (got.hist.underflow, got.hist.overflow) == (want["hist"]["underflow"], want["hist"]["overflow"])
+    edges = _gpu.hist_edges(-1.0, 1.0, 2000)
+    scale = 2000 / 2.0
+    inner = edges[1:-1].double()
+    b = torch.arange(1, 2000, dtype=torch.float64)
+    assert bool((torch.floor((inner + 1.0) * scale) >= b).all())
+    below = torch.nextafter(edges[1:-1], torch.tensor(-math.inf)).double()
+    assert bool((torch.floor((below + 1.0) * scale) < b).all())
+
+
+def test_candidate_overflow_retries_and_multiband():
+    # capacity at its floor, one block-row per band, one program: every stream overflows and
+    # must retry (raised threshold, or a larger buffer when ties block progress)
+    x = small_int_embeddings(70, 4, seed=7, low=-1, high=2)
+    opts = dict(ALL_OUTPUTS, outside=(-1.0, 1.0), outside_limit=9, near=0.0)
+    got, eng = _engine_stats(x, engine_kw=dict(block=16, group=1, programs=1, capacity=1),
+                             metric="dot", **_cfg_opts(opts, (-4.0, 4.0)))
+    assert eng.nbands == 5
+    check_stats(got, x, tol=1e-4, exact_ties=True, metric="dot", range=(-4.0, 4.0), **opts)
+
+
+def test_tiling_invariance():
+    x = small_int_embeddings(61, 7, seed=5)
+    opts = dict(ALL_OUTPUTS, outside=(-3.0, 3.0))
+    results = []
+    for kw in (dict(block=16, group=1, programs=3), dict(block=32, group=2, programs=1), dict(block=64)):
+        got, _ = _engine_stats(x, engine_kw=kw, metric="dot", **_cfg_opts(opts, (-20.0, 20.0)))
+        d = got.to_dict()
+        d.pop("seconds")
+        results.append(d)
+    for r in results[1:]:
+        assert r == results[0]
+
+
+@pytest.mark.parametrize("fast_dtype", ["bf16", "fp16", "tf32"])
+def test_fast_precision_rescored_lists(fast_dtype):
+    n, d = 48, 32
+    x = make_embeddings(n, d, zero_rows=1, duplicate_rows=2, seed=11)
+    opts = dict(ALL_OUTPUTS, outside=None)
+    got, eng = _engine_stats(x, engine_kw=dict(fast_dtype=fast_dtype, block=16),
+                             precision="fast", **_cfg_opts(opts))
+    bound = got.hist.error_bound
+    assert bound > 0 and bound == eng.eps
+    want = reference.pairwise_stats(x, **{**opts, "range": (-1.0, 1.0)})
+    values, mask = want["values"], want["mask"]
+    exact_tol = tolerance(torch.float32, d=d)
+    # ranked outputs are rescored exactly: same tolerance as exact mode
+    check_pair_list(got.top_pairs, values, mask, "top", 5, exact_tol)
+    check_pair_list(got.bottom_pairs, values, mask, "bottom", 5, exact_tol)
+    check_pair_list(got.near_pairs, values, mask, "near", 4, exact_tol, near=0.0)
+    check_row_lists(got.row_topk, values, mask, True, 3, True, exact_tol)
+    check_row_lists(got.row_bottomk, values, mask, True, 2, False, exact_tol)
+    assert got.max[2] == want["max"][2] or abs(got.max[2] - want["max"][2]) <= exact_tol
+    # histogram and moments within the reported bound
+    from helpers import check_histogram
+
+    check_histogram(got.hist, values[mask].numpy(), -1.0, 1.0, 50, bound + exact_tol)
+    assert got.count == want["count"]
+    assert abs(got.mean - want["mean"]) <= bound
+
+
+def test_checkpoint_resume_equals_full_run():
+    x = make_embeddings(50, 12, zero_rows=1, duplicate_rows=1, seed=9)
+    cfg = PairwiseConfig(**_cfg_opts(ALL_OUTPUTS))
+    kw = dict(block=16, group=1)
+    full = _gpu.TritonEngine(x, None, cfg, **kw)
+    full.run(0, full.num_tiles())
+    first = _gpu.TritonEngine(x, None, cfg, **kw)
+    first.run(0, 2)
+    saved = first.state()
+    resumed = _gpu.TritonEngine(x, None, cfg, **kw)
+    resumed.load_state(saved)
+    resumed.run(2, resumed.num_tiles())
+    a, b = full.state(), resumed.state()
+    for key in a:
+        va, vb = a[key], b[key]
+        if isinstance(va, tuple):
+            for p, q in zip(va, vb):
+                np.testing.assert_array_equal(np.asarray(p), np.asarray(q), err_msg=key)
+        elif isinstance(va, np.ndarray):
+            np.testing.assert_array_equal(va, vb, err_msg=key)
+        elif isinstance(va, float):
+            assert va == pytest.approx(vb, rel=1e-12, abs=1e-12), key
+        else:
+            assert va == vb, key
+    assert full.tile_pairs(0, full.num_tiles()) == 50 * 49 // 2
+
+
+def test_api_checkpoint_file(tmp_path):
+    x = make_embeddings(40, 8, seed=4)
+    path = str(tmp_path / "ck.bin")
+    a = embgeom.pairwise_stats(x, backend="triton", block=16, checkpoint=path, bins=20, topk=3).to_dict()
+    b = embgeom.pairwise_stats(x, backend="triton", block=16, checkpoint=path, bins=20, topk=3).to_dict()
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+
+
+# ---------------------------------------------------------------------------------------------
+# cone index and attention entropy
+# ---------------------------------------------------------------------------------------------
+
+def _batch(B, T, D, seed=0):
+    x = make_embeddings(B * T, D, seed=seed).reshape(B, T, D)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if B > 1:
+        mask[1, T // 2:] = False
+    if B > 2:
+        mask[2] = False
+    x[0, min(1, T - 1)] = 0
+    return x, mask
+
+
+@pytest.mark.parametrize("B,T,D", [(1, 1, 3), (3, 7, 16), (4, 37, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cone_index(B, T, D, dtype):
+    x, mask = _batch(B, T, D)
+    x = x.to(dtype)
+    want = reference.cone_index(x.double(), mask)
+    got = embgeom.cone_index(x, mask, backend="triton")
+    assert got.backend == "triton"
+    assert got.n.tolist() == want["n"].tolist()
+    assert got.zero_rows.tolist() == want["zero_rows"].tolist()
+    torch.testing.assert_close(got.index.double(), want["index"], atol=1e-9 * T + 1e-9, rtol=1e-6)
+
+
+def test_cone_index_strided_and_unmasked():
+    x, _ = _batch(2, 9, 24, seed=3)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # non-unit stride along D
+    want = reference.cone_index(x.double())
+    got = embgeom.cone_index(xt, backend="triton")
+    torch.testing.assert_close(got.index.double(), want["index"], atol=1e-9, rtol=1e-6)
+    assert got.zero_rows.tolist() == want["zero_rows"].tolist()
+
+
+def _attention(B, H, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, H, T, T, generator=g) * 3
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if B > 1:
+        mask[1, T - 2:] = False
+    if B > 2:
+        mask[2] = False
+    scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
+    p = torch.softmax(scores, -1).nan_to_num(0.0)
+    if T > 1:
+        p[0, 0, 0] = 0
+        p[0, 0, 0, 1] = 1.0  # a one-hot row: entropy exactly 0
+    return p, mask
+
+
+@pytest.mark.parametrize("B,H,T", [(1, 1, 1), (3, 2, 7), (2, 3, 33)])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_attention_entropy(B, H, T, smoothing):
+    p, mask = _attention(B, H, T)
+    want = reference.attention_entropy(p, mask, smoothing)
+    got = embgeom.attention_entropy(p, mask, smoothing=smoothing, backend="triton")
+    assert got.backend == "triton"
+    torch.testing.assert_close(got.row_entropy.double(), want["row_entropy"], atol=1e-5 * max(1.0, math.log(T + 1)),
+                               rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got.mean, want["mean"], atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_attention_entropy_no_mask_fp16_strided():
+    p, _ = _attention(2, 2, 12, seed=2)
+    pt = p.half().transpose(2, 3).contiguous().transpose(2, 3)
+    want = reference.attention_entropy(pt.double())
+    got = embgeom.attention_entropy(pt, backend="triton")
+    torch.testing.assert_close(got.row_entropy.double(), want["row_entropy"], atol=1e-4, rtol=1e-4)
