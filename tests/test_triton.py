@@ -99,15 +99,18 @@ def test_histogram_edges_match_float64_definition():
     assert bool((torch.floor((below + 1.0) * scale) < b).all())
 
 
-def test_candidate_overflow_retries_and_multiband():
+@pytest.mark.parametrize("metric,rng,outside", [("dot", (-4.0, 4.0), (-1.0, 1.0)),
+                                                ("euclidean", (0.0, 4.0), (0.5, 2.0))])
+def test_candidate_overflow_retries_and_multiband(metric, rng, outside):
     # capacity at its floor, one block-row per band, one program: every stream overflows and
-    # must retry (raised threshold, or a larger buffer when ties block progress)
-    x = small_int_embeddings(70, 4, seed=7, low=-1, high=2)
-    opts = dict(ALL_OUTPUTS, outside=(-1.0, 1.0), outside_limit=9, near=0.0)
+    # must retry (raised threshold, or a larger buffer when ties block progress); 27 distinct
+    # rows among 70 also overflow the euclidean near-duplicate stream
+    x = small_int_embeddings(70, 3, seed=7, low=-1, high=2)
+    opts = dict(ALL_OUTPUTS, outside=outside, outside_limit=9, near=1.0)
     got, eng = _engine_stats(x, engine_kw=dict(block=16, group=1, programs=1, capacity=1),
-                             metric="dot", **_cfg_opts(opts, (-4.0, 4.0)))
-    assert eng.nbands == 5
-    check_stats(got, x, tol=1e-4, exact_ties=True, metric="dot", range=(-4.0, 4.0), **opts)
+                             metric=metric, **_cfg_opts(opts, rng))
+    assert eng.nbands == 5 and eng.cap > 78
+    check_stats(got, x, tol=1e-4, exact_ties=True, metric=metric, range=rng, **opts)
 
 
 def test_tiling_invariance():
@@ -257,3 +260,23 @@ def test_attention_entropy_no_mask_fp16_strided():
     want = reference.attention_entropy(pt.double())
     got = embgeom.attention_entropy(pt, backend="triton")
     torch.testing.assert_close(got.row_entropy.double(), want["row_entropy"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_euclidean_near_duplicates_are_accurate(precision):
+    # |a|^2 + |b|^2 - 2ab loses everything for near-identical rows: those pairs leave the kernel
+    # and are recomputed from the difference, for every output
+    x = make_embeddings(40, 32, seed=8) * 10
+    x[5] = x[17]
+    x[9] = x[30] + 1e-3
+    opts = dict(metric="euclidean", range=(0.0, 200.0), bins=100, row_bottomk=1, outside=(0.5, 150.0),
+                outside_limit=5)
+    got = embgeom.pairwise_stats(x, backend="triton", block=16, precision=precision, **opts)
+    assert got.min[:2] == (5, 17) and got.min[2] == 0.0
+    want = float(torch.linalg.vector_norm((x[9] - x[30]).double()))
+    pair = [p for p in got.bottom_pairs.to_list() if p[:2] == [9, 30]][0]
+    assert pair[2] == pytest.approx(want, rel=1e-4)
+    assert got.row_bottomk.indices[5, 0] == 17 and got.row_bottomk.values[5, 0] == 0.0
+    assert got.row_bottomk.indices[17, 0] == 5
+    if precision == "exact":
+        check_stats(got, x, tol=1e-3, **opts)

@@ -22,14 +22,15 @@ The caller selects exactly (value, then (i, j)) on the small candidate set, and 
 with a higher threshold if a candidate buffer overflowed.
 
 Streams (index s into thr/cnt/cand arrays): 0 top, 1 bottom, 2 near, 3 row top, 4 row bottom,
-5 outside pairs (the first `outside_limit` by (i, j): linear key i * M + j < out_cut).
+5 outside pairs (the first `outside_limit` by (i, j): linear key i * M + j < out_cut),
+6 euclidean near-duplicates (all of them, excluded from every in-kernel reduction).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")
+STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs", "close")
 
 
 @triton.jit
@@ -117,6 +118,7 @@ def _pairwise_stats_kernel(
     gthr_ptr, rthr_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, near, margin, near_margin, out_cut,
     METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, IN_PREC: tl.constexpr,
     DO_STATS: tl.constexpr, NB: tl.constexpr, GHIST: tl.constexpr, HAS_OUT: tl.constexpr,
+    COLLECT_CLOSE: tl.constexpr,
     TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr, RTOP: tl.constexpr,
     RBOT: tl.constexpr, OUTL: tl.constexpr,
     G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
@@ -177,7 +179,16 @@ def _pairwise_stats_kernel(
         else:
             xs = tl.load(xsq_ptr + rows, mask=row_ok, other=0.0)
             ys = tl.load(ysq_ptr + cols, mask=col_ok, other=0.0)
-            v = tl.sqrt(tl.maximum(xs[:, None] + ys[None, :] - 2.0 * acc, 0.0))
+            scale2 = xs[:, None] + ys[None, :]
+            d2 = tl.maximum(scale2 - 2.0 * acc, 0.0)
+            v = tl.sqrt(d2)
+            # |a|^2 + |b|^2 - 2ab cancels for near-duplicate rows: those few pairs leave the
+            # kernel (stream 6) and the caller reduces their directly computed distances
+            close = valid & (d2 < 1e-3 * scale2)
+            if COLLECT_CLOSE:
+                _append(close, v, rows[:, None] + 0 * cols[None, :], cols[None, :] + 0 * rows[:, None],
+                        6, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+            valid = valid & (close == 0)
 
         if DO_STATS:
             vz = tl.where(valid, v, 0.0)
@@ -235,7 +246,7 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
                     part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
                     out_a, out_b, out_rows, out_cols, gthr, rthr, cnt, cv, ci, cj, cap, near,
                     margin, near_margin, out_cut, *, metric, self_mode, has_valid, in_prec,
-                    do_stats, nb, ghist, has_out, streams, groups, bm, bk, num_warps=8, num_stages=3):
+                    do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk, num_warps=8, num_stages=3):
     """streams: 6 bools (see STREAMS); groups: live-bound group counts for the first five."""
     _pairwise_stats_kernel[(grid,)](
         x, y, x.stride(0), y.stride(0), xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
@@ -243,7 +254,7 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
         out_a, out_b, out_rows, out_cols, gthr, rthr, cnt, cv, ci, cj, cap, near, margin,
         near_margin, out_cut,
         METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
-        NB=nb, GHIST=ghist, HAS_OUT=has_out, TOP=streams[0], BOT=streams[1], NEAR=streams[2],
+        NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0], BOT=streams[1], NEAR=streams[2],
         RTOP=streams[3], RBOT=streams[4], OUTL=streams[5], G_TOP=groups[0], G_BOT=groups[1],
         G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4], BM=bm, BN=bm, BK=bk,
         UPCAST=x.device.type == "cpu",

@@ -21,7 +21,7 @@ import torch
 from ._backends import cuda_ext, register
 from ._pairwise import PairwiseConfig, _np, empty_state, merge_pairs, merge_rows, sort_pairs
 
-STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")
+STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")  # + 6: close
 # unit roundoff of the products' inputs per `fast` input type (tf32 may truncate: 2^-10)
 UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "tf32": 2.0 ** -10}
 FAST_DTYPES = tuple(UNIT_ROUNDOFF)
@@ -203,7 +203,7 @@ class TritonEngine:
         self.part_out = torch.zeros(P, dtype=torch.int64, device=dev)
         hist_slots = P * self.nb if self.nb else (self.bins + 2 if self.bins else 1)
         self.hist_buf = torch.zeros(hist_slots, dtype=torch.int32, device=dev)
-        self.cnt = torch.zeros(6, dtype=torch.int32, device=dev)
+        self.cnt = torch.zeros(7, dtype=torch.int32, device=dev)
         self._alloc_candidates(self.cap)
         self.excluded_rows = ex
         self.excluded_cols = ey if ey is not None else np.zeros(0, np.int64)
@@ -222,9 +222,9 @@ class TritonEngine:
 
     def _alloc_candidates(self, cap: int, keep: bool = False) -> None:
         dev = self.device
-        new = (torch.zeros(6, cap, dtype=torch.float32, device=dev),
-               torch.zeros(6, cap, dtype=torch.int32, device=dev),
-               torch.zeros(6, cap, dtype=torch.int32, device=dev))
+        new = (torch.zeros(7, cap, dtype=torch.float32, device=dev),
+               torch.zeros(7, cap, dtype=torch.int32, device=dev),
+               torch.zeros(7, cap, dtype=torch.int32, device=dev))
         if keep:
             for old, nw in zip((self.cv, self.ci, self.cj), new):
                 nw[:, :old.shape[1]] = old
@@ -344,8 +344,14 @@ class TritonEngine:
         self.cnt.zero_()
         if self.bins and not self.nb:
             self.hist_buf.zero_()
-        grid = self._launch(r0, rows, ntiles, True, self.active)
+        euclid = self.cfg.metric == "euclidean"
+        grid = self._launch(r0, rows, ntiles, True, self.active, collect_close=euclid)
         counts = self.cnt.tolist()
+        if euclid and counts[6] > self.cap:  # more near-duplicates than room: collect them again
+            self._alloc_candidates(_next_pow2(counts[6]), keep=True)
+            self.cnt[6] = 0
+            self._launch(r0, rows, ntiles, False, [False] * 6, collect_close=True)
+            counts = self.cnt.tolist()
         # stats of this band
         self.count += self.part_cnt[:grid].sum()
         self.sums += torch.stack([self.part_sum[:grid].sum(), self.part_sq[:grid].sum()])
@@ -370,11 +376,13 @@ class TritonEngine:
                 self.cnt[s] = 0
             self._launch(r0, rows, ntiles, False, retry)
             counts = self.cnt.tolist()
+        if euclid and counts[6]:
+            self._close_pairs(counts[6])
         for s, kind in enumerate(STREAMS):
             if self.active[s] and counts[s]:
                 self._merge(s, kind, counts[s])
 
-    def _launch(self, r0: int, rows: int, ntiles: int, do_stats: bool, streams) -> int:
+    def _launch(self, r0: int, rows: int, ntiles: int, do_stats: bool, streams, collect_close=False) -> int:
         pairwise, _, _ = _kernels()
         grid = max(1, min(self.programs, ntiles))
         cfg = self.cfg
@@ -389,7 +397,8 @@ class TritonEngine:
             has_valid=self.has_valid, in_prec=self.in_prec, do_stats=do_stats,
             nb=self.nb if (do_stats and self.bins) else 0,
             ghist=bool(do_stats and self.bins and not self.nb),
-            has_out=bool(do_stats and cfg.outside), streams=[bool(s) for s in streams],
+            has_out=bool(do_stats and cfg.outside), collect_close=bool(collect_close),
+            streams=[bool(s) for s in streams],
             groups=self.groups, bm=self.bm, bk=self.bk)
         return grid
 
@@ -456,19 +465,59 @@ class TritonEngine:
         return bool((target[uniq[full]] > before).any())
 
     # exact selection on the candidates -------------------------------------------------------
-    def _rescore(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Exact fp32 values of pairs (i, j) (fast precision): the `exact` definition."""
+    def _rescore(self, i: torch.Tensor, j: torch.Tensor, direct: bool = False) -> torch.Tensor:
+        """Exact fp32 values of pairs (i, j): the `exact` definition (as the torch engine:
+        euclidean near-duplicates, or all pairs with direct=True, from the difference)."""
         out = torch.empty(i.numel(), dtype=torch.float32, device=self.device)
         step = 1 << 16
         for s in range(0, i.numel(), step):
-            a, b = i[s:s + step], j[s:s + step]
-            dot = (self.x32[a] * self.y32[b]).sum(1)
-            if self.cfg.metric == "cosine":
-                dot = dot.clamp(-1.0, 1.0)
-            elif self.cfg.metric == "euclidean":
-                dot = (self.xsq[a] + self.ysq[b] - 2 * dot).clamp(min=0).sqrt()
-            out[s:s + step] = dot
+            ra, rb = self.x32[i[s:s + step]], self.y32[j[s:s + step]]
+            if self.cfg.metric == "euclidean":
+                scale = self.xsq[i[s:s + step]] + self.ysq[j[s:s + step]]
+                d2 = (scale - 2 * (ra * rb).sum(1)).clamp(min=0)
+                redo = torch.ones_like(d2, dtype=torch.bool) if direct else d2 < 1e-3 * scale
+                diff = ra[redo] - rb[redo]
+                d2[redo] = (diff * diff).sum(1)
+                val = d2.sqrt()
+            else:
+                val = (ra * rb).sum(1)
+                if self.cfg.metric == "cosine":
+                    val = val.clamp(-1.0, 1.0)
+            out[s:s + step] = val
         return out
+
+    def _close_pairs(self, n: int) -> None:
+        """Euclidean near-duplicates the kernel left out: direct distances, then every
+        reduction of the kernel (count, moments, histogram, outside) and the list merges."""
+        cfg = self.cfg
+        i, j = self.ci[6, :n].long(), self.cj[6, :n].long()
+        v = self._rescore(i, j, direct=True)
+        v64 = v.double()
+        self.count += n
+        self.sums += torch.stack([v64.sum(), (v64 * v64).sum()])
+        if self.bins:
+            pos = torch.floor((v64 - cfg.lo) * (cfg.bins / (cfg.hi - cfg.lo))).clamp(0, cfg.bins - 1) + 1
+            slot = torch.where(v < self.lo_f, 0, torch.where(v > self.hi_f, cfg.bins + 1, pos.long()))
+            self.hist += torch.bincount(slot, minlength=cfg.bins + 2)
+        out = (v < self.out_a) | (v > self.out_b) if cfg.outside else None
+        if out is not None:
+            self.outside_count += out.sum()
+            self.out_rows.index_add_(0, i[out], torch.ones_like(i[out]))
+            self.out_cols.index_add_(0, j[out], torch.ones_like(j[out]))
+        for s, kind in enumerate(STREAMS[:3]):
+            if self.active[s]:
+                self._merge_pairs(kind, v, i, j)
+        for s, kind in ((3, "row_top"), (4, "row_bottom")):
+            if self.active[s]:
+                ri, rj, rv = (torch.cat([i, j]), torch.cat([j, i]), torch.cat([v, v])) if self.self_mode else (i, j, v)
+                self._merge_rows(kind, ri, rj, rv, largest=(s == 3))
+        if out is not None and self.active[5]:
+            self._merge_pairs("outside_pairs", v[out], i[out], j[out])
+
+    def _merge_pairs(self, kind: str, v: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> None:
+        old = self.lists[kind]
+        self.lists[kind] = sort_pairs(kind, torch.cat([old[0], v.double()]), torch.cat([old[1], i]),
+                                      torch.cat([old[2], j]), self.cfg.near, self.kinds_k[kind])
 
     def _merge(self, s: int, kind: str, n: int) -> None:
         v, i, j = self.cv[s, :n], self.ci[s, :n].long(), self.cj[s, :n].long()
@@ -477,10 +526,7 @@ class TritonEngine:
         if s in (3, 4):
             self._merge_rows(kind, i, j, v.float(), largest=(s == 3))
             return
-        k = self.kinds_k[kind]
-        old = self.lists[kind]
-        self.lists[kind] = sort_pairs(kind, torch.cat([old[0], v.double()]), torch.cat([old[1], i]),
-                                      torch.cat([old[2], j]), self.cfg.near, k)
+        self._merge_pairs(kind, v, i, j)
 
     def _merge_rows(self, kind: str, i: torch.Tensor, j: torch.Tensor, v: torch.Tensor, largest: bool) -> None:
         """Candidates (row i, column j, value v) into the per-row lists, exact order."""
