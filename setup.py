@@ -40,6 +40,15 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_temp, check=True)
 
+    def copy_extensions_to_source(self) -> None:
+        # editable installs copy only declared extensions; _cuda comes from the same CMake run
+        super().copy_extensions_to_source()
+        import shutil
+
+        built = Path(self.build_lib) / "embgeom"
+        for module in built.glob("_cuda*.so"):
+            shutil.copy2(module, ROOT / "python" / "embgeom" / module.name)
+
 
 setup(
     ext_modules=[CMakeExtension("embgeom._C")],
