@@ -14,15 +14,16 @@ kernel as *candidates*: a tile appends (v, i, j) for every pair whose key reache
 running threshold, with one atomic per tile on the stream's counter. A threshold is always a
 lower bound of the k-th best key, so no pair of a final list is ever filtered out:
 - the caller seeds it from the merged state (its current k-th best key);
-- each tile raises it live with `atomic_max` using the bound min over G groups of the group
-  maximum (G = next_pow2(k) <= tile side): G distinct pairs reach that value, so the k-th best
-  does too. In `fast` precision the filter is `key >= threshold - margin`, margin = 2x the
+- tiles raise it live: the stream's pairs are split into G = next_pow2(k) fixed buckets whose
+  running maxima live in global memory (`atomic_max`, only when a tile improves one); their
+  minimum is reached by G distinct pairs, so the k-th best key is at least that, and the bound
+  tightens as the run goes on (per row: buckets by column position, N x G floats). In `fast` precision the filter is `key >= threshold - margin`, margin = 2x the
   product error bound, so pairs whose exact value belongs in a list survive the bf16/tf32 error.
 The caller selects exactly (value, then (i, j)) on the small candidate set, and retries a band
 with a higher threshold if a candidate buffer overflowed.
 
 Streams (index s into thr/cnt/cand arrays): 0 top, 1 bottom, 2 near, 3 row top, 4 row bottom,
-5 outside pairs (the first `outside_limit` by (i, j): linear key i * M + j < out_cut),
+5 outside pairs (the first `outside_limit` by (i, j): only pairs before (cut_i, cut_j)),
 6 euclidean near-duplicates (all of them, excluded from every in-kernel reduction).
 """
 from __future__ import annotations
@@ -34,8 +35,9 @@ STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs", "c
 
 
 @triton.jit
-def _append(m, v, ii, jj, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
-    """Append the masked pairs of a (R, C) tile to stream s: one atomic per tile."""
+def _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, SWAP: tl.constexpr):
+    """Append the masked pairs of a (R, C) tile to stream s as (v, row, col), or (v, col, row)
+    with SWAP: one atomic per tile, index tiles built only when something is appended."""
     mi = m.to(tl.int32)
     rc = tl.sum(mi, 1)
     n = tl.sum(rc, 0)
@@ -44,52 +46,73 @@ def _append(m, v, ii, jj, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
         off = base + (tl.cumsum(rc, 0) - rc)[:, None] + tl.cumsum(mi, 1) - 1
         ok = m & (off < cap)
         off64 = off.to(tl.int64) + cap.to(tl.int64) * s
+        ii = rows[:, None] + 0 * cols[None, :]
+        jj = cols[None, :] + 0 * rows[:, None]
         tl.store(cv_ptr + off64, v, mask=ok)
-        tl.store(ci_ptr + off64, ii, mask=ok)
-        tl.store(cj_ptr + off64, jj, mask=ok)
+        if SWAP:
+            tl.store(ci_ptr + off64, jj, mask=ok)
+            tl.store(cj_ptr + off64, ii, mask=ok)
+        else:
+            tl.store(ci_ptr + off64, ii, mask=ok)
+            tl.store(cj_ptr + off64, jj, mask=ok)
 
 
 @triton.jit
-def _global_stream(key, v, valid, ii, jj, s: tl.constexpr, thr_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
-                   cap, margin, G: tl.constexpr, BM: tl.constexpr):
+def _global_stream(key, v, valid, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
+                   ci_ptr, cj_ptr, cap, margin, G: tl.constexpr, BM: tl.constexpr):
+    """Global list s. Live bound: the pairs are split into G buckets by tile-local row block; the
+    running maximum of each bucket (gbuck, global memory) is a distinct pair, so their minimum
+    bounds the G-th (>= k-th) best key, and it keeps rising as tiles go by."""
     k = tl.where(valid, key, float("-inf"))
     thr = tl.load(thr_ptr + s)
     if G > 0:
-        # G row maxima are G distinct pairs: their minimum bounds the G-th (>= k-th) best key
-        lb = tl.min(tl.max(tl.reshape(tl.max(k, 1), (G, BM // G)), 1), 0)
+        tile_max = tl.max(tl.reshape(tl.max(k, 1), (G, BM // G)), 1)
+        bptr = gbuck_ptr + s * 64 + tl.arange(0, G)
+        old = tl.load(bptr)
+        tl.atomic_max(bptr, tile_max, mask=tile_max > old)
+        lb = tl.min(tl.maximum(old, tile_max), 0)
         if lb > thr:
             tl.atomic_max(thr_ptr + s, lb)
             thr = lb
     m = valid & (k >= thr - margin)
-    _append(m, v, ii, jj, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+    _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
 
 
 @triton.jit
-def _row_stream(key, v, valid, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, n_rows,
+def _row_stream(key, v, valid, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, rbuck_ptr, n_rows,
                 cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF: tl.constexpr,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """Per-row lists: row i gets neighbour j; in self mode row j also gets neighbour i."""
+    """Per-row lists: row i gets neighbour j; in self mode row j also gets neighbour i.
+    Live bound per row as in _global_stream: row i's pairs (i, j) fall in G buckets by the
+    tile-local position of j (the same on the row and on the column side, BM == BN), with
+    running bucket maxima rbuck (N, G) in global memory."""
     k = tl.where(valid, key, float("-inf"))
     base = rthr_ptr + (s - 3) * n_rows
     thr = tl.load(base + rows, mask=row_ok, other=float("inf"))
     if G > 0:
-        lb = tl.min(tl.max(tl.reshape(k, (BM, G, BN // G)), 2), 1)
-        up = row_ok & (lb > thr)
-        tl.atomic_max(base + rows, lb, mask=up)
+        gs = tl.arange(0, G)
+        tile_max = tl.max(tl.reshape(k, (BM, G, BN // G)), 2)
+        bptr = rbuck_ptr + rows[:, None].to(tl.int64) * G + gs[None, :]
+        old = tl.load(bptr, mask=row_ok[:, None], other=float("-inf"))
+        tl.atomic_max(bptr, tile_max, mask=row_ok[:, None] & (tile_max > old))
+        lb = tl.min(tl.maximum(old, tile_max), 1)
+        tl.atomic_max(base + rows, lb, mask=row_ok & (lb > thr))
         thr = tl.maximum(thr, lb)
     m = valid & (k >= thr[:, None] - margin)
-    _append(m, v, rows[:, None] + 0 * cols[None, :], cols[None, :] + 0 * rows[:, None], s,
-            cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+    _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
     if SELF:
         cthr = tl.load(base + cols, mask=col_ok, other=float("inf"))
         if G > 0:
-            clb = tl.min(tl.max(tl.reshape(k, (G, BM // G, BN)), 1), 0)
-            cup = col_ok & (clb > cthr)
-            tl.atomic_max(base + cols, clb, mask=cup)
+            gs = tl.arange(0, G)
+            ctile = tl.max(tl.reshape(k, (G, BM // G, BN)), 1)
+            cptr = rbuck_ptr + cols[None, :].to(tl.int64) * G + gs[:, None]
+            cold = tl.load(cptr, mask=col_ok[None, :], other=float("-inf"))
+            tl.atomic_max(cptr, ctile, mask=col_ok[None, :] & (ctile > cold))
+            clb = tl.min(tl.maximum(cold, ctile), 0)
+            tl.atomic_max(base + cols, clb, mask=col_ok & (clb > cthr))
             cthr = tl.maximum(cthr, clb)
         mc = valid & (k >= cthr[None, :] - margin)
-        _append(mc, v, cols[None, :] + 0 * rows[:, None], rows[:, None] + 0 * cols[None, :], s,
-                cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+        _append(mc, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, True)
 
 
 @triton.jit
@@ -109,13 +132,13 @@ def _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr):
 
 @triton.jit
 def _pairwise_stats_kernel(
-    x_ptr, y_ptr, stride_xn, stride_yn, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr,
+    x_desc, y_desc, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr,
     N, M, D, band_row0, band_rows, num_tiles,
     # per-program reductions
     part_cnt_ptr, part_sum_ptr, part_sq_ptr, part_out_ptr, hist_ptr, edges_ptr,
     lo_f, hi_f, scale_f, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
     # candidate streams
-    gthr_ptr, rthr_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, near, margin, near_margin, out_cut,
+    gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, near, margin, near_margin, cut_i, cut_j,
     METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, IN_PREC: tl.constexpr,
     DO_STATS: tl.constexpr, NB: tl.constexpr, GHIST: tl.constexpr, HAS_OUT: tl.constexpr,
     COLLECT_CLOSE: tl.constexpr,
@@ -146,17 +169,12 @@ def _pairwise_stats_kernel(
         cols = c * BN + tl.arange(0, BN)
         row_ok = rows < N
         col_ok = cols < M
-        # below-diagonal tiles of the band (self mode) skip the matmul entirely
-        k_end = D
-        if SELF:
-            k_end = tl.where(r <= c, D, 0)
+        # TMA tile loads (zero fill past N, M and D): no pointer tiles in registers, and the
+        # loop pipelines into wgmma on Hopper
         acc = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, k_end, BK):
-            ks = k0 + tl.arange(0, BK)
-            a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + ks[None, :],
-                        mask=row_ok[:, None] & (ks[None, :] < D), other=0.0)
-            b = tl.load(y_ptr + cols[:, None].to(tl.int64) * stride_yn + ks[None, :],
-                        mask=col_ok[:, None] & (ks[None, :] < D), other=0.0)
+        for k0 in range(0, D, BK):
+            a = x_desc.load([r * BM, k0])
+            b = y_desc.load([c * BN, k0])
             if IN_PREC == "" and UPCAST:
                 # the CPU interpreter mis-multiplies bf16 in tl.dot; bf16 products are exact in
                 # fp32, so upcasting computes the same values as the tensor-core path
@@ -186,8 +204,7 @@ def _pairwise_stats_kernel(
             # kernel (stream 6) and the caller reduces their directly computed distances
             close = valid & (d2 < 1e-3 * scale2)
             if COLLECT_CLOSE:
-                _append(close, v, rows[:, None] + 0 * cols[None, :], cols[None, :] + 0 * rows[:, None],
-                        6, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+                _append(close, v, rows, cols, 6, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
             valid = valid & (close == 0)
 
         if DO_STATS:
@@ -211,27 +228,26 @@ def _pairwise_stats_kernel(
                 tl.atomic_add(out_rows_ptr + rows, orow.to(tl.int64), mask=row_ok & (orow > 0))
                 tl.atomic_add(out_cols_ptr + cols, ocol.to(tl.int64), mask=col_ok & (ocol > 0))
 
-        ii = rows[:, None] + 0 * cols[None, :]
-        jj = cols[None, :] + 0 * rows[:, None]
         if TOP:
-            _global_stream(v, v, valid, ii, jj, 0, gthr_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+            _global_stream(v, v, valid, rows, cols, 0, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
                            cap, margin, G_TOP, BM)
         if BOT:
-            _global_stream(-v, v, valid, ii, jj, 1, gthr_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+            _global_stream(-v, v, valid, rows, cols, 1, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
                            cap, margin, G_BOT, BM)
         if NEAR:
-            _global_stream(-tl.abs(v - near), v, valid, ii, jj, 2, gthr_ptr, cnt_ptr, cv_ptr,
+            _global_stream(-tl.abs(v - near), v, valid, rows, cols, 2, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
                            ci_ptr, cj_ptr, cap, near_margin, G_NEAR, BM)
         if RTOP:
-            _row_stream(v, v, valid, rows, cols, row_ok, col_ok, 3, rthr_ptr, N, cnt_ptr,
+            _row_stream(v, v, valid, rows, cols, row_ok, col_ok, 3, rthr_ptr, rbuck_top_ptr, N, cnt_ptr,
                         cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RTOP, BM, BN)
         if RBOT:
-            _row_stream(-v, v, valid, rows, cols, row_ok, col_ok, 4, rthr_ptr, N, cnt_ptr,
+            _row_stream(-v, v, valid, rows, cols, row_ok, col_ok, 4, rthr_ptr, rbuck_bot_ptr, N, cnt_ptr,
                         cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RBOT, BM, BN)
         if OUTL:
-            lin = ii.to(tl.int64) * M + jj
-            om2 = valid & ((v < out_a) | (v > out_b)) & (lin < out_cut)
-            _append(om2, v, ii, jj, 5, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+            # only pairs before (cut_i, cut_j) in (i, j) order can still enter the list
+            before = (rows[:, None] < cut_i) | ((rows[:, None] == cut_i) & (cols[None, :] < cut_j))
+            om2 = valid & ((v < out_a) | (v > out_b)) & before
+            _append(om2, v, rows, cols, 5, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
 
     if DO_STATS:
         tl.store(part_cnt_ptr + pid, tl.sum(acc_n.to(tl.int64), 0))
@@ -244,15 +260,21 @@ def _pairwise_stats_kernel(
 
 def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
                     part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
-                    out_a, out_b, out_rows, out_cols, gthr, rthr, cnt, cv, ci, cj, cap, near,
-                    margin, near_margin, out_cut, *, metric, self_mode, has_valid, in_prec,
+                    out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap, near,
+                    margin, near_margin, cut_i, cut_j, *, metric, self_mode, has_valid, in_prec,
                     do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk, num_warps=8, num_stages=3):
-    """streams: 6 bools (see STREAMS); groups: live-bound group counts for the first five."""
-    _pairwise_stats_kernel[(grid,)](
-        x, y, x.stride(0), y.stride(0), xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
+    """x: (N, Dp), y: (M, Dp) contiguous, rows 16-byte aligned (Dp padded with zeros; TMA).
+    streams: 6 bools (see STREAMS); groups: live-bound group counts for the first five.
+    Returns the compiled kernel (registers/shared memory for the caller's occupancy)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
+    y_desc = x_desc if y is x else TensorDescriptor.from_tensor(y, [bm, bk])
+    return _pairwise_stats_kernel[(grid,)](
+        x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
         part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
-        out_a, out_b, out_rows, out_cols, gthr, rthr, cnt, cv, ci, cj, cap, near, margin,
-        near_margin, out_cut,
+        out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap, near, margin,
+        near_margin, cut_i, cut_j,
         METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
         NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0], BOT=streams[1], NEAR=streams[2],
         RTOP=streams[3], RBOT=streams[4], OUTL=streams[5], G_TOP=groups[0], G_BOT=groups[1],

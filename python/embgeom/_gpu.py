@@ -26,7 +26,7 @@ STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")  #
 UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "tf32": 2.0 ** -10}
 FAST_DTYPES = tuple(UNIT_ROUNDOFF)
 MAX_REGISTER_BINS = 8190  # bins + 2 slots <= 8192 in registers; more bins use global atomics
-NO_CUT = 2 ** 62
+NO_CUT = 2 ** 31 - 1
 
 
 def _kernels():
@@ -124,26 +124,34 @@ class TritonEngine:
         self.yv = yv.to(torch.uint8) if yv is not None else self.xv
         self.xsq = (self.x32 * self.x32).sum(1) if cfg.metric == "euclidean" else self.x32.new_zeros(1)
         self.ysq = self.xsq if (self.self_mode or cfg.metric != "euclidean") else (self.y32 * self.y32).sum(1)
+        # kernel inputs: rows padded with zeros to 16-byte multiples (TMA descriptors)
         if self.mode in ("bf16", "fp16"):
             dt = torch.bfloat16 if self.mode == "bf16" else torch.float16
-            self.xin = self.x32.to(dt)
-            self.yin = self.xin if self.self_mode else self.y32.to(dt)
             self.in_prec = ""
         else:
-            self.xin, self.yin = self.x32, self.y32
+            dt = torch.float32
             self.in_prec = "tf32" if self.mode == "tf32" else "ieee"
+        self.xin = self._padded(self.x32, dt)
+        self.yin = self.xin if self.self_mode else self._padded(self.y32, dt)
 
         # tiles: square BM x BM (self mode needs the same blocks on both sides)
         if block is None:
-            block = 128 if on_gpu else min(64, max(16, _next_pow2(min(cfg.block, max(self.n, self.m, 1)))))
+            # 64 x 64 tiles with 8 warps: the full M1 epilogue fits in registers on sm_90
+            # (ptxas: 128 x 128 spills 8-15 KB per thread); the CPU interpreter wants few tiles
+            block = 64 if on_gpu else min(64, max(16, _next_pow2(min(cfg.block, max(self.n, self.m, 1)))))
         self.bm = max(16, _next_pow2(block))
         wide = self.xin.element_size() == 2
         self.bk = (64 if wide else 32) if on_gpu else min(64, max(16, _next_pow2(self.d)))
-        self.group = group or (8 if on_gpu else 4)
-        if programs is None:
-            programs = 2 * torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 2
-        self.programs = programs
         self.nbr = -(-self.n // self.bm)
+        # ~128 bands: few launches and syncs, yet frequent checkpoints and threshold refreshes
+        self.group = group or (max(8, -(-self.nbr // 128)) if on_gpu else 4)
+        self._occupancy_pending = False
+        if programs is None:
+            # persistent: one wave (8 warps x 255 registers = one program per SM); refined from
+            # the compiled kernel's registers and shared memory after the first launch
+            programs = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 2
+            self._occupancy_pending = on_gpu
+        self.programs = programs
         self.nbc = -(-self.m // self.bm)
         self.nbands = -(-self.nbr // self.group)
 
@@ -158,7 +166,10 @@ class TritonEngine:
             g = _next_pow2(self.kinds_k[s]) if self.kinds_k[s] else 0
             self.groups.append(g if g <= self.bm else 0)
         need = max(self.kinds_k.values())
-        self.cap = max(capacity or ((1 << 20) if on_gpu else (1 << 12)), 2 * need + 64)
+        # candidates per band are ~ O(rows * k * log); the exact selection handles tens of millions
+        default_cap = min(1 << 25, max(1 << 20, 4 * self.n * max(cfg.row_topk, cfg.row_bottomk, 1)))
+        self.cap = max(capacity or (default_cap if on_gpu else (1 << 12)), 2 * need + 64)
+        self.seed_sample = 4096 if on_gpu else 32
 
         # error of the products (fast) -> filter margin and histogram error bound
         nx = float(torch.linalg.vector_norm(self.x32, dim=1).max()) if self.n else 0.0
@@ -172,6 +183,7 @@ class TritonEngine:
                 eps = math.sqrt(2 * eps)
         self.eps = eps
         self.margin = 2 * eps
+        self.norm_max = (nx, ny)
         vmax = {"cosine": 1.0, "dot": nx * ny, "euclidean": nx + ny}[cfg.metric]
         near = cfg.near if cfg.near is not None else 0.0
         # the kernel's near key is fp32 (|v - near_f32|), the final order float64: cover both
@@ -196,16 +208,12 @@ class TritonEngine:
             self.out_a, self.out_b = 0.0, 0.0
 
         dev = self.device
-        P = self.programs
-        self.part_cnt = torch.zeros(P, dtype=torch.int64, device=dev)
-        self.part_sum = torch.zeros(P, dtype=torch.float64, device=dev)
-        self.part_sq = torch.zeros(P, dtype=torch.float64, device=dev)
-        self.part_out = torch.zeros(P, dtype=torch.int64, device=dev)
-        hist_slots = P * self.nb if self.nb else (self.bins + 2 if self.bins else 1)
-        self.hist_buf = torch.zeros(hist_slots, dtype=torch.int32, device=dev)
+        self.hist_buf = torch.zeros(self.bins + 2 if self.bins else 1, dtype=torch.int32, device=dev)
+        self._set_programs(self.programs)
         self.cnt = torch.zeros(7, dtype=torch.int32, device=dev)
         self._alloc_candidates(self.cap)
         self.excluded_rows = ex
+        self.candidates = [0] * 7  # pairs each stream handed to the exact selection (diagnostics)
         self.excluded_cols = ey if ey is not None else np.zeros(0, np.int64)
         self._reset_accumulators()
 
@@ -219,6 +227,14 @@ class TritonEngine:
         valid = norms > 0
         v = (v / torch.where(valid, norms, torch.ones_like(norms)).unsqueeze(1)).contiguous()
         return v, valid, _np(torch.nonzero(~valid).flatten()).astype(np.int64)
+
+    @staticmethod
+    def _padded(v: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        per16 = 16 // torch.empty(0, dtype=dt).element_size()
+        d_pad = max(per16, -(-v.shape[1] // per16) * per16)
+        out = torch.zeros(max(v.shape[0], 1), d_pad, dtype=dt, device=v.device)
+        out[:v.shape[0], :v.shape[1]] = v
+        return out
 
     def _alloc_candidates(self, cap: int, keep: bool = False) -> None:
         dev = self.device
@@ -250,8 +266,12 @@ class TritonEngine:
                 self.rows[s] = (torch.full((self.n, k), math.nan, dtype=torch.float32, device=dev),
                                 torch.full((self.n, k), -1, dtype=torch.int64, device=dev))
         self.gthr = torch.full((3,), -math.inf, dtype=torch.float32, device=dev)
+        self.gbuck = torch.full((3, 64), -math.inf, dtype=torch.float32, device=dev)
         self.rthr = torch.full((2, max(self.n, 1)), -math.inf, dtype=torch.float32, device=dev)
-        self.out_cut = NO_CUT
+        self.rbuck = [torch.full((max(self.n, 1), max(g, 1)), -math.inf, dtype=torch.float32, device=dev)
+                      for g in self.groups[3:5]]
+        self.out_cut = (NO_CUT, 0)  # (i, j): only pairs before it can still enter the list
+        self._seeded = False
 
     # engine protocol -------------------------------------------------------------------------
     def num_tiles(self) -> int:
@@ -340,6 +360,8 @@ class TritonEngine:
         r0 = b * self.group
         rows = min(self.group, self.nbr - r0)
         ntiles = rows * ((self.nbc - r0) if self.self_mode else self.nbc)
+        if not self._seeded:
+            self._seed_thresholds()
         self._refresh_thresholds()
         self.cnt.zero_()
         if self.bins and not self.nb:
@@ -378,6 +400,8 @@ class TritonEngine:
             counts = self.cnt.tolist()
         if euclid and counts[6]:
             self._close_pairs(counts[6])
+        for s in range(7):
+            self.candidates[s] += counts[s]
         for s, kind in enumerate(STREAMS):
             if self.active[s] and counts[s]:
                 self._merge(s, kind, counts[s])
@@ -386,13 +410,14 @@ class TritonEngine:
         pairwise, _, _ = _kernels()
         grid = max(1, min(self.programs, ntiles))
         cfg = self.cfg
-        pairwise.launch_pairwise(
+        compiled = pairwise.launch_pairwise(
             grid, self.xin, self.yin, self.xv, self.yv, self.xsq, self.ysq, self.n, self.m, self.d,
             r0, rows, ntiles, self.part_cnt, self.part_sum, self.part_sq, self.part_out,
             self.hist_buf, self.edges, self.lo_f, self.hi_f, self.scale_f, max(self.bins, 1),
-            self.out_a, self.out_b, self.out_rows, self.out_cols, self.gthr, self.rthr, self.cnt,
+            self.out_a, self.out_b, self.out_rows, self.out_cols, self.gthr, self.gbuck, self.rthr,
+            self.rbuck[0], self.rbuck[1], self.cnt,
             self.cv, self.ci, self.cj, self.cap, float(cfg.near or 0.0), self.margin,
-            self.near_margin, self.out_cut,
+            self.near_margin, *self.out_cut,
             metric={"cosine": 0, "dot": 1, "euclidean": 2}[cfg.metric], self_mode=self.self_mode,
             has_valid=self.has_valid, in_prec=self.in_prec, do_stats=do_stats,
             nb=self.nb if (do_stats and self.bins) else 0,
@@ -400,7 +425,25 @@ class TritonEngine:
             has_out=bool(do_stats and cfg.outside), collect_close=bool(collect_close),
             streams=[bool(s) for s in streams],
             groups=self.groups, bm=self.bm, bk=self.bk)
+        if self._occupancy_pending and do_stats:
+            self._occupancy_pending = False
+            regs = int(getattr(compiled, "n_regs", 0) or 0)
+            if regs:
+                per_sm = max(1, min(4, 65536 // (regs * 32 * 8)))
+                sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+                if per_sm * sms != self.programs:
+                    self._set_programs(per_sm * sms)
         return grid
+
+    def _set_programs(self, programs: int) -> None:
+        dev, P = self.device, programs
+        self.programs = P
+        self.part_cnt = torch.zeros(P, dtype=torch.int64, device=dev)
+        self.part_sum = torch.zeros(P, dtype=torch.float64, device=dev)
+        self.part_sq = torch.zeros(P, dtype=torch.float64, device=dev)
+        self.part_out = torch.zeros(P, dtype=torch.int64, device=dev)
+        if self.nb:
+            self.hist_buf = torch.zeros(P * self.nb, dtype=torch.int32, device=dev)
 
     # thresholds ------------------------------------------------------------------------------
     def _key(self, s: int, v: torch.Tensor) -> torch.Tensor:
@@ -429,7 +472,61 @@ class TritonEngine:
         if self.cfg.outside:
             v, i, j = self.lists["outside_pairs"]
             if v.numel() >= self.kinds_k["outside_pairs"]:
-                self.out_cut = min(self.out_cut, int(i[-1]) * self.m + int(j[-1]))
+                self.out_cut = min(self.out_cut, (int(i[-1]), int(j[-1])))
+
+    def _seed_thresholds(self) -> None:
+        """Before the first band: each row's k-th best key against a spread sample of columns
+        (bf16 products, minus their error bound) is a valid lower bound of its final k-th best;
+        likewise the sample pairs' k-th best for the global lists. Without it the first band
+        would hand almost every pair of its rows to the candidate buffers."""
+        self._seeded = True
+        rows_s = [s for s in (3, 4) if self.active[s]]
+        glob_s = [s for s in (0, 1, 2) if self.active[s]]
+        S = min(self.seed_sample, self.m)
+        if S == 0 or not (rows_s or glob_s):
+            return
+        dev, cfg = self.device, self.cfg
+        idx = torch.unique(torch.linspace(0, self.m - 1, S, device=dev).round().long())
+        ys = self.y32[idx].to(torch.bfloat16)
+        u = 2.0 ** -8  # bf16 inputs and bf16 output rounding
+        nx, ny = self.norm_max
+        meps = (3 * u + u * u + 2 * (self.d + 2) * 2.0 ** -24) * nx * ny * 1.01
+        if cfg.metric == "euclidean":
+            meps = math.sqrt(2 * meps)
+        yok = self.yv.bool()[idx] if self.has_valid else None
+        glob_keys = {s: [] for s in glob_s}
+        chunk = max(1, (1 << 24) // idx.numel())
+        for c0 in range(0, self.n, chunk):
+            c1 = min(self.n, c0 + chunk)
+            dot = (self.x32[c0:c1].to(torch.bfloat16) @ ys.T).float()
+            if cfg.metric == "cosine":
+                v = dot.clamp(-1.0, 1.0)
+            elif cfg.metric == "euclidean":
+                v = (self.xsq[c0:c1, None] + self.ysq[idx][None, :] - 2 * dot).clamp(min=0).sqrt()
+            else:
+                v = dot
+            ok = torch.ones_like(v, dtype=torch.bool)
+            if yok is not None:
+                ok &= self.xv.bool()[c0:c1, None] & yok[None, :]
+            rows = torch.arange(c0, c1, device=dev)[:, None]
+            if self.self_mode:
+                ok &= rows != idx[None, :]
+            for s in rows_s:
+                k = self.kinds_k[STREAMS[s]]
+                if v.shape[1] < k:
+                    continue
+                key = torch.where(ok, self._key(s, v), torch.full_like(v, -math.inf))
+                kth = key.topk(k, dim=1).values[:, -1] - meps
+                self.rthr[s - 3, c0:c1] = torch.maximum(self.rthr[s - 3, c0:c1], kth)
+            okg = ok & (rows < idx[None, :]) if self.self_mode else ok  # each pair once
+            for s in glob_s:
+                key = torch.where(okg, self._key(s, v), torch.full_like(v, -math.inf)).flatten()
+                glob_keys[s].append(key.topk(min(self.kinds_k[STREAMS[s]], key.numel())).values)
+        for s in glob_s:
+            keys = torch.cat(glob_keys[s])
+            k = self.kinds_k[STREAMS[s]]
+            if keys.numel() >= k:
+                self.gthr[s] = torch.maximum(self.gthr[s], keys.topk(k).values[-1] - meps)
 
     def _raise_threshold(self, s: int) -> bool:
         """Stream s overflowed: its buffer holds `cap` genuine candidates of this band, whose
@@ -438,7 +535,8 @@ class TritonEngine:
         v, i, j = self.cv[s], self.ci[s].long(), self.cj[s].long()
         if s == 5:
             lin = i * self.m + j
-            cut = int(torch.kthvalue(lin.cpu(), k).values) + 1
+            kth = int(torch.kthvalue(lin.cpu(), k).values)
+            cut = (kth // self.m, kth % self.m + 1)  # pairs up to the k-th buffered one
             if cut < self.out_cut:
                 self.out_cut = cut
                 return True
