@@ -280,3 +280,50 @@ def test_euclidean_near_duplicates_are_accurate(precision):
     assert got.row_bottomk.indices[17, 0] == 5
     if precision == "exact":
         check_stats(got, x, tol=1e-3, **opts)
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from embgeom.kernels.triton import cone, entropy, pairwise
+
+def compile_(fn, types, consts, num_warps):
+    sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": 3})
+
+p = {a: "*fp32" for a in pairwise._pairwise_stats_kernel.arg_names if a.endswith("_ptr")}
+p.update(x_desc="tensordesc<bf16[64,64]>", y_desc="tensordesc<bf16[64,64]>", xv_ptr="*u8", yv_ptr="*u8",
+         part_cnt_ptr="*i64", part_out_ptr="*i64", out_rows_ptr="*i64", out_cols_ptr="*i64",
+         part_sum_ptr="*fp64", part_sq_ptr="*fp64", hist_ptr="*i32", cnt_ptr="*i32", ci_ptr="*i32",
+         cj_ptr="*i32", lo_f="fp32", hi_f="fp32", scale_f="fp32", out_a="fp32", out_b="fp32", near="fp32",
+         margin="fp32", near_margin="fp32")
+full = dict(METRIC=0, SELF=True, HAS_VALID=True, IN_PREC="", DO_STATS=True, NB=2048, GHIST=False,
+            HAS_OUT=True, COLLECT_CLOSE=False, TOP=True, BOT=True, NEAR=True, RTOP=True, RBOT=True,
+            OUTL=True, G_TOP=16, G_BOT=16, G_NEAR=16, G_RTOP=16, G_RBOT=4, BM=64, BN=64, BK=64, UPCAST=False)
+k = compile_(pairwise._pairwise_stats_kernel, p, full, 8)
+assert "wgmma" in k.asm["ptx"], "no tensor-core MMA in the PTX"
+c = {a: "i32" for a in cone._cone_unit_sums_kernel.arg_names}
+c.update(x_ptr="*bf16", mask_ptr="*u8", part_ptr="*fp64", used_ptr="*i64", zero_ptr="*i64")
+compile_(cone._cone_unit_sums_kernel, c, dict(HAS_MASK=True, BLOCK_T=16, BLOCK_D=128), 4)
+e = {a: "i32" for a in entropy._row_entropy_kernel.arg_names}
+e.update(p_ptr="*fp32", mask_ptr="*u8", nvalid_ptr="*fp32", out_ptr="*fp32", smoothing="fp32")
+compile_(entropy._row_entropy_kernel, e, dict(HAS_MASK=True, SMOOTH=True, BLOCK_R=16, BLOCK_K=128), 4)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter runs Python, not the compiler: build the kernels for an H100 (sm_90a, PTX
+    and ptxas) without a GPU, in a subprocess without TRITON_INTERPRET, so front-end and
+    lowering errors show up on CPU-only machines."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
