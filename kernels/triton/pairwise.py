@@ -13,12 +13,14 @@ Ranked outputs (global top/bottom/near, per-row top/bottom, the first outside pa
 kernel as *candidates*: a tile appends (v, i, j) for every pair whose key reaches the stream's
 running threshold, with one atomic per tile on the stream's counter. A threshold is always a
 lower bound of the k-th best key, so no pair of a final list is ever filtered out:
-- the caller seeds it from the merged state (its current k-th best key);
+- the caller seeds it from a sample of columns before the first band, then from the merged
+  state (its current k-th best key) before every band;
 - tiles raise it live: the stream's pairs are split into G = next_pow2(k) fixed buckets whose
   running maxima live in global memory (`atomic_max`, only when a tile improves one); their
   minimum is reached by G distinct pairs, so the k-th best key is at least that, and the bound
-  tightens as the run goes on (per row: buckets by column position, N x G floats). In `fast` precision the filter is `key >= threshold - margin`, margin = 2x the
-  product error bound, so pairs whose exact value belongs in a list survive the bf16/tf32 error.
+  tightens as the run goes on (per row: buckets by column position, N x G floats).
+In `fast` precision the filter is `key >= threshold - margin`, margin = 2x the product error
+bound, so pairs whose exact value belongs in a list survive the bf16/tf32 error.
 The caller selects exactly (value, then (i, j)) on the small candidate set, and retries a band
 with a higher threshold if a candidate buffer overflowed.
 
@@ -138,7 +140,8 @@ def _pairwise_stats_kernel(
     part_cnt_ptr, part_sum_ptr, part_sq_ptr, part_out_ptr, hist_ptr, edges_ptr,
     lo_f, hi_f, scale_f, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
     # candidate streams
-    gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, near, margin, near_margin, cut_i, cut_j,
+    gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+    near, margin, near_margin, cut_i, cut_j,
     METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, IN_PREC: tl.constexpr,
     DO_STATS: tl.constexpr, NB: tl.constexpr, GHIST: tl.constexpr, HAS_OUT: tl.constexpr,
     COLLECT_CLOSE: tl.constexpr,
@@ -260,9 +263,10 @@ def _pairwise_stats_kernel(
 
 def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
                     part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
-                    out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap, near,
-                    margin, near_margin, cut_i, cut_j, *, metric, self_mode, has_valid, in_prec,
-                    do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk, num_warps=8, num_stages=3):
+                    out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv,
+                    ci, cj, cap, near, margin, near_margin, cut_i, cut_j, *, metric, self_mode, has_valid,
+                    in_prec, do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk,
+                    num_warps=8, num_stages=3):
     """x: (N, Dp), y: (M, Dp) contiguous, rows 16-byte aligned (Dp padded with zeros; TMA).
     streams: 6 bools (see STREAMS); groups: live-bound group counts for the first five.
     Returns the compiled kernel (registers/shared memory for the caller's occupancy)."""
@@ -273,12 +277,11 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
     return _pairwise_stats_kernel[(grid,)](
         x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
         part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
-        out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap, near, margin,
-        near_margin, cut_i, cut_j,
+        out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap,
+        near, margin, near_margin, cut_i, cut_j,
         METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
-        NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0], BOT=streams[1], NEAR=streams[2],
-        RTOP=streams[3], RBOT=streams[4], OUTL=streams[5], G_TOP=groups[0], G_BOT=groups[1],
-        G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4], BM=bm, BN=bm, BK=bk,
-        UPCAST=x.device.type == "cpu",
-        num_warps=num_warps, num_stages=num_stages,
+        NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0],
+        BOT=streams[1], NEAR=streams[2], RTOP=streams[3], RBOT=streams[4], OUTL=streams[5],
+        G_TOP=groups[0], G_BOT=groups[1], G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4],
+        BM=bm, BN=bm, BK=bk, UPCAST=x.device.type == "cpu", num_warps=num_warps, num_stages=num_stages,
     )
