@@ -90,6 +90,11 @@ def test_histogram_edges_match_float64_definition():
     want = reference.pairwise_stats(x, metric="dot", bins=8, range=(-1.0, 2.0), topk=0, bottomk=0)
     assert got.hist.counts.tolist() == want["hist"]["counts"].tolist()
     assert (got.hist.underflow, got.hist.overflow) == (want["hist"]["underflow"], want["hist"]["overflow"])
+    # more bins than the register histogram holds: the global-atomics path, same bins
+    x2 = make_embeddings(30, 6, seed=12)
+    got2 = embgeom.pairwise_stats(x2, metric="dot", bins=9000, range=(-8.0, 8.0), backend="triton", block=16)
+    want2 = reference.pairwise_stats(x2, metric="dot", bins=9000, range=(-8.0, 8.0))
+    assert got2.hist.counts.tolist() == want2["hist"]["counts"].tolist()
     edges = _gpu.hist_edges(-1.0, 1.0, 2000)
     scale = 2000 / 2.0
     inner = edges[1:-1].double()
