@@ -174,6 +174,9 @@ class TritonEngine:
         # error of the products (fast) -> filter margin and histogram error bound
         nx = float(torch.linalg.vector_norm(self.x32, dim=1).max()) if self.n else 0.0
         ny = float(torch.linalg.vector_norm(self.y32, dim=1).max()) if self.m else 0.0
+        if self.mode == "fp16" and max(float(self.x32.abs().max()) if self.n else 0.0,
+                                       float(self.y32.abs().max()) if self.m else 0.0) > 6e4:
+            raise ValueError("fast_dtype='fp16': values beyond the fp16 range (|v| > 6e4); use 'bf16' or 'tf32'")
         if self.mode == "exact":
             eps = 0.0
         else:
