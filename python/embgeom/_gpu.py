@@ -669,7 +669,7 @@ class CudaEngine(TritonEngine):
         cuda_ext().row_topk_merge(
             sv.data_ptr(), si.data_ptr(), self.n, k, uniq.data_ptr(), starts.data_ptr(),
             uniq.numel(), v.data_ptr(), j.data_ptr(), bool(largest),
-            torch.cuda.current_stream(self.device).cuda_stream)
+            torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0)
 
 
 # --------------------------------------------------------------------------------------------
