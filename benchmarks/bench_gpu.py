@@ -109,12 +109,14 @@ def set_precision(dtype):
 # providers: each returns a dict with count/mean/hist/top (what it computed) for the check
 # ---------------------------------------------------------------------------------------------
 
-def run_embgeom(x, dtype, opts, engine_cls):
+def run_embgeom(x, dtype, opts, engine_cls, block=None):
     from embgeom._pairwise import PairwiseConfig, finalize, run_engine
 
     cfg = PairwiseConfig(**{k: v for k, v in opts.items()}, lo=-1.0, hi=1.0,
                          precision="exact" if dtype == "fp32" else "fast")
     kw = {} if dtype == "fp32" else {"fast_dtype": dtype}
+    if block:
+        kw["block"] = block
     eng = engine_cls(x, None, cfg, **kw)
     st = run_engine(eng)
     r = finalize(st, cfg, n=x.shape[0], m=None, d=x.shape[1], backend=eng.name, device=x.device, seconds=0.0)
@@ -284,6 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", nargs="+",
                     default=["triton", "cuda", "torch-chunked", "torch-mm-topk", "faiss-gpu", "cuvs"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--block", type=int, default=None,
+                    help="tile side of the triton/cuda engines (default 64; 128 trades spills for MMA size)")
     ap.add_argument("--csv", default="gpu.csv")
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
@@ -310,6 +314,9 @@ def main(argv=None) -> int:
     engines = {"triton": _gpu.TritonEngine}
     if _backends.cuda_ext() is not None and hasattr(_backends.cuda_ext(), "row_topk_merge"):
         engines["cuda"] = _gpu.CudaEngine
+
+    def label(prov):
+        return f"{prov}-b{args.block}" if (args.block and prov in engines) else prov
 
     def record(metric, provider, n, m, d, dtype, t, work_flops=None, work_bytes=None, pairs=None):
         peak_mb = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -344,7 +351,7 @@ def main(argv=None) -> int:
                     want, t_first = first_run(lambda: torch_chunked(x, dtype, FULL))
                     for prov in args.providers:
                         if prov in engines:
-                            fn = lambda e=engines[prov]: run_embgeom(x, dtype, FULL, e)  # noqa: E731
+                            fn = lambda e=engines[prov]: run_embgeom(x, dtype, FULL, e, args.block)  # noqa: E731
                         elif prov == "torch-chunked":
                             fn = lambda: torch_chunked(x, dtype, FULL)  # noqa: E731
                         else:
@@ -353,13 +360,13 @@ def main(argv=None) -> int:
                         got, first = (want, t_first) if prov == "torch-chunked" else first_run(fn)
                         if check(prov, got, want, dtype):
                             continue
-                        record("pairwise_stats", prov, n, n, d, dtype, timed(fn, args.repeats, first), flops, pairs=pairs)
+                        record("pairwise_stats", label(prov), n, n, d, dtype, timed(fn, args.repeats, first), flops, pairs=pairs)
                 if "row_topk10" in args.workloads:
                     want, t_first = first_run(lambda: torch_mm_topk(x, dtype))
                     for prov in args.providers:
                         try:
                             if prov in engines:
-                                fn = lambda e=engines[prov]: run_embgeom(x, dtype, ROWTOPK, e)  # noqa: E731
+                                fn = lambda e=engines[prov]: run_embgeom(x, dtype, ROWTOPK, e, args.block)  # noqa: E731
                             elif prov == "torch-mm-topk":
                                 fn = lambda: torch_mm_topk(x, dtype)  # noqa: E731
                             elif prov == "faiss-gpu":
@@ -377,7 +384,7 @@ def main(argv=None) -> int:
                             got = {"row_idx": drop_self(torch.as_tensor(got[1], device="cuda").long(), 10)}
                         if check(prov, got, want, dtype):
                             continue
-                        record("row_topk10", prov, n, n, d, dtype, timed(fn, args.repeats, first), flops, pairs=pairs)
+                        record("row_topk10", label(prov), n, n, d, dtype, timed(fn, args.repeats, first), flops, pairs=pairs)
             del x
             torch.cuda.empty_cache()
 
