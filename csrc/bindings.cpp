@@ -3,11 +3,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
+#include <limits>
 #include <optional>
 
 #include "attention.h"
 #include "check.h"
 #include "cone_index.h"
+#include "pairwise.h"
 
 #ifdef EMBGEOM_OPENMP
 #include <omp.h>
@@ -82,5 +85,224 @@ PYBIND11_MODULE(_C, m) {
   );
 
   // BEGIN pairwise engine bindings (owned by engine author)
+  {
+    using embgeom::PairwiseEngine;
+    using f32_in = py::array_t<float, py::array::c_style | py::array::forcecast>;
+    using i64_arr = py::array_t<int64_t>;
+    using f64_arr = py::array_t<double>;
+    auto vec_i64 = [](const std::vector<int64_t>& v) {
+      i64_arr a(static_cast<py::ssize_t>(v.size()));
+      if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(int64_t));
+      return a;
+    };
+    py::class_<PairwiseEngine>(m, "PairwiseEngine",
+        "All-pairs statistics over a deterministic tile schedule (SPEC M1).\n"
+        "x: (N, D) float32, y: (M, D) float32 or None (self mode: pairs i < j).")
+        .def(py::init([](const f32_in& x, const std::optional<f32_in>& y, const std::string& metric,
+                         const std::string& precision, int64_t block, int64_t bins, double lo,
+                         double hi, int64_t topk, int64_t bottomk, std::optional<double> near,
+                         int64_t near_k, int64_t row_topk, int64_t row_bottomk,
+                         std::optional<std::pair<double, double>> outside, int64_t outside_limit,
+                         int threads) {
+               EMBGEOM_CHECK(x.ndim() == 2, "x: expected (N, D), got " << x.ndim() << " dims");
+               const int64_t D = x.shape(1);
+               if (y) {
+                 EMBGEOM_CHECK(y->ndim() == 2 && y->shape(1) == D,
+                               "y: expected (M, " << D << "), got " << y->ndim() << " dims");
+               }
+               embgeom::PairwiseOptions o;
+               o.metric = metric;
+               o.precision = precision;
+               o.block = block;
+               o.bins = bins;
+               o.lo = lo;
+               o.hi = hi;
+               o.topk = topk;
+               o.bottomk = bottomk;
+               o.has_near = near.has_value();
+               o.near = near.value_or(0.0);
+               o.near_k = near_k;
+               o.row_topk = row_topk;
+               o.row_bottomk = row_bottomk;
+               o.has_outside = outside.has_value();
+               if (outside) {
+                 o.out_a = outside->first;
+                 o.out_b = outside->second;
+               }
+               o.outside_limit = outside_limit;
+               o.threads = threads;
+               py::gil_scoped_release release;
+               return std::make_unique<PairwiseEngine>(x.data(), x.shape(0), y ? y->data() : nullptr,
+                                                       y ? y->shape(0) : 0, D, o);
+             }),
+             py::arg("x"), py::arg("y") = py::none(), py::kw_only(), py::arg("metric") = "cosine",
+             py::arg("precision") = "exact", py::arg("block") = 256, py::arg("bins") = 2000,
+             py::arg("lo") = -1.0, py::arg("hi") = 1.0, py::arg("topk") = 10, py::arg("bottomk") = 10,
+             py::arg("near") = py::none(), py::arg("near_k") = 10, py::arg("row_topk") = 0,
+             py::arg("row_bottomk") = 0, py::arg("outside") = py::none(),
+             py::arg("outside_limit") = 1000, py::arg("threads") = 0)
+        .def("num_tiles", &PairwiseEngine::num_tiles)
+        .def("tile_pairs", &PairwiseEngine::tile_pairs, py::arg("begin"), py::arg("end"))
+        .def("run", &PairwiseEngine::run, py::arg("begin"), py::arg("end"),
+             py::call_guard<py::gil_scoped_release>(), "Process tiles [begin, end) (GIL released)")
+        .def_property_readonly("kernel", [](const PairwiseEngine& e) { return std::string(e.kernel_name()); })
+        .def_property_readonly("hist_error_bound", &PairwiseEngine::hist_error_bound)
+        .def("state", [vec_i64](const PairwiseEngine& e) {
+          const embgeom::PairwiseState& s = e.state();
+          const auto& xm = e.x_map();
+          const auto& ym = e.y_map();
+          py::dict d;
+          d["tiles_done"] = s.tiles_done;
+          d["count"] = s.count;
+          d["sum"] = s.sum;
+          d["sumsq"] = s.sumsq;
+          auto one = [&](const embgeom::PairList& l) -> py::object {
+            if (l.e.empty()) return py::none();
+            return py::make_tuple(double(l.e[0].v), xm[l.e[0].i], ym[l.e[0].j]);
+          };
+          d["min"] = one(s.min1);
+          d["max"] = one(s.max1);
+          d["hist"] = s.hist.empty() ? py::object(py::none()) : py::object(vec_i64(s.hist));
+          auto list = [&](const embgeom::PairList& l) {
+            const py::ssize_t k = static_cast<py::ssize_t>(l.e.size());
+            f64_arr v(k);
+            i64_arr i(k), j(k);
+            for (py::ssize_t q = 0; q < k; ++q) {
+              v.mutable_data()[q] = l.e[q].v;
+              i.mutable_data()[q] = xm[l.e[q].i];
+              j.mutable_data()[q] = ym[l.e[q].j];
+            }
+            return py::make_tuple(v, i, j);
+          };
+          d["top"] = list(s.top);
+          d["bottom"] = list(s.bottom);
+          d["near"] = list(s.near);
+          auto rows = [&](const embgeom::RowLists& r) -> py::object {
+            if (r.k <= 0) return py::none();
+            const int64_t N = e.n_orig(), k = r.k;
+            py::array_t<float> v({N, k});
+            i64_arr idx({N, k});
+            float* pv = v.mutable_data();
+            int64_t* pi = idx.mutable_data();
+            std::fill(pv, pv + N * k, std::numeric_limits<float>::quiet_NaN());
+            std::fill(pi, pi + N * k, int64_t(-1));
+            for (int64_t q = 0; q < r.n; ++q)
+              for (int32_t t = 0; t < r.cnt[q]; ++t) {
+                pv[xm[q] * k + t] = r.val[q * k + t];
+                pi[xm[q] * k + t] = ym[r.col[q * k + t]];
+              }
+            return py::make_tuple(v, idx);
+          };
+          d["row_top"] = rows(s.row_top);
+          d["row_bottom"] = rows(s.row_bottom);
+          d["outside_count"] = s.outside_count;
+          auto counts = [&](const std::vector<int64_t>& c, const std::vector<int64_t>& map,
+                            int64_t total) -> py::object {
+            std::vector<int64_t> o(total, 0);
+            for (size_t q = 0; q < c.size(); ++q) o[map[q]] = c[q];
+            return vec_i64(o);
+          };
+          const bool out = e.options().has_outside;
+          d["outside_rows"] = out ? counts(s.outside_rows, xm, e.n_orig()) : py::object(py::none());
+          d["outside_cols"] = (out && !e.self_mode()) ? counts(s.outside_cols, ym, e.m_orig())
+                                                      : py::object(py::none());
+          d["outside_pairs"] = list(s.outside_pairs);
+          d["excluded_rows"] = vec_i64(e.excluded_rows());
+          d["excluded_cols"] = vec_i64(e.excluded_cols());
+          d["hist_error_bound"] = e.hist_error_bound();
+          return d;
+        })
+        .def("load_state", [](PairwiseEngine& e, const py::dict& d) {
+          embgeom::PairwiseState s = e.empty_state();
+          auto get = [&](const char* k) -> py::object {
+            EMBGEOM_CHECK(d.contains(k), "state: missing key '" << k << "'");
+            return d[k];
+          };
+          auto cx = [&](int64_t i) {
+            EMBGEOM_CHECK(i >= 0 && i < e.n_orig() && e.compact_x(i) >= 0, "state: bad row index " << i);
+            return e.compact_x(i);
+          };
+          auto cy = [&](int64_t j) {
+            EMBGEOM_CHECK(j >= 0 && j < e.m_orig() && e.compact_y(j) >= 0, "state: bad column index " << j);
+            return e.compact_y(j);
+          };
+          s.tiles_done = get("tiles_done").cast<int64_t>();
+          EMBGEOM_CHECK(s.tiles_done >= 0 && s.tiles_done <= e.num_tiles(),
+                        "state: tiles_done " << s.tiles_done << " outside [0, " << e.num_tiles() << "]");
+          s.count = get("count").cast<int64_t>();
+          s.sum = get("sum").cast<double>();
+          s.sumsq = get("sumsq").cast<double>();
+          const double nearv = e.options().near;
+          auto key = [&](int kind, double v) {
+            switch (kind) {
+              case 0: return v;                        // max / top
+              case 1: return -v;                       // min / bottom
+              case 2: return -std::fabs(v - nearv);   // near
+              default: return 0.0;                     // outside pairs
+            }
+          };
+          for (auto [name, kind, dst] : {std::make_tuple("max", 0, &s.max1), std::make_tuple("min", 1, &s.min1)}) {
+            py::object o = get(name);
+            if (o.is_none()) continue;
+            auto t = o.cast<py::tuple>();
+            const double v = t[0].cast<double>();
+            dst->offer(key(kind, float(v)), float(v), cx(t[1].cast<int64_t>()), cy(t[2].cast<int64_t>()));
+          }
+          auto lst = [&](const char* name, int kind, embgeom::PairList& dst) {
+            auto t = get(name).cast<py::tuple>();
+            EMBGEOM_CHECK(t.size() == 3, "state: '" << name << "' must be (v, i, j)");
+            auto v = py::array_t<double, py::array::forcecast>(t[0]);
+            auto i = py::array_t<int64_t, py::array::forcecast>(t[1]);
+            auto j = py::array_t<int64_t, py::array::forcecast>(t[2]);
+            EMBGEOM_CHECK(v.size() == i.size() && v.size() == j.size(), "state: '" << name << "' lengths differ");
+            for (py::ssize_t q = 0; q < v.size(); ++q) {
+              const float fv = float(v.data()[q]);
+              dst.offer(key(kind, fv), fv, cx(i.data()[q]), cy(j.data()[q]));
+            }
+          };
+          lst("top", 0, s.top);
+          lst("bottom", 1, s.bottom);
+          lst("near", 2, s.near);
+          lst("outside_pairs", 3, s.outside_pairs);
+          if (!s.hist.empty()) {
+            auto h = py::array_t<int64_t, py::array::forcecast>(get("hist"));
+            EMBGEOM_CHECK(h.size() == static_cast<py::ssize_t>(s.hist.size()),
+                          "state: hist must have " << s.hist.size() << " entries, got " << h.size());
+            std::memcpy(s.hist.data(), h.data(), s.hist.size() * sizeof(int64_t));
+          }
+          auto rows = [&](const char* name, embgeom::RowLists& r) {
+            if (r.k <= 0) return;
+            auto t = get(name).cast<py::tuple>();
+            auto v = py::array_t<float, py::array::forcecast | py::array::c_style>(t[0]);
+            auto ix = py::array_t<int64_t, py::array::forcecast | py::array::c_style>(t[1]);
+            EMBGEOM_CHECK(v.ndim() == 2 && v.shape(0) == e.n_orig() && v.shape(1) == r.k &&
+                              ix.ndim() == 2 && ix.shape(0) == e.n_orig() && ix.shape(1) == r.k,
+                          "state: '" << name << "' must be (N, " << r.k << ") arrays");
+            for (int64_t q = 0; q < e.n_orig(); ++q)
+              for (int64_t c = 0; c < r.k; ++c) {
+                const int64_t j = ix.data()[q * r.k + c];
+                if (j < 0) continue;
+                r.offer(cx(q), v.data()[q * r.k + c], static_cast<int32_t>(cy(j)));
+              }
+          };
+          rows("row_top", s.row_top);
+          rows("row_bottom", s.row_bottom);
+          s.outside_count = get("outside_count").cast<int64_t>();
+          auto counts = [&](const char* name, std::vector<int64_t>& c, bool rows_side) {
+            if (c.empty() && !e.options().has_outside) return;
+            if (!rows_side && e.self_mode()) return;
+            auto a = py::array_t<int64_t, py::array::forcecast>(get(name));
+            const int64_t total = rows_side ? e.n_orig() : e.m_orig();
+            EMBGEOM_CHECK(a.size() == total, "state: '" << name << "' must have " << total << " entries");
+            for (int64_t q = 0; q < total; ++q) {
+              const int64_t cq = rows_side ? e.compact_x(q) : e.compact_y(q);
+              if (cq >= 0) c[cq] = a.data()[q];
+            }
+          };
+          counts("outside_rows", s.outside_rows, true);
+          counts("outside_cols", s.outside_cols, false);
+          e.set_state(std::move(s));
+        }, py::arg("state"));
+  }
   // END pairwise engine bindings
 }

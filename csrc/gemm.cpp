@@ -1,0 +1,285 @@
+// Packed tile GEMM: micro-kernels (AVX-512 fp32/bf16, AVX2, scalar), packing, dispatch.
+#include "gemm.h"
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+#include <new>
+#include <string>
+
+#ifdef EMBGEOM_OPENMP
+#include <omp.h>
+#endif
+
+#define EMBGEOM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define EMBGEOM_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define EMBGEOM_AVX2 __attribute__((target("avx2,fma")))
+
+namespace embgeom {
+
+template <class T>
+void AlignedBuf<T>::reset(int64_t count) {
+  n = count;
+  size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
+  if (bytes == 0) bytes = 64;
+  void* q = std::aligned_alloc(64, bytes);
+  if (!q) throw std::bad_alloc();
+  std::memset(q, 0, bytes);
+  p.reset(static_cast<T*>(q));
+}
+template struct AlignedBuf<float>;
+template struct AlignedBuf<uint32_t>;
+template struct AlignedBuf<int32_t>;
+
+uint16_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// micro-kernels: a is an A micro-panel at k0 ([k][MR]), b a B micro-panel ([k][NR]); the MR x NR
+// block of C is written in full (C buffers cover whole panels).
+// ---------------------------------------------------------------------------------------------
+
+template <int MR, int NV>
+EMBGEOM_AVX512 void ukr_avx512(int64_t kc, const void* av, const void* bv, float* c, int64_t ldc,
+                               bool acc) {
+  const float* a = static_cast<const float*>(av);
+  const float* b = static_cast<const float*>(bv);
+  __m512 r[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v)
+      r[m][v] = acc ? _mm512_loadu_ps(c + m * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512 bb[NV];
+    for (int v = 0; v < NV; ++v) bb[v] = _mm512_load_ps(b + 16 * v);
+    for (int m = 0; m < MR; ++m) {
+      const __m512 aa = _mm512_set1_ps(a[m]);
+      for (int v = 0; v < NV; ++v) r[m][v] = _mm512_fmadd_ps(aa, bb[v], r[m][v]);
+    }
+    a += MR;
+    b += 16 * NV;
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + 16 * v, r[m][v]);
+}
+
+template <int MR, int NV>
+EMBGEOM_AVX512BF16 void ukr_avx512bf16(int64_t kc, const void* av, const void* bv, float* c,
+                                       int64_t ldc, bool acc) {
+  const int32_t* a = static_cast<const int32_t*>(av);
+  const uint32_t* b = static_cast<const uint32_t*>(bv);
+  __m512 r[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v)
+      r[m][v] = acc ? _mm512_loadu_ps(c + m * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    __m512i bb[NV];
+    for (int v = 0; v < NV; ++v) bb[v] = _mm512_load_si512(reinterpret_cast<const void*>(b + 16 * v));
+    for (int m = 0; m < MR; ++m) {
+      const __m512i aa = _mm512_set1_epi32(a[m]);
+      for (int v = 0; v < NV; ++v)
+        r[m][v] = _mm512_dpbf16_ps(r[m][v], (__m512bh)aa, (__m512bh)bb[v]);
+    }
+    a += MR;
+    b += 16 * NV;
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + 16 * v, r[m][v]);
+}
+
+template <int MR, int NV>
+EMBGEOM_AVX2 void ukr_avx2(int64_t kc, const void* av, const void* bv, float* c, int64_t ldc,
+                           bool acc) {
+  const float* a = static_cast<const float*>(av);
+  const float* b = static_cast<const float*>(bv);
+  __m256 r[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v)
+      r[m][v] = acc ? _mm256_loadu_ps(c + m * ldc + 8 * v) : _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    __m256 bb[NV];
+    for (int v = 0; v < NV; ++v) bb[v] = _mm256_load_ps(b + 8 * v);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 aa = _mm256_broadcast_ss(a + m);
+      for (int v = 0; v < NV; ++v) r[m][v] = _mm256_fmadd_ps(aa, bb[v], r[m][v]);
+    }
+    a += MR;
+    b += 8 * NV;
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + m * ldc + 8 * v, r[m][v]);
+}
+
+template <int MR, int NR>
+void ukr_scalar(int64_t kc, const void* av, const void* bv, float* c, int64_t ldc, bool acc) {
+  const float* a = static_cast<const float*>(av);
+  const float* b = static_cast<const float*>(bv);
+  float r[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) r[m][n] = acc ? c[m * ldc + n] : 0.0f;
+  for (int64_t k = 0; k < kc; ++k) {
+    for (int m = 0; m < MR; ++m)
+      for (int n = 0; n < NR; ++n) r[m][n] = std::fma(a[m], b[n], r[m][n]);
+    a += MR;
+    b += NR;
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) c[m * ldc + n] = r[m][n];
+}
+
+// ---------------------------------------------------------------------------------------------
+// dispatch
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma");
+}
+bool has_avx512bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+GemmKernel make(int mr, int nr, bool bf16, int64_t kc, MicroKernel f, const char* name) {
+  GemmKernel k;
+  k.mr = mr;
+  k.nr = nr;
+  k.bf16 = bf16;
+  k.kc_block = kc;
+  k.ukr = f;
+  k.name = name;
+  return k;
+}
+
+GemmKernel kernel_avx512() {
+  const char* s = std::getenv("EMBGEOM_UKR");  // benchmarking hook: "6x32", "8x32", ...
+  const std::string u = s ? s : "";
+  if (u == "6x32") return make(6, 32, false, 256, ukr_avx512<6, 2>, "avx512-6x32");
+  if (u == "8x32") return make(8, 32, false, 256, ukr_avx512<8, 2>, "avx512-8x32");
+  if (u == "12x32") return make(12, 32, false, 256, ukr_avx512<12, 2>, "avx512-12x32");
+  if (u == "4x64") return make(4, 64, false, 128, ukr_avx512<4, 4>, "avx512-4x64");
+  if (u == "6x64") return make(6, 64, false, 128, ukr_avx512<6, 4>, "avx512-6x64");
+  return make(14, 32, false, 256, ukr_avx512<14, 2>, "avx512-14x32");
+}
+
+}  // namespace
+
+std::string cpu_features() {
+  std::string s;
+  if (__builtin_cpu_supports("avx512f")) s += "avx512f ";
+  if (has_avx512bf16()) s += "avx512bf16 ";
+  if (__builtin_cpu_supports("avx2")) s += "avx2 ";
+  if (__builtin_cpu_supports("fma")) s += "fma ";
+  if (!s.empty()) s.pop_back();
+  return s;
+}
+
+GemmKernel select_kernel(bool fast) {
+  const char* f = std::getenv("EMBGEOM_GEMM");
+  const std::string force = f ? f : "";
+  if (force == "scalar") return make(4, 8, false, 256, ukr_scalar<4, 8>, "scalar-4x8");
+  if (force == "avx2" && has_avx2()) return make(6, 16, false, 256, ukr_avx2<6, 2>, "avx2-6x16");
+  if (fast && has_avx512bf16() && force.empty())
+    return make(14, 32, true, 128, ukr_avx512bf16<14, 2>, "avx512bf16-14x32");
+  if (has_avx512() && (force.empty() || force == "avx512")) return kernel_avx512();
+  if (has_avx2()) return make(6, 16, false, 256, ukr_avx2<6, 2>, "avx2-6x16");
+  return make(4, 8, false, 256, ukr_scalar<4, 8>, "scalar-4x8");
+}
+
+// ---------------------------------------------------------------------------------------------
+// packing and the tile driver
+// ---------------------------------------------------------------------------------------------
+
+const void* PackedPanels::panel(int64_t p, int64_t k0) const {
+  const int64_t off = (p * kdim + k0) * width;
+  return bf16 ? static_cast<const void*>(b16.data() + off) : static_cast<const void*>(f32.data() + off);
+}
+
+void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width, bool bf16,
+                 PackedPanels& out, int threads) {
+  out.rows = rows;
+  out.d = d;
+  out.width = width;
+  out.bf16 = bf16;
+  out.panels = (rows + width - 1) / width;
+  out.kdim = bf16 ? (d + 1) / 2 : d;
+  const int64_t total = out.panels * out.kdim * width;
+  if (bf16) {
+    out.b16.reset(total);
+    out.f32.reset(0);
+  } else {
+    out.f32.reset(total);
+    out.b16.reset(0);
+  }
+  (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+  for (int64_t p = 0; p < out.panels; ++p) {
+    const int64_t r0 = p * width;
+    const int64_t nr = std::min<int64_t>(width, rows - r0);
+    if (bf16) {
+      uint32_t* dst = out.b16.data() + p * out.kdim * width;
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* src = x + (r0 + r) * ld;
+        for (int64_t kk = 0; kk < out.kdim; ++kk) {
+          const uint32_t lo = to_bf16(src[2 * kk]);
+          const uint32_t hi = (2 * kk + 1 < d) ? to_bf16(src[2 * kk + 1]) : 0u;
+          dst[kk * width + r] = lo | (hi << 16);
+        }
+      }
+    } else {
+      float* dst = out.f32.data() + p * out.kdim * width;
+      for (int64_t r = 0; r < nr; ++r) {
+        const float* src = x + (r0 + r) * ld;
+        for (int64_t k = 0; k < d; ++k) dst[k * width + r] = src[k];
+      }
+    }
+  }
+}
+
+void gemm_tile(const GemmKernel& kern, const PackedPanels& A, int64_t pa0, int64_t pa1,
+               const PackedPanels& B, int64_t pb0, int64_t pb1, float* C, int64_t ldc) {
+  const int64_t kdim = A.kdim;
+  const int64_t kcb = kern.kc_block > 0 ? kern.kc_block : kdim;
+  if (kdim == 0) {
+    for (int64_t r = 0; r < (pa1 - pa0) * kern.mr; ++r)
+      std::memset(C + r * ldc, 0, sizeof(float) * (pb1 - pb0) * kern.nr);
+    return;
+  }
+  for (int64_t k0 = 0; k0 < kdim; k0 += kcb) {
+    const int64_t kc = std::min(kcb, kdim - k0);
+    const bool acc = k0 > 0;
+    for (int64_t q = pb0; q < pb1; ++q) {
+      const void* bp = B.panel(q, k0);
+      float* cq = C + (q - pb0) * kern.nr;
+      for (int64_t p = pa0; p < pa1; ++p)
+        kern.ukr(kc, A.panel(p, k0), bp, cq + (p - pa0) * kern.mr * ldc, ldc, acc);
+    }
+  }
+}
+
+// Sequential FMA chain, as in the kernels. Compiled for FMA when the CPU has it (std::fma is
+// exact either way; the hardware path is just faster).
+EMBGEOM_AVX2 static float dot_exact_fma(const float* a, const float* b, int64_t d) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < d; ++k) acc = __builtin_fmaf(a[k], b[k], acc);
+  return acc;
+}
+
+static float dot_exact_portable(const float* a, const float* b, int64_t d) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < d; ++k) acc = std::fma(a[k], b[k], acc);
+  return acc;
+}
+
+float dot_exact(const float* a, const float* b, int64_t d) {
+  static const bool fma = __builtin_cpu_supports("fma");
+  return fma ? dot_exact_fma(a, b, d) : dot_exact_portable(a, b, d);
+}
+
+}  // namespace embgeom

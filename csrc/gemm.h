@@ -1,0 +1,75 @@
+// Packed tile GEMM for all-pairs kernels: C = A * B^T with A (rows x d) and B (cols x d)
+// row-major fp32. Whole matrices are packed once into k-major micro-panels; a tile product
+// then reads panels only (BLIS-style, k-blocked), through a micro-kernel picked at runtime:
+// AVX-512 (fp32 or bf16 dot-products), AVX2+FMA, or portable scalar.
+//
+// Every fp32 path computes each C[i][j] as the same sequential FMA chain
+// acc = fma(a[k], b[k], acc), k = 0..d-1, starting from 0, so a pair's value does not depend on
+// the kernel, the tile it falls in or its position in a micro-tile; `dot_exact` reproduces it
+// bit for bit (used to rescore bf16 candidates).
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <string>
+
+namespace embgeom {
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+// 64-byte aligned, zero-initialised buffer.
+template <class T>
+struct AlignedBuf {
+  std::unique_ptr<T[], FreeDeleter> p;
+  int64_t n = 0;
+  void reset(int64_t count);
+  T* data() { return p.get(); }
+  const T* data() const { return p.get(); }
+};
+
+using MicroKernel = void (*)(int64_t kc, const void* a, const void* b, float* c, int64_t ldc,
+                             bool accumulate);
+
+struct GemmKernel {
+  int mr = 0, nr = 0;     // micro-tile rows (from A) and columns (from B)
+  bool bf16 = false;      // panels hold bf16 pairs, kc counts pairs of k
+  int64_t kc_block = 0;   // k-block length (in kernel k units)
+  MicroKernel ukr = nullptr;
+  const char* name = "";
+};
+
+// Best kernel for this CPU. fast=true asks for bf16 products (falls back to fp32 when the CPU
+// lacks avx512_bf16; check .bf16). EMBGEOM_GEMM=avx512|avx2|scalar forces a fp32 kernel (tests).
+GemmKernel select_kernel(bool fast);
+// Names of the CPU features found: "avx512f avx512bf16 avx2 fma" subset.
+std::string cpu_features();
+
+// Matrix packed into micro-panels of `width` rows: panel p holds rows [p*width, p*width+width),
+// k-major (fp32: [k][r]; bf16: [k/2][r][2]), zero padded in rows and k.
+struct PackedPanels {
+  int64_t rows = 0, d = 0, width = 0, panels = 0;
+  int64_t kdim = 0;  // kernel k units per panel: d (fp32) or ceil(d/2) (bf16)
+  bool bf16 = false;
+  AlignedBuf<float> f32;
+  AlignedBuf<uint32_t> b16;  // two bf16 per word, low half = even k
+  const void* panel(int64_t p, int64_t k0) const;  // start of panel p at kernel k unit k0
+};
+
+// Pack `rows` rows of `x` (row stride ld floats, d columns) into panels of `width` rows.
+void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width, bool bf16,
+                 PackedPanels& out, int threads = 1);
+
+// C[(p - pa0)*mr + r][(q - pb0)*nr + c] = A-panel p row r . B-panel q row c for p in [pa0, pa1),
+// q in [pb0, pb1); C has ldc >= (pb1 - pb0) * nr floats per row and (pa1 - pa0) * mr rows.
+void gemm_tile(const GemmKernel& k, const PackedPanels& A, int64_t pa0, int64_t pa1,
+               const PackedPanels& B, int64_t pb0, int64_t pb1, float* C, int64_t ldc);
+
+// The fp32 value the fp32 kernels produce for one pair (same FMA chain).
+float dot_exact(const float* a, const float* b, int64_t d);
+
+// Round-to-nearest-even fp32 -> bf16 bits (finite inputs).
+uint16_t to_bf16(float x);
+
+}  // namespace embgeom

@@ -1,0 +1,135 @@
+// All-pairs statistics engine (SPEC M1): a deterministic schedule of tiles, each a packed GEMM
+// into a thread-local buffer followed by one fused pass over the requested reductions.
+// Inputs are fp32 rows; self mode (no y) visits pairs i < j, cross mode all (i, j).
+// Indices inside the engine are "compact" (zero-norm rows dropped for cosine); the state
+// accessors map them back to original row indices.
+#pragma once
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "gemm.h"
+
+namespace embgeom {
+
+struct PairwiseOptions {
+  std::string metric = "cosine";     // cosine | dot | euclidean
+  std::string precision = "exact";   // exact | fast (bf16 products, candidates rescored)
+  int64_t block = 256;
+  int64_t bins = 2000;  // 0 = no histogram
+  double lo = -1.0, hi = 1.0;
+  int64_t topk = 10, bottomk = 10;
+  bool has_near = false;
+  double near = 0.0;
+  int64_t near_k = 10;
+  int64_t row_topk = 0, row_bottomk = 0;
+  bool has_outside = false;
+  double out_a = 0.0, out_b = 0.0;
+  int64_t outside_limit = 1000;
+  int threads = 0;  // 0 = OpenMP default
+};
+
+struct PairEntry {
+  double key;  // larger is better
+  float v;
+  int64_t i, j;
+};
+
+// The k best pairs under (key desc, i asc, j asc); duplicates of a pair are ignored.
+struct PairList {
+  int64_t k = 0;
+  std::vector<PairEntry> e;  // sorted best first
+  bool full() const { return static_cast<int64_t>(e.size()) >= k; }
+  bool offer(double key, float v, int64_t i, int64_t j);
+};
+
+// Per-row k best neighbours: larger value first (top) or smaller first (bottom), then column.
+struct RowLists {
+  int64_t n = 0, k = 0;
+  bool top = true;
+  std::vector<float> val;     // n * k
+  std::vector<int32_t> col;   // n * k, compact column index
+  std::vector<int32_t> cnt;   // n
+  std::vector<float> thr;     // n: worst value when full, else -inf (top) / +inf (bottom)
+  void init(int64_t rows, int64_t kk, bool is_top);
+  void offer(int64_t row, float v, int32_t c);
+};
+
+struct PairwiseState {
+  int64_t tiles_done = 0;
+  int64_t count = 0;
+  double sum = 0.0, sumsq = 0.0;
+  PairList max1, min1, top, bottom, near, outside_pairs;
+  std::vector<int64_t> hist;  // bins + 2, or empty
+  RowLists row_top, row_bottom;
+  int64_t outside_count = 0;
+  std::vector<int64_t> outside_rows, outside_cols;  // compact indices
+};
+
+class PairwiseEngine {
+ public:
+  // x: n x d, y: m x d (nullptr = self mode), both row-major fp32, read during construction only.
+  PairwiseEngine(const float* x, int64_t n, const float* y, int64_t m, int64_t d,
+                 const PairwiseOptions& opt);
+
+  int64_t num_tiles() const { return num_tiles_; }
+  int64_t tile_pairs(int64_t begin, int64_t end) const;
+  // Process tiles [begin, end) of the schedule; begin must equal tiles_done (or the engine is
+  // fresh, e.g. one shard of the schedule).
+  void run(int64_t begin, int64_t end);
+
+  const PairwiseOptions& options() const { return opt_; }
+  bool self_mode() const { return self_; }
+  int64_t n() const { return n_; }
+  int64_t m() const { return self_ ? n_ : m_; }
+  int64_t d() const { return d_; }
+  const std::vector<int64_t>& x_map() const { return xmap_; }  // compact -> original
+  const std::vector<int64_t>& y_map() const { return self_ ? xmap_ : ymap_; }
+  std::vector<int64_t> excluded_rows() const;
+  std::vector<int64_t> excluded_cols() const;
+  double hist_error_bound() const { return err_bound_; }
+  const char* kernel_name() const { return kern_.name; }
+  bool fast() const { return fast_; }
+
+  const PairwiseState& state() const { return st_; }
+  // Replace the state (compact indices; use load_state_original to map from original ones).
+  void set_state(PairwiseState s);
+  PairwiseState empty_state() const;
+  int64_t n_orig() const { return n0_; }
+  int64_t m_orig() const { return m0_; }
+
+  // Used by the fused pass.
+  float exact_value(int64_t ci, int64_t cj) const;  // compact indices
+  float transform(float dot, int64_t ci, int64_t cj) const;
+  int64_t compact_x(int64_t orig) const { return xinv_[orig]; }
+  int64_t compact_y(int64_t orig) const { return self_ ? xinv_[orig] : yinv_[orig]; }
+
+  struct Tile {
+    int64_t I, J;
+  };
+  Tile tile(int64_t t) const;
+
+  struct ThreadCtx;  // per-thread partial state (defined in pairwise.cpp)
+
+ private:
+  void process_tile(int64_t t, ThreadCtx& c, double* tsum, double* tsumsq) const;
+
+  PairwiseOptions opt_;
+  bool self_ = true, fast_ = false;
+  int metric_ = 0;  // 0 cosine, 1 dot, 2 euclidean
+  int64_t n0_ = 0, m0_ = 0;  // original counts
+  int64_t n_ = 0, m_ = 0, d_ = 0, bs_ = 256;
+  int64_t nbx_ = 0, nby_ = 0, num_tiles_ = 0;
+  std::vector<int64_t> row_off_;  // self: first tile index of tile-row I
+  std::vector<int64_t> xmap_, ymap_, xinv_, yinv_;
+  std::vector<float> xr_, yr_;    // compact fp32 rows (normalised for cosine), kept for rescoring
+  std::vector<float> xn2_, yn2_;  // squared norms (euclidean)
+  GemmKernel kern_;
+  PackedPanels pa_, pb_;
+  double err_bound_ = 0.0;
+  PairwiseState st_;
+  bool fresh_ = true;
+};
+
+}  // namespace embgeom

@@ -1,0 +1,349 @@
+"""embgeom._C.PairwiseEngine against a brute-force float64 numpy computation.
+
+fp32 kernel values differ from the float64 reference by rounding, so every comparison is
+tolerance-aware: a count near a bin edge or threshold must lie between the number of values
+safely inside and the number possibly inside, and top lists must contain every reference pair
+clearly beyond the k-th value. Invariance checks (block, threads, resume, fast vs exact lists)
+compare exactly.
+"""
+import math
+
+import numpy as np
+import pytest
+
+_C = pytest.importorskip("embgeom._C")
+if not hasattr(_C, "PairwiseEngine"):
+    pytest.skip("embgeom._C built without PairwiseEngine", allow_module_level=True)
+
+OPTS = dict(bins=40, lo=-1.0, hi=1.0, topk=6, bottomk=5, near=0.1, near_k=4, row_topk=3,
+            row_bottomk=2, outside=(-0.25, 0.3), outside_limit=9)
+
+
+def make_x(n, d, seed=0, zero_rows=(), dup=()):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    for r in zero_rows:
+        if r < n:
+            x[r] = 0
+    for a, b in dup:
+        if a < n and b < n:
+            x[b] = x[a]
+    return x
+
+
+def run_engine(x, y=None, chunks=1, **kw):
+    e = _C.PairwiseEngine(x, y, **kw)
+    t = e.num_tiles()
+    cuts = np.linspace(0, t, chunks + 1).astype(int)
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        e.run(int(a), int(b))
+    return e.state()
+
+
+def reference(x, y, metric):
+    """Float64 matrix of values, validity mask of pairs, row norms, excluded rows/cols."""
+    xd = x.astype(np.float64)
+    yd = xd if y is None else y.astype(np.float64)
+    nx, ny = np.linalg.norm(xd, axis=1), np.linalg.norm(yd, axis=1)
+    okx, oky = np.ones(len(xd), bool), np.ones(len(yd), bool)
+    if metric == "cosine":
+        okx, oky = nx > 0, ny > 0
+        xn = xd / np.where(okx, nx, 1)[:, None]
+        yn = yd / np.where(oky, ny, 1)[:, None]
+        v = np.clip(xn @ yn.T, -1, 1)
+        scale = np.ones_like(v)
+    elif metric == "dot":
+        v = xd @ yd.T
+        scale = np.outer(nx, ny)
+    else:
+        d2 = (nx ** 2)[:, None] + (ny ** 2)[None, :] - 2 * (xd @ yd.T)
+        v = np.sqrt(np.maximum(d2, 0))
+        scale = np.add.outer(nx ** 2, ny ** 2)
+    valid = okx[:, None] & oky[None, :]
+    if y is None:
+        valid &= np.triu(np.ones_like(valid), 1)
+    return v, valid, scale, okx, oky
+
+
+def tol_of(metric, d, scale):
+    """Per-pair |fp32 - fp64| allowance."""
+    t = 4e-7 * (d + 8) * scale + 1e-6
+    if metric == "euclidean":
+        t = np.sqrt(t)  # |sqrt(a) - sqrt(b)| <= sqrt(|a - b|)
+    return t
+
+
+def check_against_reference(s, x, y, metric, opts, extra_tol=0.0):
+    d = x.shape[1]
+    v, valid, scale, okx, oky = reference(x, y, metric)
+    tol = tol_of(metric, d, scale) + extra_tol
+    I, J = np.nonzero(valid)
+    vals, tv = v[I, J], tol[I, J]
+    assert s["count"] == vals.size
+    assert list(s["excluded_rows"]) == list(np.nonzero(~okx)[0])
+    if y is not None:
+        assert list(s["excluded_cols"]) == list(np.nonzero(~oky)[0])
+    if vals.size:
+        assert abs(s["sum"] - vals.sum()) <= tv.sum() + 1e-9
+        assert abs(s["sumsq"] - (vals ** 2).sum()) <= (2 * np.abs(vals) * tv + tv ** 2).sum() + 1e-9
+        for key, best in (("max", vals.max()), ("min", vals.min())):
+            got, i, j = s[key]
+            assert valid[i, j] and abs(got - v[i, j]) <= tol[i, j] and abs(got - best) <= 2 * tv.max()
+    else:
+        assert s["max"] is None and s["min"] is None
+
+    # histogram: counts between "safely in the bin" and "possibly in the bin"
+    if opts.get("bins", 0):
+        bins, lo, hi = opts["bins"], opts["lo"], opts["hi"]
+
+        def bin_of(u):
+            b = np.floor((u - lo) * (bins / (hi - lo)))
+            b = np.clip(b, 0, bins - 1) + 1
+            return np.where(u < lo, 0, np.where(u > hi, bins + 1, b)).astype(np.int64)
+
+        b_lo, b_hi = bin_of(vals - tv), bin_of(vals + tv)
+        h = np.asarray(s["hist"])
+        assert h.sum() == vals.size
+        lower = np.bincount(b_lo[b_lo == b_hi], minlength=bins + 2)
+        upper = np.zeros(bins + 2, np.int64)
+        for a, b in zip(b_lo, b_hi):
+            upper[a:b + 1] += 1
+        bad = np.nonzero((h < lower) | (h > upper))[0]
+        assert bad.size == 0, f"hist bins {bad}: got {h[bad]}, lower {lower[bad]}, upper {upper[bad]}"
+
+    # global lists: values match the reference at the reported pair, order is right, and every
+    # reference pair clearly better than the k-th reference value is present
+    def check_list(key, k, sign, key_fn):
+        gv, gi, gj = (np.asarray(a) for a in s[key])
+        assert len(gv) == min(k, vals.size)
+        if not len(gv):
+            return
+        assert np.all(valid[gi, gj]) and np.all(np.abs(gv - v[gi, gj]) <= tol[gi, gj])
+        kk = key_fn(gv)
+        assert np.all(np.diff(kk) >= 0) and len(set(zip(gi, gj))) == len(gi)
+        ref_keys = key_fn(vals)
+        kth = np.sort(ref_keys)[len(gv) - 1]
+        must = ref_keys < kth - 2 * tv.max()
+        assert set(zip(I[must], J[must])) <= set(zip(gi, gj))
+
+    check_list("top", opts.get("topk", 0), 1, lambda u: -u)
+    check_list("bottom", opts.get("bottomk", 0), 1, lambda u: u)
+    if opts.get("near") is not None:
+        check_list("near", opts.get("near_k", 0), 1, lambda u: np.abs(u - opts["near"]))
+
+    # per-row lists
+    nrows = x.shape[0]
+    for key, k, largest in (("row_top", opts.get("row_topk", 0), True),
+                            ("row_bottom", opts.get("row_bottomk", 0), False)):
+        if not k:
+            assert s[key] is None
+            continue
+        rv, ri = (np.asarray(a) for a in s[key])
+        assert rv.shape == (nrows, k) and ri.shape == (nrows, k)
+        sym = valid | valid.T if y is None else valid
+        for r in range(nrows):
+            cols = np.nonzero(sym[r])[0]
+            nv = min(k, cols.size)
+            assert np.all(ri[r, nv:] == -1) and np.all(np.isnan(rv[r, nv:]))
+            if not nv:
+                continue
+            gi, gv = ri[r, :nv], rv[r, :nv]
+            assert np.all(sym[r, gi]) and len(set(gi)) == nv
+            assert np.all(np.abs(gv - v[r, gi]) <= tol[r, gi])
+            key_v = -gv if largest else gv
+            assert np.all(np.diff(key_v) >= 0)
+            ref = -v[r, cols] if largest else v[r, cols]
+            kth = np.sort(ref)[nv - 1]
+            must = cols[ref < kth - 2 * tol[r, cols].max()]
+            assert set(must) <= set(gi)
+
+    # outside [a, b]: counts between sure and possible, pairs listed in (i, j) order
+    if opts.get("outside") is not None:
+        a, b = opts["outside"]
+        sure = (vals < a - tv) | (vals > b + tv)
+        maybe = (vals < a + tv) | (vals > b - tv)
+        assert sure.sum() <= s["outside_count"] <= maybe.sum()
+        rows = np.asarray(s["outside_rows"])
+        sure_r = np.bincount(I[sure], minlength=nrows)
+        maybe_r = np.bincount(I[maybe], minlength=nrows)
+        if y is None:
+            sure_r += np.bincount(J[sure], minlength=nrows)
+            maybe_r += np.bincount(J[maybe], minlength=nrows)
+        else:
+            cols = np.asarray(s["outside_cols"])
+            assert np.all(np.bincount(J[sure], minlength=len(y)) <= cols)
+            assert np.all(cols <= np.bincount(J[maybe], minlength=len(y)))
+            assert cols.sum() == s["outside_count"]
+        assert np.all(sure_r <= rows) and np.all(rows <= maybe_r)
+        assert rows.sum() == s["outside_count"] * (2 if y is None else 1)
+        pv, pi, pj = (np.asarray(q) for q in s["outside_pairs"])
+        assert len(pv) == min(opts["outside_limit"], s["outside_count"])
+        assert np.all(np.abs(pv - v[pi, pj]) <= tol[pi, pj])
+        assert np.all((v[pi, pj] < a + tol[pi, pj]) | (v[pi, pj] > b - tol[pi, pj]))
+        order = pi * (10 ** 9) + pj
+        assert np.all(np.diff(order) > 0)
+        if len(pv):  # every sure-outside pair before the last listed one is listed
+            last = order[-1]
+            ref_order = I[sure] * (10 ** 9) + J[sure]
+            assert set(ref_order[ref_order <= last]) <= set(order)
+
+
+def assert_states_equal(a, b, exact_sums=True, skip=()):
+    assert a.keys() == b.keys()
+    for k in a:
+        if k in skip:
+            continue
+        x, y = a[k], b[k]
+        if k in ("sum", "sumsq") and not exact_sums:
+            assert x == pytest.approx(y, rel=1e-12, abs=1e-12), k
+        elif isinstance(x, tuple) or isinstance(y, tuple):
+            assert (x is None) == (y is None), k
+            if x is not None:
+                assert len(x) == len(y), k
+                for p, q in zip(x, y):
+                    np.testing.assert_array_equal(np.asarray(p), np.asarray(q), err_msg=k)
+        elif isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            np.testing.assert_array_equal(x, y, err_msg=k)
+        else:
+            assert x == y, k
+
+
+CASES = [  # (n, d, block, zero rows, duplicate pairs)
+    (1, 8, 8, (), ()),
+    (2, 5, 1, (), ()),
+    (37, 16, 8, (3,), ((5, 10), (5, 20))),
+    (129, 24, 64, (0, 128), ((1, 2),)),
+    (203, 300, 64, (5,), ((0, 202),)),  # d > k-block
+]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+@pytest.mark.parametrize("n,d,block,zeros,dups", CASES)
+def test_self_vs_reference(metric, n, d, block, zeros, dups):
+    x = make_x(n, d, seed=n, zero_rows=zeros, dup=dups)
+    opts = dict(OPTS)
+    if metric != "cosine":
+        opts.update(lo=-8.0 if metric == "dot" else 0.0, hi=8.0, outside=(-2.0, 5.0))
+    s = run_engine(x, metric=metric, block=block, threads=2, **opts)
+    check_against_reference(s, x, None, metric, opts)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+def test_cross_vs_reference(metric):
+    x = make_x(45, 33, seed=1, zero_rows=(7,), dup=((2, 3),))
+    y = make_x(29, 33, seed=2, zero_rows=(0,))
+    y[5] = x[2]
+    opts = dict(OPTS)
+    if metric != "cosine":
+        opts.update(lo=-10.0 if metric == "dot" else 0.0, hi=10.0, outside=(-3.0, 6.0))
+    s = run_engine(x, y, metric=metric, block=16, threads=2, **opts)
+    check_against_reference(s, x, y, metric, opts)
+
+
+def test_all_rows_zero():
+    x = np.zeros((5, 4), np.float32)
+    s = run_engine(x, metric="cosine", **OPTS)
+    assert s["count"] == 0 and s["max"] is None and list(s["excluded_rows"]) == [0, 1, 2, 3, 4]
+    assert np.all(np.asarray(s["row_top"][1]) == -1)
+
+
+def test_ties_prefer_smallest_indices():
+    x = np.ones((6, 3), np.float32)  # every pair has cosine 1
+    s = run_engine(x, metric="cosine", block=2, topk=3, bottomk=2, row_topk=2, bins=0,
+                   near=None, outside=None)
+    assert list(zip(s["top"][1], s["top"][2])) == [(0, 1), (0, 2), (0, 3)]
+    assert list(zip(s["bottom"][1], s["bottom"][2])) == [(0, 1), (0, 2)]
+    assert s["max"][1:] == (0, 1) and s["min"][1:] == (0, 1)
+    assert s["row_top"][1].tolist() == [[1, 2], [0, 2], [0, 1], [0, 1], [0, 1], [0, 1]]
+    assert s["hist"] is None and s["outside_rows"] is None
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_block_invariance(metric):
+    x = make_x(70, 20, seed=3, zero_rows=(4,), dup=((1, 9), (1, 33)))
+    opts = dict(OPTS)
+    if metric != "cosine":
+        opts.update(lo=0.0, hi=10.0, outside=(2.0, 8.0))
+    states = [run_engine(x, metric=metric, block=b, threads=2, **opts) for b in (1, 7, 64, 70, 500)]
+    for s in states[1:]:
+        assert_states_equal(states[0], s, exact_sums=False, skip=("tiles_done",))
+
+
+def test_thread_and_chunk_invariance():
+    x = make_x(150, 40, seed=4, zero_rows=(10,), dup=((3, 4),))
+    a = run_engine(x, metric="cosine", block=16, threads=1, **OPTS)
+    b = run_engine(x, metric="cosine", block=16, threads=2, **OPTS)
+    c = run_engine(x, metric="cosine", block=16, threads=2, chunks=7, **OPTS)
+    assert_states_equal(a, b)
+    assert_states_equal(a, c)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_resume_from_state(cross):
+    x = make_x(90, 24, seed=5, zero_rows=(2,), dup=((7, 8),))
+    y = make_x(50, 24, seed=6, zero_rows=(3,)) if cross else None
+    kw = dict(metric="cosine", block=16, threads=2, **OPTS)
+    full = run_engine(x, y, **kw)
+    e1 = _C.PairwiseEngine(x, y, **kw)
+    half = e1.num_tiles() // 2
+    e1.run(0, half)
+    saved = e1.state()
+    e2 = _C.PairwiseEngine(x, y, **kw)
+    e2.load_state(saved)
+    assert_states_equal(e2.state(), saved)
+    e2.run(half, e2.num_tiles())
+    assert_states_equal(full, e2.state())
+    with pytest.raises(ValueError, match="in order"):
+        e2.run(0, 1)
+
+
+@pytest.mark.parametrize("metric,cross", [("cosine", False), ("cosine", True), ("dot", False),
+                                          ("euclidean", False)])
+def test_fast_mode_rescored(metric, cross):
+    x = make_x(140, 300, seed=7, zero_rows=(5,), dup=((1, 2),))
+    y = make_x(60, 300, seed=8) if cross else None
+    opts = dict(OPTS, near=0.05)
+    if metric != "cosine":
+        opts.update(lo=0.0 if metric == "euclidean" else -60.0, hi=60.0, outside=(-20.0, 26.0), near=1.0)
+    kw = dict(metric=metric, block=32, threads=2, **opts)
+    exact = run_engine(x, y, precision="exact", **kw)
+    fast = run_engine(x, y, precision="fast", **kw)
+    eng = _C.PairwiseEngine(x, y, precision="fast", **kw)
+    if "bf16" not in eng.kernel:
+        assert fast["hist_error_bound"] == 0.0
+    else:
+        assert 0 < fast["hist_error_bound"] < (0.05 if metric == "cosine" else 20.0)
+    # everything decided on rescored values equals exact mode
+    for key in ("count", "min", "max", "top", "bottom", "near", "row_top", "row_bottom",
+                "outside_count", "outside_rows", "outside_cols", "outside_pairs"):
+        assert_states_equal({key: exact[key]}, {key: fast[key]})
+    # histogram and sums within the reported bound
+    check_against_reference(fast, x, y, metric, opts, extra_tol=fast["hist_error_bound"])
+
+
+def test_kernels_agree_bitwise(monkeypatch):
+    x = make_x(61, 45, seed=9)
+    want = run_engine(x, metric="dot", block=16, bins=30, lo=-20.0, hi=20.0, topk=5, row_topk=2)
+    for forced in ("avx2", "scalar"):
+        monkeypatch.setenv("EMBGEOM_GEMM", forced)
+        got = run_engine(x, metric="dot", block=16, bins=30, lo=-20.0, hi=20.0, topk=5, row_topk=2)
+        # fp32 products are the same FMA chain on every kernel; sums may differ in order only
+        assert_states_equal(want, got, exact_sums=False, skip=("tiles_done",))
+
+
+def test_argument_errors():
+    x = make_x(4, 3)
+    with pytest.raises(ValueError, match="metric"):
+        _C.PairwiseEngine(x, None, metric="manhattan")
+    with pytest.raises(ValueError, match="block"):
+        _C.PairwiseEngine(x, None, block=0)
+    with pytest.raises(ValueError, match="range"):
+        _C.PairwiseEngine(x, None, bins=10, lo=1.0, hi=1.0)
+    with pytest.raises(ValueError, match="outside"):
+        _C.PairwiseEngine(x, None, outside=(1.0, 0.0))
+    with pytest.raises(ValueError, match="y"):
+        _C.PairwiseEngine(x, make_x(3, 5))
+    e = _C.PairwiseEngine(x, None)
+    with pytest.raises(ValueError, match="tiles"):
+        e.run(0, e.num_tiles() + 1)
+    assert e.tile_pairs(0, e.num_tiles()) == 6 and math.isfinite(e.hist_error_bound)
