@@ -11,7 +11,7 @@ import torch
 
 __all__ = [
     "pairwise_values", "pairwise_stats", "cone_index", "attention_entropy", "attention_summary",
-    "js_distance", "context_similarity",
+    "head_target_distribution", "js_distance", "context_similarity",
 ]
 
 
@@ -201,10 +201,38 @@ def attention_summary(attn, mask, special) -> dict:
     return out
 
 
+def head_target_distribution(attn, mask, special, max_len) -> torch.Tensor:
+    """The distribution each head contributes to the JS distance matrix, summed over the real
+    query rows of the batch: (H, 2 + 2*max_len - 1) float64 = [mass to [CLS], mass to [SEP],
+    mass to every other real key j binned by the offset j - i (index 2 + (j - i) + max_len - 1)].
+    Divided by the number of real rows of the corpus it is the head's mean attention
+    distribution over these targets; js_distance compares heads by it.
+
+    attn: (B, H, T, T); mask (B, T); special: dict of (B, T) bool "cls", "sep"."""
+    p = torch.as_tensor(attn).double().cpu()
+    B, H, T, _ = p.shape
+    mask = torch.as_tensor(mask).bool().cpu()
+    cls = torch.as_tensor(special["cls"]).bool().cpu()
+    sep = torch.as_tensor(special["sep"]).bool().cpu()
+    out = torch.zeros(H, 2 + 2 * max_len - 1, dtype=torch.float64)
+    for b in range(B):
+        for i in mask[b].nonzero().flatten().tolist():
+            for j in mask[b].nonzero().flatten().tolist():
+                if cls[b, j]:
+                    col = 0
+                elif sep[b, j]:
+                    col = 1
+                else:
+                    col = 2 + (j - i) + max_len - 1
+                out[:, col] += p[b, :, i, j]
+    return out
+
+
 def js_distance(dists: torch.Tensor) -> torch.Tensor:
-    """dists: (K, R) probability rows (one averaged attention distribution set per head,
-    flattened). Returns the (K, K) Jensen-Shannon distance sqrt(JS divergence, nats)."""
+    """dists: (K, R) non-negative rows (one mean attention distribution per head, e.g.
+    head_target_distribution; each row is normalised to sum 1). Returns the (K, K) Jensen-Shannon distance sqrt(JS divergence, nats)."""
     d = torch.as_tensor(dists).double()
+    d = d / d.sum(1, keepdim=True)
     K = d.shape[0]
     out = torch.zeros(K, K, dtype=torch.float64)
 

@@ -1,0 +1,128 @@
+"""Per-batch attention and head-output summaries (SPEC M3, M4), vectorised torch on the tensors'
+device. Every function returns *sums* (float64) and counts over one batch, so a corpus is the
+sum of its batches (see `embgeom.hf.TraceAccumulator`); nothing here keeps per-token state.
+
+Conventions: attn (B, H, T, T) rows = queries (padded keys ~0); mask (B, T) bool (True = real
+token); cls / sep / punct (B, T) bool; head_out (B, H, T, d_h).
+"""
+from __future__ import annotations
+
+import torch
+
+TARGETS = ("cls", "sep", "punct", "prev", "next")
+
+
+def attention_targets(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor,
+                      sep: torch.Tensor, punct: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Attention mass of each real query row to [CLS], [SEP], punctuation, the previous and the
+    next real token, summed over the rows of the batch: dict of (H,) float64 (divide by the
+    number of real rows, mask.sum(), for the mean)."""
+    B, H, T, _ = attn.shape
+    q = mask.to(attn.dtype)
+    keys = torch.stack([cls, sep, punct], dim=-1).to(attn.dtype)          # (B, T, 3)
+    mass = torch.matmul(attn, keys[:, None])                              # (B, H, T, 3)
+    per_head = (mass * q[:, None, :, None]).double().sum(dim=(0, 2))      # (H, 3)
+    out = {k: per_head[:, c] for c, k in enumerate(("cls", "sep", "punct"))}
+    both = (mask[:, 1:] & mask[:, :-1]).to(attn.dtype)[:, None]           # (B, 1, T-1)
+    out["prev"] = (torch.diagonal(attn, offset=-1, dim1=2, dim2=3) * both).double().sum(dim=(0, 2))
+    out["next"] = (torch.diagonal(attn, offset=1, dim1=2, dim2=3) * both).double().sum(dim=(0, 2))
+    return out
+
+
+def head_mean_entropy(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each head's mean attention row over the real queries of a sequence
+    ("broad" vs "focused" heads), summed over the sequences of the batch: (H,) float64."""
+    q = mask.to(attn.dtype)
+    n = q.sum(1).clamp(min=1)
+    mean_row = torch.matmul(q[:, None, None, :], attn)[:, :, 0, :].double() / n.double()[:, None, None]
+    mean_row = mean_row * mask[:, None, :]
+    ent = -torch.special.xlogy(mean_row, mean_row).sum(-1)                # (B, H)
+    return ent.sum(0)
+
+
+def target_distribution(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor,
+                        sep: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Per head, the attention of every real query row split over R = 2 + 2*max_len - 1 targets:
+    [mass to [CLS], mass to [SEP], then mass to every other real key binned by its relative
+    offset j - i = -(max_len-1) .. max_len-1]. Each row sums to 1, so the batch sum divided by
+    the number of rows is a probability distribution: the head's mean attention distribution
+    that the JS distance matrix compares (seed 004 compares heads by their attention; relative
+    offsets plus the two special targets keep its head types apart: [CLS]/[SEP]/previous/next/
+    broad). Returns the batch sums (H, R) float64."""
+    B, H, T, _ = attn.shape
+    if T > max_len:
+        raise ValueError(f"attn: sequence length {T} exceeds max_len {max_len}")
+    q = mask.to(attn.dtype)
+    other = (mask & ~cls & ~sep).to(attn.dtype)
+    special = torch.matmul(attn, torch.stack([cls, sep], -1).to(attn.dtype)[:, None])   # (B,H,T,2)
+    special = (special * q[:, None, :, None]).double().sum(dim=(0, 2))                # (H, 2)
+    # Relative-offset sums without a Python loop: put the rows into a zero buffer of width
+    # 3T-2 (T-1 zeros each side); a stride of W+1 then walks one diagonal per offset.
+    W = 3 * T - 2
+    buf = attn.new_zeros(B, H, T, W)
+    buf[..., T - 1:2 * T - 1] = attn * (q[:, None, :, None] * other[:, None, None, :])
+    diag = buf.as_strided((B, H, 2 * T - 1, T), (H * T * W, T * W, 1, W + 1))
+    offsets = diag.sum(-1).double().sum(0)                                           # (H, 2T-1)
+    out = torch.zeros(H, 2 + 2 * max_len - 1, dtype=torch.float64, device=attn.device)
+    out[:, :2] = special
+    c = 2 + max_len - 1
+    out[:, c - (T - 1):c + T] = offsets
+    return out
+
+
+def js_distance(dists: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon distance sqrt(JS divergence in nats) between the rows of dists (K, R)
+    (non-negative; each row is normalised to sum 1). Returns (K, K) float64; O(K R) memory
+    per row of the result."""
+    p = dists.double()
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-300)
+    ent = -torch.special.xlogy(p, p).sum(-1)                               # (K,)
+    out = torch.empty(p.shape[0], p.shape[0], dtype=torch.float64, device=p.device)
+    for i in range(p.shape[0]):
+        m = 0.5 * (p[i] + p)                                               # (K, R)
+        h_m = -torch.special.xlogy(m, m).sum(-1)
+        out[i] = (h_m - 0.5 * (ent[i] + ent)).clamp(min=0).sqrt()
+    out.fill_diagonal_(0.0)
+    return 0.5 * (out + out.T)
+
+
+def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Tensor,
+                       input_ids: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor]:
+    """SPEC M4 for every head of one layer, one batch. head_out: (B, H, T, d_h), the head's
+    output O before the output projection; S = O O^T (raw scalar products, seed 003).
+
+    For every real token i of a sequence with >= 2 real tokens: j = argmax over real j != i of
+    S[i, j] (ties to the smaller j). Returns sums over the batch:
+      rows (H,) number of such tokens; distance (H,) sum of |i - j|; separator (H,) hits on
+      [SEP]; distance_hist (H, T) counts of |i - j|; focus_counts (H, vocab_size): per sequence
+      the focus token (the column j with the most hits, ties to the smaller position) counted by
+      its token id.
+    """
+    B, H, T, _ = head_out.shape
+    n = mask.sum(1)
+    qvalid = mask & (n >= 2)[:, None]                                      # (B, T)
+    s = torch.matmul(head_out, head_out.transpose(-1, -2))                 # (B, H, T, T)
+    allowed = mask[:, None, :] & ~torch.eye(T, dtype=torch.bool, device=mask.device)
+    s = s.masked_fill(~allowed[:, None], float("-inf"))
+    j = s.argmax(-1)                                                       # (B, H, T)
+    w = qvalid[:, None, :].expand(B, H, T)
+    pos = torch.arange(T, device=mask.device)
+    dist = (j - pos).abs()
+    wl = w.long()
+    out = {
+        "rows": wl.sum(dim=(0, 2)),
+        "distance": (dist * wl).sum(dim=(0, 2)),
+        "separator": (sep[:, None, :].expand(B, H, T).gather(-1, j) & w).long().sum(dim=(0, 2)),
+    }
+    hist = torch.zeros(H, T, dtype=torch.int64, device=mask.device)
+    hist.scatter_add_(1, dist.transpose(0, 1).reshape(H, -1), wl.transpose(0, 1).reshape(H, -1))
+    out["distance_hist"] = hist
+    hits = torch.zeros(B, H, T, dtype=torch.int64, device=mask.device)
+    hits.scatter_add_(-1, j, wl)
+    focus = hits.argmax(-1)                                                # (B, H)
+    ids = input_ids.gather(1, focus.reshape(B, H)).to(torch.int64)         # (B, H)
+    has = (n >= 2)[:, None].expand(B, H).long()
+    counts = torch.zeros(H, vocab_size, dtype=torch.int64, device=mask.device)
+    counts.scatter_add_(1, ids.T, has.T)
+    out["focus_counts"] = counts
+    return out

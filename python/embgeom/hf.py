@@ -1,0 +1,476 @@
+"""Binding layer (SPEC M6): BERT-family forward passes in batches, tensors straight to the kernels.
+
+`iter_batches` yields one `Batch` per forward pass (hidden states, attention probabilities,
+per-head outputs from forward hooks, masks), all on the model's device; `trace` reduces the
+metrics of every batch into a `TraceAccumulator` and returns a `TraceResult`, so memory does not
+grow with the corpus.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from . import attention as _att
+from .api import attention_entropy, cone_index
+
+METRICS = ("cone", "entropy", "attention", "context", "evolution")
+
+
+# ----------------------------------------------------------------------------------- inputs
+def _lines(path: str) -> Iterator[str]:
+    """Non-blank lines of a UTF-8 file, stripped of the line break (a clear error otherwise)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"texts: no such file: {path}")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"texts: {path} line {number} is not UTF-8 ({exc.reason} at byte "
+                                 f"{exc.start})") from None
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+
+
+def count_texts(texts: Any) -> int | None:
+    """Number of texts (non-blank lines for a file) when it can be known without consuming an
+    iterator; None otherwise."""
+    if isinstance(texts, (str, os.PathLike)):
+        with open(texts, "rb") as f:
+            return sum(1 for raw in f if raw.strip())
+    try:
+        return len(texts)
+    except TypeError:
+        return None
+
+
+def _texts(texts: Any) -> Iterator[str]:
+    if isinstance(texts, (str, os.PathLike)):
+        yield from _lines(os.fspath(texts))
+        return
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}")
+        if t.strip():
+            yield t
+
+
+def _chunks(it: Iterator[str], size: int) -> Iterator[list[str]]:
+    chunk = []
+    for t in it:
+        chunk.append(t)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ----------------------------------------------------------------------------- model parts
+def model_max_length(model, tokenizer, max_length: int | None = None) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or 512
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if tok_max and tok_max < 10**6:
+        limit = min(limit, int(tok_max))
+    if max_length is None:
+        return int(limit)
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
+    return min(int(max_length), int(limit))
+
+
+_PUNCT_CACHE: dict[int, torch.Tensor] = {}
+
+
+def punctuation_table(tokenizer) -> torch.Tensor:
+    """(V,) bool: token ids whose string (without a '##'/'Ġ'/'▁' prefix) is made only of
+    Unicode punctuation (categories P*)."""
+    key = id(tokenizer)
+    if key not in _PUNCT_CACHE:
+        vocab = tokenizer.get_vocab()
+        table = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
+        for tok, i in vocab.items():
+            s = tok[2:] if tok.startswith("##") else tok.lstrip("Ġ▁")
+            if s and all(unicodedata.category(ch).startswith("P") for ch in s):
+                table[i] = True
+        _PUNCT_CACHE[key] = table
+    return _PUNCT_CACHE[key]
+
+
+def _self_output_denses(model) -> list[torch.nn.Module]:
+    """The output projection of every self-attention block (BertSelfOutput.dense), in order."""
+    mods = [m for name, m in model.named_modules()
+            if name.endswith("attention.output.dense") and "crossattention" not in name]
+    if not mods:
+        raise ValueError("model: no '*.attention.output.dense' modules found; trace supports "
+                         "BERT-family encoders")
+    return mods
+
+
+@dataclass
+class Batch:
+    """One forward pass. B texts, T padded length, L layers, H heads, D hidden, d_h = D / H.
+
+    input_ids, mask, cls, sep, punct: (B, T) (mask True = real token); hidden_states: L+1 of
+    (B, T, D) (index 0 = embeddings output); attentions: L of (B, H, T, T); head_outputs: L of
+    (B, T, H, d_h), each head's output before the output projection (SPEC M4 O_lh);
+    multihead_outputs: L of (B, T, D), after the output projection, before dropout/residual/
+    LayerNorm. truncated: how many texts of this batch were cut to max_length."""
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    cls: torch.Tensor
+    sep: torch.Tensor
+    punct: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...]
+    attentions: tuple[torch.Tensor, ...]
+    head_outputs: tuple[torch.Tensor, ...]
+    multihead_outputs: tuple[torch.Tensor, ...]
+    truncated: int
+    texts: list[str] = field(repr=False, default_factory=list)
+
+
+def _device_of(model, device):
+    if device is not None:
+        model.to(device)
+        return torch.device(device)
+    return next(model.parameters()).device
+
+
+def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
+                 device=None, warn: bool = True) -> Iterator[Batch]:
+    """Yield a `Batch` per forward pass over `texts` (a list, an iterable of str, or a path to a
+    UTF-8 file with one text per line; blank lines are skipped). Forward passes run under
+    torch.inference_mode with eager attention; tensors stay on the model's device. Texts longer
+    than max_length (default: the model's maximum) are truncated; the first batch with a
+    truncation warns once."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    dev = _device_of(model, device)
+    limit = model_max_length(model, tokenizer, max_length)
+    H = model.config.num_attention_heads
+    punct_table = punctuation_table(tokenizer).to(dev)
+    denses = _self_output_denses(model)
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(_module, inputs, output):
+        captured.append((inputs[0], output))
+
+    warned = False
+    handles = [m.register_forward_hook(hook) for m in denses]
+    try:
+        for chunk in _chunks(_texts(texts), batch_size):
+            lengths = [len(ids) for ids in tokenizer(chunk, add_special_tokens=True, verbose=False)["input_ids"]]
+            truncated = sum(n > limit for n in lengths)
+            if truncated and warn and not warned:
+                warnings.warn(f"trace: texts longer than {limit} tokens are truncated "
+                              "(counted in TraceResult.truncated)", stacklevel=2)
+                warned = True
+            enc = tokenizer(chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            enc = {k: v.to(dev) for k, v in enc.items()}
+            captured.clear()
+            with torch.inference_mode():
+                out = model(**enc, output_hidden_states=True, output_attentions=True, return_dict=True)
+            if out.attentions is None or any(a is None for a in out.attentions):
+                raise ValueError("model: no attention probabilities; load it with "
+                                 "attn_implementation='eager' (embgeom.load_model does)")
+            ids = enc["input_ids"]
+            mask = enc["attention_mask"].bool()
+            heads = tuple(i.reshape(*i.shape[:-1], H, i.shape[-1] // H) for i, _ in captured)
+            yield Batch(
+                input_ids=ids, mask=mask,
+                cls=(ids == tokenizer.cls_token_id) & mask, sep=(ids == tokenizer.sep_token_id) & mask,
+                punct=punct_table[ids] & mask, hidden_states=tuple(out.hidden_states),
+                attentions=tuple(out.attentions), head_outputs=heads,
+                multihead_outputs=tuple(o for _, o in captured), truncated=truncated, texts=chunk)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------ reduction
+@dataclass
+class TraceResult:
+    """Corpus-level means (L layers, H heads; tensors float64 on the model's device).
+
+    cone_layer_input (L,), cone_head_output (L, H), cone_multihead_output (L,),
+    cone_layer_output (L,): per text I/n over its real tokens, then the mean over texts.
+    entropy (L, H): row entropy (nats) over every real query row; uniform_baseline: mean of
+    ln(n_valid) over the same rows; head_mean_entropy (L, H): entropy of the head's mean row per
+    text, mean over texts. attention_to: {cls, sep, punct, prev, next: (L, H)} mass per real row.
+    target_distribution (L*H, R): each head's mean attention over [CLS], [SEP], relative offsets
+    (see attention.target_distribution); js_distance (L*H, L*H) between those rows (head index
+    l*H + h). context_*: SPEC M4 (attention.context_similarity) with focus_token[l][h] the token
+    most often the focus of a text; evolution: step_distance (L,), step_cosine (L,), norm (L+1,)
+    means over every real token."""
+
+    model: str
+    n_texts: int
+    n_tokens: int
+    layers: int
+    heads: int
+    truncated: int
+    cone_layer_input: torch.Tensor
+    cone_head_output: torch.Tensor
+    cone_multihead_output: torch.Tensor
+    cone_layer_output: torch.Tensor
+    entropy: torch.Tensor
+    uniform_baseline: float
+    head_mean_entropy: torch.Tensor
+    attention_to: dict[str, torch.Tensor]
+    target_distribution: torch.Tensor
+    js_distance: torch.Tensor
+    context_mean_distance: torch.Tensor
+    context_separator_share: torch.Tensor
+    context_distance_hist: torch.Tensor
+    focus_token: list[list[str]]
+    focus_share: torch.Tensor
+    step_distance: torch.Tensor
+    step_cosine: torch.Tensor
+    norm: torch.Tensor
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """The report.json keys of `embgeom text` (NaN -> None)."""
+        from .results import _list
+
+        return {
+            "model": self.model, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
+            "layers": self.layers, "heads": self.heads, "truncated": self.truncated,
+            "cone_index": {"layer_input": _list(self.cone_layer_input),
+                           "head_output": _list(self.cone_head_output),
+                           "multihead_output": _list(self.cone_multihead_output),
+                           "layer_output": _list(self.cone_layer_output)},
+            "entropy": {"mean": _list(self.entropy), "uniform_baseline": self.uniform_baseline},
+            "attention_to": {k: _list(v) for k, v in self.attention_to.items()},
+            "js_distance": _list(self.js_distance),
+            "context_similarity": {"mean_distance": _list(self.context_mean_distance),
+                                   "focus_token": self.focus_token,
+                                   "separator_share": _list(self.context_separator_share)},
+            "evolution": {"step_distance": _list(self.step_distance),
+                          "step_cosine": _list(self.step_cosine), "norm": _list(self.norm)},
+        }
+
+
+class TraceAccumulator:
+    """Running sums of every metric over batches, on the model's device. `update(batch)` per
+    batch, `merge(other)` to combine shards, `result()` for the means."""
+
+    def __init__(self, L: int, H: int, max_len: int, vocab_size: int, device, *,
+                 metrics: Iterable[str] = METRICS, model_name: str = ""):
+        self.L, self.H, self.max_len, self.V = L, H, max_len, vocab_size
+        self.metrics = set(metrics)
+        unknown = self.metrics - set(METRICS)
+        if unknown:
+            raise ValueError(f"metrics: unknown {sorted(unknown)}; expected a subset of {METRICS}")
+        self.model_name = model_name
+        z = lambda *s, dt=torch.float64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        self.n_texts = 0
+        self.n_tokens = 0
+        self.truncated = 0
+        self.s = {
+            "cone_in": z(L), "cone_head": z(L, H), "cone_mh": z(L), "cone_out": z(L),
+            "cone_in_n": z(L), "cone_head_n": z(L, H), "cone_mh_n": z(L), "cone_out_n": z(L),
+            "entropy": z(L, H), "baseline": z(()), "hme": z(L, H), "hme_n": z(()),
+            "targets": z(len(_att.TARGETS), L, H), "dist": z(L * H, 2 + 2 * max_len - 1),
+            "ctx_rows": z(L, H, dt=torch.int64), "ctx_dist": z(L, H, dt=torch.int64),
+            "ctx_sep": z(L, H, dt=torch.int64), "ctx_hist": z(L, H, max_len, dt=torch.int64),
+            "focus": z(L, H, vocab_size, dt=torch.int64) if "context" in self.metrics else z(L, H, 1, dt=torch.int64),
+            "step_dist": z(L), "step_cos": z(L), "norm": z(L + 1),
+        }
+        self.tokenizer = None
+
+    @staticmethod
+    def _cone_sum(x: torch.Tensor, mask: torch.Tensor, groups: tuple[int, ...]):
+        """x: (G*B, T, d) with groups G = prod(groups); -> (sum of I/n over texts, n texts) per
+        group, NaN sets (no non-zero vector) left out."""
+        r = cone_index(x, mask).normalized.reshape(*groups, -1)
+        ok = torch.isfinite(r)
+        return torch.where(ok, r, torch.zeros_like(r)).sum(-1), ok.sum(-1).double()
+
+    def update(self, b: Batch) -> None:
+        L, H = self.L, self.H
+        mask = b.mask
+        B, T = mask.shape
+        s = self.s
+        self.n_texts += B
+        n_tok = int(mask.sum())
+        self.n_tokens += n_tok
+        self.truncated += b.truncated
+        if "cone" in self.metrics:
+            hs = torch.stack(b.hidden_states)                               # (L+1, B, T, D)
+            sums, cnt = self._cone_sum(hs.reshape(-1, T, hs.shape[-1]), mask.repeat(L + 1, 1), (L + 1,))
+            s["cone_in"] += sums[:L]; s["cone_in_n"] += cnt[:L]             # noqa: E702
+            s["cone_out"] += sums[1:]; s["cone_out_n"] += cnt[1:]           # noqa: E702
+            ho = torch.stack(b.head_outputs).permute(0, 3, 1, 2, 4)         # (L, H, B, T, d_h)
+            sums, cnt = self._cone_sum(ho.reshape(-1, T, ho.shape[-1]), mask.repeat(L * H, 1), (L, H))
+            s["cone_head"] += sums; s["cone_head_n"] += cnt                 # noqa: E702
+            mh = torch.stack(b.multihead_outputs)
+            sums, cnt = self._cone_sum(mh.reshape(-1, T, mh.shape[-1]), mask.repeat(L, 1), (L,))
+            s["cone_mh"] += sums; s["cone_mh_n"] += cnt                     # noqa: E702
+        n_valid = mask.sum(1).double()
+        s["baseline"] += (n_valid * torch.log(n_valid.clamp(min=1))).sum()
+        for l, attn in enumerate(b.attentions):
+            if "entropy" in self.metrics:
+                ent = attention_entropy(attn, mask).row_entropy               # (B, H, T), NaN pads
+                s["entropy"][l] += torch.nan_to_num(ent.double(), nan=0.0).sum(dim=(0, 2))
+            if "attention" in self.metrics:
+                t = _att.attention_targets(attn, mask, b.cls, b.sep, b.punct)
+                s["targets"][:, l] += torch.stack([t[k] for k in _att.TARGETS])
+                s["hme"][l] += _att.head_mean_entropy(attn, mask)
+                s["dist"][l * H:(l + 1) * H] += _att.target_distribution(attn, mask, b.cls, b.sep, self.max_len)
+            if "context" in self.metrics:
+                c = _att.context_similarity(b.head_outputs[l].transpose(1, 2), mask, b.sep,
+                                            b.input_ids, self.V)
+                s["ctx_rows"][l] += c["rows"]
+                s["ctx_dist"][l] += c["distance"]
+                s["ctx_sep"][l] += c["separator"]
+                s["ctx_hist"][l, :, :T] += c["distance_hist"]
+                s["focus"][l] += c["focus_counts"]
+        s["hme_n"] += B
+        if "evolution" in self.metrics:
+            m = mask[..., None]
+            prev = b.hidden_states[0]
+            s["norm"][0] += torch.linalg.vector_norm(prev, dim=-1)[mask].double().sum()
+            for l in range(L):
+                cur = b.hidden_states[l + 1]
+                s["step_dist"][l] += torch.linalg.vector_norm((cur - prev) * m, dim=-1).double().sum()
+                s["step_cos"][l] += torch.nn.functional.cosine_similarity(cur, prev, dim=-1, eps=1e-12)[mask].double().sum()
+                s["norm"][l + 1] += torch.linalg.vector_norm(cur, dim=-1)[mask].double().sum()
+                prev = cur
+
+    def merge(self, other: "TraceAccumulator") -> None:
+        for k, v in other.s.items():
+            self.s[k] += v.to(self.s[k].device)
+        self.n_texts += other.n_texts
+        self.n_tokens += other.n_tokens
+        self.truncated += other.truncated
+
+    def result(self, tokenizer=None, seconds: float = 0.0) -> TraceResult:
+        if self.n_texts == 0:
+            raise ValueError("texts: no non-blank text to analyse (empty corpus)")
+        s, L, H = self.s, self.L, self.H
+        rows = float(self.n_tokens)
+        div = lambda a, n: a / n if isinstance(n, float) else a / n.clamp(min=1)  # noqa: E731
+        ctx_rows = s["ctx_rows"].double()
+        nan_if = lambda v, n: torch.where(n > 0, v, torch.full_like(v, math.nan))  # noqa: E731
+        focus_ids = s["focus"].argmax(-1)
+        focus_total = s["focus"].sum(-1).clamp(min=1)
+        focus_share = s["focus"].gather(-1, focus_ids[..., None])[..., 0].double() / focus_total
+        if tokenizer is not None and "context" in self.metrics:
+            toks = tokenizer.convert_ids_to_tokens(focus_ids.reshape(-1).tolist())
+            focus = [toks[l * H:(l + 1) * H] for l in range(L)]
+        else:
+            focus = [[str(int(i)) for i in row] for row in focus_ids.tolist()]
+        return TraceResult(
+            model=self.model_name, n_texts=self.n_texts, n_tokens=self.n_tokens, layers=L, heads=H,
+            truncated=self.truncated,
+            cone_layer_input=nan_if(div(s["cone_in"], s["cone_in_n"]), s["cone_in_n"]),
+            cone_head_output=nan_if(div(s["cone_head"], s["cone_head_n"]), s["cone_head_n"]),
+            cone_multihead_output=nan_if(div(s["cone_mh"], s["cone_mh_n"]), s["cone_mh_n"]),
+            cone_layer_output=nan_if(div(s["cone_out"], s["cone_out_n"]), s["cone_out_n"]),
+            entropy=s["entropy"] / rows, uniform_baseline=float(s["baseline"]) / rows,
+            head_mean_entropy=s["hme"] / float(s["hme_n"]),
+            attention_to={k: s["targets"][i] / rows for i, k in enumerate(_att.TARGETS)},
+            target_distribution=s["dist"] / rows,
+            js_distance=_att.js_distance(s["dist"]) if "attention" in self.metrics
+            else torch.full((L * H, L * H), math.nan, dtype=torch.float64),
+            context_mean_distance=nan_if(s["ctx_dist"].double() / ctx_rows.clamp(min=1), ctx_rows),
+            context_separator_share=nan_if(s["ctx_sep"].double() / ctx_rows.clamp(min=1), ctx_rows),
+            context_distance_hist=s["ctx_hist"], focus_token=focus, focus_share=focus_share,
+            step_distance=s["step_dist"] / rows, step_cosine=s["step_cos"] / rows,
+            norm=s["norm"] / rows, seconds=seconds)
+
+
+def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
+          device=None, metrics: Iterable[str] = METRICS, progress: bool = False) -> TraceResult:
+    """Run `texts` through a BERT-family `model` in batches and reduce SPEC M2-M4 metrics and the
+    layer evolution over the corpus (see TraceResult for every field and its definition).
+
+    texts: list / iterable of str, or a path to a UTF-8 file with one text per line (blank lines
+    skipped). metrics: subset of ("cone", "entropy", "attention", "context", "evolution").
+    Tensors never leave the model's device; memory does not grow with the number of texts."""
+    import time
+
+    start = time.perf_counter()
+    dev = _device_of(model, device)
+    max_len = model_max_length(model, tokenizer, max_length)
+    total = count_texts(texts) if progress else None
+    acc = TraceAccumulator(model.config.num_hidden_layers, model.config.num_attention_heads,
+                           max_len, max(model.config.vocab_size, len(tokenizer)), dev,
+                           metrics=metrics, model_name=str(getattr(model.config, "_name_or_path", "")))
+    done = 0
+    for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
+                              device=None):
+        acc.update(batch)
+        done += batch.mask.shape[0]
+        if progress:
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            of = f"/{total}" if total else ""
+            print(f"\rembgeom text: {done}{of} texts ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return acc.result(tokenizer, seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------- [CLS] differences
+def read_pairs(path: str) -> list[dict]:
+    """JSONL of {"group": g, "a": text, "b": text}; clear errors for anything else."""
+    import json
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--pairs: no such file: {path}")
+    pairs = []
+    for number, line in enumerate(_lines(path), 1):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--pairs: {path} entry {number} is not JSON: {exc.msg}") from None
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("group", "a", "b")):
+            raise ValueError(f'--pairs: {path} entry {number}: expected {{"group": str, "a": str, "b": str}}')
+        pairs.append(obj)
+    if not pairs:
+        raise ValueError(f"--pairs: {path} has no pairs")
+    return pairs
+
+
+def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32,
+                    max_length: int | None = None, device=None) -> dict:
+    """[CLS] difference vectors (seed 002, 4.4.2): per pair cls(a) - cls(b) of the last hidden
+    state, the mean per group and the cosine matrix between group means.
+
+    Returns {"groups": [g], "counts": [n_g], "mean_norm": [||mean_g||], "cosine": (G, G)}
+    (tensors float64; cosine NaN for a zero mean)."""
+    groups = sorted({p["group"] for p in pairs})
+    gi = {g: i for i, g in enumerate(groups)}
+    dev = _device_of(model, device)
+    D = model.config.hidden_size
+    sums = torch.zeros(len(groups), D, dtype=torch.float64, device=dev)
+    counts = torch.zeros(len(groups), dtype=torch.int64, device=dev)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        cls = {}
+        for side in ("a", "b"):
+            texts = [p[side] for p in chunk]
+            (batch,) = list(iter_batches(model, tokenizer, texts, batch_size=len(texts),
+                                         max_length=max_length, warn=False))
+            cls[side] = batch.hidden_states[-1][:, 0].double()
+        idx = torch.tensor([gi[p["group"]] for p in chunk], device=dev)
+        sums.index_add_(0, idx, cls["a"] - cls["b"])
+        counts += torch.bincount(idx, minlength=len(groups))
+    means = sums / counts.clamp(min=1)[:, None].double()
+    norms = torch.linalg.vector_norm(means, dim=1)
+    unit = means / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
+    cos = unit @ unit.T
+    bad = norms == 0
+    cos[bad] = math.nan
+    cos[:, bad] = math.nan
+    return {"groups": groups, "counts": counts, "mean_norm": norms, "cosine": cos}

@@ -1,0 +1,85 @@
+"""`embgeom text`: files written, report keys, the JSON equal to trace(), clear errors (exit 2)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from embgeom.cli import main
+from embgeom.hf import trace
+
+pytestmark = pytest.mark.filterwarnings("ignore:trace. texts longer")
+
+CORPUS = ["the cat sat on the mat .", "", "a dog !", "she was in the house ? he was not .",
+          " ".join(["one two"] * 20), "red , green and blue ."]
+KEYS = ["model", "n_texts", "n_tokens", "layers", "heads", "truncated", "cone_index", "entropy",
+        "attention_to", "js_distance", "context_similarity", "evolution"]
+
+
+def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"group": "g", "a": "the king", "b": "the queen"}\n'
+                     '{"group": "h", "a": "big", "b": "small"}\n', encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["text", str(corpus), "--out", str(out), "--model", tiny_bert_dir, "--batch-size", "2",
+                 "--pairs", str(pairs)]) == 0
+    err = capsys.readouterr().err
+    assert "5/5 texts" in err and "truncated" in err
+    report = json.loads((out / "report.json").read_text())
+    assert list(report) == KEYS + ["cls_pairs"]
+    L, H = 2, 4
+    assert (report["n_texts"], report["layers"], report["heads"], report["truncated"]) == (5, L, H, 1)
+    assert set(report["cone_index"]) == {"layer_input", "head_output", "multihead_output", "layer_output"}
+    assert len(report["cone_index"]["head_output"]) == L and len(report["cone_index"]["head_output"][0]) == H
+    assert set(report["attention_to"]) == {"cls", "sep", "punct", "prev", "next"}
+    assert len(report["js_distance"]) == L * H and len(report["evolution"]["norm"]) == L + 1
+    assert set(report["context_similarity"]) == {"mean_distance", "focus_token", "separator_share"}
+    assert report["cls_pairs"]["groups"] == ["g", "h"]
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"cone_index.png", "entropy.png", "js_distance.png"} <= set(pngs)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(pngs) and "http" not in html
+
+    model, tokenizer = tiny_bert
+    want = json.loads(json.dumps(trace(model, tokenizer, [t for t in CORPUS if t], batch_size=2).to_dict()))
+    for key in ("cone_index", "entropy", "attention_to", "evolution"):
+        for sub, vals in want[key].items():
+            got = torch.tensor(report[key][sub], dtype=torch.float64)
+            assert torch.allclose(got, torch.tensor(vals, dtype=torch.float64), atol=1e-9), f"{key}.{sub}"
+    assert report["context_similarity"]["focus_token"] == want["context_similarity"]["focus_token"]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"fine\n\xc3\x28 broken\n", "line 2 is not UTF-8"),
+    (b"", "empty corpus"),
+])
+def test_cli_bad_corpus(tiny_bert_dir, tmp_path, capsys, content, message):
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(content)
+    assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("embgeom: error:") and message in last and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "model: no such directory: /nonexistent/model"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--pairs", "/nonexistent/pairs.jsonl"], "--pairs: no such file"),
+])
+def test_cli_bad_options(tiny_bert_dir, tmp_path, capsys, args, message):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat .\n", encoding="utf-8")
+    argv = ["text", str(corpus), "--out", str(tmp_path / "o")] + args
+    if "--model" not in args:
+        argv += ["--model", tiny_bert_dir]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_corpus(tmp_path, capsys):
+    assert main(["text", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "CORPUS: no such file" in capsys.readouterr().err
