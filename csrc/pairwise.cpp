@@ -167,6 +167,14 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
   fast_ = kern_.bf16;
   pack_panels(xr_.data(), n_, d, d, kern_.mr, kern_.bf16, pa_, threads);
   pack_panels(self_ ? xr_.data() : yr_.data(), m_, d, d, kern_.nr, kern_.bf16, pb_, threads);
+  if (fast_) {
+    kern32_ = select_kernel(false);
+    cold_ok_ = kern32_.mr == kern_.mr && kern32_.nr == kern_.nr;
+    if (cold_ok_) {
+      pack_panels(xr_.data(), n_, d, d, kern32_.mr, false, pa32_, threads);
+      pack_panels(self_ ? xr_.data() : yr_.data(), m_, d, d, kern32_.nr, false, pb32_, threads);
+    }
+  }
 
   if (fast_) {
     // |bf16 dot - fp32 dot| <= (2u + u^2 + 2*gamma_d) * |a| |b|, u = 2^-8 (bf16 rounding of both
@@ -294,7 +302,7 @@ float PairwiseEngine::exact_value(int64_t ci, int64_t cj) const {
 // ---------------------------------------------------------------------------------------------
 
 struct PairwiseEngine::ThreadCtx {
-  AlignedBuf<float> C;
+  AlignedBuf<float> C, X;  // tile values; exact fp32 dots of a cold tile in fast mode
   int64_t ldc = 0;
   PairList max1, min1, top, bottom, near, outp;
   std::vector<int64_t> hist;
@@ -310,6 +318,7 @@ namespace {
 // Everything the fused pass needs, resolved once per tile.
 struct FusedArgs {
   const PairwiseEngine* E;
+  const float* X;  // exact raw dots laid out like the tile values, or nullptr (rescore)
   bool self, fast, diag;
   int metric;
   float M;  // decision margin (0 in exact mode)
@@ -377,7 +386,7 @@ void fused_tile_scalar(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* 
       bool have_e = !A.fast;
       auto exact = [&]() {
         if (!have_e) {
-          e = E.exact_value(i, j);
+          e = A.X ? E.transform(A.X[ii * ldc + jj], i, j) : E.exact_value(i, j);
           have_e = true;
         }
         return e;
@@ -529,7 +538,8 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
           const int l = __builtin_ctz(todo);
           todo &= todo - 1;
           const int64_t j = j0 + l;
-          const float e = A.fast ? E.exact_value(i, j) : vals[l];
+          const float e = !A.fast ? vals[l]
+                          : (A.X ? E.transform(A.X[ii * ldc + jj + l], i, j) : E.exact_value(i, j));
           const __mmask16 bit = __mmask16(1u << l);
           if (g & bit) offer_global(A, c, e, i, j);
           if (rt & bit) c.rtop.offer(i, e, static_cast<int32_t>(j));
@@ -553,7 +563,9 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
             todo &= todo - 1;
             const int64_t j = j0 + l;
             if (c.outp.full() && (i > c.outp.e.back().i || (i == c.outp.e.back().i && j > c.outp.e.back().j))) break;
-            c.outp.offer(0.0, A.fast ? E.exact_value(i, j) : vals[l], i, j);
+            c.outp.offer(0.0, !A.fast ? vals[l]
+                                       : (A.X ? E.transform(A.X[ii * ldc + jj + l], i, j) : E.exact_value(i, j)),
+                         i, j);
           }
         }
       }
@@ -595,6 +607,11 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
   const int64_t need = (pa1 - pa0) * mr * ldc;
   if (c.C.n < need) c.C.reset(need);
   gemm_tile(kern_, pa_, pa0, pa1, pb_, pb0, pb1, c.C.data(), ldc);
+  const bool cold = fast_ && cold_ok_ && tile_is_cold(c, r0, r1, c0, c1);
+  if (cold) {
+    if (c.X.n < need) c.X.reset(need);
+    gemm_tile(kern32_, pa32_, pa0, pa1, pb32_, pb0, pb1, c.X.data(), ldc);
+  }
   const int64_t roff = r0 - pa0 * mr, coff = c0 - pb0 * nr;
   const int64_t ncols = c1 - c0;
   if (c.colcnt.n < ncols + 16) c.colcnt.reset(ncols + 16);
@@ -602,6 +619,7 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
 
   FusedArgs A;
   A.E = this;
+  A.X = cold ? c.X.data() + roff * ldc + coff : nullptr;
   A.self = self_;
   A.fast = fast_;
   A.diag = self_ && T.I == T.J;
@@ -640,6 +658,21 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
     const int32_t* cc = c.colcnt.data();
     for (int64_t jj = 0; jj < ncols; ++jj) dst[c0 + jj] += cc[jj];
   }
+}
+
+bool PairwiseEngine::tile_is_cold(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0,
+                                  int64_t c1) const {
+  for (const PairList* l : {&c.max1, &c.min1, &c.top, &c.bottom, &c.near})
+    if (l->k > 0 && !l->full()) return true;
+  for (const RowLists* r : {&c.rtop, &c.rbot}) {
+    if (r->k <= 0) continue;
+    for (int64_t q = r0; q < r1; ++q)
+      if (r->cnt[q] < r->k) return true;
+    if (self_)
+      for (int64_t q = c0; q < c1; ++q)
+        if (r->cnt[q] < r->k) return true;
+  }
+  return false;
 }
 
 void PairwiseEngine::run(int64_t begin, int64_t end) {

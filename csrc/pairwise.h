@@ -127,6 +127,12 @@ class PairwiseEngine {
   std::vector<float> xn2_, yn2_;  // squared norms (euclidean)
   GemmKernel kern_;
   PackedPanels pa_, pb_;
+  // fast mode: fp32 panels too, for "cold" tiles (some list still filling) whose exact values
+  // are computed by the fp32 GEMM instead of one rescoring per candidate
+  GemmKernel kern32_;
+  PackedPanels pa32_, pb32_;
+  bool cold_ok_ = false;
+  bool tile_is_cold(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const;
   double err_bound_ = 0.0;
   PairwiseState st_;
   bool fresh_ = true;
