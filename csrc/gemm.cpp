@@ -277,6 +277,34 @@ static float dot_exact_portable(const float* a, const float* b, int64_t d) {
   return acc;
 }
 
+EMBGEOM_AVX2 static void dot_exact_batch_fma(const float* const* a, const float* const* b,
+                                             int64_t n, int64_t d, float* out) {
+  constexpr int W = 8;
+  int64_t q0 = 0;
+  for (; q0 + W <= n; q0 += W) {
+    float acc[W] = {};
+    const float* pa[W];
+    const float* pb[W];
+    for (int w = 0; w < W; ++w) {
+      pa[w] = a[q0 + w];
+      pb[w] = b[q0 + w];
+    }
+    for (int64_t k = 0; k < d; ++k)
+      for (int w = 0; w < W; ++w) acc[w] = __builtin_fmaf(pa[w][k], pb[w][k], acc[w]);
+    for (int w = 0; w < W; ++w) out[q0 + w] = acc[w];
+  }
+  for (; q0 < n; ++q0) out[q0] = dot_exact_fma(a[q0], b[q0], d);
+}
+
+void dot_exact_batch(const float* const* a, const float* const* b, int64_t n, int64_t d, float* out) {
+  static const bool fma = __builtin_cpu_supports("fma");
+  if (fma) {
+    dot_exact_batch_fma(a, b, n, d, out);
+  } else {
+    for (int64_t q = 0; q < n; ++q) out[q] = dot_exact_portable(a[q], b[q], d);
+  }
+}
+
 float dot_exact(const float* a, const float* b, int64_t d) {
   static const bool fma = __builtin_cpu_supports("fma");
   return fma ? dot_exact_fma(a, b, d) : dot_exact_portable(a, b, d);

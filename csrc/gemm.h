@@ -69,6 +69,9 @@ void gemm_tile(const GemmKernel& k, const PackedPanels& A, int64_t pa0, int64_t 
 // The fp32 value the fp32 kernels produce for one pair (same FMA chain).
 float dot_exact(const float* a, const float* b, int64_t d);
 
+// out[q] = dot_exact(a[q], b[q], d) for q < n, several chains interleaved (throughput-bound).
+void dot_exact_batch(const float* const* a, const float* const* b, int64_t n, int64_t d, float* out);
+
 // Round-to-nearest-even fp32 -> bf16 bits (finite inputs).
 uint16_t to_bf16(float x);
 

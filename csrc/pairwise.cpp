@@ -177,27 +177,43 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
   }
 
   if (fast_) {
-    // |bf16 dot - fp32 dot| <= (2u + u^2 + 2*gamma_d) * |a| |b|, u = 2^-8 (bf16 rounding of both
-    // operands), gamma_d = d 2^-24 / (1 - d 2^-24) (fp32 accumulation, on both sides).
-    const double u = std::ldexp(1.0, -8);
+    // Sound bound on |bf16 value - exact fp32 value| for any pair, from the actual rounding:
+    // a~.b~ - a.b = a~.(b~ - b) + (a~ - a).b, so by Cauchy-Schwarz
+    // |err| <= |a~| |db| + |da| |b| + 2 gamma_d |a~||b~| (fp32 accumulation on both sides),
+    // maxed over rows; bf16 inputs the dot-product instruction treats as zero (denormals)
+    // count as rounded to zero.
     const double e32 = std::ldexp(1.0, -24);
     const double gam = (d + 2) * e32 / (1.0 - (d + 2) * e32);
-    const double rel = (2 * u + u * u + 2 * gam) * 1.01;
-    auto maxnorm = [&](const std::vector<float>& r, int64_t rows) {
-      double mx = 0.0;
-      for (int64_t q = 0; q < rows; ++q) {
-        double s = 0.0;
-        for (int64_t k = 0; k < d; ++k) s += double(r[q * d + k]) * r[q * d + k];
-        mx = std::max(mx, s);
-      }
-      return std::sqrt(mx);
+    struct Norms {
+      double full = 0, bf = 0, delta = 0;
     };
-    const double na = maxnorm(xr_, n_), nb = self_ ? na : maxnorm(yr_, m_);
-    const double edot = rel * na * nb + 1e-30;
+    auto norms = [&](const std::vector<float>& r, int64_t rows) {
+      Norms mx;
+      for (int64_t q = 0; q < rows; ++q) {
+        double s = 0, sb = 0, sd = 0;
+        for (int64_t k = 0; k < d; ++k) {
+          const float v = r[q * d + k];
+          uint32_t u = uint32_t(to_bf16(v)) << 16;
+          if ((u & 0x7f800000u) == 0) u = 0;  // DAZ
+          float vb;
+          std::memcpy(&vb, &u, 4);
+          s += double(v) * v;
+          sb += double(vb) * vb;
+          sd += (double(vb) - v) * (double(vb) - v);
+        }
+        mx.full = std::max(mx.full, std::sqrt(s));
+        mx.bf = std::max(mx.bf, std::sqrt(sb));
+        mx.delta = std::max(mx.delta, std::sqrt(sd));
+      }
+      return mx;
+    };
+    const Norms na = norms(xr_, n_), nb = self_ ? na : norms(yr_, m_);
+    const double edot = (na.bf * nb.delta + na.delta * nb.full +
+                         2 * gam * std::max(na.bf, na.full) * std::max(nb.bf, nb.full)) * 1.01 + 1e-30;
     if (metric_ == 2) {
       // value = sqrt(max(|a|^2 + |b|^2 - 2 dot, 0)): |sqrt(s) - sqrt(t)| <= sqrt(|s - t|), plus
       // fp32 rounding of the squared-distance formula on either side.
-      const double ed2 = 2 * edot + 8 * e32 * (na * na + nb * nb);
+      const double ed2 = 2 * edot + 8 * e32 * (na.full * na.full + nb.full * nb.full);
       err_bound_ = std::sqrt(ed2) * 1.01;
     } else {
       err_bound_ = edot;
@@ -310,6 +326,13 @@ struct PairwiseEngine::ThreadCtx {
   int64_t out_count = 0;
   std::vector<int64_t> out_rows, out_cols;
   AlignedBuf<int32_t> colcnt;
+  struct Cand {
+    int32_t ii, jj;
+    uint32_t flags;
+  };
+  std::vector<Cand> cand;  // fast mode: candidates of the tile, rescored in one batch
+  std::vector<const float*> pa, pb;
+  std::vector<float> dots;
   alignas(64) int32_t idx[16];
 };
 
@@ -421,6 +444,40 @@ void fused_tile_scalar(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* 
   *tsumsq = s2;
 }
 
+// Fast mode: exact values of the tile's candidates in one batch, then the offers and the
+// outside decisions they were waiting for.
+void rescore_candidates(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t r0, int64_t c0) {
+  const PairwiseEngine& E = *A.E;
+  const size_t n = c.cand.size();
+  c.pa.resize(n);
+  c.pb.resize(n);
+  c.dots.resize(n);
+  for (size_t q = 0; q < n; ++q) {
+    c.pa[q] = E.xrow(r0 + c.cand[q].ii);
+    c.pb[q] = E.yrow(c0 + c.cand[q].jj);
+  }
+  dot_exact_batch(c.pa.data(), c.pb.data(), static_cast<int64_t>(n), E.d(), c.dots.data());
+  for (size_t q = 0; q < n; ++q) {
+    const int64_t i = r0 + c.cand[q].ii, j = c0 + c.cand[q].jj;
+    const uint32_t f = c.cand[q].flags;
+    const float e = E.transform(c.dots[q], i, j);
+    if (f & 1u) offer_global(A, c, e, i, j);
+    if (f & 2u) c.rtop.offer(i, e, static_cast<int32_t>(j));
+    if (f & 4u) c.rtop.offer(j, e, static_cast<int32_t>(i));
+    if (f & 8u) c.rbot.offer(i, e, static_cast<int32_t>(j));
+    if (f & 16u) c.rbot.offer(j, e, static_cast<int32_t>(i));
+    bool offer_out = (f & 64u) != 0;
+    if ((f & 32u) && (e < A.oa || e > A.ob)) {
+      c.out_count++;
+      c.out_rows[i]++;
+      (A.self ? c.out_rows : c.out_cols)[j]++;
+      offer_out = true;
+    }
+    if (offer_out) c.outp.offer(0.0, e, i, j);
+  }
+  c.cand.clear();
+}
+
 EMBGEOM_AVX512 inline __m256i hist_bins8(__m512d dv, __m512d vlo, __m512d vhi, __m512d vsc,
                                          __m512d vz, __m512d vbmax, __m256i i1, __m256i izero,
                                          __m256i iover) {
@@ -453,6 +510,10 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
   int32_t* colcnt = c.colcnt.data();
   const float* rthr_top = A.do_rtop ? c.rtop.thr.data() : nullptr;
   const float* rthr_bot = A.do_rbot ? c.rbot.thr.data() : nullptr;
+  // fast mode outside cold tiles: thresholds stay as at tile start (a superset of the
+  // candidates), which are then rescored in one interleaved batch
+  const bool deferred = A.fast && !A.X;
+  c.cand.clear();
 
   // filter thresholds (refreshed after offers)
   float t_hi = 0, t_lo = 0;
@@ -534,6 +595,16 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
         alignas(64) float vals[16];
         _mm512_store_ps(vals, v);
         __mmask16 todo = any | maybe;
+        if (deferred) {
+          while (todo) {
+            const int l = __builtin_ctz(todo);
+            todo &= todo - 1;
+            const __mmask16 bit = __mmask16(1u << l);
+            const uint32_t f = ((g & bit) ? 1u : 0u) | ((rt & bit) ? 2u : 0u) | ((ct & bit) ? 4u : 0u) |
+                               ((rb & bit) ? 8u : 0u) | ((cb & bit) ? 16u : 0u) | ((maybe & bit) ? 32u : 0u);
+            c.cand.push_back({int32_t(ii), int32_t(jj + l), f});
+          }
+        }
         while (todo) {
           const int l = __builtin_ctz(todo);
           todo &= todo - 1;
@@ -548,7 +619,7 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
           if (cb & bit) c.rbot.offer(j, e, static_cast<int32_t>(i));
           if ((maybe & bit) && (e < A.oa || e > A.ob)) mo |= bit;
         }
-        refresh();
+        if (!deferred) refresh();
       }
       if (mo) {
         orow += __builtin_popcount(mo);
@@ -563,6 +634,10 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
             todo &= todo - 1;
             const int64_t j = j0 + l;
             if (c.outp.full() && (i > c.outp.e.back().i || (i == c.outp.e.back().i && j > c.outp.e.back().j))) break;
+            if (deferred) {
+              c.cand.push_back({int32_t(ii), int32_t(jj + l), 64u});
+              continue;
+            }
             c.outp.offer(0.0, !A.fast ? vals[l]
                                        : (A.X ? E.transform(A.X[ii * ldc + jj + l], i, j) : E.exact_value(i, j)),
                          i, j);
@@ -575,6 +650,7 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
       c.out_rows[i] += orow;
     }
   }
+  if (deferred && !c.cand.empty()) rescore_candidates(A, c, r0, c0);
   alignas(64) double a[8], b[8];
   _mm512_store_pd(a, _mm512_add_pd(s0, s1));
   _mm512_store_pd(b, _mm512_add_pd(q0, q1));

@@ -102,6 +102,8 @@ class PairwiseEngine {
   // Used by the fused pass.
   float exact_value(int64_t ci, int64_t cj) const;  // compact indices
   float transform(float dot, int64_t ci, int64_t cj) const;
+  const float* xrow(int64_t ci) const { return xr_.data() + ci * d_; }
+  const float* yrow(int64_t cj) const { return (self_ ? xr_ : yr_).data() + cj * d_; }
   int64_t compact_x(int64_t orig) const { return xinv_[orig]; }
   int64_t compact_y(int64_t orig) const { return self_ ? xinv_[orig] : yinv_[orig]; }
 
