@@ -12,15 +12,23 @@ import torch
 TARGETS = ("cls", "sep", "punct", "prev", "next")
 
 
+def special_mass(attn: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """attn (B, H, T, T), keys (B, T, K) 0/1 -> (B, H, T, K): each row's mass on each key set
+    (one batched matmul over the attention viewed as (B, H*T, T); no broadcast copies)."""
+    B, H, T, _ = attn.shape
+    return torch.bmm(attn.reshape(B, H * T, T), keys.to(attn.dtype)).view(B, H, T, -1)
+
+
 def attention_targets(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor,
-                      sep: torch.Tensor, punct: torch.Tensor) -> dict[str, torch.Tensor]:
+                      sep: torch.Tensor, punct: torch.Tensor,
+                      mass: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Attention mass of each real query row to [CLS], [SEP], punctuation, the previous and the
     next real token, summed over the rows of the batch: dict of (H,) float64 (divide by the
-    number of real rows, mask.sum(), for the mean)."""
-    B, H, T, _ = attn.shape
+    number of real rows, mask.sum(), for the mean). mass: special_mass(attn, [cls, sep, punct])
+    when the caller has it already."""
     q = mask.to(attn.dtype)
-    keys = torch.stack([cls, sep, punct], dim=-1).to(attn.dtype)          # (B, T, 3)
-    mass = torch.matmul(attn, keys[:, None])                              # (B, H, T, 3)
+    if mass is None:
+        mass = special_mass(attn, torch.stack([cls, sep, punct], dim=-1))  # (B, H, T, 3)
     per_head = (mass * q[:, None, :, None]).double().sum(dim=(0, 2))      # (H, 3)
     out = {k: per_head[:, c] for c, k in enumerate(("cls", "sep", "punct"))}
     both = (mask[:, 1:] & mask[:, :-1]).to(attn.dtype)[:, None]           # (B, 1, T-1)
@@ -32,16 +40,32 @@ def attention_targets(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor,
 def head_mean_entropy(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of each head's mean attention row over the real queries of a sequence
     ("broad" vs "focused" heads), summed over the sequences of the batch: (H,) float64."""
+    B, H, T, _ = attn.shape
     q = mask.to(attn.dtype)
     n = q.sum(1).clamp(min=1)
-    mean_row = torch.matmul(q[:, None, None, :], attn)[:, :, 0, :].double() / n.double()[:, None, None]
+    qh = q[:, None, None, :].expand(B, H, 1, T).reshape(B * H, 1, T)
+    mean_row = torch.bmm(qh, attn.reshape(B * H, T, T)).view(B, H, T).double() / n.double()[:, None, None]
     mean_row = mean_row * mask[:, None, :]
     ent = -torch.special.xlogy(mean_row, mean_row).sum(-1)                # (B, H)
     return ent.sum(0)
 
 
+def _buffer(workspace: dict | None, key, shape, dtype, device, zero=False) -> torch.Tensor:
+    """A scratch tensor reused across calls when a workspace dict is given (large fresh
+    allocations page-fault on every batch)."""
+    if workspace is None:
+        return torch.zeros(shape, dtype=dtype, device=device) if zero else torch.empty(shape, dtype=dtype, device=device)
+    k = (key, tuple(shape), dtype, str(device))
+    if k not in workspace:
+        for old in [o for o in workspace if o[0] == key]:
+            del workspace[old]
+        workspace[k] = torch.zeros(shape, dtype=dtype, device=device)
+    return workspace[k]
+
+
 def target_distribution(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor,
-                        sep: torch.Tensor, max_len: int) -> torch.Tensor:
+                        sep: torch.Tensor, max_len: int, workspace: dict | None = None,
+                        mass: torch.Tensor | None = None) -> torch.Tensor:
     """Per head, the attention of every real query row split over R = 2 + 2*max_len - 1 targets:
     [mass to [CLS], mass to [SEP], then mass to every other real key binned by its relative
     offset j - i = -(max_len-1) .. max_len-1]. Each row sums to 1, so the batch sum divided by
@@ -54,14 +78,17 @@ def target_distribution(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tenso
         raise ValueError(f"attn: sequence length {T} exceeds max_len {max_len}")
     q = mask.to(attn.dtype)
     other = (mask & ~cls & ~sep).to(attn.dtype)
-    special = torch.matmul(attn, torch.stack([cls, sep], -1).to(attn.dtype)[:, None])   # (B,H,T,2)
-    special = (special * q[:, None, :, None]).double().sum(dim=(0, 2))                # (H, 2)
-    # Relative-offset sums without a Python loop: put the rows into a zero buffer of width
-    # 3T-2 (T-1 zeros each side); a stride of W+1 then walks one diagonal per offset.
-    W = 3 * T - 2
-    buf = attn.new_zeros(B, H, T, W)
-    buf[..., T - 1:2 * T - 1] = attn * (q[:, None, :, None] * other[:, None, None, :])
-    diag = buf.as_strided((B, H, 2 * T - 1, T), (H * T * W, T * W, 1, W + 1))
+    if mass is None:                                                                   # (B,H,T,2)
+        mass = special_mass(attn, torch.stack([cls, sep], -1))
+    special = (mass[..., :2] * q[:, None, :, None]).double().sum(dim=(0, 2))          # (H, 2)
+    # Relative-offset sums without a Python loop: rows go into a buffer of width W = 2T-1 after
+    # T-1 zeros; a stride of W+1 then walks one diagonal per offset (a diagonal running off the
+    # right end lands in the next row's zeros; T-1 zeros at the very end cover the last row).
+    W = 2 * T - 1
+    flat = _buffer(workspace, "offsets", (B * H * T * W + T - 1,), attn.dtype, attn.device, zero=True)
+    buf = flat[:B * H * T * W].view(B, H, T, W)
+    torch.mul(attn, (q[:, None, :, None] * other[:, None, None, :]), out=buf[..., T - 1:])
+    diag = flat.as_strided((B, H, 2 * T - 1, T), (H * T * W, T * W, 1, W + 1))
     offsets = diag.sum(-1).double().sum(0)                                           # (H, 2T-1)
     out = torch.zeros(H, 2 + 2 * max_len - 1, dtype=torch.float64, device=attn.device)
     out[:, :2] = special
@@ -87,7 +114,8 @@ def js_distance(dists: torch.Tensor) -> torch.Tensor:
 
 
 def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Tensor,
-                       input_ids: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor]:
+                       input_ids: torch.Tensor, vocab_size: int,
+                       workspace: dict | None = None) -> dict[str, torch.Tensor]:
     """SPEC M4 for every head of one layer, one batch. head_out: (B, H, T, d_h), the head's
     output O before the output projection; S = O O^T (raw scalar products, seed 003).
 
@@ -101,9 +129,12 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
     B, H, T, _ = head_out.shape
     n = mask.sum(1)
     qvalid = mask & (n >= 2)[:, None]                                      # (B, T)
-    s = torch.matmul(head_out, head_out.transpose(-1, -2))                 # (B, H, T, T)
+    o = head_out.contiguous()
+    s = _buffer(workspace, "similarity", (B, H, T, T), o.dtype, o.device)
+    torch.matmul(o, o.transpose(-1, -2), out=s)                            # (B, H, T, T)
     allowed = mask[:, None, :] & ~torch.eye(T, dtype=torch.bool, device=mask.device)
-    s = s.masked_fill(~allowed[:, None], float("-inf"))
+    bias = torch.zeros(B, 1, T, T, dtype=o.dtype, device=o.device).masked_fill_(~allowed[:, None], float("-inf"))
+    s += bias
     j = s.argmax(-1)                                                       # (B, H, T)
     w = qvalid[:, None, :].expand(B, H, T)
     pos = torch.arange(T, device=mask.device)

@@ -17,8 +17,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from . import _backends
 from . import attention as _att
-from .api import attention_entropy, cone_index
 
 METRICS = ("cone", "entropy", "attention", "context", "evolution")
 
@@ -286,15 +286,31 @@ class TraceAccumulator:
             "focus": z(L, H, vocab_size, dt=torch.int64) if "context" in self.metrics else z(L, H, 1, dt=torch.int64),
             "step_dist": z(L), "step_cos": z(L), "norm": z(L + 1),
         }
-        self.tokenizer = None
+        self._ws: dict = {}     # reusable scratch buffers (no page faults per batch)
 
     @staticmethod
     def _cone_sum(x: torch.Tensor, mask: torch.Tensor, groups: tuple[int, ...]):
         """x: (G*B, T, d) with groups G = prod(groups); -> (sum of I/n over texts, n texts) per
-        group, NaN sets (no non-zero vector) left out."""
-        r = cone_index(x, mask).normalized.reshape(*groups, -1)
-        ok = torch.isfinite(r)
-        return torch.where(ok, r, torch.zeros_like(r)).sum(-1), ok.sum(-1).double()
+        group, sets without a non-zero vector left out. Calls the cone kernel (embgeom.cone_index
+        without its input checks: the tensors come from the model)."""
+        _, run = _backends.pick("cone_index", x)
+        sums, used, _zero = run(x, mask)
+        r = torch.linalg.vector_norm(sums.to(x.device).double(), dim=-1)
+        used = used.to(x.device).reshape(*groups, -1)
+        r = r.reshape(*groups, -1) / used.clamp(min=1)
+        return torch.where(used > 0, r, torch.zeros_like(r)).sum(-1), (used > 0).sum(-1).double()
+
+    def _buf(self, key, shape, like: torch.Tensor) -> torch.Tensor:
+        k = (key, tuple(shape), like.dtype, str(like.device))
+        if k not in self._ws:
+            for old in [o for o in self._ws if o[0] == key]:
+                del self._ws[old]
+            self._ws[k] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return self._ws[k]
+
+    def _stack(self, key, tensors) -> torch.Tensor:
+        out = self._buf(key, (len(tensors), *tensors[0].shape), tensors[0])
+        return torch.stack(tensors, out=out)
 
     def update(self, b: Batch) -> None:
         L, H = self.L, self.H
@@ -306,30 +322,41 @@ class TraceAccumulator:
         self.n_tokens += n_tok
         self.truncated += b.truncated
         if "cone" in self.metrics:
-            hs = torch.stack(b.hidden_states)                               # (L+1, B, T, D)
-            sums, cnt = self._cone_sum(hs.reshape(-1, T, hs.shape[-1]), mask.repeat(L + 1, 1), (L + 1,))
+            # one kernel call per tensor kind, on stacked copies into reused buffers
+            x0 = b.hidden_states[0]
+            hs = self._stack("hs", b.hidden_states)                         # (L+1, B, T, D)
+            sums, cnt = self._cone_sum(hs.view(-1, T, hs.shape[-1]), mask.repeat(L + 1, 1), (L + 1,))
             s["cone_in"] += sums[:L]; s["cone_in_n"] += cnt[:L]             # noqa: E702
             s["cone_out"] += sums[1:]; s["cone_out_n"] += cnt[1:]           # noqa: E702
-            ho = torch.stack(b.head_outputs).permute(0, 3, 1, 2, 4)         # (L, H, B, T, d_h)
-            sums, cnt = self._cone_sum(ho.reshape(-1, T, ho.shape[-1]), mask.repeat(L * H, 1), (L, H))
+            d_h = b.head_outputs[0].shape[-1]
+            ho = self._buf("ho", (L, H, B, T, d_h), x0)
+            for l, o in enumerate(b.head_outputs):
+                ho[l].copy_(o.permute(2, 0, 1, 3))                          # (H, B, T, d_h)
+            sums, cnt = self._cone_sum(ho.view(-1, T, d_h), mask.repeat(L * H, 1), (L, H))
             s["cone_head"] += sums; s["cone_head_n"] += cnt                 # noqa: E702
-            mh = torch.stack(b.multihead_outputs)
-            sums, cnt = self._cone_sum(mh.reshape(-1, T, mh.shape[-1]), mask.repeat(L, 1), (L,))
+            mh = self._stack("mh", b.multihead_outputs)
+            sums, cnt = self._cone_sum(mh.view(-1, T, mh.shape[-1]), mask.repeat(L, 1), (L,))
             s["cone_mh"] += sums; s["cone_mh_n"] += cnt                     # noqa: E702
         n_valid = mask.sum(1).double()
         s["baseline"] += (n_valid * torch.log(n_valid.clamp(min=1))).sum()
+        keys = torch.stack([b.cls, b.sep, b.punct], dim=-1)
+        if b.attentions and "entropy" in self.metrics:
+            # the row-entropy kernel (embgeom.attention_entropy without its input checks)
+            _, entropy_kernel = _backends.pick("attention_entropy", b.attentions[0])
         for l, attn in enumerate(b.attentions):
             if "entropy" in self.metrics:
-                ent = attention_entropy(attn, mask).row_entropy               # (B, H, T), NaN pads
-                s["entropy"][l] += torch.nan_to_num(ent.double(), nan=0.0).sum(dim=(0, 2))
+                ent = entropy_kernel(attn, mask, 0.0).to(attn.device)         # (B, H, T), NaN pads
+                s["entropy"][l] += torch.nan_to_num(ent, nan=0.0).sum(dim=(0, 2)).double()
             if "attention" in self.metrics:
-                t = _att.attention_targets(attn, mask, b.cls, b.sep, b.punct)
+                mass = _att.special_mass(attn, keys)
+                t = _att.attention_targets(attn, mask, b.cls, b.sep, b.punct, mass=mass)
                 s["targets"][:, l] += torch.stack([t[k] for k in _att.TARGETS])
                 s["hme"][l] += _att.head_mean_entropy(attn, mask)
-                s["dist"][l * H:(l + 1) * H] += _att.target_distribution(attn, mask, b.cls, b.sep, self.max_len)
+                s["dist"][l * H:(l + 1) * H] += _att.target_distribution(
+                    attn, mask, b.cls, b.sep, self.max_len, workspace=self._ws, mass=mass)
             if "context" in self.metrics:
                 c = _att.context_similarity(b.head_outputs[l].transpose(1, 2), mask, b.sep,
-                                            b.input_ids, self.V)
+                                            b.input_ids, self.V, workspace=self._ws)
                 s["ctx_rows"][l] += c["rows"]
                 s["ctx_dist"][l] += c["distance"]
                 s["ctx_sep"][l] += c["separator"]
@@ -337,15 +364,15 @@ class TraceAccumulator:
                 s["focus"][l] += c["focus_counts"]
         s["hme_n"] += B
         if "evolution" in self.metrics:
-            m = mask[..., None]
-            prev = b.hidden_states[0]
-            s["norm"][0] += torch.linalg.vector_norm(prev, dim=-1)[mask].double().sum()
+            m = mask.to(b.hidden_states[0].dtype)
+            norms = [torch.linalg.vector_norm(h, dim=-1) for h in b.hidden_states]   # (B, T) each
+            for l in range(L + 1):
+                s["norm"][l] += (norms[l] * m).double().sum()
             for l in range(L):
-                cur = b.hidden_states[l + 1]
-                s["step_dist"][l] += torch.linalg.vector_norm((cur - prev) * m, dim=-1).double().sum()
-                s["step_cos"][l] += torch.nn.functional.cosine_similarity(cur, prev, dim=-1, eps=1e-12)[mask].double().sum()
-                s["norm"][l + 1] += torch.linalg.vector_norm(cur, dim=-1)[mask].double().sum()
-                prev = cur
+                prev, cur = b.hidden_states[l], b.hidden_states[l + 1]
+                s["step_dist"][l] += (torch.linalg.vector_norm(cur - prev, dim=-1) * m).double().sum()
+                dot = torch.linalg.vecdot(cur, prev)
+                s["step_cos"][l] += (dot / (norms[l] * norms[l + 1]).clamp(min=1e-30) * m).double().sum()
 
     def merge(self, other: "TraceAccumulator") -> None:
         for k, v in other.s.items():

@@ -1,0 +1,144 @@
+"""`embgeom text` costs: metric overhead over the bare forward pass, and a corpus run's peak RSS.
+
+  python benchmarks/bench_text.py overhead [--batch 32 --tokens 128 --repeats 3]
+  python benchmarks/bench_text.py corpus [--lines 10000 --batch 32]
+
+overhead: the default model on the default device, eager attention; the bare pass is
+model(..., output_attentions=True, output_hidden_states=True) under inference_mode; ours is the
+same pass with the head hooks plus TraceAccumulator.update (every metric). Target: <= 25%.
+corpus: a synthetic corpus (random vocabulary words, 5-60 words a line) through trace(); peak
+RSS after 10% of the lines and at the end (flat memory: the two agree). Rows go to
+benchmarks/results/text.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import append_rows, git_sha, peak_rss_mb, timeit, today, versions  # noqa: E402
+
+from embgeom import load_model  # noqa: E402
+from embgeom.hf import TraceAccumulator, iter_batches, model_max_length, trace  # noqa: E402
+
+
+def _words(tokenizer) -> list[str]:
+    return [w for w in tokenizer.get_vocab() if w.isalpha() and not w.startswith("[") and len(w) > 1]
+
+
+def _texts(tokenizer, n, lo, hi, seed=0) -> list[str]:
+    rng = random.Random(seed)
+    words = _words(tokenizer)
+    punct = [".", ",", ";", "!", "?"]
+    out = []
+    for _ in range(n):
+        k = rng.randint(lo, hi)
+        out.append(" ".join(rng.choice(words) if rng.random() > 0.1 else rng.choice(punct) for _ in range(k)))
+    return out
+
+
+def overhead(args) -> None:
+    model, tokenizer = load_model(args.model, device=args.device)
+    dev = next(model.parameters()).device
+    texts = _texts(tokenizer, args.batch, 400, 400)             # every text fills --tokens
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=args.tokens, return_tensors="pt").to(dev)
+    assert enc["input_ids"].shape == (args.batch, args.tokens), enc["input_ids"].shape
+
+    def bare():
+        with torch.inference_mode():
+            model(**enc, output_attentions=True, output_hidden_states=True)
+
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    max_len = model_max_length(model, tokenizer)
+    acc = TraceAccumulator(L, H, max_len, model.config.vocab_size, dev)
+    batches = []
+
+    def forward_hooks():
+        batches.clear()
+        batches.extend(iter_batches(model, tokenizer, texts, batch_size=args.batch, max_length=args.tokens))
+
+    def metrics_only():
+        acc.update(batches[0])
+
+    def ours():
+        for b in iter_batches(model, tokenizer, texts, batch_size=args.batch, max_length=args.tokens):
+            acc.update(b)
+
+    threads = torch.get_num_threads()
+    t_bare = timeit(bare, args.repeats)
+    t_ours = timeit(ours, args.repeats)
+    forward_hooks()
+    parts = {}
+    if args.profile:
+        for name in ("cone", "entropy", "attention", "context", "evolution"):
+            a = TraceAccumulator(L, H, max_len, model.config.vocab_size, dev, metrics=(name,))
+            parts[name] = timeit(lambda: a.update(batches[0]), args.repeats)["median_ms"]
+    t_metrics = timeit(metrics_only, args.repeats)
+    res = acc.result(tokenizer)
+    assert torch.isfinite(res.entropy).all() and torch.isfinite(res.js_distance).all()
+    ratio = t_ours["median_ms"] / t_bare["median_ms"] - 1
+    print(f"device={dev} threads={threads} batch={args.batch}x{args.tokens} L={L} H={H}")
+    print(f"bare forward (output_attentions)    {t_bare['median_ms']:9.1f} ms")
+    print(f"trace: forward + hooks + metrics    {t_ours['median_ms']:9.1f} ms  overhead {100 * ratio:+.1f}%")
+    print(f"metrics alone (update of one batch) {t_metrics['median_ms']:9.1f} ms  "
+          f"= {100 * t_metrics['median_ms'] / t_bare['median_ms']:.1f}% of the forward pass")
+    for name, ms in parts.items():
+        print(f"  {name:10s} {ms:8.1f} ms")
+    common = dict(n=args.batch, m=args.tokens, d=model.config.hidden_size, dtype="float32", device=str(dev),
+                  threads=threads, versions=versions(), git_sha=git_sha(), date=today(), peak_mb=round(peak_rss_mb(), 1))
+    append_rows("text.csv", [
+        dict(metric="text_forward", provider="bare", **common, **t_bare),
+        dict(metric="text_forward", provider="trace", **common, **t_ours,
+             roofline_pct=""),
+        dict(metric="text_metrics", provider="trace", **common, **t_metrics),
+    ])
+
+
+def corpus(args) -> None:
+    model, tokenizer = load_model(args.model, device=args.device)
+    path = os.path.join(tempfile.mkdtemp(), "corpus.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        for t in _texts(tokenizer, args.lines, 5, 60, seed=1):
+            f.write(t + "\n")
+    rss = {}
+    tenth = max(args.lines // 10, 1)
+    with open(path) as f:
+        head = [next(f).rstrip("\n") for _ in range(tenth)]
+    start = time.perf_counter()
+    trace(model, tokenizer, head, batch_size=args.batch)
+    rss["after_10pct"] = peak_rss_mb()
+    r = trace(model, tokenizer, path, batch_size=args.batch, progress=True)
+    seconds = time.perf_counter() - start
+    rss["end"] = peak_rss_mb()
+    print(f"{r.n_texts} texts, {r.n_tokens} tokens, {r.truncated} truncated in {seconds:.1f}s; "
+          f"peak RSS after 10% of the lines {rss['after_10pct']:.0f} MB, at the end {rss['end']:.0f} MB")
+    append_rows("text.csv", [dict(metric="text_corpus", provider="trace", n=args.lines, m=r.n_tokens,
+                                  d=model.config.hidden_size, dtype="float32",
+                                  device=str(next(model.parameters()).device),
+                                  threads=torch.get_num_threads(), median_ms=round(seconds * 1e3, 1),
+                                  peak_mb=round(rss["end"], 1), versions=versions(), git_sha=git_sha(),
+                                  date=today())])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["overhead", "corpus"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--lines", type=int, default=10000)
+    p.add_argument("--profile", action="store_true", help="time each metric group alone")
+    args = p.parse_args()
+    overhead(args) if args.what == "overhead" else corpus(args)
+
+
+if __name__ == "__main__":
+    main()
