@@ -385,3 +385,13 @@ def test_cuda_engine_merge_glue(monkeypatch):
         np.testing.assert_array_equal(states[0][key][0], states[1][key][0])
     got = finalize(states[1], cfg, n=50, m=None, d=4, backend="cuda", device=x.device, seconds=0.0)
     check_stats(got, x, tol=1e-4, exact_ties=True, metric="dot", **opts)
+
+
+def test_near_duplicate_stream_growth_keeps_other_streams_exact():
+    # many exact duplicates (d = 1): the near-duplicate stream outgrows the buffers while other
+    # streams overflowed at the old size; both must be redone, never read past what was stored
+    x = small_int_embeddings(50, 1, seed=3, low=-1, high=2)
+    opts = dict(bins=7, topk=0, bottomk=0, row_topk=1, row_bottomk=2, outside=(0.5, 2.0), outside_limit=1)
+    got, _ = _engine_stats(x, engine_kw=dict(block=16, group=2, programs=3, capacity=1),
+                           metric="euclidean", **_cfg_opts(opts, (0.0, 5.0)))
+    check_stats(got, x, tol=1e-4, exact_ties=True, metric="euclidean", range=(0.0, 5.0), **opts)

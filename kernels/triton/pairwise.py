@@ -211,10 +211,11 @@ def _pairwise_stats_kernel(
             valid = valid & (close == 0)
 
         if DO_STATS:
-            vz = tl.where(valid, v, 0.0)
+            # float64 squares, as every engine: fp32 ones lose the std of near-constant values
+            vz = tl.where(valid, v, 0.0).to(tl.float64)
             acc_n += tl.sum(valid.to(tl.int32), 1)
-            acc_s += tl.sum(vz, 1).to(tl.float64)
-            acc_q += tl.sum(vz * vz, 1).to(tl.float64)
+            acc_s += tl.sum(vz, 1)
+            acc_q += tl.sum(vz * vz, 1)
             if NB > 0:
                 slot = _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr)
                 hist += tl.histogram(tl.reshape(slot, (BM * BN,)), NB,

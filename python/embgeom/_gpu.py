@@ -372,8 +372,10 @@ class TritonEngine:
         euclid = self.cfg.metric == "euclidean"
         grid = self._launch(r0, rows, ntiles, True, self.active, collect_close=euclid)
         counts = self.cnt.tolist()
+        stored = [self.cap] * 7  # room each stream had when it last ran
         if euclid and counts[6] > self.cap:  # more near-duplicates than room: collect them again
             self._alloc_candidates(_next_pow2(counts[6]), keep=True)
+            stored[6] = self.cap
             self.cnt[6] = 0
             self._launch(r0, rows, ntiles, False, [False] * 6, collect_close=True)
             counts = self.cnt.tolist()
@@ -387,18 +389,19 @@ class TritonEngine:
             self.hist += h[: self.bins + 2].to(torch.int64)
         # an overflowed stream gets a higher threshold (or more room) and runs again alone
         while True:
-            over = [s for s in range(6) if self.active[s] and counts[s] > self.cap]
+            over = [s for s in range(6) if self.active[s] and counts[s] > stored[s]]
             if not over:
                 break
             retry = [False] * 6
             grow = False
             for s in over:
-                grow |= not self._raise_threshold(s)
+                grow |= not self._raise_threshold(s, stored[s])
                 retry[s] = True
             if grow:
                 self._alloc_candidates(2 * self.cap, keep=True)
             for s in over:
                 self.cnt[s] = 0
+                stored[s] = self.cap
             self._launch(r0, rows, ntiles, False, retry)
             counts = self.cnt.tolist()
         if euclid and counts[6]:
@@ -531,11 +534,11 @@ class TritonEngine:
             if keys.numel() >= k:
                 self.gthr[s] = torch.maximum(self.gthr[s], keys.topk(k).values[-1] - meps)
 
-    def _raise_threshold(self, s: int) -> bool:
-        """Stream s overflowed: its buffer holds `cap` genuine candidates of this band, whose
-        k-th best is a valid (higher) threshold. Returns False if nothing rose (ties): grow."""
+    def _raise_threshold(self, s: int, n: int) -> bool:
+        """Stream s overflowed: its buffer holds n genuine candidates of this band, whose k-th
+        best is a valid (higher) threshold. Returns False if nothing rose (ties): grow."""
         k = self.kinds_k[STREAMS[s]]
-        v, i, j = self.cv[s], self.ci[s].long(), self.cj[s].long()
+        v, i, j = self.cv[s, :n], self.ci[s, :n].long(), self.cj[s, :n].long()
         if s == 5:
             lin = i * self.m + j
             kth = int(lin.topk(k, largest=False).values[-1])
