@@ -321,6 +321,14 @@ def test_fast_mode_rescored(metric, cross):
     check_against_reference(fast, x, y, metric, opts, extra_tol=fast["hist_error_bound"])
 
 
+def test_fast_mode_thread_invariance():
+    x = make_x(300, 96, seed=10, zero_rows=(17,), dup=((4, 5),))
+    kw = dict(metric="cosine", precision="fast", block=32, **OPTS)
+    a = run_engine(x, threads=1, **kw)
+    b = run_engine(x, threads=2, chunks=5, **kw)
+    assert_states_equal(a, b)
+
+
 def test_kernels_agree_bitwise(monkeypatch):
     x = make_x(61, 45, seed=9)
     want = run_engine(x, metric="dot", block=16, bins=30, lo=-20.0, hi=20.0, topk=5, row_topk=2)
