@@ -217,6 +217,9 @@ void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width,
     out.f32.reset(total);
     out.b16.reset(0);
   }
+#ifdef EMBGEOM_OPENMP
+  if (threads <= 0) threads = omp_get_max_threads();
+#endif
   (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
   for (int64_t p = 0; p < out.panels; ++p) {

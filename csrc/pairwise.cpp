@@ -122,14 +122,14 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
   m0_ = self_ ? n : m;
   const int threads = opt.threads;
 
-  auto compact = [&](const float* src, int64_t rows, std::vector<int64_t>& map,
+  auto compact = [&](const char* name, const float* src, int64_t rows, std::vector<int64_t>& map,
                      std::vector<int64_t>& inv, std::vector<float>& out, std::vector<float>& n2) {
     std::vector<double> nrm(rows);
     for (int64_t r = 0; r < rows; ++r) {
       double s = 0.0;
       const float* p = src + r * d;
       for (int64_t k = 0; k < d; ++k) s += double(p[k]) * double(p[k]);
-      EMBGEOM_CHECK(std::isfinite(s), "x: row " << r << " has a non-finite value or overflows");
+      EMBGEOM_CHECK(std::isfinite(s), name << ": row " << r << " has a non-finite value or overflows");
       nrm[r] = s;
     }
     inv.assign(rows, -1);
@@ -154,10 +154,10 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
       }
     }
   };
-  compact(x, n, xmap_, xinv_, xr_, xn2_);
+  compact("x", x, n, xmap_, xinv_, xr_, xn2_);
   n_ = static_cast<int64_t>(xmap_.size());
   if (!self_) {
-    compact(y, m, ymap_, yinv_, yr_, yn2_);
+    compact("y", y, m, ymap_, yinv_, yr_, yn2_);
     m_ = static_cast<int64_t>(ymap_.size());
   } else {
     m_ = n_;

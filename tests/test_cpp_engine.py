@@ -351,6 +351,10 @@ def test_argument_errors():
         _C.PairwiseEngine(x, None, outside=(1.0, 0.0))
     with pytest.raises(ValueError, match="y"):
         _C.PairwiseEngine(x, make_x(3, 5))
+    bad = x.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match="row 2"):
+        _C.PairwiseEngine(bad, None)
     e = _C.PairwiseEngine(x, None)
     with pytest.raises(ValueError, match="tiles"):
         e.run(0, e.num_tiles() + 1)
