@@ -219,9 +219,12 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
       err_bound_ = edot;
     }
   } else {
-    // exact mode never rescores: drop the row copies
-    std::vector<float>().swap(xr_);
-    std::vector<float>().swap(yr_);
+    // exact mode never rescores: drop the row copies (euclidean keeps them for the direct
+    // distance of near-identical rows)
+    if (metric_ != 2) {
+      std::vector<float>().swap(xr_);
+      std::vector<float>().swap(yr_);
+    }
   }
 
   nbx_ = (n_ + bs_ - 1) / bs_;
@@ -302,9 +305,21 @@ void PairwiseEngine::set_state(PairwiseState s) {
 float PairwiseEngine::transform(float dot, int64_t ci, int64_t cj) const {
   if (metric_ == 0) return std::min(std::max(dot, -1.0f), 1.0f);
   if (metric_ == 1) return dot;
-  float t = (xn2_[ci] + (self_ ? xn2_ : yn2_)[cj]) - (dot + dot);
-  t = t > 0.0f ? t : 0.0f;
+  const float s = xn2_[ci] + (self_ ? xn2_ : yn2_)[cj];
+  const float t = s - (dot + dot);
+  if (t < kNearTau * s) return direct_distance(ci, cj);
   return std::sqrt(t);
+}
+
+float PairwiseEngine::direct_distance(int64_t ci, int64_t cj) const {
+  const float* a = xrow(ci);
+  const float* b = yrow(cj);
+  double acc = 0.0;
+  for (int64_t k = 0; k < d_; ++k) {
+    const double u = double(a[k]) - double(b[k]);
+    acc += u * u;
+  }
+  return static_cast<float>(std::sqrt(acc));
 }
 
 float PairwiseEngine::exact_value(int64_t ci, int64_t cj) const {
@@ -395,8 +410,7 @@ void fused_tile_scalar(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* 
       if (A.metric == 0) v = std::min(std::max(row[jj], -1.0f), 1.0f);
       else if (A.metric == 1) v = row[jj];
       else {
-        float t = (A.xn2[i] + A.yn2[j]) - (row[jj] + row[jj]);
-        v = std::sqrt(t > 0.0f ? t : 0.0f);
+        v = E.transform(row[jj], i, j);
       }
       s += v;
       s2 += double(v) * double(v);
@@ -540,9 +554,21 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
         v = _mm512_min_ps(_mm512_max_ps(v, mone), one);
       } else if (A.metric == 2) {
         const __m512 nb = _mm512_maskz_loadu_ps(m, A.yn2 + j0);
-        __m512 t = _mm512_sub_ps(_mm512_add_ps(na, nb), _mm512_add_ps(v, v));
-        t = _mm512_max_ps(t, _mm512_setzero_ps());
-        v = _mm512_maskz_mov_ps(m, _mm512_sqrt_ps(t));
+        const __m512 sn = _mm512_add_ps(na, nb);
+        const __m512 t = _mm512_sub_ps(sn, _mm512_add_ps(v, v));
+        v = _mm512_maskz_mov_ps(m, _mm512_sqrt_ps(_mm512_max_ps(t, _mm512_setzero_ps())));
+        // near-identical rows: the norm formula cancels, take the direct distance
+        __mmask16 nd = _mm512_mask_cmp_ps_mask(m, t, _mm512_mul_ps(sn, _mm512_set1_ps(PairwiseEngine::kNearTau)), _CMP_LT_OQ);
+        if (__builtin_expect(nd != 0, 0)) {
+          alignas(64) float tv[16];
+          _mm512_store_ps(tv, v);
+          while (nd) {
+            const int l = __builtin_ctz(nd);
+            nd &= nd - 1;
+            tv[l] = E.direct_distance(i, j0 + l);
+          }
+          v = _mm512_maskz_load_ps(m, tv);
+        }
       }
       const __m512d d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
       const __m512d d1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));

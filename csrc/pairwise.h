@@ -101,7 +101,12 @@ class PairwiseEngine {
 
   // Used by the fused pass.
   float exact_value(int64_t ci, int64_t cj) const;  // compact indices
+  // Metric value from the fp32 dot. Euclidean: sqrt(|a|^2 + |b|^2 - 2 a.b), except where that
+  // cancels (value^2 < kNearTau (|a|^2 + |b|^2)): there the direct sqrt(sum (a - b)^2), float64
+  // accumulated. Either way a deterministic function of the pair.
   float transform(float dot, int64_t ci, int64_t cj) const;
+  float direct_distance(int64_t ci, int64_t cj) const;
+  static constexpr float kNearTau = 1.0f / 64;
   const float* xrow(int64_t ci) const { return xr_.data() + ci * d_; }
   const float* yrow(int64_t cj) const { return (self_ ? xr_ : yr_).data() + cj * d_; }
   int64_t compact_x(int64_t orig) const { return xinv_[orig]; }

@@ -240,6 +240,17 @@ def test_cross_vs_reference(metric):
     check_against_reference(s, x, y, metric, opts)
 
 
+def test_euclidean_near_duplicates_direct():
+    x = make_x(40, 32, seed=8) * 10
+    x[5] = x[17]
+    x[9] = x[30] + 1e-3
+    s = run_engine(x, metric="euclidean", bins=10, lo=0.0, hi=200.0, bottomk=3, row_bottomk=1)
+    want = np.linalg.norm(x[9].astype(np.float64) - x[30])
+    pairs = {(i, j): v for v, i, j in zip(*s["bottom"])}
+    assert s["min"] == (0.0, 5, 17) and pairs[(9, 30)] == pytest.approx(want, rel=1e-5)
+    assert s["row_bottom"][1][30, 0] == 9
+
+
 def test_all_rows_zero():
     x = np.zeros((5, 4), np.float32)
     s = run_engine(x, metric="cosine", **OPTS)
