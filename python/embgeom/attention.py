@@ -63,21 +63,30 @@ def _buffer(workspace: dict | None, key, shape, dtype, device, zero=False) -> to
     return workspace[k]
 
 
+def offset_weight(mask, cls, sep, dtype) -> torch.Tensor:
+    """(B, 1, T, T): 1 where the query is real and the key is a real token other than [CLS]/[SEP]."""
+    other = mask & ~cls & ~sep
+    return (mask[:, :, None] & other[:, None, :]).to(dtype)[:, None]
+
+
 def target_distribution(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor,
                         sep: torch.Tensor, max_len: int, workspace: dict | None = None,
-                        mass: torch.Tensor | None = None) -> torch.Tensor:
+                        mass: torch.Tensor | None = None,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per head, the attention of every real query row split over R = 2 + 2*max_len - 1 targets:
     [mass to [CLS], mass to [SEP], then mass to every other real key binned by its relative
     offset j - i = -(max_len-1) .. max_len-1]. Each row sums to 1, so the batch sum divided by
     the number of rows is a probability distribution: the head's mean attention distribution
     that the JS distance matrix compares (seed 004 compares heads by their attention; relative
     offsets plus the two special targets keep its head types apart: [CLS]/[SEP]/previous/next/
-    broad). Returns the batch sums (H, R) float64."""
+    broad). weight: offset_weight(mask, cls, sep) when the caller reuses it over layers.
+    Returns the batch sums (H, R) float64."""
     B, H, T, _ = attn.shape
     if T > max_len:
         raise ValueError(f"attn: sequence length {T} exceeds max_len {max_len}")
     q = mask.to(attn.dtype)
-    other = (mask & ~cls & ~sep).to(attn.dtype)
+    if weight is None:
+        weight = offset_weight(mask, cls, sep, attn.dtype)
     if mass is None:                                                                   # (B,H,T,2)
         mass = special_mass(attn, torch.stack([cls, sep], -1))
     special = (mass[..., :2] * q[:, None, :, None]).double().sum(dim=(0, 2))          # (H, 2)
@@ -87,7 +96,7 @@ def target_distribution(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tenso
     W = 2 * T - 1
     flat = _buffer(workspace, "offsets", (B * H * T * W + T - 1,), attn.dtype, attn.device, zero=True)
     buf = flat[:B * H * T * W].view(B, H, T, W)
-    torch.mul(attn, (q[:, None, :, None] * other[:, None, None, :]), out=buf[..., T - 1:])
+    torch.mul(attn, weight, out=buf[..., T - 1:])
     diag = flat.as_strided((B, H, 2 * T - 1, T), (H * T * W, T * W, 1, W + 1))
     offsets = diag.sum(-1).double().sum(0)                                           # (H, 2T-1)
     out = torch.zeros(H, 2 + 2 * max_len - 1, dtype=torch.float64, device=attn.device)
@@ -129,12 +138,18 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
     B, H, T, _ = head_out.shape
     n = mask.sum(1)
     qvalid = mask & (n >= 2)[:, None]                                      # (B, T)
-    o = head_out.contiguous()
-    s = _buffer(workspace, "similarity", (B, H, T, T), o.dtype, o.device)
-    torch.matmul(o, o.transpose(-1, -2), out=s)                            # (B, H, T, T)
-    allowed = mask[:, None, :] & ~torch.eye(T, dtype=torch.bool, device=mask.device)
-    bias = torch.zeros(B, 1, T, T, dtype=o.dtype, device=o.device).masked_fill_(~allowed[:, None], float("-inf"))
-    s += bias
+    # Padded keys are pushed to -1e30 inside the GEMM (one extra column: [o, 1] . [o, -1e30*pad]),
+    # self-similarity by filling the diagonal: no extra pass over the (B, H, T, T) scores.
+    d = head_out.shape[-1]
+    lhs = _buffer(workspace, "sim_lhs", (B, H, T, d + 1), head_out.dtype, head_out.device)
+    rhs = _buffer(workspace, "sim_rhs", (B, H, T, d + 1), head_out.dtype, head_out.device)
+    lhs[..., :d].copy_(head_out)
+    lhs[..., d] = 1.0
+    rhs[..., :d].copy_(head_out)
+    rhs[..., d] = (~mask).to(head_out.dtype)[:, None, :] * -1e30
+    s = _buffer(workspace, "similarity", (B, H, T, T), head_out.dtype, head_out.device)
+    torch.matmul(lhs, rhs.transpose(-1, -2), out=s)                        # (B, H, T, T)
+    s.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
     j = s.argmax(-1)                                                       # (B, H, T)
     w = qvalid[:, None, :].expand(B, H, T)
     pos = torch.arange(T, device=mask.device)

@@ -339,7 +339,10 @@ class TraceAccumulator:
             s["cone_mh"] += sums; s["cone_mh_n"] += cnt                     # noqa: E702
         n_valid = mask.sum(1).double()
         s["baseline"] += (n_valid * torch.log(n_valid.clamp(min=1))).sum()
-        keys = torch.stack([b.cls, b.sep, b.punct], dim=-1)
+        dt = b.attentions[0].dtype if b.attentions else torch.float32
+        keys = torch.stack([b.cls, b.sep, b.punct], dim=-1).to(dt)
+        if "attention" in self.metrics:
+            weight = _att.offset_weight(mask, b.cls, b.sep, dt)
         if b.attentions and "entropy" in self.metrics:
             # the row-entropy kernel (embgeom.attention_entropy without its input checks)
             _, entropy_kernel = _backends.pick("attention_entropy", b.attentions[0])
@@ -353,7 +356,7 @@ class TraceAccumulator:
                 s["targets"][:, l] += torch.stack([t[k] for k in _att.TARGETS])
                 s["hme"][l] += _att.head_mean_entropy(attn, mask)
                 s["dist"][l * H:(l + 1) * H] += _att.target_distribution(
-                    attn, mask, b.cls, b.sep, self.max_len, workspace=self._ws, mass=mass)
+                    attn, mask, b.cls, b.sep, self.max_len, workspace=self._ws, mass=mass, weight=weight)
             if "context" in self.metrics:
                 c = _att.context_similarity(b.head_outputs[l].transpose(1, 2), mask, b.sep,
                                             b.input_ids, self.V, workspace=self._ws)
