@@ -1,6 +1,8 @@
 """pairwise_stats through the public API, every CPU backend against the float64 reference."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,18 @@ def test_euclidean_near_duplicates_are_accurate(backend):
     pair = [p for p in got.bottom_pairs.to_list() if p[:2] == [9, 30]][0]
     assert pair[2] == pytest.approx(want, rel=1e-4)
     assert got.row_bottomk.indices[5, 0] == 17 and got.row_bottomk.values[5, 0] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_histogram_value_just_below_hi_goes_to_last_bin(backend):
+    # (v - lo) * bins / (hi - lo) can round up to `bins` for v a hair below hi
+    v, lo, hi, bins = 0.8626903891563416, -0.8656357526779175, 0.8626903891563417, 259
+    assert math.floor((v - lo) * (bins / (hi - lo))) == bins  # the rounding this test is about
+    x = torch.tensor([[v], [1.0]])
+    got = embgeom.pairwise_stats(x, metric="dot", range=(lo, hi), bins=bins, backend=backend)
+    assert got.hist.counts[-1] == 1 and got.hist.overflow == 0
+
+
+def test_auto_dispatch_never_picks_the_triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert embgeom.pairwise_stats(make_embeddings(5, 3)).backend in ("cpp", "torch")

@@ -342,8 +342,8 @@ class TorchEngine:
         part["max"] = at(torch.argmax(torch.where(valid, vals, -inf)))
         if cfg.bins:
             scale = cfg.bins / (cfg.hi - cfg.lo)
-            pos = torch.floor((sel64 - cfg.lo) * scale)
-            pos = torch.where(sel64 == cfg.hi, torch.full_like(pos, cfg.bins - 1), pos)
+            # values in [lo, hi] whose scaled position rounds up to `bins` belong to the last bin
+            pos = torch.floor((sel64 - cfg.lo) * scale).clamp_(max=cfg.bins - 1)
             slot = torch.where(sel64 < cfg.lo, torch.full_like(pos, -1), pos)
             slot = torch.where(sel64 > cfg.hi, torch.full_like(pos, cfg.bins), slot).long() + 1
             part["hist"] = _np(torch.bincount(slot, minlength=cfg.bins + 2))
