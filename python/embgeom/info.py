@@ -16,6 +16,15 @@ def _version(module: str) -> str | None:
     return getattr(mod, "__version__", "installed")
 
 
+def _gemm_kernel(c) -> str | None:
+    """The tile-GEMM micro-kernel the runtime CPU check picked (e.g. avx512-14x32)."""
+    if c is None or not hasattr(c, "PairwiseEngine"):
+        return None
+    import numpy as np
+
+    return c.PairwiseEngine(np.ones((1, 1), np.float32)).kernel
+
+
 def collect() -> dict:
     import torch
 
@@ -27,7 +36,7 @@ def collect() -> dict:
         "_C.openmp": bool(getattr(c, "openmp", False)),
         "_C.threads": c.max_threads() if c is not None else 0,
         "_C.pairwise_engine": hasattr(c, "PairwiseEngine"),
-        "_C.cpu_features": c.cpu_features() if hasattr(c, "cpu_features") else None,
+        "_C.gemm_kernel": _gemm_kernel(c),
         "_cuda": _backends.cuda_ext() is not None,
     }
     return {
