@@ -168,13 +168,19 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
     handles = [m.register_forward_hook(hook) for m in denses]
     try:
         for chunk in _chunks(_texts(texts), batch_size):
-            lengths = [len(ids) for ids in tokenizer(chunk, add_special_tokens=True, verbose=False)["input_ids"]]
-            truncated = sum(n > limit for n in lengths)
+            # one tokenizer call: cut long texts here (first limit-1 tokens + the closing special
+            # token, as truncation=True does for one sequence) so that they can be counted
+            enc = tokenizer(chunk, add_special_tokens=True, verbose=False)
+            long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > limit]
+            for key in list(enc.keys()):
+                for i in long:
+                    enc[key][i] = enc[key][i][:limit - 1] + enc[key][i][-1:]
+            truncated = len(long)
             if truncated and warn and not warned:
                 warnings.warn(f"trace: texts longer than {limit} tokens are truncated "
                               "(counted in TraceResult.truncated)", stacklevel=2)
                 warned = True
-            enc = tokenizer(chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            enc = tokenizer.pad(enc, return_tensors="pt")
             enc = {k: v.to(dev) for k, v in enc.items()}
             captured.clear()
             with torch.inference_mode():
