@@ -1,4 +1,7 @@
 """embgeom: a metric engine for the geometry of transformer embeddings."""
+# knn is imported eagerly (faiss itself loads on first call): importing the submodule
+# embgeom.knn would otherwise replace a lazily returned function with the module
+from .knn import knn
 from .api import ConeAccumulator, attention_entropy, cone_index, cone_index_stream, pairwise_stats
 from .models import load_model
 from .results import AttentionEntropy, ConeIndex, Histogram, PairList, PairwiseStats, RowTopK
@@ -18,8 +21,4 @@ def __getattr__(name):
         from .hf import trace
 
         return trace
-    if name == "knn":
-        from .knn import knn
-
-        return knn
     raise AttributeError(f"module 'embgeom' has no attribute {name!r}")

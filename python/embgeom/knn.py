@@ -1,0 +1,267 @@
+"""Nearest neighbours by cosine similarity on FAISS (SPEC M5).
+
+Exact search is inner product on L2-normalised rows (IndexFlatIP); IVF-Flat and HNSW are the
+approximate indexes, and for them recall@k against exact search is measured on the same
+queries. faiss is imported on first use; a GPU index is used when faiss was built with GPU
+support and a CUDA device is usable.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _validate
+
+INDEXES = ("flat", "ivf", "hnsw")
+
+
+@dataclass
+class KnnResult:
+    """indices: (Q, k) int64 row ids of x (-1 = padding), values: (Q, k) float32 cosines (NaN =
+    padding), rows ordered by (value desc, id asc). recall: recall@k of an approximate index
+    against exact search (None for `flat`). excluded_rows: zero-norm rows of x, never returned
+    as neighbours (their own result rows are padding when they are queries)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    index: str
+    k: int
+    recall: float | None
+    seconds: float
+    device: str
+    self_query: bool
+    excluded_rows: list[int]
+    params: dict
+
+    def to_dict(self) -> dict:
+        vals = self.values.double().cpu().numpy()
+        return {
+            "index": self.index, "k": self.k, "device": self.device, "self_query": self.self_query,
+            "recall": self.recall, "params": self.params, "seconds": self.seconds,
+            "excluded_rows": [int(r) for r in self.excluded_rows],
+            "indices": self.indices.cpu().tolist(),
+            "values": [[None if math.isnan(v) else float(v) for v in row] for row in vals],
+        }
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ValueError(f"knn: faiss is not installed ({exc}); `pip install faiss-cpu` "
+                         "(or faiss-gpu for GPU indexes)") from None
+    return faiss
+
+
+def _gpu_usable(faiss) -> bool:
+    return hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available()
+
+
+def _normalised(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 rows divided by their fp32 norm (as pairwise_stats does); -> (rows, valid mask)."""
+    v = x.detach().to("cpu", torch.float32).contiguous()
+    norms = torch.linalg.vector_norm(v, dim=1)
+    valid = norms > 0
+    v = v / torch.where(valid, norms, torch.ones_like(norms)).unsqueeze(1)
+    return np.ascontiguousarray(v.numpy()), valid.numpy()
+
+
+def _queries(queries: Any, x: torch.Tensor):
+    """-> (query rows (Q, D) tensor, their ids in x or None). Int 1-D = ids of rows of x."""
+    if queries is None:
+        return x, np.arange(x.shape[0], dtype=np.int64)
+    if isinstance(queries, (list, tuple, range)):
+        queries = torch.as_tensor(list(queries), dtype=torch.int64)
+    if isinstance(queries, np.ndarray) and queries.dtype.kind in "iu":
+        queries = torch.from_numpy(queries.astype(np.int64))
+    if isinstance(queries, torch.Tensor) and not queries.dtype.is_floating_point:
+        if queries.dim() != 1:
+            raise ValueError(f"queries: expected (Q,) row ids or (Q, D) float, got {tuple(queries.shape)} "
+                             f"{str(queries.dtype).replace('torch.', '')}")
+        ids = queries.to("cpu", torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= x.shape[0]):
+            raise ValueError(f"queries: row ids must be in [0, {x.shape[0]}), got min {int(ids.min())}, "
+                             f"max {int(ids.max())}")
+        return x[ids.to(x.device)], ids.numpy()
+    q = _validate.embeddings(queries, "queries")
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(f"queries: expected D = {x.shape[1]} to match x, got {tuple(q.shape)}")
+    return q, None
+
+
+def _build(faiss, kind: str, xn: np.ndarray, use_gpu: bool, params: dict):
+    n, d = xn.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+        index.train(xn)
+        index.nprobe = params["nprobe"]
+    else:
+        index = faiss.IndexHNSWFlat(d, params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["ef_construction"]
+        index.hnsw.efSearch = params["ef_search"]
+    if use_gpu and kind != "hnsw":  # faiss has no GPU HNSW
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, torch.cuda.current_device(), index)
+        index._embgeom_res = res  # keep the resources alive with the index
+        if kind == "ivf":
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", params["nprobe"])
+    index.add(xn)
+    return index
+
+
+def _search(index, qn: np.ndarray, want: int, ids_map: np.ndarray, self_ids: np.ndarray | None,
+            q_valid: np.ndarray, k: int):
+    """Search `want` candidates, map to x's ids, drop the query itself, order ties by id, keep k."""
+    Q = qn.shape[0]
+    out_i = np.full((Q, k), -1, np.int64)
+    out_v = np.full((Q, k), np.nan, np.float32)
+    if Q == 0 or want == 0:
+        return out_i, out_v
+    dist, lab = index.search(qn, want)
+    valid_hit = lab >= 0
+    ids = np.where(valid_hit, ids_map[np.clip(lab, 0, None)], -1)
+    if self_ids is not None:
+        valid_hit &= ids != self_ids[:, None]
+    vals = np.where(valid_hit, dist, -np.inf)
+    ids = np.where(valid_hit, ids, np.iinfo(np.int64).max)
+    order = np.lexsort((ids, -vals), axis=1)  # value desc, then id asc
+    vals = np.take_along_axis(vals, order, 1)[:, :k]
+    ids = np.take_along_axis(ids, order, 1)[:, :k]
+    keep = np.isfinite(vals) & q_valid[:, None]
+    w = vals.shape[1]
+    out_i[:, :w] = np.where(keep, ids, -1)
+    out_v[:, :w] = np.where(keep, np.clip(vals, -1.0, 1.0), np.nan)
+    return out_i, out_v
+
+
+def recall_at_k(approx: np.ndarray | torch.Tensor, exact: np.ndarray | torch.Tensor) -> float | None:
+    """|approx ∩ exact| / |exact| over the valid (non -1) entries of each row."""
+    a, e = np.asarray(approx), np.asarray(exact)
+    hits = total = 0
+    for ra, re in zip(a, e):
+        want = set(int(v) for v in re if v >= 0)
+        total += len(want)
+        hits += len(want.intersection(int(v) for v in ra if v >= 0))
+    return hits / total if total else None
+
+
+def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = None,
+        nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32,
+        ef_search: int | None = None, tie_margin: int = 8) -> KnnResult:
+    """The k nearest rows of x by cosine similarity, for every query.
+
+    x: (N, D) float. queries: None (every row of x queries, itself excluded), (Q,) int row ids
+    of x (those rows query, themselves excluded) or (Q, D) float (external queries). index:
+    "flat" (exact, IndexFlatIP on normalised rows), "ivf" (IVF-Flat, `nlist` lists, `nprobe`
+    probed) or "hnsw" (`hnsw_m` links, `ef_search`); approximate indexes also run exact search
+    and report recall@k. device: None = GPU when faiss-gpu and CUDA are usable, "cpu", "cuda".
+    Zero-norm rows have no direction: they are never neighbours. `tie_margin` extra candidates
+    are fetched so that equal values are ordered by id. Returns KnnResult, tensors on x's device.
+    """
+    x = _validate.embeddings(x, "x")
+    index = _validate.choice(index, "index", INDEXES)
+    k = _validate.positive_int(k, "k", allow_zero=False)
+    tie_margin = _validate.positive_int(tie_margin, "tie_margin")
+    q, self_ids = _queries(queries, x)
+    n = x.shape[0]
+    limit = n - 1 if self_ids is not None else n
+    if k > limit:
+        raise ValueError(f"k: expected <= {limit} ({'N - 1 for self-queries' if self_ids is not None else 'N'}, "
+                         f"N = {n}), got {k}")
+    faiss = _faiss()
+    if device not in (None, "cpu") and not str(device).startswith("cuda"):
+        raise ValueError(f"device: expected None, 'cpu' or 'cuda[:i]', got {device!r}")
+    if device is not None and str(device).startswith("cuda") and not _gpu_usable(faiss):
+        raise ValueError("device: a GPU index needs faiss with GPU support (faiss-gpu) and a usable "
+                         "CUDA device; use device='cpu'")
+    use_gpu = _gpu_usable(faiss) if device is None else str(device).startswith("cuda")
+
+    start = time.perf_counter()
+    xn, x_valid = _normalised(x)
+    valid_ids = np.nonzero(x_valid)[0].astype(np.int64)
+    excluded = np.nonzero(~x_valid)[0].tolist()
+    base = np.ascontiguousarray(xn[valid_ids])
+    qn, q_valid = _normalised(q)
+    n_valid = base.shape[0]
+    params: dict = {}
+    if index == "ivf":
+        lists = nlist if nlist is not None else max(1, min(int(round(4 * math.sqrt(n_valid))), n_valid // 39 or 1))
+        params = {"nlist": _validate.positive_int(lists, "nlist", allow_zero=False)}
+        if params["nlist"] > max(n_valid, 1):
+            raise ValueError(f"nlist: expected <= number of non-zero rows ({n_valid}), got {params['nlist']}")
+        params["nprobe"] = _validate.positive_int(
+            nprobe if nprobe is not None else max(1, params["nlist"] // 8), "nprobe", allow_zero=False)
+    elif index == "hnsw":
+        params = {"hnsw_m": _validate.positive_int(hnsw_m, "hnsw_m", allow_zero=False),
+                  "ef_search": _validate.positive_int(ef_search if ef_search is not None else max(64, 2 * k),
+                                                      "ef_search", allow_zero=False),
+                  "ef_construction": 80}
+    want = min(n_valid, k + (1 if self_ids is not None else 0) + tie_margin)
+    if use_gpu:
+        want = min(want, 2048)  # GPU indexes limit k
+    if n_valid == 0:
+        out_i = np.full((qn.shape[0], k), -1, np.int64)
+        out_v = np.full((qn.shape[0], k), np.nan, np.float32)
+        recall = None if index == "flat" else None
+    else:
+        idx = _build(faiss, index, base, use_gpu and index != "hnsw", params)
+        out_i, out_v = _search(idx, qn, want, valid_ids, self_ids, q_valid, k)
+        recall = None
+        if index != "flat":
+            exact = _build(faiss, "flat", base, use_gpu, {})
+            ex_i, _ = _search(exact, qn, want, valid_ids, self_ids, q_valid, k)
+            recall = recall_at_k(out_i, ex_i)
+    seconds = time.perf_counter() - start
+    return KnnResult(
+        indices=torch.from_numpy(out_i).to(x.device), values=torch.from_numpy(out_v).to(x.device),
+        index=index, k=k, recall=recall, seconds=seconds,
+        device="cuda" if use_gpu and index != "hnsw" else "cpu", self_query=self_ids is not None,
+        excluded_rows=excluded, params=params)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: embgeom knn X --k K [--index flat|ivf|hnsw] [--queries Q] --json OUT
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("x", metavar="X", help=".npy, .pt or .safetensors file of shape (N, D)")
+    p.add_argument("--k", type=int, required=True, help="neighbours per query")
+    p.add_argument("--index", default="flat", choices=list(INDEXES))
+    p.add_argument("--queries", metavar="Q", help="(Q, D) query matrix; default: every row of X "
+                   "queries (itself excluded)")
+    p.add_argument("--device", help="cpu or cuda (default: GPU when faiss-gpu and CUDA are usable)")
+    p.add_argument("--nlist", type=int, help="IVF lists (default ~4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, help="IVF lists probed (default nlist / 8)")
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-search", type=int)
+    p.add_argument("--json", required=True, metavar="OUT")
+
+
+def main(args) -> int:
+    import os
+
+    from ._report import write_json
+    from .io import load_matrix
+
+    out_dir = os.path.dirname(os.path.abspath(args.json))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"--json: directory does not exist: {out_dir}")
+    x = load_matrix(args.x, "X")
+    q = load_matrix(args.queries, "Q") if args.queries else None
+    res = knn(x, args.k, queries=q, index=args.index, device=args.device, nlist=args.nlist,
+              nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search)
+    data = res.to_dict()
+    data.update({"n": int(x.shape[0]), "d": int(x.shape[1])})
+    write_json(args.json, data)
+    rec = "" if res.recall is None else f", recall@{res.k} {res.recall:.4f}"
+    print(f"embgeom knn: {res.indices.shape[0]} queries x {res.k} ({res.index}, {res.device}{rec}) "
+          f"in {res.seconds:.2f}s -> {args.json}")
+    return 0

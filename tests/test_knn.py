@@ -1,0 +1,129 @@
+"""embgeom.knn (FAISS) against brute-force numpy, approximate recall, validation, CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("faiss")
+
+import embgeom  # noqa: E402
+from embgeom import cli  # noqa: E402
+from embgeom.knn import recall_at_k  # noqa: E402
+
+
+def brute_force(x: np.ndarray, k: int, queries=None, exclude_self=True) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine top-k in float64, ties by id, zero rows never neighbours."""
+    x = x.astype(np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    xn = x / np.where(norms > 0, norms, 1)[:, None]
+    q = xn if queries is None else queries
+    s = q @ xn.T
+    s[:, norms == 0] = -np.inf
+    if exclude_self:
+        np.fill_diagonal(s, -np.inf)
+    ids = np.broadcast_to(np.arange(x.shape[0]), s.shape)
+    order = np.lexsort((ids, -s), axis=1)[:, :k]
+    return order, np.take_along_axis(s, order, 1)
+
+
+@pytest.fixture
+def points():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 24)).astype(np.float32)
+    x[10] = 0.0          # zero row: excluded, never a neighbour
+    x[20] = x[30]        # duplicates: tie at cosine 1
+    x[40] = 2.0 * x[50]  # same direction
+    return x
+
+
+def test_flat_matches_brute_force(points):
+    got = embgeom.knn(points, 7)
+    want_i, want_v = brute_force(points, 7)
+    rows = np.arange(len(points)) != 10
+    assert got.indices.dtype == torch.int64 and tuple(got.indices.shape) == (600, 7)
+    np.testing.assert_array_equal(got.indices.numpy()[rows], want_i[rows])
+    np.testing.assert_allclose(got.values.numpy()[rows], want_v[rows], atol=1e-5)
+    assert got.indices[10].tolist() == [-1] * 7 and torch.isnan(got.values[10]).all()
+    assert got.excluded_rows == [10]
+    assert 10 not in got.indices.numpy()
+    assert got.indices[20, 0] == 30 and got.indices[30, 0] == 20
+    assert got.indices[40, 0] == 50
+    assert got.recall is None and got.index == "flat" and got.self_query
+
+
+def test_ties_ordered_by_id():
+    x = np.tile(np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), (6, 1))  # 6 copies each
+    got = embgeom.knn(x, 4)
+    assert got.indices[0].tolist() == [2, 4, 6, 8]
+    assert got.indices[11].tolist() == [1, 3, 5, 7]
+
+
+def test_query_ids_and_external_queries(points):
+    by_id = embgeom.knn(points, 5, queries=torch.tensor([3, 20, 599]))
+    full = embgeom.knn(points, 5)
+    np.testing.assert_array_equal(by_id.indices.numpy(), full.indices.numpy()[[3, 20, 599]])
+    q = points[:4] + 0.01
+    ext = embgeom.knn(points, 5, queries=q)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    want_i, _ = brute_force(points, 5, queries=qn, exclude_self=False)
+    np.testing.assert_array_equal(ext.indices.numpy(), want_i)
+    assert not ext.self_query
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_recall(points, kind):
+    got = embgeom.knn(torch.from_numpy(points), 10, index=kind)
+    assert got.index == kind
+    assert 0.0 <= got.recall <= 1.0
+    assert tuple(got.indices.shape) == (600, 10)
+    exact = embgeom.knn(points, 10)
+    assert got.recall == pytest.approx(recall_at_k(got.indices, exact.indices))
+    d = got.to_dict()
+    json.dumps(d)
+    assert d["recall"] == got.recall and d["params"]
+
+
+def test_agrees_with_pairwise_row_topk(points):
+    ps = embgeom.pairwise_stats(points, bins=0, topk=0, bottomk=0, row_topk=6)
+    got = embgeom.knn(points, 6)
+    rows = np.arange(len(points)) != 10
+    np.testing.assert_array_equal(got.indices.numpy()[rows], ps.row_topk.indices.numpy()[rows])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k=600), "k: expected <= 599"),
+    (dict(k=0), "k: expected >= 1"),
+    (dict(k=3, queries=np.zeros((2, 5), np.float32)), "queries: expected D = 24"),
+    (dict(k=3, queries=torch.tensor([0, 600])), r"queries: row ids must be in \[0, 600\)"),
+    (dict(k=3, index="lsh"), "index: expected one of"),
+    (dict(k=3, device="tpu"), "device: expected"),
+])
+def test_bad_inputs(points, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        embgeom.knn(points, **kwargs)
+
+
+def test_bad_x():
+    with pytest.raises(ValueError, match=r"x: expected \(N, D\)"):
+        embgeom.knn(np.zeros(5, np.float32), 1)
+    with pytest.raises(TypeError, match="x: expected a float array"):
+        embgeom.knn(np.zeros((5, 2), np.int32), 1)
+    with pytest.raises(ValueError, match="x: NaN or Inf in 1 row"):
+        embgeom.knn(np.array([[1.0, 0.0], [np.nan, 1.0], [0.0, 1.0]], np.float32), 1)
+
+
+def test_cli(points, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", points)
+    out = tmp_path / "knn.json"
+    assert cli.main(["knn", str(tmp_path / "x.npy"), "--k", "4", "--index", "hnsw", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["n"] == 600 and data["k"] == 4 and len(data["indices"]) == 600
+    assert 0.0 <= data["recall"] <= 1.0
+    assert "recall@4" in capsys.readouterr().out
+    assert cli.main(["knn", str(tmp_path / "missing.npy"), "--k", "4", "--json", str(out)]) == 2
+    assert "X: file not found" in capsys.readouterr().err
+    assert cli.main(["knn", str(tmp_path / "x.npy"), "--k", "900", "--json", str(out)]) == 2
+    assert "k: expected <= 599" in capsys.readouterr().err
