@@ -1,0 +1,537 @@
+"""`embgeom vocab`: the geometry of a BERT-family model's input embeddings (SPEC R1, seed 002 4.2).
+
+Word, position and token-type embeddings: all-pairs statistics of the vocabulary (pairwise_stats,
+never N x N), the mean embedding's extreme tokens, positional structure, token x position cross
+statistics, token-type statistics, PCA, and FAISS neighbours of probe words checked against the
+all-pairs engine's per-row top-k. Writes DIR/report.json, PNG plots and DIR/report.html.
+"""
+from __future__ import annotations
+
+import os
+import re
+import resource
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+from . import _report
+from .api import pairwise_stats
+
+PROBE_WORDS = ("king", "queen", "man", "woman", "paris", "france", "dog", "cat", "good", "bad",
+               "big", "small", "run", "walk", "music", "science", "red", "blue", "one", "two")
+MEAN_MEASURES = ("euclidean", "cosine", "abs_cosine", "dot", "abs_dot", "norm")
+UNUSED_TOKEN = re.compile(r"^\[unused\d+\]$")
+TABLE_K = 10
+OUTSIDE = (-0.2, 0.2)
+AGREEMENT_ROWS = 2000  # rows whose FAISS neighbours are compared with the engine's row top-k
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+def input_embeddings(model) -> dict[str, torch.Tensor | None]:
+    """The word, position and token-type embedding matrices (float32, detached, model's device);
+    None where the architecture has none (e.g. no token types in DistilBERT)."""
+    emb = getattr(getattr(model, "base_model", model), "embeddings", None)
+    word = model.get_input_embeddings()
+    if word is None:
+        raise ValueError("model: it has no input embeddings (get_input_embeddings() is None)")
+
+    def weight(name):
+        mod = getattr(emb, name, None) if emb is not None else None
+        w = getattr(mod, "weight", None)
+        return None if w is None else w.detach().float()
+
+    return {"word": word.weight.detach().float(), "position": weight("position_embeddings"),
+            "token_type": weight("token_type_embeddings")}
+
+
+def kept_token_ids(tokenizer, vocab_size: int, all_tokens: bool) -> tuple[torch.Tensor, list[str], dict]:
+    """Ids analysed (all, or all but special and [unusedN] tokens), every id's token string, and
+    what was left out."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    tokens = [t if t is not None else f"<id {i}>" for i, t in enumerate(tokens)]
+    special = sorted({int(i) for i in tokenizer.all_special_ids if 0 <= int(i) < vocab_size})
+    unused = [i for i, t in enumerate(tokens) if UNUSED_TOKEN.match(t)]
+    if all_tokens:
+        dropped: list[int] = []
+    else:
+        dropped = sorted(set(special) | set(unused))
+    keep = torch.ones(vocab_size, dtype=torch.bool)
+    keep[dropped] = False
+    excluded = {"all_tokens": all_tokens, "special": len(special), "unused": len(unused),
+                "excluded": len(dropped), "special_tokens": [tokens[i] for i in special]}
+    return torch.nonzero(keep).flatten(), tokens, excluded
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+# ---------------------------------------------------------------------------------------------
+
+def _remap_pairs(pairs: list, rows: torch.Tensor, cols: torch.Tensor) -> list:
+    return [[int(rows[i]), int(cols[j]), v] for i, j, v in pairs]
+
+
+def _remap_stats(d: dict, rows: torch.Tensor, cols: torch.Tensor) -> dict:
+    """Indices of a pairwise_stats dict on submatrices -> ids of the full matrices."""
+    for key in ("top_pairs", "bottom_pairs", "near_pairs"):
+        d[key] = _remap_pairs(d[key], rows, cols)
+    for key in ("min", "max"):
+        if d[key] is not None:
+            d[key] = _remap_pairs([d[key]], rows, cols)[0]
+    if "outside" in d:
+        d["outside"]["pairs"] = _remap_pairs(d["outside"]["pairs"], rows, cols)
+    d["excluded_rows"] = [int(rows[i]) for i in d["excluded_rows"]]
+    if "excluded_cols" in d:
+        d["excluded_cols"] = [int(cols[j]) for j in d["excluded_cols"]]
+    return d
+
+
+def section_pairs(word: torch.Tensor, ids: torch.Tensor, tokens: list[str], *, backend, precision):
+    """SPEC M1 over the analysed word embeddings (ids are vocabulary ids). The engine's per-row
+    top-10 comes from the same pass, for the neighbour agreement check."""
+    res = pairwise_stats(word[ids.to(word.device)], metric="cosine", bins=2000, topk=TABLE_K,
+                         bottomk=TABLE_K, near=0.0, near_k=TABLE_K, row_topk=TABLE_K,
+                         outside=OUTSIDE, outside_limit=100, precision=precision, backend=backend)
+    d = res.to_dict()
+    d.pop("row_topk")
+    d["outside"].pop("row_counts")
+    _remap_stats(d, ids, ids)
+
+    def named(pairs):
+        return [[tokens[i], tokens[j], v] for i, j, v in pairs]
+
+    d["top_tokens"], d["bottom_tokens"] = named(d["top_pairs"]), named(d["bottom_pairs"])
+    d["near_zero_tokens"] = named(d["near_pairs"])
+    return d, res
+
+
+def _extremes(values: torch.Tensor, ids: torch.Tensor, tokens: list[str], k: int) -> dict:
+    """top/bottom k as [id, token, value]; ties ordered by id (ids are ascending)."""
+    v = values.double().cpu()
+    k = min(k, v.numel())
+    # stable sorts keep ascending ids among equal values
+    order_top = torch.sort(v, descending=True, stable=True).indices[:k].tolist()
+    order_bottom = torch.sort(v, stable=True).indices[:k].tolist()
+
+    def rows(order):
+        return [[int(ids[i]), tokens[int(ids[i])], float(v[i])] for i in order]
+
+    return {"top": rows(order_top), "bottom": rows(order_bottom)}
+
+
+def mean_embedding_measures(word: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each row against the mean row: Euclidean distance, cosine, |cosine|, dot, |dot|, and the
+    row's own norm (float64; a zero row has cosine NaN and is ranked last)."""
+    x = word.double()
+    mu = x.mean(0)
+    dot = x @ mu
+    norms = x.norm(dim=1)
+    denom = norms * mu.norm()
+    cos = torch.where(denom > 0, dot / denom.clamp_min(1e-300), torch.full_like(dot, float("nan")))
+    return {"euclidean": (x - mu).norm(dim=1), "cosine": cos, "abs_cosine": cos.abs(), "dot": dot,
+            "abs_dot": dot.abs(), "norm": norms}
+
+
+def section_mean_embedding(word, ids, tokens):
+    measures = mean_embedding_measures(word[ids.to(word.device)])
+    out = {}
+    for name in MEAN_MEASURES:
+        v = measures[name]
+        # NaN (zero rows) must not win either table
+        finite = torch.isfinite(v)
+        out[name] = _extremes(v[finite], ids[finite.cpu()], tokens, TABLE_K)
+        out[name]["mean"] = float(v[finite].mean()) if finite.any() else None
+    out["mean_norm"] = float(word[ids.to(word.device)].double().mean(0).norm())
+    return out, measures
+
+
+def explained_variance(x: torch.Tensor) -> torch.Tensor:
+    """Explained-variance ratio of each principal component (descending), from the D x D
+    covariance (float64) rather than an SVD of the N x D matrix."""
+    x = x.double()
+    if x.shape[0] < 2:
+        return torch.zeros(0, dtype=torch.float64)
+    xc = x - x.mean(0)
+    ev = torch.linalg.eigvalsh(xc.T @ xc / (x.shape[0] - 1)).flip(0).clamp_min(0)
+    ev = ev[:min(x.shape)]  # the rank is at most min(N, D): drop the structural zeros
+    total = ev.sum()
+    return (ev / total if total > 0 else ev).cpu()
+
+
+def _components_for(ratio: torch.Tensor, share: float) -> int | None:
+    if ratio.numel() == 0 or ratio.sum() <= 0:
+        return None
+    return int(torch.searchsorted(ratio.cumsum(0), torch.tensor(share, dtype=torch.float64)).item()) + 1
+
+
+def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
+    """Cosine matrix of a small set (positions, token types): float64, zero rows give 0."""
+    x = x.double()
+    xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return xn @ xn.T
+
+
+def offset_profile(cos: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between positions p and p + k, for each offset k = 0..P-1."""
+    return torch.stack([torch.diagonal(cos, k).mean() for k in range(cos.shape[0])])
+
+
+def section_positional(pos: torch.Tensor, *, backend, precision):
+    stats = pairwise_stats(pos, metric="cosine", bins=200, topk=TABLE_K, bottomk=TABLE_K,
+                           precision=precision, backend=backend).to_dict()
+    cos = cosine_matrix(pos).cpu()
+    ratio = explained_variance(pos)
+    xc = pos.double() - pos.double().mean(0)
+    # principal axes from the covariance's eigenvectors: the 3-D path of the positions
+    _, vecs = torch.linalg.eigh(xc.T @ xc)
+    path = (xc @ vecs.flip(1)[:, :3]).cpu() if pos.shape[0] >= 2 else torch.zeros(pos.shape[0], 3)
+    out = {"positions": int(pos.shape[0]), "mean": stats["mean"], "std": stats["std"],
+           "min": stats["min"], "max": stats["max"], "top_pairs": stats["top_pairs"],
+           "bottom_pairs": stats["bottom_pairs"], "offset_profile": offset_profile(cos).tolist(),
+           "explained_variance": ratio[:64].tolist(),
+           "components_for_90pct": _components_for(ratio, 0.9),
+           "norms": pos.double().norm(dim=1).cpu().tolist()}
+    return out, cos, ratio, path
+
+
+def section_token_position(word, pos, ids, tokens, *, backend, precision):
+    res = pairwise_stats(word[ids.to(word.device)], pos, metric="cosine", bins=200, topk=TABLE_K,
+                         bottomk=TABLE_K, outside=OUTSIDE, outside_limit=200,
+                         precision=precision, backend=backend)
+    d = res.to_dict()
+    positions = torch.arange(pos.shape[0])
+    per_position = d["outside"].pop("col_counts")
+    d["outside"].pop("row_counts")
+    _remap_stats(d, ids, positions)
+
+    def named(pairs):
+        return [[i, tokens[i], j, v] for i, j, v in pairs]
+
+    d["outside"]["pairs"] = named(d["outside"]["pairs"])
+    d["outside"]["per_position"] = per_position
+    d["outside"]["note"] = ("pairs: the first `limit` by (token_id, position); count and "
+                            "per_position cover all")
+    d["outside"]["limit"] = 200
+    d["top_pairs"], d["bottom_pairs"] = named(d["top_pairs"]), named(d["bottom_pairs"])
+    d.pop("near_pairs")
+    return d
+
+
+def section_token_type(tt, word, pos, ids, *, backend, precision):
+    t = tt.double()
+    sq = (t * t).sum(1)
+    dist = (sq[:, None] + sq[None, :] - 2 * t @ t.T).clamp_min(0).sqrt()
+    out = {"types": int(tt.shape[0]), "norms": t.norm(dim=1).tolist(),
+           "cosine": cosine_matrix(tt).tolist(), "dot": (t @ t.T).tolist(), "distance": dist.tolist(),
+           "vs_word": [], "vs_position": []}
+    words = word[ids.to(word.device)]
+    for k in range(tt.shape[0]):
+        for key, other in (("vs_word", words), ("vs_position", pos)):
+            if other is None:
+                continue
+            s = pairwise_stats(tt[k:k + 1], other, metric="cosine", bins=0, topk=0, bottomk=0,
+                               precision=precision, backend=backend)
+            out[key].append({"mean": s.mean, "std": s.std,
+                             "min": None if s.min is None else s.min[2],
+                             "max": None if s.max is None else s.max[2]})
+    return out
+
+
+def _agreement(engine_top, faiss_top, faiss_vals, engine_vals, tol: float) -> dict:
+    """Per-row neighbour sets equal, or equal up to ties: ids that differ have values within
+    `tol` of the row's k-th value (either side may have broken the tie otherwise)."""
+    exact = ties = 0
+    max_diff = 0.0
+    for a, b, va, vb in zip(engine_top, faiss_top, engine_vals, faiss_vals):
+        sa, sb = set(a), set(b)
+        common = len(va)
+        if common:
+            max_diff = max(max_diff, max(abs(x - y) for x, y in zip(va, vb)))
+        if sa == sb:
+            exact += 1
+            continue
+        kth = min(va[-1], vb[-1])
+        engine_val = dict(zip(a, va))
+        faiss_val = dict(zip(b, vb))
+        if all(abs(engine_val[i] - kth) <= tol for i in sa - sb) and \
+                all(abs(faiss_val[i] - kth) <= tol for i in sb - sa):
+            ties += 1
+    rows = len(engine_top)
+    return {"rows_checked": rows, "identical": exact, "equal_up_to_ties": exact + ties,
+            "disagree": rows - exact - ties, "max_abs_value_diff": max_diff, "tie_tolerance": tol,
+            "agree": exact + ties == rows}
+
+
+def section_neighbors(word, ids, tokens, engine_rowtopk, *, k=TABLE_K, device=None):
+    """FAISS exact neighbours of the probe words, and FAISS vs the engine's per-row top-k on a
+    deterministic sample of rows."""
+    from .knn import knn
+
+    words = word[ids.to(word.device)]
+    n = words.shape[0]
+    k = min(k, n - 1)
+    if k < 1:
+        return {"probes": {}, "agreement": None, "note": "fewer than 2 tokens"}
+    position = {int(v): p for p, v in enumerate(ids.tolist())}
+    vocab = {t: i for i, t in enumerate(tokens)}
+    probes = [w for w in PROBE_WORDS if w in vocab and vocab[w] in position]
+    faiss_device = "cpu" if words.device.type == "cpu" else None
+    out: dict = {"k": k, "probes": {}, "missing_probes": [w for w in PROBE_WORDS if w not in probes]}
+    if probes:
+        q = torch.tensor([position[vocab[w]] for w in probes])
+        res = knn(words, k, queries=q, device=faiss_device)
+        for w, row_i, row_v in zip(probes, res.indices.tolist(), res.values.tolist()):
+            out["probes"][w] = [[int(ids[i]), tokens[int(ids[i])], float(v)] for i, v in zip(row_i, row_v)]
+    # agreement with the engine on a fixed sample (all rows when few)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randperm(n, generator=g)[:AGREEMENT_ROWS].sort().values
+    res = knn(words, k, queries=sample, device=faiss_device)
+    eng_i = engine_rowtopk.indices[sample.to(engine_rowtopk.indices.device)][:, :k].cpu().tolist()
+    eng_v = engine_rowtopk.values[sample.to(engine_rowtopk.values.device)][:, :k].double().cpu().tolist()
+    out["agreement"] = _agreement(eng_i, res.indices.cpu().tolist(), res.values.double().cpu().tolist(),
+                                  eng_v, tol=1e-5)
+    out["agreement"]["faiss_device"] = res.device
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole analysis
+# ---------------------------------------------------------------------------------------------
+
+class _Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None = None,
+            precision: str = "exact", timer: _Timer | None = None) -> tuple[dict, dict]:
+    """Every section of the vocabulary report -> (report dict, arrays for the plots)."""
+    timer = timer or _Timer()
+    mats = input_embeddings(model)
+    word, pos, tt = mats["word"], mats["position"], mats["token_type"]
+    ids, tokens, excluded = kept_token_ids(tokenizer, word.shape[0], all_tokens)
+    if ids.numel() < 2:
+        raise ValueError(f"model: only {ids.numel()} token(s) left to analyse; try --all-tokens")
+    report: dict = {"vocab_size": int(word.shape[0]), "hidden": int(word.shape[1]),
+                    "tokens_analysed": int(ids.numel()), "tokens": excluded}
+    plots: dict = {}
+    with timer("pairs"):
+        report["pairs"], res = section_pairs(word, ids, tokens, backend=backend, precision=precision)
+        plots["hist"] = res.hist
+    with timer("mean_embedding"):
+        report["mean_embedding"], plots["mean_measures"] = section_mean_embedding(word, ids, tokens)
+    if pos is not None:
+        with timer("positional"):
+            report["positional"], plots["pos_cos"], plots["pos_ratio"], plots["pos_path"] = \
+                section_positional(pos, backend=backend, precision=precision)
+        with timer("token_position"):
+            report["token_position"] = section_token_position(word, pos, ids, tokens, backend=backend,
+                                                              precision=precision)
+    if tt is not None:
+        with timer("token_type"):
+            report["token_type"] = section_token_type(tt, word, pos, ids, backend=backend,
+                                                      precision=precision)
+    with timer("pca"):
+        word_ratio = explained_variance(word[ids.to(word.device)])
+        report["pca"] = {"word": {"explained_variance": word_ratio.tolist(),
+                                  "components_for": {f"{int(s * 100)}pct": _components_for(word_ratio, s)
+                                                     for s in (0.5, 0.9, 0.99)}}}
+        plots["word_ratio"] = word_ratio
+        if pos is not None:
+            pr = plots["pos_ratio"]
+            report["pca"]["position"] = {"explained_variance": pr.tolist(), "components_for": {
+                f"{int(s * 100)}pct": _components_for(pr, s) for s in (0.5, 0.9, 0.99)}}
+    with timer("neighbors"):
+        report["neighbors"] = section_neighbors(word, ids, tokens, res.row_topk)
+    return report, plots
+
+
+# ---------------------------------------------------------------------------------------------
+# plots and HTML
+# ---------------------------------------------------------------------------------------------
+
+def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
+    import matplotlib.pyplot as plt  # noqa: F401  (new_figure selects the Agg backend first)
+
+    pngs = {}
+    hist = plots["hist"]
+    fig, ax = _report.new_figure()
+    edges = hist.edges()
+    ax.bar(((edges[:-1] + edges[1:]) / 2).numpy(), hist.counts.cpu().numpy(), width=float(edges[1] - edges[0]))
+    ax.set_yscale("log")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("token pairs")
+    ax.set_title("all pairs of word embeddings")
+    pngs["pairs_hist"] = _report.save_figure(fig, out_dir, "pairs_hist")
+
+    fig, axes = _report.new_figure(12, 6)
+    fig.clf()
+    for i, name in enumerate(MEAN_MEASURES):
+        ax = fig.add_subplot(2, 3, i + 1)
+        v = plots["mean_measures"][name]
+        ax.hist(v[torch.isfinite(v)].cpu().numpy(), bins=100)
+        ax.set_title(name.replace("_", " ") + (" of row" if name == "norm" else " to mean"))
+    fig.tight_layout()
+    pngs["mean_embedding"] = _report.save_figure(fig, out_dir, "mean_embedding")
+
+    if "pos_cos" in plots:
+        fig, ax = _report.new_figure(6, 5)
+        im = ax.imshow(plots["pos_cos"].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        fig.colorbar(im, ax=ax)
+        ax.set_xlabel("position")
+        ax.set_ylabel("position")
+        ax.set_title("cosine of position embeddings")
+        pngs["positional_cosine"] = _report.save_figure(fig, out_dir, "positional_cosine")
+
+        fig, ax = _report.new_figure()
+        prof = offset_profile(plots["pos_cos"])
+        ax.plot(prof.numpy())
+        ax.set_xlabel("offset k")
+        ax.set_ylabel("mean cosine(p, p + k)")
+        ax.set_title("relative-offset profile of position embeddings")
+        pngs["positional_offset"] = _report.save_figure(fig, out_dir, "positional_offset")
+
+        fig = _report.new_figure(6, 5)[0]
+        fig.clf()
+        ax = fig.add_subplot(projection="3d")
+        path = plots["pos_path"].numpy()
+        ax.plot(path[:, 0], path[:, 1], path[:, 2], lw=0.6, color="grey")
+        sc = ax.scatter(path[:, 0], path[:, 1], path[:, 2], c=range(len(path)), s=4, cmap="viridis")
+        fig.colorbar(sc, ax=ax, label="position", shrink=0.7)
+        ax.set_title("position embeddings, first 3 principal components")
+        pngs["positional_pca3d"] = _report.save_figure(fig, out_dir, "positional_pca3d")
+
+    fig, ax = _report.new_figure()
+    for name, ratio in (("word", plots["word_ratio"]), ("position", plots.get("pos_ratio"))):
+        if ratio is not None and ratio.numel():
+            ax.plot(range(1, ratio.numel() + 1), ratio.cumsum(0).numpy(), label=name)
+    ax.set_xlabel("principal components")
+    ax.set_ylabel("cumulative explained variance")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    pngs["pca"] = _report.save_figure(fig, out_dir, "pca")
+    return pngs
+
+
+def write_html(out_dir: str, report: dict, pngs: dict) -> str:
+    t = _report.table_html
+    p = report["pairs"]
+    tk = report["tokens"]
+    intro = (f"<p>{report['model']}: vocabulary {report['vocab_size']} x {report['hidden']}; "
+             f"{report['tokens_analysed']} tokens analysed "
+             + ("(all tokens)" if tk["all_tokens"] else
+                f"({tk['special']} special and {tk['unused']} [unusedN] tokens left out; --all-tokens keeps them)")
+             + f". Total {report['timing']['total']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB.</p>")
+    sections = [("Overview", intro + t(["step", "seconds"], [[k, v] for k, v in report["timing"].items()]), [])]
+    pairs_body = (f"<p>{p['count']} pairs; mean cosine {p['mean']:.4f}, std {p['std']:.4f}; "
+                  f"{p['outside']['count']} pairs outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
+                  "<h3>most similar</h3>" + t(["token a", "token b", "cosine"], p["top_tokens"])
+                  + "<h3>least similar</h3>" + t(["token a", "token b", "cosine"], p["bottom_tokens"])
+                  + "<h3>nearest to 0</h3>" + t(["token a", "token b", "cosine"], p["near_zero_tokens"]))
+    sections.append(("All pairs of word embeddings", pairs_body, [pngs["pairs_hist"]]))
+    me = report["mean_embedding"]
+    me_body = "".join(
+        f"<h3>{name.replace('_', ' ')}</h3>" + t(["top id", "top token", "value", "bottom id", "bottom token", "value"],
+                                                [a + b for a, b in zip(me[name]["top"], me[name]["bottom"])])
+        for name in MEAN_MEASURES)
+    sections.append(("Mean embedding", f"<p>norm of the mean embedding {me['mean_norm']:.4f}</p>" + me_body,
+                     [pngs["mean_embedding"]]))
+    if "positional" in report:
+        pos = report["positional"]
+        body = (f"<p>{pos['positions']} positions; mean cosine {pos['mean']:.4f} (std {pos['std']:.4f}); "
+                f"{pos['components_for_90pct']} principal components explain 90% of the variance.</p>")
+        sections.append(("Position embeddings", body, [pngs["positional_cosine"], pngs["positional_offset"],
+                                                       pngs["positional_pca3d"]]))
+        tp = report["token_position"]
+        body = (f"<p>{tp['count']} token x position pairs; mean cosine {tp['mean']:.4f}; "
+                f"{tp['outside']['count']} outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
+                + t(["token id", "token", "position", "cosine"], tp["top_pairs"] + tp["bottom_pairs"]))
+        sections.append(("Token x position", body, []))
+    if "token_type" in report:
+        tt = report["token_type"]
+        body = t(["type", "norm"], [[i, v] for i, v in enumerate(tt["norms"])])
+        body += t(["type", "vs", "mean cos", "std", "min", "max"],
+                  [[i, key[3:], s["mean"], s["std"], s["min"], s["max"]]
+                   for key in ("vs_word", "vs_position") for i, s in enumerate(tt[key])])
+        sections.append(("Token-type embeddings", body, []))
+    pca = report["pca"]
+    body = t(["matrix", "50%", "90%", "99%"], [[name, *v["components_for"].values()] for name, v in pca.items()])
+    sections.append(("PCA (components needed)", body, [pngs["pca"]]))
+    nb = report["neighbors"]
+    rows = [[w, ", ".join(f"{tok} ({v:.3f})" for _, tok, v in lst)] for w, lst in nb["probes"].items()]
+    ag = nb.get("agreement") or {}
+    body = t(["probe", f"{nb.get('k', TABLE_K)} nearest tokens (cosine), FAISS exact"], rows)
+    if ag:
+        body += (f"<p>FAISS exact vs pairwise_stats(row_topk): {ag['equal_up_to_ties']} of {ag['rows_checked']} "
+                 f"rows agree up to ties ({ag['identical']} identical), largest value difference "
+                 f"{ag['max_abs_value_diff']:.2e}.</p>")
+    sections.append(("Nearest neighbours", body, []))
+    path = os.path.join(out_dir, "report.html")
+    _report.write_html(path, f"embgeom vocab: {report['model']}", sections)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face name or local path (default: the bundled "
+                   "all-MiniLM-L6-v2)")
+    p.add_argument("--out", default="embgeom-vocab", metavar="DIR", help="output directory (created)")
+    p.add_argument("--device", default=None, help="torch device for the embeddings (default: cpu)")
+    p.add_argument("--all-tokens", action="store_true", help="keep special and [unusedN] tokens")
+    p.add_argument("--precision", default="exact", choices=["exact", "fast"])
+    p.add_argument("--backend", default=None, help="all-pairs backend (default: auto)")
+
+
+def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, precision="exact",
+        backend=None) -> dict:
+    """Load the model, analyse, write report.json + PNGs + report.html; returns the report."""
+    from .models import DEFAULT_MODEL, load_model
+
+    timer = _Timer()
+    start = time.perf_counter()
+    with timer("model_load"):
+        model, tokenizer = load_model(model_name, device=device)
+    os.makedirs(out_dir, exist_ok=True)
+    with torch.no_grad():
+        report, plots = analyse(model, tokenizer, all_tokens=all_tokens, backend=backend,
+                                precision=precision, timer=timer)
+    report = {"model": model_name or DEFAULT_MODEL, **report}
+    with timer("plots"):
+        pngs = write_plots(out_dir, plots)
+    report["timing"] = dict(timer.seconds)
+    report["timing"]["total"] = time.perf_counter() - start
+    report["peak_rss_mb"] = peak_rss_mb()
+    _report.write_json(os.path.join(out_dir, "report.json"), report)
+    write_html(out_dir, report, pngs)
+    report["timing"]["total"] = time.perf_counter() - start
+    _report.write_json(os.path.join(out_dir, "report.json"), report)
+    return report
+
+
+def main(args) -> int:
+    report = run(args.model, args.out, device=args.device, all_tokens=args.all_tokens,
+                 precision=args.precision, backend=args.backend)
+    tm = report["timing"]
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in tm.items() if k != "total")
+    print(f"embgeom vocab: {report['tokens_analysed']} tokens in {tm['total']:.1f}s ({parts}); "
+          f"peak {report['peak_rss_mb']:.0f} MB -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
+    return 0

@@ -1,0 +1,159 @@
+"""`embgeom vocab` on a tiny random BERT: every table against a direct numpy computation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from embgeom.cli import main
+from embgeom.vocab import AGREEMENT_ROWS, MEAN_MEASURES, OUTSIDE, run
+
+
+@pytest.fixture(scope="module")
+def vocab_report(tiny_bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vocab")
+    assert main(["vocab", "--model", tiny_bert_dir, "--out", str(out)]) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def mats(tiny_bert):
+    model, tokenizer = tiny_bert
+    emb = model.embeddings
+    word = emb.word_embeddings.weight.detach().double().numpy()
+    tokens = tokenizer.convert_ids_to_tokens(list(range(word.shape[0])))
+    keep = np.array([not (t.startswith("[") and t.endswith("]")) for t in tokens])  # specials + [unusedN]
+    return {"word": word, "pos": emb.position_embeddings.weight.detach().double().numpy(),
+            "tt": emb.token_type_embeddings.weight.detach().double().numpy(), "tokens": tokens,
+            "ids": np.nonzero(keep)[0]}
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _ranked(values, ids, k, descending):
+    """(id, value) of the k largest/smallest, ties by id."""
+    order = sorted(range(len(values)), key=lambda i: ((-values[i] if descending else values[i]), ids[i]))
+    return [(int(ids[i]), float(values[i])) for i in order[:k]]
+
+
+def test_files_and_token_selection(vocab_report, mats):
+    out, rep = vocab_report
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) >= 4 and {"pairs_hist.png", "positional_cosine.png", "pca.png"} <= set(pngs)
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(pngs) and "http" not in html
+    assert rep["tokens"]["excluded"] == 7 and rep["tokens"]["unused"] == 2 and rep["tokens"]["special"] == 5
+    assert rep["tokens_analysed"] == len(mats["ids"])
+    assert set(rep["timing"]) >= {"model_load", "pairs", "plots", "total"} and rep["peak_rss_mb"] > 0
+
+
+def test_pairs_tables(vocab_report, mats):
+    _, rep = vocab_report
+    ids, tokens = mats["ids"], mats["tokens"]
+    c = _unit(mats["word"][ids]) @ _unit(mats["word"][ids]).T
+    iu, ju = np.triu_indices(len(ids), 1)
+    vals = c[iu, ju]
+    p = rep["pairs"]
+    assert p["count"] == len(vals)
+    assert abs(p["mean"] - vals.mean()) < 1e-6
+    top = sorted(zip(-vals, ids[iu], ids[ju]))[:10]
+    assert [[a, b] for a, b, _ in p["top_pairs"]] == [[int(i), int(j)] for _, i, j in top]
+    assert np.allclose([v for *_, v in p["top_pairs"]], [-v for v, *_ in top], atol=1e-6)
+    assert [r[:2] for r in p["top_tokens"]] == [[tokens[i], tokens[j]] for _, i, j in top]
+    bottom = sorted(zip(vals, ids[iu], ids[ju]))[:10]
+    assert [[a, b] for a, b, _ in p["bottom_pairs"]] == [[int(i), int(j)] for _, i, j in bottom]
+    near = sorted(zip(np.abs(vals), ids[iu], ids[ju]))[:10]
+    assert [[a, b] for a, b, _ in p["near_pairs"]] == [[int(i), int(j)] for _, i, j in near]
+    assert p["outside"]["count"] == int(((vals < OUTSIDE[0]) | (vals > OUTSIDE[1])).sum())
+    assert sum(p["hist"]["counts"]) == len(vals)
+
+
+def test_mean_embedding_tables(vocab_report, mats):
+    _, rep = vocab_report
+    ids = mats["ids"]
+    x = mats["word"][ids]
+    mu = x.mean(0)
+    dot = x @ mu
+    cos = dot / (np.linalg.norm(x, axis=1) * np.linalg.norm(mu))
+    want = {"euclidean": np.linalg.norm(x - mu, axis=1), "cosine": cos, "abs_cosine": np.abs(cos),
+            "dot": dot, "abs_dot": np.abs(dot), "norm": np.linalg.norm(x, axis=1)}
+    assert set(MEAN_MEASURES) == set(want)
+    for name, v in want.items():
+        for side, desc in (("top", True), ("bottom", False)):
+            got = rep["mean_embedding"][name][side]
+            exp = _ranked(v, ids, 10, desc)
+            assert [r[0] for r in got] == [i for i, _ in exp], (name, side)
+            assert [r[1] for r in got] == [mats["tokens"][i] for i, _ in exp]
+            assert np.allclose([r[2] for r in got], [e for _, e in exp], atol=1e-9)
+
+
+def test_positional_and_token_position(vocab_report, mats):
+    _, rep = vocab_report
+    pos, ids = mats["pos"], mats["ids"]
+    cp = _unit(pos) @ _unit(pos).T
+    prof = [np.diagonal(cp, k).mean() for k in range(len(pos))]
+    assert np.allclose(rep["positional"]["offset_profile"], prof, atol=1e-9)
+    ev = np.linalg.svd(pos - pos.mean(0), compute_uv=False) ** 2
+    assert np.allclose(rep["pca"]["position"]["explained_variance"], ev / ev.sum(), atol=1e-9)
+    xw = mats["word"][ids]
+    evw = np.linalg.svd(xw - xw.mean(0), compute_uv=False) ** 2
+    assert np.allclose(rep["pca"]["word"]["explained_variance"], evw / evw.sum(), atol=1e-9)
+
+    cross = _unit(mats["word"][ids]) @ _unit(pos).T
+    outside = (cross < OUTSIDE[0]) | (cross > OUTSIDE[1])
+    tp = rep["token_position"]["outside"]
+    assert tp["count"] == int(outside.sum())
+    assert tp["per_position"] == outside.sum(0).tolist()
+    ii, jj = np.nonzero(outside)  # row-major: ordered by (token, position)
+    want = [[int(ids[i]), mats["tokens"][ids[i]], int(j)] for i, j in zip(ii, jj)][:len(tp["pairs"])]
+    assert [r[:3] for r in tp["pairs"]] == want
+    top = rep["token_position"]["top_pairs"][0]
+    i, j = np.unravel_index(np.argmax(cross), cross.shape)
+    assert top[:3] == [int(ids[i]), mats["tokens"][ids[i]], int(j)] and abs(top[3] - cross[i, j]) < 1e-6
+
+
+def test_token_type(vocab_report, mats):
+    _, rep = vocab_report
+    tt = mats["tt"]
+    t = rep["token_type"]
+    assert np.allclose(t["cosine"], _unit(tt) @ _unit(tt).T, atol=1e-9)
+    assert np.allclose(t["dot"], tt @ tt.T, atol=1e-9)
+    d = np.linalg.norm(tt[:, None] - tt[None], axis=2)
+    assert np.allclose(t["distance"], d, atol=1e-7)
+    vs = _unit(tt) @ _unit(mats["word"][mats["ids"]]).T
+    assert np.allclose([s["mean"] for s in t["vs_word"]], vs.mean(1), atol=1e-6)
+    assert np.allclose([s["max"] for s in t["vs_word"]], vs.max(1), atol=1e-6)
+
+
+def test_neighbors_match_numpy_and_engine(vocab_report, mats):
+    _, rep = vocab_report
+    ids = mats["ids"]
+    nb = rep["neighbors"]
+    ag = nb["agreement"]
+    assert ag["agree"] and ag["rows_checked"] == min(AGREEMENT_ROWS, len(ids))
+    c = _unit(mats["word"][ids]) @ _unit(mats["word"][ids]).T
+    row = {int(v): r for r, v in enumerate(ids)}
+    assert "king" in nb["probes"] and "paris" in nb["missing_probes"]
+    for word, got in nb["probes"].items():
+        r = row[mats["tokens"].index(word)]
+        v = c[r].copy()
+        v[r] = -np.inf
+        want = _ranked(v, ids, nb["k"], True)
+        assert [g[0] for g in got] == [i for i, _ in want]
+
+
+def test_all_tokens_keeps_specials(tiny_bert_dir, tmp_path):
+    rep = run(tiny_bert_dir, str(tmp_path), all_tokens=True)
+    assert rep["tokens"]["excluded"] == 0 and rep["tokens_analysed"] == rep["vocab_size"]
+    # [PAD]'s embedding is initialised to zero: excluded from the pairs, and said so
+    assert rep["pairs"]["excluded_rows"] == [0]
+    n = rep["vocab_size"] - 1
+    assert rep["pairs"]["count"] == n * (n - 1) // 2
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["vocab", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such directory" in capsys.readouterr().err
