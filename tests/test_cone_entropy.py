@@ -77,7 +77,7 @@ def _attention(B, H, T, mask, seed=0):
 
 
 @pytest.mark.parametrize("backend", ENTROPY)
-@pytest.mark.parametrize("B,H,T", [(1, 1, 1), (3, 4, 9), (2, 12, 128)])
+@pytest.mark.parametrize("B,H,T", [(1, 1, 1), (3, 4, 9), (2, 3, 37), (2, 12, 128)])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_attention_entropy_vs_reference(backend, B, H, T, smoothing):
     _, mask = _batch(B, T, 2)
@@ -90,6 +90,23 @@ def test_attention_entropy_vs_reference(backend, B, H, T, smoothing):
     torch.testing.assert_close(got.mean, want["mean"], atol=1e-5, rtol=1e-5, equal_nan=True)
     assert got.row_entropy[0, 0, 0].item() == pytest.approx(0.0 if smoothing == 0 else got.row_entropy[0, 0, 0].item())
     assert got.n_rows == int(mask.sum())
+
+
+def test_cpp_entropy_scalar_path_matches_vector_path():
+    """The portable loop (EMBGEOM_SCALAR_ENTROPY, read once per process) and the AVX-512 one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, torch, embgeom; torch.manual_seed(1); "
+            "p = torch.softmax(4 * torch.randn(2, 3, 37, 37), -1); m = torch.ones(2, 37, dtype=torch.bool); "
+            "m[1, 20:] = False; print(json.dumps(embgeom.attention_entropy(p, m, backend='cpp').row_entropy.tolist()))")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, **extra}).stdout
+            for extra in ({}, {"EMBGEOM_SCALAR_ENTROPY": "1"})]
+    vec, scalar = (torch.tensor(json.loads(r)) for r in runs)  # padded query rows are NaN
+    torch.testing.assert_close(vec, scalar, atol=1e-6, rtol=1e-6, equal_nan=True)
 
 
 def test_attention_entropy_uniform_baseline():
