@@ -41,6 +41,7 @@ PROVIDERS = {
     "embgeom-exact": ("full M1 output, cpp exact", ("minilm", "random768", "random200k")),
     "embgeom-fast": ("full M1 output, cpp fast (bf16)", ("minilm", "random768", "random200k")),
     "embgeom-rowtopk": ("per-row top-10 only, cpp exact", ("minilm", "random768")),
+    "embgeom-rowtopk-fast": ("per-row top-10 only, cpp fast: bf16 filter, exact values", ("minilm", "random768")),
     "embgeom-torch": ("full M1 output, torch backend (chunked)", ("minilm",)),
     "numpy-matmul": ("normalised E @ E.T only (materialised N x N, row blocks)", ("minilm", "random768")),
     "sklearn-cosine": ("sklearn cosine_similarity (materialised; OpenBLAS Haswell kernel)", ("minilm",)),
@@ -84,13 +85,17 @@ def worker(provider: str, data: str, repeats: int) -> dict:
     if provider.startswith("embgeom"):
         opts = dict(FULL)
         kw = {"backend": "cpp"}
-        if provider == "embgeom-fast":
+        if provider in ("embgeom-fast", "embgeom-rowtopk-fast"):
             kw["precision"] = "fast"
         if provider == "embgeom-torch":
             kw = {"backend": "torch"}
-        if provider == "embgeom-rowtopk":
+        if provider.startswith("embgeom-rowtopk"):
             opts = dict(bins=0, topk=0, bottomk=0, row_topk=10)
         result = embgeom.pairwise_stats(xt, **opts, **kw)
+        if provider == "embgeom-rowtopk-fast":  # the same lists as exact mode, bit for bit
+            exact = embgeom.pairwise_stats(xt, **opts, backend="cpp").row_topk
+            assert torch.equal(exact.indices, result.row_topk.indices)
+            assert torch.equal(exact.values, result.row_topk.values)
         if result.top_pairs is not None and len(result.top_pairs):
             for i, j, v in result.top_pairs.to_list():  # float64 recheck of just these rows
                 u = unit(x[[i, j]].astype(np.float64))
@@ -170,22 +175,23 @@ def main() -> int:
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             except subprocess.TimeoutExpired:
-                print(f"  {provider:18} timed out after {args.timeout}s")
+                print(f"  {provider:21} timed out after {args.timeout}s")
                 continue
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-                print(f"  {provider:18} skipped: {last[:160]}")
+                print(f"  {provider:21} skipped: {last[:160]}")
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             results[provider] = row
             rows.append(row)
-            print(f"  {provider:18} {row['median_ms'] / 1e3:8.2f} s  {row['pairs_per_s'] / 1e6:9.1f} Mpairs/s  "
+            print(f"  {provider:21} {row['median_ms'] / 1e3:8.2f} s  {row['pairs_per_s'] / 1e6:9.1f} Mpairs/s  "
                   f"{row['tflops'] * 1e3:7.1f} GFLOP/s  {row['roofline_pct']:5.1f}% roofline  "
                   f"peak {row['peak_mb']:7.0f} MB  ({PROVIDERS[provider][0]})")
         if "numpy-matmul" in results:
             gemm_rate[results["numpy-matmul"]["d"]] = results["numpy-matmul"]["tflops"]
         rate = gemm_rate.get(int(results[next(iter(results))]["d"])) if results else None
-        ours = [p for p in ("embgeom-exact", "embgeom-fast", "embgeom-rowtopk") if p in results]
+        ours = [p for p in ("embgeom-exact", "embgeom-fast", "embgeom-rowtopk", "embgeom-rowtopk-fast")
+                if p in results]
         for p in ours if rate else []:
             print(f"  {p}: {100 * results[p]['tflops'] / rate:.0f}% of the measured fp32 GEMM roofline "
                   f"(OpenBLAS sgemm in this run, {rate * 1e3:.0f} GFLOP/s, unique pairs counted)")
