@@ -15,6 +15,11 @@ __all__ = [
 ]
 
 
+def _f64(t) -> torch.Tensor:
+    """A detached float64 copy: the reference never takes part in autograd."""
+    return torch.as_tensor(t).detach().double()
+
+
 def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     norms = torch.linalg.vector_norm(x, dim=1)
     valid = norms > 0
@@ -27,9 +32,9 @@ def pairwise_values(x, y=None, metric="cosine"):
     Returns (values (N, M), mask (N, M) bool, excluded_rows, excluded_cols): mask is True for
     counted pairs (i < j in self mode, both rows non-zero for cosine).
     """
-    x = torch.as_tensor(x).double().cpu()
+    x = _f64(x).cpu()
     self_mode = y is None
-    y = x if self_mode else torch.as_tensor(y).double().cpu()
+    y = x if self_mode else _f64(y).cpu()
     n, m = x.shape[0], y.shape[0]
     mask = torch.ones(n, m, dtype=torch.bool)
     excluded_rows, excluded_cols = [], []
@@ -125,7 +130,7 @@ def pairwise_stats(x, y=None, *, metric="cosine", bins=2000, range=(-1.0, 1.0), 
 
 def cone_index(x, mask=None) -> dict:
     """x: (B, T, D) or (N, D); mask: (B, T) bool. I_b = ||sum_i x_i/||x_i|| ||, zero rows out."""
-    x = torch.as_tensor(x).double().cpu()
+    x = _f64(x).cpu()
     if x.dim() == 2:
         x = x[None]
         mask = None if mask is None else torch.as_tensor(mask)[None]
@@ -148,7 +153,7 @@ def attention_entropy(attn, mask=None, smoothing=0.0) -> dict:
 
     Returns row_entropy (B, H, T), mean (H,) over valid rows of all sequences and
     uniform_baseline (B,) = ln(n_valid)."""
-    p = torch.as_tensor(attn).double().cpu()
+    p = _f64(attn).cpu()
     B, H, T, _ = p.shape
     mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool().cpu()
     ent = torch.full((B, H, T), math.nan, dtype=torch.float64)
@@ -174,7 +179,7 @@ def attention_summary(attn, mask, special) -> dict:
     previous and the next token; and the entropy of the head's mean attention distribution.
 
     special: dict of (B, T) bool tensors "cls", "sep", "punct"."""
-    p = torch.as_tensor(attn).double().cpu()
+    p = _f64(attn).cpu()
     B, H, T, _ = p.shape
     mask = torch.as_tensor(mask).bool().cpu()
     sums = {k: torch.zeros(H, dtype=torch.float64) for k in ("cls", "sep", "punct", "prev", "next")}
@@ -209,7 +214,7 @@ def head_target_distribution(attn, mask, special, max_len) -> torch.Tensor:
     distribution over these targets; js_distance compares heads by it.
 
     attn: (B, H, T, T); mask (B, T); special: dict of (B, T) bool "cls", "sep"."""
-    p = torch.as_tensor(attn).double().cpu()
+    p = _f64(attn).cpu()
     B, H, T, _ = p.shape
     mask = torch.as_tensor(mask).bool().cpu()
     cls = torch.as_tensor(special["cls"]).bool().cpu()
@@ -231,7 +236,7 @@ def head_target_distribution(attn, mask, special, max_len) -> torch.Tensor:
 def js_distance(dists: torch.Tensor) -> torch.Tensor:
     """dists: (K, R) non-negative rows (one mean attention distribution per head, e.g.
     head_target_distribution; each row is normalised to sum 1). Returns the (K, K) Jensen-Shannon distance sqrt(JS divergence, nats)."""
-    d = torch.as_tensor(dists).double()
+    d = _f64(dists)
     d = d / d.sum(1, keepdim=True)
     K = d.shape[0]
     out = torch.zeros(K, K, dtype=torch.float64)
@@ -255,7 +260,7 @@ def context_similarity(head_out, mask, separators, cosine=False) -> dict:
     distance |i - j| list, mean distance, the focus token count per sequence (the column with
     the most top-similarity hits, ties to the smaller position) and the share of hits that land
     on separator tokens."""
-    o = torch.as_tensor(head_out).double().cpu()
+    o = _f64(head_out).cpu()
     B, T, _ = o.shape
     distances, sep_hits, hits, focus = [], 0, 0, []
     for b in range(B):
