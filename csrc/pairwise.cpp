@@ -62,6 +62,23 @@ void RowLists::init(int64_t rows, int64_t kk, bool is_top) {
   thr.assign(n, top ? -kInf : kInf);
 }
 
+namespace {
+// Raise (top) or lower (bottom) a shared threshold with a CAS on its bits. Readers use plain
+// loads: a stale value is an earlier, looser bound, so the result does not depend on timing.
+void publish_threshold(float* slot, float v, bool top) {
+  uint32_t* bits = reinterpret_cast<uint32_t*>(slot);
+  uint32_t cur = __atomic_load_n(bits, __ATOMIC_RELAXED);
+  uint32_t want;
+  std::memcpy(&want, &v, sizeof want);
+  for (;;) {
+    float f;
+    std::memcpy(&f, &cur, sizeof f);
+    if (top ? !(v > f) : !(v < f)) return;
+    if (__atomic_compare_exchange_n(bits, &cur, want, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return;
+  }
+}
+}  // namespace
+
 void RowLists::offer(int64_t row, float v, int32_t c) {
   float* rv = val.data() + row * k;
   int32_t* rc = col.data() + row * k;
@@ -82,7 +99,10 @@ void RowLists::offer(int64_t row, float v, int32_t c) {
   rv[pos] = v;
   rc[pos] = c;
   if (n_ < k) cnt[row] = ++n_;
-  if (n_ == k) thr[row] = rv[k - 1];
+  if (n_ == k) {
+    thr[row] = rv[k - 1];
+    if (shared) publish_threshold(shared + row, thr[row], top);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,12 +450,12 @@ void fused_tile_scalar(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* 
       };
       if (g) offer_global(A, c, exact(), i, j);
       if (A.do_rtop) {
-        if (v >= c.rtop.thr[i] - M) c.rtop.offer(i, exact(), static_cast<int32_t>(j));
-        if (A.self && v >= c.rtop.thr[j] - M) c.rtop.offer(j, exact(), static_cast<int32_t>(i));
+        if (v >= c.rtop.filter_thr()[i] - M) c.rtop.offer(i, exact(), static_cast<int32_t>(j));
+        if (A.self && v >= c.rtop.filter_thr()[j] - M) c.rtop.offer(j, exact(), static_cast<int32_t>(i));
       }
       if (A.do_rbot) {
-        if (v <= c.rbot.thr[i] + M) c.rbot.offer(i, exact(), static_cast<int32_t>(j));
-        if (A.self && v <= c.rbot.thr[j] + M) c.rbot.offer(j, exact(), static_cast<int32_t>(i));
+        if (v <= c.rbot.filter_thr()[i] + M) c.rbot.offer(i, exact(), static_cast<int32_t>(j));
+        if (A.self && v <= c.rbot.filter_thr()[j] + M) c.rbot.offer(j, exact(), static_cast<int32_t>(i));
       }
       if (A.do_out) {
         bool o;
@@ -522,8 +542,8 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
   const __m512i ones = _mm512_set1_epi32(1);
   int64_t* hist = A.do_hist ? c.hist.data() : nullptr;
   int32_t* colcnt = c.colcnt.data();
-  const float* rthr_top = A.do_rtop ? c.rtop.thr.data() : nullptr;
-  const float* rthr_bot = A.do_rbot ? c.rbot.thr.data() : nullptr;
+  const float* rthr_top = A.do_rtop ? c.rtop.filter_thr() : nullptr;
+  const float* rthr_bot = A.do_rbot ? c.rbot.filter_thr() : nullptr;
   // fast mode outside cold tiles: thresholds stay as at tile start (a superset of the
   // candidates), which are then rescored in one interleaved batch
   const bool deferred = A.fast && !A.X;
@@ -766,13 +786,15 @@ bool PairwiseEngine::tile_is_cold(const ThreadCtx& c, int64_t r0, int64_t r1, in
                                   int64_t c1) const {
   for (const PairList* l : {&c.max1, &c.min1, &c.top, &c.bottom, &c.near})
     if (l->k > 0 && !l->full()) return true;
+  // a row is still filling while its (shared) filter threshold is unbounded
   for (const RowLists* r : {&c.rtop, &c.rbot}) {
     if (r->k <= 0) continue;
+    const float* thr = r->filter_thr();
     for (int64_t q = r0; q < r1; ++q)
-      if (r->cnt[q] < r->k) return true;
+      if (std::isinf(thr[q])) return true;
     if (self_)
       for (int64_t q = c0; q < c1; ++q)
-        if (r->cnt[q] < r->k) return true;
+        if (std::isinf(thr[q])) return true;
   }
   return false;
 }
@@ -797,6 +819,9 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
   std::vector<double> tsum(end - begin), tsumsq(end - begin);
   std::vector<std::unique_ptr<ThreadCtx>> ctx(nth);
 
+  // shared per-row thresholds, seeded from the lists so far (see RowLists::shared)
+  std::vector<float> shared_top(st_.row_top.k > 0 ? st_.row_top.thr : std::vector<float>());
+  std::vector<float> shared_bottom(st_.row_bottom.k > 0 ? st_.row_bottom.thr : std::vector<float>());
   auto make_ctx = [&]() {
     auto c = std::make_unique<ThreadCtx>();
     c->max1 = st_.max1;
@@ -808,6 +833,8 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     c->hist.assign(st_.hist.size(), 0);
     c->rtop = st_.row_top;
     c->rbot = st_.row_bottom;
+    c->rtop.shared = shared_top.empty() ? nullptr : shared_top.data();
+    c->rbot.shared = shared_bottom.empty() ? nullptr : shared_bottom.data();
     if (opt_.has_outside) {
       c->out_rows.assign(n_, 0);
       if (!self_) c->out_cols.assign(m_, 0);

@@ -52,6 +52,11 @@ struct RowLists {
   std::vector<int32_t> col;   // n * k, compact column index
   std::vector<int32_t> cnt;   // n
   std::vector<float> thr;     // n: worst value when full, else -inf (top) / +inf (bottom)
+  // During a run, each thread keeps its own lists but they all publish their thresholds into
+  // one shared array (max for top, min for bottom), which the filters read: any published
+  // value is the k-th best of k real pairs, so a pair below it cannot make the merged list.
+  float* shared = nullptr;
+  const float* filter_thr() const { return shared ? shared : thr.data(); }
   void init(int64_t rows, int64_t kk, bool is_top);
   void offer(int64_t row, float v, int32_t c);
 };
