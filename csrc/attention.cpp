@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "check.h"
+#include "cpu_features.h"
 
 namespace embgeom {
 namespace {
@@ -24,8 +25,6 @@ double row_entropy_scalar(const float* row, const uint8_t* mask, int64_t T, floa
   }
   return ent;
 }
-
-#define EMBGEOM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 EMBGEOM_AVX512 inline __m512 log_ps(__m512 v) {
   // v = x * 2^e with x in [sqrt(0.5), sqrt(2)): getmant gives [1, 2), halve the upper part
@@ -75,9 +74,7 @@ EMBGEOM_AVX512 double row_entropy_avx512(const float* row, const uint8_t* mask, 
 using RowEntropyFn = double (*)(const float*, const uint8_t*, int64_t, float, float);
 
 RowEntropyFn pick_row_entropy() {
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("fma") && !std::getenv("EMBGEOM_SCALAR_ENTROPY");
+  const bool avx512 = cpu_has_avx512() && !std::getenv("EMBGEOM_SCALAR_ENTROPY");
   return avx512 ? row_entropy_avx512 : row_entropy_scalar;
 }
 

@@ -9,11 +9,12 @@
 #include <new>
 #include <string>
 
+#include "cpu_features.h"
+
 #ifdef EMBGEOM_OPENMP
 #include <omp.h>
 #endif
 
-#define EMBGEOM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define EMBGEOM_AVX512BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #define EMBGEOM_AVX2 __attribute__((target("avx2,fma")))
@@ -139,12 +140,7 @@ void ukr_scalar(int64_t kc, const void* av, const void* bv, float* c, int64_t ld
 
 namespace {
 
-bool has_avx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma");
-}
-bool has_avx512bf16() { return has_avx512() && __builtin_cpu_supports("avx512bf16"); }
+bool has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 
 GemmKernel make(int mr, int nr, bool bf16, int64_t kc, MicroKernel f, const char* name) {
@@ -188,7 +184,7 @@ GemmKernel select_kernel(bool fast) {
   if (force == "avx2" && has_avx2()) return make(6, 16, false, 256, ukr_avx2<6, 2>, "avx2-6x16");
   if (fast && has_avx512bf16() && force.empty())
     return make(14, 32, true, 128, ukr_avx512bf16<14, 2>, "avx512bf16-14x32");
-  if (has_avx512() && (force.empty() || force == "avx512")) return kernel_avx512();
+  if (cpu_has_avx512() && (force.empty() || force == "avx512")) return kernel_avx512();
   if (has_avx2()) return make(6, 16, false, 256, ukr_avx2<6, 2>, "avx2-6x16");
   return make(4, 8, false, 256, ukr_scalar<4, 8>, "scalar-4x8");
 }
@@ -356,8 +352,7 @@ EMBGEOM_AVX512 static void dot_exact_batch_avx512(const float* const* a, const f
 }
 
 void dot_exact_batch(const float* const* a, const float* const* b, int64_t n, int64_t d, float* out) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
-                             !std::getenv("EMBGEOM_SCALAR_RESCORE");
+  static const bool avx512 = cpu_has_avx512() && !std::getenv("EMBGEOM_SCALAR_RESCORE");
   static const bool fma = __builtin_cpu_supports("fma");
   if (avx512) {
     dot_exact_batch_avx512(a, b, n, d, out);

@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "check.h"
+#include "cpu_features.h"
 
 #ifdef EMBGEOM_OPENMP
 #include <omp.h>
@@ -17,7 +18,6 @@
 // gcc 12 flags its own AVX-512 intrinsic headers with false positives.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define EMBGEOM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 namespace embgeom {
 
@@ -710,9 +710,7 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
 }
 
 bool use_avx512_fused() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("fma") && !std::getenv("EMBGEOM_SCALAR_FUSED");
+  static const bool ok = cpu_has_avx512() && !std::getenv("EMBGEOM_SCALAR_FUSED");
   return ok;
 }
 
