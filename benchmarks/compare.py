@@ -189,7 +189,8 @@ def main() -> int:
                   f"peak {row['peak_mb']:7.0f} MB  ({PROVIDERS[provider][0]})")
         if "numpy-matmul" in results:
             gemm_rate[results["numpy-matmul"]["d"]] = results["numpy-matmul"]["tflops"]
-        rate = gemm_rate.get(int(results[next(iter(results))]["d"])) if results else None
+        d = next(iter(results.values()))["d"] if results else None
+        rate = gemm_rate.get(d)
         ours = [p for p in ("embgeom-exact", "embgeom-fast", "embgeom-rowtopk", "embgeom-rowtopk-fast")
                 if p in results]
         for p in ours if rate else []:

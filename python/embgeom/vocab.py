@@ -90,10 +90,10 @@ def _remap_stats(d: dict, rows: torch.Tensor, cols: torch.Tensor) -> dict:
     return d
 
 
-def section_pairs(word: torch.Tensor, ids: torch.Tensor, tokens: list[str], *, backend, precision):
-    """SPEC M1 over the analysed word embeddings (ids are vocabulary ids). The engine's per-row
-    top-10 comes from the same pass, for the neighbour agreement check."""
-    res = pairwise_stats(word[ids.to(word.device)], metric="cosine", bins=2000, topk=TABLE_K,
+def section_pairs(words: torch.Tensor, ids: torch.Tensor, tokens: list[str], *, backend, precision):
+    """SPEC M1 over the analysed word embeddings (rows of `words` are vocabulary ids `ids`). The
+    engine's per-row top-10 comes from the same pass, for the neighbour agreement check."""
+    res = pairwise_stats(words, metric="cosine", bins=2000, topk=TABLE_K,
                          bottomk=TABLE_K, near=0.0, near_k=TABLE_K, row_topk=TABLE_K,
                          outside=OUTSIDE, outside_limit=100, precision=precision, backend=backend)
     d = res.to_dict()
@@ -136,8 +136,8 @@ def mean_embedding_measures(word: torch.Tensor) -> dict[str, torch.Tensor]:
             "abs_dot": dot.abs(), "norm": norms}
 
 
-def section_mean_embedding(word, ids, tokens):
-    measures = mean_embedding_measures(word[ids.to(word.device)])
+def section_mean_embedding(words, ids, tokens):
+    measures = mean_embedding_measures(words)
     out = {}
     for name in MEAN_MEASURES:
         v = measures[name]
@@ -145,27 +145,35 @@ def section_mean_embedding(word, ids, tokens):
         finite = torch.isfinite(v)
         out[name] = _extremes(v[finite], ids[finite.cpu()], tokens, TABLE_K)
         out[name]["mean"] = float(v[finite].mean()) if finite.any() else None
-    out["mean_norm"] = float(word[ids.to(word.device)].double().mean(0).norm())
+    out["mean_norm"] = float(words.double().mean(0).norm())
     return out, measures
 
 
-def explained_variance(x: torch.Tensor) -> torch.Tensor:
-    """Explained-variance ratio of each principal component (descending), from the D x D
-    covariance (float64) rather than an SVD of the N x D matrix."""
+def principal_components(x: torch.Tensor, axes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explained-variance ratio of each principal component (descending) and the rows projected
+    on the first `axes` components, from the D x D covariance (float64) rather than an SVD of
+    the N x D matrix."""
     x = x.double()
     if x.shape[0] < 2:
-        return torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(x.shape[0], axes, dtype=torch.float64)
     xc = x - x.mean(0)
-    ev = torch.linalg.eigvalsh(xc.T @ xc / (x.shape[0] - 1)).flip(0).clamp_min(0)
+    ev, vecs = torch.linalg.eigh(xc.T @ xc / (x.shape[0] - 1))
+    ev, vecs = ev.flip(0).clamp_min(0), vecs.flip(1)
     ev = ev[:min(x.shape)]  # the rank is at most min(N, D): drop the structural zeros
     total = ev.sum()
-    return (ev / total if total > 0 else ev).cpu()
+    ratio = (ev / total if total > 0 else ev).cpu()
+    return ratio, (xc @ vecs[:, :axes]).cpu()
 
 
 def _components_for(ratio: torch.Tensor, share: float) -> int | None:
     if ratio.numel() == 0 or ratio.sum() <= 0:
         return None
     return int(torch.searchsorted(ratio.cumsum(0), torch.tensor(share, dtype=torch.float64)).item()) + 1
+
+
+def pca_summary(ratio: torch.Tensor) -> dict:
+    return {"explained_variance": ratio.tolist(),
+            "components_for": {f"{int(s * 100)}pct": _components_for(ratio, s) for s in (0.5, 0.9, 0.99)}}
 
 
 def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
@@ -184,11 +192,7 @@ def section_positional(pos: torch.Tensor, *, backend, precision):
     stats = pairwise_stats(pos, metric="cosine", bins=200, topk=TABLE_K, bottomk=TABLE_K,
                            precision=precision, backend=backend).to_dict()
     cos = cosine_matrix(pos).cpu()
-    ratio = explained_variance(pos)
-    xc = pos.double() - pos.double().mean(0)
-    # principal axes from the covariance's eigenvectors: the 3-D path of the positions
-    _, vecs = torch.linalg.eigh(xc.T @ xc)
-    path = (xc @ vecs.flip(1)[:, :3]).cpu() if pos.shape[0] >= 2 else torch.zeros(pos.shape[0], 3)
+    ratio, path = principal_components(pos, axes=3)  # path: the 3-D PCA path of the positions
     out = {"positions": int(pos.shape[0]), "mean": stats["mean"], "std": stats["std"],
            "min": stats["min"], "max": stats["max"], "top_pairs": stats["top_pairs"],
            "bottom_pairs": stats["bottom_pairs"], "offset_profile": offset_profile(cos).tolist(),
@@ -198,8 +202,8 @@ def section_positional(pos: torch.Tensor, *, backend, precision):
     return out, cos, ratio, path
 
 
-def section_token_position(word, pos, ids, tokens, *, backend, precision):
-    res = pairwise_stats(word[ids.to(word.device)], pos, metric="cosine", bins=200, topk=TABLE_K,
+def section_token_position(words, pos, ids, tokens, *, backend, precision):
+    res = pairwise_stats(words, pos, metric="cosine", bins=200, topk=TABLE_K,
                          bottomk=TABLE_K, outside=OUTSIDE, outside_limit=200,
                          precision=precision, backend=backend)
     d = res.to_dict()
@@ -221,14 +225,13 @@ def section_token_position(word, pos, ids, tokens, *, backend, precision):
     return d
 
 
-def section_token_type(tt, word, pos, ids, *, backend, precision):
+def section_token_type(tt, words, pos, *, backend, precision):
     t = tt.double()
     sq = (t * t).sum(1)
     dist = (sq[:, None] + sq[None, :] - 2 * t @ t.T).clamp_min(0).sqrt()
     out = {"types": int(tt.shape[0]), "norms": t.norm(dim=1).tolist(),
            "cosine": cosine_matrix(tt).tolist(), "dot": (t @ t.T).tolist(), "distance": dist.tolist(),
            "vs_word": [], "vs_position": []}
-    words = word[ids.to(word.device)]
     for k in range(tt.shape[0]):
         for key, other in (("vs_word", words), ("vs_position", pos)):
             if other is None:
@@ -248,8 +251,7 @@ def _agreement(engine_top, faiss_top, faiss_vals, engine_vals, tol: float) -> di
     max_diff = 0.0
     for a, b, va, vb in zip(engine_top, faiss_top, engine_vals, faiss_vals):
         sa, sb = set(a), set(b)
-        common = len(va)
-        if common:
+        if va:
             max_diff = max(max_diff, max(abs(x - y) for x, y in zip(va, vb)))
         if sa == sb:
             exact += 1
@@ -266,12 +268,11 @@ def _agreement(engine_top, faiss_top, faiss_vals, engine_vals, tol: float) -> di
             "agree": exact + ties == rows}
 
 
-def section_neighbors(word, ids, tokens, engine_rowtopk, *, k=TABLE_K, device=None):
+def section_neighbors(words, ids, tokens, engine_rowtopk, *, k=TABLE_K):
     """FAISS exact neighbours of the probe words, and FAISS vs the engine's per-row top-k on a
     deterministic sample of rows."""
     from .knn import knn
 
-    words = word[ids.to(word.device)]
     n = words.shape[0]
     k = min(k, n - 1)
     if k < 1:
@@ -328,37 +329,33 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
     ids, tokens, excluded = kept_token_ids(tokenizer, word.shape[0], all_tokens)
     if ids.numel() < 2:
         raise ValueError(f"model: only {ids.numel()} token(s) left to analyse; try --all-tokens")
+    words = word[ids.to(word.device)]  # the analysed rows, row r = vocabulary id ids[r]
     report: dict = {"vocab_size": int(word.shape[0]), "hidden": int(word.shape[1]),
                     "tokens_analysed": int(ids.numel()), "tokens": excluded}
     plots: dict = {}
     with timer("pairs"):
-        report["pairs"], res = section_pairs(word, ids, tokens, backend=backend, precision=precision)
+        report["pairs"], res = section_pairs(words, ids, tokens, backend=backend, precision=precision)
         plots["hist"] = res.hist
     with timer("mean_embedding"):
-        report["mean_embedding"], plots["mean_measures"] = section_mean_embedding(word, ids, tokens)
+        report["mean_embedding"], plots["mean_measures"] = section_mean_embedding(words, ids, tokens)
     if pos is not None:
         with timer("positional"):
             report["positional"], plots["pos_cos"], plots["pos_ratio"], plots["pos_path"] = \
                 section_positional(pos, backend=backend, precision=precision)
         with timer("token_position"):
-            report["token_position"] = section_token_position(word, pos, ids, tokens, backend=backend,
+            report["token_position"] = section_token_position(words, pos, ids, tokens, backend=backend,
                                                               precision=precision)
     if tt is not None:
         with timer("token_type"):
-            report["token_type"] = section_token_type(tt, word, pos, ids, backend=backend,
+            report["token_type"] = section_token_type(tt, words, pos, backend=backend,
                                                       precision=precision)
     with timer("pca"):
-        word_ratio = explained_variance(word[ids.to(word.device)])
-        report["pca"] = {"word": {"explained_variance": word_ratio.tolist(),
-                                  "components_for": {f"{int(s * 100)}pct": _components_for(word_ratio, s)
-                                                     for s in (0.5, 0.9, 0.99)}}}
-        plots["word_ratio"] = word_ratio
+        plots["word_ratio"], _ = principal_components(words)
+        report["pca"] = {"word": pca_summary(plots["word_ratio"])}
         if pos is not None:
-            pr = plots["pos_ratio"]
-            report["pca"]["position"] = {"explained_variance": pr.tolist(), "components_for": {
-                f"{int(s * 100)}pct": _components_for(pr, s) for s in (0.5, 0.9, 0.99)}}
+            report["pca"]["position"] = pca_summary(plots["pos_ratio"])
     with timer("neighbors"):
-        report["neighbors"] = section_neighbors(word, ids, tokens, res.row_topk)
+        report["neighbors"] = section_neighbors(words, ids, tokens, res.row_topk)
     return report, plots
 
 
@@ -367,8 +364,6 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
 # ---------------------------------------------------------------------------------------------
 
 def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
-    import matplotlib.pyplot as plt  # noqa: F401  (new_figure selects the Agg backend first)
-
     pngs = {}
     hist = plots["hist"]
     fig, ax = _report.new_figure()
@@ -520,7 +515,6 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
     report["timing"] = dict(timer.seconds)
     report["timing"]["total"] = time.perf_counter() - start
     report["peak_rss_mb"] = peak_rss_mb()
-    _report.write_json(os.path.join(out_dir, "report.json"), report)
     write_html(out_dir, report, pngs)
     report["timing"]["total"] = time.perf_counter() - start
     _report.write_json(os.path.join(out_dir, "report.json"), report)
