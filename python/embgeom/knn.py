@@ -189,7 +189,10 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
     valid_ids = np.nonzero(x_valid)[0].astype(np.int64)
     excluded = np.nonzero(~x_valid)[0].tolist()
     base = np.ascontiguousarray(xn[valid_ids])
-    qn, q_valid = _normalised(q)
+    if self_ids is not None:  # queries are rows of x: already normalised
+        qn, q_valid = np.ascontiguousarray(xn[self_ids]), x_valid[self_ids]
+    else:
+        qn, q_valid = _normalised(q)
     n_valid = base.shape[0]
     params: dict = {}
     if index == "ivf":
@@ -207,14 +210,13 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
     want = min(n_valid, k + (1 if self_ids is not None else 0) + tie_margin)
     if use_gpu:
         want = min(want, 2048)  # GPU indexes limit k
+    recall = None  # measured for approximate indexes only
     if n_valid == 0:
         out_i = np.full((qn.shape[0], k), -1, np.int64)
         out_v = np.full((qn.shape[0], k), np.nan, np.float32)
-        recall = None if index == "flat" else None
     else:
         idx = _build(faiss, index, base, use_gpu and index != "hnsw", params)
         out_i, out_v = _search(idx, qn, want, valid_ids, self_ids, q_valid, k)
-        recall = None
         if index != "flat":
             exact = _build(faiss, "flat", base, use_gpu, {})
             ex_i, _ = _search(exact, qn, want, valid_ids, self_ids, q_valid, k)
