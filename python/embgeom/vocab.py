@@ -375,7 +375,7 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
     ax.set_title("all pairs of word embeddings")
     pngs["pairs_hist"] = _report.save_figure(fig, out_dir, "pairs_hist")
 
-    fig, axes = _report.new_figure(12, 6)
+    fig = _report.new_figure(12, 6)[0]
     fig.clf()
     for i, name in enumerate(MEAN_MEASURES):
         ax = fig.add_subplot(2, 3, i + 1)
