@@ -342,6 +342,7 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
         with timer("positional"):
             report["positional"], plots["pos_cos"], plots["pos_ratio"], plots["pos_path"] = \
                 section_positional(pos, backend=backend, precision=precision)
+            plots["pos_offset"] = report["positional"]["offset_profile"]
         with timer("token_position"):
             report["token_position"] = section_token_position(words, pos, ids, tokens, backend=backend,
                                                               precision=precision)
@@ -395,8 +396,7 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
         pngs["positional_cosine"] = _report.save_figure(fig, out_dir, "positional_cosine")
 
         fig, ax = _report.new_figure()
-        prof = offset_profile(plots["pos_cos"])
-        ax.plot(prof.numpy())
+        ax.plot(plots["pos_offset"])
         ax.set_xlabel("offset k")
         ax.set_ylabel("mean cosine(p, p + k)")
         ax.set_title("relative-offset profile of position embeddings")
