@@ -162,7 +162,7 @@ GemmKernel kernel_avx512() {
   if (u == "12x32") return make(12, 32, false, 256, ukr_avx512<12, 2>, "avx512-12x32");
   if (u == "4x64") return make(4, 64, false, 128, ukr_avx512<4, 4>, "avx512-4x64");
   if (u == "6x64") return make(6, 64, false, 128, ukr_avx512<6, 4>, "avx512-6x64");
-  return make(14, 32, false, 256, ukr_avx512<14, 2>, "avx512-14x32");
+  return make(14, 32, false, 384, ukr_avx512<14, 2>, "avx512-14x32");
 }
 
 }  // namespace
@@ -177,13 +177,16 @@ std::string cpu_features() {
   return s;
 }
 
+// k-blocks of 384 k values (192 bf16 pairs): d = 384 in one pass, and on the dev machine's
+// Zen 5 cores 8-15 % faster over the tiles than 256 (fp32) or 128 pairs (bf16); the values do
+// not depend on the block length (C is stored and reloaded exactly between blocks).
 GemmKernel select_kernel(bool fast) {
   const char* f = std::getenv("EMBGEOM_GEMM");
   const std::string force = f ? f : "";
   if (force == "scalar") return make(4, 8, false, 256, ukr_scalar<4, 8>, "scalar-4x8");
   if (force == "avx2" && has_avx2()) return make(6, 16, false, 256, ukr_avx2<6, 2>, "avx2-6x16");
   if (fast && has_avx512bf16() && force.empty())
-    return make(14, 32, true, 128, ukr_avx512bf16<14, 2>, "avx512bf16-14x32");
+    return make(14, 32, true, 192, ukr_avx512bf16<14, 2>, "avx512bf16-14x32");
   if (cpu_has_avx512() && (force.empty() || force == "avx512")) return kernel_avx512();
   if (has_avx2()) return make(6, 16, false, 256, ukr_avx2<6, 2>, "avx2-6x16");
   return make(4, 8, false, 256, ukr_scalar<4, 8>, "scalar-4x8");
