@@ -141,17 +141,23 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
   n0_ = n;
   m0_ = self_ ? n : m;
   const int threads = opt.threads;
+  int nthreads = 1;  // for the row loops below
+#ifdef EMBGEOM_OPENMP
+  nthreads = threads > 0 ? threads : omp_get_max_threads();
+#endif
 
   auto compact = [&](const char* name, const float* src, int64_t rows, std::vector<int64_t>& map,
                      std::vector<int64_t>& inv, std::vector<float>& out, std::vector<float>& n2) {
     std::vector<double> nrm(rows);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t r = 0; r < rows; ++r) {
       double s = 0.0;
       const float* p = src + r * d;
       for (int64_t k = 0; k < d; ++k) s += double(p[k]) * double(p[k]);
-      EMBGEOM_CHECK(std::isfinite(s), name << ": row " << r << " has a non-finite value or overflows");
       nrm[r] = s;
     }
+    for (int64_t r = 0; r < rows; ++r)
+      EMBGEOM_CHECK(std::isfinite(nrm[r]), name << ": row " << r << " has a non-finite value or overflows");
     inv.assign(rows, -1);
     map.clear();
     for (int64_t r = 0; r < rows; ++r) {
@@ -162,6 +168,7 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
     const int64_t c = static_cast<int64_t>(map.size());
     out.resize(c * d);
     n2.resize(metric_ == 2 ? c : 0);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t q = 0; q < c; ++q) {
       const float* p = src + map[q] * d;
       float* o = out.data() + q * d;
@@ -188,15 +195,6 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
   pack_panels(xr_.data(), n_, d, d, kern_.mr, kern_.bf16, pa_, threads);
   pack_panels(self_ ? xr_.data() : yr_.data(), m_, d, d, kern_.nr, kern_.bf16, pb_, threads);
   if (fast_) {
-    kern32_ = select_kernel(false);
-    cold_ok_ = kern32_.mr == kern_.mr && kern32_.nr == kern_.nr;
-    if (cold_ok_) {
-      pack_panels(xr_.data(), n_, d, d, kern32_.mr, false, pa32_, threads);
-      pack_panels(self_ ? xr_.data() : yr_.data(), m_, d, d, kern32_.nr, false, pb32_, threads);
-    }
-  }
-
-  if (fast_) {
     // Sound bound on |bf16 value - exact fp32 value| for any pair, from the actual rounding:
     // a~.b~ - a.b = a~.(b~ - b) + (a~ - a).b, so by Cauchy-Schwarz
     // |err| <= |a~| |db| + |da| |b| + 2 gamma_d |a~||b~| (fp32 accumulation on both sides),
@@ -208,7 +206,8 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
       double full = 0, bf = 0, delta = 0;
     };
     auto norms = [&](const std::vector<float>& r, int64_t rows) {
-      Norms mx;
+      double full = 0, bf = 0, delta = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(max : full, bf, delta)
       for (int64_t q = 0; q < rows; ++q) {
         double s = 0, sb = 0, sd = 0;
         for (int64_t k = 0; k < d; ++k) {
@@ -221,10 +220,14 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
           sb += double(vb) * vb;
           sd += (double(vb) - v) * (double(vb) - v);
         }
-        mx.full = std::max(mx.full, std::sqrt(s));
-        mx.bf = std::max(mx.bf, std::sqrt(sb));
-        mx.delta = std::max(mx.delta, std::sqrt(sd));
+        full = std::max(full, std::sqrt(s));
+        bf = std::max(bf, std::sqrt(sb));
+        delta = std::max(delta, std::sqrt(sd));
       }
+      Norms mx;
+      mx.full = full;
+      mx.bf = bf;
+      mx.delta = delta;
       return mx;
     };
     const Norms na = norms(xr_, n_), nb = self_ ? na : norms(yr_, m_);
@@ -352,12 +355,88 @@ float PairwiseEngine::exact_value(int64_t ci, int64_t cj) const {
 // per-thread partial state and the fused pass
 // ---------------------------------------------------------------------------------------------
 
+// Fast mode's per-row lists during a run: candidates kept by their bf16-product value v, which
+// is within M of the exact value. Any k of them with v >= t prove the row's final k-th best
+// exact value is >= t - M, so the filter (v >= bound - M) and the pruning (drop v < t - 2M)
+// never lose a pair of the final list, and only the survivors are rescored, once, at the end
+// of the run (instead of every candidate that passes a filter still loose early in the run).
+// Mirrored for bottom lists.
+struct RowCands {
+  struct Spilled {
+    int32_t row, col;
+    float v;
+  };
+  int64_t n = 0, k = 0, cap = 0;
+  bool top = true;
+  double M = 0.0;
+  std::vector<float> val;  // n * cap, best first
+  std::vector<int32_t> col;
+  std::vector<int32_t> cnt;
+  std::vector<Spilled> spill;  // pushed out of a full row while still within the band
+  float* shared = nullptr;     // per row: bound on the final k-th best exact value
+
+  void init(int64_t rows, int64_t kk, bool is_top, double margin, float* bounds) {
+    n = rows;
+    k = kk;
+    top = is_top;
+    M = margin;
+    cap = std::max<int64_t>(2 * k, k + 8);
+    val.assign(n * cap, 0.0f);
+    col.assign(n * cap, -1);
+    cnt.assign(n, 0);
+    spill.clear();
+    shared = bounds;
+  }
+  bool better(float v1, int32_t c1, float v2, int32_t c2) const {
+    if (v1 != v2) return top ? v1 > v2 : v1 < v2;
+    return c1 < c2;
+  }
+  // v can be dropped: its exact value is strictly worse than the bound's
+  bool out_of_band(float v, double bound) const {
+    return top ? double(v) + M < bound : double(v) - M > bound;
+  }
+  void offer(int64_t row, float v, int32_t c) {
+    float* rv = val.data() + row * cap;
+    int32_t* rc = col.data() + row * cap;
+    int64_t nn = cnt[row];
+    if (out_of_band(v, shared[row])) return;
+    if (nn == cap) {
+      if (!better(v, c, rv[cap - 1], rc[cap - 1])) {
+        spill.push_back({int32_t(row), c, v});
+        return;
+      }
+      spill.push_back({int32_t(row), rc[cap - 1], rv[cap - 1]});
+      --nn;
+    }
+    int64_t pos = nn;
+    while (pos > 0 && better(v, c, rv[pos - 1], rc[pos - 1])) {
+      rv[pos] = rv[pos - 1];
+      rc[pos] = rc[pos - 1];
+      --pos;
+    }
+    rv[pos] = v;
+    rc[pos] = c;
+    ++nn;
+    if (nn >= k) {
+      // k real pairs with values within M of rv[k-1]: publish that bound (rounded outwards)
+      const double b = top ? double(rv[k - 1]) - M : double(rv[k - 1]) + M;
+      float bf = static_cast<float>(b);
+      if (top ? double(bf) > b : double(bf) < b) bf = std::nextafter(bf, top ? -kInf : kInf);
+      publish_threshold(shared + row, bf, top);
+      const double bound = top ? std::max(b, double(shared[row])) : std::min(b, double(shared[row]));
+      while (nn > k && out_of_band(rv[nn - 1], bound)) --nn;
+    }
+    cnt[row] = static_cast<int32_t>(nn);
+  }
+};
+
 struct PairwiseEngine::ThreadCtx {
-  AlignedBuf<float> C, X;  // tile values; exact fp32 dots of a cold tile in fast mode
+  AlignedBuf<float> C;  // tile values
   int64_t ldc = 0;
   PairList max1, min1, top, bottom, near, outp;
   std::vector<int64_t> hist;
-  RowLists rtop, rbot;
+  RowLists rtop, rbot;  // exact mode
+  RowCands ctop, cbot;  // fast mode
   int64_t out_count = 0;
   std::vector<int64_t> out_rows, out_cols;
   AlignedBuf<int32_t> colcnt;
@@ -376,7 +455,9 @@ namespace {
 // Everything the fused pass needs, resolved once per tile.
 struct FusedArgs {
   const PairwiseEngine* E;
-  const float* X;  // exact raw dots laid out like the tile values, or nullptr (rescore)
+  // fast mode: some global list is still filling, so candidates are rescored one by one as
+  // they come, with the thresholds refreshed after each (else: batched at the end of the tile)
+  bool cold;
   bool self, fast, diag;
   int metric;
   float M;  // decision margin (0 in exact mode)
@@ -443,19 +524,33 @@ void fused_tile_scalar(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* 
       bool have_e = !A.fast;
       auto exact = [&]() {
         if (!have_e) {
-          e = A.X ? E.transform(A.X[ii * ldc + jj], i, j) : E.exact_value(i, j);
+          e = E.exact_value(i, j);
           have_e = true;
         }
         return e;
       };
       if (g) offer_global(A, c, exact(), i, j);
       if (A.do_rtop) {
-        if (v >= c.rtop.filter_thr()[i] - M) c.rtop.offer(i, exact(), static_cast<int32_t>(j));
-        if (A.self && v >= c.rtop.filter_thr()[j] - M) c.rtop.offer(j, exact(), static_cast<int32_t>(i));
+        const float* thr = A.fast ? c.ctop.shared : c.rtop.filter_thr();
+        const bool row = v >= thr[i] - M, column = A.self && v >= thr[j] - M;
+        if (A.fast) {  // candidates by bf16 value, see RowCands
+          if (row) c.ctop.offer(i, v, static_cast<int32_t>(j));
+          if (column) c.ctop.offer(j, v, static_cast<int32_t>(i));
+        } else {
+          if (row) c.rtop.offer(i, v, static_cast<int32_t>(j));
+          if (column) c.rtop.offer(j, v, static_cast<int32_t>(i));
+        }
       }
       if (A.do_rbot) {
-        if (v <= c.rbot.filter_thr()[i] + M) c.rbot.offer(i, exact(), static_cast<int32_t>(j));
-        if (A.self && v <= c.rbot.filter_thr()[j] + M) c.rbot.offer(j, exact(), static_cast<int32_t>(i));
+        const float* thr = A.fast ? c.cbot.shared : c.rbot.filter_thr();
+        const bool row = v <= thr[i] + M, column = A.self && v <= thr[j] + M;
+        if (A.fast) {
+          if (row) c.cbot.offer(i, v, static_cast<int32_t>(j));
+          if (column) c.cbot.offer(j, v, static_cast<int32_t>(i));
+        } else {
+          if (row) c.rbot.offer(i, v, static_cast<int32_t>(j));
+          if (column) c.rbot.offer(j, v, static_cast<int32_t>(i));
+        }
       }
       if (A.do_out) {
         bool o;
@@ -496,10 +591,6 @@ void rescore_candidates(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_
     const uint32_t f = c.cand[q].flags;
     const float e = E.transform(c.dots[q], i, j);
     if (f & 1u) offer_global(A, c, e, i, j);
-    if (f & 2u) c.rtop.offer(i, e, static_cast<int32_t>(j));
-    if (f & 4u) c.rtop.offer(j, e, static_cast<int32_t>(i));
-    if (f & 8u) c.rbot.offer(i, e, static_cast<int32_t>(j));
-    if (f & 16u) c.rbot.offer(j, e, static_cast<int32_t>(i));
     bool offer_out = (f & 64u) != 0;
     if ((f & 32u) && (e < A.oa || e > A.ob)) {
       c.out_count++;
@@ -542,11 +633,11 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
   const __m512i ones = _mm512_set1_epi32(1);
   int64_t* hist = A.do_hist ? c.hist.data() : nullptr;
   int32_t* colcnt = c.colcnt.data();
-  const float* rthr_top = A.do_rtop ? c.rtop.filter_thr() : nullptr;
-  const float* rthr_bot = A.do_rbot ? c.rbot.filter_thr() : nullptr;
+  const float* rthr_top = !A.do_rtop ? nullptr : A.fast ? c.ctop.shared : c.rtop.filter_thr();
+  const float* rthr_bot = !A.do_rbot ? nullptr : A.fast ? c.cbot.shared : c.rbot.filter_thr();
   // fast mode outside cold tiles: thresholds stay as at tile start (a superset of the
   // candidates), which are then rescored in one interleaved batch
-  const bool deferred = A.fast && !A.X;
+  const bool deferred = A.fast && !A.cold;
   c.cand.clear();
 
   // filter thresholds (refreshed after offers)
@@ -628,7 +719,8 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
         if (A.self)
           cb = _mm512_mask_cmp_ps_mask(m, v, _mm512_add_ps(_mm512_maskz_loadu_ps(m, rthr_bot + j0), vM), _CMP_LE_OQ);
       }
-      __mmask16 any = g | rt | ct | rb | cb;
+      const __mmask16 rows_any = rt | ct | rb | cb;
+      __mmask16 any = g | rows_any;
       __mmask16 mo = 0;
       __mmask16 maybe = 0;
       if (A.do_out) {
@@ -640,14 +732,28 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
       if (__builtin_expect(any | maybe, 0)) {
         alignas(64) float vals[16];
         _mm512_store_ps(vals, v);
+        if (A.fast && rows_any) {  // row lists take the bf16 values (RowCands)
+          __mmask16 todo = rows_any;
+          while (todo) {
+            const int l = __builtin_ctz(todo);
+            todo &= todo - 1;
+            const int32_t j = static_cast<int32_t>(j0 + l);
+            const __mmask16 bit = __mmask16(1u << l);
+            if (rt & bit) c.ctop.offer(i, vals[l], j);
+            if (ct & bit) c.ctop.offer(j, vals[l], static_cast<int32_t>(i));
+            if (rb & bit) c.cbot.offer(i, vals[l], j);
+            if (cb & bit) c.cbot.offer(j, vals[l], static_cast<int32_t>(i));
+          }
+          rt = ct = rb = cb = 0;
+          any = g;
+        }
         __mmask16 todo = any | maybe;
         if (deferred) {
           while (todo) {
             const int l = __builtin_ctz(todo);
             todo &= todo - 1;
             const __mmask16 bit = __mmask16(1u << l);
-            const uint32_t f = ((g & bit) ? 1u : 0u) | ((rt & bit) ? 2u : 0u) | ((ct & bit) ? 4u : 0u) |
-                               ((rb & bit) ? 8u : 0u) | ((cb & bit) ? 16u : 0u) | ((maybe & bit) ? 32u : 0u);
+            const uint32_t f = ((g & bit) ? 1u : 0u) | ((maybe & bit) ? 32u : 0u);
             c.cand.push_back({int32_t(ii), int32_t(jj + l), f});
           }
         }
@@ -656,7 +762,7 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
           todo &= todo - 1;
           const int64_t j = j0 + l;
           const float e = !A.fast ? vals[l]
-                          : (A.X ? E.transform(A.X[ii * ldc + jj + l], i, j) : E.exact_value(i, j));
+                          : E.exact_value(i, j);
           const __mmask16 bit = __mmask16(1u << l);
           if (g & bit) offer_global(A, c, e, i, j);
           if (rt & bit) c.rtop.offer(i, e, static_cast<int32_t>(j));
@@ -685,7 +791,7 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
               continue;
             }
             c.outp.offer(0.0, !A.fast ? vals[l]
-                                       : (A.X ? E.transform(A.X[ii * ldc + jj + l], i, j) : E.exact_value(i, j)),
+                                       : E.exact_value(i, j),
                          i, j);
           }
         }
@@ -727,11 +833,6 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
   const int64_t need = (pa1 - pa0) * mr * ldc;
   if (c.C.n < need) c.C.reset(need);
   gemm_tile(kern_, pa_, pa0, pa1, pb_, pb0, pb1, c.C.data(), ldc);
-  const bool cold = fast_ && cold_ok_ && tile_is_cold(c, r0, r1, c0, c1);
-  if (cold) {
-    if (c.X.n < need) c.X.reset(need);
-    gemm_tile(kern32_, pa32_, pa0, pa1, pb32_, pb0, pb1, c.X.data(), ldc);
-  }
   const int64_t roff = r0 - pa0 * mr, coff = c0 - pb0 * nr;
   const int64_t ncols = c1 - c0;
   if (c.colcnt.n < ncols + 16) c.colcnt.reset(ncols + 16);
@@ -739,12 +840,13 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
 
   FusedArgs A;
   A.E = this;
-  A.X = cold ? c.X.data() + roff * ldc + coff : nullptr;
+  A.cold = fast_ && tile_is_cold(c);
   A.self = self_;
   A.fast = fast_;
   A.diag = self_ && T.I == T.J;
   A.metric = metric_;
   A.M = static_cast<float>(err_bound_);
+  if (double(A.M) < err_bound_) A.M = std::nextafter(A.M, kInf);
   A.xn2 = xn2_.data();
   A.yn2 = self_ ? xn2_.data() : yn2_.data();
   A.bins = opt_.bins;
@@ -780,20 +882,10 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
   }
 }
 
-bool PairwiseEngine::tile_is_cold(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0,
-                                  int64_t c1) const {
+bool PairwiseEngine::tile_is_cold(const ThreadCtx& c) const {
+  // (row lists need no exact values during the run: RowCands)
   for (const PairList* l : {&c.max1, &c.min1, &c.top, &c.bottom, &c.near})
     if (l->k > 0 && !l->full()) return true;
-  // a row is still filling while its (shared) filter threshold is unbounded
-  for (const RowLists* r : {&c.rtop, &c.rbot}) {
-    if (r->k <= 0) continue;
-    const float* thr = r->filter_thr();
-    for (int64_t q = r0; q < r1; ++q)
-      if (std::isinf(thr[q])) return true;
-    if (self_)
-      for (int64_t q = c0; q < c1; ++q)
-        if (std::isinf(thr[q])) return true;
-  }
   return false;
 }
 
@@ -829,10 +921,15 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     c->near = st_.near;
     c->outp = st_.outside_pairs;
     c->hist.assign(st_.hist.size(), 0);
-    c->rtop = st_.row_top;
-    c->rbot = st_.row_bottom;
-    c->rtop.shared = shared_top.empty() ? nullptr : shared_top.data();
-    c->rbot.shared = shared_bottom.empty() ? nullptr : shared_bottom.data();
+    if (fast_) {
+      if (st_.row_top.k > 0) c->ctop.init(n_, st_.row_top.k, true, err_bound_, shared_top.data());
+      if (st_.row_bottom.k > 0) c->cbot.init(n_, st_.row_bottom.k, false, err_bound_, shared_bottom.data());
+    } else {
+      c->rtop = st_.row_top;
+      c->rbot = st_.row_bottom;
+      c->rtop.shared = shared_top.empty() ? nullptr : shared_top.data();
+      c->rbot.shared = shared_bottom.empty() ? nullptr : shared_bottom.data();
+    }
     if (opt_.has_outside) {
       c->out_rows.assign(n_, 0);
       if (!self_) c->out_cols.assign(m_, 0);
@@ -875,8 +972,12 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     for (size_t r = 0; r < c.out_rows.size(); ++r) st_.outside_rows[r] += c.out_rows[r];
     for (size_t r = 0; r < c.out_cols.size(); ++r) st_.outside_cols[r] += c.out_cols[r];
   }
+  if (fast_) {
+    settle_row_candidates(ctx, true, nth);
+    settle_row_candidates(ctx, false, nth);
+  }
   for (RowLists* dst : {&st_.row_top, &st_.row_bottom}) {
-    if (dst->k <= 0) continue;
+    if (dst->k <= 0 || fast_) continue;
     const bool top = dst == &st_.row_top;
     const int64_t k = dst->k;
 #pragma omp parallel for schedule(static) num_threads(nth)
@@ -889,6 +990,80 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     }
   }
   st_.tiles_done = end;
+}
+
+// Fast mode, end of a run: per row, the threads' bf16 candidates (plus spilled ones) that are
+// still within the band of the row's k-th best are rescored exactly and offered to the state's
+// lists; rows are batched so the rescoring runs many FMA chains side by side.
+void PairwiseEngine::settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx>>& ctx, bool top, int nth) {
+  RowLists& dst = top ? st_.row_top : st_.row_bottom;
+  if (dst.k <= 0) return;
+  const int64_t k = dst.k;
+  const double M = err_bound_;
+  std::vector<const RowCands*> srcs;
+  std::vector<std::vector<RowCands::Spilled>> spills;
+  for (auto& cp : ctx) {
+    if (!cp) continue;
+    RowCands& rc = top ? cp->ctop : cp->cbot;
+    srcs.push_back(&rc);
+    std::stable_sort(rc.spill.begin(), rc.spill.end(),
+                     [](const RowCands::Spilled& a, const RowCands::Spilled& b) { return a.row < b.row; });
+    spills.push_back(rc.spill);
+  }
+  constexpr int64_t kRows = 64;  // rows per rescoring batch
+  const int64_t blocks = (n_ + kRows - 1) / kRows;
+#pragma omp parallel num_threads(std::max(1, nth))
+  {
+    struct Pending {
+      int32_t row, col;
+    };
+    std::vector<Pending> pend;
+    std::vector<float> vals, dots;
+    std::vector<const float*> pa, pb;
+    std::vector<std::pair<float, int32_t>> row_cands;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t b = 0; b < blocks; ++b) {
+      pend.clear();
+      for (int64_t r = b * kRows; r < std::min(n_, (b + 1) * kRows); ++r) {
+        row_cands.clear();
+        for (size_t s = 0; s < srcs.size(); ++s) {
+          const RowCands& rc = *srcs[s];
+          for (int32_t q = 0; q < rc.cnt[r]; ++q) row_cands.push_back({rc.val[r * rc.cap + q], rc.col[r * rc.cap + q]});
+          const auto& sp = spills[s];
+          auto it = std::lower_bound(sp.begin(), sp.end(), r,
+                                     [](const RowCands::Spilled& a, int64_t row) { return a.row < row; });
+          for (; it != sp.end() && it->row == r; ++it) row_cands.push_back({it->v, it->col});
+        }
+        if (row_cands.empty()) continue;
+        // bound on the final k-th best exact value: the state's list, and any k candidates
+        double bound = dst.cnt[r] == k ? double(dst.thr[r]) : (top ? -double(kInf) : double(kInf));
+        if (static_cast<int64_t>(row_cands.size()) >= k) {
+          auto kth = row_cands.begin() + (k - 1);
+          if (top)
+            std::nth_element(row_cands.begin(), kth, row_cands.end(),
+                             [](const auto& a, const auto& c) { return a.first > c.first; });
+          else
+            std::nth_element(row_cands.begin(), kth, row_cands.end(),
+                             [](const auto& a, const auto& c) { return a.first < c.first; });
+          bound = top ? std::max(bound, double(kth->first) - M) : std::min(bound, double(kth->first) + M);
+        }
+        for (const auto& rc : row_cands)
+          if (top ? double(rc.first) + M >= bound : double(rc.first) - M <= bound)
+            pend.push_back({int32_t(r), rc.second});
+      }
+      const size_t np = pend.size();
+      pa.resize(np);
+      pb.resize(np);
+      dots.resize(np);
+      for (size_t q = 0; q < np; ++q) {
+        pa[q] = xrow(pend[q].row);
+        pb[q] = yrow(pend[q].col);
+      }
+      dot_exact_batch(pa.data(), pb.data(), static_cast<int64_t>(np), d_, dots.data());
+      for (size_t q = 0; q < np; ++q)
+        dst.offer(pend[q].row, transform(dots[q], pend[q].row, pend[q].col), pend[q].col);
+    }
+  }
 }
 
 }  // namespace embgeom

@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -126,6 +127,7 @@ class PairwiseEngine {
 
  private:
   void process_tile(int64_t t, ThreadCtx& c, double* tsum, double* tsumsq) const;
+  void settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx>>& ctx, bool top, int nth);
 
   PairwiseOptions opt_;
   bool self_ = true, fast_ = false;
@@ -139,12 +141,7 @@ class PairwiseEngine {
   std::vector<float> xn2_, yn2_;  // squared norms (euclidean)
   GemmKernel kern_;
   PackedPanels pa_, pb_;
-  // fast mode: fp32 panels too, for "cold" tiles (some list still filling) whose exact values
-  // are computed by the fp32 GEMM instead of one rescoring per candidate
-  GemmKernel kern32_;
-  PackedPanels pa32_, pb32_;
-  bool cold_ok_ = false;
-  bool tile_is_cold(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const;
+  bool tile_is_cold(const ThreadCtx& c) const;
   double err_bound_ = 0.0;
   PairwiseState st_;
   bool fresh_ = true;

@@ -340,6 +340,22 @@ def test_fast_mode_thread_invariance():
     assert_states_equal(a, b)
 
 
+@pytest.mark.parametrize("k", [1, 3, 12])
+def test_fast_mode_row_lists_with_near_ties(k):
+    # 80 rows within bf16 rounding of one another: every row has far more candidates inside the
+    # error band than its candidate buffer holds (spills), so only exact rescoring can order them
+    rng = np.random.default_rng(11)
+    x = make_x(150, 64, seed=11, dup=((0, 149),))
+    x[:80] = x[0] + 1e-4 * rng.standard_normal((80, 64)).astype(np.float32)
+    x[90:100] = -x[0]  # and a block of near-ties at the bottom
+    kw = dict(metric="cosine", block=16, threads=2, bins=0, topk=0, bottomk=0, row_topk=k, row_bottomk=k)
+    exact = run_engine(x, precision="exact", **kw)
+    for chunks in (1, 6):
+        fast = run_engine(x, precision="fast", chunks=chunks, **kw)
+        assert_states_equal({"r": exact["row_top"]}, {"r": fast["row_top"]})
+        assert_states_equal({"r": exact["row_bottom"]}, {"r": fast["row_bottom"]})
+
+
 def test_kernels_agree_bitwise(monkeypatch):
     x = make_x(61, 45, seed=9)
     want = run_engine(x, metric="dot", block=16, bins=30, lo=-20.0, hi=20.0, topk=5, row_topk=2)
