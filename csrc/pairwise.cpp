@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 
 #include "check.h"
@@ -241,13 +242,13 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
     } else {
       err_bound_ = edot;
     }
-  } else {
-    // exact mode never rescores: drop the row copies (euclidean keeps them for the direct
-    // distance of near-identical rows)
-    if (metric_ != 2) {
-      std::vector<float>().swap(xr_);
-      std::vector<float>().swap(yr_);
-    }
+  }
+  prime_row_bounds(nthreads);
+  // exact mode never rescores: drop the row copies (euclidean keeps them for the direct
+  // distance of near-identical rows)
+  if (!fast_ && metric_ != 2) {
+    std::vector<float>().swap(xr_);
+    std::vector<float>().swap(yr_);
   }
 
   nbx_ = (n_ + bs_ - 1) / bs_;
@@ -266,6 +267,65 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
   }
 
   st_ = empty_state();
+}
+
+// Fast mode: a row's list filter starts unbounded and tightens only as the tiles stream past,
+// so a sequential scan offers about k ln(m / k) candidates per row, and more where the columns
+// are ordered (a vocabulary's ids). Each row starts instead from the k-th best of its values
+// against an evenly spread sample of columns: k real pairs, so (widened by the bf16 error) never
+// past the row's final k-th best, and the lists come out identical.
+void PairwiseEngine::prime_row_bounds(int threads) {
+  const int64_t kt = opt_.row_topk, kb = opt_.row_bottomk;
+  const int64_t s = std::min<int64_t>(kPrimeSample, m_ / 4);
+  // exact mode: an offer is a short list insertion, and the sample costs what it saves there
+  if (!fast_ || (kt <= 0 && kb <= 0) || s <= std::max(kt, kb)) return;
+  std::vector<int64_t> cols(s);
+  std::vector<float> rows(s * d_);
+  for (int64_t q = 0; q < s; ++q) {
+    cols[q] = (2 * q + 1) * m_ / (2 * s);
+    std::memcpy(rows.data() + q * d_, yrow(cols[q]), sizeof(float) * d_);
+  }
+  PackedPanels B;
+  pack_panels(rows.data(), s, d_, d_, kern_.nr, kern_.bf16, B, threads);
+  if (kt > 0) prime_top_.assign(n_, -kInf);
+  if (kb > 0) prime_bottom_.assign(n_, kInf);
+  const double M = err_bound_;
+  const int64_t width = B.panels * kern_.nr, chunk = 8;  // A panels per work item
+  const int64_t items = (pa_.panels + chunk - 1) / chunk;
+#pragma omp parallel num_threads(std::max(1, threads))
+  {
+    AlignedBuf<float> C;
+    C.reset(chunk * kern_.mr * width);
+    std::vector<float> vals, best;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t p0 = it * chunk, p1 = std::min(pa_.panels, p0 + chunk);
+      gemm_tile(kern_, pa_, p0, p1, B, 0, B.panels, C.data(), width);
+      for (int64_t r = p0 * kern_.mr; r < std::min(n_, p1 * kern_.mr); ++r) {
+        const float* row = C.data() + (r - p0 * kern_.mr) * width;
+        vals.clear();
+        for (int64_t q = 0; q < s; ++q)
+          if (!self_ || cols[q] != r) vals.push_back(transform(row[q], r, cols[q]));
+        // the k-th best (kept in a sorted list of k: few values get past its last one),
+        // widened by M and rounded outwards
+        auto bound = [&](int64_t k, bool top) {
+          best.assign(k, top ? -kInf : kInf);
+          for (const float v : vals) {
+            if (top ? !(v > best[k - 1]) : !(v < best[k - 1])) continue;
+            int64_t p = k - 1;
+            for (; p > 0 && (top ? v > best[p - 1] : v < best[p - 1]); --p) best[p] = best[p - 1];
+            best[p] = v;
+          }
+          const double b = top ? double(best[k - 1]) - M : double(best[k - 1]) + M;
+          float f = static_cast<float>(b);
+          if (top ? double(f) > b : double(f) < b) f = std::nextafter(f, top ? -kInf : kInf);
+          return f;
+        };
+        if (kt > 0) prime_top_[r] = bound(kt, true);
+        if (kb > 0) prime_bottom_[r] = bound(kb, false);
+      }
+    }
+  }
 }
 
 PairwiseState PairwiseEngine::empty_state() const {
@@ -832,6 +892,7 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
   const int64_t ldc = (pb1 - pb0) * nr + 16;  // +16: room for masked tails, odd stride
   const int64_t need = (pa1 - pa0) * mr * ldc;
   if (c.C.n < need) c.C.reset(need);
+  prefetch_row_lists(c, r0, r1, c0, c1);
   gemm_tile(kern_, pa_, pa0, pa1, pb_, pb0, pb1, c.C.data(), ldc);
   const int64_t roff = r0 - pa0 * mr, coff = c0 - pb0 * nr;
   const int64_t ncols = c1 - c0;
@@ -882,6 +943,33 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
   }
 }
 
+// The tile's rows' list slots are scattered over n * k entries, far from the caches since the
+// last tile of the same rows: fetch them while the tile product runs, not one miss per offer.
+void PairwiseEngine::prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0,
+                                        int64_t c1) const {
+  auto fetch = [](const void* p, size_t bytes) {
+    const char* b = static_cast<const char*>(p);
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(b + o, 1, 3);
+  };
+  auto rows = [&](int64_t a, int64_t b) {
+    if (b <= a) return;
+    for (const RowCands* r : {&c.ctop, &c.cbot}) {
+      if (r->k <= 0) continue;
+      fetch(r->val.data() + a * r->cap, sizeof(float) * (b - a) * r->cap);
+      fetch(r->col.data() + a * r->cap, sizeof(int32_t) * (b - a) * r->cap);
+      fetch(r->cnt.data() + a, sizeof(int32_t) * (b - a));
+    }
+    for (const RowLists* r : {&c.rtop, &c.rbot}) {
+      if (r->k <= 0) continue;
+      fetch(r->val.data() + a * r->k, sizeof(float) * (b - a) * r->k);
+      fetch(r->col.data() + a * r->k, sizeof(int32_t) * (b - a) * r->k);
+      fetch(r->cnt.data() + a, sizeof(int32_t) * (b - a));
+    }
+  };
+  rows(r0, r1);
+  if (self_ && c0 != r0) rows(c0, c1);  // the column direction
+}
+
 bool PairwiseEngine::tile_is_cold(const ThreadCtx& c) const {
   // (row lists need no exact values during the run: RowCands)
   for (const PairList* l : {&c.max1, &c.min1, &c.top, &c.bottom, &c.near})
@@ -912,6 +1000,8 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
   // shared per-row thresholds, seeded from the lists so far (see RowLists::shared)
   std::vector<float> shared_top(st_.row_top.k > 0 ? st_.row_top.thr : std::vector<float>());
   std::vector<float> shared_bottom(st_.row_bottom.k > 0 ? st_.row_bottom.thr : std::vector<float>());
+  for (size_t r = 0; r < prime_top_.size(); ++r) shared_top[r] = std::max(shared_top[r], prime_top_[r]);
+  for (size_t r = 0; r < prime_bottom_.size(); ++r) shared_bottom[r] = std::min(shared_bottom[r], prime_bottom_[r]);
   auto make_ctx = [&]() {
     auto c = std::make_unique<ThreadCtx>();
     c->max1 = st_.max1;

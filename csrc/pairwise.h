@@ -142,7 +142,12 @@ class PairwiseEngine {
   GemmKernel kern_;
   PackedPanels pa_, pb_;
   bool tile_is_cold(const ThreadCtx& c) const;
+  void prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const;
   double err_bound_ = 0.0;
+  // per-row starting bounds of the row-list filters, from a sample of columns
+  std::vector<float> prime_top_, prime_bottom_;
+  static constexpr int64_t kPrimeSample = 256;
+  void prime_row_bounds(int threads);
   PairwiseState st_;
   bool fresh_ = true;
 };
