@@ -35,13 +35,6 @@ template struct AlignedBuf<float>;
 template struct AlignedBuf<uint32_t>;
 template struct AlignedBuf<int32_t>;
 
-uint16_t to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
 // ---------------------------------------------------------------------------------------------
 // micro-kernels: a is an A micro-panel at k0 ([k][MR]), b a B micro-panel ([k][NR]); the MR x NR
 // block of C is written in full (C buffers cover whole panels).

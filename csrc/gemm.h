@@ -10,6 +10,7 @@
 #pragma once
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 
@@ -72,7 +73,12 @@ float dot_exact(const float* a, const float* b, int64_t d);
 // out[q] = dot_exact(a[q], b[q], d) for q < n, several chains interleaved (throughput-bound).
 void dot_exact_batch(const float* const* a, const float* const* b, int64_t n, int64_t d, float* out);
 
-// Round-to-nearest-even fp32 -> bf16 bits (finite inputs).
-uint16_t to_bf16(float x);
+// Round-to-nearest-even fp32 -> bf16 bits (finite inputs). Inline: packing calls it per element.
+inline uint16_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
 
 }  // namespace embgeom
