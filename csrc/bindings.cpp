@@ -136,7 +136,7 @@ PYBIND11_MODULE(_C, m) {
                                                        y ? y->shape(0) : 0, D, o);
              }),
              py::arg("x"), py::arg("y") = py::none(), py::kw_only(), py::arg("metric") = "cosine",
-             py::arg("precision") = "exact", py::arg("block") = 256, py::arg("bins") = 2000,
+             py::arg("precision") = "exact", py::arg("block") = 512, py::arg("bins") = 2000,
              py::arg("lo") = -1.0, py::arg("hi") = 1.0, py::arg("topk") = 10, py::arg("bottomk") = 10,
              py::arg("near") = py::none(), py::arg("near_k") = 10, py::arg("row_topk") = 0,
              py::arg("row_bottomk") = 0, py::arg("outside") = py::none(),

@@ -17,7 +17,7 @@ namespace embgeom {
 struct PairwiseOptions {
   std::string metric = "cosine";     // cosine | dot | euclidean
   std::string precision = "exact";   // exact | fast (bf16 products, candidates rescored)
-  int64_t block = 256;
+  int64_t block = 512;  // as DEFAULT_BLOCK in python/embgeom/_pairwise.py
   int64_t bins = 2000;  // 0 = no histogram
   double lo = -1.0, hi = 1.0;
   int64_t topk = 10, bottomk = 10;
@@ -133,7 +133,7 @@ class PairwiseEngine {
   bool self_ = true, fast_ = false;
   int metric_ = 0;  // 0 cosine, 1 dot, 2 euclidean
   int64_t n0_ = 0, m0_ = 0;  // original counts
-  int64_t n_ = 0, m_ = 0, d_ = 0, bs_ = 256;
+  int64_t n_ = 0, m_ = 0, d_ = 0, bs_ = 512;
   int64_t nbx_ = 0, nby_ = 0, num_tiles_ = 0;
   std::vector<int64_t> row_off_;  // self: first tile index of tile-row I
   std::vector<int64_t> xmap_, ymap_, xinv_, yinv_;

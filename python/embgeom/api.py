@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import torch
 
 from . import _backends, _validate
-from ._pairwise import METRICS, PRECISIONS, PairwiseConfig, finalize, fingerprint, run_engine
+from ._pairwise import DEFAULT_BLOCK, METRICS, PRECISIONS, PairwiseConfig, finalize, fingerprint, run_engine
 from .results import AttentionEntropy, ConeIndex, PairwiseStats
 
 
@@ -19,7 +19,7 @@ def pairwise_stats(x, y=None, *, metric: str = "cosine", bins: int = 2000,
                    outside: tuple[float, float] | None = None, outside_limit: int = 1000,
                    precision: str = "exact", backend: str | None = None,
                    checkpoint: str | None = None, progress: bool = False,
-                   block: int = 256) -> PairwiseStats:
+                   block: int = DEFAULT_BLOCK) -> PairwiseStats:
     """Statistics over all pairs, tile by tile (SPEC M1); the N x N matrix is never built.
 
     x: (N, D) float; y: (M, D) float or None. Self mode (y None) covers the pairs i < j; cross
@@ -127,7 +127,7 @@ def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
 
 def make_config(*, metric="cosine", bins=2000, range=None, topk=10, bottomk=10, near=None,
                 near_k=10, row_topk=0, row_bottomk=0, outside=None, outside_limit=1000,
-                precision="exact", block=256) -> PairwiseConfig:
+                precision="exact", block=DEFAULT_BLOCK) -> PairwiseConfig:
     """Validate the options of pairwise_stats into a PairwiseConfig (one place for all callers)."""
     metric = _validate.choice(metric, "metric", METRICS)
     precision = _validate.choice(precision, "precision", PRECISIONS)

@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from ._pairwise import DEFAULT_BLOCK
+
 
 def _add_pairs(sub) -> None:
     p = sub.add_parser("pairs", help="all-pairs statistics of X (self) or X against Y (cross)")
@@ -28,7 +30,7 @@ def _add_pairs(sub) -> None:
     p.add_argument("--outside-limit", type=int, default=1000)
     p.add_argument("--precision", default="exact", choices=["exact", "fast"])
     p.add_argument("--backend")
-    p.add_argument("--block", type=int, default=256)
+    p.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="tile edge (default %(default)s)")
     p.add_argument("--device", help="run on this torch device (e.g. cuda)")
     p.add_argument("--checkpoint", metavar="PATH")
     p.add_argument("--progress", action="store_true")
