@@ -268,6 +268,15 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
   st_ = empty_state();
 }
 
+// A bound on a row's final k-th best exact value from the k-th best of k real pairs' values that
+// are each within M of exact: kth - M (top) or kth + M (bottom), rounded outwards to float.
+static float widened_bound(float kth, double M, bool top) {
+  const double b = top ? double(kth) - M : double(kth) + M;
+  float f = static_cast<float>(b);
+  if (top ? double(f) > b : double(f) < b) f = std::nextafter(f, top ? -kInf : kInf);
+  return f;
+}
+
 // Fast mode: a row's list filter starts unbounded and tightens only as the tiles stream past,
 // so a sequential scan offers about k ln(m / k) candidates per row, and more where the columns
 // are ordered (a vocabulary's ids). Each row starts instead from the k-th best of its values
@@ -315,10 +324,7 @@ void PairwiseEngine::prime_row_bounds(int threads) {
             for (; p > 0 && (top ? v > best[p - 1] : v < best[p - 1]); --p) best[p] = best[p - 1];
             best[p] = v;
           }
-          const double b = top ? double(best[k - 1]) - M : double(best[k - 1]) + M;
-          float f = static_cast<float>(b);
-          if (top ? double(f) > b : double(f) < b) f = std::nextafter(f, top ? -kInf : kInf);
-          return f;
+          return widened_bound(best[k - 1], M, top);
         };
         if (kt > 0) prime_top_[r] = bound(kt, true);
         if (kb > 0) prime_bottom_[r] = bound(kb, false);
@@ -477,11 +483,9 @@ struct RowCands {
     rc[pos] = c;
     ++nn;
     if (nn >= k) {
-      // k real pairs with values within M of rv[k-1]: publish that bound (rounded outwards)
+      // k real pairs with values within M of rv[k-1]: publish that bound
+      publish_threshold(shared + row, widened_bound(rv[k - 1], M, top), top);
       const double b = top ? double(rv[k - 1]) - M : double(rv[k - 1]) + M;
-      float bf = static_cast<float>(b);
-      if (top ? double(bf) > b : double(bf) < b) bf = std::nextafter(bf, top ? -kInf : kInf);
-      publish_threshold(shared + row, bf, top);
       const double bound = top ? std::max(b, double(shared[row])) : std::min(b, double(shared[row]));
       while (nn > k && out_of_band(rv[nn - 1], bound)) --nn;
     }
@@ -538,6 +542,19 @@ inline void offer_global(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float
   if (A.do_near) c.near.offer(-std::fabs(double(e) - A.near), e, i, j);
 }
 
+// Per-row lists: exact mode offers exact values to RowLists, fast mode bf16 values to RowCands.
+inline const float* row_filter(const FusedArgs& A, const PairwiseEngine::ThreadCtx& c, bool top) {
+  if (A.fast) return (top ? c.ctop : c.cbot).shared;
+  return (top ? c.rtop : c.rbot).filter_thr();
+}
+inline void offer_row(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, bool top, int64_t row, float v,
+                      int64_t col) {
+  if (A.fast)
+    (top ? c.ctop : c.cbot).offer(row, v, static_cast<int32_t>(col));
+  else
+    (top ? c.rtop : c.rbot).offer(row, v, static_cast<int32_t>(col));
+}
+
 inline float thr_hi(const PairList& l) { return l.full() ? l.e.back().v : -kInf; }
 inline float thr_lo(const PairList& l) { return l.full() ? l.e.back().v : kInf; }
 inline double thr_dist(const PairList& l) {
@@ -590,26 +607,14 @@ void fused_tile_scalar(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* 
       };
       if (g) offer_global(A, c, exact(), i, j);
       if (A.do_rtop) {
-        const float* thr = A.fast ? c.ctop.shared : c.rtop.filter_thr();
-        const bool row = v >= thr[i] - M, column = A.self && v >= thr[j] - M;
-        if (A.fast) {  // candidates by bf16 value, see RowCands
-          if (row) c.ctop.offer(i, v, static_cast<int32_t>(j));
-          if (column) c.ctop.offer(j, v, static_cast<int32_t>(i));
-        } else {
-          if (row) c.rtop.offer(i, v, static_cast<int32_t>(j));
-          if (column) c.rtop.offer(j, v, static_cast<int32_t>(i));
-        }
+        const float* thr = row_filter(A, c, true);
+        if (v >= thr[i] - M) offer_row(A, c, true, i, v, j);
+        if (A.self && v >= thr[j] - M) offer_row(A, c, true, j, v, i);
       }
       if (A.do_rbot) {
-        const float* thr = A.fast ? c.cbot.shared : c.rbot.filter_thr();
-        const bool row = v <= thr[i] + M, column = A.self && v <= thr[j] + M;
-        if (A.fast) {
-          if (row) c.cbot.offer(i, v, static_cast<int32_t>(j));
-          if (column) c.cbot.offer(j, v, static_cast<int32_t>(i));
-        } else {
-          if (row) c.rbot.offer(i, v, static_cast<int32_t>(j));
-          if (column) c.rbot.offer(j, v, static_cast<int32_t>(i));
-        }
+        const float* thr = row_filter(A, c, false);
+        if (v <= thr[i] + M) offer_row(A, c, false, i, v, j);
+        if (A.self && v <= thr[j] + M) offer_row(A, c, false, j, v, i);
       }
       if (A.do_out) {
         bool o;
@@ -692,8 +697,8 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
   const __m512i ones = _mm512_set1_epi32(1);
   int64_t* hist = A.do_hist ? c.hist.data() : nullptr;
   int32_t* colcnt = c.colcnt.data();
-  const float* rthr_top = !A.do_rtop ? nullptr : A.fast ? c.ctop.shared : c.rtop.filter_thr();
-  const float* rthr_bot = !A.do_rbot ? nullptr : A.fast ? c.cbot.shared : c.rbot.filter_thr();
+  const float* rthr_top = A.do_rtop ? row_filter(A, c, true) : nullptr;
+  const float* rthr_bot = A.do_rbot ? row_filter(A, c, false) : nullptr;
   // fast mode outside cold tiles: thresholds stay as at tile start (a superset of the
   // candidates), which are then rescored in one interleaved batch
   const bool deferred = A.fast && !A.cold;
@@ -779,7 +784,6 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
           cb = _mm512_mask_cmp_ps_mask(m, v, _mm512_add_ps(_mm512_maskz_loadu_ps(m, rthr_bot + j0), vM), _CMP_LE_OQ);
       }
       const __mmask16 rows_any = rt | ct | rb | cb;
-      __mmask16 any = g | rows_any;
       __mmask16 mo = 0;
       __mmask16 maybe = 0;
       if (A.do_out) {
@@ -788,25 +792,20 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
           maybe = (_mm512_mask_cmp_ps_mask(m, v, oa_hi, _CMP_LT_OQ) |
                    _mm512_mask_cmp_ps_mask(m, v, ob_lo, _CMP_GT_OQ)) & ~mo;
       }
-      if (__builtin_expect(any | maybe, 0)) {
+      if (__builtin_expect(g | rows_any | maybe, 0)) {
         alignas(64) float vals[16];
         _mm512_store_ps(vals, v);
-        if (A.fast && rows_any) {  // row lists take the bf16 values (RowCands)
-          __mmask16 todo = rows_any;
-          while (todo) {
-            const int l = __builtin_ctz(todo);
-            todo &= todo - 1;
-            const int32_t j = static_cast<int32_t>(j0 + l);
-            const __mmask16 bit = __mmask16(1u << l);
-            if (rt & bit) c.ctop.offer(i, vals[l], j);
-            if (ct & bit) c.ctop.offer(j, vals[l], static_cast<int32_t>(i));
-            if (rb & bit) c.cbot.offer(i, vals[l], j);
-            if (cb & bit) c.cbot.offer(j, vals[l], static_cast<int32_t>(i));
-          }
-          rt = ct = rb = cb = 0;
-          any = g;
+        // row lists take the tile's values as they are (exact mode: exact; fast: bf16)
+        for (__mmask16 todo = rows_any; todo; todo &= todo - 1) {
+          const int l = __builtin_ctz(todo);
+          const int64_t j = j0 + l;
+          const __mmask16 bit = __mmask16(1u << l);
+          if (rt & bit) offer_row(A, c, true, i, vals[l], j);
+          if (ct & bit) offer_row(A, c, true, j, vals[l], i);
+          if (rb & bit) offer_row(A, c, false, i, vals[l], j);
+          if (cb & bit) offer_row(A, c, false, j, vals[l], i);
         }
-        __mmask16 todo = any | maybe;
+        __mmask16 todo = g | maybe;
         if (deferred) {
           while (todo) {
             const int l = __builtin_ctz(todo);
@@ -820,14 +819,9 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
           const int l = __builtin_ctz(todo);
           todo &= todo - 1;
           const int64_t j = j0 + l;
-          const float e = !A.fast ? vals[l]
-                          : E.exact_value(i, j);
+          const float e = A.fast ? E.exact_value(i, j) : vals[l];
           const __mmask16 bit = __mmask16(1u << l);
           if (g & bit) offer_global(A, c, e, i, j);
-          if (rt & bit) c.rtop.offer(i, e, static_cast<int32_t>(j));
-          if (ct & bit) c.rtop.offer(j, e, static_cast<int32_t>(i));
-          if (rb & bit) c.rbot.offer(i, e, static_cast<int32_t>(j));
-          if (cb & bit) c.rbot.offer(j, e, static_cast<int32_t>(i));
           if ((maybe & bit) && (e < A.oa || e > A.ob)) mo |= bit;
         }
         if (!deferred) refresh();
@@ -849,9 +843,7 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
               c.cand.push_back({int32_t(ii), int32_t(jj + l), 64u});
               continue;
             }
-            c.outp.offer(0.0, !A.fast ? vals[l]
-                                       : E.exact_value(i, j),
-                         i, j);
+            c.outp.offer(0.0, A.fast ? E.exact_value(i, j) : vals[l], i, j);
           }
         }
       }
@@ -950,20 +942,19 @@ void PairwiseEngine::prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t 
     const char* b = static_cast<const char*>(p);
     for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(b + o, 1, 3);
   };
+  // slots of rows [a, b) in lists of `width` entries a row
+  auto slots = [&](const std::vector<float>& val, const std::vector<int32_t>& col,
+                   const std::vector<int32_t>& cnt, int64_t width, int64_t a, int64_t b) {
+    if (width <= 0) return;
+    fetch(val.data() + a * width, sizeof(float) * (b - a) * width);
+    fetch(col.data() + a * width, sizeof(int32_t) * (b - a) * width);
+    fetch(cnt.data() + a, sizeof(int32_t) * (b - a));
+  };
   auto rows = [&](int64_t a, int64_t b) {
     if (b <= a) return;
-    for (const RowCands* r : {&c.ctop, &c.cbot}) {
-      if (r->k <= 0) continue;
-      fetch(r->val.data() + a * r->cap, sizeof(float) * (b - a) * r->cap);
-      fetch(r->col.data() + a * r->cap, sizeof(int32_t) * (b - a) * r->cap);
-      fetch(r->cnt.data() + a, sizeof(int32_t) * (b - a));
-    }
-    for (const RowLists* r : {&c.rtop, &c.rbot}) {
-      if (r->k <= 0) continue;
-      fetch(r->val.data() + a * r->k, sizeof(float) * (b - a) * r->k);
-      fetch(r->col.data() + a * r->k, sizeof(int32_t) * (b - a) * r->k);
-      fetch(r->cnt.data() + a, sizeof(int32_t) * (b - a));
-    }
+    for (const RowCands* r : {&c.ctop, &c.cbot})
+      if (r->k > 0) slots(r->val, r->col, r->cnt, r->cap, a, b);
+    for (const RowLists* r : {&c.rtop, &c.rbot}) slots(r->val, r->col, r->cnt, r->k, a, b);
   };
   rows(r0, r1);
   if (self_ && c0 != r0) rows(c0, c1);  // the column direction
@@ -1090,14 +1081,12 @@ void PairwiseEngine::settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx
   const int64_t k = dst.k;
   const double M = err_bound_;
   std::vector<const RowCands*> srcs;
-  std::vector<std::vector<RowCands::Spilled>> spills;
   for (auto& cp : ctx) {
     if (!cp) continue;
     RowCands& rc = top ? cp->ctop : cp->cbot;
-    srcs.push_back(&rc);
     std::stable_sort(rc.spill.begin(), rc.spill.end(),
                      [](const RowCands::Spilled& a, const RowCands::Spilled& b) { return a.row < b.row; });
-    spills.push_back(rc.spill);
+    srcs.push_back(&rc);
   }
   constexpr int64_t kRows = 64;  // rows per rescoring batch
   const int64_t blocks = (n_ + kRows - 1) / kRows;
@@ -1115,10 +1104,10 @@ void PairwiseEngine::settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx
       pend.clear();
       for (int64_t r = b * kRows; r < std::min(n_, (b + 1) * kRows); ++r) {
         row_cands.clear();
-        for (size_t s = 0; s < srcs.size(); ++s) {
-          const RowCands& rc = *srcs[s];
+        for (const RowCands* src : srcs) {
+          const RowCands& rc = *src;
           for (int32_t q = 0; q < rc.cnt[r]; ++q) row_cands.push_back({rc.val[r * rc.cap + q], rc.col[r * rc.cap + q]});
-          const auto& sp = spills[s];
+          const auto& sp = rc.spill;
           auto it = std::lower_bound(sp.begin(), sp.end(), r,
                                      [](const RowCands::Spilled& a, int64_t row) { return a.row < row; });
           for (; it != sp.end() && it->row == r; ++it) row_cands.push_back({it->v, it->col});
