@@ -1,8 +1,8 @@
 """GPU benchmark (issue 7): embgeom's triton/cuda engines against the GPU baselines, one run.
 
-    python benchmarks/bench_gpu.py                                   # everything (long)
-    python benchmarks/bench_gpu.py --n 1048576 --d 768 --dtype bf16  # the headline row
-    python benchmarks/bench_gpu.py --n 30522 --d 384 --dtype bf16 tf32 --providers triton torch-chunked
+    python benchmarks/benchtriton_backend.py                                   # everything (long)
+    python benchmarks/benchtriton_backend.py --n 1048576 --d 768 --dtype bf16  # the headline row
+    python benchmarks/benchtriton_backend.py --n 30522 --d 384 --dtype bf16 tf32 --providers triton torch-chunked
 
 Workloads (metric column):
   pairwise_stats     full SPEC M1 output (2000 bins, top/bottom-10, row top-10, outside
@@ -110,7 +110,8 @@ def set_precision(dtype):
 # ---------------------------------------------------------------------------------------------
 
 def run_embgeom(x, dtype, opts, engine_cls, block=None):
-    from embgeom._pairwise import PairwiseConfig, finalize, run_engine
+    from embgeom.engine.config import PairwiseConfig
+    from embgeom.engine.runner import run_engine
 
     cfg = PairwiseConfig(**{k: v for k, v in opts.items()}, lo=-1.0, hi=1.0,
                          precision="exact" if dtype == "fp32" else "fast")
@@ -119,7 +120,7 @@ def run_embgeom(x, dtype, opts, engine_cls, block=None):
         kw["block"] = block
     eng = engine_cls(x, None, cfg, **kw)
     st = run_engine(eng)
-    r = finalize(st, cfg, n=x.shape[0], m=None, d=x.shape[1], backend=eng.name, device=x.device, seconds=0.0)
+    r = st.finalize(cfg, d=x.shape[1], backend=eng.name, device=x.device, seconds=0.0)
     return {"count": r.count, "mean": r.mean, "hist": None if r.hist is None else r.hist.counts,
             "top": None if r.top_pairs is None else r.top_pairs.values, "bound": st["hist_error_bound"],
             "row_idx": None if r.row_topk is None else r.row_topk.indices}
@@ -299,9 +300,9 @@ def main(argv=None) -> int:
               "run this on a machine with an NVIDIA GPU and a CUDA build of torch", file=sys.stderr)
         return 2
     import embgeom
-    from embgeom import _backends, _gpu
+    from embgeom.backends import cuda as cuda_backend, registry, triton as triton_backend
 
-    _backends._ensure_registered()
+    registry.ensure_registered()
     dev_name = torch.cuda.get_device_name()
     peaks = device_peaks(dev_name)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -311,9 +312,9 @@ def main(argv=None) -> int:
     sha, date = common.git_sha(), common.today()
     rows = []
     print(f"device: {dev_name} ({sms} SMs)  peaks: {peaks or 'unknown'}")
-    engines = {"triton": _gpu.TritonEngine}
-    if _backends.cuda_ext() is not None and hasattr(_backends.cuda_ext(), "row_topk_merge"):
-        engines["cuda"] = _gpu.CudaEngine
+    engines = {"triton": triton_backend.TritonEngine}
+    if registry.cuda_ext() is not None and hasattr(registry.cuda_ext(), "row_topk_merge"):
+        engines["cuda"] = cuda_backend.CudaEngine
 
     def label(prov):
         return f"{prov}-b{args.block}" if (args.block and prov in engines) else prov

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_rows, git_sha, peak_rss_mb, timeit, today, versions  # noqa: E402
 
 from embgeom import load_model  # noqa: E402
-from embgeom.hf import TraceAccumulator, iter_batches, model_max_length, trace  # noqa: E402
+from embgeom.analysis.trace import TraceAccumulator, iter_batches, model_max_length, trace  # noqa: E402
 
 
 def _words(tokenizer) -> list[str]:

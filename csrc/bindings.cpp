@@ -103,7 +103,7 @@ PYBIND11_MODULE(_C, m) {
                          double hi, int64_t topk, int64_t bottomk, std::optional<double> near,
                          int64_t near_k, int64_t row_topk, int64_t row_bottomk,
                          std::optional<std::pair<double, double>> outside, int64_t outside_limit,
-                         int threads) {
+                         int threads, double moment_shift) {
                EMBGEOM_CHECK(x.ndim() == 2, "x: expected (N, D), got " << x.ndim() << " dims");
                const int64_t D = x.shape(1);
                if (y) {
@@ -131,6 +131,7 @@ PYBIND11_MODULE(_C, m) {
                }
                o.outside_limit = outside_limit;
                o.threads = threads;
+               o.moment_shift = moment_shift;
                py::gil_scoped_release release;
                return std::make_unique<PairwiseEngine>(x.data(), x.shape(0), y ? y->data() : nullptr,
                                                        y ? y->shape(0) : 0, D, o);
@@ -140,13 +141,15 @@ PYBIND11_MODULE(_C, m) {
              py::arg("lo") = -1.0, py::arg("hi") = 1.0, py::arg("topk") = 10, py::arg("bottomk") = 10,
              py::arg("near") = py::none(), py::arg("near_k") = 10, py::arg("row_topk") = 0,
              py::arg("row_bottomk") = 0, py::arg("outside") = py::none(),
-             py::arg("outside_limit") = 1000, py::arg("threads") = 0)
+             py::arg("outside_limit") = 1000, py::arg("threads") = 0,
+             py::arg("moment_shift") = 0.0)
         .def("num_tiles", &PairwiseEngine::num_tiles)
         .def("tile_pairs", &PairwiseEngine::tile_pairs, py::arg("begin"), py::arg("end"))
         .def("run", &PairwiseEngine::run, py::arg("begin"), py::arg("end"),
              py::call_guard<py::gil_scoped_release>(), "Process tiles [begin, end) (GIL released)")
         .def_property_readonly("kernel", [](const PairwiseEngine& e) { return std::string(e.kernel_name()); })
         .def_property_readonly("hist_error_bound", &PairwiseEngine::hist_error_bound)
+        .def_property_readonly("tiles_done", [](const PairwiseEngine& e) { return e.state().tiles_done; })
         .def("state", [vec_i64](const PairwiseEngine& e) {
           const embgeom::PairwiseState& s = e.state();
           const auto& xm = e.x_map();
@@ -154,8 +157,11 @@ PYBIND11_MODULE(_C, m) {
           py::dict d;
           d["tiles_done"] = s.tiles_done;
           d["count"] = s.count;
-          d["sum"] = s.sum;
-          d["sumsq"] = s.sumsq;
+          // moments as (count, mean, M2) from the shifted sums (one tile set, one shift)
+          const double c = e.options().moment_shift;
+          const double mean_dev = s.count ? s.shifted_sum / double(s.count) : 0.0;
+          d["mean"] = s.count ? c + mean_dev : 0.0;
+          d["m2"] = s.count ? std::max(0.0, s.shifted_sumsq - s.shifted_sum * mean_dev) : 0.0;
           auto one = [&](const embgeom::PairList& l) -> py::object {
             if (l.e.empty()) return py::none();
             return py::make_tuple(double(l.e[0].v), xm[l.e[0].i], ym[l.e[0].j]);
@@ -230,8 +236,12 @@ PYBIND11_MODULE(_C, m) {
           EMBGEOM_CHECK(s.tiles_done >= 0 && s.tiles_done <= e.num_tiles(),
                         "state: tiles_done " << s.tiles_done << " outside [0, " << e.num_tiles() << "]");
           s.count = get("count").cast<int64_t>();
-          s.sum = get("sum").cast<double>();
-          s.sumsq = get("sumsq").cast<double>();
+          {
+            const double mean = get("mean").cast<double>(), m2 = get("m2").cast<double>();
+            const double dev = mean - e.options().moment_shift;
+            s.shifted_sum = double(s.count) * dev;
+            s.shifted_sumsq = m2 + double(s.count) * dev * dev;
+          }
           const double nearv = e.options().near;
           auto key = [&](int kind, double v) {
             switch (kind) {

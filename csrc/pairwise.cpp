@@ -531,6 +531,7 @@ struct FusedArgs {
   bool do_hist, do_top, do_bot, do_near, do_rtop, do_rbot, do_out;
   double near;
   float oa, ob;
+  double shift;  // moment_shift
 };
 
 // Offers one pair to the global lists (value exact: rescored in fast mode by the caller).
@@ -589,8 +590,9 @@ void fused_tile_scalar(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* 
       else {
         v = E.transform(row[jj], i, j);
       }
-      s += v;
-      s2 += double(v) * double(v);
+      const double dv = double(v) - A.shift;
+      s += dv;
+      s2 += dv * dv;
       if (A.do_hist) c.hist[hist_bin(A, v)]++;
       bool g = v >= thr_hi(c.max1) - M || v <= thr_lo(c.min1) + M;
       if (A.do_top) g = g || v >= thr_hi(c.top) - M;
@@ -692,6 +694,7 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
   const __m256i i1 = _mm256_set1_epi32(1), iover = _mm256_set1_epi32(int(A.bins + 1));
   const __m256i izero = _mm256_setzero_si256();
   const __m512d vnear = _mm512_set1_pd(A.near);
+  const __m512d vshift = _mm512_set1_pd(A.shift);
   const __m512 oa_lo = _mm512_set1_ps(A.oa - A.M), ob_hi = _mm512_set1_ps(A.ob + A.M);
   const __m512 oa_hi = _mm512_set1_ps(A.oa + A.M), ob_lo = _mm512_set1_ps(A.ob - A.M);
   const __m512i ones = _mm512_set1_epi32(1);
@@ -747,10 +750,13 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
       }
       const __m512d d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
       const __m512d d1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-      s0 = _mm512_add_pd(s0, d0);
-      s1 = _mm512_add_pd(s1, d1);
-      q0 = _mm512_fmadd_pd(d0, d0, q0);
-      q1 = _mm512_fmadd_pd(d1, d1, q1);
+      // masked-off lanes hold 0 and must add nothing
+      const __m512d e0 = _mm512_maskz_sub_pd(__mmask8(m & 0xff), d0, vshift);
+      const __m512d e1 = _mm512_maskz_sub_pd(__mmask8(m >> 8), d1, vshift);
+      s0 = _mm512_add_pd(s0, e0);
+      s1 = _mm512_add_pd(s1, e1);
+      q0 = _mm512_fmadd_pd(e0, e0, q0);
+      q1 = _mm512_fmadd_pd(e1, e1, q1);
       if (hist) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(c.idx), hist_bins8(d0, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
         _mm256_store_si256(reinterpret_cast<__m256i*>(c.idx + 8), hist_bins8(d1, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
@@ -910,6 +916,7 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
   A.do_bot = opt_.bottomk > 0;
   A.do_near = opt_.has_near && opt_.near_k > 0;
   A.near = opt_.near;
+  A.shift = opt_.moment_shift;
   A.do_rtop = opt_.row_topk > 0;
   A.do_rbot = opt_.row_bottomk > 0;
   A.do_out = opt_.has_outside;
@@ -1031,8 +1038,8 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
 
   // deterministic merge (the result sets are unique under the total orders, sums are sequential)
   for (int64_t t = 0; t < end - begin; ++t) {
-    st_.sum += tsum[t];
-    st_.sumsq += tsumsq[t];
+    st_.shifted_sum += tsum[t];
+    st_.shifted_sumsq += tsumsq[t];
   }
   st_.count += tile_pairs(begin, end);
   for (auto& cp : ctx) {

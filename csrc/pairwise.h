@@ -29,6 +29,9 @@ struct PairwiseOptions {
   double out_a = 0.0, out_b = 0.0;
   int64_t outside_limit = 1000;
   int threads = 0;  // 0 = OpenMP default
+  // Moments are summed as v - moment_shift (a value near the mean, chosen by the caller), so the
+  // variance does not cancel when std << |mean| (docs/metrics.md, moments).
+  double moment_shift = 0.0;
 };
 
 struct PairEntry {
@@ -65,7 +68,7 @@ struct RowLists {
 struct PairwiseState {
   int64_t tiles_done = 0;
   int64_t count = 0;
-  double sum = 0.0, sumsq = 0.0;
+  double shifted_sum = 0.0, shifted_sumsq = 0.0;  // sums of (v - moment_shift) and its square
   PairList max1, min1, top, bottom, near, outside_pairs;
   std::vector<int64_t> hist;  // bins + 2, or empty
   RowLists row_top, row_bottom;

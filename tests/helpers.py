@@ -185,3 +185,23 @@ def check_stats(got, x, y=None, *, tol, exact_ties=False, **kw):
         for i, j in pairs:
             assert bool(maybe[i, j])
     return want
+
+
+def assert_engine_states_equal(a, b, *, float_rel=1e-12, skip=()):
+    """Two EngineStates field by field: arrays exactly, floats to float_rel (sum order)."""
+    from dataclasses import fields
+
+    for f in fields(a):
+        if f.name in skip:
+            continue
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(va, tuple) or isinstance(vb, tuple):
+            assert (va is None) == (vb is None), f.name
+            for p, q in zip(va, vb):
+                np.testing.assert_array_equal(np.asarray(p), np.asarray(q), err_msg=f.name)
+        elif isinstance(va, np.ndarray) or isinstance(vb, np.ndarray):
+            np.testing.assert_array_equal(np.asarray(va), np.asarray(vb), err_msg=f.name)
+        elif isinstance(va, float):
+            assert math.isclose(va, vb, rel_tol=float_rel, abs_tol=float_rel), f.name
+        else:
+            assert va == vb, f.name

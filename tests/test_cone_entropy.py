@@ -7,14 +7,15 @@ import pytest
 import torch
 
 import embgeom
-from embgeom import _backends, reference
+from embgeom import reference
+from embgeom.backends import registry
 
 from helpers import make_embeddings
 
 
 def _param(name, op):
-    _backends._ensure_registered()
-    why = _backends.BACKENDS[name].reasons(op, torch.zeros(1, 1))
+    registry.ensure_registered()
+    why = registry.BACKENDS[name].reasons(op, torch.zeros(1, 1))
     return pytest.param(name, marks=pytest.mark.skipif(bool(why), reason="; ".join(why)))
 
 

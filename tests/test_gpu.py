@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import embgeom
-from embgeom import _backends, reference
+from embgeom import reference
+from embgeom.backends import registry
 
 from helpers import check_pair_list, check_row_lists, check_stats, make_embeddings, tolerance
 
@@ -26,13 +27,13 @@ ALL_OUTPUTS = dict(bins=2000, topk=10, bottomk=10, near=0.0, near_k=10, row_topk
 def cuda():
     if not torch.cuda.is_available():
         pytest.skip("no usable CUDA device")
-    if _backends.triton_interpreting():
+    if registry.triton_interpreting():
         pytest.skip("TRITON_INTERPRET=1 is set: GPU tests need compiled Triton")
     return torch.device("cuda")
 
 
 def _usable(backend, x):
-    why = _backends.BACKENDS[backend].reasons("pairwise_stats", x)
+    why = registry.BACKENDS[backend].reasons("pairwise_stats", x)
     if why:
         pytest.skip(f"{backend}: " + "; ".join(why))
 
@@ -41,7 +42,7 @@ def _usable(backend, x):
 @pytest.mark.parametrize("n,d", [(1, 768), (1500, 768), (777, 64)])
 def test_self_mode_exact_vs_reference(cuda, backend, n, d):
     x = make_embeddings(n, d, zero_rows=3 if n > 5 else 0, duplicate_rows=3 if n > 5 else 0, device=cuda)
-    _backends._ensure_registered()
+    registry.ensure_registered()
     _usable(backend, x)
     got = embgeom.pairwise_stats(x, backend=backend, **ALL_OUTPUTS)
     assert got.backend == backend
@@ -52,7 +53,7 @@ def test_self_mode_exact_vs_reference(cuda, backend, n, d):
 def test_cross_mode_tokens_by_positions(cuda, backend):
     x = make_embeddings(2000, 256, zero_rows=2, seed=1, device=cuda)
     y = make_embeddings(512, 256, zero_rows=1, seed=2, device=cuda)
-    _backends._ensure_registered()
+    registry.ensure_registered()
     _usable(backend, x)
     got = embgeom.pairwise_stats(x, y, backend=backend, **ALL_OUTPUTS)
     want = check_stats(got, x.cpu(), y.cpu(), tol=tolerance(torch.float32, d=256),
@@ -62,14 +63,15 @@ def test_cross_mode_tokens_by_positions(cuda, backend):
 
 @pytest.mark.parametrize("fast_dtype", ["bf16", "tf32"])
 def test_fast_precision_lists_exact(cuda, fast_dtype):
-    from embgeom import _gpu
-    from embgeom._pairwise import PairwiseConfig, finalize, run_engine
+    from embgeom.backends import triton as triton_backend
+    from embgeom.engine.config import PairwiseConfig
+    from embgeom.engine.runner import run_engine
 
     n, d = 1200, 768
     x = make_embeddings(n, d, zero_rows=1, duplicate_rows=2, seed=3, device=cuda)
     cfg = PairwiseConfig(**{k: v for k, v in ALL_OUTPUTS.items() if k != "outside"}, precision="fast")
-    eng = _gpu.TritonEngine(x, None, cfg, fast_dtype=fast_dtype)
-    got = finalize(run_engine(eng), cfg, n=n, m=None, d=d, backend="triton", device=x.device, seconds=0.0)
+    eng = triton_backend.TritonEngine(x, None, cfg, fast_dtype=fast_dtype)
+    got = run_engine(eng).finalize(cfg, d=d, backend="triton", device=x.device, seconds=0.0)
     want = reference.pairwise_stats(x.cpu(), bins=2000, topk=10, bottomk=10, near=0.0, near_k=10,
                                     row_topk=10, row_bottomk=3)
     values, mask = want["values"], want["mask"]
@@ -121,11 +123,11 @@ def test_auto_dispatch_on_cuda_tensors(cuda):
 
 
 def test_cuda_row_topk_merge_kernel(cuda):
-    from embgeom._pairwise import merge_rows
+    from embgeom.engine.lists import merge_rows
 
-    ext = _backends.cuda_ext()
+    ext = registry.cuda_ext()
     if ext is None or not hasattr(ext, "row_topk_merge"):
-        pytest.skip(_backends.import_reason("embgeom._cuda"))
+        pytest.skip(registry.import_reason("embgeom._cuda"))
     g = torch.Generator(device="cpu").manual_seed(0)
     n, k, c = 500, 7, 4000
     for largest in (True, False):

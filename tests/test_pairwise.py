@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import embgeom
-from embgeom import _backends
+from embgeom.backends import registry
 
 from helpers import check_stats, make_embeddings, small_int_embeddings, tolerance
 
@@ -17,8 +17,8 @@ ALL_OUTPUTS = dict(bins=50, topk=5, bottomk=5, near=0.0, near_k=4, row_topk=3, r
 
 
 def _backend_param(name):
-    _backends._ensure_registered()
-    why = _backends.BACKENDS[name].reasons("pairwise_stats", torch.zeros(1, 1))
+    registry.ensure_registered()
+    why = registry.BACKENDS[name].reasons("pairwise_stats", torch.zeros(1, 1))
     return pytest.param(name, marks=pytest.mark.skipif(bool(why), reason="; ".join(why)))
 
 

@@ -21,10 +21,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import embgeom  # noqa: E402
-from embgeom import _gpu, reference  # noqa: E402
-from embgeom._pairwise import PairwiseConfig, finalize, run_engine  # noqa: E402
+from embgeom import reference  # noqa: E402
+from embgeom.backends import cuda as cuda_backend, triton as triton_backend  # noqa: E402
+from embgeom.engine.config import PairwiseConfig  # noqa: E402
+from embgeom.engine.runner import run_engine  # noqa: E402
 
-from helpers import check_pair_list, check_row_lists, check_stats, make_embeddings, small_int_embeddings, tolerance  # noqa: E402
+from helpers import assert_engine_states_equal, check_pair_list, check_row_lists, check_stats, make_embeddings, small_int_embeddings, tolerance  # noqa: E402
 
 ALL_OUTPUTS = dict(bins=50, topk=5, bottomk=5, near=0.0, near_k=4, row_topk=3, row_bottomk=2,
                    outside=(-0.2, 0.2), outside_limit=7)
@@ -33,9 +35,9 @@ ALL_OUTPUTS = dict(bins=50, topk=5, bottomk=5, near=0.0, near_k=4, row_topk=3, r
 def _engine_stats(x, y=None, *, engine_kw=None, **opts):
     """Run TritonEngine directly (to shrink bands/capacity) and finalize like the API does."""
     cfg = PairwiseConfig(**opts)
-    eng = _gpu.TritonEngine(x, y, cfg, **(engine_kw or {}))
+    eng = triton_backend.TritonEngine(x, y, cfg, **(engine_kw or {}))
     state = run_engine(eng)
-    return finalize(state, cfg, n=x.shape[0], m=None if y is None else y.shape[0], d=x.shape[1],
+    return state.finalize(cfg, d=x.shape[1],
                     backend="triton", device=x.device, seconds=0.0), eng
 
 
@@ -95,7 +97,7 @@ def test_histogram_edges_match_float64_definition():
     got2 = embgeom.pairwise_stats(x2, metric="dot", bins=9000, range=(-8.0, 8.0), backend="triton", block=16)
     want2 = reference.pairwise_stats(x2, metric="dot", bins=9000, range=(-8.0, 8.0))
     assert got2.hist.counts.tolist() == want2["hist"]["counts"].tolist()
-    edges = _gpu.hist_edges(-1.0, 1.0, 2000)
+    edges = triton_backend.hist_edges(-1.0, 1.0, 2000)
     scale = 2000 / 2.0
     inner = edges[1:-1].double()
     b = torch.arange(1, 2000, dtype=torch.float64)
@@ -162,26 +164,15 @@ def test_checkpoint_resume_equals_full_run():
     x = make_embeddings(50, 12, zero_rows=1, duplicate_rows=1, seed=9)
     cfg = PairwiseConfig(**_cfg_opts(ALL_OUTPUTS))
     kw = dict(block=16, group=1)
-    full = _gpu.TritonEngine(x, None, cfg, **kw)
+    full = triton_backend.TritonEngine(x, None, cfg, **kw)
     full.run(0, full.num_tiles())
-    first = _gpu.TritonEngine(x, None, cfg, **kw)
+    first = triton_backend.TritonEngine(x, None, cfg, **kw)
     first.run(0, 2)
     saved = first.state()
-    resumed = _gpu.TritonEngine(x, None, cfg, **kw)
+    resumed = triton_backend.TritonEngine(x, None, cfg, **kw)
     resumed.load_state(saved)
     resumed.run(2, resumed.num_tiles())
-    a, b = full.state(), resumed.state()
-    for key in a:
-        va, vb = a[key], b[key]
-        if isinstance(va, tuple):
-            for p, q in zip(va, vb):
-                np.testing.assert_array_equal(np.asarray(p), np.asarray(q), err_msg=key)
-        elif isinstance(va, np.ndarray):
-            np.testing.assert_array_equal(va, vb, err_msg=key)
-        elif isinstance(va, float):
-            assert va == pytest.approx(vb, rel=1e-12, abs=1e-12), key
-        else:
-            assert va == vb, key
+    assert_engine_states_equal(full.state(), resumed.state())
     assert full.tile_pairs(0, full.num_tiles()) == 50 * 49 // 2
 
 
@@ -372,18 +363,16 @@ def test_cuda_engine_merge_glue(monkeypatch):
     # with a host mirror of the CUDA merge kernel standing in for embgeom._cuda
     from types import SimpleNamespace
 
-    monkeypatch.setattr(_gpu, "cuda_ext", lambda: SimpleNamespace(row_topk_merge=_host_row_topk_merge))
+    monkeypatch.setattr(cuda_backend, "cuda_ext", lambda: SimpleNamespace(row_topk_merge=_host_row_topk_merge))
     x = small_int_embeddings(50, 4, seed=13)
     opts = dict(bins=0, topk=3, bottomk=0, row_topk=4, row_bottomk=3)
     cfg = PairwiseConfig(metric="dot", **opts)
     states = []
-    for cls in (_gpu.TritonEngine, _gpu.CudaEngine):
+    for cls in (triton_backend.TritonEngine, cuda_backend.CudaEngine):
         eng = cls(x, None, cfg, block=16, group=1, capacity=1)
         states.append(run_engine(eng))
-    for key in ("row_top", "row_bottom"):
-        np.testing.assert_array_equal(states[0][key][1], states[1][key][1])
-        np.testing.assert_array_equal(states[0][key][0], states[1][key][0])
-    got = finalize(states[1], cfg, n=50, m=None, d=4, backend="cuda", device=x.device, seconds=0.0)
+    assert_engine_states_equal(states[0], states[1])
+    got = states[1].finalize(cfg, d=4, backend="cuda", device=x.device, seconds=0.0)
     check_stats(got, x, tol=1e-4, exact_ties=True, metric="dot", **opts)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from embgeom.cli import main
-from embgeom.vocab import AGREEMENT_ROWS, MEAN_MEASURES, OUTSIDE, run
+from embgeom.analysis.vocab import AGREEMENT_ROWS, MEAN_MEASURES, OUTSIDE, run
 
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,7 @@ def _pairwise_stats_kernel(
     lo_f, hi_f, scale_f, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
     # candidate streams
     gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
-    near, margin, near_margin, cut_i, cut_j,
+    near, margin, near_margin, cut_i, cut_j, shift, near_tau,
     METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, IN_PREC: tl.constexpr,
     DO_STATS: tl.constexpr, NB: tl.constexpr, GHIST: tl.constexpr, HAS_OUT: tl.constexpr,
     COLLECT_CLOSE: tl.constexpr,
@@ -205,14 +205,14 @@ def _pairwise_stats_kernel(
             v = tl.sqrt(d2)
             # |a|^2 + |b|^2 - 2ab cancels for near-duplicate rows: those few pairs leave the
             # kernel (stream 6) and the caller reduces their directly computed distances
-            close = valid & (d2 < 1e-3 * scale2)
+            close = valid & (d2 < near_tau * scale2)
             if COLLECT_CLOSE:
                 _append(close, v, rows, cols, 6, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
             valid = valid & (close == 0)
 
         if DO_STATS:
-            # float64 squares, as every engine: fp32 ones lose the std of near-constant values
-            vz = tl.where(valid, v, 0.0).to(tl.float64)
+            # float64 sums of (v - shift) and its square, as every engine (the moments rule)
+            vz = tl.where(valid, v.to(tl.float64) - shift, 0.0)
             acc_n += tl.sum(valid.to(tl.int32), 1)
             acc_s += tl.sum(vz, 1)
             acc_q += tl.sum(vz * vz, 1)
@@ -265,7 +265,7 @@ def _pairwise_stats_kernel(
 def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
                     part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
                     out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv,
-                    ci, cj, cap, near, margin, near_margin, cut_i, cut_j, *, metric, self_mode, has_valid,
+                    ci, cj, cap, near, margin, near_margin, cut_i, cut_j, shift, near_tau, *, metric, self_mode, has_valid,
                     in_prec, do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk,
                     num_warps=8, num_stages=3):
     """x: (N, Dp), y: (M, Dp) contiguous, rows 16-byte aligned (Dp padded with zeros; TMA).
@@ -279,7 +279,7 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
         x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
         part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
         out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap,
-        near, margin, near_margin, cut_i, cut_j,
+        near, margin, near_margin, cut_i, cut_j, shift, near_tau,
         METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
         NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0],
         BOT=streams[1], NEAR=streams[2], RTOP=streams[3], RBOT=streams[4], OUTL=streams[5],

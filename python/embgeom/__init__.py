@@ -18,7 +18,7 @@ __all__ = [
 def __getattr__(name):
     # heavy optional parts (transformers, faiss) load on first use
     if name == "trace":
-        from .hf import trace
+        from .analysis.trace import trace
 
         return trace
     raise AttributeError(f"module 'embgeom' has no attribute {name!r}")

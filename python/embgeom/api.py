@@ -7,8 +7,11 @@ from typing import Any, Iterable
 
 import torch
 
-from . import _backends, _validate
-from ._pairwise import DEFAULT_BLOCK, METRICS, PRECISIONS, PairwiseConfig, finalize, fingerprint, run_engine
+from . import validation
+from .backends import registry
+from .engine.checkpoint import fingerprint
+from .engine.config import DEFAULT_BLOCK, METRICS, PRECISIONS, PairwiseConfig
+from .engine.runner import run_engine
 from .results import AttentionEntropy, ConeIndex, PairwiseStats
 
 
@@ -27,18 +30,18 @@ def pairwise_stats(x, y=None, *, metric: str = "cosine", bins: int = 2000,
     histogram `range` defaults to (-1, 1) for cosine and is required for `dot`/`euclidean`. `checkpoint=PATH` saves
     finished tiles so an interrupted run resumes. Returns PairwiseStats (tensors on x's device).
     """
-    x, y = _validate.pair_of_embeddings(x, y)
+    x, y = validation.pair_of_embeddings(x, y)
     cfg = make_config(metric=metric, bins=bins, range=range, topk=topk, bottomk=bottomk, near=near,
                       near_k=near_k, row_topk=row_topk, row_bottomk=row_bottomk, outside=outside,
                       outside_limit=outside_limit, precision=precision, block=block)
     precision = cfg.precision
-    name, make_engine = _backends.pick("pairwise_stats", x, backend, precision=precision)
+    name, make_engine = registry.pick("pairwise_stats", x, backend, precision=precision)
     start = time.perf_counter()
     engine = make_engine(x, y, cfg)
     fp = fingerprint(x, y, cfg, name, engine.num_tiles()) if checkpoint else None
     state = run_engine(engine, fp=fp, checkpoint=checkpoint, progress=progress)
-    return finalize(state, cfg, n=x.shape[0], m=None if y is None else y.shape[0], d=x.shape[1],
-                    backend=name, device=x.device, seconds=time.perf_counter() - start)
+    return state.finalize(cfg, d=x.shape[1], backend=name, device=x.device,
+                          seconds=time.perf_counter() - start)
 
 
 def cone_index(x, mask=None, *, backend: str | None = None) -> ConeIndex:
@@ -53,8 +56,8 @@ def cone_index(x, mask=None, *, backend: str | None = None) -> ConeIndex:
         parts = [cone_index(h, mask, backend=backend) for h in x]
         return ConeIndex(*(torch.stack([getattr(p, f) for p in parts])
                            for f in ("index", "normalized", "n", "zero_rows")), backend=parts[0].backend)
-    x, mask = _validate.sequences(x, mask)
-    name, run = _backends.pick("cone_index", x, backend)
+    x, mask = validation.sequences(x, mask)
+    name, run = registry.pick("cone_index", x, backend)
     sums, used, zero = run(x, mask)
     return _cone_result(sums, used, zero, name, x.device)
 
@@ -78,10 +81,10 @@ class ConeAccumulator:
         self._name = None
 
     def update(self, chunk) -> None:
-        x, _ = _validate.sequences(chunk, None, name="chunk")
+        x, _ = validation.sequences(chunk, None, name="chunk")
         if self.sums is not None and x.shape[-1] != self.sums.shape[-1]:
             raise ValueError(f"chunk: expected D = {self.sums.shape[-1]}, got {x.shape[-1]}")
-        self._name, run = _backends.pick("cone_index", x, self.backend)
+        self._name, run = registry.pick("cone_index", x, self.backend)
         sums, used, zero = run(x.reshape(1, -1, x.shape[-1]), None)
         self.sums = sums[0].to(x.device) if self.sums is None else self.sums + sums[0].to(self.sums.device)
         self.used += int(used.sum())
@@ -111,11 +114,11 @@ def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
     NaN in `row_entropy` and left out of `mean` (H,). `smoothing` e mixes in the uniform
     distribution: p' = (1 - e) p + e / n_valid (seed 004).
     """
-    attn, mask = _validate.attention(attn, mask)
-    smoothing = _validate.finite_float(smoothing, "smoothing")
+    attn, mask = validation.attention(attn, mask)
+    smoothing = validation.finite_float(smoothing, "smoothing")
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"smoothing: expected a value in [0, 1], got {smoothing}")
-    name, run = _backends.pick("attention_entropy", attn, backend)
+    name, run = registry.pick("attention_entropy", attn, backend)
     ent = run(attn, mask, smoothing).to(attn.device)
     B, H, T, _ = attn.shape
     valid = ~torch.isnan(ent)
@@ -129,31 +132,31 @@ def make_config(*, metric="cosine", bins=2000, range=None, topk=10, bottomk=10, 
                 near_k=10, row_topk=0, row_bottomk=0, outside=None, outside_limit=1000,
                 precision="exact", block=DEFAULT_BLOCK) -> PairwiseConfig:
     """Validate the options of pairwise_stats into a PairwiseConfig (one place for all callers)."""
-    metric = _validate.choice(metric, "metric", METRICS)
-    precision = _validate.choice(precision, "precision", PRECISIONS)
-    bins = _validate.positive_int(bins, "bins")
+    metric = validation.choice(metric, "metric", METRICS)
+    precision = validation.choice(precision, "precision", PRECISIONS)
+    bins = validation.positive_int(bins, "bins")
     if bins:
         if range is None and metric == "cosine":
             range = (-1.0, 1.0)
         if range is None:
             raise ValueError(f"range: required for metric={metric!r} when bins > 0 (e.g. range=(lo, hi))")
-        lo, hi = _validate.interval(range, "range")
+        lo, hi = validation.interval(range, "range")
     else:
         lo, hi = -1.0, 1.0
     if outside is not None:
         if not isinstance(outside, (tuple, list)) or len(outside) != 2:
             raise TypeError(f"outside: expected a pair (a, b), got {outside!r}")
-        a = _validate.finite_float(outside[0], "outside[0]")
-        b = _validate.finite_float(outside[1], "outside[1]")
+        a = validation.finite_float(outside[0], "outside[0]")
+        b = validation.finite_float(outside[1], "outside[1]")
         if a > b:
             raise ValueError(f"outside: expected a <= b, got ({a}, {b})")
         outside = (a, b)
     return PairwiseConfig(
-        metric=metric, bins=bins, lo=lo, hi=hi, topk=_validate.positive_int(topk, "topk"),
-        bottomk=_validate.positive_int(bottomk, "bottomk"),
-        near=None if near is None else _validate.finite_float(near, "near"),
-        near_k=_validate.positive_int(near_k, "near_k"),
-        row_topk=_validate.positive_int(row_topk, "row_topk"),
-        row_bottomk=_validate.positive_int(row_bottomk, "row_bottomk"), outside=outside,
-        outside_limit=_validate.positive_int(outside_limit, "outside_limit"), precision=precision,
-        block=_validate.positive_int(block, "block", allow_zero=False))
+        metric=metric, bins=bins, lo=lo, hi=hi, topk=validation.positive_int(topk, "topk"),
+        bottomk=validation.positive_int(bottomk, "bottomk"),
+        near=None if near is None else validation.finite_float(near, "near"),
+        near_k=validation.positive_int(near_k, "near_k"),
+        row_topk=validation.positive_int(row_topk, "row_topk"),
+        row_bottomk=validation.positive_int(row_bottomk, "row_bottomk"), outside=outside,
+        outside_limit=validation.positive_int(outside_limit, "outside_limit"), precision=precision,
+        block=validation.positive_int(block, "block", allow_zero=False))

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from ._pairwise import DEFAULT_BLOCK
+from .engine.config import DEFAULT_BLOCK
 
 
 def _add_pairs(sub) -> None:
@@ -54,7 +54,7 @@ def _run_pairs(args) -> int:
                   outside_limit=args.outside_limit, precision=args.precision, backend=args.backend,
                   checkpoint=args.checkpoint, progress=args.progress, block=args.block)
     if args.distributed:
-        from . import distributed
+        from .engine import distributed
 
         result = distributed.pairwise_stats(x, y, **kwargs)
         if result is None:  # not rank 0
@@ -69,7 +69,7 @@ def _run_pairs(args) -> int:
 
 
 def _write_json(path: str, data) -> None:
-    from ._report import jsonable
+    from .report import jsonable
 
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_pairs(sub)
     _add_lazy(sub, "knn", "knn", "nearest neighbours with FAISS")
-    _add_lazy(sub, "vocab", "vocab", "analysis of a model's input embeddings (word, position, type)")
-    _add_lazy(sub, "text", "text", "per-layer / per-head analysis of a corpus run through a model")
+    _add_lazy(sub, "vocab", "analysis.vocab", "analysis of a model's input embeddings (word, position, type)")
+    _add_lazy(sub, "text", "analysis.text", "per-layer / per-head analysis of a corpus run through a model")
     return parser
 
 

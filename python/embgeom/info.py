@@ -28,16 +28,17 @@ def _gemm_kernel(c) -> str | None:
 def collect() -> dict:
     import torch
 
-    from . import __version__, _backends
+    from . import __version__
+    from .backends import registry
 
-    c = _backends.cpp()
+    c = registry.cpp()
     built = {
         "_C": c is not None,
         "_C.openmp": bool(getattr(c, "openmp", False)),
         "_C.threads": c.max_threads() if c is not None else 0,
         "_C.pairwise_engine": hasattr(c, "PairwiseEngine"),
         "_C.gemm_kernel": _gemm_kernel(c),
-        "_cuda": _backends.cuda_ext() is not None,
+        "_cuda": registry.cuda_ext() is not None,
     }
     return {
         "embgeom": __version__,
@@ -49,8 +50,8 @@ def collect() -> dict:
         "packages": {m: _version(m) for m in ("numpy", "triton", "faiss", "transformers", "safetensors", "matplotlib")},
         "env": {k: os.environ.get(k) for k in ("EMBGEOM_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS")},
         "built": built,
-        "import_errors": {k: v for k, v in _backends._import_errors.items()},
-        "backends": _backends.usable_report(),
+        "import_errors": dict(registry.import_errors),
+        "backends": registry.usable_report(),
     }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _validate
+from . import validation
 
 INDEXES = ("flat", "ivf", "hnsw")
 
@@ -88,7 +88,7 @@ def _queries(queries: Any, x: torch.Tensor):
             raise ValueError(f"queries: row ids must be in [0, {x.shape[0]}), got min {int(ids.min())}, "
                              f"max {int(ids.max())}")
         return x[ids.to(x.device)], ids.numpy()
-    q = _validate.embeddings(queries, "queries")
+    q = validation.embeddings(queries, "queries")
     if q.shape[1] != x.shape[1]:
         raise ValueError(f"queries: expected D = {x.shape[1]} to match x, got {tuple(q.shape)}")
     return q, None
@@ -166,10 +166,10 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
     Zero-norm rows have no direction: they are never neighbours. `tie_margin` extra candidates
     are fetched so that equal values are ordered by id. Returns KnnResult, tensors on x's device.
     """
-    x = _validate.embeddings(x, "x")
-    index = _validate.choice(index, "index", INDEXES)
-    k = _validate.positive_int(k, "k", allow_zero=False)
-    tie_margin = _validate.positive_int(tie_margin, "tie_margin")
+    x = validation.embeddings(x, "x")
+    index = validation.choice(index, "index", INDEXES)
+    k = validation.positive_int(k, "k", allow_zero=False)
+    tie_margin = validation.positive_int(tie_margin, "tie_margin")
     q, self_ids = _queries(queries, x)
     n = x.shape[0]
     limit = n - 1 if self_ids is not None else n
@@ -197,14 +197,14 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
     params: dict = {}
     if index == "ivf":
         lists = nlist if nlist is not None else max(1, min(int(round(4 * math.sqrt(n_valid))), n_valid // 39 or 1))
-        params = {"nlist": _validate.positive_int(lists, "nlist", allow_zero=False)}
+        params = {"nlist": validation.positive_int(lists, "nlist", allow_zero=False)}
         if params["nlist"] > max(n_valid, 1):
             raise ValueError(f"nlist: expected <= number of non-zero rows ({n_valid}), got {params['nlist']}")
-        params["nprobe"] = _validate.positive_int(
+        params["nprobe"] = validation.positive_int(
             nprobe if nprobe is not None else max(1, params["nlist"] // 8), "nprobe", allow_zero=False)
     elif index == "hnsw":
-        params = {"hnsw_m": _validate.positive_int(hnsw_m, "hnsw_m", allow_zero=False),
-                  "ef_search": _validate.positive_int(ef_search if ef_search is not None else max(64, 2 * k),
+        params = {"hnsw_m": validation.positive_int(hnsw_m, "hnsw_m", allow_zero=False),
+                  "ef_search": validation.positive_int(ef_search if ef_search is not None else max(64, 2 * k),
                                                       "ef_search", allow_zero=False),
                   "ef_construction": 80}
     want = min(n_valid, k + (1 if self_ids is not None else 0) + tie_margin)
@@ -250,7 +250,7 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     import os
 
-    from ._report import write_json
+    from .report import write_json
     from .io import load_matrix
 
     out_dir = os.path.dirname(os.path.abspath(args.json))

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from .numerics import bin_index, unit_rows
+
 __all__ = [
     "pairwise_values", "pairwise_stats", "cone_index", "attention_entropy", "attention_summary",
     "head_target_distribution", "js_distance", "context_similarity",
@@ -18,12 +20,6 @@ __all__ = [
 def _f64(t) -> torch.Tensor:
     """A detached float64 copy: the reference never takes part in autograd."""
     return torch.as_tensor(t).detach().double()
-
-
-def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    norms = torch.linalg.vector_norm(x, dim=1)
-    valid = norms > 0
-    return x / torch.where(valid, norms, torch.ones_like(norms))[:, None], valid
 
 
 def pairwise_values(x, y=None, metric="cosine"):
@@ -39,8 +35,8 @@ def pairwise_values(x, y=None, metric="cosine"):
     mask = torch.ones(n, m, dtype=torch.bool)
     excluded_rows, excluded_cols = [], []
     if metric == "cosine":
-        xu, xv = _unit_rows(x)
-        yu, yv = _unit_rows(y)
+        xu, xv = unit_rows(x)
+        yu, yv = unit_rows(y)
         values = (xu @ yu.T).clamp(-1.0, 1.0)
         mask &= xv[:, None] & yv[None, :]
         excluded_rows = torch.nonzero(~xv).flatten().tolist()
@@ -98,18 +94,9 @@ def pairwise_stats(x, y=None, *, metric="cosine", bins=2000, range=(-1.0, 1.0), 
         out["min"] = out["max"] = None
     if bins:
         lo, hi = range
-        width = (hi - lo) / bins
-        counts = torch.zeros(bins, dtype=torch.int64)
-        under = over = 0
-        for v in sel.tolist():
-            if v < lo:
-                under += 1
-            elif v > hi:
-                over += 1
-            else:
-                counts[min(int(math.floor((v - lo) / width)), bins - 1)] += 1
-        out["hist"] = {"lo": lo, "hi": hi, "bins": bins, "counts": counts, "underflow": under,
-                       "overflow": over}
+        slots = torch.bincount(bin_index(sel, lo, hi, bins), minlength=bins + 2)
+        out["hist"] = {"lo": lo, "hi": hi, "bins": bins, "counts": slots[1:-1],
+                       "underflow": int(slots[0]), "overflow": int(slots[-1])}
     out["top_pairs"] = _sorted_pairs(values, mask, lambda v: -v, topk)
     out["bottom_pairs"] = _sorted_pairs(values, mask, lambda v: v, bottomk)
     out["near_pairs"] = [] if near is None else _sorted_pairs(values, mask, lambda v: (v - near).abs(), near_k)
@@ -139,7 +126,7 @@ def cone_index(x, mask=None) -> dict:
     index, n, zero = [], [], []
     for b in range(B):
         rows = x[b][mask[b]]
-        unit, valid = _unit_rows(rows)
+        unit, valid = unit_rows(rows)
         index.append(float(torch.linalg.vector_norm(unit[valid].sum(0))))
         n.append(int(valid.sum()))
         zero.append(int((~valid).sum()))
@@ -270,7 +257,7 @@ def context_similarity(head_out, mask, separators, cosine=False) -> dict:
             continue
         v = o[b, idx]
         if cosine:
-            v, _ = _unit_rows(v)
+            v, _ = unit_rows(v)
         s = v @ v.T
         counts = [0] * len(idx)
         for a in range(len(idx)):

@@ -17,10 +17,10 @@ def _num(v: Any) -> Any:
     return v
 
 
-def _list(t: torch.Tensor) -> list:
+def as_list(t: torch.Tensor) -> list:
     """Nested lists with NaN -> None."""
     if t.dtype.is_floating_point:
-        return [_list(r) for r in t] if t.dim() > 1 else [_num(float(v)) for v in t.double().cpu().tolist()]
+        return [as_list(r) for r in t] if t.dim() > 1 else [_num(float(v)) for v in t.double().cpu().tolist()]
     return t.cpu().tolist()
 
 
@@ -74,7 +74,7 @@ class RowTopK:
     values: torch.Tensor
 
     def to_dict(self) -> dict:
-        return {"indices": self.indices.tolist(), "values": _list(self.values)}
+        return {"indices": self.indices.tolist(), "values": as_list(self.values)}
 
 
 @dataclass
@@ -172,7 +172,7 @@ class ConeIndex:
         return (self.index.double() ** 2 - n) / (n * (n - 1))
 
     def to_dict(self) -> dict:
-        return {"index": _list(self.index), "normalized": _list(self.normalized),
+        return {"index": as_list(self.index), "normalized": as_list(self.normalized),
                 "n": self.n.tolist(), "zero_rows": self.zero_rows.tolist(), "backend": self.backend}
 
 
@@ -190,5 +190,5 @@ class AttentionEntropy:
     backend: str
 
     def to_dict(self) -> dict:
-        return {"mean": _list(self.mean), "uniform_baseline": _list(self.uniform_baseline),
+        return {"mean": as_list(self.mean), "uniform_baseline": as_list(self.uniform_baseline),
                 "n_rows": self.n_rows, "smoothing": self.smoothing, "backend": self.backend}

@@ -1,59 +1,10 @@
-"""Writing an analysis report: report.json, PNG plots and one self-contained report.html."""
+"""report.html: one self-contained page (plots inlined as base64, no network)."""
 from __future__ import annotations
 
 import base64
 import html
-import json
-import math
 import os
 from typing import Any
-
-
-def jsonable(obj: Any) -> Any:
-    """Tensors/arrays -> lists, NaN/Inf -> None, tuples -> lists."""
-    import numpy as np
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        obj = obj.detach().cpu().numpy()
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
-
-
-def write_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(jsonable(data), f, indent=1)
-    os.replace(tmp, path)
-
-
-def save_figure(fig, out_dir: str, name: str) -> str:
-    """Save a matplotlib figure as out_dir/name.png, close it, return the path."""
-    import matplotlib.pyplot as plt
-
-    path = os.path.join(out_dir, f"{name}.png")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def new_figure(width=7.0, height=4.0):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(width, height))
 
 
 def table_html(headers: list[str], rows: list[list[Any]]) -> str:

@@ -17,14 +17,14 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from . import _backends
-from . import attention as _att
+from ..backends import registry
+from . import attention
 
 METRICS = ("cone", "entropy", "attention", "context", "evolution")
 
 
 # ----------------------------------------------------------------------------------- inputs
-def _lines(path: str) -> Iterator[str]:
+def read_lines(path: str) -> Iterator[str]:
     """Non-blank lines of a UTF-8 file, stripped of the line break (a clear error otherwise)."""
     if not os.path.isfile(path):
         raise ValueError(f"texts: no such file: {path}")
@@ -54,7 +54,7 @@ def count_texts(texts: Any) -> int | None:
 
 def _texts(texts: Any) -> Iterator[str]:
     if isinstance(texts, (str, os.PathLike)):
-        yield from _lines(os.fspath(texts))
+        yield from read_lines(os.fspath(texts))
         return
     for i, t in enumerate(texts):
         if not isinstance(t, str):
@@ -246,23 +246,23 @@ class TraceResult:
 
     def to_dict(self) -> dict:
         """The report.json keys of `embgeom text` (NaN -> None)."""
-        from .results import _list
+        from ..results import as_list
 
         return {
             "model": self.model, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
             "layers": self.layers, "heads": self.heads, "truncated": self.truncated,
-            "cone_index": {"layer_input": _list(self.cone_layer_input),
-                           "head_output": _list(self.cone_head_output),
-                           "multihead_output": _list(self.cone_multihead_output),
-                           "layer_output": _list(self.cone_layer_output)},
-            "entropy": {"mean": _list(self.entropy), "uniform_baseline": self.uniform_baseline},
-            "attention_to": {k: _list(v) for k, v in self.attention_to.items()},
-            "js_distance": _list(self.js_distance),
-            "context_similarity": {"mean_distance": _list(self.context_mean_distance),
+            "cone_index": {"layer_input": as_list(self.cone_layer_input),
+                           "head_output": as_list(self.cone_head_output),
+                           "multihead_output": as_list(self.cone_multihead_output),
+                           "layer_output": as_list(self.cone_layer_output)},
+            "entropy": {"mean": as_list(self.entropy), "uniform_baseline": self.uniform_baseline},
+            "attention_to": {k: as_list(v) for k, v in self.attention_to.items()},
+            "js_distance": as_list(self.js_distance),
+            "context_similarity": {"mean_distance": as_list(self.context_mean_distance),
                                    "focus_token": self.focus_token,
-                                   "separator_share": _list(self.context_separator_share)},
-            "evolution": {"step_distance": _list(self.step_distance),
-                          "step_cosine": _list(self.step_cosine), "norm": _list(self.norm)},
+                                   "separator_share": as_list(self.context_separator_share)},
+            "evolution": {"step_distance": as_list(self.step_distance),
+                          "step_cosine": as_list(self.step_cosine), "norm": as_list(self.norm)},
         }
 
 
@@ -286,7 +286,7 @@ class TraceAccumulator:
             "cone_in": z(L), "cone_head": z(L, H), "cone_mh": z(L), "cone_out": z(L),
             "cone_in_n": z(L), "cone_head_n": z(L, H), "cone_mh_n": z(L), "cone_out_n": z(L),
             "entropy": z(L, H), "baseline": z(()), "hme": z(L, H), "hme_n": z(()),
-            "targets": z(len(_att.TARGETS), L, H), "dist": z(L * H, 2 + 2 * max_len - 1),
+            "targets": z(len(attention.TARGETS), L, H), "dist": z(L * H, 2 + 2 * max_len - 1),
             "ctx_rows": z(L, H, dt=torch.int64), "ctx_dist": z(L, H, dt=torch.int64),
             "ctx_sep": z(L, H, dt=torch.int64), "ctx_hist": z(L, H, max_len, dt=torch.int64),
             "focus": z(L, H, vocab_size, dt=torch.int64) if "context" in self.metrics else z(L, H, 1, dt=torch.int64),
@@ -299,7 +299,7 @@ class TraceAccumulator:
         """x: (G*B, T, d) with groups G = prod(groups); -> (sum of I/n over texts, n texts) per
         group, sets without a non-zero vector left out. Calls the cone kernel (embgeom.cone_index
         without its input checks: the tensors come from the model)."""
-        _, run = _backends.pick("cone_index", x)
+        _, run = registry.pick("cone_index", x)
         sums, used, _zero = run(x, mask)
         r = torch.linalg.vector_norm(sums.to(x.device).double(), dim=-1)
         used = used.to(x.device).reshape(*groups, -1)
@@ -348,23 +348,23 @@ class TraceAccumulator:
         dt = b.attentions[0].dtype if b.attentions else torch.float32
         keys = torch.stack([b.cls, b.sep, b.punct], dim=-1).to(dt)
         if "attention" in self.metrics:
-            weight = _att.offset_weight(mask, b.cls, b.sep, dt)
+            weight = attention.offset_weight(mask, b.cls, b.sep, dt)
         if b.attentions and "entropy" in self.metrics:
             # the row-entropy kernel (embgeom.attention_entropy without its input checks)
-            _, entropy_kernel = _backends.pick("attention_entropy", b.attentions[0])
+            _, entropy_kernel = registry.pick("attention_entropy", b.attentions[0])
         for l, attn in enumerate(b.attentions):
             if "entropy" in self.metrics:
                 ent = entropy_kernel(attn, mask, 0.0).to(attn.device)         # (B, H, T), NaN pads
                 s["entropy"][l] += torch.nan_to_num(ent, nan=0.0).sum(dim=(0, 2)).double()
             if "attention" in self.metrics:
-                mass = _att.special_mass(attn, keys)
-                t = _att.attention_targets(attn, mask, b.cls, b.sep, b.punct, mass=mass)
-                s["targets"][:, l] += torch.stack([t[k] for k in _att.TARGETS])
-                s["hme"][l] += _att.head_mean_entropy(attn, mask)
-                s["dist"][l * H:(l + 1) * H] += _att.target_distribution(
+                mass = attention.special_mass(attn, keys)
+                t = attention.attention_targets(attn, mask, b.cls, b.sep, b.punct, mass=mass)
+                s["targets"][:, l] += torch.stack([t[k] for k in attention.TARGETS])
+                s["hme"][l] += attention.head_mean_entropy(attn, mask)
+                s["dist"][l * H:(l + 1) * H] += attention.target_distribution(
                     attn, mask, b.cls, b.sep, self.max_len, workspace=self._ws, mass=mass, weight=weight)
             if "context" in self.metrics:
-                c = _att.context_similarity(b.head_outputs[l].transpose(1, 2), mask, b.sep,
+                c = attention.context_similarity(b.head_outputs[l].transpose(1, 2), mask, b.sep,
                                             b.input_ids, self.V, workspace=self._ws)
                 s["ctx_rows"][l] += c["rows"]
                 s["ctx_dist"][l] += c["distance"]
@@ -415,9 +415,9 @@ class TraceAccumulator:
             cone_layer_output=nan_if(div(s["cone_out"], s["cone_out_n"]), s["cone_out_n"]),
             entropy=s["entropy"] / rows, uniform_baseline=float(s["baseline"]) / rows,
             head_mean_entropy=s["hme"] / float(s["hme_n"]),
-            attention_to={k: s["targets"][i] / rows for i, k in enumerate(_att.TARGETS)},
+            attention_to={k: s["targets"][i] / rows for i, k in enumerate(attention.TARGETS)},
             target_distribution=s["dist"] / rows,
-            js_distance=_att.js_distance(s["dist"]) if "attention" in self.metrics
+            js_distance=attention.js_distance(s["dist"]) if "attention" in self.metrics
             else torch.full((L * H, L * H), math.nan, dtype=torch.float64),
             context_mean_distance=nan_if(s["ctx_dist"].double() / ctx_rows.clamp(min=1), ctx_rows),
             context_separator_share=nan_if(s["ctx_sep"].double() / ctx_rows.clamp(min=1), ctx_rows),
@@ -465,7 +465,7 @@ def read_pairs(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise ValueError(f"--pairs: no such file: {path}")
     pairs = []
-    for number, line in enumerate(_lines(path), 1):
+    for number, line in enumerate(read_lines(path), 1):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:

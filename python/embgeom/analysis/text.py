@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from . import _report
+from ..report import new_figure, save_figure, table_html, write_html, write_json
 
 
 def add_arguments(p) -> None:
@@ -28,15 +28,15 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     import warnings
 
-    from .hf import _lines, cls_differences, read_pairs, trace
-    from .models import DEFAULT_MODEL, load_model
+    from .trace import cls_differences, read_lines, read_pairs, trace
+    from ..models import DEFAULT_MODEL, load_model
 
     if not os.path.isfile(args.corpus):
         raise ValueError(f"CORPUS: no such file: {args.corpus}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
     # the whole file is checked (UTF-8, not empty) before the model loads
-    if not any(True for _ in _lines(args.corpus)):
+    if not any(True for _ in read_lines(args.corpus)):
         raise ValueError(f"CORPUS: {args.corpus} has no non-blank line (empty corpus)")
     pairs = read_pairs(args.pairs) if args.pairs else None
     model, tokenizer = load_model(args.model, device=args.device)
@@ -52,7 +52,7 @@ def main(args) -> int:
     if pairs is not None:
         report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
                                               max_length=args.max_length)
-    _report.write_json(os.path.join(args.out, "report.json"), report)
+    write_json(os.path.join(args.out, "report.json"), report)
     write_report(args.out, result, report)
     print(f"embgeom text: {result.n_texts} texts, {result.n_tokens} tokens in {result.seconds:.1f}s "
           f"-> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
@@ -63,13 +63,13 @@ def _heatmap(out_dir, name, data, title, xlabel, ylabel, cmap="viridis", vmin=No
     import numpy as np
 
     data = np.asarray(data, dtype=float)
-    fig, ax = _report.new_figure(max(4.0, 0.45 * data.shape[1] + 2), max(3.0, 0.4 * data.shape[0] + 1.5))
+    fig, ax = new_figure(max(4.0, 0.45 * data.shape[1] + 2), max(3.0, 0.4 * data.shape[0] + 1.5))
     im = ax.imshow(data, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
     fig.colorbar(im, ax=ax)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    return _report.save_figure(fig, out_dir, name)
+    return save_figure(fig, out_dir, name)
 
 
 def write_report(out_dir: str, r, report: dict) -> list[str]:
@@ -80,7 +80,7 @@ def write_report(out_dir: str, r, report: dict) -> list[str]:
     layers = np.arange(1, L + 1)
     pngs = {}
 
-    fig, ax = _report.new_figure()
+    fig, ax = new_figure()
     ci = report["cone_index"]
     f = lambda v: np.array([np.nan if x is None else x for x in v], dtype=float)  # noqa: E731
     heads = np.array([[np.nan if x is None else x for x in row] for row in ci["head_output"]], dtype=float)
@@ -94,7 +94,7 @@ def write_report(out_dir: str, r, report: dict) -> list[str]:
     ax.set_ylim(0, 1.02)
     ax.set_xticks(layers)
     ax.legend(fontsize=8)
-    pngs["cone"] = _report.save_figure(fig, out_dir, "cone_index")
+    pngs["cone"] = save_figure(fig, out_dir, "cone_index")
 
     ent = r.entropy.cpu().numpy()
     pngs["entropy"] = _heatmap(out_dir, "entropy", ent, f"attention row entropy (nats); uniform "
@@ -103,7 +103,7 @@ def write_report(out_dir: str, r, report: dict) -> list[str]:
                           "Jensen-Shannon distance between heads (index = layer*H + head)",
                           "head", "head", cmap="magma", vmin=0)
 
-    fig, _ = _report.new_figure(13, 2.8)
+    fig, _ = new_figure(13, 2.8)
     fig.clf()
     for i, key in enumerate(("cls", "sep", "punct", "prev", "next")):
         ax = fig.add_subplot(1, 5, i + 1)
@@ -113,13 +113,13 @@ def write_report(out_dir: str, r, report: dict) -> list[str]:
         if i == 0:
             ax.set_ylabel("layer")
     fig.colorbar(im, ax=fig.axes)
-    pngs["attention_to"] = _report.save_figure(fig, out_dir, "attention_to")
+    pngs["attention_to"] = save_figure(fig, out_dir, "attention_to")
 
     pngs["context"] = _heatmap(out_dir, "context_distance", r.context_mean_distance.cpu().numpy(),
                                "context similarity: mean |i - j| to the most similar token",
                                "head", "layer", cmap="cividis")
 
-    fig, _ = _report.new_figure(10, 3.5)
+    fig, _ = new_figure(10, 3.5)
     fig.clf()
     a1 = fig.add_subplot(1, 3, 1)
     a1.plot(layers, r.step_distance.cpu().numpy(), "o-")
@@ -132,7 +132,7 @@ def write_report(out_dir: str, r, report: dict) -> list[str]:
     a3.set_title("norm ||h_l||")
     for a in (a1, a2, a3):
         a.set_xlabel("layer")
-    pngs["evolution"] = _report.save_figure(fig, out_dir, "evolution")
+    pngs["evolution"] = save_figure(fig, out_dir, "evolution")
 
     if "cls_pairs" in report:
         cp = report["cls_pairs"]
@@ -140,17 +140,17 @@ def write_report(out_dir: str, r, report: dict) -> list[str]:
                                  "cosine between mean [CLS] difference vectors", "group", "group",
                                  cmap="coolwarm", vmin=-1, vmax=1)
 
-    summary = _report.table_html(
+    summary = table_html(
         ["model", "texts", "tokens", "layers", "heads", "truncated", "seconds"],
         [[r.model, r.n_texts, r.n_tokens, L, H, r.truncated, round(r.seconds, 1)]])
-    per_layer = _report.table_html(
+    per_layer = table_html(
         ["layer", "cone in", "cone heads (mean)", "cone multi-head", "cone out", "entropy (mean)",
          "to [CLS]", "to [SEP]", "to punct", "to prev", "to next", "context |i-j|", "step cos"],
         [[l + 1, float(r.cone_layer_input[l]), float(np.nanmean(heads[l])), float(r.cone_multihead_output[l]),
           float(r.cone_layer_output[l]), float(ent[l].mean())]
          + [float(r.attention_to[k][l].mean()) for k in ("cls", "sep", "punct", "prev", "next")]
          + [float(r.context_mean_distance[l].nanmean()), float(r.step_cosine[l])] for l in range(L)])
-    focus = _report.table_html(["layer"] + [f"h{h}" for h in range(H)],
+    focus = table_html(["layer"] + [f"h{h}" for h in range(H)],
                                [[l + 1] + list(r.focus_token[l]) for l in range(L)])
     sections = [
         ("Summary", summary + per_layer, []),
@@ -165,9 +165,9 @@ def write_report(out_dir: str, r, report: dict) -> list[str]:
     ]
     if "pairs" in pngs:
         cp = report["cls_pairs"]
-        sections.append(("[CLS] difference vectors", _report.table_html(
+        sections.append(("[CLS] difference vectors", table_html(
             ["group", "pairs", "||mean difference||"],
             [[g, int(n), float(v)] for g, n, v in zip(cp["groups"], cp["counts"].tolist(), cp["mean_norm"].tolist())]),
             [pngs["pairs"]]))
-    _report.write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections)
+    write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections)
     return list(pngs.values())

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ._backends import cpp, register
-from ._pairwise import PairwiseConfig
+from ..engine.config import PairwiseConfig
+from ..engine.state import EngineState
+from ..numerics import moment_shift
+from .registry import cpp, register
 
 
 def _f32(x: torch.Tensor):
@@ -26,17 +28,19 @@ def row_entropy(attn: torch.Tensor, mask: torch.Tensor | None, smoothing: float 
 
 
 class CppEngine:
-    """Adapter from embgeom._C.PairwiseEngine to the engine protocol of _pairwise."""
+    """Adapter from embgeom._C.PairwiseEngine to the engine protocol (engine/runner.py)."""
 
     name = "cpp"
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, threads: int = 0):
         self._x, self._y = _f32(x), None if y is None else _f32(y)  # keep buffers alive
+        self._n, self._m = x.shape[0], None if y is None else y.shape[0]
         self._engine = cpp().PairwiseEngine(
             self._x, self._y, metric=cfg.metric, precision=cfg.precision, block=cfg.block,
             bins=cfg.bins, lo=cfg.lo, hi=cfg.hi, topk=cfg.topk, bottomk=cfg.bottomk,
             near=cfg.near, near_k=cfg.near_k, row_topk=cfg.row_topk, row_bottomk=cfg.row_bottomk,
-            outside=cfg.outside, outside_limit=cfg.outside_limit, threads=threads)
+            outside=cfg.outside, outside_limit=cfg.outside_limit, threads=threads,
+            moment_shift=moment_shift(x, y, cfg.metric))
 
     def num_tiles(self):
         return self._engine.num_tiles()
@@ -47,11 +51,15 @@ class CppEngine:
     def run(self, begin, end):
         self._engine.run(begin, end)
 
-    def state(self):
-        return self._engine.state()
+    @property
+    def tiles_done(self) -> int:
+        return self._engine.tiles_done
 
-    def load_state(self, state):
-        self._engine.load_state(state)
+    def state(self) -> EngineState:
+        return EngineState.from_fields(self._n, self._m, self._engine.state())
+
+    def load_state(self, state: EngineState) -> None:
+        self._engine.load_state(state.to_fields())
 
 
 def _engine_reasons(x, **_):

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
-from . import _report
-from .api import pairwise_stats
+from ..report import new_figure, save_figure, table_html, write_html, write_json
+from ..api import pairwise_stats
 
 PROBE_WORDS = ("king", "queen", "man", "woman", "paris", "france", "dog", "cat", "good", "bad",
                "big", "small", "run", "walk", "music", "science", "red", "blue", "one", "two")
@@ -271,7 +271,7 @@ def _agreement(engine_top, faiss_top, faiss_vals, engine_vals, tol: float) -> di
 def section_neighbors(words, ids, tokens, engine_rowtopk, *, k=TABLE_K):
     """FAISS exact neighbours of the probe words, and FAISS vs the engine's per-row top-k on a
     deterministic sample of rows."""
-    from .knn import knn
+    from ..knn import knn
 
     n = words.shape[0]
     k = min(k, n - 1)
@@ -367,16 +367,16 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
 def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
     pngs = {}
     hist = plots["hist"]
-    fig, ax = _report.new_figure()
+    fig, ax = new_figure()
     edges = hist.edges()
     ax.bar(((edges[:-1] + edges[1:]) / 2).numpy(), hist.counts.cpu().numpy(), width=float(edges[1] - edges[0]))
     ax.set_yscale("log")
     ax.set_xlabel("cosine similarity")
     ax.set_ylabel("token pairs")
     ax.set_title("all pairs of word embeddings")
-    pngs["pairs_hist"] = _report.save_figure(fig, out_dir, "pairs_hist")
+    pngs["pairs_hist"] = save_figure(fig, out_dir, "pairs_hist")
 
-    fig = _report.new_figure(12, 6)[0]
+    fig = new_figure(12, 6)[0]
     fig.clf()
     for i, name in enumerate(MEAN_MEASURES):
         ax = fig.add_subplot(2, 3, i + 1)
@@ -384,25 +384,25 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
         ax.hist(v[torch.isfinite(v)].cpu().numpy(), bins=100)
         ax.set_title(name.replace("_", " ") + (" of row" if name == "norm" else " to mean"))
     fig.tight_layout()
-    pngs["mean_embedding"] = _report.save_figure(fig, out_dir, "mean_embedding")
+    pngs["mean_embedding"] = save_figure(fig, out_dir, "mean_embedding")
 
     if "pos_cos" in plots:
-        fig, ax = _report.new_figure(6, 5)
+        fig, ax = new_figure(6, 5)
         im = ax.imshow(plots["pos_cos"].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
         fig.colorbar(im, ax=ax)
         ax.set_xlabel("position")
         ax.set_ylabel("position")
         ax.set_title("cosine of position embeddings")
-        pngs["positional_cosine"] = _report.save_figure(fig, out_dir, "positional_cosine")
+        pngs["positional_cosine"] = save_figure(fig, out_dir, "positional_cosine")
 
-        fig, ax = _report.new_figure()
+        fig, ax = new_figure()
         ax.plot(plots["pos_offset"])
         ax.set_xlabel("offset k")
         ax.set_ylabel("mean cosine(p, p + k)")
         ax.set_title("relative-offset profile of position embeddings")
-        pngs["positional_offset"] = _report.save_figure(fig, out_dir, "positional_offset")
+        pngs["positional_offset"] = save_figure(fig, out_dir, "positional_offset")
 
-        fig = _report.new_figure(6, 5)[0]
+        fig = new_figure(6, 5)[0]
         fig.clf()
         ax = fig.add_subplot(projection="3d")
         path = plots["pos_path"].numpy()
@@ -410,9 +410,9 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
         sc = ax.scatter(path[:, 0], path[:, 1], path[:, 2], c=range(len(path)), s=4, cmap="viridis")
         fig.colorbar(sc, ax=ax, label="position", shrink=0.7)
         ax.set_title("position embeddings, first 3 principal components")
-        pngs["positional_pca3d"] = _report.save_figure(fig, out_dir, "positional_pca3d")
+        pngs["positional_pca3d"] = save_figure(fig, out_dir, "positional_pca3d")
 
-    fig, ax = _report.new_figure()
+    fig, ax = new_figure()
     for name, ratio in (("word", plots["word_ratio"]), ("position", plots.get("pos_ratio"))):
         if ratio is not None and ratio.numel():
             ax.plot(range(1, ratio.numel() + 1), ratio.cumsum(0).numpy(), label=name)
@@ -420,12 +420,12 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
     ax.set_ylabel("cumulative explained variance")
     ax.set_ylim(0, 1.02)
     ax.legend()
-    pngs["pca"] = _report.save_figure(fig, out_dir, "pca")
+    pngs["pca"] = save_figure(fig, out_dir, "pca")
     return pngs
 
 
-def write_html(out_dir: str, report: dict, pngs: dict) -> str:
-    t = _report.table_html
+def write_page(out_dir: str, report: dict, pngs: dict) -> str:
+    t = table_html
     p = report["pairs"]
     tk = report["tokens"]
     intro = (f"<p>{report['model']}: vocabulary {report['vocab_size']} x {report['hidden']}; "
@@ -478,7 +478,7 @@ def write_html(out_dir: str, report: dict, pngs: dict) -> str:
                  f"{ag['max_abs_value_diff']:.2e}.</p>")
     sections.append(("Nearest neighbours", body, []))
     path = os.path.join(out_dir, "report.html")
-    _report.write_html(path, f"embgeom vocab: {report['model']}", sections)
+    write_html(path, f"embgeom vocab: {report['model']}", sections)
     return path
 
 
@@ -499,7 +499,7 @@ def add_arguments(p) -> None:
 def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, precision="exact",
         backend=None) -> dict:
     """Load the model, analyse, write report.json + PNGs + report.html; returns the report."""
-    from .models import DEFAULT_MODEL, load_model
+    from ..models import DEFAULT_MODEL, load_model
 
     timer = _Timer()
     start = time.perf_counter()
@@ -515,9 +515,9 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
     report["timing"] = dict(timer.seconds)
     report["timing"]["total"] = time.perf_counter() - start
     report["peak_rss_mb"] = peak_rss_mb()
-    write_html(out_dir, report, pngs)
+    write_page(out_dir, report, pngs)
     report["timing"]["total"] = time.perf_counter() - start
-    _report.write_json(os.path.join(out_dir, "report.json"), report)
+    write_json(os.path.join(out_dir, "report.json"), report)
     return report
 
 

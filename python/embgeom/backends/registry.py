@@ -21,7 +21,7 @@ log = logging.getLogger("embgeom")
 AUTO_ORDER = ("triton", "cuda", "cpp", "torch")
 ALL_BACKENDS = AUTO_ORDER + ("reference",)
 
-_import_errors: dict[str, str] = {}
+import_errors: dict[str, str] = {}  # module -> why it did not import (shown by embgeom.info)
 _modules: dict[str, object] = {}
 
 
@@ -32,14 +32,14 @@ def load(module: str, fix: str):
     try:
         mod = importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - any import failure is a reason, never a crash
-        _import_errors[module] = f"{module} not importable ({type(exc).__name__}: {exc}); {fix}"
+        import_errors[module] = f"{module} not importable ({type(exc).__name__}: {exc}); {fix}"
         mod = None
     _modules[module] = mod
     return mod
 
 
 def import_reason(module: str) -> str:
-    return _import_errors.get(module, f"{module} not importable")
+    return import_errors.get(module, f"{module} not importable")
 
 
 def cpp():
@@ -118,7 +118,7 @@ def register(backend: str, op: str, run: Callable, reasons: Callable | None = No
 
 def pick(op: str, x: torch.Tensor, backend: str | None = None, **kw) -> tuple[str, Callable]:
     """Return (name, run) of the backend for this call; raise ValueError listing why not."""
-    _ensure_registered()
+    ensure_registered()
     requested = backend if backend is not None else os.environ.get("EMBGEOM_BACKEND") or None
     if requested is not None:
         if requested not in BACKENDS:
@@ -142,22 +142,20 @@ def pick(op: str, x: torch.Tensor, backend: str | None = None, **kw) -> tuple[st
 _registered = False
 
 
-def _ensure_registered() -> None:
+def ensure_registered() -> None:
     """Backends register their ops on first use (keeps `import embgeom` light)."""
     global _registered
     if _registered:
         return
     _registered = True
-    from . import _cpu, _torch_ops  # noqa: F401
-    try:
-        from . import _gpu  # noqa: F401
-    except ImportError as exc:  # the GPU glue itself is optional
-        log.debug("embgeom: GPU backends unavailable: %s", exc)
+    for name in ("cpp", "torch", "reference", "triton", "cuda"):
+        # one module per backend= name; each registers its ops on import
+        importlib.import_module(f"{__package__}.{name}")
 
 
 def usable_report() -> list[dict]:
     """For `python -m embgeom.info`: per backend and op, built/usable and why not."""
-    _ensure_registered()
+    ensure_registered()
     probe_cpu = torch.zeros(1, 1)
     probe = torch.zeros(1, 1, device="cuda") if torch.cuda.is_available() else probe_cpu
     rows = []

@@ -18,12 +18,14 @@ import math
 import numpy as np
 import torch
 
-from ._backends import cuda_ext, register
-from ._pairwise import PairwiseConfig, _np, empty_state, merge_pairs, merge_rows, sort_pairs
+from ..engine.config import PairwiseConfig
+from ..engine.lists import merge_pairs, merge_rows, sort_pairs
+from ..engine.state import EngineState, _np, list_limits
+from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, bin_index, bin_scale, direct_distance, f32_down,
+                        f32_up, fast_error_bound, moment_shift, rounding_norms, unit_rows)
+from .registry import register
 
 STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")  # + 6: close
-# unit roundoff of the products' inputs per `fast` input type (tf32 may truncate: 2^-10)
-UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "tf32": 2.0 ** -10}
 FAST_DTYPES = tuple(UNIT_ROUNDOFF)
 MAX_REGISTER_BINS = 8190  # bins + 2 slots <= 8192 in registers; more bins use global atomics
 NO_CUT = 2 ** 31 - 1
@@ -37,22 +39,6 @@ def _kernels():
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
-
-
-def _f32_up(v: float) -> float:
-    """Smallest fp32 >= v (for fp32 x: x < v <=> x < _f32_up(v))."""
-    t = torch.tensor(v, dtype=torch.float64).float()
-    if float(t) < v:
-        t = torch.nextafter(t, torch.tensor(math.inf))
-    return float(t)
-
-
-def _f32_down(v: float) -> float:
-    """Largest fp32 <= v (for fp32 x: x > v <=> x > _f32_down(v))."""
-    t = torch.tensor(v, dtype=torch.float64).float()
-    if float(t) > v:
-        t = torch.nextafter(t, torch.tensor(-math.inf))
-    return float(t)
 
 
 def _f32_order(f: torch.Tensor) -> torch.Tensor:
@@ -71,7 +57,7 @@ def hist_edges(lo: float, hi: float, bins: int) -> torch.Tensor:
     """(bins + 1,) float32: edges[b] = the smallest fp32 v with floor((v - lo) * bins/(hi - lo))
     >= b in float64 (the definition every engine uses); edges[0] = -inf, edges[bins] = +inf.
     Bisection over the ordered fp32 bit patterns (exact, also for subnormals)."""
-    scale = bins / (hi - lo)
+    scale = bin_scale(lo, hi, bins)
     b = torch.arange(1, bins, dtype=torch.float64)
     inf = torch.tensor([math.inf], dtype=torch.float32)
     below = _f32_order(-inf).expand(b.shape).clone()  # bin(-inf) < b
@@ -86,7 +72,7 @@ def hist_edges(lo: float, hi: float, bins: int) -> torch.Tensor:
 
 def _binning_error_ok(lo: float, hi: float, bins: int) -> bool:
     """The fp32 bin estimate is corrected by one bin at most: its error must stay below that."""
-    scale = bins / (hi - lo)
+    scale = bin_scale(lo, hi, bins)
     err = 4 * 2.0 ** -24 * max(abs(lo), abs(hi), 1.0) * scale + bins * 2.0 ** -22
     return err < 0.75
 
@@ -177,14 +163,9 @@ class TritonEngine:
         if self.mode == "fp16" and max(float(self.x32.abs().max()) if self.n else 0.0,
                                        float(self.y32.abs().max()) if self.m else 0.0) > 6e4:
             raise ValueError("fast_dtype='fp16': values beyond the fp16 range (|v| > 6e4); use 'bf16' or 'tf32'")
-        if self.mode == "exact":
-            eps = 0.0
-        else:
-            u = UNIT_ROUNDOFF[self.mode]
-            eps = (2 * u + u * u + 2 * (self.d + 2) * 2.0 ** -24) * nx * ny * 1.01
-            if cfg.metric == "euclidean":
-                eps = math.sqrt(2 * eps)
+        eps = 0.0 if self.mode == "exact" else self._fast_error_bound()
         self.eps = eps
+        self.shift = moment_shift(self.x32, None if self.self_mode else self.y32, cfg.metric)
         self.margin = 2 * eps
         self.norm_max = (nx, ny)
         vmax = {"cosine": 1.0, "dot": nx * ny, "euclidean": nx + ny}[cfg.metric]
@@ -199,14 +180,14 @@ class TritonEngine:
                 raise ValueError(f"range: ({cfg.lo}, {cfg.hi}) with {cfg.bins} bins is too narrow for the "
                                  "triton kernel's fp32 binning; use backend='cpp' or 'torch'")
             self.edges = hist_edges(cfg.lo, cfg.hi, cfg.bins).to(self.device)
-            self.lo_f, self.hi_f = _f32_up(cfg.lo), _f32_down(cfg.hi)
+            self.lo_f, self.hi_f = f32_up(cfg.lo), f32_down(cfg.hi)
             self.scale_f = cfg.bins / (cfg.hi - cfg.lo)
             self.nb = _next_pow2(self.bins + 2) if self.bins <= MAX_REGISTER_BINS else 0
         else:
             self.edges = torch.zeros(2, device=self.device)
             self.lo_f, self.hi_f, self.scale_f, self.nb = 0.0, 1.0, 1.0, 0
         if cfg.outside:
-            self.out_a, self.out_b = _f32_up(cfg.outside[0]), _f32_down(cfg.outside[1])
+            self.out_a, self.out_b = f32_up(cfg.outside[0]), f32_down(cfg.outside[1])
         else:
             self.out_a, self.out_b = 0.0, 0.0
 
@@ -226,10 +207,23 @@ class TritonEngine:
         v = v.to(torch.float32).contiguous()
         if self.cfg.metric != "cosine":
             return v, None, np.zeros(0, np.int64)
-        norms = torch.linalg.vector_norm(v, dim=1)
-        valid = norms > 0
-        v = (v / torch.where(valid, norms, torch.ones_like(norms)).unsqueeze(1)).contiguous()
-        return v, valid, _np(torch.nonzero(~valid).flatten()).astype(np.int64)
+        v, valid = unit_rows(v)
+        return v.contiguous(), valid, _np(torch.nonzero(~valid).flatten()).astype(np.int64)
+
+    def _fast_error_bound(self) -> float:
+        """embgeom.numerics.fast_error_bound from the rows as the products see them."""
+        def norms(rows, rounded):
+            if self.mode == "tf32":
+                # tf32 keeps 10 mantissa bits; truncation errs at least as much as rounding
+                rounded = (rows.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+                full, _, delta = rounding_norms(rows, rounded)
+                return full, full + delta, delta
+            return rounding_norms(rows, rounded[:rows.shape[0], :rows.shape[1]])
+
+        xs = norms(self.x32, self.xin)
+        ys = xs if self.self_mode else norms(self.y32, self.yin)
+        return fast_error_bound(d=self.d, metric=self.cfg.metric, x_full=xs[0], x_rounded=xs[1],
+                                x_delta=xs[2], y_full=ys[0], y_rounded=ys[1], y_delta=ys[2])
 
     @staticmethod
     def _padded(v: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
@@ -254,7 +248,7 @@ class TritonEngine:
         dev, cfg = self.device, self.cfg
         self.tiles_done = 0
         self.count = torch.zeros((), dtype=torch.int64, device=dev)
-        self.sums = torch.zeros(2, dtype=torch.float64, device=dev)
+        self.sums = torch.zeros(2, dtype=torch.float64, device=dev)  # sums of (v - shift), (v - shift)^2
         self.outside_count = torch.zeros((), dtype=torch.int64, device=dev)
         self.hist = torch.zeros(self.bins + 2, dtype=torch.int64, device=dev) if self.bins else None
         self.out_rows = torch.zeros(max(self.n, 1), dtype=torch.int64, device=dev)
@@ -300,63 +294,67 @@ class TritonEngine:
             self._band(b)
             self.tiles_done += 1
 
-    def state(self) -> dict:
+    def state(self) -> EngineState:
         cfg = self.cfg
-        st = empty_state(cfg, self.n, None if self.self_mode else self.m)
-        st["tiles_done"] = self.tiles_done
-        st["count"] = int(self.count)
-        st["sum"], st["sumsq"] = (float(v) for v in self.sums.tolist())
+        st = EngineState.empty(cfg, self.n, None if self.self_mode else self.m)
+        st.tiles_done = self.tiles_done
+        count = int(self.count)
+        s1, s2 = (float(v) for v in self.sums.tolist())
+        if count:
+            # one shift for every band: the shifted sums give (mean, M2) without cancellation
+            st.count, st.mean, st.m2 = count, self.shift + s1 / count, max(s2 - s1 * s1 / count, 0.0)
         if self.bins:
-            st["hist"] = _np(self.hist).astype(np.int64)
-        limits = {"top": cfg.topk, "bottom": cfg.bottomk, "near": self.kinds_k["near"],
-                  "outside_pairs": self.kinds_k["outside_pairs"]}
+            st.hist = _np(self.hist).astype(np.int64)
+        limits = dict(list_limits(cfg), near=self.kinds_k["near"], outside_pairs=self.kinds_k["outside_pairs"])
         for kind, limit in limits.items():
             v, i, j = self.lists[kind]
-            st[kind] = (_np(v[:limit]).astype(np.float64), _np(i[:limit]).astype(np.int64),
-                        _np(j[:limit]).astype(np.int64))
+            setattr(st, kind, (_np(v[:limit]).astype(np.float64), _np(i[:limit]).astype(np.int64),
+                               _np(j[:limit]).astype(np.int64)))
         for name, kind in (("max", "top"), ("min", "bottom")):
             v, i, j = self.lists[kind]
-            st[name] = (float(v[0]), int(i[0]), int(j[0])) if v.numel() else None
+            setattr(st, name, (float(v[0]), int(i[0]), int(j[0])) if v.numel() else None)
         for kind, (v, i) in self.rows.items():
-            st[kind] = (_np(v).astype(np.float32), _np(i).astype(np.int64))
+            setattr(st, kind, (_np(v).astype(np.float32), _np(i).astype(np.int64)))
         if cfg.outside:
-            st["outside_count"] = int(self.outside_count)
-            st["outside_rows"] = _np(self.out_rows[:self.n]).astype(np.int64)
+            st.outside_count = int(self.outside_count)
+            st.outside_rows = _np(self.out_rows[:self.n]).astype(np.int64)
             if not self.self_mode:
-                st["outside_cols"] = _np(self.out_cols[:self.m]).astype(np.int64)
-        st["excluded_rows"] = self.excluded_rows
-        st["excluded_cols"] = self.excluded_cols
-        st["hist_error_bound"] = self.eps
+                st.outside_cols = _np(self.out_cols[:self.m]).astype(np.int64)
+        st.excluded_rows = self.excluded_rows
+        st.excluded_cols = self.excluded_cols
+        st.hist_error_bound = self.eps
         return st
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: EngineState) -> None:
         dev = self.device
         self._reset_accumulators()
-        self.tiles_done = int(state["tiles_done"])
-        self.count.fill_(int(state["count"]))
-        self.sums.copy_(torch.tensor([float(state["sum"]), float(state["sumsq"])], dtype=torch.float64))
+        self.tiles_done = int(state.tiles_done)
+        count = int(state.count)
+        self.count.fill_(count)
+        s1 = count * (state.mean - self.shift)
+        self.sums.copy_(torch.tensor([s1, state.m2 + s1 * s1 / count if count else 0.0], dtype=torch.float64))
         if self.bins:
-            self.hist.copy_(torch.as_tensor(np.asarray(state["hist"]), dtype=torch.int64))
+            self.hist.copy_(torch.as_tensor(np.asarray(state.hist), dtype=torch.int64))
 
         def dev3(t):
             return tuple(torch.as_tensor(np.asarray(a), dtype=dt).to(dev)
                          for a, dt in zip(t, (torch.float64, torch.int64, torch.int64)))
 
         for kind, extreme in (("top", "max"), ("bottom", "min"), ("near", None), ("outside_pairs", None)):
-            got = dev3(state[kind])
-            if extreme and state[extreme] is not None and got[0].numel() == 0:  # topk=0: keep max
-                e = state[extreme]
+            got = dev3(getattr(state, kind))
+            e = getattr(state, extreme) if extreme else None
+            if e is not None and got[0].numel() == 0:  # topk=0: keep max
                 got = merge_pairs(kind, got, dev3(([e[0]], [e[1]], [e[2]])), self.kinds_k[kind], self.cfg.near)
             self.lists[kind] = tuple(t.to(dev) for t in got)
         for kind in self.rows:
-            v, i = state[kind]
+            v, i = getattr(state, kind)
             self.rows[kind] = (torch.as_tensor(np.asarray(v), dtype=torch.float32).to(dev).contiguous(),
                                torch.as_tensor(np.asarray(i), dtype=torch.int64).to(dev).contiguous())
         if self.cfg.outside:
-            self.outside_count.fill_(int(state["outside_count"]))
-            self.out_rows[:self.n] = torch.as_tensor(np.asarray(state["outside_rows"]), dtype=torch.int64)
+            self.outside_count.fill_(int(state.outside_count))
+            self.out_rows[:self.n] = torch.as_tensor(np.asarray(state.outside_rows), dtype=torch.int64)
             if not self.self_mode:
-                self.out_cols[:self.m] = torch.as_tensor(np.asarray(state["outside_cols"]), dtype=torch.int64)
+                self.out_cols[:self.m] = torch.as_tensor(np.asarray(state.outside_cols), dtype=torch.int64)
 
     # one band --------------------------------------------------------------------------------
     def _band(self, b: int) -> None:
@@ -423,7 +421,7 @@ class TritonEngine:
             self.out_a, self.out_b, self.out_rows, self.out_cols, self.gthr, self.gbuck, self.rthr,
             self.rbuck[0], self.rbuck[1], self.cnt,
             self.cv, self.ci, self.cj, self.cap, float(cfg.near or 0.0), self.margin,
-            self.near_margin, *self.out_cut,
+            self.near_margin, *self.out_cut, self.shift, NEAR_DUPLICATE_TAU,
             metric={"cosine": 0, "dot": 1, "euclidean": 2}[cfg.metric], self_mode=self.self_mode,
             has_valid=self.has_valid, in_prec=self.in_prec, do_stats=do_stats,
             nb=self.nb if (do_stats and self.bins) else 0,
@@ -579,10 +577,9 @@ class TritonEngine:
             if self.cfg.metric == "euclidean":
                 scale = self.xsq[i[s:s + step]] + self.ysq[j[s:s + step]]
                 d2 = (scale - 2 * (ra * rb).sum(1)).clamp(min=0)
-                redo = torch.ones_like(d2, dtype=torch.bool) if direct else d2 < 1e-3 * scale
-                diff = ra[redo] - rb[redo]
-                d2[redo] = (diff * diff).sum(1)
+                redo = torch.ones_like(d2, dtype=torch.bool) if direct else d2 < NEAR_DUPLICATE_TAU * scale
                 val = d2.sqrt()
+                val[redo] = direct_distance(ra[redo], rb[redo])
             else:
                 val = (ra * rb).sum(1)
                 if self.cfg.metric == "cosine":
@@ -598,11 +595,10 @@ class TritonEngine:
         v = self._rescore(i, j, direct=True)
         v64 = v.double()
         self.count += n
-        self.sums += torch.stack([v64.sum(), (v64 * v64).sum()])
+        dev = v64 - self.shift
+        self.sums += torch.stack([dev.sum(), (dev * dev).sum()])
         if self.bins:
-            pos = torch.floor((v64 - cfg.lo) * (cfg.bins / (cfg.hi - cfg.lo))).clamp(0, cfg.bins - 1) + 1
-            slot = torch.where(v < self.lo_f, 0, torch.where(v > self.hi_f, cfg.bins + 1, pos.long()))
-            self.hist += torch.bincount(slot, minlength=cfg.bins + 2)
+            self.hist += torch.bincount(bin_index(v64, cfg.lo, cfg.hi, cfg.bins), minlength=cfg.bins + 2)
         out = (v < self.out_a) | (v > self.out_b) if cfg.outside else None
         if out is not None:
             self.outside_count += out.sum()
@@ -655,26 +651,6 @@ class TritonEngine:
         si[uniq] = mi.to(si.device, torch.int64)
 
 
-class CudaEngine(TritonEngine):
-    """TritonEngine whose per-row candidate merge runs in the CUDA kernel of embgeom._cuda."""
-
-    name = "cuda"
-
-    def _merge_rows(self, kind, i, j, v, largest):
-        k = self.kinds_k[kind]
-        order = torch.argsort(i, stable=True)
-        i, j, v = i[order], j[order].contiguous(), v[order].float().contiguous()
-        uniq, counts = torch.unique_consecutive(i, return_counts=True)
-        starts = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=i.device)
-        starts[1:] = torch.cumsum(counts, 0)
-        uniq = uniq.contiguous()
-        sv, si = self.rows[kind]
-        cuda_ext().row_topk_merge(
-            sv.data_ptr(), si.data_ptr(), self.n, k, uniq.data_ptr(), starts.data_ptr(),
-            uniq.numel(), v.data_ptr(), j.data_ptr(), bool(largest),
-            torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0)
-
-
 # --------------------------------------------------------------------------------------------
 # cone index and attention entropy
 # --------------------------------------------------------------------------------------------
@@ -685,7 +661,7 @@ def triton_cone_unit_sums(x: torch.Tensor, mask: torch.Tensor | None):
     B, T, D = x.shape
     dev = x.device
     if x.numel() == 0:
-        from ._torch_ops import torch_cone_unit_sums
+        from .torch import torch_cone_unit_sums
 
         return torch_cone_unit_sums(x, mask)
     on_gpu = dev.type == "cuda"
@@ -727,17 +703,6 @@ def triton_row_entropy(attn: torch.Tensor, mask: torch.Tensor | None, smoothing:
 # registration
 # --------------------------------------------------------------------------------------------
 
-def _cuda_pairwise_reasons(x, **_):
-    from ._backends import load
-
-    if load("triton", "pip install triton") is None:
-        return ["the cuda engine runs the Triton kernels too: pip install triton"]
-    if not hasattr(cuda_ext(), "row_topk_merge"):
-        return ["embgeom._cuda has no row_topk_merge (rebuild with nvcc)"]
-    return []
-
-
 register("triton", "pairwise_stats", TritonEngine)
 register("triton", "cone_index", triton_cone_unit_sums)
 register("triton", "attention_entropy", triton_row_entropy)
-register("cuda", "pairwise_stats", CudaEngine, _cuda_pairwise_reasons)

@@ -1,0 +1,239 @@
+"""The typed state of an all-pairs run: what every backend's engine produces and consumes.
+
+One `EngineState` holds the reductions of a set of finished tiles, in original row indices,
+lists already in report order. States of disjoint tile sets `merge` (threads, chunks, ranks);
+a job's state on a block of rows is `shift`ed into the indices of the whole matrix; `finalize`
+turns a state into the public `PairwiseStats`. Moments are (count, mean, M2) and merge with
+Chan et al.'s parallel formula, so the variance never cancels (docs/metrics.md, moments).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+import torch
+
+from ..numerics import LIST_KINDS
+from ..results import Histogram, Outside, PairList, PairwiseStats, RowTopK
+from .config import PairwiseConfig
+from .lists import better_extreme, merge_pairs, merge_rows
+
+STATE_VERSION = 2
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def empty_pairs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros(0, np.float64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+
+
+def chan_merge(na: int, mean_a: float, m2_a: float, nb: int, mean_b: float, m2_b: float):
+    """(count, mean, M2) of the union of two disjoint sets (Chan, Golub, LeVeque 1979)."""
+    n = na + nb
+    if nb == 0:
+        return na, mean_a, m2_a
+    if na == 0:
+        return nb, mean_b, m2_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (nb / n)
+    m2 = m2_a + m2_b + delta * delta * (na / n) * nb
+    return n, mean, m2
+
+
+def moments_of(values: torch.Tensor) -> tuple[int, float, float]:
+    """(count, mean, M2) of a set of values, two-pass in float64."""
+    v = values.double()
+    n = int(v.numel())
+    if n == 0:
+        return 0, 0.0, 0.0
+    mean = float(v.mean())
+    return n, mean, float(((v - mean) ** 2).sum())
+
+
+@dataclass
+class EngineState:
+    """Reductions of finished tiles. n rows; m columns in cross mode, None in self mode.
+
+    min/max: (v, i, j) or None. hist: int64[bins + 2] (underflow, bins..., overflow) or None.
+    top/bottom/near/outside_pairs: (v f64[K], i i64[K], j i64[K]) in report order.
+    row_top/row_bottom: (values f32[n, k], columns i64[n, k]) padded with (NaN, -1), or None.
+    outside_rows: i64[n] (self mode: counts of both ends of a pair), outside_cols: i64[m].
+    """
+
+    n: int
+    m: int | None
+    tiles_done: int = 0
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    min: tuple | None = None
+    max: tuple | None = None
+    hist: np.ndarray | None = None
+    hist_error_bound: float = 0.0
+    top: tuple = field(default_factory=empty_pairs)
+    bottom: tuple = field(default_factory=empty_pairs)
+    near: tuple = field(default_factory=empty_pairs)
+    outside_pairs: tuple = field(default_factory=empty_pairs)
+    row_top: tuple | None = None
+    row_bottom: tuple | None = None
+    outside_count: int = 0
+    outside_rows: np.ndarray | None = None
+    outside_cols: np.ndarray | None = None
+    excluded_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    excluded_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    # construction ----------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, cfg: PairwiseConfig, n: int, m: int | None) -> "EngineState":
+        def rows(k):
+            return None if not k else (np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64))
+
+        return cls(n=n, m=m, hist=np.zeros(cfg.bins + 2, np.int64) if cfg.bins else None,
+                   row_top=rows(cfg.row_topk), row_bottom=rows(cfg.row_bottomk),
+                   outside_rows=np.zeros(n, np.int64) if cfg.outside else None,
+                   outside_cols=np.zeros(m, np.int64) if (cfg.outside and m is not None) else None)
+
+    @classmethod
+    def from_fields(cls, n: int, m: int | None, values: dict) -> "EngineState":
+        """From a plain dict with the field names (the C++ engine's export)."""
+        names = {f.name for f in fields(cls)} - {"n", "m"}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"state: unknown fields {sorted(unknown)}")
+        out = cls(n=n, m=m, **{k: v for k, v in values.items()})
+        for kind in LIST_KINDS:
+            v, i, j = getattr(out, kind)
+            setattr(out, kind, (np.asarray(v, np.float64), np.asarray(i, np.int64), np.asarray(j, np.int64)))
+        return out
+
+    def to_fields(self) -> dict:
+        """Plain dict of every field but n and m (what the C++ engine's load_state takes)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("n", "m")}
+
+    def copy(self) -> "EngineState":
+        def dup(v):
+            if isinstance(v, np.ndarray):
+                return v.copy()
+            if isinstance(v, tuple):
+                return tuple(dup(p) for p in v)
+            return v
+
+        return replace(self, **{f.name: dup(getattr(self, f.name)) for f in fields(self)})
+
+    # reductions -------------------------------------------------------------------------------
+    def add_moments(self, count: int, mean: float, m2: float) -> None:
+        self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, int(count), float(mean), float(m2))
+
+    def merge(self, other: "EngineState", cfg: PairwiseConfig) -> "EngineState":
+        """The reductions of two disjoint tile sets of the same matrix (a new state)."""
+        if (self.n, self.m) != (other.n, other.m):
+            raise ValueError(f"state: cannot merge a {other.n} x {other.m} state into {self.n} x {self.m}")
+        out = self.copy()
+        out.tiles_done = self.tiles_done + other.tiles_done
+        out.add_moments(other.count, other.mean, other.m2)
+        out.min = better_extreme("min", self.min, other.min)
+        out.max = better_extreme("max", self.max, other.max)
+        if self.hist is not None:
+            out.hist = np.asarray(self.hist) + np.asarray(other.hist)
+        for kind, limit in list_limits(cfg).items():
+            out_list = merge_pairs(kind, getattr(self, kind), getattr(other, kind), limit, cfg.near)
+            setattr(out, kind, tuple(_np(t) for t in out_list))
+        for key, k, largest in (("row_top", cfg.row_topk, True), ("row_bottom", cfg.row_bottomk, False)):
+            if getattr(self, key) is not None:
+                setattr(out, key, tuple(_np(t) for t in merge_rows(getattr(self, key), getattr(other, key), k, largest)))
+        out.outside_count = int(self.outside_count) + int(other.outside_count)
+        for key in ("outside_rows", "outside_cols"):
+            if getattr(self, key) is not None:
+                setattr(out, key, np.asarray(getattr(self, key)) + np.asarray(getattr(other, key)))
+        out.hist_error_bound = max(float(self.hist_error_bound), float(other.hist_error_bound))
+        out.excluded_rows = np.union1d(self.excluded_rows, other.excluded_rows).astype(np.int64)
+        out.excluded_cols = np.union1d(self.excluded_cols, other.excluded_cols).astype(np.int64)
+        return out
+
+    def shift(self, cfg: PairwiseConfig, n_total: int, row_off: int, col_off: int, *,
+              row_lists_only: bool = False) -> "EngineState":
+        """This state of a job on rows [row_off, row_off + n) against rows [col_off, ...) of one
+        matrix of n_total rows (self job: col_off == row_off, self.m None), as a self-mode state
+        of that matrix. row_lists_only keeps only the per-row lists (the transposed cross job)."""
+        out = EngineState.empty(cfg, n_total, None)
+        out.tiles_done = self.tiles_done
+        for key in ("row_top", "row_bottom"):
+            part = getattr(self, key)
+            if part is None:
+                continue
+            v, idx = (np.asarray(a) for a in part)
+            getattr(out, key)[0][row_off:row_off + len(v)] = v
+            getattr(out, key)[1][row_off:row_off + len(v)] = np.where(idx >= 0, idx + col_off, -1)
+        if row_lists_only:
+            return out
+        out.count, out.mean, out.m2 = self.count, self.mean, self.m2
+        out.hist = None if self.hist is None else np.asarray(self.hist).copy()
+        out.hist_error_bound = self.hist_error_bound
+        out.outside_count = self.outside_count
+        for key in ("min", "max"):
+            p = getattr(self, key)
+            setattr(out, key, None if p is None else (p[0], int(p[1]) + row_off, int(p[2]) + col_off))
+        for kind in LIST_KINDS:
+            v, i, j = getattr(self, kind)
+            setattr(out, kind, (np.asarray(v), np.asarray(i) + row_off, np.asarray(j) + col_off))
+        if self.outside_rows is not None:
+            out.outside_rows[row_off:row_off + len(self.outside_rows)] += self.outside_rows
+            if self.outside_cols is not None:
+                out.outside_rows[col_off:col_off + len(self.outside_cols)] += self.outside_cols
+        out.excluded_rows = np.union1d(np.asarray(self.excluded_rows) + row_off,
+                                       np.asarray(self.excluded_cols) + col_off).astype(np.int64)
+        return out
+
+    # the public result ------------------------------------------------------------------------
+    def finalize(self, cfg: PairwiseConfig, *, d: int, backend: str, device: torch.device,
+                 seconds: float) -> PairwiseStats:
+        def t(a, dtype=None):
+            return torch.as_tensor(np.asarray(a), dtype=dtype).to(device)
+
+        def plist(kind, enabled):
+            if not enabled:
+                return None
+            v, i, j = getattr(self, kind)
+            return PairList(t(i, torch.int64), t(j, torch.int64), t(v, torch.float64))
+
+        count = int(self.count)
+        hist = None
+        if cfg.bins:
+            h = np.asarray(self.hist)
+            hist = Histogram(cfg.lo, cfg.hi, t(h[1:-1], torch.int64), int(h[0]), int(h[-1]),
+                             float(self.hist_error_bound))
+        rows = {}
+        for key, k in (("row_top", cfg.row_topk), ("row_bottom", cfg.row_bottomk)):
+            part = getattr(self, key)
+            rows[key] = None if not k else RowTopK(t(part[1], torch.int64), t(part[0], torch.float32))
+        outside = None
+        if cfg.outside:
+            outside = Outside(cfg.outside[0], cfg.outside[1], int(self.outside_count),
+                              t(self.outside_rows, torch.int64), plist("outside_pairs", True),
+                              None if self.outside_cols is None else t(self.outside_cols, torch.int64))
+
+        def extreme(p):
+            return None if p is None else (int(p[1]), int(p[2]), float(p[0]))
+
+        return PairwiseStats(
+            n=self.n, m=self.n if self.m is None else self.m, d=d,
+            mode="self" if self.m is None else "cross", metric=cfg.metric,
+            precision=cfg.precision, backend=backend, count=count,
+            mean=self.mean if count else math.nan,
+            std=math.sqrt(max(self.m2, 0.0) / count) if count else math.nan,
+            min=extreme(self.min), max=extreme(self.max), hist=hist,
+            top_pairs=plist("top", cfg.topk > 0), bottom_pairs=plist("bottom", cfg.bottomk > 0),
+            near_pairs=plist("near", cfg.near is not None and cfg.near_k > 0), near=cfg.near,
+            row_topk=rows["row_top"], row_bottomk=rows["row_bottom"], outside=outside,
+            excluded_rows=[int(r) for r in np.asarray(self.excluded_rows)],
+            excluded_cols=[int(c) for c in np.asarray(self.excluded_cols)],
+            seconds=seconds,
+        )
+
+
+def list_limits(cfg: PairwiseConfig) -> dict[str, int]:
+    """Length of each global ranked list."""
+    return {"top": cfg.topk, "bottom": cfg.bottomk, "near": cfg.near_k, "outside_pairs": cfg.outside_limit}

@@ -1,0 +1,148 @@
+"""Every numeric rule of the all-pairs engine, once (docs/metrics.md says why each is so).
+
+The C++ core has the same rules in `csrc/numerics.h`; the Triton kernels receive them as
+constants from the backends. `tests/test_numerics.py` checks the copies agree.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+# Euclidean distance: |a|^2 + |b|^2 - 2 a.b cancels for near-identical rows. Where the squared
+# distance from that formula is below NEAR_DUPLICATE_TAU * (|a|^2 + |b|^2) the distance is
+# recomputed directly as sqrt(sum (a_k - b_k)^2), the differences of the fp32 rows summed in
+# float64 and the result rounded to fp32 (csrc/numerics.h: kNearDuplicateTau).
+NEAR_DUPLICATE_TAU = 1.0 / 64
+
+
+
+def direct_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of row pairs (a[q], b[q]) from their difference, summed in float64,
+    rounded to a's float type: the near-duplicate rule above."""
+    diff = a.double() - b.double()
+    return (diff * diff).sum(-1).sqrt().to(a.dtype)
+
+
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+# unit roundoff of the products' inputs per `fast` input type (tf32 may truncate: 2^-10)
+UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "tf32": 2.0 ** -10}
+
+# Ranked lists (docs/metrics.md, ranked lists): the primary key, ascending; ties by (i, j).
+LIST_KINDS = ("top", "bottom", "near", "outside_pairs")
+
+
+def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows divided by their L2 norm, in x's float type; zero rows stay zero.
+
+    Returns (unit, valid) with valid = norm > 0. Every engine normalises with this rule (fp32
+    rows in, fp32 rows out for exact mode; the reference passes float64).
+    """
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    valid = norms > 0
+    unit = x / torch.where(valid, norms, torch.ones_like(norms)).unsqueeze(-1)
+    return unit, valid
+
+
+def order_key(kind: str, v: torch.Tensor, near: float | None = None) -> torch.Tensor:
+    """Primary sort key (ascending) of a ranked-list kind; ties then go by (i, j) ascending."""
+    if kind == "top":
+        return -v
+    if kind == "bottom":
+        return v
+    if kind == "near":
+        return (v - near).abs()
+    if kind == "outside_pairs":
+        return torch.zeros_like(v)  # (i, j) order only
+    raise ValueError(f"kind: expected one of {', '.join(LIST_KINDS)}, got {kind!r}")
+
+
+def bin_scale(lo: float, hi: float, bins: int) -> float:
+    """Bins per unit value: the one factor every engine multiplies by (float64)."""
+    return bins / (hi - lo)
+
+
+def bin_index(v, lo: float, hi: float, bins: int):
+    """Histogram slot of each value: 0 = underflow (v < lo), 1..bins = bin b - 1,
+    bins + 1 = overflow (v > hi). Bin b = floor((v - lo) * bins / (hi - lo)) in float64, and
+    v = hi (or a value whose product rounds up to bins) falls in the last bin.
+    Works on float64 numpy arrays and torch tensors."""
+    scale = bin_scale(lo, hi, bins)
+    if isinstance(v, torch.Tensor):
+        v = v.double()
+        pos = torch.floor((v - lo) * scale).clamp(max=bins - 1)
+        slot = torch.where(v < lo, torch.full_like(pos, -1), pos)
+        return torch.where(v > hi, torch.full_like(pos, bins), slot).long() + 1
+    v = np.asarray(v, np.float64)
+    pos = np.minimum(np.floor((v - lo) * scale), bins - 1)
+    slot = np.where(v < lo, -1, pos)
+    return np.where(v > hi, bins, slot).astype(np.int64) + 1
+
+
+def fast_error_bound(*, d: int, metric: str, x_full: float, x_rounded: float, x_delta: float,
+                     y_full: float, y_rounded: float, y_delta: float) -> float:
+    """Sound bound on |fast value - exact fp32 value| for any pair, from the actual rounding.
+
+    x_full / x_rounded / x_delta: the largest L2 norm over the rows of x of the fp32 row, of its
+    rounded (bf16/fp16/tf32) copy, and of their difference; the same for y. For a~ = a + da:
+    a~.b~ - a.b = a~.(b~ - b) + (a~ - a).b, so by Cauchy-Schwarz
+    |err| <= |a~||db| + |da||b| + 2 gamma_d |a~||b~| (fp32 accumulation on both sides).
+    Euclidean: |sqrt(s) - sqrt(t)| <= sqrt(|s - t|), plus the fp32 rounding of the squared
+    distance formula on both sides. The same formula is in csrc/numerics.h.
+    """
+    e32 = FP32_UNIT_ROUNDOFF
+    gam = (d + 2) * e32 / (1.0 - (d + 2) * e32)
+    edot = (x_rounded * y_delta + x_delta * y_full
+            + 2 * gam * max(x_rounded, x_full) * max(y_rounded, y_full)) * 1.01 + 1e-30
+    if metric == "euclidean":
+        ed2 = 2 * edot + 8 * e32 * (x_full * x_full + y_full * y_full)
+        return math.sqrt(ed2) * 1.01
+    return edot
+
+
+def rounding_norms(rows: torch.Tensor, rounded: torch.Tensor) -> tuple[float, float, float]:
+    """(max |row|, max |rounded row|, max |rounded - row|) over the rows, in float64."""
+    if rows.shape[0] == 0:
+        return 0.0, 0.0, 0.0
+    r64, q64 = rows.double(), rounded.double()
+    return (float(torch.linalg.vector_norm(r64, dim=1).max()),
+            float(torch.linalg.vector_norm(q64, dim=1).max()),
+            float(torch.linalg.vector_norm(q64 - r64, dim=1).max()))
+
+
+def moment_shift(x: torch.Tensor, y: torch.Tensor | None, metric: str, sample: int = 64) -> float:
+    """A value near the mean of all pair values, from the pairs of the first `sample` rows
+    (and columns): engines sum (v - shift) and (v - shift)^2 so the variance does not cancel
+    when std << |mean|. Any value is correct; a near one keeps the sums small. It is rounded
+    to 8 significant bits so that v - shift stays exact for fp32 values of similar size (the
+    sums of exactly representable inputs then do not depend on the order of the tiles).
+    x, y are the rows the engine multiplies (unit rows for cosine)."""
+    if metric == "cosine" or x.shape[0] == 0:
+        return 0.0
+    a = x[:sample].double()
+    b = a if y is None else y[:sample].double()
+    if b.shape[0] == 0:
+        return 0.0
+    v = a @ b.T
+    if metric == "euclidean":
+        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :]
+        v = (sq - 2 * v).clamp(min=0).sqrt()
+    mantissa, exponent = math.frexp(float(v.mean()))
+    return math.ldexp(round(mantissa * 256) / 256, exponent)
+
+
+def f32_up(v: float) -> float:
+    """Smallest fp32 >= v (for fp32 x: x < v <=> x < f32_up(v))."""
+    t = np.float32(v)
+    if float(t) < v:
+        t = np.nextafter(t, np.float32(np.inf))
+    return float(t)
+
+
+def f32_down(v: float) -> float:
+    """Largest fp32 <= v (for fp32 x: x > v <=> x > f32_down(v))."""
+    t = np.float32(v)
+    if float(t) > v:
+        t = np.nextafter(t, np.float32(-np.inf))
+    return float(t)
