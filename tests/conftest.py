@@ -38,3 +38,4 @@ def tiny_bert(tiny_bert_dir):
     from embgeom import load_model
 
     return load_model(tiny_bert_dir)
+

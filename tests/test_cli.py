@@ -15,7 +15,7 @@ import torch
 from embgeom import reference
 from embgeom.cli import main
 
-from helpers import make_embeddings
+from helpers import make_embeddings, small_int_embeddings
 
 
 def run_cli(*args):
@@ -25,29 +25,31 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("cross", [False, True])
 def test_pairs_json_matches_reference(tmp_path, cross):
-    x = make_embeddings(53, 24, zero_rows=1, seed=1).numpy()  # exact ties: see test_pairwise
+    # small integers and metric dot: fp32 values are exact, so counts and ties must match exactly
+    x = small_int_embeddings(53, 24, seed=1).numpy()
     np.save(tmp_path / "x.npy", x)
-    args = ["pairs", tmp_path / "x.npy", "--bins", "20", "--topk", "4", "--bottomk", "3", "--near", "0",
-            "--near-k", "2", "--row-topk", "3", "--outside", "-0.2", "0.2", "--json", tmp_path / "out.json"]
+    args = ["pairs", tmp_path / "x.npy", "--metric", "dot", "--range", "-30", "30", "--bins", "20",
+            "--topk", "4", "--bottomk", "3", "--near", "0", "--near-k", "2", "--row-topk", "3",
+            "--outside", "-2", "2", "--json", tmp_path / "out.json"]
     y = None
     if cross:
-        y = make_embeddings(17, 24, seed=2).numpy()
+        y = small_int_embeddings(17, 24, seed=2).numpy()
         np.save(tmp_path / "y.npy", y)
         args[2:2] = ["--against", tmp_path / "y.npy"]
     assert main([str(a) for a in args]) == 0
     out = json.loads((tmp_path / "out.json").read_text())
-    want = reference.pairwise_stats(x, y, bins=20, topk=4, bottomk=3, near=0.0, near_k=2, row_topk=3,
-                                    outside=(-0.2, 0.2))
+    want = reference.pairwise_stats(x, y, metric="dot", range=(-30.0, 30.0), bins=20, topk=4, bottomk=3,
+                                    near=0.0, near_k=2, row_topk=3, outside=(-2.0, 2.0))
     assert out["mode"] == ("cross" if cross else "self")
     assert (out["n"], out["m"], out["d"]) == (53, 17 if cross else 53, 24)
     assert out["count"] == want["count"]
-    assert out["mean"] == pytest.approx(want["mean"], abs=1e-6)
-    assert out["std"] == pytest.approx(want["std"], abs=1e-6)
+    assert out["mean"] == pytest.approx(want["mean"], rel=1e-12)
+    assert out["std"] == pytest.approx(want["std"], rel=1e-12)
     assert out["hist"]["counts"] == want["hist"]["counts"].tolist()
     for key in ("top_pairs", "bottom_pairs", "near_pairs"):
         assert [p[:2] for p in out[key]] == [p[:2] for p in want[key]], key
-        assert [p[2] for p in out[key]] == pytest.approx([p[2] for p in want[key]], abs=1e-6)
-    assert out["min"][:2] == want["min"][:2] and out["max"][:2] == want["max"][:2]
+        assert [p[2] for p in out[key]] == [p[2] for p in want[key]], key
+    assert out["min"] == want["min"] and out["max"] == want["max"]
     assert out["row_topk"]["indices"] == want["row_topk"]["indices"].tolist()
     assert out["outside"]["count"] == want["outside"]["count"]
     assert [p[:2] for p in out["outside"]["pairs"]] == [p[:2] for p in want["outside"]["pairs"]]

@@ -1,88 +1,19 @@
-"""pairwise_stats through the public API, every CPU backend against the float64 reference."""
+"""pairwise_stats through the public API: options, inputs, dispatch and JSON (the per-backend
+comparison with the float64 reference is tests/test_backends.py)."""
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import pytest
 import torch
 
 import embgeom
-from embgeom.backends import registry
 
-from helpers import check_stats, make_embeddings, small_int_embeddings, tolerance
+from helpers import check_stats, make_embeddings
 
 ALL_OUTPUTS = dict(bins=50, topk=5, bottomk=5, near=0.0, near_k=4, row_topk=3, row_bottomk=2,
                    outside=(-0.2, 0.2), outside_limit=7)
 
 
-def _backend_param(name):
-    registry.ensure_registered()
-    why = registry.BACKENDS[name].reasons("pairwise_stats", torch.zeros(1, 1))
-    return pytest.param(name, marks=pytest.mark.skipif(bool(why), reason="; ".join(why)))
-
-
-BACKENDS = [_backend_param(b) for b in ("torch", "cpp")]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n,d,block", [(1, 8, 256), (2, 5, 256), (37, 16, 8), (129, 64, 64), (70, 768, 32)])
-def test_self_mode_all_outputs(backend, n, d, block):
-    x = make_embeddings(n, d, zero_rows=2 if n > 5 else 0, duplicate_rows=2 if n > 5 else 0)
-    got = embgeom.pairwise_stats(x, backend=backend, block=block, **ALL_OUTPUTS)
-    assert got.backend == backend
-    check_stats(got, x, tol=tolerance(torch.float32, d=d), **{**ALL_OUTPUTS, "range": (-1.0, 1.0)})
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n,m,d", [(1, 1, 4), (23, 9, 16), (40, 67, 32)])
-def test_cross_mode_all_outputs(backend, n, m, d):
-    x = make_embeddings(n, d, zero_rows=1 if n > 5 else 0, seed=1)
-    y = make_embeddings(m, d, zero_rows=1 if m > 5 else 0, seed=2)
-    got = embgeom.pairwise_stats(x, y, backend=backend, block=16, **ALL_OUTPUTS)
-    assert got.mode == "cross" and got.m == m
-    want = check_stats(got, x, y, tol=tolerance(torch.float32, d=d), **{**ALL_OUTPUTS, "range": (-1.0, 1.0)})
-    assert got.excluded_cols == want["excluded_cols"]
-    if ALL_OUTPUTS["outside"]:
-        assert got.outside.col_counts.shape == (m,)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("metric,rng", [("dot", (-30.0, 30.0)), ("euclidean", (0.0, 12.0))])
-def test_dot_and_euclidean_exact_ties(backend, metric, rng):
-    # small integers: every value is exact in fp32, so ties are real and must break by (i, j)
-    x = small_int_embeddings(45, 6)
-    x[10] = x[3]
-    opts = dict(ALL_OUTPUTS, outside=(-2.0, 2.0) if metric == "dot" else (1.0, 4.0), near=1.0)
-    got = embgeom.pairwise_stats(x, metric=metric, range=rng, backend=backend, block=8, **opts)
-    check_stats(got, x, tol=1e-4, exact_ties=True, metric=metric, range=rng, **opts)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_cross_exact_ties(backend):
-    x, y = small_int_embeddings(19, 5, seed=3), small_int_embeddings(13, 5, seed=4)
-    opts = dict(ALL_OUTPUTS, outside=(-1.0, 1.0))
-    got = embgeom.pairwise_stats(x, y, metric="dot", range=(-20.0, 20.0), backend=backend, block=4, **opts)
-    check_stats(got, x, y, tol=1e-4, exact_ties=True, metric="dot", range=(-20.0, 20.0), **opts)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("exact_input", [True, False], ids=["int-dot", "float-cosine"])
-def test_block_invariance(backend, exact_input):
-    if exact_input:
-        x, opts = small_int_embeddings(61, 7, seed=5), dict(ALL_OUTPUTS, metric="dot", range=(-20.0, 20.0), outside=(-3.0, 3.0))
-    else:
-        if backend == "torch":
-            pytest.skip("torch matmul rounding depends on the tile shape; only exact inputs are invariant")
-        x, opts = make_embeddings(61, 12, zero_rows=1, duplicate_rows=3, seed=5), ALL_OUTPUTS
-    results = [embgeom.pairwise_stats(x, backend=backend, block=b, **opts).to_dict() for b in (1, 7, 64, 100)]
-    for r in results:
-        r.pop("seconds")
-    for r in results[1:]:
-        assert r["count"] == results[0]["count"]
-        assert r["hist"] == results[0]["hist"]
-        for key in ("top_pairs", "bottom_pairs", "near_pairs", "min", "max", "row_topk", "row_bottomk", "outside"):
-            assert r[key] == results[0][key], key
 
 
 def test_all_zero_rows_cosine():
@@ -137,7 +68,7 @@ def test_json_layout():
 def test_reference_backend_through_api():
     x = make_embeddings(15, 6, zero_rows=1)
     got = embgeom.pairwise_stats(x, backend="reference", **ALL_OUTPUTS)
-    check_stats(got, x, tol=1e-6, **{**ALL_OUTPUTS, "range": (-1.0, 1.0)})
+    check_stats(got, x, **{**ALL_OUTPUTS, "range": (-1.0, 1.0)})
 
 
 def test_env_backend_selection(monkeypatch):
@@ -151,31 +82,6 @@ def test_env_backend_selection(monkeypatch):
 def test_explicit_unusable_backend_lists_reasons():
     with pytest.raises(ValueError, match="cuda"):
         embgeom.pairwise_stats(make_embeddings(5, 3), backend="cuda")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_euclidean_near_duplicates_are_accurate(backend):
-    # |a|^2 + |b|^2 - 2ab loses everything for near-identical rows; distances must stay exact
-    x = make_embeddings(40, 32, seed=8) * 10
-    x[5] = x[17]
-    x[9] = x[30] + 1e-3
-    got = embgeom.pairwise_stats(x, metric="euclidean", range=(0.0, 200.0), bins=100, row_bottomk=1,
-                                 backend=backend)
-    assert got.min[:2] == (5, 17) and got.min[2] == 0.0
-    want = float(torch.linalg.vector_norm((x[9] - x[30]).double()))
-    pair = [p for p in got.bottom_pairs.to_list() if p[:2] == [9, 30]][0]
-    assert pair[2] == pytest.approx(want, rel=1e-4)
-    assert got.row_bottomk.indices[5, 0] == 17 and got.row_bottomk.values[5, 0] == 0.0
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_histogram_value_just_below_hi_goes_to_last_bin(backend):
-    # (v - lo) * bins / (hi - lo) can round up to `bins` for v a hair below hi
-    v, lo, hi, bins = 0.8626903891563416, -0.8656357526779175, 0.8626903891563417, 259
-    assert math.floor((v - lo) * (bins / (hi - lo))) == bins  # the rounding this test is about
-    x = torch.tensor([[v], [1.0]])
-    got = embgeom.pairwise_stats(x, metric="dot", range=(lo, hi), bins=bins, backend=backend)
-    assert got.hist.counts[-1] == 1 and got.hist.overflow == 0
 
 
 def test_auto_dispatch_never_picks_the_triton_interpreter(monkeypatch):

@@ -26,7 +26,7 @@ from embgeom.backends import cuda as cuda_backend, triton as triton_backend  # n
 from embgeom.engine.config import PairwiseConfig  # noqa: E402
 from embgeom.engine.runner import run_engine  # noqa: E402
 
-from helpers import assert_engine_states_equal, check_pair_list, check_row_lists, check_stats, make_embeddings, small_int_embeddings, tolerance  # noqa: E402
+from helpers import assert_engine_states_equal, check_stats, make_embeddings, small_int_embeddings  # noqa: E402
 
 ALL_OUTPUTS = dict(bins=50, topk=5, bottomk=5, near=0.0, near_k=4, row_topk=3, row_bottomk=2,
                    outside=(-0.2, 0.2), outside_limit=7)
@@ -45,42 +45,6 @@ def _cfg_opts(opts, rng=(-1.0, 1.0)):
     out = {k: v for k, v in opts.items() if k != "range"}
     out["lo"], out["hi"] = rng
     return out
-
-
-@pytest.mark.parametrize("n,d", [(1, 8), (2, 5), (37, 16), (70, 40)])
-def test_self_mode_all_outputs(n, d):
-    x = make_embeddings(n, d, zero_rows=2 if n > 5 else 0, duplicate_rows=2 if n > 5 else 0)
-    got = embgeom.pairwise_stats(x, backend="triton", block=16, **ALL_OUTPUTS)
-    assert got.backend == "triton"
-    check_stats(got, x, tol=tolerance(torch.float32, d=d), **{**ALL_OUTPUTS, "range": (-1.0, 1.0)})
-
-
-@pytest.mark.parametrize("n,m,d", [(1, 1, 4), (23, 9, 16), (40, 67, 32)])
-def test_cross_mode_all_outputs(n, m, d):
-    x = make_embeddings(n, d, zero_rows=1 if n > 5 else 0, seed=1)
-    y = make_embeddings(m, d, zero_rows=1 if m > 5 else 0, seed=2)
-    got = embgeom.pairwise_stats(x, y, backend="triton", block=16, **ALL_OUTPUTS)
-    assert got.mode == "cross" and got.m == m
-    want = check_stats(got, x, y, tol=tolerance(torch.float32, d=d), **{**ALL_OUTPUTS, "range": (-1.0, 1.0)})
-    assert got.excluded_cols == want["excluded_cols"]
-    assert got.outside.col_counts.shape == (m,)
-
-
-@pytest.mark.parametrize("metric,rng", [("dot", (-30.0, 30.0)), ("euclidean", (0.0, 12.0))])
-def test_exact_ties_self(metric, rng):
-    # small integers: every value is exact in fp32, ties are real and break by (i, j)
-    x = small_int_embeddings(45, 6)
-    x[10] = x[3]
-    opts = dict(ALL_OUTPUTS, outside=(-2.0, 2.0) if metric == "dot" else (1.0, 4.0), near=1.0)
-    got = embgeom.pairwise_stats(x, metric=metric, range=rng, backend="triton", block=16, **opts)
-    check_stats(got, x, tol=1e-4, exact_ties=True, metric=metric, range=rng, **opts)
-
-
-def test_exact_ties_cross():
-    x, y = small_int_embeddings(19, 5, seed=3), small_int_embeddings(13, 5, seed=4)
-    opts = dict(ALL_OUTPUTS, outside=(-1.0, 1.0))
-    got = embgeom.pairwise_stats(x, y, metric="dot", range=(-20.0, 20.0), backend="triton", block=16, **opts)
-    check_stats(got, x, y, tol=1e-4, exact_ties=True, metric="dot", range=(-20.0, 20.0), **opts)
 
 
 def test_histogram_edges_match_float64_definition():
@@ -117,7 +81,7 @@ def test_candidate_overflow_retries_and_multiband(metric, rng, outside):
     got, eng = _engine_stats(x, engine_kw=dict(block=16, group=1, programs=1, capacity=1),
                              metric=metric, **_cfg_opts(opts, rng))
     assert eng.nbands == 5 and eng.cap > 78
-    check_stats(got, x, tol=1e-4, exact_ties=True, metric=metric, range=rng, **opts)
+    check_stats(got, x, exact_ties=True, metric=metric, range=rng, **opts)
 
 
 def test_tiling_invariance():
@@ -142,22 +106,8 @@ def test_fast_precision_rescored_lists(fast_dtype):
                              precision="fast", **_cfg_opts(opts))
     bound = got.hist.error_bound
     assert bound > 0 and bound == eng.eps
-    want = reference.pairwise_stats(x, **{**opts, "range": (-1.0, 1.0)})
-    values, mask = want["values"], want["mask"]
-    exact_tol = tolerance(torch.float32, d=d)
-    # ranked outputs are rescored exactly: same tolerance as exact mode
-    check_pair_list(got.top_pairs, values, mask, "top", 5, exact_tol)
-    check_pair_list(got.bottom_pairs, values, mask, "bottom", 5, exact_tol)
-    check_pair_list(got.near_pairs, values, mask, "near", 4, exact_tol, near=0.0)
-    check_row_lists(got.row_topk, values, mask, True, 3, True, exact_tol)
-    check_row_lists(got.row_bottomk, values, mask, True, 2, False, exact_tol)
-    assert got.max[2] == want["max"][2] or abs(got.max[2] - want["max"][2]) <= exact_tol
-    # histogram and moments within the reported bound
-    from helpers import check_histogram
-
-    check_histogram(got.hist, values[mask].numpy(), -1.0, 1.0, 50, bound + exact_tol)
-    assert got.count == want["count"]
-    assert abs(got.mean - want["mean"]) <= bound
+    # ranked outputs rescored exactly (exact-mode allowances); moments and histogram within the bound
+    check_stats(got, x, **{**opts, "range": (-1.0, 1.0)})
 
 
 def test_checkpoint_resume_equals_full_run():
@@ -200,19 +150,6 @@ def _batch(B, T, D, seed=0):
     return x, mask
 
 
-@pytest.mark.parametrize("B,T,D", [(1, 1, 3), (3, 7, 16), (4, 37, 200)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_cone_index(B, T, D, dtype):
-    x, mask = _batch(B, T, D)
-    x = x.to(dtype)
-    want = reference.cone_index(x.double(), mask)
-    got = embgeom.cone_index(x, mask, backend="triton")
-    assert got.backend == "triton"
-    assert got.n.tolist() == want["n"].tolist()
-    assert got.zero_rows.tolist() == want["zero_rows"].tolist()
-    torch.testing.assert_close(got.index.double(), want["index"], atol=1e-9 * T + 1e-9, rtol=1e-6)
-
-
 def test_cone_index_strided_and_unmasked():
     x, _ = _batch(2, 9, 24, seed=3)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # non-unit stride along D
@@ -238,44 +175,12 @@ def _attention(B, H, T, seed=0):
     return p, mask
 
 
-@pytest.mark.parametrize("B,H,T", [(1, 1, 1), (3, 2, 7), (2, 3, 33)])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_attention_entropy(B, H, T, smoothing):
-    p, mask = _attention(B, H, T)
-    want = reference.attention_entropy(p, mask, smoothing)
-    got = embgeom.attention_entropy(p, mask, smoothing=smoothing, backend="triton")
-    assert got.backend == "triton"
-    torch.testing.assert_close(got.row_entropy.double(), want["row_entropy"], atol=1e-5 * max(1.0, math.log(T + 1)),
-                               rtol=1e-5, equal_nan=True)
-    torch.testing.assert_close(got.mean, want["mean"], atol=1e-5, rtol=1e-5, equal_nan=True)
-
-
 def test_attention_entropy_no_mask_fp16_strided():
     p, _ = _attention(2, 2, 12, seed=2)
     pt = p.half().transpose(2, 3).contiguous().transpose(2, 3)
     want = reference.attention_entropy(pt.double())
     got = embgeom.attention_entropy(pt, backend="triton")
     torch.testing.assert_close(got.row_entropy.double(), want["row_entropy"], atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("precision", ["exact", "fast"])
-def test_euclidean_near_duplicates_are_accurate(precision):
-    # |a|^2 + |b|^2 - 2ab loses everything for near-identical rows: those pairs leave the kernel
-    # and are recomputed from the difference, for every output
-    x = make_embeddings(40, 32, seed=8) * 10
-    x[5] = x[17]
-    x[9] = x[30] + 1e-3
-    opts = dict(metric="euclidean", range=(0.0, 200.0), bins=100, row_bottomk=1, outside=(0.5, 150.0),
-                outside_limit=5)
-    got = embgeom.pairwise_stats(x, backend="triton", block=16, precision=precision, **opts)
-    assert got.min[:2] == (5, 17) and got.min[2] == 0.0
-    want = float(torch.linalg.vector_norm((x[9] - x[30]).double()))
-    pair = [p for p in got.bottom_pairs.to_list() if p[:2] == [9, 30]][0]
-    assert pair[2] == pytest.approx(want, rel=1e-4)
-    assert got.row_bottomk.indices[5, 0] == 17 and got.row_bottomk.values[5, 0] == 0.0
-    assert got.row_bottomk.indices[17, 0] == 5
-    if precision == "exact":
-        check_stats(got, x, tol=1e-3, **opts)
 
 
 _COMPILE_SCRIPT = r"""
@@ -373,7 +278,7 @@ def test_cuda_engine_merge_glue(monkeypatch):
         states.append(run_engine(eng))
     assert_engine_states_equal(states[0], states[1])
     got = states[1].finalize(cfg, d=4, backend="cuda", device=x.device, seconds=0.0)
-    check_stats(got, x, tol=1e-4, exact_ties=True, metric="dot", **opts)
+    check_stats(got, x, exact_ties=True, metric="dot", **opts)
 
 
 def test_near_duplicate_stream_growth_keeps_other_streams_exact():
@@ -383,4 +288,4 @@ def test_near_duplicate_stream_growth_keeps_other_streams_exact():
     opts = dict(bins=7, topk=0, bottomk=0, row_topk=1, row_bottomk=2, outside=(0.5, 2.0), outside_limit=1)
     got, _ = _engine_stats(x, engine_kw=dict(block=16, group=2, programs=3, capacity=1),
                            metric="euclidean", **_cfg_opts(opts, (0.0, 5.0)))
-    check_stats(got, x, tol=1e-4, exact_ties=True, metric="euclidean", range=(0.0, 5.0), **opts)
+    check_stats(got, x, exact_ties=True, metric="euclidean", range=(0.0, 5.0), **opts)

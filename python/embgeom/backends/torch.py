@@ -13,8 +13,8 @@ import torch
 
 from ..engine.config import PairwiseConfig
 from ..engine.lists import better_extreme, merge_pairs, merge_rows, select_smallest
-from ..engine.state import EngineState, _np, list_limits, moments_of
-from ..numerics import LIST_KINDS, NEAR_DUPLICATE_TAU, bin_index, direct_distance, order_key, unit_rows
+from ..engine.state import EngineState, _np, list_limits, moments_from_shifted, shifted_from_moments
+from ..numerics import LIST_KINDS, NEAR_DUPLICATE_TAU, bin_index, direct_distance, moment_shift, order_key, unit_rows
 from .registry import register
 
 
@@ -53,6 +53,9 @@ class TorchEngine:
         else:
             self.tiles = [(r, c) for r in range(len(self.row_blocks)) for c in range(len(self.col_blocks))]
         self._state = EngineState.empty(cfg, self.n, None if self.self_mode else self.m)
+        # moments: sums of (v - shift) and its square over all tiles, as every engine
+        self.shift = moment_shift(self.x, None if self.self_mode else self.y, cfg.metric)
+        self._sums = [0.0, 0.0]
         self._state.excluded_rows = excluded_x
         if excluded_y is not None:
             self._state.excluded_cols = excluded_y
@@ -81,10 +84,13 @@ class TorchEngine:
         return self._state.tiles_done
 
     def state(self) -> EngineState:
-        return self._state.copy()
+        out = self._state.copy()
+        out.count, out.mean, out.m2 = moments_from_shifted(out.count, self.shift, *self._sums)
+        return out
 
     def load_state(self, state: EngineState) -> None:
         self._state = state.copy()
+        self._sums = list(shifted_from_moments(state.count, state.mean, state.m2, self.shift))
 
     def run(self, begin: int, end: int) -> None:
         if begin != self._state.tiles_done:
@@ -104,7 +110,10 @@ class TorchEngine:
                 for row0, counts in part.pop(key + "_segments", []):
                     getattr(state, key)[row0:row0 + counts.shape[0]] += counts
             state.tiles_done += 1
-            state.add_moments(*part["moments"])
+            count, s1, s2 = part["moments"]
+            state.count += count
+            self._sums[0] += s1
+            self._sums[1] += s2
             state.min = better_extreme("min", state.min, part["min"])
             state.max = better_extreme("max", state.max, part["max"])
             if part["hist"] is not None:
@@ -149,7 +158,8 @@ class TorchEngine:
         if count == 0:
             return part
         sel64 = sel.double()
-        part["moments"] = moments_of(sel64)
+        centred = sel64 - self.shift
+        part["moments"] = (count, float(centred.sum()), float((centred * centred).sum()))
         width = c1 - c0
         inf = torch.tensor(math.inf, device=dev, dtype=vals.dtype)
 

@@ -20,7 +20,7 @@ import torch
 
 from ..engine.config import PairwiseConfig
 from ..engine.lists import merge_pairs, merge_rows, sort_pairs
-from ..engine.state import EngineState, _np, list_limits
+from ..engine.state import EngineState, _np, list_limits, moments_from_shifted, shifted_from_moments
 from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, bin_index, bin_scale, direct_distance, f32_down,
                         f32_up, fast_error_bound, moment_shift, rounding_norms, unit_rows)
 from .registry import register
@@ -298,11 +298,7 @@ class TritonEngine:
         cfg = self.cfg
         st = EngineState.empty(cfg, self.n, None if self.self_mode else self.m)
         st.tiles_done = self.tiles_done
-        count = int(self.count)
-        s1, s2 = (float(v) for v in self.sums.tolist())
-        if count:
-            # one shift for every band: the shifted sums give (mean, M2) without cancellation
-            st.count, st.mean, st.m2 = count, self.shift + s1 / count, max(s2 - s1 * s1 / count, 0.0)
+        st.count, st.mean, st.m2 = moments_from_shifted(int(self.count), self.shift, *self.sums.tolist())
         if self.bins:
             st.hist = _np(self.hist).astype(np.int64)
         limits = dict(list_limits(cfg), near=self.kinds_k["near"], outside_pairs=self.kinds_k["outside_pairs"])
@@ -329,10 +325,9 @@ class TritonEngine:
         dev = self.device
         self._reset_accumulators()
         self.tiles_done = int(state.tiles_done)
-        count = int(state.count)
-        self.count.fill_(count)
-        s1 = count * (state.mean - self.shift)
-        self.sums.copy_(torch.tensor([s1, state.m2 + s1 * s1 / count if count else 0.0], dtype=torch.float64))
+        self.count.fill_(int(state.count))
+        sums = shifted_from_moments(int(state.count), state.mean, state.m2, self.shift)
+        self.sums.copy_(torch.tensor(sums, dtype=torch.float64))
         if self.bins:
             self.hist.copy_(torch.as_tensor(np.asarray(state.hist), dtype=torch.int64))
 
@@ -595,8 +590,8 @@ class TritonEngine:
         v = self._rescore(i, j, direct=True)
         v64 = v.double()
         self.count += n
-        dev = v64 - self.shift
-        self.sums += torch.stack([dev.sum(), (dev * dev).sum()])
+        centred = v64 - self.shift
+        self.sums += torch.stack([centred.sum(), (centred * centred).sum()])
         if self.bins:
             self.hist += torch.bincount(bin_index(v64, cfg.lo, cfg.hi, cfg.bins), minlength=cfg.bins + 2)
         out = (v < self.out_a) | (v > self.out_b) if cfg.outside else None

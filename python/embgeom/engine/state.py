@@ -43,6 +43,21 @@ def chan_merge(na: int, mean_a: float, m2_a: float, nb: int, mean_b: float, m2_b
     return n, mean, m2
 
 
+def moments_from_shifted(count: int, shift: float, s1: float, s2: float) -> tuple[int, float, float]:
+    """(count, mean, M2) from the sums s1 = sum(v - shift) and s2 = sum((v - shift)^2) that the
+    engines accumulate (docs/metrics.md, moments); csrc/pairwise state export does the same."""
+    if count == 0:
+        return 0, 0.0, 0.0
+    dev = s1 / count
+    return count, shift + dev, max(s2 - s1 * dev, 0.0)
+
+
+def shifted_from_moments(count: int, mean: float, m2: float, shift: float) -> tuple[float, float]:
+    """The inverse of moments_from_shifted: (s1, s2) around `shift` (resuming a checkpoint)."""
+    s1 = count * (mean - shift)
+    return s1, (m2 + s1 * s1 / count) if count else 0.0
+
+
 def moments_of(values: torch.Tensor) -> tuple[int, float, float]:
     """(count, mean, M2) of a set of values, two-pass in float64."""
     v = values.double()
