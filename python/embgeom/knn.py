@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import validation
+from .results import RowTopK, html_table
 
 INDEXES = ("flat", "ivf", "hnsw")
 
@@ -47,6 +48,17 @@ class KnnResult:
             "indices": self.indices.cpu().tolist(),
             "values": [[None if math.isnan(v) else float(v) for v in row] for row in vals],
         }
+
+    def to_pandas(self):
+        """Long format: columns query, rank, neighbor, cosine; padding (-1) left out."""
+        return RowTopK(self.indices, self.values).to_pandas().rename(
+            columns={"row": "query", "column": "neighbor", "value": "cosine"})
+
+    def _repr_html_(self) -> str:
+        rows = [("index", self.index), ("k", self.k), ("queries", int(self.indices.shape[0])),
+                ("recall@k", "exact" if self.recall is None else self.recall), ("device", self.device),
+                ("seconds", self.seconds)]
+        return "<b>KnnResult</b>" + html_table(rows)
 
 
 def _faiss():

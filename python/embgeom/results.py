@@ -1,11 +1,34 @@
-"""Plain result objects. Tensors stay on the input's device; `.to_dict()` is JSON-safe."""
+"""Plain result objects. Tensors stay on the input's device; `.to_dict()` is JSON-safe,
+`_repr_html_` shows a summary in a notebook, `to_pandas()` gives ranked lists and tables as
+DataFrames (pandas is optional: imported only there)."""
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+def _pandas():
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError("to_pandas() needs pandas: pip install pandas") from None
+    return pandas
+
+
+def html_table(rows: list[tuple[str, Any]] | list[list[Any]], header: list[str] | None = None) -> str:
+    """A small HTML table: (name, value) rows, or rows under a header."""
+    def cell(v):
+        if isinstance(v, float):
+            return "null" if not math.isfinite(v) else f"{v:.6g}"
+        return html.escape(str(v))
+
+    head = "" if header is None else "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
 
 
 def _num(v: Any) -> Any:
@@ -39,6 +62,14 @@ class PairList:
         return [[int(a), int(b), _num(float(v))] for a, b, v in
                 zip(self.i.tolist(), self.j.tolist(), self.values.double().tolist())]
 
+    def to_pandas(self):
+        """DataFrame with columns i, j, value, one row per pair in report order."""
+        return _pandas().DataFrame({"i": self.i.cpu().numpy(), "j": self.j.cpu().numpy(),
+                                    "value": self.values.double().cpu().numpy()})
+
+    def _repr_html_(self) -> str:
+        return html_table(self.to_list()[:50], ["i", "j", "value"])
+
 
 @dataclass
 class Histogram:
@@ -58,6 +89,11 @@ class Histogram:
     def edges(self) -> torch.Tensor:
         return torch.linspace(self.lo, self.hi, self.bins + 1, dtype=torch.float64)
 
+    def to_pandas(self):
+        """DataFrame with columns lo, hi, count, one row per bin (under/overflow not included)."""
+        e = self.edges().numpy()
+        return _pandas().DataFrame({"lo": e[:-1], "hi": e[1:], "count": self.counts.cpu().numpy()})
+
     def to_dict(self) -> dict:
         out = {"lo": self.lo, "hi": self.hi, "bins": self.bins, "counts": self.counts.tolist(),
                "underflow": int(self.underflow), "overflow": int(self.overflow)}
@@ -75,6 +111,14 @@ class RowTopK:
 
     def to_dict(self) -> dict:
         return {"indices": self.indices.tolist(), "values": as_list(self.values)}
+
+    def to_pandas(self):
+        """Long format: columns row, rank, column, value; padding (-1) left out."""
+        idx, val = self.indices.cpu(), self.values.double().cpu()
+        keep = idx >= 0
+        rows, ranks = keep.nonzero(as_tuple=True)
+        return _pandas().DataFrame({"row": rows.numpy(), "rank": ranks.numpy(),
+                                    "column": idx[keep].numpy(), "value": val[keep].numpy()})
 
 
 @dataclass
@@ -94,6 +138,10 @@ class Outside:
         if self.col_counts is not None:
             out["col_counts"] = self.col_counts.tolist()
         return out
+
+    def to_pandas(self):
+        """The first listed pairs outside [a, b] (columns i, j, value)."""
+        return self.pairs.to_pandas()
 
 
 @dataclass
@@ -154,6 +202,35 @@ class PairwiseStats:
         out["seconds"] = self.seconds
         return out
 
+    def to_pandas(self, which: str = "top_pairs"):
+        """One ranked list or table as a DataFrame: which = top_pairs, bottom_pairs, near_pairs,
+        outside, row_topk, row_bottomk or hist."""
+        tables = {"top_pairs": self.top_pairs, "bottom_pairs": self.bottom_pairs,
+                  "near_pairs": self.near_pairs, "outside": self.outside, "row_topk": self.row_topk,
+                  "row_bottomk": self.row_bottomk, "hist": self.hist}
+        if which not in tables:
+            raise ValueError(f"which: expected one of {', '.join(tables)}, got {which!r}")
+        if tables[which] is None:
+            raise ValueError(f"which: {which!r} was not computed in this run (switched off)")
+        return tables[which].to_pandas()
+
+    def _repr_html_(self) -> str:
+        def pair(p):
+            return "" if p is None else f"({p[0]}, {p[1]}) {p[2]:.6g}"
+
+        summary = [("pairs", f"{self.count:,} ({self.mode}, n={self.n}, m={self.m}, d={self.d})"),
+                   ("metric / precision / backend", f"{self.metric} / {self.precision} / {self.backend}"),
+                   ("mean", self.mean), ("std", self.std), ("min", pair(self.min)), ("max", pair(self.max)),
+                   ("excluded rows", len(self.excluded_rows)), ("seconds", self.seconds)]
+        if self.outside is not None:
+            summary.append((f"outside [{self.outside.a}, {self.outside.b}]", f"{self.outside.count:,}"))
+        parts = ["<b>PairwiseStats</b>", html_table(summary)]
+        for name in ("top_pairs", "bottom_pairs", "near_pairs"):
+            lst = getattr(self, name)
+            if lst is not None and len(lst):
+                parts.append(f"<b>{name}</b>" + lst._repr_html_())
+        return "".join(parts)
+
 
 @dataclass
 class ConeIndex:
@@ -175,6 +252,26 @@ class ConeIndex:
         return {"index": as_list(self.index), "normalized": as_list(self.normalized),
                 "n": self.n.tolist(), "zero_rows": self.zero_rows.tolist(), "backend": self.backend}
 
+    def to_pandas(self):
+        """One row per set (columns index, normalized, n, zero_rows; a depth column for (L+1, B))."""
+        cols = {k: getattr(self, k).detach().cpu() for k in ("index", "normalized", "n", "zero_rows")}
+        if self.index.dim() == 2:
+            depth, seq = torch.meshgrid(torch.arange(self.index.shape[0]), torch.arange(self.index.shape[1]),
+                                        indexing="ij")
+            data = {"depth": depth.flatten().numpy(), "set": seq.flatten().numpy()}
+        else:
+            data = {"set": torch.arange(self.index.numel()).numpy()}
+        data.update({k: v.flatten().numpy() for k, v in cols.items()})
+        return _pandas().DataFrame(data)
+
+    def _repr_html_(self) -> str:
+        flat = [getattr(self, k).detach().double().cpu().flatten().tolist()
+                for k in ("index", "normalized", "n", "zero_rows")]
+        rows = [[s, a, b, int(c), int(z)] for s, (a, b, c, z) in enumerate(zip(*flat))][:50]
+        shape = "x".join(str(v) for v in self.index.shape)
+        return (f"<b>ConeIndex</b> ({shape} sets, {self.backend})"
+                + html_table(rows, ["set", "I", "I / n", "n", "zero rows"]))
+
 
 @dataclass
 class AttentionEntropy:
@@ -192,3 +289,14 @@ class AttentionEntropy:
     def to_dict(self) -> dict:
         return {"mean": as_list(self.mean), "uniform_baseline": as_list(self.uniform_baseline),
                 "n_rows": self.n_rows, "smoothing": self.smoothing, "backend": self.backend}
+
+    def to_pandas(self):
+        """One row per head: columns head, mean_entropy."""
+        return _pandas().DataFrame({"head": range(self.mean.numel()),
+                                    "mean_entropy": self.mean.detach().double().cpu().numpy()})
+
+    def _repr_html_(self) -> str:
+        rows = [[h, float(v)] for h, v in enumerate(self.mean.double().cpu().tolist())]
+        return (f"<b>AttentionEntropy</b> ({self.n_rows} rows, smoothing {self.smoothing}, {self.backend})"
+                + html_table(rows, ["head", "mean entropy (nats)"]))
+

@@ -1,0 +1,62 @@
+"""Results in a notebook: _repr_html_ summaries and to_pandas() tables match the result data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import embgeom
+
+from helpers import make_embeddings
+
+pd = pytest.importorskip("pandas")
+
+
+@pytest.fixture(scope="module")
+def stats():
+    x = make_embeddings(40, 8, zero_rows=1, seed=3)
+    return embgeom.pairwise_stats(x, bins=10, topk=4, bottomk=3, row_topk=2, outside=(-0.3, 0.3), outside_limit=5)
+
+
+def test_pair_lists_as_dataframes(stats):
+    df = stats.to_pandas("top_pairs")
+    assert list(df.columns) == ["i", "j", "value"]
+    assert df.values.tolist() == [[float(v) for v in p] for p in stats.top_pairs.to_list()]
+    out = stats.to_pandas("outside")
+    assert len(out) == len(stats.outside.pairs) == 5
+
+
+def test_row_lists_long_format_skip_padding(stats):
+    df = stats.to_pandas("row_topk")
+    idx = stats.row_topk.indices
+    assert len(df) == int((idx >= 0).sum())
+    row = df[df["row"] == 5].sort_values("rank")
+    assert row["column"].tolist() == [c for c in idx[5].tolist() if c >= 0]
+    assert np.allclose(row["value"].to_numpy(), stats.row_topk.values[5][idx[5] >= 0].double().numpy())
+
+
+def test_histogram_table(stats):
+    df = stats.to_pandas("hist")
+    assert df["count"].sum() + stats.hist.underflow + stats.hist.overflow == stats.count
+    assert df["lo"].iloc[0] == -1.0 and df["hi"].iloc[-1] == 1.0
+
+
+def test_switched_off_and_unknown_tables(stats):
+    with pytest.raises(ValueError, match="near_pairs"):
+        stats.to_pandas("near_pairs")
+    with pytest.raises(ValueError, match="which: expected one of"):
+        stats.to_pandas("nope")
+
+
+def test_html_summaries(stats):
+    page = stats._repr_html_()
+    assert "<table>" in page and f"{stats.count:,}" in page and "top_pairs" in page
+    cone = embgeom.cone_index(make_embeddings(12, 5).reshape(2, 6, 5))
+    assert cone._repr_html_().count("<tr>") == 1 + 2
+    assert cone.to_pandas()["n"].tolist() == cone.n.tolist()
+    p = torch.softmax(torch.randn(1, 3, 4, 4), -1)
+    ent = embgeom.attention_entropy(p)
+    assert ent._repr_html_().count("<tr>") == 1 + 3
+    assert ent.to_pandas()["mean_entropy"].tolist() == pytest.approx(ent.mean.tolist())
+    nn = embgeom.knn(make_embeddings(30, 6).numpy(), 3)
+    assert len(nn.to_pandas()) == 30 * 3 and "KnnResult" in nn._repr_html_()
