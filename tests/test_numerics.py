@@ -1,0 +1,97 @@
+"""The numeric rules of docs/metrics.md, once in embgeom.numerics, as every engine applies them."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import embgeom
+from embgeom import numerics, reference
+
+from helpers import backend_params
+
+PAIRWISE = backend_params("pairwise_stats", ("cpp", "torch"))
+
+
+def _values_as_pairs(values):
+    """Cross mode of a column of values against [[1.0]]: the pair values are exactly `values`."""
+    x = torch.tensor(values, dtype=torch.float32)[:, None]
+    return x, torch.ones(1, 1)
+
+
+def test_bin_index_at_exact_edges():
+    lo, hi, bins = -1.0, 1.0, 8           # width 0.25: every edge is exact in binary
+    edges = [lo + b * 0.25 for b in range(bins + 1)]
+    slots = numerics.bin_index(np.array(edges), lo, hi, bins)
+    assert slots.tolist() == list(range(1, bins + 1)) + [bins]   # edge b opens bin b; hi -> last bin
+    # one ulp below an edge: the float64 rule decides (v - lo may round up onto the edge)
+    below = np.nextafter(np.array(edges[1:-1]), -np.inf)
+    rule = [min(math.floor((float(v) - lo) * (bins / (hi - lo))), bins - 1) + 1 for v in below]
+    assert numerics.bin_index(below, lo, hi, bins).tolist() == rule
+    assert rule[0] == 1 and rule[1] == 2   # e.g. -0.5 - ulp stays in bin 1 (slot 2)
+    assert numerics.bin_index(np.array([np.nextafter(lo, -np.inf), np.nextafter(hi, np.inf)]), lo, hi, bins).tolist() == [0, bins + 1]
+    t = numerics.bin_index(torch.tensor(edges, dtype=torch.float64), lo, hi, bins)
+    assert t.tolist() == slots.tolist()
+
+
+@pytest.mark.parametrize("backend,device", PAIRWISE)
+def test_engines_bin_exact_edges_like_the_reference(backend, device):
+    lo, hi, bins = -1.0, 1.0, 8
+    edges = [lo + b * 0.25 for b in range(bins + 1)]
+    below = [float(np.nextafter(np.float32(e), np.float32(-np.inf))) for e in edges[1:]]
+    vals = edges + below + [-1.5, 1.5, 0.1, -0.1]
+    x, y = _values_as_pairs(vals)
+    got = embgeom.pairwise_stats(x.to(device), y.to(device), metric="dot", range=(lo, hi), bins=bins, backend=backend)
+    want = reference.pairwise_stats(x, y, metric="dot", range=(lo, hi), bins=bins)["hist"]
+    assert got.hist.counts.tolist() == want["counts"].tolist()
+    assert (got.hist.underflow, got.hist.overflow) == (want["underflow"], want["overflow"]) == (1, 1)
+
+
+@pytest.mark.parametrize("backend,device", PAIRWISE)
+def test_variance_does_not_cancel_when_std_is_tiny_beside_the_mean(backend, device):
+    # dot products near 3.2e5 spread by ~1: one-pass sumsq/n - mean^2 loses every digit
+    g = torch.Generator().manual_seed(0)
+    x = 20.0 + 1e-3 * torch.randn(300, 800, generator=g, dtype=torch.float64)
+    got = embgeom.pairwise_stats(x.float().to(device), metric="dot", bins=0, topk=0, bottomk=0, backend=backend)
+    want = reference.pairwise_stats(x.float(), metric="dot", bins=0, topk=0, bottomk=0)
+    assert got.mean == pytest.approx(want["mean"], rel=1e-7)
+    # fp32 products of |a||b| ~ 3.2e5 carry ~0.1 of rounding each: the std (~0.8) within that
+    assert got.std == pytest.approx(want["std"], abs=0.2)
+
+
+def test_moment_shift_is_exact_for_fp32_values():
+    x = torch.tensor([[3.0, 1.0], [2.0, 5.0], [1.0, 1.0]])
+    s = numerics.moment_shift(x, None, "dot")
+    mantissa, _ = math.frexp(s)
+    assert mantissa * 256 == int(mantissa * 256)                    # 8 significant bits
+    assert numerics.moment_shift(x, None, "cosine") == 0.0
+
+
+def test_fast_error_bound_formula_matches_the_cpp_engine():
+    _C = pytest.importorskip("embgeom._C")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 37, generator=g)
+    y = torch.randn(20, 37, generator=g)
+    for metric in ("dot", "euclidean"):
+        eng = _C.PairwiseEngine(x.numpy(), y.numpy(), metric=metric, precision="fast", bins=0, topk=1, bottomk=1,
+                                lo=-100.0, hi=100.0)
+        if eng.kernel.find("bf16") < 0:
+            pytest.skip(f"no bf16 product kernel on this CPU path ({eng.kernel})")
+        xs = numerics.rounding_norms(x, x.bfloat16().float())
+        ys = numerics.rounding_norms(y, y.bfloat16().float())
+        want = numerics.fast_error_bound(d=37, metric=metric, x_full=xs[0], x_rounded=xs[1], x_delta=xs[2],
+                                         y_full=ys[0], y_rounded=ys[1], y_delta=ys[2])
+        assert eng.hist_error_bound == pytest.approx(want, rel=1e-9)
+
+
+def test_near_duplicate_rule_and_direct_distance():
+    a = torch.tensor([[1e3, 1.0, 2.0]], dtype=torch.float32)
+    b = a + torch.tensor([[0.0, 1e-3, 0.0]])
+    sq = float((a.double() ** 2).sum() + (b.double() ** 2).sum())
+    formula = sq - 2 * float((a.double() * b.double()).sum())
+    assert formula < numerics.NEAR_DUPLICATE_TAU * sq           # this pair takes the direct path
+    d = numerics.direct_distance(a, b)
+    assert d.dtype == torch.float32
+    assert float(d) == pytest.approx(float(torch.linalg.vector_norm(a.double() - b.double())), rel=1e-6)
