@@ -32,6 +32,28 @@ def make_embeddings(n, d, *, dtype=torch.float32, zero_rows=0, duplicate_rows=0,
     return x.to(dtype).to(device)
 
 
+def make_sequences(B, T, D, seed=0):
+    """(B, T, D) embeddings and a (B, T) mask with padding (sequence 1), an all-pad sequence
+    (sequence 2) and a zero row inside the mask (sequence 0, position 1)."""
+    x = make_embeddings(B * T, D, seed=seed).reshape(B, T, D)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if B > 1:
+        mask[1, T // 2:] = False
+    if B > 2:
+        mask[2] = False
+    x[0, min(1, T - 1)] = 0
+    return x, mask
+
+
+def make_attention(B, H, T, mask, seed=0, scale=3.0):
+    """(B, H, T, T) float64 attention probabilities over the real keys of `mask`; rows of an
+    all-pad sequence are zero."""
+    g = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(B, H, T, T, generator=g, dtype=torch.float64)
+    logits = logits.masked_fill(~mask[:, None, None, :], -math.inf)
+    return torch.nan_to_num(torch.softmax(logits, -1), nan=0.0)
+
+
 def small_int_embeddings(n, d, seed=0, low=-2, high=3):
     """Dot products of these are exact in fp32: ties are real ties."""
     g = torch.Generator().manual_seed(seed)

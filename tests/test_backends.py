@@ -17,7 +17,7 @@ import torch
 import embgeom
 from embgeom import reference
 
-from helpers import backend_params, check_stats, make_embeddings, small_int_embeddings
+from helpers import backend_params, check_stats, make_attention, make_embeddings, make_sequences, small_int_embeddings
 
 ALL_OUTPUTS = dict(bins=50, topk=5, bottomk=5, near=0.0, near_k=4, row_topk=3, row_bottomk=2,
                    outside=(-0.2, 0.2), outside_limit=7)
@@ -154,23 +154,13 @@ def test_histogram_value_just_below_hi_goes_to_last_bin(backend, device):
 # cone index and attention entropy
 # ---------------------------------------------------------------------------------------------
 
-def _batch(B, T, D, seed=0):
-    x = make_embeddings(B * T, D, seed=seed).reshape(B, T, D)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    if B > 1:
-        mask[1, T // 2:] = False       # padding
-    if B > 2:
-        mask[2] = False                # an all-pad sequence
-    x[0, min(1, T - 1)] = 0             # a zero row inside the mask
-    return x, mask
-
 
 @pytest.mark.parametrize("backend,device", CONE)
 @pytest.mark.parametrize("B,T,D", [(1, 1, 3), (3, 7, 16), (4, 37, 200), (4, 600, 768)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cone_index_vs_reference(backend, device, B, T, D, dtype):
     _small_only(backend, device, B * T * D // 100)
-    x, mask = _batch(B, T, D)
+    x, mask = make_sequences(B, T, D)
     x = x.to(dtype)
     want = reference.cone_index(x.double(), mask)
     got = embgeom.cone_index(x.to(device), mask.to(device), backend=backend)
@@ -184,21 +174,13 @@ def test_cone_index_vs_reference(backend, device, B, T, D, dtype):
     assert ((got.normalized[n > 0] >= 0) & (got.normalized[n > 0] <= 1 + 1e-6)).all()
 
 
-def _attention(B, H, T, mask, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = 3 * torch.randn(B, H, T, T, generator=g, dtype=torch.float64)
-    logits = logits.masked_fill(~mask[:, None, None, :], -math.inf)
-    p = torch.softmax(logits, -1)
-    return torch.nan_to_num(p, nan=0.0)  # all-pad sequences: rows of zeros
-
-
 @pytest.mark.parametrize("backend,device", ENTROPY)
 @pytest.mark.parametrize("B,H,T", [(1, 1, 1), (3, 4, 9), (2, 3, 37), (2, 12, 128)])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_attention_entropy_vs_reference(backend, device, B, H, T, smoothing):
     _small_only(backend, device, B * H * T * T // 10)
-    _, mask = _batch(B, T, 2)
-    p = _attention(B, H, T, mask)
+    _, mask = make_sequences(B, T, 2)
+    p = make_attention(B, H, T, mask)
     p[0, 0, 0] = 0
     p[0, 0, 0, 0] = 1.0  # a one-hot row: entropy 0 (0 ln 0 = 0), or known in closed form when smoothed
     want = reference.attention_entropy(p, mask, smoothing)
@@ -211,3 +193,22 @@ def test_attention_entropy_vs_reference(backend, device, B, H, T, smoothing):
     one_hot = -(a * math.log(a) + ((n - 1) * b * math.log(b) if b > 0 else 0.0))
     assert got.row_entropy[0, 0, 0].item() == pytest.approx(one_hot, abs=atol)
     assert got.n_rows == int(mask.sum())
+
+
+@pytest.mark.parametrize("backend,device", CONE)
+def test_cone_index_strided_and_unmasked(backend, device):
+    x, _ = make_sequences(2, 9, 24, seed=3)
+    xt = x.to(device).transpose(1, 2).contiguous().transpose(1, 2)  # non-unit stride along D
+    want = reference.cone_index(x.double())
+    got = embgeom.cone_index(xt, backend=backend)
+    torch.testing.assert_close(got.index.cpu().double(), want["index"], atol=1e-6 * 9, rtol=1e-6)
+    assert got.zero_rows.tolist() == want["zero_rows"].tolist()
+
+
+@pytest.mark.parametrize("backend,device", ENTROPY)
+def test_attention_entropy_no_mask_fp16_strided(backend, device):
+    p = make_attention(2, 2, 12, torch.ones(2, 12, dtype=torch.bool), seed=2)
+    pt = p.half().to(device).transpose(2, 3).contiguous().transpose(2, 3)
+    want = reference.attention_entropy(pt.cpu().double())
+    got = embgeom.attention_entropy(pt, backend=backend)
+    torch.testing.assert_close(got.row_entropy.cpu().double(), want["row_entropy"], atol=1e-4, rtol=1e-4)

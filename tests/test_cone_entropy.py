@@ -10,24 +10,11 @@ import torch
 import embgeom
 from embgeom import reference
 
-from helpers import make_embeddings
-
-
-
-
-def _batch(B, T, D, seed=0):
-    x = make_embeddings(B * T, D, seed=seed).reshape(B, T, D)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    if B > 1:
-        mask[1, T // 2:] = False       # padding
-    if B > 2:
-        mask[2] = False                # an all-pad sequence
-    x[0, min(1, T - 1)] = 0             # a zero row inside the mask
-    return x, mask
+from helpers import make_embeddings, make_sequences
 
 
 def test_cone_index_tuple_of_hidden_states_and_stream():
-    x, mask = _batch(3, 9, 8)
+    x, mask = make_sequences(3, 9, 8)
     states = (x, 2 * x + 1, -x)
     got = embgeom.cone_index(states, mask)
     assert got.index.shape == (3, 3)
@@ -40,14 +27,6 @@ def test_cone_index_tuple_of_hidden_states_and_stream():
     assert streamed.index.item() == pytest.approx(whole["index"].item(), rel=1e-9)
     assert streamed.mean_cosine().item() == pytest.approx(
         embgeom.pairwise_stats(big, bins=0, topk=0, bottomk=0).mean, abs=1e-5)
-
-
-def _attention(B, H, T, mask, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, H, T, T, generator=g, dtype=torch.float64) * 2
-    logits = logits.masked_fill(~mask[:, None, None, :], -math.inf)
-    p = torch.softmax(logits, -1)
-    return torch.nan_to_num(p, nan=0.0)  # all-pad sequences: rows of zeros
 
 
 def test_cpp_entropy_scalar_path_matches_vector_path():

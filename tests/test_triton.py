@@ -135,54 +135,6 @@ def test_api_checkpoint_file(tmp_path):
     assert a == b
 
 
-# ---------------------------------------------------------------------------------------------
-# cone index and attention entropy
-# ---------------------------------------------------------------------------------------------
-
-def _batch(B, T, D, seed=0):
-    x = make_embeddings(B * T, D, seed=seed).reshape(B, T, D)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    if B > 1:
-        mask[1, T // 2:] = False
-    if B > 2:
-        mask[2] = False
-    x[0, min(1, T - 1)] = 0
-    return x, mask
-
-
-def test_cone_index_strided_and_unmasked():
-    x, _ = _batch(2, 9, 24, seed=3)
-    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # non-unit stride along D
-    want = reference.cone_index(x.double())
-    got = embgeom.cone_index(xt, backend="triton")
-    torch.testing.assert_close(got.index.double(), want["index"], atol=1e-9, rtol=1e-6)
-    assert got.zero_rows.tolist() == want["zero_rows"].tolist()
-
-
-def _attention(B, H, T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.randn(B, H, T, T, generator=g) * 3
-    mask = torch.ones(B, T, dtype=torch.bool)
-    if B > 1:
-        mask[1, T - 2:] = False
-    if B > 2:
-        mask[2] = False
-    scores = scores.masked_fill(~mask[:, None, None, :], -math.inf)
-    p = torch.softmax(scores, -1).nan_to_num(0.0)
-    if T > 1:
-        p[0, 0, 0] = 0
-        p[0, 0, 0, 1] = 1.0  # a one-hot row: entropy exactly 0
-    return p, mask
-
-
-def test_attention_entropy_no_mask_fp16_strided():
-    p, _ = _attention(2, 2, 12, seed=2)
-    pt = p.half().transpose(2, 3).contiguous().transpose(2, 3)
-    want = reference.attention_entropy(pt.double())
-    got = embgeom.attention_entropy(pt, backend="triton")
-    torch.testing.assert_close(got.row_entropy.double(), want["row_entropy"], atol=1e-4, rtol=1e-4)
-
-
 _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
