@@ -13,7 +13,7 @@ import torch
 
 from ..engine.config import PairwiseConfig
 from ..engine.lists import better_extreme, merge_pairs, merge_rows, select_smallest
-from ..engine.state import EngineState, _np, list_limits, moments_from_shifted, shifted_from_moments
+from ..engine.state import EngineState, list_limits, to_numpy, moments_from_shifted, shifted_from_moments
 from ..numerics import LIST_KINDS, NEAR_DUPLICATE_TAU, bin_index, direct_distance, moment_shift, order_key, unit_rows
 from .registry import register
 
@@ -65,7 +65,7 @@ class TorchEngine:
         if self.cfg.metric != "cosine":
             return v, None, np.zeros(0, np.int64)
         v, valid = unit_rows(v)
-        return v, valid, _np(torch.nonzero(~valid).flatten()).astype(np.int64)
+        return v, valid, to_numpy(torch.nonzero(~valid).flatten()).astype(np.int64)
 
     # engine protocol -----------------------------------------------------------------------
     def num_tiles(self) -> int:
@@ -105,7 +105,7 @@ class TorchEngine:
                     rows = slice(row0, row0 + pv.shape[0])
                     sv, si = getattr(state, key)
                     mv, mi = merge_rows((sv[rows], si[rows]), (pv, pi), k, largest)
-                    sv[rows], si[rows] = _np(mv), _np(mi)
+                    sv[rows], si[rows] = to_numpy(mv), to_numpy(mi)
             for key in ("outside_rows", "outside_cols"):
                 for row0, counts in part.pop(key + "_segments", []):
                     getattr(state, key)[row0:row0 + counts.shape[0]] += counts
@@ -120,7 +120,7 @@ class TorchEngine:
                 state.hist = state.hist + part["hist"]
             for kind, limit in list_limits(cfg).items():
                 if len(part[kind][0]):
-                    setattr(state, kind, tuple(_np(v) for v in merge_pairs(kind, getattr(state, kind), part[kind], limit, cfg.near)))
+                    setattr(state, kind, tuple(to_numpy(v) for v in merge_pairs(kind, getattr(state, kind), part[kind], limit, cfg.near)))
             state.outside_count += part["outside_count"]
 
     # one tile --------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class TorchEngine:
         part["max"] = at(torch.argmax(torch.where(valid, vals, -inf)))
         if cfg.bins:
             slot = bin_index(sel64, cfg.lo, cfg.hi, cfg.bins)
-            part["hist"] = _np(torch.bincount(slot, minlength=cfg.bins + 2))
+            part["hist"] = to_numpy(torch.bincount(slot, minlength=cfg.bins + 2))
         flat_vals = vals.reshape(1, -1)
         flat_valid = valid.reshape(1, -1)
         for kind, k in (("top", cfg.topk), ("bottom", cfg.bottomk), ("near", cfg.near_k if cfg.near is not None else 0)):
@@ -181,7 +181,7 @@ class TorchEngine:
             key = torch.where(flat_valid, key, torch.full_like(key, math.inf))
             pos, keys = select_smallest(key, min(k, count))
             pos = pos[0]
-            part[kind] = (_np(flat_vals[0, pos].double()), _np(r0 + pos // width), _np(c0 + pos % width))
+            part[kind] = (to_numpy(flat_vals[0, pos].double()), to_numpy(r0 + pos // width), to_numpy(c0 + pos % width))
         for key_name, k, largest in (("row_top", cfg.row_topk, True), ("row_bottom", cfg.row_bottomk, False)):
             if k:
                 part[key_name + "_segments"] = self._row_lists(vals, valid, r0, c0, k, largest)
@@ -189,15 +189,15 @@ class TorchEngine:
             a, b = cfg.outside
             out_mask = valid & ((vals < a) | (vals > b))
             part["outside_count"] = int(out_mask.sum())
-            part["outside_rows_segments"] = [(r0, _np(out_mask.sum(1)))]
+            part["outside_rows_segments"] = [(r0, to_numpy(out_mask.sum(1)))]
             if self.self_mode:
-                part["outside_rows_segments"].append((c0, _np(out_mask.sum(0))))
+                part["outside_rows_segments"].append((c0, to_numpy(out_mask.sum(0))))
             else:
-                part["outside_cols_segments"] = [(c0, _np(out_mask.sum(0)))]
+                part["outside_cols_segments"] = [(c0, to_numpy(out_mask.sum(0)))]
             hits = out_mask.nonzero()[: cfg.outside_limit]
             if hits.numel():
-                part["outside_pairs"] = (_np(vals[hits[:, 0], hits[:, 1]].double()),
-                                         _np(hits[:, 0] + r0), _np(hits[:, 1] + c0))
+                part["outside_pairs"] = (to_numpy(vals[hits[:, 0], hits[:, 1]].double()),
+                                         to_numpy(hits[:, 0] + r0), to_numpy(hits[:, 1] + c0))
         return part
 
     def _row_lists(self, vals, valid, r0, c0, k, largest):
@@ -217,7 +217,7 @@ class TorchEngine:
             bad = torch.isinf(keys)
             got_v = torch.where(bad, torch.full_like(got_v, math.nan), got_v)
             got_i = torch.where(bad, torch.full_like(got_i, -1), got_i)
-            segments.append((row0, _np(got_v), _np(got_i)))
+            segments.append((row0, to_numpy(got_v), to_numpy(got_i)))
         return segments
 
 

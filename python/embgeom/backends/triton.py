@@ -20,7 +20,7 @@ import torch
 
 from ..engine.config import PairwiseConfig
 from ..engine.lists import merge_pairs, merge_rows, sort_pairs
-from ..engine.state import EngineState, _np, list_limits, moments_from_shifted, shifted_from_moments
+from ..engine.state import EngineState, list_limits, to_numpy, moments_from_shifted, shifted_from_moments
 from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, bin_index, bin_scale, direct_distance, f32_down,
                         f32_up, fast_error_bound, moment_shift, rounding_norms, unit_rows)
 from .registry import register
@@ -208,7 +208,7 @@ class TritonEngine:
         if self.cfg.metric != "cosine":
             return v, None, np.zeros(0, np.int64)
         v, valid = unit_rows(v)
-        return v.contiguous(), valid, _np(torch.nonzero(~valid).flatten()).astype(np.int64)
+        return v.contiguous(), valid, to_numpy(torch.nonzero(~valid).flatten()).astype(np.int64)
 
     def _fast_error_bound(self) -> float:
         """embgeom.numerics.fast_error_bound from the rows as the products see them."""
@@ -300,22 +300,22 @@ class TritonEngine:
         st.tiles_done = self.tiles_done
         st.count, st.mean, st.m2 = moments_from_shifted(int(self.count), self.shift, *self.sums.tolist())
         if self.bins:
-            st.hist = _np(self.hist).astype(np.int64)
+            st.hist = to_numpy(self.hist).astype(np.int64)
         limits = dict(list_limits(cfg), near=self.kinds_k["near"], outside_pairs=self.kinds_k["outside_pairs"])
         for kind, limit in limits.items():
             v, i, j = self.lists[kind]
-            setattr(st, kind, (_np(v[:limit]).astype(np.float64), _np(i[:limit]).astype(np.int64),
-                               _np(j[:limit]).astype(np.int64)))
+            setattr(st, kind, (to_numpy(v[:limit]).astype(np.float64), to_numpy(i[:limit]).astype(np.int64),
+                               to_numpy(j[:limit]).astype(np.int64)))
         for name, kind in (("max", "top"), ("min", "bottom")):
             v, i, j = self.lists[kind]
             setattr(st, name, (float(v[0]), int(i[0]), int(j[0])) if v.numel() else None)
         for kind, (v, i) in self.rows.items():
-            setattr(st, kind, (_np(v).astype(np.float32), _np(i).astype(np.int64)))
+            setattr(st, kind, (to_numpy(v).astype(np.float32), to_numpy(i).astype(np.int64)))
         if cfg.outside:
             st.outside_count = int(self.outside_count)
-            st.outside_rows = _np(self.out_rows[:self.n]).astype(np.int64)
+            st.outside_rows = to_numpy(self.out_rows[:self.n]).astype(np.int64)
             if not self.self_mode:
-                st.outside_cols = _np(self.out_cols[:self.m]).astype(np.int64)
+                st.outside_cols = to_numpy(self.out_cols[:self.m]).astype(np.int64)
         st.excluded_rows = self.excluded_rows
         st.excluded_cols = self.excluded_cols
         st.hist_error_bound = self.eps

@@ -22,7 +22,7 @@ from .lists import better_extreme, merge_pairs, merge_rows
 STATE_VERSION = 2
 
 
-def _np(t) -> np.ndarray:
+def to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
@@ -155,10 +155,10 @@ class EngineState:
             out.hist = np.asarray(self.hist) + np.asarray(other.hist)
         for kind, limit in list_limits(cfg).items():
             out_list = merge_pairs(kind, getattr(self, kind), getattr(other, kind), limit, cfg.near)
-            setattr(out, kind, tuple(_np(t) for t in out_list))
+            setattr(out, kind, tuple(to_numpy(t) for t in out_list))
         for key, k, largest in (("row_top", cfg.row_topk, True), ("row_bottom", cfg.row_bottomk, False)):
             if getattr(self, key) is not None:
-                setattr(out, key, tuple(_np(t) for t in merge_rows(getattr(self, key), getattr(other, key), k, largest)))
+                setattr(out, key, tuple(to_numpy(t) for t in merge_rows(getattr(self, key), getattr(other, key), k, largest)))
         out.outside_count = int(self.outside_count) + int(other.outside_count)
         for key in ("outside_rows", "outside_cols"):
             if getattr(self, key) is not None:
