@@ -369,7 +369,8 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
     hist = plots["hist"]
     fig, ax = new_figure()
     edges = hist.edges()
-    ax.bar(((edges[:-1] + edges[1:]) / 2).numpy(), hist.counts.cpu().numpy(), width=float(edges[1] - edges[0]))
+    # one step patch, not 2000 bar patches (seconds of drawing per report)
+    ax.stairs(hist.counts.cpu().numpy(), edges.numpy(), fill=True)
     ax.set_yscale("log")
     ax.set_xlabel("cosine similarity")
     ax.set_ylabel("token pairs")
