@@ -428,8 +428,9 @@ class TraceAccumulator:
 
 def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
           device=None, metrics: Iterable[str] = METRICS, progress: bool = False) -> TraceResult:
-    """Run `texts` through an encoder `model` (a family of adapters.ADAPTERS) in batches and reduce SPEC M2-M4 metrics and the
-    layer evolution over the corpus (see TraceResult for every field and its definition).
+    """Run `texts` through an encoder `model` (any family of adapters.ADAPTERS) in batches and
+    reduce SPEC M2-M4 metrics and the layer evolution over the corpus (see TraceResult for every
+    field and its definition).
 
     texts: list / iterable of str, or a path to a UTF-8 file with one text per line (blank lines
     skipped). metrics: subset of ("cone", "entropy", "attention", "context", "evolution").
