@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..backends import registry
-from . import attention
+from . import adapters, attention
 
 METRICS = ("cone", "entropy", "attention", "context", "evolution")
 
@@ -76,7 +76,7 @@ def _chunks(it: Iterator[str], size: int) -> Iterator[list[str]]:
 
 # ----------------------------------------------------------------------------- model parts
 def model_max_length(model, tokenizer, max_length: int | None = None) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or 512
+    limit = adapters.max_positions(model)
     tok_max = getattr(tokenizer, "model_max_length", None)
     if tok_max and tok_max < 10**6:
         limit = min(limit, int(tok_max))
@@ -103,16 +103,6 @@ def punctuation_table(tokenizer) -> torch.Tensor:
                 table[i] = True
         _PUNCT_CACHE[key] = table
     return _PUNCT_CACHE[key]
-
-
-def _self_output_denses(model) -> list[torch.nn.Module]:
-    """The output projection of every self-attention block (BertSelfOutput.dense), in order."""
-    mods = [m for name, m in model.named_modules()
-            if name.endswith("attention.output.dense") and "crossattention" not in name]
-    if not mods:
-        raise ValueError("model: no '*.attention.output.dense' modules found; trace supports "
-                         "BERT-family encoders")
-    return mods
 
 
 @dataclass
@@ -157,8 +147,15 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
     dev = _device_of(model, device)
     limit = model_max_length(model, tokenizer, max_length)
     H = model.config.num_attention_heads
+    adapter = adapters.adapter_for(model)
+    adapters.check_attention(model)
+    L = adapters.num_layers(model)
+    cls_id = adapters.special_token_id(tokenizer, "cls", adapter)
+    sep_id = adapters.special_token_id(tokenizer, "sep", adapter)
     punct_table = punctuation_table(tokenizer).to(dev)
-    denses = _self_output_denses(model)
+    # input of the attention output projection = every head's output; ALBERT's one shared
+    # projection fires once per depth, so `captured` holds L entries in application order
+    denses = adapters.output_projections(model)
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def hook(_module, inputs, output):
@@ -181,19 +178,22 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
                               "(counted in TraceResult.truncated)", stacklevel=2)
                 warned = True
             enc = tokenizer.pad(enc, return_tensors="pt")
-            enc = {k: v.to(dev) for k, v in enc.items()}
+            enc = {k: v.to(dev) for k, v in adapters.model_inputs(model, enc).items()}
             captured.clear()
             with torch.inference_mode():
                 out = model(**enc, output_hidden_states=True, output_attentions=True, return_dict=True)
             if out.attentions is None or any(a is None for a in out.attentions):
                 raise ValueError("model: no attention probabilities; load it with "
-                                 "attn_implementation='eager' (embgeom.load_model does)")
+                                 "attn_implementation=\"eager\" (embgeom.load_model does)")
+            if not len(captured) == len(out.attentions) == L:
+                raise ValueError(f"model: {adapter.name}: {len(captured)} per-head outputs and "
+                                 f"{len(out.attentions)} attention maps for {L} layers")
             ids = enc["input_ids"]
             mask = enc["attention_mask"].bool()
             heads = tuple(i.reshape(*i.shape[:-1], H, i.shape[-1] // H) for i, _ in captured)
             yield Batch(
                 input_ids=ids, mask=mask,
-                cls=(ids == tokenizer.cls_token_id) & mask, sep=(ids == tokenizer.sep_token_id) & mask,
+                cls=(ids == cls_id) & mask, sep=(ids == sep_id) & mask,
                 punct=punct_table[ids] & mask, hidden_states=tuple(out.hidden_states),
                 attentions=tuple(out.attentions), head_outputs=heads,
                 multihead_outputs=tuple(o for _, o in captured), truncated=truncated, texts=chunk)
@@ -428,8 +428,9 @@ class TraceAccumulator:
 
 def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
           device=None, metrics: Iterable[str] = METRICS, progress: bool = False) -> TraceResult:
-    """Run `texts` through a BERT-family `model` in batches and reduce SPEC M2-M4 metrics and the
-    layer evolution over the corpus (see TraceResult for every field and its definition).
+    """Run `texts` through an encoder `model` (any family of adapters.ADAPTERS) in batches and
+    reduce SPEC M2-M4 metrics and the layer evolution over the corpus (see TraceResult for every
+    field and its definition).
 
     texts: list / iterable of str, or a path to a UTF-8 file with one text per line (blank lines
     skipped). metrics: subset of ("cone", "entropy", "attention", "context", "evolution").
@@ -440,7 +441,7 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     dev = _device_of(model, device)
     max_len = model_max_length(model, tokenizer, max_length)
     total = count_texts(texts) if progress else None
-    acc = TraceAccumulator(model.config.num_hidden_layers, model.config.num_attention_heads,
+    acc = TraceAccumulator(adapters.num_layers(model), model.config.num_attention_heads,
                            max_len, max(model.config.vocab_size, len(tokenizer)), dev,
                            metrics=metrics, model_name=str(getattr(model.config, "_name_or_path", "")))
     done = 0

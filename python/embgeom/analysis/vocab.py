@@ -18,6 +18,7 @@ import torch
 
 from ..report import new_figure, save_figure, table_html, write_html, write_json
 from ..api import pairwise_stats
+from . import adapters
 
 PROBE_WORDS = ("king", "queen", "man", "woman", "paris", "france", "dog", "cat", "good", "bad",
                "big", "small", "run", "walk", "music", "science", "red", "blue", "one", "two")
@@ -32,21 +33,14 @@ AGREEMENT_ROWS = 2000  # rows whose FAISS neighbours are compared with the engin
 # inputs
 # ---------------------------------------------------------------------------------------------
 
-def input_embeddings(model) -> dict[str, torch.Tensor | None]:
-    """The word, position and token-type embedding matrices (float32, detached, model's device);
-    None where the architecture has none (e.g. no token types in DistilBERT)."""
-    emb = getattr(getattr(model, "base_model", model), "embeddings", None)
-    word = model.get_input_embeddings()
-    if word is None:
-        raise ValueError("model: it has no input embeddings (get_input_embeddings() is None)")
-
-    def weight(name):
-        mod = getattr(emb, name, None) if emb is not None else None
-        w = getattr(mod, "weight", None)
-        return None if w is None else w.detach().float()
-
-    return {"word": word.weight.detach().float(), "position": weight("position_embeddings"),
-            "token_type": weight("token_type_embeddings")}
+def input_embeddings(model) -> dict:
+    """The word, position and token-type embedding matrices (float32, detached, model's device),
+    None where the family has none; the position matrix starts at the first real position id
+    (row p = the p-th token). Also "first_position" and "absent" ({section: why}), from the
+    family's adapter (analysis.adapters)."""
+    m = adapters.embedding_matrices(model)
+    return {"word": m.word, "position": m.position, "token_type": m.token_type,
+            "first_position": m.first_position, "absent": m.absent}
 
 
 def kept_token_ids(tokenizer, vocab_size: int, all_tokens: bool) -> tuple[torch.Tensor, list[str], dict]:
@@ -342,14 +336,20 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
         with timer("positional"):
             report["positional"], plots["pos_cos"], plots["pos_ratio"], plots["pos_path"] = \
                 section_positional(pos, backend=backend, precision=precision)
+            report["positional"]["first_position_id"] = mats["first_position"]
             plots["pos_offset"] = report["positional"]["offset_profile"]
         with timer("token_position"):
             report["token_position"] = section_token_position(words, pos, ids, tokens, backend=backend,
                                                               precision=precision)
+    else:
+        report["positional"] = {"absent": mats["absent"]["position"]}
+        report["token_position"] = {"absent": mats["absent"]["position"]}
     if tt is not None:
         with timer("token_type"):
             report["token_type"] = section_token_type(tt, words, pos, backend=backend,
                                                       precision=precision)
+    else:
+        report["token_type"] = {"absent": mats["absent"]["token_type"]}
     with timer("pca"):
         plots["word_ratio"], _ = principal_components(words)
         report["pca"] = {"word": pca_summary(plots["word_ratio"])}
@@ -369,7 +369,8 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
     hist = plots["hist"]
     fig, ax = new_figure()
     edges = hist.edges()
-    ax.bar(((edges[:-1] + edges[1:]) / 2).numpy(), hist.counts.cpu().numpy(), width=float(edges[1] - edges[0]))
+    # one step patch, not 2000 bar patches (seconds of drawing per report)
+    ax.stairs(hist.counts.cpu().numpy(), edges.numpy(), fill=True)
     ax.set_yscale("log")
     ax.set_xlabel("cosine similarity")
     ax.set_ylabel("token pairs")
@@ -447,9 +448,12 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
         for name in MEAN_MEASURES)
     sections.append(("Mean embedding", f"<p>norm of the mean embedding {me['mean_norm']:.4f}</p>" + me_body,
                      [pngs["mean_embedding"]]))
-    if "positional" in report:
+    if "absent" in report["positional"]:
+        sections.append(("Position embeddings", f"<p>absent: {report['positional']['absent']}</p>", []))
+    else:
         pos = report["positional"]
-        body = (f"<p>{pos['positions']} positions; mean cosine {pos['mean']:.4f} (std {pos['std']:.4f}); "
+        body = (f"<p>{pos['positions']} positions (index 0 = position id {pos['first_position_id']}, the "
+                f"first token's); mean cosine {pos['mean']:.4f} (std {pos['std']:.4f}); "
                 f"{pos['components_for_90pct']} principal components explain 90% of the variance.</p>")
         sections.append(("Position embeddings", body, [pngs["positional_cosine"], pngs["positional_offset"],
                                                        pngs["positional_pca3d"]]))
@@ -458,7 +462,9 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
                 f"{tp['outside']['count']} outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
                 + t(["token id", "token", "position", "cosine"], tp["top_pairs"] + tp["bottom_pairs"]))
         sections.append(("Token x position", body, []))
-    if "token_type" in report:
+    if "absent" in report["token_type"]:
+        sections.append(("Token-type embeddings", f"<p>absent: {report['token_type']['absent']}</p>", []))
+    else:
         tt = report["token_type"]
         body = t(["type", "norm"], [[i, v] for i, v in enumerate(tt["norms"])])
         body += t(["type", "vs", "mean cos", "std", "min", "max"],
