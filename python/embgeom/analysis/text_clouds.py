@@ -89,21 +89,22 @@ def trajectory_plots(out_dir: str, path: str) -> tuple[list[str], dict]:
     z = np.load(path)
     states, text, tokens = z["states"], z["text"], z["token"]
     n, depths, d = states.shape
-    flat = states.reshape(n * depths, d)
-    _, mean, comps = clouds.pca_fit(flat, 2)
-    paths = ((flat.astype(np.float64) - mean) @ comps).reshape(n, depths, 2)
     names = [f"{t}:{tok}" for t, tok in zip(text.tolist(), tokens.tolist())]
     pngs = []
     fig = new_figure(12, 5.5)[0]
     fig.clf()
     for a, last in enumerate((depths, depths - 1)):
+        # each panel its own PCA, fitted on the states it shows (thesis figure 20 a/b)
+        flat = states[:, :last].reshape(n * last, d)
+        _, mean, comps = clouds.pca_fit(flat, 2)
+        paths = ((flat.astype(np.float64) - mean) @ comps).reshape(n, last, 2)
         ax = fig.add_subplot(1, 2, a + 1)
         for i in range(n):
             c = PALETTE[int(text[i]) % len(PALETTE)]
             ax.plot(paths[i, :last, 0], paths[i, :last, 1], "-o", ms=2, lw=0.8, color=c, alpha=0.7)
             ax.annotate(tokens[i], paths[i, last - 1], fontsize=6)
         ax.scatter(paths[:, 0, 0], paths[:, 0, 1], color="red", s=12, zorder=3, label="depth 0")
-        ax.set_title("token paths, PCA (all depths)" if last == depths else "without the last step")
+        ax.set_title("token paths, PCA of all depths" if last == depths else "PCA without the last depth")
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
         ax.legend(fontsize=7)
