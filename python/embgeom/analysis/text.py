@@ -30,6 +30,7 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     import warnings
 
+    from .clouds import read_labels
     from .trace import cls_differences, read_lines, read_pairs, trace
     from ..models import DEFAULT_MODEL, load_model
 
@@ -45,7 +46,7 @@ def main(args) -> int:
         raise ValueError(f"--trajectories: expected >= 0, got {args.trajectories}")
     keeping = bool(args.keep or args.trajectories or args.labels)
     n_texts = sum(1 for _ in read_lines(args.corpus)) if keeping else None
-    labels = text_clouds.clouds.read_labels(args.labels, n_texts) if args.labels else None
+    labels = read_labels(args.labels, n_texts) if args.labels else None
     model, tokenizer = load_model(args.model, device=args.device)
     os.makedirs(args.out, exist_ok=True)
     keeper = text_clouds.Keeper(args.out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
