@@ -68,6 +68,9 @@ def test_projection_deterministic_and_graph_exact(method):
     assert a.embedding.shape == (60, 2) and a.embedding.dtype == np.float32
     np.testing.assert_array_equal(a.embedding, b.embedding)
     assert np.isfinite(a.embedding).all()
+    if method == "tsne":                                 # threads do not change the result
+        c = embgeom.project(x, method=method, perplexity=5, seed=3, n_jobs=1)
+        np.testing.assert_array_equal(a.embedding, c.embedding)
     if method != "pca":
         k = 8 if method == "umap" else 15                # t-SNE: k = 3 * perplexity
         want_i, _ = _brute_knn(x, k)

@@ -196,13 +196,15 @@ def tsne_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, perplexity: 
 
 
 def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float = 30.0,
-            seed: int = 0, *, backend: str | None = None, n_jobs: int = 1) -> Projection:
+            seed: int = 0, *, backend: str | None = None, n_jobs: int | None = None) -> Projection:
     """2-D projection of the rows of x on the exact cosine neighbour graph.
 
     x: (N, D) tensor or array; method: "umap" (k neighbours besides the point itself), "tsne"
     (k = min(N - 1, 3 * perplexity), `k` ignored) or "pca"; labels: N strings or None. The same
     seed gives the same embedding. Returns a Projection (embedding (N, 2) float32, the graph
-    for umap/tsne, the explained variance for pca, silhouettes with labels)."""
+    for umap/tsne, the explained variance for pca, silhouettes with labels). n_jobs: openTSNE
+    threads (default: every core; the tests check a small input gives the same embedding with
+    one thread)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     xm = as_matrix(x)
@@ -237,8 +239,10 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
         if method == "umap":
             out.embedding = umap_layout(xm, idx, sim, seed=seed)
         else:
+            import os
+
             out.embedding = tsne_layout(xm, idx, sim, perplexity=min(float(perplexity), (n - 1) / 3.0),
-                                        seed=seed, n_jobs=n_jobs)
+                                        seed=seed, n_jobs=n_jobs or os.cpu_count() or 1)
     out.seconds = time.perf_counter() - start
     if labels is not None:
         out.silhouette = {"original": silhouette(xm, labels, "cosine"),
