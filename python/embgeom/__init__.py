@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "pairwise_stats", "cone_index", "cone_index_stream", "ConeAccumulator",
-    "attention_entropy", "load_model", "trace", "knn",
+    "attention_entropy", "load_model", "trace", "knn", "project",
     "PairwiseStats", "PairList", "Histogram", "RowTopK", "ConeIndex", "AttentionEntropy",
 ]
 
@@ -21,4 +21,8 @@ def __getattr__(name):
         from .analysis.trace import trace
 
         return trace
+    if name == "project":
+        from .analysis.clouds import project
+
+        return project
     raise AttributeError(f"module 'embgeom' has no attribute {name!r}")

@@ -9,6 +9,7 @@ import os
 import sys
 
 from ..report import new_figure, save_figure, table_html, write_html, write_json
+from . import text_clouds
 
 
 def add_arguments(p) -> None:
@@ -23,11 +24,13 @@ def add_arguments(p) -> None:
     p.add_argument("--pairs", metavar="FILE", help='JSONL {"group": g, "a": text, "b": text}: [CLS] '
                    "difference vectors per group")
     p.add_argument("--no-progress", action="store_true")
+    text_clouds.add_arguments(p)
 
 
 def main(args) -> int:
     import warnings
 
+    from .clouds import read_labels
     from .trace import cls_differences, read_lines, read_pairs, trace
     from ..models import DEFAULT_MODEL, load_model
 
@@ -39,21 +42,31 @@ def main(args) -> int:
     if not any(True for _ in read_lines(args.corpus)):
         raise ValueError(f"CORPUS: {args.corpus} has no non-blank line (empty corpus)")
     pairs = read_pairs(args.pairs) if args.pairs else None
+    if args.trajectories < 0:
+        raise ValueError(f"--trajectories: expected >= 0, got {args.trajectories}")
+    keeping = bool(args.keep or args.trajectories or args.labels)
+    n_texts = sum(1 for _ in read_lines(args.corpus)) if keeping else None
+    labels = read_labels(args.labels, n_texts) if args.labels else None
     model, tokenizer = load_model(args.model, device=args.device)
     os.makedirs(args.out, exist_ok=True)
+    keeper = text_clouds.Keeper(args.out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
+                                keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
+                                tokenizer=tokenizer) if keeping else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = trace(model, tokenizer, args.corpus, batch_size=args.batch_size,
-                       max_length=args.max_length, progress=not args.no_progress)
+                       max_length=args.max_length, progress=not args.no_progress, on_batch=keeper)
     for w in caught[:1]:
         print(f"embgeom text: warning: {w.message}", file=sys.stderr)
     result.model = args.model or DEFAULT_MODEL
     report = result.to_dict()
     if pairs is not None:
         report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
-                                              max_length=args.max_length)
+                                              max_length=args.max_length, keep=True)
+    extra = text_clouds.finish(args, args.out, keeper, report, pairs, labels,
+                               lambda: list(read_lines(args.corpus)))
     write_json(os.path.join(args.out, "report.json"), report)
-    write_report(args.out, result, report)
+    write_report(args.out, result, report, extra)
     print(f"embgeom text: {result.n_texts} texts, {result.n_tokens} tokens in {result.seconds:.1f}s "
           f"-> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0
@@ -72,8 +85,9 @@ def _heatmap(out_dir, name, data, title, xlabel, ylabel, cmap="viridis", vmin=No
     return save_figure(fig, out_dir, name)
 
 
-def write_report(out_dir: str, r, report: dict) -> list[str]:
-    """The PNG plots and report.html for a TraceResult `r`; returns the PNG paths."""
+def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
+    """The PNG plots and report.html for a TraceResult `r` (extra_sections: more (heading, body,
+    PNGs) at the end); returns the PNG paths."""
     import numpy as np
 
     L, H = r.layers, r.heads
@@ -169,5 +183,6 @@ def write_report(out_dir: str, r, report: dict) -> list[str]:
             ["group", "pairs", "||mean difference||"],
             [[g, int(n), float(v)] for g, n, v in zip(cp["groups"], cp["counts"].tolist(), cp["mean_norm"].tolist())]),
             [pngs["pairs"]]))
+    sections.extend(extra_sections)
     write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections)
     return list(pngs.values())

@@ -427,14 +427,16 @@ class TraceAccumulator:
 
 
 def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
-          device=None, metrics: Iterable[str] = METRICS, progress: bool = False) -> TraceResult:
+          device=None, metrics: Iterable[str] = METRICS, progress: bool = False,
+          on_batch=None) -> TraceResult:
     """Run `texts` through an encoder `model` (any family of adapters.ADAPTERS) in batches and
     reduce SPEC M2-M4 metrics and the layer evolution over the corpus (see TraceResult for every
     field and its definition).
 
     texts: list / iterable of str, or a path to a UTF-8 file with one text per line (blank lines
     skipped). metrics: subset of ("cone", "entropy", "attention", "context", "evolution").
-    Tensors never leave the model's device; memory does not grow with the number of texts."""
+    Tensors never leave the model's device; memory does not grow with the number of texts.
+    on_batch: optional callable given every Batch after the reduction (e.g. to keep vectors)."""
     import time
 
     start = time.perf_counter()
@@ -448,6 +450,8 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
                               device=None):
         acc.update(batch)
+        if on_batch is not None:
+            on_batch(batch)
         done += batch.mask.shape[0]
         if progress:
             rate = done / max(time.perf_counter() - start, 1e-9)
@@ -480,18 +484,20 @@ def read_pairs(path: str) -> list[dict]:
 
 
 def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32,
-                    max_length: int | None = None, device=None) -> dict:
+                    max_length: int | None = None, device=None, keep: bool = False) -> dict:
     """[CLS] difference vectors (seed 002, 4.4.2): per pair cls(a) - cls(b) of the last hidden
     state, the mean per group and the cosine matrix between group means.
 
     Returns {"groups": [g], "counts": [n_g], "mean_norm": [||mean_g||], "cosine": (G, G)}
-    (tensors float64; cosine NaN for a zero mean)."""
+    (tensors float64; cosine NaN for a zero mean); keep=True adds "vectors": (P, D) float64, the
+    difference vector of every pair in input order."""
     groups = sorted({p["group"] for p in pairs})
     gi = {g: i for i, g in enumerate(groups)}
     dev = _device_of(model, device)
     D = model.config.hidden_size
     sums = torch.zeros(len(groups), D, dtype=torch.float64, device=dev)
     counts = torch.zeros(len(groups), dtype=torch.int64, device=dev)
+    kept = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         cls = {}
@@ -502,6 +508,8 @@ def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32
             cls[side] = batch.hidden_states[-1][:, 0].double()
         idx = torch.tensor([gi[p["group"]] for p in chunk], device=dev)
         sums.index_add_(0, idx, cls["a"] - cls["b"])
+        if keep:
+            kept.append((cls["a"] - cls["b"]).cpu())
         counts += torch.bincount(idx, minlength=len(groups))
     means = sums / counts.clamp(min=1)[:, None].double()
     norms = torch.linalg.vector_norm(means, dim=1)
@@ -510,4 +518,7 @@ def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32
     bad = norms == 0
     cos[bad] = math.nan
     cos[:, bad] = math.nan
-    return {"groups": groups, "counts": counts, "mean_norm": norms, "cosine": cos}
+    out = {"groups": groups, "counts": counts, "mean_norm": norms, "cosine": cos}
+    if keep:
+        out["vectors"] = torch.cat(kept)
+    return out

@@ -315,11 +315,23 @@ def peak_rss_mb() -> float:
 
 
 def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None = None,
-            precision: str = "exact", timer: _Timer | None = None) -> tuple[dict, dict]:
-    """Every section of the vocabulary report -> (report dict, arrays for the plots)."""
+            precision: str = "exact", timer: _Timer | None = None, positions: str | None = None,
+            projections: bool = False, seed: int = 0) -> tuple[dict, dict]:
+    """Every section of the vocabulary report -> (report dict, arrays for the plots).
+    positions: "A:B" restricts the position sections to positions A..B-1; projections: UMAP and
+    t-SNE of word and position embeddings (umap-learn, openTSNE)."""
+    from . import positions as position_geometry
+
     timer = timer or _Timer()
     mats = input_embeddings(model)
     word, pos, tt = mats["word"], mats["position"], mats["token_type"]
+    pos_full = pos
+    pos_range = None
+    if pos is not None:
+        pos_range = position_geometry.parse_range(positions, pos.shape[0]) or (0, pos.shape[0])
+        pos = pos[pos_range[0]:pos_range[1]]
+    elif positions is not None:
+        raise ValueError("--positions: the model has no position embeddings")
     ids, tokens, excluded = kept_token_ids(tokenizer, word.shape[0], all_tokens)
     if ids.numel() < 2:
         raise ValueError(f"model: only {ids.numel()} token(s) left to analyse; try --all-tokens")
@@ -336,7 +348,7 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
         with timer("positional"):
             report["positional"], plots["pos_cos"], plots["pos_ratio"], plots["pos_path"] = \
                 section_positional(pos, backend=backend, precision=precision)
-            report["positional"]["first_position_id"] = mats["first_position"]
+            report["positional"]["first_position_id"] = mats["first_position"] + pos_range[0]
             plots["pos_offset"] = report["positional"]["offset_profile"]
         with timer("token_position"):
             report["token_position"] = section_token_position(words, pos, ids, tokens, backend=backend,
@@ -357,6 +369,14 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
             report["pca"]["position"] = pca_summary(plots["pos_ratio"])
     with timer("neighbors"):
         report["neighbors"] = section_neighbors(words, ids, tokens, res.row_topk)
+    if pos is not None:
+        with timer("position_geometry"):
+            report["position_geometry"], plots["position_geometry"] = position_geometry.section(
+                word, words, pos_full, pos_range, tokenizer)
+        if projections:
+            with timer("projections"):
+                report["projections"], plots["projections"] = position_geometry.projections(
+                    words, ids, tokens, pos, pos_range, seed=seed)
     return report, plots
 
 
@@ -422,6 +442,10 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
     ax.set_ylim(0, 1.02)
     ax.legend()
     pngs["pca"] = save_figure(fig, out_dir, "pca")
+    if "position_geometry" in plots:
+        from . import positions as position_geometry
+
+        pngs.update(position_geometry.write_plots(out_dir, plots["position_geometry"], plots.get("projections")))
     return pngs
 
 
@@ -483,6 +507,10 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
                  f"rows agree up to ties ({ag['identical']} identical), largest value difference "
                  f"{ag['max_abs_value_diff']:.2e}.</p>")
     sections.append(("Nearest neighbours", body, []))
+    if "position_geometry" in report:
+        from . import positions as position_geometry
+
+        sections.append(position_geometry.page_section(report, pngs))
     path = os.path.join(out_dir, "report.html")
     write_html(path, f"embgeom vocab: {report['model']}", sections)
     return path
@@ -500,10 +528,15 @@ def add_arguments(p) -> None:
     p.add_argument("--all-tokens", action="store_true", help="keep special and [unusedN] tokens")
     p.add_argument("--precision", default="exact", choices=["exact", "fast"])
     p.add_argument("--backend", default=None, help="all-pairs backend (default: auto)")
+    p.add_argument("--positions", metavar="A:B", default=None, help="analyse positions A..B-1 only "
+                   "(e.g. 0:384)")
+    p.add_argument("--projections", action="store_true", help="UMAP and t-SNE of word and position "
+                   "embeddings on the exact cosine graph (needs umap-learn, openTSNE)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the projections")
 
 
 def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, precision="exact",
-        backend=None) -> dict:
+        backend=None, positions=None, projections=False, seed=0) -> dict:
     """Load the model, analyse, write report.json + PNGs + report.html; returns the report."""
     from ..models import DEFAULT_MODEL, load_model
 
@@ -514,7 +547,8 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
     os.makedirs(out_dir, exist_ok=True)
     with torch.no_grad():
         report, plots = analyse(model, tokenizer, all_tokens=all_tokens, backend=backend,
-                                precision=precision, timer=timer)
+                                precision=precision, timer=timer, positions=positions,
+                                projections=projections, seed=seed)
     report = {"model": model_name or DEFAULT_MODEL, **report}
     with timer("plots"):
         pngs = write_plots(out_dir, plots)
@@ -529,7 +563,8 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
 
 def main(args) -> int:
     report = run(args.model, args.out, device=args.device, all_tokens=args.all_tokens,
-                 precision=args.precision, backend=args.backend)
+                 precision=args.precision, backend=args.backend, positions=args.positions,
+                 projections=args.projections, seed=args.seed)
     tm = report["timing"]
     parts = ", ".join(f"{k} {v:.1f}s" for k, v in tm.items() if k != "total")
     print(f"embgeom vocab: {report['tokens_analysed']} tokens in {tm['total']:.1f}s ({parts}); "

@@ -1,0 +1,202 @@
+"""2-D projections on the exact graph against the libraries' own neighbour search, and the cost
+of `embgeom text --keep cls`.
+
+  python benchmarks/bench_projection.py projection [--n 0 --k 15 --perplexity 30 --seed 0] [--record]
+  python benchmarks/bench_projection.py keep [--lines 2000 --batch 32 --repeats 3] [--record]
+
+projection: the default model's word embeddings (30,522 x 384; --n N takes the first N rows).
+Providers, each in a fresh process (its peak RSS is its own), each after a warm-up on 300 rows
+so that numba compilation is left out for all alike:
+  umap-embgeom   embgeom.project(method="umap"): exact graph from pairwise_stats, k = n_neighbors - 1
+  umap-learn     umap.UMAP(n_neighbors, metric="cosine", random_state=seed).fit_transform
+  tsne-embgeom   embgeom.project(method="tsne"): exact graph, k = min(N - 1, 3 * perplexity)
+  tsne-openTSNE  openTSNE.TSNE(perplexity, metric="cosine", random_state=seed).fit
+Quoted: ours / theirs (targets: UMAP <= 0.5, t-SNE <= 0.75), peak RSS (<= 2 GB), and the recall of
+their neighbour graph against the exact one (rebuilt with their method and seed: umap's
+nearest_neighbors, openTSNE's Annoy index). Before timing, 500 rows of the exact graph are
+checked against a numpy brute force.
+keep: `embgeom text CORPUS` with and without `--keep cls` on a synthetic corpus, alternating;
+quoted: the median per-round ratio - 1 (target <= 10 %).
+--record appends rows to benchmarks/results/projection.csv (run it on a quiet machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import append_rows, git_sha, peak_rss_mb, today, versions  # noqa: E402
+
+PROVIDERS = ("umap-embgeom", "umap-learn", "tsne-embgeom", "tsne-openTSNE")
+
+
+def word_embeddings(n: int) -> np.ndarray:
+    from embgeom import load_model
+
+    model, _ = load_model(None)
+    x = model.get_input_embeddings().weight.detach().float().numpy()
+    return np.ascontiguousarray(x[:n] if n else x)
+
+
+def run_one(provider: str, x: np.ndarray, args) -> dict:
+    """Time one provider on x; returns seconds, knn_seconds and the graph it used (or None)."""
+    import embgeom
+
+    threads = os.cpu_count() or 1
+    if provider == "umap-embgeom":
+        p = embgeom.project(x, method="umap", k=args.k - 1, seed=args.seed)
+        return {"seconds": p.seconds, "knn_seconds": p.knn_seconds}
+    if provider == "tsne-embgeom":
+        p = embgeom.project(x, method="tsne", perplexity=args.perplexity, seed=args.seed, n_jobs=threads)
+        return {"seconds": p.seconds, "knn_seconds": p.knn_seconds}
+    start = time.perf_counter()
+    if provider == "umap-learn":
+        import umap
+
+        umap.UMAP(n_neighbors=args.k, metric="cosine", random_state=args.seed).fit_transform(x)
+    elif provider == "tsne-openTSNE":
+        from openTSNE import TSNE
+
+        TSNE(perplexity=args.perplexity, metric="cosine", random_state=args.seed, n_jobs=threads).fit(x)
+    else:
+        raise ValueError(provider)
+    return {"seconds": time.perf_counter() - start, "knn_seconds": None}
+
+
+def their_graph(provider: str, x: np.ndarray, args) -> np.ndarray:
+    """The neighbour lists the library computes for itself (self excluded)."""
+    n = x.shape[0]
+    if provider == "umap-learn":
+        from sklearn.utils import check_random_state
+        from umap.umap_ import nearest_neighbors
+
+        idx, _, _ = nearest_neighbors(x, args.k, "cosine", {}, False, check_random_state(args.seed))
+        k = args.k - 1
+    else:
+        from openTSNE.nearest_neighbors import Annoy
+
+        k = min(n - 1, int(3 * args.perplexity))
+        idx, _ = Annoy(x, k=k, metric="cosine", random_state=args.seed, n_jobs=os.cpu_count() or 1).build()
+    # drop the point itself wherever it appears, keep the first k others
+    return np.stack([[j for j in row if j != i][:k] for i, row in enumerate(idx.tolist())])
+
+
+def child(args) -> None:
+    from embgeom.analysis.clouds import exact_knn, knn_recall
+
+    x = word_embeddings(args.n)
+    run_one(args.provider, x[:300], args)              # warm-up: numba / pynndescent compilation
+    out = run_one(args.provider, x, args)
+    out["peak_mb"] = peak_rss_mb()
+    if args.provider in ("umap-learn", "tsne-openTSNE"):
+        theirs = their_graph(args.provider, x, args)
+        exact, _, _ = exact_knn(x, theirs.shape[1])
+        out["recall"] = knn_recall(theirs, exact)
+    out["n"], out["d"] = x.shape
+    print("RESULT " + json.dumps(out))
+
+
+def check_exact(x: np.ndarray, k: int) -> None:
+    from embgeom.analysis.clouds import exact_knn
+
+    idx, sim, _ = exact_knn(x, k)
+    rows = np.random.default_rng(0).choice(x.shape[0], size=min(500, x.shape[0]), replace=False)
+    u = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
+    s = u[rows] @ u.T
+    s[np.arange(len(rows)), rows] = -np.inf
+    want = -np.sort(-s, axis=1)[:, :k]
+    err = np.abs(sim[rows] - want).max()
+    assert err < 1e-5, f"exact graph differs from brute force by {err}"
+    print(f"exact graph: {len(rows)} rows match numpy brute force (max |diff| {err:.1e})")
+
+
+def projection(args) -> None:
+    x = word_embeddings(args.n)
+    check_exact(x, min(x.shape[0] - 1, int(3 * args.perplexity)))
+    results = {}
+    for provider in args.providers:
+        cmd = [sys.executable, os.path.abspath(__file__), "child", "--provider", provider, "--n", str(args.n),
+               "--k", str(args.k), "--perplexity", str(args.perplexity), "--seed", str(args.seed)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            raise SystemExit(f"{provider} failed:\n{proc.stderr[-3000:]}")
+        results[provider] = json.loads(line[-1][7:])
+        r = results[provider]
+        extra = f" (graph {r['knn_seconds']:.1f} s)" if r.get("knn_seconds") else ""
+        rec = f", recall of its graph {r['recall']:.4f}" if "recall" in r else ""
+        print(f"{provider:14s} {r['seconds']:8.1f} s{extra}, peak {r['peak_mb']:.0f} MB{rec}", flush=True)
+    n, d = results[args.providers[0]]["n"], results[args.providers[0]]["d"]
+    for method, ours, theirs, target in (("umap", "umap-embgeom", "umap-learn", 0.5),
+                                         ("tsne", "tsne-embgeom", "tsne-openTSNE", 0.75)):
+        if ours in results and theirs in results:
+            ratio = results[ours]["seconds"] / results[theirs]["seconds"]
+            print(f"{method}: ours / theirs = {ratio:.2f} (target <= {target}); n={n} d={d}")
+    if args.record:
+        common = dict(n=n, d=d, dtype="float32", device="cpu", threads=os.cpu_count(), versions=versions(),
+                      git_sha=git_sha(), date=today())
+        append_rows("projection.csv", [dict(metric=f"project_{p.split('-')[0]}", provider=p,
+                                            median_ms=round(r["seconds"] * 1e3, 1), peak_mb=round(r["peak_mb"], 1),
+                                            m=round(r.get("recall", 1.0), 5), **common)
+                                       for p, r in results.items()])
+
+
+def keep(args) -> None:
+    from embgeom import load_model
+    from embgeom.cli import main
+
+    _, tokenizer = load_model(None)
+    words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 1]
+    rng = random.Random(0)
+    tmp = tempfile.mkdtemp()
+    corpus = os.path.join(tmp, "corpus.txt")
+    with open(corpus, "w") as f:
+        for _ in range(args.lines):
+            f.write(" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) + "\n")
+    base = ["text", corpus, "--batch-size", str(args.batch), "--no-progress"]
+    times = {"plain": [], "keep": []}
+    for r in range(args.repeats):
+        for name, extra in (("plain", []), ("keep", ["--keep", "cls"])):
+            t0 = time.perf_counter()
+            assert main(base + ["--out", os.path.join(tmp, f"{name}{r}")] + extra) == 0
+            times[name].append(time.perf_counter() - t0)
+    ratios = sorted(k / p - 1 for k, p in zip(times["keep"], times["plain"]))
+    med = ratios[len(ratios) // 2]
+    print(f"text {args.lines} lines: plain {min(times['plain']):.1f} s, --keep cls {min(times['keep']):.1f} s; "
+          f"added {100 * med:+.1f} % (median per round; target <= 10 %)")
+    if args.record:
+        common = dict(n=args.lines, dtype="float32", device="cpu", threads=os.cpu_count(), versions=versions(),
+                      git_sha=git_sha(), date=today(), peak_mb=round(peak_rss_mb(), 1))
+        append_rows("projection.csv", [dict(metric="text_keep_cls", provider=name,
+                                            median_ms=round(sorted(v)[len(v) // 2] * 1e3, 1), **common)
+                                       for name, v in times.items()])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["projection", "keep", "child"])
+    p.add_argument("--n", type=int, default=0, help="first N vocabulary rows (0 = all)")
+    p.add_argument("--k", type=int, default=15, help="UMAP n_neighbors (the point itself included)")
+    p.add_argument("--perplexity", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--provider", choices=PROVIDERS)
+    p.add_argument("--lines", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--record", action="store_true", help="append rows to benchmarks/results/projection.csv")
+    args = p.parse_args()
+    {"projection": projection, "keep": keep, "child": child}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Position-embedding geometry and vocabulary projections for `embgeom vocab` (thesis 4.2.3, 4.2.5).
+
+- cosine curves: for positions p in `rows`, cos(p, q) for q = 0..W-1 (raw) and cos(p, p + s)
+  for s = 0..W-1 (shifted, relative to p; None past the last position);
+- helix period: in each plane of the first three principal components of the position path,
+  the angle around the path's centre is unwrapped and fitted by least squares, theta(p) ~ a + b p;
+  period = 2 pi / |b| positions, with the fit's R^2; the plane with the best R^2 gives `period`;
+- [CLS] vs position 0: norms, Euclidean distance, max-coordinate (l_inf) distance and cosine of the
+  [CLS] word embedding and the position-0 embedding;
+- joint PCA: words and positions stacked, one 2-D PCA;
+- projections (--projections): UMAP and t-SNE of the word and position embeddings on the exact
+  cosine graph (clouds.project).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from . import clouds
+
+CURVE_ROWS = tuple(range(1, 11))
+CURVE_WINDOW = 128
+
+
+def parse_range(text: str | None, size: int) -> tuple[int, int] | None:
+    """"A:B" (B exclusive, either side may be empty) -> (A, B) within [0, size]."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        a = int(parts[0]) if parts[0].strip() else 0
+        b = int(parts[1]) if parts[1].strip() else size
+    except ValueError:
+        raise ValueError(f"--positions: expected A:B (e.g. 0:384), got {text!r}") from None
+    if not 0 <= a < b <= size:
+        raise ValueError(f"--positions: expected 0 <= A < B <= {size}, got {a}:{b}")
+    return a, b
+
+
+def cosine_curves(pos: torch.Tensor, rows=CURVE_ROWS, window: int = CURVE_WINDOW, offset: int = 0) -> dict:
+    """pos: (P, D). Rows outside [0, P) are skipped; `offset` is added to reported positions."""
+    x = pos.double()
+    u = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-300)
+    P = u.shape[0]
+    w = min(window, P)
+    rows = [r for r in rows if 0 <= r < P]
+    raw, shifted = [], []
+    for r in rows:
+        raw.append((u[:w] @ u[r]).tolist())
+        s = (u[r:r + w] @ u[r]).tolist()
+        shifted.append(s + [None] * (w - len(s)))
+    return {"rows": [r + offset for r in rows], "window": w, "raw": raw, "shifted": shifted}
+
+
+def helix_period(path: np.ndarray) -> dict:
+    """path: (P, 3) PCA coordinates of consecutive positions -> per plane {period, r2, turns}
+    and the best plane's period (None when no plane turns)."""
+    path = np.asarray(path, dtype=np.float64)
+    p = np.arange(path.shape[0], dtype=np.float64)
+    planes = {}
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        if path.shape[0] < 3 or path.shape[1] <= b:
+            continue
+        c = path[:, [a, b]] - path[:, [a, b]].mean(0)
+        theta = np.unwrap(np.arctan2(c[:, 1], c[:, 0]))
+        A = np.stack([np.ones_like(p), p], 1)
+        coef, *_ = np.linalg.lstsq(A, theta, rcond=None)
+        resid = theta - A @ coef
+        ss = ((theta - theta.mean()) ** 2).sum()
+        r2 = float(1 - (resid ** 2).sum() / ss) if ss > 0 else 0.0
+        slope = float(coef[1])
+        planes[f"{a + 1}-{b + 1}"] = {"period": float(2 * np.pi / abs(slope)) if slope else None,
+                                      "r2": r2, "turns": float(abs(theta[-1] - theta[0]) / (2 * np.pi))}
+    best = max((k for k in planes if planes[k]["period"] is not None and planes[k]["turns"] >= 1),
+               key=lambda k: planes[k]["r2"], default=None)
+    return {"planes": planes, "plane": best, "period": planes[best]["period"] if best else None,
+            "definition": "theta(p) = unwrapped angle around the centre in a PCA plane; "
+                          "least-squares theta ~ a + b p; period = 2 pi / |b|"}
+
+
+def cls_vs_position0(word: torch.Tensor, pos: torch.Tensor, cls_id: int | None) -> dict | None:
+    if cls_id is None or pos is None or not 0 <= cls_id < word.shape[0]:
+        return None
+    a, b = word[cls_id].double(), pos[0].double()
+    na, nb = float(a.norm()), float(b.norm())
+    return {"cls_norm": na, "position0_norm": nb, "euclidean": float((a - b).norm()),
+            "max_coordinate": float((a - b).abs().max()),
+            "cosine": float(a @ b / (na * nb)) if na > 0 and nb > 0 else None}
+
+
+def section(word, words, pos_full, pos_range, tokenizer) -> tuple[dict, dict]:
+    """The position-geometry section: report dict and arrays for the plots. pos_range = (A, B)."""
+    a, b = pos_range
+    pos = pos_full[a:b]
+    ratio, mean, comps = clouds.pca_fit(pos.cpu().numpy(), 3)
+    path = (pos.double().cpu().numpy() - mean) @ comps
+    curves = cosine_curves(pos, offset=a)
+    joint_x = torch.cat([words, pos]).cpu().numpy()
+    joint_ratio, joint = clouds.pca(joint_x, 2)
+    rep = {"range": [a, b], "cosine_curves": curves, "helix": helix_period(path),
+           "cls_vs_position0": cls_vs_position0(word, pos_full, getattr(tokenizer, "cls_token_id", None)),
+           "joint_pca_explained_variance": joint_ratio[:2].tolist()}
+    plots = {"range": (a, b), "pos": pos.cpu().numpy(), "curves": curves, "path": path,
+             "joint": joint, "n_words": words.shape[0]}
+    return rep, plots
+
+
+def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0) -> tuple[dict, dict]:
+    """UMAP and t-SNE of the word and position embeddings on the exact graph."""
+    rep, arrays = {}, {}
+    a, _ = pos_range
+    buckets = [f"{128 * (p // 128)}-{128 * (p // 128) + 127}" for p in range(a, a + pos.shape[0])]
+    for name, x, labels, texts in (("words", words, None, [tokens[int(i)] for i in ids]),
+                                   ("positions", pos, buckets, [f"position {a + p}" for p in range(pos.shape[0])])):
+        for method in ("umap", "tsne"):
+            pr = clouds.project(x.cpu().numpy(), method=method, labels=labels, seed=seed)
+            rep[f"{name}_{method}"] = pr.to_dict()
+            arrays[f"{name}_{method}"] = (pr.embedding, labels, texts)
+    return rep, arrays
+
+
+def write_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[str, str]:
+    from ..report import new_figure, save_figure
+    from ..report.interactive import scatter_png, write_scatter_html
+
+    pngs = {}
+    a, b = plots["range"]
+    fig, ax = new_figure(9, 4)
+    im = ax.imshow(plots["pos"], aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                   extent=(0, plots["pos"].shape[1], b - 0.5, a - 0.5))
+    fig.colorbar(im, ax=ax)
+    ax.set_xlabel("coordinate")
+    ax.set_ylabel("position")
+    ax.set_title("position embeddings, raw values")
+    pngs["positions_raw"] = save_figure(fig, out_dir, "positions_raw")
+
+    c = plots["curves"]
+    fig = new_figure(12, 4)[0]
+    fig.clf()
+    for k, key in enumerate(("raw", "shifted")):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for r, vals in zip(c["rows"], c[key]):
+            v = np.array([np.nan if x is None else x for x in vals])
+            xs = np.arange(len(v)) + (a if key == "raw" else 0)
+            ax.plot(xs, v, lw=0.9, label=f"p={r}")
+        ax.set_xlabel("position q" if key == "raw" else "shift s")
+        ax.set_ylabel("cos(p, q)" if key == "raw" else "cos(p, p + s)")
+        ax.set_title("cosine of position p against the first positions" if key == "raw"
+                     else "the same, shifted to start at p")
+        ax.legend(fontsize=6, ncol=2)
+    pngs["positions_cosine_curves"] = save_figure(fig, out_dir, "positions_cosine_curves")
+
+    lab = ["word"] * plots["n_words"] + ["position"] * (plots["joint"].shape[0] - plots["n_words"])
+    pngs["joint_pca"] = scatter_png(out_dir, "joint_pca", plots["joint"], lab,
+                                    title="word and position embeddings, joint PCA", xlabel="PC 1", ylabel="PC 2")
+    for key, (xy, labels, texts) in (proj_arrays or {}).items():
+        title = key.replace("_", " ") + " (exact cosine graph)"
+        pngs[key] = scatter_png(out_dir, key, xy, labels, title=title)
+        write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title)
+    return pngs
+
+
+def page_section(report: dict, pngs: dict) -> tuple[str, str, list[str]]:
+    from ..report import table_html
+
+    g = report["position_geometry"]
+    h = g["helix"]
+    cv = g["cls_vs_position0"]
+    body = f"<p>positions {g['range'][0]}..{g['range'][1] - 1}. Helix period (3-D PCA path): "
+    body += (f"{h['period']:.1f} positions (plane PC{h['plane']}, R^2 {h['planes'][h['plane']]['r2']:.3f})"
+             if h["period"] else "none found (no PCA plane turns a full circle)") + ".</p>"
+    body += table_html(["plane", "period", "R^2", "turns"],
+                       [[k, v["period"], v["r2"], v["turns"]] for k, v in h["planes"].items()])
+    if cv:
+        body += table_html(["||[CLS]||", "||position 0||", "Euclidean", "max-coordinate", "cosine"],
+                           [[cv["cls_norm"], cv["position0_norm"], cv["euclidean"], cv["max_coordinate"], cv["cosine"]]])
+    keys = ["positions_raw", "positions_cosine_curves", "joint_pca"] + \
+        [k for k in ("words_umap", "words_tsne", "positions_umap", "positions_tsne") if k in pngs]
+    if "projections" in report:
+        body += "<p>Projections: words_*.html and positions_*.html are interactive (hover: token / position).</p>"
+    return ("Position geometry and projections (thesis 4.2.3, 4.2.5)", body, [pngs[k] for k in keys])

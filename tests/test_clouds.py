@@ -1,0 +1,267 @@
+"""Point clouds: the exact graph against brute force, projections deterministic under a seed,
+silhouette / within / between against scikit-learn and numpy, kept vectors against
+transformers' own hidden_states, the vocabulary position geometry."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import embgeom
+from embgeom.analysis import clouds, positions
+from embgeom.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:trace. texts longer")
+
+CORPUS = ["the cat sat on the mat .", "a dog ran to the house .", "", "the king and the queen .",
+          "she was in the city ?", "red , green and blue .", "the man read a new book .",
+          "one two three", "we go and come"]
+LABELS = ["animal", "animal", "royal", "place", "colour", "person", "number", "verb"]
+
+
+def _clusters(n_per=20, d=16, groups=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(size=(n_per, d)) + 4 * np.eye(d)[g] for g in range(groups)])
+    x[5] = x[3]                                         # a duplicate row: tied neighbours
+    return x.astype(np.float32), [f"g{g}" for g in range(groups) for _ in range(n_per)]
+
+
+def _brute_knn(x, k):
+    u = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
+    s = u @ u.T
+    np.fill_diagonal(s, -np.inf)
+    # descending similarity, ties by column index (a stable sort of -s)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(s, order, 1)
+
+
+@pytest.mark.parametrize("n,k", [(2, 1), (60, 7), (60, 59)])
+def test_exact_knn_vs_brute_force(n, k):
+    x, _ = _clusters()
+    x = x[:n]
+    idx, sim, _ = clouds.exact_knn(x, k)
+    want_i, want_s = _brute_knn(x, k)
+    np.testing.assert_allclose(sim, want_s, atol=1e-5)
+    # equal up to ties: indices differ only where the values tie
+    same = idx == want_i
+    assert np.all(same | np.isclose(sim, want_s, atol=1e-6))
+    assert clouds.knn_recall(idx, want_i) >= 0.99
+
+
+def test_exact_knn_errors():
+    x, _ = _clusters()
+    with pytest.raises(ValueError, match="k: expected"):
+        clouds.exact_knn(x, 60)
+    x[2] = 0
+    with pytest.raises(ValueError, match="zero rows"):
+        clouds.exact_knn(x, 3)
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
+def test_projection_deterministic_and_graph_exact(method):
+    x, labels = _clusters()
+    a = embgeom.project(x, method=method, labels=labels, k=8, perplexity=5, seed=3)
+    b = embgeom.project(torch.from_numpy(x), method=method, labels=labels, k=8, perplexity=5, seed=3)
+    assert a.embedding.shape == (60, 2) and a.embedding.dtype == np.float32
+    np.testing.assert_array_equal(a.embedding, b.embedding)
+    assert np.isfinite(a.embedding).all()
+    if method == "tsne":                                 # threads do not change the result
+        c = embgeom.project(x, method=method, perplexity=5, seed=3, n_jobs=1)
+        np.testing.assert_array_equal(a.embedding, c.embedding)
+    if method != "pca":
+        k = 8 if method == "umap" else 15                # t-SNE: k = 3 * perplexity
+        want_i, _ = _brute_knn(x, k)
+        assert a.k == k and a.indices.shape == (60, k)
+        assert clouds.knn_recall(a.indices, want_i) >= 0.99
+    else:
+        assert a.explained_variance.shape == (16,) and abs(a.explained_variance.sum() - 1) < 1e-9
+        assert set(a.pca_curves) == {"all", "g0", "g1", "g2"}
+    from sklearn.metrics import silhouette_score
+    assert a.silhouette["original"] == pytest.approx(silhouette_score(x, labels, metric="cosine"), abs=1e-6)
+    assert a.silhouette["projection"] == pytest.approx(silhouette_score(a.embedding, labels), abs=1e-6)
+
+
+def test_pca_matches_sklearn():
+    from sklearn.decomposition import PCA
+
+    x, _ = _clusters()
+    ratio, proj = clouds.pca(x, 2)
+    sk = PCA(2).fit(x.astype(np.float64))
+    np.testing.assert_allclose(ratio[:2], sk.explained_variance_ratio_, rtol=1e-6)
+    got = proj * np.sign(proj[0])                        # components are defined up to sign
+    want = sk.transform(x.astype(np.float64))
+    np.testing.assert_allclose(got, want * np.sign(want[0]), atol=1e-4)
+
+
+def test_missing_package_names_pip_package(monkeypatch):
+    x, _ = _clusters()
+    monkeypatch.setitem(sys.modules, "openTSNE", None)
+    with pytest.raises(ValueError, match="pip install openTSNE"):
+        embgeom.project(x, method="tsne", perplexity=5)
+
+
+def test_within_between_vs_numpy():
+    x, labels = _clusters(n_per=7, groups=3)
+    x[0] = 0                                             # a zero row is left out
+    w, b = clouds.within_between_cosine(x, labels)
+    keep = np.any(x != 0, axis=1)
+    u = x[keep].astype(np.float64)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    lab = np.asarray(labels)[keep]
+    iu, ju = np.triu_indices(len(u), 1)
+    cos = (u @ u.T)[iu, ju]
+    same = lab[iu] == lab[ju]
+    assert w == pytest.approx(cos[same].mean(), abs=1e-12)
+    assert b == pytest.approx(cos[~same].mean(), abs=1e-12)
+
+
+def test_set_stats_vs_numpy():
+    x, labels = _clusters(n_per=9, groups=2)
+    a, b = x[:9].astype(np.float64), x[9:].astype(np.float64)
+    s = clouds.set_stats(x[:9], x[9:], bins=10)
+    ua = a / np.linalg.norm(a, axis=1, keepdims=True)
+    ub = b / np.linalg.norm(b, axis=1, keepdims=True)
+    assert s["cosine"]["count"] == 81 and s["cosine"]["mean"] == pytest.approx((ua @ ub.T).mean(), abs=1e-6)
+    dist = np.linalg.norm(a[:, None] - b[None], axis=-1)
+    assert s["euclidean"]["mean"] == pytest.approx(dist.mean(), rel=1e-5)
+    assert s["euclidean"]["max"] == pytest.approx(dist.max(), rel=1e-5)
+    assert sum(s["euclidean"]["hist"]["counts"]) == 81
+    t = clouds.set_stats(x[:9], bins=10)
+    iu, ju = np.triu_indices(9, 1)
+    assert t["cosine"]["count"] == 36 and t["cosine"]["mean"] == pytest.approx((ua @ ua.T)[iu, ju].mean(), abs=1e-6)
+
+
+def test_project_cli(tmp_path, capsys):
+    x, labels = _clusters()
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
+    (tmp_path / "texts.txt").write_text("\n".join(f"row {i} </script>" for i in range(60)) + "\n")
+    out = tmp_path / "out"
+    assert main(["project", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "labels.txt"),
+                 "--texts", str(tmp_path / "texts.txt"), "--method", "tsne", "--perplexity", "5",
+                 "--seed", "1", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert {"method", "n", "d", "k", "seconds", "knn_seconds", "silhouette"} <= set(rep)
+    assert (rep["method"], rep["n"], rep["d"], rep["k"]) == ("tsne", 60, 16, 15)
+    proj = np.load(out / "projection.npy")
+    assert proj.shape == (60, 2) and proj.dtype == np.float32
+    knn = np.load(out / "knn.npz")
+    assert knn["indices"].dtype == np.int64 and knn["indices"].shape == knn["similarities"].shape == (60, 15)
+    np.testing.assert_array_equal(proj, embgeom.project(x, "tsne", perplexity=5, seed=1).embedding)
+    html = (out / "projection.html").read_text()
+    assert "<canvas" in html and "http" not in html and "src=" not in html
+    assert "</script> " not in html.split("id='data'>")[1].split("</script>")[0]   # escaped payload
+    assert (out / "projection.png").stat().st_size > 0
+    # 3-D input (cls.npy) with --depth; errors exit 2 with one line
+    np.save(tmp_path / "c.npy", np.stack([x, 2 * x], 1))
+    assert main(["project", str(tmp_path / "c.npy"), "--method", "pca", "--depth", "0", "--out", str(out)]) == 0
+    assert main(["project", str(tmp_path / "c.npy"), "--depth", "5", "--out", str(out)]) == 2
+    (tmp_path / "short.txt").write_text("a\nb\n")
+    assert main(["project", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "short.txt"), "--out", str(out)]) == 2
+    assert "expected 60" in capsys.readouterr().err
+
+
+def test_text_keeps_vectors(tiny_bert_dir, tiny_bert, tmp_path):
+    """cls.npy and trajectories.npz equal transformers' hidden_states of each text run alone;
+    groups equal scikit-learn's silhouette and numpy's within/between means."""
+    from sklearn.metrics import silhouette_score
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"group": "g", "a": "the king", "b": "the queen"}\n'
+                     '{"group": "g", "a": "a man", "b": "a woman"}\n'
+                     '{"group": "h", "a": "big", "b": "small"}\n', encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["text", str(corpus), "--out", str(out), "--model", tiny_bert_dir, "--batch-size", "3",
+                 "--keep", "cls", "--trajectories", "2", "--labels", str(tmp_path / "labels.txt"),
+                 "--pairs", str(pairs), "--no-progress"]) == 0
+    model, tokenizer = tiny_bert
+    texts = [t for t in CORPUS if t]
+    cls = np.load(out / "cls.npy")
+    assert cls.shape == (8, 3, 64) and cls.dtype == np.float32
+    traj = np.load(out / "trajectories.npz")
+    with torch.no_grad():
+        for i, t in enumerate(texts):
+            enc = tokenizer(t, return_tensors="pt")
+            hs = torch.stack(model(**enc, output_hidden_states=True).hidden_states, 2)[0]   # (T, L+1, D)
+            np.testing.assert_allclose(cls[i], hs[0].numpy(), atol=2e-5)
+            if i < 2:
+                rows = traj["text"] == i
+                np.testing.assert_allclose(traj["states"][rows], hs.numpy(), atol=2e-5)
+                assert traj["token"][rows].tolist() == tokenizer.convert_ids_to_tokens(enc["input_ids"][0].tolist())
+    rep = json.loads((out / "report.json").read_text())
+    g = rep["groups"]
+    assert g["labels"] == sorted(set(LABELS))
+    for l in range(3):
+        x = cls[:, l]
+        want = silhouette_score(x, LABELS, metric="cosine") if np.ptp(x, 0).max() > 0 else None
+        if want is not None:
+            assert g["silhouette"][l] == pytest.approx(want, abs=1e-6)
+        u = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
+        iu, ju = np.triu_indices(8, 1)
+        c = (u @ u.T)[iu, ju]
+        same = np.asarray(LABELS)[iu] == np.asarray(LABELS)[ju]
+        assert g["within_cosine"][l] == pytest.approx(c[same].mean(), abs=1e-6)
+        assert g["between_cosine"][l] == pytest.approx(c[~same].mean(), abs=1e-6)
+    assert set(g["last"]["per_label"]["animal"]) == {"cosine", "euclidean", "norms"}
+    assert "animal|colour" in g["last"]["per_pair"]
+    diff = np.load(out / "pair_differences.npz")
+    assert diff["vectors"].shape == (3, 64) and diff["group"].tolist() == ["g", "g", "h"]
+    with torch.no_grad():
+        last = lambda s: model(**tokenizer(s, return_tensors="pt")).last_hidden_state[0, 0].detach().numpy()  # noqa: E731
+    np.testing.assert_allclose(diff["vectors"][2], last("big") - last("small"), atol=2e-5)
+    assert "vectors" not in rep["cls_pairs"]
+    names = {p.name for p in out.iterdir()}
+    assert {"trajectories_pca.png", "trajectories_steps.png", "groups_pca.png", "groups_pca.html",
+            "groups_depth.png", "pair_differences_pca.png"} <= names
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len([n for n in names if n.endswith(".png")])
+
+
+def test_text_bad_labels(tiny_bert_dir, tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat .\na dog .\n", encoding="utf-8")
+    (tmp_path / "l.txt").write_text("one\n")
+    assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir,
+                 "--labels", str(tmp_path / "l.txt")]) == 2
+    assert "has 1 labels, expected 2" in capsys.readouterr().err
+
+
+def test_helix_period_and_curves():
+    p = np.arange(200, dtype=np.float64)
+    path = np.stack([0.05 * p, np.cos(2 * np.pi * p / 40), np.sin(2 * np.pi * p / 40)], 1)
+    h = positions.helix_period(path)
+    assert h["period"] == pytest.approx(40, rel=1e-3) and h["plane"] == "2-3"
+    pos = torch.randn(30, 8, dtype=torch.float64)
+    c = positions.cosine_curves(pos, window=12, offset=5)
+    u = pos / pos.norm(dim=1, keepdim=True)
+    assert c["rows"][0] == 6 and c["window"] == 12
+    assert c["raw"][0][4] == pytest.approx(float(u[1] @ u[4]))
+    assert c["shifted"][2][3] == pytest.approx(float(u[3] @ u[6]))
+    assert positions.cosine_curves(pos, rows=[25], window=12)["shifted"][0][5:] == [None] * 7
+    assert positions.parse_range("0:24", 32) == (0, 24) and positions.parse_range(":", 32) == (0, 32)
+    with pytest.raises(ValueError, match="--positions"):
+        positions.parse_range("5:40", 32)
+
+
+def test_vocab_position_geometry(tiny_bert_dir, tiny_bert, tmp_path):
+    out = tmp_path / "v"
+    assert main(["vocab", "--model", tiny_bert_dir, "--out", str(out), "--positions", "2:30"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    g = rep["position_geometry"]
+    model, tokenizer = tiny_bert
+    word = model.embeddings.word_embeddings.weight.detach().double()
+    pos = model.embeddings.position_embeddings.weight.detach().double()
+    a, b = word[tokenizer.cls_token_id], pos[0]
+    cv = g["cls_vs_position0"]
+    assert cv["euclidean"] == pytest.approx(float((a - b).norm()))
+    assert cv["max_coordinate"] == pytest.approx(float((a - b).abs().max()))
+    assert g["range"] == [2, 30] and rep["positional"]["positions"] == 28 and g["cosine_curves"]["rows"][0] == 3
+    for name in ("positions_raw.png", "positions_cosine_curves.png", "joint_pca.png"):
+        assert (out / name).exists()
+    assert main(["vocab", "--model", tiny_bert_dir, "--out", str(out), "--positions", "9:3"]) == 2
