@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -53,8 +53,9 @@ class CMakeBuild(build_ext):
 setup(
     ext_modules=[CMakeExtension("embgeom._C")],
     cmdclass={"build_ext": CMakeBuild},
-    packages=["embgeom", "embgeom.kernels", "embgeom.kernels.triton", "embgeom.kernels.cuda"],
+    # every subpackage of python/embgeom (engine, backends, analysis, report, ...) and the kernels
+    packages=find_packages("python") + ["embgeom.kernels", "embgeom.kernels.triton", "embgeom.kernels.cuda"],
     package_dir={"": "python", "embgeom.kernels": "kernels"},
-    package_data={"embgeom.kernels.cuda": ["*.cu", "*.cuh"]},
+    package_data={"embgeom.kernels.cuda": ["*.cu", "*.cuh"], "embgeom.data": ["*.txt", "*.jsonl", "*.conllu"]},
     zip_safe=False,
 )

@@ -1,0 +1,1 @@
+"""Small example inputs written for embgeom (synonym groups, sentence pairs, a CoNLL-U sample)."""
