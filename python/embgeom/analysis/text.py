@@ -9,6 +9,7 @@ import os
 import sys
 
 from ..report import new_figure, save_figure, table_html, write_html, write_json
+from . import text_heads
 
 
 def add_arguments(p) -> None:
@@ -23,12 +24,13 @@ def add_arguments(p) -> None:
     p.add_argument("--pairs", metavar="FILE", help='JSONL {"group": g, "a": text, "b": text}: [CLS] '
                    "difference vectors per group")
     p.add_argument("--no-progress", action="store_true")
+    text_heads.add_arguments(p)
 
 
 def main(args) -> int:
     import warnings
 
-    from .trace import cls_differences, read_lines, read_pairs, trace
+    from .trace import cls_differences, model_max_length, read_lines, read_pairs, trace
     from ..models import DEFAULT_MODEL, load_model
 
     if not os.path.isfile(args.corpus):
@@ -41,19 +43,24 @@ def main(args) -> int:
     pairs = read_pairs(args.pairs) if args.pairs else None
     model, tokenizer = load_model(args.model, device=args.device)
     os.makedirs(args.out, exist_ok=True)
-    with warnings.catch_warnings(record=True) as caught:
+    extras = text_heads.TextExtras(args, model, tokenizer, model_max_length(model, tokenizer, args.max_length))
+    with warnings.catch_warnings(record=True) as caught, extras.active():
         warnings.simplefilter("always")
         result = trace(model, tokenizer, args.corpus, batch_size=args.batch_size,
-                       max_length=args.max_length, progress=not args.no_progress)
+                       max_length=args.max_length, progress=not args.no_progress,
+                       observers=extras.observers)
     for w in caught[:1]:
         print(f"embgeom text: warning: {w.message}", file=sys.stderr)
     result.model = args.model or DEFAULT_MODEL
     report = result.to_dict()
+    report.update(extras.report(result))
     if pairs is not None:
         report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
                                               max_length=args.max_length)
     write_json(os.path.join(args.out, "report.json"), report)
     write_report(args.out, result, report)
+    if args.profile:
+        extras.print_profile(result.seconds)
     print(f"embgeom text: {result.n_texts} texts, {result.n_tokens} tokens in {result.seconds:.1f}s "
           f"-> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0
@@ -70,6 +77,20 @@ def _heatmap(out_dir, name, data, title, xlabel, ylabel, cmap="viridis", vmin=No
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     return save_figure(fig, out_dir, name)
+
+
+def text_heads_sections(out_dir: str, report: dict) -> list:
+    from ..report.heads import context_section, gaussianity_section, heads_sections
+
+    out = []
+    ctx = context_section(out_dir, report["context_similarity"])
+    if ctx is not None:
+        out.append(ctx)
+    if "attention_heads" in report:
+        out += heads_sections(out_dir, report["attention_heads"])
+    if "gaussianity" in report:
+        out.append(gaussianity_section(out_dir, report["gaussianity"]))
+    return out
 
 
 def write_report(out_dir: str, r, report: dict) -> list[str]:
@@ -169,5 +190,6 @@ def write_report(out_dir: str, r, report: dict) -> list[str]:
             ["group", "pairs", "||mean difference||"],
             [[g, int(n), float(v)] for g, n, v in zip(cp["groups"], cp["counts"].tolist(), cp["mean_norm"].tolist())]),
             [pngs["pairs"]]))
+    sections += text_heads_sections(out_dir, report)
     write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections)
     return list(pngs.values())
