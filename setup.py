@@ -55,6 +55,6 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     packages=["embgeom", "embgeom.kernels", "embgeom.kernels.triton", "embgeom.kernels.cuda"],
     package_dir={"": "python", "embgeom.kernels": "kernels"},
-    package_data={"embgeom.kernels.cuda": ["*.cu", "*.cuh"]},
+    package_data={"embgeom.kernels.cuda": ["*.cu", "*.cuh"], "embgeom": ["data/*.conllu"]},
     zip_safe=False,
 )
