@@ -101,20 +101,27 @@ def value_histogram_entropy(attn: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     the lowest one including the min, as pandas.cut), p_b = count_b / n^2, -sum p_b ln p_b
     (nats). attn (B, H, T, T) -> (B, H) float64 (0 for a constant map)."""
     B, H, T, _ = attn.shape
-    x = attn.double()
     pair = (mask[:, :, None] & mask[:, None, :])[:, None]                  # (B, 1, T, T)
-    big = torch.tensor(math.inf, dtype=torch.float64, device=attn.device)
-    lo = torch.where(pair, x, big).amin(dim=(2, 3))                        # (B, H)
-    hi = torch.where(pair, x, -big).amax(dim=(2, 3))
-    w = (hi - lo) / VALUE_BINS
-    safe = torch.where(w > 0, w, torch.ones_like(w))
-    idx = torch.ceil((x - lo[..., None, None]) / safe[..., None, None]) - 1
-    idx = idx.clamp(0, VALUE_BINS - 1).long()
-    idx = torch.where((w > 0)[..., None, None], idx, torch.zeros_like(idx))
-    flat = idx + (torch.arange(B * H, device=attn.device) * VALUE_BINS).view(B, H, 1, 1)
-    counts = torch.bincount(flat.reshape(-1), weights=pair.expand(B, H, T, T).reshape(-1).double(),
-                            minlength=B * H * VALUE_BINS).view(B, H, VALUE_BINS)
-    p = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    inf = torch.tensor(math.inf, dtype=attn.dtype, device=attn.device)
+    x = torch.where(pair, attn, inf)                                       # padding never counted
+    lo = x.amin(dim=(2, 3)).double()                                       # (B, H), exact values
+    hi = torch.where(pair, attn, -inf).amax(dim=(2, 3)).double()
+    n2 = pair.sum(dim=(1, 2, 3)).double()[:, None]                         # n^2
+    # inner edges e_b = b * (hi - lo) / 20 + lo (numpy's linspace, as pd.cut builds them), each
+    # float64 edge rounded down to the largest float32 not above it so that the float32 test
+    # x <= e is exact; bin b = (e_b, e_b+1], the min in bin 0, the max in bin 19, padding (inf)
+    # (inf) past the max in a dump slot 20
+    step = (hi - lo) / VALUE_BINS
+    e = torch.arange(1, VALUE_BINS, dtype=torch.float64, device=attn.device) * step[..., None] + lo[..., None]
+    e32 = e.to(attn.dtype)
+    e32 = torch.where(e32.double() > e, torch.nextafter(e32, torch.full_like(e32, -math.inf)), e32)
+    edges = torch.cat([e32, hi.to(attn.dtype)[..., None]], -1).contiguous()           # (B, H, 20)
+    idx = torch.searchsorted(edges, x.reshape(B, H, T * T), right=False)                  # 0..20
+    idx += (torch.arange(B * H, device=attn.device) * (VALUE_BINS + 1)).view(B, H, 1)
+    counts = torch.bincount(idx.reshape(-1), minlength=B * H * (VALUE_BINS + 1))
+    counts = counts.view(B, H, VALUE_BINS + 1)[..., :VALUE_BINS].double()
+    counts = torch.where((step > 0)[..., None], counts, torch.zeros_like(counts))
+    p = counts / n2[..., None].clamp(min=1)
     return row_entropy(p)
 
 
@@ -270,7 +277,7 @@ class HeadsAccumulator:
             a = attn * mask[:, None, None, :].to(attn.dtype)                  # padded keys exactly 0
             qr = q[:, None, :]                                                 # (B, 1, T) real rows
             # Clark's smoothed entropies (per text mean over rows, then summed over texts)
-            ent = row_entropy(smoothed(a, mask, ENTROPY_SMOOTHING, torch.float64))   # (B, H, T)
+            ent = row_entropy(smoothed(a, mask, ENTROPY_SMOOTHING)).double()   # (B, H, T)
             s["clark_entropy"][l] += ((ent * qr).sum(-1) / n.clamp(min=1)[:, None]).sum(0)
             s["cls_entropy"][l] += ent[:, :, 0].sum(0)
             # [SEP] -> [SEP]: per text the mean over its [SEP] rows of their mass on [SEP] keys
@@ -279,18 +286,19 @@ class HeadsAccumulator:
             s["sep_to_sep"][l] += per_text.sum(0)
             t0 = self._tick("clark entropy + sep", t0)
             # pattern features (ours), means over every real row
-            ad = a.double()
-            s["diagonal"][l] += (ad.diagonal(0, 2, 3) * qr).sum(dim=(0, 2))
+            ad = a                                                             # float32 terms, float64 sums
+            qr = qr.to(a.dtype)
+            s["diagonal"][l] += (ad.diagonal(0, 2, 3) * qr).double().sum(dim=(0, 2))
             back = [ad.diagonal(-w, 2, 3) for w in (1, 2, 3)]                  # A[i, i-w]
             fwd = [ad.diagonal(w, 2, 3) for w in (1, 2, 3)]                    # A[i, i+w]
-            s["previous"][l] += (back[0] * qr[..., 1:]).sum(dim=(0, 2)) if T > 1 else 0.0
-            s["next"][l] += (fwd[0] * qr[..., :-1]).sum(dim=(0, 2)) if T > 1 else 0.0
+            s["previous"][l] += (back[0] * qr[..., 1:]).double().sum(dim=(0, 2)) if T > 1 else 0.0
+            s["next"][l] += (fwd[0] * qr[..., :-1]).double().sum(dim=(0, 2)) if T > 1 else 0.0
             for w in range(min(3, T - 1)):
-                s["back3"][l] += (back[w] * qr[..., w + 1:]).sum(dim=(0, 2))
-                s["forward3"][l] += (fwd[w] * qr[..., :T - w - 1]).sum(dim=(0, 2))
+                s["back3"][l] += (back[w] * qr[..., w + 1:]).double().sum(dim=(0, 2))
+                s["forward3"][l] += (fwd[w] * qr[..., :T - w - 1]).double().sum(dim=(0, 2))
             to_special = torch.bmm(a.reshape(B, H * T, T), cls_sep[:, :, None]).view(B, H, T).double()
             s["cls_sep"][l] += (to_special * qr).sum(dim=(0, 2))
-            col = torch.bmm(qr.to(a.dtype).expand(B, H, T).reshape(B * H, 1, T),
+            col = torch.bmm(qr.expand(B, H, T).reshape(B * H, 1, T),
                             a.reshape(B * H, T, T)).view(B, H, T).double() / n.clamp(min=1)[:, None, None]
             top = col.topk(min(3, T), dim=-1).values
             s["top_column"][l] += top[..., 0].sum(0)
@@ -300,7 +308,7 @@ class HeadsAccumulator:
             kh.scatter_add_(1, k.transpose(0, 1).reshape(H, -1),
                             q[None].expand(H, B, T).reshape(H, -1))
             s["k90_hist"][l] += kh
-            raw = row_entropy(ad)                                              # (B, H, T)
+            raw = row_entropy(ad).double()                                     # (B, H, T)
             s["raw_entropy"][l] += (raw * qr).sum(dim=(0, 2))
             ok = (n >= 2)[:, None, None] & mask[:, None, :]
             nent = raw / n.clamp(min=2).log()[:, None, None]
@@ -313,7 +321,7 @@ class HeadsAccumulator:
             s["value_entropy"][l] += value_histogram_entropy(a, mask).sum(0)
             t0 = self._tick("value entropy", t0)
             if self.directionality:
-                self._directionality(l, a, mask, raw)
+                self._directionality(l, a, mask, row_entropy(a.double()))
                 t0 = self._tick("directionality", t0)
         if self.js:
             s["js"] += clark_js_sums(b.attentions, mask)
