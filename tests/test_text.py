@@ -108,7 +108,11 @@ def test_cli_heads_extras(tiny_bert_dir, tmp_path, capsys):
                                          "normalised_entropy", "label"}
     assert set(ah["directionality"]) == {"skew_fraction", "asymmetry", "positive_cos_share",
                                          "spearman_qnorm_entropy"}
-    assert len(ah["sample_maps"]) == 2
+    assert ah["sample_maps"]["file"] == "head_maps.json" and len(ah["sample_maps"]["tokens"]) == 2
+    maps = json.loads((out / "head_maps.json").read_text())
+    assert len(maps) == 2 and len(maps[0]["maps"]) == L and len(maps[0]["maps"][0]) == H
+    n = len(maps[0]["tokens"])
+    assert len(maps[0]["maps"][0][0]) == n and abs(sum(maps[0]["maps"][0][0][0]) - 1) < 0.01
     assert [g["depth"] for g in report["gaussianity"]] == list(range(L + 1))
     html = (out / "report.html").read_text()
     assert "headmap-data" in html and "Contents" in html and "http" not in html

@@ -30,6 +30,7 @@ ENTROPY_SMOOTHING = 0.0001    # Clark General_Analysis: A' = 0.9999 A + 0.0001 /
 VALUE_BINS = 20               # geometry-of-BERT code: pd.cut(values, 20)
 ENTROPY_BINS = 1000           # resolution of the normalised-entropy median (ours)
 K90_MASS = 0.9
+MAX_MAP_TOKENS = 64           # sample head maps: the first 64 real tokens of a text (display only)
 BROAD_NATS = 3.8              # Clark Fig. 6 "attends broadly"
 GATE_LABELS = ("closed gate", "directional gate", "backward contextual gate",
                "forward contextual gate", "open gate", "none")
@@ -328,7 +329,7 @@ class HeadsAccumulator:
             t0 = self._tick("clark js", t0)
         if len(self.samples) < self.sample_maps:
             for i in range(min(B, self.sample_maps - len(self.samples))):
-                m = int(n[i])
+                m = min(int(n[i]), MAX_MAP_TOKENS)
                 self.samples.append({
                     "ids": b.input_ids[i, :m].tolist(),
                     "maps": torch.stack([at[i, :, :m, :m] for at in b.attentions]).float().cpu()})

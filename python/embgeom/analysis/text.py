@@ -58,6 +58,7 @@ def main(args) -> int:
         report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
                                               max_length=args.max_length)
     write_json(os.path.join(args.out, "report.json"), report)
+    extras.write_files(args.out)
     write_report(args.out, result, report)
     if args.profile:
         extras.print_profile(result.seconds)

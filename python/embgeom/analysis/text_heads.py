@@ -9,6 +9,8 @@ import time
 from .gaussianity import GaussianityAccumulator
 from .heads import HeadsAccumulator, capture_qk
 
+HEAD_MAPS_FILE = "head_maps.json"
+
 
 def add_arguments(p) -> None:
     g = p.add_argument_group("attention heads and Gaussianity (opt-in; docs/heads.md)")
@@ -46,6 +48,7 @@ class TextExtras:
         self.gauss = GaussianityAccumulator(L + 1, model.config.hidden_size) if args.gaussianity else None
         self.observers = [o for o in (self.heads, self.gauss) if o is not None]
         self.seconds: dict[str, float] = {}
+        self.sample_maps: list[dict] = []
 
     @contextlib.contextmanager
     def active(self):
@@ -60,11 +63,29 @@ class TextExtras:
         out = {}
         if self.heads is not None:
             t0 = time.perf_counter()
-            out["attention_heads"] = self.heads.result(self.model, self.tokenizer, result.attention_to)
+            block = self.heads.result(self.model, self.tokenizer, result.attention_to)
+            if "sample_maps" in block:
+                # the maps go to their own file (report.html embeds them); report.json names it
+                self.sample_maps = block.pop("sample_maps")
+                block["sample_maps"] = {"file": HEAD_MAPS_FILE,
+                                        "tokens": [sm["tokens"] for sm in self.sample_maps]}
+            out["attention_heads"] = block
             self.seconds["heads: result (MDS, skew fraction)"] = time.perf_counter() - t0
         if self.gauss is not None:
             out["gaussianity"] = self.gauss.result()
         return out
+
+    def write_files(self, out_dir: str) -> None:
+        """head_maps.json: [{"tokens": [str], "maps": [L][H][n][n]}] (3 decimals) with --head-maps."""
+        if self.sample_maps:
+            import json
+            import os
+
+            data = [{"tokens": sm["tokens"],
+                     "maps": [[[[round(float(v), 3) for v in row] for row in m] for m in lay]
+                              for lay in sm["maps"].tolist()]} for sm in self.sample_maps]
+            with open(os.path.join(out_dir, HEAD_MAPS_FILE), "w") as f:
+                json.dump(data, f, separators=(",", ":"))
 
     def print_profile(self, total: float, stream=None) -> None:
         stream = stream or sys.stderr

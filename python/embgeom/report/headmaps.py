@@ -106,7 +106,7 @@ def headmaps_html(samples: list[dict], layers: int, heads: int, decimals: int = 
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     return (_STYLE + "<p>Each small square is one head's attention map on a text's real tokens "
             "(rows: queries, columns: keys; white 0, dark blue 1). Click a head to enlarge it with "
-            "the tokens on the axes; click again to close.</p>"
+            "the tokens on the axes; click again to close. Long texts show their first 64 tokens.</p>"
             f"<script type='application/json' id='headmap-data'>{blob}</script>"
             "<div id='headmap-grids'></div>"
             "<div id='headmap-overlay'><div><p id='headmap-title'></p>"

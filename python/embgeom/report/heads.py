@@ -149,8 +149,15 @@ def heads_sections(out_dir: str, block: dict) -> list:
                          "keys with cos(q, k) > 0, and the Spearman correlation between ||q_i|| and the "
                          "row entropy per text (negative: larger queries select more sharply).</p>", [png]))
 
-    if "sample_maps" in block:
-        sections.append(("Head maps", headmaps_html(block["sample_maps"], L, H), []))
+    maps = block.get("sample_maps")
+    if isinstance(maps, dict):                     # written by embgeom text next to report.json
+        import json
+        import os
+
+        with open(os.path.join(out_dir, maps["file"])) as f:
+            maps = json.load(f)
+    if maps:
+        sections.append(("Head maps", headmaps_html(maps, L, H), []))
     return sections
 
 
