@@ -79,9 +79,12 @@ def clark_js_sums(attentions, mask: torch.Tensor, row_chunk: int = 512) -> torch
             P[l * H:(l + 1) * H] = ((1.0 - JS_SMOOTHING) * a + inv_n[None, start:start + R, None]) \
                 * keys[None, start:start + R]
         plp = torch.special.xlogy(P, P).sum(-1).double().sum(-1)          # (K,) sum over rows
+        # padded keys get 1/2 in both rows: s = 1 there and s ln s = 0, so the plain s * ln s
+        # (cheaper than xlogy) needs no mask
+        P += 0.5 * (1.0 - keys[None, start:start + R])
         for a in range(K - 1):
             s = P[a + 1:] + P[a]                                           # (K-a-1, R, T)
-            sls = torch.special.xlogy(s, s).sum(-1).double().sum(-1)       # (K-a-1,)
+            sls = (s * s.log()).sum(-1).double().sum(-1)                   # (K-a-1,)
             js = R * ln2 + 0.5 * (plp[a] + plp[a + 1:] - sls)
             out[a, a + 1:] += js
     out = out + out.T

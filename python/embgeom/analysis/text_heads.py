@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
                         "labels, value-histogram entropy (about 1-2x the forward pass)")
     g.add_argument("--clark-js", action="store_true",
                    help="Clark's summed JS divergence between all heads and its MDS map (implies --heads; "
-                        "(L*H)^2 x tokens work: about 10x the forward pass for a 6x12 model)")
+                        "(L*H)^2 x tokens work: about 5-10x the forward pass for a 6x12 model)")
     g.add_argument("--directionality", action="store_true",
                    help="skew fraction, asymmetry, positive-cos share, Spearman(|q|, entropy) "
                         "(implies --heads; hooks the query/key projections)")
