@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_rows, git_sha, peak_rss_mb, timeit, today, versions  # noqa: E402
 
 from embgeom import load_model  # noqa: E402
-from embgeom.analysis.trace import TraceAccumulator, iter_batches, model_max_length, trace  # noqa: E402
+from embgeom.analysis.trace import (TraceAccumulator, iter_batches, model_max_length,  # noqa: E402
+                                    sentence_tables, trace)
 
 
 def _words(tokenizer) -> list[str]:
@@ -56,7 +57,8 @@ def overhead(args) -> None:
 
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     max_len = model_max_length(model, tokenizer)
-    acc = TraceAccumulator(L, H, max_len, model.config.vocab_size, dev)
+    acc = TraceAccumulator(L, H, max_len, model.config.vocab_size, dev,
+                           sentence_tables=sentence_tables(tokenizer))
     batches = []
 
     def forward_hooks():
@@ -91,6 +93,16 @@ def overhead(args) -> None:
         for name in ("cone", "entropy", "attention", "context", "evolution"):
             a = TraceAccumulator(L, H, max_len, model.config.vocab_size, dev, metrics=(name,))
             parts[name] = timeit(lambda: a.update(batches[0]), args.repeats)["median_ms"]
+        # the opt-in extras of `embgeom text` (--heads, --clark-js, --gaussianity), one batch each
+        from embgeom.analysis.gaussianity import GaussianityAccumulator
+        from embgeom.analysis.heads import HeadsAccumulator, clark_js_sums
+
+        h = HeadsAccumulator(L, H, max_len, dev)
+        parts["--heads"] = timeit(lambda: h.update(batches[0]), args.repeats)["median_ms"]
+        g = GaussianityAccumulator(L + 1, model.config.hidden_size)
+        parts["--gaussianity"] = timeit(lambda: g.update(batches[0]), args.repeats)["median_ms"]
+        b0 = batches[0]
+        parts["--clark-js"] = timeit(lambda: clark_js_sums(b0.attentions, b0.mask), 1, warmup=0)["median_ms"]
     res = acc.result(tokenizer)
     assert torch.isfinite(res.entropy).all() and torch.isfinite(res.js_distance).all()
     print(f"device={dev} threads={threads} batch={args.batch}x{args.tokens} L={L} H={H} rounds={args.repeats}")
@@ -100,7 +112,7 @@ def overhead(args) -> None:
     print(f"iter_batches (tokenize + forward + hooks) {t_fwd['median_ms']:8.1f} ms")
     print(f"trace end to end vs bare forward          overhead {100 * total_ratio:+.1f}% (tokenization included)")
     for name, ms in parts.items():
-        print(f"  {name:10s} {ms:8.1f} ms")
+        print(f"  {name:14s} {ms:8.1f} ms  ({100 * ms / t_bare['median_ms']:.0f}% of the bare forward)")
     common = dict(n=args.batch, m=args.tokens, d=model.config.hidden_size, dtype="float32", device=str(dev),
                   threads=threads, versions=versions(), git_sha=git_sha(), date=today(), peak_mb=round(peak_rss_mb(), 1))
     append_rows("text.csv", [

@@ -36,7 +36,10 @@ def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
     assert len(report["cone_index"]["head_output"]) == L and len(report["cone_index"]["head_output"][0]) == H
     assert set(report["attention_to"]) == {"cls", "sep", "punct", "prev", "next"}
     assert len(report["js_distance"]) == L * H and len(report["evolution"]["norm"]) == L + 1
-    assert set(report["context_similarity"]) == {"mean_distance", "focus_token", "separator_share"}
+    assert set(report["context_similarity"]) == {"mean_distance", "focus_token", "separator_share",
+                                                 "distance_hist", "layer_distance_hist",
+                                                 "same_sentence_share", "period_separator_share"}
+    assert "attention_heads" not in report and "gaussianity" not in report     # opt-in
     assert report["cls_pairs"]["groups"] == ["g", "h"]
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {"cone_index.png", "entropy.png", "js_distance.png"} <= set(pngs)
@@ -83,3 +86,34 @@ def test_cli_bad_options(tiny_bert_dir, tmp_path, capsys, args, message):
 def test_cli_missing_corpus(tmp_path, capsys):
     assert main(["text", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "CORPUS: no such file" in capsys.readouterr().err
+
+
+def test_cli_heads_extras(tiny_bert_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(t for t in CORPUS if t) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["text", str(corpus), "--out", str(out), "--model", tiny_bert_dir, "--batch-size", "2",
+                 "--clark-js", "--directionality", "--head-maps", "2", "--gaussianity", "--profile",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "profile:" in err and "clark js" in err and "gaussianity" in err
+    report = json.loads((out / "report.json").read_text())
+    ah = report["attention_heads"]
+    L, H = 2, 4
+    assert len(ah["js_divergence"]) == L * H and len(ah["mds"]) == L * H and len(ah["mds"][0]) == 2
+    for key in ("clark_entropy", "cls_entropy", "sep_to_sep", "value_entropy"):
+        assert len(ah[key]) == L and len(ah[key][0]) == H, key
+    assert set(ah["patterns"][0][0]) >= {"diagonal", "previous", "next", "back3", "forward3", "cls_sep",
+                                         "top_column", "top3_columns", "k90_median",
+                                         "normalised_entropy", "label"}
+    assert set(ah["directionality"]) == {"skew_fraction", "asymmetry", "positive_cos_share",
+                                         "spearman_qnorm_entropy"}
+    assert ah["sample_maps"]["file"] == "head_maps.json" and len(ah["sample_maps"]["tokens"]) == 2
+    maps = json.loads((out / "head_maps.json").read_text())
+    assert len(maps) == 2 and len(maps[0]["maps"]) == L and len(maps[0]["maps"][0]) == H
+    n = len(maps[0]["tokens"])
+    assert len(maps[0]["maps"][0][0]) == n and abs(sum(maps[0]["maps"][0][0][0]) - 1) < 0.01
+    assert [g["depth"] for g in report["gaussianity"]] == list(range(L + 1))
+    html = (out / "report.html").read_text()
+    assert "headmap-data" in html and "Contents" in html and "http" not in html
+    assert {"head_mds.png", "head_patterns.png", "gaussianity.png"} <= {p.name for p in out.glob("*.png")}

@@ -1,4 +1,4 @@
-"""`embgeom` command line: info, pairs, knn, vocab, text, project.
+"""`embgeom` command line: info, pairs, knn, vocab, text, project, syntax.
 
 Every user error (bad file, bad shape, bad option) prints one line `embgeom: error: ...` and
 exits with status 2; never a traceback.
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lazy(sub, "vocab", "analysis.vocab", "analysis of a model's input embeddings (word, position, type)")
     _add_lazy(sub, "text", "analysis.text", "per-layer / per-head analysis of a corpus run through a model")
     _add_lazy(sub, "project", "analysis.projection", "2-D projection (UMAP, t-SNE, PCA) on the exact neighbour graph")
+    _add_lazy(sub, "syntax", "analysis.syntax", "syntax heads: word-level attention against a CoNLL-U treebank")
     return parser
 
 

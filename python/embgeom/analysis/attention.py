@@ -124,7 +124,8 @@ def js_distance(dists: torch.Tensor) -> torch.Tensor:
 
 def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Tensor,
                        input_ids: torch.Tensor, vocab_size: int,
-                       workspace: dict | None = None) -> dict[str, torch.Tensor]:
+                       workspace: dict | None = None, sentence: torch.Tensor | None = None,
+                       period: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """SPEC M4 for every head of one layer, one batch. head_out: (B, H, T, d_h), the head's
     output O before the output projection; S = O O^T (raw scalar products, seed 003).
 
@@ -134,6 +135,9 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
       [SEP]; distance_hist (H, T) counts of |i - j|; focus_counts (H, vocab_size): per sequence
       the focus token (the column j with the most hits, ties to the smaller position) counted by
       its token id.
+    With sentence (B, T) int64 sentence index of each token (sentence_index) and period (B, T)
+    bool ('.' tokens), also: same_sentence (H,) hits inside the token's own sentence and
+    period_or_separator (H,) hits on '.' or [SEP] (arXiv 2512.21956 counts '.' with [SEP]).
     """
     B, H, T, _ = head_out.shape
     n = mask.sum(1)
@@ -160,6 +164,12 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
         "distance": (dist * wl).sum(dim=(0, 2)),
         "separator": (sep[:, None, :].expand(B, H, T).gather(-1, j) & w).long().sum(dim=(0, 2)),
     }
+    if sentence is not None:
+        sid = sentence[:, None, :].expand(B, H, T)
+        out["same_sentence"] = ((sid.gather(-1, j) == sid) & w).long().sum(dim=(0, 2))
+    if period is not None:
+        stop = (period | sep)[:, None, :].expand(B, H, T)
+        out["period_or_separator"] = (stop.gather(-1, j) & w).long().sum(dim=(0, 2))
     hist = torch.zeros(H, T, dtype=torch.int64, device=mask.device)
     hist.scatter_add_(1, dist.transpose(0, 1).reshape(H, -1), wl.transpose(0, 1).reshape(H, -1))
     out["distance_hist"] = hist
@@ -172,3 +182,11 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
     counts.scatter_add_(1, ids.T, has.T)
     out["focus_counts"] = counts
     return out
+
+
+def sentence_index(ends: torch.Tensor) -> torch.Tensor:
+    """ends (B, T) bool: sentence-final tokens ('.', '!', '?', [SEP]) -> (B, T) int64 sentence
+    index; an end token belongs to the sentence it closes, the next token starts a new one."""
+    starts = torch.zeros_like(ends, dtype=torch.int64)
+    starts[:, 1:] = ends[:, :-1].long()
+    return starts.cumsum(1)

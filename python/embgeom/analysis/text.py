@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..report import new_figure, save_figure, table_html, write_html, write_json
-from . import text_clouds
+from . import text_clouds, text_heads
 
 
 def add_arguments(p) -> None:
@@ -25,13 +25,14 @@ def add_arguments(p) -> None:
                    "difference vectors per group")
     p.add_argument("--no-progress", action="store_true")
     text_clouds.add_arguments(p)
+    text_heads.add_arguments(p)
 
 
 def main(args) -> int:
     import warnings
 
     from .clouds import read_labels
-    from .trace import cls_differences, read_lines, read_pairs, trace
+    from .trace import cls_differences, model_max_length, read_lines, read_pairs, trace
     from ..models import DEFAULT_MODEL, load_model
 
     if not os.path.isfile(args.corpus):
@@ -52,21 +53,27 @@ def main(args) -> int:
     keeper = text_clouds.Keeper(args.out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
                                 keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
                                 tokenizer=tokenizer) if keeping else None
-    with warnings.catch_warnings(record=True) as caught:
+    extras = text_heads.TextExtras(args, model, tokenizer, model_max_length(model, tokenizer, args.max_length))
+    observers = extras.observers + ([keeper] if keeper is not None else [])
+    with warnings.catch_warnings(record=True) as caught, extras.active():
         warnings.simplefilter("always")
         result = trace(model, tokenizer, args.corpus, batch_size=args.batch_size,
-                       max_length=args.max_length, progress=not args.no_progress, on_batch=keeper)
+                       max_length=args.max_length, progress=not args.no_progress, observers=observers)
     for w in caught[:1]:
         print(f"embgeom text: warning: {w.message}", file=sys.stderr)
     result.model = args.model or DEFAULT_MODEL
     report = result.to_dict()
+    report.update(extras.report(result))
     if pairs is not None:
         report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
                                               max_length=args.max_length, keep=True)
     extra = text_clouds.finish(args, args.out, keeper, report, pairs, labels,
                                lambda: list(read_lines(args.corpus)))
     write_json(os.path.join(args.out, "report.json"), report)
+    extras.write_files(args.out)
     write_report(args.out, result, report, extra)
+    if args.profile:
+        extras.print_profile(result.seconds)
     print(f"embgeom text: {result.n_texts} texts, {result.n_tokens} tokens in {result.seconds:.1f}s "
           f"-> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0
@@ -83,6 +90,20 @@ def _heatmap(out_dir, name, data, title, xlabel, ylabel, cmap="viridis", vmin=No
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     return save_figure(fig, out_dir, name)
+
+
+def text_heads_sections(out_dir: str, report: dict) -> list:
+    from ..report.heads import context_section, gaussianity_section, heads_sections
+
+    out = []
+    ctx = context_section(out_dir, report["context_similarity"])
+    if ctx is not None:
+        out.append(ctx)
+    if "attention_heads" in report:
+        out += heads_sections(out_dir, report["attention_heads"])
+    if "gaussianity" in report:
+        out.append(gaussianity_section(out_dir, report["gaussianity"]))
+    return out
 
 
 def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
@@ -183,6 +204,7 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
             ["group", "pairs", "||mean difference||"],
             [[g, int(n), float(v)] for g, n, v in zip(cp["groups"], cp["counts"].tolist(), cp["mean_norm"].tolist())]),
             [pngs["pairs"]]))
+    sections += text_heads_sections(out_dir, report)
     sections.extend(extra_sections)
     write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections)
     return list(pngs.values())

@@ -48,7 +48,7 @@ class Keeper:
         self.texts: list[str] = []
         self.done = 0
 
-    def __call__(self, batch) -> None:
+    def update(self, batch) -> None:
         B = batch.mask.shape[0]
         if self.done + B > self.n:
             raise ValueError(f"texts: more texts than counted ({self.n})")

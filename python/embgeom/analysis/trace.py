@@ -105,6 +105,20 @@ def punctuation_table(tokenizer) -> torch.Tensor:
     return _PUNCT_CACHE[key]
 
 
+def sentence_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V,) bool each: tokens that end a sentence ('.', '!', '?', after a '##'/'Ġ'/'▁' prefix is
+    stripped) and tokens that are '.' (context-similarity separators, arXiv 2512.21956)."""
+    vocab = tokenizer.get_vocab()
+    size = max(len(tokenizer), max(vocab.values()) + 1)
+    ends = torch.zeros(size, dtype=torch.bool)
+    period = torch.zeros(size, dtype=torch.bool)
+    for tok, i in vocab.items():
+        t = tok[2:] if tok.startswith("##") else tok.lstrip("Ġ▁")
+        ends[i] = t in (".", "!", "?")
+        period[i] = t == "."
+    return ends, period
+
+
 @dataclass
 class Batch:
     """One forward pass. B texts, T padded length, L layers, H heads, D hidden, d_h = D / H.
@@ -243,6 +257,8 @@ class TraceResult:
     step_cosine: torch.Tensor
     norm: torch.Tensor
     seconds: float = 0.0
+    context_same_sentence: torch.Tensor | None = None
+    context_period_separator: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
         """The report.json keys of `embgeom text` (NaN -> None)."""
@@ -260,10 +276,27 @@ class TraceResult:
             "js_distance": as_list(self.js_distance),
             "context_similarity": {"mean_distance": as_list(self.context_mean_distance),
                                    "focus_token": self.focus_token,
-                                   "separator_share": as_list(self.context_separator_share)},
+                                   "separator_share": as_list(self.context_separator_share),
+                                   **self._context_extras()},
             "evolution": {"step_distance": as_list(self.step_distance),
                           "step_cosine": as_list(self.step_cosine), "norm": as_list(self.norm)},
         }
+
+
+    def _context_extras(self) -> dict:
+        """The |i - j| histograms (trimmed after the largest distance seen) and, when the
+        sentence tables were given, the same-sentence and '.'-or-[SEP] shares (2512.21956)."""
+        hist = self.context_distance_hist
+        seen = (hist.sum(dim=(0, 1)) > 0).nonzero()
+        width = int(seen.max()) + 1 if seen.numel() else 0
+        out = {"distance_hist": hist[..., :width].cpu().tolist(),
+               "layer_distance_hist": hist[..., :width].sum(1).cpu().tolist()}
+        if self.context_same_sentence is not None:
+            from ..results import as_list
+
+            out["same_sentence_share"] = as_list(self.context_same_sentence)
+            out["period_separator_share"] = as_list(self.context_period_separator)
+        return out
 
 
 class TraceAccumulator:
@@ -271,13 +304,15 @@ class TraceAccumulator:
     batch, `merge(other)` to combine shards, `result()` for the means."""
 
     def __init__(self, L: int, H: int, max_len: int, vocab_size: int, device, *,
-                 metrics: Iterable[str] = METRICS, model_name: str = ""):
+                 metrics: Iterable[str] = METRICS, model_name: str = "",
+                 sentence_tables: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.L, self.H, self.max_len, self.V = L, H, max_len, vocab_size
         self.metrics = set(metrics)
         unknown = self.metrics - set(METRICS)
         if unknown:
             raise ValueError(f"metrics: unknown {sorted(unknown)}; expected a subset of {METRICS}")
         self.model_name = model_name
+        self.sentence_tables = None if sentence_tables is None else tuple(t.to(device) for t in sentence_tables)
         z = lambda *s, dt=torch.float64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
         self.n_texts = 0
         self.n_tokens = 0
@@ -291,6 +326,7 @@ class TraceAccumulator:
             "ctx_sep": z(L, H, dt=torch.int64), "ctx_hist": z(L, H, max_len, dt=torch.int64),
             "focus": z(L, H, vocab_size, dt=torch.int64) if "context" in self.metrics else z(L, H, 1, dt=torch.int64),
             "step_dist": z(L), "step_cos": z(L), "norm": z(L + 1),
+            "ctx_same": z(L, H, dt=torch.int64), "ctx_period": z(L, H, dt=torch.int64),
         }
         self._ws: dict = {}     # reusable scratch buffers (no page faults per batch)
 
@@ -349,6 +385,10 @@ class TraceAccumulator:
         keys = torch.stack([b.cls, b.sep, b.punct], dim=-1).to(dt)
         if "attention" in self.metrics:
             weight = attention.offset_weight(mask, b.cls, b.sep, dt)
+        sentence = period = None
+        if "context" in self.metrics and self.sentence_tables is not None:
+            ends, period = (t[b.input_ids] & mask for t in self.sentence_tables)
+            sentence = attention.sentence_index(ends | b.sep)
         if b.attentions and "entropy" in self.metrics:
             # the row-entropy kernel (embgeom.attention_entropy without its input checks)
             _, entropy_kernel = registry.pick("attention_entropy", b.attentions[0])
@@ -365,12 +405,16 @@ class TraceAccumulator:
                     attn, mask, b.cls, b.sep, self.max_len, workspace=self._ws, mass=mass, weight=weight)
             if "context" in self.metrics:
                 c = attention.context_similarity(b.head_outputs[l].transpose(1, 2), mask, b.sep,
-                                            b.input_ids, self.V, workspace=self._ws)
+                                            b.input_ids, self.V, workspace=self._ws,
+                                            sentence=sentence, period=period)
                 s["ctx_rows"][l] += c["rows"]
                 s["ctx_dist"][l] += c["distance"]
                 s["ctx_sep"][l] += c["separator"]
                 s["ctx_hist"][l, :, :T] += c["distance_hist"]
                 s["focus"][l] += c["focus_counts"]
+                if sentence is not None:
+                    s["ctx_same"][l] += c["same_sentence"]
+                    s["ctx_period"][l] += c["period_or_separator"]
         s["hme_n"] += B
         if "evolution" in self.metrics:
             m = mask.to(b.hidden_states[0].dtype)
@@ -423,12 +467,16 @@ class TraceAccumulator:
             context_separator_share=nan_if(s["ctx_sep"].double() / ctx_rows.clamp(min=1), ctx_rows),
             context_distance_hist=s["ctx_hist"], focus_token=focus, focus_share=focus_share,
             step_distance=s["step_dist"] / rows, step_cosine=s["step_cos"] / rows,
-            norm=s["norm"] / rows, seconds=seconds)
+            norm=s["norm"] / rows, seconds=seconds,
+            context_same_sentence=None if self.sentence_tables is None else
+            nan_if(s["ctx_same"].double() / ctx_rows.clamp(min=1), ctx_rows),
+            context_period_separator=None if self.sentence_tables is None else
+            nan_if(s["ctx_period"].double() / ctx_rows.clamp(min=1), ctx_rows))
 
 
 def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
           device=None, metrics: Iterable[str] = METRICS, progress: bool = False,
-          on_batch=None) -> TraceResult:
+          observers: Iterable = ()) -> TraceResult:
     """Run `texts` through an encoder `model` (any family of adapters.ADAPTERS) in batches and
     reduce SPEC M2-M4 metrics and the layer evolution over the corpus (see TraceResult for every
     field and its definition).
@@ -436,7 +484,8 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     texts: list / iterable of str, or a path to a UTF-8 file with one text per line (blank lines
     skipped). metrics: subset of ("cone", "entropy", "attention", "context", "evolution").
     Tensors never leave the model's device; memory does not grow with the number of texts.
-    on_batch: optional callable given every Batch after the reduction (e.g. to keep vectors)."""
+    observers: more accumulators, each `update(batch)`ed after the trace metrics (e.g.
+    embgeom.analysis.heads.HeadsAccumulator, or text_clouds.Keeper keeping vectors)."""
     import time
 
     start = time.perf_counter()
@@ -445,13 +494,15 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     total = count_texts(texts) if progress else None
     acc = TraceAccumulator(adapters.num_layers(model), model.config.num_attention_heads,
                            max_len, max(model.config.vocab_size, len(tokenizer)), dev,
-                           metrics=metrics, model_name=str(getattr(model.config, "_name_or_path", "")))
+                           metrics=metrics, model_name=str(getattr(model.config, "_name_or_path", "")),
+                           sentence_tables=sentence_tables(tokenizer))
+    observers = list(observers)
     done = 0
     for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
                               device=None):
         acc.update(batch)
-        if on_batch is not None:
-            on_batch(batch)
+        for obs in observers:
+            obs.update(batch)
         done += batch.mask.shape[0]
         if progress:
             rate = done / max(time.perf_counter() - start, 1e-9)

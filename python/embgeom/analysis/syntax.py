@@ -1,0 +1,302 @@
+"""`embgeom syntax TREEBANK.conllu --out DIR`: word-level attention and syntax heads as Clark
+et al. measure them (arXiv 1906.04341, section 4.2; docs/heads.md).
+
+Each sentence's words (the syntactic words of a CoNLL-U file: multiword-token ranges and empty
+nodes are skipped) are split into word pieces one word at a time and run through the model as
+[CLS] pieces [SEP]. Token attention becomes word attention as the paper describes it: attention
+TO a split word is the sum over its pieces, attention FROM it the mean of its pieces' rows
+([CLS] and [SEP] are words of their own). Per head and sentence the word map has its diagonal
+excluded and its [CLS]/[SEP] rows and columns dropped; the prediction for word i is the word it
+attends to most ("dep->head") or the word that attends most to it ("head->dep", the transposed
+map). Accuracy of a relation = correct predictions of the gold head / words with that relation
+over the corpus; the report gives the best of all heads x 2 directions per relation (picked on
+the same data, as the paper does), and the best fixed-offset baseline (offsets -3..2).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+DIRECTIONS = ("dep->head", "head->dep")
+OFFSETS = (-3, -2, -1, 1, 2)
+POSS_RELATIONS = ("poss", "nmod:poss")
+POSS_CLITICS = ("'s", "s'")
+
+
+@dataclass
+class Sentence:
+    words: list[str]
+    heads: list[int]          # gold heads, 1-based, 0 = root
+    relations: list[str]
+
+
+def read_conllu(path: str) -> list[Sentence]:
+    """The sentences of a CoNLL-U file (`conllu` package); clear errors for a missing file, a
+    malformed line or a missing head."""
+    try:
+        import conllu
+    except ImportError:
+        raise ValueError("syntax: the conllu package is not installed; `pip install conllu`") from None
+    if not os.path.isfile(path):
+        raise ValueError(f"TREEBANK: no such file: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            for number, sent in enumerate(conllu.parse_incr(f), 1):
+                words, heads, rels = [], [], []
+                for tok in sent:
+                    if not isinstance(tok["id"], int):        # 1-2 multiword range, 1.1 empty node
+                        continue
+                    if not isinstance(tok["head"], int):
+                        raise ValueError(f"TREEBANK: {path} sentence {number}, word {tok['id']} "
+                                         f"({tok['form']!r}) has no head")
+                    words.append(str(tok["form"]))
+                    heads.append(int(tok["head"]))
+                    rels.append(str(tok["deprel"]))
+                if words:
+                    if any(h < 0 or h > len(words) for h in heads):
+                        raise ValueError(f"TREEBANK: {path} sentence {number}: a head is outside 0..{len(words)}")
+                    out.append(Sentence(words, heads, rels))
+        except (conllu.exceptions.ParseException, UnicodeDecodeError) as exc:
+            raise ValueError(f"TREEBANK: {path} is not valid CoNLL-U: {exc}".splitlines()[0]) from None
+    if not out:
+        raise ValueError(f"TREEBANK: {path} has no sentence")
+    return out
+
+
+def word_pieces(tokenizer, sentences: list[Sentence]) -> list[list[list[int]]]:
+    """Per sentence, per word, its piece ids (the tokenizer run on the word alone; [UNK] for a
+    word that yields no piece)."""
+    flat = [w for s in sentences for w in s.words]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out, k = [], 0
+    for s in sentences:
+        out.append([p if p else [tokenizer.unk_token_id] for p in ids[k:k + len(s.words)]])
+        k += len(s.words)
+    return out
+
+
+def word_attention(attn: torch.Tensor, groups: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
+    """Token -> word attention. attn (B, K, T, T) (K maps per sentence, padded tokens masked);
+    groups (B, T) int64 word index of each token (0 = [CLS], 1..W words, W+1 = [SEP], -1 pad);
+    n_words (B,) W + 2. Returns (B, K, Wn, Wn) float64, Wn = max W + 2: columns summed over a
+    word's pieces, rows averaged over them; slots past a sentence's [SEP] are 0."""
+    B, K, T, _ = attn.shape
+    Wn = int(n_words.max())
+    G = torch.zeros(B, T, Wn, dtype=torch.float64, device=attn.device)
+    real = groups >= 0
+    G[real.nonzero(as_tuple=True) + (groups[real],)] = 1.0
+    counts = G.sum(1)                                                      # (B, Wn)
+    Gmean = G / counts.clamp(min=1)[:, None, :]
+    a = attn.double()
+    to_words = a @ G[:, None]                                              # (B, K, T, Wn)
+    return Gmean.transpose(1, 2)[:, None] @ to_words                       # (B, K, Wn, Wn)
+
+
+def predictions(word_attn: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
+    """word_attn (B, K, Wn, Wn) -> (B, K, 2, Wn - 2) int64 predicted heads (1-based) of words
+    1..W for both directions; [CLS]/[SEP] rows and columns and the diagonal excluded; ties to the
+    first word; words past W get 0."""
+    B, K, Wn, _ = word_attn.shape
+    W = Wn - 2
+    m = word_attn[:, :, 1:Wn - 1, 1:Wn - 1]                                # words only (SEP of the
+    idx = torch.arange(W, device=word_attn.device)                        # longest sentence dropped)
+    valid = idx[None, :] < (n_words - 2)[:, None]                          # (B, W)
+    keep = valid[:, None, None, :] & valid[:, None, :, None]
+    keep = keep & ~torch.eye(W, dtype=torch.bool, device=word_attn.device)
+    neg = torch.tensor(-math.inf, dtype=m.dtype, device=m.device)
+    dep_head = torch.where(keep, m, neg).argmax(-1) + 1                     # row i -> most attended j
+    head_dep = torch.where(keep, m.transpose(-1, -2), neg).argmax(-1) + 1  # who attends most to i
+    out = torch.stack([dep_head, head_dep], dim=2)                         # (B, K, 2, W)
+    return torch.where(valid[:, None, None, :], out, torch.zeros_like(out))
+
+
+def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int = 64,
+                 max_length: int | None = None, progress: bool = False) -> dict:
+    """Per-relation syntactic-head accuracy (see the module docstring). Returns the report.json
+    block `syntax` (accuracies float, best = [layer (0-based), head, direction])."""
+    from .trace import model_max_length
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
+    start = time.perf_counter()
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    K = L * H
+    dev = next(model.parameters()).device
+    limit = model_max_length(model, tokenizer, max_length)
+    pieces = word_pieces(tokenizer, sentences)
+    rel_names = sorted({r for s in sentences for r in s.relations})
+    rel_id = {r: i for i, r in enumerate(rel_names)}
+    R = len(rel_names)
+    correct = torch.zeros(K, 2, R + 1, dtype=torch.float64)                # last slot: all words
+    offset_ok = torch.zeros(len(OFFSETS), R + 1, dtype=torch.float64)
+    total = torch.zeros(R + 1, dtype=torch.float64)
+    lengths = [2 + sum(len(p) for p in ps) for ps in pieces]
+    order = [i for i in sorted(range(len(sentences)), key=lambda i: lengths[i]) if lengths[i] <= limit]
+    skipped = len(sentences) - len(order)
+    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
+    done = 0
+    for b0 in range(0, len(order), batch_size):
+        chunk = order[b0:b0 + batch_size]
+        B, T = len(chunk), max(lengths[i] for i in chunk)
+        ids = torch.full((B, T), pad_id, dtype=torch.long)
+        groups = torch.full((B, T), -1, dtype=torch.long)
+        n_words = torch.zeros(B, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            toks, grp = [cls_id], [0]
+            for w, p in enumerate(pieces[i], 1):
+                toks += p
+                grp += [w] * len(p)
+            W = len(pieces[i])
+            toks.append(sep_id)
+            grp.append(W + 1)
+            ids[r, :len(toks)] = torch.tensor(toks)
+            groups[r, :len(grp)] = torch.tensor(grp)
+            n_words[r] = W + 2
+        mask = groups >= 0
+        with torch.inference_mode():
+            out = model(input_ids=ids.to(dev), attention_mask=mask.long().to(dev),
+                        token_type_ids=torch.zeros_like(ids).to(dev), output_attentions=True,
+                        return_dict=True)
+        attn = torch.stack(out.attentions, 1).reshape(B, K, T, T).cpu()    # (B, L*H, T, T)
+        attn = attn * mask[:, None, None, :]
+        wa = word_attention(attn, groups, n_words)
+        pred = predictions(wa, n_words)                                    # (B, K, 2, Wmax)
+        Wmax = pred.shape[-1]
+        gold = torch.zeros(B, Wmax, dtype=torch.long)
+        rel = torch.full((B, Wmax), -1, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            s = sentences[i]
+            W = len(s.words)
+            gold[r, :W] = torch.tensor(s.heads)
+            rel[r, :W] = torch.tensor([rel_id[x] for x in s.relations])
+            # Clark's special case: a possessor followed by 's / s' is scored on the clitic's row
+            for w in range(W - 1):
+                if s.relations[w] in POSS_RELATIONS and s.words[w + 1] in POSS_CLITICS:
+                    pred[r, :, :, w] = pred[r, :, :, w + 1]
+        valid = rel >= 0
+        ok = (pred == gold[:, None, None, :]) & valid[:, None, None, :]     # (B, K, 2, W)
+        okf = ok.double().permute(1, 2, 0, 3).reshape(K, 2, -1)
+        rel_flat = rel.clamp(min=0).reshape(-1)
+        correct[..., :R].index_add_(2, rel_flat, okf)                      # invalid slots add 0
+        correct[..., R] += okf.sum(-1)
+        total[:R].index_add_(0, rel_flat, valid.double().reshape(-1))
+        total[R] += valid.sum()
+        pos = torch.arange(1, Wmax + 1)
+        for o_i, o in enumerate(OFFSETS):
+            hit = ((pos + o) == gold) & (gold > 0) & valid                   # offsets never predict root
+            offset_ok[o_i, :R].index_add_(0, rel_flat, hit.double().reshape(-1))
+            offset_ok[o_i, R] += hit.sum()
+        done += B
+        if progress:
+            print(f"\rembgeom syntax: {done}/{len(order)} sentences", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    if total[R] == 0:
+        raise ValueError("TREEBANK: no sentence fits the model's maximum length")
+    acc = correct / total.clamp(min=1)                                     # (K, 2, R+1)
+    off = offset_ok / total.clamp(min=1)
+
+    def entry(r: int) -> dict:
+        flat = acc[:, :, r].reshape(-1)                                    # order: layer, head, dir
+        best = int(flat.argmax())                                          # first best
+        k, d = divmod(best, 2)
+        o = int(off[:, r].argmax())
+        return {"count": int(total[r]), "best": [k // H, k % H, DIRECTIONS[d]],
+                "accuracy": float(flat[best]),
+                "offset_baseline": {"offset": OFFSETS[o], "accuracy": float(off[o, r])}}
+
+    return {
+        "definitions": "docs/heads.md; Clark et al. arXiv 1906.04341 section 4.2 (word-level "
+                       "attention: to a word summed over its pieces, from it averaged)",
+        "n_sentences": len(order), "skipped_too_long": skipped, "n_words": int(total[R]),
+        "relations": {name: entry(i) for i, name in enumerate(rel_names) if total[i] > 0},
+        "all": entry(R),
+        "all_accuracy": acc[:, :, R].reshape(L, H, 2),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# ------------------------------------------------------------------------------------ CLI
+def add_arguments(p) -> None:
+    p.add_argument("treebank", metavar="TREEBANK", help="CoNLL-U file (e.g. a Universal Dependencies "
+                   "treebank; a sample ships as embgeom/data/sample.conllu)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    p.add_argument("--model", default=None, help="Hugging Face name or local path (default: the bundled "
+                   "all-MiniLM-L6-v2)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=None, help="skip sentences longer than N tokens "
+                   "(default: the model's maximum)")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def sample_path() -> str:
+    """The CoNLL-U sample shipped with embgeom (42 English sentences written for the project)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample.conllu")
+
+
+def main(args) -> int:
+    from ..models import DEFAULT_MODEL, load_model
+    from ..report import write_json
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    sentences = read_conllu(args.treebank)
+    model, tokenizer = load_model(args.model, device=args.device)
+    os.makedirs(args.out, exist_ok=True)
+    block = syntax_heads(model, tokenizer, sentences, batch_size=args.batch_size,
+                         max_length=args.max_length, progress=not args.no_progress)
+    report = {"model": args.model or DEFAULT_MODEL, "treebank": os.path.abspath(args.treebank),
+              "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
+              "syntax": block}
+    write_json(os.path.join(args.out, "report.json"), report)
+    write_syntax_report(args.out, report)
+    a = block["all"]
+    print(f"embgeom syntax: {block['n_sentences']} sentences, {block['n_words']} words in "
+          f"{block['seconds']:.1f}s; best head overall L{a['best'][0] + 1} h{a['best'][1]} "
+          f"{a['best'][2]} {a['accuracy']:.3f} (offset {a['offset_baseline']['offset']:+d}: "
+          f"{a['offset_baseline']['accuracy']:.3f}) -> {os.path.join(args.out, 'report.html')}",
+          file=sys.stderr)
+    return 0
+
+
+def write_syntax_report(out_dir: str, report: dict) -> None:
+    import numpy as np
+
+    from ..report import new_figure, save_figure, table_html, write_html
+
+    s = report["syntax"]
+    acc = np.asarray(s["all_accuracy"].cpu() if hasattr(s["all_accuracy"], "cpu") else s["all_accuracy"])
+    fig, _ = new_figure(11, 0.35 * acc.shape[0] + 2.5)
+    fig.clf()
+    for d, name in enumerate(DIRECTIONS):
+        ax = fig.add_subplot(1, 2, d + 1)
+        im = ax.imshow(acc[:, :, d], cmap="viridis", vmin=0, aspect="auto")
+        fig.colorbar(im, ax=ax)
+        ax.set_title(f"accuracy over all words, {name}", fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(acc.shape[0]), [str(i + 1) for i in range(acc.shape[0])])
+    png = save_figure(fig, out_dir, "syntax_heads")
+    rows = []
+    for name, e in sorted(s["relations"].items(), key=lambda kv: -kv[1]["count"]) + [("all", s["all"])]:
+        rows.append([name, e["count"], f"L{e['best'][0] + 1} h{e['best'][1]}", e["best"][2], e["accuracy"],
+                     e["offset_baseline"]["offset"], e["offset_baseline"]["accuracy"]])
+    summary = table_html(["model", "sentences", "words", "skipped (too long)", "seconds"],
+                         [[report["model"], s["n_sentences"], s["n_words"], s["skipped_too_long"],
+                           round(s["seconds"], 1)]])
+    body = ("<p>Clark et al. (arXiv 1906.04341, section 4.2): for each relation the head and direction "
+            "whose most-attended word is the gold head most often (best of all heads x 2 directions, "
+            "chosen on this data), against the best fixed offset -3..2. Layers are 1-based here, "
+            "0-based in report.json. Relations with few instances are noisy (the paper reports those "
+            "with at least 100).</p>"
+            + table_html(["relation", "count", "best head", "direction", "accuracy", "baseline offset",
+                          "baseline accuracy"], rows))
+    write_html(os.path.join(out_dir, "report.html"), f"embgeom syntax: {report['model']}",
+               [("Summary", summary, []), ("Syntax heads per relation", body, [png])])

@@ -1,0 +1,99 @@
+"""The opt-in head and Gaussianity extras of `embgeom text` (docs/heads.md): their flags, the
+observers that ride along trace()'s batches, the report.json blocks and the cost per metric."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+from .gaussianity import GaussianityAccumulator
+from .heads import HeadsAccumulator, capture_qk
+
+HEAD_MAPS_FILE = "head_maps.json"
+
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("attention heads and Gaussianity (opt-in; docs/heads.md)")
+    g.add_argument("--heads", action="store_true",
+                   help="attention_heads: Clark's entropies and [SEP]->[SEP], gate-pattern features and "
+                        "labels, value-histogram entropy (about 1-2x the forward pass)")
+    g.add_argument("--clark-js", action="store_true",
+                   help="Clark's summed JS divergence between all heads and its MDS map (implies --heads; "
+                        "(L*H)^2 x tokens work: about 5-10x the forward pass for a 6x12 model)")
+    g.add_argument("--directionality", action="store_true",
+                   help="skew fraction, asymmetry, positive-cos share, Spearman(|q|, entropy) "
+                        "(implies --heads; hooks the query/key projections)")
+    g.add_argument("--head-maps", type=int, default=0, metavar="N",
+                   help="draw the L x H attention maps of the first N texts in report.html (implies --heads)")
+    g.add_argument("--gaussianity", action="store_true",
+                   help="K^2 normality test, skew and kurtosis of every real token's hidden state per depth")
+    g.add_argument("--profile", action="store_true", help="print the seconds spent on each extra metric")
+
+
+class TextExtras:
+    """Built from the parsed flags; `observers` go to trace(), `active()` wraps the run."""
+
+    def __init__(self, args, model, tokenizer, max_len: int):
+        if args.head_maps < 0:
+            raise ValueError(f"--head-maps: expected >= 0, got {args.head_maps}")
+        self.model, self.tokenizer = model, tokenizer
+        want_heads = args.heads or args.clark_js or args.directionality or args.head_maps > 0
+        self.directionality = args.directionality
+        self._qk = {}
+        L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+        dev = next(model.parameters()).device
+        self.heads = HeadsAccumulator(L, H, max_len, dev, js=args.clark_js,
+                                      directionality=args.directionality, qk=self._qk,
+                                      sample_maps=args.head_maps) if want_heads else None
+        self.gauss = GaussianityAccumulator(L + 1, model.config.hidden_size) if args.gaussianity else None
+        self.observers = [o for o in (self.heads, self.gauss) if o is not None]
+        self.seconds: dict[str, float] = {}
+        self.sample_maps: list[dict] = []
+
+    @contextlib.contextmanager
+    def active(self):
+        if self.heads is not None and self.directionality:
+            with capture_qk(self.model) as store:
+                self.heads.qk = store
+                yield
+        else:
+            yield
+
+    def report(self, result) -> dict:
+        out = {}
+        if self.heads is not None:
+            t0 = time.perf_counter()
+            block = self.heads.result(self.model, self.tokenizer, result.attention_to)
+            if "sample_maps" in block:
+                # the maps go to their own file (report.html embeds them); report.json names it
+                self.sample_maps = block.pop("sample_maps")
+                block["sample_maps"] = {"file": HEAD_MAPS_FILE,
+                                        "tokens": [sm["tokens"] for sm in self.sample_maps]}
+            out["attention_heads"] = block
+            self.seconds["heads: result (MDS, skew fraction)"] = time.perf_counter() - t0
+        if self.gauss is not None:
+            out["gaussianity"] = self.gauss.result()
+        return out
+
+    def write_files(self, out_dir: str) -> None:
+        """head_maps.json: [{"tokens": [str], "maps": [L][H][n][n]}] (3 decimals) with --head-maps."""
+        if self.sample_maps:
+            import json
+            import os
+
+            data = [{"tokens": sm["tokens"],
+                     "maps": [[[[round(float(v), 3) for v in row] for row in m] for m in lay]
+                              for lay in sm["maps"].tolist()]} for sm in self.sample_maps]
+            with open(os.path.join(out_dir, HEAD_MAPS_FILE), "w") as f:
+                json.dump(data, f, separators=(",", ":"))
+
+    def print_profile(self, total: float, stream=None) -> None:
+        stream = stream or sys.stderr
+        parts = {}
+        for o in self.observers:
+            parts.update(o.seconds)
+        parts.update(self.seconds)
+        extra = sum(v for k, v in parts.items() if not k.startswith("heads: result"))
+        print(f"embgeom text: profile: forward + default metrics {total - extra:.2f}s", file=stream)
+        for k, v in parts.items():
+            print(f"embgeom text: profile:   {k:34s} {v:8.2f}s", file=stream)

@@ -1,0 +1,220 @@
+"""Report sections of docs/heads.md: Clark's entropies and MDS map, the gate-pattern labels,
+directionality, the head-map grid, Gaussianity by depth and the context-similarity completions.
+Each function returns (heading, html body, [png paths]) sections for `write_html`."""
+from __future__ import annotations
+
+import numpy as np
+
+from .headmaps import headmaps_html
+from .html import table_html
+from .plots import new_figure, save_figure
+
+MARKERS = {"broad": "o", "next": ">", "previous": "<", "[CLS]": "s", "[SEP]": "D",
+           "punctuation": "P", "other": "x"}
+LABEL_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#dddddd"]
+
+
+def _arr(v):
+    return np.array([[np.nan if x is None else x for x in row] for row in v], dtype=float) \
+        if isinstance(v, list) else np.asarray(v.cpu() if hasattr(v, "cpu") else v, dtype=float)
+
+
+def _heat(ax, fig, data, title, cmap="viridis", vmin=None, vmax=None, fmt=None):
+    im = ax.imshow(data, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(data.shape[0]), [str(i + 1) for i in range(data.shape[0])])
+    if fmt and data.size <= 16 * 16:
+        for (i, j), v in np.ndenumerate(data):
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="w")
+
+
+def heads_sections(out_dir: str, block: dict) -> list:
+    """block: the `attention_heads` dict of HeadsAccumulator.result."""
+    sections = []
+    ce, cls_e, ve = _arr(block["clark_entropy"]), _arr(block["cls_entropy"]), _arr(block["value_entropy"])
+    L, H = ce.shape
+    layers = np.arange(1, L + 1)
+    fig, _ = new_figure(12, 3.6)
+    fig.clf()
+    a1 = fig.add_subplot(1, 3, 1)
+    a1.plot(layers, ce.mean(1), "o-", label="mean over a text's rows (Clark)")
+    a1.fill_between(layers, ce.min(1), ce.max(1), alpha=0.2, label="range over heads")
+    a1.plot(layers, cls_e.mean(1), "s--", label="from [CLS] (row 0)")
+    a1.axhline(block["uniform_entropy"], color="gray", ls=":", label="uniform (mean ln n)")
+    a1.set_title("attention row entropy (nats), smoothing 1e-4", fontsize=9)
+    a1.set_xlabel("layer")
+    a1.legend(fontsize=7)
+    a2 = fig.add_subplot(1, 3, 2)
+    a2.plot(layers, ve.mean(1), "o-", color="C2", label="mean over heads")
+    a2.fill_between(layers, ve.min(1), ve.max(1), alpha=0.2, color="C2", label="range over heads")
+    a2.axhline(block["value_entropy_max"], color="gray", ls=":", label="ln 20")
+    a2.set_title("value-histogram entropy (20 bins, nats)", fontsize=9)
+    a2.set_xlabel("layer")
+    a2.legend(fontsize=7)
+    a3 = fig.add_subplot(1, 3, 3)
+    _heat(a3, fig, _arr(block["sep_to_sep"]), "[SEP] -> [SEP] attention", "Blues", 0, 1)
+    png = save_figure(fig, out_dir, "head_entropy")
+    fig, ax = new_figure(0.5 * H + 3, 0.4 * L + 2)
+    _heat(ax, fig, ce, "Clark entropy per head (nats)", fmt="{:.1f}")
+    png2 = save_figure(fig, out_dir, "clark_entropy")
+    sections.append(("Attention entropy per head (Clark; value histogram)",
+                     "<p>Clark et al. (arXiv 1906.04341): row entropy of 0.9999 A + 0.0001/n, mean over "
+                     "a text's rows, then over texts; from [CLS]: row 0 only; the uniform baseline is the "
+                     "mean of ln n. Value-histogram entropy: the geometry-of-BERT authors' code "
+                     f"(arXiv 2502.12033), maximum ln 20. Uniform baseline: {block['uniform_entropy']:.3f} "
+                     "nats.</p>", [png, png2]))
+
+    if "js_divergence" in block:
+        js = _arr(block["js_divergence"])
+        mds = _arr(block["mds"])
+        beh = [b for row in block["mds_behaviour"] for b in row]
+        fig, _ = new_figure(13, 5.5)
+        fig.clf()
+        a1 = fig.add_subplot(1, 2, 1)
+        cmap = __import__("matplotlib").colormaps["viridis"]
+        for k, (x, y) in enumerate(mds):
+            l, h = divmod(k, H)
+            a1.scatter(x, y, color=cmap(l / max(L - 1, 1)), marker=MARKERS.get(beh[k], "x"), s=40)
+        for name, mk in MARKERS.items():
+            if name in beh:
+                a1.scatter([], [], color="gray", marker=mk, label=name)
+        sm = __import__("matplotlib").cm.ScalarMappable(cmap=cmap)
+        sm.set_clim(1, L)
+        fig.colorbar(sm, ax=a1, label="layer")
+        a1.legend(fontsize=7, title="behaviour", title_fontsize=7)
+        a1.set_title("MDS of the summed JS divergence between heads (Clark Fig. 6)", fontsize=9)
+        a2 = fig.add_subplot(1, 2, 2)
+        im = a2.imshow(js, cmap="magma")
+        fig.colorbar(im, ax=a2)
+        a2.set_title("summed JS divergence (nats), index = layer*H + head", fontsize=9)
+        png = save_figure(fig, out_dir, "head_mds")
+        sections.append(("Head distances and MDS (Clark)",
+                         "<p>D(a, b) = sum over every real query row of every text of JS(P_a, P_b), "
+                         "P = 0.999 A + 0.001/n (nats, not its square root); metric MDS "
+                         "(scikit-learn, precomputed, n_init 5, max_iter 1000, eps 1e-10, seed 0). "
+                         "Colour: layer; marker: Clark's behaviours (broad: entropy > 3.8 nats; "
+                         "next/previous >= 0.5; [CLS]/[SEP]/punctuation >= 0.6).</p>", [png]))
+
+    pats = block["patterns"]
+    labels = block["pattern_labels"]
+    idx = np.array([[labels.index(p["label"]) for p in row] for row in pats])
+    fig, ax = new_figure(0.6 * H + 4, 0.45 * L + 2)
+    from matplotlib.colors import ListedColormap
+    ax.imshow(idx, cmap=ListedColormap(LABEL_COLORS[:len(labels)]), vmin=-0.5, vmax=len(labels) - 0.5,
+              aspect="auto")
+    for (i, j), v in np.ndenumerate(idx):
+        ax.text(j, i, "".join(w[0] for w in labels[v].split()[:2]).upper(), ha="center", va="center",
+                fontsize=7)
+    for c, name in zip(LABEL_COLORS, labels):
+        ax.scatter([], [], color=c, marker="s", label=name)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(L), [str(i + 1) for i in range(L)])
+    ax.set_title("gate label per head (our rule over the features)", fontsize=9)
+    png = save_figure(fig, out_dir, "head_patterns")
+    feats = ["diagonal", "cls_sep", "top_column", "top3_columns", "back3", "forward3", "previous",
+             "next", "k90_median", "normalised_entropy"]
+    rows = [[f"{l + 1}", h, pats[l][h]["label"]] + [pats[l][h][f] for f in feats]
+            for l in range(L) for h in range(H)]
+    counts = {name: int((idx == i).sum()) for i, name in enumerate(labels)}
+    sections.append(("Gate patterns per head (ours)",
+                     "<p>Features are primary; the label is our documented rule (docs/heads.md), not "
+                     "the geometry-of-BERT authors' criteria, which could not be read: closed gate "
+                     "D + S >= 0.6; directional (C1 >= 0.5 or C3 >= 0.6) and median k90 <= 3; "
+                     "backward / forward contextual B3 / F3 >= 0.5; open: median normalised entropy "
+                     ">= 0.78 or median k90 >= mean n / 2; cluster head and instance gate are not "
+                     "evaluated. Counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()) + "</p>"
+                     + "<details><summary>features of every head</summary>"
+                     + table_html(["layer", "head", "label"] + feats, rows) + "</details>", [png]))
+
+    if "directionality" in block:
+        d = block["directionality"]
+        keys = [k for k in ("skew_fraction", "asymmetry", "positive_cos_share", "spearman_qnorm_entropy")
+                if k in d]
+        fig, _ = new_figure(4.2 * len(keys), 3.4)
+        fig.clf()
+        for i, k in enumerate(keys):
+            ax = fig.add_subplot(1, len(keys), i + 1)
+            _heat(ax, fig, _arr(d[k]), k, "coolwarm" if k.startswith("spearman") else "viridis",
+                  -1 if k.startswith("spearman") else None, 1 if k.startswith("spearman") else None)
+        png = save_figure(fig, out_dir, "head_directionality")
+        sections.append(("Directionality of subspace selection (ours)",
+                         "<p>Two readings proposed for the paper's undefined notion: skew fraction "
+                         "||(M - M^T)/2||_F / ||M||_F of M = W_Q,h^T W_K,h (weights) and the asymmetry "
+                         "||A - A^T||_F / (2 ||A||_F) of each text's map; the share of each row's mass on "
+                         "keys with cos(q, k) > 0, and the Spearman correlation between ||q_i|| and the "
+                         "row entropy per text (negative: larger queries select more sharply).</p>", [png]))
+
+    maps = block.get("sample_maps")
+    if isinstance(maps, dict):                     # written by embgeom text next to report.json
+        import json
+        import os
+
+        with open(os.path.join(out_dir, maps["file"])) as f:
+            maps = json.load(f)
+    if maps:
+        sections.append(("Head maps", headmaps_html(maps, L, H), []))
+    return sections
+
+
+def gaussianity_section(out_dir: str, entries: list[dict]):
+    depth = [e["depth"] for e in entries]
+    fig, _ = new_figure(12, 3.4)
+    fig.clf()
+    for i, (key, title) in enumerate((("share_rejected", "share rejecting normality (K^2, Bonferroni)"),
+                                      ("mean_skew", "mean skewness"),
+                                      ("mean_excess_kurtosis", "mean excess kurtosis"))):
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.plot(depth, [e[key] for e in entries], "o-", label="tokens")
+        ax.plot(depth, [e["text_mean"][key] for e in entries], "s--", label="text mean vectors")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("depth (0 = embeddings)")
+        ax.legend(fontsize=7)
+    png = save_figure(fig, out_dir, "gaussianity")
+    rows = [[e["depth"], e["count"], e["share_rejected"], e["mean_skew"], e["mean_excess_kurtosis"],
+             e["text_mean"]["share_rejected"], e["text_mean"]["mean_skew"],
+             e["text_mean"]["mean_excess_kurtosis"]] for e in entries]
+    return ("Gaussianity by depth (ours)",
+            "<p>D'Agostino-Pearson K^2 (scipy.stats.normaltest) on each real token's hidden-state "
+            "components, rejected at p &lt; 0.05 / N (N real tokens in the corpus); skewness and "
+            "excess kurtosis with scipy's defaults; the same for each text's mean vector "
+            "(p &lt; 0.05 / number of texts).</p>"
+            + table_html(["depth", "tokens", "share rejected", "mean skew", "mean excess kurtosis",
+                          "text means: rejected", "skew", "kurtosis"], rows), [png])
+
+
+def context_section(out_dir: str, cs: dict):
+    hist = np.asarray(cs["layer_distance_hist"], dtype=float)
+    if hist.size == 0:
+        return None
+    L = hist.shape[0]
+    fig, _ = new_figure(12, 3.4)
+    fig.clf()
+    a1 = fig.add_subplot(1, 2, 1)
+    width = min(hist.shape[1], 40)
+    for l in range(L):
+        tot = max(hist[l].sum(), 1)
+        a1.plot(np.arange(width), hist[l, :width] / tot, "-", label=f"layer {l + 1}",
+                color=__import__("matplotlib").colormaps["viridis"](l / max(L - 1, 1)))
+    a1.set_xlabel("|i - j| to the most similar token")
+    a1.set_ylabel("share of tokens (all heads)")
+    a1.legend(fontsize=6, ncol=2)
+    a2 = fig.add_subplot(1, 2, 2)
+    layers = np.arange(1, L + 1)
+    for key, lab in (("same_sentence_share", "inside the same sentence"),
+                     ("period_separator_share", "on '.' or [SEP]"), ("separator_share", "on [SEP]")):
+        if key in cs:
+            a2.plot(layers, np.nanmean(_arr(cs[key]), 1), "o-", label=lab)
+    a2.set_xlabel("layer")
+    a2.set_ylim(0, 1.02)
+    a2.set_title("share of most-similar pairs (mean over heads)", fontsize=9)
+    a2.legend(fontsize=7)
+    png = save_figure(fig, out_dir, "context_distances")
+    return ("Context similarity: distances and sentences (arXiv 2512.21956)",
+            "<p>Distribution of |i - j| from each real token to its most similar other token under "
+            "O O<sup>T</sup> per layer (all heads), and the share of those pairs inside the token's "
+            "sentence (ends: '.', '!', '?', [SEP]) or landing on '.' or [SEP].</p>", [png])

@@ -1,0 +1,344 @@
+"""attention_heads, gaussianity and the context-similarity completions on a tiny random BERT:
+every number against a direct float64 computation from transformers' own attentions and hidden
+states, one text at a time without padding (so the batched, padded, streamed path is checked
+against the plain definitions of docs/heads.md)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from embgeom.analysis import heads as hd
+from embgeom.analysis.gaussianity import GaussianityAccumulator
+from embgeom.analysis.trace import iter_batches, trace
+
+TEXTS = [
+    "the cat sat on the mat . the dog ran !",
+    "a dog !",
+    "the king and the queen , the man and the woman ; they walk to the river ( and the city ) .",
+    "red",
+    "she was in the house ? he was not . it is .",
+    "it is a big old tree , and it is green .",
+    "we go to the city",
+]
+BATCH = 3
+
+
+def _close(got, want, name, atol=2e-5):
+    got = torch.as_tensor(np.asarray(got, dtype=float), dtype=torch.float64)
+    want = torch.as_tensor(np.asarray(want, dtype=float), dtype=torch.float64)
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    assert err <= atol, f"{name}: max abs error {err:.3g} > {atol}\ngot  {got}\nwant {want}"
+
+
+def _direct(model, tokenizer, text):
+    """One text, no padding: ids, attentions (L, H, n, n), hidden states (L+1, n, D), q, k
+    (L, H, n, d) from hooks on the projections; float64."""
+    enc = tokenizer([text], return_tensors="pt")
+    qk = {}
+    hooks = []
+    for l, layer in enumerate(model.encoder.layer):
+        sa = layer.attention.self
+        hooks.append(sa.query.register_forward_hook(lambda m, i, o, l=l: qk.setdefault(l, {}).update(q=o)))
+        hooks.append(sa.key.register_forward_hook(lambda m, i, o, l=l: qk.setdefault(l, {}).update(k=o)))
+    with torch.inference_mode():
+        out = model(**enc, output_hidden_states=True, output_attentions=True)
+    for h in hooks:
+        h.remove()
+    H = model.config.num_attention_heads
+    n = enc["input_ids"].shape[1]
+    split = lambda t: t[0].double().view(n, H, -1).transpose(0, 1)  # noqa: E731
+    return dict(ids=enc["input_ids"][0], attn=torch.stack([a[0].double() for a in out.attentions]),
+                hs=torch.stack([h[0].double() for h in out.hidden_states]),
+                q=torch.stack([split(qk[l]["q"]) for l in range(len(qk))]),
+                k=torch.stack([split(qk[l]["k"]) for l in range(len(qk))]))
+
+
+def _value_entropy_pdcut(a):
+    """The authors' compute_Shannon_entropy: pd.cut(values, 20) re-done in numpy (right-closed
+    bins, the lowest edge lowered by 0.1% of the range), p = count / n^2, natural log."""
+    x = a.reshape(-1).numpy()
+    mn, mx = x.min(), x.max()
+    if mn == mx:
+        return 0.0
+    edges = np.linspace(mn, mx, 21)
+    edges[0] -= (mx - mn) * 0.001
+    idx = np.searchsorted(edges, x, side="left") - 1
+    p = np.bincount(idx, minlength=20) / x.size
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def _k90(row):
+    c = np.cumsum(np.sort(row)[::-1])
+    return int((c < 0.9).sum() + 1)
+
+
+def _expected(model, tokenizer, texts):
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    K = L * H
+    js = torch.zeros(K, K, dtype=torch.float64)
+    f = {k: torch.zeros(L, H, dtype=torch.float64) for k in
+         ("clark", "cls", "sep", "diag", "prev", "next", "b3", "f3", "cs", "c1", "c3", "ve", "pos",
+          "asym", "rho", "rho_n", "raw")}
+    k90s = [[[] for _ in range(H)] for _ in range(L)]
+    nents = [[[] for _ in range(H)] for _ in range(L)]
+    rows = ln_n = sep_texts = 0
+    for text in texts:
+        d = _direct(model, tokenizer, text)
+        A = d["attn"]
+        n = A.shape[-1]
+        rows += n
+        ln_n += math.log(n)
+        ids = d["ids"]
+        sep = ids == tokenizer.sep_token_id
+        special = sep | (ids == tokenizer.cls_token_id)
+        sep_texts += int(sep.any())
+        # Clark JS: every pair, every row, explicit KL to the mixture
+        P = (0.999 * A + 0.001 / n).reshape(K, n, n)
+        for a in range(K):
+            for b in range(K):
+                M = 0.5 * (P[a] + P[b])
+                kl = lambda p: (p * (p / M).log()).sum(-1)  # noqa: E731
+                js[a, b] += (0.5 * (kl(P[a]) + kl(P[b]))).sum()
+        S = 0.9999 * A + 0.0001 / n
+        ent = -(S * S.log()).sum(-1)                               # (L, H, n)
+        f["clark"] += ent.mean(-1)
+        f["cls"] += ent[..., 0]
+        if sep.any():
+            f["sep"] += A[..., sep, :][..., sep].sum(-1).mean(-1)
+        i = torch.arange(n)
+        f["diag"] += A[..., i, i].sum(-1)
+        for w in (1, 2, 3):
+            back = A[..., i[w:], i[w:] - w].sum(-1)
+            fwd = A[..., i[:n - w], i[:n - w] + w].sum(-1)
+            f["b3"] += back
+            f["f3"] += fwd
+            if w == 1:
+                f["prev"] += back
+                f["next"] += fwd
+        f["cs"] += A[..., special].sum(-1).sum(-1)
+        col = A.mean(-2)                                           # (L, H, n)
+        srt = col.sort(-1, descending=True).values
+        f["c1"] += srt[..., 0]
+        f["c3"] += srt[..., :3].sum(-1)
+        raw = -torch.special.xlogy(A, A).sum(-1)
+        f["raw"] += raw.sum(-1)
+        qn = d["q"].norm(dim=-1)
+        for l in range(L):
+            for h in range(H):
+                a = A[l, h]
+                k90s[l][h] += [_k90(r) for r in a.numpy()]
+                if n >= 2:
+                    nents[l][h] += (raw[l, h] / math.log(n)).tolist()
+                f["ve"][l, h] += _value_entropy_pdcut(a)
+                f["asym"][l, h] += (a - a.T).norm() / (2 * a.norm())
+                dots = d["q"][l, h] @ d["k"][l, h].T
+                cos = dots / (d["q"][l, h].norm(dim=-1)[:, None] * d["k"][l, h].norm(dim=-1)[None])
+                f["pos"][l, h] += (a * (cos > 0)).sum()
+                if n >= 3:
+                    from scipy.stats import spearmanr
+
+                    f["rho"][l, h] += spearmanr(qn[l, h].numpy(), raw[l, h].numpy()).statistic
+                    f["rho_n"][l, h] += 1
+    T = len(texts)
+    med = lambda v: float(np.sort(v)[(len(v) - 1) // 2])  # noqa: E731  lower median
+    return dict(js=js, clark=f["clark"] / T, cls=f["cls"] / T, uniform=ln_n / T,
+                sep=f["sep"] / sep_texts, diagonal=f["diag"] / rows, previous=f["prev"] / rows,
+                next=f["next"] / rows, back3=f["b3"] / rows, forward3=f["f3"] / rows,
+                cls_sep=f["cs"] / rows, top_column=f["c1"] / T, top3_columns=f["c3"] / T,
+                value_entropy=f["ve"] / T, positive=f["pos"] / rows, asymmetry=f["asym"] / T,
+                spearman=f["rho"] / f["rho_n"], row_entropy=f["raw"] / rows,
+                k90=[[med(k90s[l][h]) for h in range(H)] for l in range(L)],
+                nent=[[med(nents[l][h]) for h in range(H)] for l in range(L)])
+
+
+@pytest.fixture(scope="module")
+def heads_result(tiny_bert):
+    model, tokenizer = tiny_bert
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    with hd.capture_qk(model) as qk:
+        acc = hd.HeadsAccumulator(L, H, 32, "cpu", js=True, directionality=True, qk=qk, sample_maps=2)
+        res = trace(model, tokenizer, TEXTS, batch_size=BATCH, observers=[acc])
+    return res, acc.result(model, tokenizer, res.attention_to), _expected(model, tokenizer, TEXTS)
+
+
+def test_clark_measures(heads_result):
+    _, got, want = heads_result
+    _close(got["js_divergence"], want["js"], "js_divergence", 1e-4)
+    assert torch.equal(got["js_divergence"], got["js_divergence"].T)
+    assert (got["js_divergence"].diagonal() == 0).all()
+    _close(got["clark_entropy"], want["clark"], "clark_entropy", 1e-5)
+    _close(got["cls_entropy"], want["cls"], "cls_entropy", 1e-5)
+    _close(got["uniform_entropy"], want["uniform"], "uniform_entropy", 1e-12)
+    _close(got["sep_to_sep"], want["sep"], "sep_to_sep", 1e-6)
+    _close(got["row_entropy"], want["row_entropy"], "row_entropy", 1e-5)
+
+
+def test_mds_of_the_js_matrix(heads_result):
+    from sklearn.manifold import MDS
+
+    _, got, want = heads_result
+    K = want["js"].shape[0]
+    assert got["mds"].shape == (K, 2)
+    # the same MDS run on the direct matrix lands on the same points (up to the solver's noise)
+    again = hd.mds_embedding(want["js"])
+    _close(got["mds"], again, "mds", 1e-3)
+    # and the embedding reproduces the dissimilarities about as well as an independent sklearn run
+    dist = torch.cdist(got["mds"], got["mds"])
+    stress = float(((dist - want["js"]) ** 2).sum() / 2)
+    try:
+        ref = MDS(n_components=2, metric_mds=True, metric="precomputed", init="random", n_init=5,
+                  max_iter=1000, eps=1e-10, random_state=1).fit(want["js"].numpy())
+    except TypeError:
+        ref = MDS(n_components=2, metric=True, dissimilarity="precomputed", n_init=5, max_iter=1000,
+                  eps=1e-10, random_state=1).fit(want["js"].numpy())
+    assert stress <= 1.5 * ref.stress_ + 1e-9         # both local optima of the same problem
+    # a dissimilarity matrix that is planar is reproduced exactly (stress ~ 0)
+    pts = torch.randn(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    emb = hd.mds_embedding(torch.cdist(pts, pts))
+    _close(torch.cdist(emb, emb), torch.cdist(pts, pts), "mds of planar points", 1e-4)
+    assert sum(len(r) for r in got["mds_behaviour"]) == K
+
+
+def test_pattern_features_and_labels(heads_result, tiny_bert):
+    _, got, want = heads_result
+    L, H = len(got["patterns"]), len(got["patterns"][0])
+    for key, wk in (("diagonal", "diagonal"), ("previous", "previous"), ("next", "next"),
+                    ("back3", "back3"), ("forward3", "forward3"), ("cls_sep", "cls_sep"),
+                    ("top_column", "top_column"), ("top3_columns", "top3_columns")):
+        _close([[p[key] for p in row] for row in got["patterns"]], want[wk], key, 1e-5)
+    _close([[p["k90_median"] for p in row] for row in got["patterns"]], want["k90"], "k90_median", 0)
+    _close([[p["normalised_entropy"] for p in row] for row in got["patterns"]], want["nent"],
+           "normalised_entropy", 1.0 / hd.ENTROPY_BINS)
+    for row in got["patterns"]:
+        for p in row:
+            assert p["label"] == hd.gate_label(p, got["mean_length"]) and p["label"] in hd.GATE_LABELS
+            assert set(p) == set(hd.PATTERN_FEATURES) | {"label"}
+    _close(got["value_entropy"], want["value_entropy"], "value_entropy", 1e-9)
+    assert (got["value_entropy"] <= math.log(20) + 1e-12).all()
+    assert len(got["sample_maps"]) == 2 and got["sample_maps"][0]["maps"].shape[:2] == (L, H)
+
+
+def test_gate_label_rules():
+    base = dict(diagonal=0.1, cls_sep=0.1, top_column=0.1, top3_columns=0.2, k90_median=10,
+                back3=0.1, forward3=0.1, normalised_entropy=0.5)
+    assert hd.gate_label({**base, "diagonal": 0.3, "cls_sep": 0.3}, 40) == "closed gate"
+    assert hd.gate_label({**base, "top_column": 0.55, "k90_median": 3}, 40) == "directional gate"
+    assert hd.gate_label({**base, "top_column": 0.55, "k90_median": 4}, 40) == "none"
+    assert hd.gate_label({**base, "back3": 0.5}, 40) == "backward contextual gate"
+    assert hd.gate_label({**base, "forward3": 0.5}, 40) == "forward contextual gate"
+    assert hd.gate_label({**base, "normalised_entropy": 0.8}, 40) == "open gate"
+    assert hd.gate_label({**base, "k90_median": 20}, 40) == "open gate"
+
+
+def test_directionality(heads_result, tiny_bert):
+    model, _ = tiny_bert
+    _, got, want = heads_result
+    d = got["directionality"]
+    _close(d["positive_cos_share"], want["positive"], "positive_cos_share", 1e-5)
+    _close(d["asymmetry"], want["asymmetry"], "asymmetry", 1e-5)
+    _close(d["spearman_qnorm_entropy"], want["spearman"], "spearman_qnorm_entropy", 1e-9)
+    H = model.config.num_attention_heads
+    for l, layer in enumerate(model.encoder.layer):
+        wq = layer.attention.self.query.weight.detach().double()
+        wk = layer.attention.self.key.weight.detach().double()
+        dh = wq.shape[0] // H
+        for h in range(H):
+            # the head's score matrix without biases is X M X^T, M = Wq_h^T Wk_h
+            M = wq[h * dh:(h + 1) * dh].T @ wk[h * dh:(h + 1) * dh]
+            x = torch.randn(5, wq.shape[1], dtype=torch.float64)
+            q = x @ wq[h * dh:(h + 1) * dh].T
+            k = x @ wk[h * dh:(h + 1) * dh].T
+            assert torch.allclose(q @ k.T, x @ M @ x.T)
+            want_sigma = (0.5 * (M - M.T)).norm() / M.norm()
+            _close(d["skew_fraction"][l, h], want_sigma, f"skew_fraction[{l}][{h}]", 1e-12)
+
+
+def test_context_completions(heads_result, tiny_bert):
+    model, tokenizer = tiny_bert
+    res, _, _ = heads_result
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    same = torch.zeros(L, H, dtype=torch.float64)
+    per = torch.zeros(L, H, dtype=torch.float64)
+    hist = torch.zeros(L, H, 32, dtype=torch.int64)
+    rows = torch.zeros(L, H, dtype=torch.float64)
+    for text in TEXTS:
+        enc = tokenizer([text], return_tensors="pt")
+        with torch.inference_mode():
+            (b,) = list(iter_batches(model, tokenizer, [text], batch_size=1))
+        ids = enc["input_ids"][0].tolist()
+        n = len(ids)
+        if n < 2:
+            continue
+        toks = tokenizer.convert_ids_to_tokens(ids)
+        sid, cur = [], 0
+        for t in toks:
+            sid.append(cur)
+            if t in (".", "!", "?", "[SEP]"):
+                cur += 1
+        for l in range(L):
+            o = b.head_outputs[l][0].double().transpose(0, 1)          # (H, n, d)
+            for h in range(H):
+                s = o[h] @ o[h].T
+                s.fill_diagonal_(-math.inf)
+                j = s.argmax(-1).tolist()
+                for i in range(n):
+                    rows[l, h] += 1
+                    hist[l, h, abs(i - j[i])] += 1
+                    same[l, h] += sid[i] == sid[j[i]]
+                    per[l, h] += toks[j[i]] in (".", "[SEP]")
+    cs = res.to_dict()["context_similarity"]
+    _close(cs["same_sentence_share"], same / rows, "same_sentence_share", 1e-12)
+    _close(cs["period_separator_share"], per / rows, "period_separator_share", 1e-12)
+    width = len(cs["distance_hist"][0][0])
+    assert hist[..., width:].sum() == 0
+    assert cs["distance_hist"] == hist[..., :width].tolist()
+    assert cs["layer_distance_hist"] == hist[..., :width].sum(1).tolist()
+
+
+def test_gaussianity_against_scipy(tiny_bert):
+    from scipy import stats
+
+    model, tokenizer = tiny_bert
+    L = model.config.num_hidden_layers
+    acc = GaussianityAccumulator(L + 1, model.config.hidden_size)
+    trace(model, tokenizer, TEXTS, batch_size=BATCH, observers=[acc], metrics=("evolution",))
+    got = acc.result()
+    assert [g["depth"] for g in got] == list(range(L + 1))
+    direct = [_direct(model, tokenizer, t)["hs"] for t in TEXTS]
+    N = sum(h.shape[1] for h in direct)
+    for l in range(L + 1):
+        tok = torch.cat([h[l] for h in direct]).numpy()
+        means = torch.stack([h[l].mean(0) for h in direct]).numpy()
+        for x, g, count in ((tok, got[l], N), (means, got[l]["text_mean"], len(TEXTS))):
+            p = stats.normaltest(x, axis=1).pvalue
+            assert g["count"] == count
+            _close(g["share_rejected"], float((p < 0.05 / count).mean()), f"share_rejected[{l}]", 1e-12)
+            _close(g["mean_skew"], float(stats.skew(x, axis=1).mean()), f"mean_skew[{l}]", 1e-4)
+            _close(g["mean_excess_kurtosis"], float(stats.kurtosis(x, axis=1).mean()),
+                   f"mean_excess_kurtosis[{l}]", 1e-3)
+
+
+def test_js_vectorised_equals_pair_loop():
+    torch.manual_seed(1)
+    B, H, T, L = 2, 3, 6, 2
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool)
+    att = []
+    for _ in range(L):
+        s = torch.randn(B, H, T, T).masked_fill(~mask[:, None, None, :], -1e9)
+        att.append(torch.softmax(s, -1))
+    got = hd.clark_js_sums(att, mask, row_chunk=4)            # chunks split a text's rows
+    K = L * H
+    want = torch.zeros(K, K, dtype=torch.float64)
+    for b in range(B):
+        n = int(mask[b].sum())
+        P = torch.stack([a[b, :, :n, :n].double() for a in att]).reshape(K, n, n) * 0.999 + 0.001 / n
+        for x in range(K):
+            for y in range(K):
+                M = 0.5 * (P[x] + P[y])
+                want[x, y] += 0.5 * ((P[x] * (P[x] / M).log()).sum() + (P[y] * (P[y] / M).log()).sum())
+    _close(got, want, "clark_js_sums", 1e-5)
