@@ -1,7 +1,7 @@
 """attention_heads, gaussianity and the context-similarity completions on a tiny random BERT:
 every number against a direct float64 computation from transformers' own attentions and hidden
 states, one text at a time without padding (so the batched, padded, streamed path is checked
-against the plain definitions of docs/heads.md)."""
+against the plain definitions of docs/metrics.md, attention heads)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """Point clouds: 2-D projections on an exact neighbour graph and the geometry of labelled sets.
 
-Definitions (docs/clouds.md):
+Definitions (docs/metrics.md, point clouds):
 - exact cosine k-NN graph: `pairwise_stats(x, row_topk=k)`, self excluded, ties by column index;
   distance = 1 - cosine similarity.
 - UMAP (umap-learn) gets that graph as `precomputed_knn` with the point itself prepended at

@@ -1,4 +1,4 @@
-"""Gaussianity of hidden states by depth (docs/heads.md; our measurable reading of the
+"""Gaussianity of hidden states by depth (docs/metrics.md, attention heads; our measurable reading of the
 geometry-of-BERT paper's data-distribution analysis, arXiv 2502.12033).
 
 Per depth 0..L (0 = embedding output) and per real token ([CLS]/[SEP] included): the

@@ -1,4 +1,4 @@
-"""Attention heads as the papers measure them, streamed per batch (docs/heads.md).
+"""Attention heads as the papers measure them, streamed per batch (docs/metrics.md, attention heads).
 
 * Clark et al. (arXiv 1906.04341): the Jensen-Shannon divergence between heads summed over every
   real query row (`clark_js_sums`), its metric MDS (`mds_embedding`), smoothed row entropy over a
@@ -225,7 +225,7 @@ def _hist_median(hist: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 class HeadsAccumulator:
-    """Streamed per-head measures of docs/heads.md. update(batch) per batch; result(tokenizer)
+    """Streamed per-head measures of docs/metrics.md, attention heads. update(batch) per batch; result(tokenizer)
     for the report.json block `attention_heads`.
 
     js: Clark's JS sums (K^2 x rows work: opt-in); directionality: the positive-cos share, the
@@ -368,7 +368,7 @@ class HeadsAccumulator:
         self.samples = (self.samples + other.samples)[:self.sample_maps]
 
     def result(self, model=None, tokenizer=None, attention_to: dict | None = None) -> dict:
-        """The `attention_heads` block of report.json (tensors float64 on CPU; see docs/heads.md).
+        """The `attention_heads` block of report.json (tensors float64 on CPU; see docs/metrics.md, attention heads).
         model: for the weight skew fraction (directionality); attention_to: TraceResult's
         attention_to means, for the behaviour markers of the MDS map."""
         s, L, H = {k: v.cpu() for k, v in self.s.items()}, self.L, self.H
@@ -393,7 +393,7 @@ class HeadsAccumulator:
                 row.append(f)
             patterns.append(row)
         out = {
-            "definitions": "docs/heads.md; js_divergence, mds, clark_entropy, cls_entropy, sep_to_sep: "
+            "definitions": "docs/metrics.md, attention heads; js_divergence, mds, clark_entropy, cls_entropy, sep_to_sep: "
                            "Clark et al. arXiv 1906.04341; value_entropy, k90: arXiv 2502.12033 "
                            "authors' code; patterns (labels and criteria) and directionality: ours",
             "clark_entropy": s["clark_entropy"] / texts,

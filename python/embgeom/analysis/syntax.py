@@ -1,5 +1,5 @@
 """`embgeom syntax TREEBANK.conllu --out DIR`: word-level attention and syntax heads as Clark
-et al. measure them (arXiv 1906.04341, section 4.2; docs/heads.md).
+et al. measure them (arXiv 1906.04341, section 4.2; docs/metrics.md, attention heads).
 
 Each sentence's words (the syntactic words of a CoNLL-U file: multiword-token ranges and empty
 nodes are skipped) are split into word pieces one word at a time and run through the model as
@@ -212,7 +212,7 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
                 "offset_baseline": {"offset": OFFSETS[o], "accuracy": float(off[o, r])}}
 
     return {
-        "definitions": "docs/heads.md; Clark et al. arXiv 1906.04341 section 4.2 (word-level "
+        "definitions": "docs/metrics.md, attention heads; Clark et al. arXiv 1906.04341 section 4.2 (word-level "
                        "attention: to a word summed over its pieces, from it averaged)",
         "n_sentences": len(order), "skipped_too_long": skipped, "n_words": int(total[R]),
         "relations": {name: entry(i) for i, name in enumerate(rel_names) if total[i] > 0},

@@ -1,4 +1,4 @@
-"""The opt-in head and Gaussianity extras of `embgeom text` (docs/heads.md): their flags, the
+"""The opt-in head and Gaussianity extras of `embgeom text` (docs/metrics.md, attention heads): their flags, the
 observers that ride along trace()'s batches, the report.json blocks and the cost per metric."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ HEAD_MAPS_FILE = "head_maps.json"
 
 
 def add_arguments(p) -> None:
-    g = p.add_argument_group("attention heads and Gaussianity (opt-in; docs/heads.md)")
+    g = p.add_argument_group("attention heads and Gaussianity (opt-in; docs/metrics.md, attention heads)")
     g.add_argument("--heads", action="store_true",
                    help="attention_heads: Clark's entropies and [SEP]->[SEP], gate-pattern features and "
                         "labels, value-histogram entropy (about 1-2x the forward pass)")

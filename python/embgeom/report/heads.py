@@ -1,4 +1,4 @@
-"""Report sections of docs/heads.md: Clark's entropies and MDS map, the gate-pattern labels,
+"""Report sections of docs/metrics.md, attention heads: Clark's entropies and MDS map, the gate-pattern labels,
 directionality, the head-map grid, Gaussianity by depth and the context-similarity completions.
 Each function returns (heading, html body, [png paths]) sections for `write_html`."""
 from __future__ import annotations
@@ -122,7 +122,7 @@ def heads_sections(out_dir: str, block: dict) -> list:
             for l in range(L) for h in range(H)]
     counts = {name: int((idx == i).sum()) for i, name in enumerate(labels)}
     sections.append(("Gate patterns per head (ours)",
-                     "<p>Features are primary; the label is our documented rule (docs/heads.md), not "
+                     "<p>Features are primary; the label is our documented rule (docs/metrics.md, attention heads), not "
                      "the geometry-of-BERT authors' criteria, which could not be read: closed gate "
                      "D + S >= 0.6; directional (C1 >= 0.5 or C3 >= 0.6) and median k90 <= 3; "
                      "backward / forward contextual B3 / F3 >= 0.5; open: median normalised entropy "
