@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 OUT    ?= reports/vocab
 
-.PHONY: install build demo test test-fast test-triton bench info clean
+.PHONY: install build demo test test-fast test-triton bench info clean gpu-wheels gpu-check gpu-static
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,21 @@ info: build
 
 bench: build
 	$(PY) benchmarks/compare.py
+
+# The GPU check on a lent machine without a registry (benchmarks/gpu_check.sh): its few wheels
+# come from .whl/, filled here where a registry is (pure-python wheels, at most 5 MB).
+GPU_WHEELS := "pybind11>=2.12" "pytest>=8"
+gpu-wheels:
+	mkdir -p .whl
+	$(PIP) download -q --only-binary=:all: -d .whl $(GPU_WHEELS)
+	@size=$$(du -sk .whl | cut -f1); ls .whl; echo ".whl: $${size} KB"; test $$size -le 5120
+
+gpu-check:
+	bash benchmarks/gpu_check.sh $(if $(filter command line,$(origin OUT)),$(OUT),out/gpu-check)
+
+# sm_90a compile of every kernel variant, read with cuobjdump/nvdisasm (no GPU needed)
+gpu-static: build
+	$(PY) benchmarks/gpu_static_profile.py --out $(if $(filter command line,$(origin OUT)),$(OUT),out/gpu-static)
 
 clean:
 	rm -rf $(VENV) build _skbuild *.egg-info python/embgeom/*.so

@@ -1,4 +1,4 @@
-"""Fused all-pairs statistics (SPEC M1): one tl.dot tile -> every requested reduction.
+"""Fused all-pairs statistics (docs/metrics.md): one tl.dot tile -> every requested reduction.
 
 A launch covers one *band*: `band_rows` consecutive block-rows starting at `band_row0`, against
 every column block (cross mode) or every column block >= band_row0 (self mode: the upper
@@ -39,56 +39,55 @@ STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs", "c
 @triton.jit
 def _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, SWAP: tl.constexpr):
     """Append the masked pairs of a (R, C) tile to stream s as (v, row, col), or (v, col, row)
-    with SWAP: one atomic per tile, index tiles built only when something is appended."""
-    mi = m.to(tl.int32)
-    rc = tl.sum(mi, 1)
-    n = tl.sum(rc, 0)
-    if n > 0:
-        base = tl.atomic_add(cnt_ptr + s, n)
-        off = base + (tl.cumsum(rc, 0) - rc)[:, None] + tl.cumsum(mi, 1) - 1
-        ok = m & (off < cap)
-        off64 = off.to(tl.int64) + cap.to(tl.int64) * s
-        ii = rows[:, None] + 0 * cols[None, :]
-        jj = cols[None, :] + 0 * rows[:, None]
-        tl.store(cv_ptr + off64, v, mask=ok)
-        if SWAP:
-            tl.store(ci_ptr + off64, jj, mask=ok)
-            tl.store(cj_ptr + off64, ii, mask=ok)
-        else:
-            tl.store(ci_ptr + off64, ii, mask=ok)
-            tl.store(cj_ptr + off64, jj, mask=ok)
+    with SWAP. One relaxed atomic per appended pair (predicated off elsewhere): no tile-wide
+    count or scan, which every tile would pay, while appends are rare once thresholds are seeded.
+    int64 counter and offsets: a band's appends can pass 2^31 (an int32 counter would go
+    negative, `off < cap` would hold and stores would land before the buffer)."""
+    ii = rows[:, None] + 0 * cols[None, :]
+    jj = cols[None, :] + 0 * rows[:, None]
+    one = tl.full(m.shape, 1, tl.int64)
+    off = tl.atomic_add(cnt_ptr + s + 0 * ii, one, mask=m, sem="relaxed")
+    ok = m & (off < cap)
+    off64 = off + cap.to(tl.int64) * s
+    tl.store(cv_ptr + off64, v, mask=ok)
+    if SWAP:
+        tl.store(ci_ptr + off64, jj, mask=ok)
+        tl.store(cj_ptr + off64, ii, mask=ok)
+    else:
+        tl.store(ci_ptr + off64, ii, mask=ok)
+        tl.store(cj_ptr + off64, jj, mask=ok)
 
 
 @triton.jit
-def _global_stream(key, v, valid, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
+def _global_stream(key, v, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
                    ci_ptr, cj_ptr, cap, margin, G: tl.constexpr, BM: tl.constexpr):
     """Global list s. Live bound: the pairs are split into G buckets by tile-local row block; the
     running maximum of each bucket (gbuck, global memory) is a distinct pair, so their minimum
     bounds the G-th (>= k-th) best key, and it keeps rising as tiles go by."""
-    k = tl.where(valid, key, float("-inf"))
+    k = tl.where(key == key, key, float("-inf"))  # invalid pairs are NaN (see the kernel)
     thr = tl.load(thr_ptr + s)
     if G > 0:
         tile_max = tl.max(tl.reshape(tl.max(k, 1), (G, BM // G)), 1)
         bptr = gbuck_ptr + s * 64 + tl.arange(0, G)
         old = tl.load(bptr)
-        tl.atomic_max(bptr, tile_max, mask=tile_max > old)
+        tl.atomic_max(bptr, tile_max, mask=tile_max > old, sem="relaxed")
         lb = tl.min(tl.maximum(old, tile_max), 0)
         if lb > thr:
-            tl.atomic_max(thr_ptr + s, lb)
+            tl.atomic_max(thr_ptr + s, lb, sem="relaxed")
             thr = lb
-    m = valid & (k >= thr - margin)
+    m = key >= thr - margin
     _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
 
 
 @triton.jit
-def _row_stream(key, v, valid, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, rbuck_ptr, n_rows,
+def _row_stream(key, v, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, rbuck_ptr, n_rows,
                 cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF: tl.constexpr,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Per-row lists: row i gets neighbour j; in self mode row j also gets neighbour i.
     Live bound per row as in _global_stream: row i's pairs (i, j) fall in G buckets by the
     tile-local position of j (the same on the row and on the column side, BM == BN), with
     running bucket maxima rbuck (N, G) in global memory."""
-    k = tl.where(valid, key, float("-inf"))
+    k = tl.where(key == key, key, float("-inf"))  # invalid pairs are NaN (see the kernel)
     base = rthr_ptr + (s - 3) * n_rows
     thr = tl.load(base + rows, mask=row_ok, other=float("inf"))
     if G > 0:
@@ -96,11 +95,11 @@ def _row_stream(key, v, valid, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr
         tile_max = tl.max(tl.reshape(k, (BM, G, BN // G)), 2)
         bptr = rbuck_ptr + rows[:, None].to(tl.int64) * G + gs[None, :]
         old = tl.load(bptr, mask=row_ok[:, None], other=float("-inf"))
-        tl.atomic_max(bptr, tile_max, mask=row_ok[:, None] & (tile_max > old))
+        tl.atomic_max(bptr, tile_max, mask=row_ok[:, None] & (tile_max > old), sem="relaxed")
         lb = tl.min(tl.maximum(old, tile_max), 1)
-        tl.atomic_max(base + rows, lb, mask=row_ok & (lb > thr))
+        tl.atomic_max(base + rows, lb, mask=row_ok & (lb > thr), sem="relaxed")
         thr = tl.maximum(thr, lb)
-    m = valid & (k >= thr[:, None] - margin)
+    m = key >= thr[:, None] - margin
     _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
     if SELF:
         cthr = tl.load(base + cols, mask=col_ok, other=float("inf"))
@@ -109,25 +108,29 @@ def _row_stream(key, v, valid, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr
             ctile = tl.max(tl.reshape(k, (G, BM // G, BN)), 1)
             cptr = rbuck_ptr + cols[None, :].to(tl.int64) * G + gs[:, None]
             cold = tl.load(cptr, mask=col_ok[None, :], other=float("-inf"))
-            tl.atomic_max(cptr, ctile, mask=col_ok[None, :] & (ctile > cold))
+            tl.atomic_max(cptr, ctile, mask=col_ok[None, :] & (ctile > cold), sem="relaxed")
             clb = tl.min(tl.maximum(cold, ctile), 0)
-            tl.atomic_max(base + cols, clb, mask=col_ok & (clb > cthr))
+            tl.atomic_max(base + cols, clb, mask=col_ok & (clb > cthr), sem="relaxed")
             cthr = tl.maximum(cthr, clb)
-        mc = valid & (k >= cthr[None, :] - margin)
+        mc = key >= cthr[None, :] - margin
         _append(mc, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, True)
 
 
 @triton.jit
-def _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr):
-    """Histogram slot: 0 underflow, 1..bins, bins + 1 overflow. An fp32 estimate, then an exact
-    correction against edges[b] = the smallest fp32 value whose float64 bin
-    floor((v - lo) * bins / (hi - lo)) is >= b, so bins equal the float64 definition without
-    float64 math on the tile. lo_f/hi_f: lo/hi rounded inwards to fp32."""
-    bn = tl.floor((v - lo_f) * scale_f).to(tl.int32)
-    bn = tl.minimum(tl.maximum(bn, 0), bins - 1)
-    e0 = tl.load(edges_ptr + bn)
-    e1 = tl.load(edges_ptr + bn + 1)
-    bn = tl.where(v < e0, bn - 1, tl.where(v >= e1, bn + 1, bn))
+def _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr):
+    """Histogram slot: 0 underflow, 1..bins, bins + 1 overflow. One FMA and a floor give the
+    bin; it can differ from the float64 definition floor((v - lo) * bins / (hi - lo)) only when
+    the estimate lies within edge_w (its error bound, < 1/2) of an integer, and only there one
+    edge is read: edges[b] = the smallest fp32 value whose float64 bin is >= b
+    (docs/metrics.md, histogram). lo_f/hi_f: lo/hi rounded inwards to fp32."""
+    t = v * scale_f + off_f
+    fb = tl.floor(t)
+    fr = t - fb
+    bn = tl.minimum(tl.maximum(fb.to(tl.int32), 0), bins - 1)
+    up = fr >= 0.5  # nearer the next edge: the true bin may be bn + 1, else bn - 1
+    near = (fr < edge_w) | (fr > 1.0 - edge_w)
+    e = tl.load(edges_ptr + bn + up.to(tl.int32), mask=near, other=0.0)
+    bn = tl.where(near & up & (v >= e), bn + 1, tl.where(near & (up == 0) & (v < e), bn - 1, bn))
     bn = tl.minimum(tl.maximum(bn, 0), bins - 1) + 1
     return tl.where(v < lo_f, 0, tl.where(v > hi_f, bins + 1, bn))
 
@@ -138,7 +141,7 @@ def _pairwise_stats_kernel(
     N, M, D, band_row0, band_rows, num_tiles,
     # per-program reductions
     part_cnt_ptr, part_sum_ptr, part_sq_ptr, part_out_ptr, hist_ptr, edges_ptr,
-    lo_f, hi_f, scale_f, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+    lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
     # candidate streams
     gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
     near, margin, near_margin, cut_i, cut_j, shift, near_tau,
@@ -210,47 +213,53 @@ def _pairwise_stats_kernel(
                 _append(close, v, rows, cols, 6, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
             valid = valid & (close == 0)
 
+        # invalid pairs become NaN: every comparison below fails for them, so no (BM, BN)
+        # predicate tile stays live next to the accumulator (ptxas has 7 predicate registers)
+        v = tl.where(valid, v, float("nan"))
         if DO_STATS:
-            # float64 sums of (v - shift) and its square, as every engine (the moments rule)
-            vz = tl.where(valid, v.to(tl.float64) - shift, 0.0)
-            acc_n += tl.sum(valid.to(tl.int32), 1)
+            # (v - shift) is exact in fp32 (shift: 8 significant bits near the mean); float64
+            # sums (docs/metrics.md, moments); the count in fp32 along a row (<= BM, exact)
+            ok = v == v
+            vz = tl.where(ok, v - shift, 0.0).to(tl.float64)
+            acc_n += tl.sum(ok.to(tl.float32), 1).to(tl.int32)
             acc_s += tl.sum(vz, 1)
             acc_q += tl.sum(vz * vz, 1)
             if NB > 0:
-                slot = _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr)
+                # per-program histogram: shared-memory increments (ATOMS.POPC.INC, warp-aggregated)
+                slot = _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr)
                 hist += tl.histogram(tl.reshape(slot, (BM * BN,)), NB,
-                                     mask=tl.reshape(valid, (BM * BN,)))
+                                     mask=tl.reshape(v == v, (BM * BN,)))
             if GHIST:
-                # too many bins for a register histogram: global atomics (slower, same bins)
-                slot = _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr)
-                tl.atomic_add(hist_ptr + slot, 1, mask=valid)
+                # too many bins for a per-program histogram: global atomics (slower, same bins)
+                slot = _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr)
+                tl.atomic_add(hist_ptr + slot, 1, mask=v == v, sem="relaxed")
             if HAS_OUT:
-                om = (valid & ((v < out_a) | (v > out_b))).to(tl.int32)
-                orow = tl.sum(om, 1)
-                ocol = tl.sum(om, 0)
+                om = tl.where((v < out_a) | (v > out_b), 1.0, 0.0)
+                orow = tl.sum(om, 1).to(tl.int32)
+                ocol = tl.sum(om, 0).to(tl.int32)
                 acc_o += orow
-                tl.atomic_add(out_rows_ptr + rows, orow.to(tl.int64), mask=row_ok & (orow > 0))
-                tl.atomic_add(out_cols_ptr + cols, ocol.to(tl.int64), mask=col_ok & (ocol > 0))
+                tl.atomic_add(out_rows_ptr + rows, orow.to(tl.int64), mask=row_ok & (orow > 0), sem="relaxed")
+                tl.atomic_add(out_cols_ptr + cols, ocol.to(tl.int64), mask=col_ok & (ocol > 0), sem="relaxed")
 
         if TOP:
-            _global_stream(v, v, valid, rows, cols, 0, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+            _global_stream(v, v, rows, cols, 0, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
                            cap, margin, G_TOP, BM)
         if BOT:
-            _global_stream(-v, v, valid, rows, cols, 1, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+            _global_stream(-v, v, rows, cols, 1, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
                            cap, margin, G_BOT, BM)
         if NEAR:
-            _global_stream(-tl.abs(v - near), v, valid, rows, cols, 2, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
+            _global_stream(-tl.abs(v - near), v, rows, cols, 2, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
                            ci_ptr, cj_ptr, cap, near_margin, G_NEAR, BM)
         if RTOP:
-            _row_stream(v, v, valid, rows, cols, row_ok, col_ok, 3, rthr_ptr, rbuck_top_ptr, N, cnt_ptr,
+            _row_stream(v, v, rows, cols, row_ok, col_ok, 3, rthr_ptr, rbuck_top_ptr, N, cnt_ptr,
                         cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RTOP, BM, BN)
         if RBOT:
-            _row_stream(-v, v, valid, rows, cols, row_ok, col_ok, 4, rthr_ptr, rbuck_bot_ptr, N, cnt_ptr,
+            _row_stream(-v, v, rows, cols, row_ok, col_ok, 4, rthr_ptr, rbuck_bot_ptr, N, cnt_ptr,
                         cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RBOT, BM, BN)
         if OUTL:
             # only pairs before (cut_i, cut_j) in (i, j) order can still enter the list
             before = (rows[:, None] < cut_i) | ((rows[:, None] == cut_i) & (cols[None, :] < cut_j))
-            om2 = valid & ((v < out_a) | (v > out_b)) & before
+            om2 = ((v < out_a) | (v > out_b)) & before
             _append(om2, v, rows, cols, 5, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
 
     if DO_STATS:
@@ -262,8 +271,30 @@ def _pairwise_stats_kernel(
             tl.store(hist_ptr + pid * NB + tl.arange(0, NB), hist)
 
 
+def constexprs(*, metric, self_mode, has_valid, in_prec, do_stats, nb, ghist, has_out, collect_close,
+               streams, groups, bm, bk, upcast):
+    """The compile-time arguments of _pairwise_stats_kernel (see launch_pairwise)."""
+    return dict(METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
+                NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0],
+                BOT=streams[1], NEAR=streams[2], RTOP=streams[3], RBOT=streams[4], OUTL=streams[5],
+                G_TOP=groups[0], G_BOT=groups[1], G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4],
+                BM=bm, BN=bm, BK=bk, UPCAST=upcast)
+
+
+def signature(desc: str) -> dict:
+    """Argument types of _pairwise_stats_kernel for an ahead-of-time compile (desc: the TMA
+    descriptor type, e.g. "tensordesc<bf16[128,64]>"); unlisted arguments are i32."""
+    sig = {a: "*fp32" for a in _pairwise_stats_kernel.arg_names if a.endswith("_ptr")}
+    sig.update(x_desc=desc, y_desc=desc, xv_ptr="*u8", yv_ptr="*u8", part_cnt_ptr="*i64",
+               part_out_ptr="*i64", out_rows_ptr="*i64", out_cols_ptr="*i64", part_sum_ptr="*fp64",
+               part_sq_ptr="*fp64", hist_ptr="*i32", cnt_ptr="*i64", ci_ptr="*i32", cj_ptr="*i32",
+               cap="i32", shift="fp32", near_tau="fp32", lo_f="fp32", hi_f="fp32", scale_f="fp32", off_f="fp32", edge_w="fp32",
+               out_a="fp32", out_b="fp32", near="fp32", margin="fp32", near_margin="fp32")
+    return sig
+
+
 def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
-                    part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
+                    part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
                     out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv,
                     ci, cj, cap, near, margin, near_margin, cut_i, cut_j, shift, near_tau, *, metric, self_mode, has_valid,
                     in_prec, do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk,
@@ -277,12 +308,11 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
     y_desc = x_desc if y is x else TensorDescriptor.from_tensor(y, [bm, bk])
     return _pairwise_stats_kernel[(grid,)](
         x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
-        part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
+        part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
         out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap,
         near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-        METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
-        NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0],
-        BOT=streams[1], NEAR=streams[2], RTOP=streams[3], RBOT=streams[4], OUTL=streams[5],
-        G_TOP=groups[0], G_BOT=groups[1], G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4],
-        BM=bm, BN=bm, BK=bk, UPCAST=x.device.type == "cpu", num_warps=num_warps, num_stages=num_stages,
+        **constexprs(metric=metric, self_mode=self_mode, has_valid=has_valid, in_prec=in_prec,
+                     do_stats=do_stats, nb=nb, ghist=ghist, has_out=has_out, collect_close=collect_close,
+                     streams=streams, groups=groups, bm=bm, bk=bk, upcast=x.device.type == "cpu"),
+        num_warps=num_warps, num_stages=num_stages,
     )
