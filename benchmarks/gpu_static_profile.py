@@ -73,7 +73,8 @@ def launch_args(name: str):
     cfg = PairwiseConfig(**OUTPUTS[out], precision="exact" if prec == "exact" else "fast")
     lengths = gpu_plan.list_lengths(cfg)
     plan = gpu_plan.make_plan(N, N, D, elem_bytes=2 if prec in ("bf16", "fp16") else 4, on_gpu=True, sms=132,
-                              row_k=max(cfg.row_topk, cfg.row_bottomk), need=max(lengths.values()))
+                              row_k=max(cfg.row_topk, cfg.row_bottomk), need=max(lengths.values()),
+                              mma=prec != "exact")
     streams = [lengths[s] > 0 for s in gpu_plan.STREAMS]
     kw = gpu_plan.variant(cfg, mode=prec, plan=plan, self_mode=True, has_valid=True, do_stats=True,
                           streams=streams, collect_close=cfg.metric == "euclidean")
@@ -149,7 +150,9 @@ def analyse(cubin: Path, plan, kw) -> dict:
     hg = sorted({op.split(".")[1] for op in ops if op.startswith("HGMMA.")})
     membar = [op for op in ops if op.startswith("MEMBAR")]
     lp = loops(insns, labels)
-    hg_addr = [a for a, op, _ in insns if op.startswith("HGMMA")]
+    # the k-loop: the innermost loop holding the products (HGMMA; FFMA for exact fp32)
+    mark = "HGMMA" if hg else "FFMA"
+    hg_addr = [a for a, op, _ in insns if op.startswith(mark)]
     kl = [r for r in lp if any(r[0] <= a <= r[1] for a in hg_addr)]
     kloop = min(kl, key=lambda r: r[1] - r[0]) if kl else None
     outer = [r for r in lp if kloop and r[0] <= kloop[0] and r[1] >= kloop[1] and r != kloop]

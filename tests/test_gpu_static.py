@@ -47,7 +47,14 @@ def test_variant_switches():
     plan = gpu_plan.make_plan(4096, 4096, 768, elem_bytes=2, on_gpu=True, sms=132)
     kw = gpu_plan.variant(cfg, mode="bf16", plan=plan, self_mode=True, has_valid=True, do_stats=True,
                           streams=[True, True, False, True, False, True], collect_close=False)
-    assert kw["nb"] == 2048 and not kw["ghist"] and kw["in_prec"] == "" and kw["groups"][:2] == [16, 16]
+    assert kw["nb"] == 2048 and not kw["ghist"] and kw["in_prec"] == "" and kw["split"] == 4
+    assert kw["groups"] == [0] * 5  # no live bucket maxima on the GPU (registers)
+    live = gpu_plan.make_plan(4096, 4096, 768, elem_bytes=2, on_gpu=True, sms=132, live_bounds=True)
+    kw = gpu_plan.variant(cfg, mode="bf16", plan=live, self_mode=True, has_valid=True, do_stats=True,
+                          streams=[True] * 6, collect_close=False)
+    assert kw["groups"] == [16, 16, 0, 16, 0]  # next_pow2(10); at most one per slab column (32)
+    exact = gpu_plan.make_plan(4096, 4096, 768, elem_bytes=4, on_gpu=True, sms=132, mma=False)
+    assert (exact.bm, exact.bk, exact.split) == (64, 32, 1)
     retry = gpu_plan.variant(cfg, mode="exact", plan=plan, self_mode=True, has_valid=True, do_stats=False,
                              streams=[True] + [False] * 5, collect_close=False)
     assert retry["nb"] == 0 and not retry["has_out"] and retry["in_prec"] == "ieee"
@@ -89,6 +96,39 @@ def test_cmake_cuda_architectures_reach_nvcc(tmp_path, archs):
         got = sorted(set(re.findall(r"arch=compute_(\d+)", c)))
         assert got == want, c
         assert "-flto" not in c and "fno-fat-lto" not in c, c  # pybind11's LTO flags stay off nvcc
+
+
+# --------------------------------------------------------------------------------------------
+# static profile (sm_90a, Triton's toolchain): the targets of docs/architecture.md
+# --------------------------------------------------------------------------------------------
+
+def test_static_profile_targets(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_static_profile as gsp
+
+    why = gsp.toolchain_missing()
+    if why:
+        pytest.skip(why)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    variants = [v for v in gsp.VARIANTS if v.endswith(("bf16", "exact"))]
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_static_profile.py"), "--out", str(tmp_path),
+                          "--variants", *variants], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = json.loads((tmp_path / "profile.json").read_text())["variants"]
+    assert sorted(table) == sorted(variants)
+    spilling = []
+    for name, row in table.items():
+        assert (tmp_path / f"{name}.cubin").stat().st_size > 0
+        assert row["membar_gpu"] == 0, (name, row)  # relaxed atomics: no GPU-scope fences
+        if not name.endswith("exact"):  # exact fp32 multiplies on CUDA cores (FFMA), no wgmma
+            assert row["hgmma_n_min"] >= 128, (name, row)
+        if row["stack"] or row["spill"]:
+            spilling.append(f"{name}: stack {row['stack']} B, {row['spill']} spill instructions")
+    if spilling:
+        # the one target not met yet (the candidate appends of the full and row top-k
+        # variants): reported as xfail with the numbers, so `make test` shows what is left
+        pytest.xfail("spills remain: " + "; ".join(spilling))
 
 
 # --------------------------------------------------------------------------------------------

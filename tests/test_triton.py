@@ -296,7 +296,7 @@ def compile_(fn, types, consts, num_warps):
 p = pairwise.signature("tensordesc<bf16[128,64]>")
 full = pairwise.constexprs(metric=0, self_mode=True, has_valid=True, in_prec="", do_stats=True, nb=2048, ghist=False,
                            has_out=True, collect_close=False, streams=[True] * 6, groups=[16, 16, 16, 0, 0],
-                           bm=128, bk=64, upcast=False)
+                           bm=128, bk=64, upcast=False, split=4)
 k = compile_(pairwise._pairwise_stats_kernel, p, full, 8)
 assert "wgmma" in k.asm["ptx"], "no tensor-core MMA in the PTX"
 c = {a: "i32" for a in cone._cone_unit_sums_kernel.arg_names}
@@ -391,27 +391,32 @@ def _append_probe_kernel(cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
     cols = tl.arange(0, 8)
     m = ((rows[:, None] + cols[None, :]) % 2) == 0
     v = (rows[:, None] * 8 + cols[None, :]).to(tl.float32)
-    pairwise_kernels._append(m, v, rows, cols, 1, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
+    pairwise_kernels._append(m, v, rows, cols, 1, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
 
 
-def test_candidate_counter_is_64_bit():
+def test_candidate_counts_are_64_bit():
     # a band's appends can pass 2^31: an int32 counter would wrap negative, `off < cap` would
-    # hold and stores would land before the buffer (and a wrap hides the overflow from the retry)
-    eng = triton_backend.TritonEngine(torch.randn(5, 4), None, PairwiseConfig(row_topk=2))
-    assert eng.cnt.dtype == torch.int64
+    # hold and stores would land before the buffer (and a wrap hides the overflow from the
+    # retry). The int32 append counter stops taking appends at cap; the int64 drop counter
+    # counts the rest, and the engine reads their sum.
     cap = 8
-    cnt = torch.tensor([0, 2 ** 31 - 5, 0], dtype=torch.int64)
+    buf = torch.zeros(22, dtype=torch.int32)
+    cnt, dropped = buf[:7], buf[8:22].view(torch.int64)
     cv = torch.full((2, cap), -1.0)
     ci = torch.full((2, cap), -1, dtype=torch.int32)
     cj = torch.full((2, cap), -1, dtype=torch.int32)
-    _append_probe_kernel[(1,)](cnt, cv, ci, cj, cap)
-    assert int(cnt[1]) == 2 ** 31 - 5 + 16  # past 2^31, not wrapped: the retry sees the overflow
-    assert bool((cv == -1).all()) and bool((ci == -1).all())  # nothing stored out of place
-    cnt[1] = cap - 3  # room for 3: exactly the first 3 slots fill
-    _append_probe_kernel[(1,)](cnt, cv, ci, cj, cap)
-    assert int(cnt[1]) == cap - 3 + 16
+    cnt[1] = cap - 3  # room for 3: the first 3 of 16 pairs are stored, the counter sees 16
+    _append_probe_kernel[(1,)](buf, cv, ci, cj, cap)
+    assert int(cnt[1]) == cap - 3 + 16 and int(dropped[1]) == 0
     assert bool((cv[1, cap - 3:] >= 0).all()) and bool((ci[1, cap - 3:] >= 0).all())
     assert bool((cv[1, :cap - 3] == -1).all()) and bool((cv[0] == -1).all())
+    dropped[1] = 2 ** 40  # the stream is full: the next tile only counts, in int64
+    _append_probe_kernel[(1,)](buf, cv, ci, cj, cap)
+    assert int(cnt[1]) == cap - 3 + 16 and int(dropped[1]) == 2 ** 40 + 16
+    assert int(cnt[0]) == 0 and int(dropped[0]) == 0 and int(dropped[2]) == 0
+    eng = triton_backend.TritonEngine(torch.randn(5, 4), None, PairwiseConfig(row_topk=2))
+    eng.cnt[1], eng.dropped[1] = 2 ** 31 - 1, 2 ** 33
+    assert eng._counts()[1] == 2 ** 31 - 1 + 2 ** 33
 
 
 def test_occupancy_change_keeps_first_band_statistics(monkeypatch):
@@ -441,3 +446,18 @@ def test_occupancy_change_keeps_first_band_statistics(monkeypatch):
     assert st.count == 70 * 69 // 2 and int(st.hist.sum()) == 70 * 69 // 2
     got = st.finalize(cfg, d=5, backend="triton", device=x.device, seconds=0.0)
     check_stats(got, x, tol=1e-4, exact_ties=True, metric="dot", range=(-12.0, 12.0), **opts)
+
+
+@pytest.mark.parametrize("metric,rng,outside", [("dot", (-4.0, 4.0), (-1.0, 1.0)),
+                                                ("euclidean", (0.0, 4.0), (0.5, 2.0))])
+@pytest.mark.parametrize("cross", [False, True])
+def test_gpu_configuration_slabs_without_live_bounds(metric, rng, outside, cross):
+    # what the GPU plan launches: the epilogue on 4 slabs per tile (tl.split) and no live
+    # bucket maxima; tiny capacity forces every stream through its retries
+    x = small_int_embeddings(70, 3, seed=7, low=-1, high=2)
+    y = small_int_embeddings(45, 3, seed=8, low=-1, high=2) if cross else None
+    opts = dict(ALL_OUTPUTS, outside=outside, outside_limit=9, near=1.0)
+    got, eng = _engine_stats(x, y, engine_kw=dict(block=32, group=1, programs=2, capacity=1, split=4, live_bounds=False),
+                             metric=metric, **_cfg_opts(opts, rng))
+    assert eng.plan.split == 4 and eng.groups == [0] * 5 and eng.cap > 78
+    check_stats(got, x, y, tol=1e-4, exact_ties=True, metric=metric, range=rng, **opts)

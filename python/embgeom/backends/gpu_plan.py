@@ -40,6 +40,8 @@ class GpuPlan:
     nbc: int
     nbands: int
     occupancy_pending: bool
+    split: int = 1  # epilogue slabs per tile: (bm, bm / split) each (register pressure, see the kernel)
+    live_bounds: bool = True  # tiles raise thresholds through bucket maxima (off on the GPU: registers)
 
     def tiles(self, band: int, self_mode: bool) -> tuple[int, int, int]:
         """(first block-row, block-rows, tiles) of band b."""
@@ -51,13 +53,16 @@ class GpuPlan:
 def make_plan(n: int, m: int, d: int, *, elem_bytes: int, on_gpu: bool, sms: int = 0,
               cfg_block: int = 512, row_k: int = 1, need: int = 1, block: int | None = None,
               group: int | None = None, programs: int | None = None,
-              capacity: int | None = None) -> GpuPlan:
+              capacity: int | None = None, split: int | None = None,
+              live_bounds: bool | None = None, mma: bool = True) -> GpuPlan:
     """n, m: rows of x and y; d: columns; elem_bytes: 2 (bf16/fp16) or 4 (fp32/tf32);
     sms: multiprocessors (GPU); cfg_block: the config's tile edge (CPU interpreter only);
-    row_k: the larger per-row list; need: the longest list. Overrides are for tests."""
+    row_k: the larger per-row list; need: the longest list; mma: the products run on tensor
+    cores (False for exact fp32: CUDA-core FMA, whose operands sit in registers, so smaller
+    tiles). Overrides are for tests."""
     if block is None:
         # the CPU interpreter wants few, small tiles
-        block = GPU_BLOCK if on_gpu else min(64, max(16, next_pow2(min(cfg_block, max(n, m, 1)))))
+        block = (GPU_BLOCK if mma else 64) if on_gpu else min(64, max(16, next_pow2(min(cfg_block, max(n, m, 1)))))
     bm = max(16, next_pow2(block))
     # 128-byte operand rows (the widest TMA swizzle): 64 bf16 or 32 fp32 per k-step
     bk = (64 if elem_bytes == 2 else 32) if on_gpu else min(64, max(16, next_pow2(d)))
@@ -75,7 +80,12 @@ def make_plan(n: int, m: int, d: int, *, elem_bytes: int, on_gpu: bool, sms: int
     cap = max(capacity or (default_cap if on_gpu else (1 << 12)), 2 * need + 64)
     return GpuPlan(bm=bm, bk=bk, num_warps=GPU_WARPS, num_stages=GPU_STAGES,
                    group=group, programs=programs, capacity=cap, seed_sample=4096 if on_gpu else 32,
-                   nbr=nbr, nbc=nbc, nbands=-(-nbr // group), occupancy_pending=pending)
+                   nbr=nbr, nbc=nbc, nbands=-(-nbr // group), occupancy_pending=pending,
+                   split=(4 if bm >= 128 else 1) if split is None else split,
+                   # the live bucket maxima cost layout conversions and registers that push the
+                   # epilogue into spills on sm_90; the sampled seed (4,096 columns x all rows)
+                   # and the per-band refresh from the merged lists bound the candidates instead
+                   live_bounds=not on_gpu if live_bounds is None else live_bounds)
 
 
 def programs_for(regs: int, sms: int, num_warps: int = GPU_WARPS) -> int:
@@ -102,8 +112,10 @@ def list_lengths(cfg) -> dict:
             "outside_pairs": cfg.outside_limit if cfg.outside else 0}
 
 
-def stream_groups(lengths: dict, bm: int) -> list[int]:
+def stream_groups(lengths: dict, bm: int, live: bool = True) -> list[int]:
     """Live-bound buckets per stream (0: none): next_pow2(k), at most one per tile row."""
+    if not live:
+        return [0] * 5
     out = []
     for s in STREAMS[:5]:
         g = next_pow2(lengths[s]) if lengths[s] else 0
@@ -125,5 +137,6 @@ def variant(cfg, *, mode: str, plan: GpuPlan, self_mode: bool, has_valid: bool, 
                 has_valid=has_valid, in_prec=IN_PREC[mode], do_stats=do_stats,
                 nb=nb if (do_stats and cfg.bins) else 0, ghist=bool(do_stats and cfg.bins and not nb),
                 has_out=bool(do_stats and cfg.outside), collect_close=bool(collect_close),
-                streams=[bool(s) for s in streams], groups=stream_groups(list_lengths(cfg), plan.bm),
-                bm=plan.bm, bk=plan.bk, num_warps=plan.num_warps, num_stages=plan.num_stages)
+                streams=[bool(s) for s in streams],
+                groups=stream_groups(list_lengths(cfg), plan.bm // plan.split, plan.live_bounds),
+                bm=plan.bm, bk=plan.bk, split=plan.split, num_warps=plan.num_warps, num_stages=plan.num_stages)

@@ -86,15 +86,17 @@ class TritonEngine:
     """Fused all-pairs engine (engine protocol of _pairwise). x: (N, D), y: (M, D) or None.
 
     fast_dtype: input type of the products in `fast` precision ("bf16", "fp16", "tf32").
-    block/group/programs/capacity: tile side, block-rows per band, persistent programs,
-    candidate slots per stream (defaults suit an H100; tests shrink them).
+    block/group/programs/capacity/split: tile side, block-rows per band, persistent programs,
+    candidate slots per stream, epilogue on half tiles (embgeom.backends.gpu_plan; defaults
+    suit an H100; tests shrink them).
     """
 
     name = "triton"
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, *,
                  fast_dtype: str = "bf16", block: int | None = None, group: int | None = None,
-                 programs: int | None = None, capacity: int | None = None):
+                 programs: int | None = None, capacity: int | None = None, split: int | None = None,
+                 live_bounds: bool | None = None):
         if fast_dtype not in FAST_DTYPES:
             raise ValueError(f"fast_dtype: expected one of {', '.join(FAST_DTYPES)}, got {fast_dtype!r}")
         self.cfg = cfg
@@ -127,7 +129,8 @@ class TritonEngine:
         self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 0
         self.plan = make_plan(self.n, self.m, self.d, elem_bytes=self.xin.element_size(), on_gpu=on_gpu,
                               sms=self.sms, cfg_block=cfg.block, row_k=max(cfg.row_topk, cfg.row_bottomk),
-                              need=need, block=block, group=group, programs=programs, capacity=capacity)
+                              need=need, block=block, group=group, programs=programs, capacity=capacity,
+                              split=split, live_bounds=live_bounds, mma=self.mode != "exact")
         plan = self.plan
         self.bm, self.bk, self.group = plan.bm, plan.bk, plan.group
         self.nbr, self.nbc, self.nbands = plan.nbr, plan.nbc, plan.nbands
@@ -136,7 +139,7 @@ class TritonEngine:
         # are reduced (they live in per-program buffers that a new program count replaces)
         self._occupancy_pending = plan.occupancy_pending
         self._programs_next = None
-        self.groups = stream_groups(self.kinds_k, self.bm)
+        self.groups = stream_groups(self.kinds_k, self.bm // plan.split, plan.live_bounds)
 
         # error of the products (fast) -> filter margin and histogram error bound
         nx = float(torch.linalg.vector_norm(self.x32, dim=1).max()) if self.n else 0.0
@@ -178,7 +181,10 @@ class TritonEngine:
         dev = self.device
         self.hist_buf = torch.zeros(self.bins + 2 if self.bins else 1, dtype=torch.int32, device=dev)
         self._set_programs(self.programs)
-        self.cnt = torch.zeros(7, dtype=torch.int64, device=dev)  # appends per band exceed 2^31
+        # per stream: int32 append counter (slots 0-6) and int64 drop counter (slots 8-21 as
+        # int64 7 x 1): their sum counts every candidate, past 2^31 too (see the kernel's _append)
+        self.cnt_buf = torch.zeros(22, dtype=torch.int32, device=dev)
+        self.cnt, self.dropped = self.cnt_buf[:7], self.cnt_buf[8:22].view(torch.int64)
         self._alloc_candidates(self.cap)
         self.excluded_rows = ex
         self.candidates = [0] * 7  # pairs each stream handed to the exact selection (diagnostics)
@@ -218,6 +224,8 @@ class TritonEngine:
         return out
 
     def _alloc_candidates(self, cap: int, keep: bool = False) -> None:
+        if cap > 1 << 30:  # the kernel's int32 append counters stay below cap + 2^24
+            raise RuntimeError(f"candidate buffers of {cap} slots per stream: over 2^30 (ties too many to rank)")
         dev = self.device
         new = (torch.zeros(7, cap, dtype=torch.float32, device=dev),
                torch.zeros(7, cap, dtype=torch.int32, device=dev),
@@ -346,19 +354,19 @@ class TritonEngine:
         if not self._seeded:
             self._seed_thresholds()
         self._refresh_thresholds()
-        self.cnt.zero_()
+        self.cnt_buf.zero_()
         if self.bins and not self.nb:
             self.hist_buf.zero_()
         euclid = self.cfg.metric == "euclidean"
         grid = self._launch(r0, rows, ntiles, True, self.active, collect_close=euclid)
-        counts = self.cnt.tolist()
+        counts = self._counts()
         stored = [self.cap] * 7  # room each stream had when it last ran
         if euclid and counts[6] > self.cap:  # more near-duplicates than room: collect them again
             self._alloc_candidates(_next_pow2(counts[6]), keep=True)
             stored[6] = self.cap
-            self.cnt[6] = 0
+            self.cnt[6], self.dropped[6] = 0, 0
             self._launch(r0, rows, ntiles, False, [False] * 6, collect_close=True)
-            counts = self.cnt.tolist()
+            counts = self._counts()
         # stats of this band
         self.count += self.part_cnt[:grid].sum()
         self.sums += torch.stack([self.part_sum[:grid].sum(), self.part_sq[:grid].sum()])
@@ -380,10 +388,10 @@ class TritonEngine:
             if grow:
                 self._alloc_candidates(2 * self.cap, keep=True)
             for s in over:
-                self.cnt[s] = 0
+                self.cnt[s], self.dropped[s] = 0, 0
                 stored[s] = self.cap
             self._launch(r0, rows, ntiles, False, retry)
-            counts = self.cnt.tolist()
+            counts = self._counts()
         if self._programs_next is not None:  # band statistics reduced above: now resize
             self._set_programs(self._programs_next)
             self._programs_next = None
@@ -405,7 +413,7 @@ class TritonEngine:
             self.hist_buf, self.edges, self.lo_f, self.hi_f, self.scale_f, self.off_f, self.edge_w,
             max(self.bins, 1),
             self.out_a, self.out_b, self.out_rows, self.out_cols, self.gthr, self.gbuck, self.rthr,
-            self.rbuck[0], self.rbuck[1], self.cnt,
+            self.rbuck[0], self.rbuck[1], self.cnt_buf,
             self.cv, self.ci, self.cj, self.cap, float(cfg.near or 0.0), self.margin,
             self.near_margin, *self.out_cut, self.shift, NEAR_DUPLICATE_TAU,
             **variant(cfg, mode=self.mode, plan=self.plan, self_mode=self.self_mode,
@@ -420,6 +428,10 @@ class TritonEngine:
                 if programs != self.programs:
                     self._programs_next = programs
         return grid
+
+    def _counts(self) -> list[int]:
+        """Candidates each stream met in the last launch (stored or not), int64."""
+        return (self.cnt.long() + self.dropped).tolist()
 
     def _set_programs(self, programs: int) -> None:
         dev, P = self.device, programs
@@ -528,6 +540,8 @@ class TritonEngine:
                 return True
             return False
         key = self._key(s, v)
+        if s >= 3 and self.self_mode:  # each buffered (i, j) is a neighbour of both rows
+            i, key = torch.cat([i, j]), torch.cat([key, key])
         if s < 3:
             kth = torch.topk(key, k).values[-1]
             if bool(kth > self.gthr[s]):
@@ -606,6 +620,8 @@ class TritonEngine:
         if self.mode != "exact":
             v = self._rescore(i, j)
         if s in (3, 4):
+            if self.self_mode:  # the kernel appends (i, j) once for rows i and j
+                i, j, v = torch.cat([i, j]), torch.cat([j, i]), torch.cat([v, v])
             self._merge_rows(kind, i, j, v.float(), largest=(s == 3))
             return
         self._merge_pairs(kind, v, i, j)
