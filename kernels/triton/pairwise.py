@@ -26,7 +26,7 @@ The caller selects exactly (value, then (i, j)) on the small candidate set, and 
 with a higher threshold if a candidate buffer overflowed.
 
 Cost model (sm_90, per element of a tile, d = 768; benchmarks/gpu_static_profile.py measures
-the compiled variants, docs/architecture.md keeps the table):
+the compiled variants, benchmarks/results/gpu_static_profile.json keeps the table):
 - product: 768 bf16 MACs at 2,048 MAC/clk/SM (dense wgmma) = 0.375 SM-clocks;
 - epilogue: thread-instructions issue at 128/clk/SM, so E instructions per element cost E/128
   clocks: E = 48 equals the product, a quarter of it is E = 12. One program per SM (255
