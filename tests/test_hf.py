@@ -100,7 +100,6 @@ def _expected(model, tokenizer, texts, batch):
                 for b, pos in enumerate(cs["focus_token"]):
                     if pos >= 0:
                         focus[l, h, d["ids"][b, pos]] += 1
-        m = mask[..., None].double()
         for l in range(L + 1):
             norm[l] += (d["hs"][l].norm(dim=-1) * mask).sum()
         for l in range(L):

@@ -25,6 +25,10 @@ from embgeom import reference  # noqa: E402
 from embgeom.backends import cuda as cuda_backend, triton as triton_backend  # noqa: E402
 from embgeom.engine.config import PairwiseConfig  # noqa: E402
 from embgeom.engine.runner import run_engine  # noqa: E402
+from embgeom.kernels.triton import pairwise as pairwise_kernels  # noqa: E402
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from helpers import assert_engine_states_equal, check_stats, make_embeddings, small_int_embeddings  # noqa: E402
 
@@ -146,15 +150,10 @@ def compile_(fn, types, consts, num_warps):
     return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": 3})
 
-p = {a: "*fp32" for a in pairwise._pairwise_stats_kernel.arg_names if a.endswith("_ptr")}
-p.update(x_desc="tensordesc<bf16[64,64]>", y_desc="tensordesc<bf16[64,64]>", xv_ptr="*u8", yv_ptr="*u8",
-         part_cnt_ptr="*i64", part_out_ptr="*i64", out_rows_ptr="*i64", out_cols_ptr="*i64",
-         part_sum_ptr="*fp64", part_sq_ptr="*fp64", hist_ptr="*i32", cnt_ptr="*i32", ci_ptr="*i32",
-         cj_ptr="*i32", lo_f="fp32", hi_f="fp32", scale_f="fp32", out_a="fp32", out_b="fp32", near="fp32",
-         margin="fp32", near_margin="fp32")
-full = dict(METRIC=0, SELF=True, HAS_VALID=True, IN_PREC="", DO_STATS=True, NB=2048, GHIST=False,
-            HAS_OUT=True, COLLECT_CLOSE=False, TOP=True, BOT=True, NEAR=True, RTOP=True, RBOT=True,
-            OUTL=True, G_TOP=16, G_BOT=16, G_NEAR=16, G_RTOP=16, G_RBOT=4, BM=64, BN=64, BK=64, UPCAST=False)
+p = pairwise.signature("tensordesc<bf16[128,64]>")
+full = pairwise.constexprs(metric=0, self_mode=True, has_valid=True, in_prec="", do_stats=True, nb=2048, ghist=False,
+                           has_out=True, collect_close=False, streams=[True] * 6, groups=[16, 16, 16, 0, 0],
+                           bm=128, bk=64, upcast=False, split=4)
 k = compile_(pairwise._pairwise_stats_kernel, p, full, 8)
 assert "wgmma" in k.asm["ptx"], "no tensor-core MMA in the PTX"
 c = {a: "i32" for a in cone._cone_unit_sums_kernel.arg_names}
@@ -241,3 +240,81 @@ def test_near_duplicate_stream_growth_keeps_other_streams_exact():
     got, _ = _engine_stats(x, engine_kw=dict(block=16, group=2, programs=3, capacity=1),
                            metric="euclidean", **_cfg_opts(opts, (0.0, 5.0)))
     check_stats(got, x, exact_ties=True, metric="euclidean", range=(0.0, 5.0), **opts)
+
+
+@triton.jit
+def _append_probe_kernel(cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
+    rows = tl.arange(0, 4)
+    cols = tl.arange(0, 8)
+    m = ((rows[:, None] + cols[None, :]) % 2) == 0
+    v = (rows[:, None] * 8 + cols[None, :]).to(tl.float32)
+    pairwise_kernels._append(m, v, rows, cols, 1, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+
+
+def test_candidate_counts_are_64_bit():
+    # a band's appends can pass 2^31: an int32 counter would wrap negative, `off < cap` would
+    # hold and stores would land before the buffer (and a wrap hides the overflow from the
+    # retry). The int32 append counter stops taking appends at cap; the int64 drop counter
+    # counts the rest, and the engine reads their sum.
+    cap = 8
+    buf = torch.zeros(22, dtype=torch.int32)
+    cnt, dropped = buf[:7], buf[8:22].view(torch.int64)
+    cv = torch.full((2, cap), -1.0)
+    ci = torch.full((2, cap), -1, dtype=torch.int32)
+    cj = torch.full((2, cap), -1, dtype=torch.int32)
+    cnt[1] = cap - 3  # room for 3: the first 3 of 16 pairs are stored, the counter sees 16
+    _append_probe_kernel[(1,)](buf, cv, ci, cj, cap)
+    assert int(cnt[1]) == cap - 3 + 16 and int(dropped[1]) == 0
+    assert bool((cv[1, cap - 3:] >= 0).all()) and bool((ci[1, cap - 3:] >= 0).all())
+    assert bool((cv[1, :cap - 3] == -1).all()) and bool((cv[0] == -1).all())
+    dropped[1] = 2 ** 40  # the stream is full: the next tile only counts, in int64
+    _append_probe_kernel[(1,)](buf, cv, ci, cj, cap)
+    assert int(cnt[1]) == cap - 3 + 16 and int(dropped[1]) == 2 ** 40 + 16
+    assert int(cnt[0]) == 0 and int(dropped[0]) == 0 and int(dropped[2]) == 0
+    eng = triton_backend.TritonEngine(torch.randn(5, 4), None, PairwiseConfig(row_topk=2))
+    eng.cnt[1], eng.dropped[1] = 2 ** 31 - 1, 2 ** 33
+    assert eng._counts()[1] == 2 ** 31 - 1 + 2 ** 33
+
+
+def test_occupancy_change_keeps_first_band_statistics(monkeypatch):
+    # the compiled kernel's registers (stubbed: 96 -> 2 programs per SM) change the program
+    # count after the first launch; the per-program partial sums of that band must be reduced
+    # before the buffers are replaced
+    from types import SimpleNamespace
+
+    from embgeom.kernels.triton import pairwise
+
+    real = pairwise.launch_pairwise
+    grids = []
+
+    def stub(grid, *a, **kw):
+        grids.append(grid)
+        real(grid, *a, **kw)
+        return SimpleNamespace(n_regs=96)
+
+    monkeypatch.setattr(pairwise, "launch_pairwise", stub)
+    x = small_int_embeddings(70, 5, seed=2)
+    opts = dict(bins=9, topk=3, bottomk=2, outside=(-2.0, 2.0), outside_limit=5)
+    cfg = PairwiseConfig(metric="dot", lo=-12.0, hi=12.0, **opts)
+    eng = triton_backend.TritonEngine(x, None, cfg, block=16, group=1, programs=2)
+    eng._occupancy_pending, eng.sms = True, 3  # as on a 3-SM GPU
+    st = run_engine(eng)
+    assert eng.programs == 6 and grids[0] == 2 and max(grids) > 2
+    assert st.count == 70 * 69 // 2 and int(st.hist.sum()) == 70 * 69 // 2
+    got = st.finalize(cfg, d=5, backend="triton", device=x.device, seconds=0.0)
+    check_stats(got, x, exact_ties=True, metric="dot", range=(-12.0, 12.0), **opts)
+
+
+@pytest.mark.parametrize("metric,rng,outside", [("dot", (-4.0, 4.0), (-1.0, 1.0)),
+                                                ("euclidean", (0.0, 4.0), (0.5, 2.0))])
+@pytest.mark.parametrize("cross", [False, True])
+def test_gpu_configuration_slabs_without_live_bounds(metric, rng, outside, cross):
+    # what the GPU plan launches: the epilogue on 4 slabs per tile (tl.split) and no live
+    # bucket maxima; tiny capacity forces every stream through its retries
+    x = small_int_embeddings(70, 3, seed=7, low=-1, high=2)
+    y = small_int_embeddings(45, 3, seed=8, low=-1, high=2) if cross else None
+    opts = dict(ALL_OUTPUTS, outside=outside, outside_limit=9, near=1.0)
+    got, eng = _engine_stats(x, y, engine_kw=dict(block=32, group=1, programs=2, capacity=1, split=4, live_bounds=False),
+                             metric=metric, **_cfg_opts(opts, rng))
+    assert eng.plan.split == 4 and eng.groups == [0] * 5 and eng.cap > 78
+    check_stats(got, x, y, exact_ties=True, metric=metric, range=rng, **opts)

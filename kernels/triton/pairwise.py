@@ -1,4 +1,4 @@
-"""Fused all-pairs statistics (SPEC M1): one tl.dot tile -> every requested reduction.
+"""Fused all-pairs statistics (docs/metrics.md): one tl.dot tile -> every requested reduction.
 
 A launch covers one *band*: `band_rows` consecutive block-rows starting at `band_row0`, against
 every column block (cross mode) or every column block >= band_row0 (self mode: the upper
@@ -11,11 +11,12 @@ outside count and a (NB,) sub-histogram (written per program, reduced by the cal
 
 Ranked outputs (global top/bottom/near, per-row top/bottom, the first outside pairs) leave the
 kernel as *candidates*: a tile appends (v, i, j) for every pair whose key reaches the stream's
-running threshold, with one atomic per tile on the stream's counter. A threshold is always a
+running threshold, one relaxed atomic per appended pair on the stream's counter. A threshold is always a
 lower bound of the k-th best key, so no pair of a final list is ever filtered out:
 - the caller seeds it from a sample of columns before the first band, then from the merged
   state (its current k-th best key) before every band;
-- tiles raise it live: the stream's pairs are split into G = next_pow2(k) fixed buckets whose
+- where the plan enables live bounds (tests; off on the GPU, whose registers it costs), tiles
+  raise it live: the stream's pairs are split into G = next_pow2(k) fixed buckets whose
   running maxima live in global memory (`atomic_max`, only when a tile improves one); their
   minimum is reached by G distinct pairs, so the k-th best key is at least that, and the bound
   tightens as the run goes on (per row: buckets by column position, N x G floats).
@@ -23,6 +24,26 @@ In `fast` precision the filter is `key >= threshold - margin`, margin = 2x the p
 bound, so pairs whose exact value belongs in a list survive the bf16/tf32 error.
 The caller selects exactly (value, then (i, j)) on the small candidate set, and retries a band
 with a higher threshold if a candidate buffer overflowed.
+
+Cost model (sm_90, per element of a tile, d = 768; benchmarks/gpu_static_profile.py measures
+the compiled variants, benchmarks/results/gpu_static_profile.json keeps the table):
+- product: 768 bf16 MACs at 2,048 MAC/clk/SM (dense wgmma) = 0.375 SM-clocks;
+- epilogue: thread-instructions issue at 128/clk/SM, so E instructions per element cost E/128
+  clocks: E = 48 equals the product, a quarter of it is E = 12. One program per SM (255
+  registers x 256 threads fill the register file) does not overlap the two, so they add up;
+- moments: cvt to f64 (16/clk/SM: 0.0625 clk, the largest single term), DADD + DFMA (64/clk),
+  count, clamp and validity ~6 fp32 instructions: ~0.14 clk, ~37 % of the product;
+- histogram: FFMA + floor + cvt + clamp (~6), one predicated edge load taken only within
+  edge_w of an edge, one shared-memory ATOMS.POPC.INC (tl.histogram; same-bin lanes of a warp
+  aggregate): ~10 instructions, ~0.08 clk;
+- each candidate stream: a compare against its threshold and one predicated atomic (rarely
+  taken once thresholds are seeded): ~4 instructions; appends themselves are rare.
+So the hot path is some 25-35 instructions per element (the static counts of the profile are
+higher: they include the rarely taken append and overflow paths), about half of the product
+at best; the f64 conversions are the next thing to remove.
+Tiles: 128 x 128 (two warpgroups of HGMMA 64x128x16), 3 stages of 128 x 64 operands; the
+epilogue runs on 4 slabs of 128 x 32 (tl.split) so its registers stay beside the accumulator's
+64 per thread.
 
 Streams (index s into thr/cnt/cand arrays): 0 top, 1 bottom, 2 near, 3 row top, 4 row bottom,
 5 outside pairs (the first `outside_limit` by (i, j): only pairs before (cut_i, cut_j)),
@@ -37,58 +58,64 @@ STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs", "c
 
 
 @triton.jit
-def _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, SWAP: tl.constexpr):
-    """Append the masked pairs of a (R, C) tile to stream s as (v, row, col), or (v, col, row)
-    with SWAP: one atomic per tile, index tiles built only when something is appended."""
-    mi = m.to(tl.int32)
-    rc = tl.sum(mi, 1)
-    n = tl.sum(rc, 0)
-    if n > 0:
-        base = tl.atomic_add(cnt_ptr + s, n)
-        off = base + (tl.cumsum(rc, 0) - rc)[:, None] + tl.cumsum(mi, 1) - 1
-        ok = m & (off < cap)
-        off64 = off.to(tl.int64) + cap.to(tl.int64) * s
+def _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
+    """Append the masked pairs of a (R, C) tile to stream s as (v, row, col): one relaxed
+    atomic per appended pair (predicated off elsewhere), so no tile-wide count or scan that
+    every tile would pay; appends are rare once thresholds are seeded.
+
+    Counting past 2^31 without int64 offsets per element (2 registers each): cnt_ptr[s] (int32)
+    only takes appends while it is below cap, read uncached before each slab; a slab that finds
+    the stream full adds its count to the int64 drop counter cnt_ptr[8 + 2s : 10 + 2s] instead.
+    The int32 counter thus stays below cap + programs x slab size (< 2^31 for cap <= 2^30), and
+    int32 + int64 counts every pair, so an overflow can neither wrap nor hide from the retry."""
+    full = tl.load(cnt_ptr + s, volatile=True) >= cap
+    if full:
+        n = tl.sum(tl.sum(m.to(tl.int32), 1), 0)
+        drop_ptr = (cnt_ptr + 8).to(tl.pointer_type(tl.int64))
+        tl.atomic_add(drop_ptr + s, n.to(tl.int64), sem="relaxed")
+    else:
         ii = rows[:, None] + 0 * cols[None, :]
         jj = cols[None, :] + 0 * rows[:, None]
+        one = tl.full(m.shape, 1, tl.int32)
+        off = tl.atomic_add(cnt_ptr + s + 0 * ii, one, mask=m, sem="relaxed")
+        ok = m & (off < cap)
+        off64 = off.to(tl.int64) + cap.to(tl.int64) * s
         tl.store(cv_ptr + off64, v, mask=ok)
-        if SWAP:
-            tl.store(ci_ptr + off64, jj, mask=ok)
-            tl.store(cj_ptr + off64, ii, mask=ok)
-        else:
-            tl.store(ci_ptr + off64, ii, mask=ok)
-            tl.store(cj_ptr + off64, jj, mask=ok)
+        tl.store(ci_ptr + off64, ii, mask=ok)
+        tl.store(cj_ptr + off64, jj, mask=ok)
 
 
 @triton.jit
-def _global_stream(key, v, valid, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
+def _global_stream(key, v, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
                    ci_ptr, cj_ptr, cap, margin, G: tl.constexpr, BM: tl.constexpr):
     """Global list s. Live bound: the pairs are split into G buckets by tile-local row block; the
     running maximum of each bucket (gbuck, global memory) is a distinct pair, so their minimum
     bounds the G-th (>= k-th) best key, and it keeps rising as tiles go by."""
-    k = tl.where(valid, key, float("-inf"))
+    k = tl.where(key == key, key, float("-inf"))  # invalid pairs are NaN (see the kernel)
     thr = tl.load(thr_ptr + s)
     if G > 0:
         tile_max = tl.max(tl.reshape(tl.max(k, 1), (G, BM // G)), 1)
         bptr = gbuck_ptr + s * 64 + tl.arange(0, G)
         old = tl.load(bptr)
-        tl.atomic_max(bptr, tile_max, mask=tile_max > old)
+        tl.atomic_max(bptr, tile_max, mask=tile_max > old, sem="relaxed")
         lb = tl.min(tl.maximum(old, tile_max), 0)
         if lb > thr:
-            tl.atomic_max(thr_ptr + s, lb)
+            tl.atomic_max(thr_ptr + s, lb, sem="relaxed")
             thr = lb
-    m = valid & (k >= thr - margin)
-    _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
+    m = key >= thr - margin
+    _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
 
 
 @triton.jit
-def _row_stream(key, v, valid, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, rbuck_ptr, n_rows,
+def _row_stream(key, v, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, rbuck_ptr, n_rows,
                 cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF: tl.constexpr,
                 G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """Per-row lists: row i gets neighbour j; in self mode row j also gets neighbour i.
-    Live bound per row as in _global_stream: row i's pairs (i, j) fall in G buckets by the
+    """Per-row lists: row i gets neighbour j; in self mode row j also gets neighbour i, and a
+    pair that passes either row's threshold is appended once as (i, j) (the caller offers it
+    to both rows). Live bound per row as in _global_stream: row i's pairs (i, j) fall in G buckets by the
     tile-local position of j (the same on the row and on the column side, BM == BN), with
     running bucket maxima rbuck (N, G) in global memory."""
-    k = tl.where(valid, key, float("-inf"))
+    k = tl.where(key == key, key, float("-inf"))  # invalid pairs are NaN (see the kernel)
     base = rthr_ptr + (s - 3) * n_rows
     thr = tl.load(base + rows, mask=row_ok, other=float("inf"))
     if G > 0:
@@ -96,12 +123,11 @@ def _row_stream(key, v, valid, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr
         tile_max = tl.max(tl.reshape(k, (BM, G, BN // G)), 2)
         bptr = rbuck_ptr + rows[:, None].to(tl.int64) * G + gs[None, :]
         old = tl.load(bptr, mask=row_ok[:, None], other=float("-inf"))
-        tl.atomic_max(bptr, tile_max, mask=row_ok[:, None] & (tile_max > old))
+        tl.atomic_max(bptr, tile_max, mask=row_ok[:, None] & (tile_max > old), sem="relaxed")
         lb = tl.min(tl.maximum(old, tile_max), 1)
-        tl.atomic_max(base + rows, lb, mask=row_ok & (lb > thr))
+        tl.atomic_max(base + rows, lb, mask=row_ok & (lb > thr), sem="relaxed")
         thr = tl.maximum(thr, lb)
-    m = valid & (k >= thr[:, None] - margin)
-    _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
+    m = key >= thr[:, None] - margin
     if SELF:
         cthr = tl.load(base + cols, mask=col_ok, other=float("inf"))
         if G > 0:
@@ -109,27 +135,125 @@ def _row_stream(key, v, valid, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr
             ctile = tl.max(tl.reshape(k, (G, BM // G, BN)), 1)
             cptr = rbuck_ptr + cols[None, :].to(tl.int64) * G + gs[:, None]
             cold = tl.load(cptr, mask=col_ok[None, :], other=float("-inf"))
-            tl.atomic_max(cptr, ctile, mask=col_ok[None, :] & (ctile > cold))
+            tl.atomic_max(cptr, ctile, mask=col_ok[None, :] & (ctile > cold), sem="relaxed")
             clb = tl.min(tl.maximum(cold, ctile), 0)
-            tl.atomic_max(base + cols, clb, mask=col_ok & (clb > cthr))
+            tl.atomic_max(base + cols, clb, mask=col_ok & (clb > cthr), sem="relaxed")
             cthr = tl.maximum(cthr, clb)
-        mc = valid & (k >= cthr[None, :] - margin)
-        _append(mc, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, True)
+        # one append for both sides: the caller offers each (i, j) to rows i and j
+        m = m | (key >= cthr[None, :] - margin)
+    _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
 
 
 @triton.jit
-def _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr):
-    """Histogram slot: 0 underflow, 1..bins, bins + 1 overflow. An fp32 estimate, then an exact
-    correction against edges[b] = the smallest fp32 value whose float64 bin
-    floor((v - lo) * bins / (hi - lo)) is >= b, so bins equal the float64 definition without
-    float64 math on the tile. lo_f/hi_f: lo/hi rounded inwards to fp32."""
-    bn = tl.floor((v - lo_f) * scale_f).to(tl.int32)
-    bn = tl.minimum(tl.maximum(bn, 0), bins - 1)
-    e0 = tl.load(edges_ptr + bn)
-    e1 = tl.load(edges_ptr + bn + 1)
-    bn = tl.where(v < e0, bn - 1, tl.where(v >= e1, bn + 1, bn))
+def _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr):
+    """Histogram slot: 0 underflow, 1..bins, bins + 1 overflow. One FMA and a floor give the
+    bin; it can differ from the float64 definition floor((v - lo) * bins / (hi - lo)) only when
+    the estimate lies within edge_w (its error bound, < 1/2) of an integer, and only there one
+    edge is read: edges[b] = the smallest fp32 value whose float64 bin is >= b
+    (docs/metrics.md, histogram). lo_f/hi_f: lo/hi rounded inwards to fp32."""
+    t = v * scale_f + off_f
+    fb = tl.floor(t)
+    fr = t - fb
+    bn = tl.minimum(tl.maximum(fb.to(tl.int32), 0), bins - 1)
+    up = fr >= 0.5  # nearer the next edge: the true bin may be bn + 1, else bn - 1
+    near = (fr < edge_w) | (fr > 1.0 - edge_w)
+    e = tl.load(edges_ptr + bn + up.to(tl.int32), mask=near, other=0.0)
+    bn = tl.where(near & up & (v >= e), bn + 1, tl.where(near & (up == 0) & (v < e), bn - 1, bn))
     bn = tl.minimum(tl.maximum(bn, 0), bins - 1) + 1
     return tl.where(v < lo_f, 0, tl.where(v > hi_f, bins + 1, bn))
+
+
+@triton.jit
+def _tile_epilogue(
+    acc, rows, cols, acc_n, acc_s, acc_q, acc_o, hist,
+    N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
+    lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+    gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+    near, margin, near_margin, cut_i, cut_j, shift, near_tau,
+    METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, DO_STATS: tl.constexpr,
+    NB: tl.constexpr, GHIST: tl.constexpr, HAS_OUT: tl.constexpr, COLLECT_CLOSE: tl.constexpr,
+    TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr, RTOP: tl.constexpr,
+    RBOT: tl.constexpr, OUTL: tl.constexpr,
+    G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
+    G_RBOT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr,
+):
+    """Every reduction of one (BM, BW) slab of products: acc holds rows x cols. Returns the
+    per-program accumulators (count, shifted sums, outside, histogram)."""
+    row_ok = rows < N
+    col_ok = cols < M
+    valid = row_ok[:, None] & col_ok[None, :]
+    if SELF:
+        valid = valid & (rows[:, None] < cols[None, :])
+    if HAS_VALID:
+        xv = tl.load(xv_ptr + rows, mask=row_ok, other=0) != 0
+        yv = tl.load(yv_ptr + cols, mask=col_ok, other=0) != 0
+        valid = valid & xv[:, None] & yv[None, :]
+    if METRIC == 0:
+        v = tl.minimum(tl.maximum(acc, -1.0), 1.0)
+    elif METRIC == 1:
+        v = acc
+    else:
+        xs = tl.load(xsq_ptr + rows, mask=row_ok, other=0.0)
+        ys = tl.load(ysq_ptr + cols, mask=col_ok, other=0.0)
+        scale2 = xs[:, None] + ys[None, :]
+        d2 = tl.maximum(scale2 - 2.0 * acc, 0.0)
+        v = tl.sqrt(d2)
+        # |a|^2 + |b|^2 - 2ab cancels for near-duplicate rows: those few pairs leave the
+        # kernel (stream 6) and the caller reduces their directly computed distances
+        close = valid & (d2 < near_tau * scale2)
+        if COLLECT_CLOSE:
+            _append(close, v, rows, cols, 6, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+        valid = valid & (close == 0)
+
+    # invalid pairs become NaN: every comparison below fails for them, so no (BM, BN)
+    # predicate tile stays live next to the accumulator (ptxas has 7 predicate registers)
+    v = tl.where(valid, v, float("nan"))
+    if DO_STATS:
+        # (v - shift) is exact in fp32 (shift: 8 significant bits near the mean); float64
+        # sums (docs/metrics.md, moments); the count in fp32 along a row (<= BM, exact)
+        ok = v == v
+        vz = tl.where(ok, v - shift, 0.0).to(tl.float64)
+        acc_n += tl.sum(ok.to(tl.float32), 1).to(tl.int32)
+        acc_s += tl.sum(vz, 1)
+        acc_q += tl.sum(vz * vz, 1)
+        if NB > 0:
+            # per-program histogram: shared-memory increments (ATOMS.POPC.INC, warp-aggregated)
+            slot = _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr)
+            hist += tl.histogram(tl.reshape(slot, (BM * BW,)), NB,
+                                 mask=tl.reshape(v == v, (BM * BW,)))
+        if GHIST:
+            # too many bins for a per-program histogram: global atomics (slower, same bins)
+            slot = _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr)
+            tl.atomic_add(hist_ptr + slot, 1, mask=v == v, sem="relaxed")
+        if HAS_OUT:
+            om = tl.where((v < out_a) | (v > out_b), 1.0, 0.0)
+            orow = tl.sum(om, 1).to(tl.int32)
+            ocol = tl.sum(om, 0).to(tl.int32)
+            acc_o += orow
+            tl.atomic_add(out_rows_ptr + rows, orow.to(tl.int64), mask=row_ok & (orow > 0), sem="relaxed")
+            tl.atomic_add(out_cols_ptr + cols, ocol.to(tl.int64), mask=col_ok & (ocol > 0), sem="relaxed")
+
+    if TOP:
+        _global_stream(v, v, rows, cols, 0, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+                       cap, margin, G_TOP, BM)
+    if BOT:
+        _global_stream(-v, v, rows, cols, 1, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+                       cap, margin, G_BOT, BM)
+    if NEAR:
+        _global_stream(-tl.abs(v - near), v, rows, cols, 2, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
+                       ci_ptr, cj_ptr, cap, near_margin, G_NEAR, BM)
+    if RTOP:
+        _row_stream(v, v, rows, cols, row_ok, col_ok, 3, rthr_ptr, rbuck_top_ptr, N, cnt_ptr,
+                    cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RTOP, BM, BW)
+    if RBOT:
+        _row_stream(-v, v, rows, cols, row_ok, col_ok, 4, rthr_ptr, rbuck_bot_ptr, N, cnt_ptr,
+                    cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RBOT, BM, BW)
+    if OUTL:
+        # only pairs before (cut_i, cut_j) in (i, j) order can still enter the list
+        before = (rows[:, None] < cut_i) | ((rows[:, None] == cut_i) & (cols[None, :] < cut_j))
+        om2 = ((v < out_a) | (v > out_b)) & before
+        _append(om2, v, rows, cols, 5, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+    return acc_n, acc_s, acc_q, acc_o, hist
 
 
 @triton.jit
@@ -138,7 +262,7 @@ def _pairwise_stats_kernel(
     N, M, D, band_row0, band_rows, num_tiles,
     # per-program reductions
     part_cnt_ptr, part_sum_ptr, part_sq_ptr, part_out_ptr, hist_ptr, edges_ptr,
-    lo_f, hi_f, scale_f, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+    lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
     # candidate streams
     gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
     near, margin, near_margin, cut_i, cut_j, shift, near_tau,
@@ -149,7 +273,8 @@ def _pairwise_stats_kernel(
     RBOT: tl.constexpr, OUTL: tl.constexpr,
     G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
     G_RBOT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+    HB: tl.constexpr,
 ):
     """METRIC: 0 cosine (rows pre-normalised, values clamped), 1 dot, 2 euclidean.
     IN_PREC: "ieee" / "tf32" for fp32 rows, "" for 16-bit rows. NB: register-histogram slots
@@ -160,8 +285,7 @@ def _pairwise_stats_kernel(
     acc_o = tl.zeros([BM], tl.int32)
     acc_s = tl.zeros([BM], tl.float64)
     acc_q = tl.zeros([BM], tl.float64)
-    if NB > 0:
-        hist = tl.zeros([NB], tl.int32)
+    hist = tl.zeros([HB], tl.int32)  # HB = max(NB, 2): defined for every variant
     for t in range(pid, num_tiles, nprog):
         r = band_row0 + t % band_rows
         if SELF:
@@ -170,8 +294,6 @@ def _pairwise_stats_kernel(
             c = t // band_rows
         rows = r * BM + tl.arange(0, BM)
         cols = c * BN + tl.arange(0, BN)
-        row_ok = rows < N
-        col_ok = cols < M
         # TMA tile loads (zero fill past N, M and D): no pointer tiles in registers, and the
         # loop pipelines into wgmma on Hopper
         acc = tl.zeros([BM, BN], tl.float32)
@@ -186,72 +308,68 @@ def _pairwise_stats_kernel(
                 acc = tl.dot(a, tl.trans(b), acc)
             else:
                 acc = tl.dot(a, tl.trans(b), acc, input_precision=IN_PREC)
-        valid = row_ok[:, None] & col_ok[None, :]
-        if SELF:
-            valid = valid & (rows[:, None] < cols[None, :])
-        if HAS_VALID:
-            xv = tl.load(xv_ptr + rows, mask=row_ok, other=0) != 0
-            yv = tl.load(yv_ptr + cols, mask=col_ok, other=0) != 0
-            valid = valid & xv[:, None] & yv[None, :]
-        if METRIC == 0:
-            v = tl.minimum(tl.maximum(acc, -1.0), 1.0)
-        elif METRIC == 1:
-            v = acc
+        if SPLIT == 4:
+            # four (BM, BN / 4) slabs one after the other: a quarter of the epilogue's live
+            # registers next to the accumulator (a (128, 128) fp32 tile is 64 per thread)
+            q = tl.permute(tl.reshape(acc, (BM, 2, 2, BN // 4)), (0, 3, 1, 2))
+            h0, h1 = tl.split(q)
+            a0, a1 = tl.split(h0)
+            a2, a3 = tl.split(h1)
+            c0 = c * BN + tl.arange(0, BN // 4)
+            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
+                a0, rows, c0, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
+                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
+                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
+                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 4)
+            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
+                a2, rows, c0 + BN // 4, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
+                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
+                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
+                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 4)
+            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
+                a1, rows, c0 + BN // 2, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
+                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
+                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
+                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 4)
+            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
+                a3, rows, c0 + 3 * (BN // 4), acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
+                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
+                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
+                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 4)
+        elif SPLIT == 2:
+            # two (BM, BN / 2) slabs one after the other
+            a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            cols0 = c * BN + tl.arange(0, BN // 2)
+            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
+                a0, rows, cols0, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
+                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
+                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
+                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 2)
+            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
+                a1, rows, cols0 + BN // 2, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
+                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
+                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
+                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 2)
         else:
-            xs = tl.load(xsq_ptr + rows, mask=row_ok, other=0.0)
-            ys = tl.load(ysq_ptr + cols, mask=col_ok, other=0.0)
-            scale2 = xs[:, None] + ys[None, :]
-            d2 = tl.maximum(scale2 - 2.0 * acc, 0.0)
-            v = tl.sqrt(d2)
-            # |a|^2 + |b|^2 - 2ab cancels for near-duplicate rows: those few pairs leave the
-            # kernel (stream 6) and the caller reduces their directly computed distances
-            close = valid & (d2 < near_tau * scale2)
-            if COLLECT_CLOSE:
-                _append(close, v, rows, cols, 6, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
-            valid = valid & (close == 0)
-
-        if DO_STATS:
-            # float64 sums of (v - shift) and its square, as every engine (the moments rule)
-            vz = tl.where(valid, v.to(tl.float64) - shift, 0.0)
-            acc_n += tl.sum(valid.to(tl.int32), 1)
-            acc_s += tl.sum(vz, 1)
-            acc_q += tl.sum(vz * vz, 1)
-            if NB > 0:
-                slot = _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr)
-                hist += tl.histogram(tl.reshape(slot, (BM * BN,)), NB,
-                                     mask=tl.reshape(valid, (BM * BN,)))
-            if GHIST:
-                # too many bins for a register histogram: global atomics (slower, same bins)
-                slot = _bin_slot(v, lo_f, hi_f, scale_f, bins, edges_ptr)
-                tl.atomic_add(hist_ptr + slot, 1, mask=valid)
-            if HAS_OUT:
-                om = (valid & ((v < out_a) | (v > out_b))).to(tl.int32)
-                orow = tl.sum(om, 1)
-                ocol = tl.sum(om, 0)
-                acc_o += orow
-                tl.atomic_add(out_rows_ptr + rows, orow.to(tl.int64), mask=row_ok & (orow > 0))
-                tl.atomic_add(out_cols_ptr + cols, ocol.to(tl.int64), mask=col_ok & (ocol > 0))
-
-        if TOP:
-            _global_stream(v, v, valid, rows, cols, 0, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
-                           cap, margin, G_TOP, BM)
-        if BOT:
-            _global_stream(-v, v, valid, rows, cols, 1, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
-                           cap, margin, G_BOT, BM)
-        if NEAR:
-            _global_stream(-tl.abs(v - near), v, valid, rows, cols, 2, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
-                           ci_ptr, cj_ptr, cap, near_margin, G_NEAR, BM)
-        if RTOP:
-            _row_stream(v, v, valid, rows, cols, row_ok, col_ok, 3, rthr_ptr, rbuck_top_ptr, N, cnt_ptr,
-                        cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RTOP, BM, BN)
-        if RBOT:
-            _row_stream(-v, v, valid, rows, cols, row_ok, col_ok, 4, rthr_ptr, rbuck_bot_ptr, N, cnt_ptr,
-                        cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RBOT, BM, BN)
-        if OUTL:
-            # only pairs before (cut_i, cut_j) in (i, j) order can still enter the list
-            before = (rows[:, None] < cut_i) | ((rows[:, None] == cut_i) & (cols[None, :] < cut_j))
-            om2 = valid & ((v < out_a) | (v > out_b)) & before
-            _append(om2, v, rows, cols, 5, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
+            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
+                acc, rows, cols, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
+                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
+                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
+                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
+                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN)
 
     if DO_STATS:
         tl.store(part_cnt_ptr + pid, tl.sum(acc_n.to(tl.int64), 0))
@@ -262,12 +380,34 @@ def _pairwise_stats_kernel(
             tl.store(hist_ptr + pid * NB + tl.arange(0, NB), hist)
 
 
+def constexprs(*, metric, self_mode, has_valid, in_prec, do_stats, nb, ghist, has_out, collect_close,
+               streams, groups, bm, bk, upcast, split=1):
+    """The compile-time arguments of _pairwise_stats_kernel (see launch_pairwise)."""
+    return dict(METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
+                NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0],
+                BOT=streams[1], NEAR=streams[2], RTOP=streams[3], RBOT=streams[4], OUTL=streams[5],
+                G_TOP=groups[0], G_BOT=groups[1], G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4],
+                BM=bm, BN=bm, BK=bk, UPCAST=upcast, SPLIT=split, HB=max(nb, 2))
+
+
+def signature(desc: str) -> dict:
+    """Argument types of _pairwise_stats_kernel for an ahead-of-time compile (desc: the TMA
+    descriptor type, e.g. "tensordesc<bf16[128,64]>"); unlisted arguments are i32."""
+    sig = {a: "*fp32" for a in _pairwise_stats_kernel.arg_names if a.endswith("_ptr")}
+    sig.update(x_desc=desc, y_desc=desc, xv_ptr="*u8", yv_ptr="*u8", part_cnt_ptr="*i32",
+               part_out_ptr="*i64", out_rows_ptr="*i64", out_cols_ptr="*i64", part_sum_ptr="*fp64",
+               part_sq_ptr="*fp64", hist_ptr="*i32", cnt_ptr="*i32", ci_ptr="*i32", cj_ptr="*i32",
+               cap="i32", shift="fp32", near_tau="fp32", lo_f="fp32", hi_f="fp32", scale_f="fp32", off_f="fp32", edge_w="fp32",
+               out_a="fp32", out_b="fp32", near="fp32", margin="fp32", near_margin="fp32")
+    return sig
+
+
 def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
-                    part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
+                    part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
                     out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv,
                     ci, cj, cap, near, margin, near_margin, cut_i, cut_j, shift, near_tau, *, metric, self_mode, has_valid,
                     in_prec, do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk,
-                    num_warps=8, num_stages=3):
+                    split=1, num_warps=8, num_stages=3):
     """x: (N, Dp), y: (M, Dp) contiguous, rows 16-byte aligned (Dp padded with zeros; TMA).
     streams: 6 bools (see STREAMS); groups: live-bound group counts for the first five.
     Returns the compiled kernel (registers/shared memory for the caller's occupancy)."""
@@ -277,12 +417,11 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
     y_desc = x_desc if y is x else TensorDescriptor.from_tensor(y, [bm, bk])
     return _pairwise_stats_kernel[(grid,)](
         x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
-        part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, bins,
+        part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
         out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap,
         near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-        METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
-        NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0],
-        BOT=streams[1], NEAR=streams[2], RTOP=streams[3], RBOT=streams[4], OUTL=streams[5],
-        G_TOP=groups[0], G_BOT=groups[1], G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4],
-        BM=bm, BN=bm, BK=bk, UPCAST=x.device.type == "cpu", num_warps=num_warps, num_stages=num_stages,
+        **constexprs(metric=metric, self_mode=self_mode, has_valid=has_valid, in_prec=in_prec,
+                     do_stats=do_stats, nb=nb, ghist=ghist, has_out=has_out, collect_close=collect_close,
+                     streams=streams, groups=groups, bm=bm, bk=bk, upcast=x.device.type == "cpu", split=split),
+        num_warps=num_warps, num_stages=num_stages,
     )

@@ -23,11 +23,11 @@ from ..engine.lists import merge_pairs, merge_rows, sort_pairs
 from ..engine.state import EngineState, list_limits, to_numpy, moments_from_shifted, shifted_from_moments
 from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, bin_index, bin_scale, direct_distance, f32_down,
                         f32_up, fast_error_bound, moment_shift, rounding_norms, unit_rows)
+from .gpu_plan import hist_slots, list_lengths, make_plan, programs_for, stream_groups, variant
 from .registry import register
 
 STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")  # + 6: close
 FAST_DTYPES = tuple(UNIT_ROUNDOFF)
-MAX_REGISTER_BINS = 8190  # bins + 2 slots <= 8192 in registers; more bins use global atomics
 NO_CUT = 2 ** 31 - 1
 
 
@@ -70,26 +70,33 @@ def hist_edges(lo: float, hi: float, bins: int) -> torch.Tensor:
     return torch.cat([-inf, _f32_from_order(above), inf])
 
 
-def _binning_error_ok(lo: float, hi: float, bins: int) -> bool:
-    """The fp32 bin estimate is corrected by one bin at most: its error must stay below that."""
+def binning_error(lo: float, hi: float, bins: int) -> float:
+    """Bound of |fp32 estimate v * scale_f + off_f - float64 (v - lo) * scale| in bins (the
+    kernel reads an edge only within this distance of an integer)."""
     scale = bin_scale(lo, hi, bins)
-    err = 4 * 2.0 ** -24 * max(abs(lo), abs(hi), 1.0) * scale + bins * 2.0 ** -22
-    return err < 0.75
+    return 4 * 2.0 ** -24 * max(abs(lo), abs(hi), 1.0) * scale + bins * 2.0 ** -22
+
+
+def _binning_error_ok(lo: float, hi: float, bins: int) -> bool:
+    """The estimate is corrected by one bin, towards the nearer edge: its error must stay < 1/2."""
+    return binning_error(lo, hi, bins) < 0.5
 
 
 class TritonEngine:
     """Fused all-pairs engine (engine protocol of _pairwise). x: (N, D), y: (M, D) or None.
 
     fast_dtype: input type of the products in `fast` precision ("bf16", "fp16", "tf32").
-    block/group/programs/capacity: tile side, block-rows per band, persistent programs,
-    candidate slots per stream (defaults suit an H100; tests shrink them).
+    block/group/programs/capacity/split: tile side, block-rows per band, persistent programs,
+    candidate slots per stream, epilogue on half tiles (embgeom.backends.gpu_plan; defaults
+    suit an H100; tests shrink them).
     """
 
     name = "triton"
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, *,
                  fast_dtype: str = "bf16", block: int | None = None, group: int | None = None,
-                 programs: int | None = None, capacity: int | None = None):
+                 programs: int | None = None, capacity: int | None = None, split: int | None = None,
+                 live_bounds: bool | None = None):
         if fast_dtype not in FAST_DTYPES:
             raise ValueError(f"fast_dtype: expected one of {', '.join(FAST_DTYPES)}, got {fast_dtype!r}")
         self.cfg = cfg
@@ -111,51 +118,28 @@ class TritonEngine:
         self.xsq = (self.x32 * self.x32).sum(1) if cfg.metric == "euclidean" else self.x32.new_zeros(1)
         self.ysq = self.xsq if (self.self_mode or cfg.metric != "euclidean") else (self.y32 * self.y32).sum(1)
         # kernel inputs: rows padded with zeros to 16-byte multiples (TMA descriptors)
-        if self.mode in ("bf16", "fp16"):
-            dt = torch.bfloat16 if self.mode == "bf16" else torch.float16
-            self.in_prec = ""
-        else:
-            dt = torch.float32
-            self.in_prec = "tf32" if self.mode == "tf32" else "ieee"
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mode, torch.float32)
         self.xin = self._padded(self.x32, dt)
         self.yin = self.xin if self.self_mode else self._padded(self.y32, dt)
 
-        # tiles: square BM x BM (self mode needs the same blocks on both sides)
-        if block is None:
-            # 64 x 64 tiles with 8 warps: the full M1 epilogue fits in registers on sm_90
-            # (ptxas: 128 x 128 spills 8-15 KB per thread); the CPU interpreter wants few tiles
-            block = 64 if on_gpu else min(64, max(16, _next_pow2(min(cfg.block, max(self.n, self.m, 1)))))
-        self.bm = max(16, _next_pow2(block))
-        wide = self.xin.element_size() == 2
-        self.bk = (64 if wide else 32) if on_gpu else min(64, max(16, _next_pow2(self.d)))
-        self.nbr = -(-self.n // self.bm)
-        # ~128 bands: few launches and syncs, yet frequent checkpoints and threshold refreshes
-        self.group = group or (max(8, -(-self.nbr // 128)) if on_gpu else 4)
-        self._occupancy_pending = False
-        if programs is None:
-            # persistent: one wave (8 warps x 255 registers = one program per SM); refined from
-            # the compiled kernel's registers and shared memory after the first launch
-            programs = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 2
-            self._occupancy_pending = on_gpu
-        self.programs = programs
-        self.nbc = -(-self.m // self.bm)
-        self.nbands = -(-self.nbr // self.group)
-
         # which outputs: top/bottom always (they also give max/min), the rest as asked
-        self.kinds_k = {"top": max(cfg.topk, 1), "bottom": max(cfg.bottomk, 1),
-                        "near": cfg.near_k if cfg.near is not None else 0,
-                        "row_top": cfg.row_topk, "row_bottom": cfg.row_bottomk,
-                        "outside_pairs": cfg.outside_limit if cfg.outside else 0}
+        self.kinds_k = list_lengths(cfg)
         self.active = [self.kinds_k[s] > 0 for s in STREAMS]
-        self.groups = []
-        for s in STREAMS[:5]:
-            g = _next_pow2(self.kinds_k[s]) if self.kinds_k[s] else 0
-            self.groups.append(g if g <= self.bm else 0)
         need = max(self.kinds_k.values())
-        # candidates per band are ~ O(rows * k * log); the exact selection handles tens of millions
-        default_cap = min(1 << 25, max(1 << 20, 4 * self.n * max(cfg.row_topk, cfg.row_bottomk, 1)))
-        self.cap = max(capacity or (default_cap if on_gpu else (1 << 12)), 2 * need + 64)
-        self.seed_sample = 4096 if on_gpu else 32
+        self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 0
+        self.plan = make_plan(self.n, self.m, self.d, elem_bytes=self.xin.element_size(), on_gpu=on_gpu,
+                              sms=self.sms, cfg_block=cfg.block, row_k=max(cfg.row_topk, cfg.row_bottomk),
+                              need=need, block=block, group=group, programs=programs, capacity=capacity,
+                              split=split, live_bounds=live_bounds, mma=self.mode != "exact")
+        plan = self.plan
+        self.bm, self.bk, self.group = plan.bm, plan.bk, plan.group
+        self.nbr, self.nbc, self.nbands = plan.nbr, plan.nbc, plan.nbands
+        self.programs, self.cap, self.seed_sample = plan.programs, plan.capacity, plan.seed_sample
+        # set from the first compiled kernel's registers, applied once that band's partial sums
+        # are reduced (they live in per-program buffers that a new program count replaces)
+        self._occupancy_pending = plan.occupancy_pending
+        self._programs_next = None
+        self.groups = stream_groups(self.kinds_k, self.bm // plan.split, plan.live_bounds)
 
         # error of the products (fast) -> filter margin and histogram error bound
         nx = float(torch.linalg.vector_norm(self.x32, dim=1).max()) if self.n else 0.0
@@ -182,10 +166,13 @@ class TritonEngine:
             self.edges = hist_edges(cfg.lo, cfg.hi, cfg.bins).to(self.device)
             self.lo_f, self.hi_f = f32_up(cfg.lo), f32_down(cfg.hi)
             self.scale_f = cfg.bins / (cfg.hi - cfg.lo)
-            self.nb = _next_pow2(self.bins + 2) if self.bins <= MAX_REGISTER_BINS else 0
+            self.off_f = -cfg.lo * self.scale_f
+            self.edge_w = min(0.5, 2 * binning_error(cfg.lo, cfg.hi, cfg.bins))
+            self.nb = hist_slots(self.bins)
         else:
             self.edges = torch.zeros(2, device=self.device)
             self.lo_f, self.hi_f, self.scale_f, self.nb = 0.0, 1.0, 1.0, 0
+            self.off_f, self.edge_w = 0.0, 0.5
         if cfg.outside:
             self.out_a, self.out_b = f32_up(cfg.outside[0]), f32_down(cfg.outside[1])
         else:
@@ -194,7 +181,10 @@ class TritonEngine:
         dev = self.device
         self.hist_buf = torch.zeros(self.bins + 2 if self.bins else 1, dtype=torch.int32, device=dev)
         self._set_programs(self.programs)
-        self.cnt = torch.zeros(7, dtype=torch.int32, device=dev)
+        # per stream: int32 append counter (slots 0-6) and int64 drop counter (slots 8-21 as
+        # int64 7 x 1): their sum counts every candidate, past 2^31 too (see the kernel's _append)
+        self.cnt_buf = torch.zeros(22, dtype=torch.int32, device=dev)
+        self.cnt, self.dropped = self.cnt_buf[:7], self.cnt_buf[8:22].view(torch.int64)
         self._alloc_candidates(self.cap)
         self.excluded_rows = ex
         self.candidates = [0] * 7  # pairs each stream handed to the exact selection (diagnostics)
@@ -234,6 +224,8 @@ class TritonEngine:
         return out
 
     def _alloc_candidates(self, cap: int, keep: bool = False) -> None:
+        if cap > 1 << 30:  # the kernel's int32 append counters stay below cap + 2^24
+            raise RuntimeError(f"candidate buffers of {cap} slots per stream: over 2^30 (ties too many to rank)")
         dev = self.device
         new = (torch.zeros(7, cap, dtype=torch.float32, device=dev),
                torch.zeros(7, cap, dtype=torch.int32, device=dev),
@@ -245,7 +237,7 @@ class TritonEngine:
         self.cap = cap
 
     def _reset_accumulators(self) -> None:
-        dev, cfg = self.device, self.cfg
+        dev = self.device
         self.tiles_done = 0
         self.count = torch.zeros((), dtype=torch.int64, device=dev)
         self.sums = torch.zeros(2, dtype=torch.float64, device=dev)  # sums of (v - shift), (v - shift)^2
@@ -353,25 +345,23 @@ class TritonEngine:
 
     # one band --------------------------------------------------------------------------------
     def _band(self, b: int) -> None:
-        r0 = b * self.group
-        rows = min(self.group, self.nbr - r0)
-        ntiles = rows * ((self.nbc - r0) if self.self_mode else self.nbc)
+        r0, rows, ntiles = self.plan.tiles(b, self.self_mode)
         if not self._seeded:
             self._seed_thresholds()
         self._refresh_thresholds()
-        self.cnt.zero_()
+        self.cnt_buf.zero_()
         if self.bins and not self.nb:
             self.hist_buf.zero_()
         euclid = self.cfg.metric == "euclidean"
         grid = self._launch(r0, rows, ntiles, True, self.active, collect_close=euclid)
-        counts = self.cnt.tolist()
+        counts = self._counts()
         stored = [self.cap] * 7  # room each stream had when it last ran
         if euclid and counts[6] > self.cap:  # more near-duplicates than room: collect them again
             self._alloc_candidates(_next_pow2(counts[6]), keep=True)
             stored[6] = self.cap
-            self.cnt[6] = 0
+            self.cnt[6], self.dropped[6] = 0, 0
             self._launch(r0, rows, ntiles, False, [False] * 6, collect_close=True)
-            counts = self.cnt.tolist()
+            counts = self._counts()
         # stats of this band
         self.count += self.part_cnt[:grid].sum()
         self.sums += torch.stack([self.part_sum[:grid].sum(), self.part_sq[:grid].sum()])
@@ -393,10 +383,13 @@ class TritonEngine:
             if grow:
                 self._alloc_candidates(2 * self.cap, keep=True)
             for s in over:
-                self.cnt[s] = 0
+                self.cnt[s], self.dropped[s] = 0, 0
                 stored[s] = self.cap
             self._launch(r0, rows, ntiles, False, retry)
-            counts = self.cnt.tolist()
+            counts = self._counts()
+        if self._programs_next is not None:  # band statistics reduced above: now resize
+            self._set_programs(self._programs_next)
+            self._programs_next = None
         if euclid and counts[6]:
             self._close_pairs(counts[6])
         for s in range(7):
@@ -412,27 +405,28 @@ class TritonEngine:
         compiled = pairwise.launch_pairwise(
             grid, self.xin, self.yin, self.xv, self.yv, self.xsq, self.ysq, self.n, self.m, self.d,
             r0, rows, ntiles, self.part_cnt, self.part_sum, self.part_sq, self.part_out,
-            self.hist_buf, self.edges, self.lo_f, self.hi_f, self.scale_f, max(self.bins, 1),
+            self.hist_buf, self.edges, self.lo_f, self.hi_f, self.scale_f, self.off_f, self.edge_w,
+            max(self.bins, 1),
             self.out_a, self.out_b, self.out_rows, self.out_cols, self.gthr, self.gbuck, self.rthr,
-            self.rbuck[0], self.rbuck[1], self.cnt,
+            self.rbuck[0], self.rbuck[1], self.cnt_buf,
             self.cv, self.ci, self.cj, self.cap, float(cfg.near or 0.0), self.margin,
             self.near_margin, *self.out_cut, self.shift, NEAR_DUPLICATE_TAU,
-            metric={"cosine": 0, "dot": 1, "euclidean": 2}[cfg.metric], self_mode=self.self_mode,
-            has_valid=self.has_valid, in_prec=self.in_prec, do_stats=do_stats,
-            nb=self.nb if (do_stats and self.bins) else 0,
-            ghist=bool(do_stats and self.bins and not self.nb),
-            has_out=bool(do_stats and cfg.outside), collect_close=bool(collect_close),
-            streams=[bool(s) for s in streams],
-            groups=self.groups, bm=self.bm, bk=self.bk)
+            **variant(cfg, mode=self.mode, plan=self.plan, self_mode=self.self_mode,
+                      has_valid=self.has_valid, do_stats=do_stats, streams=streams,
+                      collect_close=collect_close))
         if self._occupancy_pending and do_stats:
+            # only noted here: this launch's partial sums still sit in the per-program buffers
             self._occupancy_pending = False
             regs = int(getattr(compiled, "n_regs", 0) or 0)
             if regs:
-                per_sm = max(1, min(4, 65536 // (regs * 32 * 8)))
-                sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-                if per_sm * sms != self.programs:
-                    self._set_programs(per_sm * sms)
+                programs = programs_for(regs, self.sms, self.plan.num_warps)
+                if programs != self.programs:
+                    self._programs_next = programs
         return grid
+
+    def _counts(self) -> list[int]:
+        """Candidates each stream met in the last launch (stored or not), int64."""
+        return (self.cnt.long() + self.dropped).tolist()
 
     def _set_programs(self, programs: int) -> None:
         dev, P = self.device, programs
@@ -541,6 +535,8 @@ class TritonEngine:
                 return True
             return False
         key = self._key(s, v)
+        if s >= 3 and self.self_mode:  # each buffered (i, j) is a neighbour of both rows
+            i, key = torch.cat([i, j]), torch.cat([key, key])
         if s < 3:
             kth = torch.topk(key, k).values[-1]
             if bool(kth > self.gthr[s]):
@@ -619,6 +615,8 @@ class TritonEngine:
         if self.mode != "exact":
             v = self._rescore(i, j)
         if s in (3, 4):
+            if self.self_mode:  # the kernel appends (i, j) once for rows i and j
+                i, j, v = torch.cat([i, j]), torch.cat([j, i]), torch.cat([v, v])
             self._merge_rows(kind, i, j, v.float(), largest=(s == 3))
             return
         self._merge_pairs(kind, v, i, j)

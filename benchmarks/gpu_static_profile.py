@@ -1,0 +1,204 @@
+"""Static profile of the all-pairs kernel for Hopper, without a GPU.
+
+    python benchmarks/gpu_static_profile.py --out DIR [--variants full-bf16 rowtopk-bf16 ...]
+
+Compiles every variant the engine launches at 1,048,576 x 768 (full output, moments only, row
+top-10 only; bf16, fp16, tf32 and exact fp32 inputs) for sm_90a with Triton's own toolchain and
+the engine's launch plan (embgeom.backends.gpu_plan), then reads the cubin with cuobjdump and
+nvdisasm. Writes DIR/<variant>.cubin and DIR/profile.json, and prints the table:
+  regs, stack (bytes; > 0 means spills), spill (LDL/STL instructions), membar (MEMBAR.*.GPU/SYS:
+  what acq_rel atomics cost), hgmma (distinct HGMMA shapes), loop (SASS instructions of the
+  persistent loop per program), kloop (of which the k-loop), epi/elem (the rest of the persistent
+  loop per tile element and thread: a static upper bound of the epilogue's issue cost, rarely
+  taken branches included).
+Targets (tests/test_gpu_static.py): stack 0, no GPU-scope MEMBAR, HGMMA N >= 128.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+N, D = 1 << 20, 768
+PRECISIONS = ("bf16", "fp16", "tf32", "exact")
+OUTPUTS = {
+    # the GPU benchmark's full M1 output and its row top-10 workload (benchmarks/bench_gpu.py)
+    "full": dict(bins=2000, topk=10, bottomk=10, row_topk=10, outside=(-0.2, 0.2), outside_limit=1000),
+    "moments": dict(bins=0, topk=0, bottomk=0),
+    "rowtopk": dict(bins=0, topk=0, bottomk=0, row_topk=10),
+}
+VARIANTS = [f"{o}-{p}" for o in OUTPUTS for p in PRECISIONS]
+
+
+def find_tool(name: str) -> str | None:
+    """cuobjdump/nvdisasm: Triton's bundled copies first (they match its ptxas), then PATH."""
+    try:
+        import triton
+
+        p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+        if p.exists():
+            return str(p)
+    except ImportError:
+        pass
+    return shutil.which(name)
+
+
+def toolchain_missing() -> str | None:
+    """Why the profile cannot run here (None: it can)."""
+    try:
+        import triton  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError as e:
+        return f"triton with its NVIDIA backend is not importable ({e})"
+    for tool in ("cuobjdump", "nvdisasm"):
+        if find_tool(tool) is None:
+            return f"{tool} not found (Triton's bundle or PATH)"
+    return None
+
+
+def launch_args(name: str):
+    """(cfg, plan, variant kwargs) of the engine's first launch for one variant name."""
+    sys.path.insert(0, str(HERE.parent / "python"))
+    from embgeom.backends import gpu_plan
+    from embgeom.engine.config import PairwiseConfig
+
+    out, prec = name.split("-")
+    cfg = PairwiseConfig(**OUTPUTS[out], precision="exact" if prec == "exact" else "fast")
+    lengths = gpu_plan.list_lengths(cfg)
+    plan = gpu_plan.make_plan(N, N, D, elem_bytes=2 if prec in ("bf16", "fp16") else 4, on_gpu=True, sms=132,
+                              row_k=max(cfg.row_topk, cfg.row_bottomk), need=max(lengths.values()),
+                              mma=prec != "exact")
+    streams = [lengths[s] > 0 for s in gpu_plan.STREAMS]
+    kw = gpu_plan.variant(cfg, mode=prec, plan=plan, self_mode=True, has_valid=True, do_stats=True,
+                          streams=streams, collect_close=cfg.metric == "euclidean")
+    return cfg, plan, kw
+
+
+def compile_variant(name: str):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sys.path.insert(0, str(HERE.parent))
+    from kernels.triton import pairwise
+
+    _, plan, kw = launch_args(name)
+    prec = name.split("-")[1]
+    el = {"bf16": "bf16", "fp16": "fp16", "tf32": "fp32", "exact": "fp32"}[prec]
+    consts = pairwise.constexprs(upcast=False, **{k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")})
+    fn = pairwise._pairwise_stats_kernel
+    types = pairwise.signature(f"tensordesc<{el}[{plan.bm},{plan.bk}]>")
+    sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    t0 = time.perf_counter()
+    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": kw["num_warps"], "num_stages": kw["num_stages"]})
+    return k, plan, kw, time.perf_counter() - t0
+
+
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_BRA = re.compile(r"\bBRA\b[^`]*`\(([.\w]+)\)")
+_LABEL = re.compile(r"^\s*\.?([.\w]+):", re.M)
+
+
+def parse_sass(text: str):
+    """[(addr, opcode, operands)] and {label: addr} from nvdisasm output."""
+    insns, labels = [], {}
+    pending = []
+    for line in text.splitlines():
+        m = re.match(r"^\s*(\.[\w]+):\s*$", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INSN.search(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for lab in pending:
+                labels[lab] = addr
+            pending = []
+            insns.append((addr, m.group(3), m.group(4)))
+    return insns, labels
+
+
+def loops(insns, labels):
+    """Backward branches as (start, end) address ranges."""
+    out = []
+    for addr, op, args in insns:
+        if op.startswith("BRA"):
+            m = re.search(r"`\(([.\w]+)\)", args)
+            if m and m.group(1) in labels and labels[m.group(1)] <= addr:
+                out.append((labels[m.group(1)], addr))
+    return out
+
+
+def analyse(cubin: Path, plan, kw) -> dict:
+    res = subprocess.run([find_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                         check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", res).group(1))
+    stack = int(re.search(r"STACK:(\d+)", res).group(1))
+    shared = int(re.search(r"SHARED:(\d+)", res).group(1))
+    sass = subprocess.run([find_tool("nvdisasm"), "-c", str(cubin)], capture_output=True,
+                          text=True, check=True).stdout
+    insns, labels = parse_sass(sass)
+    ops = [op for _, op, _ in insns]
+    hg = sorted({op.split(".")[1] for op in ops if op.startswith("HGMMA.")})
+    membar = [op for op in ops if op.startswith("MEMBAR")]
+    lp = loops(insns, labels)
+    # the k-loop: the innermost loop holding the products (HGMMA; FFMA for exact fp32)
+    mark = "HGMMA" if hg else "FFMA"
+    hg_addr = [a for a, op, _ in insns if op.startswith(mark)]
+    kl = [r for r in lp if any(r[0] <= a <= r[1] for a in hg_addr)]
+    kloop = min(kl, key=lambda r: r[1] - r[0]) if kl else None
+    outer = [r for r in lp if kloop and r[0] <= kloop[0] and r[1] >= kloop[1] and r != kloop]
+    ploop = min(outer, key=lambda r: r[1] - r[0]) if outer else None
+
+    def count(r):
+        return sum(1 for a, _, _ in insns if r and r[0] <= a <= r[1])
+
+    n_loop, n_k = count(ploop), count(kloop)
+    per_thread = plan.bm * plan.bm / (32 * kw["num_warps"])
+    return dict(regs=regs, stack=stack, shared=shared, spill=sum(op.startswith(("LDL", "STL")) for op in ops),
+                membar=len(membar), membar_gpu=sum(("GPU" in op or "SYS" in op) for op in membar),
+                hgmma=hg, hgmma_n_min=min((int(s.split("x")[1]) for s in hg), default=0),
+                insns=len(insns), loop=n_loop, kloop=n_k,
+                epi_per_elem=round((n_loop - n_k) / per_thread, 2) if ploop else None,
+                atoms=sum(op.startswith(("ATOMS", "ATOM.", "RED.", "ATOMG", "REDG")) for op in ops),
+                vote=sum(op.startswith("VOTE") for op in ops),
+                tile=[plan.bm, plan.bm, plan.bk], warps=kw["num_warps"], stages=kw["num_stages"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS)
+    args = ap.parse_args(argv)
+    why = toolchain_missing()
+    if why:
+        print(f"static profile skipped: {why}")
+        return 2
+    os.environ.pop("TRITON_INTERPRET", None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = {}
+    for name in args.variants:
+        k, plan, kw, secs = compile_variant(name)
+        cubin = args.out / f"{name}.cubin"
+        cubin.write_bytes(k.asm["cubin"])
+        row = analyse(cubin, plan, kw)
+        row["compile_s"] = round(secs, 1)
+        table[name] = row
+        print(f"{name:15s} regs {row['regs']:3d} stack {row['stack']:4d} spill {row['spill']:4d} "
+              f"membar {row['membar']:3d} (gpu {row['membar_gpu']:3d}) hgmma {','.join(row['hgmma']) or '-':10s} "
+              f"loop {row['loop']:5d} kloop {row['kloop']:4d} epi/elem {row['epi_per_elem']} "
+              f"vote {row['vote']} atom {row['atoms']} ({secs:.0f} s)", flush=True)
+    (args.out / "profile.json").write_text(json.dumps(dict(n=N, d=D, target="sm_90a", variants=table), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""How the Triton all-pairs engine sizes a run: tile shape, pipeline, bands, programs, candidate
+capacity. Pure arithmetic on the problem's shape (no tensors, no device queries), so the same plan
+is what the engine launches, what the static profile compiles (benchmarks/gpu_static_profile.py)
+and what the tests check. Why these numbers: docs/architecture.md (GPU engine) and the cost model
+beside the kernel in kernels/triton/pairwise.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Hopper: a 128 x 128 tile is two warpgroups of 64 x 128, each one HGMMA 64x128x16 per k-step
+# (the N = 128 wgmma shape); 3 stages of 128 x 64 bf16 operands (2 x 16 KB each) = 96 KB of
+# shared memory, which leaves room for the epilogue's layout conversions in 228 KB.
+GPU_BLOCK = 128
+GPU_WARPS = 8
+GPU_STAGES = 3
+# programs per SM the register file allows: 8 warps x 32 lanes x regs <= 65,536
+MAX_PROGRAMS_PER_SM = 4
+
+
+def next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """bm: tile side (square: self mode needs the same blocks on both sides); bk: k-step;
+    group: block-rows per band (one launch); programs: persistent programs; capacity: candidate
+    slots per stream; occupancy_pending: programs to be refined from the compiled kernel."""
+
+    bm: int
+    bk: int
+    num_warps: int
+    num_stages: int
+    group: int
+    programs: int
+    capacity: int
+    seed_sample: int
+    nbr: int
+    nbc: int
+    nbands: int
+    occupancy_pending: bool
+    split: int = 1  # epilogue slabs per tile: (bm, bm / split) each (register pressure, see the kernel)
+    live_bounds: bool = True  # tiles raise thresholds through bucket maxima (off on the GPU: registers)
+
+    def tiles(self, band: int, self_mode: bool) -> tuple[int, int, int]:
+        """(first block-row, block-rows, tiles) of band b."""
+        r0 = band * self.group
+        rows = min(self.group, self.nbr - r0)
+        return r0, rows, rows * ((self.nbc - r0) if self_mode else self.nbc)
+
+
+def make_plan(n: int, m: int, d: int, *, elem_bytes: int, on_gpu: bool, sms: int = 0,
+              cfg_block: int = 512, row_k: int = 1, need: int = 1, block: int | None = None,
+              group: int | None = None, programs: int | None = None,
+              capacity: int | None = None, split: int | None = None,
+              live_bounds: bool | None = None, mma: bool = True) -> GpuPlan:
+    """n, m: rows of x and y; d: columns; elem_bytes: 2 (bf16/fp16) or 4 (fp32/tf32);
+    sms: multiprocessors (GPU); cfg_block: the config's tile edge (CPU interpreter only);
+    row_k: the larger per-row list; need: the longest list; mma: the products run on tensor
+    cores (False for exact fp32: CUDA-core FMA, whose operands sit in registers, so smaller
+    tiles). Overrides are for tests."""
+    if block is None:
+        # the CPU interpreter wants few, small tiles
+        block = (GPU_BLOCK if mma else 64) if on_gpu else min(64, max(16, next_pow2(min(cfg_block, max(n, m, 1)))))
+    bm = max(16, next_pow2(block))
+    # 128-byte operand rows (the widest TMA swizzle): 64 bf16 or 32 fp32 per k-step
+    bk = (64 if elem_bytes == 2 else 32) if on_gpu else min(64, max(16, next_pow2(d)))
+    nbr = -(-n // bm)
+    nbc = -(-m // bm)
+    # ~128 bands: few launches and syncs, yet frequent checkpoints and threshold refreshes
+    group = group or (max(8, -(-nbr // 128)) if on_gpu else 4)
+    pending = False
+    if programs is None:
+        # one program per SM until the compiled kernel's registers say more fit
+        programs = sms if on_gpu else 2
+        pending = on_gpu
+    # candidates per band are ~ O(rows * k * log); the exact selection handles tens of millions
+    default_cap = min(1 << 25, max(1 << 20, 4 * n * max(row_k, 1)))
+    cap = max(capacity or (default_cap if on_gpu else (1 << 12)), 2 * need + 64)
+    return GpuPlan(bm=bm, bk=bk, num_warps=GPU_WARPS, num_stages=GPU_STAGES,
+                   group=group, programs=programs, capacity=cap, seed_sample=4096 if on_gpu else 32,
+                   nbr=nbr, nbc=nbc, nbands=-(-nbr // group), occupancy_pending=pending,
+                   split=(4 if bm >= 128 else 1) if split is None else split,
+                   # the live bucket maxima cost layout conversions and registers that push the
+                   # epilogue into spills on sm_90; the sampled seed (4,096 columns x all rows)
+                   # and the per-band refresh from the merged lists bound the candidates instead
+                   live_bounds=not on_gpu if live_bounds is None else live_bounds)
+
+
+def programs_for(regs: int, sms: int, num_warps: int = GPU_WARPS) -> int:
+    """Persistent programs for a compiled kernel using `regs` registers per thread."""
+    per_sm = max(1, min(MAX_PROGRAMS_PER_SM, 65536 // (max(regs, 1) * 32 * num_warps)))
+    return per_sm * sms
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel variants: the compile-time switches of one launch
+# ----------------------------------------------------------------------------------------------
+
+STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")  # + 6: close
+MAX_REGISTER_BINS = 8190  # bins + 2 slots <= 8192 per program; more bins use global atomics
+IN_PREC = {"exact": "ieee", "tf32": "tf32", "bf16": "", "fp16": ""}
+
+
+def list_lengths(cfg) -> dict:
+    """Entries of each candidate stream's list (0: stream off). top/bottom always run: they
+    also give max/min."""
+    return {"top": max(cfg.topk, 1), "bottom": max(cfg.bottomk, 1),
+            "near": cfg.near_k if cfg.near is not None else 0,
+            "row_top": cfg.row_topk, "row_bottom": cfg.row_bottomk,
+            "outside_pairs": cfg.outside_limit if cfg.outside else 0}
+
+
+def stream_groups(lengths: dict, bm: int, live: bool = True) -> list[int]:
+    """Live-bound buckets per stream (0: none): next_pow2(k), at most one per tile row."""
+    if not live:
+        return [0] * 5
+    out = []
+    for s in STREAMS[:5]:
+        g = next_pow2(lengths[s]) if lengths[s] else 0
+        out.append(g if g <= bm else 0)
+    return out
+
+
+def hist_slots(bins: int) -> int:
+    """Per-program histogram slots (power of two >= bins + 2); 0: global atomics instead."""
+    return next_pow2(bins + 2) if bins and bins <= MAX_REGISTER_BINS else 0
+
+
+def variant(cfg, *, mode: str, plan: GpuPlan, self_mode: bool, has_valid: bool, do_stats: bool,
+            streams, collect_close: bool) -> dict:
+    """Keyword arguments of kernels.triton.pairwise.launch_pairwise that fix the compiled
+    kernel (mode: exact/bf16/fp16/tf32; streams: 6 bools)."""
+    nb = hist_slots(cfg.bins)
+    return dict(metric={"cosine": 0, "dot": 1, "euclidean": 2}[cfg.metric], self_mode=self_mode,
+                has_valid=has_valid, in_prec=IN_PREC[mode], do_stats=do_stats,
+                nb=nb if (do_stats and cfg.bins) else 0, ghist=bool(do_stats and cfg.bins and not nb),
+                has_out=bool(do_stats and cfg.outside), collect_close=bool(collect_close),
+                streams=[bool(s) for s in streams],
+                groups=stream_groups(list_lengths(cfg), plan.bm // plan.split, plan.live_bounds),
+                bm=plan.bm, bk=plan.bk, split=plan.split, num_warps=plan.num_warps, num_stages=plan.num_stages)

@@ -1,0 +1,185 @@
+"""What of the GPU path can be checked without a GPU: the launch plan, the CUDA build flags
+(CMake configure), the sm_90a static profile's targets, the gpu-check script's steps, and the
+float64 recheck used at 1M rows."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from embgeom.backends import gpu_plan
+from embgeom.engine.config import PairwiseConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------
+
+def test_plan_at_1m_bf16_suits_hopper():
+    p = gpu_plan.make_plan(1 << 20, 1 << 20, 768, elem_bytes=2, on_gpu=True, sms=132, row_k=10, need=1000)
+    assert (p.bm, p.bk, p.num_warps, p.num_stages) == (128, 64, 8, 3)
+    assert p.nbr == 8192 and p.group == 64 and p.nbands == 128 and p.programs == 132 and p.occupancy_pending
+    # 3 stages of two 128 x 64 bf16 operands fit Hopper's shared memory with room to spare
+    assert p.num_stages * 2 * p.bm * p.bk * 2 <= 128 * 1024
+    assert p.capacity == 1 << 25
+    r0, rows, tiles = p.tiles(127, True)
+    assert (r0, rows, tiles) == (127 * 64, 64, 64 * (8192 - 127 * 64))
+    assert gpu_plan.make_plan(1000, 1000, 768, elem_bytes=4, on_gpu=True, sms=132).bk == 32
+
+
+def test_programs_from_registers():
+    assert gpu_plan.programs_for(255, 132) == 132
+    assert gpu_plan.programs_for(128, 132) == 264
+    assert gpu_plan.programs_for(64, 132) == 4 * 132  # at most 4 programs per SM
+
+
+def test_variant_switches():
+    cfg = PairwiseConfig(bins=2000, topk=10, bottomk=10, row_topk=10, outside=(-0.2, 0.2))
+    plan = gpu_plan.make_plan(4096, 4096, 768, elem_bytes=2, on_gpu=True, sms=132)
+    kw = gpu_plan.variant(cfg, mode="bf16", plan=plan, self_mode=True, has_valid=True, do_stats=True,
+                          streams=[True, True, False, True, False, True], collect_close=False)
+    assert kw["nb"] == 2048 and not kw["ghist"] and kw["in_prec"] == "" and kw["split"] == 4
+    assert kw["groups"] == [0] * 5  # no live bucket maxima on the GPU (registers)
+    live = gpu_plan.make_plan(4096, 4096, 768, elem_bytes=2, on_gpu=True, sms=132, live_bounds=True)
+    kw = gpu_plan.variant(cfg, mode="bf16", plan=live, self_mode=True, has_valid=True, do_stats=True,
+                          streams=[True] * 6, collect_close=False)
+    assert kw["groups"] == [16, 16, 0, 16, 0]  # next_pow2(10); at most one per slab column (32)
+    exact = gpu_plan.make_plan(4096, 4096, 768, elem_bytes=4, on_gpu=True, sms=132, mma=False)
+    assert (exact.bm, exact.bk, exact.split) == (64, 32, 1)
+    retry = gpu_plan.variant(cfg, mode="exact", plan=plan, self_mode=True, has_valid=True, do_stats=False,
+                             streams=[True] + [False] * 5, collect_close=False)
+    assert retry["nb"] == 0 and not retry["has_out"] and retry["in_prec"] == "ieee"
+
+
+# --------------------------------------------------------------------------------------------
+# CMake: the CUDA architectures reach nvcc
+# --------------------------------------------------------------------------------------------
+
+def _cmake():
+    for c in (Path(sys.executable).parent / "cmake", shutil.which("cmake")):
+        if c and Path(c).exists():
+            out = subprocess.run([str(c), "--version"], capture_output=True, text=True).stdout
+            ver = tuple(int(v) for v in re.search(r"(\d+)\.(\d+)", out).groups())
+            if ver >= (3, 26):
+                return str(c)
+    return None
+
+
+@pytest.mark.parametrize("archs", [None, "90"])
+def test_cmake_cuda_architectures_reach_nvcc(tmp_path, archs):
+    cmake = _cmake()
+    if cmake is None:
+        pytest.skip("no cmake >= 3.26 (pip install cmake)")
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc: the CUDA module is not configured")
+    pybind11 = pytest.importorskip("pybind11")
+    args = [cmake, "-S", str(ROOT), "-B", str(tmp_path), "-DEMBGEOM_CUDA=on", f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}", "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"]
+    if archs:
+        args.append(f"-DCMAKE_CUDA_ARCHITECTURES={archs}")
+    res = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    cmds = json.loads((tmp_path / "compile_commands.json").read_text())
+    cu = [c["command"] for c in cmds if c["file"].endswith(".cu")]
+    assert cu, "no .cu compile command: _cuda not configured"
+    want = ["80", "90"] if archs is None else ["90"]
+    for c in cu:
+        got = sorted(set(re.findall(r"arch=compute_(\d+)", c)))
+        assert got == want, c
+        assert "-flto" not in c and "fno-fat-lto" not in c, c  # pybind11's LTO flags stay off nvcc
+
+
+# --------------------------------------------------------------------------------------------
+# static profile (sm_90a, Triton's toolchain): the targets of docs/architecture.md
+# --------------------------------------------------------------------------------------------
+
+def test_static_profile_targets(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_static_profile as gsp
+
+    why = gsp.toolchain_missing()
+    if why:
+        pytest.skip(why)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    variants = [v for v in gsp.VARIANTS if v.endswith(("bf16", "exact"))]
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_static_profile.py"), "--out", str(tmp_path),
+                          "--variants", *variants], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = json.loads((tmp_path / "profile.json").read_text())["variants"]
+    assert sorted(table) == sorted(variants)
+    spilling = []
+    for name, row in table.items():
+        assert (tmp_path / f"{name}.cubin").stat().st_size > 0
+        assert row["membar_gpu"] == 0, (name, row)  # relaxed atomics: no GPU-scope fences
+        if not name.endswith("exact"):  # exact fp32 multiplies on CUDA cores (FFMA), no wgmma
+            assert row["hgmma_n_min"] >= 128, (name, row)
+        if row["stack"] or row["spill"]:
+            spilling.append(f"{name}: stack {row['stack']} B, {row['spill']} spill instructions")
+    if spilling:
+        # the one target not met yet (the candidate appends of the full and row top-k
+        # variants): reported as xfail with the numbers, so `make test` shows what is left
+        pytest.xfail("spills remain: " + "; ".join(spilling))
+
+
+# --------------------------------------------------------------------------------------------
+# gpu-check script
+# --------------------------------------------------------------------------------------------
+
+def test_gpu_check_dry_run_lists_steps_in_order(tmp_path):
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    res = subprocess.run(["bash", str(script), str(tmp_path), "--dry-run"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    names = [ln.split()[1] for ln in lines[:-1]]
+    assert names == ["versions", "wheels", "build", "tests", "bench_262k", "bench_1m", "text", "vocab"]
+    total = int(re.search(r"total limit (\d+)s", lines[-1]).group(1))
+    assert total < 9 * 60
+    text = res.stdout
+    assert "--no-index" in text and "--find-links" in text      # nothing from the network
+    assert "-DCMAKE_CUDA_ARCHITECTURES=$ARCH" in text            # the device's own arch (90 on Hopper)
+    assert text.index("262144") < text.index("1048576")          # increasing size
+    assert text.count("--device cuda") == 2 and "--recheck" in text
+
+
+def test_gpu_wheels_are_ignored_and_small():
+    assert ".whl/" in (ROOT / ".gitignore").read_text().split()
+    whl = ROOT / ".whl"
+    if not whl.is_dir():
+        pytest.skip("no .whl/ here (make gpu-wheels)")
+    assert sum(f.stat().st_size for f in whl.iterdir()) <= 5 * 2 ** 20
+    names = " ".join(f.name for f in whl.iterdir())
+    assert "pybind11" in names and "pytest" in names
+
+
+# --------------------------------------------------------------------------------------------
+# recheck at scale (run here on small inputs)
+# --------------------------------------------------------------------------------------------
+
+def test_recheck_accepts_a_correct_result_and_finds_errors():
+    import embgeom
+    from embgeom.engine.verify import recheck
+
+    from helpers import make_embeddings
+
+    x = make_embeddings(300, 32, zero_rows=2, seed=4)
+    got = embgeom.pairwise_stats(x, backend="cpp", bins=100, topk=10, bottomk=10, row_topk=5, row_bottomk=3)
+    rep = recheck(got, x, tol=1e-5, sample_rows=16)
+    assert rep["ok"], rep["failures"]
+    assert rep["checked"]["pairs"] == 298 * 297 // 2 and rep["checked"]["row_topk"] == 16
+
+    got.count += 1
+    got.top_pairs.values[3] += 1e-3
+    got.row_topk.indices[:, 0] = got.row_topk.indices[:, 1]
+    rep = recheck(got, x, tol=1e-5, sample_rows=300)
+    text = " ".join(rep["failures"])
+    assert not rep["ok"] and "count" in text and "top_pairs" in text and "row_topk" in text
