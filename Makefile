@@ -46,3 +46,22 @@ bench: build
 
 clean:
 	rm -rf $(VENV) build _skbuild *.egg-info python/embgeom/*.so
+
+# The C++ core alone against independently computed results (csrc/tests/check_engine.cpp).
+# check-aarch64 cross-compiles it for aarch64 and runs it under qemu: needs Debian's
+# g++-aarch64-linux-gnu and qemu-user (not needed by `make test`).
+CORE_SRC := $(filter-out csrc/bindings.cpp,$(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/pairwise/*.cpp))
+CHECK_FLAGS := -std=c++17 -O2 -fopenmp -DEMBGEOM_OPENMP=1 -Icsrc -Wall
+
+.PHONY: check-native check-aarch64
+check-native:
+	mkdir -p build
+	g++ $(CHECK_FLAGS) $(CORE_SRC) csrc/tests/check_engine.cpp -o build/check_engine -ldl
+	OMP_NUM_THREADS=2 ./build/check_engine
+	OMP_NUM_THREADS=2 EMBGEOM_CPU=avx2 ./build/check_engine
+	OMP_NUM_THREADS=2 EMBGEOM_CPU=generic ./build/check_engine
+
+check-aarch64:
+	mkdir -p build
+	aarch64-linux-gnu-g++ $(CHECK_FLAGS) $(CORE_SRC) csrc/tests/check_engine.cpp -o build/check_engine_aarch64 -ldl
+	OMP_NUM_THREADS=2 qemu-aarch64 -L /usr/aarch64-linux-gnu ./build/check_engine_aarch64
