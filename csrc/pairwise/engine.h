@@ -47,6 +47,32 @@ struct PairwiseState {
   std::vector<int64_t> outside_rows, outside_cols;  // compact indices
 };
 
+// A ranked-list entry with original row / column indices.
+struct OrigPair {
+  double v = 0.0;
+  int64_t i = 0, j = 0;
+};
+
+// The engine state with original indices and moments as (count, mean, M2): what bindings.cpp
+// converts to and from Python objects (state_io.cpp; docs/architecture.md, engine state).
+struct ExportedState {
+  int64_t tiles_done = 0, count = 0;
+  double mean = 0.0, m2 = 0.0;
+  bool has_min = false, has_max = false;
+  OrigPair min, max;
+  std::vector<int64_t> hist;  // bins + 2 slots, empty when no histogram
+  std::vector<OrigPair> top, bottom, near, outside_pairs;
+  // per-row lists: n_orig x k, values NaN and indices -1 past a row's count; k = 0: not asked
+  int64_t row_top_k = 0, row_bottom_k = 0;
+  std::vector<float> row_top_val, row_bottom_val;
+  std::vector<int64_t> row_top_idx, row_bottom_idx;
+  int64_t outside_count = 0;
+  bool has_outside_rows = false, has_outside_cols = false;
+  std::vector<int64_t> outside_rows, outside_cols;  // per original row / column
+  std::vector<int64_t> excluded_rows, excluded_cols;
+  double hist_error_bound = 0.0;
+};
+
 // Max over rows of |row|, |bf16(row)| and |bf16(row) - row| (fast_bound.cpp).
 struct RoundingNorms {
   double full = 0, rounded = 0, delta = 0;
@@ -83,6 +109,10 @@ class PairwiseEngine {
   bool fast() const { return fast_; }
 
   const PairwiseState& state() const { return st_; }
+  // The state with original indices (state_io.cpp), and back: import_state checks every index
+  // and size (std::invalid_argument naming the state field) and replaces the state.
+  ExportedState export_state() const;
+  void import_state(const ExportedState& s);
   // Replace the state (compact indices; use load_state_original to map from original ones).
   void set_state(PairwiseState s);
   PairwiseState empty_state() const;

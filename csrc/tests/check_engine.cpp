@@ -164,6 +164,19 @@ static void check_pairwise(int64_t n, int64_t d, int64_t block, unsigned seed) {
   for (int64_t r : s.outside_rows) rows_total += r;
   CHECK(rows_total == 2 * s.outside_count, "outside rows");
   CHECK(int64_t(s.outside_pairs.e.size()) == std::min<int64_t>(o.outside_limit, s.outside_count), "outside pairs");
+  // state export (original indices) and import round trip: a second engine resumes to the same
+  // exported state; the excluded zero row never appears
+  const ExportedState ex = e.export_state();
+  CHECK(ex.excluded_rows.size() == 1 && ex.excluded_rows[0] == 5, "excluded rows");
+  for (const auto& p : ex.top) CHECK(p.i != 5 && p.j != 5 && p.i < n && p.j < n, "exported indices");
+  PairwiseEngine e2(x.data(), n, nullptr, 0, d, o);
+  e2.import_state(ex);
+  const ExportedState ex2 = e2.export_state();
+  CHECK(ex2.count == ex.count && ex2.hist == ex.hist && ex2.row_top_idx == ex.row_top_idx &&
+            ex2.outside_rows == ex.outside_rows && ex2.top.size() == ex.top.size(),
+        "state round trip");
+  for (size_t q = 0; q < ex.top.size(); ++q)
+    CHECK(ex2.top[q].i == ex.top[q].i && ex2.top[q].j == ex.top[q].j && ex2.top[q].v == ex.top[q].v, "top round trip");
 }
 
 static void check_cone(int64_t B, int64_t T, int64_t D) {
