@@ -403,3 +403,35 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="tiles"):
         e.run(0, e.num_tiles() + 1)
     assert e.tile_pairs(0, e.num_tiles()) == 6 and math.isfinite(e.hist_error_bound)
+
+
+def test_cpu_cap_is_reported_and_checked(cpu_cap, monkeypatch):
+    info = _C.cpu_info()
+    assert info["cap"] == cpu_cap and info["isa"] == cpu_cap
+    e = _C.PairwiseEngine(make_x(20, 7), None)
+    assert e.isa == cpu_cap
+    assert e.fused_pass == ("avx512" if cpu_cap == "avx512" else f"portable-{cpu_cap}")
+    if cpu_cap != "avx512" and "openblas" in info["blas"] and "core=" in info["blas"]:
+        assert e.kernel == "openblas-sgemm" and info["gemm_fast"].startswith("openblas-sgemm (no native bf16")
+    monkeypatch.setenv("EMBGEOM_CPU", "sse9")
+    with pytest.raises(ValueError, match="EMBGEOM_CPU"):
+        _C.PairwiseEngine(make_x(4, 3), None)
+
+
+def test_without_openblas_the_own_kernels_run(cpu_cap):
+    """EMBGEOM_OPENBLAS=0 (as without the wheel): own kernels, and `info` says why."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np, embgeom._C as C; x = np.random.default_rng(0).standard_normal((50, 9)).astype(np.float32); "
+            "e = C.PairwiseEngine(x, None, bins=10, topk=3); e.run(0, e.num_tiles()); s = e.state(); "
+            "print(json.dumps({'info': C.cpu_info(), 'kernel': e.kernel, 'count': s['count'], 'top': s['top'][1].tolist()}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "EMBGEOM_OPENBLAS": "0", "EMBGEOM_CPU": cpu_cap}).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert "EMBGEOM_OPENBLAS=0" in r["info"]["blas"]
+    assert not r["kernel"].startswith("openblas") and r["count"] == 50 * 49 // 2
+    x = np.random.default_rng(0).standard_normal((50, 9)).astype(np.float32)
+    assert r["top"] == run_engine(x, bins=10, topk=3)["top"][1].tolist()  # same top pairs as in-process
