@@ -178,11 +178,13 @@ GemmKernel kernel_avx512() {
 }  // namespace
 
 // Per level (docs/architecture.md, CPU dispatch): AVX-512 keeps its own 14x32 kernel and the
-// bf16 dot-product kernel for `fast` (both measured faster than OpenBLAS's single-threaded
-// sgemm on 512-row tiles on the AVX-512 dev host); every other level takes OpenBLAS's sgemm
-// when the library is loaded, else its own kernel. `fast` without a native bf16 dot runs the
-// exact product: no bf16 product there is faster than the fp32 one (OpenBLAS's sbgemm on such
-// CPUs is generic C), and `fast` must not be slower than `exact`.
+// bf16 dot-product kernel for `fast`: on the AVX-512 dev host (Zen 5) the own fp32 kernel and
+// OpenBLAS's SkylakeX sgemm tie over a whole run, and the own kernels compute every pair as one
+// FMA chain whatever the tile (block-invariant values, and `fast`'s rescoring reproduces them).
+// Every other level takes OpenBLAS's sgemm when the library is loaded (about 1.5x the own AVX2
+// kernel over a run there), else its own kernel. `fast` without a native bf16 dot runs the exact
+// product: the scipy-openblas32 wheel exports no sbgemm (built without bfloat16), no bf16
+// product is faster there, and `fast` must not be slower than `exact`.
 GemmKernel select_kernel(bool fast) {
   const char* f = std::getenv("EMBGEOM_GEMM");
   const std::string force = f ? f : "";
