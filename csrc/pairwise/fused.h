@@ -59,11 +59,18 @@ struct FusedArgs {
 
 // Offers one pair to the global lists (value exact: rescored in fast mode by the caller).
 inline void offer_global(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float e, int64_t i, int64_t j) {
-  c.max1.offer(e, e, i, j);
-  c.min1.offer(-double(e), e, i, j);
-  if (A.do_top) c.top.offer(e, e, i, j);
-  if (A.do_bot) c.bottom.offer(-double(e), e, i, j);
-  if (A.do_near) c.near.offer(-std::fabs(double(e) - A.near), e, i, j);
+  using numerics::ListKind;
+  using numerics::order_key;
+  c.max1.offer(order_key(ListKind::top, e), e, i, j);
+  c.min1.offer(order_key(ListKind::bottom, e), e, i, j);
+  if (A.do_top) c.top.offer(order_key(ListKind::top, e), e, i, j);
+  if (A.do_bot) c.bottom.offer(order_key(ListKind::bottom, e), e, i, j);
+  if (A.do_near) c.near.offer(order_key(ListKind::near, e, A.near), e, i, j);
+}
+
+// Offers one pair outside [a, b] to the outside-pairs list ((i, j) order only).
+inline void offer_outside(PairwiseEngine::ThreadCtx& c, float e, int64_t i, int64_t j) {
+  c.outp.offer(numerics::order_key(numerics::ListKind::outside, e), e, i, j);
 }
 
 // Per-row lists: exact mode offers exact values to RowLists, fast mode bf16 values to RowCands.

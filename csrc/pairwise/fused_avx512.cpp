@@ -198,7 +198,7 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
               c.cand.push_back({int32_t(ii), int32_t(jj + l), kCandOutPair});
               continue;
             }
-            c.outp.offer(0.0, A.fast ? E.exact_value(i, j) : vals[l], i, j);
+            offer_outside(c, A.fast ? E.exact_value(i, j) : vals[l], i, j);
           }
         }
       }

@@ -64,7 +64,7 @@ __attribute__((always_inline)) inline void pair_one(const FusedArgs& A, Pairwise
     if (o) {
       ++orow;
       c.colcnt.data()[jj]++;
-      if (!c.outp.full() || i <= c.outp.e.back().i) c.outp.offer(0.0, exact(), i, j);
+      if (!c.outp.full() || i <= c.outp.e.back().i) offer_outside(c, exact(), i, j);
     }
   }
 }
@@ -106,7 +106,7 @@ void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int
       c.cand.push_back({int32_t(ii), int32_t(jj + l), kCandOutPair});
       continue;
     }
-    c.outp.offer(0.0, A.fast ? E.exact_value(i, j) : v[l], i, j);
+    offer_outside(c, A.fast ? E.exact_value(i, j) : v[l], i, j);
   }
 }
 
@@ -270,7 +270,7 @@ void rescore_candidates(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_
       (A.self ? c.out_rows : c.out_cols)[j]++;
       offer_out = true;
     }
-    if (offer_out) c.outp.offer(0.0, e, i, j);
+    if (offer_out) offer_outside(c, e, i, j);
   }
   c.cand.clear();
 }
