@@ -435,3 +435,20 @@ def test_without_openblas_the_own_kernels_run(cpu_cap):
     assert not r["kernel"].startswith("openblas") and r["count"] == 50 * 49 // 2
     x = np.random.default_rng(0).standard_normal((50, 9)).astype(np.float32)
     assert r["top"] == run_engine(x, bins=10, topk=3)["top"][1].tolist()  # same top pairs as in-process
+
+
+@pytest.mark.parametrize("bins", [24, 8, 96])
+def test_histogram_exact_edges_follow_the_one_bin_rule(bins):
+    """Integer dots land exactly on bin edges (and on lo / hi): every pass (vector blocks, tails)
+    bins them as numerics.bin_index does."""
+    from embgeom import numerics
+
+    rng = np.random.default_rng(bins)
+    x = rng.integers(-2, 3, size=(83, 5)).astype(np.float32)
+    v = (x.astype(np.float64) @ x.T.astype(np.float64))[np.triu_indices(83, 1)]
+    lo, hi = -12.0, 12.0  # edges at multiples of 24 / bins, some values outside
+    edges = lo + (hi - lo) / bins * np.arange(bins + 1)
+    assert np.isin(v, edges).sum() > 100 and (v == hi).any() and (np.abs(v) > hi).any()
+    s = run_engine(x, metric="dot", block=32, bins=bins, lo=lo, hi=hi, topk=0, bottomk=0)
+    want = np.bincount(numerics.bin_index(v, lo, hi, bins), minlength=bins + 2)
+    np.testing.assert_array_equal(np.asarray(s["hist"]), want)
