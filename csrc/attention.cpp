@@ -1,13 +1,16 @@
 #include "attention.h"
 
+#include "cpu/isa.h"
+#if EMBGEOM_X86
 #include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "check.h"
-#include "cpu_features.h"
 
 namespace embgeom {
 namespace {
@@ -15,7 +18,9 @@ namespace {
 // -sum v ln v over the row's valid keys, v = keep * p + uniform, accumulated in float64; terms
 // with v below FLT_MIN (at most 1e-36 each) count as 0 ln 0 = 0. The AVX-512 path computes ln
 // with getexp/getmant and Cephes' logf polynomial (relative error ~1e-7), 16 keys at a time:
-// std::log per element made this kernel the largest cost of `embgeom text`.
+// std::log per element made this kernel the largest cost of `embgeom text`. The portable path
+// computes the same polynomial from the float's bits over blocks of 16 keys, plain loops the
+// compiler vectorises per target (baseline SSE2/NEON, AVX2+FMA).
 double row_entropy_scalar(const float* row, const uint8_t* mask, int64_t T, float keep, float uniform) {
   double ent = 0.0;
   for (int64_t k = 0; k < T; ++k) {
@@ -26,6 +31,69 @@ double row_entropy_scalar(const float* row, const uint8_t* mask, int64_t T, floa
   return ent;
 }
 
+// ln v for normal floats v > 0: v = x 2^e with x in [sqrt(0.5), sqrt(2)), Cephes' logf.
+__attribute__((always_inline)) inline float log_poly(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  float e = float(int32_t(u >> 23) - 127);
+  u = (u & 0x007fffffu) | 0x3f800000u;  // mantissa in [1, 2)
+  float x;
+  std::memcpy(&x, &u, 4);
+  const bool high = x > 1.41421356f;
+  x = high ? x * 0.5f : x;
+  e = high ? e + 1.0f : e;
+  x = x - 1.0f;
+  const float z = x * x;
+  float y = 7.0376836292e-2f;
+  y = y * x + -1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x + -1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x + -1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x + -2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z;
+  y = e * -2.12194440e-4f + y;
+  y = z * -0.5f + y;
+  return e * 0.693359375f + (x + y);
+}
+
+__attribute__((always_inline)) inline double row_entropy_body(const float* row, const uint8_t* mask,
+                                                              int64_t T, float keep, float uniform) {
+  constexpr int W = 16;
+  const float tiny = std::numeric_limits<float>::min();
+  double acc[W] = {};
+  int64_t k = 0;
+  for (; k + W <= T; k += W) {
+    float term[W];
+    for (int l = 0; l < W; ++l) {
+      const float v = keep * row[k + l] + uniform;
+      const bool use = v >= tiny && (!mask || mask[k + l]);
+      term[l] = use ? v * log_poly(use ? v : 1.0f) : 0.0f;
+    }
+    for (int l = 0; l < W; ++l) acc[l] += double(term[l]);
+  }
+  double ent = 0.0;
+  for (int l = 0; l < W; ++l) ent += acc[l];
+  for (; k < T; ++k) {
+    if (mask && !mask[k]) continue;
+    const float v = keep * row[k] + uniform;
+    if (v >= tiny) ent += double(v * log_poly(v));
+  }
+  return -ent;
+}
+
+double row_entropy_generic(const float* row, const uint8_t* mask, int64_t T, float keep, float uniform) {
+  return row_entropy_body(row, mask, T, keep, uniform);
+}
+
+EMBGEOM_AVX2 double row_entropy_avx2(const float* row, const uint8_t* mask, int64_t T, float keep,
+                                     float uniform) {
+  return row_entropy_body(row, mask, T, keep, uniform);
+}
+
+#if EMBGEOM_X86
 EMBGEOM_AVX512 inline __m512 log_ps(__m512 v) {
   // v = x * 2^e with x in [sqrt(0.5), sqrt(2)): getmant gives [1, 2), halve the upper part
   __m512 x = _mm512_getmant_ps(v, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
@@ -71,14 +139,40 @@ EMBGEOM_AVX512 double row_entropy_avx512(const float* row, const uint8_t* mask, 
   return -_mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
 }
 
+#endif  // EMBGEOM_X86
+
 using RowEntropyFn = double (*)(const float*, const uint8_t*, int64_t, float, float);
 
-RowEntropyFn pick_row_entropy() {
-  const bool avx512 = cpu_has_avx512() && !std::getenv("EMBGEOM_SCALAR_ENTROPY");
-  return avx512 ? row_entropy_avx512 : row_entropy_scalar;
+// EMBGEOM_SCALAR_ENTROPY=1: the scalar std::log loop (the reference the vector paths are
+// tested against)
+RowEntropyFn pick_row_entropy(const char** name) {
+  const Isa level = isa_level();
+  if (std::getenv("EMBGEOM_SCALAR_ENTROPY")) {
+    *name = "scalar";
+    return row_entropy_scalar;
+  }
+#if EMBGEOM_X86
+  if (level == Isa::avx512) {
+    *name = "avx512";
+    return row_entropy_avx512;
+  }
+  if (level == Isa::avx2) {
+    *name = "portable-avx2";
+    return row_entropy_avx2;
+  }
+#endif
+  (void)level;
+  *name = EMBGEOM_NEON ? "portable-neon" : "portable-generic";
+  return row_entropy_generic;
 }
 
 }  // namespace
+
+const char* attention_entropy_path() {
+  const char* name = "";
+  pick_row_entropy(&name);
+  return name;
+}
 
 void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask,
                            double smoothing, float* out) {
@@ -86,7 +180,8 @@ void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, cons
   EMBGEOM_CHECK(smoothing >= 0.0 && smoothing <= 1.0,
                 "smoothing: expected a value in [0, 1], got " << smoothing);
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  static const RowEntropyFn row_entropy = pick_row_entropy();
+  const char* name = "";
+  const RowEntropyFn row_entropy = pick_row_entropy(&name);
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {

@@ -10,4 +10,7 @@ namespace embgeom {
 void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask,
                            double smoothing, float* out);
 
+// The row-entropy loop attention_row_entropy uses at the current vector level (cpu/isa.h).
+const char* attention_entropy_path();
+
 }  // namespace embgeom

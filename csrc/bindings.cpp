@@ -7,10 +7,15 @@
 #include <limits>
 #include <optional>
 
+#include <cstdlib>
+
 #include "attention.h"
 #include "check.h"
 #include "cone_index.h"
-#include "pairwise.h"
+#include "cpu/blas.h"
+#include "cpu/isa.h"
+#include "numerics.h"
+#include "pairwise/engine.h"
 
 #ifdef EMBGEOM_OPENMP
 #include <omp.h>
@@ -65,9 +70,66 @@ int max_threads() {
 #endif
 }
 
+// OpenBLAS from the scipy-openblas32 wheel, opened once at import (cpu/blas.h).
+// EMBGEOM_OPENBLAS=0 keeps the own kernels; EMBGEOM_OPENBLAS=<path> opens that library.
+// EMBGEOM_CPU caps OpenBLAS's kernel family too (OPENBLAS_CORETYPE, read when it loads), unless
+// OPENBLAS_CORETYPE is already set.
+void load_openblas() {
+  const char* env = std::getenv("EMBGEOM_OPENBLAS");
+  const std::string want = env ? env : "";
+  if (want == "0") {
+    embgeom::blas_set_unavailable("off (EMBGEOM_OPENBLAS=0)");
+    return;
+  }
+#if EMBGEOM_X86
+  const std::string cap = embgeom::isa_cap();
+  if (!std::getenv("OPENBLAS_CORETYPE")) {
+    if (cap == "avx2") setenv("OPENBLAS_CORETYPE", "Haswell", 0);
+    else if (cap == "generic") setenv("OPENBLAS_CORETYPE", "Prescott", 0);
+  }
+#endif
+  std::string path = want;
+  if (path.empty()) {
+    try {
+      py::module_ wheel = py::module_::import("scipy_openblas32");
+      path = wheel.attr("get_lib_dir")().cast<std::string>() + "/lib" +
+             wheel.attr("get_library")().cast<std::string>() + ".so";
+    } catch (const std::exception&) {
+      PyErr_Clear();
+      embgeom::blas_set_unavailable("scipy-openblas32 not installed (own kernels)");
+      return;
+    }
+  }
+  embgeom::blas_load(path);
+}
+
+py::dict cpu_info() {
+  using embgeom::Isa;
+  py::dict d;
+  d["cpu_features"] = embgeom::cpu_features();
+  d["isa_supported"] = embgeom::isa_name(embgeom::isa_supported());
+  d["cap"] = embgeom::isa_cap();
+  d["isa"] = embgeom::isa_name(embgeom::isa_level());
+  d["blas"] = embgeom::blas_status();
+  d["gemm_exact"] = std::string(embgeom::select_kernel(false).name);
+  const embgeom::GemmKernel fast = embgeom::select_kernel(true);
+  d["gemm_fast"] = fast.bf16 ? std::string(fast.name)
+                             : std::string(fast.name) + " (no native bf16 dot: fast runs the exact product)";
+  {
+    const float one = 1.0f;
+    embgeom::PairwiseOptions o;
+    embgeom::PairwiseEngine e(&one, 1, nullptr, 0, 1, o);
+    d["fused_pass"] = std::string(e.fused_name());
+  }
+  d["entropy"] = std::string(embgeom::attention_entropy_path());
+  d["cone_index"] = std::string(embgeom::cone_index_path());
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  load_openblas();
   m.doc() = "embgeom C++ core (CPU kernels, OpenMP)";
   m.def("cone_unit_sums", &cone_unit_sums, py::arg("x"), py::arg("mask") = py::none(),
         "Sum of unit vectors per set: x (B, T, D) float32, mask (B, T) uint8 -> "
@@ -76,6 +138,37 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mask") = py::none(), py::arg("smoothing") = 0.0,
         "Row entropy in nats: attn (B, H, T, T) float32, mask (B, T) uint8 -> (B, H, T) float32");
   m.def("max_threads", &max_threads, "OpenMP threads the kernels use");
+  m.def("cpu_info", &cpu_info,
+        "Vector level (EMBGEOM_CPU cap applied), BLAS, and the product kernel / fused pass / "
+        "text-kernel paths a new engine takes now");
+
+  // the numeric rules of csrc/numerics.h, for tests/test_numerics.py (agreement with numerics.py)
+  m.attr("NEAR_DUPLICATE_TAU") = double(embgeom::numerics::kNearDuplicateTau);
+  m.def("bin_index", [](double v, double lo, double hi, int64_t bins) {
+    EMBGEOM_CHECK(bins >= 1, "bins: expected >= 1, got " << bins);
+    EMBGEOM_CHECK(hi > lo, "range: expected lo < hi");
+    return embgeom::numerics::bin_index(v, lo, hi, bins, embgeom::numerics::bin_scale(lo, hi, bins));
+  }, py::arg("v"), py::arg("lo"), py::arg("hi"), py::arg("bins"));
+  m.def("fast_error_bound", [](int64_t d, const std::string& metric, double x_full, double x_rounded,
+                               double x_delta, double y_full, double y_rounded, double y_delta) {
+    return embgeom::numerics::fast_error_bound(d, metric == "euclidean", x_full, x_rounded, x_delta,
+                                               y_full, y_rounded, y_delta);
+  }, py::kw_only(), py::arg("d"), py::arg("metric"), py::arg("x_full"), py::arg("x_rounded"),
+     py::arg("x_delta"), py::arg("y_full"), py::arg("y_rounded"), py::arg("y_delta"));
+  m.def("order_key", [](const std::string& kind, double v, double near) {
+    using embgeom::numerics::ListKind;
+    ListKind k;
+    if (kind == "top") k = ListKind::top;
+    else if (kind == "bottom") k = ListKind::bottom;
+    else if (kind == "near") k = ListKind::near;
+    else if (kind == "outside_pairs") k = ListKind::outside;
+    else EMBGEOM_CHECK(false, "kind: expected top, bottom, near or outside_pairs, got '" << kind << "'");
+    return embgeom::numerics::order_key(k, v, near);
+  }, py::arg("kind"), py::arg("v"), py::arg("near") = 0.0);
+  m.def("direct_distance", [](const f32_array& a, const f32_array& b) {
+    EMBGEOM_CHECK(a.ndim() == 1 && b.ndim() == 1 && a.shape(0) == b.shape(0), "a, b: expected two rows of one length");
+    return embgeom::numerics::direct_distance(a.data(), b.data(), a.shape(0));
+  }, py::arg("a"), py::arg("b"));
   m.attr("openmp") = py::bool_(
 #ifdef EMBGEOM_OPENMP
       true
@@ -84,7 +177,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   );
 
-  // BEGIN pairwise engine bindings (owned by engine author)
+  // pairwise engine: conversion only (the state's index remapping and keys: pairwise/state_io.cpp)
   {
     using embgeom::PairwiseEngine;
     using f32_in = py::array_t<float, py::array::c_style | py::array::forcecast>;
@@ -96,7 +189,7 @@ PYBIND11_MODULE(_C, m) {
       return a;
     };
     py::class_<PairwiseEngine>(m, "PairwiseEngine",
-        "All-pairs statistics over a deterministic tile schedule (SPEC M1).\n"
+        "All-pairs statistics over a deterministic tile schedule (docs/metrics.md).\n"
         "x: (N, D) float32, y: (M, D) float32 or None (self mode: pairs i < j).")
         .def(py::init([](const f32_in& x, const std::optional<f32_in>& y, const std::string& metric,
                          const std::string& precision, int64_t block, int64_t bins, double lo,
@@ -148,171 +241,122 @@ PYBIND11_MODULE(_C, m) {
         .def("run", &PairwiseEngine::run, py::arg("begin"), py::arg("end"),
              py::call_guard<py::gil_scoped_release>(), "Process tiles [begin, end) (GIL released)")
         .def_property_readonly("kernel", [](const PairwiseEngine& e) { return std::string(e.kernel_name()); })
+        .def_property_readonly("fused_pass", [](const PairwiseEngine& e) { return std::string(e.fused_name()); })
+        .def_property_readonly("isa", [](const PairwiseEngine& e) { return std::string(embgeom::isa_name(e.isa())); })
         .def_property_readonly("hist_error_bound", &PairwiseEngine::hist_error_bound)
         .def_property_readonly("tiles_done", [](const PairwiseEngine& e) { return e.state().tiles_done; })
         .def("state", [vec_i64](const PairwiseEngine& e) {
-          const embgeom::PairwiseState& s = e.state();
-          const auto& xm = e.x_map();
-          const auto& ym = e.y_map();
-          py::dict d;
-          d["tiles_done"] = s.tiles_done;
-          d["count"] = s.count;
-          // moments as (count, mean, M2) from the shifted sums (one tile set, one shift)
-          const double c = e.options().moment_shift;
-          const double mean_dev = s.count ? s.shifted_sum / double(s.count) : 0.0;
-          d["mean"] = s.count ? c + mean_dev : 0.0;
-          d["m2"] = s.count ? std::max(0.0, s.shifted_sumsq - s.shifted_sum * mean_dev) : 0.0;
-          auto one = [&](const embgeom::PairList& l) -> py::object {
-            if (l.e.empty()) return py::none();
-            return py::make_tuple(double(l.e[0].v), xm[l.e[0].i], ym[l.e[0].j]);
+          const embgeom::ExportedState s = e.export_state();
+          auto pair = [](bool has, const embgeom::OrigPair& p) -> py::object {
+            if (!has) return py::none();
+            return py::make_tuple(p.v, p.i, p.j);
           };
-          d["min"] = one(s.min1);
-          d["max"] = one(s.max1);
-          d["hist"] = s.hist.empty() ? py::object(py::none()) : py::object(vec_i64(s.hist));
-          auto list = [&](const embgeom::PairList& l) {
-            const py::ssize_t k = static_cast<py::ssize_t>(l.e.size());
+          auto list = [](const std::vector<embgeom::OrigPair>& l) {
+            const py::ssize_t k = static_cast<py::ssize_t>(l.size());
             f64_arr v(k);
             i64_arr i(k), j(k);
             for (py::ssize_t q = 0; q < k; ++q) {
-              v.mutable_data()[q] = l.e[q].v;
-              i.mutable_data()[q] = xm[l.e[q].i];
-              j.mutable_data()[q] = ym[l.e[q].j];
+              v.mutable_data()[q] = l[q].v;
+              i.mutable_data()[q] = l[q].i;
+              j.mutable_data()[q] = l[q].j;
             }
             return py::make_tuple(v, i, j);
           };
+          auto rows = [&](int64_t k, const std::vector<float>& val, const std::vector<int64_t>& idx) -> py::object {
+            if (k <= 0) return py::none();
+            const int64_t N = e.n_orig();
+            py::array_t<float> v({N, k});
+            i64_arr ix({N, k});
+            if (N * k) {
+              std::memcpy(v.mutable_data(), val.data(), sizeof(float) * N * k);
+              std::memcpy(ix.mutable_data(), idx.data(), sizeof(int64_t) * N * k);
+            }
+            return py::make_tuple(v, ix);
+          };
+          py::dict d;
+          d["tiles_done"] = s.tiles_done;
+          d["count"] = s.count;
+          d["mean"] = s.mean;
+          d["m2"] = s.m2;
+          d["min"] = pair(s.has_min, s.min);
+          d["max"] = pair(s.has_max, s.max);
+          d["hist"] = s.hist.empty() ? py::object(py::none()) : py::object(vec_i64(s.hist));
           d["top"] = list(s.top);
           d["bottom"] = list(s.bottom);
           d["near"] = list(s.near);
-          auto rows = [&](const embgeom::RowLists& r) -> py::object {
-            if (r.k <= 0) return py::none();
-            const int64_t N = e.n_orig(), k = r.k;
-            py::array_t<float> v({N, k});
-            i64_arr idx({N, k});
-            float* pv = v.mutable_data();
-            int64_t* pi = idx.mutable_data();
-            std::fill(pv, pv + N * k, std::numeric_limits<float>::quiet_NaN());
-            std::fill(pi, pi + N * k, int64_t(-1));
-            for (int64_t q = 0; q < r.n; ++q)
-              for (int32_t t = 0; t < r.cnt[q]; ++t) {
-                pv[xm[q] * k + t] = r.val[q * k + t];
-                pi[xm[q] * k + t] = ym[r.col[q * k + t]];
-              }
-            return py::make_tuple(v, idx);
-          };
-          d["row_top"] = rows(s.row_top);
-          d["row_bottom"] = rows(s.row_bottom);
+          d["row_top"] = rows(s.row_top_k, s.row_top_val, s.row_top_idx);
+          d["row_bottom"] = rows(s.row_bottom_k, s.row_bottom_val, s.row_bottom_idx);
           d["outside_count"] = s.outside_count;
-          auto counts = [&](const std::vector<int64_t>& c, const std::vector<int64_t>& map,
-                            int64_t total) -> py::object {
-            std::vector<int64_t> o(total, 0);
-            for (size_t q = 0; q < c.size(); ++q) o[map[q]] = c[q];
-            return vec_i64(o);
-          };
-          const bool out = e.options().has_outside;
-          d["outside_rows"] = out ? counts(s.outside_rows, xm, e.n_orig()) : py::object(py::none());
-          d["outside_cols"] = (out && !e.self_mode()) ? counts(s.outside_cols, ym, e.m_orig())
-                                                      : py::object(py::none());
+          d["outside_rows"] = s.has_outside_rows ? py::object(vec_i64(s.outside_rows)) : py::object(py::none());
+          d["outside_cols"] = s.has_outside_cols ? py::object(vec_i64(s.outside_cols)) : py::object(py::none());
           d["outside_pairs"] = list(s.outside_pairs);
-          d["excluded_rows"] = vec_i64(e.excluded_rows());
-          d["excluded_cols"] = vec_i64(e.excluded_cols());
-          d["hist_error_bound"] = e.hist_error_bound();
+          d["excluded_rows"] = vec_i64(s.excluded_rows);
+          d["excluded_cols"] = vec_i64(s.excluded_cols);
+          d["hist_error_bound"] = s.hist_error_bound;
           return d;
         })
         .def("load_state", [](PairwiseEngine& e, const py::dict& d) {
-          embgeom::PairwiseState s = e.empty_state();
           auto get = [&](const char* k) -> py::object {
             EMBGEOM_CHECK(d.contains(k), "state: missing key '" << k << "'");
             return d[k];
           };
-          auto cx = [&](int64_t i) {
-            EMBGEOM_CHECK(i >= 0 && i < e.n_orig() && e.compact_x(i) >= 0, "state: bad row index " << i);
-            return e.compact_x(i);
-          };
-          auto cy = [&](int64_t j) {
-            EMBGEOM_CHECK(j >= 0 && j < e.m_orig() && e.compact_y(j) >= 0, "state: bad column index " << j);
-            return e.compact_y(j);
-          };
+          embgeom::ExportedState s;
           s.tiles_done = get("tiles_done").cast<int64_t>();
-          EMBGEOM_CHECK(s.tiles_done >= 0 && s.tiles_done <= e.num_tiles(),
-                        "state: tiles_done " << s.tiles_done << " outside [0, " << e.num_tiles() << "]");
           s.count = get("count").cast<int64_t>();
-          {
-            const double mean = get("mean").cast<double>(), m2 = get("m2").cast<double>();
-            const double dev = mean - e.options().moment_shift;
-            s.shifted_sum = double(s.count) * dev;
-            s.shifted_sumsq = m2 + double(s.count) * dev * dev;
-          }
-          const double nearv = e.options().near;
-          auto key = [&](int kind, double v) {
-            switch (kind) {
-              case 0: return v;                        // max / top
-              case 1: return -v;                       // min / bottom
-              case 2: return -std::fabs(v - nearv);   // near
-              default: return 0.0;                     // outside pairs
-            }
-          };
-          for (auto [name, kind, dst] : {std::make_tuple("max", 0, &s.max1), std::make_tuple("min", 1, &s.min1)}) {
+          s.mean = get("mean").cast<double>();
+          s.m2 = get("m2").cast<double>();
+          auto pair = [&](const char* name, bool& has, embgeom::OrigPair& p) {
             py::object o = get(name);
-            if (o.is_none()) continue;
+            has = !o.is_none();
+            if (!has) return;
             auto t = o.cast<py::tuple>();
-            const double v = t[0].cast<double>();
-            dst->offer(key(kind, float(v)), float(v), cx(t[1].cast<int64_t>()), cy(t[2].cast<int64_t>()));
-          }
-          auto lst = [&](const char* name, int kind, embgeom::PairList& dst) {
+            EMBGEOM_CHECK(t.size() == 3, "state: '" << name << "' must be (v, i, j)");
+            p = {t[0].cast<double>(), t[1].cast<int64_t>(), t[2].cast<int64_t>()};
+          };
+          pair("max", s.has_max, s.max);
+          pair("min", s.has_min, s.min);
+          auto list = [&](const char* name, std::vector<embgeom::OrigPair>& dst) {
             auto t = get(name).cast<py::tuple>();
             EMBGEOM_CHECK(t.size() == 3, "state: '" << name << "' must be (v, i, j)");
             auto v = py::array_t<double, py::array::forcecast>(t[0]);
             auto i = py::array_t<int64_t, py::array::forcecast>(t[1]);
             auto j = py::array_t<int64_t, py::array::forcecast>(t[2]);
             EMBGEOM_CHECK(v.size() == i.size() && v.size() == j.size(), "state: '" << name << "' lengths differ");
-            for (py::ssize_t q = 0; q < v.size(); ++q) {
-              const float fv = float(v.data()[q]);
-              dst.offer(key(kind, fv), fv, cx(i.data()[q]), cy(j.data()[q]));
-            }
+            for (py::ssize_t q = 0; q < v.size(); ++q) dst.push_back({v.data()[q], i.data()[q], j.data()[q]});
           };
-          lst("top", 0, s.top);
-          lst("bottom", 1, s.bottom);
-          lst("near", 2, s.near);
-          lst("outside_pairs", 3, s.outside_pairs);
-          if (!s.hist.empty()) {
+          list("top", s.top);
+          list("bottom", s.bottom);
+          list("near", s.near);
+          list("outside_pairs", s.outside_pairs);
+          if (!get("hist").is_none()) {
             auto h = py::array_t<int64_t, py::array::forcecast>(get("hist"));
-            EMBGEOM_CHECK(h.size() == static_cast<py::ssize_t>(s.hist.size()),
-                          "state: hist must have " << s.hist.size() << " entries, got " << h.size());
-            std::memcpy(s.hist.data(), h.data(), s.hist.size() * sizeof(int64_t));
+            s.hist.assign(h.data(), h.data() + h.size());
           }
-          auto rows = [&](const char* name, embgeom::RowLists& r) {
-            if (r.k <= 0) return;
-            auto t = get(name).cast<py::tuple>();
+          auto rows = [&](const char* name, int64_t& k, std::vector<float>& val, std::vector<int64_t>& idx) {
+            py::object o = get(name);
+            if (o.is_none()) return;
+            auto t = o.cast<py::tuple>();
+            EMBGEOM_CHECK(t.size() == 2, "state: '" << name << "' must be (values, indices)");
             auto v = py::array_t<float, py::array::forcecast | py::array::c_style>(t[0]);
             auto ix = py::array_t<int64_t, py::array::forcecast | py::array::c_style>(t[1]);
-            EMBGEOM_CHECK(v.ndim() == 2 && v.shape(0) == e.n_orig() && v.shape(1) == r.k &&
-                              ix.ndim() == 2 && ix.shape(0) == e.n_orig() && ix.shape(1) == r.k,
-                          "state: '" << name << "' must be (N, " << r.k << ") arrays");
-            for (int64_t q = 0; q < e.n_orig(); ++q)
-              for (int64_t c = 0; c < r.k; ++c) {
-                const int64_t j = ix.data()[q * r.k + c];
-                if (j < 0) continue;
-                r.offer(cx(q), v.data()[q * r.k + c], static_cast<int32_t>(cy(j)));
-              }
+            EMBGEOM_CHECK(v.ndim() == 2 && ix.ndim() == 2 && v.shape(0) == ix.shape(0) && v.shape(1) == ix.shape(1),
+                          "state: '" << name << "' must be two (N, k) arrays");
+            k = v.shape(1);
+            val.assign(v.data(), v.data() + v.size());
+            idx.assign(ix.data(), ix.data() + ix.size());
           };
-          rows("row_top", s.row_top);
-          rows("row_bottom", s.row_bottom);
+          rows("row_top", s.row_top_k, s.row_top_val, s.row_top_idx);
+          rows("row_bottom", s.row_bottom_k, s.row_bottom_val, s.row_bottom_idx);
           s.outside_count = get("outside_count").cast<int64_t>();
-          auto counts = [&](const char* name, std::vector<int64_t>& c, bool rows_side) {
-            if (c.empty() && !e.options().has_outside) return;
-            if (!rows_side && e.self_mode()) return;
-            auto a = py::array_t<int64_t, py::array::forcecast>(get(name));
-            const int64_t total = rows_side ? e.n_orig() : e.m_orig();
-            EMBGEOM_CHECK(a.size() == total, "state: '" << name << "' must have " << total << " entries");
-            for (int64_t q = 0; q < total; ++q) {
-              const int64_t cq = rows_side ? e.compact_x(q) : e.compact_y(q);
-              if (cq >= 0) c[cq] = a.data()[q];
-            }
+          auto counts = [&](const char* name, std::vector<int64_t>& dst) {
+            if (!d.contains(name) || d[name].is_none()) return;
+            auto a = py::array_t<int64_t, py::array::forcecast>(d[name]);
+            dst.assign(a.data(), a.data() + a.size());
           };
-          counts("outside_rows", s.outside_rows, true);
-          counts("outside_cols", s.outside_cols, false);
-          e.set_state(std::move(s));
+          counts("outside_rows", s.outside_rows);
+          counts("outside_cols", s.outside_cols);
+          e.import_state(s);
         }, py::arg("state"));
   }
-  // END pairwise engine bindings
+
 }

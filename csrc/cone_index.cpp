@@ -4,8 +4,52 @@
 #include <vector>
 
 #include "check.h"
+#include "cpu/isa.h"
 
 namespace embgeom {
+namespace {
+
+// One row: its squared norm in float64 over 8 interleaved partial sums (a fixed order, so the
+// result does not depend on the vector level), then acc += row / |row|. Plain loops the
+// compiler vectorises per target (baseline SSE2/NEON, AVX2+FMA).
+__attribute__((always_inline)) inline bool add_unit_row_body(const float* row, int64_t D, double* acc) {
+  constexpr int W = 8;
+  double part[W] = {};
+  int64_t k = 0;
+  for (; k + W <= D; k += W)
+    for (int l = 0; l < W; ++l) part[l] += double(row[k + l]) * double(row[k + l]);
+  for (; k < D; ++k) part[0] += double(row[k]) * double(row[k]);
+  double sq = 0.0;
+  for (int l = 0; l < W; ++l) sq += part[l];
+  if (sq == 0.0) return false;
+  const double inv = 1.0 / std::sqrt(sq);
+  for (int64_t q = 0; q < D; ++q) acc[q] += double(row[q]) * inv;
+  return true;
+}
+
+bool add_unit_row_generic(const float* row, int64_t D, double* acc) { return add_unit_row_body(row, D, acc); }
+EMBGEOM_AVX2 bool add_unit_row_avx2(const float* row, int64_t D, double* acc) {
+  return add_unit_row_body(row, D, acc);
+}
+
+using AddUnitRowFn = bool (*)(const float*, int64_t, double*);
+
+AddUnitRowFn pick_add_unit_row(const char** name) {
+  if (isa_level() >= Isa::avx2) {
+    *name = "portable-avx2";
+    return add_unit_row_avx2;
+  }
+  *name = EMBGEOM_NEON ? "portable-neon" : "portable-generic";
+  return add_unit_row_generic;
+}
+
+}  // namespace
+
+const char* cone_index_path() {
+  const char* name = "";
+  pick_add_unit_row(&name);
+  return name;
+}
 
 void cone_unit_sums(const float* x, int64_t B, int64_t T, int64_t D, const uint8_t* mask,
                     double* unit_sum, int64_t* n_used, int64_t* n_zero) {
@@ -22,6 +66,8 @@ void cone_unit_sums(const float* x, int64_t B, int64_t T, int64_t D, const uint8
   const int64_t work = B * chunks_per_set;
   std::vector<double> partial(static_cast<size_t>(work) * D, 0.0);
   std::vector<int64_t> used(work, 0), zero(work, 0);
+  const char* name = "";
+  const AddUnitRowFn add_unit_row = pick_add_unit_row(&name);
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t w = 0; w < work; ++w) {
     const int64_t b = w / chunks_per_set;
@@ -30,16 +76,10 @@ void cone_unit_sums(const float* x, int64_t B, int64_t T, int64_t D, const uint8
     double* acc = partial.data() + w * D;
     for (int64_t t = t0; t < t1; ++t) {
       if (mask && !mask[b * T + t]) continue;
-      const float* row = x + (b * T + t) * D;
-      double sq = 0.0;
-      for (int64_t k = 0; k < D; ++k) sq += double(row[k]) * double(row[k]);
-      if (sq == 0.0) {
+      if (add_unit_row(x + (b * T + t) * D, D, acc))
+        ++used[w];
+      else
         ++zero[w];
-        continue;
-      }
-      const double inv = 1.0 / std::sqrt(sq);
-      for (int64_t k = 0; k < D; ++k) acc[k] += double(row[k]) * inv;
-      ++used[w];
     }
   }
   for (int64_t w = 0; w < work; ++w) {

@@ -11,4 +11,7 @@ namespace embgeom {
 void cone_unit_sums(const float* x, int64_t B, int64_t T, int64_t D, const uint8_t* mask,
                     double* unit_sum, int64_t* n_used, int64_t* n_zero);
 
+// The per-row loop cone_unit_sums uses at the current vector level (cpu/isa.h).
+const char* cone_index_path();
+
 }  // namespace embgeom

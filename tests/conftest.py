@@ -39,3 +39,23 @@ def tiny_bert(tiny_bert_dir):
 
     return load_model(tiny_bert_dir)
 
+
+# ---------------------------------------------------------------------------------------------
+# Vector levels of the C++ core (EMBGEOM_CPU caps them; read on every engine construction).
+# Every level this host supports runs the engine suite: `cpu_cap` as a parametrized fixture, or
+# a pytest.param carrying a `cpu_cap` mark (helpers.backend_params does that for `cpp`).
+# ---------------------------------------------------------------------------------------------
+from helpers import CPU_CAPS  # noqa: E402
+
+
+@pytest.fixture(params=CPU_CAPS, ids=lambda c: f"cpu={c}")
+def cpu_cap(request, monkeypatch):
+    monkeypatch.setenv("EMBGEOM_CPU", request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _cpu_cap_mark(request, monkeypatch):
+    mark = request.node.get_closest_marker("cpu_cap")
+    if mark is not None:
+        monkeypatch.setenv("EMBGEOM_CPU", mark.args[0])

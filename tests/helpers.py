@@ -268,6 +268,28 @@ def assert_engine_states_equal(a, b, *, float_rel=1e-12, skip=()):
 # backends x devices: one parametrisation for every backend suite (tests/test_backends.py)
 # ---------------------------------------------------------------------------------------------
 
+def supported_cpu_caps() -> list[str]:
+    """The vector levels of the C++ core this host supports (EMBGEOM_CPU values), lowest first."""
+    try:
+        from embgeom import _C
+
+        best = _C.cpu_info()["isa_supported"]
+    except Exception:  # noqa: BLE001 - no C++ core: its tests skip anyway
+        return ["generic"]
+    order = ["generic", "avx2", "avx512"]
+    return order[: order.index(best) + 1] if best in order else ["generic"]
+
+
+CPU_CAPS = supported_cpu_caps()
+
+
+def blas_products() -> bool:
+    """The C++ engine's exact product comes from OpenBLAS at the current EMBGEOM_CPU."""
+    from embgeom import _C
+
+    return _C.cpu_info()["gemm_exact"].startswith("openblas")
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -275,7 +297,8 @@ def _interpreting() -> bool:
 def backend_params(op: str, backends=("cpp", "torch", "triton", "cuda")):
     """pytest params (backend, device) for `op`: every pair that can run on this host runs, the
     others are listed as skipped with the reason. Triton on CPU tensors runs only in the
-    TRITON_INTERPRET=1 pass (`-m triton_interp`)."""
+    TRITON_INTERPRET=1 pass (`-m triton_interp`); `cpp` runs once per vector level the host
+    supports (a `cpu_cap` mark: conftest sets EMBGEOM_CPU)."""
     from embgeom.backends import registry
 
     registry.ensure_registered()
@@ -300,5 +323,9 @@ def backend_params(op: str, backends=("cpp", "torch", "triton", "cuda")):
                 why = registry.BACKENDS[name].reasons(op, probe)
             if why:
                 marks.append(pytest.mark.skip(reason="; ".join(why)))
+            if name == "cpp" and device == "cpu":
+                out += [pytest.param(name, device, marks=[*marks, pytest.mark.cpu_cap(cap)], id=f"cpp[{cap}]-cpu")
+                        for cap in CPU_CAPS]
+                continue
             out.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
     return out

@@ -10,7 +10,7 @@ import torch
 import embgeom
 from embgeom import reference
 
-from helpers import make_embeddings, make_sequences
+from helpers import CPU_CAPS, make_embeddings, make_sequences
 
 
 def test_cone_index_tuple_of_hidden_states_and_stream():
@@ -29,21 +29,22 @@ def test_cone_index_tuple_of_hidden_states_and_stream():
         embgeom.pairwise_stats(big, bins=0, topk=0, bottomk=0).mean, abs=1e-5)
 
 
-def test_cpp_entropy_scalar_path_matches_vector_path():
-    """The portable loop (EMBGEOM_SCALAR_ENTROPY, read once per process) and the AVX-512 one."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    code = ("import json, torch, embgeom; torch.manual_seed(1); "
-            "p = torch.softmax(4 * torch.randn(2, 3, 37, 37), -1); m = torch.ones(2, 37, dtype=torch.bool); "
-            "m[1, 20:] = False; print(json.dumps(embgeom.attention_entropy(p, m, backend='cpp').row_entropy.tolist()))")
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, **extra}).stdout
-            for extra in ({}, {"EMBGEOM_SCALAR_ENTROPY": "1"})]
-    vec, scalar = (torch.tensor(json.loads(r)) for r in runs)  # padded query rows are NaN
-    torch.testing.assert_close(vec, scalar, atol=1e-6, rtol=1e-6, equal_nan=True)
+@pytest.mark.parametrize("cap", CPU_CAPS)
+def test_cpp_entropy_scalar_path_matches_vector_path(cap, monkeypatch):
+    """The scalar std::log loop (EMBGEOM_SCALAR_ENTROPY) and the vector path of each level
+    (both variables are read on every call)."""
+    _C = pytest.importorskip("embgeom._C")
+    torch.manual_seed(1)
+    p = torch.softmax(4 * torch.randn(2, 3, 37, 37), -1)
+    m = torch.ones(2, 37, dtype=torch.bool)
+    m[1, 20:] = False
+    monkeypatch.setenv("EMBGEOM_CPU", cap)
+    assert _C.cpu_info()["entropy"] != "scalar"
+    vec = embgeom.attention_entropy(p, m, backend="cpp").row_entropy
+    monkeypatch.setenv("EMBGEOM_SCALAR_ENTROPY", "1")
+    assert _C.cpu_info()["entropy"] == "scalar"
+    scalar = embgeom.attention_entropy(p, m, backend="cpp").row_entropy
+    torch.testing.assert_close(vec, scalar, atol=1e-6, rtol=1e-6, equal_nan=True)  # padded rows NaN
 
 
 def test_attention_entropy_uniform_baseline():

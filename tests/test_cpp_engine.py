@@ -10,10 +10,14 @@ import math
 
 import numpy as np
 import pytest
+from helpers import blas_products
 
 _C = pytest.importorskip("embgeom._C")
 if not hasattr(_C, "PairwiseEngine"):
     pytest.skip("embgeom._C built without PairwiseEngine", allow_module_level=True)
+
+# every test once per vector level this host supports (EMBGEOM_CPU, tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("cpu_cap")
 
 OPTS = dict(bins=40, lo=-1.0, hi=1.0, topk=6, bottomk=5, near=0.1, near_k=4, row_topk=3,
             row_bottomk=2, outside=(-0.25, 0.3), outside_limit=9)
@@ -275,7 +279,12 @@ def test_ties_prefer_smallest_indices():
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-def test_block_invariance(metric):
+def test_block_invariance(metric, monkeypatch):
+    # Own kernels compute every pair as one FMA chain, whatever the tile; OpenBLAS's rounding
+    # depends on the tile shape (its products are checked against the reference elsewhere), so
+    # the invariance of the fused pass is checked on the level's own kernel.
+    if blas_products():
+        monkeypatch.setenv("EMBGEOM_GEMM", "avx2" if _C.cpu_info()["isa"] == "avx2" else "scalar")
     x = make_x(70, 20, seed=3, zero_rows=(4,), dup=((1, 9), (1, 33)))
     opts = dict(OPTS)
     if metric != "cosine":
@@ -363,8 +372,11 @@ def test_fast_mode_row_lists_with_near_ties(k):
 
 def test_kernels_agree_bitwise(monkeypatch):
     x = make_x(61, 45, seed=9)
+    monkeypatch.setenv("EMBGEOM_GEMM", "scalar")
     want = run_engine(x, metric="dot", block=16, bins=30, lo=-20.0, hi=20.0, topk=5, row_topk=2)
-    for forced in ("avx2", "scalar"):
+    level = _C.cpu_info()["isa"]
+    own = {"avx512": ("avx512", "avx2"), "avx2": ("avx2",)}.get(level, ())
+    for forced in own:
         monkeypatch.setenv("EMBGEOM_GEMM", forced)
         got = run_engine(x, metric="dot", block=16, bins=30, lo=-20.0, hi=20.0, topk=5, row_topk=2)
         # fp32 products are the same FMA chain on every kernel; sums may differ in order only
@@ -391,3 +403,52 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="tiles"):
         e.run(0, e.num_tiles() + 1)
     assert e.tile_pairs(0, e.num_tiles()) == 6 and math.isfinite(e.hist_error_bound)
+
+
+def test_cpu_cap_is_reported_and_checked(cpu_cap, monkeypatch):
+    info = _C.cpu_info()
+    assert info["cap"] == cpu_cap and info["isa"] == cpu_cap
+    e = _C.PairwiseEngine(make_x(20, 7), None)
+    assert e.isa == cpu_cap
+    assert e.fused_pass == ("avx512" if cpu_cap == "avx512" else f"portable-{cpu_cap}")
+    if cpu_cap != "avx512" and "openblas" in info["blas"] and "core=" in info["blas"]:
+        assert e.kernel == "openblas-sgemm" and info["gemm_fast"].startswith("openblas-sgemm (no native bf16")
+    monkeypatch.setenv("EMBGEOM_CPU", "sse9")
+    with pytest.raises(ValueError, match="EMBGEOM_CPU"):
+        _C.PairwiseEngine(make_x(4, 3), None)
+
+
+def test_without_openblas_the_own_kernels_run(cpu_cap):
+    """EMBGEOM_OPENBLAS=0 (as without the wheel): own kernels, and `info` says why."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np, embgeom._C as C; x = np.random.default_rng(0).standard_normal((50, 9)).astype(np.float32); "
+            "e = C.PairwiseEngine(x, None, bins=10, topk=3); e.run(0, e.num_tiles()); s = e.state(); "
+            "print(json.dumps({'info': C.cpu_info(), 'kernel': e.kernel, 'count': s['count'], 'top': s['top'][1].tolist()}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "EMBGEOM_OPENBLAS": "0", "EMBGEOM_CPU": cpu_cap}).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert "EMBGEOM_OPENBLAS=0" in r["info"]["blas"]
+    assert not r["kernel"].startswith("openblas") and r["count"] == 50 * 49 // 2
+    x = np.random.default_rng(0).standard_normal((50, 9)).astype(np.float32)
+    assert r["top"] == run_engine(x, bins=10, topk=3)["top"][1].tolist()  # same top pairs as in-process
+
+
+@pytest.mark.parametrize("bins", [24, 8, 96])
+def test_histogram_exact_edges_follow_the_one_bin_rule(bins):
+    """Integer dots land exactly on bin edges (and on lo / hi): every pass (vector blocks, tails)
+    bins them as numerics.bin_index does."""
+    from embgeom import numerics
+
+    rng = np.random.default_rng(bins)
+    x = rng.integers(-2, 3, size=(83, 5)).astype(np.float32)
+    v = (x.astype(np.float64) @ x.T.astype(np.float64))[np.triu_indices(83, 1)]
+    lo, hi = -12.0, 12.0  # edges at multiples of 24 / bins, some values outside
+    edges = lo + (hi - lo) / bins * np.arange(bins + 1)
+    assert np.isin(v, edges).sum() > 100 and (v == hi).any() and (np.abs(v) > hi).any()
+    s = run_engine(x, metric="dot", block=32, bins=bins, lo=lo, hi=hi, topk=0, bottomk=0)
+    want = np.bincount(numerics.bin_index(v, lo, hi, bins), minlength=bins + 2)
+    np.testing.assert_array_equal(np.asarray(s["hist"]), want)

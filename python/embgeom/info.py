@@ -40,6 +40,7 @@ def collect() -> dict:
         "_C.gemm_kernel": _gemm_kernel(c),
         "_cuda": registry.cuda_ext() is not None,
     }
+    cpu = dict(c.cpu_info()) if c is not None and hasattr(c, "cpu_info") else None
     return {
         "embgeom": __version__,
         "python": platform.python_version(),
@@ -48,8 +49,10 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "packages": {m: _version(m) for m in ("numpy", "triton", "faiss", "transformers", "safetensors", "matplotlib")},
-        "env": {k: os.environ.get(k) for k in ("EMBGEOM_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS")},
+        "env": {k: os.environ.get(k) for k in ("EMBGEOM_BACKEND", "EMBGEOM_CPU", "EMBGEOM_GEMM", "EMBGEOM_OPENBLAS",
+                                               "OPENBLAS_CORETYPE", "TRITON_INTERPRET", "OMP_NUM_THREADS")},
         "built": built,
+        "cpu": cpu,
         "import_errors": dict(registry.import_errors),
         "backends": registry.usable_report(),
     }
@@ -67,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CUDA usable: {info['cuda_available']}" + (f" ({info['cuda_device']})" if info["cuda_device"] else ""))
     print("packages: " + ", ".join(f"{k} {v or '-'}" for k, v in info["packages"].items()))
     print("built: " + ", ".join(f"{k}={v}" for k, v in info["built"].items()))
+    cpu = info["cpu"]
+    if cpu:
+        cap = cpu["cap"] or "none (EMBGEOM_CPU=avx512|avx2|generic)"
+        print(f"cpu: {cpu['cpu_features'] or '-'}; vector level {cpu['isa']} (supported {cpu['isa_supported']}, cap {cap})")
+        print(f"  blas: {cpu['blas']}")
+        print(f"  pairwise exact: product {cpu['gemm_exact']}, fused pass {cpu['fused_pass']}")
+        print(f"  pairwise fast:  product {cpu['gemm_fast']}, fused pass {cpu['fused_pass']}")
+        print(f"  attention_entropy: {cpu['entropy']}; cone_index: {cpu['cone_index']}")
     print(f"{'backend':10} {'op':18} {'CPU':4} {'CUDA':4}  why not")
     for row in info["backends"]:
         why = row["why_not_cpu"] or row["why_not_cuda"]

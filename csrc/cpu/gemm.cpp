@@ -1,7 +1,10 @@
 // Packed tile GEMM: micro-kernels (AVX-512 fp32/bf16, AVX2, scalar), packing, dispatch.
-#include "gemm.h"
+#include "cpu/gemm.h"
 
+#include "cpu/isa.h"
+#if EMBGEOM_X86
 #include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <cstdlib>
@@ -9,15 +12,12 @@
 #include <new>
 #include <string>
 
-#include "cpu_features.h"
+#include "check.h"
+#include "cpu/blas.h"
 
 #ifdef EMBGEOM_OPENMP
 #include <omp.h>
 #endif
-
-#define EMBGEOM_AVX512BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-#define EMBGEOM_AVX2 __attribute__((target("avx2,fma")))
 
 namespace embgeom {
 
@@ -40,6 +40,7 @@ template struct AlignedBuf<int32_t>;
 // block of C is written in full (C buffers cover whole panels).
 // ---------------------------------------------------------------------------------------------
 
+#if EMBGEOM_X86
 template <int MR, int NV>
 EMBGEOM_AVX512 void ukr_avx512(int64_t kc, const void* av, const void* bv, float* c, int64_t ldc,
                                bool acc) {
@@ -110,6 +111,8 @@ EMBGEOM_AVX2 void ukr_avx2(int64_t kc, const void* av, const void* bv, float* c,
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(c + m * ldc + 8 * v, r[m][v]);
 }
 
+#endif  // EMBGEOM_X86
+
 template <int MR, int NR>
 void ukr_scalar(int64_t kc, const void* av, const void* bv, float* c, int64_t ldc, bool acc) {
   const float* a = static_cast<const float*>(av);
@@ -133,9 +136,6 @@ void ukr_scalar(int64_t kc, const void* av, const void* bv, float* c, int64_t ld
 
 namespace {
 
-bool has_avx512bf16() { return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16"); }
-bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-
 GemmKernel make(int mr, int nr, bool bf16, int64_t kc, MicroKernel f, const char* name) {
   GemmKernel k;
   k.mr = mr;
@@ -147,6 +147,22 @@ GemmKernel make(int mr, int nr, bool bf16, int64_t kc, MicroKernel f, const char
   return k;
 }
 
+GemmKernel kernel_scalar() { return make(4, 8, false, 256, ukr_scalar<4, 8>, "scalar-4x8"); }
+
+GemmKernel kernel_blas() {
+  GemmKernel k;
+  k.blas = true;
+  k.name = "openblas-sgemm";
+  return k;
+}
+
+#if EMBGEOM_X86
+GemmKernel kernel_avx2() { return make(6, 16, false, 256, ukr_avx2<6, 2>, "avx2-6x16"); }
+GemmKernel kernel_bf16() { return make(14, 32, true, 192, ukr_avx512bf16<14, 2>, "avx512bf16-14x32"); }
+
+// k-blocks of 384 k values (192 bf16 pairs): d = 384 in one pass, and on the dev machine's
+// Zen 5 cores 8-15 % faster over the tiles than 256 (fp32) or 128 pairs (bf16); the values do
+// not depend on the block length (C is stored and reloaded exactly between blocks).
 GemmKernel kernel_avx512() {
   const char* s = std::getenv("EMBGEOM_UKR");  // benchmarking hook: "6x32", "8x32", ...
   const std::string u = s ? s : "";
@@ -157,32 +173,42 @@ GemmKernel kernel_avx512() {
   if (u == "6x64") return make(6, 64, false, 128, ukr_avx512<6, 4>, "avx512-6x64");
   return make(14, 32, false, 384, ukr_avx512<14, 2>, "avx512-14x32");
 }
+#endif
 
 }  // namespace
 
-std::string cpu_features() {
-  std::string s;
-  if (__builtin_cpu_supports("avx512f")) s += "avx512f ";
-  if (has_avx512bf16()) s += "avx512bf16 ";
-  if (__builtin_cpu_supports("avx2")) s += "avx2 ";
-  if (__builtin_cpu_supports("fma")) s += "fma ";
-  if (!s.empty()) s.pop_back();
-  return s;
-}
-
-// k-blocks of 384 k values (192 bf16 pairs): d = 384 in one pass, and on the dev machine's
-// Zen 5 cores 8-15 % faster over the tiles than 256 (fp32) or 128 pairs (bf16); the values do
-// not depend on the block length (C is stored and reloaded exactly between blocks).
+// Per level (docs/architecture.md, CPU dispatch): AVX-512 keeps its own 14x32 kernel and the
+// bf16 dot-product kernel for `fast`: on the AVX-512 dev host (Zen 5) the own fp32 kernel and
+// OpenBLAS's SkylakeX sgemm tie over a whole run, and the own kernels compute every pair as one
+// FMA chain whatever the tile (block-invariant values, and `fast`'s rescoring reproduces them).
+// Every other level takes OpenBLAS's sgemm when the library is loaded (about 1.5x the own AVX2
+// kernel over a run there), else its own kernel. `fast` without a native bf16 dot runs the exact
+// product: the scipy-openblas32 wheel exports no sbgemm (built without bfloat16), no bf16
+// product is faster there, and `fast` must not be slower than `exact`.
 GemmKernel select_kernel(bool fast) {
   const char* f = std::getenv("EMBGEOM_GEMM");
   const std::string force = f ? f : "";
-  if (force == "scalar") return make(4, 8, false, 256, ukr_scalar<4, 8>, "scalar-4x8");
-  if (force == "avx2" && has_avx2()) return make(6, 16, false, 256, ukr_avx2<6, 2>, "avx2-6x16");
-  if (fast && has_avx512bf16() && force.empty())
-    return make(14, 32, true, 192, ukr_avx512bf16<14, 2>, "avx512bf16-14x32");
-  if (cpu_has_avx512() && (force.empty() || force == "avx512")) return kernel_avx512();
-  if (has_avx2()) return make(6, 16, false, 256, ukr_avx2<6, 2>, "avx2-6x16");
-  return make(4, 8, false, 256, ukr_scalar<4, 8>, "scalar-4x8");
+  EMBGEOM_CHECK(force.empty() || force == "avx512" || force == "avx2" || force == "scalar" ||
+                    force == "openblas",
+                "EMBGEOM_GEMM: expected 'avx512', 'avx2', 'scalar' or 'openblas', got '" << force << "'");
+  const Isa level = isa_level();
+  if (force == "scalar") return kernel_scalar();
+  if (force == "openblas") {
+    EMBGEOM_CHECK(blas_available(), "EMBGEOM_GEMM=openblas: " << blas_status());
+    return kernel_blas();
+  }
+#if EMBGEOM_X86
+  if (force == "avx2" && level >= Isa::avx2) return kernel_avx2();
+  if (force == "avx512" && level >= Isa::avx512) return kernel_avx512();
+  if (fast && force.empty() && cpu_has_avx512bf16()) return kernel_bf16();
+  if (level == Isa::avx512) return kernel_avx512();
+  if (blas_available()) return kernel_blas();
+  if (level == Isa::avx2) return kernel_avx2();
+#else
+  (void)fast;
+  if (blas_available()) return kernel_blas();
+#endif
+  return kernel_scalar();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -259,6 +285,7 @@ void gemm_tile(const GemmKernel& kern, const PackedPanels& A, int64_t pa0, int64
   }
 }
 
+#if EMBGEOM_X86
 // Sequential FMA chain, as in the kernels. Compiled for FMA when the CPU has it (std::fma is
 // exact either way; the hardware path is just faster).
 EMBGEOM_AVX2 static float dot_exact_fma(const float* a, const float* b, int64_t d) {
@@ -267,12 +294,15 @@ EMBGEOM_AVX2 static float dot_exact_fma(const float* a, const float* b, int64_t 
   return acc;
 }
 
+#endif  // EMBGEOM_X86
+
 static float dot_exact_portable(const float* a, const float* b, int64_t d) {
   float acc = 0.0f;
   for (int64_t k = 0; k < d; ++k) acc = std::fma(a[k], b[k], acc);
   return acc;
 }
 
+#if EMBGEOM_X86
 EMBGEOM_AVX2 static void dot_exact_batch_fma(const float* const* a, const float* const* b,
                                              int64_t n, int64_t d, float* out) {
   constexpr int W = 8;
@@ -347,21 +377,26 @@ EMBGEOM_AVX512 static void dot_exact_batch_avx512(const float* const* a, const f
   for (; q0 < n; ++q0) out[q0] = dot_exact_fma(a[q0], b[q0], d);
 }
 
+#endif  // EMBGEOM_X86
+
+// Rescoring only runs for bf16 products (AVX-512 hosts), but stays correct on any level.
 void dot_exact_batch(const float* const* a, const float* const* b, int64_t n, int64_t d, float* out) {
-  static const bool avx512 = cpu_has_avx512() && !std::getenv("EMBGEOM_SCALAR_RESCORE");
-  static const bool fma = __builtin_cpu_supports("fma");
-  if (avx512) {
-    dot_exact_batch_avx512(a, b, n, d, out);
-  } else if (fma) {
-    dot_exact_batch_fma(a, b, n, d, out);
-  } else {
-    for (int64_t q = 0; q < n; ++q) out[q] = dot_exact_portable(a[q], b[q], d);
-  }
+#if EMBGEOM_X86
+  static const bool no_vec = std::getenv("EMBGEOM_SCALAR_RESCORE") != nullptr;
+  const Isa level = isa_level();
+  if (level == Isa::avx512 && !no_vec) return dot_exact_batch_avx512(a, b, n, d, out);
+  if (level >= Isa::avx2) return dot_exact_batch_fma(a, b, n, d, out);
+#endif
+  for (int64_t q = 0; q < n; ++q) out[q] = dot_exact_portable(a[q], b[q], d);
 }
 
+// bit-identical either way (std::fma is exact): the hardware FMA is only faster
 float dot_exact(const float* a, const float* b, int64_t d) {
+#if EMBGEOM_X86
   static const bool fma = __builtin_cpu_supports("fma");
-  return fma ? dot_exact_fma(a, b, d) : dot_exact_portable(a, b, d);
+  if (fma) return dot_exact_fma(a, b, d);
+#endif
+  return dot_exact_portable(a, b, d);
 }
 
 }  // namespace embgeom

@@ -3,7 +3,9 @@
 // then reads panels only (BLIS-style, k-blocked), through a micro-kernel picked at runtime:
 // AVX-512 (fp32 or bf16 dot-products), AVX2+FMA, or portable scalar.
 //
-// Every fp32 path computes each C[i][j] as the same sequential FMA chain
+// OpenBLAS (cpu/blas.h) is the other product source: GemmKernel::blas, rows unpacked.
+//
+// Every own fp32 kernel computes each C[i][j] as the same sequential FMA chain
 // acc = fma(a[k], b[k], acc), k = 0..d-1, starting from 0, so a pair's value does not depend on
 // the kernel, the tile it falls in or its position in a micro-tile; `dot_exact` reproduces it
 // bit for bit (used to rescore bf16 candidates).
@@ -38,14 +40,14 @@ struct GemmKernel {
   bool bf16 = false;      // panels hold bf16 pairs, kc counts pairs of k
   int64_t kc_block = 0;   // k-block length (in kernel k units)
   MicroKernel ukr = nullptr;
+  bool blas = false;      // products from blas_sgemm_nt on unpacked rows (no panels, no ukr)
   const char* name = "";
 };
 
-// Best kernel for this CPU. fast=true asks for bf16 products (falls back to fp32 when the CPU
-// lacks avx512_bf16; check .bf16). EMBGEOM_GEMM=avx512|avx2|scalar forces a fp32 kernel (tests).
+// Best product for this CPU at isa_level() (cpu/isa.h). fast=true asks for bf16 products (falls
+// back to the exact product where the CPU lacks a native bf16 dot; check .bf16).
+// EMBGEOM_GEMM=avx512|avx2|scalar|openblas forces one fp32 product (tests, benchmarks).
 GemmKernel select_kernel(bool fast);
-// Names of the CPU features found: "avx512f avx512bf16 avx2 fma" subset.
-std::string cpu_features();
 
 // Matrix packed into micro-panels of `width` rows: panel p holds rows [p*width, p*width+width),
 // k-major (fp32: [k][r]; bf16: [k/2][r][2]), zero padded in rows and k.

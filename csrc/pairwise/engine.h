@@ -1,4 +1,4 @@
-// All-pairs statistics engine (SPEC M1): a deterministic schedule of tiles, each a packed GEMM
+// All-pairs statistics engine (docs/metrics.md, all-pairs metrics): a deterministic schedule of tiles, each a packed GEMM
 // into a thread-local buffer followed by one fused pass over the requested reductions.
 // Inputs are fp32 rows; self mode (no y) visits pairs i < j, cross mode all (i, j).
 // Indices inside the engine are "compact" (zero-norm rows dropped for cosine); the state
@@ -10,7 +10,9 @@
 #include <string>
 #include <vector>
 
-#include "gemm.h"
+#include "cpu/gemm.h"
+#include "cpu/isa.h"
+#include "pairwise/lists.h"
 
 namespace embgeom {
 
@@ -34,37 +36,6 @@ struct PairwiseOptions {
   double moment_shift = 0.0;
 };
 
-struct PairEntry {
-  double key;  // larger is better
-  float v;
-  int64_t i, j;
-};
-
-// The k best pairs under (key desc, i asc, j asc); duplicates of a pair are ignored.
-struct PairList {
-  int64_t k = 0;
-  std::vector<PairEntry> e;  // sorted best first
-  bool full() const { return static_cast<int64_t>(e.size()) >= k; }
-  bool offer(double key, float v, int64_t i, int64_t j);
-};
-
-// Per-row k best neighbours: larger value first (top) or smaller first (bottom), then column.
-struct RowLists {
-  int64_t n = 0, k = 0;
-  bool top = true;
-  std::vector<float> val;     // n * k
-  std::vector<int32_t> col;   // n * k, compact column index
-  std::vector<int32_t> cnt;   // n
-  std::vector<float> thr;     // n: worst value when full, else -inf (top) / +inf (bottom)
-  // During a run, each thread keeps its own lists but they all publish their thresholds into
-  // one shared array (max for top, min for bottom), which the filters read: any published
-  // value is the k-th best of k real pairs, so a pair below it cannot make the merged list.
-  float* shared = nullptr;
-  const float* filter_thr() const { return shared ? shared : thr.data(); }
-  void init(int64_t rows, int64_t kk, bool is_top);
-  void offer(int64_t row, float v, int32_t c);
-};
-
 struct PairwiseState {
   int64_t tiles_done = 0;
   int64_t count = 0;
@@ -75,6 +46,40 @@ struct PairwiseState {
   int64_t outside_count = 0;
   std::vector<int64_t> outside_rows, outside_cols;  // compact indices
 };
+
+// A ranked-list entry with original row / column indices.
+struct OrigPair {
+  double v = 0.0;
+  int64_t i = 0, j = 0;
+};
+
+// The engine state with original indices and moments as (count, mean, M2): what bindings.cpp
+// converts to and from Python objects (state_io.cpp; docs/architecture.md, engine state).
+struct ExportedState {
+  int64_t tiles_done = 0, count = 0;
+  double mean = 0.0, m2 = 0.0;
+  bool has_min = false, has_max = false;
+  OrigPair min, max;
+  std::vector<int64_t> hist;  // bins + 2 slots, empty when no histogram
+  std::vector<OrigPair> top, bottom, near, outside_pairs;
+  // per-row lists: n_orig x k, values NaN and indices -1 past a row's count; k = 0: not asked
+  int64_t row_top_k = 0, row_bottom_k = 0;
+  std::vector<float> row_top_val, row_bottom_val;
+  std::vector<int64_t> row_top_idx, row_bottom_idx;
+  int64_t outside_count = 0;
+  bool has_outside_rows = false, has_outside_cols = false;
+  std::vector<int64_t> outside_rows, outside_cols;  // per original row / column
+  std::vector<int64_t> excluded_rows, excluded_cols;
+  double hist_error_bound = 0.0;
+};
+
+// Max over rows of |row|, |bf16(row)| and |bf16(row) - row| (fast_bound.cpp).
+struct RoundingNorms {
+  double full = 0, rounded = 0, delta = 0;
+};
+RoundingNorms bf16_rounding_norms(const float* rows, int64_t n, int64_t d, int threads);
+
+struct FusedArgs;
 
 class PairwiseEngine {
  public:
@@ -99,9 +104,15 @@ class PairwiseEngine {
   std::vector<int64_t> excluded_cols() const;
   double hist_error_bound() const { return err_bound_; }
   const char* kernel_name() const { return kern_.name; }
+  Isa isa() const { return isa_; }                  // vector level (cpu/isa.h) at construction
+  const char* fused_name() const;                   // the fused pass variant
   bool fast() const { return fast_; }
 
   const PairwiseState& state() const { return st_; }
+  // The state with original indices (state_io.cpp), and back: import_state checks every index
+  // and size (std::invalid_argument naming the state field) and replaces the state.
+  ExportedState export_state() const;
+  void import_state(const ExportedState& s);
   // Replace the state (compact indices; use load_state_original to map from original ones).
   void set_state(PairwiseState s);
   PairwiseState empty_state() const;
@@ -111,11 +122,10 @@ class PairwiseEngine {
   // Used by the fused pass.
   float exact_value(int64_t ci, int64_t cj) const;  // compact indices
   // Metric value from the fp32 dot. Euclidean: sqrt(|a|^2 + |b|^2 - 2 a.b), except where that
-  // cancels (value^2 < kNearTau (|a|^2 + |b|^2)): there the direct sqrt(sum (a - b)^2), float64
-  // accumulated. Either way a deterministic function of the pair.
+  // cancels (numerics::is_near_duplicate): there numerics::direct_distance. Either way a
+  // deterministic function of the pair.
   float transform(float dot, int64_t ci, int64_t cj) const;
   float direct_distance(int64_t ci, int64_t cj) const;
-  static constexpr float kNearTau = 1.0f / 64;
   const float* xrow(int64_t ci) const { return xr_.data() + ci * d_; }
   const float* yrow(int64_t cj) const { return (self_ ? xr_ : yr_).data() + cj * d_; }
   int64_t compact_x(int64_t orig) const { return xinv_[orig]; }
@@ -143,6 +153,10 @@ class PairwiseEngine {
   std::vector<float> xr_, yr_;    // compact fp32 rows (normalised for cosine), kept for rescoring
   std::vector<float> xn2_, yn2_;  // squared norms (euclidean)
   GemmKernel kern_;
+  Isa isa_ = Isa::generic;
+  using FusedFn = void (*)(const FusedArgs&, ThreadCtx&, float*, int64_t, int64_t, int64_t, int64_t,
+                           int64_t, double*, double*);
+  FusedFn fused_ = nullptr;
   PackedPanels pa_, pb_;
   bool tile_is_cold(const ThreadCtx& c) const;
   void prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const;

@@ -1,0 +1,48 @@
+// The instruction-set layer: which vector level this CPU offers, capped by EMBGEOM_CPU, and the
+// target attributes the per-level functions are compiled with (docs/architecture.md, CPU
+// dispatch). Only this header and the *_x86 sources name x86 intrinsics; everything else is
+// plain C++ (portable loops the compiler vectorises per target attribute).
+#pragma once
+#include <cstdint>
+#include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define EMBGEOM_X86 1
+// AVX-512 F/BW/VL/DQ plus FMA: what every EMBGEOM_AVX512 function may use.
+#define EMBGEOM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define EMBGEOM_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+#define EMBGEOM_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define EMBGEOM_X86 0
+#define EMBGEOM_AVX512
+#define EMBGEOM_AVX512BF16
+#define EMBGEOM_AVX2
+#endif
+
+#if defined(__aarch64__)
+#define EMBGEOM_NEON 1
+#else
+#define EMBGEOM_NEON 0
+#endif
+
+namespace embgeom {
+
+// Vector levels, ordered: a level may use everything below it. On aarch64 `generic` is the
+// baseline NEON build (NEON is part of the architecture), so it is vectorised there too.
+enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
+
+// The best level this CPU supports (no cap).
+Isa isa_supported();
+// The level the kernels use: isa_supported() capped by EMBGEOM_CPU=avx512|avx2|generic (read on
+// every call, so a new engine follows a changed variable; an unknown value is an error naming
+// EMBGEOM_CPU). A cap above what the CPU supports is no cap.
+Isa isa_level();
+// The cap as given ("" when EMBGEOM_CPU is unset).
+std::string isa_cap();
+const char* isa_name(Isa level);  // "avx512" | "avx2" | "generic" (aarch64: "neon")
+bool cpu_has_avx512bf16();      // native bf16 dot products (and isa_level() == avx512)
+// Names of the CPU features found, e.g. "avx512f avx512bf16 avx2 fma" or "neon".
+std::string cpu_features();
+
+}  // namespace embgeom

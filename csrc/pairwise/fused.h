@@ -1,0 +1,128 @@
+// The fused pass over one tile's values (docs/architecture.md, all-pairs engine): clamp or
+// transform, moments, histogram, candidate filters for the global and per-row lists, outside
+// counts. One argument struct (FusedArgs) for every variant; the variants differ only in how
+// many values a step handles: fused_portable.cpp (written once, compiled per vector level:
+// generic/NEON and AVX2) and fused_avx512.cpp (hand-written AVX-512).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/gemm.h"
+#include "cpu/isa.h"
+#include "numerics.h"
+#include "pairwise/engine.h"
+
+namespace embgeom {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct PairwiseEngine::ThreadCtx {
+  AlignedBuf<float> C;  // tile values
+  int64_t ldc = 0;
+  PairList max1, min1, top, bottom, near, outp;
+  std::vector<int64_t> hist;
+  RowLists rtop, rbot;  // exact mode
+  RowCands ctop, cbot;  // fast mode
+  int64_t out_count = 0;
+  std::vector<int64_t> out_rows, out_cols;
+  AlignedBuf<int32_t> colcnt;
+  struct Cand {
+    int32_t ii, jj;
+    uint32_t flags;
+  };
+  std::vector<Cand> cand;  // fast mode: candidates of the tile, rescored in one batch
+  std::vector<const float*> pa, pb;
+  std::vector<float> dots;
+  alignas(64) int32_t idx[16];
+};
+// Everything the fused pass needs, resolved once per tile.
+struct FusedArgs {
+  const PairwiseEngine* E;
+  // fast mode: some global list is still filling, so candidates are rescored one by one as
+  // they come, with the thresholds refreshed after each (else: batched at the end of the tile)
+  bool cold;
+  bool self, fast, diag;
+  int metric;
+  float M;  // decision margin (0 in exact mode)
+  const float* xn2;
+  const float* yn2;
+  int64_t bins;
+  double lo, hi, scale;
+  bool do_hist, do_top, do_bot, do_near, do_rtop, do_rbot, do_out;
+  double near;
+  float oa, ob;
+  double shift;  // moment_shift
+};
+
+// Offers one pair to the global lists (value exact: rescored in fast mode by the caller).
+inline void offer_global(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float e, int64_t i, int64_t j) {
+  using numerics::ListKind;
+  using numerics::order_key;
+  c.max1.offer(order_key(ListKind::top, e), e, i, j);
+  c.min1.offer(order_key(ListKind::bottom, e), e, i, j);
+  if (A.do_top) c.top.offer(order_key(ListKind::top, e), e, i, j);
+  if (A.do_bot) c.bottom.offer(order_key(ListKind::bottom, e), e, i, j);
+  if (A.do_near) c.near.offer(order_key(ListKind::near, e, A.near), e, i, j);
+}
+
+// Offers one pair outside [a, b] to the outside-pairs list ((i, j) order only).
+inline void offer_outside(PairwiseEngine::ThreadCtx& c, float e, int64_t i, int64_t j) {
+  c.outp.offer(numerics::order_key(numerics::ListKind::outside, e), e, i, j);
+}
+
+// Per-row lists: exact mode offers exact values to RowLists, fast mode bf16 values to RowCands.
+inline const float* row_filter(const FusedArgs& A, const PairwiseEngine::ThreadCtx& c, bool top) {
+  if (A.fast) return (top ? c.ctop : c.cbot).shared;
+  return (top ? c.rtop : c.rbot).filter_thr();
+}
+inline void offer_row(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, bool top, int64_t row, float v,
+                      int64_t col) {
+  if (A.fast)
+    (top ? c.ctop : c.cbot).offer(row, v, static_cast<int32_t>(col));
+  else
+    (top ? c.rtop : c.rbot).offer(row, v, static_cast<int32_t>(col));
+}
+
+inline float thr_hi(const PairList& l) { return l.full() ? l.e.back().v : -kInf; }
+inline float thr_lo(const PairList& l) { return l.full() ? l.e.back().v : kInf; }
+inline double thr_dist(const PairList& l) {
+  return l.full() ? -l.e.back().key : std::numeric_limits<double>::infinity();
+}
+
+inline int64_t hist_bin(const FusedArgs& A, float v) {
+  return numerics::bin_index(double(v), A.lo, A.hi, A.bins, A.scale);
+}
+
+
+// Fast mode: exact values of the tile's candidates in one batch, then the offers and the
+// outside decisions they were waiting for. Candidate flags:
+constexpr uint32_t kCandGlobal = 1u;    // offer to the global lists
+constexpr uint32_t kCandMaybeOut = 32u; // outside [a, b] undecided by the bf16 value
+constexpr uint32_t kCandOutPair = 64u;  // surely outside: list the pair
+void rescore_candidates(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t r0, int64_t c0);
+
+using FusedFn = void (*)(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C, int64_t ldc,
+                         int64_t r0, int64_t nr, int64_t c0, int64_t nc, double* tsum, double* tsumsq);
+static_assert(std::is_same<FusedFn, void (*)(const FusedArgs&, PairwiseEngine::ThreadCtx&, float*,
+                                             int64_t, int64_t, int64_t, int64_t, int64_t, double*,
+                                             double*)>::value,
+              "one fused-pass signature");
+
+// The portable pass, compiled for the baseline target (generic; NEON on aarch64) and for AVX2.
+void fused_tile_generic(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C, int64_t ldc,
+                        int64_t r0, int64_t nr, int64_t c0, int64_t nc, double* tsum, double* tsumsq);
+void fused_tile_avx2(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C, int64_t ldc,
+                     int64_t r0, int64_t nr, int64_t c0, int64_t nc, double* tsum, double* tsumsq);
+#if EMBGEOM_X86
+void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C, int64_t ldc,
+                       int64_t r0, int64_t nr, int64_t c0, int64_t nc, double* tsum, double* tsumsq);
+#endif
+
+// The pass for a level, and its name for `embgeom info`.
+FusedFn select_fused(Isa level);
+const char* fused_name(Isa level);
+
+}  // namespace embgeom

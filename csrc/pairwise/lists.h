@@ -1,0 +1,94 @@
+// Ranked lists of the all-pairs engine (docs/metrics.md, ranked lists): the global pair lists,
+// the per-row lists of exact values, and fast mode's per-row candidate lists.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace embgeom {
+
+struct PairEntry {
+  double key;  // larger is better
+  float v;
+  int64_t i, j;
+};
+
+// The k best pairs under (key desc, i asc, j asc); duplicates of a pair are ignored.
+struct PairList {
+  int64_t k = 0;
+  std::vector<PairEntry> e;  // sorted best first
+  bool full() const { return static_cast<int64_t>(e.size()) >= k; }
+  bool offer(double key, float v, int64_t i, int64_t j);
+};
+
+// Per-row k best neighbours: larger value first (top) or smaller first (bottom), then column.
+struct RowLists {
+  int64_t n = 0, k = 0;
+  bool top = true;
+  std::vector<float> val;     // n * k
+  std::vector<int32_t> col;   // n * k, compact column index
+  std::vector<int32_t> cnt;   // n
+  std::vector<float> thr;     // n: worst value when full, else -inf (top) / +inf (bottom)
+  // During a run, each thread keeps its own lists but they all publish their thresholds into
+  // one shared array (max for top, min for bottom), which the filters read: any published
+  // value is the k-th best of k real pairs, so a pair below it cannot make the merged list.
+  float* shared = nullptr;
+  const float* filter_thr() const { return shared ? shared : thr.data(); }
+  void init(int64_t rows, int64_t kk, bool is_top);
+  void offer(int64_t row, float v, int32_t c);
+};
+
+// Fast mode's per-row lists during a run: candidates kept by their bf16-product value v, which
+// is within M of the exact value. Any k of them with v >= t prove the row's final k-th best
+// exact value is >= t - M, so the filter (v >= bound - M) and the pruning (drop v < t - 2M)
+// never lose a pair of the final list, and only the survivors are rescored, once, at the end
+// of the run (instead of every candidate that passes a filter still loose early in the run).
+// Mirrored for bottom lists.
+struct RowCands {
+  struct Spilled {
+    int32_t row, col;
+    float v;
+  };
+  int64_t n = 0, k = 0, cap = 0;
+  bool top = true;
+  double M = 0.0;
+  std::vector<float> val;  // n * cap, best first
+  std::vector<int32_t> col;
+  std::vector<int32_t> cnt;
+  std::vector<Spilled> spill;  // pushed out of a full row while still within the band
+  float* shared = nullptr;     // per row: bound on the final k-th best exact value
+
+  void init(int64_t rows, int64_t kk, bool is_top, double margin, float* bounds) {
+    n = rows;
+    k = kk;
+    top = is_top;
+    M = margin;
+    cap = std::max<int64_t>(2 * k, k + 8);
+    val.assign(n * cap, 0.0f);
+    col.assign(n * cap, -1);
+    cnt.assign(n, 0);
+    spill.clear();
+    shared = bounds;
+  }
+  bool better(float v1, int32_t c1, float v2, int32_t c2) const {
+    if (v1 != v2) return top ? v1 > v2 : v1 < v2;
+    return c1 < c2;
+  }
+  // v can be dropped: its exact value is strictly worse than the bound's
+  bool out_of_band(float v, double bound) const {
+    return top ? double(v) + M < bound : double(v) - M > bound;
+  }
+  void offer(int64_t row, float v, int32_t c);
+};
+
+
+// Raise (top) or lower (bottom) a shared threshold with a CAS on its bits. Readers use plain
+// loads: a stale value is an earlier, looser bound, so the result does not depend on timing.
+void publish_threshold(float* slot, float v, bool top);
+
+// A bound on a row's final k-th best exact value from the k-th best of k real pairs' values that
+// are each within M of exact: kth - M (top) or kth + M (bottom), rounded outwards to float.
+float widened_bound(float kth, double M, bool top);
+
+}  // namespace embgeom

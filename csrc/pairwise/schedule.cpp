@@ -1,0 +1,299 @@
+// All-pairs engine: one tile (product, then the fused pass), the parallel schedule of a run
+// and the deterministic merge of the threads' partial states (docs/architecture.md).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+
+#include "check.h"
+#include "cpu/blas.h"
+#include "pairwise/fused.h"
+
+#ifdef EMBGEOM_OPENMP
+#include <omp.h>
+#endif
+
+namespace embgeom {
+
+
+void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double* tsumsq) const {
+  const Tile T = tile(t);
+  const int64_t r0 = T.I * bs_, r1 = std::min(n_, r0 + bs_);
+  const int64_t c0 = T.J * bs_, c1 = std::min(m_, c0 + bs_);
+  int64_t ldc, roff = 0, coff = 0;
+  if (kern_.blas) {
+    // unpacked rows straight into C (row stride ldc; +16: room for masked tails, odd stride)
+    ldc = (c1 - c0) + 16;
+    const int64_t need = (r1 - r0) * ldc;
+    if (c.C.n < need) c.C.reset(need);
+    prefetch_row_lists(c, r0, r1, c0, c1);
+    blas_sgemm_nt(r1 - r0, c1 - c0, d_, xrow(r0), d_, yrow(c0), d_, c.C.data(), ldc);
+  } else {
+    const int64_t mr = kern_.mr, nr = kern_.nr;
+    const int64_t pa0 = r0 / mr, pa1 = (r1 + mr - 1) / mr;
+    const int64_t pb0 = c0 / nr, pb1 = (c1 + nr - 1) / nr;
+    ldc = (pb1 - pb0) * nr + 16;  // +16: room for masked tails, odd stride
+    const int64_t need = (pa1 - pa0) * mr * ldc;
+    if (c.C.n < need) c.C.reset(need);
+    prefetch_row_lists(c, r0, r1, c0, c1);
+    gemm_tile(kern_, pa_, pa0, pa1, pb_, pb0, pb1, c.C.data(), ldc);
+    roff = r0 - pa0 * mr;
+    coff = c0 - pb0 * nr;
+  }
+  const int64_t ncols = c1 - c0;
+  if (c.colcnt.n < ncols + 16) c.colcnt.reset(ncols + 16);
+  if (opt_.has_outside) std::memset(c.colcnt.data(), 0, sizeof(int32_t) * (ncols + 16));
+
+  FusedArgs A;
+  A.E = this;
+  A.cold = fast_ && tile_is_cold(c);
+  A.self = self_;
+  A.fast = fast_;
+  A.diag = self_ && T.I == T.J;
+  A.metric = metric_;
+  A.M = static_cast<float>(err_bound_);
+  if (double(A.M) < err_bound_) A.M = std::nextafter(A.M, kInf);
+  A.xn2 = xn2_.data();
+  A.yn2 = self_ ? xn2_.data() : yn2_.data();
+  A.bins = opt_.bins;
+  A.lo = opt_.lo;
+  A.hi = opt_.hi;
+  A.scale = opt_.bins > 0 ? double(opt_.bins) / (opt_.hi - opt_.lo) : 0.0;
+  A.do_hist = opt_.bins > 0;
+  A.do_top = opt_.topk > 0;
+  A.do_bot = opt_.bottomk > 0;
+  A.do_near = opt_.has_near && opt_.near_k > 0;
+  A.near = opt_.near;
+  A.shift = opt_.moment_shift;
+  A.do_rtop = opt_.row_topk > 0;
+  A.do_rbot = opt_.row_bottomk > 0;
+  A.do_out = opt_.has_outside;
+  A.oa = static_cast<float>(opt_.out_a);
+  A.ob = static_cast<float>(opt_.out_b);
+  // v < a (double) <=> v < smallest float >= a; v > b <=> v > largest float <= b
+  if (A.do_out) {
+    if (double(A.oa) < opt_.out_a) A.oa = std::nextafter(A.oa, kInf);
+    if (double(A.ob) > opt_.out_b) A.ob = std::nextafter(A.ob, -kInf);
+  }
+
+  float* C = c.C.data() + roff * ldc + coff;
+  fused_(A, c, C, ldc, r0, r1 - r0, c0, ncols, tsum, tsumsq);
+
+  if (opt_.has_outside) {
+    int64_t* dst = self_ ? c.out_rows.data() : c.out_cols.data();
+    const int32_t* cc = c.colcnt.data();
+    for (int64_t jj = 0; jj < ncols; ++jj) dst[c0 + jj] += cc[jj];
+  }
+}
+
+// The tile's rows' list slots are scattered over n * k entries, far from the caches since the
+// last tile of the same rows: fetch them while the tile product runs, not one miss per offer.
+void PairwiseEngine::prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0,
+                                        int64_t c1) const {
+  auto fetch = [](const void* p, size_t bytes) {
+    const char* b = static_cast<const char*>(p);
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(b + o, 1, 3);
+  };
+  // slots of rows [a, b) in lists of `width` entries a row
+  auto slots = [&](const std::vector<float>& val, const std::vector<int32_t>& col,
+                   const std::vector<int32_t>& cnt, int64_t width, int64_t a, int64_t b) {
+    if (width <= 0) return;
+    fetch(val.data() + a * width, sizeof(float) * (b - a) * width);
+    fetch(col.data() + a * width, sizeof(int32_t) * (b - a) * width);
+    fetch(cnt.data() + a, sizeof(int32_t) * (b - a));
+  };
+  auto rows = [&](int64_t a, int64_t b) {
+    if (b <= a) return;
+    for (const RowCands* r : {&c.ctop, &c.cbot})
+      if (r->k > 0) slots(r->val, r->col, r->cnt, r->cap, a, b);
+    for (const RowLists* r : {&c.rtop, &c.rbot}) slots(r->val, r->col, r->cnt, r->k, a, b);
+  };
+  rows(r0, r1);
+  if (self_ && c0 != r0) rows(c0, c1);  // the column direction
+}
+
+bool PairwiseEngine::tile_is_cold(const ThreadCtx& c) const {
+  // (row lists need no exact values during the run: RowCands)
+  for (const PairList* l : {&c.max1, &c.min1, &c.top, &c.bottom, &c.near})
+    if (l->k > 0 && !l->full()) return true;
+  return false;
+}
+
+void PairwiseEngine::run(int64_t begin, int64_t end) {
+  EMBGEOM_CHECK(0 <= begin && begin <= end && end <= num_tiles_,
+                "tiles: expected 0 <= begin <= end <= " << num_tiles_ << ", got [" << begin << ", " << end << ")");
+  EMBGEOM_CHECK(begin == st_.tiles_done || (fresh_ && st_.tiles_done == 0),
+                "tiles must run in order: expected begin=" << st_.tiles_done << ", got " << begin);
+  fresh_ = false;
+  if (begin == end) {
+    st_.tiles_done = end;
+    return;
+  }
+  int nth = opt_.threads;
+#ifdef EMBGEOM_OPENMP
+  if (nth <= 0) nth = omp_get_max_threads();
+#else
+  nth = 1;
+#endif
+  nth = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nth, end - begin)));
+  std::vector<double> tsum(end - begin), tsumsq(end - begin);
+  std::vector<std::unique_ptr<ThreadCtx>> ctx(nth);
+
+  // shared per-row thresholds, seeded from the lists so far (see RowLists::shared)
+  std::vector<float> shared_top(st_.row_top.k > 0 ? st_.row_top.thr : std::vector<float>());
+  std::vector<float> shared_bottom(st_.row_bottom.k > 0 ? st_.row_bottom.thr : std::vector<float>());
+  for (size_t r = 0; r < prime_top_.size(); ++r) shared_top[r] = std::max(shared_top[r], prime_top_[r]);
+  for (size_t r = 0; r < prime_bottom_.size(); ++r) shared_bottom[r] = std::min(shared_bottom[r], prime_bottom_[r]);
+  auto make_ctx = [&]() {
+    auto c = std::make_unique<ThreadCtx>();
+    c->max1 = st_.max1;
+    c->min1 = st_.min1;
+    c->top = st_.top;
+    c->bottom = st_.bottom;
+    c->near = st_.near;
+    c->outp = st_.outside_pairs;
+    c->hist.assign(st_.hist.size(), 0);
+    if (fast_) {
+      if (st_.row_top.k > 0) c->ctop.init(n_, st_.row_top.k, true, err_bound_, shared_top.data());
+      if (st_.row_bottom.k > 0) c->cbot.init(n_, st_.row_bottom.k, false, err_bound_, shared_bottom.data());
+    } else {
+      c->rtop = st_.row_top;
+      c->rbot = st_.row_bottom;
+      c->rtop.shared = shared_top.empty() ? nullptr : shared_top.data();
+      c->rbot.shared = shared_bottom.empty() ? nullptr : shared_bottom.data();
+    }
+    if (opt_.has_outside) {
+      c->out_rows.assign(n_, 0);
+      if (!self_) c->out_cols.assign(m_, 0);
+    }
+    return c;
+  };
+
+#pragma omp parallel num_threads(nth)
+  {
+    int tid = 0;
+#ifdef EMBGEOM_OPENMP
+    tid = omp_get_thread_num();
+#endif
+    ctx[tid] = make_ctx();
+    ThreadCtx& c = *ctx[tid];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = begin; t < end; ++t) process_tile(t, c, &tsum[t - begin], &tsumsq[t - begin]);
+  }
+
+  // deterministic merge (the result sets are unique under the total orders, sums are sequential)
+  for (int64_t t = 0; t < end - begin; ++t) {
+    st_.shifted_sum += tsum[t];
+    st_.shifted_sumsq += tsumsq[t];
+  }
+  st_.count += tile_pairs(begin, end);
+  for (auto& cp : ctx) {
+    if (!cp) continue;
+    ThreadCtx& c = *cp;
+    for (size_t b = 0; b < st_.hist.size(); ++b) st_.hist[b] += c.hist[b];
+    auto merge = [](PairList& dst, const PairList& src) {
+      for (const auto& e : src.e) dst.offer(e.key, e.v, e.i, e.j);
+    };
+    merge(st_.max1, c.max1);
+    merge(st_.min1, c.min1);
+    merge(st_.top, c.top);
+    merge(st_.bottom, c.bottom);
+    merge(st_.near, c.near);
+    merge(st_.outside_pairs, c.outp);
+    st_.outside_count += c.out_count;
+    for (size_t r = 0; r < c.out_rows.size(); ++r) st_.outside_rows[r] += c.out_rows[r];
+    for (size_t r = 0; r < c.out_cols.size(); ++r) st_.outside_cols[r] += c.out_cols[r];
+  }
+  if (fast_) {
+    settle_row_candidates(ctx, true, nth);
+    settle_row_candidates(ctx, false, nth);
+  }
+  for (RowLists* dst : {&st_.row_top, &st_.row_bottom}) {
+    if (dst->k <= 0 || fast_) continue;
+    const bool top = dst == &st_.row_top;
+    const int64_t k = dst->k;
+#pragma omp parallel for schedule(static) num_threads(nth)
+    for (int64_t r = 0; r < n_; ++r) {
+      for (auto& cp : ctx) {
+        if (!cp) continue;
+        const RowLists& src = top ? cp->rtop : cp->rbot;
+        for (int32_t q = 0; q < src.cnt[r]; ++q) dst->offer(r, src.val[r * k + q], src.col[r * k + q]);
+      }
+    }
+  }
+  st_.tiles_done = end;
+}
+
+// Fast mode, end of a run: per row, the threads' bf16 candidates (plus spilled ones) that are
+// still within the band of the row's k-th best are rescored exactly and offered to the state's
+// lists; rows are batched so the rescoring runs many FMA chains side by side.
+void PairwiseEngine::settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx>>& ctx, bool top, int nth) {
+  RowLists& dst = top ? st_.row_top : st_.row_bottom;
+  if (dst.k <= 0) return;
+  const int64_t k = dst.k;
+  const double M = err_bound_;
+  std::vector<const RowCands*> srcs;
+  for (auto& cp : ctx) {
+    if (!cp) continue;
+    RowCands& rc = top ? cp->ctop : cp->cbot;
+    std::stable_sort(rc.spill.begin(), rc.spill.end(),
+                     [](const RowCands::Spilled& a, const RowCands::Spilled& b) { return a.row < b.row; });
+    srcs.push_back(&rc);
+  }
+  constexpr int64_t kRows = 64;  // rows per rescoring batch
+  const int64_t blocks = (n_ + kRows - 1) / kRows;
+#pragma omp parallel num_threads(std::max(1, nth))
+  {
+    struct Pending {
+      int32_t row, col;
+    };
+    std::vector<Pending> pend;
+    std::vector<float> vals, dots;
+    std::vector<const float*> pa, pb;
+    std::vector<std::pair<float, int32_t>> row_cands;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t b = 0; b < blocks; ++b) {
+      pend.clear();
+      for (int64_t r = b * kRows; r < std::min(n_, (b + 1) * kRows); ++r) {
+        row_cands.clear();
+        for (const RowCands* src : srcs) {
+          const RowCands& rc = *src;
+          for (int32_t q = 0; q < rc.cnt[r]; ++q) row_cands.push_back({rc.val[r * rc.cap + q], rc.col[r * rc.cap + q]});
+          const auto& sp = rc.spill;
+          auto it = std::lower_bound(sp.begin(), sp.end(), r,
+                                     [](const RowCands::Spilled& a, int64_t row) { return a.row < row; });
+          for (; it != sp.end() && it->row == r; ++it) row_cands.push_back({it->v, it->col});
+        }
+        if (row_cands.empty()) continue;
+        // bound on the final k-th best exact value: the state's list, and any k candidates
+        double bound = dst.cnt[r] == k ? double(dst.thr[r]) : (top ? -double(kInf) : double(kInf));
+        if (static_cast<int64_t>(row_cands.size()) >= k) {
+          auto kth = row_cands.begin() + (k - 1);
+          if (top)
+            std::nth_element(row_cands.begin(), kth, row_cands.end(),
+                             [](const auto& a, const auto& c) { return a.first > c.first; });
+          else
+            std::nth_element(row_cands.begin(), kth, row_cands.end(),
+                             [](const auto& a, const auto& c) { return a.first < c.first; });
+          bound = top ? std::max(bound, double(kth->first) - M) : std::min(bound, double(kth->first) + M);
+        }
+        for (const auto& rc : row_cands)
+          if (top ? double(rc.first) + M >= bound : double(rc.first) - M <= bound)
+            pend.push_back({int32_t(r), rc.second});
+      }
+      const size_t np = pend.size();
+      pa.resize(np);
+      pb.resize(np);
+      dots.resize(np);
+      for (size_t q = 0; q < np; ++q) {
+        pa[q] = xrow(pend[q].row);
+        pb[q] = yrow(pend[q].col);
+      }
+      dot_exact_batch(pa.data(), pb.data(), static_cast<int64_t>(np), d_, dots.data());
+      for (size_t q = 0; q < np; ++q)
+        dst.offer(pend[q].row, transform(dots[q], pend[q].row, pend[q].col), pend[q].col);
+    }
+  }
+}
+
+}  // namespace embgeom

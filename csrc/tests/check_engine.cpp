@@ -1,0 +1,246 @@
+// Stand-alone check of the C++ core against results computed here independently in float64
+// (brute force over all pairs), on small odd-shaped inputs. Built and run by
+// `make check-aarch64` (cross-compiled, under qemu-aarch64) and `make check-native`; no Python.
+// Tolerances follow tests/test_cpp_engine.py: counts must lie between the values safely inside
+// and possibly inside, listed values match the reference at their pair, lists hold every pair
+// clearly better than the k-th reference value.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "attention.h"
+#include "cone_index.h"
+#include "cpu/isa.h"
+#include "numerics.h"
+#include "pairwise/engine.h"
+
+using namespace embgeom;
+
+static int failures = 0;
+#define CHECK(cond, ...)                                   \
+  do {                                                     \
+    if (!(cond)) {                                         \
+      ++failures;                                          \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);     \
+      std::printf(__VA_ARGS__);                            \
+      std::printf("\n");                                   \
+    }                                                      \
+  } while (0)
+
+static std::vector<float> randn(int64_t n, unsigned seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> N(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = N(g);
+  return v;
+}
+
+// cosine self mode with every output, block sizes that leave ragged tiles
+static void check_pairwise(int64_t n, int64_t d, int64_t block, unsigned seed) {
+  std::vector<float> x = randn(n * d, seed);
+  for (int64_t k = 0; k < d; ++k) x[5 * d + k] = 0.0f;            // a zero row: excluded
+  for (int64_t k = 0; k < d; ++k) x[(n - 1) * d + k] = x[k];      // a duplicate of row 0
+  PairwiseOptions o;
+  o.block = block;
+  o.bins = 16;
+  o.topk = 5;
+  o.bottomk = 4;
+  o.row_topk = 3;
+  o.row_bottomk = 2;
+  o.has_outside = true;
+  o.out_a = -0.2;
+  o.out_b = 0.25;
+  o.outside_limit = 7;
+  PairwiseEngine e(x.data(), n, nullptr, 0, d, o);
+  e.run(0, e.num_tiles());
+  const PairwiseState& s = e.state();
+  const auto& map = e.x_map();
+  const int64_t c = e.n();
+  CHECK(c == n - 1, "compact rows %lld", (long long)c);
+  // reference in float64 on compact rows
+  std::vector<double> u(c * d);
+  for (int64_t r = 0; r < c; ++r) {
+    double q = 0;
+    for (int64_t k = 0; k < d; ++k) q += double(x[map[r] * d + k]) * x[map[r] * d + k];
+    for (int64_t k = 0; k < d; ++k) u[r * d + k] = x[map[r] * d + k] / std::sqrt(q);
+  }
+  auto ref = [&](int64_t i, int64_t j) {
+    double a = 0;
+    for (int64_t k = 0; k < d; ++k) a += u[i * d + k] * u[j * d + k];
+    return std::min(1.0, std::max(-1.0, a));
+  };
+  const double tol = 4e-7 * (d + 8) + 1e-6;
+  std::vector<double> vals;
+  double sum = 0;
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t j = i + 1; j < c; ++j) {
+      vals.push_back(ref(i, j));
+      sum += vals.back();
+    }
+  const int64_t cnt = int64_t(vals.size());
+  CHECK(s.count == cnt, "count %lld != %lld", (long long)s.count, (long long)cnt);
+  const numerics::Moments m = numerics::moments_from_shifted(s.count, o.moment_shift, s.shifted_sum, s.shifted_sumsq);
+  CHECK(std::fabs(m.mean - sum / cnt) <= tol, "mean %.9f vs %.9f", m.mean, sum / cnt);
+  double m2 = 0;
+  for (double v : vals) m2 += (v - sum / cnt) * (v - sum / cnt);
+  CHECK(std::fabs(m.m2 - m2) <= 4 * tol * cnt, "m2 %.9f vs %.9f", m.m2, m2);
+  // histogram between sure and possible counts
+  const double sc = numerics::bin_scale(o.lo, o.hi, o.bins);
+  std::vector<int64_t> lower(o.bins + 2, 0), upper(o.bins + 2, 0);
+  for (double v : vals) {
+    const int64_t a = numerics::bin_index(v - tol, o.lo, o.hi, o.bins, sc);
+    const int64_t b = numerics::bin_index(v + tol, o.lo, o.hi, o.bins, sc);
+    if (a == b) lower[a]++;
+    for (int64_t q = a; q <= b; ++q) upper[q]++;
+  }
+  int64_t hsum = 0;
+  for (int64_t b = 0; b < o.bins + 2; ++b) {
+    hsum += s.hist[b];
+    CHECK(lower[b] <= s.hist[b] && s.hist[b] <= upper[b], "hist[%lld] = %lld not in [%lld, %lld]", (long long)b,
+          (long long)s.hist[b], (long long)lower[b], (long long)upper[b]);
+  }
+  CHECK(hsum == cnt, "hist total");
+  // global top / bottom lists
+  std::vector<double> sorted = vals;
+  std::sort(sorted.begin(), sorted.end());
+  auto check_list = [&](const PairList& l, bool top) {
+    CHECK(int64_t(l.e.size()) == std::min<int64_t>(l.k, cnt), "list size");
+    if (l.e.empty()) return;
+    for (size_t q = 0; q < l.e.size(); ++q) {
+      CHECK(l.e[q].i < l.e[q].j, "pair order");
+      CHECK(std::fabs(l.e[q].v - ref(l.e[q].i, l.e[q].j)) <= tol, "list value");
+      if (q) CHECK(top ? l.e[q].v <= l.e[q - 1].v : l.e[q].v >= l.e[q - 1].v, "list order");
+    }
+    const double kth = top ? sorted[cnt - l.e.size()] : sorted[l.e.size() - 1];
+    std::set<std::pair<int64_t, int64_t>> got;
+    for (const auto& p : l.e) got.insert({p.i, p.j});
+    for (int64_t i = 0; i < c; ++i)
+      for (int64_t j = i + 1; j < c; ++j) {
+        const double v = ref(i, j);
+        if (top ? v > kth + 2 * tol : v < kth - 2 * tol) CHECK(got.count({i, j}), "missing pair (%lld, %lld)", (long long)i, (long long)j);
+      }
+  };
+  check_list(s.top, true);
+  check_list(s.bottom, false);
+  CHECK(!s.max1.e.empty() && std::fabs(s.max1.e[0].v - sorted.back()) <= 2 * tol, "max");
+  // per-row lists
+  auto check_rows = [&](const RowLists& r, bool top) {
+    for (int64_t i = 0; i < c; ++i) {
+      std::vector<double> row;
+      for (int64_t j = 0; j < c; ++j)
+        if (j != i) row.push_back(ref(i, j));
+      std::sort(row.begin(), row.end());
+      const int64_t nv = std::min<int64_t>(r.k, int64_t(row.size()));
+      CHECK(r.cnt[i] == nv, "row %lld count", (long long)i);
+      std::set<int64_t> cols;
+      for (int64_t q = 0; q < r.cnt[i]; ++q) {
+        const int64_t j = r.col[i * r.k + q];
+        cols.insert(j);
+        CHECK(j != i && std::fabs(r.val[i * r.k + q] - ref(i, j)) <= tol, "row %lld value", (long long)i);
+      }
+      const double kth = top ? row[row.size() - nv] : row[nv - 1];
+      for (int64_t j = 0; j < c; ++j) {
+        if (j == i) continue;
+        const double v = ref(i, j);
+        if (top ? v > kth + 2 * tol : v < kth - 2 * tol) CHECK(cols.count(j), "row %lld misses %lld", (long long)i, (long long)j);
+      }
+    }
+  };
+  check_rows(s.row_top, true);
+  check_rows(s.row_bottom, false);
+  // outside [a, b]
+  int64_t sure = 0, maybe = 0;
+  for (double v : vals) {
+    sure += (v < o.out_a - tol || v > o.out_b + tol);
+    maybe += (v < o.out_a + tol || v > o.out_b - tol);
+  }
+  CHECK(sure <= s.outside_count && s.outside_count <= maybe, "outside count %lld not in [%lld, %lld]",
+        (long long)s.outside_count, (long long)sure, (long long)maybe);
+  int64_t rows_total = 0;
+  for (int64_t r : s.outside_rows) rows_total += r;
+  CHECK(rows_total == 2 * s.outside_count, "outside rows");
+  CHECK(int64_t(s.outside_pairs.e.size()) == std::min<int64_t>(o.outside_limit, s.outside_count), "outside pairs");
+  // state export (original indices) and import round trip: a second engine resumes to the same
+  // exported state; the excluded zero row never appears
+  const ExportedState ex = e.export_state();
+  CHECK(ex.excluded_rows.size() == 1 && ex.excluded_rows[0] == 5, "excluded rows");
+  for (const auto& p : ex.top) CHECK(p.i != 5 && p.j != 5 && p.i < n && p.j < n, "exported indices");
+  PairwiseEngine e2(x.data(), n, nullptr, 0, d, o);
+  e2.import_state(ex);
+  const ExportedState ex2 = e2.export_state();
+  CHECK(ex2.count == ex.count && ex2.hist == ex.hist && ex2.row_top_idx == ex.row_top_idx &&
+            ex2.outside_rows == ex.outside_rows && ex2.top.size() == ex.top.size(),
+        "state round trip");
+  for (size_t q = 0; q < ex.top.size(); ++q)
+    CHECK(ex2.top[q].i == ex.top[q].i && ex2.top[q].j == ex.top[q].j && ex2.top[q].v == ex.top[q].v, "top round trip");
+}
+
+static void check_cone(int64_t B, int64_t T, int64_t D) {
+  std::vector<float> x = randn(B * T * D, 7);
+  std::vector<uint8_t> mask(B * T, 1);
+  if (B > 1) mask[T + T / 2] = 0;
+  std::vector<double> sums(B * D);
+  std::vector<int64_t> used(B), zero(B);
+  cone_unit_sums(x.data(), B, T, D, mask.data(), sums.data(), used.data(), zero.data());
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<double> ref(D, 0.0);
+    int64_t nu = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      if (!mask[b * T + t]) continue;
+      double q = 0;
+      for (int64_t k = 0; k < D; ++k) q += double(x[(b * T + t) * D + k]) * x[(b * T + t) * D + k];
+      for (int64_t k = 0; k < D; ++k) ref[k] += x[(b * T + t) * D + k] / std::sqrt(q);
+      ++nu;
+    }
+    CHECK(used[b] == nu && zero[b] == 0, "cone counts");
+    for (int64_t k = 0; k < D; ++k) CHECK(std::fabs(sums[b * D + k] - ref[k]) <= 1e-9 * T, "cone sum");
+  }
+}
+
+static void check_entropy(int64_t B, int64_t H, int64_t T) {
+  std::vector<float> p = randn(B * H * T * T, 11);
+  for (int64_t r = 0; r < B * H * T; ++r) {  // softmax rows
+    float mx = -1e30f;
+    for (int64_t k = 0; k < T; ++k) mx = std::max(mx, 3 * p[r * T + k]);
+    double z = 0;
+    for (int64_t k = 0; k < T; ++k) z += std::exp(3 * p[r * T + k] - mx);
+    for (int64_t k = 0; k < T; ++k) p[r * T + k] = float(std::exp(3 * p[r * T + k] - mx) / z);
+  }
+  std::vector<float> out(B * H * T);
+  attention_row_entropy(p.data(), B, H, T, nullptr, 0.0, out.data());
+  for (int64_t r = 0; r < B * H * T; ++r) {
+    double ent = 0;
+    for (int64_t k = 0; k < T; ++k) {
+      const double v = p[r * T + k];
+      if (v >= 1.1754943508222875e-38) ent -= v * std::log(v);
+    }
+    CHECK(std::fabs(out[r] - ent) <= 1e-5 * (1 + ent), "entropy row %lld: %.7f vs %.7f", (long long)r, out[r], ent);
+  }
+}
+
+int main() {
+  std::printf("vector level %s (%s), product %s, fused pass %s, entropy %s, cone %s\n",
+              isa_name(isa_level()), cpu_features().c_str(), select_kernel(false).name,
+              [] {
+                const float one = 1.0f;
+                return PairwiseEngine(&one, 1, nullptr, 0, 1, PairwiseOptions()).fused_name();
+              }(),
+              attention_entropy_path(), cone_index_path());
+  check_pairwise(41, 13, 16, 1);
+  check_pairwise(70, 37, 7, 2);
+  check_pairwise(129, 5, 64, 3);
+  check_cone(3, 29, 19);
+  check_cone(1, 600, 33);
+  check_entropy(2, 3, 37);
+  check_entropy(1, 2, 5);
+  if (failures) {
+    std::printf("%d checks failed\n", failures);
+    return 1;
+  }
+  std::printf("all checks passed\n");
+  return 0;
+}
