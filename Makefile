@@ -80,7 +80,7 @@ clean:
 # check-aarch64 cross-compiles it for aarch64 and runs it under qemu: needs Debian's
 # g++-aarch64-linux-gnu and qemu-user (not needed by `make test`).
 CORE_SRC := $(filter-out csrc/bindings.cpp,$(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/pairwise/*.cpp))
-CHECK_FLAGS := -std=c++17 -O2 -fopenmp -DEMBGEOM_OPENMP=1 -Icsrc -Wall
+CHECK_FLAGS := -std=c++17 -O2 -fno-math-errno -fno-trapping-math -fopenmp -DEMBGEOM_OPENMP=1 -Icsrc -Wall
 
 .PHONY: check-native check-aarch64
 check-native:

@@ -5,7 +5,7 @@
     python benchmarks/benchtriton_backend.py --n 30522 --d 384 --dtype bf16 tf32 --providers triton torch-chunked
 
 Workloads (metric column):
-  pairwise_stats     full SPEC M1 output (2000 bins, top/bottom-10, row top-10, outside
+  pairwise_stats     full all-pairs output (2000 bins, top/bottom-10, row top-10, outside
                      [-0.2, 0.2]) over the N(N-1)/2 unique pairs of N x d unit rows;
                      baseline "torch-chunked": mm + histc + topk per row chunk, same precision.
   row_topk10         per-row top-10 neighbours only; baselines "torch-mm-topk" (chunked mm +
@@ -137,7 +137,7 @@ def recheck(prov, got, x) -> bool:
 
 
 def torch_chunked(x, dtype, opts, chunk_elems=1 << 29):
-    """SPEC M1 the plain way: per row chunk, the upper-triangle block of x x^T in the same
+    """The all-pairs statistics the plain way: per row chunk, the upper-triangle block of x x^T in the same
     precision, then histc / sums / topk, and running per-row top-k over both sides."""
     import torch
 

@@ -23,7 +23,8 @@ clock x 32; this VM reports its 2.6 GHz TSC while the cores boost higher and Zen
 512-bit FMAs a cycle, so it passes 100%); the printed "measured fp32 GEMM peak" is the best
 rate of a 4096^3 OpenBLAS sgemm in the same run, with OpenBLAS's own kernel choice and with
 the environment's OPENBLAS_CORETYPE (the big N x N product can only use the latter). Both count
-the 2*d FLOPs of each unique pair for embgeom.
+the 2*d FLOPs of each unique pair for embgeom. Each path is also held against the sgemm of its
+own kernel family (the roofline of the instruction set it may use).
 """
 from __future__ import annotations
 
@@ -109,24 +110,22 @@ def gemm_peak_worker() -> dict:
             "coretype": os.environ.get("OPENBLAS_CORETYPE", "autodetected")}
 
 
-def measured_gemm_peak() -> float | None:
-    """GFLOP/s: the better of OpenBLAS's own kernel choice and the environment's."""
-    best = None
-    for unset in (True, False):
-        env = dict(os.environ)
-        if unset:
-            env.pop("OPENBLAS_CORETYPE", None)
-        elif "OPENBLAS_CORETYPE" not in env:
-            continue
-        proc = subprocess.run([sys.executable, __file__, "--worker", "gemm-peak"], capture_output=True,
-                              text=True, env=env)
-        if proc.returncode != 0:
-            continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  fp32 GEMM peak probe: {r['gflops']:.0f} GFLOP/s (OpenBLAS sgemm {GEMM_PEAK_N}^3, "
-              f"kernel {r['coretype']})")
-        best = max(best or 0.0, r["gflops"])
-    return best
+def measured_gemm_peak(coretype: str | None) -> float | None:
+    """GFLOP/s of a 4096^3 OpenBLAS sgemm on both cores with that kernel family (None: OpenBLAS's
+    own choice for this CPU), in its own process."""
+    env = dict(os.environ)
+    if coretype is None:
+        env.pop("OPENBLAS_CORETYPE", None)
+    else:
+        env["OPENBLAS_CORETYPE"] = coretype
+    proc = subprocess.run([sys.executable, __file__, "--worker", "gemm-peak"], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        return None
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  fp32 GEMM peak probe: {r['gflops']:.0f} GFLOP/s (OpenBLAS sgemm {GEMM_PEAK_N}^3, "
+          f"kernel {r['coretype']})")
+    return r["gflops"]
 
 
 def worker(provider: str, data: str, repeats: int) -> dict:
@@ -236,11 +235,14 @@ def main() -> int:
         print(json.dumps(gemm_peak_worker() if args.worker == "gemm-peak" else worker(args.worker, args.data, args.repeats)))
         return 0
     rows = []
-    peak = measured_gemm_peak()
     levels = supported_levels() if args.cpu_paths == "all" else args.cpu_paths.split(",")
     for lv in levels:
         if lv not in CPU_LEVELS:
             parser.error(f"--cpu-paths: expected levels from {', '.join(CPU_LEVELS)}, got {lv!r}")
+    # the host's best sgemm, and per path the sgemm of the kernel family that path may use
+    host_peak = measured_gemm_peak(None)
+    path_peak = {lv: measured_gemm_peak(os.environ.get("OPENBLAS_CORETYPE") if args.keep_coretype
+                                        else CORETYPE[lv]) for lv in levels}
     print(f"CPU paths: {', '.join(levels)}")
     for data in args.data.split(","):
         print(f"\n== {data}: {DATASETS[data]}")
@@ -282,9 +284,13 @@ def main() -> int:
                   f"{row['tflops'] * 1e3:7.1f} GFLOP/s  {row['roofline_pct']:5.1f}% roofline  "
                   f"peak {row['peak_mb']:7.0f} MB  ({PROVIDERS[provider][0]})")
         ours = [f"{p}@{lv}" for lv in levels for p in OURS if f"{p}@{lv}" in results]
-        for p in ours if peak else []:
-            print(f"  {p}: {100 * results[p]['tflops'] * 1e3 / peak:.0f}% of the measured fp32 GEMM peak "
-                  f"({peak:.0f} GFLOP/s, unique pairs counted)")
+        for p in ours:
+            gflops = results[p]["tflops"] * 1e3
+            lv = p.split("@")[1]
+            parts = [f"{100 * gflops / path_peak[lv]:.0f}% of the {lv} path's sgemm ({path_peak[lv]:.0f} GFLOP/s)"
+                     if path_peak.get(lv) else None,
+                     f"{100 * gflops / host_peak:.0f}% of the host's best ({host_peak:.0f})" if host_peak else None]
+            print(f"  {p}: " + ", ".join(x for x in parts if x) + " (unique pairs counted)")
         for p in ours:
             for base in ("numpy-matmul", "embgeom-torch", "sklearn-cosine", "faiss-flat-10nn", "keops-argkmin"):
                 if base in results:

@@ -66,11 +66,18 @@ __attribute__((always_inline)) inline double row_entropy_body(const float* row, 
   double acc[W] = {};
   int64_t k = 0;
   for (; k + W <= T; k += W) {
-    float term[W];
+    // branch-free so the compiler vectorises it: masked keys and terms below FLT_MIN get a
+    // weight 0 (their ln is taken of 1)
+    float weight[W], term[W];
+    if (mask) {
+      for (int l = 0; l < W; ++l) weight[l] = mask[k + l] ? 1.0f : 0.0f;
+    } else {
+      for (int l = 0; l < W; ++l) weight[l] = 1.0f;
+    }
     for (int l = 0; l < W; ++l) {
       const float v = keep * row[k + l] + uniform;
-      const bool use = v >= tiny && (!mask || mask[k + l]);
-      term[l] = use ? v * log_poly(use ? v : 1.0f) : 0.0f;
+      const bool use = v >= tiny;
+      term[l] = (use ? weight[l] : 0.0f) * v * log_poly(use ? v : 1.0f);
     }
     for (int l = 0; l < W; ++l) acc[l] += double(term[l]);
   }

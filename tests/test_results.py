@@ -60,3 +60,13 @@ def test_html_summaries(stats):
     assert ent.to_pandas()["mean_entropy"].tolist() == pytest.approx(ent.mean.tolist())
     nn = embgeom.knn(make_embeddings(30, 6).numpy(), 3)
     assert len(nn.to_pandas()) == 30 * 3 and "KnnResult" in nn._repr_html_()
+
+
+def test_trace_result_table(tiny_bert):
+    model, tok = tiny_bert
+    r = embgeom.trace(model, tok, ["the cat sat on the mat .", "a dog ran in the city ."], batch_size=2)
+    df = r.to_pandas()
+    assert list(df.columns) == list(r.PER_LAYER_COLUMNS) and len(df) == r.layers
+    assert df["cone_output"].tolist() == pytest.approx(r.cone_layer_output.tolist())
+    assert df["entropy_mean"].tolist() == pytest.approx(r.entropy.mean(1).tolist())
+    assert r._repr_html_().count("<tr>") == 1 + r.layers

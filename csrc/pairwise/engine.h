@@ -1,4 +1,4 @@
-// All-pairs statistics engine (docs/metrics.md, all-pairs metrics): a deterministic schedule of tiles, each a packed GEMM
+// All-pairs statistics engine (docs/metrics.md, all-pairs statistics): a deterministic schedule of tiles, each a packed GEMM
 // into a thread-local buffer followed by one fused pass over the requested reductions.
 // Inputs are fp32 rows; self mode (no y) visits pairs i < j, cross mode all (i, j).
 // Indices inside the engine are "compact" (zero-norm rows dropped for cosine); the state

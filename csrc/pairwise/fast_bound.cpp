@@ -1,4 +1,4 @@
-// Fast mode's error bound (docs/metrics.md, fast mode): the rounding norms of the rows'
+// Fast mode's error bound (docs/metrics.md, precision modes): the rounding norms of the rows'
 // bf16 copies that numerics::fast_error_bound takes.
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-"""Cone index (SPEC M2): per set b, the sum of unit vectors over its valid, non-zero rows.
+"""Cone index (docs/metrics.md, cone index): per set b, the sum of unit vectors over its valid, non-zero rows.
 
 Grid (B, S): program (b, s) walks row blocks s, s + S, ... of sequence b, so a (1, 1e6, D)
 stream still fills the GPU. Each row block is read twice (norms, then unit rows; the second

@@ -1,4 +1,4 @@
-"""Attention-row entropy (SPEC M3): H = -sum_j p_ij ln p_ij over valid keys, nats.
+"""Attention-row entropy (docs/metrics.md, attention rows): H = -sum_j p_ij ln p_ij over valid keys, nats.
 
 One program per (b, h, block of query rows), streaming over keys in BLOCK_K chunks: every
 probability is read once (bandwidth-bound by design). Padded keys count as p = 0; with

@@ -23,7 +23,7 @@ def pairwise_stats(x, y=None, *, metric: str = "cosine", bins: int = 2000,
                    precision: str = "exact", backend: str | None = None,
                    checkpoint: str | None = None, progress: bool = False,
                    block: int = DEFAULT_BLOCK) -> PairwiseStats:
-    """Statistics over all pairs, tile by tile (SPEC M1); the N x N matrix is never built.
+    """Statistics over all pairs, tile by tile (docs/metrics.md, all-pairs statistics); the N x N matrix is never built.
 
     x: (N, D) float; y: (M, D) float or None. Self mode (y None) covers the pairs i < j; cross
     mode every (i, j). Every output is optional (bins=0, topk=0, ... switch it off). The
@@ -45,7 +45,7 @@ def pairwise_stats(x, y=None, *, metric: str = "cosine", bins: int = 2000,
 
 
 def cone_index(x, mask=None, *, backend: str | None = None) -> ConeIndex:
-    """Cone index I = || sum_i x_i/||x_i|| || per set (SPEC M2), zero rows excluded.
+    """Cone index I = || sum_i x_i/||x_i|| || per set (docs/metrics.md, cone index), zero rows excluded.
 
     x: (B, T, D) with mask (B, T) bool -> results of shape (B,); (N, D) -> shape (1,);
     a tuple/list of L+1 hidden states (B, T, D) -> shape (L+1, B).
@@ -108,11 +108,11 @@ def cone_index_stream(chunks: Iterable[Any], *, backend: str | None = None) -> C
 
 def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
                       backend: str | None = None) -> AttentionEntropy:
-    """Row entropy H = -sum_j p_ij ln p_ij (nats) of attention probabilities (SPEC M3).
+    """Row entropy H = -sum_j p_ij ln p_ij (nats) of attention probabilities (docs/metrics.md, attention rows).
 
     attn: (B, H, T, T) rows = queries, padded keys zero; mask: (B, T) bool. Padded query rows are
     NaN in `row_entropy` and left out of `mean` (H,). `smoothing` e mixes in the uniform
-    distribution: p' = (1 - e) p + e / n_valid (seed 004).
+    distribution: p' = (1 - e) p + e / n_valid (Clark et al., arXiv 1906.04341).
     """
     attn, mask = validation.attention(attn, mask)
     smoothing = validation.finite_float(smoothing, "smoothing")

@@ -1,4 +1,4 @@
-"""Nearest neighbours by cosine similarity on FAISS (SPEC M5).
+"""Nearest neighbours by cosine similarity on FAISS (docs/metrics.md, nearest neighbours).
 
 Exact search is inner product on L2-normalised rows (IndexFlatIP); IVF-Flat and HNSW are the
 approximate indexes, and for them recall@k against exact search is measured on the same

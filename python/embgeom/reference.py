@@ -1,4 +1,4 @@
-"""The float64 specification of every metric, in plain PyTorch (SPEC M1-M4).
+"""The float64 specification of every metric, in plain PyTorch (docs/metrics.md, sections 1-4).
 
 Readable over fast: it builds N x N matrices and loops in Python where that is clearer.
 Only tests and small cross-checks use it; it is never picked by dispatch.
@@ -76,7 +76,7 @@ def _row_lists(values, mask, self_mode, k, largest):
 def pairwise_stats(x, y=None, *, metric="cosine", bins=2000, range=(-1.0, 1.0), topk=10,
                    bottomk=10, near=None, near_k=10, row_topk=0, row_bottomk=0, outside=None,
                    outside_limit=1000) -> dict:
-    """SPEC M1 by brute force: a dict with the keys of the CLI JSON (values as tensors/lists)."""
+    """The all-pairs statistics (docs/metrics.md, section 1) by brute force: a dict with the keys of the CLI JSON (values as tensors/lists)."""
     self_mode = y is None
     values, mask, excluded_rows, excluded_cols = pairwise_values(x, y, metric)
     sel = values[mask]
@@ -243,7 +243,7 @@ def context_similarity(head_out, mask, separators, cosine=False) -> dict:
     """head_out: (B, T, d_h) one head's outputs O; mask (B, T); separators (B, T) bool.
 
     For each valid token i, its most similar other valid token j under S = O O^T (or cosine),
-    ties to the smaller j. Returns per-token arrays and the summaries of SPEC M4:
+    ties to the smaller j. Returns per-token arrays and the summaries of docs/metrics.md, context similarity:
     distance |i - j| list, mean distance, the focus token count per sequence (the column with
     the most top-similarity hits, ties to the smaller position) and the share of hits that land
     on separator tokens."""

@@ -151,7 +151,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 def skew_fraction(model) -> torch.Tensor:
     """Per head sigma = ||(M - M^T)/2||_F / ||M||_F with M = W_Q,h^T W_K,h (D x D), the bilinear
     form x M y^T of the head's scores (true per-head slices of nn.Linear weights, rows h*d_h ..).
-    Returns (L, H) float64 (ours: PAPERS 1.3 reading (a))."""
+    Returns (L, H) float64 (ours: reading (a) of docs/metrics.md, directionality)."""
     qs, ks = _projections(model)
     H = model.config.num_attention_heads
     out = []
@@ -200,7 +200,7 @@ def capture_qk(model) -> Iterator[dict]:
 
 # ----------------------------------------------------------------------------- reduction
 def gate_label(f: dict, mean_length: float) -> str:
-    """The first rule that fires (ours: PAPERS 1.4 proposal; cluster head and instance gate are
+    """The first rule that fires (ours: the rule of docs/metrics.md, gate patterns; cluster head and instance gate are
     not evaluated). f: the pattern features of one head."""
     if f["diagonal"] + f["cls_sep"] >= 0.6:
         return "closed gate"

@@ -1,4 +1,4 @@
-"""`embgeom text CORPUS --out DIR`: per-layer / per-head analysis of a corpus (SPEC R2).
+"""`embgeom text CORPUS --out DIR`: per-layer / per-head analysis of a corpus (docs/metrics.md, text report).
 
 Writes DIR/report.json (keys of TraceResult.to_dict, plus "cls_pairs" with --pairs), PNG plots
 and one self-contained DIR/report.html; progress over the corpus on stderr.
@@ -189,7 +189,7 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
                                [[l + 1] + list(r.focus_token[l]) for l in range(L)])
     sections = [
         ("Summary", summary + per_layer, []),
-        ("Cone index (SPEC M2)", "<p>Per text I/n over its real tokens, mean over texts.</p>", [pngs["cone"]]),
+        ("Cone index (docs/metrics.md, cone index)", "<p>Per text I/n over its real tokens, mean over texts.</p>", [pngs["cone"]]),
         ("Attention entropy (M3)", "<p>Row entropy averaged over every real query row.</p>", [pngs["entropy"]]),
         ("Attention targets (M3)", "<p>Mean attention mass per real query row.</p>", [pngs["attention_to"]]),
         ("Head distances (M3)", "<p>JS distance between heads' mean attention over [CLS], [SEP] and "

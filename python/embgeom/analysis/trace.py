@@ -1,4 +1,4 @@
-"""Binding layer (SPEC M6): BERT-family forward passes in batches, tensors straight to the kernels.
+"""Binding layer (docs/metrics.md, binding layer): BERT-family forward passes in batches, tensors straight to the kernels.
 
 `iter_batches` yields one `Batch` per forward pass (hidden states, attention probabilities,
 per-head outputs from forward hooks, masks), all on the model's device; `trace` reduces the
@@ -7,6 +7,7 @@ grow with the corpus.
 """
 from __future__ import annotations
 
+import html
 import math
 import os
 import sys
@@ -125,7 +126,7 @@ class Batch:
 
     input_ids, mask, cls, sep, punct: (B, T) (mask True = real token); hidden_states: L+1 of
     (B, T, D) (index 0 = embeddings output); attentions: L of (B, H, T, T); head_outputs: L of
-    (B, T, H, d_h), each head's output before the output projection (SPEC M4 O_lh);
+    (B, T, H, d_h), each head's output before the output projection (O_lh of docs/metrics.md, context similarity);
     multihead_outputs: L of (B, T, D), after the output projection, before dropout/residual/
     LayerNorm. truncated: how many texts of this batch were cut to max_length."""
 
@@ -228,7 +229,7 @@ class TraceResult:
     text, mean over texts. attention_to: {cls, sep, punct, prev, next: (L, H)} mass per real row.
     target_distribution (L*H, R): each head's mean attention over [CLS], [SEP], relative offsets
     (see attention.target_distribution); js_distance (L*H, L*H) between those rows (head index
-    l*H + h). context_*: SPEC M4 (attention.context_similarity) with focus_token[l][h] the token
+    l*H + h). context_*: context similarity (attention.context_similarity) with focus_token[l][h] the token
     most often the focus of a text; evolution: step_distance (L,), step_cosine (L,), norm (L+1,)
     means over every real token."""
 
@@ -259,6 +260,31 @@ class TraceResult:
     seconds: float = 0.0
     context_same_sentence: torch.Tensor | None = None
     context_period_separator: torch.Tensor | None = None
+
+    def per_layer(self) -> list[list]:
+        """One row per layer: cone index I/n of the layer input, the multi-head output and the
+        layer output, mean row entropy over heads, step distance and step cosine."""
+        return [[l, float(self.cone_layer_input[l]), float(self.cone_multihead_output[l]),
+                 float(self.cone_layer_output[l]), float(self.entropy[l].mean()),
+                 float(self.step_distance[l]), float(self.step_cosine[l])] for l in range(self.layers)]
+
+    PER_LAYER_COLUMNS = ("layer", "cone_input", "cone_multihead", "cone_output", "entropy_mean",
+                         "step_distance", "step_cosine")
+
+    def to_pandas(self):
+        """The per-layer table (PER_LAYER_COLUMNS) as a DataFrame (pandas optional)."""
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError("to_pandas() needs pandas: pip install pandas") from None
+        return pandas.DataFrame(self.per_layer(), columns=list(self.PER_LAYER_COLUMNS))
+
+    def _repr_html_(self) -> str:
+        from ..results import html_table
+
+        head = (f"<b>TraceResult</b> {html.escape(self.model)}: {self.n_texts} texts, {self.n_tokens} tokens, "
+                f"{self.layers} layers x {self.heads} heads, {self.seconds:.1f} s")
+        return head + html_table(self.per_layer(), list(self.PER_LAYER_COLUMNS))
 
     def to_dict(self) -> dict:
         """The report.json keys of `embgeom text` (NaN -> None)."""
@@ -478,7 +504,7 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
           device=None, metrics: Iterable[str] = METRICS, progress: bool = False,
           observers: Iterable = ()) -> TraceResult:
     """Run `texts` through an encoder `model` (any family of adapters.ADAPTERS) in batches and
-    reduce SPEC M2-M4 metrics and the layer evolution over the corpus (see TraceResult for every
+    reduce the cone, attention and context metrics and the layer evolution over the corpus (see TraceResult for every
     field and its definition).
 
     texts: list / iterable of str, or a path to a UTF-8 file with one text per line (blank lines
@@ -536,7 +562,7 @@ def read_pairs(path: str) -> list[dict]:
 
 def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32,
                     max_length: int | None = None, device=None, keep: bool = False) -> dict:
-    """[CLS] difference vectors (seed 002, 4.4.2): per pair cls(a) - cls(b) of the last hidden
+    """[CLS] difference vectors (Luisto 2024, section 4.4.2): per pair cls(a) - cls(b) of the last hidden
     state, the mean per group and the cosine matrix between group means.
 
     Returns {"groups": [g], "counts": [n_g], "mean_norm": [||mean_g||], "cosine": (G, G)}

@@ -1,4 +1,4 @@
-"""`embgeom vocab`: the geometry of a BERT-family model's input embeddings (SPEC R1, seed 002 4.2).
+"""`embgeom vocab`: the geometry of a BERT-family model's input embeddings (docs/metrics.md, vocabulary report; Luisto 2024, section 4.2).
 
 Word, position and token-type embeddings: all-pairs statistics of the vocabulary (pairwise_stats,
 never N x N), the mean embedding's extreme tokens, positional structure, token x position cross
@@ -85,7 +85,7 @@ def _remap_stats(d: dict, rows: torch.Tensor, cols: torch.Tensor) -> dict:
 
 
 def section_pairs(words: torch.Tensor, ids: torch.Tensor, tokens: list[str], *, backend, precision):
-    """SPEC M1 over the analysed word embeddings (rows of `words` are vocabulary ids `ids`). The
+    """All-pairs statistics over the analysed word embeddings (rows of `words` are vocabulary ids `ids`). The
     engine's per-row top-10 comes from the same pass, for the neighbour agreement check."""
     res = pairwise_stats(words, metric="cosine", bins=2000, topk=TABLE_K,
                          bottomk=TABLE_K, near=0.0, near_k=TABLE_K, row_topk=TABLE_K,
