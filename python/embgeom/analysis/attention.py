@@ -93,15 +93,20 @@ def target_distribution(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tenso
     if mass is None:                                                                   # (B,H,T,2)
         mass = special_mass(attn, torch.stack([cls, sep], -1))
     special = (mass[..., :2] * q[:, None, :, None]).double().sum(dim=(0, 2))          # (H, 2)
-    # Relative-offset sums without a Python loop: rows go into a buffer of width W = 2T-1 after
-    # T-1 zeros; a stride of W+1 then walks one diagonal per offset (a diagonal running off the
-    # right end lands in the next row's zeros; T-1 zeros at the very end cover the last row).
+    # The offsets are laid out alike in every sequence: sum the weighted maps over the batch
+    # first (one pass over attn), then walk the diagonals of one (H, T, T) block. Relative-offset
+    # sums without a Python loop: rows go into a buffer of width W = 2T-1 after T-1 zeros; a
+    # stride of W+1 then walks one diagonal per offset (a diagonal running off the right end
+    # lands in the next row's zeros; T-1 zeros at the very end cover the last row).
+    summed = _buffer(workspace, "offset_maps", (H, T, T), attn.dtype, attn.device)
+    summed.zero_()
+    for b in range(B):
+        summed.addcmul_(attn[b], weight[b])
     W = 2 * T - 1
-    flat = _buffer(workspace, "offsets", (B * H * T * W + T - 1,), attn.dtype, attn.device, zero=True)
-    buf = flat[:B * H * T * W].view(B, H, T, W)
-    torch.mul(attn, weight, out=buf[..., T - 1:])
-    diag = flat.as_strided((B, H, 2 * T - 1, T), (H * T * W, T * W, 1, W + 1))
-    offsets = diag.sum(-1).double().sum(0)                                           # (H, 2T-1)
+    flat = _buffer(workspace, "offsets", (H * T * W + T - 1,), attn.dtype, attn.device, zero=True)
+    flat[:H * T * W].view(H, T, W)[..., T - 1:].copy_(summed)
+    diag = flat.as_strided((H, 2 * T - 1, T), (T * W, 1, W + 1))
+    offsets = diag.sum(-1).double()                                                  # (H, 2T-1)
     out = torch.zeros(H, 2 + 2 * max_len - 1, dtype=torch.float64, device=attn.device)
     out[:, :2] = special
     c = 2 + max_len - 1
