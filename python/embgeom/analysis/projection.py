@@ -29,7 +29,7 @@ def add_arguments(p) -> None:
 
 def write_outputs(out_dir: str, proj, *, texts=None, title: str = "") -> dict:
     """Write every DIR file for a clouds.Projection; returns the report dict."""
-    from ..report import new_figure, save_figure, write_json
+    from ..report import explained_variance_png, write_json
     from ..report.interactive import scatter_png, write_scatter_html
 
     os.makedirs(out_dir, exist_ok=True)
@@ -44,14 +44,7 @@ def write_outputs(out_dir: str, proj, *, texts=None, title: str = "") -> dict:
     scatter_png(out_dir, "projection", proj.embedding, proj.labels, title=name,
                 xlabel=f"{axis} 1", ylabel=f"{axis} 2")
     if proj.pca_curves is not None:
-        fig, ax = new_figure()
-        for key, curve in proj.pca_curves.items():
-            ax.plot(range(1, len(curve) + 1), curve, label=key, lw=2 if key == "all" else 1)
-        ax.set_xlabel("principal components")
-        ax.set_ylabel("cumulative explained variance")
-        ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=7)
-        save_figure(fig, out_dir, "explained_variance")
+        explained_variance_png(out_dir, "explained_variance", proj.pca_curves)
     sil = report.get("silhouette")
     note = f"{proj.method}, n={proj.n}, d={proj.d}" + (f", k={proj.k}" if proj.k else "") + \
         (f"; silhouette original {sil['original']}, projection {sil['projection']}" if sil else "")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import clouds
-from ..report import new_figure, save_figure, table_html
+from ..report import explained_variance_png, new_figure, save_figure, table_html
 from ..report.interactive import PALETTE, scatter_png, write_scatter_html
 
 
@@ -144,14 +144,7 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
                             title="[CLS] at the last depth, PCA", xlabel="PC 1", ylabel="PC 2"))
     write_scatter_html(os.path.join(out_dir, "groups_pca.html"), proj.embedding, labels, texts,
                        title="[CLS] at the last depth, PCA")
-    fig, ax = new_figure()
-    for key, curve in proj.pca_curves.items():
-        ax.plot(range(1, len(curve) + 1), curve, label=key, lw=2 if key == "all" else 1)
-    ax.set_xlabel("principal components")
-    ax.set_ylabel("cumulative explained variance")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7)
-    pngs.append(save_figure(fig, out_dir, "groups_explained_variance"))
+    pngs.append(explained_variance_png(out_dir, "groups_explained_variance", proj.pca_curves))
     if last.shape[0] >= 4:
         try:
             um = clouds.project(last, method="umap", labels=labels, k=min(15, last.shape[0] - 2), seed=seed)

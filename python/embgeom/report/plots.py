@@ -21,3 +21,15 @@ def new_figure(width=7.0, height=4.0):
     import matplotlib.pyplot as plt
 
     return plt.subplots(figsize=(width, height))
+
+
+def explained_variance_png(out_dir: str, name: str, curves: dict) -> str:
+    """Cumulative explained-variance curves ({label: ratios}, "all" drawn thicker) as name.png."""
+    fig, ax = new_figure()
+    for key, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, label=key, lw=2 if key == "all" else 1)
+    ax.set_xlabel("principal components")
+    ax.set_ylabel("cumulative explained variance")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    return save_figure(fig, out_dir, name)
