@@ -206,6 +206,7 @@ GemmKernel select_kernel(bool fast) {
   if (level == Isa::avx2) return kernel_avx2();
 #else
   (void)fast;
+  (void)level;  // one vector level off x86: NEON (portable code), the product from OpenBLAS
   if (blas_available()) return kernel_blas();
 #endif
   return kernel_scalar();
