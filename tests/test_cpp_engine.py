@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import blas_products
+from helpers import blas_products, pair_tolerance
 
 _C = pytest.importorskip("embgeom._C")
 if not hasattr(_C, "PairwiseEngine"):
@@ -45,7 +45,7 @@ def run_engine(x, y=None, chunks=1, **kw):
 
 
 def reference(x, y, metric):
-    """Float64 matrix of values, validity mask of pairs, row norms, excluded rows/cols."""
+    """Float64 matrix of values, validity mask of pairs, valid rows of x and of y."""
     xd = x.astype(np.float64)
     yd = xd if y is None else y.astype(np.float64)
     nx, ny = np.linalg.norm(xd, axis=1), np.linalg.norm(yd, axis=1)
@@ -55,32 +55,20 @@ def reference(x, y, metric):
         xn = xd / np.where(okx, nx, 1)[:, None]
         yn = yd / np.where(oky, ny, 1)[:, None]
         v = np.clip(xn @ yn.T, -1, 1)
-        scale = np.ones_like(v)
     elif metric == "dot":
         v = xd @ yd.T
-        scale = np.outer(nx, ny)
     else:
         d2 = (nx ** 2)[:, None] + (ny ** 2)[None, :] - 2 * (xd @ yd.T)
         v = np.sqrt(np.maximum(d2, 0))
-        scale = np.add.outer(nx ** 2, ny ** 2)
     valid = okx[:, None] & oky[None, :]
     if y is None:
         valid &= np.triu(np.ones_like(valid), 1)
-    return v, valid, scale, okx, oky
-
-
-def tol_of(metric, d, scale):
-    """Per-pair |fp32 - fp64| allowance."""
-    t = 4e-7 * (d + 8) * scale + 1e-6
-    if metric == "euclidean":
-        t = np.sqrt(t)  # |sqrt(a) - sqrt(b)| <= sqrt(|a - b|)
-    return t
+    return v, valid, okx, oky
 
 
 def check_against_reference(s, x, y, metric, opts, extra_tol=0.0):
-    d = x.shape[1]
-    v, valid, scale, okx, oky = reference(x, y, metric)
-    tol = tol_of(metric, d, scale) + extra_tol
+    v, valid, okx, oky = reference(x, y, metric)
+    tol = pair_tolerance(x, y, metric).numpy() + extra_tol
     I, J = np.nonzero(valid)
     vals, tv = v[I, J], tol[I, J]
     assert s["count"] == vals.size

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from . import validation
-from .results import RowTopK, html_table
+from .report.html import table_html
+from .results import RowTopK
 
 INDEXES = ("flat", "ivf", "hnsw")
 
@@ -58,7 +59,7 @@ class KnnResult:
         rows = [("index", self.index), ("k", self.k), ("queries", int(self.indices.shape[0])),
                 ("recall@k", "exact" if self.recall is None else self.recall), ("device", self.device),
                 ("seconds", self.seconds)]
-        return "<b>KnnResult</b>" + html_table(rows)
+        return "<b>KnnResult</b>" + table_html(None, rows)
 
 
 def _faiss():

@@ -3,12 +3,13 @@
 DataFrames (pandas is optional: imported only there)."""
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .report.html import table_html
 
 
 def _pandas():
@@ -17,18 +18,6 @@ def _pandas():
     except ImportError:
         raise ImportError("to_pandas() needs pandas: pip install pandas") from None
     return pandas
-
-
-def html_table(rows: list[tuple[str, Any]] | list[list[Any]], header: list[str] | None = None) -> str:
-    """A small HTML table: (name, value) rows, or rows under a header."""
-    def cell(v):
-        if isinstance(v, float):
-            return "null" if not math.isfinite(v) else f"{v:.6g}"
-        return html.escape(str(v))
-
-    head = "" if header is None else "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table>{head}{body}</table>"
 
 
 def _num(v: Any) -> Any:
@@ -68,7 +57,7 @@ class PairList:
                                     "value": self.values.double().cpu().numpy()})
 
     def _repr_html_(self) -> str:
-        return html_table(self.to_list()[:50], ["i", "j", "value"])
+        return table_html(["i", "j", "value"], self.to_list()[:50])
 
 
 @dataclass
@@ -224,7 +213,7 @@ class PairwiseStats:
                    ("excluded rows", len(self.excluded_rows)), ("seconds", self.seconds)]
         if self.outside is not None:
             summary.append((f"outside [{self.outside.a}, {self.outside.b}]", f"{self.outside.count:,}"))
-        parts = ["<b>PairwiseStats</b>", html_table(summary)]
+        parts = ["<b>PairwiseStats</b>", table_html(None, summary)]
         for name in ("top_pairs", "bottom_pairs", "near_pairs"):
             lst = getattr(self, name)
             if lst is not None and len(lst):
@@ -270,7 +259,7 @@ class ConeIndex:
         rows = [[s, a, b, int(c), int(z)] for s, (a, b, c, z) in enumerate(zip(*flat))][:50]
         shape = "x".join(str(v) for v in self.index.shape)
         return (f"<b>ConeIndex</b> ({shape} sets, {self.backend})"
-                + html_table(rows, ["set", "I", "I / n", "n", "zero rows"]))
+                + table_html(["set", "I", "I / n", "n", "zero rows"], rows))
 
 
 @dataclass
@@ -298,5 +287,5 @@ class AttentionEntropy:
     def _repr_html_(self) -> str:
         rows = [[h, float(v)] for h, v in enumerate(self.mean.double().cpu().tolist())]
         return (f"<b>AttentionEntropy</b> ({self.n_rows} rows, smoothing {self.smoothing}, {self.backend})"
-                + html_table(rows, ["head", "mean entropy (nats)"]))
+                + table_html(["head", "mean entropy (nats)"], rows))
 

@@ -280,11 +280,11 @@ class TraceResult:
         return pandas.DataFrame(self.per_layer(), columns=list(self.PER_LAYER_COLUMNS))
 
     def _repr_html_(self) -> str:
-        from ..results import html_table
+        from ..report.html import table_html
 
         head = (f"<b>TraceResult</b> {html.escape(self.model)}: {self.n_texts} texts, {self.n_tokens} tokens, "
                 f"{self.layers} layers x {self.heads} heads, {self.seconds:.1f} s")
-        return head + html_table(self.per_layer(), list(self.PER_LAYER_COLUMNS))
+        return head + table_html(list(self.PER_LAYER_COLUMNS), self.per_layer())
 
     def to_dict(self) -> dict:
         """The report.json keys of `embgeom text` (NaN -> None)."""

@@ -7,15 +7,16 @@ import os
 from typing import Any
 
 
-def table_html(headers: list[str], rows: list[list[Any]]) -> str:
+def table_html(headers: list[str] | None, rows: list[list[Any]]) -> str:
+    """An HTML table; headers None: rows only (e.g. name / value pairs)."""
     def cell(v):
         if isinstance(v, float):
             return f"{v:.4f}"
         return html.escape(str(v))
 
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    head = "" if headers is None else "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def write_html(path: str, title: str, sections: list[tuple[str, str, list[str]]]) -> None:
