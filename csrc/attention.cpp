@@ -95,10 +95,12 @@ double row_entropy_generic(const float* row, const uint8_t* mask, int64_t T, flo
   return row_entropy_body(row, mask, T, keep, uniform);
 }
 
+#if EMBGEOM_X86  // off x86 the portable body is the NEON path
 EMBGEOM_AVX2 double row_entropy_avx2(const float* row, const uint8_t* mask, int64_t T, float keep,
                                      float uniform) {
   return row_entropy_body(row, mask, T, keep, uniform);
 }
+#endif
 
 #if EMBGEOM_X86
 EMBGEOM_AVX512 inline __m512 log_ps(__m512 v) {

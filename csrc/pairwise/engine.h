@@ -140,6 +140,9 @@ class PairwiseEngine {
 
  private:
   void process_tile(int64_t t, ThreadCtx& c, double* tsum, double* tsumsq) const;
+  FusedArgs fused_args(const ThreadCtx& c, bool diag) const;  // the pass's settings for a tile
+  // rows of a tile's product handed to the fused pass at a time (rounded down to whole A panels)
+  static constexpr int64_t kBandRows = 48;
   void settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx>>& ctx, bool top, int nth);
 
   PairwiseOptions opt_;

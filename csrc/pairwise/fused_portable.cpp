@@ -1,19 +1,19 @@
-// The portable fused pass: written once in plain C++ over blocks of W values, fixed-length loops
-// the compiler vectorises for the target it is compiled for (baseline: SSE2 or NEON; AVX2+FMA
-// through EMBGEOM_AVX2). Each block computes the values, moments, histogram slots and one flag
-// word per value; the rare flagged values (candidates for a list, outside pairs) are then handled
-// one by one, as in the AVX-512 pass. The last < W values of a row go through the same rules one
-// at a time (pair_one).
+// The portable fused pass: written once over blocks of W values with the vector types of
+// cpu/simd.h, compiled per vector level (baseline: SSE2 or NEON; AVX2+FMA through EMBGEOM_AVX2).
+// Each block computes the values, moments, histogram slots and one flag word per value; the rare
+// flagged values (candidates for a list, outside pairs) are then handled one by one, as in the
+// AVX-512 pass. The last < W values of a row go through the same rules one at a time (pair_one).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
+#include "cpu/simd.h"
 #include "pairwise/fused.h"
 
 namespace embgeom {
 namespace {
 
-constexpr int W = 16;
+constexpr int W = 8;  // one simd::f32x8
 
 // flag bits of a value in a block
 constexpr uint32_t kG = 1u, kRt = 2u, kCt = 4u, kRb = 8u, kCb = 16u, kMaybe = 32u, kOut = 64u;
@@ -70,10 +70,12 @@ __attribute__((always_inline)) inline void pair_one(const FusedArgs& A, Pairwise
 }
 
 // The flagged values of one block (rare): list offers, exact values in fast mode, outside pairs.
+// Values surely outside [a, b] (kOut) were counted by the block step; this lists them, and counts
+// and lists those that the exact value decides (kMaybe, fast mode).
 void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int64_t ii, int64_t jj,
                 int64_t j0, const float* v, const uint32_t* fl, bool deferred, int64_t& orow) {
   const PairwiseEngine& E = *A.E;
-  uint32_t out = 0;  // lanes outside [a, b]
+  uint32_t counted = 0, listed = 0;
   for (int l = 0; l < W; ++l) {
     const uint32_t f = fl[l];
     if (!f) continue;
@@ -83,7 +85,7 @@ void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int
     if (f & kCt) offer_row(A, c, true, j, v[l], i);
     if (f & kRb) offer_row(A, c, false, i, v[l], j);
     if (f & kCb) offer_row(A, c, false, j, v[l], i);
-    if (f & kOut) out |= 1u << l;
+    if (f & kOut) listed |= 1u << l;
     if (!(f & (kG | kMaybe))) continue;
     if (deferred) {
       c.cand.push_back({int32_t(ii), int32_t(jj + l), ((f & kG) ? kCandGlobal : 0u) | ((f & kMaybe) ? kCandMaybeOut : 0u)});
@@ -91,14 +93,18 @@ void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int
     }
     const float e = A.fast ? E.exact_value(i, j) : v[l];
     if (f & kG) offer_global(A, c, e, i, j);
-    if ((f & kMaybe) && (e < A.oa || e > A.ob)) out |= 1u << l;
+    if ((f & kMaybe) && (e < A.oa || e > A.ob)) {
+      counted |= 1u << l;
+      listed |= 1u << l;
+    }
   }
-  if (!out) return;
-  orow += __builtin_popcount(out);
-  int32_t* colcnt = c.colcnt.data() + jj;
-  for (uint32_t todo = out; todo; todo &= todo - 1) colcnt[__builtin_ctz(todo)]++;
-  if (c.outp.full() && i > c.outp.e.back().i) return;
-  for (uint32_t todo = out; todo; todo &= todo - 1) {
+  if (counted) {
+    orow += __builtin_popcount(counted);
+    int32_t* colcnt = c.colcnt.data() + jj;
+    for (uint32_t todo = counted; todo; todo &= todo - 1) colcnt[__builtin_ctz(todo)]++;
+  }
+  if (!listed || (c.outp.full() && i > c.outp.e.back().i)) return;
+  for (uint32_t todo = listed; todo; todo &= todo - 1) {
     const int l = __builtin_ctz(todo);
     const int64_t j = j0 + l;
     if (c.outp.full() && (i > c.outp.e.back().i || (i == c.outp.e.back().i && j > c.outp.e.back().j))) break;
@@ -114,124 +120,137 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
                                                       float* C, int64_t ldc, int64_t r0, int64_t nr,
                                                       int64_t c0, int64_t nc, double* tsum,
                                                       double* tsumsq) {
+  using namespace simd;
   const PairwiseEngine& E = *A.E;
   const float M = A.M;
-  double s = 0.0, s2 = 0.0;                        // tails
-  alignas(64) double sv[W] = {}, s2v[W] = {};       // blocks, per lane
-  int64_t* hist = A.do_hist ? c.hist.data() : nullptr;
+  double s = 0.0, s2 = 0.0;                                       // tails
+  f64x4 s_lo = {}, s_hi = {}, q_lo = {}, q_hi = {};              // blocks, per lane
+  uint32_t* hist = A.do_hist ? c.hist_copies.data() : nullptr;
   const float* rthr_top = A.do_rtop ? row_filter(A, c, true) : nullptr;
   const float* rthr_bot = A.do_rbot ? row_filter(A, c, false) : nullptr;
   const bool col_top = rthr_top && A.self, col_bot = rthr_bot && A.self;
-  const double lo = A.lo, hi = A.hi, scale = A.scale, shift = A.shift, nearv = A.near;
-  const double bmax = double(A.bins > 0 ? A.bins - 1 : 0);
-  const int32_t over = int32_t(A.bins + 1);
-  const float oa_lo = A.oa - M, ob_hi = A.ob + M, oa_hi = A.oa + M, ob_lo = A.ob - M;
+  const f64x4 lo = splat<f64x4>(A.lo), hi = splat<f64x4>(A.hi), scale = splat<f64x4>(A.scale);
+  const f64x4 shift = splat<f64x4>(A.shift), nearv = splat<f64x4>(A.near), zero = {};
+  const f64x4 bmax = splat<f64x4>(double(A.bins > 0 ? A.bins - 1 : 0));
+  const i32x4 over = splat<i32x4>(int32_t(A.bins + 1)), slot0 = {};
+  const f32x8 one = splat<f32x8>(1.0f), mone = splat<f32x8>(-1.0f), vM = splat<f32x8>(M);
+  const f32x8 oa_lo = splat<f32x8>(A.oa - M), ob_hi = splat<f32x8>(A.ob + M);
+  const f32x8 oa_hi = splat<f32x8>(A.oa + M), ob_lo = splat<f32x8>(A.ob - M);
+  const i32x8 none = {};
   const bool maybe_out = A.do_out && A.fast;
+  int32_t* colcnt = c.colcnt.data();
   // fast mode outside cold tiles: thresholds stay as at tile start (a superset of the
   // candidates), which are then rescored in one interleaved batch
   const bool deferred = A.fast && !A.cold;
   c.cand.clear();
 
   // global list thresholds (refreshed after offers)
-  float t_hi = 0, t_lo = 0;
-  double t_near = 0;
+  f32x8 t_hi, t_lo;
+  f64x4 t_near;
   auto refresh = [&]() {
-    t_hi = std::min(thr_hi(c.max1), A.do_top ? thr_hi(c.top) : kInf) - M;
-    t_lo = std::max(thr_lo(c.min1), A.do_bot ? thr_lo(c.bottom) : -kInf) + M;
-    t_near = A.do_near ? thr_dist(c.near) + M : -1.0;
+    t_hi = splat<f32x8>(std::min(thr_hi(c.max1), A.do_top ? thr_hi(c.top) : kInf) - M);
+    t_lo = splat<f32x8>(std::max(thr_lo(c.min1), A.do_bot ? thr_lo(c.bottom) : -kInf) + M);
+    t_near = splat<f64x4>(A.do_near ? thr_dist(c.near) + M : -1.0);
   };
   refresh();
+
+  // histogram slots of 4 values (numerics::bin_index: for y = (v - lo) * scale,
+  // min(max(floor(y), 0), bins - 1) == trunc(min(max(y, 0), bins - 1)), and truncation is the
+  // one float-to-int conversion every vector level has)
+  auto slots = [&](f64x4 d) {
+    f64x4 y = (d - lo) * scale;
+    y = select(y > zero, y, zero);
+    y = select(y < bmax, y, bmax);
+    i32x4 b = __builtin_convertvector(y, i32x4) + 1;
+    b = select(narrow(d < lo), slot0, b);
+    return select(narrow(d > hi), over, b);
+  };
 
   for (int64_t ii = 0; ii < nr; ++ii) {
     const int64_t i = r0 + ii;
     const float* row = C + ii * ldc;
-    const int64_t jb = A.diag ? ii + 1 : 0;
+    const int64_t jb = A.diag ? i - c0 + 1 : 0;  // strictly above the diagonal
     const float na = A.metric == 2 ? A.xn2[i] : 0.0f;
+    const f32x8 rt = splat<f32x8>(rthr_top ? rthr_top[i] - M : 0.0f);
+    const f32x8 rb = splat<f32x8>(rthr_bot ? rthr_bot[i] + M : 0.0f);
     int64_t orow = 0;
+    i32x8 orow_v = {};  // sure outside values of the row's blocks, per lane
+    // whether the outside-pairs list may still take pairs of row i (it only closes as it fills)
+    const bool list_out = A.do_out && (!c.outp.full() || i <= c.outp.e.back().i);
     int64_t jj = jb;
     for (; jj + W <= nc; jj += W) {
       const int64_t j0 = c0 + jj;
-      const float* src = row + jj;
-      alignas(64) float v[W];
+      f32x8 v = load<f32x8>(row + jj);
       if (A.metric == 0) {
-        for (int l = 0; l < W; ++l) v[l] = std::min(std::max(src[l], -1.0f), 1.0f);
-      } else if (A.metric == 1) {
-        for (int l = 0; l < W; ++l) v[l] = src[l];
-      } else {
+        v = select(v < mone, mone, v);
+        v = select(v > one, one, v);
+      } else if (A.metric == 2) {
+        const float* src = row + jj;
         const float* nb = A.yn2 + j0;
+        alignas(32) float dist[W];
         uint32_t nd = 0;
         for (int l = 0; l < W; ++l) {
           const float sn = na + nb[l];
           const float t = sn - (src[l] + src[l]);
-          v[l] = std::sqrt(std::max(t, 0.0f));
+          dist[l] = std::sqrt(std::max(t, 0.0f));
           nd |= uint32_t(numerics::is_near_duplicate(t, sn)) << l;
         }
         // near-identical rows: the norm formula cancels, take the direct distance
-        for (; nd; nd &= nd - 1) v[__builtin_ctz(nd)] = E.direct_distance(i, j0 + __builtin_ctz(nd));
+        for (; nd; nd &= nd - 1) dist[__builtin_ctz(nd)] = E.direct_distance(i, j0 + __builtin_ctz(nd));
+        v = load<f32x8>(dist);
       }
-      for (int l = 0; l < W; ++l) {
-        const double dv = double(v[l]) - shift;
-        sv[l] += dv;
-        s2v[l] += dv * dv;
-      }
+      const f64x4 d_lo = to_f64(low(v)), d_hi = to_f64(high(v));
+      const f64x4 e_lo = d_lo - shift, e_hi = d_hi - shift;
+      s_lo += e_lo;
+      s_hi += e_hi;
+      q_lo += e_lo * e_lo;
+      q_hi += e_hi * e_hi;
       if (hist) {
-        alignas(64) int32_t slot[W];
-        for (int l = 0; l < W; ++l) {
-          const double dv = v[l];
-          const double f = std::min(std::max(std::floor((dv - lo) * scale), 0.0), bmax);
-          int32_t b = int32_t(f) + 1;
-          b = dv < lo ? 0 : b;
-          slot[l] = dv > hi ? over : b;
-        }
-        for (int l = 0; l < W; ++l) hist[slot[l]]++;
+        alignas(32) int32_t slot[W];
+        store(slot, slots(d_lo));
+        store(slot + 4, slots(d_hi));
+        for (int l = 0; l < W; ++l) hist[slot[l] * kHistCopies + l % kHistCopies]++;
       }
-      alignas(64) uint32_t fl[W];
-      for (int l = 0; l < W; ++l) fl[l] = (v[l] >= t_hi || v[l] <= t_lo) ? kG : 0u;
-      if (A.do_near)
-        for (int l = 0; l < W; ++l) fl[l] |= std::fabs(double(v[l]) - nearv) <= t_near ? kG : 0u;
-      if (rthr_top) {
-        const float t = rthr_top[i] - M;
-        for (int l = 0; l < W; ++l) fl[l] |= v[l] >= t ? kRt : 0u;
+      i32x8 fl = ((v >= t_hi) | (v <= t_lo)) & int32_t(kG);
+      if (A.do_near) {
+        const f64x4 a_lo = d_lo - nearv, a_hi = d_hi - nearv;
+        const i64x4 n_lo = select(a_lo < zero, -a_lo, a_lo) <= t_near;
+        const i64x4 n_hi = select(a_hi < zero, -a_hi, a_hi) <= t_near;
+        fl |= join(narrow(n_lo), narrow(n_hi)) & int32_t(kG);
       }
-      if (col_top) {
-        const float* t = rthr_top + j0;
-        for (int l = 0; l < W; ++l) fl[l] |= v[l] >= t[l] - M ? kCt : 0u;
-      }
-      if (rthr_bot) {
-        const float t = rthr_bot[i] + M;
-        for (int l = 0; l < W; ++l) fl[l] |= v[l] <= t ? kRb : 0u;
-      }
-      if (col_bot) {
-        const float* t = rthr_bot + j0;
-        for (int l = 0; l < W; ++l) fl[l] |= v[l] <= t[l] + M ? kCb : 0u;
-      }
+      if (rthr_top) fl |= (v >= rt) & int32_t(kRt);
+      if (col_top) fl |= (v >= load<f32x8>(rthr_top + j0) - vM) & int32_t(kCt);
+      if (rthr_bot) fl |= (v <= rb) & int32_t(kRb);
+      if (col_bot) fl |= (v <= load<f32x8>(rthr_bot + j0) + vM) & int32_t(kCb);
       if (A.do_out) {
-        for (int l = 0; l < W; ++l) {
-          const bool sure = v[l] < oa_lo || v[l] > ob_hi;
-          const bool maybe = maybe_out && !sure && (v[l] < oa_hi || v[l] > ob_lo);
-          fl[l] |= (sure ? kOut : 0u) | (maybe ? kMaybe : 0u);
-        }
+        // counted here (a mask lane is -1); flagged only for the list
+        const i32x8 sure = (v < oa_lo) | (v > ob_hi);
+        orow_v -= sure;
+        store(colcnt + jj, load<i32x8>(colcnt + jj) - sure);
+        if (list_out) fl |= sure & int32_t(kOut);
+        if (maybe_out) fl |= ~sure & ((v < oa_hi) | (v > ob_lo)) & int32_t(kMaybe);
       }
-      uint32_t any = 0;
-      for (int l = 0; l < W; ++l) any |= fl[l];
-      if (__builtin_expect(any != 0, 0)) {
-        block_slow(A, c, i, ii, jj, j0, v, fl, deferred, orow);
-        if (!deferred && (any & (kG | kMaybe))) refresh();
+      if (__builtin_expect(any(fl != none), 0)) {
+        alignas(32) float vals[W];
+        alignas(32) uint32_t flags[W];
+        store(vals, v);
+        store(flags, fl);
+        uint32_t seen = 0;
+        for (int l = 0; l < W; ++l) seen |= flags[l];
+        block_slow(A, c, i, ii, jj, j0, vals, flags, deferred, orow);
+        if (!deferred && (seen & (kG | kMaybe))) refresh();
       }
     }
     for (; jj < nc; ++jj) pair_one(A, c, i, c0 + jj, jj, row[jj], s, s2, orow);
+    for (int l = 0; l < W; ++l) orow += orow_v[l];
     if (A.do_out) {
       c.out_count += orow;
       c.out_rows[i] += orow;
     }
   }
   if (deferred && !c.cand.empty()) rescore_candidates(A, c, r0, c0);
-  for (int l = 0; l < W; ++l) {
-    s += sv[l];
-    s2 += s2v[l];
-  }
-  *tsum = s;
-  *tsumsq = s2;
+  *tsum = s + sum(s_lo + s_hi);
+  *tsumsq = s2 + sum(q_lo + q_hi);
 }
 
 }  // namespace

@@ -16,40 +16,74 @@
 namespace embgeom {
 
 
+// a uint32 histogram copy counts at most this many values between flushes
+constexpr int64_t kHistFlushValues = int64_t(1) << 31;
+
+// The fused pass takes a tile's values in bands of rows. With the own kernels the product, too,
+// is computed band by band, so a band goes to the pass while still in cache; OpenBLAS (unpacked
+// rows) computes the whole tile in one call.
 void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double* tsumsq) const {
   const Tile T = tile(t);
   const int64_t r0 = T.I * bs_, r1 = std::min(n_, r0 + bs_);
   const int64_t c0 = T.J * bs_, c1 = std::min(m_, c0 + bs_);
-  int64_t ldc, roff = 0, coff = 0;
+  const int64_t ncols = c1 - c0;
+  if (c.colcnt.n < ncols + 16) c.colcnt.reset(ncols + 16);
+  if (opt_.has_outside) std::memset(c.colcnt.data(), 0, sizeof(int32_t) * (ncols + 16));
+  const FusedArgs A = fused_args(c, self_ && T.I == T.J);
+  prefetch_row_lists(c, r0, r1, c0, c1);
+  *tsum = 0.0;
+  *tsumsq = 0.0;
+  // rows [b0, b1) of the tile, row b0 at C (row stride ldc)
+  auto pass = [&](float* C, int64_t ldc, int64_t b0, int64_t b1) {
+    double s = 0.0, s2 = 0.0;
+    fused_(A, c, C, ldc, b0, b1 - b0, c0, ncols, &s, &s2);
+    *tsum += s;
+    *tsumsq += s2;
+    c.hist_pending += (b1 - b0) * ncols;
+    if (opt_.bins > 0 && c.hist_pending > kHistFlushValues) flush_hist_copies(c);
+  };
   if (kern_.blas) {
-    // unpacked rows straight into C (row stride ldc; +16: room for masked tails, odd stride)
-    ldc = (c1 - c0) + 16;
+    // unpacked rows straight into C (+16: room for masked tails, odd stride)
+    const int64_t ldc = ncols + 16;
     const int64_t need = (r1 - r0) * ldc;
     if (c.C.n < need) c.C.reset(need);
-    prefetch_row_lists(c, r0, r1, c0, c1);
-    blas_sgemm_nt(r1 - r0, c1 - c0, d_, xrow(r0), d_, yrow(c0), d_, c.C.data(), ldc);
+    blas_sgemm_nt(r1 - r0, ncols, d_, xrow(r0), d_, yrow(c0), d_, c.C.data(), ldc);
+    for (int64_t b0 = r0; b0 < r1; b0 += kBandRows)
+      pass(c.C.data() + (b0 - r0) * ldc, ldc, b0, std::min(r1, b0 + kBandRows));
   } else {
     const int64_t mr = kern_.mr, nr = kern_.nr;
     const int64_t pa0 = r0 / mr, pa1 = (r1 + mr - 1) / mr;
     const int64_t pb0 = c0 / nr, pb1 = (c1 + nr - 1) / nr;
-    ldc = (pb1 - pb0) * nr + 16;  // +16: room for masked tails, odd stride
-    const int64_t need = (pa1 - pa0) * mr * ldc;
+    const int64_t ldc = (pb1 - pb0) * nr + 16;  // +16: room for masked tails, odd stride
+    const int64_t band = std::max<int64_t>(1, kBandRows / mr);  // A panels a band
+    const int64_t need = band * mr * ldc;
     if (c.C.n < need) c.C.reset(need);
-    prefetch_row_lists(c, r0, r1, c0, c1);
-    gemm_tile(kern_, pa_, pa0, pa1, pb_, pb0, pb1, c.C.data(), ldc);
-    roff = r0 - pa0 * mr;
-    coff = c0 - pb0 * nr;
+    const int64_t coff = c0 - pb0 * nr;
+    for (int64_t p0 = pa0; p0 < pa1; p0 += band) {
+      const int64_t p1 = std::min(pa1, p0 + band);
+      // panels are aligned to the matrix, not the tile: the band's rows within [r0, r1)
+      const int64_t b0 = std::max(r0, p0 * mr), b1 = std::min(r1, p1 * mr);
+      // a diagonal tile needs columns j > i only: skip the B panels left of the band's first row
+      const int64_t q0 = A.diag ? std::max(pb0, std::min(pb1, (b0 + 1) / nr)) : pb0;
+      gemm_tile(kern_, pa_, p0, p1, pb_, q0, pb1, c.C.data() + (q0 - pb0) * nr, ldc);
+      pass(c.C.data() + (b0 - p0 * mr) * ldc + coff, ldc, b0, b1);
+    }
   }
-  const int64_t ncols = c1 - c0;
-  if (c.colcnt.n < ncols + 16) c.colcnt.reset(ncols + 16);
-  if (opt_.has_outside) std::memset(c.colcnt.data(), 0, sizeof(int32_t) * (ncols + 16));
+  if (opt_.bins > 0) flush_hist_copies(c);
+  if (opt_.has_outside) {
+    int64_t* dst = self_ ? c.out_rows.data() : c.out_cols.data();
+    const int32_t* cc = c.colcnt.data();
+    for (int64_t jj = 0; jj < ncols; ++jj) dst[c0 + jj] += cc[jj];
+  }
+}
 
+FusedArgs PairwiseEngine::fused_args(const ThreadCtx& c, bool diag) const {
   FusedArgs A;
   A.E = this;
   A.cold = fast_ && tile_is_cold(c);
   A.self = self_;
   A.fast = fast_;
-  A.diag = self_ && T.I == T.J;
+  A.diag = diag;
   A.metric = metric_;
   A.M = static_cast<float>(err_bound_);
   if (double(A.M) < err_bound_) A.M = std::nextafter(A.M, kInf);
@@ -75,15 +109,7 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
     if (double(A.oa) < opt_.out_a) A.oa = std::nextafter(A.oa, kInf);
     if (double(A.ob) > opt_.out_b) A.ob = std::nextafter(A.ob, -kInf);
   }
-
-  float* C = c.C.data() + roff * ldc + coff;
-  fused_(A, c, C, ldc, r0, r1 - r0, c0, ncols, tsum, tsumsq);
-
-  if (opt_.has_outside) {
-    int64_t* dst = self_ ? c.out_rows.data() : c.out_cols.data();
-    const int32_t* cc = c.colcnt.data();
-    for (int64_t jj = 0; jj < ncols; ++jj) dst[c0 + jj] += cc[jj];
-  }
+  return A;
 }
 
 // The tile's rows' list slots are scattered over n * k entries, far from the caches since the
@@ -153,6 +179,7 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     c->near = st_.near;
     c->outp = st_.outside_pairs;
     c->hist.assign(st_.hist.size(), 0);
+    c->hist_copies.reset(static_cast<int64_t>(st_.hist.size()) * kHistCopies);
     if (fast_) {
       if (st_.row_top.k > 0) c->ctop.init(n_, st_.row_top.k, true, err_bound_, shared_top.data());
       if (st_.row_bottom.k > 0) c->cbot.init(n_, st_.row_bottom.k, false, err_bound_, shared_bottom.data());
