@@ -9,7 +9,10 @@ CPU paths: every embgeom provider runs once per vector level of the C++ core tha
 supports (EMBGEOM_CPU=avx512|avx2|generic, see `python -m embgeom.info`), each in its own
 subprocess, with OPENBLAS_CORETYPE set to that level's OpenBLAS kernel family (SkylakeX, Haswell,
 Prescott; or the environment's value with --keep-coretype). The baselines (numpy, FAISS, the
-torch backend) run once; ratios and the measured-sgemm-roofline fraction are printed per path.
+torch backend) run once with the host's own kernels; those built on OpenBLAS's sgemm (numpy,
+FAISS, sklearn) run again per lower path with that path's OPENBLAS_CORETYPE ("numpy-matmul@avx2":
+what they do on a host of that class; --no-path-baselines skips these). Ratios (against both)
+and the measured-sgemm-roofline fraction are printed per path.
 Every CSV row records the CPU model and its instruction set in `device` ("model [features]"),
 and the path in `provider` ("embgeom-exact@avx2").
 
@@ -50,6 +53,10 @@ CPU_LEVELS = ("avx512", "avx2", "generic")
 # OpenBLAS kernel family per level (OPENBLAS_CORETYPE), so a capped path is capped in BLAS too
 CORETYPE = {"avx512": "SkylakeX", "avx2": "Haswell", "generic": "Prescott"}
 OURS = ("embgeom-exact", "embgeom-fast", "embgeom-rowtopk", "embgeom-rowtopk-fast")
+# Baselines whose product is OpenBLAS's sgemm (numpy's, FAISS's own copy): on a path below the
+# host's best they also run with that path's OPENBLAS_CORETYPE, as they would on a host of that
+# class ("numpy-matmul@avx2"), beside the unforced run (--no-path-baselines: unforced only)
+BLAS_BASELINES = ("numpy-matmul", "faiss-flat-10nn", "sklearn-cosine")
 
 
 def supported_levels() -> list[str]:
@@ -207,7 +214,7 @@ def worker(provider: str, data: str, repeats: int) -> dict:
 
     info = _C.cpu_info()
     path = os.environ.get("EMBGEOM_CPU")
-    name = f"{provider}@{path}" if path and provider in OURS else provider
+    name = f"{provider}@{path}" if path else provider
     print(f"  [{name}] level {info['isa']}, product {info['gemm_fast' if 'fast' in provider else 'gemm_exact']}, "
           f"fused pass {info['fused_pass']}, blas {info['blas']}", file=sys.stderr)
     return {"metric": "pairwise_cosine", "provider": name, "n": n, "m": n, "d": d, "dtype": "float32",
@@ -229,12 +236,16 @@ def main() -> int:
                              "(avx512,avx2,generic), or 'all' = every level this host supports")
     parser.add_argument("--keep-coretype", action="store_true",
                         help="keep the environment's OPENBLAS_CORETYPE on every path")
+    parser.add_argument("--no-path-baselines", action="store_true",
+                        help="run numpy/FAISS/sklearn with the host's own OpenBLAS kernel only, not "
+                             "also with each lower path's kernel family")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(gemm_peak_worker() if args.worker == "gemm-peak" else worker(args.worker, args.data, args.repeats)))
         return 0
     rows = []
+    host_best = supported_levels()[0]
     levels = supported_levels() if args.cpu_paths == "all" else args.cpu_paths.split(",")
     for lv in levels:
         if lv not in CPU_LEVELS:
@@ -253,13 +264,18 @@ def main() -> int:
                 parser.error(f"--providers: unknown provider {provider!r}")
             if data not in PROVIDERS[provider][1]:
                 continue
-            jobs += [(provider, lv) for lv in levels] if provider in OURS else [(provider, None)]
+            if provider in OURS:
+                jobs += [(provider, lv) for lv in levels]
+            else:
+                jobs.append((provider, None))
+                if provider in BLAS_BASELINES and not args.no_path_baselines:
+                    jobs += [(provider, lv) for lv in levels if lv != host_best]
         for provider, level in jobs:
             cmd = [sys.executable, __file__, "--worker", provider, "--data", data, "--repeats", str(args.repeats)]
             env = dict(os.environ)
             key = provider if level is None else f"{provider}@{level}"
             if level is not None:
-                env["EMBGEOM_CPU"] = level
+                env["EMBGEOM_CPU"] = level  # (names the row "provider@level" for baselines)
                 if not args.keep_coretype:
                     env["OPENBLAS_CORETYPE"] = CORETYPE[level]
             if provider == "sklearn-cosine" and not env.get("OPENBLAS_CORETYPE"):
@@ -292,10 +308,12 @@ def main() -> int:
                      f"{100 * gflops / host_peak:.0f}% of the host's best ({host_peak:.0f})" if host_peak else None]
             print(f"  {p}: " + ", ".join(x for x in parts if x) + " (unique pairs counted)")
         for p in ours:
+            lv = p.split("@")[1]
             for base in ("numpy-matmul", "embgeom-torch", "sklearn-cosine", "faiss-flat-10nn", "keops-argkmin"):
-                if base in results:
-                    ratio = results[p]["median_ms"] / results[base]["median_ms"]
-                    print(f"  ratio {p} / {base}: {ratio:.3f}  ({1 / ratio:.1f}x faster)")
+                for b in (base, f"{base}@{lv}"):  # the host's own kernel; the same path's
+                    if b in results:
+                        ratio = results[p]["median_ms"] / results[b]["median_ms"]
+                        print(f"  ratio {p} / {b}: {ratio:.3f}  ({1 / ratio:.1f}x faster)")
     if rows and not args.no_csv:
         path = common.append_rows("cpu.csv", rows)
         print(f"\nappended {len(rows)} rows to {path}")
