@@ -1,8 +1,12 @@
 // A small portable SIMD layer: GCC/Clang vector extensions, so one source compiles to SSE2, AVX2
-// (inside EMBGEOM_AVX2 functions) or NEON, the compiler splitting a 32-byte vector into two
-// 16-byte registers where the target has no wider ones. Plain loops over fixed-size arrays were
-// the first try: GCC vectorised the pass's clamp and moments but left the flag tests scalar and
-// kept the accumulators in memory (the AVX2 pass ran at a third of the AVX-512 one's speed).
+// (inside EMBGEOM_AVX2 functions) or NEON. Plain loops over fixed-size arrays were the first
+// try: GCC vectorised the pass's clamp and moments but left the flag tests scalar and kept the
+// accumulators in memory (the AVX2 pass ran at a third of the AVX-512 one's speed).
+//
+// Lanes<L> names the vectors of L floats (and of L/2 doubles: one float vector widened is two
+// double vectors). L is the target's register width: 8 inside EMBGEOM_AVX2 functions, 4 for
+// SSE2 and NEON. A vector wider than the target's registers is not split cleanly: GCC lowers
+// some of its operations (compares, masks) one lane at a time.
 //
 // Comparisons give lane masks (-1 or 0); `select(mask, a, b)` is the lane-wise mask ? a : b.
 // Only always_inline helpers: their callers carry the target attributes.
@@ -15,12 +19,16 @@
 namespace embgeom {
 namespace simd {
 
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x4 __attribute__((vector_size(16)));
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef int64_t i64x4 __attribute__((vector_size(32)));
+template <int L>
+struct Lanes {
+  static_assert(L == 4 || L == 8, "4 or 8 float lanes");
+  typedef float f32 __attribute__((vector_size(4 * L)));
+  typedef int32_t i32 __attribute__((vector_size(4 * L)));
+  typedef float f32h __attribute__((vector_size(2 * L)));     // half: L/2 floats
+  typedef int32_t i32h __attribute__((vector_size(2 * L)));
+  typedef double f64h __attribute__((vector_size(4 * L)));    // L/2 doubles
+  typedef int64_t i64h __attribute__((vector_size(4 * L)));
+};
 
 #define EMBGEOM_SIMD_INLINE __attribute__((always_inline)) inline
 
@@ -44,36 +52,54 @@ EMBGEOM_SIMD_INLINE V select(M mask, V a, V b) {
   return mask ? a : b;
 }
 
-// The two 4-lane halves of an 8-lane vector, and back.
-EMBGEOM_SIMD_INLINE f32x4 low(f32x8 v) {
-  f32x4 h;
-  std::memcpy(&h, &v, 16);
+// The two halves of a vector (H: the half type), and two halves joined.
+template <class H, class V>
+EMBGEOM_SIMD_INLINE H low(V v) {
+  static_assert(2 * sizeof(H) == sizeof(V), "half");
+  H h;
+  std::memcpy(&h, &v, sizeof(H));
   return h;
 }
-EMBGEOM_SIMD_INLINE f32x4 high(f32x8 v) {
-  f32x4 h;
-  std::memcpy(&h, reinterpret_cast<const char*>(&v) + 16, 16);
+template <class H, class V>
+EMBGEOM_SIMD_INLINE H high(V v) {
+  static_assert(2 * sizeof(H) == sizeof(V), "half");
+  H h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
   return h;
 }
-EMBGEOM_SIMD_INLINE i32x8 join(i32x4 lo, i32x4 hi) {
-  i32x8 v;
-  std::memcpy(&v, &lo, 16);
-  std::memcpy(reinterpret_cast<char*>(&v) + 16, &hi, 16);
+template <class V, class H>
+EMBGEOM_SIMD_INLINE V join(H lo, H hi) {
+  static_assert(2 * sizeof(H) == sizeof(V), "half");
+  V v;
+  std::memcpy(&v, &lo, sizeof(H));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(H), &hi, sizeof(H));
   return v;
 }
 
-EMBGEOM_SIMD_INLINE f64x4 to_f64(f32x4 v) { return __builtin_convertvector(v, f64x4); }
-// 64-bit lane masks to 32-bit ones (-1 stays -1).
-EMBGEOM_SIMD_INLINE i32x4 narrow(i64x4 m) { return __builtin_convertvector(m, i32x4); }
-
-// Whether any lane is non-zero.
-EMBGEOM_SIMD_INLINE bool any(i32x8 m) {
-  uint64_t w[4];
-  std::memcpy(w, &m, 32);
-  return (w[0] | w[1] | w[2] | w[3]) != 0;
+// Lane-wise conversion (float to double, 64-bit masks to 32-bit ones, truncation to int).
+template <class To, class From>
+EMBGEOM_SIMD_INLINE To convert(From v) {
+  return __builtin_convertvector(v, To);
 }
 
-EMBGEOM_SIMD_INLINE double sum(f64x4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+// Whether any lane is non-zero.
+template <class V>
+EMBGEOM_SIMD_INLINE bool any(V m) {
+  constexpr int words = sizeof(V) / 8;
+  uint64_t w[words];
+  std::memcpy(w, &m, sizeof(V));
+  uint64_t acc = 0;
+  for (int q = 0; q < words; ++q) acc |= w[q];
+  return acc != 0;
+}
+
+// Sum of the lanes, in lane order.
+template <class V>
+EMBGEOM_SIMD_INLINE auto sum(V v) -> decltype(v[0] + v[0]) {
+  decltype(v[0] + v[0]) s = 0;
+  for (unsigned q = 0; q < sizeof(V) / sizeof(v[0]); ++q) s += v[q];
+  return s;
+}
 
 }  // namespace simd
 }  // namespace embgeom

@@ -1,5 +1,6 @@
 // The portable fused pass: written once over blocks of W values with the vector types of
-// cpu/simd.h, compiled per vector level (baseline: SSE2 or NEON; AVX2+FMA through EMBGEOM_AVX2).
+// cpu/simd.h, compiled per vector level (baseline: SSE2 or NEON, W = 4; AVX2+FMA through
+// EMBGEOM_AVX2, W = 8).
 // Each block computes the values, moments, histogram slots and one flag word per value; the rare
 // flagged values (candidates for a list, outside pairs) are then handled one by one, as in the
 // AVX-512 pass. The last < W values of a row go through the same rules one at a time (pair_one).
@@ -12,8 +13,6 @@
 
 namespace embgeom {
 namespace {
-
-constexpr int W = 8;  // one simd::f32x8
 
 // flag bits of a value in a block
 constexpr uint32_t kG = 1u, kRt = 2u, kCt = 4u, kRb = 8u, kCb = 16u, kMaybe = 32u, kOut = 64u;
@@ -72,6 +71,7 @@ __attribute__((always_inline)) inline void pair_one(const FusedArgs& A, Pairwise
 // The flagged values of one block (rare): list offers, exact values in fast mode, outside pairs.
 // Values surely outside [a, b] (kOut) were counted by the block step; this lists them, and counts
 // and lists those that the exact value decides (kMaybe, fast mode).
+template <int W>
 void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int64_t ii, int64_t jj,
                 int64_t j0, const float* v, const uint32_t* fl, bool deferred, int64_t& orow) {
   const PairwiseEngine& E = *A.E;
@@ -116,27 +116,34 @@ void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int
   }
 }
 
+template <int W>
 __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, PairwiseEngine::ThreadCtx& c,
                                                       float* C, int64_t ldc, int64_t r0, int64_t nr,
                                                       int64_t c0, int64_t nc, double* tsum,
                                                       double* tsumsq) {
   using namespace simd;
+  using f32 = typename Lanes<W>::f32;
+  using i32 = typename Lanes<W>::i32;
+  using f32h = typename Lanes<W>::f32h;
+  using i32h = typename Lanes<W>::i32h;
+  using f64h = typename Lanes<W>::f64h;
+  using i64h = typename Lanes<W>::i64h;
   const PairwiseEngine& E = *A.E;
   const float M = A.M;
   double s = 0.0, s2 = 0.0;                                       // tails
-  f64x4 s_lo = {}, s_hi = {}, q_lo = {}, q_hi = {};              // blocks, per lane
+  f64h s_lo = {}, s_hi = {}, q_lo = {}, q_hi = {};  // blocks, per lane
   uint32_t* hist = A.do_hist ? c.hist_copies.data() : nullptr;
   const float* rthr_top = A.do_rtop ? row_filter(A, c, true) : nullptr;
   const float* rthr_bot = A.do_rbot ? row_filter(A, c, false) : nullptr;
   const bool col_top = rthr_top && A.self, col_bot = rthr_bot && A.self;
-  const f64x4 lo = splat<f64x4>(A.lo), hi = splat<f64x4>(A.hi), scale = splat<f64x4>(A.scale);
-  const f64x4 shift = splat<f64x4>(A.shift), nearv = splat<f64x4>(A.near), zero = {};
-  const f64x4 bmax = splat<f64x4>(double(A.bins > 0 ? A.bins - 1 : 0));
-  const i32x4 over = splat<i32x4>(int32_t(A.bins + 1)), slot0 = {};
-  const f32x8 one = splat<f32x8>(1.0f), mone = splat<f32x8>(-1.0f), vM = splat<f32x8>(M);
-  const f32x8 oa_lo = splat<f32x8>(A.oa - M), ob_hi = splat<f32x8>(A.ob + M);
-  const f32x8 oa_hi = splat<f32x8>(A.oa + M), ob_lo = splat<f32x8>(A.ob - M);
-  const i32x8 none = {};
+  const f64h lo = splat<f64h>(A.lo), hi = splat<f64h>(A.hi), scale = splat<f64h>(A.scale);
+  const f64h shift = splat<f64h>(A.shift), nearv = splat<f64h>(A.near), zero = {};
+  const f64h bmax = splat<f64h>(double(A.bins > 0 ? A.bins - 1 : 0));
+  const i32h over = splat<i32h>(int32_t(A.bins + 1)), slot0 = {};
+  const f32 one = splat<f32>(1.0f), mone = splat<f32>(-1.0f), vM = splat<f32>(M);
+  const f32 oa_lo = splat<f32>(A.oa - M), ob_hi = splat<f32>(A.ob + M);
+  const f32 oa_hi = splat<f32>(A.oa + M), ob_lo = splat<f32>(A.ob - M);
+  const i32 none = {};
   const bool maybe_out = A.do_out && A.fast;
   int32_t* colcnt = c.colcnt.data();
   // fast mode outside cold tiles: thresholds stay as at tile start (a superset of the
@@ -145,25 +152,25 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
   c.cand.clear();
 
   // global list thresholds (refreshed after offers)
-  f32x8 t_hi, t_lo;
-  f64x4 t_near;
+  f32 t_hi, t_lo;
+  f64h t_near;
   auto refresh = [&]() {
-    t_hi = splat<f32x8>(std::min(thr_hi(c.max1), A.do_top ? thr_hi(c.top) : kInf) - M);
-    t_lo = splat<f32x8>(std::max(thr_lo(c.min1), A.do_bot ? thr_lo(c.bottom) : -kInf) + M);
-    t_near = splat<f64x4>(A.do_near ? thr_dist(c.near) + M : -1.0);
+    t_hi = splat<f32>(std::min(thr_hi(c.max1), A.do_top ? thr_hi(c.top) : kInf) - M);
+    t_lo = splat<f32>(std::max(thr_lo(c.min1), A.do_bot ? thr_lo(c.bottom) : -kInf) + M);
+    t_near = splat<f64h>(A.do_near ? thr_dist(c.near) + M : -1.0);
   };
   refresh();
 
-  // histogram slots of 4 values (numerics::bin_index: for y = (v - lo) * scale,
+  // histogram slots of W/2 values (numerics::bin_index: for y = (v - lo) * scale,
   // min(max(floor(y), 0), bins - 1) == trunc(min(max(y, 0), bins - 1)), and truncation is the
   // one float-to-int conversion every vector level has)
-  auto slots = [&](f64x4 d) {
-    f64x4 y = (d - lo) * scale;
+  auto slots = [&](f64h d) {
+    f64h y = (d - lo) * scale;
     y = select(y > zero, y, zero);
     y = select(y < bmax, y, bmax);
-    i32x4 b = __builtin_convertvector(y, i32x4) + 1;
-    b = select(narrow(d < lo), slot0, b);
-    return select(narrow(d > hi), over, b);
+    i32h b = convert<i32h>(y) + 1;
+    b = select(convert<i32h>(d < lo), slot0, b);
+    return select(convert<i32h>(d > hi), over, b);
   };
 
   for (int64_t ii = 0; ii < nr; ++ii) {
@@ -171,16 +178,16 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
     const float* row = C + ii * ldc;
     const int64_t jb = A.diag ? i - c0 + 1 : 0;  // strictly above the diagonal
     const float na = A.metric == 2 ? A.xn2[i] : 0.0f;
-    const f32x8 rt = splat<f32x8>(rthr_top ? rthr_top[i] - M : 0.0f);
-    const f32x8 rb = splat<f32x8>(rthr_bot ? rthr_bot[i] + M : 0.0f);
+    const f32 rt = splat<f32>(rthr_top ? rthr_top[i] - M : 0.0f);
+    const f32 rb = splat<f32>(rthr_bot ? rthr_bot[i] + M : 0.0f);
     int64_t orow = 0;
-    i32x8 orow_v = {};  // sure outside values of the row's blocks, per lane
+    i32 orow_v = {};  // sure outside values of the row's blocks, per lane
     // whether the outside-pairs list may still take pairs of row i (it only closes as it fills)
     const bool list_out = A.do_out && (!c.outp.full() || i <= c.outp.e.back().i);
     int64_t jj = jb;
     for (; jj + W <= nc; jj += W) {
       const int64_t j0 = c0 + jj;
-      f32x8 v = load<f32x8>(row + jj);
+      f32 v = load<f32>(row + jj);
       if (A.metric == 0) {
         v = select(v < mone, mone, v);
         v = select(v > one, one, v);
@@ -197,10 +204,10 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
         }
         // near-identical rows: the norm formula cancels, take the direct distance
         for (; nd; nd &= nd - 1) dist[__builtin_ctz(nd)] = E.direct_distance(i, j0 + __builtin_ctz(nd));
-        v = load<f32x8>(dist);
+        v = load<f32>(dist);
       }
-      const f64x4 d_lo = to_f64(low(v)), d_hi = to_f64(high(v));
-      const f64x4 e_lo = d_lo - shift, e_hi = d_hi - shift;
+      const f64h d_lo = convert<f64h>(low<f32h>(v)), d_hi = convert<f64h>(high<f32h>(v));
+      const f64h e_lo = d_lo - shift, e_hi = d_hi - shift;
       s_lo += e_lo;
       s_hi += e_hi;
       q_lo += e_lo * e_lo;
@@ -208,25 +215,25 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
       if (hist) {
         alignas(32) int32_t slot[W];
         store(slot, slots(d_lo));
-        store(slot + 4, slots(d_hi));
+        store(slot + W / 2, slots(d_hi));
         for (int l = 0; l < W; ++l) hist[slot[l] * kHistCopies + l % kHistCopies]++;
       }
-      i32x8 fl = ((v >= t_hi) | (v <= t_lo)) & int32_t(kG);
+      i32 fl = ((v >= t_hi) | (v <= t_lo)) & int32_t(kG);
       if (A.do_near) {
-        const f64x4 a_lo = d_lo - nearv, a_hi = d_hi - nearv;
-        const i64x4 n_lo = select(a_lo < zero, -a_lo, a_lo) <= t_near;
-        const i64x4 n_hi = select(a_hi < zero, -a_hi, a_hi) <= t_near;
-        fl |= join(narrow(n_lo), narrow(n_hi)) & int32_t(kG);
+        const f64h a_lo = d_lo - nearv, a_hi = d_hi - nearv;
+        const i64h n_lo = select(a_lo < zero, -a_lo, a_lo) <= t_near;
+        const i64h n_hi = select(a_hi < zero, -a_hi, a_hi) <= t_near;
+        fl |= join<i32>(convert<i32h>(n_lo), convert<i32h>(n_hi)) & int32_t(kG);
       }
       if (rthr_top) fl |= (v >= rt) & int32_t(kRt);
-      if (col_top) fl |= (v >= load<f32x8>(rthr_top + j0) - vM) & int32_t(kCt);
+      if (col_top) fl |= (v >= load<f32>(rthr_top + j0) - vM) & int32_t(kCt);
       if (rthr_bot) fl |= (v <= rb) & int32_t(kRb);
-      if (col_bot) fl |= (v <= load<f32x8>(rthr_bot + j0) + vM) & int32_t(kCb);
+      if (col_bot) fl |= (v <= load<f32>(rthr_bot + j0) + vM) & int32_t(kCb);
       if (A.do_out) {
         // counted here (a mask lane is -1); flagged only for the list
-        const i32x8 sure = (v < oa_lo) | (v > ob_hi);
+        const i32 sure = (v < oa_lo) | (v > ob_hi);
         orow_v -= sure;
-        store(colcnt + jj, load<i32x8>(colcnt + jj) - sure);
+        store(colcnt + jj, load<i32>(colcnt + jj) - sure);
         if (list_out) fl |= sure & int32_t(kOut);
         if (maybe_out) fl |= ~sure & ((v < oa_hi) | (v > ob_lo)) & int32_t(kMaybe);
       }
@@ -237,12 +244,12 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
         store(flags, fl);
         uint32_t seen = 0;
         for (int l = 0; l < W; ++l) seen |= flags[l];
-        block_slow(A, c, i, ii, jj, j0, vals, flags, deferred, orow);
+        block_slow<W>(A, c, i, ii, jj, j0, vals, flags, deferred, orow);
         if (!deferred && (seen & (kG | kMaybe))) refresh();
       }
     }
     for (; jj < nc; ++jj) pair_one(A, c, i, c0 + jj, jj, row[jj], s, s2, orow);
-    for (int l = 0; l < W; ++l) orow += orow_v[l];
+    orow += sum(orow_v);
     if (A.do_out) {
       c.out_count += orow;
       c.out_rows[i] += orow;
@@ -257,13 +264,13 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
 
 void fused_tile_generic(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C, int64_t ldc,
                         int64_t r0, int64_t nr, int64_t c0, int64_t nc, double* tsum, double* tsumsq) {
-  fused_body(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
+  fused_body<4>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
 }
 
 EMBGEOM_AVX2 void fused_tile_avx2(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C,
                                   int64_t ldc, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                                   double* tsum, double* tsumsq) {
-  fused_body(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
+  fused_body<8>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
 }
 
 void rescore_candidates(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t r0, int64_t c0) {
