@@ -24,11 +24,6 @@ struct PairwiseEngine::ThreadCtx {
   int64_t ldc = 0;
   PairList max1, min1, top, bottom, near, outp;
   std::vector<int64_t> hist;
-  // The passes count histogram slots here first: kHistCopies counters per slot, value l of a
-  // step in copy l % kHistCopies, so runs of equal slots (common: values cluster) do not wait on
-  // one another's increment. Flushed into `hist` (flush_hist_copies) before they can overflow.
-  AlignedBuf<uint32_t> hist_copies;
-  int64_t hist_pending = 0;  // values counted in hist_copies since the last flush
   RowLists rtop, rbot;  // exact mode
   RowCands ctop, cbot;  // fast mode
   int64_t out_count = 0;
@@ -96,17 +91,6 @@ inline float thr_hi(const PairList& l) { return l.full() ? l.e.back().v : -kInf;
 inline float thr_lo(const PairList& l) { return l.full() ? l.e.back().v : kInf; }
 inline double thr_dist(const PairList& l) {
   return l.full() ? -l.e.back().key : std::numeric_limits<double>::infinity();
-}
-
-constexpr int kHistCopies = 4;
-inline void flush_hist_copies(PairwiseEngine::ThreadCtx& c) {
-  uint32_t* h = c.hist_copies.data();
-  for (size_t b = 0; b < c.hist.size(); ++b)
-    for (int q = 0; q < kHistCopies; ++q) {
-      c.hist[b] += h[b * kHistCopies + q];
-      h[b * kHistCopies + q] = 0;
-    }
-  c.hist_pending = 0;
 }
 
 inline int64_t hist_bin(const FusedArgs& A, float v) {

@@ -47,7 +47,7 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
   const __m512 oa_lo = _mm512_set1_ps(A.oa - A.M), ob_hi = _mm512_set1_ps(A.ob + A.M);
   const __m512 oa_hi = _mm512_set1_ps(A.oa + A.M), ob_lo = _mm512_set1_ps(A.ob - A.M);
   const __m512i ones = _mm512_set1_epi32(1);
-  uint32_t* hist = A.do_hist ? c.hist_copies.data() : nullptr;
+  int64_t* hist = A.do_hist ? c.hist.data() : nullptr;
   int32_t* colcnt = c.colcnt.data();
   const float* rthr_top = A.do_rtop ? row_filter(A, c, true) : nullptr;
   const float* rthr_bot = A.do_rbot ? row_filter(A, c, false) : nullptr;
@@ -110,9 +110,9 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
         _mm256_store_si256(reinterpret_cast<__m256i*>(c.idx), hist_bins8(d0, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
         _mm256_store_si256(reinterpret_cast<__m256i*>(c.idx + 8), hist_bins8(d1, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
         if (m == 0xffff) {
-          for (int l = 0; l < 16; ++l) hist[c.idx[l] * kHistCopies + l % kHistCopies]++;
+          for (int l = 0; l < 16; ++l) hist[c.idx[l]]++;
         } else {
-          for (int l = 0; l < rem; ++l) hist[c.idx[l] * kHistCopies + l % kHistCopies]++;
+          for (int l = 0; l < rem; ++l) hist[c.idx[l]]++;
         }
       }
       // global lists and extremes

@@ -132,7 +132,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
   const float M = A.M;
   double s = 0.0, s2 = 0.0;                                       // tails
   f64h s_lo = {}, s_hi = {}, q_lo = {}, q_hi = {};  // blocks, per lane
-  uint32_t* hist = A.do_hist ? c.hist_copies.data() : nullptr;
+  int64_t* hist = A.do_hist ? c.hist.data() : nullptr;
   const float* rthr_top = A.do_rtop ? row_filter(A, c, true) : nullptr;
   const float* rthr_bot = A.do_rbot ? row_filter(A, c, false) : nullptr;
   const bool col_top = rthr_top && A.self, col_bot = rthr_bot && A.self;
@@ -216,7 +216,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
         alignas(32) int32_t slot[W];
         store(slot, slots(d_lo));
         store(slot + W / 2, slots(d_hi));
-        for (int l = 0; l < W; ++l) hist[slot[l] * kHistCopies + l % kHistCopies]++;
+        for (int l = 0; l < W; ++l) hist[slot[l]]++;
       }
       i32 fl = ((v >= t_hi) | (v <= t_lo)) & int32_t(kG);
       if (A.do_near) {

@@ -16,11 +16,8 @@
 namespace embgeom {
 
 
-// a uint32 histogram copy counts at most this many values between flushes
-constexpr int64_t kHistFlushValues = int64_t(1) << 31;
-
 // The fused pass takes a tile's values in bands of rows. With the own kernels the product, too,
-// is computed band by band, so a band goes to the pass while still in cache; OpenBLAS (unpacked
+// is computed band by band (a buffer of kBandRows rows, not a whole tile); OpenBLAS (unpacked
 // rows) computes the whole tile in one call.
 void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double* tsumsq) const {
   const Tile T = tile(t);
@@ -39,8 +36,6 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
     fused_(A, c, C, ldc, b0, b1 - b0, c0, ncols, &s, &s2);
     *tsum += s;
     *tsumsq += s2;
-    c.hist_pending += (b1 - b0) * ncols;
-    if (opt_.bins > 0 && c.hist_pending > kHistFlushValues) flush_hist_copies(c);
   };
   if (kern_.blas) {
     // unpacked rows straight into C (+16: room for masked tails, odd stride)
@@ -69,7 +64,6 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
       pass(c.C.data() + (b0 - p0 * mr) * ldc + coff, ldc, b0, b1);
     }
   }
-  if (opt_.bins > 0) flush_hist_copies(c);
   if (opt_.has_outside) {
     int64_t* dst = self_ ? c.out_rows.data() : c.out_cols.data();
     const int32_t* cc = c.colcnt.data();
@@ -179,7 +173,6 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     c->near = st_.near;
     c->outp = st_.outside_pairs;
     c->hist.assign(st_.hist.size(), 0);
-    c->hist_copies.reset(static_cast<int64_t>(st_.hist.size()) * kHistCopies);
     if (fast_) {
       if (st_.row_top.k > 0) c->ctop.init(n_, st_.row_top.k, true, err_bound_, shared_top.data());
       if (st_.row_bottom.k > 0) c->cbot.init(n_, st_.row_bottom.k, false, err_bound_, shared_bottom.data());
