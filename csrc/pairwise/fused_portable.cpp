@@ -178,8 +178,6 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
     const float* row = C + ii * ldc;
     const int64_t jb = A.diag ? i - c0 + 1 : 0;  // strictly above the diagonal
     const float na = A.metric == 2 ? A.xn2[i] : 0.0f;
-    const f32 rt = splat<f32>(rthr_top ? rthr_top[i] - M : 0.0f);
-    const f32 rb = splat<f32>(rthr_bot ? rthr_bot[i] + M : 0.0f);
     int64_t orow = 0;
     i32 orow_v = {};  // sure outside values of the row's blocks, per lane
     // whether the outside-pairs list may still take pairs of row i (it only closes as it fills)
@@ -225,9 +223,10 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
         const i64h n_hi = select(a_hi < zero, -a_hi, a_hi) <= t_near;
         fl |= join<i32>(convert<i32h>(n_lo), convert<i32h>(n_hi)) & int32_t(kG);
       }
-      if (rthr_top) fl |= (v >= rt) & int32_t(kRt);
+      // row i's own threshold is read again every block: it rises as the row's list fills
+      if (rthr_top) fl |= (v >= splat<f32>(rthr_top[i] - M)) & int32_t(kRt);
       if (col_top) fl |= (v >= load<f32>(rthr_top + j0) - vM) & int32_t(kCt);
-      if (rthr_bot) fl |= (v <= rb) & int32_t(kRb);
+      if (rthr_bot) fl |= (v <= splat<f32>(rthr_bot[i] + M)) & int32_t(kRb);
       if (col_bot) fl |= (v <= load<f32>(rthr_bot + j0) + vM) & int32_t(kCb);
       if (A.do_out) {
         // counted here (a mask lane is -1); flagged only for the list
