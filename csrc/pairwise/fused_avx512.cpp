@@ -187,21 +187,10 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
         orow += __builtin_popcount(mo);
         __m512i cc = _mm512_loadu_si512(colcnt + jj);
         _mm512_storeu_si512(colcnt + jj, _mm512_mask_add_epi32(cc, mo, cc, ones));
-        if (!c.outp.full() || i <= c.outp.e.back().i) {
+        if (outside_list_open(c, i)) {
           alignas(64) float vals[16];
           _mm512_store_ps(vals, v);
-          __mmask16 todo = mo;
-          while (todo) {
-            const int l = __builtin_ctz(todo);
-            todo &= todo - 1;
-            const int64_t j = j0 + l;
-            if (c.outp.full() && (i > c.outp.e.back().i || (i == c.outp.e.back().i && j > c.outp.e.back().j))) break;
-            if (deferred) {
-              c.cand.push_back({int32_t(ii), int32_t(jj + l), kCandOutPair});
-              continue;
-            }
-            offer_outside(c, A.fast ? E.exact_value(i, j) : vals[l], i, j);
-          }
+          list_outside(A, c, i, ii, jj, j0, mo, vals, deferred);
         }
       }
     }

@@ -63,7 +63,7 @@ __attribute__((always_inline)) inline void pair_one(const FusedArgs& A, Pairwise
     if (o) {
       ++orow;
       c.colcnt.data()[jj]++;
-      if (!c.outp.full() || i <= c.outp.e.back().i) offer_outside(c, exact(), i, j);
+      if (outside_list_open(c, i)) offer_outside(c, exact(), i, j);
     }
   }
 }
@@ -103,17 +103,7 @@ void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int
     int32_t* colcnt = c.colcnt.data() + jj;
     for (uint32_t todo = counted; todo; todo &= todo - 1) colcnt[__builtin_ctz(todo)]++;
   }
-  if (!listed || (c.outp.full() && i > c.outp.e.back().i)) return;
-  for (uint32_t todo = listed; todo; todo &= todo - 1) {
-    const int l = __builtin_ctz(todo);
-    const int64_t j = j0 + l;
-    if (c.outp.full() && (i > c.outp.e.back().i || (i == c.outp.e.back().i && j > c.outp.e.back().j))) break;
-    if (deferred) {
-      c.cand.push_back({int32_t(ii), int32_t(jj + l), kCandOutPair});
-      continue;
-    }
-    offer_outside(c, A.fast ? E.exact_value(i, j) : v[l], i, j);
-  }
+  if (listed && outside_list_open(c, i)) list_outside(A, c, i, ii, jj, j0, listed, v, deferred);
 }
 
 template <int W>
@@ -180,8 +170,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
     const float na = A.metric == 2 ? A.xn2[i] : 0.0f;
     int64_t orow = 0;
     i32 orow_v = {};  // sure outside values of the row's blocks, per lane
-    // whether the outside-pairs list may still take pairs of row i (it only closes as it fills)
-    const bool list_out = A.do_out && (!c.outp.full() || i <= c.outp.e.back().i);
+    const bool list_out = A.do_out && outside_list_open(c, i);
     int64_t jj = jb;
     for (; jj + W <= nc; jj += W) {
       const int64_t j0 = c0 + jj;
