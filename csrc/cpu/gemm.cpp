@@ -22,13 +22,13 @@
 namespace embgeom {
 
 template <class T>
-void AlignedBuf<T>::reset(int64_t count, bool zero) {
+void AlignedBuf<T>::reset(int64_t count) {
   n = count;
   size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
   if (bytes == 0) bytes = 64;
   void* q = std::aligned_alloc(64, bytes);
   if (!q) throw std::bad_alloc();
-  if (zero) std::memset(q, 0, bytes);
+  std::memset(q, 0, bytes);
   p.reset(static_cast<T*>(q));
 }
 template struct AlignedBuf<float>;
@@ -243,12 +243,11 @@ void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width,
   out.panels = (rows + width - 1) / width;
   out.kdim = bf16 ? (d + 1) / 2 : d;
   const int64_t total = out.panels * out.kdim * width;
-  // every entry is written below (padding rows as zeros), first touched by the packing threads
   if (bf16) {
-    out.b16.reset(total, false);
+    out.b16.reset(total);
     out.f32.reset(0);
   } else {
-    out.f32.reset(total, false);
+    out.f32.reset(total);
     out.b16.reset(0);
   }
 #ifdef EMBGEOM_OPENMP
@@ -276,11 +275,6 @@ void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width,
       for (int64_t k = 0; k < d; ++k)
         for (int64_t r = 0; r < nr; ++r) dst[k * width + r] = src[r * ld + k];
     }
-    for (int64_t k = 0; k < out.kdim && nr < width; ++k)  // the last panel's padding rows
-      for (int64_t r = nr; r < width; ++r) {
-        if (bf16) out.b16.data()[(p * out.kdim + k) * width + r] = 0;
-        else out.f32.data()[(p * out.kdim + k) * width + r] = 0.0f;
-      }
   }
 }
 

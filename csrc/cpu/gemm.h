@@ -22,12 +22,12 @@ struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 
-// 64-byte aligned buffer, zero-initialised unless the owner writes every entry first.
+// 64-byte aligned, zero-initialised buffer.
 template <class T>
 struct AlignedBuf {
   std::unique_ptr<T[], FreeDeleter> p;
   int64_t n = 0;
-  void reset(int64_t count, bool zero = true);
+  void reset(int64_t count);
   T* data() { return p.get(); }
   const T* data() const { return p.get(); }
 };
