@@ -47,7 +47,7 @@ demo-text: build
 	HF_HUB_OFFLINE=1 $(VENV)/bin/embgeom vocab --positions 0:512 --projections --out $(TEXT_OUT)/vocab
 	@echo "reports: $(TEXT_OUT)/*/report.html, projection.html and the *.html scatters"
 
-test: build
+test: build check-native
 	$(PY) -m embgeom.info
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton_interp tests
@@ -76,16 +76,19 @@ gpu-static: build
 clean:
 	rm -rf $(VENV) build _skbuild *.egg-info python/embgeom/*.so
 
-# The C++ core alone against independently computed results (csrc/tests/check_engine.cpp).
+# The C++ core alone against independently computed results (csrc/tests/check_engine.cpp), at
+# every vector level this CPU has (`make test` runs it first).
 # check-aarch64 cross-compiles it for aarch64 and runs it under qemu: needs Debian's
 # g++-aarch64-linux-gnu and qemu-user (not needed by `make test`).
 CORE_SRC := $(filter-out csrc/bindings.cpp,$(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/pairwise/*.cpp))
 CHECK_FLAGS := -std=c++17 -O2 -fno-math-errno -fno-trapping-math -fopenmp -DEMBGEOM_OPENMP=1 -Icsrc -Wall
 
 .PHONY: check-native check-aarch64
-check-native:
+build/check_engine: $(CORE_SRC) $(wildcard csrc/*.h csrc/cpu/*.h csrc/pairwise/*.h) csrc/tests/check_engine.cpp
 	mkdir -p build
-	g++ $(CHECK_FLAGS) $(CORE_SRC) csrc/tests/check_engine.cpp -o build/check_engine -ldl
+	g++ $(CHECK_FLAGS) $(CORE_SRC) csrc/tests/check_engine.cpp -o $@ -ldl
+
+check-native: build/check_engine
 	OMP_NUM_THREADS=2 ./build/check_engine
 	OMP_NUM_THREADS=2 EMBGEOM_CPU=avx2 ./build/check_engine
 	OMP_NUM_THREADS=2 EMBGEOM_CPU=generic ./build/check_engine

@@ -1,8 +1,8 @@
 """GPU benchmark (issue 7): embgeom's triton/cuda engines against the GPU baselines, one run.
 
-    python benchmarks/benchtriton_backend.py                                   # everything (long)
-    python benchmarks/benchtriton_backend.py --n 1048576 --d 768 --dtype bf16  # the headline row
-    python benchmarks/benchtriton_backend.py --n 30522 --d 384 --dtype bf16 tf32 --providers triton torch-chunked
+    python benchmarks/bench_gpu.py                                   # everything (long)
+    python benchmarks/bench_gpu.py --n 1048576 --d 768 --dtype bf16  # the headline row
+    python benchmarks/bench_gpu.py --n 30522 --d 384 --dtype bf16 tf32 --providers triton torch-chunked
 
 Workloads (metric column):
   pairwise_stats     full all-pairs output (2000 bins, top/bottom-10, row top-10, outside
@@ -127,9 +127,9 @@ def run_embgeom(x, dtype, opts, engine_cls, block=None):
 
 
 def recheck(prov, got, x) -> bool:
-    """embgeom.engine.verify on an embgeom result: lists against float64, counts summing to
+    """verify.recheck (benchmarks/verify.py) on an embgeom result: lists against float64, counts summing to
     N(N-1)/2 (values are rescored exactly in fast precision, so an fp32 tolerance)."""
-    from embgeom.engine.verify import recheck as verify
+    from verify import recheck as verify
 
     rep = verify(got["result"], x, tol=1e-5 * max(1.0, math.sqrt(x.shape[1]) / 8) * 4)
     print(f"  recheck {prov}: {'ok' if rep['ok'] else 'FAILED'} {rep['checked']} {rep['failures']}", flush=True)
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
                     help="tile side of the triton/cuda engines (default 64; 128 trades spills for MMA size)")
     ap.add_argument("--csv", default="gpu.csv")
     ap.add_argument("--recheck", action="store_true",
-                    help="float64 recheck of embgeom's lists and counts (embgeom.engine.verify)")
+                    help="float64 recheck of embgeom's lists and counts (benchmarks/verify.py)")
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
 

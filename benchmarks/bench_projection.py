@@ -91,7 +91,7 @@ def their_graph(provider: str, x: np.ndarray, args) -> np.ndarray:
 
 
 def child(args) -> None:
-    from embgeom.analysis.clouds import exact_knn, knn_recall
+    from embgeom.analysis.clouds.projection import exact_knn, knn_recall
 
     x = word_embeddings(args.n)
     run_one(args.provider, x[:300], args)              # warm-up: numba / pynndescent compilation
@@ -106,7 +106,7 @@ def child(args) -> None:
 
 
 def check_exact(x: np.ndarray, k: int) -> None:
-    from embgeom.analysis.clouds import exact_knn
+    from embgeom.analysis.clouds.projection import exact_knn
 
     idx, sim, _ = exact_knn(x, k)
     rows = np.random.default_rng(0).choice(x.shape[0], size=min(500, x.shape[0]), replace=False)

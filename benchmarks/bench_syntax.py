@@ -22,13 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_rows, git_sha, peak_rss_mb, today, versions  # noqa: E402
 
 from embgeom import load_model  # noqa: E402
-from embgeom.analysis import syntax as sx  # noqa: E402
+from embgeom.analysis.syntax import treebank, word_heads  # noqa: E402
 
 
 def make_treebank(path: str, n: int, seed: int = 0) -> None:
     import conllu
 
-    with open(sx.sample_path(), encoding="utf-8") as f:
+    with open(treebank.sample_path(), encoding="utf-8") as f:
         base = conllu.parse(f.read())
     forms: dict[str, list[str]] = {}
     for s in base:
@@ -57,11 +57,11 @@ def main() -> None:
     path = os.path.join(tempfile.mkdtemp(), "bench.conllu")
     make_treebank(path, args.sentences)
     t0 = time.perf_counter()
-    sentences = sx.read_conllu(path)
+    sentences = treebank.read_conllu(path)
     t_read = time.perf_counter() - t0
     model, tokenizer = load_model(args.model)
     t1 = time.perf_counter()
-    block = sx.syntax_heads(model, tokenizer, sentences, batch_size=args.batch)
+    block = word_heads.syntax_heads(model, tokenizer, sentences, batch_size=args.batch)
     t_run = time.perf_counter() - t1
     words = block["n_words"]
     print(f"threads={torch.get_num_threads()} sentences={block['n_sentences']} words={words}: "

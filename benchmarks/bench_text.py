@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_rows, git_sha, peak_rss_mb, timeit, today, versions  # noqa: E402
 
 from embgeom import load_model  # noqa: E402
-from embgeom.analysis.trace import (TraceAccumulator, iter_batches, model_max_length,  # noqa: E402
+from embgeom.analysis.text.trace import (TraceAccumulator, iter_batches, model_max_length,  # noqa: E402
                                     sentence_tables, trace)
 
 
@@ -94,8 +94,8 @@ def overhead(args) -> None:
             a = TraceAccumulator(L, H, max_len, model.config.vocab_size, dev, metrics=(name,))
             parts[name] = timeit(lambda: a.update(batches[0]), args.repeats)["median_ms"]
         # the opt-in extras of `embgeom text` (--heads, --clark-js, --gaussianity), one batch each
-        from embgeom.analysis.gaussianity import GaussianityAccumulator
-        from embgeom.analysis.heads import HeadsAccumulator, clark_js_sums
+        from embgeom.analysis.heads.gaussianity import GaussianityAccumulator
+        from embgeom.analysis.heads.measures import HeadsAccumulator, clark_js_sums
 
         h = HeadsAccumulator(L, H, max_len, dev)
         parts["--heads"] = timeit(lambda: h.update(batches[0]), args.repeats)["median_ms"]

@@ -118,6 +118,7 @@ py::dict cpu_info() {
   {
     const float one = 1.0f;
     embgeom::PairwiseOptions o;
+    o.block = 1;  // a one-row probe: only the pass it picks is read
     embgeom::PairwiseEngine e(&one, 1, nullptr, 0, 1, o);
     d["fused_pass"] = std::string(e.fused_name());
   }
@@ -229,13 +230,12 @@ PYBIND11_MODULE(_C, m) {
                return std::make_unique<PairwiseEngine>(x.data(), x.shape(0), y ? y->data() : nullptr,
                                                        y ? y->shape(0) : 0, D, o);
              }),
-             py::arg("x"), py::arg("y") = py::none(), py::kw_only(), py::arg("metric") = "cosine",
-             py::arg("precision") = "exact", py::arg("block") = 512, py::arg("bins") = 2000,
-             py::arg("lo") = -1.0, py::arg("hi") = 1.0, py::arg("topk") = 10, py::arg("bottomk") = 10,
-             py::arg("near") = py::none(), py::arg("near_k") = 10, py::arg("row_topk") = 0,
-             py::arg("row_bottomk") = 0, py::arg("outside") = py::none(),
-             py::arg("outside_limit") = 1000, py::arg("threads") = 0,
-             py::arg("moment_shift") = 0.0)
+             // every option explicit: the defaults live in python/embgeom/engine/config.py alone
+             py::arg("x"), py::arg("y").none(true), py::kw_only(), py::arg("metric"),
+             py::arg("precision"), py::arg("block"), py::arg("bins"), py::arg("lo"), py::arg("hi"),
+             py::arg("topk"), py::arg("bottomk"), py::arg("near").none(true), py::arg("near_k"),
+             py::arg("row_topk"), py::arg("row_bottomk"), py::arg("outside").none(true),
+             py::arg("outside_limit"), py::arg("threads"), py::arg("moment_shift"))
         .def("num_tiles", &PairwiseEngine::num_tiles)
         .def("tile_pairs", &PairwiseEngine::tile_pairs, py::arg("begin"), py::arg("end"))
         .def("run", &PairwiseEngine::run, py::arg("begin"), py::arg("end"),

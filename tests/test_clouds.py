@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import embgeom
-from embgeom.analysis import clouds, positions
+from embgeom.analysis.clouds import geometry, projection
+from embgeom.analysis.vocab import positions
 from embgeom.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:trace. texts longer")
@@ -42,22 +43,22 @@ def _brute_knn(x, k):
 def test_exact_knn_vs_brute_force(n, k):
     x, _ = _clusters()
     x = x[:n]
-    idx, sim, _ = clouds.exact_knn(x, k)
+    idx, sim, _ = projection.exact_knn(x, k)
     want_i, want_s = _brute_knn(x, k)
     np.testing.assert_allclose(sim, want_s, atol=1e-5)
     # equal up to ties: indices differ only where the values tie
     same = idx == want_i
     assert np.all(same | np.isclose(sim, want_s, atol=1e-6))
-    assert clouds.knn_recall(idx, want_i) >= 0.99
+    assert projection.knn_recall(idx, want_i) >= 0.99
 
 
 def test_exact_knn_errors():
     x, _ = _clusters()
     with pytest.raises(ValueError, match="k: expected"):
-        clouds.exact_knn(x, 60)
+        projection.exact_knn(x, 60)
     x[2] = 0
     with pytest.raises(ValueError, match="zero rows"):
-        clouds.exact_knn(x, 3)
+        projection.exact_knn(x, 3)
 
 
 @pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
@@ -75,7 +76,7 @@ def test_projection_deterministic_and_graph_exact(method):
         k = 8 if method == "umap" else 15                # t-SNE: k = 3 * perplexity
         want_i, _ = _brute_knn(x, k)
         assert a.k == k and a.indices.shape == (60, k)
-        assert clouds.knn_recall(a.indices, want_i) >= 0.99
+        assert projection.knn_recall(a.indices, want_i) >= 0.99
     else:
         assert a.explained_variance.shape == (16,) and abs(a.explained_variance.sum() - 1) < 1e-9
         assert set(a.pca_curves) == {"all", "g0", "g1", "g2"}
@@ -88,7 +89,7 @@ def test_pca_matches_sklearn():
     from sklearn.decomposition import PCA
 
     x, _ = _clusters()
-    ratio, proj = clouds.pca(x, 2)
+    ratio, proj = projection.pca(x, 2)
     sk = PCA(2).fit(x.astype(np.float64))
     np.testing.assert_allclose(ratio[:2], sk.explained_variance_ratio_, rtol=1e-6)
     got = proj * np.sign(proj[0])                        # components are defined up to sign
@@ -106,7 +107,7 @@ def test_missing_package_names_pip_package(monkeypatch):
 def test_within_between_vs_numpy():
     x, labels = _clusters(n_per=7, groups=3)
     x[0] = 0                                             # a zero row is left out
-    w, b = clouds.within_between_cosine(x, labels)
+    w, b = geometry.within_between_cosine(x, labels)
     keep = np.any(x != 0, axis=1)
     u = x[keep].astype(np.float64)
     u /= np.linalg.norm(u, axis=1, keepdims=True)
@@ -121,7 +122,7 @@ def test_within_between_vs_numpy():
 def test_set_stats_vs_numpy():
     x, labels = _clusters(n_per=9, groups=2)
     a, b = x[:9].astype(np.float64), x[9:].astype(np.float64)
-    s = clouds.set_stats(x[:9], x[9:], bins=10)
+    s = geometry.set_stats(x[:9], x[9:], bins=10)
     ua = a / np.linalg.norm(a, axis=1, keepdims=True)
     ub = b / np.linalg.norm(b, axis=1, keepdims=True)
     assert s["cosine"]["count"] == 81 and s["cosine"]["mean"] == pytest.approx((ua @ ub.T).mean(), abs=1e-6)
@@ -129,7 +130,7 @@ def test_set_stats_vs_numpy():
     assert s["euclidean"]["mean"] == pytest.approx(dist.mean(), rel=1e-5)
     assert s["euclidean"]["max"] == pytest.approx(dist.max(), rel=1e-5)
     assert sum(s["euclidean"]["hist"]["counts"]) == 81
-    t = clouds.set_stats(x[:9], bins=10)
+    t = geometry.set_stats(x[:9], bins=10)
     iu, ju = np.triu_indices(9, 1)
     assert t["cosine"]["count"] == 36 and t["cosine"]["mean"] == pytest.approx((ua @ ua.T)[iu, ju].mean(), abs=1e-6)
 

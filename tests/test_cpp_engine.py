@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from helpers import blas_products, pair_tolerance
 
+from embgeom.engine.config import DEFAULTS
+
 _C = pytest.importorskip("embgeom._C")
 if not hasattr(_C, "PairwiseEngine"):
     pytest.skip("embgeom._C built without PairwiseEngine", allow_module_level=True)
@@ -35,8 +37,14 @@ def make_x(n, d, seed=0, zero_rows=(), dup=()):
     return x
 
 
+def engine_args(**kw):
+    """Every keyword of _C.PairwiseEngine (the binding has no defaults): the config's defaults,
+    one OpenMP default thread count, no moment shift, then kw."""
+    return {**DEFAULTS.describe(), "threads": 0, "moment_shift": 0.0, **kw}
+
+
 def run_engine(x, y=None, chunks=1, **kw):
-    e = _C.PairwiseEngine(x, y, **kw)
+    e = _C.PairwiseEngine(x, y, **engine_args(**kw))
     t = e.num_tiles()
     cuts = np.linspace(0, t, chunks + 1).astype(int)
     for a, b in zip(cuts[:-1], cuts[1:]):
@@ -297,11 +305,11 @@ def test_resume_from_state(cross):
     y = make_x(50, 24, seed=6, zero_rows=(3,)) if cross else None
     kw = dict(metric="cosine", block=16, threads=2, **OPTS)
     full = run_engine(x, y, **kw)
-    e1 = _C.PairwiseEngine(x, y, **kw)
+    e1 = _C.PairwiseEngine(x, y, **engine_args(**kw))
     half = e1.num_tiles() // 2
     e1.run(0, half)
     saved = e1.state()
-    e2 = _C.PairwiseEngine(x, y, **kw)
+    e2 = _C.PairwiseEngine(x, y, **engine_args(**kw))
     e2.load_state(saved)
     assert_states_equal(e2.state(), saved)
     e2.run(half, e2.num_tiles())
@@ -321,7 +329,7 @@ def test_fast_mode_rescored(metric, cross):
     kw = dict(metric=metric, block=32, threads=2, **opts)
     exact = run_engine(x, y, precision="exact", **kw)
     fast = run_engine(x, y, precision="fast", **kw)
-    eng = _C.PairwiseEngine(x, y, precision="fast", **kw)
+    eng = _C.PairwiseEngine(x, y, **engine_args(precision="fast", **kw))
     if "bf16" not in eng.kernel:
         assert fast["hist_error_bound"] == 0.0
     else:
@@ -374,20 +382,20 @@ def test_kernels_agree_bitwise(monkeypatch):
 def test_argument_errors():
     x = make_x(4, 3)
     with pytest.raises(ValueError, match="metric"):
-        _C.PairwiseEngine(x, None, metric="manhattan")
+        _C.PairwiseEngine(x, None, **engine_args(metric="manhattan"))
     with pytest.raises(ValueError, match="block"):
-        _C.PairwiseEngine(x, None, block=0)
+        _C.PairwiseEngine(x, None, **engine_args(block=0))
     with pytest.raises(ValueError, match="range"):
-        _C.PairwiseEngine(x, None, bins=10, lo=1.0, hi=1.0)
+        _C.PairwiseEngine(x, None, **engine_args(bins=10, lo=1.0, hi=1.0))
     with pytest.raises(ValueError, match="outside"):
-        _C.PairwiseEngine(x, None, outside=(1.0, 0.0))
+        _C.PairwiseEngine(x, None, **engine_args(outside=(1.0, 0.0)))
     with pytest.raises(ValueError, match="y"):
-        _C.PairwiseEngine(x, make_x(3, 5))
+        _C.PairwiseEngine(x, make_x(3, 5), **engine_args())
     bad = x.copy()
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match="row 2"):
-        _C.PairwiseEngine(bad, None)
-    e = _C.PairwiseEngine(x, None)
+        _C.PairwiseEngine(bad, None, **engine_args())
+    e = _C.PairwiseEngine(x, None, **engine_args())
     with pytest.raises(ValueError, match="tiles"):
         e.run(0, e.num_tiles() + 1)
     assert e.tile_pairs(0, e.num_tiles()) == 6 and math.isfinite(e.hist_error_bound)
@@ -396,7 +404,7 @@ def test_argument_errors():
 def test_cpu_cap_is_reported_and_checked(cpu_cap, monkeypatch):
     info = _C.cpu_info()
     assert info["cap"] == cpu_cap and info["isa"] == cpu_cap
-    e = _C.PairwiseEngine(make_x(20, 7), None)
+    e = _C.PairwiseEngine(make_x(20, 7), None, **engine_args())
     assert e.isa == cpu_cap
     assert e.fused_pass == ("avx512" if cpu_cap == "avx512" else f"portable-{cpu_cap}")
     if cpu_cap == "avx2":  # the own AVX2 kernel over packed panels; fast runs the exact product
@@ -405,7 +413,7 @@ def test_cpu_cap_is_reported_and_checked(cpu_cap, monkeypatch):
         assert e.kernel == "openblas-sgemm" and info["gemm_fast"].startswith("openblas-sgemm (no native bf16")
     monkeypatch.setenv("EMBGEOM_CPU", "sse9")
     with pytest.raises(ValueError, match="EMBGEOM_CPU"):
-        _C.PairwiseEngine(make_x(4, 3), None)
+        _C.PairwiseEngine(make_x(4, 3), None, **engine_args())
 
 
 def test_without_openblas_the_own_kernels_run(cpu_cap):
@@ -415,8 +423,9 @@ def test_without_openblas_the_own_kernels_run(cpu_cap):
     import subprocess
     import sys
 
-    code = ("import json, numpy as np, embgeom._C as C; x = np.random.default_rng(0).standard_normal((50, 9)).astype(np.float32); "
-            "e = C.PairwiseEngine(x, None, bins=10, topk=3); e.run(0, e.num_tiles()); s = e.state(); "
+    code = ("import json, numpy as np, embgeom._C as C; from embgeom.engine.config import DEFAULTS; "
+            "x = np.random.default_rng(0).standard_normal((50, 9)).astype(np.float32); "
+            "e = C.PairwiseEngine(x, None, **{**DEFAULTS.describe(), 'threads': 0, 'moment_shift': 0.0, 'bins': 10, 'topk': 3}); e.run(0, e.num_tiles()); s = e.state(); "
             "print(json.dumps({'info': C.cpu_info(), 'kernel': e.kernel, 'count': s['count'], 'top': s['top'][1].tolist()}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "EMBGEOM_OPENBLAS": "0", "EMBGEOM_CPU": cpu_cap}).stdout

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from embgeom.engine import distributed
+from embgeom import distributed
 from embgeom.cli import main
 
 from helpers import make_embeddings, small_int_embeddings

@@ -15,8 +15,8 @@ import torch
 
 from conftest import PUNCT, WORDS
 from embgeom import load_model, reference
-from embgeom.analysis import adapters
-from embgeom.analysis.trace import iter_batches, trace
+from embgeom.analysis.text import adapters
+from embgeom.analysis.text.trace import iter_batches, trace
 from embgeom.cli import main
 
 TEXTS = ["the cat sat on the mat .", "a dog !", "she was in the house ? he was not , they were .",

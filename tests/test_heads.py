@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from embgeom.analysis import heads as hd
-from embgeom.analysis.gaussianity import GaussianityAccumulator
-from embgeom.analysis.trace import iter_batches, trace
+from embgeom.analysis.heads import measures as hd
+from embgeom.analysis.heads.gaussianity import GaussianityAccumulator
+from embgeom.analysis.text.trace import iter_batches, trace
 
 TEXTS = [
     "the cat sat on the mat . the dog ran !",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from embgeom import reference
-from embgeom.analysis.trace import cls_differences, iter_batches, model_max_length, punctuation_table, trace
+from embgeom.analysis.text.trace import cls_differences, iter_batches, model_max_length, punctuation_table, trace
 
 TEXTS = [
     "the cat sat on the mat .",

@@ -11,7 +11,7 @@ pytest.importorskip("faiss")
 
 import embgeom  # noqa: E402
 from embgeom import cli  # noqa: E402
-from embgeom.knn import recall_at_k  # noqa: E402
+from embgeom.neighbours import recall_at_k  # noqa: E402
 
 
 def brute_force(x: np.ndarray, k: int, queries=None, exclude_self=True) -> tuple[np.ndarray, np.ndarray]:

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from embgeom.analysis import syntax as sx
+from embgeom.analysis.syntax import treebank, word_heads
 from embgeom.cli import main
 
-SAMPLE = sx.sample_path()
+SAMPLE = treebank.sample_path()
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def pieces_bert(tmp_path_factory):
 
     from embgeom import load_model
 
-    words = sorted({w.lower() for s in sx.read_conllu(SAMPLE) for w in s.words})
+    words = sorted({w.lower() for s in treebank.read_conllu(SAMPLE) for w in s.words})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "'", "s"]
     for w in words:
         if not w.isalpha():
@@ -61,7 +61,7 @@ def _expected(model, tokenizer, sentences):
     K = L * H
     rels = sorted({r for s in sentences for r in s.relations})
     correct = {r: torch.zeros(K, 2, dtype=torch.float64) for r in rels + ["all"]}
-    offs = {r: {o: 0 for o in sx.OFFSETS} for r in rels + ["all"]}
+    offs = {r: {o: 0 for o in word_heads.OFFSETS} for r in rels + ["all"]}
     total = {r: 0 for r in rels + ["all"]}
     for s in sentences:
         pieces = [tokenizer.tokenize(w) or [tokenizer.unk_token] for w in s.words]
@@ -86,7 +86,7 @@ def _expected(model, tokenizer, sentences):
                 pred = (m.argmax(-1) + 1).tolist()
                 for i in range(W):
                     p = pred[i]
-                    if s.relations[i] in sx.POSS_RELATIONS and i + 1 < W and s.words[i + 1] in sx.POSS_CLITICS:
+                    if s.relations[i] in word_heads.POSS_RELATIONS and i + 1 < W and s.words[i + 1] in word_heads.POSS_CLITICS:
                         p = pred[i + 1]
                     hit = float(p == s.heads[i])
                     correct[s.relations[i]][k, d] += hit
@@ -94,22 +94,22 @@ def _expected(model, tokenizer, sentences):
         for i in range(W):
             for r in (s.relations[i], "all"):
                 total[r] += 1
-                for o in sx.OFFSETS:
+                for o in word_heads.OFFSETS:
                     offs[r][o] += int(1 <= i + 1 + o <= W and i + 1 + o == s.heads[i])
     want = {}
     for r in rels + ["all"]:
         acc = correct[r] / total[r]
         flat = acc.reshape(-1)
         best = int(flat.argmax())
-        o = max(sx.OFFSETS, key=lambda o: (offs[r][o], -sx.OFFSETS.index(o)))
-        want[r] = {"count": total[r], "best": [best // 2 // H, best // 2 % H, sx.DIRECTIONS[best % 2]],
+        o = max(word_heads.OFFSETS, key=lambda o: (offs[r][o], -word_heads.OFFSETS.index(o)))
+        want[r] = {"count": total[r], "best": [best // 2 // H, best // 2 % H, word_heads.DIRECTIONS[best % 2]],
                    "accuracy": float(flat[best]),
                    "offset_baseline": {"offset": o, "accuracy": offs[r][o] / total[r]}}
     return want, correct["all"] / total["all"]
 
 
 def test_sample_is_valid_conllu():
-    sentences = sx.read_conllu(SAMPLE)
+    sentences = treebank.read_conllu(SAMPLE)
     assert 30 <= len(sentences) <= 60
     for s in sentences:
         assert sum(h == 0 for h in s.heads) == 1
@@ -134,7 +134,7 @@ def test_word_attention_matches_clark_conversion():
             mask[b, span] = True
     s = torch.randn(B, K, T, T).masked_fill(~mask[:, None, None, :], -math.inf)
     attn = torch.softmax(s, -1) * mask[:, None, :, None]
-    got = sx.word_attention(attn, groups, n_words)
+    got = word_heads.word_attention(attn, groups, n_words)
     for b, spans in enumerate(spans_per):
         W = len(spans)
         want = _word_level(attn[b].double(), spans)
@@ -145,9 +145,9 @@ def test_word_attention_matches_clark_conversion():
 
 def test_syntax_heads_match_direct(pieces_bert):
     _, (model, tokenizer) = pieces_bert
-    sentences = sx.read_conllu(SAMPLE)
+    sentences = treebank.read_conllu(SAMPLE)
     assert any(len(tokenizer.tokenize(w)) > 1 for s in sentences for w in s.words)
-    got = sx.syntax_heads(model, tokenizer, sentences, batch_size=1)
+    got = word_heads.syntax_heads(model, tokenizer, sentences, batch_size=1)
     want, all_acc = _expected(model, tokenizer, sentences)
     assert got["n_sentences"] == len(sentences) and got["skipped_too_long"] == 0
     assert got["n_words"] == sum(len(s.words) for s in sentences)
@@ -165,9 +165,9 @@ def test_syntax_heads_match_direct(pieces_bert):
 
 def test_batching_keeps_word_maps(pieces_bert):
     _, (model, tokenizer) = pieces_bert
-    sentences = sx.read_conllu(SAMPLE)
-    one = sx.syntax_heads(model, tokenizer, sentences, batch_size=1)
-    many = sx.syntax_heads(model, tokenizer, sentences, batch_size=16)
+    sentences = treebank.read_conllu(SAMPLE)
+    one = word_heads.syntax_heads(model, tokenizer, sentences, batch_size=1)
+    many = word_heads.syntax_heads(model, tokenizer, sentences, batch_size=16)
     assert many["n_words"] == one["n_words"]
     # padding changes float32 attention in the last bits only: accuracies agree up to the rare
     # near-tie that flips (at most 1 word in 100 per head)
@@ -184,7 +184,7 @@ def test_cli_syntax(pieces_bert, tmp_path, capsys):
     assert {"relations", "all", "n_sentences", "n_words"} <= set(s)
     e = s["relations"]["det"]
     assert set(e) == {"count", "best", "accuracy", "offset_baseline"}
-    assert e["best"][2] in sx.DIRECTIONS and set(e["offset_baseline"]) == {"offset", "accuracy"}
+    assert e["best"][2] in word_heads.DIRECTIONS and set(e["offset_baseline"]) == {"offset", "accuracy"}
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html
 
@@ -213,5 +213,5 @@ def test_multiword_tokens_and_empty_nodes_skipped(tmp_path):
                  "3\tn't\t_\tPART\t_\t_\t4\tadvmod\t_\t_\n"
                  "3.1\tx\t_\tX\t_\t_\t_\t_\t_\t_\n"
                  "4\tknow\t_\tVERB\t_\t_\t0\troot\t_\t_\n\n", encoding="utf-8")
-    (s,) = sx.read_conllu(str(f))
+    (s,) = treebank.read_conllu(str(f))
     assert s.words == ["I", "do", "n't", "know"] and s.heads == [4, 4, 4, 0]

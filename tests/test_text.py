@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from embgeom.cli import main
-from embgeom.analysis.trace import trace
+from embgeom.analysis.text.trace import trace
 
 pytestmark = pytest.mark.filterwarnings("ignore:trace. texts longer")
 

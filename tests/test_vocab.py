@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from embgeom.cli import main
-from embgeom.analysis.vocab import AGREEMENT_ROWS, MEAN_MEASURES, OUTSIDE, run
+from embgeom.analysis.vocab.sections import AGREEMENT_ROWS, MEAN_MEASURES, OUTSIDE
+from embgeom.commands.vocab import run
 
 
 @pytest.fixture(scope="module")

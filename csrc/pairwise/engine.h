@@ -16,20 +16,22 @@
 
 namespace embgeom {
 
+// Every field is set by the caller (bindings.cpp from python/embgeom/engine/config.py, where the
+// defaults live); the initial values here mean "nothing asked for", not defaults.
 struct PairwiseOptions {
   std::string metric = "cosine";     // cosine | dot | euclidean
   std::string precision = "exact";   // exact | fast (bf16 products, candidates rescored)
-  int64_t block = 512;  // as DEFAULT_BLOCK in python/embgeom/_pairwise.py
-  int64_t bins = 2000;  // 0 = no histogram
-  double lo = -1.0, hi = 1.0;
-  int64_t topk = 10, bottomk = 10;
+  int64_t block = 0;  // tile edge, >= 1
+  int64_t bins = 0;   // 0 = no histogram over [lo, hi)
+  double lo = 0.0, hi = 0.0;
+  int64_t topk = 0, bottomk = 0;
   bool has_near = false;
   double near = 0.0;
-  int64_t near_k = 10;
+  int64_t near_k = 0;
   int64_t row_topk = 0, row_bottomk = 0;
   bool has_outside = false;
   double out_a = 0.0, out_b = 0.0;
-  int64_t outside_limit = 1000;
+  int64_t outside_limit = 0;
   int threads = 0;  // 0 = OpenMP default
   // Moments are summed as v - moment_shift (a value near the mean, chosen by the caller), so the
   // variance does not cancel when std << |mean| (docs/metrics.md, moments).
@@ -136,7 +138,7 @@ class PairwiseEngine {
   };
   Tile tile(int64_t t) const;
 
-  struct ThreadCtx;  // per-thread partial state (defined in pairwise.cpp)
+  struct ThreadCtx;  // per-thread partial state (defined in pairwise/fused.h)
 
  private:
   void process_tile(int64_t t, ThreadCtx& c, double* tsum, double* tsumsq) const;

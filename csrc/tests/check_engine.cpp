@@ -47,6 +47,8 @@ static void check_pairwise(int64_t n, int64_t d, int64_t block, unsigned seed) {
   PairwiseOptions o;
   o.block = block;
   o.bins = 16;
+  o.lo = -1.0;
+  o.hi = 1.0;
   o.topk = 5;
   o.bottomk = 4;
   o.row_topk = 3;
@@ -227,7 +229,9 @@ int main() {
               isa_name(isa_level()), cpu_features().c_str(), select_kernel(false).name,
               [] {
                 const float one = 1.0f;
-                return PairwiseEngine(&one, 1, nullptr, 0, 1, PairwiseOptions()).fused_name();
+                PairwiseOptions o;
+                o.block = 1;
+                return PairwiseEngine(&one, 1, nullptr, 0, 1, o).fused_name();
               }(),
               attention_entropy_path(), cone_index_path());
   check_pairwise(41, 13, 16, 1);

@@ -1,7 +1,6 @@
 """embgeom: a metric engine for the geometry of transformer embeddings."""
-# knn is imported eagerly (faiss itself loads on first call): importing the submodule
-# embgeom.knn would otherwise replace a lazily returned function with the module
-from .knn import knn
+# knn is imported eagerly (faiss itself loads on first call)
+from .neighbours import knn
 from .api import ConeAccumulator, attention_entropy, cone_index, cone_index_stream, pairwise_stats
 from .models import load_model
 from .results import AttentionEntropy, ConeIndex, Histogram, PairList, PairwiseStats, RowTopK
@@ -18,11 +17,11 @@ __all__ = [
 def __getattr__(name):
     # heavy optional parts (transformers, faiss) load on first use
     if name == "trace":
-        from .analysis.trace import trace
+        from .analysis.text.trace import trace
 
         return trace
     if name == "project":
-        from .analysis.clouds import project
+        from .analysis.clouds.projection import project
 
         return project
     raise AttributeError(f"module 'embgeom' has no attribute {name!r}")

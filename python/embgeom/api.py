@@ -10,19 +10,20 @@ import torch
 from . import validation
 from .backends import registry
 from .engine.checkpoint import fingerprint
-from .engine.config import DEFAULT_BLOCK, METRICS, PRECISIONS, PairwiseConfig
+from .engine.config import DEFAULTS as _D
+from .engine.config import make_config
 from .engine.runner import run_engine
 from .results import AttentionEntropy, ConeIndex, PairwiseStats
 
 
-def pairwise_stats(x, y=None, *, metric: str = "cosine", bins: int = 2000,
-                   range: tuple[float, float] | None = None, topk: int = 10,
-                   bottomk: int = 10, near: float | None = None, near_k: int = 10,
-                   row_topk: int = 0, row_bottomk: int = 0,
-                   outside: tuple[float, float] | None = None, outside_limit: int = 1000,
-                   precision: str = "exact", backend: str | None = None,
+def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
+                   range: tuple[float, float] | None = None, topk: int = _D.topk,
+                   bottomk: int = _D.bottomk, near: float | None = _D.near, near_k: int = _D.near_k,
+                   row_topk: int = _D.row_topk, row_bottomk: int = _D.row_bottomk,
+                   outside: tuple[float, float] | None = _D.outside, outside_limit: int = _D.outside_limit,
+                   precision: str = _D.precision, backend: str | None = None,
                    checkpoint: str | None = None, progress: bool = False,
-                   block: int = DEFAULT_BLOCK) -> PairwiseStats:
+                   block: int = _D.block) -> PairwiseStats:
     """Statistics over all pairs, tile by tile (docs/metrics.md, all-pairs statistics); the N x N matrix is never built.
 
     x: (N, D) float; y: (M, D) float or None. Self mode (y None) covers the pairs i < j; cross
@@ -126,37 +127,3 @@ def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
     mean = torch.where(valid, ent, torch.zeros_like(ent)).double().sum(dim=(0, 2)) / valid.sum(dim=(0, 2)).clamp(min=1)
     lengths = mask.sum(1).double() if mask is not None else torch.full((B,), float(T), dtype=torch.float64, device=attn.device)
     return AttentionEntropy(ent, mean, torch.log(lengths), int(n_rows), smoothing, name)
-
-
-def make_config(*, metric="cosine", bins=2000, range=None, topk=10, bottomk=10, near=None,
-                near_k=10, row_topk=0, row_bottomk=0, outside=None, outside_limit=1000,
-                precision="exact", block=DEFAULT_BLOCK) -> PairwiseConfig:
-    """Validate the options of pairwise_stats into a PairwiseConfig (one place for all callers)."""
-    metric = validation.choice(metric, "metric", METRICS)
-    precision = validation.choice(precision, "precision", PRECISIONS)
-    bins = validation.positive_int(bins, "bins")
-    if bins:
-        if range is None and metric == "cosine":
-            range = (-1.0, 1.0)
-        if range is None:
-            raise ValueError(f"range: required for metric={metric!r} when bins > 0 (e.g. range=(lo, hi))")
-        lo, hi = validation.interval(range, "range")
-    else:
-        lo, hi = -1.0, 1.0
-    if outside is not None:
-        if not isinstance(outside, (tuple, list)) or len(outside) != 2:
-            raise TypeError(f"outside: expected a pair (a, b), got {outside!r}")
-        a = validation.finite_float(outside[0], "outside[0]")
-        b = validation.finite_float(outside[1], "outside[1]")
-        if a > b:
-            raise ValueError(f"outside: expected a <= b, got ({a}, {b})")
-        outside = (a, b)
-    return PairwiseConfig(
-        metric=metric, bins=bins, lo=lo, hi=hi, topk=validation.positive_int(topk, "topk"),
-        bottomk=validation.positive_int(bottomk, "bottomk"),
-        near=None if near is None else validation.finite_float(near, "near"),
-        near_k=validation.positive_int(near_k, "near_k"),
-        row_topk=validation.positive_int(row_topk, "row_topk"),
-        row_bottomk=validation.positive_int(row_bottomk, "row_bottomk"), outside=outside,
-        outside_limit=validation.positive_int(outside_limit, "outside_limit"), precision=precision,
-        block=validation.positive_int(block, "block", allow_zero=False))

@@ -1,5 +1,168 @@
-"""`embgeom.distributed.pairwise_stats`: all-pairs statistics over torch.distributed ranks
-(the implementation is embgeom.engine.distributed)."""
-from .engine.distributed import pairwise_stats
+"""All-pairs statistics split over torch.distributed ranks (launch with torchrun).
 
-__all__ = ["pairwise_stats"]
+The N rows are cut into G equal row groups. The unique pairs are the G "self" jobs (pairs
+inside a group) and the G(G-1)/2 "cross" jobs (group g against group h > g). Jobs are handed
+to ranks by a deterministic longest-first balance on their pair counts, and a rank reads only
+the row groups of its own jobs (slices of a memory-mapped .npy stay on disk until used). Each
+job runs the local backend (cpp on CPU, triton/cuda on GPU), its state is shifted to global
+indices and merged; rank 0 then gathers every rank's state and merges with the same
+tie-breaking as one process, so the result equals a single-process run.
+
+A rank checkpoints after every finished job (PATH.rank<r>); a restarted job skips finished
+work. Collective calls have a timeout, so a dead rank fails the job with a message instead
+of hanging it.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from . import validation
+from .backends import registry
+from .results import PairwiseStats
+from .engine.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .engine.config import PairwiseConfig, make_config
+from .engine.runner import run_engine
+from .engine.state import EngineState
+
+
+def plan_jobs(n: int, groups: int) -> list[tuple[int, int, int]]:
+    """Jobs (g, h, pairs) over `groups` row groups of n rows, g <= h (g == h: pairs inside g)."""
+    bounds = group_bounds(n, groups)
+    jobs = []
+    for g in range(len(bounds)):
+        for h in range(g, len(bounds)):
+            ng = bounds[g][1] - bounds[g][0]
+            nh = bounds[h][1] - bounds[h][0]
+            jobs.append((g, h, ng * (ng - 1) // 2 if g == h else ng * nh))
+    return jobs
+
+
+def group_bounds(n: int, groups: int) -> list[tuple[int, int]]:
+    groups = max(1, min(groups, n))
+    size = math.ceil(n / groups)
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def assign_jobs(jobs, world: int) -> list[list[int]]:
+    """Longest job first onto the least-loaded rank (ties: lower rank, lower job index)."""
+    load = [0] * world
+    owned: list[list[int]] = [[] for _ in range(world)]
+    for idx in sorted(range(len(jobs)), key=lambda j: (-jobs[j][2], j)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owned[rank].append(idx)
+        load[rank] += jobs[idx][2]
+    return [sorted(o) for o in owned]
+
+
+def _run_job(rows, g, h, bounds, cfg: PairwiseConfig, make_engine, n) -> EngineState:
+    """One job's raw engine state, shifted into the indices of the whole matrix."""
+    (g0, g1), (h0, h1) = bounds[g], bounds[h]
+    xg = rows(g0, g1)
+    if g == h:
+        return run_engine(make_engine(xg, None, cfg)).shift(cfg, n, g0, g0)
+    xh = rows(h0, h1)
+    state = run_engine(make_engine(xg, xh, cfg)).shift(cfg, n, g0, h0)
+    if cfg.row_topk or cfg.row_bottomk:
+        # rows of group h need their neighbours in group g too: the transposed cross job,
+        # asked for row lists only
+        back = replace(cfg, bins=0, topk=0, bottomk=0, near=None, outside=None)
+        rev = run_engine(make_engine(xh, xg, back)).shift(cfg, n, h0, g0, row_lists_only=True)
+        state = state.merge(rev, cfg)
+    state.tiles_done = 1
+    return state
+
+
+def _init_process_group(timeout_s: float):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("distributed: not launched by torchrun (RANK/WORLD_SIZE unset); "
+                         "run `torchrun --nproc_per_node N -m embgeom pairs ... --distributed`")
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("EMBGEOM_DIST_BACKEND") != "gloo" else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist
+
+
+def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_s: float = 600.0,
+                   checkpoint: str | None = None, progress: bool = False, backend: str | None = None,
+                   **kwargs) -> PairwiseStats | None:
+    """Self-mode all-pairs statistics over all ranks; rank 0 returns the result, others None.
+
+    x: (N, D) on every rank (a memory-mapped array is read only where needed). Other keyword
+    arguments are those of `embgeom.pairwise_stats`. groups: number of row groups (default
+    2 * world size, so every rank gets several balanced jobs).
+    """
+    if y is not None:
+        raise ValueError("y: distributed cross mode is not supported; shard the rows of x instead")
+    import torch.distributed as tdist
+
+    owns_group = not tdist.is_initialized()
+    dist = _init_process_group(timeout_s)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = validation.matrix(x, "x")  # values are checked per row group, where a rank reads them
+    cfg = make_config(**kwargs)
+    n = x.shape[0]
+    device = x.device
+    if device.type == "cpu" and torch.cuda.is_available() and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    groups = groups or 2 * world
+    bounds = group_bounds(n, groups)
+    jobs = plan_jobs(n, groups)
+    mine = assign_jobs(jobs, world)[rank]
+
+    def rows(a, b):
+        part = validation.embeddings(x[a:b], "x")
+        return part.to(device)
+
+    start = time.perf_counter()
+    name, make_engine = registry.pick("pairwise_stats", rows(0, 1), backend, precision=cfg.precision)
+    state = EngineState.empty(cfg, n, None)
+    done: list[int] = []
+    ckpt = None if checkpoint is None else f"{checkpoint}.rank{rank}"
+    fp = None
+    if ckpt:
+        fp = fingerprint(x, None, cfg, f"{name}/dist{world}/g{groups}/r{rank}", len(jobs))
+        saved = load_checkpoint(ckpt, fp)
+        if saved is not None:
+            state, done = saved["state"], list(saved["done"])
+            if progress:
+                print(f"embgeom pairs [rank {rank}]: resuming from {ckpt}: {len(done)} of {len(mine)} jobs done", flush=True)
+    for job in mine:
+        if job in done:
+            continue
+        g, h, _ = jobs[job]
+        state = state.merge(_run_job(rows, g, h, bounds, cfg, make_engine, n), cfg)
+        done.append(job)
+        if ckpt:
+            save_checkpoint(ckpt, fp, {"state": state, "done": done})
+        if progress:
+            print(f"embgeom pairs [rank {rank}]: job {len(done)}/{len(mine)} done", flush=True)
+    try:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(state, gathered, dst=0)
+        # leave together: a rank that exits while a peer still talks to it aborts the peer
+        dist.barrier()
+    except Exception as exc:  # noqa: BLE001 - a dead peer surfaces here; say so plainly
+        raise RuntimeError(f"distributed: rank {rank}: gathering results failed ({exc}); "
+                           "a rank probably died; restart the job, finished jobs are checkpointed") from None
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+    if rank != 0:
+        return None
+    total = gathered[0]
+    for other in gathered[1:]:
+        total = total.merge(other, cfg)
+    return total.finalize(cfg, d=x.shape[1], backend=f"{name} x {world} ranks", device=x.device,
+                          seconds=time.perf_counter() - start)

@@ -20,9 +20,12 @@ def _gemm_kernel(c) -> str | None:
     """The tile-GEMM micro-kernel the runtime CPU check picked (e.g. avx512-14x32)."""
     if c is None or not hasattr(c, "PairwiseEngine"):
         return None
-    import numpy as np
+    import torch
 
-    return c.PairwiseEngine(np.ones((1, 1), np.float32)).kernel
+    from .backends.cpp import CppEngine
+    from .engine.config import DEFAULTS
+
+    return CppEngine(torch.ones(1, 1), None, DEFAULTS).kernel
 
 
 def collect() -> dict:
@@ -58,10 +61,12 @@ def collect() -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m embgeom.info")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+def add_arguments(p) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def main(args) -> int:
+    """`embgeom info` and `python -m embgeom.info`: what is built and usable, and why not."""
     info = collect()
     if args.json:
         print(json.dumps(info, indent=1))
@@ -88,4 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    _parser = argparse.ArgumentParser(prog="python -m embgeom.info")
+    add_arguments(_parser)
+    raise SystemExit(main(_parser.parse_args()))

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from .engine.config import PairwiseConfig, make_config
 from .numerics import bin_index, unit_rows
 
 __all__ = [
@@ -73,10 +74,16 @@ def _row_lists(values, mask, self_mode, k, largest):
     return {"indices": indices, "values": vals}
 
 
-def pairwise_stats(x, y=None, *, metric="cosine", bins=2000, range=(-1.0, 1.0), topk=10,
-                   bottomk=10, near=None, near_k=10, row_topk=0, row_bottomk=0, outside=None,
-                   outside_limit=1000) -> dict:
-    """The all-pairs statistics (docs/metrics.md, section 1) by brute force: a dict with the keys of the CLI JSON (values as tensors/lists)."""
+def pairwise_stats(x, y=None, cfg: PairwiseConfig | None = None, **options) -> dict:
+    """The all-pairs statistics (docs/metrics.md, section 1) by brute force: a dict with the keys
+    of the CLI JSON (values as tensors/lists). cfg: the run's PairwiseConfig, or None to build one
+    from the keyword options of embgeom.pairwise_stats (engine.config.make_config)."""
+    if cfg is None:
+        cfg = make_config(**options)
+    elif options:
+        raise TypeError(f"{next(iter(options))}: pass either cfg or keyword options, not both")
+    metric, bins, near, outside = cfg.metric, cfg.bins, cfg.near, cfg.outside
+    topk, bottomk, near_k, row_topk, row_bottomk = cfg.topk, cfg.bottomk, cfg.near_k, cfg.row_topk, cfg.row_bottomk
     self_mode = y is None
     values, mask, excluded_rows, excluded_cols = pairwise_values(x, y, metric)
     sel = values[mask]
@@ -93,7 +100,7 @@ def pairwise_stats(x, y=None, *, metric="cosine", bins=2000, range=(-1.0, 1.0), 
     else:
         out["min"] = out["max"] = None
     if bins:
-        lo, hi = range
+        lo, hi = cfg.lo, cfg.hi
         slots = torch.bincount(bin_index(sel, lo, hi, bins), minlength=bins + 2)
         out["hist"] = {"lo": lo, "hi": hi, "bins": bins, "counts": slots[1:-1],
                        "underflow": int(slots[0]), "overflow": int(slots[-1])}
@@ -109,7 +116,7 @@ def pairwise_stats(x, y=None, *, metric="cosine", bins=2000, range=(-1.0, 1.0), 
         hit = mask & ((values < a) | (values > b))
         rows = hit.sum(1) + (hit.sum(0) if self_mode else 0)
         out["outside"] = {"a": a, "b": b, "count": int(hit.sum()), "row_counts": rows,
-                          "pairs": _sorted_pairs(values, hit, lambda v: torch.zeros_like(v), outside_limit)}
+                          "pairs": _sorted_pairs(values, hit, lambda v: torch.zeros_like(v), cfg.outside_limit)}
         if not self_mode:
             out["outside"]["col_counts"] = hit.sum(0)
     return out

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .report.html import table_html
+from .tables import table_html
 
 
 def _pandas():

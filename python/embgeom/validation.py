@@ -55,14 +55,21 @@ def check_finite(x: torch.Tensor, name: str, row_dims: int = 1) -> None:
     raise ValueError(f"{name}: NaN or Inf in {len(rows)} row(s): {shown}{more}")
 
 
-def embeddings(x: Any, name: str = "x") -> torch.Tensor:
-    """x: (N, D) float -> tensor; rejects wrong rank, dtype, empty and non-finite input."""
+def matrix(x: Any, name: str = "x") -> torch.Tensor:
+    """x: (N, D) float -> tensor; rejects wrong rank, dtype and empty input without reading the
+    values (a memory-mapped matrix stays on disk)."""
     x = as_tensor(x, name)
     if x.dim() != 2:
         raise ValueError(f"{name}: expected (N, D) float, got {_describe(x)}")
     _check_float(x, name, "(N, D)")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name}: expected at least one row and one column, got {_describe(x)}")
+    return x
+
+
+def embeddings(x: Any, name: str = "x") -> torch.Tensor:
+    """x: (N, D) float -> tensor; as `matrix`, and rejects non-finite rows."""
+    x = matrix(x, name)
     check_finite(x, name)
     return x
 

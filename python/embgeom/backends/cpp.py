@@ -42,6 +42,11 @@ class CppEngine:
             outside=cfg.outside, outside_limit=cfg.outside_limit, threads=threads,
             moment_shift=moment_shift(x, y, cfg.metric))
 
+    @property
+    def kernel(self) -> str:
+        """The product kernel the CPU check picked (e.g. avx512-14x32)."""
+        return self._engine.kernel
+
     def num_tiles(self):
         return self._engine.num_tiles()
 

@@ -20,6 +20,8 @@ log = logging.getLogger("embgeom")
 # triton before cuda: the cuda engine is triton's with a CUDA top-k merge, not yet measured faster
 AUTO_ORDER = ("triton", "cuda", "cpp", "torch")
 ALL_BACKENDS = AUTO_ORDER + ("reference",)
+# backend= name -> its module in this package (a new backend is added here too)
+MODULES = {"cpp": "cpp", "torch": "torch", "reference": "float64", "triton": "triton", "cuda": "cuda"}
 
 import_errors: dict[str, str] = {}  # module -> why it did not import (shown by embgeom.info)
 _modules: dict[str, object] = {}
@@ -148,9 +150,9 @@ def ensure_registered() -> None:
     if _registered:
         return
     _registered = True
-    for name in ("cpp", "torch", "reference", "triton", "cuda"):
-        # one module per backend= name; each registers its ops on import
-        importlib.import_module(f"{__package__}.{name}")
+    for module in MODULES.values():
+        # each backend's module registers its ops on import
+        importlib.import_module(f"{__package__}.{module}")
 
 
 def usable_report() -> list[dict]:

@@ -11,14 +11,14 @@ import math
 import numpy as np
 import torch
 
-from ..engine.config import PairwiseConfig
+from ..engine.config import DEFAULTS, PairwiseConfig
 from ..engine.lists import better_extreme, merge_pairs, merge_rows, select_smallest
 from ..engine.state import EngineState, list_limits, to_numpy, moments_from_shifted, shifted_from_moments
 from ..numerics import LIST_KINDS, NEAR_DUPLICATE_TAU, bin_index, direct_distance, moment_shift, order_key, unit_rows
 from .registry import register
 
 
-def exact_only(x, *, precision="exact", **_):
+def exact_only(x, *, precision=DEFAULTS.precision, **_):
     if precision != "exact":
         return [f"precision={precision!r} is not implemented here (use precision='exact', or backend='cpp')"]
     return []

@@ -1,5 +1,6 @@
 """Reports of the analyses: report.json, PNG plots, one self-contained report.html."""
-from .html import table_html, write_html
+from ..tables import table_html
+from .html import write_html
 from .jsonout import jsonable, write_json
 from .plots import explained_variance_png, new_figure, save_figure
 

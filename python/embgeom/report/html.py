@@ -1,22 +1,10 @@
-"""report.html: one self-contained page (plots inlined as base64, no network)."""
+"""report.html: one self-contained page (plots inlined as base64, no network); tables come from
+embgeom.tables."""
 from __future__ import annotations
 
 import base64
 import html
 import os
-from typing import Any
-
-
-def table_html(headers: list[str] | None, rows: list[list[Any]]) -> str:
-    """An HTML table; headers None: rows only (e.g. name / value pairs)."""
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        return html.escape(str(v))
-
-    head = "" if headers is None else "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table>{head}{body}</table>"
 
 
 def write_html(path: str, title: str, sections: list[tuple[str, str, list[str]]]) -> None:

@@ -14,6 +14,14 @@ def save_figure(fig, out_dir: str, name: str) -> str:
     return path
 
 
+def save_axes(fig, ax, out_dir: str, name: str, *, xlabel: str, ylabel: str, title: str) -> str:
+    """Label one plot's axes and title, then save_figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return save_figure(fig, out_dir, name)
+
+
 def new_figure(width=7.0, height=4.0):
     import matplotlib
 

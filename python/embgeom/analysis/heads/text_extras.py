@@ -1,33 +1,17 @@
-"""The opt-in head and Gaussianity extras of `embgeom text` (docs/metrics.md, attention heads): their flags, the
-observers that ride along trace()'s batches, the report.json blocks and the cost per metric."""
+"""The opt-in head and Gaussianity extras of `embgeom text` (docs/metrics.md, attention heads): the
+observers that ride along trace()'s batches, the report.json blocks and the cost per metric.
+"""
 from __future__ import annotations
 
 import contextlib
 import sys
 import time
-
 from .gaussianity import GaussianityAccumulator
-from .heads import HeadsAccumulator, capture_qk
+from .measures import HeadsAccumulator, capture_qk
+
+
 
 HEAD_MAPS_FILE = "head_maps.json"
-
-
-def add_arguments(p) -> None:
-    g = p.add_argument_group("attention heads and Gaussianity (opt-in; docs/metrics.md, attention heads)")
-    g.add_argument("--heads", action="store_true",
-                   help="attention_heads: Clark's entropies and [SEP]->[SEP], gate-pattern features and "
-                        "labels, value-histogram entropy (about 1-2x the forward pass)")
-    g.add_argument("--clark-js", action="store_true",
-                   help="Clark's summed JS divergence between all heads and its MDS map (implies --heads; "
-                        "(L*H)^2 x tokens work: about 5-10x the forward pass for a 6x12 model)")
-    g.add_argument("--directionality", action="store_true",
-                   help="skew fraction, asymmetry, positive-cos share, Spearman(|q|, entropy) "
-                        "(implies --heads; hooks the query/key projections)")
-    g.add_argument("--head-maps", type=int, default=0, metavar="N",
-                   help="draw the L x H attention maps of the first N texts in report.html (implies --heads)")
-    g.add_argument("--gaussianity", action="store_true",
-                   help="K^2 normality test, skew and kurtosis of every real token's hidden state per depth")
-    g.add_argument("--profile", action="store_true", help="print the seconds spent on each extra metric")
 
 
 class TextExtras:

@@ -13,14 +13,15 @@
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
+from ..clouds import projection as clouds
 
-from . import clouds
+
 
 CURVE_ROWS = tuple(range(1, 11))
+
+
 CURVE_WINDOW = 128
 
 
@@ -121,65 +122,3 @@ def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0) -> tuple[d
             rep[f"{name}_{method}"] = pr.to_dict()
             arrays[f"{name}_{method}"] = (pr.embedding, labels, texts)
     return rep, arrays
-
-
-def write_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[str, str]:
-    from ..report import new_figure, save_figure
-    from ..report.interactive import scatter_png, write_scatter_html
-
-    pngs = {}
-    a, b = plots["range"]
-    fig, ax = new_figure(9, 4)
-    im = ax.imshow(plots["pos"], aspect="auto", cmap="RdBu_r", interpolation="nearest",
-                   extent=(0, plots["pos"].shape[1], b - 0.5, a - 0.5))
-    fig.colorbar(im, ax=ax)
-    ax.set_xlabel("coordinate")
-    ax.set_ylabel("position")
-    ax.set_title("position embeddings, raw values")
-    pngs["positions_raw"] = save_figure(fig, out_dir, "positions_raw")
-
-    c = plots["curves"]
-    fig = new_figure(12, 4)[0]
-    fig.clf()
-    for k, key in enumerate(("raw", "shifted")):
-        ax = fig.add_subplot(1, 2, k + 1)
-        for r, vals in zip(c["rows"], c[key]):
-            v = np.array([np.nan if x is None else x for x in vals])
-            xs = np.arange(len(v)) + (a if key == "raw" else 0)
-            ax.plot(xs, v, lw=0.9, label=f"p={r}")
-        ax.set_xlabel("position q" if key == "raw" else "shift s")
-        ax.set_ylabel("cos(p, q)" if key == "raw" else "cos(p, p + s)")
-        ax.set_title("cosine of position p against the first positions" if key == "raw"
-                     else "the same, shifted to start at p")
-        ax.legend(fontsize=6, ncol=2)
-    pngs["positions_cosine_curves"] = save_figure(fig, out_dir, "positions_cosine_curves")
-
-    lab = ["word"] * plots["n_words"] + ["position"] * (plots["joint"].shape[0] - plots["n_words"])
-    pngs["joint_pca"] = scatter_png(out_dir, "joint_pca", plots["joint"], lab,
-                                    title="word and position embeddings, joint PCA", xlabel="PC 1", ylabel="PC 2")
-    for key, (xy, labels, texts) in (proj_arrays or {}).items():
-        title = key.replace("_", " ") + " (exact cosine graph)"
-        pngs[key] = scatter_png(out_dir, key, xy, labels, title=title)
-        write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title)
-    return pngs
-
-
-def page_section(report: dict, pngs: dict) -> tuple[str, str, list[str]]:
-    from ..report import table_html
-
-    g = report["position_geometry"]
-    h = g["helix"]
-    cv = g["cls_vs_position0"]
-    body = f"<p>positions {g['range'][0]}..{g['range'][1] - 1}. Helix period (3-D PCA path): "
-    body += (f"{h['period']:.1f} positions (plane PC{h['plane']}, R^2 {h['planes'][h['plane']]['r2']:.3f})"
-             if h["period"] else "none found (no PCA plane turns a full circle)") + ".</p>"
-    body += table_html(["plane", "period", "R^2", "turns"],
-                       [[k, v["period"], v["r2"], v["turns"]] for k, v in h["planes"].items()])
-    if cv:
-        body += table_html(["||[CLS]||", "||position 0||", "Euclidean", "max-coordinate", "cosine"],
-                           [[cv["cls_norm"], cv["position0_norm"], cv["euclidean"], cv["max_coordinate"], cv["cosine"]]])
-    keys = ["positions_raw", "positions_cosine_curves", "joint_pca"] + \
-        [k for k in ("words_umap", "words_tsne", "positions_umap", "positions_tsne") if k in pngs]
-    if "projections" in report:
-        body += "<p>Projections: words_*.html and positions_*.html are interactive (hover: token / position).</p>"
-    return ("Position geometry and projections (thesis 4.2.3, 4.2.5)", body, [pngs[k] for k in keys])

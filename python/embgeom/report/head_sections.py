@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .headmaps import headmaps_html
-from .html import table_html
+from ..tables import table_html
 from .plots import new_figure, save_figure
 
 MARKERS = {"broad": "o", "next": ">", "previous": "<", "[CLS]": "s", "[SEP]": "D",

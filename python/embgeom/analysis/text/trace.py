@@ -18,27 +18,11 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..backends import registry
+from ...backends import registry
 from . import adapters, attention
+from .inputs import read_lines
 
 METRICS = ("cone", "entropy", "attention", "context", "evolution")
-
-
-# ----------------------------------------------------------------------------------- inputs
-def read_lines(path: str) -> Iterator[str]:
-    """Non-blank lines of a UTF-8 file, stripped of the line break (a clear error otherwise)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"texts: no such file: {path}")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"texts: {path} line {number} is not UTF-8 ({exc.reason} at byte "
-                                 f"{exc.start})") from None
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield line
 
 
 def count_texts(texts: Any) -> int | None:
@@ -280,7 +264,7 @@ class TraceResult:
         return pandas.DataFrame(self.per_layer(), columns=list(self.PER_LAYER_COLUMNS))
 
     def _repr_html_(self) -> str:
-        from ..report.html import table_html
+        from ...tables import table_html
 
         head = (f"<b>TraceResult</b> {html.escape(self.model)}: {self.n_texts} texts, {self.n_tokens} tokens, "
                 f"{self.layers} layers x {self.heads} heads, {self.seconds:.1f} s")
@@ -288,7 +272,7 @@ class TraceResult:
 
     def to_dict(self) -> dict:
         """The report.json keys of `embgeom text` (NaN -> None)."""
-        from ..results import as_list
+        from ...results import as_list
 
         return {
             "model": self.model, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
@@ -318,7 +302,7 @@ class TraceResult:
         out = {"distance_hist": hist[..., :width].cpu().tolist(),
                "layer_distance_hist": hist[..., :width].sum(1).cpu().tolist()}
         if self.context_same_sentence is not None:
-            from ..results import as_list
+            from ...results import as_list
 
             out["same_sentence_share"] = as_list(self.context_same_sentence)
             out["period_separator_share"] = as_list(self.context_period_separator)
@@ -511,7 +495,7 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     skipped). metrics: subset of ("cone", "entropy", "attention", "context", "evolution").
     Tensors never leave the model's device; memory does not grow with the number of texts.
     observers: more accumulators, each `update(batch)`ed after the trace metrics (e.g.
-    embgeom.analysis.heads.HeadsAccumulator, or text_clouds.Keeper keeping vectors)."""
+    embgeom.analysis.heads.measures.HeadsAccumulator, or analysis.text.keeper.Keeper keeping vectors)."""
     import time
 
     start = time.perf_counter()
@@ -537,27 +521,6 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     if progress:
         print(file=sys.stderr)
     return acc.result(tokenizer, seconds=time.perf_counter() - start)
-
-
-# ---------------------------------------------------------------------- [CLS] differences
-def read_pairs(path: str) -> list[dict]:
-    """JSONL of {"group": g, "a": text, "b": text}; clear errors for anything else."""
-    import json
-
-    if not os.path.isfile(path):
-        raise ValueError(f"--pairs: no such file: {path}")
-    pairs = []
-    for number, line in enumerate(read_lines(path), 1):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--pairs: {path} entry {number} is not JSON: {exc.msg}") from None
-        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("group", "a", "b")):
-            raise ValueError(f'--pairs: {path} entry {number}: expected {{"group": str, "a": str, "b": str}}')
-        pairs.append(obj)
-    if not pairs:
-        raise ValueError(f"--pairs: {path} has no pairs")
-    return pairs
 
 
 def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32,

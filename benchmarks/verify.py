@@ -1,19 +1,14 @@
 """Checks of an all-pairs result that need no N x N matrix (a 1M-row run has 5.5e11 pairs):
 a float64 recheck of the reported top/bottom pairs, of a random sample of rows' lists against
 those rows' exact values over every column, and the counts (histogram total = count =
-unique valid pairs). Used by benchmarks/bench_gpu.py and benchmarks/gpu_check.sh; definitions
+unique valid pairs). Used by benchmarks/bench_gpu.py (and so benchmarks/gpu_check.sh); definitions
 in docs/metrics.md.
 """
 from __future__ import annotations
 
 import torch
 
-
-def _unit(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    v = v.double()
-    nrm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
-    ok = nrm[:, 0] > 0
-    return torch.where(ok[:, None], v / nrm.clamp(min=1e-300), torch.zeros_like(v)), ok
+from embgeom.numerics import unit_rows
 
 
 def _values(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
@@ -40,7 +35,7 @@ def recheck(result, x: torch.Tensor, *, tol: float, sample_rows: int = 32, seed:
     x64 = x.double()
     valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     if metric == "cosine":
-        x64, valid = _unit(x64)
+        x64, valid = unit_rows(x64)
     nv = int(valid.sum())
     want = nv * (nv - 1) // 2
     checked = {"pairs": want}

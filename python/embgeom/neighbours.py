@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import validation
-from .report.html import table_html
+from .tables import table_html
 from .results import RowTopK
 
 INDEXES = ("flat", "ivf", "hnsw")
@@ -246,37 +246,4 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
 # CLI: embgeom knn X --k K [--index flat|ivf|hnsw] [--queries Q] --json OUT
 # ---------------------------------------------------------------------------------------------
 
-def add_arguments(p) -> None:
-    p.add_argument("x", metavar="X", help=".npy, .pt or .safetensors file of shape (N, D)")
-    p.add_argument("--k", type=int, required=True, help="neighbours per query")
-    p.add_argument("--index", default="flat", choices=list(INDEXES))
-    p.add_argument("--queries", metavar="Q", help="(Q, D) query matrix; default: every row of X "
-                   "queries (itself excluded)")
-    p.add_argument("--device", help="cpu or cuda (default: GPU when faiss-gpu and CUDA are usable)")
-    p.add_argument("--nlist", type=int, help="IVF lists (default ~4 sqrt(N))")
-    p.add_argument("--nprobe", type=int, help="IVF lists probed (default nlist / 8)")
-    p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-search", type=int)
-    p.add_argument("--json", required=True, metavar="OUT")
 
-
-def main(args) -> int:
-    import os
-
-    from .report import write_json
-    from .io import load_matrix
-
-    out_dir = os.path.dirname(os.path.abspath(args.json))
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"--json: directory does not exist: {out_dir}")
-    x = load_matrix(args.x, "X")
-    q = load_matrix(args.queries, "Q") if args.queries else None
-    res = knn(x, args.k, queries=q, index=args.index, device=args.device, nlist=args.nlist,
-              nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search)
-    data = res.to_dict()
-    data.update({"n": int(x.shape[0]), "d": int(x.shape[1])})
-    write_json(args.json, data)
-    rec = "" if res.recall is None else f", recall@{res.k} {res.recall:.4f}"
-    print(f"embgeom knn: {res.indices.shape[0]} queries x {res.k} ({res.index}, {res.device}{rec}) "
-          f"in {res.seconds:.2f}s -> {args.json}")
-    return 0

@@ -8,7 +8,7 @@
 * Ours (labelled so in the report): the gate-pattern features and their label rule, and the two
   readings of "directionality of subspace selection".
 
-`HeadsAccumulator.update(batch)` takes an `embgeom.analysis.trace.Batch`; every state is a sum or
+`HeadsAccumulator.update(batch)` takes an `embgeom.analysis.text.trace.Batch`; every state is a sum or
 a histogram of fixed size, so memory does not grow with the corpus (the sample head maps kept for
 the report are the first few texts only).
 

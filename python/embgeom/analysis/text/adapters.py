@@ -105,7 +105,7 @@ def adapter_for(model) -> Adapter:
             f"model: model_type {model_type!r} is not a supported encoder family; supported: "
             f"{supported()} (sentence-embedding models built on these report their model_type). "
             "To add a family, add an Adapter entry for its model_type to "
-            "embgeom.analysis.adapters.ADAPTERS (output projection pattern, embedding matrices).")
+            "embgeom.analysis.text.adapters.ADAPTERS (output projection pattern, embedding matrices).")
     return ADAPTERS[model_type]
 
 
@@ -150,7 +150,7 @@ def output_projections(model) -> list[torch.nn.Module]:
     if not mods:
         raise ValueError(f"model: no attention output projection matching {a.projection!r} in this "
                          f"{a.name} model; per-head outputs cannot be hooked (check its "
-                         "transformers version against embgeom.analysis.adapters.ADAPTERS)")
+                         "transformers version against embgeom.analysis.text.adapters.ADAPTERS)")
     return mods
 
 

@@ -1,43 +1,42 @@
-"""`embgeom vocab`: the geometry of a BERT-family model's input embeddings (docs/metrics.md, vocabulary report; Luisto 2024, section 4.2).
-
-Word, position and token-type embeddings: all-pairs statistics of the vocabulary (pairwise_stats,
-never N x N), the mean embedding's extreme tokens, positional structure, token x position cross
-statistics, token-type statistics, PCA, and FAISS neighbours of probe words checked against the
-all-pairs engine's per-row top-k. Writes DIR/report.json, PNG plots and DIR/report.html.
+"""The sections of `embgeom vocab`: all-pairs statistics, mean-embedding measures, PCA and
+neighbours of a model's input embeddings (word, position, token type; docs/metrics.md, vocabulary).
 """
 from __future__ import annotations
 
-import os
 import re
 import resource
-import sys
 import time
 from contextlib import contextmanager
-
 import torch
+from ...api import pairwise_stats
+from ...engine.config import DEFAULTS
+from ..text import adapters
 
-from ..report import new_figure, save_figure, table_html, write_html, write_json
-from ..api import pairwise_stats
-from . import adapters
 
 PROBE_WORDS = ("king", "queen", "man", "woman", "paris", "france", "dog", "cat", "good", "bad",
                "big", "small", "run", "walk", "music", "science", "red", "blue", "one", "two")
+
+
 MEAN_MEASURES = ("euclidean", "cosine", "abs_cosine", "dot", "abs_dot", "norm")
+
+
 UNUSED_TOKEN = re.compile(r"^\[unused\d+\]$")
+
+
 TABLE_K = 10
+
+
 OUTSIDE = (-0.2, 0.2)
+
+
 AGREEMENT_ROWS = 2000  # rows whose FAISS neighbours are compared with the engine's row top-k
 
-
-# ---------------------------------------------------------------------------------------------
-# inputs
-# ---------------------------------------------------------------------------------------------
 
 def input_embeddings(model) -> dict:
     """The word, position and token-type embedding matrices (float32, detached, model's device),
     None where the family has none; the position matrix starts at the first real position id
     (row p = the p-th token). Also "first_position" and "absent" ({section: why}), from the
-    family's adapter (analysis.adapters)."""
+    family's adapter (analysis/text/adapters.py)."""
     m = adapters.embedding_matrices(model)
     return {"word": m.word, "position": m.position, "token_type": m.token_type,
             "first_position": m.first_position, "absent": m.absent}
@@ -61,10 +60,6 @@ def kept_token_ids(tokenizer, vocab_size: int, all_tokens: bool) -> tuple[torch.
     return torch.nonzero(keep).flatten(), tokens, excluded
 
 
-# ---------------------------------------------------------------------------------------------
-# sections
-# ---------------------------------------------------------------------------------------------
-
 def _remap_pairs(pairs: list, rows: torch.Tensor, cols: torch.Tensor) -> list:
     return [[int(rows[i]), int(cols[j]), v] for i, j, v in pairs]
 
@@ -87,7 +82,7 @@ def _remap_stats(d: dict, rows: torch.Tensor, cols: torch.Tensor) -> dict:
 def section_pairs(words: torch.Tensor, ids: torch.Tensor, tokens: list[str], *, backend, precision):
     """All-pairs statistics over the analysed word embeddings (rows of `words` are vocabulary ids `ids`). The
     engine's per-row top-10 comes from the same pass, for the neighbour agreement check."""
-    res = pairwise_stats(words, metric="cosine", bins=2000, topk=TABLE_K,
+    res = pairwise_stats(words, metric="cosine", topk=TABLE_K,
                          bottomk=TABLE_K, near=0.0, near_k=TABLE_K, row_topk=TABLE_K,
                          outside=OUTSIDE, outside_limit=100, precision=precision, backend=backend)
     d = res.to_dict()
@@ -265,7 +260,7 @@ def _agreement(engine_top, faiss_top, faiss_vals, engine_vals, tol: float) -> di
 def section_neighbors(words, ids, tokens, engine_rowtopk, *, k=TABLE_K):
     """FAISS exact neighbours of the probe words, and FAISS vs the engine's per-row top-k on a
     deterministic sample of rows."""
-    from ..knn import knn
+    from ...neighbours import knn
 
     n = words.shape[0]
     k = min(k, n - 1)
@@ -293,11 +288,9 @@ def section_neighbors(words, ids, tokens, engine_rowtopk, *, k=TABLE_K):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# the whole analysis
-# ---------------------------------------------------------------------------------------------
+class PhaseTimer:
+    """Seconds per named phase: `with timer("plots"): ...` adds to seconds["plots"]."""
 
-class _Timer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
@@ -315,14 +308,14 @@ def peak_rss_mb() -> float:
 
 
 def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None = None,
-            precision: str = "exact", timer: _Timer | None = None, positions: str | None = None,
+            precision: str = DEFAULTS.precision, timer: PhaseTimer | None = None, positions: str | None = None,
             projections: bool = False, seed: int = 0) -> tuple[dict, dict]:
     """Every section of the vocabulary report -> (report dict, arrays for the plots).
     positions: "A:B" restricts the position sections to positions A..B-1; projections: UMAP and
     t-SNE of word and position embeddings (umap-learn, openTSNE)."""
     from . import positions as position_geometry
 
-    timer = timer or _Timer()
+    timer = timer or PhaseTimer()
     mats = input_embeddings(model)
     word, pos, tt = mats["word"], mats["position"], mats["token_type"]
     pos_full = pos
@@ -378,195 +371,3 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
                 report["projections"], plots["projections"] = position_geometry.projections(
                     words, ids, tokens, pos, pos_range, seed=seed)
     return report, plots
-
-
-# ---------------------------------------------------------------------------------------------
-# plots and HTML
-# ---------------------------------------------------------------------------------------------
-
-def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
-    pngs = {}
-    hist = plots["hist"]
-    fig, ax = new_figure()
-    edges = hist.edges()
-    # one step patch, not 2000 bar patches (seconds of drawing per report)
-    ax.stairs(hist.counts.cpu().numpy(), edges.numpy(), fill=True)
-    ax.set_yscale("log")
-    ax.set_xlabel("cosine similarity")
-    ax.set_ylabel("token pairs")
-    ax.set_title("all pairs of word embeddings")
-    pngs["pairs_hist"] = save_figure(fig, out_dir, "pairs_hist")
-
-    fig = new_figure(12, 6)[0]
-    fig.clf()
-    for i, name in enumerate(MEAN_MEASURES):
-        ax = fig.add_subplot(2, 3, i + 1)
-        v = plots["mean_measures"][name]
-        ax.hist(v[torch.isfinite(v)].cpu().numpy(), bins=100)
-        ax.set_title(name.replace("_", " ") + (" of row" if name == "norm" else " to mean"))
-    fig.tight_layout()
-    pngs["mean_embedding"] = save_figure(fig, out_dir, "mean_embedding")
-
-    if "pos_cos" in plots:
-        fig, ax = new_figure(6, 5)
-        im = ax.imshow(plots["pos_cos"].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
-        fig.colorbar(im, ax=ax)
-        ax.set_xlabel("position")
-        ax.set_ylabel("position")
-        ax.set_title("cosine of position embeddings")
-        pngs["positional_cosine"] = save_figure(fig, out_dir, "positional_cosine")
-
-        fig, ax = new_figure()
-        ax.plot(plots["pos_offset"])
-        ax.set_xlabel("offset k")
-        ax.set_ylabel("mean cosine(p, p + k)")
-        ax.set_title("relative-offset profile of position embeddings")
-        pngs["positional_offset"] = save_figure(fig, out_dir, "positional_offset")
-
-        fig = new_figure(6, 5)[0]
-        fig.clf()
-        ax = fig.add_subplot(projection="3d")
-        path = plots["pos_path"].numpy()
-        ax.plot(path[:, 0], path[:, 1], path[:, 2], lw=0.6, color="grey")
-        sc = ax.scatter(path[:, 0], path[:, 1], path[:, 2], c=range(len(path)), s=4, cmap="viridis")
-        fig.colorbar(sc, ax=ax, label="position", shrink=0.7)
-        ax.set_title("position embeddings, first 3 principal components")
-        pngs["positional_pca3d"] = save_figure(fig, out_dir, "positional_pca3d")
-
-    fig, ax = new_figure()
-    for name, ratio in (("word", plots["word_ratio"]), ("position", plots.get("pos_ratio"))):
-        if ratio is not None and ratio.numel():
-            ax.plot(range(1, ratio.numel() + 1), ratio.cumsum(0).numpy(), label=name)
-    ax.set_xlabel("principal components")
-    ax.set_ylabel("cumulative explained variance")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    pngs["pca"] = save_figure(fig, out_dir, "pca")
-    if "position_geometry" in plots:
-        from . import positions as position_geometry
-
-        pngs.update(position_geometry.write_plots(out_dir, plots["position_geometry"], plots.get("projections")))
-    return pngs
-
-
-def write_page(out_dir: str, report: dict, pngs: dict) -> str:
-    t = table_html
-    p = report["pairs"]
-    tk = report["tokens"]
-    intro = (f"<p>{report['model']}: vocabulary {report['vocab_size']} x {report['hidden']}; "
-             f"{report['tokens_analysed']} tokens analysed "
-             + ("(all tokens)" if tk["all_tokens"] else
-                f"({tk['special']} special and {tk['unused']} [unusedN] tokens left out; --all-tokens keeps them)")
-             + f". Total {report['timing']['total']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB.</p>")
-    sections = [("Overview", intro + t(["step", "seconds"], [[k, v] for k, v in report["timing"].items()]), [])]
-    pairs_body = (f"<p>{p['count']} pairs; mean cosine {p['mean']:.4f}, std {p['std']:.4f}; "
-                  f"{p['outside']['count']} pairs outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
-                  "<h3>most similar</h3>" + t(["token a", "token b", "cosine"], p["top_tokens"])
-                  + "<h3>least similar</h3>" + t(["token a", "token b", "cosine"], p["bottom_tokens"])
-                  + "<h3>nearest to 0</h3>" + t(["token a", "token b", "cosine"], p["near_zero_tokens"]))
-    sections.append(("All pairs of word embeddings", pairs_body, [pngs["pairs_hist"]]))
-    me = report["mean_embedding"]
-    me_body = "".join(
-        f"<h3>{name.replace('_', ' ')}</h3>" + t(["top id", "top token", "value", "bottom id", "bottom token", "value"],
-                                                [a + b for a, b in zip(me[name]["top"], me[name]["bottom"])])
-        for name in MEAN_MEASURES)
-    sections.append(("Mean embedding", f"<p>norm of the mean embedding {me['mean_norm']:.4f}</p>" + me_body,
-                     [pngs["mean_embedding"]]))
-    if "absent" in report["positional"]:
-        sections.append(("Position embeddings", f"<p>absent: {report['positional']['absent']}</p>", []))
-    else:
-        pos = report["positional"]
-        body = (f"<p>{pos['positions']} positions (index 0 = position id {pos['first_position_id']}, the "
-                f"first token's); mean cosine {pos['mean']:.4f} (std {pos['std']:.4f}); "
-                f"{pos['components_for_90pct']} principal components explain 90% of the variance.</p>")
-        sections.append(("Position embeddings", body, [pngs["positional_cosine"], pngs["positional_offset"],
-                                                       pngs["positional_pca3d"]]))
-        tp = report["token_position"]
-        body = (f"<p>{tp['count']} token x position pairs; mean cosine {tp['mean']:.4f}; "
-                f"{tp['outside']['count']} outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
-                + t(["token id", "token", "position", "cosine"], tp["top_pairs"] + tp["bottom_pairs"]))
-        sections.append(("Token x position", body, []))
-    if "absent" in report["token_type"]:
-        sections.append(("Token-type embeddings", f"<p>absent: {report['token_type']['absent']}</p>", []))
-    else:
-        tt = report["token_type"]
-        body = t(["type", "norm"], [[i, v] for i, v in enumerate(tt["norms"])])
-        body += t(["type", "vs", "mean cos", "std", "min", "max"],
-                  [[i, key[3:], s["mean"], s["std"], s["min"], s["max"]]
-                   for key in ("vs_word", "vs_position") for i, s in enumerate(tt[key])])
-        sections.append(("Token-type embeddings", body, []))
-    pca = report["pca"]
-    body = t(["matrix", "50%", "90%", "99%"], [[name, *v["components_for"].values()] for name, v in pca.items()])
-    sections.append(("PCA (components needed)", body, [pngs["pca"]]))
-    nb = report["neighbors"]
-    rows = [[w, ", ".join(f"{tok} ({v:.3f})" for _, tok, v in lst)] for w, lst in nb["probes"].items()]
-    ag = nb.get("agreement") or {}
-    body = t(["probe", f"{nb.get('k', TABLE_K)} nearest tokens (cosine), FAISS exact"], rows)
-    if ag:
-        body += (f"<p>FAISS exact vs pairwise_stats(row_topk): {ag['equal_up_to_ties']} of {ag['rows_checked']} "
-                 f"rows agree up to ties ({ag['identical']} identical), largest value difference "
-                 f"{ag['max_abs_value_diff']:.2e}.</p>")
-    sections.append(("Nearest neighbours", body, []))
-    if "position_geometry" in report:
-        from . import positions as position_geometry
-
-        sections.append(position_geometry.page_section(report, pngs))
-    path = os.path.join(out_dir, "report.html")
-    write_html(path, f"embgeom vocab: {report['model']}", sections)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-def add_arguments(p) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face name or local path (default: the bundled "
-                   "all-MiniLM-L6-v2)")
-    p.add_argument("--out", default="embgeom-vocab", metavar="DIR", help="output directory (created)")
-    p.add_argument("--device", default=None, help="torch device for the embeddings (default: cpu)")
-    p.add_argument("--all-tokens", action="store_true", help="keep special and [unusedN] tokens")
-    p.add_argument("--precision", default="exact", choices=["exact", "fast"])
-    p.add_argument("--backend", default=None, help="all-pairs backend (default: auto)")
-    p.add_argument("--positions", metavar="A:B", default=None, help="analyse positions A..B-1 only "
-                   "(e.g. 0:384)")
-    p.add_argument("--projections", action="store_true", help="UMAP and t-SNE of word and position "
-                   "embeddings on the exact cosine graph (needs umap-learn, openTSNE)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the projections")
-
-
-def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, precision="exact",
-        backend=None, positions=None, projections=False, seed=0) -> dict:
-    """Load the model, analyse, write report.json + PNGs + report.html; returns the report."""
-    from ..models import DEFAULT_MODEL, load_model
-
-    timer = _Timer()
-    start = time.perf_counter()
-    with timer("model_load"):
-        model, tokenizer = load_model(model_name, device=device)
-    os.makedirs(out_dir, exist_ok=True)
-    with torch.no_grad():
-        report, plots = analyse(model, tokenizer, all_tokens=all_tokens, backend=backend,
-                                precision=precision, timer=timer, positions=positions,
-                                projections=projections, seed=seed)
-    report = {"model": model_name or DEFAULT_MODEL, **report}
-    with timer("plots"):
-        pngs = write_plots(out_dir, plots)
-    report["timing"] = dict(timer.seconds)
-    report["timing"]["total"] = time.perf_counter() - start
-    report["peak_rss_mb"] = peak_rss_mb()
-    write_page(out_dir, report, pngs)
-    report["timing"]["total"] = time.perf_counter() - start
-    write_json(os.path.join(out_dir, "report.json"), report)
-    return report
-
-
-def main(args) -> int:
-    report = run(args.model, args.out, device=args.device, all_tokens=args.all_tokens,
-                 precision=args.precision, backend=args.backend, positions=args.positions,
-                 projections=args.projections, seed=args.seed)
-    tm = report["timing"]
-    parts = ", ".join(f"{k} {v:.1f}s" for k, v in tm.items() if k != "total")
-    print(f"embgeom vocab: {report['tokens_analysed']} tokens in {tm['total']:.1f}s ({parts}); "
-          f"peak {report['peak_rss_mb']:.0f} MB -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
-    return 0

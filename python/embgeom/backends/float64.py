@@ -45,10 +45,7 @@ class ReferenceEngine:
         if begin >= 1 or end < 1:
             return
         c = self.cfg
-        r = reference.pairwise_stats(
-            self.x, self.y, metric=c.metric, bins=c.bins, range=(c.lo, c.hi), topk=c.topk,
-            bottomk=c.bottomk, near=c.near, near_k=c.near_k, row_topk=c.row_topk,
-            row_bottomk=c.row_bottomk, outside=c.outside, outside_limit=c.outside_limit)
+        r = reference.pairwise_stats(self.x, self.y, c)
         s = self._state
 
         def triples(pairs):

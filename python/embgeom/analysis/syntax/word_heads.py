@@ -1,4 +1,4 @@
-"""`embgeom syntax TREEBANK.conllu --out DIR`: word-level attention and syntax heads as Clark
+"""Word-level attention and syntax heads as Clark
 et al. measure them (arXiv 1906.04341, section 4.2; docs/metrics.md, attention heads).
 
 Each sentence's words (the syntactic words of a CoNLL-U file: multiword-token ranges and empty
@@ -15,58 +15,24 @@ the same data, as the paper does), and the best fixed-offset baseline (offsets -
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
-
 import torch
 
+from .treebank import Sentence
+
+
+
 DIRECTIONS = ("dep->head", "head->dep")
+
+
 OFFSETS = (-3, -2, -1, 1, 2)
+
+
 POSS_RELATIONS = ("poss", "nmod:poss")
+
+
 POSS_CLITICS = ("'s", "s'")
-
-
-@dataclass
-class Sentence:
-    words: list[str]
-    heads: list[int]          # gold heads, 1-based, 0 = root
-    relations: list[str]
-
-
-def read_conllu(path: str) -> list[Sentence]:
-    """The sentences of a CoNLL-U file (`conllu` package); clear errors for a missing file, a
-    malformed line or a missing head."""
-    try:
-        import conllu
-    except ImportError:
-        raise ValueError("syntax: the conllu package is not installed; `pip install conllu`") from None
-    if not os.path.isfile(path):
-        raise ValueError(f"TREEBANK: no such file: {path}")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        try:
-            for number, sent in enumerate(conllu.parse_incr(f), 1):
-                words, heads, rels = [], [], []
-                for tok in sent:
-                    if not isinstance(tok["id"], int):        # 1-2 multiword range, 1.1 empty node
-                        continue
-                    if not isinstance(tok["head"], int):
-                        raise ValueError(f"TREEBANK: {path} sentence {number}, word {tok['id']} "
-                                         f"({tok['form']!r}) has no head")
-                    words.append(str(tok["form"]))
-                    heads.append(int(tok["head"]))
-                    rels.append(str(tok["deprel"]))
-                if words:
-                    if any(h < 0 or h > len(words) for h in heads):
-                        raise ValueError(f"TREEBANK: {path} sentence {number}: a head is outside 0..{len(words)}")
-                    out.append(Sentence(words, heads, rels))
-        except (conllu.exceptions.ParseException, UnicodeDecodeError) as exc:
-            raise ValueError(f"TREEBANK: {path} is not valid CoNLL-U: {exc}".splitlines()[0]) from None
-    if not out:
-        raise ValueError(f"TREEBANK: {path} has no sentence")
-    return out
 
 
 def word_pieces(tokenizer, sentences: list[Sentence]) -> list[list[list[int]]]:
@@ -120,7 +86,7 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
                  max_length: int | None = None, progress: bool = False) -> dict:
     """Per-relation syntactic-head accuracy (see the module docstring). Returns the report.json
     block `syntax` (accuracies float, best = [layer (0-based), head, direction])."""
-    from .trace import model_max_length
+    from ..text.trace import model_max_length
 
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
@@ -220,83 +186,3 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
         "all_accuracy": acc[:, :, R].reshape(L, H, 2),
         "seconds": time.perf_counter() - start,
     }
-
-
-# ------------------------------------------------------------------------------------ CLI
-def add_arguments(p) -> None:
-    p.add_argument("treebank", metavar="TREEBANK", help="CoNLL-U file (e.g. a Universal Dependencies "
-                   "treebank; a sample ships as embgeom/data/sample.conllu)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
-    p.add_argument("--model", default=None, help="Hugging Face name or local path (default: the bundled "
-                   "all-MiniLM-L6-v2)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=None, help="skip sentences longer than N tokens "
-                   "(default: the model's maximum)")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def sample_path() -> str:
-    """The CoNLL-U sample shipped with embgeom (42 English sentences written for the project)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample.conllu")
-
-
-def main(args) -> int:
-    from ..models import DEFAULT_MODEL, load_model
-    from ..report import write_json
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
-    sentences = read_conllu(args.treebank)
-    model, tokenizer = load_model(args.model, device=args.device)
-    os.makedirs(args.out, exist_ok=True)
-    block = syntax_heads(model, tokenizer, sentences, batch_size=args.batch_size,
-                         max_length=args.max_length, progress=not args.no_progress)
-    report = {"model": args.model or DEFAULT_MODEL, "treebank": os.path.abspath(args.treebank),
-              "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
-              "syntax": block}
-    write_json(os.path.join(args.out, "report.json"), report)
-    write_syntax_report(args.out, report)
-    a = block["all"]
-    print(f"embgeom syntax: {block['n_sentences']} sentences, {block['n_words']} words in "
-          f"{block['seconds']:.1f}s; best head overall L{a['best'][0] + 1} h{a['best'][1]} "
-          f"{a['best'][2]} {a['accuracy']:.3f} (offset {a['offset_baseline']['offset']:+d}: "
-          f"{a['offset_baseline']['accuracy']:.3f}) -> {os.path.join(args.out, 'report.html')}",
-          file=sys.stderr)
-    return 0
-
-
-def write_syntax_report(out_dir: str, report: dict) -> None:
-    import numpy as np
-
-    from ..report import new_figure, save_figure, table_html, write_html
-
-    s = report["syntax"]
-    acc = np.asarray(s["all_accuracy"].cpu() if hasattr(s["all_accuracy"], "cpu") else s["all_accuracy"])
-    fig, _ = new_figure(11, 0.35 * acc.shape[0] + 2.5)
-    fig.clf()
-    for d, name in enumerate(DIRECTIONS):
-        ax = fig.add_subplot(1, 2, d + 1)
-        im = ax.imshow(acc[:, :, d], cmap="viridis", vmin=0, aspect="auto")
-        fig.colorbar(im, ax=ax)
-        ax.set_title(f"accuracy over all words, {name}", fontsize=9)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_yticks(range(acc.shape[0]), [str(i + 1) for i in range(acc.shape[0])])
-    png = save_figure(fig, out_dir, "syntax_heads")
-    rows = []
-    for name, e in sorted(s["relations"].items(), key=lambda kv: -kv[1]["count"]) + [("all", s["all"])]:
-        rows.append([name, e["count"], f"L{e['best'][0] + 1} h{e['best'][1]}", e["best"][2], e["accuracy"],
-                     e["offset_baseline"]["offset"], e["offset_baseline"]["accuracy"]])
-    summary = table_html(["model", "sentences", "words", "skipped (too long)", "seconds"],
-                         [[report["model"], s["n_sentences"], s["n_words"], s["skipped_too_long"],
-                           round(s["seconds"], 1)]])
-    body = ("<p>Clark et al. (arXiv 1906.04341, section 4.2): for each relation the head and direction "
-            "whose most-attended word is the gold head most often (best of all heads x 2 directions, "
-            "chosen on this data), against the best fixed offset -3..2. Layers are 1-based here, "
-            "0-based in report.json. Relations with few instances are noisy (the paper reports those "
-            "with at least 100).</p>"
-            + table_html(["relation", "count", "best head", "direction", "accuracy", "baseline offset",
-                          "baseline accuracy"], rows))
-    write_html(os.path.join(out_dir, "report.html"), f"embgeom syntax: {report['model']}",
-               [("Summary", summary, []), ("Syntax heads per relation", body, [png])])

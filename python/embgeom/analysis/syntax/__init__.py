@@ -1,0 +1,1 @@
+"""Syntax heads: a CoNLL-U treebank and word-level attention scored against it."""

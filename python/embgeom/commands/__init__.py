@@ -1,0 +1,15 @@
+"""The `embgeom` subcommands: one module each, with `add_arguments(parser)` and `main(args)`.
+
+cli.py imports a command's module only when that command runs (or its --help is asked for), so
+`embgeom pairs` never loads transformers or matplotlib.
+"""
+# name -> (module, one-line help); `info` is embgeom.info, also run as `python -m embgeom.info`
+COMMANDS = {
+    "info": ("embgeom.info", "what is built and what is usable, and why not"),
+    "pairs": ("embgeom.commands.pairs", "all-pairs statistics of X (self) or X against Y (cross)"),
+    "knn": ("embgeom.commands.knn", "nearest neighbours with FAISS"),
+    "vocab": ("embgeom.commands.vocab", "analysis of a model's input embeddings (word, position, type)"),
+    "text": ("embgeom.commands.text", "per-layer / per-head analysis of a corpus run through a model"),
+    "project": ("embgeom.commands.project", "2-D projection (UMAP, t-SNE, PCA) on the exact neighbour graph"),
+    "syntax": ("embgeom.commands.syntax", "syntax heads: word-level attention against a CoNLL-U treebank"),
+}

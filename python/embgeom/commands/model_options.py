@@ -1,0 +1,22 @@
+"""The flags every model-running command shares (--model, --device; --batch-size, --max-length
+and --no-progress for the commands that run texts through the model): one wording, one check."""
+from __future__ import annotations
+
+
+def add_model_options(p, *, batch_size: int | None = None, max_length_help: str | None = None) -> None:
+    """--model and --device; with batch_size, also --batch-size (that default), --max-length
+    (max_length_help says what a longer input does) and --no-progress."""
+    p.add_argument("--model", default=None, help="Hugging Face name or local path (default: the bundled "
+                   "all-MiniLM-L6-v2)")
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    if batch_size is None:
+        return
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--max-length", type=int, default=None, help=f"{max_length_help} "
+                   "(default: the model's maximum)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def check_batch_size(args) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")

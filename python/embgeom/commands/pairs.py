@@ -1,0 +1,76 @@
+"""`embgeom pairs X [--against Y] --json OUT`: all-pairs statistics of a matrix file.
+
+Its options are built from the options of `pairwise_stats` (engine.config.user_options): the
+same names with dashes, the same defaults and choices.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..engine.config import user_options
+
+
+def add_arguments(p) -> None:
+    p.add_argument("x", metavar="X", help=".npy, .pt or .safetensors file of shape (N, D)")
+    p.add_argument("--against", metavar="Y", help="second matrix (M, D): cross mode")
+    for name, spec in user_options().items():
+        flag = "--" + name.replace("_", "-")
+        default = spec["default"]
+        if "pair" in spec:
+            p.add_argument(flag, nargs=2, type=float, metavar=spec["pair"], help=spec["help"])
+        elif "choices" in spec:
+            p.add_argument(flag, default=default, choices=spec["choices"],
+                           help=spec["help"] + " (default %(default)s)")
+        elif default is None:
+            p.add_argument(flag, type=float, metavar="V", help=spec["help"])
+        else:
+            p.add_argument(flag, type=type(default), default=default,
+                           help=spec["help"] + " (default %(default)s)")
+    p.add_argument("--backend", help="cpp, torch, triton, cuda or reference (default: auto)")
+    p.add_argument("--device", help="run on this torch device (e.g. cuda)")
+    p.add_argument("--checkpoint", metavar="PATH", help="save finished tiles here; a rerun resumes")
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--distributed", action="store_true", help="split the work over torchrun ranks")
+    p.add_argument("--json", required=True, metavar="OUT")
+
+
+def main(args) -> int:
+    from ..io import load_matrix
+
+    directory = os.path.dirname(os.path.abspath(args.json))
+    if not os.path.isdir(directory):  # before any work, not after it
+        raise ValueError(f"--json: directory does not exist: {directory}")
+    x = load_matrix(args.x, "X")
+    y = load_matrix(args.against, "Y") if args.against else None
+    if args.device:
+        x = x.to(args.device)
+        y = None if y is None else y.to(args.device)
+    options = {}
+    for name, spec in user_options().items():
+        value = getattr(args, name)
+        options[name] = tuple(value) if "pair" in spec and value is not None else value
+    kwargs = dict(options, backend=args.backend, checkpoint=args.checkpoint, progress=args.progress)
+    if args.distributed:
+        from .. import distributed
+
+        result = distributed.pairwise_stats(x, y, **kwargs)
+        if result is None:  # not rank 0
+            return 0
+    else:
+        from ..api import pairwise_stats
+
+        result = pairwise_stats(x, y, **kwargs)
+    write_json(args.json, result.to_dict())
+    print(f"embgeom pairs: {result.count} pairs in {result.seconds:.2f}s ({result.backend}) -> {args.json}")
+    return 0
+
+
+def write_json(path: str, data) -> None:
+    """Compact JSON (row lists can be large), written to a temporary name and renamed into place."""
+    from ..report import jsonable
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(jsonable(data), f)
+    os.replace(tmp, path)

@@ -1,0 +1,155 @@
+"""`embgeom text CORPUS --out DIR`: per-layer / per-head analysis of a corpus (docs/metrics.md, text report).
+
+Writes DIR/report.json (keys of TraceResult.to_dict, plus "cls_pairs" with --pairs), PNG plots
+and one self-contained DIR/report.html; progress over the corpus on stderr.
+
+Options: --keep cls, --trajectories N, --labels FILE and --pairs FILE keep vectors
+(analysis/text/keeper.py); --heads, --clark-js, --directionality, --head-maps N, --gaussianity
+and --profile add the head extras (analysis/heads/text_extras.py).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+from ..analysis.clouds.geometry import group_geometry
+from ..analysis.heads.text_extras import TextExtras
+from ..analysis.text.keeper import Keeper
+from ..report import table_html, write_json
+from ..report.text_page import group_plots, pair_plot, trajectory_plots, write_report
+from .model_options import add_model_options, check_batch_size
+
+
+
+def add_arguments(p) -> None:
+    p.add_argument("corpus", metavar="CORPUS", help="UTF-8 text file, one text per line (blank lines skipped)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    add_model_options(p, batch_size=32, max_length_help="truncate texts to N tokens")
+    p.add_argument("--pairs", metavar="FILE", help='JSONL {"group": g, "a": text, "b": text}: [CLS] '
+                   "difference vectors per group")
+    add_keep_arguments(p)
+    add_head_arguments(p)
+
+
+def main(args) -> int:
+    import warnings
+
+    from ..analysis.text.inputs import read_labels, read_lines, read_pairs
+    from ..analysis.text.trace import cls_differences, model_max_length, trace
+    from ..models import DEFAULT_MODEL, load_model
+
+    if not os.path.isfile(args.corpus):
+        raise ValueError(f"CORPUS: no such file: {args.corpus}")
+    check_batch_size(args)
+    # the whole file is checked (UTF-8, not empty) before the model loads
+    if not any(True for _ in read_lines(args.corpus)):
+        raise ValueError(f"CORPUS: {args.corpus} has no non-blank line (empty corpus)")
+    pairs = read_pairs(args.pairs) if args.pairs else None
+    if args.trajectories < 0:
+        raise ValueError(f"--trajectories: expected >= 0, got {args.trajectories}")
+    keeping = bool(args.keep or args.trajectories or args.labels)
+    n_texts = sum(1 for _ in read_lines(args.corpus)) if keeping else None
+    labels = read_labels(args.labels, n_texts) if args.labels else None
+    model, tokenizer = load_model(args.model, device=args.device)
+    os.makedirs(args.out, exist_ok=True)
+    keeper = Keeper(args.out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
+                                keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
+                                tokenizer=tokenizer) if keeping else None
+    extras = TextExtras(args, model, tokenizer, model_max_length(model, tokenizer, args.max_length))
+    observers = extras.observers + ([keeper] if keeper is not None else [])
+    with warnings.catch_warnings(record=True) as caught, extras.active():
+        warnings.simplefilter("always")
+        result = trace(model, tokenizer, args.corpus, batch_size=args.batch_size,
+                       max_length=args.max_length, progress=not args.no_progress, observers=observers)
+    for w in caught[:1]:
+        print(f"embgeom text: warning: {w.message}", file=sys.stderr)
+    result.model = args.model or DEFAULT_MODEL
+    report = result.to_dict()
+    report.update(extras.report(result))
+    if pairs is not None:
+        report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
+                                              max_length=args.max_length, keep=True)
+    extra = finish(args, args.out, keeper, report, pairs, labels,
+                               lambda: list(read_lines(args.corpus)))
+    write_json(os.path.join(args.out, "report.json"), report)
+    extras.write_files(args.out)
+    write_report(args.out, result, report, extra)
+    if args.profile:
+        extras.print_profile(result.seconds)
+    print(f"embgeom text: {result.n_texts} texts, {result.n_tokens} tokens in {result.seconds:.1f}s "
+          f"-> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
+    return 0
+
+
+def add_keep_arguments(p) -> None:
+    p.add_argument("--keep", choices=["cls"], action="append", default=[],
+                   help="keep vectors: cls -> DIR/cls.npy (n_texts, L+1, D) float32")
+    p.add_argument("--trajectories", type=int, default=0, metavar="N",
+                   help="keep every token's L+1 states for the first N texts (DIR/trajectories.npz)")
+    p.add_argument("--labels", metavar="FILE", help="one label per text (non-blank corpus line): "
+                   "geometry of the labelled [CLS] sets (implies --keep cls)")
+
+
+def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[dict] | None,
+           labels: list[str] | None, corpus_texts) -> list[tuple[str, str, list[str]]]:
+    """After the run: groups and trajectories in `report`, pictures, and the HTML sections
+    (heading, body, PNGs). corpus_texts: a callable returning the texts (hover text)."""
+    sections = []
+    cls_path = os.path.join(out_dir, "cls.npy")
+    if keeper is not None:
+        kept_cls = keeper.cls is not None
+        keeper.close()
+        if kept_cls:
+            shape = np.load(cls_path, mmap_mode="r").shape
+            report["kept"] = {"cls": {"file": "cls.npy", "shape": list(shape), "dtype": "float32"}}
+            sections.append(("Kept [CLS] vectors", f"<p>cls.npy: {shape} float32 (text, depth, hidden; "
+                             "depth 0 = embedding output).</p>", []))
+    if args.trajectories and keeper is not None and keeper.traj:
+        pngs, summary = trajectory_plots(out_dir, os.path.join(out_dir, "trajectories.npz"))
+        report["trajectories"] = summary
+        sections.append(("Token trajectories (thesis 4.3)",
+                         f"<p>{summary['tokens']} tokens of the first {summary['texts']} texts; "
+                         "red dots: depth 0. trajectories.npz holds the states.</p>", pngs))
+    if labels is not None:
+        cls = np.load(cls_path, mmap_mode="r")
+        groups = group_geometry(cls, labels)
+        texts = corpus_texts()
+        pngs, notes = group_plots(out_dir, cls_path, labels, groups, texts)
+        report["groups"] = groups
+        rows = [[g, c, groups["last"]["per_label"][g].get("cosine", {}).get("mean"),
+                 groups["last"]["per_label"][g]["norms"]["mean"]] for g, c in zip(groups["labels"], groups["counts"])]
+        body = (f"<p>silhouette (cosine) at the last depth {groups['silhouette'][-1]}; mean cosine "
+                f"within labels {groups['within_cosine'][-1]}, between {groups['between_cosine'][-1]}. "
+                "groups_pca.html / groups_umap.html are interactive.</p>"
+                + table_html(["label", "texts", "mean cosine within", "mean norm"], rows)
+                + "".join(f"<p>{n}</p>" for n in notes))
+        sections.append(("Labelled [CLS] sets (thesis 4.4.1, 4.4.3)", body, pngs))
+    if pairs is not None and "cls_pairs" in report and "vectors" in report["cls_pairs"]:
+        vec = report["cls_pairs"].pop("vectors").cpu().double().numpy()
+        pg = [p["group"] for p in pairs]
+        np.savez(os.path.join(out_dir, "pair_differences.npz"), vectors=vec.astype(np.float32),
+                 group=np.array(pg), a=np.array([p["a"] for p in pairs]), b=np.array([p["b"] for p in pairs]))
+        sections.append(("[CLS] difference vectors, PCA (thesis 4.4.2)",
+                         "<p>Each point is cls(a) - cls(b) of one pair (pair_differences.npz).</p>",
+                         [pair_plot(out_dir, vec, pg)]))
+    return sections
+
+
+def add_head_arguments(p) -> None:
+    g = p.add_argument_group("attention heads and Gaussianity (opt-in; docs/metrics.md, attention heads)")
+    g.add_argument("--heads", action="store_true",
+                   help="attention_heads: Clark's entropies and [SEP]->[SEP], gate-pattern features and "
+                        "labels, value-histogram entropy (about 1-2x the forward pass)")
+    g.add_argument("--clark-js", action="store_true",
+                   help="Clark's summed JS divergence between all heads and its MDS map (implies --heads; "
+                        "(L*H)^2 x tokens work: about 5-10x the forward pass for a 6x12 model)")
+    g.add_argument("--directionality", action="store_true",
+                   help="skew fraction, asymmetry, positive-cos share, Spearman(|q|, entropy) "
+                        "(implies --heads; hooks the query/key projections)")
+    g.add_argument("--head-maps", type=int, default=0, metavar="N",
+                   help="draw the L x H attention maps of the first N texts in report.html (implies --heads)")
+    g.add_argument("--gaussianity", action="store_true",
+                   help="K^2 normality test, skew and kurtosis of every real token's hidden state per depth")
+    g.add_argument("--profile", action="store_true", help="print the seconds spent on each extra metric")

@@ -1,0 +1,66 @@
+"""`embgeom vocab --out DIR`: analysis of a model's input embeddings; writes report.json, PNG plots
+and report.html (docs/metrics.md, vocabulary).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from ..analysis.vocab.sections import PhaseTimer, analyse, peak_rss_mb
+from ..engine.config import DEFAULTS, PRECISIONS
+from ..report import write_json
+from ..report.vocab_page import write_page, write_plots
+from .model_options import add_model_options
+
+
+def add_arguments(p) -> None:
+    add_model_options(p)
+    p.add_argument("--out", default="embgeom-vocab", metavar="DIR", help="output directory (created)")
+    p.add_argument("--all-tokens", action="store_true", help="keep special and [unusedN] tokens")
+    p.add_argument("--precision", default=DEFAULTS.precision, choices=PRECISIONS)
+    p.add_argument("--backend", default=None, help="all-pairs backend (default: auto)")
+    p.add_argument("--positions", metavar="A:B", default=None, help="analyse positions A..B-1 only "
+                   "(e.g. 0:384)")
+    p.add_argument("--projections", action="store_true", help="UMAP and t-SNE of word and position "
+                   "embeddings on the exact cosine graph (needs umap-learn, openTSNE)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the projections")
+
+
+def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, precision=DEFAULTS.precision,
+        backend=None, positions=None, projections=False, seed=0) -> dict:
+    """Load the model, analyse, write report.json + PNGs + report.html; returns the report."""
+    from ..models import DEFAULT_MODEL, load_model
+
+    timer = PhaseTimer()
+    start = time.perf_counter()
+    with timer("model_load"):
+        model, tokenizer = load_model(model_name, device=device)
+    os.makedirs(out_dir, exist_ok=True)
+    with torch.no_grad():
+        report, plots = analyse(model, tokenizer, all_tokens=all_tokens, backend=backend,
+                                precision=precision, timer=timer, positions=positions,
+                                projections=projections, seed=seed)
+    report = {"model": model_name or DEFAULT_MODEL, **report}
+    with timer("plots"):
+        pngs = write_plots(out_dir, plots)
+    report["timing"] = dict(timer.seconds)
+    report["timing"]["total"] = time.perf_counter() - start
+    report["peak_rss_mb"] = peak_rss_mb()
+    write_page(out_dir, report, pngs)
+    report["timing"]["total"] = time.perf_counter() - start
+    write_json(os.path.join(out_dir, "report.json"), report)
+    return report
+
+
+def main(args) -> int:
+    report = run(args.model, args.out, device=args.device, all_tokens=args.all_tokens,
+                 precision=args.precision, backend=args.backend, positions=args.positions,
+                 projections=args.projections, seed=args.seed)
+    tm = report["timing"]
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in tm.items() if k != "total")
+    print(f"embgeom vocab: {report['tokens_analysed']} tokens in {tm['total']:.1f}s ({parts}); "
+          f"peak {report['peak_rss_mb']:.0f} MB -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
+    return 0

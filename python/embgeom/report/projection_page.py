@@ -1,0 +1,33 @@
+"""The files of `embgeom project`: projection.npz, report.json, the PNG and the interactive scatter.
+"""
+from __future__ import annotations
+
+import os
+import numpy as np
+
+
+
+def write_outputs(out_dir: str, proj, *, texts=None, title: str = "") -> dict:
+    """Write every DIR file for a clouds.Projection; returns the report dict."""
+    from . import explained_variance_png, write_json
+    from .interactive import scatter_png, write_scatter_html
+
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, "projection.npy"), proj.embedding.astype(np.float32))
+    if proj.indices is not None:
+        np.savez(os.path.join(out_dir, "knn.npz"), indices=proj.indices.astype(np.int64),
+                 similarities=proj.similarities)
+    report = proj.to_dict()
+    write_json(os.path.join(out_dir, "report.json"), report)
+    axis = "PC" if proj.method == "pca" else proj.method.upper()
+    name = title or f"{proj.method} of {proj.n} x {proj.d}"
+    scatter_png(out_dir, "projection", proj.embedding, proj.labels, title=name,
+                xlabel=f"{axis} 1", ylabel=f"{axis} 2")
+    if proj.pca_curves is not None:
+        explained_variance_png(out_dir, "explained_variance", proj.pca_curves)
+    sil = report.get("silhouette")
+    note = f"{proj.method}, n={proj.n}, d={proj.d}" + (f", k={proj.k}" if proj.k else "") + \
+        (f"; silhouette original {sil['original']}, projection {sil['projection']}" if sil else "")
+    write_scatter_html(os.path.join(out_dir, "projection.html"), proj.embedding, proj.labels, texts,
+                       title=name, note=note)
+    return report

@@ -1,0 +1,43 @@
+"""The pictures and report.html of `embgeom syntax`.
+"""
+from __future__ import annotations
+
+import os
+
+from ..analysis.syntax.word_heads import DIRECTIONS
+
+
+def write_syntax_report(out_dir: str, report: dict) -> None:
+    import numpy as np
+
+    from . import new_figure, save_figure, table_html, write_html
+
+    s = report["syntax"]
+    acc = np.asarray(s["all_accuracy"].cpu() if hasattr(s["all_accuracy"], "cpu") else s["all_accuracy"])
+    fig, _ = new_figure(11, 0.35 * acc.shape[0] + 2.5)
+    fig.clf()
+    for d, name in enumerate(DIRECTIONS):
+        ax = fig.add_subplot(1, 2, d + 1)
+        im = ax.imshow(acc[:, :, d], cmap="viridis", vmin=0, aspect="auto")
+        fig.colorbar(im, ax=ax)
+        ax.set_title(f"accuracy over all words, {name}", fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(acc.shape[0]), [str(i + 1) for i in range(acc.shape[0])])
+    png = save_figure(fig, out_dir, "syntax_heads")
+    rows = []
+    for name, e in sorted(s["relations"].items(), key=lambda kv: -kv[1]["count"]) + [("all", s["all"])]:
+        rows.append([name, e["count"], f"L{e['best'][0] + 1} h{e['best'][1]}", e["best"][2], e["accuracy"],
+                     e["offset_baseline"]["offset"], e["offset_baseline"]["accuracy"]])
+    summary = table_html(["model", "sentences", "words", "skipped (too long)", "seconds"],
+                         [[report["model"], s["n_sentences"], s["n_words"], s["skipped_too_long"],
+                           round(s["seconds"], 1)]])
+    body = ("<p>Clark et al. (arXiv 1906.04341, section 4.2): for each relation the head and direction "
+            "whose most-attended word is the gold head most often (best of all heads x 2 directions, "
+            "chosen on this data), against the best fixed offset -3..2. Layers are 1-based here, "
+            "0-based in report.json. Relations with few instances are noisy (the paper reports those "
+            "with at least 100).</p>"
+            + table_html(["relation", "count", "best head", "direction", "accuracy", "baseline offset",
+                          "baseline accuracy"], rows))
+    write_html(os.path.join(out_dir, "report.html"), f"embgeom syntax: {report['model']}",
+               [("Summary", summary, []), ("Syntax heads per relation", body, [png])])

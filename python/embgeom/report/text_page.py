@@ -1,0 +1,260 @@
+"""The pictures and report.html of `embgeom text`: per-layer curves, head heat maps, kept-vector
+scatters (trajectories, labelled sets, difference vectors).
+"""
+from __future__ import annotations
+
+import os
+from . import new_figure, save_figure, table_html, write_html
+import numpy as np
+from ..analysis.clouds import geometry, projection
+from . import explained_variance_png
+from .interactive import PALETTE, scatter_png, write_scatter_html
+
+
+
+def _heatmap(out_dir, name, data, title, xlabel, ylabel, cmap="viridis", vmin=None, vmax=None):
+    import numpy as np
+
+    data = np.asarray(data, dtype=float)
+    fig, ax = new_figure(max(4.0, 0.45 * data.shape[1] + 2), max(3.0, 0.4 * data.shape[0] + 1.5))
+    im = ax.imshow(data, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return save_figure(fig, out_dir, name)
+
+
+def head_sections(out_dir: str, report: dict) -> list:
+    from .head_sections import context_section, gaussianity_section, heads_sections
+
+    out = []
+    ctx = context_section(out_dir, report["context_similarity"])
+    if ctx is not None:
+        out.append(ctx)
+    if "attention_heads" in report:
+        out += heads_sections(out_dir, report["attention_heads"])
+    if "gaussianity" in report:
+        out.append(gaussianity_section(out_dir, report["gaussianity"]))
+    return out
+
+
+def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
+    """The PNG plots and report.html for a TraceResult `r` (extra_sections: more (heading, body,
+    PNGs) at the end); returns the PNG paths."""
+    import numpy as np
+
+    L, H = r.layers, r.heads
+    layers = np.arange(1, L + 1)
+    pngs = {}
+
+    fig, ax = new_figure()
+    ci = report["cone_index"]
+    f = lambda v: np.array([np.nan if x is None else x for x in v], dtype=float)  # noqa: E731
+    heads = np.array([[np.nan if x is None else x for x in row] for row in ci["head_output"]], dtype=float)
+    ax.plot(layers, f(ci["layer_input"]), "o-", label="layer input (hidden state l-1)")
+    ax.plot(layers, heads.mean(1), "s-", label="head output (mean over heads)")
+    ax.fill_between(layers, heads.min(1), heads.max(1), alpha=0.15, color="C1", label="head output range")
+    ax.plot(layers, f(ci["multihead_output"]), "^-", label="multi-head output")
+    ax.plot(layers, f(ci["layer_output"]), "d-", label="layer output (hidden state l)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("cone index I/n (mean over texts)")
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(layers)
+    ax.legend(fontsize=8)
+    pngs["cone"] = save_figure(fig, out_dir, "cone_index")
+
+    ent = r.entropy.cpu().numpy()
+    pngs["entropy"] = _heatmap(out_dir, "entropy", ent, f"attention row entropy (nats); uniform "
+                               f"baseline {r.uniform_baseline:.2f}", "head", "layer")
+    pngs["js"] = _heatmap(out_dir, "js_distance", r.js_distance.cpu().numpy(),
+                          "Jensen-Shannon distance between heads (index = layer*H + head)",
+                          "head", "head", cmap="magma", vmin=0)
+
+    fig, _ = new_figure(13, 2.8)
+    fig.clf()
+    for i, key in enumerate(("cls", "sep", "punct", "prev", "next")):
+        ax = fig.add_subplot(1, 5, i + 1)
+        im = ax.imshow(r.attention_to[key].cpu().numpy(), vmin=0, vmax=1, cmap="Blues", aspect="auto")
+        ax.set_title(f"to {key}")
+        ax.set_xlabel("head")
+        if i == 0:
+            ax.set_ylabel("layer")
+    fig.colorbar(im, ax=fig.axes)
+    pngs["attention_to"] = save_figure(fig, out_dir, "attention_to")
+
+    pngs["context"] = _heatmap(out_dir, "context_distance", r.context_mean_distance.cpu().numpy(),
+                               "context similarity: mean |i - j| to the most similar token",
+                               "head", "layer", cmap="cividis")
+
+    fig, _ = new_figure(10, 3.5)
+    fig.clf()
+    a1 = fig.add_subplot(1, 3, 1)
+    a1.plot(layers, r.step_distance.cpu().numpy(), "o-")
+    a1.set_title("step distance ||h_l - h_(l-1)||")
+    a2 = fig.add_subplot(1, 3, 2)
+    a2.plot(layers, r.step_cosine.cpu().numpy(), "o-")
+    a2.set_title("step cosine")
+    a3 = fig.add_subplot(1, 3, 3)
+    a3.plot(np.arange(L + 1), r.norm.cpu().numpy(), "o-")
+    a3.set_title("norm ||h_l||")
+    for a in (a1, a2, a3):
+        a.set_xlabel("layer")
+    pngs["evolution"] = save_figure(fig, out_dir, "evolution")
+
+    if "cls_pairs" in report:
+        cp = report["cls_pairs"]
+        pngs["pairs"] = _heatmap(out_dir, "cls_pairs", cp["cosine"].cpu().numpy(),
+                                 "cosine between mean [CLS] difference vectors", "group", "group",
+                                 cmap="coolwarm", vmin=-1, vmax=1)
+
+    summary = table_html(
+        ["model", "texts", "tokens", "layers", "heads", "truncated", "seconds"],
+        [[r.model, r.n_texts, r.n_tokens, L, H, r.truncated, round(r.seconds, 1)]])
+    per_layer = table_html(
+        ["layer", "cone in", "cone heads (mean)", "cone multi-head", "cone out", "entropy (mean)",
+         "to [CLS]", "to [SEP]", "to punct", "to prev", "to next", "context |i-j|", "step cos"],
+        [[l + 1, float(r.cone_layer_input[l]), float(np.nanmean(heads[l])), float(r.cone_multihead_output[l]),
+          float(r.cone_layer_output[l]), float(ent[l].mean())]
+         + [float(r.attention_to[k][l].mean()) for k in ("cls", "sep", "punct", "prev", "next")]
+         + [float(r.context_mean_distance[l].nanmean()), float(r.step_cosine[l])] for l in range(L)])
+    focus = table_html(["layer"] + [f"h{h}" for h in range(H)],
+                               [[l + 1] + list(r.focus_token[l]) for l in range(L)])
+    sections = [
+        ("Summary", summary + per_layer, []),
+        ("Cone index (docs/metrics.md, cone index)", "<p>Per text I/n over its real tokens, mean over texts.</p>", [pngs["cone"]]),
+        ("Attention entropy (M3)", "<p>Row entropy averaged over every real query row.</p>", [pngs["entropy"]]),
+        ("Attention targets (M3)", "<p>Mean attention mass per real query row.</p>", [pngs["attention_to"]]),
+        ("Head distances (M3)", "<p>JS distance between heads' mean attention over [CLS], [SEP] and "
+         "relative offsets.</p>", [pngs["js"]]),
+        ("Context similarity (M4)", "<p>Most similar other token under O O<sup>T</sup>; focus token "
+         "per head (most often the focus of a text):</p>" + focus, [pngs["context"]]),
+        ("Layer evolution", "<p>Means over every real token.</p>", [pngs["evolution"]]),
+    ]
+    if "pairs" in pngs:
+        cp = report["cls_pairs"]
+        sections.append(("[CLS] difference vectors", table_html(
+            ["group", "pairs", "||mean difference||"],
+            [[g, int(n), float(v)] for g, n, v in zip(cp["groups"], cp["counts"].tolist(), cp["mean_norm"].tolist())]),
+            [pngs["pairs"]]))
+    sections += head_sections(out_dir, report)
+    sections.extend(extra_sections)
+    write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections)
+    return list(pngs.values())
+
+
+# ------------------------------------------------------------------------------ pictures
+def trajectory_plots(out_dir: str, path: str) -> tuple[list[str], dict]:
+    """PCA paths of the kept tokens (all depths; without the last step) and per-token step
+    distance, step cosine and norm (thesis 4.3, figures 20-22)."""
+    z = np.load(path)
+    states, text, tokens = z["states"], z["text"], z["token"]
+    n, depths, d = states.shape
+    names = [f"{t}:{tok}" for t, tok in zip(text.tolist(), tokens.tolist())]
+    pngs = []
+    fig = new_figure(12, 5.5)[0]
+    fig.clf()
+    for a, last in enumerate((depths, depths - 1)):
+        # each panel its own PCA, fitted on the states it shows (thesis figure 20 a/b)
+        flat = states[:, :last].reshape(n * last, d)
+        _, mean, comps = projection.pca_fit(flat, 2)
+        paths = ((flat.astype(np.float64) - mean) @ comps).reshape(n, last, 2)
+        ax = fig.add_subplot(1, 2, a + 1)
+        for i in range(n):
+            c = PALETTE[int(text[i]) % len(PALETTE)]
+            ax.plot(paths[i, :last, 0], paths[i, :last, 1], "-o", ms=2, lw=0.8, color=c, alpha=0.7)
+            ax.annotate(tokens[i], paths[i, last - 1], fontsize=6)
+        ax.scatter(paths[:, 0, 0], paths[:, 0, 1], color="red", s=12, zorder=3, label="depth 0")
+        ax.set_title("token paths, PCA of all depths" if last == depths else "PCA without the last depth")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.legend(fontsize=7)
+    pngs.append(save_figure(fig, out_dir, "trajectories_pca"))
+    steps = geometry.trajectory_steps(states)
+    fig = new_figure(13, 3.8)[0]
+    fig.clf()
+    for a, (key, title, xs) in enumerate((("step_distance", "step distance ||h_l - h_(l-1)||", range(1, depths)),
+                                          ("step_cosine", "step cosine", range(1, depths)),
+                                          ("norm", "norm ||h_l||", range(depths)))):
+        ax = fig.add_subplot(1, 3, a + 1)
+        for i in range(n):
+            ax.plot(list(xs), steps[key][i], lw=0.8, color=PALETTE[int(text[i]) % len(PALETTE)],
+                    label=names[i] if n <= 12 else None)
+        ax.set_title(title)
+        ax.set_xlabel("depth")
+        if a == 0 and n <= 12:
+            ax.legend(fontsize=6)
+    pngs.append(save_figure(fig, out_dir, "trajectories_steps"))
+    summary = {"tokens": n, "texts": int(text.max()) + 1 if n else 0,
+               "step_distance_mean": steps["step_distance"].mean(0).tolist(),
+               "step_cosine_mean": steps["step_cosine"].mean(0).tolist(),
+               "norm_mean": steps["norm"].mean(0).tolist()}
+    return pngs, summary
+
+
+def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, texts: list[str] | None,
+                seed: int = 0) -> tuple[list[str], list[str]]:
+    """Pictures of the labelled [CLS] sets: PCA (and UMAP when umap-learn is there) of the last
+    depth coloured by label, per-label PCA curves, silhouette / within / between over depth,
+    cosine histograms per label. Returns (PNG paths, notes)."""
+    cls = np.load(cls_path, mmap_mode="r")
+    last = np.asarray(cls[:, -1], dtype=np.float32)
+    pngs, notes = [], []
+    proj = projection.project(last, method="pca", labels=labels)
+    pngs.append(scatter_png(out_dir, "groups_pca", proj.embedding, labels,
+                            title="[CLS] at the last depth, PCA", xlabel="PC 1", ylabel="PC 2"))
+    write_scatter_html(os.path.join(out_dir, "groups_pca.html"), proj.embedding, labels, texts,
+                       title="[CLS] at the last depth, PCA")
+    pngs.append(explained_variance_png(out_dir, "groups_explained_variance", proj.pca_curves))
+    if last.shape[0] >= 4:
+        try:
+            um = projection.project(last, method="umap", labels=labels, k=min(15, last.shape[0] - 2), seed=seed)
+            pngs.append(scatter_png(out_dir, "groups_umap", um.embedding, labels,
+                                    title="[CLS] at the last depth, UMAP (exact cosine graph)"))
+            write_scatter_html(os.path.join(out_dir, "groups_umap.html"), um.embedding, labels, texts,
+                               title="[CLS] at the last depth, UMAP")
+            groups["umap_silhouette"] = um.silhouette
+        except ValueError as exc:
+            notes.append(f"UMAP left out: {exc}")
+    fig, ax = new_figure()
+    depth = range(len(groups["silhouette"]))
+    nan = lambda v: [np.nan if x is None else x for x in v]  # noqa: E731
+    ax.plot(depth, nan(groups["silhouette"]), "o-", label="silhouette (cosine)")
+    ax.plot(depth, nan(groups["within_cosine"]), "s-", label="mean cosine, same label")
+    ax.plot(depth, nan(groups["between_cosine"]), "^-", label="mean cosine, different labels")
+    ax.set_xlabel("depth (0 = embedding output)")
+    ax.legend(fontsize=8)
+    ax.set_title("labelled [CLS] sets over depth")
+    pngs.append(save_figure(fig, out_dir, "groups_depth"))
+    fig, ax = new_figure()
+    for i, (g, st) in enumerate(groups["last"]["per_label"].items()):
+        if "cosine" not in st:
+            continue
+        h = st["cosine"]["hist"]
+        edges = np.linspace(h["lo"], h["hi"], h["bins"] + 1)
+        counts = np.asarray(h["counts"], dtype=float)
+        ax.step(edges[:-1], counts / max(counts.sum(), 1), where="post", color=PALETTE[i % len(PALETTE)], label=g)
+    for key, st in list(groups["last"]["per_pair"].items())[:6]:
+        h = st["cosine"]["hist"]
+        edges = np.linspace(h["lo"], h["hi"], h["bins"] + 1)
+        counts = np.asarray(h["counts"], dtype=float)
+        ax.step(edges[:-1], counts / max(counts.sum(), 1), where="post", ls=":", label=key.replace("|", " x "))
+    ax.set_xlabel("cosine")
+    ax.set_ylabel("share of pairs")
+    ax.set_title("pairwise cosine within labels (solid) and across (dotted)")
+    ax.legend(fontsize=6)
+    pngs.append(save_figure(fig, out_dir, "groups_cosine_hist"))
+    return pngs, notes
+
+
+def pair_plot(out_dir: str, vectors: np.ndarray, pair_groups: list[str]) -> str:
+    """PCA of the [CLS] difference vectors, with each group's mean difference as an arrow from
+    the image of the zero vector (thesis 4.4.2, figure 24)."""
+    _, mean, comps = projection.pca_fit(vectors, 2)
+    xy = (vectors - mean) @ comps
+    origin = (-mean) @ comps
+    lab = np.asarray(pair_groups)
+    arrows = {g: (origin, xy[lab == g].mean(0)) for g in sorted(set(pair_groups))}
+    return scatter_png(out_dir, "pair_differences_pca", xy, pair_groups, arrows=arrows,
+                       title="[CLS] difference vectors, PCA; arrows: mean per group",
+                       xlabel="PC 1", ylabel="PC 2")

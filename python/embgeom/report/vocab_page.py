@@ -1,0 +1,197 @@
+"""The pictures and report.html of `embgeom vocab` (position geometry included).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..analysis.vocab.sections import MEAN_MEASURES, OUTSIDE, TABLE_K
+from . import new_figure, save_figure, table_html, write_html
+from .plots import save_axes
+
+
+def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
+    pngs = {}
+    hist = plots["hist"]
+    fig, ax = new_figure()
+    edges = hist.edges()
+    # one step patch, not 2000 bar patches (seconds of drawing per report)
+    ax.stairs(hist.counts.cpu().numpy(), edges.numpy(), fill=True)
+    ax.set_yscale("log")
+    pngs["pairs_hist"] = save_axes(fig, ax, out_dir, "pairs_hist", xlabel="cosine similarity",
+                                   ylabel="token pairs", title="all pairs of word embeddings")
+
+    fig = new_figure(12, 6)[0]
+    fig.clf()
+    for i, name in enumerate(MEAN_MEASURES):
+        ax = fig.add_subplot(2, 3, i + 1)
+        v = plots["mean_measures"][name]
+        ax.hist(v[torch.isfinite(v)].cpu().numpy(), bins=100)
+        ax.set_title(name.replace("_", " ") + (" of row" if name == "norm" else " to mean"))
+    fig.tight_layout()
+    pngs["mean_embedding"] = save_figure(fig, out_dir, "mean_embedding")
+
+    if "pos_cos" in plots:
+        fig, ax = new_figure(6, 5)
+        im = ax.imshow(plots["pos_cos"].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        fig.colorbar(im, ax=ax)
+        pngs["positional_cosine"] = save_axes(fig, ax, out_dir, "positional_cosine", xlabel="position",
+                                              ylabel="position", title="cosine of position embeddings")
+
+        fig, ax = new_figure()
+        ax.plot(plots["pos_offset"])
+        pngs["positional_offset"] = save_axes(fig, ax, out_dir, "positional_offset", xlabel="offset k",
+                                              ylabel="mean cosine(p, p + k)",
+                                              title="relative-offset profile of position embeddings")
+
+        fig = new_figure(6, 5)[0]
+        fig.clf()
+        ax = fig.add_subplot(projection="3d")
+        path = plots["pos_path"].numpy()
+        ax.plot(path[:, 0], path[:, 1], path[:, 2], lw=0.6, color="grey")
+        sc = ax.scatter(path[:, 0], path[:, 1], path[:, 2], c=range(len(path)), s=4, cmap="viridis")
+        fig.colorbar(sc, ax=ax, label="position", shrink=0.7)
+        ax.set_title("position embeddings, first 3 principal components")
+        pngs["positional_pca3d"] = save_figure(fig, out_dir, "positional_pca3d")
+
+    fig, ax = new_figure()
+    for name, ratio in (("word", plots["word_ratio"]), ("position", plots.get("pos_ratio"))):
+        if ratio is not None and ratio.numel():
+            ax.plot(range(1, ratio.numel() + 1), ratio.cumsum(0).numpy(), label=name)
+    ax.set_xlabel("principal components")
+    ax.set_ylabel("cumulative explained variance")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    pngs["pca"] = save_figure(fig, out_dir, "pca")
+    if "position_geometry" in plots:
+
+        pngs.update(position_plots(out_dir, plots["position_geometry"], plots.get("projections")))
+    return pngs
+
+
+def write_page(out_dir: str, report: dict, pngs: dict) -> str:
+    t = table_html
+    p = report["pairs"]
+    tk = report["tokens"]
+    intro = (f"<p>{report['model']}: vocabulary {report['vocab_size']} x {report['hidden']}; "
+             f"{report['tokens_analysed']} tokens analysed "
+             + ("(all tokens)" if tk["all_tokens"] else
+                f"({tk['special']} special and {tk['unused']} [unusedN] tokens left out; --all-tokens keeps them)")
+             + f". Total {report['timing']['total']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB.</p>")
+    sections = [("Overview", intro + t(["step", "seconds"], [[k, v] for k, v in report["timing"].items()]), [])]
+    pairs_body = (f"<p>{p['count']} pairs; mean cosine {p['mean']:.4f}, std {p['std']:.4f}; "
+                  f"{p['outside']['count']} pairs outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
+                  "<h3>most similar</h3>" + t(["token a", "token b", "cosine"], p["top_tokens"])
+                  + "<h3>least similar</h3>" + t(["token a", "token b", "cosine"], p["bottom_tokens"])
+                  + "<h3>nearest to 0</h3>" + t(["token a", "token b", "cosine"], p["near_zero_tokens"]))
+    sections.append(("All pairs of word embeddings", pairs_body, [pngs["pairs_hist"]]))
+    me = report["mean_embedding"]
+    me_body = "".join(
+        f"<h3>{name.replace('_', ' ')}</h3>" + t(["top id", "top token", "value", "bottom id", "bottom token", "value"],
+                                                [a + b for a, b in zip(me[name]["top"], me[name]["bottom"])])
+        for name in MEAN_MEASURES)
+    sections.append(("Mean embedding", f"<p>norm of the mean embedding {me['mean_norm']:.4f}</p>" + me_body,
+                     [pngs["mean_embedding"]]))
+    if "absent" in report["positional"]:
+        sections.append(("Position embeddings", f"<p>absent: {report['positional']['absent']}</p>", []))
+    else:
+        pos = report["positional"]
+        body = (f"<p>{pos['positions']} positions (index 0 = position id {pos['first_position_id']}, the "
+                f"first token's); mean cosine {pos['mean']:.4f} (std {pos['std']:.4f}); "
+                f"{pos['components_for_90pct']} principal components explain 90% of the variance.</p>")
+        sections.append(("Position embeddings", body, [pngs["positional_cosine"], pngs["positional_offset"],
+                                                       pngs["positional_pca3d"]]))
+        tp = report["token_position"]
+        body = (f"<p>{tp['count']} token x position pairs; mean cosine {tp['mean']:.4f}; "
+                f"{tp['outside']['count']} outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
+                + t(["token id", "token", "position", "cosine"], tp["top_pairs"] + tp["bottom_pairs"]))
+        sections.append(("Token x position", body, []))
+    if "absent" in report["token_type"]:
+        sections.append(("Token-type embeddings", f"<p>absent: {report['token_type']['absent']}</p>", []))
+    else:
+        tt = report["token_type"]
+        body = t(["type", "norm"], [[i, v] for i, v in enumerate(tt["norms"])])
+        body += t(["type", "vs", "mean cos", "std", "min", "max"],
+                  [[i, key[3:], s["mean"], s["std"], s["min"], s["max"]]
+                   for key in ("vs_word", "vs_position") for i, s in enumerate(tt[key])])
+        sections.append(("Token-type embeddings", body, []))
+    pca = report["pca"]
+    body = t(["matrix", "50%", "90%", "99%"], [[name, *v["components_for"].values()] for name, v in pca.items()])
+    sections.append(("PCA (components needed)", body, [pngs["pca"]]))
+    nb = report["neighbors"]
+    rows = [[w, ", ".join(f"{tok} ({v:.3f})" for _, tok, v in lst)] for w, lst in nb["probes"].items()]
+    ag = nb.get("agreement") or {}
+    body = t(["probe", f"{nb.get('k', TABLE_K)} nearest tokens (cosine), FAISS exact"], rows)
+    if ag:
+        body += (f"<p>FAISS exact vs pairwise_stats(row_topk): {ag['equal_up_to_ties']} of {ag['rows_checked']} "
+                 f"rows agree up to ties ({ag['identical']} identical), largest value difference "
+                 f"{ag['max_abs_value_diff']:.2e}.</p>")
+    sections.append(("Nearest neighbours", body, []))
+    if "position_geometry" in report:
+
+        sections.append(position_section(report, pngs))
+    path = os.path.join(out_dir, "report.html")
+    write_html(path, f"embgeom vocab: {report['model']}", sections)
+    return path
+
+
+def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[str, str]:
+    from .interactive import scatter_png, write_scatter_html
+
+    pngs = {}
+    a, b = plots["range"]
+    fig, ax = new_figure(9, 4)
+    im = ax.imshow(plots["pos"], aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                   extent=(0, plots["pos"].shape[1], b - 0.5, a - 0.5))
+    fig.colorbar(im, ax=ax)
+    ax.set_xlabel("coordinate")
+    ax.set_ylabel("position")
+    ax.set_title("position embeddings, raw values")
+    pngs["positions_raw"] = save_figure(fig, out_dir, "positions_raw")
+
+    c = plots["curves"]
+    fig = new_figure(12, 4)[0]
+    fig.clf()
+    for k, key in enumerate(("raw", "shifted")):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for r, vals in zip(c["rows"], c[key]):
+            v = np.array([np.nan if x is None else x for x in vals])
+            xs = np.arange(len(v)) + (a if key == "raw" else 0)
+            ax.plot(xs, v, lw=0.9, label=f"p={r}")
+        ax.set_xlabel("position q" if key == "raw" else "shift s")
+        ax.set_ylabel("cos(p, q)" if key == "raw" else "cos(p, p + s)")
+        ax.set_title("cosine of position p against the first positions" if key == "raw"
+                     else "the same, shifted to start at p")
+        ax.legend(fontsize=6, ncol=2)
+    pngs["positions_cosine_curves"] = save_figure(fig, out_dir, "positions_cosine_curves")
+
+    lab = ["word"] * plots["n_words"] + ["position"] * (plots["joint"].shape[0] - plots["n_words"])
+    pngs["joint_pca"] = scatter_png(out_dir, "joint_pca", plots["joint"], lab,
+                                    title="word and position embeddings, joint PCA", xlabel="PC 1", ylabel="PC 2")
+    for key, (xy, labels, texts) in (proj_arrays or {}).items():
+        title = key.replace("_", " ") + " (exact cosine graph)"
+        pngs[key] = scatter_png(out_dir, key, xy, labels, title=title)
+        write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title)
+    return pngs
+
+
+def position_section(report: dict, pngs: dict) -> tuple[str, str, list[str]]:
+
+    g = report["position_geometry"]
+    h = g["helix"]
+    cv = g["cls_vs_position0"]
+    body = f"<p>positions {g['range'][0]}..{g['range'][1] - 1}. Helix period (3-D PCA path): "
+    body += (f"{h['period']:.1f} positions (plane PC{h['plane']}, R^2 {h['planes'][h['plane']]['r2']:.3f})"
+             if h["period"] else "none found (no PCA plane turns a full circle)") + ".</p>"
+    body += table_html(["plane", "period", "R^2", "turns"],
+                       [[k, v["period"], v["r2"], v["turns"]] for k, v in h["planes"].items()])
+    if cv:
+        body += table_html(["||[CLS]||", "||position 0||", "Euclidean", "max-coordinate", "cosine"],
+                           [[cv["cls_norm"], cv["position0_norm"], cv["euclidean"], cv["max_coordinate"], cv["cosine"]]])
+    keys = ["positions_raw", "positions_cosine_curves", "joint_pca"] + \
+        [k for k in ("words_umap", "words_tsne", "positions_umap", "positions_tsne") if k in pngs]
+    if "projections" in report:
+        body += "<p>Projections: words_*.html and positions_*.html are interactive (hover: token / position).</p>"
+    return ("Position geometry and projections (thesis 4.2.3, 4.2.5)", body, [pngs[k] for k in keys])

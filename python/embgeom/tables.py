@@ -1,0 +1,19 @@
+"""HTML tables: the one table writer of notebook summaries (results, neighbours, traces) and of
+the report pages (report/). Below every other module, so a result can show itself in a notebook
+without importing the page writers."""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+
+def table_html(headers: list[str] | None, rows: list[list[Any]]) -> str:
+    """An HTML table; headers None: rows only (e.g. name / value pairs)."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return html.escape(str(v))
+
+    head = "" if headers is None else "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table>{head}{body}</table>"

@@ -1,0 +1,160 @@
+"""The package's layout as docs/architecture.md states it: every module listed, imports only
+downwards, one file name per module, defaults written once, commands imported on use."""
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "python" / "embgeom"
+
+# Lowest first; a module may import from its own layer and the layers before it.
+LAYERS = [
+    {"tables", "numerics", "validation", "io", "models"},
+    {"results"},
+    {"engine"},
+    {"reference"},
+    {"backends", "kernels"},
+    {"api", "distributed"},
+    {"neighbours"},
+    {"analysis.text", "analysis.heads", "analysis.clouds"},
+    {"analysis.syntax", "analysis.vocab"},
+    {"report"},
+    {"commands"},
+    {"info", "cli", "__main__", "embgeom"},
+]
+
+
+def _group(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "embgeom"
+    if parts[1] == "analysis" and len(parts) > 2:
+        return "analysis." + parts[2]
+    return parts[1]
+
+
+def _layer(group: str) -> int:
+    for i, groups in enumerate(LAYERS):
+        if group in groups:
+            return i
+    raise AssertionError(f"{group}: not in LAYERS (add it, and to docs/architecture.md)")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        out[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    return out
+
+
+def _imports(module: str, path: Path) -> set[str]:
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "embgeom":
+                continue
+            for alias in node.names:  # `from . import x` names a module x when one exists
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in _modules() else target)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "embgeom"}
+    return found
+
+
+def test_no_import_runs_up_a_layer():
+    wrong = []
+    for module, path in _modules().items():
+        for target in _imports(module, path):
+            if target.startswith("embgeom._"):  # compiled modules (_C, _cuda): the bottom
+                continue
+            if _layer(_group(target)) > _layer(_group(module)):
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "imports from a higher layer:\n" + "\n".join(sorted(wrong))
+
+
+def _documented_modules() -> set[str]:
+    """The module tree of docs/architecture.md's Layers block (2 spaces per level)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("## Layers", 1)[1].split("```", 2)[1]
+    stack: list[tuple[int, str]] = []
+    out = set()
+    for line in block.splitlines():
+        if not line.strip() or line.startswith(" " * 8) and not line.strip().split()[0].endswith((".py", "/")):
+            continue
+        indent = len(line) - len(line.lstrip())
+        name = line.split()[0].rstrip(",")
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = "/".join([p for _, p in stack] + [name.rstrip("/")])
+        if name.endswith("/"):
+            stack.append((indent, name.rstrip("/")))
+        elif name.endswith(".py"):
+            out.add(path)
+    return {p for p in out if p.startswith("python/embgeom/")}
+
+
+def test_architecture_doc_lists_every_module():
+    actual = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if p.name != "__init__.py"}
+    documented = {"python/" + p if not p.startswith("python/") else p for p in _documented_modules()}
+    assert actual - documented == set(), "modules missing from docs/architecture.md"
+    assert documented - actual == set(), "docs/architecture.md lists modules that do not exist"
+
+
+def test_one_file_name_per_module():
+    names: dict[str, list[str]] = {}
+    for path in PKG.rglob("*.py"):
+        if path.name != "__init__.py":
+            names.setdefault(path.name, []).append(str(path.relative_to(PKG)))
+    assert {k: v for k, v in names.items() if len(v) > 1} == {}
+
+
+def test_defaults_come_from_the_config():
+    import embgeom
+    from embgeom.cli import build_parser
+    from embgeom.engine.config import DEFAULTS, user_options
+
+    sig = inspect.signature(embgeom.pairwise_stats).parameters
+    options = user_options()
+    for name, spec in options.items():
+        assert sig[name].default == spec["default"], name
+    args = build_parser(["pairs", "x.npy", "--json", "o.json"]).parse_args(["pairs", "x.npy", "--json", "o.json"])
+    for name, spec in options.items():
+        assert getattr(args, name) == spec["default"], name
+    assert DEFAULTS.describe()["bins"] == options["bins"]["default"]
+
+
+def test_no_pairwise_default_in_the_cpp_signatures():
+    """The binding passes every option explicitly (defaults live in engine/config.py only)."""
+    import numpy as np
+
+    from embgeom.backends.registry import cpp
+
+    if cpp() is None:
+        pytest.skip("embgeom._C is not built")
+    with pytest.raises(TypeError):
+        cpp().PairwiseEngine(np.ones((2, 2), np.float32), None)
+    src = (ROOT / "csrc" / "bindings.cpp").read_text()
+    engine_args = src.split('py::arg("x"), py::arg("y")', 1)[1].split(".def(", 1)[0]
+    assert ") = " not in engine_args
+
+
+def test_a_command_imports_only_its_own_module():
+    code = ("import sys; from embgeom.cli import build_parser; build_parser(['pairs', '--help'][:1]); "
+            "print(sorted(m for m in sys.modules if m.startswith('embgeom.commands.') "
+            "or m in ('transformers', 'matplotlib', 'faiss')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['embgeom.commands.pairs']"
