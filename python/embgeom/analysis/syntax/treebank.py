@@ -50,4 +50,5 @@ def read_conllu(path: str) -> list[Sentence]:
 
 def sample_path() -> str:
     """The CoNLL-U sample shipped with embgeom (42 English sentences written for the project)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample.conllu")
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # embgeom/
+    return os.path.join(package, "data", "sample.conllu")
