@@ -35,3 +35,32 @@ def test_repr_html_layers_from_one(traced):
     assert "<th>layer (1..L)</th>" in page
     assert _first_cells(page) == [str(l) for l in range(1, traced.layers + 1)]
 
+
+def test_heat_map_ticks_layers_and_heads(traced):
+    from embgeom.report.plots import HEAD, LAYER
+    from embgeom.report.text_page import heatmap_figure
+
+    L, H = traced.layers, traced.heads
+    fig, ax = heatmap_figure(traced.entropy.cpu().numpy(), "entropy")
+    try:
+        assert [t.get_text() for t in ax.get_yticklabels()] == [str(l) for l in range(1, L + 1)]
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(h) for h in range(H)]
+        assert ax.get_yticks().tolist() == list(range(L))       # one integer tick per row
+        assert ax.get_ylabel() == LAYER and ax.get_xlabel() == HEAD
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_text_report_tables_from_one(traced, tmp_path):
+    from embgeom.report.text_page import write_report
+
+    write_report(str(tmp_path), traced, traced.to_dict())
+    page = (tmp_path / "report.html").read_text()
+    assert "<th>layer (1..L)</th>" in page
+    # the summary row, then the per-layer table and the focus-token table, each from layer 1
+    cells = _first_cells(page)
+    layers = [str(l) for l in range(1, traced.layers + 1)]
+    assert cells[1:1 + traced.layers] == layers
+    assert cells[1 + traced.layers:1 + 2 * traced.layers] == layers
