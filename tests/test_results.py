@@ -67,6 +67,7 @@ def test_trace_result_table(tiny_bert):
     r = embgeom.trace(model, tok, ["the cat sat on the mat .", "a dog ran in the city ."], batch_size=2)
     df = r.to_pandas()
     assert list(df.columns) == list(r.PER_LAYER_COLUMNS) and len(df) == r.layers
+    assert df["layer"].tolist() == list(range(1, r.layers + 1))
     assert df["cone_output"].tolist() == pytest.approx(r.cone_layer_output.tolist())
     assert df["entropy_mean"].tolist() == pytest.approx(r.entropy.mean(1).tolist())
     assert r._repr_html_().count("<tr>") == 1 + r.layers

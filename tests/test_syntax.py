@@ -102,7 +102,7 @@ def _expected(model, tokenizer, sentences):
         flat = acc.reshape(-1)
         best = int(flat.argmax())
         o = max(word_heads.OFFSETS, key=lambda o: (offs[r][o], -word_heads.OFFSETS.index(o)))
-        want[r] = {"count": total[r], "best": [best // 2 // H, best // 2 % H, word_heads.DIRECTIONS[best % 2]],
+        want[r] = {"count": total[r], "best": [best // 2 // H + 1, best // 2 % H, word_heads.DIRECTIONS[best % 2]],
                    "accuracy": float(flat[best]),
                    "offset_baseline": {"offset": o, "accuracy": offs[r][o] / total[r]}}
     return want, correct["all"] / total["all"]
@@ -178,9 +178,15 @@ def test_cli_syntax(pieces_bert, tmp_path, capsys):
     path, _ = pieces_bert
     out = tmp_path / "syn"
     assert main(["syntax", SAMPLE, "--out", str(out), "--model", path, "--no-progress"]) == 0
-    assert "best head overall" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "best head overall" in err
     report = json.loads((out / "report.json").read_text())
     s = report["syntax"]
+    # layers 1..L in report.json, the CLI and report.html alike (docs/metrics.md, layers, depths and heads)
+    layer, head, _ = s["all"]["best"]
+    assert 1 <= layer <= report["layers"] and 0 <= head < report["heads"]
+    assert f"best head overall L{layer} h{head} " in err
+    assert f"<td>L{layer} h{head}</td>" in (out / "report.html").read_text()
     assert {"relations", "all", "n_sentences", "n_words"} <= set(s)
     e = s["relations"]["det"]
     assert set(e) == {"count", "best", "accuracy", "offset_baseline"}

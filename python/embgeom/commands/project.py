@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
     p.add_argument("x", metavar="X", help=".npy, .pt or .safetensors file of shape (N, D), or "
                    "(N, L+1, D) such as `embgeom text --keep cls`'s cls.npy (see --depth)")
     p.add_argument("--depth", type=int, default=-1, help="for an (N, L+1, D) input: the depth to "
-                   "project (default: the last)")
+                   "project (0 = embedding output, l = output of layer l; default: the last)")
     p.add_argument("--labels", metavar="FILE", help="one label per line, aligned with the rows")
     p.add_argument("--texts", metavar="FILE", help="one text/token per line, shown on hover in the HTML")
     p.add_argument("--method", default="umap", choices=["umap", "tsne", "pca"])

@@ -36,7 +36,7 @@ def main(args) -> int:
     write_syntax_report(args.out, report)
     a = block["all"]
     print(f"embgeom syntax: {block['n_sentences']} sentences, {block['n_words']} words in "
-          f"{block['seconds']:.1f}s; best head overall L{a['best'][0] + 1} h{a['best'][1]} "
+          f"{block['seconds']:.1f}s; best head overall L{a['best'][0]} h{a['best'][1]} "
           f"{a['best'][2]} {a['accuracy']:.3f} (offset {a['offset_baseline']['offset']:+d}: "
           f"{a['offset_baseline']['accuracy']:.3f}) -> {os.path.join(args.out, 'report.html')}",
           file=sys.stderr)

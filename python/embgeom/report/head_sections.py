@@ -7,7 +7,8 @@ import numpy as np
 
 from .headmaps import headmaps_html
 from ..tables import table_html
-from .plots import new_figure, save_figure
+from .plots import (DEPTH, HEAD, HEAD_INDEX, LAYER, depth_axis, layer_axis, layer_head_axes, new_figure,
+                    save_figure)
 
 MARKERS = {"broad": "o", "next": ">", "previous": "<", "[CLS]": "s", "[SEP]": "D",
            "punctuation": "P", "other": "x"}
@@ -23,9 +24,7 @@ def _heat(ax, fig, data, title, cmap="viridis", vmin=None, vmax=None, fmt=None):
     im = ax.imshow(data, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
     fig.colorbar(im, ax=ax)
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(data.shape[0]), [str(i + 1) for i in range(data.shape[0])])
+    layer_head_axes(ax, *data.shape)
     if fmt and data.size <= 16 * 16:
         for (i, j), v in np.ndenumerate(data):
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="w")
@@ -45,14 +44,14 @@ def heads_sections(out_dir: str, block: dict) -> list:
     a1.plot(layers, cls_e.mean(1), "s--", label="from [CLS] (row 0)")
     a1.axhline(block["uniform_entropy"], color="gray", ls=":", label="uniform (mean ln n)")
     a1.set_title("attention row entropy (nats), smoothing 1e-4", fontsize=9)
-    a1.set_xlabel("layer")
+    layer_axis(a1, L)
     a1.legend(fontsize=7)
     a2 = fig.add_subplot(1, 3, 2)
     a2.plot(layers, ve.mean(1), "o-", color="C2", label="mean over heads")
     a2.fill_between(layers, ve.min(1), ve.max(1), alpha=0.2, color="C2", label="range over heads")
     a2.axhline(block["value_entropy_max"], color="gray", ls=":", label="ln 20")
     a2.set_title("value-histogram entropy (20 bins, nats)", fontsize=9)
-    a2.set_xlabel("layer")
+    layer_axis(a2, L)
     a2.legend(fontsize=7)
     a3 = fig.add_subplot(1, 3, 3)
     _heat(a3, fig, _arr(block["sep_to_sep"]), "[SEP] -> [SEP] attention", "Blues", 0, 1)
@@ -83,13 +82,15 @@ def heads_sections(out_dir: str, block: dict) -> list:
                 a1.scatter([], [], color="gray", marker=mk, label=name)
         sm = __import__("matplotlib").cm.ScalarMappable(cmap=cmap)
         sm.set_clim(1, L)
-        fig.colorbar(sm, ax=a1, label="layer")
+        fig.colorbar(sm, ax=a1, label=LAYER, ticks=range(1, L + 1))
         a1.legend(fontsize=7, title="behaviour", title_fontsize=7)
         a1.set_title("MDS of the summed JS divergence between heads (Clark Fig. 6)", fontsize=9)
         a2 = fig.add_subplot(1, 2, 2)
         im = a2.imshow(js, cmap="magma")
         fig.colorbar(im, ax=a2)
-        a2.set_title("summed JS divergence (nats), index = layer*H + head", fontsize=9)
+        a2.set_title("summed JS divergence (nats), index = (layer - 1) * H + head", fontsize=9)
+        a2.set_xlabel(HEAD_INDEX)
+        a2.set_ylabel(HEAD_INDEX)
         png = save_figure(fig, out_dir, "head_mds")
         sections.append(("Head distances and MDS (Clark)",
                          "<p>D(a, b) = sum over every real query row of every text of JS(P_a, P_b), "
@@ -111,14 +112,12 @@ def heads_sections(out_dir: str, block: dict) -> list:
     for c, name in zip(LABEL_COLORS, labels):
         ax.scatter([], [], color=c, marker="s", label=name)
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(L), [str(i + 1) for i in range(L)])
+    layer_head_axes(ax, L, H)
     ax.set_title("gate label per head (our rule over the features)", fontsize=9)
     png = save_figure(fig, out_dir, "head_patterns")
     feats = ["diagonal", "cls_sep", "top_column", "top3_columns", "back3", "forward3", "previous",
              "next", "k90_median", "normalised_entropy"]
-    rows = [[f"{l + 1}", h, pats[l][h]["label"]] + [pats[l][h][f] for f in feats]
+    rows = [[l + 1, h, pats[l][h]["label"]] + [pats[l][h][f] for f in feats]
             for l in range(L) for h in range(H)]
     counts = {name: int((idx == i).sum()) for i, name in enumerate(labels)}
     sections.append(("Gate patterns per head (ours)",
@@ -129,7 +128,7 @@ def heads_sections(out_dir: str, block: dict) -> list:
                      ">= 0.78 or median k90 >= mean n / 2; cluster head and instance gate are not "
                      "evaluated. Counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()) + "</p>"
                      + "<details><summary>features of every head</summary>"
-                     + table_html(["layer", "head", "label"] + feats, rows) + "</details>", [png]))
+                     + table_html([LAYER, HEAD, "label"] + feats, rows) + "</details>", [png]))
 
     if "directionality" in block:
         d = block["directionality"]
@@ -172,7 +171,7 @@ def gaussianity_section(out_dir: str, entries: list[dict]):
         ax.plot(depth, [e[key] for e in entries], "o-", label="tokens")
         ax.plot(depth, [e["text_mean"][key] for e in entries], "s--", label="text mean vectors")
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("depth (0 = embeddings)")
+        depth_axis(ax, len(depth))
         ax.legend(fontsize=7)
     png = save_figure(fig, out_dir, "gaussianity")
     rows = [[e["depth"], e["count"], e["share_rejected"], e["mean_skew"], e["mean_excess_kurtosis"],
@@ -183,7 +182,7 @@ def gaussianity_section(out_dir: str, entries: list[dict]):
             "components, rejected at p &lt; 0.05 / N (N real tokens in the corpus); skewness and "
             "excess kurtosis with scipy's defaults; the same for each text's mean vector "
             "(p &lt; 0.05 / number of texts).</p>"
-            + table_html(["depth", "tokens", "share rejected", "mean skew", "mean excess kurtosis",
+            + table_html([DEPTH, "tokens", "share rejected", "mean skew", "mean excess kurtosis",
                           "text means: rejected", "skew", "kurtosis"], rows), [png])
 
 
@@ -209,7 +208,7 @@ def context_section(out_dir: str, cs: dict):
                      ("period_separator_share", "on '.' or [SEP]"), ("separator_share", "on [SEP]")):
         if key in cs:
             a2.plot(layers, np.nanmean(_arr(cs[key]), 1), "o-", label=lab)
-    a2.set_xlabel("layer")
+    layer_axis(a2, L)
     a2.set_ylim(0, 1.02)
     a2.set_title("share of most-similar pairs (mean over heads)", fontsize=9)
     a2.legend(fontsize=7)

@@ -52,7 +52,7 @@ DATA.samples.forEach(function(text, s){
   const table = document.createElement('table');
   table.className = 'headgrid';
   const head = document.createElement('tr');
-  head.appendChild(document.createElement('th'));
+  const corner = document.createElement('th'); corner.textContent = 'layer / head'; head.appendChild(corner);
   for (let h = 0; h < DATA.heads; h++) {
     const th = document.createElement('th'); th.textContent = 'h' + h; head.appendChild(th);
   }

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import os
 
+# axis and column names (docs/metrics.md, layers, depths and heads)
+LAYER = "layer (1..L)"
+DEPTH = "depth (0 = embeddings)"
+HEAD = "head (from 0)"
+HEAD_INDEX = "(layer - 1) * H + head"
+
 
 def save_figure(fig, out_dir: str, name: str) -> str:
     """Save a matplotlib figure as out_dir/name.png, close it, return the path."""
@@ -20,6 +26,28 @@ def save_axes(fig, ax, out_dir: str, name: str, *, xlabel: str, ylabel: str, tit
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     return save_figure(fig, out_dir, name)
+
+
+def layer_head_axes(ax, layers: int, heads: int | None = None) -> None:
+    """Name and tick the axes of an imshow in its default coordinates with one row per layer:
+    rows labelled 1..L and, when `heads` is given, columns labelled 0..H-1 (integer ticks)."""
+    ax.set_yticks(range(layers), [str(l + 1) for l in range(layers)])
+    ax.set_ylabel(LAYER)
+    if heads is not None:
+        ax.set_xticks(range(heads), [str(h) for h in range(heads)])
+        ax.set_xlabel(HEAD)
+
+
+def layer_axis(ax, layers: int) -> None:
+    """x axis of a curve over layers 1..L: integer ticks, named."""
+    ax.set_xticks(range(1, layers + 1))
+    ax.set_xlabel(LAYER)
+
+
+def depth_axis(ax, depths: int) -> None:
+    """x axis of a curve over depths 0..L (depths = L + 1): integer ticks, named."""
+    ax.set_xticks(range(depths))
+    ax.set_xlabel(DEPTH)
 
 
 def new_figure(width=7.0, height=4.0):

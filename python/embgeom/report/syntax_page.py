@@ -11,6 +11,7 @@ def write_syntax_report(out_dir: str, report: dict) -> None:
     import numpy as np
 
     from . import new_figure, save_figure, table_html, write_html
+    from .plots import layer_head_axes
 
     s = report["syntax"]
     acc = np.asarray(s["all_accuracy"].cpu() if hasattr(s["all_accuracy"], "cpu") else s["all_accuracy"])
@@ -21,21 +22,19 @@ def write_syntax_report(out_dir: str, report: dict) -> None:
         im = ax.imshow(acc[:, :, d], cmap="viridis", vmin=0, aspect="auto")
         fig.colorbar(im, ax=ax)
         ax.set_title(f"accuracy over all words, {name}", fontsize=9)
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_yticks(range(acc.shape[0]), [str(i + 1) for i in range(acc.shape[0])])
+        layer_head_axes(ax, acc.shape[0], acc.shape[1])
     png = save_figure(fig, out_dir, "syntax_heads")
     rows = []
     for name, e in sorted(s["relations"].items(), key=lambda kv: -kv[1]["count"]) + [("all", s["all"])]:
-        rows.append([name, e["count"], f"L{e['best'][0] + 1} h{e['best'][1]}", e["best"][2], e["accuracy"],
+        rows.append([name, e["count"], f"L{e['best'][0]} h{e['best'][1]}", e["best"][2], e["accuracy"],
                      e["offset_baseline"]["offset"], e["offset_baseline"]["accuracy"]])
     summary = table_html(["model", "sentences", "words", "skipped (too long)", "seconds"],
                          [[report["model"], s["n_sentences"], s["n_words"], s["skipped_too_long"],
                            round(s["seconds"], 1)]])
     body = ("<p>Clark et al. (arXiv 1906.04341, section 4.2): for each relation the head and direction "
             "whose most-attended word is the gold head most often (best of all heads x 2 directions, "
-            "chosen on this data), against the best fixed offset -3..2. Layers are 1-based here, "
-            "0-based in report.json. Relations with few instances are noisy (the paper reports those "
+            "chosen on this data), against the best fixed offset -3..2. Best head: L = layer (1..L), "
+            "h = head (from 0), as in report.json. Relations with few instances are noisy (the paper reports those "
             "with at least 100).</p>"
             + table_html(["relation", "count", "best head", "direction", "accuracy", "baseline offset",
                           "baseline accuracy"], rows))

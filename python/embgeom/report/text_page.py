@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from . import new_figure, save_figure, table_html, write_html
+from .plots import HEAD, HEAD_INDEX, LAYER, depth_axis, layer_axis, layer_head_axes
 import numpy as np
 from ..analysis.clouds import geometry, projection
 from . import explained_variance_png
@@ -12,17 +13,26 @@ from .interactive import PALETTE, scatter_png, write_scatter_html
 
 
 
-def _heatmap(out_dir, name, data, title, xlabel, ylabel, cmap="viridis", vmin=None, vmax=None):
-    import numpy as np
+def _heatmap(out_dir, name, data, title, xlabel=None, ylabel=None, cmap="viridis", vmin=None, vmax=None):
+    """A heat map saved as name.png; without xlabel/ylabel its rows are layers 1..L and its
+    columns heads 0..H-1."""
+    fig, _ = heatmap_figure(data, title, xlabel, ylabel, cmap, vmin, vmax)
+    return save_figure(fig, out_dir, name)
 
+
+def heatmap_figure(data, title, xlabel=None, ylabel=None, cmap="viridis", vmin=None, vmax=None):
+    """(figure, axes) of `_heatmap` (unsaved)."""
     data = np.asarray(data, dtype=float)
     fig, ax = new_figure(max(4.0, 0.45 * data.shape[1] + 2), max(3.0, 0.4 * data.shape[0] + 1.5))
     im = ax.imshow(data, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
     fig.colorbar(im, ax=ax)
     ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    return save_figure(fig, out_dir, name)
+    if xlabel is None:
+        layer_head_axes(ax, *data.shape)
+    else:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    return fig, ax
 
 
 def head_sections(out_dir: str, report: dict) -> list:
@@ -57,19 +67,18 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
     ax.fill_between(layers, heads.min(1), heads.max(1), alpha=0.15, color="C1", label="head output range")
     ax.plot(layers, f(ci["multihead_output"]), "^-", label="multi-head output")
     ax.plot(layers, f(ci["layer_output"]), "d-", label="layer output (hidden state l)")
-    ax.set_xlabel("layer")
+    layer_axis(ax, L)
     ax.set_ylabel("cone index I/n (mean over texts)")
     ax.set_ylim(0, 1.02)
-    ax.set_xticks(layers)
     ax.legend(fontsize=8)
     pngs["cone"] = save_figure(fig, out_dir, "cone_index")
 
     ent = r.entropy.cpu().numpy()
     pngs["entropy"] = _heatmap(out_dir, "entropy", ent, f"attention row entropy (nats); uniform "
-                               f"baseline {r.uniform_baseline:.2f}", "head", "layer")
+                               f"baseline {r.uniform_baseline:.2f}")
     pngs["js"] = _heatmap(out_dir, "js_distance", r.js_distance.cpu().numpy(),
-                          "Jensen-Shannon distance between heads (index = layer*H + head)",
-                          "head", "head", cmap="magma", vmin=0)
+                          "Jensen-Shannon distance between heads",
+                          HEAD_INDEX, HEAD_INDEX, cmap="magma", vmin=0)
 
     fig, _ = new_figure(13, 2.8)
     fig.clf()
@@ -77,15 +86,15 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
         ax = fig.add_subplot(1, 5, i + 1)
         im = ax.imshow(r.attention_to[key].cpu().numpy(), vmin=0, vmax=1, cmap="Blues", aspect="auto")
         ax.set_title(f"to {key}")
-        ax.set_xlabel("head")
-        if i == 0:
-            ax.set_ylabel("layer")
+        layer_head_axes(ax, L, H)
+        if i > 0:
+            ax.set_ylabel("")
     fig.colorbar(im, ax=fig.axes)
     pngs["attention_to"] = save_figure(fig, out_dir, "attention_to")
 
     pngs["context"] = _heatmap(out_dir, "context_distance", r.context_mean_distance.cpu().numpy(),
                                "context similarity: mean |i - j| to the most similar token",
-                               "head", "layer", cmap="cividis")
+                               cmap="cividis")
 
     fig, _ = new_figure(10, 3.5)
     fig.clf()
@@ -98,8 +107,9 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
     a3 = fig.add_subplot(1, 3, 3)
     a3.plot(np.arange(L + 1), r.norm.cpu().numpy(), "o-")
     a3.set_title("norm ||h_l||")
-    for a in (a1, a2, a3):
-        a.set_xlabel("layer")
+    for a in (a1, a2):
+        layer_axis(a, L)
+    depth_axis(a3, L + 1)
     pngs["evolution"] = save_figure(fig, out_dir, "evolution")
 
     if "cls_pairs" in report:
@@ -112,13 +122,13 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
         ["model", "texts", "tokens", "layers", "heads", "truncated", "seconds"],
         [[r.model, r.n_texts, r.n_tokens, L, H, r.truncated, round(r.seconds, 1)]])
     per_layer = table_html(
-        ["layer", "cone in", "cone heads (mean)", "cone multi-head", "cone out", "entropy (mean)",
+        [LAYER, "cone in", "cone heads (mean)", "cone multi-head", "cone out", "entropy (mean)",
          "to [CLS]", "to [SEP]", "to punct", "to prev", "to next", "context |i-j|", "step cos"],
         [[l + 1, float(r.cone_layer_input[l]), float(np.nanmean(heads[l])), float(r.cone_multihead_output[l]),
           float(r.cone_layer_output[l]), float(ent[l].mean())]
          + [float(r.attention_to[k][l].mean()) for k in ("cls", "sep", "punct", "prev", "next")]
          + [float(r.context_mean_distance[l].nanmean()), float(r.step_cosine[l])] for l in range(L)])
-    focus = table_html(["layer"] + [f"h{h}" for h in range(H)],
+    focus = table_html([f"{LAYER} / {HEAD}"] + [f"h{h}" for h in range(H)],
                                [[l + 1] + list(r.focus_token[l]) for l in range(L)])
     sections = [
         ("Summary", summary + per_layer, []),
@@ -164,7 +174,7 @@ def trajectory_plots(out_dir: str, path: str) -> tuple[list[str], dict]:
             c = PALETTE[int(text[i]) % len(PALETTE)]
             ax.plot(paths[i, :last, 0], paths[i, :last, 1], "-o", ms=2, lw=0.8, color=c, alpha=0.7)
             ax.annotate(tokens[i], paths[i, last - 1], fontsize=6)
-        ax.scatter(paths[:, 0, 0], paths[:, 0, 1], color="red", s=12, zorder=3, label="depth 0")
+        ax.scatter(paths[:, 0, 0], paths[:, 0, 1], color="red", s=12, zorder=3, label="depth 0 (embeddings)")
         ax.set_title("token paths, PCA of all depths" if last == depths else "PCA without the last depth")
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
@@ -181,7 +191,10 @@ def trajectory_plots(out_dir: str, path: str) -> tuple[list[str], dict]:
             ax.plot(list(xs), steps[key][i], lw=0.8, color=PALETTE[int(text[i]) % len(PALETTE)],
                     label=names[i] if n <= 12 else None)
         ax.set_title(title)
-        ax.set_xlabel("depth")
+        if key == "norm":
+            depth_axis(ax, depths)
+        else:
+            layer_axis(ax, depths - 1)
         if a == 0 and n <= 12:
             ax.legend(fontsize=6)
     pngs.append(save_figure(fig, out_dir, "trajectories_steps"))
@@ -222,7 +235,7 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
     ax.plot(depth, nan(groups["silhouette"]), "o-", label="silhouette (cosine)")
     ax.plot(depth, nan(groups["within_cosine"]), "s-", label="mean cosine, same label")
     ax.plot(depth, nan(groups["between_cosine"]), "^-", label="mean cosine, different labels")
-    ax.set_xlabel("depth (0 = embedding output)")
+    depth_axis(ax, len(groups["silhouette"]))
     ax.legend(fontsize=8)
     ax.set_title("labelled [CLS] sets over depth")
     pngs.append(save_figure(fig, out_dir, "groups_depth"))

@@ -14,7 +14,8 @@ the report are the first few texts only).
 
 Conventions: attn (B, H, T, T), rows = queries; mask (B, T) bool, True = real token (padding at
 the end of a row, as the tokenizer pads); n = a text's number of real tokens; heads in layer-major
-order, index = layer * H + head.
+order, index = (layer - 1) * H + head for layer 1..L and head 0..H-1 (docs/metrics.md, layers, depths
+and heads); a loop index l over layers is layer l + 1.
 """
 from __future__ import annotations
 
@@ -180,7 +181,7 @@ def _projections(model):
 @contextmanager
 def capture_qk(model) -> Iterator[dict]:
     """Forward hooks on every layer's query and key projections: yields a dict filled on each
-    forward pass, {layer: {"q": (B, T, D), "k": (B, T, D)}} (bias included: the true q, k)."""
+    forward pass, {l: {"q": (B, T, D), "k": (B, T, D)}} for layer l + 1 (bias included: the true q, k)."""
     qs, ks = _projections(model)
     store: dict = {}
 
@@ -344,7 +345,7 @@ class HeadsAccumulator:
         got = self.qk.get(l)
         if not got or "q" not in got or "k" not in got:
             raise ValueError("directionality: no captured q/k for layer "
-                             f"{l}; run the forward passes inside capture_qk(model)")
+                             f"{l + 1}; run the forward passes inside capture_qk(model)")
         qv, kv = got["q"], got["k"]
         d = qv.shape[-1] // H
         qh = qv.view(B, T, H, d).transpose(1, 2)                               # (B, H, T, d)

@@ -85,7 +85,8 @@ def predictions(word_attn: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
 def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int = 64,
                  max_length: int | None = None, progress: bool = False) -> dict:
     """Per-relation syntactic-head accuracy (see the module docstring). Returns the report.json
-    block `syntax` (accuracies float, best = [layer (0-based), head, direction])."""
+    block `syntax` (accuracies float, best = [layer (1..L), head (from 0), direction]; docs/metrics.md,
+    layers, depths and heads)."""
     from ..text.trace import model_max_length
 
     if batch_size < 1:
@@ -173,7 +174,7 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
         best = int(flat.argmax())                                          # first best
         k, d = divmod(best, 2)
         o = int(off[:, r].argmax())
-        return {"count": int(total[r]), "best": [k // H, k % H, DIRECTIONS[d]],
+        return {"count": int(total[r]), "best": [k // H + 1, k % H, DIRECTIONS[d]],
                 "accuracy": float(flat[best]),
                 "offset_baseline": {"offset": OFFSETS[o], "accuracy": float(off[o, r])}}
 

@@ -109,7 +109,8 @@ class Batch:
     """One forward pass. B texts, T padded length, L layers, H heads, D hidden, d_h = D / H.
 
     input_ids, mask, cls, sep, punct: (B, T) (mask True = real token); hidden_states: L+1 of
-    (B, T, D) (index 0 = embeddings output); attentions: L of (B, H, T, T); head_outputs: L of
+    (B, T, D) (index = depth, 0 = embeddings output); attentions: L of (B, H, T, T) (index i =
+    layer i + 1; docs/metrics.md, layers, depths and heads); head_outputs: L of
     (B, T, H, d_h), each head's output before the output projection (O_lh of docs/metrics.md, context similarity);
     multihead_outputs: L of (B, T, D), after the output projection, before dropout/residual/
     LayerNorm. truncated: how many texts of this batch were cut to max_length."""
@@ -204,7 +205,10 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
 # ------------------------------------------------------------------------------ reduction
 @dataclass
 class TraceResult:
-    """Corpus-level means (L layers, H heads; tensors float64 on the model's device).
+    """Corpus-level means (L layers, H heads; tensors float64 on the model's device). Per-layer
+    tensors have index i = layer i + 1, per-depth ones (norm) index = depth (0 = embeddings);
+    the tables (per_layer, to_pandas, the HTML) number layers 1..L (docs/metrics.md, layers,
+    depths and heads).
 
     cone_layer_input (L,), cone_head_output (L, H), cone_multihead_output (L,),
     cone_layer_output (L,): per text I/n over its real tokens, then the mean over texts.
@@ -213,7 +217,7 @@ class TraceResult:
     text, mean over texts. attention_to: {cls, sep, punct, prev, next: (L, H)} mass per real row.
     target_distribution (L*H, R): each head's mean attention over [CLS], [SEP], relative offsets
     (see attention.target_distribution); js_distance (L*H, L*H) between those rows (head index
-    l*H + h). context_*: context similarity (attention.context_similarity) with focus_token[l][h] the token
+    (layer - 1) * H + head). context_*: context similarity (attention.context_similarity) with focus_token[l][h] the token
     most often the focus of a text; evolution: step_distance (L,), step_cosine (L,), norm (L+1,)
     means over every real token."""
 
@@ -246,9 +250,9 @@ class TraceResult:
     context_period_separator: torch.Tensor | None = None
 
     def per_layer(self) -> list[list]:
-        """One row per layer: cone index I/n of the layer input, the multi-head output and the
-        layer output, mean row entropy over heads, step distance and step cosine."""
-        return [[l, float(self.cone_layer_input[l]), float(self.cone_multihead_output[l]),
+        """One row per layer: the layer (1..L), cone index I/n of the layer input, the multi-head
+        output and the layer output, mean row entropy over heads, step distance and step cosine."""
+        return [[l + 1, float(self.cone_layer_input[l]), float(self.cone_multihead_output[l]),
                  float(self.cone_layer_output[l]), float(self.entropy[l].mean()),
                  float(self.step_distance[l]), float(self.step_cosine[l])] for l in range(self.layers)]
 
@@ -256,7 +260,8 @@ class TraceResult:
                          "step_distance", "step_cosine")
 
     def to_pandas(self):
-        """The per-layer table (PER_LAYER_COLUMNS) as a DataFrame (pandas optional)."""
+        """The per-layer table (PER_LAYER_COLUMNS; column "layer" runs 1..L) as a DataFrame
+        (pandas optional)."""
         try:
             import pandas
         except ImportError:
@@ -268,7 +273,7 @@ class TraceResult:
 
         head = (f"<b>TraceResult</b> {html.escape(self.model)}: {self.n_texts} texts, {self.n_tokens} tokens, "
                 f"{self.layers} layers x {self.heads} heads, {self.seconds:.1f} s")
-        return head + table_html(list(self.PER_LAYER_COLUMNS), self.per_layer())
+        return head + table_html(["layer (1..L)", *self.PER_LAYER_COLUMNS[1:]], self.per_layer())
 
     def to_dict(self) -> dict:
         """The report.json keys of `embgeom text` (NaN -> None)."""
