@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..engine.config import DEFAULTS
+
 # Hopper: a 128 x 128 tile is two warpgroups of 64 x 128, each one HGMMA 64x128x16 per k-step
 # (the N = 128 wgmma shape); 3 stages of 128 x 64 bf16 operands (2 x 16 KB each) = 96 KB of
 # shared memory, which leaves room for the epilogue's layout conversions in 228 KB.
@@ -51,7 +53,7 @@ class GpuPlan:
 
 
 def make_plan(n: int, m: int, d: int, *, elem_bytes: int, on_gpu: bool, sms: int = 0,
-              cfg_block: int = 512, row_k: int = 1, need: int = 1, block: int | None = None,
+              cfg_block: int = DEFAULTS.block, row_k: int = 1, need: int = 1, block: int | None = None,
               group: int | None = None, programs: int | None = None,
               capacity: int | None = None, split: int | None = None,
               live_bounds: bool | None = None, mma: bool = True) -> GpuPlan:
