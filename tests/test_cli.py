@@ -153,3 +153,21 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path, capsys):
     (tmp_path / "c.ckpt").write_bytes(b"EMBGEOM-CKPT1\nbad\nbody")
     assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "a.json")]) == 2
     assert "checksum" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["pairs", "x.npy", "--json", "o.json", "--device", "foo"], "expected a torch device"),
+    (["pairs", "x.npy", "--json", "o.json", "--device", "mps"], "expected 'cpu' or 'cuda"),
+    (["vocab", "--device", "cuda:7"], "cuda:7"),
+    (["text", "corpus.txt", "--out", "o", "--device", "bogus"], "expected a torch device"),
+    (["syntax", "tb.conllu", "--out", "o", "--device", "bogus"], "expected a torch device"),
+    (["pairs", "x.npy", "--json", "o.json", "--metric", "manhattan"], "invalid choice"),
+])
+def test_bad_options_are_one_line_before_any_work(capsys, argv, message):
+    """Refused while parsing: one line, exit 2, nothing loaded or written."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err and "--help" in err

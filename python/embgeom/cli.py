@@ -12,11 +12,18 @@ import sys
 from .commands import COMMANDS
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A refused command line is one line (with where to look), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the subcommand named in argv (if any) has its module imported."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    parser = argparse.ArgumentParser(prog="embgeom", description="Geometry of transformer embeddings")
+    parser = OneLineParser(prog="embgeom", description="Geometry of transformer embeddings")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -170,3 +170,21 @@ def interval(value: Any, name: str) -> tuple[float, float]:
     if not lo < hi:
         raise ValueError(f"{name}: expected lo < hi, got ({lo}, {hi})")
     return lo, hi
+
+
+def device(value: Any, name: str = "device") -> torch.device:
+    """A torch device that exists here: 'cpu', 'cuda', 'cuda:1', ... (a CUDA device only where
+    torch.cuda.is_available() and the index is below the device count)."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: expected a torch device such as 'cpu' or 'cuda', got {value!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: {value!r} asked for, but there is no usable CUDA device here "
+                             "(torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: {value!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise ValueError(f"{name}: expected 'cpu' or 'cuda[:N]', got {value!r}")
+    return dev

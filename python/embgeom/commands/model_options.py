@@ -2,13 +2,25 @@
 and --no-progress for the commands that run texts through the model): one wording, one check."""
 from __future__ import annotations
 
+import argparse
+
+from ..validation import device
+
+
+def device_option(text: str):
+    """argparse type of --device: refused while parsing, in one line, before any work."""
+    try:
+        return device(text, "--device")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device: ")) from None
+
 
 def add_model_options(p, *, batch_size: int | None = None, max_length_help: str | None = None) -> None:
     """--model and --device; with batch_size, also --batch-size (that default), --max-length
     (max_length_help says what a longer input does) and --no-progress."""
     p.add_argument("--model", default=None, help="Hugging Face name or local path (default: the bundled "
                    "all-MiniLM-L6-v2)")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--device", default=None, type=device_option, help="torch device (default: cpu)")
     if batch_size is None:
         return
     p.add_argument("--batch-size", type=int, default=batch_size)

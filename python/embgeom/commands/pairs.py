@@ -9,6 +9,7 @@ import json
 import os
 
 from ..engine.config import user_options
+from .model_options import device_option
 
 
 def add_arguments(p) -> None:
@@ -28,7 +29,7 @@ def add_arguments(p) -> None:
             p.add_argument(flag, type=type(default), default=default,
                            help=spec["help"] + " (default %(default)s)")
     p.add_argument("--backend", help="cpp, torch, triton, cuda or reference (default: auto)")
-    p.add_argument("--device", help="run on this torch device (e.g. cuda)")
+    p.add_argument("--device", type=device_option, help="run on this torch device (e.g. cuda)")
     p.add_argument("--checkpoint", metavar="PATH", help="save finished tiles here; a rerun resumes")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--distributed", action="store_true", help="split the work over torchrun ranks")
