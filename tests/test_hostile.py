@@ -1,23 +1,225 @@
-"""Hostile inputs (issue 27): concurrent writers of one output and the one-line refusals of
-the writers."""
+"""Hostile inputs (issue 27): crafted checkpoints that would create a file if anything in them
+ran, torn checkpoints, concurrent writers of one output, and the one-line refusals. Every crafted
+payload is first shown to be live (loading it the unsafe way does create its marker file), so a
+marker that stays absent means nothing ran."""
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import multiprocessing
 import os
+import pickle
 import threading
 
+import numpy as np
 import pytest
 
+import embgeom
+from embgeom.engine import runner
+from embgeom.engine.checkpoint import MAGIC, load_checkpoint, save_checkpoint
+from embgeom.engine.config import PairwiseConfig
+from embgeom.engine.state import EngineState
 from embgeom.io import atomic_write
 from embgeom.report import write_json
+
+from helpers import assert_engine_states_equal, make_embeddings
+
+
+class CreatesFile:
+    """Unpickling this calls open(path, "w"): a harmless stand-in for os.system."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def one_line(exc_info) -> str:
     msg = str(exc_info.value)
     assert "\n" not in msg, msg
     return msg
+
+
+def crafted_pickle(marker, fp="f" * 64) -> bytes:
+    return pickle.dumps({"fingerprint": fp, "payload": CreatesFile(marker)}, protocol=4)
+
+
+def test_crafted_payloads_are_live(tmp_path):
+    """Control: the payloads below do run when loaded the unsafe way."""
+    got = pickle.loads(crafted_pickle(tmp_path / "a"))
+    got["payload"].close()
+    assert (tmp_path / "a").exists()
+    buf = io.BytesIO()
+    np.savez(buf, hist=np.array([CreatesFile(tmp_path / "b")], dtype=object))
+    np.load(io.BytesIO(buf.getvalue()), allow_pickle=True)["hist"][0].close()
+    assert (tmp_path / "b").exists()
+
+
+# checkpoints -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("magic", [b"EMBGEOM-CKPT2", b"EMBGEOM-CKPT1"])
+def test_old_pickled_checkpoint_is_refused_without_unpickling(tmp_path, magic):
+    marker = tmp_path / "ran"
+    body = crafted_pickle(marker)
+    path = tmp_path / "old.ckpt"
+    path.write_bytes(magic + b"\n" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    with pytest.raises(ValueError, match="old embgeom format .*unsafe.*delete it") as e:
+        load_checkpoint(str(path), "f" * 64)
+    assert str(path) in one_line(e)
+    # the same file through the public API (and its own fingerprint)
+    with pytest.raises(ValueError, match="old embgeom format"):
+        embgeom.pairwise_stats(make_embeddings(10, 4), checkpoint=str(path), bins=0)
+    assert not marker.exists()
+
+
+def _format3(path, fp, meta: bytes, arrays: bytes, header_extra=None):
+    header = {"fingerprint": fp, "meta_bytes": len(meta), "arrays_bytes": len(arrays),
+              "sha256": hashlib.sha256(meta + arrays).hexdigest(), **(header_extra or {})}
+    path.write_bytes(MAGIC + b"\n" + json.dumps(header).encode() + b"\n" + meta + arrays)
+
+
+def _state(n=12, m=None, **cfg_kw):
+    """A state of a real run: every list kind, per-row lists, histogram, outside counts."""
+    cfg = PairwiseConfig(**{**dict(metric="cosine", bins=16, lo=-1.0, hi=1.0, topk=4, bottomk=3, near=0.5,
+                                   near_k=3, row_topk=3, row_bottomk=2, outside=(-0.2, 0.2), block=4),
+                            **cfg_kw})
+    from embgeom.backends.cpp import CppEngine
+
+    x = make_embeddings(n, 6, zero_rows=1, duplicate_rows=1, seed=1)
+    y = None if m is None else make_embeddings(m, 6, seed=2)
+    engine = CppEngine(x, y, cfg)
+    engine.run(0, engine.num_tiles() - 1)  # not all tiles: a mid-run state
+    return engine.state()
+
+
+def test_crafted_format3_checkpoint_with_pickled_array_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    meta, arrays = _state().to_record()
+    arrays["hist"] = np.array([CreatesFile(marker)], dtype=object)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # object arrays are pickled into the .npz
+    path = tmp_path / "c.ckpt"
+    payload = json.dumps({"payload": "state", "state": meta, "extra": {}}).encode()
+    _format3(path, "f" * 64, payload, buf.getvalue())  # right fingerprint, right sizes, right sha256
+    with pytest.raises(ValueError, match="not a valid embgeom checkpoint .*payload") as e:
+        load_checkpoint(str(path), "f" * 64)
+    assert str(path) in one_line(e)
+    assert not marker.exists()
+
+
+def test_fingerprint_is_checked_before_the_payload_is_parsed(tmp_path):
+    path = tmp_path / "c.ckpt"
+    _format3(path, "a" * 64, b"not json", b"not a zip")
+    with pytest.raises(ValueError, match="another input or other settings"):
+        load_checkpoint(str(path), "b" * 64)
+
+
+@pytest.mark.parametrize("bad", ["extra_header_key", "unknown_array", "wrong_dtype", "bad_shape", "extra_meta"])
+def test_format3_checkpoint_that_we_did_not_write_is_refused(tmp_path, bad):
+    meta, arrays = _state().to_record()
+    header_extra = {}
+    if bad == "extra_header_key":
+        header_extra = {"pickle": True}
+    elif bad == "unknown_array":
+        arrays["evil"] = np.zeros(3)
+        meta["arrays"] = sorted(arrays)
+    elif bad == "wrong_dtype":
+        arrays["hist"] = arrays["hist"].astype(np.float64)
+    elif bad == "bad_shape":
+        arrays["row_top.values"] = arrays["row_top.values"][:-1]
+    else:
+        meta["code"] = "import os"
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path = tmp_path / "c.ckpt"
+    _format3(path, "f" * 64, json.dumps({"payload": "state", "state": meta, "extra": {}}).encode(),
+             buf.getvalue(), header_extra)
+    with pytest.raises(ValueError, match="not a valid embgeom checkpoint") as e:
+        load_checkpoint(str(path), "f" * 64)
+    one_line(e)
+
+
+@pytest.mark.parametrize("m", [None, 7])
+def test_checkpoint_round_trip(tmp_path, m):
+    state = _state(m=m)
+    assert state.row_top is not None and state.hist is not None and len(state.top[0]) > 0
+    assert (state.outside_cols is not None) == (m is not None)
+    path = str(tmp_path / "s.ckpt")
+    save_checkpoint(path, "fp", state)
+    assert_engine_states_equal(load_checkpoint(path, "fp"), state, float_rel=0.0)
+    # the distributed runner's payload: a state and the finished job ids
+    save_checkpoint(path, "fp", {"state": state, "done": [3, 0, 5]})
+    got = load_checkpoint(path, "fp")
+    assert set(got) == {"state", "done"} and got["done"] == [3, 0, 5]
+    assert_engine_states_equal(got["state"], state, float_rel=0.0)
+    # a fresh state: no extremes, empty lists
+    empty = EngineState.empty(PairwiseConfig(bins=0, topk=2), 5, m)
+    save_checkpoint(path, "fp", empty)
+    assert_engine_states_equal(load_checkpoint(path, "fp"), empty, float_rel=0.0)
+    assert os.listdir(tmp_path) == ["s.ckpt"]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_resume_through_api_equals_uninterrupted_run(tmp_path, monkeypatch, backend):
+    x = make_embeddings(60, 8, zero_rows=1, duplicate_rows=2, seed=4)
+    kw = dict(backend=backend, block=8, bins=20, topk=5, bottomk=5, row_topk=3, outside=(-0.3, 0.3))
+    want = embgeom.pairwise_stats(x, **kw).to_dict()
+    path = str(tmp_path / "run.ckpt")
+    real_save, saves = runner.save_checkpoint, []
+
+    def save_then_die(*args):
+        real_save(*args)
+        saves.append(1)
+        if len(saves) == 3:
+            raise Killed
+
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")  # one tile per chunk
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        embgeom.pairwise_stats(x, checkpoint=path, **kw)
+    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    resumed_from = []
+    real_load = runner.load_checkpoint
+    monkeypatch.setattr(runner, "load_checkpoint", lambda *a: resumed_from.append(real_load(*a)) or resumed_from[-1])
+    got = embgeom.pairwise_stats(x, checkpoint=path, **kw).to_dict()
+    assert resumed_from[0].tiles_done == 3
+    want.pop("seconds"), got.pop("seconds")
+    assert got == want
+
+
+def test_torn_checkpoint_is_refused_with_one_line(tmp_path):
+    path = tmp_path / "s.ckpt"
+    save_checkpoint(str(path), "fp", _state())
+    whole = path.read_bytes()
+    header_end = whole.index(b"\n", len(MAGIC) + 1) + 1
+    for cut in (0, 5, len(MAGIC) + 1, header_end - 3, header_end, header_end + 10, len(whole) - 1):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="not a valid embgeom checkpoint") as e:
+            load_checkpoint(str(path), "fp")
+        assert str(path) in one_line(e), cut
+    flipped = bytearray(whole)
+    flipped[-100] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum"):
+        load_checkpoint(str(path), "fp")
+
+
+def test_checkpoint_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="is a directory") as e:
+        load_checkpoint(str(tmp_path), "fp")
+    one_line(e)
+    with pytest.raises(ValueError, match="is a directory") as e:
+        save_checkpoint(str(tmp_path), "fp", _state())
+    one_line(e)
+    with pytest.raises(ValueError, match="is a directory"):
+        embgeom.pairwise_stats(make_embeddings(10, 4), checkpoint=str(tmp_path), bins=0)
 
 
 # single-file writes ---------------------------------------------------------------------------
