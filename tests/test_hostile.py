@@ -1,7 +1,7 @@
-"""Hostile inputs (issue 27): crafted checkpoints that would create a file if anything in them
-ran, torn checkpoints, concurrent writers of one output, and the one-line refusals. Every crafted
-payload is first shown to be live (loading it the unsafe way does create its marker file), so a
-marker that stays absent means nothing ran."""
+"""Hostile inputs (issue 27): crafted checkpoints and model directories that would create a file
+if anything in them ran, torn files, concurrent writers of one output, and the one-line
+refusals. Every crafted payload is first shown to be live (loading it the unsafe way does
+create its marker file), so a marker that stays absent means nothing ran."""
 from __future__ import annotations
 
 import errno
@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import shutil
 import threading
 
 import numpy as np
@@ -22,6 +23,7 @@ from embgeom.engine.checkpoint import MAGIC, load_checkpoint, save_checkpoint
 from embgeom.engine.config import PairwiseConfig
 from embgeom.engine.state import EngineState
 from embgeom.io import atomic_write
+from embgeom.models import load_model
 from embgeom.report import write_json
 
 from helpers import assert_engine_states_equal, make_embeddings
@@ -220,6 +222,49 @@ def test_checkpoint_path_that_is_a_directory(tmp_path):
     one_line(e)
     with pytest.raises(ValueError, match="is a directory"):
         embgeom.pairwise_stats(make_embeddings(10, 4), checkpoint=str(tmp_path), bins=0)
+
+
+# model directories ----------------------------------------------------------------------------
+
+def _custom_code_model(tiny_bert_dir, tmp_path, marker):
+    path = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, path)
+    (path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                  "from transformers import BertConfig as EvilConfig, BertModel as EvilModel\n")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(model_type="embgeom-evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_model_that_needs_its_own_code_is_refused(tiny_bert_dir, tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    path = _custom_code_model(tiny_bert_dir, tmp_path, marker)
+    with pytest.raises(ValueError, match="needs its own Python code .*auto_map") as e:
+        load_model(path)
+    one_line(e)
+    assert not marker.exists()
+    # without the up-front check, transformers itself is told trust_remote_code=False: it
+    # refuses instead of asking [y/N] (stdin is closed here, so a prompt would fail too)
+    import embgeom.models
+
+    monkeypatch.setattr(embgeom.models, "refuse_custom_code", lambda path: None)
+    with pytest.raises(ValueError, match="cannot load") as e:
+        load_model(path)
+    one_line(e)
+    assert not marker.exists()
+
+
+def test_truncated_safetensors_is_one_line(tiny_bert_dir, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, path)
+    weights = path / "model.safetensors"
+    whole = weights.read_bytes()
+    for cut in (4, len(whole) // 2):
+        weights.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="truncated or corrupt") as e:
+            load_model(str(path))
+        one_line(e)
 
 
 # single-file writes ---------------------------------------------------------------------------
