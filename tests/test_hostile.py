@@ -1,7 +1,7 @@
 """Hostile inputs (issue 27): crafted checkpoints and model directories that would create a file
-if anything in them ran, torn files, concurrent writers of one output, and the one-line
-refusals. Every crafted payload is first shown to be live (loading it the unsafe way does
-create its marker file), so a marker that stays absent means nothing ran."""
+if anything in them ran, concurrent writers of one output, torn files, and the one-line
+refusals of the readers. Every crafted payload is first shown to be live (loading it the unsafe
+way does create its marker file), so a marker that stays absent means nothing ran."""
 from __future__ import annotations
 
 import errno
@@ -16,13 +16,14 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 import embgeom
 from embgeom.engine import runner
 from embgeom.engine.checkpoint import MAGIC, load_checkpoint, save_checkpoint
 from embgeom.engine.config import PairwiseConfig
 from embgeom.engine.state import EngineState
-from embgeom.io import atomic_write
+from embgeom.io import atomic_write, load_matrix
 from embgeom.models import load_model
 from embgeom.report import write_json
 
@@ -355,3 +356,29 @@ def test_write_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"cannot write .*a\.json: the folder .* is not writable") as e:
         write_json(str(tmp_path / "a.json"), {})
     one_line(e)
+
+
+# matrix files ---------------------------------------------------------------------------------
+
+def test_big_endian_npy_is_read_in_native_order(tmp_path):
+    x = make_embeddings(5, 3).numpy()
+    np.save(tmp_path / "x.npy", x.astype(">f4"))
+    got = load_matrix(str(tmp_path / "x.npy"))
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), x)
+
+
+def test_pickled_pt_is_refused_with_one_line(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"x": torch.zeros(2, 2), "obj": CreatesFile(marker)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="pickled objects beyond plain tensors; refused for safety") as e:
+        load_matrix(str(tmp_path / "x.pt"))
+    assert "weights_only" not in one_line(e)
+    assert not marker.exists()
+
+
+def test_unreadable_pt_is_one_line_without_torch_advice(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError, match="cannot read .*not a tensor file torch can read") as e:
+        load_matrix(str(tmp_path / "x.pt"))
+    assert "weights_only" not in one_line(e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pickle
 import tempfile
 from typing import IO, Iterator
 
@@ -110,14 +111,27 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
             obj = load_file(path)
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's text suggests weights_only=False, i.e. running the file: never quote it
+        if "unsupported global" not in str(exc).lower():
+            raise ValueError(f"{name}: cannot read {path}: not a tensor file torch can read safely "
+                             "(corrupt, or not a .pt file)") from None
+        raise ValueError(f"{name}: {path} holds pickled objects beyond plain tensors; refused for safety "
+                         "(save a tensor or a dict of tensors, or use .npy / .safetensors)") from None
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear message
-        raise ValueError(f"{name}: cannot read {path}: {type(exc).__name__}: {exc}") from None
+        raise ValueError(f"{name}: cannot read {path}: {_first_line(exc)}") from None
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind != "f":
             raise ValueError(f"{name}: expected a float array in {path}, got dtype {obj.dtype}")
-        # memory-mapped arrays are read-only; torch needs a writable buffer, so copy once
-        return torch.from_numpy(np.array(obj))
+        # memory-mapped arrays are read-only and torch needs a writable buffer in native byte
+        # order: one copy does both (a big-endian file is converted, values unchanged)
+        return torch.from_numpy(np.array(obj, dtype=obj.dtype.newbyteorder("=")))
     return _first_tensor(obj, name, path)
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _first_tensor(obj, name, path) -> torch.Tensor:
