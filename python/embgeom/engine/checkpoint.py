@@ -1,21 +1,38 @@
 """Checkpoints of a run: the state of finished tiles, tied to its input and settings.
 
-Written atomically (temp file, fsync, rename, directory fsync) with a sha256 of the body, so a
-killed run leaves either the previous checkpoint or the new one, never a torn file.
+Format 3 (docs/architecture.md, checkpoints), no pickle anywhere:
+
+    EMBGEOM-CKPT3\\n
+    {"fingerprint": ..., "meta_bytes": A, "arrays_bytes": B, "sha256": ...}\\n   one JSON line
+    A bytes of JSON: the payload's scalars (EngineState.to_record) and plain extras
+    B bytes of .npz: the payload's arrays, stored uncompressed, read with allow_pickle=False
+
+The header line is read and the fingerprint compared before a byte of the payload is parsed;
+the sha256 covers the payload and finds a torn or truncated file (it is no defence against a
+crafted one: that is what the absence of pickle is). Written with io.atomic_write (a unique
+temporary name beside the file, fsync, rename, folder fsync), so a killed run leaves the
+previous checkpoint or the new one, never a torn file. Older formats (pickled) are refused.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import pickle
+import zipfile
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..io import atomic_write
 from .config import PairwiseConfig
+from .state import EngineState
 
-MAGIC = b"EMBGEOM-CKPT2"
+MAGIC = b"EMBGEOM-CKPT3"
+OLD_MAGICS = (b"EMBGEOM-CKPT1", b"EMBGEOM-CKPT2")
+HEADER_KEYS = {"fingerprint", "meta_bytes", "arrays_bytes", "sha256"}
+MAX_HEADER_BYTES = 4096
 
 
 def fingerprint(x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, backend: str, num_tiles: int) -> str:
@@ -32,35 +49,112 @@ def fingerprint(x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, ba
     return h.hexdigest()
 
 
-def save_checkpoint(path: str, fp: str, payload: Any) -> None:
-    """payload: any picklable object (an EngineState, or a dict holding one)."""
-    body = pickle.dumps({"fingerprint": fp, "payload": payload}, protocol=4)
-    digest = hashlib.sha256(body).hexdigest().encode()
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + b"\n" + digest + b"\n" + body)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+def encode_payload(payload: Any) -> tuple[bytes, bytes]:
+    """(JSON bytes, .npz bytes) of an EngineState or of {"state": EngineState, **plain JSON values}."""
+    if isinstance(payload, EngineState):
+        state, extra, kind = payload, {}, "state"
+    elif isinstance(payload, dict) and isinstance(payload.get("state"), EngineState):
+        state, extra, kind = payload["state"], {k: v for k, v in payload.items() if k != "state"}, "dict"
+    else:
+        raise TypeError(f"checkpoint: payload must be an EngineState or a dict with one under 'state', "
+                        f"got {type(payload).__name__}")
+    meta, arrays = state.to_record()
     try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+        text = json.dumps({"payload": kind, "state": meta, "extra": extra}, allow_nan=True)
+    except TypeError as exc:
+        raise TypeError(f"checkpoint: payload extras must be plain JSON values ({exc})") from None
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return text.encode(), buf.getvalue()
+
+
+def decode_payload(meta_bytes: bytes, arrays_bytes: bytes) -> Any:
+    """The inverse of encode_payload; ValueError on anything it did not write."""
+    meta = json.loads(meta_bytes.decode("utf-8"))
+    if not isinstance(meta, dict) or set(meta) != {"payload", "state", "extra"} \
+            or meta["payload"] not in ("state", "dict") or not isinstance(meta["extra"], dict):
+        raise ValueError("unexpected payload description")
+    if meta["payload"] == "state" and meta["extra"]:
+        raise ValueError("extras beside a bare state")
+    arrays = {}
+    with zipfile.ZipFile(io.BytesIO(arrays_bytes)) as zf:
+        for info in zf.infolist():
+            # np.savez stores members uncompressed: their sizes are bounded by the file's
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                raise ValueError(f"unexpected array member {info.filename!r}")
+            name = info.filename[:-len(".npy")]
+            if name in arrays:
+                raise ValueError(f"array {name!r} twice")
+            with zf.open(info) as f:
+                arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+    state = EngineState.from_record(meta["state"], arrays)
+    return state if meta["payload"] == "state" else {"state": state, **meta["extra"]}
+
+
+def save_checkpoint(path: str, fp: str, payload: Any) -> None:
+    """payload: an EngineState, or a dict holding one under "state" plus plain JSON values."""
+    meta, arrays = encode_payload(payload)
+    header = json.dumps({"fingerprint": fp, "meta_bytes": len(meta), "arrays_bytes": len(arrays),
+                         "sha256": hashlib.sha256(meta + arrays).hexdigest()}, sort_keys=True).encode()
+    with atomic_write(path, binary=True, name="checkpoint") as f:
+        f.write(MAGIC + b"\n" + header + b"\n")
+        f.write(meta)
+        f.write(arrays)
+
+
+def _invalid(path: str, why: str) -> ValueError:
+    return ValueError(f"checkpoint: {path} is not a valid embgeom checkpoint ({why}); delete it or pass another path")
 
 
 def load_checkpoint(path: str, fp: str) -> Any | None:
-    """The saved payload, None if there is no file; ValueError if it is not ours or not for this run."""
+    """The saved payload, None if there is no file; ValueError (one line) if it is not ours,
+    of an old format, torn, or for another input or other settings."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint: {path} is a directory; pass a file path")
     if not os.path.exists(path):
         return None
-    with open(path, "rb") as f:
-        raw = f.read()
-    magic, _, rest = raw.partition(b"\n")
-    digest, _, body = rest.partition(b"\n")
-    if magic != MAGIC or hashlib.sha256(body).hexdigest().encode() != digest:
-        raise ValueError(f"checkpoint: {path} is not a valid embgeom checkpoint (bad header or checksum)")
-    saved = pickle.loads(body)
-    if saved["fingerprint"] != fp:
-        raise ValueError(f"checkpoint: {path} was written for another input or other settings; "
-                         "delete it or pass another path")
-    return saved["payload"]
+    try:
+        with open(path, "rb") as f:
+            magic = f.readline(len(MAGIC) + 1)
+            if magic.rstrip(b"\n") in OLD_MAGICS:
+                raise ValueError(f"checkpoint: {path} is in an old embgeom format (pickled), which is unsafe "
+                                 "to load and is refused; delete it and rerun")
+            if magic != MAGIC + b"\n":
+                raise _invalid(path, "bad header or checksum")
+            line = f.readline(MAX_HEADER_BYTES + 1)
+            header = _header(line)
+            if header is None:
+                raise _invalid(path, "bad header or checksum")
+            if header["fingerprint"] != fp:
+                raise ValueError(f"checkpoint: {path} was written for another input or other settings; "
+                                 "delete it or pass another path")
+            size = header["meta_bytes"] + header["arrays_bytes"]
+            # compare with what the file holds before reading: a forged size allocates nothing
+            body = f.read(size) if os.fstat(f.fileno()).st_size - f.tell() == size else b""
+    except OSError as exc:
+        raise ValueError(f"checkpoint: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    if len(body) != size or hashlib.sha256(body).hexdigest() != header["sha256"]:
+        raise _invalid(path, "truncated or corrupt: size or checksum does not match")
+    try:
+        return decode_payload(body[:header["meta_bytes"]], body[header["meta_bytes"]:])
+    except Exception as exc:  # noqa: BLE001 - anything in a payload we did not write: one line
+        why = (str(exc).strip().splitlines() or [""])[0]
+        raise _invalid(path, f"payload: {type(exc).__name__}: {why}") from None
+
+
+def _header(line: bytes) -> dict | None:
+    """The header line's JSON if it has exactly the expected keys and types, else None."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        h = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(h, dict) or set(h) != HEADER_KEYS or not isinstance(h["fingerprint"], str) \
+            or not isinstance(h["sha256"], str):
+        return None
+    for key in ("meta_bytes", "arrays_bytes"):
+        if isinstance(h[key], bool) or not isinstance(h[key], int) or h[key] < 0:
+            return None
+    return h

@@ -19,7 +19,7 @@ from ..results import Histogram, Outside, PairList, PairwiseStats, RowTopK
 from .config import PairwiseConfig
 from .lists import better_extreme, merge_pairs, merge_rows
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: to_record / from_record (checkpoint format 3)
 
 
 def to_numpy(t) -> np.ndarray:
@@ -127,6 +127,100 @@ class EngineState:
     def to_fields(self) -> dict:
         """Plain dict of every field but n and m (what the C++ engine's load_state takes)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("n", "m")}
+
+    # checkpoints: arrays of fixed dtypes + JSON, no pickle ----------------------------------------
+    def to_record(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(scalars as a JSON-able dict, arrays by name), the inverse of `from_record`.
+
+        Scalars: n, m, tiles_done, count, mean, m2, hist_error_bound, outside_count, min/max as
+        [v, i, j] or null, and which optional arrays are present. Arrays (dtypes of ARRAYS):
+        hist, <kind>.v/.i/.j for each ranked list, row_top/row_bottom .values/.columns,
+        outside_rows, outside_cols, excluded_rows, excluded_cols.
+        """
+        meta = {"version": STATE_VERSION, "n": int(self.n), "m": None if self.m is None else int(self.m)}
+        for key in INT_SCALARS:
+            meta[key] = int(getattr(self, key))
+        for key in FLOAT_SCALARS:
+            meta[key] = float(getattr(self, key))
+        for key in ("min", "max"):
+            p = getattr(self, key)
+            meta[key] = None if p is None else [float(p[0]), int(p[1]), int(p[2])]
+        arrays = {}
+        for name, part in self._array_parts():
+            if part is not None:
+                arrays[name] = _fixed(to_numpy(part), ARRAYS[name], name)
+        meta["arrays"] = sorted(arrays)
+        return meta, arrays
+
+    @classmethod
+    def from_record(cls, meta: dict, arrays: dict[str, np.ndarray]) -> "EngineState":
+        """A state from `to_record`'s output; ValueError on an unknown or missing key, a dtype
+        other than the fixed one (object arrays never), or shapes that do not fit n and m."""
+        if not isinstance(meta, dict):
+            raise ValueError("state: expected a JSON object")
+        want = {"version", "n", "m", "min", "max", "arrays", *INT_SCALARS, *FLOAT_SCALARS}
+        if set(meta) != want:
+            extra, missing = sorted(set(meta) - want), sorted(want - set(meta))
+            raise ValueError(f"state: unexpected keys {extra}, missing keys {missing}")
+        if meta["version"] != STATE_VERSION:
+            raise ValueError(f"state: version {meta['version']!r}, expected {STATE_VERSION}")
+        n, m = _json_int(meta["n"], "n"), None if meta["m"] is None else _json_int(meta["m"], "m")
+        listed = meta["arrays"]
+        if not isinstance(listed, list) or sorted(arrays) != sorted(listed):
+            raise ValueError(f"state: arrays {sorted(arrays)} do not match the listed {listed!r}")
+        unknown = set(arrays) - set(ARRAYS)
+        if unknown:
+            raise ValueError(f"state: unknown arrays {sorted(unknown)}")
+        got = {name: _checked(arrays[name], ARRAYS[name], name) for name in arrays}
+        out = cls(n=n, m=m)
+        for key in INT_SCALARS:
+            setattr(out, key, _json_int(meta[key], key))
+        for key in FLOAT_SCALARS:
+            setattr(out, key, _json_float(meta[key], key))
+        for key in ("min", "max"):
+            p = meta[key]
+            if p is not None:
+                if not isinstance(p, list) or len(p) != 3:
+                    raise ValueError(f"state: '{key}' must be [v, i, j] or null")
+                p = (_json_float(p[0], key), _json_int(p[1], key), _json_int(p[2], key))
+            setattr(out, key, p)
+
+        def need(name):
+            if name not in got:
+                raise ValueError(f"state: missing array '{name}'")
+            return got[name]
+
+        for kind in LIST_KINDS:
+            v, i, j = (need(f"{kind}.{p}") for p in "vij")
+            if not (v.ndim == i.ndim == j.ndim == 1 and len(v) == len(i) == len(j)):
+                raise ValueError(f"state: '{kind}' must be three 1-d arrays of one length")
+            setattr(out, kind, (v, i, j))
+        for key in ("row_top", "row_bottom"):  # both arrays or neither (None: not asked for)
+            if f"{key}.values" in got or f"{key}.columns" in got:
+                v, c = need(f"{key}.values"), need(f"{key}.columns")
+                if v.ndim != 2 or v.shape != c.shape or v.shape[0] != n:
+                    raise ValueError(f"state: '{key}' must be two ({n}, k) arrays")
+                setattr(out, key, (v, c))
+        for key in ("excluded_rows", "excluded_cols"):
+            need(key)
+        for key, length in (("hist", None), ("outside_rows", n), ("outside_cols", m),
+                            ("excluded_rows", None), ("excluded_cols", None)):
+            a = got.get(key)  # hist and outside counts are optional (None when not asked for)
+            if a is not None and (a.ndim != 1 or (length is not None and len(a) != length)):
+                raise ValueError(f"state: '{key}' must be a 1-d array" + (f" of length {length}" if length else ""))
+            setattr(out, key, a)
+        if out.outside_cols is not None and m is None:
+            raise ValueError("state: 'outside_cols' in a self-mode state")
+        return out
+
+    def _array_parts(self):
+        for kind in LIST_KINDS:
+            yield from zip((f"{kind}.{p}" for p in "vij"), getattr(self, kind))
+        for key in ("row_top", "row_bottom"):
+            part = getattr(self, key)
+            yield from zip((f"{key}.values", f"{key}.columns"), part if part is not None else (None, None))
+        for key in ("hist", "outside_rows", "outside_cols", "excluded_rows", "excluded_cols"):
+            yield key, getattr(self, key)
 
     def copy(self) -> "EngineState":
         def dup(v):
@@ -247,6 +341,43 @@ class EngineState:
             excluded_cols=[int(c) for c in np.asarray(self.excluded_cols)],
             seconds=seconds,
         )
+
+
+INT_SCALARS = ("tiles_done", "count", "outside_count")
+FLOAT_SCALARS = ("mean", "m2", "hist_error_bound")
+# every array a state may hold, with its one dtype (to_record casts to it, from_record requires it)
+ARRAYS = {
+    **{f"{kind}.{p}": np.dtype(np.float64 if p == "v" else np.int64) for kind in LIST_KINDS for p in "vij"},
+    **{f"{key}.{p}": np.dtype(np.float32 if p == "values" else np.int64)
+       for key in ("row_top", "row_bottom") for p in ("values", "columns")},
+    **{key: np.dtype(np.int64) for key in ("hist", "outside_rows", "outside_cols", "excluded_rows", "excluded_cols")},
+}
+
+
+def _fixed(a: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    """a as `dtype`, refusing a lossy change of kind (floats into an index array, objects anywhere)."""
+    if a.size and a.dtype.kind not in ("fiub" if dtype.kind == "f" else "iub"):
+        raise ValueError(f"state: '{name}' has dtype {a.dtype}, expected {dtype}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _checked(a, dtype: np.dtype, name: str) -> np.ndarray:
+    """A loaded array: exactly `dtype` (either byte order), returned in native order."""
+    if not isinstance(a, np.ndarray) or a.dtype.kind != dtype.kind or a.dtype.itemsize != dtype.itemsize:
+        raise ValueError(f"state: '{name}' has dtype {getattr(a, 'dtype', type(a).__name__)}, expected {dtype}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _json_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"state: '{name}' must be an integer, got {v!r}")
+    return v
+
+
+def _json_float(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"state: '{name}' must be a number, got {v!r}")
+    return float(v)
 
 
 def list_limits(cfg: PairwiseConfig) -> dict[str, int]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 
@@ -29,7 +28,10 @@ def jsonable(obj: Any) -> Any:
 
 
 def write_json(path: str, data: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(jsonable(data), f, indent=1)
-    os.replace(tmp, path)
+    """data as JSON at path, atomically (io.atomic_write): readers and concurrent writers see
+    one whole file; ValueError (one line) for a missing or read-only folder or a directory."""
+    from ..io import atomic_write
+
+    text = json.dumps(jsonable(data), indent=1)  # before the file opens: a bad value writes nothing
+    with atomic_write(path, name="output") as f:
+        f.write(text)

@@ -1,0 +1,384 @@
+"""Hostile inputs (issue 27): crafted checkpoints and model directories that would create a file
+if anything in them ran, concurrent writers of one output, torn files, and the one-line
+refusals of the readers. Every crafted payload is first shown to be live (loading it the unsafe
+way does create its marker file), so a marker that stays absent means nothing ran."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import embgeom
+from embgeom.engine import runner
+from embgeom.engine.checkpoint import MAGIC, load_checkpoint, save_checkpoint
+from embgeom.engine.config import PairwiseConfig
+from embgeom.engine.state import EngineState
+from embgeom.io import atomic_write, load_matrix
+from embgeom.models import load_model
+from embgeom.report import write_json
+
+from helpers import assert_engine_states_equal, make_embeddings
+
+
+class CreatesFile:
+    """Unpickling this calls open(path, "w"): a harmless stand-in for os.system."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def one_line(exc_info) -> str:
+    msg = str(exc_info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def crafted_pickle(marker, fp="f" * 64) -> bytes:
+    return pickle.dumps({"fingerprint": fp, "payload": CreatesFile(marker)}, protocol=4)
+
+
+def test_crafted_payloads_are_live(tmp_path):
+    """Control: the payloads below do run when loaded the unsafe way."""
+    got = pickle.loads(crafted_pickle(tmp_path / "a"))
+    got["payload"].close()
+    assert (tmp_path / "a").exists()
+    buf = io.BytesIO()
+    np.savez(buf, hist=np.array([CreatesFile(tmp_path / "b")], dtype=object))
+    np.load(io.BytesIO(buf.getvalue()), allow_pickle=True)["hist"][0].close()
+    assert (tmp_path / "b").exists()
+
+
+# checkpoints -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("magic", [b"EMBGEOM-CKPT2", b"EMBGEOM-CKPT1"])
+def test_old_pickled_checkpoint_is_refused_without_unpickling(tmp_path, magic):
+    marker = tmp_path / "ran"
+    body = crafted_pickle(marker)
+    path = tmp_path / "old.ckpt"
+    path.write_bytes(magic + b"\n" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    with pytest.raises(ValueError, match="old embgeom format .*unsafe.*delete it") as e:
+        load_checkpoint(str(path), "f" * 64)
+    assert str(path) in one_line(e)
+    # the same file through the public API (and its own fingerprint)
+    with pytest.raises(ValueError, match="old embgeom format"):
+        embgeom.pairwise_stats(make_embeddings(10, 4), checkpoint=str(path), bins=0)
+    assert not marker.exists()
+
+
+def _format3(path, fp, meta: bytes, arrays: bytes, header_extra=None):
+    header = {"fingerprint": fp, "meta_bytes": len(meta), "arrays_bytes": len(arrays),
+              "sha256": hashlib.sha256(meta + arrays).hexdigest(), **(header_extra or {})}
+    path.write_bytes(MAGIC + b"\n" + json.dumps(header).encode() + b"\n" + meta + arrays)
+
+
+def _state(n=12, m=None, **cfg_kw):
+    """A state of a real run: every list kind, per-row lists, histogram, outside counts."""
+    cfg = PairwiseConfig(**{**dict(metric="cosine", bins=16, lo=-1.0, hi=1.0, topk=4, bottomk=3, near=0.5,
+                                   near_k=3, row_topk=3, row_bottomk=2, outside=(-0.2, 0.2), block=4),
+                            **cfg_kw})
+    from embgeom.backends.cpp import CppEngine
+
+    x = make_embeddings(n, 6, zero_rows=1, duplicate_rows=1, seed=1)
+    y = None if m is None else make_embeddings(m, 6, seed=2)
+    engine = CppEngine(x, y, cfg)
+    engine.run(0, engine.num_tiles() - 1)  # not all tiles: a mid-run state
+    return engine.state()
+
+
+def test_crafted_format3_checkpoint_with_pickled_array_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    meta, arrays = _state().to_record()
+    arrays["hist"] = np.array([CreatesFile(marker)], dtype=object)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # object arrays are pickled into the .npz
+    path = tmp_path / "c.ckpt"
+    payload = json.dumps({"payload": "state", "state": meta, "extra": {}}).encode()
+    _format3(path, "f" * 64, payload, buf.getvalue())  # right fingerprint, right sizes, right sha256
+    with pytest.raises(ValueError, match="not a valid embgeom checkpoint .*payload") as e:
+        load_checkpoint(str(path), "f" * 64)
+    assert str(path) in one_line(e)
+    assert not marker.exists()
+
+
+def test_fingerprint_is_checked_before_the_payload_is_parsed(tmp_path):
+    path = tmp_path / "c.ckpt"
+    _format3(path, "a" * 64, b"not json", b"not a zip")
+    with pytest.raises(ValueError, match="another input or other settings"):
+        load_checkpoint(str(path), "b" * 64)
+
+
+@pytest.mark.parametrize("bad", ["extra_header_key", "unknown_array", "wrong_dtype", "bad_shape", "extra_meta"])
+def test_format3_checkpoint_that_we_did_not_write_is_refused(tmp_path, bad):
+    meta, arrays = _state().to_record()
+    header_extra = {}
+    if bad == "extra_header_key":
+        header_extra = {"pickle": True}
+    elif bad == "unknown_array":
+        arrays["evil"] = np.zeros(3)
+        meta["arrays"] = sorted(arrays)
+    elif bad == "wrong_dtype":
+        arrays["hist"] = arrays["hist"].astype(np.float64)
+    elif bad == "bad_shape":
+        arrays["row_top.values"] = arrays["row_top.values"][:-1]
+    else:
+        meta["code"] = "import os"
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path = tmp_path / "c.ckpt"
+    _format3(path, "f" * 64, json.dumps({"payload": "state", "state": meta, "extra": {}}).encode(),
+             buf.getvalue(), header_extra)
+    with pytest.raises(ValueError, match="not a valid embgeom checkpoint") as e:
+        load_checkpoint(str(path), "f" * 64)
+    one_line(e)
+
+
+@pytest.mark.parametrize("m", [None, 7])
+def test_checkpoint_round_trip(tmp_path, m):
+    state = _state(m=m)
+    assert state.row_top is not None and state.hist is not None and len(state.top[0]) > 0
+    assert (state.outside_cols is not None) == (m is not None)
+    path = str(tmp_path / "s.ckpt")
+    save_checkpoint(path, "fp", state)
+    assert_engine_states_equal(load_checkpoint(path, "fp"), state, float_rel=0.0)
+    # the distributed runner's payload: a state and the finished job ids
+    save_checkpoint(path, "fp", {"state": state, "done": [3, 0, 5]})
+    got = load_checkpoint(path, "fp")
+    assert set(got) == {"state", "done"} and got["done"] == [3, 0, 5]
+    assert_engine_states_equal(got["state"], state, float_rel=0.0)
+    # a fresh state: no extremes, empty lists
+    empty = EngineState.empty(PairwiseConfig(bins=0, topk=2), 5, m)
+    save_checkpoint(path, "fp", empty)
+    assert_engine_states_equal(load_checkpoint(path, "fp"), empty, float_rel=0.0)
+    assert os.listdir(tmp_path) == ["s.ckpt"]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_resume_through_api_equals_uninterrupted_run(tmp_path, monkeypatch, backend):
+    x = make_embeddings(60, 8, zero_rows=1, duplicate_rows=2, seed=4)
+    kw = dict(backend=backend, block=8, bins=20, topk=5, bottomk=5, row_topk=3, outside=(-0.3, 0.3))
+    want = embgeom.pairwise_stats(x, **kw).to_dict()
+    path = str(tmp_path / "run.ckpt")
+    real_save, saves = runner.save_checkpoint, []
+
+    def save_then_die(*args):
+        real_save(*args)
+        saves.append(1)
+        if len(saves) == 3:
+            raise Killed
+
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")  # one tile per chunk
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        embgeom.pairwise_stats(x, checkpoint=path, **kw)
+    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    resumed_from = []
+    real_load = runner.load_checkpoint
+    monkeypatch.setattr(runner, "load_checkpoint", lambda *a: resumed_from.append(real_load(*a)) or resumed_from[-1])
+    got = embgeom.pairwise_stats(x, checkpoint=path, **kw).to_dict()
+    assert resumed_from[0].tiles_done == 3
+    want.pop("seconds"), got.pop("seconds")
+    assert got == want
+
+
+def test_torn_checkpoint_is_refused_with_one_line(tmp_path):
+    path = tmp_path / "s.ckpt"
+    save_checkpoint(str(path), "fp", _state())
+    whole = path.read_bytes()
+    header_end = whole.index(b"\n", len(MAGIC) + 1) + 1
+    for cut in (0, 5, len(MAGIC) + 1, header_end - 3, header_end, header_end + 10, len(whole) - 1):
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="not a valid embgeom checkpoint") as e:
+            load_checkpoint(str(path), "fp")
+        assert str(path) in one_line(e), cut
+    flipped = bytearray(whole)
+    flipped[-100] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum"):
+        load_checkpoint(str(path), "fp")
+
+
+def test_checkpoint_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="is a directory") as e:
+        load_checkpoint(str(tmp_path), "fp")
+    one_line(e)
+    with pytest.raises(ValueError, match="is a directory") as e:
+        save_checkpoint(str(tmp_path), "fp", _state())
+    one_line(e)
+    with pytest.raises(ValueError, match="is a directory"):
+        embgeom.pairwise_stats(make_embeddings(10, 4), checkpoint=str(tmp_path), bins=0)
+
+
+# model directories ----------------------------------------------------------------------------
+
+def _custom_code_model(tiny_bert_dir, tmp_path, marker):
+    path = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, path)
+    (path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                  "from transformers import BertConfig as EvilConfig, BertModel as EvilModel\n")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(model_type="embgeom-evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_model_that_needs_its_own_code_is_refused(tiny_bert_dir, tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    path = _custom_code_model(tiny_bert_dir, tmp_path, marker)
+    with pytest.raises(ValueError, match="needs its own Python code .*auto_map") as e:
+        load_model(path)
+    one_line(e)
+    assert not marker.exists()
+    # without the up-front check, transformers itself is told trust_remote_code=False: it
+    # refuses instead of asking [y/N] (stdin is closed here, so a prompt would fail too)
+    import embgeom.models
+
+    monkeypatch.setattr(embgeom.models, "refuse_custom_code", lambda path: None)
+    with pytest.raises(ValueError, match="cannot load") as e:
+        load_model(path)
+    one_line(e)
+    assert not marker.exists()
+
+
+def test_truncated_safetensors_is_one_line(tiny_bert_dir, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, path)
+    weights = path / "model.safetensors"
+    whole = weights.read_bytes()
+    for cut in (4, len(whole) // 2):
+        weights.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="truncated or corrupt") as e:
+            load_model(str(path))
+        one_line(e)
+
+
+# single-file writes ---------------------------------------------------------------------------
+
+def _write_rounds(path, tag, rounds, barrier):
+    data = {"writer": tag, "values": list(range(tag, 40000 + tag))}  # many write() calls per file
+    try:
+        for r in range(rounds):
+            barrier.wait()
+            write_json(path, dict(data, round=r))
+            barrier.wait()
+    except BaseException:
+        barrier.abort()  # the parent stops waiting; the exit code tells
+        raise
+
+
+def test_concurrent_writers_leave_whole_json(tmp_path):
+    path, rounds = str(tmp_path / "out.json"), 8
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(3, timeout=60)
+    procs = [ctx.Process(target=_write_rounds, args=(path, tag, rounds, barrier)) for tag in (0, 1)]
+    for p in procs:
+        p.start()
+    broken = False
+    try:
+        for r in range(rounds):
+            barrier.wait()  # both start writing
+            barrier.wait()  # both done
+            got = json.loads(open(path).read())
+            assert got["round"] == r and got["values"][0] == got["writer"] in (0, 1)
+            assert os.listdir(tmp_path) == ["out.json"]
+    except threading.BrokenBarrierError:  # a writer failed and aborted
+        broken = True
+    except BaseException:
+        barrier.abort()  # a check failed: release the writers (never after a clean last round:
+        raise            # a writer not yet woken from it would see the barrier broken)
+    finally:
+        for p in procs:
+            p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0] and not broken
+
+
+def test_atomic_write_failure_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "out.json"
+    write_json(str(path), {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_write(str(path)) as f:
+            f.write("{partial")
+            raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["out.json"]
+    with pytest.raises(TypeError):
+        write_json(str(path), {"a": object()})  # serialised before the file opens
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_json(str(tmp_path / "a.json"), [1])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_write_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="no such folder") as e:
+        write_json(str(tmp_path / "missing" / "a.json"), {})
+    assert str(tmp_path / "missing" / "a.json") in one_line(e)
+    with pytest.raises(ValueError, match="it is a directory") as e:
+        write_json(str(tmp_path), {})
+    one_line(e)
+    if os.geteuid() != 0:  # root writes into read-only folders
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            with pytest.raises(ValueError, match="not writable"):
+                write_json(str(ro / "a.json"), {})
+        finally:
+            ro.chmod(0o755)
+    import tempfile
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(ValueError, match=r"cannot write .*a\.json: the folder .* is not writable") as e:
+        write_json(str(tmp_path / "a.json"), {})
+    one_line(e)
+
+
+# matrix files ---------------------------------------------------------------------------------
+
+def test_big_endian_npy_is_read_in_native_order(tmp_path):
+    x = make_embeddings(5, 3).numpy()
+    np.save(tmp_path / "x.npy", x.astype(">f4"))
+    got = load_matrix(str(tmp_path / "x.npy"))
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), x)
+
+
+def test_pickled_pt_is_refused_with_one_line(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"x": torch.zeros(2, 2), "obj": CreatesFile(marker)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="pickled objects beyond plain tensors; refused for safety") as e:
+        load_matrix(str(tmp_path / "x.pt"))
+    assert "weights_only" not in one_line(e)
+    assert not marker.exists()
+
+
+def test_unreadable_pt_is_one_line_without_torch_advice(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError, match="cannot read .*not a tensor file torch can read") as e:
+        load_matrix(str(tmp_path / "x.pt"))
+    assert "weights_only" not in one_line(e)
