@@ -5,7 +5,6 @@ same names with dashes, the same defaults and choices.
 """
 from __future__ import annotations
 
-import json
 import os
 
 from ..engine.config import user_options
@@ -38,6 +37,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from ..io import load_matrix
+    from ..report import write_json
 
     directory = os.path.dirname(os.path.abspath(args.json))
     if not os.path.isdir(directory):  # before any work, not after it
@@ -62,16 +62,6 @@ def main(args) -> int:
         from ..api import pairwise_stats
 
         result = pairwise_stats(x, y, **kwargs)
-    write_json(args.json, result.to_dict())
+    write_json(args.json, result.to_dict(), indent=None)  # compact: row lists can be large
     print(f"embgeom pairs: {result.count} pairs in {result.seconds:.2f}s ({result.backend}) -> {args.json}")
     return 0
-
-
-def write_json(path: str, data) -> None:
-    """Compact JSON (row lists can be large), written to a temporary name and renamed into place."""
-    from ..report import jsonable
-
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(jsonable(data), f)
-    os.replace(tmp, path)

@@ -28,5 +28,7 @@ def write_html(path: str, title: str, sections: list[tuple[str, str, list[str]]]
             parts.append(f"<p><img alt='{html.escape(os.path.basename(img))}' src='data:image/png;base64,{data}'></p>")
         parts.append("</section>")
     parts.append("</body></html>")
-    with open(path, "w") as f:
+    from ..io import atomic_write
+
+    with atomic_write(path, name="report.html") as f:
         f.write("\n".join(parts))

@@ -27,11 +27,12 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str, data: Any) -> None:
+def write_json(path: str, data: Any, *, indent: int | None = 1) -> None:
     """data as JSON at path, atomically (io.atomic_write): readers and concurrent writers see
-    one whole file; ValueError (one line) for a missing or read-only folder or a directory."""
+    one whole file; ValueError (one line) for a missing or read-only folder or a directory.
+    indent None: compact (large row lists)."""
     from ..io import atomic_write
 
-    text = json.dumps(jsonable(data), indent=1)  # before the file opens: a bad value writes nothing
+    text = json.dumps(jsonable(data), indent=indent)  # before the file opens: a bad value writes nothing
     with atomic_write(path, name="output") as f:
         f.write(text)

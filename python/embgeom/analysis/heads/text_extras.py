@@ -68,7 +68,9 @@ class TextExtras:
             data = [{"tokens": sm["tokens"],
                      "maps": [[[[round(float(v), 3) for v in row] for row in m] for m in lay]
                               for lay in sm["maps"].tolist()]} for sm in self.sample_maps]
-            with open(os.path.join(out_dir, HEAD_MAPS_FILE), "w") as f:
+            from ...io import atomic_write
+
+            with atomic_write(os.path.join(out_dir, HEAD_MAPS_FILE), name=HEAD_MAPS_FILE) as f:
                 json.dump(data, f, separators=(",", ":"))
 
     def print_profile(self, total: float, stream=None) -> None:
