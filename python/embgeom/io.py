@@ -53,6 +53,17 @@ def _write_error(name: str, path: str, exc: OSError) -> ValueError:
     return ValueError(f"{name}: cannot write {path}: {why}")
 
 
+def check_output_path(path: str, name: str = "output") -> str:
+    """The folder of an output file about to be written; ValueError (one line) when the folder is
+    missing or `path` is a directory. Commands call it before their work, atomic_write again."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: cannot write {path}: it is a directory")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{name}: cannot write {path}: no such folder {folder}")
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, *, binary: bool = False, name: str = "output") -> Iterator[IO]:
     """Open a unique temporary file beside `path` for writing; on a clean exit flush, fsync,
@@ -67,11 +78,7 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output") -> It
     is a directory; OSErrors while writing (disk full) become the same ValueError.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"{name}: cannot write {path}: it is a directory")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{name}: cannot write {path}: no such folder {folder}")
+    folder = check_output_path(path, name)
     base = os.path.basename(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=".tmp", dir=folder)

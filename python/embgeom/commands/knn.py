@@ -20,14 +20,10 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    import os
-
     from ..report import write_json
-    from ..io import load_matrix
+    from ..io import check_output_path, load_matrix
 
-    out_dir = os.path.dirname(os.path.abspath(args.json))
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"--json: directory does not exist: {out_dir}")
+    check_output_path(args.json, "--json")  # before any work, not after it
     x = load_matrix(args.x, "X")
     q = load_matrix(args.queries, "Q") if args.queries else None
     res = knn(x, args.k, queries=q, index=args.index, device=args.device, nlist=args.nlist,

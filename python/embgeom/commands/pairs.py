@@ -5,8 +5,6 @@ same names with dashes, the same defaults and choices.
 """
 from __future__ import annotations
 
-import os
-
 from ..engine.config import user_options
 from .model_options import device_option
 
@@ -36,12 +34,10 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from ..io import load_matrix
+    from ..io import check_output_path, load_matrix
     from ..report import write_json
 
-    directory = os.path.dirname(os.path.abspath(args.json))
-    if not os.path.isdir(directory):  # before any work, not after it
-        raise ValueError(f"--json: directory does not exist: {directory}")
+    check_output_path(args.json, "--json")  # before any work, not after it
     x = load_matrix(args.x, "X")
     y = load_matrix(args.against, "Y") if args.against else None
     if args.device:
