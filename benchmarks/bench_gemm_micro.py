@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--baselines", action="store_true", help="also time numpy/torch matmuls")
     a = ap.parse_args()
     from embgeom import _C
+    from embgeom.backends.cpp import binding_options
     from embgeom.engine.config import DEFAULTS
 
     x = np.random.default_rng(0).standard_normal((a.n, a.d), dtype=np.float32)
@@ -45,8 +46,8 @@ def main():
                              ("engine fast, outputs off", "fast", none),
                              ("engine fast, full", "fast", full)):
         def go():
-            e = _C.PairwiseEngine(x, None, **{**DEFAULTS.describe(), "metric": "cosine", "precision": prec,
-                                              "threads": a.threads, "moment_shift": 0.0, **opts})
+            e = _C.PairwiseEngine(x, None, **{**binding_options(DEFAULTS, threads=a.threads),
+                                              "metric": "cosine", "precision": prec, **opts})
             e.run(0, e.num_tiles())
             return e.state()
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from helpers import blas_products, pair_tolerance
 
+from embgeom.backends.cpp import binding_options
 from embgeom.engine.config import DEFAULTS
 
 _C = pytest.importorskip("embgeom._C")
@@ -40,7 +41,7 @@ def make_x(n, d, seed=0, zero_rows=(), dup=()):
 def engine_args(**kw):
     """Every keyword of _C.PairwiseEngine (the binding has no defaults): the config's defaults,
     one OpenMP default thread count, no moment shift, then kw."""
-    return {**DEFAULTS.describe(), "threads": 0, "moment_shift": 0.0, **kw}
+    return {**binding_options(DEFAULTS), **kw}
 
 
 def run_engine(x, y=None, chunks=1, **kw):
@@ -423,9 +424,10 @@ def test_without_openblas_the_own_kernels_run(cpu_cap):
     import subprocess
     import sys
 
-    code = ("import json, numpy as np, embgeom._C as C; from embgeom.engine.config import DEFAULTS; "
+    code = ("import json, numpy as np, embgeom._C as C; from embgeom.engine.config import make_config; "
+            "from embgeom.backends.cpp import binding_options; "
             "x = np.random.default_rng(0).standard_normal((50, 9)).astype(np.float32); "
-            "e = C.PairwiseEngine(x, None, **{**DEFAULTS.describe(), 'threads': 0, 'moment_shift': 0.0, 'bins': 10, 'topk': 3}); e.run(0, e.num_tiles()); s = e.state(); "
+            "e = C.PairwiseEngine(x, None, **binding_options(make_config(bins=10, topk=3))); e.run(0, e.num_tiles()); s = e.state(); "
             "print(json.dumps({'info': C.cpu_info(), 'kernel': e.kernel, 'count': s['count'], 'top': s['top'][1].tolist()}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "EMBGEOM_OPENBLAS": "0", "EMBGEOM_CPU": cpu_cap}).stdout

@@ -9,6 +9,7 @@ import torch
 
 import embgeom
 from embgeom import numerics, reference
+from embgeom.backends.cpp import binding_options
 from embgeom.engine.config import make_config
 
 from helpers import backend_params
@@ -77,7 +78,7 @@ def test_fast_error_bound_formula_matches_the_cpp_engine():
     y = torch.randn(20, 37, generator=g)
     for metric in ("dot", "euclidean"):
         cfg = make_config(metric=metric, precision="fast", bins=0, topk=1, bottomk=1)
-        eng = _C.PairwiseEngine(x.numpy(), y.numpy(), **cfg.describe(), threads=0, moment_shift=0.0)
+        eng = _C.PairwiseEngine(x.numpy(), y.numpy(), **binding_options(cfg))
         if eng.kernel.find("bf16") < 0:
             pytest.skip(f"no bf16 product kernel on this CPU path ({eng.kernel})")
         xs = numerics.rounding_norms(x, x.bfloat16().float())

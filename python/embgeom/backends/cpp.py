@@ -27,6 +27,12 @@ def row_entropy(attn: torch.Tensor, mask: torch.Tensor | None, smoothing: float 
     return torch.from_numpy(cpp().attention_row_entropy(_f32(attn), _mask_u8(mask), float(smoothing)))
 
 
+def binding_options(cfg: PairwiseConfig, *, threads: int = 0, moment_shift: float = 0.0) -> dict:
+    """The keywords of embgeom._C.PairwiseEngine (which has no defaults): the config's fields,
+    the OpenMP thread count (0 = its default) and the moment shift (docs/metrics.md, moments)."""
+    return {**cfg.describe(), "threads": threads, "moment_shift": moment_shift}
+
+
 class CppEngine:
     """Adapter from embgeom._C.PairwiseEngine to the engine protocol (engine/runner.py)."""
 
@@ -36,11 +42,7 @@ class CppEngine:
         self._x, self._y = _f32(x), None if y is None else _f32(y)  # keep buffers alive
         self._n, self._m = x.shape[0], None if y is None else y.shape[0]
         self._engine = cpp().PairwiseEngine(
-            self._x, self._y, metric=cfg.metric, precision=cfg.precision, block=cfg.block,
-            bins=cfg.bins, lo=cfg.lo, hi=cfg.hi, topk=cfg.topk, bottomk=cfg.bottomk,
-            near=cfg.near, near_k=cfg.near_k, row_topk=cfg.row_topk, row_bottomk=cfg.row_bottomk,
-            outside=cfg.outside, outside_limit=cfg.outside_limit, threads=threads,
-            moment_shift=moment_shift(x, y, cfg.metric))
+            self._x, self._y, **binding_options(cfg, threads=threads, moment_shift=moment_shift(x, y, cfg.metric)))
 
     @property
     def kernel(self) -> str:
