@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from embgeom.engine import runner
 from embgeom.engine.checkpoint import MAGIC, load_checkpoint, save_checkpoint
 from embgeom.engine.config import PairwiseConfig
 from embgeom.engine.state import EngineState
-from embgeom.io import atomic_write, load_matrix
+from embgeom.io import atomic_write, check_complete, check_output_folder, load_matrix, output_folder
 from embgeom.models import load_model
 from embgeom.report import write_json
 
@@ -382,3 +383,136 @@ def test_unreadable_pt_is_one_line_without_torch_advice(tmp_path):
     with pytest.raises(ValueError, match="cannot read .*not a tensor file torch can read") as e:
         load_matrix(str(tmp_path / "x.pt"))
     assert "weights_only" not in one_line(e)
+
+
+# ------------------------------------------------------------------ report folders (output_folder)
+def test_output_folder_swaps_in_whole_runs_and_seals_them(tmp_path):
+    out = tmp_path / "rep"
+    with output_folder(str(out), command="test") as staging:
+        assert not out.exists() and os.path.basename(staging).endswith(".partial")
+        (Path(staging) / "a.txt").write_text("first")
+        (Path(staging) / "old.txt").write_text("only in the first run")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["command"] == "test"
+    assert manifest["files"]["a.txt"]["sha256"] == hashlib.sha256(b"first").hexdigest()
+    check_complete(str(out / "a.txt"), "X")
+    with output_folder(str(out), command="test") as staging:  # a second run replaces the first whole
+        (Path(staging) / "a.txt").write_text("second")
+    assert sorted(os.listdir(out)) == ["a.txt", "manifest.json"]
+    assert os.listdir(tmp_path) == ["rep"]  # no staging or old folder left behind
+    with pytest.raises(RuntimeError):
+        with output_folder(str(out), command="test") as staging:
+            (Path(staging) / "a.txt").write_text("third, never finished")
+            raise RuntimeError("failed late")
+    assert (out / "a.txt").read_text() == "second" and os.listdir(tmp_path) == ["rep"]
+
+
+def test_output_folder_refuses_files_it_did_not_write_and_creates_nothing_on_failure(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    with pytest.raises(ValueError, match="no embgeom run wrote") as e:
+        check_output_folder(str(tmp_path / "mine"))
+    one_line(e)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file") as e:
+        check_output_folder(str(tmp_path / "file"))
+    one_line(e)
+    with pytest.raises(RuntimeError):
+        with output_folder(str(tmp_path / "new" / "deeper" / "rep"), command="test"):
+            raise RuntimeError("model failed to load")
+    assert sorted(os.listdir(tmp_path)) == ["file", "mine"]  # no empty folders left behind
+
+
+def test_readers_refuse_partial_stale_and_foreign_files(tmp_path):
+    out = tmp_path / "rep"
+    with output_folder(str(out), command="test") as staging:
+        np.save(os.path.join(staging, "cls.npy"), np.ones((3, 2, 4), np.float32))
+        with pytest.raises(ValueError, match="did not finish") as e:  # read while being written
+            check_complete(os.path.join(staging, "cls.npy"), "X")
+        one_line(e)
+    np.save(out / "stray.npy", np.ones(2))
+    with pytest.raises(ValueError, match="not part of") as e:
+        check_complete(str(out / "stray.npy"), "X")
+    one_line(e)
+    arr = np.load(out / "cls.npy", mmap_mode="r+")
+    arr[2] = 0  # a later change (or a run that died writing it in place): same size, other bytes
+    arr.flush()
+    del arr
+    with pytest.raises(ValueError, match="changed after") as e:
+        check_complete(str(out / "cls.npy"), "X")
+    one_line(e)
+    np.save(tmp_path / "users_own.npy", np.ones((3, 4), np.float32))
+    check_complete(str(tmp_path / "users_own.npy"), "X")  # not an embgeom output: fine
+
+
+def test_orphans_of_killed_writers_are_removed(tmp_path):
+    dead = _dead_pid()
+    (tmp_path / f".out.json.{dead}.abc.tmp").write_text("{torn")
+    (tmp_path / f".rep.{dead}.xyz.partial").mkdir()
+    (tmp_path / f".out.json.{os.getppid()}.abc.tmp").write_text("a live writer's")
+    write_json(str(tmp_path / "out.json"), {"a": 1})
+    with output_folder(str(tmp_path / "rep"), command="test"):
+        pass
+    assert sorted(os.listdir(tmp_path)) == [f".out.json.{os.getppid()}.abc.tmp", "out.json", "rep"]
+
+
+def _dead_pid() -> int:
+    proc = multiprocessing.get_context("fork").Process(target=int)
+    proc.start()
+    proc.join()
+    return proc.pid
+
+
+def _wait_for(predicate, proc, seconds=120.0):
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _staged(folder, name):
+    return [os.path.join(folder, d, name) for d in os.listdir(folder)
+            if d.endswith(".partial") and os.path.exists(os.path.join(folder, d, name))]
+
+
+@pytest.mark.parametrize("kill_when", ["cls.npy", "report.json"])
+def test_text_killed_mid_run_leaves_nothing_that_passes_as_whole(tiny_bert_dir, tmp_path, kill_when):
+    """SIGKILL `text --keep cls` while the kept vectors are written, or while the report is; the
+    earlier run's folder stays whole, `project` refuses the staged cls.npy, a rerun replaces all."""
+    import signal
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat .\n" * 400)
+    small = tmp_path / "small.txt"
+    small.write_text("a dog ran .\nthe cat sat .\n")
+    out = tmp_path / "rep"
+    def text(path):
+        return [sys.executable, "-m", "embgeom", "text", str(path), "--model", tiny_bert_dir,
+                "--keep", "cls", "--batch-size", "8", "--no-progress", "--out", str(out)]
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(text(small), check=True, env=env, capture_output=True, timeout=300)
+    first = json.loads((out / "manifest.json").read_text())
+    proc = subprocess.Popen(text(corpus), env=env, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: _staged(tmp_path, kill_when), proc), "the run never reached the kill point"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(60)
+    assert json.loads((out / "manifest.json").read_text()) == first  # the earlier run, untouched
+    assert np.load(out / "cls.npy").shape[0] == 2
+    for staged in _staged(tmp_path, "cls.npy"):
+        r = subprocess.run([sys.executable, "-m", "embgeom", "project", staged, "--method", "pca",
+                            "--out", str(tmp_path / "proj")], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "did not finish" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    subprocess.run(text(small), check=True, env=env, capture_output=True, timeout=300)
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith(".")) == []  # orphans removed
+    assert not (tmp_path / "proj").exists()

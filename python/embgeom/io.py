@@ -1,11 +1,16 @@
-"""Reading (N, D) matrices from .npy, .pt and .safetensors files, and writing single files
-atomically (a unique temporary name in the target folder, renamed into place), with clear errors."""
+"""Reading (N, D) matrices from .npy, .pt and .safetensors files, and writing outputs so that no
+reader ever sees a partial one: single files atomically (a unique temporary name in the target
+folder, renamed into place), report folders staged in a fresh hidden folder, sealed with a
+manifest and swapped in whole (`output_folder`); readers check the manifest (`check_complete`)."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import pickle
+import shutil
 import tempfile
 from typing import IO, Iterator
 
@@ -15,18 +20,22 @@ import torch
 SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 
 
-def _new_file_mode() -> int:
-    """The mode open() would give a new file (0o666 less the umask); mkstemp's is 0o600."""
+def _umask() -> int:
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
+                    return int(line.split()[1], 8)
     except OSError:
         pass
     mask = os.umask(0o022)  # no getter elsewhere: read it by setting it, and put it back
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def _new_file_mode() -> int:
+    """The mode open() would give a new file (0o666 less the umask); mkstemp's is 0o600."""
+    return 0o666 & ~_umask()
 
 
 def _fsync_dir(folder: str) -> None:
@@ -80,6 +89,7 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output") -> It
     path = os.fspath(path)
     folder = check_output_path(path, name)
     base = os.path.basename(path)
+    _remove_orphans(folder, base, ".tmp")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=".tmp", dir=folder)
     except OSError as exc:
@@ -98,6 +108,198 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output") -> It
             raise _write_error(name, path, exc) from None
         raise
     _fsync_dir(folder)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or not a pid: leave its files alone
+    return True
+
+
+def _remove_orphans(folder: str, base: str, suffix: str) -> None:
+    """Remove `.BASE.PID.*SUFFIX` entries left in `folder` by killed writers (PID not running)."""
+    prefix = f".{base}."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for entry in names:
+        if not (entry.startswith(prefix) and entry.endswith(suffix)):
+            continue
+        pid = entry[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            target = os.path.join(folder, entry)
+            with contextlib.suppress(OSError):
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                else:
+                    os.unlink(target)
+
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "embgeom-output-1"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(folder: str) -> dict | None:
+    """The folder's embgeom manifest; None when it has none; ValueError when it is unreadable."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
+            or not isinstance(manifest.get("files"), dict):
+        raise ValueError(f"{path}: not a readable embgeom manifest")
+    return manifest
+
+
+def check_output_folder(out: str, name: str = "--out") -> str:
+    """The absolute path of a report folder about to be written; ValueError (one line) when it
+    names a file, or a folder holding files that no embgeom run sealed (they are never
+    replaced). Commands call it before their work; output_folder calls it again."""
+    path = os.path.normpath(os.path.abspath(os.fspath(out)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name}: {out} is a file, expected a folder")
+    if os.path.isdir(path) and os.listdir(path):
+        try:
+            manifest = _read_manifest(path)
+        except ValueError:
+            manifest = None
+        if manifest is None:
+            raise ValueError(f"{name}: {out} holds files that no embgeom run wrote (no {MANIFEST}); "
+                             "choose a new or empty folder, or remove them")
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise ValueError(f"{name}: cannot create {out}: {parent} is a file")
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write {out}: the folder {parent} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[str]:
+    """Stage a report folder: yields a fresh hidden folder beside `out` to write every file into;
+    on a clean exit seals it with manifest.json (each file's size and sha256) and swaps it in
+    for `out` (a previous embgeom output there is replaced whole), so `out` holds one complete
+    run or what it held before, never a mix or a partial run. On any exception (or a kill) the
+    staged folder goes and `out` is untouched; folders this call created on the way are removed.
+
+        with output_folder(args.out, command="text") as staging:
+            write_json(os.path.join(staging, "report.json"), report)
+    """
+    path = check_output_folder(out, name)
+    parent, base = os.path.split(path)
+    created = []
+    probe = parent
+    while not os.path.isdir(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_orphans(parent, base, ".partial")
+        staging = tempfile.mkdtemp(prefix=f".{base}.{os.getpid()}.", suffix=".partial", dir=parent)
+        os.chmod(staging, 0o777 & ~_umask())  # what mkdir gives; mkdtemp's is 0o700
+    except OSError as exc:
+        _remove_created(created)
+        raise _write_error(name, out, exc) from None
+    try:
+        yield staging
+        _seal(staging, command)
+        _swap_in(staging, path)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_created(created)
+        if isinstance(exc, OSError):
+            raise _write_error(name, out, exc) from None
+        raise
+    _fsync_dir(parent)
+
+
+def _remove_created(created: list[str]) -> None:
+    for folder in created:  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def _seal(staging: str, command: str) -> None:
+    from . import __version__
+
+    files = {}
+    for root, _dirs, names in os.walk(staging):
+        for entry in sorted(names):
+            full = os.path.join(root, entry)
+            rel = os.path.relpath(full, staging).replace(os.sep, "/")
+            files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+            with open(full, "rb") as f:
+                os.fsync(f.fileno())
+    manifest = {"format": MANIFEST_FORMAT, "command": command, "embgeom": __version__,
+                "complete": True, "files": dict(sorted(files.items()))}
+    with atomic_write(os.path.join(staging, MANIFEST)) as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+
+
+def _swap_in(staging: str, path: str) -> None:
+    """Rename `staging` onto `path`; an existing folder there is first renamed aside, then removed
+    (two writers racing each end with one whole run in place)."""
+    parent, base = os.path.split(path)
+    for _ in range(8):
+        old = None
+        if os.path.isdir(path):
+            old = tempfile.mkdtemp(prefix=f".{base}.{os.getpid()}.", suffix=".old.partial", dir=parent)
+            try:
+                os.rename(path, os.path.join(old, "previous"))
+            except FileNotFoundError:  # another writer moved it first
+                pass
+        try:
+            os.rename(staging, path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue  # another writer swapped its run in meanwhile: move that one aside too
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OSError(errno.EBUSY, "other writers keep replacing it")
+
+
+def check_complete(path: str, name: str) -> None:
+    """ValueError (one line) when `path` is a file of an embgeom output that is partial (in a
+    staging folder of a run that never finished) or stale (not the file the run's manifest
+    sealed: changed, or left from another run). Files outside embgeom outputs pass."""
+    folder = os.path.dirname(os.path.normpath(os.path.abspath(path)))
+    here = os.path.basename(folder)
+    if here.startswith(".") and here.endswith(".partial"):
+        raise ValueError(f"{name}: {path} is in the staging folder of an embgeom run that did not "
+                         "finish (partial output); rerun that command")
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        return
+    entry = manifest["files"].get(os.path.basename(path))
+    if entry is None:
+        raise ValueError(f"{name}: {path} is not part of the embgeom run that wrote {MANIFEST} "
+                         "beside it (stale or foreign file)")
+    if os.path.getsize(path) != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
+        raise ValueError(f"{name}: {path} changed after the embgeom run that wrote it finished "
+                         f"(size or sha256 differs from {MANIFEST})")
 
 
 def load_matrix(path: str, name: str = "X") -> torch.Tensor:

@@ -30,8 +30,10 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     from ..analysis.clouds.projection import project
     from ..analysis.text.inputs import read_labels
-    from ..io import load_matrix
+    from ..io import check_complete, check_output_folder, load_matrix, output_folder
 
+    check_output_folder(args.out)
+    check_complete(args.x, "X")
     x = load_matrix(args.x, "X")
     if x.dim() == 3:
         if not -x.shape[1] <= args.depth < x.shape[1]:
@@ -44,7 +46,10 @@ def main(args) -> int:
     texts = read_labels(args.texts, n, "--texts") if args.texts else None
     proj = project(x, method=args.method, labels=labels, k=args.k, perplexity=args.perplexity,
                    seed=args.seed, backend=args.backend)
-    report = write_outputs(args.out, proj, texts=texts)
+    for note in proj.notes:
+        print(f"embgeom project: note: {note}", file=sys.stderr)
+    with output_folder(args.out, command="project") as out:
+        report = write_outputs(out, proj, texts=texts)
     print(f"embgeom project: {args.method} of {n} x {x.shape[1]} in {report['seconds']:.1f}s "
           f"(graph {report['knn_seconds']:.1f}s) -> {os.path.join(args.out, 'projection.html')}",
           file=sys.stderr)

@@ -8,6 +8,7 @@ import sys
 
 from ..analysis.syntax.treebank import read_conllu
 from ..analysis.syntax.word_heads import syntax_heads
+from ..io import check_output_folder, output_folder
 from ..report.syntax_page import write_syntax_report
 from .model_options import add_model_options, check_batch_size
 
@@ -24,16 +25,17 @@ def main(args) -> int:
     from ..report import write_json
 
     check_batch_size(args)
+    check_output_folder(args.out)
     sentences = read_conllu(args.treebank)
-    model, tokenizer = load_model(args.model, device=args.device)
-    os.makedirs(args.out, exist_ok=True)
-    block = syntax_heads(model, tokenizer, sentences, batch_size=args.batch_size,
-                         max_length=args.max_length, progress=not args.no_progress)
-    report = {"model": args.model or DEFAULT_MODEL, "treebank": os.path.abspath(args.treebank),
-              "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
-              "syntax": block}
-    write_json(os.path.join(args.out, "report.json"), report)
-    write_syntax_report(args.out, report)
+    with output_folder(args.out, command="syntax") as out:
+        model, tokenizer = load_model(args.model, device=args.device)
+        block = syntax_heads(model, tokenizer, sentences, batch_size=args.batch_size,
+                             max_length=args.max_length, progress=not args.no_progress)
+        report = {"model": args.model or DEFAULT_MODEL, "treebank": os.path.abspath(args.treebank),
+                  "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
+                  "syntax": block}
+        write_json(os.path.join(out, "report.json"), report)
+        write_syntax_report(out, report)
     a = block["all"]
     print(f"embgeom syntax: {block['n_sentences']} sentences, {block['n_words']} words in "
           f"{block['seconds']:.1f}s; best head overall L{a['best'][0]} h{a['best'][1]} "

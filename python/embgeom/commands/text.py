@@ -17,6 +17,7 @@ import numpy as np
 from ..analysis.clouds.geometry import group_geometry
 from ..analysis.heads.text_extras import TextExtras
 from ..analysis.text.keeper import Keeper
+from ..io import check_output_folder, output_folder
 from ..report import table_html, write_json
 from ..report.text_page import group_plots, pair_plot, trajectory_plots, write_report
 from .model_options import add_model_options, check_batch_size
@@ -43,39 +44,39 @@ def main(args) -> int:
     if not os.path.isfile(args.corpus):
         raise ValueError(f"CORPUS: no such file: {args.corpus}")
     check_batch_size(args)
-    # the whole file is checked (UTF-8, not empty) before the model loads
-    if not any(True for _ in read_lines(args.corpus)):
+    check_output_folder(args.out)
+    # the whole file is read (UTF-8 to the last line, not empty) before the model loads
+    n_texts = sum(1 for _ in read_lines(args.corpus))
+    if n_texts == 0:
         raise ValueError(f"CORPUS: {args.corpus} has no non-blank line (empty corpus)")
     pairs = read_pairs(args.pairs) if args.pairs else None
     if args.trajectories < 0:
         raise ValueError(f"--trajectories: expected >= 0, got {args.trajectories}")
     keeping = bool(args.keep or args.trajectories or args.labels)
-    n_texts = sum(1 for _ in read_lines(args.corpus)) if keeping else None
     labels = read_labels(args.labels, n_texts) if args.labels else None
-    model, tokenizer = load_model(args.model, device=args.device)
-    os.makedirs(args.out, exist_ok=True)
-    keeper = Keeper(args.out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
-                                keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
-                                tokenizer=tokenizer) if keeping else None
-    extras = TextExtras(args, model, tokenizer, model_max_length(model, tokenizer, args.max_length))
-    observers = extras.observers + ([keeper] if keeper is not None else [])
-    with warnings.catch_warnings(record=True) as caught, extras.active():
-        warnings.simplefilter("always")
-        result = trace(model, tokenizer, args.corpus, batch_size=args.batch_size,
-                       max_length=args.max_length, progress=not args.no_progress, observers=observers)
-    for w in caught[:1]:
-        print(f"embgeom text: warning: {w.message}", file=sys.stderr)
-    result.model = args.model or DEFAULT_MODEL
-    report = result.to_dict()
-    report.update(extras.report(result))
-    if pairs is not None:
-        report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
-                                              max_length=args.max_length, keep=True)
-    extra = finish(args, args.out, keeper, report, pairs, labels,
-                               lambda: list(read_lines(args.corpus)))
-    write_json(os.path.join(args.out, "report.json"), report)
-    extras.write_files(args.out)
-    write_report(args.out, result, report, extra)
+    with output_folder(args.out, command="text") as out:
+        model, tokenizer = load_model(args.model, device=args.device)
+        keeper = Keeper(out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
+                        keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
+                        tokenizer=tokenizer) if keeping else None
+        extras = TextExtras(args, model, tokenizer, model_max_length(model, tokenizer, args.max_length))
+        observers = extras.observers + ([keeper] if keeper is not None else [])
+        with warnings.catch_warnings(record=True) as caught, extras.active():
+            warnings.simplefilter("always")
+            result = trace(model, tokenizer, args.corpus, batch_size=args.batch_size,
+                           max_length=args.max_length, progress=not args.no_progress, observers=observers)
+        for w in caught[:1]:
+            print(f"embgeom text: warning: {w.message}", file=sys.stderr)
+        result.model = args.model or DEFAULT_MODEL
+        report = result.to_dict()
+        report.update(extras.report(result))
+        if pairs is not None:
+            report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
+                                                  max_length=args.max_length, keep=True)
+        extra = finish(args, out, keeper, report, pairs, labels, lambda: list(read_lines(args.corpus)))
+        write_json(os.path.join(out, "report.json"), report)
+        extras.write_files(out)
+        write_report(out, result, report, extra)
     if args.profile:
         extras.print_profile(result.seconds)
     print(f"embgeom text: {result.n_texts} texts, {result.n_tokens} tokens in {result.seconds:.1f}s "

@@ -11,6 +11,7 @@ import torch
 
 from ..analysis.vocab.sections import PhaseTimer, analyse, peak_rss_mb
 from ..engine.config import DEFAULTS, PRECISIONS
+from ..io import check_output_folder, output_folder
 from ..report import write_json
 from ..report.vocab_page import write_page, write_plots
 from .model_options import add_model_options
@@ -36,22 +37,23 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
 
     timer = PhaseTimer()
     start = time.perf_counter()
-    with timer("model_load"):
-        model, tokenizer = load_model(model_name, device=device)
-    os.makedirs(out_dir, exist_ok=True)
-    with torch.no_grad():
-        report, plots = analyse(model, tokenizer, all_tokens=all_tokens, backend=backend,
-                                precision=precision, timer=timer, positions=positions,
-                                projections=projections, seed=seed)
-    report = {"model": model_name or DEFAULT_MODEL, **report}
-    with timer("plots"):
-        pngs = write_plots(out_dir, plots)
-    report["timing"] = dict(timer.seconds)
-    report["timing"]["total"] = time.perf_counter() - start
-    report["peak_rss_mb"] = peak_rss_mb()
-    write_page(out_dir, report, pngs)
-    report["timing"]["total"] = time.perf_counter() - start
-    write_json(os.path.join(out_dir, "report.json"), report)
+    check_output_folder(out_dir)
+    with output_folder(out_dir, command="vocab") as out:
+        with timer("model_load"):
+            model, tokenizer = load_model(model_name, device=device)
+        with torch.no_grad():
+            report, plots = analyse(model, tokenizer, all_tokens=all_tokens, backend=backend,
+                                    precision=precision, timer=timer, positions=positions,
+                                    projections=projections, seed=seed)
+        report = {"model": model_name or DEFAULT_MODEL, **report}
+        with timer("plots"):
+            pngs = write_plots(out, plots)
+        report["timing"] = dict(timer.seconds)
+        report["timing"]["total"] = time.perf_counter() - start
+        report["peak_rss_mb"] = peak_rss_mb()
+        write_page(out, report, pngs)
+        report["timing"]["total"] = time.perf_counter() - start
+        write_json(os.path.join(out, "report.json"), report)
     return report
 
 

@@ -8,11 +8,11 @@ import numpy as np
 
 
 def write_outputs(out_dir: str, proj, *, texts=None, title: str = "") -> dict:
-    """Write every DIR file for a clouds.Projection; returns the report dict."""
+    """Write every file of `out_dir` (an existing folder, output_folder's staging) for a
+    clouds.Projection; returns the report dict."""
     from . import explained_variance_png, write_json
     from .interactive import scatter_png, write_scatter_html
 
-    os.makedirs(out_dir, exist_ok=True)
     np.save(os.path.join(out_dir, "projection.npy"), proj.embedding.astype(np.float32))
     if proj.indices is not None:
         np.savez(os.path.join(out_dir, "knn.npz"), indices=proj.indices.astype(np.int64),

@@ -3,6 +3,7 @@ k nearest neighbours (docs/metrics.md, point clouds).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 import numpy as np
@@ -118,6 +119,7 @@ class Projection:
     explained_variance: np.ndarray | None = None
     pca_curves: dict | None = None
     silhouette: dict | None = None
+    notes: list[str] = field(default_factory=list)
     labels: list[str] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -131,6 +133,8 @@ class Projection:
             out["pca_cumulative"] = {k: v[:64] for k, v in self.pca_curves.items()}
         if self.silhouette is not None:
             out["silhouette"] = self.silhouette
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
 
 
@@ -188,8 +192,15 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
         labels = [str(v) for v in labels]
         if len(labels) != n:
             raise ValueError(f"labels: expected {n} (one per row), got {len(labels)}")
-    if not isinstance(seed, int):
-        raise ValueError(f"seed: expected an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if method == "tsne":
+        if isinstance(perplexity, bool) or not isinstance(perplexity, (int, float, np.integer, np.floating)):
+            raise TypeError(f"perplexity: expected a number, got {type(perplexity).__name__}")
+        if not (math.isfinite(perplexity) and perplexity > 0):
+            raise ValueError(f"perplexity: expected a finite number > 0, got {perplexity}")
+    elif method == "umap" and (isinstance(k, bool) or not isinstance(k, (int, np.integer))):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
     start = time.perf_counter()
     out = Projection(method=method, embedding=np.zeros((n, 2), np.float32), n=n, d=d, seed=seed,
                      labels=labels)
@@ -202,13 +213,18 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
         if n < 3:
             raise ValueError(f"x: {method} needs at least 3 rows, got {n}")
         if method == "tsne":
-            if not perplexity > 0:
-                raise ValueError(f"perplexity: expected > 0, got {perplexity}")
-            k = min(n - 1, int(3 * perplexity))
-            out.perplexity = float(perplexity)
-        elif not isinstance(k, int) or k < 1:
-            raise ValueError(f"k: expected an int >= 1, got {k!r}")
-        k = min(k, n - 1)
+            # openTSNE's graph holds 3 x perplexity neighbours: at most N - 1 of them
+            out.perplexity = min(float(perplexity), (n - 1) / 3.0)
+            if out.perplexity < perplexity:
+                out.notes.append(f"perplexity {perplexity:g} lowered to (N - 1) / 3 = {out.perplexity:.4g} "
+                                 f"for {n} rows")
+            k = min(n - 1, int(3 * out.perplexity))
+        else:
+            if k < 1:
+                raise ValueError(f"k: expected an int >= 1, got {k!r}")
+            if k > n - 1:
+                out.notes.append(f"k {k} lowered to N - 1 = {n - 1} for {n} rows")
+            k = min(int(k), n - 1)
         idx, sim, out.knn_seconds = exact_knn(xm, k, backend=backend)
         out.k, out.indices, out.similarities = k, idx, sim
         if method == "umap":
@@ -216,7 +232,7 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
         else:
             import os
 
-            out.embedding = tsne_layout(xm, idx, sim, perplexity=min(float(perplexity), (n - 1) / 3.0),
+            out.embedding = tsne_layout(xm, idx, sim, perplexity=out.perplexity,
                                         seed=seed, n_jobs=n_jobs or os.cpu_count() or 1)
     out.seconds = time.perf_counter() - start
     if labels is not None:

@@ -29,8 +29,7 @@ def count_texts(texts: Any) -> int | None:
     """Number of texts (non-blank lines for a file) when it can be known without consuming an
     iterator; None otherwise."""
     if isinstance(texts, (str, os.PathLike)):
-        with open(texts, "rb") as f:
-            return sum(1 for raw in f if raw.strip())
+        return sum(1 for _ in read_lines(os.fspath(texts)))  # the lines trace() runs
     try:
         return len(texts)
     except TypeError:
@@ -46,6 +45,22 @@ def _texts(texts: Any) -> Iterator[str]:
             raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}")
         if t.strip():
             yield t
+
+
+def check_model_inputs(model, tokenizer, texts, batch_size: int) -> None:
+    """TypeError / ValueError naming the argument, before any work, for what trace() and the
+    other corpus runners cannot take."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model: expected a transformers model (torch.nn.Module with .config), "
+                        f"got {type(model).__name__}")
+    if not callable(tokenizer) or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer).__name__}")
+    if texts is None or isinstance(texts, (bytes, dict)) or not (
+            isinstance(texts, (str, os.PathLike)) or hasattr(texts, "__iter__")):
+        raise TypeError(f"texts: expected a list/iterable of str or a path to a text file, "
+                        f"got {type(texts).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
 
 
 def _chunks(it: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -503,6 +518,7 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     embgeom.analysis.heads.measures.HeadsAccumulator, or analysis.text.keeper.Keeper keeping vectors)."""
     import time
 
+    check_model_inputs(model, tokenizer, texts, batch_size)
     start = time.perf_counter()
     dev = _device_of(model, device)
     max_len = model_max_length(model, tokenizer, max_length)
