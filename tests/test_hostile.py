@@ -516,3 +516,43 @@ def test_text_killed_mid_run_leaves_nothing_that_passes_as_whole(tiny_bert_dir, 
     subprocess.run(text(small), check=True, env=env, capture_output=True, timeout=300)
     assert sorted(d for d in os.listdir(tmp_path) if d.startswith(".")) == []  # orphans removed
     assert not (tmp_path / "proj").exists()
+
+
+# ------------------------------------------------------------------ limits checked before work
+def test_row_lists_are_lowered_to_the_candidates_with_a_note():
+    x = make_embeddings(40, 8, seed=3)
+    got = embgeom.pairwise_stats(x, row_topk=100_000, row_bottomk=39, backend="cpp")
+    assert got.row_topk.indices.shape == (40, 39) and got.row_bottomk.indices.shape == (40, 39)
+    assert got.notes == ["row_topk 100,000 lowered to N - 1 (self mode) = 39: a row has no more neighbours"]
+    assert got.to_dict()["notes"] == got.notes
+    ref = embgeom.pairwise_stats(x, row_topk=39, backend="cpp")
+    assert torch.equal(got.row_topk.indices, ref.row_topk.indices) and not ref.notes
+    cross = embgeom.pairwise_stats(x, make_embeddings(5, 8, seed=4), row_topk=7, backend="cpp")
+    assert cross.row_topk.indices.shape == (40, 5) and "M (the rows of y) = 5" in cross.notes[0]
+
+
+def test_absurd_bins_and_memory_are_refused_before_work(monkeypatch):
+    from embgeom.engine import limits
+
+    x = make_embeddings(30, 8, seed=5)
+    with pytest.raises(ValueError, match="bins: at most 33,554,432") as e:
+        embgeom.pairwise_stats(x, bins=2_000_000_000)
+    one_line(e)
+    monkeypatch.setattr(limits, "available_bytes", lambda: 64 << 20)  # a 64 MiB machine
+    with pytest.raises(ValueError, match=r"bins: this run needs about .* GiB .* 0\.1 GiB available") as e:
+        embgeom.pairwise_stats(x, bins=30_000_000)
+    one_line(e)
+    with pytest.raises(ValueError, match="row_topk: this run needs"):
+        embgeom.pairwise_stats(make_embeddings(3000, 8, seed=6), row_topk=2999, bins=0)
+    embgeom.pairwise_stats(x, bins=100_000)  # what fits still runs
+
+
+def test_pairs_prints_the_note(tmp_path):
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", make_embeddings(20, 4, seed=7).numpy())
+    r = subprocess.run([sys.executable, "-m", "embgeom", "pairs", str(tmp_path / "x.npy"), "--row-topk",
+                        "100000", "--json", str(tmp_path / "o.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "note: row_topk 100,000 lowered to N - 1 (self mode) = 19" in r.stderr
+    assert len(json.loads((tmp_path / "o.json").read_text())["row_topk"]["indices"][0]) == 19

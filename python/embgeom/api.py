@@ -11,6 +11,7 @@ from . import validation
 from .backends import registry
 from .engine.checkpoint import fingerprint
 from .engine.config import DEFAULTS as _D
+from .engine import limits
 from .engine.config import make_config
 from .engine.runner import run_engine
 from .results import AttentionEntropy, ConeIndex, PairwiseStats
@@ -35,14 +36,19 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
     cfg = make_config(metric=metric, bins=bins, range=range, topk=topk, bottomk=bottomk, near=near,
                       near_k=near_k, row_topk=row_topk, row_bottomk=row_bottomk, outside=outside,
                       outside_limit=outside_limit, precision=precision, block=block)
+    m = None if y is None else y.shape[0]
+    cfg, notes = limits.fit_to_input(cfg, x.shape[0], m)
+    limits.check_memory(cfg, x.shape[0], m, x.shape[1])
     precision = cfg.precision
     name, make_engine = registry.pick("pairwise_stats", x, backend, precision=precision)
     start = time.perf_counter()
     engine = make_engine(x, y, cfg)
     fp = fingerprint(x, y, cfg, name, engine.num_tiles()) if checkpoint else None
     state = run_engine(engine, fp=fp, checkpoint=checkpoint, progress=progress)
-    return state.finalize(cfg, d=x.shape[1], backend=name, device=x.device,
-                          seconds=time.perf_counter() - start)
+    result = state.finalize(cfg, d=x.shape[1], backend=name, device=x.device,
+                            seconds=time.perf_counter() - start)
+    result.notes = notes
+    return result
 
 
 def cone_index(x, mask=None, *, backend: str | None = None) -> ConeIndex:

@@ -27,6 +27,7 @@ from . import validation
 from .backends import registry
 from .results import PairwiseStats
 from .engine.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+from .engine import limits
 from .engine.config import PairwiseConfig, make_config
 from .engine.runner import run_engine
 from .engine.state import EngineState
@@ -113,6 +114,8 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     x = validation.matrix(x, "x")  # values are checked per row group, where a rank reads them
     cfg = make_config(**kwargs)
     n = x.shape[0]
+    cfg, notes = limits.fit_to_input(cfg, n, None)
+    limits.check_memory(cfg, n, None, x.shape[1])
     device = x.device
     if device.type == "cpu" and torch.cuda.is_available() and dist.get_backend() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -164,5 +167,7 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     total = gathered[0]
     for other in gathered[1:]:
         total = total.merge(other, cfg)
-    return total.finalize(cfg, d=x.shape[1], backend=f"{name} x {world} ranks", device=x.device,
-                          seconds=time.perf_counter() - start)
+    result = total.finalize(cfg, d=x.shape[1], backend=f"{name} x {world} ranks", device=x.device,
+                            seconds=time.perf_counter() - start)
+    result.notes = notes
+    return result

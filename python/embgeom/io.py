@@ -239,8 +239,12 @@ def _remove_created(created: list[str]) -> None:
 
 
 def _seal(staging: str, command: str) -> None:
-    from . import __version__
+    from importlib import metadata
 
+    try:
+        version = metadata.version("embgeom")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        version = None
     files = {}
     for root, _dirs, names in os.walk(staging):
         for entry in sorted(names):
@@ -249,7 +253,7 @@ def _seal(staging: str, command: str) -> None:
             files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
             with open(full, "rb") as f:
                 os.fsync(f.fileno())
-    manifest = {"format": MANIFEST_FORMAT, "command": command, "embgeom": __version__,
+    manifest = {"format": MANIFEST_FORMAT, "command": command, "embgeom": version,
                 "complete": True, "files": dict(sorted(files.items()))}
     with atomic_write(os.path.join(staging, MANIFEST)) as f:
         json.dump(manifest, f, indent=1)

@@ -160,6 +160,7 @@ class PairwiseStats:
     excluded_rows: list[int]
     excluded_cols: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # options lowered to fit the input, and why
 
     def to_dict(self) -> dict:
         def pair(p):
@@ -189,6 +190,8 @@ class PairwiseStats:
         if self.mode == "cross":
             out["excluded_cols"] = [int(c) for c in self.excluded_cols]
         out["seconds"] = self.seconds
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
 
     def to_pandas(self, which: str = "top_pairs"):

@@ -5,6 +5,8 @@ same names with dashes, the same defaults and choices.
 """
 from __future__ import annotations
 
+import sys
+
 from ..engine.config import user_options
 from .model_options import device_option
 
@@ -58,6 +60,8 @@ def main(args) -> int:
         from ..api import pairwise_stats
 
         result = pairwise_stats(x, y, **kwargs)
+    for note in result.notes:
+        print(f"embgeom pairs: note: {note}", file=sys.stderr)
     write_json(args.json, result.to_dict(), indent=None)  # compact: row lists can be large
     print(f"embgeom pairs: {result.count} pairs in {result.seconds:.2f}s ({result.backend}) -> {args.json}")
     return 0
