@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent / "python") not in sys.path:  # this tree's embgeom (and embgeom.kernels)
+    sys.path.insert(0, str(HERE.parent / "python"))
 N, D = 1 << 20, 768
 PRECISIONS = ("bf16", "fp16", "tf32", "exact")
 OUTPUTS = {
@@ -35,6 +37,8 @@ OUTPUTS = {
     "rowtopk": dict(bins=0, topk=0, bottomk=0, row_topk=10),
 }
 VARIANTS = [f"{o}-{p}" for o in OUTPUTS for p in PRECISIONS]
+# compiled by the tests only: more bins than a per-program histogram holds (global atomics)
+CHECK_OUTPUTS = {"widehist": dict(bins=10000, topk=1, bottomk=1)}
 
 
 def find_tool(name: str) -> str | None:
@@ -65,12 +69,11 @@ def toolchain_missing() -> str | None:
 
 def launch_args(name: str):
     """(cfg, plan, variant kwargs) of the engine's first launch for one variant name."""
-    sys.path.insert(0, str(HERE.parent / "python"))
     from embgeom.backends import gpu_plan
     from embgeom.engine.config import PairwiseConfig
 
     out, prec = name.split("-")
-    cfg = PairwiseConfig(**OUTPUTS[out], precision="exact" if prec == "exact" else "fast")
+    cfg = PairwiseConfig(**{**OUTPUTS, **CHECK_OUTPUTS}[out], precision="exact" if prec == "exact" else "fast")
     lengths = gpu_plan.list_lengths(cfg)
     plan = gpu_plan.make_plan(N, N, D, elem_bytes=2 if prec in ("bf16", "fp16") else 4, on_gpu=True, sms=132,
                               row_k=max(cfg.row_topk, cfg.row_bottomk), need=max(lengths.values()),
@@ -81,23 +84,35 @@ def launch_args(name: str):
     return cfg, plan, kw
 
 
+def first_launch_ints(cfg, plan) -> dict:
+    """The integer arguments of the engine's first launch at N x D (self mode): N, M, D and bins
+    are constant for a run, the rest change between launches and are not specialised
+    (kernels.triton.pairwise.DO_NOT_SPECIALIZE)."""
+    r0, rows, tiles = plan.tiles(0, True)
+    return dict(N=N, M=N, D=D, band_row0=r0, band_rows=rows, num_tiles=tiles, bins=max(cfg.bins, 1),
+                cap=plan.capacity, cut_i=2 ** 31 - 1, cut_j=0)
+
+
 def compile_variant(name: str):
+    """Compile one variant for sm_90a with the engine's argument types and Triton's own
+    specialisation of its first launch (kernels.triton.pairwise.signature / specialization)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sys.path.insert(0, str(HERE.parent))
-    from kernels.triton import pairwise
+    from embgeom.kernels.triton import pairwise
 
-    _, plan, kw = launch_args(name)
+    cfg, plan, kw = launch_args(name)
     prec = name.split("-")[1]
     el = {"bf16": "bf16", "fp16": "fp16", "tf32": "fp32", "exact": "fp32"}[prec]
     consts = pairwise.constexprs(upcast=False, **{k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")})
+    spec = pairwise.specialization(first_launch_ints(cfg, plan))
+    consts.update(spec["constants"])
     fn = pairwise._pairwise_stats_kernel
     types = pairwise.signature(f"tensordesc<{el}[{plan.bm},{plan.bk}]>")
-    sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     t0 = time.perf_counter()
-    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(ASTSource(fn, sig, consts, spec["attrs"]), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": kw["num_warps"], "num_stages": kw["num_stages"]})
     return k, plan, kw, time.perf_counter() - t0
 

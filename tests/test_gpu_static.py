@@ -185,3 +185,92 @@ def test_recheck_accepts_a_correct_result_and_finds_errors():
     rep = recheck(got, x, tol=1e-5, sample_rows=300)
     text = " ".join(rep["failures"])
     assert not rep["ok"] and "count" in text and "top_pairs" in text and "row_topk" in text
+
+
+# --------------------------------------------------------------------------------------------
+# the compiled kernel, read at the IR level (sm_90a, no GPU): what the interpreter cannot see
+# --------------------------------------------------------------------------------------------
+
+_IR_SCRIPT = r"""
+import json, re, sys
+sys.path.insert(0, sys.argv[1])
+import gpu_static_profile as gsp
+src = open(sys.argv[2]).read().splitlines()
+hist_line = 1 + next(i for i, ln in enumerate(src) if "tl.atomic_add(hist_ptr" in ln)
+
+def source_line(ttir, ref):
+    # '#locN = loc("file":line:col)' or 'loc(callsite(#locA at #locB))': the callee end of the chain
+    locs = dict(re.findall(r"^(#loc\d*) = (loc\(.*\))$", ttir, re.M))
+    while ref in locs:
+        m = re.match(r'loc\((?:callsite\()?(#loc\d*)', locs[ref])
+        if not m:
+            m = re.search(r'"[^"]*pairwise.py":(\d+)', locs[ref])
+            return int(m.group(1)) if m else None
+        ref = m.group(1)
+    return None
+
+out = {}
+for name in ("full-bf16", "widehist-bf16"):
+    k, plan, kw, _ = gsp.compile_variant(name)
+    ttir = k.asm["ttir"]
+    atomics = [ln.strip() for ln in ttir.splitlines() if "tt.atomic_rmw" in ln
+               and source_line(ttir, re.search(r"loc\((#loc\d*)\)\s*$", ln).group(1)) == hist_line]
+    out[name] = dict(hist=[ln.strip() for ln in ttir.splitlines() if "tt.histogram" in ln],
+                     atomics=atomics, nb=kw["nb"], ghist=kw["ghist"])
+print("IR" + json.dumps(out))
+"""
+
+
+def _compiled_ir():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", _IR_SCRIPT, str(ROOT / "benchmarks"),
+                          str(ROOT / "kernels" / "triton" / "pairwise.py")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.split("IR", 1)[1])
+
+
+def test_histogram_ir_has_no_mask_and_a_spare_slot_and_int64_global_counts():
+    """Triton may reorder each rank-1 reshape feeding tt.histogram, so a mask reshaped from
+    another layout than the bin index pairs with the wrong elements (sm_90a, Triton 3.6 and
+    3.9). The kernel passes no mask: every tt.histogram has one operand, and the invalid pairs
+    land in a spare slot (>= bins + 3 slots). Wide histograms count in int64 global atomics."""
+    ir = _compiled_ir()
+    full = ir["full-bf16"]
+    assert full["hist"] and full["nb"] >= 2000 + 3
+    for line in full["hist"]:
+        operands = line.split("tt.histogram", 1)[1].split(":", 1)[0]
+        assert operands.count("%") == 1, line  # tt.histogram %src[, %mask]
+        assert re.search(r"-> tensor<(\d+)xi32", line).group(1) == str(full["nb"]), line
+    wide = ir["widehist-bf16"]
+    assert wide["ghist"] and not wide["hist"] and wide["atomics"]
+    for line in wide["atomics"]:
+        assert "ptr<i64>" in line and "xi64>" in line, line
+
+
+def test_profile_compiles_the_engine_signature():
+    """Every runtime argument of the kernel has one type in kernels.triton.pairwise.ARG_TYPES
+    (the engine's tensors are checked against it in tests/test_triton.py), and the integers
+    that change within a run are excluded from specialisation."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("checks the compiled kernel object (run without TRITON_INTERPRET)")
+    from embgeom.kernels.triton import pairwise
+
+    fn = pairwise._pairwise_stats_kernel
+    consts = set(pairwise.constexprs(metric=0, self_mode=True, has_valid=True, in_prec="", do_stats=True, nb=2048,
+                                     ghist=False, has_out=True, collect_close=False, streams=[True] * 6,
+                                     groups=[0] * 5, bm=128, bk=64, upcast=False, split=4))
+    runtime = [a for a in fn.arg_names if a not in consts]
+    assert sorted(pairwise.signature("tensordesc<bf16[128,64]>")) == sorted(runtime)
+    assert pairwise.ARG_TYPES["part_cnt_ptr"] == "*i64" and pairwise.ARG_TYPES["hist_ptr"] == "*i64"
+    dns = {p.name for p in fn.params if p.do_not_specialize}
+    assert dns == set(pairwise.DO_NOT_SPECIALIZE)
+    spec = pairwise.specialization(dict(N=1 << 20, M=1 << 20, D=768, band_row0=64, band_rows=1, num_tiles=1, bins=1,
+                                        cap=1 << 25, cut_i=0, cut_j=1))
+    assert spec["constants"] == {"bins": 1}  # bins = max(bins, 1) is constant for a run; the 1s that vary are not
+    names = fn.arg_names
+    divisible = {names[k[0]] for k in spec["attrs"]}
+    assert {"N", "M", "D"} <= divisible and not divisible & set(pairwise.DO_NOT_SPECIALIZE)
