@@ -134,21 +134,38 @@ def test_static_profile_targets(tmp_path):
 # gpu-check script
 # --------------------------------------------------------------------------------------------
 
-def test_gpu_check_dry_run_lists_steps_in_order(tmp_path):
+def test_gpu_check_dry_run_goes_through_every_step(tmp_path):
+    """`gpu_check.sh DIR --dry-run`: every step runs its arguments through (bench_gpu.py
+    --check-args, pytest --collect-only, the model-package check) with the GPU work stubbed,
+    and writes what a real run writes, in DIR (at most 8 files) and WORK (everything else)."""
     script = ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    res = subprocess.run(["bash", str(script), str(tmp_path), "--dry-run"], capture_output=True, text=True, timeout=30)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    names = [ln.split()[1] for ln in lines[:-1]]
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PYTHON=sys.executable, WORK=str(work))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(["bash", str(script), str(out), "--dry-run"], capture_output=True, text=True, timeout=240,
+                         env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    files = [p for p in out.rglob("*")]
+    assert len(files) <= 8 and all(p.is_file() for p in files), files
+    assert not (out / "gpu.csv").exists()  # nothing measured, nothing written
+    summary = json.loads((out / "summary.json").read_text())
+    names = [s["step"] for s in summary["steps"]]
     assert names == ["versions", "wheels", "build", "tests", "bench_262k", "bench_1m", "text", "vocab"]
-    total = int(re.search(r"total limit (\d+)s", lines[-1]).group(1))
-    assert total < 9 * 60
-    text = res.stdout
-    assert "--no-index" in text and "--find-links" in text      # nothing from the network
-    assert "-DCMAKE_CUDA_ARCHITECTURES=$ARCH" in text            # the device's own arch (90 on Hopper)
-    assert text.index("262144") < text.index("1048576")          # increasing size
-    assert text.count("--device cuda") == 2 and "--recheck" in text
+    assert summary["dry_run"] is True and summary["failed"] == 0 and summary["budget"] == 540
+    for s in summary["steps"]:
+        assert s["status"] in ("ok", "skipped") and s["limit"] >= 1, s
+    log = (out / "steps.log").read_text()
+    worst = dict(kv.split("=") for kv in re.search(r"limits when every step uses its own: (.*)", log).group(1).split())
+    assert sum(int(v) for v in worst.values()) <= 540 and int(worst["bench_1m"]) >= 200
+    # both benchmark steps checked their arguments; the CSV goes to DIR, each row as measured
+    checks = re.findall(r"bench_gpu \(check only\): n=\[(\d+)\].*csv=(\S+)", log)
+    assert [n for n, _ in checks] == ["262144", "1048576"] and {c for _, c in checks} == {str(out / "gpu.csv")}
+    assert "tests collected" in log or "test collected" in log
+    text = script.read_text()
+    assert "--no-index" in text and "--find-links" in text  # nothing from the network
+    assert "-DCMAKE_CUDA_ARCHITECTURES=\\$ARCH" in text    # the device's own arch (90 on Hopper)
+    assert text.count("--device cuda") >= 2 and "--recheck" in text
 
 
 def test_gpu_wheels_are_ignored_and_small():
@@ -274,3 +291,17 @@ def test_profile_compiles_the_engine_signature():
     names = fn.arg_names
     divisible = {names[k[0]] for k in spec["attrs"]}
     assert {"N", "M", "D"} <= divisible and not divisible & set(pairwise.DO_NOT_SPECIALIZE)
+
+
+def test_bench_gpu_times_a_baseline_once():
+    """At --repeats 1 a long baseline run (nothing to compile) is its own timing: the checked
+    first run is not repeated (at 1M rows that is minutes of the lent machine's slot)."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_gpu
+
+    def must_not_run():
+        raise AssertionError("the baseline ran twice")
+
+    t = bench_gpu.timed(must_not_run, 1, 2.5, first_counts=True)
+    assert t == {"median_ms": 2500.0, "p20_ms": 2500.0, "p80_ms": 2500.0}
