@@ -305,3 +305,21 @@ def test_bench_gpu_times_a_baseline_once():
 
     t = bench_gpu.timed(must_not_run, 1, 2.5, first_counts=True)
     assert t == {"median_ms": 2500.0, "p20_ms": 2500.0, "p80_ms": 2500.0}
+
+
+@pytest.mark.parametrize("name", ["gpu_static_profile.json", "gpu_static_profile_triton3.6.0.json"])
+def test_committed_profiles_carry_the_speed_model(name):
+    """The committed static profiles (Triton 3.9 and the lent machine's 3.6.0): each records its
+    Triton version and the model's assumptions, and every variant a predicted time at
+    1,048,576 x 768 that is at least its product alone (predictions, not measurements)."""
+    prof = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    assert prof["n"] == 1 << 20 and prof["d"] == 768 and prof["triton"]
+    assert ("3.6.0" in name) == (prof["triton"] == "3.6.0")
+    assert prof["model"]["bf16_tflops"] == 788.0 and prof["model"]["sms"] == 132
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_static_profile as gsp
+
+    assert sorted(prof["variants"]) == sorted(gsp.VARIANTS)
+    for variant, row in prof["variants"].items():
+        m = row["model"]
+        assert 0 < m["product_seconds"] <= m["predicted_seconds"] <= m["predicted_seconds_all"], variant
