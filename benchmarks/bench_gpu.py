@@ -420,7 +420,7 @@ def main(argv=None) -> int:
                             continue
                         record("row_topk10", label(prov), n, n, d, dtype,
                                timed(fn, args.repeats, first, first_counts=prov == "torch-mm-topk"), flops, pairs=pairs)
-            del x
+            x = None  # frees the rows before the next shape (a `del` reads as undefined to the lambdas above)
             torch.cuda.empty_cache()
 
     if "attention_entropy" in args.workloads:
