@@ -69,9 +69,20 @@ gpu-wheels:
 gpu-check:
 	bash benchmarks/gpu_check.sh $(if $(filter command line,$(origin OUT)),$(OUT),out/gpu-check)
 
-# sm_90a compile of every kernel variant, read with cuobjdump/nvdisasm (no GPU needed)
+# sm_90a compile of every kernel variant, read with cuobjdump/nvdisasm (no GPU needed), with the
+# static speed model. TRITON=3.6.0 compiles with that Triton instead of the venv's (the lent
+# machine's): pip installs it once into build/triton-3.6.0 (ignored by git; no dependencies),
+# which goes first on PYTHONPATH for this command only.
+TRITON ?=
+GPU_STATIC_OUT = $(if $(filter command line,$(origin OUT)),$(OUT),out/gpu-static)
 gpu-static: build
-	$(PY) benchmarks/gpu_static_profile.py --out $(if $(filter command line,$(origin OUT)),$(OUT),out/gpu-static)
+ifeq ($(TRITON),)
+	TRITON_DEFAULT_FP_FUSION=1 $(PY) benchmarks/gpu_static_profile.py --out $(GPU_STATIC_OUT)
+else
+	test -f build/triton-$(TRITON)/triton/__init__.py || $(PIP) install -q --no-deps --target build/triton-$(TRITON) "triton==$(TRITON)"
+	PYTHONPATH=build/triton-$(TRITON):python TRITON_DEFAULT_FP_FUSION=1 $(PY) benchmarks/gpu_static_profile.py \
+		--out $(GPU_STATIC_OUT) --expect-triton $(TRITON)
+endif
 
 clean:
 	rm -rf $(VENV) build _skbuild *.egg-info python/embgeom/*.so

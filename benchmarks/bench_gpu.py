@@ -17,7 +17,8 @@ dtype: bf16 (fast, bf16 products), tf32 (fast, tf32 products), fp32 (exact, ieee
 tflops counts 2*d FLOPs per unique pair for every provider (the same work, so ratios are time
 ratios); roofline_pct is that over the device's dense tensor peak for the dtype. Each result is
 checked against torch-chunked (count, moments, histogram, top pairs) before its row is written.
-Rows are appended to benchmarks/results/gpu.csv; without a usable GPU the script exits.
+Each row is appended to benchmarks/results/gpu.csv (or --csv PATH) as soon as it is measured;
+without a usable GPU the script exits (--check-args checks the arguments only, no GPU needed).
 """
 from __future__ import annotations
 
@@ -73,9 +74,11 @@ def first_run(fn):
     return out, time.perf_counter() - t0
 
 
-def timed(fn, repeats, first):
+def timed(fn, repeats, first, first_counts=False):
     """Median/p20/p80 in ms. Short calls: triton.testing.do_bench; long ones (first > 0.5 s,
-    already warmed up by the checked run): `repeats` synchronised wall-clock runs."""
+    already warmed up by the checked run): `repeats` synchronised wall-clock runs, of which the
+    checked run is the first when first_counts (a baseline with nothing to compile: timed once
+    at --repeats 1, not twice)."""
     import torch
     import triton.testing
 
@@ -83,8 +86,8 @@ def timed(fn, repeats, first):
         med, p20, p80 = triton.testing.do_bench(fn, warmup=max(25, int(first * 1e3)), rep=max(200, int(20 * first * 1e3)),
                                                 quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
-    times = []
-    for _ in range(repeats):
+    times = [first * 1e3] if first_counts else []
+    for _ in range(repeats - len(times)):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
@@ -299,11 +302,24 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--block", type=int, default=None,
                     help="tile side of the triton/cuda engines (default 64; 128 trades spills for MMA size)")
-    ap.add_argument("--csv", default="gpu.csv")
+    ap.add_argument("--csv", default="gpu.csv",
+                    help="file name in benchmarks/results, or a path; each row is appended as soon as it is measured")
     ap.add_argument("--recheck", action="store_true",
                     help="float64 recheck of embgeom's lists and counts (benchmarks/verify.py)")
     ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--check-args", action="store_true",
+                    help="check the arguments, print what would run and exit (no GPU work; gpu_check.sh --dry-run)")
     args = ap.parse_args(argv)
+    known = {"triton", "cuda", "torch-chunked", "torch-mm-topk", "faiss-gpu", "cuvs"}
+    bad = sorted(set(args.providers) - known) + sorted(set(args.workloads) - {"pairwise_stats", "row_topk10",
+                                                                              "attention_entropy"})
+    if bad or args.repeats < 1 or min(args.n) < 2 or min(args.d) < 1:
+        ap.error(f"unknown providers/workloads {bad}" if bad else "--repeats >= 1, --n >= 2, --d >= 1")
+    if args.check_args:
+        print(f"bench_gpu (check only): n={args.n} d={args.d} dtype={args.dtype} workloads={args.workloads} "
+              f"providers={args.providers} repeats={args.repeats} recheck={args.recheck} "
+              f"csv={'-' if args.no_csv else args.csv}")
+        return 0
 
     import torch
 
@@ -350,6 +366,8 @@ def main(argv=None) -> int:
                 row["roofline_pct"] = round(100 * gbs / peaks["hbm"], 1)
             print(f"  {metric}: {gbs:.0f} GB/s", flush=True)
         rows.append(row)
+        if not args.no_csv:  # written now: a step killed later keeps what it measured
+            common.append_rows(args.csv, [row])
         print(f"  {metric:18} {provider:14} n={n:<8} d={d:<4} {dtype:5} {t['median_ms']:10.2f} ms"
               f"  {row.get('tflops', '')} TFLOP/s  {row.get('roofline_pct', '')}%  peak {peak_mb:.0f} MB", flush=True)
 
@@ -374,7 +392,8 @@ def main(argv=None) -> int:
                         if check(prov, got, want, dtype) or (args.recheck and prov in engines
                                                               and not recheck(prov, got, x)):
                             continue
-                        record("pairwise_stats", label(prov), n, n, d, dtype, timed(fn, args.repeats, first), flops, pairs=pairs)
+                        record("pairwise_stats", label(prov), n, n, d, dtype,
+                               timed(fn, args.repeats, first, first_counts=prov == "torch-chunked"), flops, pairs=pairs)
                 if "row_topk10" in args.workloads:
                     want, t_first = first_run(lambda: torch_mm_topk(x, dtype))
                     for prov in args.providers:
@@ -399,8 +418,9 @@ def main(argv=None) -> int:
                         if check(prov, got, want, dtype) or (args.recheck and prov in engines
                                                               and not recheck(prov, got, x)):
                             continue
-                        record("row_topk10", label(prov), n, n, d, dtype, timed(fn, args.repeats, first), flops, pairs=pairs)
-            del x
+                        record("row_topk10", label(prov), n, n, d, dtype,
+                               timed(fn, args.repeats, first, first_counts=prov == "torch-mm-topk"), flops, pairs=pairs)
+            x = None  # frees the rows before the next shape (a `del` reads as undefined to the lambdas above)
             torch.cuda.empty_cache()
 
     if "attention_entropy" in args.workloads:
@@ -421,8 +441,7 @@ def main(argv=None) -> int:
                    work_bytes=nbytes, pairs=B * H * T * T)
 
     if rows and not args.no_csv:
-        path = common.append_rows(args.csv, rows)
-        print(f"appended {len(rows)} rows to {path}")
+        print(f"appended {len(rows)} rows to {common.RESULTS / args.csv}")
     return 0
 
 

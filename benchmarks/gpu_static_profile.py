@@ -11,6 +11,10 @@ nvdisasm. Writes DIR/<variant>.cubin and DIR/profile.json, and prints the table:
   persistent loop per program), kloop (of which the k-loop), epi/elem (the rest of the persistent
   loop per tile element and thread: a static upper bound of the epilogue's issue cost, rarely
   taken branches included).
+Each variant also gets the static speed model (MODEL, speed_model): instructions per tile and
+thread by class and predicted_seconds at N x D, a prediction from stated assumptions, never a
+measurement. profile.json records the Triton version (`make gpu-static TRITON=3.6.0` runs this
+with another Triton; --expect-triton refuses a mismatch).
 Targets (tests/test_gpu_static.py): stack 0, no GPU-scope MEMBAR, HGMMA N >= 128.
 """
 from __future__ import annotations
@@ -26,6 +30,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent / "python") not in sys.path:  # this tree's embgeom (and embgeom.kernels)
+    sys.path.insert(0, str(HERE.parent / "python"))
 N, D = 1 << 20, 768
 PRECISIONS = ("bf16", "fp16", "tf32", "exact")
 OUTPUTS = {
@@ -35,6 +41,8 @@ OUTPUTS = {
     "rowtopk": dict(bins=0, topk=0, bottomk=0, row_topk=10),
 }
 VARIANTS = [f"{o}-{p}" for o in OUTPUTS for p in PRECISIONS]
+# compiled by the tests only: more bins than a per-program histogram holds (global atomics)
+CHECK_OUTPUTS = {"widehist": dict(bins=10000, topk=1, bottomk=1)}
 
 
 def find_tool(name: str) -> str | None:
@@ -65,12 +73,11 @@ def toolchain_missing() -> str | None:
 
 def launch_args(name: str):
     """(cfg, plan, variant kwargs) of the engine's first launch for one variant name."""
-    sys.path.insert(0, str(HERE.parent / "python"))
     from embgeom.backends import gpu_plan
     from embgeom.engine.config import PairwiseConfig
 
     out, prec = name.split("-")
-    cfg = PairwiseConfig(**OUTPUTS[out], precision="exact" if prec == "exact" else "fast")
+    cfg = PairwiseConfig(**{**OUTPUTS, **CHECK_OUTPUTS}[out], precision="exact" if prec == "exact" else "fast")
     lengths = gpu_plan.list_lengths(cfg)
     plan = gpu_plan.make_plan(N, N, D, elem_bytes=2 if prec in ("bf16", "fp16") else 4, on_gpu=True, sms=132,
                               row_k=max(cfg.row_topk, cfg.row_bottomk), need=max(lengths.values()),
@@ -81,23 +88,35 @@ def launch_args(name: str):
     return cfg, plan, kw
 
 
+def first_launch_ints(cfg, plan) -> dict:
+    """The integer arguments of the engine's first launch at N x D (self mode): N, M, D and bins
+    are constant for a run, the rest change between launches and are not specialised
+    (kernels.triton.pairwise.DO_NOT_SPECIALIZE)."""
+    r0, rows, tiles = plan.tiles(0, True)
+    return dict(N=N, M=N, D=D, band_row0=r0, band_rows=rows, num_tiles=tiles, bins=max(cfg.bins, 1),
+                cap=plan.capacity, cut_i=2 ** 31 - 1, cut_j=0)
+
+
 def compile_variant(name: str):
+    """Compile one variant for sm_90a with the engine's argument types and Triton's own
+    specialisation of its first launch (kernels.triton.pairwise.signature / specialization)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sys.path.insert(0, str(HERE.parent))
-    from kernels.triton import pairwise
+    from embgeom.kernels.triton import pairwise
 
-    _, plan, kw = launch_args(name)
+    cfg, plan, kw = launch_args(name)
     prec = name.split("-")[1]
     el = {"bf16": "bf16", "fp16": "fp16", "tf32": "fp32", "exact": "fp32"}[prec]
     consts = pairwise.constexprs(upcast=False, **{k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")})
+    spec = pairwise.specialization(first_launch_ints(cfg, plan))
+    consts.update(spec["constants"])
     fn = pairwise._pairwise_stats_kernel
     types = pairwise.signature(f"tensordesc<{el}[{plan.bm},{plan.bk}]>")
-    sig = {a: ("constexpr" if a in consts else types.get(a, "i32")) for a in fn.arg_names}
+    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     t0 = time.perf_counter()
-    k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(ASTSource(fn, sig, consts, spec["attrs"]), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": kw["num_warps"], "num_stages": kw["num_stages"]})
     return k, plan, kw, time.perf_counter() - t0
 
@@ -137,7 +156,110 @@ def loops(insns, labels):
     return out
 
 
-def analyse(cubin: Path, plan, kw) -> dict:
+# ----------------------------------------------------------------------------------------------
+# static speed model: an instruction walk of the persistent loop's SASS
+# ----------------------------------------------------------------------------------------------
+
+# Assumptions (stated, not measured here): the bf16 tensor-core rate and SM count measured on the
+# lent machine kind (H100/H200 SXM), its boost clock, and Hopper's issue rate: 4 schedulers per SM,
+# each issuing one warp-instruction per clock (no dual issue).
+MODEL = dict(bf16_tflops=788.0, sms=132, clock_ghz=1.98, warp_issue_per_clk_per_sm=4,
+             # tf32 wgmma at half the bf16 rate (the datasheet ratio); exact fp32 on CUDA cores: 128
+             # FFMA lanes per clock and SM, or the k-loop's issue if that is slower
+             rate_vs_bf16=dict(bf16=1.0, fp16=1.0, tf32=0.5), ffma_per_clk_per_sm=128,
+             note="time per tile = product (tensor cores at the measured rate) + epilogue issue (every "
+                  "static instruction of the persistent loop outside the k-loop, once per tile and warp, "
+                  "at the issue rate); with one program per SM (registers) the two do not overlap, with "
+                  "p >= 2 programs per SM the larger of the two bounds a tile. Not modelled: memory and "
+                  "barrier stalls, spill latency, atomics' latency, inner loops' trip counts (counted "
+                  "once). 'hot' leaves out basic blocks that store candidates (STG), taken only when a "
+                  "pair passes a threshold; 'all' counts every block.")
+# opcode prefix -> class of the walk
+CLASSES = (
+    ("spill", ("LDL", "STL")),
+    ("barrier", ("BAR", "MEMBAR", "WARPSYNC", "SYNCS.ARRIVE")),
+    ("matrix", ("HGMMA", "WARPGROUP", "UTMALDG", "UTMACCTL", "UTMASTG", "SYNCS", "LDSM", "R2UR", "UBLKCP")),
+    # ATOMS: the shared-memory histogram; VOTE/MATCH/POPC/FLO/REDUX: warp aggregation (histogram
+    # increments, atomics, reductions)
+    ("histogram_warp", ("ATOMS", "VOTE", "MATCH", "POPC", "FLO", "REDUX")),
+    ("append", ("ATOMG", "ATOM.", "ATOM", "RED", "REDG", "STG", "LDG")),
+    ("f64", ("DADD", "DFMA", "DMUL", "DSETP", "F2F.F64", "F2F.F32.F64", "I2F.F64", "DMNMX")),
+    ("shared", ("LDS", "STS")),
+    ("control", ("BRA", "BSSY", "BSYNC", "EXIT", "CALL", "RET", "NOP", "BMOV", "YIELD")),
+)
+
+
+def op_class(op: str) -> str:
+    for name, prefixes in CLASSES:
+        if op.startswith(prefixes):
+            return name
+    return "alu"
+
+
+def basic_blocks(insns, labels, lo, hi):
+    """The instructions of [lo, hi] cut at branch targets and after branches: [[(addr, op, args)]]."""
+    starts = set(labels.values())
+    blocks, cur = [], []
+    for ins in insns:
+        if not lo <= ins[0] <= hi:
+            continue
+        if ins[0] in starts and cur:
+            blocks.append(cur)
+            cur = []
+        cur.append(ins)
+        if ins[1].startswith(("BRA", "EXIT")):
+            blocks.append(cur)
+            cur = []
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def speed_model(insns, labels, ploop, kloop, lp, plan, kw, regs, prec, n=N, d=D) -> dict:
+    """predicted_seconds of a self-mode run at n x d from the persistent loop's SASS (MODEL)."""
+    if not ploop or not kloop:
+        return dict(predicted_seconds=None, why="no persistent loop / k-loop found")
+    epi = [b for b in basic_blocks(insns, labels, *ploop) if not (kloop[0] <= b[0][0] <= kloop[1])]
+    by_class, hot_by_class = {}, {}
+    for b in epi:
+        cold = any(op.startswith("STG") for _, op, _ in b)
+        for _, op, _ in b:
+            c = op_class(op)
+            by_class[c] = by_class.get(c, 0) + 1
+            if not cold:
+                hot_by_class[c] = hot_by_class.get(c, 0) + 1
+    warps = kw["num_warps"]
+    inner = [r for r in lp if ploop[0] <= r[0] and r[1] <= ploop[1] and r != ploop and r != kloop
+             and not (kloop[0] <= r[0] and r[1] <= kloop[1])]
+    from embgeom.backends.gpu_plan import programs_for
+
+    per_sm = programs_for(regs, 1, warps)
+    if prec in MODEL["rate_vs_bf16"]:
+        mac_per_clk = MODEL["bf16_tflops"] * MODEL["rate_vs_bf16"][prec] * 1e12 / 2 / (MODEL["sms"] * MODEL["clock_ghz"] * 1e9)
+    else:
+        mac_per_clk = MODEL["ffma_per_clk_per_sm"]
+    kloop_issue = sum(1 for a, _, _ in insns if kloop[0] <= a <= kloop[1]) * (-(-d // plan.bk)) * warps \
+        / MODEL["warp_issue_per_clk_per_sm"]
+    product_clk = max(plan.bm * plan.bm * d / mac_per_clk, kloop_issue if prec not in MODEL["rate_vs_bf16"] else 0)
+    nbr = -(-n // plan.bm)
+    tiles_per_sm = nbr * (nbr + 1) / 2 / MODEL["sms"]
+
+    def seconds(instr):
+        epi_clk = instr * warps / MODEL["warp_issue_per_clk_per_sm"]
+        tile = product_clk + epi_clk if per_sm == 1 else max(product_clk, (product_clk + epi_clk) / per_sm, epi_clk)
+        return round(tiles_per_sm * tile / (MODEL["clock_ghz"] * 1e9), 3), round(epi_clk)
+
+    hot_s, hot_clk = seconds(sum(hot_by_class.values()))
+    all_s, all_clk = seconds(sum(by_class.values()))
+    return dict(predicted_seconds=hot_s, predicted_seconds_all=all_s,
+                product_seconds=round(tiles_per_sm * product_clk / (MODEL["clock_ghz"] * 1e9), 3),
+                product_clk_per_tile=round(product_clk), epilogue_clk_per_tile=hot_clk,
+                epilogue_clk_per_tile_all=all_clk, programs_per_sm=per_sm, inner_loops=len(inner),
+                instr_per_tile_thread=dict(sorted(hot_by_class.items())),
+                instr_per_tile_thread_all=dict(sorted(by_class.items())))
+
+
+def analyse(cubin: Path, plan, kw, prec: str = "bf16") -> dict:
     res = subprocess.run([find_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                          check=True).stdout
     regs = int(re.search(r"REG:(\d+)", res).group(1))
@@ -170,17 +292,24 @@ def analyse(cubin: Path, plan, kw) -> dict:
                 epi_per_elem=round((n_loop - n_k) / per_thread, 2) if ploop else None,
                 atoms=sum(op.startswith(("ATOMS", "ATOM.", "RED.", "ATOMG", "REDG")) for op in ops),
                 vote=sum(op.startswith("VOTE") for op in ops),
-                tile=[plan.bm, plan.bm, plan.bk], warps=kw["num_warps"], stages=kw["num_stages"])
+                tile=[plan.bm, plan.bm, plan.bk], warps=kw["num_warps"], stages=kw["num_stages"],
+                model=speed_model(insns, labels, ploop, kloop, lp, plan, kw, regs, prec))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--expect-triton", help="refuse to run unless this Triton version is the one imported")
     args = ap.parse_args(argv)
     why = toolchain_missing()
     if why:
         print(f"static profile skipped: {why}")
+        return 2
+    import triton
+
+    if args.expect_triton and triton.__version__ != args.expect_triton:
+        print(f"triton {triton.__version__} imported from {triton.__file__}, expected {args.expect_triton}")
         return 2
     os.environ.pop("TRITON_INTERPRET", None)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -189,14 +318,17 @@ def main(argv=None) -> int:
         k, plan, kw, secs = compile_variant(name)
         cubin = args.out / f"{name}.cubin"
         cubin.write_bytes(k.asm["cubin"])
-        row = analyse(cubin, plan, kw)
+        row = analyse(cubin, plan, kw, name.split("-")[1])
         row["compile_s"] = round(secs, 1)
         table[name] = row
         print(f"{name:15s} regs {row['regs']:3d} stack {row['stack']:4d} spill {row['spill']:4d} "
               f"membar {row['membar']:3d} (gpu {row['membar_gpu']:3d}) hgmma {','.join(row['hgmma']) or '-':10s} "
               f"loop {row['loop']:5d} kloop {row['kloop']:4d} epi/elem {row['epi_per_elem']} "
-              f"vote {row['vote']} atom {row['atoms']} ({secs:.0f} s)", flush=True)
-    (args.out / "profile.json").write_text(json.dumps(dict(n=N, d=D, target="sm_90a", variants=table), indent=1))
+              f"vote {row['vote']} atom {row['atoms']} predicted {row['model']['predicted_seconds']} s "
+              f"(all blocks {row['model'].get('predicted_seconds_all')} s) ({secs:.0f} s)", flush=True)
+    (args.out / "profile.json").write_text(json.dumps(dict(
+        n=N, d=D, target="sm_90a", triton=triton.__version__,
+        model=MODEL, variants=table), indent=1))
     return 0
 
 

@@ -134,21 +134,38 @@ def test_static_profile_targets(tmp_path):
 # gpu-check script
 # --------------------------------------------------------------------------------------------
 
-def test_gpu_check_dry_run_lists_steps_in_order(tmp_path):
+def test_gpu_check_dry_run_goes_through_every_step(tmp_path):
+    """`gpu_check.sh DIR --dry-run`: every step runs its arguments through (bench_gpu.py
+    --check-args, pytest --collect-only, the model-package check) with the GPU work stubbed,
+    and writes what a real run writes, in DIR (at most 8 files) and WORK (everything else)."""
     script = ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    res = subprocess.run(["bash", str(script), str(tmp_path), "--dry-run"], capture_output=True, text=True, timeout=30)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    names = [ln.split()[1] for ln in lines[:-1]]
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PYTHON=sys.executable, WORK=str(work))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(["bash", str(script), str(out), "--dry-run"], capture_output=True, text=True, timeout=240,
+                         env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    files = [p for p in out.rglob("*")]
+    assert len(files) <= 8 and all(p.is_file() for p in files), files
+    assert not (out / "gpu.csv").exists()  # nothing measured, nothing written
+    summary = json.loads((out / "summary.json").read_text())
+    names = [s["step"] for s in summary["steps"]]
     assert names == ["versions", "wheels", "build", "tests", "bench_262k", "bench_1m", "text", "vocab"]
-    total = int(re.search(r"total limit (\d+)s", lines[-1]).group(1))
-    assert total < 9 * 60
-    text = res.stdout
-    assert "--no-index" in text and "--find-links" in text      # nothing from the network
-    assert "-DCMAKE_CUDA_ARCHITECTURES=$ARCH" in text            # the device's own arch (90 on Hopper)
-    assert text.index("262144") < text.index("1048576")          # increasing size
-    assert text.count("--device cuda") == 2 and "--recheck" in text
+    assert summary["dry_run"] is True and summary["failed"] == 0 and summary["budget"] == 540
+    for s in summary["steps"]:
+        assert s["status"] in ("ok", "skipped") and s["limit"] >= 1, s
+    log = (out / "steps.log").read_text()
+    worst = dict(kv.split("=") for kv in re.search(r"limits when every step uses its own: (.*)", log).group(1).split())
+    assert sum(int(v) for v in worst.values()) <= 540 and int(worst["bench_1m"]) >= 200
+    # both benchmark steps checked their arguments; the CSV goes to DIR, each row as measured
+    checks = re.findall(r"bench_gpu \(check only\): n=\[(\d+)\].*csv=(\S+)", log)
+    assert [n for n, _ in checks] == ["262144", "1048576"] and {c for _, c in checks} == {str(out / "gpu.csv")}
+    assert "tests collected" in log or "test collected" in log
+    text = script.read_text()
+    assert "--no-index" in text and "--find-links" in text  # nothing from the network
+    assert "-DCMAKE_CUDA_ARCHITECTURES=\\$ARCH" in text    # the device's own arch (90 on Hopper)
+    assert text.count("--device cuda") >= 2 and "--recheck" in text
 
 
 def test_gpu_wheels_are_ignored_and_small():
@@ -185,3 +202,124 @@ def test_recheck_accepts_a_correct_result_and_finds_errors():
     rep = recheck(got, x, tol=1e-5, sample_rows=300)
     text = " ".join(rep["failures"])
     assert not rep["ok"] and "count" in text and "top_pairs" in text and "row_topk" in text
+
+
+# --------------------------------------------------------------------------------------------
+# the compiled kernel, read at the IR level (sm_90a, no GPU): what the interpreter cannot see
+# --------------------------------------------------------------------------------------------
+
+_IR_SCRIPT = r"""
+import json, re, sys
+sys.path.insert(0, sys.argv[1])
+import gpu_static_profile as gsp
+src = open(sys.argv[2]).read().splitlines()
+hist_line = 1 + next(i for i, ln in enumerate(src) if "tl.atomic_add(hist_ptr" in ln)
+
+def source_line(ttir, ref):
+    # '#locN = loc("file":line:col)' or 'loc(callsite(#locA at #locB))': the callee end of the chain
+    locs = dict(re.findall(r"^(#loc\d*) = (loc\(.*\))$", ttir, re.M))
+    while ref in locs:
+        m = re.match(r'loc\((?:callsite\()?(#loc\d*)', locs[ref])
+        if not m:
+            m = re.search(r'"[^"]*pairwise.py":(\d+)', locs[ref])
+            return int(m.group(1)) if m else None
+        ref = m.group(1)
+    return None
+
+out = {}
+for name in ("full-bf16", "widehist-bf16"):
+    k, plan, kw, _ = gsp.compile_variant(name)
+    ttir = k.asm["ttir"]
+    atomics = [ln.strip() for ln in ttir.splitlines() if "tt.atomic_rmw" in ln
+               and source_line(ttir, re.search(r"loc\((#loc\d*)\)\s*$", ln).group(1)) == hist_line]
+    out[name] = dict(hist=[ln.strip() for ln in ttir.splitlines() if "tt.histogram" in ln],
+                     atomics=atomics, nb=kw["nb"], ghist=kw["ghist"])
+print("IR" + json.dumps(out))
+"""
+
+
+def _compiled_ir():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", _IR_SCRIPT, str(ROOT / "benchmarks"),
+                          str(ROOT / "kernels" / "triton" / "pairwise.py")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.split("IR", 1)[1])
+
+
+def test_histogram_ir_has_no_mask_and_a_spare_slot_and_int64_global_counts():
+    """Triton may reorder each rank-1 reshape feeding tt.histogram, so a mask reshaped from
+    another layout than the bin index pairs with the wrong elements (sm_90a, Triton 3.6 and
+    3.9). The kernel passes no mask: every tt.histogram has one operand, and the invalid pairs
+    land in a spare slot (>= bins + 3 slots). Wide histograms count in int64 global atomics."""
+    ir = _compiled_ir()
+    full = ir["full-bf16"]
+    assert full["hist"] and full["nb"] >= 2000 + 3
+    for line in full["hist"]:
+        operands = line.split("tt.histogram", 1)[1].split(":", 1)[0]
+        assert operands.count("%") == 1, line  # tt.histogram %src[, %mask]
+        assert re.search(r"-> tensor<(\d+)xi32", line).group(1) == str(full["nb"]), line
+    wide = ir["widehist-bf16"]
+    assert wide["ghist"] and not wide["hist"] and wide["atomics"]
+    for line in wide["atomics"]:
+        assert "ptr<i64>" in line and "xi64>" in line, line
+
+
+def test_profile_compiles_the_engine_signature():
+    """Every runtime argument of the kernel has one type in kernels.triton.pairwise.ARG_TYPES
+    (the engine's tensors are checked against it in tests/test_triton.py), and the integers
+    that change within a run are excluded from specialisation."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("checks the compiled kernel object (run without TRITON_INTERPRET)")
+    from embgeom.kernels.triton import pairwise
+
+    fn = pairwise._pairwise_stats_kernel
+    consts = set(pairwise.constexprs(metric=0, self_mode=True, has_valid=True, in_prec="", do_stats=True, nb=2048,
+                                     ghist=False, has_out=True, collect_close=False, streams=[True] * 6,
+                                     groups=[0] * 5, bm=128, bk=64, upcast=False, split=4))
+    runtime = [a for a in fn.arg_names if a not in consts]
+    assert sorted(pairwise.signature("tensordesc<bf16[128,64]>")) == sorted(runtime)
+    assert pairwise.ARG_TYPES["part_cnt_ptr"] == "*i64" and pairwise.ARG_TYPES["hist_ptr"] == "*i64"
+    dns = {p.name for p in fn.params if p.do_not_specialize}
+    assert dns == set(pairwise.DO_NOT_SPECIALIZE)
+    spec = pairwise.specialization(dict(N=1 << 20, M=1 << 20, D=768, band_row0=64, band_rows=1, num_tiles=1, bins=1,
+                                        cap=1 << 25, cut_i=0, cut_j=1))
+    assert spec["constants"] == {"bins": 1}  # bins = max(bins, 1) is constant for a run; the 1s that vary are not
+    names = fn.arg_names
+    divisible = {names[k[0]] for k in spec["attrs"]}
+    assert {"N", "M", "D"} <= divisible and not divisible & set(pairwise.DO_NOT_SPECIALIZE)
+
+
+def test_bench_gpu_times_a_baseline_once():
+    """At --repeats 1 a long baseline run (nothing to compile) is its own timing: the checked
+    first run is not repeated (at 1M rows that is minutes of the lent machine's slot)."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_gpu
+
+    def must_not_run():
+        raise AssertionError("the baseline ran twice")
+
+    t = bench_gpu.timed(must_not_run, 1, 2.5, first_counts=True)
+    assert t == {"median_ms": 2500.0, "p20_ms": 2500.0, "p80_ms": 2500.0}
+
+
+@pytest.mark.parametrize("name", ["gpu_static_profile.json", "gpu_static_profile_triton3.6.0.json"])
+def test_committed_profiles_carry_the_speed_model(name):
+    """The committed static profiles (Triton 3.9 and the lent machine's 3.6.0): each records its
+    Triton version and the model's assumptions, and every variant a predicted time at
+    1,048,576 x 768 that is at least its product alone (predictions, not measurements)."""
+    prof = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    assert prof["n"] == 1 << 20 and prof["d"] == 768 and prof["triton"]
+    assert ("3.6.0" in name) == (prof["triton"] == "3.6.0")
+    assert prof["model"]["bf16_tflops"] == 788.0 and prof["model"]["sms"] == 132
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_static_profile as gsp
+
+    assert sorted(prof["variants"]) == sorted(gsp.VARIANTS)
+    for variant, row in prof["variants"].items():
+        m = row["model"]
+        assert 0 < m["product_seconds"] <= m["predicted_seconds"] <= m["predicted_seconds_all"], variant

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,18 @@ def test_a_command_imports_only_its_own_module():
             "and m != 'embgeom.commands.model_options' or m in ('transformers', 'matplotlib', 'faiss')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['embgeom.commands.pairs']"
+
+
+def test_kernels_have_one_import_name_from_this_tree():
+    """embgeom.kernels is the top-level kernels/ folder of the tree embgeom came from, also on
+    PYTHONPATH=python beside another install (no link, no `import kernels`)."""
+    import os
+
+    code = "import embgeom.kernels.triton.pairwise as p; print(p.__file__)"
+    env = dict(os.environ, PYTHONPATH=str(PKG.parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd="/").stdout
+    assert Path(out.strip()).resolve() == (ROOT / "kernels" / "triton" / "pairwise.py").resolve()
+    for path in list((ROOT / "benchmarks").glob("*.py")) + list((ROOT / "tests").glob("*.py")):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import) kernels\b", text, re.M), path

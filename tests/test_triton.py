@@ -318,3 +318,84 @@ def test_gpu_configuration_slabs_without_live_bounds(metric, rng, outside, cross
                              metric=metric, **_cfg_opts(opts, rng))
     assert eng.plan.split == 4 and eng.groups == [0] * 5 and eng.cap > 78
     check_stats(got, x, y, exact_ties=True, metric=metric, range=rng, **opts)
+
+
+def test_histogram_invalid_pairs_go_to_the_spare_slot():
+    # partial tiles (n not a tile multiple), diagonal tiles and zero rows: the kernel's
+    # histogram takes no mask (see kernels/triton/pairwise.py); every invalid element of a
+    # launched tile is counted in slot bins + 2, which the engine drops
+    x = make_embeddings(37, 8, zero_rows=3, seed=21)
+    cfg = PairwiseConfig(bins=50, topk=2, bottomk=2)
+    eng = triton_backend.TritonEngine(x, None, cfg, block=16, group=4, programs=2)
+    assert eng.nbands == 1 and eng.nb >= cfg.bins + 3
+    st = run_engine(eng)
+    slots = eng.hist_buf.view(-1, eng.nb).sum(0)
+    launched = eng.plan.tiles(0, True)[2] * eng.bm * eng.bm
+    assert int(slots[cfg.bins + 2]) == launched - st.count and int(slots[cfg.bins + 3:].sum()) == 0
+    assert st.count == 34 * 33 // 2 and int(st.hist.sum()) == st.count
+    want = reference.pairwise_stats(x, bins=50, topk=2, bottomk=2)
+    assert st.hist.tolist() == [want["hist"]["underflow"], *want["hist"]["counts"].tolist(), want["hist"]["overflow"]]
+    wide = triton_backend.TritonEngine(x, None, PairwiseConfig(bins=9000), block=16)
+    assert wide.nb == 0 and wide.hist_buf.dtype == torch.int64  # global atomics count in int64
+
+
+class _LaunchRecorder:
+    """Stands in for the kernel object: records each launch's arguments by name."""
+
+    def __init__(self, fn):
+        self.fn, self.launches = fn, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(dict(zip(self.fn.arg_names, args)))
+            return self.fn[grid](*args, **kwargs)
+        return launch
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
+_DTYPE_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.int32: "*i32", torch.int64: "*i64",
+                torch.uint8: "*u8"}
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_launches_match_the_signature_and_compile_once_per_run(monkeypatch, metric):
+    # many bands (the last one short), tiny buffers (retries, a growing capacity) and an
+    # outside list whose cut moves: every integer that changes between launches must be
+    # excluded from Triton's specialisation (== 1, divisibility by 16), or a run compiles new
+    # variants mid-way; every argument has the type the static profile compiles
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    rec = _LaunchRecorder(pairwise_kernels._pairwise_stats_kernel)
+    monkeypatch.setattr(pairwise_kernels, "_pairwise_stats_kernel", rec)
+    x = small_int_embeddings(100, 4, seed=5, low=-1, high=2)  # 7 block-rows: bands of 2, 2, 2, 1
+    opts = dict(ALL_OUTPUTS, outside=(-0.5, 0.5), outside_limit=5)
+    rng = (0.0, 4.0) if metric == "euclidean" else (-1.0, 1.0)
+    _engine_stats(x, engine_kw=dict(block=16, group=2, programs=2, capacity=1), metric=metric, **_cfg_opts(opts, rng))
+    assert len(rec.launches) > 6
+    types = pairwise_kernels.signature("desc")
+    dns = set(pairwise_kernels.DO_NOT_SPECIALIZE)
+    varying, keys = set(), set()
+    for launch in rec.launches:
+        key = []
+        for name, value in launch.items():
+            if name in ("x_desc", "y_desc"):
+                continue
+            if isinstance(value, torch.Tensor):
+                assert _DTYPE_TYPES[value.dtype] == types[name], (name, value.dtype)
+            elif isinstance(value, float):
+                assert types[name] == "fp32", name
+            else:
+                assert isinstance(value, int) and types[name] == "i32" and abs(value) < 2 ** 31, (name, value)
+                key.append(native_specialize_impl(BaseBackend, value, False, name not in dns, True))
+                if value != rec.launches[0][name]:
+                    varying.add(name)
+        keys.add(tuple(key))
+    assert varying <= dns, f"run-varying integers specialised: {sorted(varying - dns)}"
+    assert {"band_row0", "band_rows", "num_tiles", "cap", "cut_i"} <= varying  # the run exercised them
+    assert len(keys) == 1  # one specialisation of the integers for the whole run
+    kwargs = getattr(rec.fn, "kwargs", None) or {}
+    declared = kwargs.get("do_not_specialize") or rec.fn.do_not_specialize
+    assert set(declared) == dns

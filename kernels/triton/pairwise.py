@@ -54,7 +54,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs", "close")
+# Integer arguments that change between the launches of one run (bands, retries with a larger
+# buffer, the outside list's cut): Triton would otherwise specialise each on == 1 and on
+# divisibility by 16 and compile another variant mid-run. N, M, D and bins stay specialised:
+# they are constant for a run (tests/test_triton.py checks both halves on recorded launches).
+DO_NOT_SPECIALIZE = ("band_row0", "band_rows", "num_tiles", "cap", "cut_i", "cut_j")
 
 
 @triton.jit
@@ -146,7 +150,8 @@ def _row_stream(key, v, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, r
 
 @triton.jit
 def _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr):
-    """Histogram slot: 0 underflow, 1..bins, bins + 1 overflow. One FMA and a floor give the
+    """Histogram slot: 0 underflow, 1..bins, bins + 1 overflow, bins + 2 an invalid pair (NaN:
+    the caller's spare slot, dropped on the host). One FMA and a floor give the
     bin; it can differ from the float64 definition floor((v - lo) * bins / (hi - lo)) only when
     the estimate lies within edge_w (its error bound, < 1/2) of an integer, and only there one
     edge is read: edges[b] = the smallest fp32 value whose float64 bin is >= b
@@ -160,7 +165,7 @@ def _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr):
     e = tl.load(edges_ptr + bn + up.to(tl.int32), mask=near, other=0.0)
     bn = tl.where(near & up & (v >= e), bn + 1, tl.where(near & (up == 0) & (v < e), bn - 1, bn))
     bn = tl.minimum(tl.maximum(bn, 0), bins - 1) + 1
-    return tl.where(v < lo_f, 0, tl.where(v > hi_f, bins + 1, bn))
+    return tl.where(v != v, bins + 2, tl.where(v < lo_f, 0, tl.where(v > hi_f, bins + 1, bn)))
 
 
 @triton.jit
@@ -217,14 +222,18 @@ def _tile_epilogue(
         acc_s += tl.sum(vz, 1)
         acc_q += tl.sum(vz * vz, 1)
         if NB > 0:
-            # per-program histogram: shared-memory increments (ATOMS.POPC.INC, warp-aggregated)
+            # per-program histogram: shared-memory increments (ATOMS.POPC.INC, warp-aggregated).
+            # No mask: Triton may reorder the elements of each rank-1 reshape feeding a
+            # histogram, and a mask reshaped from another layout than the slots would pair with
+            # the wrong elements. Invalid pairs go to the spare slot bins + 2 (< NB) instead.
             slot = _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr)
-            hist += tl.histogram(tl.reshape(slot, (BM * BW,)), NB,
-                                 mask=tl.reshape(v == v, (BM * BW,)))
+            hist += tl.histogram(tl.reshape(slot, (BM * BW,)), NB)
         if GHIST:
-            # too many bins for a per-program histogram: global atomics (slower, same bins)
+            # too many bins for a per-program histogram: global atomics (slower, same bins),
+            # int64 counts (a band at 1M rows holds up to 8.6e9 pairs); slot and mask share
+            # one layout here (no reshape)
             slot = _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr)
-            tl.atomic_add(hist_ptr + slot, 1, mask=v == v, sem="relaxed")
+            tl.atomic_add(hist_ptr + slot, tl.full(slot.shape, 1, tl.int64), mask=v == v, sem="relaxed")
         if HAS_OUT:
             om = tl.where((v < out_a) | (v > out_b), 1.0, 0.0)
             orow = tl.sum(om, 1).to(tl.int32)
@@ -257,6 +266,34 @@ def _tile_epilogue(
 
 
 @triton.jit
+def _slab(acc, q: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Columns [q * BN / SPLIT, (q + 1) * BN / SPLIT) of the (BM, BN) tile: SPLIT slabs run the
+    epilogue one after the other, a 1 / SPLIT of its live registers next to the accumulator
+    (a (128, 128) fp32 tile is 64 per thread). tl.split halves the last axis, so the tile is
+    viewed as (BM, BN / SPLIT, 2[, 2]) with the slab's high column bits last."""
+    if SPLIT == 1:
+        return acc
+    elif SPLIT == 2:
+        a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+        if q == 0:
+            return a0
+        else:
+            return a1
+    else:
+        h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, 2, BN // 4)), (0, 3, 1, 2)))
+        # slab q = 2 * b1 + b0 starts at column b1 * BN / 2 + b0 * BN / 4: h0 / h1 hold b0 = 0 / 1,
+        # their halves b1 = 0 / 1
+        if q % 2 == 0:
+            a0, a1 = tl.split(h0)
+        else:
+            a0, a1 = tl.split(h1)
+        if q < 2:
+            return a0
+        else:
+            return a1
+
+
+@triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
 def _pairwise_stats_kernel(
     x_desc, y_desc, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr,
     N, M, D, band_row0, band_rows, num_tiles,
@@ -308,68 +345,15 @@ def _pairwise_stats_kernel(
                 acc = tl.dot(a, tl.trans(b), acc)
             else:
                 acc = tl.dot(a, tl.trans(b), acc, input_precision=IN_PREC)
-        if SPLIT == 4:
-            # four (BM, BN / 4) slabs one after the other: a quarter of the epilogue's live
-            # registers next to the accumulator (a (128, 128) fp32 tile is 64 per thread)
-            q = tl.permute(tl.reshape(acc, (BM, 2, 2, BN // 4)), (0, 3, 1, 2))
-            h0, h1 = tl.split(q)
-            a0, a1 = tl.split(h0)
-            a2, a3 = tl.split(h1)
-            c0 = c * BN + tl.arange(0, BN // 4)
+        for q in tl.static_range(SPLIT):
             acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
-                a0, rows, c0, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
+                _slab(acc, q, SPLIT, BM, BN), rows, c * BN + q * (BN // SPLIT) + tl.arange(0, BN // SPLIT),
+                acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
                 lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
                 gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
                 near, margin, near_margin, cut_i, cut_j, shift, near_tau,
                 METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
-                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 4)
-            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
-                a2, rows, c0 + BN // 4, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
-                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
-                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
-                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
-                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 4)
-            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
-                a1, rows, c0 + BN // 2, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
-                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
-                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
-                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
-                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 4)
-            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
-                a3, rows, c0 + 3 * (BN // 4), acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
-                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
-                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
-                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
-                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 4)
-        elif SPLIT == 2:
-            # two (BM, BN / 2) slabs one after the other
-            a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-            cols0 = c * BN + tl.arange(0, BN // 2)
-            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
-                a0, rows, cols0, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
-                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
-                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
-                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
-                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 2)
-            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
-                a1, rows, cols0 + BN // 2, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
-                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
-                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
-                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
-                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // 2)
-        else:
-            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
-                acc, rows, cols, acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
-                lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
-                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
-                near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
-                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN)
+                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // SPLIT)
 
     if DO_STATS:
         tl.store(part_cnt_ptr + pid, tl.sum(acc_n.to(tl.int64), 0))
@@ -377,7 +361,7 @@ def _pairwise_stats_kernel(
         tl.store(part_sq_ptr + pid, tl.sum(acc_q, 0))
         tl.store(part_out_ptr + pid, tl.sum(acc_o.to(tl.int64), 0))
         if NB > 0:
-            tl.store(hist_ptr + pid * NB + tl.arange(0, NB), hist)
+            tl.store(hist_ptr + pid * NB + tl.arange(0, NB), hist.to(tl.int64))
 
 
 def constexprs(*, metric, self_mode, has_valid, in_prec, do_stats, nb, ghist, has_out, collect_close,
@@ -390,16 +374,50 @@ def constexprs(*, metric, self_mode, has_valid, in_prec, do_stats, nb, ghist, ha
                 BM=bm, BN=bm, BK=bk, UPCAST=upcast, SPLIT=split, HB=max(nb, 2))
 
 
+# The argument types the engine launches _pairwise_stats_kernel with (its tensors' dtypes and
+# Python scalars), written once: the static profile compiles exactly these, and
+# tests/test_triton.py checks every recorded launch of the engine against them.
+ARG_TYPES = dict(
+    xv_ptr="*u8", yv_ptr="*u8", xsq_ptr="*fp32", ysq_ptr="*fp32",
+    N="i32", M="i32", D="i32", band_row0="i32", band_rows="i32", num_tiles="i32",
+    part_cnt_ptr="*i64", part_sum_ptr="*fp64", part_sq_ptr="*fp64", part_out_ptr="*i64",
+    hist_ptr="*i64", edges_ptr="*fp32",
+    lo_f="fp32", hi_f="fp32", scale_f="fp32", off_f="fp32", edge_w="fp32", bins="i32",
+    out_a="fp32", out_b="fp32", out_rows_ptr="*i64", out_cols_ptr="*i64",
+    gthr_ptr="*fp32", gbuck_ptr="*fp32", rthr_ptr="*fp32", rbuck_top_ptr="*fp32", rbuck_bot_ptr="*fp32",
+    cnt_ptr="*i32", cv_ptr="*fp32", ci_ptr="*i32", cj_ptr="*i32", cap="i32",
+    near="fp32", margin="fp32", near_margin="fp32", cut_i="i32", cut_j="i32", shift="fp32", near_tau="fp32",
+)
+
+
 def signature(desc: str) -> dict:
-    """Argument types of _pairwise_stats_kernel for an ahead-of-time compile (desc: the TMA
-    descriptor type, e.g. "tensordesc<bf16[128,64]>"); unlisted arguments are i32."""
-    sig = {a: "*fp32" for a in _pairwise_stats_kernel.arg_names if a.endswith("_ptr")}
-    sig.update(x_desc=desc, y_desc=desc, xv_ptr="*u8", yv_ptr="*u8", part_cnt_ptr="*i32",
-               part_out_ptr="*i64", out_rows_ptr="*i64", out_cols_ptr="*i64", part_sum_ptr="*fp64",
-               part_sq_ptr="*fp64", hist_ptr="*i32", cnt_ptr="*i32", ci_ptr="*i32", cj_ptr="*i32",
-               cap="i32", shift="fp32", near_tau="fp32", lo_f="fp32", hi_f="fp32", scale_f="fp32", off_f="fp32", edge_w="fp32",
-               out_a="fp32", out_b="fp32", near="fp32", margin="fp32", near_margin="fp32")
-    return sig
+    """Argument types of _pairwise_stats_kernel's runtime arguments (desc: the TMA descriptor
+    type, e.g. "tensordesc<bf16[128,64]>"), as the engine launches it."""
+    return dict(x_desc=desc, y_desc=desc, **ARG_TYPES)
+
+
+def specialization(ints: dict) -> dict:
+    """The attributes Triton's JIT derives from a launch, for an ahead-of-time compile:
+    ints: the integer arguments' values ({name: int}). Pointers are 16-byte aligned (torch
+    allocations); an integer outside DO_NOT_SPECIALIZE is marked divisible by 16 when it is, and
+    a 1 becomes a constant (returned under "constants"), as triton's own specialize_impl does."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    names = _pairwise_stats_kernel.arg_names
+    attrs, consts = {}, {}
+    for a, t in ARG_TYPES.items():
+        if t.startswith("*"):
+            attrs[(names.index(a),)] = [["tt.divisibility", 16]]
+            continue
+        if t != "i32":
+            continue
+        kind, spec = native_specialize_impl(BaseBackend, int(ints[a]), False, a not in DO_NOT_SPECIALIZE, True)
+        if kind == "constexpr":
+            consts[a] = spec
+        elif spec and BaseBackend.parse_attr(spec):
+            attrs[(names.index(a),)] = BaseBackend.parse_attr(spec)
+    return dict(attrs=attrs, constants=consts)
 
 
 def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
@@ -409,7 +427,7 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
                     in_prec, do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk,
                     split=1, num_warps=8, num_stages=3):
     """x: (N, Dp), y: (M, Dp) contiguous, rows 16-byte aligned (Dp padded with zeros; TMA).
-    streams: 6 bools (see STREAMS); groups: live-bound group counts for the first five.
+    streams: 6 bools (embgeom.backends.gpu_plan.STREAMS); groups: live-bound group counts for the first five.
     Returns the compiled kernel (registers/shared memory for the caller's occupancy)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 

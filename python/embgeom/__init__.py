@@ -1,4 +1,27 @@
 """embgeom: a metric engine for the geometry of transformer embeddings."""
+
+
+def _source_kernels() -> None:
+    """embgeom.kernels is the top-level kernels/ folder under every way of running: installs map
+    it there (setup.py package_dir); a source checkout on PYTHONPATH=python (gpu_check.sh, this
+    tree's tests beside another editable install) gets the same folder here, not a link or a
+    second import name."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    src = here.parents[1] / "kernels"
+    if "embgeom.kernels" in sys.modules or (here / "kernels").exists() or not (src / "triton").is_dir():
+        return
+    spec = importlib.util.spec_from_file_location("embgeom.kernels", src / "__init__.py",
+                                                  submodule_search_locations=[str(src)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["embgeom.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_source_kernels()
 # knn is imported eagerly (faiss itself loads on first call)
 from .neighbours import knn
 from .api import ConeAccumulator, attention_entropy, cone_index, cone_index_stream, pairwise_stats

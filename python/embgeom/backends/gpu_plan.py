@@ -100,8 +100,12 @@ def programs_for(regs: int, sms: int, num_warps: int = GPU_WARPS) -> int:
 # kernel variants: the compile-time switches of one launch
 # ----------------------------------------------------------------------------------------------
 
-STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")  # + 6: close
-MAX_REGISTER_BINS = 8190  # bins + 2 slots <= 8192 per program; more bins use global atomics
+# the candidate streams of the kernel, by index (the engine's lists of the same names); the
+# kernel's stream 6 collects euclidean near-duplicates. The one definition of the list.
+STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")
+# bins + 3 slots <= 8192 per program (underflow, bins, overflow, and a spare slot the invalid
+# pairs of a tile are counted in and the host drops); more bins use global atomics
+MAX_REGISTER_BINS = 8189
 IN_PREC = {"exact": "ieee", "tf32": "tf32", "bf16": "", "fp16": ""}
 
 
@@ -126,8 +130,9 @@ def stream_groups(lengths: dict, bm: int, live: bool = True) -> list[int]:
 
 
 def hist_slots(bins: int) -> int:
-    """Per-program histogram slots (power of two >= bins + 2); 0: global atomics instead."""
-    return next_pow2(bins + 2) if bins and bins <= MAX_REGISTER_BINS else 0
+    """Per-program histogram slots (power of two >= bins + 3: slot bins + 2 takes the invalid
+    pairs, see kernels/triton/pairwise.py); 0: global atomics instead."""
+    return next_pow2(bins + 3) if bins and bins <= MAX_REGISTER_BINS else 0
 
 
 def variant(cfg, *, mode: str, plan: GpuPlan, self_mode: bool, has_valid: bool, do_stats: bool,

@@ -23,10 +23,9 @@ from ..engine.lists import merge_pairs, merge_rows, sort_pairs
 from ..engine.state import EngineState, list_limits, to_numpy, moments_from_shifted, shifted_from_moments
 from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, bin_index, bin_scale, direct_distance, f32_down,
                         f32_up, fast_error_bound, moment_shift, rounding_norms, unit_rows)
-from .gpu_plan import hist_slots, list_lengths, make_plan, programs_for, stream_groups, variant
+from .gpu_plan import STREAMS, hist_slots, list_lengths, make_plan, programs_for, stream_groups, variant
 from .registry import register
 
-STREAMS = ("top", "bottom", "near", "row_top", "row_bottom", "outside_pairs")  # + 6: close
 FAST_DTYPES = tuple(UNIT_ROUNDOFF)
 NO_CUT = 2 ** 31 - 1
 
@@ -179,7 +178,8 @@ class TritonEngine:
             self.out_a, self.out_b = 0.0, 0.0
 
         dev = self.device
-        self.hist_buf = torch.zeros(self.bins + 2 if self.bins else 1, dtype=torch.int32, device=dev)
+        # int64 counts (the global-atomics histogram of a band can pass 2^31)
+        self.hist_buf = torch.zeros(self.bins + 3 if self.bins else 1, dtype=torch.int64, device=dev)
         self._set_programs(self.programs)
         # per stream: int32 append counter (slots 0-6) and int64 drop counter (slots 8-21 as
         # int64 7 x 1): their sum counts every candidate, past 2^31 too (see the kernel's _append)
@@ -369,7 +369,7 @@ class TritonEngine:
             self.outside_count += self.part_out[:grid].sum()
         if self.bins:
             h = self.hist_buf[:grid * self.nb].view(grid, self.nb).sum(0) if self.nb else self.hist_buf
-            self.hist += h[: self.bins + 2].to(torch.int64)
+            self.hist += h[: self.bins + 2]  # slot bins + 2: the invalid pairs, dropped
         # an overflowed stream gets a higher threshold (or more room) and runs again alone
         while True:
             over = [s for s in range(6) if self.active[s] and counts[s] > stored[s]]
@@ -436,7 +436,7 @@ class TritonEngine:
         self.part_sq = torch.zeros(P, dtype=torch.float64, device=dev)
         self.part_out = torch.zeros(P, dtype=torch.int64, device=dev)
         if self.nb:
-            self.hist_buf = torch.zeros(P * self.nb, dtype=torch.int32, device=dev)
+            self.hist_buf = torch.zeros(P * self.nb, dtype=torch.int64, device=dev)
 
     # thresholds ------------------------------------------------------------------------------
     def _key(self, s: int, v: torch.Tensor) -> torch.Tensor:
