@@ -3,6 +3,9 @@
 from .neighbours import knn
 from .api import ConeAccumulator, attention_entropy, cone_index, cone_index_stream, pairwise_stats
 from .models import load_model
+from .index import Index, pairs_above
+from .pair_shards import read_pairs
+from .communities import communities
 from .results import AttentionEntropy, ConeIndex, Histogram, PairList, PairwiseStats, RowTopK
 
 __version__ = "0.1.0"
@@ -10,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__", "pairwise_stats", "cone_index", "cone_index_stream", "ConeAccumulator",
     "attention_entropy", "load_model", "trace", "knn", "project",
+    "Index", "pairs_above", "read_pairs", "communities",
     "PairwiseStats", "PairList", "Histogram", "RowTopK", "ConeIndex", "AttentionEntropy",
 ]
 
