@@ -24,6 +24,7 @@ LAYERS = [
     {"neighbours", "pair_shards"},
     {"index"},
     {"communities"},
+    {"compat", "sklearn", "faiss"},
     {"analysis.text", "analysis.heads", "analysis.clouds"},
     {"analysis.syntax", "analysis.vocab"},
     {"report"},

@@ -28,4 +28,8 @@ def __getattr__(name):
         from .analysis.clouds.projection import project
 
         return project
+    if name in ("compat", "sklearn", "faiss"):  # drop-ins: their library loads on first use
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'embgeom' has no attribute {name!r}")
