@@ -87,18 +87,21 @@ class Index:
     or "l2" (Euclidean distance, smaller is nearer). dtype: the precision of the scan,
     torch.float32 or torch.bfloat16 (half the bytes read per query; results stay exact, as
     candidates are rescored in float64). device: where the rows live ("cpu", "cuda"), default
-    the corpus's device.
+    the corpus's device. copy=False: use the corpus's memory when it is float32, contiguous and
+    on that device (no second copy of a large corpus; the caller must not change it meanwhile).
     """
 
-    def __init__(self, corpus, metric: str = "cosine", dtype: Any = torch.float32, device: Any = None):
+    def __init__(self, corpus, metric: str = "cosine", dtype: Any = torch.float32, device: Any = None,
+                 *, copy: bool = True):
         self.metric = validation.choice(metric, "metric", METRICS)
         self.dtype = _dtype(dtype)
         x = _rows(corpus, "corpus")
         self.device = validation.device(device) if device is not None else x.device
         self.d = int(x.shape[1])
         self._lock = threading.Lock()
-        # the index keeps its own copy: a caller's later writes to `corpus` cannot reach it
-        self._store = self._prepare(x.detach().to(self.device, torch.float32, copy=True).contiguous(), None, 0)
+        # by default the index keeps its own copy: a caller's later writes cannot reach it
+        rows = x.detach().to(self.device, torch.float32, copy=bool(copy)).contiguous()
+        self._store = self._prepare(rows, None, 0)
 
     # -- preparing rows ---------------------------------------------------------------------
 
@@ -448,10 +451,22 @@ class Index:
         else:
             scan_t = torch.full_like(qsq, threshold)
         scan_t = self._threshold(scan_t, margin)
+        by_column = st.scale is not None  # cosine on float32 rows: no scaling pass over the block
+        if by_column:
+            low = scan_t.double().min() if scan_t.numel() else 0.0
         for c0 in range(r0, st.n, nc):
             c1 = min(st.n, c0 + nc)
-            s = self._score(st, qscan, c0, c1)
-            hit = s >= scan_t[:, None]
+            if by_column:
+                # s * (1/|c|) >= t  <=  s >= t |c| (rounded down); zero rows never pass
+                s = qscan @ st.scan[c0:c1].T
+                tcol = (low * st.norms[c0:c1]).float()
+                tcol = torch.where(tcol.double() > low * st.norms[c0:c1],
+                                   torch.nextafter(tcol, torch.full_like(tcol, -math.inf)), tcol)
+                tcol.masked_fill_(st.norms[c0:c1] == 0, math.inf)
+                hit = s >= tcol[None, :]
+            else:
+                s = self._score(st, qscan, c0, c1)
+                hit = s >= scan_t[:, None]
             if c0 < r1:  # the diagonal block: only j > i
                 hit &= (torch.arange(c0, c1, device=s.device)[None, :]
                         > torch.arange(r0, r1, device=s.device)[:, None])
@@ -605,5 +620,6 @@ def pairs_above(x, threshold: float, out, *, metric: str = "cosine", dtype: Any 
     input and threshold continues an unfinished folder (finished rows are not recomputed) or
     returns at once; another input is refused. Read the pairs back with `embgeom.read_pairs`.
     Returns the manifest (dict: count, shards, n, metric, threshold, complete, ...)."""
-    x = x if isinstance(x, Index) else Index(x, metric=metric, dtype=dtype)
+    # a temporary index reads x where it lies (memory stays ~ the input plus one score block)
+    x = x if isinstance(x, Index) else Index(x, metric=metric, dtype=dtype, copy=False)
     return x.pairs_above(threshold, out, progress=progress)
