@@ -168,6 +168,14 @@ def test_corpus_is_copied():
     assert all(torch.equal(a, b) for a, b in zip(index.search(-x[:2], 3), before))
 
 
+def test_copy_false_reads_the_callers_rows():
+    x = make_rows(30, 8)
+    shared = Index(x, copy=False)
+    assert shared.vectors().data_ptr() == x.data_ptr()
+    assert Index(x).vectors().data_ptr() != x.data_ptr()
+    assert Index(x.double(), copy=False).vectors().dtype == torch.float32  # converted: a copy anyway
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 def test_save_load_roundtrip(tmp_path, metric, dtype):
