@@ -112,7 +112,9 @@ class RowTopK:
 
 @dataclass
 class Outside:
-    """Pairs with value < a or > b: total count, per-row counts (N,), first `limit` pairs by (i, j)."""
+    """Pairs with value < a or > b: total count, per-row counts (N,), first `limit` pairs by (i, j).
+    `truncated`: the list holds fewer pairs than `count` (every pair, streamed to disk:
+    embgeom.pairs_above)."""
 
     a: float
     b: float
@@ -121,16 +123,24 @@ class Outside:
     pairs: PairList
     col_counts: torch.Tensor | None = None
 
+    @property
+    def truncated(self) -> bool:
+        return len(self.pairs) < int(self.count)
+
     def to_dict(self) -> dict:
-        out = {"a": self.a, "b": self.b, "count": int(self.count), "pairs": self.pairs.to_list(),
-               "row_counts": self.row_counts.tolist()}
+        out = {"a": self.a, "b": self.b, "count": int(self.count), "truncated": self.truncated,
+               "pairs": self.pairs.to_list(), "row_counts": self.row_counts.tolist()}
         if self.col_counts is not None:
             out["col_counts"] = self.col_counts.tolist()
         return out
 
     def to_pandas(self):
-        """The first listed pairs outside [a, b] (columns i, j, value)."""
-        return self.pairs.to_pandas()
+        """The first listed pairs outside [a, b] (columns i, j, value); df.attrs["count"] is the
+        true number of pairs outside and df.attrs["truncated"] says whether the list is cut."""
+        df = self.pairs.to_pandas()
+        df.attrs["count"] = int(self.count)
+        df.attrs["truncated"] = self.truncated
+        return df
 
 
 @dataclass

@@ -1,0 +1,108 @@
+"""sentence-transformers' `util` search functions on an embgeom Index (docs/metrics.md,
+drop-ins): the same arguments and return values, exact float64 rescoring and a fixed tie order
+(score desc, id asc). sentence-transformers itself is not imported.
+
+    from embgeom.compat.sentence_transformers import semantic_search
+    hits = semantic_search(query_embeddings, corpus_embeddings, top_k=10)
+
+Differences, all at ties or degenerate rows: equal scores are ordered by id (torch.topk's order
+is unspecified); a zero-norm row has no direction and is never returned (sentence-transformers
+scores it 0 against everything).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import validation
+from ..communities import communities
+from ..index import Index
+
+
+def _metric(score_function: Callable | str | None) -> str:
+    """cos_sim -> cosine, dot_score -> dot (the functions themselves or their names)."""
+    if score_function is None:
+        return "cosine"
+    name = score_function if isinstance(score_function, str) else getattr(score_function, "__name__", "")
+    if name in ("cos_sim", "pytorch_cos_sim", "cosine"):
+        return "cosine"
+    if name in ("dot_score", "dot"):
+        return "dot"
+    raise ValueError(f"score_function: expected sentence_transformers.util.cos_sim or dot_score, got {score_function!r}")
+
+
+def _tensor(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, list):
+        x = torch.stack([torch.as_tensor(r) for r in x]) if x and not isinstance(x[0], (int, float)) \
+            else torch.as_tensor(x, dtype=torch.float32)
+    t = validation.as_tensor(x, name)
+    if t.dim() == 1:
+        t = t.unsqueeze(0)
+    return t
+
+
+def semantic_search(query_embeddings, corpus_embeddings, query_chunk_size: int = 100,
+                    corpus_chunk_size: int = 500000, top_k: int = 10,
+                    score_function: Callable | str | None = None) -> list[list[dict[str, int | float]]]:
+    """For each query, the top_k corpus rows: a list per query of {"corpus_id", "score"} dicts,
+    score descending. query_embeddings: (Q, D) or (D,); corpus_embeddings: (N, D). The chunk
+    sizes are accepted for compatibility (the index blocks its own scan)."""
+    validation.positive_int(query_chunk_size, "query_chunk_size", allow_zero=False)
+    validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
+    top_k = validation.positive_int(top_k, "top_k", allow_zero=False)
+    corpus = _tensor(corpus_embeddings, "corpus_embeddings")
+    queries = _tensor(query_embeddings, "query_embeddings")
+    index = Index(corpus, metric=_metric(score_function))
+    scores, ids = index.search(queries.to(index.device), min(top_k, max(1, index.ntotal)))
+    out = []
+    for s_row, i_row in zip(scores.cpu().tolist(), ids.cpu().tolist()):
+        out.append([{"corpus_id": i, "score": s} for s, i in zip(s_row, i_row) if i >= 0])
+    return out
+
+
+def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpus_chunk_size: int = 100000,
+                                 max_pairs: int = 500000, top_k: int = 100,
+                                 score_function: Callable | str | None = None) -> list[list[float | int]]:
+    """The highest-scoring pairs among each row's top_k neighbours: [score, i, j] with i < j,
+    score descending (ties by (i, j)), at most max_pairs."""
+    validation.positive_int(query_chunk_size, "query_chunk_size", allow_zero=False)
+    validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
+    max_pairs = validation.positive_int(max_pairs, "max_pairs", allow_zero=False)
+    top_k = validation.positive_int(top_k, "top_k", allow_zero=False)
+    x = _tensor(embeddings, "embeddings")
+    index = Index(x, metric=_metric(score_function))
+    n = index.ntotal
+    if n < 2:
+        return []
+    width = min(top_k + 1, n)
+    scores, ids = [], []
+    for r0 in range(0, n, 4096):
+        s_blk, i_blk = index.search(index.vectors(r0, min(n, r0 + 4096)), width)
+        scores.append(s_blk.cpu().numpy())
+        ids.append(i_blk.cpu().numpy())
+    s_all, j_all = np.concatenate(scores), np.concatenate(ids)
+    i_all = np.broadcast_to(np.arange(n)[:, None], j_all.shape)
+    # each row's first top_k neighbours other than itself, as upstream takes them
+    other = (j_all >= 0) & (j_all != i_all)
+    other &= np.cumsum(other, axis=1) <= top_k
+    i_, j_, s_ = i_all[other], j_all[other], s_all[other]
+    a, b = np.minimum(i_, j_), np.maximum(i_, j_)
+    # one entry per pair: the first one met in row order (upstream keeps the first direction)
+    _, first = np.unique(a * n + b, return_index=True)
+    a, b, s_ = a[first], b[first], s_[first]
+    order = np.lexsort((b, a, -s_.astype(np.float64)))[:max_pairs]
+    return [[float(s_[k]), int(a[k]), int(b[k])] for k in order]
+
+
+def community_detection(embeddings, threshold: float = 0.75, min_community_size: int = 10,
+                        batch_size: int = 1024, show_progress_bar: bool = False) -> list[list[int]]:
+    """Groups of rows with cosine >= threshold to a centre, centre first, largest first
+    (embgeom.communities)."""
+    x = embeddings
+    if isinstance(x, (list, np.ndarray)) and len(x) == 0:
+        return []
+    if isinstance(x, torch.Tensor) and x.numel() == 0:
+        return []
+    return communities(_tensor(x, "embeddings"), threshold, min_community_size, batch_size)

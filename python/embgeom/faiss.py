@@ -1,0 +1,98 @@
+"""`embgeom.faiss.IndexFlatIP` / `IndexFlatL2`: the calls pipelines make on FAISS's flat
+indexes (add, search, range_search, reset, ntotal, d) on an embgeom Index, with FAISS's
+arguments and return values: float32 numpy arrays in, (distances float32, labels int64) out,
+padding label -1 with distance -FLT_MAX (IP) / FLT_MAX (L2), L2 as squared distance, range
+results (lims uint64, D, I) in label order with IP > radius and L2 < radius, as FAISS does.
+FAISS itself is not imported. Values are exact (float64 rescoring), equal scores ordered by
+label.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .index import Index
+
+FLT_MAX = float(np.finfo(np.float32).max)
+METRIC_INNER_PRODUCT = 0
+METRIC_L2 = 1
+
+
+class _IndexFlat:
+    metric_type = -1
+    is_trained = True
+
+    def __init__(self, d: int, dtype: str = "float32"):
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+            raise ValueError(f"d: expected an int >= 1, got {d!r}")
+        self.d = int(d)
+        self._dtype = dtype
+        self.reset()
+
+    def _rows(self, x, name: str) -> np.ndarray:
+        a = np.asarray(x)
+        if a.ndim != 2 or a.shape[1] != self.d:
+            raise ValueError(f"{name}: expected (n, {self.d}) float32, got {a.shape} {a.dtype}")
+        if a.dtype.kind != "f":
+            raise TypeError(f"{name}: expected (n, {self.d}) float32, got {a.shape} {a.dtype}")
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    @property
+    def ntotal(self) -> int:
+        return self._index.ntotal
+
+    def reset(self) -> None:
+        self._index = Index(np.zeros((0, self.d), np.float32), metric=self._metric, dtype=self._dtype)
+
+    def add(self, x) -> None:
+        self._index.add(self._rows(x, "x"))
+
+    def search(self, x, k: int):
+        """-> (D (n, k) float32, I (n, k) int64)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k: expected an int >= 1, got {k!r}")
+        q = torch.from_numpy(self._rows(x, "x"))
+        s, ids = self._index.search(q, int(k), float64=True)
+        s, ids = s.cpu().numpy(), ids.cpu().numpy()
+        pad = ids < 0
+        if self._metric == "l2":
+            s = s * s
+            s[pad] = FLT_MAX
+        else:
+            s[pad] = -FLT_MAX
+        return s.astype(np.float32), ids
+
+    def range_search(self, x, radius: float):
+        """-> (lims (n + 1,) uint64, D float32, I int64); query q's results are
+        [lims[q], lims[q + 1]), in label order."""
+        q = torch.from_numpy(self._rows(x, "x"))
+        r = float(radius)
+        if self._metric == "l2":
+            lims, s, ids = self._index.range_search(q, float(np.sqrt(max(r, 0.0))), float64=True)
+        else:
+            lims, s, ids = self._index.range_search(q, r, float64=True)
+        lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
+        if self._metric == "l2":
+            s = s * s
+        keep = s < r if self._metric == "l2" else s > r
+        qid = np.repeat(np.arange(len(lims) - 1), np.diff(lims))[keep]
+        counts = np.bincount(qid, minlength=len(lims) - 1)
+        s, ids = s[keep], ids[keep]
+        order = np.lexsort((ids, qid))  # label order within each query
+        new_lims = np.zeros(len(lims), np.uint64)
+        new_lims[1:] = np.cumsum(counts)
+        return new_lims, s[order].astype(np.float32), ids[order]
+
+
+class IndexFlatIP(_IndexFlat):
+    """Exact inner-product search (no normalisation: normalise rows for cosine)."""
+
+    metric_type = METRIC_INNER_PRODUCT
+    _metric = "dot"
+
+
+class IndexFlatL2(_IndexFlat):
+    """Exact squared-L2 search."""
+
+    metric_type = METRIC_L2
+    _metric = "l2"

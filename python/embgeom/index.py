@@ -1,0 +1,625 @@
+"""A prepared corpus for repeated queries: `Index(corpus).search(queries, k)` (docs/metrics.md,
+prepared index).
+
+The corpus is validated and prepared once (float32 rows, their float64 norms, and the rows the
+scan multiplies: the float32 rows or a bfloat16 copy). A search scans the prepared rows with one
+matrix product per block (no copy of the corpus, no tile set-up), keeps per query more candidates
+than asked for, and rescores them exactly in float64 from the stored float32 rows. Candidates are
+taken within a sound bound of the scan's rounding error, and a query whose bound is not met by the
+kept candidates is scanned again, so the ids equal float64 brute force on the stored rows, ties
+(equal float64 values) broken by the smaller id, whatever the scan precision.
+
+Reads are thread safe: a search works on one immutable snapshot of the stored arrays; `add`
+writes rows past every snapshot's end (or into new buffers) and then swaps the snapshot.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import validation
+from .engine.lists import sort_rows
+from .io import atomic_write
+
+METRICS = ("cosine", "dot", "l2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MAGIC = b"EMBGEOM-INDEX1"
+FORMAT = 1
+MAX_HEADER_BYTES = 1 << 16
+DATA_ALIGN = 4096
+# A score block (queries x corpus rows, float32) stays within this many bytes: big enough that
+# one product per block dominates, small enough to stay near the caches.
+SCORE_BLOCK_BYTES = 32 << 20
+U32 = 2.0 ** -24
+BF16_OUT = 2.0 ** -8  # relative rounding of a bf16 product's output (unit roundoff 2^-9, doubled)
+
+
+def _dtype(value: Any) -> torch.dtype:
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    if value in (torch.float32, torch.bfloat16):
+        return value
+    raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16 (or 'float32', 'bfloat16'), got {value!r}")
+
+
+def _rows(x: Any, name: str, d: int | None = None) -> torch.Tensor:
+    """(N, D) float, N may be 0 (an empty corpus or query set); finite values."""
+    t = validation.as_tensor(x, name)
+    if t.dim() != 2 or t.shape[1] == 0 or not t.dtype.is_floating_point or t.dtype not in validation.FLOAT_DTYPES:
+        got = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+        if t.dim() == 2 and t.shape[1] == 0:
+            raise ValueError(f"{name}: expected (N, D) float with D >= 1, got {got}")
+        raise (TypeError if t.dim() == 2 else ValueError)(f"{name}: expected (N, D) float, got {got}")
+    if d is not None and t.shape[1] != d:
+        raise ValueError(f"{name}: expected D = {d} to match the index, got {tuple(t.shape)}")
+    validation.check_finite(t, name)
+    return t
+
+
+@dataclass(frozen=True)
+class _Store:
+    """One snapshot of the stored rows: arrays are buffers of `capacity` rows, valid up to n."""
+
+    rows: torch.Tensor          # (cap, D) float32, the stored rows (rescoring reads these)
+    norms: torch.Tensor         # (cap,) float64 L2 norms of the float32 rows
+    scan: torch.Tensor          # (cap, D) what the scan multiplies: rows, or bf16 (unit) rows
+    scale: torch.Tensor | None  # (cap,) float32 1/norm (cosine on float32 rows; 0 for zero rows)
+    bias: torch.Tensor | None   # (cap,) float32 -|c|^2 / 2 (l2)
+    n: int
+    zero_rows: int              # rows with norm 0 (cosine: never returned)
+    cmax: float                 # max norm of the scanned rows (1 for cosine)
+    bias_max: float             # max |bias|
+    scan_delta: float           # max |bf16 row - row| of the scanned rows (0 for float32)
+
+
+class Index:
+    """A corpus prepared once for repeated nearest-neighbour queries.
+
+    corpus: (N, D) float (N may be 0). metric: "cosine" (zero rows are never returned), "dot"
+    or "l2" (Euclidean distance, smaller is nearer). dtype: the precision of the scan,
+    torch.float32 or torch.bfloat16 (half the bytes read per query; results stay exact, as
+    candidates are rescored in float64). device: where the rows live ("cpu", "cuda"), default
+    the corpus's device. copy=False: use the corpus's memory when it is float32, contiguous and
+    on that device (no second copy of a large corpus; the caller must not change it meanwhile).
+    """
+
+    def __init__(self, corpus, metric: str = "cosine", dtype: Any = torch.float32, device: Any = None,
+                 *, copy: bool = True):
+        self.metric = validation.choice(metric, "metric", METRICS)
+        self.dtype = _dtype(dtype)
+        x = _rows(corpus, "corpus")
+        self.device = validation.device(device) if device is not None else x.device
+        self.d = int(x.shape[1])
+        self._lock = threading.Lock()
+        # by default the index keeps its own copy: a caller's later writes cannot reach it
+        rows = x.detach().to(self.device, torch.float32, copy=bool(copy)).contiguous()
+        self._store = self._prepare(rows, None, 0)
+
+    # -- preparing rows ---------------------------------------------------------------------
+
+    def _derived(self, rows: torch.Tensor):
+        """(norms, scan rows, scale, bias) of float32 rows (M, D)."""
+        norms = torch.linalg.vector_norm(rows.double(), dim=1)
+        scale = bias = None
+        if self.metric == "cosine":
+            inv = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms))
+            if self.dtype == torch.float32:
+                scan, scale = rows, inv.float()
+            else:
+                scan = (rows.double() * inv[:, None]).to(torch.bfloat16)
+        else:
+            scan = rows if self.dtype == torch.float32 else rows.to(torch.bfloat16)
+            if self.metric == "l2":
+                bias = (-0.5 * norms * norms).float()
+        return norms, scan, scale, bias
+
+    def _summary(self, rows, norms, scan, bias) -> tuple[int, float, float, float]:
+        if rows.shape[0] == 0:
+            return 0, 0.0, 0.0, 0.0
+        zero = int((norms == 0).sum())
+        cmax = 1.0 if self.metric == "cosine" else float(norms.max())
+        bias_max = float(bias.abs().max()) if bias is not None else 0.0
+        delta = 0.0
+        if scan.dtype == torch.bfloat16:
+            ref = rows.double()
+            if self.metric == "cosine":
+                ref = ref / norms.clamp(min=1e-300)[:, None]
+            delta = float(torch.linalg.vector_norm(scan.double() - ref, dim=1).max())
+        return zero, cmax, bias_max, delta
+
+    def _prepare(self, rows: torch.Tensor, old: _Store | None, spare: int) -> _Store:
+        norms, scan, scale, bias = self._derived(rows)
+        zero, cmax, bias_max, delta = self._summary(rows, norms, scan, bias)
+        if old is None:
+            return _Store(rows, norms, scan, scale, bias, rows.shape[0], zero, cmax, bias_max, delta)
+        n, m = old.n, rows.shape[0]
+        if old.rows.shape[0] >= n + m and spare:
+            bufs = old  # room past every reader's end: write in place
+        else:
+            cap = max(n + m, int(old.rows.shape[0] * 1.5))
+
+            def grow(t):
+                if t is None:
+                    return None
+                out = torch.empty((cap,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+                out[:n] = t[:n]
+                return out
+
+            bufs = _Store(grow(old.rows), grow(old.norms), grow(old.scan), grow(old.scale),
+                          grow(old.bias), n, old.zero_rows, old.cmax, old.bias_max, old.scan_delta)
+        for mine, new in ((bufs.rows, rows), (bufs.norms, norms), (bufs.scan, scan),
+                          (bufs.scale, scale), (bufs.bias, bias)):
+            if mine is not None:
+                mine[n:n + m] = new
+        return _Store(bufs.rows, bufs.norms, bufs.scan, bufs.scale, bufs.bias, n + m,
+                      old.zero_rows + zero, max(old.cmax, cmax), max(old.bias_max, bias_max),
+                      max(old.scan_delta, delta))
+
+    def add(self, more) -> None:
+        """Append rows (M, D) float; their ids continue from ntotal. Searches running meanwhile
+        see the index before or after the call, never a part of it."""
+        x = _rows(more, "more", self.d).detach().to(self.device, torch.float32).contiguous()
+        if x.shape[0] == 0:
+            return
+        with self._lock:
+            old = self._store
+            # a loaded index's arrays are file mappings: new rows go to fresh buffers
+            own = getattr(self, "_owns_buffers", True)
+            self._store = self._prepare(x, old, spare=int(own))
+            self._owns_buffers = True
+
+    @property
+    def ntotal(self) -> int:
+        return self._store.n
+
+    def __len__(self) -> int:
+        return self._store.n
+
+    def __repr__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return f"Index(n={self.ntotal}, d={self.d}, metric={self.metric!r}, dtype={dt}, device={self.device})"
+
+    def __getstate__(self):  # picklable in memory (scikit-learn clones and pickles estimators)
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def vectors(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The stored float32 rows [start, stop) (a view, do not modify)."""
+        st = self._store
+        stop = st.n if stop is None else min(stop, st.n)
+        return st.rows[start:stop]
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def _queries(self, queries, st: _Store):
+        """-> (q64 (Q, D) float64, qscan (Q, D) scan dtype, qvalid (Q,) bool, margin (Q,) float64,
+        qsq (Q,) float64 squared norms). The scan query is the unit query (cosine) or the query."""
+        q = _rows(queries, "queries", self.d).detach().to(self.device)
+        q64 = q.double()
+        qn = torch.linalg.vector_norm(q64, dim=1)
+        qvalid = qn > 0 if self.metric == "cosine" else torch.ones_like(qn, dtype=torch.bool)
+        qs = q64 / qn.clamp(min=1e-300)[:, None] if self.metric == "cosine" else q64
+        qscan = qs.to(self.dtype)
+        qnorm = torch.linalg.vector_norm(qs, dim=1)
+        d = self.d
+        # Sound bound on |scan value - exact value| (docs/metrics.md, prepared index): rounding
+        # of the scan's inputs, fp32 accumulation over d terms, the scale / bias step. A bf16
+        # product's output is rounded to bf16 as well: relative to the value for cosine and dot
+        # (see `_threshold`), absolute for l2 (the bias is added after the rounding).
+        gam = (d + 4) * U32 / (1 - (d + 4) * U32)
+        if self.dtype == torch.float32:
+            dq = U32 * qnorm
+        else:
+            dq = torch.linalg.vector_norm(qscan.double() - qs, dim=1)
+        qr = torch.maximum(qnorm, torch.linalg.vector_norm(qscan.double(), dim=1))
+        cr = st.cmax + st.scan_delta
+        margin = qr * st.scan_delta + dq * st.cmax + gam * qr * cr + 4 * U32 * (qr * cr + st.bias_max)
+        if self.dtype == torch.bfloat16 and self.metric == "l2":
+            margin = margin + BF16_OUT * qr * cr
+        margin = margin * 1.01 + 1e-30
+        return q64, qscan.contiguous(), qvalid, margin, qn * qn
+
+    def _threshold(self, v: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+        """A scan value every candidate scans at or above (float32): for the k-th best scan value
+        v, every row of the exact top k (docs/metrics.md, prepared index); for a threshold v,
+        every row whose exact value reaches v. v - 2 margin, and for a bf16 product (cosine,
+        dot) the output's relative rounding r widens it by 2.1 r (|v| + 2 margin)."""
+        t = v.double() - 2 * margin
+        if self.dtype == torch.bfloat16 and self.metric != "l2":
+            t = t - 2.1 * BF16_OUT * (v.double().abs() + 2 * margin)
+        tf = t.float()  # rounded down, never up
+        return torch.where(tf.double() > t, torch.nextafter(tf, torch.full_like(tf, -math.inf)), tf)
+
+    def _score(self, st: _Store, qscan: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        """Scan values (Qb, c1 - c0) float32, larger = nearer; excluded rows -inf."""
+        s = qscan @ st.scan[c0:c1].T
+        if s.dtype != torch.float32 and (st.scale is not None or st.bias is not None):
+            s = s.float()  # a bare bf16 product is ranked as it is (no conversion pass)
+        if st.scale is not None:
+            s.mul_(st.scale[c0:c1])
+        if st.bias is not None:
+            s.add_(st.bias[c0:c1])
+        if self.metric == "cosine" and st.zero_rows:
+            s.masked_fill_(st.norms[c0:c1] == 0, -math.inf)
+        return s
+
+    def _exact(self, st: _Store, q64: torch.Tensor, qsq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Exact float64 values (Q, m) of candidate ids (Q, m) (-1 = none: NaN). cosine is
+        clamped to [-1, 1]; l2 is the distance from the rows' difference."""
+        safe = ids.clamp(min=0)
+        c = st.rows[safe].double()  # (Q, m, D)
+        if self.metric == "l2":
+            diff = c - q64[:, None, :]
+            v = (diff * diff).sum(-1).sqrt()
+        else:
+            v = torch.einsum("qmd,qd->qm", c, q64)
+            if self.metric == "cosine":
+                denom = st.norms[safe] * qsq.sqrt()[:, None]
+                v = (v / denom.clamp(min=1e-300)).clamp(-1.0, 1.0)
+        bad = ids < 0
+        if self.metric == "cosine":
+            bad = bad | (st.norms[safe] == 0)
+        return v.masked_fill(bad, math.nan)
+
+    def _blocks(self, Q: int, n: int) -> tuple[int, int]:
+        """(queries per block, corpus rows per block) for a score block within SCORE_BLOCK_BYTES."""
+        cells = SCORE_BLOCK_BYTES // 4
+        nc = max(1, min(max(n, 1), max(4096, cells // max(1, min(Q, 256)))))
+        return max(1, min(Q, cells // nc)), nc
+
+    def search(self, queries, k: int, *, float64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest stored rows of every query.
+
+        queries: (Q, D) float. Returns (scores (Q, k) float32, ids (Q, k) int64) on the index's
+        device, each row ordered by (score desc, id asc) for cosine / dot and (distance asc, id
+        asc) for l2; scores are the exact float64 values of the stored rows, rounded to float32
+        (kept in float64 with float64=True). Fewer than k results (k > N, zero rows, a zero
+        query under cosine) pad with id -1 and score NaN.
+        """
+        k = validation.positive_int(k, "k", allow_zero=False)
+        st = self._store
+        q64, qscan, qvalid, margin, qsq = self._queries(queries, st)
+        Q, n = q64.shape[0], st.n
+        out_v = torch.full((Q, k), math.nan, dtype=torch.float64, device=self.device)
+        out_i = torch.full((Q, k), -1, dtype=torch.int64, device=self.device)
+        if Q and n:
+            qb, nc = self._blocks(Q, n)
+            kk = min(n, k + (16 if self.dtype == torch.float32 else 64))
+            for q0 in range(0, Q, qb):
+                q1 = min(Q, q0 + qb)
+                v, i = self._search_block(st, q64[q0:q1], qscan[q0:q1], qsq[q0:q1], margin[q0:q1], k, kk, nc)
+                w = v.shape[1]
+                out_v[q0:q1, :w], out_i[q0:q1, :w] = v, i
+            out_v[~qvalid] = math.nan
+            out_i[~qvalid] = -1
+        return (out_v if float64 else out_v.float()), out_i
+
+    def _search_block(self, st, q64, qscan, qsq, margin, k, kk, nc):
+        Qb, n = q64.shape[0], st.n
+        best_v = best_i = None
+        for c0 in range(0, n, nc):
+            c1 = min(n, c0 + nc)
+            s = self._score(st, qscan, c0, c1)
+            v, i = torch.topk(s, min(kk, c1 - c0), dim=1)
+            i += c0
+            if best_v is not None:
+                v, pos = torch.topk(torch.cat([best_v, v], 1), min(kk, best_v.shape[1] + v.shape[1]), dim=1)
+                i = torch.gather(torch.cat([best_i, i], 1), 1, pos)
+            best_v, best_i = v, i
+        # Every candidate that could be in the exact top k scans at or above
+        # (k-th best scan value) - 2 * margin; anything dropped scanned at or below the kept
+        # list's last value. Where that last value reaches the threshold, scan again.
+        kth = best_v[:, min(k, best_v.shape[1]) - 1]
+        thresh = self._threshold(kth, margin)
+        short = (best_v.shape[1] < n) & (best_v[:, -1] >= thresh) & torch.isfinite(kth)
+        # topk lists values in descending order: the candidates at or above the threshold are
+        # a prefix of each row; only those are rescored
+        keep = torch.isfinite(best_v) & (best_v >= thresh[:, None])
+        width = max(1, int(keep.sum(1).max()))
+        ids = torch.where(keep, best_i, torch.full_like(best_i, -1))[:, :width]
+        extra = short.nonzero().flatten()
+        if extra.numel():
+            wide = self._collect(st, qscan[extra], thresh[extra], nc)
+            width = max(ids.shape[1], wide.shape[1])
+            ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=-1)
+            ids[extra] = torch.nn.functional.pad(wide, (0, width - wide.shape[1]), value=-1)
+        exact = self._exact(st, q64, qsq, ids)
+        largest = self.metric != "l2"
+        key = torch.where(torch.isnan(exact), torch.full_like(exact, -math.inf if largest else math.inf), exact)
+        ids = torch.where(torch.isnan(exact), torch.full_like(ids, -1), ids)
+        v, i = sort_rows(key, ids, k, largest)
+        v = torch.where(i < 0, torch.full_like(v, math.nan), v)
+        return v, i
+
+    def _collect(self, st, qscan, thresh: torch.Tensor, nc: int) -> torch.Tensor:
+        """Every id whose scan value is >= thresh[q], per query -> (Q, width) ids, -1 padded."""
+        qs, cs = [], []
+        for c0 in range(0, st.n, nc):
+            s = self._score(st, qscan, c0, min(st.n, c0 + nc))
+            qi, ci = (s >= thresh[:, None]).nonzero(as_tuple=True)
+            qs.append(qi)
+            cs.append(ci + c0)
+        qi, ci = torch.cat(qs), torch.cat(cs)
+        counts = torch.bincount(qi, minlength=qscan.shape[0])
+        out = torch.full((qscan.shape[0], max(1, int(counts.max()) if counts.numel() else 1)), -1,
+                         dtype=torch.int64, device=qscan.device)
+        order = torch.argsort(qi, stable=True)
+        qi, ci = qi[order], ci[order]
+        starts = torch.cumsum(counts, 0) - counts
+        out[qi, torch.arange(qi.numel(), device=qi.device) - starts[qi]] = ci
+        return out
+
+    def range_search(self, queries, threshold: float, *, float64: bool = False):
+        """Every stored row within `threshold` of each query: similarity >= threshold (cosine,
+        dot) or distance <= threshold (l2), decided on the exact float64 values.
+
+        queries: (Q, D) float. Returns (lims (Q + 1,) int64, scores (R,) float32, ids (R,) int64):
+        query q's results are [lims[q], lims[q + 1]), ordered as in `search`.
+        """
+        threshold = validation.finite_float(threshold, "threshold")
+        st = self._store
+        q64, qscan, qvalid, margin, qsq = self._queries(queries, st)
+        Q, n = q64.shape[0], st.n
+        if self.metric == "l2":
+            if threshold < 0:
+                raise ValueError(f"threshold: expected a distance >= 0 for metric='l2', got {threshold}")
+            scan_t = (qsq - threshold * threshold) / 2  # q.c - |c|^2/2 >= (|q|^2 - r^2) / 2
+        else:
+            scan_t = torch.full_like(qsq, threshold)
+        scan_t = self._threshold(scan_t, margin)
+        counts, vals, idss = [], [], []
+        qb, nc = self._blocks(Q, n) if Q and n else (1, 1)
+        for q0 in range(0, Q if n else 0, qb):
+            q1 = min(Q, q0 + qb)
+            qi_all, ci_all = [], []
+            for c0 in range(0, n, nc):
+                s = self._score(st, qscan[q0:q1], c0, min(n, c0 + nc))
+                qi, ci = (s >= scan_t[q0:q1, None]).nonzero(as_tuple=True)
+                qi_all.append(qi)
+                ci_all.append(ci + c0)
+            qi, ci = torch.cat(qi_all), torch.cat(ci_all)
+            v = self._exact_pairs(st, q64[q0:q1], qsq[q0:q1], qi, ci)
+            keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
+            keep &= qvalid[q0:q1][qi]
+            qi, ci, v = qi[keep], ci[keep], v[keep]
+            key = v if self.metric == "l2" else -v
+            order = torch.argsort(ci, stable=True)
+            order = order[torch.argsort(key[order], stable=True)]
+            order = order[torch.argsort(qi[order], stable=True)]
+            counts.append(torch.bincount(qi, minlength=q1 - q0))
+            vals.append(v[order])
+            idss.append(ci[order])
+        lims = torch.zeros(Q + 1, dtype=torch.int64, device=self.device)
+        if counts:
+            lims[1:] = torch.cumsum(torch.cat(counts), 0)
+        v = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64, device=self.device)
+        i = torch.cat(idss) if idss else torch.zeros(0, dtype=torch.int64, device=self.device)
+        return lims, (v if float64 else v.float()), i
+
+    def _exact_pairs(self, st, q64, qsq, qi, ci) -> torch.Tensor:
+        """Exact float64 values of (query qi, row ci) pairs (P,), in chunks of rows."""
+        out = torch.empty(qi.numel(), dtype=torch.float64, device=self.device)
+        step = 1 << 16
+        for p0 in range(0, qi.numel(), step):
+            a, b = qi[p0:p0 + step], ci[p0:p0 + step]
+            out[p0:p0 + step] = self._exact(st, q64[a], qsq[a], b[:, None])[:, 0]
+        return out
+
+    # -- all pairs above a threshold -------------------------------------------------------
+
+    def pairs_above(self, threshold: float, out, *, progress: bool = False):
+        """Every pair i < j of the stored rows with similarity >= threshold (cosine, dot) or
+        distance <= threshold (l2), streamed to .npy shards in the folder `out` with a manifest;
+        see `embgeom.pairs_above`. Returns the finished manifest (a dict)."""
+        from .pair_shards import ShardWriter
+
+        threshold = validation.finite_float(threshold, "threshold")
+        if self.metric == "l2" and threshold < 0:
+            raise ValueError(f"threshold: expected a distance >= 0 for metric='l2', got {threshold}")
+        st = self._store
+        writer = ShardWriter(out, fingerprint=self.fingerprint(), n=st.n, d=self.d,
+                             metric=self.metric, threshold=threshold, progress=progress)
+        start = writer.rows_done
+        if not writer.complete:
+            rb, nc = self._blocks(256, st.n)
+            rb = min(256, rb)
+            for r0 in range(start, st.n, rb):
+                r1 = min(st.n, r0 + rb)
+                writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc))
+            writer.finish()
+        return writer.manifest
+
+    def _pairs_of_rows(self, st, r0, r1, threshold, nc):
+        """Yield (i, j, value) arrays of the pairs i in [r0, r1), j > i, passing the threshold."""
+        q = st.rows[r0:r1]
+        q64, qscan, qvalid, margin, qsq = self._queries(q, st)
+        if self.metric == "l2":
+            scan_t = (qsq - threshold * threshold) / 2
+        else:
+            scan_t = torch.full_like(qsq, threshold)
+        scan_t = self._threshold(scan_t, margin)
+        by_column = st.scale is not None  # cosine on float32 rows: no scaling pass over the block
+        if by_column:
+            low = scan_t.double().min() if scan_t.numel() else 0.0
+        for c0 in range(r0, st.n, nc):
+            c1 = min(st.n, c0 + nc)
+            if by_column:
+                # s * (1/|c|) >= t  <=  s >= t |c| (rounded down); zero rows never pass
+                s = qscan @ st.scan[c0:c1].T
+                tcol = (low * st.norms[c0:c1]).float()
+                tcol = torch.where(tcol.double() > low * st.norms[c0:c1],
+                                   torch.nextafter(tcol, torch.full_like(tcol, -math.inf)), tcol)
+                tcol.masked_fill_(st.norms[c0:c1] == 0, math.inf)
+                hit = s >= tcol[None, :]
+            else:
+                s = self._score(st, qscan, c0, c1)
+                hit = s >= scan_t[:, None]
+            if c0 < r1:  # the diagonal block: only j > i
+                hit &= (torch.arange(c0, c1, device=s.device)[None, :]
+                        > torch.arange(r0, r1, device=s.device)[:, None])
+            qi, ci = hit.nonzero(as_tuple=True)
+            if qi.numel() == 0:
+                continue
+            ci = ci + c0
+            v = self._exact_pairs(st, q64, qsq, qi, ci)
+            keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
+            keep &= qvalid[qi]
+            if bool(keep.any()):
+                yield ((qi[keep] + r0).cpu().numpy(), ci[keep].cpu().numpy(), v[keep].float().cpu().numpy())
+
+    def fingerprint(self) -> str:
+        """sha256 over the metric, shape and stored float32 rows: names this corpus."""
+        st = self._store
+        h = hashlib.sha256(json.dumps({"metric": self.metric, "n": st.n, "d": self.d}).encode())
+        step = 1 << 16
+        for r0 in range(0, st.n, step):
+            h.update(st.rows[r0:r0 + step].cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    # -- files --------------------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Write the index to one file (docs/architecture.md, index files): a magic line, one
+        JSON header line, then the arrays at page-aligned offsets; written atomically."""
+        path = os.fspath(path)
+        st = self._store
+        arrays = {"rows": st.rows[:st.n], "norms": st.norms[:st.n]}
+        if st.scan.dtype == torch.bfloat16:
+            arrays["scan"] = st.scan[:st.n]
+        blobs, specs, offset = {}, {}, 0
+        for name, t in arrays.items():
+            a = t.detach().cpu().contiguous()
+            if a.dtype == torch.bfloat16:
+                a = a.view(torch.int16)
+            a = a.numpy()
+            blobs[name] = a
+            specs[name] = {"offset": offset, "shape": list(a.shape), "dtype": a.dtype.str}
+            offset += -(-a.nbytes // DATA_ALIGN) * DATA_ALIGN
+        h = hashlib.sha256()
+        for a in blobs.values():
+            h.update(memoryview(a).cast("B"))
+        header = {"format": FORMAT, "metric": self.metric, "dtype": str(self.dtype).replace("torch.", ""),
+                  "n": st.n, "d": self.d, "arrays": specs, "sha256": h.hexdigest()}
+        line = json.dumps(header).encode()
+        if len(line) > MAX_HEADER_BYTES - len(MAGIC) - 2:
+            raise ValueError("path: index header too long")  # cannot happen with these fields
+        with atomic_write(path, binary=True, name="path") as f:
+            head = MAGIC + b"\n" + line + b"\n"
+            f.write(head + b"\0" * (-len(head) % DATA_ALIGN))
+            base = len(head) + (-len(head) % DATA_ALIGN)
+            for name, a in blobs.items():
+                assert f.tell() == base + specs[name]["offset"]
+                f.write(memoryview(a).cast("B"))
+                f.write(b"\0" * (-a.nbytes % DATA_ALIGN))
+
+    @classmethod
+    def load(cls, path, *, device: Any = None, verify: bool = True) -> "Index":
+        """Open an index file written by `save`, memory-mapped (rows are read from the page
+        cache as searches need them). verify=True checks the sha256 of the arrays (one read
+        of the file). ValueError (one line) on anything that is not a complete index file of
+        this format."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"path: no index file at {path}")
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            magic = f.readline(len(MAGIC) + 2)
+            if magic.rstrip(b"\n") != MAGIC:
+                if magic.startswith(b"EMBGEOM-INDEX"):
+                    raise ValueError(f"path: {path} is an index file of another format version "
+                                     f"({magic.strip().decode(errors='replace')}; this version reads "
+                                     f"{MAGIC.decode()}): rebuild it")
+                raise ValueError(f"path: {path} is not an embgeom index file (no {MAGIC.decode()} line)")
+            line = f.readline(MAX_HEADER_BYTES)
+            head_len = f.tell()
+        try:
+            header = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"path: {path} has a damaged header line") from None
+        want = {"format", "metric", "dtype", "n", "d", "arrays", "sha256"}
+        if not isinstance(header, dict) or set(header) != want or header["format"] != FORMAT \
+                or header["metric"] not in METRICS or header["dtype"] not in DTYPES \
+                or not isinstance(header["n"], int) or not isinstance(header["d"], int) \
+                or header["n"] < 0 or header["d"] < 1 or not isinstance(header["arrays"], dict):
+            raise ValueError(f"path: {path} has a header this version does not understand")
+        n, d = header["n"], header["d"]
+        names = {"rows": ((n, d), "<f4"), "norms": ((n,), "<f8")}
+        if header["dtype"] == "bfloat16" and header["metric"] in METRICS:
+            names["scan"] = ((n, d), "<i2")
+        if set(header["arrays"]) != set(names):
+            raise ValueError(f"path: {path} lists arrays {sorted(header['arrays'])}, expected {sorted(names)}")
+        base = head_len + (-head_len % DATA_ALIGN)
+        end = base
+        for name, (shape, dt) in names.items():
+            spec = header["arrays"][name]
+            if isinstance(spec, dict) and isinstance(spec.get("offset"), int):
+                nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+                end = max(end, base + spec["offset"] + -(-nbytes // DATA_ALIGN) * DATA_ALIGN)
+        if size < end:
+            raise ValueError(f"path: {path} is truncated ({size} bytes, its header says {end})")
+        if size > end:
+            raise ValueError(f"path: {path} is damaged ({size} bytes, its header says {end})")
+        maps = {}
+        h = hashlib.sha256()
+        for name, (shape, dt) in names.items():
+            spec = header["arrays"][name]
+            if not isinstance(spec, dict) or spec.get("dtype") != dt or spec.get("shape") != list(shape) \
+                    or not isinstance(spec.get("offset"), int) or spec["offset"] < 0:
+                raise ValueError(f"path: {path}: array {name!r} is not the {dt} array of shape {shape} expected")
+            nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+            if base + spec["offset"] + nbytes > size:
+                raise ValueError(f"path: {path} is truncated ({size} bytes; array {name!r} needs "
+                                 f"{base + spec['offset'] + nbytes})")
+            if nbytes == 0:
+                maps[name] = np.zeros(shape, dt)
+            else:  # copy-on-write: writable for torch, the file never changes
+                maps[name] = np.memmap(path, dtype=dt, mode="c", offset=base + spec["offset"], shape=shape)
+            if verify:
+                h.update(memoryview(np.ascontiguousarray(maps[name])).cast("B"))
+        if verify and h.hexdigest() != header["sha256"]:
+            raise ValueError(f"path: {path} is damaged (the arrays do not match the header's sha256)")
+        self = cls.__new__(cls)
+        self.metric, self.dtype, self.d = header["metric"], DTYPES[header["dtype"]], d
+        self.device = validation.device(device) if device is not None else torch.device("cpu")
+        self._lock = threading.Lock()
+        rows = torch.from_numpy(maps["rows"]).to(self.device)
+        norms = torch.from_numpy(maps["norms"]).to(self.device)
+        if "scan" in maps:
+            scan = torch.from_numpy(maps["scan"]).view(torch.bfloat16).to(self.device)
+        else:
+            scan = rows
+        scale = bias = None
+        if self.metric == "cosine" and self.dtype == torch.float32:
+            scale = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms)).float()
+        if self.metric == "l2":
+            bias = (-0.5 * norms * norms).float()
+        zero, cmax, bias_max, delta = self._summary(rows, norms, scan, bias)
+        self._store = _Store(rows, norms, scan, scale, bias, n, zero, cmax, bias_max, delta)
+        self._owns_buffers = self.device.type != "cpu"
+        return self
+
+
+def pairs_above(x, threshold: float, out, *, metric: str = "cosine", dtype: Any = torch.float32,
+                progress: bool = False) -> dict:
+    """Every pair i < j of x (N, D) with similarity >= threshold (cosine, dot; distance <=
+    threshold for l2), decided on exact float64 values, streamed to .npy shards in the folder
+    `out` with a manifest; memory does not grow with the number of pairs. A rerun on the same
+    input and threshold continues an unfinished folder (finished rows are not recomputed) or
+    returns at once; another input is refused. Read the pairs back with `embgeom.read_pairs`.
+    Returns the manifest (dict: count, shards, n, metric, threshold, complete, ...)."""
+    # a temporary index reads x where it lies (memory stays ~ the input plus one score block)
+    x = x if isinstance(x, Index) else Index(x, metric=metric, dtype=dtype, copy=False)
+    return x.pairs_above(threshold, out, progress=progress)

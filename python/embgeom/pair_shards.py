@@ -1,0 +1,186 @@
+"""Pairs on disk: the folder `pairs_above` writes and `read_pairs` reads (docs/architecture.md,
+pair folders).
+
+A folder holds `manifest.json` and shards `pairs-000000.npy`, ... Each shard is one .npy of the
+structured dtype (i int64, j int64, similarity float32), read with allow_pickle=False. Every
+file is written with io.atomic_write (unique temporary name, rename). The manifest names the
+input (a fingerprint of the stored rows, the metric and the threshold), the rows finished so
+far, the shards with their pair counts and sizes, and `complete`. A killed run leaves the
+manifest of its last finished block: a rerun with the same input continues after it, a rerun
+with another input is refused, and `read_pairs` refuses a folder that is not complete.
+Memory stays independent of the pair count: pairs are flushed to a shard every
+SHARD_PAIRS pairs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .io import atomic_write
+
+MANIFEST = "manifest.json"
+KIND = "embgeom-pairs"
+VERSION = 1
+PAIR_DTYPE = np.dtype([("i", "<i8"), ("j", "<i8"), ("similarity", "<f4")])
+SHARD_PAIRS = 1 << 22   # pairs held in memory before a shard is written (80 MB)
+SAVE_SECONDS = 30.0     # the manifest is brought up to date at least this often
+
+
+def _shard_name(k: int) -> str:
+    return f"pairs-{k:06d}.npy"
+
+
+def _read_manifest(folder: str) -> dict | None:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"out: {path} is damaged (not the JSON manifest of an embgeom pairs folder)") from None
+    want = {"kind", "version", "fingerprint", "n", "d", "metric", "threshold", "rows_done",
+            "complete", "count", "shards"}
+    if not isinstance(m, dict) or m.get("kind") != KIND or set(m) != want:
+        raise ValueError(f"out: {path} is not the manifest of an embgeom pairs folder")
+    if m["version"] != VERSION:
+        raise ValueError(f"out: {path} was written by pairs folder version {m['version']}; "
+                         f"this version reads {VERSION}: write the pairs again into an empty folder")
+    return m
+
+
+class ShardWriter:
+    """Writes the pairs of one input into a folder, row block by row block (used by
+    Index.pairs_above). `rows_done` says where a resumed run starts; `complete` that there is
+    nothing to do."""
+
+    def __init__(self, out, *, fingerprint: str, n: int, d: int, metric: str, threshold: float,
+                 progress: bool = False, shard_pairs: int | None = None):
+        folder = os.path.abspath(os.fspath(out))
+        parent = os.path.dirname(folder)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"out: {folder} exists and is not a folder")
+        if not os.path.isdir(parent):
+            raise ValueError(f"out: cannot create {folder}: no such folder {parent}")
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.progress = folder, progress
+        self.shard_pairs = SHARD_PAIRS if shard_pairs is None else shard_pairs
+        old = _read_manifest(folder)
+        mine = {"fingerprint": fingerprint, "n": n, "d": d, "metric": metric, "threshold": threshold}
+        if old is None:
+            if any(not name.startswith(".") for name in os.listdir(folder)):
+                raise ValueError(f"out: {folder} is not empty and holds no embgeom pairs manifest; "
+                                 "refusing to write into it (use an empty or new folder)")
+            self.manifest = {"kind": KIND, "version": VERSION, **mine, "rows_done": 0,
+                             "complete": False, "count": 0, "shards": []}
+            self._save()
+        else:
+            differ = [k for k, v in mine.items() if old[k] != v]
+            if differ:
+                raise ValueError(f"out: {folder} holds pairs of another input or settings "
+                                 f"({', '.join(differ)} differ); use an empty folder, or delete this one")
+            self.manifest = old
+        self._buf: list[np.ndarray] = []
+        self._held = 0
+        self._pending: list[dict] = []  # shards written since the manifest was last saved
+        self._saved = time.monotonic()
+
+    @property
+    def rows_done(self) -> int:
+        return int(self.manifest["rows_done"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def _save(self) -> None:
+        with atomic_write(os.path.join(self.folder, MANIFEST), name="out") as f:
+            json.dump(self.manifest, f, indent=1)
+
+    def _flush(self) -> None:
+        if not self._held:
+            return
+        arr = np.concatenate(self._buf)
+        arr = arr[np.lexsort((arr["j"], arr["i"]))]
+        name = _shard_name(len(self.manifest["shards"]) + len(self._pending))
+        with atomic_write(os.path.join(self.folder, name), binary=True, name="out") as f:
+            np.save(f, arr, allow_pickle=False)
+        self._pending.append({"file": name, "count": int(arr.shape[0]),
+                              "bytes": os.path.getsize(os.path.join(self.folder, name))})
+        self._buf, self._held = [], 0
+
+    def add_rows(self, rows_done: int, pieces) -> None:
+        """Take the pairs (i, j, similarity arrays) of every row below `rows_done` not yet
+        taken; the manifest is brought up to date when shards were written or SAVE_SECONDS
+        passed."""
+        for i, j, v in pieces:
+            part = np.empty(len(i), PAIR_DTYPE)
+            part["i"], part["j"], part["similarity"] = i, j, v
+            self._buf.append(part)
+            self._held += len(part)
+            if self._held >= self.shard_pairs:
+                self._flush()
+        if self._pending or time.monotonic() - self._saved >= SAVE_SECONDS:
+            self._flush()
+            self._commit(rows_done)
+
+    def _commit(self, rows_done: int) -> None:
+        m = self.manifest
+        m["shards"] = m["shards"] + self._pending
+        m["count"] = sum(s["count"] for s in m["shards"])
+        m["rows_done"] = rows_done
+        self._pending = []
+        self._save()
+        self._saved = time.monotonic()
+        if self.progress:
+            print(f"pairs_above: {rows_done:,} / {m['n']:,} rows, {m['count']:,} pairs", file=sys.stderr)
+
+    def finish(self) -> None:
+        self._flush()
+        self.manifest["complete"] = True
+        self._commit(self.manifest["n"])
+        listed = {s["file"] for s in self.manifest["shards"]}
+        for name in os.listdir(self.folder):  # shards of a killed run past its last manifest
+            if name.startswith("pairs-") and name.endswith(".npy") and name not in listed:
+                os.unlink(os.path.join(self.folder, name))
+
+
+def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of a finished `pairs_above` folder -> (i (P,) int64, j (P,) int64,
+    similarity (P,) float32), ordered by (i, j). ValueError (one line) on a folder that is
+    missing, unfinished, or whose shards do not match its manifest."""
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        raise ValueError(f"folder: no such folder {folder}")
+    m = _read_manifest(folder)
+    if m is None:
+        raise ValueError(f"folder: {folder} has no {MANIFEST} (not written by embgeom.pairs_above)")
+    if not m["complete"]:
+        raise ValueError(f"folder: {folder} is unfinished ({m['rows_done']:,} of {m['n']:,} rows done); "
+                         "run pairs_above again with the same input and threshold to finish it")
+    parts = []
+    for s in m["shards"]:
+        path = os.path.join(folder, s["file"])
+        if not os.path.isfile(path) or os.path.getsize(path) != s["bytes"]:
+            raise ValueError(f"folder: {folder} is stale: shard {s['file']} is missing or changed since "
+                             "the manifest was written; write the pairs again")
+        try:
+            a = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ValueError(f"folder: cannot read shard {path}: {exc}") from None
+        if a.dtype != PAIR_DTYPE or a.shape != (s["count"],):
+            raise ValueError(f"folder: {folder} is stale: shard {s['file']} holds {a.shape} {a.dtype}, "
+                             f"the manifest says {s['count']} pairs")
+        parts.append(a)
+    arr = np.concatenate(parts) if parts else np.empty(0, PAIR_DTYPE)
+    if arr.shape[0] > 1:
+        key_i, key_j = arr["i"], arr["j"]
+        ordered = np.all((key_i[1:] > key_i[:-1]) | ((key_i[1:] == key_i[:-1]) & (key_j[1:] > key_j[:-1])))
+        if not ordered:
+            arr = arr[np.lexsort((key_j, key_i))]
+    return (np.ascontiguousarray(arr["i"]), np.ascontiguousarray(arr["j"]),
+            np.ascontiguousarray(arr["similarity"]))

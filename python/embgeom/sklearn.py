@@ -1,0 +1,111 @@
+"""`embgeom.sklearn.NearestNeighbors`: scikit-learn's brute-force NearestNeighbors (fit,
+kneighbors, radius_neighbors) for metric "euclidean" and "cosine" on an embgeom Index, with
+scikit-learn's estimator conventions (parameters in __init__, learned state in attributes
+ending in "_", validate_data, check_is_fitted). scikit-learn is imported with this module.
+
+Distances are the exact float64 values of the fitted rows (float32 storage); equal distances are
+ordered by index (scikit-learn's order at ties is unspecified). cosine distance = 1 - cosine
+similarity; a zero-norm row has no direction and is never a neighbour (scikit-learn gives it
+distance 1 to everything).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from .index import Index
+
+METRICS = {"euclidean": "l2", "l2": "l2", "cosine": "cosine"}
+
+
+class NearestNeighbors(BaseEstimator):
+    """Unsupervised nearest neighbours. n_neighbors: default k of kneighbors; radius: default
+    radius of radius_neighbors; metric: "euclidean" (or "l2") or "cosine"; dtype: the scan
+    precision of the index ("float32" or "bfloat16"; results are exact either way)."""
+
+    def __init__(self, n_neighbors: int = 5, radius: float = 1.0, metric: str = "euclidean",
+                 dtype: str = "float32"):
+        self.n_neighbors = n_neighbors
+        self.radius = radius
+        self.metric = metric
+        self.dtype = dtype
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.input_tags.sparse = False
+        return tags
+
+    def fit(self, X, y=None):
+        if self.metric not in METRICS:
+            raise ValueError(f"metric: expected one of {', '.join(map(repr, METRICS))}, got {self.metric!r}")
+        if isinstance(self.n_neighbors, bool) or not isinstance(self.n_neighbors, (int, np.integer)) \
+                or self.n_neighbors < 1:
+            raise ValueError(f"n_neighbors: expected an int >= 1, got {self.n_neighbors!r}")
+        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
+        self.index_ = Index(np.ascontiguousarray(X), metric=METRICS[self.metric], dtype=self.dtype)
+        self.n_samples_fit_ = X.shape[0]
+        self.effective_metric_ = "euclidean" if METRICS[self.metric] == "l2" else "cosine"
+        return self
+
+    def _query(self, X):
+        if X is None:
+            return None
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+
+    def _to_distance(self, s: np.ndarray) -> np.ndarray:
+        return s if self.index_.metric == "l2" else np.clip(1.0 - s, 0.0, 2.0)
+
+    def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
+        """(distances (Q, k) float64, indices (Q, k) int64), nearest first. X=None: the fitted
+        rows query, each not counted as its own neighbour."""
+        check_is_fitted(self)
+        k = self.n_neighbors if n_neighbors is None else n_neighbors
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"n_neighbors: expected an int >= 1, got {k!r}")
+        Xq = self._query(X)
+        self_query = Xq is None
+        limit = self.n_samples_fit_ - (1 if self_query else 0)
+        if k > limit:
+            raise ValueError(f"n_neighbors: expected <= n_samples_fit = {self.n_samples_fit_}"
+                             f"{' - 1 (X=None)' if self_query else ''}, got {k}")
+        queries = self.index_.vectors() if self_query else torch.from_numpy(np.ascontiguousarray(Xq))
+        s, ids = self.index_.search(queries, k + (1 if self_query else 0), float64=True)
+        s, ids = s.cpu().numpy(), ids.cpu().numpy()
+        if self_query:  # drop each row itself (or, where it is not listed, the last one)
+            own = ids == np.arange(ids.shape[0])[:, None]
+            own[~own.any(1), -1] = True
+            keep = ~own
+            s = s[keep].reshape(ids.shape[0], k)
+            ids = ids[keep].reshape(ids.shape[0], k)
+        dist = self._to_distance(s)
+        return (dist, ids) if return_distance else ids
+
+    def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
+        """Per query, every fitted row within `radius`: object arrays of (distances, indices)
+        arrays; nearest first (the results are always sorted, whatever sort_results)."""
+        check_is_fitted(self)
+        r = float(self.radius if radius is None else radius)
+        if not np.isfinite(r) or r < 0:
+            raise ValueError(f"radius: expected a finite distance >= 0, got {r}")
+        Xq = self._query(X)
+        self_query = Xq is None
+        queries = self.index_.vectors() if self_query else torch.from_numpy(np.ascontiguousarray(Xq))
+        if self.index_.metric == "l2":
+            lims, s, ids = self.index_.range_search(queries, r, float64=True)
+        else:
+            lims, s, ids = self.index_.range_search(queries, 1.0 - r, float64=True)
+        lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
+        dist = self._to_distance(s)
+        Q = lims.shape[0] - 1
+        out_d = np.empty(Q, dtype=object)
+        out_i = np.empty(Q, dtype=object)
+        for q in range(Q):
+            d_q, i_q = dist[lims[q]:lims[q + 1]], ids[lims[q]:lims[q + 1]]
+            if self_query:
+                mine = i_q != q
+                d_q, i_q = d_q[mine], i_q[mine]
+            out_d[q], out_i[q] = d_q, i_q
+        return (out_d, out_i) if return_distance else out_i

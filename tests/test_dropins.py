@@ -1,0 +1,169 @@
+"""The drop-ins against the libraries they replace, on the same inputs (ties aside):
+sentence-transformers' util functions, scikit-learn's NearestNeighbors (and its estimator
+checks), FAISS's flat indexes. Each comparison is skipped where the library is not installed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embgeom.compat import sentence_transformers as st_compat
+
+from test_index import make_rows
+
+
+def _tie_free(n=400, d=32, seed=0):
+    return make_rows(n, d, seed=seed)
+
+
+# -- sentence-transformers ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def st_util():
+    return pytest.importorskip("sentence_transformers.util", reason="sentence-transformers not installed")
+
+
+@pytest.mark.parametrize("top_k", [1, 10, 500])
+@pytest.mark.parametrize("score", ["cos_sim", "dot_score"])
+def test_semantic_search_matches(st_util, top_k, score):
+    corpus, queries = _tie_free(), make_rows(17, 32, seed=1)
+    fn = getattr(st_util, score)
+    want = st_util.semantic_search(queries, corpus, top_k=top_k, score_function=fn)
+    got = st_compat.semantic_search(queries, corpus, top_k=top_k, score_function=fn)
+    assert [[h["corpus_id"] for h in row] for row in got] == [[h["corpus_id"] for h in row] for row in want]
+    for g_row, w_row in zip(got, want):
+        assert np.allclose([h["score"] for h in g_row], [h["score"] for h in w_row], rtol=1e-5, atol=1e-5)
+        assert all(type(h["corpus_id"]) is int and type(h["score"]) is float for h in g_row)
+    one = st_compat.semantic_search(queries[0], corpus.numpy(), top_k=3)  # (D,) query, numpy corpus
+    assert len(one) == 1 and len(one[0]) == 3
+
+
+@pytest.mark.parametrize("top_k,max_pairs", [(5, 500000), (3, 40), (100, 1000)])
+def test_paraphrase_mining_matches(st_util, top_k, max_pairs):
+    x = _tie_free(300, 16, seed=2)
+    want = st_util.paraphrase_mining_embeddings(x, top_k=top_k, max_pairs=max_pairs)
+    got = st_compat.paraphrase_mining_embeddings(x, top_k=top_k, max_pairs=max_pairs)
+    assert [p[1:] for p in got] == [p[1:] for p in want]
+    assert np.allclose([p[0] for p in got], [p[0] for p in want], rtol=1e-5, atol=1e-5)
+
+
+def test_community_detection_matches(st_util):
+    from test_pairs_above import _clusters
+
+    x = _clusters(seed=3)
+    want = st_util.community_detection(x, threshold=0.75, min_community_size=4)
+    got = st_compat.community_detection(x, threshold=0.75, min_community_size=4)
+    assert [(g[0], sorted(g)) for g in got] == [(g[0], sorted(g)) for g in want]
+    assert st_compat.community_detection(np.zeros((0, 4), np.float32)) == []
+
+
+def test_compat_bad_arguments():
+    x = _tie_free(10, 4)
+    with pytest.raises(ValueError, match="score_function"):
+        st_compat.semantic_search(x, x, score_function=lambda a, b: a @ b.T)
+    with pytest.raises(ValueError, match="top_k"):
+        st_compat.semantic_search(x, x, top_k=0)
+    with pytest.raises(ValueError, match="corpus_embeddings: expected D = 4|queries: expected D = 4"):
+        st_compat.semantic_search(torch.zeros(2, 5), x)
+
+
+# -- scikit-learn ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sk_neighbors():
+    return pytest.importorskip("sklearn.neighbors", reason="scikit-learn not installed")
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_nearest_neighbors_matches_sklearn(sk_neighbors, metric):
+    from embgeom.sklearn import NearestNeighbors
+
+    x = _tie_free(250, 12, seed=4).double().numpy()
+    q = make_rows(9, 12, seed=5).double().numpy()
+    ours = NearestNeighbors(n_neighbors=6, metric=metric).fit(x)
+    ref = sk_neighbors.NearestNeighbors(n_neighbors=6, metric=metric, algorithm="brute").fit(x)
+    for X in (q, None):
+        d_got, i_got = ours.kneighbors(X)
+        d_want, i_want = ref.kneighbors(X)
+        assert np.array_equal(i_got, i_want)
+        assert d_got.dtype == np.float64 and np.allclose(d_got, d_want, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(ours.kneighbors(q, 2, return_distance=False), ref.kneighbors(q, 2, return_distance=False))
+    radius = float(np.median(d_want[:, 3])) + 1e-4
+    for X in (q, None):
+        d_got, i_got = ours.radius_neighbors(X, radius)
+        d_want, i_want = ref.radius_neighbors(X, radius, sort_results=True)
+        for a, b, c, e in zip(i_got, i_want, d_got, d_want):
+            assert sorted(a.tolist()) == sorted(b.tolist())
+            assert np.allclose(np.sort(c), np.sort(e), rtol=1e-6, atol=1e-6)
+    assert ours.n_features_in_ == 12 and ours.n_samples_fit_ == 250
+
+
+def test_nearest_neighbors_errors(sk_neighbors):
+    from embgeom.sklearn import NearestNeighbors
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        NearestNeighbors().kneighbors(np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="metric"):
+        NearestNeighbors(metric="manhattan").fit(np.ones((3, 2)))
+    nn = NearestNeighbors(n_neighbors=3).fit(np.random.default_rng(0).random((3, 2)))
+    with pytest.raises(ValueError, match="n_neighbors: expected <= n_samples_fit = 3 - 1"):
+        nn.kneighbors()
+    with pytest.raises(ValueError, match="features"):
+        nn.kneighbors(np.ones((1, 5)))
+
+
+def test_check_estimator(sk_neighbors):
+    from sklearn.utils.estimator_checks import check_estimator
+
+    from embgeom.sklearn import NearestNeighbors
+
+    check_estimator(NearestNeighbors())
+
+
+# -- FAISS ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["IndexFlatIP", "IndexFlatL2"])
+def test_flat_indexes_match_faiss(kind):
+    faiss = pytest.importorskip("faiss", reason="faiss not installed")
+    from embgeom import faiss as egf
+
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((500, 16)).astype(np.float32)
+    q = rng.standard_normal((7, 16)).astype(np.float32)
+    ours, ref = getattr(egf, kind)(16), getattr(faiss, kind)(16)
+    for part in (x[:200], x[200:]):
+        ours.add(part)
+        ref.add(part)
+    assert ours.ntotal == ref.ntotal == 500 and ours.d == 16 and ours.metric_type == ref.metric_type
+    for k in (1, 10, 600):
+        d_got, i_got = ours.search(q, k)
+        d_want, i_want = ref.search(q, k)
+        assert d_got.dtype == np.float32 and i_got.dtype == np.int64
+        assert np.array_equal(i_got, i_want)
+        assert np.allclose(d_got, d_want, rtol=1e-5, atol=1e-4)
+    radius = float(np.median(d_want[:, 20])) + 1e-3
+    l_got, d_got, i_got = ours.range_search(q, radius)
+    l_want, d_want, i_want = ref.range_search(q, radius)
+    assert l_got.dtype == l_want.dtype and np.array_equal(l_got, l_want)
+    for r in range(q.shape[0]):
+        a, b = slice(l_got[r], l_got[r + 1]), slice(l_want[r], l_want[r + 1])
+        assert sorted(i_got[a].tolist()) == sorted(i_want[b].tolist())
+    ours.reset()
+    ref.reset()
+    assert ours.ntotal == 0
+    assert [a.tolist() for a in ours.search(q[:1], 2)] == [a.tolist() for a in ref.search(q[:1], 2)]
+
+
+def test_flat_index_bad_input():
+    from embgeom import faiss as egf
+
+    index = egf.IndexFlatIP(4)
+    with pytest.raises(ValueError, match=r"x: expected \(n, 4\)"):
+        index.add(np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError, match="x: expected"):
+        index.add(np.zeros((2, 4), np.int32))
+    with pytest.raises(ValueError, match="k: expected an int >= 1"):
+        index.search(np.zeros((1, 4), np.float32), 0)
+    with pytest.raises(ValueError, match="d: expected an int >= 1"):
+        egf.IndexFlatL2(0)

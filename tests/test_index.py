@@ -1,0 +1,275 @@
+"""embgeom.Index against float64 brute force: ids equal except at ties (equal float64 values,
+ordered by id), every metric and scan dtype, odd shapes, save/load, add, threads, bad input."""
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from embgeom import Index
+
+METRICS = ["cosine", "dot", "l2"]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _dtype_id(dt):
+    return str(dt).replace("torch.", "")
+
+
+def make_rows(n, d, seed=0, zero=(), dup=()):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    for r in zero:
+        x[r] = 0
+    for a, b in dup:
+        x[b] = x[a]
+    return x
+
+
+def reference(x, q, metric):
+    """(values (Q, N) float64 with excluded entries NaN, larger-is-better key)."""
+    x64, q64 = x.double(), q.double()
+    if metric == "cosine":
+        xn, qn = x64.norm(dim=1), q64.norm(dim=1)
+        v = (q64 @ x64.T) / (qn[:, None] * xn[None, :])
+        v[:, xn == 0] = math.nan
+        v[qn == 0, :] = math.nan
+        return v.clamp(-1, 1), v.clamp(-1, 1)
+    if metric == "dot":
+        v = q64 @ x64.T
+        return v, v
+    v = torch.cdist(q64, x64)
+    return v, -v
+
+
+def ref_topk(x, q, k, metric):
+    v, key = reference(x, q, metric)
+    key = torch.where(torch.isnan(key), torch.full_like(key, -math.inf), key)
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices  # ties: smaller id first
+    ids = order[:, :k]
+    vals = torch.gather(v, 1, ids)
+    valid = torch.isfinite(torch.gather(key, 1, ids))
+    ids = torch.where(valid, ids, torch.full_like(ids, -1))
+    vals = torch.where(valid, vals, torch.full_like(vals, math.nan))
+    short = k - ids.shape[1]  # k > N: padding
+    return (torch.nn.functional.pad(vals, (0, short), value=math.nan),
+            torch.nn.functional.pad(ids, (0, short), value=-1))
+
+
+def assert_same_neighbours(got_v, got_i, want_v, want_i, tol=1e-6):
+    """ids equal except where the reference's values tie (within tol) across the k boundary or
+    inside the list; values within float32 rounding."""
+    assert got_i.shape == want_i.shape
+    pad = want_i < 0
+    assert torch.equal(got_i < 0, pad), "padding differs"
+    scale = torch.nan_to_num(want_v.abs(), nan=0.0).clamp(min=1.0)
+    diff = (got_v.double() - want_v).abs() / scale
+    assert bool((diff[~pad] <= tol).all()), f"values differ by {float(diff[~pad].max())}"
+    wrong = (got_i != want_i) & ~pad
+    for r, c in wrong.nonzero().tolist():  # a differing id must be a tie in the reference
+        assert abs(float(got_v[r, c]) - float(want_v[r, c])) <= tol * float(scale[r, c]), (r, c)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("n,d,k", [(1, 8, 1), (1, 8, 3), (257, 33, 10), (2000, 64, 7)])
+def test_search_vs_float64(metric, dtype, n, d, k):
+    x = make_rows(n, d, zero=(0,) if n > 5 else (), dup=((3, 7),) if n > 7 else ())
+    q = make_rows(13, d, seed=1)
+    q[4] = x[min(3, n - 1)]  # a query equal to a stored row
+    index = Index(x, metric=metric, dtype=dtype)
+    got_v, got_i = index.search(q, k)
+    want_v, want_i = ref_topk(x, q, k, metric)
+    assert got_v.dtype == torch.float32 and got_i.dtype == torch.int64
+    assert_same_neighbours(got_v, got_i, want_v, want_i)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_ties_go_to_the_smaller_id(metric):
+    x = make_rows(50, 16)
+    x[10] = x[20] = x[30] = x[40]  # four equal rows
+    index = Index(x, metric=metric)
+    _, ids = index.search(x[40:41], 4)
+    assert ids.tolist() == [[10, 20, 30, 40]]
+
+
+def test_float64_scores_and_bfloat16_many_near_ties():
+    """Clustered rows (many candidates inside the bf16 error bound): the rescan path."""
+    base = make_rows(1, 32)
+    x = base + 1e-3 * make_rows(3000, 32, seed=2)
+    index = Index(x, dtype=torch.bfloat16)
+    v, i = index.search(x[:5], 10, float64=True)
+    want_v, want_i = ref_topk(x, x[:5], 10, "cosine")
+    assert v.dtype == torch.float64
+    assert_same_neighbours(v, i, want_v, want_i, tol=1e-12)
+
+
+def test_k_larger_than_n_and_zero_rows_pad():
+    x = make_rows(4, 8, zero=(1,))
+    index = Index(x)
+    v, i = index.search(make_rows(2, 8, seed=3), 6)
+    assert (i[:, 3:] == -1).all() and torch.isnan(v[:, 3:]).all()
+    assert 1 not in i.tolist()[0]
+    v, i = index.search(torch.zeros(1, 8), 2)  # a zero query has no direction
+    assert (i == -1).all() and torch.isnan(v).all()
+
+
+def test_empty_corpus_and_empty_queries():
+    index = Index(np.zeros((0, 5), np.float32), metric="l2")
+    v, i = index.search(make_rows(3, 5), 2)
+    assert (i == -1).all() and torch.isnan(v).all()
+    index.add(make_rows(3, 5))
+    v, i = index.search(torch.zeros(0, 5), 2)
+    assert v.shape == (0, 2) and i.shape == (0, 2)
+    lims, s, ids = index.range_search(torch.zeros(0, 5), 1.0)
+    assert lims.tolist() == [0] and s.numel() == 0 and ids.numel() == 0
+
+
+@pytest.mark.parametrize("metric,threshold", [("cosine", 0.2), ("dot", 3.0), ("l2", 7.5)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_range_search_vs_float64(metric, threshold, dtype):
+    x = make_rows(700, 24, zero=(5,), dup=((1, 2),))
+    q = torch.cat([make_rows(9, 24, seed=4), x[1:2]])
+    lims, s, ids = Index(x, metric=metric, dtype=dtype).range_search(q, threshold)
+    v, key = reference(x, q, metric)
+    for r in range(q.shape[0]):
+        row = v[r]
+        hit = (row <= threshold) if metric == "l2" else (row >= threshold)
+        hit &= ~torch.isnan(row)
+        want = torch.nonzero(hit).flatten()
+        order = torch.sort(torch.where(hit, key[r], torch.full_like(key[r], -math.inf))[want],
+                           descending=True, stable=True).indices
+        got = ids[lims[r]:lims[r + 1]]
+        assert got.tolist() == want[order].tolist()
+        assert torch.allclose(s[lims[r]:lims[r + 1]].double(), row[want[order]], rtol=1e-6, atol=1e-6)
+
+
+def test_add_continues_ids_and_matches_one_index():
+    x = make_rows(900, 16, seed=5)
+    whole = Index(x)
+    parts = Index(x[:100])
+    for a in range(100, 900, 200):
+        parts.add(x[a:a + 200])
+    assert parts.ntotal == 900
+    q = make_rows(6, 16, seed=6)
+    for got, want in zip(parts.search(q, 9), whole.search(q, 9)):
+        assert torch.equal(got, want)
+
+
+def test_corpus_is_copied():
+    x = make_rows(30, 8)
+    index = Index(x)
+    before = index.search(x[:2], 3)
+    x.mul_(-1)
+    assert all(torch.equal(a, b) for a, b in zip(index.search(-x[:2], 3), before))
+
+
+def test_copy_false_reads_the_callers_rows():
+    x = make_rows(30, 8)
+    shared = Index(x, copy=False)
+    assert shared.vectors().data_ptr() == x.data_ptr()
+    assert Index(x).vectors().data_ptr() != x.data_ptr()
+    assert Index(x.double(), copy=False).vectors().dtype == torch.float32  # converted: a copy anyway
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_save_load_roundtrip(tmp_path, metric, dtype):
+    x = make_rows(300, 20, zero=(3,))
+    index = Index(x, metric=metric, dtype=dtype)
+    path = tmp_path / "corpus.index"
+    index.save(path)
+    loaded = Index.load(path)
+    assert (loaded.metric, loaded.dtype, loaded.ntotal, loaded.d) == (metric, dtype, 300, 20)
+    q = make_rows(5, 20, seed=7)
+    for got, want in zip(loaded.search(q, 8), index.search(q, 8)):
+        assert torch.equal(got, want)
+    loaded.add(x[:10])  # a loaded (memory-mapped) index grows into its own buffers
+    assert loaded.ntotal == 310 and Index.load(path).ntotal == 300
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_load_refuses_bad_files(tmp_path):
+    index = Index(make_rows(40, 8))
+    path = tmp_path / "a.index"
+    index.save(path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.index").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        Index.load(tmp_path / "trunc.index")
+    flipped = bytearray(data)
+    flipped[4096 + 10] ^= 0xFF  # a byte of the rows (the header takes the first page)
+    (tmp_path / "flip.index").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="damaged"):
+        Index.load(tmp_path / "flip.index")
+    Index.load(tmp_path / "flip.index", verify=False)  # the caller's choice
+    (tmp_path / "other.index").write_bytes(b"EMBGEOM-INDEX9\n{}\n")
+    with pytest.raises(ValueError, match="another format version"):
+        Index.load(tmp_path / "other.index")
+    (tmp_path / "junk.index").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ValueError, match="not an embgeom index file"):
+        Index.load(tmp_path / "junk.index")
+    with pytest.raises(ValueError, match="no index file"):
+        Index.load(tmp_path / "missing.index")
+    with pytest.raises(ValueError, match="no such folder"):
+        index.save(tmp_path / "nope" / "a.index")
+
+
+def test_reads_from_threads_while_adding():
+    x = make_rows(3000, 16, seed=8)
+    index = Index(x[:1000])
+    q = make_rows(4, 16, seed=9)
+    want = Index(x[:1000]).search(q, 5)
+    errors = []
+
+    def reader():
+        for _ in range(20):
+            v, i = index.search(q, 5)
+            # rows added later may enter a result; what was there must stay consistent
+            if not bool((i < index.ntotal).all()):
+                errors.append("id beyond ntotal")
+            if int(i.max()) < 1000 and not torch.equal(i, want[1]):
+                errors.append("changed result")
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for a in range(1000, 3000, 250):
+        index.add(x[a:a + 250])
+    for t in threads:
+        t.join()
+    assert not errors
+    assert index.ntotal == 3000
+
+
+def test_bad_input_names_the_argument():
+    x = make_rows(10, 4)
+    with pytest.raises(ValueError, match="metric"):
+        Index(x, metric="manhattan")
+    with pytest.raises(ValueError, match="dtype"):
+        Index(x, dtype=torch.float16)
+    with pytest.raises(ValueError, match="corpus"):
+        Index(torch.zeros(3))
+    with pytest.raises(TypeError, match="corpus"):
+        Index(np.zeros((3, 2), np.int64))
+    bad = x.clone()
+    bad[2, 1] = math.nan
+    with pytest.raises(ValueError, match=r"corpus: NaN or Inf in 1 row\(s\): \[2\]"):
+        Index(bad)
+    index = Index(x)
+    with pytest.raises(ValueError, match="queries: expected D = 4"):
+        index.search(torch.zeros(2, 5), 1)
+    with pytest.raises(ValueError, match="k: expected >= 1"):
+        index.search(x, 0)
+    with pytest.raises(TypeError, match="k: expected an int"):
+        index.search(x, 2.5)
+    with pytest.raises(ValueError, match="more: expected D = 4"):
+        index.add(torch.zeros(1, 3))
+    with pytest.raises(TypeError, match="threshold"):
+        index.range_search(x, "high")
+    with pytest.raises(ValueError, match="threshold: expected a distance >= 0"):
+        Index(x, metric="l2").range_search(x, -1.0)

@@ -1,0 +1,181 @@
+"""pairs_above / read_pairs against float64 brute force (every pair found, none below the
+threshold), resuming, refusing partial, stale and foreign folders; communities against
+sentence-transformers' community_detection where it is installed."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import embgeom
+from embgeom import Index, communities, pairs_above, read_pairs
+from embgeom import pair_shards
+
+from test_index import make_rows
+
+
+def brute_pairs(x, threshold, metric="cosine"):
+    x64 = x.double()
+    if metric == "cosine":
+        nrm = x64.norm(dim=1)
+        v = (x64 @ x64.T) / (nrm[:, None] * nrm[None, :])
+        v = v.clamp(-1, 1)
+    elif metric == "dot":
+        v = x64 @ x64.T
+    else:
+        v = torch.cdist(x64, x64)
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1)
+    vals = v[i, j]
+    hit = (vals <= threshold) if metric == "l2" else (vals >= threshold)
+    hit &= ~torch.isnan(vals)
+    return i[hit].numpy(), j[hit].numpy(), vals[hit].numpy()
+
+
+@pytest.mark.parametrize("metric,threshold", [("cosine", 0.45), ("dot", 6.0), ("l2", 4.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_pairs_above_vs_float64(tmp_path, metric, threshold, dtype):
+    x = make_rows(1100, 12, zero=(4,), dup=((2, 900),))
+    m = pairs_above(x, threshold, tmp_path / "p", metric=metric, dtype=dtype)
+    i, j, s = read_pairs(tmp_path / "p")
+    wi, wj, ws = brute_pairs(x, threshold, metric)
+    assert m["complete"] and m["count"] == len(wi)
+    assert np.array_equal(i, wi) and np.array_equal(j, wj)
+    assert s.dtype == np.float32 and np.allclose(s, ws, rtol=1e-6, atol=1e-6)
+
+
+def test_planted_near_duplicates_all_found_nothing_below(tmp_path):
+    x = make_rows(3000, 64, seed=3)
+    g = torch.Generator().manual_seed(4)
+    src = torch.randperm(3000, generator=g)[:200]
+    dst = torch.arange(2800, 3000)
+    src = src[src < 2800][:150]
+    dst = dst[:src.numel()]
+    x[dst] = x[src] + 0.05 * torch.randn(src.numel(), 64, generator=g)
+    pairs_above(x, 0.9, tmp_path / "p")
+    i, j, s = read_pairs(tmp_path / "p")
+    found = set(zip(i.tolist(), j.tolist()))
+    assert {(min(a, b), max(a, b)) for a, b in zip(src.tolist(), dst.tolist())} <= found
+    assert (s >= 0.9).all()
+    wi, wj, _ = brute_pairs(x, 0.9)
+    assert set(zip(wi.tolist(), wj.tolist())) == found
+
+
+def test_shards_are_bounded_and_resume_skips_finished_rows(tmp_path, monkeypatch):
+    x = make_rows(600, 6, seed=5)
+    monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 500)  # many shards
+    index = Index(x)
+    calls = []
+    real = Index._pairs_of_rows
+
+    def spy(self, st, r0, r1, threshold, nc):
+        calls.append(r0)
+        if len(calls) == 2 and not getattr(spy, "failed", False):
+            spy.failed = True
+            raise KeyboardInterrupt  # the run is killed after its first row block
+        yield from real(self, st, r0, r1, threshold, nc)
+
+    monkeypatch.setattr(Index, "_pairs_of_rows", spy)
+    with pytest.raises(KeyboardInterrupt):
+        index.pairs_above(0.3, tmp_path / "p")
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert not manifest["complete"] and manifest["rows_done"] > 0
+    with pytest.raises(ValueError, match="unfinished"):
+        read_pairs(tmp_path / "p")
+    done = manifest["rows_done"]
+    calls.clear()
+    m = index.pairs_above(0.3, tmp_path / "p")
+    assert min(calls) == done  # finished rows were not computed again
+    assert m["complete"] and len(m["shards"]) >= 3
+    i, j, s = read_pairs(tmp_path / "p")
+    wi, wj, _ = brute_pairs(x, 0.3)
+    assert np.array_equal(i, wi) and np.array_equal(j, wj)
+    calls.clear()
+    index.pairs_above(0.3, tmp_path / "p")  # complete: nothing to do
+    assert calls == []
+    assert not [f for f in os.listdir(tmp_path / "p") if f.endswith(".tmp")]
+
+
+def test_refuses_foreign_stale_and_non_pairs_folders(tmp_path):
+    x = make_rows(200, 8)
+    pairs_above(x, 0.5, tmp_path / "p")
+    with pytest.raises(ValueError, match=r"another input or settings \(fingerprint differ"):
+        pairs_above(x * 2 + 1, 0.5, tmp_path / "p")
+    with pytest.raises(ValueError, match=r"threshold differ"):
+        pairs_above(x, 0.6, tmp_path / "p")
+    shard = sorted(f for f in os.listdir(tmp_path / "p") if f.startswith("pairs-"))[0]
+    with open(tmp_path / "p" / shard, "ab") as f:
+        f.write(b"\0" * 16)
+    with pytest.raises(ValueError, match="stale"):
+        read_pairs(tmp_path / "p")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and holds no embgeom pairs manifest"):
+        pairs_above(x, 0.5, tmp_path / "other")
+    with pytest.raises(ValueError, match="no manifest.json"):
+        read_pairs(tmp_path / "other")
+    with pytest.raises(ValueError, match="no such folder"):
+        read_pairs(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no such folder"):
+        pairs_above(x, 0.5, tmp_path / "a" / "b")
+
+
+def test_no_pairs_and_single_row(tmp_path):
+    m = pairs_above(make_rows(1, 4), 0.0, tmp_path / "one")
+    assert m["count"] == 0
+    i, j, s = read_pairs(tmp_path / "one")
+    assert i.shape == j.shape == s.shape == (0,) and i.dtype == np.int64
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="threshold"):
+        pairs_above(make_rows(3, 2), None, "x")
+    with pytest.raises(ValueError, match="metric"):
+        pairs_above(make_rows(3, 2), 0.5, "x", metric="jaccard")
+
+
+def _clusters(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(6, 24, generator=g)
+    sizes = [30, 18, 12, 9, 5, 3]
+    rows = [centres[c] + 0.25 * torch.randn(s, 24, generator=g) for c, s in enumerate(sizes)]
+    x = torch.cat(rows + [torch.randn(40, 24, generator=g)])
+    return x[torch.randperm(x.shape[0], generator=g)]
+
+
+def test_communities_groups():
+    x = _clusters()
+    groups = communities(x, threshold=0.8, min_community_size=5)
+    assert [len(g) for g in groups] == sorted((len(g) for g in groups), reverse=True)
+    flat = [r for g in groups for r in g]
+    assert len(flat) == len(set(flat))
+    x64 = torch.nn.functional.normalize(x.double(), dim=1)
+    for g in groups:
+        assert len(g) >= 5
+        sims = x64[g[1:]] @ x64[g[0]]
+        assert bool((sims >= 0.8).all())
+        assert sims.tolist() == sorted(sims.tolist(), reverse=True)
+    assert communities(x[:3], min_community_size=5) == []
+
+
+def test_communities_match_sentence_transformers():
+    util = pytest.importorskip("sentence_transformers.util", reason="sentence-transformers not installed")
+    x = _clusters(seed=1)
+    for threshold, size in ((0.8, 5), (0.7, 3), (0.95, 2)):
+        want = util.community_detection(x, threshold=threshold, min_community_size=size)
+        got = communities(x, threshold=threshold, min_community_size=size)
+        # members in a tie-free order; centres and sizes identical
+        assert [(g[0], sorted(g)) for g in got] == [(g[0], sorted(g)) for g in want]
+
+
+def test_truncated_outside_list_says_so():
+    x = make_rows(300, 8)
+    st = embgeom.pairwise_stats(x, outside=(-0.2, 0.2), outside_limit=5, bins=0, topk=0, bottomk=0)
+    assert st.outside.truncated and st.outside.count > 5 and len(st.outside.pairs) == 5
+    df = st.to_pandas("outside")
+    assert len(df) == 5 and df.attrs["count"] == st.outside.count and df.attrs["truncated"] is True
+    assert st.to_dict()["outside"]["truncated"] is True
+    full = embgeom.pairwise_stats(x, outside=(-0.2, 0.2), outside_limit=10 ** 6, bins=0, topk=0, bottomk=0)
+    assert not full.outside.truncated and full.to_pandas("outside").attrs["truncated"] is False
