@@ -556,3 +556,148 @@ def test_pairs_prints_the_note(tmp_path):
                         "100000", "--json", str(tmp_path / "o.json")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "note: row_topk 100,000 lowered to N - 1 (self mode) = 19" in r.stderr
     assert len(json.loads((tmp_path / "o.json").read_text())["row_topk"]["indices"][0]) == 19
+
+
+# ------------------------------------------------------------------ large finite values, probabilities
+@pytest.mark.parametrize("metric", ["euclidean", "dot"])
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+def test_products_beyond_float32_are_refused(metric, scale):
+    x = make_embeddings(50, 16, seed=8) * scale
+    with pytest.raises(ValueError, match="float32") as e:
+        embgeom.pairwise_stats(x, metric=metric, range=(-1.0, 1.0), backend="cpp")
+    one_line(e)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+def test_cosine_of_huge_and_tiny_rows_is_right(backend, scale):
+    x = make_embeddings(60, 16, seed=9)
+    got = embgeom.pairwise_stats(x * scale, backend=backend, topk=5, bottomk=5)
+    ref = embgeom.pairwise_stats(x, backend="reference", topk=5, bottomk=5)
+    assert got.count == ref.count == 60 * 59 // 2 and not got.excluded_rows
+    assert abs(got.mean - ref.mean) < 1e-6 and abs(got.std - ref.std) < 1e-6
+    assert torch.equal(got.top_pairs.i.cpu(), ref.top_pairs.i) and torch.equal(got.top_pairs.j.cpu(), ref.top_pairs.j)
+
+
+def test_euclidean_near_the_float32_limit_is_still_right():
+    x = make_embeddings(80, 16, seed=10) * 1e16
+    got = embgeom.pairwise_stats(x, metric="euclidean", range=(0, 1e18), backend="cpp")
+    ref = embgeom.pairwise_stats(x, metric="euclidean", range=(0, 1e18), backend="reference")
+    assert got.min[:2] == ref.min[:2] and abs(got.min[2] / ref.min[2] - 1) < 1e-5
+    assert abs(got.mean / ref.mean - 1) < 1e-6
+
+
+def test_attention_rows_must_be_distributions():
+    with pytest.raises(ValueError, match=r"summing to 1, row \[0, 0, 0\]") as e:
+        embgeom.attention_entropy(torch.rand(1, 1, 3, 3) * 10)
+    one_line(e)
+    probs = torch.softmax(torch.randn(1, 2, 4, 4), -1)
+    probs[0, :, 3] = 0.0  # a padded query row: not checked
+    mask = torch.tensor([[True, True, True, False]])
+    embgeom.attention_entropy(probs, mask)
+    with pytest.raises(ValueError, match="summing to 1"):
+        embgeom.attention_entropy(probs)
+
+
+# ------------------------------------------------------------------ treebanks, late checks, odd arguments
+def _conllu(tmp_path, rows, sent_id="s1"):
+    lines = [f"# sent_id = {sent_id}"] + ["\t".join(map(str, r)) for r in rows]
+    path = tmp_path / "t.conllu"
+    path.write_text("\n".join(lines) + "\n\n")
+    return str(path)
+
+
+def _word(i, head, form="w"):
+    return [i, form, form, "X", "X", "_", head, "dep" if head else "root", "_", "_"]
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([_word(1, 2), _word(2, 3), _word(3, 1), _word(4, 0)], r"cycle 1 -> 2 -> 3 -> 1"),
+    ([_word(1, 1), _word(2, 0)], "word 1 is its own head"),
+    ([_word(1, 0), _word(2, 0)], r"exactly one root .* found 2"),
+    ([_word(1, 2), _word(2, 1)], "exactly one root .* found 0"),
+    ([_word(1, 0), _word(1, 1)], "ids must run 1..n"),
+    ([_word(1, 0), [2, "b", "b", "X", "X"]], "has 5 columns"),
+])
+def test_bad_trees_are_refused_naming_the_sentence(tmp_path, rows, match):
+    from embgeom.analysis.syntax.treebank import read_conllu
+
+    with pytest.raises(ValueError, match=match) as e:
+        read_conllu(_conllu(tmp_path, rows))
+    assert "sentence 1 (s1)" in one_line(e)
+
+
+def test_invalid_utf8_on_the_last_line_is_found_before_the_model_loads(tmp_path, capsys):
+    from embgeom.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(b"fine\n" * 50 + b"bad \xff\n")
+    # a model path that does not exist: the corpus error must come first
+    args = ["text", str(corpus), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")]
+    assert main(args) == 2 and not (tmp_path / "o").exists()
+    assert "line 51 is not UTF-8" in capsys.readouterr().err
+
+
+def test_progress_counts_the_lines_that_run(tmp_path):
+    from embgeom.analysis.text.trace import count_texts
+
+    path = tmp_path / "c.txt"
+    path.write_text("one\n \u00a0\u3000\n\t\ntwo\n", encoding="utf-8")
+    assert count_texts(str(path)) == 2
+
+
+def test_odd_python_arguments_name_themselves(tiny_bert):
+    from embgeom.analysis.clouds.projection import project
+    from embgeom.analysis.text.trace import trace
+
+    model, tok = tiny_bert
+    with pytest.raises(TypeError, match="model: expected a transformers model"):
+        trace(None, tok, ["a"])
+    with pytest.raises(TypeError, match="texts: expected"):
+        trace(model, tok, None)
+    x = make_embeddings(20, 8, seed=11)
+    with pytest.raises(TypeError, match="perplexity: expected a number, got str"):
+        project(x, method="tsne", perplexity="30")
+    with pytest.raises(ValueError, match="perplexity: expected a finite number > 0, got inf"):
+        project(x, method="tsne", perplexity=float("inf"))
+    with pytest.raises(TypeError, match="k: expected an int, got float"):
+        project(x, method="umap", k=2.5)
+
+
+def test_perplexity_above_what_the_rows_allow_is_lowered_with_a_note():
+    from embgeom.analysis.clouds.projection import project
+
+    got = project(make_embeddings(31, 8, seed=12), method="tsne", perplexity=1000, n_jobs=1)
+    assert got.perplexity == 10.0 and got.k == 30
+    assert got.to_dict()["notes"] == ["perplexity 1000 lowered to (N - 1) / 3 = 10 for 31 rows"]
+
+
+@pytest.mark.parametrize("command", ["text", "syntax", "project", "vocab"])
+def test_out_naming_a_file_or_a_foreign_folder_is_one_line(tmp_path, command):
+    import subprocess
+    import sys
+
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    inputs = {"text": [str(tmp_path / "f")], "syntax": [str(tmp_path / "f")],
+              "project": [str(tmp_path / "f")], "vocab": []}[command]
+    for out, match in ((tmp_path / "f", "is a file"), (tmp_path / "mine", "no embgeom run wrote")):
+        r = subprocess.run([sys.executable, "-m", "embgeom", command, *inputs, "--out", str(out)],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 2 and match in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("n", [1, 2, 45])
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_lists_of_length_zero_count_without_listing(cpu_cap, n, precision):
+    """outside_limit=0 (count only) read the last entry of an empty list in the C++ core and
+    crashed; limits.fit_to_input lowers every list to 0 on one row, which reached it too."""
+    x = make_embeddings(n, 12, seed=13)
+    opts = dict(bins=20, topk=0, bottomk=0, near=0.0, near_k=0, outside=(-0.2, 0.2), outside_limit=0)
+    got = embgeom.pairwise_stats(x, backend="cpp", precision=precision, **opts)
+    ref = embgeom.pairwise_stats(x, backend="reference", **opts)
+    assert got.outside.count == ref.outside.count and len(got.outside.pairs.i) == 0
+    assert torch.equal(got.outside.row_counts, ref.outside.row_counts)
+    assert int(got.hist.counts.sum()) == int(ref.hist.counts.sum())

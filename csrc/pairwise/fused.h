@@ -87,9 +87,12 @@ inline void offer_row(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, bool top
     (top ? c.rtop : c.rbot).offer(row, v, static_cast<int32_t>(col));
 }
 
-inline float thr_hi(const PairList& l) { return l.full() ? l.e.back().v : -kInf; }
-inline float thr_lo(const PairList& l) { return l.full() ? l.e.back().v : kInf; }
+// A list of k = 0 (switched off, or lowered to a pair count of 0) is full while empty: its
+// thresholds let nothing in, and nothing reads e.back() of it.
+inline float thr_hi(const PairList& l) { return l.k <= 0 ? kInf : l.full() ? l.e.back().v : -kInf; }
+inline float thr_lo(const PairList& l) { return l.k <= 0 ? -kInf : l.full() ? l.e.back().v : kInf; }
 inline double thr_dist(const PairList& l) {
+  if (l.k <= 0) return -std::numeric_limits<double>::infinity();
   return l.full() ? -l.e.back().key : std::numeric_limits<double>::infinity();
 }
 
@@ -107,6 +110,7 @@ constexpr uint32_t kCandOutPair = 64u;  // surely outside: list the pair
 // Whether the outside-pairs list may still take pairs of row i (it keeps the first pairs in
 // (i, j) order, so once full it only closes).
 inline bool outside_list_open(const PairwiseEngine::ThreadCtx& c, int64_t i) {
+  if (c.outp.k <= 0) return false;  // outside_limit=0: counted, never listed
   return !c.outp.full() || i <= c.outp.e.back().i;
 }
 

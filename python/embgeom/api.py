@@ -36,6 +36,7 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
     cfg = make_config(metric=metric, bins=bins, range=range, topk=topk, bottomk=bottomk, near=near,
                       near_k=near_k, row_topk=row_topk, row_bottomk=row_bottomk, outside=outside,
                       outside_limit=outside_limit, precision=precision, block=block)
+    validation.product_range(x, y, cfg.metric)
     m = None if y is None else y.shape[0]
     cfg, notes = limits.fit_to_input(cfg, x.shape[0], m)
     limits.check_memory(cfg, x.shape[0], m, x.shape[1])

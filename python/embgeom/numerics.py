@@ -39,9 +39,12 @@ def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (unit, valid) with valid = norm > 0. Every engine normalises with this rule (fp32
     rows in, fp32 rows out for exact mode; the reference passes float64).
     """
-    norms = torch.linalg.vector_norm(x, dim=-1)
+    # float64 like the C++ core: an fp32 norm overflows from |x| ~ 1.8e19 (every row would
+    # become 0) and underflows below ~1e-19 (a nonzero row would count as a zero row)
+    wide = x.to(torch.float64)
+    norms = torch.linalg.vector_norm(wide, dim=-1)
     valid = norms > 0
-    unit = x / torch.where(valid, norms, torch.ones_like(norms)).unsqueeze(-1)
+    unit = (wide / torch.where(valid, norms, torch.ones_like(norms)).unsqueeze(-1)).to(x.dtype)
     return unit, valid
 
 

@@ -74,6 +74,41 @@ def embeddings(x: Any, name: str = "x") -> torch.Tensor:
     return x
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+
+
+def max_row_norm(x: torch.Tensor, chunk: int = 65536) -> float:
+    """The largest L2 norm of x's rows, in float64 (no overflow), chunk by chunk (no full copy)."""
+    best = 0.0
+    for start in range(0, x.shape[0], chunk):
+        part = x[start:start + chunk].to(torch.float64)
+        best = max(best, float(torch.linalg.vector_norm(part, dim=-1).max())) if part.numel() else best
+    return best
+
+
+def product_range(x: torch.Tensor, y: torch.Tensor | None, metric: str) -> None:
+    """ValueError when the float32 products of dot or euclidean would overflow (or vanish below
+    float32's normal range) for these magnitudes, with the reason and the remedy. Cosine works on
+    unit rows and takes any finite magnitude."""
+    if metric == "cosine":
+        return
+    nx = max_row_norm(x)
+    ny = nx if y is None else max_row_norm(y)
+    # |x.y| <= |x| |y| (Cauchy-Schwarz, also for every partial sum of |x_k y_k|); euclidean forms
+    # |x|^2 + |y|^2 - 2 x.y <= (|x| + |y|)^2
+    largest = (nx + ny) ** 2 if metric == "euclidean" else nx * ny
+    name = "x" if y is None or nx >= ny else "y"
+    if largest > FLOAT32_MAX / 4:
+        raise ValueError(f"{name}: rows with norms up to {max(nx, ny):.3g} make {metric} products up to "
+                         f"{largest:.3g}, beyond float32 ({FLOAT32_MAX:.3g}); scale the rows down (the "
+                         f"statistics scale with them) or use metric='cosine'")
+    if 0 < largest < FLOAT32_TINY * 2.0**24:
+        raise ValueError(f"{name}: rows with norms of at most {max(nx, ny):.3g} make {metric} products "
+                         f"below float32's normal range ({FLOAT32_TINY:.3g}), where digits are lost; "
+                         "scale the rows up (the statistics scale with them)")
+
+
 def pair_of_embeddings(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = embeddings(x, "x")
     if y is None:
@@ -136,7 +171,23 @@ def attention(attn: Any, mask: Any = None) -> tuple[torch.Tensor, torch.Tensor |
         check_finite(attn, "attn", row_dims=3)
         if bool((attn < 0).any()):
             raise ValueError("attn: expected probabilities >= 0, found negative entries")
+        check_rows_sum_to_one(attn, mask)
     return attn, mask
+
+
+def check_rows_sum_to_one(attn: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """ValueError naming the first row of a real query whose probabilities do not sum to 1
+    (within the rounding of attn's dtype): an entropy of anything else has no meaning."""
+    tol = 1e-2 if attn.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    sums = attn.sum(-1, dtype=torch.float64)  # (B, H, T)
+    bad = (sums - 1).abs() > tol
+    if mask is not None:
+        bad &= mask[:, None, :]
+    if bool(bad.any()):
+        b, h, t = bad.nonzero()[0].tolist()
+        raise ValueError(f"attn: expected each row to be a probability distribution summing to 1, "
+                         f"row [{b}, {h}, {t}] sums to {float(sums[b, h, t]):.6g} "
+                         f"({int(bad.sum()):,} such rows)")
 
 
 def positive_int(value: Any, name: str, *, allow_zero: bool = True) -> int:

@@ -35,9 +35,12 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
     """Load the model, analyse, write report.json + PNGs + report.html; returns the report."""
     from ..models import DEFAULT_MODEL, load_model
 
+    from ..analysis.vocab.positions import parse_range
+
     timer = PhaseTimer()
     start = time.perf_counter()
     check_output_folder(out_dir)
+    parse_range(positions, 1 << 62)  # its form before the model loads; its bounds right after
     with output_folder(out_dir, command="vocab") as out:
         with timer("model_load"):
             model, tokenizer = load_model(model_name, device=device)

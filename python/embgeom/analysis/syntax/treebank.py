@@ -15,8 +15,10 @@ class Sentence:
 
 
 def read_conllu(path: str) -> list[Sentence]:
-    """The sentences of a CoNLL-U file (`conllu` package); clear errors for a missing file, a
-    malformed line or a missing head."""
+    """The sentences of a CoNLL-U file (`conllu` package); one-line errors for a missing file, a
+    malformed line (fewer than 10 columns, a missing head) and a sentence that is not a tree:
+    word ids 1..n in order, exactly one root, no word its own head, no cycle. Each error names
+    the sentence (its sent_id, or its number in the file)."""
     try:
         import conllu
     except ImportError:
@@ -27,25 +29,56 @@ def read_conllu(path: str) -> list[Sentence]:
     with open(path, encoding="utf-8") as f:
         try:
             for number, sent in enumerate(conllu.parse_incr(f), 1):
+                where = f"TREEBANK: {path} sentence {number}" + (
+                    f" ({sent.metadata['sent_id']})" if "sent_id" in sent.metadata else "")
                 words, heads, rels = [], [], []
                 for tok in sent:
+                    if len(tok) < 10 or not all(k in tok for k in ("id", "form", "head", "deprel")):
+                        raise ValueError(f"{where}: a word line has {len(tok)} columns, CoNLL-U has 10")
                     if not isinstance(tok["id"], int):        # 1-2 multiword range, 1.1 empty node
                         continue
                     if not isinstance(tok["head"], int):
-                        raise ValueError(f"TREEBANK: {path} sentence {number}, word {tok['id']} "
-                                         f"({tok['form']!r}) has no head")
+                        raise ValueError(f"{where}, word {tok['id']} ({tok['form']!r}) has no head")
+                    if tok["id"] != len(words) + 1:
+                        raise ValueError(f"{where}: word ids must run 1..n in order, found {tok['id']} "
+                                         f"after {len(words)}")
                     words.append(str(tok["form"]))
                     heads.append(int(tok["head"]))
                     rels.append(str(tok["deprel"]))
                 if words:
-                    if any(h < 0 or h > len(words) for h in heads):
-                        raise ValueError(f"TREEBANK: {path} sentence {number}: a head is outside 0..{len(words)}")
+                    check_tree(heads, where)
                     out.append(Sentence(words, heads, rels))
-        except (conllu.exceptions.ParseException, UnicodeDecodeError) as exc:
+        except (conllu.exceptions.ParseException, UnicodeDecodeError, KeyError) as exc:
             raise ValueError(f"TREEBANK: {path} is not valid CoNLL-U: {exc}".splitlines()[0]) from None
     if not out:
         raise ValueError(f"TREEBANK: {path} has no sentence")
     return out
+
+
+def check_tree(heads: list[int], where: str) -> None:
+    """ValueError unless heads (1-based, 0 = root) form one tree over words 1..n."""
+    n = len(heads)
+    for word, head in enumerate(heads, 1):
+        if head < 0 or head > n:
+            raise ValueError(f"{where}: word {word} has head {head}, outside 0..{n}")
+        if head == word:
+            raise ValueError(f"{where}: word {word} is its own head")
+    roots = [w for w, h in enumerate(heads, 1) if h == 0]
+    if len(roots) != 1:
+        raise ValueError(f"{where}: expected exactly one root (head 0), found {len(roots)}"
+                         + (f" (words {roots[:5]})" if roots else ""))
+    reaches_root = [False] * (n + 1)
+    reaches_root[0] = True
+    for word in range(1, n + 1):
+        path, node = [], word
+        while not reaches_root[node]:
+            if node in path:
+                cycle = path[path.index(node):]
+                raise ValueError(f"{where}: the heads form a cycle {' -> '.join(map(str, cycle + [node]))}")
+            path.append(node)
+            node = heads[node - 1]
+        for w in path:
+            reaches_root[w] = True
 
 
 def sample_path() -> str:

@@ -25,8 +25,12 @@ CURVE_ROWS = tuple(range(1, 11))
 CURVE_WINDOW = 128
 
 
+MIN_POSITIONS = 4  # the 3-D PCA path of the positions needs more points than axes
+
+
 def parse_range(text: str | None, size: int) -> tuple[int, int] | None:
-    """"A:B" (B exclusive, either side may be empty) -> (A, B) within [0, size]."""
+    """"A:B" (B exclusive, either side may be empty) -> (A, B) within [0, size], at least
+    MIN_POSITIONS long."""
     if text is None:
         return None
     parts = text.split(":")
@@ -39,6 +43,8 @@ def parse_range(text: str | None, size: int) -> tuple[int, int] | None:
         raise ValueError(f"--positions: expected A:B (e.g. 0:384), got {text!r}") from None
     if not 0 <= a < b <= size:
         raise ValueError(f"--positions: expected 0 <= A < B <= {size}, got {a}:{b}")
+    if b - a < MIN_POSITIONS:
+        raise ValueError(f"--positions: expected at least {MIN_POSITIONS} positions, got {a}:{b}")
     return a, b
 
 
