@@ -701,3 +701,43 @@ def test_lists_of_length_zero_count_without_listing(cpu_cap, n, precision):
     assert got.outside.count == ref.outside.count and len(got.outside.pairs.i) == 0
     assert torch.equal(got.outside.row_counts, ref.outside.row_counts)
     assert int(got.hist.counts.sum()) == int(ref.hist.counts.sum())
+
+
+def _whole_or_absent(out: Path) -> bool:
+    """out is absent, or one sealed run: every file listed in its manifest and matching it."""
+    if not out.exists():
+        return False
+    manifest = json.loads((out / "manifest.json").read_text())
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert manifest["complete"] and on_disk == set(manifest["files"])
+    for name in on_disk:
+        check_complete(str(out / name), "X")
+    return True
+
+
+@pytest.mark.parametrize("command", ["vocab", "syntax", "project"])
+def test_sigkill_at_several_points_then_rerun(tiny_bert_dir, tmp_path, command):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from embgeom.analysis.syntax.treebank import sample_path
+
+    np.save(tmp_path / "x.npy", make_embeddings(1500, 24, seed=14).numpy())
+    out = tmp_path / "out"
+    args = {"vocab": ["--model", tiny_bert_dir, "--out", str(out)],
+            "syntax": [sample_path(), "--model", tiny_bert_dir, "--no-progress", "--out", str(out)],
+            "project": [str(tmp_path / "x.npy"), "--method", "umap", "--out", str(out)]}[command]
+    cmd = [sys.executable, "-m", "embgeom", command, *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for delay in (1.5, 5.0):  # while loading or computing, and (usually) while writing
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+        _whole_or_absent(out)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert _whole_or_absent(out)
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # the killed runs' staging is gone
