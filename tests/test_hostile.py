@@ -741,3 +741,40 @@ def test_sigkill_at_several_points_then_rerun(tiny_bert_dir, tmp_path, command):
     assert r.returncode == 0, r.stderr
     assert _whole_or_absent(out)
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # the killed runs' staging is gone
+
+
+def _write_folder_rounds(out, tag, rounds, barrier):
+    try:
+        for r in range(rounds):
+            barrier.wait()
+            with output_folder(out, command="test") as staging:
+                for k in range(20):
+                    Path(staging, f"part{k}.json").write_text(json.dumps({"writer": tag, "round": r}))
+            barrier.wait()
+    except BaseException:
+        barrier.abort()
+        raise
+
+
+def test_concurrent_folder_writers_leave_one_whole_run(tmp_path):
+    out, rounds = str(tmp_path / "rep"), 6
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(3, timeout=60)
+    procs = [ctx.Process(target=_write_folder_rounds, args=(out, tag, rounds, barrier)) for tag in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        for r in range(rounds):
+            barrier.wait()
+            barrier.wait()
+            assert _whole_or_absent(Path(out))
+            parts = {json.loads((Path(out) / f"part{k}.json").read_text())["writer"] for k in range(20)}
+            assert len(parts) == 1  # every file from the same writer's run
+            assert os.listdir(tmp_path) == ["rep"]
+    except BaseException:
+        barrier.abort()
+        raise
+    finally:
+        for p in procs:
+            p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
