@@ -122,10 +122,10 @@ def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
     NaN in `row_entropy` and left out of `mean` (H,). `smoothing` e mixes in the uniform
     distribution: p' = (1 - e) p + e / n_valid (Clark et al., arXiv 1906.04341).
     """
-    attn, mask = validation.attention(attn, mask)
-    smoothing = validation.finite_float(smoothing, "smoothing")
+    smoothing = validation.finite_float(smoothing, "smoothing")  # options before reading values
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"smoothing: expected a value in [0, 1], got {smoothing}")
+    attn, mask = validation.attention(attn, mask)
     name, run = registry.pick("attention_entropy", attn, backend)
     ent = run(attn, mask, smoothing).to(attn.device)
     B, H, T, _ = attn.shape

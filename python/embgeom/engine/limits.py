@@ -24,8 +24,8 @@ def fit_to_input(cfg: PairwiseConfig, n: int, m: int | None) -> tuple[PairwiseCo
     the whole-matrix lists to the pair count); ValueError for bins over MAX_BINS."""
     if cfg.bins > MAX_BINS:
         raise ValueError(f"bins: at most {MAX_BINS:,} (finer than float32 resolves), got {cfg.bins:,}")
-    per_row = n - 1 if m is None else m
-    per_row = max(per_row, 0)
+    # never to 0: a list asked for stays in the result (empty or padded), only shorter
+    per_row = max(n - 1 if m is None else m, 1)
     notes, lowered = [], {}
     for name in ("row_topk", "row_bottomk"):
         asked = getattr(cfg, name)
@@ -34,7 +34,7 @@ def fit_to_input(cfg: PairwiseConfig, n: int, m: int | None) -> tuple[PairwiseCo
             what = "N - 1 (self mode)" if m is None else "M (the rows of y)"
             notes.append(f"{name} {asked:,} lowered to {what} = {per_row:,}: a row has no more neighbours")
     # whole-matrix lists hold at most every pair: lowering them changes no result, so no note
-    pairs = n * (n - 1) // 2 if m is None else n * m
+    pairs = max(n * (n - 1) // 2 if m is None else n * m, 1)
     for name in ("topk", "bottomk", "near_k", "outside_limit"):
         if getattr(cfg, name) > pairs:
             lowered[name] = pairs
