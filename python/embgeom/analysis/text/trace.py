@@ -447,15 +447,20 @@ class TraceAccumulator:
                     s["ctx_period"][l] += c["period_or_separator"]
         s["hme_n"] += B
         if "evolution" in self.metrics:
-            m = mask.to(b.hidden_states[0].dtype)
-            norms = [torch.linalg.vector_norm(h, dim=-1) for h in b.hidden_states]   # (B, T) each
-            for l in range(L + 1):
-                s["norm"][l] += (norms[l] * m).double().sum()
+            # float64: a token's states at adjacent depths can be nearly collinear (1 - cos down to
+            # 1e-6), where a float32 dot product keeps one or two digits of 1 - cos
+            m = mask.double()
+            prev = b.hidden_states[0].double()
+            norm_prev = torch.linalg.vector_norm(prev, dim=-1)                     # (B, T)
+            s["norm"][0] += (norm_prev * m).sum()
             for l in range(L):
-                prev, cur = b.hidden_states[l], b.hidden_states[l + 1]
-                s["step_dist"][l] += (torch.linalg.vector_norm(cur - prev, dim=-1) * m).double().sum()
+                cur = b.hidden_states[l + 1].double()
+                norm_cur = torch.linalg.vector_norm(cur, dim=-1)
+                s["norm"][l + 1] += (norm_cur * m).sum()
+                s["step_dist"][l] += (torch.linalg.vector_norm(cur - prev, dim=-1) * m).sum()
                 dot = torch.linalg.vecdot(cur, prev)
-                s["step_cos"][l] += (dot / (norms[l] * norms[l + 1]).clamp(min=1e-30) * m).double().sum()
+                s["step_cos"][l] += (dot / (norm_prev * norm_cur).clamp(min=1e-300) * m).sum()
+                prev, norm_prev = cur, norm_cur
 
     def merge(self, other: "TraceAccumulator") -> None:
         for k, v in other.s.items():
