@@ -25,7 +25,9 @@ from .model_options import add_model_options, check_batch_size
 
 
 def add_arguments(p) -> None:
-    p.add_argument("corpus", metavar="CORPUS", help="UTF-8 text file, one text per line (blank lines skipped)")
+    p.add_argument("corpus", metavar="CORPUS", help="UTF-8 text file, one text per line (blank lines "
+                   "skipped); a line with a TAB is a sentence pair A<TAB>B: [CLS] A [SEP] B [SEP], "
+                   "token types 0 / 1")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     add_model_options(p, batch_size=32, max_length_help="truncate texts to N tokens")
     p.add_argument("--pairs", metavar="FILE", help='JSONL {"group": g, "a": text, "b": text}: [CLS] '
