@@ -4,8 +4,8 @@ Writes DIR/report.json (keys of TraceResult.to_dict, plus "cls_pairs" with --pai
 and one self-contained DIR/report.html; progress over the corpus on stderr.
 
 Options: --keep cls, --trajectories N, --labels FILE and --pairs FILE keep vectors
-(analysis/text/keeper.py); --heads, --clark-js, --directionality, --head-maps N, --gaussianity
-and --profile add the head extras (analysis/heads/text_extras.py).
+(analysis/text/keeper.py); --heads, --clark-js, --directionality, --head-maps N, --matrices,
+--gaussianity and --profile add the head extras (analysis/heads/text_extras.py).
 """
 from __future__ import annotations
 
@@ -153,6 +153,10 @@ def add_head_arguments(p) -> None:
                         "(implies --heads; hooks the query/key projections)")
     g.add_argument("--head-maps", type=int, default=0, metavar="N",
                    help="draw the L x H attention maps of the first N texts in report.html (implies --heads)")
+    g.add_argument("--matrices", action="store_true",
+                   help="attention_matrices: cone index of the attention rows, singular values < 1e-3, "
+                        "von Neumann entropy, k90 quantiles per head; rank, singular values and eigenvalue "
+                        "signs of W_Q,h W_K,h^T, |q|/|k|/|v| histograms (geometry-of-BERT authors' code)")
     g.add_argument("--gaussianity", action="store_true",
                    help="K^2 normality test, skew and kurtosis of every real token's hidden state per depth")
     g.add_argument("--profile", action="store_true", help="print the seconds spent on each extra metric")
