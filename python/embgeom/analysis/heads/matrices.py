@@ -69,9 +69,12 @@ def weight_measures(model) -> dict:
             sigma[k].append([float(torch.linalg.svdvals(w[k][h * d:(h + 1) * d])[0]) for h in range(H)])
         for h in range(H):
             wq, wk = w["q"][h * d:(h + 1) * d], w["k"][h * d:(h + 1) * d]
-            m = wq.T @ wk
-            s = torch.linalg.svdvals(m)
-            tol = float(s[0]) * max(m.shape) * eps
+            # M = Q1 R1 (Q2 R2)^T from the QR of W_Q,h^T and W_K,h^T (D x d_h): its non-zero
+            # singular values are those of R1 R2^T (d_h x d_h), without a D x D decomposition
+            r1 = torch.linalg.qr(wq.T, mode="r").R
+            r2 = torch.linalg.qr(wk.T, mode="r").R
+            s = torch.linalg.svdvals(r1 @ r2.T)
+            tol = float(s[0]) * wq.shape[1] * eps
             row["rank"].append(int((s > tol).sum()))
             row["sv"].append(s[:d].tolist())
             lam = torch.linalg.eigvals(wk @ wq.T)
