@@ -81,8 +81,8 @@ def test_projection_deterministic_and_graph_exact(method):
         assert a.explained_variance.shape == (16,) and abs(a.explained_variance.sum() - 1) < 1e-9
         assert set(a.pca_curves) == {"all", "g0", "g1", "g2"}
     from sklearn.metrics import silhouette_score
-    assert a.silhouette["original"] == pytest.approx(silhouette_score(x, labels, metric="cosine"), abs=1e-6)
-    assert a.silhouette["projection"] == pytest.approx(silhouette_score(a.embedding, labels), abs=1e-6)
+    assert a.silhouette["original"] == pytest.approx(silhouette_score(np.asarray(x, np.float64), labels, metric="cosine"), abs=1e-6)
+    assert a.silhouette["projection"] == pytest.approx(silhouette_score(a.embedding.astype(np.float64), labels), abs=1e-6)
 
 
 def test_pca_matches_sklearn():
@@ -200,7 +200,7 @@ def test_text_keeps_vectors(tiny_bert_dir, tiny_bert, tmp_path):
     assert g["labels"] == sorted(set(LABELS))
     for l in range(3):
         x = cls[:, l]
-        want = silhouette_score(x, LABELS, metric="cosine") if np.ptp(x, 0).max() > 0 else None
+        want = silhouette_score(x.astype(np.float64), LABELS, metric="cosine") if np.ptp(x, 0).max() > 0 else None
         if want is not None:
             assert g["silhouette"][l] == pytest.approx(want, abs=1e-6)
         u = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)

@@ -34,7 +34,8 @@ def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
     assert (report["n_texts"], report["layers"], report["heads"], report["truncated"]) == (5, L, H, 1)
     assert set(report["cone_index"]) == {"layer_input", "head_output", "multihead_output", "layer_output"}
     assert len(report["cone_index"]["head_output"]) == L and len(report["cone_index"]["head_output"][0]) == H
-    assert set(report["attention_to"]) == {"cls", "sep", "punct", "prev", "next"}
+    assert set(report["attention_to"]) == {"cls", "sep", "punct", "prev", "next", "period", "comma",
+                                           "sep_from_other"}
     assert len(report["js_distance"]) == L * H and len(report["evolution"]["norm"]) == L + 1
     assert set(report["context_similarity"]) == {"mean_distance", "focus_token", "separator_share",
                                                  "distance_hist", "layer_distance_hist",

@@ -1,6 +1,6 @@
 """`embgeom project X.npy --out DIR`: a 2-D projection (UMAP, t-SNE, PCA) on the exact graph.
 
-DIR gets projection.npy (N, 2) float32, knn.npz (indices (N, k) int64, similarities (N, k);
+DIR gets projection.npy (N, 2) float32, knn.npz (indices (N, k) int64, similarities (N, k) float64;
 graph methods), report.json (method, n, d, k, seconds, knn_seconds; silhouette with labels;
 explained variance for PCA), projection.png and a self-contained interactive projection.html.
 """

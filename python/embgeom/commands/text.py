@@ -4,8 +4,8 @@ Writes DIR/report.json (keys of TraceResult.to_dict, plus "cls_pairs" with --pai
 and one self-contained DIR/report.html; progress over the corpus on stderr.
 
 Options: --keep cls, --trajectories N, --labels FILE and --pairs FILE keep vectors
-(analysis/text/keeper.py); --heads, --clark-js, --directionality, --head-maps N, --gaussianity
-and --profile add the head extras (analysis/heads/text_extras.py).
+(analysis/text/keeper.py); --heads, --clark-js, --directionality, --head-maps N, --matrices,
+--gaussianity and --profile add the head extras (analysis/heads/text_extras.py).
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from .model_options import add_model_options, check_batch_size
 
 
 def add_arguments(p) -> None:
-    p.add_argument("corpus", metavar="CORPUS", help="UTF-8 text file, one text per line (blank lines skipped)")
+    p.add_argument("corpus", metavar="CORPUS", help="UTF-8 text file, one text per line (blank lines "
+                   "skipped); a line with a TAB is a sentence pair A<TAB>B: [CLS] A [SEP] B [SEP], "
+                   "token types 0 / 1")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     add_model_options(p, batch_size=32, max_length_help="truncate texts to N tokens")
     p.add_argument("--pairs", metavar="FILE", help='JSONL {"group": g, "a": text, "b": text}: [CLS] '
@@ -151,6 +153,10 @@ def add_head_arguments(p) -> None:
                         "(implies --heads; hooks the query/key projections)")
     g.add_argument("--head-maps", type=int, default=0, metavar="N",
                    help="draw the L x H attention maps of the first N texts in report.html (implies --heads)")
+    g.add_argument("--matrices", action="store_true",
+                   help="attention_matrices: cone index of the attention rows, singular values < 1e-3, "
+                        "von Neumann entropy, k90 quantiles per head; rank, singular values and eigenvalue "
+                        "signs of W_Q,h W_K,h^T, |q|/|k|/|v| histograms (geometry-of-BERT authors' code)")
     g.add_argument("--gaussianity", action="store_true",
                    help="K^2 normality test, skew and kurtosis of every real token's hidden state per depth")
     g.add_argument("--profile", action="store_true", help="print the seconds spent on each extra metric")

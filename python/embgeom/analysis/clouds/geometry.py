@@ -1,13 +1,16 @@
 """Geometry of point clouds: labelled sets (silhouette, within/between cosine, per-label and
 per-pair distributions) and token trajectories (docs/metrics.md, point clouds).
+
+Every statistic here is computed in float64: the clouds the papers look at ([CLS] vectors of the
+first layers, tokens between adjacent depths) are nearly collinear, with cosine distances down to
+1e-6, where a float32 difference of near-equal numbers keeps one or two digits.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from ... import validation
-from ...api import pairwise_stats
-
+from ...numerics import bin_index
 
 
 def as_matrix(x, name: str = "x") -> np.ndarray:
@@ -17,12 +20,20 @@ def as_matrix(x, name: str = "x") -> np.ndarray:
     return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
 
 
+def as_matrix64(x, name: str = "x") -> np.ndarray:
+    """(N, D) float64 numpy array (the input's values, no float32 rounding on the way)."""
+    if isinstance(x, np.ndarray) and x.dtype == np.float64 and x.ndim == 2 and np.isfinite(x).all():
+        return np.ascontiguousarray(x)
+    x = validation.embeddings(np.asarray(x) if not isinstance(x, (torch.Tensor, np.ndarray)) else x, name)
+    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float64)
+
 # -------------------------------------------------------------------------- labelled sets
 def silhouette(x, labels, metric: str = "cosine") -> float | None:
-    """scikit-learn's mean silhouette coefficient; None unless 2 <= labels <= N - 1."""
+    """scikit-learn's mean silhouette coefficient on float64 rows (its distances are then float64:
+    a float32 cosine distance of 1e-6 keeps about one digit); None unless 2 <= labels <= N - 1."""
     from sklearn.metrics import silhouette_score
 
-    xm = as_matrix(x) if not isinstance(x, np.ndarray) or x.dtype != np.float64 else x
+    xm = as_matrix64(x)
     distinct = len(set(labels))
     if not 2 <= distinct <= len(labels) - 1:
         return None
@@ -50,24 +61,68 @@ def within_between_cosine(x, labels) -> tuple[float | None, float | None]:
             (total - within) / between_pairs if between_pairs else None)
 
 
-def set_stats(x, y=None, *, bins: int = 100, backend: str | None = None) -> dict:
-    """All-pairs cosine and Euclidean distributions of one set (self mode) or two (cross mode),
-    from pairwise_stats: count, mean, std, min, max and a histogram each (Euclidean over
-    [0, max ||x|| + max ||y||])."""
-    xt = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    yt = None if y is None else torch.as_tensor(np.asarray(y, dtype=np.float32))
-    if xt.shape[0] < (2 if yt is None else 1) or (yt is not None and yt.shape[0] < 1):
+def set_stats(x, y=None, *, bins: int = 100, block: int = 1024) -> dict:
+    """All-pairs cosine and Euclidean distributions of one set (self mode, pairs i < j) or two
+    (cross mode), in float64: count, mean, population std (Chan's merge of per-block moments),
+    min, max and a `bins`-bin histogram each (cosine over [-1, 1], Euclidean over
+    [0, max ||x|| + max ||y||]; bins as docs/metrics.md, histogram). Cosine leaves zero rows out.
+    Blocks of `block` x `block` pairs: memory O(block^2), never N x N."""
+    xd = torch.from_numpy(as_matrix64(x))
+    yd = None if y is None else torch.from_numpy(as_matrix64(y, "y"))
+    if xd.shape[0] < (2 if yd is None else 1) or (yd is not None and yd.shape[0] < 1):
         return {"count": 0}
-    hi = float(torch.linalg.vector_norm(xt, dim=1).max()) + \
-        float(torch.linalg.vector_norm(yt if yt is not None else xt, dim=1).max())
+    hi = float(torch.linalg.vector_norm(xd, dim=1).max()) + \
+        float(torch.linalg.vector_norm(yd if yd is not None else xd, dim=1).max())
     out = {}
     for metric, rng in (("cosine", (-1.0, 1.0)), ("euclidean", (0.0, max(hi, 1e-6)))):
-        s = pairwise_stats(xt, yt, metric=metric, bins=bins, range=rng, topk=0, bottomk=0,
-                           backend=backend)
-        out[metric] = {"count": s.count, "mean": s.mean, "std": s.std,
-                       "min": None if s.min is None else s.min[2],
-                       "max": None if s.max is None else s.max[2], "hist": s.hist.to_dict()}
+        out[metric] = _pair_stats64(xd, yd, metric, bins, rng, block)
     return out
+
+
+def _pair_stats64(x: torch.Tensor, y: torch.Tensor | None, metric: str, bins: int, rng, block: int) -> dict:
+    def prep(v):
+        if metric != "cosine":
+            return v
+        n = torch.linalg.vector_norm(v, dim=1)
+        return v[n > 0] / n[n > 0, None]
+
+    a_all = prep(x)
+    b_all = a_all if y is None else prep(y)
+    lo, hi = rng
+    count, mean, m2 = 0, 0.0, 0.0
+    vmin, vmax = np.inf, -np.inf
+    slots = np.zeros(bins + 2, np.int64)
+    n, m = a_all.shape[0], b_all.shape[0]
+    for r0 in range(0, n, block):
+        a = a_all[r0:r0 + block]
+        for c0 in range((r0 if y is None else 0), m, block):
+            b = b_all[c0:c0 + block]
+            if metric == "cosine":
+                v = (a @ b.T).clamp_(-1.0, 1.0)
+            else:
+                v = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+            if y is None and c0 == r0:
+                v = v[torch.ones_like(v, dtype=torch.bool).triu(1)]
+            v = v.reshape(-1)
+            if v.numel() == 0:
+                continue
+            k = v.numel()
+            bm = float(v.mean())
+            bm2 = float((v - bm).square().sum())
+            delta = bm - mean
+            total = count + k
+            mean += delta * k / total
+            m2 += bm2 + delta * delta * count * k / total
+            count = total
+            vmin, vmax = min(vmin, float(v.min())), max(vmax, float(v.max()))
+            if bins:
+                slots += np.bincount(bin_index(v.numpy(), lo, hi, bins), minlength=bins + 2)
+    if count == 0:
+        return {"count": 0, "mean": None, "std": None, "min": None, "max": None,
+                "hist": {"lo": lo, "hi": hi, "bins": bins, "counts": [0] * bins, "underflow": 0, "overflow": 0}}
+    return {"count": count, "mean": mean, "std": float(np.sqrt(m2 / count)), "min": vmin, "max": vmax,
+            "hist": {"lo": lo, "hi": hi, "bins": bins, "counts": slots[1:bins + 1].tolist(),
+                     "underflow": int(slots[0]), "overflow": int(slots[bins + 1])}}
 
 
 def norm_stats(x) -> dict:
@@ -79,7 +134,7 @@ def norm_stats(x) -> dict:
 MAX_PAIR_LABELS = 20
 
 
-def group_geometry(cls, labels, *, bins: int = 100, backend: str | None = None) -> dict:
+def group_geometry(cls, labels, *, bins: int = 100) -> dict:
     """Geometry of labelled [CLS] vectors at every depth.
 
     cls: (N, L+1, D) array (a memmap is read one depth at a time); labels: N strings.
@@ -95,21 +150,21 @@ def group_geometry(cls, labels, *, bins: int = 100, backend: str | None = None) 
     out = {"labels": names, "counts": [int((lab == g).sum()) for g in names],
            "silhouette": [], "within_cosine": [], "between_cosine": []}
     for l in range(depths):
-        x = np.asarray(cls[:, l], dtype=np.float32)
+        x = np.asarray(cls[:, l], dtype=np.float64)
         out["silhouette"].append(silhouette(x, labels, "cosine"))
         w, b = within_between_cosine(x, labels)
         out["within_cosine"].append(w)
         out["between_cosine"].append(b)
-    last = np.asarray(cls[:, depths - 1], dtype=np.float32)
+    last = np.asarray(cls[:, depths - 1], dtype=np.float64)
     per_label = {}
     for g in names:
         rows = last[lab == g]
-        per_label[g] = {**set_stats(rows, bins=bins, backend=backend), "norms": norm_stats(rows)}
+        per_label[g] = {**set_stats(rows, bins=bins), "norms": norm_stats(rows)}
     per_pair = {}
     if len(names) <= MAX_PAIR_LABELS:
         for i, a in enumerate(names):
             for b in names[i + 1:]:
-                per_pair[f"{a}|{b}"] = set_stats(last[lab == a], last[lab == b], bins=bins, backend=backend)
+                per_pair[f"{a}|{b}"] = set_stats(last[lab == a], last[lab == b], bins=bins)
     out["last"] = {"depth": depths - 1, "per_label": per_label, "per_pair": per_pair,
                    "per_pair_note": None if len(names) <= MAX_PAIR_LABELS else
                    f"more than {MAX_PAIR_LABELS} labels: label pairs left out"}

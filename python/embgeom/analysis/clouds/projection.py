@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from ...api import pairwise_stats
-from .geometry import as_matrix, silhouette
+from .geometry import as_matrix, as_matrix64, silhouette
 
 
 
@@ -28,11 +28,13 @@ def _require(module: str, package: str):
 
 # ---------------------------------------------------------------------------------- graph
 def exact_knn(x, k: int, *, backend: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Exact cosine k-NN graph from the fused engine's per-row top-k.
+    """Exact cosine k-NN graph: the fused engine's per-row top-k, its similarities recomputed in
+    float64 from the input's rows and each row re-sorted by them (near-collinear clouds have
+    cosine distances down to 1e-6, where the engine's float32 values keep one or two digits).
 
-    x: (N, D); k <= N - 1. Returns indices (N, k) int64 (self excluded, ties by column index),
-    similarities (N, k) float32 (descending) and the seconds it took. Zero rows have no
-    direction: they are an error here."""
+    x: (N, D); k <= N - 1. Returns indices (N, k) int64 (self excluded, float64 similarity
+    descending, ties by column index), similarities (N, k) float64 and the seconds it took. Zero
+    rows have no direction: they are an error here."""
     xm = as_matrix(x)
     n = xm.shape[0]
     if not 1 <= k <= n - 1:
@@ -43,10 +45,24 @@ def exact_knn(x, k: int, *, backend: str | None = None) -> tuple[np.ndarray, np.
     start = time.perf_counter()
     res = pairwise_stats(torch.from_numpy(xm), metric="cosine", bins=0, topk=0, bottomk=0,
                          row_topk=k, backend=backend)
-    seconds = time.perf_counter() - start
     idx = res.row_topk.indices.cpu().numpy().astype(np.int64)
-    sim = res.row_topk.values.cpu().float().numpy()
+    sim = rescore64(as_matrix64(x), idx)
+    order = np.lexsort((idx, -sim), axis=1)
+    idx, sim = np.take_along_axis(idx, order, 1), np.take_along_axis(sim, order, 1)
+    seconds = time.perf_counter() - start
     return idx, sim, seconds
+
+
+def rescore64(x64: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Cosine of every row i with its listed neighbours idx[i] (N, k), float64, rows in chunks."""
+    nrm = np.linalg.norm(x64, axis=1)
+    out = np.empty(idx.shape, np.float64)
+    for r0 in range(0, idx.shape[0], chunk):
+        rows = slice(r0, r0 + chunk)
+        a = x64[rows] / nrm[rows, None]
+        b = x64[idx[rows]] / nrm[idx[rows]][..., None]
+        out[rows] = np.clip(np.einsum("nd,nkd->nk", a, b), -1.0, 1.0)
+    return out
 
 
 def knn_recall(approx: np.ndarray, exact: np.ndarray) -> float:
@@ -58,9 +74,10 @@ def knn_recall(approx: np.ndarray, exact: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------ PCA
 def pca_fit(x, axes: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x: (N, D) -> (explained-variance ratio (min(N, D),) descending, mean (D,), components
-    (D, axes)), from the D x D covariance in float64; each component's sign makes its
-    largest-magnitude loading positive (deterministic)."""
-    xd = torch.as_tensor(as_matrix(x), dtype=torch.float64)
+    (D, axes)), from the D x D covariance in float64 of the rows as given (a float64 input is
+    not rounded to float32); each component's sign makes its largest-magnitude loading positive
+    (deterministic)."""
+    xd = torch.from_numpy(as_matrix64(x))
     n, d = xd.shape
     mean = xd.mean(0) if n else torch.zeros(d, dtype=torch.float64)
     if n < 2:
@@ -81,7 +98,7 @@ def pca_fit(x, axes: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def pca(x, axes: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """x: (N, D) -> (explained-variance ratio, projection (N, axes) float64); see pca_fit."""
     ratio, mean, comps = pca_fit(x, axes)
-    return ratio, (as_matrix(x).astype(np.float64) - mean) @ comps
+    return ratio, (as_matrix64(x) - mean) @ comps
 
 
 def pca_curves(x, labels: list[str] | None = None) -> dict:
@@ -91,7 +108,7 @@ def pca_curves(x, labels: list[str] | None = None) -> dict:
     out = {"all": np.cumsum(ratio).tolist()}
     if labels is not None:
         lab = np.asarray(labels)
-        xm = as_matrix(x)
+        xm = as_matrix64(x)
         for name in sorted(set(labels)):
             rows = xm[lab == name]
             if rows.shape[0] >= 2:
@@ -205,10 +222,11 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
     out = Projection(method=method, embedding=np.zeros((n, 2), np.float32), n=n, d=d, seed=seed,
                      labels=labels)
     if method == "pca":
-        ratio, proj = pca(xm, axes=2)
+        x64 = as_matrix64(x)
+        ratio, proj = pca(x64, axes=2)
         out.embedding = proj.astype(np.float32)
         out.explained_variance = ratio
-        out.pca_curves = pca_curves(xm, labels)
+        out.pca_curves = pca_curves(x64, labels)
     else:
         if n < 3:
             raise ValueError(f"x: {method} needs at least 3 rows, got {n}")
@@ -225,7 +243,7 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
             if k > n - 1:
                 out.notes.append(f"k {k} lowered to N - 1 = {n - 1} for {n} rows")
             k = min(int(k), n - 1)
-        idx, sim, out.knn_seconds = exact_knn(xm, k, backend=backend)
+        idx, sim, out.knn_seconds = exact_knn(x, k, backend=backend)
         out.k, out.indices, out.similarities = k, idx, sim
         if method == "umap":
             out.embedding = umap_layout(xm, idx, sim, seed=seed)
@@ -236,6 +254,8 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
                                         seed=seed, n_jobs=n_jobs or os.cpu_count() or 1)
     out.seconds = time.perf_counter() - start
     if labels is not None:
-        out.silhouette = {"original": silhouette(xm, labels, "cosine"),
-                          "projection": silhouette(out.embedding, labels, "euclidean")}
+        # float64 distances: the original space's cosine distances of a near-collinear cloud, and
+        # the projection's coordinates widened from float32
+        out.silhouette = {"original": silhouette(x, labels, "cosine"),
+                          "projection": silhouette(out.embedding.astype(np.float64), labels, "euclidean")}
     return out

@@ -7,11 +7,19 @@ import contextlib
 import sys
 import time
 from .gaussianity import GaussianityAccumulator
+from .matrices import MatricesAccumulator
 from .measures import HeadsAccumulator, capture_qk
 
 
 
 HEAD_MAPS_FILE = "head_maps.json"
+
+
+def weight_measures_check(model) -> None:
+    """--matrices needs the BERT-family q/k/v projections: a ValueError before the run, not after."""
+    from .matrices import projections
+
+    projections(model)
 
 
 class TextExtras:
@@ -30,17 +38,20 @@ class TextExtras:
                                       directionality=args.directionality, qk=self._qk,
                                       sample_maps=args.head_maps) if want_heads else None
         self.gauss = GaussianityAccumulator(L + 1, model.config.hidden_size) if args.gaussianity else None
-        self.observers = [o for o in (self.heads, self.gauss) if o is not None]
+        self.matrices = MatricesAccumulator(L, H, max_len, dev) if getattr(args, "matrices", False) else None
+        if self.matrices is not None:
+            weight_measures_check(model)
+        self.observers = [o for o in (self.heads, self.gauss, self.matrices) if o is not None]
         self.seconds: dict[str, float] = {}
         self.sample_maps: list[dict] = []
 
     @contextlib.contextmanager
     def active(self):
-        if self.heads is not None and self.directionality:
-            with capture_qk(self.model) as store:
-                self.heads.qk = store
-                yield
-        else:
+        with contextlib.ExitStack() as stack:
+            if self.heads is not None and self.directionality:
+                self.heads.qk = stack.enter_context(capture_qk(self.model))
+            if self.matrices is not None:
+                stack.enter_context(self.matrices.capture(self.model))
             yield
 
     def report(self, result) -> dict:
@@ -57,6 +68,10 @@ class TextExtras:
             self.seconds["heads: result (MDS, skew fraction)"] = time.perf_counter() - t0
         if self.gauss is not None:
             out["gaussianity"] = self.gauss.result()
+        if self.matrices is not None:
+            t0 = time.perf_counter()
+            out["attention_matrices"] = self.matrices.result(self.model)
+            self.seconds["matrices: result (weights)"] = time.perf_counter() - t0
         return out
 
     def write_files(self, out_dir: str) -> None:
@@ -79,7 +94,7 @@ class TextExtras:
         for o in self.observers:
             parts.update(o.seconds)
         parts.update(self.seconds)
-        extra = sum(v for k, v in parts.items() if not k.startswith("heads: result"))
+        extra = sum(v for k, v in parts.items() if not k.startswith(("heads: result", "matrices: result")))
         print(f"embgeom text: profile: forward + default metrics {total - extra:.2f}s", file=stream)
         for k, v in parts.items():
             print(f"embgeom text: profile:   {k:34s} {v:8.2f}s", file=stream)

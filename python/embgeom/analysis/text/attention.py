@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-TARGETS = ("cls", "sep", "punct", "prev", "next")
+TARGETS = ("cls", "sep", "punct", "prev", "next", "period", "comma", "sep_from_other")
 
 
 def special_mass(attn: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -24,16 +24,25 @@ def special_mass(attn: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def attention_targets(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor,
                       sep: torch.Tensor, punct: torch.Tensor,
-                      mass: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                      mass: torch.Tensor | None = None, period: torch.Tensor | None = None,
+                      comma: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Attention mass of each real query row to [CLS], [SEP], punctuation, the previous and the
-    next real token, summed over the rows of the batch: dict of (H,) float64 (divide by the
-    number of real rows, mask.sum(), for the mean). mass: special_mass(attn, [cls, sep, punct])
-    when the caller has it already."""
+    next real token, and (with `period` / `comma`, (B, T) bool) to '.' and to ',' alone, summed
+    over the rows of the batch: dict of (H,) float64 (divide by the number of real rows,
+    mask.sum(), for the mean). "sep_from_other" sums the mass on [SEP] of the real rows that
+    are neither [CLS] nor [SEP] only (divide by their number, (mask & ~cls & ~sep).sum(); Clark
+    et al., arXiv 1906.04341, section 3.2). mass: special_mass(attn, [cls, sep, punct(, period,
+    comma)]) when the caller has it already."""
     q = mask.to(attn.dtype)
+    marks = period is not None and comma is not None
     if mass is None:
-        mass = special_mass(attn, torch.stack([cls, sep, punct], dim=-1))  # (B, H, T, 3)
-    per_head = (mass * q[:, None, :, None]).double().sum(dim=(0, 2))      # (H, 3)
-    out = {k: per_head[:, c] for c, k in enumerate(("cls", "sep", "punct"))}
+        cols = [cls, sep, punct] + ([period, comma] if marks else [])
+        mass = special_mass(attn, torch.stack(cols, dim=-1))             # (B, H, T, 3 or 5)
+    per_head = (mass * q[:, None, :, None]).double().sum(dim=(0, 2))      # (H, K)
+    names = ("cls", "sep", "punct") + (("period", "comma") if marks else ())
+    out = {k: per_head[:, c] for c, k in enumerate(names)}
+    other = (mask & ~cls & ~sep).to(attn.dtype)
+    out["sep_from_other"] = (mass[..., 1] * other[:, None, :]).double().sum(dim=(0, 2))
     both = (mask[:, 1:] & mask[:, :-1]).to(attn.dtype)[:, None]           # (B, 1, T-1)
     out["prev"] = (torch.diagonal(attn, offset=-1, dim1=2, dim2=3) * both).double().sum(dim=(0, 2))
     out["next"] = (torch.diagonal(attn, offset=1, dim1=2, dim2=3) * both).double().sum(dim=(0, 2))

@@ -119,6 +119,69 @@ def sentence_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return ends, period
 
 
+_MARK_CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def mark_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V,) bool each: tokens that are '.' and tokens that are ',' (after a '##'/'Ġ'/'▁' prefix
+    is stripped), for Clark's attention to periods and commas apart."""
+    key = id(tokenizer)
+    if key not in _MARK_CACHE:
+        vocab = tokenizer.get_vocab()
+        size = max(len(tokenizer), max(vocab.values()) + 1)
+        period = torch.zeros(size, dtype=torch.bool)
+        comma = torch.zeros(size, dtype=torch.bool)
+        for tok, i in vocab.items():
+            t = tok[2:] if tok.startswith("##") else tok.lstrip("Ġ▁")
+            period[i] = t == "."
+            comma[i] = t == ","
+        _MARK_CACHE[key] = (period, comma)
+    return _MARK_CACHE[key]
+
+
+def split_pair(text: str, index: int) -> tuple[str, str | None]:
+    """A text with a TAB is a sentence pair: (first part, rest after the first TAB); else
+    (text, None). Both parts must hold non-blank text."""
+    if "\t" not in text:
+        return text, None
+    a, b = text.split("\t", 1)
+    if not a.strip() or not b.strip():
+        raise ValueError(f"texts[{index}]: a text with a TAB is a sentence pair and needs text on both "
+                         f"sides of the TAB, got {text[:60]!r}")
+    return a, b
+
+
+def encode(tokenizer, chunk: list[str], limit: int, first_index: int = 0) -> tuple[dict, int]:
+    """Token ids of a chunk of texts, not padded -> (dict of lists, number truncated). One text:
+    [CLS] text [SEP], cut to its first limit - 1 tokens + the closing special token. A text with a
+    TAB (split_pair): [CLS] A [SEP] B [SEP] with token types 0 / 1, over limit cut from the longer
+    side first (the tokenizer's truncation="longest_first")."""
+    parts = [split_pair(t, first_index + i) for i, t in enumerate(chunk)]
+    singles = [i for i, (_, b) in enumerate(parts) if b is None]
+    pairs = [i for i, (_, b) in enumerate(parts) if b is not None]
+    rows: list[dict] = [{} for _ in chunk]
+    truncated = 0
+    if singles:
+        enc = tokenizer([parts[i][0] for i in singles], add_special_tokens=True, verbose=False)
+        for slot, i in enumerate(singles):
+            row = {k: list(v[slot]) for k, v in enc.items()}
+            if len(row["input_ids"]) > limit:
+                row = {k: v[:limit - 1] + v[-1:] for k, v in row.items()}
+                truncated += 1
+            rows[i] = row
+    if pairs:
+        a, b = [parts[i][0] for i in pairs], [parts[i][1] for i in pairs]
+        enc = tokenizer(a, b, add_special_tokens=True, verbose=False)
+        long = [slot for slot in range(len(pairs)) if len(enc["input_ids"][slot]) > limit]
+        cut = tokenizer([a[s] for s in long], [b[s] for s in long], add_special_tokens=True,
+                        truncation="longest_first", max_length=limit, verbose=False) if long else None
+        for slot, i in enumerate(pairs):
+            src, at = (cut, long.index(slot)) if slot in long else (enc, slot)
+            rows[i] = {k: list(v[at]) for k, v in src.items()}
+        truncated += len(long)
+    return {k: [r[k] for r in rows] for k in rows[0]}, truncated
+
+
 @dataclass
 class Batch:
     """One forward pass. B texts, T padded length, L layers, H heads, D hidden, d_h = D / H.
@@ -128,7 +191,9 @@ class Batch:
     layer i + 1; docs/metrics.md, layers, depths and heads); head_outputs: L of
     (B, T, H, d_h), each head's output before the output projection (O_lh of docs/metrics.md, context similarity);
     multihead_outputs: L of (B, T, D), after the output projection, before dropout/residual/
-    LayerNorm. truncated: how many texts of this batch were cut to max_length."""
+    LayerNorm. truncated: how many texts of this batch were cut to max_length. period, comma:
+    (B, T) bool, the '.' and ',' tokens (None: not marked); token_types: (B, T) the token type
+    ids (1 = the second text of a sentence pair; None when the family has none)."""
 
     input_ids: torch.Tensor
     mask: torch.Tensor
@@ -141,6 +206,9 @@ class Batch:
     multihead_outputs: tuple[torch.Tensor, ...]
     truncated: int
     texts: list[str] = field(repr=False, default_factory=list)
+    period: torch.Tensor | None = None
+    comma: torch.Tensor | None = None
+    token_types: torch.Tensor | None = None
 
 
 def _device_of(model, device):
@@ -153,10 +221,11 @@ def _device_of(model, device):
 def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
                  device=None, warn: bool = True) -> Iterator[Batch]:
     """Yield a `Batch` per forward pass over `texts` (a list, an iterable of str, or a path to a
-    UTF-8 file with one text per line; blank lines are skipped). Forward passes run under
-    torch.inference_mode with eager attention; tensors stay on the model's device. Texts longer
-    than max_length (default: the model's maximum) are truncated; the first batch with a
-    truncation warns once."""
+    UTF-8 file with one text per line; blank lines are skipped). A text with a TAB is a
+    sentence pair, [CLS] A [SEP] B [SEP] with token types 0 and 1 (see `encode`). Forward passes
+    run under torch.inference_mode with eager attention; tensors stay on the model's device.
+    Texts longer than max_length (default: the model's maximum) are truncated; the first batch
+    with a truncation warns once."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     dev = _device_of(model, device)
@@ -168,6 +237,7 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
     cls_id = adapters.special_token_id(tokenizer, "cls", adapter)
     sep_id = adapters.special_token_id(tokenizer, "sep", adapter)
     punct_table = punctuation_table(tokenizer).to(dev)
+    period_table, comma_table = (t.to(dev) for t in mark_tables(tokenizer))
     # input of the attention output projection = every head's output; ALBERT's one shared
     # projection fires once per depth, so `captured` holds L entries in application order
     denses = adapters.output_projections(model)
@@ -177,17 +247,13 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
         captured.append((inputs[0], output))
 
     warned = False
+    done = 0
     handles = [m.register_forward_hook(hook) for m in denses]
     try:
         for chunk in _chunks(_texts(texts), batch_size):
-            # one tokenizer call: cut long texts here (first limit-1 tokens + the closing special
-            # token, as truncation=True does for one sequence) so that they can be counted
-            enc = tokenizer(chunk, add_special_tokens=True, verbose=False)
-            long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > limit]
-            for key in list(enc.keys()):
-                for i in long:
-                    enc[key][i] = enc[key][i][:limit - 1] + enc[key][i][-1:]
-            truncated = len(long)
+            # long texts are cut here (so that they can be counted), pairs from the longer side
+            enc, truncated = encode(tokenizer, chunk, limit, done)
+            done += len(chunk)
             if truncated and warn and not warned:
                 warnings.warn(f"trace: texts longer than {limit} tokens are truncated "
                               "(counted in TraceResult.truncated)", stacklevel=2)
@@ -211,7 +277,9 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
                 cls=(ids == cls_id) & mask, sep=(ids == sep_id) & mask,
                 punct=punct_table[ids] & mask, hidden_states=tuple(out.hidden_states),
                 attentions=tuple(out.attentions), head_outputs=heads,
-                multihead_outputs=tuple(o for _, o in captured), truncated=truncated, texts=chunk)
+                multihead_outputs=tuple(o for _, o in captured), truncated=truncated, texts=chunk,
+                period=period_table[ids] & mask, comma=comma_table[ids] & mask,
+                token_types=enc.get("token_type_ids"))
     finally:
         for h in handles:
             h.remove()
@@ -229,7 +297,9 @@ class TraceResult:
     cone_layer_output (L,): per text I/n over its real tokens, then the mean over texts.
     entropy (L, H): row entropy (nats) over every real query row; uniform_baseline: mean of
     ln(n_valid) over the same rows; head_mean_entropy (L, H): entropy of the head's mean row per
-    text, mean over texts. attention_to: {cls, sep, punct, prev, next: (L, H)} mass per real row.
+    text, mean over texts. attention_to: {cls, sep, punct, prev, next, period, comma: (L, H)}
+    mass per real row; sep_from_other (L, H): mass on [SEP] per real row that is neither [CLS]
+    nor [SEP] (NaN without such rows).
     target_distribution (L*H, R): each head's mean attention over [CLS], [SEP], relative offsets
     (see attention.target_distribution); js_distance (L*H, L*H) between those rows (head index
     (layer - 1) * H + head). context_*: context similarity (attention.context_similarity) with focus_token[l][h] the token
@@ -357,6 +427,7 @@ class TraceAccumulator:
             "focus": z(L, H, vocab_size, dt=torch.int64) if "context" in self.metrics else z(L, H, 1, dt=torch.int64),
             "step_dist": z(L), "step_cos": z(L), "norm": z(L + 1),
             "ctx_same": z(L, H, dt=torch.int64), "ctx_period": z(L, H, dt=torch.int64),
+            "other_rows": z(()),
         }
         self._ws: dict = {}     # reusable scratch buffers (no page faults per batch)
 
@@ -412,7 +483,11 @@ class TraceAccumulator:
         n_valid = mask.sum(1).double()
         s["baseline"] += (n_valid * torch.log(n_valid.clamp(min=1))).sum()
         dt = b.attentions[0].dtype if b.attentions else torch.float32
-        keys = torch.stack([b.cls, b.sep, b.punct], dim=-1).to(dt)
+        none = torch.zeros_like(mask)
+        dot_key = b.period if b.period is not None else none
+        comma_key = b.comma if b.comma is not None else none
+        keys = torch.stack([b.cls, b.sep, b.punct, dot_key, comma_key], dim=-1).to(dt)
+        s["other_rows"] += (mask & ~b.cls & ~b.sep).sum()
         if "attention" in self.metrics:
             weight = attention.offset_weight(mask, b.cls, b.sep, dt)
         sentence = period = None
@@ -428,7 +503,8 @@ class TraceAccumulator:
                 s["entropy"][l] += torch.nan_to_num(ent, nan=0.0).sum(dim=(0, 2)).double()
             if "attention" in self.metrics:
                 mass = attention.special_mass(attn, keys)
-                t = attention.attention_targets(attn, mask, b.cls, b.sep, b.punct, mass=mass)
+                t = attention.attention_targets(attn, mask, b.cls, b.sep, b.punct, mass=mass,
+                                                period=dot_key, comma=comma_key)
                 s["targets"][:, l] += torch.stack([t[k] for k in attention.TARGETS])
                 s["hme"][l] += attention.head_mean_entropy(attn, mask)
                 s["dist"][l * H:(l + 1) * H] += attention.target_distribution(
@@ -447,15 +523,20 @@ class TraceAccumulator:
                     s["ctx_period"][l] += c["period_or_separator"]
         s["hme_n"] += B
         if "evolution" in self.metrics:
-            m = mask.to(b.hidden_states[0].dtype)
-            norms = [torch.linalg.vector_norm(h, dim=-1) for h in b.hidden_states]   # (B, T) each
-            for l in range(L + 1):
-                s["norm"][l] += (norms[l] * m).double().sum()
+            # float64: a token's states at adjacent depths can be nearly collinear (1 - cos down to
+            # 1e-6), where a float32 dot product keeps one or two digits of 1 - cos
+            m = mask.double()
+            prev = b.hidden_states[0].double()
+            norm_prev = torch.linalg.vector_norm(prev, dim=-1)                     # (B, T)
+            s["norm"][0] += (norm_prev * m).sum()
             for l in range(L):
-                prev, cur = b.hidden_states[l], b.hidden_states[l + 1]
-                s["step_dist"][l] += (torch.linalg.vector_norm(cur - prev, dim=-1) * m).double().sum()
+                cur = b.hidden_states[l + 1].double()
+                norm_cur = torch.linalg.vector_norm(cur, dim=-1)
+                s["norm"][l + 1] += (norm_cur * m).sum()
+                s["step_dist"][l] += (torch.linalg.vector_norm(cur - prev, dim=-1) * m).sum()
                 dot = torch.linalg.vecdot(cur, prev)
-                s["step_cos"][l] += (dot / (norms[l] * norms[l + 1]).clamp(min=1e-30) * m).double().sum()
+                s["step_cos"][l] += (dot / (norm_prev * norm_cur).clamp(min=1e-300) * m).sum()
+                prev, norm_prev = cur, norm_cur
 
     def merge(self, other: "TraceAccumulator") -> None:
         for k, v in other.s.items():
@@ -489,7 +570,8 @@ class TraceAccumulator:
             cone_layer_output=nan_if(div(s["cone_out"], s["cone_out_n"]), s["cone_out_n"]),
             entropy=s["entropy"] / rows, uniform_baseline=float(s["baseline"]) / rows,
             head_mean_entropy=s["hme"] / float(s["hme_n"]),
-            attention_to={k: s["targets"][i] / rows for i, k in enumerate(attention.TARGETS)},
+            attention_to={k: s["targets"][i] / (rows if k != "sep_from_other" else float(s["other_rows"]))
+                          for i, k in enumerate(attention.TARGETS)},
             target_distribution=s["dist"] / rows,
             js_distance=attention.js_distance(s["dist"]) if "attention" in self.metrics
             else torch.full((L * H, L * H), math.nan, dtype=torch.float64),

@@ -216,8 +216,8 @@ def section_token_position(words, pos, ids, tokens, *, backend, precision):
 
 def section_token_type(tt, words, pos, *, backend, precision):
     t = tt.double()
-    sq = (t * t).sum(1)
-    dist = (sq[:, None] + sq[None, :] - 2 * t @ t.T).clamp_min(0).sqrt()
+    # from the differences (no ||a||^2 + ||b||^2 - 2ab cancellation for near-equal rows)
+    dist = torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist")
     out = {"types": int(tt.shape[0]), "norms": t.norm(dim=1).tolist(),
            "cosine": cosine_matrix(tt).tolist(), "dot": (t @ t.T).tolist(), "distance": dist.tolist(),
            "vs_word": [], "vs_position": []}

@@ -1,0 +1,196 @@
+"""The geometry-of-BERT authors' matrix analyses (docs/metrics.md, attention matrices; arXiv
+2502.12033, as in the authors' released code): per (layer, head) the cone index of the attention
+matrix's rows, its singular values below 1e-3, its von Neumann entropy and the distribution of
+k90; from the weights alone, the rank, singular values and eigenvalue signs of W_Q,h W_K,h^T, its
+skew fraction, and the largest singular value of each per-head projection beside histograms of
+||q||, ||k||, ||v|| per token. Every matrix is a text's real-token block (padding excluded),
+float64; per-batch sums, so memory does not grow with the corpus.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from .measures import k90, skew_fraction
+
+SMALL_SINGULAR = 1e-3
+K90_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# ||q||, ||k||, ||v||: 20 log-spaced bins per decade over [1e-3, 1e4], plus under/overflow
+NORM_EDGES = torch.logspace(-3, 4, 141, dtype=torch.float64)
+KINDS = ("q", "k", "v")
+
+
+def projections(model) -> dict[str, list]:
+    """The query, key and value nn.Linear modules of every layer (BERT-family names)."""
+    out = {}
+    for kind, name in zip(KINDS, ("query", "key", "value")):
+        out[kind] = [m for n, m in model.named_modules()
+                     if n.endswith(f"attention.self.{name}") and "crossattention" not in n]
+    L = model.config.num_hidden_layers
+    if any(len(v) != L for v in out.values()):
+        raise ValueError("--matrices: no '*.attention.self.query/key/value' projections for every "
+                         "layer; the weight analyses support BERT-family encoders")
+    return out
+
+
+def block_measures(a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """a: (k, H, n, n) float64 attention blocks (rows = queries, summing to 1) -> dict of (k, H):
+    rows_cone = ||sum_i a_i / ||a_i|| || / n, small_singular = #(singular values < 1e-3),
+    von_neumann = -sum v ln v with v = |lambda| / sqrt(sum |lambda|^2) over the eigenvalues."""
+    n = a.shape[-1]
+    nrm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+    unit = a / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
+    cone = torch.linalg.vector_norm(unit.sum(-2), dim=-1) / n
+    small = (torch.linalg.svdvals(a) < SMALL_SINGULAR).sum(-1).double()
+    lam = torch.linalg.eigvals(a).abs()
+    total = torch.sqrt((lam * lam).sum(-1, keepdim=True))
+    v = lam / torch.where(total > 0, total, torch.ones_like(total))
+    return {"rows_cone": cone, "small_singular": small, "von_neumann": -torch.special.xlogy(v, v).sum(-1)}
+
+
+def weight_measures(model) -> dict:
+    """From the weights alone, per layer and head (true per-head slices of the nn.Linear weights,
+    rows h*d_h..(h+1)*d_h; biases not part of M): M = W_Q,h^T W_K,h (D x D, the bilinear form
+    x M y^T of the scores; W_Q,h W_K,h^T in row-vector notation): numerical rank, its d_h largest
+    singular values, the signs of its non-zero eigenvalues (those of the d_h x d_h W_K,h W_Q,h^T),
+    skew fraction; the largest singular value of each of W_Q,h, W_K,h, W_V,h."""
+    proj = projections(model)
+    H = model.config.num_attention_heads
+    eps = torch.finfo(torch.float64).eps
+    rank, sv, pos, neg, cplx = [], [], [], [], []
+    sigma = {k: [] for k in KINDS}
+    for l in range(model.config.num_hidden_layers):
+        w = {k: proj[k][l].weight.detach().double().cpu() for k in KINDS}
+        d = w["q"].shape[0] // H
+        row = {key: [] for key in ("rank", "sv", "pos", "neg", "cplx")}
+        for k in KINDS:
+            sigma[k].append([float(torch.linalg.svdvals(w[k][h * d:(h + 1) * d])[0]) for h in range(H)])
+        for h in range(H):
+            wq, wk = w["q"][h * d:(h + 1) * d], w["k"][h * d:(h + 1) * d]
+            # M = Q1 R1 (Q2 R2)^T from the QR of W_Q,h^T and W_K,h^T (D x d_h): its non-zero
+            # singular values are those of R1 R2^T (d_h x d_h), without a D x D decomposition
+            r1 = torch.linalg.qr(wq.T, mode="r").R
+            r2 = torch.linalg.qr(wk.T, mode="r").R
+            s = torch.linalg.svdvals(r1 @ r2.T)
+            tol = float(s[0]) * wq.shape[1] * eps
+            row["rank"].append(int((s > tol).sum()))
+            row["sv"].append(s[:d].tolist())
+            lam = torch.linalg.eigvals(wk @ wq.T)
+            real = lam.imag.abs() <= tol
+            row["pos"].append(int((real & (lam.real > tol)).sum()))
+            row["neg"].append(int((real & (lam.real < -tol)).sum()))
+            row["cplx"].append(int((~real).sum()))
+        rank.append(row["rank"])
+        sv.append(row["sv"])
+        pos.append(row["pos"])
+        neg.append(row["neg"])
+        cplx.append(row["cplx"])
+    return {"rank": rank, "singular_values": sv,
+            "eigenvalue_signs": {"positive": pos, "negative": neg, "complex": cplx},
+            "skew_fraction": skew_fraction(model).tolist(), "sigma_max": sigma}
+
+
+def per_head_counts(values: torch.Tensor, size: int) -> torch.Tensor:
+    """values (H, N) int64 in [0, size) -> (H, size) counts (one bincount)."""
+    H = values.shape[0]
+    offset = torch.arange(H, device=values.device)[:, None] * size
+    return torch.bincount((values + offset).flatten(), minlength=H * size).view(H, size)
+
+
+class MatricesAccumulator:
+    """Observer of trace(): per-text measures of every head's real-token attention block, k90
+    counts per (layer, head) and ||q||, ||k||, ||v|| histograms (with `capture()` active)."""
+
+    def __init__(self, L: int, H: int, max_len: int, device):
+        z = lambda *s, dt=torch.float64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        self.L, self.H = L, H
+        self.sums = {k: z(L, H) for k in ("rows_cone", "small_singular", "von_neumann")}
+        self.texts = 0
+        self.k90 = z(L, H, max_len + 1, dt=torch.int64)
+        bins = NORM_EDGES.numel() + 1
+        self.norm_hist = {k: z(L, H, bins, dt=torch.int64) for k in KINDS}
+        self.norm_sum = {k: z(L, H) for k in KINDS}
+        self.norm_min = {k: torch.full((L, H), float("inf"), dtype=torch.float64, device=device) for k in KINDS}
+        self.norm_max = {k: z(L, H) for k in KINDS}
+        self.tokens = 0
+        self.store: dict = {}
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def capture(self, model):
+        """Forward hooks on the query/key/value projections (biases included: the true q, k, v)."""
+        proj = projections(model)
+        handles = []
+        for kind in KINDS:
+            for l, m in enumerate(proj[kind]):
+                def fn(_m, _inp, out, l=l, kind=kind):
+                    self.store.setdefault(l, {})[kind] = out
+                handles.append(m.register_forward_hook(fn))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def update(self, b) -> None:
+        t0 = time.perf_counter()
+        mask = b.mask
+        B = mask.shape[0]
+        self.texts += B
+        positions = [mask[i].nonzero().flatten() for i in range(B)]
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(positions):
+            by_len.setdefault(int(p.numel()), []).append(i)
+        for l, attn in enumerate(b.attentions):
+            for n, texts in by_len.items():
+                if n == 0:
+                    continue
+                blocks = torch.stack([attn[i][:, positions[i]][:, :, positions[i]] for i in texts]).double()
+                m = block_measures(blocks)
+                for key, v in m.items():
+                    self.sums[key][l] += v.sum(0)
+                k = k90(blocks)                                                   # (k, H, n)
+                self.k90[l] += per_head_counts(k.permute(1, 0, 2).reshape(self.H, -1), self.k90.shape[-1])
+        self.seconds["matrices: attention blocks"] = self.seconds.get("matrices: attention blocks", 0.0) \
+            + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if self.store:
+            self.tokens += int(mask.sum())
+            edges = NORM_EDGES.to(mask.device)
+            for l in range(self.L):
+                for kind in KINDS:
+                    x = self.store[l][kind]                                       # (B, T, D)
+                    nrm = torch.linalg.vector_norm(x.double().reshape(*x.shape[:2], self.H, -1), dim=-1)[mask]
+                    slot = torch.bucketize(nrm, edges, right=True)                # (tokens, H)
+                    self.norm_hist[kind][l] += per_head_counts(slot.T, edges.numel() + 1)
+                    self.norm_sum[kind][l] += nrm.sum(0)
+                    self.norm_min[kind][l] = torch.minimum(self.norm_min[kind][l], nrm.min(0).values)
+                    self.norm_max[kind][l] = torch.maximum(self.norm_max[kind][l], nrm.max(0).values)
+            self.store.clear()
+        self.seconds["matrices: q/k/v norms"] = self.seconds.get("matrices: q/k/v norms", 0.0) \
+            + time.perf_counter() - t0
+
+    def k90_quantiles(self) -> torch.Tensor:
+        """(L, H, 5): for q in K90_QUANTILES the smallest k with at least q of the corpus's real
+        rows at k90 <= k (a lower quantile, exact from the counts)."""
+        cum = self.k90.cumsum(-1).double()
+        total = cum[..., -1:].clamp(min=1)
+        qs = torch.tensor(K90_QUANTILES, dtype=torch.float64, device=cum.device)
+        return (cum[..., None, :] < qs[:, None] * total[..., None]).sum(-1).double()
+
+    def result(self, model) -> dict:
+        t = max(self.texts, 1)
+        tok = max(self.tokens, 1)
+        out = {key: (v / t).tolist() for key, v in self.sums.items()}
+        out.update({"texts": self.texts, "small_singular_threshold": SMALL_SINGULAR,
+                    "k90_quantiles": {"q": list(K90_QUANTILES), "values": self.k90_quantiles().tolist()},
+                    "weights": weight_measures(model)})
+        if self.tokens:
+            out["qkv_norms"] = {
+                "edges": NORM_EDGES.tolist(), "tokens": self.tokens,
+                **{kind: {"hist": self.norm_hist[kind].tolist(), "mean": (self.norm_sum[kind] / tok).tolist(),
+                          "min": self.norm_min[kind].tolist(), "max": self.norm_max[kind].tolist(),
+                          "sigma_max": out["weights"]["sigma_max"][kind]} for kind in KINDS}}
+        return out
