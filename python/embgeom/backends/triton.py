@@ -464,7 +464,8 @@ class TritonEngine:
                 self.rthr[s - 3, :self.n] = torch.maximum(self.rthr[s - 3, :self.n], key)
         if self.cfg.outside:
             v, i, j = self.lists["outside_pairs"]
-            if v.numel() >= self.kinds_k["outside_pairs"]:
+            k = self.kinds_k["outside_pairs"]
+            if k and v.numel() >= k:  # k = 0 when no pair can be listed (engine/limits.py)
                 self.out_cut = min(self.out_cut, (int(i[-1]), int(j[-1])))
 
     def _seed_thresholds(self) -> None:
