@@ -23,7 +23,8 @@ from ..engine.lists import merge_pairs, merge_rows, sort_pairs
 from ..engine.state import EngineState, list_limits, to_numpy, moments_from_shifted, shifted_from_moments
 from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, bin_index, bin_scale, direct_distance, f32_down,
                         f32_up, fast_error_bound, moment_shift, rounding_norms, unit_rows)
-from .gpu_plan import STREAMS, hist_slots, list_lengths, make_plan, programs_for, stream_groups, variant
+from .gpu_cone_entropy import triton_cone_unit_sums, triton_row_entropy
+from .gpu_plan import STREAMS, hist_slots, list_lengths, make_plan, next_pow2, programs_for, stream_groups, variant
 from .registry import register
 
 FAST_DTYPES = tuple(UNIT_ROUNDOFF)
@@ -31,13 +32,9 @@ NO_CUT = 2 ** 31 - 1
 
 
 def _kernels():
-    from embgeom.kernels.triton import cone, entropy, pairwise  # imports triton
+    from embgeom.kernels.triton import pairwise  # imports triton
 
-    return pairwise, cone, entropy
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
+    return pairwise
 
 
 def _f32_order(f: torch.Tensor) -> torch.Tensor:
@@ -357,7 +354,7 @@ class TritonEngine:
         counts = self._counts()
         stored = [self.cap] * 7  # room each stream had when it last ran
         if euclid and counts[6] > self.cap:  # more near-duplicates than room: collect them again
-            self._alloc_candidates(_next_pow2(counts[6]), keep=True)
+            self._alloc_candidates(next_pow2(counts[6]), keep=True)
             stored[6] = self.cap
             self.cnt[6], self.dropped[6] = 0, 0
             self._launch(r0, rows, ntiles, False, [False] * 6, collect_close=True)
@@ -399,7 +396,7 @@ class TritonEngine:
                 self._merge(s, kind, counts[s])
 
     def _launch(self, r0: int, rows: int, ntiles: int, do_stats: bool, streams, collect_close=False) -> int:
-        pairwise, _, _ = _kernels()
+        pairwise = _kernels()
         grid = max(1, min(self.programs, ntiles))
         cfg = self.cfg
         compiled = pairwise.launch_pairwise(
@@ -643,54 +640,6 @@ class TritonEngine:
         mv, mi = merge_rows((sv[uniq], si[uniq]), (dv, di), k, largest)
         sv[uniq] = mv.to(sv.device, torch.float32)
         si[uniq] = mi.to(si.device, torch.int64)
-
-
-# --------------------------------------------------------------------------------------------
-# cone index and attention entropy
-# --------------------------------------------------------------------------------------------
-
-def triton_cone_unit_sums(x: torch.Tensor, mask: torch.Tensor | None):
-    """x: (B, T, D), mask: (B, T) | None -> sums (B, D) f64, used (B,) i64, zero (B,) i64."""
-    _, cone, _ = _kernels()
-    B, T, D = x.shape
-    dev = x.device
-    if x.numel() == 0:
-        from .torch import torch_cone_unit_sums
-
-        return torch_cone_unit_sums(x, mask)
-    on_gpu = dev.type == "cuda"
-    block_t = 16
-    block_d = min(128, _next_pow2(D)) if on_gpu else min(1024, _next_pow2(D))
-    blocks = -(-T // block_t)
-    target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 2
-    S = max(1, min(blocks, -(-target // B)))
-    part = torch.zeros(B, S, D, dtype=torch.float64, device=dev)
-    used = torch.zeros(B, S, dtype=torch.int64, device=dev)
-    zero = torch.zeros(B, S, dtype=torch.int64, device=dev)
-    mask_u8 = None if mask is None else mask.to(torch.uint8)
-    cone.launch_cone(x, mask_u8, part, used, zero, block_t=block_t, block_d=block_d)
-    return part.sum(1), used.sum(1), zero.sum(1)
-
-
-def triton_row_entropy(attn: torch.Tensor, mask: torch.Tensor | None, smoothing: float = 0.0):
-    """attn: (B, H, T, T) -> (B, H, T) float32 nats, NaN on padded query rows."""
-    _, _, entropy = _kernels()
-    B, H, T, _ = attn.shape
-    dev = attn.device
-    out = torch.empty(B, H, T, dtype=torch.float32, device=dev)
-    if out.numel() == 0:
-        return out
-    if mask is not None:
-        n_valid = mask.sum(1).clamp(min=1).to(torch.float32)
-        mask_u8 = mask.to(torch.uint8)
-    else:
-        n_valid = torch.full((B,), float(T), dtype=torch.float32, device=dev)
-        mask_u8 = None
-    on_gpu = dev.type == "cuda"
-    block_k = min(128 if on_gpu else 1024, _next_pow2(T))
-    block_r = 16 if on_gpu else min(64, _next_pow2(T))
-    entropy.launch_entropy(attn, mask_u8, n_valid, out, smoothing, block_r=block_r, block_k=block_k)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
