@@ -1,28 +1,24 @@
-"""The `triton` and `cuda` backends.
+"""The `triton` backend: the fused all-pairs kernel of embgeom.kernels.triton on CUDA tensors (and on
+CPU tensors under TRITON_INTERPRET=1, for tests), and the text kernels' launchers.
 
-`triton`: the fused kernels of embgeom.kernels.triton on CUDA tensors (and on CPU tensors under
-TRITON_INTERPRET=1, for tests). `cuda`: the same engine, with the per-row top-k merge of the
-candidate buffers done by the CUDA kernel in embgeom._cuda (warp-unfriendly, data-dependent
-insertion that Triton expresses poorly); used only when a GPU is usable and _cuda is built.
-
-The all-pairs engine runs *bands* of block-rows (one kernel launch each; the engine's tiles,
-so checkpoints and progress work per band). After a launch it reduces the per-program partial
-sums and histograms, then selects exactly, in torch, on the candidate buffers: value (exact fp32
-rescoring in `fast` precision), then (i, j). See kernels/triton/pairwise.py for why no pair of a
-final list can be filtered out.
+The engine runs *bands* of block-rows (one kernel launch each; the engine's tiles, so checkpoints
+and progress work per band). After a launch it reduces the per-program partial sums and
+histograms, then selects exactly on the candidate buffers (backends/gpu_candidates.py): value
+(exact fp32 rescoring in `fast` precision), then (i, j). The thresholds the kernel filters with
+are kept in backends/gpu_thresholds.py; see kernels/triton/pairwise.py for why no pair of a final
+list can be filtered out. The `cuda` backend (backends/cuda.py) is this engine with a CUDA merge.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
 from ..engine.config import PairwiseConfig
-from ..engine.lists import merge_pairs, merge_rows, sort_pairs
+from ..engine.lists import merge_pairs
 from ..engine.state import EngineState, list_limits, to_numpy, moments_from_shifted, shifted_from_moments
-from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, bin_index, direct_distance, f32_down,
-                        f32_up, fast_error_bound, moment_shift, rounding_norms, unit_rows)
+from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, f32_down, f32_up, fast_error_bound, moment_shift,
+                        rounding_norms, unit_rows)
+from .gpu_candidates import NUM_BUFFERS, Candidates
 from .gpu_cone_entropy import triton_cone_unit_sums, triton_row_entropy
 from .gpu_plan import STREAMS, hist_slots, list_lengths, make_plan, next_pow2, programs_for, stream_groups, variant
 from .gpu_thresholds import Thresholds, binning_error, hist_edges
@@ -31,14 +27,8 @@ from .registry import register
 FAST_DTYPES = tuple(UNIT_ROUNDOFF)
 
 
-def _kernels():
-    from embgeom.kernels.triton import pairwise  # imports triton
-
-    return pairwise
-
-
-class TritonEngine(Thresholds):
-    """Fused all-pairs engine (engine protocol of _pairwise). x: (N, D), y: (M, D) or None.
+class TritonEngine(Thresholds, Candidates):
+    """Fused all-pairs engine (engine protocol of embgeom.engine.runner). x: (N, D), y: (M, D) or None.
 
     fast_dtype: input type of the products in `fast` precision ("bf16", "fp16", "tf32").
     block/group/programs/capacity/split: tile side, block-rows per band, persistent programs,
@@ -137,17 +127,12 @@ class TritonEngine(Thresholds):
         # int64 counts (the global-atomics histogram of a band can pass 2^31)
         self.hist_buf = torch.zeros(self.bins + 3 if self.bins else 1, dtype=torch.int64, device=dev)
         self._set_programs(self.programs)
-        # per stream: int32 append counter (slots 0-6) and int64 drop counter (slots 8-21 as
-        # int64 7 x 1): their sum counts every candidate, past 2^31 too (see the kernel's _append)
-        self.cnt_buf = torch.zeros(22, dtype=torch.int32, device=dev)
-        self.cnt, self.dropped = self.cnt_buf[:7], self.cnt_buf[8:22].view(torch.int64)
-        self._alloc_candidates(self.cap)
+        self._init_candidates(self.cap)
         self.excluded_rows = ex
-        self.candidates = [0] * 7  # pairs each stream handed to the exact selection (diagnostics)
         self.excluded_cols = ey if ey is not None else np.zeros(0, np.int64)
         self._reset_accumulators()
 
-    # ------------------------------------------------------------------------------------------
+    # inputs ----------------------------------------------------------------------------------
     def _prepare(self, v: torch.Tensor):
         """fp32 rows; for cosine normalised in fp32 exactly as the torch/C++ engines do."""
         v = v.to(torch.float32).contiguous()
@@ -179,19 +164,6 @@ class TritonEngine(Thresholds):
         out[:v.shape[0], :v.shape[1]] = v
         return out
 
-    def _alloc_candidates(self, cap: int, keep: bool = False) -> None:
-        if cap > 1 << 30:  # the kernel's int32 append counters stay below cap + 2^24
-            raise RuntimeError(f"candidate buffers of {cap} slots per stream: over 2^30 (ties too many to rank)")
-        dev = self.device
-        new = (torch.zeros(7, cap, dtype=torch.float32, device=dev),
-               torch.zeros(7, cap, dtype=torch.int32, device=dev),
-               torch.zeros(7, cap, dtype=torch.int32, device=dev))
-        if keep:
-            for old, nw in zip((self.cv, self.ci, self.cj), new):
-                nw[:, :old.shape[1]] = old
-        self.cv, self.ci, self.cj = new
-        self.cap = cap
-
     def _reset_accumulators(self) -> None:
         dev = self.device
         self.tiles_done = 0
@@ -201,15 +173,7 @@ class TritonEngine(Thresholds):
         self.hist = torch.zeros(self.bins + 2, dtype=torch.int64, device=dev) if self.bins else None
         self.out_rows = torch.zeros(max(self.n, 1), dtype=torch.int64, device=dev)
         self.out_cols = self.out_rows if self.self_mode else torch.zeros(max(self.m, 1), dtype=torch.int64, device=dev)
-        empty = (torch.zeros(0, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.int64, device=dev),
-                 torch.zeros(0, dtype=torch.int64, device=dev))
-        self.lists = {s: empty for s in ("top", "bottom", "near", "outside_pairs")}
-        self.rows = {}
-        for s in ("row_top", "row_bottom"):
-            k = self.kinds_k[s]
-            if k:
-                self.rows[s] = (torch.full((self.n, k), math.nan, dtype=torch.float32, device=dev),
-                                torch.full((self.n, k), -1, dtype=torch.int64, device=dev))
+        self._reset_lists()
         self._reset_thresholds()
 
     # engine protocol -------------------------------------------------------------------------
@@ -305,12 +269,12 @@ class TritonEngine(Thresholds):
         euclid = self.cfg.metric == "euclidean"
         grid = self._launch(r0, rows, ntiles, True, self.active, collect_close=euclid)
         counts = self._counts()
-        stored = [self.cap] * 7  # room each stream had when it last ran
+        stored = [self.cap] * NUM_BUFFERS  # room each stream had when it last ran
         if euclid and counts[6] > self.cap:  # more near-duplicates than room: collect them again
             self._alloc_candidates(next_pow2(counts[6]), keep=True)
             stored[6] = self.cap
-            self.cnt[6], self.dropped[6] = 0, 0
-            self._launch(r0, rows, ntiles, False, [False] * 6, collect_close=True)
+            self._clear_stream(6)
+            self._launch(r0, rows, ntiles, False, [False] * len(STREAMS), collect_close=True)
             counts = self._counts()
         # stats of this band
         self.count += self.part_cnt[:grid].sum()
@@ -322,10 +286,10 @@ class TritonEngine(Thresholds):
             self.hist += h[: self.bins + 2]  # slot bins + 2: the invalid pairs, dropped
         # an overflowed stream gets a higher threshold (or more room) and runs again alone
         while True:
-            over = [s for s in range(6) if self.active[s] and counts[s] > stored[s]]
+            over = [s for s in range(len(STREAMS)) if self.active[s] and counts[s] > stored[s]]
             if not over:
                 break
-            retry = [False] * 6
+            retry = [False] * len(STREAMS)
             grow = False
             for s in over:
                 grow |= not self._raise_threshold(s, stored[s])
@@ -333,7 +297,7 @@ class TritonEngine(Thresholds):
             if grow:
                 self._alloc_candidates(2 * self.cap, keep=True)
             for s in over:
-                self.cnt[s], self.dropped[s] = 0, 0
+                self._clear_stream(s)
                 stored[s] = self.cap
             self._launch(r0, rows, ntiles, False, retry)
             counts = self._counts()
@@ -342,14 +306,15 @@ class TritonEngine(Thresholds):
             self._programs_next = None
         if euclid and counts[6]:
             self._close_pairs(counts[6])
-        for s in range(7):
+        for s in range(NUM_BUFFERS):
             self.candidates[s] += counts[s]
         for s, kind in enumerate(STREAMS):
             if self.active[s] and counts[s]:
                 self._merge(s, kind, counts[s])
 
     def _launch(self, r0: int, rows: int, ntiles: int, do_stats: bool, streams, collect_close=False) -> int:
-        pairwise = _kernels()
+        from embgeom.kernels.triton import pairwise  # imports triton: only when a band runs
+
         grid = max(1, min(self.programs, ntiles))
         cfg = self.cfg
         compiled = pairwise.launch_pairwise(
@@ -374,10 +339,6 @@ class TritonEngine(Thresholds):
                     self._programs_next = programs
         return grid
 
-    def _counts(self) -> list[int]:
-        """Candidates each stream met in the last launch (stored or not), int64."""
-        return (self.cnt.long() + self.dropped).tolist()
-
     def _set_programs(self, programs: int) -> None:
         dev, P = self.device, programs
         self.programs = P
@@ -388,96 +349,7 @@ class TritonEngine(Thresholds):
         if self.nb:
             self.hist_buf = torch.zeros(P * self.nb, dtype=torch.int64, device=dev)
 
-    # exact selection on the candidates -------------------------------------------------------
-    def _rescore(self, i: torch.Tensor, j: torch.Tensor, direct: bool = False) -> torch.Tensor:
-        """Exact fp32 values of pairs (i, j): the `exact` definition (as the torch engine:
-        euclidean near-duplicates, or all pairs with direct=True, from the difference)."""
-        out = torch.empty(i.numel(), dtype=torch.float32, device=self.device)
-        step = 1 << 16
-        for s in range(0, i.numel(), step):
-            ra, rb = self.x32[i[s:s + step]], self.y32[j[s:s + step]]
-            if self.cfg.metric == "euclidean":
-                scale = self.xsq[i[s:s + step]] + self.ysq[j[s:s + step]]
-                d2 = (scale - 2 * (ra * rb).sum(1)).clamp(min=0)
-                redo = torch.ones_like(d2, dtype=torch.bool) if direct else d2 < NEAR_DUPLICATE_TAU * scale
-                val = d2.sqrt()
-                val[redo] = direct_distance(ra[redo], rb[redo])
-            else:
-                val = (ra * rb).sum(1)
-                if self.cfg.metric == "cosine":
-                    val = val.clamp(-1.0, 1.0)
-            out[s:s + step] = val
-        return out
 
-    def _close_pairs(self, n: int) -> None:
-        """Euclidean near-duplicates the kernel left out: direct distances, then every
-        reduction of the kernel (count, moments, histogram, outside) and the list merges."""
-        cfg = self.cfg
-        i, j = self.ci[6, :n].long(), self.cj[6, :n].long()
-        v = self._rescore(i, j, direct=True)
-        v64 = v.double()
-        self.count += n
-        centred = v64 - self.shift
-        self.sums += torch.stack([centred.sum(), (centred * centred).sum()])
-        if self.bins:
-            self.hist += torch.bincount(bin_index(v64, cfg.lo, cfg.hi, cfg.bins), minlength=cfg.bins + 2)
-        out = (v < self.out_a) | (v > self.out_b) if cfg.outside else None
-        if out is not None:
-            self.outside_count += out.sum()
-            self.out_rows.index_add_(0, i[out], torch.ones_like(i[out]))
-            self.out_cols.index_add_(0, j[out], torch.ones_like(j[out]))
-        for s, kind in enumerate(STREAMS[:3]):
-            if self.active[s]:
-                self._merge_pairs(kind, v, i, j)
-        for s, kind in ((3, "row_top"), (4, "row_bottom")):
-            if self.active[s]:
-                ri, rj, rv = (torch.cat([i, j]), torch.cat([j, i]), torch.cat([v, v])) if self.self_mode else (i, j, v)
-                self._merge_rows(kind, ri, rj, rv, largest=(s == 3))
-        if out is not None and self.active[5]:
-            self._merge_pairs("outside_pairs", v[out], i[out], j[out])
-
-    def _merge_pairs(self, kind: str, v: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> None:
-        old = self.lists[kind]
-        self.lists[kind] = sort_pairs(kind, torch.cat([old[0], v.double()]), torch.cat([old[1], i]),
-                                      torch.cat([old[2], j]), self.cfg.near, self.kinds_k[kind])
-
-    def _merge(self, s: int, kind: str, n: int) -> None:
-        v, i, j = self.cv[s, :n], self.ci[s, :n].long(), self.cj[s, :n].long()
-        if self.mode != "exact":
-            v = self._rescore(i, j)
-        if s in (3, 4):
-            if self.self_mode:  # the kernel appends (i, j) once for rows i and j
-                i, j, v = torch.cat([i, j]), torch.cat([j, i]), torch.cat([v, v])
-            self._merge_rows(kind, i, j, v.float(), largest=(s == 3))
-            return
-        self._merge_pairs(kind, v, i, j)
-
-    def _merge_rows(self, kind: str, i: torch.Tensor, j: torch.Tensor, v: torch.Tensor, largest: bool) -> None:
-        """Candidates (row i, column j, value v) into the per-row lists, exact order."""
-        k = self.kinds_k[kind]
-        key = -v.double() if largest else v.double()
-        order = torch.argsort(j, stable=True)
-        order = order[torch.argsort(key[order], stable=True)]
-        order = order[torch.argsort(i[order], stable=True)]
-        i, j, v = i[order], j[order], v[order]
-        uniq, counts = torch.unique_consecutive(i, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        seg = torch.repeat_interleave(torch.arange(uniq.numel(), device=i.device), counts)
-        rank = torch.arange(i.numel(), device=i.device) - starts[seg]
-        keep = rank < k
-        dv = torch.full((uniq.numel(), k), math.nan, dtype=torch.float32, device=i.device)
-        di = torch.full((uniq.numel(), k), -1, dtype=torch.int64, device=i.device)
-        dv[seg[keep], rank[keep]] = v[keep]
-        di[seg[keep], rank[keep]] = j[keep]
-        sv, si = self.rows[kind]
-        mv, mi = merge_rows((sv[uniq], si[uniq]), (dv, di), k, largest)
-        sv[uniq] = mv.to(sv.device, torch.float32)
-        si[uniq] = mi.to(si.device, torch.int64)
-
-
-# --------------------------------------------------------------------------------------------
-# registration
-# --------------------------------------------------------------------------------------------
 
 register("triton", "pairwise_stats", TritonEngine)
 register("triton", "cone_index", triton_cone_unit_sums)
