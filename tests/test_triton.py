@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 
 import embgeom  # noqa: E402
 from embgeom import reference  # noqa: E402
-from embgeom.backends import cuda as cuda_backend, triton as triton_backend  # noqa: E402
+from embgeom.backends import cuda as cuda_backend, gpu_thresholds, triton as triton_backend  # noqa: E402
 from embgeom.engine.config import PairwiseConfig  # noqa: E402
 from embgeom.engine.runner import run_engine  # noqa: E402
 from embgeom.kernels.triton import pairwise as pairwise_kernels  # noqa: E402
@@ -65,7 +65,7 @@ def test_histogram_edges_match_float64_definition():
     got2 = embgeom.pairwise_stats(x2, metric="dot", bins=9000, range=(-8.0, 8.0), backend="triton", block=16)
     want2 = reference.pairwise_stats(x2, metric="dot", bins=9000, range=(-8.0, 8.0))
     assert got2.hist.counts.tolist() == want2["hist"]["counts"].tolist()
-    edges = triton_backend.hist_edges(-1.0, 1.0, 2000)
+    edges = gpu_thresholds.hist_edges(-1.0, 1.0, 2000)
     scale = 2000 / 2.0
     inner = edges[1:-1].double()
     b = torch.arange(1, 2000, dtype=torch.float64)

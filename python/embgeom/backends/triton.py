@@ -1,88 +1,34 @@
-"""The `triton` and `cuda` backends.
+"""The `triton` backend: the fused all-pairs kernel of embgeom.kernels.triton on CUDA tensors (and on
+CPU tensors under TRITON_INTERPRET=1, for tests), and the text kernels' launchers.
 
-`triton`: the fused kernels of embgeom.kernels.triton on CUDA tensors (and on CPU tensors under
-TRITON_INTERPRET=1, for tests). `cuda`: the same engine, with the per-row top-k merge of the
-candidate buffers done by the CUDA kernel in embgeom._cuda (warp-unfriendly, data-dependent
-insertion that Triton expresses poorly); used only when a GPU is usable and _cuda is built.
-
-The all-pairs engine runs *bands* of block-rows (one kernel launch each; the engine's tiles,
-so checkpoints and progress work per band). After a launch it reduces the per-program partial
-sums and histograms, then selects exactly, in torch, on the candidate buffers: value (exact fp32
-rescoring in `fast` precision), then (i, j). See kernels/triton/pairwise.py for why no pair of a
-final list can be filtered out.
+The engine runs *bands* of block-rows (one kernel launch each; the engine's tiles, so checkpoints
+and progress work per band). After a launch it reduces the per-program partial sums and
+histograms, then selects exactly on the candidate buffers (backends/gpu_candidates.py): value
+(exact fp32 rescoring in `fast` precision), then (i, j). The thresholds the kernel filters with
+are kept in backends/gpu_thresholds.py; see kernels/triton/pairwise.py for why no pair of a final
+list can be filtered out. The `cuda` backend (backends/cuda.py) is this engine with a CUDA merge.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
 from ..engine.config import PairwiseConfig
-from ..engine.lists import merge_pairs, merge_rows, sort_pairs
+from ..engine.lists import merge_pairs
 from ..engine.state import EngineState, list_limits, to_numpy, moments_from_shifted, shifted_from_moments
-from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, bin_index, bin_scale, direct_distance, f32_down,
-                        f32_up, fast_error_bound, moment_shift, rounding_norms, unit_rows)
-from .gpu_plan import STREAMS, hist_slots, list_lengths, make_plan, programs_for, stream_groups, variant
+from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, f32_down, f32_up, fast_error_bound, moment_shift,
+                        rounding_norms, unit_rows)
+from .gpu_candidates import NUM_BUFFERS, Candidates
+from .gpu_cone_entropy import triton_cone_unit_sums, triton_row_entropy
+from .gpu_plan import STREAMS, hist_slots, list_lengths, make_plan, next_pow2, programs_for, stream_groups, variant
+from .gpu_thresholds import Thresholds, binning_error, hist_edges
 from .registry import register
 
 FAST_DTYPES = tuple(UNIT_ROUNDOFF)
-NO_CUT = 2 ** 31 - 1
 
 
-def _kernels():
-    from embgeom.kernels.triton import cone, entropy, pairwise  # imports triton
-
-    return pairwise, cone, entropy
-
-
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
-def _f32_order(f: torch.Tensor) -> torch.Tensor:
-    """Order-preserving int64 key of fp32 values (-0.0 == 0.0)."""
-    bits = f.contiguous().view(torch.int32).long()
-    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
-
-
-def _f32_from_order(k: torch.Tensor) -> torch.Tensor:
-    bits = torch.where(k >= 0, k, (-k) | 0x80000000)
-    bits = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits)
-    return bits.to(torch.int32).view(torch.float32)
-
-
-def hist_edges(lo: float, hi: float, bins: int) -> torch.Tensor:
-    """(bins + 1,) float32: edges[b] = the smallest fp32 v with floor((v - lo) * bins/(hi - lo))
-    >= b in float64 (the definition every engine uses); edges[0] = -inf, edges[bins] = +inf.
-    Bisection over the ordered fp32 bit patterns (exact, also for subnormals)."""
-    scale = bin_scale(lo, hi, bins)
-    b = torch.arange(1, bins, dtype=torch.float64)
-    inf = torch.tensor([math.inf], dtype=torch.float32)
-    below = _f32_order(-inf).expand(b.shape).clone()  # bin(-inf) < b
-    above = _f32_order(inf).expand(b.shape).clone()   # bin(+inf) >= b
-    while bool(((above - below) > 1).any()):
-        mid = (below + above) // 2
-        ok = torch.floor((_f32_from_order(mid).double() - lo) * scale) >= b
-        above = torch.where(ok, mid, above)
-        below = torch.where(ok, below, mid)
-    return torch.cat([-inf, _f32_from_order(above), inf])
-
-
-def binning_error(lo: float, hi: float, bins: int) -> float:
-    """Bound of |fp32 estimate v * scale_f + off_f - float64 (v - lo) * scale| in bins (the
-    kernel reads an edge only within this distance of an integer)."""
-    scale = bin_scale(lo, hi, bins)
-    return 4 * 2.0 ** -24 * max(abs(lo), abs(hi), 1.0) * scale + bins * 2.0 ** -22
-
-
-def _binning_error_ok(lo: float, hi: float, bins: int) -> bool:
-    """The estimate is corrected by one bin, towards the nearer edge: its error must stay < 1/2."""
-    return binning_error(lo, hi, bins) < 0.5
-
-
-class TritonEngine:
-    """Fused all-pairs engine (engine protocol of _pairwise). x: (N, D), y: (M, D) or None.
+class TritonEngine(Thresholds, Candidates):
+    """Fused all-pairs engine (engine protocol of embgeom.engine.runner). x: (N, D), y: (M, D) or None.
 
     fast_dtype: input type of the products in `fast` precision ("bf16", "fp16", "tf32").
     block/group/programs/capacity/split: tile side, block-rows per band, persistent programs,
@@ -159,7 +105,7 @@ class TritonEngine:
         # histogram
         self.bins = cfg.bins
         if self.bins:
-            if not _binning_error_ok(cfg.lo, cfg.hi, cfg.bins):
+            if binning_error(cfg.lo, cfg.hi, cfg.bins) >= 0.5:
                 raise ValueError(f"range: ({cfg.lo}, {cfg.hi}) with {cfg.bins} bins is too narrow for the "
                                  "triton kernel's fp32 binning; use backend='cpp' or 'torch'")
             self.edges = hist_edges(cfg.lo, cfg.hi, cfg.bins).to(self.device)
@@ -181,17 +127,12 @@ class TritonEngine:
         # int64 counts (the global-atomics histogram of a band can pass 2^31)
         self.hist_buf = torch.zeros(self.bins + 3 if self.bins else 1, dtype=torch.int64, device=dev)
         self._set_programs(self.programs)
-        # per stream: int32 append counter (slots 0-6) and int64 drop counter (slots 8-21 as
-        # int64 7 x 1): their sum counts every candidate, past 2^31 too (see the kernel's _append)
-        self.cnt_buf = torch.zeros(22, dtype=torch.int32, device=dev)
-        self.cnt, self.dropped = self.cnt_buf[:7], self.cnt_buf[8:22].view(torch.int64)
-        self._alloc_candidates(self.cap)
+        self._init_candidates(self.cap)
         self.excluded_rows = ex
-        self.candidates = [0] * 7  # pairs each stream handed to the exact selection (diagnostics)
         self.excluded_cols = ey if ey is not None else np.zeros(0, np.int64)
         self._reset_accumulators()
 
-    # ------------------------------------------------------------------------------------------
+    # inputs ----------------------------------------------------------------------------------
     def _prepare(self, v: torch.Tensor):
         """fp32 rows; for cosine normalised in fp32 exactly as the torch/C++ engines do."""
         v = v.to(torch.float32).contiguous()
@@ -223,19 +164,6 @@ class TritonEngine:
         out[:v.shape[0], :v.shape[1]] = v
         return out
 
-    def _alloc_candidates(self, cap: int, keep: bool = False) -> None:
-        if cap > 1 << 30:  # the kernel's int32 append counters stay below cap + 2^24
-            raise RuntimeError(f"candidate buffers of {cap} slots per stream: over 2^30 (ties too many to rank)")
-        dev = self.device
-        new = (torch.zeros(7, cap, dtype=torch.float32, device=dev),
-               torch.zeros(7, cap, dtype=torch.int32, device=dev),
-               torch.zeros(7, cap, dtype=torch.int32, device=dev))
-        if keep:
-            for old, nw in zip((self.cv, self.ci, self.cj), new):
-                nw[:, :old.shape[1]] = old
-        self.cv, self.ci, self.cj = new
-        self.cap = cap
-
     def _reset_accumulators(self) -> None:
         dev = self.device
         self.tiles_done = 0
@@ -245,22 +173,8 @@ class TritonEngine:
         self.hist = torch.zeros(self.bins + 2, dtype=torch.int64, device=dev) if self.bins else None
         self.out_rows = torch.zeros(max(self.n, 1), dtype=torch.int64, device=dev)
         self.out_cols = self.out_rows if self.self_mode else torch.zeros(max(self.m, 1), dtype=torch.int64, device=dev)
-        empty = (torch.zeros(0, dtype=torch.float64, device=dev), torch.zeros(0, dtype=torch.int64, device=dev),
-                 torch.zeros(0, dtype=torch.int64, device=dev))
-        self.lists = {s: empty for s in ("top", "bottom", "near", "outside_pairs")}
-        self.rows = {}
-        for s in ("row_top", "row_bottom"):
-            k = self.kinds_k[s]
-            if k:
-                self.rows[s] = (torch.full((self.n, k), math.nan, dtype=torch.float32, device=dev),
-                                torch.full((self.n, k), -1, dtype=torch.int64, device=dev))
-        self.gthr = torch.full((3,), -math.inf, dtype=torch.float32, device=dev)
-        self.gbuck = torch.full((3, 64), -math.inf, dtype=torch.float32, device=dev)
-        self.rthr = torch.full((2, max(self.n, 1)), -math.inf, dtype=torch.float32, device=dev)
-        self.rbuck = [torch.full((max(self.n, 1), max(g, 1)), -math.inf, dtype=torch.float32, device=dev)
-                      for g in self.groups[3:5]]
-        self.out_cut = (NO_CUT, 0)  # (i, j): only pairs before it can still enter the list
-        self._seeded = False
+        self._reset_lists()
+        self._reset_thresholds()
 
     # engine protocol -------------------------------------------------------------------------
     def num_tiles(self) -> int:
@@ -355,12 +269,12 @@ class TritonEngine:
         euclid = self.cfg.metric == "euclidean"
         grid = self._launch(r0, rows, ntiles, True, self.active, collect_close=euclid)
         counts = self._counts()
-        stored = [self.cap] * 7  # room each stream had when it last ran
+        stored = [self.cap] * NUM_BUFFERS  # room each stream had when it last ran
         if euclid and counts[6] > self.cap:  # more near-duplicates than room: collect them again
-            self._alloc_candidates(_next_pow2(counts[6]), keep=True)
+            self._alloc_candidates(next_pow2(counts[6]), keep=True)
             stored[6] = self.cap
-            self.cnt[6], self.dropped[6] = 0, 0
-            self._launch(r0, rows, ntiles, False, [False] * 6, collect_close=True)
+            self._clear_stream(6)
+            self._launch(r0, rows, ntiles, False, [False] * len(STREAMS), collect_close=True)
             counts = self._counts()
         # stats of this band
         self.count += self.part_cnt[:grid].sum()
@@ -372,10 +286,10 @@ class TritonEngine:
             self.hist += h[: self.bins + 2]  # slot bins + 2: the invalid pairs, dropped
         # an overflowed stream gets a higher threshold (or more room) and runs again alone
         while True:
-            over = [s for s in range(6) if self.active[s] and counts[s] > stored[s]]
+            over = [s for s in range(len(STREAMS)) if self.active[s] and counts[s] > stored[s]]
             if not over:
                 break
-            retry = [False] * 6
+            retry = [False] * len(STREAMS)
             grow = False
             for s in over:
                 grow |= not self._raise_threshold(s, stored[s])
@@ -383,7 +297,7 @@ class TritonEngine:
             if grow:
                 self._alloc_candidates(2 * self.cap, keep=True)
             for s in over:
-                self.cnt[s], self.dropped[s] = 0, 0
+                self._clear_stream(s)
                 stored[s] = self.cap
             self._launch(r0, rows, ntiles, False, retry)
             counts = self._counts()
@@ -392,14 +306,15 @@ class TritonEngine:
             self._programs_next = None
         if euclid and counts[6]:
             self._close_pairs(counts[6])
-        for s in range(7):
+        for s in range(NUM_BUFFERS):
             self.candidates[s] += counts[s]
         for s, kind in enumerate(STREAMS):
             if self.active[s] and counts[s]:
                 self._merge(s, kind, counts[s])
 
     def _launch(self, r0: int, rows: int, ntiles: int, do_stats: bool, streams, collect_close=False) -> int:
-        pairwise, _, _ = _kernels()
+        from embgeom.kernels.triton import pairwise  # imports triton: only when a band runs
+
         grid = max(1, min(self.programs, ntiles))
         cfg = self.cfg
         compiled = pairwise.launch_pairwise(
@@ -424,10 +339,6 @@ class TritonEngine:
                     self._programs_next = programs
         return grid
 
-    def _counts(self) -> list[int]:
-        """Candidates each stream met in the last launch (stored or not), int64."""
-        return (self.cnt.long() + self.dropped).tolist()
-
     def _set_programs(self, programs: int) -> None:
         dev, P = self.device, programs
         self.programs = P
@@ -438,263 +349,7 @@ class TritonEngine:
         if self.nb:
             self.hist_buf = torch.zeros(P * self.nb, dtype=torch.int64, device=dev)
 
-    # thresholds ------------------------------------------------------------------------------
-    def _key(self, s: int, v: torch.Tensor) -> torch.Tensor:
-        """The kernel's fp32 key of stream s (larger is better)."""
-        v = v.float()
-        if s in (1, 4):
-            return -v
-        if s == 2:
-            return -(v - torch.tensor(float(self.cfg.near or 0.0), dtype=torch.float32)).abs()
-        return v
 
-    def _refresh_thresholds(self) -> None:
-        """Seed each stream's threshold with the merged state's k-th best key (a lower bound
-        of the final k-th best: thresholds only ever rise)."""
-        for s, kind in enumerate(STREAMS[:3]):
-            k = self.kinds_k[kind]
-            v = self.lists[kind][0]
-            if k and v.numel() >= k:
-                self.gthr[s] = torch.maximum(self.gthr[s], self._key(s, v[k - 1:k])[0])
-        for s, kind in ((3, "row_top"), (4, "row_bottom")):
-            if kind in self.rows:
-                v, i = self.rows[kind]
-                full = i[:, -1] >= 0
-                key = torch.where(full, self._key(s, v[:, -1]), torch.full_like(v[:, -1], -math.inf))
-                self.rthr[s - 3, :self.n] = torch.maximum(self.rthr[s - 3, :self.n], key)
-        if self.cfg.outside:
-            v, i, j = self.lists["outside_pairs"]
-            if v.numel() >= self.kinds_k["outside_pairs"]:
-                self.out_cut = min(self.out_cut, (int(i[-1]), int(j[-1])))
-
-    def _seed_thresholds(self) -> None:
-        """Before the first band: each row's k-th best key against a spread sample of columns
-        (bf16 products, minus their error bound) is a valid lower bound of its final k-th best;
-        likewise the sample pairs' k-th best for the global lists. Without it the first band
-        would hand almost every pair of its rows to the candidate buffers."""
-        self._seeded = True
-        rows_s = [s for s in (3, 4) if self.active[s]]
-        glob_s = [s for s in (0, 1, 2) if self.active[s]]
-        S = min(self.seed_sample, self.m)
-        if S == 0 or not (rows_s or glob_s):
-            return
-        dev, cfg = self.device, self.cfg
-        idx = torch.unique(torch.linspace(0, self.m - 1, S, device=dev).round().long())
-        ys = self.y32[idx].to(torch.bfloat16)
-        u = 2.0 ** -8  # bf16 inputs and bf16 output rounding
-        nx, ny = self.norm_max
-        meps = (3 * u + u * u + 2 * (self.d + 2) * 2.0 ** -24) * nx * ny * 1.01
-        if cfg.metric == "euclidean":
-            meps = math.sqrt(2 * meps)
-        yok = self.yv.bool()[idx] if self.has_valid else None
-        glob_keys = {s: [] for s in glob_s}
-        chunk = max(1, (1 << 24) // idx.numel())
-        for c0 in range(0, self.n, chunk):
-            c1 = min(self.n, c0 + chunk)
-            dot = (self.x32[c0:c1].to(torch.bfloat16) @ ys.T).float()
-            if cfg.metric == "cosine":
-                v = dot.clamp(-1.0, 1.0)
-            elif cfg.metric == "euclidean":
-                v = (self.xsq[c0:c1, None] + self.ysq[idx][None, :] - 2 * dot).clamp(min=0).sqrt()
-            else:
-                v = dot
-            ok = torch.ones_like(v, dtype=torch.bool)
-            if yok is not None:
-                ok &= self.xv.bool()[c0:c1, None] & yok[None, :]
-            rows = torch.arange(c0, c1, device=dev)[:, None]
-            if self.self_mode:
-                ok &= rows != idx[None, :]
-            for s in rows_s:
-                k = self.kinds_k[STREAMS[s]]
-                if v.shape[1] < k:
-                    continue
-                key = torch.where(ok, self._key(s, v), torch.full_like(v, -math.inf))
-                kth = key.topk(k, dim=1).values[:, -1] - meps
-                self.rthr[s - 3, c0:c1] = torch.maximum(self.rthr[s - 3, c0:c1], kth)
-            okg = ok & (rows < idx[None, :]) if self.self_mode else ok  # each pair once
-            for s in glob_s:
-                key = torch.where(okg, self._key(s, v), torch.full_like(v, -math.inf)).flatten()
-                glob_keys[s].append(key.topk(min(self.kinds_k[STREAMS[s]], key.numel())).values)
-        for s in glob_s:
-            keys = torch.cat(glob_keys[s])
-            k = self.kinds_k[STREAMS[s]]
-            if keys.numel() >= k:
-                self.gthr[s] = torch.maximum(self.gthr[s], keys.topk(k).values[-1] - meps)
-
-    def _raise_threshold(self, s: int, n: int) -> bool:
-        """Stream s overflowed: its buffer holds n genuine candidates of this band, whose k-th
-        best is a valid (higher) threshold. Returns False if nothing rose (ties): grow."""
-        k = self.kinds_k[STREAMS[s]]
-        v, i, j = self.cv[s, :n], self.ci[s, :n].long(), self.cj[s, :n].long()
-        if s == 5:
-            lin = i * self.m + j
-            kth = int(lin.topk(k, largest=False).values[-1])
-            cut = (kth // self.m, kth % self.m + 1)  # pairs up to the k-th buffered one
-            if cut < self.out_cut:
-                self.out_cut = cut
-                return True
-            return False
-        key = self._key(s, v)
-        if s >= 3 and self.self_mode:  # each buffered (i, j) is a neighbour of both rows
-            i, key = torch.cat([i, j]), torch.cat([key, key])
-        if s < 3:
-            kth = torch.topk(key, k).values[-1]
-            if bool(kth > self.gthr[s]):
-                self.gthr[s] = kth
-                return True
-            return False
-        order = torch.argsort(-key, stable=True)
-        order = order[torch.argsort(i[order], stable=True)]
-        rows_sorted, key_sorted = i[order], key[order]
-        uniq, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        full = counts >= k
-        if not bool(full.any()):
-            return False
-        kth = key_sorted[starts[full] + k - 1]
-        target = self.rthr[s - 3]
-        before = target[uniq[full]].clone()
-        target[uniq[full]] = torch.maximum(before, kth)
-        return bool((target[uniq[full]] > before).any())
-
-    # exact selection on the candidates -------------------------------------------------------
-    def _rescore(self, i: torch.Tensor, j: torch.Tensor, direct: bool = False) -> torch.Tensor:
-        """Exact fp32 values of pairs (i, j): the `exact` definition (as the torch engine:
-        euclidean near-duplicates, or all pairs with direct=True, from the difference)."""
-        out = torch.empty(i.numel(), dtype=torch.float32, device=self.device)
-        step = 1 << 16
-        for s in range(0, i.numel(), step):
-            ra, rb = self.x32[i[s:s + step]], self.y32[j[s:s + step]]
-            if self.cfg.metric == "euclidean":
-                scale = self.xsq[i[s:s + step]] + self.ysq[j[s:s + step]]
-                d2 = (scale - 2 * (ra * rb).sum(1)).clamp(min=0)
-                redo = torch.ones_like(d2, dtype=torch.bool) if direct else d2 < NEAR_DUPLICATE_TAU * scale
-                val = d2.sqrt()
-                val[redo] = direct_distance(ra[redo], rb[redo])
-            else:
-                val = (ra * rb).sum(1)
-                if self.cfg.metric == "cosine":
-                    val = val.clamp(-1.0, 1.0)
-            out[s:s + step] = val
-        return out
-
-    def _close_pairs(self, n: int) -> None:
-        """Euclidean near-duplicates the kernel left out: direct distances, then every
-        reduction of the kernel (count, moments, histogram, outside) and the list merges."""
-        cfg = self.cfg
-        i, j = self.ci[6, :n].long(), self.cj[6, :n].long()
-        v = self._rescore(i, j, direct=True)
-        v64 = v.double()
-        self.count += n
-        centred = v64 - self.shift
-        self.sums += torch.stack([centred.sum(), (centred * centred).sum()])
-        if self.bins:
-            self.hist += torch.bincount(bin_index(v64, cfg.lo, cfg.hi, cfg.bins), minlength=cfg.bins + 2)
-        out = (v < self.out_a) | (v > self.out_b) if cfg.outside else None
-        if out is not None:
-            self.outside_count += out.sum()
-            self.out_rows.index_add_(0, i[out], torch.ones_like(i[out]))
-            self.out_cols.index_add_(0, j[out], torch.ones_like(j[out]))
-        for s, kind in enumerate(STREAMS[:3]):
-            if self.active[s]:
-                self._merge_pairs(kind, v, i, j)
-        for s, kind in ((3, "row_top"), (4, "row_bottom")):
-            if self.active[s]:
-                ri, rj, rv = (torch.cat([i, j]), torch.cat([j, i]), torch.cat([v, v])) if self.self_mode else (i, j, v)
-                self._merge_rows(kind, ri, rj, rv, largest=(s == 3))
-        if out is not None and self.active[5]:
-            self._merge_pairs("outside_pairs", v[out], i[out], j[out])
-
-    def _merge_pairs(self, kind: str, v: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> None:
-        old = self.lists[kind]
-        self.lists[kind] = sort_pairs(kind, torch.cat([old[0], v.double()]), torch.cat([old[1], i]),
-                                      torch.cat([old[2], j]), self.cfg.near, self.kinds_k[kind])
-
-    def _merge(self, s: int, kind: str, n: int) -> None:
-        v, i, j = self.cv[s, :n], self.ci[s, :n].long(), self.cj[s, :n].long()
-        if self.mode != "exact":
-            v = self._rescore(i, j)
-        if s in (3, 4):
-            if self.self_mode:  # the kernel appends (i, j) once for rows i and j
-                i, j, v = torch.cat([i, j]), torch.cat([j, i]), torch.cat([v, v])
-            self._merge_rows(kind, i, j, v.float(), largest=(s == 3))
-            return
-        self._merge_pairs(kind, v, i, j)
-
-    def _merge_rows(self, kind: str, i: torch.Tensor, j: torch.Tensor, v: torch.Tensor, largest: bool) -> None:
-        """Candidates (row i, column j, value v) into the per-row lists, exact order."""
-        k = self.kinds_k[kind]
-        key = -v.double() if largest else v.double()
-        order = torch.argsort(j, stable=True)
-        order = order[torch.argsort(key[order], stable=True)]
-        order = order[torch.argsort(i[order], stable=True)]
-        i, j, v = i[order], j[order], v[order]
-        uniq, counts = torch.unique_consecutive(i, return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        seg = torch.repeat_interleave(torch.arange(uniq.numel(), device=i.device), counts)
-        rank = torch.arange(i.numel(), device=i.device) - starts[seg]
-        keep = rank < k
-        dv = torch.full((uniq.numel(), k), math.nan, dtype=torch.float32, device=i.device)
-        di = torch.full((uniq.numel(), k), -1, dtype=torch.int64, device=i.device)
-        dv[seg[keep], rank[keep]] = v[keep]
-        di[seg[keep], rank[keep]] = j[keep]
-        sv, si = self.rows[kind]
-        mv, mi = merge_rows((sv[uniq], si[uniq]), (dv, di), k, largest)
-        sv[uniq] = mv.to(sv.device, torch.float32)
-        si[uniq] = mi.to(si.device, torch.int64)
-
-
-# --------------------------------------------------------------------------------------------
-# cone index and attention entropy
-# --------------------------------------------------------------------------------------------
-
-def triton_cone_unit_sums(x: torch.Tensor, mask: torch.Tensor | None):
-    """x: (B, T, D), mask: (B, T) | None -> sums (B, D) f64, used (B,) i64, zero (B,) i64."""
-    _, cone, _ = _kernels()
-    B, T, D = x.shape
-    dev = x.device
-    if x.numel() == 0:
-        from .torch import torch_cone_unit_sums
-
-        return torch_cone_unit_sums(x, mask)
-    on_gpu = dev.type == "cuda"
-    block_t = 16
-    block_d = min(128, _next_pow2(D)) if on_gpu else min(1024, _next_pow2(D))
-    blocks = -(-T // block_t)
-    target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if on_gpu else 2
-    S = max(1, min(blocks, -(-target // B)))
-    part = torch.zeros(B, S, D, dtype=torch.float64, device=dev)
-    used = torch.zeros(B, S, dtype=torch.int64, device=dev)
-    zero = torch.zeros(B, S, dtype=torch.int64, device=dev)
-    mask_u8 = None if mask is None else mask.to(torch.uint8)
-    cone.launch_cone(x, mask_u8, part, used, zero, block_t=block_t, block_d=block_d)
-    return part.sum(1), used.sum(1), zero.sum(1)
-
-
-def triton_row_entropy(attn: torch.Tensor, mask: torch.Tensor | None, smoothing: float = 0.0):
-    """attn: (B, H, T, T) -> (B, H, T) float32 nats, NaN on padded query rows."""
-    _, _, entropy = _kernels()
-    B, H, T, _ = attn.shape
-    dev = attn.device
-    out = torch.empty(B, H, T, dtype=torch.float32, device=dev)
-    if out.numel() == 0:
-        return out
-    if mask is not None:
-        n_valid = mask.sum(1).clamp(min=1).to(torch.float32)
-        mask_u8 = mask.to(torch.uint8)
-    else:
-        n_valid = torch.full((B,), float(T), dtype=torch.float32, device=dev)
-        mask_u8 = None
-    on_gpu = dev.type == "cuda"
-    block_k = min(128 if on_gpu else 1024, _next_pow2(T))
-    block_r = 16 if on_gpu else min(64, _next_pow2(T))
-    entropy.launch_entropy(attn, mask_u8, n_valid, out, smoothing, block_r=block_r, block_k=block_k)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# registration
-# --------------------------------------------------------------------------------------------
 
 register("triton", "pairwise_stats", TritonEngine)
 register("triton", "cone_index", triton_cone_unit_sums)
