@@ -7,9 +7,39 @@ import html
 import os
 
 
-def write_html(path: str, title: str, sections: list[tuple[str, str, list[str]]]) -> None:
+def provenance_html(prov: dict | None) -> str:
+    """The page footer: how this report was made (the report.json `provenance` object)."""
+    if not prov:
+        return ""
+    from ..formatting import fmt, seconds
+
+    model = prov.get("model") or {}
+    rows = [("command", f"<code>{html.escape(prov.get('command') or '')}</code>"),
+            ("embgeom", html.escape(f"{prov.get('version') or 'unknown version'}, git "
+                                    f"{prov.get('git_sha') or 'unknown (not run from a git tree)'}")),
+            ("python / torch", html.escape(f"{prov.get('python')} / {prov.get('torch')}"))]
+    if model:
+        rows.append(("model", html.escape(f"{model.get('name')} ({model.get('path')}), revision "
+                                          f"{model.get('revision') or 'unknown'}")))
+    if prov.get("seed") is not None:
+        rows.append(("seed", html.escape(str(prov["seed"]))))
+    for entry in prov.get("inputs") or []:
+        rows.append((f"input {html.escape(entry['name'])}",
+                     html.escape(f"{entry['path']} ({fmt(entry['bytes'])} bytes)")))
+    for key in ("input", "depth", "depth_rule"):
+        if key in prov:
+            rows.append((key.replace("_", " "), html.escape(str(prov[key]))))
+    rows.append(("started", html.escape(f"{prov.get('started')} (UTC); total wall time "
+                                        f"{seconds(prov.get('total_seconds') or 0.0)}")))
+    cells = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return f"<footer id='provenance'><h2>Provenance</h2><table>{cells}</table></footer>"
+
+
+def write_html(path: str, title: str, sections: list[tuple[str, str, list[str]]],
+               provenance: dict | None = None) -> None:
     """sections: (heading, html body, [png paths]); images are inlined as data URIs so the
-    file is self-contained (no network, no sibling files needed)."""
+    file is self-contained (no network, no sibling files needed). provenance: the report's
+    `provenance` object, shown as the page footer."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
@@ -27,6 +57,7 @@ def write_html(path: str, title: str, sections: list[tuple[str, str, list[str]]]
                 data = base64.b64encode(f.read()).decode()
             parts.append(f"<p><img alt='{html.escape(os.path.basename(img))}' src='data:image/png;base64,{data}'></p>")
         parts.append("</section>")
+    parts.append(provenance_html(provenance))
     parts.append("</body></html>")
     from ..io import atomic_write
 

@@ -52,8 +52,11 @@ draw();
 
 
 def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "projection",
-                       note: str = "", size: int = 760) -> str:
-    """xy: (N, 2); labels: N strings or None; texts: N strings shown on hover or None."""
+                       note: str = "", size: int = 760, provenance: dict | None = None) -> str:
+    """xy: (N, 2); labels: N strings or None; texts: N strings shown on hover or None;
+    provenance: the report's provenance object, shown as the page footer."""
+    from .html import provenance_html
+
     xy = np.asarray(xy, dtype=np.float64)
     n = xy.shape[0]
     if labels is None:
@@ -79,7 +82,7 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
             f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p><div id='legend'>{legend}</div>"
             f"<canvas id='cv' width='{size}' height='{size}'></canvas><div id='tip'></div>"
             f"<script type='application/json' id='data'>{payload}</script>"
-            f"<script>{_SCRIPT}</script></body></html>")
+            f"<script>{_SCRIPT}</script>{provenance_html(provenance)}</body></html>")
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return path

@@ -39,4 +39,5 @@ def write_syntax_report(out_dir: str, report: dict) -> None:
             + table_html(["relation", "count", "best head", "direction", "accuracy", "baseline offset",
                           "baseline accuracy"], rows))
     write_html(os.path.join(out_dir, "report.html"), f"embgeom syntax: {report['model']}",
-               [("Summary", summary, []), ("Syntax heads per relation", body, [png])])
+               [("Summary", summary, []), ("Syntax heads per relation", body, [png])],
+               provenance=report.get("provenance"))

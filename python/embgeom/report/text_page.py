@@ -149,7 +149,8 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
             [pngs["pairs"]]))
     sections += head_sections(out_dir, report)
     sections.extend(extra_sections)
-    write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections)
+    write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections,
+               provenance=report.get("provenance"))
     return list(pngs.values())
 
 

@@ -133,7 +133,7 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
 
         sections.append(position_section(report, pngs))
     path = os.path.join(out_dir, "report.html")
-    write_html(path, f"embgeom vocab: {report['model']}", sections)
+    write_html(path, f"embgeom vocab: {report['model']}", sections, provenance=report.get("provenance"))
     return path
 
 
