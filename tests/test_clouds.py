@@ -222,6 +222,7 @@ def test_text_keeps_vectors(tiny_bert_dir, tiny_bert, tmp_path):
             "groups_depth.png", "pair_differences_pca.png"} <= names
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len([n for n in names if n.endswith(".png")])
+    assert "<a href='groups_pca.html'>" in html  # every side page linked from report.html
 
 
 def test_text_bad_labels(tiny_bert_dir, tmp_path, capsys):

@@ -36,6 +36,10 @@ def test_text_and_syntax_provenance(tiny_bert_dir, tmp_path):
     assert prov["model"]["name"] == tiny_bert_dir and prov["model"]["path"] == os.path.abspath(tiny_bert_dir)
     page = (out / "report.html").read_text()
     assert "id='provenance'" in page and "embgeom text " in page and "http" not in page
+    # section titles in words, metric names linked to the definitions the page carries
+    assert "(M3)" not in page and "(M4)" not in page
+    for key in ("cone_index", "entropy", "attention_to", "js_distance", "context", "evolution"):
+        assert f"href='#def-{key}'" in page and f"id='def-{key}'" in page
     out = tmp_path / "s"
     assert main(["syntax", SAMPLE, "--out", str(out), "--model", tiny_bert_dir, "--quiet"]) == 0
     prov = json.loads((out / "report.json").read_text())["provenance"]

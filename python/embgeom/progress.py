@@ -14,6 +14,7 @@ plain line per phase.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -69,7 +70,13 @@ class Progress:
             from tqdm.auto import tqdm
         except ImportError:
             return None
-        return tqdm(file=self.stream, dynamic_ncols=True, leave=True, **kwargs)
+        # a terminal that reports no size (a bare pty) would hide the bar: 100 x 50 then
+        try:
+            size = os.get_terminal_size(self.stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            size = os.terminal_size((0, 0))
+        sizing = {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 50}
+        return tqdm(file=self.stream, leave=True, **sizing, **kwargs)
 
     @contextlib.contextmanager
     def bar(self, total: int | None, desc: str, unit: str = "it", unit_scale: bool = False) -> Iterator:

@@ -20,6 +20,7 @@ from ..analysis.text.keeper import Keeper
 from ..formatting import fmt, seconds
 from ..io import check_output_folder, output_folder
 from ..report import table_html, write_json
+from ..report.definitions import defined
 from ..report.text_page import group_plots, pair_plot, trajectory_plots, write_report
 from .model_options import add_model_options, check_batch_size, progress_for
 
@@ -123,7 +124,7 @@ def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[
     if args.trajectories and keeper is not None and keeper.traj:
         pngs, summary = trajectory_plots(out_dir, os.path.join(out_dir, "trajectories.npz"))
         report["trajectories"] = summary
-        sections.append(("Token trajectories (thesis 4.3)",
+        sections.append(("Token trajectories: each token's path through the layers (thesis 4.3)",
                          f"<p>{summary['tokens']} tokens of the first {summary['texts']} texts; "
                          "red dots: depth 0. trajectories.npz holds the states.</p>", pngs))
     if labels is not None:
@@ -134,18 +135,21 @@ def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[
         report["groups"] = groups
         rows = [[g, c, groups["last"]["per_label"][g].get("cosine", {}).get("mean"),
                  groups["last"]["per_label"][g]["norms"]["mean"]] for g, c in zip(groups["labels"], groups["counts"])]
-        body = (f"<p>silhouette (cosine) at the last depth {groups['silhouette'][-1]}; mean cosine "
-                f"within labels {groups['within_cosine'][-1]}, between {groups['between_cosine'][-1]}. "
-                "groups_pca.html / groups_umap.html are interactive.</p>"
+        pages = [f for f in ("groups_pca.html", "groups_umap.html") if os.path.exists(os.path.join(out_dir, f))]
+        body = (f"<p>{defined('silhouette', 'silhouette')} (cosine) at the last depth "
+                f"{fmt(groups['silhouette'][-1])}; mean cosine within labels {fmt(groups['within_cosine'][-1])}, "
+                f"between {fmt(groups['between_cosine'][-1])}. Interactive: "
+                + ", ".join(f"<a href='{f}'>{f}</a>" for f in pages) + ".</p>"
                 + table_html(["label", "texts", "mean cosine within", "mean norm"], rows)
                 + "".join(f"<p>{n}</p>" for n in notes))
-        sections.append(("Labelled [CLS] sets (thesis 4.4.1, 4.4.3)", body, pngs))
+        sections.append(("Labelled [CLS] sets: do texts with one label sit together? (thesis 4.4.1, 4.4.3)",
+                         body, pngs))
     if pairs is not None and "cls_pairs" in report and "vectors" in report["cls_pairs"]:
         vec = report["cls_pairs"].pop("vectors").cpu().double().numpy()
         pg = [p["group"] for p in pairs]
         np.savez(os.path.join(out_dir, "pair_differences.npz"), vectors=vec.astype(np.float32),
                  group=np.array(pg), a=np.array([p["a"] for p in pairs]), b=np.array([p["b"] for p in pairs]))
-        sections.append(("[CLS] difference vectors, PCA (thesis 4.4.2)",
+        sections.append(("[CLS] difference vectors of sentence pairs, PCA (thesis 4.4.2)",
                          "<p>Each point is cls(a) - cls(b) of one pair (pair_differences.npz).</p>",
                          [pair_plot(out_dir, vec, pg)]))
     return sections

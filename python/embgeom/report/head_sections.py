@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .definitions import defined
 from .headmaps import headmaps_html
+from ..formatting import fmt as fmt_number
 from ..tables import table_html
 from .plots import (DEPTH, HEAD, HEAD_INDEX, LAYER, depth_axis, layer_axis, layer_head_axes, new_figure,
                     save_figure)
@@ -59,11 +61,11 @@ def heads_sections(out_dir: str, block: dict) -> list:
     fig, ax = new_figure(0.5 * H + 3, 0.4 * L + 2)
     _heat(ax, fig, ce, "Clark entropy per head (nats)", fmt="{:.1f}")
     png2 = save_figure(fig, out_dir, "clark_entropy")
-    sections.append(("Attention entropy per head (Clark; value histogram)",
-                     "<p>Clark et al. (arXiv 1906.04341): row entropy of 0.9999 A + 0.0001/n, mean over "
+    sections.append(("How focused is each head? Entropy per head (Clark; value histogram)",
+                     f"<p>{defined('clark')}: Clark et al. (arXiv 1906.04341): row entropy of 0.9999 A + 0.0001/n, mean over "
                      "a text's rows, then over texts; from [CLS]: row 0 only; the uniform baseline is the "
                      "mean of ln n. Value-histogram entropy: the geometry-of-BERT authors' code "
-                     f"(arXiv 2502.12033), maximum ln 20. Uniform baseline: {block['uniform_entropy']:.3f} "
+                     f"(arXiv 2502.12033), maximum ln 20. Uniform baseline: {fmt_number(block['uniform_entropy'], 3)} "
                      "nats.</p>", [png, png2]))
 
     if "js_divergence" in block:
@@ -92,7 +94,7 @@ def heads_sections(out_dir: str, block: dict) -> list:
         a2.set_xlabel(HEAD_INDEX)
         a2.set_ylabel(HEAD_INDEX)
         png = save_figure(fig, out_dir, "head_mds")
-        sections.append(("Head distances and MDS (Clark)",
+        sections.append(("Which heads behave alike? Distances and MDS map (Clark)",
                          "<p>D(a, b) = sum over every real query row of every text of JS(P_a, P_b), "
                          "P = 0.999 A + 0.001/n (nats, not its square root); metric MDS "
                          "(scikit-learn, precomputed, n_init 5, max_iter 1000, eps 1e-10, seed 0). "
@@ -120,7 +122,7 @@ def heads_sections(out_dir: str, block: dict) -> list:
     rows = [[l + 1, h, pats[l][h]["label"]] + [pats[l][h][f] for f in feats]
             for l in range(L) for h in range(H)]
     counts = {name: int((idx == i).sum()) for i, name in enumerate(labels)}
-    sections.append(("Gate patterns per head (ours)",
+    sections.append(("What each head attends to: gate patterns (ours)",
                      "<p>Features are primary; the label is our documented rule (docs/metrics.md, attention heads), not "
                      "the geometry-of-BERT authors' criteria, which could not be read: closed gate "
                      "D + S >= 0.6; directional (C1 >= 0.5 or C3 >= 0.6) and median k90 <= 3; "
@@ -141,7 +143,7 @@ def heads_sections(out_dir: str, block: dict) -> list:
             _heat(ax, fig, _arr(d[k]), k, "coolwarm" if k.startswith("spearman") else "viridis",
                   -1 if k.startswith("spearman") else None, 1 if k.startswith("spearman") else None)
         png = save_figure(fig, out_dir, "head_directionality")
-        sections.append(("Directionality of subspace selection (ours)",
+        sections.append(("Directionality of subspace selection: do queries and keys read different directions? (ours)",
                          "<p>Two readings proposed for the paper's undefined notion: skew fraction "
                          "||(M - M^T)/2||_F / ||M||_F of M = W_Q,h^T W_K,h (weights) and the asymmetry "
                          "||A - A^T||_F / (2 ||A||_F) of each text's map; the share of each row's mass on "
@@ -156,7 +158,7 @@ def heads_sections(out_dir: str, block: dict) -> list:
         with open(os.path.join(out_dir, maps["file"])) as f:
             maps = json.load(f)
     if maps:
-        sections.append(("Head maps", headmaps_html(maps, L, H), []))
+        sections.append(("Attention maps of sample texts (click a head)", headmaps_html(maps, L, H), []))
     return sections
 
 
@@ -177,8 +179,8 @@ def gaussianity_section(out_dir: str, entries: list[dict]):
     rows = [[e["depth"], e["count"], e["share_rejected"], e["mean_skew"], e["mean_excess_kurtosis"],
              e["text_mean"]["share_rejected"], e["text_mean"]["mean_skew"],
              e["text_mean"]["mean_excess_kurtosis"]] for e in entries]
-    return ("Gaussianity by depth (ours)",
-            "<p>D'Agostino-Pearson K^2 (scipy.stats.normaltest) on each real token's hidden-state "
+    return ("Are hidden states Gaussian? K^2 by depth (ours)",
+            f"<p>{defined('gaussianity')}: D'Agostino-Pearson K^2 (scipy.stats.normaltest) on each real token's hidden-state "
             "components, rejected at p &lt; 0.05 / N (N real tokens in the corpus); skewness and "
             "excess kurtosis with scipy's defaults; the same for each text's mean vector "
             "(p &lt; 0.05 / number of texts).</p>"

@@ -8,8 +8,11 @@ from . import new_figure, save_figure, table_html, write_html
 from .plots import HEAD, HEAD_INDEX, LAYER, depth_axis, layer_axis, layer_head_axes
 import numpy as np
 from ..analysis.clouds import geometry, projection
+from ..formatting import fmt
 from . import explained_variance_png
+from .definitions import defined
 from .interactive import PALETTE, scatter_png, write_scatter_html
+from ..tables import Raw
 
 
 
@@ -75,7 +78,7 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
 
     ent = r.entropy.cpu().numpy()
     pngs["entropy"] = _heatmap(out_dir, "entropy", ent, f"attention row entropy (nats); uniform "
-                               f"baseline {r.uniform_baseline:.2f}")
+                               f"baseline {fmt(r.uniform_baseline, 3)}")
     pngs["js"] = _heatmap(out_dir, "js_distance", r.js_distance.cpu().numpy(),
                           "Jensen-Shannon distance between heads",
                           HEAD_INDEX, HEAD_INDEX, cmap="magma", vmin=0)
@@ -119,11 +122,14 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
                                  cmap="coolwarm", vmin=-1, vmax=1)
 
     summary = table_html(
-        ["model", "texts", "tokens", "layers", "heads", "truncated", "seconds"],
+        ["model", "texts", "tokens", "layers", "heads", "truncated", "forward passes (s)"],
         [[r.model, r.n_texts, r.n_tokens, L, H, r.truncated, round(r.seconds, 1)]])
     per_layer = table_html(
-        [LAYER, "cone in", "cone heads (mean)", "cone multi-head", "cone out", "entropy (mean)",
-         "to [CLS]", "to [SEP]", "to punct", "to prev", "to next", "context |i-j|", "step cos"],
+        [LAYER, Raw(defined("cone_index", "cone in")), Raw(defined("cone_index", "cone heads (mean)")),
+         Raw(defined("cone_index", "cone multi-head")), Raw(defined("cone_index", "cone out")),
+         Raw(defined("entropy", "entropy (mean)"))]
+        + [Raw(defined("attention_to", f"to {k}")) for k in ("[CLS]", "[SEP]", "punct", "prev", "next")]
+        + [Raw(defined("context", "context |i-j|")), Raw(defined("evolution", "step cos"))],
         [[l + 1, float(r.cone_layer_input[l]), float(np.nanmean(heads[l])), float(r.cone_multihead_output[l]),
           float(r.cone_layer_output[l]), float(ent[l].mean())]
          + [float(r.attention_to[k][l].mean()) for k in ("cls", "sep", "punct", "prev", "next")]
@@ -132,14 +138,21 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
                                [[l + 1] + list(r.focus_token[l]) for l in range(L)])
     sections = [
         ("Summary", summary + per_layer, []),
-        ("Cone index (docs/metrics.md, cone index)", "<p>Per text I/n over its real tokens, mean over texts.</p>", [pngs["cone"]]),
-        ("Attention entropy (M3)", "<p>Row entropy averaged over every real query row.</p>", [pngs["entropy"]]),
-        ("Attention targets (M3)", "<p>Mean attention mass per real query row.</p>", [pngs["attention_to"]]),
-        ("Head distances (M3)", "<p>JS distance between heads' mean attention over [CLS], [SEP] and "
+        ("Cone index: do a layer's vectors point one way?",
+         f"<p>The {defined('cone_index')} per text over its real tokens, mean over texts, for the four "
+         "tensors of each layer.</p>", [pngs["cone"]]),
+        ("Attention entropy: how spread is each head's attention?",
+         f"<p>{defined('entropy', 'Row entropy')} averaged over every real query row.</p>", [pngs["entropy"]]),
+        ("Where attention goes: [CLS], [SEP], punctuation, neighbours",
+         f"<p>Mean {defined('attention_to', 'attention mass')} per real query row.</p>", [pngs["attention_to"]]),
+        ("How different the heads are: Jensen-Shannon distances",
+         f"<p>{defined('js_distance', 'JS distance')} between heads' mean attention over [CLS], [SEP] and "
          "relative offsets.</p>", [pngs["js"]]),
-        ("Context similarity (M4)", "<p>Most similar other token under O O<sup>T</sup>; focus token "
+        ("Context similarity: which other token a head's output resembles most",
+         f"<p>Most similar other token under O O<sup>T</sup> ({defined('context')}); focus token "
          "per head (most often the focus of a text):</p>" + focus, [pngs["context"]]),
-        ("Layer evolution", "<p>Means over every real token.</p>", [pngs["evolution"]]),
+        ("How token vectors change from layer to layer",
+         f"<p>{defined('evolution')}: means over every real token.</p>", [pngs["evolution"]]),
     ]
     if "pairs" in pngs:
         cp = report["cls_pairs"]
