@@ -101,9 +101,16 @@ def scatter_png(out_dir: str, name: str, xy, labels=None, *, title: str = "", ar
         ax.scatter(xy[:, 0], xy[:, 1], s=size, alpha=0.7)
     else:
         lab = np.asarray([str(v) for v in labels])
-        for i, g in enumerate(sorted(set(lab.tolist()))):
+        groups = sorted(set(lab.tolist()))
+        # the smallest groups are drawn last (on top), so a few hundred positions are not hidden
+        # under thirty thousand words
+        order = sorted(range(len(groups)), key=lambda i: -int((lab == groups[i]).sum()))
+        for z, i in enumerate(order):
+            g = groups[i]
             m = lab == g
-            ax.scatter(xy[m, 0], xy[m, 1], s=size, alpha=0.75, color=PALETTE[i % len(PALETTE)], label=g)
+            few = m.sum() < 0.2 * len(lab)
+            ax.scatter(xy[m, 0], xy[m, 1], s=size * (3 if few and size < 12 else 1), alpha=0.75,
+                       color=PALETTE[i % len(PALETTE)], label=g, zorder=2 + z)
             if arrows and g in arrows:
                 start, end = arrows[g]
                 ax.annotate("", xy=tuple(end), xytext=tuple(start),

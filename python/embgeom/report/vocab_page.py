@@ -32,13 +32,15 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
         v = plots["mean_measures"][name]
         ax.hist(v[torch.isfinite(v)].cpu().numpy(), bins=100)
         ax.set_title(name.replace("_", " ") + (" of row" if name == "norm" else " to mean"))
+        ax.set_xlabel(name.replace("_", " "))
+        ax.set_ylabel("tokens")
     fig.tight_layout()
     pngs["mean_embedding"] = save_figure(fig, out_dir, "mean_embedding")
 
     if "pos_cos" in plots:
         fig, ax = new_figure(6, 5)
         im = ax.imshow(plots["pos_cos"].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, ax=ax, label="cosine")
         pngs["positional_cosine"] = save_axes(fig, ax, out_dir, "positional_cosine", xlabel="position",
                                               ylabel="position", title="cosine of position embeddings")
 
@@ -55,6 +57,9 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
         ax.plot(path[:, 0], path[:, 1], path[:, 2], lw=0.6, color="grey")
         sc = ax.scatter(path[:, 0], path[:, 1], path[:, 2], c=range(len(path)), s=4, cmap="viridis")
         fig.colorbar(sc, ax=ax, label="position", shrink=0.7)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.set_zlabel("PC 3")
         ax.set_title("position embeddings, first 3 principal components")
         pngs["positional_pca3d"] = save_figure(fig, out_dir, "positional_pca3d")
 
@@ -149,9 +154,14 @@ def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[
     pngs = {}
     a, b = plots["range"]
     fig, ax = new_figure(9, 4)
-    im = ax.imshow(plots["pos"], aspect="auto", cmap="RdBu_r", interpolation="nearest",
-                   extent=(0, plots["pos"].shape[1], b - 0.5, a - 0.5))
-    fig.colorbar(im, ax=ax)
+    # a few large coordinates would make the rest one shade: a symmetric range at the 99.5th
+    # percentile of |value|, the colour bar saying so
+    raw = np.asarray(plots["pos"], dtype=float)
+    lim = float(np.nanpercentile(np.abs(raw), 99.5)) or 1.0
+    im = ax.imshow(raw, aspect="auto", cmap="RdBu_r", interpolation="nearest", vmin=-lim, vmax=lim,
+                   extent=(0, raw.shape[1], b - 0.5, a - 0.5))
+    fig.colorbar(im, ax=ax, extend="both", label=f"value (clipped at +-{fmt(lim, 3)}, the 99.5th "
+                 f"percentile of |value|; range {fmt(float(np.nanmin(raw)), 3)}..{fmt(float(np.nanmax(raw)), 3)})")
     ax.set_xlabel("coordinate")
     ax.set_ylabel("position")
     ax.set_title("position embeddings, raw values")
@@ -178,7 +188,8 @@ def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[
                                     title="word and position embeddings, joint PCA", xlabel="PC 1", ylabel="PC 2")
     for key, (xy, labels, texts) in (proj_arrays or {}).items():
         title = key.replace("_", " ") + " (exact cosine graph)"
-        pngs[key] = scatter_png(out_dir, key, xy, labels, title=title)
+        axis = "UMAP" if key.endswith("umap") else "t-SNE"
+        pngs[key] = scatter_png(out_dir, key, xy, labels, title=title, xlabel=f"{axis} 1", ylabel=f"{axis} 2")
         write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title)
     return pngs
 
