@@ -155,6 +155,11 @@ def test_project_cli(tmp_path, capsys):
     html = (out / "projection.html").read_text()
     assert "<canvas" in html and "http" not in html and "src=" not in html
     assert "</script> " not in html.split("id='data'>")[1].split("</script>")[0]   # escaped payload
+    # a click lists the neighbours of knn.npz; the page zooms, pans and searches
+    data = json.loads(html.split("id='data'>")[1].split("</script>")[0].replace("<\\/", "</"))
+    assert data["knn"]["i"] == knn["indices"][:, :10].tolist()
+    np.testing.assert_allclose(data["knn"]["s"], knn["similarities"][:, :10], atol=1e-4)
+    assert "id='q'" in html and "'wheel'" in html and "id='provenance'" in html
     assert (out / "projection.png").stat().st_size > 0
     # 3-D input (cls.npy) with --depth; errors exit 2 with one line
     np.save(tmp_path / "c.npy", np.stack([x, 2 * x], 1))

@@ -81,3 +81,18 @@ def test_vocab_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     assert len(figures) >= 5
     bad = _unlabelled(figures)
     assert bad == [], "\n".join(map(str, bad))
+
+
+def test_scatter_script_parses():
+    """The hand-written scatter script is valid JavaScript (node --check; no browser is installed
+    here, so zoom, search and the neighbour list are not driven from a test)."""
+    import shutil
+    import subprocess
+
+    from embgeom.report.interactive import _SCRIPT
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the page script cannot be parsed here")
+    r = subprocess.run([node, "--check", "-"], input=_SCRIPT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -46,10 +46,10 @@ def _unavailable(name: str, exc: ImportError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    if argv is None:  # the process is this command: its clock starts with the interpreter
-        from .provenance import process_age
+    if argv is None:  # the process is this command: its clock starts when embgeom began importing
+        from . import IMPORTED_AT
 
-        started -= process_age()
+        started = IMPORTED_AT
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     args.argv, args.started = argv, started  # provenance: the command line and its total wall time

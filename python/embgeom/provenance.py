@@ -22,20 +22,6 @@ from .models import DEFAULT_MODEL
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 
-def process_age() -> float:
-    """Seconds since this process started (Linux /proc; 0.0 where unknown), so a command's total
-    wall time includes the interpreter start and the imports before its first line."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return age if 0.0 <= age < 3600.0 else 0.0
-
-
 def command_line(args=None) -> str:
     """The command line as typed: `embgeom ` + the argv the dispatcher parsed (cli.main stores
     it on args as `argv`), else sys.argv."""

@@ -30,8 +30,9 @@ def write_outputs(out_dir: str, proj, *, texts=None, title: str = "", provenance
         (f"; silhouette original {sil['original']}, projection {sil['projection']}" if sil else "")
     if provenance is not None:
         report["provenance"] = provenance.record()
+    knn = None if proj.indices is None else (proj.indices, proj.similarities)
     write_scatter_html(os.path.join(out_dir, "projection.html"), proj.embedding, proj.labels, texts,
-                       title=name, note=note, provenance=report.get("provenance"))
+                       title=name, note=note, provenance=report.get("provenance"), knn=knn)
     if provenance is not None:
         report["provenance"] = provenance.record()
     write_json(os.path.join(out_dir, "report.json"), report)

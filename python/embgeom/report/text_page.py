@@ -255,7 +255,7 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
                                     title="[CLS] at the last depth, UMAP (exact cosine graph)",
                                     xlabel="UMAP 1", ylabel="UMAP 2"))
             write_scatter_html(os.path.join(out_dir, "groups_umap.html"), um.embedding, labels, texts,
-                               title="[CLS] at the last depth, UMAP")
+                               title="[CLS] at the last depth, UMAP", knn=(um.indices, um.similarities))
             groups["umap_silhouette"] = um.silhouette
         except ValueError as exc:
             notes.append(f"UMAP left out: {exc}")

@@ -186,11 +186,12 @@ def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[
     lab = ["word"] * plots["n_words"] + ["position"] * (plots["joint"].shape[0] - plots["n_words"])
     pngs["joint_pca"] = scatter_png(out_dir, "joint_pca", plots["joint"], lab,
                                     title="word and position embeddings, joint PCA", xlabel="PC 1", ylabel="PC 2")
-    for key, (xy, labels, texts) in (proj_arrays or {}).items():
+    for key, (xy, labels, texts, ids, knn) in (proj_arrays or {}).items():
         title = key.replace("_", " ") + " (exact cosine graph)"
         axis = "UMAP" if key.endswith("umap") else "t-SNE"
         pngs[key] = scatter_png(out_dir, key, xy, labels, title=title, xlabel=f"{axis} 1", ylabel=f"{axis} 2")
-        write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title)
+        write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title, ids=ids, knn=knn,
+                           note="hover and search show token ids (position ids for positions), as the tables do")
     return pngs
 
 

@@ -294,7 +294,7 @@ PHASES = {"model_load": "loading the model", "pairs": "all pairs of the vocabula
           "token_position": "tokens x positions", "token_type": "token-type embeddings",
           "pca": "principal components", "neighbors": "nearest neighbours (FAISS check)",
           "position_geometry": "position geometry", "projections": "UMAP and t-SNE projections",
-          "plots": "plots and page"}
+          "plots": "plots", "page": "page"}
 
 
 class PhaseTimer:
