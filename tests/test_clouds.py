@@ -155,6 +155,11 @@ def test_project_cli(tmp_path, capsys):
     html = (out / "projection.html").read_text()
     assert "<canvas" in html and "http" not in html and "src=" not in html
     assert "</script> " not in html.split("id='data'>")[1].split("</script>")[0]   # escaped payload
+    # a click lists the neighbours of knn.npz; the page zooms, pans and searches
+    data = json.loads(html.split("id='data'>")[1].split("</script>")[0].replace("<\\/", "</"))
+    assert data["knn"]["i"] == knn["indices"][:, :10].tolist()
+    np.testing.assert_allclose(data["knn"]["s"], knn["similarities"][:, :10], atol=1e-4)
+    assert "id='q'" in html and "'wheel'" in html and "id='provenance'" in html
     assert (out / "projection.png").stat().st_size > 0
     # 3-D input (cls.npy) with --depth; errors exit 2 with one line
     np.save(tmp_path / "c.npy", np.stack([x, 2 * x], 1))
@@ -222,6 +227,7 @@ def test_text_keeps_vectors(tiny_bert_dir, tiny_bert, tmp_path):
             "groups_depth.png", "pair_differences_pca.png"} <= names
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len([n for n in names if n.endswith(".png")])
+    assert "<a href='groups_pca.html'>" in html  # every side page linked from report.html
 
 
 def test_text_bad_labels(tiny_bert_dir, tmp_path, capsys):

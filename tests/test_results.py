@@ -71,3 +71,29 @@ def test_trace_result_table(tiny_bert):
     assert df["cone_output"].tolist() == pytest.approx(r.cone_layer_output.tolist())
     assert df["entropy_mean"].tolist() == pytest.approx(r.entropy.mean(1).tolist())
     assert r._repr_html_().count("<tr>") == 1 + r.layers
+
+
+def test_short_repr_and_scalar_summary(stats):
+    text = repr(stats)
+    assert len(text.splitlines()) == 3 and "tensor" not in text and "10 bins over [-1, 1]" in text
+    assert f"count={stats.count:,}" in text and "row_topk=(40, 2)" in text
+    s = stats.summary()
+    assert len(s) == 1 and s["count"].iloc[0] == stats.count and s["hist_bins"].iloc[0] == 10
+    assert s["mean"].iloc[0] == pytest.approx(stats.mean) and s["outside"].iloc[0] == stats.outside.count
+    assert (s["max_i"].iloc[0], s["max_j"].iloc[0]) == (stats.max[0], stats.max[1])
+    assert len(pd.concat([s, s])) == 2
+
+
+def test_to_pandas_joins_token_strings(stats, tiny_bert):
+    names = [f"w{r}" for r in range(stats.n)]
+    df = stats.to_pandas("top_pairs", tokens=names)
+    assert list(df.columns) == ["i", "token_i", "j", "token_j", "value"]
+    assert df["token_i"].tolist() == [f"w{i}" for i in df["i"]] and df["token_j"].tolist() == [f"w{j}" for j in df["j"]]
+    rows = stats.to_pandas("row_topk", tokens=names)
+    assert list(rows.columns) == ["row", "token", "rank", "column", "neighbour", "value"]
+    assert rows["neighbour"].tolist() == [f"w{c}" for c in rows["column"]]
+    _, tokenizer = tiny_bert  # a tokenizer: row r = token id r
+    df = stats.to_pandas("bottom_pairs", tokens=tokenizer)
+    assert df["token_i"].tolist() == tokenizer.convert_ids_to_tokens(df["i"].tolist())
+    with pytest.raises(ValueError, match="tokens: expected 40 strings"):
+        stats.to_pandas("top_pairs", tokens=names[:3])

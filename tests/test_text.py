@@ -27,9 +27,11 @@ def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
     assert main(["text", str(corpus), "--out", str(out), "--model", tiny_bert_dir, "--batch-size", "2",
                  "--pairs", str(pairs)]) == 0
     err = capsys.readouterr().err
-    assert "5/5 texts" in err and "truncated" in err
+    # stderr is not a terminal here: no progress (not even transformers' own bars), one last line
+    assert "truncated" in err and "5/5" not in err and "Loading weights" not in err
+    assert "5 texts, " in err and "(forward passes " in err
     report = json.loads((out / "report.json").read_text())
-    assert list(report) == KEYS + ["cls_pairs"]
+    assert list(report) == KEYS + ["cls_pairs", "provenance"]
     L, H = 2, 4
     assert (report["n_texts"], report["layers"], report["heads"], report["truncated"]) == (5, L, H, 1)
     assert set(report["cone_index"]) == {"layer_input", "head_output", "multihead_output", "layer_output"}

@@ -1,4 +1,9 @@
 """embgeom: a metric engine for the geometry of transformer embeddings."""
+import time as _time
+
+# when this package began importing (time.perf_counter): a command's total wall time counts from
+# here, the interpreter's start being a few milliseconds earlier (cli.main, provenance)
+IMPORTED_AT = _time.perf_counter()
 
 
 def _source_kernels() -> None:

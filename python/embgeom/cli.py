@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 
 from .commands import COMMANDS
 
@@ -44,8 +45,14 @@ def _unavailable(name: str, exc: ImportError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    if argv is None:  # the process is this command: its clock starts when embgeom began importing
+        from . import IMPORTED_AT
+
+        started = IMPORTED_AT
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    args.argv, args.started = argv, started  # provenance: the command line and its total wall time
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, UnicodeDecodeError) as exc:

@@ -62,6 +62,12 @@ def load_model(name_or_path: str | None = None, *, device=None):
     # trust_remote_code=False: transformers refuses a model that needs its own code instead of
     # asking [y/N] on the terminal (the local check above says why first)
     kwargs = {"local_files_only": local or bool(os.environ.get("HF_HUB_OFFLINE")), "trust_remote_code": False}
+    # transformers' own progress bars are left out: the commands show the load as one phase
+    # (embgeom.progress), and print nothing when stderr is not a terminal
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModel.from_pretrained(path, attn_implementation="eager", use_safetensors=True, **kwargs)
@@ -70,6 +76,9 @@ def load_model(name_or_path: str | None = None, *, device=None):
                          f"corrupt ({first_line(exc)})") from None
     except (OSError, ValueError) as exc:
         raise ValueError(f"model: cannot load {name_or_path!r}: {first_line(exc)}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     if device is not None:
         model.to(device)

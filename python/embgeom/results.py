@@ -9,7 +9,21 @@ from typing import Any
 
 import torch
 
+from .formatting import fmt
 from .tables import table_html
+
+
+def _namer(tokens, size: int, name: str):
+    """ids (a pandas Series of row numbers) -> their strings: tokens is a tokenizer or a
+    sequence of `size` strings; None: no names (the column is left as None)."""
+    if tokens is None:
+        return lambda ids: [None] * len(ids)
+    if hasattr(tokens, "convert_ids_to_tokens"):
+        return lambda ids: tokens.convert_ids_to_tokens([int(i) for i in ids])
+    tokens = list(tokens)
+    if len(tokens) != size:
+        raise ValueError(f"{name}: expected {size} strings (one per row), got {len(tokens)}")
+    return lambda ids: [tokens[int(i)] if int(i) >= 0 else None for i in ids]
 
 
 def _pandas():
@@ -204,9 +218,14 @@ class PairwiseStats:
             out["notes"] = list(self.notes)
         return out
 
-    def to_pandas(self, which: str = "top_pairs"):
+    def to_pandas(self, which: str = "top_pairs", *, tokens=None, col_tokens=None):
         """One ranked list or table as a DataFrame: which = top_pairs, bottom_pairs, near_pairs,
-        outside, row_topk, row_bottomk or hist."""
+        outside, row_topk, row_bottomk or hist.
+
+        tokens: names of x's rows joined onto the pair ids: a tokenizer (its
+        convert_ids_to_tokens, row r = token id r) or a sequence of N strings (row r = tokens[r]);
+        adds token_i / token_j to pair lists, token / neighbour to row lists. col_tokens: the
+        same for y's rows in cross mode (default: tokens in self mode)."""
         tables = {"top_pairs": self.top_pairs, "bottom_pairs": self.bottom_pairs,
                   "near_pairs": self.near_pairs, "outside": self.outside, "row_topk": self.row_topk,
                   "row_bottomk": self.row_bottomk, "hist": self.hist}
@@ -214,7 +233,59 @@ class PairwiseStats:
             raise ValueError(f"which: expected one of {', '.join(tables)}, got {which!r}")
         if tables[which] is None:
             raise ValueError(f"which: {which!r} was not computed in this run (switched off)")
-        return tables[which].to_pandas()
+        df = tables[which].to_pandas()
+        if tokens is None and col_tokens is None or which == "hist":
+            return df
+        rows = _namer(tokens, self.n, "tokens")
+        cols = _namer(col_tokens if col_tokens is not None or self.mode == "cross" else tokens,
+                      self.m if self.mode == "cross" else self.n, "col_tokens")
+        if which in ("row_topk", "row_bottomk"):
+            df.insert(1, "token", rows(df["row"]))
+            df.insert(df.columns.get_loc("column") + 1, "neighbour", cols(df["column"]))
+        else:
+            df.insert(1, "token_i", rows(df["i"]))
+            df.insert(3, "token_j", cols(df["j"]))
+        return df
+
+    def summary(self):
+        """Every scalar of the run as a one-row DataFrame (concatenate the summaries of several
+        runs to compare them): sizes, options, count, mean, std, min / max with their pair,
+        excluded rows, pairs outside, histogram bins, seconds."""
+        row = {"mode": self.mode, "n": self.n, "m": self.m, "d": self.d, "metric": self.metric,
+               "precision": self.precision, "backend": self.backend, "count": int(self.count),
+               "mean": _num(self.mean), "std": _num(self.std)}
+        for name in ("min", "max"):
+            p = getattr(self, name)
+            row.update({name: None if p is None else _num(float(p[2])),
+                        f"{name}_i": None if p is None else int(p[0]),
+                        f"{name}_j": None if p is None else int(p[1])})
+        row["excluded_rows"] = len(self.excluded_rows)
+        if self.mode == "cross":
+            row["excluded_cols"] = len(self.excluded_cols)
+        row["outside"] = None if self.outside is None else int(self.outside.count)
+        row["hist_bins"] = None if self.hist is None else self.hist.bins
+        row["seconds"] = self.seconds
+        return _pandas().DataFrame([row])
+
+    def __repr__(self) -> str:
+        """One line per group of scalars and the size of each list (never a whole tensor)."""
+        def pair(p):
+            return "None" if p is None else f"({int(p[0])}, {int(p[1])}, {fmt(float(p[2]), 6)})"
+
+        lists = ", ".join(f"{name}={len(getattr(self, name))}" for name in ("top_pairs", "bottom_pairs", "near_pairs")
+                          if getattr(self, name) is not None)
+        rows = ", ".join(f"{name}={tuple(getattr(self, name).indices.shape)}" for name in ("row_topk", "row_bottomk")
+                         if getattr(self, name) is not None)
+        lines = [f"PairwiseStats({self.mode}, n={fmt(self.n)}, m={fmt(self.m)}, d={fmt(self.d)}, "
+                 f"{self.metric}, {self.precision}, backend={self.backend}, {fmt(self.seconds, 3)} s",
+                 f"  count={fmt(int(self.count))}, mean={fmt(_num(self.mean), 6)}, std={fmt(_num(self.std), 6)}, "
+                 f"min={pair(self.min)}, max={pair(self.max)}",
+                 f"  hist={'None' if self.hist is None else f'{self.hist.bins} bins over [{self.hist.lo:g}, {self.hist.hi:g}]'}"
+                 + (f", {lists}" if lists else "") + (f", {rows}" if rows else "")
+                 + ("" if self.outside is None else
+                    f", outside [{self.outside.a:g}, {self.outside.b:g}]={fmt(int(self.outside.count))}")
+                 + f", excluded_rows={len(self.excluded_rows)})"]
+        return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         def pair(p):

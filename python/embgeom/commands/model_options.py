@@ -1,5 +1,6 @@
-"""The flags every model-running command shares (--model, --device; --batch-size, --max-length
-and --no-progress for the commands that run texts through the model): one wording, one check."""
+"""The flags every model-running command shares (--model, --device, --quiet; --batch-size,
+--max-length and --no-progress for the commands that run texts through the model): one wording,
+one check; and the progress display they ask for."""
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,27 @@ def add_model_options(p, *, batch_size: int | None = None, max_length_help: str 
     p.add_argument("--model", default=None, help="Hugging Face name or local path (default: the bundled "
                    "all-MiniLM-L6-v2)")
     p.add_argument("--device", default=None, type=device_option, help="torch device (default: cpu)")
+    add_quiet_option(p)
     if batch_size is None:
         return
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--max-length", type=int, default=None, help=f"{max_length_help} "
                    "(default: the model's maximum)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="the same as --quiet")
+
+
+def add_quiet_option(p) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (progress is shown only "
+                   "when stderr is a terminal; the last line, notes and errors are always printed)")
+
+
+def progress_for(args, prefix: str):
+    """The command's Progress: shown when stderr is a terminal and neither --quiet nor
+    --no-progress was given."""
+    from ..progress import Progress, wanted
+
+    quiet = bool(getattr(args, "quiet", False) or getattr(args, "no_progress", False))
+    return Progress(enabled=wanted(quiet), prefix=prefix)
 
 
 def check_batch_size(args) -> None:

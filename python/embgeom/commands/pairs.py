@@ -36,9 +36,12 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from ..formatting import fmt, seconds
     from ..io import check_output_path, load_matrix
+    from ..provenance import Provenance
     from ..report import write_json
 
+    prov = Provenance(args, inputs={"X": args.x, "--against": args.against})
     check_output_path(args.json, "--json")  # before any work, not after it
     x = load_matrix(args.x, "X")
     y = load_matrix(args.against, "Y") if args.against else None
@@ -62,6 +65,9 @@ def main(args) -> int:
         result = pairwise_stats(x, y, **kwargs)
     for note in result.notes:
         print(f"embgeom pairs: note: {note}", file=sys.stderr)
-    write_json(args.json, result.to_dict(), indent=None)  # compact: row lists can be large
-    print(f"embgeom pairs: {result.count} pairs in {result.seconds:.2f}s ({result.backend}) -> {args.json}")
+    out = result.to_dict()
+    out["provenance"] = prov.record()
+    write_json(args.json, out, indent=None)  # compact: row lists can be large
+    print(f"embgeom pairs: {fmt(result.count)} pairs in {seconds(prov.seconds())} (engine {seconds(result.seconds)}, "
+          f"{result.backend}) -> {args.json}")
     return 0

@@ -10,6 +10,7 @@ import os
 import sys
 
 from ..report.projection_page import write_outputs
+from .model_options import add_quiet_option, progress_for
 
 
 def add_arguments(p) -> None:
@@ -25,32 +26,44 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="all-pairs backend for the graph (default: auto)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    add_quiet_option(p)
 
 
 def main(args) -> int:
     from ..analysis.clouds.projection import project
     from ..analysis.text.inputs import read_labels
+    from ..formatting import fmt, seconds
     from ..io import check_complete, check_output_folder, load_matrix, output_folder
+    from ..provenance import Provenance
 
+    prov = Provenance(args, inputs={"X": args.x, "--labels": args.labels, "--texts": args.texts}, seed=args.seed)
+    prog = progress_for(args, "embgeom project")
     check_output_folder(args.out)
     check_complete(args.x, "X")
     x = load_matrix(args.x, "X")
+    prov.extra["input"] = {"file": os.path.abspath(args.x), "shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
     if x.dim() == 3:
         if not -x.shape[1] <= args.depth < x.shape[1]:
             raise ValueError(f"--depth: expected -{x.shape[1]} .. {x.shape[1] - 1}, got {args.depth}")
-        x = x[:, args.depth].contiguous()
+        depth = args.depth % x.shape[1]
+        prov.extra["depth"] = depth
+        prov.extra["depth_rule"] = (f"depth {depth} of {x.shape[1] - 1}: 0 = embedding output, l = output of "
+                                    "layer l (the input's second axis)")
+        x = x[:, depth].contiguous()
+    else:
+        prov.extra["depth"] = None
     if x.dim() != 2:
         raise ValueError(f"X: expected (N, D) or (N, L+1, D), got {tuple(x.shape)}")
     n = x.shape[0]
     labels = read_labels(args.labels, n) if args.labels else None
     texts = read_labels(args.texts, n, "--texts") if args.texts else None
     proj = project(x, method=args.method, labels=labels, k=args.k, perplexity=args.perplexity,
-                   seed=args.seed, backend=args.backend)
+                   seed=args.seed, backend=args.backend, progress=prog)
     for note in proj.notes:
         print(f"embgeom project: note: {note}", file=sys.stderr)
-    with output_folder(args.out, command="project") as out:
-        report = write_outputs(out, proj, texts=texts)
-    print(f"embgeom project: {args.method} of {n} x {x.shape[1]} in {report['seconds']:.1f}s "
-          f"(graph {report['knn_seconds']:.1f}s) -> {os.path.join(args.out, 'projection.html')}",
-          file=sys.stderr)
+    with output_folder(args.out, command="project") as out, prog.phase("plots and page"):
+        report = write_outputs(out, proj, texts=texts, provenance=prov)
+    print(f"embgeom project: {args.method} of {fmt(n)} x {fmt(x.shape[1])} in {seconds(prov.seconds())} "
+          f"(graph {seconds(report['knn_seconds'])}, layout {seconds(report['seconds'] - report['knn_seconds'])})"
+          f" -> {os.path.join(args.out, 'projection.html')}", file=sys.stderr)
     return 0

@@ -17,10 +17,12 @@ import numpy as np
 from ..analysis.clouds.geometry import group_geometry
 from ..analysis.heads.text_extras import TextExtras
 from ..analysis.text.keeper import Keeper
+from ..formatting import fmt, seconds
 from ..io import check_output_folder, output_folder
 from ..report import table_html, write_json
+from ..report.definitions import defined
 from ..report.text_page import group_plots, pair_plot, trajectory_plots, write_report
-from .model_options import add_model_options, check_batch_size
+from .model_options import add_model_options, check_batch_size, progress_for
 
 
 
@@ -42,7 +44,10 @@ def main(args) -> int:
     from ..analysis.text.inputs import read_labels, read_lines, read_pairs
     from ..analysis.text.trace import cls_differences, model_max_length, trace
     from ..models import DEFAULT_MODEL, load_model
+    from ..provenance import Provenance
 
+    prov = Provenance(args, inputs={"CORPUS": args.corpus, "--labels": args.labels, "--pairs": args.pairs})
+    prog = progress_for(args, "embgeom text")
     if not os.path.isfile(args.corpus):
         raise ValueError(f"CORPUS: no such file: {args.corpus}")
     check_batch_size(args)
@@ -57,7 +62,9 @@ def main(args) -> int:
     keeping = bool(args.keep or args.trajectories or args.labels)
     labels = read_labels(args.labels, n_texts) if args.labels else None
     with output_folder(args.out, command="text") as out:
-        model, tokenizer = load_model(args.model, device=args.device)
+        with prog.phase("loading the model"):
+            model, tokenizer = load_model(args.model, device=args.device)
+        prov.set_model(args.model, model)
         keeper = Keeper(out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
                         keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
                         tokenizer=tokenizer) if keeping else None
@@ -66,23 +73,30 @@ def main(args) -> int:
         with warnings.catch_warnings(record=True) as caught, extras.active():
             warnings.simplefilter("always")
             result = trace(model, tokenizer, args.corpus, batch_size=args.batch_size,
-                           max_length=args.max_length, progress=not args.no_progress, observers=observers)
+                           max_length=args.max_length, progress=prog, observers=observers)
         for w in caught[:1]:
             print(f"embgeom text: warning: {w.message}", file=sys.stderr)
         result.model = args.model or DEFAULT_MODEL
         report = result.to_dict()
-        report.update(extras.report(result))
+        if extras.observers:
+            with prog.phase("head measures"):
+                report.update(extras.report(result))
         if pairs is not None:
-            report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
-                                                  max_length=args.max_length, keep=True)
-        extra = finish(args, out, keeper, report, pairs, labels, lambda: list(read_lines(args.corpus)))
+            with prog.phase("[CLS] difference vectors"):
+                report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
+                                                      max_length=args.max_length, keep=True)
+        with prog.phase("kept vectors (groups, trajectories)"):
+            extra = finish(args, out, keeper, report, pairs, labels, lambda: list(read_lines(args.corpus)))
+        with prog.phase("plots and page"):
+            extras.write_files(out)
+            report["provenance"] = prov.record()
+            write_report(out, result, report, extra)
+        report["provenance"] = prov.record()  # the total wall time up to the last file
         write_json(os.path.join(out, "report.json"), report)
-        extras.write_files(out)
-        write_report(out, result, report, extra)
     if args.profile:
         extras.print_profile(result.seconds)
-    print(f"embgeom text: {result.n_texts} texts, {result.n_tokens} tokens in {result.seconds:.1f}s "
-          f"-> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
+    print(f"embgeom text: {fmt(result.n_texts)} texts, {fmt(result.n_tokens)} tokens in {seconds(prov.seconds())} "
+          f"(forward passes {seconds(result.seconds)}) -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0
 
 
@@ -112,7 +126,7 @@ def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[
     if args.trajectories and keeper is not None and keeper.traj:
         pngs, summary = trajectory_plots(out_dir, os.path.join(out_dir, "trajectories.npz"))
         report["trajectories"] = summary
-        sections.append(("Token trajectories (thesis 4.3)",
+        sections.append(("Token trajectories: each token's path through the layers (thesis 4.3)",
                          f"<p>{summary['tokens']} tokens of the first {summary['texts']} texts; "
                          "red dots: depth 0. trajectories.npz holds the states.</p>", pngs))
     if labels is not None:
@@ -123,18 +137,21 @@ def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[
         report["groups"] = groups
         rows = [[g, c, groups["last"]["per_label"][g].get("cosine", {}).get("mean"),
                  groups["last"]["per_label"][g]["norms"]["mean"]] for g, c in zip(groups["labels"], groups["counts"])]
-        body = (f"<p>silhouette (cosine) at the last depth {groups['silhouette'][-1]}; mean cosine "
-                f"within labels {groups['within_cosine'][-1]}, between {groups['between_cosine'][-1]}. "
-                "groups_pca.html / groups_umap.html are interactive.</p>"
+        pages = [f for f in ("groups_pca.html", "groups_umap.html") if os.path.exists(os.path.join(out_dir, f))]
+        body = (f"<p>{defined('silhouette', 'silhouette')} (cosine) at the last depth "
+                f"{fmt(groups['silhouette'][-1])}; mean cosine within labels {fmt(groups['within_cosine'][-1])}, "
+                f"between {fmt(groups['between_cosine'][-1])}. Interactive: "
+                + ", ".join(f"<a href='{f}'>{f}</a>" for f in pages) + ".</p>"
                 + table_html(["label", "texts", "mean cosine within", "mean norm"], rows)
                 + "".join(f"<p>{n}</p>" for n in notes))
-        sections.append(("Labelled [CLS] sets (thesis 4.4.1, 4.4.3)", body, pngs))
+        sections.append(("Labelled [CLS] sets: do texts with one label sit together? (thesis 4.4.1, 4.4.3)",
+                         body, pngs))
     if pairs is not None and "cls_pairs" in report and "vectors" in report["cls_pairs"]:
         vec = report["cls_pairs"].pop("vectors").cpu().double().numpy()
         pg = [p["group"] for p in pairs]
         np.savez(os.path.join(out_dir, "pair_differences.npz"), vectors=vec.astype(np.float32),
                  group=np.array(pg), a=np.array([p["a"] for p in pairs]), b=np.array([p["b"] for p in pairs]))
-        sections.append(("[CLS] difference vectors, PCA (thesis 4.4.2)",
+        sections.append(("[CLS] difference vectors of sentence pairs, PCA (thesis 4.4.2)",
                          "<p>Each point is cls(a) - cls(b) of one pair (pair_differences.npz).</p>",
                          [pair_plot(out_dir, vec, pg)]))
     return sections

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import torch
 
@@ -14,7 +13,7 @@ from ..engine.config import DEFAULTS, PRECISIONS
 from ..io import check_output_folder, output_folder
 from ..report import write_json
 from ..report.vocab_page import write_page, write_plots
-from .model_options import add_model_options
+from .model_options import add_model_options, progress_for
 
 
 def add_arguments(p) -> None:
@@ -31,19 +30,24 @@ def add_arguments(p) -> None:
 
 
 def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, precision=DEFAULTS.precision,
-        backend=None, positions=None, projections=False, seed=0) -> dict:
-    """Load the model, analyse, write report.json + PNGs + report.html; returns the report."""
+        backend=None, positions=None, projections=False, seed=0, progress=None, provenance=None) -> dict:
+    """Load the model, analyse, write report.json + PNGs + report.html; returns the report.
+    progress: a progress.Progress (phases on stderr); provenance: a provenance.Provenance (made
+    here when None)."""
     from ..models import DEFAULT_MODEL, load_model
+    from ..provenance import Provenance
 
     from ..analysis.vocab.positions import parse_range
 
-    timer = PhaseTimer()
-    start = time.perf_counter()
+    prov = provenance or Provenance(seed=seed)
+    prov.seed = seed
+    timer = PhaseTimer(progress)
     check_output_folder(out_dir)
     parse_range(positions, 1 << 62)  # its form before the model loads; its bounds right after
     with output_folder(out_dir, command="vocab") as out:
         with timer("model_load"):
             model, tokenizer = load_model(model_name, device=device)
+        prov.set_model(model_name, model)
         with torch.no_grad():
             report, plots = analyse(model, tokenizer, all_tokens=all_tokens, backend=backend,
                                     precision=precision, timer=timer, positions=positions,
@@ -52,20 +56,28 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
         with timer("plots"):
             pngs = write_plots(out, plots)
         report["timing"] = dict(timer.seconds)
-        report["timing"]["total"] = time.perf_counter() - start
+        report["timing"]["total"] = prov.seconds()
         report["peak_rss_mb"] = peak_rss_mb()
-        write_page(out, report, pngs)
-        report["timing"]["total"] = time.perf_counter() - start
+        report["provenance"] = prov.record()
+        with timer("page"):
+            write_page(out, report, pngs)
+        report["timing"]["total"] = prov.seconds()
+        report["provenance"] = prov.record()
         write_json(os.path.join(out, "report.json"), report)
     return report
 
 
 def main(args) -> int:
+    from ..formatting import fmt, seconds
+    from ..provenance import Provenance
+
+    prov = Provenance(args, seed=args.seed)
     report = run(args.model, args.out, device=args.device, all_tokens=args.all_tokens,
                  precision=args.precision, backend=args.backend, positions=args.positions,
-                 projections=args.projections, seed=args.seed)
+                 projections=args.projections, seed=args.seed,
+                 progress=progress_for(args, "embgeom vocab"), provenance=prov)
     tm = report["timing"]
-    parts = ", ".join(f"{k} {v:.1f}s" for k, v in tm.items() if k != "total")
-    print(f"embgeom vocab: {report['tokens_analysed']} tokens in {tm['total']:.1f}s ({parts}); "
-          f"peak {report['peak_rss_mb']:.0f} MB -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
+    parts = ", ".join(f"{k.replace('_', ' ')} {seconds(v)}" for k, v in tm.items() if k != "total")
+    print(f"embgeom vocab: {fmt(report['tokens_analysed'])} tokens in {seconds(prov.seconds())} ({parts}); "
+          f"peak {fmt(round(report['peak_rss_mb']))} MB -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0

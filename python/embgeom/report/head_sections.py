@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .definitions import defined
 from .headmaps import headmaps_html
+from ..formatting import fmt as fmt_number
 from ..tables import table_html
-from .plots import (DEPTH, HEAD, HEAD_INDEX, LAYER, depth_axis, layer_axis, layer_head_axes, new_figure,
-                    save_figure)
+from .plots import (DEPTH, HEAD, LAYER, depth_axis, head_matrix, layer_axis, layer_head_axes,
+                    new_figure, save_figure)
 
 MARKERS = {"broad": "o", "next": ">", "previous": "<", "[CLS]": "s", "[SEP]": "D",
            "punctuation": "P", "other": "x"}
@@ -20,9 +22,9 @@ def _arr(v):
         if isinstance(v, list) else np.asarray(v.cpu() if hasattr(v, "cpu") else v, dtype=float)
 
 
-def _heat(ax, fig, data, title, cmap="viridis", vmin=None, vmax=None, fmt=None):
+def _heat(ax, fig, data, title, cmap="viridis", vmin=None, vmax=None, fmt=None, label=""):
     im = ax.imshow(data, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title, fontsize=9)
     layer_head_axes(ax, *data.shape)
     if fmt and data.size <= 16 * 16:
@@ -44,6 +46,7 @@ def heads_sections(out_dir: str, block: dict) -> list:
     a1.plot(layers, cls_e.mean(1), "s--", label="from [CLS] (row 0)")
     a1.axhline(block["uniform_entropy"], color="gray", ls=":", label="uniform (mean ln n)")
     a1.set_title("attention row entropy (nats), smoothing 1e-4", fontsize=9)
+    a1.set_ylabel("entropy (nats)")
     layer_axis(a1, L)
     a1.legend(fontsize=7)
     a2 = fig.add_subplot(1, 3, 2)
@@ -51,19 +54,21 @@ def heads_sections(out_dir: str, block: dict) -> list:
     a2.fill_between(layers, ve.min(1), ve.max(1), alpha=0.2, color="C2", label="range over heads")
     a2.axhline(block["value_entropy_max"], color="gray", ls=":", label="ln 20")
     a2.set_title("value-histogram entropy (20 bins, nats)", fontsize=9)
+    a2.set_ylabel("entropy (nats)")
     layer_axis(a2, L)
     a2.legend(fontsize=7)
     a3 = fig.add_subplot(1, 3, 3)
-    _heat(a3, fig, _arr(block["sep_to_sep"]), "[SEP] -> [SEP] attention", "Blues", 0, 1)
+    _heat(a3, fig, _arr(block["sep_to_sep"]), "[SEP] -> [SEP] attention", "Blues", 0, 1,
+          label="attention mass")
     png = save_figure(fig, out_dir, "head_entropy")
     fig, ax = new_figure(0.5 * H + 3, 0.4 * L + 2)
-    _heat(ax, fig, ce, "Clark entropy per head (nats)", fmt="{:.1f}")
+    _heat(ax, fig, ce, "Clark entropy per head (nats)", fmt="{:.1f}", label="entropy (nats)")
     png2 = save_figure(fig, out_dir, "clark_entropy")
-    sections.append(("Attention entropy per head (Clark; value histogram)",
-                     "<p>Clark et al. (arXiv 1906.04341): row entropy of 0.9999 A + 0.0001/n, mean over "
+    sections.append(("How focused is each head? Entropy per head (Clark; value histogram)",
+                     f"<p>{defined('clark')}: Clark et al. (arXiv 1906.04341): row entropy of 0.9999 A + 0.0001/n, mean over "
                      "a text's rows, then over texts; from [CLS]: row 0 only; the uniform baseline is the "
                      "mean of ln n. Value-histogram entropy: the geometry-of-BERT authors' code "
-                     f"(arXiv 2502.12033), maximum ln 20. Uniform baseline: {block['uniform_entropy']:.3f} "
+                     f"(arXiv 2502.12033), maximum ln 20. Uniform baseline: {fmt_number(block['uniform_entropy'], 3)} "
                      "nats.</p>", [png, png2]))
 
     if "js_divergence" in block:
@@ -85,14 +90,13 @@ def heads_sections(out_dir: str, block: dict) -> list:
         fig.colorbar(sm, ax=a1, label=LAYER, ticks=range(1, L + 1))
         a1.legend(fontsize=7, title="behaviour", title_fontsize=7)
         a1.set_title("MDS of the summed JS divergence between heads (Clark Fig. 6)", fontsize=9)
+        a1.set_xlabel("MDS axis 1")
+        a1.set_ylabel("MDS axis 2")
         a2 = fig.add_subplot(1, 2, 2)
-        im = a2.imshow(js, cmap="magma")
-        fig.colorbar(im, ax=a2)
-        a2.set_title("summed JS divergence (nats), index = (layer - 1) * H + head", fontsize=9)
-        a2.set_xlabel(HEAD_INDEX)
-        a2.set_ylabel(HEAD_INDEX)
+        head_matrix(fig, a2, js, L, H, title="summed JS divergence between heads",
+                    label="summed JS divergence (nats)", vmin=0)
         png = save_figure(fig, out_dir, "head_mds")
-        sections.append(("Head distances and MDS (Clark)",
+        sections.append(("Which heads behave alike? Distances and MDS map (Clark)",
                          "<p>D(a, b) = sum over every real query row of every text of JS(P_a, P_b), "
                          "P = 0.999 A + 0.001/n (nats, not its square root); metric MDS "
                          "(scikit-learn, precomputed, n_init 5, max_iter 1000, eps 1e-10, seed 0). "
@@ -120,7 +124,7 @@ def heads_sections(out_dir: str, block: dict) -> list:
     rows = [[l + 1, h, pats[l][h]["label"]] + [pats[l][h][f] for f in feats]
             for l in range(L) for h in range(H)]
     counts = {name: int((idx == i).sum()) for i, name in enumerate(labels)}
-    sections.append(("Gate patterns per head (ours)",
+    sections.append(("What each head attends to: gate patterns (ours)",
                      "<p>Features are primary; the label is our documented rule (docs/metrics.md, attention heads), not "
                      "the geometry-of-BERT authors' criteria, which could not be read: closed gate "
                      "D + S >= 0.6; directional (C1 >= 0.5 or C3 >= 0.6) and median k90 <= 3; "
@@ -138,10 +142,11 @@ def heads_sections(out_dir: str, block: dict) -> list:
         fig.clf()
         for i, k in enumerate(keys):
             ax = fig.add_subplot(1, len(keys), i + 1)
-            _heat(ax, fig, _arr(d[k]), k, "coolwarm" if k.startswith("spearman") else "viridis",
-                  -1 if k.startswith("spearman") else None, 1 if k.startswith("spearman") else None)
+            _heat(ax, fig, _arr(d[k]), k.replace("_", " "), "coolwarm" if k.startswith("spearman") else "viridis",
+                  -1 if k.startswith("spearman") else None, 1 if k.startswith("spearman") else None,
+                  label=k.replace("_", " "))
         png = save_figure(fig, out_dir, "head_directionality")
-        sections.append(("Directionality of subspace selection (ours)",
+        sections.append(("Directionality of subspace selection: do queries and keys read different directions? (ours)",
                          "<p>Two readings proposed for the paper's undefined notion: skew fraction "
                          "||(M - M^T)/2||_F / ||M||_F of M = W_Q,h^T W_K,h (weights) and the asymmetry "
                          "||A - A^T||_F / (2 ||A||_F) of each text's map; the share of each row's mass on "
@@ -156,7 +161,7 @@ def heads_sections(out_dir: str, block: dict) -> list:
         with open(os.path.join(out_dir, maps["file"])) as f:
             maps = json.load(f)
     if maps:
-        sections.append(("Head maps", headmaps_html(maps, L, H), []))
+        sections.append(("Attention maps of sample texts (click a head)", headmaps_html(maps, L, H), []))
     return sections
 
 
@@ -171,14 +176,16 @@ def gaussianity_section(out_dir: str, entries: list[dict]):
         ax.plot(depth, [e[key] for e in entries], "o-", label="tokens")
         ax.plot(depth, [e["text_mean"][key] for e in entries], "s--", label="text mean vectors")
         ax.set_title(title, fontsize=9)
+        ax.set_ylabel({"share_rejected": "share of dimensions", "mean_skew": "skewness",
+                       "mean_excess_kurtosis": "excess kurtosis"}[key])
         depth_axis(ax, len(depth))
         ax.legend(fontsize=7)
     png = save_figure(fig, out_dir, "gaussianity")
     rows = [[e["depth"], e["count"], e["share_rejected"], e["mean_skew"], e["mean_excess_kurtosis"],
              e["text_mean"]["share_rejected"], e["text_mean"]["mean_skew"],
              e["text_mean"]["mean_excess_kurtosis"]] for e in entries]
-    return ("Gaussianity by depth (ours)",
-            "<p>D'Agostino-Pearson K^2 (scipy.stats.normaltest) on each real token's hidden-state "
+    return ("Are hidden states Gaussian? K^2 by depth (ours)",
+            f"<p>{defined('gaussianity')}: D'Agostino-Pearson K^2 (scipy.stats.normaltest) on each real token's hidden-state "
             "components, rejected at p &lt; 0.05 / N (N real tokens in the corpus); skewness and "
             "excess kurtosis with scipy's defaults; the same for each text's mean vector "
             "(p &lt; 0.05 / number of texts).</p>"
@@ -211,6 +218,7 @@ def context_section(out_dir: str, cs: dict):
     layer_axis(a2, L)
     a2.set_ylim(0, 1.02)
     a2.set_title("share of most-similar pairs (mean over heads)", fontsize=9)
+    a2.set_ylabel("share of most-similar pairs")
     a2.legend(fontsize=7)
     png = save_figure(fig, out_dir, "context_distances")
     return ("Context similarity: distances and sentences (arXiv 2512.21956)",

@@ -50,6 +50,24 @@ def depth_axis(ax, depths: int) -> None:
     ax.set_xlabel(DEPTH)
 
 
+def head_matrix(fig, ax, data, layers: int, heads: int, *, title: str, label: str, cmap: str = "magma",
+                vmin=None, vmax=None) -> None:
+    """An (L*H) x (L*H) matrix between all heads: one tick per layer (L1..LL) at its block's
+    centre, white lines at the layer boundaries, a colour bar labelled with the quantity."""
+    im = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    for b in range(1, layers):
+        ax.axhline(b * heads - 0.5, color="w", lw=0.7)
+        ax.axvline(b * heads - 0.5, color="w", lw=0.7)
+    centres = [l * heads + (heads - 1) / 2 for l in range(layers)]
+    names = [f"L{l + 1}" for l in range(layers)]
+    ax.set_xticks(centres, names)
+    ax.set_yticks(centres, names)
+    ax.set_xlabel(f"head, by layer (heads 0..{heads - 1} within each block; index {HEAD_INDEX})", fontsize=8)
+    ax.set_ylabel("head, by layer", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label=label, shrink=0.85)
+
+
 def new_figure(width=7.0, height=4.0):
     import matplotlib
 

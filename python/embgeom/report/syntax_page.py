@@ -11,6 +11,7 @@ def write_syntax_report(out_dir: str, report: dict) -> None:
     import numpy as np
 
     from . import new_figure, save_figure, table_html, write_html
+    from .definitions import defined
     from .plots import layer_head_axes
 
     s = report["syntax"]
@@ -31,7 +32,7 @@ def write_syntax_report(out_dir: str, report: dict) -> None:
     summary = table_html(["model", "sentences", "words", "skipped (too long)", "seconds"],
                          [[report["model"], s["n_sentences"], s["n_words"], s["skipped_too_long"],
                            round(s["seconds"], 1)]])
-    body = ("<p>Clark et al. (arXiv 1906.04341, section 4.2): for each relation the head and direction "
+    body = (f"<p>{defined('syntax')}: Clark et al. (arXiv 1906.04341, section 4.2): for each relation the head and direction "
             "whose most-attended word is the gold head most often (best of all heads x 2 directions, "
             "chosen on this data), against the best fixed offset -3..2. Best head: L = layer (1..L), "
             "h = head (from 0), as in report.json. Relations with few instances are noisy (the paper reports those "
@@ -39,4 +40,5 @@ def write_syntax_report(out_dir: str, report: dict) -> None:
             + table_html(["relation", "count", "best head", "direction", "accuracy", "baseline offset",
                           "baseline accuracy"], rows))
     write_html(os.path.join(out_dir, "report.html"), f"embgeom syntax: {report['model']}",
-               [("Summary", summary, []), ("Syntax heads per relation", body, [png])])
+               [("Summary", summary, []), ("Syntax heads per relation", body, [png])],
+               provenance=report.get("provenance"))

@@ -5,33 +5,41 @@ from __future__ import annotations
 
 import os
 from . import new_figure, save_figure, table_html, write_html
-from .plots import HEAD, HEAD_INDEX, LAYER, depth_axis, layer_axis, layer_head_axes
+from .plots import HEAD, LAYER, depth_axis, head_matrix, layer_axis, layer_head_axes
 import numpy as np
 from ..analysis.clouds import geometry, projection
+from ..formatting import fmt
 from . import explained_variance_png
+from .definitions import defined
 from .interactive import PALETTE, scatter_png, write_scatter_html
+from ..tables import Raw
 
 
 
-def _heatmap(out_dir, name, data, title, xlabel=None, ylabel=None, cmap="viridis", vmin=None, vmax=None):
+def _heatmap(out_dir, name, data, title, xlabel=None, ylabel=None, cmap="viridis", vmin=None, vmax=None,
+             label="", ticks=None):
     """A heat map saved as name.png; without xlabel/ylabel its rows are layers 1..L and its
-    columns heads 0..H-1."""
-    fig, _ = heatmap_figure(data, title, xlabel, ylabel, cmap, vmin, vmax)
+    columns heads 0..H-1. label: the colour bar's quantity; ticks: names of rows and columns."""
+    fig, _ = heatmap_figure(data, title, xlabel, ylabel, cmap, vmin, vmax, label=label, ticks=ticks)
     return save_figure(fig, out_dir, name)
 
 
-def heatmap_figure(data, title, xlabel=None, ylabel=None, cmap="viridis", vmin=None, vmax=None):
+def heatmap_figure(data, title, xlabel=None, ylabel=None, cmap="viridis", vmin=None, vmax=None, *,
+                   label="", ticks=None):
     """(figure, axes) of `_heatmap` (unsaved)."""
     data = np.asarray(data, dtype=float)
     fig, ax = new_figure(max(4.0, 0.45 * data.shape[1] + 2), max(3.0, 0.4 * data.shape[0] + 1.5))
     im = ax.imshow(data, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title)
     if xlabel is None:
         layer_head_axes(ax, *data.shape)
     else:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+    if ticks is not None:
+        ax.set_xticks(range(len(ticks)), ticks, rotation=45, ha="right")
+        ax.set_yticks(range(len(ticks)), ticks)
     return fig, ax
 
 
@@ -75,10 +83,11 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
 
     ent = r.entropy.cpu().numpy()
     pngs["entropy"] = _heatmap(out_dir, "entropy", ent, f"attention row entropy (nats); uniform "
-                               f"baseline {r.uniform_baseline:.2f}")
-    pngs["js"] = _heatmap(out_dir, "js_distance", r.js_distance.cpu().numpy(),
-                          "Jensen-Shannon distance between heads",
-                          HEAD_INDEX, HEAD_INDEX, cmap="magma", vmin=0)
+                               f"baseline {fmt(r.uniform_baseline, 3)}", label="entropy (nats)")
+    fig, ax = new_figure(7.5, 6.5)
+    head_matrix(fig, ax, r.js_distance.cpu().numpy(), L, H, title="Jensen-Shannon distance between heads",
+                label="JS distance (sqrt of nats)", vmin=0)
+    pngs["js"] = save_figure(fig, out_dir, "js_distance")
 
     fig, _ = new_figure(13, 2.8)
     fig.clf()
@@ -87,26 +96,27 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
         im = ax.imshow(r.attention_to[key].cpu().numpy(), vmin=0, vmax=1, cmap="Blues", aspect="auto")
         ax.set_title(f"to {key}")
         layer_head_axes(ax, L, H)
-        if i > 0:
-            ax.set_ylabel("")
-    fig.colorbar(im, ax=fig.axes)
+    fig.colorbar(im, ax=fig.axes, label="attention mass per query row")
     pngs["attention_to"] = save_figure(fig, out_dir, "attention_to")
 
     pngs["context"] = _heatmap(out_dir, "context_distance", r.context_mean_distance.cpu().numpy(),
                                "context similarity: mean |i - j| to the most similar token",
-                               cmap="cividis")
+                               cmap="cividis", label="mean |i - j| (tokens)")
 
     fig, _ = new_figure(10, 3.5)
     fig.clf()
     a1 = fig.add_subplot(1, 3, 1)
     a1.plot(layers, r.step_distance.cpu().numpy(), "o-")
     a1.set_title("step distance ||h_l - h_(l-1)||")
+    a1.set_ylabel("Euclidean distance")
     a2 = fig.add_subplot(1, 3, 2)
     a2.plot(layers, r.step_cosine.cpu().numpy(), "o-")
     a2.set_title("step cosine")
+    a2.set_ylabel("cos(h_l, h_(l-1))")
     a3 = fig.add_subplot(1, 3, 3)
     a3.plot(np.arange(L + 1), r.norm.cpu().numpy(), "o-")
     a3.set_title("norm ||h_l||")
+    a3.set_ylabel("norm")
     for a in (a1, a2):
         layer_axis(a, L)
     depth_axis(a3, L + 1)
@@ -116,14 +126,18 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
         cp = report["cls_pairs"]
         pngs["pairs"] = _heatmap(out_dir, "cls_pairs", cp["cosine"].cpu().numpy(),
                                  "cosine between mean [CLS] difference vectors", "group", "group",
-                                 cmap="coolwarm", vmin=-1, vmax=1)
+                                 cmap="coolwarm", vmin=-1, vmax=1, label="cosine",
+                                 ticks=[str(g) for g in cp["groups"]])
 
     summary = table_html(
-        ["model", "texts", "tokens", "layers", "heads", "truncated", "seconds"],
+        ["model", "texts", "tokens", "layers", "heads", "truncated", "forward passes (s)"],
         [[r.model, r.n_texts, r.n_tokens, L, H, r.truncated, round(r.seconds, 1)]])
     per_layer = table_html(
-        [LAYER, "cone in", "cone heads (mean)", "cone multi-head", "cone out", "entropy (mean)",
-         "to [CLS]", "to [SEP]", "to punct", "to prev", "to next", "context |i-j|", "step cos"],
+        [LAYER, Raw(defined("cone_index", "cone in")), Raw(defined("cone_index", "cone heads (mean)")),
+         Raw(defined("cone_index", "cone multi-head")), Raw(defined("cone_index", "cone out")),
+         Raw(defined("entropy", "entropy (mean)"))]
+        + [Raw(defined("attention_to", f"to {k}")) for k in ("[CLS]", "[SEP]", "punct", "prev", "next")]
+        + [Raw(defined("context", "context |i-j|")), Raw(defined("evolution", "step cos"))],
         [[l + 1, float(r.cone_layer_input[l]), float(np.nanmean(heads[l])), float(r.cone_multihead_output[l]),
           float(r.cone_layer_output[l]), float(ent[l].mean())]
          + [float(r.attention_to[k][l].mean()) for k in ("cls", "sep", "punct", "prev", "next")]
@@ -132,14 +146,21 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
                                [[l + 1] + list(r.focus_token[l]) for l in range(L)])
     sections = [
         ("Summary", summary + per_layer, []),
-        ("Cone index (docs/metrics.md, cone index)", "<p>Per text I/n over its real tokens, mean over texts.</p>", [pngs["cone"]]),
-        ("Attention entropy (M3)", "<p>Row entropy averaged over every real query row.</p>", [pngs["entropy"]]),
-        ("Attention targets (M3)", "<p>Mean attention mass per real query row.</p>", [pngs["attention_to"]]),
-        ("Head distances (M3)", "<p>JS distance between heads' mean attention over [CLS], [SEP] and "
+        ("Cone index: do a layer's vectors point one way?",
+         f"<p>The {defined('cone_index')} per text over its real tokens, mean over texts, for the four "
+         "tensors of each layer.</p>", [pngs["cone"]]),
+        ("Attention entropy: how spread is each head's attention?",
+         f"<p>{defined('entropy', 'Row entropy')} averaged over every real query row.</p>", [pngs["entropy"]]),
+        ("Where attention goes: [CLS], [SEP], punctuation, neighbours",
+         f"<p>Mean {defined('attention_to', 'attention mass')} per real query row.</p>", [pngs["attention_to"]]),
+        ("How different the heads are: Jensen-Shannon distances",
+         f"<p>{defined('js_distance', 'JS distance')} between heads' mean attention over [CLS], [SEP] and "
          "relative offsets.</p>", [pngs["js"]]),
-        ("Context similarity (M4)", "<p>Most similar other token under O O<sup>T</sup>; focus token "
+        ("Context similarity: which other token a head's output resembles most",
+         f"<p>Most similar other token under O O<sup>T</sup> ({defined('context')}); focus token "
          "per head (most often the focus of a text):</p>" + focus, [pngs["context"]]),
-        ("Layer evolution", "<p>Means over every real token.</p>", [pngs["evolution"]]),
+        ("How token vectors change from layer to layer",
+         f"<p>{defined('evolution')}: means over every real token.</p>", [pngs["evolution"]]),
     ]
     if "pairs" in pngs:
         cp = report["cls_pairs"]
@@ -149,7 +170,8 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
             [pngs["pairs"]]))
     sections += head_sections(out_dir, report)
     sections.extend(extra_sections)
-    write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections)
+    write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections,
+               provenance=report.get("provenance"))
     return list(pngs.values())
 
 
@@ -191,12 +213,19 @@ def trajectory_plots(out_dir: str, path: str) -> tuple[list[str], dict]:
             ax.plot(list(xs), steps[key][i], lw=0.8, color=PALETTE[int(text[i]) % len(PALETTE)],
                     label=names[i] if n <= 12 else None)
         ax.set_title(title)
+        ax.set_ylabel({"step_distance": "Euclidean distance", "step_cosine": "cos(h_l, h_(l-1))",
+                       "norm": "norm"}[key])
         if key == "norm":
             depth_axis(ax, depths)
         else:
             layer_axis(ax, depths - 1)
-        if a == 0 and n <= 12:
-            ax.legend(fontsize=6)
+        if a == 0:  # one line per token, coloured by text
+            if n <= 12:
+                ax.legend(fontsize=6, title="text:token", title_fontsize=6)
+            else:
+                for t in sorted(set(int(v) for v in text.tolist()))[:12]:
+                    ax.plot([], [], color=PALETTE[t % len(PALETTE)], label=f"text {t}")
+                ax.legend(fontsize=6, title=f"{n} tokens, by text", title_fontsize=6)
     pngs.append(save_figure(fig, out_dir, "trajectories_steps"))
     summary = {"tokens": n, "texts": int(text.max()) + 1 if n else 0,
                "step_distance_mean": steps["step_distance"].mean(0).tolist(),
@@ -223,39 +252,75 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
         try:
             um = projection.project(last, method="umap", labels=labels, k=min(15, last.shape[0] - 2), seed=seed)
             pngs.append(scatter_png(out_dir, "groups_umap", um.embedding, labels,
-                                    title="[CLS] at the last depth, UMAP (exact cosine graph)"))
+                                    title="[CLS] at the last depth, UMAP (exact cosine graph)",
+                                    xlabel="UMAP 1", ylabel="UMAP 2"))
             write_scatter_html(os.path.join(out_dir, "groups_umap.html"), um.embedding, labels, texts,
-                               title="[CLS] at the last depth, UMAP")
+                               title="[CLS] at the last depth, UMAP", knn=(um.indices, um.similarities))
             groups["umap_silhouette"] = um.silhouette
         except ValueError as exc:
             notes.append(f"UMAP left out: {exc}")
-    fig, ax = new_figure()
-    depth = range(len(groups["silhouette"]))
-    nan = lambda v: [np.nan if x is None else x for x in v]  # noqa: E731
-    ax.plot(depth, nan(groups["silhouette"]), "o-", label="silhouette (cosine)")
-    ax.plot(depth, nan(groups["within_cosine"]), "s-", label="mean cosine, same label")
-    ax.plot(depth, nan(groups["between_cosine"]), "^-", label="mean cosine, different labels")
-    depth_axis(ax, len(groups["silhouette"]))
-    ax.legend(fontsize=8)
-    ax.set_title("labelled [CLS] sets over depth")
+    fig = new_figure(13, 3.8)[0]
+    fig.clf()
+    depths = len(groups["silhouette"])
+    nan = lambda v: np.array([np.nan if x is None else x for x in v], dtype=float)  # noqa: E731
+    within, between = nan(groups["within_cosine"]), nan(groups["between_cosine"])
+    a1 = fig.add_subplot(1, 3, 1)
+    a1.plot(range(depths), nan(groups["silhouette"]), "o-", color="C0")
+    a1.set_ylabel("silhouette (cosine distance)")
+    a1.set_title("silhouette of the labels")
+    a2 = fig.add_subplot(1, 3, 2)
+    a2.plot(range(depths), within, "s-", color="C1", label="same label")
+    a2.plot(range(depths), between, "^-", color="C2", label="different labels")
+    a2.set_ylabel("mean cosine")
+    a2.set_title("mean cosine of [CLS] pairs")
+    a2.legend(fontsize=8)
+    a3 = fig.add_subplot(1, 3, 3)
+    gap = within - between
+    a3.plot(range(depths), gap, "d-", color="C3")
+    # the two curves can differ at 1e-5 where both are near 1: the gap on a log axis shows it
+    if np.all(gap[np.isfinite(gap)] > 0):
+        a3.set_yscale("log")
+    else:
+        a3.set_yscale("symlog", linthresh=1e-6)
+    a3.set_ylabel("within - between (mean cosine)")
+    a3.set_title("gap between the two (log axis)")
+    for ax in (a1, a2, a3):
+        depth_axis(ax, depths)
+    fig.suptitle("labelled [CLS] sets over depth", fontsize=10)
+    fig.tight_layout()
     pngs.append(save_figure(fig, out_dir, "groups_depth"))
-    fig, ax = new_figure()
+    fig, ax = new_figure(8, 4.5)
+    lo, hi = 1.0, -1.0
+
+    def curve(h):
+        edges = np.linspace(h["lo"], h["hi"], h["bins"] + 1)
+        counts = np.asarray(h["counts"], dtype=float)
+        used = np.nonzero(counts)[0]
+        return edges, counts / max(counts.sum(), 1), used
+
     for i, (g, st) in enumerate(groups["last"]["per_label"].items()):
         if "cosine" not in st:
             continue
-        h = st["cosine"]["hist"]
-        edges = np.linspace(h["lo"], h["hi"], h["bins"] + 1)
-        counts = np.asarray(h["counts"], dtype=float)
-        ax.step(edges[:-1], counts / max(counts.sum(), 1), where="post", color=PALETTE[i % len(PALETTE)], label=g)
-    for key, st in list(groups["last"]["per_pair"].items())[:6]:
-        h = st["cosine"]["hist"]
-        edges = np.linspace(h["lo"], h["hi"], h["bins"] + 1)
-        counts = np.asarray(h["counts"], dtype=float)
-        ax.step(edges[:-1], counts / max(counts.sum(), 1), where="post", ls=":", label=key.replace("|", " x "))
+        edges, share, used = curve(st["cosine"]["hist"])
+        if used.size:
+            lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
+        ax.step(edges[:-1], share, where="post", color=PALETTE[i % len(PALETTE)], lw=1.4, label=g)
+    pairs = list(groups["last"]["per_pair"].items())
+    cmap = __import__("matplotlib").colormaps["tab20" if len(pairs) <= 20 else "turbo"]
+    for k, (key, st) in enumerate(pairs):
+        edges, share, used = curve(st["cosine"]["hist"])
+        if used.size:
+            lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
+        ax.step(edges[:-1], share, where="post", ls=":", lw=1, color=cmap(k / max(len(pairs) - 1, 1)),
+                label=key.replace("|", " x "))
+    if lo < hi:  # the range the data covers, not -1..1
+        pad = 0.02 * (hi - lo)
+        ax.set_xlim(lo - pad, hi + pad)
     ax.set_xlabel("cosine")
     ax.set_ylabel("share of pairs")
-    ax.set_title("pairwise cosine within labels (solid) and across (dotted)")
-    ax.legend(fontsize=6)
+    ax.set_title(f"pairwise cosine within labels (solid) and across all {len(pairs)} label pairs (dotted)",
+                 fontsize=9)
+    ax.legend(fontsize=6, ncol=2 if len(pairs) > 8 else 1, bbox_to_anchor=(1.01, 1), loc="upper left")
     pngs.append(save_figure(fig, out_dir, "groups_cosine_hist"))
     return pngs, notes
 

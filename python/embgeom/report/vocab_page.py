@@ -9,6 +9,8 @@ import torch
 
 from ..analysis.vocab.sections import MEAN_MEASURES, OUTSIDE, TABLE_K
 from . import new_figure, save_figure, table_html, write_html
+from ..formatting import fmt
+from .definitions import defined
 from .plots import save_axes
 
 
@@ -30,13 +32,15 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
         v = plots["mean_measures"][name]
         ax.hist(v[torch.isfinite(v)].cpu().numpy(), bins=100)
         ax.set_title(name.replace("_", " ") + (" of row" if name == "norm" else " to mean"))
+        ax.set_xlabel(name.replace("_", " "))
+        ax.set_ylabel("tokens")
     fig.tight_layout()
     pngs["mean_embedding"] = save_figure(fig, out_dir, "mean_embedding")
 
     if "pos_cos" in plots:
         fig, ax = new_figure(6, 5)
         im = ax.imshow(plots["pos_cos"].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, ax=ax, label="cosine")
         pngs["positional_cosine"] = save_axes(fig, ax, out_dir, "positional_cosine", xlabel="position",
                                               ylabel="position", title="cosine of position embeddings")
 
@@ -53,6 +57,9 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
         ax.plot(path[:, 0], path[:, 1], path[:, 2], lw=0.6, color="grey")
         sc = ax.scatter(path[:, 0], path[:, 1], path[:, 2], c=range(len(path)), s=4, cmap="viridis")
         fig.colorbar(sc, ax=ax, label="position", shrink=0.7)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.set_zlabel("PC 3")
         ax.set_title("position embeddings, first 3 principal components")
         pngs["positional_pca3d"] = save_figure(fig, out_dir, "positional_pca3d")
 
@@ -75,39 +82,41 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
     t = table_html
     p = report["pairs"]
     tk = report["tokens"]
-    intro = (f"<p>{report['model']}: vocabulary {report['vocab_size']} x {report['hidden']}; "
-             f"{report['tokens_analysed']} tokens analysed "
+    intro = (f"<p>{report['model']}: vocabulary {fmt(report['vocab_size'])} x {fmt(report['hidden'])}; "
+             f"{fmt(report['tokens_analysed'])} tokens analysed "
              + ("(all tokens)" if tk["all_tokens"] else
                 f"({tk['special']} special and {tk['unused']} [unusedN] tokens left out; --all-tokens keeps them)")
-             + f". Total {report['timing']['total']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB.</p>")
+             + f". Total {fmt(report['timing']['total'], 3)} s, peak memory {fmt(round(report['peak_rss_mb']))} MB.</p>")
     sections = [("Overview", intro + t(["step", "seconds"], [[k, v] for k, v in report["timing"].items()]), [])]
-    pairs_body = (f"<p>{p['count']} pairs; mean cosine {p['mean']:.4f}, std {p['std']:.4f}; "
-                  f"{p['outside']['count']} pairs outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
+    pairs_body = (f"<p>{fmt(p['count'])} pairs ({defined('pairs')}); mean {defined('cosine')} {fmt(p['mean'])}, "
+                  f"std {fmt(p['std'])}; {fmt(p['outside']['count'])} pairs outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
                   "<h3>most similar</h3>" + t(["token a", "token b", "cosine"], p["top_tokens"])
                   + "<h3>least similar</h3>" + t(["token a", "token b", "cosine"], p["bottom_tokens"])
                   + "<h3>nearest to 0</h3>" + t(["token a", "token b", "cosine"], p["near_zero_tokens"]))
-    sections.append(("All pairs of word embeddings", pairs_body, [pngs["pairs_hist"]]))
+    sections.append(("How similar are the word embeddings? All pairs", pairs_body, [pngs["pairs_hist"]]))
     me = report["mean_embedding"]
     me_body = "".join(
         f"<h3>{name.replace('_', ' ')}</h3>" + t(["top id", "top token", "value", "bottom id", "bottom token", "value"],
                                                 [a + b for a, b in zip(me[name]["top"], me[name]["bottom"])])
         for name in MEAN_MEASURES)
-    sections.append(("Mean embedding", f"<p>norm of the mean embedding {me['mean_norm']:.4f}</p>" + me_body,
+    sections.append(("Which tokens are closest to the mean embedding?",
+                     f"<p>norm of the {defined('mean_embedding')} {fmt(me['mean_norm'])}</p>" + me_body,
                      [pngs["mean_embedding"]]))
     if "absent" in report["positional"]:
         sections.append(("Position embeddings", f"<p>absent: {report['positional']['absent']}</p>", []))
     else:
         pos = report["positional"]
         body = (f"<p>{pos['positions']} positions (index 0 = position id {pos['first_position_id']}, the "
-                f"first token's); mean cosine {pos['mean']:.4f} (std {pos['std']:.4f}); "
+                f"first token's); mean cosine {fmt(pos['mean'])} (std {fmt(pos['std'])}; "
+                f"{defined('offset_profile')} below); "
                 f"{pos['components_for_90pct']} principal components explain 90% of the variance.</p>")
         sections.append(("Position embeddings", body, [pngs["positional_cosine"], pngs["positional_offset"],
                                                        pngs["positional_pca3d"]]))
         tp = report["token_position"]
-        body = (f"<p>{tp['count']} token x position pairs; mean cosine {tp['mean']:.4f}; "
-                f"{tp['outside']['count']} outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
+        body = (f"<p>{fmt(tp['count'])} token x position pairs; mean cosine {fmt(tp['mean'])}; "
+                f"{fmt(tp['outside']['count'])} outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
                 + t(["token id", "token", "position", "cosine"], tp["top_pairs"] + tp["bottom_pairs"]))
-        sections.append(("Token x position", body, []))
+        sections.append(("Do word and position embeddings share directions? Token x position", body, []))
     if "absent" in report["token_type"]:
         sections.append(("Token-type embeddings", f"<p>absent: {report['token_type']['absent']}</p>", []))
     else:
@@ -119,21 +128,23 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
         sections.append(("Token-type embeddings", body, []))
     pca = report["pca"]
     body = t(["matrix", "50%", "90%", "99%"], [[name, *v["components_for"].values()] for name, v in pca.items()])
-    sections.append(("PCA (components needed)", body, [pngs["pca"]]))
+    sections.append(("How many directions carry the variance? Principal components",
+                     f"<p>{defined('pca', 'Components needed')} for 50, 90 and 99 % of the variance.</p>" + body,
+                     [pngs["pca"]]))
     nb = report["neighbors"]
-    rows = [[w, ", ".join(f"{tok} ({v:.3f})" for _, tok, v in lst)] for w, lst in nb["probes"].items()]
+    rows = [[w, ", ".join(f"{tok} ({fmt(v, 3)})" for _, tok, v in lst)] for w, lst in nb["probes"].items()]
     ag = nb.get("agreement") or {}
     body = t(["probe", f"{nb.get('k', TABLE_K)} nearest tokens (cosine), FAISS exact"], rows)
     if ag:
         body += (f"<p>FAISS exact vs pairwise_stats(row_topk): {ag['equal_up_to_ties']} of {ag['rows_checked']} "
                  f"rows agree up to ties ({ag['identical']} identical), largest value difference "
-                 f"{ag['max_abs_value_diff']:.2e}.</p>")
-    sections.append(("Nearest neighbours", body, []))
+                 f"{fmt(ag['max_abs_value_diff'], 3)}.</p>")
+    sections.append(("Nearest neighbours of probe words", body, []))
     if "position_geometry" in report:
 
         sections.append(position_section(report, pngs))
     path = os.path.join(out_dir, "report.html")
-    write_html(path, f"embgeom vocab: {report['model']}", sections)
+    write_html(path, f"embgeom vocab: {report['model']}", sections, provenance=report.get("provenance"))
     return path
 
 
@@ -143,9 +154,14 @@ def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[
     pngs = {}
     a, b = plots["range"]
     fig, ax = new_figure(9, 4)
-    im = ax.imshow(plots["pos"], aspect="auto", cmap="RdBu_r", interpolation="nearest",
-                   extent=(0, plots["pos"].shape[1], b - 0.5, a - 0.5))
-    fig.colorbar(im, ax=ax)
+    # a few large coordinates would make the rest one shade: a symmetric range at the 99.5th
+    # percentile of |value|, the colour bar saying so
+    raw = np.asarray(plots["pos"], dtype=float)
+    lim = float(np.nanpercentile(np.abs(raw), 99.5)) or 1.0
+    im = ax.imshow(raw, aspect="auto", cmap="RdBu_r", interpolation="nearest", vmin=-lim, vmax=lim,
+                   extent=(0, raw.shape[1], b - 0.5, a - 0.5))
+    fig.colorbar(im, ax=ax, extend="both", label=f"value (clipped at +-{fmt(lim, 3)}, the 99.5th "
+                 f"percentile of |value|; range {fmt(float(np.nanmin(raw)), 3)}..{fmt(float(np.nanmax(raw)), 3)})")
     ax.set_xlabel("coordinate")
     ax.set_ylabel("position")
     ax.set_title("position embeddings, raw values")
@@ -170,10 +186,12 @@ def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[
     lab = ["word"] * plots["n_words"] + ["position"] * (plots["joint"].shape[0] - plots["n_words"])
     pngs["joint_pca"] = scatter_png(out_dir, "joint_pca", plots["joint"], lab,
                                     title="word and position embeddings, joint PCA", xlabel="PC 1", ylabel="PC 2")
-    for key, (xy, labels, texts) in (proj_arrays or {}).items():
+    for key, (xy, labels, texts, ids, knn) in (proj_arrays or {}).items():
         title = key.replace("_", " ") + " (exact cosine graph)"
-        pngs[key] = scatter_png(out_dir, key, xy, labels, title=title)
-        write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title)
+        axis = "UMAP" if key.endswith("umap") else "t-SNE"
+        pngs[key] = scatter_png(out_dir, key, xy, labels, title=title, xlabel=f"{axis} 1", ylabel=f"{axis} 2")
+        write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title, ids=ids, knn=knn,
+                           note="hover and search show token ids (position ids for positions), as the tables do")
     return pngs
 
 
@@ -183,7 +201,7 @@ def position_section(report: dict, pngs: dict) -> tuple[str, str, list[str]]:
     h = g["helix"]
     cv = g["cls_vs_position0"]
     body = f"<p>positions {g['range'][0]}..{g['range'][1] - 1}. Helix period (3-D PCA path): "
-    body += (f"{h['period']:.1f} positions (plane PC{h['plane']}, R^2 {h['planes'][h['plane']]['r2']:.3f})"
+    body += (f"{fmt(h['period'], 3)} positions (plane PC{h['plane']}, R^2 {fmt(h['planes'][h['plane']]['r2'], 3)})"
              if h["period"] else "none found (no PCA plane turns a full circle)") + ".</p>"
     body += table_html(["plane", "period", "R^2", "turns"],
                        [[k, v["period"], v["r2"], v["turns"]] for k, v in h["planes"].items()])
@@ -193,5 +211,7 @@ def position_section(report: dict, pngs: dict) -> tuple[str, str, list[str]]:
     keys = ["positions_raw", "positions_cosine_curves", "joint_pca"] + \
         [k for k in ("words_umap", "words_tsne", "positions_umap", "positions_tsne") if k in pngs]
     if "projections" in report:
-        body += "<p>Projections: words_*.html and positions_*.html are interactive (hover: token / position).</p>"
-    return ("Position geometry and projections (thesis 4.2.3, 4.2.5)", body, [pngs[k] for k in keys])
+        pages = [f"{k}.html" for k in ("words_umap", "words_tsne", "positions_umap", "positions_tsne") if k in pngs]
+        body += ("<p>Interactive projections (hover: token / position): "
+                 + ", ".join(f"<a href='{f}'>{f}</a>" for f in pages) + ".</p>")
+    return ("The shape of the position embeddings, and projections (thesis 4.2.3, 4.2.5)", body, [pngs[k] for k in keys])

@@ -192,7 +192,8 @@ def tsne_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, perplexity: 
 
 
 def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float = 30.0,
-            seed: int = 0, *, backend: str | None = None, n_jobs: int | None = None) -> Projection:
+            seed: int = 0, *, backend: str | None = None, n_jobs: int | None = None,
+            progress=False) -> Projection:
     """2-D projection of the rows of x on the exact cosine neighbour graph.
 
     x: (N, D) tensor or array; method: "umap" (k neighbours besides the point itself), "tsne"
@@ -200,7 +201,10 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
     seed gives the same embedding. Returns a Projection (embedding (N, 2) float32, the graph
     for umap/tsne, the explained variance for pca, silhouettes with labels). n_jobs: openTSNE
     threads (default: every core; the tests check a small input gives the same embedding with
-    one thread)."""
+    one thread). progress: True or a progress.Progress: each phase (graph, layout) on stderr."""
+    from ...progress import as_progress
+
+    prog = as_progress(progress, "embgeom project")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     xm = as_matrix(x)
@@ -222,11 +226,12 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
     out = Projection(method=method, embedding=np.zeros((n, 2), np.float32), n=n, d=d, seed=seed,
                      labels=labels)
     if method == "pca":
-        x64 = as_matrix64(x)
-        ratio, proj = pca(x64, axes=2)
-        out.embedding = proj.astype(np.float32)
-        out.explained_variance = ratio
-        out.pca_curves = pca_curves(x64, labels)
+        with prog.phase("PCA"):
+            x64 = as_matrix64(x)
+            ratio, proj = pca(x64, axes=2)
+            out.embedding = proj.astype(np.float32)
+            out.explained_variance = ratio
+            out.pca_curves = pca_curves(x64, labels)
     else:
         if n < 3:
             raise ValueError(f"x: {method} needs at least 3 rows, got {n}")
@@ -243,19 +248,22 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
             if k > n - 1:
                 out.notes.append(f"k {k} lowered to N - 1 = {n - 1} for {n} rows")
             k = min(int(k), n - 1)
-        idx, sim, out.knn_seconds = exact_knn(x, k, backend=backend)
+        with prog.phase(f"exact {k}-neighbour graph of {n} rows"):
+            idx, sim, out.knn_seconds = exact_knn(x, k, backend=backend)
         out.k, out.indices, out.similarities = k, idx, sim
-        if method == "umap":
-            out.embedding = umap_layout(xm, idx, sim, seed=seed)
-        else:
-            import os
+        with prog.phase("UMAP layout" if method == "umap" else "t-SNE layout"):
+            if method == "umap":
+                out.embedding = umap_layout(xm, idx, sim, seed=seed)
+            else:
+                import os
 
-            out.embedding = tsne_layout(xm, idx, sim, perplexity=out.perplexity,
-                                        seed=seed, n_jobs=n_jobs or os.cpu_count() or 1)
+                out.embedding = tsne_layout(xm, idx, sim, perplexity=out.perplexity,
+                                            seed=seed, n_jobs=n_jobs or os.cpu_count() or 1)
     out.seconds = time.perf_counter() - start
     if labels is not None:
         # float64 distances: the original space's cosine distances of a near-collinear cloud, and
         # the projection's coordinates widened from float32
-        out.silhouette = {"original": silhouette(x, labels, "cosine"),
-                          "projection": silhouette(out.embedding.astype(np.float64), labels, "euclidean")}
+        with prog.phase("silhouettes"):
+            out.silhouette = {"original": silhouette(x, labels, "cosine"),
+                              "projection": silhouette(out.embedding.astype(np.float64), labels, "euclidean")}
     return out

@@ -15,10 +15,11 @@ the same data, as the paper does), and the best fixed-offset baseline (offsets -
 from __future__ import annotations
 
 import math
-import sys
 import time
+
 import torch
 
+from ...progress import as_progress
 from .treebank import Sentence
 
 
@@ -83,7 +84,7 @@ def predictions(word_attn: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
 
 
 def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int = 64,
-                 max_length: int | None = None, progress: bool = False) -> dict:
+                 max_length: int | None = None, progress=False) -> dict:
     """Per-relation syntactic-head accuracy (see the module docstring). Returns the report.json
     block `syntax` (accuracies float, best = [layer (1..L), head (from 0), direction]; docs/metrics.md,
     layers, depths and heads)."""
@@ -107,63 +108,60 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
     order = [i for i in sorted(range(len(sentences)), key=lambda i: lengths[i]) if lengths[i] <= limit]
     skipped = len(sentences) - len(order)
     cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
-    done = 0
-    for b0 in range(0, len(order), batch_size):
-        chunk = order[b0:b0 + batch_size]
-        B, T = len(chunk), max(lengths[i] for i in chunk)
-        ids = torch.full((B, T), pad_id, dtype=torch.long)
-        groups = torch.full((B, T), -1, dtype=torch.long)
-        n_words = torch.zeros(B, dtype=torch.long)
-        for r, i in enumerate(chunk):
-            toks, grp = [cls_id], [0]
-            for w, p in enumerate(pieces[i], 1):
-                toks += p
-                grp += [w] * len(p)
-            W = len(pieces[i])
-            toks.append(sep_id)
-            grp.append(W + 1)
-            ids[r, :len(toks)] = torch.tensor(toks)
-            groups[r, :len(grp)] = torch.tensor(grp)
-            n_words[r] = W + 2
-        mask = groups >= 0
-        with torch.inference_mode():
-            out = model(input_ids=ids.to(dev), attention_mask=mask.long().to(dev),
-                        token_type_ids=torch.zeros_like(ids).to(dev), output_attentions=True,
-                        return_dict=True)
-        attn = torch.stack(out.attentions, 1).reshape(B, K, T, T).cpu()    # (B, L*H, T, T)
-        attn = attn * mask[:, None, None, :]
-        wa = word_attention(attn, groups, n_words)
-        pred = predictions(wa, n_words)                                    # (B, K, 2, Wmax)
-        Wmax = pred.shape[-1]
-        gold = torch.zeros(B, Wmax, dtype=torch.long)
-        rel = torch.full((B, Wmax), -1, dtype=torch.long)
-        for r, i in enumerate(chunk):
-            s = sentences[i]
-            W = len(s.words)
-            gold[r, :W] = torch.tensor(s.heads)
-            rel[r, :W] = torch.tensor([rel_id[x] for x in s.relations])
-            # Clark's special case: a possessor followed by 's / s' is scored on the clitic's row
-            for w in range(W - 1):
-                if s.relations[w] in POSS_RELATIONS and s.words[w + 1] in POSS_CLITICS:
-                    pred[r, :, :, w] = pred[r, :, :, w + 1]
-        valid = rel >= 0
-        ok = (pred == gold[:, None, None, :]) & valid[:, None, None, :]     # (B, K, 2, W)
-        okf = ok.double().permute(1, 2, 0, 3).reshape(K, 2, -1)
-        rel_flat = rel.clamp(min=0).reshape(-1)
-        correct[..., :R].index_add_(2, rel_flat, okf)                      # invalid slots add 0
-        correct[..., R] += okf.sum(-1)
-        total[:R].index_add_(0, rel_flat, valid.double().reshape(-1))
-        total[R] += valid.sum()
-        pos = torch.arange(1, Wmax + 1)
-        for o_i, o in enumerate(OFFSETS):
-            hit = ((pos + o) == gold) & (gold > 0) & valid                   # offsets never predict root
-            offset_ok[o_i, :R].index_add_(0, rel_flat, hit.double().reshape(-1))
-            offset_ok[o_i, R] += hit.sum()
-        done += B
-        if progress:
-            print(f"\rembgeom syntax: {done}/{len(order)} sentences", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+    prog = as_progress(progress, "embgeom syntax")
+    with prog.bar(len(order), "forward passes", unit="sentence") as bar:
+        for b0 in range(0, len(order), batch_size):
+            chunk = order[b0:b0 + batch_size]
+            B, T = len(chunk), max(lengths[i] for i in chunk)
+            ids = torch.full((B, T), pad_id, dtype=torch.long)
+            groups = torch.full((B, T), -1, dtype=torch.long)
+            n_words = torch.zeros(B, dtype=torch.long)
+            for r, i in enumerate(chunk):
+                toks, grp = [cls_id], [0]
+                for w, p in enumerate(pieces[i], 1):
+                    toks += p
+                    grp += [w] * len(p)
+                W = len(pieces[i])
+                toks.append(sep_id)
+                grp.append(W + 1)
+                ids[r, :len(toks)] = torch.tensor(toks)
+                groups[r, :len(grp)] = torch.tensor(grp)
+                n_words[r] = W + 2
+            mask = groups >= 0
+            with torch.inference_mode():
+                out = model(input_ids=ids.to(dev), attention_mask=mask.long().to(dev),
+                            token_type_ids=torch.zeros_like(ids).to(dev), output_attentions=True,
+                            return_dict=True)
+            attn = torch.stack(out.attentions, 1).reshape(B, K, T, T).cpu()    # (B, L*H, T, T)
+            attn = attn * mask[:, None, None, :]
+            wa = word_attention(attn, groups, n_words)
+            pred = predictions(wa, n_words)                                    # (B, K, 2, Wmax)
+            Wmax = pred.shape[-1]
+            gold = torch.zeros(B, Wmax, dtype=torch.long)
+            rel = torch.full((B, Wmax), -1, dtype=torch.long)
+            for r, i in enumerate(chunk):
+                s = sentences[i]
+                W = len(s.words)
+                gold[r, :W] = torch.tensor(s.heads)
+                rel[r, :W] = torch.tensor([rel_id[x] for x in s.relations])
+                # Clark's special case: a possessor followed by 's / s' is scored on the clitic's row
+                for w in range(W - 1):
+                    if s.relations[w] in POSS_RELATIONS and s.words[w + 1] in POSS_CLITICS:
+                        pred[r, :, :, w] = pred[r, :, :, w + 1]
+            valid = rel >= 0
+            ok = (pred == gold[:, None, None, :]) & valid[:, None, None, :]     # (B, K, 2, W)
+            okf = ok.double().permute(1, 2, 0, 3).reshape(K, 2, -1)
+            rel_flat = rel.clamp(min=0).reshape(-1)
+            correct[..., :R].index_add_(2, rel_flat, okf)                      # invalid slots add 0
+            correct[..., R] += okf.sum(-1)
+            total[:R].index_add_(0, rel_flat, valid.double().reshape(-1))
+            total[R] += valid.sum()
+            pos = torch.arange(1, Wmax + 1)
+            for o_i, o in enumerate(OFFSETS):
+                hit = ((pos + o) == gold) & (gold > 0) & valid                   # offsets never predict root
+                offset_ok[o_i, :R].index_add_(0, rel_flat, hit.double().reshape(-1))
+                offset_ok[o_i, R] += hit.sum()
+            bar.update(B)
     if total[R] == 0:
         raise ValueError("TREEBANK: no sentence fits the model's maximum length")
     acc = correct / total.clamp(min=1)                                     # (K, 2, R+1)

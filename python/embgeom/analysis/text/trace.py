@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import math
 import os
-import sys
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ...backends import registry
+from ...progress import as_progress
 from . import adapters, attention
 from .inputs import read_lines
 
@@ -587,7 +587,7 @@ class TraceAccumulator:
 
 
 def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
-          device=None, metrics: Iterable[str] = METRICS, progress: bool = False,
+          device=None, metrics: Iterable[str] = METRICS, progress=False,
           observers: Iterable = ()) -> TraceResult:
     """Run `texts` through an encoder `model` (any family of adapters.ADAPTERS) in batches and
     reduce the cone, attention and context metrics and the layer evolution over the corpus (see TraceResult for every
@@ -604,25 +604,20 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     start = time.perf_counter()
     dev = _device_of(model, device)
     max_len = model_max_length(model, tokenizer, max_length)
-    total = count_texts(texts) if progress else None
+    prog = as_progress(progress, "embgeom text")
+    total = count_texts(texts) if prog.enabled else None
     acc = TraceAccumulator(adapters.num_layers(model), model.config.num_attention_heads,
                            max_len, max(model.config.vocab_size, len(tokenizer)), dev,
                            metrics=metrics, model_name=str(getattr(model.config, "_name_or_path", "")),
                            sentence_tables=sentence_tables(tokenizer))
     observers = list(observers)
-    done = 0
-    for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
-                              device=None):
-        acc.update(batch)
-        for obs in observers:
-            obs.update(batch)
-        done += batch.mask.shape[0]
-        if progress:
-            rate = done / max(time.perf_counter() - start, 1e-9)
-            of = f"/{total}" if total else ""
-            print(f"\rembgeom text: {done}{of} texts ({rate:.1f}/s)", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+    with prog.bar(total, "forward passes", unit="text") as bar:
+        for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
+                                  device=None):
+            acc.update(batch)
+            for obs in observers:
+                obs.update(batch)
+            bar.update(batch.mask.shape[0])
     return acc.result(tokenizer, seconds=time.perf_counter() - start)
 
 

@@ -117,14 +117,19 @@ def section(word, words, pos_full, pos_range, tokenizer) -> tuple[dict, dict]:
 
 
 def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0) -> tuple[dict, dict]:
-    """UMAP and t-SNE of the word and position embeddings on the exact graph."""
+    """UMAP and t-SNE of the word and position embeddings on the exact graph. Returns (report,
+    {name: (xy, labels, texts, ids, (knn indices, similarities))}); ids are token ids for words and
+    position ids for positions."""
     rep, arrays = {}, {}
     a, _ = pos_range
     buckets = [f"{128 * (p // 128)}-{128 * (p // 128) + 127}" for p in range(a, a + pos.shape[0])]
-    for name, x, labels, texts in (("words", words, None, [tokens[int(i)] for i in ids]),
-                                   ("positions", pos, buckets, [f"position {a + p}" for p in range(pos.shape[0])])):
+    for name, x, labels, texts, row_ids in (
+            ("words", words, None, [tokens[int(i)] for i in ids], [int(i) for i in ids]),
+            ("positions", pos, buckets, [f"position {a + p}" for p in range(pos.shape[0])],
+             list(range(a, a + pos.shape[0])))):
         for method in ("umap", "tsne"):
             pr = clouds.project(x.cpu().numpy(), method=method, labels=labels, seed=seed)
             rep[f"{name}_{method}"] = pr.to_dict()
-            arrays[f"{name}_{method}"] = (pr.embedding, labels, texts)
+            # (xy, labels, hover texts, ids: token ids / position ids, the exact graph)
+            arrays[f"{name}_{method}"] = (pr.embedding, labels, texts, row_ids, (pr.indices, pr.similarities))
     return rep, arrays

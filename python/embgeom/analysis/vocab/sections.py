@@ -288,17 +288,32 @@ def section_neighbors(words, ids, tokens, engine_rowtopk, *, k=TABLE_K):
     return out
 
 
-class PhaseTimer:
-    """Seconds per named phase: `with timer("plots"): ...` adds to seconds["plots"]."""
+# what each timed phase is called on stderr
+PHASES = {"model_load": "loading the model", "pairs": "all pairs of the vocabulary",
+          "mean_embedding": "mean embedding", "positional": "position embeddings",
+          "token_position": "tokens x positions", "token_type": "token-type embeddings",
+          "pca": "principal components", "neighbors": "nearest neighbours (FAISS check)",
+          "position_geometry": "position geometry", "projections": "UMAP and t-SNE projections",
+          "plots": "plots", "page": "page"}
 
-    def __init__(self):
+
+class PhaseTimer:
+    """Seconds per named phase: `with timer("plots"): ...` adds to seconds["plots"]; with a
+    progress.Progress, each phase also ticks on stderr while it runs."""
+
+    def __init__(self, progress=None):
         self.seconds: dict[str, float] = {}
+        self.progress = progress
 
     @contextmanager
     def __call__(self, name):
         start = time.perf_counter()
         try:
-            yield
+            if self.progress is None:
+                yield
+            else:
+                with self.progress.phase(PHASES.get(name, name.replace("_", " "))):
+                    yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 

@@ -1,0 +1,130 @@
+"""Progress on stderr for every long phase of a command: tqdm bars for counted work (texts,
+sentences, pairs) and a ticking clock for phases without a count (model load, UMAP, plots).
+
+Shown only when stderr is a terminal and the user did not ask for quiet (`--quiet`,
+`--no-progress`); otherwise every call here does nothing. Without tqdm the bars fall back to one
+plain line per phase.
+
+    prog = Progress(enabled=wanted(quiet=args.quiet), prefix="embgeom text")
+    with prog.phase("loading the model"):
+        ...
+    with prog.bar(total=138, desc="texts", unit="text") as bar:
+        bar.update(32)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from typing import Iterator
+
+
+def wanted(quiet: bool = False, stream=None) -> bool:
+    """Progress is shown: not quiet, and the stream (stderr) is a terminal."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return not quiet and bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or replaced by an object without isatty
+        return False
+
+
+class _Null:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+
+class _Plain:
+    """A bar without tqdm: one line at the end."""
+
+    def __init__(self, stream, desc: str, total: int | None):
+        self.stream, self.desc, self.total, self.n = stream, desc, total, 0
+        self.start = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        of = f"/{self.total}" if self.total else ""
+        self.stream.write(f"{self.desc}: {self.n}{of} in {time.perf_counter() - self.start:.1f}s\n")
+        self.stream.flush()
+
+
+class Progress:
+    """enabled False: every bar and phase is silent. prefix: the command, e.g. "embgeom text"."""
+
+    def __init__(self, enabled: bool = False, prefix: str = "embgeom", stream=None):
+        self.enabled = enabled
+        self.prefix = prefix
+        self.stream = sys.stderr if stream is None else stream
+
+    def _tqdm(self, **kwargs):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        # a terminal that reports no size (a bare pty) would hide the bar: 100 x 50 then
+        try:
+            size = os.get_terminal_size(self.stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            size = os.terminal_size((0, 0))
+        sizing = {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 50}
+        return tqdm(file=self.stream, leave=True, **sizing, **kwargs)
+
+    @contextlib.contextmanager
+    def bar(self, total: int | None, desc: str, unit: str = "it", unit_scale: bool = False) -> Iterator:
+        """A bar of `total` steps (None: a counter); yields an object with update(n).
+        unit_scale: counts shown as 1.2M (pairs)."""
+        if not self.enabled:
+            yield _Null()
+            return
+        label = f"{self.prefix}: {desc}"
+        bar = self._tqdm(total=total, desc=label, unit=unit, unit_scale=unit_scale,
+                         mininterval=0.25) or _Plain(self.stream, label, total)
+        try:
+            yield bar
+        finally:
+            bar.close()
+
+    @contextlib.contextmanager
+    def phase(self, desc: str) -> Iterator[None]:
+        """A phase without a count: its elapsed time ticks twice a second until it ends."""
+        if not self.enabled:
+            yield
+            return
+        label = f"{self.prefix}: {desc}"
+        bar = self._tqdm(total=None, desc=label, bar_format="{desc} {elapsed}")
+        if bar is None:
+            self.stream.write(label + " ...\n")
+            self.stream.flush()
+            yield
+            return
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(0.5):
+                bar.refresh()
+
+        thread = threading.Thread(target=tick, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            bar.close()
+
+
+def as_progress(progress, prefix: str) -> Progress:
+    """A function's `progress=` argument (a bool or a Progress) as a Progress: True shows it
+    whatever stderr is (the caller asked), False is silent."""
+    if isinstance(progress, Progress):
+        return progress
+    return Progress(enabled=bool(progress), prefix=prefix)

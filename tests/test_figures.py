@@ -1,0 +1,98 @@
+"""Every figure of the text and vocab reports names its axes (read from the figure objects as
+they are saved), and head axes carry integer ticks."""
+from __future__ import annotations
+
+import pytest
+
+from embgeom.cli import main
+from embgeom.report import plots
+
+pytest.importorskip("matplotlib")
+
+CORPUS = ["the king rode a horse.", "a queen sat on the throne.", "big dogs bark, small dogs yap.",
+          "the cat sat on the mat.", "it rained all day.", "we went home early."]
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    seen = []
+    real = plots.save_figure
+
+    def record(fig, out_dir, name):
+        axes = []
+        for ax in fig.axes:
+            if ax.get_label() == "<colorbar>":
+                continue
+            labels = [ax.get_xlabel(), ax.get_ylabel()]
+            if hasattr(ax, "get_zlabel"):
+                labels.append(ax.get_zlabel())
+            ticks = [t.get_text() for t in ax.get_xticklabels()]
+            axes.append((labels, ticks))
+        seen.append((name, axes))
+        return real(fig, out_dir, name)
+
+    monkeypatch.setattr(plots, "save_figure", record)
+    # the page modules imported save_figure by name
+    import embgeom.report as report
+    import embgeom.report.head_sections as hs
+    import embgeom.report.interactive as it
+    import embgeom.report.syntax_page  # noqa: F401
+    import embgeom.report.text_page as tp
+    import embgeom.report.vocab_page as vp
+
+    for mod in (report, hs, tp, vp):
+        monkeypatch.setattr(mod, "save_figure", record)
+    monkeypatch.setattr(plots, "save_axes", lambda fig, ax, out_dir, name, *, xlabel, ylabel, title:
+                        (ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title), record(fig, out_dir, name))[-1])
+    monkeypatch.setattr(vp, "save_axes", plots.save_axes)
+    assert it  # scatter_png imports save_figure from .plots at call time
+    return seen
+
+
+def _unlabelled(seen):
+    bad = []
+    for name, axes in seen:
+        for labels, ticks in axes:
+            if not all(labels):
+                bad.append((name, labels))
+            if any(t.endswith(".5") for t in ticks) and any("head" in lab for lab in labels):
+                bad.append((name, "fractional head ticks", ticks))
+    return bad
+
+
+def test_text_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    labels = tmp_path / "l.txt"
+    labels.write_text("\n".join(["royal", "royal", "animal", "animal", "other", "other"]) + "\n")
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"group": "g", "a": "the king", "b": "the queen"}\n'
+                     '{"group": "h", "a": "big", "b": "small"}\n', encoding="utf-8")
+    assert main(["text", str(corpus), "--out", str(tmp_path / "t"), "--model", tiny_bert_dir, "--quiet",
+                 "--labels", str(labels), "--trajectories", "2", "--pairs", str(pairs), "--heads",
+                 "--clark-js", "--gaussianity"]) == 0
+    assert len(figures) >= 12
+    bad = _unlabelled(figures)
+    assert bad == [], "\n".join(map(str, bad))
+
+
+def test_vocab_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
+    assert main(["vocab", "--model", tiny_bert_dir, "--out", str(tmp_path / "v"), "--quiet"]) == 0
+    assert len(figures) >= 5
+    bad = _unlabelled(figures)
+    assert bad == [], "\n".join(map(str, bad))
+
+
+def test_scatter_script_parses():
+    """The hand-written scatter script is valid JavaScript (node --check; no browser is installed
+    here, so zoom, search and the neighbour list are not driven from a test)."""
+    import shutil
+    import subprocess
+
+    from embgeom.report.interactive import _SCRIPT
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the page script cannot be parsed here")
+    r = subprocess.run([node, "--check", "-"], input=_SCRIPT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
