@@ -111,3 +111,10 @@ def test_number_formatter(value, want):
 
 def test_seconds_formatter():
     assert [seconds(v) for v in (0.42, 6.04, 34.2, 133.0)] == ["0.42 s", "6.0 s", "34 s", "2 min 13 s"]
+
+
+def test_identifier_columns_keep_their_digits():
+    from embgeom.tables import table_html
+
+    page = table_html(["token id", "token", "i", "cosine"], [[25021, "x", 123456, 12345.6]])
+    assert "<td>25021</td>" in page and "<td>123456</td>" in page and "<td>12,346</td>" in page
