@@ -87,56 +87,48 @@ def model_max_length(model, tokenizer, max_length: int | None = None) -> int:
     return min(int(max_length), int(limit))
 
 
-_PUNCT_CACHE: dict[int, torch.Tensor] = {}
+# What a vocabulary token is, once its '##' / 'Ġ' / '▁' prefix is stripped
+TOKEN_FLAGS = {
+    "punctuation": lambda t: bool(t) and all(unicodedata.category(ch).startswith("P") for ch in t),
+    "sentence_end": lambda t: t in (".", "!", "?"),
+    "period": lambda t: t == ".",
+    "comma": lambda t: t == ",",
+}
+_FLAG_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def token_flags(tokenizer, *names: str) -> tuple[torch.Tensor, ...]:
+    """One (V,) bool table per name of TOKEN_FLAGS: the token ids with that property (cached per
+    tokenizer)."""
+    vocab = None
+    out = []
+    for name in names:
+        key = (id(tokenizer), len(tokenizer), name)
+        if key not in _FLAG_CACHE:
+            vocab = vocab or tokenizer.get_vocab()
+            table = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
+            test = TOKEN_FLAGS[name]
+            for tok, i in vocab.items():
+                table[i] = test(tok[2:] if tok.startswith("##") else tok.lstrip("Ġ▁"))
+            _FLAG_CACHE[key] = table
+        out.append(_FLAG_CACHE[key])
+    return tuple(out)
 
 
 def punctuation_table(tokenizer) -> torch.Tensor:
-    """(V,) bool: token ids whose string (without a '##'/'Ġ'/'▁' prefix) is made only of
-    Unicode punctuation (categories P*)."""
-    key = id(tokenizer)
-    if key not in _PUNCT_CACHE:
-        vocab = tokenizer.get_vocab()
-        table = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
-        for tok, i in vocab.items():
-            s = tok[2:] if tok.startswith("##") else tok.lstrip("Ġ▁")
-            if s and all(unicodedata.category(ch).startswith("P") for ch in s):
-                table[i] = True
-        _PUNCT_CACHE[key] = table
-    return _PUNCT_CACHE[key]
+    """(V,) bool: token ids made only of Unicode punctuation (categories P*)."""
+    return token_flags(tokenizer, "punctuation")[0]
 
 
 def sentence_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(V,) bool each: tokens that end a sentence ('.', '!', '?', after a '##'/'Ġ'/'▁' prefix is
-    stripped) and tokens that are '.' (context-similarity separators, arXiv 2512.21956)."""
-    vocab = tokenizer.get_vocab()
-    size = max(len(tokenizer), max(vocab.values()) + 1)
-    ends = torch.zeros(size, dtype=torch.bool)
-    period = torch.zeros(size, dtype=torch.bool)
-    for tok, i in vocab.items():
-        t = tok[2:] if tok.startswith("##") else tok.lstrip("Ġ▁")
-        ends[i] = t in (".", "!", "?")
-        period[i] = t == "."
-    return ends, period
-
-
-_MARK_CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    """(tokens that end a sentence: '.', '!', '?'; tokens that are '.'), the context-similarity
+    separators (arXiv 2512.21956)."""
+    return token_flags(tokenizer, "sentence_end", "period")
 
 
 def mark_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(V,) bool each: tokens that are '.' and tokens that are ',' (after a '##'/'Ġ'/'▁' prefix
-    is stripped), for Clark's attention to periods and commas apart."""
-    key = id(tokenizer)
-    if key not in _MARK_CACHE:
-        vocab = tokenizer.get_vocab()
-        size = max(len(tokenizer), max(vocab.values()) + 1)
-        period = torch.zeros(size, dtype=torch.bool)
-        comma = torch.zeros(size, dtype=torch.bool)
-        for tok, i in vocab.items():
-            t = tok[2:] if tok.startswith("##") else tok.lstrip("Ġ▁")
-            period[i] = t == "."
-            comma[i] = t == ","
-        _MARK_CACHE[key] = (period, comma)
-    return _MARK_CACHE[key]
+    """(tokens that are '.', tokens that are ','): Clark's attention to periods and commas apart."""
+    return token_flags(tokenizer, "period", "comma")
 
 
 def split_pair(text: str, index: int) -> tuple[str, str | None]:
