@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .definitions import defined
+from .attention_view import write_attention_view
 from .headmaps import headmaps_html
 from ..formatting import fmt as fmt_number
 from ..tables import table_html
@@ -14,6 +15,7 @@ from .plots import (DEPTH, HEAD, LAYER, depth_axis, head_matrix, layer_axis, lay
 
 MARKERS = {"broad": "o", "next": ">", "previous": "<", "[CLS]": "s", "[SEP]": "D",
            "punctuation": "P", "other": "x"}
+ATTENTION_VIEW = "attention_view.html"
 LABEL_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#dddddd"]
 
 
@@ -32,8 +34,9 @@ def _heat(ax, fig, data, title, cmap="viridis", vmin=None, vmax=None, fmt=None, 
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="w")
 
 
-def heads_sections(out_dir: str, block: dict) -> list:
-    """block: the `attention_heads` dict of HeadsAccumulator.result."""
+def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) -> list:
+    """block: the `attention_heads` dict of HeadsAccumulator.result; provenance: the report's,
+    the footer of attention_view.html (written with the sample maps)."""
     sections = []
     ce, cls_e, ve = _arr(block["clark_entropy"]), _arr(block["cls_entropy"]), _arr(block["value_entropy"])
     L, H = ce.shape
@@ -161,7 +164,13 @@ def heads_sections(out_dir: str, block: dict) -> list:
         with open(os.path.join(out_dir, maps["file"])) as f:
             maps = json.load(f)
     if maps:
-        sections.append(("Attention maps of sample texts (click a head)", headmaps_html(maps, L, H), []))
+        import os
+
+        write_attention_view(os.path.join(out_dir, ATTENTION_VIEW), maps, L, H, provenance=provenance,
+                             title="embgeom text: attention between the tokens of the kept texts")
+        sections.append(("Attention maps of sample texts (click a head)",
+                         f"<p>Token to token, one layer and any heads at a time (bertviz-style): "
+                         f"<a href='{ATTENTION_VIEW}'>{ATTENTION_VIEW}</a>.</p>" + headmaps_html(maps, L, H), []))
     return sections
 
 

@@ -81,7 +81,7 @@ def head_sections(out_dir: str, report: dict) -> list:
     if ctx is not None:
         out.append(ctx)
     if "attention_heads" in report:
-        out += heads_sections(out_dir, report["attention_heads"])
+        out += heads_sections(out_dir, report["attention_heads"], provenance=report.get("provenance"))
     if "gaussianity" in report:
         out.append(gaussianity_section(out_dir, report["gaussianity"]))
     return out
