@@ -103,3 +103,28 @@ def test_attention_view_draws_the_weights(tiny_bert_dir, tmp_path):
     assert want and [g[:2] for g in got] == [w[:2] for w in want]
     assert max(abs(g[2] - min(1, w[2])) for g, w in zip(got, want)) < 1e-9
     assert {d["color"] for d in drawn} == {"#2ca02c"}   # head 2's colour only
+
+
+def test_head_mds_page(tiny_bert_dir, tmp_path):
+    """head_mds.html: one point per head named 'L{l} h{h}' at its MDS coordinates, id
+    (l - 1) * H + h, and a click's list the nearest heads by report.json's js_divergence."""
+    import numpy as np
+
+    code, out = _run(tiny_bert_dir, tmp_path, "--clark-js")
+    assert code == 0
+    ah = json.loads((out / "report.json").read_text())["attention_heads"]
+    page = (out / "head_mds.html").read_text()
+    assert "href='head_mds.html'" in (out / "report.html").read_text()
+    data = json.loads(re.search(r"id='data'>(.*?)</script>", page, re.S).group(1).replace("<\\/", "</"))
+    L, H = 2, 4
+    assert data["t"] == [f"L{l} h{h}" for l in range(1, L + 1) for h in range(H)]
+    assert data["ids"] == list(range(L * H))
+    np.testing.assert_allclose(np.c_[data["x"], data["y"]], np.asarray(ah["mds"]), atol=1e-5)
+    assert [data["names"][c] for c in data["c"]] == [b for row in ah["mds_behaviour"] for b in row]
+    js = np.asarray(ah["js_divergence"])
+    for k in range(L * H):
+        near = data["knn"]["i"][k]
+        assert k not in near and len(near) == L * H - 1
+        d = js[k, near]
+        assert np.all(np.diff(d) >= 0) and d[0] == np.delete(js[k], k).min()
+    assert "summed JS divergence" in data["knn"]["note"]
