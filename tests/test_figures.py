@@ -74,6 +74,11 @@ def test_text_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     assert len(figures) >= 12
     bad = _unlabelled(figures)
     assert bad == [], "\n".join(map(str, bad))
+    # Clark's strips: entropy and six attention targets, one panel each, over layers 1..L
+    clark = dict(figures)["clark_heads"]
+    assert len(clark) == 7
+    assert all(labels[0] == plots.LAYER and ticks == ["1", "2"] for labels, ticks in clark)
+    assert clark[0][0][1] == "entropy (nats)" and clark[1][0][1] == "attention mass per query row"
 
 
 def test_vocab_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):

@@ -120,3 +120,28 @@ def test_cli_heads_extras(tiny_bert_dir, tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "headmap-data" in html and "Contents" in html and "http" not in html
     assert {"head_mds.png", "head_patterns.png", "gaussianity.png"} <= {p.name for p in out.glob("*.png")}
+
+
+def test_trace_per_head_table(tiny_bert):
+    """TraceResult.to_pandas("heads"): one row per (layer 1..L, head 0..H-1) with the trace's
+    (L, H) values, and the attention_heads block of a HeadsAccumulator observer joined on."""
+    pytest.importorskip("pandas")
+    from embgeom.analysis.heads.measures import HeadsAccumulator
+
+    model, tokenizer = tiny_bert
+    texts = [t for t in CORPUS if t]
+    acc = HeadsAccumulator(2, 4, 512, torch.device("cpu"), js=True)
+    r = trace(model, tokenizer, texts, batch_size=2, observers=[acc])
+    block = acc.result(model, tokenizer, r.attention_to)
+    df = r.to_pandas("heads", heads_block=block)
+    assert len(df) == 2 * 4 and df["layer"].tolist() == [1] * 4 + [2] * 4
+    assert df["head"].tolist() == [0, 1, 2, 3] * 2 and df["head_index"].tolist() == list(range(8))
+    row = df[(df["layer"] == 2) & (df["head"] == 3)].iloc[0]
+    assert row["entropy"] == pytest.approx(float(r.entropy[1, 3]))
+    assert row["to_cls"] == pytest.approx(float(r.attention_to["cls"][1, 3]))
+    assert row["focus_token"] == r.focus_token[1][3]
+    assert row["clark_entropy"] == pytest.approx(float(block["clark_entropy"][1][3]))
+    assert (row["mds_x"], row["mds_y"]) == pytest.approx(tuple(float(v) for v in block["mds"][7]))
+    assert list(r.to_pandas().columns) == list(r.PER_LAYER_COLUMNS)
+    with pytest.raises(ValueError, match="expected 'layers' or 'heads'"):
+        r.to_pandas("pairs")

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from ..analysis.clouds.geometry import group_geometry
-from ..analysis.heads.text_extras import TextExtras
+from ..analysis.heads.text_extras import TextExtras, parse_show_texts
 from ..analysis.text.keeper import Keeper
 from ..formatting import fmt, seconds
 from ..io import check_output_folder, output_folder
@@ -61,6 +61,7 @@ def main(args) -> int:
         raise ValueError(f"--trajectories: expected >= 0, got {args.trajectories}")
     keeping = bool(args.keep or args.trajectories or args.labels)
     labels = read_labels(args.labels, n_texts) if args.labels else None
+    parse_show_texts(args.show_texts, n_texts)  # ids and the regex checked before the model loads
     with output_folder(args.out, command="text") as out:
         with prog.phase("loading the model"):
             model, tokenizer = load_model(args.model, device=args.device)
@@ -170,6 +171,11 @@ def add_head_arguments(p) -> None:
                         "(implies --heads; hooks the query/key projections)")
     g.add_argument("--head-maps", type=int, default=0, metavar="N",
                    help="draw the L x H attention maps of the first N texts in report.html (implies --heads)")
+    g.add_argument("--show-texts", metavar="SEL",
+                   help="the texts whose attention maps to keep (report.html grid and attention_view.html, "
+                        "a bertviz-style token-to-token view): comma-separated text ids (0-based over the "
+                        "non-blank lines) or a regular expression searched in each text; at most --head-maps "
+                        "of them (default: every id, or the first 4 matches of a regex; implies --heads)")
     g.add_argument("--matrices", action="store_true",
                    help="attention_matrices: cone index of the attention rows, singular values < 1e-3, "
                         "von Neumann entropy, k90 quantiles per head; rank, singular values and eigenvalue "

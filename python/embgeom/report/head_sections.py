@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .definitions import defined
+from .attention_view import write_attention_view
 from .headmaps import headmaps_html
 from ..formatting import fmt as fmt_number
 from ..tables import table_html
@@ -14,6 +15,7 @@ from .plots import (DEPTH, HEAD, LAYER, depth_axis, head_matrix, layer_axis, lay
 
 MARKERS = {"broad": "o", "next": ">", "previous": "<", "[CLS]": "s", "[SEP]": "D",
            "punctuation": "P", "other": "x"}
+ATTENTION_VIEW = "attention_view.html"
 LABEL_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#dddddd"]
 
 
@@ -32,8 +34,9 @@ def _heat(ax, fig, data, title, cmap="viridis", vmin=None, vmax=None, fmt=None, 
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="w")
 
 
-def heads_sections(out_dir: str, block: dict) -> list:
-    """block: the `attention_heads` dict of HeadsAccumulator.result."""
+def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) -> list:
+    """block: the `attention_heads` dict of HeadsAccumulator.result; provenance: the report's,
+    the footer of attention_view.html (written with the sample maps)."""
     sections = []
     ce, cls_e, ve = _arr(block["clark_entropy"]), _arr(block["cls_entropy"]), _arr(block["value_entropy"])
     L, H = ce.shape
@@ -96,8 +99,10 @@ def heads_sections(out_dir: str, block: dict) -> list:
         head_matrix(fig, a2, js, L, H, title="summed JS divergence between heads",
                     label="summed JS divergence (nats)", vmin=0)
         png = save_figure(fig, out_dir, "head_mds")
+        page = head_mds_page(out_dir, mds, js, beh, L, H, provenance)
         sections.append(("Which heads behave alike? Distances and MDS map (Clark)",
-                         "<p>D(a, b) = sum over every real query row of every text of JS(P_a, P_b), "
+                         f"<p>Interactive (hover a head, click for its nearest heads): <a href='{page}'>{page}</a>. "
+                         "D(a, b) = sum over every real query row of every text of JS(P_a, P_b), "
                          "P = 0.999 A + 0.001/n (nats, not its square root); metric MDS "
                          "(scikit-learn, precomputed, n_init 5, max_iter 1000, eps 1e-10, seed 0). "
                          "Colour: layer; marker: Clark's behaviours (broad: entropy > 3.8 nats; "
@@ -161,8 +166,38 @@ def heads_sections(out_dir: str, block: dict) -> list:
         with open(os.path.join(out_dir, maps["file"])) as f:
             maps = json.load(f)
     if maps:
-        sections.append(("Attention maps of sample texts (click a head)", headmaps_html(maps, L, H), []))
+        import os
+
+        write_attention_view(os.path.join(out_dir, ATTENTION_VIEW), maps, L, H, provenance=provenance,
+                             title="embgeom text: attention between the tokens of the kept texts")
+        sections.append(("Attention maps of sample texts (click a head)",
+                         f"<p>Token to token, one layer and any heads at a time (bertviz-style): "
+                         f"<a href='{ATTENTION_VIEW}'>{ATTENTION_VIEW}</a>.</p>" + headmaps_html(maps, L, H), []))
     return sections
+
+
+def head_mds_page(out_dir: str, mds, js, behaviour: list[str], L: int, H: int,
+                  provenance: dict | None = None, show: int = 10) -> str:
+    """head_mds.html: the MDS map of the heads (interactive.write_scatter_html), each point named
+    'L{l} h{h}' (layers 1..L, heads from 0) with its index (l - 1) * H + h and coloured by Clark's
+    behaviour; a click lists the heads nearest to it by the summed JS divergence. Returns the
+    file name."""
+    import os
+
+    from .interactive import write_scatter_html
+
+    js = np.asarray(js, dtype=float)
+    n = js.shape[0]
+    order = np.argsort(np.where(np.eye(n, dtype=bool), np.inf, js), axis=1, kind="stable")[:, :max(n - 1, 0)]
+    write_scatter_html(os.path.join(out_dir, "head_mds.html"), mds,
+                       [b for b in behaviour], [f"L{k // H + 1} h{k % H}" for k in range(n)],
+                       title="MDS of the heads by summed JS divergence (Clark Fig. 6)",
+                       note="One point per head: L = layer (1..L), h = head (from 0); the id is "
+                            "(layer - 1) * H + head; colour: Clark's behaviour (click a legend entry to hide it).",
+                       provenance=provenance, ids=range(n), knn_show=show,
+                       knn=(order, np.take_along_axis(js, order, axis=1)),
+                       knn_note="nearest heads by summed JS divergence (nats)")
+    return "head_mds.html"
 
 
 def gaussianity_section(out_dir: str, entries: list[dict]):

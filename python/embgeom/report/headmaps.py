@@ -39,7 +39,7 @@ function openBig(s, l, h){
     ctx.textAlign = 'left'; ctx.fillText(toks[j].slice(0, 14), 0, 0); ctx.restore();
   }
   document.getElementById('headmap-title').textContent =
-    'text ' + (s + 1) + ', layer ' + (l + 1) + ', head ' + h + ' (rows: queries, columns: keys; ' +
+    'text ' + DATA.samples[s].text + ', layer ' + (l + 1) + ', head ' + h + ' (rows: queries, columns: keys; ' +
     'darkest = ' + DATA.scale + ')';
   document.getElementById('headmap-overlay').style.display = 'flex';
 }
@@ -47,7 +47,7 @@ const root = document.getElementById('headmap-grids');
 DATA.samples.forEach(function(text, s){
   const box = document.createElement('div');
   const cap = document.createElement('p');
-  cap.textContent = 'Text ' + (s + 1) + ': ' + text.tokens.join(' ');
+  cap.textContent = 'Text ' + text.text + ': ' + text.tokens.join(' ');
   box.appendChild(cap);
   const table = document.createElement('table');
   table.className = 'headgrid';
@@ -94,14 +94,16 @@ table.headgrid canvas{cursor:zoom-in;border:1px solid #ddd;width:64px;height:64p
 
 
 def headmaps_html(samples: list[dict], layers: int, heads: int, decimals: int = 3) -> str:
-    """samples: [{"tokens": [str] (n), "maps": (L, H, n, n) tensor/array}] -> an HTML fragment
+    """samples: [{"text": id (0-based over the corpus; default the position), "tokens": [str] (n),
+    "maps": (L, H, n, n) tensor/array}] -> an HTML fragment
     (data, grid and the enlarge overlay; one script, no network)."""
     data = {"layers": layers, "heads": heads, "scale": 1.0, "samples": []}
     for sm in samples:
         maps = sm["maps"]
         maps = maps.tolist() if hasattr(maps, "tolist") else maps
         r = lambda x: round(float(x), decimals)  # noqa: E731
-        data["samples"].append({"tokens": [str(t) for t in sm["tokens"]],
+        data["samples"].append({"text": int(sm.get("text", len(data["samples"]))),
+                                "tokens": [str(t) for t in sm["tokens"]],
                                 "maps": [[[[r(v) for v in row] for row in m] for m in lay] for lay in maps]})
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     return (_STYLE + "<p>Each small square is one head's attention map on a text's real tokens "

@@ -83,7 +83,7 @@ function show(i){
   if (i < 0) { info.textContent = ''; draw(); return; }
   let h = '<b>' + esc(name(i)) + '</b>';
   if (D.knn) {
-    h += '<br>nearest neighbours (exact cosine graph, knn.npz):<ol>';
+    h += '<br>' + esc(D.knn.note) + ':<ol>';
     D.knn.i[i].forEach((j, k) => { if (j >= 0) h += '<li><a href="#" data-j="' + j + '">' + esc(name(j)) + '</a> ' + D.knn.s[i][k] + '</li>'; });
     h += '</ol>';
   }
@@ -123,11 +123,13 @@ draw();
 
 def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "projection",
                        note: str = "", size: int = 760, provenance: dict | None = None, ids=None,
-                       knn=None, knn_show: int = 10) -> str:
+                       knn=None, knn_show: int = 10,
+                       knn_note: str = "nearest neighbours (exact cosine graph, knn.npz)") -> str:
     """xy: (N, 2); labels: N strings or None; texts: N strings shown on hover or None;
     provenance: the report's provenance object, shown as the page footer. ids: N ids shown for
     each point (e.g. token ids; default the row, #r); knn: (indices (N, k), similarities (N, k))
-    of the exact neighbour graph: a click lists a point's first `knn_show` neighbours.
+    of the exact neighbour graph: a click lists a point's first `knn_show` neighbours under the
+    heading knn_note.
     The page zooms (wheel), pans (drag), resets (double click) and searches texts and ids."""
     from .html import provenance_html
 
@@ -146,7 +148,7 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
             "ids": None if ids is None else [int(v) for v in ids], "knn": None}
     if knn is not None:
         idx, sim = (np.asarray(a) for a in knn)
-        data["knn"] = {"i": idx[:, :knn_show].astype(np.int64).tolist(),
+        data["knn"] = {"note": knn_note, "i": idx[:, :knn_show].astype(np.int64).tolist(),
                        "s": [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
                              for row in sim[:, :knn_show]]}
     # JSON inside <script type=application/json>: "</" must not close the element

@@ -68,6 +68,38 @@ def head_matrix(fig, ax, data, layers: int, heads: int, *, title: str, label: st
     fig.colorbar(im, ax=ax, label=label, shrink=0.85)
 
 
+def head_strips(fig, panels: list[tuple], layers: int, heads: int, *, columns: int = 4) -> None:
+    """Clark et al.'s per-head strip plots (arXiv 1906.04341, figures 2 and 4): one panel per
+    (title, values (L, H), y label, baseline or None); x = layer 1..L, one dot per head (spread a
+    little within its layer, coloured by head), the mean over the layer's heads as a black bar
+    joined by a line, a dotted horizontal baseline where given."""
+    import numpy as np
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20" if heads > 10 else "tab10"]
+    rows = -(-len(panels) // columns)
+    layer = np.arange(1, layers + 1)
+    offsets = (np.arange(heads) - (heads - 1) / 2) * (0.5 / max(heads, 1))
+    for k, (title, values, ylabel, baseline) in enumerate(panels):
+        v = np.asarray(values, dtype=float).reshape(layers, heads)
+        ax = fig.add_subplot(rows, columns, k + 1)
+        for h in range(heads):
+            ax.scatter(layer + offsets[h], v[:, h], s=14, color=cmap(h % cmap.N), alpha=0.85,
+                       linewidths=0, label=f"head {h}" if k == 0 else None)
+        mean = np.nanmean(v, axis=1) if np.isfinite(v).any() else np.full(layers, np.nan)
+        ax.plot(layer, mean, "-", color="k", lw=0.8, alpha=0.6)
+        ax.scatter(layer, mean, marker="_", s=300, color="k", linewidths=2,
+                   label="mean over heads" if k == 0 else None, zorder=3)
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", ls=":", lw=1, label="uniform (mean ln n)" if k == 0 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=8)
+        layer_axis(ax, layers)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="lower center", fontsize=7,
+               ncol=min(heads + 2, 8), bbox_to_anchor=(0.5, -0.02 - 0.025 * ((heads + 2) // 8)))
+    fig.tight_layout()
+
+
 def new_figure(width=7.0, height=4.0):
     import matplotlib
 

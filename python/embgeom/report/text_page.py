@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from . import new_figure, save_figure, table_html, write_html
-from .plots import HEAD, LAYER, depth_axis, head_matrix, layer_axis, layer_head_axes
+from .plots import HEAD, LAYER, depth_axis, head_matrix, head_strips, layer_axis, layer_head_axes
 import numpy as np
 from ..analysis.clouds import geometry, projection
 from ..formatting import fmt
@@ -43,6 +43,36 @@ def heatmap_figure(data, title, xlabel=None, ylabel=None, cmap="viridis", vmin=N
     return fig, ax
 
 
+CLARK_TARGETS = (("cls", "attention to [CLS]"), ("sep", "attention to [SEP]"), ("period", "attention to '.'"),
+                 ("comma", "attention to ','"), ("next", "attention to the next token"),
+                 ("prev", "attention to the previous token"))
+
+
+def clark_strips(out_dir: str, report: dict, L: int, H: int) -> str:
+    """clark_heads.png: Clark's one-dot-per-head strips for the row entropy (Clark's smoothed
+    one with --heads, else entropy.mean) and the attention_to targets of report.json."""
+    def nan(v):  # a report.json [L][H] list (None for NaN) or a tensor
+        v = v.tolist() if hasattr(v, "tolist") else v
+        return np.array([[np.nan if x is None else x for x in row] for row in v], dtype=float)
+
+    heads = report.get("attention_heads")
+    if heads is not None and "clark_entropy" in heads:
+        panels = [("row entropy, smoothed 1e-4 (Clark)", nan(heads["clark_entropy"]), "entropy (nats)",
+                   float(heads["uniform_entropy"]))]
+    else:
+        panels = [("row entropy", nan(report["entropy"]["mean"]), "entropy (nats)",
+                   report["entropy"]["uniform_baseline"])]
+    to = report["attention_to"]
+    panels += [(title, nan(to[key]), "attention mass per query row", None)
+               for key, title in CLARK_TARGETS if key in to]
+    fig = new_figure(14, 6.4)[0]
+    fig.clf()
+    head_strips(fig, panels, L, H)
+    for ax in fig.axes[1:]:
+        ax.set_ylim(-0.02, 1.02)
+    return save_figure(fig, out_dir, "clark_heads")
+
+
 def head_sections(out_dir: str, report: dict) -> list:
     from .head_sections import context_section, gaussianity_section, heads_sections
 
@@ -51,7 +81,7 @@ def head_sections(out_dir: str, report: dict) -> list:
     if ctx is not None:
         out.append(ctx)
     if "attention_heads" in report:
-        out += heads_sections(out_dir, report["attention_heads"])
+        out += heads_sections(out_dir, report["attention_heads"], provenance=report.get("provenance"))
     if "gaussianity" in report:
         out.append(gaussianity_section(out_dir, report["gaussianity"]))
     return out
@@ -98,6 +128,8 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
         layer_head_axes(ax, L, H)
     fig.colorbar(im, ax=fig.axes, label="attention mass per query row")
     pngs["attention_to"] = save_figure(fig, out_dir, "attention_to")
+
+    pngs["clark"] = clark_strips(out_dir, report, L, H)
 
     pngs["context"] = _heatmap(out_dir, "context_distance", r.context_mean_distance.cpu().numpy(),
                                "context similarity: mean |i - j| to the most similar token",
@@ -153,6 +185,14 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
          f"<p>{defined('entropy', 'Row entropy')} averaged over every real query row.</p>", [pngs["entropy"]]),
         ("Where attention goes: [CLS], [SEP], punctuation, neighbours",
          f"<p>Mean {defined('attention_to', 'attention mass')} per real query row.</p>", [pngs["attention_to"]]),
+        ("Every head, layer by layer: entropy and attention targets (Clark et al., figures 2 and 4)",
+         f"<p>One dot per head at its layer (1..L; heads spread a little sideways and coloured by "
+         f"index), the black bar the mean over the layer's heads: the {defined('entropy', 'row entropy')} "
+         + ("with Clark's smoothing (attention_heads.clark_entropy)" if "attention_heads" in report
+            else "(entropy.mean; --heads adds Clark's smoothed one)")
+         + f" and the mean {defined('attention_to', 'attention mass')} of a real query row on [CLS], "
+         "[SEP], '.', ',' and the next and previous token (report.json attention_to.cls, .sep, .period, "
+         ".comma, .next, .prev).</p>", [pngs["clark"]]),
         ("How different the heads are: Jensen-Shannon distances",
          f"<p>{defined('js_distance', 'JS distance')} between heads' mean attention over [CLS], [SEP] and "
          "relative offsets.</p>", [pngs["js"]]),

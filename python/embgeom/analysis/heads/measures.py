@@ -232,10 +232,12 @@ class HeadsAccumulator:
     js: Clark's JS sums (K^2 x rows work: opt-in); directionality: the positive-cos share, the
     Spearman correlation and the map asymmetry (needs `capture_qk` active around the forward
     passes, its dict as qk) plus the weight skew fraction; sample_maps: keep the real-token maps
-    of the first N texts for the report's head-map grid."""
+    of the first N texts for the report's head-map grid, or of the first N that sample_filter(index,
+    text) accepts (index: 0-based over the texts in order, as cls.npy's rows)."""
 
     def __init__(self, L: int, H: int, max_len: int, device, *, js: bool = False,
-                 directionality: bool = False, qk: dict | None = None, sample_maps: int = 0):
+                 directionality: bool = False, qk: dict | None = None, sample_maps: int = 0,
+                 sample_filter=None):
         if directionality and qk is None:
             raise ValueError("directionality: pass qk=the dict of capture_qk(model)")
         self.L, self.H, self.max_len = L, H, max_len
@@ -256,6 +258,8 @@ class HeadsAccumulator:
             self.s.update(positive_share=z(L, H), spearman=z(L, H), spearman_n=z(L, H),
                           asymmetry=z(L, H))
         self.samples: list[dict] = []
+        self.sample_filter = sample_filter
+        self.seen = 0                 # texts updated so far: the index of the next batch's first text
         self.seconds: dict[str, float] = {}
 
     def _tick(self, name: str, t0: float) -> float:
@@ -332,12 +336,18 @@ class HeadsAccumulator:
             s["js"] += clark_js_sums(b.attentions, mask)
             t0 = self._tick("clark js", t0)
         if len(self.samples) < self.sample_maps:
-            for i in range(min(B, self.sample_maps - len(self.samples))):
+            for i in range(B):
+                k = self.seen + i
+                if len(self.samples) >= self.sample_maps:
+                    break
+                if self.sample_filter is not None and not self.sample_filter(k, b.texts[i] if b.texts else ""):
+                    continue
                 m = min(int(n[i]), MAX_MAP_TOKENS)
                 self.samples.append({
-                    "ids": b.input_ids[i, :m].tolist(),
+                    "text": k, "ids": b.input_ids[i, :m].tolist(),
                     "maps": torch.stack([at[i, :, :m, :m] for at in b.attentions]).float().cpu()})
             self._tick("sample maps", t0)
+        self.seen += B
 
     def _directionality(self, l: int, a: torch.Tensor, mask: torch.Tensor, raw: torch.Tensor) -> None:
         s, H = self.s, self.H
@@ -426,7 +436,7 @@ class HeadsAccumulator:
             out["directionality"] = d
         if self.samples:
             out["sample_maps"] = [{
-                "tokens": tokenizer.convert_ids_to_tokens(sm["ids"]) if tokenizer is not None
+                "text": sm["text"], "tokens": tokenizer.convert_ids_to_tokens(sm["ids"]) if tokenizer is not None
                 else [str(i) for i in sm["ids"]],
                 "maps": sm["maps"]} for sm in self.samples]
         return out

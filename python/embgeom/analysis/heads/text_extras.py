@@ -22,6 +22,34 @@ def weight_measures_check(model) -> None:
     projections(model)
 
 
+REGEX_SHOWN = 4                # --show-texts REGEX without --head-maps: the first 4 matches
+
+
+def parse_show_texts(spec: str | None, n_texts: int | None = None):
+    """--show-texts: comma-separated text ids (0-based over the corpus's non-blank lines, as
+    cls.npy's rows) or a regular expression searched in each text. Returns (accept(index, text)
+    -> bool, how many texts it names: the ids' count, or REGEX_SHOWN for a regex), or (None, 0)
+    without a spec. Ids are checked against n_texts when it is given (ValueError)."""
+    import re
+
+    if not spec:
+        return None, 0
+    parts = [p.strip() for p in spec.split(",")]
+    if all(p.isdigit() for p in parts):
+        ids = sorted({int(p) for p in parts})
+        if n_texts is not None and ids[-1] >= n_texts:
+            raise ValueError(f"--show-texts: text id {ids[-1]} out of range; the corpus has {n_texts} "
+                             f"texts (ids 0..{n_texts - 1})")
+        wanted = set(ids)
+        return (lambda k, text: k in wanted), len(ids)
+    try:
+        pattern = re.compile(spec)
+    except re.error as exc:
+        raise ValueError(f"--show-texts: neither comma-separated text ids nor a valid regular "
+                         f"expression: {spec!r} ({exc})") from None
+    return (lambda k, text: pattern.search(text) is not None), REGEX_SHOWN
+
+
 class TextExtras:
     """Built from the parsed flags; `observers` go to trace(), `active()` wraps the run."""
 
@@ -29,14 +57,17 @@ class TextExtras:
         if args.head_maps < 0:
             raise ValueError(f"--head-maps: expected >= 0, got {args.head_maps}")
         self.model, self.tokenizer = model, tokenizer
-        want_heads = args.heads or args.clark_js or args.directionality or args.head_maps > 0
+        self.show_texts = getattr(args, "show_texts", None)
+        accept, named = parse_show_texts(self.show_texts)
+        self.head_maps = head_maps = args.head_maps or named
+        want_heads = args.heads or args.clark_js or args.directionality or head_maps > 0
         self.directionality = args.directionality
         self._qk = {}
         L, H = model.config.num_hidden_layers, model.config.num_attention_heads
         dev = next(model.parameters()).device
         self.heads = HeadsAccumulator(L, H, max_len, dev, js=args.clark_js,
                                       directionality=args.directionality, qk=self._qk,
-                                      sample_maps=args.head_maps) if want_heads else None
+                                      sample_maps=head_maps, sample_filter=accept) if want_heads else None
         self.gauss = GaussianityAccumulator(L + 1, model.config.hidden_size) if args.gaussianity else None
         self.matrices = MatricesAccumulator(L, H, max_len, dev) if getattr(args, "matrices", False) else None
         if self.matrices is not None:
@@ -63,7 +94,11 @@ class TextExtras:
                 # the maps go to their own file (report.html embeds them); report.json names it
                 self.sample_maps = block.pop("sample_maps")
                 block["sample_maps"] = {"file": HEAD_MAPS_FILE,
+                                        "texts": [sm["text"] for sm in self.sample_maps],
                                         "tokens": [sm["tokens"] for sm in self.sample_maps]}
+            if self.show_texts and len(self.sample_maps) < self.head_maps:
+                print(f"embgeom text: note: --show-texts {self.show_texts!r} selected "
+                      f"{len(self.sample_maps)} text(s) of the {self.head_maps} asked for", file=sys.stderr)
             out["attention_heads"] = block
             self.seconds["heads: result (MDS, skew fraction)"] = time.perf_counter() - t0
         if self.gauss is not None:
@@ -75,12 +110,13 @@ class TextExtras:
         return out
 
     def write_files(self, out_dir: str) -> None:
-        """head_maps.json: [{"tokens": [str], "maps": [L][H][n][n]}] (3 decimals) with --head-maps."""
+        """head_maps.json: [{"text": id, "tokens": [str], "maps": [L][H][n][n]}] (3 decimals) with
+        --head-maps / --show-texts (text: 0-based index over the corpus's texts)."""
         if self.sample_maps:
             import json
             import os
 
-            data = [{"tokens": sm["tokens"],
+            data = [{"text": sm["text"], "tokens": sm["tokens"],
                      "maps": [[[[round(float(v), 3) for v in row] for row in m] for m in lay]
                               for lay in sm["maps"].tolist()]} for sm in self.sample_maps]
             from ...io import atomic_write

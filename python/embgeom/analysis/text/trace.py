@@ -336,13 +336,47 @@ class TraceResult:
     PER_LAYER_COLUMNS = ("layer", "cone_input", "cone_multihead", "cone_output", "entropy_mean",
                          "step_distance", "step_cosine")
 
-    def to_pandas(self):
-        """The per-layer table (PER_LAYER_COLUMNS; column "layer" runs 1..L) as a DataFrame
-        (pandas optional)."""
+    def per_head(self, heads_block: dict | None = None) -> tuple[list[str], list[list]]:
+        """(columns, rows): one row per (layer 1..L, head 0..H-1) with head_index (layer - 1) * H +
+        head, the row entropy, the mean row's entropy, the cone index of the head output, every
+        attention_to target (to_cls, to_sep, ...), the context-similarity mean |i - j|, focus token
+        and its share. heads_block: the `attention_heads` dict of
+        analysis.heads.measures.HeadsAccumulator.result (an observer of trace()); its [L][H]
+        numeric entries (clark_entropy, cls_entropy, sep_to_sep, value_entropy, ...) join as
+        columns, and its MDS coordinates as mds_x, mds_y."""
+        L, H = self.layers, self.heads
+        cols = {"entropy": self.entropy, "head_mean_entropy": self.head_mean_entropy,
+                "cone_head_output": self.cone_head_output,
+                **{f"to_{k}": v for k, v in self.attention_to.items()},
+                "context_mean_distance": self.context_mean_distance, "focus_share": self.focus_share}
+        table = {k: torch.as_tensor(v).double().cpu().reshape(L, H).tolist() for k, v in cols.items()}
+        table["focus_token"] = self.focus_token
+        for k, v in (heads_block or {}).items():
+            v = v.tolist() if hasattr(v, "tolist") else v
+            if (isinstance(v, list) and len(v) == L and all(isinstance(r, list) and len(r) == H for r in v)
+                    and all(x is None or isinstance(x, (int, float)) for r in v for x in r)):
+                table[k] = v
+        if heads_block and "mds" in heads_block:
+            xy = torch.as_tensor(heads_block["mds"], dtype=torch.float64).reshape(L, H, 2).tolist()
+            table["mds_x"] = [[p[0] for p in r] for r in xy]
+            table["mds_y"] = [[p[1] for p in r] for r in xy]
+        names = list(table)
+        rows = [[l + 1, h, l * H + h] + [table[k][l][h] for k in names] for l in range(L) for h in range(H)]
+        return ["layer", "head", "head_index"] + names, rows
+
+    def to_pandas(self, what: str = "layers", heads_block: dict | None = None):
+        """what="layers": the per-layer table (PER_LAYER_COLUMNS; column "layer" runs 1..L);
+        what="heads": the long per-(layer, head) table of `per_head` (heads_block: the
+        `attention_heads` block to join). A DataFrame (pandas optional)."""
         try:
             import pandas
         except ImportError:
             raise ImportError("to_pandas() needs pandas: pip install pandas") from None
+        if what == "heads":
+            cols, rows = self.per_head(heads_block)
+            return pandas.DataFrame(rows, columns=cols)
+        if what != "layers":
+            raise ValueError(f"what: expected 'layers' or 'heads', got {what!r}")
         return pandas.DataFrame(self.per_layer(), columns=list(self.PER_LAYER_COLUMNS))
 
     def _repr_html_(self) -> str:
