@@ -89,6 +89,22 @@ def test_search_vs_float64(metric, dtype, n, d, k):
 
 
 @pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_few_queries_take_the_same_answers(metric, dtype):
+    """Up to SMALL_BATCH queries select candidates with numpy, more with torch.topk: same ids."""
+    x = make_rows(3000, 48, zero=(0,), dup=((3, 7), (11, 2999)))
+    q = make_rows(9, 48, seed=2)
+    q[1] = x[7]
+    index = Index(x, metric=metric, dtype=dtype)
+    batch_v, batch_i = index.search(q, 12)
+    for rows in ([0], [1], [2, 3, 4], list(range(4))):
+        v, i = index.search(q[rows], 12)
+        assert torch.equal(i, batch_i[rows]) and torch.equal(v, batch_v[rows])
+    want_v, want_i = ref_topk(x, q, 12, metric)
+    assert_same_neighbours(batch_v, batch_i, want_v, want_i)
+
+
+@pytest.mark.parametrize("metric", METRICS)
 def test_exact_ties_go_to_the_smaller_id(metric):
     x = make_rows(50, 16)
     x[10] = x[20] = x[30] = x[40]  # four equal rows
