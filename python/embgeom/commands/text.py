@@ -4,7 +4,7 @@ Writes DIR/report.json (keys of TraceResult.to_dict, plus "cls_pairs" with --pai
 and one self-contained DIR/report.html; progress over the corpus on stderr.
 
 Options: --keep cls, --trajectories N, --labels FILE and --pairs FILE keep vectors
-(analysis/text/keeper.py); --heads, --clark-js, --directionality, --head-maps N, --matrices,
+(analysis/text/keeper.py); --heads, --clark-js, --directionality, --head-maps N, --similar RULE, --matrices,
 --gaussianity and --profile add the head extras (analysis/heads/text_extras.py).
 """
 from __future__ import annotations
@@ -59,6 +59,9 @@ def main(args) -> int:
     pairs = read_pairs(args.pairs) if args.pairs else None
     if args.trajectories < 0:
         raise ValueError(f"--trajectories: expected >= 0, got {args.trajectories}")
+    from ..analysis.heads.similarity import parse_similar
+
+    parse_similar(args.similar)
     keeping = bool(args.keep or args.trajectories or args.labels)
     labels = read_labels(args.labels, n_texts) if args.labels else None
     with output_folder(args.out, command="text") as out:
@@ -81,6 +84,7 @@ def main(args) -> int:
         if extras.observers:
             with prog.phase("head measures"):
                 report.update(extras.report(result))
+                extras.add_context(report)
         if pairs is not None:
             with prog.phase("[CLS] difference vectors"):
                 report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
@@ -169,7 +173,12 @@ def add_head_arguments(p) -> None:
                    help="skew fraction, asymmetry, positive-cos share, Spearman(|q|, entropy) "
                         "(implies --heads; hooks the query/key projections)")
     g.add_argument("--head-maps", type=int, default=0, metavar="N",
-                   help="draw the L x H attention maps of the first N texts in report.html (implies --heads)")
+                   help="draw the L x H attention maps of the first N texts in report.html (implies --heads), "
+                        "and their context-similarity maps S = O O^T per head (context_maps.npz, heat maps)")
+    g.add_argument("--similar", metavar="RULE",
+                   help="high-similarity pairs for context_similarity.similar (ours): tau:X every pair with "
+                        "cos(o_i, o_j) >= X, or topk:K each token's K largest S[i, j]; their |i - j| "
+                        "histogram, same-sentence, [SEP] and repeated-token shares")
     g.add_argument("--matrices", action="store_true",
                    help="attention_matrices: cone index of the attention rows, singular values < 1e-3, "
                         "von Neumann entropy, k90 quantiles per head; rank, singular values and eigenvalue "
