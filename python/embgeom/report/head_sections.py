@@ -296,3 +296,31 @@ def context_maps_section(out_dir: str, cs: dict, max_tokens: int = 64):
             f"<p>The first {maps['texts']} texts (real tokens, at most {max_tokens} drawn); "
             f"{maps['file']} holds every map (text<i>k</i>_S: layer, head, i, j; text<i>k</i>_tokens).</p>",
             pngs)
+
+
+def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
+    """One L x H grid per label of its class-mean attention map; entries below theta hidden."""
+    pngs = []
+    for g, m in means.items():
+        m = np.asarray(m, dtype=float)
+        L, H = m.shape[:2]
+        fig, _ = new_figure(1.8 * H + 1.5, 1.8 * L + 0.6)
+        fig.clf()
+        for l in range(L):
+            for h in range(H):
+                ax = fig.add_subplot(L, H, l * H + h + 1)
+                im = ax.imshow(np.ma.masked_less(m[l, h], theta), cmap="Blues", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(f"L{l + 1} H{h}", fontsize=7)
+                ax.set_xlabel("key", fontsize=6)
+                ax.set_ylabel("query", fontsize=6)
+        fig.colorbar(im, ax=fig.axes, label=f"class-mean attention (entries < {theta:g} hidden)")
+        safe = "".join(c if c.isalnum() else "_" for c in str(g))
+        pngs.append(save_figure(fig, out_dir, f"class_maps_{safe}"))
+    counts = ", ".join(f"{g}: {fmt_number(c)}" for g, c in block["texts"].items())
+    return ("Class-mean attention maps (geometry-of-BERT authors' code)",
+            f"<p>Mean attention map of each label's texts with {block['length']} real tokens "
+            f"(texts: {counts}); [SEP] rows and columns zeroed, [CLS] kept; entries below "
+            f"&theta; = {theta:g} left blank. {block['file']} holds the maps (layer, head, query, key).</p>",
+            pngs)
