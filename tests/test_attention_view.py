@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from embgeom.cli import main
@@ -34,6 +35,9 @@ def test_show_texts_ids_and_regex(tiny_bert_dir, tmp_path, capsys):
     assert maps[0]["tokens"][:3] == ["[CLS]", "a", "dog"]
     report = json.loads((out / "report.json").read_text())
     assert report["attention_heads"]["sample_maps"]["texts"] == [1, 4]
+    # the context-similarity maps follow the same texts
+    assert report["context_similarity"]["maps"]["text_ids"] == [1, 4]
+    assert sorted(np.load(out / "context_maps.npz").files) == ["text1_S", "text1_tokens", "text4_S", "text4_tokens"]
     page = (out / "attention_view.html").read_text()
     assert "view-data" in page and "http" not in page and "Provenance" in page
     assert "href='attention_view.html'" in (out / "report.html").read_text()

@@ -70,7 +70,7 @@ def test_text_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
                      '{"group": "h", "a": "big", "b": "small"}\n', encoding="utf-8")
     assert main(["text", str(corpus), "--out", str(tmp_path / "t"), "--model", tiny_bert_dir, "--quiet",
                  "--labels", str(labels), "--trajectories", "2", "--pairs", str(pairs), "--heads",
-                 "--clark-js", "--gaussianity"]) == 0
+                 "--clark-js", "--gaussianity", "--similar", "topk:2", "--head-maps", "1"]) == 0
     assert len(figures) >= 12
     bad = _unlabelled(figures)
     assert bad == [], "\n".join(map(str, bad))

@@ -41,7 +41,8 @@ def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
     assert len(report["js_distance"]) == L * H and len(report["evolution"]["norm"]) == L + 1
     assert set(report["context_similarity"]) == {"mean_distance", "focus_token", "separator_share",
                                                  "distance_hist", "layer_distance_hist",
-                                                 "same_sentence_share", "period_separator_share"}
+                                                 "same_sentence_share", "period_separator_share",
+                                                 "repeated_token_share"}
     assert "attention_heads" not in report and "gaussianity" not in report     # opt-in
     assert report["cls_pairs"]["groups"] == ["g", "h"]
     pngs = sorted(p.name for p in out.glob("*.png"))

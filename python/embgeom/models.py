@@ -45,9 +45,11 @@ def first_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def load_model(name_or_path: str | None = None, *, device=None):
+def load_model(name_or_path: str | None = None, *, device=None, classifier: bool = False):
     """-> (model, tokenizer). Eager attention (so attention probabilities exist), safetensors
-    weights only, eval mode. Default: the bundled all-MiniLM-L6-v2 BERT, loaded offline."""
+    weights only, eval mode. Default: the bundled all-MiniLM-L6-v2 BERT, loaded offline.
+    classifier=True: the model with its sequence-classification head (a ValueError when the
+    checkpoint has none, instead of a randomly initialised head)."""
     try:
         from safetensors import SafetensorError  # a dependency of transformers
         from transformers import AutoModel, AutoTokenizer
@@ -70,11 +72,23 @@ def load_model(name_or_path: str | None = None, *, device=None):
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModel.from_pretrained(path, attn_implementation="eager", use_safetensors=True, **kwargs)
+        if classifier:
+            from transformers import AutoConfig, AutoModelForSequenceClassification
+
+            archs = getattr(AutoConfig.from_pretrained(path, **kwargs), "architectures", None) or []
+            if not any(a.endswith("ForSequenceClassification") for a in archs):
+                raise ValueError(f"--correct-only: model {name_or_path!r} has no sequence-classification "
+                                 f"head (architectures {archs or 'unknown'})")
+            auto = AutoModelForSequenceClassification
+        else:
+            auto = AutoModel
+        model = auto.from_pretrained(path, attn_implementation="eager", use_safetensors=True, **kwargs)
     except SafetensorError as exc:
         raise ValueError(f"model: cannot load {name_or_path!r}: its .safetensors weights are truncated or "
                          f"corrupt ({first_line(exc)})") from None
     except (OSError, ValueError) as exc:
+        if str(exc).startswith("--correct-only"):
+            raise
         raise ValueError(f"model: cannot load {name_or_path!r}: {first_line(exc)}") from None
     finally:
         if bars:

@@ -4,7 +4,7 @@ Writes DIR/report.json (keys of TraceResult.to_dict, plus "cls_pairs" with --pai
 and one self-contained DIR/report.html; progress over the corpus on stderr.
 
 Options: --keep cls, --trajectories N, --labels FILE and --pairs FILE keep vectors
-(analysis/text/keeper.py); --heads, --clark-js, --directionality, --head-maps N, --matrices,
+(analysis/text/keeper.py); --heads, --clark-js, --directionality, --head-maps N, --similar RULE, --matrices,
 --gaussianity and --profile add the head extras (analysis/heads/text_extras.py).
 """
 from __future__ import annotations
@@ -42,7 +42,9 @@ def main(args) -> int:
     import warnings
 
     from ..analysis.text.inputs import read_labels, read_lines, read_pairs
+    from ..analysis.text.labelled import CLASS_MAPS_FILE, ClassMaps, LabelSplit, predict_labels
     from ..analysis.text.trace import cls_differences, model_max_length, trace
+    from ..report.head_sections import class_maps_section
     from ..models import DEFAULT_MODEL, load_model
     from ..provenance import Provenance
 
@@ -59,22 +61,47 @@ def main(args) -> int:
     pairs = read_pairs(args.pairs) if args.pairs else None
     if args.trajectories < 0:
         raise ValueError(f"--trajectories: expected >= 0, got {args.trajectories}")
+    from ..analysis.heads.similarity import parse_similar
+
+    parse_similar(args.similar)
     keeping = bool(args.keep or args.trajectories or args.labels)
     labels = read_labels(args.labels, n_texts) if args.labels else None
     parse_show_texts(args.show_texts, n_texts)  # ids and the regex checked before the model loads
+    check_label_options(args)
+    texts = list(read_lines(args.corpus)) if args.correct_only else None
     with output_folder(args.out, command="text") as out:
         with prog.phase("loading the model"):
-            model, tokenizer = load_model(args.model, device=args.device)
+            model, tokenizer = load_model(args.model, device=args.device, classifier=args.correct_only)
+        selection = None
+        if args.correct_only:
+            with prog.phase("predicting classes (--correct-only)"):
+                predicted = predict_labels(model, tokenizer, texts, batch_size=args.batch_size,
+                                           max_length=args.max_length)
+            kept = [i for i, (p, g) in enumerate(zip(predicted, labels)) if p == g]
+            selection = {"texts": n_texts, "kept": len(kept), "accuracy": len(kept) / n_texts,
+                         "kept_per_label": {g: sum(labels[i] == g for i in kept) for g in sorted(set(labels))},
+                         "texts_per_label": {g: labels.count(g) for g in sorted(set(labels))}}
+            if not kept:
+                raise ValueError(f"--correct-only: no text of {args.corpus} is classified as its label "
+                                 f"(0 of {n_texts} kept)")
+            texts, labels = [texts[i] for i in kept], [labels[i] for i in kept]
+            n_texts = len(kept)
+            model = model.base_model
         prov.set_model(args.model, model)
         keeper = Keeper(out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
                         keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
                         tokenizer=tokenizer) if keeping else None
-        extras = TextExtras(args, model, tokenizer, model_max_length(model, tokenizer, args.max_length))
-        observers = extras.observers + ([keeper] if keeper is not None else [])
+        max_len = model_max_length(model, tokenizer, args.max_length)
+        extras = TextExtras(args, model, tokenizer, max_len)
+        split = LabelSplit(labels, model, tokenizer, max_len) if labels is not None else None
+        class_maps = ClassMaps(labels, args.class_maps, model.config.num_hidden_layers,
+                               model.config.num_attention_heads) if args.class_maps else None
+        observers = extras.observers + [o for o in (keeper, split, class_maps) if o is not None]
         with warnings.catch_warnings(record=True) as caught, extras.active():
             warnings.simplefilter("always")
-            result = trace(model, tokenizer, args.corpus, batch_size=args.batch_size,
-                           max_length=args.max_length, progress=prog, observers=observers)
+            result = trace(model, tokenizer, texts if selection is not None else args.corpus,
+                           batch_size=args.batch_size, max_length=args.max_length, progress=prog,
+                           observers=observers)
         for w in caught[:1]:
             print(f"embgeom text: warning: {w.message}", file=sys.stderr)
         result.model = args.model or DEFAULT_MODEL
@@ -82,12 +109,24 @@ def main(args) -> int:
         if extras.observers:
             with prog.phase("head measures"):
                 report.update(extras.report(result))
+                extras.add_context(report)
+        if selection is not None:
+            report["correct_only"] = selection
+        if split is not None:
+            with prog.phase("per-label metrics"):
+                report["by_label"] = split.result()
+        if class_maps is not None:
+            report["class_maps"] = {**class_maps.result(), "theta": args.theta}
+            class_maps.write(os.path.join(out, CLASS_MAPS_FILE))
         if pairs is not None:
             with prog.phase("[CLS] difference vectors"):
                 report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
                                                       max_length=args.max_length, keep=True)
         with prog.phase("kept vectors (groups, trajectories)"):
-            extra = finish(args, out, keeper, report, pairs, labels, lambda: list(read_lines(args.corpus)))
+            extra = finish(args, out, keeper, report, pairs, labels,
+                           lambda: texts if texts is not None else list(read_lines(args.corpus)))
+            if class_maps is not None:
+                extra.append(class_maps_section(out, report["class_maps"], class_maps.means(), args.theta))
         with prog.phase("plots and page"):
             extras.write_files(out)
             report["provenance"] = prov.record()
@@ -107,7 +146,30 @@ def add_keep_arguments(p) -> None:
     p.add_argument("--trajectories", type=int, default=0, metavar="N",
                    help="keep every token's L+1 states for the first N texts (DIR/trajectories.npz)")
     p.add_argument("--labels", metavar="FILE", help="one label per text (non-blank corpus line): "
-                   "geometry of the labelled [CLS] sets (implies --keep cls)")
+                   "geometry of the labelled [CLS] sets (implies --keep cls) and every trace metric "
+                   "per label (by_label; the default metrics computed once more per class)")
+    p.add_argument("--class-maps", type=int, default=0, metavar="N",
+                   help="with --labels: class-mean attention maps of the texts with N real tokens "
+                        "([SEP] rows and columns zeroed; class_maps.npz, heat maps)")
+    p.add_argument("--theta", type=float, default=0.01, metavar="X",
+                   help="entries of the class-mean maps below X are hidden in the heat maps (default 0.01)")
+    p.add_argument("--correct-only", action="store_true",
+                   help="with --labels and a model with a sequence-classification head: analyse only "
+                        "the texts whose predicted class (id2label) equals their label")
+
+
+def check_label_options(args) -> None:
+    """One-line ValueErrors for the label options, before the model loads."""
+    import math
+
+    if args.class_maps and not args.labels:
+        raise ValueError("--class-maps: needs --labels FILE")
+    if args.class_maps < 0 or args.class_maps == 1:
+        raise ValueError(f"--class-maps: expected a text length >= 2 tokens, got {args.class_maps}")
+    if args.correct_only and not args.labels:
+        raise ValueError("--correct-only: needs --labels FILE")
+    if not math.isfinite(args.theta) or not 0.0 <= args.theta <= 1.0:
+        raise ValueError(f"--theta: expected 0 <= X <= 1, got {args.theta}")
 
 
 def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[dict] | None,
@@ -170,12 +232,17 @@ def add_head_arguments(p) -> None:
                    help="skew fraction, asymmetry, positive-cos share, Spearman(|q|, entropy) "
                         "(implies --heads; hooks the query/key projections)")
     g.add_argument("--head-maps", type=int, default=0, metavar="N",
-                   help="draw the L x H attention maps of the first N texts in report.html (implies --heads)")
+                   help="draw the L x H attention maps of the first N texts in report.html (implies --heads), "
+                        "and their context-similarity maps S = O O^T per head (context_maps.npz, heat maps)")
     g.add_argument("--show-texts", metavar="SEL",
                    help="the texts whose attention maps to keep (report.html grid and attention_view.html, "
                         "a bertviz-style token-to-token view): comma-separated text ids (0-based over the "
                         "non-blank lines) or a regular expression searched in each text; at most --head-maps "
                         "of them (default: every id, or the first 4 matches of a regex; implies --heads)")
+    g.add_argument("--similar", metavar="RULE",
+                   help="high-similarity pairs for context_similarity.similar (ours): tau:X every pair with "
+                        "cos(o_i, o_j) >= X, or topk:K each token's K largest S[i, j]; their |i - j| "
+                        "histogram, same-sentence, [SEP] and repeated-token shares")
     g.add_argument("--matrices", action="store_true",
                    help="attention_matrices: cone index of the attention rows, singular values < 1e-3, "
                         "von Neumann entropy, k90 quantiles per head; rank, singular values and eigenvalue "

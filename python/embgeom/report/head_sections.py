@@ -260,3 +260,102 @@ def context_section(out_dir: str, cs: dict):
             "<p>Distribution of |i - j| from each real token to its most similar other token under "
             "O O<sup>T</sup> per layer (all heads), and the share of those pairs inside the token's "
             "sentence (ends: '.', '!', '?', [SEP]) or landing on '.' or [SEP].</p>", [png])
+
+
+def similar_section(out_dir: str, cs: dict):
+    """The --similar pairs: |i - j| distribution per layer and the shares per layer."""
+    sim = cs.get("similar")
+    if not sim:
+        return None
+    hist = np.asarray(sim["layer_distance_hist"], dtype=float)
+    L = len(sim["pairs"])
+    fig, _ = new_figure(12, 3.4)
+    fig.clf()
+    a1 = fig.add_subplot(1, 2, 1)
+    if hist.size:
+        width = min(hist.shape[1], 40)
+        for l in range(L):
+            a1.plot(np.arange(width), hist[l, :width] / max(hist[l].sum(), 1), "-", label=f"layer {l + 1}",
+                    color=__import__("matplotlib").colormaps["viridis"](l / max(L - 1, 1)))
+        a1.legend(fontsize=6, ncol=2)
+    a1.set_xlabel("|i - j| of a high-similarity pair")
+    a1.set_ylabel("share of pairs (all heads)")
+    a2 = fig.add_subplot(1, 2, 2)
+    for key, lab in (("same_sentence_share", "inside the same sentence"),
+                     ("period_separator_share", "on '.' or [SEP]"), ("separator_share", "on [SEP]"),
+                     ("repeated_token_share", "one token repeated")):
+        with np.errstate(all="ignore"):
+            a2.plot(np.arange(1, L + 1), np.nanmean(_arr(sim[key]), 1), "o-", label=lab)
+    layer_axis(a2, L)
+    a2.set_ylim(0, 1.02)
+    a2.set_ylabel("share of high-similarity pairs")
+    a2.legend(fontsize=7)
+    png = save_figure(fig, out_dir, "context_similar")
+    pairs = np.asarray(sim["pairs"], dtype=float)
+    return (f"Context similarity: high-similarity pairs ({sim['rule']}, ours)",
+            f"<p>Pairs chosen by the rule <code>{sim['rule']}</code> (tau:X: cos(o<sub>i</sub>, o<sub>j</sub>) "
+            "&ge; X, both orders; topk:K: each token's K largest S[i, j]); "
+            f"{fmt_number(pairs.sum())} ordered pairs over all heads. Left: their |i - j|; right: the "
+            "share inside one sentence, landing on '.' or [SEP], and joining two occurrences of one "
+            "token.</p>", [png])
+
+
+def context_maps_section(out_dir: str, cs: dict, max_tokens: int = 64):
+    """One L x H grid of S = O O^T per kept text (each head scaled by its largest |S|)."""
+    import os
+
+    maps = cs.get("maps")
+    if not maps:
+        return None
+    data = np.load(os.path.join(out_dir, maps["file"]))
+    pngs = []
+    for k in maps["text_ids"]:
+        S = data[f"text{k}_S"][..., :max_tokens, :max_tokens].astype(float)
+        L, H = S.shape[:2]
+        fig, _ = new_figure(1.8 * H + 1.5, 1.8 * L + 0.6)
+        fig.clf()
+        for l in range(L):
+            for h in range(H):
+                ax = fig.add_subplot(L, H, l * H + h + 1)
+                m = S[l, h]
+                scale = np.abs(m).max() if m.size else 1.0
+                im = ax.imshow(m / (scale if scale > 0 else 1.0), cmap="RdBu_r", vmin=-1, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(f"L{l + 1} H{h}", fontsize=7)
+                ax.set_xlabel("token j", fontsize=6)
+                ax.set_ylabel("token i", fontsize=6)
+        fig.colorbar(im, ax=fig.axes, label="S[i, j] / max |S| of the head")
+        pngs.append(save_figure(fig, out_dir, f"context_maps_{k}"))
+    return ("Context similarity maps S = O O<sup>T</sup> per head (arXiv 2512.21956)",
+            f"<p>The first {maps['texts']} texts (real tokens, at most {max_tokens} drawn); "
+            f"{maps['file']} holds every map (text<i>k</i>_S: layer, head, i, j; text<i>k</i>_tokens).</p>",
+            pngs)
+
+
+def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
+    """One L x H grid per label of its class-mean attention map; entries below theta hidden."""
+    pngs = []
+    for g, m in means.items():
+        m = np.asarray(m, dtype=float)
+        L, H = m.shape[:2]
+        fig, _ = new_figure(1.8 * H + 1.5, 1.8 * L + 0.6)
+        fig.clf()
+        for l in range(L):
+            for h in range(H):
+                ax = fig.add_subplot(L, H, l * H + h + 1)
+                im = ax.imshow(np.ma.masked_less(m[l, h], theta), cmap="Blues", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(f"L{l + 1} H{h}", fontsize=7)
+                ax.set_xlabel("key", fontsize=6)
+                ax.set_ylabel("query", fontsize=6)
+        fig.colorbar(im, ax=fig.axes, label=f"class-mean attention (entries < {theta:g} hidden)")
+        safe = "".join(c if c.isalnum() else "_" for c in str(g))
+        pngs.append(save_figure(fig, out_dir, f"class_maps_{safe}"))
+    counts = ", ".join(f"{g}: {fmt_number(c)}" for g, c in block["texts"].items())
+    return ("Class-mean attention maps (geometry-of-BERT authors' code)",
+            f"<p>Mean attention map of each label's texts with {block['length']} real tokens "
+            f"(texts: {counts}); [SEP] rows and columns zeroed, [CLS] kept; entries below "
+            f"&theta; = {theta:g} left blank. {block['file']} holds the maps (layer, head, query, key).</p>",
+            pngs)

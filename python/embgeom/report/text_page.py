@@ -74,12 +74,14 @@ def clark_strips(out_dir: str, report: dict, L: int, H: int) -> str:
 
 
 def head_sections(out_dir: str, report: dict) -> list:
-    from .head_sections import context_section, gaussianity_section, heads_sections
+    from .head_sections import context_maps_section, context_section, gaussianity_section, heads_sections, \
+        similar_section
 
     out = []
-    ctx = context_section(out_dir, report["context_similarity"])
-    if ctx is not None:
-        out.append(ctx)
+    for section in (context_section, similar_section, context_maps_section):
+        ctx = section(out_dir, report["context_similarity"])
+        if ctx is not None:
+            out.append(ctx)
     if "attention_heads" in report:
         out += heads_sections(out_dir, report["attention_heads"], provenance=report.get("provenance"))
     if "gaussianity" in report:

@@ -9,6 +9,7 @@ import time
 from .gaussianity import GaussianityAccumulator
 from .matrices import MatricesAccumulator
 from .measures import HeadsAccumulator, capture_qk
+from .similarity import CONTEXT_MAPS_FILE, SimilarityAccumulator, parse_similar
 
 
 
@@ -72,7 +73,11 @@ class TextExtras:
         self.matrices = MatricesAccumulator(L, H, max_len, dev) if getattr(args, "matrices", False) else None
         if self.matrices is not None:
             weight_measures_check(model)
-        self.observers = [o for o in (self.heads, self.gauss, self.matrices) if o is not None]
+        rule = parse_similar(getattr(args, "similar", None))
+        self.similarity = SimilarityAccumulator(L, H, max_len, tokenizer, rule=rule, maps=head_maps,
+                                                sample_filter=accept) \
+            if rule is not None or head_maps > 0 else None
+        self.observers = [o for o in (self.heads, self.gauss, self.matrices, self.similarity) if o is not None]
         self.seconds: dict[str, float] = {}
         self.sample_maps: list[dict] = []
 
@@ -109,9 +114,28 @@ class TextExtras:
             self.seconds["matrices: result (weights)"] = time.perf_counter() - t0
         return out
 
+    def add_context(self, report: dict) -> None:
+        """report["context_similarity"] gains "similar" (--similar) and "maps" (--head-maps)."""
+        if self.similarity is None:
+            return
+        cs = report["context_similarity"]
+        if self.similarity.rule is not None:
+            t0 = time.perf_counter()
+            cs["similar"] = self.similarity.result()
+            self.seconds["similar: result"] = time.perf_counter() - t0
+        if self.similarity.samples:
+            cs["maps"] = {"file": CONTEXT_MAPS_FILE, "texts": len(self.similarity.samples),
+                          "text_ids": [sm["text"] for sm in self.similarity.samples],
+                          "tokens": [sm["tokens"] for sm in self.similarity.samples]}
+
     def write_files(self, out_dir: str) -> None:
         """head_maps.json: [{"text": id, "tokens": [str], "maps": [L][H][n][n]}] (3 decimals) with
-        --head-maps / --show-texts (text: 0-based index over the corpus's texts)."""
+        --head-maps / --show-texts (text: 0-based index over the corpus's texts), and
+        context_maps.npz (similarity.SimilarityAccumulator.write_maps) with --head-maps."""
+        if self.similarity is not None and self.similarity.samples:
+            import os
+
+            self.similarity.write_maps(os.path.join(out_dir, CONTEXT_MAPS_FILE))
         if self.sample_maps:
             import json
             import os
@@ -130,7 +154,7 @@ class TextExtras:
         for o in self.observers:
             parts.update(o.seconds)
         parts.update(self.seconds)
-        extra = sum(v for k, v in parts.items() if not k.startswith(("heads: result", "matrices: result")))
+        extra = sum(v for k, v in parts.items() if not k.startswith(("heads: result", "matrices: result", "similar: result")))
         print(f"embgeom text: profile: forward + default metrics {total - extra:.2f}s", file=stream)
         for k, v in parts.items():
             print(f"embgeom text: profile:   {k:34s} {v:8.2f}s", file=stream)

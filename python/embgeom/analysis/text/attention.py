@@ -159,7 +159,7 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
     For every real token i of a sequence with >= 2 real tokens: j = argmax over real j != i of
     S[i, j] (ties to the smaller j). Returns sums over the batch:
       rows (H,) number of such tokens; distance (H,) sum of |i - j|; separator (H,) hits on
-      [SEP]; distance_hist (H, T) counts of |i - j|; focus_counts (H, vocab_size): per sequence
+      [SEP]; repeated (H,) hits on another occurrence of the token's own id; distance_hist (H, T) counts of |i - j|; focus_counts (H, vocab_size): per sequence
       the focus token (the column j with the most hits, ties to the smaller position) counted by
       its token id.
     With sentence (B, T) int64 sentence index of each token (sentence_index) and period (B, T)
@@ -186,10 +186,12 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
     pos = torch.arange(T, device=mask.device)
     dist = (j - pos).abs()
     wl = w.long()
+    tok = input_ids[:, None, :].expand(B, H, T)
     out = {
         "rows": wl.sum(dim=(0, 2)),
         "distance": (dist * wl).sum(dim=(0, 2)),
         "separator": (sep[:, None, :].expand(B, H, T).gather(-1, j) & w).long().sum(dim=(0, 2)),
+        "repeated": ((tok.gather(-1, j) == tok) & w).long().sum(dim=(0, 2)),
     }
     if sentence is not None:
         sid = sentence[:, None, :].expand(B, H, T)

@@ -295,7 +295,8 @@ class TraceResult:
     target_distribution (L*H, R): each head's mean attention over [CLS], [SEP], relative offsets
     (see attention.target_distribution); js_distance (L*H, L*H) between those rows (head index
     (layer - 1) * H + head). context_*: context similarity (attention.context_similarity) with focus_token[l][h] the token
-    most often the focus of a text; evolution: step_distance (L,), step_cosine (L,), norm (L+1,)
+    most often the focus of a text, context_repeated (L, H) the share of argmax hits on another
+    occurrence of the token's own id; evolution: step_distance (L,), step_cosine (L,), norm (L+1,)
     means over every real token."""
 
     model: str
@@ -325,6 +326,7 @@ class TraceResult:
     seconds: float = 0.0
     context_same_sentence: torch.Tensor | None = None
     context_period_separator: torch.Tensor | None = None
+    context_repeated: torch.Tensor | None = None
 
     def per_layer(self) -> list[list]:
         """One row per layer: the layer (1..L), cone index I/n of the layer input, the multi-head
@@ -417,6 +419,10 @@ class TraceResult:
         width = int(seen.max()) + 1 if seen.numel() else 0
         out = {"distance_hist": hist[..., :width].cpu().tolist(),
                "layer_distance_hist": hist[..., :width].sum(1).cpu().tolist()}
+        if self.context_repeated is not None:
+            from ...results import as_list
+
+            out["repeated_token_share"] = as_list(self.context_repeated)
         if self.context_same_sentence is not None:
             from ...results import as_list
 
@@ -452,7 +458,7 @@ class TraceAccumulator:
             "ctx_sep": z(L, H, dt=torch.int64), "ctx_hist": z(L, H, max_len, dt=torch.int64),
             "focus": z(L, H, vocab_size, dt=torch.int64) if "context" in self.metrics else z(L, H, 1, dt=torch.int64),
             "step_dist": z(L), "step_cos": z(L), "norm": z(L + 1),
-            "ctx_same": z(L, H, dt=torch.int64), "ctx_period": z(L, H, dt=torch.int64),
+            "ctx_same": z(L, H, dt=torch.int64), "ctx_rep": z(L, H, dt=torch.int64), "ctx_period": z(L, H, dt=torch.int64),
             "other_rows": z(()),
         }
         self._ws: dict = {}     # reusable scratch buffers (no page faults per batch)
@@ -542,6 +548,7 @@ class TraceAccumulator:
                 s["ctx_rows"][l] += c["rows"]
                 s["ctx_dist"][l] += c["distance"]
                 s["ctx_sep"][l] += c["separator"]
+                s["ctx_rep"][l] += c["repeated"]
                 s["ctx_hist"][l, :, :T] += c["distance_hist"]
                 s["focus"][l] += c["focus_counts"]
                 if sentence is not None:
@@ -603,6 +610,7 @@ class TraceAccumulator:
             else torch.full((L * H, L * H), math.nan, dtype=torch.float64),
             context_mean_distance=nan_if(s["ctx_dist"].double() / ctx_rows.clamp(min=1), ctx_rows),
             context_separator_share=nan_if(s["ctx_sep"].double() / ctx_rows.clamp(min=1), ctx_rows),
+            context_repeated=nan_if(s["ctx_rep"].double() / ctx_rows.clamp(min=1), ctx_rows),
             context_distance_hist=s["ctx_hist"], focus_token=focus, focus_share=focus_share,
             step_distance=s["step_dist"] / rows, step_cosine=s["step_cos"] / rows,
             norm=s["norm"] / rows, seconds=seconds,

@@ -1,0 +1,153 @@
+"""Labelled inputs of `embgeom text --labels` (docs/metrics.md, labelled inputs): every trace
+metric split by class (`by_label`), class-mean attention maps of the texts of one length
+(`--class-maps N`, the geometry-of-BERT authors' maps: [SEP] and padding rows and columns zeroed,
+[CLS] kept), and the predictions of a classification head for `--correct-only`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import adapters
+from .trace import Batch, TraceAccumulator, encode, model_max_length, sentence_tables
+
+CLASS_MAPS_FILE = "class_maps.npz"
+
+
+def slice_batch(b: Batch, idx: torch.Tensor) -> Batch:
+    """The rows idx of a batch (truncated set to 0: which rows were cut is not kept)."""
+    out = {}
+    for f in dataclasses.fields(b):
+        v = getattr(b, f.name)
+        if isinstance(v, torch.Tensor):
+            v = v[idx]
+        elif isinstance(v, tuple):
+            v = tuple(t[idx] for t in v)
+        elif f.name == "texts":
+            v = [v[i] for i in idx.tolist()] if v else []
+        elif f.name == "truncated":
+            v = 0
+        out[f.name] = v
+    return Batch(**out)
+
+
+class _Rows:
+    """Which labels the rows of the next batch carry (batches arrive in corpus order)."""
+
+    def __init__(self, labels: list[str]):
+        self.labels, self.done = labels, 0
+
+    def take(self, B: int) -> list[str]:
+        out = self.labels[self.done:self.done + B]
+        self.done += B
+        return out
+
+
+class LabelSplit:
+    """Observer: one TraceAccumulator per label, updated with that label's rows of each batch."""
+
+    def __init__(self, labels: list[str], model, tokenizer, max_len: int):
+        self.rows = _Rows(labels)
+        dev = next(model.parameters()).device
+        tables = sentence_tables(tokenizer)
+        self.acc = {g: TraceAccumulator(adapters.num_layers(model), model.config.num_attention_heads, max_len,
+                                        max(model.config.vocab_size, len(tokenizer)), dev,
+                                        sentence_tables=tables) for g in sorted(set(labels))}
+        self.tokenizer = tokenizer
+        self.seconds: dict[str, float] = {}
+
+    def update(self, b: Batch) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        labs = self.rows.take(b.mask.shape[0])
+        for g in sorted(set(labs)):
+            idx = torch.tensor([i for i, x in enumerate(labs) if x == g], device=b.mask.device)
+            self.acc[g].update(slice_batch(b, idx))
+        self.seconds["labels: per-class metrics"] = self.seconds.get("labels: per-class metrics", 0.0) \
+            + time.perf_counter() - t0
+
+    def result(self) -> dict:
+        """{label: the report.json keys of TraceResult.to_dict() without model and truncated}."""
+        out = {}
+        for g, acc in self.acc.items():
+            if acc.n_texts == 0:
+                continue
+            d = acc.result(self.tokenizer).to_dict()
+            for k in ("model", "truncated"):
+                d.pop(k)
+            out[g] = d
+        return out
+
+
+class ClassMaps:
+    """Observer: per label, the sum of the attention maps (L, H, N, N) of the texts with N real
+    tokens, [SEP] rows and columns zeroed (padding never enters: only the N real positions)."""
+
+    def __init__(self, labels: list[str], length: int, L: int, H: int):
+        if length < 2:
+            raise ValueError(f"--class-maps: expected a text length >= 2 tokens, got {length}")
+        self.rows, self.N, self.L, self.H = _Rows(labels), length, L, H
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = {g: 0 for g in sorted(set(labels))}
+        self.seconds: dict[str, float] = {}
+
+    def update(self, b: Batch) -> None:
+        labs = self.rows.take(b.mask.shape[0])
+        for i, g in enumerate(labs):
+            idx = b.mask[i].nonzero().flatten()
+            if idx.numel() != self.N:
+                continue
+            a = torch.stack([att[i][:, idx][:, :, idx] for att in b.attentions]).double().cpu()  # (L, H, N, N)
+            sep = b.sep[i, idx].cpu()
+            a[:, :, sep, :] = 0.0
+            a[:, :, :, sep] = 0.0
+            if g not in self.sums:
+                self.sums[g] = torch.zeros_like(a)
+            self.sums[g] += a
+            self.counts[g] += 1
+
+    def result(self) -> dict:
+        """{"length": N, "texts": {label: count}, "file": CLASS_MAPS_FILE}."""
+        return {"length": self.N, "texts": dict(self.counts), "file": CLASS_MAPS_FILE}
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {g: s / self.counts[g] for g, s in self.sums.items()}
+
+    def write(self, path: str) -> None:
+        """class_maps.npz: one (L, H, N, N) float64 mean per label with texts (key = label)."""
+        import numpy as np
+
+        from ...io import atomic_write
+
+        with atomic_write(path, binary=True, name=CLASS_MAPS_FILE) as f:
+            np.savez(f, **{g: m.numpy() for g, m in self.means().items()})
+
+
+def check_classifier(model) -> dict[int, str]:
+    """The model's id2label, or a ValueError when it has no sequence-classification head."""
+    archs = getattr(model.config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(f"--correct-only: the model has no sequence-classification head "
+                         f"(architectures {archs or 'unknown'})")
+    return {int(k): str(v) for k, v in model.config.id2label.items()}
+
+
+def predict_labels(model, tokenizer, texts: list[str], *, batch_size: int = 32,
+                   max_length: int | None = None) -> list[str]:
+    """The classification head's predicted class (id2label) of every text, encoded as trace()
+    encodes it (sentence pairs at a TAB, the same truncation)."""
+    id2label = check_classifier(model)
+    limit = model_max_length(model, tokenizer, max_length)
+    dev = next(model.parameters()).device
+    out: list[str] = []
+    for done in range(0, len(texts), batch_size):
+        chunk = texts[done:done + batch_size]
+        enc, _ = encode(tokenizer, chunk, limit, done)
+        enc = tokenizer.pad(enc, return_tensors="pt")
+        enc = {k: v.to(dev) for k, v in adapters.model_inputs(model, enc).items()}
+        with torch.inference_mode():
+            logits = model(**enc).logits
+        out += [id2label[int(i)] for i in logits.argmax(-1).tolist()]
+    return out

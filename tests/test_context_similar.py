@@ -1,0 +1,126 @@
+"""Context similarity beyond the argmax (issue 23, item 6): `embgeom text --similar` and the S
+maps of `--head-maps`, against a float64 hand computation of O = A V per head from
+transformers' own attentions and hidden states, one text at a time without padding."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from embgeom.analysis.heads.similarity import parse_similar
+from embgeom.cli import main
+
+TEXTS = ["the cat sat . the cat ran .", "a dog ! a dog was big .", "she was in the house ? he was not .",
+         "red , green and blue . red again", "one two three two one", "big\tsmall house"]
+ENDS = {".", "!", "?"}
+
+
+def run(tiny_bert_dir, tmp, *flags):
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    out = tmp / "out"
+    assert main(["text", str(corpus), "--out", str(out), "--model", tiny_bert_dir, "--batch-size", "4",
+                 "--no-progress", *flags]) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def head_outputs(model, tokenizer, text):
+    """(tokens, ids, O (L, H, n, d) float64) of one text."""
+    a, b = (text.split("\t") + [None])[:2]
+    enc = tokenizer(a, b, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**enc, output_attentions=True, output_hidden_states=True)
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    d = model.config.hidden_size // H
+    O = []
+    for l in range(L):
+        x = out.hidden_states[l][0].double().numpy()
+        lin = model.encoder.layer[l].attention.self.value
+        v = x @ lin.weight.detach().double().numpy().T + lin.bias.detach().double().numpy()
+        O.append([out.attentions[l][0, h].double().numpy() @ v[:, h * d:(h + 1) * d] for h in range(H)])
+    ids = enc["input_ids"][0].tolist()
+    return tokenizer.convert_ids_to_tokens(ids), ids, np.array(O)
+
+
+def by_hand(model, tokenizer, rule):
+    kind, value = rule
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    c = {k: np.zeros((L, H)) for k in ("pairs", "dist", "same", "sep", "period", "rep")}
+    for t in TEXTS:
+        toks, ids, O = head_outputs(model, tokenizer, t)
+        n = len(toks)
+        sid, cur = [], 0
+        for tok in toks:
+            sid.append(cur)
+            cur += tok in ENDS or tok == "[SEP]"
+        for l in range(L):
+            for h in range(H):
+                o = O[l, h]
+                S = o @ o.T
+                pairs = []
+                for i in range(n):
+                    if kind == "tau":
+                        pairs += [(i, j) for j in range(n) if j != i and
+                                  S[i, j] / np.sqrt(S[i, i] * S[j, j]) >= value]
+                    else:
+                        order = sorted((j for j in range(n) if j != i), key=lambda j: (-S[i, j], j))
+                        pairs += [(i, j) for j in order[:value]]
+                for i, j in pairs:
+                    c["pairs"][l, h] += 1
+                    c["dist"][l, h] += abs(i - j)
+                    c["same"][l, h] += sid[i] == sid[j]
+                    c["sep"][l, h] += toks[j] == "[SEP]"
+                    c["period"][l, h] += toks[j] in (".", "[SEP]")
+                    c["rep"][l, h] += ids[i] == ids[j]
+    return c
+
+
+@pytest.mark.parametrize("rule", ["topk:2", "tau:0.2"])
+def test_similar_pairs_against_float64(tiny_bert, tiny_bert_dir, tmp_path, rule):
+    model, tokenizer = tiny_bert
+    _, rep = run(tiny_bert_dir, tmp_path, "--similar", rule)
+    sim = rep["context_similarity"]["similar"]
+    c = by_hand(model, tokenizer, parse_similar(rule))
+    assert sim["rule"] == rule
+    np.testing.assert_array_equal(np.array(sim["pairs"]), c["pairs"])
+    assert c["pairs"].min() > 0
+    for key, k in (("mean_distance", "dist"), ("same_sentence_share", "same"), ("separator_share", "sep"),
+                   ("period_separator_share", "period"), ("repeated_token_share", "rep")):
+        np.testing.assert_allclose(np.array(sim[key], dtype=float), c[k] / c["pairs"], rtol=0, atol=1e-12,
+                                   err_msg=key)
+    assert np.array(sim["distance_hist"]).sum() == c["pairs"].sum()
+    assert np.array(sim["layer_distance_hist"]).sum(1).tolist() == c["pairs"].sum(1).tolist()
+
+
+def test_argmax_repeated_share_and_maps(tiny_bert, tiny_bert_dir, tmp_path):
+    model, tokenizer = tiny_bert
+    out, rep = run(tiny_bert_dir, tmp_path, "--head-maps", "2")
+    cs = rep["context_similarity"]
+    c = by_hand(model, tokenizer, ("topk", 1))          # the argmax is topk:1
+    np.testing.assert_allclose(np.array(cs["repeated_token_share"], dtype=float), c["rep"] / c["pairs"],
+                               atol=1e-12)
+    assert "similar" not in cs
+    assert cs["maps"]["texts"] == 2
+    data = np.load(out / "context_maps.npz")
+    for k in range(2):
+        toks, _, O = head_outputs(model, tokenizer, TEXTS[k])
+        assert data[f"text{k}_tokens"].tolist() == toks == cs["maps"]["tokens"][k]
+        S = np.einsum("lhid,lhjd->lhij", O, O)
+        np.testing.assert_allclose(data[f"text{k}_S"], S, rtol=1e-4, atol=1e-4 * np.abs(S).max())
+        assert (out / f"context_maps_{k}.png").exists()
+    assert "context_maps_0.png" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("bad", ["tau", "tau:2", "topk:0", "topk:x", "k:3", "tau:nan"])
+def test_bad_similar(tiny_bert_dir, tmp_path, capsys, bad):
+    with pytest.raises(ValueError, match="--similar"):
+        parse_similar(bad)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a b\n", encoding="utf-8")
+    assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir,
+                 "--similar", bad, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--similar" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,122 @@
+"""Labelled and classified inputs (issue 23, item 3): `embgeom text --labels` splits the trace
+metrics by class (by_label), `--class-maps N` averages the attention maps of one length per class
+([SEP] zeroed) against float64, and `--correct-only` keeps the texts a classification head gets
+right, against the model's own predictions."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from embgeom.analysis.text.trace import trace
+from embgeom.cli import main
+
+TEXTS = ["the cat sat .", "a dog ran .", "she was in the house", "red , green and blue .",
+         "one two three", "he was not .", "big small", "the king and the queen"]
+
+
+@pytest.fixture(scope="module")
+def clf_dir(tiny_bert_dir, tmp_path_factory):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_clf")
+    BertTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(str(path))
+    cfg = BertConfig.from_pretrained(tiny_bert_dir, num_labels=2, id2label={0: "neg", 1: "pos"},
+                                     label2id={"neg": 0, "pos": 1})
+    torch.manual_seed(1)
+    BertForSequenceClassification(cfg).save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+def run(model_dir, tmp, labels, *flags):
+    corpus, lab = tmp / "corpus.txt", tmp / "labels.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    lab.write_text("\n".join(labels) + "\n", encoding="utf-8")
+    out = tmp / "out"
+    assert main(["text", str(corpus), "--out", str(out), "--model", model_dir, "--batch-size", "3",
+                 "--labels", str(lab), "--no-progress", *flags]) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def close(a, b, path=""):
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list) and "'" in repr(a):      # token strings
+        assert a == b, path
+    elif isinstance(a, (list, float, int)) or a is None:
+        x = np.array(a, dtype=float)
+        y = np.array(b, dtype=float)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True, err_msg=path)
+    else:
+        assert a == b, path
+
+
+def test_by_label_and_class_maps(tiny_bert, tiny_bert_dir, tmp_path):
+    model, tokenizer = tiny_bert
+    labels = ["x", "y", "x", "y", "x", "x", "y", "x"]
+    out, rep = run(tiny_bert_dir, tmp_path, labels, "--class-maps", "6", "--theta", "0.05")
+    assert sorted(rep["by_label"]) == ["x", "y"]
+    for g in ("x", "y"):
+        sub = [t for t, lab in zip(TEXTS, labels) if lab == g]
+        want = trace(model, tokenizer, sub, batch_size=1).to_dict()
+        for k in ("model", "truncated"):
+            want.pop(k)
+        close(rep["by_label"][g], json.loads(json.dumps(want, default=float)), g)
+    # class-mean maps of the texts with 6 real tokens, [SEP] rows and columns zeroed
+    maps = np.load(out / "class_maps.npz")
+    assert rep["class_maps"]["length"] == 6 and rep["class_maps"]["theta"] == 0.05
+    for g in ("x", "y"):
+        acc, n = 0.0, 0
+        for t, lab in zip(TEXTS, labels):
+            enc = tokenizer(t, return_tensors="pt")
+            if lab != g or enc["input_ids"].shape[1] != 6:
+                continue
+            with torch.no_grad():
+                att = model(**enc, output_attentions=True).attentions
+            a = torch.stack([x[0] for x in att]).double().numpy()
+            sep = (enc["input_ids"][0] == tokenizer.sep_token_id).numpy()
+            a[:, :, sep, :] = 0
+            a[:, :, :, sep] = 0
+            acc, n = acc + a, n + 1
+        assert rep["class_maps"]["texts"][g] == n and n > 0
+        np.testing.assert_allclose(maps[g], acc / n, atol=1e-6)
+        safe = g
+        assert (out / f"class_maps_{safe}.png").exists()
+
+
+def test_correct_only(clf_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    clf = AutoModelForSequenceClassification.from_pretrained(clf_dir, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(clf_dir)
+    with torch.no_grad():
+        pred = [clf.config.id2label[int(clf(**tok(t, return_tensors="pt")).logits.argmax())] for t in TEXTS]
+    other = {"neg": "pos", "pos": "neg"}
+    labels = [p if i % 3 else other[p] for i, p in enumerate(pred)]      # texts 0, 3, 6 wrong
+    _, rep = run(clf_dir, tmp_path, labels, "--correct-only")
+    sel = rep["correct_only"]
+    assert (sel["texts"], sel["kept"]) == (8, 5)
+    assert rep["n_texts"] == 5 and abs(sel["accuracy"] - 5 / 8) < 1e-12
+    kept = [lab for i, lab in enumerate(labels) if i % 3]
+    assert sel["kept_per_label"] == {g: kept.count(g) for g in sorted(set(labels))}
+    assert sum(d["n_texts"] for d in rep["by_label"].values()) == 5
+
+
+def test_label_option_errors(tiny_bert_dir, tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b\nc d\n", encoding="utf-8")
+    lab = tmp_path / "l.txt"
+    lab.write_text("x\ny\n", encoding="utf-8")
+    base = ["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir, "--no-progress"]
+    for flags, word in ((["--class-maps", "4"], "--class-maps"), (["--correct-only"], "--correct-only"),
+                        (["--labels", str(lab), "--class-maps", "1"], "--class-maps"),
+                        (["--labels", str(lab), "--theta", "2"], "--theta"),
+                        (["--labels", str(lab), "--correct-only"], "--correct-only")):
+        assert main(base + flags) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0], (flags, err)
+    assert not (tmp_path / "o").exists()
