@@ -476,14 +476,18 @@ def _wait_for(predicate, proc, seconds=120.0):
     return False
 
 
-def _staged(folder, name):
-    return [os.path.join(folder, d, name) for d in os.listdir(folder)
-            if d.endswith(".partial") and os.path.exists(os.path.join(folder, d, name))]
+def _staged(folder, pattern):
+    """Files matching `pattern` inside the staging folders of `folder`."""
+    import glob
+
+    return [p for d in os.listdir(folder) if d.endswith(".partial")
+            for p in glob.glob(os.path.join(folder, d, pattern))]
 
 
-@pytest.mark.parametrize("kill_when", ["cls.npy", "report.json"])
+# while the kept vectors are written, and while the report's pictures are (report.json comes last)
+@pytest.mark.parametrize("kill_when", ["cls.npy", "*.png"])
 def test_text_killed_mid_run_leaves_nothing_that_passes_as_whole(tiny_bert_dir, tmp_path, kill_when):
-    """SIGKILL `text --keep cls` while the kept vectors are written, or while the report is; the
+    """SIGKILL `text --keep cls` while the kept vectors are written, or while the pictures are; the
     earlier run's folder stays whole, `project` refuses the staged cls.npy, a rerun replaces all."""
     import signal
     import subprocess
