@@ -221,3 +221,67 @@ def test_multiword_tokens_and_empty_nodes_skipped(tmp_path):
                  "4\tknow\t_\tVERB\t_\t_\t0\troot\t_\t_\n\n", encoding="utf-8")
     (s,) = treebank.read_conllu(str(f))
     assert s.words == ["I", "do", "n't", "know"] and s.heads == [4, 4, 4, 0]
+
+
+def test_probe_on_sample(pieces_bert):
+    """--probe's word maps are Clark's word-level maps over the words; training lowers the loss
+    and gives the same numbers twice."""
+    from embgeom.analysis.syntax import probe
+
+    _, (model, tokenizer) = pieces_bert
+    sentences = treebank.read_conllu(SAMPLE)
+    maps = []
+    word_heads.syntax_heads(model, tokenizer, sentences, batch_size=8, word_maps=maps)
+    assert len(maps) == len(sentences) and all(m is not None for m in maps)
+    for s, m in list(zip(sentences, maps))[:4]:
+        pieces = [tokenizer.tokenize(w) or [tokenizer.unk_token] for w in s.words]
+        toks = [tokenizer.cls_token] + [p for ps in pieces for p in ps] + [tokenizer.sep_token]
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([tokenizer.convert_tokens_to_ids(toks)]), output_attentions=True)
+        spans, t = [[0]], 1
+        for ps in pieces:
+            spans.append(list(range(t, t + len(ps))))
+            t += len(ps)
+        spans.append([t])
+        want = _word_level(torch.cat([a[0].double() for a in out.attentions]), spans)[:, 1:-1, 1:-1]
+        torch.testing.assert_close(m.double(), want, rtol=0, atol=1e-6)
+    H = model.config.num_attention_heads
+    a = probe.attention_probe(maps, sentences, 0.8, H)
+    b = probe.attention_probe(maps, sentences, 0.8, H)
+    assert a["loss_end"] < a["loss_start"]
+    assert a["train_sentences"] + a["test_sentences"] == len(sentences)
+    assert a["train_words"] + a["test_words"] == sum(len(s.words) for s in sentences) - len(sentences)
+    assert torch.equal(a["w"], b["w"]) and a["uas_test"] == b["uas_test"] and a["uas_train"] == b["uas_train"]
+    assert 0 <= a["uas_test"] <= 1 and 0 <= a["best_single_head_test"]["accuracy"] <= 1
+
+
+def test_cli_syntax_probe(pieces_bert, tmp_path, capsys):
+    path, _ = pieces_bert
+    out = tmp_path / "o"
+    assert main(["syntax", SAMPLE, "--out", str(out), "--model", path, "--no-progress", "--probe",
+                 "--probe-split", "0.75"]) == 0
+    err = capsys.readouterr().err
+    assert "probe (attention only, 16 weights" in err and "UAS test" in err
+    pr = json.loads((out / "report.json").read_text())["syntax"]["probe"]
+    assert pr["split"] == 0.75 and pr["train_sentences"] == round(0.75 * 42) and pr["parameters"] == 16
+    assert pr["excluded_root"] == {"train": pr["train_sentences"], "test": pr["test_sentences"]}
+    assert len(pr["w"]) == 2 and len(pr["w"][0]) == 4
+    assert f"{pr['uas_test']:.3f}" in err
+    assert "Attention-only probe" in (out / "report.html").read_text()
+    assert main(["syntax", SAMPLE, "--out", str(tmp_path / "p"), "--model", path, "--no-progress"]) == 0
+    assert "probe" not in json.loads((tmp_path / "p" / "report.json").read_text())["syntax"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--probe", "--probe-split", "0"], "strictly between 0 and 1"),
+    (["--probe", "--probe-split", "1"], "strictly between 0 and 1"),
+    (["--probe", "--probe-split", "1.5"], "strictly between 0 and 1"),
+    (["--probe", "--probe-split", "nan"], "strictly between 0 and 1"),
+    (["--probe-split", "0.5"], "--probe-split needs --probe"),
+    (["--probe", "--probe-split", "0.99"], "each side needs at least one"),
+])
+def test_cli_probe_split_errors(pieces_bert, tmp_path, capsys, args, message):
+    path, _ = pieces_bert
+    assert main(["syntax", SAMPLE, "--out", str(tmp_path / "o"), "--model", path, "--no-progress"] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

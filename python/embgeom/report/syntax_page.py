@@ -39,6 +39,28 @@ def write_syntax_report(out_dir: str, report: dict) -> None:
             "with at least 100).</p>"
             + table_html(["relation", "count", "best head", "direction", "accuracy", "baseline offset",
                           "baseline accuracy"], rows))
-    write_html(os.path.join(out_dir, "report.html"), f"embgeom syntax: {report['model']}",
-               [("Summary", summary, []), ("Syntax heads per relation", body, [png])],
+    sections = [("Summary", summary, []), ("Syntax heads per relation", body, [png])]
+    if "probe" in s:
+        sections.append(("Attention-only probe", probe_html(s["probe"], table_html), []))
+    write_html(os.path.join(out_dir, "report.html"), f"embgeom syntax: {report['model']}", sections,
                provenance=report.get("provenance"))
+
+
+def probe_html(pr: dict, table_html) -> str:
+    """The probe's line: UAS on test and train beside the best single head on the same test words."""
+    b, t = pr["best_single_head_test"], pr["best_single_head_train_picked"]
+    rows = [["probe (attention only, %d weights)" % pr["parameters"], round(pr["uas_test"], 4),
+             round(pr["uas_train"], 4)],
+            [f"best single head picked on test: L{b['best'][0]} h{b['best'][1]} {b['best'][2]}",
+             round(b["accuracy"], 4), ""],
+            [f"best single head picked on train: L{t['best'][0]} h{t['best'][1]} {t['best'][2]}",
+             round(t["accuracy_test"], 4), round(t["accuracy_train"], 4)]]
+    return ("<p>Clark et al. (arXiv 1906.04341, section 5): p(head(i) = j) proportional to "
+            "exp(sum_k w_k a<sup>k</sup><sub>ij</sub> + u_k a<sup>k</sup><sub>ji</sub>) over every head k of every "
+            "layer, candidates j = the other words of the sentence. Trained (LBFGS, float64, from zero, "
+            f"{pr['iterations']} iterations, cross-entropy {pr['loss_start']:.3f} -> {pr['loss_end']:.3f}) on the "
+            f"first {pr['train_sentences']} sentences ({pr['train_words']} words), tested on the other "
+            f"{pr['test_sentences']} ({pr['test_words']} words). The word map has no ROOT column: each "
+            f"sentence's root word is left out of training and scoring ({pr['excluded_root']['train']} train, "
+            f"{pr['excluded_root']['test']} test). Clark's 'Attn + GloVe' variant is not computed.</p>"
+            + table_html(["classifier", "UAS test", "UAS train"], rows))

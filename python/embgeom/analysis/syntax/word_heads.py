@@ -84,10 +84,11 @@ def predictions(word_attn: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
 
 
 def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int = 64,
-                 max_length: int | None = None, progress=False) -> dict:
+                 max_length: int | None = None, progress=False, word_maps: list | None = None) -> dict:
     """Per-relation syntactic-head accuracy (see the module docstring). Returns the report.json
     block `syntax` (accuracies float, best = [layer (1..L), head (from 0), direction]; docs/metrics.md,
-    layers, depths and heads)."""
+    layers, depths and heads). word_maps, if a list, is filled with one entry per sentence: its
+    (L*H, W, W) float32 word-to-word map over its words ([CLS]/[SEP] dropped), None if skipped."""
     from ..text.trace import model_max_length
 
     if batch_size < 1:
@@ -107,6 +108,8 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
     lengths = [2 + sum(len(p) for p in ps) for ps in pieces]
     order = [i for i in sorted(range(len(sentences)), key=lambda i: lengths[i]) if lengths[i] <= limit]
     skipped = len(sentences) - len(order)
+    if word_maps is not None:
+        word_maps[:] = [None] * len(sentences)
     cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
     prog = as_progress(progress, "embgeom syntax")
     with prog.bar(len(order), "forward passes", unit="sentence") as bar:
@@ -136,6 +139,10 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
             attn = attn * mask[:, None, None, :]
             wa = word_attention(attn, groups, n_words)
             pred = predictions(wa, n_words)                                    # (B, K, 2, Wmax)
+            if word_maps is not None:
+                for r, i in enumerate(chunk):
+                    W = len(sentences[i].words)
+                    word_maps[i] = wa[r, :, 1:W + 1, 1:W + 1].float().clone()
             Wmax = pred.shape[-1]
             gold = torch.zeros(B, Wmax, dtype=torch.long)
             rel = torch.full((B, Wmax), -1, dtype=torch.long)
