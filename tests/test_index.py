@@ -289,3 +289,21 @@ def test_bad_input_names_the_argument():
         index.range_search(x, "high")
     with pytest.raises(ValueError, match="threshold: expected a distance >= 0"):
         Index(x, metric="l2").range_search(x, -1.0)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_bfloat16_index_without_bf16_instructions_scans_float32(metric, monkeypatch):
+    """Where the CPU path has no bf16 dot (EMBGEOM_CPU=avx2, AVX2 hosts) a bf16 index scans its
+    float32 rows (torch would emulate bf16); the answers stay exact."""
+    from embgeom import index as index_module
+
+    x = make_rows(1500, 40, zero=(0,), dup=((3, 7),))
+    q = make_rows(40, 40, seed=3)
+    index = Index(x, metric=metric, dtype=torch.bfloat16)
+    native = index.search(q, 9)
+    monkeypatch.setattr(index_module, "native_bf16", lambda: False)
+    for rows in (slice(0, 1), slice(0, 40)):
+        got_v, got_i = index.search(q[rows], 9)
+        assert torch.equal(got_i, native[1][rows]) and torch.equal(got_v, native[0][rows])
+    want_v, want_i = ref_topk(x, q, 9, metric)
+    assert_same_neighbours(*index.search(q, 9), want_v, want_i)

@@ -82,6 +82,23 @@ class _Store:
     scan_delta: float           # max |bf16 row - row| of the scanned rows (0 for float32)
 
 
+_NATIVE_BF16: list[bool] = []
+
+
+def native_bf16() -> bool:
+    """Whether this CPU path has bf16 dot instructions (the C++ core's dispatch, which follows
+    EMBGEOM_CPU); True when the core is not built (torch then decides alone)."""
+    if not _NATIVE_BF16:
+        try:
+            from . import _C
+
+            info = _C.cpu_info()
+            _NATIVE_BF16.append(info["isa"] == "avx512" and "avx512bf16" in info["cpu_features"].split())
+        except ImportError:
+            _NATIVE_BF16.append(True)
+    return _NATIVE_BF16[0]
+
+
 def _largest(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of s and their columns, largest first. A few CPU rows
     go through numpy's argpartition: torch.topk's parallel region leaves its threads spinning
@@ -262,12 +279,19 @@ class Index:
 
     def _score(self, st: _Store, qscan: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
         """Scan values (Qb, c1 - c0) float32, larger = nearer; excluded rows -inf."""
-        if qscan.dtype == torch.float32 and qscan.device.type == "cpu":
+        if qscan.device.type == "cpu" and (qscan.dtype == torch.float32 or not native_bf16()):
             # numpy's BLAS: 1.4x torch's float32 product at 1,024 queries and 3x at one query
-            # (torch's q @ C.T at Q=1 ran as a slow gemv), measured on 100,000 x 384
-            s_np = qscan.numpy() @ st.scan[c0:c1].numpy().T
-            if st.scale is not None:
-                s_np *= st.scale[c0:c1].numpy()
+            # (torch's q @ C.T at Q=1 ran as a slow gemv), measured on 100,000 x 384. Without
+            # bf16 instructions torch emulates a bf16 product (2-6x slower than float32), so a
+            # bf16 index scans its float32 rows there: a smaller error than the bound allows for
+            rows = st.scan if st.scan.dtype == torch.float32 else st.rows
+            s_np = qscan.float().numpy() @ rows[c0:c1].numpy().T
+            scale = st.scale
+            if scale is None and rows is st.rows and self.metric == "cosine":
+                norms = st.norms[c0:c1]
+                scale = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms)).float()
+            if scale is not None:
+                s_np *= scale[c0:c1].numpy() if scale is st.scale else scale.numpy()
             if st.bias is not None:
                 s_np += st.bias[c0:c1].numpy()
             s = torch.from_numpy(s_np)
