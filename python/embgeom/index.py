@@ -238,6 +238,13 @@ class Index:
 
     # -- queries ------------------------------------------------------------------------------
 
+    def _scan_dtype(self) -> torch.dtype:
+        """The precision a search scans in: the index's dtype, except that a bf16 index on a CPU
+        path without bf16 dot instructions scans its float32 rows (torch would emulate bf16)."""
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu" and not native_bf16():
+            return torch.float32
+        return self.dtype
+
     def _queries(self, queries, st: _Store):
         """-> (q64 (Q, D) float64, qscan (Q, D) scan dtype, qvalid (Q,) bool, margin (Q,) float64,
         qsq (Q,) float64 squared norms). The scan query is the unit query (cosine) or the query."""
@@ -246,7 +253,8 @@ class Index:
         qn = torch.linalg.vector_norm(q64, dim=1)
         qvalid = qn > 0 if self.metric == "cosine" else torch.ones_like(qn, dtype=torch.bool)
         qs = q64 / qn.clamp(min=1e-300)[:, None] if self.metric == "cosine" else q64
-        qscan = qs.to(self.dtype)
+        scan_dtype = self._scan_dtype()
+        qscan = qs.to(scan_dtype)
         qnorm = torch.linalg.vector_norm(qs, dim=1)
         d = self.d
         # Sound bound on |scan value - exact value| (docs/metrics.md, prepared index): rounding
@@ -254,14 +262,15 @@ class Index:
         # product's output is rounded to bf16 as well: relative to the value for cosine and dot
         # (see `_threshold`), absolute for l2 (the bias is added after the rounding).
         gam = (d + 4) * U32 / (1 - (d + 4) * U32)
-        if self.dtype == torch.float32:
+        if scan_dtype == torch.float32:
             dq = U32 * qnorm
         else:
             dq = torch.linalg.vector_norm(qscan.double() - qs, dim=1)
         qr = torch.maximum(qnorm, torch.linalg.vector_norm(qscan.double(), dim=1))
-        cr = st.cmax + st.scan_delta
-        margin = qr * st.scan_delta + dq * st.cmax + gam * qr * cr + 4 * U32 * (qr * cr + st.bias_max)
-        if self.dtype == torch.bfloat16 and self.metric == "l2":
+        delta = st.scan_delta if scan_dtype == torch.bfloat16 else 0.0  # float32 rows are the rows
+        cr = st.cmax + delta
+        margin = qr * delta + dq * st.cmax + gam * qr * cr + 4 * U32 * (qr * cr + st.bias_max)
+        if scan_dtype == torch.bfloat16 and self.metric == "l2":
             margin = margin + BF16_OUT * qr * cr
         margin = margin * 1.01 + 1e-30
         return q64, qscan.contiguous(), qvalid, margin, qn * qn
@@ -272,26 +281,26 @@ class Index:
         every row whose exact value reaches v. v - 2 margin, and for a bf16 product (cosine,
         dot) the output's relative rounding r widens it by 2.1 r (|v| + 2 margin)."""
         t = v.double() - 2 * margin
-        if self.dtype == torch.bfloat16 and self.metric != "l2":
+        if self._scan_dtype() == torch.bfloat16 and self.metric != "l2":
             t = t - 2.1 * BF16_OUT * (v.double().abs() + 2 * margin)
         tf = t.float()  # rounded down, never up
         return torch.where(tf.double() > t, torch.nextafter(tf, torch.full_like(tf, -math.inf)), tf)
 
     def _score(self, st: _Store, qscan: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
         """Scan values (Qb, c1 - c0) float32, larger = nearer; excluded rows -inf."""
-        if qscan.device.type == "cpu" and (qscan.dtype == torch.float32 or not native_bf16()):
+        if qscan.device.type == "cpu" and qscan.dtype == torch.float32:
             # numpy's BLAS: 1.4x torch's float32 product at 1,024 queries and 3x at one query
             # (torch's q @ C.T at Q=1 ran as a slow gemv), measured on 100,000 x 384. Without
             # bf16 instructions torch emulates a bf16 product (2-6x slower than float32), so a
             # bf16 index scans its float32 rows there: a smaller error than the bound allows for
             rows = st.scan if st.scan.dtype == torch.float32 else st.rows
             s_np = qscan.float().numpy() @ rows[c0:c1].numpy().T
-            scale = st.scale
-            if scale is None and rows is st.rows and self.metric == "cosine":
-                norms = st.norms[c0:c1]
-                scale = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms)).float()
-            if scale is not None:
-                s_np *= scale[c0:c1].numpy() if scale is st.scale else scale.numpy()
+            if st.scale is not None:
+                s_np *= st.scale[c0:c1].numpy()
+            elif rows is st.rows and self.metric == "cosine":
+                # 1/|c| in numpy: a torch op over a whole block would wake its thread pool
+                norms = st.norms[c0:c1].numpy()
+                s_np *= np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
             if st.bias is not None:
                 s_np += st.bias[c0:c1].numpy()
             s = torch.from_numpy(s_np)
@@ -352,7 +361,7 @@ class Index:
         out_i = torch.full((Q, k), -1, dtype=torch.int64, device=self.device)
         if Q and n:
             qb, nc = self._blocks(Q, n)
-            kk = min(n, k + (16 if self.dtype == torch.float32 else 64))
+            kk = min(n, k + (16 if self._scan_dtype() == torch.float32 else 64))
             for q0 in range(0, Q, qb):
                 q1 = min(Q, q0 + qb)
                 v, i = self._search_block(st, q64[q0:q1], qscan[q0:q1], qsq[q0:q1], margin[q0:q1], k, kk, nc)
