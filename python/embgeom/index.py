@@ -39,7 +39,8 @@ DATA_ALIGN = 4096
 # one product per block dominates, small enough to stay near the caches.
 SCORE_BLOCK_BYTES = 32 << 20
 U32 = 2.0 ** -24
-# Up to this many queries, a scan block's best values are selected by numpy (see _largest)
+# Up to this many queries, a scan block is computed and its best values selected by numpy
+# (see _score and _largest)
 SMALL_BATCH = 4
 BF16_OUT = 2.0 ** -8  # relative rounding of a bf16 product's output (unit roundoff 2^-9, doubled)
 
@@ -288,11 +289,11 @@ class Index:
 
     def _score(self, st: _Store, qscan: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
         """Scan values (Qb, c1 - c0) float32, larger = nearer; excluded rows -inf."""
-        if qscan.device.type == "cpu" and qscan.dtype == torch.float32:
-            # numpy's BLAS: 1.4x torch's float32 product at 1,024 queries and 3x at one query
-            # (torch's q @ C.T at Q=1 ran as a slow gemv), measured on 100,000 x 384. Without
-            # bf16 instructions torch emulates a bf16 product (2-6x slower than float32), so a
-            # bf16 index scans its float32 rows there: a smaller error than the bound allows for
+        if qscan.device.type == "cpu" and qscan.dtype == torch.float32 and qscan.shape[0] <= SMALL_BATCH:
+            # A few queries: numpy's BLAS (torch's q @ C.T ran as a gemv 3x slower, 100,000 x
+            # 384). More queries stay in torch: mixing numpy's BLAS threads with torch's spinning
+            # OpenMP pool on the same cores made calls 2x slower at random (measured at Q=32).
+            # A bf16 index on a CPU path without bf16 dot scans its float32 rows (_scan_dtype).
             rows = st.scan if st.scan.dtype == torch.float32 else st.rows
             s_np = qscan.float().numpy() @ rows[c0:c1].numpy().T
             if st.scale is not None:
@@ -305,7 +306,11 @@ class Index:
                 s_np += st.bias[c0:c1].numpy()
             s = torch.from_numpy(s_np)
         else:
-            s = qscan @ st.scan[c0:c1].T
+            rows = st.scan if st.scan.dtype == qscan.dtype else st.rows
+            s = qscan @ rows[c0:c1].T
+            if rows is st.rows and st.scale is None and self.metric == "cosine":
+                s.mul_(torch.where(st.norms[c0:c1] > 0, 1.0 / st.norms[c0:c1].clamp(min=1e-300),
+                                   torch.zeros_like(st.norms[c0:c1])).float())
             if s.dtype != torch.float32 and (st.scale is not None or st.bias is not None):
                 s = s.float()  # a bare bf16 product is ranked as it is (no conversion pass)
             if st.scale is not None:
