@@ -91,9 +91,9 @@ def native_bf16() -> bool:
     EMBGEOM_CPU); True when the core is not built (torch then decides alone)."""
     if not _NATIVE_BF16:
         try:
-            from . import _C
+            from ._C import cpu_info
 
-            info = _C.cpu_info()
+            info = cpu_info()
             _NATIVE_BF16.append(info["isa"] == "avx512" and "avx512bf16" in info["cpu_features"].split())
         except ImportError:
             _NATIVE_BF16.append(True)

@@ -309,50 +309,47 @@ def context_maps_section(out_dir: str, cs: dict, max_tokens: int = 64):
         return None
     data = np.load(os.path.join(out_dir, maps["file"]))
     pngs = []
+    def scaled(m):
+        scale = np.abs(m).max() if m.size else 1.0
+        return m / (scale if scale > 0 else 1.0)
+
     for k in maps["text_ids"]:
         S = data[f"text{k}_S"][..., :max_tokens, :max_tokens].astype(float)
-        L, H = S.shape[:2]
-        fig, _ = new_figure(1.8 * H + 1.5, 1.8 * L + 0.6)
-        fig.clf()
-        for l in range(L):
-            for h in range(H):
-                ax = fig.add_subplot(L, H, l * H + h + 1)
-                m = S[l, h]
-                scale = np.abs(m).max() if m.size else 1.0
-                im = ax.imshow(m / (scale if scale > 0 else 1.0), cmap="RdBu_r", vmin=-1, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_title(f"L{l + 1} H{h}", fontsize=7)
-                ax.set_xlabel("token j", fontsize=6)
-                ax.set_ylabel("token i", fontsize=6)
-        fig.colorbar(im, ax=fig.axes, label="S[i, j] / max |S| of the head")
-        pngs.append(save_figure(fig, out_dir, f"context_maps_{k}"))
+        pngs.append(_head_grid(out_dir, f"context_maps_{k}", S, scaled, dict(cmap="RdBu_r", vmin=-1, vmax=1),
+                               ("token j", "token i"), "S[i, j] / max |S| of the head"))
+    ids = ", ".join(str(k) for k in maps["text_ids"])
     return ("Context similarity maps S = O O<sup>T</sup> per head (arXiv 2512.21956)",
-            f"<p>The first {maps['texts']} texts (real tokens, at most {max_tokens} drawn); "
+            f"<p>Texts {ids} (0-based; real tokens, at most {max_tokens} drawn); "
             f"{maps['file']} holds every map (text<i>k</i>_S: layer, head, i, j; text<i>k</i>_tokens).</p>",
             pngs)
+
+
+def _head_grid(out_dir: str, name: str, maps, shown, style: dict, axes: tuple[str, str], label: str) -> str:
+    """One L x H grid of per-head maps (L, H, n, n) drawn as shown(map) with one colour bar."""
+    L, H = maps.shape[:2]
+    fig, _ = new_figure(1.8 * H + 1.5, 1.8 * L + 0.6)
+    fig.clf()
+    for l in range(L):
+        for h in range(H):
+            ax = fig.add_subplot(L, H, l * H + h + 1)
+            im = ax.imshow(shown(maps[l, h]), **style)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"L{l + 1} H{h}", fontsize=7)
+            ax.set_xlabel(axes[0], fontsize=6)
+            ax.set_ylabel(axes[1], fontsize=6)
+    fig.colorbar(im, ax=fig.axes, label=label)
+    return save_figure(fig, out_dir, name)
 
 
 def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
     """One L x H grid per label of its class-mean attention map; entries below theta hidden."""
     pngs = []
     for g, m in means.items():
-        m = np.asarray(m, dtype=float)
-        L, H = m.shape[:2]
-        fig, _ = new_figure(1.8 * H + 1.5, 1.8 * L + 0.6)
-        fig.clf()
-        for l in range(L):
-            for h in range(H):
-                ax = fig.add_subplot(L, H, l * H + h + 1)
-                im = ax.imshow(np.ma.masked_less(m[l, h], theta), cmap="Blues", vmin=0, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_title(f"L{l + 1} H{h}", fontsize=7)
-                ax.set_xlabel("key", fontsize=6)
-                ax.set_ylabel("query", fontsize=6)
-        fig.colorbar(im, ax=fig.axes, label=f"class-mean attention (entries < {theta:g} hidden)")
         safe = "".join(c if c.isalnum() else "_" for c in str(g))
-        pngs.append(save_figure(fig, out_dir, f"class_maps_{safe}"))
+        pngs.append(_head_grid(out_dir, f"class_maps_{safe}", np.asarray(m, dtype=float),
+                               lambda a: np.ma.masked_less(a, theta), dict(cmap="Blues", vmin=0, vmax=1),
+                               ("key", "query"), f"class-mean attention (entries < {theta:g} hidden)"))
     counts = ", ".join(f"{g}: {fmt_number(c)}" for g, c in block["texts"].items())
     return ("Class-mean attention maps (geometry-of-BERT authors' code)",
             f"<p>Mean attention map of each label's texts with {block['length']} real tokens "
