@@ -7,7 +7,6 @@ weights of the chosen heads beside the other column; a click pins it."""
 from __future__ import annotations
 
 import html
-import json
 
 HEAD_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
@@ -119,7 +118,7 @@ def write_attention_view(path: str, samples: list[dict], layers: int, heads: int
                          decimals: int = 3) -> str:
     """samples: [{"text": id, "tokens": [str] (n), "maps": [L][H][n][n] (lists, array or tensor)}]
     (head_maps.json's entries) -> path, one self-contained HTML page."""
-    from .html import provenance_html
+    from .html import write_script_page
 
     data = {"layers": layers, "heads_range": list(range(heads)), "colors": HEAD_COLORS, "samples": []}
     for k, sm in enumerate(samples):
@@ -127,12 +126,10 @@ def write_attention_view(path: str, samples: list[dict], layers: int, heads: int
         data["samples"].append({
             "text": int(sm.get("text", k)), "tokens": [str(t) for t in sm["tokens"]],
             "maps": [[[[round(float(v), decimals) for v in row] for row in m] for m in lay] for lay in maps]})
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
-    page = ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:1em;max-width:1100px}}"
-            "#view{border:1px solid #ddd;cursor:pointer;max-width:100%}#heads{margin:.4em 0;font-size:13px}"
-            "#focus{font-size:13px;color:#333;min-height:1.2em}</style></head><body>"
-            f"<h2>{html.escape(title)}</h2>"
+    style = ("body{font-family:sans-serif;margin:1em;max-width:1100px}"
+             "#view{border:1px solid #ddd;cursor:pointer;max-width:100%}#heads{margin:.4em 0;font-size:13px}"
+             "#focus{font-size:13px;color:#333;min-height:1.2em}")
+    body = (f"<h2>{html.escape(title)}</h2>"
             "<p style='font-size:13px'>Each line joins a query token (left) to a key token (right); its "
             "opacity is the attention weight of that head (lines under 0.01 are not drawn), its colour the "
             "head's. Layers are numbered 1..L, heads from 0 (docs/metrics.md, layers, depths and heads); "
@@ -141,9 +138,6 @@ def write_attention_view(path: str, samples: list[dict], layers: int, heads: int
             "<p><label>text <select id='text'></select></label> "
             "<label>layer <select id='layer'></select></label> "
             "<button id='all'>all heads</button> <button id='none'>no head</button></p>"
-            "<div id='heads'></div><p id='focus'></p><canvas id='view'></canvas>"
-            f"<script type='application/json' id='view-data'>{payload}</script>"
-            f"<script>{_SCRIPT}</script>{provenance_html(provenance)}</body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+            "<div id='heads'></div><p id='focus'></p><canvas id='view'></canvas>")
+    write_script_page(path, title, style, body, "view-data", data, _SCRIPT, provenance)
     return path

@@ -7,6 +7,26 @@ import html
 import os
 
 
+def write_script_page(path: str, title: str, style: str, body: str, data_id: str, data: dict,
+                      script: str, provenance: dict | None = None) -> str:
+    """An interactive page: `body`, then `data` as JSON in <script type=application/json
+    id=data_id> and the page's own `script`, then the provenance footer; self-contained, written
+    through io.atomic_write. Returns path."""
+    import json
+
+    from ..io import atomic_write
+
+    # JSON inside <script type=application/json>: "</" must not close the element
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{body}"
+            f"<script type='application/json' id='{data_id}'>{payload}</script>"
+            f"<script>{script}</script>{provenance_html(provenance)}</body></html>")
+    with atomic_write(path) as f:
+        f.write(page)
+    return path
+
+
 def provenance_html(prov: dict | None) -> str:
     """The page footer: how this report was made (the report.json `provenance` object)."""
     if not prov:

@@ -6,7 +6,6 @@ legend entry hides or shows that label."""
 from __future__ import annotations
 
 import html
-import json
 
 import numpy as np
 
@@ -131,7 +130,7 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
     of the exact neighbour graph: a click lists a point's first `knn_show` neighbours under the
     heading knn_note.
     The page zooms (wheel), pans (drag), resets (double click) and searches texts and ids."""
-    from .html import provenance_html
+    from .html import write_script_page
 
     xy = np.asarray(xy, dtype=np.float64)
     n = xy.shape[0]
@@ -151,30 +150,24 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
         data["knn"] = {"note": knn_note, "i": idx[:, :knn_show].astype(np.int64).tolist(),
                        "s": [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
                              for row in sim[:, :knn_show]]}
-    # JSON inside <script type=application/json>: "</" must not close the element
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     legend = "".join(f"<span data-c='{i}' style='cursor:pointer;margin-right:1em'>"
                      f"<b style='color:{c}'>&#9679;</b> {html.escape(name)}</span>"
                      for i, (name, c) in enumerate(zip(names, colors)) if name)
     help_text = ("Wheel: zoom; drag: pan; double click: whole view; click a point: "
                  + ("its nearest neighbours; " if knn is not None else "select it; ")
                  + "legend: hide a label. Search a token, text or id (Enter zooms to the matches).")
-    page = ("<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:1em}}"
-            "#cv{border:1px solid #ccc;max-width:100%;cursor:crosshair}#tip{position:absolute;display:none;"
-            "background:#fff;border:1px solid #888;padding:2px 6px;font-size:13px;max-width:480px;"
-            "pointer-events:none}#wrap{display:flex;gap:1em;align-items:flex-start}"
-            "#info{font-size:13px;min-width:16em;max-width:28em}</style></head><body>"
-            f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p><p style='font-size:12px'>{help_text}</p>"
+    style = ("body{font-family:sans-serif;margin:1em}"
+             "#cv{border:1px solid #ccc;max-width:100%;cursor:crosshair}#tip{position:absolute;display:none;"
+             "background:#fff;border:1px solid #888;padding:2px 6px;font-size:13px;max-width:480px;"
+             "pointer-events:none}#wrap{display:flex;gap:1em;align-items:flex-start}"
+             "#info{font-size:13px;min-width:16em;max-width:28em}")
+    body = (f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p><p style='font-size:12px'>{help_text}</p>"
             "<p><input id='q' type='search' placeholder='search token / text / id' size='30'> "
             "<span id='found'></span></p>"
             f"<div id='legend'>{legend}</div>"
             f"<div id='wrap'><canvas id='cv' width='{size}' height='{size}'></canvas><div id='info'></div></div>"
-            "<div id='tip'></div>"
-            f"<script type='application/json' id='data'>{payload}</script>"
-            f"<script>{_SCRIPT}</script>{provenance_html(provenance)}</body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+            "<div id='tip'></div>")
+    write_script_page(path, title, style, body, "data", data, _SCRIPT, provenance)
     return path
 
 
