@@ -271,23 +271,23 @@ def test_truncated_safetensors_is_one_line(tiny_bert_dir, tmp_path):
 
 # single-file writes ---------------------------------------------------------------------------
 
-def _write_rounds(path, tag, rounds, barrier):
-    data = {"writer": tag, "values": list(range(tag, 40000 + tag))}  # many write() calls per file
+def _writer(write, tag, rounds, barrier):
     try:
         for r in range(rounds):
             barrier.wait()
-            write_json(path, dict(data, round=r))
+            write(tag, r)
             barrier.wait()
     except BaseException:
         barrier.abort()  # the parent stops waiting; the exit code tells
         raise
 
 
-def test_concurrent_writers_leave_whole_json(tmp_path):
-    path, rounds = str(tmp_path / "out.json"), 8
+def race_two_writers(write, rounds, check):
+    """Two forked processes call write(tag, round) at the same moment, round after round;
+    check(round) runs in this process once both have finished that round."""
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(3, timeout=60)
-    procs = [ctx.Process(target=_write_rounds, args=(path, tag, rounds, barrier)) for tag in (0, 1)]
+    procs = [ctx.Process(target=_writer, args=(write, tag, rounds, barrier)) for tag in (0, 1)]
     for p in procs:
         p.start()
     broken = False
@@ -295,9 +295,7 @@ def test_concurrent_writers_leave_whole_json(tmp_path):
         for r in range(rounds):
             barrier.wait()  # both start writing
             barrier.wait()  # both done
-            got = json.loads(open(path).read())
-            assert got["round"] == r and got["values"][0] == got["writer"] in (0, 1)
-            assert os.listdir(tmp_path) == ["out.json"]
+            check(r)
     except threading.BrokenBarrierError:  # a writer failed and aborted
         broken = True
     except BaseException:
@@ -307,6 +305,20 @@ def test_concurrent_writers_leave_whole_json(tmp_path):
         for p in procs:
             p.join(60)
     assert [p.exitcode for p in procs] == [0, 0] and not broken
+
+
+def test_concurrent_writers_leave_whole_json(tmp_path):
+    path = str(tmp_path / "out.json")
+
+    def write(tag, r):
+        write_json(path, {"writer": tag, "values": list(range(tag, 40000 + tag)), "round": r})  # many write() calls
+
+    def check(r):
+        got = json.loads(open(path).read())
+        assert got["round"] == r and got["values"][0] == got["writer"] in (0, 1)
+        assert os.listdir(tmp_path) == ["out.json"]
+
+    race_two_writers(write, 8, check)
 
 
 def test_atomic_write_failure_keeps_the_old_file_and_no_temp(tmp_path):
@@ -747,38 +759,18 @@ def test_sigkill_at_several_points_then_rerun(tiny_bert_dir, tmp_path, command):
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # the killed runs' staging is gone
 
 
-def _write_folder_rounds(out, tag, rounds, barrier):
-    try:
-        for r in range(rounds):
-            barrier.wait()
-            with output_folder(out, command="test") as staging:
-                for k in range(20):
-                    Path(staging, f"part{k}.json").write_text(json.dumps({"writer": tag, "round": r}))
-            barrier.wait()
-    except BaseException:
-        barrier.abort()
-        raise
-
-
 def test_concurrent_folder_writers_leave_one_whole_run(tmp_path):
-    out, rounds = str(tmp_path / "rep"), 6
-    ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(3, timeout=60)
-    procs = [ctx.Process(target=_write_folder_rounds, args=(out, tag, rounds, barrier)) for tag in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        for r in range(rounds):
-            barrier.wait()
-            barrier.wait()
-            assert _whole_or_absent(Path(out))
-            parts = {json.loads((Path(out) / f"part{k}.json").read_text())["writer"] for k in range(20)}
-            assert len(parts) == 1  # every file from the same writer's run
-            assert os.listdir(tmp_path) == ["rep"]
-    except BaseException:
-        barrier.abort()
-        raise
-    finally:
-        for p in procs:
-            p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
+    out = tmp_path / "rep"
+
+    def write(tag, r):
+        with output_folder(str(out), command="test") as staging:
+            for k in range(20):
+                Path(staging, f"part{k}.json").write_text(json.dumps({"writer": tag, "round": r}))
+
+    def check(r):
+        assert _whole_or_absent(out)
+        parts = {json.loads((out / f"part{k}.json").read_text())["writer"] for k in range(20)}
+        assert len(parts) == 1  # every file from the same writer's run
+        assert os.listdir(tmp_path) == ["rep"]
+
+    race_two_writers(write, 6, check)
