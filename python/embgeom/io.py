@@ -144,11 +144,14 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "embgeom-output-1"
 
 
-def _sha256(path: str) -> str:
+def _sha256(path: str, *, fsync: bool = False) -> str:
+    """The file's sha256; with fsync, also flushed to disk in the same pass (one open, one read)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+        if fsync:
+            os.fsync(f.fileno())
     return digest.hexdigest()
 
 
@@ -239,21 +242,15 @@ def _remove_created(created: list[str]) -> None:
 
 
 def _seal(staging: str, command: str) -> None:
-    from importlib import metadata
+    from .provenance import version
 
-    try:
-        version = metadata.version("embgeom")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        version = None
     files = {}
     for root, _dirs, names in os.walk(staging):
         for entry in sorted(names):
             full = os.path.join(root, entry)
             rel = os.path.relpath(full, staging).replace(os.sep, "/")
-            files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
-            with open(full, "rb") as f:
-                os.fsync(f.fileno())
-    manifest = {"format": MANIFEST_FORMAT, "command": command, "embgeom": version,
+            files[rel] = {"bytes": os.path.getsize(full), "sha256": _sha256(full, fsync=True)}
+    manifest = {"format": MANIFEST_FORMAT, "command": command, "embgeom": version(),
                 "complete": True, "files": dict(sorted(files.items()))}
     with atomic_write(os.path.join(staging, MANIFEST)) as f:
         json.dump(manifest, f, indent=1)
