@@ -41,15 +41,21 @@ def fit_to_input(cfg: PairwiseConfig, n: int, m: int | None) -> tuple[PairwiseCo
     return (replace(cfg, **lowered) if lowered else cfg), notes
 
 
+def _state_bytes(cfg: PairwiseConfig, n: int) -> dict[str, int]:
+    """Bytes of one partial state, per option that sizes it."""
+    return {"bins": (cfg.bins + 2) * 8 if cfg.bins else 0,
+            "row_topk": n * cfg.row_topk * _ROW_ENTRY, "row_bottomk": n * cfg.row_bottomk * _ROW_ENTRY,
+            "topk": cfg.topk * _PAIR_ENTRY, "bottomk": cfg.bottomk * _PAIR_ENTRY,
+            "near_k": cfg.near_k * _PAIR_ENTRY,
+            "outside_limit": cfg.outside_limit * _PAIR_ENTRY if cfg.outside else 0}
+
+
 def estimate_bytes(cfg: PairwiseConfig, n: int, m: int | None, d: int, threads: int) -> int:
     """Bytes an all-pairs run holds at its peak, from its options and shape: one partial state
     per thread plus the merged one, the copy a checkpoint or the result makes, and the prepared
     input (compacted rows and packed panels)."""
     rows = n + (m or 0)
-    state = ((cfg.bins + 2 if cfg.bins else 0) * 8
-             + n * (cfg.row_topk + cfg.row_bottomk) * _ROW_ENTRY
-             + (cfg.topk + cfg.bottomk + cfg.near_k + (cfg.outside_limit if cfg.outside else 0)) * _PAIR_ENTRY
-             + (rows * 8 if cfg.outside else 0))
+    state = sum(_state_bytes(cfg, n).values()) + (rows * 8 if cfg.outside else 0)  # + outside counts
     return (max(threads, 1) + 2) * state + 2 * rows * d * 4
 
 
@@ -75,11 +81,7 @@ def check_memory(cfg: PairwiseConfig, n: int, m: int | None, d: int, threads: in
     need = estimate_bytes(cfg, n, m, d, threads)
     have = available_bytes()
     if have is not None and need > have:
-        parts = {"bins": (cfg.bins + 2) * 8 if cfg.bins else 0,
-                 "row_topk": n * cfg.row_topk * _ROW_ENTRY, "row_bottomk": n * cfg.row_bottomk * _ROW_ENTRY,
-                 "topk": cfg.topk * _PAIR_ENTRY, "bottomk": cfg.bottomk * _PAIR_ENTRY,
-                 "near_k": cfg.near_k * _PAIR_ENTRY,
-                 "outside_limit": cfg.outside_limit * _PAIR_ENTRY if cfg.outside else 0}
+        parts = _state_bytes(cfg, n)
         biggest = max(parts, key=parts.get)
         raise ValueError(f"{biggest}: this run needs about {need / 2**30:.1f} GiB ({threads} threads), "
                          f"the machine has {have / 2**30:.1f} GiB available; lower {biggest}")
