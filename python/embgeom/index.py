@@ -83,6 +83,14 @@ class _Store:
     scan_delta: float           # max |bf16 row - row| of the scanned rows (0 for float32)
 
 
+def _inverse_norms(st: "_Store", c0: int, c1: int) -> np.ndarray:
+    """float32 1/|c| of stored rows [c0, c1) (0 for zero rows), for scanning a bf16 index's
+    float32 rows under cosine; in numpy: a torch op over a whole block would wake its thread
+    pool (see _largest)."""
+    norms = st.norms[c0:c1].numpy()
+    return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
+
+
 _NATIVE_BF16: list[bool] = []
 
 
@@ -299,9 +307,7 @@ class Index:
             if st.scale is not None:
                 s_np *= st.scale[c0:c1].numpy()
             elif rows is st.rows and self.metric == "cosine":
-                # 1/|c| in numpy: a torch op over a whole block would wake its thread pool
-                norms = st.norms[c0:c1].numpy()
-                s_np *= np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
+                s_np *= _inverse_norms(st, c0, c1)
             if st.bias is not None:
                 s_np += st.bias[c0:c1].numpy()
             s = torch.from_numpy(s_np)
@@ -309,8 +315,7 @@ class Index:
             rows = st.scan if st.scan.dtype == qscan.dtype else st.rows
             s = qscan @ rows[c0:c1].T
             if rows is st.rows and st.scale is None and self.metric == "cosine":
-                s.mul_(torch.where(st.norms[c0:c1] > 0, 1.0 / st.norms[c0:c1].clamp(min=1e-300),
-                                   torch.zeros_like(st.norms[c0:c1])).float())
+                s.mul_(torch.from_numpy(_inverse_norms(st, c0, c1)))
             if s.dtype != torch.float32 and (st.scale is not None or st.bias is not None):
                 s = s.float()  # a bare bf16 product is ranked as it is (no conversion pass)
             if st.scale is not None:
