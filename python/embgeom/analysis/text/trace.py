@@ -47,9 +47,9 @@ def _texts(texts: Any) -> Iterator[str]:
             yield t
 
 
-def check_model_inputs(model, tokenizer, texts, batch_size: int) -> None:
-    """TypeError / ValueError naming the argument, before any work, for what trace() and the
-    other corpus runners cannot take."""
+def check_model_inputs(model, tokenizer, texts) -> None:
+    """TypeError naming the argument, before any work, for a model, tokenizer or texts that
+    trace() cannot take (batch_size is checked by iter_batches, which every runner goes through)."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model: expected a transformers model (torch.nn.Module with .config), "
                         f"got {type(model).__name__}")
@@ -59,8 +59,6 @@ def check_model_inputs(model, tokenizer, texts, batch_size: int) -> None:
             isinstance(texts, (str, os.PathLike)) or hasattr(texts, "__iter__")):
         raise TypeError(f"texts: expected a list/iterable of str or a path to a text file, "
                         f"got {type(texts).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
 
 
 def _chunks(it: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -218,7 +216,7 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
     run under torch.inference_mode with eager attention; tensors stay on the model's device.
     Texts longer than max_length (default: the model's maximum) are truncated; the first batch
     with a truncation warns once."""
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     dev = _device_of(model, device)
     limit = model_max_length(model, tokenizer, max_length)
@@ -634,7 +632,7 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     embgeom.analysis.heads.measures.HeadsAccumulator, or analysis.text.keeper.Keeper keeping vectors)."""
     import time
 
-    check_model_inputs(model, tokenizer, texts, batch_size)
+    check_model_inputs(model, tokenizer, texts)  # batch_size: iter_batches checks it
     start = time.perf_counter()
     dev = _device_of(model, device)
     max_len = model_max_length(model, tokenizer, max_length)
