@@ -126,3 +126,12 @@ def test_dead_rank_fails_the_job_and_restart_resumes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[rank 1]: resuming from" in r.stdout
     assert json.loads((tmp_path / "out.json").read_text())["count"] == 6000 * 5999 // 2
+
+
+def test_products_beyond_float32_are_refused_by_the_ranks(tmp_path):
+    """Each rank checks the magnitudes of the row groups it reads, as it checks their values."""
+    np.save(tmp_path / "x.npy", make_embeddings(40, 8, seed=14).numpy() * 1e20)
+    r = _torchrun(["pairs", tmp_path / "x.npy", "--metric", "dot", "--range", "-1", "1", "--distributed",
+                   "--json", tmp_path / "out.json"], tmp_path)
+    assert r.returncode != 0 and "beyond float32" in r.stderr
+    assert not (tmp_path / "out.json").exists()

@@ -67,8 +67,10 @@ def _run_job(rows, g, h, bounds, cfg: PairwiseConfig, make_engine, n) -> EngineS
     (g0, g1), (h0, h1) = bounds[g], bounds[h]
     xg = rows(g0, g1)
     if g == h:
+        validation.product_range(xg, None, cfg.metric)  # checked where the values are read
         return run_engine(make_engine(xg, None, cfg)).shift(cfg, n, g0, g0)
     xh = rows(h0, h1)
+    validation.product_range(xg, xh, cfg.metric)
     state = run_engine(make_engine(xg, xh, cfg)).shift(cfg, n, g0, h0)
     if cfg.row_topk or cfg.row_bottomk:
         # rows of group h need their neighbours in group g too: the transposed cross job,
