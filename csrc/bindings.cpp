@@ -240,6 +240,8 @@ PYBIND11_MODULE(_C, m) {
         .def("tile_pairs", &PairwiseEngine::tile_pairs, py::arg("begin"), py::arg("end"))
         .def("run", &PairwiseEngine::run, py::arg("begin"), py::arg("end"),
              py::call_guard<py::gil_scoped_release>(), "Process tiles [begin, end) (GIL released)")
+        .def("discard_statistics", &PairwiseEngine::discard_statistics,
+             "Benchmarks only: later runs compute the schedule's products and skip the statistics")
         .def_property_readonly("kernel", [](const PairwiseEngine& e) { return std::string(e.kernel_name()); })
         .def_property_readonly("fused_pass", [](const PairwiseEngine& e) { return std::string(e.fused_name()); })
         .def_property_readonly("isa", [](const PairwiseEngine& e) { return std::string(embgeom::isa_name(e.isa())); })

@@ -15,6 +15,16 @@
 
 namespace embgeom {
 
+namespace {
+void skip_fused_pass(const FusedArgs&, PairwiseEngine::ThreadCtx&, float*, int64_t, int64_t, int64_t,
+                     int64_t, int64_t, double* tsum, double* tsumsq) {
+  *tsum = 0.0;
+  *tsumsq = 0.0;
+}
+}  // namespace
+
+void PairwiseEngine::discard_statistics() { fused_ = skip_fused_pass; }
+
 // ---------------------------------------------------------------------------------------------
 // construction and schedule
 // ---------------------------------------------------------------------------------------------

@@ -109,6 +109,10 @@ class PairwiseEngine {
   Isa isa() const { return isa_; }                  // vector level (cpu/isa.h) at construction
   const char* fused_name() const;                   // the fused pass variant
   bool fast() const { return fast_; }
+  // For benchmarks only: later runs compute the products of the same schedule (tiles, bands,
+  // packed panels) and skip the fused pass, so the state stays meaningless. The bare product's
+  // time is what the statistics on top of it are measured against (docs/architecture.md).
+  void discard_statistics();
 
   const PairwiseState& state() const { return st_; }
   // The state with original indices (state_io.cpp), and back: import_state checks every index

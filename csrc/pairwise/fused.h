@@ -36,7 +36,8 @@ struct PairwiseEngine::ThreadCtx {
   std::vector<Cand> cand;  // fast mode: candidates of the tile, rescored in one batch
   std::vector<const float*> pa, pb;
   std::vector<float> dots;
-  alignas(64) int32_t idx[16];
+  // histogram slots of the pass's current step and of the one before it (fused_avx512.cpp)
+  alignas(64) int32_t idx[2][16];
 };
 // Everything the fused pass needs, resolved once per tile.
 struct FusedArgs {

@@ -49,6 +49,10 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
   const __m512 oa_lo = _mm512_set1_ps(A.oa - A.M), ob_hi = _mm512_set1_ps(A.ob + A.M);
   const __m512 oa_hi = _mm512_set1_ps(A.oa + A.M), ob_lo = _mm512_set1_ps(A.ob - A.M);
   const __m512i ones = _mm512_set1_epi32(1);
+  // histogram slots waiting to be counted (the previous step's)
+  int32_t* slot = c.idx[0];
+  int32_t* prev = c.idx[1];
+  int pending = 0;
   int64_t* hist = A.do_hist ? c.hist.data() : nullptr;
   int32_t* colcnt = c.colcnt.data();
   const float* rthr_top = A.do_rtop ? row_filter(A, c, true) : nullptr;
@@ -109,13 +113,17 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
       q0 = _mm512_fmadd_pd(e0, e0, q0);
       q1 = _mm512_fmadd_pd(e1, e1, q1);
       if (hist) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(c.idx), hist_bins8(d0, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(c.idx + 8), hist_bins8(d1, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
-        if (m == 0xffff) {
-          for (int l = 0; l < 16; ++l) hist[c.idx[l]]++;
+        _mm256_store_si256(reinterpret_cast<__m256i*>(slot), hist_bins8(d0, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(slot + 8), hist_bins8(d1, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
+        // count the previous step's slots: reading back the slots just stored would wait for the
+        // wide store to reach the cache (store forwarding to narrow loads stalls)
+        if (pending == 16) {
+          for (int l = 0; l < 16; ++l) hist[prev[l]]++;
         } else {
-          for (int l = 0; l < rem; ++l) hist[c.idx[l]]++;
+          for (int l = 0; l < pending; ++l) hist[prev[l]]++;
         }
+        pending = rem >= 16 ? 16 : int(rem);
+        std::swap(slot, prev);
       }
       // global lists and extremes
       __mmask16 g = _mm512_mask_cmp_ps_mask(m, v, _mm512_set1_ps(t_hi), _CMP_GE_OQ) |
@@ -199,6 +207,7 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
       c.out_rows[i] += orow;
     }
   }
+  for (int l = 0; l < pending; ++l) hist[prev[l]]++;
   if (deferred && !c.cand.empty()) rescore_candidates(A, c, r0, c0);
   alignas(64) double a[8], b[8];
   _mm512_store_pd(a, _mm512_add_pd(s0, s1));

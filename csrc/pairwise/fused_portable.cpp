@@ -123,6 +123,10 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
   double s = 0.0, s2 = 0.0;                                       // tails
   f64h s_lo = {}, s_hi = {}, q_lo = {}, q_hi = {};  // blocks, per lane
   int64_t* hist = A.do_hist ? c.hist.data() : nullptr;
+  alignas(32) int32_t slot_buf[2][W];  // histogram slots of this block and the previous one
+  int32_t* slot = slot_buf[0];
+  int32_t* prev = slot_buf[1];
+  bool pending = false;
   const float* rthr_top = A.do_rtop ? row_filter(A, c, true) : nullptr;
   const float* rthr_bot = A.do_rbot ? row_filter(A, c, false) : nullptr;
   const bool col_top = rthr_top && A.self, col_bot = rthr_bot && A.self;
@@ -200,10 +204,15 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
       q_lo += e_lo * e_lo;
       q_hi += e_hi * e_hi;
       if (hist) {
-        alignas(32) int32_t slot[W];
+        // count the previous block's slots (as fused_avx512.cpp: reading back the slots just
+        // stored would wait for the vector stores to reach the cache)
+        if (pending) {
+          for (int l = 0; l < W; ++l) hist[prev[l]]++;
+        }
         store(slot, slots(d_lo));
         store(slot + W / 2, slots(d_hi));
-        for (int l = 0; l < W; ++l) hist[slot[l]]++;
+        pending = true;
+        std::swap(slot, prev);
       }
       i32 fl = ((v >= t_hi) | (v <= t_lo)) & int32_t(kG);
       if (A.do_near) {
@@ -242,6 +251,9 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
       c.out_count += orow;
       c.out_rows[i] += orow;
     }
+  }
+  if (pending) {
+    for (int l = 0; l < W; ++l) hist[prev[l]]++;
   }
   if (deferred && !c.cand.empty()) rescore_candidates(A, c, r0, c0);
   *tsum = s + sum(s_lo + s_hi);
