@@ -48,6 +48,10 @@ DEFINITIONS = {
     "syntax": ("syntax-head accuracy", "Per dependency relation and head: the share of words whose "
                "most-attended word (word-level attention, either direction) is its gold head; the "
                "baseline is the best fixed offset -3..2."),
+    "coref": ("antecedent selection accuracy", "Per head: the share of mentions (with an earlier mention of "
+              "their cluster) whose head word attends most, among the earlier mentions' head words, to one "
+              "of the same cluster; baselines: the nearest earlier mention, the nearest with the same head "
+              "word (Clark et al. 2019, arXiv 1906.04341, section 4.3)."),
 }
 
 
