@@ -131,11 +131,14 @@ def test_cli_coref(pieces_bert, tmp_path, capsys):
     assert 1 <= layer <= report["layers"] and 0 <= head < report["heads"]
     assert f"best head L{layer} h{head} {c['accuracy']:.3f}" in err
     assert f"nearest {c['baselines']['nearest']:.3f}" in err
-    assert {"command", "version", "model", "inputs"} <= set(report["provenance"])
+    prov = report["provenance"]
+    assert prov["command"].startswith("embgeom coref ") and prov["inputs"][0]["name"] == "MENTIONS"
+    assert {"version", "git_sha", "model", "seed", "total_seconds"} <= set(prov)
     assert len(c["all_accuracy"]) == report["layers"] and len(c["all_accuracy"][0]) == report["heads"]
     html = (out / "report.html").read_text()
     assert f"<td>best head: L{layer} h{head}</td>" in html
     assert "data:image/png;base64," in html and "http" not in html
+    assert "href='#def-coref'" in html and "id='def-coref'" in html and "id='provenance'" in html
     assert json.loads((out / "manifest.json").read_text())
 
 
