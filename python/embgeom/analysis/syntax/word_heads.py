@@ -133,7 +133,8 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
     """Per-relation syntactic-head accuracy (see the module docstring). Returns the report.json
     block `syntax` (accuracies float, best = [layer (1..L), head (from 0), direction]; docs/metrics.md,
     layers, depths and heads). word_maps, if a list, is filled with one entry per sentence: its
-    (L*H, W, W) float32 word-to-word map over its words ([CLS]/[SEP] dropped), None if skipped."""
+    (L*H, W+1, W+1) float32 word-to-word map over [CLS] (index 0, the probe's ROOT) and its words
+    ([SEP] dropped), None if skipped."""
     from ..text.trace import model_max_length
 
     if batch_size < 1:
@@ -163,7 +164,7 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
             if word_maps is not None:
                 for r, i in enumerate(chunk):
                     W = len(sentences[i].words)
-                    word_maps[i] = wa[r, :, 1:W + 1, 1:W + 1].float().clone()
+                    word_maps[i] = wa[r, :, :W + 1, :W + 1].float().clone()      # [CLS] + words
             Wmax = pred.shape[-1]
             gold = torch.zeros(B, Wmax, dtype=torch.long)
             rel = torch.full((B, Wmax), -1, dtype=torch.long)
