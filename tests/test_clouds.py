@@ -269,6 +269,15 @@ def test_vocab_position_geometry(tiny_bert_dir, tiny_bert, tmp_path):
     assert cv["euclidean"] == pytest.approx(float((a - b).norm()))
     assert cv["max_coordinate"] == pytest.approx(float((a - b).abs().max()))
     assert g["range"] == [2, 30] and rep["positional"]["positions"] == 28 and g["cosine_curves"]["rows"][0] == 3
-    for name in ("positions_raw.png", "positions_cosine_curves.png", "joint_pca.png"):
+    for name in ("positions_raw.png", "positions_cosine_curves.png", "joint_pca.png", "positions_sinusoidal.png"):
         assert (out / name).exists()
+    # the sinusoidal table beside the learned one covers the same positions 2..29
+    sn = g["sinusoidal"]
+    assert sn["matched"]["range"] == [2, 30] and sn["matched"]["positions"] == sn["learned"]["positions"] == 28
+    p = np.arange(2, 30)[:, None]
+    k = np.arange(pos.shape[1])
+    x = np.where(k % 2 == 0, np.sin(p / 10000 ** ((k - k % 2) / pos.shape[1])),
+                 np.cos(p / 10000 ** ((k - k % 2) / pos.shape[1])))
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert sn["matched"]["offset_profile"][3] == pytest.approx(np.diagonal(u @ u.T, 3).mean())
     assert main(["vocab", "--model", tiny_bert_dir, "--out", str(out), "--positions", "9:3"]) == 2

@@ -688,7 +688,7 @@ def test_perplexity_above_what_the_rows_allow_is_lowered_with_a_note():
     assert got.to_dict()["notes"] == ["perplexity 1000 lowered to (N - 1) / 3 = 10 for 31 rows"]
 
 
-@pytest.mark.parametrize("command", ["text", "syntax", "project", "vocab"])
+@pytest.mark.parametrize("command", ["text", "syntax", "coref", "project", "vocab"])
 def test_out_naming_a_file_or_a_foreign_folder_is_one_line(tmp_path, command):
     import subprocess
     import sys
@@ -696,7 +696,7 @@ def test_out_naming_a_file_or_a_foreign_folder_is_one_line(tmp_path, command):
     (tmp_path / "f").write_text("x")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    inputs = {"text": [str(tmp_path / "f")], "syntax": [str(tmp_path / "f")],
+    inputs = {"text": [str(tmp_path / "f")], "syntax": [str(tmp_path / "f")], "coref": [str(tmp_path / "f")],
               "project": [str(tmp_path / "f")], "vocab": []}[command]
     for out, match in ((tmp_path / "f", "is a file"), (tmp_path / "mine", "no embgeom run wrote")):
         r = subprocess.run([sys.executable, "-m", "embgeom", command, *inputs, "--out", str(out)],

@@ -118,3 +118,61 @@ def test_weights(tiny_bert, report):
             for k in "qkv":
                 assert w["sigma_max"][k][l][h] == pytest.approx(np.linalg.svd(W[k][sl], compute_uv=False)[0], rel=1e-9)
                 assert report["qkv_norms"][k]["sigma_max"][l][h] == w["sigma_max"][k][l][h]
+
+
+def rank32(M: np.ndarray) -> int:
+    """numpy.linalg.matrix_rank in float64 with numpy's default tolerance for a float32 matrix
+    (s_max * max(m, n) * eps(float32)): the model computed these matrices in float32."""
+    s = np.linalg.svd(M, compute_uv=False)
+    return int(np.linalg.matrix_rank(M, tol=s.max() * max(M.shape) * np.finfo(np.float32).eps))
+
+
+def test_ranks(tiny_bert, report):
+    """attention_matrices.ranks: per text the ranks of the real-token softmax block, V (with the
+    bias), softmax V and the layer output, means over texts; W_V per head; against numpy."""
+    model, tokenizer = tiny_bert
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    d = model.config.hidden_size // H
+    want = {"softmax": np.zeros((L, H)), "v": np.zeros((L, H)), "head_output": np.zeros((L, H)),
+            "layer_output": np.zeros(L)}
+    tokens = 0
+    for t in TEXTS:
+        a, b = (t.split("\t") + [None])[:2]
+        enc = tokenizer(a, b, return_tensors="pt")
+        with torch.no_grad():
+            out = model(**enc, output_attentions=True, output_hidden_states=True)
+        tokens += enc["input_ids"].shape[1]
+        for l in range(L):
+            x = out.hidden_states[l][0].double().numpy()
+            lin = model.encoder.layer[l].attention.self.value
+            v = x @ lin.weight.detach().double().numpy().T + lin.bias.detach().double().numpy()
+            want["layer_output"][l] += rank32(out.hidden_states[l + 1][0].double().numpy())
+            for h in range(H):
+                A = out.attentions[l][0, h].double().numpy()
+                vh = v[:, h * d:(h + 1) * d]
+                want["softmax"][l, h] += rank32(A)
+                want["v"][l, h] += rank32(vh)
+                want["head_output"][l, h] += rank32(A @ vh)
+    r = report["ranks"]
+    assert r["eps"] == float(np.finfo(np.float32).eps) and r["mean_tokens"] == tokens / len(TEXTS)
+    for k, v in want.items():
+        np.testing.assert_array_equal(r[k], v / len(TEXTS), err_msg=k)
+    for l, layer in enumerate(model.encoder.layer):
+        W = layer.attention.self.value.weight.detach().double().numpy()
+        assert r["w_v"][l] == [rank32(W[h * d:(h + 1) * d]) for h in range(H)]
+
+
+def test_numerical_rank_tolerance():
+    """The tolerance is numpy's default for the matrix's dtype: a rank-3 matrix plus float32
+    round-off has rank 3 under the float32 rule (as numpy gives on the float32 array) and full
+    rank under the float64 one."""
+    from embgeom.analysis.heads.matrices import numerical_rank
+
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((20, 3)) @ rng.standard_normal((3, 12))
+    M32 = M.astype(np.float32)
+    s = torch.linalg.svdvals(torch.from_numpy(M32.astype(np.float64)))
+    assert int(numerical_rank(s, 20, 12, float(np.finfo(np.float32).eps))) == 3 == np.linalg.matrix_rank(M32)
+    assert int(numerical_rank(s, 20, 12, float(np.finfo(np.float64).eps))) == \
+        np.linalg.matrix_rank(M32.astype(np.float64)) == 12
+    assert int(numerical_rank(torch.zeros(4), 4, 4, 1e-7)) == 0

@@ -25,19 +25,21 @@ def _random_tree(rng: random.Random, n: int) -> list[int]:
 
 
 def _data(seed=0, n_sent=30, K=6, gold_head=None):
-    """Random row-stochastic word maps (K, W, W); if gold_head is given, that head's map is the
-    gold tree's one-hot (row i has 1 at head(i); the root word's row attends to itself)."""
+    """Random row-stochastic word maps (K, W+1, W+1), index 0 = [CLS] (the probe's ROOT); if
+    gold_head is given, that head's map is the gold tree's one-hot (word i's row has 1 at
+    head(i), the root word's at [CLS])."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     sentences, maps = [], []
     for _ in range(n_sent):
         W = rng.randint(2, 9)
         heads = _random_tree(rng, W)
-        m = torch.softmax(torch.randn(K, W, W, generator=g, dtype=torch.float64), -1)
+        m = torch.softmax(torch.randn(K, W + 1, W + 1, generator=g, dtype=torch.float64), -1)
         if gold_head is not None:
             m[gold_head] = 0
-            for i, h in enumerate(heads):
-                m[gold_head, i, (h - 1) if h else i] = 1.0
+            m[gold_head, 0, 0] = 1.0
+            for i, h in enumerate(heads, 1):
+                m[gold_head, i, h] = 1.0
         maps.append(m.float())
         sentences.append(Sentence([f"w{i}" for i in range(W)], heads, ["dep"] * W))
     return maps, sentences
@@ -48,14 +50,12 @@ def _loop_loss(maps, sentences, w, u):
     for m, s in zip(maps, sentences):
         m = m.double()
         W = len(s.words)
-        for i in range(W):
-            if s.heads[i] == 0:
-                continue
+        for i in range(1, W + 1):                       # every word, ROOT = column 0
             scores = {j: sum(float(w[k]) * float(m[k, i, j]) + float(u[k]) * float(m[k, j, i])
-                             for k in range(m.shape[0])) for j in range(W) if j != i}
+                             for k in range(m.shape[0])) for j in range(W + 1) if j != i}
             top = max(scores.values())
             logz = top + math.log(sum(math.exp(v - top) for v in scores.values()))
-            total += logz - scores[s.heads[i] - 1]
+            total += logz - scores[s.heads[i - 1]]
             n += 1
     return total / n
 
@@ -67,10 +67,9 @@ def test_loss_matches_loops():
     A, gold, cand = probe.pack(maps, [s.heads for s in sentences])
     got = float(probe.loss(A, gold, cand, w, u))
     assert abs(got - _loop_loss(maps, sentences, w, u)) < 1e-12
-    # at zero weights every candidate is equally likely
+    # at zero weights every candidate (ROOT and the W - 1 other words) is equally likely
     z = torch.zeros(4, dtype=torch.float64)
-    want = sum(math.log(len(s.words) - 1) for s in sentences for h in s.heads if h) / sum(
-        1 for s in sentences for h in s.heads if h)
+    want = sum(len(s.words) * math.log(len(s.words)) for s in sentences) / sum(len(s.words) for s in sentences)
     assert abs(float(probe.loss(A, gold, cand, z, z)) - want) < 1e-12
 
 
@@ -80,9 +79,9 @@ def test_head_equal_to_gold_gives_accuracy_one():
     assert r["uas_test"] == 1.0 and r["uas_train"] == 1.0
     assert r["loss_end"] < r["loss_start"]
     assert r["train_sentences"] == 32 and r["test_sentences"] == 8
-    assert r["excluded_root"] == {"train": 32, "test": 8}
-    assert r["train_words"] == sum(len(s.words) - 1 for s in sentences[:32])
-    assert r["test_words"] == sum(len(s.words) - 1 for s in sentences[32:])
+    assert r["root_candidate"] == "[CLS]" and "excluded_root" not in r
+    assert r["train_words"] == sum(len(s.words) for s in sentences[:32])      # every word, roots too
+    assert r["test_words"] == sum(len(s.words) for s in sentences[32:])
     # head 4 = layer 2 (1-based), head 1 of 3, dep->head; exact on both splits
     assert r["best_single_head_test"] == {"best": [2, 1, "dep->head"], "accuracy": 1.0, "picked_on": "test"}
     assert r["best_single_head_train_picked"]["best"] == [2, 1, "dep->head"]
@@ -99,11 +98,9 @@ def test_single_heads_match_loops():
         for k in range(5):
             for d in range(2):
                 mm = m[k].double() if d == 0 else m[k].double().T
-                for i in range(W):
-                    if s.heads[i] == 0:
-                        continue
-                    best = max((j for j in range(W) if j != i), key=lambda j: (float(mm[i, j]), -j))
-                    want[k, d] += best == s.heads[i] - 1
+                for i in range(1, W + 1):
+                    best = max((j for j in range(W + 1) if j != i), key=lambda j: (float(mm[i, j]), -j))
+                    want[k, d] += best == s.heads[i - 1]
     assert torch.equal(got, want)
 
 
@@ -139,3 +136,17 @@ def test_split_leaving_one_side_empty():
     for f in (0.99, 0.01):
         with pytest.raises(ValueError, match="each side needs at least one"):
             probe.split_indices(10, f)
+
+
+def test_root_is_the_cls_column():
+    """Index 0 of a word map is [CLS], ROOT's candidate: every word is scored, the root word's gold
+    index is 0, the [CLS] row scores nothing, and a map without the [CLS] row is refused."""
+    maps, sentences = _data(seed=7, n_sent=3, K=2)
+    A, gold, cand = probe.pack(maps, [s.heads for s in sentences])
+    for r, s in enumerate(sentences):
+        W = len(s.words)
+        assert gold[r, 0] == -1 and gold[r, 1:W + 1].tolist() == s.heads and 0 in s.heads
+        assert not cand[r, 0].any() and cand[r, 1:W + 1, 0].all()
+        assert not cand[r, 1:W + 1].diagonal(1).any()                         # never itself
+    with pytest.raises(ValueError, match="heads for a word map"):
+        probe.pack([maps[0][:, 1:, 1:]], [sentences[0].heads])

@@ -82,6 +82,61 @@ def expected(model, tokenizer, texts, limit=32):
     return {k: v / (other_rows if k == "sep_from_other" else rows) for k, v in sums.items()}
 
 
+def expected_per_text(model, tokenizer, texts, limit=32):
+    """attention_to_per_text by hand (Clark et al.'s average): each text alone, without padding,
+    its mean over its own rows (sep_from_other: over its rows that are neither [CLS] nor [SEP]),
+    then the plain mean over texts; prev / next = A[i, i-1] / A[i, i+1] (none past the ends)."""
+    vocab = tokenizer.get_vocab()
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    keys = ("cls", "sep", "punct", "period", "comma", "sep_from_other", "prev", "next")
+    per_text = {k: [] for k in keys}
+    for t in texts:
+        ids, types = hand_encode(tokenizer, t, limit)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([types]),
+                        output_attentions=True)
+        a = np.stack([x[0].double().numpy() for x in out.attentions])       # (L, H, n, n)
+        toks = tokenizer.convert_ids_to_tokens(ids)
+        is_sep = np.array([i == vocab["[SEP]"] for i in ids])
+        is_cls = np.array([i == vocab["[CLS]"] for i in ids])
+        other = ~is_cls & ~is_sep
+        sets = {"cls": is_cls, "sep": is_sep, "period": np.array([s == "." for s in toks]),
+                "comma": np.array([s == "," for s in toks]),
+                "punct": np.array([s in ".,;:!?'\"()-" for s in toks])}
+        n = len(ids)
+        for k, cols in sets.items():
+            per_text[k].append(a[..., cols].sum(-1).mean(-1))
+        per_text["sep_from_other"].append(a[:, :, other][..., is_sep].sum(-1).mean(-1))
+        per_text["prev"].append(np.diagonal(a, offset=-1, axis1=2, axis2=3).sum(-1) / n)
+        per_text["next"].append(np.diagonal(a, offset=1, axis1=2, axis2=3).sum(-1) / n)
+    return {k: np.mean(v, axis=0) for k, v in per_text.items()}
+
+
+def test_attention_to_per_text(tiny_bert, tiny_bert_dir, tmp_path):
+    """Clark's per-text-first average, with texts of different lengths padded in one batch
+    (padding must not count), and apart from the row-weighted attention_to."""
+    model, tokenizer = tiny_bert
+    want = expected_per_text(model, tokenizer, TEXTS)
+    got = trace(model, tokenizer, TEXTS, batch_size=3)
+    assert set(got.attention_to_per_text) == set(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(got.attention_to_per_text[k].numpy(), v, atol=2e-6, rtol=0, err_msg=k)
+    rows = expected(model, tokenizer, TEXTS)
+    assert not np.allclose(rows["cls"], want["cls"], atol=1e-4)      # lengths differ: the two differ
+    one = trace(model, tokenizer, TEXTS[1:2], batch_size=1)             # one text: the two agree
+    for k in want:
+        np.testing.assert_allclose(one.attention_to_per_text[k].numpy(), one.attention_to[k].numpy(),
+                                   atol=1e-12, rtol=0, err_msg=k)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["text", str(corpus), "--out", str(out), "--model", tiny_bert_dir, "--batch-size", "2",
+                 "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    for k, v in want.items():
+        np.testing.assert_allclose(rep["attention_to_per_text"][k], v, atol=2e-6, rtol=0, err_msg=k)
+
+
 def test_attention_to_marks_and_pairs(tiny_bert, tiny_bert_dir, tmp_path):
     model, tokenizer = tiny_bert
     want = expected(model, tokenizer, TEXTS)

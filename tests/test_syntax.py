@@ -243,14 +243,14 @@ def test_probe_on_sample(pieces_bert):
             spans.append(list(range(t, t + len(ps))))
             t += len(ps)
         spans.append([t])
-        want = _word_level(torch.cat([a[0].double() for a in out.attentions]), spans)[:, 1:-1, 1:-1]
+        want = _word_level(torch.cat([a[0].double() for a in out.attentions]), spans)[:, :-1, :-1]  # [CLS] + words
         torch.testing.assert_close(m.double(), want, rtol=0, atol=1e-6)
     H = model.config.num_attention_heads
     a = probe.attention_probe(maps, sentences, 0.8, H)
     b = probe.attention_probe(maps, sentences, 0.8, H)
     assert a["loss_end"] < a["loss_start"]
     assert a["train_sentences"] + a["test_sentences"] == len(sentences)
-    assert a["train_words"] + a["test_words"] == sum(len(s.words) for s in sentences) - len(sentences)
+    assert a["train_words"] + a["test_words"] == sum(len(s.words) for s in sentences)   # roots scored too
     assert torch.equal(a["w"], b["w"]) and a["uas_test"] == b["uas_test"] and a["uas_train"] == b["uas_train"]
     assert 0 <= a["uas_test"] <= 1 and 0 <= a["best_single_head_test"]["accuracy"] <= 1
 
@@ -264,7 +264,7 @@ def test_cli_syntax_probe(pieces_bert, tmp_path, capsys):
     assert "probe (attention only, 16 weights" in err and "UAS test" in err
     pr = json.loads((out / "report.json").read_text())["syntax"]["probe"]
     assert pr["split"] == 0.75 and pr["train_sentences"] == round(0.75 * 42) and pr["parameters"] == 16
-    assert pr["excluded_root"] == {"train": pr["train_sentences"], "test": pr["test_sentences"]}
+    assert pr["root_candidate"] == "[CLS]" and "excluded_root" not in pr
     assert len(pr["w"]) == 2 and len(pr["w"][0]) == 4
     assert f"{pr['uas_test']:.3f}" in err
     assert "Attention-only probe" in (out / "report.html").read_text()

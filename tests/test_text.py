@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:trace. texts longer")
 CORPUS = ["the cat sat on the mat .", "", "a dog !", "she was in the house ? he was not .",
           " ".join(["one two"] * 20), "red , green and blue ."]
 KEYS = ["model", "n_texts", "n_tokens", "layers", "heads", "truncated", "cone_index", "entropy",
-        "attention_to", "js_distance", "context_similarity", "evolution"]
+        "attention_to", "attention_to_per_text", "js_distance", "context_similarity", "evolution"]
 
 
 def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
@@ -118,6 +118,12 @@ def test_cli_heads_extras(tiny_bert_dir, tmp_path, capsys):
     n = len(maps[0]["tokens"])
     assert len(maps[0]["maps"][0][0]) == n and abs(sum(maps[0]["maps"][0][0][0]) - 1) < 0.01
     assert [g["depth"] for g in report["gaussianity"]] == list(range(L + 1))
+    # Clark's figure-6 markers from his per-text-first averages (attention_to_per_text)
+    from embgeom.analysis.heads.measures import behaviours
+
+    per_text = {k: torch.tensor(report["attention_to_per_text"][k], dtype=torch.float64)
+                for k in ("cls", "sep", "punct", "prev", "next")}
+    assert ah["mds_behaviour"] == behaviours(torch.tensor(ah["clark_entropy"], dtype=torch.float64), per_text)
     html = (out / "report.html").read_text()
     assert "headmap-data" in html and "Contents" in html and "http" not in html
     assert {"head_mds.png", "head_patterns.png", "gaussianity.png"} <= {p.name for p in out.glob("*.png")}

@@ -158,3 +158,50 @@ def test_all_tokens_keeps_specials(tiny_bert_dir, tmp_path):
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["vocab", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def _geometry(x):
+    """Off-diagonal cosine mean / min / max, mean cosine per offset, PCA components for 90%."""
+    u = _unit(x)
+    cos = u @ u.T
+    off = cos[~np.eye(len(x), dtype=bool)]
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
+    share = np.cumsum(s) / s.sum()
+    return {"cosine_mean": off.mean(), "cosine_min": off.min(), "cosine_max": off.max(),
+            "offset_profile": [np.diagonal(cos, k).mean() for k in range(len(x))],
+            "components_for_90pct": int(np.argmax(share >= 0.9 - 1e-12)) + 1}
+
+
+def test_sinusoidal_positions(vocab_report, mats):
+    """The thesis' figure 6: Vaswani et al.'s fixed encodings (and the thesis' formula read
+    literally) for positions 0..127 at width 512, by an element-wise loop; the same geometry of
+    the learned table and of the sinusoidal one at its positions and width."""
+    from embgeom.analysis.vocab.positions import sinusoidal
+
+    def by_loop(P, d, printed=False):
+        x = np.zeros((P, d))
+        for p in range(P):
+            for k in range(d):
+                e = 2 * k if printed else (k if k % 2 == 0 else k - 1)
+                x[p, k] = (np.sin if k % 2 == 0 else np.cos)(p / 10000 ** (e / d))
+        return x
+
+    np.testing.assert_allclose(sinusoidal(range(128), 512), by_loop(128, 512), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(sinusoidal(range(5, 9), 6, "printed"), by_loop(9, 6, True)[5:], atol=1e-12)
+    out, rep = vocab_report
+    sn = rep["position_geometry"]["sinusoidal"]
+    assert sn["figure6"]["positions"] == [0, 128] and sn["figure6"]["width"] == 512
+    for formula in ("vaswani", "printed"):
+        got, want = sn["figure6"][formula], _geometry(by_loop(128, 512, formula == "printed"))
+        for k, v in want.items():
+            np.testing.assert_allclose(got[k], v, atol=1e-9, err_msg=f"{formula}.{k}")
+    v = sn["figure6"]["vaswani"]
+    assert v["norm_min"] == pytest.approx(16.0) and v["norm_max"] == pytest.approx(16.0)  # sqrt(512 / 2)
+    P, D = mats["pos"].shape
+    assert sn["matched"]["range"] == [0, P] and sn["matched"]["width"] == D
+    for name, x in (("matched", by_loop(P, D)), ("learned", mats["pos"])):
+        for k, val in _geometry(x).items():
+            np.testing.assert_allclose(sn[name][k], val, atol=1e-9, err_msg=f"{name}.{k}")
+    assert {"positions_sinusoidal.png", "positions_sinusoidal_vs_learned.png"} <= {p.name for p in out.glob("*.png")}
+    with pytest.raises(ValueError, match="formula"):
+        sinusoidal(range(3), 4, "other")

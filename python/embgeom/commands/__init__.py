@@ -12,4 +12,5 @@ COMMANDS = {
     "text": ("embgeom.commands.text", "per-layer / per-head analysis of a corpus run through a model"),
     "project": ("embgeom.commands.project", "2-D projection (UMAP, t-SNE, PCA) on the exact neighbour graph"),
     "syntax": ("embgeom.commands.syntax", "syntax heads: word-level attention against a CoNLL-U treebank"),
+    "coref": ("embgeom.commands.coref", "coreference heads: antecedent selection accuracy against mention clusters"),
 }

@@ -70,7 +70,7 @@ def main(args) -> int:
         b = pr["best_single_head_test"]
         print(f"embgeom syntax: probe (attention only, {pr['parameters']} weights, trained on "
               f"{fmt(pr['train_sentences'])} sentences) UAS test {pr['uas_test']:.3f} ({fmt(pr['test_words'])} words, "
-              f"root words excluded), train {pr['uas_train']:.3f}; best single head on test "
+              f"roots included, ROOT = [CLS]), train {pr['uas_train']:.3f}; best single head on test "
               f"L{b['best'][0]} h{b['best'][1]} {b['best'][2]} {b['accuracy']:.3f}", file=sys.stderr)
     return 0
 

@@ -246,7 +246,8 @@ def add_head_arguments(p) -> None:
     g.add_argument("--matrices", action="store_true",
                    help="attention_matrices: cone index of the attention rows, singular values < 1e-3, "
                         "von Neumann entropy, k90 quantiles per head; rank, singular values and eigenvalue "
-                        "signs of W_Q,h W_K,h^T, |q|/|k|/|v| histograms (geometry-of-BERT authors' code)")
+                        "signs of W_Q,h W_K,h^T, |q|/|k|/|v| histograms; numerical ranks of the softmax, V, "
+                        "W_V, head and layer outputs (geometry-of-BERT authors' code)")
     g.add_argument("--gaussianity", action="store_true",
                    help="K^2 normality test, skew and kurtosis of every real token's hidden state per depth")
     g.add_argument("--profile", action="store_true", help="print the seconds spent on each extra metric")

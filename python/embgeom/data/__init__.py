@@ -1,1 +1,2 @@
-"""Small example inputs written for embgeom (synonym groups, sentence pairs, a CoNLL-U sample)."""
+"""Small example inputs written for embgeom (synonym groups, sentence pairs, a CoNLL-U sample,
+coreference clusters)."""

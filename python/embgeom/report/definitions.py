@@ -17,6 +17,10 @@ DEFINITIONS = {
                      "query row gives to the [CLS] token, the [SEP] tokens, punctuation tokens, the token "
                      "before it and the token after it, averaged over every real query row "
                      "(Clark et al. 2019, arXiv 1906.04341)."),
+    "attention_to_per_text": ("attention to [CLS] / [SEP] / '.' / ',' / previous / next, per text first",
+                              "The same attention masses averaged as Clark et al. (arXiv 1906.04341, "
+                              "figure 2) do: each text's mean over its own real query rows, then the mean "
+                              "over texts (a text's weight does not grow with its length)."),
     "js_distance": ("Jensen-Shannon distance between heads", "The square root of the Jensen-Shannon "
                     "divergence between two heads' mean attention distributions over [CLS], [SEP] and "
                     "relative offsets; 0 = the same distribution (docs/metrics.md, attention rows)."),
@@ -48,6 +52,10 @@ DEFINITIONS = {
     "syntax": ("syntax-head accuracy", "Per dependency relation and head: the share of words whose "
                "most-attended word (word-level attention, either direction) is its gold head; the "
                "baseline is the best fixed offset -3..2."),
+    "coref": ("antecedent selection accuracy", "Per head: the share of mentions (with an earlier mention of "
+              "their cluster) whose head word attends most, among the earlier mentions' head words, to one "
+              "of the same cluster; baselines: the nearest earlier mention, the nearest with the same head "
+              "word (Clark et al. 2019, arXiv 1906.04341, section 4.3)."),
 }
 
 

@@ -57,10 +57,11 @@ def probe_html(pr: dict, table_html) -> str:
              round(t["accuracy_test"], 4), round(t["accuracy_train"], 4)]]
     return ("<p>Clark et al. (arXiv 1906.04341, section 5): p(head(i) = j) proportional to "
             "exp(sum_k w_k a<sup>k</sup><sub>ij</sub> + u_k a<sup>k</sup><sub>ji</sub>) over every head k of every "
-            "layer, candidates j = the other words of the sentence. Trained (LBFGS, float64, from zero, "
+            "layer, candidates j = ROOT ([CLS]) and the other words of the sentence. Trained (LBFGS, float64, from zero, "
             f"{pr['iterations']} iterations, cross-entropy {pr['loss_start']:.3f} -> {pr['loss_end']:.3f}) on the "
             f"first {pr['train_sentences']} sentences ({pr['train_words']} words), tested on the other "
-            f"{pr['test_sentences']} ({pr['test_words']} words). The word map has no ROOT column: each "
-            f"sentence's root word is left out of training and scoring ({pr['excluded_root']['train']} train, "
-            f"{pr['excluded_root']['test']} test). Clark's 'Attn + GloVe' variant is not computed.</p>"
+            f"{pr['test_sentences']} ({pr['test_words']} words). Every word is scored: the candidates of a "
+            "word are ROOT and the other words, ROOT being the [CLS] word (its column and row of the word map; "
+            "ours, the paper does not say how it attaches the root). Clark's 'Attn + GloVe' variant is not "
+            "computed.</p>"
             + table_html(["classifier", "UAS test", "UAS train"], rows))

@@ -50,7 +50,8 @@ CLARK_TARGETS = (("cls", "attention to [CLS]"), ("sep", "attention to [SEP]"), (
 
 def clark_strips(out_dir: str, report: dict, L: int, H: int) -> str:
     """clark_heads.png: Clark's one-dot-per-head strips for the row entropy (Clark's smoothed
-    one with --heads, else entropy.mean) and the attention_to targets of report.json."""
+    one with --heads, else entropy.mean) and the attention_to_per_text targets of report.json
+    (Clark's per-text-first averages; attention_to when a report has none)."""
     def nan(v):  # a report.json [L][H] list (None for NaN) or a tensor
         v = v.tolist() if hasattr(v, "tolist") else v
         return np.array([[np.nan if x is None else x for x in row] for row in v], dtype=float)
@@ -62,7 +63,8 @@ def clark_strips(out_dir: str, report: dict, L: int, H: int) -> str:
     else:
         panels = [("row entropy", nan(report["entropy"]["mean"]), "entropy (nats)",
                    report["entropy"]["uniform_baseline"])]
-    to = report["attention_to"]
+    # Clark's figure 2 averages per text first (attention_to_per_text); older reports lack it
+    to = report.get("attention_to_per_text") or report["attention_to"]
     panels += [(title, nan(to[key]), "attention mass per query row", None)
                for key, title in CLARK_TARGETS if key in to]
     fig = new_figure(14, 6.4)[0]
@@ -192,9 +194,10 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
          f"index), the black bar the mean over the layer's heads: the {defined('entropy', 'row entropy')} "
          + ("with Clark's smoothing (attention_heads.clark_entropy)" if "attention_heads" in report
             else "(entropy.mean; --heads adds Clark's smoothed one)")
-         + f" and the mean {defined('attention_to', 'attention mass')} of a real query row on [CLS], "
-         "[SEP], '.', ',' and the next and previous token (report.json attention_to.cls, .sep, .period, "
-         ".comma, .next, .prev).</p>", [pngs["clark"]]),
+         + f" and the {defined('attention_to_per_text', 'attention mass')} of a real query row on [CLS], "
+         "[SEP], '.', ',' and the next and previous token, averaged per text first and then over texts "
+         "as Clark et al. do (report.json attention_to_per_text.cls, .sep, .period, .comma, .next, "
+         ".prev).</p>", [pngs["clark"]]),
         ("How different the heads are: Jensen-Shannon distances",
          f"<p>{defined('js_distance', 'JS distance')} between heads' mean attention over [CLS], [SEP] and "
          "relative offsets.</p>", [pngs["js"]]),

@@ -183,6 +183,9 @@ def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[
         ax.legend(fontsize=6, ncol=2)
     pngs["positions_cosine_curves"] = save_figure(fig, out_dir, "positions_cosine_curves")
 
+    if "sinusoidal" in plots:
+        pngs.update(sinusoidal_plots(out_dir, plots["sinusoidal"]))
+
     lab = ["word"] * plots["n_words"] + ["position"] * (plots["joint"].shape[0] - plots["n_words"])
     pngs["joint_pca"] = scatter_png(out_dir, "joint_pca", plots["joint"], lab,
                                     title="word and position embeddings, joint PCA", xlabel="PC 1", ylabel="PC 2")
@@ -192,6 +195,44 @@ def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[
         pngs[key] = scatter_png(out_dir, key, xy, labels, title=title, xlabel=f"{axis} 1", ylabel=f"{axis} 2")
         write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title, ids=ids, knn=knn,
                            note="hover and search show token ids (position ids for positions), as the tables do")
+    return pngs
+
+
+def sinusoidal_plots(out_dir: str, sp: dict) -> dict[str, str]:
+    """positions_sinusoidal.png: the thesis' figure 6 (the fixed sinusoidal encodings of the first
+    128 positions at width 512 and their pairwise cosines), Vaswani's formula above and the
+    thesis' formula read literally below; positions_sinusoidal_vs_learned.png: the mean cosine
+    by offset of the learned table and of the sinusoidal one at its positions and width."""
+    pngs = {}
+    fig = new_figure(12, 9)[0]
+    fig.clf()
+    titles = {"vaswani": "Vaswani et al. (arXiv 1706.03762)", "printed": "the thesis' formula read literally"}
+    for row, (formula, x) in enumerate(sp["figure6"].items()):
+        ax = fig.add_subplot(2, 2, 2 * row + 1)
+        im = ax.imshow(x, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        fig.colorbar(im, ax=ax, label="value")
+        ax.set_xlabel("coordinate")
+        ax.set_ylabel("position")
+        ax.set_title(f"sinusoidal encodings, {titles[formula]}", fontsize=9)
+        u = x / np.linalg.norm(x, axis=1, keepdims=True)
+        ax = fig.add_subplot(2, 2, 2 * row + 2)
+        im = ax.imshow(u @ u.T, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        fig.colorbar(im, ax=ax, label="cosine")
+        ax.set_xlabel("position")
+        ax.set_ylabel("position")
+        ax.set_title("their pairwise cosine similarities", fontsize=9)
+    fig.tight_layout()
+    pngs["positions_sinusoidal"] = save_figure(fig, out_dir, "positions_sinusoidal")
+    a, _ = sp["range"]
+    fig, ax = new_figure(8, 4)
+    for key, label in (("learned_profile", "learned (the model's table)"),
+                       ("matched_profile", "sinusoidal, same positions and width")):
+        ax.plot(np.arange(len(sp[key])), sp[key], lw=1, label=label)
+    ax.set_xlabel("offset k")
+    ax.set_ylabel("mean cos(p, p + k)")
+    ax.set_title(f"mean cosine by offset, positions from {a}")
+    ax.legend(fontsize=8)
+    pngs["positions_sinusoidal_vs_learned"] = save_figure(fig, out_dir, "positions_sinusoidal_vs_learned")
     return pngs
 
 
@@ -208,7 +249,20 @@ def position_section(report: dict, pngs: dict) -> tuple[str, str, list[str]]:
     if cv:
         body += table_html(["||[CLS]||", "||position 0||", "Euclidean", "max-coordinate", "cosine"],
                            [[cv["cls_norm"], cv["position0_norm"], cv["euclidean"], cv["max_coordinate"], cv["cosine"]]])
+    sn = g.get("sinusoidal")
+    if sn:
+        m, learned = sn["matched"], sn["learned"]
+        body += ("<p>Fixed sinusoidal encodings (thesis figure 6: positions 0..127 at width 512, "
+                 "Vaswani's formula and the thesis' printed one) and the same geometry of the learned "
+                 "table beside the sinusoidal table at its positions and width:</p>")
+        cols = ["table", "positions", "width", "mean cosine", "min cosine", "components for 90%", "helix period"]
+        rows = [[name, t["positions"], t["width"], t["cosine_mean"], t["cosine_min"], t["components_for_90pct"],
+                 t["helix"]["period"]] for name, t in (("figure 6, Vaswani", sn["figure6"]["vaswani"]),
+                                                     ("figure 6, printed formula", sn["figure6"]["printed"]),
+                                                     ("sinusoidal, matched", m), ("learned", learned))]
+        body += table_html(cols, rows)
     keys = ["positions_raw", "positions_cosine_curves", "joint_pca"] + \
+        [k for k in ("positions_sinusoidal", "positions_sinusoidal_vs_learned") if k in pngs] + \
         [k for k in ("words_umap", "words_tsne", "positions_umap", "positions_tsne") if k in pngs]
     if "projections" in report:
         pages = [f"{k}.html" for k in ("words_umap", "words_tsne", "positions_umap", "positions_tsne") if k in pngs]

@@ -3,7 +3,9 @@
 matrix's rows, its singular values below 1e-3, its von Neumann entropy and the distribution of
 k90; from the weights alone, the rank, singular values and eigenvalue signs of W_Q,h W_K,h^T, its
 skew fraction, and the largest singular value of each per-head projection beside histograms of
-||q||, ||k||, ||v|| per token. Every matrix is a text's real-token block (padding excluded),
+||q||, ||k||, ||v|| per token; the numerical ranks of the softmax attention matrix, V, the head
+output and the layer output per text, and of W_V per head (the authors' numpy.linalg.matrix_rank
+calls, numpy's default tolerance). Every matrix is a text's real-token block (padding excluded),
 float64; per-batch sums, so memory does not grow with the corpus.
 """
 from __future__ import annotations
@@ -22,6 +24,17 @@ NORM_EDGES = torch.logspace(-3, 4, 141, dtype=torch.float64)
 KINDS = ("q", "k", "v")
 
 
+def numerical_rank(s: torch.Tensor, m: int, n: int, eps: float) -> torch.Tensor:
+    """s (..., r): the singular values of m x n matrices, descending -> (...,) float64: how many
+    exceed s_max * max(m, n) * eps, numpy.linalg.matrix_rank's default tolerance (eps: that of
+    the dtype the matrix was computed in, float32 for a float32 model, as the authors' float32
+    numpy arrays had; 0 for an all-zero matrix)."""
+    if s.shape[-1] == 0:
+        return s.new_zeros(s.shape[:-1])
+    tol = s[..., :1] * (max(m, n) * eps)
+    return (s > tol).sum(-1).double()
+
+
 def projections(model) -> dict[str, list]:
     """The query, key and value nn.Linear modules of every layer (BERT-family names)."""
     out = {}
@@ -35,19 +48,38 @@ def projections(model) -> dict[str, list]:
     return out
 
 
-def block_measures(a: torch.Tensor) -> dict[str, torch.Tensor]:
+def block_measures(a: torch.Tensor, eps: float | None = None) -> dict[str, torch.Tensor]:
     """a: (k, H, n, n) float64 attention blocks (rows = queries, summing to 1) -> dict of (k, H):
     rows_cone = ||sum_i a_i / ||a_i|| || / n, small_singular = #(singular values < 1e-3),
-    von_neumann = -sum v ln v with v = |lambda| / sqrt(sum |lambda|^2) over the eigenvalues."""
+    von_neumann = -sum v ln v with v = |lambda| / sqrt(sum |lambda|^2) over the eigenvalues;
+    with eps, rank = numerical_rank of each block."""
     n = a.shape[-1]
     nrm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
     unit = a / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
     cone = torch.linalg.vector_norm(unit.sum(-2), dim=-1) / n
-    small = (torch.linalg.svdvals(a) < SMALL_SINGULAR).sum(-1).double()
+    sv = torch.linalg.svdvals(a)
+    small = (sv < SMALL_SINGULAR).sum(-1).double()
     lam = torch.linalg.eigvals(a).abs()
     total = torch.sqrt((lam * lam).sum(-1, keepdim=True))
     v = lam / torch.where(total > 0, total, torch.ones_like(total))
-    return {"rows_cone": cone, "small_singular": small, "von_neumann": -torch.special.xlogy(v, v).sum(-1)}
+    out = {"rows_cone": cone, "small_singular": small, "von_neumann": -torch.special.xlogy(v, v).sum(-1)}
+    if eps is not None:
+        out["rank"] = numerical_rank(sv, n, n, eps)
+    return out
+
+
+def w_v_ranks(model) -> list[list[int]]:
+    """[L][H]: the numerical rank of each head's W_V,h (rows h*d_h..(h+1)*d_h of the value
+    nn.Linear weight, d_h x D), numpy's default tolerance with the eps of the weight's dtype."""
+    H = model.config.num_attention_heads
+    out = []
+    for lin in projections(model)["v"]:
+        w = lin.weight.detach()
+        eps = torch.finfo(w.dtype).eps
+        d = w.shape[0] // H
+        blocks = w.double().cpu().view(H, d, -1)
+        out.append([int(r) for r in numerical_rank(torch.linalg.svdvals(blocks), d, w.shape[1], eps)])
+    return out
 
 
 def weight_measures(model) -> dict:
@@ -107,6 +139,11 @@ class MatricesAccumulator:
         z = lambda *s, dt=torch.float64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
         self.L, self.H = L, H
         self.sums = {k: z(L, H) for k in ("rows_cone", "small_singular", "von_neumann")}
+        # numerical ranks per text (summed): softmax block, V, head output (L, H); layer output (L,)
+        self.ranks = {"softmax": z(L, H), "v": z(L, H), "head_output": z(L, H), "layer_output": z(L)}
+        self.rank_eps: float | None = None
+        self.v_seen = False
+        self.real_tokens = 0
         self.texts = 0
         self.k90 = z(L, H, max_len + 1, dt=torch.int64)
         bins = NORM_EDGES.numel() + 1
@@ -140,21 +177,29 @@ class MatricesAccumulator:
         B = mask.shape[0]
         self.texts += B
         positions = [mask[i].nonzero().flatten() for i in range(B)]
+        self.real_tokens += int(mask.sum())
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(positions):
             by_len.setdefault(int(p.numel()), []).append(i)
+        if b.attentions:
+            self.rank_eps = torch.finfo(b.attentions[0].dtype).eps
+        eps = self.rank_eps
         for l, attn in enumerate(b.attentions):
             for n, texts in by_len.items():
                 if n == 0:
                     continue
                 blocks = torch.stack([attn[i][:, positions[i]][:, :, positions[i]] for i in texts]).double()
-                m = block_measures(blocks)
+                m = block_measures(blocks, eps)
+                self.ranks["softmax"][l] += m.pop("rank").sum(0)
                 for key, v in m.items():
                     self.sums[key][l] += v.sum(0)
                 k = k90(blocks)                                                   # (k, H, n)
                 self.k90[l] += per_head_counts(k.permute(1, 0, 2).reshape(self.H, -1), self.k90.shape[-1])
         self.seconds["matrices: attention blocks"] = self.seconds.get("matrices: attention blocks", 0.0) \
             + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self._ranks(b, positions, by_len, eps)
+        self.seconds["matrices: ranks"] = self.seconds.get("matrices: ranks", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.store:
             self.tokens += int(mask.sum())
@@ -172,6 +217,30 @@ class MatricesAccumulator:
         self.seconds["matrices: q/k/v norms"] = self.seconds.get("matrices: q/k/v norms", 0.0) \
             + time.perf_counter() - t0
 
+    def _ranks(self, b, positions, by_len, eps) -> None:
+        """Per text, the numerical ranks of its real-token blocks of V (n x d_h per head, the value
+        projection's output with its bias), the head output (softmax V, n x d_h, before W_O) and
+        the layer output (hidden_states[l + 1], n x D), summed over the batch's texts."""
+        for l in range(self.L):
+            v_all = self.store.get(l, {}).get("v")
+            for n, texts in by_len.items():
+                if n == 0:
+                    continue
+                idx = [positions[i] for i in texts]
+                heads = torch.stack([b.head_outputs[l][i][p] for i, p in zip(texts, idx)])    # (k, n, H, d_h)
+                d = heads.shape[-1]
+                sv = torch.linalg.svdvals(heads.double().permute(0, 2, 1, 3))
+                self.ranks["head_output"][l] += numerical_rank(sv, n, d, eps).sum(0)
+                out = torch.stack([b.hidden_states[l + 1][i][p] for i, p in zip(texts, idx)]).double()
+                sv = torch.linalg.svdvals(out)
+                self.ranks["layer_output"][l] += numerical_rank(sv, n, out.shape[-1], eps).sum()
+                if v_all is not None:
+                    self.v_seen = True
+                    v = torch.stack([v_all[i][p] for i, p in zip(texts, idx)]).double()
+                    v = v.view(len(texts), n, self.H, -1).permute(0, 2, 1, 3)               # (k, H, n, d_h)
+                    sv = torch.linalg.svdvals(v)
+                    self.ranks["v"][l] += numerical_rank(sv, n, v.shape[-1], eps).sum(0)
+
     def k90_quantiles(self) -> torch.Tensor:
         """(L, H, 5): for q in K90_QUANTILES the smallest k with at least q of the corpus's real
         rows at k90 <= k (a lower quantile, exact from the counts)."""
@@ -187,6 +256,11 @@ class MatricesAccumulator:
         out.update({"texts": self.texts, "small_singular_threshold": SMALL_SINGULAR,
                     "k90_quantiles": {"q": list(K90_QUANTILES), "values": self.k90_quantiles().tolist()},
                     "weights": weight_measures(model)})
+        out["ranks"] = {
+            **{key: (v / t).tolist() if key != "v" or self.v_seen else None for key, v in self.ranks.items()},
+            "w_v": w_v_ranks(model), "mean_tokens": self.real_tokens / t, "eps": self.rank_eps,
+            "rule": "singular values > s_max * max(m, n) * eps (numpy.linalg.matrix_rank's default; "
+                    "eps of the model's float dtype)"}
         if self.tokens:
             out["qkv_norms"] = {
                 "edges": NORM_EDGES.tolist(), "tokens": self.tokens,

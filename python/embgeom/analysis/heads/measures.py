@@ -381,7 +381,7 @@ class HeadsAccumulator:
     def result(self, model=None, tokenizer=None, attention_to: dict | None = None) -> dict:
         """The `attention_heads` block of report.json (tensors float64 on CPU; see docs/metrics.md, attention heads).
         model: for the weight skew fraction (directionality); attention_to: TraceResult's
-        attention_to means, for the behaviour markers of the MDS map."""
+        attention_to_per_text (or attention_to) means, for the behaviour markers of the MDS map."""
         s, L, H = {k: v.cpu() for k, v in self.s.items()}, self.L, self.H
         texts, rows = float(s["texts"]), float(s["rows"])
         if texts == 0:
@@ -445,7 +445,8 @@ class HeadsAccumulator:
 def behaviours(clark_entropy: torch.Tensor, attention_to: dict | None) -> list[list[str]]:
     """Clark Fig. 6 markers per head: "broad" (mean entropy > 3.8 nats), "next"/"previous"
     (>= 0.5), "[CLS]"/"[SEP]"/"punctuation" (>= 0.6), first that holds in that order, else
-    "other". attention_to: embgeom's per-row means {cls, sep, punct, prev, next} (L, H)."""
+    "other". attention_to: {cls, sep, punct, prev, next} (L, H) means; `embgeom text` passes
+    TraceResult.attention_to_per_text (Clark's per-text-first averages)."""
     L, H = clark_entropy.shape
     out = []
     for l in range(L):

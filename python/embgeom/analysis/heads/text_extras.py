@@ -94,7 +94,8 @@ class TextExtras:
         out = {}
         if self.heads is not None:
             t0 = time.perf_counter()
-            block = self.heads.result(self.model, self.tokenizer, result.attention_to)
+            # Clark's figure-6 markers use his per-text-first averages
+            block = self.heads.result(self.model, self.tokenizer, result.attention_to_per_text)
             if "sample_maps" in block:
                 # the maps go to their own file (report.html embeds them); report.json names it
                 self.sample_maps = block.pop("sample_maps")

@@ -6,11 +6,15 @@ p(head(i) = j) proportional to exp(sum_k w_k a^k_ij + u_k a^k_ji), where a^k is 
 attention (syntax/word_heads.py: to a word summed over its pieces, from it averaged), over every
 layer and head k (K = L*H) and both directions: 2K parameters w, u.
 
-Candidates for word i: the other words of its sentence (j != i; [CLS]/[SEP] are not candidates),
-exactly the candidates a single head's prediction chooses from. The word-level map has no ROOT
-column, so the root word of each sentence (gold head 0) is neither trained on nor scored; the
-report counts those words (`excluded_root`). Split: the first round(F * S) sentences in file order
-(of the S that fit the model) train, the rest test; no shuffling, so no seed. Training: w = u = 0,
+Candidates for word i: ROOT and the other words of its sentence (j != i). ROOT is the [CLS]
+word: its column and row of the word map (index 0, as CoNLL-U's head 0) give the features
+a^k_i,[CLS] and a^k_[CLS],i, so the root word of each sentence is trained on and scored like every
+other word and UAS counts every word. This is ours: the paper (as read) does not say how its probe
+attaches the root; [CLS] is the one position that is no word and sits at ROOT's index. [SEP] is no
+candidate. A single head's prediction chooses from the same candidates.
+
+Split: the first round(F * S) sentences in file order (of the S that fit the model) train, the
+rest test; no shuffling, so no seed. Training: w = u = 0,
 then torch LBFGS (strong Wolfe line search) in float64 on the mean cross-entropy over the train
 words, no regularisation, a fixed iteration cap: the same data give the same numbers.
 
@@ -53,22 +57,26 @@ def split_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
 
 
 def pack(maps: list[torch.Tensor], heads: list[list[int]]):
-    """maps: per sentence (K, W, W) word-to-word attention over its words (no [CLS]/[SEP]);
-    heads: gold heads (1-based, 0 = root). Returns A (S, K, Wm, Wm) float64 (zero padded),
-    gold (S, Wm) int64 0-based candidate index (-1 for root words and padding) and
-    cand (S, Wm, Wm) bool: j is a candidate for i (both real words, j != i)."""
+    """maps: per sentence (K, W+1, W+1) word-to-word attention over [CLS] (index 0, ROOT) and its
+    W words (1..W; no [SEP]); heads: gold heads (1-based, 0 = root). Returns A (S, K, Wm, Wm)
+    float64 (zero padded), gold (S, Wm) int64 candidate index = the gold head itself (0 = ROOT;
+    -1 for the [CLS] row and padding, which are not scored) and cand (S, Wm, Wm) bool: j is a
+    candidate for word i (i a word, j ROOT or another word)."""
     S, K = len(maps), maps[0].shape[0]
     Wm = max(m.shape[-1] for m in maps)
     A = torch.zeros(S, K, Wm, Wm, dtype=torch.float64)
     gold = torch.full((S, Wm), -1, dtype=torch.long)
     real = torch.zeros(S, Wm, dtype=torch.bool)
     for s, (m, h) in enumerate(zip(maps, heads)):
-        W = m.shape[-1]
-        A[s, :, :W, :W] = m.double()
-        g = torch.tensor(h, dtype=torch.long) - 1
-        gold[s, :W] = g                                                    # root: 0 - 1 = -1
-        real[s, :W] = True
-    cand = real[:, :, None] & real[:, None, :] & ~torch.eye(Wm, dtype=torch.bool)[None]
+        W1 = m.shape[-1]
+        if len(h) != W1 - 1:
+            raise ValueError(f"probe: sentence {s} has {len(h)} heads for a word map over {W1 - 1} words + [CLS]")
+        A[s, :, :W1, :W1] = m.double()
+        gold[s, 1:W1] = torch.tensor(h, dtype=torch.long)
+        real[s, :W1] = True
+    words = real.clone()
+    words[:, 0] = False                                                    # the [CLS] row scores nothing
+    cand = words[:, :, None] & real[:, None, :] & ~torch.eye(Wm, dtype=torch.bool)[None]
     return A, gold, cand
 
 
@@ -144,7 +152,8 @@ def single_heads(A, gold, cand) -> torch.Tensor:
 
 def attention_probe(maps: list[torch.Tensor | None], sentences: list[Sentence], fraction: float,
                     n_heads: int, *, max_iter: int = MAX_ITER) -> dict:
-    """The report.json block `syntax.probe`. maps[i]: sentence i's (K, W, W) word map, None for a
+    """The report.json block `syntax.probe`. maps[i]: sentence i's (K, W+1, W+1) word map ([CLS]
+    then the words, `pack`), None for a
     sentence that was skipped (too long); n_heads = H (for layer/head numbering)."""
     start = time.perf_counter()
     kept = [i for i, m in enumerate(maps) if m is not None]
@@ -153,8 +162,7 @@ def attention_probe(maps: list[torch.Tensor | None], sentences: list[Sentence], 
     Atr, gtr, ctr = pack([maps[i] for i in tr], [sentences[i].heads for i in tr])
     Ate, gte, cte = pack([maps[i] for i in te], [sentences[i].heads for i in te])
     if int((gtr >= 0).sum()) == 0 or int((gte >= 0).sum()) == 0:
-        raise ValueError(f"--probe-split {fraction}: the train or the test sentences have no word "
-                         "other than the root to score")
+        raise ValueError(f"--probe-split {fraction}: the train or the test sentences have no word to score")
     fit = train(Atr, gtr, ctr, max_iter=max_iter)
     ok_tr, n_tr = accuracy(Atr, gtr, ctr, fit["w"], fit["u"])
     ok_te, n_te = accuracy(Ate, gte, cte, fit["w"], fit["u"])
@@ -171,10 +179,11 @@ def attention_probe(maps: list[torch.Tensor | None], sentences: list[Sentence], 
     return {
         "definitions": "docs/metrics.md, embgeom syntax --probe; Clark et al. arXiv 1906.04341 section 5 "
                        "(attention-only probe): p(head(i)=j) ~ exp(sum_k w_k a^k_ij + u_k a^k_ji); "
-                       "candidates = the other words of the sentence; root words excluded (no ROOT column)",
+                       "candidates = ROOT (the [CLS] word, ours) and the other words of the sentence; "
+                       "every word scored",
         "split": fraction, "train_sentences": len(tr), "test_sentences": len(te),
         "train_words": n_tr, "test_words": n_te,
-        "excluded_root": {"train": len(tr), "test": len(te)},
+        "root_candidate": "[CLS]",
         "uas_test": ok_te / n_te, "uas_train": ok_tr / n_tr,
         "best_single_head_test": {"best": head(b_te), "accuracy": float(acc_te[b_te]),
                                   "picked_on": "test"},

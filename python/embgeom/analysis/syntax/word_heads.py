@@ -36,16 +36,61 @@ POSS_RELATIONS = ("poss", "nmod:poss")
 POSS_CLITICS = ("'s", "s'")
 
 
-def word_pieces(tokenizer, sentences: list[Sentence]) -> list[list[list[int]]]:
-    """Per sentence, per word, its piece ids (the tokenizer run on the word alone; [UNK] for a
-    word that yields no piece)."""
-    flat = [w for s in sentences for w in s.words]
+def word_pieces(tokenizer, word_lists: list[list[str]]) -> list[list[list[int]]]:
+    """Per text, per word, its piece ids (the tokenizer run on the word alone; [UNK] for a
+    word that yields no piece). word_lists: the words of each text (a sentence, a document)."""
+    flat = [w for words in word_lists for w in words]
     ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
     out, k = [], 0
-    for s in sentences:
-        out.append([p if p else [tokenizer.unk_token_id] for p in ids[k:k + len(s.words)]])
-        k += len(s.words)
+    for words in word_lists:
+        out.append([p if p else [tokenizer.unk_token_id] for p in ids[k:k + len(words)]])
+        k += len(words)
     return out
+
+
+def fitting_order(pieces: list[list[list[int]]], limit: int) -> tuple[list[int], list[int]]:
+    """(order, lengths): the texts whose [CLS] pieces [SEP] fit in `limit` tokens, shortest first
+    (the batches pad least), and every text's length in tokens. Longer texts are skipped whole."""
+    lengths = [2 + sum(len(p) for p in ps) for ps in pieces]
+    order = [i for i in sorted(range(len(pieces)), key=lambda i: lengths[i]) if lengths[i] <= limit]
+    return order, lengths
+
+
+def word_attention_batches(model, tokenizer, pieces, order, lengths, *, batch_size: int, bar=None):
+    """The forward passes behind every word-level analysis: the texts `order` (indices into
+    pieces / lengths) in batches of batch_size, each as [CLS] pieces [SEP] with token types 0.
+    Yields (chunk, wa): chunk = the text indices of the batch, wa (B, L*H, Wn, Wn) float64 their
+    word maps (`word_attention`: index 0 = [CLS], 1..W the words, W+1 = [SEP], padded slots 0)."""
+    K = model.config.num_hidden_layers * model.config.num_attention_heads
+    dev = next(model.parameters()).device
+    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
+    for b0 in range(0, len(order), batch_size):
+        chunk = order[b0:b0 + batch_size]
+        B, T = len(chunk), max(lengths[i] for i in chunk)
+        ids = torch.full((B, T), pad_id, dtype=torch.long)
+        groups = torch.full((B, T), -1, dtype=torch.long)
+        n_words = torch.zeros(B, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            toks, grp = [cls_id], [0]
+            for w, p in enumerate(pieces[i], 1):
+                toks += p
+                grp += [w] * len(p)
+            W = len(pieces[i])
+            toks.append(sep_id)
+            grp.append(W + 1)
+            ids[r, :len(toks)] = torch.tensor(toks)
+            groups[r, :len(grp)] = torch.tensor(grp)
+            n_words[r] = W + 2
+        mask = groups >= 0
+        with torch.inference_mode():
+            out = model(input_ids=ids.to(dev), attention_mask=mask.long().to(dev),
+                        token_type_ids=torch.zeros_like(ids).to(dev), output_attentions=True,
+                        return_dict=True)
+        attn = torch.stack(out.attentions, 1).reshape(B, K, T, T).cpu()    # (B, L*H, T, T)
+        attn = attn * mask[:, None, None, :]
+        yield chunk, word_attention(attn, groups, n_words)
+        if bar is not None:
+            bar.update(B)
 
 
 def word_attention(attn: torch.Tensor, groups: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
@@ -88,7 +133,8 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
     """Per-relation syntactic-head accuracy (see the module docstring). Returns the report.json
     block `syntax` (accuracies float, best = [layer (1..L), head (from 0), direction]; docs/metrics.md,
     layers, depths and heads). word_maps, if a list, is filled with one entry per sentence: its
-    (L*H, W, W) float32 word-to-word map over its words ([CLS]/[SEP] dropped), None if skipped."""
+    (L*H, W+1, W+1) float32 word-to-word map over [CLS] (index 0, the probe's ROOT) and its words
+    ([SEP] dropped), None if skipped."""
     from ..text.trace import model_max_length
 
     if batch_size < 1:
@@ -96,53 +142,29 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
     start = time.perf_counter()
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     K = L * H
-    dev = next(model.parameters()).device
     limit = model_max_length(model, tokenizer, max_length)
-    pieces = word_pieces(tokenizer, sentences)
+    pieces = word_pieces(tokenizer, [s.words for s in sentences])
     rel_names = sorted({r for s in sentences for r in s.relations})
     rel_id = {r: i for i, r in enumerate(rel_names)}
     R = len(rel_names)
     correct = torch.zeros(K, 2, R + 1, dtype=torch.float64)                # last slot: all words
     offset_ok = torch.zeros(len(OFFSETS), R + 1, dtype=torch.float64)
     total = torch.zeros(R + 1, dtype=torch.float64)
-    lengths = [2 + sum(len(p) for p in ps) for ps in pieces]
-    order = [i for i in sorted(range(len(sentences)), key=lambda i: lengths[i]) if lengths[i] <= limit]
+    order, lengths = fitting_order(pieces, limit)
     skipped = len(sentences) - len(order)
     if word_maps is not None:
         word_maps[:] = [None] * len(sentences)
-    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
     prog = as_progress(progress, "embgeom syntax")
     with prog.bar(len(order), "forward passes", unit="sentence") as bar:
-        for b0 in range(0, len(order), batch_size):
-            chunk = order[b0:b0 + batch_size]
-            B, T = len(chunk), max(lengths[i] for i in chunk)
-            ids = torch.full((B, T), pad_id, dtype=torch.long)
-            groups = torch.full((B, T), -1, dtype=torch.long)
-            n_words = torch.zeros(B, dtype=torch.long)
-            for r, i in enumerate(chunk):
-                toks, grp = [cls_id], [0]
-                for w, p in enumerate(pieces[i], 1):
-                    toks += p
-                    grp += [w] * len(p)
-                W = len(pieces[i])
-                toks.append(sep_id)
-                grp.append(W + 1)
-                ids[r, :len(toks)] = torch.tensor(toks)
-                groups[r, :len(grp)] = torch.tensor(grp)
-                n_words[r] = W + 2
-            mask = groups >= 0
-            with torch.inference_mode():
-                out = model(input_ids=ids.to(dev), attention_mask=mask.long().to(dev),
-                            token_type_ids=torch.zeros_like(ids).to(dev), output_attentions=True,
-                            return_dict=True)
-            attn = torch.stack(out.attentions, 1).reshape(B, K, T, T).cpu()    # (B, L*H, T, T)
-            attn = attn * mask[:, None, None, :]
-            wa = word_attention(attn, groups, n_words)
+        for chunk, wa in word_attention_batches(model, tokenizer, pieces, order, lengths,
+                                                batch_size=batch_size, bar=bar):
+            B = len(chunk)
+            n_words = torch.tensor([len(sentences[i].words) + 2 for i in chunk])
             pred = predictions(wa, n_words)                                    # (B, K, 2, Wmax)
             if word_maps is not None:
                 for r, i in enumerate(chunk):
                     W = len(sentences[i].words)
-                    word_maps[i] = wa[r, :, 1:W + 1, 1:W + 1].float().clone()
+                    word_maps[i] = wa[r, :, :W + 1, :W + 1].float().clone()      # [CLS] + words
             Wmax = pred.shape[-1]
             gold = torch.zeros(B, Wmax, dtype=torch.long)
             rel = torch.full((B, Wmax), -1, dtype=torch.long)
@@ -168,7 +190,6 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
                 hit = ((pos + o) == gold) & (gold > 0) & valid                   # offsets never predict root
                 offset_ok[o_i, :R].index_add_(0, rel_flat, hit.double().reshape(-1))
                 offset_ok[o_i, R] += hit.sum()
-            bar.update(B)
     if total[R] == 0:
         raise ValueError("TREEBANK: no sentence fits the model's maximum length")
     acc = correct / total.clamp(min=1)                                     # (K, 2, R+1)

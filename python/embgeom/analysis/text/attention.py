@@ -32,20 +32,31 @@ def attention_targets(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor,
     mask.sum(), for the mean). "sep_from_other" sums the mass on [SEP] of the real rows that
     are neither [CLS] nor [SEP] only (divide by their number, (mask & ~cls & ~sep).sum(); Clark
     et al., arXiv 1906.04341, section 3.2). mass: special_mass(attn, [cls, sep, punct(, period,
-    comma)]) when the caller has it already."""
+    comma)]) when the caller has it already. The sums over the batch of attention_targets_per_text."""
+    return {k: v.sum(0) for k, v in attention_targets_per_text(attn, mask, cls, sep, punct, mass,
+                                                                period, comma).items()}
+
+
+def attention_targets_per_text(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor,
+                               sep: torch.Tensor, punct: torch.Tensor,
+                               mass: torch.Tensor | None = None, period: torch.Tensor | None = None,
+                               comma: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """attention_targets per text: dict of (B, H) float64, each text's sums over its own real
+    rows (divide by its mask.sum(1), or (mask & ~cls & ~sep).sum(1) for "sep_from_other", for
+    the text's mean: Clark et al.'s per-text average before the mean over texts)."""
     q = mask.to(attn.dtype)
     marks = period is not None and comma is not None
     if mass is None:
         cols = [cls, sep, punct] + ([period, comma] if marks else [])
         mass = special_mass(attn, torch.stack(cols, dim=-1))             # (B, H, T, 3 or 5)
-    per_head = (mass * q[:, None, :, None]).double().sum(dim=(0, 2))      # (H, K)
+    per_head = (mass * q[:, None, :, None]).double().sum(dim=2)           # (B, H, K)
     names = ("cls", "sep", "punct") + (("period", "comma") if marks else ())
-    out = {k: per_head[:, c] for c, k in enumerate(names)}
+    out = {k: per_head[..., c] for c, k in enumerate(names)}
     other = (mask & ~cls & ~sep).to(attn.dtype)
-    out["sep_from_other"] = (mass[..., 1] * other[:, None, :]).double().sum(dim=(0, 2))
+    out["sep_from_other"] = (mass[..., 1] * other[:, None, :]).double().sum(dim=2)
     both = (mask[:, 1:] & mask[:, :-1]).to(attn.dtype)[:, None]           # (B, 1, T-1)
-    out["prev"] = (torch.diagonal(attn, offset=-1, dim1=2, dim2=3) * both).double().sum(dim=(0, 2))
-    out["next"] = (torch.diagonal(attn, offset=1, dim1=2, dim2=3) * both).double().sum(dim=(0, 2))
+    out["prev"] = (torch.diagonal(attn, offset=-1, dim1=2, dim2=3) * both).double().sum(dim=2)
+    out["next"] = (torch.diagonal(attn, offset=1, dim1=2, dim2=3) * both).double().sum(dim=2)
     return out
 
 

@@ -289,7 +289,9 @@ class TraceResult:
     ln(n_valid) over the same rows; head_mean_entropy (L, H): entropy of the head's mean row per
     text, mean over texts. attention_to: {cls, sep, punct, prev, next, period, comma: (L, H)}
     mass per real row; sep_from_other (L, H): mass on [SEP] per real row that is neither [CLS]
-    nor [SEP] (NaN without such rows).
+    nor [SEP] (NaN without such rows). attention_to_per_text: the same keys averaged as Clark et
+    al. do (arXiv 1906.04341): each text's mean over its own real rows (sep_from_other: over its
+    rows that are neither [CLS] nor [SEP], texts without one left out), then the mean over texts.
     target_distribution (L*H, R): each head's mean attention over [CLS], [SEP], relative offsets
     (see attention.target_distribution); js_distance (L*H, L*H) between those rows (head index
     (layer - 1) * H + head). context_*: context similarity (attention.context_similarity) with focus_token[l][h] the token
@@ -311,6 +313,7 @@ class TraceResult:
     uniform_baseline: float
     head_mean_entropy: torch.Tensor
     attention_to: dict[str, torch.Tensor]
+    attention_to_per_text: dict[str, torch.Tensor]
     target_distribution: torch.Tensor
     js_distance: torch.Tensor
     context_mean_distance: torch.Tensor
@@ -399,6 +402,7 @@ class TraceResult:
                            "layer_output": as_list(self.cone_layer_output)},
             "entropy": {"mean": as_list(self.entropy), "uniform_baseline": self.uniform_baseline},
             "attention_to": {k: as_list(v) for k, v in self.attention_to.items()},
+            "attention_to_per_text": {k: as_list(v) for k, v in self.attention_to_per_text.items()},
             "js_distance": as_list(self.js_distance),
             "context_similarity": {"mean_distance": as_list(self.context_mean_distance),
                                    "focus_token": self.focus_token,
@@ -458,6 +462,7 @@ class TraceAccumulator:
             "step_dist": z(L), "step_cos": z(L), "norm": z(L + 1),
             "ctx_same": z(L, H, dt=torch.int64), "ctx_rep": z(L, H, dt=torch.int64), "ctx_period": z(L, H, dt=torch.int64),
             "other_rows": z(()),
+            "targets_text": z(len(attention.TARGETS), L, H), "texts_other": z(()),
         }
         self._ws: dict = {}     # reusable scratch buffers (no page faults per batch)
 
@@ -517,7 +522,12 @@ class TraceAccumulator:
         dot_key = b.period if b.period is not None else none
         comma_key = b.comma if b.comma is not None else none
         keys = torch.stack([b.cls, b.sep, b.punct, dot_key, comma_key], dim=-1).to(dt)
-        s["other_rows"] += (mask & ~b.cls & ~b.sep).sum()
+        other_n = (mask & ~b.cls & ~b.sep).sum(1)
+        s["other_rows"] += other_n.sum()
+        s["texts_other"] += (other_n > 0).sum()
+        # per text: its real rows, or (for sep_from_other) its rows that are neither [CLS] nor [SEP]
+        text_rows = torch.stack([mask.sum(1).clamp(min=1) if k != "sep_from_other" else other_n.clamp(min=1)
+                                 for k in attention.TARGETS]).double()                # (K, B)
         if "attention" in self.metrics:
             weight = attention.offset_weight(mask, b.cls, b.sep, dt)
         sentence = period = None
@@ -533,9 +543,13 @@ class TraceAccumulator:
                 s["entropy"][l] += torch.nan_to_num(ent, nan=0.0).sum(dim=(0, 2)).double()
             if "attention" in self.metrics:
                 mass = attention.special_mass(attn, keys)
-                t = attention.attention_targets(attn, mask, b.cls, b.sep, b.punct, mass=mass,
-                                                period=dot_key, comma=comma_key)
-                s["targets"][:, l] += torch.stack([t[k] for k in attention.TARGETS])
+                t = attention.attention_targets_per_text(attn, mask, b.cls, b.sep, b.punct, mass=mass,
+                                                         period=dot_key, comma=comma_key)
+                per = torch.stack([t[k] for k in attention.TARGETS])              # (K, B, H)
+                s["targets"][:, l] += per.sum(1)
+                # Clark's average: each text's mean over its own real rows, summed over texts
+                # (texts without a row that is neither [CLS] nor [SEP] add nothing to that key)
+                s["targets_text"][:, l] += (per / text_rows[:, :, None]).sum(1)
                 s["hme"][l] += attention.head_mean_entropy(attn, mask)
                 s["dist"][l * H:(l + 1) * H] += attention.target_distribution(
                     attn, mask, b.cls, b.sep, self.max_len, workspace=self._ws, mass=mass, weight=weight)
@@ -603,6 +617,9 @@ class TraceAccumulator:
             head_mean_entropy=s["hme"] / float(s["hme_n"]),
             attention_to={k: s["targets"][i] / (rows if k != "sep_from_other" else float(s["other_rows"]))
                           for i, k in enumerate(attention.TARGETS)},
+            attention_to_per_text={k: s["targets_text"][i] / float(self.n_texts if k != "sep_from_other"
+                                                                   else s["texts_other"])
+                                   for i, k in enumerate(attention.TARGETS)},
             target_distribution=s["dist"] / rows,
             js_distance=attention.js_distance(s["dist"]) if "attention" in self.metrics
             else torch.full((L * H, L * H), math.nan, dtype=torch.float64),

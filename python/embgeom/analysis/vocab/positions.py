@@ -9,7 +9,10 @@
   [CLS] word embedding and the position-0 embedding;
 - joint PCA: words and positions stacked, one 2-D PCA;
 - projections (--projections): UMAP and t-SNE of the word and position embeddings on the exact
-  cosine graph (clouds.project).
+  cosine graph (clouds.project);
+- sinusoidal: the fixed encodings of "Attention is all you need" (arXiv 1706.03762, section 3.5)
+  for the thesis' figure 6 (positions 0..127, width 512, and their pairwise cosines) and for the
+  learned table's own positions and width, with the same geometry beside the learned one.
 """
 from __future__ import annotations
 
@@ -26,6 +29,63 @@ CURVE_WINDOW = 128
 
 
 MIN_POSITIONS = 4  # the 3-D PCA path of the positions needs more points than axes
+
+# the thesis' figure 6: the first 128 positions of the original transformer's d_model = 512
+THESIS_SINUSOIDAL = (128, 512)
+
+
+def sinusoidal(positions, width: int, formula: str = "vaswani") -> np.ndarray:
+    """(len(positions), width) float64 fixed position encodings. formula "vaswani" (arXiv
+    1706.03762): PE[p, 2i] = sin(p / 10000^(2i / width)), PE[p, 2i + 1] = cos(p / 10000^(2i /
+    width)); "printed": the thesis' formula read literally, coordinate k = sin (k even) or cos
+    (k odd) of p / 10000^(2k / width)."""
+    if formula not in ("vaswani", "printed"):
+        raise ValueError(f"formula: expected 'vaswani' or 'printed', got {formula!r}")
+    p = np.asarray(positions, dtype=np.float64)[:, None]
+    k = np.arange(width)
+    expo = 2 * (k // 2) if formula == "vaswani" else 2 * k
+    angle = p / np.power(10000.0, expo / width)
+    return np.where(k % 2 == 0, np.sin(angle), np.cos(angle))
+
+
+def table_geometry(x: np.ndarray) -> dict:
+    """Geometry of a position table (P, D), reported alike for the learned and the sinusoidal
+    ones: norms (min, max), the pairwise cosines off the diagonal (mean, min, max), the mean
+    cosine at each offset k = p' - p (offset_profile, k = 0..P-1), the PCA components for 90% of
+    the variance and the helix period of the 3-D PCA path."""
+    x = np.asarray(x, dtype=np.float64)
+    nrm = np.linalg.norm(x, axis=1)
+    u = x / np.where(nrm > 0, nrm, 1.0)[:, None]
+    cos = u @ u.T
+    P = x.shape[0]
+    off = cos[~np.eye(P, dtype=bool)]
+    ratio, mean, comps = clouds.pca_fit(x, min(3, x.shape[1]))
+    share = np.cumsum(ratio)
+    return {"positions": P, "width": int(x.shape[1]),
+            "norm_min": float(nrm.min()), "norm_max": float(nrm.max()),
+            "cosine_mean": float(off.mean()), "cosine_min": float(off.min()), "cosine_max": float(off.max()),
+            "offset_profile": [float(np.diagonal(cos, k).mean()) for k in range(P)],
+            "components_for_90pct": int(np.searchsorted(share, 0.9) + 1) if share.size and share[-1] > 0 else None,
+            "helix": helix_period((x - mean) @ comps)}
+
+
+def sinusoidal_section(pos: torch.Tensor, pos_range: tuple[int, int]) -> tuple[dict, dict]:
+    """The sinusoidal encodings beside the learned ones: `figure6` (the thesis' figure: positions
+    0..127, width 512, in both readings of the formula) and `matched` (positions A..B-1 at the
+    model's width, Vaswani's formula) with `learned` (the same geometry of the learned table)."""
+    a, b = pos_range
+    n, d = THESIS_SINUSOIDAL
+    fig6 = {f: sinusoidal(range(n), d, f) for f in ("vaswani", "printed")}
+    matched = sinusoidal(range(a, b), pos.shape[1])
+    learned = table_geometry(pos.double().cpu().numpy())
+    rep = {"figure6": {"positions": [0, n], "width": d, **{f: table_geometry(v) for f, v in fig6.items()}},
+           "matched": {"range": [a, b], **table_geometry(matched)}, "learned": learned,
+           "definition": "vaswani: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)) "
+                         "(arXiv 1706.03762); printed: coordinate k = sin (k even) / cos (k odd) of "
+                         "p / 10000^(2k/d), the thesis' formula read literally"}
+    plots = {"figure6": fig6, "range": (a, b), "matched_profile": rep["matched"]["offset_profile"],
+             "learned_profile": learned["offset_profile"]}
+    return rep, plots
 
 
 def parse_range(text: str | None, size: int) -> tuple[int, int] | None:
@@ -108,11 +168,12 @@ def section(word, words, pos_full, pos_range, tokenizer) -> tuple[dict, dict]:
     curves = cosine_curves(pos, offset=a)
     joint_x = torch.cat([words, pos]).cpu().numpy()
     joint_ratio, joint = clouds.pca(joint_x, 2)
+    sin_rep, sin_plots = sinusoidal_section(pos, (a, b))
     rep = {"range": [a, b], "cosine_curves": curves, "helix": helix_period(path),
            "cls_vs_position0": cls_vs_position0(word, pos_full, getattr(tokenizer, "cls_token_id", None)),
-           "joint_pca_explained_variance": joint_ratio[:2].tolist()}
+           "joint_pca_explained_variance": joint_ratio[:2].tolist(), "sinusoidal": sin_rep}
     plots = {"range": (a, b), "pos": pos.cpu().numpy(), "curves": curves, "path": path,
-             "joint": joint, "n_words": words.shape[0]}
+             "joint": joint, "n_words": words.shape[0], "sinusoidal": sin_plots}
     return rep, plots
 
 
