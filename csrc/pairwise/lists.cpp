@@ -69,8 +69,9 @@ void RowLists::offer(int64_t row, float v, int32_t c) {
   };
   if (n_ == k && !better(v, c, rv[k - 1], rc[k - 1])) return;
   int32_t p = n_ < k ? n_ : static_cast<int32_t>(k - 1);  // slot the shift starts from
-  int32_t pos = 0;
-  while (pos < n_ && !better(v, c, rv[pos], rc[pos])) ++pos;
+  // from the worst end: an offer that passed the filter mostly lands near the threshold
+  int32_t pos = p;
+  while (pos > 0 && better(v, c, rv[pos - 1], rc[pos - 1])) --pos;
   if (pos > 0 && rc[pos - 1] == c) return;  // already listed
   for (int32_t q = p; q > pos; --q) {
     rv[q] = rv[q - 1];

@@ -27,12 +27,12 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
   if (c.colcnt.n < ncols + 16) c.colcnt.reset(ncols + 16);
   if (opt_.has_outside) std::memset(c.colcnt.data(), 0, sizeof(int32_t) * (ncols + 16));
   const FusedArgs A = fused_args(c, self_ && T.I == T.J);
-  prefetch_row_lists(c, r0, r1, c0, c1);
   *tsum = 0.0;
   *tsumsq = 0.0;
   // rows [b0, b1) of the tile, row b0 at C (row stride ldc)
   auto pass = [&](float* C, int64_t ldc, int64_t b0, int64_t b1) {
     double s = 0.0, s2 = 0.0;
+    prefetch_row_lists(c, b0, b1, c0, c1);
     fused_(A, c, C, ldc, b0, b1 - b0, c0, ncols, &s, &s2);
     *tsum += s;
     *tsumsq += s2;
@@ -106,8 +106,9 @@ FusedArgs PairwiseEngine::fused_args(const ThreadCtx& c, bool diag) const {
   return A;
 }
 
-// The tile's rows' list slots are scattered over n * k entries, far from the caches since the
-// last tile of the same rows: fetch them while the tile product runs, not one miss per offer.
+// The band's rows' list slots (and, in self mode, the tile's columns') are scattered over n * k
+// entries, and the band's product has streamed the packed panels through the caches since they
+// were last read: fetch them before the band's pass, not one miss per offer.
 void PairwiseEngine::prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0,
                                         int64_t c1) const {
   auto fetch = [](const void* p, size_t bytes) {
@@ -128,8 +129,8 @@ void PairwiseEngine::prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t 
       if (r->k > 0) slots(r->val, r->col, r->cnt, r->cap, a, b);
     for (const RowLists* r : {&c.rtop, &c.rbot}) slots(r->val, r->col, r->cnt, r->k, a, b);
   };
-  rows(r0, r1);
-  if (self_ && c0 != r0) rows(c0, c1);  // the column direction
+  if (!self_ || r0 < c0 || r1 > c1) rows(r0, r1);  // (a diagonal tile's band: among its columns)
+  if (self_) rows(c0, c1);                         // the column direction
 }
 
 bool PairwiseEngine::tile_is_cold(const ThreadCtx& c) const {
