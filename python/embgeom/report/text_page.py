@@ -288,7 +288,7 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
     pngs.append(scatter_png(out_dir, "groups_pca", proj.embedding, labels,
                             title="[CLS] at the last depth, PCA", xlabel="PC 1", ylabel="PC 2"))
     write_scatter_html(os.path.join(out_dir, "groups_pca.html"), proj.embedding, labels, texts,
-                       title="[CLS] at the last depth, PCA")
+                       title="[CLS] at the last depth, PCA", xlabel="PC 1", ylabel="PC 2")
     pngs.append(explained_variance_png(out_dir, "groups_explained_variance", proj.pca_curves))
     if last.shape[0] >= 4:
         try:
@@ -297,7 +297,8 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
                                     title="[CLS] at the last depth, UMAP (exact cosine graph)",
                                     xlabel="UMAP 1", ylabel="UMAP 2"))
             write_scatter_html(os.path.join(out_dir, "groups_umap.html"), um.embedding, labels, texts,
-                               title="[CLS] at the last depth, UMAP", knn=(um.indices, um.similarities))
+                               title="[CLS] at the last depth, UMAP", knn=(um.indices, um.similarities),
+                               xlabel="UMAP 1", ylabel="UMAP 2")
             groups["umap_silhouette"] = um.silhouette
         except ValueError as exc:
             notes.append(f"UMAP left out: {exc}")
