@@ -92,6 +92,10 @@ def test_projection_page_zoom_search_neighbours(browser, tmp_path):
     assert _listed(page) == knn["indices"][17, :10].tolist()
     assert "tok17" in page.text_content("#info")
     assert _ranges(page) != before, "Enter did not zoom to the match"
+    assert page.evaluate("document.getElementById('plot').data[0].selectedpoints") == [17]
+    page.fill("#q", "no such token")                     # no match dims nothing
+    assert page.text_content("#found") == "0 matches"
+    assert page.evaluate("document.getElementById('plot').data[0].selectedpoints") is None
     # a click on another point lists its neighbours
     page.fill("#q", "")
     page.dblclick("#plot .nsewdrag")

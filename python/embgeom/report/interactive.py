@@ -54,8 +54,9 @@ function search(zoom){
     if (((P.t ? P.t[i] : '') + ' ' + (P.ids ? P.ids[i] : i)).toLowerCase().includes(s)) rows.push(i);
   }
   found.textContent = s ? rows.length + ' match' + (rows.length === 1 ? '' : 'es') : '';
-  // the other points dimmed (each trace's `unselected` style), the matches ringed
-  const sel = LABELS.map(() => s ? [] : null);
+  // the other points dimmed (each trace's `unselected` style), the matches ringed; no match
+  // dims nothing
+  const sel = LABELS.map(() => rows.length ? [] : null);
   rows.forEach(i => sel[where[i][0]].push(where[i][1]));
   Plotly.restyle(gd, {selectedpoints: sel}, LABELS);
   mark(MATCH, rows);
