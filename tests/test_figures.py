@@ -63,7 +63,7 @@ def _unlabelled(seen):
 
 def _untitled_plotly_axes(folder):
     """(page, axis) of every axis of a Plotly figure in the folder's scatter pages without a
-    title; the pages found."""
+    title (and (page, "provenance") for a page without the provenance footer); the pages found."""
     from helpers import scatter_page
 
     bad, pages = [], []
@@ -71,6 +71,8 @@ def _untitled_plotly_axes(folder):
         if "id='data'>" not in page.read_text(encoding="utf-8") or "plotly.js" not in page.read_text(encoding="utf-8"):
             continue
         pages.append(page.name)
+        if "<footer id='provenance'>" not in page.read_text(encoding="utf-8"):
+            bad.append((page.name, "provenance"))
         layout = scatter_page(page)["figure"]["layout"]
         axes = [k for k in layout if k.startswith(("xaxis", "yaxis"))]
         assert {"xaxis", "yaxis"} <= set(axes), page
@@ -126,6 +128,29 @@ def test_vocab_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     assert len(figures) >= 5
     bad = _unlabelled(figures)
     assert bad == [], "\n".join(map(str, bad))
+
+
+def test_vocab_projection_pages(tiny_bert_dir, tmp_path):
+    """vocab --projections: the UMAP and t-SNE pages of words and positions are Plotly scatters
+    with titled axes, the provenance footer, and token ids (not rows) on hover and in search."""
+    pytest.importorskip("umap")
+    pytest.importorskip("openTSNE")
+    from helpers import scatter_page
+
+    out = tmp_path / "v"
+    assert main(["vocab", "--model", tiny_bert_dir, "--out", str(out), "--projections", "--quiet"]) == 0
+    bad, pages = _untitled_plotly_axes(out)
+    assert set(pages) == {"words_umap.html", "words_tsne.html", "positions_umap.html",
+                          "positions_tsne.html"} and bad == [], (pages, bad)
+    data = scatter_page(out / "words_umap.html")
+    layout = data["figure"]["layout"]
+    assert (layout["xaxis"]["title"]["text"], layout["yaxis"]["title"]["text"]) == ("UMAP 1", "UMAP 2")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    assert data["t"] == tok.convert_ids_to_tokens(data["ids"])    # ids are token ids
+    assert data["ids"] != list(range(len(data["ids"])))
+    assert len(data["knn"]["i"]) == data["n"] == len(data["ids"])
 
 
 def test_scatter_script_parses():
