@@ -122,6 +122,8 @@ def test_webgl_scatter_page(browser, tmp_path):
                        ids=np.arange(n) + 5000, knn=(idx, sim), xlabel="UMAP 1", ylabel="UMAP 2")
     page, errors, requests = _open(browser, path)
     assert page.evaluate("document.getElementById('plot').data.map(t => t.type)") == ["scattergl"] * 4
+    buttons = page.evaluate("Array.from(document.querySelectorAll('.modebar-btn')).map(e => e.dataset.title)")
+    assert "Pan" in buttons and not any("Share" in b for b in buttons), buttons   # no upload to Plotly Cloud
     page.fill("#q", "5234")                              # the id of row 234 (no text has it)
     page.press("#q", "Enter")
     assert page.text_content("#found") == "1 match"

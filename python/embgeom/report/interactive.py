@@ -163,7 +163,9 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
     data = {"figure": json.loads(fig.to_json()), "n": n, "labelled": labels is not None,
             "match_trace": len(names), "pick_trace": len(names) + 1,
             "pick_color": "#d62728", "near_color": "#ff7f0e", "span": [s or 1.0 for s in span],
-            "config": {"scrollZoom": True, "displaylogo": False, "responsive": True},
+            # no "Share chart" button: it uploads the figure to Plotly Cloud
+            "config": {"scrollZoom": True, "displaylogo": False, "responsive": True,
+                       "showSendToCloud": False},
             "t": None if texts is None else [str(t)[:300] for t in texts],
             "ids": None if ids is None else [int(v) for v in ids], "knn": None}
     if knn is not None:
