@@ -166,3 +166,16 @@ def test_scatter_script_parses():
         pytest.skip("node is not installed: the page script cannot be parsed here")
     r = subprocess.run([node, "--check", "-"], input=_SCRIPT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_scatter_page_without_plotly(tmp_path, monkeypatch):
+    """Without plotly a scatter page fails with how to install it, not a bare ModuleNotFoundError."""
+    import sys
+
+    from embgeom.report.interactive import write_scatter_html
+
+    for name in ("plotly", "plotly.graph_objects", "plotly.offline"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"pip install 'plotly>=5.20'"):
+        write_scatter_html(str(tmp_path / "p.html"), [[0.0, 1.0], [1.0, 0.0]])
+    assert not (tmp_path / "p.html").exists()
