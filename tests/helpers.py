@@ -329,3 +329,20 @@ def backend_params(op: str, backends=("cpp", "torch", "triton", "cuda")):
                 continue
             out.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
     return out
+
+
+def scatter_page(path) -> dict:
+    """The JSON block (<script id='data'>) of a scatter page of report/interactive.py: "figure"
+    (the Plotly figure: data, layout), "t", "ids", "knn", ...; plus "rows": per input row
+    (x, y, label name) read back from the figure's label traces (customdata = the row)."""
+    import json
+    import re
+
+    text = open(path, encoding="utf-8").read()
+    data = json.loads(re.search(r"id='data'>(.*?)</script>", text, re.S).group(1).replace("<\\/", "</"))
+    rows = [None] * data["n"]
+    for trace in data["figure"]["data"][:data["match_trace"]]:
+        for r, x, y in zip(trace["customdata"], trace["x"], trace["y"]):
+            rows[r] = (x, y, trace["name"])
+    data["rows"] = rows
+    return data

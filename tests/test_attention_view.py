@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from embgeom.cli import main
+from helpers import scatter_page
 
 CORPUS = ["the cat sat on the mat .", "a dog barks , loudly .", "she was in the house .",
           "the dog sat .", "it rained all day ."]
@@ -117,14 +118,18 @@ def test_head_mds_page(tiny_bert_dir, tmp_path):
     code, out = _run(tiny_bert_dir, tmp_path, "--clark-js")
     assert code == 0
     ah = json.loads((out / "report.json").read_text())["attention_heads"]
-    page = (out / "head_mds.html").read_text()
     assert "href='head_mds.html'" in (out / "report.html").read_text()
-    data = json.loads(re.search(r"id='data'>(.*?)</script>", page, re.S).group(1).replace("<\\/", "</"))
+    data = scatter_page(out / "head_mds.html")      # the Plotly figure and the page's data
     L, H = 2, 4
     assert data["t"] == [f"L{l} h{h}" for l in range(1, L + 1) for h in range(H)]
     assert data["ids"] == list(range(L * H))
-    np.testing.assert_allclose(np.c_[data["x"], data["y"]], np.asarray(ah["mds"]), atol=1e-5)
-    assert [data["names"][c] for c in data["c"]] == [b for row in ah["mds_behaviour"] for b in row]
+    np.testing.assert_allclose([r[:2] for r in data["rows"]], np.asarray(ah["mds"]), atol=1e-5)
+    assert [r[2] for r in data["rows"]] == [b for row in ah["mds_behaviour"] for b in row]
+    hover = [h for tr in data["figure"]["data"][:data["match_trace"]] for h in tr["hovertext"]]
+    assert sorted(hover) == sorted(f"{k} L{k // H + 1} h{k % H} [{b}]" for k, b in
+                                   enumerate(b for row in ah["mds_behaviour"] for b in row))
+    layout = data["figure"]["layout"]
+    assert (layout["xaxis"]["title"]["text"], layout["yaxis"]["title"]["text"]) == ("MDS 1", "MDS 2")
     js = np.asarray(ah["js_divergence"])
     for k in range(L * H):
         near = data["knn"]["i"][k]

@@ -14,6 +14,7 @@ import embgeom
 from embgeom.analysis.clouds import geometry, projection
 from embgeom.analysis.vocab import positions
 from embgeom.cli import main
+from helpers import scatter_page
 
 pytestmark = pytest.mark.filterwarnings("ignore:trace. texts longer")
 
@@ -153,13 +154,18 @@ def test_project_cli(tmp_path, capsys):
     assert knn["indices"].dtype == np.int64 and knn["indices"].shape == knn["similarities"].shape == (60, 15)
     np.testing.assert_array_equal(proj, embgeom.project(x, "tsne", perplexity=5, seed=1).embedding)
     html = (out / "projection.html").read_text()
-    assert "<canvas" in html and "http" not in html and "src=" not in html
+    # Plotly, its JavaScript inlined once: nothing fetched (no <script src>, no <link>)
+    assert html.count("* plotly.js v") == 1 and "<script src" not in html and "<link" not in html
     assert "</script> " not in html.split("id='data'>")[1].split("</script>")[0]   # escaped payload
     # a click lists the neighbours of knn.npz; the page zooms, pans and searches
-    data = json.loads(html.split("id='data'>")[1].split("</script>")[0].replace("<\\/", "</"))
+    data = scatter_page(out / "projection.html")
     assert data["knn"]["i"] == knn["indices"][:, :10].tolist()
     np.testing.assert_allclose(data["knn"]["s"], knn["similarities"][:, :10], atol=1e-4)
-    assert "id='q'" in html and "'wheel'" in html and "id='provenance'" in html
+    np.testing.assert_allclose([r[:2] for r in data["rows"]], proj, atol=1e-4)
+    assert [r[2] for r in data["rows"]] == labels
+    assert data["config"]["scrollZoom"] and data["figure"]["layout"]["dragmode"] == "pan"
+    assert data["t"][3] == "row 3 </script>"
+    assert "id='q'" in html and "id='provenance'" in html
     assert (out / "projection.png").stat().st_size > 0
     # 3-D input (cls.npy) with --depth; errors exit 2 with one line
     np.save(tmp_path / "c.npy", np.stack([x, 2 * x], 1))

@@ -1,5 +1,6 @@
-"""Every figure of the text and vocab reports names its axes (read from the figure objects as
-they are saved), and head axes carry integer ticks."""
+"""Every figure of the text, vocab and project reports names its axes (read from the figure
+objects as they are saved: matplotlib's Axes, and the Plotly figure each interactive scatter page
+holds as JSON), and head axes carry integer ticks."""
 from __future__ import annotations
 
 import pytest
@@ -60,6 +61,27 @@ def _unlabelled(seen):
     return bad
 
 
+def _untitled_plotly_axes(folder):
+    """(page, axis) of every axis of a Plotly figure in the folder's scatter pages without a
+    title (and (page, "provenance") for a page without the provenance footer); the pages found."""
+    from helpers import scatter_page
+
+    bad, pages = [], []
+    for page in sorted(folder.glob("*.html")):
+        if "id='data'>" not in page.read_text(encoding="utf-8") or "plotly.js" not in page.read_text(encoding="utf-8"):
+            continue
+        pages.append(page.name)
+        if "<footer id='provenance'>" not in page.read_text(encoding="utf-8"):
+            bad.append((page.name, "provenance"))
+        layout = scatter_page(page)["figure"]["layout"]
+        axes = [k for k in layout if k.startswith(("xaxis", "yaxis"))]
+        assert {"xaxis", "yaxis"} <= set(axes), page
+        bad += [(page.name, k) for k in axes if not ((layout[k].get("title") or {}).get("text") or "").strip()]
+        if not (layout.get("title") or {}).get("text"):
+            bad.append((page.name, "figure title"))
+    return bad, pages
+
+
 def test_text_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
@@ -79,6 +101,26 @@ def test_text_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     assert len(clark) == 7
     assert all(labels[0] == plots.LAYER and ticks == ["1", "2"] for labels, ticks in clark)
     assert clark[0][0][1] == "entropy (nats)" and clark[1][0][1] == "attention mass per query row"
+    # the interactive scatters (Plotly figures in the pages): every axis titled
+    bad, pages = _untitled_plotly_axes(tmp_path / "t")
+    assert {"groups_pca.html", "head_mds.html"} <= set(pages) and bad == [], (pages, bad)
+
+
+def test_project_page_axes_titled(tmp_path):
+    """projection.html's Plotly figure names both axes after the method and has a title."""
+    import numpy as np
+
+    from helpers import scatter_page
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.normal(size=(30, 6)).astype(np.float32))
+    for method, axis in (("pca", "PC"), ("tsne", "t-SNE")):
+        out = tmp_path / method
+        assert main(["project", str(tmp_path / "x.npy"), "--method", method, "--perplexity", "5",
+                     "--out", str(out), "--quiet"]) == 0
+        assert _untitled_plotly_axes(out) == ([], ["projection.html"])
+        layout = scatter_page(out / "projection.html")["figure"]["layout"]
+        assert (layout["xaxis"]["title"]["text"], layout["yaxis"]["title"]["text"]) == (f"{axis} 1", f"{axis} 2")
 
 
 def test_vocab_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
@@ -88,9 +130,32 @@ def test_vocab_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     assert bad == [], "\n".join(map(str, bad))
 
 
+def test_vocab_projection_pages(tiny_bert_dir, tmp_path):
+    """vocab --projections: the UMAP and t-SNE pages of words and positions are Plotly scatters
+    with titled axes, the provenance footer, and token ids (not rows) on hover and in search."""
+    pytest.importorskip("umap")
+    pytest.importorskip("openTSNE")
+    from helpers import scatter_page
+
+    out = tmp_path / "v"
+    assert main(["vocab", "--model", tiny_bert_dir, "--out", str(out), "--projections", "--quiet"]) == 0
+    bad, pages = _untitled_plotly_axes(out)
+    assert set(pages) == {"words_umap.html", "words_tsne.html", "positions_umap.html",
+                          "positions_tsne.html"} and bad == [], (pages, bad)
+    data = scatter_page(out / "words_umap.html")
+    layout = data["figure"]["layout"]
+    assert (layout["xaxis"]["title"]["text"], layout["yaxis"]["title"]["text"]) == ("UMAP 1", "UMAP 2")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    assert data["t"] == tok.convert_ids_to_tokens(data["ids"])    # ids are token ids
+    assert data["ids"] != list(range(len(data["ids"])))
+    assert len(data["knn"]["i"]) == data["n"] == len(data["ids"])
+
+
 def test_scatter_script_parses():
-    """The hand-written scatter script is valid JavaScript (node --check; no browser is installed
-    here, so zoom, search and the neighbour list are not driven from a test)."""
+    """The scatter pages' own script (search, neighbour list; Plotly draws, zooms and pans) is
+    valid JavaScript (node --check); tests/test_pages_browser.py drives it in Chromium."""
     import shutil
     import subprocess
 
@@ -101,3 +166,16 @@ def test_scatter_script_parses():
         pytest.skip("node is not installed: the page script cannot be parsed here")
     r = subprocess.run([node, "--check", "-"], input=_SCRIPT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_scatter_page_without_plotly(tmp_path, monkeypatch):
+    """Without plotly a scatter page fails with how to install it, not a bare ModuleNotFoundError."""
+    import sys
+
+    from embgeom.report.interactive import write_scatter_html
+
+    for name in ("plotly", "plotly.graph_objects", "plotly.offline"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"pip install 'plotly>=5.20'"):
+        write_scatter_html(str(tmp_path / "p.html"), [[0.0, 1.0], [1.0, 0.0]])
+    assert not (tmp_path / "p.html").exists()

@@ -150,5 +150,62 @@ def test_trace_per_head_table(tiny_bert):
     assert row["clark_entropy"] == pytest.approx(float(block["clark_entropy"][1][3]))
     assert (row["mds_x"], row["mds_y"]) == pytest.approx(tuple(float(v) for v in block["mds"][7]))
     assert list(r.to_pandas().columns) == list(r.PER_LAYER_COLUMNS)
-    with pytest.raises(ValueError, match="expected 'layers' or 'heads'"):
+    with pytest.raises(ValueError, match="expected one of 'layers', 'heads', 'clark_js', 'gaussianity'"):
         r.to_pandas("pairs")
+    with pytest.raises(ValueError, match=r"clark_js=True"):
+        r.to_pandas("clark_js")
+    with pytest.raises(ValueError, match=r"gaussianity=True"):
+        r.to_pandas("gaussianity")
+
+
+def test_trace_heads_clark_gaussianity_in_one_call(tiny_bert, tiny_bert_dir, tmp_path):
+    """trace(..., heads=True, clark_js=True, gaussianity=True, directionality=True): the blocks
+    `embgeom text --clark-js --gaussianity --directionality` writes to report.json (the same
+    code, text_extras.TextExtras), as long per-(layer, head), per-pair and per-depth tables."""
+    pytest.importorskip("pandas")
+    import numpy as np
+
+    model, tokenizer = tiny_bert
+    texts = [t for t in CORPUS if t]
+    L, H = 2, 4
+    r = trace(model, tokenizer, texts, batch_size=2, heads=True, clark_js=True, gaussianity=True,
+              directionality=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir, "--quiet",
+                 "--batch-size", "2", "--clark-js", "--gaussianity", "--directionality"]) == 0
+    cli = json.loads((tmp_path / "o" / "report.json").read_text())
+    ah, js = cli["attention_heads"], np.asarray(cli["attention_heads"]["js_divergence"])
+
+    heads = r.to_pandas("heads")                          # the kept block joins by default
+    assert len(heads) == L * H and heads["head_index"].tolist() == list(range(L * H))
+    np.testing.assert_allclose(heads["clark_entropy"], np.ravel(ah["clark_entropy"]), rtol=1e-9)
+    np.testing.assert_allclose(heads["sep_to_sep"], np.ravel(ah["sep_to_sep"]), rtol=1e-9)
+    np.testing.assert_allclose(heads["asymmetry"], np.ravel(ah["directionality"]["asymmetry"]), rtol=1e-9)
+    np.testing.assert_allclose(heads[["mds_x", "mds_y"]], ah["mds"], atol=1e-9)
+    assert heads["behaviour"].tolist() == [b for row in ah["mds_behaviour"] for b in row]
+
+    pairs = r.to_pandas("clark_js")
+    assert len(pairs) == (L * H) ** 2
+    assert list(pairs.columns) == ["layer_a", "head_a", "head_index_a", "layer_b", "head_b",
+                                   "head_index_b", "js_divergence"]
+    row = pairs[(pairs["layer_a"] == 2) & (pairs["head_a"] == 1) & (pairs["layer_b"] == 1) & (pairs["head_b"] == 3)]
+    assert row["head_index_a"].item() == 5 and row["head_index_b"].item() == 3
+    matrix = pairs.pivot(index="head_index_a", columns="head_index_b", values="js_divergence").to_numpy()
+    np.testing.assert_allclose(matrix, js, rtol=1e-9, atol=1e-12)
+    assert np.all(np.diag(matrix) == 0) and np.all(matrix[~np.eye(L * H, dtype=bool)] > 0)
+
+    gauss = r.to_pandas("gaussianity")
+    assert gauss["depth"].tolist() == [d for d in range(L + 1) for _ in range(2)]
+    assert gauss["kind"].tolist() == ["token", "text_mean"] * (L + 1)
+    for e in cli["gaussianity"]:
+        tok = gauss[(gauss["depth"] == e["depth"]) & (gauss["kind"] == "token")].iloc[0]
+        mean = gauss[(gauss["depth"] == e["depth"]) & (gauss["kind"] == "text_mean")].iloc[0]
+        assert tok["share_rejected"] == pytest.approx(e["share_rejected"], abs=1e-12)
+        assert tok["mean_skew"] == pytest.approx(e["mean_skew"], rel=1e-9)
+        assert tok["count"] == e["count"] and mean["count"] == e["text_mean"]["count"]
+        assert mean["mean_excess_kurtosis"] == pytest.approx(e["text_mean"]["mean_excess_kurtosis"], rel=1e-9)
+    # without the options nothing is kept and the default metrics are unchanged
+    plain = trace(model, tokenizer, texts, batch_size=2)
+    assert plain.attention_heads is None and plain.gaussianity is None
+    assert torch.equal(plain.entropy, r.entropy)

@@ -122,6 +122,7 @@ def main(args) -> int:
             with prog.phase("[CLS] difference vectors"):
                 report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
                                                       max_length=args.max_length, keep=True)
+        report["provenance"] = prov.record()  # the footer of the scatter pages finish() writes
         with prog.phase("kept vectors (groups, trajectories)"):
             extra = finish(args, out, keeper, report, pairs, labels,
                            lambda: texts if texts is not None else list(read_lines(args.corpus)))
@@ -196,7 +197,8 @@ def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[
         cls = np.load(cls_path, mmap_mode="r")
         groups = group_geometry(cls, labels)
         texts = corpus_texts()
-        pngs, notes = group_plots(out_dir, cls_path, labels, groups, texts)
+        pngs, notes = group_plots(out_dir, cls_path, labels, groups, texts,
+                                  provenance=report.get("provenance"))
         report["groups"] = groups
         rows = [[g, c, groups["last"]["per_label"][g].get("cosine", {}).get("mean"),
                  groups["last"]["per_label"][g]["norms"]["mean"]] for g, c in zip(groups["labels"], groups["counts"])]

@@ -54,7 +54,7 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
                                     projections=projections, seed=seed)
         report = {"model": model_name or DEFAULT_MODEL, **report}
         with timer("plots"):
-            pngs = write_plots(out, plots)
+            pngs = write_plots(out, plots, provenance=prov.record())
         report["timing"] = dict(timer.seconds)
         report["timing"]["total"] = prov.seconds()
         report["peak_rss_mb"] = peak_rss_mb()

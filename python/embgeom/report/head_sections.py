@@ -194,7 +194,7 @@ def head_mds_page(out_dir: str, mds, js, behaviour: list[str], L: int, H: int,
                        title="MDS of the heads by summed JS divergence (Clark Fig. 6)",
                        note="One point per head: L = layer (1..L), h = head (from 0); the id is "
                             "(layer - 1) * H + head; colour: Clark's behaviour (click a legend entry to hide it).",
-                       provenance=provenance, ids=range(n), knn_show=show,
+                       xlabel="MDS 1", ylabel="MDS 2", provenance=provenance, ids=range(n), knn_show=show,
                        knn=(order, np.take_along_axis(js, order, axis=1)),
                        knn_note="nearest heads by summed JS divergence (nats)")
     return "head_mds.html"

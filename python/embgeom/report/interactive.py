@@ -1,8 +1,9 @@
-"""projection.html: a self-contained interactive 2-D scatter (canvas + inline JavaScript, no
-library, no network). Hovering a point shows its id, text/token and label; the wheel zooms, a
-drag pans, a double click resets; a search box highlights tokens / texts / ids (Enter zooms to
-them); a click lists the point's nearest neighbours from the exact graph (knn.npz); clicking a
-legend entry hides or shows that label."""
+"""The interactive scatter pages (projection.html, the --labels and --projections scatters,
+head_mds.html): one Plotly figure per page, plotly.js inlined once (no network), a WebGL trace
+(scattergl) above GL_POINTS points. Hovering a point shows its id, text/token and label;
+Plotly's wheel zoom, drag pan and double-click reset; a search box highlights tokens / texts /
+ids (Enter zooms to them); a click lists the point's nearest neighbours from the exact graph
+(knn.npz) in a side panel; a legend entry hides or shows its label."""
 from __future__ import annotations
 
 import html
@@ -13,136 +14,158 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
            "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363"]
 
+GL_POINTS = 1000               # above this many points the traces are WebGL (scattergl)
+PLOT_ID = "plot"               # the figure's <div>; the page data is <script id='data'>
+
 _SCRIPT = r"""
 (function(){
-const D = JSON.parse(document.getElementById('data').textContent);
-const cv = document.getElementById('cv'), ctx = cv.getContext('2d'), tip = document.getElementById('tip');
-const info = document.getElementById('info'), q = document.getElementById('q'), found = document.getElementById('found');
-const W = cv.width, H = cv.height, pad = 20, hidden = new Set(), n = D.x.length;
-const X0 = Math.min(...D.x), X1 = Math.max(...D.x), Y0 = Math.min(...D.y), Y1 = Math.max(...D.y);
-let view = {x0: X0, x1: X1, y0: Y0, y1: Y1}, match = null, picked = -1, drag = null;
-const sx = v => pad + (v - view.x0) / ((view.x1 - view.x0) || 1) * (W - 2 * pad);
-const sy = v => H - pad - (v - view.y0) / ((view.y1 - view.y0) || 1) * (H - 2 * pad);
-const ux = p => view.x0 + (p - pad) / (W - 2 * pad) * (view.x1 - view.x0);
-const uy = p => view.y0 + (H - pad - p) / (H - 2 * pad) * (view.y1 - view.y0);
-const r = n > 5000 ? 1.5 : 3;
-const name = i => (D.ids ? D.ids[i] : '#' + i) + (D.t ? ' ' + D.t[i] : '') +
-  (D.names.length > 1 || D.names[0] ? ' [' + D.names[D.c[i]] + ']' : '');
-function draw(){
-  ctx.clearRect(0, 0, W, H);
-  for (let i = 0; i < n; i++) {
-    if (hidden.has(D.c[i])) continue;
-    ctx.globalAlpha = match && !match.has(i) ? 0.12 : 1;
-    ctx.fillStyle = D.colors[D.c[i]];
-    ctx.beginPath(); ctx.arc(sx(D.x[i]), sy(D.y[i]), r, 0, 6.2832); ctx.fill();
-  }
-  ctx.globalAlpha = 1;
-  const ring = (i, c) => { ctx.strokeStyle = c; ctx.lineWidth = 2; ctx.beginPath();
-    ctx.arc(sx(D.x[i]), sy(D.y[i]), r + 4, 0, 6.2832); ctx.stroke(); };
-  if (match) match.forEach(i => ring(i, '#000'));
-  if (picked >= 0) { ring(picked, '#d62728'); if (D.knn) D.knn.i[picked].forEach(j => j >= 0 && ring(j, '#ff7f0e')); }
+const P = JSON.parse(document.getElementById('data').textContent);
+const gd = document.getElementById('plot'), info = document.getElementById('info');
+const q = document.getElementById('q'), found = document.getElementById('found');
+const F = P.figure, n = P.n, MATCH = P.match_trace, PICK = P.pick_trace;
+const LABELS = [...Array(MATCH).keys()];
+// each row's trace, place in it and coordinates (rows: the input's order, as knn.npz)
+const where = new Array(n), X = new Array(n), Y = new Array(n);
+LABELS.forEach(k => F.data[k].customdata.forEach((r, j) => { where[r] = [k, j]; X[r] = F.data[k].x[j]; Y[r] = F.data[k].y[j]; }));
+const name = i => (P.ids ? P.ids[i] : '#' + i) + (P.t ? ' ' + P.t[i] : '') +
+  (P.labelled ? ' [' + F.data[where[i][0]].name + ']' : '');
+const esc = s => String(s).replace(/[&<>'"]/g, c => '&#' + c.charCodeAt(0) + ';');
+function mark(k, rows, colors){
+  const upd = {x: [rows.map(i => X[i])], y: [rows.map(i => Y[i])]};
+  if (colors) upd['marker.color'] = [colors];
+  return Plotly.restyle(gd, upd, [k]);
 }
-function nearest(mx, my){
-  let best = -1, bd = 64;
-  for (let i = 0; i < n; i++) {
-    if (hidden.has(D.c[i])) continue;
-    const d = (sx(D.x[i]) - mx) ** 2 + (sy(D.y[i]) - my) ** 2;
-    if (d < bd) { bd = d; best = i; }
-  }
-  return best;
-}
-function pos(e){ const b = cv.getBoundingClientRect(); return [(e.clientX - b.left) * W / b.width, (e.clientY - b.top) * H / b.height]; }
-cv.addEventListener('mousemove', e => {
-  const [mx, my] = pos(e);
-  if (drag) {
-    const dx = ux(drag[0]) - ux(mx), dy = uy(drag[1]) - uy(my);
-    view = {x0: view.x0 + dx, x1: view.x1 + dx, y0: view.y0 + dy, y1: view.y1 + dy};
-    drag = [mx, my, true]; draw(); return;
-  }
-  const best = nearest(mx, my);
-  if (best < 0) { tip.style.display = 'none'; return; }
-  tip.textContent = name(best);
-  tip.style.left = (e.pageX + 12) + 'px'; tip.style.top = (e.pageY + 12) + 'px'; tip.style.display = 'block';
-});
-cv.addEventListener('mousedown', e => { drag = [...pos(e), false]; });
-window.addEventListener('mouseup', e => {
-  if (drag && !drag[2]) { const [mx, my] = pos(e); show(nearest(mx, my)); }
-  drag = null;
-});
-cv.addEventListener('mouseleave', () => { tip.style.display = 'none'; });
-cv.addEventListener('wheel', e => {
-  e.preventDefault();
-  const [mx, my] = pos(e), cx = ux(mx), cy = uy(my), f = e.deltaY < 0 ? 0.8 : 1.25;
-  view = {x0: cx + (view.x0 - cx) * f, x1: cx + (view.x1 - cx) * f, y0: cy + (view.y0 - cy) * f, y1: cy + (view.y1 - cy) * f};
-  draw();
-}, {passive: false});
-cv.addEventListener('dblclick', () => { view = {x0: X0, x1: X1, y0: Y0, y1: Y1}; draw(); });
 function show(i){
-  picked = i;
-  if (i < 0) { info.textContent = ''; draw(); return; }
+  if (i < 0 || i === undefined) { info.innerHTML = ''; mark(PICK, []); return; }
   let h = '<b>' + esc(name(i)) + '</b>';
-  if (D.knn) {
-    h += '<br>' + esc(D.knn.note) + ':<ol>';
-    D.knn.i[i].forEach((j, k) => { if (j >= 0) h += '<li><a href="#" data-j="' + j + '">' + esc(name(j)) + '</a> ' + D.knn.s[i][k] + '</li>'; });
+  const near = [];
+  if (P.knn) {
+    h += '<br>' + esc(P.knn.note) + ':<ol>';
+    P.knn.i[i].forEach((j, k) => { if (j >= 0) { near.push(j); h += '<li><a href="#" data-j="' + j + '">' + esc(name(j)) + '</a> ' + P.knn.s[i][k] + '</li>'; } });
     h += '</ol>';
   }
   info.innerHTML = h;
   info.querySelectorAll('a[data-j]').forEach(a => a.addEventListener('click', ev => { ev.preventDefault(); show(+a.dataset.j); }));
-  draw();
+  mark(PICK, [i, ...near], [P.pick_color, ...near.map(() => P.near_color)]);
 }
-function esc(s){ return String(s).replace(/[&<>'"]/g, c => '&#' + c.charCodeAt(0) + ';'); }
 function search(zoom){
-  const s = q.value.trim().toLowerCase();
-  if (!s) { match = null; found.textContent = ''; draw(); return; }
-  match = new Set();
-  for (let i = 0; i < n; i++) {
-    const text = ((D.t ? D.t[i] : '') + ' ' + (D.ids ? D.ids[i] : i)).toLowerCase();
-    if (text.includes(s)) match.add(i);
+  const s = q.value.trim().toLowerCase(), rows = [];
+  if (s) for (let i = 0; i < n; i++) {
+    if (((P.t ? P.t[i] : '') + ' ' + (P.ids ? P.ids[i] : i)).toLowerCase().includes(s)) rows.push(i);
   }
-  found.textContent = match.size + ' match' + (match.size === 1 ? '' : 'es');
-  if (zoom && match.size) {
-    let a = Infinity, b = -Infinity, c = Infinity, d = -Infinity;
-    match.forEach(i => { a = Math.min(a, D.x[i]); b = Math.max(b, D.x[i]); c = Math.min(c, D.y[i]); d = Math.max(d, D.y[i]); });
-    const mx = Math.max((b - a) * 0.2, (X1 - X0) * 0.02), my = Math.max((d - c) * 0.2, (Y1 - Y0) * 0.02);
-    view = {x0: a - mx, x1: b + mx, y0: c - my, y1: d + my};
-    if (match.size === 1) show([...match][0]);
+  found.textContent = s ? rows.length + ' match' + (rows.length === 1 ? '' : 'es') : '';
+  // the other points dimmed (each trace's `unselected` style), the matches ringed; no match
+  // dims nothing
+  const sel = LABELS.map(() => rows.length ? [] : null);
+  rows.forEach(i => sel[where[i][0]].push(where[i][1]));
+  Plotly.restyle(gd, {selectedpoints: sel}, LABELS);
+  mark(MATCH, rows);
+  if (zoom && rows.length) {
+    // one match: the view takes in its neighbours too (their rings show where they lie)
+    const near = rows.length === 1 && P.knn ? P.knn.i[rows[0]].filter(j => j >= 0) : [];
+    const xs = rows.concat(near).map(i => X[i]), ys = rows.concat(near).map(i => Y[i]);
+    const a = Math.min(...xs), b = Math.max(...xs), c = Math.min(...ys), d = Math.max(...ys);
+    const mx = Math.max((b - a) * 0.2, P.span[0] * 0.02), my = Math.max((d - c) * 0.2, P.span[1] * 0.02);
+    Plotly.relayout(gd, {'xaxis.range': [a - mx, b + mx], 'yaxis.range': [c - my, d + my]});
+    if (rows.length === 1) show(rows[0]);
   }
-  draw();
 }
-q.addEventListener('input', () => search(false));
-q.addEventListener('keydown', e => { if (e.key === 'Enter') search(true); });
-document.querySelectorAll('#legend span').forEach(s => s.addEventListener('click', () => {
-  const c = +s.dataset.c; hidden.has(c) ? hidden.delete(c) : hidden.add(c);
-  s.style.opacity = hidden.has(c) ? 0.3 : 1; draw();
-}));
-draw();
+Plotly.newPlot(gd, F.data, F.layout, P.config).then(() => {
+  gd.on('plotly_click', ev => {
+    const p = ev.points.find(p => p.curveNumber < MATCH);
+    if (p) show(p.customdata);
+  });
+  q.addEventListener('input', () => search(false));
+  q.addEventListener('keydown', e => { if (e.key === 'Enter') search(true); });
+  gd.dataset.ready = '1';
+});
 })();
 """
 
 
-def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "projection",
-                       note: str = "", size: int = 760, provenance: dict | None = None, ids=None,
-                       knn=None, knn_show: int = 10,
-                       knn_note: str = "nearest neighbours (exact cosine graph, knn.npz)") -> str:
-    """xy: (N, 2); labels: N strings or None; texts: N strings shown on hover or None;
-    provenance: the report's provenance object, shown as the page footer. ids: N ids shown for
-    each point (e.g. token ids; default the row, #r); knn: (indices (N, k), similarities (N, k))
-    of the exact neighbour graph: a click lists a point's first `knn_show` neighbours under the
-    heading knn_note.
-    The page zooms (wheel), pans (drag), resets (double click) and searches texts and ids."""
-    from .html import write_script_page
+def _plotly():
+    """plotly's graph_objects and offline modules, or an ImportError saying how to install it."""
+    try:
+        import plotly.graph_objects as go
+        import plotly.offline as offline
+    except ImportError:
+        raise ImportError("the interactive scatter pages need plotly: pip install 'plotly>=5.20' "
+                          "(or embgeom[hf])") from None
+    return go, offline
+
+
+def scatter_figure(xy, labels=None, texts=None, *, title: str = "projection", ids=None,
+                   xlabel: str = "dimension 1", ylabel: str = "dimension 2", height: int = 720):
+    """The Plotly figure of a scatter page (a plotly.graph_objects.Figure): one trace per label
+    (legend entries hide / show them; the largest labels drawn first, so a few hundred positions
+    are not hidden under thirty thousand words), each point's row in customdata and its name
+    (id, text, [label]) on hover; then two empty overlay traces the page fills: the search
+    matches and the clicked point with its neighbours. WebGL traces above GL_POINTS points.
+    Returns (figure, names of the label traces)."""
+    go, _ = _plotly()
 
     xy = np.asarray(xy, dtype=np.float64)
     n = xy.shape[0]
-    if labels is None:
-        names, codes = [""], [0] * n
-    else:
-        names = sorted(set(str(v) for v in labels))
-        pos = {v: i for i, v in enumerate(names)}
-        codes = [pos[str(v)] for v in labels]
-    colors = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
-    data = {"x": [round(float(v), 5) for v in xy[:, 0]], "y": [round(float(v), 5) for v in xy[:, 1]],
-            "c": codes, "names": names, "colors": colors,
+    lab = None if labels is None else [str(v) for v in labels]
+    names = [""] if lab is None else sorted(set(lab))
+    rows = {name: [] for name in names}
+    for r in range(n):
+        rows["" if lab is None else lab[r]].append(r)
+    Trace = go.Scattergl if n > GL_POINTS else go.Scatter
+    size = 4 if n > 5000 else 8
+    ident = (lambda r: f"#{r}") if ids is None else (lambda r: str(ids[r]))
+    fig = go.Figure()
+    for k in sorted(range(len(names)), key=lambda k: -len(rows[names[k]])):
+        name, rs = names[k], rows[names[k]]
+        hover = [html.escape(ident(r) + ("" if texts is None else " " + str(texts[r])[:150])
+                             + (f" [{name}]" if lab is not None else ""), quote=False) for r in rs]
+        fig.add_trace(Trace(x=[round(float(xy[r, 0]), 5) for r in rs], y=[round(float(xy[r, 1]), 5) for r in rs],
+                            mode="markers", name=name or "points", showlegend=lab is not None,
+                            legendrank=k, customdata=rs, hovertext=hover,
+                            hovertemplate="%{hovertext}<extra></extra>",
+                            marker=dict(color=PALETTE[k % len(PALETTE)], size=size, opacity=0.8),
+                            selected=dict(marker=dict(opacity=1.0)),
+                            unselected=dict(marker=dict(opacity=0.1))))
+    ring = dict(size=size + 8, symbol="circle-open", color="#000", line=dict(width=2))
+    fig.add_trace(Trace(x=[], y=[], mode="markers", name="search matches", showlegend=False,
+                        hoverinfo="skip", marker=ring))
+    fig.add_trace(Trace(x=[], y=[], mode="markers", name="clicked point and its neighbours",
+                        showlegend=False, hoverinfo="skip",
+                        marker=dict(size=size + 8, symbol="circle-open", line=dict(width=2))))
+    fig.update_layout(title=dict(text=html.escape(title, quote=False)), height=height,
+                      template="plotly_white", hovermode="closest", dragmode="pan",
+                      margin=dict(l=60, r=20, t=50, b=50), legend=dict(itemsizing="constant"),
+                      xaxis=dict(title=dict(text=xlabel), zeroline=False),
+                      yaxis=dict(title=dict(text=ylabel), zeroline=False))
+    return fig, names
+
+
+def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "projection",
+                       note: str = "", xlabel: str = "dimension 1", ylabel: str = "dimension 2",
+                       provenance: dict | None = None, ids=None, knn=None, knn_show: int = 10,
+                       knn_note: str = "nearest neighbours (exact cosine graph, knn.npz)") -> str:
+    """The one writer of the scatter pages. xy: (N, 2); labels: N strings or None; texts: N
+    strings shown on hover and searched, or None; xlabel / ylabel: the axis titles;
+    provenance: the report's provenance object, shown as the page footer. ids: N ids shown for
+    each point and searched (e.g. token ids; default the row, #r); knn: (indices (N, k),
+    similarities (N, k)) of the exact neighbour graph: a click lists a point's first `knn_show`
+    neighbours under the heading knn_note.
+    The page holds plotly.js once and one JSON block (<script id='data'>): "figure" (the
+    Plotly figure: data and layout), "t", "ids", "knn"."""
+    import json
+
+    from .html import write_script_page
+
+    fig, names = scatter_figure(xy, labels, texts, title=title, ids=ids, xlabel=xlabel, ylabel=ylabel)
+    xy = np.asarray(xy, dtype=np.float64)
+    n = xy.shape[0]
+    span = [float(np.ptp(xy[:, 0])) if n else 1.0, float(np.ptp(xy[:, 1])) if n else 1.0]
+    data = {"figure": json.loads(fig.to_json()), "n": n, "labelled": labels is not None,
+            "match_trace": len(names), "pick_trace": len(names) + 1,
+            "pick_color": "#d62728", "near_color": "#ff7f0e", "span": [s or 1.0 for s in span],
+            # no "Share chart" button: it uploads the figure to Plotly Cloud
+            "config": {"scrollZoom": True, "displaylogo": False, "responsive": True,
+                       "showSendToCloud": False},
             "t": None if texts is None else [str(t)[:300] for t in texts],
             "ids": None if ids is None else [int(v) for v in ids], "knn": None}
     if knn is not None:
@@ -150,23 +173,18 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
         data["knn"] = {"note": knn_note, "i": idx[:, :knn_show].astype(np.int64).tolist(),
                        "s": [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
                              for row in sim[:, :knn_show]]}
-    legend = "".join(f"<span data-c='{i}' style='cursor:pointer;margin-right:1em'>"
-                     f"<b style='color:{c}'>&#9679;</b> {html.escape(name)}</span>"
-                     for i, (name, c) in enumerate(zip(names, colors)) if name)
     help_text = ("Wheel: zoom; drag: pan; double click: whole view; click a point: "
                  + ("its nearest neighbours; " if knn is not None else "select it; ")
-                 + "legend: hide a label. Search a token, text or id (Enter zooms to the matches).")
-    style = ("body{font-family:sans-serif;margin:1em}"
-             "#cv{border:1px solid #ccc;max-width:100%;cursor:crosshair}#tip{position:absolute;display:none;"
-             "background:#fff;border:1px solid #888;padding:2px 6px;font-size:13px;max-width:480px;"
-             "pointer-events:none}#wrap{display:flex;gap:1em;align-items:flex-start}"
-             "#info{font-size:13px;min-width:16em;max-width:28em}")
+                 + ("legend: hide or show a label; " if labels is not None else "")
+                 + "search a token, text or id (Enter zooms to the matches).")
+    style = ("body{font-family:sans-serif;margin:1em}#wrap{display:flex;gap:1em;align-items:flex-start}"
+             f"#{PLOT_ID}{{flex:1 1 auto;min-width:0}}"
+             "#info{font-size:13px;flex:0 0 24em;max-height:720px;overflow:auto}")
     body = (f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p><p style='font-size:12px'>{help_text}</p>"
             "<p><input id='q' type='search' placeholder='search token / text / id' size='30'> "
             "<span id='found'></span></p>"
-            f"<div id='legend'>{legend}</div>"
-            f"<div id='wrap'><canvas id='cv' width='{size}' height='{size}'></canvas><div id='info'></div></div>"
-            "<div id='tip'></div>")
+            f"<div id='wrap'><div id='{PLOT_ID}'></div><div id='info'></div></div>"
+            f"<script>{_plotly()[1].get_plotlyjs()}</script>")
     write_script_page(path, title, style, body, "data", data, _SCRIPT, provenance)
     return path
 

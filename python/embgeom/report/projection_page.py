@@ -11,6 +11,7 @@ def write_outputs(out_dir: str, proj, *, texts=None, title: str = "", provenance
     """Write every file of `out_dir` (an existing folder, output_folder's staging) for a
     clouds.Projection; returns the report dict. provenance: a provenance.Provenance, recorded in
     report.json and the page footer."""
+    from ..formatting import fmt
     from . import explained_variance_png, write_json
     from .interactive import scatter_png, write_scatter_html
 
@@ -19,7 +20,7 @@ def write_outputs(out_dir: str, proj, *, texts=None, title: str = "", provenance
         np.savez(os.path.join(out_dir, "knn.npz"), indices=proj.indices.astype(np.int64),
                  similarities=proj.similarities)
     report = proj.to_dict()
-    axis = "PC" if proj.method == "pca" else proj.method.upper()
+    axis = {"pca": "PC", "tsne": "t-SNE"}.get(proj.method, proj.method.upper())
     name = title or f"{proj.method} of {proj.n} x {proj.d}"
     scatter_png(out_dir, "projection", proj.embedding, proj.labels, title=name,
                 xlabel=f"{axis} 1", ylabel=f"{axis} 2")
@@ -27,12 +28,13 @@ def write_outputs(out_dir: str, proj, *, texts=None, title: str = "", provenance
         explained_variance_png(out_dir, "explained_variance", proj.pca_curves)
     sil = report.get("silhouette")
     note = f"{proj.method}, n={proj.n}, d={proj.d}" + (f", k={proj.k}" if proj.k else "") + \
-        (f"; silhouette original {sil['original']}, projection {sil['projection']}" if sil else "")
+        (f"; silhouette original {fmt(sil['original'], 3)}, projection {fmt(sil['projection'], 3)}" if sil else "")
     if provenance is not None:
         report["provenance"] = provenance.record()
     knn = None if proj.indices is None else (proj.indices, proj.similarities)
     write_scatter_html(os.path.join(out_dir, "projection.html"), proj.embedding, proj.labels, texts,
-                       title=name, note=note, provenance=report.get("provenance"), knn=knn)
+                       title=name, note=note, xlabel=f"{axis} 1", ylabel=f"{axis} 2",
+                       provenance=report.get("provenance"), knn=knn)
     if provenance is not None:
         report["provenance"] = provenance.record()
     write_json(os.path.join(out_dir, "report.json"), report)

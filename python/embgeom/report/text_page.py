@@ -280,10 +280,11 @@ def trajectory_plots(out_dir: str, path: str) -> tuple[list[str], dict]:
 
 
 def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, texts: list[str] | None,
-                seed: int = 0) -> tuple[list[str], list[str]]:
+                seed: int = 0, provenance: dict | None = None) -> tuple[list[str], list[str]]:
     """Pictures of the labelled [CLS] sets: PCA (and UMAP when umap-learn is there) of the last
     depth coloured by label, per-label PCA curves, silhouette / within / between over depth,
-    cosine histograms per label. Returns (PNG paths, notes)."""
+    cosine histograms per label; provenance: the footer of the scatter pages. Returns (PNG
+    paths, notes)."""
     cls = np.load(cls_path, mmap_mode="r")
     last = np.asarray(cls[:, -1], dtype=np.float32)
     pngs, notes = [], []
@@ -291,7 +292,8 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
     pngs.append(scatter_png(out_dir, "groups_pca", proj.embedding, labels,
                             title="[CLS] at the last depth, PCA", xlabel="PC 1", ylabel="PC 2"))
     write_scatter_html(os.path.join(out_dir, "groups_pca.html"), proj.embedding, labels, texts,
-                       title="[CLS] at the last depth, PCA")
+                       title="[CLS] at the last depth, PCA", xlabel="PC 1", ylabel="PC 2",
+                       provenance=provenance)
     pngs.append(explained_variance_png(out_dir, "groups_explained_variance", proj.pca_curves))
     if last.shape[0] >= 4:
         try:
@@ -300,7 +302,8 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
                                     title="[CLS] at the last depth, UMAP (exact cosine graph)",
                                     xlabel="UMAP 1", ylabel="UMAP 2"))
             write_scatter_html(os.path.join(out_dir, "groups_umap.html"), um.embedding, labels, texts,
-                               title="[CLS] at the last depth, UMAP", knn=(um.indices, um.similarities))
+                               title="[CLS] at the last depth, UMAP", knn=(um.indices, um.similarities),
+                               xlabel="UMAP 1", ylabel="UMAP 2", provenance=provenance)
             groups["umap_silhouette"] = um.silhouette
         except ValueError as exc:
             notes.append(f"UMAP left out: {exc}")

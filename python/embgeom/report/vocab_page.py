@@ -14,7 +14,7 @@ from .definitions import defined
 from .plots import save_axes
 
 
-def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
+def write_plots(out_dir: str, plots: dict, provenance: dict | None = None) -> dict[str, str]:
     pngs = {}
     hist = plots["hist"]
     fig, ax = new_figure()
@@ -74,7 +74,8 @@ def write_plots(out_dir: str, plots: dict) -> dict[str, str]:
     pngs["pca"] = save_figure(fig, out_dir, "pca")
     if "position_geometry" in plots:
 
-        pngs.update(position_plots(out_dir, plots["position_geometry"], plots.get("projections")))
+        pngs.update(position_plots(out_dir, plots["position_geometry"], plots.get("projections"),
+                                   provenance=provenance))
     return pngs
 
 
@@ -148,7 +149,8 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
     return path
 
 
-def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[str, str]:
+def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None,
+                   provenance: dict | None = None) -> dict[str, str]:
     from .interactive import scatter_png, write_scatter_html
 
     pngs = {}
@@ -194,6 +196,7 @@ def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None) -> dict[
         axis = "UMAP" if key.endswith("umap") else "t-SNE"
         pngs[key] = scatter_png(out_dir, key, xy, labels, title=title, xlabel=f"{axis} 1", ylabel=f"{axis} 2")
         write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title, ids=ids, knn=knn,
+                           xlabel=f"{axis} 1", ylabel=f"{axis} 2", provenance=provenance,
                            note="hover and search show token ids (position ids for positions), as the tables do")
     return pngs
 

@@ -52,7 +52,19 @@ def parse_show_texts(spec: str | None, n_texts: int | None = None):
 
 
 class TextExtras:
-    """Built from the parsed flags; `observers` go to trace(), `active()` wraps the run."""
+    """Built from the parsed flags (or `options`, trace()'s heads= / clark_js= / gaussianity= /
+    directionality=); `observers` go to trace(), `active()` wraps the run."""
+
+    @classmethod
+    def options(cls, model, tokenizer, max_len: int, *, heads: bool = False, clark_js: bool = False,
+                gaussianity: bool = False, directionality: bool = False) -> "TextExtras":
+        """The extras of `embgeom text --heads --clark-js --gaussianity --directionality`, without
+        the page-only ones (head maps, --similar, --matrices)."""
+        from types import SimpleNamespace
+
+        return cls(SimpleNamespace(heads=heads, clark_js=clark_js, gaussianity=gaussianity,
+                                   directionality=directionality, head_maps=0, show_texts=None,
+                                   matrices=False, similar=None), model, tokenizer, max_len)
 
     def __init__(self, args, model, tokenizer, max_len: int):
         if args.head_maps < 0:

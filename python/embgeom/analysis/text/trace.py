@@ -328,6 +328,8 @@ class TraceResult:
     context_same_sentence: torch.Tensor | None = None
     context_period_separator: torch.Tensor | None = None
     context_repeated: torch.Tensor | None = None
+    attention_heads: dict | None = None
+    gaussianity: list | None = None
 
     def per_layer(self) -> list[list]:
         """One row per layer: the layer (1..L), cone index I/n of the layer input, the multi-head
@@ -344,17 +346,23 @@ class TraceResult:
         head, the row entropy, the mean row's entropy, the cone index of the head output, every
         attention_to target (to_cls, to_sep, ...), the context-similarity mean |i - j|, focus token
         and its share. heads_block: the `attention_heads` dict of
-        analysis.heads.measures.HeadsAccumulator.result (an observer of trace()); its [L][H]
-        numeric entries (clark_entropy, cls_entropy, sep_to_sep, value_entropy, ...) join as
-        columns, and its MDS coordinates as mds_x, mds_y."""
+        analysis.heads.measures.HeadsAccumulator.result (an observer of trace(); default
+        self.attention_heads, kept by trace(..., heads=True)); its [L][H] numeric entries
+        (clark_entropy, cls_entropy, sep_to_sep, value_entropy, ...) and those of its
+        directionality block join as columns, its MDS coordinates as mds_x, mds_y and Clark's
+        behaviour marker of the MDS map as behaviour."""
         L, H = self.layers, self.heads
+        if heads_block is None:
+            heads_block = self.attention_heads
         cols = {"entropy": self.entropy, "head_mean_entropy": self.head_mean_entropy,
                 "cone_head_output": self.cone_head_output,
                 **{f"to_{k}": v for k, v in self.attention_to.items()},
                 "context_mean_distance": self.context_mean_distance, "focus_share": self.focus_share}
         table = {k: torch.as_tensor(v).double().cpu().reshape(L, H).tolist() for k, v in cols.items()}
         table["focus_token"] = self.focus_token
-        for k, v in (heads_block or {}).items():
+        block = dict(heads_block or {})
+        block.update((heads_block or {}).get("directionality") or {})
+        for k, v in block.items():
             v = v.tolist() if hasattr(v, "tolist") else v
             if (isinstance(v, list) and len(v) == L and all(isinstance(r, list) and len(r) == H for r in v)
                     and all(x is None or isinstance(x, (int, float)) for r in v for x in r)):
@@ -363,24 +371,71 @@ class TraceResult:
             xy = torch.as_tensor(heads_block["mds"], dtype=torch.float64).reshape(L, H, 2).tolist()
             table["mds_x"] = [[p[0] for p in r] for r in xy]
             table["mds_y"] = [[p[1] for p in r] for r in xy]
+        if heads_block and "mds_behaviour" in heads_block:
+            table["behaviour"] = heads_block["mds_behaviour"]
         names = list(table)
         rows = [[l + 1, h, l * H + h] + [table[k][l][h] for k in names] for l in range(L) for h in range(H)]
         return ["layer", "head", "head_index"] + names, rows
 
+    def per_head_pair(self, heads_block: dict | None = None) -> tuple[list[str], list[list]]:
+        """(columns, rows): Clark's summed JS divergence (nats) between every ordered pair of
+        heads, one row per (head a, head b), both given as layer (1..L), head (0..H-1) and
+        head_index (layer - 1) * H + head; the diagonal (0) included, so a pivot on the indices
+        gives the (L*H, L*H) matrix. heads_block: default self.attention_heads; it must hold
+        js_divergence (trace(..., clark_js=True) or HeadsAccumulator(js=True))."""
+        block = self.attention_heads if heads_block is None else heads_block
+        if not block or "js_divergence" not in block:
+            raise ValueError("no JS divergences between heads: run trace(..., clark_js=True) "
+                             "(or pass the attention_heads block of HeadsAccumulator(js=True))")
+        js = torch.as_tensor(block["js_divergence"], dtype=torch.float64).cpu().tolist()
+        H = self.heads
+        rows = [[a // H + 1, a % H, a, b // H + 1, b % H, b, js[a][b]]
+                for a in range(len(js)) for b in range(len(js))]
+        return ["layer_a", "head_a", "head_index_a", "layer_b", "head_b", "head_index_b",
+                "js_divergence"], rows
+
+    def per_depth_gaussianity(self, entries: list | None = None) -> tuple[list[str], list[list]]:
+        """(columns, rows): the K^2 normality of the hidden states (docs/metrics.md,
+        Gaussianity), one row per (depth 0..L, kind): kind "token" tests every real token's
+        vector, "text_mean" each text's mean vector; share of coordinates rejecting normality at
+        the Bonferroni threshold, mean skewness, mean excess kurtosis, the threshold and the
+        number of tests. entries: default self.gaussianity (trace(..., gaussianity=True))."""
+        entries = self.gaussianity if entries is None else entries
+        if not entries:
+            raise ValueError("no Gaussianity measures: run trace(..., gaussianity=True)")
+        keys = ["share_rejected", "mean_skew", "mean_excess_kurtosis", "threshold", "count"]
+        rows = []
+        for e in entries:
+            rows.append([e["depth"], "token"] + [e[k] for k in keys])
+            if "text_mean" in e:
+                rows.append([e["depth"], "text_mean"] + [e["text_mean"][k] for k in keys])
+        return ["depth", "kind"] + keys, rows
+
+    TABLES = ("layers", "heads", "clark_js", "gaussianity")
+
     def to_pandas(self, what: str = "layers", heads_block: dict | None = None):
-        """what="layers": the per-layer table (PER_LAYER_COLUMNS; column "layer" runs 1..L);
-        what="heads": the long per-(layer, head) table of `per_head` (heads_block: the
-        `attention_heads` block to join). A DataFrame (pandas optional)."""
+        """A long DataFrame (pandas optional) of one of TABLES:
+        "layers": the per-layer table (PER_LAYER_COLUMNS; column "layer" runs 1..L);
+        "heads": one row per (layer, head), `per_head` (heads_block: the `attention_heads` block
+        to join, default the one trace(..., heads=True) kept);
+        "clark_js": one row per ordered pair of heads with their summed JS divergence,
+        `per_head_pair` (trace(..., clark_js=True));
+        "gaussianity": one row per (depth, token / text_mean), `per_depth_gaussianity`
+        (trace(..., gaussianity=True))."""
         try:
             import pandas
         except ImportError:
             raise ImportError("to_pandas() needs pandas: pip install pandas") from None
-        if what == "heads":
-            cols, rows = self.per_head(heads_block)
-            return pandas.DataFrame(rows, columns=cols)
-        if what != "layers":
-            raise ValueError(f"what: expected 'layers' or 'heads', got {what!r}")
-        return pandas.DataFrame(self.per_layer(), columns=list(self.PER_LAYER_COLUMNS))
+        if what == "layers":
+            return pandas.DataFrame(self.per_layer(), columns=list(self.PER_LAYER_COLUMNS))
+        tables = {"heads": self.per_head, "clark_js": self.per_head_pair}
+        if what in tables:
+            cols, rows = tables[what](heads_block)
+        elif what == "gaussianity":
+            cols, rows = self.per_depth_gaussianity()
+        else:
+            raise ValueError(f"what: expected one of {', '.join(map(repr, self.TABLES))}, got {what!r}")
+        return pandas.DataFrame(rows, columns=cols)
 
     def _repr_html_(self) -> str:
         from ...tables import table_html
@@ -637,7 +692,8 @@ class TraceAccumulator:
 
 def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
           device=None, metrics: Iterable[str] = METRICS, progress=False,
-          observers: Iterable = ()) -> TraceResult:
+          observers: Iterable = (), heads: bool = False, clark_js: bool = False,
+          gaussianity: bool = False, directionality: bool = False) -> TraceResult:
     """Run `texts` through an encoder `model` (any family of adapters.ADAPTERS) in batches and
     reduce the cone, attention and context metrics and the layer evolution over the corpus (see TraceResult for every
     field and its definition).
@@ -646,7 +702,15 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     skipped). metrics: subset of ("cone", "entropy", "attention", "context", "evolution").
     Tensors never leave the model's device; memory does not grow with the number of texts.
     observers: more accumulators, each `update(batch)`ed after the trace metrics (e.g.
-    embgeom.analysis.heads.measures.HeadsAccumulator, or analysis.text.keeper.Keeper keeping vectors)."""
+    embgeom.analysis.heads.measures.HeadsAccumulator, or analysis.text.keeper.Keeper keeping vectors).
+
+    heads / clark_js / gaussianity / directionality: the analyses of `embgeom text --heads
+    --clark-js --gaussianity --directionality` (analysis/heads/text_extras.py, the same code) in
+    the same passes: result.attention_heads (the report.json block `attention_heads`: Clark's
+    entropies, [SEP]->[SEP], gate patterns; with clark_js the summed JS divergence between heads
+    and its MDS map; with directionality its block) and result.gaussianity (K^2 normality per
+    depth); to_pandas("heads" | "clark_js" | "gaussianity") gives them as long tables."""
+    import contextlib
     import time
 
     check_model_inputs(model, tokenizer, texts)  # batch_size: iter_batches checks it
@@ -660,14 +724,29 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
                            metrics=metrics, model_name=str(getattr(model.config, "_name_or_path", "")),
                            sentence_tables=sentence_tables(tokenizer))
     observers = list(observers)
-    with prog.bar(total, "forward passes", unit="text") as bar:
+    extras = None
+    if heads or clark_js or gaussianity or directionality:
+        from ..heads.text_extras import TextExtras
+
+        extras = TextExtras.options(model, tokenizer, max_len, heads=heads, clark_js=clark_js,
+                                    gaussianity=gaussianity, directionality=directionality)
+        observers = extras.observers + observers
+    with extras.active() if extras is not None else contextlib.nullcontext(), \
+            prog.bar(total, "forward passes", unit="text") as bar:
         for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
                                   device=None):
             acc.update(batch)
             for obs in observers:
                 obs.update(batch)
             bar.update(batch.mask.shape[0])
-    return acc.result(tokenizer, seconds=time.perf_counter() - start)
+    result = acc.result(tokenizer, seconds=time.perf_counter() - start)
+    if extras is not None:
+        with prog.phase("head measures"):
+            blocks = extras.report(result)
+        result.attention_heads = blocks.get("attention_heads")
+        result.gaussianity = blocks.get("gaussianity")
+        result.seconds = time.perf_counter() - start
+    return result
 
 
 def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32,
