@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from embgeom import Index
+from embgeom import index as index_module
 
 METRICS = ["cosine", "dot", "l2"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -307,3 +308,32 @@ def test_bfloat16_index_without_bf16_instructions_scans_float32(metric, monkeypa
         assert torch.equal(got_i, native[1][rows]) and torch.equal(got_v, native[0][rows])
     want_v, want_i = ref_topk(x, q, 9, metric)
     assert_same_neighbours(*index.search(q, 9), want_v, want_i)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_many_queries_take_candidates_from_the_engine(metric, monkeypatch):
+    """From ENGINE_BATCH queries a float32 cosine / dot search takes its candidates from the C++
+    engine's per-row lists: the same ids and values as the torch scan, and as float64."""
+    x = make_rows(700, 40, zero=(0, 5), dup=((3, 7), (11, 699)))
+    q = make_rows(index_module.ENGINE_BATCH + 3, 40, seed=3)
+    q[1] = x[7]
+    q[2] = 0  # a zero query: no neighbours under cosine
+    x[20] = x[21] = x[22] = x[23]  # equal rows: ties to the smaller id
+    q[4] = x[20]
+    index = Index(x, metric=metric)
+    taken = []
+    original = Index._engine_candidates
+
+    def spy(self, *args):
+        taken.append(original(self, *args))
+        return taken[-1]
+
+    monkeypatch.setattr(Index, "_engine_candidates", spy)
+    got_v, got_i = index.search(q, 9)
+    assert taken and taken[0] is not None  # the engine gave the candidates
+    monkeypatch.setattr(index_module, "ENGINE_BATCH", 10 ** 9)  # the torch scan
+    torch_v, torch_i = index.search(q, 9)
+    assert torch.equal(got_i, torch_i) and torch.equal(got_v.nan_to_num(7), torch_v.nan_to_num(7))
+    want_v, want_i = ref_topk(x, q, 9, metric)
+    assert_same_neighbours(got_v, got_i, want_v, want_i)
+    assert got_i[4, :4].tolist() == [20, 21, 22, 23]

@@ -42,6 +42,12 @@ U32 = 2.0 ** -24
 # Up to this many queries, a scan block is computed and its best values selected by numpy
 # (see _score and _largest)
 SMALL_BATCH = 4
+# From this many queries, a float32 cosine / dot search on the CPU takes its candidates from the
+# C++ engine's per-row lists in cross mode (packed product near the sgemm rate, the lists
+# filtered inside the product's pass, no queries x corpus score matrix) instead of torch's
+# product and topk: 0.46 s against 0.91 s for 1,024 queries over 100,000 x 384 (2 threads, Zen 5).
+# Below it, packing the corpus for each call costs more than the scan saves.
+ENGINE_BATCH = 256
 BF16_OUT = 2.0 ** -8  # relative rounding of a bf16 product's output (unit roundoff 2^-9, doubled)
 
 
@@ -372,19 +378,46 @@ class Index:
         if Q and n:
             qb, nc = self._blocks(Q, n)
             kk = min(n, k + (16 if self._scan_dtype() == torch.float32 else 64))
+            cand = self._engine_candidates(st, qscan, kk)
             for q0 in range(0, Q, qb):
                 q1 = min(Q, q0 + qb)
-                v, i = self._search_block(st, q64[q0:q1], qscan[q0:q1], qsq[q0:q1], margin[q0:q1], k, kk, nc)
+                part = None if cand is None else (cand[0][q0:q1], cand[1][q0:q1])
+                v, i = self._search_block(st, q64[q0:q1], qscan[q0:q1], qsq[q0:q1], margin[q0:q1], k, kk, nc,
+                                          part)
                 w = v.shape[1]
                 out_v[q0:q1, :w], out_i[q0:q1, :w] = v, i
             out_v[~qvalid] = math.nan
             out_i[~qvalid] = -1
         return (out_v if float64 else out_v.float()), out_i
 
-    def _search_block(self, st, q64, qscan, qsq, margin, k, kk, nc):
+    def _engine_candidates(self, st, qscan, kk):
+        """The kk best scan values and ids of every query from the C++ engine (ENGINE_BATCH), as
+        (values (Q, kk) float32, ids (Q, kk) int64), NaN / -1 past a query's count; None where
+        that path does not apply. The engine's values are fp32 products of the float32 rows
+        (unit rows for cosine, rounded once more than the scan's): within the same margin of
+        the exact value (docs/metrics.md, prepared index)."""
+        if (qscan.shape[0] < ENGINE_BATCH or qscan.device.type != "cpu" or qscan.dtype != torch.float32
+                or self.metric not in ("cosine", "dot")):
+            return None
+        from .backends.cpp import CppEngine
+        from .backends.registry import cpp
+        from .engine.config import make_config
+
+        if not hasattr(cpp(), "PairwiseEngine"):
+            return None
+        cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=kk,
+                          row_bottomk=0, outside=None)
+        engine = CppEngine(qscan, st.rows[:st.n], cfg)
+        engine.run(0, engine.num_tiles())
+        values, ids = engine.state().row_top
+        return torch.from_numpy(values), torch.from_numpy(ids)
+
+    def _search_block(self, st, q64, qscan, qsq, margin, k, kk, nc, cand=None):
         Qb, n = q64.shape[0], st.n
         best_v = best_i = None
-        for c0 in range(0, n, nc):
+        if cand is not None:
+            best_v, best_i = cand
+        for c0 in range(0, n if cand is None else 0, nc):
             c1 = min(n, c0 + nc)
             s = self._score(st, qscan, c0, c1)
             v, i = _largest(s, min(kk, c1 - c0))
