@@ -7,12 +7,16 @@
 
 CPU paths: every embgeom provider runs once per vector level of the C++ core that the host
 supports (EMBGEOM_CPU=avx512|avx2|generic, see `python -m embgeom.info`), each in its own
-subprocess, with OPENBLAS_CORETYPE set to that level's OpenBLAS kernel family (SkylakeX, Haswell,
-Prescott; or the environment's value with --keep-coretype). The baselines (numpy, FAISS, the
-torch backend) run once with the host's own kernels; those built on OpenBLAS's sgemm (numpy,
-FAISS, sklearn) run again per lower path with that path's OPENBLAS_CORETYPE ("numpy-matmul@avx2":
-what they do on a host of that class; --no-path-baselines skips these). Ratios (against both)
-and the measured-sgemm-roofline fraction are printed per path.
+subprocess. Each path is held against baselines on that path's own OpenBLAS kernel family, as a
+host of that class runs them: numpy and sklearn (OpenBLAS sgemm) on the native AVX-512 path with
+both OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset together (OpenBLAS's own AVX-512 kernels), on
+the AVX2 path with OPENBLAS_CORETYPE=Haswell, on the generic path with Prescott ("numpy-matmul@avx2").
+FAISS runs once with the environment's pins kept (its bundled OpenBLAS misdetects newer CPUs
+without them). --keep-coretype keeps the environment's pins for every run. Ratios, the `fast`
+/ exact ratio, the statistics' cost over the bare product of the same schedule
+(`embgeom-bare`: PairwiseEngine.discard_statistics) and the moments-only fraction of the path's
+sgemm are printed per path. All providers and baselines are measured in one run of the script
+(median of --repeats timed calls after a warm-up; 1 for the minutes-long ones).
 Every CSV row records the CPU model and its instruction set in `device` ("model [features]"),
 and the path in `provider` ("embgeom-exact@avx2").
 
@@ -23,11 +27,9 @@ Never run this while anything else loads the machine.
 
 Two rooflines: the CSV's roofline_pct is GFLOP/s over the nominal FMA peak (cores x reported
 clock x 32; this VM reports its 2.6 GHz TSC while the cores boost higher and Zen 5 retires two
-512-bit FMAs a cycle, so it passes 100%); the printed "measured fp32 GEMM peak" is the best
-rate of a 4096^3 OpenBLAS sgemm in the same run, with OpenBLAS's own kernel choice and with
-the environment's OPENBLAS_CORETYPE (the big N x N product can only use the latter). Both count
-the 2*d FLOPs of each unique pair for embgeom. Each path is also held against the sgemm of its
-own kernel family (the roofline of the instruction set it may use).
+512-bit FMAs a cycle, so it passes 100%); the printed "% of the path's sgemm" is against the best
+rate of a 4096^3 OpenBLAS sgemm in the same run on the kernel family of that path's baselines.
+Both count the 2*d FLOPs of each unique pair for embgeom.
 """
 from __future__ import annotations
 
@@ -50,13 +52,28 @@ DATASETS = {
 }
 NUMPY_BLOCK = 8192
 CPU_LEVELS = ("avx512", "avx2", "generic")
-# OpenBLAS kernel family per level (OPENBLAS_CORETYPE), so a capped path is capped in BLAS too
-CORETYPE = {"avx512": "SkylakeX", "avx2": "Haswell", "generic": "Prescott"}
-OURS = ("embgeom-exact", "embgeom-fast", "embgeom-rowtopk", "embgeom-rowtopk-fast")
-# Baselines whose product is OpenBLAS's sgemm (numpy's, FAISS's own copy): on a path below the
-# host's best they also run with that path's OPENBLAS_CORETYPE, as they would on a host of that
-# class ("numpy-matmul@avx2"), beside the unforced run (--no-path-baselines: unforced only)
-BLAS_BASELINES = ("numpy-matmul", "faiss-flat-10nn", "sklearn-cosine")
+# OpenBLAS kernel family per level (OPENBLAS_CORETYPE); None: both pins unset, OpenBLAS's own
+# choice, which on an AVX-512 host is its AVX-512 kernels
+CORETYPE = {"avx512": None, "avx2": "Haswell", "generic": "Prescott"}
+OPENBLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+OURS = ("embgeom-exact", "embgeom-fast", "embgeom-moments", "embgeom-bare", "embgeom-bare-fast",
+        "embgeom-rowtopk", "embgeom-rowtopk-fast")
+# Baselines on numpy's OpenBLAS sgemm: run once per path with that path's kernel family
+# ("numpy-matmul@avx2"); FAISS (its own OpenBLAS copy) runs once with the environment's pins
+BLAS_BASELINES = ("numpy-matmul", "sklearn-cosine")
+
+
+def blas_env(env: dict, level: str | None, keep: bool) -> dict:
+    """env with the OpenBLAS pins of a path's kernel family (level None or keep: unchanged)."""
+    env = dict(env)
+    if level is None or keep:
+        return env
+    if CORETYPE[level] is None:
+        for k in OPENBLAS_PINS:
+            env.pop(k, None)
+    else:
+        env["OPENBLAS_CORETYPE"] = CORETYPE[level]
+    return env
 
 
 def supported_levels() -> list[str]:
@@ -71,11 +88,14 @@ PROVIDERS = {
     # name: (what it computes, datasets it runs on)
     "embgeom-exact": ("full M1 output, cpp exact", ("minilm", "random768", "random200k")),
     "embgeom-fast": ("full M1 output, cpp fast (bf16)", ("minilm", "random768", "random200k")),
+    "embgeom-moments": ("moments and extremes only, cpp exact", ("minilm", "random768")),
+    "embgeom-bare": ("the engine's unique-pair product alone (statistics discarded)", ("minilm", "random768")),
+    "embgeom-bare-fast": ("the engine's bf16 unique-pair product alone", ("minilm", "random768")),
     "embgeom-rowtopk": ("per-row top-10 only, cpp exact", ("minilm", "random768")),
     "embgeom-rowtopk-fast": ("per-row top-10 only, cpp fast: bf16 filter, exact values", ("minilm", "random768")),
     "embgeom-torch": ("full M1 output, torch backend (chunked)", ("minilm",)),
     "numpy-matmul": ("normalised E @ E.T only (materialised N x N, row blocks)", ("minilm", "random768")),
-    "sklearn-cosine": ("sklearn cosine_similarity (materialised; OpenBLAS Haswell kernel)", ("minilm",)),
+    "sklearn-cosine": ("sklearn cosine_similarity (materialised N x N)", ("minilm",)),
     "faiss-flat-10nn": ("FAISS IndexFlatIP exact 10-NN of all rows", ("minilm", "random768")),
     "keops-argkmin": ("pykeops LazyTensor argKmin 10-NN", ("minilm",)),
 }
@@ -117,14 +137,9 @@ def gemm_peak_worker() -> dict:
             "coretype": os.environ.get("OPENBLAS_CORETYPE", "autodetected")}
 
 
-def measured_gemm_peak(coretype: str | None) -> float | None:
-    """GFLOP/s of a 4096^3 OpenBLAS sgemm on both cores with that kernel family (None: OpenBLAS's
-    own choice for this CPU), in its own process."""
-    env = dict(os.environ)
-    if coretype is None:
-        env.pop("OPENBLAS_CORETYPE", None)
-    else:
-        env["OPENBLAS_CORETYPE"] = coretype
+def measured_gemm_peak(env: dict) -> float | None:
+    """GFLOP/s of a 4096^3 OpenBLAS sgemm on both cores under env's OpenBLAS pins, in its own
+    process."""
     proc = subprocess.run([sys.executable, __file__, "--worker", "gemm-peak"], capture_output=True,
                           text=True, env=env)
     if proc.returncode != 0:
@@ -133,6 +148,15 @@ def measured_gemm_peak(coretype: str | None) -> float | None:
     print(f"  fp32 GEMM peak probe: {r['gflops']:.0f} GFLOP/s (OpenBLAS sgemm {GEMM_PEAK_N}^3, "
           f"kernel {r['coretype']})")
     return r["gflops"]
+
+
+def row_pins(level: str, keep: bool) -> str:
+    """How a path's BLAS baselines ran, in words."""
+    if keep:
+        return "the environment's OpenBLAS pins"
+    if CORETYPE[level] is None:
+        return "OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset: OpenBLAS's own kernels"
+    return f"OPENBLAS_CORETYPE={CORETYPE[level]}"
 
 
 def worker(provider: str, data: str, repeats: int) -> dict:
@@ -155,12 +179,14 @@ def worker(provider: str, data: str, repeats: int) -> dict:
     if provider.startswith("embgeom"):
         opts = dict(FULL)
         kw = {"backend": "cpp"}
-        if provider in ("embgeom-fast", "embgeom-rowtopk-fast"):
+        if provider in ("embgeom-fast", "embgeom-rowtopk-fast", "embgeom-bare-fast"):
             kw["precision"] = "fast"
         if provider == "embgeom-torch":
             kw = {"backend": "torch"}
         if provider.startswith("embgeom-rowtopk"):
             opts = dict(bins=0, topk=0, bottomk=0, row_topk=10)
+        if provider in ("embgeom-moments", "embgeom-bare", "embgeom-bare-fast"):
+            opts = dict(bins=0, topk=0, bottomk=0, row_topk=0, outside=None)
         result = embgeom.pairwise_stats(xt, **opts, **kw)
         if provider == "embgeom-rowtopk-fast":  # the same lists as exact mode, bit for bit
             exact = embgeom.pairwise_stats(xt, **opts, backend="cpp").row_topk
@@ -171,6 +197,14 @@ def worker(provider: str, data: str, repeats: int) -> dict:
                 u = unit(x[[i, j]].astype(np.float64))
                 assert abs(float(u[0] @ u[1]) - v) < 1e-4, (i, j, v)
         run = lambda: embgeom.pairwise_stats(xt, **opts, **kw)  # noqa: E731
+        if provider.startswith("embgeom-bare"):
+            from embgeom.backends.cpp import CppEngine
+            from embgeom.engine.config import make_config
+
+            def run():
+                engine = CppEngine(xt, None, make_config(**opts, precision=kw.get("precision", "exact")))
+                engine._engine.discard_statistics()
+                engine.run(0, engine.num_tiles())
     elif provider == "numpy-matmul":
         u = unit(x)
         # One `u @ u.T` call segfaults inside OpenBLAS 0.3.31's SkylakeX sgemm on this AMD CPU when
@@ -235,26 +269,21 @@ def main() -> int:
                         help="comma list of EMBGEOM_CPU levels for the embgeom providers "
                              "(avx512,avx2,generic), or 'all' = every level this host supports")
     parser.add_argument("--keep-coretype", action="store_true",
-                        help="keep the environment's OPENBLAS_CORETYPE on every path")
-    parser.add_argument("--no-path-baselines", action="store_true",
-                        help="run numpy/FAISS/sklearn with the host's own OpenBLAS kernel only, not "
-                             "also with each lower path's kernel family")
+                        help="keep the environment's OpenBLAS pins for every run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(gemm_peak_worker() if args.worker == "gemm-peak" else worker(args.worker, args.data, args.repeats)))
         return 0
     rows = []
-    host_best = supported_levels()[0]
     levels = supported_levels() if args.cpu_paths == "all" else args.cpu_paths.split(",")
     for lv in levels:
         if lv not in CPU_LEVELS:
             parser.error(f"--cpu-paths: expected levels from {', '.join(CPU_LEVELS)}, got {lv!r}")
-    # the host's best sgemm, and per path the sgemm of the kernel family that path may use
-    host_peak = measured_gemm_peak(None)
-    path_peak = {lv: measured_gemm_peak(os.environ.get("OPENBLAS_CORETYPE") if args.keep_coretype
-                                        else CORETYPE[lv]) for lv in levels}
-    print(f"CPU paths: {', '.join(levels)}")
+    # per path, the sgemm of the kernel family that path's baselines use
+    path_peak = {lv: measured_gemm_peak(blas_env(os.environ, lv, args.keep_coretype)) for lv in levels}
+    pins = {k: os.environ.get(k, "unset") for k in OPENBLAS_PINS}
+    print(f"CPU paths: {', '.join(levels)}; environment pins {pins} (kept for FAISS)")
     for data in args.data.split(","):
         print(f"\n== {data}: {DATASETS[data]}")
         results = {}
@@ -264,23 +293,23 @@ def main() -> int:
                 parser.error(f"--providers: unknown provider {provider!r}")
             if data not in PROVIDERS[provider][1]:
                 continue
-            if provider in OURS:
+            if provider in OURS or provider in BLAS_BASELINES:
                 jobs += [(provider, lv) for lv in levels]
             else:
                 jobs.append((provider, None))
-                if provider in BLAS_BASELINES and not args.no_path_baselines:
-                    jobs += [(provider, lv) for lv in levels if lv != host_best]
         for provider, level in jobs:
             cmd = [sys.executable, __file__, "--worker", provider, "--data", data, "--repeats", str(args.repeats)]
             env = dict(os.environ)
             key = provider if level is None else f"{provider}@{level}"
             if level is not None:
                 env["EMBGEOM_CPU"] = level  # (names the row "provider@level" for baselines)
-                if not args.keep_coretype:
-                    env["OPENBLAS_CORETYPE"] = CORETYPE[level]
+                if provider in BLAS_BASELINES:
+                    env = blas_env(env, level, args.keep_coretype)
             if provider == "sklearn-cosine" and not env.get("OPENBLAS_CORETYPE"):
-                # sklearn makes the single big GEMM call that crashes the default kernel (see numpy-matmul)
-                env["OPENBLAS_CORETYPE"] = "Haswell"
+                # one N x N GEMM call: OpenBLAS 0.3.31's own AVX-512 kernel crashes past 2^31
+                # output bytes on this AMD CPU (see numpy-matmul, which splits the call)
+                print(f"  {key:28} skipped: one N x N call crashes OpenBLAS's own AVX-512 kernel here")
+                continue
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             except subprocess.TimeoutExpired:
@@ -294,26 +323,37 @@ def main() -> int:
                 if line.startswith("  ["):
                     print(line)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["openblas_pins"] = ",".join(f"{k}={env.get(k, 'unset')}" for k in OPENBLAS_PINS)
             results[key] = row
             rows.append(row)
             print(f"  {key:28} {row['median_ms'] / 1e3:8.2f} s  {row['pairs_per_s'] / 1e6:9.1f} Mpairs/s  "
-                  f"{row['tflops'] * 1e3:7.1f} GFLOP/s  {row['roofline_pct']:5.1f}% roofline  "
-                  f"peak {row['peak_mb']:7.0f} MB  ({PROVIDERS[provider][0]})")
-        ours = [f"{p}@{lv}" for lv in levels for p in OURS if f"{p}@{lv}" in results]
-        for p in ours:
-            gflops = results[p]["tflops"] * 1e3
-            lv = p.split("@")[1]
-            parts = [f"{100 * gflops / path_peak[lv]:.0f}% of the {lv} path's sgemm ({path_peak[lv]:.0f} GFLOP/s)"
-                     if path_peak.get(lv) else None,
-                     f"{100 * gflops / host_peak:.0f}% of the host's best ({host_peak:.0f})" if host_peak else None]
-            print(f"  {p}: " + ", ".join(x for x in parts if x) + " (unique pairs counted)")
-        for p in ours:
-            lv = p.split("@")[1]
-            for base in ("numpy-matmul", "embgeom-torch", "sklearn-cosine", "faiss-flat-10nn", "keops-argkmin"):
-                for b in (base, f"{base}@{lv}"):  # the host's own kernel; the same path's
-                    if b in results:
-                        ratio = results[p]["median_ms"] / results[b]["median_ms"]
-                        print(f"  ratio {p} / {b}: {ratio:.3f}  ({1 / ratio:.1f}x faster)")
+                  f"{row['tflops'] * 1e3:7.1f} GFLOP/s  peak {row['peak_mb']:7.0f} MB  ({PROVIDERS[provider][0]})")
+        for lv in levels:
+            print(f"  -- path {lv} (baselines: {row_pins(lv, args.keep_coretype)})")
+            seconds = {p: results[f"{p}@{lv}"]["median_ms"] / 1e3 for p in OURS + BLAS_BASELINES
+                       if f"{p}@{lv}" in results}
+            for p in ("embgeom-moments", "embgeom-exact"):
+                if p in seconds and path_peak.get(lv):
+                    gflops = results[f"{p}@{lv}"]["tflops"] * 1e3
+                    print(f"  {p}@{lv}: {100 * gflops / path_peak[lv]:.0f}% of the path's sgemm "
+                          f"({path_peak[lv]:.0f} GFLOP/s; unique pairs counted)")
+            pairs = [("embgeom-exact", "embgeom-bare", "full statistics / bare product"),
+                     ("embgeom-moments", "embgeom-bare", "moments only / bare product"),
+                     ("embgeom-fast", "embgeom-exact", "fast / exact"),
+                     ("embgeom-fast", "embgeom-bare-fast", "fast / its bare bf16 product"),
+                     ("embgeom-bare-fast", "embgeom-bare", "bare bf16 product / bare fp32 product"),
+                     ("embgeom-exact", "numpy-matmul", "exact / numpy E @ E.T"),
+                     ("embgeom-exact", "sklearn-cosine", "exact / sklearn")]
+            for a, b, what in pairs:
+                if a in seconds and b in seconds:
+                    print(f"  ratio {what}: {seconds[a] / seconds[b]:.3f}")
+            for a in ("embgeom-rowtopk", "embgeom-rowtopk-fast"):
+                for b in ("faiss-flat-10nn", "keops-argkmin", "embgeom-torch"):
+                    if a in seconds and b in results:
+                        t = results[b]["median_ms"] / 1e3
+                        print(f"  ratio {b} / {a}@{lv}: {t / seconds[a]:.2f}x (embgeom that many times faster)")
+            if "embgeom-exact" in seconds and "embgeom-torch" in results:
+                print(f"  ratio exact / torch backend: {seconds['embgeom-exact'] / (results['embgeom-torch']['median_ms'] / 1e3):.3f}")
     if rows and not args.no_csv:
         path = common.append_rows("cpu.csv", rows)
         print(f"\nappended {len(rows)} rows to {path}")
