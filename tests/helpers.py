@@ -346,3 +346,24 @@ def scatter_page(path) -> dict:
             rows[r] = (x, y, trace["name"])
     data["rows"] = rows
     return data
+
+
+def untitled_plotly_axes(folder):
+    """(page, axis) of every axis of a Plotly figure in the folder's scatter pages without a
+    title (and (page, "provenance") for a page without the provenance footer, (page, "figure
+    title") for a figure without a title); the names of the scatter pages found."""
+    bad, pages = [], []
+    for page in sorted(folder.glob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        if "id='data'>" not in text or "plotly.js" not in text:
+            continue
+        pages.append(page.name)
+        if "<footer id='provenance'>" not in text:
+            bad.append((page.name, "provenance"))
+        layout = scatter_page(page)["figure"]["layout"]
+        axes = [k for k in layout if k.startswith(("xaxis", "yaxis"))]
+        assert {"xaxis", "yaxis"} <= set(axes), page
+        bad += [(page.name, k) for k in axes if not ((layout[k].get("title") or {}).get("text") or "").strip()]
+        if not (layout.get("title") or {}).get("text"):
+            bad.append((page.name, "figure title"))
+    return bad, pages

@@ -4,6 +4,7 @@ holds as JSON), and head axes carry integer ticks."""
 from __future__ import annotations
 
 import pytest
+from helpers import untitled_plotly_axes
 
 from embgeom.cli import main
 from embgeom.report import plots
@@ -61,27 +62,6 @@ def _unlabelled(seen):
     return bad
 
 
-def _untitled_plotly_axes(folder):
-    """(page, axis) of every axis of a Plotly figure in the folder's scatter pages without a
-    title (and (page, "provenance") for a page without the provenance footer); the pages found."""
-    from helpers import scatter_page
-
-    bad, pages = [], []
-    for page in sorted(folder.glob("*.html")):
-        if "id='data'>" not in page.read_text(encoding="utf-8") or "plotly.js" not in page.read_text(encoding="utf-8"):
-            continue
-        pages.append(page.name)
-        if "<footer id='provenance'>" not in page.read_text(encoding="utf-8"):
-            bad.append((page.name, "provenance"))
-        layout = scatter_page(page)["figure"]["layout"]
-        axes = [k for k in layout if k.startswith(("xaxis", "yaxis"))]
-        assert {"xaxis", "yaxis"} <= set(axes), page
-        bad += [(page.name, k) for k in axes if not ((layout[k].get("title") or {}).get("text") or "").strip()]
-        if not (layout.get("title") or {}).get("text"):
-            bad.append((page.name, "figure title"))
-    return bad, pages
-
-
 def test_text_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
@@ -102,7 +82,7 @@ def test_text_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     assert all(labels[0] == plots.LAYER and ticks == ["1", "2"] for labels, ticks in clark)
     assert clark[0][0][1] == "entropy (nats)" and clark[1][0][1] == "attention mass per query row"
     # the interactive scatters (Plotly figures in the pages): every axis titled
-    bad, pages = _untitled_plotly_axes(tmp_path / "t")
+    bad, pages = untitled_plotly_axes(tmp_path / "t")
     assert {"groups_pca.html", "head_mds.html"} <= set(pages) and bad == [], (pages, bad)
 
 
@@ -118,7 +98,7 @@ def test_project_page_axes_titled(tmp_path):
         out = tmp_path / method
         assert main(["project", str(tmp_path / "x.npy"), "--method", method, "--perplexity", "5",
                      "--out", str(out), "--quiet"]) == 0
-        assert _untitled_plotly_axes(out) == ([], ["projection.html"])
+        assert untitled_plotly_axes(out) == ([], ["projection.html"])
         layout = scatter_page(out / "projection.html")["figure"]["layout"]
         assert (layout["xaxis"]["title"]["text"], layout["yaxis"]["title"]["text"]) == (f"{axis} 1", f"{axis} 2")
 
@@ -139,7 +119,7 @@ def test_vocab_projection_pages(tiny_bert_dir, tmp_path):
 
     out = tmp_path / "v"
     assert main(["vocab", "--model", tiny_bert_dir, "--out", str(out), "--projections", "--quiet"]) == 0
-    bad, pages = _untitled_plotly_axes(out)
+    bad, pages = untitled_plotly_axes(out)
     assert set(pages) == {"words_umap.html", "words_tsne.html", "positions_umap.html",
                           "positions_tsne.html"} and bad == [], (pages, bad)
     data = scatter_page(out / "words_umap.html")
@@ -151,6 +131,17 @@ def test_vocab_projection_pages(tiny_bert_dir, tmp_path):
     assert data["t"] == tok.convert_ids_to_tokens(data["ids"])    # ids are token ids
     assert data["ids"] != list(range(len(data["ids"])))
     assert len(data["knn"]["i"]) == data["n"] == len(data["ids"])
+    # each page's neighbour lists are those of the graph file beside it, which the page names
+    import numpy as np
+
+    for page in pages:
+        d = scatter_page(out / page)
+        name = page.replace(".html", "_knn.npz")
+        assert d["knn"]["file"] == name and name in d["knn"]["note"]
+        on_file = np.load(out / name)
+        assert on_file["indices"].dtype == np.int64 and on_file["indices"].shape == on_file["similarities"].shape
+        k = len(d["knn"]["i"][0])
+        assert on_file["indices"][:, :k].tolist() == d["knn"]["i"]
 
 
 def test_scatter_script_parses():

@@ -3,16 +3,22 @@ projection scatter (a Plotly figure) zooms under the wheel and resets on a doubl
 search finds a token and Enter lists its nearest neighbours, which must be those of knn.npz, as
 must the list a click on a point shows; a WebGL (scattergl) page of 1,500 points does the same;
 no page asks the network for anything; the attention view keeps one token's lines on hover.
+The real outputs of `make demo` and `make demo-text` (reports/, or $EMBGEOM_DEMO_REPORTS; skipped
+where absent): every page opened the same way, every figure's axes titled (no browser needed).
 Skipped, with the reason, where Playwright or a Chromium binary is missing (nothing is
 downloaded at test time; Debian's chromium or chromium-headless-shell and `pip install
 playwright` are enough)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import scatter_page
 
 from embgeom.cli import main
 
@@ -159,3 +165,170 @@ def test_attention_view_hover(browser, tiny_bert_dir, tmp_path):
     page.mouse.click(box["x"] + 500, box["y"] + 30 + 10)
     assert "pinned" in page.text_content("#focus") and 'key 0 "[CLS]"' in page.text_content("#focus")
     assert errors == []
+
+
+# ---- the real outputs of `make demo` and `make demo-text` ------------------------------------
+# Not produced here (several minutes): run `make demo` and `make demo-text` first, or point
+# EMBGEOM_DEMO_REPORTS at the folder holding their vocab/ and text/ (default: reports/ at the
+# repository root). Skipped, with that reason, where they are absent.
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_ROOT = Path(os.environ.get("EMBGEOM_DEMO_REPORTS") or REPO / "reports")
+# what the Makefile targets write: demo -> vocab/, demo-text -> text/<run>/
+DEMO_EXPECTED = ("vocab/report.html", "text/synonyms/report.html", "text/trajectories/report.html",
+                 "text/synonyms_tsne/projection.html", "text/vocab/report.html")
+DEMO_PAGES = sorted([*DEMO_ROOT.glob("vocab/*.html"), *DEMO_ROOT.glob("text/*/*.html")])
+
+
+def _demo_pages_present():
+    missing = [f"{p}/" for p in ("vocab", "text") if not (DEMO_ROOT / p).is_dir()]
+    if missing:
+        pytest.skip(f"no demo outputs in {DEMO_ROOT} ({', '.join(missing)} missing): run make demo and "
+                    "make demo-text first (or set EMBGEOM_DEMO_REPORTS to the folder holding vocab/ and text/)")
+    absent = [p for p in DEMO_EXPECTED if not (DEMO_ROOT / p).is_file()]
+    assert not absent, f"the demo runs in {DEMO_ROOT} are incomplete (rerun make demo / make demo-text): {absent}"
+
+
+def _demo_id(p):
+    return str(p.relative_to(DEMO_ROOT)) if p is not None else "no-demo-outputs"
+
+
+def _page_knn(path, data):
+    """The neighbour graph a scatter page shows (data["knn"]): (indices (N, k) of the file beside
+    the page it names (knn.npz, <page>_knn.npz), the page's own (N, k_show) lists), or None. A
+    page that names no file (head_mds.html: JS divergences) must not claim one in its heading;
+    its own lists stand for the file."""
+    if not data["knn"]:
+        return None
+    shown, name = np.asarray(data["knn"]["i"]), data["knn"].get("file")
+    if not name:
+        assert ".npz" not in data["knn"]["note"], f"{path.name}: the heading names a file the page does not"
+        return shown, shown
+    f = path.parent / name
+    assert f.is_file(), f"{path.name}: the neighbour file {name} is not beside the page"
+    assert name in data["knn"]["note"], (path.name, data["knn"]["note"])
+    return np.load(f)["indices"], shown
+
+
+def _unique_query(data):
+    """(row, query) for a row whose text (or id) the page's search finds alone (the page's rule:
+    the lower-cased query inside "text id"), preferring rows spread over the input."""
+    n, t, ids = data["n"], data["t"], data["ids"]
+    hay = [((t[i] if t else "") + " " + str(ids[i] if ids else i)).lower() for i in range(n)]
+    for i in np.random.default_rng(0).permutation(n)[:300].tolist():
+        for q in ([t[i].strip()] if t else []) + [str(ids[i] if ids else i)]:
+            s = q.lower()
+            if s and sum(s in h for h in hay) == 1:
+                return i, q
+    pytest.fail("no row the search finds alone")
+
+
+def _name(data, i):
+    """The page's name of row i (its `name` in the script): id or #row, text, [label]."""
+    ident = str(data["ids"][i]) if data["ids"] else f"#{i}"
+    return ident + (" " + data["t"][i] if data["t"] else "") + (f" [{data['rows'][i][2]}]" if data["labelled"] else "")
+
+
+def test_demo_figures_titled_and_neighbours_on_file():
+    """No browser: every Plotly figure in the demo pages has a title and titled axes (read from
+    the figure JSON each scatter page holds), each page has the provenance footer, and every
+    neighbour list a page shows is the file beside it."""
+    from helpers import untitled_plotly_axes
+
+    _demo_pages_present()
+    folders = sorted({p.parent for p in DEMO_PAGES})
+    bad, scatters = [], []
+    for folder in folders:
+        b, pages = untitled_plotly_axes(folder)
+        bad += [(folder.name, *x) for x in b]
+        scatters += [folder / p for p in pages]
+    assert bad == [], bad
+    # every page that draws a Plotly figure is one of those read
+    plotly_pages = [p for p in DEMO_PAGES if "Plotly.newPlot" in p.read_text(encoding="utf-8")]
+    assert sorted(plotly_pages) == sorted(scatters)
+    assert DEMO_ROOT / "text/synonyms_tsne/projection.html" in scatters
+    for path in scatters:
+        data = scatter_page(path)
+        knn = _page_knn(path, data)
+        if knn is not None:
+            on_file, shown = knn
+            assert on_file.shape[0] == data["n"], path
+            assert np.array_equal(shown, on_file[:, :shown.shape[1]]), f"{path}: the page's neighbours are not its file's"
+
+
+@pytest.mark.parametrize("path", DEMO_PAGES or [None], ids=_demo_id)
+def test_demo_page_in_browser(browser, path):
+    """Each page of the demo runs loads offline (no request beyond the file, no console error);
+    a scatter page zooms under the wheel, resets on a double click, finds a token by search and
+    lists the neighbours of knn.npz (or the page's named file) on Enter and on a click; a
+    report.html links only pages and anchors that exist, and links every page beside it."""
+    _demo_pages_present()
+    uri = path.as_uri()
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    errors, blocked = [], []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    page.route("**/*", lambda r: r.continue_() if r.request.url == uri else (blocked.append(r.request.url), r.abort()))
+    text = path.read_text(encoding="utf-8")
+    scatter = "Plotly.newPlot" in text
+    page.goto(uri, wait_until="load", timeout=120000)
+    try:
+        if scatter:
+            _demo_scatter(page, path)
+        if path.name == "report.html":
+            _demo_report(page, path, text)
+        assert errors == [] and blocked == [], (errors, blocked)
+    finally:
+        page.close()
+
+
+def _demo_scatter(page, path):
+    data = scatter_page(path)
+    page.wait_for_selector("#plot[data-ready='1']", timeout=120000)
+    before = _ranges(page)
+    box = page.locator("#plot").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, -400)
+    page.wait_for_timeout(500)
+    zoomed = _ranges(page)
+    assert zoomed[0][1] - zoomed[0][0] < before[0][1] - before[0][0], "the wheel did not zoom the scatter"
+    page.dblclick("#plot .nsewdrag")
+    page.wait_for_timeout(500)
+    assert np.allclose(_ranges(page), before), "a double click did not reset the view"
+    knn = _page_knn(path, data)
+    want = (lambda i: [j for j in knn[0][i, :knn[1].shape[1]].tolist() if j >= 0]) if knn else (lambda i: [])
+    row, query = _unique_query(data)
+    page.fill("#q", query)
+    page.press("#q", "Enter")
+    assert page.text_content("#found") == "1 match", query
+    assert page.text_content("#info").startswith(_name(data, row)), (query, page.text_content("#info"))
+    assert _listed(page) == want(row), query
+    # a click on the most isolated point (near-duplicate texts lie on one another: the rightmost
+    # point of synonyms_tsne hides under its twin) lists its neighbours
+    from scipy.spatial import cKDTree
+
+    page.fill("#q", "")
+    page.dblclick("#plot .nsewdrag")
+    page.wait_for_timeout(700)                           # past Plotly's double-click window
+    xy = np.array([r[:2] for r in data["rows"]], dtype=float)
+    xy /= np.where(np.ptp(xy, axis=0) > 0, np.ptp(xy, axis=0), 1.0)
+    row = int(np.argmax(cKDTree(xy).query(xy, k=2)[0][:, 1]))
+    _click_row(page, row)
+    page.wait_for_timeout(500)
+    assert page.text_content("#info").startswith(_name(data, row)), page.text_content("#info")
+    assert _listed(page) == want(row)
+
+
+def _demo_report(page, path, text):
+    folder = path.parent
+    hrefs = set(re.findall(r"href=['\"]([^'\"]*)['\"]", text))
+    ids = set(re.findall(r"\bid=['\"]([^'\"]+)['\"]", text))
+    anchors = [h for h in hrefs if h.startswith("#") and h != "#"]
+    assert [h for h in anchors if h[1:] not in ids] == [], "links to anchors the page lacks"
+    local = [h for h in hrefs if h and not h.startswith(("#", "http://", "https://", "mailto:"))]
+    assert [h for h in local if not (folder / h.split("#")[0]).is_file()] == [], "links to missing pages"
+    side = {p.name for p in folder.glob("*.html")} - {"report.html"}
+    assert side <= {h.split("#")[0] for h in local}, "pages beside report.html it does not link"
+    # every inlined picture decodes
+    broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || !i.naturalWidth).map(i => i.alt)")
+    assert broken == []

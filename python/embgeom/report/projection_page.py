@@ -16,9 +16,6 @@ def write_outputs(out_dir: str, proj, *, texts=None, title: str = "", provenance
     from .interactive import scatter_png, write_scatter_html
 
     np.save(os.path.join(out_dir, "projection.npy"), proj.embedding.astype(np.float32))
-    if proj.indices is not None:
-        np.savez(os.path.join(out_dir, "knn.npz"), indices=proj.indices.astype(np.int64),
-                 similarities=proj.similarities)
     report = proj.to_dict()
     axis = {"pca": "PC", "tsne": "t-SNE"}.get(proj.method, proj.method.upper())
     name = title or f"{proj.method} of {proj.n} x {proj.d}"
@@ -32,9 +29,10 @@ def write_outputs(out_dir: str, proj, *, texts=None, title: str = "", provenance
     if provenance is not None:
         report["provenance"] = provenance.record()
     knn = None if proj.indices is None else (proj.indices, proj.similarities)
+    # knn.npz (graph methods): written with the page, which names it
     write_scatter_html(os.path.join(out_dir, "projection.html"), proj.embedding, proj.labels, texts,
                        title=name, note=note, xlabel=f"{axis} 1", ylabel=f"{axis} 2",
-                       provenance=report.get("provenance"), knn=knn)
+                       provenance=report.get("provenance"), knn=knn, knn_file="knn.npz")
     if provenance is not None:
         report["provenance"] = provenance.record()
     write_json(os.path.join(out_dir, "report.json"), report)

@@ -303,6 +303,7 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
                                     xlabel="UMAP 1", ylabel="UMAP 2"))
             write_scatter_html(os.path.join(out_dir, "groups_umap.html"), um.embedding, labels, texts,
                                title="[CLS] at the last depth, UMAP", knn=(um.indices, um.similarities),
+                               knn_file="groups_umap_knn.npz",
                                xlabel="UMAP 1", ylabel="UMAP 2", provenance=provenance)
             groups["umap_silhouette"] = um.silhouette
         except ValueError as exc:

@@ -196,6 +196,7 @@ def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None,
         axis = "UMAP" if key.endswith("umap") else "t-SNE"
         pngs[key] = scatter_png(out_dir, key, xy, labels, title=title, xlabel=f"{axis} 1", ylabel=f"{axis} 2")
         write_scatter_html(os.path.join(out_dir, f"{key}.html"), xy, labels, texts, title=title, ids=ids, knn=knn,
+                           knn_file=f"{key}_knn.npz",
                            xlabel=f"{axis} 1", ylabel=f"{axis} 2", provenance=provenance,
                            note="hover and search show token ids (position ids for positions), as the tables do")
     return pngs
