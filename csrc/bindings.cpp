@@ -189,6 +189,25 @@ PYBIND11_MODULE(_C, m) {
       if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(int64_t));
       return a;
     };
+    py::class_<embgeom::PreparedColumns, std::shared_ptr<embgeom::PreparedColumns>>(m, "PreparedColumns",
+        "Column rows prepared once (compacted, normalised for cosine, packed) for cross-mode engines")
+        .def_property_readonly("rows", [](const embgeom::PreparedColumns& c) { return c.m0; })
+        .def_property_readonly("dim", [](const embgeom::PreparedColumns& c) { return c.d; })
+        .def_property_readonly("key", [](const embgeom::PreparedColumns& c) { return c.key; });
+    m.def("prepare_columns",
+          [](const f32_in& y, const std::string& metric, const std::string& precision, int threads) {
+            EMBGEOM_CHECK(y.ndim() == 2, "y: expected (M, D), got " << y.ndim() << " dims");
+            embgeom::PairwiseOptions o;
+            o.metric = metric;
+            o.precision = precision;
+            o.block = 1;
+            o.threads = threads;
+            py::gil_scoped_release release;
+            return std::const_pointer_cast<embgeom::PreparedColumns>(
+                embgeom::prepare_columns(y.data(), y.shape(0), y.shape(1), o));
+          },
+          py::arg("y"), py::kw_only(), py::arg("metric"), py::arg("precision"), py::arg("threads"),
+          "Prepare column rows once for PairwiseEngine(x, None, columns=...) runs (cross mode)");
     py::class_<PairwiseEngine>(m, "PairwiseEngine",
         "All-pairs statistics over a deterministic tile schedule (docs/metrics.md).\n"
         "x: (N, D) float32, y: (M, D) float32 or None (self mode: pairs i < j).")
@@ -197,7 +216,8 @@ PYBIND11_MODULE(_C, m) {
                          double hi, int64_t topk, int64_t bottomk, std::optional<double> near,
                          int64_t near_k, int64_t row_topk, int64_t row_bottomk,
                          std::optional<std::pair<double, double>> outside, int64_t outside_limit,
-                         int threads, double moment_shift) {
+                         int threads, double moment_shift,
+                         std::optional<std::shared_ptr<const embgeom::PreparedColumns>> columns) {
                EMBGEOM_CHECK(x.ndim() == 2, "x: expected (N, D), got " << x.ndim() << " dims");
                const int64_t D = x.shape(1);
                if (y) {
@@ -226,6 +246,12 @@ PYBIND11_MODULE(_C, m) {
                o.outside_limit = outside_limit;
                o.threads = threads;
                o.moment_shift = moment_shift;
+               if (columns) {
+                 EMBGEOM_CHECK(!y, "y: pass either y or columns, not both");
+                 EMBGEOM_CHECK((*columns)->d == D, "x: expected (N, " << (*columns)->d << ") like the columns, got D=" << D);
+                 py::gil_scoped_release release;
+                 return std::make_unique<PairwiseEngine>(x.data(), x.shape(0), *columns, o);
+               }
                py::gil_scoped_release release;
                return std::make_unique<PairwiseEngine>(x.data(), x.shape(0), y ? y->data() : nullptr,
                                                        y ? y->shape(0) : 0, D, o);
@@ -235,7 +261,8 @@ PYBIND11_MODULE(_C, m) {
              py::arg("precision"), py::arg("block"), py::arg("bins"), py::arg("lo"), py::arg("hi"),
              py::arg("topk"), py::arg("bottomk"), py::arg("near").none(true), py::arg("near_k"),
              py::arg("row_topk"), py::arg("row_bottomk"), py::arg("outside").none(true),
-             py::arg("outside_limit"), py::arg("threads"), py::arg("moment_shift"))
+             py::arg("outside_limit"), py::arg("threads"), py::arg("moment_shift"),
+             py::arg("columns") = py::none())
         .def("num_tiles", &PairwiseEngine::num_tiles)
         .def("tile_pairs", &PairwiseEngine::tile_pairs, py::arg("begin"), py::arg("end"))
         .def("run", &PairwiseEngine::run, py::arg("begin"), py::arg("end"),

@@ -337,3 +337,14 @@ def test_many_queries_take_candidates_from_the_engine(metric, monkeypatch):
     want_v, want_i = ref_topk(x, q, 9, metric)
     assert_same_neighbours(got_v, got_i, want_v, want_i)
     assert got_i[4, :4].tolist() == [20, 21, 22, 23]
+    monkeypatch.setattr(index_module, "ENGINE_BATCH", 2)
+    # the prepared rows follow the product kernel (EMBGEOM_CPU read per run) and the rows
+    monkeypatch.setenv("EMBGEOM_CPU", "avx2")
+    v2, i2 = index.search(q, 9)
+    assert torch.equal(i2, got_i)
+    index.add(x[:50])
+    v3, i3 = index.search(q, 9)
+    want_v, want_i = ref_topk(torch.cat([x, x[:50]]), q, 9, metric)
+    assert_same_neighbours(v3, i3, want_v, want_i)
+    import pickle
+    assert torch.equal(pickle.loads(pickle.dumps(index)).search(q, 9)[1], i3)

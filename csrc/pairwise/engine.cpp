@@ -29,16 +29,13 @@ void PairwiseEngine::discard_statistics() { fused_ = skip_fused_pass; }
 // construction and schedule
 // ---------------------------------------------------------------------------------------------
 
-PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_t m, int64_t d,
-                               const PairwiseOptions& opt)
-    : opt_(opt) {
+namespace {
+
+void check_options(const PairwiseOptions& opt) {
   EMBGEOM_CHECK(opt.metric == "cosine" || opt.metric == "dot" || opt.metric == "euclidean",
                 "metric: expected 'cosine', 'dot' or 'euclidean', got '" << opt.metric << "'");
   EMBGEOM_CHECK(opt.precision == "exact" || opt.precision == "fast",
                 "precision: expected 'exact' or 'fast', got '" << opt.precision << "'");
-  EMBGEOM_CHECK(n >= 0 && d >= 1, "x: expected shape (N, D) with D >= 1, got (" << n << ", " << d << ")");
-  EMBGEOM_CHECK(y == nullptr || m >= 0, "y: bad row count " << m);
-  EMBGEOM_CHECK(n < (int64_t(1) << 31) && m < (int64_t(1) << 31), "x/y: at most 2^31-1 rows");
   EMBGEOM_CHECK(opt.block >= 1, "block: expected >= 1, got " << opt.block);
   EMBGEOM_CHECK(opt.bins >= 0, "bins: expected >= 0, got " << opt.bins);
   EMBGEOM_CHECK(opt.bins == 0 || (std::isfinite(opt.lo) && std::isfinite(opt.hi) && opt.hi > opt.lo),
@@ -53,84 +50,148 @@ PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_
                 "outside: expected (a, b) with a <= b, got (" << opt.out_a << ", " << opt.out_b << ")");
   EMBGEOM_CHECK(opt.outside_limit >= 0, "outside_limit: expected >= 0, got " << opt.outside_limit);
   EMBGEOM_CHECK(opt.threads >= 0, "threads: expected >= 0, got " << opt.threads);
+}
 
-  self_ = (y == nullptr);
-  metric_ = opt.metric == "cosine" ? 0 : (opt.metric == "dot" ? 1 : 2);
-  d_ = d;
-  bs_ = opt.block;
-  n0_ = n;
-  m0_ = self_ ? n : m;
-  const int threads = opt.threads;
-  int nthreads = 1;  // for the row loops below
+int metric_code(const std::string& metric) { return metric == "cosine" ? 0 : (metric == "dot" ? 1 : 2); }
+
+int row_threads(int threads) {
 #ifdef EMBGEOM_OPENMP
-  nthreads = threads > 0 ? threads : omp_get_max_threads();
+  return threads > 0 ? threads : omp_get_max_threads();
+#else
+  (void)threads;
+  return 1;
 #endif
+}
 
-  auto compact = [&](const char* name, const float* src, int64_t rows, std::vector<int64_t>& map,
-                     std::vector<int64_t>& inv, std::vector<float>& out, std::vector<float>& n2) {
-    std::vector<double> nrm(rows);
+// Compact rows (zero rows dropped for cosine), normalised for cosine; squared norms for euclidean.
+void compact_rows(const char* name, const float* src, int64_t rows, int64_t d, int metric, int nthreads,
+                  std::vector<int64_t>& map, std::vector<int64_t>& inv, std::vector<float>& out,
+                  std::vector<float>& n2) {
+  std::vector<double> nrm(rows);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t r = 0; r < rows; ++r) {
-      double s = 0.0;
-      const float* p = src + r * d;
-      for (int64_t k = 0; k < d; ++k) s += double(p[k]) * double(p[k]);
-      nrm[r] = s;
-    }
-    for (int64_t r = 0; r < rows; ++r)
-      EMBGEOM_CHECK(std::isfinite(nrm[r]), name << ": row " << r << " has a non-finite value or overflows");
-    inv.assign(rows, -1);
-    map.clear();
-    for (int64_t r = 0; r < rows; ++r) {
-      if (metric_ == 0 && nrm[r] == 0.0) continue;
-      inv[r] = static_cast<int64_t>(map.size());
-      map.push_back(r);
-    }
-    const int64_t c = static_cast<int64_t>(map.size());
-    out.resize(c * d);
-    n2.resize(metric_ == 2 ? c : 0);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t q = 0; q < c; ++q) {
-      const float* p = src + map[q] * d;
-      float* o = out.data() + q * d;
-      if (metric_ == 0) {
-        const double s = std::sqrt(nrm[map[q]]);
-        for (int64_t k = 0; k < d; ++k) o[k] = static_cast<float>(double(p[k]) / s);
-      } else {
-        std::memcpy(o, p, sizeof(float) * d);
-        if (metric_ == 2) n2[q] = static_cast<float>(nrm[map[q]]);
-      }
-    }
-  };
-  compact("x", x, n, xmap_, xinv_, xr_, xn2_);
-  n_ = static_cast<int64_t>(xmap_.size());
-  if (!self_) {
-    compact("y", y, m, ymap_, yinv_, yr_, yn2_);
-    m_ = static_cast<int64_t>(ymap_.size());
-  } else {
-    m_ = n_;
+  for (int64_t r = 0; r < rows; ++r) {
+    double s = 0.0;
+    const float* p = src + r * d;
+    for (int64_t k = 0; k < d; ++k) s += double(p[k]) * double(p[k]);
+    nrm[r] = s;
   }
+  for (int64_t r = 0; r < rows; ++r)
+    EMBGEOM_CHECK(std::isfinite(nrm[r]), name << ": row " << r << " has a non-finite value or overflows");
+  inv.assign(rows, -1);
+  map.clear();
+  for (int64_t r = 0; r < rows; ++r) {
+    if (metric == 0 && nrm[r] == 0.0) continue;
+    inv[r] = static_cast<int64_t>(map.size());
+    map.push_back(r);
+  }
+  const int64_t c = static_cast<int64_t>(map.size());
+  out.resize(c * d);
+  n2.resize(metric == 2 ? c : 0);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t q = 0; q < c; ++q) {
+    const float* p = src + map[q] * d;
+    float* o = out.data() + q * d;
+    if (metric == 0) {
+      const double s = std::sqrt(nrm[map[q]]);
+      for (int64_t k = 0; k < d; ++k) o[k] = static_cast<float>(double(p[k]) / s);
+    } else {
+      std::memcpy(o, p, sizeof(float) * d);
+      if (metric == 2) n2[q] = static_cast<float>(nrm[map[q]]);
+    }
+  }
+}
+
+// What prepared columns must match: the metric, precision and product kernel of the run.
+std::string columns_key(const PairwiseOptions& opt, const GemmKernel& kern) {
+  return opt.metric + "/" + opt.precision + "/" + kern.name;
+}
+
+// exact mode never rescores: the row copies are dropped (euclidean keeps them for the direct
+// distance of near-identical rows; BLAS products read them)
+bool rows_needed(const GemmKernel& kern, int metric) { return kern.bf16 || metric == 2 || kern.blas; }
+
+}  // namespace
+
+std::shared_ptr<const PreparedColumns> prepare_columns(const float* y, int64_t m, int64_t d,
+                                                       const PairwiseOptions& opt) {
+  check_options(opt);
+  EMBGEOM_CHECK(m >= 0 && m < (int64_t(1) << 31) && d >= 1, "y: expected (M, D) with M < 2^31, D >= 1");
+  const int metric = metric_code(opt.metric);
+  const int nthreads = row_threads(opt.threads);
+  const GemmKernel kern = select_kernel(opt.precision == "fast");
+  auto c = std::make_shared<PreparedColumns>();
+  c->key = columns_key(opt, kern);
+  c->m0 = m;
+  c->d = d;
+  compact_rows("y", y, m, d, metric, nthreads, c->map, c->inv, c->rows, c->n2);
+  c->m = static_cast<int64_t>(c->map.size());
+  if (!kern.blas) pack_panels(c->rows.data(), c->m, d, d, kern.nr, kern.bf16, c->panels, nthreads);
+  if (kern.bf16) c->bf16_norms = bf16_rounding_norms(c->rows.data(), c->m, d, nthreads);
+  if (!rows_needed(kern, metric)) std::vector<float>().swap(c->rows);
+  return c;
+}
+
+PairwiseEngine::PairwiseEngine(const float* x, int64_t n, const float* y, int64_t m, int64_t d,
+                               const PairwiseOptions& opt)
+    : opt_(opt) {
+  check_options(opt);
+  EMBGEOM_CHECK(y == nullptr || m >= 0, "y: bad row count " << m);
+  EMBGEOM_CHECK(n < (int64_t(1) << 31) && m < (int64_t(1) << 31), "x/y: at most 2^31-1 rows");
+  init(x, n, y == nullptr ? nullptr : prepare_columns(y, m, d, opt), d);
+}
+
+PairwiseEngine::PairwiseEngine(const float* x, int64_t n, std::shared_ptr<const PreparedColumns> columns,
+                               const PairwiseOptions& opt)
+    : opt_(opt) {
+  check_options(opt);
+  EMBGEOM_CHECK(columns != nullptr, "columns: expected prepared columns");
+  EMBGEOM_CHECK(n < (int64_t(1) << 31), "x: at most 2^31-1 rows");
+  init(x, n, std::move(columns), -1);
+}
+
+void PairwiseEngine::init(const float* x, int64_t n, std::shared_ptr<const PreparedColumns> columns,
+                          int64_t d) {
+  if (columns) d = columns->d;
+  EMBGEOM_CHECK(n >= 0 && d >= 1, "x: expected shape (N, D) with D >= 1, got (" << n << ", " << d << ")");
+  self_ = (columns == nullptr);
+  metric_ = metric_code(opt_.metric);
+  d_ = d;
+  bs_ = opt_.block;
+  n0_ = n;
+  m0_ = self_ ? n : columns->m0;
+  const int threads = opt_.threads;
+  const int nthreads = row_threads(threads);
+  compact_rows("x", x, n, d, metric_, nthreads, xmap_, xinv_, xr_, xn2_);
+  n_ = static_cast<int64_t>(xmap_.size());
+  m_ = self_ ? n_ : columns->m;
 
   isa_ = isa_level();
   fused_ = select_fused(isa_);
-  kern_ = select_kernel(opt.precision == "fast");
+  kern_ = select_kernel(opt_.precision == "fast");
   fast_ = kern_.bf16;
+  if (columns) {
+    EMBGEOM_CHECK(columns->key == columns_key(opt_, kern_),
+                  "columns: prepared for " << columns->key << ", this run needs " << columns_key(opt_, kern_));
+    ys_ = std::move(columns);
+  }
   if (!kern_.blas) {
     pack_panels(xr_.data(), n_, d, d, kern_.mr, kern_.bf16, pa_, threads);
-    pack_panels(self_ ? xr_.data() : yr_.data(), m_, d, d, kern_.nr, kern_.bf16, pb_, threads);
+    if (self_) {
+      auto own = std::make_shared<PreparedColumns>();
+      pack_panels(xr_.data(), n_, d, d, kern_.nr, kern_.bf16, own->panels, threads);
+      ys_ = std::move(own);
+    }
+  } else if (self_) {
+    ys_ = std::make_shared<PreparedColumns>();
   }
   if (fast_) {
     const RoundingNorms na = bf16_rounding_norms(xr_.data(), n_, d, nthreads);
-    const RoundingNorms nb = self_ ? na : bf16_rounding_norms(yr_.data(), m_, d, nthreads);
+    const RoundingNorms nb = self_ ? na : ys_->bf16_norms;
     err_bound_ = numerics::fast_error_bound(d, metric_ == 2, na.full, na.rounded, na.delta, nb.full,
                                             nb.rounded, nb.delta);
   }
   prime_row_bounds(nthreads);
-  // exact mode never rescores: drop the row copies (euclidean keeps them for the direct
-  // distance of near-identical rows; BLAS products read them)
-  if (!fast_ && metric_ != 2 && !kern_.blas) {
-    std::vector<float>().swap(xr_);
-    std::vector<float>().swap(yr_);
-  }
+  if (!rows_needed(kern_, metric_)) std::vector<float>().swap(xr_);
 
   nbx_ = (n_ + bs_ - 1) / bs_;
   nby_ = self_ ? nbx_ : (m_ + bs_ - 1) / bs_;
@@ -254,7 +315,7 @@ std::vector<int64_t> PairwiseEngine::excluded_cols() const {
   std::vector<int64_t> e;
   if (self_) return e;
   for (int64_t r = 0; r < m0_; ++r)
-    if (yinv_[r] < 0) e.push_back(r);
+    if (ys_->inv[r] < 0) e.push_back(r);
   return e;
 }
 
@@ -266,7 +327,7 @@ void PairwiseEngine::set_state(PairwiseState s) {
 float PairwiseEngine::transform(float dot, int64_t ci, int64_t cj) const {
   if (metric_ == 0) return std::min(std::max(dot, -1.0f), 1.0f);
   if (metric_ == 1) return dot;
-  const float s = xn2_[ci] + (self_ ? xn2_ : yn2_)[cj];
+  const float s = xn2_[ci] + (self_ ? xn2_ : ys_->n2)[cj];
   const float t = s - (dot + dot);
   if (numerics::is_near_duplicate(t, s)) return direct_distance(ci, cj);
   return std::sqrt(t);
@@ -278,7 +339,7 @@ float PairwiseEngine::direct_distance(int64_t ci, int64_t cj) const {
 
 float PairwiseEngine::exact_value(int64_t ci, int64_t cj) const {
   const float* a = xr_.data() + ci * d_;
-  const float* b = (self_ ? xr_ : yr_).data() + cj * d_;
+  const float* b = yrow(cj);
   return transform(dot_exact(a, b, d_), ci, cj);
 }
 

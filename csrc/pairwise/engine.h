@@ -83,10 +83,29 @@ RoundingNorms bf16_rounding_norms(const float* rows, int64_t n, int64_t d, int t
 
 struct FusedArgs;
 
+// The column rows of a cross-mode run, prepared (compacted, normalised for cosine, packed for
+// the product kernel) once and shared by the engines of many runs: a prepared index scans its
+// corpus without preparing it again for every batch of queries. Valid for the metric,
+// precision and product kernel it was prepared with (`key`); engines check it.
+struct PreparedColumns {
+  std::string key;                 // metric / precision / kernel name
+  int64_t m0 = 0, m = 0, d = 0;    // original and compact row counts, width
+  std::vector<int64_t> map, inv;   // compact -> original, original -> compact (-1: excluded)
+  std::vector<float> rows;         // compact fp32 rows where the kernel or rescoring reads them
+  std::vector<float> n2;           // squared norms (euclidean)
+  PackedPanels panels;             // B panels of the own kernels (empty for BLAS products)
+  RoundingNorms bf16_norms;        // fast mode: the rows' bf16 rounding (error bound)
+};
+std::shared_ptr<const PreparedColumns> prepare_columns(const float* y, int64_t m, int64_t d,
+                                                       const PairwiseOptions& opt);
+
 class PairwiseEngine {
  public:
   // x: n x d, y: m x d (nullptr = self mode), both row-major fp32, read during construction only.
   PairwiseEngine(const float* x, int64_t n, const float* y, int64_t m, int64_t d,
+                 const PairwiseOptions& opt);
+  // Cross mode against prepared columns (their key must match this engine's options).
+  PairwiseEngine(const float* x, int64_t n, std::shared_ptr<const PreparedColumns> columns,
                  const PairwiseOptions& opt);
 
   int64_t num_tiles() const { return num_tiles_; }
@@ -101,7 +120,7 @@ class PairwiseEngine {
   int64_t m() const { return self_ ? n_ : m_; }
   int64_t d() const { return d_; }
   const std::vector<int64_t>& x_map() const { return xmap_; }  // compact -> original
-  const std::vector<int64_t>& y_map() const { return self_ ? xmap_ : ymap_; }
+  const std::vector<int64_t>& y_map() const { return self_ ? xmap_ : ys_->map; }
   std::vector<int64_t> excluded_rows() const;
   std::vector<int64_t> excluded_cols() const;
   double hist_error_bound() const { return err_bound_; }
@@ -133,9 +152,9 @@ class PairwiseEngine {
   float transform(float dot, int64_t ci, int64_t cj) const;
   float direct_distance(int64_t ci, int64_t cj) const;
   const float* xrow(int64_t ci) const { return xr_.data() + ci * d_; }
-  const float* yrow(int64_t cj) const { return (self_ ? xr_ : yr_).data() + cj * d_; }
+  const float* yrow(int64_t cj) const { return (self_ ? xr_ : ys_->rows).data() + cj * d_; }
   int64_t compact_x(int64_t orig) const { return xinv_[orig]; }
-  int64_t compact_y(int64_t orig) const { return self_ ? xinv_[orig] : yinv_[orig]; }
+  int64_t compact_y(int64_t orig) const { return self_ ? xinv_[orig] : ys_->inv[orig]; }
 
   struct Tile {
     int64_t I, J;
@@ -158,15 +177,19 @@ class PairwiseEngine {
   int64_t n_ = 0, m_ = 0, d_ = 0, bs_ = 512;
   int64_t nbx_ = 0, nby_ = 0, num_tiles_ = 0;
   std::vector<int64_t> row_off_;  // self: first tile index of tile-row I
-  std::vector<int64_t> xmap_, ymap_, xinv_, yinv_;
-  std::vector<float> xr_, yr_;    // compact fp32 rows (normalised for cosine), kept for rescoring
-  std::vector<float> xn2_, yn2_;  // squared norms (euclidean)
+  std::vector<int64_t> xmap_, xinv_;
+  std::vector<float> xr_;   // compact fp32 rows (normalised for cosine), kept for rescoring
+  std::vector<float> xn2_;  // squared norms (euclidean)
+  // the column side; in self mode only its panels (x packed as B panels) are set
+  std::shared_ptr<const PreparedColumns> ys_;
+  void init(const float* x, int64_t n, std::shared_ptr<const PreparedColumns> columns, int64_t d);
   GemmKernel kern_;
   Isa isa_ = Isa::generic;
   using FusedFn = void (*)(const FusedArgs&, ThreadCtx&, float*, int64_t, int64_t, int64_t, int64_t,
                            int64_t, double*, double*);
   FusedFn fused_ = nullptr;
-  PackedPanels pa_, pb_;
+  PackedPanels pa_;
+  const PackedPanels& pb() const { return ys_->panels; }  // B panels (self mode: x's own)
   bool tile_is_cold(const ThreadCtx& c) const;
   void prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0, int64_t c1) const;
   double err_bound_ = 0.0;

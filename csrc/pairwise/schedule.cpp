@@ -60,7 +60,7 @@ void PairwiseEngine::process_tile(int64_t t, ThreadCtx& c, double* tsum, double*
       const int64_t b0 = std::max(r0, p0 * mr), b1 = std::min(r1, p1 * mr);
       // a diagonal tile needs columns j > i only: skip the B panels left of the band's first row
       const int64_t q0 = A.diag ? std::max(pb0, std::min(pb1, (b0 + 1) / nr)) : pb0;
-      gemm_tile(kern_, pa_, p0, p1, pb_, q0, pb1, c.C.data() + (q0 - pb0) * nr, ldc);
+      gemm_tile(kern_, pa_, p0, p1, pb(), q0, pb1, c.C.data() + (q0 - pb0) * nr, ldc);
       pass(c.C.data() + (b0 - p0 * mr) * ldc + coff, ldc, b0, b1);
     }
   }
@@ -82,7 +82,7 @@ FusedArgs PairwiseEngine::fused_args(const ThreadCtx& c, bool diag) const {
   A.M = static_cast<float>(err_bound_);
   if (double(A.M) < err_bound_) A.M = std::nextafter(A.M, kInf);
   A.xn2 = xn2_.data();
-  A.yn2 = self_ ? xn2_.data() : yn2_.data();
+  A.yn2 = self_ ? xn2_.data() : ys_->n2.data();
   A.bins = opt_.bins;
   A.lo = opt_.lo;
   A.hi = opt_.hi;

@@ -18,6 +18,11 @@ def _mask_u8(mask):
     return None if mask is None else mask.to(torch.uint8).contiguous().numpy()
 
 
+def prepare_columns(y: torch.Tensor, metric: str, precision: str, threads: int = 0):
+    """y's rows prepared once for cross-mode engines (CppEngine(..., columns=...))."""
+    return cpp().prepare_columns(_f32(y), metric=metric, precision=precision, threads=threads)
+
+
 def cone_unit_sums(x: torch.Tensor, mask: torch.Tensor | None):
     sums, used, zero = cpp().cone_unit_sums(_f32(x), _mask_u8(mask))
     return torch.from_numpy(sums), torch.from_numpy(used), torch.from_numpy(zero)
@@ -38,11 +43,17 @@ class CppEngine:
 
     name = "cpp"
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, threads: int = 0):
-        self._x, self._y = _f32(x), None if y is None else _f32(y)  # keep buffers alive
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, threads: int = 0,
+                 columns=None):
+        """columns: an embgeom._C.PreparedColumns of y (prepare_columns): y's rows are not
+        prepared again (y then only gives the moment shift and the column count)."""
+        self._x = _f32(x)  # keep the buffer alive
+        self._y = None if (y is None or columns is not None) else _f32(y)
         self._n, self._m = x.shape[0], None if y is None else y.shape[0]
-        self._engine = cpp().PairwiseEngine(
-            self._x, self._y, **binding_options(cfg, threads=threads, moment_shift=moment_shift(x, y, cfg.metric)))
+        options = binding_options(cfg, threads=threads, moment_shift=moment_shift(x, y, cfg.metric))
+        if columns is not None:
+            options["columns"] = columns
+        self._engine = cpp().PairwiseEngine(self._x, self._y, **options)
 
     @property
     def kernel(self) -> str:
