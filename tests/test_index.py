@@ -310,8 +310,9 @@ def test_bfloat16_index_without_bf16_instructions_scans_float32(metric, monkeypa
     assert_same_neighbours(*index.search(q, 9), want_v, want_i)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
-def test_many_queries_take_candidates_from_the_engine(metric, monkeypatch):
+def test_many_queries_take_candidates_from_the_engine(metric, dtype, monkeypatch):
     """From ENGINE_BATCH queries a float32 cosine / dot search takes its candidates from the C++
     engine's per-row lists: the same ids and values as the torch scan, and as float64."""
     x = make_rows(700, 40, zero=(0, 5), dup=((3, 7), (11, 699)))
@@ -320,7 +321,7 @@ def test_many_queries_take_candidates_from_the_engine(metric, monkeypatch):
     q[2] = 0  # a zero query: no neighbours under cosine
     x[20] = x[21] = x[22] = x[23]  # equal rows: ties to the smaller id
     q[4] = x[20]
-    index = Index(x, metric=metric)
+    index = Index(x, metric=metric, dtype=dtype)
     taken = []
     original = Index._engine_candidates
 

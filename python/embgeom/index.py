@@ -149,7 +149,7 @@ class Index:
         self.device = validation.device(device) if device is not None else x.device
         self.d = int(x.shape[1])
         self._lock = threading.Lock()
-        self._columns = None  # (snapshot, the C++ engine's prepared rows), see _engine_columns
+        self._columns = None  # (snapshot, precision, the C++ engine's prepared rows): _engine_columns
         # by default the index keeps its own copy: a caller's later writes cannot reach it
         rows = x.detach().to(self.device, torch.float32, copy=bool(copy)).contiguous()
         self._store = self._prepare(rows, None, 0)
@@ -397,10 +397,11 @@ class Index:
         """The kk best scan values and ids of every query from the C++ engine (ENGINE_BATCH), as
         (values (Q, kk) float32, ids (Q, kk) int64), NaN / -1 past a query's count; None where
         that path does not apply. The engine's values are fp32 products of the float32 rows
-        (unit rows for cosine, rounded once more than the scan's): within the same margin of
-        the exact value (docs/metrics.md, prepared index)."""
-        if (qscan.shape[0] < ENGINE_BATCH or qscan.device.type != "cpu" or qscan.dtype != torch.float32
-                or self.metric not in ("cosine", "dot")):
+        (unit rows for cosine, rounded once more than the scan's) and the scan query: within
+        the scan's margin of the exact value (docs/metrics.md, prepared index). A bf16 scan
+        runs the engine's bf16 product (`fast`), whose lists hold the same fp32 values."""
+        if (qscan.shape[0] < ENGINE_BATCH or qscan.device.type != "cpu"
+                or qscan.dtype not in (torch.float32, torch.bfloat16) or self.metric not in ("cosine", "dot")):
             return None
         from .backends.cpp import CppEngine
         from .backends.registry import cpp
@@ -408,29 +409,30 @@ class Index:
 
         if not hasattr(cpp(), "prepare_columns"):
             return None
+        precision = "fast" if qscan.dtype == torch.bfloat16 else "exact"
         cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=kk,
-                          row_bottomk=0, outside=None)
-        corpus = st.rows[:st.n]
+                          row_bottomk=0, outside=None, precision=precision)
+        corpus, q = st.rows[:st.n], qscan.float()
         try:
-            engine = CppEngine(qscan, corpus, cfg, columns=self._engine_columns(st))
+            engine = CppEngine(q, corpus, cfg, columns=self._engine_columns(st, precision))
         except ValueError:  # prepared for another product kernel (EMBGEOM_CPU changed): again
             self._columns = None
-            engine = CppEngine(qscan, corpus, cfg, columns=self._engine_columns(st))
+            engine = CppEngine(q, corpus, cfg, columns=self._engine_columns(st, precision))
         engine.run(0, engine.num_tiles())
         values, ids = engine.state().row_top
         return torch.from_numpy(values), torch.from_numpy(ids)
 
-    def _engine_columns(self, st: _Store):
+    def _engine_columns(self, st: _Store, precision: str):
         """The engine's prepared copy of this snapshot's rows (packed panels: as many bytes as
-        the float32 rows again), made by the first search that takes the engine path and kept
-        until the rows change."""
+        the float32 rows again, half for bf16), made by the first search that takes the engine
+        path and kept until the rows change."""
         from .backends.cpp import prepare_columns
 
         cached = self._columns
-        if cached is None or cached[0] is not st:
-            cached = (st, prepare_columns(st.rows[:st.n], self.metric, "exact"))
+        if cached is None or cached[0] is not st or cached[1] != precision:
+            cached = (st, precision, prepare_columns(st.rows[:st.n], self.metric, precision))
             self._columns = cached  # (a concurrent search may prepare its own: either is right)
-        return cached[1]
+        return cached[2]
 
     def _search_block(self, st, q64, qscan, qsq, margin, k, kk, nc, cand=None):
         Qb, n = q64.shape[0], st.n
