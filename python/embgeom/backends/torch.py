@@ -13,7 +13,7 @@ import torch
 
 from ..engine.config import DEFAULTS, PairwiseConfig
 from ..engine.lists import better_extreme, merge_pairs, merge_rows, select_smallest
-from ..engine.state import EngineState, list_limits, to_numpy, moments_from_shifted, shifted_from_moments
+from ..engine.state import EngineState, list_limits, to_numpy
 from ..numerics import LIST_KINDS, NEAR_DUPLICATE_TAU, bin_index, direct_distance, moment_shift, order_key, unit_rows
 from .registry import register
 
@@ -85,12 +85,12 @@ class TorchEngine:
 
     def state(self) -> EngineState:
         out = self._state.copy()
-        out.count, out.mean, out.m2 = moments_from_shifted(out.count, self.shift, *self._sums)
+        out.set_shifted(out.count, self.shift, *self._sums)
         return out
 
     def load_state(self, state: EngineState) -> None:
         self._state = state.copy()
-        self._sums = list(shifted_from_moments(state.count, state.mean, state.m2, self.shift))
+        self._sums = list(state.shifted_sums(self.shift))
 
     def run(self, begin: int, end: int) -> None:
         if begin != self._state.tiles_done:

@@ -15,7 +15,7 @@ import torch
 
 from ..engine.config import PairwiseConfig
 from ..engine.lists import merge_pairs
-from ..engine.state import EngineState, list_limits, to_numpy, moments_from_shifted, shifted_from_moments
+from ..engine.state import EngineState, list_limits, to_numpy
 from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, f32_down, f32_up, fast_error_bound, moment_shift,
                         rounding_norms, unit_rows)
 from .gpu_candidates import NUM_BUFFERS, Candidates
@@ -204,7 +204,7 @@ class TritonEngine(Thresholds, Candidates):
         cfg = self.cfg
         st = EngineState.empty(cfg, self.n, None if self.self_mode else self.m)
         st.tiles_done = self.tiles_done
-        st.count, st.mean, st.m2 = moments_from_shifted(int(self.count), self.shift, *self.sums.tolist())
+        st.set_shifted(int(self.count), self.shift, *self.sums.tolist())
         if self.bins:
             st.hist = to_numpy(self.hist).astype(np.int64)
         limits = dict(list_limits(cfg), near=self.kinds_k["near"], outside_pairs=self.kinds_k["outside_pairs"])
@@ -232,7 +232,7 @@ class TritonEngine(Thresholds, Candidates):
         self._reset_accumulators()
         self.tiles_done = int(state.tiles_done)
         self.count.fill_(int(state.count))
-        sums = shifted_from_moments(int(state.count), state.mean, state.m2, self.shift)
+        sums = state.shifted_sums(self.shift)
         self.sums.copy_(torch.tensor(sums, dtype=torch.float64))
         if self.bins:
             self.hist.copy_(torch.as_tensor(np.asarray(state.hist), dtype=torch.int64))

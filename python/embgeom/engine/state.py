@@ -19,7 +19,7 @@ from ..results import Histogram, Outside, PairList, PairwiseStats, RowTopK
 from .config import PairwiseConfig
 from .lists import better_extreme, merge_pairs, merge_rows
 
-STATE_VERSION = 3  # 3: to_record / from_record (checkpoint format 3)
+STATE_VERSION = 4  # 3: to_record / from_record (checkpoint format 3); 4: the exact shifted sums
 
 
 def to_numpy(t) -> np.ndarray:
@@ -84,6 +84,12 @@ class EngineState:
     count: int = 0
     mean: float = 0.0
     m2: float = 0.0
+    # The sums (count, mean, m2) came from, around moment_shift, where the engine keeps them
+    # (NaN otherwise): a resumed run continues from these exactly, where converting back from
+    # (mean, m2) would round (set_shifted / shifted_sums)
+    moment_shift: float = math.nan
+    shifted_sum: float = math.nan
+    shifted_sumsq: float = math.nan
     min: tuple | None = None
     max: tuple | None = None
     hist: np.ndarray | None = None
@@ -125,8 +131,22 @@ class EngineState:
         return out
 
     def to_fields(self) -> dict:
-        """Plain dict of every field but n and m (what the C++ engine's load_state takes)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("n", "m")}
+        """Plain dict of every field but n, m and the shifted sums (what the C++ engine's
+        load_state takes)."""
+        skip = ("n", "m", "moment_shift", "shifted_sum", "shifted_sumsq")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+    def set_shifted(self, count: int, shift: float, s1: float, s2: float) -> None:
+        """count, mean and m2 from an engine's shifted sums, which are kept as well."""
+        self.count, self.mean, self.m2 = moments_from_shifted(int(count), shift, s1, s2)
+        self.moment_shift, self.shifted_sum, self.shifted_sumsq = float(shift), float(s1), float(s2)
+
+    def shifted_sums(self, shift: float) -> tuple[float, float]:
+        """(s1, s2) around `shift`: the kept sums where they are around that shift, else
+        converted from (count, mean, m2)."""
+        if self.moment_shift == shift and math.isfinite(self.shifted_sum) and math.isfinite(self.shifted_sumsq):
+            return self.shifted_sum, self.shifted_sumsq
+        return shifted_from_moments(self.count, self.mean, self.m2, shift)
 
     # checkpoints: arrays of fixed dtypes + JSON, no pickle ----------------------------------------
     def to_record(self) -> tuple[dict, dict[str, np.ndarray]]:
@@ -235,6 +255,7 @@ class EngineState:
     # reductions -------------------------------------------------------------------------------
     def add_moments(self, count: int, mean: float, m2: float) -> None:
         self.count, self.mean, self.m2 = chan_merge(self.count, self.mean, self.m2, int(count), float(mean), float(m2))
+        self.moment_shift = self.shifted_sum = self.shifted_sumsq = math.nan  # no longer these sums
 
     def merge(self, other: "EngineState", cfg: PairwiseConfig) -> "EngineState":
         """The reductions of two disjoint tile sets of the same matrix (a new state)."""
@@ -344,7 +365,7 @@ class EngineState:
 
 
 INT_SCALARS = ("tiles_done", "count", "outside_count")
-FLOAT_SCALARS = ("mean", "m2", "hist_error_bound")
+FLOAT_SCALARS = ("mean", "m2", "hist_error_bound", "moment_shift", "shifted_sum", "shifted_sumsq")
 # every array a state may hold, with its one dtype (to_record casts to it, from_record requires it)
 ARRAYS = {
     **{f"{kind}.{p}": np.dtype(np.float64 if p == "v" else np.int64) for kind in LIST_KINDS for p in "vij"},
