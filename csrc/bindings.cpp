@@ -307,6 +307,9 @@ PYBIND11_MODULE(_C, m) {
           d["count"] = s.count;
           d["mean"] = s.mean;
           d["m2"] = s.m2;
+          d["moment_shift"] = s.moment_shift;
+          d["shifted_sum"] = s.shifted_sum;
+          d["shifted_sumsq"] = s.shifted_sumsq;
           d["min"] = pair(s.has_min, s.min);
           d["max"] = pair(s.has_max, s.max);
           d["hist"] = s.hist.empty() ? py::object(py::none()) : py::object(vec_i64(s.hist));
@@ -334,6 +337,9 @@ PYBIND11_MODULE(_C, m) {
           s.count = get("count").cast<int64_t>();
           s.mean = get("mean").cast<double>();
           s.m2 = get("m2").cast<double>();
+          for (auto [key, dst] : {std::pair<const char*, double*>{"moment_shift", &s.moment_shift},
+                                  {"shifted_sum", &s.shifted_sum}, {"shifted_sumsq", &s.shifted_sumsq}})
+            if (d.contains(key)) *dst = d[key].cast<double>();  // optional: older states lack them
           auto pair = [&](const char* name, bool& has, embgeom::OrigPair& p) {
             py::object o = get(name);
             has = !o.is_none();

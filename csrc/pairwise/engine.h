@@ -60,6 +60,11 @@ struct OrigPair {
 struct ExportedState {
   int64_t tiles_done = 0, count = 0;
   double mean = 0.0, m2 = 0.0;
+  // the shifted sums mean and m2 came from (NaN: unknown); an import around the same shift
+  // takes them as they are, so a resumed run continues exactly
+  double moment_shift = std::numeric_limits<double>::quiet_NaN();
+  double shifted_sum = std::numeric_limits<double>::quiet_NaN();
+  double shifted_sumsq = std::numeric_limits<double>::quiet_NaN();
   bool has_min = false, has_max = false;
   OrigPair min, max;
   std::vector<int64_t> hist;  // bins + 2 slots, empty when no histogram

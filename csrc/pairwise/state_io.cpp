@@ -21,6 +21,9 @@ ExportedState PairwiseEngine::export_state() const {
       numerics::moments_from_shifted(s.count, opt_.moment_shift, s.shifted_sum, s.shifted_sumsq);
   o.mean = m.mean;
   o.m2 = m.m2;
+  o.moment_shift = opt_.moment_shift;
+  o.shifted_sum = s.shifted_sum;
+  o.shifted_sumsq = s.shifted_sumsq;
   auto pair = [&](const PairEntry& e) { return OrigPair{double(e.v), xm[e.i], ym[e.j]}; };
   if (!s.min1.e.empty()) {
     o.has_min = true;
@@ -83,8 +86,13 @@ void PairwiseEngine::import_state(const ExportedState& in) {
                 "state: tiles_done " << s.tiles_done << " outside [0, " << num_tiles_ << "]");
   s.count = in.count;
   EMBGEOM_CHECK(s.count >= 0, "state: count must be >= 0, got " << s.count);
-  numerics::shifted_from_moments(s.count, opt_.moment_shift, numerics::Moments{in.mean, in.m2},
-                                 &s.shifted_sum, &s.shifted_sumsq);
+  if (in.moment_shift == opt_.moment_shift && std::isfinite(in.shifted_sum) && std::isfinite(in.shifted_sumsq)) {
+    s.shifted_sum = in.shifted_sum;
+    s.shifted_sumsq = in.shifted_sumsq;
+  } else {
+    numerics::shifted_from_moments(s.count, opt_.moment_shift, numerics::Moments{in.mean, in.m2},
+                                   &s.shifted_sum, &s.shifted_sumsq);
+  }
   using numerics::ListKind;
   auto offer = [&](PairList& dst, ListKind kind, const OrigPair& p) {
     const float v = static_cast<float>(p.v);

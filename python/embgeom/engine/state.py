@@ -131,10 +131,8 @@ class EngineState:
         return out
 
     def to_fields(self) -> dict:
-        """Plain dict of every field but n, m and the shifted sums (what the C++ engine's
-        load_state takes)."""
-        skip = ("n", "m", "moment_shift", "shifted_sum", "shifted_sumsq")
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        """Plain dict of every field but n and m (what the C++ engine's load_state takes)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("n", "m")}
 
     def set_shifted(self, count: int, shift: float, s1: float, s2: float) -> None:
         """count, mean and m2 from an engine's shifted sums, which are kept as well."""
