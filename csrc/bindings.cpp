@@ -262,7 +262,7 @@ PYBIND11_MODULE(_C, m) {
              py::arg("topk"), py::arg("bottomk"), py::arg("near").none(true), py::arg("near_k"),
              py::arg("row_topk"), py::arg("row_bottomk"), py::arg("outside").none(true),
              py::arg("outside_limit"), py::arg("threads"), py::arg("moment_shift"),
-             py::arg("columns") = py::none())
+             py::arg("columns").none(true))
         .def("num_tiles", &PairwiseEngine::num_tiles)
         .def("tile_pairs", &PairwiseEngine::tile_pairs, py::arg("begin"), py::arg("end"))
         .def("run", &PairwiseEngine::run, py::arg("begin"), py::arg("end"),

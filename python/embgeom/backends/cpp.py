@@ -32,10 +32,11 @@ def row_entropy(attn: torch.Tensor, mask: torch.Tensor | None, smoothing: float 
     return torch.from_numpy(cpp().attention_row_entropy(_f32(attn), _mask_u8(mask), float(smoothing)))
 
 
-def binding_options(cfg: PairwiseConfig, *, threads: int = 0, moment_shift: float = 0.0) -> dict:
+def binding_options(cfg: PairwiseConfig, *, threads: int = 0, moment_shift: float = 0.0, columns=None) -> dict:
     """The keywords of embgeom._C.PairwiseEngine (which has no defaults): the config's fields,
-    the OpenMP thread count (0 = its default) and the moment shift (docs/metrics.md, moments)."""
-    return {**cfg.describe(), "threads": threads, "moment_shift": moment_shift}
+    the OpenMP thread count (0 = its default), the moment shift (docs/metrics.md, moments) and
+    the prepared columns of a cross-mode run (None: y's rows, or self mode)."""
+    return {**cfg.describe(), "threads": threads, "moment_shift": moment_shift, "columns": columns}
 
 
 class CppEngine:
@@ -50,9 +51,8 @@ class CppEngine:
         self._x = _f32(x)  # keep the buffer alive
         self._y = None if (y is None or columns is not None) else _f32(y)
         self._n, self._m = x.shape[0], None if y is None else y.shape[0]
-        options = binding_options(cfg, threads=threads, moment_shift=moment_shift(x, y, cfg.metric))
-        if columns is not None:
-            options["columns"] = columns
+        options = binding_options(cfg, threads=threads, moment_shift=moment_shift(x, y, cfg.metric),
+                                  columns=columns)
         self._engine = cpp().PairwiseEngine(self._x, self._y, **options)
 
     @property
