@@ -20,7 +20,7 @@ import torch
 
 from ...progress import as_progress
 from .mentions import Document
-from .word_heads import fitting_order, word_attention_batches, word_pieces
+from .word_heads import fitting_order, word_attention_batches, word_setup
 
 
 def targets(doc: Document) -> list[tuple[int, list[int]]]:
@@ -48,15 +48,9 @@ def coreference_heads(model, tokenizer, docs: list[Document], *, batch_size: int
     """The report.json block `coref` (docs/metrics.md, `embgeom coref`). Documents longer than
     the model's maximum (or max_length) in tokens are skipped and counted, as `embgeom syntax`
     skips long sentences."""
-    from ..text.trace import model_max_length
-
-    if batch_size < 1:
-        raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
     start = time.perf_counter()
-    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    L, H, limit, pieces = word_setup(model, tokenizer, [d.tokens for d in docs], batch_size, max_length)
     K = L * H
-    limit = model_max_length(model, tokenizer, max_length)
-    pieces = word_pieces(tokenizer, [d.tokens for d in docs])
     order, lengths = fitting_order(pieces, limit)
     skipped = [docs[i].name for i in sorted(set(range(len(docs))) - set(order))]
     correct = torch.zeros(K, dtype=torch.float64)

@@ -56,6 +56,17 @@ def fitting_order(pieces: list[list[list[int]]], limit: int) -> tuple[list[int],
     return order, lengths
 
 
+def word_setup(model, tokenizer, word_lists: list[list[str]], batch_size: int, max_length: int | None):
+    """What every word-attention analysis starts from: (L, H, the token limit, each text's
+    word pieces); ValueError for a batch size below 1."""
+    from ..text.trace import model_max_length
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    return L, H, model_max_length(model, tokenizer, max_length), word_pieces(tokenizer, word_lists)
+
+
 def word_attention_batches(model, tokenizer, pieces, order, lengths, *, batch_size: int, bar=None):
     """The forward passes behind every word-level analysis: the texts `order` (indices into
     pieces / lengths) in batches of batch_size, each as [CLS] pieces [SEP] with token types 0.
@@ -135,15 +146,9 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
     layers, depths and heads). word_maps, if a list, is filled with one entry per sentence: its
     (L*H, W+1, W+1) float32 word-to-word map over [CLS] (index 0, the probe's ROOT) and its words
     ([SEP] dropped), None if skipped."""
-    from ..text.trace import model_max_length
-
-    if batch_size < 1:
-        raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
     start = time.perf_counter()
-    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    L, H, limit, pieces = word_setup(model, tokenizer, [s.words for s in sentences], batch_size, max_length)
     K = L * H
-    limit = model_max_length(model, tokenizer, max_length)
-    pieces = word_pieces(tokenizer, [s.words for s in sentences])
     rel_names = sorted({r for s in sentences for r in s.relations})
     rel_id = {r: i for i, r in enumerate(rel_names)}
     R = len(rel_names)
