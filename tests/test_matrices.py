@@ -176,11 +176,3 @@ def test_numerical_rank_tolerance():
     assert int(numerical_rank(s, 20, 12, float(np.finfo(np.float64).eps))) == \
         np.linalg.matrix_rank(M32.astype(np.float64)) == 12
     assert int(numerical_rank(torch.zeros(4), 4, 4, 1e-7)) == 0
-
-
-def test_decompositions_split_across_threads_give_the_same_values():
-    from embgeom.analysis.heads.matrices import _split
-
-    a = torch.softmax(torch.randn(5, 3, 70, 70, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), -1)
-    assert torch.equal(_split(torch.linalg.eigvals, a), torch.linalg.eigvals(a))
-    assert torch.equal(_split(torch.linalg.svdvals, a), torch.linalg.svdvals(a))

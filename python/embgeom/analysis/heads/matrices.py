@@ -18,23 +18,6 @@ import torch
 from .measures import k90, skew_fraction
 
 SMALL_SINGULAR = 1e-3
-# Batched eigvals / svdvals on the CPU decompose one small matrix after another on one core
-# (LAPACK per matrix); split across the intra-op threads they run about 1.7x faster on 2 cores.
-# Each matrix is decomposed by the same routine either way, so the values do not change.
-_pool = None
-
-
-def _split(fn, a: torch.Tensor) -> torch.Tensor:
-    """fn over the leading dimension of a, in up to torch.get_num_threads() parallel parts."""
-    global _pool
-    parts = min(torch.get_num_threads(), a.shape[0])
-    if a.device.type != "cpu" or parts < 2 or a[0].numel() < 64 * 64:
-        return fn(a)
-    if _pool is None or _pool._max_workers < parts:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _pool = ThreadPoolExecutor(parts, thread_name_prefix="embgeom-linalg")
-    return torch.cat(list(_pool.map(fn, torch.tensor_split(a, parts))))
 K90_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 # ||q||, ||k||, ||v||: 20 log-spaced bins per decade over [1e-3, 1e4], plus under/overflow
 NORM_EDGES = torch.logspace(-3, 4, 141, dtype=torch.float64)
@@ -74,9 +57,9 @@ def block_measures(a: torch.Tensor, eps: float | None = None) -> dict[str, torch
     nrm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
     unit = a / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
     cone = torch.linalg.vector_norm(unit.sum(-2), dim=-1) / n
-    sv = _split(torch.linalg.svdvals, a)
+    sv = torch.linalg.svdvals(a)
     small = (sv < SMALL_SINGULAR).sum(-1).double()
-    lam = _split(torch.linalg.eigvals, a).abs()
+    lam = torch.linalg.eigvals(a).abs()
     total = torch.sqrt((lam * lam).sum(-1, keepdim=True))
     v = lam / torch.where(total > 0, total, torch.ones_like(total))
     out = {"rows_cone": cone, "small_singular": small, "von_neumann": -torch.special.xlogy(v, v).sum(-1)}
@@ -246,16 +229,16 @@ class MatricesAccumulator:
                 idx = [positions[i] for i in texts]
                 heads = torch.stack([b.head_outputs[l][i][p] for i, p in zip(texts, idx)])    # (k, n, H, d_h)
                 d = heads.shape[-1]
-                sv = _split(torch.linalg.svdvals, heads.double().permute(0, 2, 1, 3))
+                sv = torch.linalg.svdvals(heads.double().permute(0, 2, 1, 3))
                 self.ranks["head_output"][l] += numerical_rank(sv, n, d, eps).sum(0)
                 out = torch.stack([b.hidden_states[l + 1][i][p] for i, p in zip(texts, idx)]).double()
-                sv = _split(torch.linalg.svdvals, out)
+                sv = torch.linalg.svdvals(out)
                 self.ranks["layer_output"][l] += numerical_rank(sv, n, out.shape[-1], eps).sum()
                 if v_all is not None:
                     self.v_seen = True
                     v = torch.stack([v_all[i][p] for i, p in zip(texts, idx)]).double()
                     v = v.view(len(texts), n, self.H, -1).permute(0, 2, 1, 3)               # (k, H, n, d_h)
-                    sv = _split(torch.linalg.svdvals, v)
+                    sv = torch.linalg.svdvals(v)
                     self.ranks["v"][l] += numerical_rank(sv, n, v.shape[-1], eps).sum(0)
 
     def k90_quantiles(self) -> torch.Tensor:
