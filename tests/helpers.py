@@ -368,3 +368,24 @@ def untitled_plotly_axes(folder):
         if not (layout.get("title") or {}).get("text"):
             bad.append((page.name, "figure title"))
     return bad, pages
+
+
+def save_pieces_bert(path, words, extra_tokens, *, seed: int, hidden: int, heads: int) -> str:
+    """A tiny random 2-layer BERT saved at `path` whose vocabulary splits every alphabetic word
+    longer than 4 letters into 2 pieces (vocabulary: the specials, extra_tokens, then the pieces);
+    model_max_length 64."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *extra_tokens]
+    for w in words:
+        if w.isalpha():
+            vocab += [w[:3], "##" + w[3:]] if len(w) > 4 else [w]
+    vocab = list(dict.fromkeys(vocab))
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tok.model_max_length = 64
+    tok.save_pretrained(str(path))
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                     intermediate_size=2 * hidden, max_position_embeddings=64, attn_implementation="eager")
+    BertModel(cfg).save_pretrained(str(path), safe_serialization=True)
+    return str(path)

@@ -13,6 +13,7 @@ import torch
 
 from embgeom.analysis.syntax import coreference, mentions
 from embgeom.cli import main
+from helpers import save_pieces_bert
 
 SAMPLE = mentions.sample_path()
 
@@ -24,25 +25,11 @@ def _lines(path=SAMPLE):
 @pytest.fixture(scope="module")
 def pieces_bert(tmp_path_factory):
     """2 layers x 3 heads, hidden 48; words longer than 4 letters split into 2 pieces."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
     from embgeom import load_model
 
     words = sorted({w.lower() for d in _lines() for w in d["tokens"]})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","]
-    for w in words:
-        if w.isalpha():
-            vocab += [w[:3], "##" + w[3:]] if len(w) > 4 else [w]
-    vocab = list(dict.fromkeys(vocab))
-    path = tmp_path_factory.mktemp("coref_bert")
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    tok.model_max_length = 64
-    tok.save_pretrained(str(path))
-    torch.manual_seed(3)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                     intermediate_size=96, max_position_embeddings=64, attn_implementation="eager")
-    BertModel(cfg).save_pretrained(str(path), safe_serialization=True)
-    return str(path), load_model(str(path))
+    path = save_pieces_bert(tmp_path_factory.mktemp("coref_bert"), words, [".", ","], seed=3, hidden=48, heads=3)
+    return path, load_model(path)
 
 
 def _numpy_word_map(model, tokenizer, words):

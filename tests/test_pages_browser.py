@@ -67,6 +67,23 @@ def _click_row(page, row):
     page.mouse.click(box["x"] + x, box["y"] + y)
 
 
+def _zoom_and_reset(page, wait_ms):
+    """The wheel over the plot's centre narrows the x range; a double click restores the view.
+    Returns the view's ranges before."""
+    before = _ranges(page)
+    box = page.locator("#plot").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, -400)
+    page.wait_for_timeout(wait_ms)
+    zoomed = _ranges(page)
+    assert zoomed != before, "the wheel did not zoom the scatter"
+    assert zoomed[0][1] - zoomed[0][0] < before[0][1] - before[0][0], "the wheel did not zoom the scatter"
+    page.dblclick("#plot .nsewdrag")
+    page.wait_for_timeout(wait_ms)
+    assert np.allclose(_ranges(page), before), "a double click did not reset the view"
+    return before
+
+
 def _listed(page):
     return [int(a.get_attribute("data-j")) for a in page.query_selector_all("#info a[data-j]")]
 
@@ -81,17 +98,7 @@ def test_projection_page_zoom_search_neighbours(browser, tmp_path):
                  "--method", "tsne", "--perplexity", "5", "--seed", "1", "--out", str(out), "--quiet"]) == 0
     knn = np.load(out / "knn.npz")
     page, errors, requests = _open(browser, out / "projection.html")
-    before = _ranges(page)
-    box = page.locator("#plot").bounding_box()
-    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    page.mouse.wheel(0, -400)
-    page.wait_for_timeout(300)
-    zoomed = _ranges(page)
-    assert zoomed != before, "the wheel did not zoom the scatter"
-    assert zoomed[0][1] - zoomed[0][0] < before[0][1] - before[0][0]
-    page.dblclick("#plot .nsewdrag")
-    page.wait_for_timeout(300)
-    assert np.allclose(_ranges(page), before), "a double click did not reset the view"
+    before = _zoom_and_reset(page, 300)
     page.fill("#q", "tok17")
     page.press("#q", "Enter")
     assert page.text_content("#found") == "1 match"
@@ -285,16 +292,7 @@ def test_demo_page_in_browser(browser, path):
 def _demo_scatter(page, path):
     data = scatter_page(path)
     page.wait_for_selector("#plot[data-ready='1']", timeout=120000)
-    before = _ranges(page)
-    box = page.locator("#plot").bounding_box()
-    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    page.mouse.wheel(0, -400)
-    page.wait_for_timeout(500)
-    zoomed = _ranges(page)
-    assert zoomed[0][1] - zoomed[0][0] < before[0][1] - before[0][0], "the wheel did not zoom the scatter"
-    page.dblclick("#plot .nsewdrag")
-    page.wait_for_timeout(500)
-    assert np.allclose(_ranges(page), before), "a double click did not reset the view"
+    _zoom_and_reset(page, 500)
     knn = _page_knn(path, data)
     want = (lambda i: [j for j in knn[0][i, :knn[1].shape[1]].tolist() if j >= 0]) if knn else (lambda i: [])
     row, query = _unique_query(data)

@@ -12,6 +12,7 @@ import torch
 
 from embgeom.analysis.syntax import treebank, word_heads
 from embgeom.cli import main
+from helpers import save_pieces_bert
 
 SAMPLE = treebank.sample_path()
 
@@ -19,29 +20,12 @@ SAMPLE = treebank.sample_path()
 @pytest.fixture(scope="module")
 def pieces_bert(tmp_path_factory):
     """2 layers x 4 heads, hidden 64; words longer than 4 letters split into 2 pieces."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
     from embgeom import load_model
 
     words = sorted({w.lower() for s in treebank.read_conllu(SAMPLE) for w in s.words})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "'", "s"]
-    for w in words:
-        if not w.isalpha():
-            continue
-        if len(w) > 4:
-            vocab += [w[:3], "##" + w[3:]]
-        else:
-            vocab.append(w)
-    vocab = list(dict.fromkeys(vocab))
-    path = tmp_path_factory.mktemp("pieces_bert")
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    tok.model_max_length = 64
-    tok.save_pretrained(str(path))
-    torch.manual_seed(1)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=128, max_position_embeddings=64, attn_implementation="eager")
-    BertModel(cfg).save_pretrained(str(path), safe_serialization=True)
-    return str(path), load_model(str(path))
+    path = save_pieces_bert(tmp_path_factory.mktemp("pieces_bert"), words, [".", ",", "?", "'", "s"],
+                            seed=1, hidden=64, heads=4)
+    return path, load_model(path)
 
 
 def _word_level(A, spans):
