@@ -11,7 +11,7 @@ from ..analysis.syntax.coreference import coreference_heads
 from ..analysis.syntax.mentions import read_mentions
 from ..io import check_output_folder, output_folder
 from ..report.coref_page import write_coref_report
-from .model_options import add_model_options, check_batch_size, progress_for
+from .model_options import add_model_options, check_batch_size, finish_report, progress_for
 
 FORMAT = ("one JSON object per line: {\"tokens\": [words], \"clusters\": [[[start, end], ...], ...]}, "
           "spans 0-based word indices with END INCLUSIVE ([i, i] is the one word i); [start, end, head] "
@@ -34,7 +34,6 @@ def main(args) -> int:
     from ..formatting import fmt, seconds
     from ..models import DEFAULT_MODEL, load_model
     from ..provenance import Provenance
-    from ..report import write_json
 
     prov = Provenance(args, inputs={"MENTIONS": args.mentions})
     prog = progress_for(args, "embgeom coref")
@@ -50,11 +49,7 @@ def main(args) -> int:
         report = {"model": args.model or DEFAULT_MODEL, "mentions": os.path.abspath(args.mentions),
                   "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
                   "coref": block}
-        with prog.phase("plots and page"):
-            report["provenance"] = prov.record()
-            write_coref_report(out, report)
-        report["provenance"] = prov.record()
-        write_json(os.path.join(out, "report.json"), report)
+        finish_report(out, report, prov, prog, lambda: write_coref_report(out, report))
     if block["skipped_too_long"]:
         print(f"embgeom coref: note: {fmt(block['skipped_too_long'])} documents longer than the model's "
               f"maximum were skipped (report.json coref.skipped names them)", file=sys.stderr)

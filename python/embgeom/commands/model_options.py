@@ -1,6 +1,6 @@
 """The flags every model-running command shares (--model, --device, --quiet; --batch-size,
 --max-length and --no-progress for the commands that run texts through the model): one wording,
-one check; and the progress display they ask for."""
+one check; the progress display they ask for; and how they finish a report folder."""
 from __future__ import annotations
 
 import argparse
@@ -48,3 +48,17 @@ def progress_for(args, prefix: str):
 def check_batch_size(args) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
+
+
+def finish_report(out: str, report: dict, prov, prog, write_page) -> None:
+    """The page (write_page(), its footer's provenance as of now), then report.json with the
+    provenance's total wall time up to the last file."""
+    import os
+
+    from ..report import write_json
+
+    with prog.phase("plots and page"):
+        report["provenance"] = prov.record()
+        write_page()
+    report["provenance"] = prov.record()
+    write_json(os.path.join(out, "report.json"), report)

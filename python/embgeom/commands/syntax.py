@@ -10,7 +10,7 @@ from ..analysis.syntax.treebank import read_conllu
 from ..analysis.syntax.word_heads import syntax_heads
 from ..io import check_output_folder, output_folder
 from ..report.syntax_page import write_syntax_report
-from .model_options import add_model_options, check_batch_size, progress_for
+from .model_options import add_model_options, check_batch_size, finish_report, progress_for
 
 
 def add_arguments(p) -> None:
@@ -31,7 +31,6 @@ def main(args) -> int:
     from ..formatting import fmt, seconds
     from ..models import DEFAULT_MODEL, load_model
     from ..provenance import Provenance
-    from ..report import write_json
 
     prov = Provenance(args, inputs={"TREEBANK": args.treebank})
     prog = progress_for(args, "embgeom syntax")
@@ -54,11 +53,7 @@ def main(args) -> int:
         report = {"model": args.model or DEFAULT_MODEL, "treebank": os.path.abspath(args.treebank),
                   "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
                   "syntax": block}
-        with prog.phase("plots and page"):
-            report["provenance"] = prov.record()
-            write_syntax_report(out, report)
-        report["provenance"] = prov.record()
-        write_json(os.path.join(out, "report.json"), report)
+        finish_report(out, report, prov, prog, lambda: write_syntax_report(out, report))
     a = block["all"]
     print(f"embgeom syntax: {fmt(block['n_sentences'])} sentences, {fmt(block['n_words'])} words in "
           f"{seconds(prov.seconds())} (forward passes {seconds(block['seconds'])}); best head overall L{a['best'][0]} h{a['best'][1]} "

@@ -19,10 +19,10 @@ from ..analysis.heads.text_extras import TextExtras, parse_show_texts
 from ..analysis.text.keeper import Keeper
 from ..formatting import fmt, seconds
 from ..io import check_output_folder, output_folder
-from ..report import table_html, write_json
+from ..report import table_html
 from ..report.definitions import defined
 from ..report.text_page import group_plots, pair_plot, trajectory_plots, write_report
-from .model_options import add_model_options, check_batch_size, progress_for
+from .model_options import add_model_options, check_batch_size, finish_report, progress_for
 
 
 
@@ -128,12 +128,11 @@ def main(args) -> int:
                            lambda: texts if texts is not None else list(read_lines(args.corpus)))
             if class_maps is not None:
                 extra.append(class_maps_section(out, report["class_maps"], class_maps.means(), args.theta))
-        with prog.phase("plots and page"):
+        def page():
             extras.write_files(out)
-            report["provenance"] = prov.record()
             write_report(out, result, report, extra)
-        report["provenance"] = prov.record()  # the total wall time up to the last file
-        write_json(os.path.join(out, "report.json"), report)
+
+        finish_report(out, report, prov, prog, page)
     if args.profile:
         extras.print_profile(result.seconds)
     print(f"embgeom text: {fmt(result.n_texts)} texts, {fmt(result.n_tokens)} tokens in {seconds(prov.seconds())} "
