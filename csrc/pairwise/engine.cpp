@@ -176,13 +176,11 @@ void PairwiseEngine::init(const float* x, int64_t n, std::shared_ptr<const Prepa
   }
   if (!kern_.blas) {
     pack_panels(xr_.data(), n_, d, d, kern_.mr, kern_.bf16, pa_, threads);
-    if (self_) {
+    if (self_) {  // x packed once more as B panels (the only part of ys_ self mode reads)
       auto own = std::make_shared<PreparedColumns>();
       pack_panels(xr_.data(), n_, d, d, kern_.nr, kern_.bf16, own->panels, threads);
       ys_ = std::move(own);
     }
-  } else if (self_) {
-    ys_ = std::make_shared<PreparedColumns>();
   }
   if (fast_) {
     const RoundingNorms na = bf16_rounding_norms(xr_.data(), n_, d, nthreads);

@@ -185,7 +185,7 @@ class PairwiseEngine {
   std::vector<int64_t> xmap_, xinv_;
   std::vector<float> xr_;   // compact fp32 rows (normalised for cosine), kept for rescoring
   std::vector<float> xn2_;  // squared norms (euclidean)
-  // the column side; in self mode only its panels (x packed as B panels) are set
+  // the column side; in self mode only its panels (x packed as B panels; null with BLAS products)
   std::shared_ptr<const PreparedColumns> ys_;
   void init(const float* x, int64_t n, std::shared_ptr<const PreparedColumns> columns, int64_t d);
   GemmKernel kern_;

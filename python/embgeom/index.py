@@ -434,13 +434,11 @@ class Index:
             self._columns = cached  # (a concurrent search may prepare its own: either is right)
         return cached[2]
 
-    def _search_block(self, st, q64, qscan, qsq, margin, k, kk, nc, cand=None):
-        Qb, n = q64.shape[0], st.n
+    def _scan_candidates(self, st, qscan, kk, nc):
+        """The kk best scan values and ids of each query, one score block of nc rows at a time."""
         best_v = best_i = None
-        if cand is not None:
-            best_v, best_i = cand
-        for c0 in range(0, n if cand is None else 0, nc):
-            c1 = min(n, c0 + nc)
+        for c0 in range(0, st.n, nc):
+            c1 = min(st.n, c0 + nc)
             s = self._score(st, qscan, c0, c1)
             v, i = _largest(s, min(kk, c1 - c0))
             i += c0
@@ -448,6 +446,12 @@ class Index:
                 v, pos = torch.topk(torch.cat([best_v, v], 1), min(kk, best_v.shape[1] + v.shape[1]), dim=1)
                 i = torch.gather(torch.cat([best_i, i], 1), 1, pos)
             best_v, best_i = v, i
+        return best_v, best_i
+
+    def _search_block(self, st, q64, qscan, qsq, margin, k, kk, nc, cand=None):
+        """cand: the block's (values, ids) from _engine_candidates, else scanned here."""
+        n = st.n
+        best_v, best_i = self._scan_candidates(st, qscan, kk, nc) if cand is None else cand
         # Every candidate that could be in the exact top k scans at or above
         # (k-th best scan value) - 2 * margin; anything dropped scanned at or below the kept
         # list's last value. Where that last value reaches the threshold, scan again.
