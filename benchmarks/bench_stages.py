@@ -26,8 +26,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-MOMENTS = dict(bins=0, topk=0, bottomk=0, row_topk=0, row_bottomk=0, outside=None, near=None)
-FULL = dict(bins=2000, topk=10, bottomk=10, row_topk=10, row_bottomk=0, outside=(-0.2, 0.2), near=None)
+from compare import FULL, MOMENTS, cpp_engine, load  # noqa: E402
+
 CONFIGS = {
     "bare": MOMENTS,
     "moments": MOMENTS,
@@ -42,10 +42,6 @@ CONFIGS = {
 def worker(args) -> dict:
     import torch
 
-    from compare import load
-    from embgeom.backends.cpp import CppEngine
-    from embgeom.engine.config import make_config
-
     torch.set_num_threads(args.threads)
     x = torch.from_numpy(load("minilm")[: args.n].copy())
     clock = time.process_time if args.threads == 1 else time.perf_counter
@@ -53,9 +49,7 @@ def worker(args) -> dict:
     for name, opts in CONFIGS.items():
         best = float("inf")
         for _ in range(args.repeats):
-            engine = CppEngine(x, None, make_config(**opts, precision=args.precision), threads=args.threads)
-            if name == "bare":
-                engine._engine.discard_statistics()
+            engine = cpp_engine(x, opts, args.precision, args.threads, bare=name == "bare")
             t0 = clock()
             engine.run(0, engine.num_tiles())
             best = min(best, clock() - t0)

@@ -84,6 +84,19 @@ def supported_levels() -> list[str]:
     return list(CPU_LEVELS[CPU_LEVELS.index(best):]) if best in CPU_LEVELS else ["generic"]
 SINGLE_RUN = ("embgeom-torch", "keops-argkmin", "random200k")
 FULL = dict(bins=2000, topk=10, bottomk=10, row_topk=10, outside=(-0.2, 0.2))
+MOMENTS = dict(bins=0, topk=0, bottomk=0, row_topk=0, outside=None)  # moments and extremes only
+
+
+def cpp_engine(x, opts: dict, precision: str = "exact", threads: int = 0, bare: bool = False):
+    """The C++ engine over x (self mode) with these pairwise_stats options, not run yet; bare:
+    its runs compute the schedule's products and discard the statistics (the bare product)."""
+    from embgeom.backends.cpp import CppEngine
+    from embgeom.engine.config import make_config
+
+    engine = CppEngine(x, None, make_config(**opts, precision=precision), threads=threads)
+    if bare:
+        engine._engine.discard_statistics()
+    return engine
 PROVIDERS = {
     # name: (what it computes, datasets it runs on)
     "embgeom-exact": ("full M1 output, cpp exact", ("minilm", "random768", "random200k")),
@@ -186,7 +199,7 @@ def worker(provider: str, data: str, repeats: int) -> dict:
         if provider.startswith("embgeom-rowtopk"):
             opts = dict(bins=0, topk=0, bottomk=0, row_topk=10)
         if provider in ("embgeom-moments", "embgeom-bare", "embgeom-bare-fast"):
-            opts = dict(bins=0, topk=0, bottomk=0, row_topk=0, outside=None)
+            opts = dict(MOMENTS)
         result = embgeom.pairwise_stats(xt, **opts, **kw)
         if provider == "embgeom-rowtopk-fast":  # the same lists as exact mode, bit for bit
             exact = embgeom.pairwise_stats(xt, **opts, backend="cpp").row_topk
@@ -198,12 +211,8 @@ def worker(provider: str, data: str, repeats: int) -> dict:
                 assert abs(float(u[0] @ u[1]) - v) < 1e-4, (i, j, v)
         run = lambda: embgeom.pairwise_stats(xt, **opts, **kw)  # noqa: E731
         if provider.startswith("embgeom-bare"):
-            from embgeom.backends.cpp import CppEngine
-            from embgeom.engine.config import make_config
-
             def run():
-                engine = CppEngine(xt, None, make_config(**opts, precision=kw.get("precision", "exact")))
-                engine._engine.discard_statistics()
+                engine = cpp_engine(xt, opts, kw.get("precision", "exact"), bare=True)
                 engine.run(0, engine.num_tiles())
     elif provider == "numpy-matmul":
         u = unit(x)
