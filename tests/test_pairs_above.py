@@ -46,6 +46,42 @@ def test_pairs_above_vs_float64(tmp_path, metric, threshold, dtype):
     assert s.dtype == np.float32 and np.allclose(s, ws, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("metric,threshold", [("cosine", 0.45), ("cosine", -1.0), ("dot", 6.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("cpu", ["native", "avx2", "generic"])
+def test_engine_path_bands_chunks_and_overflow(tmp_path, monkeypatch, metric, threshold, dtype, cpu):
+    """The C++ engine's candidates (cosine, dot on the CPU), over bands and column chunks that
+    are not multiples of each other nor of the engine's tiles, and a list that overflows in
+    some chunks (those chunks are scanned instead): the same pairs as float64 brute force."""
+    if not Index(make_rows(2, 3))._pairs_engine_applies():
+        pytest.skip("embgeom._C was built without the pairwise engine")
+    if cpu != "native":
+        monkeypatch.setenv("EMBGEOM_CPU", cpu)
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND", 300)
+    monkeypatch.setattr(embgeom.index, "PAIR_CHUNK", 257)
+    monkeypatch.setattr(embgeom.index, "PAIR_LIST", 8000)
+    x = make_rows(1100, 12, zero=(4,), dup=((2, 900), (5, 6)))
+    took, fell = [], []
+    real = Index._engine_pair_candidates
+
+    def spy(self, *args):
+        got = real(self, *args)
+        (fell if got is None else took).append(1)
+        return got
+
+    monkeypatch.setattr(Index, "_engine_pair_candidates", spy)
+    m = pairs_above(x, threshold, tmp_path / "p", metric=metric, dtype=dtype)
+    i, j, s = read_pairs(tmp_path / "p")
+    wi, wj, ws = brute_pairs(x, threshold, metric)
+    assert m["complete"] and m["count"] == len(wi)
+    assert np.array_equal(i, wi) and np.array_equal(j, wj)
+    assert np.allclose(s, ws, rtol=1e-6, atol=1e-6)
+    if threshold == -1.0:
+        assert fell  # every pair passes: lists of 8,000 overflow, those chunks are scanned
+    else:
+        assert took and not fell  # the engine answered every chunk
+
+
 def test_planted_near_duplicates_all_found_nothing_below(tmp_path):
     x = make_rows(3000, 64, seed=3)
     g = torch.Generator().manual_seed(4)
@@ -66,16 +102,17 @@ def test_planted_near_duplicates_all_found_nothing_below(tmp_path):
 def test_shards_are_bounded_and_resume_skips_finished_rows(tmp_path, monkeypatch):
     x = make_rows(600, 6, seed=5)
     monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 500)  # many shards
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND", 128)  # several bands on the engine path too
     index = Index(x)
     calls = []
     real = Index._pairs_of_rows
 
-    def spy(self, st, r0, r1, threshold, nc):
+    def spy(self, st, r0, *args):
         calls.append(r0)
         if len(calls) == 2 and not getattr(spy, "failed", False):
             spy.failed = True
             raise KeyboardInterrupt  # the run is killed after its first row block
-        yield from real(self, st, r0, r1, threshold, nc)
+        yield from real(self, st, r0, *args)
 
     monkeypatch.setattr(Index, "_pairs_of_rows", spy)
     with pytest.raises(KeyboardInterrupt):
