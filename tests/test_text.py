@@ -205,7 +205,12 @@ def test_trace_heads_clark_gaussianity_in_one_call(tiny_bert, tiny_bert_dir, tmp
         assert tok["mean_skew"] == pytest.approx(e["mean_skew"], rel=1e-9)
         assert tok["count"] == e["count"] and mean["count"] == e["text_mean"]["count"]
         assert mean["mean_excess_kurtosis"] == pytest.approx(e["text_mean"]["mean_excess_kurtosis"], rel=1e-9)
+    # to_dict carries the blocks as report.json has them
+    d = json.loads(json.dumps(r.to_dict()))
+    np.testing.assert_allclose(d["attention_heads"]["js_divergence"], js, rtol=1e-9, atol=1e-12)
+    assert [e["depth"] for e in d["gaussianity"]] == [e["depth"] for e in cli["gaussianity"]]
     # without the options nothing is kept and the default metrics are unchanged
     plain = trace(model, tokenizer, texts, batch_size=2)
     assert plain.attention_heads is None and plain.gaussianity is None
+    assert "attention_heads" not in plain.to_dict() and "gaussianity" not in plain.to_dict()
     assert torch.equal(plain.entropy, r.entropy)

@@ -43,6 +43,26 @@ def _num(v: Any) -> Any:
     return v
 
 
+def jsonable(obj: Any) -> Any:
+    """Tensors/arrays -> lists, NaN/Inf -> None, tuples -> lists (what report.json holds)."""
+    import numpy as np
+
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
 def as_list(t: torch.Tensor) -> list:
     """Nested lists with NaN -> None."""
     if t.dtype.is_floating_point:

@@ -445,9 +445,12 @@ class TraceResult:
         return head + table_html(["layer (1..L)", *self.PER_LAYER_COLUMNS[1:]], self.per_layer())
 
     def to_dict(self) -> dict:
-        """The report.json keys of `embgeom text` (NaN -> None)."""
-        from ...results import as_list
+        """The report.json keys of `embgeom text` (NaN -> None), with `attention_heads` and
+        `gaussianity` where trace(..., heads=True / gaussianity=True) computed them."""
+        from ...results import as_list, jsonable
 
+        extras = {k: jsonable(v) for k, v in (("attention_heads", self.attention_heads),
+                                               ("gaussianity", self.gaussianity)) if v is not None}
         return {
             "model": self.model, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
             "layers": self.layers, "heads": self.heads, "truncated": self.truncated,
@@ -465,6 +468,7 @@ class TraceResult:
                                    **self._context_extras()},
             "evolution": {"step_distance": as_list(self.step_distance),
                           "step_cosine": as_list(self.step_cosine), "norm": as_list(self.norm)},
+            **extras,
         }
 
 
