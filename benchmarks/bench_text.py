@@ -93,7 +93,7 @@ def overhead(args) -> None:
         for name in ("cone", "entropy", "attention", "context", "evolution"):
             a = TraceAccumulator(L, H, max_len, model.config.vocab_size, dev, metrics=(name,))
             parts[name] = timeit(lambda: a.update(batches[0]), args.repeats)["median_ms"]
-        # the opt-in extras of `embgeom text` (--heads, --clark-js, --gaussianity), one batch each
+        # the opt-in extras of `embgeom text` (--heads, --clark-js, --gaussianity, --matrices), one batch each
         from embgeom.analysis.heads.gaussianity import GaussianityAccumulator
         from embgeom.analysis.heads.measures import HeadsAccumulator, clark_js_sums
 
@@ -103,6 +103,19 @@ def overhead(args) -> None:
         parts["--gaussianity"] = timeit(lambda: g.update(batches[0]), args.repeats)["median_ms"]
         b0 = batches[0]
         parts["--clark-js"] = timeit(lambda: clark_js_sums(b0.attentions, b0.mask), 1, warmup=0)["median_ms"]
+        # --matrices: the q/k/v hooks fill its store during the forward; each timed update gets it back
+        from embgeom.analysis.heads.matrices import MatricesAccumulator
+
+        mx = MatricesAccumulator(L, H, max_len, dev)
+        with mx.capture(model):
+            forward_hooks()
+        saved, b1 = {l: dict(v) for l, v in mx.store.items()}, batches[0]
+
+        def matrices():
+            mx.store = {l: dict(v) for l, v in saved.items()}
+            mx.update(b1)
+
+        parts["--matrices"] = timeit(matrices, args.repeats)["median_ms"]
     res = acc.result(tokenizer)
     assert torch.isfinite(res.entropy).all() and torch.isfinite(res.js_distance).all()
     print(f"device={dev} threads={threads} batch={args.batch}x{args.tokens} L={L} H={H} rounds={args.repeats}")

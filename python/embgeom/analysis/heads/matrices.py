@@ -11,8 +11,11 @@ float64; per-batch sums, so memory does not grow with the corpus.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from .measures import k90, skew_fraction
@@ -48,18 +51,78 @@ def projections(model) -> dict[str, list]:
     return out
 
 
-def block_measures(a: torch.Tensor, eps: float | None = None) -> dict[str, torch.Tensor]:
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def lapack_workers() -> int:
+    """Python threads the per-block LAPACK calls are split across: torch's thread count, at most
+    the CPUs."""
+    return max(1, min(os.cpu_count() or 1, torch.get_num_threads()))
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """numpy's BLAS held to one thread while the per-block LAPACK calls run in lapack_workers()
+    Python threads: on blocks this small a threaded LAPACK call is slower than one thread per
+    call (96 eigvals of 145 x 145 on 2 cores: 0.23 s split across two single-threaded calls,
+    0.39 s for torch's batched call, 0.71 s split without the limit; `embgeom text --matrices`
+    on 145-token texts: 14 s of matrix measures against 30 s). Without threadpoolctl the calls
+    run one after the other."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield 1
+        return
+    with threadpool_limits(1, user_api="blas"):
+        yield lapack_workers()
+
+
+def spectra(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Singular values (descending) and eigenvalue magnitudes of float64 matrices a (..., n, n)."""
+    return np.linalg.svd(a, compute_uv=False), np.abs(np.linalg.eigvals(a))
+
+
+def singular_values(a: np.ndarray) -> np.ndarray:
+    """Singular values (..., min(m, n)), descending, of float64 matrices a (..., m, n)."""
+    return np.linalg.svd(a, compute_uv=False)
+
+
+def lapack_map(fn, stacks: list[torch.Tensor], workers: int) -> list:
+    """[fn(s) for s in stacks] as torch tensors (each s (..., m, n) float64 on the CPU, fn a numpy
+    LAPACK call returning one array or a tuple of arrays of shape s.shape[:-2] + (r,)): every
+    stack cut into `workers` pieces, run in `workers` threads (numpy's LAPACK releases the GIL),
+    the results put back together."""
+    flat = [s.reshape(-1, *s.shape[-2:]).numpy() for s in stacks]
+    pieces = [(k, p) for k, f in enumerate(flat) for p in np.array_split(f, max(1, min(workers, f.shape[0])))]
+    if workers > 1 and len(pieces) > 1:
+        if not _POOL or _POOL[0]._max_workers < workers:
+            _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="embgeom-lapack")]
+        done = list(_POOL[0].map(lambda kp: fn(kp[1]), pieces))
+    else:
+        done = [fn(p) for _, p in pieces]
+    out = []
+    for k, s in enumerate(stacks):
+        mine = [r for (kk, _), r in zip(pieces, done) if kk == k]
+        if isinstance(mine[0], tuple):
+            out.append(tuple(torch.from_numpy(np.concatenate(parts)).reshape(*s.shape[:-2], -1) for parts in zip(*mine)))
+        else:
+            out.append(torch.from_numpy(np.concatenate(mine)).reshape(*s.shape[:-2], -1))
+    return out
+
+
+def block_measures(a: torch.Tensor, eps: float | None = None, spec=None) -> dict[str, torch.Tensor]:
     """a: (k, H, n, n) float64 attention blocks (rows = queries, summing to 1) -> dict of (k, H):
     rows_cone = ||sum_i a_i / ||a_i|| || / n, small_singular = #(singular values < 1e-3),
     von_neumann = -sum v ln v with v = |lambda| / sqrt(sum |lambda|^2) over the eigenvalues;
-    with eps, rank = numerical_rank of each block."""
+    with eps, rank = numerical_rank of each block. spec: spectra(a) when computed already."""
     n = a.shape[-1]
     nrm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
     unit = a / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
     cone = torch.linalg.vector_norm(unit.sum(-2), dim=-1) / n
-    sv = torch.linalg.svdvals(a)
+    if spec is None:
+        spec = lapack_map(spectra, [a.detach().cpu().double()], 1)[0]
+    sv, lam = (x.to(a.device) for x in spec)
     small = (sv < SMALL_SINGULAR).sum(-1).double()
-    lam = torch.linalg.eigvals(a).abs()
     total = torch.sqrt((lam * lam).sum(-1, keepdim=True))
     v = lam / torch.where(total > 0, total, torch.ones_like(total))
     out = {"rows_cone": cone, "small_singular": small, "von_neumann": -torch.special.xlogy(v, v).sum(-1)}
@@ -184,21 +247,21 @@ class MatricesAccumulator:
         if b.attentions:
             self.rank_eps = torch.finfo(b.attentions[0].dtype).eps
         eps = self.rank_eps
-        for l, attn in enumerate(b.attentions):
-            for n, texts in by_len.items():
-                if n == 0:
-                    continue
-                blocks = torch.stack([attn[i][:, positions[i]][:, :, positions[i]] for i in texts]).double()
-                m = block_measures(blocks, eps)
+        groups = [(l, n, texts, torch.stack([attn[i][:, positions[i]][:, :, positions[i]] for i in texts]).double())
+                  for l, attn in enumerate(b.attentions) for n, texts in by_len.items() if n]
+        with one_blas_thread() as workers:
+            specs = lapack_map(spectra, [g[3].cpu() for g in groups], workers)
+            for (l, n, texts, blocks), spec in zip(groups, specs):
+                m = block_measures(blocks, eps, spec)
                 self.ranks["softmax"][l] += m.pop("rank").sum(0)
                 for key, v in m.items():
                     self.sums[key][l] += v.sum(0)
                 k = k90(blocks)                                                   # (k, H, n)
                 self.k90[l] += per_head_counts(k.permute(1, 0, 2).reshape(self.H, -1), self.k90.shape[-1])
-        self.seconds["matrices: attention blocks"] = self.seconds.get("matrices: attention blocks", 0.0) \
-            + time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self._ranks(b, positions, by_len, eps)
+            self.seconds["matrices: attention blocks"] = self.seconds.get("matrices: attention blocks", 0.0) \
+                + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self._ranks(b, positions, by_len, eps, workers)
         self.seconds["matrices: ranks"] = self.seconds.get("matrices: ranks", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.store:
@@ -217,10 +280,11 @@ class MatricesAccumulator:
         self.seconds["matrices: q/k/v norms"] = self.seconds.get("matrices: q/k/v norms", 0.0) \
             + time.perf_counter() - t0
 
-    def _ranks(self, b, positions, by_len, eps) -> None:
+    def _ranks(self, b, positions, by_len, eps, workers: int = 1) -> None:
         """Per text, the numerical ranks of its real-token blocks of V (n x d_h per head, the value
         projection's output with its bias), the head output (softmax V, n x d_h, before W_O) and
         the layer output (hidden_states[l + 1], n x D), summed over the batch's texts."""
+        jobs = []  # (rank key, layer, rows, columns, stack of matrices (..., rows, columns))
         for l in range(self.L):
             v_all = self.store.get(l, {}).get("v")
             for n, texts in by_len.items():
@@ -228,18 +292,18 @@ class MatricesAccumulator:
                     continue
                 idx = [positions[i] for i in texts]
                 heads = torch.stack([b.head_outputs[l][i][p] for i, p in zip(texts, idx)])    # (k, n, H, d_h)
-                d = heads.shape[-1]
-                sv = torch.linalg.svdvals(heads.double().permute(0, 2, 1, 3))
-                self.ranks["head_output"][l] += numerical_rank(sv, n, d, eps).sum(0)
+                jobs.append(("head_output", l, n, heads.shape[-1], heads.double().permute(0, 2, 1, 3)))
                 out = torch.stack([b.hidden_states[l + 1][i][p] for i, p in zip(texts, idx)]).double()
-                sv = torch.linalg.svdvals(out)
-                self.ranks["layer_output"][l] += numerical_rank(sv, n, out.shape[-1], eps).sum()
+                jobs.append(("layer_output", l, n, out.shape[-1], out))
                 if v_all is not None:
                     self.v_seen = True
                     v = torch.stack([v_all[i][p] for i, p in zip(texts, idx)]).double()
                     v = v.view(len(texts), n, self.H, -1).permute(0, 2, 1, 3)               # (k, H, n, d_h)
-                    sv = torch.linalg.svdvals(v)
-                    self.ranks["v"][l] += numerical_rank(sv, n, v.shape[-1], eps).sum(0)
+                    jobs.append(("v", l, n, v.shape[-1], v))
+        svs = lapack_map(singular_values, [j[4].cpu() for j in jobs], workers)
+        for (key, l, rows, cols, _), sv in zip(jobs, svs):
+            ranks = numerical_rank(sv, rows, cols, eps)
+            self.ranks[key][l] += (ranks.sum(0) if ranks.dim() else ranks).to(self.ranks[key].device)
 
     def k90_quantiles(self) -> torch.Tensor:
         """(L, H, 5): for q in K90_QUANTILES the smallest k with at least q of the corpus's real
