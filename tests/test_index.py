@@ -333,12 +333,19 @@ def test_many_queries_take_candidates_from_the_engine(metric, dtype, monkeypatch
     got_v, got_i = index.search(q, 9)
     assert taken and taken[0] is not None  # the engine gave the candidates
     monkeypatch.setattr(index_module, "ENGINE_BATCH", 10 ** 9)  # the torch scan
+    monkeypatch.setattr(index_module, "ENGINE_BATCH_BF16", 10 ** 9)
     torch_v, torch_i = index.search(q, 9)
     assert torch.equal(got_i, torch_i) and torch.equal(got_v.nan_to_num(7), torch_v.nan_to_num(7))
     want_v, want_i = ref_topk(x, q, 9, metric)
     assert_same_neighbours(got_v, got_i, want_v, want_i)
     assert got_i[4, :4].tolist() == [20, 21, 22, 23]
     monkeypatch.setattr(index_module, "ENGINE_BATCH", 2)
+    monkeypatch.setattr(index_module, "ENGINE_BATCH_BF16", 1)
+    # one query: the engine only for a bf16 scan (a CPU with bf16 dot), the same neighbours
+    taken.clear()
+    one_v, one_i = index.search(q[4:5], 9)
+    assert (taken[0] is not None) == (index._scan_dtype() == torch.bfloat16)
+    assert torch.equal(one_i, got_i[4:5]) and torch.equal(one_v, got_v[4:5])
     # the prepared rows follow the product kernel (EMBGEOM_CPU read per run) and the rows
     monkeypatch.setenv("EMBGEOM_CPU", "avx2")
     v2, i2 = index.search(q, 9)

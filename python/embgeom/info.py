@@ -83,11 +83,14 @@ def main(args) -> int:
         print(f"  pairwise exact: product {cpu['gemm_exact']}, fused pass {cpu['fused_pass']}")
         print(f"  pairwise fast:  product {cpu['gemm_fast']}, fused pass {cpu['fused_pass']}")
         print(f"  attention_entropy: {cpu['entropy']}; cone_index: {cpu['cone_index']}")
-        from .index import ENGINE_BATCH
+        from .index import ENGINE_BATCH, ENGINE_BATCH_BF16
 
-        bf16 = "float32 rows (no bf16 dot)" if "no native bf16" in cpu["gemm_fast"] else "bf16 product"
-        print(f"  Index search (cosine/dot): from {ENGINE_BATCH} queries the pairwise engine on rows "
-              f"prepared once (float32: {cpu['gemm_exact']}; bfloat16: {bf16}); one query: numpy")
+        if "no native bf16" in cpu["gemm_fast"]:
+            bf16 = "float32 rows (no bf16 dot), as float32"
+        else:
+            bf16 = f"bf16 product from {ENGINE_BATCH_BF16} query"
+        print(f"  Index search (cosine/dot): the pairwise engine on rows prepared once; float32: "
+              f"{cpu['gemm_exact']} from {ENGINE_BATCH} queries (one query: numpy); bfloat16: {bf16}")
     print(f"{'backend':10} {'op':18} {'CPU':4} {'CUDA':4}  why not")
     for row in info["backends"]:
         why = row["why_not_cpu"] or row["why_not_cuda"]
