@@ -16,6 +16,9 @@ thread by class and predicted_seconds at N x D, a prediction from stated assumpt
 measurement. profile.json records the Triton version (`make gpu-static TRITON=3.6.0` runs this
 with another Triton; --expect-triton refuses a mismatch).
 Targets (tests/test_gpu_static.py): stack 0, no GPU-scope MEMBAR, HGMMA N >= 128.
+--variants also takes check variants (CHECK_OUTPUTS): fullnohist-* (the full output without
+its histogram) and full500-* (500 bins) show what the histogram costs, widehist-* the
+global-atomics histogram.
 """
 from __future__ import annotations
 
