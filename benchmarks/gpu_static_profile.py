@@ -16,6 +16,9 @@ thread by class and predicted_seconds at N x D, a prediction from stated assumpt
 measurement. profile.json records the Triton version (`make gpu-static TRITON=3.6.0` runs this
 with another Triton; --expect-triton refuses a mismatch).
 Targets (tests/test_gpu_static.py): stack 0, no GPU-scope MEMBAR, HGMMA N >= 128.
+--variants also takes check variants (CHECK_OUTPUTS): fullnohist-* (the full output without
+its histogram) and full500-* (500 bins) show what the histogram costs, widehist-* the
+global-atomics histogram.
 """
 from __future__ import annotations
 
@@ -42,7 +45,12 @@ OUTPUTS = {
 }
 VARIANTS = [f"{o}-{p}" for o in OUTPUTS for p in PRECISIONS]
 # compiled by the tests only: more bins than a per-program histogram holds (global atomics)
-CHECK_OUTPUTS = {"widehist": dict(bins=10000, topk=1, bottomk=1)}
+CHECK_OUTPUTS = {"widehist": dict(bins=10000, topk=1, bottomk=1),
+                 # the full output without its histogram: what the histogram costs (--variants)
+                 "fullnohist": dict(OUTPUTS["full"], bins=0),
+                 # and with 500 bins (512 histogram slots instead of 2,048)
+                 "full500": dict(OUTPUTS["full"], bins=500)}
+CHECK_VARIANTS = [f"{o}-{p}" for o in CHECK_OUTPUTS for p in PRECISIONS]
 
 
 def find_tool(name: str) -> str | None:
@@ -113,7 +121,7 @@ def compile_variant(name: str):
     spec = pairwise.specialization(first_launch_ints(cfg, plan))
     consts.update(spec["constants"])
     fn = pairwise._pairwise_stats_kernel
-    types = pairwise.signature(f"tensordesc<{el}[{plan.bm},{plan.bk}]>")
+    types = pairwise.signature(f"tensordesc<{el}[{plan.bm},{plan.bk}]>", f"tensordesc<{el}[{plan.block_n},{plan.bk}]>")
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     t0 = time.perf_counter()
     k = triton.compile(ASTSource(fn, sig, consts, spec["attrs"]), target=GPUTarget("cuda", 90, 32),
@@ -141,7 +149,8 @@ def parse_sass(text: str):
             for lab in pending:
                 labels[lab] = addr
             pending = []
-            insns.append((addr, m.group(3), m.group(4)))
+            # args keep the guard predicate in front ("@!P0 ..."): cold_ranges reads it
+            insns.append((addr, m.group(3), (m.group(2) or "") + m.group(4)))
     return insns, labels
 
 
@@ -169,11 +178,15 @@ MODEL = dict(bf16_tflops=788.0, sms=132, clock_ghz=1.98, warp_issue_per_clk_per_
              rate_vs_bf16=dict(bf16=1.0, fp16=1.0, tf32=0.5), ffma_per_clk_per_sm=128,
              note="time per tile = product (tensor cores at the measured rate) + epilogue issue (every "
                   "static instruction of the persistent loop outside the k-loop, once per tile and warp, "
-                  "at the issue rate); with one program per SM (registers) the two do not overlap, with "
-                  "p >= 2 programs per SM the larger of the two bounds a tile. Not modelled: memory and "
+                  "at the issue rate); with one program per SM (registers, shared memory) the two do not "
+                  "overlap, with p >= 2 programs per SM a tile takes max(product, epilogue, (product + "
+                  "epilogue) / p). Not modelled: memory and "
                   "barrier stalls, spill latency, atomics' latency, inner loops' trip counts (counted "
-                  "once). 'hot' leaves out basic blocks that store candidates (STG), taken only when a "
-                  "pair passes a threshold; 'all' counts every block.")
+                  "once), f64 and conversion pipe throughput, shared-memory bandwidth of the wgmma operands. "
+                  "'hot' leaves out the regions a conditional forward branch skips that hold candidate "
+                  "appends (global stores, value-returning atomics): the slab's 'any candidate?' test, "
+                  "taken only by slabs that hold a candidate; 'all' counts every block (every slab "
+                  "appends).")
 # opcode prefix -> class of the walk
 CLASSES = (
     ("spill", ("LDL", "STL")),
@@ -215,14 +228,42 @@ def basic_blocks(insns, labels, lo, hi):
     return blocks
 
 
-def speed_model(insns, labels, ploop, kloop, lp, plan, kw, regs, prec, n=N, d=D) -> dict:
+def is_append(op: str) -> bool:
+    """Global stores and value-returning global atomics: what only the candidate path issues
+    (the hot path's global atomics are reductions without a result, RED)."""
+    return op.startswith(("STG", "ATOMG", "ATOM."))
+
+
+def cold_ranges(insns, labels, lo, hi, kloop):
+    """[start, end) address ranges skipped by a conditional forward branch inside [lo, hi] that
+    hold a candidate append (is_append): the "any candidate in this slab?" test jumps over them,
+    so they run only for slabs that hold a candidate. An unconditional branch (past an else)
+    marks nothing: an append path that runs on every slab, predicated off per element, is hot."""
+    out = []
+    for addr, op, args in insns:
+        if not (lo <= addr <= hi and op.startswith("BRA") and args.startswith("@")):
+            continue
+        m = re.search(r"`\(([.\w]+)\)", args)
+        if not m or m.group(1) not in labels or labels[m.group(1)] <= addr:
+            continue
+        end = labels[m.group(1)]
+        # the candidate path only: not a jump past the k-loop or out of the persistent loop
+        if end > hi or addr < kloop[1] and kloop[0] < end:
+            continue
+        if any(addr < a < end and is_append(o) for a, o, _ in insns):
+            out.append((addr + 1, end))
+    return out
+
+
+def speed_model(insns, labels, ploop, kloop, lp, plan, kw, regs, prec, n=N, d=D, shared=0) -> dict:
     """predicted_seconds of a self-mode run at n x d from the persistent loop's SASS (MODEL)."""
     if not ploop or not kloop:
         return dict(predicted_seconds=None, why="no persistent loop / k-loop found")
     epi = [b for b in basic_blocks(insns, labels, *ploop) if not (kloop[0] <= b[0][0] <= kloop[1])]
+    skipped = cold_ranges(insns, labels, *ploop, kloop)
     by_class, hot_by_class = {}, {}
     for b in epi:
-        cold = any(op.startswith("STG") for _, op, _ in b)
+        cold = any(lo <= b[0][0] < hi for lo, hi in skipped)
         for _, op, _ in b:
             c = op_class(op)
             by_class[c] = by_class.get(c, 0) + 1
@@ -231,18 +272,20 @@ def speed_model(insns, labels, ploop, kloop, lp, plan, kw, regs, prec, n=N, d=D)
     warps = kw["num_warps"]
     inner = [r for r in lp if ploop[0] <= r[0] and r[1] <= ploop[1] and r != ploop and r != kloop
              and not (kloop[0] <= r[0] and r[1] <= kloop[1])]
-    from embgeom.backends.gpu_plan import programs_for
+    from embgeom.backends.gpu_plan import make_plan, programs_per_sm
 
-    per_sm = programs_for(regs, 1, warps)
+    per_sm = programs_per_sm(regs, warps, shared)
     if prec in MODEL["rate_vs_bf16"]:
         mac_per_clk = MODEL["bf16_tflops"] * MODEL["rate_vs_bf16"][prec] * 1e12 / 2 / (MODEL["sms"] * MODEL["clock_ghz"] * 1e9)
     else:
         mac_per_clk = MODEL["ffma_per_clk_per_sm"]
     kloop_issue = sum(1 for a, _, _ in insns if kloop[0] <= a <= kloop[1]) * (-(-d // plan.bk)) * warps \
         / MODEL["warp_issue_per_clk_per_sm"]
-    product_clk = max(plan.bm * plan.bm * d / mac_per_clk, kloop_issue if prec not in MODEL["rate_vs_bf16"] else 0)
-    nbr = -(-n // plan.bm)
-    tiles_per_sm = nbr * (nbr + 1) / 2 / MODEL["sms"]
+    product_clk = max(plan.bm * plan.block_n * d / mac_per_clk, kloop_issue if prec not in MODEL["rate_vs_bf16"] else 0)
+    # the tiles a self-mode run at n launches (the upper triangle, bands as planned)
+    full = make_plan(n, n, d, elem_bytes=2, on_gpu=True, sms=MODEL["sms"], block=plan.bm, block_n=plan.block_n,
+                     group=plan.group if n == N else None, mma=prec != "exact")
+    tiles_per_sm = full.total_tiles(True) / MODEL["sms"]
 
     def seconds(instr):
         epi_clk = instr * warps / MODEL["warp_issue_per_clk_per_sm"]
@@ -259,12 +302,13 @@ def speed_model(insns, labels, ploop, kloop, lp, plan, kw, regs, prec, n=N, d=D)
                 instr_per_tile_thread_all=dict(sorted(by_class.items())))
 
 
-def analyse(cubin: Path, plan, kw, prec: str = "bf16") -> dict:
+def analyse(cubin: Path, plan, kw, prec: str = "bf16", dyn_shared: int = 0) -> dict:
     res = subprocess.run([find_tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                          check=True).stdout
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     stack = int(re.search(r"STACK:(\d+)", res).group(1))
-    shared = int(re.search(r"SHARED:(\d+)", res).group(1))
+    # static shared memory (cuobjdump) plus the dynamic shared memory Triton launches with
+    shared = int(re.search(r"SHARED:(\d+)", res).group(1)) + dyn_shared
     sass = subprocess.run([find_tool("nvdisasm"), "-c", str(cubin)], capture_output=True,
                           text=True, check=True).stdout
     insns, labels = parse_sass(sass)
@@ -284,7 +328,7 @@ def analyse(cubin: Path, plan, kw, prec: str = "bf16") -> dict:
         return sum(1 for a, _, _ in insns if r and r[0] <= a <= r[1])
 
     n_loop, n_k = count(ploop), count(kloop)
-    per_thread = plan.bm * plan.bm / (32 * kw["num_warps"])
+    per_thread = plan.bm * plan.block_n / (32 * kw["num_warps"])
     return dict(regs=regs, stack=stack, shared=shared, spill=sum(op.startswith(("LDL", "STL")) for op in ops),
                 membar=len(membar), membar_gpu=sum(("GPU" in op or "SYS" in op) for op in membar),
                 hgmma=hg, hgmma_n_min=min((int(s.split("x")[1]) for s in hg), default=0),
@@ -292,14 +336,14 @@ def analyse(cubin: Path, plan, kw, prec: str = "bf16") -> dict:
                 epi_per_elem=round((n_loop - n_k) / per_thread, 2) if ploop else None,
                 atoms=sum(op.startswith(("ATOMS", "ATOM.", "RED.", "ATOMG", "REDG")) for op in ops),
                 vote=sum(op.startswith("VOTE") for op in ops),
-                tile=[plan.bm, plan.bm, plan.bk], warps=kw["num_warps"], stages=kw["num_stages"],
-                model=speed_model(insns, labels, ploop, kloop, lp, plan, kw, regs, prec))
+                tile=[plan.bm, plan.block_n, plan.bk], warps=kw["num_warps"], stages=kw["num_stages"],
+                model=speed_model(insns, labels, ploop, kloop, lp, plan, kw, regs, prec, shared=shared))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS + CHECK_VARIANTS)
     ap.add_argument("--expect-triton", help="refuse to run unless this Triton version is the one imported")
     args = ap.parse_args(argv)
     why = toolchain_missing()
@@ -318,13 +362,13 @@ def main(argv=None) -> int:
         k, plan, kw, secs = compile_variant(name)
         cubin = args.out / f"{name}.cubin"
         cubin.write_bytes(k.asm["cubin"])
-        row = analyse(cubin, plan, kw, name.split("-")[1])
+        row = analyse(cubin, plan, kw, name.split("-")[1], int(k.metadata.shared))
         row["compile_s"] = round(secs, 1)
         table[name] = row
         print(f"{name:15s} regs {row['regs']:3d} stack {row['stack']:4d} spill {row['spill']:4d} "
               f"membar {row['membar']:3d} (gpu {row['membar_gpu']:3d}) hgmma {','.join(row['hgmma']) or '-':10s} "
               f"loop {row['loop']:5d} kloop {row['kloop']:4d} epi/elem {row['epi_per_elem']} "
-              f"vote {row['vote']} atom {row['atoms']} predicted {row['model']['predicted_seconds']} s "
+              f"vote {row['vote']} atom {row['atoms']} p/SM {row['model'].get('programs_per_sm')} predicted {row['model']['predicted_seconds']} s "
               f"(all blocks {row['model'].get('predicted_seconds_all')} s) ({secs:.0f} s)", flush=True)
     (args.out / "profile.json").write_text(json.dumps(dict(
         n=N, d=D, target="sm_90a", triton=triton.__version__,

@@ -92,7 +92,10 @@ def test_tiling_invariance():
     x = small_int_embeddings(61, 7, seed=5)
     opts = dict(ALL_OUTPUTS, outside=(-3.0, 3.0))
     results = []
-    for kw in (dict(block=16, group=1, programs=3), dict(block=32, group=2, programs=1), dict(block=64)):
+    # square tiles and the GPU's shape (bn = 2 bm, 4 bm: the self-mode walk starts each band at
+    # band_row0 * bm // bn; live bounds bucket rows and columns of non-square slabs)
+    for kw in (dict(block=16, group=1, programs=3), dict(block=32, group=2, programs=1), dict(block=64),
+               dict(block=16, block_n=32, group=3, programs=2), dict(block=16, block_n=64, group=1, split=2)):
         got, _ = _engine_stats(x, engine_kw=kw, metric="dot", **_cfg_opts(opts, (-20.0, 20.0)))
         d = got.to_dict()
         d.pop("seconds")
@@ -150,11 +153,11 @@ def compile_(fn, types, consts, num_warps):
     return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": 3})
 
-p = pairwise.signature("tensordesc<bf16[128,64]>")
+p = pairwise.signature("tensordesc<bf16[64,64]>", "tensordesc<bf16[128,64]>")
 full = pairwise.constexprs(metric=0, self_mode=True, has_valid=True, in_prec="", do_stats=True, nb=2048, ghist=False,
                            has_out=True, collect_close=False, streams=[True] * 6, groups=[16, 16, 16, 0, 0],
-                           bm=128, bk=64, upcast=False, split=4)
-k = compile_(pairwise._pairwise_stats_kernel, p, full, 8)
+                           bm=64, bk=64, upcast=False, split=4, bn=128)
+k = compile_(pairwise._pairwise_stats_kernel, p, full, 4)
 assert "wgmma" in k.asm["ptx"], "no tensor-core MMA in the PTX"
 c = {a: "i32" for a in cone._cone_unit_sums_kernel.arg_names}
 c.update(x_ptr="*bf16", mask_ptr="*u8", part_ptr="*fp64", used_ptr="*i64", zero_ptr="*i64")
@@ -308,29 +311,33 @@ def test_occupancy_change_keeps_first_band_statistics(monkeypatch):
 @pytest.mark.parametrize("metric,rng,outside", [("dot", (-4.0, 4.0), (-1.0, 1.0)),
                                                 ("euclidean", (0.0, 4.0), (0.5, 2.0))])
 @pytest.mark.parametrize("cross", [False, True])
-def test_gpu_configuration_slabs_without_live_bounds(metric, rng, outside, cross):
-    # what the GPU plan launches: the epilogue on 4 slabs per tile (tl.split) and no live
-    # bucket maxima; tiny capacity forces every stream through its retries
+@pytest.mark.parametrize("bm,bn", [(32, 32), (16, 32)])
+def test_gpu_configuration_slabs_without_live_bounds(metric, rng, outside, cross, bm, bn):
+    # what the GPU plan launches: a tile of bm x 2 bm (64 x 128 there), the epilogue on 4 slabs
+    # per tile (tl.split) and no live bucket maxima; tiny capacity forces every stream through
+    # its retries
     x = small_int_embeddings(70, 3, seed=7, low=-1, high=2)
     y = small_int_embeddings(45, 3, seed=8, low=-1, high=2) if cross else None
     opts = dict(ALL_OUTPUTS, outside=outside, outside_limit=9, near=1.0)
-    got, eng = _engine_stats(x, y, engine_kw=dict(block=32, group=1, programs=2, capacity=1, split=4, live_bounds=False),
+    got, eng = _engine_stats(x, y, engine_kw=dict(block=bm, block_n=bn, group=1, programs=2, capacity=1, split=4,
+                                                  live_bounds=False),
                              metric=metric, **_cfg_opts(opts, rng))
-    assert eng.plan.split == 4 and eng.groups == [0] * 5 and eng.cap > 78
+    assert eng.plan.split == 4 and eng.groups == [0] * 5 and eng.cap > 78 and (eng.bm, eng.bn) == (bm, bn)
     check_stats(got, x, y, exact_ties=True, metric=metric, range=rng, **opts)
 
 
-def test_histogram_invalid_pairs_go_to_the_spare_slot():
+@pytest.mark.parametrize("bn", [16, 32])
+def test_histogram_invalid_pairs_go_to_the_spare_slot(bn):
     # partial tiles (n not a tile multiple), diagonal tiles and zero rows: the kernel's
     # histogram takes no mask (see kernels/triton/pairwise.py); every invalid element of a
     # launched tile is counted in slot bins + 2, which the engine drops
     x = make_embeddings(37, 8, zero_rows=3, seed=21)
     cfg = PairwiseConfig(bins=50, topk=2, bottomk=2)
-    eng = triton_backend.TritonEngine(x, None, cfg, block=16, group=4, programs=2)
+    eng = triton_backend.TritonEngine(x, None, cfg, block=16, block_n=bn, group=4, programs=2)
     assert eng.nbands == 1 and eng.nb >= cfg.bins + 3
     st = run_engine(eng)
     slots = eng.hist_buf.view(-1, eng.nb).sum(0)
-    launched = eng.plan.tiles(0, True)[2] * eng.bm * eng.bm
+    launched = eng.plan.tiles(0, True)[2] * eng.bm * eng.bn
     assert int(slots[cfg.bins + 2]) == launched - st.count and int(slots[cfg.bins + 3:].sum()) == 0
     assert st.count == 34 * 33 // 2 and int(st.hist.sum()) == st.count
     want = reference.pairwise_stats(x, bins=50, topk=2, bottomk=2)

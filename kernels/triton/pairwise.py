@@ -1,8 +1,8 @@
 """Fused all-pairs statistics (docs/metrics.md): one tl.dot tile -> every requested reduction.
 
 A launch covers one *band*: `band_rows` consecutive block-rows starting at `band_row0`, against
-every column block (cross mode) or every column block >= band_row0 (self mode: the upper
-triangle only, half the FLOPs). Programs are persistent: program p runs tiles p, p + P, ...;
+every column block (cross mode) or every column block from band_row0 * BM // BN on (self
+mode: the upper triangle only, half the FLOPs; tiles are BM x BN, BN a multiple of BM). Programs are persistent: program p runs tiles p, p + P, ...;
 inside a band, consecutive tiles walk down the band's block-rows before moving one column
 block right (grouped order: the band's rows and one column block stay in L2).
 
@@ -26,24 +26,34 @@ The caller selects exactly (value, then (i, j)) on the small candidate set, and 
 with a higher threshold if a candidate buffer overflowed.
 
 Cost model (sm_90, per element of a tile, d = 768; benchmarks/gpu_static_profile.py measures
-the compiled variants, benchmarks/results/gpu_static_profile.json keeps the table):
+the compiled variants, benchmarks/results/gpu_static_profile*.json keep the tables; every number
+here is a static prediction, never a measurement):
 - product: 768 bf16 MACs at 2,048 MAC/clk/SM (dense wgmma) = 0.375 SM-clocks;
 - epilogue: thread-instructions issue at 128/clk/SM, so E instructions per element cost E/128
-  clocks: E = 48 equals the product, a quarter of it is E = 12. One program per SM (255
-  registers x 256 threads fill the register file) does not overlap the two, so they add up;
-- moments: cvt to f64 (16/clk/SM: 0.0625 clk, the largest single term), DADD + DFMA (64/clk),
-  count, clamp and validity ~6 fp32 instructions: ~0.14 clk, ~37 % of the product;
-- histogram: FFMA + floor + cvt + clamp (~6), one predicated edge load taken only within
-  edge_w of an edge, one shared-memory ATOMS.POPC.INC (tl.histogram; same-bin lanes of a warp
-  aggregate): ~10 instructions, ~0.08 clk;
-- each candidate stream: a compare against its threshold and one predicated atomic (rarely
-  taken once thresholds are seeded): ~4 instructions; appends themselves are rare.
-So the hot path is some 25-35 instructions per element (the static counts of the profile are
-higher: they include the rarely taken append and overflow paths), about half of the product
-at best; the f64 conversions are the next thing to remove.
-Tiles: 128 x 128 (two warpgroups of HGMMA 64x128x16), 3 stages of 128 x 64 operands; the
-epilogue runs on 4 slabs of 128 x 32 (tl.split) so its registers stay beside the accumulator's
-64 per thread.
+  clocks: E = 48 equals the product. Tiles are 64 x 128 in one warpgroup (4 warps): two
+  programs fit an SM's registers (2 x 128 threads x <= 255), so one program's epilogue issues
+  while the other's products run, and a tile costs max(product, epilogue, (product +
+  epilogue) / 2) instead of their sum (one 8-warp 128 x 128 program per SM before);
+- validity: one integer compare per element (each row's bound against each column's index);
+  invalid pairs become NaN, which every later comparison rejects;
+- moments: the fp32 shift, a select, cvt to f64 (16/clk/SM), DADD + DFMA, the count in int32:
+  ~7 instructions;
+- candidate streams: one score per element, key minus the lowest threshold that applies
+  (lists of the same key merged per row and column: a subtract and a maximum, a min more for
+  the column side of per-row lists), reduced to one maximum per slab; only a slab whose
+  maximum is >= 0 runs the streams' exact masks, counters and appends (_candidates). The
+  model counts that region as cold (taken only by slabs that hold a candidate);
+- histogram: FFMA + floor + cvt + clamp (~6), one predicated edge load within edge_w of an
+  edge, then tl.histogram, whose lowering depends on the Triton version: 3.9 increments
+  shared memory per element (ATOMS, warp-aggregated, ~10 instructions); 3.6 (the lent
+  machine's) builds a warp histogram from log2(NB) ballots per element and has each lane
+  popcount its NB / 32 bins per element: with NB = 2,048 some 250-300 instructions per
+  element, more than the rest of the epilogue together. Triton 3.6 offers nothing cheaper that
+  the interpreter can run: global atomics per element are bound by L2 atomic throughput, not
+  issue, and no language op writes shared memory per element.
+Tiles: 64 x 128 (HGMMA 64x128x16), 3 stages of 64 x 64 and 128 x 64 operands; the epilogue
+runs on 4 slabs of 64 x 32 (tl.split) so its registers stay beside the accumulator's 64 per
+thread.
 
 Streams (index s into thr/cnt/cand arrays): 0 top, 1 bottom, 2 near, 3 row top, 4 row bottom,
 5 outside pairs (the first `outside_limit` by (i, j): only pairs before (cut_i, cut_j)),
@@ -183,16 +193,28 @@ def _tile_epilogue(
     G_RBOT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr,
 ):
     """Every reduction of one (BM, BW) slab of products: acc holds rows x cols. Returns the
-    per-program accumulators (count, shifted sums, outside, histogram)."""
+    per-program accumulators (count, shifted sums, outside, histogram).
+
+    Hot path, per element: one integer compare for validity, the clamp, the statistics, and one
+    "may this pair be a candidate?" score per element whose slab maximum gates every candidate
+    stream: the streams' masks, counters and appends (_candidates) run only for a slab that
+    holds a pair reaching some stream's threshold."""
     row_ok = rows < N
     col_ok = cols < M
-    valid = row_ok[:, None] & col_ok[None, :]
-    if SELF:
-        valid = valid & (rows[:, None] < cols[None, :])
+    rok = row_ok
+    cok = col_ok
     if HAS_VALID:
-        xv = tl.load(xv_ptr + rows, mask=row_ok, other=0) != 0
-        yv = tl.load(yv_ptr + cols, mask=col_ok, other=0) != 0
-        valid = valid & xv[:, None] & yv[None, :]
+        rok = rok & (tl.load(xv_ptr + rows, mask=row_ok, other=0) != 0)
+        cok = cok & (tl.load(yv_ptr + cols, mask=col_ok, other=0) != 0)
+    # validity in one compare per element: row i's bound below column j's index (self mode:
+    # i < j); an invalid row's bound is above every index, an invalid column's index below
+    # every bound
+    if SELF:
+        rlo = tl.where(rok, rows, 2147483647)
+    else:
+        rlo = tl.where(rok, -1, 2147483647)
+    chi = tl.where(cok, cols, -2)
+    valid = rlo[:, None] < chi[None, :]
     if METRIC == 0:
         v = tl.minimum(tl.maximum(acc, -1.0), 1.0)
     elif METRIC == 1:
@@ -210,19 +232,19 @@ def _tile_epilogue(
             _append(close, v, rows, cols, 6, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
         valid = valid & (close == 0)
 
+    if DO_STATS:
+        # (v - shift) is exact in fp32 (shift: 8 significant bits near the mean); float64
+        # sums (docs/metrics.md, moments); the count in int32 along a row (<= BW)
+        vz = tl.where(valid, v - shift, 0.0).to(tl.float64)
+        acc_n += tl.sum(valid.to(tl.int32), 1)
+        acc_s += tl.sum(vz, 1)
+        acc_q += tl.sum(vz * vz, 1)
     # invalid pairs become NaN: every comparison below fails for them, so no (BM, BN)
     # predicate tile stays live next to the accumulator (ptxas has 7 predicate registers)
     v = tl.where(valid, v, float("nan"))
     if DO_STATS:
-        # (v - shift) is exact in fp32 (shift: 8 significant bits near the mean); float64
-        # sums (docs/metrics.md, moments); the count in fp32 along a row (<= BM, exact)
-        ok = v == v
-        vz = tl.where(ok, v - shift, 0.0).to(tl.float64)
-        acc_n += tl.sum(ok.to(tl.float32), 1).to(tl.int32)
-        acc_s += tl.sum(vz, 1)
-        acc_q += tl.sum(vz * vz, 1)
         if NB > 0:
-            # per-program histogram: shared-memory increments (ATOMS.POPC.INC, warp-aggregated).
+            # per-program histogram (tl.histogram: see the cost model above for its lowering).
             # No mask: Triton may reorder the elements of each rank-1 reshape feeding a
             # histogram, and a mask reshaped from another layout than the slots would pair with
             # the wrong elements. Invalid pairs go to the spare slot bins + 2 (< NB) instead.
@@ -235,13 +257,77 @@ def _tile_epilogue(
             slot = _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr)
             tl.atomic_add(hist_ptr + slot, tl.full(slot.shape, 1, tl.int64), mask=v == v, sem="relaxed")
         if HAS_OUT:
-            om = tl.where((v < out_a) | (v > out_b), 1.0, 0.0)
-            orow = tl.sum(om, 1).to(tl.int32)
-            ocol = tl.sum(om, 0).to(tl.int32)
+            om = ((v < out_a) | (v > out_b)).to(tl.int32)
+            orow = tl.sum(om, 1)
+            ocol = tl.sum(om, 0)
             acc_o += orow
             tl.atomic_add(out_rows_ptr + rows, orow.to(tl.int64), mask=row_ok & (orow > 0), sem="relaxed")
             tl.atomic_add(out_cols_ptr + cols, ocol.to(tl.int64), mask=col_ok & (ocol > 0), sem="relaxed")
 
+    if TOP or BOT or NEAR or RTOP or RBOT or OUTL:
+        score = _candidate_score(v, rows, cols, row_ok, col_ok, gthr_ptr, rthr_ptr, N, out_a, out_b,
+                                 near, margin, near_margin, cut_i, SELF, TOP, BOT, NEAR, RTOP, RBOT, OUTL)
+        if tl.max(tl.max(score, 1), 0) >= 0.0:
+            _candidates(v, rows, cols, row_ok, col_ok, N, out_a, out_b,
+                        gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr,
+                        cj_ptr, cap, near, margin, near_margin, cut_i, cut_j,
+                        SELF, TOP, BOT, NEAR, RTOP, RBOT, OUTL,
+                        G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BW)
+    return acc_n, acc_s, acc_q, acc_o, hist
+
+
+@triton.jit
+def _key_score(score, key, rows, cols, row_ok, col_ok, g_ptr, r_ptr, margin,
+               G: tl.constexpr, R: tl.constexpr, SELF: tl.constexpr):
+    """score raised by key - t: t the global list's threshold (G) and the row's, in self mode
+    also the column's, per-row list threshold (R), whichever is lowest, each minus margin."""
+    t_row = tl.full(rows.shape, float("inf"), tl.float32)
+    if G:
+        t_row = tl.minimum(t_row, tl.load(g_ptr) - margin)
+    if R:
+        t_row = tl.minimum(t_row, tl.load(r_ptr + rows, mask=row_ok, other=float("inf")) - margin)
+    if R and SELF:
+        t_col = tl.load(r_ptr + cols, mask=col_ok, other=float("inf")) - margin
+        score = tl.maximum(score, key - tl.minimum(t_row[:, None], t_col[None, :]))
+    else:
+        score = tl.maximum(score, key - t_row[:, None])
+    return score
+
+
+@triton.jit
+def _candidate_score(v, rows, cols, row_ok, col_ok, gthr_ptr, rthr_ptr, n_rows, out_a, out_b,
+                     near, margin, near_margin, cut_i,
+                     SELF: tl.constexpr, TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr,
+                     RTOP: tl.constexpr, RBOT: tl.constexpr, OUTL: tl.constexpr):
+    """Per element: >= 0 wherever a stream's mask in _candidates can hold (a superset: for
+    fp32, key >= t implies key - t >= 0), NaN or < 0 elsewhere (invalid pairs are NaN, and
+    tl.maximum drops NaN). Thresholds of the same key are merged per row and column first, so
+    a key costs a subtract and a maximum per element (a min more with column thresholds)."""
+    score = tl.full(v.shape, float("-inf"), tl.float32)
+    if TOP or RTOP:
+        score = _key_score(score, v, rows, cols, row_ok, col_ok, gthr_ptr, rthr_ptr, margin, TOP, RTOP, SELF)
+    if BOT or RBOT:
+        score = _key_score(score, -v, rows, cols, row_ok, col_ok, gthr_ptr + 1, rthr_ptr + n_rows, margin, BOT,
+                           RBOT, SELF)
+    if NEAR:
+        score = tl.maximum(score, -tl.abs(v - near) - (tl.load(gthr_ptr + 2) - near_margin))
+    if OUTL:
+        # superset of "before (cut_i, cut_j)": rows up to cut_i; outside: v < a or v > b
+        o = tl.maximum(out_a - v, v - out_b)
+        score = tl.maximum(score, tl.where((rows <= cut_i)[:, None], o, float("-inf")))
+    return score
+
+
+@triton.jit
+def _candidates(v, rows, cols, row_ok, col_ok, N, out_a, out_b,
+                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+                cap, near, margin, near_margin, cut_i, cut_j,
+                SELF: tl.constexpr, TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr,
+                RTOP: tl.constexpr, RBOT: tl.constexpr, OUTL: tl.constexpr,
+                G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
+                G_RBOT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr):
+    """The candidate streams of a slab that holds at least one candidate (rarely taken once
+    thresholds are seeded): each stream's exact mask and its appends."""
     if TOP:
         _global_stream(v, v, rows, cols, 0, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
                        cap, margin, G_TOP, BM)
@@ -262,7 +348,6 @@ def _tile_epilogue(
         before = (rows[:, None] < cut_i) | ((rows[:, None] == cut_i) & (cols[None, :] < cut_j))
         om2 = ((v < out_a) | (v > out_b)) & before
         _append(om2, v, rows, cols, 5, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
-    return acc_n, acc_s, acc_q, acc_o, hist
 
 
 @triton.jit
@@ -326,7 +411,9 @@ def _pairwise_stats_kernel(
     for t in range(pid, num_tiles, nprog):
         r = band_row0 + t % band_rows
         if SELF:
-            c = band_row0 + t // band_rows
+            # upper triangle: the band's first block-row needs the column blocks from
+            # band_row0 * BM // BN on (gpu_plan.GpuPlan.tiles launches that rectangle)
+            c = band_row0 * BM // BN + t // band_rows
         else:
             c = t // band_rows
         rows = r * BM + tl.arange(0, BM)
@@ -365,13 +452,14 @@ def _pairwise_stats_kernel(
 
 
 def constexprs(*, metric, self_mode, has_valid, in_prec, do_stats, nb, ghist, has_out, collect_close,
-               streams, groups, bm, bk, upcast, split=1):
-    """The compile-time arguments of _pairwise_stats_kernel (see launch_pairwise)."""
+               streams, groups, bm, bk, upcast, split=1, bn=None):
+    """The compile-time arguments of _pairwise_stats_kernel (see launch_pairwise); bn: tile
+    columns (default bm)."""
     return dict(METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
                 NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0],
                 BOT=streams[1], NEAR=streams[2], RTOP=streams[3], RBOT=streams[4], OUTL=streams[5],
                 G_TOP=groups[0], G_BOT=groups[1], G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4],
-                BM=bm, BN=bm, BK=bk, UPCAST=upcast, SPLIT=split, HB=max(nb, 2))
+                BM=bm, BN=bn or bm, BK=bk, UPCAST=upcast, SPLIT=split, HB=max(nb, 2))
 
 
 # The argument types the engine launches _pairwise_stats_kernel with (its tensors' dtypes and
@@ -390,10 +478,11 @@ ARG_TYPES = dict(
 )
 
 
-def signature(desc: str) -> dict:
-    """Argument types of _pairwise_stats_kernel's runtime arguments (desc: the TMA descriptor
-    type, e.g. "tensordesc<bf16[128,64]>"), as the engine launches it."""
-    return dict(x_desc=desc, y_desc=desc, **ARG_TYPES)
+def signature(x_desc: str, y_desc: str | None = None) -> dict:
+    """Argument types of _pairwise_stats_kernel's runtime arguments (x_desc / y_desc: the TMA
+    descriptor types, e.g. "tensordesc<bf16[64,64]>" and "tensordesc<bf16[128,64]>"), as the
+    engine launches it."""
+    return dict(x_desc=x_desc, y_desc=y_desc or x_desc, **ARG_TYPES)
 
 
 def specialization(ints: dict) -> dict:
@@ -425,14 +514,15 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
                     out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv,
                     ci, cj, cap, near, margin, near_margin, cut_i, cut_j, shift, near_tau, *, metric, self_mode, has_valid,
                     in_prec, do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk,
-                    split=1, num_warps=8, num_stages=3):
+                    split=1, bn=None, num_warps=4, num_stages=3):
     """x: (N, Dp), y: (M, Dp) contiguous, rows 16-byte aligned (Dp padded with zeros; TMA).
     streams: 6 bools (embgeom.backends.gpu_plan.STREAMS); groups: live-bound group counts for the first five.
     Returns the compiled kernel (registers/shared memory for the caller's occupancy)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    bn = bn or bm
     x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
-    y_desc = x_desc if y is x else TensorDescriptor.from_tensor(y, [bm, bk])
+    y_desc = x_desc if (y is x and bn == bm) else TensorDescriptor.from_tensor(y, [bn, bk])
     return _pairwise_stats_kernel[(grid,)](
         x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
         part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
@@ -440,6 +530,7 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
         near, margin, near_margin, cut_i, cut_j, shift, near_tau,
         **constexprs(metric=metric, self_mode=self_mode, has_valid=has_valid, in_prec=in_prec,
                      do_stats=do_stats, nb=nb, ghist=ghist, has_out=has_out, collect_close=collect_close,
-                     streams=streams, groups=groups, bm=bm, bk=bk, upcast=x.device.type == "cpu", split=split),
+                     streams=streams, groups=groups, bm=bm, bk=bk, upcast=x.device.type == "cpu", split=split,
+                     bn=bn),
         num_warps=num_warps, num_stages=num_stages,
     )

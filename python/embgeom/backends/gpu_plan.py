@@ -10,13 +10,24 @@ from dataclasses import dataclass
 
 from ..engine.config import DEFAULTS
 
-# Hopper: a 128 x 128 tile is two warpgroups of 64 x 128, each one HGMMA 64x128x16 per k-step
-# (the N = 128 wgmma shape); 3 stages of 128 x 64 bf16 operands (2 x 16 KB each) = 96 KB of
-# shared memory, which leaves room for the epilogue's layout conversions in 228 KB.
-GPU_BLOCK = 128
-GPU_WARPS = 8
+# Hopper: a 64 x 128 tile is one warpgroup (4 warps) issuing one HGMMA 64x128x16 per k-step
+# (the N = 128 wgmma shape), its fp32 accumulator 64 registers per thread. Two such programs fit
+# one SM (2 x 128 threads x <= 255 registers <= the 64K register file), so one program's
+# epilogue issues while the other's products run on the tensor cores. 3 stages of 64 x 64 and
+# 128 x 64 bf16 operands (8 + 16 KB) = 72 KB of shared memory per program, 144 KB for two, which
+# leaves room for the epilogue's layout conversions and histogram in 228 KB.
+GPU_BLOCK_M = 64
+GPU_BLOCK_N = 128
+GPU_WARPS = 4
 GPU_STAGES = 3
-# programs per SM the register file allows: 8 warps x 32 lanes x regs <= 65,536
+# exact fp32 (CUDA-core FMA): square 64 x 64 tiles in 8 warps
+EXACT_BLOCK = 64
+EXACT_WARPS = 8
+# Hopper's per-SM limits (programs_for): register file, shared memory (a program's share
+# includes 1 KB the hardware reserves per block), resident warps
+SM_REGISTERS = 65536
+SM_SHARED = 228 * 1024
+SM_WARPS = 64
 MAX_PROGRAMS_PER_SM = 4
 
 
@@ -26,9 +37,15 @@ def next_pow2(v: int) -> int:
 
 @dataclass(frozen=True)
 class GpuPlan:
-    """bm: tile side (square: self mode needs the same blocks on both sides); bk: k-step;
-    group: block-rows per band (one launch); programs: persistent programs; capacity: candidate
-    slots per stream; occupancy_pending: programs to be refined from the compiled kernel."""
+    """bm x bn: tile (rows x columns; bn a multiple of bm); bk: k-step; group: block-rows per
+    band (one launch); programs: persistent programs; capacity: candidate slots per stream;
+    occupancy_pending: programs to be refined from the compiled kernel.
+
+    Self mode walks the upper triangle: block-row r needs the column blocks from
+    col_start(r) = r * bm // bn on (the first that holds a column > its first row). A band runs
+    the rectangle of its block-rows x the column blocks from its first row's col_start; for
+    bn > bm the tiles of later rows left of their own col_start hold no pair i < j (every element
+    invalid, counted nowhere): at most bn / bm - 1 column blocks per block-row."""
 
     bm: int
     bk: int
@@ -42,34 +59,50 @@ class GpuPlan:
     nbc: int
     nbands: int
     occupancy_pending: bool
-    split: int = 1  # epilogue slabs per tile: (bm, bm / split) each (register pressure, see the kernel)
+    split: int = 1  # epilogue slabs per tile: (bm, bn / split) each (register pressure, see the kernel)
     live_bounds: bool = True  # tiles raise thresholds through bucket maxima (off on the GPU: registers)
+    bn: int = 0  # tile columns (0: bm, square)
+
+    @property
+    def block_n(self) -> int:
+        return self.bn or self.bm
+
+    def col_start(self, row_block: int, self_mode: bool) -> int:
+        """First column block a self-mode block-row needs (the kernel computes the same)."""
+        return row_block * self.bm // self.block_n if self_mode else 0
 
     def tiles(self, band: int, self_mode: bool) -> tuple[int, int, int]:
         """(first block-row, block-rows, tiles) of band b."""
         r0 = band * self.group
         rows = min(self.group, self.nbr - r0)
-        return r0, rows, rows * ((self.nbc - r0) if self_mode else self.nbc)
+        return r0, rows, rows * (self.nbc - self.col_start(r0, self_mode))
+
+    def total_tiles(self, self_mode: bool) -> int:
+        return sum(self.tiles(b, self_mode)[2] for b in range(self.nbands))
 
 
 def make_plan(n: int, m: int, d: int, *, elem_bytes: int, on_gpu: bool, sms: int = 0,
               cfg_block: int = DEFAULTS.block, row_k: int = 1, need: int = 1, block: int | None = None,
               group: int | None = None, programs: int | None = None,
               capacity: int | None = None, split: int | None = None,
-              live_bounds: bool | None = None, mma: bool = True) -> GpuPlan:
+              live_bounds: bool | None = None, mma: bool = True, block_n: int | None = None) -> GpuPlan:
     """n, m: rows of x and y; d: columns; elem_bytes: 2 (bf16/fp16) or 4 (fp32/tf32);
     sms: multiprocessors (GPU); cfg_block: the config's tile edge (CPU interpreter only);
     row_k: the larger per-row list; need: the longest list; mma: the products run on tensor
     cores (False for exact fp32: CUDA-core FMA, whose operands sit in registers, so smaller
-    tiles). Overrides are for tests."""
+    tiles). block / block_n: tile rows / columns (block_n a multiple of block; default: the
+    GPU shape, or square on the CPU interpreter). Overrides are for tests."""
     if block is None:
         # the CPU interpreter wants few, small tiles
-        block = (GPU_BLOCK if mma else 64) if on_gpu else min(64, max(16, next_pow2(min(cfg_block, max(n, m, 1)))))
+        block = (GPU_BLOCK_M if mma else EXACT_BLOCK) if on_gpu else min(64, max(16, next_pow2(min(cfg_block, max(n, m, 1)))))
+        if block_n is None and on_gpu:
+            block_n = GPU_BLOCK_N if mma else EXACT_BLOCK
     bm = max(16, next_pow2(block))
+    bn = max(bm, next_pow2(block_n or bm))
     # 128-byte operand rows (the widest TMA swizzle): 64 bf16 or 32 fp32 per k-step
     bk = (64 if elem_bytes == 2 else 32) if on_gpu else min(64, max(16, next_pow2(d)))
     nbr = -(-n // bm)
-    nbc = -(-m // bm)
+    nbc = -(-m // bn)
     # ~128 bands: few launches and syncs, yet frequent checkpoints and threshold refreshes
     group = group or (max(8, -(-nbr // 128)) if on_gpu else 4)
     pending = False
@@ -80,20 +113,30 @@ def make_plan(n: int, m: int, d: int, *, elem_bytes: int, on_gpu: bool, sms: int
     # candidates per band are ~ O(rows * k * log); the exact selection handles tens of millions
     default_cap = min(1 << 25, max(1 << 20, 4 * n * max(row_k, 1)))
     cap = max(capacity or (default_cap if on_gpu else (1 << 12)), 2 * need + 64)
-    return GpuPlan(bm=bm, bk=bk, num_warps=GPU_WARPS, num_stages=GPU_STAGES,
+    return GpuPlan(bm=bm, bn=bn, bk=bk, num_warps=GPU_WARPS if mma else EXACT_WARPS, num_stages=GPU_STAGES,
                    group=group, programs=programs, capacity=cap, seed_sample=4096 if on_gpu else 32,
                    nbr=nbr, nbc=nbc, nbands=-(-nbr // group), occupancy_pending=pending,
-                   split=(4 if bm >= 128 else 1) if split is None else split,
+                   split=(4 if bn >= 128 else 1) if split is None else split,
                    # the live bucket maxima cost layout conversions and registers that push the
                    # epilogue into spills on sm_90; the sampled seed (4,096 columns x all rows)
                    # and the per-band refresh from the merged lists bound the candidates instead
                    live_bounds=not on_gpu if live_bounds is None else live_bounds)
 
 
-def programs_for(regs: int, sms: int, num_warps: int = GPU_WARPS) -> int:
-    """Persistent programs for a compiled kernel using `regs` registers per thread."""
-    per_sm = max(1, min(MAX_PROGRAMS_PER_SM, 65536 // (max(regs, 1) * 32 * num_warps)))
-    return per_sm * sms
+def programs_per_sm(regs: int, num_warps: int = GPU_WARPS, shared: int = 0) -> int:
+    """Programs of a compiled kernel (regs per thread, shared bytes per program) resident on one
+    SM at once: registers are allocated per warp in units of 256 (8 per thread), shared memory
+    per block with 1 KB reserved, at most 64 warps; at least 1, at most MAX_PROGRAMS_PER_SM."""
+    per_warp = -(-max(regs, 1) // 8) * 8 * 32
+    by_regs = SM_REGISTERS // (per_warp * num_warps)
+    by_shared = SM_SHARED // (shared + 1024) if shared else MAX_PROGRAMS_PER_SM
+    return max(1, min(MAX_PROGRAMS_PER_SM, by_regs, by_shared, SM_WARPS // num_warps))
+
+
+def programs_for(regs: int, sms: int, num_warps: int = GPU_WARPS, shared: int = 0) -> int:
+    """Persistent programs for a compiled kernel using `regs` registers per thread and `shared`
+    bytes of shared memory per program."""
+    return programs_per_sm(regs, num_warps, shared) * sms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,8 +161,14 @@ def list_lengths(cfg) -> dict:
             "outside_pairs": cfg.outside_limit if cfg.outside else 0}
 
 
+def slab_side(plan: GpuPlan) -> int:
+    """The shorter side of an epilogue slab (bm x bn / split): live-bound buckets split both."""
+    return min(plan.bm, plan.block_n // plan.split)
+
+
 def stream_groups(lengths: dict, bm: int, live: bool = True) -> list[int]:
-    """Live-bound buckets per stream (0: none): next_pow2(k), at most one per tile row."""
+    """Live-bound buckets per stream (0: none): next_pow2(k), at most one per slab row and column
+    (bm: the slab's shorter side)."""
     if not live:
         return [0] * 5
     out = []
@@ -145,5 +194,5 @@ def variant(cfg, *, mode: str, plan: GpuPlan, self_mode: bool, has_valid: bool, 
                 nb=nb if (do_stats and cfg.bins) else 0, ghist=bool(do_stats and cfg.bins and not nb),
                 has_out=bool(do_stats and cfg.outside), collect_close=bool(collect_close),
                 streams=[bool(s) for s in streams],
-                groups=stream_groups(list_lengths(cfg), plan.bm // plan.split, plan.live_bounds),
-                bm=plan.bm, bk=plan.bk, split=plan.split, num_warps=plan.num_warps, num_stages=plan.num_stages)
+                groups=stream_groups(list_lengths(cfg), slab_side(plan), plan.live_bounds),
+                bm=plan.bm, bn=plan.block_n, bk=plan.bk, split=plan.split, num_warps=plan.num_warps, num_stages=plan.num_stages)

@@ -20,7 +20,8 @@ from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, f32_down, f32_up, fas
                         rounding_norms, unit_rows)
 from .gpu_candidates import NUM_BUFFERS, Candidates
 from .gpu_cone_entropy import triton_cone_unit_sums, triton_row_entropy
-from .gpu_plan import STREAMS, hist_slots, list_lengths, make_plan, next_pow2, programs_for, stream_groups, variant
+from .gpu_plan import (STREAMS, hist_slots, list_lengths, make_plan, next_pow2, programs_for, slab_side, stream_groups,
+                       variant)
 from .gpu_thresholds import Thresholds, binning_error, hist_edges
 from .registry import register
 
@@ -31,9 +32,9 @@ class TritonEngine(Thresholds, Candidates):
     """Fused all-pairs engine (engine protocol of embgeom.engine.runner). x: (N, D), y: (M, D) or None.
 
     fast_dtype: input type of the products in `fast` precision ("bf16", "fp16", "tf32").
-    block/group/programs/capacity/split: tile side, block-rows per band, persistent programs,
-    candidate slots per stream, epilogue on half tiles (embgeom.backends.gpu_plan; defaults
-    suit an H100; tests shrink them).
+    block/block_n/group/programs/capacity/split: tile rows and columns, block-rows per band,
+    persistent programs, candidate slots per stream, epilogue slabs per tile
+    (embgeom.backends.gpu_plan; defaults suit an H100; tests shrink them).
     """
 
     name = "triton"
@@ -41,7 +42,7 @@ class TritonEngine(Thresholds, Candidates):
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, *,
                  fast_dtype: str = "bf16", block: int | None = None, group: int | None = None,
                  programs: int | None = None, capacity: int | None = None, split: int | None = None,
-                 live_bounds: bool | None = None):
+                 live_bounds: bool | None = None, block_n: int | None = None):
         if fast_dtype not in FAST_DTYPES:
             raise ValueError(f"fast_dtype: expected one of {', '.join(FAST_DTYPES)}, got {fast_dtype!r}")
         self.cfg = cfg
@@ -75,16 +76,16 @@ class TritonEngine(Thresholds, Candidates):
         self.plan = make_plan(self.n, self.m, self.d, elem_bytes=self.xin.element_size(), on_gpu=on_gpu,
                               sms=self.sms, cfg_block=cfg.block, row_k=max(cfg.row_topk, cfg.row_bottomk),
                               need=need, block=block, group=group, programs=programs, capacity=capacity,
-                              split=split, live_bounds=live_bounds, mma=self.mode != "exact")
+                              split=split, live_bounds=live_bounds, mma=self.mode != "exact", block_n=block_n)
         plan = self.plan
-        self.bm, self.bk, self.group = plan.bm, plan.bk, plan.group
+        self.bm, self.bn, self.bk, self.group = plan.bm, plan.block_n, plan.bk, plan.group
         self.nbr, self.nbc, self.nbands = plan.nbr, plan.nbc, plan.nbands
         self.programs, self.cap, self.seed_sample = plan.programs, plan.capacity, plan.seed_sample
         # set from the first compiled kernel's registers, applied once that band's partial sums
         # are reduced (they live in per-program buffers that a new program count replaces)
         self._occupancy_pending = plan.occupancy_pending
         self._programs_next = None
-        self.groups = stream_groups(self.kinds_k, self.bm // plan.split, plan.live_bounds)
+        self.groups = stream_groups(self.kinds_k, slab_side(plan), plan.live_bounds)
 
         # error of the products (fast) -> filter margin and histogram error bound
         nx = float(torch.linalg.vector_norm(self.x32, dim=1).max()) if self.n else 0.0
@@ -333,8 +334,9 @@ class TritonEngine(Thresholds, Candidates):
             # only noted here: this launch's partial sums still sit in the per-program buffers
             self._occupancy_pending = False
             regs = int(getattr(compiled, "n_regs", 0) or 0)
+            shared = int(getattr(getattr(compiled, "metadata", None), "shared", 0) or 0)
             if regs:
-                programs = programs_for(regs, self.sms, self.plan.num_warps)
+                programs = programs_for(regs, self.sms, self.plan.num_warps, shared)
                 if programs != self.programs:
                     self._programs_next = programs
         return grid
