@@ -235,6 +235,54 @@ def pairs_bench(args, threads, rows):
                      "git_sha": git_sha(), "date": today()})
 
 
+def vocabulary():
+    """The default model's word embeddings (30,522 x 384)."""
+    from embgeom import load_model
+
+    model, _ = load_model(None)
+    return model.get_input_embeddings().weight.detach().float().contiguous()
+
+
+def dropins_bench(args, threads, rows):
+    """sentence-transformers' bulk util functions against embgeom.compat's on the default model's
+    vocabulary, one timed call each, outputs compared (target: >= 5x faster, same results but
+    for float32 near-ties)."""
+    try:
+        from sentence_transformers import util
+    except ImportError:
+        print("drop-ins: sentence-transformers not installed, skipped")
+        return
+    from embgeom.compat import sentence_transformers as ours
+
+    e = vocabulary()
+    cases = [
+        ("paraphrase_mining_top100", lambda m: m.paraphrase_mining_embeddings(e, top_k=100, max_pairs=100),
+         lambda a, b: (sum((x[1], x[2]) == (y[1], y[2]) for x, y in zip(a, b)), len(a))),
+        ("semantic_search_top11", lambda m: m.semantic_search(e, e, top_k=11),
+         lambda a, b: (sum([h["corpus_id"] for h in x] == [h["corpus_id"] for h in y] for x, y in zip(a, b)), len(a))),
+        ("community_detection_0.75", lambda m: m.community_detection(e, threshold=0.75, min_community_size=10),
+         lambda a, b: (sum(sorted(x) == sorted(y) for x, y in zip(sorted(map(sorted, a)), sorted(map(sorted, b)))),
+                       max(len(a), len(b)))),
+    ]
+    print(f"\ndrop-ins on the default model's vocabulary {tuple(e.shape)}, one call each")
+    for name, call, same in cases:
+        got = {}
+        for prov, mod in (("sentence-transformers", util), ("embgeom-compat", ours)):
+            t0 = time.perf_counter()
+            got[prov] = call(mod)
+            got[prov + "_s"] = time.perf_counter() - t0
+        equal, total = same(got["sentence-transformers"], got["embgeom-compat"])
+        st_s, ours_s = got["sentence-transformers_s"], got["embgeom-compat_s"]
+        print(f"  {name:26s} sentence-transformers {st_s:7.2f} s   embgeom {ours_s:6.2f} s   "
+              f"{st_s / ours_s:5.1f}x faster   equal {equal}/{total}")
+        for prov, sec in (("sentence-transformers", st_s), ("embgeom-compat", ours_s)):
+            rows.append({"metric": f"dropin_{name}", "provider": prov, "n": int(e.shape[0]), "m": 0,
+                         "d": int(e.shape[1]), "dtype": "float32", "device": f"cpu {cpu_name()}",
+                         "threads": threads, "median_ms": sec * 1e3, "peak_mb": round(peak_rss_mb()),
+                         "versions": versions() + f" path={args.path} equal={equal}/{total}",
+                         "git_sha": git_sha(), "date": today()})
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
@@ -248,6 +296,8 @@ def main(argv=None) -> int:
     p.add_argument("--slow-limit", type=float, default=2e8,
                    help="skip sentence-transformers / scikit-learn where queries x corpus exceeds this")
     p.add_argument("--no-pairs", action="store_true")
+    p.add_argument("--dropins", action="store_true",
+                   help="also sentence-transformers' bulk util functions against embgeom.compat on the vocabulary")
     p.add_argument("--pairs-n", type=int, default=None, help="rows of the pairs case (1,000,000)")
     p.add_argument("--dups", type=int, default=None, help="planted near-duplicate pairs (10,000)")
     p.add_argument("--threshold", type=float, default=0.9)
@@ -287,6 +337,8 @@ def main(argv=None) -> int:
     search_bench(args, args.threads, rows)
     if not args.no_pairs:
         pairs_bench(args, args.threads, rows)
+    if args.dropins:
+        dropins_bench(args, args.threads, rows)
     if rows and not args.quick:
         path = append_rows("index.csv", rows)
         print(f"rows appended to {path}")
