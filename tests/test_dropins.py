@@ -38,13 +38,35 @@ def test_semantic_search_matches(st_util, top_k, score):
     assert len(one) == 1 and len(one[0]) == 3
 
 
-@pytest.mark.parametrize("top_k,max_pairs", [(5, 500000), (3, 40), (100, 1000)])
+@pytest.mark.parametrize("top_k,max_pairs", [(5, 500000), (3, 40), (100, 1000), (100, 100), (50, 10)])
 def test_paraphrase_mining_matches(st_util, top_k, max_pairs):
     x = _tie_free(300, 16, seed=2)
     want = st_util.paraphrase_mining_embeddings(x, top_k=top_k, max_pairs=max_pairs)
     got = st_compat.paraphrase_mining_embeddings(x, top_k=top_k, max_pairs=max_pairs)
     assert [p[1:] for p in got] == [p[1:] for p in want]
     assert np.allclose([p[0] for p in got], [p[0] for p in want], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["cos_sim", "dot_score"])
+def test_paraphrase_mining_global_list_path_equals_row_path(monkeypatch, score):
+    """max_pairs <= top_k: the engine's global top list (rescored, boundary checked) gives what
+    the row-by-row search gives, with duplicate rows, a zero row, and where every pair ties (the
+    check fails and the row path answers)."""
+    x = make_rows(400, 24, seed=5)
+    x[7] = x[300]          # a duplicate pair: the best one
+    x[11] = 0              # a zero row: never returned under cosine
+    cases = [(x, 100, 100), (x, 40, 7), (x[:3], 5, 5), (torch.ones(30, 4), 20, 10)]
+    fast = []
+    real = st_compat._global_top_pairs
+    monkeypatch.setattr(st_compat, "_global_top_pairs", lambda *a: fast.append(real(*a)) or fast[-1])
+    got = [st_compat.paraphrase_mining_embeddings(e, top_k=k, max_pairs=m, score_function=score) for e, k, m in cases]
+    monkeypatch.setattr(st_compat, "_global_top_pairs", lambda *a: None)
+    want = [st_compat.paraphrase_mining_embeddings(e, top_k=k, max_pairs=m, score_function=score) for e, k, m in cases]
+    assert got == want
+    assert fast[0] is not None and fast[1] is not None  # the global list answered these
+    assert fast[3] is None  # 435 equal pairs: the boundary check sends it to the row path
+    if score == "cos_sim":
+        assert got[0][0][1:] == [7, 300] and all(11 not in p[1:] for p in got[0])
 
 
 def test_community_detection_matches(st_util):

@@ -76,6 +76,10 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
     n = index.ntotal
     if n < 2:
         return []
+    if max_pairs <= top_k:
+        best = _global_top_pairs(index, max_pairs)
+        if best is not None:
+            return best
     width = min(top_k + 1, n)
     scores, ids = [], []
     for r0 in range(0, n, 4096):
@@ -94,6 +98,46 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
     a, b, s_ = a[first], b[first], s_[first]
     order = np.lexsort((b, a, -s_.astype(np.float64)))[:max_pairs]
     return [[float(s_[k]), int(a[k]), int(b[k])] for k in order]
+
+
+def _global_top_pairs(index: Index, max_pairs: int) -> list[list[float | int]] | None:
+    """The max_pairs best pairs i < j of the index's rows by exact float64 value, from the
+    all-pairs engine's global top list in self mode (half the products of a search per row).
+    When max_pairs <= top_k this is paraphrase mining's answer: a pair among the best P has at
+    most P - 1 better pairs in its own row, so it is within its row's top_k. The engine's values
+    are within the scan margin m of the exact ones (docs/metrics.md, prepared index): its list
+    of the best max_pairs + PAD pairs is rescored, and the answer stands only where the list's
+    last engine value is below the max_pairs-th exact value by more than 2m (no pair outside
+    the list can reach or tie it); otherwise None (the caller searches row by row)."""
+    from ..api import pairwise_stats
+
+    st = index._store
+    n = st.n
+    want = min(max_pairs + PAD_PAIRS, n * (n - 1) // 2)
+    rows = index.vectors()
+    res = pairwise_stats(rows, metric=index.metric, bins=0, topk=want, bottomk=0, row_topk=0, near=None,
+                         outside=None)
+    i, j = res.top_pairs.i.to(torch.int64), res.top_pairs.j.to(torch.int64)
+    if i.numel() == 0:
+        return []
+    q64, _, qvalid, margin, qsq = index._queries(rows, st)
+    exact = index._exact_pairs(st, q64, qsq, i, j)
+    keep = ~torch.isnan(exact) & qvalid[i]
+    i, j, exact, engine = i[keep], j[keep], exact[keep], res.top_pairs.values.double()[keep]
+    # ranked and reported as the row-by-row path does: the exact value rounded to float32
+    # (Index.search's scores), then (i, j)
+    score = exact.float().double()
+    order = np.lexsort((j.numpy(), i.numpy(), -score.numpy()))[:max_pairs]
+    complete = i.numel() < want  # every pair of the input is in the list
+    if not complete:
+        if len(order) < max_pairs:
+            return None
+        if not float(engine.min()) < float(exact[order[-1]]) - 2 * float(margin.max()):
+            return None
+    return [[float(score[k]), int(i[k]), int(j[k])] for k in order]
+
+
+PAD_PAIRS = 64  # engine pairs beyond max_pairs, so the boundary check of _global_top_pairs holds
 
 
 def community_detection(embeddings, threshold: float = 0.75, min_community_size: int = 10,
