@@ -189,3 +189,24 @@ def test_flat_index_bad_input():
         index.search(np.zeros((1, 4), np.float32), 0)
     with pytest.raises(ValueError, match="d: expected an int >= 1"):
         egf.IndexFlatL2(0)
+
+
+@pytest.mark.parametrize("threshold,size", [(0.75, 4), (0.3, 3), (0.999, 2)])
+def test_communities_engine_path_equals_range_search(monkeypatch, threshold, size):
+    """communities from the engine's pairs (half the products) equal the row-by-row range
+    search: duplicates, a zero row, members ordered by (cosine desc, id asc)."""
+    import importlib
+
+    from test_pairs_above import _clusters
+
+    comm = importlib.import_module("embgeom.communities")  # the module (embgeom.communities is the function)
+    x = _clusters(seed=4)
+    x[5] = x[9]
+    x[12] = 0
+    got = comm.communities(x, threshold, size)
+    with monkeypatch.context() as m:
+        m.setattr(comm, "_engine_candidates", lambda *a: None)
+        want = comm.communities(x, threshold, size)
+    assert got == want and got
+    monkeypatch.setattr(comm, "ENGINE_PAIRS_LIMIT", 0)  # too many pairs: the range search answers
+    assert comm.communities(x, threshold, size) == want

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import validation
-from .index import Index
+from .index import PAIR_BAND, Index
 
 
 def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
@@ -35,14 +35,16 @@ def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
     n = index.ntotal
     if n < min_size:
         return []
-    found = []  # (centre, members in (cosine desc, id asc) order, centre included)
-    for r0 in range(0, n, batch_size):
-        rows = index.vectors(r0, min(n, r0 + batch_size))
-        lims, _, ids = index.range_search(rows, threshold)
-        lims, ids = lims.cpu().numpy(), ids.cpu().numpy()
-        for q in range(rows.shape[0]):
-            if lims[q + 1] - lims[q] >= min_size:
-                found.append((r0 + q, ids[lims[q]:lims[q + 1]]))
+    found = _engine_candidates(index, threshold, min_size) if index._pairs_engine_applies() else None
+    if found is None:
+        found = []  # (centre, members in (cosine desc, id asc) order, centre included)
+        for r0 in range(0, n, batch_size):
+            rows = index.vectors(r0, min(n, r0 + batch_size))
+            lims, _, ids = index.range_search(rows, threshold)
+            lims, ids = lims.cpu().numpy(), ids.cpu().numpy()
+            for q in range(rows.shape[0]):
+                if lims[q + 1] - lims[q] >= min_size:
+                    found.append((r0 + q, ids[lims[q]:lims[q + 1]]))
     found.sort(key=lambda c: len(c[1]), reverse=True)  # stable: centres in id order among equals
     used = np.zeros(n, dtype=bool)
     out = []
@@ -56,3 +58,52 @@ def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
             used[group] = True
     return sorted(out, key=len, reverse=True)
 
+
+
+# pairs at or above the threshold held in memory by the engine path before it gives way to the
+# range search (whose memory is one batch of scores)
+ENGINE_PAIRS_LIMIT = 1 << 24
+
+
+def _engine_candidates(index: Index, threshold: float, min_size: int):
+    """The candidate communities (centre, members) of every row with at least min_size rows at
+    cosine >= threshold, in row order, members by (cosine desc, id asc), centre included: the
+    same as range_search row by row, from the pairs i < j of Index.pairs_above's engine path
+    (half the products, the candidates filtered inside the engine's pass) and each row's own
+    exact cosine with itself. None when more than ENGINE_PAIRS_LIMIT pairs qualify."""
+    import torch
+
+    st = index._store
+    n = st.n
+    _, nc = index._blocks(256, n)
+    parts, held = [], 0
+    # a little below the threshold: the reverse direction's value can differ in its last bits
+    # and must be decided on its own (below)
+    below = threshold - 1e-12 * max(1.0, abs(threshold))
+    for r0 in range(0, n, PAIR_BAND):
+        for i, j, v in index._pairs_of_rows(st, r0, min(n, r0 + PAIR_BAND), below, nc, True, exact64=True):
+            parts.append((i, j, v))
+            held += len(i)
+            if held > ENGINE_PAIRS_LIMIT:
+                return None
+    # the other direction and each row with itself, scored as range_search scores a query row
+    # against a stored row (the query's float32 row and its norm)
+    q32, qsq = st.rows[:n], st.norms[:n] * st.norms[:n]
+    fi = torch.from_numpy(np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64))
+    fj = torch.from_numpy(np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64))
+    fwd = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0)
+    rev = index._exact_pairs(st, q32, qsq, fj, fi).numpy()
+    ids = torch.arange(n)
+    own = index._exact_pairs(st, q32, qsq, ids, ids).numpy()
+    keep = np.nonzero(~np.isnan(own) & (own >= threshold))[0]
+    i = np.concatenate([fi.numpy(), fj.numpy(), keep]).astype(np.int64)
+    j = np.concatenate([fj.numpy(), fi.numpy(), keep]).astype(np.int64)
+    v = np.concatenate([fwd, rev, own[keep]])
+    # each direction passes on its own value, as range_search decides it for its query row
+    ok = ~np.isnan(v) & (v >= threshold)
+    i, j, v = i[ok], j[ok], v[ok]
+    counts = np.bincount(i, minlength=n)
+    order = np.lexsort((j, -v, i))
+    i, j = i[order], j[order]
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    return [(int(r), j[starts[r]:starts[r + 1]]) for r in np.nonzero(counts >= min_size)[0]]

@@ -617,8 +617,9 @@ class Index:
         except ImportError:
             return False
 
-    def _pairs_of_rows(self, st, r0, r1, threshold, nc, engine=False):
-        """Yield (i, j, value) arrays of the pairs i in [r0, r1), j > i, passing the threshold."""
+    def _pairs_of_rows(self, st, r0, r1, threshold, nc, engine=False, exact64=False):
+        """Yield (i, j, value) arrays of the pairs i in [r0, r1), j > i, passing the threshold
+        (values float32 as written to shards, or the exact float64 ones with exact64)."""
         q = st.rows[r0:r1]
         q64, qscan, qvalid, margin, qsq = self._queries(q, st)
         if self.metric == "l2":
@@ -642,7 +643,8 @@ class Index:
             keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
             keep &= qvalid[qi]
             if bool(keep.any()):
-                yield ((qi[keep] + r0).cpu().numpy(), ci[keep].cpu().numpy(), v[keep].float().cpu().numpy())
+                yield ((qi[keep] + r0).cpu().numpy(), ci[keep].cpu().numpy(),
+                       (v[keep] if exact64 else v[keep].float()).cpu().numpy())
 
     def _scan_pair_candidates(self, st, qscan, c0, c1, scan_t, nc):
         """(query offsets, corpus rows) whose scan value reaches scan_t, columns [c0, c1), one
