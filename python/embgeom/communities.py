@@ -1,5 +1,7 @@
 """Communities of near neighbours, as sentence-transformers' `util.community_detection` finds
-them, on the exact range search of an Index (docs/metrics.md, communities)."""
+them, on exact float64 cosines (docs/metrics.md, communities): the pairs at or above the
+threshold from the all-pairs engine (Index.pairs_above's path) on the CPU, else the range search
+of an Index row by row."""
 from __future__ import annotations
 
 from typing import Any
