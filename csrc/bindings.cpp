@@ -12,6 +12,7 @@
 #include "attention.h"
 #include "check.h"
 #include "cone_index.h"
+#include "pair_values.h"
 #include "cpu/blas.h"
 #include "cpu/isa.h"
 #include "numerics.h"
@@ -166,6 +167,27 @@ PYBIND11_MODULE(_C, m) {
     else EMBGEOM_CHECK(false, "kind: expected top, bottom, near or outside_pairs, got '" << kind << "'");
     return embgeom::numerics::order_key(k, v, near);
   }, py::arg("kind"), py::arg("v"), py::arg("near") = 0.0);
+  m.def("pair_values", [](const f32_array& rows, const py::array_t<double, py::array::c_style>& q,
+                          const py::array_t<int64_t, py::array::c_style>& qi,
+                          const py::array_t<int64_t, py::array::c_style>& ci, bool sqdist) {
+    EMBGEOM_CHECK(rows.ndim() == 2 && q.ndim() == 2 && rows.shape(1) == q.shape(1),
+                  "rows, q: expected (N, D) float32 and (Q, D) float64 of one D");
+    EMBGEOM_CHECK(qi.ndim() == 1 && ci.ndim() == 1 && qi.shape(0) == ci.shape(0),
+                  "qi, ci: expected two int64 index vectors of one length");
+    const int64_t P = qi.shape(0), N = rows.shape(0), Q = q.shape(0), D = rows.shape(1);
+    const int64_t* a = qi.data();
+    const int64_t* b = ci.data();
+    for (int64_t p = 0; p < P; ++p)
+      EMBGEOM_CHECK(a[p] >= 0 && a[p] < Q && b[p] >= 0 && b[p] < N,
+                    "qi, ci: pair " << p << " = (" << a[p] << ", " << b[p] << ") is outside (" << Q << ", " << N << ")");
+    py::array_t<double> out(P);
+    {
+      py::gil_scoped_release release;
+      embgeom::pair_values(rows.data(), q.data(), D, a, b, P, sqdist, out.mutable_data());
+    }
+    return out;
+  }, py::arg("rows"), py::arg("q"), py::arg("qi"), py::arg("ci"), py::arg("sqdist"),
+     "Exact float64 dot products (or squared distances) of (query qi[p], row ci[p]) pairs");
   m.def("direct_distance", [](const f32_array& a, const f32_array& b) {
     EMBGEOM_CHECK(a.ndim() == 1 && b.ndim() == 1 && a.shape(0) == b.shape(0), "a, b: expected two rows of one length");
     return embgeom::numerics::direct_distance(a.data(), b.data(), a.shape(0));

@@ -356,3 +356,50 @@ def test_many_queries_take_candidates_from_the_engine(metric, dtype, monkeypatch
     assert_same_neighbours(v3, i3, want_v, want_i)
     import pickle
     assert torch.equal(pickle.loads(pickle.dumps(index)).search(q, 9)[1], i3)
+
+
+def test_core_pair_values_fixed_order_and_exact():
+    """_C.pair_values: float64 sums of float32 rows times float64 queries (dot, squared
+    distance) equal to a float64 reference to 1e-12, each pair's value the same whether it comes
+    alone, in a small batch or in a threaded one; indices out of range are refused."""
+    core = pytest.importorskip("embgeom._C")
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((500, 37)).astype(np.float32)
+    q = rng.standard_normal((40, 37))
+    P = 9000  # above the threaded size
+    qi, ci = rng.integers(0, 40, P), rng.integers(0, 500, P)
+    for sqdist in (False, True):
+        got = core.pair_values(rows, q, qi, ci, sqdist)
+        r64 = rows.astype(np.float64)[ci]
+        want = ((r64 - q[qi]) ** 2).sum(1) if sqdist else (r64 * q[qi]).sum(1)
+        assert np.allclose(got, want, rtol=1e-12, atol=1e-12)
+        few = core.pair_values(rows, q, qi[:7], ci[:7], sqdist)
+        one = [core.pair_values(rows, q, qi[k:k + 1], ci[k:k + 1], sqdist)[0] for k in range(7)]
+        assert np.array_equal(few, got[:7]) and np.array_equal(one, got[:7])
+    with pytest.raises(ValueError, match="outside"):
+        core.pair_values(rows, q, np.array([0]), np.array([500]), False)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_search_stored_equals_search_of_the_rows(metric, dtype):
+    """search_stored(k) == search(vectors(), k): the self-mode candidates (the row itself at its
+    exact value) give the same ids and scores, with duplicates, equal rows and a zero row, for
+    k below and above N."""
+    x = make_rows(300, 20, zero=(4,), dup=((2, 250), (7, 8)))
+    x[20] = x[21] = x[22]
+    index = Index(x, metric=metric, dtype=dtype)
+    for k in (1, 5, 40, 400):
+        got_v, got_i = index.search_stored(k)
+        want_v, want_i = index.search(index.vectors(), k)
+        assert torch.equal(got_i, want_i)
+        assert torch.equal(got_v.nan_to_num(7), want_v.nan_to_num(7))
+        if k > 300:  # every row is found (the zero row has none under cosine): a NaN-padded
+            # engine list once kept nothing when k exceeded its count (bf16 cosine)
+            found = (want_i >= 0).sum(1)
+            assert int(found[5]) == (299 if metric == "cosine" else 300)
+    taken = index._stored_candidates(index._store, None, 21)
+    engine_runs = metric != "l2" and dtype == torch.float32 and index._pairs_engine_applies()
+    assert (taken is not None) == engine_runs

@@ -113,6 +113,18 @@ def _inverse_norms(st: "_Store", c0: int, c1: int) -> np.ndarray:
 
 
 _NATIVE_BF16: list[bool] = []
+_PAIR_VALUES: list = []
+
+
+def _core_pair_values():
+    """embgeom._C.pair_values, or None where the core is not built."""
+    if not _PAIR_VALUES:
+        try:
+            from ._C import pair_values
+        except ImportError:
+            pair_values = None
+        _PAIR_VALUES.append(pair_values)
+    return _PAIR_VALUES[0]
 
 
 def native_bf16() -> bool:
@@ -357,30 +369,36 @@ class Index:
     def _exact(self, st: _Store, q64: torch.Tensor, qsq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Exact float64 values (Q, m) of candidate ids (Q, m) (-1 = none: NaN). cosine is
         clamped to [-1, 1]; l2 is the distance from the rows' difference."""
-        safe = ids.clamp(min=0)
-        Q, m = safe.shape
-        v = torch.empty((Q, m), dtype=torch.float64, device=safe.device)
-        # queries per step: about EXACT_STEP_PAIRS candidate rows, their float64 copy within
-        # the caches (one float64 copy of every candidate row at once was 8.6 of the 16 s of
-        # paraphrase mining over the 30,522-row vocabulary, about 2 s in steps)
-        step = max(1, EXACT_STEP_PAIRS // max(m, 1))
-        for q0 in range(0, Q, step):
-            q1 = min(Q, q0 + step)
-            # index_select, not rows[safe]: advanced indexing of a few rows still woke torch's
-            # thread pool, whose spinning then halved the next numpy scan's speed (see _largest)
-            c = st.rows.index_select(0, safe[q0:q1].flatten()).view(q1 - q0, m, -1).double()  # (q, m, D)
-            if self.metric == "l2":
-                diff = c - q64[q0:q1, None, :]
-                v[q0:q1] = (diff * diff).sum(-1).sqrt()
-            else:
-                # elementwise, the one summation every path shares (a pair's value never depends
-                # on the batch it came in), and no batched BLAS call that would wake torch's
-                # thread pool, whose spinning threads then slow the next numpy scan (_largest)
-                v[q0:q1] = (c * q64[q0:q1, None, :]).sum(-1)
-        if self.metric == "cosine":
-            denom = st.norms[safe] * qsq.sqrt()[:, None]
+        Q, m = ids.shape
+        qi = torch.arange(Q, device=ids.device).repeat_interleave(m)
+        return self._pair_values(st, q64, qsq, qi, ids.flatten()).view(Q, m)
+
+    def _pair_values(self, st: _Store, q64: torch.Tensor, qsq: torch.Tensor, qi: torch.Tensor,
+                     ci: torch.Tensor) -> torch.Tensor:
+        """Exact float64 values (P,) of (query qi, stored row ci) pairs (ci = -1: NaN): the C++
+        core's fixed-order float64 sums on the CPU (_C.pair_values: a pair's value never depends
+        on its batch; 2M pairs in about 0.3 s where gathering float64 copies took 2-4 s), torch's
+        elementwise sums in steps elsewhere."""
+        safe = ci.clamp(min=0)
+        l2 = self.metric == "l2"
+        pair_values = _core_pair_values() if st.rows.device.type == "cpu" else None
+        if pair_values is not None:
+            v = torch.from_numpy(pair_values(st.rows[:st.n].numpy(), q64.contiguous().numpy(),
+                                             qi.contiguous().numpy(), safe.contiguous().numpy(), l2))
+        else:
+            v = torch.empty(qi.shape, dtype=torch.float64, device=qi.device)
+            for p0 in range(0, qi.numel(), EXACT_STEP_PAIRS):
+                # index_select, not rows[safe]: advanced indexing of a few rows still woke torch's
+                # thread pool, whose spinning then halved the next numpy scan's speed (_largest)
+                c = st.rows.index_select(0, safe[p0:p0 + EXACT_STEP_PAIRS]).double()
+                q = q64.index_select(0, qi[p0:p0 + EXACT_STEP_PAIRS])
+                v[p0:p0 + EXACT_STEP_PAIRS] = ((c - q) ** 2 if l2 else c * q).sum(-1)
+        if l2:
+            v = v.sqrt()
+        elif self.metric == "cosine":
+            denom = st.norms[safe] * qsq.sqrt()[qi]
             v = (v / denom.clamp(min=1e-300)).clamp(-1.0, 1.0)
-        bad = ids < 0
+        bad = ci < 0
         if self.metric == "cosine":
             bad = bad | (st.norms[safe] == 0)
         return v.masked_fill(bad, math.nan)
@@ -400,6 +418,18 @@ class Index:
         (kept in float64 with float64=True). Fewer than k results (k > N, zero rows, a zero
         query under cosine) pad with id -1 and score NaN.
         """
+        return self._search(queries, k, float64, self._engine_candidates)
+
+    def search_stored(self, k: int, *, float64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """search(self.vectors(), k): the k nearest stored rows of every stored row, the row
+        itself included as a search for it finds it. Where the C++ engine runs (CPU, cosine or
+        dot, float32 scan) its candidates come from one self-mode run (half the products of a
+        search with every row as a query): each row's best other rows, and the row itself at
+        its exact value. The same results as search."""
+        return self._search(self.vectors(), k, float64, self._stored_candidates)
+
+    def _search(self, queries, k, float64, candidates):
+        """search, with candidates(st, qscan, kk) -> (values, ids) or None (the scan)."""
         k = validation.positive_int(k, "k", allow_zero=False)
         st = self._store
         q64, qscan, qvalid, margin, qsq = self._queries(queries, st)
@@ -409,7 +439,7 @@ class Index:
         if Q and n:
             qb, nc = self._blocks(Q, n)
             kk = min(n, k + (16 if self._scan_dtype() == torch.float32 else 64))
-            cand = self._engine_candidates(st, qscan, kk)
+            cand = candidates(st, qscan, kk)
             for q0 in range(0, Q, qb):
                 q1 = min(Q, q0 + qb)
                 part = None if cand is None else (cand[0][q0:q1], cand[1][q0:q1])
@@ -420,6 +450,35 @@ class Index:
             out_v[~qvalid] = math.nan
             out_i[~qvalid] = -1
         return (out_v if float64 else out_v.float()), out_i
+
+    def _stored_candidates(self, st, qscan, kk):
+        """The kk best scan values and ids of every stored row among the stored rows, itself
+        included (search_stored): the engine's self-mode per-row lists of the other rows (the
+        same fp32 products as _engine_candidates) and the row itself at its exact value, 1 for
+        cosine (none for a zero row) and |x|^2 for dot, within the scan margin like any engine
+        value. None where the engine does not apply, or for a few rows (the scan is cheaper)."""
+        n = st.n
+        if (n < max(ENGINE_BATCH, 2) or self.device.type != "cpu" or self._scan_dtype() != torch.float32
+                or self.metric not in ("cosine", "dot") or not self._pairs_engine_applies()):
+            return None
+        from .backends.cpp import CppEngine
+        from .engine.config import make_config
+
+        cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=min(kk, n - 1),
+                          row_bottomk=0, outside=None, precision="exact")
+        engine = CppEngine(st.rows[:n], None, cfg)
+        engine.run(0, engine.num_tiles())
+        values, ids = (torch.from_numpy(np.asarray(a)) for a in engine.state().row_top)
+        if self.metric == "cosine":
+            own = torch.where(st.norms[:n] > 0, 1.0, math.nan)
+        else:
+            own = st.norms[:n] * st.norms[:n]
+        v = torch.cat([own.float()[:, None], values.float()], 1)
+        i = torch.cat([torch.arange(n)[:, None], ids.to(torch.int64)], 1)
+        key = torch.where(torch.isnan(v), torch.full_like(v, -math.inf), v)
+        order = torch.argsort(key, dim=1, descending=True, stable=True)[:, :kk]
+        v, i = torch.gather(v, 1, order), torch.gather(i, 1, order)
+        return v.masked_fill(i < 0, math.nan), i
 
     def _engine_candidates(self, st, qscan, kk):
         """The kk best scan values and ids of every query from the C++ engine (ENGINE_BATCH,
@@ -482,6 +541,9 @@ class Index:
         """cand: the block's (values, ids) from _engine_candidates, else scanned here."""
         n = st.n
         best_v, best_i = self._scan_candidates(st, qscan, kk, nc) if cand is None else cand
+        # the engine pads a list past its count with NaN, the scan with -inf: as -inf, a query
+        # with fewer than k candidates keeps every one (a NaN k-th value kept none)
+        best_v = best_v.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
         # Every candidate that could be in the exact top k scans at or above
         # (k-th best scan value) - 2 * margin; anything dropped scanned at or below the kept
         # list's last value. Where that last value reaches the threshold, scan again.
@@ -573,13 +635,8 @@ class Index:
         return lims, (v if float64 else v.float()), i
 
     def _exact_pairs(self, st, q64, qsq, qi, ci) -> torch.Tensor:
-        """Exact float64 values of (query qi, row ci) pairs (P,), in chunks of rows."""
-        out = torch.empty(qi.numel(), dtype=torch.float64, device=self.device)
-        step = 2 * EXACT_STEP_PAIRS  # 1 << 16 pairs per step took 4.1 s for 2M pairs, this 1.6 s
-        for p0 in range(0, qi.numel(), step):
-            a, b = qi[p0:p0 + step], ci[p0:p0 + step]
-            out[p0:p0 + step] = self._exact(st, q64[a], qsq[a], b[:, None])[:, 0]
-        return out
+        """Exact float64 values of (query qi, row ci) pairs (P,)."""
+        return self._pair_values(st, q64, qsq, qi, ci)
 
     # -- all pairs above a threshold -------------------------------------------------------
 
