@@ -87,12 +87,17 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
         if best is not None:
             return best
     width = min(top_k + 1, n)
-    scores, ids = [], []
-    for r0 in range(0, n, 4096):
-        s_blk, i_blk = index.search(index.vectors(r0, min(n, r0 + 4096)), width)
-        scores.append(s_blk.cpu().numpy())
-        ids.append(i_blk.cpu().numpy())
-    s_all, j_all = np.concatenate(scores), np.concatenate(ids)
+    if n <= STORED_SEARCH_ROWS:
+        # every row against all in one self-mode engine run (half the products); its lists
+        # hold n x (width + 16) candidates, so larger inputs search in blocks of rows
+        s_all, j_all = (t.cpu().numpy() for t in index.search_stored(width))
+    else:
+        scores, ids = [], []
+        for r0 in range(0, n, 4096):
+            s_blk, i_blk = index.search(index.vectors(r0, min(n, r0 + 4096)), width)
+            scores.append(s_blk.cpu().numpy())
+            ids.append(i_blk.cpu().numpy())
+        s_all, j_all = np.concatenate(scores), np.concatenate(ids)
     i_all = np.broadcast_to(np.arange(n)[:, None], j_all.shape)
     # each row's first top_k neighbours other than itself, as upstream takes them
     other = (j_all >= 0) & (j_all != i_all)
@@ -143,6 +148,7 @@ def _global_top_pairs(index: Index, max_pairs: int) -> list[list[float | int]] |
     return [[float(score[k]), int(i[k]), int(j[k])] for k in order]
 
 
+STORED_SEARCH_ROWS = 1 << 18  # up to this many rows, paraphrase mining takes Index.search_stored
 PAD_PAIRS = 64  # engine pairs beyond max_pairs, so the boundary check of _global_top_pairs holds
 
 
