@@ -167,11 +167,12 @@ PYBIND11_MODULE(_C, m) {
     else EMBGEOM_CHECK(false, "kind: expected top, bottom, near or outside_pairs, got '" << kind << "'");
     return embgeom::numerics::order_key(k, v, near);
   }, py::arg("kind"), py::arg("v"), py::arg("near") = 0.0);
-  m.def("pair_values", [](const f32_array& rows, const py::array_t<double, py::array::c_style>& q,
-                          const py::array_t<int64_t, py::array::c_style>& qi,
-                          const py::array_t<int64_t, py::array::c_style>& ci, bool sqdist) {
+  // float64 and float32 queries (pybind11 tries each overload without conversion first, so a
+  // float32 query set is read where it lies instead of widened into a float64 copy)
+  auto pair_values = [](const f32_array& rows, const auto& q, const py::array_t<int64_t, py::array::c_style>& qi,
+                        const py::array_t<int64_t, py::array::c_style>& ci, bool sqdist) {
     EMBGEOM_CHECK(rows.ndim() == 2 && q.ndim() == 2 && rows.shape(1) == q.shape(1),
-                  "rows, q: expected (N, D) float32 and (Q, D) float64 of one D");
+                  "rows, q: expected (N, D) float32 and (Q, D) float64 or float32 of one D");
     EMBGEOM_CHECK(qi.ndim() == 1 && ci.ndim() == 1 && qi.shape(0) == ci.shape(0),
                   "qi, ci: expected two int64 index vectors of one length");
     const int64_t P = qi.shape(0), N = rows.shape(0), Q = q.shape(0), D = rows.shape(1);
@@ -186,8 +187,18 @@ PYBIND11_MODULE(_C, m) {
       embgeom::pair_values(rows.data(), q.data(), D, a, b, P, sqdist, out.mutable_data());
     }
     return out;
-  }, py::arg("rows"), py::arg("q"), py::arg("qi"), py::arg("ci"), py::arg("sqdist"),
-     "Exact float64 dot products (or squared distances) of (query qi[p], row ci[p]) pairs");
+  };
+  const char* pair_values_doc = "Exact float64 dot products (or squared distances) of (query qi[p], row ci[p]) pairs";
+  m.def("pair_values", [pair_values](const f32_array& rows, const py::array_t<double, py::array::c_style>& q,
+                                     const py::array_t<int64_t, py::array::c_style>& qi,
+                                     const py::array_t<int64_t, py::array::c_style>& ci, bool sqdist) {
+    return pair_values(rows, q, qi, ci, sqdist);
+  }, py::arg("rows"), py::arg("q"), py::arg("qi"), py::arg("ci"), py::arg("sqdist"), pair_values_doc);
+  m.def("pair_values", [pair_values](const f32_array& rows, const f32_array& q,
+                                     const py::array_t<int64_t, py::array::c_style>& qi,
+                                     const py::array_t<int64_t, py::array::c_style>& ci, bool sqdist) {
+    return pair_values(rows, q, qi, ci, sqdist);
+  }, py::arg("rows"), py::arg("q"), py::arg("qi"), py::arg("ci"), py::arg("sqdist"), pair_values_doc);
   m.def("direct_distance", [](const f32_array& a, const f32_array& b) {
     EMBGEOM_CHECK(a.ndim() == 1 && b.ndim() == 1 && a.shape(0) == b.shape(0), "a, b: expected two rows of one length");
     return embgeom::numerics::direct_distance(a.data(), b.data(), a.shape(0));

@@ -378,6 +378,9 @@ def test_core_pair_values_fixed_order_and_exact():
         few = core.pair_values(rows, q, qi[:7], ci[:7], sqdist)
         one = [core.pair_values(rows, q, qi[k:k + 1], ci[k:k + 1], sqdist)[0] for k in range(7)]
         assert np.array_equal(few, got[:7]) and np.array_equal(one, got[:7])
+        q32 = q.astype(np.float32)  # float32 queries are read as they are: the sums of their widening
+        assert np.array_equal(core.pair_values(rows, q32, qi, ci, sqdist),
+                              core.pair_values(rows, q32.astype(np.float64), qi, ci, sqdist))
     with pytest.raises(ValueError, match="outside"):
         core.pair_values(rows, q, np.array([0]), np.array([500]), False)
 

@@ -113,18 +113,6 @@ def _inverse_norms(st: "_Store", c0: int, c1: int) -> np.ndarray:
 
 
 _NATIVE_BF16: list[bool] = []
-_PAIR_VALUES: list = []
-
-
-def _core_pair_values():
-    """embgeom._C.pair_values, or None where the core is not built."""
-    if not _PAIR_VALUES:
-        try:
-            from ._C import pair_values
-        except ImportError:
-            pair_values = None
-        _PAIR_VALUES.append(pair_values)
-    return _PAIR_VALUES[0]
 
 
 def native_bf16() -> bool:
@@ -371,17 +359,19 @@ class Index:
         clamped to [-1, 1]; l2 is the distance from the rows' difference."""
         Q, m = ids.shape
         qi = torch.arange(Q, device=ids.device).repeat_interleave(m)
-        return self._pair_values(st, q64, qsq, qi, ids.flatten()).view(Q, m)
+        return self._exact_pairs(st, q64, qsq, qi, ids.flatten()).view(Q, m)
 
-    def _pair_values(self, st: _Store, q64: torch.Tensor, qsq: torch.Tensor, qi: torch.Tensor,
+    def _exact_pairs(self, st: _Store, q64: torch.Tensor, qsq: torch.Tensor, qi: torch.Tensor,
                      ci: torch.Tensor) -> torch.Tensor:
-        """Exact float64 values (P,) of (query qi, stored row ci) pairs (ci = -1: NaN): the C++
-        core's fixed-order float64 sums on the CPU (_C.pair_values: a pair's value never depends
-        on its batch; 2M pairs in about 0.3 s where gathering float64 copies took 2-4 s), torch's
-        elementwise sums in steps elsewhere."""
+        """Exact float64 values (P,) of (query qi, stored row ci) pairs (ci = -1: NaN); q64:
+        the queries, float64 or float32 (Q, D). The C++ core's fixed-order float64 sums on the
+        CPU (_C.pair_values: a pair's value never depends on its batch; 2M pairs in about 0.3 s
+        where gathering float64 copies took 2-4 s), torch's elementwise sums in steps elsewhere."""
+        from .backends.registry import cpp
+
         safe = ci.clamp(min=0)
         l2 = self.metric == "l2"
-        pair_values = _core_pair_values() if st.rows.device.type == "cpu" else None
+        pair_values = getattr(cpp(), "pair_values", None) if st.rows.device.type == "cpu" else None
         if pair_values is not None:
             v = torch.from_numpy(pair_values(st.rows[:st.n].numpy(), q64.contiguous().numpy(),
                                              qi.contiguous().numpy(), safe.contiguous().numpy(), l2))
@@ -391,7 +381,7 @@ class Index:
                 # index_select, not rows[safe]: advanced indexing of a few rows still woke torch's
                 # thread pool, whose spinning then halved the next numpy scan's speed (_largest)
                 c = st.rows.index_select(0, safe[p0:p0 + EXACT_STEP_PAIRS]).double()
-                q = q64.index_select(0, qi[p0:p0 + EXACT_STEP_PAIRS])
+                q = q64.index_select(0, qi[p0:p0 + EXACT_STEP_PAIRS]).double()
                 v[p0:p0 + EXACT_STEP_PAIRS] = ((c - q) ** 2 if l2 else c * q).sum(-1)
         if l2:
             v = v.sqrt()
@@ -458,8 +448,7 @@ class Index:
         cosine (none for a zero row) and |x|^2 for dot, within the scan margin like any engine
         value. None where the engine does not apply, or for a few rows (the scan is cheaper)."""
         n = st.n
-        if (n < max(ENGINE_BATCH, 2) or self.device.type != "cpu" or self._scan_dtype() != torch.float32
-                or self.metric not in ("cosine", "dot") or not self._pairs_engine_applies()):
+        if n < 2 or self._scan_dtype() != torch.float32 or not self._pairs_engine_applies():
             return None
         from .backends.cpp import CppEngine
         from .engine.config import make_config
@@ -634,10 +623,6 @@ class Index:
         i = torch.cat(idss) if idss else torch.zeros(0, dtype=torch.int64, device=self.device)
         return lims, (v if float64 else v.float()), i
 
-    def _exact_pairs(self, st, q64, qsq, qi, ci) -> torch.Tensor:
-        """Exact float64 values of (query qi, row ci) pairs (P,)."""
-        return self._pair_values(st, q64, qsq, qi, ci)
-
     # -- all pairs above a threshold -------------------------------------------------------
 
     def pairs_above(self, threshold: float, out, *, progress: bool = False):
@@ -669,10 +654,7 @@ class Index:
             return False
         from .backends.registry import cpp
 
-        try:
-            return hasattr(cpp(), "PairwiseEngine")
-        except ImportError:
-            return False
+        return hasattr(cpp(), "PairwiseEngine")
 
     def _pairs_of_rows(self, st, r0, r1, threshold, nc, engine=False, exact64=False):
         """Yield (i, j, value) arrays of the pairs i in [r0, r1), j > i, passing the threshold

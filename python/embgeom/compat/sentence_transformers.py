@@ -18,7 +18,7 @@ import torch
 
 from .. import validation
 from ..communities import communities
-from ..index import Index
+from ..index import PREP_ROWS, Index
 
 
 def _metric(score_function: Callable | str | None) -> str:
@@ -131,9 +131,13 @@ def _global_top_pairs(index: Index, max_pairs: int) -> list[list[float | int]] |
     i, j = res.top_pairs.i.to(torch.int64), res.top_pairs.j.to(torch.int64)
     if i.numel() == 0:
         return []
-    q64, _, qvalid, margin, qsq = index._queries(rows, st)
-    exact = index._exact_pairs(st, q64, qsq, i, j)
-    keep = ~torch.isnan(exact) & qvalid[i]
+    # the stored float32 rows are the queries (no float64 copy of the input); a zero row has
+    # no cosine with anything
+    norms = st.norms[:n]
+    exact = index._exact_pairs(st, rows, norms * norms, i, j)
+    keep = ~torch.isnan(exact)
+    if index.metric == "cosine":
+        keep &= norms[i] > 0
     i, j, exact, engine = i[keep], j[keep], exact[keep], res.top_pairs.values.double()[keep]
     # ranked and reported as the row-by-row path does: the exact value rounded to float32
     # (Index.search's scores), then (i, j)
@@ -143,7 +147,8 @@ def _global_top_pairs(index: Index, max_pairs: int) -> list[list[float | int]] |
     if not complete:
         if len(order) < max_pairs:
             return None
-        if not float(engine.min()) < float(exact[order[-1]]) - 2 * float(margin.max()):
+        margin = max(float(index._queries(rows[a:a + PREP_ROWS], st)[3].max()) for a in range(0, n, PREP_ROWS))
+        if not float(engine.min()) < float(exact[order[-1]]) - 2 * margin:
             return None
     return [[float(score[k]), int(i[k]), int(j[k])] for k in order]
 
