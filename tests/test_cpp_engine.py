@@ -319,6 +319,29 @@ def test_resume_from_state(cross):
         e2.run(0, 1)
 
 
+@pytest.mark.parametrize("limit", [300, 5000, 100_000])
+@pytest.mark.parametrize("cross", [False, True])
+def test_long_lists_merge_offers_in_batches(limit, cross):
+    """Lists longer than PairList::kLazyK (256) take offers in batches: the outside list (first
+    `limit` pairs in (i, j) order, truncated and complete), the top and bottom lists at 400 and
+    300, against the reference, and the same under threads, chunks and a resumed state."""
+    x = make_x(180, 24, seed=11, zero_rows=(9,), dup=((3, 4), (3, 170)))
+    y = make_x(140, 24, seed=12, zero_rows=(0,)) if cross else None
+    opts = dict(OPTS, topk=400, bottomk=300, outside=(-0.05, 0.05), outside_limit=limit)
+    kw = dict(metric="cosine", block=16, **opts)
+    one = run_engine(x, y, threads=1, **kw)
+    check_against_reference(one, x, y, "cosine", opts)
+    assert len(one["outside_pairs"][0]) == min(limit, one["outside_count"])
+    assert_states_equal(one, run_engine(x, y, threads=2, chunks=5, **kw))
+    e1 = _C.PairwiseEngine(x, y, **engine_args(threads=2, **kw))
+    half = e1.num_tiles() // 3
+    e1.run(0, half)
+    e2 = _C.PairwiseEngine(x, y, **engine_args(threads=2, **kw))
+    e2.load_state(e1.state())
+    e2.run(half, e2.num_tiles())
+    assert_states_equal(one, e2.state())
+
+
 @pytest.mark.parametrize("metric,cross", [("cosine", False), ("cosine", True), ("dot", False),
                                           ("euclidean", False)])
 def test_fast_mode_rescored(metric, cross):

@@ -19,6 +19,13 @@ bool PairList::offer(double key, float v, int64_t i, int64_t j) {
   if (k <= 0) return false;
   const PairEntry x{key, v, i, j};
   if (full() && !pair_better(x, e.back())) return false;
+  if (k > kLazyK) {
+    fresh.push_back(x);
+    // merged at a quarter of the list's length: each entry moves a few times in all, and the
+    // waiting offers add at most a quarter to the list's memory
+    if (fresh.size() >= std::max<size_t>(kLazyK, e.size() / 4)) settle();
+    return true;
+  }
   auto pos = std::upper_bound(e.begin(), e.end(), x, pair_better);  // first worse than x
   if (pos != e.begin()) {
     const PairEntry& p = *(pos - 1);
@@ -27,6 +34,20 @@ bool PairList::offer(double key, float v, int64_t i, int64_t j) {
   e.insert(pos, x);
   if (static_cast<int64_t>(e.size()) > k) e.pop_back();
   return true;
+}
+
+void PairList::settle() {
+  if (fresh.empty()) return;
+  std::sort(fresh.begin(), fresh.end(), pair_better);
+  const size_t mid = e.size();
+  e.insert(e.end(), fresh.begin(), fresh.end());
+  std::inplace_merge(e.begin(), e.begin() + mid, e.end(), pair_better);
+  // a pair offered twice (same value) sits next to itself
+  e.erase(std::unique(e.begin(), e.end(),
+                      [](const PairEntry& a, const PairEntry& b) { return a.i == b.i && a.j == b.j && a.key == b.key; }),
+          e.end());
+  if (static_cast<int64_t>(e.size()) > k) e.resize(k);
+  fresh.clear();
 }
 
 void RowLists::init(int64_t rows, int64_t kk, bool is_top) {

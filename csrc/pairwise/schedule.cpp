@@ -212,7 +212,8 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     if (!cp) continue;
     ThreadCtx& c = *cp;
     for (size_t b = 0; b < st_.hist.size(); ++b) st_.hist[b] += c.hist[b];
-    auto merge = [](PairList& dst, const PairList& src) {
+    auto merge = [](PairList& dst, PairList& src) {
+      src.settle();
       for (const auto& e : src.e) dst.offer(e.key, e.v, e.i, e.j);
     };
     merge(st_.max1, c.max1);
@@ -225,6 +226,7 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     for (size_t r = 0; r < c.out_rows.size(); ++r) st_.outside_rows[r] += c.out_rows[r];
     for (size_t r = 0; r < c.out_cols.size(); ++r) st_.outside_cols[r] += c.out_cols[r];
   }
+  for (PairList* l : {&st_.max1, &st_.min1, &st_.top, &st_.bottom, &st_.near, &st_.outside_pairs}) l->settle();
   if (fast_) {
     settle_row_candidates(ctx, true, nth);
     settle_row_candidates(ctx, false, nth);
