@@ -208,5 +208,11 @@ def test_communities_engine_path_equals_range_search(monkeypatch, threshold, siz
         m.setattr(comm, "_engine_candidates", lambda *a: None)
         want = comm.communities(x, threshold, size)
     assert got == want and got
+    calls = []
+    original = comm.Index._engine_self_pairs
+    monkeypatch.setattr(comm.Index, "_engine_self_pairs", lambda *a: calls.append(original(*a)) or calls[-1])
+    assert comm.communities(x, threshold, size) == want and calls[-1] is not None  # one self-mode run
+    monkeypatch.setattr(comm, "SELF_RUN_PAIRS", 0)  # its list overflows: the bands of pairs_above
+    assert comm.communities(x, threshold, size) == want and calls[-1] is None
     monkeypatch.setattr(comm, "ENGINE_PAIRS_LIMIT", 0)  # too many pairs: the range search answers
     assert comm.communities(x, threshold, size) == want
