@@ -286,7 +286,8 @@ def dropins_bench(args, threads, rows):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="corpus rows (100,000 and 1,000,000)")
+    p.add_argument("--sizes", type=int, nargs="*", default=None,
+                   help="corpus rows (100,000 and 1,000,000; none: no search cases)")
     p.add_argument("--d", type=int, default=384)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 1024], help="queries per call")
     p.add_argument("--k", type=int, default=10)

@@ -11,6 +11,8 @@ scores it 0 against everything).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from typing import Any, Callable
 
 import numpy as np
@@ -62,10 +64,10 @@ def semantic_search(query_embeddings, corpus_embeddings, query_chunk_size: int =
         scores, ids = index.search_stored(width)  # every row against all: half the products
     else:
         scores, ids = index.search(queries.to(index.device), width)
-    out = []
-    for s_row, i_row in zip(scores.cpu().tolist(), ids.cpu().tolist()):
-        out.append([{"corpus_id": i, "score": s} for s, i in zip(s_row, i_row) if i >= 0])
-    return out
+    # numpy's tolist: torch's took 0.4 s for 30,522 x 11
+    with _no_gc():
+        return [[{"corpus_id": i, "score": s} for s, i in zip(s_row, i_row) if i >= 0]
+                for s_row, i_row in zip(scores.cpu().numpy().tolist(), ids.cpu().numpy().tolist())]
 
 
 def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpus_chunk_size: int = 100000,
@@ -108,7 +110,27 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
     _, first = np.unique(a * n + b, return_index=True)
     a, b, s_ = a[first], b[first], s_[first]
     order = np.lexsort((b, a, -s_.astype(np.float64)))[:max_pairs]
-    return [[float(s_[k]), int(a[k]), int(b[k])] for k in order]
+    return _pair_lists(s_[order], a[order], b[order])
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """The cyclic garbage collector paused while a large result of plain lists and dicts (no
+    cycles) is built: its passes over the growing result took two thirds of the time."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _pair_lists(score: np.ndarray, i: np.ndarray, j: np.ndarray) -> list[list[float | int]]:
+    """[[score, i, j], ...] as Python floats and ints (whole columns through tolist: indexing
+    numpy scalars one by one took 2 s for 500,000 pairs, 0.2 s this way)."""
+    with _no_gc():
+        return list(map(list, zip(score.astype(np.float64).tolist(), i.tolist(), j.tolist())))
 
 
 def _global_top_pairs(index: Index, max_pairs: int) -> list[list[float | int]] | None:
@@ -150,7 +172,7 @@ def _global_top_pairs(index: Index, max_pairs: int) -> list[list[float | int]] |
         margin = max(float(index._queries(rows[a:a + PREP_ROWS], st)[3].max()) for a in range(0, n, PREP_ROWS))
         if not float(engine.min()) < float(exact[order[-1]]) - 2 * margin:
             return None
-    return [[float(score[k]), int(i[k]), int(j[k])] for k in order]
+    return _pair_lists(score.numpy()[order], i.numpy()[order], j.numpy()[order])
 
 
 STORED_SEARCH_ROWS = 1 << 18  # up to this many rows, paraphrase mining takes Index.search_stored
