@@ -637,8 +637,11 @@ class TraceAccumulator:
                 cur = b.hidden_states[l + 1].double()
                 norm_cur = torch.linalg.vector_norm(cur, dim=-1)
                 s["norm"][l + 1] += (norm_cur * m).sum()
-                s["step_dist"][l] += (torch.linalg.vector_norm(cur - prev, dim=-1) * m).sum()
-                dot = torch.linalg.vecdot(cur, prev)
+                # row dot products as einsum (a batched matrix product): torch.linalg.vecdot and
+                # vector_norm of the difference took 3x longer in float64 on an AVX2 CPU
+                diff = cur - prev
+                s["step_dist"][l] += (torch.einsum("btd,btd->bt", diff, diff).sqrt() * m).sum()
+                dot = torch.einsum("btd,btd->bt", cur, prev)
                 s["step_cos"][l] += (dot / (norm_prev * norm_cur).clamp(min=1e-300) * m).sum()
                 prev, norm_prev = cur, norm_cur
 
