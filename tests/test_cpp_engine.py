@@ -324,10 +324,12 @@ def test_resume_from_state(cross):
 def test_long_lists_merge_offers_in_batches(limit, cross):
     """Lists longer than PairList::kLazyK (256) take offers in batches: the outside list (first
     `limit` pairs in (i, j) order, truncated and complete), the top and bottom lists at 400 and
-    300, against the reference, and the same under threads, chunks and a resumed state."""
+    300, against the reference, and the same under threads, chunks and a resumed state; with
+    long per-row lists (the threads' heaps, merged at the end of each run)."""
     x = make_x(180, 24, seed=11, zero_rows=(9,), dup=((3, 4), (3, 170)))
     y = make_x(140, 24, seed=12, zero_rows=(0,)) if cross else None
-    opts = dict(OPTS, topk=400, bottomk=300, outside=(-0.05, 0.05), outside_limit=limit)
+    opts = dict(OPTS, topk=400, bottomk=300, outside=(-0.05, 0.05), outside_limit=limit,
+                row_topk=150 if limit == 300 else 7, row_bottomk=120 if limit == 300 else 5)
     kw = dict(metric="cosine", block=16, **opts)
     one = run_engine(x, y, threads=1, **kw)
     check_against_reference(one, x, y, "cosine", opts)

@@ -85,7 +85,7 @@ inline void offer_row(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, bool top
   if (A.fast)
     (top ? c.ctop : c.cbot).offer(row, v, static_cast<int32_t>(col));
   else
-    (top ? c.rtop : c.rbot).offer(row, v, static_cast<int32_t>(col));
+    (top ? c.rtop : c.rbot).push(row, v, static_cast<int32_t>(col));
 }
 
 // A list of k = 0 (switched off, or lowered to a pair count of 0) is full while empty: its

@@ -80,14 +80,70 @@ void publish_threshold(float* slot, float v, bool top) {
   }
 }
 
+void RowLists::push(int64_t row, float v, int32_t c) {
+  float* hv = val.data() + row * k;
+  int32_t* hc = col.data() + row * k;
+  int64_t m = cnt[row];
+  if (m == k) {
+    if (!better(v, c, hv[0], hc[0])) return;
+    // replace the worst (the root) and sift down: the worse child moves up
+    int64_t p = 0;
+    for (;;) {
+      const int64_t a = 2 * p + 1, b = a + 1;
+      if (a >= k) break;
+      const int64_t w = (b < k && better(hv[a], hc[a], hv[b], hc[b])) ? b : a;
+      if (!better(v, c, hv[w], hc[w])) break;
+      hv[p] = hv[w];
+      hc[p] = hc[w];
+      p = w;
+    }
+    hv[p] = v;
+    hc[p] = c;
+  } else {
+    int64_t p = m++;
+    while (p > 0) {  // sift up past better parents
+      const int64_t q = (p - 1) / 2;
+      if (!better(hv[q], hc[q], v, c)) break;
+      hv[p] = hv[q];
+      hc[p] = hc[q];
+      p = q;
+    }
+    hv[p] = v;
+    hc[p] = c;
+    cnt[row] = static_cast<int32_t>(m);
+  }
+  if (m == k) {
+    thr[row] = hv[0];
+    if (shared) publish_threshold(shared + row, thr[row], top);
+  }
+}
+
+void RowLists::merge_rows(const std::vector<const RowLists*>& srcs, int64_t r0, int64_t r1) {
+  std::vector<std::pair<float, int32_t>> buf;
+  auto order = [&](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return better(a.first, a.second, b.first, b.second);
+  };
+  for (int64_t r = r0; r < r1; ++r) {
+    buf.clear();
+    for (int32_t q = 0; q < cnt[r]; ++q) buf.emplace_back(val[r * k + q], col[r * k + q]);
+    for (const RowLists* s : srcs)
+      for (int32_t q = 0; q < s->cnt[r]; ++q) buf.emplace_back(s->val[r * k + q], s->col[r * k + q]);
+    std::sort(buf.begin(), buf.end(), order);
+    buf.erase(std::unique(buf.begin(), buf.end()), buf.end());  // one pair, one value
+    const int64_t m = std::min<int64_t>(k, static_cast<int64_t>(buf.size()));
+    for (int64_t q = 0; q < m; ++q) {
+      val[r * k + q] = buf[q].first;
+      col[r * k + q] = buf[q].second;
+    }
+    cnt[r] = static_cast<int32_t>(m);
+    if (m == k) thr[r] = val[r * k + k - 1];
+  }
+}
+
 void RowLists::offer(int64_t row, float v, int32_t c) {
   float* rv = val.data() + row * k;
   int32_t* rc = col.data() + row * k;
   int32_t n_ = cnt[row];
-  auto better = [&](float v1, int32_t c1, float v2, int32_t c2) {
-    if (v1 != v2) return top ? v1 > v2 : v1 < v2;
-    return c1 < c2;
-  };
   if (n_ == k && !better(v, c, rv[k - 1], rc[k - 1])) return;
   int32_t p = n_ < k ? n_ : static_cast<int32_t>(k - 1);  // slot the shift starts from
   // from the worst end: an offer that passed the filter mostly lands near the threshold

@@ -178,8 +178,9 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
       if (st_.row_top.k > 0) c->ctop.init(n_, st_.row_top.k, true, err_bound_, shared_top.data());
       if (st_.row_bottom.k > 0) c->cbot.init(n_, st_.row_bottom.k, false, err_bound_, shared_bottom.data());
     } else {
-      c->rtop = st_.row_top;
-      c->rbot = st_.row_bottom;
+      // empty heaps: the state's pairs join at the merge, its thresholds through `shared`
+      c->rtop.init(st_.row_top.k > 0 ? n_ : 0, st_.row_top.k, true);
+      c->rbot.init(st_.row_bottom.k > 0 ? n_ : 0, st_.row_bottom.k, false);
       c->rtop.shared = shared_top.empty() ? nullptr : shared_top.data();
       c->rbot.shared = shared_bottom.empty() ? nullptr : shared_bottom.data();
     }
@@ -234,15 +235,12 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
   for (RowLists* dst : {&st_.row_top, &st_.row_bottom}) {
     if (dst->k <= 0 || fast_) continue;
     const bool top = dst == &st_.row_top;
-    const int64_t k = dst->k;
+    std::vector<const RowLists*> srcs;
+    for (auto& cp : ctx)
+      if (cp) srcs.push_back(top ? &cp->rtop : &cp->rbot);
+    const int64_t step = 256;
 #pragma omp parallel for schedule(static) num_threads(nth)
-    for (int64_t r = 0; r < n_; ++r) {
-      for (auto& cp : ctx) {
-        if (!cp) continue;
-        const RowLists& src = top ? cp->rtop : cp->rbot;
-        for (int32_t q = 0; q < src.cnt[r]; ++q) dst->offer(r, src.val[r * k + q], src.col[r * k + q]);
-      }
-    }
+    for (int64_t r = 0; r < n_; r += step) dst->merge_rows(srcs, r, std::min(n_, r + step));
   }
   st_.tiles_done = end;
 }
