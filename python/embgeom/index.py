@@ -741,6 +741,10 @@ class Index:
         keep = torch.from_numpy(np.asarray(v)) >= scan_t[i].double()
         return i[keep], j[keep] + c0
 
+    def _stored_margin(self, st) -> float:
+        """The largest scan margin of the stored rows as queries (_queries), in PREP_ROWS steps."""
+        return max(float(self._queries(st.rows[a:a + PREP_ROWS], st)[3].max()) for a in range(0, st.n, PREP_ROWS))
+
     def _engine_self_pairs(self, st, threshold: float, limit: int):
         """(i, j) int64 of every pair i < j of the stored rows whose exact value may reach
         threshold (cosine, dot): one self-mode engine run (half the products, no band of
@@ -754,8 +758,8 @@ class Index:
         n = st.n
         if n < 2 or not self._pairs_engine_applies():
             return None
-        margin = max(float(self._queries(st.rows[a:a + PREP_ROWS], st)[3].max()) for a in range(0, n, PREP_ROWS))
-        t = self._threshold(torch.tensor([threshold], dtype=torch.float64), torch.tensor([margin]))
+        margin = torch.tensor([self._stored_margin(st)], dtype=torch.float64)
+        t = self._threshold(torch.tensor([threshold], dtype=torch.float64), margin)
         b = math.nextafter(float(t[0]), -math.inf)  # "above b" is ">= the scan threshold"
         lo = min(b, -float(torch.finfo(torch.float32).max))
         cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=0, row_bottomk=0,

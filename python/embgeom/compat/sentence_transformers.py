@@ -20,7 +20,7 @@ import torch
 
 from .. import validation
 from ..communities import communities
-from ..index import PREP_ROWS, Index
+from ..index import Index
 
 
 def _metric(score_function: Callable | str | None) -> str:
@@ -169,7 +169,7 @@ def _global_top_pairs(index: Index, max_pairs: int) -> list[list[float | int]] |
     if not complete:
         if len(order) < max_pairs:
             return None
-        margin = max(float(index._queries(rows[a:a + PREP_ROWS], st)[3].max()) for a in range(0, n, PREP_ROWS))
+        margin = index._stored_margin(st)
         if not float(engine.min()) < float(exact[order[-1]]) - 2 * margin:
             return None
     return _pair_lists(score.numpy()[order], i.numpy()[order], j.numpy()[order])
