@@ -722,23 +722,13 @@ class Index:
         (just below) it, in cross mode. Its values are fp32 products within the scan's margin of
         the exact value, as in _engine_candidates. None when the list overflowed (the caller
         scans that chunk instead)."""
-        from .backends.cpp import CppEngine
-        from .engine.config import make_config
-
         if scan_t.numel() == 0:
             return None
-        b = math.nextafter(float(scan_t.min()), -math.inf)  # "above b" is ">= the threshold"
-        lo = min(b, -float(torch.finfo(torch.float32).max))  # nothing is listed below
-        cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=0, row_bottomk=0,
-                          outside=(lo, b), outside_limit=PAIR_LIST, precision="fast" if native_bf16() else "exact")
-        engine = CppEngine(qscan.float(), st.rows[c0:c1], cfg)
-        engine.run(0, engine.num_tiles())
-        state = engine.state()
-        v, i, j = state.outside_pairs
-        if state.outside_count > len(v):
+        got = self._engine_pairs_reaching(qscan.float(), st.rows[c0:c1], float(scan_t.min()), PAIR_LIST)
+        if got is None:
             return None
-        i, j = torch.from_numpy(np.asarray(i)), torch.from_numpy(np.asarray(j))
-        keep = torch.from_numpy(np.asarray(v)) >= scan_t[i].double()
+        v, i, j = got
+        keep = v >= scan_t[i].double()
         return i[keep], j[keep] + c0
 
     def _stored_margin(self, st) -> float:
@@ -752,25 +742,32 @@ class Index:
         scan threshold of any row (values within the scan margin, as in _engine_pair_candidates).
         None when more than `limit` pairs are listed (the caller takes the bands) or the engine
         does not apply."""
-        from .backends.cpp import CppEngine
-        from .engine.config import make_config
-
-        n = st.n
-        if n < 2 or not self._pairs_engine_applies():
+        if st.n < 2 or not self._pairs_engine_applies():
             return None
         margin = torch.tensor([self._stored_margin(st)], dtype=torch.float64)
         t = self._threshold(torch.tensor([threshold], dtype=torch.float64), margin)
-        b = math.nextafter(float(t[0]), -math.inf)  # "above b" is ">= the scan threshold"
-        lo = min(b, -float(torch.finfo(torch.float32).max))
+        got = self._engine_pairs_reaching(st.rows[:st.n], None, float(t[0]), limit)
+        return None if got is None else got[1:]
+
+    def _engine_pairs_reaching(self, x, y, t: float, limit: int):
+        """The C++ engine's outside-pairs list of the rows x against y (self mode: y None, pairs
+        i < j) holding every pair whose engine value is >= t (the bf16 product where the CPU
+        has it, the listed values exact fp32): (values float64, i int64, j int64) tensors in
+        (i, j) order, or None when more than `limit` pairs qualify."""
+        from .backends.cpp import CppEngine
+        from .engine.config import make_config
+
+        b = math.nextafter(t, -math.inf)  # "above b" is ">= t"
+        lo = min(b, -float(torch.finfo(torch.float32).max))  # nothing is listed below
         cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=0, row_bottomk=0,
                           outside=(lo, b), outside_limit=limit, precision="fast" if native_bf16() else "exact")
-        engine = CppEngine(st.rows[:n], None, cfg)
+        engine = CppEngine(x, y, cfg)
         engine.run(0, engine.num_tiles())
         state = engine.state()
         v, i, j = state.outside_pairs
         if state.outside_count > len(v):
             return None
-        return torch.from_numpy(np.asarray(i)).to(torch.int64), torch.from_numpy(np.asarray(j)).to(torch.int64)
+        return tuple(torch.from_numpy(np.asarray(a)) for a in (v, i, j))
 
     def fingerprint(self) -> str:
         """sha256 over the metric, shape and stored float32 rows: names this corpus."""
