@@ -44,13 +44,13 @@ here is a static prediction, never a measurement):
   maximum is >= 0 runs the streams' exact masks, counters and appends (_candidates). The
   model counts that region as cold (taken only by slabs that hold a candidate);
 - histogram: FFMA + floor + cvt + clamp (~6), one predicated edge load within edge_w of an
-  edge, then tl.histogram, whose lowering depends on the Triton version: 3.9 increments
-  shared memory per element (ATOMS, warp-aggregated, ~10 instructions); 3.6 (the lent
-  machine's) builds a warp histogram from log2(NB) ballots per element and has each lane
-  popcount its NB / 32 bins per element: with NB = 2,048 some 250-300 instructions per
-  element, more than the rest of the epilogue together. Triton 3.6 offers nothing cheaper that
-  the interpreter can run: global atomics per element are bound by L2 atomic throughput, not
-  issue, and no language op writes shared memory per element.
+  edge, then one shared-memory increment per element (ATOMS.POPC.INC, warp-aggregated in
+  hardware) into the program's NB slots: an LLVM IR library linked in by Triton (see
+  smem_hist_library), the same instructions on Triton 3.6 and 3.9. tl.histogram, which the
+  CPU interpreter runs, is lowered by Triton 3.6 (the lent machine's) with log2(NB) warp
+  ballots per element and NB / 32 popcounts per lane: with NB = 2,048 some 250-300
+  instructions per element, 5.6 s predicted for the full output against 1.8 s with the
+  library (3.9 lowers it to shared increments, 2.1 s; the library's 1.9 s there).
 Tiles: 64 x 128 (HGMMA 64x128x16), 3 stages of 64 x 64 and 128 x 64 operands; the epilogue
 runs on 4 slabs of 64 x 32 (tl.split) so its registers stay beside the accumulator's 64 per
 thread.
@@ -61,14 +61,101 @@ Streams (index s into thr/cnt/cand arrays): 0 top, 1 bottom, 2 near, 3 row top, 
 """
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import triton
 import triton.language as tl
+from triton.language import core as tl_core
 
 # Integer arguments that change between the launches of one run (bands, retries with a larger
 # buffer, the outside list's cut): Triton would otherwise specialise each on == 1 and on
 # divisibility by 16 and compile another variant mid-run. N, M, D and bins stay specialised:
 # they are constant for a run (tests/test_triton.py checks both halves on recorded launches).
 DO_NOT_SPECIALIZE = ("band_row0", "band_rows", "num_tiles", "cap", "cut_i", "cut_j")
+
+
+# ----------------------------------------------------------------------------------------------
+# shared-memory histogram of compiled kernels
+# ----------------------------------------------------------------------------------------------
+# No language op of Triton 3.6 (the lent machine's) increments shared memory per element:
+# tl.histogram is lowered there with warp ballots, each lane popcounting its NB / 32 slots for
+# every element (~200 instructions per element at NB = 2,048, more than the rest of the
+# epilogue). A compiled kernel therefore keeps its per-program histogram in a small LLVM IR
+# library linked in by Triton (extern_libs): NB int32 slots in static shared memory, one
+# relaxed atomic increment per element (ATOMS.POPC.INC: warp-aggregated in hardware), zeroed
+# before the first tile and read after the last, each behind a block barrier. The calls are
+# elementwise on the slot tile itself: no reshape, no mask, no layout to pair up. The CPU
+# interpreter cannot link IR and runs tl.histogram instead (same slots, same counts).
+SMEM_HIST_LIB = "embgeom_smem_hist"
+_SMEM_HIST_IR = """\
+@embgeom_hist_slots = internal addrspace(3) global [{nb} x i32] undef, align 16
+
+define i32 @embgeom_hist_zero(i32 %slot) {{
+  %p = getelementptr inbounds [{nb} x i32], ptr addrspace(3) @embgeom_hist_slots, i32 0, i32 %slot
+  store volatile i32 0, ptr addrspace(3) %p, align 4
+  ret i32 0
+}}
+
+define i32 @embgeom_hist_add(i32 %slot) {{
+  %p = getelementptr inbounds [{nb} x i32], ptr addrspace(3) @embgeom_hist_slots, i32 0, i32 %slot
+  %old = atomicrmw add ptr addrspace(3) %p, i32 1 monotonic, align 4
+  ret i32 0
+}}
+
+define i32 @embgeom_hist_read(i32 %slot) {{
+  %p = getelementptr inbounds [{nb} x i32], ptr addrspace(3) @embgeom_hist_slots, i32 0, i32 %slot
+  %v = load volatile i32, ptr addrspace(3) %p, align 4
+  ret i32 %v
+}}
+"""
+
+
+def smem_hist_library(nb: int) -> str:
+    """Path of the shared-memory histogram library with nb slots (written once per nb and user;
+    Triton hashes the file's content into its kernel cache key)."""
+    d = Path(tempfile.gettempdir()) / f"embgeom-triton-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    path = d / f"{SMEM_HIST_LIB}_{nb}.ll"
+    text = _SMEM_HIST_IR.format(nb=nb)
+    if not path.exists() or path.read_text() != text:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # atomic: a concurrent compile reads a whole file
+    return str(path)
+
+
+def smem_hist_bytes(nb: int, smem_hist: bool) -> int:
+    """Static shared memory of the histogram library (not in Triton's metadata.shared)."""
+    return 4 * nb if smem_hist and nb else 0
+
+
+def compile_options(nb: int, smem_hist: bool) -> dict:
+    """Compiler options of a variant beside num_warps/num_stages: the histogram library when the
+    kernel keeps its histogram in shared memory (the engine's launch and the static profile)."""
+    return {"extern_libs": ((SMEM_HIST_LIB, smem_hist_library(nb)),)} if smem_hist and nb else {}
+
+
+def _smem_hist_call(symbol: str, slot, _semantic):
+    return tl_core.extern_elementwise(
+        SMEM_HIST_LIB, "", [slot], {(tl_core.dtype("int32"),): (symbol, tl_core.dtype("int32"))}, is_pure=False,
+        _semantic=_semantic)
+
+
+@tl_core.extern
+def _smem_hist_zero(slot, _semantic=None):
+    return _smem_hist_call("embgeom_hist_zero", slot, _semantic)
+
+
+@tl_core.extern
+def _smem_hist_add(slot, _semantic=None):
+    return _smem_hist_call("embgeom_hist_add", slot, _semantic)
+
+
+@tl_core.extern
+def _smem_hist_read(slot, _semantic=None):
+    return _smem_hist_call("embgeom_hist_read", slot, _semantic)
 
 
 @triton.jit
@@ -186,7 +273,8 @@ def _tile_epilogue(
     gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
     near, margin, near_margin, cut_i, cut_j, shift, near_tau,
     METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, DO_STATS: tl.constexpr,
-    NB: tl.constexpr, GHIST: tl.constexpr, HAS_OUT: tl.constexpr, COLLECT_CLOSE: tl.constexpr,
+    NB: tl.constexpr, GHIST: tl.constexpr, SMEM_HIST: tl.constexpr, HAS_OUT: tl.constexpr,
+    COLLECT_CLOSE: tl.constexpr,
     TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr, RTOP: tl.constexpr,
     RBOT: tl.constexpr, OUTL: tl.constexpr,
     G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
@@ -249,7 +337,10 @@ def _tile_epilogue(
             # histogram, and a mask reshaped from another layout than the slots would pair with
             # the wrong elements. Invalid pairs go to the spare slot bins + 2 (< NB) instead.
             slot = _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr)
-            hist += tl.histogram(tl.reshape(slot, (BM * BW,)), NB)
+            if SMEM_HIST:
+                _smem_hist_add(slot)
+            else:
+                hist += tl.histogram(tl.reshape(slot, (BM * BW,)), NB)
         if GHIST:
             # too many bins for a per-program histogram: global atomics (slower, same bins),
             # int64 counts (a band at 1M rows holds up to 8.6e9 pairs); slot and mask share
@@ -389,8 +480,8 @@ def _pairwise_stats_kernel(
     gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
     near, margin, near_margin, cut_i, cut_j, shift, near_tau,
     METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, IN_PREC: tl.constexpr,
-    DO_STATS: tl.constexpr, NB: tl.constexpr, GHIST: tl.constexpr, HAS_OUT: tl.constexpr,
-    COLLECT_CLOSE: tl.constexpr,
+    DO_STATS: tl.constexpr, NB: tl.constexpr, GHIST: tl.constexpr, SMEM_HIST: tl.constexpr,
+    HAS_OUT: tl.constexpr, COLLECT_CLOSE: tl.constexpr,
     TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr, RTOP: tl.constexpr,
     RBOT: tl.constexpr, OUTL: tl.constexpr,
     G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
@@ -399,8 +490,10 @@ def _pairwise_stats_kernel(
     HB: tl.constexpr,
 ):
     """METRIC: 0 cosine (rows pre-normalised, values clamped), 1 dot, 2 euclidean.
-    IN_PREC: "ieee" / "tf32" for fp32 rows, "" for 16-bit rows. NB: register-histogram slots
-    (power of two >= bins + 2; 0 = none); GHIST: histogram by global atomics into hist (bins + 2,)."""
+    IN_PREC: "ieee" / "tf32" for fp32 rows, "" for 16-bit rows. NB: per-program histogram slots
+    (power of two >= bins + 3; 0 = none), in shared memory (SMEM_HIST, compiled kernels) or
+    registers (tl.histogram, the CPU interpreter); GHIST: histogram by global atomics into hist
+    (bins + 3,)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     acc_n = tl.zeros([BM], tl.int32)
@@ -408,6 +501,9 @@ def _pairwise_stats_kernel(
     acc_s = tl.zeros([BM], tl.float64)
     acc_q = tl.zeros([BM], tl.float64)
     hist = tl.zeros([HB], tl.int32)  # HB = max(NB, 2): defined for every variant
+    if NB > 0 and SMEM_HIST:
+        _smem_hist_zero(tl.arange(0, NB))
+        tl.debug_barrier()  # every slot zeroed before any warp's first increment
     for t in range(pid, num_tiles, nprog):
         r = band_row0 + t % band_rows
         if SELF:
@@ -439,7 +535,7 @@ def _pairwise_stats_kernel(
                 lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
                 gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
                 near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, HAS_OUT, COLLECT_CLOSE,
+                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, SMEM_HIST, HAS_OUT, COLLECT_CLOSE,
                 TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // SPLIT)
 
     if DO_STATS:
@@ -448,15 +544,20 @@ def _pairwise_stats_kernel(
         tl.store(part_sq_ptr + pid, tl.sum(acc_q, 0))
         tl.store(part_out_ptr + pid, tl.sum(acc_o.to(tl.int64), 0))
         if NB > 0:
+            if SMEM_HIST:
+                tl.debug_barrier()  # every warp's increments done before the slots are read
+                hist = _smem_hist_read(tl.arange(0, NB))
             tl.store(hist_ptr + pid * NB + tl.arange(0, NB), hist.to(tl.int64))
 
 
 def constexprs(*, metric, self_mode, has_valid, in_prec, do_stats, nb, ghist, has_out, collect_close,
-               streams, groups, bm, bk, upcast, split=1, bn=None):
+               streams, groups, bm, bk, upcast, split=1, bn=None, smem_hist=False):
     """The compile-time arguments of _pairwise_stats_kernel (see launch_pairwise); bn: tile
-    columns (default bm)."""
+    columns (default bm); smem_hist: the per-program histogram in shared memory (compiled
+    kernels: see compile_options)."""
     return dict(METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
-                NB=nb, GHIST=ghist, HAS_OUT=has_out, COLLECT_CLOSE=collect_close, TOP=streams[0],
+                NB=nb, GHIST=ghist, SMEM_HIST=bool(smem_hist and nb), HAS_OUT=has_out,
+                COLLECT_CLOSE=collect_close, TOP=streams[0],
                 BOT=streams[1], NEAR=streams[2], RTOP=streams[3], RBOT=streams[4], OUTL=streams[5],
                 G_TOP=groups[0], G_BOT=groups[1], G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4],
                 BM=bm, BN=bn or bm, BK=bk, UPCAST=upcast, SPLIT=split, HB=max(nb, 2))
@@ -523,6 +624,7 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
     bn = bn or bm
     x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
     y_desc = x_desc if (y is x and bn == bm) else TensorDescriptor.from_tensor(y, [bn, bk])
+    compiled = x.device.type != "cpu"  # the CPU interpreter runs tl.histogram (no IR linking)
     return _pairwise_stats_kernel[(grid,)](
         x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
         part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
@@ -530,7 +632,7 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
         near, margin, near_margin, cut_i, cut_j, shift, near_tau,
         **constexprs(metric=metric, self_mode=self_mode, has_valid=has_valid, in_prec=in_prec,
                      do_stats=do_stats, nb=nb, ghist=ghist, has_out=has_out, collect_close=collect_close,
-                     streams=streams, groups=groups, bm=bm, bk=bk, upcast=x.device.type == "cpu", split=split,
-                     bn=bn),
-        num_warps=num_warps, num_stages=num_stages,
+                     streams=streams, groups=groups, bm=bm, bk=bk, upcast=not compiled, split=split,
+                     bn=bn, smem_hist=compiled),
+        num_warps=num_warps, num_stages=num_stages, **compile_options(nb, compiled),
     )

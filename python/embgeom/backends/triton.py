@@ -335,6 +335,7 @@ class TritonEngine(Thresholds, Candidates):
             self._occupancy_pending = False
             regs = int(getattr(compiled, "n_regs", 0) or 0)
             shared = int(getattr(getattr(compiled, "metadata", None), "shared", 0) or 0)
+            shared += pairwise.smem_hist_bytes(self.nb if do_stats else 0, self.device.type != "cpu")
             if regs:
                 programs = programs_for(regs, self.sms, self.plan.num_warps, shared)
                 if programs != self.programs:
