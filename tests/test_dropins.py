@@ -47,6 +47,39 @@ def test_paraphrase_mining_matches(st_util, top_k, max_pairs):
     assert np.allclose([p[0] for p in got], [p[0] for p in want], rtol=1e-5, atol=1e-5)
 
 
+def _mined_pairs_by_definition(s_all, j_all, top_k, max_pairs):
+    """Paraphrase mining from neighbour lists written out directly: rows in order, each row's
+    first top_k other rows, a pair kept where first met, then (score desc, i, j)."""
+    seen = {}
+    for i, (s_row, j_row) in enumerate(zip(s_all.tolist(), j_all.tolist())):
+        taken = 0
+        for s, j in zip(s_row, j_row):
+            if j < 0 or j == i or taken == top_k:
+                continue
+            taken += 1
+            seen.setdefault((min(i, j), max(i, j)), s)
+    pairs = sorted(seen.items(), key=lambda kv: (-kv[1], kv[0]))[:max_pairs]
+    return [[s, a, b] for (a, b), s in pairs]
+
+
+def test_mined_pairs_equal_the_definition_under_ties():
+    """The vectorised dedup (an entry naming an earlier row repeats that row's entry when it is
+    in that row's kept list, judged by the row's last kept (score, index)) against the
+    definition, on small-integer rows: ties, duplicate and zero rows, rows that tie at their
+    list's edge, lists shorter than top_k."""
+    from embgeom.index import Index
+
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        n, d = int(rng.integers(2, 50)), int(rng.integers(1, 5))
+        x = torch.from_numpy(rng.integers(-2, 3, size=(n, d)).astype(np.float32))
+        top_k, max_pairs = int(rng.integers(1, 12)), int(rng.integers(1, 60))
+        index = Index(x, metric=("cosine", "dot")[trial % 2])
+        s_all, j_all = (t.cpu().numpy() for t in index.search_stored(min(top_k + 1, n)))
+        got = st_compat._mined_pairs(s_all, j_all, top_k, max_pairs)
+        assert got == _mined_pairs_by_definition(s_all, j_all, top_k, max_pairs), (trial, n, d, top_k, max_pairs)
+
+
 @pytest.mark.parametrize("score", ["cos_sim", "dot_score"])
 def test_paraphrase_mining_global_list_path_equals_row_path(monkeypatch, score):
     """max_pairs <= top_k: the engine's global top list (rescored, boundary checked) gives what

@@ -100,15 +100,37 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
             scores.append(s_blk.cpu().numpy())
             ids.append(i_blk.cpu().numpy())
         s_all, j_all = np.concatenate(scores), np.concatenate(ids)
-    i_all = np.broadcast_to(np.arange(n)[:, None], j_all.shape)
+    return _mined_pairs(s_all, j_all, top_k, max_pairs)
+
+
+def _mined_pairs(s_all: np.ndarray, j_all: np.ndarray, top_k: int, max_pairs: int) -> list[list[float | int]]:
+    """Paraphrase mining's answer from every row's neighbour list (scores descending, ties by
+    index, -1 padding; the row itself may be listed): each row's first top_k other rows, one
+    entry per pair, the best max_pairs by (score desc, i, j)."""
+    n = len(j_all)
+    rows = np.arange(n)
+    i_all = np.broadcast_to(rows[:, None], j_all.shape)
     # each row's first top_k neighbours other than itself, as upstream takes them
-    other = (j_all >= 0) & (j_all != i_all)
-    other &= np.cumsum(other, axis=1) <= top_k
-    i_, j_, s_ = i_all[other], j_all[other], s_all[other]
-    a, b = np.minimum(i_, j_), np.maximum(i_, j_)
-    # one entry per pair: the first one met in row order (upstream keeps the first direction)
-    _, first = np.unique(a * n + b, return_index=True)
-    a, b, s_ = a[first], b[first], s_[first]
+    kept = (j_all >= 0) & (j_all != i_all)
+    kept &= np.cumsum(kept, axis=1) <= top_k
+    # a full row's kept list is everything up to its last kept entry (score, index) in the
+    # list's order; a shorter row kept every other row it lists
+    count = kept.sum(1)
+    last = kept.shape[1] - 1 - np.argmax(kept[:, ::-1], axis=1)
+    full = count == top_k
+    last_s = np.where(full, s_all[rows, last], -np.inf)
+    last_j = np.where(full, j_all[rows, last], n)
+    i_, j_, s_ = i_all[kept], j_all[kept], s_all[kept]
+    # one entry per pair, the first met in row order (upstream keeps the first direction): an
+    # entry of row i naming an earlier row j repeats row j's entry when i is in j's kept list
+    # (exact scores are the same from both rows)
+    in_j = (s_ > last_s[j_]) | ((s_ == last_s[j_]) & (i_ <= last_j[j_]))
+    keep = (j_ > i_) | ~in_j
+    a, b, s_ = np.minimum(i_, j_)[keep], np.maximum(i_, j_)[keep], s_[keep]
+    if len(s_) > max_pairs:  # sort only the pairs at or above the max_pairs-th score
+        kth = np.partition(s_, len(s_) - max_pairs)[len(s_) - max_pairs]
+        best = np.flatnonzero(s_ >= kth)
+        a, b, s_ = a[best], b[best], s_[best]
     order = np.lexsort((b, a, -s_.astype(np.float64)))[:max_pairs]
     return _pair_lists(s_[order], a[order], b[order])
 
