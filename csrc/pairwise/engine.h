@@ -5,6 +5,7 @@
 // accessors map them back to original row indices.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <string>
@@ -47,6 +48,10 @@ struct PairwiseState {
   RowLists row_top, row_bottom;
   int64_t outside_count = 0;
   std::vector<int64_t> outside_rows, outside_cols;  // compact indices
+  // every pair list's waiting offers merged (after a run, after an import)
+  void settle_pair_lists() {
+    for (PairList* l : {&max1, &min1, &top, &bottom, &near, &outside_pairs}) l->settle();
+  }
 };
 
 // A ranked-list entry with original row / column indices.

@@ -227,7 +227,7 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     for (size_t r = 0; r < c.out_rows.size(); ++r) st_.outside_rows[r] += c.out_rows[r];
     for (size_t r = 0; r < c.out_cols.size(); ++r) st_.outside_cols[r] += c.out_cols[r];
   }
-  for (PairList* l : {&st_.max1, &st_.min1, &st_.top, &st_.bottom, &st_.near, &st_.outside_pairs}) l->settle();
+  st_.settle_pair_lists();
   if (fast_) {
     settle_row_candidates(ctx, true, nth);
     settle_row_candidates(ctx, false, nth);

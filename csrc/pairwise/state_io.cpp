@@ -104,7 +104,7 @@ void PairwiseEngine::import_state(const ExportedState& in) {
   for (const OrigPair& p : in.bottom) offer(s.bottom, ListKind::bottom, p);
   for (const OrigPair& p : in.near) offer(s.near, ListKind::near, p);
   for (const OrigPair& p : in.outside_pairs) offer(s.outside_pairs, ListKind::outside, p);
-  for (PairList* l : {&s.max1, &s.min1, &s.top, &s.bottom, &s.near, &s.outside_pairs}) l->settle();
+  s.settle_pair_lists();
   if (!s.hist.empty()) {
     EMBGEOM_CHECK(in.hist.size() == s.hist.size(),
                   "state: hist must have " << s.hist.size() << " entries, got " << in.hist.size());

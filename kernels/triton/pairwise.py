@@ -332,10 +332,11 @@ def _tile_epilogue(
     v = tl.where(valid, v, float("nan"))
     if DO_STATS:
         if NB > 0:
-            # per-program histogram (tl.histogram: see the cost model above for its lowering).
-            # No mask: Triton may reorder the elements of each rank-1 reshape feeding a
-            # histogram, and a mask reshaped from another layout than the slots would pair with
-            # the wrong elements. Invalid pairs go to the spare slot bins + 2 (< NB) instead.
+            # per-program histogram: shared-memory increments in compiled kernels, tl.histogram
+            # in the interpreter (see the cost model above). No mask in either: Triton may
+            # reorder the elements of each rank-1 reshape feeding tl.histogram, and a mask
+            # reshaped from another layout than the slots would pair with the wrong elements.
+            # Invalid pairs go to the spare slot bins + 2 (< NB) instead.
             slot = _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr)
             if SMEM_HIST:
                 _smem_hist_add(slot)
