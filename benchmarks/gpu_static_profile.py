@@ -117,7 +117,7 @@ def compile_variant(name: str):
     cfg, plan, kw = launch_args(name)
     prec = name.split("-")[1]
     el = {"bf16": "bf16", "fp16": "fp16", "tf32": "fp32", "exact": "fp32"}[prec]
-    consts = pairwise.constexprs(upcast=False, smem_hist=True,
+    consts = pairwise.constexprs(upcast=False, linked=True,
                                  **{k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")})
     spec = pairwise.specialization(first_launch_ints(cfg, plan))
     consts.update(spec["constants"])
@@ -127,7 +127,7 @@ def compile_variant(name: str):
     t0 = time.perf_counter()
     k = triton.compile(ASTSource(fn, sig, consts, spec["attrs"]), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": kw["num_warps"], "num_stages": kw["num_stages"],
-                                **pairwise.compile_options(kw["nb"], True)})
+                                **pairwise.compile_options(kw["nb"], kw["num_warps"], True)})
     return k, plan, kw, time.perf_counter() - t0
 
 

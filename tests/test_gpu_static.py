@@ -195,23 +195,18 @@ def test_static_profile_targets(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = json.loads((tmp_path / "profile.json").read_text())["variants"]
     assert sorted(table) == sorted(variants)
-    spilling = []
     for name, row in table.items():
         assert (tmp_path / f"{name}.cubin").stat().st_size > 0
         assert row["membar_gpu"] == 0, (name, row)  # relaxed atomics: no GPU-scope fences
         if not name.endswith("exact"):  # exact fp32 multiplies on CUDA cores (FFMA), no wgmma
             assert row["hgmma_n_min"] >= 128, (name, row)
-        if row["stack"] or row["spill"]:
-            spilling.append(f"{name}: stack {row['stack']} B, {row['spill']} spill instructions")
+        # no local-memory traffic (a Triton may reserve an unused stack frame: stack is reported,
+        # the committed Triton 3.6.0 profile also has none)
+        assert row["spill"] == 0, (name, row)
     # the static speed targets (predictions at 1,048,576 x 768 bf16, not measurements)
     assert table["full-bf16"]["model"]["predicted_seconds"] <= 2.5, table["full-bf16"]["model"]
     assert table["rowtopk-bf16"]["model"]["predicted_seconds"] <= 1.6, table["rowtopk-bf16"]["model"]
     assert table["full-bf16"]["atoms"] and table["full-bf16"]["shared"] >= 4 * 2048  # the shared histogram
-    if spilling:
-        # the one target not met yet: a few spill instructions where the full output's 255
-        # registers run out (16-48 B of stack): reported as xfail with the numbers, so
-        # `make test` shows what is left
-        pytest.xfail("spills remain: " + "; ".join(spilling))
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +313,7 @@ for name in ("full-bf16", "widehist-bf16"):
                and source_line(ttir, re.search(r"loc\((#loc\d*)\)\s*$", ln).group(1)) == hist_line]
     out[name] = dict(hist=[ln.strip() for ln in ttir.splitlines() if "tt.histogram" in ln],
                      smem=[ln.strip() for ln in ttir.splitlines() if "embgeom_hist_" in ln],
+                     vote=[ln.strip() for ln in ttir.splitlines() if "embgeom_vote_" in ln],
                      atomics=atomics, nb=kw["nb"], ghist=kw["ghist"])
 print("IR" + json.dumps(out))
 """
@@ -358,21 +354,47 @@ def test_histogram_is_one_shared_increment_per_element_and_wide_ones_count_in_in
         assert "ptr<i64>" in line and "xi64>" in line, line
 
 
-def test_histogram_library_is_valid_ir_with_nb_slots(tmp_path):
-    """The library text for each slot count: one static shared array of nb int32 and the three
-    functions the kernel calls, rewritten only when its text changes."""
+def test_candidate_vote_is_one_block_or_per_slab_without_a_cross_warp_reduction():
+    """The compiled kernel asks "does any pair of this slab reach a stream's threshold?" through
+    the block library: each thread marks its flag from its rows' maxima (a per-row tensor:
+    reduced along the row inside the warp only) and one scalar call per slab takes the block's
+    OR (bar.red.or). A reduction of a tile to a scalar crosses warps through shared memory, and
+    ptxas kept its lane-predicated second stage alive from one tile to the next (spills on
+    Triton 3.6)."""
+    ir = _compiled_ir()
+    full = ir["full-bf16"]
+    split = 4
+    marks = [ln for ln in full["vote"] if "embgeom_vote_mark" in ln]
+    takes = [ln for ln in full["vote"] if "embgeom_vote_take" in ln]
+    clears = [ln for ln in full["vote"] if "embgeom_vote_clear" in ln]
+    assert len(marks) == len(takes) == split and len(clears) == 1, full["vote"]
+    for line in marks:
+        assert re.search(r"\(tensor<64xf32", line), line  # one maximum per row of the slab
+    for line in takes + clears:
+        assert "tensor<" not in line, line  # one call per thread: a scalar
+
+
+def test_block_library_is_valid_ir_with_nb_slots_and_a_flag_per_thread(tmp_path):
+    """The library text for each slot count and block size: a static shared array of nb int32
+    histogram slots (none for nb = 0), one flag per thread, the functions the kernel calls,
+    rewritten only when its text changes; its shared memory counts toward occupancy."""
     pytest.importorskip("triton")
     from embgeom.kernels.triton import pairwise
 
-    path = Path(pairwise.smem_hist_library(512))
+    path = Path(pairwise.block_library(512, 128))
     text = path.read_text()
     assert "addrspace(3) global [512 x i32]" in text and text.count("define i32 @embgeom_hist_") == 3
-    assert "atomicrmw add" in text and "monotonic" in text
+    assert "addrspace(3) global [128 x i32]" in text and text.count("define i32 @embgeom_vote_") == 3
+    assert "atomicrmw add" in text and "atomicrmw or" in text and "bar.red.or.pred" in text
+    assert " br " not in text  # no branch inside the hot path's calls
     mtime = path.stat().st_mtime_ns
-    assert pairwise.smem_hist_library(512) == str(path) and path.stat().st_mtime_ns == mtime
-    assert pairwise.compile_options(512, True) == {"extern_libs": ((pairwise.SMEM_HIST_LIB, str(path)),)}
-    assert pairwise.compile_options(0, True) == {} == pairwise.compile_options(512, False)
-    assert pairwise.smem_hist_bytes(512, True) == 2048 and pairwise.smem_hist_bytes(512, False) == 0
+    assert pairwise.block_library(512, 128) == str(path) and path.stat().st_mtime_ns == mtime
+    assert pairwise.compile_options(512, 4, True) == {"extern_libs": ((pairwise.BLOCK_LIB, str(path)),)}
+    assert pairwise.compile_options(512, 4, False) == {}
+    no_hist = Path(pairwise.block_library(0, 128)).read_text()
+    assert "embgeom_hist_" not in no_hist and "define i32 @embgeom_vote_take" in no_hist
+    assert pairwise.block_library_bytes(512, 4, True) == 4 * (512 + 128)
+    assert pairwise.block_library_bytes(512, 4, False) == 0
 
 
 def test_profile_compiles_the_engine_signature():
@@ -432,6 +454,9 @@ def test_committed_profiles_carry_the_speed_model(name):
     for variant, row in prof["variants"].items():
         m = row["model"]
         assert 0 < m["product_seconds"] <= m["predicted_seconds"] <= m["predicted_seconds_all"], variant
-    # the static targets on either Triton: full output <= 2.5 s, row top-10 <= 1.6 s (bf16)
+    # the static targets on either Triton: full output <= 2.5 s, row top-10 <= 1.6 s (bf16),
+    # no spill instruction; the lent machine's Triton reserves no stack either
+    for variant, row in prof["variants"].items():
+        assert row["spill"] == 0 and (row["stack"] == 0 or prof["triton"] != "3.6.0"), (variant, row)
     assert prof["variants"]["full-bf16"]["model"]["predicted_seconds"] <= 2.5
     assert prof["variants"]["rowtopk-bf16"]["model"]["predicted_seconds"] <= 1.6

@@ -6,8 +6,10 @@ mode: the upper triangle only, half the FLOPs; tiles are BM x BN, BN a multiple 
 inside a band, consecutive tiles walk down the band's block-rows before moving one column
 block right (grouped order: the band's rows and one column block stay in L2).
 
-Per program, in registers, merged once at the end: count, float64 sum / sum of squares,
-outside count and a (NB,) sub-histogram (written per program, reduced by the caller).
+Per program, in registers, merged once at the end: count and float64 sum / sum of squares;
+a (NB,) sub-histogram in shared memory (written per program, reduced by the caller). Outside
+counts go straight to the per-row (and per-column) counters: their total is the band's
+increase of those counters, so no per-program accumulator holds it (registers: see _slab).
 
 Ranked outputs (global top/bottom/near, per-row top/bottom, the first outside pairs) leave the
 kernel as *candidates*: a tile appends (v, i, j) for every pair whose key reaches the stream's
@@ -40,13 +42,15 @@ here is a static prediction, never a measurement):
   ~7 instructions;
 - candidate streams: one score per element, key minus the lowest threshold that applies
   (lists of the same key merged per row and column: a subtract and a maximum, a min more for
-  the column side of per-row lists), reduced to one maximum per slab; only a slab whose
-  maximum is >= 0 runs the streams' exact masks, counters and appends (_candidates). The
-  model counts that region as cold (taken only by slabs that hold a candidate);
+  the column side of per-row lists), reduced to one maximum per row inside each warp, then
+  one block-wide vote per slab (compiled kernels: a flag store and one bar.red.or, see the
+  block library); only a slab where some score is >= 0 runs the streams' exact masks,
+  counters and appends (_candidates). The model counts that region as cold (taken only by
+  slabs that hold a candidate);
 - histogram: FFMA + floor + cvt + clamp (~6), one predicated edge load within edge_w of an
   edge, then one shared-memory increment per element (ATOMS.POPC.INC, warp-aggregated in
-  hardware) into the program's NB slots: an LLVM IR library linked in by Triton (see
-  smem_hist_library), the same instructions on Triton 3.6 and 3.9. tl.histogram, which the
+  hardware) into the program's NB slots: the block library, an LLVM IR
+  library linked in by Triton; the same instructions on Triton 3.6 and 3.9. tl.histogram, which the
   CPU interpreter runs, is lowered by Triton 3.6 (the lent machine's) with log2(NB) warp
   ballots per element and NB / 32 popcounts per lane: with NB = 2,048 some 250-300
   instructions per element, 5.6 s predicted for the full output against 1.8 s with the
@@ -77,19 +81,27 @@ DO_NOT_SPECIALIZE = ("band_row0", "band_rows", "num_tiles", "cap", "cut_i", "cut
 
 
 # ----------------------------------------------------------------------------------------------
-# shared-memory histogram of compiled kernels
+# block library of compiled kernels: shared-memory histogram and the block-wide vote
 # ----------------------------------------------------------------------------------------------
-# No language op of Triton 3.6 (the lent machine's) increments shared memory per element:
-# tl.histogram is lowered there with warp ballots, each lane popcounting its NB / 32 slots for
-# every element (~200 instructions per element at NB = 2,048, more than the rest of the
-# epilogue). A compiled kernel therefore keeps its per-program histogram in a small LLVM IR
-# library linked in by Triton (extern_libs): NB int32 slots in static shared memory, one
-# relaxed atomic increment per element (ATOMS.POPC.INC: warp-aggregated in hardware), zeroed
-# before the first tile and read after the last, each behind a block barrier. The calls are
-# elementwise on the slot tile itself: no reshape, no mask, no layout to pair up. The CPU
-# interpreter cannot link IR and runs tl.histogram instead (same slots, same counts).
-SMEM_HIST_LIB = "embgeom_smem_hist"
-_SMEM_HIST_IR = """\
+# Two things Triton 3.6 (the lent machine's) cannot say in its language, kept in a small LLVM IR
+# library that Triton links into compiled kernels (extern_libs). The CPU interpreter cannot link
+# IR and runs the language's own ops instead (same results).
+#
+# Histogram: no language op of Triton 3.6 increments shared memory per element: tl.histogram is
+# lowered there with warp ballots, each lane popcounting its NB / 32 slots for every element
+# (~200 instructions per element at NB = 2,048, more than the rest of the epilogue). The library
+# keeps NB int32 slots in static shared memory, one relaxed atomic increment per element
+# (ATOMS.POPC.INC: warp-aggregated in hardware), zeroed before the first tile and read after the
+# last, each behind a block barrier. The calls are elementwise on the slot tile itself: no
+# reshape, no mask, no layout to pair up.
+#
+# Vote ("does any thread of the block hold a candidate?"): a reduction of a tile to one scalar
+# crosses warps through shared memory, and its second stage is a load predicated on the lane,
+# which ptxas keeps alive from one tile to the next (a spilled register per reduction). The
+# library instead lets each thread mark its own flag slot (predicated store, no shuffles) and
+# takes the block's OR in one barrier (bar.red.or), which also clears the thread's slot.
+BLOCK_LIB = "embgeom_block"
+_BLOCK_IR_HIST = """\
 @embgeom_hist_slots = internal addrspace(3) global [{nb} x i32] undef, align 16
 
 define i32 @embgeom_hist_zero(i32 %slot) {{
@@ -110,14 +122,45 @@ define i32 @embgeom_hist_read(i32 %slot) {{
   ret i32 %v
 }}
 """
+_BLOCK_IR_VOTE = """\
+@embgeom_vote_flags = internal addrspace(3) global [{threads} x i32] undef, align 16
+
+declare i32 @llvm.nvvm.read.ptx.sreg.tid.x()
+
+define i32 @embgeom_vote_clear(i32 %unused) {{
+  %t = call i32 @llvm.nvvm.read.ptx.sreg.tid.x()
+  %p = getelementptr inbounds [{threads} x i32], ptr addrspace(3) @embgeom_vote_flags, i32 0, i32 %t
+  store volatile i32 0, ptr addrspace(3) %p, align 4
+  ret i32 0
+}}
+
+define i32 @embgeom_vote_mark(float %score) {{
+  %hit = fcmp oge float %score, 0.0
+  %bit = zext i1 %hit to i32
+  %t = call i32 @llvm.nvvm.read.ptx.sreg.tid.x()
+  %p = getelementptr inbounds [{threads} x i32], ptr addrspace(3) @embgeom_vote_flags, i32 0, i32 %t
+  %old = atomicrmw or ptr addrspace(3) %p, i32 %bit monotonic, align 4
+  ret i32 0
+}}
+
+define i32 @embgeom_vote_take(i32 %unused) {{
+  %t = call i32 @llvm.nvvm.read.ptx.sreg.tid.x()
+  %p = getelementptr inbounds [{threads} x i32], ptr addrspace(3) @embgeom_vote_flags, i32 0, i32 %t
+  %mine = load volatile i32, ptr addrspace(3) %p, align 4
+  store volatile i32 0, ptr addrspace(3) %p, align 4
+  %any = call i32 asm sideeffect "{{ .reg .pred %p<2>; setp.ne.u32 %p0, $1, 0; bar.red.or.pred %p1, 0, %p0; selp.u32 $0, 1, 0, %p1; }}", "=r,r,~{{memory}}"(i32 %mine)
+  ret i32 %any
+}}
+"""
 
 
-def smem_hist_library(nb: int) -> str:
-    """Path of the shared-memory histogram library with nb slots (written once per nb and user;
-    Triton hashes the file's content into its kernel cache key)."""
+def block_library(nb: int, threads: int) -> str:
+    """Path of the block library for nb histogram slots (0: none) and a block of `threads`
+    threads (written once per shape and user; Triton hashes the file's content into its kernel
+    cache key)."""
     d = Path(tempfile.gettempdir()) / f"embgeom-triton-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    path = d / f"{SMEM_HIST_LIB}_{nb}.ll"
-    text = _SMEM_HIST_IR.format(nb=nb)
+    path = d / f"{BLOCK_LIB}_{nb}_{threads}.ll"
+    text = (_BLOCK_IR_HIST.format(nb=nb) + "\n" if nb else "") + _BLOCK_IR_VOTE.format(threads=threads)
     if not path.exists() or path.read_text() != text:
         d.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -126,36 +169,51 @@ def smem_hist_library(nb: int) -> str:
     return str(path)
 
 
-def smem_hist_bytes(nb: int, smem_hist: bool) -> int:
-    """Static shared memory of the histogram library (not in Triton's metadata.shared)."""
-    return 4 * nb if smem_hist and nb else 0
+def block_library_bytes(nb: int, num_warps: int, linked: bool) -> int:
+    """Static shared memory of the block library (not in Triton's metadata.shared)."""
+    return 4 * (nb + 32 * num_warps) if linked else 0
 
 
-def compile_options(nb: int, smem_hist: bool) -> dict:
-    """Compiler options of a variant beside num_warps/num_stages: the histogram library when the
-    kernel keeps its histogram in shared memory (the engine's launch and the static profile)."""
-    return {"extern_libs": ((SMEM_HIST_LIB, smem_hist_library(nb)),)} if smem_hist and nb else {}
+def compile_options(nb: int, num_warps: int, linked: bool) -> dict:
+    """Compiler options of a variant beside num_warps/num_stages: the block library in compiled
+    kernels (the engine's launch and the static profile)."""
+    return {"extern_libs": ((BLOCK_LIB, block_library(nb, 32 * num_warps)),)} if linked else {}
 
 
-def _smem_hist_call(symbol: str, slot, _semantic):
+def _block_call(symbol: str, arg, arg_type: str, _semantic):
     return tl_core.extern_elementwise(
-        SMEM_HIST_LIB, "", [slot], {(tl_core.dtype("int32"),): (symbol, tl_core.dtype("int32"))}, is_pure=False,
+        BLOCK_LIB, "", [arg], {(tl_core.dtype(arg_type),): (symbol, tl_core.dtype("int32"))}, is_pure=False,
         _semantic=_semantic)
 
 
 @tl_core.extern
-def _smem_hist_zero(slot, _semantic=None):
-    return _smem_hist_call("embgeom_hist_zero", slot, _semantic)
+def _hist_zero(slot, _semantic=None):
+    return _block_call("embgeom_hist_zero", slot, "int32", _semantic)
 
 
 @tl_core.extern
-def _smem_hist_add(slot, _semantic=None):
-    return _smem_hist_call("embgeom_hist_add", slot, _semantic)
+def _hist_add(slot, _semantic=None):
+    return _block_call("embgeom_hist_add", slot, "int32", _semantic)
 
 
 @tl_core.extern
-def _smem_hist_read(slot, _semantic=None):
-    return _smem_hist_call("embgeom_hist_read", slot, _semantic)
+def _hist_read(slot, _semantic=None):
+    return _block_call("embgeom_hist_read", slot, "int32", _semantic)
+
+
+@tl_core.extern
+def _vote_clear(unused, _semantic=None):
+    return _block_call("embgeom_vote_clear", unused, "int32", _semantic)
+
+
+@tl_core.extern
+def _vote_mark(score, _semantic=None):
+    return _block_call("embgeom_vote_mark", score, "fp32", _semantic)
+
+
+@tl_core.extern
+def _vote_take(unused, _semantic=None):
+    return _block_call("embgeom_vote_take", unused, "int32", _semantic)
 
 
 @triton.jit
@@ -171,19 +229,21 @@ def _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
     int32 + int64 counts every pair, so an overflow can neither wrap nor hide from the retry."""
     full = tl.load(cnt_ptr + s, volatile=True) >= cap
     if full:
-        n = tl.sum(tl.sum(m.to(tl.int32), 1), 0)
+        # one relaxed atomic per row that drops pairs: counted along the row inside the warp, no
+        # cross-warp count (whose predicated second stage ptxas keeps alive across tiles)
+        n_row = tl.sum(m.to(tl.int32), 1)
         drop_ptr = (cnt_ptr + 8).to(tl.pointer_type(tl.int64))
-        tl.atomic_add(drop_ptr + s, n.to(tl.int64), sem="relaxed")
+        tl.atomic_add(drop_ptr + s + 0 * rows, n_row.to(tl.int64), mask=n_row > 0, sem="relaxed")
     else:
         ii = rows[:, None] + 0 * cols[None, :]
         jj = cols[None, :] + 0 * rows[:, None]
         one = tl.full(m.shape, 1, tl.int32)
         off = tl.atomic_add(cnt_ptr + s + 0 * ii, one, mask=m, sem="relaxed")
         ok = m & (off < cap)
-        off64 = off.to(tl.int64) + cap.to(tl.int64) * s
-        tl.store(cv_ptr + off64, v, mask=ok)
-        tl.store(ci_ptr + off64, ii, mask=ok)
-        tl.store(cj_ptr + off64, jj, mask=ok)
+        base = cap.to(tl.int64) * s  # the stream's buffer: int32 offsets inside it
+        tl.store(cv_ptr + base + off, v, mask=ok)
+        tl.store(ci_ptr + base + off, ii, mask=ok)
+        tl.store(cj_ptr + base + off, jj, mask=ok)
 
 
 @triton.jit
@@ -267,13 +327,13 @@ def _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr):
 
 @triton.jit
 def _tile_epilogue(
-    acc, rows, cols, acc_n, acc_s, acc_q, acc_o, hist,
+    acc, rows, cols, acc_n, acc_s, acc_q, hist,
     N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
     lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
     gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
     near, margin, near_margin, cut_i, cut_j, shift, near_tau,
     METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, DO_STATS: tl.constexpr,
-    NB: tl.constexpr, GHIST: tl.constexpr, SMEM_HIST: tl.constexpr, HAS_OUT: tl.constexpr,
+    NB: tl.constexpr, GHIST: tl.constexpr, LINKED: tl.constexpr, HAS_OUT: tl.constexpr,
     COLLECT_CLOSE: tl.constexpr,
     TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr, RTOP: tl.constexpr,
     RBOT: tl.constexpr, OUTL: tl.constexpr,
@@ -281,7 +341,7 @@ def _tile_epilogue(
     G_RBOT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr,
 ):
     """Every reduction of one (BM, BW) slab of products: acc holds rows x cols. Returns the
-    per-program accumulators (count, shifted sums, outside, histogram).
+    per-program accumulators (count, shifted sums, histogram).
 
     Hot path, per element: one integer compare for validity, the clamp, the statistics, and one
     "may this pair be a candidate?" score per element whose slab maximum gates every candidate
@@ -338,8 +398,8 @@ def _tile_epilogue(
             # reshaped from another layout than the slots would pair with the wrong elements.
             # Invalid pairs go to the spare slot bins + 2 (< NB) instead.
             slot = _bin_slot(v, lo_f, hi_f, scale_f, off_f, edge_w, bins, edges_ptr)
-            if SMEM_HIST:
-                _smem_hist_add(slot)
+            if LINKED:
+                _hist_add(slot)
             else:
                 hist += tl.histogram(tl.reshape(slot, (BM * BW,)), NB)
         if GHIST:
@@ -352,20 +412,25 @@ def _tile_epilogue(
             om = ((v < out_a) | (v > out_b)).to(tl.int32)
             orow = tl.sum(om, 1)
             ocol = tl.sum(om, 0)
-            acc_o += orow
             tl.atomic_add(out_rows_ptr + rows, orow.to(tl.int64), mask=row_ok & (orow > 0), sem="relaxed")
             tl.atomic_add(out_cols_ptr + cols, ocol.to(tl.int64), mask=col_ok & (ocol > 0), sem="relaxed")
 
     if TOP or BOT or NEAR or RTOP or RBOT or OUTL:
         score = _candidate_score(v, rows, cols, row_ok, col_ok, gthr_ptr, rthr_ptr, N, out_a, out_b,
                                  near, margin, near_margin, cut_i, SELF, TOP, BOT, NEAR, RTOP, RBOT, OUTL)
-        if tl.max(tl.max(score, 1), 0) >= 0.0:
+        if LINKED:
+            # per-row maxima inside each warp, then one block-wide OR (see the block library)
+            _vote_mark(tl.max(score, 1))
+            hit = _vote_take(0) != 0
+        else:
+            hit = tl.max(tl.max(score, 1), 0) >= 0.0
+        if hit:
             _candidates(v, rows, cols, row_ok, col_ok, N, out_a, out_b,
                         gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr,
                         cj_ptr, cap, near, margin, near_margin, cut_i, cut_j,
                         SELF, TOP, BOT, NEAR, RTOP, RBOT, OUTL,
                         G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BW)
-    return acc_n, acc_s, acc_q, acc_o, hist
+    return acc_n, acc_s, acc_q, hist
 
 
 @triton.jit
@@ -443,31 +508,32 @@ def _candidates(v, rows, cols, row_ok, col_ok, N, out_a, out_b,
 
 
 @triton.jit
+def _half(x, high: tl.constexpr):
+    """The half of x along its last axis (of size 2) that `high` names."""
+    lo, hi = tl.split(x)
+    if high:
+        return hi
+    else:
+        return lo
+
+
+@triton.jit
 def _slab(acc, q: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """Columns [q * BN / SPLIT, (q + 1) * BN / SPLIT) of the (BM, BN) tile: SPLIT slabs run the
     epilogue one after the other, a 1 / SPLIT of its live registers next to the accumulator
-    (a (128, 128) fp32 tile is 64 per thread). tl.split halves the last axis, so the tile is
-    viewed as (BM, BN / SPLIT, 2[, 2]) with the slab's high column bits last."""
+    (a (64, 128) fp32 tile is 64 per thread). tl.split halves the last axis, so the tile is
+    viewed as (BM, BN / SPLIT, 2, ...) with the slab's column bits from the lowest to the
+    highest, and halved from the highest down (q's bits, highest first)."""
     if SPLIT == 1:
         return acc
     elif SPLIT == 2:
-        a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
-        if q == 0:
-            return a0
-        else:
-            return a1
+        return _half(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)), q)
+    elif SPLIT == 4:
+        x = tl.permute(tl.reshape(acc, (BM, 2, 2, BN // 4)), (0, 3, 2, 1))
+        return _half(_half(x, q // 2), q % 2)
     else:
-        h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, 2, BN // 4)), (0, 3, 1, 2)))
-        # slab q = 2 * b1 + b0 starts at column b1 * BN / 2 + b0 * BN / 4: h0 / h1 hold b0 = 0 / 1,
-        # their halves b1 = 0 / 1
-        if q % 2 == 0:
-            a0, a1 = tl.split(h0)
-        else:
-            a0, a1 = tl.split(h1)
-        if q < 2:
-            return a0
-        else:
-            return a1
+        x = tl.permute(tl.reshape(acc, (BM, 2, 2, 2, BN // 8)), (0, 4, 3, 2, 1))
+        return _half(_half(_half(x, q // 4), (q // 2) % 2), q % 2)
 
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
@@ -475,13 +541,13 @@ def _pairwise_stats_kernel(
     x_desc, y_desc, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr,
     N, M, D, band_row0, band_rows, num_tiles,
     # per-program reductions
-    part_cnt_ptr, part_sum_ptr, part_sq_ptr, part_out_ptr, hist_ptr, edges_ptr,
+    part_cnt_ptr, part_sum_ptr, part_sq_ptr, hist_ptr, edges_ptr,
     lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
     # candidate streams
     gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
     near, margin, near_margin, cut_i, cut_j, shift, near_tau,
     METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, IN_PREC: tl.constexpr,
-    DO_STATS: tl.constexpr, NB: tl.constexpr, GHIST: tl.constexpr, SMEM_HIST: tl.constexpr,
+    DO_STATS: tl.constexpr, NB: tl.constexpr, GHIST: tl.constexpr, LINKED: tl.constexpr,
     HAS_OUT: tl.constexpr, COLLECT_CLOSE: tl.constexpr,
     TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr, RTOP: tl.constexpr,
     RBOT: tl.constexpr, OUTL: tl.constexpr,
@@ -492,19 +558,21 @@ def _pairwise_stats_kernel(
 ):
     """METRIC: 0 cosine (rows pre-normalised, values clamped), 1 dot, 2 euclidean.
     IN_PREC: "ieee" / "tf32" for fp32 rows, "" for 16-bit rows. NB: per-program histogram slots
-    (power of two >= bins + 3; 0 = none), in shared memory (SMEM_HIST, compiled kernels) or
-    registers (tl.histogram, the CPU interpreter); GHIST: histogram by global atomics into hist
+    (power of two >= bins + 3; 0 = none), in shared memory (LINKED: compiled kernels, which also
+    take the candidate vote from the block library) or registers (tl.histogram, the CPU
+    interpreter); GHIST: histogram by global atomics into hist
     (bins + 3,)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     acc_n = tl.zeros([BM], tl.int32)
-    acc_o = tl.zeros([BM], tl.int32)
     acc_s = tl.zeros([BM], tl.float64)
     acc_q = tl.zeros([BM], tl.float64)
     hist = tl.zeros([HB], tl.int32)  # HB = max(NB, 2): defined for every variant
-    if NB > 0 and SMEM_HIST:
-        _smem_hist_zero(tl.arange(0, NB))
-        tl.debug_barrier()  # every slot zeroed before any warp's first increment
+    if LINKED:
+        _vote_clear(0)  # each thread its own flag
+        if NB > 0:
+            _hist_zero(tl.arange(0, NB))
+            tl.debug_barrier()  # every slot zeroed before any warp's first increment
     for t in range(pid, num_tiles, nprog):
         r = band_row0 + t % band_rows
         if SELF:
@@ -530,34 +598,33 @@ def _pairwise_stats_kernel(
             else:
                 acc = tl.dot(a, tl.trans(b), acc, input_precision=IN_PREC)
         for q in tl.static_range(SPLIT):
-            acc_n, acc_s, acc_q, acc_o, hist = _tile_epilogue(
+            acc_n, acc_s, acc_q, hist = _tile_epilogue(
                 _slab(acc, q, SPLIT, BM, BN), rows, c * BN + q * (BN // SPLIT) + tl.arange(0, BN // SPLIT),
-                acc_n, acc_s, acc_q, acc_o, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
+                acc_n, acc_s, acc_q, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
                 lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
                 gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
                 near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, SMEM_HIST, HAS_OUT, COLLECT_CLOSE,
+                METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, LINKED, HAS_OUT, COLLECT_CLOSE,
                 TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // SPLIT)
 
     if DO_STATS:
         tl.store(part_cnt_ptr + pid, tl.sum(acc_n.to(tl.int64), 0))
         tl.store(part_sum_ptr + pid, tl.sum(acc_s, 0))
         tl.store(part_sq_ptr + pid, tl.sum(acc_q, 0))
-        tl.store(part_out_ptr + pid, tl.sum(acc_o.to(tl.int64), 0))
         if NB > 0:
-            if SMEM_HIST:
+            if LINKED:
                 tl.debug_barrier()  # every warp's increments done before the slots are read
-                hist = _smem_hist_read(tl.arange(0, NB))
+                hist = _hist_read(tl.arange(0, NB))
             tl.store(hist_ptr + pid * NB + tl.arange(0, NB), hist.to(tl.int64))
 
 
 def constexprs(*, metric, self_mode, has_valid, in_prec, do_stats, nb, ghist, has_out, collect_close,
-               streams, groups, bm, bk, upcast, split=1, bn=None, smem_hist=False):
+               streams, groups, bm, bk, upcast, split=1, bn=None, linked=False):
     """The compile-time arguments of _pairwise_stats_kernel (see launch_pairwise); bn: tile
-    columns (default bm); smem_hist: the per-program histogram in shared memory (compiled
-    kernels: see compile_options)."""
+    columns (default bm); linked: the block library is linked in (compiled kernels: the histogram
+    in shared memory and the candidate vote; see compile_options)."""
     return dict(METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
-                NB=nb, GHIST=ghist, SMEM_HIST=bool(smem_hist and nb), HAS_OUT=has_out,
+                NB=nb, GHIST=ghist, LINKED=bool(linked), HAS_OUT=has_out,
                 COLLECT_CLOSE=collect_close, TOP=streams[0],
                 BOT=streams[1], NEAR=streams[2], RTOP=streams[3], RBOT=streams[4], OUTL=streams[5],
                 G_TOP=groups[0], G_BOT=groups[1], G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4],
@@ -570,7 +637,7 @@ def constexprs(*, metric, self_mode, has_valid, in_prec, do_stats, nb, ghist, ha
 ARG_TYPES = dict(
     xv_ptr="*u8", yv_ptr="*u8", xsq_ptr="*fp32", ysq_ptr="*fp32",
     N="i32", M="i32", D="i32", band_row0="i32", band_rows="i32", num_tiles="i32",
-    part_cnt_ptr="*i64", part_sum_ptr="*fp64", part_sq_ptr="*fp64", part_out_ptr="*i64",
+    part_cnt_ptr="*i64", part_sum_ptr="*fp64", part_sq_ptr="*fp64",
     hist_ptr="*i64", edges_ptr="*fp32",
     lo_f="fp32", hi_f="fp32", scale_f="fp32", off_f="fp32", edge_w="fp32", bins="i32",
     out_a="fp32", out_b="fp32", out_rows_ptr="*i64", out_cols_ptr="*i64",
@@ -612,7 +679,7 @@ def specialization(ints: dict) -> dict:
 
 
 def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
-                    part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
+                    part_cnt, part_sum, part_sq, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
                     out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv,
                     ci, cj, cap, near, margin, near_margin, cut_i, cut_j, shift, near_tau, *, metric, self_mode, has_valid,
                     in_prec, do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk,
@@ -625,15 +692,15 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
     bn = bn or bm
     x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
     y_desc = x_desc if (y is x and bn == bm) else TensorDescriptor.from_tensor(y, [bn, bk])
-    compiled = x.device.type != "cpu"  # the CPU interpreter runs tl.histogram (no IR linking)
+    compiled = x.device.type != "cpu"  # the CPU interpreter cannot link the block library
     return _pairwise_stats_kernel[(grid,)](
         x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
-        part_cnt, part_sum, part_sq, part_out, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
+        part_cnt, part_sum, part_sq, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
         out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap,
         near, margin, near_margin, cut_i, cut_j, shift, near_tau,
         **constexprs(metric=metric, self_mode=self_mode, has_valid=has_valid, in_prec=in_prec,
                      do_stats=do_stats, nb=nb, ghist=ghist, has_out=has_out, collect_close=collect_close,
                      streams=streams, groups=groups, bm=bm, bk=bk, upcast=not compiled, split=split,
-                     bn=bn, smem_hist=compiled),
-        num_warps=num_warps, num_stages=num_stages, **compile_options(nb, compiled),
+                     bn=bn, linked=compiled),
+        num_warps=num_warps, num_stages=num_stages, **compile_options(nb, num_warps, compiled),
     )

@@ -268,6 +268,9 @@ class TritonEngine(Thresholds, Candidates):
         if self.bins and not self.nb:
             self.hist_buf.zero_()
         euclid = self.cfg.metric == "euclidean"
+        # the kernel counts outside pairs only in the per-row (and per-column) counters: the
+        # band's total is their increase (self mode: one array, two increments per pair)
+        outside_before = self.out_rows[:self.n].sum() if self.cfg.outside else None
         grid = self._launch(r0, rows, ntiles, True, self.active, collect_close=euclid)
         counts = self._counts()
         stored = [self.cap] * NUM_BUFFERS  # room each stream had when it last ran
@@ -281,7 +284,7 @@ class TritonEngine(Thresholds, Candidates):
         self.count += self.part_cnt[:grid].sum()
         self.sums += torch.stack([self.part_sum[:grid].sum(), self.part_sq[:grid].sum()])
         if self.cfg.outside:
-            self.outside_count += self.part_out[:grid].sum()
+            self.outside_count += (self.out_rows[:self.n].sum() - outside_before) // (2 if self.self_mode else 1)
         if self.bins:
             h = self.hist_buf[:grid * self.nb].view(grid, self.nb).sum(0) if self.nb else self.hist_buf
             self.hist += h[: self.bins + 2]  # slot bins + 2: the invalid pairs, dropped
@@ -320,7 +323,7 @@ class TritonEngine(Thresholds, Candidates):
         cfg = self.cfg
         compiled = pairwise.launch_pairwise(
             grid, self.xin, self.yin, self.xv, self.yv, self.xsq, self.ysq, self.n, self.m, self.d,
-            r0, rows, ntiles, self.part_cnt, self.part_sum, self.part_sq, self.part_out,
+            r0, rows, ntiles, self.part_cnt, self.part_sum, self.part_sq,
             self.hist_buf, self.edges, self.lo_f, self.hi_f, self.scale_f, self.off_f, self.edge_w,
             max(self.bins, 1),
             self.out_a, self.out_b, self.out_rows, self.out_cols, self.gthr, self.gbuck, self.rthr,
@@ -335,7 +338,8 @@ class TritonEngine(Thresholds, Candidates):
             self._occupancy_pending = False
             regs = int(getattr(compiled, "n_regs", 0) or 0)
             shared = int(getattr(getattr(compiled, "metadata", None), "shared", 0) or 0)
-            shared += pairwise.smem_hist_bytes(self.nb if do_stats else 0, self.device.type != "cpu")
+            shared += pairwise.block_library_bytes(self.nb if do_stats else 0, self.plan.num_warps,
+                                                   self.device.type != "cpu")
             if regs:
                 programs = programs_for(regs, self.sms, self.plan.num_warps, shared)
                 if programs != self.programs:
@@ -348,7 +352,6 @@ class TritonEngine(Thresholds, Candidates):
         self.part_cnt = torch.zeros(P, dtype=torch.int64, device=dev)
         self.part_sum = torch.zeros(P, dtype=torch.float64, device=dev)
         self.part_sq = torch.zeros(P, dtype=torch.float64, device=dev)
-        self.part_out = torch.zeros(P, dtype=torch.int64, device=dev)
         if self.nb:
             self.hist_buf = torch.zeros(P * self.nb, dtype=torch.int64, device=dev)
 
