@@ -241,6 +241,12 @@ def test_communities_engine_path_equals_range_search(monkeypatch, threshold, siz
         m.setattr(comm, "_engine_candidates", lambda *a: None)
         want = comm.communities(x, threshold, size)
     assert got == want and got
+    # each community: its centre, then members by (float64 cosine to the centre desc, id asc)
+    x64 = np.asarray(x, dtype=np.float64)
+    unit = x64 / np.maximum(np.linalg.norm(x64, axis=1), 1e-300)[:, None]
+    for group in got:
+        cos = unit[group[1:]] @ unit[group[0]]
+        assert group[1:] == [group[1:][k] for k in np.lexsort((group[1:], -cos))]
     calls = []
     original = comm.Index._engine_self_pairs
     monkeypatch.setattr(comm.Index, "_engine_self_pairs", lambda *a: calls.append(original(*a)) or calls[-1])

@@ -407,3 +407,20 @@ def test_search_stored_equals_search_of_the_rows(metric, dtype):
     # a bf16 index scans its float32 rows where the CPU path has no bf16 dot (_scan_dtype)
     engine_runs = metric != "l2" and index._scan_dtype() == torch.float32 and index._pairs_engine_applies()
     assert (taken is not None) == engine_runs
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_stored_rows_margin_bounds_every_rows_margin(metric):
+    """The scan margin of the stored rows as queries (the self-mode pair paths): with a float32
+    scan it comes from the largest stored norm without a float64 pass over the corpus, and it
+    is never below any single row's margin as _queries computes it (rows of very different
+    norms, zero and duplicate rows)."""
+    x = make_rows(700, 33, zero=(5,), dup=((1, 2),))
+    x[10:20] *= 1e3
+    x[30:40] *= 1e-4
+    index = Index(x, metric=metric)
+    st = index._store
+    per_row = index._queries(st.rows[:st.n], st)[3]
+    bound = index._stored_margin(st)
+    assert bound >= float(per_row.max())
+    assert bound <= float(per_row.max()) * (1 + 1e-6)  # and not looser than it needs to be

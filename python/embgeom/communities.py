@@ -39,23 +39,27 @@ def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
         return []
     found = _engine_candidates(index, threshold, min_size) if index._pairs_engine_applies() else None
     if found is None:
-        found = []  # (centre, members in (cosine desc, id asc) order, centre included)
+        found = []  # (centre, members with the centre, their exact cosines), in centre order
         for r0 in range(0, n, batch_size):
             rows = index.vectors(r0, min(n, r0 + batch_size))
-            lims, _, ids = index.range_search(rows, threshold)
-            lims, ids = lims.cpu().numpy(), ids.cpu().numpy()
+            lims, values, ids = index.range_search(rows, threshold, float64=True)
+            lims, values, ids = lims.cpu().numpy(), values.cpu().numpy(), ids.cpu().numpy()
             for q in range(rows.shape[0]):
                 if lims[q + 1] - lims[q] >= min_size:
-                    found.append((r0 + q, ids[lims[q]:lims[q + 1]]))
+                    found.append((r0 + q, ids[lims[q]:lims[q + 1]], values[lims[q]:lims[q + 1]]))
     found.sort(key=lambda c: len(c[1]), reverse=True)  # stable: centres in id order among equals
     used = np.zeros(n, dtype=bool)
     out = []
-    for centre, members in found:
+    for centre, members, values in found:
         if used[centre]:
             continue
-        free = members[~used[members]]
-        if len(free) >= min_size:
-            group = [centre] + free[free != centre].tolist()
+        free = ~used[members]
+        if free.sum() >= min_size:
+            # only kept communities are ordered (which rows a community takes does not depend
+            # on the order): members by (cosine desc, id asc) after the centre
+            others = free & (members != centre)
+            m, v = members[others], values[others]
+            group = [centre] + m[np.lexsort((m, -v))].tolist()
             out.append(group)
             used[group] = True
     return sorted(out, key=len, reverse=True)
@@ -71,9 +75,9 @@ SELF_RUN_PAIRS = 1 << 21
 
 
 def _engine_candidates(index: Index, threshold: float, min_size: int):
-    """The candidate communities (centre, members) of every row with at least min_size rows at
-    cosine >= threshold, in row order, members by (cosine desc, id asc), centre included: the
-    same as range_search row by row, from the pairs i < j of Index.pairs_above's engine path
+    """The candidate communities (centre, members, their exact cosines) of every row with at
+    least min_size rows at cosine >= threshold, in row order, the centre among the members
+    (in no particular order): the same rows and values as range_search row by row, from the pairs i < j of Index.pairs_above's engine path
     (half the products, the candidates filtered inside the engine's pass) and each row's own
     exact cosine with itself. None when more than ENGINE_PAIRS_LIMIT pairs qualify."""
     import torch
@@ -115,13 +119,10 @@ def _engine_candidates(index: Index, threshold: float, min_size: int):
     i, j, v = i[ok], j[ok], v[ok]
     counts = np.bincount(i, minlength=n)
     centre = counts >= min_size
-    sel = centre[i]  # only the candidate centres' rows are ordered
-    i, j, v = (torch.from_numpy(a[sel]) for a in (i, j, v))
+    sel = centre[i]  # only the candidate centres' rows are grouped
+    i, j, v = i[sel], j[sel], v[sel]
     counts[~centre] = 0
-    # (i, cosine desc, j) by three stable sorts: torch's took a third of np.lexsort's time
-    order = torch.argsort(j, stable=True)
-    order = order[torch.argsort(-v[order], stable=True)]
-    order = order[torch.argsort(i[order], stable=True)]
-    j = j[order].numpy()
+    order = torch.argsort(torch.from_numpy(i)).numpy()  # grouped by centre; communities() orders
+    j, v = j[order], v[order]
     starts = np.concatenate([[0], np.cumsum(counts)])
-    return [(int(r), j[starts[r]:starts[r + 1]]) for r in np.nonzero(centre)[0]]
+    return [(int(r), j[starts[r]:starts[r + 1]], v[starts[r]:starts[r + 1]]) for r in np.nonzero(centre)[0]]

@@ -295,24 +295,28 @@ class Index:
         scan_dtype = self._scan_dtype()
         qscan = qs.to(scan_dtype)
         qnorm = torch.linalg.vector_norm(qs, dim=1)
-        d = self.d
         # Sound bound on |scan value - exact value| (docs/metrics.md, prepared index): rounding
         # of the scan's inputs, fp32 accumulation over d terms, the scale / bias step. A bf16
         # product's output is rounded to bf16 as well: relative to the value for cosine and dot
         # (see `_threshold`), absolute for l2 (the bias is added after the rounding).
-        gam = (d + 4) * U32 / (1 - (d + 4) * U32)
         if scan_dtype == torch.float32:
             dq = U32 * qnorm
         else:
             dq = torch.linalg.vector_norm(qscan.double() - qs, dim=1)
         qr = torch.maximum(qnorm, torch.linalg.vector_norm(qscan.double(), dim=1))
+        return q64, qscan.contiguous(), qvalid, self._margin(st, qr, dq, scan_dtype), qn * qn
+
+    def _margin(self, st: _Store, qr, dq, scan_dtype: torch.dtype):
+        """The scan margin (see _queries) of queries whose scanned norm is at most qr and whose
+        scan rounding is dq: increasing in both."""
+        d = self.d
+        gam = (d + 4) * U32 / (1 - (d + 4) * U32)
         delta = st.scan_delta if scan_dtype == torch.bfloat16 else 0.0  # float32 rows are the rows
         cr = st.cmax + delta
         margin = qr * delta + dq * st.cmax + gam * qr * cr + 4 * U32 * (qr * cr + st.bias_max)
         if scan_dtype == torch.bfloat16 and self.metric == "l2":
             margin = margin + BF16_OUT * qr * cr
-        margin = margin * 1.01 + 1e-30
-        return q64, qscan.contiguous(), qvalid, margin, qn * qn
+        return margin * 1.01 + 1e-30
 
     def _threshold(self, v: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
         """A scan value every candidate scans at or above (float32): for the k-th best scan value
@@ -732,7 +736,15 @@ class Index:
         return i[keep], j[keep] + c0
 
     def _stored_margin(self, st) -> float:
-        """The largest scan margin of the stored rows as queries (_queries), in PREP_ROWS steps."""
+        """The largest scan margin of the stored rows as queries (_queries). A float32 scan of
+        the stored rows scans them as stored (dot, l2: their norms are the stored norms) or as
+        unit rows rounded to float32 (cosine: norm <= (1 + u32) (1 + tiny)): the margin at those
+        norms bounds every row's, without a float64 pass over the corpus. A bf16 scan's rounding
+        differs per row: PREP_ROWS rows at a time."""
+        if self._scan_dtype() == torch.float32:
+            qnorm = 1.0 + 1e-12 if self.metric == "cosine" else float(st.norms[:st.n].max()) * (1 + 1e-12)
+            qr = qnorm * (1 + 2 * U32) if self.metric == "cosine" else qnorm
+            return float(self._margin(st, qr, U32 * qnorm, torch.float32))
         return max(float(self._queries(st.rows[a:a + PREP_ROWS], st)[3].max()) for a in range(0, st.n, PREP_ROWS))
 
     def _engine_self_pairs(self, st, threshold: float, limit: int):
