@@ -124,3 +124,28 @@ def test_bad_similar(tiny_bert_dir, tmp_path, capsys, bad):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--similar" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_context_similarity_in_chunks_of_heads_equals_one_block(monkeypatch):
+    """The scores S are computed a few (T, T) blocks at a time (cache-sized): chunks that do not
+    divide B x H, padding, ties (duplicate head outputs) and a one-token text give the same
+    argmax statistics as one block over every head."""
+    from embgeom.analysis.text import attention
+
+    g = torch.Generator().manual_seed(7)
+    B, H, T, d = 3, 5, 9, 4
+    o = torch.randn(B, H, T, d, generator=g)
+    o[0, :, 3] = o[0, :, 1]  # equal scores: ties go to the smaller position
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[2, 1:] = False
+    sep = torch.zeros(B, T, dtype=torch.bool)
+    sep[:, 5] = True
+    ids = torch.randint(0, 11, (B, T), generator=g)
+    whole = attention.context_similarity(o, mask, sep, ids, 11)
+    for blocks in (1, 2, 4):  # 15 (b, h) blocks: chunks of 1, 2 (ragged) and 4 (ragged)
+        monkeypatch.setattr(attention, "CONTEXT_CHUNK_BYTES", blocks * T * T * 4)
+        got = attention.context_similarity(o, mask, sep, ids, 11, workspace={})
+        assert got.keys() == whole.keys()
+        for k in whole:
+            assert torch.equal(got[k], whole[k]), k

@@ -150,6 +150,10 @@ def js_distance(dists: torch.Tensor) -> torch.Tensor:
     return 0.5 * (out + out.T)
 
 
+# context similarity's scores are computed this many bytes of (T, T) blocks at a time
+CONTEXT_CHUNK_BYTES = 1 << 20
+
+
 def first_argmax(s: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """s.argmax(-1) (the first position of each row's maximum), from vectorised reductions:
     torch's CPU argmax is ~10x slower than amax. scratch: a buffer shaped like s."""
@@ -189,10 +193,21 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
     lhs[..., d] = 1.0
     rhs[..., :d].copy_(head_out)
     rhs[..., d] = (~mask).to(head_out.dtype)[:, None, :] * -1e30
-    s = _buffer(workspace, "similarity", (B, H, T, T), head_out.dtype, head_out.device)
-    torch.matmul(lhs, rhs.transpose(-1, -2), out=s)                        # (B, H, T, T)
-    s.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
-    j = first_argmax(s, _buffer(workspace, "argmax", (B, H, T, T), s.dtype, s.device))  # (B, H, T)
+    # S in chunks of heads whose (T, T) blocks stay in cache (about 1 MB): the matmul's output,
+    # the diagonal, amax and the argmax's passes then read cache, not a (B, H, T, T) array
+    # written and read four times
+    lhs2, rhs2 = lhs.view(B * H, T, d + 1), rhs.view(B * H, T, d + 1)
+    step = max(1, min(B * H, CONTEXT_CHUNK_BYTES // max(1, T * T * head_out.element_size())))
+    s = _buffer(workspace, "similarity", (step, T, T), head_out.dtype, head_out.device)
+    scratch = _buffer(workspace, "argmax", (step, T, T), s.dtype, s.device)
+    j = torch.empty(B * H, T, dtype=torch.int64, device=head_out.device)
+    for a in range(0, B * H, step):
+        e = min(B * H, a + step)
+        sa = s[:e - a]
+        torch.matmul(lhs2[a:e], rhs2[a:e].transpose(-1, -2), out=sa)
+        sa.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+        j[a:e] = first_argmax(sa, scratch[:e - a])
+    j = j.view(B, H, T)
     w = qvalid[:, None, :].expand(B, H, T)
     pos = torch.arange(T, device=mask.device)
     dist = (j - pos).abs()
