@@ -342,7 +342,8 @@ class MatricesAccumulator:
     def _ranks(self, b, positions, by_len, eps, workers: int = 1) -> None:
         """Per text, the numerical ranks of its real-token blocks of V (n x d_h per head, the value
         projection's output with its bias), the head output (softmax V, n x d_h, before W_O) and
-        the layer output (hidden_states[l + 1], n x D), summed over the batch's texts."""
+        the layer output (hidden_states[l + 1], n x D), summed over the batch's texts (sv_counts:
+        numpy's SVD counts, from the Gram matrices)."""
         jobs = []  # (rank key, layer, rows, columns, stack of matrices (..., rows, columns))
         for l in range(self.L):
             v_all = self.store.get(l, {}).get("v")
