@@ -345,20 +345,30 @@ class MatricesAccumulator:
         the layer output (hidden_states[l + 1], n x D), summed over the batch's texts (sv_counts:
         numpy's SVD counts, from the Gram matrices)."""
         jobs = []  # (rank key, layer, rows, columns, stack of matrices (..., rows, columns))
+
+        def rows(x, n, texts):
+            """x (B, T, ...) -> the texts' real-token rows (k, n, ...): a slice when they fill T."""
+            if n == x.shape[1]:
+                return x[texts]
+            return torch.stack([x[i][positions[i]] for i in texts])
+
+        def f64(x):
+            """float64 and contiguous in one copy (lapack_map would copy a permuted view again)."""
+            return x.to(torch.float64, memory_format=torch.contiguous_format)
+
         for l in range(self.L):
             v_all = self.store.get(l, {}).get("v")
             for n, texts in by_len.items():
                 if n == 0:
                     continue
-                idx = [positions[i] for i in texts]
-                heads = torch.stack([b.head_outputs[l][i][p] for i, p in zip(texts, idx)])    # (k, n, H, d_h)
-                jobs.append(("head_output", l, n, heads.shape[-1], heads.double().permute(0, 2, 1, 3)))
-                out = torch.stack([b.hidden_states[l + 1][i][p] for i, p in zip(texts, idx)]).double()
+                heads = rows(b.head_outputs[l], n, texts)                                  # (k, n, H, d_h)
+                jobs.append(("head_output", l, n, heads.shape[-1], f64(heads.permute(0, 2, 1, 3))))
+                out = f64(rows(b.hidden_states[l + 1], n, texts))
                 jobs.append(("layer_output", l, n, out.shape[-1], out))
                 if v_all is not None:
                     self.v_seen = True
-                    v = torch.stack([v_all[i][p] for i, p in zip(texts, idx)]).double()
-                    v = v.view(len(texts), n, self.H, -1).permute(0, 2, 1, 3)               # (k, H, n, d_h)
+                    v = rows(v_all, n, texts)
+                    v = f64(v.view(len(texts), n, self.H, -1).permute(0, 2, 1, 3))           # (k, H, n, d_h)
                     jobs.append(("v", l, n, v.shape[-1], v))
         counts = lapack_map(lambda x: sv_counts(x, eps)[0], [j[4].cpu() for j in jobs], workers)
         for (key, l, rows, cols, _), ranks in zip(jobs, counts):
