@@ -103,8 +103,9 @@ def sv_counts(a: np.ndarray, eps: float | None, small: float | None = None) -> t
     every matrix with such an eigenvalue is counted again on numpy.linalg.svd's singular values.
     Relative to the threshold the band is small for the 1e-3 count (delta / 1e-6 <= 3e-5 on a
     128-token attention block) but not for the rank of a float32 matrix (t^2 / s_max^2 =
-    (max(m, n) eps32)^2 ~ 2e-10, within a factor 1e6 of eps64): on 2304 attention blocks of the
-    default model 0.2% fell back to the SVD; an all-zero matrix always does (rank 0)."""
+    (max(m, n) eps32)^2 ~ 2e-10, within a factor 1e6 of eps64): of the 2304 attention blocks of
+    one 32 x 128-token batch of the default model 5 fell back to the SVD, of its 2304 head outputs
+    and 192 layer outputs none; an all-zero matrix always does (rank 0)."""
     k, m, n = a.shape
     zeros = np.zeros(k, dtype=np.int64)
     if k == 0 or min(m, n) == 0:
