@@ -176,3 +176,89 @@ def test_numerical_rank_tolerance():
     assert int(numerical_rank(s, 20, 12, float(np.finfo(np.float64).eps))) == \
         np.linalg.matrix_rank(M32.astype(np.float64)) == 12
     assert int(numerical_rank(torch.zeros(4), 4, 4, 1e-7)) == 0
+
+
+def _svd_counts(x: np.ndarray, eps: float, small: float) -> tuple[int, int]:
+    """numpy.linalg.matrix_rank with numpy's default tolerance for eps, and the singular values
+    below small, both on numpy.linalg.svd."""
+    s = np.linalg.svd(x, compute_uv=False)
+    return int((s > s[0] * max(x.shape) * eps).sum()), int((s < small).sum())
+
+
+def _with_singular_values(rng, m, n, s):
+    """An m x n float64 matrix with the given singular values (orthonormal factors)."""
+    u = np.linalg.qr(rng.standard_normal((m, len(s))))[0]
+    v = np.linalg.qr(rng.standard_normal((n, len(s))))[0]
+    return (u * np.asarray(s)) @ v.T
+
+
+def test_gram_counts_equal_svd_counts(monkeypatch):
+    """sv_counts (the eigenvalues of the smaller Gram matrix, an SVD only for matrices with a
+    squared singular value within its error band of a threshold) counts exactly what numpy's SVD
+    counts: random tall, wide and square matrices, float32 rank-deficient products, duplicate
+    rows, an all-zero matrix, peaked softmax blocks, and singular values placed within 1e-9,
+    1e-6 and 1e-3 (relative) of both thresholds (the SVD must decide the first two)."""
+    from embgeom.analysis.heads import matrices
+    from embgeom.analysis.heads.matrices import SMALL_SINGULAR, sv_counts
+
+    svd_rows = []
+    real_svd = np.linalg.svd
+
+    def spy(a, *args, **kw):
+        svd_rows.append(a.shape[0] if a.ndim == 3 else 1)
+        return real_svd(a, *args, **kw)
+
+    monkeypatch.setattr(matrices.np.linalg, "svd", spy)
+    rng = np.random.default_rng(3)
+    eps = float(np.finfo(np.float32).eps)
+    stacks, must_svd = [], set()
+    for m, n in ((40, 8), (8, 40), (25, 25), (128, 32), (33, 384)):
+        stacks.append(rng.standard_normal((5, m, n)))
+        r = min(m, n) // 2                                                 # rank-deficient, float32
+        low = (rng.standard_normal((5, m, r)) @ rng.standard_normal((5, r, n))).astype(np.float32)
+        stacks.append(low.astype(np.float64))
+        dup = rng.standard_normal((5, m, n))
+        dup[:, 1::2] = dup[:, 0:1]                                         # duplicate rows
+        stacks.append(dup)
+        stacks.append(np.zeros((1, m, n)))
+        must_svd.add(len(stacks) - 1)                                      # rank 0 from the SVD
+    scores = 12 * rng.standard_normal((6, 30, 30))                        # peaked softmax rows
+    att = np.exp(scores - scores.max(-1, keepdims=True))
+    stacks.append(att / att.sum(-1, keepdims=True))
+    for m, n in ((30, 30), (50, 12)):
+        t = max(m, n) * eps                                                # rank threshold / s_max
+        for rel in (1e-9, 1e-6, 1e-3):
+            for sign in (-1, 1):
+                s = np.geomspace(1, 1e-9, min(m, n))
+                s[3], s[5] = t * (1 + sign * rel), SMALL_SINGULAR * (1 + sign * rel)
+                stacks.append(_with_singular_values(rng, m, n, np.sort(s)[::-1])[None])
+                if rel < 1e-4:                                             # inside the band
+                    must_svd.add(len(stacks) - 1)
+    for i, x in enumerate(stacks):
+        before = len(svd_rows)
+        rank, small = sv_counts(x, eps, SMALL_SINGULAR)
+        assert len(svd_rows) > before or i not in must_svd, (i, x.shape)
+        want = np.array([_svd_counts(xi, eps, SMALL_SINGULAR) for xi in x])
+        np.testing.assert_array_equal(rank, want[:, 0], err_msg=str(x.shape))
+        np.testing.assert_array_equal(small, want[:, 1], err_msg=str(x.shape))
+        r_only, s_none = sv_counts(x, eps)
+        np.testing.assert_array_equal(r_only, want[:, 0])
+        assert not s_none.any()
+
+
+def test_block_spectra():
+    """block_spectra: counts as sv_counts, eigenvalue magnitudes numpy's."""
+    from embgeom.analysis.heads.matrices import SMALL_SINGULAR, block_spectra, lapack_map
+
+    rng = np.random.default_rng(4)
+    scores = 6 * rng.standard_normal((3, 4, 17, 17))
+    a = np.exp(scores - scores.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    eps = float(np.finfo(np.float32).eps)
+    rank, small, lam = lapack_map(lambda x: block_spectra(x, eps), [torch.from_numpy(a)], 2)[0]
+    assert rank.shape == small.shape == (3, 4) and lam.shape == (3, 4, 17)
+    flat = a.reshape(-1, 17, 17)
+    want = np.array([_svd_counts(x, eps, SMALL_SINGULAR) for x in flat]).reshape(3, 4, 2)
+    np.testing.assert_array_equal(rank.numpy(), want[..., 0])
+    np.testing.assert_array_equal(small.numpy(), want[..., 1])
+    np.testing.assert_allclose(lam.numpy(), np.abs(np.linalg.eigvals(a)), rtol=0, atol=1e-13)

@@ -77,23 +77,78 @@ def one_blas_thread():
         yield lapack_workers()
 
 
-def spectra(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Singular values (descending) and eigenvalue magnitudes of float64 matrices a (..., n, n)."""
-    return np.linalg.svd(a, compute_uv=False), np.abs(np.linalg.eigvals(a))
+EPS64 = float(np.finfo(np.float64).eps)
+# the width of the band around a threshold inside which a Gram eigenvalue does not decide a count
+# (sv_counts): GRAM_SLACK * (m + n) * eps64 * trace of the Gram matrix
+GRAM_SLACK = 4.0
 
 
-def singular_values(a: np.ndarray) -> np.ndarray:
-    """Singular values (..., min(m, n)), descending, of float64 matrices a (..., m, n)."""
-    return np.linalg.svd(a, compute_uv=False)
+def sv_counts(a: np.ndarray, eps: float | None, small: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """a (k, m, n) float64 -> (numerical rank (k,), with numpy's default tolerance
+    s_max * max(m, n) * eps, zeros without eps; the number of singular values < small (k,),
+    zeros without small), both int64, as counted on numpy.linalg.svd's singular values.
+
+    The squared singular values are the eigenvalues of the smaller Gram matrix G = X X^T or X^T X
+    (min(m, n) square), numpy.linalg.eigvalsh: for tall n x d_h blocks a 32 x 32 problem instead
+    of an SVD of the block, for square ones a symmetric eigenproblem instead of an SVD (about
+    two thirds of its cost on 128 x 128). Why a count is still numpy's: the computed Gram is
+    G + E with |E_ij| <= gamma_k |x_i| |x_j| (k the inner dimension, gamma_k ~ k eps64), so
+    ||E||_2 <= ||E||_F <= k eps64 ||X||_F^2; eigvalsh is backward stable (its eigenvalues are
+    those of G + E + F, ||F||_2 <= p(r) eps64 ||G||_2, p modest); by Weyl every computed
+    eigenvalue is within delta = (k + p(r)) eps64 ||X||_F^2 of sigma_i^2, and delta here is
+    GRAM_SLACK * (m + n) * eps64 * trace(G) (trace(G) = ||X||_F^2), several times that bound
+    (the SVD's own error on sigma^2, ~eps64 s_max^2, is far inside it). A count of sigma^2 against
+    t^2 can therefore differ from the exact one only if some eigenvalue lies within delta of t^2
+    (for the rank, t^2 = lambda_max (max(m, n) eps)^2 itself carries delta (max(m, n) eps)^2);
+    every matrix with such an eigenvalue is counted again on numpy.linalg.svd's singular values.
+    Relative to the threshold the band is small for the 1e-3 count (delta / 1e-6 <= 3e-5 on a
+    128-token attention block) but not for the rank of a float32 matrix (t^2 / s_max^2 =
+    (max(m, n) eps32)^2 ~ 2e-10, within a factor 1e6 of eps64): of the 2304 attention blocks of
+    one 32 x 128-token batch of the default model 5 fell back to the SVD, of its 2304 head outputs
+    and 192 layer outputs none; an all-zero matrix always does (rank 0)."""
+    k, m, n = a.shape
+    zeros = np.zeros(k, dtype=np.int64)
+    if k == 0 or min(m, n) == 0:
+        return zeros, zeros.copy()
+    g = a @ a.transpose(0, 2, 1) if m <= n else a.transpose(0, 2, 1) @ a
+    lam = np.linalg.eigvalsh(g)                                            # ascending, ~sigma^2
+    delta = (GRAM_SLACK * (m + n) * EPS64) * np.abs(lam).sum(-1, keepdims=True)
+    unsure = np.zeros(k, dtype=bool)
+    rank, count = zeros, zeros.copy()
+    if eps is not None:
+        c2 = (max(m, n) * eps) ** 2
+        t2 = lam[:, -1:] * c2
+        rank = (lam > t2).sum(-1)
+        unsure |= (np.abs(lam - t2) <= delta * (1 + c2)).any(-1)
+    if small is not None:
+        count = (lam < small * small).sum(-1)
+        unsure |= (np.abs(lam - small * small) <= delta).any(-1)
+    if unsure.any():
+        sv = np.linalg.svd(a[unsure], compute_uv=False)
+        if eps is not None:
+            rank[unsure] = (sv > sv[:, :1] * (max(m, n) * eps)).sum(-1)
+        if small is not None:
+            count[unsure] = (sv < small).sum(-1)
+    return rank, count
 
 
-def lapack_map(fn, stacks: list[torch.Tensor], workers: int) -> list:
+def block_spectra(a: np.ndarray, eps: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Square float64 blocks a (k, n, n) -> (numerical rank (k,), #(singular values
+    < SMALL_SINGULAR) (k,), eigenvalue magnitudes (k, n)): sv_counts and numpy.linalg.eigvals
+    (LAPACK dgeev, balancing, Hessenberg reduction and the QR algorithm)."""
+    rank, small = sv_counts(a, eps, SMALL_SINGULAR)
+    return rank, small, np.abs(np.linalg.eigvals(a))
+
+
+def lapack_map(fn, stacks: list[torch.Tensor], workers: int, pieces_per_worker: int = 4) -> list:
     """[fn(s) for s in stacks] as torch tensors (each s (..., m, n) float64 on the CPU, fn a numpy
-    LAPACK call returning one array or a tuple of arrays of shape s.shape[:-2] + (r,)): every
-    stack cut into `workers` pieces, run in `workers` threads (numpy's LAPACK releases the GIL),
-    the results put back together."""
+    LAPACK call on a (k, m, n) array returning one array or a tuple of arrays of shape (k, ...)):
+    every stack cut into up to workers * pieces_per_worker pieces, run in `workers` threads
+    (numpy's LAPACK releases the GIL; several pieces a thread, so that a thread slowed by other
+    load leaves its share to the other), the results put back together to s.shape[:-2] + (...)."""
     flat = [s.reshape(-1, *s.shape[-2:]).numpy() for s in stacks]
-    pieces = [(k, p) for k, f in enumerate(flat) for p in np.array_split(f, max(1, min(workers, f.shape[0])))]
+    cut = max(1, workers * pieces_per_worker) if workers > 1 else 1
+    pieces = [(k, p) for k, f in enumerate(flat) for p in np.array_split(f, max(1, min(cut, f.shape[0])))]
     if workers > 1 and len(pieces) > 1:
         if not _POOL or _POOL[0]._max_workers < workers:
             _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="embgeom-lapack")]
@@ -103,10 +158,12 @@ def lapack_map(fn, stacks: list[torch.Tensor], workers: int) -> list:
     out = []
     for k, s in enumerate(stacks):
         mine = [r for (kk, _), r in zip(pieces, done) if kk == k]
+        lead = s.shape[:-2]
         if isinstance(mine[0], tuple):
-            out.append(tuple(torch.from_numpy(np.concatenate(parts)).reshape(*s.shape[:-2], -1) for parts in zip(*mine)))
+            out.append(tuple(torch.from_numpy(np.concatenate(parts)).reshape(*lead, *parts[0].shape[1:])
+                             for parts in zip(*mine)))
         else:
-            out.append(torch.from_numpy(np.concatenate(mine)).reshape(*s.shape[:-2], -1))
+            out.append(torch.from_numpy(np.concatenate(mine)).reshape(*lead, *mine[0].shape[1:]))
     return out
 
 
@@ -114,20 +171,20 @@ def block_measures(a: torch.Tensor, eps: float | None = None, spec=None) -> dict
     """a: (k, H, n, n) float64 attention blocks (rows = queries, summing to 1) -> dict of (k, H):
     rows_cone = ||sum_i a_i / ||a_i|| || / n, small_singular = #(singular values < 1e-3),
     von_neumann = -sum v ln v with v = |lambda| / sqrt(sum |lambda|^2) over the eigenvalues;
-    with eps, rank = numerical_rank of each block. spec: spectra(a) when computed already."""
+    with eps, rank = numerical_rank of each block. spec: block_spectra(a, eps) (through
+    lapack_map) when computed already."""
     n = a.shape[-1]
     nrm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
     unit = a / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
     cone = torch.linalg.vector_norm(unit.sum(-2), dim=-1) / n
     if spec is None:
-        spec = lapack_map(spectra, [a.detach().cpu().double()], 1)[0]
-    sv, lam = (x.to(a.device) for x in spec)
-    small = (sv < SMALL_SINGULAR).sum(-1).double()
+        spec = lapack_map(lambda x: block_spectra(x, eps), [a.detach().cpu().double()], 1)[0]
+    rank, small, lam = (x.to(a.device) for x in spec)
     total = torch.sqrt((lam * lam).sum(-1, keepdim=True))
     v = lam / torch.where(total > 0, total, torch.ones_like(total))
-    out = {"rows_cone": cone, "small_singular": small, "von_neumann": -torch.special.xlogy(v, v).sum(-1)}
+    out = {"rows_cone": cone, "small_singular": small.double(), "von_neumann": -torch.special.xlogy(v, v).sum(-1)}
     if eps is not None:
-        out["rank"] = numerical_rank(sv, n, n, eps)
+        out["rank"] = rank.double()
     return out
 
 
@@ -247,16 +304,19 @@ class MatricesAccumulator:
         if b.attentions:
             self.rank_eps = torch.finfo(b.attentions[0].dtype).eps
         eps = self.rank_eps
-        groups = [(l, n, texts, torch.stack([attn[i][:, positions[i]][:, :, positions[i]] for i in texts]).double())
+        # each group: a layer's blocks of the texts with n real tokens (k, H, n, n), model dtype
+        groups = [(l, n, texts, attn[texts] if n == attn.shape[-1] else
+                   torch.stack([attn[i][:, positions[i]][:, :, positions[i]] for i in texts]))
                   for l, attn in enumerate(b.attentions) for n, texts in by_len.items() if n]
         with one_blas_thread() as workers:
-            specs = lapack_map(spectra, [g[3].cpu() for g in groups], workers)
-            for (l, n, texts, blocks), spec in zip(groups, specs):
+            blocks64 = [g[3].double() for g in groups]
+            specs = lapack_map(lambda x: block_spectra(x, eps), [x.cpu() for x in blocks64], workers)
+            for (l, n, texts, raw), blocks, spec in zip(groups, blocks64, specs):
                 m = block_measures(blocks, eps, spec)
                 self.ranks["softmax"][l] += m.pop("rank").sum(0)
                 for key, v in m.items():
                     self.sums[key][l] += v.sum(0)
-                k = k90(blocks)                                                   # (k, H, n)
+                k = k90(raw)                                                      # (k, H, n)
                 self.k90[l] += per_head_counts(k.permute(1, 0, 2).reshape(self.H, -1), self.k90.shape[-1])
             self.seconds["matrices: attention blocks"] = self.seconds.get("matrices: attention blocks", 0.0) \
                 + time.perf_counter() - t0
@@ -283,26 +343,37 @@ class MatricesAccumulator:
     def _ranks(self, b, positions, by_len, eps, workers: int = 1) -> None:
         """Per text, the numerical ranks of its real-token blocks of V (n x d_h per head, the value
         projection's output with its bias), the head output (softmax V, n x d_h, before W_O) and
-        the layer output (hidden_states[l + 1], n x D), summed over the batch's texts."""
+        the layer output (hidden_states[l + 1], n x D), summed over the batch's texts (sv_counts:
+        numpy's SVD counts, from the Gram matrices)."""
         jobs = []  # (rank key, layer, rows, columns, stack of matrices (..., rows, columns))
+
+        def rows(x, n, texts):
+            """x (B, T, ...) -> the texts' real-token rows (k, n, ...): a slice when they fill T."""
+            if n == x.shape[1]:
+                return x[texts]
+            return torch.stack([x[i][positions[i]] for i in texts])
+
+        def f64(x):
+            """float64 and contiguous in one copy (lapack_map would copy a permuted view again)."""
+            return x.to(torch.float64, memory_format=torch.contiguous_format)
+
         for l in range(self.L):
             v_all = self.store.get(l, {}).get("v")
             for n, texts in by_len.items():
                 if n == 0:
                     continue
-                idx = [positions[i] for i in texts]
-                heads = torch.stack([b.head_outputs[l][i][p] for i, p in zip(texts, idx)])    # (k, n, H, d_h)
-                jobs.append(("head_output", l, n, heads.shape[-1], heads.double().permute(0, 2, 1, 3)))
-                out = torch.stack([b.hidden_states[l + 1][i][p] for i, p in zip(texts, idx)]).double()
+                heads = rows(b.head_outputs[l], n, texts)                                  # (k, n, H, d_h)
+                jobs.append(("head_output", l, n, heads.shape[-1], f64(heads.permute(0, 2, 1, 3))))
+                out = f64(rows(b.hidden_states[l + 1], n, texts))
                 jobs.append(("layer_output", l, n, out.shape[-1], out))
                 if v_all is not None:
                     self.v_seen = True
-                    v = torch.stack([v_all[i][p] for i, p in zip(texts, idx)]).double()
-                    v = v.view(len(texts), n, self.H, -1).permute(0, 2, 1, 3)               # (k, H, n, d_h)
+                    v = rows(v_all, n, texts)
+                    v = f64(v.view(len(texts), n, self.H, -1).permute(0, 2, 1, 3))           # (k, H, n, d_h)
                     jobs.append(("v", l, n, v.shape[-1], v))
-        svs = lapack_map(singular_values, [j[4].cpu() for j in jobs], workers)
-        for (key, l, rows, cols, _), sv in zip(jobs, svs):
-            ranks = numerical_rank(sv, rows, cols, eps)
+        counts = lapack_map(lambda x: sv_counts(x, eps)[0], [j[4].cpu() for j in jobs], workers)
+        for (key, l, rows, cols, _), ranks in zip(jobs, counts):
+            ranks = ranks.double()
             self.ranks[key][l] += (ranks.sum(0) if ranks.dim() else ranks).to(self.ranks[key].device)
 
     def k90_quantiles(self) -> torch.Tensor:

@@ -24,6 +24,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+import numpy as np
 import torch
 
 JS_SMOOTHING = 0.001          # Clark head_distances.py: P = 0.999 A + 0.001 / n
@@ -95,6 +96,15 @@ def clark_js_sums(attentions, mask: torch.Tensor, row_chunk: int = 512) -> torch
 def k90(attn: torch.Tensor) -> torch.Tensor:
     """(B, H, T, T) -> (B, H, T) int64: the fewest largest entries of each row whose sum is
     >= 0.9 (geometry-of-BERT code, after Ramsauer et al.)."""
+    if attn.device.type == "cpu" and attn.dtype in (torch.float32, torch.float64):
+        # numpy's sort of the last axis is several times faster than torch's on the CPU (128-wide
+        # rows: 23 ms against 169 ms a layer of 32 x 12 x 128 rows); the sorted values are the
+        # same, and both cumsums add left to right in float64, so the counts are identical. The
+        # negated entries sorted ascending are the entries in descending order, negated (exact),
+        # and their running sums the negated running sums: contiguous, no reversed view
+        cum = np.sort(-attn.detach().numpy(), -1).astype(np.float64)
+        np.cumsum(cum, -1, out=cum)
+        return torch.from_numpy(np.count_nonzero(cum > -K90_MASS, -1).astype(np.int64) + 1)
     srt = attn.sort(-1, descending=True).values
     cum = srt.double().cumsum(-1)
     return (cum < K90_MASS).sum(-1) + 1
