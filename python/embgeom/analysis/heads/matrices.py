@@ -372,7 +372,7 @@ class MatricesAccumulator:
                     v = f64(v.view(len(texts), n, self.H, -1).permute(0, 2, 1, 3))           # (k, H, n, d_h)
                     jobs.append(("v", l, n, v.shape[-1], v))
         counts = lapack_map(lambda x: sv_counts(x, eps)[0], [j[4].cpu() for j in jobs], workers)
-        for (key, l, rows, cols, _), ranks in zip(jobs, counts):
+        for (key, l, *_), ranks in zip(jobs, counts):
             ranks = ranks.double()
             self.ranks[key][l] += (ranks.sum(0) if ranks.dim() else ranks).to(self.ranks[key].device)
 
