@@ -180,40 +180,23 @@ def compile_options(nb: int, num_warps: int, linked: bool) -> dict:
     return {"extern_libs": ((BLOCK_LIB, block_library(nb, 32 * num_warps)),)} if linked else {}
 
 
-def _block_call(symbol: str, arg, arg_type: str, _semantic):
-    return tl_core.extern_elementwise(
-        BLOCK_LIB, "", [arg], {(tl_core.dtype(arg_type),): (symbol, tl_core.dtype("int32"))}, is_pure=False,
-        _semantic=_semantic)
+def _block_fn(symbol: str, arg_type: str):
+    """A language-level call of the block library's function `symbol` (one argument, an int32
+    result; not pure: the calls write shared memory)."""
+    @tl_core.extern
+    def call(arg, _semantic=None):
+        return tl_core.extern_elementwise(
+            BLOCK_LIB, "", [arg], {(tl_core.dtype(arg_type),): (symbol, tl_core.dtype("int32"))},
+            is_pure=False, _semantic=_semantic)
+    return call
 
 
-@tl_core.extern
-def _hist_zero(slot, _semantic=None):
-    return _block_call("embgeom_hist_zero", slot, "int32", _semantic)
-
-
-@tl_core.extern
-def _hist_add(slot, _semantic=None):
-    return _block_call("embgeom_hist_add", slot, "int32", _semantic)
-
-
-@tl_core.extern
-def _hist_read(slot, _semantic=None):
-    return _block_call("embgeom_hist_read", slot, "int32", _semantic)
-
-
-@tl_core.extern
-def _vote_clear(unused, _semantic=None):
-    return _block_call("embgeom_vote_clear", unused, "int32", _semantic)
-
-
-@tl_core.extern
-def _vote_mark(score, _semantic=None):
-    return _block_call("embgeom_vote_mark", score, "fp32", _semantic)
-
-
-@tl_core.extern
-def _vote_take(unused, _semantic=None):
-    return _block_call("embgeom_vote_take", unused, "int32", _semantic)
+_hist_zero = _block_fn("embgeom_hist_zero", "int32")    # (slot tile): its slot := 0
+_hist_add = _block_fn("embgeom_hist_add", "int32")      # (slot tile): one increment per element
+_hist_read = _block_fn("embgeom_hist_read", "int32")    # (slot tile): the slots' counts
+_vote_clear = _block_fn("embgeom_vote_clear", "int32")  # (scalar): this thread's flag := 0
+_vote_mark = _block_fn("embgeom_vote_mark", "fp32")     # (tile): flag |= any element >= 0
+_vote_take = _block_fn("embgeom_vote_take", "int32")    # (scalar): the block's OR, flags cleared
 
 
 @triton.jit
