@@ -478,3 +478,29 @@ def test_histogram_exact_edges_follow_the_one_bin_rule(bins):
     s = run_engine(x, metric="dot", block=32, bins=bins, lo=lo, hi=hi, topk=0, bottomk=0)
     want = np.bincount(numerics.bin_index(v, lo, hi, bins), minlength=bins + 2)
     np.testing.assert_array_equal(np.asarray(s["hist"]), want)
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+@pytest.mark.parametrize("cross", [False, True])
+def test_row_lists_exact_under_heavy_ties(k, cross):
+    """Integer rows: every dot product is exact in float32 and most are tied, so each row's
+    lists must equal a float64 sort by (value, column) exactly. With 300 rows each thread's
+    reservoir (k + max(k / 2, 8) slots) fills and keeps its k best many times, with ties at the
+    kept threshold; the same under threads, chunks and a resumed state."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(-1, 2, size=(300, 8)).astype(np.float32)
+    y = rng.integers(-1, 2, size=(170, 8)).astype(np.float32) if cross else None
+    kw = dict(metric="dot", block=32, bins=0, topk=0, bottomk=0, row_topk=k, row_bottomk=k)
+    got = run_engine(x, y, threads=2, chunks=3, **kw)
+    cols = x if y is None else y
+    v = x.astype(np.float64) @ cols.astype(np.float64).T
+    if y is None:
+        np.fill_diagonal(v, np.nan)
+    for key, sign in (("row_top", -1.0), ("row_bottom", 1.0)):
+        rv, ri = (np.asarray(a) for a in got[key])
+        for r in range(len(x)):
+            ok = np.nonzero(~np.isnan(v[r]))[0]
+            order = ok[np.lexsort((ok, sign * v[r, ok]))][:k]  # value, then column ascending
+            assert ri[r].tolist() == order.tolist(), (key, r)
+            assert np.array_equal(rv[r], v[r, order].astype(np.float32))
+    assert_states_equal(got, run_engine(x, y, threads=1, **kw))

@@ -217,7 +217,8 @@ void PairwiseEngine::init(const float* x, int64_t n, std::shared_ptr<const Prepa
 void PairwiseEngine::prime_row_bounds(int threads) {
   const int64_t kt = opt_.row_topk, kb = opt_.row_bottomk;
   const int64_t s = std::min<int64_t>(kPrimeSample, m_ / 4);
-  // exact mode: an offer is a short list insertion, and the sample costs what it saves there
+  // exact mode: an offer is one store into a reservoir, and the sample's product costs what it
+  // saves there (vocabulary, k = 117: 1,024 columns cut the run by 0.2 s and took 0.2 s)
   if (!fast_ || (kt <= 0 && kb <= 0) || s <= std::max(kt, kb)) return;
   std::vector<int64_t> cols(s);
   std::vector<float> rows(s * d_);
@@ -246,17 +247,14 @@ void PairwiseEngine::prime_row_bounds(int threads) {
         vals.clear();
         for (int64_t q = 0; q < s; ++q)
           if (!self_ || cols[q] != r) vals.push_back(transform(row[q], r, cols[q]));
-        // the k-th best (kept in a sorted list of k: few values get past its last one),
-        // widened by M and rounded outwards
+        // the k-th best, widened by M and rounded outwards (bottom: the k-th largest negated)
         auto bound = [&](int64_t k, bool top) {
-          best.assign(k, top ? -kInf : kInf);
-          for (const float v : vals) {
-            if (top ? !(v > best[k - 1]) : !(v < best[k - 1])) continue;
-            int64_t p = k - 1;
-            for (; p > 0 && (top ? v > best[p - 1] : v < best[p - 1]); --p) best[p] = best[p - 1];
-            best[p] = v;
-          }
-          return widened_bound(best[k - 1], M, top);
+          const int64_t m = static_cast<int64_t>(vals.size());
+          if (m < k) return top ? -kInf : kInf;
+          best.resize(4 * m);
+          for (int64_t q = 0; q < m; ++q) best[3 * m + q] = top ? vals[q] : -vals[q];
+          const float kth = rank_largest(best.data() + 3 * m, m, k - 1, best.data());
+          return widened_bound(top ? kth : -kth, M, top);
         };
         if (kt > 0) prime_top_[r] = bound(kt, true);
         if (kb > 0) prime_bottom_[r] = bound(kb, false);

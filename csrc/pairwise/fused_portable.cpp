@@ -75,10 +75,11 @@ template <int W>
 void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int64_t ii, int64_t jj,
                 int64_t j0, const float* v, const uint32_t* fl, bool deferred, int64_t& orow) {
   const PairwiseEngine& E = *A.E;
-  uint32_t counted = 0, listed = 0;
-  for (int l = 0; l < W; ++l) {
+  uint32_t counted = 0, listed = 0, lanes = 0;
+  for (int l = 0; l < W; ++l) lanes |= uint32_t(fl[l] != 0) << l;  // no branch a lane
+  for (; lanes; lanes &= lanes - 1) {
+    const int l = __builtin_ctz(lanes);
     const uint32_t f = fl[l];
-    if (!f) continue;
     const int64_t j = j0 + l;
     // row lists take the tile's values as they are (exact mode: exact; fast: bf16)
     if (f & kRt) offer_row(A, c, true, i, v[l], j);

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace embgeom {
@@ -32,32 +33,49 @@ struct PairList {
 };
 
 // Per-row k best neighbours: larger value first (top) or smaller first (bottom), then column.
+// Two layouts share the arrays: the state's lists (stride k, each row sorted best first) and a
+// thread's lists during a run (a reservoir: stride > k, each row's entries unsorted).
 struct RowLists {
   int64_t n = 0, k = 0;
+  int64_t stride = 0;  // slots a row: k, or a reservoir's capacity
   bool top = true;
-  std::vector<float> val;     // n * k
-  std::vector<int32_t> col;   // n * k, compact column index
+  std::vector<float> val;     // n * stride
+  std::vector<int32_t> col;   // n * stride, compact column index
   std::vector<int32_t> cnt;   // n
-  std::vector<float> thr;     // n: worst value when full, else -inf (top) / +inf (bottom)
+  std::vector<float> thr;     // n: k-th best value once k are held, else -inf (top) / +inf (bottom)
   // During a run, each thread keeps its own lists but they all publish their thresholds into
   // one shared array (max for top, min for bottom), which the filters read: any published
   // value is the k-th best of k real pairs, so a pair below it cannot make the merged list.
   float* shared = nullptr;
+  std::vector<float> scratch;      // a reservoir's compaction
+  std::vector<std::pair<int32_t, float>> ties;
   const float* filter_thr() const { return shared ? shared : thr.data(); }
-  void init(int64_t rows, int64_t kk, bool is_top);
+  // reservoir: a thread's lists (push); else the state's (offer)
+  void init(int64_t rows, int64_t kk, bool is_top, bool reservoir = false);
   bool better(float v1, int32_t c1, float v2, int32_t c2) const {
     if (v1 != v2) return top ? v1 > v2 : v1 < v2;
     return c1 < c2;
   }
   // The state's lists: each row sorted best first; an offer is inserted in place.
   void offer(int64_t row, float v, int32_t c);
-  // A thread's lists during a run: each row a binary heap with its worst entry first, so an
-  // offer costs log k (a sorted insertion shifted k / 2 entries on average: with k = 117 on
-  // the vocabulary the offers took twice the product's time). Each pair is pushed once.
-  void push(int64_t row, float v, int32_t c);
-  // Rows [r0, r1) of this (sorted) list merged with the same rows of `srcs` (heaps or sorted):
-  // the k best of all, a pair held by several kept once.
+  // A thread's lists during a run: an offer is appended to the row's reservoir, and a full
+  // reservoir keeps its k best (a selection, linear in the capacity), whose worst becomes the
+  // row's threshold. A heap cost log k cache-missing steps an offer, the reservoir one store:
+  // with k = 117 on the vocabulary the heap pushes were 60 % of the product's time, and
+  // sorted insertion twice the product. Each pair is pushed once.
+  void push(int64_t row, float v, int32_t c) {
+    const int64_t at = row * stride + cnt[row];
+    val[at] = v;
+    col[at] = c;
+    if (++cnt[row] >= k) reservoir_filled(row);
+  }
+  // Rows [r0, r1) of this (sorted) list merged with the same rows of `srcs` (reservoirs or
+  // sorted): the k best of all, a pair held by several kept once.
   void merge_rows(const std::vector<const RowLists*>& srcs, int64_t r0, int64_t r1);
+
+ private:
+  void reservoir_filled(int64_t row);  // k or `stride` entries held: a new threshold
+  void keep_best(int64_t row);         // a full reservoir's row down to its k best
 };
 
 // Fast mode's per-row lists during a run: candidates kept by their bf16-product value v, which
@@ -103,6 +121,9 @@ struct RowCands {
   void offer(int64_t row, float v, int32_t c);
 };
 
+
+// The r-th largest (0-based) of a[0, n), which is not changed; buf: room for 3 * n floats.
+float rank_largest(const float* a, int64_t n, int64_t r, float* buf);
 
 // Raise (top) or lower (bottom) a shared threshold with a CAS on its bits. Readers use plain
 // loads: a stale value is an earlier, looser bound, so the result does not depend on timing.

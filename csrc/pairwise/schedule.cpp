@@ -106,8 +106,8 @@ FusedArgs PairwiseEngine::fused_args(const ThreadCtx& c, bool diag) const {
   return A;
 }
 
-// The band's rows' list slots (and, in self mode, the tile's columns') are scattered over n * k
-// entries, and the band's product has streamed the packed panels through the caches since they
+// The band's rows' list slots (and, in self mode, the tile's columns') are scattered over the
+// lists of every row, and the band's product has streamed the packed panels through the caches since they
 // were last read: fetch them before the band's pass, not one miss per offer.
 void PairwiseEngine::prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0,
                                         int64_t c1) const {
@@ -127,7 +127,15 @@ void PairwiseEngine::prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t 
     if (b <= a) return;
     for (const RowCands* r : {&c.ctop, &c.cbot})
       if (r->k > 0) slots(r->val, r->col, r->cnt, r->cap, a, b);
-    for (const RowLists* r : {&c.rtop, &c.rbot}) slots(r->val, r->col, r->cnt, r->k, a, b);
+    // a reservoir is written at its next free slot (until a compaction reads it whole)
+    for (const RowLists* r : {&c.rtop, &c.rbot}) {
+      if (r->k <= 0) continue;
+      for (int64_t q = a; q < b; ++q) {
+        const int64_t at = q * r->stride + r->cnt[q];
+        __builtin_prefetch(r->val.data() + at, 1, 3);
+        __builtin_prefetch(r->col.data() + at, 1, 3);
+      }
+    }
   };
   if (!self_ || r0 < c0 || r1 > c1) rows(r0, r1);  // (a diagonal tile's band: among its columns)
   if (self_) rows(c0, c1);                         // the column direction
@@ -178,9 +186,9 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
       if (st_.row_top.k > 0) c->ctop.init(n_, st_.row_top.k, true, err_bound_, shared_top.data());
       if (st_.row_bottom.k > 0) c->cbot.init(n_, st_.row_bottom.k, false, err_bound_, shared_bottom.data());
     } else {
-      // empty heaps: the state's pairs join at the merge, its thresholds through `shared`
-      c->rtop.init(st_.row_top.k > 0 ? n_ : 0, st_.row_top.k, true);
-      c->rbot.init(st_.row_bottom.k > 0 ? n_ : 0, st_.row_bottom.k, false);
+      // empty reservoirs: the state's pairs join at the merge, its thresholds through `shared`
+      c->rtop.init(st_.row_top.k > 0 ? n_ : 0, st_.row_top.k, true, true);
+      c->rbot.init(st_.row_bottom.k > 0 ? n_ : 0, st_.row_bottom.k, false, true);
       c->rtop.shared = shared_top.empty() ? nullptr : shared_top.data();
       c->rbot.shared = shared_bottom.empty() ? nullptr : shared_bottom.data();
     }
