@@ -12,6 +12,7 @@
 #include "attention.h"
 #include "check.h"
 #include "cone_index.h"
+#include "context.h"
 #include "pair_values.h"
 #include "cpu/blas.h"
 #include "cpu/isa.h"
@@ -59,6 +60,23 @@ f32_array attention_row_entropy(const f32_array& p, const std::optional<u8_array
   {
     py::gil_scoped_release release;
     embgeom::attention_row_entropy(p.data(), B, H, T, m, smoothing, out.mutable_data());
+  }
+  return out;
+}
+
+py::array_t<int64_t> context_argmax(const py::array_t<float>& o, const std::optional<u8_array>& mask) {
+  EMBGEOM_CHECK(o.ndim() == 4, "head_out: expected (B, H, T, d), got " << o.ndim() << " dims");
+  const int64_t B = o.shape(0), H = o.shape(1), T = o.shape(2), d = o.shape(3);
+  const int64_t f = sizeof(float);
+  EMBGEOM_CHECK((d <= 1 || o.strides(3) == f) && o.strides(0) % f == 0 && o.strides(1) % f == 0 &&
+                    o.strides(2) % f == 0,
+                "head_out: expected contiguous rows of d floats (any strides across b, h, t)");
+  const uint8_t* m = mask_ptr(mask, B, T);
+  py::array_t<int64_t> out({B, H, T});
+  {
+    py::gil_scoped_release release;
+    embgeom::context_argmax(o.data(), B, H, T, d, o.strides(0) / f, o.strides(1) / f, o.strides(2) / f, m,
+                            out.mutable_data());
   }
   return out;
 }
@@ -124,6 +142,7 @@ py::dict cpu_info() {
     d["fused_pass"] = std::string(e.fused_name());
   }
   d["entropy"] = std::string(embgeom::attention_entropy_path());
+  d["context_argmax"] = std::string(embgeom::context_argmax_path());
   d["cone_index"] = std::string(embgeom::cone_index_path());
   return d;
 }
@@ -136,6 +155,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cone_unit_sums", &cone_unit_sums, py::arg("x"), py::arg("mask") = py::none(),
         "Sum of unit vectors per set: x (B, T, D) float32, mask (B, T) uint8 -> "
         "(sums (B, D) float64, used (B,) int64, zero_rows (B,) int64)");
+  m.def("context_argmax", &context_argmax, py::arg("head_out"), py::arg("mask") = py::none(),
+        "Context similarity's argmax: head_out (B, H, T, d) float32, mask (B, T) uint8 -> (B, H, T) int64");
   m.def("attention_row_entropy", &attention_row_entropy, py::arg("attn"),
         py::arg("mask") = py::none(), py::arg("smoothing") = 0.0,
         "Row entropy in nats: attn (B, H, T, T) float32, mask (B, T) uint8 -> (B, H, T) float32");

@@ -126,26 +126,75 @@ def test_bad_similar(tiny_bert_dir, tmp_path, capsys, bad):
     assert not (tmp_path / "o").exists()
 
 
-def test_context_similarity_in_chunks_of_heads_equals_one_block(monkeypatch):
-    """The scores S are computed a few (T, T) blocks at a time (cache-sized): chunks that do not
-    divide B x H, padding, ties (duplicate head outputs) and a one-token text give the same
-    argmax statistics as one block over every head."""
-    from embgeom.analysis.text import attention
+def _argmax64(o, mask):
+    """Float64 brute force: per (b, h) and real row i of a text with >= 2 real tokens, the real
+    j != i with the largest o_i . o_j, ties to the smaller j; None elsewhere."""
+    B, H, T, _ = o.shape
+    s = o.double() @ o.double().transpose(-1, -2)
+    out = {}
+    for b in range(B):
+        real = torch.nonzero(mask[b]).flatten().tolist()
+        if len(real) < 2:
+            continue
+        for h in range(H):
+            for i in real:
+                best = max((j for j in real if j != i), key=lambda j: (float(s[b, h, i, j]), -j))
+                out[b, h, i] = best
+    return out
 
+
+def _context_case():
     g = torch.Generator().manual_seed(7)
     B, H, T, d = 3, 5, 9, 4
     o = torch.randn(B, H, T, d, generator=g)
     o[0, :, 3] = o[0, :, 1]  # equal scores: ties go to the smaller position
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 6:] = False
-    mask[2, 1:] = False
+    mask[2, 1:] = False  # a one-token text: no rows
     sep = torch.zeros(B, T, dtype=torch.bool)
     sep[:, 5] = True
     ids = torch.randint(0, 11, (B, T), generator=g)
-    whole = attention.context_similarity(o, mask, sep, ids, 11)
+    return o, mask, sep, ids
+
+
+def test_context_similarity_in_chunks_of_heads_equals_one_block(monkeypatch):
+    """torch's path computes the scores S a few (T, T) blocks at a time (cache-sized): chunks
+    that do not divide B x H, padding, ties (duplicate head outputs) and a one-token text give
+    the same argmax as one block over every head, and the float64 argmax."""
+    from embgeom.analysis.text import attention
+
+    o, mask, sep, ids = _context_case()
+    B, H, T, _ = o.shape
+    whole = attention.context_argmax_torch(o, mask)
+    want = _argmax64(o, mask)
+    assert all(int(whole[b, h, i]) == j for (b, h, i), j in want.items())
     for blocks in (1, 2, 4):  # 15 (b, h) blocks: chunks of 1, 2 (ragged) and 4 (ragged)
         monkeypatch.setattr(attention, "CONTEXT_CHUNK_BYTES", blocks * T * T * 4)
-        got = attention.context_similarity(o, mask, sep, ids, 11, workspace={})
-        assert got.keys() == whole.keys()
-        for k in whole:
-            assert torch.equal(got[k], whole[k]), k
+        assert torch.equal(attention.context_argmax_torch(o, mask, workspace={}), whole)
+
+
+@pytest.mark.parametrize("T,d", [(1, 4), (2, 3), (9, 4), (37, 64), (130, 32)])
+def test_context_argmax_kernel_is_the_float64_argmax(T, d):
+    """The C++ kernel (CPU float32) against float64 brute force: padding, a one-token text,
+    duplicate rows (exact ties: the smaller position), and near-ties closer than float32 can
+    tell apart (keys differing by 1e-9 relative), where only the float64 rescoring decides."""
+    from embgeom.analysis.text import attention
+
+    g = torch.Generator().manual_seed(T * 100 + d)
+    B, H = 4, 3
+    o = torch.randn(B, H, T, d, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, T // 2 + 1:] = False
+    mask[2, 1:] = False
+    if T >= 9:
+        o[0, :, 7] = o[0, :, 2]                      # exact ties
+        base = o[3, :, 4].double()
+        for h in range(H):                           # near-ties: o_5 = o_4 (1 + 1e-9) in float64 terms
+            o[3, h, 5] = o[3, h, 4]
+            o[3, h, 0] = (base[h] * 1.0000001).float()
+    got = attention.context_argmax(o, mask)
+    want = _argmax64(o, mask)
+    bad = [(k, int(got[k]), j) for k, j in want.items() if int(got[k]) != j]
+    assert not bad, bad[:5]
+    if T >= 9:  # the padded / one-token rows point at themselves
+        assert int(got[2, 0, 0]) == 0

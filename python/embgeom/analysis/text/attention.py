@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ...backends import registry
+
 TARGETS = ("cls", "sep", "punct", "prev", "next", "period", "comma", "sep_from_other")
 
 
@@ -164,26 +166,23 @@ def first_argmax(s: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     return T - scratch.amax(-1).long()
 
 
-def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Tensor,
-                       input_ids: torch.Tensor, vocab_size: int,
-                       workspace: dict | None = None, sentence: torch.Tensor | None = None,
-                       period: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Context similarity (docs/metrics.md) for every head of one layer, one batch. head_out: (B, H, T, d_h), the head's
-    output O before the output projection; S = O O^T (raw scalar products, arXiv 2512.21956).
+def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
+    """(B, H, T) int64: for every real token i of a sequence with >= 2 real tokens, the real
+    j != i maximising S[i, j] = o_i . o_j (ties to the smaller j); other rows hold any position.
+    On CPU float32 tensors the C++ kernel (products in float32, every key within their error
+    bound of the maximum rescored in float64: the float64 argmax); elsewhere torch's float32
+    scores (context_argmax_torch)."""
+    C = registry.cpp()
+    if head_out.device.type == "cpu" and head_out.dtype == torch.float32 and hasattr(C, "context_argmax"):
+        m = mask.to(torch.uint8).contiguous().numpy()
+        o = head_out if head_out.stride(-1) == 1 else head_out.contiguous()  # rows read in place
+        return torch.from_numpy(C.context_argmax(o.numpy(), m))
+    return context_argmax_torch(head_out, mask, workspace)
 
-    For every real token i of a sequence with >= 2 real tokens: j = argmax over real j != i of
-    S[i, j] (ties to the smaller j). Returns sums over the batch:
-      rows (H,) number of such tokens; distance (H,) sum of |i - j|; separator (H,) hits on
-      [SEP]; repeated (H,) hits on another occurrence of the token's own id; distance_hist (H, T) counts of |i - j|; focus_counts (H, vocab_size): per sequence
-      the focus token (the column j with the most hits, ties to the smaller position) counted by
-      its token id.
-    With sentence (B, T) int64 sentence index of each token (sentence_index) and period (B, T)
-    bool ('.' tokens), also: same_sentence (H,) hits inside the token's own sentence and
-    period_or_separator (H,) hits on '.' or [SEP] (arXiv 2512.21956 counts '.' with [SEP]).
-    """
+
+def context_argmax_torch(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
+    """context_argmax from torch's float32 scores, a cache-sized chunk of heads at a time."""
     B, H, T, _ = head_out.shape
-    n = mask.sum(1)
-    qvalid = mask & (n >= 2)[:, None]                                      # (B, T)
     # Padded keys are pushed to -1e30 inside the GEMM (one extra column: [o, 1] . [o, -1e30*pad]),
     # self-similarity by filling the diagonal: no extra pass over the (B, H, T, T) scores.
     d = head_out.shape[-1]
@@ -207,7 +206,30 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
         torch.matmul(lhs2[a:e], rhs2[a:e].transpose(-1, -2), out=sa)
         sa.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
         j[a:e] = first_argmax(sa, scratch[:e - a])
-    j = j.view(B, H, T)
+    return j.view(B, H, T)
+
+
+def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Tensor,
+                       input_ids: torch.Tensor, vocab_size: int,
+                       workspace: dict | None = None, sentence: torch.Tensor | None = None,
+                       period: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Context similarity (docs/metrics.md) for every head of one layer, one batch. head_out: (B, H, T, d_h), the head's
+    output O before the output projection; S = O O^T (raw scalar products, arXiv 2512.21956).
+
+    For every real token i of a sequence with >= 2 real tokens: j = argmax over real j != i of
+    S[i, j] (ties to the smaller j). Returns sums over the batch:
+      rows (H,) number of such tokens; distance (H,) sum of |i - j|; separator (H,) hits on
+      [SEP]; repeated (H,) hits on another occurrence of the token's own id; distance_hist (H, T) counts of |i - j|; focus_counts (H, vocab_size): per sequence
+      the focus token (the column j with the most hits, ties to the smaller position) counted by
+      its token id.
+    With sentence (B, T) int64 sentence index of each token (sentence_index) and period (B, T)
+    bool ('.' tokens), also: same_sentence (H,) hits inside the token's own sentence and
+    period_or_separator (H,) hits on '.' or [SEP] (arXiv 2512.21956 counts '.' with [SEP]).
+    """
+    B, H, T, _ = head_out.shape
+    n = mask.sum(1)
+    qvalid = mask & (n >= 2)[:, None]                                      # (B, T)
+    j = context_argmax(head_out, mask, workspace)
     w = qvalid[:, None, :].expand(B, H, T)
     pos = torch.arange(T, device=mask.device)
     dist = (j - pos).abs()
