@@ -11,10 +11,14 @@ so that numba compilation is left out for all alike:
   umap-learn     umap.UMAP(n_neighbors, metric="cosine", random_state=seed).fit_transform
   tsne-embgeom   embgeom.project(method="tsne"): exact graph, k = min(N - 1, 3 * perplexity)
   tsne-openTSNE  openTSNE.TSNE(perplexity, metric="cosine", random_state=seed).fit
-Quoted: ours / theirs (targets: UMAP <= 0.5, t-SNE <= 0.75), peak RSS (<= 2 GB), and the recall of
+Quoted: ours / theirs (targets: UMAP <= 0.5, t-SNE <= 0.75), peak RSS (<= 2 GB), the recall of
 their neighbour graph against the exact one (rebuilt with their method and seed: umap's
-nearest_neighbors, openTSNE's Annoy index). Before timing, 500 rows of the exact graph are
-checked against a numpy brute force.
+nearest_neighbors, openTSNE's Annoy index), and each layout's quality, computed after the timed
+runs on 5,000 rows drawn once (seed 0) for all: trustworthiness at 15 neighbours (scikit-learn;
+cosine in the original space) and the silhouette of the token classes (special, "##" piece,
+number, word, other) in the layout, beside the same classes' silhouette in the original space
+(cosine, float64). Before timing, 500 rows of the exact graph are checked against a numpy brute
+force.
 keep: `embgeom text CORPUS` with and without `--keep cls` on a synthetic corpus, alternating;
 quoted: the median per-round ratio - 1 (target <= 10 %).
 --record appends rows to benchmarks/results/projection.csv (run it on a quiet machine).
@@ -47,29 +51,62 @@ def word_embeddings(n: int) -> np.ndarray:
     return np.ascontiguousarray(x[:n] if n else x)
 
 
+def token_classes(n: int) -> np.ndarray:
+    """A class per vocabulary row: special ([...]), "##" piece, number, word (letters), other."""
+    from embgeom import load_model
+
+    _, tokenizer = load_model(None)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+
+    def kind(t: str) -> str:
+        if t.startswith("[") and t.endswith("]"):
+            return "special"
+        if t.startswith("##"):
+            return "piece"
+        if t.isdigit():
+            return "number"
+        return "word" if t.isalpha() else "other"
+
+    return np.array([kind(t) for t in tokens])
+
+
+QUALITY_ROWS = 5000
+
+
+def quality(x: np.ndarray, emb: np.ndarray, rows: np.ndarray, classes: np.ndarray) -> dict:
+    """Trustworthiness (15 neighbours) and the token classes' silhouette of a layout, on `rows`."""
+    from sklearn.manifold import trustworthiness
+
+    from embgeom.analysis.clouds.geometry import silhouette
+
+    xs, es = x[rows].astype(np.float64), emb[rows].astype(np.float64)
+    return {"trustworthiness": float(trustworthiness(xs, es, n_neighbors=15, metric="cosine")),
+            "silhouette": silhouette(es, classes[rows], "euclidean")}
+
+
 def run_one(provider: str, x: np.ndarray, args) -> dict:
-    """Time one provider on x; returns seconds, knn_seconds and the graph it used (or None)."""
+    """Time one provider on x; returns seconds, knn_seconds and the layout ("embedding")."""
     import embgeom
 
     threads = os.cpu_count() or 1
     if provider == "umap-embgeom":
         p = embgeom.project(x, method="umap", k=args.k - 1, seed=args.seed)
-        return {"seconds": p.seconds, "knn_seconds": p.knn_seconds}
+        return {"seconds": p.seconds, "knn_seconds": p.knn_seconds, "embedding": p.embedding}
     if provider == "tsne-embgeom":
         p = embgeom.project(x, method="tsne", perplexity=args.perplexity, seed=args.seed, n_jobs=threads)
-        return {"seconds": p.seconds, "knn_seconds": p.knn_seconds}
+        return {"seconds": p.seconds, "knn_seconds": p.knn_seconds, "embedding": p.embedding}
     start = time.perf_counter()
     if provider == "umap-learn":
         import umap
 
-        umap.UMAP(n_neighbors=args.k, metric="cosine", random_state=args.seed).fit_transform(x)
+        emb = umap.UMAP(n_neighbors=args.k, metric="cosine", random_state=args.seed).fit_transform(x)
     elif provider == "tsne-openTSNE":
         from openTSNE import TSNE
 
-        TSNE(perplexity=args.perplexity, metric="cosine", random_state=args.seed, n_jobs=threads).fit(x)
+        emb = TSNE(perplexity=args.perplexity, metric="cosine", random_state=args.seed, n_jobs=threads).fit(x)
     else:
         raise ValueError(provider)
-    return {"seconds": time.perf_counter() - start, "knn_seconds": None}
+    return {"seconds": time.perf_counter() - start, "knn_seconds": None, "embedding": np.asarray(emb)}
 
 
 def their_graph(provider: str, x: np.ndarray, args) -> np.ndarray:
@@ -97,6 +134,7 @@ def child(args) -> None:
     run_one(args.provider, x[:300], args)              # warm-up: numba / pynndescent compilation
     out = run_one(args.provider, x, args)
     out["peak_mb"] = peak_rss_mb()
+    np.save(args.save, np.asarray(out.pop("embedding"), dtype=np.float32))
     if args.provider in ("umap-learn", "tsne-openTSNE"):
         theirs = their_graph(args.provider, x, args)
         exact, _, _ = exact_knn(x, theirs.shape[1])
@@ -123,9 +161,11 @@ def projection(args) -> None:
     x = word_embeddings(args.n)
     check_exact(x, min(x.shape[0] - 1, int(3 * args.perplexity)))
     results = {}
+    layouts = tempfile.mkdtemp()
     for provider in args.providers:
         cmd = [sys.executable, os.path.abspath(__file__), "child", "--provider", provider, "--n", str(args.n),
-               "--k", str(args.k), "--perplexity", str(args.perplexity), "--seed", str(args.seed)]
+               "--k", str(args.k), "--perplexity", str(args.perplexity), "--seed", str(args.seed),
+               "--save", os.path.join(layouts, provider + ".npy")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -136,6 +176,16 @@ def projection(args) -> None:
         rec = f", recall of its graph {r['recall']:.4f}" if "recall" in r else ""
         print(f"{provider:14s} {r['seconds']:8.1f} s{extra}, peak {r['peak_mb']:.0f} MB{rec}", flush=True)
     n, d = results[args.providers[0]]["n"], results[args.providers[0]]["d"]
+    # quality after every timed run: one sample of rows for all layouts
+    rows = np.sort(np.random.default_rng(0).choice(n, size=min(QUALITY_ROWS, n), replace=False))
+    classes = token_classes(n)
+    from embgeom.analysis.clouds.geometry import silhouette
+
+    original = silhouette(x[rows], classes[rows], "cosine")
+    print(f"quality on {len(rows)} rows (token classes' silhouette in the original space, cosine: {original:.4f})")
+    for provider, r in results.items():
+        r.update(quality(x, np.load(os.path.join(layouts, provider + ".npy")), rows, classes))
+        print(f"  {provider:14s} trustworthiness(15) {r['trustworthiness']:.4f}, silhouette {r['silhouette']:.4f}")
     for method, ours, theirs, target in (("umap", "umap-embgeom", "umap-learn", 0.5),
                                          ("tsne", "tsne-embgeom", "tsne-openTSNE", 0.75)):
         if ours in results and theirs in results:
@@ -144,9 +194,13 @@ def projection(args) -> None:
     if args.record:
         common = dict(n=n, d=d, dtype="float32", device="cpu", threads=os.cpu_count(), versions=versions(),
                       git_sha=git_sha(), date=today())
+        common.pop("versions")
         append_rows("projection.csv", [dict(metric=f"project_{p.split('-')[0]}", provider=p,
                                             median_ms=round(r["seconds"] * 1e3, 1), peak_mb=round(r["peak_mb"], 1),
-                                            m=round(r.get("recall", 1.0), 5), **common)
+                                            m=round(r.get("recall", 1.0), 5),
+                                            versions=versions() + f" trustworthiness15={r['trustworthiness']:.4f}"
+                                            f" silhouette={r['silhouette']:.4f} silhouette_original={original:.4f}"
+                                            f" quality_rows={len(rows)}", **common)
                                        for p, r in results.items()])
 
 
@@ -190,6 +244,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--provider", choices=PROVIDERS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
     p.add_argument("--lines", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
