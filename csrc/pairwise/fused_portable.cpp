@@ -107,7 +107,9 @@ void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int
   if (listed && outside_list_open(c, i)) list_outside(A, c, i, ii, jj, j0, listed, v, deferred);
 }
 
-template <int W>
+// kLean: no histogram, near list, outside counts or l2 (row and global lists and moments only,
+// as a search or a row top-k run): compiled out, which frees registers the flags kept in memory
+template <int W, bool kLean>
 __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, PairwiseEngine::ThreadCtx& c,
                                                       float* C, int64_t ldc, int64_t r0, int64_t nr,
                                                       int64_t c0, int64_t nc, double* tsum,
@@ -123,7 +125,8 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
   const float M = A.M;
   double s = 0.0, s2 = 0.0;                                       // tails
   f64h s_lo = {}, s_hi = {}, q_lo = {}, q_hi = {};  // blocks, per lane
-  int64_t* hist = A.do_hist ? c.hist.data() : nullptr;
+  const bool do_near = !kLean && A.do_near, do_out = !kLean && A.do_out, l2 = !kLean && A.metric == 2;
+  int64_t* hist = !kLean && A.do_hist ? c.hist.data() : nullptr;
   alignas(32) int32_t slot_buf[2][W];  // histogram slots of this block and the previous one
   int32_t* slot = slot_buf[0];
   int32_t* prev = slot_buf[1];
@@ -139,7 +142,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
   const f32 oa_lo = splat<f32>(A.oa - M), ob_hi = splat<f32>(A.ob + M);
   const f32 oa_hi = splat<f32>(A.oa + M), ob_lo = splat<f32>(A.ob - M);
   const i32 none = {};
-  const bool maybe_out = A.do_out && A.fast;
+  const bool maybe_out = do_out && A.fast;
   int32_t* colcnt = c.colcnt.data();
   // fast mode outside cold tiles: thresholds stay as at tile start (a superset of the
   // candidates), which are then rescored in one interleaved batch
@@ -172,10 +175,10 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
     const int64_t i = r0 + ii;
     const float* row = C + ii * ldc;
     const int64_t jb = A.diag ? i - c0 + 1 : 0;  // strictly above the diagonal
-    const float na = A.metric == 2 ? A.xn2[i] : 0.0f;
+    const float na = l2 ? A.xn2[i] : 0.0f;
     int64_t orow = 0;
     i32 orow_v = {};  // sure outside values of the row's blocks, per lane
-    const bool list_out = A.do_out && outside_list_open(c, i);
+    const bool list_out = do_out && outside_list_open(c, i);
     int64_t jj = jb;
     for (; jj + W <= nc; jj += W) {
       const int64_t j0 = c0 + jj;
@@ -183,7 +186,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
       if (A.metric == 0) {
         v = select(v < mone, mone, v);
         v = select(v > one, one, v);
-      } else if (A.metric == 2) {
+      } else if (l2) {
         const float* src = row + jj;
         const float* nb = A.yn2 + j0;
         alignas(32) float dist[W];
@@ -216,7 +219,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
         std::swap(slot, prev);
       }
       i32 fl = ((v >= t_hi) | (v <= t_lo)) & int32_t(kG);
-      if (A.do_near) {
+      if (do_near) {
         const f64h a_lo = d_lo - nearv, a_hi = d_hi - nearv;
         const i64h n_lo = select(a_lo < zero, -a_lo, a_lo) <= t_near;
         const i64h n_hi = select(a_hi < zero, -a_hi, a_hi) <= t_near;
@@ -227,7 +230,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
       if (col_top) fl |= (v >= load<f32>(rthr_top + j0) - vM) & int32_t(kCt);
       if (rthr_bot) fl |= (v <= splat<f32>(rthr_bot[i] + M)) & int32_t(kRb);
       if (col_bot) fl |= (v <= load<f32>(rthr_bot + j0) + vM) & int32_t(kCb);
-      if (A.do_out) {
+      if (do_out) {
         // counted here (a mask lane is -1); flagged only for the list
         const i32 sure = (v < oa_lo) | (v > ob_hi);
         orow_v -= sure;
@@ -248,7 +251,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
     }
     for (; jj < nc; ++jj) pair_one(A, c, i, c0 + jj, jj, row[jj], s, s2, orow);
     orow += sum(orow_v);
-    if (A.do_out) {
+    if (do_out) {
       c.out_count += orow;
       c.out_rows[i] += orow;
     }
@@ -261,17 +264,25 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
   *tsumsq = s2 + sum(q_lo + q_hi);
 }
 
+bool lean(const FusedArgs& A) { return !A.do_hist && !A.do_near && !A.do_out && A.metric != 2; }
+
 }  // namespace
 
 void fused_tile_generic(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C, int64_t ldc,
                         int64_t r0, int64_t nr, int64_t c0, int64_t nc, double* tsum, double* tsumsq) {
-  fused_body<4>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
+  if (lean(A))
+    fused_body<4, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
+  else
+    fused_body<4, false>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
 }
 
 EMBGEOM_AVX2 void fused_tile_avx2(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C,
                                   int64_t ldc, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                                   double* tsum, double* tsumsq) {
-  fused_body<8>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
+  if (lean(A))
+    fused_body<8, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
+  else
+    fused_body<8, false>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
 }
 
 void rescore_candidates(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t r0, int64_t c0) {
