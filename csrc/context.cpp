@@ -9,6 +9,10 @@
 #include "cpu/isa.h"
 #include "cpu/simd.h"
 
+#if EMBGEOM_X86
+#include <immintrin.h>
+#endif
+
 namespace embgeom {
 namespace {
 
@@ -40,32 +44,51 @@ __attribute__((always_inline)) inline void scores_body(const float* const* q, co
   }
 }
 
-using ScoresFn = void (*)(const float* const*, const float*, int64_t, int64_t, float*);
-
 void scores_generic(const float* const* q, const float* kt, int64_t n, int64_t d, float* acc) {
   scores_body<4>(q, kt, n, d, acc);
 }
 
 #if EMBGEOM_X86
-EMBGEOM_AVX2 void scores_avx2(const float* const* q, const float* kt, int64_t n, int64_t d, float* acc) {
-  scores_body<8>(q, kt, n, d, acc);
-}
-#endif
-
-ScoresFn pick_scores(const char** name) {
-#if EMBGEOM_X86
-  if (isa_level() >= Isa::avx2) {
-    *name = "portable-avx2";
-    return scores_avx2;
+// The AVX2 block in intrinsics: each query value one vbroadcastss from memory (the vector types'
+// splat compiled to an add and a broadcast, or to lane inserts)
+EMBGEOM_AVX2 void scores_avx2(const float* const* q, const float* kt, int64_t ldk, int64_t d, float* acc) {
+  static_assert(kRows == 4 && kCols == 16, "the register block below is 4 x 16");
+  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+  for (int64_t c0 = 0; c0 < ldk; c0 += kCols) {
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
+    __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+    const float* col = kt + c0;
+    for (int64_t k = 0; k < d; ++k, col += ldk) {
+      const __m256 k0 = _mm256_loadu_ps(col), k1 = _mm256_loadu_ps(col + 8);
+      __m256 x = _mm256_broadcast_ss(q0 + k);
+      a00 = _mm256_fmadd_ps(x, k0, a00);
+      a01 = _mm256_fmadd_ps(x, k1, a01);
+      x = _mm256_broadcast_ss(q1 + k);
+      a10 = _mm256_fmadd_ps(x, k0, a10);
+      a11 = _mm256_fmadd_ps(x, k1, a11);
+      x = _mm256_broadcast_ss(q2 + k);
+      a20 = _mm256_fmadd_ps(x, k0, a20);
+      a21 = _mm256_fmadd_ps(x, k1, a21);
+      x = _mm256_broadcast_ss(q3 + k);
+      a30 = _mm256_fmadd_ps(x, k0, a30);
+      a31 = _mm256_fmadd_ps(x, k1, a31);
+    }
+    float* out = acc + c0;
+    _mm256_storeu_ps(out, a00);
+    _mm256_storeu_ps(out + 8, a01);
+    _mm256_storeu_ps(out + ldk, a10);
+    _mm256_storeu_ps(out + ldk + 8, a11);
+    _mm256_storeu_ps(out + 2 * ldk, a20);
+    _mm256_storeu_ps(out + 2 * ldk + 8, a21);
+    _mm256_storeu_ps(out + 3 * ldk, a30);
+    _mm256_storeu_ps(out + 3 * ldk + 8, a31);
   }
-#endif
-  *name = EMBGEOM_NEON ? "portable-neon" : "portable-generic";
-  return scores_generic;
 }
+#endif
 
 // max of s[0, n), n a multiple of kCols: kCols running maxima (a select the compiler vectorises;
 // one running maximum is a chain of dependent compares)
-float block_max(const float* s, int64_t n) {
+float max_generic(const float* s, int64_t n) {
   float m[kCols];
   for (int l = 0; l < kCols; ++l) m[l] = s[l];
   for (int64_t c = kCols; c < n; c += kCols)
@@ -73,6 +96,62 @@ float block_max(const float* s, int64_t n) {
   float top = m[0];
   for (int l = 1; l < kCols; ++l) top = m[l] > top ? m[l] : top;
   return top;
+}
+
+// the columns c of s[0, n) (n a multiple of kCols) with s[c] >= reach, ascending, into cand:
+// kCols keys tested at once (a reduction the compiler vectorises), key by key only in the few
+// blocks with one
+int64_t hits_generic(const float* s, int64_t n, float reach, int32_t* cand) {
+  int64_t nc = 0;
+  for (int64_t c0 = 0; c0 < n; c0 += kCols) {
+    bool hit = false;
+    for (int l = 0; l < kCols; ++l) hit |= s[c0 + l] >= reach;
+    if (__builtin_expect(hit, 0))
+      for (int l = 0; l < kCols; ++l)
+        if (s[c0 + l] >= reach) cand[nc++] = static_cast<int32_t>(c0 + l);
+  }
+  return nc;
+}
+
+#if EMBGEOM_X86
+EMBGEOM_AVX2 float max_avx2(const float* s, int64_t n) {
+  __m256 m0 = _mm256_loadu_ps(s), m1 = _mm256_loadu_ps(s + 8);
+  for (int64_t c = kCols; c < n; c += kCols) {
+    // (x, m): a NaN x leaves m, as the generic select does
+    m0 = _mm256_max_ps(_mm256_loadu_ps(s + c), m0);
+    m1 = _mm256_max_ps(_mm256_loadu_ps(s + c + 8), m1);
+  }
+  m0 = _mm256_max_ps(m0, m1);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+  return _mm_cvtss_f32(h);
+}
+
+EMBGEOM_AVX2 int64_t hits_avx2(const float* s, int64_t n, float reach, int32_t* cand) {
+  const __m256 r = _mm256_set1_ps(reach);
+  int64_t nc = 0;
+  for (int64_t c = 0; c < n; c += 8) {
+    unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + c), r, _CMP_GE_OQ)));
+    for (; m; m &= m - 1) cand[nc++] = static_cast<int32_t>(c + __builtin_ctz(m));
+  }
+  return nc;
+}
+#endif
+
+// one vector level's kernels
+struct Kernels {
+  void (*scores)(const float* const*, const float*, int64_t, int64_t, float*);
+  float (*row_max)(const float*, int64_t);
+  int64_t (*hits)(const float*, int64_t, float, int32_t*);
+  const char* name;
+};
+
+Kernels pick_kernels() {
+#if EMBGEOM_X86
+  if (isa_level() >= Isa::avx2) return {scores_avx2, max_avx2, hits_avx2, "avx2"};
+#endif
+  return {scores_generic, max_generic, hits_generic, EMBGEOM_NEON ? "portable-neon" : "portable-generic"};
 }
 
 // float64 dot product of float32 rows, four partial sums (a single sum waits on each add)
@@ -88,16 +167,13 @@ double dot64(const float* a, const float* b, int64_t d) {
 }  // namespace
 
 const char* context_argmax_path() {
-  const char* name = "";
-  pick_scores(&name);
-  return name;
+  return pick_kernels().name;
 }
 
 void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, int64_t sb, int64_t sh,
                     int64_t st, const uint8_t* mask, int64_t* out) {
   EMBGEOM_CHECK(B >= 0 && H >= 0 && T >= 0 && d >= 0, "context_argmax: bad shape");
-  const char* name = "";
-  const ScoresFn scores = pick_scores(&name);
+  const Kernels K = pick_kernels();
   // |fl(a . b) - a . b| <= gamma_d |a| |b| for a float32 dot product of length d (any order)
   const double u = std::ldexp(1.0, -24);
   const double gamma = double(d) * u / (1.0 - double(d) * u);
@@ -133,21 +209,23 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
         for (int64_t c0 = 0; c0 < n; c0 += kRows) {
           const float* q[kRows];
           for (int r = 0; r < kRows; ++r) q[r] = ob + pos[std::min(n - 1, c0 + r)] * st;
-          scores(q, kt.data(), ldk, d, acc.data());
+          K.scores(q, kt.data(), ldk, d, acc.data());
           for (int r = 0; r < kRows && c0 + r < n; ++r) {
             const int64_t self = c0 + r;
             float* s = acc.data() + r * ldk;
             s[self] = -std::numeric_limits<float>::infinity();
             for (int64_t c = n; c < ldk; ++c) s[c] = -std::numeric_limits<float>::infinity();
-            const float top = block_max(s, ldk);
+            const float top = K.row_max(s, ldk);
             // keys whose exact product may reach the row's maximum (a float bound rounded
             // down), then rescored in float64
             const double reach = double(top) - 2.02 * gamma * qnorm[self] * kmax;
             float reach_f = static_cast<float>(reach);
             if (double(reach_f) > reach) reach_f = std::nextafter(reach_f, -std::numeric_limits<float>::infinity());
-            int64_t nc = 0;
-            for (int64_t c = 0; c < ldk; ++c)
-              if (s[c] >= reach_f) cand[nc++] = static_cast<int32_t>(c);  // rare: predicted
+            const int64_t nc = K.hits(s, ldk, reach_f, cand.data());
+            if (nc <= 1) {  // the maximum alone needs no rescoring (none: NaN scores, no answer)
+              if (nc == 1) dst[pos[self]] = pos[cand[0]];
+              continue;
+            }
             int64_t best = -1;
             double best_v = -std::numeric_limits<double>::infinity();
             for (int64_t t = 0; t < nc; ++t) {

@@ -174,11 +174,16 @@ def test_context_similarity_in_chunks_of_heads_equals_one_block(monkeypatch):
 
 
 @pytest.mark.parametrize("T,d", [(1, 4), (2, 3), (9, 4), (37, 64), (130, 32)])
-def test_context_argmax_kernel_is_the_float64_argmax(T, d):
-    """The C++ kernel (CPU float32) against float64 brute force: padding, a one-token text,
-    duplicate rows (exact ties: the smaller position), and near-ties closer than float32 can
-    tell apart (keys differing by 1e-9 relative), where only the float64 rescoring decides."""
+def test_context_argmax_kernel_is_the_float64_argmax(T, d, cpu_cap):
+    """The C++ kernel (CPU float32, every vector level) against float64 brute force: padding, a
+    one-token text, duplicate rows (exact ties: the smaller position), and near-ties closer than
+    float32 can tell apart (keys differing by 1e-9 relative), where only the float64 rescoring
+    decides. Strided head outputs, as the hooks hand them over."""
     from embgeom.analysis.text import attention
+
+    _C = pytest.importorskip("embgeom._C")
+    want_path = "avx2" if cpu_cap in ("avx2", "avx512") else "portable"
+    assert _C.cpu_info()["context_argmax"].startswith(want_path)
 
     g = torch.Generator().manual_seed(T * 100 + d)
     B, H = 4, 3
@@ -194,6 +199,8 @@ def test_context_argmax_kernel_is_the_float64_argmax(T, d):
             o[3, h, 0] = (base[h] * 1.0000001).float()
     got = attention.context_argmax(o, mask)
     want = _argmax64(o, mask)
+    strided = o.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, d) memory, as the hooks'
+    assert torch.equal(attention.context_argmax(strided, mask), got)
     bad = [(k, int(got[k]), j) for k, j in want.items() if int(got[k]) != j]
     assert not bad, bad[:5]
     if T >= 9:  # the padded / one-token rows point at themselves
