@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "check.h"
 
@@ -18,13 +19,13 @@ namespace {
 // -sum v ln v over the row's valid keys, v = keep * p + uniform, accumulated in float64; terms
 // with v below FLT_MIN (at most 1e-36 each) count as 0 ln 0 = 0. The AVX-512 path computes ln
 // with getexp/getmant and Cephes' logf polynomial (relative error ~1e-7), 16 keys at a time:
-// std::log per element made this kernel the largest cost of `embgeom text`. The portable path
-// computes the same polynomial from the float's bits over blocks of 16 keys, plain loops the
-// compiler vectorises per target (baseline SSE2/NEON, AVX2+FMA).
-double row_entropy_scalar(const float* row, const uint8_t* mask, int64_t T, float keep, float uniform) {
+// std::log per element made this kernel the largest cost of `embgeom text`. The AVX2 path takes
+// the same polynomial from the float's bits in intrinsics, 8 keys at a time; the portable path
+// (SSE2, NEON) in plain loops over blocks of 16 keys that the compiler vectorises.
+double row_entropy_scalar(const float* row, const float* weight, int64_t T, float keep, float uniform) {
   double ent = 0.0;
   for (int64_t k = 0; k < T; ++k) {
-    if (mask && !mask[k]) continue;
+    if (weight && weight[k] == 0.0f) continue;
     const double v = double(keep * row[k] + uniform);
     if (v >= double(std::numeric_limits<float>::min())) ent -= v * std::log(v);
   }
@@ -59,7 +60,7 @@ __attribute__((always_inline)) inline float log_poly(float v) {
   return e * 0.693359375f + (x + y);
 }
 
-__attribute__((always_inline)) inline double row_entropy_body(const float* row, const uint8_t* mask,
+__attribute__((always_inline)) inline double row_entropy_body(const float* row, const float* mask_weight,
                                                               int64_t T, float keep, float uniform) {
   constexpr int W = 16;
   const float tiny = std::numeric_limits<float>::min();
@@ -69,8 +70,8 @@ __attribute__((always_inline)) inline double row_entropy_body(const float* row, 
     // branch-free so the compiler vectorises it: masked keys and terms below FLT_MIN get a
     // weight 0 (their ln is taken of 1)
     float weight[W], term[W];
-    if (mask) {
-      for (int l = 0; l < W; ++l) weight[l] = mask[k + l] ? 1.0f : 0.0f;
+    if (mask_weight) {
+      for (int l = 0; l < W; ++l) weight[l] = mask_weight[k + l];
     } else {
       for (int l = 0; l < W; ++l) weight[l] = 1.0f;
     }
@@ -84,21 +85,70 @@ __attribute__((always_inline)) inline double row_entropy_body(const float* row, 
   double ent = 0.0;
   for (int l = 0; l < W; ++l) ent += acc[l];
   for (; k < T; ++k) {
-    if (mask && !mask[k]) continue;
+    if (mask_weight && mask_weight[k] == 0.0f) continue;
     const float v = keep * row[k] + uniform;
     if (v >= tiny) ent += double(v * log_poly(v));
   }
   return -ent;
 }
 
-double row_entropy_generic(const float* row, const uint8_t* mask, int64_t T, float keep, float uniform) {
-  return row_entropy_body(row, mask, T, keep, uniform);
+double row_entropy_generic(const float* row, const float* weight, int64_t T, float keep, float uniform) {
+  return row_entropy_body(row, weight, T, keep, uniform);
 }
 
 #if EMBGEOM_X86  // off x86 the portable body is the NEON path
-EMBGEOM_AVX2 double row_entropy_avx2(const float* row, const uint8_t* mask, int64_t T, float keep,
+// ln v for normal floats v > 0, 8 lanes: the bits of log_poly, in intrinsics
+EMBGEOM_AVX2 inline __m256 log_ps_avx2(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(u, 23), _mm256_set1_epi32(127)));
+  __m256 x = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(u, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 high = _mm256_cmp_ps(x, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
+  x = _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(0.5f)), high);
+  e = _mm256_add_ps(e, _mm256_and_ps(high, one));
+  x = _mm256_sub_ps(x, one);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, x), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fmadd_ps(z, _mm256_set1_ps(-0.5f), y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(x, y));
+}
+
+// The AVX2 row in intrinsics: GCC's vectorisation of the portable body kept half of its float64
+// sums scalar and the rest on the stack (perf; about 1 ns a key on the Zen 3 host)
+EMBGEOM_AVX2 double row_entropy_avx2(const float* row, const float* weight, int64_t T, float keep,
                                      float uniform) {
-  return row_entropy_body(row, mask, T, keep, uniform);
+  const __m256 vk = _mm256_set1_ps(keep), vu = _mm256_set1_ps(uniform), one = _mm256_set1_ps(1.0f);
+  const __m256 tiny = _mm256_set1_ps(std::numeric_limits<float>::min()), zero = _mm256_setzero_ps();
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  int64_t k = 0;
+  for (; k + 8 <= T; k += 8) {
+    const __m256 v = _mm256_fmadd_ps(vk, _mm256_loadu_ps(row + k), vu);
+    __m256 use = _mm256_cmp_ps(v, tiny, _CMP_GE_OQ);
+    if (weight) use = _mm256_and_ps(use, _mm256_cmp_ps(_mm256_loadu_ps(weight + k), zero, _CMP_NEQ_UQ));
+    const __m256 term = _mm256_and_ps(use, _mm256_mul_ps(v, log_ps_avx2(_mm256_blendv_ps(one, v, use))));
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(term)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(term, 1)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+  double ent = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; k < T; ++k) {
+    if (weight && weight[k] == 0.0f) continue;
+    const float v = keep * row[k] + uniform;
+    if (v >= std::numeric_limits<float>::min()) ent += double(v * log_poly(v));
+  }
+  return -ent;
 }
 #endif
 
@@ -127,7 +177,7 @@ EMBGEOM_AVX512 inline __m512 log_ps(__m512 v) {
   return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(x, y));
 }
 
-EMBGEOM_AVX512 double row_entropy_avx512(const float* row, const uint8_t* mask, int64_t T, float keep,
+EMBGEOM_AVX512 double row_entropy_avx512(const float* row, const float* weight, int64_t T, float keep,
                                          float uniform) {
   const __m512 vk = _mm512_set1_ps(keep), vu = _mm512_set1_ps(uniform);
   const __m512 tiny = _mm512_set1_ps(std::numeric_limits<float>::min());
@@ -135,10 +185,7 @@ EMBGEOM_AVX512 double row_entropy_avx512(const float* row, const uint8_t* mask, 
   for (int64_t k = 0; k < T; k += 16) {
     const int64_t rem = T - k;
     __mmask16 m = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
-    if (mask) {
-      const __m128i bytes = _mm_maskz_loadu_epi8(m, mask + k);
-      m &= _mm512_test_epi32_mask(_mm512_cvtepu8_epi32(bytes), _mm512_cvtepu8_epi32(bytes));
-    }
+    if (weight) m &= _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(m, weight + k), _mm512_setzero_ps(), _CMP_NEQ_UQ);
     const __m512 v = _mm512_fmadd_ps(vk, _mm512_maskz_loadu_ps(m, row + k), vu);
     m &= _mm512_cmp_ps_mask(v, tiny, _CMP_GE_OQ);
     const __m512 term = _mm512_maskz_mul_ps(m, v, log_ps(_mm512_mask_blend_ps(m, _mm512_set1_ps(1.0f), v)));
@@ -150,7 +197,8 @@ EMBGEOM_AVX512 double row_entropy_avx512(const float* row, const uint8_t* mask, 
 
 #endif  // EMBGEOM_X86
 
-using RowEntropyFn = double (*)(const float*, const uint8_t*, int64_t, float, float);
+// weight: T floats, 1 for a real key and 0 for padding (nullptr: every key real)
+using RowEntropyFn = double (*)(const float*, const float*, int64_t, float, float);
 
 // EMBGEOM_SCALAR_ENTROPY=1: the scalar std::log loop (the reference the vector paths are
 // tested against)
@@ -166,7 +214,7 @@ RowEntropyFn pick_row_entropy(const char** name) {
     return row_entropy_avx512;
   }
   if (level == Isa::avx2) {
-    *name = "portable-avx2";
+    *name = "avx2";
     return row_entropy_avx2;
   }
 #endif
@@ -191,10 +239,17 @@ void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, cons
   const float nan = std::numeric_limits<float>::quiet_NaN();
   const char* name = "";
   const RowEntropyFn row_entropy = pick_row_entropy(&name);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel
+  {
+  // the key mask as float weights, made once per text: the vector loops load them (bytes turned
+  // into floats lane by lane cost more than the logarithms: perf, AVX2 Zen 3)
+  std::vector<float> weight(mask ? T : 0);
+#pragma omp for collapse(2) schedule(static)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
       const uint8_t* m = mask ? mask + b * T : nullptr;
+      if (m)
+        for (int64_t t = 0; t < T; ++t) weight[t] = m[t] ? 1.0f : 0.0f;
       int64_t n_valid = T;
       if (m) {
         n_valid = 0;
@@ -209,10 +264,11 @@ void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, cons
           continue;
         }
         const float* row = p + ((b * H + h) * T + q) * T;
-        const double ent = row_entropy(row, m, T, float(keep), float(uniform));
+        const double ent = row_entropy(row, m ? weight.data() : nullptr, T, float(keep), float(uniform));
         *dst = static_cast<float>(ent);
       }
     }
+  }
   }
 }
 
