@@ -14,6 +14,7 @@
 #include "cone_index.h"
 #include "context.h"
 #include "pair_values.h"
+#include "row_pairs.h"
 #include "cpu/blas.h"
 #include "cpu/isa.h"
 #include "numerics.h"
@@ -81,6 +82,24 @@ py::array_t<int64_t> context_argmax(const py::array_t<float>& o, const std::opti
   return out;
 }
 
+py::array_t<double> row_pair_sums(const py::array_t<float>& a, const py::array_t<float>& b) {
+  EMBGEOM_CHECK(a.ndim() == 2 && b.ndim() == 2, "a, b: expected (N, D) arrays, got " << a.ndim() << " and "
+                                                                                     << b.ndim() << " dims");
+  const int64_t N = a.shape(0), D = a.shape(1);
+  EMBGEOM_CHECK(b.shape(0) == N && b.shape(1) == D, "b: expected the shape of a");
+  const int64_t f = sizeof(float);
+  py::array_t<double> out({N, int64_t(4)});
+  if (N == 0) return out;  // (an empty array's strides are arbitrary)
+  EMBGEOM_CHECK((D <= 1 || (a.strides(1) == f && b.strides(1) == f)) && a.strides(0) % f == 0 &&
+                    b.strides(0) % f == 0,
+                "a, b: expected rows of contiguous floats");
+  {
+    py::gil_scoped_release release;
+    embgeom::row_pair_sums(a.data(), a.strides(0) / f, b.data(), b.strides(0) / f, N, D, out.mutable_data());
+  }
+  return out;
+}
+
 int max_threads() {
 #ifdef EMBGEOM_OPENMP
   return omp_get_max_threads();
@@ -143,6 +162,7 @@ py::dict cpu_info() {
   }
   d["entropy"] = std::string(embgeom::attention_entropy_path());
   d["context_argmax"] = std::string(embgeom::context_argmax_path());
+  d["row_pair_sums"] = std::string(embgeom::row_pair_sums_path());
   d["cone_index"] = std::string(embgeom::cone_index_path());
   return d;
 }
@@ -157,6 +177,8 @@ PYBIND11_MODULE(_C, m) {
         "(sums (B, D) float64, used (B,) int64, zero_rows (B,) int64)");
   m.def("context_argmax", &context_argmax, py::arg("head_out"), py::arg("mask") = py::none(),
         "Context similarity's argmax: head_out (B, H, T, d) float32, mask (B, T) uint8 -> (B, H, T) int64");
+  m.def("row_pair_sums", &row_pair_sums, py::arg("a"), py::arg("b"),
+        "Float64 row sums of two (N, D) float32 arrays -> (N, 4): |a|^2, |b|^2, |a - b|^2, a . b");
   m.def("attention_row_entropy", &attention_row_entropy, py::arg("attn"),
         py::arg("mask") = py::none(), py::arg("smoothing") = 0.0,
         "Row entropy in nats: attn (B, H, T, T) float32, mask (B, T) uint8 -> (B, H, T) float32");

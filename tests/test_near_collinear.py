@@ -14,6 +14,7 @@ from embgeom.analysis.clouds import geometry, projection
 from embgeom.analysis.text.trace import Batch, TraceAccumulator
 from embgeom.analysis.vocab import sections
 from embgeom.cli import main
+from helpers import CPU_CAPS
 
 TIGHT = 1e-9
 
@@ -153,20 +154,46 @@ def test_text_trajectories_vs_float64(tmp_path):
     np.testing.assert_allclose(1 - np.asarray(summary["step_cosine_mean"]), 1 - cos.mean(0), rtol=1e-8)
     np.testing.assert_allclose(summary["norm_mean"], nrm.mean(0), rtol=1e-12)
 
-    # the corpus-level `evolution` of `embgeom text` on the same states as one batch of 2 texts
+    # the corpus-level `evolution` of `embgeom text` on the same states as one batch of 2 texts:
+    # the C++ kernel at every vector level, and torch's float64 path (GPU, other dtypes)
+    from embgeom.analysis.text import trace as trace_mod
+
     hs = tuple(torch.from_numpy(states[:, l].reshape(2, 5, 32).copy()) for l in range(4))
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 4] = False
     none = torch.zeros(2, 5, dtype=torch.bool)
     b = Batch(input_ids=torch.zeros(2, 5, dtype=torch.long), mask=mask, cls=none, sep=none, punct=none,
               hidden_states=hs, attentions=(), head_outputs=(), multihead_outputs=(), truncated=0)
-    acc = TraceAccumulator(3, 1, 8, 4, "cpu", metrics=("evolution",))
-    acc.update(b)
-    r = acc.result()
     keep = mask.reshape(-1).numpy()
-    np.testing.assert_allclose(1 - r.step_cosine.numpy(), 1 - cos[keep].mean(0), rtol=1e-8)
-    np.testing.assert_allclose(r.step_distance.numpy(), step[keep].mean(0), rtol=1e-12)
-    np.testing.assert_allclose(r.norm.numpy(), nrm[keep].mean(0), rtol=1e-12)
+    paths = [("cpp", cap) for cap in CPU_CAPS] + [("torch", None)]
+    for path, cap in paths:
+        with pytest.MonkeyPatch.context() as mp:
+            if path == "torch":
+                mp.setattr(trace_mod.registry, "cpp", lambda: None)
+            else:
+                mp.setenv("EMBGEOM_CPU", cap)
+            acc = TraceAccumulator(3, 1, 8, 4, "cpu", metrics=("evolution",))
+            acc.update(b)
+            r = acc.result()
+        np.testing.assert_allclose(1 - r.step_cosine.numpy(), 1 - cos[keep].mean(0), rtol=1e-8, err_msg=path)
+        np.testing.assert_allclose(r.step_distance.numpy(), step[keep].mean(0), rtol=1e-12, err_msg=path)
+        np.testing.assert_allclose(r.norm.numpy(), nrm[keep].mean(0), rtol=1e-12, err_msg=path)
+
+
+@pytest.mark.parametrize("N,D", [(0, 5), (1, 1), (7, 37), (33, 384)])
+def test_row_pair_sums_kernel_vs_float64(N, D, cpu_cap):
+    """The evolution kernel against numpy float64 on near-equal rows (steps of 1e-6 relative),
+    tails of every length, strided rows."""
+    from embgeom.analysis.text.trace import step_sums
+
+    rng = np.random.default_rng(N * 1000 + D)
+    a = rng.standard_normal((2, N + 3, D)).astype(np.float32)[:, :N]      # rows of a wider buffer
+    b = (a + 1e-6 * rng.standard_normal(a.shape)).astype(np.float32)
+    got = [t.numpy() for t in step_sums(torch.from_numpy(a), torch.from_numpy(b))]
+    A, B_ = a.astype(np.float64), b.astype(np.float64)
+    want = [(A * A).sum(-1), (B_ * B_).sum(-1), ((B_ - A) ** 2).sum(-1), (A * B_).sum(-1)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-300)
 
 
 def _pca_np(x):

@@ -627,23 +627,15 @@ class TraceAccumulator:
                     s["ctx_period"][l] += c["period_or_separator"]
         s["hme_n"] += B
         if "evolution" in self.metrics:
-            # float64: a token's states at adjacent depths can be nearly collinear (1 - cos down to
-            # 1e-6), where a float32 dot product keeps one or two digits of 1 - cos
             m = mask.double()
-            prev = b.hidden_states[0].double()
-            norm_prev = torch.linalg.vector_norm(prev, dim=-1)                     # (B, T)
-            s["norm"][0] += (norm_prev * m).sum()
             for l in range(L):
-                cur = b.hidden_states[l + 1].double()
-                norm_cur = torch.linalg.vector_norm(cur, dim=-1)
+                sq_prev, sq_cur, step_sq, dot = step_sums(b.hidden_states[l], b.hidden_states[l + 1])
+                norm_prev, norm_cur = sq_prev.sqrt(), sq_cur.sqrt()
+                if l == 0:
+                    s["norm"][0] += (norm_prev * m).sum()
                 s["norm"][l + 1] += (norm_cur * m).sum()
-                # row dot products as einsum (a batched matrix product): torch.linalg.vecdot and
-                # vector_norm of the difference took 3x longer in float64 on an AVX2 CPU
-                diff = cur - prev
-                s["step_dist"][l] += (torch.einsum("btd,btd->bt", diff, diff).sqrt() * m).sum()
-                dot = torch.einsum("btd,btd->bt", cur, prev)
+                s["step_dist"][l] += (step_sq.sqrt() * m).sum()
                 s["step_cos"][l] += (dot / (norm_prev * norm_cur).clamp(min=1e-300) * m).sum()
-                prev, norm_prev = cur, norm_cur
 
     def merge(self, other: "TraceAccumulator") -> None:
         for k, v in other.s.items():
@@ -695,6 +687,28 @@ class TraceAccumulator:
             nan_if(s["ctx_same"].double() / ctx_rows.clamp(min=1), ctx_rows),
             context_period_separator=None if self.sentence_tables is None else
             nan_if(s["ctx_period"].double() / ctx_rows.clamp(min=1), ctx_rows))
+
+
+def step_sums(prev: torch.Tensor, cur: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A token's states at adjacent depths, (B, T, D) each -> four (B, T) float64 tensors:
+    |prev|^2, |cur|^2, |cur - prev|^2 and cur . prev. Float64 throughout: the states can be nearly
+    collinear (1 - cos down to 1e-6), where float32 sums keep one or two digits of 1 - cos and of
+    the step length. On CPU float32 states the C++ kernel (one pass over both, the difference
+    taken of the float64 values); elsewhere torch in float64."""
+    C = registry.cpp()
+    if (prev.device.type == "cpu" and prev.dtype == torch.float32 and cur.dtype == torch.float32
+            and hasattr(C, "row_pair_sums")):
+        B, T, D = prev.shape
+        a, c = (x.reshape(B * T, D) for x in (prev, cur))
+        a, c = (x if x.stride(-1) == 1 else x.contiguous() for x in (a, c))
+        out = torch.from_numpy(C.row_pair_sums(a.numpy(), c.numpy())).view(B, T, 4)
+        return out[..., 0], out[..., 1], out[..., 2], out[..., 3]
+    p, q = prev.double(), cur.double()
+    diff = q - p
+    # row dot products as einsum (a batched matrix product): torch.linalg.vecdot and
+    # vector_norm of the difference took 3x longer in float64 on an AVX2 CPU
+    rows = lambda x, y: torch.einsum("btd,btd->bt", x, y)  # noqa: E731
+    return rows(p, p), rows(q, q), rows(diff, diff), rows(q, p)
 
 
 def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,

@@ -1,0 +1,98 @@
+#include "row_pairs.h"
+
+#include "check.h"
+#include "cpu/isa.h"
+
+#if EMBGEOM_X86
+#include <immintrin.h>
+#endif
+
+namespace embgeom {
+namespace {
+
+// four float64 sums of one row pair, four partial sums each (one sum waits on every add)
+void sums_generic(const float* a, const float* b, int64_t D, double* out) {
+  double aa[4] = {}, bb[4] = {}, dd[4] = {}, ab[4] = {};
+  int64_t k = 0;
+  for (; k + 4 <= D; k += 4)
+    for (int l = 0; l < 4; ++l) {
+      const double x = a[k + l], y = b[k + l], e = x - y;
+      aa[l] += x * x;
+      bb[l] += y * y;
+      dd[l] += e * e;
+      ab[l] += x * y;
+    }
+  for (; k < D; ++k) {
+    const double x = a[k], y = b[k], e = x - y;
+    aa[0] += x * x;
+    bb[0] += y * y;
+    dd[0] += e * e;
+    ab[0] += x * y;
+  }
+  const auto total = [](const double* s) { return (s[0] + s[1]) + (s[2] + s[3]); };
+  out[0] = total(aa);
+  out[1] = total(bb);
+  out[2] = total(dd);
+  out[3] = total(ab);
+}
+
+#if EMBGEOM_X86
+EMBGEOM_AVX2 inline double total_avx2(__m256d s) {
+  alignas(32) double l[4];
+  _mm256_store_pd(l, s);
+  return (l[0] + l[1]) + (l[2] + l[3]);
+}
+
+EMBGEOM_AVX2 void sums_avx2(const float* a, const float* b, int64_t D, double* out) {
+  __m256d aa = _mm256_setzero_pd(), bb = aa, dd = aa, ab = aa;
+  int64_t k = 0;
+  for (; k + 4 <= D; k += 4) {
+    const __m256d x = _mm256_cvtps_pd(_mm_loadu_ps(a + k)), y = _mm256_cvtps_pd(_mm_loadu_ps(b + k));
+    const __m256d e = _mm256_sub_pd(x, y);
+    aa = _mm256_fmadd_pd(x, x, aa);
+    bb = _mm256_fmadd_pd(y, y, bb);
+    dd = _mm256_fmadd_pd(e, e, dd);
+    ab = _mm256_fmadd_pd(x, y, ab);
+  }
+  double s[4] = {total_avx2(aa), total_avx2(bb), total_avx2(dd), total_avx2(ab)};
+  for (; k < D; ++k) {
+    const double x = a[k], y = b[k], e = x - y;
+    s[0] += x * x;
+    s[1] += y * y;
+    s[2] += e * e;
+    s[3] += x * y;
+  }
+  for (int q = 0; q < 4; ++q) out[q] = s[q];
+}
+#endif
+
+using SumsFn = void (*)(const float*, const float*, int64_t, double*);
+
+SumsFn pick_sums(const char** name) {
+#if EMBGEOM_X86
+  if (isa_level() >= Isa::avx2) {
+    *name = "avx2";
+    return sums_avx2;
+  }
+#endif
+  *name = EMBGEOM_NEON ? "portable-neon" : "portable-generic";
+  return sums_generic;
+}
+
+}  // namespace
+
+const char* row_pair_sums_path() {
+  const char* name = "";
+  pick_sums(&name);
+  return name;
+}
+
+void row_pair_sums(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t N, int64_t D, double* out) {
+  EMBGEOM_CHECK(N >= 0 && D >= 0, "row_pair_sums: bad shape");
+  const char* name = "";
+  const SumsFn sums = pick_sums(&name);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < N; ++r) sums(a + r * lda, b + r * ldb, D, out + 4 * r);
+}
+
+}  // namespace embgeom
