@@ -10,6 +10,15 @@
 namespace embgeom {
 namespace {
 
+// one element pair's terms added to the four sums (|a|^2, |b|^2, |a - b|^2, a . b)
+inline void add_terms(double x, double y, double* s) {
+  const double e = x - y;
+  s[0] += x * x;
+  s[1] += y * y;
+  s[2] += e * e;
+  s[3] += x * y;
+}
+
 // four float64 sums of one row pair, four partial sums each (one sum waits on every add)
 void sums_generic(const float* a, const float* b, int64_t D, double* out) {
   double aa[4] = {}, bb[4] = {}, dd[4] = {}, ab[4] = {};
@@ -22,18 +31,12 @@ void sums_generic(const float* a, const float* b, int64_t D, double* out) {
       dd[l] += e * e;
       ab[l] += x * y;
     }
-  for (; k < D; ++k) {
-    const double x = a[k], y = b[k], e = x - y;
-    aa[0] += x * x;
-    bb[0] += y * y;
-    dd[0] += e * e;
-    ab[0] += x * y;
-  }
   const auto total = [](const double* s) { return (s[0] + s[1]) + (s[2] + s[3]); };
   out[0] = total(aa);
   out[1] = total(bb);
   out[2] = total(dd);
   out[3] = total(ab);
+  for (; k < D; ++k) add_terms(a[k], b[k], out);
 }
 
 #if EMBGEOM_X86
@@ -54,15 +57,11 @@ EMBGEOM_AVX2 void sums_avx2(const float* a, const float* b, int64_t D, double* o
     dd = _mm256_fmadd_pd(e, e, dd);
     ab = _mm256_fmadd_pd(x, y, ab);
   }
-  double s[4] = {total_avx2(aa), total_avx2(bb), total_avx2(dd), total_avx2(ab)};
-  for (; k < D; ++k) {
-    const double x = a[k], y = b[k], e = x - y;
-    s[0] += x * x;
-    s[1] += y * y;
-    s[2] += e * e;
-    s[3] += x * y;
-  }
-  for (int q = 0; q < 4; ++q) out[q] = s[q];
+  out[0] = total_avx2(aa);
+  out[1] = total_avx2(bb);
+  out[2] = total_avx2(dd);
+  out[3] = total_avx2(ab);
+  for (; k < D; ++k) add_terms(a[k], b[k], out);
 }
 #endif
 
