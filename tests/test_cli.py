@@ -110,8 +110,11 @@ def test_info_runs():
     r = run_cli("info")
     assert r.returncode == 0, r.stderr
     assert "backend" in r.stdout and "cpp" in r.stdout
+    assert "text: context_argmax" in r.stdout  # every C++ text kernel's path is listed
     r = subprocess.run([sys.executable, "-m", "embgeom.info", "--json"], capture_output=True, text=True)
-    assert json.loads(r.stdout)["built"]["_C"] is True
+    info = json.loads(r.stdout)
+    assert info["built"]["_C"] is True
+    assert {"entropy", "cone_index", "context_argmax", "row_pair_sums"} <= set(info["cpu"])
 
 
 def test_checkpoint_survives_sigkill_and_resumes_identically(tmp_path):
