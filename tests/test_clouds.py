@@ -86,6 +86,26 @@ def test_projection_deterministic_and_graph_exact(method):
     assert a.silhouette["projection"] == pytest.approx(silhouette_score(a.embedding.astype(np.float64), labels), abs=1e-6)
 
 
+def test_tsne_affinities_are_the_cosine_kernel():
+    """t-SNE's conditional affinities on the exact graph: p_j|i proportional to
+    exp(-beta_i (1 - s_ij)) (openTSNE's own cosine kernel from 1,000 rows on, scikit-learn's),
+    not exp(-beta_i (1 - s_ij)^2): log p is linear in 1 - s along every row, on a near-collinear
+    cloud too (1 - s down to 1e-7, where sqrt(2 - 2 s) needs s in float64)."""
+    pytest.importorskip("openTSNE")
+    x, _ = _clusters()
+    near = x[:20] + 1e-4 * np.random.default_rng(5).standard_normal(x[:20].shape).astype(np.float32)
+    for cloud in (x, np.concatenate([near, near[:1] * np.float32(1 + 1e-7)])):
+        idx, sim, _ = projection.exact_knn(cloud, 9)
+        aff = projection.tsne_affinities(idx, sim, perplexity=3, symmetrize=False)
+        P = aff.P.toarray()
+        u = 1.0 - sim
+        for i in range(len(cloud)):
+            logp = np.log(P[i, idx[i]])
+            slope, icpt = np.polyfit(u[i], logp, 1)
+            assert slope < 0
+            np.testing.assert_allclose(logp, slope * u[i] + icpt, atol=1e-6 * (1 + abs(logp).max()))
+
+
 def test_pca_matches_sklearn():
     from sklearn.decomposition import PCA
 

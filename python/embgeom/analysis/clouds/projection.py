@@ -175,18 +175,31 @@ def umap_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, seed: int = 
         return reducer.fit_transform(x).astype(np.float32)
 
 
-def tsne_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, perplexity: float = 30.0,
-                seed: int = 0, n_jobs: int = 1, **kwargs) -> np.ndarray:
-    """openTSNE of x (N, D) on a precomputed cosine graph (idx, sim: (N, k), self excluded);
-    PCA initialisation as openTSNE's default."""
-    _require("openTSNE", "openTSNE")
-    from openTSNE import TSNE
+def tsne_affinities(idx: np.ndarray, sim: np.ndarray, *, perplexity: float = 30.0, seed: int = 0,
+                    n_jobs: int = 1, **kwargs):
+    """openTSNE's perplexity-calibrated affinities on a precomputed cosine graph (idx, sim:
+    (N, k), self excluded). The distances given are sqrt(2 - 2 s), the Euclidean distance of the
+    unit rows: openTSNE squares distances, so p_j|i is proportional to exp(-beta_i (1 - s_ij)),
+    the kernel of openTSNE's own cosine search from 1,000 rows on (Annoy's angular distance) and
+    of scikit-learn's TSNE(metric="cosine"). 1 - s (openTSNE's exact search below 1,000 rows)
+    would give exp(-beta (1 - s)^2), another kernel: on the vocabulary its layouts were less
+    trustworthy (docs/metrics.md)."""
     from openTSNE.affinity import PerplexityBasedNN
     from openTSNE.nearest_neighbors import PrecomputedNeighbors
 
-    dist = np.ascontiguousarray(np.clip(1.0 - sim, 0.0, 2.0), dtype=np.float64)
-    index = PrecomputedNeighbors(np.ascontiguousarray(idx, dtype=np.int64), dist)
-    aff = PerplexityBasedNN(knn_index=index, perplexity=perplexity, n_jobs=n_jobs, random_state=seed)
+    dist = np.sqrt(np.clip(2.0 - 2.0 * np.asarray(sim, dtype=np.float64), 0.0, 4.0))
+    index = PrecomputedNeighbors(np.ascontiguousarray(idx, dtype=np.int64), np.ascontiguousarray(dist))
+    return PerplexityBasedNN(knn_index=index, perplexity=perplexity, n_jobs=n_jobs, random_state=seed, **kwargs)
+
+
+def tsne_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, perplexity: float = 30.0,
+                seed: int = 0, n_jobs: int = 1, **kwargs) -> np.ndarray:
+    """openTSNE of x (N, D) on a precomputed cosine graph (idx, sim: (N, k), self excluded), with
+    tsne_affinities; PCA initialisation as openTSNE's default."""
+    _require("openTSNE", "openTSNE")
+    from openTSNE import TSNE
+
+    aff = tsne_affinities(idx, sim, perplexity=perplexity, seed=seed, n_jobs=n_jobs)
     emb = TSNE(perplexity=perplexity, metric="cosine", random_state=seed, n_jobs=n_jobs,
                **kwargs).fit(x, affinities=aff)
     return np.asarray(emb, dtype=np.float32)
