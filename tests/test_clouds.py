@@ -86,6 +86,22 @@ def test_projection_deterministic_and_graph_exact(method):
     assert a.silhouette["projection"] == pytest.approx(silhouette_score(a.embedding.astype(np.float64), labels), abs=1e-6)
 
 
+def test_graph_rescoring_of_float32_rows_keeps_near_collinear_digits():
+    """The graph's float64 similarities of float32 rows (_C.pair_values) against numpy's float64
+    unit rows, on a cloud whose cosine distances are ~1e-6: 1 - s to 1e-7 relative."""
+    _C = pytest.importorskip("embgeom._C")
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(48)
+    x = (base + 1e-3 * rng.standard_normal((40, 48))).astype(np.float32)
+    idx = np.array([[j for j in (np.arange(40) + i + 1) % 40][:7] for i in range(40)])
+    got = projection.rescore_pairs(_C.pair_values, x, idx)
+    u = x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    want = np.einsum("id,ikd->ik", u, u[idx])
+    assert (1 - want).max() < 1e-5
+    np.testing.assert_allclose(1 - got, 1 - want, rtol=1e-7)
+    np.testing.assert_allclose(got, projection.rescore64(x.astype(np.float64), idx), rtol=0, atol=1e-15)
+
+
 def test_tsne_affinities_are_the_cosine_kernel():
     """t-SNE's conditional affinities on the exact graph: p_j|i proportional to
     exp(-beta_i (1 - s_ij)) (openTSNE's own cosine kernel from 1,000 rows on, scikit-learn's),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from ...api import pairwise_stats
+from ...backends import registry
 from .geometry import as_matrix, as_matrix64, silhouette
 
 
@@ -46,11 +47,30 @@ def exact_knn(x, k: int, *, backend: str | None = None) -> tuple[np.ndarray, np.
     res = pairwise_stats(torch.from_numpy(xm), metric="cosine", bins=0, topk=0, bottomk=0,
                          row_topk=k, backend=backend)
     idx = res.row_topk.indices.cpu().numpy().astype(np.int64)
-    sim = rescore64(as_matrix64(x), idx)
+    x64 = as_matrix64(x)
+    pair_values = getattr(registry.cpp(), "pair_values", None)
+    if pair_values is not None and np.array_equal(xm, x64):  # float32 rows: the C++ pair sums
+        sim = rescore_pairs(pair_values, xm, idx)
+    else:
+        sim = rescore64(x64, idx)
     order = np.lexsort((idx, -sim), axis=1)
     idx, sim = np.take_along_axis(idx, order, 1), np.take_along_axis(sim, order, 1)
     seconds = time.perf_counter() - start
     return idx, sim, seconds
+
+
+def rescore_pairs(pair_values, xm: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """rescore64 for float32 rows xm (N, D): _C.pair_values' float64 sums of the exact products
+    (one fixed order), divided by the float64 norms (the same sums of each row with itself).
+    rescore64 gathers float64 copies of every listed row: 2.3-2.5 s for the vocabulary's
+    30,522 x 90 graph on the AVX2 Zen 3 host, this about 0.3 s."""
+    n, k = idx.shape
+    ids = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
+    own = np.arange(n, dtype=np.int64)
+    norm = np.sqrt(pair_values(xm, xm, own, own, False))
+    dots = pair_values(xm, xm, np.repeat(own, k), ids, False).reshape(n, k)
+    out = dots / (norm[:, None] * norm[idx])
+    return np.clip(out, -1.0, 1.0, out=out)
 
 
 def rescore64(x64: np.ndarray, idx: np.ndarray, chunk: int = 256) -> np.ndarray:
