@@ -32,6 +32,12 @@ double row_entropy_scalar(const float* row, const float* weight, int64_t T, floa
   return ent;
 }
 
+// Cephes' logf polynomial in x - 1, highest power first (every path evaluates it in this order)
+constexpr int kLogTerms = 9;
+constexpr float kLogPoly[kLogTerms] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
+                                       -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
+                                       2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+
 // ln v for normal floats v > 0: v = x 2^e with x in [sqrt(0.5), sqrt(2)), Cephes' logf.
 __attribute__((always_inline)) inline float log_poly(float v) {
   uint32_t u;
@@ -45,15 +51,8 @@ __attribute__((always_inline)) inline float log_poly(float v) {
   e = high ? e + 1.0f : e;
   x = x - 1.0f;
   const float z = x * x;
-  float y = 7.0376836292e-2f;
-  y = y * x + -1.1514610310e-1f;
-  y = y * x + 1.1676998740e-1f;
-  y = y * x + -1.2420140846e-1f;
-  y = y * x + 1.4249322787e-1f;
-  y = y * x + -1.6668057665e-1f;
-  y = y * x + 2.0000714765e-1f;
-  y = y * x + -2.4999993993e-1f;
-  y = y * x + 3.3333331174e-1f;
+  float y = kLogPoly[0];
+  for (int c = 1; c < kLogTerms; ++c) y = y * x + kLogPoly[c];
   y = y * x * z;
   y = e * -2.12194440e-4f + y;
   y = z * -0.5f + y;
@@ -109,15 +108,8 @@ EMBGEOM_AVX2 inline __m256 log_ps_avx2(__m256 v) {
   e = _mm256_add_ps(e, _mm256_and_ps(high, one));
   x = _mm256_sub_ps(x, one);
   const __m256 z = _mm256_mul_ps(x, x);
-  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.1514610310e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.1676998740e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.2420140846e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.4249322787e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-1.6668057665e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(2.0000714765e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(-2.4999993993e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(3.3333331174e-1f));
+  __m256 y = _mm256_set1_ps(kLogPoly[0]);
+  for (int c = 1; c < kLogTerms; ++c) y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(kLogPoly[c]));
   y = _mm256_mul_ps(_mm256_mul_ps(y, x), z);
   y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
   y = _mm256_fmadd_ps(z, _mm256_set1_ps(-0.5f), y);
@@ -162,15 +154,8 @@ EMBGEOM_AVX512 inline __m512 log_ps(__m512 v) {
   e = _mm512_mask_add_ps(e, high, e, _mm512_set1_ps(1.0f));
   x = _mm512_sub_ps(x, _mm512_set1_ps(1.0f));
   const __m512 z = _mm512_mul_ps(x, x);
-  __m512 y = _mm512_set1_ps(7.0376836292e-2f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.1514610310e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.1676998740e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.2420140846e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.4249322787e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-1.6668057665e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(2.0000714765e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(-2.4999993993e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(3.3333331174e-1f));
+  __m512 y = _mm512_set1_ps(kLogPoly[0]);
+  for (int c = 1; c < kLogTerms; ++c) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kLogPoly[c]));
   y = _mm512_mul_ps(_mm512_mul_ps(y, x), z);
   y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
   y = _mm512_fmadd_ps(z, _mm512_set1_ps(-0.5f), y);
