@@ -21,8 +21,9 @@ constexpr int kCols = 16;  // keys a register block holds (kt's rows are padded 
 
 // Scores of kRows query rows against the keys of kt (d rows of ldk floats, key-major, zero
 // beyond the n keys), into acc (kRows rows of ldk): a kRows x kCols block of accumulators stays
-// in registers over all d. Vectors of W lanes (cpu/simd.h): 8 inside EMBGEOM_AVX2, else 4
-// (SSE2/NEON). Plain arrays were kept in memory by GCC, each step waiting on a store.
+// in registers over all d. Vectors of W = 4 lanes (cpu/simd.h: SSE2, NEON; the AVX2 block is
+// written in intrinsics below). Plain arrays were kept in memory by GCC, each step waiting on a
+// store.
 template <int W>
 __attribute__((always_inline)) inline void scores_body(const float* const* q, const float* kt, int64_t ldk,
                                                        int64_t d, float* acc) {

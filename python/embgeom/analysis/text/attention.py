@@ -176,7 +176,7 @@ def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict |
     if head_out.device.type == "cpu" and head_out.dtype == torch.float32 and hasattr(C, "context_argmax"):
         m = mask.to(torch.uint8).contiguous().numpy()
         o = head_out if head_out.stride(-1) == 1 else head_out.contiguous()  # rows read in place
-        return torch.from_numpy(C.context_argmax(o.numpy(), m))
+        return torch.from_numpy(C.context_argmax(o.detach().numpy(), m))
     return context_argmax_torch(head_out, mask, workspace)
 
 

@@ -701,7 +701,7 @@ def step_sums(prev: torch.Tensor, cur: torch.Tensor) -> tuple[torch.Tensor, ...]
         B, T, D = prev.shape
         a, c = (x.reshape(B * T, D) for x in (prev, cur))
         a, c = (x if x.stride(-1) == 1 else x.contiguous() for x in (a, c))
-        out = torch.from_numpy(C.row_pair_sums(a.numpy(), c.numpy())).view(B, T, 4)
+        out = torch.from_numpy(C.row_pair_sums(a.detach().numpy(), c.detach().numpy())).view(B, T, 4)
         return out[..., 0], out[..., 1], out[..., 2], out[..., 3]
     p, q = prev.double(), cur.double()
     diff = q - p
