@@ -10,6 +10,7 @@
 #include <cstdlib>
 
 #include "attention.h"
+#include "attention_sums.h"
 #include "check.h"
 #include "cone_index.h"
 #include "context.h"
@@ -80,6 +81,24 @@ py::array_t<int64_t> context_argmax(const py::array_t<float>& o, const std::opti
                             out.mutable_data());
   }
   return out;
+}
+
+py::tuple attention_sums(const f32_array& p, const u8_array& mask, const u8_array& keys, const u8_array& other) {
+  EMBGEOM_CHECK(p.ndim() == 4 && p.shape(2) == p.shape(3), "attn: expected (B, H, T, T), got " << p.ndim() << " dims");
+  const int64_t B = p.shape(0), H = p.shape(1), T = p.shape(2);
+  EMBGEOM_CHECK(mask.ndim() == 2 && mask.shape(0) == B && mask.shape(1) == T, "mask: expected (B, T)");
+  EMBGEOM_CHECK(other.ndim() == 2 && other.shape(0) == B && other.shape(1) == T, "other: expected (B, T)");
+  EMBGEOM_CHECK(keys.ndim() == 3 && keys.shape(0) == B && keys.shape(1) == T, "keys: expected (B, T, K)");
+  const int64_t K = keys.shape(2);
+  py::array_t<double> key_mass({B, H, K}), sep_other({B, H}), prev({B, H}), next({B, H}), row_sum({B, H, T}),
+      offsets({H, T > 0 ? 2 * T - 1 : int64_t(0)});
+  {
+    py::gil_scoped_release release;
+    embgeom::attention_sums(p.data(), B, H, T, mask.data(), keys.data(), K, other.data(), key_mass.mutable_data(),
+                            sep_other.mutable_data(), prev.mutable_data(), next.mutable_data(),
+                            row_sum.mutable_data(), offsets.mutable_data());
+  }
+  return py::make_tuple(key_mass, sep_other, prev, next, row_sum, offsets);
 }
 
 py::array_t<double> row_pair_sums(const py::array_t<float>& a, const py::array_t<float>& b) {
@@ -163,6 +182,7 @@ py::dict cpu_info() {
   d["entropy"] = std::string(embgeom::attention_entropy_path());
   d["context_argmax"] = std::string(embgeom::context_argmax_path());
   d["row_pair_sums"] = std::string(embgeom::row_pair_sums_path());
+  d["attention_sums"] = std::string(embgeom::attention_sums_path());
   d["cone_index"] = std::string(embgeom::cone_index_path());
   return d;
 }
@@ -177,6 +197,9 @@ PYBIND11_MODULE(_C, m) {
         "(sums (B, D) float64, used (B,) int64, zero_rows (B,) int64)");
   m.def("context_argmax", &context_argmax, py::arg("head_out"), py::arg("mask") = py::none(),
         "Context similarity's argmax: head_out (B, H, T, d) float32, mask (B, T) uint8 -> (B, H, T) int64");
+  m.def("attention_sums", &attention_sums, py::arg("attn"), py::arg("mask"), py::arg("keys"), py::arg("other"),
+        "One layer's attention summaries: attn (B, H, T, T) float32, mask/other (B, T), keys (B, T, K) uint8 -> "
+        "(key_mass (B, H, K), sep_other, prev, next (B, H), row_sum (B, H, T), offsets (H, 2T - 1)) float64");
   m.def("row_pair_sums", &row_pair_sums, py::arg("a"), py::arg("b"),
         "Float64 row sums of two (N, D) float32 arrays -> (N, 4): |a|^2, |b|^2, |a - b|^2, a . b");
   m.def("attention_row_entropy", &attention_row_entropy, py::arg("attn"),

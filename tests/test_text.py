@@ -214,3 +214,33 @@ def test_trace_heads_clark_gaussianity_in_one_call(tiny_bert, tiny_bert_dir, tmp
     assert plain.attention_heads is None and plain.gaussianity is None
     assert "attention_heads" not in plain.to_dict() and "gaussianity" not in plain.to_dict()
     assert torch.equal(plain.entropy, r.entropy)
+
+
+@pytest.mark.parametrize("T", [1, 2, 37])
+def test_layer_summaries_kernel_equals_torch_path(T, cpu_cap, monkeypatch):
+    """The one-pass C++ attention summaries (every vector level) against the torch functions on
+    the same maps: padding, texts with one real token, [CLS]/[SEP]/punctuation/'.'/',' keys, T not
+    a multiple of the kernel's 8 lanes, strided maps."""
+    import embgeom.analysis.text.attention as A
+
+    _C = pytest.importorskip("embgeom._C")
+    assert "attention_sums" in _C.cpu_info()
+    g = torch.Generator().manual_seed(T)
+    B, H, max_len = 3, 4, 40
+    attn = torch.softmax(3 * torch.randn(B, H, T, T, generator=g), -1)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, max(1, T - 5):] = False
+    mask[2, 1:] = False
+    flags = [torch.rand(B, T, generator=g) < 0.2 for _ in range(5)]
+    cls, sep, punct, period, comma = (f & mask for f in flags)
+    cls[:, 0] = True
+    args = (mask, cls, sep, punct, period, comma, max_len)
+    got = A.layer_summaries(attn, *args)
+    strided = A.layer_summaries(attn.transpose(0, 1).contiguous().transpose(0, 1), *args)
+    monkeypatch.setattr(A.registry, "cpp", lambda: None)
+    want = A.layer_summaries(attn, *args)
+    for key in A.TARGETS:
+        torch.testing.assert_close(got[0][key], want[0][key].double(), rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(strided[0][key], got[0][key], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1].double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2], want[2].double(), rtol=1e-5, atol=1e-6)

@@ -136,6 +136,41 @@ def target_distribution(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tenso
     return out
 
 
+def layer_summaries(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor, sep: torch.Tensor,
+                    punct: torch.Tensor, period: torch.Tensor, comma: torch.Tensor, max_len: int,
+                    workspace: dict | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """One layer's attention summaries of `embgeom text`: (attention_targets_per_text with
+    period and comma, head_mean_entropy, target_distribution). On CPU float32 maps one C++ pass
+    over them (_C.attention_sums; float32 sums within a row, float64 across rows); elsewhere the
+    torch functions, which read the maps four times."""
+    C = registry.cpp()
+    B, H, T, _ = attn.shape
+    if attn.device.type != "cpu" or attn.dtype != torch.float32 or not hasattr(C, "attention_sums"):
+        keys = torch.stack([cls, sep, punct, period, comma], dim=-1)
+        mass = special_mass(attn, keys)
+        per = attention_targets_per_text(attn, mask, cls, sep, punct, mass=mass, period=period, comma=comma)
+        return (per, head_mean_entropy(attn, mask),
+                target_distribution(attn, mask, cls, sep, max_len, workspace=workspace, mass=mass))
+    if T > max_len:
+        raise ValueError(f"attn: sequence length {T} exceeds max_len {max_len}")
+    u8 = lambda t: t.to(torch.uint8).contiguous().numpy()  # noqa: E731
+    keys = torch.stack([cls, sep, punct, period, comma], dim=-1)
+    a = attn.detach()
+    out = C.attention_sums((a if a.is_contiguous() else a.contiguous()).numpy(), u8(mask), u8(keys),
+                           u8(mask & ~cls & ~sep))
+    key_mass, sep_other, prev, nxt, row_sum, offsets = (torch.from_numpy(x) for x in out)
+    per = {k: key_mass[..., c] for c, k in enumerate(("cls", "sep", "punct", "period", "comma"))}
+    per.update(sep_from_other=sep_other, prev=prev, next=nxt)
+    n = mask.sum(1).clamp(min=1).double()
+    mean_row = row_sum / n[:, None, None] * mask[:, None, :]
+    hme = (-torch.special.xlogy(mean_row, mean_row).sum(-1)).sum(0)
+    dist = torch.zeros(H, 2 + 2 * max_len - 1, dtype=torch.float64)
+    dist[:, :2] = key_mass[..., :2].sum(0)
+    c = 2 + max_len - 1
+    dist[:, c - (T - 1):c + T] = offsets
+    return per, hme, dist
+
+
 def js_distance(dists: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon distance sqrt(JS divergence in nats) between the rows of dists (K, R)
     (non-negative; each row is normalised to sum 1). Returns (K, K) float64; O(K R) memory

@@ -576,19 +576,15 @@ class TraceAccumulator:
             s["cone_mh"] += sums; s["cone_mh_n"] += cnt                     # noqa: E702
         n_valid = mask.sum(1).double()
         s["baseline"] += (n_valid * torch.log(n_valid.clamp(min=1))).sum()
-        dt = b.attentions[0].dtype if b.attentions else torch.float32
         none = torch.zeros_like(mask)
         dot_key = b.period if b.period is not None else none
         comma_key = b.comma if b.comma is not None else none
-        keys = torch.stack([b.cls, b.sep, b.punct, dot_key, comma_key], dim=-1).to(dt)
         other_n = (mask & ~b.cls & ~b.sep).sum(1)
         s["other_rows"] += other_n.sum()
         s["texts_other"] += (other_n > 0).sum()
         # per text: its real rows, or (for sep_from_other) its rows that are neither [CLS] nor [SEP]
         text_rows = torch.stack([mask.sum(1).clamp(min=1) if k != "sep_from_other" else other_n.clamp(min=1)
                                  for k in attention.TARGETS]).double()                # (K, B)
-        if "attention" in self.metrics:
-            weight = attention.offset_weight(mask, b.cls, b.sep, dt)
         sentence = period = None
         if "context" in self.metrics and self.sentence_tables is not None:
             ends, period = (t[b.input_ids] & mask for t in self.sentence_tables)
@@ -601,17 +597,15 @@ class TraceAccumulator:
                 ent = entropy_kernel(attn, mask, 0.0).to(attn.device)         # (B, H, T), NaN pads
                 s["entropy"][l] += torch.nan_to_num(ent, nan=0.0).sum(dim=(0, 2)).double()
             if "attention" in self.metrics:
-                mass = attention.special_mass(attn, keys)
-                t = attention.attention_targets_per_text(attn, mask, b.cls, b.sep, b.punct, mass=mass,
-                                                         period=dot_key, comma=comma_key)
-                per = torch.stack([t[k] for k in attention.TARGETS])              # (K, B, H)
+                t, hme, dist = attention.layer_summaries(attn, mask, b.cls, b.sep, b.punct, dot_key, comma_key,
+                                                         self.max_len, workspace=self._ws)
+                per = torch.stack([t[k] for k in attention.TARGETS]).to(s["targets"].device)  # (K, B, H)
                 s["targets"][:, l] += per.sum(1)
                 # Clark's average: each text's mean over its own real rows, summed over texts
                 # (texts without a row that is neither [CLS] nor [SEP] add nothing to that key)
                 s["targets_text"][:, l] += (per / text_rows[:, :, None]).sum(1)
-                s["hme"][l] += attention.head_mean_entropy(attn, mask)
-                s["dist"][l * H:(l + 1) * H] += attention.target_distribution(
-                    attn, mask, b.cls, b.sep, self.max_len, workspace=self._ws, mass=mass, weight=weight)
+                s["hme"][l] += hme.to(s["hme"].device)
+                s["dist"][l * H:(l + 1) * H] += dist.to(s["dist"].device)
             if "context" in self.metrics:
                 c = attention.context_similarity(b.head_outputs[l].transpose(1, 2), mask, b.sep,
                                             b.input_ids, self.V, workspace=self._ws,

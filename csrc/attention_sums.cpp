@@ -1,0 +1,121 @@
+#include "attention_sums.h"
+
+#include <vector>
+
+#include "check.h"
+#include "cpu/isa.h"
+
+namespace embgeom {
+namespace {
+
+constexpr int kLanes = 8;    // partial sums per dot product (plain arrays the compiler vectorises)
+constexpr int kMaxKeys = 8;
+
+// One (b, h) map. kf (K x Tp floats) and of (Tp floats): the key indicators and `other` as
+// 0/1 weights, zero past T; Tp = T rounded up to kLanes. Float32 sums within a row, float64
+// across rows.
+__attribute__((always_inline)) inline void map_sums(const float* p, int64_t T, int64_t Tp, const uint8_t* mask,
+                                                    const float* kf, int64_t K, const uint8_t* other,
+                                                    const float* of, float* padded, double* key_mass,
+                                                    double& sep_other, double& prev, double& next,
+                                                    double* row_sum, double* offsets) {
+  for (int64_t i = 0; i < T; ++i) {
+    if (!mask[i]) continue;
+    const float* row = p + i * T;
+    for (int64_t j = 0; j < T; ++j) padded[j] = row[j];  // zero tail: whole blocks below
+    float mass[kMaxKeys];
+    for (int64_t k = 0; k < K; ++k) {
+      const float* w = kf + k * Tp;
+      float acc[kLanes] = {};
+      for (int64_t j = 0; j < Tp; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] += padded[j + l] * w[j + l];
+      float m = 0.0f;
+      for (int l = 0; l < kLanes; ++l) m += acc[l];
+      mass[k] = m;
+      key_mass[k] += double(m);
+    }
+    if (other[i] && K > 1) sep_other += double(mass[1]);
+    if (i >= 1 && mask[i - 1]) prev += double(row[i - 1]);
+    if (i + 1 < T && mask[i + 1]) next += double(row[i + 1]);
+    for (int64_t j = 0; j < T; ++j) row_sum[j] += double(row[j]);
+    double* bins = offsets + (T - 1 - i);  // key j lands at j - i + T - 1
+    for (int64_t j = 0; j < T; ++j) bins[j] += double(row[j] * of[j]);
+  }
+}
+
+using MapFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, int64_t, const uint8_t*,
+                       const float*, float*, double*, double&, double&, double&, double*, double*);
+
+void map_generic(const float* p, int64_t T, int64_t Tp, const uint8_t* mask, const float* kf, int64_t K,
+                 const uint8_t* other, const float* of, float* padded, double* key_mass, double& sep_other,
+                 double& prev, double& next, double* row_sum, double* offsets) {
+  map_sums(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets);
+}
+
+#if EMBGEOM_X86
+EMBGEOM_AVX2 void map_avx2(const float* p, int64_t T, int64_t Tp, const uint8_t* mask, const float* kf,
+                           int64_t K, const uint8_t* other, const float* of, float* padded, double* key_mass,
+                           double& sep_other, double& prev, double& next, double* row_sum, double* offsets) {
+  map_sums(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets);
+}
+#endif
+
+MapFn pick_map(const char** name) {
+#if EMBGEOM_X86
+  if (isa_level() >= Isa::avx2) {
+    *name = "portable-avx2";
+    return map_avx2;
+  }
+#endif
+  *name = EMBGEOM_NEON ? "portable-neon" : "portable-generic";
+  return map_generic;
+}
+
+}  // namespace
+
+const char* attention_sums_path() {
+  const char* name = "";
+  pick_map(&name);
+  return name;
+}
+
+void attention_sums(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask,
+                    const uint8_t* keys, int64_t K, const uint8_t* other, double* key_mass,
+                    double* sep_other, double* prev, double* next, double* row_sum, double* offsets) {
+  EMBGEOM_CHECK(B >= 0 && H >= 0 && T >= 0, "attention_sums: bad shape");
+  EMBGEOM_CHECK(K >= 0 && K <= kMaxKeys, "keys: expected at most " << kMaxKeys << " columns, got " << K);
+  const char* name = "";
+  const MapFn map = pick_map(&name);
+  const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes;
+  const int64_t R = T > 0 ? 2 * T - 1 : 0;
+  for (int64_t q = 0; q < H * R; ++q) offsets[q] = 0.0;
+  for (int64_t q = 0; q < B * H * K; ++q) key_mass[q] = 0.0;
+  for (int64_t q = 0; q < B * H; ++q) sep_other[q] = prev[q] = next[q] = 0.0;
+  for (int64_t q = 0; q < B * H * T; ++q) row_sum[q] = 0.0;
+  // offsets are summed over texts: one buffer per (b, h), added up in text order afterwards (the
+  // sums do not depend on the thread count)
+  std::vector<double> part(size_t(B * H * R), 0.0);
+#pragma omp parallel
+  {
+    std::vector<float> kf(static_cast<size_t>(K * Tp)), of(static_cast<size_t>(Tp)), padded(static_cast<size_t>(Tp), 0.0f);
+    int64_t loaded = -1;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t h = 0; h < H; ++h) {
+        if (loaded != b) {  // the text's key weights
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t j = 0; j < Tp; ++j) kf[k * Tp + j] = j < T && keys[(b * T + j) * K + k] ? 1.0f : 0.0f;
+          for (int64_t j = 0; j < Tp; ++j) of[j] = j < T && other[b * T + j] ? 1.0f : 0.0f;
+          loaded = b;
+        }
+        const int64_t bh = b * H + h;
+        map(p + bh * T * T, T, Tp, mask + b * T, kf.data(), K, other + b * T, of.data(), padded.data(),
+            key_mass + bh * K, sep_other[bh], prev[bh], next[bh], row_sum + bh * T, part.data() + bh * R);
+      }
+    }
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t q = 0; q < H * R; ++q) offsets[q] += part[size_t(b * H * R + q)];
+}
+
+}  // namespace embgeom
