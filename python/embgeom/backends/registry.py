@@ -48,6 +48,14 @@ def cpp():
     return load("embgeom._C", "rebuild with `pip install -e .` (needs cmake and a C++ compiler)")
 
 
+def cpp_kernel(name: str, *tensors: torch.Tensor):
+    """The C++ core's function `name` where every tensor is a CPU float32 one and the built
+    module has it (the text kernels of `embgeom text`), else None: the caller's torch path."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    return getattr(cpp(), name, None)
+
+
 def cuda_ext():
     return load("embgeom._cuda", "rebuild with nvcc on PATH and EMBGEOM_CUDA=auto|on")
 

@@ -96,22 +96,19 @@ def offset_weight(mask, cls, sep, dtype) -> torch.Tensor:
 
 def target_distribution(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor,
                         sep: torch.Tensor, max_len: int, workspace: dict | None = None,
-                        mass: torch.Tensor | None = None,
-                        weight: torch.Tensor | None = None) -> torch.Tensor:
+                        mass: torch.Tensor | None = None) -> torch.Tensor:
     """Per head, the attention of every real query row split over R = 2 + 2*max_len - 1 targets:
     [mass to [CLS], mass to [SEP], then mass to every other real key binned by its relative
     offset j - i = -(max_len-1) .. max_len-1]. Each row sums to 1, so the batch sum divided by
     the number of rows is a probability distribution: the head's mean attention distribution
     that the JS distance matrix compares (Clark et al., arXiv 1906.04341, compare heads by their attention; relative
     offsets plus the two special targets keep its head types apart: [CLS]/[SEP]/previous/next/
-    broad). weight: offset_weight(mask, cls, sep) when the caller reuses it over layers.
-    Returns the batch sums (H, R) float64."""
+    broad). Returns the batch sums (H, R) float64."""
     B, H, T, _ = attn.shape
     if T > max_len:
         raise ValueError(f"attn: sequence length {T} exceeds max_len {max_len}")
     q = mask.to(attn.dtype)
-    if weight is None:
-        weight = offset_weight(mask, cls, sep, attn.dtype)
+    weight = offset_weight(mask, cls, sep, attn.dtype)
     if mass is None:                                                                   # (B,H,T,2)
         mass = special_mass(attn, torch.stack([cls, sep], -1))
     special = (mass[..., :2] * q[:, None, :, None]).double().sum(dim=(0, 2))          # (H, 2)
@@ -143,10 +140,10 @@ def layer_summaries(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor, s
     period and comma, head_mean_entropy, target_distribution). On CPU float32 maps one C++ pass
     over them (_C.attention_sums; float32 sums within a row, float64 across rows); elsewhere the
     torch functions, which read the maps four times."""
-    C = registry.cpp()
     B, H, T, _ = attn.shape
-    if attn.device.type != "cpu" or attn.dtype != torch.float32 or not hasattr(C, "attention_sums"):
-        keys = torch.stack([cls, sep, punct, period, comma], dim=-1)
+    keys = torch.stack([cls, sep, punct, period, comma], dim=-1)
+    attention_sums = registry.cpp_kernel("attention_sums", attn)
+    if attention_sums is None:
         mass = special_mass(attn, keys)
         per = attention_targets_per_text(attn, mask, cls, sep, punct, mass=mass, period=period, comma=comma)
         return (per, head_mean_entropy(attn, mask),
@@ -154,10 +151,7 @@ def layer_summaries(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor, s
     if T > max_len:
         raise ValueError(f"attn: sequence length {T} exceeds max_len {max_len}")
     u8 = lambda t: t.to(torch.uint8).contiguous().numpy()  # noqa: E731
-    keys = torch.stack([cls, sep, punct, period, comma], dim=-1)
-    a = attn.detach()
-    out = C.attention_sums((a if a.is_contiguous() else a.contiguous()).numpy(), u8(mask), u8(keys),
-                           u8(mask & ~cls & ~sep))
+    out = attention_sums(attn.detach().contiguous().numpy(), u8(mask), u8(keys), u8(mask & ~cls & ~sep))
     key_mass, sep_other, prev, nxt, row_sum, offsets = (torch.from_numpy(x) for x in out)
     per = {k: key_mass[..., c] for c, k in enumerate(("cls", "sep", "punct", "period", "comma"))}
     per.update(sep_from_other=sep_other, prev=prev, next=nxt)
@@ -207,12 +201,12 @@ def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict |
     On CPU float32 tensors the C++ kernel (products in float32, every key within their error
     bound of the maximum rescored in float64: the float64 argmax); elsewhere torch's float32
     scores (context_argmax_torch)."""
-    C = registry.cpp()
-    if head_out.device.type == "cpu" and head_out.dtype == torch.float32 and hasattr(C, "context_argmax"):
-        m = mask.to(torch.uint8).contiguous().numpy()
-        o = head_out if head_out.stride(-1) == 1 else head_out.contiguous()  # rows read in place
-        return torch.from_numpy(C.context_argmax(o.detach().numpy(), m))
-    return context_argmax_torch(head_out, mask, workspace)
+    kernel = registry.cpp_kernel("context_argmax", head_out)
+    if kernel is None:
+        return context_argmax_torch(head_out, mask, workspace)
+    m = mask.to(torch.uint8).contiguous().numpy()
+    o = head_out if head_out.stride(-1) == 1 else head_out.contiguous()  # rows read in place
+    return torch.from_numpy(kernel(o.detach().numpy(), m))
 
 
 def context_argmax_torch(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:

@@ -689,13 +689,12 @@ def step_sums(prev: torch.Tensor, cur: torch.Tensor) -> tuple[torch.Tensor, ...]
     collinear (1 - cos down to 1e-6), where float32 sums keep one or two digits of 1 - cos and of
     the step length. On CPU float32 states the C++ kernel (one pass over both, the difference
     taken of the float64 values); elsewhere torch in float64."""
-    C = registry.cpp()
-    if (prev.device.type == "cpu" and prev.dtype == torch.float32 and cur.dtype == torch.float32
-            and hasattr(C, "row_pair_sums")):
+    row_pair_sums = registry.cpp_kernel("row_pair_sums", prev, cur)
+    if row_pair_sums is not None:
         B, T, D = prev.shape
         a, c = (x.reshape(B * T, D) for x in (prev, cur))
         a, c = (x if x.stride(-1) == 1 else x.contiguous() for x in (a, c))
-        out = torch.from_numpy(C.row_pair_sums(a.detach().numpy(), c.detach().numpy())).view(B, T, 4)
+        out = torch.from_numpy(row_pair_sums(a.detach().numpy(), c.detach().numpy())).view(B, T, 4)
         return out[..., 0], out[..., 1], out[..., 2], out[..., 3]
     p, q = prev.double(), cur.double()
     diff = q - p
