@@ -92,8 +92,7 @@ def trustworthiness_all(x: np.ndarray, emb: np.ndarray, k: int = 15, block: int 
         rows = np.arange(b0, min(n, b0 + block))
         s[rows - b0, rows] = -np.inf                                        # the row itself is no neighbour
         at = np.take_along_axis(s, lay[rows], 1)                            # (b, k)
-        greater = (s[:, None, :] > at[:, :, None]).sum(-1) if s.shape[1] * k * len(rows) < 2 ** 27 else \
-            np.stack([(s > at[:, q:q + 1]).sum(1) for q in range(k)], 1)
+        greater = np.stack([(s > at[:, q:q + 1]).sum(1) for q in range(k)], 1)  # (b, k), no (b, k, n)
         penalty += np.maximum(1 + greater - k, 0).sum()
     return float(1.0 - penalty * 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)))
 
@@ -220,9 +219,7 @@ def projection(args) -> None:
             ratio = results[ours]["seconds"] / results[theirs]["seconds"]
             print(f"{method}: ours / theirs = {ratio:.2f} (target <= {target}); n={n} d={d}")
     if args.record:
-        common = dict(n=n, d=d, dtype="float32", device="cpu", threads=os.cpu_count(), versions=versions(),
-                      git_sha=git_sha(), date=today())
-        common.pop("versions")
+        common = dict(n=n, d=d, dtype="float32", device="cpu", threads=os.cpu_count(), git_sha=git_sha(), date=today())
         append_rows("projection.csv", [dict(metric=f"project_{p.split('-')[0]}", provider=p,
                                             median_ms=round(r["seconds"] * 1e3, 1), peak_mb=round(r["peak_mb"], 1),
                                             m=round(r.get("recall", 1.0), 5),
