@@ -61,14 +61,7 @@ EMBGEOM_AVX2 void map_avx2(const float* p, int64_t T, int64_t Tp, const uint8_t*
 #endif
 
 MapFn pick_map(const char** name) {
-#if EMBGEOM_X86
-  if (isa_level() >= Isa::avx2) {
-    *name = "portable-avx2";
-    return map_avx2;
-  }
-#endif
-  *name = EMBGEOM_NEON ? "portable-neon" : "portable-generic";
-  return map_generic;
+  return pick_avx2_or_generic<MapFn>(map_generic, EMBGEOM_IF_X86(map_avx2), "portable-avx2", name);
 }
 
 }  // namespace

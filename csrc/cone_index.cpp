@@ -35,12 +35,7 @@ EMBGEOM_AVX2 bool add_unit_row_avx2(const float* row, int64_t D, double* acc) {
 using AddUnitRowFn = bool (*)(const float*, int64_t, double*);
 
 AddUnitRowFn pick_add_unit_row(const char** name) {
-  if (isa_level() >= Isa::avx2) {
-    *name = "portable-avx2";
-    return add_unit_row_avx2;
-  }
-  *name = EMBGEOM_NEON ? "portable-neon" : "portable-generic";
-  return add_unit_row_generic;
+  return pick_avx2_or_generic<AddUnitRowFn>(add_unit_row_generic, add_unit_row_avx2, "portable-avx2", name);
 }
 
 }  // namespace

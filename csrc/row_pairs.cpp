@@ -68,14 +68,7 @@ EMBGEOM_AVX2 void sums_avx2(const float* a, const float* b, int64_t D, double* o
 using SumsFn = void (*)(const float*, const float*, int64_t, double*);
 
 SumsFn pick_sums(const char** name) {
-#if EMBGEOM_X86
-  if (isa_level() >= Isa::avx2) {
-    *name = "avx2";
-    return sums_avx2;
-  }
-#endif
-  *name = EMBGEOM_NEON ? "portable-neon" : "portable-generic";
-  return sums_generic;
+  return pick_avx2_or_generic<SumsFn>(sums_generic, EMBGEOM_IF_X86(sums_avx2), "avx2", name);
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 // The instruction-set layer: which vector level this CPU offers, capped by EMBGEOM_CPU, and the
 // target attributes the per-level functions are compiled with (docs/architecture.md, CPU
 // dispatch). Only this header and the x86 kernels (cpu/gemm.cpp, pairwise/fused_avx512.cpp,
-// attention.cpp) name x86 intrinsics; everything else is plain C++ or the vector types of
-// cpu/simd.h (portable loops the compiler vectorises per target attribute).
+// attention.cpp, context.cpp, row_pairs.cpp) name x86 intrinsics; everything else is plain C++
+// or the vector types of cpu/simd.h (portable loops the compiler vectorises per target attribute).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -46,4 +46,25 @@ bool cpu_has_avx512bf16();      // native bf16 dot products (and isa_level() == 
 // Names of the CPU features found, e.g. "avx512f avx512bf16 avx2 fma" or "neon".
 std::string cpu_features();
 
+// One of two builds of a kernel for the current level: `avx2` where the level is AVX2 or above
+// (x86), else `generic` (baseline SSE2, or NEON on aarch64); *name says which: avx2_name, or
+// "portable-neon" / "portable-generic". A kernel written in x86 intrinsics passes its AVX2
+// function as EMBGEOM_IF_X86(f), nullptr elsewhere.
+template <class Fn>
+Fn pick_avx2_or_generic(Fn generic, Fn avx2, const char* avx2_name, const char** name) {
+  if (avx2 != nullptr && isa_level() >= Isa::avx2) {
+    *name = avx2_name;
+    return avx2;
+  }
+  *name = EMBGEOM_NEON ? "portable-neon" : "portable-generic";
+  return generic;
+}
+
 }  // namespace embgeom
+
+#if EMBGEOM_X86
+#define EMBGEOM_IF_X86(f) (f)
+#else
+#define EMBGEOM_IF_X86(f) nullptr
+#endif
+
