@@ -86,6 +86,54 @@ def test_by_label_and_class_maps(tiny_bert, tiny_bert_dir, tmp_path):
         np.testing.assert_allclose(maps[g], acc / n, atol=1e-6)
         safe = g
         assert (out / f"class_maps_{safe}.png").exists()
+        check_map_entropies(maps[g], rep["class_maps"]["entropies"][g], rep["class_maps"]["padded_to"])
+    assert rep["class_maps"]["padded_to"] == model.config.max_position_embeddings
+
+
+def authors_entropies(a: np.ndarray) -> tuple[float, float]:
+    """The geometry-of-BERT code on one map: pandas.cut into 20 bins, -sum p ln p; eigenvalues,
+    v = |lambda| / ||lambda||_2, -sum v ln v."""
+    import pandas as pd
+
+    p = pd.cut(a.ravel(), 20).value_counts().to_numpy() / a.size
+    p = p[p > 0]
+    lam = np.abs(np.linalg.eigvals(a))
+    v = lam / np.sqrt((lam ** 2).sum())
+    v = v[v > 0]
+    return float(-(p * np.log(p)).sum()), float(-(v * np.log(v)).sum())
+
+
+def check_map_entropies(maps, got, pad_to):
+    L, H, N, _ = maps.shape
+    for key in ("value_entropy", "value_entropy_padded", "von_neumann"):
+        assert np.array(got[key]).shape == (L, H)
+        np.testing.assert_allclose(got["layer_mean"][key], np.mean(got[key], -1), rtol=1e-12)
+    for l in range(L):
+        for h in range(H):
+            padded = np.zeros((pad_to, pad_to))
+            padded[:N, :N] = maps[l, h]
+            shannon, vn = authors_entropies(maps[l, h])
+            shannon_pad, vn_pad = authors_entropies(padded)
+            assert got["value_entropy"][l][h] == pytest.approx(shannon, abs=1e-12)
+            assert got["value_entropy_padded"][l][h] == pytest.approx(shannon_pad, abs=1e-12)
+            assert got["von_neumann"][l][h] == pytest.approx(vn, abs=1e-9)
+            assert vn_pad == pytest.approx(vn, abs=1e-9)        # zero padding: zero eigenvalues
+
+
+def test_map_entropies_odd_maps():
+    """Constant, one-hot and near-tied maps against the authors' code; pad_to below N refused."""
+    from embgeom.analysis.text.labelled import map_entropies
+
+    rng = np.random.default_rng(3)
+    a = rng.random((2, 3, 5, 5))
+    a /= a.sum(-1, keepdims=True)
+    a[0, 0] = 0.2                                                 # constant: one bin
+    a[0, 1] = np.eye(5)                                           # two values
+    a[1, 2] = np.round(a[1, 2], 1)                                # values on bin edges
+    got = map_entropies(torch.from_numpy(a), 9)
+    check_map_entropies(a, got, 9)
+    with pytest.raises(ValueError, match="pad_to"):
+        map_entropies(torch.from_numpy(a), 4)
 
 
 def test_correct_only(clf_dir, tmp_path):

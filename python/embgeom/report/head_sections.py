@@ -343,16 +343,39 @@ def _head_grid(out_dir: str, name: str, maps, shown, style: dict, axes: tuple[st
 
 
 def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
-    """One L x H grid per label of its class-mean attention map; entries below theta hidden."""
+    """One L x H grid per label of its class-mean attention map; entries below theta hidden; the
+    authors' entropies of each label's maps per layer (mean over heads)."""
     pngs = []
     for g, m in means.items():
         safe = "".join(c if c.isalnum() else "_" for c in str(g))
         pngs.append(_head_grid(out_dir, f"class_maps_{safe}", np.asarray(m, dtype=float),
                                lambda a: np.ma.masked_less(a, theta), dict(cmap="Blues", vmin=0, vmax=1),
                                ("key", "query"), f"class-mean attention (entries < {theta:g} hidden)"))
+    ent = block.get("entropies") or {}
+    if ent:
+        panels = (("value_entropy_padded", f"value-histogram entropy, padded to {block['padded_to']} (nats)"),
+                  ("value_entropy", f"value-histogram entropy, {block['length']} x {block['length']} (nats)"),
+                  ("von_neumann", "von Neumann entropy of the eigenvalues"))
+        fig, _ = new_figure(12, 3.4)
+        fig.clf()
+        for k, (key, title) in enumerate(panels):
+            ax = fig.add_subplot(1, 3, k + 1)
+            for c, (g, e) in enumerate(ent.items()):
+                y = np.asarray(e["layer_mean"][key], dtype=float)
+                ax.plot(np.arange(1, y.size + 1), y, "o-", color=LABEL_COLORS[c % len(LABEL_COLORS)], label=str(g))
+            ax.set_title(title, fontsize=9)
+            layer_axis(ax, len(y))
+            ax.legend(fontsize=7)
+        pngs.append(save_figure(fig, out_dir, "class_map_entropy"))
     counts = ", ".join(f"{g}: {fmt_number(c)}" for g, c in block["texts"].items())
     return ("Class-mean attention maps (geometry-of-BERT authors' code)",
             f"<p>Mean attention map of each label's texts with {block['length']} real tokens "
             f"(texts: {counts}); [SEP] rows and columns zeroed, [CLS] kept; entries below "
-            f"&theta; = {theta:g} left blank. {block['file']} holds the maps (layer, head, query, key).</p>",
+            f"&theta; = {theta:g} left blank. {block['file']} holds the maps (layer, head, query, key). "
+            "Entropies of each map as the authors' code computes them (arXiv 2502.12033), mean over "
+            "heads per layer: the 20-bin value histogram of the map zero-padded to the model's input "
+            "length (their inputs are padded to it) and of the real-token block alone; von Neumann: "
+            "-&sum; v ln v with v = |&lambda;| / (&sum; |&lambda;|&sup2;)<sup>1/2</sup> over the map's "
+            "eigenvalues (padding adds zero eigenvalues and changes nothing). report.json: "
+            "<code>class_maps.entropies</code>.</p>",
             pngs)

@@ -110,11 +110,13 @@ def k90(attn: torch.Tensor) -> torch.Tensor:
     return (cum < K90_MASS).sum(-1) + 1
 
 
-def value_histogram_entropy(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def value_histogram_entropy(attn: torch.Tensor, mask: torch.Tensor, pad_to: int | None = None) -> torch.Tensor:
     """The authors' Shannon entropy of a map's value histogram, per text and head: the n*n
     entries on real tokens in 20 equal-width bins between their min and max (right-closed bins,
     the lowest one including the min, as pandas.cut), p_b = count_b / n^2, -sum p_b ln p_b
-    (nats). attn (B, H, T, T) -> (B, H) float64 (0 for a constant map)."""
+    (nats). attn (B, H, T, T) -> (B, H) float64 (0 for a constant map). pad_to = P: the map as
+    the authors' code bins it, zero-padded to P x P (their inputs are padded to the model's
+    length, pad rows and columns zeroed): P^2 - n^2 more zeros, the range widened to take 0."""
     B, H, T, _ = attn.shape
     pair = (mask[:, :, None] & mask[:, None, :])[:, None]                  # (B, 1, T, T)
     inf = torch.tensor(math.inf, dtype=attn.dtype, device=attn.device)
@@ -122,6 +124,10 @@ def value_histogram_entropy(attn: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     lo = x.amin(dim=(2, 3)).double()                                       # (B, H), exact values
     hi = torch.where(pair, attn, -inf).amax(dim=(2, 3)).double()
     n2 = pair.sum(dim=(1, 2, 3)).double()[:, None]                         # n^2
+    if pad_to is not None:
+        if int(n2.max()) > pad_to * pad_to:
+            raise ValueError(f"pad_to: {pad_to} is shorter than a map's {int(n2.max() ** 0.5)} real tokens")
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     # inner edges e_b = b * (hi - lo) / 20 + lo (numpy's linspace, as pd.cut builds them), each
     # float64 edge rounded down to the largest float32 not above it so that the float32 test
     # x <= e is exact; bin b = (e_b, e_b+1], the min in bin 0, the max in bin 19, padding (inf)
@@ -135,6 +141,10 @@ def value_histogram_entropy(attn: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     idx += (torch.arange(B * H, device=attn.device) * (VALUE_BINS + 1)).view(B, H, 1)
     counts = torch.bincount(idx.reshape(-1), minlength=B * H * (VALUE_BINS + 1))
     counts = counts.view(B, H, VALUE_BINS + 1)[..., :VALUE_BINS].double()
+    if pad_to is not None:
+        zero_bin = torch.searchsorted(edges, torch.zeros(B, H, 1, dtype=attn.dtype, device=attn.device))
+        counts.scatter_add_(-1, zero_bin.clamp(max=VALUE_BINS - 1), (pad_to * pad_to - n2).expand(B, H)[..., None])
+        n2 = torch.full_like(n2, float(pad_to * pad_to))
     counts = torch.where((step > 0)[..., None], counts, torch.zeros_like(counts))
     p = counts / n2[..., None].clamp(min=1)
     return row_entropy(p)

@@ -1,7 +1,7 @@
 """Labelled inputs of `embgeom text --labels` (docs/metrics.md, labelled inputs): every trace
 metric split by class (`by_label`), class-mean attention maps of the texts of one length
 (`--class-maps N`, the geometry-of-BERT authors' maps: [SEP] and padding rows and columns zeroed,
-[CLS] kept), and the predictions of a classification head for `--correct-only`.
+[CLS] kept) with the authors' Shannon and von Neumann entropies of each map, and the predictions of a classification head for `--correct-only`.
 """
 from __future__ import annotations
 
@@ -83,12 +83,15 @@ class LabelSplit:
 
 class ClassMaps:
     """Observer: per label, the sum of the attention maps (L, H, N, N) of the texts with N real
-    tokens, [SEP] rows and columns zeroed (padding never enters: only the N real positions)."""
+    tokens, [SEP] rows and columns zeroed (padding never enters: only the N real positions).
+    pad_to: the length the authors' code pads its maps to (the model's input length), for the
+    value entropy of the padded map."""
 
-    def __init__(self, labels: list[str], length: int, L: int, H: int):
+    def __init__(self, labels: list[str], length: int, L: int, H: int, pad_to: int | None = None):
         if length < 2:
             raise ValueError(f"--class-maps: expected a text length >= 2 tokens, got {length}")
         self.rows, self.N, self.L, self.H = _Rows(labels), length, L, H
+        self.pad_to = max(pad_to or length, length)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts = {g: 0 for g in sorted(set(labels))}
         self.seconds: dict[str, float] = {}
@@ -109,8 +112,10 @@ class ClassMaps:
             self.counts[g] += 1
 
     def result(self) -> dict:
-        """{"length": N, "texts": {label: count}, "file": CLASS_MAPS_FILE}."""
-        return {"length": self.N, "texts": dict(self.counts), "file": CLASS_MAPS_FILE}
+        """{"length": N, "texts": {label: count}, "file": CLASS_MAPS_FILE, "padded_to": P,
+        "entropies": {label: ...}} (entropies: see map_entropies)."""
+        return {"length": self.N, "texts": dict(self.counts), "file": CLASS_MAPS_FILE, "padded_to": self.pad_to,
+                "entropies": {g: map_entropies(m, self.pad_to) for g, m in self.means().items()}}
 
     def means(self) -> dict[str, torch.Tensor]:
         return {g: s / self.counts[g] for g, s in self.sums.items()}
@@ -123,6 +128,25 @@ class ClassMaps:
 
         with atomic_write(path, binary=True, name=CLASS_MAPS_FILE) as f:
             np.savez(f, **{g: m.numpy() for g, m in self.means().items()})
+
+
+def map_entropies(maps: torch.Tensor, pad_to: int) -> dict:
+    """The geometry-of-BERT code's entropies of class-mean maps (L, H, N, N) float64, each (L, H)
+    with its mean over heads per layer (L,), as the authors plot them: value_entropy (20-bin
+    histogram of the N x N entries, measures.value_histogram_entropy), value_entropy_padded (the
+    same map zero-padded to pad_to x pad_to, as their padded inputs give it) and von_neumann
+    (-sum v ln v, v = |lambda| / sqrt(sum |lambda|^2) over the map's eigenvalues, LAPACK dgeev;
+    the zero padding adds zero eigenvalues, which change nothing)."""
+    from ..heads.matrices import block_measures
+    from ..heads.measures import value_histogram_entropy
+
+    L, H, N, _ = maps.shape
+    real = torch.ones(L, N, dtype=torch.bool)
+    out = {"value_entropy": value_histogram_entropy(maps, real),
+           "value_entropy_padded": value_histogram_entropy(maps, real, pad_to=pad_to),
+           "von_neumann": block_measures(maps)["von_neumann"]}
+    return {**{k: v.tolist() for k, v in out.items()},
+            "layer_mean": {k: v.mean(-1).tolist() for k, v in out.items()}}
 
 
 def check_classifier(model) -> dict[int, str]:
