@@ -16,6 +16,7 @@
 #include "context.h"
 #include "pair_values.h"
 #include "row_pairs.h"
+#include "rows_dot_bf16.h"
 #include "cpu/blas.h"
 #include "cpu/isa.h"
 #include "numerics.h"
@@ -119,6 +120,24 @@ py::array_t<double> row_pair_sums(const py::array_t<float>& a, const py::array_t
   return out;
 }
 
+py::array_t<float> rows_dot_bf16(const f32_array& q, const py::array_t<int16_t>& rows) {
+  EMBGEOM_CHECK(q.ndim() == 2 && rows.ndim() == 2, "q, rows: expected (Q, D) and (N, D) arrays, got "
+                                                       << q.ndim() << " and " << rows.ndim() << " dims");
+  const int64_t Q = q.shape(0), D = q.shape(1), N = rows.shape(0);
+  EMBGEOM_CHECK(rows.shape(1) == D, "rows: expected " << D << " columns (the queries'), got " << rows.shape(1));
+  const int64_t h = sizeof(int16_t);
+  py::array_t<float> out({Q, N});
+  if (Q == 0 || N == 0) return out;
+  EMBGEOM_CHECK((D <= 1 || rows.strides(1) == h) && rows.strides(0) % h == 0 && rows.strides(0) / h >= D,
+                "rows: expected rows of contiguous bf16 values (int16 bit patterns)");
+  {
+    py::gil_scoped_release release;
+    embgeom::rows_dot_bf16(q.data(), Q, reinterpret_cast<const uint16_t*>(rows.data()), rows.strides(0) / h, N, D,
+                           out.mutable_data());
+  }
+  return out;
+}
+
 int max_threads() {
 #ifdef EMBGEOM_OPENMP
   return omp_get_max_threads();
@@ -182,6 +201,7 @@ py::dict cpu_info() {
   d["entropy"] = std::string(embgeom::attention_entropy_path());
   d["context_argmax"] = std::string(embgeom::context_argmax_path());
   d["row_pair_sums"] = std::string(embgeom::row_pair_sums_path());
+  d["rows_dot_bf16"] = std::string(embgeom::rows_dot_bf16_path());
   d["attention_sums"] = std::string(embgeom::attention_sums_path());
   d["cone_index"] = std::string(embgeom::cone_index_path());
   return d;
@@ -202,6 +222,9 @@ PYBIND11_MODULE(_C, m) {
         "(key_mass (B, H, K), sep_other, prev, next (B, H), row_sum (B, H, T), offsets (H, 2T - 1)) float64");
   m.def("row_pair_sums", &row_pair_sums, py::arg("a"), py::arg("b"),
         "Float64 row sums of two (N, D) float32 arrays -> (N, 4): |a|^2, |b|^2, |a - b|^2, a . b");
+  m.def("rows_dot_bf16", &rows_dot_bf16, py::arg("q"), py::arg("rows"),
+        "A bf16 index's scan for a few queries: q (Q, D) float32, rows (N, D) bf16 bit patterns as int16 -> "
+        "(Q, N) float32 dot products (exact products, float32 sums)");
   m.def("attention_row_entropy", &attention_row_entropy, py::arg("attn"),
         py::arg("mask") = py::none(), py::arg("smoothing") = 0.0,
         "Row entropy in nats: attn (B, H, T, T) float32, mask (B, T) uint8 -> (B, H, T) float32");

@@ -293,21 +293,59 @@ def test_bad_input_names_the_argument():
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_bfloat16_index_without_bf16_instructions_scans_float32(metric, monkeypatch):
+def test_bfloat16_index_without_bf16_instructions(metric, monkeypatch):
     """Where the CPU path has no bf16 dot (EMBGEOM_CPU=avx2, AVX2 hosts) a bf16 index scans its
-    float32 rows (torch would emulate bf16); the answers stay exact."""
-    from embgeom import index as index_module
-
+    bf16 rows with the C++ core's rows_dot_bf16 for up to BF16_ROWS_SCAN queries and its float32
+    rows beyond (torch would emulate bf16): the same answers as float64, search and range search,
+    and the same as the other scan."""
     x = make_rows(1500, 40, zero=(0,), dup=((3, 7),))
     q = make_rows(40, 40, seed=3)
+    q[2] = x[7]
     index = Index(x, metric=metric, dtype=torch.bfloat16)
-    native = index.search(q, 9)
     monkeypatch.setattr(index_module, "native_bf16", lambda: False)
-    for rows in (slice(0, 1), slice(0, 40)):
-        got_v, got_i = index.search(q[rows], 9)
-        assert torch.equal(got_i, native[1][rows]) and torch.equal(got_v, native[0][rows])
+    calls = []
+    kernel = index_module._rows_dot_bf16()
+    if kernel is not None:
+        monkeypatch.setattr(index_module, "_rows_dot_bf16", lambda: lambda *a: calls.append(1) or kernel(*a))
     want_v, want_i = ref_topk(x, q, 9, metric)
-    assert_same_neighbours(*index.search(q, 9), want_v, want_i)
+    many_v, many_i = index.search(q, 9)
+    assert not calls  # 40 queries: the float32 rows
+    assert_same_neighbours(many_v, many_i, want_v, want_i)
+    for rows in (slice(0, 1), slice(1, 3), slice(2, 2 + index_module.BF16_ROWS_SCAN)):
+        got_v, got_i = index.search(q[rows], 9)
+        assert torch.equal(got_i, many_i[rows]) and torch.equal(got_v, many_v[rows])
+    assert bool(calls) == (kernel is not None)
+    t = {"cosine": 0.2, "dot": 2.0, "l2": 8.0}[metric]
+    lims, v, i = index.range_search(q[2:3], t)
+    lims_all, v_all, i_all = index.range_search(q, t)
+    assert torch.equal(i, i_all[lims_all[2]:lims_all[3]]) and torch.equal(v, v_all[lims_all[2]:lims_all[3]])
+
+
+def test_core_rows_dot_bf16(monkeypatch):
+    """_C.rows_dot_bf16: float32 queries times bf16 rows within the float32 summation bound of the
+    float64 products, on every vector level, for odd widths (tails of 16 and 8), one row, no rows,
+    no queries, query counts across its groups of four, and rows with a stride."""
+    core = pytest.importorskip("embgeom._C")
+    rng = np.random.default_rng(5)
+    levels = ["generic"] + (["avx2"] if core.cpu_info()["isa"] in ("avx2", "avx512") else [])
+    for d in (1, 7, 8, 15, 16, 17, 33, 387):
+        wide = torch.from_numpy(rng.standard_normal((1100, d + 5))).bfloat16()
+        rows = wide[:, :d]                                              # row stride d + 5
+        bits = rows.view(torch.int16).numpy()
+        for Q in (0, 1, 3, 4, 6):
+            q = rng.standard_normal((Q, d)).astype(np.float32)
+            want = q.astype(np.float64) @ rows.double().numpy().T
+            bound = (d + 2) * 2.0 ** -24 * (np.abs(q).astype(np.float64) @ np.abs(rows.double().numpy()).T)
+            for level in levels:
+                monkeypatch.setenv("EMBGEOM_CPU", level)
+                got = core.rows_dot_bf16(q, bits)
+                assert got.shape == (Q, 1100) and got.dtype == np.float32
+                assert np.all(np.abs(got - want) <= bound + 1e-30), (d, Q, level)
+                assert np.array_equal(core.rows_dot_bf16(q, bits[5:6]), got[:, 5:6])
+                assert core.rows_dot_bf16(q, bits[:0]).shape == (Q, 0)
+    monkeypatch.delenv("EMBGEOM_CPU")
+    with pytest.raises(ValueError, match="rows: expected 4 columns"):
+        core.rows_dot_bf16(np.zeros((1, 4), np.float32), np.zeros((2, 5), np.int16))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)

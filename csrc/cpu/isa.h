@@ -1,8 +1,9 @@
 // The instruction-set layer: which vector level this CPU offers, capped by EMBGEOM_CPU, and the
 // target attributes the per-level functions are compiled with (docs/architecture.md, CPU
 // dispatch). Only this header and the x86 kernels (cpu/gemm.cpp, pairwise/fused_avx512.cpp,
-// attention.cpp, context.cpp, row_pairs.cpp) name x86 intrinsics; everything else is plain C++
-// or the vector types of cpu/simd.h (portable loops the compiler vectorises per target attribute).
+// attention.cpp, context.cpp, row_pairs.cpp, rows_dot_bf16.cpp) name x86 intrinsics; everything
+// else is plain C++ or the vector types of cpu/simd.h (portable loops the compiler vectorises per
+// target attribute).
 #pragma once
 #include <cstdint>
 #include <string>

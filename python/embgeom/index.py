@@ -53,6 +53,12 @@ ENGINE_BATCH = 2
 # over the prepared columns beats torch's bf16 matrix-vector product there (100,000 x 384, 2
 # threads, Zen 5: 5.5 ms against 6.4; FAISS float32 8.7-9.0 in the same run).
 ENGINE_BATCH_BF16 = 1
+# A bf16 index on a CPU path without bf16 dot instructions: up to this many queries a search
+# scans its bf16 rows with the C++ core's rows_dot_bf16 (float32 queries' products summed in
+# float32, each row read once for all queries: half the bytes of the float32 rows, where a few
+# queries are bound by memory; 100,000 x 384, 2 threads, Zen 3 AVX2: 7.8 ms a query against 15.6
+# for numpy's float32 product), beyond it its float32 rows (the engine; torch would emulate bf16).
+BF16_ROWS_SCAN = SMALL_BATCH
 EXACT_STEP_PAIRS = 4096  # candidate rows rescored per step (_exact)
 PREP_ROWS = 1 << 15  # rows per float64 step when preparing a corpus
 BF16_OUT = 2.0 ** -8  # relative rounding of a bf16 product's output (unit roundoff 2^-9, doubled)
@@ -121,6 +127,13 @@ def _inverse_norms(st: "_Store", c0: int, c1: int) -> np.ndarray:
 
 
 _NATIVE_BF16: list[bool] = []
+
+
+def _rows_dot_bf16():
+    """The C++ core's rows_dot_bf16, or None where the core is not built."""
+    from .backends.registry import cpp
+
+    return getattr(cpp(), "rows_dot_bf16", None)
 
 
 def native_bf16() -> bool:
@@ -283,22 +296,27 @@ class Index:
 
     # -- queries ------------------------------------------------------------------------------
 
-    def _scan_dtype(self) -> torch.dtype:
+    def _scan_dtype(self, queries: int | None = None) -> torch.dtype:
         """The precision a search scans in: the index's dtype, except that a bf16 index on a CPU
-        path without bf16 dot instructions scans its float32 rows (torch would emulate bf16)."""
+        path without bf16 dot instructions scans its float32 rows (torch would emulate bf16),
+        unless a search or range search brings at most BF16_ROWS_SCAN queries (`queries`) and
+        the C++ core has rows_dot_bf16 (_score)."""
         if self.dtype == torch.bfloat16 and self.device.type == "cpu" and not native_bf16():
-            return torch.float32
+            few = queries is not None and queries <= BF16_ROWS_SCAN
+            return torch.bfloat16 if few and _rows_dot_bf16() is not None else torch.float32
         return self.dtype
 
-    def _queries(self, queries, st: _Store):
+    def _queries(self, queries, st: _Store, *, search: bool = False):
         """-> (q64 (Q, D) float64, qscan (Q, D) scan dtype, qvalid (Q,) bool, margin (Q,) float64,
-        qsq (Q,) float64 squared norms). The scan query is the unit query (cosine) or the query."""
+        qsq (Q,) float64 squared norms). The scan query is the unit query (cosine) or the query.
+        search: the queries of one search or range search (their count may pick the scan,
+        _scan_dtype)."""
         q = _rows(queries, "queries", self.d).detach().to(self.device)
         q64 = q.double()
         qn = torch.linalg.vector_norm(q64, dim=1)
         qvalid = qn > 0 if self.metric == "cosine" else torch.ones_like(qn, dtype=torch.bool)
         qs = q64 / qn.clamp(min=1e-300)[:, None] if self.metric == "cosine" else q64
-        scan_dtype = self._scan_dtype()
+        scan_dtype = self._scan_dtype(q.shape[0] if search else None)
         qscan = qs.to(scan_dtype)
         qnorm = torch.linalg.vector_norm(qs, dim=1)
         # Sound bound on |scan value - exact value| (docs/metrics.md, prepared index): rounding
@@ -324,20 +342,27 @@ class Index:
             margin = margin + BF16_OUT * qr * cr
         return margin * 1.01 + 1e-30
 
-    def _threshold(self, v: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    def _threshold(self, v: torch.Tensor, margin: torch.Tensor, scan_dtype: torch.dtype) -> torch.Tensor:
         """A scan value every candidate scans at or above (float32): for the k-th best scan value
         v, every row of the exact top k (docs/metrics.md, prepared index); for a threshold v,
         every row whose exact value reaches v. v - 2 margin, and for a bf16 product (cosine,
-        dot) the output's relative rounding r widens it by 2.1 r (|v| + 2 margin)."""
+        dot) the output's relative rounding r widens it by 2.1 r (|v| + 2 margin) (rows_dot_bf16's
+        float32 output is not rounded so: a wider cut than it needs). scan_dtype: the queries'."""
         t = v.double() - 2 * margin
-        if self._scan_dtype() == torch.bfloat16 and self.metric != "l2":
+        if scan_dtype == torch.bfloat16 and self.metric != "l2":
             t = t - 2.1 * BF16_OUT * (v.double().abs() + 2 * margin)
         tf = t.float()  # rounded down, never up
         return torch.where(tf.double() > t, torch.nextafter(tf, torch.full_like(tf, -math.inf)), tf)
 
     def _score(self, st: _Store, qscan: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
         """Scan values (Qb, c1 - c0) float32, larger = nearer; excluded rows -inf."""
-        if qscan.device.type == "cpu" and qscan.dtype == torch.float32 and qscan.shape[0] <= SMALL_BATCH:
+        if qscan.device.type == "cpu" and qscan.dtype == torch.bfloat16 and not native_bf16():
+            # a few queries of a bf16 index without bf16 dot instructions (_scan_dtype)
+            s_np = _rows_dot_bf16()(qscan.float().numpy(), st.scan[c0:c1].view(torch.int16).numpy())
+            if st.bias is not None:
+                s_np += st.bias[c0:c1].numpy()
+            s = torch.from_numpy(s_np)
+        elif qscan.device.type == "cpu" and qscan.dtype == torch.float32 and qscan.shape[0] <= SMALL_BATCH:
             # A few queries: numpy's BLAS (torch's q @ C.T ran as a gemv 3x slower, 100,000 x
             # 384). More queries stay in torch: mixing numpy's BLAS threads with torch's spinning
             # OpenMP pool on the same cores made calls 2x slower at random (measured at Q=32).
@@ -434,13 +459,13 @@ class Index:
         """search, with candidates(st, qscan, kk) -> (values, ids) or None (the scan)."""
         k = validation.positive_int(k, "k", allow_zero=False)
         st = self._store
-        q64, qscan, qvalid, margin, qsq = self._queries(queries, st)
+        q64, qscan, qvalid, margin, qsq = self._queries(queries, st, search=True)
         Q, n = q64.shape[0], st.n
         out_v = torch.full((Q, k), math.nan, dtype=torch.float64, device=self.device)
         out_i = torch.full((Q, k), -1, dtype=torch.int64, device=self.device)
         if Q and n:
             qb, nc = self._blocks(Q, n)
-            kk = min(n, k + (EXTRA_F32 if self._scan_dtype() == torch.float32 else EXTRA_BF16))
+            kk = min(n, k + (EXTRA_F32 if qscan.dtype == torch.float32 else EXTRA_BF16))
             cand = candidates(st, qscan, kk)
             for q0 in range(0, Q, qb):
                 q1 = min(Q, q0 + qb)
@@ -494,6 +519,8 @@ class Index:
         the scan's margin of the exact value (docs/metrics.md, prepared index). A bf16 scan
         runs the engine's bf16 product (`fast`), whose lists hold the same fp32 values."""
         first = ENGINE_BATCH_BF16 if qscan.dtype == torch.bfloat16 else ENGINE_BATCH
+        if qscan.dtype == torch.bfloat16 and not native_bf16():
+            return None  # a few queries of a bf16 index scan its bf16 rows (_scan_dtype)
         if (qscan.shape[0] < first or qscan.device.type != "cpu"
                 or qscan.dtype not in (torch.float32, torch.bfloat16) or self.metric not in ("cosine", "dot")):
             return None
@@ -553,7 +580,7 @@ class Index:
         # (k-th best scan value) - 2 * margin; anything dropped scanned at or below the kept
         # list's last value. Where that last value reaches the threshold, scan again.
         kth = best_v[:, min(k, best_v.shape[1]) - 1]
-        thresh = self._threshold(kth, margin)
+        thresh = self._threshold(kth, margin, qscan.dtype)
         short = (best_v.shape[1] < n) & (best_v[:, -1] >= thresh) & torch.isfinite(kth)
         # topk lists values in descending order: the candidates at or above the threshold are
         # a prefix of each row; only those are rescored
@@ -601,7 +628,7 @@ class Index:
         """
         threshold = validation.finite_float(threshold, "threshold")
         st = self._store
-        q64, qscan, qvalid, margin, qsq = self._queries(queries, st)
+        q64, qscan, qvalid, margin, qsq = self._queries(queries, st, search=True)
         Q, n = q64.shape[0], st.n
         if self.metric == "l2":
             if threshold < 0:
@@ -609,7 +636,7 @@ class Index:
             scan_t = (qsq - threshold * threshold) / 2  # q.c - |c|^2/2 >= (|q|^2 - r^2) / 2
         else:
             scan_t = torch.full_like(qsq, threshold)
-        scan_t = self._threshold(scan_t, margin)
+        scan_t = self._threshold(scan_t, margin, qscan.dtype)
         counts, vals, idss = [], [], []
         qb, nc = self._blocks(Q, n) if Q and n else (1, 1)
         for q0 in range(0, Q if n else 0, qb):
@@ -681,7 +708,7 @@ class Index:
             scan_t = (qsq - threshold * threshold) / 2
         else:
             scan_t = torch.full_like(qsq, threshold)
-        scan_t = self._threshold(scan_t, margin)
+        scan_t = self._threshold(scan_t, margin, qscan.dtype)
         step = PAIR_CHUNK if engine else nc
         for c0 in range(r0, st.n, step):
             c1 = min(st.n, c0 + step)
@@ -763,7 +790,7 @@ class Index:
         if st.n < 2 or not self._pairs_engine_applies():
             return None
         margin = torch.tensor([self._stored_margin(st)], dtype=torch.float64)
-        t = self._threshold(torch.tensor([threshold], dtype=torch.float64), margin)
+        t = self._threshold(torch.tensor([threshold], dtype=torch.float64), margin, self._scan_dtype())
         got = self._engine_pairs_reaching(st.rows[:st.n], None, float(t[0]), limit)
         return None if got is None else got[1:]
 

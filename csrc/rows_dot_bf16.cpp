@@ -1,0 +1,126 @@
+#include "rows_dot_bf16.h"
+
+#include <cstring>
+
+#include "check.h"
+#include "cpu/isa.h"
+
+#if EMBGEOM_X86
+#include <immintrin.h>
+#endif
+
+namespace embgeom {
+namespace {
+
+// queries handled in one pass over the rows (each row read once for all of them)
+constexpr int kQueries = 4;
+
+inline float widen(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// rows [r0, r1) against G <= kQueries queries; eight running sums a query (vectorisable)
+void dot_rows_generic(const float* q, int G, int64_t D, const uint16_t* rows, int64_t ldr, int64_t r0, int64_t r1,
+                      float* out, int64_t N) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* row = rows + r * ldr;
+    for (int g = 0; g < G; ++g) {
+      const float* qg = q + g * D;
+      float s[8] = {};
+      int64_t k = 0;
+      for (; k + 8 <= D; k += 8)
+        for (int l = 0; l < 8; ++l) s[l] += qg[k + l] * widen(row[k + l]);
+      float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+      for (; k < D; ++k) t += qg[k] * widen(row[k]);
+      out[g * N + r] = t;
+    }
+  }
+}
+
+#if EMBGEOM_X86
+EMBGEOM_AVX2 inline __m256 widen8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+EMBGEOM_AVX2 inline float total8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+// G queries (a template: the accumulators stay in registers), 16 values a step in two sums a
+// query so that consecutive FMAs do not wait on each other
+template <int G>
+EMBGEOM_AVX2 void dot_rows_avx2_g(const float* q, int64_t D, const uint16_t* rows, int64_t ldr, int64_t r0,
+                                  int64_t r1, float* out, int64_t N) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* row = rows + r * ldr;
+    __m256 a[G], b[G];
+    for (int g = 0; g < G; ++g) a[g] = b[g] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= D; k += 16) {
+      const __m256 lo = widen8(row + k), hi = widen8(row + k + 8);
+      for (int g = 0; g < G; ++g) {
+        a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + k), lo, a[g]);
+        b[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + k + 8), hi, b[g]);
+      }
+    }
+    if (k + 8 <= D) {
+      const __m256 lo = widen8(row + k);
+      for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + k), lo, a[g]);
+      k += 8;
+    }
+    for (int g = 0; g < G; ++g) {
+      float t = total8(_mm256_add_ps(a[g], b[g]));
+      for (int64_t kk = k; kk < D; ++kk) t += q[g * D + kk] * widen(row[kk]);
+      out[g * N + r] = t;
+    }
+  }
+}
+
+EMBGEOM_AVX2 void dot_rows_avx2(const float* q, int G, int64_t D, const uint16_t* rows, int64_t ldr, int64_t r0,
+                                int64_t r1, float* out, int64_t N) {
+  switch (G) {
+    case 1: return dot_rows_avx2_g<1>(q, D, rows, ldr, r0, r1, out, N);
+    case 2: return dot_rows_avx2_g<2>(q, D, rows, ldr, r0, r1, out, N);
+    case 3: return dot_rows_avx2_g<3>(q, D, rows, ldr, r0, r1, out, N);
+    default: return dot_rows_avx2_g<4>(q, D, rows, ldr, r0, r1, out, N);
+  }
+}
+#endif
+
+using DotRowsFn = void (*)(const float*, int, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t);
+
+DotRowsFn pick_dot_rows(const char** name) {
+  return pick_avx2_or_generic<DotRowsFn>(dot_rows_generic, EMBGEOM_IF_X86(dot_rows_avx2), "avx2", name);
+}
+
+}  // namespace
+
+const char* rows_dot_bf16_path() {
+  const char* name = "";
+  pick_dot_rows(&name);
+  return name;
+}
+
+void rows_dot_bf16(const float* q, int64_t Q, const uint16_t* rows, int64_t ldr, int64_t N, int64_t D, float* out) {
+  EMBGEOM_CHECK(Q >= 0 && N >= 0 && D >= 0 && ldr >= D, "rows_dot_bf16: bad shape");
+  const char* name = "";
+  const DotRowsFn dot = pick_dot_rows(&name);
+  constexpr int64_t kRowBlock = 1024;  // rows a task: 768 KB of bf16 rows at D = 384
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  for (int64_t g0 = 0; g0 < Q; g0 += kQueries) {
+    const int G = int(Q - g0 < kQueries ? Q - g0 : kQueries);
+#pragma omp parallel for schedule(static) if (blocks > 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t r0 = b * kRowBlock, r1 = r0 + kRowBlock < N ? r0 + kRowBlock : N;
+      dot(q + g0 * D, G, D, rows, ldr, r0, r1, out + g0 * N, N);
+    }
+  }
+}
+
+}  // namespace embgeom
