@@ -86,10 +86,11 @@ def main(args) -> int:
         if "context_argmax" in cpu:  # the text kernels of `embgeom text` (context similarity, evolution)
             print(f"  text: context_argmax {cpu['context_argmax']}; row_pair_sums {cpu.get('row_pair_sums', 'n/a')}; "
                   f"attention_sums {cpu.get('attention_sums', 'n/a')}")
-        from .index import ENGINE_BATCH, ENGINE_BATCH_BF16
+        from .index import BF16_ROWS_SCAN, ENGINE_BATCH, ENGINE_BATCH_BF16
 
         if "no native bf16" in cpu["gemm_fast"]:
-            bf16 = "float32 rows (no bf16 dot), as float32"
+            bf16 = (f"no bf16 dot: up to {BF16_ROWS_SCAN} queries its bf16 rows (rows_dot_bf16 "
+                    f"{cpu.get('rows_dot_bf16', 'n/a')}), more as float32")
         else:
             bf16 = f"bf16 product from {ENGINE_BATCH_BF16} query"
         print(f"  Index search (cosine/dot): the pairwise engine on rows prepared once; float32: "
