@@ -3,6 +3,7 @@ silhouette / within / between against scikit-learn and numpy, kept vectors again
 transformers' own hidden_states, the vocabulary position geometry."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -120,6 +121,37 @@ def test_tsne_affinities_are_the_cosine_kernel():
             slope, icpt = np.polyfit(u[i], logp, 1)
             assert slope < 0
             np.testing.assert_allclose(logp, slope * u[i] + icpt, atol=1e-6 * (1 + abs(logp).max()))
+
+
+def test_threaded_tsne_fft_is_numpys_fft_bit_for_bit(monkeypatch):
+    """openTSNE's FFT gradient with its 2-D transforms on two threads (threaded_tsne_fft): each
+    transform equals numpy.fft's bit for bit, and so does the whole layout, on an input whose
+    embedding spreads over several grid sizes."""
+    pytest.importorskip("openTSNE")
+    pytest.importorskip("scipy")
+    fft = projection._ThreadedFFT(2)
+    rng = np.random.default_rng(2)
+    for shape in ((2, 2), (6, 10), (35, 35), (300, 300), (1134, 1134)):
+        a = rng.standard_normal(shape)
+        f = np.fft.rfft2(a)
+        assert np.array_equal(fft.rfft2(a), f), shape
+        assert np.array_equal(fft.irfft2(f), np.fft.irfft2(f)), shape
+    assert np.array_equal(fft.rfft2(a, s=(8, 8)), np.fft.rfft2(a, s=(8, 8)))   # other calls: numpy's
+    assert fft.fft is np.fft.fft
+    x, _ = _clusters()
+    x = np.concatenate([x + 0.05 * rng.standard_normal(x.shape).astype(np.float32) for _ in range(20)])
+    idx, sim, _ = projection.exact_knn(x, 30)
+    calls = []
+    original = projection._ThreadedFFT.irfft2
+    monkeypatch.setattr(projection._ThreadedFFT, "irfft2", lambda self, a: calls.append(a.shape) or original(self, a))
+    kw = dict(perplexity=10, seed=1, n_jobs=2, n_iter=150, early_exaggeration_iter=50,
+              negative_gradient_method="fft")  # (openTSNE's own choice below 10,000 rows: Barnes-Hut)
+    threaded = projection.tsne_layout(x, idx, sim, **kw)
+    assert calls and max(calls)[0] > 100                  # the grid grew past its first size
+    monkeypatch.setattr(projection, "threaded_tsne_fft", lambda workers: contextlib.nullcontext())
+    np.testing.assert_array_equal(threaded, projection.tsne_layout(x, idx, sim, **kw))
+    import openTSNE._matrix_mul.matrix_mul as mm
+    assert mm.np is np                                    # restored after the fit
 
 
 def test_pca_matches_sklearn():
