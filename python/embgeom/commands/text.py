@@ -116,7 +116,8 @@ def main(args) -> int:
             with prog.phase("per-label metrics"):
                 report["by_label"] = split.result()
         if class_maps is not None:
-            report["class_maps"] = {**class_maps.result(), "theta": args.theta}
+            with prog.phase("class-mean maps' entropies"):  # (L, H) eigenvalue problems per label
+                report["class_maps"] = {**class_maps.result(), "theta": args.theta}
             class_maps.write(os.path.join(out, CLASS_MAPS_FILE))
         if pairs is not None:
             with prog.phase("[CLS] difference vectors"):
