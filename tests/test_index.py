@@ -205,6 +205,8 @@ def test_save_load_roundtrip(tmp_path, metric, dtype):
     q = make_rows(5, 20, seed=7)
     for got, want in zip(loaded.search(q, 8), index.search(q, 8)):
         assert torch.equal(got, want)
+    for got, want in zip(loaded.search(q[:1], 8), index.search(q[:1], 8)):  # the few-query scans
+        assert torch.equal(got, want)
     loaded.add(x[:10])  # a loaded (memory-mapped) index grows into its own buffers
     assert loaded.ntotal == 310 and Index.load(path).ntotal == 300
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
