@@ -17,15 +17,46 @@ TEXTS = ["the cat sat on the mat .", "a dog !", "she was in the house ? he was n
          "red , green and blue .", "one two three", "big\tsmall house"]
 
 
+def run_matrices(model_dir, tmp, texts, *flags, batch_size=4):
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp / "out"
+    assert main(["text", str(corpus), "--out", str(out), "--model", model_dir, "--batch-size", str(batch_size),
+                 "--matrices", "--no-progress", *flags]) == 0
+    return json.loads((out / "report.json").read_text())["attention_matrices"]
+
+
 @pytest.fixture(scope="module")
 def report(tiny_bert_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("matrices")
-    corpus = tmp / "corpus.txt"
-    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
-    out = tmp / "out"
-    assert main(["text", str(corpus), "--out", str(out), "--model", tiny_bert_dir, "--batch-size", "4",
-                 "--matrices", "--no-progress"]) == 0
-    return json.loads((out / "report.json").read_text())["attention_matrices"]
+    return run_matrices(tiny_bert_dir, tmp_path_factory.mktemp("matrices"), TEXTS)
+
+
+SPECTRA = ("rows_cone", "small_singular", "von_neumann")
+
+
+def test_spectra_of_the_first_texts(tiny_bert_dir, report, tmp_path, capsys):
+    """--matrices-texts 3 over batches of 2: the spectral measures and ranks are those of a run
+    over the first 3 texts alone (the limit falls inside the second batch); k90 and the norms
+    still cover every text; the limit is refused below 1 and without --matrices."""
+    got = run_matrices(tiny_bert_dir, tmp_path, TEXTS, "--matrices-texts", "3", batch_size=2)
+    (tmp_path / "first").mkdir()
+    first = run_matrices(tiny_bert_dir, tmp_path / "first", TEXTS[:3])
+    assert (got["texts"], got["spectra_texts"], first["spectra_texts"]) == (len(TEXTS), 3, 3)
+    for k in SPECTRA:
+        np.testing.assert_allclose(got[k], first[k], atol=1e-6, rtol=0, err_msg=k)
+    for k in ("softmax", "v", "head_output", "layer_output", "mean_tokens"):
+        np.testing.assert_array_equal(got["ranks"][k], first["ranks"][k], err_msg=k)
+    assert got["k90_quantiles"] == report["k90_quantiles"]                # every text (batches of 4 there)
+    for kind in "qkv":
+        assert got["qkv_norms"][kind]["hist"] == report["qkv_norms"][kind]["hist"]
+        for k in ("mean", "min", "max"):
+            np.testing.assert_allclose(got["qkv_norms"][kind][k], report["qkv_norms"][kind][k], rtol=1e-6)
+    corpus = tmp_path / "corpus.txt"
+    for flags, message in ((["--matrices", "--matrices-texts", "0"], "--matrices-texts: expected N >= 1, got 0"),
+                           (["--matrices-texts", "2"], "--matrices-texts: needs --matrices")):
+        argv = ["text", str(corpus), "--out", str(tmp_path / "bad"), "--model", "/nonexistent", *flags]
+        assert main(argv) == 2                          # refused before the model loads
+        assert message in capsys.readouterr().err
 
 
 def by_hand(model, tokenizer):

@@ -160,7 +160,7 @@ def add_keep_arguments(p) -> None:
 
 
 def check_label_options(args) -> None:
-    """One-line ValueErrors for the label options, before the model loads."""
+    """One-line ValueErrors for the label options and --matrices-texts, before the model loads."""
     import math
 
     if args.class_maps and not args.labels:
@@ -171,6 +171,10 @@ def check_label_options(args) -> None:
         raise ValueError("--correct-only: needs --labels FILE")
     if not math.isfinite(args.theta) or not 0.0 <= args.theta <= 1.0:
         raise ValueError(f"--theta: expected 0 <= X <= 1, got {args.theta}")
+    if args.matrices_texts is not None and not args.matrices:
+        raise ValueError("--matrices-texts: needs --matrices")
+    if args.matrices_texts is not None and args.matrices_texts < 1:
+        raise ValueError(f"--matrices-texts: expected N >= 1, got {args.matrices_texts}")
 
 
 def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[dict] | None,
@@ -250,6 +254,11 @@ def add_head_arguments(p) -> None:
                         "von Neumann entropy, k90 quantiles per head; rank, singular values and eigenvalue "
                         "signs of W_Q,h W_K,h^T, |q|/|k|/|v| histograms; numerical ranks of the softmax, V, "
                         "W_V, head and layer outputs (geometry-of-BERT authors' code)")
+    g.add_argument("--matrices-texts", type=int, metavar="N",
+                   help="with --matrices: the per-text spectra (attention-block cone, singular values, von "
+                        "Neumann entropy, numerical ranks; a few ms of LAPACK a block) of the first N texts only "
+                        "(default: every text; the geometry-of-BERT code took 30 samples); k90 and the norms "
+                        "still cover every text")
     g.add_argument("--gaussianity", action="store_true",
                    help="K^2 normality test, skew and kurtosis of every real token's hidden state per depth")
     g.add_argument("--profile", action="store_true", help="print the seconds spent on each extra metric")

@@ -253,11 +253,18 @@ def per_head_counts(values: torch.Tensor, size: int) -> torch.Tensor:
 
 class MatricesAccumulator:
     """Observer of trace(): per-text measures of every head's real-token attention block, k90
-    counts per (layer, head) and ||q||, ||k||, ||v|| histograms (with `capture()` active)."""
+    counts per (layer, head) and ||q||, ||k||, ||v|| histograms (with `capture()` active).
+    spectra_texts: the per-text spectral measures (the block measures and the numerical ranks,
+    the LAPACK work, a few ms a block) of the first that many texts only (None: every text);
+    k90 and the norms cover every text."""
 
-    def __init__(self, L: int, H: int, max_len: int, device):
+    def __init__(self, L: int, H: int, max_len: int, device, spectra_texts: int | None = None):
         z = lambda *s, dt=torch.float64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
         self.L, self.H = L, H
+        if spectra_texts is not None and (isinstance(spectra_texts, bool) or spectra_texts < 1):
+            raise ValueError(f"--matrices-texts: expected N >= 1, got {spectra_texts}")
+        self.spectra_limit = spectra_texts
+        self.spectra_texts = 0
         self.sums = {k: z(L, H) for k in ("rows_cone", "small_singular", "von_neumann")}
         # numerical ranks per text (summed): softmax block, V, head output (L, H); layer output (L,)
         self.ranks = {"softmax": z(L, H), "v": z(L, H), "head_output": z(L, H), "layer_output": z(L)}
@@ -297,31 +304,39 @@ class MatricesAccumulator:
         B = mask.shape[0]
         self.texts += B
         positions = [mask[i].nonzero().flatten() for i in range(B)]
-        self.real_tokens += int(mask.sum())
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(positions):
             by_len.setdefault(int(p.numel()), []).append(i)
         if b.attentions:
             self.rank_eps = torch.finfo(b.attentions[0].dtype).eps
         eps = self.rank_eps
+        # the texts of this batch whose spectra are taken (the first ones, up to the limit)
+        room = B if self.spectra_limit is None else max(0, min(B, self.spectra_limit - self.spectra_texts))
+        self.spectra_texts += room
+        self.real_tokens += int(mask[:room].sum())  # (the texts the ranks are of)
         # each group: a layer's blocks of the texts with n real tokens (k, H, n, n), model dtype
         groups = [(l, n, texts, attn[texts] if n == attn.shape[-1] else
                    torch.stack([attn[i][:, positions[i]][:, :, positions[i]] for i in texts]))
                   for l, attn in enumerate(b.attentions) for n, texts in by_len.items() if n]
         with one_blas_thread() as workers:
-            blocks64 = [g[3].double() for g in groups]
+            # (the first `room` texts of a group: by_len lists each length's texts in batch order)
+            picked = [[j for j, i in enumerate(g[2]) if i < room] for g in groups]
+            blocks64 = [g[3][sel].double() for g, sel in zip(groups, picked)]
             specs = lapack_map(lambda x: block_spectra(x, eps), [x.cpu() for x in blocks64], workers)
             for (l, n, texts, raw), blocks, spec in zip(groups, blocks64, specs):
-                m = block_measures(blocks, eps, spec)
-                self.ranks["softmax"][l] += m.pop("rank").sum(0)
-                for key, v in m.items():
-                    self.sums[key][l] += v.sum(0)
+                if blocks.shape[0]:
+                    m = block_measures(blocks, eps, spec)
+                    self.ranks["softmax"][l] += m.pop("rank").sum(0)
+                    for key, v in m.items():
+                        self.sums[key][l] += v.sum(0)
                 k = k90(raw)                                                      # (k, H, n)
                 self.k90[l] += per_head_counts(k.permute(1, 0, 2).reshape(self.H, -1), self.k90.shape[-1])
             self.seconds["matrices: attention blocks"] = self.seconds.get("matrices: attention blocks", 0.0) \
                 + time.perf_counter() - t0
             t0 = time.perf_counter()
-            self._ranks(b, positions, by_len, eps, workers)
+            if room:
+                spectra_len = {n: [i for i in texts if i < room] for n, texts in by_len.items()}
+                self._ranks(b, positions, {n: t for n, t in spectra_len.items() if t}, eps, workers)
         self.seconds["matrices: ranks"] = self.seconds.get("matrices: ranks", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.store:
@@ -385,10 +400,11 @@ class MatricesAccumulator:
         return (cum[..., None, :] < qs[:, None] * total[..., None]).sum(-1).double()
 
     def result(self, model) -> dict:
-        t = max(self.texts, 1)
+        t = max(self.spectra_texts, 1)
         tok = max(self.tokens, 1)
         out = {key: (v / t).tolist() for key, v in self.sums.items()}
-        out.update({"texts": self.texts, "small_singular_threshold": SMALL_SINGULAR,
+        out.update({"texts": self.texts, "spectra_texts": self.spectra_texts,
+                    "small_singular_threshold": SMALL_SINGULAR,
                     "k90_quantiles": {"q": list(K90_QUANTILES), "values": self.k90_quantiles().tolist()},
                     "weights": weight_measures(model)})
         out["ranks"] = {

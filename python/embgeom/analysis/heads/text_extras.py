@@ -82,7 +82,8 @@ class TextExtras:
                                       directionality=args.directionality, qk=self._qk,
                                       sample_maps=head_maps, sample_filter=accept) if want_heads else None
         self.gauss = GaussianityAccumulator(L + 1, model.config.hidden_size) if args.gaussianity else None
-        self.matrices = MatricesAccumulator(L, H, max_len, dev) if getattr(args, "matrices", False) else None
+        self.matrices = MatricesAccumulator(L, H, max_len, dev, spectra_texts=getattr(args, "matrices_texts", None)) \
+            if getattr(args, "matrices", False) else None
         if self.matrices is not None:
             weight_measures_check(model)
         rule = parse_similar(getattr(args, "similar", None))
