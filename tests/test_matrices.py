@@ -42,6 +42,9 @@ def test_spectra_of_the_first_texts(tiny_bert_dir, report, tmp_path, capsys):
     (tmp_path / "first").mkdir()
     first = run_matrices(tiny_bert_dir, tmp_path / "first", TEXTS[:3])
     assert (got["texts"], got["spectra_texts"], first["spectra_texts"]) == (len(TEXTS), 3, 3)
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")   # the section says so
+    assert "means over the first 3 of 6 texts" in page
+    assert all((tmp_path / "out" / f"attention_matrices{s}.png").exists() for s in ("", "_heads"))
     for k in SPECTRA:
         np.testing.assert_allclose(got[k], first[k], atol=1e-6, rtol=0, err_msg=k)
     for k in ("softmax", "v", "head_output", "layer_output", "mean_tokens"):

@@ -47,6 +47,12 @@ DEFINITIONS = {
     "clark": ("Clark's head measures", "Per head: smoothed row entropy, attention to [CLS], [SEP], '.', "
               "',' and the neighbours, the summed JS divergence between heads and its MDS map "
               "(Clark et al. 2019, arXiv 1906.04341; docs/metrics.md, attention heads)."),
+    "attention_matrices": ("attention-block spectra (GoB code)", "Per text and head, on the real-token "
+                           "attention block A (n x n): the cone index I/n of its rows, the number of its "
+                           "singular values below 1e-3, and the von Neumann entropy -sum v ln v with "
+                           "v = |lambda| / sqrt(sum |lambda|^2) over its eigenvalues; k90 = the fewest "
+                           "largest entries of a row summing to >= 0.9 (arXiv 2502.12033's code; "
+                           "docs/metrics.md, attention_matrices)."),
     "gaussianity": ("Gaussianity (K^2)", "D'Agostino-Pearson K^2 normality test of each hidden dimension "
                     "over every real token, per depth; skewness and excess kurtosis."),
     "syntax": ("syntax-head accuracy", "Per dependency relation and head: the share of words whose "

@@ -200,6 +200,44 @@ def head_mds_page(out_dir: str, mds, js, behaviour: list[str], L: int, H: int,
     return "head_mds.html"
 
 
+def matrices_section(out_dir: str, block: dict):
+    """`--matrices`: the spectral means per layer (mean over heads, range over heads), and per
+    head the median k90 and the attention block's numerical rank."""
+    panels = (("rows_cone", "cone index I/n of the attention rows"),
+              ("small_singular", "singular values < 1e-3 (count)"),
+              ("von_neumann", "von Neumann entropy of the eigenvalues"))
+    fig, _ = new_figure(12, 3.4)
+    fig.clf()
+    for i, (key, title) in enumerate(panels):
+        v = _arr(block[key])
+        L = v.shape[0]
+        layers = np.arange(1, L + 1)
+        ax = fig.add_subplot(1, 3, i + 1)
+        ax.plot(layers, v.mean(1), "o-", label="mean over heads")
+        ax.fill_between(layers, v.min(1), v.max(1), alpha=0.2, label="range over heads")
+        ax.set_title(title, fontsize=9)
+        layer_axis(ax, L)
+        ax.legend(fontsize=7)
+    png = save_figure(fig, out_dir, "attention_matrices")
+    k90 = np.asarray(block["k90_quantiles"]["values"], dtype=float)[..., list(block["k90_quantiles"]["q"]).index(0.5)]
+    fig, axes = new_figure(12, 0.35 * k90.shape[0] + 2.4)
+    fig.clf()
+    _heat(fig.add_subplot(1, 2, 1), fig, k90, "median k90 (rows' fewest entries reaching 0.9)", fmt="{:.0f}",
+          label="entries")
+    _heat(fig.add_subplot(1, 2, 2), fig, _arr(block["ranks"]["softmax"]), "numerical rank of the attention block",
+          fmt="{:.1f}", label="rank (mean over texts)")
+    png2 = save_figure(fig, out_dir, "attention_matrices_heads")
+    spectra = block.get("spectra_texts", block["texts"])
+    over = (f"the first {fmt_number(spectra)} of {fmt_number(block['texts'])} texts"
+            if spectra != block["texts"] else f"{fmt_number(spectra)} texts")
+    return ("Attention blocks as matrices (geometry-of-BERT code)",
+            f"<p>{defined('attention_matrices')}: means over {over} (k90 over every text); mean real "
+            f"tokens per text {fmt_number(block['ranks']['mean_tokens'], 3)}. The weights' analyses "
+            "(rank, singular values and eigenvalue signs of W_Q,h W_K,h^T, the q/k/v norm histograms "
+            "beside the projections' largest singular values) are in report.json, "
+            "<code>attention_matrices</code>.</p>", [png, png2])
+
+
 def gaussianity_section(out_dir: str, entries: list[dict]):
     depth = [e["depth"] for e in entries]
     fig, _ = new_figure(12, 3.4)

@@ -77,7 +77,7 @@ def clark_strips(out_dir: str, report: dict, L: int, H: int) -> str:
 
 def head_sections(out_dir: str, report: dict) -> list:
     from .head_sections import context_maps_section, context_section, gaussianity_section, heads_sections, \
-        similar_section
+        matrices_section, similar_section
 
     out = []
     for section in (context_section, similar_section, context_maps_section):
@@ -88,6 +88,8 @@ def head_sections(out_dir: str, report: dict) -> list:
         out += heads_sections(out_dir, report["attention_heads"], provenance=report.get("provenance"))
     if "gaussianity" in report:
         out.append(gaussianity_section(out_dir, report["gaussianity"]))
+    if "attention_matrices" in report:
+        out.append(matrices_section(out_dir, report["attention_matrices"]))
     return out
 
 
