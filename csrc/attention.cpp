@@ -210,11 +210,7 @@ RowEntropyFn pick_row_entropy(const char** name) {
 
 }  // namespace
 
-const char* attention_entropy_path() {
-  const char* name = "";
-  pick_row_entropy(&name);
-  return name;
-}
+const char* attention_entropy_path() { return picked_name(pick_row_entropy); }
 
 void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask,
                            double smoothing, float* out) {

@@ -66,11 +66,7 @@ MapFn pick_map(const char** name) {
 
 }  // namespace
 
-const char* attention_sums_path() {
-  const char* name = "";
-  pick_map(&name);
-  return name;
-}
+const char* attention_sums_path() { return picked_name(pick_map); }
 
 void attention_sums(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask,
                     const uint8_t* keys, int64_t K, const uint8_t* other, double* key_mass,

@@ -40,11 +40,7 @@ AddUnitRowFn pick_add_unit_row(const char** name) {
 
 }  // namespace
 
-const char* cone_index_path() {
-  const char* name = "";
-  pick_add_unit_row(&name);
-  return name;
-}
+const char* cone_index_path() { return picked_name(pick_add_unit_row); }
 
 void cone_unit_sums(const float* x, int64_t B, int64_t T, int64_t D, const uint8_t* mask,
                     double* unit_sum, int64_t* n_used, int64_t* n_zero) {

@@ -73,11 +73,7 @@ SumsFn pick_sums(const char** name) {
 
 }  // namespace
 
-const char* row_pair_sums_path() {
-  const char* name = "";
-  pick_sums(&name);
-  return name;
-}
+const char* row_pair_sums_path() { return picked_name(pick_sums); }
 
 void row_pair_sums(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t N, int64_t D, double* out) {
   EMBGEOM_CHECK(N >= 0 && D >= 0, "row_pair_sums: bad shape");

@@ -101,11 +101,7 @@ DotRowsFn pick_dot_rows(const char** name) {
 
 }  // namespace
 
-const char* rows_dot_bf16_path() {
-  const char* name = "";
-  pick_dot_rows(&name);
-  return name;
-}
+const char* rows_dot_bf16_path() { return picked_name(pick_dot_rows); }
 
 void rows_dot_bf16(const float* q, int64_t Q, const uint16_t* rows, int64_t ldr, int64_t N, int64_t D, float* out) {
   EMBGEOM_CHECK(Q >= 0 && N >= 0 && D >= 0 && ldr >= D, "rows_dot_bf16: bad shape");

@@ -61,6 +61,14 @@ Fn pick_avx2_or_generic(Fn generic, Fn avx2, const char* avx2_name, const char**
   return generic;
 }
 
+// The name of the build a kernel's pick(&name) chooses now: what every `*_path()` returns.
+template <class Fn>
+const char* picked_name(Fn (*pick)(const char**)) {
+  const char* name = "";
+  pick(&name);
+  return name;
+}
+
 }  // namespace embgeom
 
 #if EMBGEOM_X86
