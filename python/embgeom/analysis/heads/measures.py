@@ -41,14 +41,6 @@ PATTERN_FEATURES = ("diagonal", "previous", "next", "back3", "forward3", "cls_se
 
 
 # ------------------------------------------------------------------------------ per batch
-def smoothed(attn: torch.Tensor, mask: torch.Tensor, eps: float, dtype=None) -> torch.Tensor:
-    """(1 - eps) A + eps / n on real keys, 0 on padded keys: (B, H, T, T)."""
-    dtype = dtype or attn.dtype
-    q = mask.to(dtype)
-    n = q.sum(1).clamp(min=1)
-    return ((1.0 - eps) * attn.to(dtype) + (eps / n)[:, None, None, None]) * q[:, None, None, :]
-
-
 def row_entropy(p: torch.Tensor) -> torch.Tensor:
     """-sum_j p ln p over the last axis (nats, 0 ln 0 = 0)."""
     return -torch.special.xlogy(p, p).sum(-1)
@@ -301,12 +293,17 @@ class HeadsAccumulator:
         nsep = b.sep.sum(1).double()
         s["sep_texts"] += (nsep > 0).sum()
         cls_sep = (b.cls | b.sep).to(b.attentions[0].dtype)
+        # the row-entropy kernel (embgeom.attention_entropy without its input checks; NaN on
+        # padded rows), as the default trace takes it
+        from ...backends import registry
+
+        _, entropy_kernel = registry.pick("attention_entropy", b.attentions[0])
         t0 = time.perf_counter()
         for l, attn in enumerate(b.attentions):
             a = attn * mask[:, None, None, :].to(attn.dtype)                  # padded keys exactly 0
             qr = q[:, None, :]                                                 # (B, 1, T) real rows
             # Clark's smoothed entropies (per text mean over rows, then summed over texts)
-            ent = row_entropy(smoothed(a, mask, ENTROPY_SMOOTHING)).double()   # (B, H, T)
+            ent = entropy_kernel(a, mask, ENTROPY_SMOOTHING).to(a.device).double().nan_to_num(0.0)  # (B, H, T)
             s["clark_entropy"][l] += ((ent * qr).sum(-1) / n.clamp(min=1)[:, None]).sum(0)
             s["cls_entropy"][l] += ent[:, :, 0].sum(0)
             # [SEP] -> [SEP]: per text the mean over its [SEP] rows of their mass on [SEP] keys
@@ -337,7 +334,7 @@ class HeadsAccumulator:
             kh.scatter_add_(1, k.transpose(0, 1).reshape(H, -1),
                             q[None].expand(H, B, T).reshape(H, -1))
             s["k90_hist"][l] += kh
-            raw = row_entropy(ad).double()                                     # (B, H, T)
+            raw = entropy_kernel(a, mask, 0.0).to(a.device).double().nan_to_num(0.0)  # (B, H, T)
             s["raw_entropy"][l] += (raw * qr).sum(dim=(0, 2))
             ok = (n >= 2)[:, None, None] & mask[:, None, :]
             nent = raw / n.clamp(min=2).log()[:, None, None]
