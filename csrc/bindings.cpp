@@ -17,6 +17,7 @@
 #include "pair_values.h"
 #include "row_pairs.h"
 #include "rows_dot_bf16.h"
+#include "value_histogram.h"
 #include "cpu/blas.h"
 #include "cpu/isa.h"
 #include "numerics.h"
@@ -100,6 +101,19 @@ py::tuple attention_sums(const f32_array& p, const u8_array& mask, const u8_arra
                             row_sum.mutable_data(), offsets.mutable_data());
   }
   return py::make_tuple(key_mass, sep_other, prev, next, row_sum, offsets);
+}
+
+py::tuple value_histogram(const f32_array& p, const u8_array& mask, bool widen_to_zero) {
+  EMBGEOM_CHECK(p.ndim() == 4 && p.shape(2) == p.shape(3), "attn: expected (B, H, T, T), got " << p.ndim() << " dims");
+  const int64_t B = p.shape(0), H = p.shape(1), T = p.shape(2);
+  EMBGEOM_CHECK(mask.ndim() == 2 && mask.shape(0) == B && mask.shape(1) == T, "mask: expected (B, T)");
+  py::array_t<int64_t> counts({B, H, int64_t(embgeom::kValueBins)}), zero_bin({B, H});
+  {
+    py::gil_scoped_release release;
+    embgeom::value_histogram(p.data(), B, H, T, mask.data(), widen_to_zero, counts.mutable_data(),
+                             zero_bin.mutable_data());
+  }
+  return py::make_tuple(counts, zero_bin);
 }
 
 py::array_t<double> row_pair_sums(const py::array_t<float>& a, const py::array_t<float>& b) {
@@ -222,6 +236,9 @@ PYBIND11_MODULE(_C, m) {
         "(key_mass (B, H, K), sep_other, prev, next (B, H), row_sum (B, H, T), offsets (H, 2T - 1)) float64");
   m.def("row_pair_sums", &row_pair_sums, py::arg("a"), py::arg("b"),
         "Float64 row sums of two (N, D) float32 arrays -> (N, 4): |a|^2, |b|^2, |a - b|^2, a . b");
+  m.def("value_histogram", &value_histogram, py::arg("attn"), py::arg("mask"), py::arg("widen_to_zero"),
+        "The geometry-of-BERT value histogram of each map: attn (B, H, T, T) float32, mask (B, T) uint8 -> "
+        "(counts (B, H, 20), bin of 0 (B, H)) int64");
   m.def("rows_dot_bf16", &rows_dot_bf16, py::arg("q"), py::arg("rows"),
         "A bf16 index's scan for a few queries: q (Q, D) float32, rows (N, D) bf16 bit patterns as int16 -> "
         "(Q, N) float32 dot products (exact products, float32 sums)");

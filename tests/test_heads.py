@@ -342,3 +342,33 @@ def test_js_vectorised_equals_pair_loop():
                 M = 0.5 * (P[x] + P[y])
                 want[x, y] += 0.5 * ((P[x] * (P[x] / M).log()).sum() + (P[y] * (P[y] / M).log()).sum())
     _close(got, want, "clark_js_sums", 1e-5)
+
+
+def test_value_histogram_kernel_equals_torch():
+    """The C++ core's value histogram (float32 maps on the CPU) gives the torch path's counts and
+    bin of 0 exactly: padding, one-token and empty texts, constant and one-hot maps, entries on
+    bin edges, widened to 0 or not; and the entropies agree, padded or not."""
+    core = pytest.importorskip("embgeom._C")
+    rng = np.random.default_rng(4)
+    B, H, T = 6, 3, 9
+    a = rng.random((B, H, T, T)).astype(np.float32)
+    a /= a.sum(-1, keepdims=True)
+    a[0, 0] = 0.25                                            # constant
+    a[0, 1] = np.eye(T, dtype=np.float32)                     # one-hot rows
+    a[1, 2] = (np.arange(T * T).reshape(T, T) % 21 / 20).astype(np.float32)  # on the edges 0.05 k
+    a[2, 0] = -a[2, 0]                                        # negative values: the widening moves hi
+    mask = np.ones((B, T), dtype=bool)
+    mask[3, 5:] = False                                       # padding
+    mask[4, 1:] = False                                       # one token
+    mask[5] = False                                           # no token
+    attn, m = torch.from_numpy(a), torch.from_numpy(mask)
+    for widen in (False, True):
+        counts, zero_bin = core.value_histogram(a, mask.astype(np.uint8), widen)
+        want_c, want_z = hd._value_counts(attn, m, widen)
+        np.testing.assert_array_equal(counts, want_c.numpy().astype(np.int64), err_msg=str(widen))
+        if widen:
+            np.testing.assert_array_equal(zero_bin, want_z[..., 0].numpy())
+    for pad in (None, 12):
+        got = hd.value_histogram_entropy(attn, m, pad_to=pad)
+        want = hd.value_histogram_entropy(attn.double(), m, pad_to=pad)   # float64: the torch path
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-12)

@@ -108,22 +108,44 @@ def value_histogram_entropy(attn: torch.Tensor, mask: torch.Tensor, pad_to: int 
     the lowest one including the min, as pandas.cut), p_b = count_b / n^2, -sum p_b ln p_b
     (nats). attn (B, H, T, T) -> (B, H) float64 (0 for a constant map). pad_to = P: the map as
     the authors' code bins it, zero-padded to P x P (their inputs are padded to the model's
-    length, pad rows and columns zeroed): P^2 - n^2 more zeros, the range widened to take 0."""
+    length, pad rows and columns zeroed): P^2 - n^2 more zeros, the range widened to take 0.
+    Float32 maps on the CPU: the C++ core's value_histogram (the same edges and counts)."""
+    from ...backends import registry
+
+    B, H, T, _ = attn.shape
+    n2 = (mask.sum(1).double() ** 2)[:, None]                                # n^2 (B, 1)
+    if pad_to is not None and int(n2.max()) > pad_to * pad_to:
+        raise ValueError(f"pad_to: {pad_to} is shorter than a map's {int(n2.max() ** 0.5)} real tokens")
+    kernel = registry.cpp_kernel("value_histogram", attn)
+    if kernel is not None:
+        counts, zero_bin = (torch.from_numpy(t) for t in kernel(attn.contiguous().numpy(),
+                                                                mask.to(torch.uint8).contiguous().numpy(),
+                                                                pad_to is not None))
+        counts, zero_bin = counts.double(), zero_bin[..., None]
+    else:
+        counts, zero_bin = _value_counts(attn, mask, pad_to is not None)
+    if pad_to is not None:
+        counts.scatter_add_(-1, zero_bin, (pad_to * pad_to - n2).expand(B, H)[..., None] * (counts.sum(-1, keepdim=True) > 0))
+        n2 = torch.full_like(n2, float(pad_to * pad_to))
+    p = counts / n2[..., None].clamp(min=1)
+    return row_entropy(p)
+
+
+def _value_counts(attn: torch.Tensor, mask: torch.Tensor, widen_to_zero: bool):
+    """value_histogram_entropy's counts (B, H, 20) float64 (zero for a constant map) and the bin
+    of 0 (B, H, 1) int64, in torch (any device and dtype)."""
     B, H, T, _ = attn.shape
     pair = (mask[:, :, None] & mask[:, None, :])[:, None]                  # (B, 1, T, T)
     inf = torch.tensor(math.inf, dtype=attn.dtype, device=attn.device)
     x = torch.where(pair, attn, inf)                                       # padding never counted
     lo = x.amin(dim=(2, 3)).double()                                       # (B, H), exact values
     hi = torch.where(pair, attn, -inf).amax(dim=(2, 3)).double()
-    n2 = pair.sum(dim=(1, 2, 3)).double()[:, None]                         # n^2
-    if pad_to is not None:
-        if int(n2.max()) > pad_to * pad_to:
-            raise ValueError(f"pad_to: {pad_to} is shorter than a map's {int(n2.max() ** 0.5)} real tokens")
+    if widen_to_zero:
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
     # inner edges e_b = b * (hi - lo) / 20 + lo (numpy's linspace, as pd.cut builds them), each
     # float64 edge rounded down to the largest float32 not above it so that the float32 test
     # x <= e is exact; bin b = (e_b, e_b+1], the min in bin 0, the max in bin 19, padding (inf)
-    # (inf) past the max in a dump slot 20
+    # past the max in a dump slot 20
     step = (hi - lo) / VALUE_BINS
     e = torch.arange(1, VALUE_BINS, dtype=torch.float64, device=attn.device) * step[..., None] + lo[..., None]
     e32 = e.to(attn.dtype)
@@ -133,13 +155,9 @@ def value_histogram_entropy(attn: torch.Tensor, mask: torch.Tensor, pad_to: int 
     idx += (torch.arange(B * H, device=attn.device) * (VALUE_BINS + 1)).view(B, H, 1)
     counts = torch.bincount(idx.reshape(-1), minlength=B * H * (VALUE_BINS + 1))
     counts = counts.view(B, H, VALUE_BINS + 1)[..., :VALUE_BINS].double()
-    if pad_to is not None:
-        zero_bin = torch.searchsorted(edges, torch.zeros(B, H, 1, dtype=attn.dtype, device=attn.device))
-        counts.scatter_add_(-1, zero_bin.clamp(max=VALUE_BINS - 1), (pad_to * pad_to - n2).expand(B, H)[..., None])
-        n2 = torch.full_like(n2, float(pad_to * pad_to))
     counts = torch.where((step > 0)[..., None], counts, torch.zeros_like(counts))
-    p = counts / n2[..., None].clamp(min=1)
-    return row_entropy(p)
+    zero_bin = torch.searchsorted(edges, torch.zeros(B, H, 1, dtype=attn.dtype, device=attn.device))
+    return counts, zero_bin.clamp(max=VALUE_BINS - 1)
 
 
 def ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
