@@ -5,6 +5,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -208,9 +209,99 @@ RowEntropyFn pick_row_entropy(const char** name) {
   return row_entropy_generic;
 }
 
+// sum_t s ln s over one row pair, s = p + q (> 0: smoothed rows; padded keys 1/2 in both rows give
+// s = 1 and a 0 term); float32 terms, float64 sums, as the row entropy
+double pair_sls_generic(const float* p, const float* q, int64_t T) {
+  constexpr int W = 16;
+  double acc[W] = {};
+  int64_t k = 0;
+  for (; k + W <= T; k += W) {
+    float term[W];
+    for (int l = 0; l < W; ++l) {
+      const float v = p[k + l] + q[k + l];
+      term[l] = v * log_poly(v);
+    }
+    for (int l = 0; l < W; ++l) acc[l] += double(term[l]);
+  }
+  double sum = 0.0;
+  for (int l = 0; l < W; ++l) sum += acc[l];
+  for (; k < T; ++k) {
+    const float v = p[k] + q[k];
+    sum += double(v * log_poly(v));
+  }
+  return sum;
+}
+
+#if EMBGEOM_X86
+// 16 keys a step in two independent halves (the log's polynomial is a chain of 9 FMAs)
+EMBGEOM_AVX2 double pair_sls_avx2(const float* p, const float* q, int64_t T) {
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  int64_t k = 0;
+  for (; k + 16 <= T; k += 16) {
+    const __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(p + k), _mm256_loadu_ps(q + k));
+    const __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(p + k + 8), _mm256_loadu_ps(q + k + 8));
+    const __m256 t0 = _mm256_mul_ps(v0, log_ps_avx2(v0)), t1 = _mm256_mul_ps(v1, log_ps_avx2(v1));
+    acc0 = _mm256_add_pd(acc0, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(t0)),
+                                             _mm256_cvtps_pd(_mm256_castps256_ps128(t1))));
+    acc1 = _mm256_add_pd(acc1, _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(t0, 1)),
+                                             _mm256_cvtps_pd(_mm256_extractf128_ps(t1, 1))));
+  }
+  for (; k + 8 <= T; k += 8) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(p + k), _mm256_loadu_ps(q + k));
+    const __m256 term = _mm256_mul_ps(v, log_ps_avx2(v));
+    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(term)));
+    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(term, 1)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+  double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; k < T; ++k) {
+    const float v = p[k] + q[k];
+    sum += double(v * log_poly(v));
+  }
+  return sum;
+}
+#endif
+
+using PairSlsFn = double (*)(const float*, const float*, int64_t);
+
+PairSlsFn pick_pair_sls(const char** name) {
+  return pick_avx2_or_generic<PairSlsFn>(pair_sls_generic, EMBGEOM_IF_X86(pair_sls_avx2), "avx2", name);
+}
+
 }  // namespace
 
 const char* attention_entropy_path() { return picked_name(pick_row_entropy); }
+
+const char* js_pair_sums_path() { return picked_name(pick_pair_sls); }
+
+void js_pair_sums(const float* P, int64_t K, int64_t R, int64_t T, double* out) {
+  EMBGEOM_CHECK(K >= 0 && R >= 0 && T >= 0, "js_pair_sums: bad shape");
+  const char* name = "";
+  const PairSlsFn sls = pick_pair_sls(&name);
+  // blocks of rows small enough that every head's rows of a block stay in L2; each block's K x K
+  // partial sums are written by one thread and added in block order: the same sums whatever
+  // the thread count
+  constexpr int64_t kRowBlock = 8;
+  const int64_t blocks = (R + kRowBlock - 1) / kRowBlock;
+  std::vector<double> part(size_t(blocks) * K * K, 0.0);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    double* acc = part.data() + blk * K * K;
+    const int64_t r0 = blk * kRowBlock, r1 = std::min(R, r0 + kRowBlock);
+    for (int64_t a = 0; a < K; ++a)
+      for (int64_t b = a + 1; b < K; ++b) {
+        double s = 0.0;
+        for (int64_t r = r0; r < r1; ++r) s += sls(P + (a * R + r) * T, P + (b * R + r) * T, T);
+        acc[a * K + b] = s;
+      }
+  }
+  std::fill(out, out + K * K, 0.0);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const double* acc = part.data() + blk * K * K;
+    for (int64_t i = 0; i < K * K; ++i) out[i] += acc[i];
+  }
+}
 
 void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask,
                            double smoothing, float* out) {

@@ -13,4 +13,11 @@ void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, cons
 // The row-entropy loop attention_row_entropy uses at the current vector level (cpu/isa.h).
 const char* attention_entropy_path();
 
+// Clark's head distance (the pair part of its JS divergences): P (K, R, T) float32, each head's R
+// smoothed rows (padded keys 1/2 in every row, so that they add s ln s = 0); out (K, K): for
+// a < b, out[a * K + b] = sum over rows and keys of s ln s with s = P[a] + P[b] (float32 terms,
+// float64 sums in a fixed order); the rest 0.
+void js_pair_sums(const float* P, int64_t K, int64_t R, int64_t T, double* out);
+const char* js_pair_sums_path();
+
 }  // namespace embgeom

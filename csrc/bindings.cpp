@@ -103,6 +103,17 @@ py::tuple attention_sums(const f32_array& p, const u8_array& mask, const u8_arra
   return py::make_tuple(key_mass, sep_other, prev, next, row_sum, offsets);
 }
 
+py::array_t<double> js_pair_sums(const f32_array& P) {
+  EMBGEOM_CHECK(P.ndim() == 3, "P: expected (K, R, T), got " << P.ndim() << " dims");
+  const int64_t K = P.shape(0), R = P.shape(1), T = P.shape(2);
+  py::array_t<double> out({K, K});
+  {
+    py::gil_scoped_release release;
+    embgeom::js_pair_sums(P.data(), K, R, T, out.mutable_data());
+  }
+  return out;
+}
+
 py::tuple value_histogram(const f32_array& p, const u8_array& mask, bool widen_to_zero) {
   EMBGEOM_CHECK(p.ndim() == 4 && p.shape(2) == p.shape(3), "attn: expected (B, H, T, T), got " << p.ndim() << " dims");
   const int64_t B = p.shape(0), H = p.shape(1), T = p.shape(2);
@@ -216,6 +227,7 @@ py::dict cpu_info() {
   d["context_argmax"] = std::string(embgeom::context_argmax_path());
   d["row_pair_sums"] = std::string(embgeom::row_pair_sums_path());
   d["rows_dot_bf16"] = std::string(embgeom::rows_dot_bf16_path());
+  d["js_pair_sums"] = std::string(embgeom::js_pair_sums_path());
   d["attention_sums"] = std::string(embgeom::attention_sums_path());
   d["cone_index"] = std::string(embgeom::cone_index_path());
   return d;
@@ -236,6 +248,9 @@ PYBIND11_MODULE(_C, m) {
         "(key_mass (B, H, K), sep_other, prev, next (B, H), row_sum (B, H, T), offsets (H, 2T - 1)) float64");
   m.def("row_pair_sums", &row_pair_sums, py::arg("a"), py::arg("b"),
         "Float64 row sums of two (N, D) float32 arrays -> (N, 4): |a|^2, |b|^2, |a - b|^2, a . b");
+  m.def("js_pair_sums", &js_pair_sums, py::arg("P"),
+        "Clark's head distance, pair part: P (K, R, T) float32 smoothed rows -> (K, K) float64, "
+        "[a, b] (a < b) = sum of s ln s over rows and keys, s = P[a] + P[b]");
   m.def("value_histogram", &value_histogram, py::arg("attn"), py::arg("mask"), py::arg("widen_to_zero"),
         "The geometry-of-BERT value histogram of each map: attn (B, H, T, T) float32, mask (B, T) uint8 -> "
         "(counts (B, H, 20), bin of 0 (B, H)) int64");

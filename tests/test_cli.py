@@ -114,7 +114,8 @@ def test_info_runs():
     r = subprocess.run([sys.executable, "-m", "embgeom.info", "--json"], capture_output=True, text=True)
     info = json.loads(r.stdout)
     assert info["built"]["_C"] is True
-    assert {"entropy", "cone_index", "context_argmax", "row_pair_sums", "attention_sums"} <= set(info["cpu"])
+    assert {"entropy", "cone_index", "context_argmax", "row_pair_sums", "attention_sums", "js_pair_sums",
+            "rows_dot_bf16"} <= set(info["cpu"])
 
 
 def test_checkpoint_survives_sigkill_and_resumes_identically(tmp_path):

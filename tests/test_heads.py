@@ -372,3 +372,25 @@ def test_value_histogram_kernel_equals_torch():
         got = hd.value_histogram_entropy(attn, m, pad_to=pad)
         want = hd.value_histogram_entropy(attn.double(), m, pad_to=pad)   # float64: the torch path
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [1, 7, 8, 17, 40])
+def test_js_pair_sums_kernel(T, monkeypatch):
+    """_C.js_pair_sums against float64 s ln s sums on every vector level (tails of 8 and 16 keys,
+    padded keys at 1/2 adding nothing), the lower triangle and diagonal left 0."""
+    core = pytest.importorskip("embgeom._C")
+    rng = np.random.default_rng(T)
+    K, R = 5, 11
+    P = rng.random((K, R, T)).astype(np.float32) + np.float32(1e-3)
+    P /= P.sum(-1, keepdims=True)
+    if T > 3:
+        P[:, :, -2:] = 0.5                                    # padded keys
+    s = P[:, None].astype(np.float64) + P[None].astype(np.float64)
+    want = (s * np.log(s)).sum(axis=(-1, -2))
+    levels = ["generic"] + (["avx2"] if core.cpu_info()["isa"] in ("avx2", "avx512") else [])
+    for level in levels:
+        monkeypatch.setenv("EMBGEOM_CPU", level)
+        got = core.js_pair_sums(P)
+        iu = np.triu_indices(K, 1)
+        np.testing.assert_allclose(got[iu], want[iu], rtol=1e-6, atol=1e-6 * R * T, err_msg=level)
+        assert (got[np.tril_indices(K)] == 0).all()

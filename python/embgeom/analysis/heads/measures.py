@@ -53,8 +53,11 @@ def clark_js_sums(attentions, mask: torch.Tensor, row_chunk: int = 512) -> torch
     zero diagonal.
 
     JS(p, q) = ln 2 + (sum p ln p + sum q ln q - sum s ln s) / 2 with s = p + q, so per pair only
-    the sum s ln s needs the pair; it is taken for one head against all later heads at once
-    (a (K-a-1, R, T) tensor), rows in chunks of row_chunk. Float32 terms, float64 sums."""
+    the sum s ln s needs the pair: the C++ core's js_pair_sums on the CPU (float32 terms, float64
+    sums in a fixed order), elsewhere one head against all later heads at once (a (K-a-1, R, T)
+    tensor); rows in chunks of row_chunk."""
+    from ...backends import registry
+
     L = len(attentions)
     B, H, T, _ = attentions[0].shape
     K = L * H
@@ -76,6 +79,12 @@ def clark_js_sums(attentions, mask: torch.Tensor, row_chunk: int = 512) -> torch
         # padded keys get 1/2 in both rows: s = 1 there and s ln s = 0, so the plain s * ln s
         # (cheaper than xlogy) needs no mask
         P += 0.5 * (1.0 - keys[None, start:start + R])
+        pair_sums = registry.cpp_kernel("js_pair_sums", P)
+        if pair_sums is not None:                                          # the C++ core's loop
+            sls = torch.from_numpy(pair_sums(P.contiguous().numpy()))       # (K, K), a < b
+            for a in range(K - 1):
+                out[a, a + 1:] += R * ln2 + 0.5 * (plp[a] + plp[a + 1:] - sls[a, a + 1:])
+            continue
         for a in range(K - 1):
             s = P[a + 1:] + P[a]                                           # (K-a-1, R, T)
             sls = (s * s.log()).sum(-1).double().sum(-1)                   # (K-a-1,)
