@@ -117,6 +117,17 @@ EMBGEOM_AVX2 inline __m256 log_ps_avx2(__m256 v) {
   return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(x, y));
 }
 
+// 8 float32 terms added to two float64 accumulators (lanes 0-3, 4-7), and their total
+EMBGEOM_AVX2 inline void add_terms_pd(__m256d& acc0, __m256d& acc1, __m256 term) {
+  acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(term)));
+  acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(term, 1)));
+}
+EMBGEOM_AVX2 inline double total_pd(__m256d acc0, __m256d acc1) {
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
 // The AVX2 row in intrinsics: GCC's vectorisation of the portable body kept half of its float64
 // sums scalar and the rest on the stack (perf; about 1 ns a key on the Zen 3 host)
 EMBGEOM_AVX2 double row_entropy_avx2(const float* row, const float* weight, int64_t T, float keep,
@@ -129,13 +140,9 @@ EMBGEOM_AVX2 double row_entropy_avx2(const float* row, const float* weight, int6
     const __m256 v = _mm256_fmadd_ps(vk, _mm256_loadu_ps(row + k), vu);
     __m256 use = _mm256_cmp_ps(v, tiny, _CMP_GE_OQ);
     if (weight) use = _mm256_and_ps(use, _mm256_cmp_ps(_mm256_loadu_ps(weight + k), zero, _CMP_NEQ_UQ));
-    const __m256 term = _mm256_and_ps(use, _mm256_mul_ps(v, log_ps_avx2(_mm256_blendv_ps(one, v, use))));
-    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(term)));
-    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(term, 1)));
+    add_terms_pd(acc0, acc1, _mm256_and_ps(use, _mm256_mul_ps(v, log_ps_avx2(_mm256_blendv_ps(one, v, use)))));
   }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
-  double ent = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  double ent = total_pd(acc0, acc1);
   for (; k < T; ++k) {
     if (weight && weight[k] == 0.0f) continue;
     const float v = keep * row[k] + uniform;
@@ -235,26 +242,19 @@ double pair_sls_generic(const float* p, const float* q, int64_t T) {
 #if EMBGEOM_X86
 // 16 keys a step in two independent halves (the log's polynomial is a chain of 9 FMAs)
 EMBGEOM_AVX2 double pair_sls_avx2(const float* p, const float* q, int64_t T) {
-  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   int64_t k = 0;
   for (; k + 16 <= T; k += 16) {
     const __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(p + k), _mm256_loadu_ps(q + k));
     const __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(p + k + 8), _mm256_loadu_ps(q + k + 8));
-    const __m256 t0 = _mm256_mul_ps(v0, log_ps_avx2(v0)), t1 = _mm256_mul_ps(v1, log_ps_avx2(v1));
-    acc0 = _mm256_add_pd(acc0, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(t0)),
-                                             _mm256_cvtps_pd(_mm256_castps256_ps128(t1))));
-    acc1 = _mm256_add_pd(acc1, _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(t0, 1)),
-                                             _mm256_cvtps_pd(_mm256_extractf128_ps(t1, 1))));
+    add_terms_pd(acc0, acc1, _mm256_mul_ps(v0, log_ps_avx2(v0)));
+    add_terms_pd(acc2, acc3, _mm256_mul_ps(v1, log_ps_avx2(v1)));
   }
   for (; k + 8 <= T; k += 8) {
     const __m256 v = _mm256_add_ps(_mm256_loadu_ps(p + k), _mm256_loadu_ps(q + k));
-    const __m256 term = _mm256_mul_ps(v, log_ps_avx2(v));
-    acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm256_castps256_ps128(term)));
-    acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm256_extractf128_ps(term, 1)));
+    add_terms_pd(acc0, acc1, _mm256_mul_ps(v, log_ps_avx2(v)));
   }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, _mm256_add_pd(acc0, acc1));
-  double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  double sum = total_pd(_mm256_add_pd(acc0, acc2), _mm256_add_pd(acc1, acc3));
   for (; k < T; ++k) {
     const float v = p[k] + q[k];
     sum += double(v * log_poly(v));
