@@ -394,3 +394,20 @@ def test_js_pair_sums_kernel(T, monkeypatch):
         iu = np.triu_indices(K, 1)
         np.testing.assert_allclose(got[iu], want[iu], rtol=1e-6, atol=1e-6 * R * T, err_msg=level)
         assert (got[np.tril_indices(K)] == 0).all()
+
+
+def test_gaussianity_stats_equal_scipys():
+    """The one-pass K^2, skew and kurtosis against scipy.stats.normaltest / skew / kurtosis on
+    normal, skewed, heavy-tailed and nearly constant rows, at the K^2 test's smallest size."""
+    from scipy import stats
+
+    from embgeom.analysis.heads.gaussianity import _stats
+
+    rng = np.random.default_rng(7)
+    for D in (20, 384):
+        x = np.concatenate([rng.standard_normal((50, D)), rng.exponential(size=(50, D)),
+                            rng.standard_t(3, size=(50, D)), 1.0 + 1e-9 * rng.standard_normal((5, D))])
+        p, sk, ku = _stats(x)
+        np.testing.assert_allclose(p, stats.normaltest(x, axis=1).pvalue, rtol=1e-9, atol=1e-300)
+        np.testing.assert_allclose(sk, stats.skew(x, axis=1), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(ku, stats.kurtosis(x, axis=1), rtol=1e-9, atol=1e-12)
