@@ -258,7 +258,7 @@ def gaussianity_section(out_dir: str, entries: list[dict]):
              e["text_mean"]["share_rejected"], e["text_mean"]["mean_skew"],
              e["text_mean"]["mean_excess_kurtosis"]] for e in entries]
     return ("Are hidden states Gaussian? K^2 by depth (ours)",
-            f"<p>{defined('gaussianity')}: D'Agostino-Pearson K^2 (scipy.stats.normaltest) on each real token's hidden-state "
+            f"<p>{defined('gaussianity')}: D'Agostino-Pearson K^2 (scipy.stats.normaltest's p-value) on each real token's hidden-state "
             "components, rejected at p &lt; 0.05 / N (N real tokens in the corpus); skewness and "
             "excess kurtosis with scipy's defaults; the same for each text's mean vector "
             "(p &lt; 0.05 / number of texts).</p>"

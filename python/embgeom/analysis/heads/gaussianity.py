@@ -2,8 +2,9 @@
 geometry-of-BERT paper's data-distribution analysis, arXiv 2502.12033).
 
 Per depth 0..L (0 = embedding output) and per real token ([CLS]/[SEP] included): the
-D'Agostino-Pearson K^2 test (`scipy.stats.normaltest`) of its D hidden-state components, with
-`scipy.stats.skew` and `scipy.stats.kurtosis` (their defaults: biased, Fisher/excess). A token
+D'Agostino-Pearson K^2 test of its D hidden-state components, with skew and excess kurtosis
+(the values of `scipy.stats.normaltest`, `skew` and `kurtosis` with their defaults, computed
+here from one pass of moments, `_stats`; scipy is not needed). A token
 rejects normality at p < 0.05 / N, N = the number of real tokens in the corpus (Bonferroni), so
 the threshold is known only at the end: the accumulator keeps one p-value per token and depth
 (8 bytes each) and running sums of skew and kurtosis; no token matrix is kept. The same three
@@ -64,10 +65,6 @@ class GaussianityAccumulator:
         if hidden < 20:
             raise ValueError(f"gaussianity: the K^2 test needs >= 20 components per vector, the model "
                              f"has hidden size {hidden}")
-        try:
-            import scipy.stats  # noqa: F401
-        except ImportError:
-            raise ValueError("gaussianity: scipy is not installed; `pip install scipy`") from None
         self.depths = depths
         self.p = {"token": [[] for _ in range(depths)], "text_mean": [[] for _ in range(depths)]}
         self.sums = {kind: {"skew": [0.0] * depths, "kurtosis": [0.0] * depths}
