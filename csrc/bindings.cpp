@@ -33,11 +33,23 @@ using u8_array = py::array_t<uint8_t, py::array::c_style>;
 
 namespace {
 
-const uint8_t* mask_ptr(const std::optional<u8_array>& mask, int64_t B, int64_t T) {
-  if (!mask) return nullptr;
-  EMBGEOM_CHECK(mask->ndim() == 2 && mask->shape(0) == B && mask->shape(1) == T,
+const uint8_t* mask_data(const u8_array& mask, int64_t B, int64_t T) {
+  EMBGEOM_CHECK(mask.ndim() == 2 && mask.shape(0) == B && mask.shape(1) == T,
                 "mask: expected shape (" << B << ", " << T << ")");
-  return mask->data();
+  return mask.data();
+}
+
+const uint8_t* mask_ptr(const std::optional<u8_array>& mask, int64_t B, int64_t T) {
+  return mask ? mask_data(*mask, B, T) : nullptr;
+}
+
+// (B, H, T) of attention maps p (B, H, T, T)
+struct MapDims {
+  int64_t B, H, T;
+};
+MapDims map_dims(const f32_array& p) {
+  EMBGEOM_CHECK(p.ndim() == 4 && p.shape(2) == p.shape(3), "attn: expected (B, H, T, T), got " << p.ndim() << " dims");
+  return {p.shape(0), p.shape(1), p.shape(2)};
 }
 
 py::tuple cone_unit_sums(const f32_array& x, const std::optional<u8_array>& mask) {
@@ -56,9 +68,7 @@ py::tuple cone_unit_sums(const f32_array& x, const std::optional<u8_array>& mask
 
 f32_array attention_row_entropy(const f32_array& p, const std::optional<u8_array>& mask,
                                 double smoothing) {
-  EMBGEOM_CHECK(p.ndim() == 4 && p.shape(2) == p.shape(3),
-                "attn: expected (B, H, T, T), got " << p.ndim() << " dims");
-  const int64_t B = p.shape(0), H = p.shape(1), T = p.shape(2);
+  const auto [B, H, T] = map_dims(p);
   const uint8_t* m = mask_ptr(mask, B, T);
   f32_array out({B, H, T});
   {
@@ -86,9 +96,8 @@ py::array_t<int64_t> context_argmax(const py::array_t<float>& o, const std::opti
 }
 
 py::tuple attention_sums(const f32_array& p, const u8_array& mask, const u8_array& keys, const u8_array& other) {
-  EMBGEOM_CHECK(p.ndim() == 4 && p.shape(2) == p.shape(3), "attn: expected (B, H, T, T), got " << p.ndim() << " dims");
-  const int64_t B = p.shape(0), H = p.shape(1), T = p.shape(2);
-  EMBGEOM_CHECK(mask.ndim() == 2 && mask.shape(0) == B && mask.shape(1) == T, "mask: expected (B, T)");
+  const auto [B, H, T] = map_dims(p);
+  const uint8_t* m = mask_data(mask, B, T);
   EMBGEOM_CHECK(other.ndim() == 2 && other.shape(0) == B && other.shape(1) == T, "other: expected (B, T)");
   EMBGEOM_CHECK(keys.ndim() == 3 && keys.shape(0) == B && keys.shape(1) == T, "keys: expected (B, T, K)");
   const int64_t K = keys.shape(2);
@@ -96,7 +105,7 @@ py::tuple attention_sums(const f32_array& p, const u8_array& mask, const u8_arra
       offsets({H, T > 0 ? 2 * T - 1 : int64_t(0)});
   {
     py::gil_scoped_release release;
-    embgeom::attention_sums(p.data(), B, H, T, mask.data(), keys.data(), K, other.data(), key_mass.mutable_data(),
+    embgeom::attention_sums(p.data(), B, H, T, m, keys.data(), K, other.data(), key_mass.mutable_data(),
                             sep_other.mutable_data(), prev.mutable_data(), next.mutable_data(),
                             row_sum.mutable_data(), offsets.mutable_data());
   }
@@ -115,13 +124,12 @@ py::array_t<double> js_pair_sums(const f32_array& P) {
 }
 
 py::tuple value_histogram(const f32_array& p, const u8_array& mask, bool widen_to_zero) {
-  EMBGEOM_CHECK(p.ndim() == 4 && p.shape(2) == p.shape(3), "attn: expected (B, H, T, T), got " << p.ndim() << " dims");
-  const int64_t B = p.shape(0), H = p.shape(1), T = p.shape(2);
-  EMBGEOM_CHECK(mask.ndim() == 2 && mask.shape(0) == B && mask.shape(1) == T, "mask: expected (B, T)");
+  const auto [B, H, T] = map_dims(p);
+  const uint8_t* m = mask_data(mask, B, T);
   py::array_t<int64_t> counts({B, H, int64_t(embgeom::kValueBins)}), zero_bin({B, H});
   {
     py::gil_scoped_release release;
-    embgeom::value_histogram(p.data(), B, H, T, mask.data(), widen_to_zero, counts.mutable_data(),
+    embgeom::value_histogram(p.data(), B, H, T, m, widen_to_zero, counts.mutable_data(),
                              zero_bin.mutable_data());
   }
   return py::make_tuple(counts, zero_bin);
