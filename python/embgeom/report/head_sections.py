@@ -34,6 +34,14 @@ def _heat(ax, fig, data, title, cmap="viridis", vmin=None, vmax=None, fmt=None, 
             ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="w")
 
 
+def _layer_band(ax, v, label: str = "mean over heads", color=None) -> None:
+    """Curve over layers of v (L, H)'s mean over heads, its range over heads shaded."""
+    layers = np.arange(1, v.shape[0] + 1)
+    style = {} if color is None else {"color": color}
+    ax.plot(layers, v.mean(1), "o-", label=label, **style)
+    ax.fill_between(layers, v.min(1), v.max(1), alpha=0.2, label="range over heads", **style)
+
+
 def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) -> list:
     """block: the `attention_heads` dict of HeadsAccumulator.result; provenance: the report's,
     the footer of attention_view.html (written with the sample maps)."""
@@ -44,8 +52,7 @@ def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) ->
     fig, _ = new_figure(12, 3.6)
     fig.clf()
     a1 = fig.add_subplot(1, 3, 1)
-    a1.plot(layers, ce.mean(1), "o-", label="mean over a text's rows (Clark)")
-    a1.fill_between(layers, ce.min(1), ce.max(1), alpha=0.2, label="range over heads")
+    _layer_band(a1, ce, "mean over a text's rows (Clark)")
     a1.plot(layers, cls_e.mean(1), "s--", label="from [CLS] (row 0)")
     a1.axhline(block["uniform_entropy"], color="gray", ls=":", label="uniform (mean ln n)")
     a1.set_title("attention row entropy (nats), smoothing 1e-4", fontsize=9)
@@ -53,8 +60,7 @@ def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) ->
     layer_axis(a1, L)
     a1.legend(fontsize=7)
     a2 = fig.add_subplot(1, 3, 2)
-    a2.plot(layers, ve.mean(1), "o-", color="C2", label="mean over heads")
-    a2.fill_between(layers, ve.min(1), ve.max(1), alpha=0.2, color="C2", label="range over heads")
+    _layer_band(a2, ve, color="C2")
     a2.axhline(block["value_entropy_max"], color="gray", ls=":", label="ln 20")
     a2.set_title("value-histogram entropy (20 bins, nats)", fontsize=9)
     a2.set_ylabel("entropy (nats)")
@@ -210,13 +216,10 @@ def matrices_section(out_dir: str, block: dict):
     fig.clf()
     for i, (key, title) in enumerate(panels):
         v = _arr(block[key])
-        L = v.shape[0]
-        layers = np.arange(1, L + 1)
         ax = fig.add_subplot(1, 3, i + 1)
-        ax.plot(layers, v.mean(1), "o-", label="mean over heads")
-        ax.fill_between(layers, v.min(1), v.max(1), alpha=0.2, label="range over heads")
+        _layer_band(ax, v)
         ax.set_title(title, fontsize=9)
-        layer_axis(ax, L)
+        layer_axis(ax, v.shape[0])
         ax.legend(fontsize=7)
     png = save_figure(fig, out_dir, "attention_matrices")
     k90 = np.asarray(block["k90_quantiles"]["values"], dtype=float)[..., list(block["k90_quantiles"]["q"]).index(0.5)]
