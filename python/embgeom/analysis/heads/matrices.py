@@ -322,7 +322,8 @@ class MatricesAccumulator:
             # (the first `room` texts of a group: by_len lists each length's texts in batch order)
             picked = [[j for j, i in enumerate(g[2]) if i < room] for g in groups]
             blocks64 = [g[3][sel].double() for g, sel in zip(groups, picked)]
-            specs = lapack_map(lambda x: block_spectra(x, eps), [x.cpu() for x in blocks64], workers)
+            specs = lapack_map(lambda x: block_spectra(x, eps), [x.cpu() for x in blocks64], workers) \
+                if room else [None] * len(groups)
             for (l, n, texts, raw), blocks, spec in zip(groups, blocks64, specs):
                 if blocks.shape[0]:
                     m = block_measures(blocks, eps, spec)
