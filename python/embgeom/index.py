@@ -131,9 +131,9 @@ _NATIVE_BF16: list[bool] = []
 
 def _rows_dot_bf16():
     """The C++ core's rows_dot_bf16, or None where the core is not built."""
-    from .backends.registry import cpp
+    from .backends.registry import cpp_kernel
 
-    return getattr(cpp(), "rows_dot_bf16", None)
+    return cpp_kernel("rows_dot_bf16")
 
 
 def native_bf16() -> bool:

@@ -49,8 +49,9 @@ def cpp():
 
 
 def cpp_kernel(name: str, *tensors: torch.Tensor):
-    """The C++ core's function `name` where every tensor is a CPU float32 one and the built
-    module has it (the text kernels of `embgeom text`), else None: the caller's torch path."""
+    """The C++ core's function `name` where every tensor given is a CPU float32 one and the built
+    module has it (the text kernels of `embgeom text`; no tensors: the built module alone decides),
+    else None: the caller's torch path."""
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return None
     return getattr(cpp(), name, None)

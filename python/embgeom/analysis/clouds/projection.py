@@ -50,7 +50,7 @@ def exact_knn(x, k: int, *, backend: str | None = None) -> tuple[np.ndarray, np.
                          row_topk=k, backend=backend)
     idx = res.row_topk.indices.cpu().numpy().astype(np.int64)
     x64 = as_matrix64(x)
-    pair_values = getattr(registry.cpp(), "pair_values", None)
+    pair_values = registry.cpp_kernel("pair_values")
     if pair_values is not None and np.array_equal(xm, x64):  # float32 rows: the C++ pair sums
         sim = rescore_pairs(pair_values, xm, idx)
     else:

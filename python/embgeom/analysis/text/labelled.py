@@ -1,7 +1,8 @@
 """Labelled inputs of `embgeom text --labels` (docs/metrics.md, labelled inputs): every trace
 metric split by class (`by_label`), class-mean attention maps of the texts of one length
 (`--class-maps N`, the geometry-of-BERT authors' maps: [SEP] and padding rows and columns zeroed,
-[CLS] kept) with the authors' Shannon and von Neumann entropies of each map, and the predictions of a classification head for `--correct-only`.
+[CLS] kept) with the authors' Shannon and von Neumann entropies of each map, and the predictions
+of a classification head for `--correct-only`.
 """
 from __future__ import annotations
 
