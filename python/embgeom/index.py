@@ -404,11 +404,11 @@ class Index:
         the queries, float64 or float32 (Q, D). The C++ core's fixed-order float64 sums on the
         CPU (_C.pair_values: a pair's value never depends on its batch; 2M pairs in about 0.3 s
         where gathering float64 copies took 2-4 s), torch's elementwise sums in steps elsewhere."""
-        from .backends.registry import cpp
+        from .backends.registry import cpp_kernel
 
         safe = ci.clamp(min=0)
         l2 = self.metric == "l2"
-        pair_values = getattr(cpp(), "pair_values", None) if st.rows.device.type == "cpu" else None
+        pair_values = cpp_kernel("pair_values", st.rows)  # (the stored rows are float32)
         if pair_values is not None:
             v = torch.from_numpy(pair_values(st.rows[:st.n].numpy(), q64.contiguous().numpy(),
                                              qi.contiguous().numpy(), safe.contiguous().numpy(), l2))
