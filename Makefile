@@ -87,7 +87,7 @@ endif
 clean:
 	rm -rf $(VENV) build _skbuild *.egg-info python/embgeom/*.so
 
-# The C++ core alone against independently computed results (csrc/tests/check_engine.cpp), at
+# The C++ core alone against independently computed results (csrc/tests/check_*.cpp), at
 # every vector level this CPU has (`make test` runs it first).
 # check-aarch64 cross-compiles it for aarch64 and runs it under qemu: needs Debian's
 # g++-aarch64-linux-gnu and qemu-user (not needed by `make test`).
@@ -95,9 +95,9 @@ CORE_SRC := $(filter-out csrc/bindings.cpp,$(wildcard csrc/*.cpp csrc/cpu/*.cpp 
 CHECK_FLAGS := -std=c++17 -O2 -fno-math-errno -fno-trapping-math -fopenmp -DEMBGEOM_OPENMP=1 -Icsrc -Wall
 
 .PHONY: check-native check-aarch64
-build/check_engine: $(CORE_SRC) $(wildcard csrc/*.h csrc/cpu/*.h csrc/pairwise/*.h) csrc/tests/check_engine.cpp
+build/check_engine: $(CORE_SRC) $(wildcard csrc/*.h csrc/cpu/*.h csrc/pairwise/*.h csrc/tests/*)
 	mkdir -p build
-	g++ $(CHECK_FLAGS) $(CORE_SRC) csrc/tests/check_engine.cpp -o $@ -ldl
+	g++ $(CHECK_FLAGS) $(CORE_SRC) csrc/tests/check_engine.cpp csrc/tests/check_kernels.cpp -o $@ -ldl
 
 check-native: build/check_engine
 	OMP_NUM_THREADS=2 ./build/check_engine
@@ -106,5 +106,5 @@ check-native: build/check_engine
 
 check-aarch64:
 	mkdir -p build
-	aarch64-linux-gnu-g++ $(CHECK_FLAGS) $(CORE_SRC) csrc/tests/check_engine.cpp -o build/check_engine_aarch64 -ldl
+	aarch64-linux-gnu-g++ $(CHECK_FLAGS) $(CORE_SRC) csrc/tests/check_engine.cpp csrc/tests/check_kernels.cpp -o build/check_engine_aarch64 -ldl
 	OMP_NUM_THREADS=2 qemu-aarch64 -L /usr/aarch64-linux-gnu ./build/check_engine_aarch64

@@ -17,27 +17,12 @@
 #include "cpu/isa.h"
 #include "numerics.h"
 #include "pairwise/engine.h"
+#include "tests/checks.h"
 
 using namespace embgeom;
 
-static int failures = 0;
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      ++failures;                                          \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);     \
-      std::printf(__VA_ARGS__);                            \
-      std::printf("\n");                                   \
-    }                                                      \
-  } while (0)
-
-static std::vector<float> randn(int64_t n, unsigned seed) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> N(0.0f, 1.0f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = N(g);
-  return v;
-}
+using embgeom_checks::failures;
+using embgeom_checks::randn;
 
 // cosine self mode with every output, block sizes that leave ragged tiles
 static void check_pairwise(int64_t n, int64_t d, int64_t block, unsigned seed) {
@@ -241,6 +226,7 @@ int main() {
   check_cone(1, 600, 33);
   check_entropy(2, 3, 37);
   check_entropy(1, 2, 5);
+  embgeom_checks::check_kernels();
   if (failures) {
     std::printf("%d checks failed\n", failures);
     return 1;

@@ -1,0 +1,380 @@
+// Every C++ kernel beside the all-pairs engine, checked against sums computed here in float64
+// (long double where the kernel itself sums in float64) on small odd shapes: tails shorter than
+// a vector, padding, zero and duplicate rows, ties. Part of `make check-native` (each vector
+// level) and `make check-aarch64` (NEON / portable loops under qemu); the Python tests check the
+// same kernels through the bindings on the host's own level only.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "attention.h"
+#include "attention_sums.h"
+#include "context.h"
+#include "pair_values.h"
+#include "row_pairs.h"
+#include "rows_dot_bf16.h"
+#include "tests/checks.h"
+#include "value_histogram.h"
+
+using namespace embgeom;
+using embgeom_checks::randn;
+
+namespace {
+
+constexpr double kU32 = 5.9604644775390625e-08;   // 2^-24
+constexpr double kU64 = 1.1102230246251565e-16;   // 2^-53
+constexpr float kFloatMin = std::numeric_limits<float>::min();
+
+uint16_t to_bf16(float x) {  // the upper half of the float's bits (any bf16 value will do)
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+float from_bf16(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// softmax rows of (rows, T) scores; keys with key_ok[j] == 0 get probability 0
+std::vector<float> softmax_rows(int64_t rows, int64_t T, unsigned seed, float temp, const uint8_t* key_ok) {
+  std::vector<float> p = randn(rows * T, seed);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* ok = key_ok;
+    double z = 0;
+    for (int64_t k = 0; k < T; ++k) {
+      const double e = (ok && !ok[k]) ? 0.0 : std::exp(temp * p[r * T + k]);
+      p[r * T + k] = float(e);
+      z += e;
+    }
+    for (int64_t k = 0; k < T; ++k) p[r * T + k] = float(p[r * T + k] / z);
+  }
+  return p;
+}
+
+void check_rows_dot_bf16(int64_t Q, int64_t N, int64_t D, int64_t ldr) {
+  std::vector<float> q = randn(Q * D, 21), r = randn(N * ldr, 22);
+  std::vector<uint16_t> rows(N * ldr);
+  for (int64_t i = 0; i < N * ldr; ++i) rows[i] = to_bf16(r[i]);
+  if (N > 2)
+    for (int64_t k = 0; k < D; ++k) rows[2 * ldr + k] = 0;  // a zero row
+  std::vector<float> out(Q * N, -7.0f);
+  rows_dot_bf16(q.data(), Q, rows.data(), ldr, N, D, out.data());
+  for (int64_t a = 0; a < Q; ++a)
+    for (int64_t c = 0; c < N; ++c) {
+      double ref = 0, mag = 0;
+      for (int64_t k = 0; k < D; ++k) {
+        const double t = double(q[a * D + k]) * from_bf16(rows[c * ldr + k]);
+        ref += t;
+        mag += std::fabs(t);
+      }
+      const double tol = (D + 2) * kU32 * mag;
+      CHECK(std::fabs(out[a * N + c] - ref) <= tol, "rows_dot_bf16 Q=%lld N=%lld D=%lld (%lld, %lld): %.9g vs %.9g",
+            (long long)Q, (long long)N, (long long)D, (long long)a, (long long)c, out[a * N + c], ref);
+    }
+}
+
+void check_pair_values(int64_t D) {
+  const int64_t N = 9, Q = 4;
+  std::vector<float> rows = randn(N * D, 31), qf = randn(Q * D, 32);
+  std::vector<double> qd(Q * D);
+  for (int64_t i = 0; i < Q * D; ++i) qd[i] = double(qf[i]) * (1.0 + 1e-9 * (i % 7));  // not floats
+  std::vector<int64_t> qi, ci;
+  for (int64_t a = 0; a < Q; ++a)
+    for (int64_t c = 0; c < N; ++c) {
+      qi.push_back(a);
+      ci.push_back(c);
+    }
+  const int64_t P = static_cast<int64_t>(qi.size());
+  for (bool sqdist : {false, true}) {
+    std::vector<double> out(P), outf(P);
+    pair_values(rows.data(), qd.data(), D, qi.data(), ci.data(), P, sqdist, out.data());
+    pair_values(rows.data(), qf.data(), D, qi.data(), ci.data(), P, sqdist, outf.data());
+    for (int64_t p = 0; p < P; ++p) {
+      long double ref = 0, reff = 0, mag = 0;
+      for (int64_t k = 0; k < D; ++k) {
+        const long double x = rows[ci[p] * D + k], y = qd[qi[p] * D + k], yf = qf[qi[p] * D + k];
+        ref += sqdist ? (x - y) * (x - y) : x * y;
+        reff += sqdist ? (x - yf) * (x - yf) : x * yf;
+        mag += sqdist ? (x - y) * (x - y) : std::fabs(x * y);
+      }
+      const double tol = 2 * (D + 4) * kU64 * double(mag) + 1e-300;
+      CHECK(std::fabs(out[p] - double(ref)) <= tol, "pair_values D=%lld sqdist=%d pair %lld", (long long)D, sqdist,
+            (long long)p);
+      CHECK(std::fabs(outf[p] - double(reff)) <= tol, "pair_values(float q) D=%lld sqdist=%d pair %lld",
+            (long long)D, sqdist, (long long)p);
+    }
+    // a pair's value does not depend on the batch it came in: one pair alone, bit for bit
+    for (int64_t p = 0; p < P; p += 5) {
+      double one;
+      pair_values(rows.data(), qd.data(), D, &qi[p], &ci[p], 1, sqdist, &one);
+      CHECK(one == out[p], "pair_values D=%lld: pair %lld alone differs", (long long)D, (long long)p);
+    }
+  }
+}
+
+void check_row_pair_sums(int64_t N, int64_t D) {
+  const int64_t lda = D + 3, ldb = D + 1;  // strided rows
+  std::vector<float> a = randn(N * lda, 41), b(N * ldb);
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t k = 0; k < D; ++k) {
+      // nearly equal rows: |a - b| ~ 1e-6 |a|, the case float32 differences lose
+      const float x = a[r * lda + k];
+      b[r * ldb + k] = r % 3 == 0 ? x : x * (1.0f + 1e-6f * float((k * 7 + r) % 5));
+    }
+  std::vector<double> out(N * 4);
+  row_pair_sums(a.data(), lda, b.data(), ldb, N, D, out.data());
+  for (int64_t r = 0; r < N; ++r) {
+    long double ref[4] = {0, 0, 0, 0}, mag = 0;
+    for (int64_t k = 0; k < D; ++k) {
+      const long double x = a[r * lda + k], y = b[r * ldb + k];
+      ref[0] += x * x;
+      ref[1] += y * y;
+      ref[2] += (x - y) * (x - y);
+      ref[3] += x * y;
+      mag += std::fabs(x * y);
+    }
+    for (int c = 0; c < 4; ++c) {
+      const double scale = c == 2 ? double(ref[2]) : double(c == 3 ? mag : ref[c]);
+      CHECK(std::fabs(out[r * 4 + c] - double(ref[c])) <= 2 * (D + 2) * kU64 * scale,
+            "row_pair_sums N=%lld D=%lld row %lld column %d: %.17g vs %.17g", (long long)N, (long long)D,
+            (long long)r, c, out[r * 4 + c], double(ref[c]));
+    }
+  }
+}
+
+// (B, T, H, d) head outputs as a hook gives them, read as (B, H, T, d) through strides
+void check_context_argmax(int64_t B, int64_t H, int64_t T, int64_t d) {
+  std::vector<float> o = randn(B * T * H * d, 51);
+  const int64_t sb = T * H * d, sh = d, st = H * d;
+  auto at = [&](int64_t b, int64_t h, int64_t t) { return o.data() + b * sb + h * sh + t * st; };
+  std::vector<uint8_t> mask(B * T, 1);
+  for (int64_t t = T - 2; t < T; ++t) mask[t] = 0;  // text 0 padded at the end
+  if (B > 1) {  // text 1: one real token
+    std::fill(mask.begin() + T, mask.begin() + 2 * T, 0);
+    mask[T + 1] = 1;
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    if (T > 6) {
+      std::memcpy(at(0, h, 4), at(0, h, 1), sizeof(float) * d);  // rows 1 and 4 equal: ties by position
+      std::memcpy(at(0, h, 5), at(0, h, 3), sizeof(float) * d);  // rows 3 and 5 equal but for one ulp
+      at(0, h, 5)[d / 2] = std::nextafter(at(0, h, 5)[d / 2], 100.0f);
+    }
+  }
+  std::vector<int64_t> out(B * H * T, -5);
+  context_argmax(o.data(), B, H, T, d, sb, sh, st, mask.data(), out.data());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      int64_t nreal = 0;
+      for (int64_t t = 0; t < T; ++t) nreal += mask[b * T + t];
+      for (int64_t i = 0; i < T; ++i) {
+        int64_t best = i;
+        if (mask[b * T + i] && nreal >= 2) {
+          long double bv = -std::numeric_limits<long double>::infinity();
+          for (int64_t j = 0; j < T; ++j) {
+            if (j == i || !mask[b * T + j]) continue;
+            long double v = 0;
+            for (int64_t k = 0; k < d; ++k) v += (long double)at(b, h, i)[k] * at(b, h, j)[k];
+            if (v > bv) bv = v, best = j;  // strict: ties keep the smaller position
+          }
+        }
+        CHECK(out[(b * H + h) * T + i] == best, "context_argmax (%lld, %lld, %lld): %lld vs %lld", (long long)b,
+              (long long)h, (long long)i, (long long)out[(b * H + h) * T + i], (long long)best);
+      }
+    }
+}
+
+void check_value_histogram(int64_t B, int64_t H, int64_t T) {
+  std::vector<float> p = randn(B * H * T * T, 61);
+  for (auto& v : p) v = v * v;  // attention-like: non-negative
+  std::vector<uint8_t> mask(B * T, 1);
+  mask[T - 1] = 0;  // text 0's last position is padding
+  if (H > 1)
+    for (int64_t q = T * T; q < 2 * T * T; ++q) p[q] = 0.25f;  // map (0, 1): constant
+  if (B > 1)
+    for (int64_t q = H * T * T; q < (H + 1) * T * T; ++q) p[q] = -p[q];  // map (1, 0): negative values
+  if (H > 2)  // map (0, 2): k / 20 for k = 0..20, values on (or a rounding away from) the edges
+    for (int64_t q = 0; q < T * T; ++q) p[2 * T * T + q] = float(double(q % 21) / 20.0);
+  for (bool widen : {false, true}) {
+    std::vector<int64_t> counts(B * H * kValueBins, -1), zero(B * H, -1);
+    value_histogram(p.data(), B, H, T, mask.data(), widen, counts.data(), zero.data());
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H;
+      const float* map = p.data() + bh * T * T;
+      double lo = INFINITY, hi = -INFINITY;
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t j = 0; j < T; ++j)
+          if (mask[b * T + i] && mask[b * T + j]) lo = std::min(lo, double(map[i * T + j])), hi = std::max(hi, double(map[i * T + j]));
+      if (widen) lo = std::min(lo, 0.0), hi = std::max(hi, 0.0);
+      // pandas.cut's edges: lo + e (hi - lo) / bins, rounded down to float32 (the last one hi);
+      // a value's bin counts the edges below it (right-closed bins)
+      float edges[kValueBins];
+      for (int e = 1; e < kValueBins; ++e) {
+        const double v = e * ((hi - lo) / kValueBins) + lo;
+        float f = float(v);
+        if (double(f) > v) f = std::nextafter(f, -INFINITY);
+        edges[e - 1] = f;
+      }
+      edges[kValueBins - 1] = float(hi);
+      auto bin = [&](float x) {
+        int n = 0;
+        for (float e : edges) n += e < x;
+        return std::min(n, kValueBins - 1);
+      };
+      int64_t ref[kValueBins] = {};
+      if (hi > lo)
+        for (int64_t i = 0; i < T; ++i)
+          for (int64_t j = 0; j < T; ++j)
+            if (mask[b * T + i] && mask[b * T + j]) ++ref[bin(map[i * T + j])];
+      for (int k = 0; k < kValueBins; ++k)
+        CHECK(counts[bh * kValueBins + k] == ref[k], "value_histogram map %lld widen=%d bin %d: %lld vs %lld",
+              (long long)bh, widen, k, (long long)counts[bh * kValueBins + k], (long long)ref[k]);
+      if (hi > lo) CHECK(zero[bh] == bin(0.0f), "value_histogram map %lld: zero bin", (long long)bh);
+    }
+  }
+}
+
+void check_attention_sums(int64_t B, int64_t H, int64_t T) {
+  const int64_t K = 5;
+  std::vector<uint8_t> mask(B * T, 1), keys(B * T * K, 0), other(B * T, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    // text 0 padded at the end, text 1 at the start (the maps keep weight on padded keys,
+    // which no sum may count but row_sum)
+    const int64_t first = b == 1 ? 2 : 0, len = b == 0 ? T - 3 : T;
+    for (int64_t t = 0; t < T; ++t) mask[b * T + t] = first <= t && t < len;
+    keys[(b * T + first) * K + 0] = 1;      // [CLS]
+    keys[(b * T + len - 1) * K + 1] = 1;    // [SEP]
+    for (int64_t t = first + 1; t + 1 < len; ++t) {
+      other[b * T + t] = 1;
+      if (t % 4 == 2) keys[(b * T + t) * K + 2] = keys[(b * T + t) * K + 3] = 1;  // '.'
+      if (t % 4 == 3) keys[(b * T + t) * K + 2] = keys[(b * T + t) * K + 4] = 1;  // ','
+    }
+  }
+  const std::vector<float> p = softmax_rows(B * H * T, T, 71, 2.0f, nullptr);
+  const int64_t R = 2 * T - 1;
+  std::vector<double> key_mass(B * H * K), sep_other(B * H), prev(B * H), next(B * H), row_sum(B * H * T),
+      offsets(H * R);
+  attention_sums(p.data(), B, H, T, mask.data(), keys.data(), K, other.data(), key_mass.data(), sep_other.data(),
+                 prev.data(), next.data(), row_sum.data(), offsets.data());
+  std::vector<double> ref_off(H * R, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t bh = b * H + h;
+      const float* m = p.data() + bh * T * T;
+      double km[K] = {}, so = 0, pv = 0, nx = 0;
+      std::vector<double> rs(T, 0.0);
+      for (int64_t i = 0; i < T; ++i) {
+        if (!mask[b * T + i]) continue;
+        for (int64_t k = 0; k < K; ++k) {
+          double s = 0;
+          for (int64_t j = 0; j < T; ++j) s += keys[(b * T + j) * K + k] ? double(m[i * T + j]) : 0.0;
+          km[k] += s;
+          if (k == 1 && other[b * T + i]) so += s;
+        }
+        if (i >= 1 && mask[b * T + i - 1]) pv += m[i * T + i - 1];
+        if (i + 1 < T && mask[b * T + i + 1]) nx += m[i * T + i + 1];
+        for (int64_t j = 0; j < T; ++j) {
+          rs[j] += m[i * T + j];
+          if (other[b * T + j]) ref_off[h * R + j - i + T - 1] += m[i * T + j];
+        }
+      }
+      const double tol = 4 * (T + 2) * kU32 * T;  // float32 dot products within each row
+      for (int64_t k = 0; k < K; ++k)
+        CHECK(std::fabs(key_mass[bh * K + k] - km[k]) <= tol, "attention_sums key_mass (%lld, %lld)", (long long)bh,
+              (long long)k);
+      CHECK(std::fabs(sep_other[bh] - so) <= tol, "attention_sums sep_other %lld", (long long)bh);
+      CHECK(std::fabs(prev[bh] - pv) <= 1e-12 && std::fabs(next[bh] - nx) <= 1e-12, "attention_sums prev/next %lld",
+            (long long)bh);
+      for (int64_t j = 0; j < T; ++j)
+        CHECK(std::fabs(row_sum[bh * T + j] - rs[j]) <= 1e-12, "attention_sums row_sum (%lld, %lld)", (long long)bh,
+              (long long)j);
+    }
+  for (int64_t q = 0; q < H * R; ++q)
+    CHECK(std::fabs(offsets[q] - ref_off[q]) <= 1e-12, "attention_sums offsets %lld", (long long)q);
+}
+
+void check_js_pair_sums(int64_t K, int64_t R, int64_t T) {
+  // each head's rows smoothed, the last two keys padding (1/2 in every row: s ln s = 0 there)
+  std::vector<float> P = softmax_rows(K * R, T, 81, 1.5f, nullptr);
+  for (int64_t r = 0; r < K * R; ++r)
+    for (int64_t j = T - 2; j < T; ++j) P[r * T + j] = 0.5f;
+  if (K > 2) std::copy(P.begin(), P.begin() + R * T, P.begin() + 2 * R * T);  // heads 0 and 2 equal
+  std::vector<double> out(K * K, -1.0);
+  js_pair_sums(P.data(), K, R, T, out.data());
+  for (int64_t a = 0; a < K; ++a)
+    for (int64_t b = 0; b < K; ++b) {
+      double ref = 0, mag = 0;
+      if (a < b)
+        for (int64_t q = 0; q < R * T; ++q) {
+          const double s = double(P[a * R * T + q] + P[b * R * T + q]);  // the float32 sum
+          const double t = s > 0 ? s * std::log(s) : 0.0;
+          ref += t;
+          mag += std::fabs(t);
+        }
+      CHECK(std::fabs(out[a * K + b] - ref) <= 1e-6 * mag + 1e-12, "js_pair_sums K=%lld R=%lld T=%lld (%lld, %lld)",
+            (long long)K, (long long)R, (long long)T, (long long)a, (long long)b);
+    }
+}
+
+// the row entropy with padded keys and queries and with smoothing (check_engine.cpp checks
+// plain rows)
+void check_entropy_masked(int64_t B, int64_t H, int64_t T, double smoothing) {
+  std::vector<uint8_t> mask(B * T, 1);
+  for (int64_t t = T / 2; t < T; ++t) mask[t] = 0;  // text 0: half padding
+  std::vector<float> p(B * H * T * T);
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<float> rows = softmax_rows(H * T, T, 91 + unsigned(b), 4.0f, mask.data() + b * T);
+    std::copy(rows.begin(), rows.end(), p.begin() + b * H * T * T);
+  }
+  p[T + 1] = 0.0f;                 // a zero and a subnormal probability in a real row
+  p[T + 2] = 1e-41f;
+  std::vector<float> out(B * H * T);
+  attention_row_entropy(p.data(), B, H, T, mask.data(), smoothing, out.data());
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t nv = 0;
+    for (int64_t t = 0; t < T; ++t) nv += mask[b * T + t];
+    for (int64_t r = b * H * T; r < (b + 1) * H * T; ++r) {
+      const int64_t i = r % T;
+      if (!mask[b * T + i]) {
+        CHECK(std::isnan(out[r]), "entropy: a padded query row is not NaN");
+        continue;
+      }
+      double ent = 0;
+      for (int64_t k = 0; k < T; ++k) {
+        if (!mask[b * T + k]) continue;
+        const double v = (1 - smoothing) * double(p[r * T + k]) + smoothing / nv;
+        if (v >= kFloatMin) ent -= v * std::log(v);
+      }
+      CHECK(std::fabs(out[r] - ent) <= 1e-5 * (1 + ent), "masked entropy row %lld (smoothing %g): %.7f vs %.7f",
+            (long long)r, smoothing, out[r], ent);
+    }
+  }
+}
+
+}  // namespace
+
+void embgeom_checks::check_kernels() {
+  std::printf("row dot bf16 %s, context argmax %s, row pair sums %s, attention sums %s, js pair sums %s\n",
+              rows_dot_bf16_path(), context_argmax_path(), row_pair_sums_path(), attention_sums_path(),
+              js_pair_sums_path());
+  for (int64_t Q : {1, 3, 4})
+    for (int64_t D : {1, 7, 16, 37}) check_rows_dot_bf16(Q, 19, D, D + (D % 3));
+  check_rows_dot_bf16(2, 0, 8, 8);
+  for (int64_t D : {1, 3, 4, 13, 64}) check_pair_values(D);
+  for (int64_t D : {1, 5, 8, 33, 384}) check_row_pair_sums(7, D);
+  check_context_argmax(2, 3, 13, 7);
+  check_context_argmax(1, 2, 37, 64);
+  check_context_argmax(3, 1, 2, 5);
+  check_value_histogram(2, 3, 11);
+  check_value_histogram(1, 2, 1);
+  check_attention_sums(2, 3, 13);
+  check_attention_sums(1, 2, 40);
+  check_js_pair_sums(3, 5, 11);
+  check_js_pair_sums(4, 2, 33);
+  check_entropy_masked(2, 3, 19, 0.0);
+  check_entropy_masked(2, 2, 9, 0.01);
+}
