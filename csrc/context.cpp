@@ -181,10 +181,10 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
 #pragma omp parallel
   {
     std::vector<int64_t> pos;
-    std::vector<float> kt, acc;
+    std::vector<float> rows, kt, acc;
     std::vector<int32_t> cand;
     std::vector<double> qnorm;
-#pragma omp for collapse(2) schedule(static)
+#pragma omp for collapse(2) schedule(dynamic, 8)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < H; ++h) {
         const float* ob = o + b * sb + h * sh;  // row t at ob + t * st
@@ -196,11 +196,17 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
         const int64_t n = static_cast<int64_t>(pos.size());
         if (n < 2) continue;
         const int64_t ldk = (n + kCols - 1) / kCols * kCols;
+        // the real rows copied together first: a hook's (B, T, H, d) rows lie H * d floats
+        // apart and the scores read each one again per block of queries (with the dynamic
+        // chunks, where a stalled core's share goes to the other: median 10 -> 8 ms a layer
+        // for 32 x 128 tokens, 12 heads of 32, 2 threads, Zen 3; equal on one thread)
+        rows.resize(n * d);
+        for (int64_t c = 0; c < n; ++c) std::copy(ob + pos[c] * st, ob + pos[c] * st + d, rows.data() + c * d);
         kt.assign(d * ldk, 0.0f);
         qnorm.resize(n);
         double kmax = 0.0;
         for (int64_t c = 0; c < n; ++c) {
-          const float* row = ob + pos[c] * st;
+          const float* row = rows.data() + c * d;
           for (int64_t k = 0; k < d; ++k) kt[k * ldk + c] = row[k];
           qnorm[c] = std::sqrt(dot64(row, row, d));
           kmax = std::max(kmax, qnorm[c]);
@@ -209,7 +215,7 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
         cand.resize(ldk);
         for (int64_t c0 = 0; c0 < n; c0 += kRows) {
           const float* q[kRows];
-          for (int r = 0; r < kRows; ++r) q[r] = ob + pos[std::min(n - 1, c0 + r)] * st;
+          for (int r = 0; r < kRows; ++r) q[r] = rows.data() + std::min(n - 1, c0 + r) * d;
           K.scores(q, kt.data(), ldk, d, acc.data());
           for (int r = 0; r < kRows && c0 + r < n; ++r) {
             const int64_t self = c0 + r;
@@ -231,7 +237,7 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
             double best_v = -std::numeric_limits<double>::infinity();
             for (int64_t t = 0; t < nc; ++t) {
               const int64_t c = cand[t];
-              const double v = dot64(q[r], ob + pos[c] * st, d);
+              const double v = dot64(q[r], rows.data() + c * d, d);
               if (v > best_v) {  // strictly: the smaller position keeps a tie
                 best_v = v;
                 best = c;
