@@ -344,4 +344,20 @@ void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, cons
   }
 }
 
+void prefix_sums_below(const float* x, int64_t R, int64_t T, double mass, int64_t* out) {
+  EMBGEOM_CHECK(R >= 0 && T >= 0, "prefix_sums_below: bad shape");
+  const double bound = -mass;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = x + r * T;
+    double s = 0.0;
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      s += double(row[t]);
+      n += s > bound;  // (-s < mass, as numpy compares the negated running sums)
+    }
+    out[r] = n;
+  }
+}
+
 }  // namespace embgeom

@@ -20,4 +20,11 @@ const char* attention_entropy_path();
 void js_pair_sums(const float* P, int64_t K, int64_t R, int64_t T, double* out);
 const char* js_pair_sums_path();
 
+// k90's count (the fewest largest entries of an attention row whose sum reaches a mass, as the
+// geometry-of-BERT code takes it): x (R, T) float32, each row the row's entries negated and
+// sorted ascending (numpy.sort(-p)); out[r] = the number of t in [0, T) with
+// -(x[r, 0] + ... + x[r, t]) < mass, the sums in float64 from the left (numpy.cumsum's order;
+// every prefix counts, so a row with negative or NaN entries gets numpy's count too).
+void prefix_sums_below(const float* x, int64_t R, int64_t T, double mass, int64_t* out);
+
 }  // namespace embgeom

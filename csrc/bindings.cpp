@@ -123,6 +123,19 @@ py::array_t<double> js_pair_sums(const f32_array& P) {
   return out;
 }
 
+py::array_t<int64_t> prefix_sums_below(const f32_array& x, double mass) {
+  EMBGEOM_CHECK(x.ndim() >= 1, "x: expected an array of rows, got a scalar");
+  const int64_t T = x.shape(x.ndim() - 1), R = T > 0 ? x.size() / T : 0;
+  std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim() - 1);
+  py::array_t<int64_t> out(shape);
+  {
+    py::gil_scoped_release release;
+    embgeom::prefix_sums_below(x.data(), R, T, mass, out.mutable_data());
+  }
+  if (T == 0) std::fill(out.mutable_data(), out.mutable_data() + out.size(), int64_t(0));
+  return out;
+}
+
 py::tuple value_histogram(const f32_array& p, const u8_array& mask, bool widen_to_zero) {
   const auto [B, H, T] = map_dims(p);
   const uint8_t* m = mask_data(mask, B, T);
@@ -259,6 +272,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("js_pair_sums", &js_pair_sums, py::arg("P"),
         "Clark's head distance, pair part: P (K, R, T) float32 smoothed rows -> (K, K) float64, "
         "[a, b] (a < b) = sum of s ln s over rows and keys, s = P[a] + P[b]");
+  m.def("prefix_sums_below", &prefix_sums_below, py::arg("x"), py::arg("mass"),
+        "k90's count: x (..., T) float32 rows of negated entries sorted ascending -> (...) int64, the number of "
+        "prefixes whose float64 running sum of -x stays below mass");
   m.def("value_histogram", &value_histogram, py::arg("attn"), py::arg("mask"), py::arg("widen_to_zero"),
         "The geometry-of-BERT value histogram of each map: attn (B, H, T, T) float32, mask (B, T) uint8 -> "
         "(counts (B, H, 20), bin of 0 (B, H)) int64");

@@ -77,6 +77,41 @@ def _k90(row):
     return int((c < 0.9).sum() + 1)
 
 
+def test_k90_paths_equal_the_authors_cumsum():
+    """k90 on the C++ running sums (float32 CPU maps), numpy's float64 cumsum (float64 maps) and
+    torch's sort (bf16 maps: the fallback) give the geometry-of-BERT code's count (numpy's
+    cumsum of the sorted row, float64) row for row: rows below 0.9 in all (padding), one-hot and
+    uniform rows, a row reaching 0.9 at its 10th entry; rows with a NaN or a negative entry are
+    counted as numpy counts the negated sorted row (NaN last)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.softmax(torch.randn(2, 3, 29, 29, generator=g) * 3, -1)
+    a[0, 0, 0] = 0.0                                          # a padded row: never reaches 0.9
+    a[0, 0, 1] = torch.nn.functional.one_hot(torch.tensor(7), 29).float()
+    a[0, 0, 2] = 1.0 / 29                                     # uniform
+    a[0, 0, 3, :10] = 0.09
+    a[0, 0, 3, 10:] = 0.1 / 19
+    a[0, 1, 4, 5] = float("nan")
+    a[1, 2, 6, :4] = -0.05
+
+    def authors(x):  # the entries in descending order, their float64 running sums
+        cum = np.cumsum(np.sort(x.float().numpy(), -1)[..., ::-1].astype(np.float64), -1)
+        return np.count_nonzero(cum < hd.K90_MASS, -1) + 1
+
+    def negated(x):  # the same counts from the negated entries sorted ascending (NaN last)
+        cum = np.cumsum(np.sort(-x.float().numpy(), -1).astype(np.float64), -1)
+        return np.count_nonzero(cum > -hd.K90_MASS, -1) + 1
+
+    want = negated(a)
+    np.testing.assert_array_equal(hd.k90(a).numpy(), want)                        # C++ sums
+    np.testing.assert_array_equal(hd.k90(a.double()).numpy(), want)               # numpy cumsum
+    clean = (torch.isfinite(a).all(-1) & (a >= 0).all(-1)).numpy()
+    assert (~clean).sum() == 2
+    np.testing.assert_array_equal(want[clean], authors(a)[clean])
+    assert int(hd.k90(a)[0, 0, 0]) == 30 and int(hd.k90(a)[0, 0, 1]) == 1 and int(hd.k90(a)[0, 0, 3]) == 10
+    b = a.bfloat16()
+    np.testing.assert_array_equal(hd.k90(b).numpy()[clean], authors(b)[clean])   # torch's sort
+
+
 def _expected(model, tokenizer, texts):
     L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     K = L * H

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -320,6 +321,28 @@ void check_js_pair_sums(int64_t K, int64_t R, int64_t T) {
     }
 }
 
+// k90's counts: float64 running sums from the left, every prefix counted
+void check_prefix_sums_below(int64_t R, int64_t T) {
+  std::vector<float> x = softmax_rows(R, T, 101, 3.0f, nullptr);
+  for (int64_t r = 0; r < R; ++r) {
+    std::sort(x.begin() + r * T, x.begin() + (r + 1) * T, std::greater<float>());
+    for (int64_t t = 0; t < T; ++t) x[r * T + t] = -x[r * T + t];  // negated, ascending
+  }
+  if (R > 1 && T > 2) x[T + 1] = NAN;
+  std::vector<int64_t> out(R, -1);
+  prefix_sums_below(x.data(), R, T, 0.9, out.data());
+  for (int64_t r = 0; r < R; ++r) {
+    double s = 0;
+    int64_t n = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      s -= x[r * T + t];  // (the negation of the kernel's sum, exactly)
+      n += s < 0.9;
+    }
+    CHECK(out[r] == n, "prefix_sums_below row %lld of %lld: %lld vs %lld", (long long)r, (long long)T,
+          (long long)out[r], (long long)n);
+  }
+}
+
 // the row entropy with padded keys and queries and with smoothing (check_engine.cpp checks
 // plain rows)
 void check_entropy_masked(int64_t B, int64_t H, int64_t T, double smoothing) {
@@ -375,6 +398,8 @@ void embgeom_checks::check_kernels() {
   check_attention_sums(1, 2, 40);
   check_js_pair_sums(3, 5, 11);
   check_js_pair_sums(4, 2, 33);
+  for (int64_t T : {1, 2, 17, 128}) check_prefix_sums_below(5, T);
+  check_prefix_sums_below(0, 4);
   check_entropy_masked(2, 3, 19, 0.0);
   check_entropy_masked(2, 2, 9, 0.01);
 }
