@@ -39,7 +39,7 @@ from common import append_rows, cpu_name, git_sha, peak_rss_mb, timeit, today, v
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
             "EMBGEOM_CPU": "avx2"}
 SEARCH_PROVIDERS = ("embgeom-f32", "embgeom-bf16", "faiss-flat", "torch-topk", "st-semantic-search",
-                    "sklearn-brute")
+                    "compat-semantic-search", "sklearn-brute")
 
 
 def unit_rows(n, d, seed):
@@ -86,11 +86,16 @@ def make_search(provider, corpus, k):
             step = max(1, (512 << 20) // (4 * corpus.shape[0]))
             return torch.cat([torch.topk(q[a:a + step] @ corpus.T, k, dim=1).indices
                               for a in range(0, q.shape[0], step)]).numpy()
-    elif provider == "st-semantic-search":
-        try:
-            from sentence_transformers.util import semantic_search
-        except ImportError:
-            return None
+    elif provider in ("st-semantic-search", "compat-semantic-search"):
+        # the drop-in and the function it replaces, called as a pipeline calls them: the raw
+        # corpus every call (no prepared index kept between calls)
+        if provider == "compat-semantic-search":
+            from embgeom.compat.sentence_transformers import semantic_search
+        else:
+            try:
+                from sentence_transformers.util import semantic_search
+            except ImportError:
+                return None
 
         def fn(q):
             hits = semantic_search(q, corpus, top_k=k)
@@ -125,7 +130,8 @@ def search_bench(args, threads, rows):
             agree = float(np.mean(got == want))
             print(f"n={n:,} {prov}: prepare {prep:.2f} s, ids equal to float64 brute force: {agree:.4f}")
             for Q in args.batches:
-                if prov in ("st-semantic-search", "sklearn-brute") and Q * n > args.slow_limit:
+                slow = prov in ("st-semantic-search", "compat-semantic-search", "sklearn-brute")
+                if slow and Q * n > args.slow_limit:
                     continue
                 q = queries[:Q]
                 t = timeit(lambda: fn(q), repeats=args.repeats)
@@ -146,6 +152,11 @@ def search_bench(args, threads, rows):
                 base = [table[(b, Q)] for b in ("faiss-flat", "torch-topk") if (b, Q) in table]
                 ratios.append(f"{table[(ours, Q)] / min(base):>12.2f}" if base and (ours, Q) in table else f"{'-':>12}")
             print(f"{ours + ' / best':<22}" + "".join(ratios))
+        if any((p, Q) in table for p in ("compat-semantic-search",) for Q in args.batches):
+            print(f"{'compat / st':<22}" + "".join(
+                f"{table[('compat-semantic-search', Q)] / table[('st-semantic-search', Q)]:>12.2f}"
+                if ("compat-semantic-search", Q) in table and ("st-semantic-search", Q) in table else f"{'-':>12}"
+                for Q in args.batches))
         print()
 
 

@@ -354,7 +354,9 @@ def test_core_rows_dot_bf16(monkeypatch):
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_many_queries_take_candidates_from_the_engine(metric, dtype, monkeypatch):
     """From ENGINE_BATCH queries a float32 cosine / dot search takes its candidates from the C++
-    engine's per-row lists: the same ids and values as the torch scan, and as float64."""
+    engine's per-row lists: the same ids and values as the torch scan, and as float64. The
+    engine's prepared rows are made by a second search, or a first one bringing
+    ENGINE_PREPARE_QUERIES queries: a first search with fewer scans (the same answers)."""
     x = make_rows(700, 40, zero=(0, 5), dup=((3, 7), (11, 699)))
     q = make_rows(index_module.ENGINE_BATCH + 3, 40, seed=3)
     q[1] = x[7]
@@ -370,8 +372,16 @@ def test_many_queries_take_candidates_from_the_engine(metric, dtype, monkeypatch
         return taken[-1]
 
     monkeypatch.setattr(Index, "_engine_candidates", spy)
+    first_v, first_i = index.search(q, 9)
+    assert taken == [None] and index._columns is None  # a first search with few queries: the scan
     got_v, got_i = index.search(q, 9)
-    assert taken and taken[0] is not None  # the engine gave the candidates
+    assert taken[1] is not None  # then the engine gave the candidates
+    assert torch.equal(first_i, got_i) and torch.equal(first_v.nan_to_num(7), got_v.nan_to_num(7))
+    many = Index(x, metric=metric, dtype=dtype)  # enough queries: the engine from the first search
+    monkeypatch.setattr(index_module, "ENGINE_PREPARE_QUERIES", q.shape[0])
+    taken.clear()
+    assert torch.equal(many.search(q, 9)[1], got_i) and taken[0] is not None
+    monkeypatch.setattr(index_module, "ENGINE_PREPARE_QUERIES", 256)
     monkeypatch.setattr(index_module, "ENGINE_BATCH", 10 ** 9)  # the torch scan
     monkeypatch.setattr(index_module, "ENGINE_BATCH_BF16", 10 ** 9)
     torch_v, torch_i = index.search(q, 9)
@@ -464,3 +474,20 @@ def test_stored_rows_margin_bounds_every_rows_margin(metric):
     bound = index._stored_margin(st)
     assert bound >= float(per_row.max())
     assert bound <= float(per_row.max()) * (1 + 1e-6)  # and not looser than it needs to be
+
+
+def test_stored_norms_are_float64_norms_of_the_float32_rows(monkeypatch):
+    """The stored float64 norms (the C++ core's float64 sums on the CPU, torch's without it) are
+    the float32 rows' norms to float64 rounding, zero rows 0, including rows whose squares would
+    overflow or underflow in float32."""
+    x = make_rows(300, 37, zero=(4,))
+    x[7] *= 1e30
+    x[8] *= 1e-30
+    want = torch.linalg.vector_norm(x.double(), dim=1)
+    got = Index(x)._store.norms[:300]
+    torch.testing.assert_close(got, want, rtol=4e-16, atol=0)
+    assert got[4] == 0
+    from embgeom.backends import registry
+
+    monkeypatch.setattr(registry, "cpp_kernel", lambda *a: None)  # torch's float64 norms
+    torch.testing.assert_close(Index(x)._store.norms[:300], want, rtol=0, atol=0)

@@ -53,6 +53,12 @@ ENGINE_BATCH = 2
 # over the prepared columns beats torch's bf16 matrix-vector product there (100,000 x 384, 2
 # threads, Zen 5: 5.5 ms against 6.4; FAISS float32 8.7-9.0 in the same run).
 ENGINE_BATCH_BF16 = 1
+# The engine's prepared copy of the corpus costs about one pass of packing over it (0.29 s for
+# 100,000 x 384 on the AVX2 Zen 3 host, where a scan of 32 queries takes 20-45 ms): a search
+# prepares it when the index has been searched before (a pipeline's repeated calls) or brings
+# at least this many queries (the engine then gains more than the packing costs); a first
+# search with fewer scans, so a one-shot search (the drop-ins' semantic_search) never pays it.
+ENGINE_PREPARE_QUERIES = 256
 # A bf16 index on a CPU path without bf16 dot instructions: up to this many queries a search
 # scans its bf16 rows with the C++ core's rows_dot_bf16 (float32 queries' products summed in
 # float32, each row read once for all queries: half the bytes of the float32 rows, where a few
@@ -126,6 +132,20 @@ def _inverse_norms(st: "_Store", c0: int, c1: int) -> np.ndarray:
     return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
 
 
+def _norms64(rows: torch.Tensor) -> torch.Tensor:
+    """float64 L2 norms (M,) of float32 rows (M, D): on the CPU the C++ core's float64 sums of
+    the float32 products (row_pair_sums, no float64 copy: 100,000 x 384 in about 0.03 s against
+    0.2 s), elsewhere torch's, PREP_ROWS rows at a time."""
+    from .backends.registry import cpp_kernel
+
+    sums = cpp_kernel("row_pair_sums", rows) if rows.shape[0] else None
+    if sums is not None:
+        x = rows.detach().numpy()
+        return torch.from_numpy(np.sqrt(sums(x, x)[:, 0]))
+    return torch.cat([torch.linalg.vector_norm(rows[a:a + PREP_ROWS].double(), dim=1)
+                      for a in range(0, rows.shape[0], PREP_ROWS)] or [rows.new_zeros(0, dtype=torch.float64)])
+
+
 _NATIVE_BF16: list[bool] = []
 
 
@@ -185,6 +205,7 @@ class Index:
         self.d = int(x.shape[1])
         self._lock = threading.Lock()
         self._columns = None  # (snapshot, precision, the C++ engine's prepared rows): _engine_columns
+        self._searched = None  # the snapshot the last engine-eligible search ran on (ENGINE_PREPARE_QUERIES)
         # by default the index keeps its own copy: a caller's later writes cannot reach it
         rows = x.detach().to(self.device, torch.float32, copy=bool(copy)).contiguous()
         self._store = self._prepare(rows, None, 0)
@@ -194,8 +215,7 @@ class Index:
     def _derived(self, rows: torch.Tensor):
         """(norms, scan rows, scale, bias) of float32 rows (M, D). float64 work goes PREP_ROWS
         rows at a time: a float64 copy of a whole 1M x 384 corpus would be 3 GB."""
-        norms = torch.cat([torch.linalg.vector_norm(rows[a:a + PREP_ROWS].double(), dim=1)
-                           for a in range(0, rows.shape[0], PREP_ROWS)] or [rows.new_zeros(0, dtype=torch.float64)])
+        norms = _norms64(rows)
         scale = bias = None
         if self.metric == "cosine":
             inv = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms))
@@ -281,7 +301,7 @@ class Index:
     def __getstate__(self):  # picklable in memory (scikit-learn clones and pickles estimators)
         state = self.__dict__.copy()
         del state["_lock"]
-        state["_columns"] = None  # the engine's prepared copy is made again where needed
+        state["_columns"] = state["_searched"] = None  # the engine's prepared copy is made again where needed
         return state
 
     def __setstate__(self, state):
@@ -531,6 +551,11 @@ class Index:
         if not hasattr(cpp(), "prepare_columns"):
             return None
         precision = "fast" if qscan.dtype == torch.bfloat16 else "exact"
+        cached = self._columns
+        prepared = cached is not None and cached[0] is st and cached[1] == precision
+        searched_before, self._searched = getattr(self, "_searched", None) is st, st
+        if not prepared and not searched_before and qscan.shape[0] < ENGINE_PREPARE_QUERIES:
+            return None  # a first search with few queries: the scan (ENGINE_PREPARE_QUERIES)
         cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=kk,
                           row_bottomk=0, outside=None, precision=precision)
         corpus, q = st.rows[:st.n], qscan.float()
@@ -546,7 +571,7 @@ class Index:
     def _engine_columns(self, st: _Store, precision: str):
         """The engine's prepared copy of this snapshot's rows (packed panels: as many bytes as
         the float32 rows again, half for bf16), made by the first search that takes the engine
-        path and kept until the rows change."""
+        path (ENGINE_PREPARE_QUERIES) and kept until the rows change."""
         from .backends.cpp import prepare_columns
 
         cached = self._columns
@@ -929,7 +954,7 @@ class Index:
         self.metric, self.dtype, self.d = header["metric"], DTYPES[header["dtype"]], d
         self.device = validation.device(device) if device is not None else torch.device("cpu")
         self._lock = threading.Lock()
-        self._columns = None
+        self._columns = self._searched = None
         rows = torch.from_numpy(maps["rows"]).to(self.device)
         norms = torch.from_numpy(maps["norms"]).to(self.device)
         if "scan" in maps:

@@ -56,7 +56,7 @@ def semantic_search(query_embeddings, corpus_embeddings, query_chunk_size: int =
     top_k = validation.positive_int(top_k, "top_k", allow_zero=False)
     corpus = _tensor(corpus_embeddings, "corpus_embeddings")
     queries = _tensor(query_embeddings, "query_embeddings")
-    index = Index(corpus, metric=_metric(score_function))
+    index = Index(corpus, metric=_metric(score_function), copy=False)  # (read during this call only)
     width = min(top_k, max(1, index.ntotal))
     same = queries is corpus or (queries.shape == corpus.shape and queries.dtype == corpus.dtype
                                  and torch.equal(queries, corpus))
