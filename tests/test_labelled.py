@@ -12,6 +12,7 @@ import torch
 
 from embgeom.analysis.text.trace import trace
 from embgeom.cli import main
+from embgeom.formatting import fmt
 
 TEXTS = ["the cat sat .", "a dog ran .", "she was in the house", "red , green and blue .",
          "one two three", "he was not .", "big small", "the king and the queen"]
@@ -66,6 +67,12 @@ def test_by_label_and_class_maps(tiny_bert, tiny_bert_dir, tmp_path):
         for k in ("model", "truncated"):
             want.pop(k)
         close(rep["by_label"][g], json.loads(json.dumps(want, default=float)), g)
+    # report.html shows them: a table of the last layer and curves per label
+    page = (out / "report.html").read_text()
+    assert "Per label: the default metrics of each class" in page and (out / "by_label.png").exists()
+    cone_last = rep["by_label"]["y"]["cone_index"]["layer_output"][-1]
+    section = page.split("Per label: the default metrics")[2]
+    assert f"<td>y</td><td>{labels.count('y')}</td>" in section and f"<td>{fmt(cone_last)}</td>" in section
     # class-mean maps of the texts with 6 real tokens, [SEP] rows and columns zeroed
     maps = np.load(out / "class_maps.npz")
     assert rep["class_maps"]["length"] == 6 and rep["class_maps"]["theta"] == 0.05

@@ -215,11 +215,63 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
             ["group", "pairs", "||mean difference||"],
             [[g, int(n), float(v)] for g, n, v in zip(cp["groups"], cp["counts"].tolist(), cp["mean_norm"].tolist())]),
             [pngs["pairs"]]))
+    if report.get("by_label"):
+        sections.append(label_section(out_dir, report["by_label"], L))
     sections += head_sections(out_dir, report)
     sections.extend(extra_sections)
     write_html(os.path.join(out_dir, "report.html"), f"embgeom text: {r.model}", sections,
                provenance=report.get("provenance"))
     return list(pngs.values())
+
+
+# (title, report.json key path, reduce over heads) of the per-label curves and table
+LABEL_CURVES = (
+    ("cone index of the layer output", ("cone_index", "layer_output"), False),
+    ("attention row entropy (nats, mean over heads)", ("entropy", "mean"), True),
+    ("attention to [CLS] (per text, mean over heads)", ("attention_to_per_text", "cls"), True),
+    ("attention to [SEP] (per text, mean over heads)", ("attention_to_per_text", "sep"), True),
+    ("context |i - j| (mean over heads)", ("context_similarity", "mean_distance"), True),
+    ("step cosine cos(h_l, h_(l-1))", ("evolution", "step_cosine"), False),
+)
+
+
+def label_section(out_dir: str, by_label: dict, L: int):
+    """--labels: the default metrics once more per class (report.json by_label), as curves over
+    the layers with one line per label (its colour in the [CLS] scatters: the palette by sorted
+    label) and a table of the last layer. -> (heading, body, PNGs)."""
+    labels = sorted(by_label, key=str)
+
+    def curve(label, keys, over_heads):
+        v = by_label[label]
+        for k in keys:
+            v = v[k]
+        a = np.array([[np.nan if x is None else x for x in (row if isinstance(row, list) else [row])] for row in v],
+                     dtype=float)
+        return np.nanmean(a, 1) if over_heads else a[:, 0]
+
+    fig, _ = new_figure(13, 6.6)
+    fig.clf()
+    layers = np.arange(1, L + 1)
+    for n, (title, keys, over_heads) in enumerate(LABEL_CURVES):
+        ax = fig.add_subplot(2, 3, n + 1)
+        for i, label in enumerate(labels):
+            ax.plot(layers, curve(label, keys, over_heads), "o-", ms=3, lw=1.2,
+                    color=PALETTE[i % len(PALETTE)], label=f"{label} ({by_label[label]['n_texts']})")
+        ax.set_title(title, fontsize=9)
+        layer_axis(ax, L)
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    png = save_figure(fig, out_dir, "by_label")
+    table = table_html(
+        ["label", "texts", "tokens"] + [f"{title} (layer {L})" for title, _, _ in LABEL_CURVES],
+        [[label, by_label[label]["n_texts"], by_label[label]["n_tokens"]]
+         + [float(curve(label, keys, over)[-1]) for _, keys, over in LABEL_CURVES] for label in labels])
+    body = (f"<p>The default metrics computed once more over each label's texts (report.json by_label: "
+            f"every key of the report's per-text analyses, per label): {defined('cone_index')}, "
+            f"{defined('entropy', 'row entropy')}, {defined('attention_to_per_text', 'attention mass')} "
+            f"per text, {defined('context', 'context similarity')} and {defined('evolution', 'step cosine')}; "
+            "in parentheses the label's number of texts.</p>" + table)
+    return ("Per label: the default metrics of each class's texts", body, [png])
 
 
 # ------------------------------------------------------------------------------ pictures
