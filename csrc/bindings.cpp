@@ -166,6 +166,20 @@ py::array_t<double> row_pair_sums(const py::array_t<float>& a, const py::array_t
   return out;
 }
 
+py::array_t<double> row_moments(const py::array_t<float>& x) {
+  EMBGEOM_CHECK(x.ndim() == 2 && x.shape(1) >= 1, "x: expected (N, D) float32 with D >= 1, got " << x.ndim()
+                                                                                                 << " dims");
+  const int64_t N = x.shape(0), D = x.shape(1), f = sizeof(float);
+  py::array_t<double> out({N, int64_t(4)});
+  if (N == 0) return out;
+  EMBGEOM_CHECK((D <= 1 || x.strides(1) == f) && x.strides(0) % f == 0, "x: expected rows of contiguous floats");
+  {
+    py::gil_scoped_release release;
+    embgeom::row_moments(x.data(), x.strides(0) / f, N, D, out.mutable_data());
+  }
+  return out;
+}
+
 py::array_t<float> rows_dot_bf16(const f32_array& q, const py::array_t<int16_t>& rows) {
   EMBGEOM_CHECK(q.ndim() == 2 && rows.ndim() == 2, "q, rows: expected (Q, D) and (N, D) arrays, got "
                                                        << q.ndim() << " and " << rows.ndim() << " dims");
@@ -269,6 +283,8 @@ PYBIND11_MODULE(_C, m) {
         "(key_mass (B, H, K), sep_other, prev, next (B, H), row_sum (B, H, T), offsets (H, 2T - 1)) float64");
   m.def("row_pair_sums", &row_pair_sums, py::arg("a"), py::arg("b"),
         "Float64 row sums of two (N, D) float32 arrays -> (N, 4): |a|^2, |b|^2, |a - b|^2, a . b");
+  m.def("row_moments", &row_moments, py::arg("x"),
+        "Float64 mean and central moments of each row: x (N, D) float32 -> (N, 4): mean, m2, m3, m4");
   m.def("js_pair_sums", &js_pair_sums, py::arg("P"),
         "Clark's head distance, pair part: P (K, R, T) float32 smoothed rows -> (K, K) float64, "
         "[a, b] (a < b) = sum of s ln s over rows and keys, s = P[a] + P[b]");

@@ -83,4 +83,39 @@ void row_pair_sums(const float* a, int64_t lda, const float* b, int64_t ldb, int
   for (int64_t r = 0; r < N; ++r) sums(a + r * lda, b + r * ldb, D, out + 4 * r);
 }
 
+void row_moments(const float* x, int64_t ldx, int64_t N, int64_t D, double* out) {
+  EMBGEOM_CHECK(N >= 0 && D >= 1, "row_moments: bad shape");
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < N; ++r) {
+    const float* row = x + r * ldx;
+    // four partial sums a moment (a plain loop the compiler vectorises; one sum waits on each add)
+    double s[4] = {};
+    int64_t k = 0;
+    for (; k + 4 <= D; k += 4)
+      for (int l = 0; l < 4; ++l) s[l] += double(row[k + l]);
+    for (; k < D; ++k) s[0] += double(row[k]);
+    const double mean = ((s[0] + s[1]) + (s[2] + s[3])) / double(D);
+    double m2[4] = {}, m3[4] = {}, m4[4] = {};
+    for (k = 0; k + 4 <= D; k += 4)
+      for (int l = 0; l < 4; ++l) {
+        const double d = double(row[k + l]) - mean, d2 = d * d;
+        m2[l] += d2;
+        m3[l] += d2 * d;
+        m4[l] += d2 * d2;
+      }
+    for (; k < D; ++k) {
+      const double d = double(row[k]) - mean, d2 = d * d;
+      m2[0] += d2;
+      m3[0] += d2 * d;
+      m4[0] += d2 * d2;
+    }
+    const auto total = [](const double* t) { return (t[0] + t[1]) + (t[2] + t[3]); };
+    double* o = out + 4 * r;
+    o[0] = mean;
+    o[1] = total(m2) / double(D);
+    o[2] = total(m3) / double(D);
+    o[3] = total(m4) / double(D);
+  }
+}
+
 }  // namespace embgeom

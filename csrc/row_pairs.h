@@ -13,4 +13,10 @@ void row_pair_sums(const float* a, int64_t lda, const float* b, int64_t ldb, int
 // The loop row_pair_sums takes at the current vector level (cpu/isa.h).
 const char* row_pair_sums_path();
 
+// Float64 mean and central moments of each row of x (N, D) float32 (rows at x + r * ldx, D
+// contiguous): out (N, 4) = mean, m2, m3, m4, with m_k = sum_i (x_i - mean)^k / D; two passes
+// over the row (the mean first, then the deviations from it), float64 throughout (the K^2
+// Gaussianity test of `embgeom text --gaussianity`, docs/metrics.md).
+void row_moments(const float* x, int64_t ldx, int64_t N, int64_t D, double* out);
+
 }  // namespace embgeom

@@ -5,6 +5,7 @@ against the plain definitions of docs/metrics.md, attention heads)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -436,7 +437,7 @@ def test_gaussianity_stats_equal_scipys():
     normal, skewed, heavy-tailed and nearly constant rows, at the K^2 test's smallest size."""
     from scipy import stats
 
-    from embgeom.analysis.heads.gaussianity import _stats
+    from embgeom.analysis.heads.gaussianity import _stats, _stats_from_moments
 
     rng = np.random.default_rng(7)
     for D in (20, 384):
@@ -446,3 +447,15 @@ def test_gaussianity_stats_equal_scipys():
         np.testing.assert_allclose(p, stats.normaltest(x, axis=1).pvalue, rtol=1e-9, atol=1e-300)
         np.testing.assert_allclose(sk, stats.skew(x, axis=1), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(ku, stats.kurtosis(x, axis=1), rtol=1e-9, atol=1e-12)
+        # the C++ moments of float32 rows (the token path), against scipy on the same values
+        core = pytest.importorskip("embgeom._C")
+        x32 = np.concatenate([x[:155], 1.0 + 1e-3 * rng.standard_normal((5, D))]).astype(np.float32)
+        mo = core.row_moments(np.pad(x32, ((0, 0), (0, 3)))[:, :D])  # rows with a stride
+        p, sk, ku = _stats_from_moments(D, *mo.T)
+        x64 = x32.astype(np.float64)
+        with warnings.catch_warnings():  # scipy's note on the nearly constant rows
+            warnings.simplefilter("ignore", RuntimeWarning)
+            want = stats.normaltest(x64, axis=1).pvalue, stats.skew(x64, axis=1), stats.kurtosis(x64, axis=1)
+        np.testing.assert_allclose(p, want[0], rtol=1e-9, atol=1e-300)
+        np.testing.assert_allclose(sk, want[1], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(ku, want[2], rtol=1e-9, atol=1e-12)

@@ -148,6 +148,34 @@ void check_row_pair_sums(int64_t N, int64_t D) {
   }
 }
 
+void check_row_moments(int64_t N, int64_t D) {
+  const int64_t ld = D + 2;  // strided rows
+  std::vector<float> x = randn(N * ld, 43);
+  for (int64_t k = 0; k < D; ++k) x[k] = 1000.0f + 1e-3f * x[k];  // row 0: a large mean, tiny spread
+  for (int64_t r = 1; r < N; ++r)
+    for (int64_t k = 0; k < D; ++k) x[r * ld + k] = std::exp(x[r * ld + k]);  // skewed
+  std::vector<double> out(N * 4);
+  row_moments(x.data(), ld, N, D, out.data());
+  for (int64_t r = 0; r < N; ++r) {
+    long double mean = 0, m[5] = {0, 0, 0, 0, 0};
+    for (int64_t k = 0; k < D; ++k) mean += x[r * ld + k];
+    mean /= D;
+    for (int64_t k = 0; k < D; ++k) {
+      const long double d = x[r * ld + k] - mean;
+      m[2] += d * d, m[3] += d * d * d, m[4] += d * d * d * d;
+    }
+    const double want[4] = {double(mean), double(m[2] / D), double(m[3] / D), double(m[4] / D)};
+    for (int c = 0; c < 4; ++c) {
+      // the float64 mean's rounding (delta <= 2^-52 |mean| or so) moves every deviation by delta:
+      // m_k by about k delta m2^((k - 1) / 2)
+      const double delta = 4.5e-16 * std::fabs(want[0]) * D;
+      const double tol = 1e-12 * std::fabs(want[c]) + (c == 0 ? 0.0 : (c + 1) * delta * std::pow(want[1], 0.5 * c));
+      CHECK(std::fabs(out[r * 4 + c] - want[c]) <= tol, "row_moments N=%lld D=%lld row %lld moment %d: %.17g vs %.17g",
+            (long long)N, (long long)D, (long long)r, c, out[r * 4 + c], want[c]);
+    }
+  }
+}
+
 // (B, T, H, d) head outputs as a hook gives them, read as (B, H, T, d) through strides
 void check_context_argmax(int64_t B, int64_t H, int64_t T, int64_t d) {
   std::vector<float> o = randn(B * T * H * d, 51);
@@ -389,6 +417,7 @@ void embgeom_checks::check_kernels() {
   check_rows_dot_bf16(2, 0, 8, 8);
   for (int64_t D : {1, 3, 4, 13, 64}) check_pair_values(D);
   for (int64_t D : {1, 5, 8, 33, 384}) check_row_pair_sums(7, D);
+  for (int64_t D : {1, 3, 20, 37, 384}) check_row_moments(5, D);
   check_context_argmax(2, 3, 13, 7);
   check_context_argmax(1, 2, 37, 64);
   check_context_argmax(3, 1, 2, 5);

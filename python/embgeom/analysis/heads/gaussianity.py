@@ -28,14 +28,19 @@ def _stats(x):
     (chi-squared, 2 degrees of freedom). Rows with m2 = 0 get NaN, as in scipy."""
     import numpy as np
 
-    n = float(x.shape[1])
-    d = x - x.mean(axis=1, keepdims=True)
+    mean = x.mean(axis=1)
+    d = x - mean[:, None]
     d2 = d * d
-    m2 = d2.mean(axis=1)
-    m3 = (d2 * d).mean(axis=1)
-    m4 = (d2 * d2).mean(axis=1)
+    return _stats_from_moments(x.shape[1], mean, d2.mean(axis=1), (d2 * d).mean(axis=1), (d2 * d2).mean(axis=1))
+
+
+def _stats_from_moments(n, mean, m2, m3, m4):
+    """_stats from each row's length n, mean and central moments m2, m3, m4 ((N,) float64)."""
+    import numpy as np
+
+    n = float(n)
     with np.errstate(divide="ignore", invalid="ignore"):
-        flat = m2 <= (np.finfo(np.float64).eps * np.abs(x.mean(axis=1))) ** 2
+        flat = m2 <= (np.finfo(np.float64).eps * np.abs(mean)) ** 2
         g1 = np.where(flat, np.nan, m3 / m2 ** 1.5)
         b2 = np.where(flat, np.nan, m4 / (m2 * m2))
         # skew test (D'Agostino 1970)
@@ -74,13 +79,20 @@ class GaussianityAccumulator:
     def update(self, b) -> None:
         t0 = time.perf_counter()
         mask = b.mask
-        m = mask[..., None].double()
+        m = mask[..., None].to(b.hidden_states[0].dtype)
         n = mask.sum(1, keepdim=True).clamp(min=1).double()
+        from ...backends import registry
+
         for l, h in enumerate(b.hidden_states):
-            hd = h.double()
-            groups = {"token": hd[mask], "text_mean": (hd * m).sum(1) / n}
-            for kind, x in groups.items():
-                p, sk, ku = _stats(x.cpu().numpy())
+            # each text's mean state: float64 sums of the real tokens' values (x * 1 or 0 is exact)
+            groups = {"token": (h, mask), "text_mean": ((h * m).sum(1, dtype=torch.float64) / n, None)}
+            for kind, (x, rows) in groups.items():
+                moments = registry.cpp_kernel("row_moments", x) if rows is not None else None
+                if moments is not None:  # the tokens' moments in C++ from the float32 states (no float64 copies)
+                    mo = moments(x.detach().reshape(-1, x.shape[-1]).contiguous().numpy())[rows.reshape(-1).cpu().numpy()]
+                    p, sk, ku = _stats_from_moments(x.shape[-1], *mo.T)
+                else:
+                    p, sk, ku = _stats((x.double()[rows] if rows is not None else x).cpu().numpy())
                 self.p[kind][l].append(torch.from_numpy(p))
                 self.sums[kind]["skew"][l] += float(sk.sum())
                 self.sums[kind]["kurtosis"][l] += float(ku.sum())
