@@ -125,3 +125,15 @@ def test_resumed_moments_equal_the_uninterrupted_run_bit_for_bit(tmp_path, backe
         resumed.run(split, resumed.num_tiles())
         b = resumed.state()
         assert (a.count, a.mean, a.m2) == (b.count, b.mean, b.m2), split
+
+
+def test_as_list_is_json_safe_at_every_depth():
+    """as_list converts a whole tensor at once: NaN and Inf become None at any nesting depth
+    (and for a 0-d tensor), finite values stay exact float64, integers stay ints."""
+    from embgeom.results import as_list
+
+    x = torch.tensor([[0.1, float("nan")], [float("-inf"), 2.0]], dtype=torch.float32)
+    assert as_list(x) == [[float(torch.tensor(0.1)), None], [None, 2.0]]
+    assert as_list(torch.ones(2, 1, 2, dtype=torch.float64) / 3) == [[[1 / 3, 1 / 3]], [[1 / 3, 1 / 3]]]
+    assert as_list(torch.tensor(float("nan"))) is None and as_list(torch.tensor(2.5)) == 2.5
+    assert as_list(torch.tensor([[1, 2]])) == [[1, 2]] and as_list(torch.zeros(0, 3)) == []

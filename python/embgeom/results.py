@@ -64,10 +64,23 @@ def jsonable(obj: Any) -> Any:
 
 
 def as_list(t: torch.Tensor) -> list:
-    """Nested lists with NaN -> None."""
-    if t.dtype.is_floating_point:
-        return [as_list(r) for r in t] if t.dim() > 1 else [_num(float(v)) for v in t.double().cpu().tolist()]
-    return t.cpu().tolist()
+    """Nested lists with NaN -> None (one conversion of the whole tensor: row by row took 0.3 s
+    for the vocabulary's 29,523 neighbour rows)."""
+    import numpy as np
+
+    if not t.dtype.is_floating_point:
+        return t.cpu().tolist()
+    a = t.detach().double().cpu().numpy()
+    out = a.tolist()
+    if a.ndim == 0:
+        return _num(out)
+    if np.isfinite(a).all():
+        return out
+
+    def clean(v):
+        return [clean(x) for x in v] if isinstance(v, list) else _num(v)
+
+    return clean(out)
 
 
 @dataclass
