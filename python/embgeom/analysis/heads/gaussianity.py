@@ -26,8 +26,6 @@ def _stats(x):
     in all; here K^2 = Z_skew^2 + Z_kurtosis^2 comes from the same m2, m3, m4 by D'Agostino's
     skew test and Anscombe and Glynn's kurtosis test, as scipy writes them, and p = exp(-K^2 / 2)
     (chi-squared, 2 degrees of freedom). Rows with m2 = 0 get NaN, as in scipy."""
-    import numpy as np
-
     mean = x.mean(axis=1)
     d = x - mean[:, None]
     d2 = d * d
