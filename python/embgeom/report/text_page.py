@@ -258,6 +258,7 @@ def label_section(out_dir: str, by_label: dict, L: int):
             ax.plot(layers, curve(label, keys, over_heads), "o-", ms=3, lw=1.2,
                     color=PALETTE[i % len(PALETTE)], label=f"{label} ({by_label[label]['n_texts']})")
         ax.set_title(title, fontsize=9)
+        ax.set_ylabel(title.split(" (")[0], fontsize=8)
         layer_axis(ax, L)
     fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
