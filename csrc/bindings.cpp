@@ -16,7 +16,7 @@
 #include "context.h"
 #include "pair_values.h"
 #include "row_pairs.h"
-#include "rows_dot_bf16.h"
+#include "rows_dot.h"
 #include "value_histogram.h"
 #include "cpu/blas.h"
 #include "cpu/isa.h"
@@ -180,22 +180,34 @@ py::array_t<double> row_moments(const py::array_t<float>& x) {
   return out;
 }
 
-py::array_t<float> rows_dot_bf16(const f32_array& q, const py::array_t<int16_t>& rows) {
+// An index's scan for a few queries (rows_dot.h): q (Q, D) float32, rows (N, D) of T.
+template <class T, class Kernel>
+py::array_t<float> rows_dot(const f32_array& q, const py::array_t<T>& rows, const char* what, Kernel kernel) {
   EMBGEOM_CHECK(q.ndim() == 2 && rows.ndim() == 2, "q, rows: expected (Q, D) and (N, D) arrays, got "
                                                        << q.ndim() << " and " << rows.ndim() << " dims");
   const int64_t Q = q.shape(0), D = q.shape(1), N = rows.shape(0);
   EMBGEOM_CHECK(rows.shape(1) == D, "rows: expected " << D << " columns (the queries'), got " << rows.shape(1));
-  const int64_t h = sizeof(int16_t);
+  const int64_t h = sizeof(T);
   py::array_t<float> out({Q, N});
   if (Q == 0 || N == 0) return out;
   EMBGEOM_CHECK((D <= 1 || rows.strides(1) == h) && rows.strides(0) % h == 0 && rows.strides(0) / h >= D,
-                "rows: expected rows of contiguous bf16 values (int16 bit patterns)");
+                "rows: expected rows of contiguous " << what);
   {
     py::gil_scoped_release release;
-    embgeom::rows_dot_bf16(q.data(), Q, reinterpret_cast<const uint16_t*>(rows.data()), rows.strides(0) / h, N, D,
-                           out.mutable_data());
+    kernel(q.data(), Q, rows.data(), rows.strides(0) / h, N, D, out.mutable_data());
   }
   return out;
+}
+
+py::array_t<float> rows_dot_bf16(const f32_array& q, const py::array_t<int16_t>& rows) {
+  return rows_dot(q, rows, "bf16 values (int16 bit patterns)",
+                  [](const float* qq, int64_t Q, const int16_t* r, int64_t ldr, int64_t N, int64_t D, float* out) {
+                    embgeom::rows_dot_bf16(qq, Q, reinterpret_cast<const uint16_t*>(r), ldr, N, D, out);
+                  });
+}
+
+py::array_t<float> rows_dot_f32(const f32_array& q, const py::array_t<float>& rows) {
+  return rows_dot(q, rows, "float32 values", embgeom::rows_dot_f32);
 }
 
 int max_threads() {
@@ -261,7 +273,7 @@ py::dict cpu_info() {
   d["entropy"] = std::string(embgeom::attention_entropy_path());
   d["context_argmax"] = std::string(embgeom::context_argmax_path());
   d["row_pair_sums"] = std::string(embgeom::row_pair_sums_path());
-  d["rows_dot_bf16"] = std::string(embgeom::rows_dot_bf16_path());
+  d["rows_dot"] = std::string(embgeom::rows_dot_path());
   d["js_pair_sums"] = std::string(embgeom::js_pair_sums_path());
   d["attention_sums"] = std::string(embgeom::attention_sums_path());
   d["cone_index"] = std::string(embgeom::cone_index_path());
@@ -297,6 +309,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("rows_dot_bf16", &rows_dot_bf16, py::arg("q"), py::arg("rows"),
         "A bf16 index's scan for a few queries: q (Q, D) float32, rows (N, D) bf16 bit patterns as int16 -> "
         "(Q, N) float32 dot products (exact products, float32 sums)");
+  m.def("rows_dot_f32", &rows_dot_f32, py::arg("q"), py::arg("rows"),
+        "A float32 index's scan for a few queries: q (Q, D) float32, rows (N, D) float32 -> (Q, N) float32 dot "
+        "products (float32 sums)");
   m.def("attention_row_entropy", &attention_row_entropy, py::arg("attn"),
         py::arg("mask") = py::none(), py::arg("smoothing") = 0.0,
         "Row entropy in nats: attn (B, H, T, T) float32, mask (B, T) uint8 -> (B, H, T) float32");

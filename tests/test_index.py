@@ -91,8 +91,10 @@ def test_search_vs_float64(metric, dtype, n, d, k):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-def test_few_queries_take_the_same_answers(metric, dtype):
-    """Up to SMALL_BATCH queries select candidates with numpy, more with torch.topk: same ids."""
+def test_few_queries_take_the_same_answers(metric, dtype, monkeypatch):
+    """Up to SMALL_BATCH queries select candidates with numpy, more with torch.topk: same ids.
+    A few queries scan with the C++ core's rows_dot where it is built, else numpy's product: the
+    same answers either way."""
     x = make_rows(3000, 48, zero=(0,), dup=((3, 7), (11, 2999)))
     q = make_rows(9, 48, seed=2)
     q[1] = x[7]
@@ -101,6 +103,15 @@ def test_few_queries_take_the_same_answers(metric, dtype):
     for rows in ([0], [1], [2, 3, 4], list(range(4))):
         v, i = index.search(q[rows], 12)
         assert torch.equal(i, batch_i[rows]) and torch.equal(v, batch_v[rows])
+    calls = []
+    real = index_module._rows_dot
+    monkeypatch.setattr(index_module, "_rows_dot", lambda dt: calls.append(dt) or real(dt))
+    one_v, one_i = Index(x, metric=metric, dtype=dtype).search(q[1:2], 12)
+    monkeypatch.setattr(index_module, "_rows_dot", lambda dt: calls.append(dt) or None)
+    bare_v, bare_i = Index(x, metric=metric, dtype=dtype).search(q[1:2], 12)
+    assert torch.equal(one_i, bare_i) and torch.equal(one_v, bare_v) and torch.equal(one_i, batch_i[1:2])
+    if dtype == torch.float32:
+        assert calls and set(calls) == {torch.float32}  # the one-query float32 scan asked for the core
     want_v, want_i = ref_topk(x, q, 12, metric)
     assert_same_neighbours(batch_v, batch_i, want_v, want_i)
 
@@ -306,9 +317,11 @@ def test_bfloat16_index_without_bf16_instructions(metric, monkeypatch):
     index = Index(x, metric=metric, dtype=torch.bfloat16)
     monkeypatch.setattr(index_module, "native_bf16", lambda: False)
     calls = []
-    kernel = index_module._rows_dot_bf16()
+    kernel = index_module._rows_dot(torch.bfloat16)
     if kernel is not None:
-        monkeypatch.setattr(index_module, "_rows_dot_bf16", lambda: lambda *a: calls.append(1) or kernel(*a))
+        real = index_module._rows_dot
+        monkeypatch.setattr(index_module, "_rows_dot",
+                            lambda dt: (lambda *a: calls.append(1) or kernel(*a)) if dt == torch.bfloat16 else real(dt))
     want_v, want_i = ref_topk(x, q, 9, metric)
     many_v, many_i = index.search(q, 9)
     assert not calls  # 40 queries: the float32 rows
@@ -323,31 +336,34 @@ def test_bfloat16_index_without_bf16_instructions(metric, monkeypatch):
     assert torch.equal(i, i_all[lims_all[2]:lims_all[3]]) and torch.equal(v, v_all[lims_all[2]:lims_all[3]])
 
 
-def test_core_rows_dot_bf16(monkeypatch):
-    """_C.rows_dot_bf16: float32 queries times bf16 rows within the float32 summation bound of the
-    float64 products, on every vector level, for odd widths (tails of 16 and 8), one row, no rows,
-    no queries, query counts across its groups of four, and rows with a stride."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_core_rows_dot(dtype, monkeypatch):
+    """_C.rows_dot_bf16 / rows_dot_f32: float32 queries times bf16 or float32 rows within the
+    float32 summation bound of the float64 products, on every vector level, for odd widths (tails
+    of 16 and 8), one row, no rows, no queries, query counts across its groups of four, rows with
+    a stride, and more rows than one cache block (the 1,100 rows of width 387)."""
     core = pytest.importorskip("embgeom._C")
     rng = np.random.default_rng(5)
     levels = ["generic"] + (["avx2"] if core.cpu_info()["isa"] in ("avx2", "avx512") else [])
+    kernel = core.rows_dot_bf16 if dtype == "bfloat16" else core.rows_dot_f32
     for d in (1, 7, 8, 15, 16, 17, 33, 387):
-        wide = torch.from_numpy(rng.standard_normal((1100, d + 5))).bfloat16()
+        wide = torch.from_numpy(rng.standard_normal((1100, d + 5))).to(getattr(torch, dtype))
         rows = wide[:, :d]                                              # row stride d + 5
-        bits = rows.view(torch.int16).numpy()
+        bits = rows.view(torch.int16).numpy() if dtype == "bfloat16" else rows.numpy()
         for Q in (0, 1, 3, 4, 6):
             q = rng.standard_normal((Q, d)).astype(np.float32)
             want = q.astype(np.float64) @ rows.double().numpy().T
             bound = (d + 2) * 2.0 ** -24 * (np.abs(q).astype(np.float64) @ np.abs(rows.double().numpy()).T)
             for level in levels:
                 monkeypatch.setenv("EMBGEOM_CPU", level)
-                got = core.rows_dot_bf16(q, bits)
+                got = kernel(q, bits)
                 assert got.shape == (Q, 1100) and got.dtype == np.float32
                 assert np.all(np.abs(got - want) <= bound + 1e-30), (d, Q, level)
-                assert np.array_equal(core.rows_dot_bf16(q, bits[5:6]), got[:, 5:6])
-                assert core.rows_dot_bf16(q, bits[:0]).shape == (Q, 0)
+                assert np.array_equal(kernel(q, bits[5:6]), got[:, 5:6])
+                assert kernel(q, bits[:0]).shape == (Q, 0)
     monkeypatch.delenv("EMBGEOM_CPU")
     with pytest.raises(ValueError, match="rows: expected 4 columns"):
-        core.rows_dot_bf16(np.zeros((1, 4), np.float32), np.zeros((2, 5), np.int16))
+        kernel(np.zeros((1, 4), np.float32), np.zeros((2, 5), bits.dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)

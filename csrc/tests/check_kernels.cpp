@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
@@ -15,7 +16,7 @@
 #include "context.h"
 #include "pair_values.h"
 #include "row_pairs.h"
-#include "rows_dot_bf16.h"
+#include "rows_dot.h"
 #include "tests/checks.h"
 #include "value_histogram.h"
 
@@ -57,25 +58,32 @@ std::vector<float> softmax_rows(int64_t rows, int64_t T, unsigned seed, float te
   return p;
 }
 
-void check_rows_dot_bf16(int64_t Q, int64_t N, int64_t D, int64_t ldr) {
+// bf16 (uint16_t) or float32 rows: float32 sums of exact products within the summation bound
+template <class T>
+void check_rows_dot(int64_t Q, int64_t N, int64_t D, int64_t ldr) {
   std::vector<float> q = randn(Q * D, 21), r = randn(N * ldr, 22);
-  std::vector<uint16_t> rows(N * ldr);
-  for (int64_t i = 0; i < N * ldr; ++i) rows[i] = to_bf16(r[i]);
+  std::vector<T> rows(N * ldr);
+  for (int64_t i = 0; i < N * ldr; ++i) rows[i] = std::is_same<T, float>::value ? T(r[i]) : T(to_bf16(r[i]));
+  auto value = [&](int64_t i) { return std::is_same<T, float>::value ? double(rows[i]) : from_bf16(uint16_t(rows[i])); };
   if (N > 2)
     for (int64_t k = 0; k < D; ++k) rows[2 * ldr + k] = 0;  // a zero row
   std::vector<float> out(Q * N, -7.0f);
-  rows_dot_bf16(q.data(), Q, rows.data(), ldr, N, D, out.data());
+  if constexpr (std::is_same<T, float>::value)
+    rows_dot_f32(q.data(), Q, rows.data(), ldr, N, D, out.data());
+  else
+    rows_dot_bf16(q.data(), Q, rows.data(), ldr, N, D, out.data());
   for (int64_t a = 0; a < Q; ++a)
     for (int64_t c = 0; c < N; ++c) {
       double ref = 0, mag = 0;
       for (int64_t k = 0; k < D; ++k) {
-        const double t = double(q[a * D + k]) * from_bf16(rows[c * ldr + k]);
+        const double t = double(q[a * D + k]) * value(c * ldr + k);
         ref += t;
         mag += std::fabs(t);
       }
       const double tol = (D + 2) * kU32 * mag;
-      CHECK(std::fabs(out[a * N + c] - ref) <= tol, "rows_dot_bf16 Q=%lld N=%lld D=%lld (%lld, %lld): %.9g vs %.9g",
-            (long long)Q, (long long)N, (long long)D, (long long)a, (long long)c, out[a * N + c], ref);
+      CHECK(std::fabs(out[a * N + c] - ref) <= tol, "rows_dot %s Q=%lld N=%lld D=%lld (%lld, %lld): %.9g vs %.9g",
+            std::is_same<T, float>::value ? "f32" : "bf16", (long long)Q, (long long)N, (long long)D, (long long)a,
+            (long long)c, out[a * N + c], ref);
     }
 }
 
@@ -409,12 +417,19 @@ void check_entropy_masked(int64_t B, int64_t H, int64_t T, double smoothing) {
 }  // namespace
 
 void embgeom_checks::check_kernels() {
-  std::printf("row dot bf16 %s, context argmax %s, row pair sums %s, attention sums %s, js pair sums %s\n",
-              rows_dot_bf16_path(), context_argmax_path(), row_pair_sums_path(), attention_sums_path(),
+  std::printf("rows dot %s, context argmax %s, row pair sums %s, attention sums %s, js pair sums %s\n",
+              rows_dot_path(), context_argmax_path(), row_pair_sums_path(), attention_sums_path(),
               js_pair_sums_path());
   for (int64_t Q : {1, 3, 4})
-    for (int64_t D : {1, 7, 16, 37}) check_rows_dot_bf16(Q, 19, D, D + (D % 3));
-  check_rows_dot_bf16(2, 0, 8, 8);
+    for (int64_t D : {1, 7, 16, 37}) {
+      check_rows_dot<uint16_t>(Q, 19, D, D + (D % 3));
+      check_rows_dot<float>(Q, 19, D, D + (D % 3));
+    }
+  check_rows_dot<uint16_t>(2, 0, 8, 8);
+  check_rows_dot<float>(2, 0, 8, 8);
+  // more rows than one cache block (and a block tail), five queries: two groups a block
+  check_rows_dot<uint16_t>(5, 777, 384, 390);
+  check_rows_dot<float>(5, 777, 384, 390);
   for (int64_t D : {1, 3, 4, 13, 64}) check_pair_values(D);
   for (int64_t D : {1, 5, 8, 33, 384}) check_row_pair_sums(7, D);
   for (int64_t D : {1, 3, 20, 37, 384}) check_row_moments(5, D);

@@ -47,7 +47,7 @@ SMALL_BATCH = 4
 # panels, _engine_columns): product near the sgemm rate, lists filtered inside the product's
 # pass, no queries x corpus score matrix. Over 100,000 x 384 (2 threads, Zen 5): 7.9 ms against
 # 13.9 ms at 2 queries, 11 against 33 at 32, 206 against 723 at 1,024; one query stays on
-# numpy's product (5.1 ms against 7.0).
+# the memory-bound scan (_score: the core's rows_dot_f32).
 ENGINE_BATCH = 2
 # A bf16 scan (a CPU with bf16 dot instructions) takes the engine from one query: its bf16 product
 # over the prepared columns beats torch's bf16 matrix-vector product there (100,000 x 384, 2
@@ -149,11 +149,12 @@ def _norms64(rows: torch.Tensor) -> torch.Tensor:
 _NATIVE_BF16: list[bool] = []
 
 
-def _rows_dot_bf16():
-    """The C++ core's rows_dot_bf16, or None where the core is not built."""
+def _rows_dot(dtype: torch.dtype):
+    """The C++ core's scan of a few queries over float32 or bf16 rows (rows_dot_f32,
+    rows_dot_bf16), or None where the core is not built."""
     from .backends.registry import cpp_kernel
 
-    return cpp_kernel("rows_dot_bf16")
+    return cpp_kernel("rows_dot_bf16" if dtype == torch.bfloat16 else "rows_dot_f32")
 
 
 def native_bf16() -> bool:
@@ -323,7 +324,7 @@ class Index:
         the C++ core has rows_dot_bf16 (_score)."""
         if self.dtype == torch.bfloat16 and self.device.type == "cpu" and not native_bf16():
             few = queries is not None and queries <= BF16_ROWS_SCAN
-            return torch.bfloat16 if few and _rows_dot_bf16() is not None else torch.float32
+            return torch.bfloat16 if few and _rows_dot(torch.bfloat16) is not None else torch.float32
         return self.dtype
 
     def _queries(self, queries, st: _Store, *, search: bool = False):
@@ -378,17 +379,20 @@ class Index:
         """Scan values (Qb, c1 - c0) float32, larger = nearer; excluded rows -inf."""
         if qscan.device.type == "cpu" and qscan.dtype == torch.bfloat16 and not native_bf16():
             # a few queries of a bf16 index without bf16 dot instructions (_scan_dtype)
-            s_np = _rows_dot_bf16()(qscan.float().numpy(), st.scan[c0:c1].view(torch.int16).numpy())
+            s_np = _rows_dot(torch.bfloat16)(qscan.float().numpy(), st.scan[c0:c1].view(torch.int16).numpy())
             if st.bias is not None:
                 s_np += st.bias[c0:c1].numpy()
             s = torch.from_numpy(s_np)
         elif qscan.device.type == "cpu" and qscan.dtype == torch.float32 and qscan.shape[0] <= SMALL_BATCH:
-            # A few queries: numpy's BLAS (torch's q @ C.T ran as a gemv 3x slower, 100,000 x
-            # 384). More queries stay in torch: mixing numpy's BLAS threads with torch's spinning
-            # OpenMP pool on the same cores made calls 2x slower at random (measured at Q=32).
+            # A few queries: the C++ core's rows_dot_f32 (each row read once for all of them, on
+            # the core's own threads), else numpy's BLAS (torch's q @ C.T ran as a gemv 3x
+            # slower, 100,000 x 384). numpy's BLAS threads spinning beside an OpenMP pool on the
+            # same cores made calls 2x slower at random (measured at 1 and 32 queries).
             # A bf16 index on a CPU path without bf16 dot scans its float32 rows (_scan_dtype).
             rows = st.scan if st.scan.dtype == torch.float32 else st.rows
-            s_np = qscan.float().numpy() @ rows[c0:c1].numpy().T
+            dot = _rows_dot(torch.float32)
+            q_np, rows_np = qscan.float().numpy(), rows[c0:c1].numpy()
+            s_np = dot(q_np, rows_np) if dot is not None else q_np @ rows_np.T
             if st.scale is not None:
                 s_np *= st.scale[c0:c1].numpy()
             elif rows is st.rows and self.metric == "cosine":

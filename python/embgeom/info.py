@@ -88,13 +88,13 @@ def main(args) -> int:
                   f"attention_sums {cpu.get('attention_sums', 'n/a')}; js_pair_sums {cpu.get('js_pair_sums', 'n/a')}")
         from .index import BF16_ROWS_SCAN, ENGINE_BATCH, ENGINE_BATCH_BF16
 
+        scan = f"rows_dot {cpu.get('rows_dot', 'n/a')}"
         if "no native bf16" in cpu["gemm_fast"]:
-            bf16 = (f"no bf16 dot: up to {BF16_ROWS_SCAN} queries its bf16 rows (rows_dot_bf16 "
-                    f"{cpu.get('rows_dot_bf16', 'n/a')}), more as float32")
+            bf16 = f"no bf16 dot: up to {BF16_ROWS_SCAN} queries its bf16 rows ({scan}), more as float32"
         else:
             bf16 = f"bf16 product from {ENGINE_BATCH_BF16} query"
         print(f"  Index search (cosine/dot): the pairwise engine on rows prepared once; float32: "
-              f"{cpu['gemm_exact']} from {ENGINE_BATCH} queries (one query: numpy); bfloat16: {bf16}")
+              f"{cpu['gemm_exact']} from {ENGINE_BATCH} queries (one query: {scan}); bfloat16: {bf16}")
     print(f"{'backend':10} {'op':18} {'CPU':4} {'CUDA':4}  why not")
     for row in info["backends"]:
         why = row["why_not_cpu"] or row["why_not_cuda"]

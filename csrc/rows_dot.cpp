@@ -1,5 +1,6 @@
-#include "rows_dot_bf16.h"
+#include "rows_dot.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "check.h"
@@ -12,7 +13,7 @@
 namespace embgeom {
 namespace {
 
-// queries handled in one pass over the rows (each row read once for all of them)
+// queries handled in one pass over a row (each row read once for all of them)
 constexpr int kQueries = 4;
 
 inline float widen(uint16_t h) {
@@ -21,12 +22,14 @@ inline float widen(uint16_t h) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+inline float widen(float f) { return f; }
 
 // rows [r0, r1) against G <= kQueries queries; eight running sums a query (vectorisable)
-void dot_rows_generic(const float* q, int G, int64_t D, const uint16_t* rows, int64_t ldr, int64_t r0, int64_t r1,
+template <class T>
+void dot_rows_generic(const float* q, int G, int64_t D, const T* rows, int64_t ldr, int64_t r0, int64_t r1,
                       float* out, int64_t N) {
   for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* row = rows + r * ldr;
+    const T* row = rows + r * ldr;
     for (int g = 0; g < G; ++g) {
       const float* qg = q + g * D;
       float s[8] = {};
@@ -41,10 +44,11 @@ void dot_rows_generic(const float* q, int G, int64_t D, const uint16_t* rows, in
 }
 
 #if EMBGEOM_X86
-EMBGEOM_AVX2 inline __m256 widen8(const uint16_t* p) {
+EMBGEOM_AVX2 inline __m256 load8(const uint16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
+EMBGEOM_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 EMBGEOM_AVX2 inline float total8(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -54,23 +58,23 @@ EMBGEOM_AVX2 inline float total8(__m256 v) {
 
 // G queries (a template: the accumulators stay in registers), 16 values a step in two sums a
 // query so that consecutive FMAs do not wait on each other
-template <int G>
-EMBGEOM_AVX2 void dot_rows_avx2_g(const float* q, int64_t D, const uint16_t* rows, int64_t ldr, int64_t r0,
-                                  int64_t r1, float* out, int64_t N) {
+template <int G, class T>
+EMBGEOM_AVX2 void dot_rows_avx2_g(const float* q, int64_t D, const T* rows, int64_t ldr, int64_t r0, int64_t r1,
+                                  float* out, int64_t N) {
   for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* row = rows + r * ldr;
+    const T* row = rows + r * ldr;
     __m256 a[G], b[G];
     for (int g = 0; g < G; ++g) a[g] = b[g] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= D; k += 16) {
-      const __m256 lo = widen8(row + k), hi = widen8(row + k + 8);
+      const __m256 lo = load8(row + k), hi = load8(row + k + 8);
       for (int g = 0; g < G; ++g) {
         a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + k), lo, a[g]);
         b[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + k + 8), hi, b[g]);
       }
     }
     if (k + 8 <= D) {
-      const __m256 lo = widen8(row + k);
+      const __m256 lo = load8(row + k);
       for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + k), lo, a[g]);
       k += 8;
     }
@@ -82,7 +86,8 @@ EMBGEOM_AVX2 void dot_rows_avx2_g(const float* q, int64_t D, const uint16_t* row
   }
 }
 
-EMBGEOM_AVX2 void dot_rows_avx2(const float* q, int G, int64_t D, const uint16_t* rows, int64_t ldr, int64_t r0,
+template <class T>
+EMBGEOM_AVX2 void dot_rows_avx2(const float* q, int G, int64_t D, const T* rows, int64_t ldr, int64_t r0,
                                 int64_t r1, float* out, int64_t N) {
   switch (G) {
     case 1: return dot_rows_avx2_g<1>(q, D, rows, ldr, r0, r1, out, N);
@@ -93,30 +98,43 @@ EMBGEOM_AVX2 void dot_rows_avx2(const float* q, int G, int64_t D, const uint16_t
 }
 #endif
 
-using DotRowsFn = void (*)(const float*, int, int64_t, const uint16_t*, int64_t, int64_t, int64_t, float*, int64_t);
+template <class T>
+using DotRowsFn = void (*)(const float*, int, int64_t, const T*, int64_t, int64_t, int64_t, float*, int64_t);
 
-DotRowsFn pick_dot_rows(const char** name) {
-  return pick_avx2_or_generic<DotRowsFn>(dot_rows_generic, EMBGEOM_IF_X86(dot_rows_avx2), "avx2", name);
+template <class T>
+DotRowsFn<T> pick_dot_rows(const char** name) {
+  return pick_avx2_or_generic<DotRowsFn<T>>(dot_rows_generic<T>, EMBGEOM_IF_X86(dot_rows_avx2<T>), "avx2", name);
+}
+
+template <class T>
+void rows_dot(const float* q, int64_t Q, const T* rows, int64_t ldr, int64_t N, int64_t D, float* out) {
+  EMBGEOM_CHECK(Q >= 0 && N >= 0 && D >= 0 && ldr >= D, "rows_dot: bad shape");
+  const char* name = "";
+  const DotRowsFn<T> dot = pick_dot_rows<T>(&name);
+  // rows a task: about 192 KB, which stay in L2 while every group of queries passes over them
+  // (a block per group of four read the rows from memory once a group)
+  const int64_t block = std::max<int64_t>(16, (int64_t(192) << 10) / std::max<int64_t>(1, D * int64_t(sizeof(T))));
+  const int64_t blocks = (N + block - 1) / block;
+  // one block: no parallel region (a one-query norm or a tiny index need not wake the pool)
+#pragma omp parallel for schedule(static) if (blocks > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t r0 = b * block, r1 = std::min(N, r0 + block);
+    for (int64_t g0 = 0; g0 < Q; g0 += kQueries)
+      dot(q + g0 * D, int(std::min<int64_t>(kQueries, Q - g0)), D, rows, ldr, r0, r1, out + g0 * N, N);
+  }
 }
 
 }  // namespace
 
-const char* rows_dot_bf16_path() { return picked_name(pick_dot_rows); }
+const char* rows_dot_path() { return picked_name(pick_dot_rows<float>); }
 
-void rows_dot_bf16(const float* q, int64_t Q, const uint16_t* rows, int64_t ldr, int64_t N, int64_t D, float* out) {
-  EMBGEOM_CHECK(Q >= 0 && N >= 0 && D >= 0 && ldr >= D, "rows_dot_bf16: bad shape");
-  const char* name = "";
-  const DotRowsFn dot = pick_dot_rows(&name);
-  constexpr int64_t kRowBlock = 1024;  // rows a task: 768 KB of bf16 rows at D = 384
-  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-  for (int64_t g0 = 0; g0 < Q; g0 += kQueries) {
-    const int G = int(Q - g0 < kQueries ? Q - g0 : kQueries);
-#pragma omp parallel for schedule(static) if (blocks > 1)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t r0 = b * kRowBlock, r1 = r0 + kRowBlock < N ? r0 + kRowBlock : N;
-      dot(q + g0 * D, G, D, rows, ldr, r0, r1, out + g0 * N, N);
-    }
-  }
+void rows_dot_f32(const float* q, int64_t Q, const float* rows, int64_t ldr, int64_t N, int64_t D, float* out) {
+  rows_dot(q, Q, rows, ldr, N, D, out);
+}
+
+void rows_dot_bf16(const float* q, int64_t Q, const uint16_t* rows, int64_t ldr, int64_t N, int64_t D,
+                   float* out) {
+  rows_dot(q, Q, rows, ldr, N, D, out);
 }
 
 }  // namespace embgeom

@@ -1,0 +1,23 @@
+#pragma once
+#include <cstdint>
+
+namespace embgeom {
+
+// The scan of an index for a few queries: out (Q, N) float32, out[q * N + r] = sum_k q[q][k] *
+// rows[r][k], float32 sums of exact products (any order; the index's scan margin bounds the
+// rounding, docs/metrics.md, prepared index). q: Q x D row-major float32; rows: N rows of D
+// contiguous values at rows + r * ldr. A few queries are bound by memory: the rows are read once
+// in blocks that stay in cache while every query passes over them, on the core's own threads
+// (numpy's BLAS threads and this core's OpenMP pool spinning on the same two cores made a
+// one-query search 2x slower).
+//   rows_dot_f32:  float32 rows (a float32 index).
+//   rows_dot_bf16: bf16 rows (the upper halves of float32 bit patterns; a bf16 index on a CPU
+//                  without bf16 dot instructions): they widen exactly to float32, half the bytes.
+void rows_dot_f32(const float* q, int64_t Q, const float* rows, int64_t ldr, int64_t N, int64_t D, float* out);
+void rows_dot_bf16(const float* q, int64_t Q, const uint16_t* rows, int64_t ldr, int64_t N, int64_t D,
+                   float* out);
+
+// The loop both take at the current vector level (cpu/isa.h).
+const char* rows_dot_path();
+
+}  // namespace embgeom
