@@ -34,7 +34,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, cpu_name, git_sha, peak_rss_mb, timeit, today, versions  # noqa: E402
+from common import append_rows, cpu_device, cpu_name, git_sha, peak_rss_mb, timeit, today, versions  # noqa: E402
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
             "EMBGEOM_CPU": "avx2"}
@@ -138,7 +138,7 @@ def search_bench(args, threads, rows):
                 table[(prov, Q)] = t["median_ms"]
                 rows.append({"metric": f"search_top{args.k}", "provider": prov, "n": n, "m": Q, "d": args.d,
                              "dtype": "bfloat16" if prov.endswith("bf16") else "float32",
-                             "device": f"cpu {cpu_name()}", "threads": threads, **t, "peak_mb": round(peak_rss_mb()),
+                             "device": f"cpu {cpu_device()}", "threads": threads, **t, "peak_mb": round(peak_rss_mb()),
                              "versions": versions() + f" path={args.path} agree={agree:.4f} prepare_s={prep:.2f}",
                              "git_sha": git_sha(), "date": today()})
         print(f"\ncorpus {n:,} x {args.d}, top-{args.k}, median ms per call ({args.repeats} calls, {threads} threads)")
@@ -240,7 +240,7 @@ def pairs_bench(args, threads, rows):
               f"{r['seconds']:.2f} s, {r['count']:,} pairs, planted found {r['planted_found']}/{r['planted']}, "
               f"min similarity {r['min_similarity']}, peak {r['peak_mb']:.0f} MB {'OK' if ok else 'CHECK FAILED'}")
         rows.append({"metric": f"pairs_above_{args.threshold}", "provider": prov, "n": args.pairs_n, "m": args.dups,
-                     "d": args.d, "dtype": "float32", "device": f"cpu {cpu_name()}", "threads": threads,
+                     "d": args.d, "dtype": "float32", "device": f"cpu {cpu_device()}", "threads": threads,
                      "median_ms": r["seconds"] * 1e3, "peak_mb": round(r["peak_mb"]),
                      "versions": versions() + f" path={args.path} pairs={r['count']} check={'ok' if ok else 'failed'}",
                      "git_sha": git_sha(), "date": today()})
@@ -293,7 +293,7 @@ def dropins_bench(args, threads, rows):
               f"{st_s / ours_s:5.1f}x faster   equal {equal}/{total}")
         for prov, sec in (("sentence-transformers", st_s), ("embgeom-compat", ours_s)):
             rows.append({"metric": f"dropin_{name}", "provider": prov, "n": int(e.shape[0]), "m": 0,
-                         "d": int(e.shape[1]), "dtype": "float32", "device": f"cpu {cpu_name()}",
+                         "d": int(e.shape[1]), "dtype": "float32", "device": f"cpu {cpu_device()}",
                          "threads": threads, "median_ms": sec * 1e3, "peak_mb": round(peak_rss_mb()),
                          "versions": versions() + f" path={args.path} equal={equal}/{total}",
                          "git_sha": git_sha(), "date": today()})

@@ -70,6 +70,17 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def cpu_device() -> str:
+    """The CSV rows' `device` for a CPU run: the model and its instruction set ("model [features]",
+    from the C++ core; the model alone without it): which host class a number comes from."""
+    try:
+        from embgeom import _C
+
+        return f"{cpu_name()} [{_C.cpu_info()['cpu_features']}]"
+    except ImportError:
+        return cpu_name()
+
+
 def cpu_fp32_peak_gflops(threads: int) -> float:
     """Dense fp32 FMA peak: cores x GHz x flops/cycle (32 with two 256-bit or one 512-bit FMA
     pipe pair, AVX-512/AVX2 FMA; 16 otherwise). A ceiling for the roofline column."""

@@ -261,7 +261,7 @@ def worker(provider: str, data: str, repeats: int) -> dict:
     print(f"  [{name}] level {info['isa']}, product {info['gemm_fast' if 'fast' in provider else 'gemm_exact']}, "
           f"fused pass {info['fused_pass']}, blas {info['blas']}", file=sys.stderr)
     return {"metric": "pairwise_cosine", "provider": name, "n": n, "m": n, "d": d, "dtype": "float32",
-            "device": f"{common.cpu_name()} [{info['cpu_features']}]", "threads": threads, **timing,
+            "device": common.cpu_device(), "threads": threads, **timing,
             "pairs_per_s": pairs / seconds, "tflops": gflops / 1e3,
             "roofline_pct": 100.0 * gflops / peak, "peak_mb": common.peak_rss_mb(),
             "versions": common.versions(), "git_sha": common.git_sha(), "date": common.today()}
