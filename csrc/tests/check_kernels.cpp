@@ -13,6 +13,7 @@
 
 #include "attention.h"
 #include "attention_sums.h"
+#include "cpu/gemm.h"
 #include "context.h"
 #include "pair_values.h"
 #include "row_pairs.h"
@@ -85,6 +86,30 @@ void check_rows_dot(int64_t Q, int64_t N, int64_t D, int64_t ldr) {
             std::is_same<T, float>::value ? "f32" : "bf16", (long long)Q, (long long)N, (long long)D, (long long)a,
             (long long)c, out[a * N + c], ref);
     }
+}
+
+// dot_exact_batch: every pair bit-identical to dot_exact (one sequential FMA chain), whatever the
+// batch's length (full blocks, padded rests, a few chains side by side) and the rows' alignment
+void check_dot_exact_batch(int64_t D) {
+  const int64_t rows = 23;
+  std::vector<float> x = randn(rows * D + 1, 31);
+  std::vector<const float*> pa, pb;
+  for (int64_t n = 0; n <= 41; ++n) {
+    pa.clear();
+    pb.clear();
+    for (int64_t q = 0; q < n; ++q) {
+      pa.push_back(x.data() + (q * 7 % rows) * D + (q % 2));  // odd offsets: unaligned rows
+      pb.push_back(x.data() + (q * 5 % rows) * D);
+    }
+    std::vector<float> out(n + 1, -9.0f);
+    dot_exact_batch(pa.data(), pb.data(), n, D, out.data());
+    for (int64_t q = 0; q < n; ++q) {
+      const float want = dot_exact(pa[q], pb[q], D);
+      CHECK(std::memcmp(&out[q], &want, sizeof want) == 0, "dot_exact_batch n=%lld D=%lld pair %lld: %.9g vs %.9g",
+            (long long)n, (long long)D, (long long)q, out[q], want);
+    }
+    CHECK(out[n] == -9.0f, "dot_exact_batch n=%lld wrote past its batch", (long long)n);
+  }
 }
 
 void check_pair_values(int64_t D) {
@@ -431,6 +456,7 @@ void embgeom_checks::check_kernels() {
   check_rows_dot<uint16_t>(5, 777, 384, 390);
   check_rows_dot<float>(5, 777, 384, 390);
   for (int64_t D : {1, 3, 4, 13, 64}) check_pair_values(D);
+  for (int64_t D : {1, 7, 16, 17, 384}) check_dot_exact_batch(D);
   for (int64_t D : {1, 5, 8, 33, 384}) check_row_pair_sums(7, D);
   for (int64_t D : {1, 3, 20, 37, 384}) check_row_moments(5, D);
   check_context_argmax(2, 3, 13, 7);
