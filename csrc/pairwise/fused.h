@@ -53,6 +53,14 @@ struct FusedArgs {
   const float* yn2;
   int64_t bins;
   double lo, hi, scale;
+  // Histogram slots in float32 (hist_f32): g = (v - hlo) * hscale, a block of 16 (8) values per
+  // vector instead of two of doubles. A value whose g lies strictly inside a bin, its fraction
+  // g - trunc(g) in (hfr_lo, hfr_hi), has the float64 rule's bin (numerics::bin_index): the
+  // float32 rounding moves g by less than the guard (fused_args). Any other value in a block
+  // sends the block through the float64 rule (near a bin edge, out of range, about 0.1 % of
+  // values with 2000 bins).
+  bool hist_f32;
+  float hlo, hscale, hfr_lo, hfr_hi;
   bool do_hist, do_top, do_bot, do_near, do_rtop, do_rbot, do_out;
   double near;
   float oa, ob;

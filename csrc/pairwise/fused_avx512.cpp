@@ -49,6 +49,9 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
   const __m512 oa_lo = _mm512_set1_ps(A.oa - A.M), ob_hi = _mm512_set1_ps(A.ob + A.M);
   const __m512 oa_hi = _mm512_set1_ps(A.oa + A.M), ob_lo = _mm512_set1_ps(A.ob - A.M);
   const __m512i ones = _mm512_set1_epi32(1);
+  const __m512 hlo = _mm512_set1_ps(A.hlo), hscale = _mm512_set1_ps(A.hscale);
+  const __m512 hfr_lo = _mm512_set1_ps(A.hfr_lo), hfr_hi = _mm512_set1_ps(A.hfr_hi);
+  const __m512i hbins = _mm512_set1_epi32(int32_t(A.bins));
   // histogram slots waiting to be counted (the previous step's)
   int32_t* slot = c.idx[0];
   int32_t* prev = c.idx[1];
@@ -113,8 +116,22 @@ EMBGEOM_AVX512 void fused_tile_avx512(const FusedArgs& A, PairwiseEngine::Thread
       q0 = _mm512_fmadd_pd(e0, e0, q0);
       q1 = _mm512_fmadd_pd(e1, e1, q1);
       if (hist) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(slot), hist_bins8(d0, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(slot + 8), hist_bins8(d1, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
+        // float32 slots where every value is safely inside a bin (FusedArgs::hist_f32)
+        __mmask16 edge = m;
+        __m512i ix = _mm512_setzero_si512();
+        if (A.hist_f32) {
+          const __m512 g = _mm512_mul_ps(_mm512_sub_ps(v, hlo), hscale);
+          ix = _mm512_cvttps_epi32(g);
+          const __m512 fr = _mm512_sub_ps(g, _mm512_cvtepi32_ps(ix));
+          edge = _mm512_mask_cmp_ps_mask(m, fr, hfr_lo, _CMP_LE_OQ) | _mm512_mask_cmp_ps_mask(m, fr, hfr_hi, _CMP_GE_OQ) |
+                 _mm512_mask_cmpge_epu32_mask(m, ix, hbins);
+        }
+        if (__builtin_expect(edge == 0, 1)) {
+          _mm512_store_si512(slot, _mm512_add_epi32(ix, ones));
+        } else {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(slot), hist_bins8(d0, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(slot + 8), hist_bins8(d1, vlo, vhi, vsc, vz, vbmax, i1, izero, iover));
+        }
         // count the previous step's slots: reading back the slots just stored would wait for the
         // wide store to reach the cache (store forwarding to narrow loads stalls)
         if (pending == 16) {

@@ -142,6 +142,9 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
   const f32 oa_lo = splat<f32>(A.oa - M), ob_hi = splat<f32>(A.ob + M);
   const f32 oa_hi = splat<f32>(A.oa + M), ob_lo = splat<f32>(A.ob - M);
   const i32 none = {};
+  const f32 hlo = splat<f32>(A.hlo), hscale = splat<f32>(A.hscale);
+  const f32 hfr_lo = splat<f32>(A.hfr_lo), hfr_hi = splat<f32>(A.hfr_hi);
+  const i32 hbins = splat<i32>(int32_t(A.bins)), ione = splat<i32>(1);
   const bool maybe_out = do_out && A.fast;
   int32_t* colcnt = c.colcnt.data();
   // fast mode outside cold tiles: thresholds stay as at tile start (a superset of the
@@ -213,8 +216,21 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
         if (pending) {
           for (int l = 0; l < W; ++l) hist[prev[l]]++;
         }
-        store(slot, slots(d_lo));
-        store(slot + W / 2, slots(d_hi));
+        // float32 slots where every value is safely inside a bin (FusedArgs::hist_f32)
+        bool edge = true;
+        i32 ix = {};
+        if (A.hist_f32) {
+          const f32 g = (v - hlo) * hscale;
+          ix = convert<i32>(g);
+          const f32 fr = g - convert<f32>(ix);
+          edge = any((fr <= hfr_lo) | (fr >= hfr_hi) | (ix < none) | (ix >= hbins));
+        }
+        if (__builtin_expect(!edge, 1)) {
+          store(slot, ix + ione);
+        } else {
+          store(slot, slots(d_lo));
+          store(slot + W / 2, slots(d_hi));
+        }
         pending = true;
         std::swap(slot, prev);
       }

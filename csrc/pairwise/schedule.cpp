@@ -88,6 +88,21 @@ FusedArgs PairwiseEngine::fused_args(const ThreadCtx& c, bool diag) const {
   A.hi = opt_.hi;
   A.scale = opt_.bins > 0 ? double(opt_.bins) / (opt_.hi - opt_.lo) : 0.0;
   A.do_hist = opt_.bins > 0;
+  {
+    // g = fl32(fl32(v - fl32(lo)) * fl32(scale)) and the float64 rule's r = fl64(fl64(v - lo) *
+    // scale) differ by at most 3.01 u |T| + 1.01 u |lo| scale + 2.1e-16 |T| (u = 2^-24, T = (v -
+    // lo) scale), with |T| <= bins + 1 for a value that the float32 test accepts
+    const double u = numerics::kFp32UnitRoundoff, T = double(opt_.bins) + 1.0;
+    const double guard = 3.1 * u * T + 1.1 * u * std::fabs(opt_.lo) * A.scale + 1e-12 * T;
+    A.hlo = static_cast<float>(opt_.lo);
+    A.hscale = static_cast<float>(A.scale);
+    A.hfr_lo = static_cast<float>(guard);
+    if (double(A.hfr_lo) < guard) A.hfr_lo = std::nextafter(A.hfr_lo, kInf);
+    A.hfr_hi = static_cast<float>(1.0 - guard);
+    if (double(A.hfr_hi) > 1.0 - guard) A.hfr_hi = std::nextafter(A.hfr_hi, -kInf);
+    A.hist_f32 = A.do_hist && opt_.bins <= (int64_t(1) << 22) && guard < 0.25 && std::isfinite(A.hlo) &&
+                 std::isfinite(A.hscale) && A.hscale > 0.0f;
+  }
   A.do_top = opt_.topk > 0;
   A.do_bot = opt_.bottomk > 0;
   A.do_near = opt_.has_near && opt_.near_k > 0;

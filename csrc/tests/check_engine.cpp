@@ -166,6 +166,46 @@ static void check_pairwise(int64_t n, int64_t d, int64_t block, unsigned seed) {
     CHECK(ex2.top[q].i == ex.top[q].i && ex2.top[q].j == ex.top[q].j && ex2.top[q].v == ex.top[q].v, "top round trip");
 }
 
+// histogram slots of values on and beside bin edges (a few float ulps either side), exactly the
+// float64 rule's (numerics::bin_index): dot products of 1-d rows with 1.0 are the rows' values,
+// 21 columns a row so that every pass sees full vector blocks and a tail
+static void check_hist_edges(double lo, double hi, int64_t bins) {
+  const double scale = double(bins) / (hi - lo);
+  std::vector<float> x;
+  for (int64_t k = -1; k <= bins + 1; ++k) {
+    const float e = static_cast<float>(lo + double(k) / scale);
+    float below = e, above = e;
+    x.push_back(e);
+    for (int q = 0; q < 3; ++q) {
+      below = std::nextafter(below, -1e30f);
+      above = std::nextafter(above, 1e30f);
+      x.push_back(below);
+      x.push_back(above);
+    }
+  }
+  x.push_back(static_cast<float>(lo));
+  x.push_back(static_cast<float>(hi));
+  x.push_back(static_cast<float>(hi + 10 * (hi - lo)));
+  x.push_back(static_cast<float>(lo - 10 * (hi - lo)));
+  const int64_t n = int64_t(x.size()), m = 21;
+  std::vector<float> y(m, 1.0f);
+  PairwiseOptions o;
+  o.metric = "dot";
+  o.block = 64;
+  o.bins = bins;
+  o.lo = lo;
+  o.hi = hi;
+  PairwiseEngine e(x.data(), n, y.data(), m, 1, o);
+  e.run(0, e.num_tiles());
+  std::vector<int64_t> want(bins + 2, 0);
+  for (float v : x) want[numerics::bin_index(double(v), lo, hi, bins, scale)] += m;
+  const std::vector<int64_t>& got = e.state().hist;
+  int64_t wrong = 0;
+  for (int64_t b = 0; b < bins + 2; ++b) wrong += got[b] != want[b];
+  CHECK(wrong == 0, "histogram on bin edges [%g, %g) x %lld: %lld slots differ from the float64 rule", lo, hi,
+        (long long)bins, (long long)wrong);
+}
+
 static void check_cone(int64_t B, int64_t T, int64_t D) {
   std::vector<float> x = randn(B * T * D, 7);
   std::vector<uint8_t> mask(B * T, 1);
@@ -222,6 +262,9 @@ int main() {
   check_pairwise(41, 13, 16, 1);
   check_pairwise(70, 37, 7, 2);
   check_pairwise(129, 5, 64, 3);
+  check_hist_edges(-1.0, 1.0, 2000);
+  check_hist_edges(-0.37, 0.81, 777);
+  check_hist_edges(0.1, 0.3, 3);
   check_cone(3, 29, 19);
   check_cone(1, 600, 33);
   check_entropy(2, 3, 37);
