@@ -226,36 +226,37 @@ float widened_bound(float kth, double M, bool top) {
 }
 
 
-void RowCands::offer(int64_t row, float v, int32_t c) {
+void RowCands::settle(int64_t row) {
   float* rv = val.data() + row * cap;
   int32_t* rc = col.data() + row * cap;
-  int64_t nn = cnt[row];
-  if (out_of_band(v, shared[row])) return;
-  if (nn == cap) {
-    if (!better(v, c, rv[cap - 1], rc[cap - 1])) {
-      spill.push_back({int32_t(row), c, v});
-      return;
+  const int64_t m = cnt[row];
+  // the k-th best of the m held (r-th largest: k - 1 for top, m - k for bottom)
+  const float t = rank_largest(rv, m, top ? k - 1 : m - k, scratch.data());
+  publish_threshold(shared + row, widened_bound(t, M, top), top);
+  if (m < cap) return;  // the first k: all are needed
+  const double b = top ? double(t) - M : double(t) + M;
+  const double bound = top ? std::max(b, double(shared[row])) : std::min(b, double(shared[row]));
+  // keep the entries at least as good as t first (at least k of them: the next t is no worse),
+  // then the rest of the band, up to `keep`; the band beyond that is spilled
+  float* kv = scratch.data() + 3 * cap;
+  int32_t* kc = scratch_col.data();
+  int64_t w = 0;
+  for (int pass = 0; pass < 2; ++pass)
+    for (int64_t q = 0; q < m; ++q) {
+      const float v = rv[q];
+      const bool good = top ? v >= t : v <= t;
+      if (good != (pass == 0) || out_of_band(v, bound)) continue;
+      if (w < keep) {
+        kv[w] = v;
+        kc[w] = rc[q];
+        ++w;
+      } else {
+        spill.push_back({int32_t(row), rc[q], v});
+      }
     }
-    spill.push_back({int32_t(row), rc[cap - 1], rv[cap - 1]});
-    --nn;
-  }
-  int64_t pos = nn;
-  while (pos > 0 && better(v, c, rv[pos - 1], rc[pos - 1])) {
-    rv[pos] = rv[pos - 1];
-    rc[pos] = rc[pos - 1];
-    --pos;
-  }
-  rv[pos] = v;
-  rc[pos] = c;
-  ++nn;
-  if (nn >= k) {
-    // k real pairs with values within M of rv[k-1]: publish that bound
-    publish_threshold(shared + row, widened_bound(rv[k - 1], M, top), top);
-    const double b = top ? double(rv[k - 1]) - M : double(rv[k - 1]) + M;
-    const double bound = top ? std::max(b, double(shared[row])) : std::min(b, double(shared[row]));
-    while (nn > k && out_of_band(rv[nn - 1], bound)) --nn;
-  }
-  cnt[row] = static_cast<int32_t>(nn);
+  std::copy(kv, kv + w, rv);
+  std::copy(kc, kc + w, rc);
+  cnt[row] = static_cast<int32_t>(w);
 }
 
 }  // namespace embgeom

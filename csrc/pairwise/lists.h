@@ -84,43 +84,58 @@ struct RowLists {
 // never lose a pair of the final list, and only the survivors are rescored, once, at the end
 // of the run (instead of every candidate that passes a filter still loose early in the run).
 // Mirrored for bottom lists.
+// Each row is a reservoir like RowLists' (an offer is one store): when it first holds k, their
+// worst is published; a full reservoir is compacted: its k-th best t is published (widened by M),
+// entries out of the band of t are dropped and at most `keep` stay, the rest of the band going
+// to `spill` (still candidates). A sorted insertion per offer made row top-101 in fast mode
+// slower than exact mode on the vocabulary (it shifted up to 2k entries an offer).
 struct RowCands {
   struct Spilled {
     int32_t row, col;
     float v;
   };
-  int64_t n = 0, k = 0, cap = 0;
+  int64_t n = 0, k = 0, cap = 0, keep = 0;
   bool top = true;
   double M = 0.0;
-  std::vector<float> val;  // n * cap, best first
+  std::vector<float> val;  // n * cap, unsorted
   std::vector<int32_t> col;
   std::vector<int32_t> cnt;
   std::vector<Spilled> spill;  // pushed out of a full row while still within the band
   float* shared = nullptr;     // per row: bound on the final k-th best exact value
+  std::vector<float> scratch;  // a compaction's selection (3 * cap) and kept values (cap)
+  std::vector<int32_t> scratch_col;
 
   void init(int64_t rows, int64_t kk, bool is_top, double margin, float* bounds) {
     n = rows;
     k = kk;
     top = is_top;
     M = margin;
-    cap = std::max<int64_t>(2 * k, k + 8);
+    keep = k + std::max<int64_t>(k / 2, 8);
+    cap = keep + std::max<int64_t>(k / 2, 8);
     val.assign(n * cap, 0.0f);
     col.assign(n * cap, -1);
     cnt.assign(n, 0);
     spill.clear();
+    scratch.assign(4 * cap, 0.0f);
+    scratch_col.assign(cap, 0);
     shared = bounds;
-  }
-  bool better(float v1, int32_t c1, float v2, int32_t c2) const {
-    if (v1 != v2) return top ? v1 > v2 : v1 < v2;
-    return c1 < c2;
   }
   // v can be dropped: its exact value is strictly worse than the bound's
   bool out_of_band(float v, double bound) const {
     return top ? double(v) + M < bound : double(v) - M > bound;
   }
-  void offer(int64_t row, float v, int32_t c);
-};
+  void offer(int64_t row, float v, int32_t c) {
+    if (out_of_band(v, shared[row])) return;
+    const int64_t at = row * cap + cnt[row];
+    val[at] = v;
+    col[at] = c;
+    const int32_t m = ++cnt[row];
+    if (m == k || m == cap) settle(row);
+  }
 
+ private:
+  void settle(int64_t row);  // the first k held, or a full reservoir: publish, prune, spill
+};
 
 // The r-th largest (0-based) of a[0, n), which is not changed; buf: room for 3 * n floats.
 float rank_largest(const float* a, int64_t n, int64_t r, float* buf);

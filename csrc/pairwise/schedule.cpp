@@ -126,31 +126,21 @@ FusedArgs PairwiseEngine::fused_args(const ThreadCtx& c, bool diag) const {
 // were last read: fetch them before the band's pass, not one miss per offer.
 void PairwiseEngine::prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0,
                                         int64_t c1) const {
-  auto fetch = [](const void* p, size_t bytes) {
-    const char* b = static_cast<const char*>(p);
-    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch(b + o, 1, 3);
-  };
-  // slots of rows [a, b) in lists of `width` entries a row
-  auto slots = [&](const std::vector<float>& val, const std::vector<int32_t>& col,
-                   const std::vector<int32_t>& cnt, int64_t width, int64_t a, int64_t b) {
-    if (width <= 0) return;
-    fetch(val.data() + a * width, sizeof(float) * (b - a) * width);
-    fetch(col.data() + a * width, sizeof(int32_t) * (b - a) * width);
-    fetch(cnt.data() + a, sizeof(int32_t) * (b - a));
-  };
   auto rows = [&](int64_t a, int64_t b) {
     if (b <= a) return;
-    for (const RowCands* r : {&c.ctop, &c.cbot})
-      if (r->k > 0) slots(r->val, r->col, r->cnt, r->cap, a, b);
     // a reservoir is written at its next free slot (until a compaction reads it whole)
-    for (const RowLists* r : {&c.rtop, &c.rbot}) {
-      if (r->k <= 0) continue;
+    auto next_slots = [&](const std::vector<float>& val, const std::vector<int32_t>& col,
+                          const std::vector<int32_t>& cnt, int64_t width) {
       for (int64_t q = a; q < b; ++q) {
-        const int64_t at = q * r->stride + r->cnt[q];
-        __builtin_prefetch(r->val.data() + at, 1, 3);
-        __builtin_prefetch(r->col.data() + at, 1, 3);
+        const int64_t at = q * width + cnt[q];
+        __builtin_prefetch(val.data() + at, 1, 3);
+        __builtin_prefetch(col.data() + at, 1, 3);
       }
-    }
+    };
+    for (const RowCands* r : {&c.ctop, &c.cbot})
+      if (r->k > 0) next_slots(r->val, r->col, r->cnt, r->cap);
+    for (const RowLists* r : {&c.rtop, &c.rbot})
+      if (r->k > 0) next_slots(r->val, r->col, r->cnt, r->stride);
   };
   if (!self_ || r0 < c0 || r1 > c1) rows(r0, r1);  // (a diagonal tile's band: among its columns)
   if (self_) rows(c0, c1);                         // the column direction
