@@ -77,7 +77,10 @@ PAIR_BAND = 2048
 PAIR_CHUNK = 1 << 15
 PAIR_LIST = 1 << 16
 
-FAST_STORED_K = 32  # search_stored takes the engine's bf16 filter for lists up to this long
+# search_stored takes the engine's bf16 filter for lists up to this long (vocabulary, Zen 4, 2
+# threads, best of 2, fast against exact: row top-48 2.31 / 2.71 s, 64 2.22 / 2.66, 80 2.63 /
+# 2.91, 117 3.82 / 3.35: level beyond about 100)
+FAST_STORED_K = 96
 # candidates listed beyond k before the float64 rescoring (float32 and bf16 scans): rows whose
 # list is too short for the scan margin are scanned again (_collect). search_stored(11) on the
 # vocabulary (AVX2 Zen 3): 16 extra 2.78 s, 8: 2.74 s, 4: 2.67 s (no row rescanned), 2: 2.93 s
@@ -515,8 +518,8 @@ class Index:
         from .engine.config import make_config
 
         # with a bf16 dot the engine filters by bf16 products and keeps exact fp32 values: the
-        # same lists as exact mode, bit for bit (benchmarks/compare.py checks it); measured faster
-        # for short lists only (row top-10: 0.78 s against 1.13 s on the vocabulary, Zen 5)
+        # same lists as exact mode, bit for bit (benchmarks/compare.py checks it); faster up to
+        # FAST_STORED_K (row top-10: 0.78 s against 1.13 s on the vocabulary, Zen 5)
         fast = native_bf16() and kk <= FAST_STORED_K
         cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=min(kk, n - 1),
                           row_bottomk=0, outside=None, precision="fast" if fast else "exact")
