@@ -75,19 +75,21 @@ SumsFn pick_sums(const char** name) {
 
 const char* row_pair_sums_path() { return picked_name(pick_sums); }
 
+// Below this many values a call opens no parallel region (a query's norm): the pool's threads
+// would then spin beside the caller's next BLAS call on the same cores.
+constexpr int64_t kParallelValues = int64_t(1) << 16;
+
 void row_pair_sums(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t N, int64_t D, double* out) {
   EMBGEOM_CHECK(N >= 0 && D >= 0, "row_pair_sums: bad shape");
   const char* name = "";
   const SumsFn sums = pick_sums(&name);
-  // a few rows (a query's norm): no parallel region, whose pool would then spin beside the
-  // caller's next BLAS call on the same cores
-#pragma omp parallel for schedule(static) if (N * D >= (int64_t(1) << 16))
+#pragma omp parallel for schedule(static) if (N * D >= kParallelValues)
   for (int64_t r = 0; r < N; ++r) sums(a + r * lda, b + r * ldb, D, out + 4 * r);
 }
 
 void row_moments(const float* x, int64_t ldx, int64_t N, int64_t D, double* out) {
   EMBGEOM_CHECK(N >= 0 && D >= 1, "row_moments: bad shape");
-#pragma omp parallel for schedule(static) if (N * D >= (int64_t(1) << 16))
+#pragma omp parallel for schedule(static) if (N * D >= kParallelValues)
   for (int64_t r = 0; r < N; ++r) {
     const float* row = x + r * ldx;
     // four partial sums a moment (a plain loop the compiler vectorises; one sum waits on each add)

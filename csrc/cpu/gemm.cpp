@@ -392,10 +392,10 @@ EMBGEOM_AVX512 static inline void transpose16(__m512* r) {
   }
 }
 
-// 16 candidates at a time, one per lane: load 16 consecutive k of each row, transpose, then the
-// same sequential FMA chain per lane as the scalar code (bit-identical results), with no scalar
-// loads. Rescoring candidates is most of `fast` mode's cost beyond the bf16 GEMM.
-// 16 pairs (pointers pa, pb) into acc[16]
+// 16 pairs (pointers pa, pb) into acc16, one per lane: load 16 consecutive k of each row,
+// transpose, then the same sequential FMA chain per lane as the scalar code (bit-identical
+// results), with no scalar loads. Rescoring candidates is most of `fast` mode's cost beyond the
+// bf16 GEMM.
 EMBGEOM_AVX512 static inline void dot_exact_block16(const float* const* pa, const float* const* pb, int64_t d,
                                                     float* acc16) {
   __m512 acc = _mm512_setzero_ps();

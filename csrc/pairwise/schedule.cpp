@@ -126,21 +126,21 @@ FusedArgs PairwiseEngine::fused_args(const ThreadCtx& c, bool diag) const {
 // were last read: fetch them before the band's pass, not one miss per offer.
 void PairwiseEngine::prefetch_row_lists(const ThreadCtx& c, int64_t r0, int64_t r1, int64_t c0,
                                         int64_t c1) const {
+  // a reservoir is written at its next free slot (until a compaction reads it whole): rows [a, b)
+  // of lists of `width` slots a row
+  auto next_slots = [](const std::vector<float>& val, const std::vector<int32_t>& col,
+                       const std::vector<int32_t>& cnt, int64_t width, int64_t a, int64_t b) {
+    for (int64_t q = a; q < b; ++q) {
+      const int64_t at = q * width + cnt[q];
+      __builtin_prefetch(val.data() + at, 1, 3);
+      __builtin_prefetch(col.data() + at, 1, 3);
+    }
+  };
   auto rows = [&](int64_t a, int64_t b) {
-    if (b <= a) return;
-    // a reservoir is written at its next free slot (until a compaction reads it whole)
-    auto next_slots = [&](const std::vector<float>& val, const std::vector<int32_t>& col,
-                          const std::vector<int32_t>& cnt, int64_t width) {
-      for (int64_t q = a; q < b; ++q) {
-        const int64_t at = q * width + cnt[q];
-        __builtin_prefetch(val.data() + at, 1, 3);
-        __builtin_prefetch(col.data() + at, 1, 3);
-      }
-    };
     for (const RowCands* r : {&c.ctop, &c.cbot})
-      if (r->k > 0) next_slots(r->val, r->col, r->cnt, r->cap);
+      if (r->k > 0) next_slots(r->val, r->col, r->cnt, r->cap, a, b);
     for (const RowLists* r : {&c.rtop, &c.rbot})
-      if (r->k > 0) next_slots(r->val, r->col, r->cnt, r->stride);
+      if (r->k > 0) next_slots(r->val, r->col, r->cnt, r->stride, a, b);
   };
   if (!self_ || r0 < c0 || r1 > c1) rows(r0, r1);  // (a diagonal tile's band: among its columns)
   if (self_) rows(c0, c1);                         // the column direction
