@@ -226,6 +226,17 @@ float widened_bound(float kth, double M, bool top) {
 }
 
 
+// The float edge of the band: out_of_band(v, bound) <=> v <= edge (top) or v >= edge (bottom).
+// double(v) +- M is monotone in v, so the floats it drops are exactly those up to (down to) the
+// last one it drops; the test per entry is then one float comparison.
+float RowCands::band_edge(double bound) const {
+  const float dir = top ? -kInf : kInf;
+  float f = static_cast<float>(top ? bound - M : bound + M);
+  while (!out_of_band(f, bound)) f = std::nextafter(f, dir);            // the first dropped
+  for (float g = std::nextafter(f, -dir); out_of_band(g, bound); g = std::nextafter(g, -dir)) f = g;
+  return f;
+}
+
 void RowCands::settle(int64_t row) {
   float* rv = val.data() + row * cap;
   int32_t* rc = col.data() + row * cap;
@@ -236,8 +247,11 @@ void RowCands::settle(int64_t row) {
   if (m < cap) return;  // the first k: all are needed
   const double b = top ? double(t) - M : double(t) + M;
   const double bound = top ? std::max(b, double(shared[row])) : std::min(b, double(shared[row]));
+  const float edge = band_edge(bound);
   // keep the entries at least as good as t first (at least k of them: the next t is no worse),
-  // then the rest of the band, up to `keep`; the band beyond that is spilled
+  // then the rest of the band, up to `keep`; the band beyond that is spilled. Both passes
+  // store every entry and advance by the test (whose outcomes follow no pattern a branch
+  // predictor could learn); the store one past the last selected entry needs kv's extra slot.
   float* kv = scratch.data() + 3 * cap;
   int32_t* kc = scratch_col.data();
   int64_t w = 0;
@@ -245,18 +259,16 @@ void RowCands::settle(int64_t row) {
     for (int64_t q = 0; q < m; ++q) {
       const float v = rv[q];
       const bool good = top ? v >= t : v <= t;
-      if (good != (pass == 0) || out_of_band(v, bound)) continue;
-      if (w < keep) {
-        kv[w] = v;
-        kc[w] = rc[q];
-        ++w;
-      } else {
-        spill.push_back({int32_t(row), rc[q], v});
-      }
+      const bool in_band = !(top ? v <= edge : v >= edge);  // (NaN stays, as out_of_band keeps it)
+      kv[w] = v;
+      kc[w] = rc[q];
+      w += (good == (pass == 0)) & in_band;
     }
-  std::copy(kv, kv + w, rv);
-  std::copy(kc, kc + w, rc);
-  cnt[row] = static_cast<int32_t>(w);
+  const int64_t kept = std::min(w, keep);
+  for (int64_t q = kept; q < w; ++q) spill.push_back({int32_t(row), kc[q], kv[q]});
+  std::copy(kv, kv + kept, rv);
+  std::copy(kc, kc + kept, rc);
+  cnt[row] = static_cast<int32_t>(kept);
 }
 
 }  // namespace embgeom

@@ -102,7 +102,7 @@ struct RowCands {
   std::vector<int32_t> cnt;
   std::vector<Spilled> spill;  // pushed out of a full row while still within the band
   float* shared = nullptr;     // per row: bound on the final k-th best exact value
-  std::vector<float> scratch;  // a compaction's selection (3 * cap) and kept values (cap)
+  std::vector<float> scratch;  // a compaction's selection (3 * cap) and kept values (cap + 1)
   std::vector<int32_t> scratch_col;
 
   void init(int64_t rows, int64_t kk, bool is_top, double margin, float* bounds) {
@@ -116,8 +116,8 @@ struct RowCands {
     col.assign(n * cap, -1);
     cnt.assign(n, 0);
     spill.clear();
-    scratch.assign(4 * cap, 0.0f);
-    scratch_col.assign(cap, 0);
+    scratch.assign(4 * cap + 1, 0.0f);
+    scratch_col.assign(cap + 1, 0);
     shared = bounds;
   }
   // v can be dropped: its exact value is strictly worse than the bound's
@@ -135,6 +135,7 @@ struct RowCands {
 
  private:
   void settle(int64_t row);  // the first k held, or a full reservoir: publish, prune, spill
+  float band_edge(double bound) const;
 };
 
 // The r-th largest (0-based) of a[0, n), which is not changed; buf: room for 3 * n floats.

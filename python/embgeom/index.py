@@ -78,9 +78,9 @@ PAIR_CHUNK = 1 << 15
 PAIR_LIST = 1 << 16
 
 # search_stored takes the engine's bf16 filter for lists up to this long (vocabulary, Zen 4, 2
-# threads, best of 2, fast against exact: row top-48 2.31 / 2.71 s, 64 2.22 / 2.66, 80 2.63 /
-# 2.91, 117 3.82 / 3.35: level beyond about 100)
-FAST_STORED_K = 96
+# threads, engine runs, medians of 3-5 interleaved, fast against exact, since fast mode's
+# compactions are branch-free: row top-117 2.48 / 2.90 s, 200 3.49 / 3.67, 400 5.08 / 4.47)
+FAST_STORED_K = 200
 # candidates listed beyond k before the float64 rescoring (float32 and bf16 scans): rows whose
 # list is too short for the scan margin are scanned again (_collect). search_stored(11) on the
 # vocabulary (AVX2 Zen 3): 16 extra 2.78 s, 8: 2.74 s, 4: 2.67 s (no row rescanned), 2: 2.93 s
