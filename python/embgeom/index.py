@@ -331,8 +331,12 @@ class Index:
         return self.dtype
 
     def _queries(self, queries, st: _Store, *, search: bool = False):
-        """-> (q64 (Q, D) float64, qscan (Q, D) scan dtype, qvalid (Q,) bool, margin (Q,) float64,
-        qsq (Q,) float64 squared norms). The scan query is the unit query (cosine) or the query.
+        """-> (qexact (Q, D), qscan (Q, D) scan dtype, qvalid (Q,) bool, margin (Q,) float64,
+        qsq (Q,) float64 squared norms). qexact: the queries for the exact values (_exact_pairs),
+        float32 or float64 as given (others as float64): the same values as a float64 copy, and
+        a float32 copy's rows are half the bytes to read (rescoring the vocabulary's 117
+        neighbours a row: 117 against 172 ns a pair, bound by memory). The scan query is the
+        unit query (cosine) or the query.
         search: the queries of one search or range search (their count may pick the scan,
         _scan_dtype)."""
         q = _rows(queries, "queries", self.d).detach().to(self.device)
@@ -352,7 +356,8 @@ class Index:
         else:
             dq = torch.linalg.vector_norm(qscan.double() - qs, dim=1)
         qr = torch.maximum(qnorm, torch.linalg.vector_norm(qscan.double(), dim=1))
-        return q64, qscan.contiguous(), qvalid, self._margin(st, qr, dq, scan_dtype), qn * qn
+        qexact = q if q.dtype in (torch.float32, torch.float64) else q64
+        return qexact, qscan.contiguous(), qvalid, self._margin(st, qr, dq, scan_dtype), qn * qn
 
     def _margin(self, st: _Store, qr, dq, scan_dtype: torch.dtype):
         """The scan margin (see _queries) of queries whose scanned norm is at most qr and whose
@@ -418,16 +423,16 @@ class Index:
             s.masked_fill_(st.norms[c0:c1] == 0, -math.inf)
         return s
 
-    def _exact(self, st: _Store, q64: torch.Tensor, qsq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _exact(self, st: _Store, qexact: torch.Tensor, qsq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Exact float64 values (Q, m) of candidate ids (Q, m) (-1 = none: NaN). cosine is
         clamped to [-1, 1]; l2 is the distance from the rows' difference."""
         Q, m = ids.shape
         qi = torch.arange(Q, device=ids.device).repeat_interleave(m)
-        return self._exact_pairs(st, q64, qsq, qi, ids.flatten()).view(Q, m)
+        return self._exact_pairs(st, qexact, qsq, qi, ids.flatten()).view(Q, m)
 
-    def _exact_pairs(self, st: _Store, q64: torch.Tensor, qsq: torch.Tensor, qi: torch.Tensor,
+    def _exact_pairs(self, st: _Store, qexact: torch.Tensor, qsq: torch.Tensor, qi: torch.Tensor,
                      ci: torch.Tensor) -> torch.Tensor:
-        """Exact float64 values (P,) of (query qi, stored row ci) pairs (ci = -1: NaN); q64:
+        """Exact float64 values (P,) of (query qi, stored row ci) pairs (ci = -1: NaN); qexact:
         the queries, float64 or float32 (Q, D). The C++ core's fixed-order float64 sums on the
         CPU (_C.pair_values: a pair's value never depends on its batch; 2M pairs in about 0.3 s
         where gathering float64 copies took 2-4 s), torch's elementwise sums in steps elsewhere."""
@@ -437,7 +442,7 @@ class Index:
         l2 = self.metric == "l2"
         pair_values = cpp_kernel("pair_values", st.rows)  # (the stored rows are float32)
         if pair_values is not None:
-            v = torch.from_numpy(pair_values(st.rows[:st.n].numpy(), q64.contiguous().numpy(),
+            v = torch.from_numpy(pair_values(st.rows[:st.n].numpy(), qexact.contiguous().numpy(),
                                              qi.contiguous().numpy(), safe.contiguous().numpy(), l2))
         else:
             v = torch.empty(qi.shape, dtype=torch.float64, device=qi.device)
@@ -445,7 +450,7 @@ class Index:
                 # index_select, not rows[safe]: advanced indexing of a few rows still woke torch's
                 # thread pool, whose spinning then halved the next numpy scan's speed (_largest)
                 c = st.rows.index_select(0, safe[p0:p0 + EXACT_STEP_PAIRS]).double()
-                q = q64.index_select(0, qi[p0:p0 + EXACT_STEP_PAIRS]).double()
+                q = qexact.index_select(0, qi[p0:p0 + EXACT_STEP_PAIRS]).double()
                 v[p0:p0 + EXACT_STEP_PAIRS] = ((c - q) ** 2 if l2 else c * q).sum(-1)
         if l2:
             v = v.sqrt()
@@ -486,8 +491,8 @@ class Index:
         """search, with candidates(st, qscan, kk) -> (values, ids) or None (the scan)."""
         k = validation.positive_int(k, "k", allow_zero=False)
         st = self._store
-        q64, qscan, qvalid, margin, qsq = self._queries(queries, st, search=True)
-        Q, n = q64.shape[0], st.n
+        qexact, qscan, qvalid, margin, qsq = self._queries(queries, st, search=True)
+        Q, n = qexact.shape[0], st.n
         out_v = torch.full((Q, k), math.nan, dtype=torch.float64, device=self.device)
         out_i = torch.full((Q, k), -1, dtype=torch.int64, device=self.device)
         if Q and n:
@@ -497,7 +502,7 @@ class Index:
             for q0 in range(0, Q, qb):
                 q1 = min(Q, q0 + qb)
                 part = None if cand is None else (cand[0][q0:q1], cand[1][q0:q1])
-                v, i = self._search_block(st, q64[q0:q1], qscan[q0:q1], qsq[q0:q1], margin[q0:q1], k, kk, nc,
+                v, i = self._search_block(st, qexact[q0:q1], qscan[q0:q1], qsq[q0:q1], margin[q0:q1], k, kk, nc,
                                           part)
                 w = v.shape[1]
                 out_v[q0:q1, :w], out_i[q0:q1, :w] = v, i
@@ -601,7 +606,7 @@ class Index:
             best_v, best_i = v, i
         return best_v, best_i
 
-    def _search_block(self, st, q64, qscan, qsq, margin, k, kk, nc, cand=None):
+    def _search_block(self, st, qexact, qscan, qsq, margin, k, kk, nc, cand=None):
         """cand: the block's (values, ids) from _engine_candidates, else scanned here."""
         n = st.n
         best_v, best_i = self._scan_candidates(st, qscan, kk, nc) if cand is None else cand
@@ -625,7 +630,7 @@ class Index:
             width = max(ids.shape[1], wide.shape[1])
             ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=-1)
             ids[extra] = torch.nn.functional.pad(wide, (0, width - wide.shape[1]), value=-1)
-        exact = self._exact(st, q64, qsq, ids)
+        exact = self._exact(st, qexact, qsq, ids)
         largest = self.metric != "l2"
         key = torch.where(torch.isnan(exact), torch.full_like(exact, -math.inf if largest else math.inf), exact)
         ids = torch.where(torch.isnan(exact), torch.full_like(ids, -1), ids)
@@ -660,8 +665,8 @@ class Index:
         """
         threshold = validation.finite_float(threshold, "threshold")
         st = self._store
-        q64, qscan, qvalid, margin, qsq = self._queries(queries, st, search=True)
-        Q, n = q64.shape[0], st.n
+        qexact, qscan, qvalid, margin, qsq = self._queries(queries, st, search=True)
+        Q, n = qexact.shape[0], st.n
         if self.metric == "l2":
             if threshold < 0:
                 raise ValueError(f"threshold: expected a distance >= 0 for metric='l2', got {threshold}")
@@ -680,7 +685,7 @@ class Index:
                 qi_all.append(qi)
                 ci_all.append(ci + c0)
             qi, ci = torch.cat(qi_all), torch.cat(ci_all)
-            v = self._exact_pairs(st, q64[q0:q1], qsq[q0:q1], qi, ci)
+            v = self._exact_pairs(st, qexact[q0:q1], qsq[q0:q1], qi, ci)
             keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
             keep &= qvalid[q0:q1][qi]
             qi, ci, v = qi[keep], ci[keep], v[keep]
@@ -735,7 +740,7 @@ class Index:
         """Yield (i, j, value) arrays of the pairs i in [r0, r1), j > i, passing the threshold
         (values float32 as written to shards, or the exact float64 ones with exact64)."""
         q = st.rows[r0:r1]
-        q64, qscan, qvalid, margin, qsq = self._queries(q, st)
+        qexact, qscan, qvalid, margin, qsq = self._queries(q, st)
         if self.metric == "l2":
             scan_t = (qsq - threshold * threshold) / 2
         else:
@@ -753,7 +758,7 @@ class Index:
                 qi, ci = qi[keep], ci[keep]
             if qi.numel() == 0:
                 continue
-            v = self._exact_pairs(st, q64, qsq, qi, ci)
+            v = self._exact_pairs(st, qexact, qsq, qi, ci)
             keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
             keep &= qvalid[qi]
             if bool(keep.any()):
