@@ -93,7 +93,9 @@ def _engine_candidates(index: Index, threshold: float, min_size: int):
     found = index._engine_self_pairs(st, below, SELF_RUN_PAIRS)
     if found is not None:
         fi, fj = found
-        fwd = index._exact_pairs(st, q32, qsq, fi, fj).numpy()
+        sums = index._pair_sums(st, q32, fi, fj)  # (the same sums for (j, i): one pass)
+        fwd = index._pair_values(st, sums, qsq, fi, fj).numpy()
+        rev = index._pair_values(st, sums, qsq, fj, fi).numpy()
     else:
         _, nc = index._blocks(256, n)
         parts, held = [], 0
@@ -106,8 +108,8 @@ def _engine_candidates(index: Index, threshold: float, min_size: int):
         fi = torch.from_numpy(np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64))
         fj = torch.from_numpy(np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64))
         fwd = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0)
-    # the other direction and each row with itself
-    rev = index._exact_pairs(st, q32, qsq, fj, fi).numpy()
+        rev = index._exact_pairs(st, q32, qsq, fj, fi).numpy()  # the other direction
+    # each row with itself
     ids = torch.arange(n)
     own = index._exact_pairs(st, q32, qsq, ids, ids).numpy()
     keep = np.nonzero(~np.isnan(own) & (own >= threshold))[0]

@@ -433,26 +433,40 @@ class Index:
     def _exact_pairs(self, st: _Store, qexact: torch.Tensor, qsq: torch.Tensor, qi: torch.Tensor,
                      ci: torch.Tensor) -> torch.Tensor:
         """Exact float64 values (P,) of (query qi, stored row ci) pairs (ci = -1: NaN); qexact:
-        the queries, float64 or float32 (Q, D). The C++ core's fixed-order float64 sums on the
-        CPU (_C.pair_values: a pair's value never depends on its batch; 2M pairs in about 0.3 s
-        where gathering float64 copies took 2-4 s), torch's elementwise sums in steps elsewhere."""
+        the queries, float64 or float32 (Q, D)."""
+        return self._pair_values(st, self._pair_sums(st, qexact, qi, ci), qsq, qi, ci)
+
+    def _pair_sums(self, st: _Store, qexact: torch.Tensor, qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
+        """The float64 sums (P,) behind _exact_pairs: sum of q * row (squared differences for l2)
+        over the dimensions, each product exact (float32 x float32, or a float64 query). The C++
+        core's fixed-order float64 sums on the CPU (_C.pair_values: a pair's value never depends
+        on its batch; 2M pairs in about 0.3 s where gathering float64 copies took 2-4 s),
+        torch's elementwise sums in steps elsewhere. With the stored rows as the queries a sum
+        is the same for (i, j) and (j, i): the same products in the same order."""
         from .backends.registry import cpp_kernel
 
         safe = ci.clamp(min=0)
         l2 = self.metric == "l2"
         pair_values = cpp_kernel("pair_values", st.rows)  # (the stored rows are float32)
         if pair_values is not None:
-            v = torch.from_numpy(pair_values(st.rows[:st.n].numpy(), qexact.contiguous().numpy(),
-                                             qi.contiguous().numpy(), safe.contiguous().numpy(), l2))
-        else:
-            v = torch.empty(qi.shape, dtype=torch.float64, device=qi.device)
-            for p0 in range(0, qi.numel(), EXACT_STEP_PAIRS):
-                # index_select, not rows[safe]: advanced indexing of a few rows still woke torch's
-                # thread pool, whose spinning then halved the next numpy scan's speed (_largest)
-                c = st.rows.index_select(0, safe[p0:p0 + EXACT_STEP_PAIRS]).double()
-                q = qexact.index_select(0, qi[p0:p0 + EXACT_STEP_PAIRS]).double()
-                v[p0:p0 + EXACT_STEP_PAIRS] = ((c - q) ** 2 if l2 else c * q).sum(-1)
-        if l2:
+            return torch.from_numpy(pair_values(st.rows[:st.n].numpy(), qexact.contiguous().numpy(),
+                                                qi.contiguous().numpy(), safe.contiguous().numpy(), l2))
+        v = torch.empty(qi.shape, dtype=torch.float64, device=qi.device)
+        for p0 in range(0, qi.numel(), EXACT_STEP_PAIRS):
+            # index_select, not rows[safe]: advanced indexing of a few rows still woke torch's
+            # thread pool, whose spinning then halved the next numpy scan's speed (_largest)
+            c = st.rows.index_select(0, safe[p0:p0 + EXACT_STEP_PAIRS]).double()
+            q = qexact.index_select(0, qi[p0:p0 + EXACT_STEP_PAIRS]).double()
+            v[p0:p0 + EXACT_STEP_PAIRS] = ((c - q) ** 2 if l2 else c * q).sum(-1)
+        return v
+
+    def _pair_values(self, st: _Store, v: torch.Tensor, qsq: torch.Tensor, qi: torch.Tensor,
+                     ci: torch.Tensor) -> torch.Tensor:
+        """_pair_sums v (P,) -> the metric's exact values: the distance (l2), the sum over both
+        norms, clamped to [-1, 1] (cosine: query norm sqrt(qsq[qi])), the sum (dot); NaN where ci
+        is -1 and (cosine) for a zero row."""
+        safe = ci.clamp(min=0)
+        if self.metric == "l2":
             v = v.sqrt()
         elif self.metric == "cosine":
             denom = st.norms[safe] * qsq.sqrt()[qi]
