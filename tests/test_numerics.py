@@ -97,3 +97,40 @@ def test_near_duplicate_rule_and_direct_distance():
     d = numerics.direct_distance(a, b)
     assert d.dtype == torch.float32
     assert float(d) == pytest.approx(float(torch.linalg.vector_norm(a.double() - b.double())), rel=1e-6)
+
+
+def _sort_rows_by_definition(values, idx, k, largest):
+    """Two stable sorts: by column (padding last), then by value (padding and NaN last)."""
+    pad = idx < 0
+    col_key = torch.where(pad, torch.full_like(idx, torch.iinfo(torch.int64).max), idx)
+    order = torch.argsort(col_key, dim=1, stable=True)
+    vals = torch.gather(values, 1, order).double()
+    key = torch.where(torch.gather(pad, 1, order), torch.full_like(vals, math.inf), -vals if largest else vals)
+    order = torch.gather(order, 1, torch.argsort(key, dim=1, stable=True))[:, :k]
+    return torch.gather(values, 1, order), torch.gather(idx, 1, order)
+
+
+def test_sort_rows_skips_sorted_rows_and_matches_two_stable_sorts():
+    """sort_rows leaves rows already in (value, column) order as they are and sorts the rest:
+    the same as two stable sorts, with ties, signed zeros, infinities, NaN, padding in the
+    middle, duplicate columns, presorted rows and float32 / float64 values."""
+    from embgeom.engine.lists import sort_rows
+
+    rng = np.random.default_rng(1)
+    for trial in range(1500):
+        R, C = int(rng.integers(1, 6)), int(rng.integers(1, 9))
+        if trial % 2:
+            vals = rng.choice([0.0, -0.0, 0.5, 1.0, -1.0, np.nan, np.inf, -np.inf], size=(R, C))
+        else:
+            vals = rng.random((R, C)).round(1)
+        v = torch.tensor(vals, dtype=torch.float64 if trial % 3 else torch.float32)
+        ids = torch.tensor(rng.integers(0, 6 if trial % 7 == 0 else 20, C))[None].repeat(R, 1)
+        ids = torch.where(torch.tensor(rng.random((R, C)) < 0.2), torch.full_like(ids, -1), ids)
+        if trial % 5 == 0:
+            v, ids = _sort_rows_by_definition(v, ids, C, bool(trial % 2))
+        for largest in (True, False):
+            k = int(rng.integers(1, C + 1))
+            want, got = _sort_rows_by_definition(v, ids, k, largest), sort_rows(v, ids, k, largest)
+            assert torch.equal(want[1], got[1]) and want[0].dtype == got[0].dtype, (trial, largest)
+            assert torch.equal(torch.signbit(want[0]), torch.signbit(got[0]))
+            assert torch.equal(want[0].nan_to_num(7.0), got[0].nan_to_num(7.0)), (trial, largest)

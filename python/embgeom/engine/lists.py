@@ -34,17 +34,32 @@ def merge_pairs(kind, a, b, k, near=None):
 
 
 def sort_rows(values: torch.Tensor, idx: torch.Tensor, k: int, largest: bool):
-    """Per row: order candidates by (value desc|asc, column asc), padding (-1) last; keep k."""
+    """Per row: order candidates by (value desc|asc, column asc), padding (-1) last; keep k.
+    Rows already in that order (an engine's candidate lists rescored exactly: only near-ties
+    can swap) are not sorted again: on 30,522 rows of 117 candidates the two stable sorts took
+    0.25 s."""
     big = torch.iinfo(torch.int64).max
     pad = idx < 0
     col_key = torch.where(pad, torch.full_like(idx, big), idx)
-    order = torch.argsort(col_key, dim=1, stable=True)
-    vals = torch.gather(values, 1, order).double()
-    key = -vals if largest else vals
-    key = torch.where(torch.gather(pad, 1, order), torch.full_like(key, math.inf), key)
-    order2 = torch.argsort(key, dim=1, stable=True)
-    order = torch.gather(order, 1, order2)[:, :k]
-    return torch.gather(values, 1, order), torch.gather(idx, 1, order)
+    key = (-values if largest else values).double()
+    key = torch.where(pad, torch.full_like(key, math.inf), key)
+    if key.shape[1] > 1:
+        # (key, column) non-decreasing along the row (a stable sort leaves such a row as it is;
+        # equal pairs are the padding); NaN keys sort last, as argsort puts them
+        a, b = key[:, :-1], key[:, 1:]
+        a_nan, b_nan = torch.isnan(a), torch.isnan(b)
+        before = (a < b) | (~a_nan & b_nan) | (((a == b) | (a_nan & b_nan)) & (col_key[:, :-1] <= col_key[:, 1:]))
+        unsorted = (~before).any(dim=1).nonzero().flatten()
+    else:
+        unsorted = key.new_zeros(0, dtype=torch.int64)
+    if unsorted.numel():
+        values, idx = values.clone(), idx.clone()
+        col_u = col_key[unsorted]
+        order = torch.argsort(col_u, dim=1, stable=True)
+        order = torch.gather(order, 1, torch.argsort(torch.gather(key[unsorted], 1, order), dim=1, stable=True))
+        values[unsorted] = torch.gather(values[unsorted], 1, order)
+        idx[unsorted] = torch.gather(idx[unsorted], 1, order)
+    return values[:, :k], idx[:, :k]
 
 
 def merge_rows(a, b, k, largest):
