@@ -274,6 +274,7 @@ py::dict cpu_info() {
   d["context_argmax"] = std::string(embgeom::context_argmax_path());
   d["row_pair_sums"] = std::string(embgeom::row_pair_sums_path());
   d["rows_dot"] = std::string(embgeom::rows_dot_path());
+  d["pair_values"] = std::string(embgeom::pair_values_path());
   d["js_pair_sums"] = std::string(embgeom::js_pair_sums_path());
   d["attention_sums"] = std::string(embgeom::attention_sums_path());
   d["cone_index"] = std::string(embgeom::cone_index_path());

@@ -115,7 +115,7 @@ def test_info_runs():
     info = json.loads(r.stdout)
     assert info["built"]["_C"] is True
     assert {"entropy", "cone_index", "context_argmax", "row_pair_sums", "attention_sums", "js_pair_sums",
-            "rows_dot"} <= set(info["cpu"])
+            "rows_dot", "pair_values"} <= set(info["cpu"])
 
 
 def test_checkpoint_survives_sigkill_and_resumes_identically(tmp_path):

@@ -148,6 +148,26 @@ void check_pair_values(int64_t D) {
       pair_values(rows.data(), qd.data(), D, &qi[p], &ci[p], 1, sqdist, &one);
       CHECK(one == out[p], "pair_values D=%lld: pair %lld alone differs", (long long)D, (long long)p);
     }
+    // float32 queries give the float64 sums of the same queries widened, bit for bit, and the
+    // dot products are those of the order pair_values.h fixes, whatever the vector level (`make
+    // check-native` runs each; products of floats are exact in double, so a compiler's fused
+    // multiply-adds cannot change them)
+    std::vector<double> qw(qf.begin(), qf.end()), outw(P);
+    pair_values(rows.data(), qw.data(), D, qi.data(), ci.data(), P, sqdist, outw.data());
+    for (int64_t p = 0; p < P; ++p) {
+      double sum[16] = {};
+      for (int64_t k = 0; k < D; ++k) {
+        const double x = rows[ci[p] * D + k], y = qf[qi[p] * D + k];
+        sum[k % 16] += sqdist ? (x - y) * (x - y) : x * y;
+      }
+      double t[8], u[4];
+      for (int l = 0; l < 8; ++l) t[l] = sum[l] + sum[l + 8];
+      for (int l = 0; l < 4; ++l) u[l] = t[l] + t[l + 4];
+      const double want = (u[0] + u[2]) + (u[1] + u[3]);
+      CHECK(outf[p] == outw[p] && (sqdist || outf[p] == want),
+            "pair_values (%s) D=%lld sqdist=%d pair %lld: %.17g / %.17g, the order gives %.17g", pair_values_path(),
+            (long long)D, sqdist, (long long)p, outf[p], outw[p], want);
+    }
   }
 }
 
@@ -442,9 +462,9 @@ void check_entropy_masked(int64_t B, int64_t H, int64_t T, double smoothing) {
 }  // namespace
 
 void embgeom_checks::check_kernels() {
-  std::printf("rows dot %s, context argmax %s, row pair sums %s, attention sums %s, js pair sums %s\n",
-              rows_dot_path(), context_argmax_path(), row_pair_sums_path(), attention_sums_path(),
-              js_pair_sums_path());
+  std::printf("rows dot %s, pair values %s, context argmax %s, row pair sums %s, attention sums %s, "
+              "js pair sums %s\n", rows_dot_path(), pair_values_path(), context_argmax_path(), row_pair_sums_path(),
+              attention_sums_path(), js_pair_sums_path());
   for (int64_t Q : {1, 3, 4})
     for (int64_t D : {1, 7, 16, 37}) {
       check_rows_dot<uint16_t>(Q, 19, D, D + (D % 3));
@@ -455,7 +475,7 @@ void embgeom_checks::check_kernels() {
   // more rows than one cache block (and a block tail), five queries: two groups a block
   check_rows_dot<uint16_t>(5, 777, 384, 390);
   check_rows_dot<float>(5, 777, 384, 390);
-  for (int64_t D : {1, 3, 4, 13, 64}) check_pair_values(D);
+  for (int64_t D : {1, 3, 4, 13, 15, 16, 17, 64, 384}) check_pair_values(D);
   for (int64_t D : {1, 7, 16, 17, 384}) check_dot_exact_batch(D);
   for (int64_t D : {1, 5, 8, 33, 384}) check_row_pair_sums(7, D);
   for (int64_t D : {1, 3, 20, 37, 384}) check_row_moments(5, D);

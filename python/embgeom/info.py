@@ -94,7 +94,8 @@ def main(args) -> int:
         else:
             bf16 = f"bf16 product from {ENGINE_BATCH_BF16} query"
         print(f"  Index search (cosine/dot): the pairwise engine on rows prepared once; float32: "
-              f"{cpu['gemm_exact']} from {ENGINE_BATCH} queries (one query: {scan}); bfloat16: {bf16}")
+              f"{cpu['gemm_exact']} from {ENGINE_BATCH} queries (one query: {scan}); bfloat16: {bf16}; "
+              f"exact rescoring: pair_values {cpu.get('pair_values', 'n/a')}")
     print(f"{'backend':10} {'op':18} {'CPU':4} {'CUDA':4}  why not")
     for row in info["backends"]:
         why = row["why_not_cpu"] or row["why_not_cuda"]
