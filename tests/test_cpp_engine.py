@@ -392,6 +392,35 @@ def test_fast_mode_row_lists_with_near_ties(k):
         assert_states_equal({"r": exact["row_bottom"]}, {"r": fast["row_bottom"]})
 
 
+
+def test_fast_mode_row_lists_with_overflowing_products():
+    """Products that overflow float32 to -inf fill a row's top list: its k-th best is -inf, a
+    band with no float below it. A compaction looked for the band's float edge forever; now the
+    run ends and its lists equal exact mode's. In a child process with a time limit, so a hang
+    fails the test instead of stopping the suite."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, torch\n"
+        "from embgeom.backends.cpp import CppEngine\n"
+        "from embgeom.engine.config import make_config\n"
+        "u = torch.ones(16)\n"
+        "x = torch.cat([u.repeat(10, 1) * 1e19, -u.repeat(290, 1) * 1e19])\n"
+        "lists = {}\n"
+        "for prec in ('exact', 'fast'):\n"
+        "    cfg = make_config(metric='dot', bins=0, topk=0, bottomk=0, near=None, row_topk=12, row_bottomk=3,\n"
+        "                      outside=None, precision=prec)\n"
+        "    eng = CppEngine(x, None, cfg)\n"
+        "    eng.run(0, eng.num_tiles())\n"
+        "    st = eng.state()\n"
+        "    lists[prec] = [np.asarray(a) for a in st.row_top + st.row_bottom]\n"
+        "assert np.isneginf(lists['exact'][0][0, -1])\n"
+        "assert all(np.array_equal(a, b) for a, b in zip(lists['exact'], lists['fast']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
 def test_kernels_agree_bitwise(monkeypatch):
     x = make_x(61, 45, seed=9)
     monkeypatch.setenv("EMBGEOM_GEMM", "scalar")

@@ -231,6 +231,8 @@ float widened_bound(float kth, double M, bool top) {
 // last one it drops; the test per entry is then one float comparison.
 float RowCands::band_edge(double bound) const {
   const float dir = top ? -kInf : kInf;
+  // nothing dropped (an infinite or NaN bound): a NaN edge, which every test passes
+  if (!out_of_band(dir, bound)) return std::numeric_limits<float>::quiet_NaN();
   float f = static_cast<float>(top ? bound - M : bound + M);
   while (!out_of_band(f, bound)) f = std::nextafter(f, dir);            // the first dropped
   for (float g = std::nextafter(f, -dir); out_of_band(g, bound); g = std::nextafter(g, -dir)) f = g;
