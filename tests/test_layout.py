@@ -165,6 +165,23 @@ def test_a_command_imports_only_its_own_module():
     assert out.strip() == "['embgeom.commands.pairs']"
 
 
+def test_top_level_kernels_folder_does_not_hide_a_kernels_package(tmp_path):
+    """kernels/ has no __init__.py: from the repository root (sys.path[0] of `python -m` and
+    `python -c`) a regular package named `kernels` later on the path still wins. transformers
+    >= 5.25 imports the PyPI package `kernels`; our folder used to shadow it and every model
+    load failed."""
+    import os
+
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("MARK = 'the installed package'\n")
+    code = "import kernels; print(kernels.MARK)"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "the installed package", out.stderr[-1000:]
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+
+
 def test_kernels_have_one_import_name_from_this_tree():
     """embgeom.kernels is the top-level kernels/ folder of the tree embgeom came from, also on
     PYTHONPATH=python beside another install (no link, no `import kernels`)."""

@@ -10,7 +10,10 @@ def _source_kernels() -> None:
     """embgeom.kernels is the top-level kernels/ folder under every way of running: installs map
     it there (setup.py package_dir); a source checkout on PYTHONPATH=python (gpu_check.sh, this
     tree's tests beside another editable install) gets the same folder here, not a link or a
-    second import name."""
+    second import name. The folder has no __init__.py: as a regular package it was importable as
+    `kernels` from the repository root and hid the PyPI package of that name (which transformers
+    >= 5.25 imports)."""
+    import importlib.machinery
     import importlib.util
     import sys
     from pathlib import Path
@@ -19,11 +22,9 @@ def _source_kernels() -> None:
     src = here.parents[1] / "kernels"
     if "embgeom.kernels" in sys.modules or (here / "kernels").exists() or not (src / "triton").is_dir():
         return
-    spec = importlib.util.spec_from_file_location("embgeom.kernels", src / "__init__.py",
-                                                  submodule_search_locations=[str(src)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["embgeom.kernels"] = module
-    spec.loader.exec_module(module)
+    spec = importlib.machinery.ModuleSpec("embgeom.kernels", None, is_package=True)
+    spec.submodule_search_locations = [str(src)]
+    sys.modules["embgeom.kernels"] = importlib.util.module_from_spec(spec)
 
 
 _source_kernels()
