@@ -421,6 +421,52 @@ def test_fast_mode_row_lists_with_overflowing_products():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
 
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("cross", [False, True])
+def test_row_top_floor_cuts_the_lists(precision, cross):
+    """set_row_top_floor(f): each row's top list is its k best values >= f, which is the list
+    without a floor cut at f (a row with fewer values >= f has all of them in its list), with
+    near ties at the floor (bf16 rounding puts them on both sides in fast mode), duplicate and
+    zero rows, rows with nothing above the floor; bottom lists and the rest of the state are
+    untouched."""
+    rng = np.random.default_rng(21)
+    x = make_x(170, 48, seed=21, zero_rows=(3,), dup=((0, 169),))
+    x[:60] = x[1] + 0.2 * rng.standard_normal((60, 48)).astype(np.float32)
+    y = make_x(90, 48, seed=22, dup=((4, 5),)) if cross else None
+    if cross:
+        y[:30] = x[1] + 0.2 * rng.standard_normal((30, 48)).astype(np.float32)
+    kw = dict(metric="cosine", block=16, threads=2, precision=precision, bins=0, topk=0, bottomk=0,
+              row_topk=9, row_bottomk=2)
+    plain = run_engine(x, y, **kw)
+    vals = plain["row_top"][0]
+    floor = float(np.nanmedian(vals[:60, 4]))  # cuts the lists of the clustered rows mid-way
+    # values within bf16 rounding of the floor, some above and some below it
+    assert ((np.abs(vals - floor) < 5e-3) & (vals != floor)).sum() >= 2
+    for chunks in (1, 4):
+        e = _C.PairwiseEngine(x, y, **engine_args(**kw))
+        e.set_row_top_floor(floor)
+        cuts = np.linspace(0, e.num_tiles(), chunks + 1).astype(int)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            e.run(int(a), int(b))
+        got = e.state()
+        below = ~(vals >= floor)
+        want_v = np.where(below, np.nan, vals)
+        want_i = np.where(below, -1, plain["row_top"][1])
+        np.testing.assert_array_equal(got["row_top"][1], want_i)
+        np.testing.assert_array_equal(got["row_top"][0], want_v)
+        assert_states_equal({"r": plain["row_bottom"]}, {"r": got["row_bottom"]})
+    assert (want_i[60:] < 0).all() or cross  # random rows: nothing reaches the floor
+    assert (want_i[:60] >= 0).sum(1).min() < 9 < (want_i[:60] >= 0).sum(1).max() + 1
+    ran = _C.PairwiseEngine(x, y, **engine_args(**kw))
+    ran.run(0, 1)
+    with pytest.raises(ValueError, match="set_row_top_floor"):
+        ran.set_row_top_floor(floor)
+    nofloor = _C.PairwiseEngine(x, y, **engine_args(**kw))
+    nofloor.set_row_top_floor(float("nan"))
+    nofloor.run(0, nofloor.num_tiles())
+    assert_states_equal({"r": plain["row_top"]}, {"r": nofloor.state()["row_top"]})
+
+
 def test_kernels_agree_bitwise(monkeypatch):
     x = make_x(61, 45, seed=9)
     monkeypatch.setenv("EMBGEOM_GEMM", "scalar")

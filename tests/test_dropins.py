@@ -102,6 +102,57 @@ def test_paraphrase_mining_global_list_path_equals_row_path(monkeypatch, score):
         assert got[0][0][1:] == [7, 300] and all(11 not in p[1:] for p in got[0])
 
 
+def _mining_cases():
+    """Inputs large enough for paraphrase mining's floor (more than 4 * FLOOR_SAMPLE_ROWS rows):
+    clusters of near neighbours beside random rows, a duplicate and a zero row."""
+    x = make_rows(1400, 16, seed=8)
+    x[:500] = x[3] + 0.5 * make_rows(500, 16, seed=9)
+    x[900] = x[901]
+    x[1000] = 0
+    return x
+
+
+@pytest.mark.parametrize("score", ["cos_sim", "dot_score"])
+def test_paraphrase_mining_floor_equals_unfloored(monkeypatch, score):
+    """The floored lists (search_stored(floor=) at _mining_floor's estimate) give the unfloored
+    answer; an estimate too high (fewer than max_pairs pairs above it) is caught and mined again
+    without a floor; an estimate of None (too few pairs in all lists) mines without one."""
+    x = _mining_cases()
+    cases = [(100, 20000), (10, 3000), (30, 500000), (5, 700)]
+    floors = []
+    real = st_compat._mining_floor
+    monkeypatch.setattr(st_compat, "_mining_floor", lambda *a: floors.append(real(*a)) or floors[-1])
+    got = [st_compat.paraphrase_mining_embeddings(x, top_k=k, max_pairs=m, score_function=score) for k, m in cases]
+    assert floors[0] is not None and floors[1] is not None and floors[2] is None
+    monkeypatch.setattr(st_compat, "_mining_floor", lambda *a: None)
+    want = [st_compat.paraphrase_mining_embeddings(x, top_k=k, max_pairs=m, score_function=score) for k, m in cases]
+    assert got == want
+    assert [len(g) for g in got[:2]] == [20000, 3000]
+    # a floor above the answer's last score: too few pairs above it, mined again without it
+    calls = []
+    index_search = st_compat.Index.search_stored
+    monkeypatch.setattr(st_compat.Index, "search_stored",
+                        lambda self, k, **kw: calls.append(kw.get("floor")) or index_search(self, k, **kw))
+    too_high = want[0][len(want[0]) // 2][0]
+    monkeypatch.setattr(st_compat, "_mining_floor", lambda *a: too_high)
+    assert st_compat.paraphrase_mining_embeddings(x, top_k=100, max_pairs=20000, score_function=score) == want[0]
+    assert calls == [too_high, None]
+
+
+def test_paraphrase_mining_floor_matches(st_util):
+    x = _mining_cases()
+    assert st_compat._mining_floor(st_compat.Index(x), 31, 30, 15000) is not None
+    want = st_util.paraphrase_mining_embeddings(x, top_k=30, max_pairs=15000)
+    got = st_compat.paraphrase_mining_embeddings(x, top_k=30, max_pairs=15000)
+    # the same pairs; clustered rows give float32 near-ties, which upstream orders by its
+    # float32 scores: order differs only between pairs whose exact scores are that close
+    assert {tuple(p[1:]) for p in got} == {tuple(p[1:]) for p in want}
+    score = {tuple(p[1:]): p[0] for p in got}
+    for g, w in zip(got, want):
+        assert g[1:] == w[1:] or abs(g[0] - score[tuple(w[1:])]) < 1e-6
+    assert np.allclose([p[0] for p in got], [p[0] for p in want], rtol=1e-5, atol=1e-5)
+
+
 def test_community_detection_matches(st_util):
     from test_pairs_above import _clusters
 

@@ -475,6 +475,34 @@ def test_search_stored_equals_search_of_the_rows(metric, dtype):
     assert (taken is not None) == engine_runs
 
 
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_search_stored_floor_cuts_the_lists(metric, dtype):
+    """search_stored(k, floor=f) == search_stored(k) with the scores below f cut (NaN, id -1):
+    the engine's lists start at the floor's scan threshold, so rows whose exact score lies
+    within the scan margin of f, duplicates, equal rows, a zero row and rows with nothing above
+    f all come out as the cut lists; the scan path (a bf16 index) cuts the same way."""
+    x = make_rows(300, 20, zero=(4,), dup=((2, 250), (7, 8)))
+    x[:80] = x[1] + 0.6 * make_rows(80, 20, seed=3)
+    x[20] = x[21] = x[22]
+    index = Index(x, metric=metric, dtype=dtype)
+    for k in (1, 12, 400):
+        plain_v, plain_i = index.search_stored(k, float64=True)
+        floor = float(plain_v[:80, min(k, 12) - 1].nanmedian())
+        # a floor on a real score: exact ties at it stay in, the next float below is out
+        for f in (floor, math.nextafter(floor, math.inf)):
+            got_v, got_i = index.search_stored(k, float64=True, floor=f)
+            below = ~(plain_v >= f)
+            assert torch.equal(got_i, plain_i.masked_fill(below, -1))
+            assert torch.equal(got_v.nan_to_num(7), plain_v.masked_fill(below, math.nan).nan_to_num(7))
+        assert (got_i[100:] < 0).sum() > 0
+    assert index.search_stored(3, floor=floor)[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="floor"):
+        index.search_stored(3, floor=math.inf)
+    with pytest.raises(ValueError, match="floor.*l2"):
+        Index(x, metric="l2").search_stored(3, floor=0.5)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_stored_rows_margin_bounds_every_rows_margin(metric):
     """The scan margin of the stored rows as queries (the self-mode pair paths): with a float32

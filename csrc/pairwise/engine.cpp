@@ -25,6 +25,11 @@ void skip_fused_pass(const FusedArgs&, PairwiseEngine::ThreadCtx&, float*, int64
 
 void PairwiseEngine::discard_statistics() { fused_ = skip_fused_pass; }
 
+void PairwiseEngine::set_row_top_floor(float floor) {
+  EMBGEOM_CHECK(fresh_ && st_.tiles_done == 0, "set_row_top_floor: the engine has run already");
+  row_top_floor_ = std::isnan(floor) ? -std::numeric_limits<float>::infinity() : floor;
+}
+
 // ---------------------------------------------------------------------------------------------
 // construction and schedule
 // ---------------------------------------------------------------------------------------------

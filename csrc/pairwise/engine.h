@@ -142,6 +142,11 @@ class PairwiseEngine {
   // packed panels) and skip the fused pass, so the state stays meaningless. The bare product's
   // time is what the statistics on top of it are measured against (docs/architecture.md).
   void discard_statistics();
+  // Per-row top lists of the values >= floor only: a row holds its row_topk best values among
+  // those >= floor (fewer where it has fewer), for a caller that reads nothing below the floor
+  // (Index.search_stored's floored lists: paraphrase mining). Before the first run; the state
+  // does not record it. NaN: no floor.
+  void set_row_top_floor(float floor);
 
   const PairwiseState& state() const { return st_; }
   // The state with original indices (state_io.cpp), and back: import_state checks every index
@@ -205,6 +210,7 @@ class PairwiseEngine {
   double err_bound_ = 0.0;
   // per-row starting bounds of the row-list filters, from a sample of columns
   std::vector<float> prime_top_, prime_bottom_;
+  float row_top_floor_ = -std::numeric_limits<float>::infinity();
   static constexpr int64_t kPrimeSample = 256;
   void prime_row_bounds(int threads);
   PairwiseState st_;

@@ -177,6 +177,10 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
   std::vector<float> shared_top(st_.row_top.k > 0 ? st_.row_top.thr : std::vector<float>());
   std::vector<float> shared_bottom(st_.row_bottom.k > 0 ? st_.row_bottom.thr : std::vector<float>());
   for (size_t r = 0; r < prime_top_.size(); ++r) shared_top[r] = std::max(shared_top[r], prime_top_[r]);
+  // a floor starts every row's filter there: the lists keep values >= floor only (exact mode's
+  // reservoirs take values >= the shared threshold; fast mode's candidates are bounded by it)
+  if (row_top_floor_ > -kInf)
+    for (float& t : shared_top) t = std::max(t, row_top_floor_);
   for (size_t r = 0; r < prime_bottom_.size(); ++r) shared_bottom[r] = std::min(shared_bottom[r], prime_bottom_[r]);
   auto make_ctx = [&]() {
     auto c = std::make_unique<ThreadCtx>();
@@ -301,6 +305,7 @@ void PairwiseEngine::settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx
         if (row_cands.empty()) continue;
         // bound on the final k-th best exact value: the state's list, and any k candidates
         double bound = dst.cnt[r] == k ? double(dst.thr[r]) : (top ? -double(kInf) : double(kInf));
+        if (top) bound = std::max(bound, double(row_top_floor_));
         if (static_cast<int64_t>(row_cands.size()) >= k) {
           auto kth = row_cands.begin() + (k - 1);
           if (top)
@@ -324,8 +329,11 @@ void PairwiseEngine::settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx
         pb[q] = yrow(pend[q].col);
       }
       dot_exact_batch(pa.data(), pb.data(), static_cast<int64_t>(np), d_, dots.data());
-      for (size_t q = 0; q < np; ++q)
-        dst.offer(pend[q].row, transform(dots[q], pend[q].row, pend[q].col), pend[q].col);
+      for (size_t q = 0; q < np; ++q) {
+        const float v = transform(dots[q], pend[q].row, pend[q].col);
+        if (top && v < row_top_floor_) continue;  // a candidate within M below the floor
+        dst.offer(pend[q].row, v, pend[q].col);
+      }
     }
   }
 }

@@ -14,6 +14,7 @@ writes rows past every snapshot's end (or into new buffers) and then swaps the s
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -494,13 +495,31 @@ class Index:
         """
         return self._search(queries, k, float64, self._engine_candidates)
 
-    def search_stored(self, k: int, *, float64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_stored(self, k: int, *, float64: bool = False,
+                      floor: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """search(self.vectors(), k): the k nearest stored rows of every stored row, the row
         itself included as a search for it finds it. Where the C++ engine runs (CPU, cosine or
         dot, float32 scan) its candidates come from one self-mode run (half the products of a
         search with every row as a query): each row's best other rows, and the row itself at
-        its exact value. The same results as search."""
-        return self._search(self.vectors(), k, float64, self._stored_candidates)
+        its exact value. The same results as search.
+
+        floor (cosine, dot): only scores >= floor, each row's k best of those (fewer where it
+        has fewer: id -1, score NaN past them), decided on the exact values; the engine's lists
+        then hold values above the floor only, far fewer offers where most rows have few such
+        neighbours (paraphrase mining)."""
+        if floor is not None:
+            floor = validation.finite_float(floor, "floor")
+            if self.metric == "l2":
+                raise ValueError("floor: expected metric 'cosine' or 'dot' (a floor on scores), got metric 'l2'")
+        cand = self._stored_candidates if floor is None else functools.partial(self._stored_candidates, floor=floor)
+        v, i = self._search(self.vectors(), k, True, cand)
+        if floor is not None:
+            below = ~(v >= floor)  # NaN padding stays padding
+            v, i = v.masked_fill(below, math.nan), i.masked_fill(below, -1)
+            # the rows' lists stay (score desc, id asc) with their padding last
+            order = torch.argsort(below.to(torch.int8), dim=1, stable=True)
+            v, i = torch.gather(v, 1, order), torch.gather(i, 1, order)
+        return (v if float64 else v.float()), i
 
     def _search(self, queries, k, float64, candidates):
         """search, with candidates(st, qscan, kk) -> (values, ids) or None (the scan)."""
@@ -525,12 +544,14 @@ class Index:
             out_i[~qvalid] = -1
         return (out_v if float64 else out_v.float()), out_i
 
-    def _stored_candidates(self, st, qscan, kk):
+    def _stored_candidates(self, st, qscan, kk, floor: float | None = None):
         """The kk best scan values and ids of every stored row among the stored rows, itself
         included (search_stored): the engine's self-mode per-row lists of the other rows (the
         same fp32 products as _engine_candidates) and the row itself at its exact value, 1 for
         cosine (none for a zero row) and |x|^2 for dot, within the scan margin like any engine
-        value. None where the engine does not apply, or for a few rows (the scan is cheaper)."""
+        value. None where the engine does not apply, or for a few rows (the scan is cheaper).
+        floor: the kk best of the values whose exact value may reach it (the engine's lists start
+        at its scan threshold, as _engine_self_pairs' do), fewer where a row has fewer."""
         n = st.n
         if n < 2 or self._scan_dtype() != torch.float32 or not self._pairs_engine_applies():
             return None
@@ -544,6 +565,10 @@ class Index:
         cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=min(kk, n - 1),
                           row_bottomk=0, outside=None, precision="fast" if fast else "exact")
         engine = CppEngine(st.rows[:n], None, cfg)
+        if floor is not None:
+            margin = torch.tensor([self._stored_margin(st)], dtype=torch.float64)
+            scan_floor = self._threshold(torch.tensor([floor], dtype=torch.float64), margin, torch.float32)
+            engine.set_row_top_floor(float(scan_floor[0]))
         engine.run(0, engine.num_tiles())
         values, ids = (torch.from_numpy(np.asarray(a)) for a in engine.state().row_top)
         if self.metric == "cosine":

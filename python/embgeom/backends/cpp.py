@@ -69,6 +69,10 @@ class CppEngine:
     def run(self, begin, end):
         self._engine.run(begin, end)
 
+    def set_row_top_floor(self, floor: float) -> None:
+        """Before the first run: per-row top lists of the values >= floor only."""
+        self._engine.set_row_top_floor(floor)
+
     @property
     def tiles_done(self) -> int:
         return self._engine.tiles_done
