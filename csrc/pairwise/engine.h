@@ -211,8 +211,7 @@ class PairwiseEngine {
   // per-row starting bounds of the row-list filters, from a sample of columns
   std::vector<float> prime_top_, prime_bottom_;
   float row_top_floor_ = -std::numeric_limits<float>::infinity();
-  // columns sampled: kPrimePerK a list entry, at least kPrimeSample, at most kPrimeMax (and m / 4)
-  static constexpr int64_t kPrimeSample = 256, kPrimePerK = 64, kPrimeMax = 16384;
+  static constexpr int64_t kPrimeSample = 256;
   void prime_row_bounds(int threads);
   PairwiseState st_;
   bool fresh_ = true;
