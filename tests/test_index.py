@@ -475,6 +475,22 @@ def test_search_stored_equals_search_of_the_rows(metric, dtype):
     assert (taken is not None) == engine_runs
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_queries_prepared_in_blocks(metric, monkeypatch):
+    """Queries are prepared QUERY_PREP_ROWS at a time: a search over several blocks (float64
+    queries, a zero query, a duplicate) gives each query's own search, and leaves the caller's
+    float64 rows as they were."""
+    monkeypatch.setattr(index_module, "QUERY_PREP_ROWS", 7)
+    index = Index(make_rows(200, 12, seed=4), metric=metric)
+    q = make_rows(30, 12, seed=5, zero=(9,), dup=((3, 20),)).double()
+    before = q.clone()
+    got_v, got_i = index.search(q, 4)
+    assert torch.equal(q, before)
+    for r in (0, 3, 6, 7, 9, 20, 29):
+        v, i = index.search(q[r:r + 1], 4)
+        assert torch.equal(i[0], got_i[r]) and torch.equal(v[0].nan_to_num(7), got_v[r].nan_to_num(7))
+
+
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 def test_search_stored_floor_cuts_the_lists(metric, dtype):
