@@ -525,11 +525,9 @@ class Index:
         cand = self._stored_candidates if floor is None else functools.partial(self._stored_candidates, floor=floor)
         v, i = self._search(self.vectors(), k, True, cand)
         if floor is not None:
-            below = ~(v >= floor)  # NaN padding stays padding
+            # the scores below the floor end each row's list (score desc, then the NaN padding)
+            below = ~(v >= floor)
             v, i = v.masked_fill(below, math.nan), i.masked_fill(below, -1)
-            # the rows' lists stay (score desc, id asc) with their padding last
-            order = torch.argsort(below.to(torch.int8), dim=1, stable=True)
-            v, i = torch.gather(v, 1, order), torch.gather(i, 1, order)
         return (v if float64 else v.float()), i
 
     def _search(self, queries, k, float64, candidates):
