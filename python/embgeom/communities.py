@@ -113,18 +113,24 @@ def _engine_candidates(index: Index, threshold: float, min_size: int):
     ids = torch.arange(n)
     own = index._exact_pairs(st, q32, qsq, ids, ids).numpy()
     keep = np.nonzero(~np.isnan(own) & (own >= threshold))[0]
-    i = np.concatenate([fi.numpy(), fj.numpy(), keep]).astype(np.int64)
-    j = np.concatenate([fj.numpy(), fi.numpy(), keep]).astype(np.int64)
-    v = np.concatenate([fwd, rev, own[keep]])
-    # each direction passes on its own value, as range_search decides it for its query row
-    ok = ~np.isnan(v) & (v >= threshold)
-    i, j, v = i[ok], j[ok], v[ok]
-    counts = np.bincount(i, minlength=n)
+    fi, fj = fi.numpy().astype(np.int64, copy=False), fj.numpy().astype(np.int64, copy=False)
+    # each direction passes on its own value, as range_search decides it for its query row (NaN
+    # fails >=)
+    ok_f, ok_r = fwd >= threshold, rev >= threshold
+    counts = np.bincount(fi[ok_f], minlength=n) + np.bincount(fj[ok_r], minlength=n)
+    counts[keep] += 1
     centre = counts >= min_size
-    sel = centre[i]  # only the candidate centres' rows are grouped
-    i, j, v = i[sel], j[sel], v[sel]
     counts[~centre] = 0
-    order = torch.argsort(torch.from_numpy(i)).numpy()  # grouped by centre; communities() orders
+    # only the candidate centres' rows are grouped: the forward direction by fi (the pairs come
+    # in (i, j) order), the reverse one sorted by fj here, so that the stable sort below merges
+    # sorted runs (one argsort of all 2.9 M entries of the vocabulary at 0.75 took 0.07 s)
+    f, r = ok_f & centre[fi], ok_r & centre[fj]
+    rev_order = np.argsort(fj[r], kind="stable")
+    mine = keep[centre[keep]]
+    i = np.concatenate([fi[f], fj[r][rev_order], mine])
+    j = np.concatenate([fj[f], fi[r][rev_order], mine])
+    v = np.concatenate([fwd[f], rev[r][rev_order], own[mine]])
+    order = np.argsort(i, kind="stable")  # grouped by centre; communities() orders the members
     j, v = j[order], v[order]
     starts = np.concatenate([[0], np.cumsum(counts)])
     return [(int(r), j[starts[r]:starts[r + 1]], v[starts[r]:starts[r + 1]]) for r in np.nonzero(centre)[0]]
