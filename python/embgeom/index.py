@@ -575,9 +575,7 @@ class Index:
                           row_bottomk=0, outside=None, precision="fast" if fast else "exact")
         engine = CppEngine(st.rows[:n], None, cfg)
         if floor is not None:
-            margin = torch.tensor([self._stored_margin(st)], dtype=torch.float64)
-            scan_floor = self._threshold(torch.tensor([floor], dtype=torch.float64), margin, torch.float32)
-            engine.set_row_top_floor(float(scan_floor[0]))
+            engine.set_row_top_floor(self._stored_scan_threshold(st, floor))
         engine.run(0, engine.num_tiles())
         values, ids = (torch.from_numpy(np.asarray(a)) for a in engine.state().row_top)
         if self.metric == "cosine":
@@ -866,6 +864,12 @@ class Index:
             return float(self._margin(st, qr, U32 * qnorm, torch.float32))
         return max(float(self._queries(st.rows[a:a + PREP_ROWS], st)[3].max()) for a in range(0, st.n, PREP_ROWS))
 
+    def _stored_scan_threshold(self, st, value: float) -> float:
+        """The scan value every stored-row pair whose exact value reaches `value` scans at or
+        above, with the stored rows as queries (_threshold at _stored_margin)."""
+        margin = torch.tensor([self._stored_margin(st)], dtype=torch.float64)
+        return float(self._threshold(torch.tensor([value], dtype=torch.float64), margin, self._scan_dtype())[0])
+
     def _engine_self_pairs(self, st, threshold: float, limit: int):
         """(i, j) int64 of every pair i < j of the stored rows whose exact value may reach
         threshold (cosine, dot): one self-mode engine run (half the products, no band of
@@ -875,9 +879,7 @@ class Index:
         does not apply."""
         if st.n < 2 or not self._pairs_engine_applies():
             return None
-        margin = torch.tensor([self._stored_margin(st)], dtype=torch.float64)
-        t = self._threshold(torch.tensor([threshold], dtype=torch.float64), margin, self._scan_dtype())
-        got = self._engine_pairs_reaching(st.rows[:st.n], None, float(t[0]), limit)
+        got = self._engine_pairs_reaching(st.rows[:st.n], None, self._stored_scan_threshold(st, threshold), limit)
         return None if got is None else got[1:]
 
     def _engine_pairs_reaching(self, x, y, t: float, limit: int):

@@ -96,7 +96,7 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
         floor = _mining_floor(index, width, top_k, max_pairs)
         if floor is not None:
             s_all, j_all = (t.cpu().numpy() for t in index.search_stored(width, floor=floor))
-            mined = _mined_pairs(s_all, j_all, top_k, max_pairs, floor=floor)
+            mined = _mined_pairs(s_all, j_all, top_k, max_pairs, cut=True)
             if mined is not None:
                 return mined
         s_all, j_all = (t.cpu().numpy() for t in index.search_stored(width))
@@ -133,22 +133,28 @@ def _mining_floor(index: Index, width: int, top_k: int, max_pairs: int) -> float
     rows = torch.linspace(0, n - 1, FLOOR_SAMPLE_ROWS, dtype=torch.float64).round().long()
     s, j = index.search(index.vectors()[rows], width, float64=True)
     s, j = s.cpu().numpy(), j.cpu().numpy()
-    others = (j >= 0) & (j != rows.numpy()[:, None])
-    others &= np.cumsum(others, axis=1) <= top_k
-    entries = np.sort(s[others])[::-1]
+    entries = np.sort(s[_first_others(j, rows.numpy(), top_k)])[::-1]
     want = math.ceil(2 * FLOOR_SAFETY * max_pairs * FLOOR_SAMPLE_ROWS / n)
     if want >= len(entries):
         return None
     return float(entries[want])
 
 
+def _first_others(j: np.ndarray, rows: np.ndarray, top_k: int) -> np.ndarray:
+    """Of neighbour lists j (Q, w) of the rows `rows` (Q,) (-1 padding), each row's first top_k
+    entries other than itself, as upstream takes them: a (Q, w) bool mask."""
+    kept = (j >= 0) & (j != rows[:, None])
+    kept &= np.cumsum(kept, axis=1) <= top_k
+    return kept
+
+
 def _mined_pairs(s_all: np.ndarray, j_all: np.ndarray, top_k: int, max_pairs: int,
-                 floor: float | None = None) -> list[list[float | int]] | None:
+                 cut: bool = False) -> list[list[float | int]] | None:
     """Paraphrase mining's answer from every row's neighbour list (scores descending, ties by
     index, -1 padding; the row itself may be listed): each row's first top_k other rows, one
     entry per pair, the best max_pairs by (score desc, i, j).
 
-    floor: the lists are each row's lists cut at the floor (search_stored(floor=)). A pair at or
+    cut: the lists are each row's lists cut at a floor (search_stored(floor=)). A pair at or
     above it is in a row's top_k list exactly when it is in the cut list (a row with fewer than
     top_k entries there has fewer than top_k scores at or above it), so the pairs at or above
     the floor are the uncut lists' pairs at or above it. When they number at least max_pairs the
@@ -156,9 +162,7 @@ def _mined_pairs(s_all: np.ndarray, j_all: np.ndarray, top_k: int, max_pairs: in
     n = len(j_all)
     rows = np.arange(n)
     i_all = np.broadcast_to(rows[:, None], j_all.shape)
-    # each row's first top_k neighbours other than itself, as upstream takes them
-    kept = (j_all >= 0) & (j_all != i_all)
-    kept &= np.cumsum(kept, axis=1) <= top_k
+    kept = _first_others(j_all, rows, top_k)
     # a full row's kept list is everything up to its last kept entry (score, index) in the
     # list's order; a shorter row kept every other row it lists
     count = kept.sum(1)
@@ -173,7 +177,7 @@ def _mined_pairs(s_all: np.ndarray, j_all: np.ndarray, top_k: int, max_pairs: in
     in_j = (s_ > last_s[j_]) | ((s_ == last_s[j_]) & (i_ <= last_j[j_]))
     keep = (j_ > i_) | ~in_j
     a, b, s_ = np.minimum(i_, j_)[keep], np.maximum(i_, j_)[keep], s_[keep]
-    if floor is not None and len(s_) < max_pairs:
+    if cut and len(s_) < max_pairs:
         return None
     if len(s_) > max_pairs:  # sort only the pairs at or above the max_pairs-th score
         kth = np.partition(s_, len(s_) - max_pairs)[len(s_) - max_pairs]
