@@ -344,6 +344,34 @@ def test_long_lists_merge_offers_in_batches(limit, cross):
     assert_states_equal(one, e2.state())
 
 
+@pytest.mark.parametrize("topk", [0, 6])
+@pytest.mark.parametrize("limit", [40, 100_000])
+def test_fast_mode_outside_lists_equal_exact(topk, limit):
+    """Fast mode's outside list and counts equal exact mode's: rows 0-59 a cluster (the first
+    tiles, cold while the global lists fill, list most of their pairs, whose outside decisions
+    wait for the tile's batch rescoring), rows 0 and 1 equal (so most of the cluster's pairs are
+    no global candidates), b on the cluster's median value so that many pairs sit within the
+    bf16 margin of it; long and truncated lists, 1 and 2 threads, chunks."""
+    rng = np.random.default_rng(5)
+    x = make_x(300, 200, seed=6, dup=((0, 299),))
+    x[:60] = x[0] + 0.5 * rng.standard_normal((60, 200)).astype(np.float32)
+    x[1] = x[0]
+    xd = x[:60].astype(np.float64)
+    xd /= np.linalg.norm(xd, axis=1, keepdims=True)
+    b = float(np.median((xd @ xd.T)[np.triu_indices(60, 1)]))
+    opts = dict(OPTS, topk=topk, bottomk=0, near=None, row_topk=0, row_bottomk=0, outside=(-2.0, b),
+                outside_limit=limit)
+    kw = dict(metric="cosine", block=32, **opts)
+    exact = run_engine(x, None, threads=1, precision="exact", **kw)
+    assert exact["outside_count"] > 800
+    assert len(exact["outside_pairs"][0]) == min(limit, exact["outside_count"])
+    check_against_reference(exact, x, None, "cosine", opts)
+    for threads, chunks in ((1, 1), (2, 1), (2, 4)):
+        fast = run_engine(x, None, threads=threads, chunks=chunks, precision="fast", **kw)
+        keys = ("outside_count", "outside_rows", "outside_pairs", "top")
+        assert_states_equal({k: exact[k] for k in keys}, {k: fast[k] for k in keys})
+
+
 @pytest.mark.parametrize("metric,cross", [("cosine", False), ("cosine", True), ("dot", False),
                                           ("euclidean", False)])
 def test_fast_mode_rescored(metric, cross):

@@ -125,18 +125,18 @@ inline bool outside_list_open(const PairwiseEngine::ThreadCtx& c, int64_t i) {
 
 // The outside pairs of one step of a pass: lanes l set in `lanes` are pairs (i, j0 + l) with
 // tile values vals[l], tile column jj + l and tile row ii. Offered in (i, j) order until the full
-// list can take no more; in deferred fast mode queued for the tile's batch rescoring instead.
+// list can take no more; in fast mode queued for the tile's batch rescoring instead.
 inline void list_outside(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int64_t ii,
-                         int64_t jj, int64_t j0, uint32_t lanes, const float* vals, bool deferred) {
+                         int64_t jj, int64_t j0, uint32_t lanes, const float* vals) {
   for (uint32_t todo = lanes; todo; todo &= todo - 1) {
     const int l = __builtin_ctz(todo);
     const int64_t j = j0 + l;
     if (c.outp.full() && (i > c.outp.e.back().i || (i == c.outp.e.back().i && j > c.outp.e.back().j))) break;
-    if (deferred) {
+    if (A.fast) {
       c.cand.push_back({int32_t(ii), int32_t(jj + l), kCandOutPair});
       continue;
     }
-    offer_outside(c, A.fast ? A.E->exact_value(i, j) : vals[l], i, j);
+    offer_outside(c, vals[l], i, j);
   }
 }
 void rescore_candidates(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t r0, int64_t c0);

@@ -88,7 +88,7 @@ void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int
     if (f & kCb) offer_row(A, c, false, j, v[l], i);
     if (f & kOut) listed |= 1u << l;
     if (!(f & (kG | kMaybe))) continue;
-    if (deferred) {
+    if (deferred || (A.fast && !(f & kG))) {  // (outside decisions wait in cold tiles too)
       c.cand.push_back({int32_t(ii), int32_t(jj + l), ((f & kG) ? kCandGlobal : 0u) | ((f & kMaybe) ? kCandMaybeOut : 0u)});
       continue;
     }
@@ -104,7 +104,7 @@ void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int
     int32_t* colcnt = c.colcnt.data() + jj;
     for (uint32_t todo = counted; todo; todo &= todo - 1) colcnt[__builtin_ctz(todo)]++;
   }
-  if (listed && outside_list_open(c, i)) list_outside(A, c, i, ii, jj, j0, listed, v, deferred);
+  if (listed && outside_list_open(c, i)) list_outside(A, c, i, ii, jj, j0, listed, v);
 }
 
 // kLean: no histogram, near list, outside counts or l2 (row and global lists and moments only,
@@ -275,7 +275,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
   if (pending) {
     for (int l = 0; l < W; ++l) hist[prev[l]]++;
   }
-  if (deferred && !c.cand.empty()) rescore_candidates(A, c, r0, c0);
+  if (A.fast && !c.cand.empty()) rescore_candidates(A, c, r0, c0);
   *tsum = s + sum(s_lo + s_hi);
   *tsumsq = s2 + sum(q_lo + q_hi);
 }

@@ -30,6 +30,10 @@ struct PairList {
   bool full() const { return static_cast<int64_t>(e.size()) >= k; }
   bool offer(double key, float v, int64_t i, int64_t j);
   void settle();  // merge `fresh` into `e`: call before reading `e` as the list
+  // src's pairs offered to this list (src settled): one linear merge of the two sorted lists
+  // where they are long (a thread's outside list of 0.7 M pairs, offered one by one, took as
+  // long as its rescoring)
+  void absorb(PairList& src);
 };
 
 // Per-row k best neighbours: larger value first (top) or smaller first (bottom), then column.

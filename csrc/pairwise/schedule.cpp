@@ -218,6 +218,8 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     ThreadCtx& c = *ctx[tid];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = begin; t < end; ++t) process_tile(t, c, &tsum[t - begin], &tsumsq[t - begin]);
+    // each thread sorts its own waiting offers: the merge below is then linear
+    for (PairList* l : {&c.max1, &c.min1, &c.top, &c.bottom, &c.near, &c.outp}) l->settle();
   }
 
   // deterministic merge (the result sets are unique under the total orders, sums are sequential)
@@ -230,16 +232,12 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     if (!cp) continue;
     ThreadCtx& c = *cp;
     for (size_t b = 0; b < st_.hist.size(); ++b) st_.hist[b] += c.hist[b];
-    auto merge = [](PairList& dst, PairList& src) {
-      src.settle();
-      for (const auto& e : src.e) dst.offer(e.key, e.v, e.i, e.j);
-    };
-    merge(st_.max1, c.max1);
-    merge(st_.min1, c.min1);
-    merge(st_.top, c.top);
-    merge(st_.bottom, c.bottom);
-    merge(st_.near, c.near);
-    merge(st_.outside_pairs, c.outp);
+    st_.max1.absorb(c.max1);
+    st_.min1.absorb(c.min1);
+    st_.top.absorb(c.top);
+    st_.bottom.absorb(c.bottom);
+    st_.near.absorb(c.near);
+    st_.outside_pairs.absorb(c.outp);
     st_.outside_count += c.out_count;
     for (size_t r = 0; r < c.out_rows.size(); ++r) st_.outside_rows[r] += c.out_rows[r];
     for (size_t r = 0; r < c.out_cols.size(); ++r) st_.outside_cols[r] += c.out_cols[r];
