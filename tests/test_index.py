@@ -476,6 +476,33 @@ def test_search_stored_equals_search_of_the_rows(metric, dtype):
 
 
 @pytest.mark.parametrize("metric", METRICS)
+def test_lists_reach_past_groups_of_identical_rows(metric, monkeypatch):
+    """Identical rows tie in every list holding one of them: a search with many queries lists
+    past the largest group (_tie_group, zero rows not counted), so no row is scanned again
+    (_collect); grouped or not, the answers equal float64 brute force (ties by id)."""
+    x = make_rows(300, 20, zero=tuple(range(280, 300)))
+    x[:270] = x[:30].repeat_interleave(9, 0)  # 30 groups of 9 identical rows
+    grouped_index = Index(x, metric=metric)
+    assert grouped_index._tie_group(grouped_index._store) == 9  # (not the 20 zero rows)
+    x = x[:280]  # (a zero query ties with every row under dot and l2: rescanned)
+    rescans = []
+    collect = index_module.Index._collect
+    monkeypatch.setattr(index_module.Index, "_collect",
+                        lambda self, st, q, *a: rescans.append(q.shape[0]) or collect(self, st, q, *a))
+    index = Index(x, metric=metric)
+    q = torch.cat([x[:200], x[:200] + 0.01])
+    want_v, want_i = ref_topk(x, q, 3, metric)
+    for grouped in (True, False):
+        monkeypatch.setattr(index_module, "TIE_GROUP_QUERIES", 50 if grouped else 10 ** 9)
+        rescans.clear()
+        got_v, got_i = index.search(q, 3)
+        assert_same_neighbours(got_v, got_i, want_v, want_i)
+        stored_v, stored_i = index.search_stored(3)
+        assert torch.equal(stored_i, index.search(index.vectors(), 3)[1])
+        assert (sum(rescans) == 0) == grouped, rescans
+
+
+@pytest.mark.parametrize("metric", METRICS)
 def test_queries_prepared_in_blocks(metric, monkeypatch):
     """Queries are prepared QUERY_PREP_ROWS at a time: a search over several blocks (float64
     queries, a zero query, a duplicate) gives each query's own search, and leaves the caller's

@@ -86,10 +86,15 @@ PAIR_LIST = 1 << 16
 FAST_STORED_K = 200
 # candidates listed beyond k before the float64 rescoring (float32 and bf16 scans): rows whose
 # list is too short for the scan margin are scanned again (_collect). search_stored(11) on the
-# vocabulary (AVX2 Zen 3): 16 extra 2.78 s, 8: 2.74 s, 4: 2.67 s (no row rescanned), 2: 2.93 s
-# (14 rows rescanned, each a scan of every row); 16 keeps inputs with many near-duplicates
-# away from the rescans
-EXTRA_F32, EXTRA_BF16 = 16, 64
+# vocabulary (Zen 4, fast mode): 16 extra 2.00-2.11 s, 8: 2.25 s, 4: 1.73 s (no row
+# rescanned), 2: 1.74 s (14 rows rescanned), 1: 2.43 s (602 rows); AVX2 Zen 3, exact mode:
+# 16 2.78 s, 4 2.67 s. Identical rows tie in every list holding one of them, so a search with
+# many queries lists past the largest group of them (_tie_group) up to TIE_GROUP_MAX: 30,400
+# rows in groups of 19 took 12.4 s at 4 extra (every row rescanned) against 1.8 s at 16.
+EXTRA_F32, EXTRA_BF16 = 4, 64
+# queries from which a search groups the stored rows first (a pass over them, kept per snapshot)
+TIE_GROUP_QUERIES = 256
+TIE_GROUP_MAX = 64
 
 
 def _dtype(value: Any) -> torch.dtype:
@@ -212,6 +217,7 @@ class Index:
         self.d = int(x.shape[1])
         self._lock = threading.Lock()
         self._columns = None  # (snapshot, precision, the C++ engine's prepared rows): _engine_columns
+        self._ties = None  # (snapshot, _tie_group)
         self._searched = None  # the snapshot the last engine-eligible search ran on (ENGINE_PREPARE_QUERIES)
         # by default the index keeps its own copy: a caller's later writes cannot reach it
         rows = x.detach().to(self.device, torch.float32, copy=bool(copy)).contiguous()
@@ -540,7 +546,8 @@ class Index:
         out_i = torch.full((Q, k), -1, dtype=torch.int64, device=self.device)
         if Q and n:
             qb, nc = self._blocks(Q, n)
-            kk = min(n, k + (EXTRA_F32 if qscan.dtype == torch.float32 else EXTRA_BF16))
+            ties = min(self._tie_group(st), k + TIE_GROUP_MAX) if Q >= TIE_GROUP_QUERIES else 1
+            kk = min(n, max(k, ties) + (EXTRA_F32 if qscan.dtype == torch.float32 else EXTRA_BF16))
             cand = candidates(st, qscan, kk)
             for q0 in range(0, Q, qb):
                 q1 = min(Q, q0 + qb)
@@ -552,6 +559,19 @@ class Index:
             out_v[~qvalid] = math.nan
             out_i[~qvalid] = -1
         return (out_v if float64 else out_v.float()), out_i
+
+    def _tie_group(self, st) -> int:
+        """At least the size of the largest group of identical nonzero stored rows: the rows
+        grouped by one float32 projection (kept per snapshot). Distinct rows that collide only
+        make it larger (a wider list, never a wrong one)."""
+        cached = self._ties
+        if cached is None or cached[0] is not st:
+            rows = st.rows[:st.n][st.norms[:st.n] > 0]
+            g = torch.Generator().manual_seed(0)
+            proj = rows @ torch.randn(self.d, generator=g).to(rows.device)
+            cached = (st, int(torch.unique(proj, return_counts=True)[1].max()) if proj.numel() else 1)
+            self._ties = cached
+        return cached[1]
 
     def _stored_candidates(self, st, qscan, kk, floor: float | None = None):
         """The kk best scan values and ids of every stored row among the stored rows, itself
@@ -1017,7 +1037,7 @@ class Index:
         self.metric, self.dtype, self.d = header["metric"], DTYPES[header["dtype"]], d
         self.device = validation.device(device) if device is not None else torch.device("cpu")
         self._lock = threading.Lock()
-        self._columns = self._searched = None
+        self._columns = self._searched = self._ties = None
         rows = torch.from_numpy(maps["rows"]).to(self.device)
         norms = torch.from_numpy(maps["norms"]).to(self.device)
         if "scan" in maps:
