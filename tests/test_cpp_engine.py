@@ -344,14 +344,18 @@ def test_long_lists_merge_offers_in_batches(limit, cross):
     assert_states_equal(one, e2.state())
 
 
+@pytest.mark.parametrize("fused", ["own", "portable"])
 @pytest.mark.parametrize("topk", [0, 6])
 @pytest.mark.parametrize("limit", [40, 100_000])
-def test_fast_mode_outside_lists_equal_exact(topk, limit):
+def test_fast_mode_outside_lists_equal_exact(topk, limit, fused, monkeypatch):
     """Fast mode's outside list and counts equal exact mode's: rows 0-59 a cluster (the first
     tiles, cold while the global lists fill, list most of their pairs, whose outside decisions
     wait for the tile's batch rescoring), rows 0 and 1 equal (so most of the cluster's pairs are
     no global candidates), b on the cluster's median value so that many pairs sit within the
-    bf16 margin of it; long and truncated lists, 1 and 2 threads, chunks."""
+    bf16 margin of it; long and truncated lists, 1 and 2 threads, chunks; the level's own
+    fused pass and the portable one (EMBGEOM_FUSED)."""
+    if fused == "portable":
+        monkeypatch.setenv("EMBGEOM_FUSED", "portable")
     rng = np.random.default_rng(5)
     x = make_x(300, 200, seed=6, dup=((0, 299),))
     x[:60] = x[0] + 0.5 * rng.standard_normal((60, 200)).astype(np.float32)
