@@ -197,7 +197,7 @@ def pairs_child(args) -> None:
         import embgeom
 
         with tempfile.TemporaryDirectory() as out:
-            m = embgeom.pairs_above(x, args.threshold, out=os.path.join(out, "p"))
+            embgeom.pairs_above(x, args.threshold, out=os.path.join(out, "p"))
             seconds = time.perf_counter() - t0
             i, j, s = embgeom.read_pairs(os.path.join(out, "p"))
     elif args.child == "faiss-range":

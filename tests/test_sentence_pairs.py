@@ -87,7 +87,6 @@ def expected_per_text(model, tokenizer, texts, limit=32):
     its mean over its own rows (sep_from_other: over its rows that are neither [CLS] nor [SEP]),
     then the plain mean over texts; prev / next = A[i, i-1] / A[i, i+1] (none past the ends)."""
     vocab = tokenizer.get_vocab()
-    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
     keys = ("cls", "sep", "punct", "period", "comma", "sep_from_other", "prev", "next")
     per_text = {k: [] for k in keys}
     for t in texts:
