@@ -306,3 +306,16 @@ def test_communities_engine_path_equals_range_search(monkeypatch, threshold, siz
     assert comm.communities(x, threshold, size) == want and calls[-1] is None
     monkeypatch.setattr(comm, "ENGINE_PAIRS_LIMIT", 0)  # too many pairs: the range search answers
     assert comm.communities(x, threshold, size) == want
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 5000])
+@pytest.mark.parametrize("levels", [1, 3, 60, 10 ** 9])
+def test_pair_order_is_score_desc_then_i_then_j(n, levels):
+    """_pair_order (paraphrase mining's ranking: an argsort, then a lexsort of the tied runs
+    only) gives numpy's lexsort by (score desc, i, j), with few and many ties."""
+    rng = np.random.default_rng(n + levels)
+    s = (rng.integers(0, levels, n) / 7).astype(np.float32)
+    i, j = rng.integers(0, 40, n), rng.integers(0, 40, n)
+    got, want = st_compat._pair_order(s, i, j), np.lexsort((j, i, -s.astype(np.float64)))
+    for key in (s, i, j):
+        assert np.array_equal(key[got], key[want])

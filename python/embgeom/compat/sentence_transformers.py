@@ -183,8 +183,25 @@ def _mined_pairs(s_all: np.ndarray, j_all: np.ndarray, top_k: int, max_pairs: in
         kth = np.partition(s_, len(s_) - max_pairs)[len(s_) - max_pairs]
         best = np.flatnonzero(s_ >= kth)
         a, b, s_ = a[best], b[best], s_[best]
-    order = np.lexsort((b, a, -s_.astype(np.float64)))[:max_pairs]
+    order = _pair_order(s_, a, b)[:max_pairs]
     return _pair_lists(s_[order], a[order], b[order])
+
+
+def _pair_order(score: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The order of pairs by (score desc, i asc, j asc), scores finite: one argsort of the
+    scores, then a lexsort of only the entries in runs of equal scores (few: a lexsort of all
+    500,000 pairs of the vocabulary's default mining took 0.11 s)."""
+    score = score.astype(np.float64, copy=False)
+    order = np.argsort(-score, kind="stable")
+    ranked = score[order]
+    tied = np.zeros(len(order), dtype=bool)
+    tied[1:] = ranked[1:] == ranked[:-1]
+    tied[:-1] |= tied[1:]
+    at = np.flatnonzero(tied)
+    if at.size:  # the runs keep their places: sorted by score first, they fill them in order
+        sub = order[at]
+        order[at] = sub[np.lexsort((j[sub], i[sub], -score[sub]))]
+    return order
 
 
 @contextlib.contextmanager
@@ -240,7 +257,7 @@ def _global_top_pairs(index: Index, max_pairs: int) -> list[list[float | int]] |
     # ranked and reported as the row-by-row path does: the exact value rounded to float32
     # (Index.search's scores), then (i, j)
     score = exact.float().double()
-    order = np.lexsort((j.numpy(), i.numpy(), -score.numpy()))[:max_pairs]
+    order = _pair_order(score.numpy(), i.numpy(), j.numpy())[:max_pairs]
     complete = i.numel() < want  # every pair of the input is in the list
     if not complete:
         if len(order) < max_pairs:
