@@ -23,13 +23,13 @@
 namespace embgeom {
 
 template <class T>
-void AlignedBuf<T>::reset(int64_t count) {
+void AlignedBuf<T>::reset(int64_t count, bool zero) {
   n = count;
   size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
   if (bytes == 0) bytes = 64;
   void* q = std::aligned_alloc(64, bytes);
   if (!q) throw std::bad_alloc();
-  std::memset(q, 0, bytes);
+  if (zero) std::memset(q, 0, bytes);
   p.reset(static_cast<T*>(q));
 }
 template struct AlignedBuf<float>;
@@ -244,11 +244,12 @@ void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width,
   out.panels = (rows + width - 1) / width;
   out.kdim = bf16 ? (d + 1) / 2 : d;
   const int64_t total = out.panels * out.kdim * width;
+  // (each panel is written in full below, by the thread that packs it)
   if (bf16) {
-    out.b16.reset(total);
+    out.b16.reset(total, false);
     out.f32.reset(0);
   } else {
-    out.f32.reset(total);
+    out.f32.reset(total, false);
     out.b16.reset(0);
   }
 #ifdef EMBGEOM_OPENMP
@@ -259,6 +260,11 @@ void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width,
   for (int64_t p = 0; p < out.panels; ++p) {
     const int64_t r0 = p * width;
     const int64_t nr = std::min<int64_t>(width, rows - r0);
+    if (nr < width) {  // the last panel's padding rows are zeros
+      void* panel = bf16 ? static_cast<void*>(out.b16.data() + p * out.kdim * width)
+                         : static_cast<void*>(out.f32.data() + p * out.kdim * width);
+      std::memset(panel, 0, sizeof(float) * out.kdim * width);
+    }
     if (bf16) {
       uint32_t* dst = out.b16.data() + p * out.kdim * width;
       for (int64_t r = 0; r < nr; ++r) {

@@ -15,6 +15,8 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace embgeom {
 
@@ -22,15 +24,38 @@ struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
 
-// 64-byte aligned, zero-initialised buffer.
+// 64-byte aligned buffer, zero-initialised unless the caller writes every element itself.
 template <class T>
 struct AlignedBuf {
   std::unique_ptr<T[], FreeDeleter> p;
   int64_t n = 0;
-  void reset(int64_t count);
+  void reset(int64_t count, bool zero = true);
   T* data() { return p.get(); }
   const T* data() const { return p.get(); }
 };
+
+// std::vector's allocator that leaves new elements uninitialised: resize value-initialises,
+// a serial zero fill (and its page faults) of row buffers every element of which is written
+// next, in parallel.
+template <class T>
+struct NoInitAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = NoInitAllocator<U>;
+  };
+  NoInitAllocator() = default;
+  template <class U>
+  NoInitAllocator(const NoInitAllocator<U>&) noexcept {}
+  template <class U>
+  void construct(U* q) noexcept {
+    ::new (static_cast<void*>(q)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* q, Args&&... args) {
+    ::new (static_cast<void*>(q)) U(std::forward<Args>(args)...);
+  }
+};
+using RowBuffer = std::vector<float, NoInitAllocator<float>>;
 
 using MicroKernel = void (*)(int64_t kc, const void* a, const void* b, float* c, int64_t ldc,
                              bool accumulate);

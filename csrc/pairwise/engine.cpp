@@ -70,15 +70,26 @@ int row_threads(int threads) {
 
 // Compact rows (zero rows dropped for cosine), normalised for cosine; squared norms for euclidean.
 void compact_rows(const char* name, const float* src, int64_t rows, int64_t d, int metric, int nthreads,
-                  std::vector<int64_t>& map, std::vector<int64_t>& inv, std::vector<float>& out,
+                  std::vector<int64_t>& map, std::vector<int64_t>& inv, RowBuffer& out,
                   std::vector<float>& n2) {
   std::vector<double> nrm(rows);
+  // each row's sum in k order; four rows side by side, so that an add does not wait on the one
+  // before it (one chain at a time: 0.01 s of the vocabulary's 0.04 s here)
+  constexpr int64_t kSide = 4;
+  const int64_t groups = (rows + kSide - 1) / kSide;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t r = 0; r < rows; ++r) {
-    double s = 0.0;
-    const float* p = src + r * d;
-    for (int64_t k = 0; k < d; ++k) s += double(p[k]) * double(p[k]);
-    nrm[r] = s;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r0 = g * kSide, nr = std::min(kSide, rows - r0);
+    double s[kSide] = {0.0, 0.0, 0.0, 0.0};
+    if (nr == kSide) {
+      const float* p = src + r0 * d;
+      for (int64_t k = 0; k < d; ++k)
+        for (int64_t q = 0; q < kSide; ++q) s[q] += double(p[q * d + k]) * double(p[q * d + k]);
+    } else {
+      for (int64_t q = 0; q < nr; ++q)
+        for (int64_t k = 0; k < d; ++k) s[q] += double(src[(r0 + q) * d + k]) * double(src[(r0 + q) * d + k]);
+    }
+    for (int64_t q = 0; q < nr; ++q) nrm[r0 + q] = s[q];
   }
   for (int64_t r = 0; r < rows; ++r)
     EMBGEOM_CHECK(std::isfinite(nrm[r]), name << ": row " << r << " has a non-finite value or overflows");
@@ -132,7 +143,7 @@ std::shared_ptr<const PreparedColumns> prepare_columns(const float* y, int64_t m
   c->m = static_cast<int64_t>(c->map.size());
   if (!kern.blas) pack_panels(c->rows.data(), c->m, d, d, kern.nr, kern.bf16, c->panels, nthreads);
   if (kern.bf16) c->bf16_norms = bf16_rounding_norms(c->rows.data(), c->m, d, nthreads);
-  if (!rows_needed(kern, metric)) std::vector<float>().swap(c->rows);
+  if (!rows_needed(kern, metric)) RowBuffer().swap(c->rows);
   return c;
 }
 
@@ -194,7 +205,7 @@ void PairwiseEngine::init(const float* x, int64_t n, std::shared_ptr<const Prepa
                                             nb.rounded, nb.delta);
   }
   prime_row_bounds(nthreads);
-  if (!rows_needed(kern_, metric_)) std::vector<float>().swap(xr_);
+  if (!rows_needed(kern_, metric_)) RowBuffer().swap(xr_);
 
   nbx_ = (n_ + bs_ - 1) / bs_;
   nby_ = self_ ? nbx_ : (m_ + bs_ - 1) / bs_;

@@ -101,7 +101,7 @@ struct PreparedColumns {
   std::string key;                 // metric / precision / kernel name
   int64_t m0 = 0, m = 0, d = 0;    // original and compact row counts, width
   std::vector<int64_t> map, inv;   // compact -> original, original -> compact (-1: excluded)
-  std::vector<float> rows;         // compact fp32 rows where the kernel or rescoring reads them
+  RowBuffer rows;                  // compact fp32 rows where the kernel or rescoring reads them
   std::vector<float> n2;           // squared norms (euclidean)
   PackedPanels panels;             // B panels of the own kernels (empty for BLAS products)
   RoundingNorms bf16_norms;        // fast mode: the rows' bf16 rounding (error bound)
@@ -193,7 +193,7 @@ class PairwiseEngine {
   int64_t nbx_ = 0, nby_ = 0, num_tiles_ = 0;
   std::vector<int64_t> row_off_;  // self: first tile index of tile-row I
   std::vector<int64_t> xmap_, xinv_;
-  std::vector<float> xr_;   // compact fp32 rows (normalised for cosine), kept for rescoring
+  RowBuffer xr_;            // compact fp32 rows (normalised for cosine), kept for rescoring
   std::vector<float> xn2_;  // squared norms (euclidean)
   // the column side; in self mode only its panels (x packed as B panels; null with BLAS products)
   std::shared_ptr<const PreparedColumns> ys_;
