@@ -561,9 +561,10 @@ class Index:
         return (out_v if float64 else out_v.float()), out_i
 
     def _tie_group(self, st) -> int:
-        """At least the size of the largest group of identical nonzero stored rows: the rows
-        grouped by one float32 projection (kept per snapshot). Distinct rows that collide only
-        make it larger (a wider list, never a wrong one)."""
+        """The size of the largest group of nonzero stored rows sharing one float32 projection
+        (kept per snapshot): identical rows share it where the product computes every row
+        alike, and distinct rows that collide make it larger. Only the lists' width depends
+        on it: rows whose list is too short are scanned again (_search_block)."""
         cached = self._ties
         if cached is None or cached[0] is not st:
             rows = st.rows[:st.n][st.norms[:st.n] > 0]
