@@ -260,13 +260,9 @@ void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width,
   for (int64_t p = 0; p < out.panels; ++p) {
     const int64_t r0 = p * width;
     const int64_t nr = std::min<int64_t>(width, rows - r0);
-    if (nr < width) {  // the last panel's padding rows are zeros
-      void* panel = bf16 ? static_cast<void*>(out.b16.data() + p * out.kdim * width)
-                         : static_cast<void*>(out.f32.data() + p * out.kdim * width);
-      std::memset(panel, 0, sizeof(float) * out.kdim * width);
-    }
     if (bf16) {
       uint32_t* dst = out.b16.data() + p * out.kdim * width;
+      if (nr < width) std::fill_n(dst, out.kdim * width, 0u);  // the last panel's padding rows
       for (int64_t r = 0; r < nr; ++r) {
         const float* src = x + (r0 + r) * ld;
         for (int64_t kk = 0; kk < out.kdim; ++kk) {
@@ -278,6 +274,7 @@ void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width,
     } else {
       // k outer: contiguous writes; the panel's nr source rows stay in L1
       float* dst = out.f32.data() + p * out.kdim * width;
+      if (nr < width) std::fill_n(dst, out.kdim * width, 0.0f);  // the last panel's padding rows
       const float* src = x + r0 * ld;
       for (int64_t k = 0; k < d; ++k)
         for (int64_t r = 0; r < nr; ++r) dst[k * width + r] = src[r * ld + k];

@@ -80,15 +80,11 @@ void compact_rows(const char* name, const float* src, int64_t rows, int64_t d, i
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t r0 = g * kSide, nr = std::min(kSide, rows - r0);
+    const float* p[kSide];  // the last group repeats its last row in the missing places
+    for (int64_t q = 0; q < kSide; ++q) p[q] = src + (r0 + std::min(q, nr - 1)) * d;
     double s[kSide] = {0.0, 0.0, 0.0, 0.0};
-    if (nr == kSide) {
-      const float* p = src + r0 * d;
-      for (int64_t k = 0; k < d; ++k)
-        for (int64_t q = 0; q < kSide; ++q) s[q] += double(p[q * d + k]) * double(p[q * d + k]);
-    } else {
-      for (int64_t q = 0; q < nr; ++q)
-        for (int64_t k = 0; k < d; ++k) s[q] += double(src[(r0 + q) * d + k]) * double(src[(r0 + q) * d + k]);
-    }
+    for (int64_t k = 0; k < d; ++k)
+      for (int64_t q = 0; q < kSide; ++q) s[q] += double(p[q][k]) * double(p[q][k]);
     for (int64_t q = 0; q < nr; ++q) nrm[r0 + q] = s[q];
   }
   for (int64_t r = 0; r < rows; ++r)

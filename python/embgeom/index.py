@@ -567,9 +567,9 @@ class Index:
         on it: rows whose list is too short are scanned again (_search_block)."""
         cached = self._ties
         if cached is None or cached[0] is not st:
-            rows = st.rows[:st.n][st.norms[:st.n] > 0]
             g = torch.Generator().manual_seed(0)
-            proj = rows @ torch.randn(self.d, generator=g).to(rows.device)
+            proj = st.rows[:st.n] @ torch.randn(self.d, generator=g).to(st.rows.device)
+            proj = proj[st.norms[:st.n] > 0]  # (a copy of the projections, not of the rows)
             cached = (st, int(torch.unique(proj, return_counts=True)[1].max()) if proj.numel() else 1)
             self._ties = cached
         return cached[1]
