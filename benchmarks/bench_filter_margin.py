@@ -14,7 +14,8 @@ the engine's single margin M does; "per pair" takes each pair's own rows. A row'
 must rescore every column within 2M of its k-th best value. Copies: bf16 (what fast mode uses
 on AVX-512 BF16), int8 (per-row scale, 8 bits both sides: the VNNI form), int7x8 (7 bits on one
 side: what AVX2's vpmaddubsw can add in pairs without saturating int16). Rates: torch._int_mm
-(oneDNN, int8 x int8 -> int32) against a float32 matmul of the same shape, 2 threads, in child
+(oneDNN, int8 x int8 -> int32) against a float32 matmul of the same shape, 2 threads, the median
+of 5 calls, in child
 processes natively and with ONEDNN_MAX_CPU_ISA=AVX2 / ATEN_CPU_CAPABILITY=avx2. Prints only;
 never run the rates while anything else loads the machine.
 """
@@ -83,9 +84,9 @@ def margins(x: np.ndarray, k: int, rows: int) -> list[dict]:
 
 
 def rate_child() -> dict:
-    import time
-
     import torch
+
+    from common import timeit
 
     torch.set_num_threads(2)
     n, m, d = RATE_SHAPE
@@ -93,18 +94,10 @@ def rate_child() -> dict:
     a8 = torch.randint(-127, 128, (n, d), dtype=torch.int8, generator=g)
     b8 = torch.randint(-127, 128, (d, m), dtype=torch.int8, generator=g)
     af, bf = torch.randn(n, d, generator=g), torch.randn(d, m, generator=g)
-
-    def best(f, repeats=5):
-        f()
-        t = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f()
-            t = min(t, time.perf_counter() - t0)
-        return t
-
     ops = 2.0 * n * m * d / 1e9
-    return {"int8": ops / best(lambda: torch._int_mm(a8, b8)), "fp32": ops / best(lambda: af @ bf)}
+    calls = (("int8", lambda: torch._int_mm(a8, b8)), ("fp32", lambda: af @ bf))
+    ms = {name: timeit(f, repeats=5)["median_ms"] for name, f in calls}
+    return {name: ops / (t / 1e3) for name, t in ms.items()}
 
 
 def main() -> int:
