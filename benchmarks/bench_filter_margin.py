@@ -15,9 +15,9 @@ must rescore every column within 2M of its k-th best value. Copies: bf16 (what f
 on AVX-512 BF16), int8 (per-row scale, 8 bits both sides: the VNNI form), int7x8 (7 bits on one
 side: what AVX2's vpmaddubsw can add in pairs without saturating int16). Rates: torch._int_mm
 (oneDNN, int8 x int8 -> int32) against a float32 matmul of the same shape, 2 threads, the median
-of 5 calls, in child
-processes natively and with ONEDNN_MAX_CPU_ISA=AVX2 / ATEN_CPU_CAPABILITY=avx2. Prints only;
-never run the rates while anything else loads the machine.
+of 5 calls, in child processes natively and with ONEDNN_MAX_CPU_ISA=AVX2 /
+ATEN_CPU_CAPABILITY=avx2. Prints only; never run the rates while anything else loads the
+machine.
 """
 from __future__ import annotations
 
@@ -36,14 +36,13 @@ def unit_rows(args) -> np.ndarray:
     if args.random:
         x = np.random.default_rng(0).standard_normal((args.random, 384))
     else:
-        from embgeom import load_model
+        from compare import load
 
-        model, _ = load_model(None)
-        x = model.get_input_embeddings().weight.detach().double().numpy()
+        x = load("minilm").astype(np.float64)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def rounded(x: np.ndarray, kind: str) -> np.ndarray:
+def rounded(x: np.ndarray, kind: str | int) -> np.ndarray:
     """The float64 values of the rows' bf16 copy, or of a symmetric per-row int copy with
     `kind` levels each side of zero (127: 8 bits, 63: 7 bits)."""
     if kind == "bf16":
