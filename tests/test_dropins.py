@@ -3,6 +3,8 @@ sentence-transformers' util functions, scikit-learn's NearestNeighbors (and its 
 checks), FAISS's flat indexes. Each comparison is skipped where the library is not installed."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -168,9 +170,16 @@ def test_compat_bad_arguments():
     with pytest.raises(ValueError, match="score_function"):
         st_compat.semantic_search(x, x, score_function=lambda a, b: a @ b.T)
     with pytest.raises(ValueError, match="top_k"):
-        st_compat.semantic_search(x, x, top_k=0)
-    with pytest.raises(ValueError, match="corpus_embeddings: expected D = 4|queries: expected D = 4"):
+        st_compat.semantic_search(x, x, top_k=-1)
+    assert st_compat.semantic_search(x[:3], x, top_k=0) == [[], [], []]  # as sentence-transformers
+    with pytest.raises(ValueError, match="query_embeddings: expected D = 4"):
         st_compat.semantic_search(torch.zeros(2, 5), x)
+    with pytest.raises(ValueError, match="corpus_embeddings: expected"):
+        st_compat.semantic_search(x, torch.zeros(3, 0))
+    with pytest.raises(ValueError, match="embeddings: rows with norms up to .* make dot products"):
+        st_compat.paraphrase_mining_embeddings(x * 1e20, score_function="dot_score")
+    with pytest.raises(ValueError, match=r"embeddings: NaN or Inf"):
+        st_compat.community_detection(torch.full((3, 4), math.nan))
 
 
 # -- scikit-learn ---------------------------------------------------------------------------------
@@ -217,6 +226,25 @@ def test_nearest_neighbors_errors(sk_neighbors):
         nn.kneighbors()
     with pytest.raises(ValueError, match="features"):
         nn.kneighbors(np.ones((1, 5)))
+    with pytest.raises(ValueError, match="mode"):
+        nn.kneighbors_graph(mode="weights")
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_neighbour_graphs_match_sklearn(sk_neighbors, metric):
+    from embgeom.sklearn import NearestNeighbors
+
+    x = _tie_free(120, 8, seed=7).double().numpy()
+    q = make_rows(5, 8, seed=8).double().numpy()
+    radius = 3.5 if metric == "euclidean" else 0.6
+    ours = NearestNeighbors(n_neighbors=4, radius=radius, metric=metric).fit(x)
+    ref = sk_neighbors.NearestNeighbors(n_neighbors=4, radius=radius, metric=metric, algorithm="brute").fit(x)
+    for X in (q, None):
+        for mode in ("connectivity", "distance"):
+            for name in ("kneighbors_graph", "radius_neighbors_graph"):
+                got, want = getattr(ours, name)(X, mode=mode), getattr(ref, name)(X, mode=mode)
+                assert got.format == "csr" and got.shape == want.shape and got.nnz == want.nnz
+                assert np.allclose(got.toarray(), want.toarray(), rtol=1e-6, atol=1e-6)
 
 
 def test_check_estimator(sk_neighbors):
@@ -273,6 +301,37 @@ def test_flat_index_bad_input():
         index.search(np.zeros((1, 4), np.float32), 0)
     with pytest.raises(ValueError, match="d: expected an int >= 1"):
         egf.IndexFlatL2(0)
+    with pytest.raises(ValueError, match="radius: expected a number"):
+        index.range_search(np.zeros((1, 4), np.float32), float("nan"))
+
+
+def test_flat_l2_range_search_radius_is_strict_on_squared_sums():
+    """L2 < radius on the float64 squared sum: sqrt(3)^2 rounds to 2.9999999999999996, so a
+    test on the distance's square kept a row at squared distance exactly 3."""
+    from embgeom import faiss as egf
+
+    index = egf.IndexFlatL2(3)
+    index.add(np.zeros((1, 3), np.float32))
+    q = np.ones((1, 3), np.float32)
+    assert index.range_search(q, 3.0)[0].tolist() == [0, 0]
+    lims, d, i = index.range_search(q, 3.5)
+    assert lims.tolist() == [0, 1] and d.tolist() == [3.0] and i.tolist() == [0]
+    assert index.range_search(q, float("inf"))[0].tolist() == [0, 1]
+    rng = np.random.default_rng(9)
+    x = rng.integers(-3, 4, (150, 5)).astype(np.float32)
+    qs = rng.integers(-3, 4, (10, 5)).astype(np.float32)
+    index.reset()
+    index = egf.IndexFlatL2(5)
+    index.add(x)
+    sq = ((qs[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)  # exact on small integers
+    for r in range(0, 40):
+        lims, d, ids = index.range_search(qs, float(r))
+        for k in range(len(qs)):
+            got = sorted(ids[lims[k]:lims[k + 1]].tolist())
+            assert got == np.nonzero(sq[k] < r)[0].tolist()
+    ip = egf.IndexFlatIP(5)
+    ip.add(x)
+    assert ip.range_search(qs[:2], -math.inf)[0].tolist() == [0, 150, 300]
 
 
 @pytest.mark.parametrize("threshold,size", [(0.75, 4), (0.3, 3), (0.999, 2)])

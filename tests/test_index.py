@@ -157,6 +157,64 @@ def test_empty_corpus_and_empty_queries():
     assert lims.tolist() == [0] and s.numel() == 0 and ids.numel() == 0
 
 
+def test_empty_index_saves_and_loads(tmp_path):
+    Index(np.zeros((0, 8), np.float32), metric="dot").save(tmp_path / "empty.idx")
+    index = Index.load(tmp_path / "empty.idx")
+    assert index.ntotal == 0 and index.metric == "dot"
+    v, i = index.search(make_rows(2, 8), 3)
+    assert (i == -1).all()
+
+
+def test_queries_in_any_memory_layout():
+    x = make_rows(30, 6, seed=2).numpy()
+    index = Index(x)
+    want = index.search(np.ascontiguousarray(x[:4]), 3)[1]
+    views = [np.asfortranarray(x[:4]), np.repeat(x[:4], 2, axis=1)[:, ::2], x[3::-1][::-1], x[::-1][-4:][::-1],
+             torch.from_numpy(x[:4]).T.contiguous().T]
+    for q in views:
+        assert torch.equal(index.search(q, 3)[1], want)
+        assert torch.equal(index.range_search(q, 0.2)[2], index.range_search(x[:4], 0.2)[2])
+    assert torch.equal(Index(x[::-1]).search(x[:4], 3)[1], 29 - want)  # a reversed corpus too
+
+
+def test_magnitudes_the_scan_cannot_take_are_refused():
+    rng = np.random.default_rng(0)
+    big = (rng.standard_normal((30, 8)) * 1e20).astype(np.float32)
+    for metric in ("dot", "l2"):
+        with pytest.raises(ValueError, match=f"corpus: rows with norms up to .* make {metric} products"):
+            Index(big, metric=metric)
+        index = Index(rng.standard_normal((5, 8)), metric=metric)
+        with pytest.raises(ValueError, match="more: rows with norms"):
+            index.add(np.full((1, 8), 1e37))
+        with pytest.raises(ValueError, match="rows with norms up to .* beyond float32"):
+            index.search(np.full((1, 8), 1e37), 2)
+    cosine = Index(big)  # cosine takes large rows
+    assert torch.equal(cosine.search(big[:3], 1)[1].flatten(), torch.arange(3))
+    wide = rng.standard_normal((5, 4))
+    wide[2, 1] = 1e39  # finite in float64, infinite in float32
+    with pytest.raises(ValueError, match=r"corpus: values up to 1e\+39 do not fit in float32"):
+        Index(wide)
+    tiny = rng.standard_normal((20, 8)).astype(np.float32)
+    tiny[7] *= np.float32(1e-39)  # subnormal: its float32 scale 1/|c| overflows
+    with pytest.raises(ValueError, match=r"corpus: 1 row\(s\) with norms outside .*: \[7\]"):
+        Index(tiny)
+
+
+def test_tiny_float64_query_keeps_its_direction():
+    x = make_rows(12, 4, seed=1)
+    index = Index(x)
+    q = np.array([[1e-300, 0.0, 0.0, 0.0]])
+    assert torch.equal(index.search(q, 3)[1], index.search(np.array([[1.0, 0, 0, 0]]), 3)[1])
+
+
+def test_vectors_slices_like_python():
+    index = Index(np.ones((10, 4), np.float32))
+    index.add(np.full((2, 4), 2, np.float32))  # spare capacity past ntotal must stay hidden
+    assert index.vectors(0, -1).shape == (11, 4) and index.vectors(0, 100).shape == (12, 4)
+    assert index.vectors(-3)[:, 0].tolist() == [1.0, 2.0, 2.0]
+    assert index.vectors(5, 2).shape == (0, 4)
+
+
 @pytest.mark.parametrize("metric,threshold", [("cosine", 0.2), ("dot", 3.0), ("l2", 7.5)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 def test_range_search_vs_float64(metric, threshold, dtype):

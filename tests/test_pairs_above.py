@@ -216,3 +216,16 @@ def test_truncated_outside_list_says_so():
     assert st.to_dict()["outside"]["truncated"] is True
     full = embgeom.pairwise_stats(x, outside=(-0.2, 0.2), outside_limit=10 ** 6, bins=0, topk=0, bottomk=0)
     assert not full.outside.truncated and full.to_pandas("outside").attrs["truncated"] is False
+
+
+def test_pairs_above_names_its_own_arguments(tmp_path):
+    import embgeom
+
+    with pytest.raises(ValueError, match=r"x: expected \(N, D\) float"):
+        embgeom.pairs_above(np.ones(4, np.float32), 0.5, tmp_path / "a")
+    index = embgeom.Index(np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32))
+    with pytest.raises(ValueError, match="metric: x is an Index of metric 'cosine'"):
+        embgeom.pairs_above(index, 0.5, tmp_path / "b", metric="l2")
+    with pytest.raises(ValueError, match="dtype: x is an Index of dtype"):
+        embgeom.pairs_above(index, 0.5, tmp_path / "c", dtype="bfloat16")
+    assert embgeom.pairs_above(index, 0.5, tmp_path / "d", metric="cosine")["complete"]

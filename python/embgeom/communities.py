@@ -33,7 +33,8 @@ def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
             raise ValueError(f"x: expected an Index with metric='cosine', got metric={x.metric!r}")
         index = x
     else:
-        index = Index(x, metric="cosine")
+        with validation.renamed(corpus="x"):
+            index = Index(x, metric="cosine")
     n = index.ntotal
     if n < min_size:
         return []

@@ -8,6 +8,8 @@ label.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -64,24 +66,44 @@ class _IndexFlat:
 
     def range_search(self, x, radius: float):
         """-> (lims (n + 1,) uint64, D float32, I int64); query q's results are
-        [lims[q], lims[q + 1]), in label order."""
-        q = torch.from_numpy(self._rows(x, "x"))
-        r = float(radius)
+        [lims[q], lims[q + 1]), in label order. L2: squared distance < radius, decided on the
+        float64 sum of the squared differences (the distance's square would round either way
+        at the radius); IP: inner product > radius. An infinite radius is taken as FAISS
+        takes it (L2 inf: every row; IP -inf: every row)."""
+        q_np = self._rows(x, "x")
+        q = torch.from_numpy(q_np)
+        if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)) \
+                or math.isnan(radius):
+            raise ValueError(f"radius: expected a number, got {radius!r}")
+        r = float(np.float32(radius))  # FAISS takes the radius as a float32
+        # the Index's inclusive cut, a little wider than the radius (the exact test follows)
         if self._metric == "l2":
-            lims, s, ids = self._index.range_search(q, float(np.sqrt(max(r, 0.0))), float64=True)
+            cut = math.sqrt(max(r, 0.0)) * (1 + 1e-12) if r < math.inf else 1e300
         else:
-            lims, s, ids = self._index.range_search(q, r, float64=True)
+            cut = max(r, -1e300) if r < math.inf else 1e300
+        lims, s, ids = self._index.range_search(q, cut, float64=True)
         lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
+        qid = np.repeat(np.arange(len(lims) - 1), np.diff(lims))
         if self._metric == "l2":
-            s = s * s
+            s = self._squared_distances(q_np, qid, ids)
         keep = s < r if self._metric == "l2" else s > r
-        qid = np.repeat(np.arange(len(lims) - 1), np.diff(lims))[keep]
+        qid = qid[keep]
         counts = np.bincount(qid, minlength=len(lims) - 1)
         s, ids = s[keep], ids[keep]
         order = np.lexsort((ids, qid))  # label order within each query
         new_lims = np.zeros(len(lims), np.uint64)
         new_lims[1:] = np.cumsum(counts)
         return new_lims, s[order].astype(np.float32), ids[order]
+
+
+    def _squared_distances(self, q: np.ndarray, qid: np.ndarray, ids: np.ndarray, chunk: int = 65536) -> np.ndarray:
+        """float64 sum of (q - c)^2 of the pairs (query qid, stored row ids)."""
+        out = np.empty(len(ids), np.float64)
+        for a in range(0, len(ids), chunk):
+            rows = self._index.vectors()[torch.from_numpy(ids[a:a + chunk])].numpy().astype(np.float64)
+            diff = q[qid[a:a + chunk]].astype(np.float64) - rows
+            out[a:a + chunk] = np.einsum("ij,ij->i", diff, diff)
+        return out
 
 
 class IndexFlatIP(_IndexFlat):

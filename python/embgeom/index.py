@@ -97,6 +97,11 @@ TIE_GROUP_QUERIES = 256
 TIE_GROUP_MAX = 64
 
 
+def _raw_bytes(a: np.ndarray) -> memoryview:
+    """The bytes of a contiguous array, empty ones too (memoryview.cast refuses zero shapes)."""
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
 def _dtype(value: Any) -> torch.dtype:
     if isinstance(value, str) and value in DTYPES:
         return DTYPES[value]
@@ -116,7 +121,33 @@ def _rows(x: Any, name: str, d: int | None = None) -> torch.Tensor:
     if d is not None and t.shape[1] != d:
         raise ValueError(f"{name}: expected D = {d} to match the index, got {tuple(t.shape)}")
     validation.check_finite(t, name)
+    validation.fits_float32(t, name)
     return t
+
+
+# Under cosine a float32 index scans its rows times 1/|c| in float32: rows whose norms lie outside
+# this range would make subnormal products (below) or scales (above, past 1 / float32's smallest
+# normal 8.5e37), whose rounding the scan margin does not cover, or infinite ones.
+COSINE_NORMS = (1e-30, 1e36)
+
+
+def _check_magnitudes(metric: str, norms: torch.Tensor, other_max: float, names: tuple[str, str]) -> None:
+    """ValueError for rows the float32 scan cannot take: under dot / l2 products beyond float32
+    or below its normal range (validation.norm_range) with rows of norms up to other_max, under
+    cosine nonzero norms outside COSINE_NORMS."""
+    if norms.numel() == 0:
+        return
+    if metric != "cosine":
+        validation.norm_range(float(norms.max()), other_max, metric, names)
+        return
+    lo, hi = COSINE_NORMS
+    bad = ((norms > 0) & (norms < lo)) | (norms > hi)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        more = f" (and {len(rows) - 10} more)" if len(rows) > 10 else ""
+        raise ValueError(f"{names[0]}: {len(rows)} row(s) with norms outside [{lo:g}, {hi:g}] "
+                         f"(norms {float(norms[bad].min()):.3g} to {float(norms[bad].max()):.3g}), "
+                         f"which a float32 scan cannot take: {rows[:10]}{more}; scale them")
 
 
 @dataclass(frozen=True)
@@ -146,15 +177,25 @@ def _inverse_norms(st: "_Store", c0: int, c1: int) -> np.ndarray:
 def _norms64(rows: torch.Tensor) -> torch.Tensor:
     """float64 L2 norms (M,) of rows (M, D): for CPU float32 rows the C++ core's float64 sums of
     the float32 products (row_pair_sums, no float64 copy: 100,000 x 384 in about 0.03 s against
-    0.2 s), else torch's of the float64 values, PREP_ROWS rows at a time."""
+    0.2 s; float32 squares cannot underflow in float64), else torch's of the float64 values
+    divided by each row's largest magnitude (float64 rows of 1e-300 would square to 0),
+    PREP_ROWS rows at a time."""
     from .backends.registry import cpp_kernel
 
     sums = cpp_kernel("row_pair_sums", rows) if rows.shape[0] else None
     if sums is not None:
-        x = rows.detach().numpy()
+        x = rows.detach().contiguous().numpy()
         return torch.from_numpy(np.sqrt(sums(x, x)[:, 0]))
-    return torch.cat([torch.linalg.vector_norm(rows[a:a + PREP_ROWS].double(), dim=1)
-                      for a in range(0, rows.shape[0], PREP_ROWS)] or [rows.new_zeros(0, dtype=torch.float64)])
+
+    def block(r: torch.Tensor) -> torch.Tensor:
+        # scaled by a power of two near each row's largest magnitude: exact, so the norm has the
+        # bits of the unscaled one wherever that neither underflows nor overflows
+        r = r.double()
+        _, e = torch.frexp(r.abs().amax(dim=1, keepdim=True))
+        return torch.linalg.vector_norm(torch.ldexp(r, -e), dim=1) * torch.ldexp(torch.ones_like(r[:, 0]), e[:, 0])
+
+    return torch.cat([block(rows[a:a + PREP_ROWS]) for a in range(0, rows.shape[0], PREP_ROWS)]
+                     or [rows.new_zeros(0, dtype=torch.float64)])
 
 
 _NATIVE_BF16: list[bool] = []
@@ -225,10 +266,15 @@ class Index:
 
     # -- preparing rows ---------------------------------------------------------------------
 
-    def _derived(self, rows: torch.Tensor):
-        """(norms, scan rows, scale, bias) of float32 rows (M, D). float64 work goes PREP_ROWS
-        rows at a time: a float64 copy of a whole 1M x 384 corpus would be 3 GB."""
+    def _derived(self, rows: torch.Tensor, name: str, stored_max: float | None):
+        """(norms, scan rows, scale, bias) of float32 rows (M, D), refused (ValueError naming
+        `name`) where the scan cannot take their magnitudes (_check_magnitudes; stored_max: the
+        largest norm already stored). float64 work goes PREP_ROWS rows at a time: a float64
+        copy of a whole 1M x 384 corpus would be 3 GB."""
         norms = _norms64(rows)
+        # stored rows meet each other (pairs_above) and the queries meet them all
+        own = float(norms.max()) if norms.numel() else 0.0
+        _check_magnitudes(self.metric, norms, max(own, stored_max or 0.0), (name, "corpus"))
         scale = bias = None
         if self.metric == "cosine":
             inv = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms))
@@ -259,8 +305,8 @@ class Index:
                 delta = max(delta, float(torch.linalg.vector_norm(scan[a:a + PREP_ROWS].double() - ref, dim=1).max()))
         return zero, cmax, bias_max, delta
 
-    def _prepare(self, rows: torch.Tensor, old: _Store | None, spare: int) -> _Store:
-        norms, scan, scale, bias = self._derived(rows)
+    def _prepare(self, rows: torch.Tensor, old: _Store | None, spare: int, name: str = "corpus") -> _Store:
+        norms, scan, scale, bias = self._derived(rows, name, None if old is None or not old.n else old.cmax)
         zero, cmax, bias_max, delta = self._summary(rows, norms, scan, bias)
         if old is None:
             return _Store(rows, norms, scan, scale, bias, rows.shape[0], zero, cmax, bias_max, delta)
@@ -297,7 +343,7 @@ class Index:
             old = self._store
             # a loaded index's arrays are file mappings: new rows go to fresh buffers
             own = getattr(self, "_owns_buffers", True)
-            self._store = self._prepare(x, old, spare=int(own))
+            self._store = self._prepare(x, old, spare=int(own), name="more")
             self._owns_buffers = True
 
     @property
@@ -324,8 +370,8 @@ class Index:
     def vectors(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The stored float32 rows [start, stop) (a view, do not modify)."""
         st = self._store
-        stop = st.n if stop is None else min(stop, st.n)
-        return st.rows[start:stop]
+        start, stop, _ = slice(start, stop).indices(st.n)  # Python's slicing, within ntotal
+        return st.rows[start:max(start, stop)]
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -349,8 +395,10 @@ class Index:
         unit query (cosine) or the query.
         search: the queries of one search or range search (their count may pick the scan,
         _scan_dtype)."""
-        q = _rows(queries, "queries", self.d).detach().to(self.device)
+        q = _rows(queries, "queries", self.d).detach().to(self.device).contiguous()
         qn = _norms64(q)  # (the stored rows' norms are taken the same way: a stored row as a query, the same norm)
+        if self.metric != "cosine" and st.n:  # (a cosine query is scanned as a unit row)
+            _check_magnitudes(self.metric, qn, st.cmax, ("queries", "corpus"))
         qvalid = qn > 0 if self.metric == "cosine" else torch.ones_like(qn, dtype=torch.bool)
         scan_dtype = self._scan_dtype(q.shape[0] if search else None)
         qscan = torch.empty(q.shape, dtype=scan_dtype, device=q.device)
@@ -953,7 +1001,7 @@ class Index:
             offset += -(-a.nbytes // DATA_ALIGN) * DATA_ALIGN
         h = hashlib.sha256()
         for a in blobs.values():
-            h.update(memoryview(a).cast("B"))
+            h.update(_raw_bytes(a))
         header = {"format": FORMAT, "metric": self.metric, "dtype": str(self.dtype).replace("torch.", ""),
                   "n": st.n, "d": self.d, "arrays": specs, "sha256": h.hexdigest()}
         line = json.dumps(header).encode()
@@ -965,7 +1013,7 @@ class Index:
             base = len(head) + (-len(head) % DATA_ALIGN)
             for name, a in blobs.items():
                 assert f.tell() == base + specs[name]["offset"]
-                f.write(memoryview(a).cast("B"))
+                f.write(_raw_bytes(a))
                 f.write(b"\0" * (-a.nbytes % DATA_ALIGN))
 
     @classmethod
@@ -1031,7 +1079,7 @@ class Index:
             else:  # copy-on-write: writable for torch, the file never changes
                 maps[name] = np.memmap(path, dtype=dt, mode="c", offset=base + spec["offset"], shape=shape)
             if verify:
-                h.update(memoryview(np.ascontiguousarray(maps[name])).cast("B"))
+                h.update(_raw_bytes(np.ascontiguousarray(maps[name])))
         if verify and h.hexdigest() != header["sha256"]:
             raise ValueError(f"path: {path} is damaged (the arrays do not match the header's sha256)")
         self = cls.__new__(cls)
@@ -1056,15 +1104,23 @@ class Index:
         return self
 
 
-def pairs_above(x, threshold: float, out, *, metric: str = "cosine", dtype: Any = torch.float32,
+def pairs_above(x, threshold: float, out, *, metric: str | None = None, dtype: Any = None,
                 progress: bool = False) -> dict:
     """Every pair i < j of x (N, D) with similarity >= threshold (cosine, dot; distance <=
     threshold for l2), decided on exact float64 values, streamed to .npy shards in the folder
     `out` with a manifest; memory does not grow with the number of pairs. A rerun on the same
     input and threshold continues an unfinished folder (finished rows are not recomputed) or
     returns at once; another input is refused. Read the pairs back with `embgeom.read_pairs`.
+    metric (default "cosine") and dtype (default torch.float32) are x's own when x is an Index.
     Returns the manifest (dict: count, shards, n, metric, threshold, complete, ...)."""
+    if isinstance(x, Index):
+        if metric is not None and validation.choice(metric, "metric", METRICS) != x.metric:
+            raise ValueError(f"metric: x is an Index of metric {x.metric!r}, which applies; got {metric!r}")
+        if dtype is not None and _dtype(dtype) != x.dtype:
+            raise ValueError(f"dtype: x is an Index of dtype {x.dtype}, which applies; got {dtype!r}")
+        return x.pairs_above(threshold, out, progress=progress)
     # a temporary index reads x where it lies (memory stays ~ the input plus one score block or
     # one engine chunk: 1,895 MB peak for a 1,536 MB input of 1,000,000 x 384)
-    x = x if isinstance(x, Index) else Index(x, metric=metric, dtype=dtype, copy=False)
-    return x.pairs_above(threshold, out, progress=progress)
+    with validation.renamed(corpus="x"):
+        index = Index(x, metric=metric or "cosine", dtype=torch.float32 if dtype is None else dtype, copy=False)
+    return index.pairs_above(threshold, out, progress=progress)

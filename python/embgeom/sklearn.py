@@ -1,5 +1,5 @@
 """`embgeom.sklearn.NearestNeighbors`: scikit-learn's brute-force NearestNeighbors (fit,
-kneighbors, radius_neighbors) for metric "euclidean" and "cosine" on an embgeom Index, with
+kneighbors, radius_neighbors, kneighbors_graph, radius_neighbors_graph) for metric "euclidean" and "cosine" on an embgeom Index, with
 scikit-learn's estimator conventions (parameters in __init__, learned state in attributes
 ending in "_", validate_data, check_is_fitted). scikit-learn is imported with this module.
 
@@ -109,3 +109,37 @@ class NearestNeighbors(BaseEstimator):
                 d_q, i_q = d_q[mine], i_q[mine]
             out_d[q], out_i[q] = d_q, i_q
         return (out_d, out_i) if return_distance else out_i
+
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+        """scipy.sparse CSR (Q, n_samples_fit): each query's k neighbours, 1.0
+        (mode="connectivity") or their distances (mode="distance", zeros kept as entries), as
+        scikit-learn's; X=None: the fitted rows, each not its own neighbour."""
+        _graph_mode(mode)
+        dist, ids = self.kneighbors(X, n_neighbors, return_distance=True)
+        Q, k = ids.shape
+        data = np.ones(Q * k) if mode == "connectivity" else dist.ravel()
+        return _csr(data, ids.ravel(), np.arange(0, Q * k + 1, k), Q, self.n_samples_fit_)
+
+    def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity", sort_results=False):
+        """scipy.sparse CSR (Q, n_samples_fit) of radius_neighbors: 1.0 or the distances
+        (zeros kept as entries), each query's entries nearest first."""
+        _graph_mode(mode)
+        dist, ids = self.radius_neighbors(X, radius, return_distance=True, sort_results=sort_results)
+        counts = np.array([len(i) for i in ids], dtype=np.int64)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        cols = np.concatenate(list(ids)) if len(ids) else np.zeros(0, np.int64)
+        data = np.ones(len(cols)) if mode == "connectivity" else \
+            (np.concatenate(list(dist)) if len(dist) else np.zeros(0))
+        return _csr(data, cols, indptr, len(ids), self.n_samples_fit_)
+
+
+def _graph_mode(mode) -> None:
+    if mode not in ("connectivity", "distance"):
+        raise ValueError(f"mode: expected 'connectivity' or 'distance', got {mode!r}")
+
+
+def _csr(data, indices, indptr, rows: int, cols: int):
+    from scipy.sparse import csr_matrix
+
+    return csr_matrix((np.asarray(data, np.float64), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
+                      shape=(rows, cols))

@@ -5,6 +5,7 @@ masks of matching shape; backends never re-check.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,9 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
         return x
     if isinstance(x, np.ndarray):
         if x.dtype == np.float64 or x.dtype == np.float32 or x.dtype == np.float16:
-            return torch.from_numpy(x) if x.flags.writeable else torch.from_numpy(x.copy())
+            if not x.flags.writeable or any(st < 0 for st in x.strides):
+                x = x.copy()  # torch takes neither read-only memory nor negative strides (x[::-1])
+            return torch.from_numpy(x)
         raise TypeError(f"{name}: expected a float array, got {_describe(x)}")
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
@@ -71,6 +74,7 @@ def embeddings(x: Any, name: str = "x") -> torch.Tensor:
     """x: (N, D) float -> tensor; as `matrix`, and rejects non-finite rows."""
     x = matrix(x, name)
     check_finite(x, name)
+    fits_float32(x, name)
     return x
 
 
@@ -94,19 +98,48 @@ def product_range(x: torch.Tensor, y: torch.Tensor | None, metric: str) -> None:
     if metric == "cosine":
         return
     nx = max_row_norm(x)
-    ny = nx if y is None else max_row_norm(y)
+    norm_range(nx, nx if y is None else max_row_norm(y), metric, ("x", "y"))
+
+
+def norm_range(nx: float, ny: float, metric: str, names: tuple[str, str]) -> None:
+    """product_range for rows of largest norms nx and ny (named names[0] and names[1]);
+    metric "dot", or "euclidean" / "l2"."""
     # |x.y| <= |x| |y| (Cauchy-Schwarz, also for every partial sum of |x_k y_k|); euclidean forms
     # |x|^2 + |y|^2 - 2 x.y <= (|x| + |y|)^2
-    largest = (nx + ny) ** 2 if metric == "euclidean" else nx * ny
-    name = "x" if y is None or nx >= ny else "y"
+    largest = (nx + ny) ** 2 if metric in ("euclidean", "l2") else nx * ny
+    name = names[0] if nx >= ny else names[1]
     if largest > FLOAT32_MAX / 4:
         raise ValueError(f"{name}: rows with norms up to {max(nx, ny):.3g} make {metric} products up to "
-                         f"{largest:.3g}, beyond float32 ({FLOAT32_MAX:.3g}); scale the rows down (the "
-                         f"statistics scale with them) or use metric='cosine'")
+                         f"{largest:.3g}, beyond float32 ({FLOAT32_MAX:.3g}); scale the rows down (values and "
+                         f"statistics scale with them) or use the cosine")
     if 0 < largest < FLOAT32_TINY * 2.0**24:
         raise ValueError(f"{name}: rows with norms of at most {max(nx, ny):.3g} make {metric} products "
                          f"below float32's normal range ({FLOAT32_TINY:.3g}), where digits are lost; "
-                         "scale the rows up (the statistics scale with them)")
+                         "scale the rows up (values and statistics scale with them)")
+
+
+@contextlib.contextmanager
+def renamed(**names: str):
+    """Errors of the checks inside, `name: ...`, re-raised under the caller's argument names
+    (renamed(corpus="corpus_embeddings")): a drop-in reports its own arguments, not the Index's."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        head, sep, rest = str(e).partition(":")
+        if sep and head in names:
+            raise type(e)(f"{names[head]}:{rest}") from None
+        raise
+
+
+def fits_float32(x: torch.Tensor, name: str) -> None:
+    """ValueError when finite float64 values lie beyond float32's range (they would become
+    infinities in the float32 copy every kernel reads)."""
+    if x.dtype != torch.float64 or x.numel() == 0:
+        return
+    big = float(x.abs().max())
+    if big > FLOAT32_MAX:
+        raise ValueError(f"{name}: values up to {big:.3g} do not fit in float32 (largest {FLOAT32_MAX:.3g}); "
+                         "scale the rows down")
 
 
 def pair_of_embeddings(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -54,17 +54,21 @@ def semantic_search(query_embeddings, corpus_embeddings, query_chunk_size: int =
     sizes are accepted for compatibility (the index blocks its own scan)."""
     validation.positive_int(query_chunk_size, "query_chunk_size", allow_zero=False)
     validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
-    top_k = validation.positive_int(top_k, "top_k", allow_zero=False)
+    top_k = validation.positive_int(top_k, "top_k")
     corpus = _tensor(corpus_embeddings, "corpus_embeddings")
     queries = _tensor(query_embeddings, "query_embeddings")
-    index = Index(corpus, metric=_metric(score_function), copy=False)  # (read during this call only)
-    width = min(top_k, max(1, index.ntotal))
-    same = queries is corpus or (queries.shape == corpus.shape and queries.dtype == corpus.dtype
-                                 and torch.equal(queries, corpus))
-    if same and corpus.dtype == torch.float32 and corpus.device == index.device:
-        scores, ids = index.search_stored(width)  # every row against all: half the products
-    else:
-        scores, ids = index.search(queries.to(index.device), width)
+    with validation.renamed(corpus="corpus_embeddings", queries="query_embeddings"):
+        index = Index(corpus, metric=_metric(score_function), copy=False)  # (read during this call only)
+        if top_k == 0:  # sentence-transformers' answer: an empty list per query
+            index.search(queries.to(index.device), 1)  # (the queries checked as for any top_k)
+            return [[] for _ in range(queries.shape[0])]
+        width = min(top_k, max(1, index.ntotal))
+        same = queries is corpus or (queries.shape == corpus.shape and queries.dtype == corpus.dtype
+                                     and torch.equal(queries, corpus))
+        if same and corpus.dtype == torch.float32 and corpus.device == index.device:
+            scores, ids = index.search_stored(width)  # every row against all: half the products
+        else:
+            scores, ids = index.search(queries.to(index.device), width)
     # numpy's tolist: torch's took 0.4 s for 30,522 x 11
     with _no_gc():
         return [[{"corpus_id": i, "score": s} for s, i in zip(s_row, i_row) if i >= 0]
@@ -81,7 +85,8 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
     max_pairs = validation.positive_int(max_pairs, "max_pairs", allow_zero=False)
     top_k = validation.positive_int(top_k, "top_k", allow_zero=False)
     x = _tensor(embeddings, "embeddings")
-    index = Index(x, metric=_metric(score_function))
+    with validation.renamed(corpus="embeddings"):
+        index = Index(x, metric=_metric(score_function))
     n = index.ntotal
     if n < 2:
         return []
@@ -281,4 +286,5 @@ def community_detection(embeddings, threshold: float = 0.75, min_community_size:
         return []
     if isinstance(x, torch.Tensor) and x.numel() == 0:
         return []
-    return communities(_tensor(x, "embeddings"), threshold, min_community_size, batch_size)
+    with validation.renamed(x="embeddings"):
+        return communities(_tensor(x, "embeddings"), threshold, min_community_size, batch_size)
