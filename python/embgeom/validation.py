@@ -136,7 +136,12 @@ def fits_float32(x: torch.Tensor, name: str) -> None:
     infinities in the float32 copy every kernel reads)."""
     if x.dtype != torch.float64 or x.numel() == 0:
         return
-    big = float(x.abs().max())
+    rows = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
+    step = max(1, (1 << 22) // max(1, rows.shape[1]))  # chunks: no full-size temporary
+    big = 0.0
+    for a in range(0, rows.shape[0], step):
+        lo, hi = torch.aminmax(rows[a:a + step])
+        big = max(big, -float(lo), float(hi))
     if big > FLOAT32_MAX:
         raise ValueError(f"{name}: values up to {big:.3g} do not fit in float32 (largest {FLOAT32_MAX:.3g}); "
                          "scale the rows down")
