@@ -78,7 +78,7 @@ def test_pairs_reads_pt_and_safetensors(tmp_path):
     ("ok", ["pairs", "{t}/x.npy", "--metric", "dot"], "range: required"),
     ("ok", ["pairs", "{t}/x.npy", "--range", "1", "0"], "lo < hi"),
     ("ok", ["pairs", "{t}/x.npy", "--topk", "-1"], "topk"),
-    ("garbage", ["pairs", "{t}/x.npy"], "cannot read"),
+    ("garbage", ["pairs", "{t}/x.npy"], "is not a .npy file"),
     ("ok", ["pairs", "{t}/x.npy", "--backend", "cuda"], "cannot run"),
 ])
 def test_pairs_errors_are_clear(tmp_path, capsys, setup, args, message):

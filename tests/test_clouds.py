@@ -310,7 +310,7 @@ def test_text_bad_labels(tiny_bert_dir, tmp_path, capsys):
     (tmp_path / "l.txt").write_text("one\n")
     assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir,
                  "--labels", str(tmp_path / "l.txt")]) == 2
-    assert "has 1 labels, expected 2" in capsys.readouterr().err
+    assert "has 1 lines, expected 2" in capsys.readouterr().err
 
 
 def test_helix_period_and_curves():
@@ -355,3 +355,25 @@ def test_vocab_position_geometry(tiny_bert_dir, tiny_bert, tmp_path):
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
     assert sn["matched"]["offset_profile"][3] == pytest.approx(np.diagonal(u @ u.T, 3).mean())
     assert main(["vocab", "--model", tiny_bert_dir, "--out", str(out), "--positions", "9:3"]) == 2
+
+
+def test_project_cli_refuses_options_its_method_ignores(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32))
+    x = str(tmp_path / "x.npy")
+    for flags, message in ((["--method", "pca", "--k", "4"], "--k: only for --method umap"),
+                           (["--method", "umap", "--perplexity", "4"], "--perplexity: only for --method tsne"),
+                           (["--method", "pca", "--depth", "1"], "--depth: X is (12, 5)")):
+        assert main(["project", x, "--out", str(tmp_path / "o"), "--quiet"] + flags) == 2, flags
+        assert message in capsys.readouterr().err
+    (tmp_path / "bad.npy").write_bytes(b"not numpy")
+    assert main(["project", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "is not a .npy file (no NumPy header)" in capsys.readouterr().err
+
+
+def test_project_degenerate_inputs():
+    from embgeom.analysis.clouds.projection import project
+
+    with pytest.raises(ValueError, match="t-SNE is undefined for these rows: all 20 point in one direction"):
+        project(np.ones((20, 4), np.float32), method="tsne")
+    p = project(np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32), method="umap")
+    assert p.embedding.shape == (3, 2) and np.isfinite(p.embedding).all()

@@ -175,3 +175,26 @@ def test_label_option_errors(tiny_bert_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and word in err[0], (flags, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_label_files_as_editors_write_them(tiny_bert_dir, tmp_path, capsys):
+    """A byte-order mark is not part of the first label, blank lines at the end are no labels, a
+    blank line between labels is refused (it would shift every later label), and one class only
+    or a --class-maps length no text has get a note."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b\nc d\n", encoding="utf-8")
+    base = ["text", str(corpus), "--model", tiny_bert_dir, "--no-progress"]
+    lab = tmp_path / "bom.txt"
+    lab.write_bytes("\ufeffx\ny\n\n\n".encode("utf-8"))
+    assert main(base + ["--out", str(tmp_path / "o1"), "--labels", str(lab), "--class-maps", "40"]) == 0
+    rep = json.loads((tmp_path / "o1" / "report.json").read_text())
+    assert rep["groups"]["labels"] == ["x", "y"] and sorted(rep["by_label"]) == ["x", "y"]
+    assert "no text has 40 real tokens" in capsys.readouterr().err
+    gap = tmp_path / "gap.txt"
+    gap.write_text("x\n\ny\n", encoding="utf-8")
+    assert main(base + ["--out", str(tmp_path / "o2"), "--labels", str(gap)]) == 2
+    assert "--labels: " in capsys.readouterr().err
+    one = tmp_path / "one.txt"
+    one.write_text("x\nx\n", encoding="utf-8")
+    assert main(base + ["--out", str(tmp_path / "o3"), "--labels", str(one)]) == 0
+    assert "the labels name one class" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -60,8 +61,11 @@ def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content,message", [
+    (b"fine\n\xc3\x28 broken\n", "CORPUS: "),
     (b"fine\n\xc3\x28 broken\n", "line 2 is not UTF-8"),
     (b"", "empty corpus"),
+    (b"One.\tTwo.\tThree.\nA dog.\n", "text 1 (blank lines not counted): a text with a TAB is a sentence pair "
+                                      "A<TAB>B; this one has 2 TABs"),
 ])
 def test_cli_bad_corpus(tiny_bert_dir, tmp_path, capsys, content, message):
     corpus = tmp_path / "c.txt"
@@ -76,11 +80,13 @@ def test_cli_bad_corpus(tiny_bert_dir, tmp_path, capsys, content, message):
     (["--model", "/nonexistent/model"], "model: no such directory: /nonexistent/model"),
     (["--batch-size", "0"], "--batch-size"),
     (["--pairs", "/nonexistent/pairs.jsonl"], "--pairs: no such file"),
+    (["--theta", "0.5"], "--theta: needs --class-maps N"),
+    (["--out", ""], "--out: expected a folder path, got an empty one"),
 ])
 def test_cli_bad_options(tiny_bert_dir, tmp_path, capsys, args, message):
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat .\n", encoding="utf-8")
-    argv = ["text", str(corpus), "--out", str(tmp_path / "o")] + args
+    argv = ["text", str(corpus)] + (["--out", str(tmp_path / "o")] if "--out" not in args else []) + args
     if "--model" not in args:
         argv += ["--model", tiny_bert_dir]
     assert main(argv) == 2
@@ -103,6 +109,8 @@ def test_cli_heads_extras(tiny_bert_dir, tmp_path, capsys):
     assert "profile:" in err and "clark js" in err and "gaussianity" in err
     report = json.loads((out / "report.json").read_text())
     ah = report["attention_heads"]
+    share = torch.tensor(ah["directionality"]["positive_cos_share"], dtype=torch.float64)
+    assert bool(((share >= 0) & (share <= 1)).all())  # a share of each row's own mass
     L, H = 2, 4
     assert len(ah["js_divergence"]) == L * H and len(ah["mds"]) == L * H and len(ah["mds"][0]) == 2
     for key in ("clark_entropy", "cls_entropy", "sep_to_sep", "value_entropy"):
@@ -244,3 +252,22 @@ def test_layer_summaries_kernel_equals_torch_path(T, cpu_cap, monkeypatch):
         torch.testing.assert_close(strided[0][key], got[0][key], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1].double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[2], want[2].double(), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_refuses_a_checkpoint_missing_layers(tiny_bert_dir, tmp_path, capsys):
+    """A config with more layers than the weights hold: transformers would initialise the rest at
+    random; the command refuses in one line instead."""
+    model = tmp_path / "m"
+    model.mkdir()
+    for f in os.listdir(tiny_bert_dir):
+        os.symlink(os.path.join(tiny_bert_dir, f), model / f)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").unlink()
+    cfg["num_hidden_layers"] += 1
+    (model / "config.json").write_text(json.dumps(cfg))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat .\n", encoding="utf-8")
+    assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", str(model), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "weight(s) missing from the checkpoint" in err[0] and "encoder.layer." in err[0]
+    assert not (tmp_path / "o").exists()

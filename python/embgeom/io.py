@@ -175,6 +175,8 @@ def check_output_folder(out: str, name: str = "--out") -> str:
     """The absolute path of a report folder about to be written; ValueError (one line) when it
     names a file, or a folder holding files that no embgeom run sealed (they are never
     replaced). Commands call it before their work; output_folder calls it again."""
+    if not str(os.fspath(out)).strip():
+        raise ValueError(f"{name}: expected a folder path, got an empty one")
     path = os.path.normpath(os.path.abspath(os.fspath(out)))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{name}: {out} is a file, expected a folder")
@@ -312,6 +314,10 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"{name}: unsupported file type {suffix!r} for {path} (expected one of {', '.join(SUFFIXES)})")
+    if suffix == ".npy":
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":  # else numpy calls any non-.npy bytes "pickled data"
+                raise ValueError(f"{name}: {path} is not a .npy file (no NumPy header)")
     try:
         if suffix == ".npy":
             obj = np.load(path, mmap_mode="r", allow_pickle=False)

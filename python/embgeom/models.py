@@ -22,6 +22,8 @@ def resolve_model(name_or_path: str | None) -> str:
         return default_model_path()
     looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
     if looks_local and not os.path.isdir(name_or_path):
+        if os.path.exists(name_or_path):
+            raise ValueError(f"model: {name_or_path} is a file, expected a model directory")
         raise ValueError(f"model: no such directory: {name_or_path}")
     return name_or_path
 
@@ -43,6 +45,20 @@ def refuse_custom_code(path: str) -> None:
 def first_line(exc: Exception) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def refuse_missing_weights(name_or_path, info: dict, classifier: bool) -> None:
+    """ValueError when the checkpoint lacks weights the model has (or has them in another shape):
+    transformers would initialise them at random and every number after them would mean
+    nothing. The pooler alone may be missing (no analysis reads it), unless nothing else is."""
+    missing = sorted(set(info.get("missing_keys") or ()) | {str(k[0]) if isinstance(k, tuple) else str(k)
+                                                            for k in info.get("mismatched_keys") or ()})
+    needed = [k for k in missing if classifier or not k.split(".")[0] == "pooler"]
+    if needed:
+        groups = sorted({".".join(k.split(".")[:3]) for k in needed})
+        shown = ", ".join(groups[:6]) + (f" and {len(groups) - 6} more" if len(groups) > 6 else "")
+        raise ValueError(f"model: {name_or_path!r}: {len(needed)} weight(s) missing from the checkpoint or of "
+                         f"another shape ({shown}); they would be random, so the model is refused")
 
 
 def load_model(name_or_path: str | None = None, *, device=None, classifier: bool = False):
@@ -70,6 +86,8 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its table of missing weights: refused below in one line
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         if classifier:
@@ -77,20 +95,23 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
 
             archs = getattr(AutoConfig.from_pretrained(path, **kwargs), "architectures", None) or []
             if not any(a.endswith("ForSequenceClassification") for a in archs):
-                raise ValueError(f"--correct-only: model {name_or_path!r} has no sequence-classification "
+                raise ValueError(f"--correct-only: model {name_or_path or DEFAULT_MODEL!r} has no sequence-classification "
                                  f"head (architectures {archs or 'unknown'})")
             auto = AutoModelForSequenceClassification
         else:
             auto = AutoModel
-        model = auto.from_pretrained(path, attn_implementation="eager", use_safetensors=True, **kwargs)
+        model, info = auto.from_pretrained(path, attn_implementation="eager", use_safetensors=True,
+                                           output_loading_info=True, **kwargs)
+        refuse_missing_weights(name_or_path, info, classifier)
     except SafetensorError as exc:
         raise ValueError(f"model: cannot load {name_or_path!r}: its .safetensors weights are truncated or "
                          f"corrupt ({first_line(exc)})") from None
     except (OSError, ValueError) as exc:
-        if str(exc).startswith("--correct-only"):
+        if str(exc).startswith(("--correct-only", "model: ")):
             raise
         raise ValueError(f"model: cannot load {name_or_path!r}: {first_line(exc)}") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
     model.eval()

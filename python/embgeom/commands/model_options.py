@@ -18,7 +18,7 @@ def device_option(text: str):
 
 def add_model_options(p, *, batch_size: int | None = None, max_length_help: str | None = None) -> None:
     """--model and --device; with batch_size, also --batch-size (that default), --max-length
-    (max_length_help says what a longer input does) and --no-progress."""
+    (max_length_help says what a longer input does). --quiet / --no-progress: add_quiet_option."""
     p.add_argument("--model", default=None, help="Hugging Face name or local path (default: the bundled "
                    "all-MiniLM-L6-v2)")
     p.add_argument("--device", default=None, type=device_option, help="torch device (default: cpu)")
@@ -28,12 +28,12 @@ def add_model_options(p, *, batch_size: int | None = None, max_length_help: str 
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--max-length", type=int, default=None, help=f"{max_length_help} "
                    "(default: the model's maximum)")
-    p.add_argument("--no-progress", action="store_true", help="the same as --quiet")
 
 
 def add_quiet_option(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (progress is shown only "
                    "when stderr is a terminal; the last line, notes and errors are always printed)")
+    p.add_argument("--no-progress", action="store_true", help="the same as --quiet")
 
 
 def progress_for(args, prefix: str):

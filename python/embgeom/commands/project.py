@@ -13,16 +13,32 @@ from ..report.projection_page import write_outputs
 from .model_options import add_quiet_option, progress_for
 
 
+DEFAULT_K = 15
+DEFAULT_PERPLEXITY = 30.0
+
+
+def check_method_options(args) -> None:
+    """--k is UMAP's, --perplexity t-SNE's: given to another method they would be ignored, so they
+    are refused; the defaults are filled in."""
+    for option, value, method in (("--k", args.k, "umap"), ("--perplexity", args.perplexity, "tsne")):
+        if value is not None and args.method != method:
+            raise ValueError(f"{option}: only for --method {method}, got --method {args.method}")
+    args.k = DEFAULT_K if args.k is None else args.k
+    args.perplexity = DEFAULT_PERPLEXITY if args.perplexity is None else args.perplexity
+
+
 def add_arguments(p) -> None:
     p.add_argument("x", metavar="X", help=".npy, .pt or .safetensors file of shape (N, D), or "
                    "(N, L+1, D) such as `embgeom text --keep cls`'s cls.npy (see --depth)")
-    p.add_argument("--depth", type=int, default=-1, help="for an (N, L+1, D) input: the depth to "
+    p.add_argument("--depth", type=int, default=None, help="for an (N, L+1, D) input: the depth to "
                    "project (0 = embedding output, l = output of layer l; default: the last)")
     p.add_argument("--labels", metavar="FILE", help="one label per line, aligned with the rows")
     p.add_argument("--texts", metavar="FILE", help="one text/token per line, shown on hover in the HTML")
     p.add_argument("--method", default="umap", choices=["umap", "tsne", "pca"])
-    p.add_argument("--k", type=int, default=15, help="UMAP neighbours besides the point itself")
-    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (k = 3 x perplexity)")
+    p.add_argument("--k", type=int, default=None, help="UMAP neighbours besides the point itself "
+                   f"(default {DEFAULT_K})")
+    p.add_argument("--perplexity", type=float, default=None, help="t-SNE perplexity (k = 3 x perplexity; "
+                   f"default {DEFAULT_PERPLEXITY:g})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="all-pairs backend for the graph (default: auto)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
@@ -36,6 +52,7 @@ def main(args) -> int:
     from ..io import check_complete, check_output_folder, load_matrix, output_folder
     from ..provenance import Provenance
 
+    check_method_options(args)
     prov = Provenance(args, inputs={"X": args.x, "--labels": args.labels, "--texts": args.texts}, seed=args.seed)
     prog = progress_for(args, "embgeom project")
     check_output_folder(args.out)
@@ -43,14 +60,17 @@ def main(args) -> int:
     x = load_matrix(args.x, "X")
     prov.extra["input"] = {"file": os.path.abspath(args.x), "shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
     if x.dim() == 3:
-        if not -x.shape[1] <= args.depth < x.shape[1]:
+        want = -1 if args.depth is None else args.depth
+        if not -x.shape[1] <= want < x.shape[1]:
             raise ValueError(f"--depth: expected -{x.shape[1]} .. {x.shape[1] - 1}, got {args.depth}")
-        depth = args.depth % x.shape[1]
+        depth = want % x.shape[1]
         prov.extra["depth"] = depth
         prov.extra["depth_rule"] = (f"depth {depth} of {x.shape[1] - 1}: 0 = embedding output, l = output of "
                                     "layer l (the input's second axis)")
         x = x[:, depth].contiguous()
     else:
+        if args.depth is not None:
+            raise ValueError(f"--depth: X is {tuple(x.shape)}, not (N, L+1, D): it has no depths to pick")
         prov.extra["depth"] = None
     if x.dim() != 2:
         raise ValueError(f"X: expected (N, D) or (N, L+1, D), got {tuple(x.shape)}")

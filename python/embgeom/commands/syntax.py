@@ -54,10 +54,14 @@ def main(args) -> int:
                   "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
                   "syntax": block}
         finish_report(out, report, prov, prog, lambda: write_syntax_report(out, report))
+    if block["skipped_too_long"]:
+        print(f"embgeom syntax: note: {fmt(block['skipped_too_long'])} sentences longer than the model's "
+              f"maximum{' (--max-length)' if args.max_length else ''} were skipped (report.json "
+              "syntax.skipped_too_long)", file=sys.stderr)
     a = block["all"]
     print(f"embgeom syntax: {fmt(block['n_sentences'])} sentences, {fmt(block['n_words'])} words in "
-          f"{seconds(prov.seconds())} (forward passes {seconds(block['seconds'])}); best head overall L{a['best'][0]} h{a['best'][1]} "
-          f"{a['best'][2]} {a['accuracy']:.3f} (offset {a['offset_baseline']['offset']:+d}: "
+          f"{seconds(prov.seconds())} (forward passes {seconds(block['seconds'])}); best head overall "
+          f"{'L{} h{} {}'.format(*a['best']) if a['best'] else 'none'} {a['accuracy']:.3f} (offset {a['offset_baseline']['offset']:+d}: "
           f"{a['offset_baseline']['accuracy']:.3f}) -> {os.path.join(args.out, 'report.html')}",
           file=sys.stderr)
     if "probe" in block:

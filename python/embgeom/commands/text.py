@@ -24,6 +24,8 @@ from ..report.definitions import defined
 from ..report.text_page import group_plots, pair_plot, trajectory_plots, write_report
 from .model_options import add_model_options, check_batch_size, finish_report, progress_for
 
+DEFAULT_THETA = 0.01  # --theta: class-mean map entries below it are hidden in the heat maps
+
 
 
 def add_arguments(p) -> None:
@@ -43,7 +45,7 @@ def main(args) -> int:
 
     from ..analysis.text.inputs import read_labels, read_lines, read_pairs
     from ..analysis.text.labelled import CLASS_MAPS_FILE, ClassMaps, LabelSplit, predict_labels
-    from ..analysis.text.trace import cls_differences, model_max_length, trace
+    from ..analysis.text.trace import cls_differences, model_max_length, split_pair, trace
     from ..report.head_sections import class_maps_section
     from ..models import DEFAULT_MODEL, load_model
     from ..provenance import Provenance
@@ -55,7 +57,13 @@ def main(args) -> int:
     check_batch_size(args)
     check_output_folder(args.out)
     # the whole file is read (UTF-8 to the last line, not empty) before the model loads
-    n_texts = sum(1 for _ in read_lines(args.corpus))
+    n_texts = 0
+    for n_texts, line in enumerate(read_lines(args.corpus, "CORPUS"), 1):  # every line checked before the model loads
+        try:
+            split_pair(line, n_texts - 1)
+        except ValueError as exc:
+            raise ValueError(f"CORPUS: {args.corpus} text {n_texts} (blank lines not counted): "
+                             f"{str(exc).split(': ', 1)[1]}") from None
     if n_texts == 0:
         raise ValueError(f"CORPUS: {args.corpus} has no non-blank line (empty corpus)")
     pairs = read_pairs(args.pairs) if args.pairs else None
@@ -68,7 +76,7 @@ def main(args) -> int:
     labels = read_labels(args.labels, n_texts) if args.labels else None
     parse_show_texts(args.show_texts, n_texts)  # ids and the regex checked before the model loads
     check_label_options(args)
-    texts = list(read_lines(args.corpus)) if args.correct_only else None
+    texts = list(read_lines(args.corpus, "CORPUS")) if args.correct_only else None
     with output_folder(args.out, command="text") as out:
         with prog.phase("loading the model"):
             model, tokenizer = load_model(args.model, device=args.device, classifier=args.correct_only)
@@ -126,7 +134,7 @@ def main(args) -> int:
         report["provenance"] = prov.record()  # the footer of the scatter pages finish() writes
         with prog.phase("kept vectors (groups, trajectories)"):
             extra = finish(args, out, keeper, report, pairs, labels,
-                           lambda: texts if texts is not None else list(read_lines(args.corpus)))
+                           lambda: texts if texts is not None else list(read_lines(args.corpus, "CORPUS")))
             if class_maps is not None:
                 extra.append(class_maps_section(out, report["class_maps"], class_maps.means(), args.theta))
         def page():
@@ -136,6 +144,12 @@ def main(args) -> int:
         finish_report(out, report, prov, prog, page)
     if args.profile:
         extras.print_profile(result.seconds)
+    if class_maps is not None and not any(report["class_maps"]["texts"].values()):
+        print(f"embgeom text: note: no text has {args.class_maps} real tokens: no class-mean maps "
+              "(--class-maps N counts [CLS] and [SEP])", file=sys.stderr)
+    if labels is not None and len(set(labels)) < 2:
+        print("embgeom text: note: the labels name one class: between-class numbers (silhouettes, "
+              "between cosines) need two and are null", file=sys.stderr)
     print(f"embgeom text: {fmt(result.n_texts)} texts, {fmt(result.n_tokens)} tokens in {seconds(prov.seconds())} "
           f"(forward passes {seconds(result.seconds)}) -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0
@@ -152,8 +166,9 @@ def add_keep_arguments(p) -> None:
     p.add_argument("--class-maps", type=int, default=0, metavar="N",
                    help="with --labels: class-mean attention maps of the texts with N real tokens "
                         "([SEP] rows and columns zeroed; class_maps.npz, heat maps)")
-    p.add_argument("--theta", type=float, default=0.01, metavar="X",
-                   help="entries of the class-mean maps below X are hidden in the heat maps (default 0.01)")
+    p.add_argument("--theta", type=float, default=None, metavar="X",
+                   help="with --class-maps: entries of the class-mean maps below X are hidden in the heat "
+                        f"maps (default {DEFAULT_THETA})")
     p.add_argument("--correct-only", action="store_true",
                    help="with --labels and a model with a sequence-classification head: analyse only "
                         "the texts whose predicted class (id2label) equals their label")
@@ -169,6 +184,10 @@ def check_label_options(args) -> None:
         raise ValueError(f"--class-maps: expected a text length >= 2 tokens, got {args.class_maps}")
     if args.correct_only and not args.labels:
         raise ValueError("--correct-only: needs --labels FILE")
+    if args.theta is not None and not args.class_maps:
+        raise ValueError("--theta: needs --class-maps N (it hides entries of the class-mean maps)")
+    if args.theta is None:
+        args.theta = DEFAULT_THETA
     if not math.isfinite(args.theta) or not 0.0 <= args.theta <= 1.0:
         raise ValueError(f"--theta: expected 0 <= X <= 1, got {args.theta}")
     if args.matrices_texts is not None and not args.matrices:

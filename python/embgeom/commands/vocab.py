@@ -37,13 +37,13 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
     from ..models import DEFAULT_MODEL, load_model
     from ..provenance import Provenance
 
-    from ..analysis.vocab.positions import parse_range
+    from ..analysis.vocab.positions import UNKNOWN_SIZE, parse_range
 
     prov = provenance or Provenance(seed=seed)
     prov.seed = seed
     timer = PhaseTimer(progress)
     check_output_folder(out_dir)
-    parse_range(positions, 1 << 62)  # its form before the model loads; its bounds right after
+    parse_range(positions, UNKNOWN_SIZE)  # its form before the model loads; its bounds right after
     with output_folder(out_dir, command="vocab") as out:
         with timer("model_load"):
             model, tokenizer = load_model(model_name, device=device)

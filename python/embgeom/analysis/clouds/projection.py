@@ -178,6 +178,9 @@ class Projection:
         return out
 
 
+SPECTRAL_MIN_ROWS = 8  # up to this many rows UMAP starts from random positions (umap_layout)
+
+
 def umap_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, seed: int = 0, **kwargs) -> np.ndarray:
     """UMAP of x (N, D) on a precomputed cosine graph (idx, sim: (N, k), self excluded)."""
     umap = _require("umap", "umap-learn")
@@ -192,6 +195,12 @@ def umap_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, seed: int = 
         # no NNDescent search index: only `transform` of new points is unavailable
         warnings.filterwarnings("ignore", message=".*knn_search_index.*")
         warnings.filterwarnings("ignore", message=".*n_jobs value 1 overridden.*")
+        # k = N - 1 (every other row a neighbour): the graph holds them all, self included
+        warnings.filterwarnings("ignore", message=".*n_neighbors is larger than the dataset size.*")
+        # UMAP's spectral initialisation asks scipy for dim + 1 = 3 eigenvectors of the graph,
+        # which needs more rows than that; a handful of rows start from random positions
+        if n <= SPECTRAL_MIN_ROWS:
+            kwargs.setdefault("init", "random")
         reducer = umap.UMAP(n_neighbors=k + 1, metric="cosine", random_state=seed,
                             precomputed_knn=(knn_i, knn_d), **kwargs)
         return reducer.fit_transform(x).astype(np.float32)
@@ -358,6 +367,10 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
         with prog.phase(f"exact {k}-neighbour graph of {n} rows"):
             idx, sim, out.knn_seconds = exact_knn(x, k, backend=backend)
         out.k, out.indices, out.similarities = k, idx, sim
+        if method == "tsne" and bool((np.asarray(sim) >= 1.0 - 1e-6).all()):
+            # every neighbour distance 0: no perplexity can be calibrated (openTSNE gives NaN)
+            raise ValueError(f"x: t-SNE is undefined for these rows: all {n} point in one direction "
+                             "(every neighbour distance is 0)")
         with prog.phase("UMAP layout" if method == "umap" else "t-SNE layout"):
             if method == "umap":
                 out.embedding = umap_layout(xm, idx, sim, seed=seed)
@@ -366,6 +379,8 @@ def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float
 
                 out.embedding = tsne_layout(xm, idx, sim, perplexity=out.perplexity,
                                             seed=seed, n_jobs=n_jobs or os.cpu_count() or 1)
+    if not np.isfinite(out.embedding).all():
+        raise ValueError(f"x: the {method} layout of these rows is undefined: it came out NaN")
     out.seconds = time.perf_counter() - start
     if labels is not None:
         # float64 distances: the original space's cosine distances of a near-collinear cloud, and

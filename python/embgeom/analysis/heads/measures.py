@@ -412,7 +412,11 @@ class HeadsAccumulator:
         kh = kv.view(B, T, H, d).transpose(1, 2)
         pos = (qh @ kh.transpose(-1, -2)) > 0                                  # cos > 0 <=> q.k > 0
         qr = mask.double()[:, None, :]
-        share = (a * pos).sum(-1).double()
+        # the share of each row's own mass, in float64: float32 rows sum to 1 only to rounding,
+        # so a share of the unnormalised sum could pass 1
+        a64 = a.double()
+        total = a64.sum(-1)
+        share = (a64 * pos).sum(-1) / torch.where(total > 0, total, torch.ones_like(total))
         s["positive_share"][l] += (share * qr).sum(dim=(0, 2))
         qn = torch.linalg.vector_norm(qh.double(), dim=-1)                     # (B, H, T)
         rho = spearman(qn, raw, mask[:, None, :].expand(B, H, T))

@@ -95,7 +95,7 @@ def read_mentions(path: str) -> list[Document]:
     if not os.path.isfile(path):
         raise ValueError(f"MENTIONS: no such file: {path}")
     docs = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -26,7 +26,7 @@ def read_conllu(path: str) -> list[Sentence]:
     if not os.path.isfile(path):
         raise ValueError(f"TREEBANK: no such file: {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # (a leading byte-order mark is not part of the first line)
         try:
             for number, sent in enumerate(conllu.parse_incr(f), 1):
                 where = f"TREEBANK: {path} sentence {number}" + (

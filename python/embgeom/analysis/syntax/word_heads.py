@@ -196,7 +196,8 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
                 offset_ok[o_i, :R].index_add_(0, rel_flat, hit.double().reshape(-1))
                 offset_ok[o_i, R] += hit.sum()
     if total[R] == 0:
-        raise ValueError("TREEBANK: no sentence fits the model's maximum length")
+        raise ValueError(f"TREEBANK: no sentence fits in {limit} tokens ([CLS] and [SEP] included; "
+                         f"{'--max-length' if max_length else 'the model maximum'})")
     acc = correct / total.clamp(min=1)                                     # (K, 2, R+1)
     off = offset_ok / total.clamp(min=1)
 
@@ -205,7 +206,8 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
         best = int(flat.argmax())                                          # first best
         k, d = divmod(best, 2)
         o = int(off[:, r].argmax())
-        return {"count": int(total[r]), "best": [k // H + 1, k % H, DIRECTIONS[d]],
+        # no head right on any word (root: no head predicts ROOT): no best head to name
+        return {"count": int(total[r]), "best": [k // H + 1, k % H, DIRECTIONS[d]] if flat[best] > 0 else None,
                 "accuracy": float(flat[best]),
                 "offset_baseline": {"offset": OFFSETS[o], "accuracy": float(off[o, r])}}
 

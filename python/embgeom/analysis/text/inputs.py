@@ -10,20 +10,27 @@ from typing import Iterator
 
 
 # ----------------------------------------------------------------------------------- inputs
-def read_lines(path: str) -> Iterator[str]:
-    """Non-blank lines of a UTF-8 file, stripped of the line break (a clear error otherwise)."""
+def _all_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
+    """(number, line) of every line of a UTF-8 file, without its line break and without a
+    leading byte-order mark (editors on Windows write one; it is not part of the first line)."""
     if not os.path.isfile(path):
-        raise ValueError(f"texts: no such file: {path}")
+        raise ValueError(f"{what}: no such file: {path}")
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise ValueError(f"texts: {path} line {number} is not UTF-8 ({exc.reason} at byte "
+                raise ValueError(f"{what}: {path} line {number} is not UTF-8 ({exc.reason} at byte "
                                  f"{exc.start})") from None
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield line
+            yield number, line.rstrip("\r\n")
+
+
+def read_lines(path: str, what: str = "texts") -> Iterator[str]:
+    """Non-blank lines of a UTF-8 file, stripped of the line break (a clear error, naming the
+    argument `what`, otherwise)."""
+    for _, line in _all_lines(path, what):
+        if line.strip():
+            yield line
 
 
 # ---------------------------------------------------------------------- [CLS] differences
@@ -34,7 +41,7 @@ def read_pairs(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise ValueError(f"--pairs: no such file: {path}")
     pairs = []
-    for number, line in enumerate(read_lines(path), 1):
+    for number, line in enumerate(read_lines(path, "--pairs"), 1):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -48,13 +55,19 @@ def read_pairs(path: str) -> list[dict]:
 
 
 def read_labels(path: str, n: int | None = None, what: str = "--labels") -> list[str]:
-    """One label per non-blank line (UTF-8); with n, exactly n of them."""
-    import os
-
-
-    if not os.path.isfile(path):
-        raise ValueError(f"{what}: no such file: {path}")
-    labels = [line.strip() for line in read_lines(path)]
-    if n is not None and len(labels) != n:
-        raise ValueError(f"{what}: {path} has {len(labels)} labels, expected {n} (one per row/text)")
-    return labels
+    """One value per line (UTF-8), aligned with the rows or texts; blank lines at the end of the
+    file are not values. --labels: stripped, and a blank line before the last label is an error
+    (skipping it would shift every later label onto the wrong row); --texts: each line as it is
+    (a blank text is a text). With n, exactly n of them."""
+    lines = [line for _, line in _all_lines(path, what)]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if what != "--texts":
+        lines = [line.strip() for line in lines]
+        blank = [number for number, line in enumerate(lines, 1) if not line]
+        if blank:
+            raise ValueError(f"{what}: {path} line {blank[0]} is blank: one label per line, aligned with "
+                             f"the rows/texts ({len(blank)} blank line(s) before the last label)")
+    if n is not None and len(lines) != n:
+        raise ValueError(f"{what}: {path} has {len(lines)} lines, expected {n} (one per row/text)")
+    return lines

@@ -130,10 +130,13 @@ def mark_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def split_pair(text: str, index: int) -> tuple[str, str | None]:
-    """A text with a TAB is a sentence pair: (first part, rest after the first TAB); else
-    (text, None). Both parts must hold non-blank text."""
+    """A text with a TAB is a sentence pair: (the part before the TAB, the part after it); else
+    (text, None). Both parts must hold non-blank text, and a text holds at most one TAB."""
     if "\t" not in text:
         return text, None
+    if text.count("\t") > 1:
+        raise ValueError(f"texts[{index}]: a text with a TAB is a sentence pair A<TAB>B; this one has "
+                         f"{text.count(chr(9))} TABs: {text[:60]!r}")
     a, b = text.split("\t", 1)
     if not a.strip() or not b.strip():
         raise ValueError(f"texts[{index}]: a text with a TAB is a sentence pair and needs text on both "

@@ -88,6 +88,9 @@ def sinusoidal_section(pos: torch.Tensor, pos_range: tuple[int, int]) -> tuple[d
     return rep, plots
 
 
+UNKNOWN_SIZE = 1 << 62  # parse_range's size before the model (and its table) is loaded
+
+
 def parse_range(text: str | None, size: int) -> tuple[int, int] | None:
     """"A:B" (B exclusive, either side may be empty) -> (A, B) within [0, size], at least
     MIN_POSITIONS long."""
@@ -102,7 +105,8 @@ def parse_range(text: str | None, size: int) -> tuple[int, int] | None:
     except ValueError:
         raise ValueError(f"--positions: expected A:B (e.g. 0:384), got {text!r}") from None
     if not 0 <= a < b <= size:
-        raise ValueError(f"--positions: expected 0 <= A < B <= {size}, got {a}:{b}")
+        bound = f" <= {size}" if size < UNKNOWN_SIZE else ""
+        raise ValueError(f"--positions: expected 0 <= A < B{bound}, got {a}:{parts[1].strip() or 'end'}")
     if b - a < MIN_POSITIONS:
         raise ValueError(f"--positions: expected at least {MIN_POSITIONS} positions, got {a}:{b}")
     return a, b
