@@ -81,6 +81,7 @@ def test_cli_bad_corpus(tiny_bert_dir, tmp_path, capsys, content, message):
     (["--batch-size", "0"], "--batch-size"),
     (["--pairs", "/nonexistent/pairs.jsonl"], "--pairs: no such file"),
     (["--theta", "0.5"], "--theta: needs --class-maps N"),
+    (["--max-length", "1"], "--max-length: expected >= 2"),
     (["--out", ""], "--out: expected a folder path, got an empty one"),
 ])
 def test_cli_bad_options(tiny_bert_dir, tmp_path, capsys, args, message):

@@ -10,7 +10,7 @@ from ..analysis.syntax.treebank import read_conllu
 from ..analysis.syntax.word_heads import syntax_heads
 from ..io import check_output_folder, output_folder
 from ..report.syntax_page import write_syntax_report
-from .model_options import add_model_options, check_batch_size, finish_report, progress_for
+from .model_options import add_model_options, check_run_options, finish_report, progress_for
 
 
 def add_arguments(p) -> None:
@@ -34,7 +34,7 @@ def main(args) -> int:
 
     prov = Provenance(args, inputs={"TREEBANK": args.treebank})
     prog = progress_for(args, "embgeom syntax")
-    check_batch_size(args)
+    check_run_options(args)
     split = probe_split(args)
     check_output_folder(args.out)
     sentences = read_conllu(args.treebank)

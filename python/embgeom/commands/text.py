@@ -22,7 +22,7 @@ from ..io import check_output_folder, output_folder
 from ..report import table_html
 from ..report.definitions import defined
 from ..report.text_page import group_plots, pair_plot, trajectory_plots, write_report
-from .model_options import add_model_options, check_batch_size, finish_report, progress_for
+from .model_options import add_model_options, check_run_options, finish_report, progress_for
 
 DEFAULT_THETA = 0.01  # --theta: class-mean map entries below it are hidden in the heat maps
 
@@ -54,7 +54,7 @@ def main(args) -> int:
     prog = progress_for(args, "embgeom text")
     if not os.path.isfile(args.corpus):
         raise ValueError(f"CORPUS: no such file: {args.corpus}")
-    check_batch_size(args)
+    check_run_options(args)
     check_output_folder(args.out)
     # the whole file is read (UTF-8 to the last line, not empty) before the model loads
     n_texts = 0
