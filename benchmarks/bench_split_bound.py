@@ -28,15 +28,7 @@ import sys
 
 import numpy as np
 
-
-def unit_rows(args) -> np.ndarray:
-    if args.random:
-        x = np.random.default_rng(0).standard_normal((args.random, 384))
-    else:
-        from compare import load
-
-        x = load("minilm").astype(np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from bench_filter_margin import unit_rows  # the same rows: the vocabulary's, or --random N
 
 
 def principal(x: np.ndarray) -> np.ndarray:
