@@ -310,7 +310,7 @@ def test_text_bad_labels(tiny_bert_dir, tmp_path, capsys):
     (tmp_path / "l.txt").write_text("one\n")
     assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir,
                  "--labels", str(tmp_path / "l.txt")]) == 2
-    assert "has 1 lines, expected 2" in capsys.readouterr().err
+    assert "has 1 labels, expected 2" in capsys.readouterr().err
 
 
 def test_helix_period_and_curves():

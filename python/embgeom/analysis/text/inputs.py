@@ -57,17 +57,21 @@ def read_pairs(path: str) -> list[dict]:
 def read_labels(path: str, n: int | None = None, what: str = "--labels") -> list[str]:
     """One value per line (UTF-8), aligned with the rows or texts; blank lines at the end of the
     file are not values. --labels: stripped, and a blank line before the last label is an error
-    (skipping it would shift every later label onto the wrong row); --texts: each line as it is
-    (a blank text is a text). With n, exactly n of them."""
-    lines = [line for _, line in _all_lines(path, what)]
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if what != "--texts":
+    (skipping it would shift every later label onto the wrong row); --texts: the non-blank lines,
+    as the corpus reader counts texts (a corpus is its own --texts file for `embgeom text
+    --keep cls`'s rows). With n, exactly n of them."""
+    if what == "--texts":
+        lines = list(read_lines(path, what))
+    else:
+        lines = [line for _, line in _all_lines(path, what)]
+        while lines and not lines[-1].strip():
+            lines.pop()
         lines = [line.strip() for line in lines]
         blank = [number for number, line in enumerate(lines, 1) if not line]
         if blank:
             raise ValueError(f"{what}: {path} line {blank[0]} is blank: one label per line, aligned with "
                              f"the rows/texts ({len(blank)} blank line(s) before the last label)")
     if n is not None and len(lines) != n:
-        raise ValueError(f"{what}: {path} has {len(lines)} lines, expected {n} (one per row/text)")
+        kind = "non-blank lines" if what == "--texts" else "labels"
+        raise ValueError(f"{what}: {path} has {len(lines)} {kind}, expected {n} (one per row/text)")
     return lines
