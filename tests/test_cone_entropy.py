@@ -35,12 +35,12 @@ def test_cpp_entropy_scalar_path_matches_vector_path(cap, monkeypatch):
     (both variables are read on every call)."""
     _C = pytest.importorskip("embgeom._C")
     torch.manual_seed(1)
-    p = torch.softmax(4 * torch.randn(2, 3, 37, 37), -1)
+    m = torch.ones(2, 37, dtype=torch.bool)
+    m[1, 20:] = False
+    p = torch.softmax((4 * torch.randn(2, 3, 37, 37)).masked_fill(~m[:, None, None, :], -math.inf), -1)
     p[0, 1, 5, :9] = 0.0    # zeros and subnormals: terms that count as 0 ln 0, inside vectors
     p[0, 1, 6, 3:30] = 1e-40  # and in the tail
     p[0, 1, 5:7] /= p[0, 1, 5:7].sum(-1, keepdim=True)
-    m = torch.ones(2, 37, dtype=torch.bool)
-    m[1, 20:] = False
     monkeypatch.setenv("EMBGEOM_CPU", cap)
     assert _C.cpu_info()["entropy"] != "scalar"
     vec = embgeom.attention_entropy(p, m, backend="cpp").row_entropy
@@ -57,3 +57,24 @@ def test_attention_entropy_uniform_baseline():
     got = embgeom.attention_entropy(p, mask)
     assert got.mean.tolist() == pytest.approx([math.log(3)] * 2, abs=1e-6)
     assert got.uniform_baseline.tolist() == pytest.approx([math.log(3)])
+
+
+def test_entropy_mean_of_no_rows_is_nan_and_padded_keys_hold_no_mass():
+    import numpy as np
+
+    r = embgeom.attention_entropy(np.full((1, 2, 3, 3), 1 / 3, np.float32), np.zeros((1, 3), bool))
+    assert all(math.isnan(v) for v in r.mean.tolist())  # as the float64 reference: a mean of nothing
+    with pytest.raises(ValueError, match=r"row \[0, 0, 0\] sums to 0.5 over its unpadded keys"):
+        embgeom.attention_entropy(np.full((1, 1, 2, 2), 0.5, np.float32), np.array([[True, False]]))
+    x = np.random.default_rng(0).standard_normal((1, 4, 3)).astype(np.float32)
+    m = np.array([[True, False, True, True]])
+    assert torch.equal(embgeom.cone_index(x, m[:, ::-1]).index, embgeom.cone_index(x, m[:, ::-1].copy()).index)
+
+
+def test_float64_rows_float32_cannot_hold_are_refused():
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"x: values up to 1e\+300 do not fit in float32"):
+        embgeom.cone_index(np.array([[1e300, 0.0], [0.0, 1e300]]))
+    with pytest.raises(ValueError, match="x: 1 nonzero row\\(s\\) with every value below float32's smallest normal"):
+        embgeom.pairwise_stats(np.array([[1e-300, 0.0], [1.0, 1.0], [0.0, 1.0]]))

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -607,12 +608,15 @@ def test_attention_rows_must_be_distributions():
     with pytest.raises(ValueError, match=r"summing to 1, row \[0, 0, 0\]") as e:
         embgeom.attention_entropy(torch.rand(1, 1, 3, 3) * 10)
     one_line(e)
-    probs = torch.softmax(torch.randn(1, 2, 4, 4), -1)
-    probs[0, :, 3] = 0.0  # a padded query row: not checked
     mask = torch.tensor([[True, True, True, False]])
+    probs = torch.softmax(torch.randn(1, 2, 4, 4).masked_fill(~mask[:, None, None, :], -math.inf), -1)
+    probs[0, :, 3] = 0.0  # a padded query row: not checked
     embgeom.attention_entropy(probs, mask)
     with pytest.raises(ValueError, match="summing to 1"):
         embgeom.attention_entropy(probs)
+    leaky = torch.softmax(torch.randn(1, 2, 4, 4), -1)  # mass on the padded key 3
+    with pytest.raises(ValueError, match="over its unpadded keys"):
+        embgeom.attention_entropy(leaky, mask)
 
 
 # ------------------------------------------------------------------ treebanks, late checks, odd arguments

@@ -144,3 +144,34 @@ def test_cli(points, tmp_path, capsys):
     assert "X: file not found" in capsys.readouterr().err
     assert cli.main(["knn", str(tmp_path / "x.npy"), "--k", "900", "--json", str(out)]) == 2
     assert "k: expected <= 599" in capsys.readouterr().err
+
+
+def test_ties_past_the_fetched_candidates_go_to_the_smaller_id():
+    """19 rows tie for row 19 (more than k + tie_margin): the search widens until the tie group
+    is whole, so the list is the smallest ids, as pairwise_stats' row lists."""
+    x = np.ones((20, 2), np.float32)
+    x[-1] = [1, 0]
+    assert embgeom.knn(x, 2).indices[-1].tolist() == [0, 1]
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((300, 8)).astype(np.float32)
+    y[100:140] = y[5]  # a group of 41 identical rows
+    want = embgeom.pairwise_stats(y, row_topk=5, bins=0).row_topk.indices
+    assert torch.equal(torch.as_tensor(embgeom.knn(y, 5).indices), torch.as_tensor(want))
+
+
+def test_rows_of_any_float32_magnitude():
+    """Norms in float64 (numerics.unit_rows): an fp32 norm overflows at 1e20 and underflows at 1e-25."""
+    for scale in (1e20, 1e-25):
+        x = np.array([[1, 0], [1, 1e-2], [0, 1]], np.float32) * np.float32(scale)
+        r = embgeom.knn(x, 1)
+        assert r.indices.flatten().tolist() == [1, 0, 1] and r.excluded_rows == []
+        assert abs(float(r.values[0, 0]) - 1 / np.sqrt(1 + 1e-4)) < 1e-6
+
+
+def test_queries_that_are_not_row_ids_are_refused():
+    x = np.eye(4, dtype=np.float32) + 0.1
+    with pytest.raises(TypeError, match="queries: .* bool tensor"):
+        embgeom.knn(x, 1, queries=torch.tensor([True, False, True, True]))
+    with pytest.raises(TypeError, match="queries: a list must hold int row ids"):
+        embgeom.knn(x, 1, queries=[0.0, 1.0])
+    assert embgeom.knn(x, 1, queries=[0, 1]).indices.flatten().tolist() == [1, 0]

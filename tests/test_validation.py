@@ -101,3 +101,28 @@ def test_load_model_default_is_bundled_bert():
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.hidden_size, cfg.vocab_size) == (6, 12, 384, 30522)
     assert model.config._attn_implementation == "eager"
     assert tok.convert_tokens_to_ids("[CLS]") == 101
+
+
+def test_inputs_as_files_and_callers_bring_them():
+    """Big-endian arrays (a .npy from another machine) are read, not refused; sparse and meta
+    tensors and non-path checkpoints get errors naming the argument."""
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(">f4")
+    got = embgeom.pairwise_stats(x, topk=2)
+    want = embgeom.pairwise_stats(x.astype("<f4"), topk=2)
+    assert got.to_dict() == {**want.to_dict(), "seconds": got.to_dict()["seconds"]} and got.count == 10
+    ones = np.ones((3, 2), np.float32)
+    with pytest.raises(TypeError, match="checkpoint: expected a path"):
+        embgeom.pairwise_stats(ones, checkpoint=5)
+    with pytest.raises(ValueError, match="checkpoint: expected a non-empty path"):
+        embgeom.pairwise_stats(ones, checkpoint="")
+    with pytest.raises(TypeError, match="x: expected a dense tensor"):
+        embgeom.pairwise_stats(torch.ones(3, 2).to_sparse())
+    with pytest.raises(ValueError, match="x: a meta tensor holds no values"):
+        embgeom.pairwise_stats(torch.empty(3, 4, device="meta"))
+
+
+@pytest.mark.parametrize("rng", [(-1e308, 1e308), (-5e-324, 5e-324), (0.0, 5e-324)])
+def test_histogram_range_whose_bin_scale_float64_cannot_hold(rng):
+    x = np.array([[1, 0], [0, 1], [0, 2]], np.float32)
+    with pytest.raises(ValueError, match="range: .* bin scale"):
+        embgeom.pairwise_stats(x, metric="dot", range=rng, bins=4)

@@ -32,6 +32,7 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
     histogram `range` defaults to (-1, 1) for cosine and is required for `dot`/`euclidean`. `checkpoint=PATH` saves
     finished tiles so an interrupted run resumes. Returns PairwiseStats (tensors on x's device).
     """
+    checkpoint = validation.optional_path(checkpoint, "checkpoint")
     x, y = validation.pair_of_embeddings(x, y)
     cfg = make_config(metric=metric, bins=bins, range=range, topk=topk, bottomk=bottomk, near=near,
                       near_k=near_k, row_topk=row_topk, row_bottomk=row_bottomk, outside=outside,
@@ -131,6 +132,8 @@ def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
     B, H, T, _ = attn.shape
     valid = ~torch.isnan(ent)
     n_rows = valid[:, 0, :].sum() if H else torch.tensor(0)
-    mean = torch.where(valid, ent, torch.zeros_like(ent)).double().sum(dim=(0, 2)) / valid.sum(dim=(0, 2)).clamp(min=1)
+    count = valid.sum(dim=(0, 2))
+    mean = torch.where(valid, ent, torch.zeros_like(ent)).double().sum(dim=(0, 2)) / count.clamp(min=1)
+    mean = torch.where(count > 0, mean, torch.full_like(mean, math.nan))  # a head with no valid row: none
     lengths = mask.sum(1).double() if mask is not None else torch.full((B,), float(T), dtype=torch.float64, device=attn.device)
     return AttentionEntropy(ent, mean, torch.log(lengths), int(n_rows), smoothing, name)

@@ -121,7 +121,8 @@ def _rows(x: Any, name: str, d: int | None = None) -> torch.Tensor:
     if d is not None and t.shape[1] != d:
         raise ValueError(f"{name}: expected D = {d} to match the index, got {tuple(t.shape)}")
     validation.check_finite(t, name)
-    validation.fits_float32(t, name)
+    # queries are normalised (cosine) or checked against the rows (dot, l2) in float64
+    validation.fits_float32(t, name, small_rows=name != "queries")
     return t
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import validation
+from . import numerics, validation
 from .tables import table_html
 from .results import RowTopK
 
@@ -75,13 +75,19 @@ def _gpu_usable(faiss) -> bool:
     return hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available()
 
 
+NORMALISE_ROWS = 65536  # rows widened to float64 at a time (no float64 copy of a large x)
+
+
 def _normalised(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """fp32 rows divided by their fp32 norm (as pairwise_stats does); -> (rows, valid mask)."""
-    v = x.detach().to("cpu", torch.float32).contiguous()
-    norms = torch.linalg.vector_norm(v, dim=1)
-    valid = norms > 0
-    v = v / torch.where(valid, norms, torch.ones_like(norms)).unsqueeze(1)
-    return np.ascontiguousarray(v.numpy()), valid.numpy()
+    """fp32 unit rows by numerics.unit_rows (float64 norms, as pairwise_stats: an fp32 norm
+    overflows or underflows at magnitudes embeddings can have); -> (rows, valid mask)."""
+    v = x.detach().to("cpu", torch.float32)
+    unit = np.empty(tuple(v.shape), np.float32)
+    valid = np.empty(v.shape[0], bool)
+    for a in range(0, v.shape[0], NORMALISE_ROWS):
+        u, ok = numerics.unit_rows(v[a:a + NORMALISE_ROWS])
+        unit[a:a + NORMALISE_ROWS], valid[a:a + NORMALISE_ROWS] = u.numpy(), ok.numpy()
+    return unit, valid
 
 
 def _queries(queries: Any, x: torch.Tensor):
@@ -89,7 +95,11 @@ def _queries(queries: Any, x: torch.Tensor):
     if queries is None:
         return x, np.arange(x.shape[0], dtype=np.int64)
     if isinstance(queries, (list, tuple, range)):
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in queries):
+            raise TypeError("queries: a list must hold int row ids of x; pass (Q, D) float rows as an array")
         queries = torch.as_tensor(list(queries), dtype=torch.int64)
+    if isinstance(queries, torch.Tensor) and queries.dtype == torch.bool:
+        raise TypeError("queries: expected (Q,) int row ids or (Q, D) float rows, got a bool tensor")
     if isinstance(queries, np.ndarray) and queries.dtype.kind in "iu":
         queries = torch.from_numpy(queries.astype(np.int64))
     if isinstance(queries, torch.Tensor) and not queries.dtype.is_floating_point:
@@ -131,14 +141,40 @@ def _build(faiss, kind: str, xn: np.ndarray, use_gpu: bool, params: dict):
 
 
 def _search(index, qn: np.ndarray, want: int, ids_map: np.ndarray, self_ids: np.ndarray | None,
-            q_valid: np.ndarray, k: int):
-    """Search `want` candidates, map to x's ids, drop the query itself, order ties by id, keep k."""
+            q_valid: np.ndarray, k: int, limit: int | None = None):
+    """Search `want` candidates, map to x's ids, drop the query itself, order ties by id, keep k.
+    A query whose last fetched candidate still ties with its k-th kept value may have tied rows
+    of smaller id left unfetched: it is searched again with four times the candidates, up to
+    `limit` (default: every indexed row)."""
     Q = qn.shape[0]
     out_i = np.full((Q, k), -1, np.int64)
     out_v = np.full((Q, k), np.nan, np.float32)
     if Q == 0 or want == 0:
         return out_i, out_v
+    limit = index.ntotal if limit is None else limit
+    rows = np.arange(Q)
+    while rows.size:
+        part_i, part_v, last = _search_once(index, qn[rows], want, ids_map,
+                                            None if self_ids is None else self_ids[rows], q_valid[rows], k)
+        out_i[rows], out_v[rows] = part_i, part_v
+        if want >= limit:
+            break
+        # the k-th kept value (or the last one kept) ties with the smallest fetched one
+        kth = part_v[np.arange(rows.size), np.maximum((part_i >= 0).sum(1) - 1, 0)]
+        again = (part_i[:, -1] >= 0) & (last >= kth)
+        rows, want = rows[again], min(limit, 4 * want)
+    return out_i, out_v
+
+
+def _search_once(index, qn: np.ndarray, want: int, ids_map: np.ndarray, self_ids: np.ndarray | None,
+                 q_valid: np.ndarray, k: int):
+    """One search of `want` candidates -> (ids (Q, k), values (Q, k), the smallest fetched
+    value per query (-inf where fewer came back))."""
+    Q = qn.shape[0]
+    out_i = np.full((Q, k), -1, np.int64)
+    out_v = np.full((Q, k), np.nan, np.float32)
     dist, lab = index.search(qn, want)
+    last = np.where(lab[:, -1] >= 0, dist[:, -1], -np.inf)
     valid_hit = lab >= 0
     ids = np.where(valid_hit, ids_map[np.clip(lab, 0, None)], -1)
     if self_ids is not None:
@@ -152,7 +188,7 @@ def _search(index, qn: np.ndarray, want: int, ids_map: np.ndarray, self_ids: np.
     w = vals.shape[1]
     out_i[:, :w] = np.where(keep, ids, -1)
     out_v[:, :w] = np.where(keep, np.clip(vals, -1.0, 1.0), np.nan)
-    return out_i, out_v
+    return out_i, out_v, last
 
 
 def recall_at_k(approx: np.ndarray | torch.Tensor, exact: np.ndarray | torch.Tensor) -> float | None:
@@ -221,18 +257,18 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
                                                       "ef_search", allow_zero=False),
                   "ef_construction": 80}
     want = min(n_valid, k + (1 if self_ids is not None else 0) + tie_margin)
-    if use_gpu:
-        want = min(want, 2048)  # GPU indexes limit k
+    limit = min(n_valid, 2048) if use_gpu else n_valid  # GPU indexes limit k
+    want = min(want, limit)
     recall = None  # measured for approximate indexes only
     if n_valid == 0:
         out_i = np.full((qn.shape[0], k), -1, np.int64)
         out_v = np.full((qn.shape[0], k), np.nan, np.float32)
     else:
         idx = _build(faiss, index, base, use_gpu and index != "hnsw", params)
-        out_i, out_v = _search(idx, qn, want, valid_ids, self_ids, q_valid, k)
+        out_i, out_v = _search(idx, qn, want, valid_ids, self_ids, q_valid, k, limit)
         if index != "flat":
             exact = _build(faiss, "flat", base, use_gpu, {})
-            ex_i, _ = _search(exact, qn, want, valid_ids, self_ids, q_valid, k)
+            ex_i, _ = _search(exact, qn, want, valid_ids, self_ids, q_valid, k, limit)
             recall = recall_at_k(out_i, ex_i)
     seconds = time.perf_counter() - start
     return KnnResult(

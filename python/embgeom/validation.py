@@ -6,6 +6,7 @@ masks of matching shape; backends never re-check.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import numpy as np
@@ -22,11 +23,29 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
+def optional_path(value: Any, name: str) -> str | None:
+    """None, or a non-empty str / os.PathLike path as a str (TypeError / ValueError otherwise)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes):
+        raise TypeError(f"{name}: expected a path (str or os.PathLike), got {type(value).__name__}")
+    path = os.fspath(value)
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{name}: expected a non-empty path, got {value!r}")
+    return path
+
+
 def as_tensor(x: Any, name: str) -> torch.Tensor:
     """torch.Tensor or numpy array -> tensor, zero-copy for numpy."""
     if isinstance(x, torch.Tensor):
+        if x.layout != torch.strided:
+            raise TypeError(f"{name}: expected a dense tensor, got layout {x.layout}")
+        if x.device.type == "meta":
+            raise ValueError(f"{name}: a meta tensor holds no values")
         return x
     if isinstance(x, np.ndarray):
+        if x.dtype.kind == "f" and not x.dtype.isnative:
+            x = x.astype(x.dtype.newbyteorder("="))  # a .npy written on a big-endian machine
         if x.dtype == np.float64 or x.dtype == np.float32 or x.dtype == np.float16:
             if not x.flags.writeable or any(st < 0 for st in x.strides):
                 x = x.copy()  # torch takes neither read-only memory nor negative strides (x[::-1])
@@ -113,7 +132,10 @@ def norm_range(nx: float, ny: float, metric: str, names: tuple[str, str]) -> Non
                          f"{largest:.3g}, beyond float32 ({FLOAT32_MAX:.3g}); scale the rows down (values and "
                          f"statistics scale with them) or use the cosine")
     if 0 < largest < FLOAT32_TINY * 2.0**24:
-        raise ValueError(f"{name}: rows with norms of at most {max(nx, ny):.3g} make {metric} products "
+        # the small side is the one to scale (with the other's largest norm)
+        small = names[0] if nx <= ny else names[1]
+        raise ValueError(f"{small}: rows with norms of at most {min(nx, ny):.3g} (beside norms up to "
+                         f"{max(nx, ny):.3g}) make {metric} products "
                          f"below float32's normal range ({FLOAT32_TINY:.3g}), where digits are lost; "
                          "scale the rows up (values and statistics scale with them)")
 
@@ -131,20 +153,30 @@ def renamed(**names: str):
         raise
 
 
-def fits_float32(x: torch.Tensor, name: str) -> None:
-    """ValueError when finite float64 values lie beyond float32's range (they would become
-    infinities in the float32 copy every kernel reads)."""
+def fits_float32(x: torch.Tensor, name: str, *, small_rows: bool = True) -> None:
+    """ValueError when float64 rows (vectors along the last axis) do not fit the float32 copy
+    every kernel reads: values beyond float32's range (they would become infinities), or (with
+    small_rows) nonzero rows whose largest magnitude is below its smallest normal number (their
+    digits would go, and below 1.4e-45 the whole row, which would then count as a zero row).
+    Rows normalised in float64 before their float32 copy (an Index's queries) pass
+    small_rows=False."""
     if x.dtype != torch.float64 or x.numel() == 0:
         return
-    rows = x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1)
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     step = max(1, (1 << 22) // max(1, rows.shape[1]))  # chunks: no full-size temporary
-    big = 0.0
+    big, tiny = 0.0, 0
     for a in range(0, rows.shape[0], step):
-        lo, hi = torch.aminmax(rows[a:a + step])
-        big = max(big, -float(lo), float(hi))
+        peak = rows[a:a + step].abs().amax(dim=1)
+        big = max(big, float(peak.max()))
+        if small_rows:
+            tiny += int(((peak > 0) & (peak < FLOAT32_TINY)).sum())
     if big > FLOAT32_MAX:
         raise ValueError(f"{name}: values up to {big:.3g} do not fit in float32 (largest {FLOAT32_MAX:.3g}); "
                          "scale the rows down")
+    if tiny:
+        raise ValueError(f"{name}: {tiny} nonzero row(s) with every value below float32's smallest normal "
+                         f"number ({FLOAT32_TINY:.3g}): their float32 copies would lose their digits or "
+                         "become zero rows; scale the rows up")
 
 
 def pair_of_embeddings(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -165,7 +197,7 @@ def sequences(x: Any, mask: Any = None, name: str = "x") -> tuple[torch.Tensor, 
     if x.dim() == 2:
         x = x.unsqueeze(0)
         if mask is not None:
-            mask = as_tensor(mask, "mask") if not isinstance(mask, np.ndarray) else torch.from_numpy(mask)
+            mask = as_tensor(mask, "mask") if not isinstance(mask, np.ndarray) else torch.from_numpy(np.array(mask))
             if mask.dim() == 1:
                 mask = mask.unsqueeze(0)
     if x.dim() != 3:
@@ -175,6 +207,7 @@ def sequences(x: Any, mask: Any = None, name: str = "x") -> tuple[torch.Tensor, 
         raise ValueError(f"{name}: expected D >= 1, got {_describe(x)}")
     mask = batch_mask(mask, x.shape[0], x.shape[1], x.device)
     check_finite(x, name, row_dims=2)
+    fits_float32(x, name)
     return x, mask
 
 
@@ -182,7 +215,7 @@ def batch_mask(mask: Any, B: int, T: int, device: torch.device) -> torch.Tensor 
     if mask is None:
         return None
     if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(mask)
+        mask = torch.from_numpy(np.array(mask))  # a copy: torch takes no negative strides (m[:, ::-1])
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask: expected a (B, T) bool tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != (B, T):
@@ -214,17 +247,24 @@ def attention(attn: Any, mask: Any = None) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def check_rows_sum_to_one(attn: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """ValueError naming the first row of a real query whose probabilities do not sum to 1
-    (within the rounding of attn's dtype): an entropy of anything else has no meaning."""
+    """ValueError naming the first row of a real query whose probabilities over the real
+    (unpadded) keys do not sum to 1 (within the rounding of attn's dtype): an entropy of
+    anything else has no meaning, and mass on a padded key is not a distribution over the text."""
     tol = 1e-2 if attn.dtype in (torch.float16, torch.bfloat16) else 1e-4
-    sums = attn.sum(-1, dtype=torch.float64)  # (B, H, T)
+    if mask is None:
+        sums = attn.sum(-1, dtype=torch.float64)  # (B, H, T)
+    else:
+        # a product with the key mask: no float64 copy of the maps (32 x 12 x 512^2 would be 800 MB)
+        keys = mask.to(attn.dtype)[:, None, :, None]
+        sums = torch.matmul(attn, keys).squeeze(-1).double()
     bad = (sums - 1).abs() > tol
     if mask is not None:
         bad &= mask[:, None, :]
     if bool(bad.any()):
         b, h, t = bad.nonzero()[0].tolist()
+        over = "" if mask is None else " over its unpadded keys"
         raise ValueError(f"attn: expected each row to be a probability distribution summing to 1, "
-                         f"row [{b}, {h}, {t}] sums to {float(sums[b, h, t]):.6g} "
+                         f"row [{b}, {h}, {t}] sums to {float(sums[b, h, t]):.6g}{over} "
                          f"({int(bad.sum()):,} such rows)")
 
 

@@ -4,6 +4,8 @@ Python API, `embgeom pairs`, the float64 reference and the backends all start fr
 bindings take every field explicitly and have no defaults of their own)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field, fields
 
 from .. import validation
@@ -82,6 +84,11 @@ def make_config(**options) -> PairwiseConfig:
         if rng is None:
             raise ValueError(f"range: required for metric={metric!r} when bins > 0 (e.g. range=(lo, hi))")
         lo, hi = validation.interval(rng, "range")
+        # the bin rule scales by bins / (hi - lo) (docs/metrics.md, bin index): both finite and nonzero
+        width = hi - lo
+        if not (math.isfinite(width) and math.isfinite(bins / width) and bins / width > 0):
+            raise ValueError(f"range: ({lo}, {hi}) with {bins} bins gives a bin scale bins / (hi - lo) = "
+                             f"{bins / width if width else math.inf}, which float64 cannot hold; narrow or widen it")
     else:
         lo, hi = DEFAULTS.lo, DEFAULTS.hi
     outside = o["outside"]
