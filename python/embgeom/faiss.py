@@ -70,8 +70,7 @@ class _IndexFlat:
         float64 sum of the squared differences (the distance's square would round either way
         at the radius); IP: inner product > radius. An infinite radius is taken as FAISS
         takes it (L2 inf: every row; IP -inf: every row)."""
-        q_np = self._rows(x, "x")
-        q = torch.from_numpy(q_np)
+        q = torch.from_numpy(self._rows(x, "x"))
         if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)) \
                 or math.isnan(radius):
             raise ValueError(f"radius: expected a number, got {radius!r}")
@@ -84,8 +83,9 @@ class _IndexFlat:
         lims, s, ids = self._index.range_search(q, cut, float64=True)
         lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
         qid = np.repeat(np.arange(len(lims) - 1), np.diff(lims))
-        if self._metric == "l2":
-            s = self._squared_distances(q_np, qid, ids)
+        if self._metric == "l2":  # the Index's own float64 sums of squared differences (the distances' squares)
+            index = self._index
+            s = index._pair_sums(index._store, q, torch.from_numpy(qid), torch.from_numpy(ids)).numpy()
         keep = s < r if self._metric == "l2" else s > r
         qid = qid[keep]
         counts = np.bincount(qid, minlength=len(lims) - 1)
@@ -94,16 +94,6 @@ class _IndexFlat:
         new_lims = np.zeros(len(lims), np.uint64)
         new_lims[1:] = np.cumsum(counts)
         return new_lims, s[order].astype(np.float32), ids[order]
-
-
-    def _squared_distances(self, q: np.ndarray, qid: np.ndarray, ids: np.ndarray, chunk: int = 65536) -> np.ndarray:
-        """float64 sum of (q - c)^2 of the pairs (query qid, stored row ids)."""
-        out = np.empty(len(ids), np.float64)
-        for a in range(0, len(ids), chunk):
-            rows = self._index.vectors()[torch.from_numpy(ids[a:a + chunk])].numpy().astype(np.float64)
-            diff = q[qid[a:a + chunk]].astype(np.float64) - rows
-            out[a:a + chunk] = np.einsum("ij,ij->i", diff, diff)
-        return out
 
 
 class IndexFlatIP(_IndexFlat):

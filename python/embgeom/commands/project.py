@@ -9,12 +9,9 @@ from __future__ import annotations
 import os
 import sys
 
+from ..analysis.clouds.projection import DEFAULT_K, DEFAULT_PERPLEXITY
 from ..report.projection_page import write_outputs
 from .model_options import add_quiet_option, progress_for
-
-
-DEFAULT_K = 15
-DEFAULT_PERPLEXITY = 30.0
 
 
 def check_method_options(args) -> None:

@@ -307,9 +307,13 @@ def tsne_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, perplexity: 
     return np.asarray(emb, dtype=np.float32)
 
 
-def project(x, method: str = "umap", labels=None, k: int = 15, perplexity: float = 30.0,
-            seed: int = 0, *, backend: str | None = None, n_jobs: int | None = None,
-            progress=False) -> Projection:
+DEFAULT_K = 15             # UMAP's neighbours besides the point itself
+DEFAULT_PERPLEXITY = 30.0  # t-SNE's perplexity (k = 3 x perplexity)
+
+
+def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
+            perplexity: float = DEFAULT_PERPLEXITY, seed: int = 0, *, backend: str | None = None,
+            n_jobs: int | None = None, progress=False) -> Projection:
     """2-D projection of the rows of x on the exact cosine neighbour graph.
 
     x: (N, D) tensor or array; method: "umap" (k neighbours besides the point itself), "tsne"
