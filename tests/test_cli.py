@@ -80,6 +80,8 @@ def test_pairs_reads_pt_and_safetensors(tmp_path):
     ("ok", ["pairs", "{t}/x.npy", "--topk", "-1"], "topk"),
     ("garbage", ["pairs", "{t}/x.npy"], "is not a .npy file"),
     ("ok", ["pairs", "{t}/x.npy", "--backend", "cuda"], "cannot run"),
+    ("ok", ["pairs", "{t}/x.npy", "--near-k", "5"], "--near-k: only with --near"),
+    ("ok", ["pairs", "{t}/x.npy", "--outside-limit", "5"], "--outside-limit: only with --outside"),
 ])
 def test_pairs_errors_are_clear(tmp_path, capsys, setup, args, message):
     x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)

@@ -117,6 +117,10 @@ def test_agrees_with_pairwise_row_topk(points):
     (dict(k=3, queries=torch.tensor([0, 600])), r"queries: row ids must be in \[0, 600\)"),
     (dict(k=3, index="lsh"), "index: expected one of"),
     (dict(k=3, device="tpu"), "device: expected"),
+    (dict(k=3, nprobe=4), "nprobe: only for index='ivf', got index='flat'"),
+    (dict(k=3, index="ivf", ef_search=64), "ef_search: only for index='hnsw', got index='ivf'"),
+    (dict(k=3, index="hnsw", nlist=8), "nlist: only for index='ivf'"),
+    (dict(k=3, hnsw_m=8), "hnsw_m: only for index='hnsw'"),
 ])
 def test_bad_inputs(points, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -144,6 +148,8 @@ def test_cli(points, tmp_path, capsys):
     assert "X: file not found" in capsys.readouterr().err
     assert cli.main(["knn", str(tmp_path / "x.npy"), "--k", "900", "--json", str(out)]) == 2
     assert "k: expected <= 599" in capsys.readouterr().err
+    assert cli.main(["knn", str(tmp_path / "x.npy"), "--k", "4", "--nprobe", "4", "--json", str(out)]) == 2
+    assert "nprobe: only for index='ivf'" in capsys.readouterr().err
 
 
 def test_ties_past_the_fetched_candidates_go_to_the_smaller_id():

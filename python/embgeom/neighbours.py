@@ -203,20 +203,26 @@ def recall_at_k(approx: np.ndarray | torch.Tensor, exact: np.ndarray | torch.Ten
 
 
 def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = None,
-        nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32,
+        nlist: int | None = None, nprobe: int | None = None, hnsw_m: int | None = None,
         ef_search: int | None = None, tie_margin: int = 8) -> KnnResult:
     """The k nearest rows of x by cosine similarity, for every query.
 
     x: (N, D) float. queries: None (every row of x queries, itself excluded), (Q,) int row ids
     of x (those rows query, themselves excluded) or (Q, D) float (external queries). index:
     "flat" (exact, IndexFlatIP on normalised rows), "ivf" (IVF-Flat, `nlist` lists, `nprobe`
-    probed) or "hnsw" (`hnsw_m` links, `ef_search`); approximate indexes also run exact search
-    and report recall@k. device: None = GPU when faiss-gpu and CUDA are usable, "cpu", "cuda".
+    probed; default nlist ~4 sqrt(N) capped at N / 39, FAISS's 39 training points a list, and
+    nprobe nlist / 8) or "hnsw" (`hnsw_m` links, default 32; `ef_search`, default max(64, 2k));
+    an index's options given with another index are refused. Approximate indexes also run exact
+    search and report recall@k. device: None = GPU when faiss-gpu and CUDA are usable, "cpu", "cuda".
     Zero-norm rows have no direction: they are never neighbours. `tie_margin` extra candidates
     are fetched so that equal values are ordered by id. Returns KnnResult, tensors on x's device.
     """
     x = validation.embeddings(x, "x")
     index = validation.choice(index, "index", INDEXES)
+    for name, value, owner in (("nlist", nlist, "ivf"), ("nprobe", nprobe, "ivf"),
+                               ("hnsw_m", hnsw_m, "hnsw"), ("ef_search", ef_search, "hnsw")):
+        if value is not None and index != owner:  # it would be ignored
+            raise ValueError(f"{name}: only for index={owner!r}, got index={index!r}")
     k = validation.positive_int(k, "k", allow_zero=False)
     tie_margin = validation.positive_int(tie_margin, "tie_margin")
     q, self_ids = _queries(queries, x)
@@ -252,7 +258,8 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
         params["nprobe"] = validation.positive_int(
             nprobe if nprobe is not None else max(1, params["nlist"] // 8), "nprobe", allow_zero=False)
     elif index == "hnsw":
-        params = {"hnsw_m": validation.positive_int(hnsw_m, "hnsw_m", allow_zero=False),
+        params = {"hnsw_m": validation.positive_int(32 if hnsw_m is None else hnsw_m, "hnsw_m",
+                                                   allow_zero=False),
                   "ef_search": validation.positive_int(ef_search if ef_search is not None else max(64, 2 * k),
                                                       "ef_search", allow_zero=False),
                   "ef_construction": 80}

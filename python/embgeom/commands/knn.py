@@ -12,10 +12,10 @@ def add_arguments(p) -> None:
     p.add_argument("--queries", metavar="Q", help="(Q, D) query matrix; default: every row of X "
                    "queries (itself excluded)")
     p.add_argument("--device", help="cpu or cuda (default: GPU when faiss-gpu and CUDA are usable)")
-    p.add_argument("--nlist", type=int, help="IVF lists (default ~4 sqrt(N))")
-    p.add_argument("--nprobe", type=int, help="IVF lists probed (default nlist / 8)")
-    p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--ef-search", type=int)
+    p.add_argument("--nlist", type=int, help="--index ivf: lists (default ~4 sqrt(N), at most N / 39)")
+    p.add_argument("--nprobe", type=int, help="--index ivf: lists probed (default nlist / 8)")
+    p.add_argument("--hnsw-m", type=int, help="--index hnsw: links per node (default 32)")
+    p.add_argument("--ef-search", type=int, help="--index hnsw: search breadth (default max(64, 2 k))")
     p.add_argument("--json", required=True, metavar="OUT")
 
 

@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
                            help=spec["help"] + " (default %(default)s)")
         elif default is None:
             p.add_argument(flag, type=float, metavar="V", help=spec["help"])
+        elif "needs" in spec:  # None until given: given without its option it is refused
+            p.add_argument(flag, type=type(default), default=None,
+                           help=f"{spec['help']} (default {default}; with --{spec['needs']})")
         else:
             p.add_argument(flag, type=type(default), default=default,
                            help=spec["help"] + " (default %(default)s)")
@@ -51,6 +54,10 @@ def main(args) -> int:
     options = {}
     for name, spec in user_options().items():
         value = getattr(args, name)
+        if "needs" in spec:
+            if value is not None and getattr(args, spec["needs"]) is None:
+                raise ValueError(f"--{name.replace('_', '-')}: only with --{spec['needs']}")
+            value = spec["default"] if value is None else value
         options[name] = tuple(value) if "pair" in spec and value is not None else value
     kwargs = dict(options, backend=args.backend, checkpoint=args.checkpoint, progress=args.progress)
     if args.distributed:

@@ -27,11 +27,12 @@ class PairwiseConfig:
     topk: int = _option(10, "largest pairs over the whole matrix")
     bottomk: int = _option(10, "smallest pairs over the whole matrix")
     near: float | None = _option(None, "also list the pairs closest to this value")
-    near_k: int = _option(10, "how many pairs closest to `near`")
+    near_k: int = _option(10, "how many pairs closest to `near`", needs="near")
     row_topk: int = _option(0, "largest values per row (nearest neighbours)")
     row_bottomk: int = _option(0, "smallest values per row")
     outside: tuple[float, float] | None = _option(None, "count (and list) the pairs outside [a, b]")
-    outside_limit: int = _option(1000, "how many outside pairs are listed (all are counted)")
+    outside_limit: int = _option(1000, "how many outside pairs are listed (all are counted)",
+                                 needs="outside")
     precision: str = _option("exact", "exact: fp32 products; fast: bf16 products where the CPU "
                              "has them, every listed value rescored exactly", choices=PRECISIONS)
     # Tile edge (rows and columns per tile). 512 x 512 tiles measured 5-8 % faster than 256 in the
@@ -57,8 +58,9 @@ def user_options() -> dict[str, dict]:
                             "cosine, required for dot and euclidean when bins > 0", "pair": ("LO", "HI")}
             continue
         entry = {"default": getattr(DEFAULTS, f.name), "help": f.metadata["help"]}
-        if "choices" in f.metadata:
-            entry["choices"] = f.metadata["choices"]
+        for key in ("choices", "needs"):  # needs: the option it sizes, without which it means nothing
+            if key in f.metadata:
+                entry[key] = f.metadata[key]
         if f.name == "outside":
             entry["pair"] = ("A", "B")
         out[f.name] = entry
