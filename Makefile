@@ -40,7 +40,7 @@ demo: build
 # and UMAP / t-SNE of the vocabulary.
 demo-text: build
 	HF_HUB_OFFLINE=1 $(VENV)/bin/embgeom text $(DATA)/synonyms.txt --labels $(DATA)/synonyms_labels.txt \
-		--pairs $(DATA)/pairs.jsonl --keep cls --out $(TEXT_OUT)/synonyms
+		--pairs $(DATA)/pairs.jsonl --keep cls --head-maps 2 --out $(TEXT_OUT)/synonyms
 	HF_HUB_OFFLINE=1 $(VENV)/bin/embgeom text $(DATA)/trajectories.txt --trajectories 2 --out $(TEXT_OUT)/trajectories
 	$(VENV)/bin/embgeom project $(TEXT_OUT)/synonyms/cls.npy --labels $(DATA)/synonyms_labels.txt \
 		--texts $(DATA)/synonyms.txt --method tsne --perplexity 10 --out $(TEXT_OUT)/synonyms_tsne

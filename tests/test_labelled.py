@@ -64,7 +64,7 @@ def test_by_label_and_class_maps(tiny_bert, tiny_bert_dir, tmp_path):
     for g in ("x", "y"):
         sub = [t for t, lab in zip(TEXTS, labels) if lab == g]
         want = trace(model, tokenizer, sub, batch_size=1).to_dict()
-        for k in ("model", "truncated"):
+        for k in ("model", "truncated", "forward_passes_seconds"):
             want.pop(k)
         close(rep["by_label"][g], json.loads(json.dumps(want, default=float)), g)
     # report.html shows them: a table of the last layer and curves per label
@@ -180,7 +180,7 @@ def test_label_option_errors(tiny_bert_dir, tmp_path, capsys):
 def test_label_files_as_editors_write_them(tiny_bert_dir, tmp_path, capsys):
     """A byte-order mark is not part of the first label, blank lines at the end are no labels, a
     blank line between labels is refused (it would shift every later label), and one class only
-    or a --class-maps length no text has get a note."""
+    or a --class-maps length no text has get a note, on stderr and on the page."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("a b\nc d\n", encoding="utf-8")
     base = ["text", str(corpus), "--model", tiny_bert_dir, "--no-progress"]
@@ -190,6 +190,7 @@ def test_label_files_as_editors_write_them(tiny_bert_dir, tmp_path, capsys):
     rep = json.loads((tmp_path / "o1" / "report.json").read_text())
     assert rep["groups"]["labels"] == ["x", "y"] and sorted(rep["by_label"]) == ["x", "y"]
     assert "no text has 40 real tokens" in capsys.readouterr().err
+    assert "Note: no text has 40 real tokens" in (tmp_path / "o1" / "report.html").read_text()
     gap = tmp_path / "gap.txt"
     gap.write_text("x\n\ny\n", encoding="utf-8")
     assert main(base + ["--out", str(tmp_path / "o2"), "--labels", str(gap)]) == 2
@@ -198,3 +199,4 @@ def test_label_files_as_editors_write_them(tiny_bert_dir, tmp_path, capsys):
     one.write_text("x\nx\n", encoding="utf-8")
     assert main(base + ["--out", str(tmp_path / "o3"), "--labels", str(one)]) == 0
     assert "the labels name one class" in capsys.readouterr().err
+    assert "Note: the labels name one class" in (tmp_path / "o3" / "report.html").read_text()

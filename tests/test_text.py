@@ -14,8 +14,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:trace. texts longer")
 
 CORPUS = ["the cat sat on the mat .", "", "a dog !", "she was in the house ? he was not .",
           " ".join(["one two"] * 20), "red , green and blue ."]
-KEYS = ["model", "n_texts", "n_tokens", "layers", "heads", "truncated", "cone_index", "entropy",
-        "attention_to", "attention_to_per_text", "js_distance", "context_similarity", "evolution"]
+KEYS = ["model", "n_texts", "n_tokens", "layers", "heads", "truncated", "forward_passes_seconds", "cone_index",
+        "entropy", "attention_to", "attention_to_per_text", "js_distance", "context_similarity", "evolution"]
 
 
 def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):

@@ -48,7 +48,11 @@ def test_files_and_token_selection(vocab_report, mats):
     assert html.count("data:image/png;base64,") == len(pngs) and "http" not in html
     assert rep["tokens"]["excluded"] == 7 and rep["tokens"]["unused"] == 2 and rep["tokens"]["special"] == 5
     assert rep["tokens_analysed"] == len(mats["ids"])
-    assert set(rep["timing"]) >= {"model_load", "pairs", "plots", "total"} and rep["peak_rss_mb"] > 0
+    assert set(rep["timing"]) >= {"model_load", "pairs", "plots", "page", "to_page", "total"} and rep["peak_rss_mb"] > 0
+    # the page states the time up to itself, as report.json's timing.to_page has it
+    assert rep["timing"]["to_page"] <= rep["timing"]["total"]
+    from embgeom.formatting import fmt
+    assert f"{fmt(rep['timing']['to_page'], 3)} s up to this page" in html
 
 
 def test_pairs_tables(vocab_report, mats):

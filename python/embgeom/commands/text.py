@@ -17,6 +17,7 @@ import numpy as np
 from ..analysis.clouds.geometry import group_geometry
 from ..analysis.heads.text_extras import TextExtras, parse_show_texts
 from ..analysis.text.keeper import Keeper
+from ..analysis.text.labelled import ONE_CLASS_NOTE, no_class_maps_note
 from ..formatting import fmt, seconds
 from ..io import check_output_folder, output_folder
 from ..report import table_html
@@ -145,11 +146,9 @@ def main(args) -> int:
     if args.profile:
         extras.print_profile(result.seconds)
     if class_maps is not None and not any(report["class_maps"]["texts"].values()):
-        print(f"embgeom text: note: no text has {args.class_maps} real tokens: no class-mean maps "
-              "(--class-maps N counts [CLS] and [SEP])", file=sys.stderr)
+        print(f"embgeom text: note: {no_class_maps_note(args.class_maps)}", file=sys.stderr)
     if labels is not None and len(set(labels)) < 2:
-        print("embgeom text: note: the labels name one class: between-class numbers (silhouettes, "
-              "between cosines) need two and are null", file=sys.stderr)
+        print(f"embgeom text: note: {ONE_CLASS_NOTE}", file=sys.stderr)
     print(f"embgeom text: {fmt(result.n_texts)} texts, {fmt(result.n_tokens)} tokens in {seconds(prov.seconds())} "
           f"(forward passes {seconds(result.seconds)}) -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0
@@ -231,7 +230,8 @@ def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[
                 f"between {fmt(groups['between_cosine'][-1])}. Interactive: "
                 + ", ".join(f"<a href='{f}'>{f}</a>" for f in pages) + ".</p>"
                 + table_html(["label", "texts", "mean cosine within", "mean norm"], rows)
-                + "".join(f"<p>{n}</p>" for n in notes))
+                + "".join(f"<p>{n}</p>" for n in notes)
+                + (f"<p>Note: {ONE_CLASS_NOTE}.</p>" if len(groups["labels"]) < 2 else ""))
         sections.append(("Labelled [CLS] sets: do texts with one label sit together? (thesis 4.4.1, 4.4.3)",
                          body, pngs))
     if pairs is not None and "cls_pairs" in report and "vectors" in report["cls_pairs"]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .definitions import defined
+from ..analysis.text.labelled import no_class_maps_note
 from .attention_view import write_attention_view
 from .headmaps import headmaps_html
 from ..formatting import fmt as fmt_number
@@ -209,16 +210,17 @@ def head_mds_page(out_dir: str, mds, js, behaviour: list[str], L: int, H: int,
 def matrices_section(out_dir: str, block: dict):
     """`--matrices`: the spectral means per layer (mean over heads, range over heads), and per
     head the median k90 and the attention block's numerical rank."""
-    panels = (("rows_cone", "cone index I/n of the attention rows"),
-              ("small_singular", "singular values < 1e-3 (count)"),
-              ("von_neumann", "von Neumann entropy of the eigenvalues"))
+    panels = (("rows_cone", "cone index I/n of the attention rows", "I / n"),
+              ("small_singular", "singular values < 1e-3 (count)", "count"),
+              ("von_neumann", "von Neumann entropy of the eigenvalues", "nats"))
     fig, _ = new_figure(12, 3.4)
     fig.clf()
-    for i, (key, title) in enumerate(panels):
+    for i, (key, title, unit) in enumerate(panels):
         v = _arr(block[key])
         ax = fig.add_subplot(1, 3, i + 1)
         _layer_band(ax, v)
         ax.set_title(title, fontsize=9)
+        ax.set_ylabel(unit)
         layer_axis(ax, v.shape[0])
         ax.legend(fontsize=7)
     png = save_figure(fig, out_dir, "attention_matrices")
@@ -405,10 +407,12 @@ def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
                 y = np.asarray(e["layer_mean"][key], dtype=float)
                 ax.plot(np.arange(1, y.size + 1), y, "o-", color=LABEL_COLORS[c % len(LABEL_COLORS)], label=str(g))
             ax.set_title(title, fontsize=9)
+            ax.set_ylabel("entropy (nats), mean over heads")
             layer_axis(ax, len(y))
             ax.legend(fontsize=7)
         pngs.append(save_figure(fig, out_dir, "class_map_entropy"))
     counts = ", ".join(f"{g}: {fmt_number(c)}" for g, c in block["texts"].items())
+    missing = "" if any(block["texts"].values()) else f"<p>Note: {no_class_maps_note(block['length'])}.</p>"
     return ("Class-mean attention maps (geometry-of-BERT authors' code)",
             f"<p>Mean attention map of each label's texts with {block['length']} real tokens "
             f"(texts: {counts}); [SEP] rows and columns zeroed, [CLS] kept; entries below "
@@ -418,5 +422,5 @@ def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
             "length (their inputs are padded to it) and of the real-token block alone; von Neumann: "
             "-&sum; v ln v with v = |&lambda;| / (&sum; |&lambda;|&sup2;)<sup>1/2</sup> over the map's "
             "eigenvalues (padding adds zero eigenvalues and changes nothing). report.json: "
-            "<code>class_maps.entropies</code>.</p>",
+            "<code>class_maps.entropies</code>.</p>" + missing,
             pngs)

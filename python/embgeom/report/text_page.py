@@ -168,7 +168,7 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
                                  ticks=[str(g) for g in cp["groups"]])
 
     summary = table_html(
-        ["model", "texts", "tokens", "layers", "heads", "truncated", "forward passes (s)"],
+        ["model", "texts", "tokens", "layers", "heads", "truncated", "forward passes with metrics (s)"],
         [[r.model, r.n_texts, r.n_tokens, L, H, r.truncated, round(r.seconds, 1)]])
     per_layer = table_html(
         [LAYER, Raw(defined("cone_index", "cone in")), Raw(defined("cone_index", "cone heads (mean)")),

@@ -33,6 +33,17 @@ def slice_batch(b: Batch, idx: torch.Tensor) -> Batch:
     return Batch(**out)
 
 
+
+# Notes shown on stderr and on the page where a labelled run has nothing between classes to show.
+ONE_CLASS_NOTE = ("the labels name one class: between-class numbers (silhouettes, between cosines) "
+                  "need two and are null")
+
+
+def no_class_maps_note(length: int) -> str:
+    return (f"no text has {length} real tokens: no class-mean maps "
+            "(--class-maps N counts [CLS] and [SEP])")
+
+
 class _Rows:
     """Which labels the rows of the next batch carry (batches arrive in corpus order)."""
 
@@ -70,13 +81,14 @@ class LabelSplit:
             + time.perf_counter() - t0
 
     def result(self) -> dict:
-        """{label: the report.json keys of TraceResult.to_dict() without model and truncated}."""
+        """{label: the report.json keys of TraceResult.to_dict() without model, truncated and the
+        corpus-wide forward_passes_seconds}."""
         out = {}
         for g, acc in self.acc.items():
             if acc.n_texts == 0:
                 continue
             d = acc.result(self.tokenizer).to_dict()
-            for k in ("model", "truncated"):
+            for k in ("model", "truncated", "forward_passes_seconds"):
                 d.pop(k)
             out[g] = d
         return out

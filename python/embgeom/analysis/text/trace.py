@@ -457,6 +457,8 @@ class TraceResult:
         return {
             "model": self.model, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
             "layers": self.layers, "heads": self.heads, "truncated": self.truncated,
+            # the page's "forward passes (s)": the passes with every metric taken on them
+            "forward_passes_seconds": self.seconds,
             "cone_index": {"layer_input": as_list(self.cone_layer_input),
                            "head_output": as_list(self.cone_head_output),
                            "multihead_output": as_list(self.cone_multihead_output),
