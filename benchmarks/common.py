@@ -61,13 +61,23 @@ def versions() -> str:
 
 
 def cpu_name() -> str:
+    """The CPU's model name, with its x86 family and model numbers where /proc/cpuinfo has them:
+    a virtual machine's name ("AMD EPYC") does not tell a Zen 4 host from a Zen 5 one."""
+    fields = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:  # the first processor's block is enough
+                break
     except OSError:
         pass
-    return platform.processor() or "cpu"
+    name = fields.get("model name") or platform.processor() or "cpu"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']} model {fields['model']})"
+    return name
 
 
 def cpu_device() -> str:

@@ -147,12 +147,18 @@ def gemm_peak_worker() -> dict:
         np.matmul(a, a, out=out)
         best = min(best, time.perf_counter() - t)
     return {"gflops": 2.0 * GEMM_PEAK_N ** 3 / best / 1e9,
-            "coretype": os.environ.get("OPENBLAS_CORETYPE", "autodetected")}
+            "coretype": os.environ.get("OPENBLAS_CORETYPE", "autodetected"),
+            "threads": int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)}
 
 
-def measured_gemm_peak(env: dict) -> float | None:
+def pins_text(env: dict) -> str:
+    return ",".join(f"{k}={env.get(k, 'unset')}" for k in OPENBLAS_PINS)
+
+
+def measured_gemm_peak(env: dict, level: str, rows: list) -> float | None:
     """GFLOP/s of a 4096^3 OpenBLAS sgemm on both cores under env's OpenBLAS pins, in its own
-    process."""
+    process; its row (provider numpy-sgemm-probe@level) joins `rows`, the CSV's, since every
+    "% of the path's sgemm" is against it."""
     proc = subprocess.run([sys.executable, __file__, "--worker", "gemm-peak"], capture_output=True,
                           text=True, env=env)
     if proc.returncode != 0:
@@ -160,6 +166,12 @@ def measured_gemm_peak(env: dict) -> float | None:
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"  fp32 GEMM peak probe: {r['gflops']:.0f} GFLOP/s (OpenBLAS sgemm {GEMM_PEAK_N}^3, "
           f"kernel {r['coretype']})")
+    seconds = 2.0 * GEMM_PEAK_N ** 3 / r["gflops"] / 1e9
+    rows.append({"metric": "sgemm_peak_probe", "provider": f"numpy-sgemm-probe@{level}", "n": GEMM_PEAK_N,
+                 "m": GEMM_PEAK_N, "d": GEMM_PEAK_N, "dtype": "float32", "device": common.cpu_device(),
+                 "threads": r["threads"], "median_ms": seconds * 1e3, "tflops": r["gflops"] / 1e3,
+                 "versions": f"{common.versions()} {pins_text(env)}", "git_sha": common.git_sha(),
+                 "date": common.today()})
     return r["gflops"]
 
 
@@ -290,7 +302,7 @@ def main() -> int:
         if lv not in CPU_LEVELS:
             parser.error(f"--cpu-paths: expected levels from {', '.join(CPU_LEVELS)}, got {lv!r}")
     # per path, the sgemm of the kernel family that path's baselines use
-    path_peak = {lv: measured_gemm_peak(blas_env(os.environ, lv, args.keep_coretype)) for lv in levels}
+    path_peak = {lv: measured_gemm_peak(blas_env(os.environ, lv, args.keep_coretype), lv, rows) for lv in levels}
     pins = {k: os.environ.get(k, "unset") for k in OPENBLAS_PINS}
     print(f"CPU paths: {', '.join(levels)}; environment pins {pins} (kept for FAISS)")
     for data in args.data.split(","):
@@ -332,7 +344,7 @@ def main() -> int:
                 if line.startswith("  ["):
                     print(line)
             row = json.loads(proc.stdout.strip().splitlines()[-1])
-            row["openblas_pins"] = ",".join(f"{k}={env.get(k, 'unset')}" for k in OPENBLAS_PINS)
+            row["versions"] += " " + pins_text(env)  # the CSV's column for the environment
             results[key] = row
             rows.append(row)
             print(f"  {key:28} {row['median_ms'] / 1e3:8.2f} s  {row['pairs_per_s'] / 1e6:9.1f} Mpairs/s  "
