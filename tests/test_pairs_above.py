@@ -159,6 +159,53 @@ def test_refuses_foreign_stale_and_non_pairs_folders(tmp_path):
         pairs_above(x, 0.5, tmp_path / "a" / "b")
 
 
+def test_damaged_folders_are_refused_not_read(tmp_path):
+    """A shard's bytes changed in place (same size), a hand-edited manifest (a shard listed twice,
+    a wrong count, a missing field, wrong types) and pairs outside 0 <= i < j < n under a
+    recomputed sha256: each a one-line ValueError, never pairs."""
+    import hashlib
+    import json
+
+    x = make_rows(300, 8)
+    folder = tmp_path / "p"
+    pairs_above(x, 0.3, folder)
+    good = (folder / "manifest.json").read_text()
+    shard = folder / "pairs-000000.npy"
+    original = shard.read_bytes()
+    flipped = bytearray(original)
+    flipped[200] ^= 0x40  # inside the data, size unchanged
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="stale: shard pairs-000000.npy is missing or changed"):
+        read_pairs(folder)
+    shard.write_bytes(original)
+    assert read_pairs(folder)[0].size > 0
+
+    def edited(change):
+        m = json.loads(good)
+        change(m)
+        (folder / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ValueError, match="is damaged: ") as info:
+            read_pairs(folder)
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    assert "expected 'pairs-000001.npy'" in edited(lambda m: m["shards"].append(dict(m["shards"][0])))
+    assert "not the sum" in edited(lambda m: m.update(count=5))
+    assert "exactly file, count, bytes and sha256" in edited(lambda m: m["shards"][0].pop("bytes"))
+    assert "names 7" in edited(lambda m: m["shards"][0].update(file=7))
+    assert "shards must be a list" in edited(lambda m: m.update(shards="pairs-000000.npy"))
+    assert "rows_done must be an integer" in edited(lambda m: m.update(rows_done="12", complete=False))
+    # a crafted shard with its sha256 recomputed: the pairs' range is still checked
+    m = json.loads(good)
+    arr = np.load(shard)
+    arr["i"][0] = 10 ** 12
+    np.save(shard, arr, allow_pickle=False)
+    m["shards"][0].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"outside 0 <= i < j < n = 300"):
+        read_pairs(folder)
+
+
 def test_no_pairs_and_single_row(tmp_path):
     m = pairs_above(make_rows(1, 4), 0.0, tmp_path / "one")
     assert m["count"] == 0

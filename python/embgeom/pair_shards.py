@@ -5,9 +5,11 @@ A folder holds `manifest.json` and shards `pairs-000000.npy`, ... Each shard is 
 structured dtype (i int64, j int64, similarity float32), read with allow_pickle=False. Every
 file is written with io.atomic_write (unique temporary name, rename). The manifest names the
 input (a fingerprint of the stored rows, the metric and the threshold), the rows finished so
-far, the shards with their pair counts and sizes, and `complete`. A killed run leaves the
+far, the shards with their pair counts, sizes and sha256, and `complete`. A killed run leaves the
 manifest of its last finished block: a rerun with the same input continues after it, a rerun
-with another input is refused, and `read_pairs` refuses a folder that is not complete.
+with another input is refused, and `read_pairs` refuses a folder that is not complete, a manifest
+that is not one this module writes, a shard whose bytes changed (sha256) and pairs outside
+0 <= i < j < n.
 Memory stays independent of the pair count: pairs are flushed to a shard every
 SHARD_PAIRS pairs.
 """
@@ -15,16 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
 import numpy as np
 
-from .io import atomic_write
+from .io import _sha256, atomic_write
 
 MANIFEST = "manifest.json"
 KIND = "embgeom-pairs"
-VERSION = 1
+VERSION = 2             # 2: shards carry their sha256
 PAIR_DTYPE = np.dtype([("i", "<i8"), ("j", "<i8"), ("similarity", "<f4")])
 SHARD_PAIRS = 1 << 22   # pairs held in memory before a shard is written (80 MB)
 SAVE_SECONDS = 30.0     # the manifest is brought up to date at least this often
@@ -50,7 +53,44 @@ def _read_manifest(folder: str) -> dict | None:
     if m["version"] != VERSION:
         raise ValueError(f"out: {path} was written by pairs folder version {m['version']}; "
                          f"this version reads {VERSION}: write the pairs again into an empty folder")
+    problem = _manifest_problem(m)
+    if problem:
+        raise ValueError(f"out: {path} is damaged: {problem}; write the pairs again into an empty folder")
     return m
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What makes a manifest other than one ShardWriter writes (None: nothing): the reader trusts
+    its counts, names and sizes only after this."""
+    if not isinstance(m["fingerprint"], str) or not isinstance(m["metric"], str):
+        return "fingerprint and metric must be strings"
+    for key in ("n", "d", "rows_done", "count"):
+        if not _is_int(m[key]) or m[key] < 0:
+            return f"{key} must be an integer >= 0, got {m[key]!r}"
+    if not isinstance(m["threshold"], (int, float)) or isinstance(m["threshold"], bool):
+        return f"threshold must be a number, got {m['threshold']!r}"
+    if m["rows_done"] > m["n"]:
+        return f"rows_done {m['rows_done']} > n {m['n']}"
+    if not isinstance(m["complete"], bool) or (m["complete"] and m["rows_done"] != m["n"]):
+        return "complete must be true or false, and true only with every row done"
+    if not isinstance(m["shards"], list):
+        return "shards must be a list"
+    for k, s in enumerate(m["shards"]):
+        if not isinstance(s, dict) or set(s) != {"file", "count", "bytes", "sha256"}:
+            return f"shard entry {k} must hold exactly file, count, bytes and sha256"
+        if s["file"] != _shard_name(k):  # in order, each once
+            return f"shard entry {k} names {s['file']!r}, expected {_shard_name(k)!r}"
+        if not (_is_int(s["count"]) and s["count"] >= 0 and _is_int(s["bytes"]) and s["bytes"] >= 0):
+            return f"shard {s['file']}: count and bytes must be integers >= 0"
+        if not (isinstance(s["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])):
+            return f"shard {s['file']}: sha256 must be 64 hex digits"
+    if m["count"] != sum(s["count"] for s in m["shards"]):
+        return f"count {m['count']} is not the sum of the shards' counts"
+    return None
 
 
 class ShardWriter:
@@ -109,8 +149,9 @@ class ShardWriter:
         name = _shard_name(len(self.manifest["shards"]) + len(self._pending))
         with atomic_write(os.path.join(self.folder, name), binary=True, name="out") as f:
             np.save(f, arr, allow_pickle=False)
-        self._pending.append({"file": name, "count": int(arr.shape[0]),
-                              "bytes": os.path.getsize(os.path.join(self.folder, name))})
+        path = os.path.join(self.folder, name)
+        self._pending.append({"file": name, "count": int(arr.shape[0]), "bytes": os.path.getsize(path),
+                              "sha256": _sha256(path)})
         self._buf, self._held = [], 0
 
     def add_rows(self, rows_done: int, pieces) -> None:
@@ -152,7 +193,8 @@ class ShardWriter:
 def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of a finished `pairs_above` folder -> (i (P,) int64, j (P,) int64,
     similarity (P,) float32), ordered by (i, j). ValueError (one line) on a folder that is
-    missing, unfinished, or whose shards do not match its manifest."""
+    missing, unfinished, or whose shards do not match its manifest (size, sha256, dtype, count;
+    pairs outside 0 <= i < j < n)."""
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise ValueError(f"folder: no such folder {folder}")
@@ -165,7 +207,7 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     parts = []
     for s in m["shards"]:
         path = os.path.join(folder, s["file"])
-        if not os.path.isfile(path) or os.path.getsize(path) != s["bytes"]:
+        if not os.path.isfile(path) or os.path.getsize(path) != s["bytes"] or _sha256(path) != s["sha256"]:
             raise ValueError(f"folder: {folder} is stale: shard {s['file']} is missing or changed since "
                              "the manifest was written; write the pairs again")
         try:
@@ -175,6 +217,8 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if a.dtype != PAIR_DTYPE or a.shape != (s["count"],):
             raise ValueError(f"folder: {folder} is stale: shard {s['file']} holds {a.shape} {a.dtype}, "
                              f"the manifest says {s['count']} pairs")
+        if a.shape[0] and not (a["i"].min() >= 0 and a["j"].max() < m["n"] and np.all(a["i"] < a["j"])):
+            raise ValueError(f"folder: shard {path} holds pairs outside 0 <= i < j < n = {m['n']}")
         parts.append(a)
     arr = np.concatenate(parts) if parts else np.empty(0, PAIR_DTYPE)
     if arr.shape[0] > 1:
