@@ -30,10 +30,21 @@ def _require(module: str, package: str):
 
 
 # ---------------------------------------------------------------------------------- graph
+def fp32_cosine_error(d: int) -> float:
+    """A bound on |fp32 cosine - exact cosine| for the engine's exact-mode values: unit rows
+    rounded to float32 (2u) and a d-term fp32 sum of products (gamma_d = d u / (1 - d u), any
+    summation order), u = 2^-24, with a tenth more for the float64 rescoring's own rounding."""
+    du = (d + 3) * 2.0 ** -24
+    return 1.1 * du / (1.0 - du)
+
+
 def exact_knn(x, k: int, *, backend: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Exact cosine k-NN graph: the fused engine's per-row top-k, its similarities recomputed in
-    float64 from the input's rows and each row re-sorted by them (near-collinear clouds have
-    cosine distances down to 1e-6, where the engine's float32 values keep one or two digits).
+    """Exact cosine k-NN graph in float64: the fused engine's per-row top-(k + extra) in fp32,
+    their similarities recomputed in float64 from the input's rows and each row re-sorted by them
+    (near-collinear clouds have cosine distances down to 1e-6, where the engine's float32 values
+    keep one or two digits). A row's k best are certain when its k-th float64 value exceeds its
+    last candidate's fp32 value by more than the fp32 error bound: every other column's exact
+    value lies below. Rows without that certificate are searched in float64 against every row.
 
     x: (N, D); k <= N - 1. Returns indices (N, k) int64 (self excluded, float64 similarity
     descending, ties by column index), similarities (N, k) float64 and the seconds it took. Zero
@@ -46,45 +57,79 @@ def exact_knn(x, k: int, *, backend: str | None = None) -> tuple[np.ndarray, np.
     if zero.size:
         raise ValueError(f"x: zero rows have no cosine neighbours: rows {zero[:10].tolist()}")
     start = time.perf_counter()
+    wide = min(n - 1, k + max(8, k // 8))  # the candidates beyond k make the certificate
     res = pairwise_stats(torch.from_numpy(xm), metric="cosine", bins=0, topk=0, bottomk=0,
-                         row_topk=k, backend=backend)
+                         row_topk=wide, backend=backend)
     idx = res.row_topk.indices.cpu().numpy().astype(np.int64)
+    last32 = res.row_topk.values.cpu().numpy().astype(np.float64)[:, -1]
     x64 = as_matrix64(x)
     pair_values = registry.cpp_kernel("pair_values")
     if pair_values is not None and np.array_equal(xm, x64):  # float32 rows: the C++ pair sums
-        sim = rescore_pairs(pair_values, xm, idx)
+        def rescore(i, rows=None):
+            return rescore_pairs(pair_values, xm, i, rows)
     else:
-        sim = rescore64(x64, idx)
-    order = np.lexsort((idx, -sim), axis=1)
-    idx, sim = np.take_along_axis(idx, order, 1), np.take_along_axis(sim, order, 1)
+        def rescore(i, rows=None):
+            return rescore64(x64, i, rows)
+    idx, sim = _by_value(idx, rescore(idx))
+    if wide < n - 1:  # (with every other row a candidate there is nothing outside to fear)
+        unsure = np.nonzero(~(sim[:, k - 1] > last32 + fp32_cosine_error(xm.shape[1])))[0]
+        if unsure.size:
+            found = knn_float64_rows(x64, unsure, k)
+            idx[unsure, :k], sim[unsure, :k] = _by_value(found, rescore(found, unsure))
     seconds = time.perf_counter() - start
-    return idx, sim, seconds
+    return np.ascontiguousarray(idx[:, :k]), np.ascontiguousarray(sim[:, :k]), seconds
 
 
-def rescore_pairs(pair_values, xm: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def _by_value(idx: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row ordered by float64 similarity descending, ties by column ascending."""
+    order = np.lexsort((idx, -sim), axis=1)
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(sim, order, 1)
+
+
+def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
+    """The k nearest columns of each of `rows` by float64 cosine against every row (itself
+    excluded; ties by column), (len(rows), k) int64: the search behind rows whose fp32
+    candidates are not certain (exact_knn)."""
+    nrm = np.linalg.norm(x64, axis=1)
+    unit = x64 / nrm[:, None]
+    out = np.empty((rows.size, k), np.int64)
+    for r0 in range(0, rows.size, chunk):
+        part = rows[r0:r0 + chunk]
+        vals = unit[part] @ unit.T
+        vals[np.arange(part.size), part] = -np.inf
+        kth = -np.partition(-vals, k - 1, axis=1)[:, k - 1]
+        for q in range(part.size):  # every column at or above the k-th value; ties by column
+            cand = np.flatnonzero(vals[q] >= kth[q])
+            out[r0 + q] = cand[np.lexsort((cand, -vals[q, cand]))[:k]]
+    return out
+
+
+def rescore_pairs(pair_values, xm: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """rescore64 for float32 rows xm (N, D): _C.pair_values' float64 sums of the exact products
     (one fixed order), divided by the float64 norms (the same sums of each row with itself).
     rescore64 gathers float64 copies of every listed row: 2.3-2.5 s for the vocabulary's
     30,522 x 90 graph on the AVX2 Zen 3 host, this about 0.3 s."""
-    n, k = idx.shape
+    rows = np.arange(idx.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    k = idx.shape[1]
     ids = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
-    own = np.arange(n, dtype=np.int64)
+    own = np.arange(xm.shape[0], dtype=np.int64)
     norm = np.sqrt(pair_values(xm, xm, own, own, False))
-    dots = pair_values(xm, xm, np.repeat(own, k), ids, False).reshape(n, k)
-    out = dots / (norm[:, None] * norm[idx])
+    dots = pair_values(xm, xm, np.repeat(rows, k), ids, False).reshape(rows.size, k)
+    out = dots / (norm[rows, None] * norm[idx])
     return np.clip(out, -1.0, 1.0, out=out)
 
 
-def rescore64(x64: np.ndarray, idx: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Cosine of every row i with its listed neighbours idx[i] (N, k), float64: the unit rows'
-    dot products as one matrix-vector product per row (np.matmul over a chunk of rows; np.einsum
-    took 17 s of the 30,522 x 90 graph's rescoring, this about 1.5 s)."""
+def rescore64(x64: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
+    """Cosine of every row i (or rows[i]) with its listed neighbours idx[i] (R, k), float64: the
+    unit rows' dot products as one matrix-vector product per row (np.matmul over a chunk of rows;
+    np.einsum took 17 s of the 30,522 x 90 graph's rescoring, this about 1.5 s)."""
+    rows = np.arange(idx.shape[0]) if rows is None else np.asarray(rows)
     nrm = np.linalg.norm(x64, axis=1)
     unit = x64 / np.where(nrm > 0, nrm, 1.0)[:, None]
     out = np.empty(idx.shape, np.float64)
     for r0 in range(0, idx.shape[0], chunk):
-        rows = slice(r0, r0 + chunk)
-        out[rows] = np.matmul(unit[idx[rows]], unit[rows, :, None])[..., 0]
+        part = slice(r0, r0 + chunk)
+        out[part] = np.matmul(unit[idx[part]], unit[rows[part], :, None])[..., 0]
     return np.clip(out, -1.0, 1.0, out=out)
 
 
