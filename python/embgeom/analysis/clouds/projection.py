@@ -31,10 +31,12 @@ def _require(module: str, package: str):
 
 # ---------------------------------------------------------------------------------- graph
 def fp32_cosine_error(d: int) -> float:
-    """A bound on |fp32 cosine - exact cosine| for the engine's exact-mode values: unit rows
-    rounded to float32 (2u) and a d-term fp32 sum of products (gamma_d = d u / (1 - d u), any
-    summation order), u = 2^-24, with a tenth more for the float64 rescoring's own rounding."""
-    du = (d + 3) * 2.0 ** -24
+    """A bound on |fp32 cosine - exact cosine| for the engine's exact-mode values, u = 2^-24:
+    float64 rows rounded to float32 and their norm (2u a component), the unit rows rounded to
+    float32 (u), so 6u over the products' absolute sum (<= 1 for unit rows), and a d-term fp32
+    sum (gamma_d = d u / (1 - d u), any summation order); a tenth more covers the second-order
+    terms and the float64 rescoring's own rounding."""
+    du = (d + 6) * 2.0 ** -24
     return 1.1 * du / (1.0 - du)
 
 
