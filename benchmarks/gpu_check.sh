@@ -4,6 +4,7 @@
 #   make gpu-check OUT=DIR        (= benchmarks/gpu_check.sh DIR)
 #   benchmarks/gpu_check.sh DIR --dry-run   # every step's arguments and file writing, GPU work
 #                                           # stubbed (runs on CPU; tests/test_gpu_static.py)
+#   STEPS="versions build tests" BUDGET=200 benchmarks/gpu_check.sh DIR   # some steps only
 #
 # Needs python3 (3.11 or 3.12) with a CUDA torch and Triton (3.6 or later), cmake >= 3.26, nvcc
 # for the CUDA module only; no package registry: pybind11 and pytest come from .whl/ (filled by
@@ -15,6 +16,8 @@
 # DIR receives at most 8 files: steps.log (every step's output), gpu.csv (each row written as
 # soon as it is measured), summary.json (rewritten after every step), vocab.json; build trees,
 # wheels and caches go to WORK (default ${TMPDIR:-/tmp}/embgeom-gpu-check).
+# A step past its limit gets SIGINT first (pytest then prints the failures it has, a benchmark
+# keeps the rows it wrote), SIGKILL 15 s later.
 # Exit status: the number of failed steps (steps that need the default model package are
 # skipped, not failed, where it is not installed).
 set -u
@@ -57,9 +60,11 @@ step wheels 5 15 \
 step build 30 90 \
   "CUDA=off; command -v nvcc >/dev/null && CUDA=on; ARCH=\$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f\"{c[0]}{c[1]}\")') && cmake -S '$ROOT' -B '$WORK/build' -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=\$(command -v $PY) -Dpybind11_DIR=\$($PY -m pybind11 --cmakedir) -DEMBGEOM_CUDA=\$CUDA -DCMAKE_CUDA_ARCHITECTURES=\$ARCH -DCMAKE_LIBRARY_OUTPUT_DIRECTORY='$ROOT/python/embgeom' && cmake --build '$WORK/build' -j \$(nproc) && $PY -m embgeom.info" \
   "CUDA=off; command -v nvcc >/dev/null && CUDA=on; echo \"would run: cmake -S '$ROOT' -B '$WORK/build' -DEMBGEOM_CUDA=\$CUDA -DCMAKE_CUDA_ARCHITECTURES=<the device's>\""
-step tests 30 80 \
-  "cd '$ROOT' && $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py" \
-  "cd '$ROOT' && $PY -m pytest -q -p no:cacheprovider --collect-only tests/test_gpu.py | tail -1"
+# the GPU tests, then the CUDA cases of the one backend suite (odd shapes, every input dtype)
+GPU_TESTS="-p no:cacheprovider -rfE --tb=short tests/test_gpu.py tests/test_backends.py -k 'test_gpu or cuda'"
+step tests 30 120 \
+  "cd '$ROOT' && $PY -m pytest -q $GPU_TESTS" \
+  "cd '$ROOT' && $PY -m pytest -q --collect-only $GPU_TESTS | tail -1"
 step bench_262k 40 75 \
   "cd '$ROOT' && $BENCH --n 262144 --repeats 2" \
   "cd '$ROOT' && $BENCH --n 262144 --repeats 2 --check-args"
@@ -72,6 +77,13 @@ step text 10 25 \
 step vocab 10 0 \
   "$NEEDS_MODEL; cd '$ROOT' && $PY -m embgeom vocab --device cuda --out '$WORK/vocab' 2>&1 | tail -25 && cp '$WORK/vocab/report.json' '$OUT/vocab.json'" \
   "$NEEDS_MODEL; echo 'would run: embgeom vocab --device cuda'"
+
+# STEPS: the steps to run, in the order above (default: all)
+if [ -n "${STEPS:-}" ]; then
+  for name in $STEPS; do [ -n "${MIN[$name]:-}" ] || { echo "gpu_check.sh: unknown step $name" >&2; exit 64; }; done
+  kept=(); for name in "${NAMES[@]}"; do [[ " $STEPS " == *" $name "* ]] && kept+=("$name"); done
+  NAMES=("${kept[@]}")
+fi
 
 minimum_after() {  # the minimums of the steps after index $1
   local i=0 sum=0 n
@@ -110,7 +122,7 @@ for name in "${NAMES[@]}"; do
   [ $limit -lt 1 ] && limit=1
   echo "== $name (limit ${limit}s)" | tee -a "$LOG"
   t0=$SECONDS
-  timeout -k 5 "$limit" bash -o pipefail -c "$cmd" > "$WORK/$name.log" 2>&1
+  timeout -s INT -k 15 "$limit" bash -o pipefail -c "$cmd" > "$WORK/$name.log" 2>&1
   rc=$?
   secs=$((SECONDS - t0))
   cat "$WORK/$name.log" >> "$LOG"
@@ -119,7 +131,7 @@ for name in "${NAMES[@]}"; do
   [ $rc -eq 3 ] && grep -q '^SKIP:' "$WORK/$name.log" && status=skipped
   [ $rc -ne 0 ] && [ $status != skipped ] && { status=failed; failed=$((failed + 1)); }
   echo "== $name: $status rc=$rc ${secs}s" | tee -a "$LOG"
-  json+="{\"step\": \"$name\", \"status\": \"$status\", \"rc\": $rc, \"seconds\": $secs, \"limit\": $limit, \"timed_out\": $([ $rc -eq 124 ] && echo true || echo false)},"
+  json+="{\"step\": \"$name\", \"status\": \"$status\", \"rc\": $rc, \"seconds\": $secs, \"limit\": $limit, \"timed_out\": $([ $rc -eq 124 ] || [ $rc -eq 137 ] && echo true || echo false)},"
   write_summary
   i=$((i + 1))
 done
