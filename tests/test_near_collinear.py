@@ -261,6 +261,36 @@ def test_fp32_candidates_are_certified_or_searched_in_float64(monkeypatch):
     assert sum(searched) > 0
 
 
+def test_float64_search_breaks_long_ties_by_column():
+    """Identical rows (every candidate uncertain, every similarity tied) and rows of small
+    integers (many exact ties): the float64 search returns each row's k best by value, ties by
+    column, as a full lexsort does."""
+    same = np.tile(np.random.default_rng(0).standard_normal((1, 16)), (300, 1))
+    idx, sim, _ = projection.exact_knn(same, 6)
+    np.testing.assert_array_equal(idx, [[c for c in range(7) if c != i][:6] for i in range(300)])
+    np.testing.assert_allclose(sim, 1.0)
+    ints = np.random.default_rng(1).integers(-1, 2, (400, 6)).astype(np.float64)
+    ints[~ints.any(1)] = 1.0
+    u = ints / np.linalg.norm(ints, axis=1)[:, None]
+    c = u @ u.T
+    np.fill_diagonal(c, -np.inf)
+    got = projection.knn_float64_rows(ints, np.arange(400), 9)
+    for i in range(400):
+        np.testing.assert_array_equal(got[i], np.lexsort((np.arange(400), -c[i]))[:9])
+
+def test_half_precision_tensors_are_read_exactly():
+    """bfloat16 and float16 tensors (a model's own dtype) go through as their exact values:
+    the same neighbours and similarities as their float64 widening, no TypeError from numpy."""
+    rows = torch.from_numpy(np.random.default_rng(5).standard_normal((120, 32)))
+    for half in (torch.bfloat16, torch.float16):
+        x = rows.to(half)
+        idx, sim, _ = projection.exact_knn(x, 4)
+        want_idx, want_sim, _ = projection.exact_knn(x.double().numpy(), 4)
+        np.testing.assert_array_equal(idx, want_idx)
+        np.testing.assert_array_equal(sim, want_sim)
+        np.testing.assert_array_equal(geometry.as_matrix64(x), x.double().numpy())
+        assert geometry.as_matrix(x).dtype == np.float32
+
 def test_vocab_float64_sections():
     """The vocab sections computed in float64 (token types, mean embedding, PCA) on
     near-collinear rows."""

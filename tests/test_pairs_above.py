@@ -184,7 +184,7 @@ def test_damaged_folders_are_refused_not_read(tmp_path):
         m = json.loads(good)
         change(m)
         (folder / "manifest.json").write_text(json.dumps(m))
-        with pytest.raises(ValueError, match="is damaged: ") as info:
+        with pytest.raises(ValueError, match="^folder: .* is damaged: ") as info:
             read_pairs(folder)
         assert "\n" not in str(info.value)
         return str(info.value)
@@ -195,6 +195,9 @@ def test_damaged_folders_are_refused_not_read(tmp_path):
     assert "names 7" in edited(lambda m: m["shards"][0].update(file=7))
     assert "shards must be a list" in edited(lambda m: m.update(shards="pairs-000000.npy"))
     assert "rows_done must be an integer" in edited(lambda m: m.update(rows_done="12", complete=False))
+    # the writer names its own argument for the same damage
+    with pytest.raises(ValueError, match="^out: .* is damaged: "):
+        pairs_above(x, 0.3, folder)
     # a crafted shard with its sha256 recomputed: the pairs' range is still checked
     m = json.loads(good)
     arr = np.load(shard)

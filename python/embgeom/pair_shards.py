@@ -37,7 +37,9 @@ def _shard_name(k: int) -> str:
     return f"pairs-{k:06d}.npy"
 
 
-def _read_manifest(folder: str) -> dict | None:
+def _read_manifest(folder: str, arg: str) -> dict | None:
+    """The folder's manifest (None: it has none); ValueError naming `arg` (the caller's argument)
+    when it is damaged."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.exists(path):
         return None
@@ -45,17 +47,17 @@ def _read_manifest(folder: str) -> dict | None:
         with open(path, encoding="utf-8") as f:
             m = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"out: {path} is damaged (not the JSON manifest of an embgeom pairs folder)") from None
+        raise ValueError(f"{arg}: {path} is damaged (not the JSON manifest of an embgeom pairs folder)") from None
     want = {"kind", "version", "fingerprint", "n", "d", "metric", "threshold", "rows_done",
             "complete", "count", "shards"}
     if not isinstance(m, dict) or m.get("kind") != KIND or set(m) != want:
-        raise ValueError(f"out: {path} is not the manifest of an embgeom pairs folder")
+        raise ValueError(f"{arg}: {path} is not the manifest of an embgeom pairs folder")
     if m["version"] != VERSION:
-        raise ValueError(f"out: {path} was written by pairs folder version {m['version']}; "
+        raise ValueError(f"{arg}: {path} was written by pairs folder version {m['version']}; "
                          f"this version reads {VERSION}: write the pairs again into an empty folder")
     problem = _manifest_problem(m)
     if problem:
-        raise ValueError(f"out: {path} is damaged: {problem}; write the pairs again into an empty folder")
+        raise ValueError(f"{arg}: {path} is damaged: {problem}; write the pairs again into an empty folder")
     return m
 
 
@@ -109,7 +111,7 @@ class ShardWriter:
         os.makedirs(folder, exist_ok=True)
         self.folder, self.progress = folder, progress
         self.shard_pairs = SHARD_PAIRS if shard_pairs is None else shard_pairs
-        old = _read_manifest(folder)
+        old = _read_manifest(folder, "out")
         mine = {"fingerprint": fingerprint, "n": n, "d": d, "metric": metric, "threshold": threshold}
         if old is None:
             if any(not name.startswith(".") for name in os.listdir(folder)):
@@ -198,7 +200,7 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise ValueError(f"folder: no such folder {folder}")
-    m = _read_manifest(folder)
+    m = _read_manifest(folder, "folder")
     if m is None:
         raise ValueError(f"folder: {folder} has no {MANIFEST} (not written by embgeom.pairs_above)")
     if not m["complete"]:

@@ -16,16 +16,24 @@ from ...numerics import bin_index
 def as_matrix(x, name: str = "x") -> np.ndarray:
     """(N, D) float32 numpy array from a tensor / array (validation.embeddings: shape, dtype,
     finite rows)."""
-    x = validation.embeddings(np.asarray(x) if not isinstance(x, (torch.Tensor, np.ndarray)) else x, name)
-    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    return np.ascontiguousarray(_validated_numpy(x, name, torch.float32), dtype=np.float32)
 
 
 def as_matrix64(x, name: str = "x") -> np.ndarray:
     """(N, D) float64 numpy array (the input's values, no float32 rounding on the way)."""
     if isinstance(x, np.ndarray) and x.dtype == np.float64 and x.ndim == 2 and np.isfinite(x).all():
         return np.ascontiguousarray(x)
+    return np.ascontiguousarray(_validated_numpy(x, name, torch.float64), dtype=np.float64)
+
+
+def _validated_numpy(x, name: str, wide: torch.dtype) -> np.ndarray:
+    """validation.embeddings, then numpy; bfloat16 tensors (numpy has no such dtype) widen
+    to `wide` first, which holds their values exactly."""
     x = validation.embeddings(np.asarray(x) if not isinstance(x, (torch.Tensor, np.ndarray)) else x, name)
-    return np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float64)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.to(wide) if x.dtype == torch.bfloat16 else x).numpy()
+    return x
 
 # -------------------------------------------------------------------------- labelled sets
 def silhouette(x, labels, metric: str = "cosine") -> float | None:

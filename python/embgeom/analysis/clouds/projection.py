@@ -99,10 +99,15 @@ def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256
         part = rows[r0:r0 + chunk]
         vals = unit[part] @ unit.T
         vals[np.arange(part.size), part] = -np.inf
-        kth = -np.partition(-vals, k - 1, axis=1)[:, k - 1]
-        for q in range(part.size):  # every column at or above the k-th value; ties by column
-            cand = np.flatnonzero(vals[q] >= kth[q])
-            out[r0 + q] = cand[np.lexsort((cand, -vals[q, cand]))[:k]]
+        # torch.topk: np.partition degrades on long ties (100 ns an element on identical rows)
+        kth = torch.topk(torch.from_numpy(vals), k, dim=1, sorted=False).values.amin(1).numpy()
+        for q in range(part.size):
+            # the columns above the k-th value (fewer than k) by value, then those equal to it
+            # by column (flatnonzero's order): no sort of a long tie (identical rows)
+            above = np.flatnonzero(vals[q] > kth[q])
+            above = above[np.lexsort((above, -vals[q, above]))]
+            tied = np.flatnonzero(vals[q] == kth[q])[:k - above.size]
+            out[r0 + q] = np.concatenate((above, tied))
     return out
 
 
