@@ -195,6 +195,8 @@ def test_damaged_folders_are_refused_not_read(tmp_path):
     assert "names 7" in edited(lambda m: m["shards"][0].update(file=7))
     assert "shards must be a list" in edited(lambda m: m.update(shards="pairs-000000.npy"))
     assert "rows_done must be an integer" in edited(lambda m: m.update(rows_done="12", complete=False))
+    assert "metric must be one of cosine, dot, l2" in edited(lambda m: m.update(metric="jaccard"))
+    assert "threshold must be a finite number" in edited(lambda m: m.update(threshold=float("nan")))
     # the writer names its own argument for the same damage
     with pytest.raises(ValueError, match="^out: .* is damaged: "):
         pairs_above(x, 0.3, folder)

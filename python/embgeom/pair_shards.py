@@ -16,6 +16,7 @@ SHARD_PAIRS pairs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -23,6 +24,7 @@ import time
 
 import numpy as np
 
+from .index import METRICS as PAIR_METRICS
 from .io import _sha256, atomic_write
 
 MANIFEST = "manifest.json"
@@ -73,8 +75,11 @@ def _manifest_problem(m: dict) -> str | None:
     for key in ("n", "d", "rows_done", "count"):
         if not _is_int(m[key]) or m[key] < 0:
             return f"{key} must be an integer >= 0, got {m[key]!r}"
-    if not isinstance(m["threshold"], (int, float)) or isinstance(m["threshold"], bool):
-        return f"threshold must be a number, got {m['threshold']!r}"
+    if m["metric"] not in PAIR_METRICS:
+        return f"metric must be one of {', '.join(PAIR_METRICS)}, got {m['metric']!r}"
+    if not isinstance(m["threshold"], (int, float)) or isinstance(m["threshold"], bool) \
+            or not math.isfinite(m["threshold"]):
+        return f"threshold must be a finite number, got {m['threshold']!r}"
     if m["rows_done"] > m["n"]:
         return f"rows_done {m['rows_done']} > n {m['n']}"
     if not isinstance(m["complete"], bool) or (m["complete"] and m["rows_done"] != m["n"]):
