@@ -318,6 +318,8 @@ def test_helix_period_and_curves():
     path = np.stack([0.05 * p, np.cos(2 * np.pi * p / 40), np.sin(2 * np.pi * p / 40)], 1)
     h = positions.helix_period(path)
     assert h["period"] == pytest.approx(40, rel=1e-3) and h["plane"] == "2-3"
+    best = h["planes"]["2-3"]
+    assert best["turns"] * best["period"] == pytest.approx(199) and best["turns"] == pytest.approx(199 / 40, rel=1e-3)
     pos = torch.randn(30, 8, dtype=torch.float64)
     c = positions.cosine_curves(pos, window=12, offset=5)
     u = pos / pos.norm(dim=1, keepdim=True)

@@ -89,7 +89,7 @@ def _expected(model, tokenizer, sentences):
         want[r] = {"count": total[r], "best": [best // 2 // H + 1, best // 2 % H, word_heads.DIRECTIONS[best % 2]]
                    if flat[best] > 0 else None,
                    "accuracy": float(flat[best]),
-                   "offset_baseline": {"offset": o, "accuracy": offs[r][o] / total[r]}}
+                   "offset_baseline": {"offset": o if offs[r][o] else None, "accuracy": offs[r][o] / total[r]}}
     return want, correct["all"] / total["all"]
 
 

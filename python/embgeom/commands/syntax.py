@@ -59,9 +59,10 @@ def main(args) -> int:
               f"maximum{' (--max-length)' if args.max_length else ''} were skipped (report.json "
               "syntax.skipped_too_long)", file=sys.stderr)
     a = block["all"]
+    offset = a["offset_baseline"]["offset"]
     print(f"embgeom syntax: {fmt(block['n_sentences'])} sentences, {fmt(block['n_words'])} words in "
           f"{seconds(prov.seconds())} (forward passes {seconds(block['seconds'])}); best head overall "
-          f"{'L{} h{} {}'.format(*a['best']) if a['best'] else 'none'} {a['accuracy']:.3f} (offset {a['offset_baseline']['offset']:+d}: "
+          f"{'L{} h{} {}'.format(*a['best']) if a['best'] else 'none'} {a['accuracy']:.3f} (offset {'none' if offset is None else f'{offset:+d}'}: "
           f"{a['offset_baseline']['accuracy']:.3f}) -> {os.path.join(args.out, 'report.html')}",
           file=sys.stderr)
     if "probe" in block:

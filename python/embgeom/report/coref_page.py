@@ -20,7 +20,7 @@ def write_coref_report(out_dir: str, report: dict) -> None:
     ax.set_title("antecedent selection accuracy per head", fontsize=9)
     layer_head_axes(ax, acc.shape[0], acc.shape[1])
     png = save_figure(fig, out_dir, "coref_heads")
-    summary = table_html(["model", "documents", "mentions", "scored mentions", "skipped (too long)", "seconds"],
+    summary = table_html(["model", "documents", "mentions", "scored mentions", "skipped (too long)", "forward passes and scoring (s)"],
                          [[report["model"], c["n_documents"], c["n_mentions"], c["n_scored"],
                            c["skipped_too_long"], round(c["seconds"], 1)]])
     b = c["baselines"]

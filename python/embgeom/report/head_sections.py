@@ -31,8 +31,19 @@ def _heat(ax, fig, data, title, cmap="viridis", vmin=None, vmax=None, fmt=None, 
     ax.set_title(title, fontsize=9)
     layer_head_axes(ax, *data.shape)
     if fmt and data.size <= 16 * 16:
+        finite = data[np.isfinite(data)]
+        if finite.size and finite.min() < finite.max() and fmt.endswith("f}"):
+            # up to 2 decimals, as many as it takes for cells of different values to read
+            # differently (12.8 in every cell hid what the colours showed)
+            distinct = np.unique(finite).size
+            for decimals in range(int(fmt[-3]), 3):
+                if len({f"{v:.{decimals}f}" for v in finite.tolist()}) == distinct:
+                    break
+            fmt = f"{{:.{decimals}f}}"
         for (i, j), v in np.ndenumerate(data):
-            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="w")
+            # dark text on the colour map's light cells, light text on its dark ones
+            light = np.isfinite(v) and sum(im.cmap(im.norm(v))[:3]) > 1.8
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="k" if light else "w")
 
 
 def _layer_band(ax, v, label: str = "mean over heads", color=None) -> None:
@@ -55,7 +66,7 @@ def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) ->
     a1 = fig.add_subplot(1, 3, 1)
     _layer_band(a1, ce, "mean over a text's rows (Clark)")
     a1.plot(layers, cls_e.mean(1), "s--", label="from [CLS] (row 0)")
-    a1.axhline(block["uniform_entropy"], color="gray", ls=":", label="uniform (mean ln n)")
+    a1.axhline(block["uniform_entropy"], color="gray", ls=":", label="uniform (ln n, mean over texts)")
     a1.set_title("attention row entropy (nats), smoothing 1e-4", fontsize=9)
     a1.set_ylabel("entropy (nats)")
     layer_axis(a1, L)
@@ -76,10 +87,11 @@ def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) ->
     png2 = save_figure(fig, out_dir, "clark_entropy")
     sections.append(("How focused is each head? Entropy per head (Clark; value histogram)",
                      f"<p>{defined('clark')}: Clark et al. (arXiv 1906.04341): row entropy of 0.9999 A + 0.0001/n, mean over "
-                     "a text's rows, then over texts; from [CLS]: row 0 only; the uniform baseline is the "
-                     "mean of ln n. Value-histogram entropy: the geometry-of-BERT authors' code "
-                     f"(arXiv 2502.12033), maximum ln 20. Uniform baseline: {fmt_number(block['uniform_entropy'], 3)} "
-                     "nats.</p>", [png, png2]))
+                     "a text's rows, then over texts; from [CLS]: row 0 only. Its uniform baseline is ln n averaged "
+                     f"the same way, over texts: {fmt_number(block['uniform_entropy'], 3)} nats (the row "
+                     "entropy heat map averages over rows, so long texts weigh more there and its "
+                     "baseline differs). Value-histogram entropy: the geometry-of-BERT authors' code "
+                     "(arXiv 2502.12033), maximum ln 20.</p>", [png, png2]))
 
     if "js_divergence" in block:
         js = _arr(block["js_divergence"])
@@ -359,18 +371,22 @@ def context_maps_section(out_dir: str, cs: dict, max_tokens: int = 64):
     for k in maps["text_ids"]:
         S = data[f"text{k}_S"][..., :max_tokens, :max_tokens].astype(float)
         pngs.append(_head_grid(out_dir, f"context_maps_{k}", S, scaled, dict(cmap="RdBu_r", vmin=-1, vmax=1),
-                               ("token j", "token i"), "S[i, j] / max |S| of the head"))
+                               ("token j", "token i"), "S[i, j] / max |S| of the head",
+                               title=f"text {k}: S = O O\u1d40 per layer and head"))
     ids = ", ".join(str(k) for k in maps["text_ids"])
-    return ("Context similarity maps S = O O<sup>T</sup> per head (arXiv 2512.21956)",
+    # (headings are escaped text: the transpose as a Unicode superscript, not <sup>)
+    return ("Context similarity maps S = O O\u1d40 per head (arXiv 2512.21956)",
             f"<p>Texts {ids} (0-based; real tokens, at most {max_tokens} drawn); "
             f"{maps['file']} holds every map (text<i>k</i>_S: layer, head, i, j; text<i>k</i>_tokens).</p>",
             pngs)
 
 
-def _head_grid(out_dir: str, name: str, maps, shown, style: dict, axes: tuple[str, str], label: str) -> str:
-    """One L x H grid of per-head maps (L, H, n, n) drawn as shown(map) with one colour bar."""
+def _head_grid(out_dir: str, name: str, maps, shown, style: dict, axes: tuple[str, str], label: str,
+               title: str = "") -> str:
+    """One L x H grid of per-head maps (L, H, n, n) drawn as shown(map) with one colour bar, the
+    axes named once for the grid (per panel they were too small to read)."""
     L, H = maps.shape[:2]
-    fig, _ = new_figure(1.8 * H + 1.5, 1.8 * L + 0.6)
+    fig, _ = new_figure(1.8 * H + 1.5, 1.8 * L + 1.0)
     fig.clf()
     for l in range(L):
         for h in range(H):
@@ -378,9 +394,11 @@ def _head_grid(out_dir: str, name: str, maps, shown, style: dict, axes: tuple[st
             im = ax.imshow(shown(maps[l, h]), **style)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"L{l + 1} H{h}", fontsize=7)
-            ax.set_xlabel(axes[0], fontsize=6)
-            ax.set_ylabel(axes[1], fontsize=6)
+            ax.set_title(f"L{l + 1} H{h}", fontsize=9)
+    fig.supxlabel(f"{axes[0]} (left to right) in every panel", fontsize=11)
+    fig.supylabel(f"{axes[1]} (top to bottom) in every panel", fontsize=11)
+    if title:
+        fig.suptitle(title, fontsize=13)
     fig.colorbar(im, ax=fig.axes, label=label)
     return save_figure(fig, out_dir, name)
 
@@ -393,7 +411,8 @@ def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
         safe = "".join(c if c.isalnum() else "_" for c in str(g))
         pngs.append(_head_grid(out_dir, f"class_maps_{safe}", np.asarray(m, dtype=float),
                                lambda a: np.ma.masked_less(a, theta), dict(cmap="Blues", vmin=0, vmax=1),
-                               ("key", "query"), f"class-mean attention (entries < {theta:g} hidden)"))
+                               ("key", "query"), f"class-mean attention (entries < {theta:g} hidden)",
+                               title=f"label {g}: class-mean attention per layer and head"))
     ent = block.get("entropies") or {}
     if ent:
         panels = (("value_entropy_padded", f"value-histogram entropy, padded to {block['padded_to']} (nats)"),

@@ -27,6 +27,13 @@ def write_script_page(path: str, title: str, style: str, body: str, data_id: str
     return path
 
 
+def _plain(v) -> str:
+    """A provenance value as a reader writes it: lists as 138 x 7 x 384 for shapes, else joined."""
+    if isinstance(v, (list, tuple)):
+        return " x ".join(str(x) for x in v) if all(isinstance(x, int) for x in v) else ", ".join(str(x) for x in v)
+    return str(v)
+
+
 def provenance_html(prov: dict | None) -> str:
     """The page footer: how this report was made (the report.json `provenance` object)."""
     if not prov:
@@ -48,7 +55,10 @@ def provenance_html(prov: dict | None) -> str:
                      html.escape(f"{entry['path']} ({fmt(entry['bytes'])} bytes)")))
     for key in ("input", "depth", "depth_rule"):
         if key in prov:
-            rows.append((key.replace("_", " "), html.escape(str(prov[key]))))
+            v = prov[key]
+            # a dict (project's input: file, shape, ...) as "key: value" parts, not Python's repr
+            text = "; ".join(f"{k.replace('_', ' ')}: {_plain(x)}" for k, x in v.items()) if isinstance(v, dict) else _plain(v)
+            rows.append((key.replace("_", " "), html.escape(text)))
     rows.append(("started", html.escape(f"{prov.get('started')} (UTC); wall time up to this page "
                                         f"{seconds(prov.get('total_seconds') or 0.0)}")))
     cells = "".join(f"<tr><th style='text-align:left'>{k}</th><td>{v}</td></tr>" for k, v in rows)

@@ -91,9 +91,9 @@ def head_strips(fig, panels: list[tuple], layers: int, heads: int, *, columns: i
         ax.scatter(layer, mean, marker="_", s=300, color="k", linewidths=2,
                    label="mean over heads" if k == 0 else None, zorder=3)
         if baseline is not None:
-            ax.axhline(baseline, color="gray", ls=":", lw=1, label="uniform (mean ln n)" if k == 0 else None)
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel(ylabel, fontsize=8)
+            ax.axhline(baseline, color="gray", ls=":", lw=1, label="uniform (ln n, averaged as the dots)" if k == 0 else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=9)
         layer_axis(ax, layers)
     fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="lower center", fontsize=7,
                ncol=min(heads + 2, 8), bbox_to_anchor=(0.5, -0.02 - 0.025 * ((heads + 2) // 8)))

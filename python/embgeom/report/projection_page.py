@@ -18,7 +18,10 @@ def write_outputs(out_dir: str, proj, *, texts=None, title: str = "", provenance
     np.save(os.path.join(out_dir, "projection.npy"), proj.embedding.astype(np.float32))
     report = proj.to_dict()
     axis = {"pca": "PC", "tsne": "t-SNE"}.get(proj.method, proj.method.upper())
-    name = title or f"{proj.method} of {proj.n} x {proj.d}"
+    depth = getattr(provenance, "extra", {}).get("depth") if provenance is not None else None
+    name = title or (f"{proj.method} of {proj.n} x {proj.d}" + (f" at depth {depth}" if depth is not None else "")
+                     + (f", perplexity {fmt(proj.perplexity)}" if proj.perplexity is not None else "")
+                     + (f", {proj.k} neighbours" if proj.k else ""))
     scatter_png(out_dir, "projection", proj.embedding, proj.labels, title=name,
                 xlabel=f"{axis} 1", ylabel=f"{axis} 2")
     if proj.pca_curves is not None:

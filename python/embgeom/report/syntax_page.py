@@ -27,15 +27,15 @@ def write_syntax_report(out_dir: str, report: dict) -> None:
     png = save_figure(fig, out_dir, "syntax_heads")
     rows = []
     for name, e in sorted(s["relations"].items(), key=lambda kv: -kv[1]["count"]) + [("all", s["all"])]:
-        b = e["best"]  # None: no head gets any word right (root: no head predicts ROOT)
+        b = e["best"]  # None: no head gets any word right (root: no head predicts ROOT); so for offsets
         rows.append([name, e["count"], f"L{b[0]} h{b[1]}" if b else "none", b[2] if b else "-", e["accuracy"],
-                     e["offset_baseline"]["offset"], e["offset_baseline"]["accuracy"]])
-    summary = table_html(["model", "sentences", "words", "skipped (too long)", "seconds"],
+                     "none" if e["offset_baseline"]["offset"] is None else e["offset_baseline"]["offset"], e["offset_baseline"]["accuracy"]])
+    summary = table_html(["model", "sentences", "words", "skipped (too long)", "forward passes and scoring (s)"],
                          [[report["model"], s["n_sentences"], s["n_words"], s["skipped_too_long"],
                            round(s["seconds"], 1)]])
     body = (f"<p>{defined('syntax')}: Clark et al. (arXiv 1906.04341, section 4.2): for each relation the head and direction "
             "whose most-attended word is the gold head most often (best of all heads x 2 directions, "
-            "chosen on this data), against the best fixed offset -3..2. Best head: L = layer (1..L), "
+            "chosen on this data), against the best fixed offset -3..2 (none where no offset is right on any word). Best head: L = layer (1..L), "
             "h = head (from 0), as in report.json; none where no head is right on any word (root: no head "
             "predicts ROOT; Clark's table leaves root out, its \"all\" keeps the root words). Relations with few instances are noisy (the paper reports those "
             "with at least 100).</p>"

@@ -65,8 +65,13 @@ def clark_strips(out_dir: str, report: dict, L: int, H: int) -> str:
                    report["entropy"]["uniform_baseline"])]
     # Clark's figure 2 averages per text first (attention_to_per_text); older reports lack it
     to = report.get("attention_to_per_text") or report["attention_to"]
-    panels += [(title, nan(to[key]), "attention mass per query row", None)
-               for key, title in CLARK_TARGETS if key in to]
+    for key, title in CLARK_TARGETS:
+        if key in to:
+            v = nan(to[key])
+            # softmax attention is never 0: a mass of 0 everywhere means no such token
+            absent = bool(np.isfinite(v).all() and not v.any())
+            panels.append((title + ("\n(no such token in these texts)" if absent else ""), v,
+                           "attention mass per query row", None))
     fig = new_figure(14, 6.4)[0]
     fig.clf()
     head_strips(fig, panels, L, H)
@@ -118,20 +123,23 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
     pngs["cone"] = save_figure(fig, out_dir, "cone_index")
 
     ent = r.entropy.cpu().numpy()
-    pngs["entropy"] = _heatmap(out_dir, "entropy", ent, f"attention row entropy (nats); uniform "
-                               f"baseline {fmt(r.uniform_baseline, 3)}", label="entropy (nats)")
+    pngs["entropy"] = _heatmap(out_dir, "entropy", ent, f"attention row entropy (nats), mean over rows; uniform "
+                               f"baseline (mean ln n over the same rows) {fmt(r.uniform_baseline, 3)}", label="entropy (nats)")
     fig, ax = new_figure(7.5, 6.5)
     head_matrix(fig, ax, r.js_distance.cpu().numpy(), L, H, title="Jensen-Shannon distance between heads",
                 label="JS distance (sqrt of nats)", vmin=0)
     pngs["js"] = save_figure(fig, out_dir, "js_distance")
 
-    fig, _ = new_figure(13, 2.8)
+    fig, _ = new_figure(15, 3.0)
     fig.clf()
     for i, key in enumerate(("cls", "sep", "punct", "prev", "next")):
         ax = fig.add_subplot(1, 5, i + 1)
         im = ax.imshow(r.attention_to[key].cpu().numpy(), vmin=0, vmax=1, cmap="Blues", aspect="auto")
         ax.set_title(f"to {key}")
         layer_head_axes(ax, L, H)
+        ax.tick_params(axis="x", labelsize=6)
+        if i:  # one layer axis label for the row of panels: the others ran into their neighbours
+            ax.set_ylabel("")
     fig.colorbar(im, ax=fig.axes, label="attention mass per query row")
     pngs["attention_to"] = save_figure(fig, out_dir, "attention_to")
 
@@ -292,10 +300,16 @@ def trajectory_plots(out_dir: str, path: str) -> tuple[list[str], dict]:
         _, mean, comps = projection.pca_fit(flat, 2)
         paths = ((flat.astype(np.float64) - mean) @ comps).reshape(n, last, 2)
         ax = fig.add_subplot(1, 2, a + 1)
+        shown = set()
         for i in range(n):
-            c = PALETTE[int(text[i]) % len(PALETTE)]
-            ax.plot(paths[i, :last, 0], paths[i, :last, 1], "-o", ms=2, lw=0.8, color=c, alpha=0.7)
-            ax.annotate(tokens[i], paths[i, last - 1], fontsize=6)
+            t = int(text[i])
+            c = PALETTE[t % len(PALETTE)]
+            ax.plot(paths[i, :last, 0], paths[i, :last, 1], "-o", ms=2, lw=0.8, color=c, alpha=0.7,
+                    label=None if t in shown else f"text {t}")
+            shown.add(t)
+            # the end label set off by a few points, stepped by token: ends that meet stay readable
+            ax.annotate(str(tokens[i]), paths[i, last - 1], xytext=(3, -6 + 6 * (i % 3)),
+                        textcoords="offset points", fontsize=6, color=c)
         ax.scatter(paths[:, 0, 0], paths[:, 0, 1], color="red", s=12, zorder=3, label="depth 0 (embeddings)")
         ax.set_title("token paths, PCA of all depths" if last == depths else "PCA without the last depth")
         ax.set_xlabel("PC 1")
@@ -393,7 +407,11 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
     fig.suptitle("labelled [CLS] sets over depth", fontsize=10)
     fig.tight_layout()
     pngs.append(save_figure(fig, out_dir, "groups_depth"))
-    fig, ax = new_figure(8, 4.5)
+    # within labels and across label pairs in two panels: one set of colours each (in one panel
+    # the pairs' dotted lines reused the labels' colours)
+    fig = new_figure(14, 4.8)[0]
+    fig.clf()
+    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     lo, hi = 1.0, -1.0
 
     def curve(h):
@@ -415,16 +433,19 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
         edges, share, used = curve(st["cosine"]["hist"])
         if used.size:
             lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
-        ax.step(edges[:-1], share, where="post", ls=":", lw=1, color=cmap(k / max(len(pairs) - 1, 1)),
+        bx.step(edges[:-1], share, where="post", lw=1, color=cmap(k / max(len(pairs) - 1, 1)),
                 label=key.replace("|", " x "))
-    if lo < hi:  # the range the data covers, not -1..1
-        pad = 0.02 * (hi - lo)
-        ax.set_xlim(lo - pad, hi + pad)
-    ax.set_xlabel("cosine")
-    ax.set_ylabel("share of pairs")
-    ax.set_title(f"pairwise cosine within labels (solid) and across all {len(pairs)} label pairs (dotted)",
-                 fontsize=9)
-    ax.legend(fontsize=6, ncol=2 if len(pairs) > 8 else 1, bbox_to_anchor=(1.01, 1), loc="upper left")
+    for a, title in ((ax, "pairwise cosine within each label"),
+                     (bx, f"pairwise cosine across label pairs ({len(pairs)})")):
+        if lo < hi:  # the range the data covers (both panels alike), not -1..1
+            pad = 0.02 * (hi - lo)
+            a.set_xlim(lo - pad, hi + pad)
+        a.set_xlabel("cosine")
+        a.set_ylabel("share of pairs")
+        a.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    bx.legend(fontsize=6, ncol=2 if len(pairs) > 8 else 1, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
     pngs.append(save_figure(fig, out_dir, "groups_cosine_hist"))
     return pngs, notes
 

@@ -8,6 +8,13 @@ import numpy as np
 import torch
 
 from ..analysis.vocab.sections import MEAN_MEASURES, OUTSIDE, TABLE_K
+
+MEAN_MEASURE_NAMES = {"euclidean": "Euclidean distance to the mean embedding",
+                      "cosine": "cosine with the mean embedding",
+                      "abs_cosine": "|cosine| with the mean embedding",
+                      "dot": "dot product with the mean embedding",
+                      "abs_dot": "|dot product| with the mean embedding",
+                      "norm": "the token's own norm"}
 from . import new_figure, save_figure, table_html, write_html
 from ..formatting import fmt
 from .definitions import defined
@@ -57,10 +64,12 @@ def write_plots(out_dir: str, plots: dict, provenance: dict | None = None) -> di
         ax.plot(path[:, 0], path[:, 1], path[:, 2], lw=0.6, color="grey")
         sc = ax.scatter(path[:, 0], path[:, 1], path[:, 2], c=range(len(path)), s=4, cmap="viridis")
         # the colour bar apart from the axes (pad): beside them it covered the z-axis title
-        fig.colorbar(sc, ax=ax, label="position", shrink=0.7, pad=0.12)
-        ax.set_xlabel("PC 1")
-        ax.set_ylabel("PC 2")
-        ax.set_zlabel("PC 3")
+        fig.colorbar(sc, ax=ax, label="position", shrink=0.7, pad=0.2)
+        # labels set off from the tick labels (they overlapped them)
+        ax.set_xlabel("PC 1", labelpad=10)
+        ax.set_ylabel("PC 2", labelpad=10)
+        ax.set_zlabel("PC 3", labelpad=10)
+        ax.tick_params(labelsize=7)
         ax.set_title("position embeddings, first 3 principal components")
         pngs["positional_pca3d"] = save_figure(fig, out_dir, "positional_pca3d")
 
@@ -100,11 +109,14 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
     sections.append(("How similar are the word embeddings? All pairs", pairs_body, [pngs["pairs_hist"]]))
     me = report["mean_embedding"]
     me_body = "".join(
-        f"<h3>{name.replace('_', ' ')}</h3>" + t(["top id", "top token", "value", "bottom id", "bottom token", "value"],
-                                                [a + b for a, b in zip(me[name]["top"], me[name]["bottom"])])
+        f"<h3>{MEAN_MEASURE_NAMES[name]}</h3>" + t(["id", "token", "largest", "id", "token", "smallest"],
+                                                  [a + b for a, b in zip(me[name]["top"], me[name]["bottom"])])
         for name in MEAN_MEASURES)
     sections.append(("Which tokens are closest to the mean embedding?",
-                     f"<p>norm of the {defined('mean_embedding')} {fmt(me['mean_norm'])}</p>" + me_body,
+                     f"<p>norm of the {defined('mean_embedding')} {fmt(me['mean_norm'])}. Each table: the "
+                     "tokens with the largest and the smallest value of its measure (for the Euclidean "
+                     "distance the largest are the farthest from the mean; for the cosines the largest "
+                     "the most aligned with it).</p>" + me_body,
                      [pngs["mean_embedding"]]))
     if "absent" in report["positional"]:
         sections.append(("Position embeddings", f"<p>absent: {report['positional']['absent']}</p>", []))
@@ -119,7 +131,8 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
         tp = report["token_position"]
         body = (f"<p>{fmt(tp['count'])} token x position pairs; mean cosine {fmt(tp['mean'])}; "
                 f"{fmt(tp['outside']['count'])} outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
-                + t(["token id", "token", "position", "cosine"], tp["top_pairs"] + tp["bottom_pairs"]))
+                + "<h3>most similar</h3>" + t(["token id", "token", "position", "cosine"], tp["top_pairs"])
+                + "<h3>least similar</h3>" + t(["token id", "token", "position", "cosine"], tp["bottom_pairs"]))
         sections.append(("Do word and position embeddings share directions? Token x position", body, []))
     if "absent" in report["token_type"]:
         sections.append(("Token-type embeddings", f"<p>absent: {report['token_type']['absent']}</p>", []))
@@ -165,9 +178,10 @@ def position_plots(out_dir: str, plots: dict, proj_arrays: dict | None,
     lim = float(np.nanpercentile(np.abs(raw), 99.5)) or 1.0
     im = ax.imshow(raw, aspect="auto", cmap="RdBu_r", interpolation="nearest", vmin=-lim, vmax=lim,
                    extent=(0, raw.shape[1], b - 0.5, a - 0.5))
-    fig.colorbar(im, ax=ax, extend="both", label=f"value (clipped at +-{fmt(lim, 3)}, the 99.5th "
-                 f"percentile of |value|; range {fmt(float(np.nanmin(raw)), 3)}..{fmt(float(np.nanmax(raw)), 3)})")
-    ax.set_xlabel("coordinate")
+    # the colour bar's long note goes under the plot: as its label it outgrew the figure
+    fig.colorbar(im, ax=ax, extend="both", label="value")
+    ax.set_xlabel(f"coordinate\ncolours clipped at +-{fmt(lim, 3)} (the 99.5th percentile of |value|); "
+                  f"values range {fmt(float(np.nanmin(raw)), 3)}..{fmt(float(np.nanmax(raw)), 3)}")
     ax.set_ylabel("position")
     ax.set_title("position embeddings, raw values")
     pngs["positions_raw"] = save_figure(fig, out_dir, "positions_raw")
@@ -249,12 +263,18 @@ def position_section(report: dict, pngs: dict) -> tuple[str, str, list[str]]:
     h = g["helix"]
     cv = g["cls_vs_position0"]
     body = f"<p>positions {g['range'][0]}..{g['range'][1] - 1}. Helix period (3-D PCA path): "
-    body += (f"{fmt(h['period'], 3)} positions (plane PC{h['plane']}, R^2 {fmt(h['planes'][h['plane']]['r2'], 3)})"
-             if h["period"] else "none found (no PCA plane turns a full circle)") + ".</p>"
-    body += table_html(["plane", "period", "R^2", "turns"],
+    body += (f"{fmt(h['period'], 4)} positions (plane PC{h['plane']}, R^2 {fmt(h['planes'][h['plane']]['r2'], 4)})"
+             if h["period"] else "none found (no PCA plane turns a full circle)") + ". "
+    body += ("In each plane of two principal components, the angle of each position around the path's "
+             "centre is unwrapped and fitted by a line in the position: the period is the positions "
+             "per full turn of that line, turns its full turns over the range (period x turns = "
+             "positions - 1), R^2 the fit's.</p>")
+    body += table_html(["plane", "period (positions)", "R^2", "turns"],
                        [[k, v["period"], v["r2"], v["turns"]] for k, v in h["planes"].items()])
     if cv:
-        body += table_html(["||[CLS]||", "||position 0||", "Euclidean", "max-coordinate", "cosine"],
+        body += ("<p>The [CLS] word embedding beside position 0's embedding (both are added to the "
+                 "first token's input):</p>")
+        body += table_html(["||[CLS]||", "||position 0||", "Euclidean distance", "max-coordinate distance", "cosine"],
                            [[cv["cls_norm"], cv["position0_norm"], cv["euclidean"], cv["max_coordinate"], cv["cosine"]]])
     sn = g.get("sinusoidal")
     if sn:

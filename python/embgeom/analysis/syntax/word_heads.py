@@ -206,10 +206,10 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
         best = int(flat.argmax())                                          # first best
         k, d = divmod(best, 2)
         o = int(off[:, r].argmax())
-        # no head right on any word (root: no head predicts ROOT): no best head to name
+        # no head (offset) right on any word (root: nothing predicts ROOT): none to name
         return {"count": int(total[r]), "best": [k // H + 1, k % H, DIRECTIONS[d]] if flat[best] > 0 else None,
                 "accuracy": float(flat[best]),
-                "offset_baseline": {"offset": OFFSETS[o], "accuracy": float(off[o, r])}}
+                "offset_baseline": {"offset": OFFSETS[o] if off[o, r] > 0 else None, "accuracy": float(off[o, r])}}
 
     return {
         "definitions": "docs/metrics.md, attention heads; Clark et al. arXiv 1906.04341 section 4.2 (word-level "

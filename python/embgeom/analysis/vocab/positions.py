@@ -144,13 +144,15 @@ def helix_period(path: np.ndarray) -> dict:
         ss = ((theta - theta.mean()) ** 2).sum()
         r2 = float(1 - (resid ** 2).sum() / ss) if ss > 0 else 0.0
         slope = float(coef[1])
+        # turns from the fitted slope (not the end points' angles): period x turns = P - 1
         planes[f"{a + 1}-{b + 1}"] = {"period": float(2 * np.pi / abs(slope)) if slope else None,
-                                      "r2": r2, "turns": float(abs(theta[-1] - theta[0]) / (2 * np.pi))}
+                                      "r2": r2, "turns": float(abs(slope) * (p.size - 1) / (2 * np.pi))}
     best = max((k for k in planes if planes[k]["period"] is not None and planes[k]["turns"] >= 1),
                key=lambda k: planes[k]["r2"], default=None)
     return {"planes": planes, "plane": best, "period": planes[best]["period"] if best else None,
             "definition": "theta(p) = unwrapped angle around the centre in a PCA plane; "
-                          "least-squares theta ~ a + b p; period = 2 pi / |b|"}
+                          "least-squares theta ~ a + b p; period = 2 pi / |b| positions; "
+                          "turns = |b| (P - 1) / (2 pi) over the P positions"}
 
 
 def cls_vs_position0(word: torch.Tensor, pos: torch.Tensor, cls_id: int | None) -> dict | None:
