@@ -360,16 +360,21 @@ def test_candidate_vote_is_one_block_or_per_slab_without_a_cross_warp_reduction(
     reduced along the row inside the warp only) and one scalar call per slab takes the block's
     OR (bar.red.or). A reduction of a tile to a scalar crosses warps through shared memory, and
     ptxas kept its lane-predicated second stage alive from one tile to the next (spills on
-    Triton 3.6)."""
+    Triton 3.6). Each candidate append (behind the slab's vote) also votes, on a scalar: is
+    its stream full? (one side of the branch for the whole block; see _append)."""
     ir = _compiled_ir()
     full = ir["full-bf16"]
     split = 4
     marks = [ln for ln in full["vote"] if "embgeom_vote_mark" in ln]
     takes = [ln for ln in full["vote"] if "embgeom_vote_take" in ln]
     clears = [ln for ln in full["vote"] if "embgeom_vote_clear" in ln]
-    assert len(marks) == len(takes) == split and len(clears) == 1, full["vote"]
-    for line in marks:
+    slab_marks = [ln for ln in marks if "tensor<" in ln]
+    append_marks = [ln for ln in marks if "tensor<" not in ln]
+    assert len(slab_marks) == split and len(clears) == 1, full["vote"]
+    for line in slab_marks:
         assert re.search(r"\(tensor<64xf32", line), line  # one maximum per row of the slab
+    # top, bottom, row top-k and outside pairs append in every slab
+    assert len(append_marks) == 4 * split and len(takes) == len(marks), full["vote"]
     for line in takes + clears:
         assert "tensor<" not in line, line  # one call per thread: a scalar
 
@@ -460,3 +465,20 @@ def test_committed_profiles_carry_the_speed_model(name):
         assert row["spill"] == 0 and (row["stack"] == 0 or prof["triton"] != "3.6.0"), (variant, row)
     assert prof["variants"]["full-bf16"]["model"]["predicted_seconds"] <= 2.5
     assert prof["variants"]["rowtopk-bf16"]["model"]["predicted_seconds"] <= 1.6
+
+
+def test_shared_memory_opt_in_covers_the_block_library():
+    """Static (block library) + dynamic (Triton) shared memory above 48 KB needs the opt-in that
+    Triton sets only for a dynamic share above 48 KB: the exact variant with a histogram (9,216
+    static + 42,000 dynamic bytes, its static profile's 51,216) failed every launch on an H200
+    without it."""
+    pytest.importorskip("triton")
+    from embgeom.kernels.triton import pairwise
+
+    static = pairwise.block_library_bytes(gpu_plan.hist_slots(2000), gpu_plan.EXACT_WARPS, True)
+    assert static == 9216
+    profile = json.loads((ROOT / "benchmarks/results/gpu_static_profile_triton3.6.0.json").read_text())
+    assert profile["variants"]["full-exact"]["shared"] == static + 42000
+    assert pairwise.shared_opt_in(static, 42000) == 42000
+    assert pairwise.shared_opt_in(1024, 42000) is None  # within 48 KB: no opt-in
+    assert pairwise.shared_opt_in(static, 74776) is None  # Triton opted in (dynamic > 48 KB)

@@ -251,7 +251,7 @@ def _append_probe_kernel(cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
     cols = tl.arange(0, 8)
     m = ((rows[:, None] + cols[None, :]) % 2) == 0
     v = (rows[:, None] * 8 + cols[None, :]).to(tl.float32)
-    pairwise_kernels._append(m, v, rows, cols, 1, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+    pairwise_kernels._append(m, v, rows, cols, 1, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, False)
 
 
 def test_candidate_counts_are_64_bit():

@@ -200,7 +200,7 @@ _vote_take = _block_fn("embgeom_vote_take", "int32")    # (scalar): the block's 
 
 
 @triton.jit
-def _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
+def _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, LINKED: tl.constexpr):
     """Append the masked pairs of a (R, C) tile to stream s as (v, row, col): one relaxed
     atomic per appended pair (predicated off elsewhere), so no tile-wide count or scan that
     every tile would pay; appends are rare once thresholds are seeded.
@@ -209,8 +209,16 @@ def _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
     only takes appends while it is below cap, read uncached before each slab; a slab that finds
     the stream full adds its count to the int64 drop counter cnt_ptr[8 + 2s : 10 + 2s] instead.
     The int32 counter thus stays below cap + programs x slab size (< 2^31 for cap <= 2^30), and
-    int32 + int64 counts every pair, so an overflow can neither wrap nor hide from the retry."""
+    int32 + int64 counts every pair, so an overflow can neither wrap nor hide from the retry.
+
+    Compiled (LINKED), the block takes one side of `if full`: each thread loads the counter
+    itself while other programs' appends raise it, and threads on different sides of the drop
+    path's row count (a reduction across warps, with a barrier, in the 8-warp exact variant)
+    would hang the block. The block's OR of the threads' views decides (the vote library)."""
     full = tl.load(cnt_ptr + s, volatile=True) >= cap
+    if LINKED:
+        _vote_mark(tl.where(full, 0.0, -1.0))
+        full = _vote_take(0) != 0
     if full:
         # one relaxed atomic per row that drops pairs: counted along the row inside the warp, no
         # cross-warp count (whose predicated second stage ptxas keeps alive across tiles)
@@ -231,7 +239,7 @@ def _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap):
 
 @triton.jit
 def _global_stream(key, v, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
-                   ci_ptr, cj_ptr, cap, margin, G: tl.constexpr, BM: tl.constexpr):
+                   ci_ptr, cj_ptr, cap, margin, G: tl.constexpr, BM: tl.constexpr, LINKED: tl.constexpr):
     """Global list s. Live bound: the pairs are split into G buckets by tile-local row block; the
     running maximum of each bucket (gbuck, global memory) is a distinct pair, so their minimum
     bounds the G-th (>= k-th) best key, and it keeps rising as tiles go by."""
@@ -247,13 +255,13 @@ def _global_stream(key, v, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, cnt_
             tl.atomic_max(thr_ptr + s, lb, sem="relaxed")
             thr = lb
     m = key >= thr - margin
-    _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+    _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, LINKED)
 
 
 @triton.jit
 def _row_stream(key, v, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, rbuck_ptr, n_rows,
                 cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF: tl.constexpr,
-                G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LINKED: tl.constexpr):
     """Per-row lists: row i gets neighbour j; in self mode row j also gets neighbour i, and a
     pair that passes either row's threshold is appended once as (i, j) (the caller offers it
     to both rows). Live bound per row as in _global_stream: row i's pairs (i, j) fall in G buckets by the
@@ -285,7 +293,7 @@ def _row_stream(key, v, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, r
             cthr = tl.maximum(cthr, clb)
         # one append for both sides: the caller offers each (i, j) to rows i and j
         m = m | (key >= cthr[None, :] - margin)
-    _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+    _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, LINKED)
 
 
 @triton.jit
@@ -360,7 +368,7 @@ def _tile_epilogue(
         # kernel (stream 6) and the caller reduces their directly computed distances
         close = valid & (d2 < near_tau * scale2)
         if COLLECT_CLOSE:
-            _append(close, v, rows, cols, 6, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+            _append(close, v, rows, cols, 6, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, LINKED)
         valid = valid & (close == 0)
 
     if DO_STATS:
@@ -412,7 +420,7 @@ def _tile_epilogue(
                         gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr,
                         cj_ptr, cap, near, margin, near_margin, cut_i, cut_j,
                         SELF, TOP, BOT, NEAR, RTOP, RBOT, OUTL,
-                        G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BW)
+                        G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BW, LINKED)
     return acc_n, acc_s, acc_q, hist
 
 
@@ -465,29 +473,29 @@ def _candidates(v, rows, cols, row_ok, col_ok, N, out_a, out_b,
                 SELF: tl.constexpr, TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr,
                 RTOP: tl.constexpr, RBOT: tl.constexpr, OUTL: tl.constexpr,
                 G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
-                G_RBOT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr):
+                G_RBOT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr, LINKED: tl.constexpr):
     """The candidate streams of a slab that holds at least one candidate (rarely taken once
     thresholds are seeded): each stream's exact mask and its appends."""
     if TOP:
         _global_stream(v, v, rows, cols, 0, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
-                       cap, margin, G_TOP, BM)
+                       cap, margin, G_TOP, BM, LINKED)
     if BOT:
         _global_stream(-v, v, rows, cols, 1, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
-                       cap, margin, G_BOT, BM)
+                       cap, margin, G_BOT, BM, LINKED)
     if NEAR:
         _global_stream(-tl.abs(v - near), v, rows, cols, 2, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
-                       ci_ptr, cj_ptr, cap, near_margin, G_NEAR, BM)
+                       ci_ptr, cj_ptr, cap, near_margin, G_NEAR, BM, LINKED)
     if RTOP:
         _row_stream(v, v, rows, cols, row_ok, col_ok, 3, rthr_ptr, rbuck_top_ptr, N, cnt_ptr,
-                    cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RTOP, BM, BW)
+                    cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RTOP, BM, BW, LINKED)
     if RBOT:
         _row_stream(-v, v, rows, cols, row_ok, col_ok, 4, rthr_ptr, rbuck_bot_ptr, N, cnt_ptr,
-                    cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RBOT, BM, BW)
+                    cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RBOT, BM, BW, LINKED)
     if OUTL:
         # only pairs before (cut_i, cut_j) in (i, j) order can still enter the list
         before = (rows[:, None] < cut_i) | ((rows[:, None] == cut_i) & (cols[None, :] < cut_j))
         om2 = ((v < out_a) | (v > out_b)) & before
-        _append(om2, v, rows, cols, 5, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap)
+        _append(om2, v, rows, cols, 5, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, LINKED)
 
 
 @triton.jit
@@ -565,7 +573,6 @@ def _pairwise_stats_kernel(
         else:
             c = t // band_rows
         rows = r * BM + tl.arange(0, BM)
-        cols = c * BN + tl.arange(0, BN)
         # TMA tile loads (zero fill past N, M and D): no pointer tiles in registers, and the
         # loop pipelines into wgmma on Hopper
         acc = tl.zeros([BM, BN], tl.float32)
@@ -676,14 +683,58 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
     x_desc = TensorDescriptor.from_tensor(x, [bm, bk])
     y_desc = x_desc if (y is x and bn == bm) else TensorDescriptor.from_tensor(y, [bn, bk])
     compiled = x.device.type != "cpu"  # the CPU interpreter cannot link the block library
-    return _pairwise_stats_kernel[(grid,)](
-        x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
-        part_cnt, part_sum, part_sq, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
-        out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap,
-        near, margin, near_margin, cut_i, cut_j, shift, near_tau,
-        **constexprs(metric=metric, self_mode=self_mode, has_valid=has_valid, in_prec=in_prec,
-                     do_stats=do_stats, nb=nb, ghist=ghist, has_out=has_out, collect_close=collect_close,
-                     streams=streams, groups=groups, bm=bm, bk=bk, upcast=not compiled, split=split,
-                     bn=bn, linked=compiled),
-        num_warps=num_warps, num_stages=num_stages, **compile_options(nb, num_warps, compiled),
-    )
+    args = (x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
+            part_cnt, part_sum, part_sq, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
+            out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap,
+            near, margin, near_margin, cut_i, cut_j, shift, near_tau)
+    kw = dict(**constexprs(metric=metric, self_mode=self_mode, has_valid=has_valid, in_prec=in_prec,
+                           do_stats=do_stats, nb=nb, ghist=ghist, has_out=has_out, collect_close=collect_close,
+                           streams=streams, groups=groups, bm=bm, bk=bk, upcast=not compiled, split=split,
+                           bn=bn, linked=compiled),
+              num_warps=num_warps, num_stages=num_stages, **compile_options(nb, num_warps, compiled))
+    if compiled:
+        # compile (or find) first, so the shared-memory opt-in is set before the first launch
+        kernel = _pairwise_stats_kernel.warmup(*args, grid=(grid,), **kw)
+        allow_block_library_shared(kernel.result() if hasattr(kernel, "result") else kernel)
+    return _pairwise_stats_kernel[(grid,)](*args, **kw)
+
+
+# Shared memory above 48 KB per block needs an opt-in on the kernel (the CUDA attribute
+# MAX_DYNAMIC_SHARED_SIZE_BYTES). Triton 3.6 sets it only when its own, dynamic, share passes
+# 48 KB; the block library's slots are static shared memory on top of that. The exact fp32
+# variant with a histogram launches 42,000 dynamic + 9,216 static bytes: no opt-in, and every
+# launch failed on an H200 (2026-12-04, benchmarks/results/gpu_check_2026-12-04_h200.log).
+SHARED_WITHOUT_OPT_IN = 48 * 1024
+CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1
+CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+_opted_in: set = set()
+
+
+def shared_opt_in(static: int, dynamic: int) -> int | None:
+    """The dynamic shared-memory opt-in a kernel with these static and dynamic bytes needs beyond
+    what Triton sets, or None (total within 48 KB, or dynamic above it: Triton opted in)."""
+    if static + dynamic <= SHARED_WITHOUT_OPT_IN or dynamic > SHARED_WITHOUT_OPT_IN:
+        return None
+    return dynamic
+
+
+def allow_block_library_shared(kernel) -> None:
+    """Set the opt-in shared_opt_in asks for on a compiled kernel (once per loaded function)."""
+    import ctypes
+
+    fn = kernel.function  # loads the module on the current device
+    if fn in _opted_in:
+        return
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    static = ctypes.c_int(0)
+    err = libcuda.cuFuncGetAttribute(ctypes.byref(static), CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, ctypes.c_void_p(fn))
+    if err:
+        raise RuntimeError(f"cuFuncGetAttribute(SHARED_SIZE_BYTES) failed: CUresult {err}")
+    want = shared_opt_in(static.value, int(kernel.metadata.shared))
+    if want is not None:
+        err = libcuda.cuFuncSetAttribute(ctypes.c_void_p(fn), CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                         ctypes.c_int(want))
+        if err:
+            raise RuntimeError(f"cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {want}) failed: CUresult {err} "
+                               f"({static.value} static + {want} dynamic bytes of shared memory)")
+    _opted_in.add(fn)
