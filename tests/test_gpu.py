@@ -97,7 +97,9 @@ def test_large_against_torch_engine_and_memory(cuda):
 def test_auto_dispatch_on_cuda_tensors(cuda):
     x = make_embeddings(300, 32, device=cuda)
     got = embgeom.pairwise_stats(x, bins=10, topk=2)
-    assert got.backend in ("cuda", "triton")
+    # registry.FAILED_ON_DEVICE: auto passes over the GPU kernels until a GPU check passes
+    want = ("torch",) if ("triton", "pairwise_stats") in registry.FAILED_ON_DEVICE else ("cuda", "triton")
+    assert got.backend in want
     assert got.hist.counts.device.type == "cuda"
     assert embgeom.cone_index(x[None]).backend == "triton"
 

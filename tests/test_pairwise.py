@@ -3,6 +3,8 @@ comparison with the float64 reference is tests/test_backends.py)."""
 from __future__ import annotations
 
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -87,3 +89,24 @@ def test_explicit_unusable_backend_lists_reasons():
 def test_auto_dispatch_never_picks_the_triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert embgeom.pairwise_stats(make_embeddings(5, 3)).backend in ("cpp", "torch")
+
+
+def test_auto_dispatch_passes_over_kernels_that_failed_on_a_gpu(monkeypatch):
+    """registry.FAILED_ON_DEVICE: on CUDA tensors auto picks the next backend (torch), with the
+    reason in the skipped list; asked for by name the kernel still runs. No GPU here: the
+    device backends are made to look usable and the tensor to look like a CUDA one."""
+    from embgeom.backends import registry
+
+    registry.ensure_registered()
+    for name in ("triton", "cuda"):
+        monkeypatch.setattr(registry.BACKENDS[name], "base_reasons", lambda x: [])
+    fake_cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    assert ("triton", "pairwise_stats") in registry.FAILED_ON_DEVICE
+    assert registry.pick("pairwise_stats", fake_cuda)[0] == "torch"
+    assert registry.pick("pairwise_stats", fake_cuda, backend="triton")[0] == "triton"
+    # only the failed op: the entropy kernel is still picked
+    assert registry.pick("attention_entropy", fake_cuda)[0] == "triton"
+    monkeypatch.setattr(registry.BACKENDS["torch"], "base_reasons", lambda x: ["off for this test"])
+    monkeypatch.setattr(registry.BACKENDS["reference"], "base_reasons", lambda x: ["off"])
+    with pytest.raises(ValueError, match="failed on an NVIDIA H200"):
+        registry.pick("pairwise_stats", fake_cuda)

@@ -102,6 +102,10 @@ def main(args) -> int:
         if row["why_not_cpu"] and row["why_not_cuda"] and row["why_not_cpu"] != row["why_not_cuda"]:
             why = f"cpu: {row['why_not_cpu']}; cuda: {row['why_not_cuda']}"
         print(f"{row['backend']:10} {row['op']:18} {'yes' if row['cpu'] else 'no':4} {'yes' if row['cuda'] else 'no':4}  {why}")
+    failed = {row["auto_passes_over_on_cuda"] for row in info["backends"] if row["auto_passes_over_on_cuda"]}
+    for note in sorted(failed):
+        names = [f"{r['backend']} {r['op']}" for r in info["backends"] if r["auto_passes_over_on_cuda"] == note]
+        print(f"not picked automatically on CUDA ({', '.join(names)}): {note}")
     return 0
 
 
