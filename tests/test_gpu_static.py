@@ -482,3 +482,36 @@ def test_shared_memory_opt_in_covers_the_block_library():
     assert pairwise.shared_opt_in(static, 42000) == 42000
     assert pairwise.shared_opt_in(1024, 42000) is None  # within 48 KB: no opt-in
     assert pairwise.shared_opt_in(static, 74776) is None  # Triton opted in (dynamic > 48 KB)
+
+
+def test_shared_memory_opt_in_calls_the_driver_once_per_function(monkeypatch):
+    """allow_block_library_shared on a stand-in compiled kernel and driver: loads the kernel's
+    module first, reads the function's static bytes, sets the opt-in to the dynamic share
+    (51,216 bytes in all here), and asks the driver only once per function."""
+    import ctypes
+
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from embgeom.kernels.triton import pairwise
+
+    calls = []
+
+    class Driver:
+        def cuFuncGetAttribute(self, out, attr, fn):
+            calls.append(("get", attr, fn.value))
+            ctypes.cast(out, ctypes.POINTER(ctypes.c_int)).contents.value = 9216
+            return 0
+
+        def cuFuncSetAttribute(self, fn, attr, value):
+            calls.append(("set", attr, fn.value, value.value))
+            return 0
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver())
+    monkeypatch.setattr(pairwise, "_opted_in", set())
+    kernel = SimpleNamespace(function=None, metadata=SimpleNamespace(shared=42000))
+    kernel._init_handles = lambda: setattr(kernel, "function", 0x7F00)
+    pairwise.allow_block_library_shared(kernel)
+    pairwise.allow_block_library_shared(kernel)
+    assert calls == [("get", pairwise.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, 0x7F00),
+                     ("set", pairwise.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 0x7F00, 42000)]

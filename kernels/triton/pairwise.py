@@ -722,7 +722,8 @@ def allow_block_library_shared(kernel) -> None:
     """Set the opt-in shared_opt_in asks for on a compiled kernel (once per loaded function)."""
     import ctypes
 
-    fn = kernel.function  # loads the module on the current device
+    kernel._init_handles()  # loads the module on the current device (a no-op once loaded)
+    fn = kernel.function
     if fn in _opted_in:
         return
     libcuda = ctypes.CDLL("libcuda.so.1")
