@@ -1,5 +1,5 @@
-"""Every figure of the text, vocab and project reports names its axes (read from the figure
-objects as they are saved: matplotlib's Axes, and the Plotly figure each interactive scatter page
+"""Every figure of the text, vocab and project reports names its axes, a grid's axes at least once
+per row / column or figure-wide (read from the figure objects as they are saved: matplotlib's Axes, and the Plotly figure each interactive scatter page
 holds as JSON), and head axes carry integer ticks."""
 from __future__ import annotations
 
@@ -21,11 +21,21 @@ def figures(monkeypatch):
     real = plots.save_figure
 
     def record(fig, out_dir, name):
+        # a grid may name an axis once: a figure-wide label (supxlabel / supylabel), or the
+        # label of another panel in the same column (x) or row (y), as matplotlib's label_outer
+        plain = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+        sup = [getattr(fig, f"_sup{a}label", None) for a in "xy"]
+        sup = [t.get_text() if t is not None else "" for t in sup]
+        spans = {id(ax): ax.get_subplotspec() for ax in plain}
+        col_x = {ss.colspan.start: ax.get_xlabel() for ax in plain
+                 if (ss := spans[id(ax)]) is not None and ax.get_xlabel()}
+        row_y = {ss.rowspan.start: ax.get_ylabel() for ax in plain
+                 if (ss := spans[id(ax)]) is not None and ax.get_ylabel()}
         axes = []
-        for ax in fig.axes:
-            if ax.get_label() == "<colorbar>":
-                continue
-            labels = [ax.get_xlabel(), ax.get_ylabel()]
+        for ax in plain:
+            ss = spans[id(ax)]
+            labels = [ax.get_xlabel() or sup[0] or (col_x.get(ss.colspan.start, "") if ss else ""),
+                      ax.get_ylabel() or sup[1] or (row_y.get(ss.rowspan.start, "") if ss else "")]
             if hasattr(ax, "get_zlabel"):
                 labels.append(ax.get_zlabel())
             ticks = [t.get_text() for t in ax.get_xticklabels()]

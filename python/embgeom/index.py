@@ -29,8 +29,7 @@ import torch
 from . import validation
 from .engine.lists import sort_rows
 from .io import atomic_write
-
-METRICS = ("cosine", "dot", "l2")
+from .pair_shards import PAIR_METRICS as METRICS
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAGIC = b"EMBGEOM-INDEX1"
 FORMAT = 1

@@ -24,8 +24,11 @@ import time
 
 import numpy as np
 
-from .index import METRICS as PAIR_METRICS
 from .io import _sha256, atomic_write
+
+# the metrics of an Index and of pairs_above, which the manifest records (index.py reads them
+# from here: it sits a layer above this module)
+PAIR_METRICS = ("cosine", "dot", "l2")
 
 MANIFEST = "manifest.json"
 KIND = "embgeom-pairs"
