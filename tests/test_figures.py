@@ -1,6 +1,7 @@
 """Every figure of the text, vocab and project reports names its axes, a grid's axes at least once
-per row / column or figure-wide (read from the figure objects as they are saved: matplotlib's Axes, and the Plotly figure each interactive scatter page
-holds as JSON), and head axes carry integer ticks."""
+per row / column or figure-wide (read from the figure objects as they are saved: matplotlib's
+Axes, and the Plotly figure each interactive scatter page holds as JSON), and head axes carry
+integer ticks."""
 from __future__ import annotations
 
 import pytest

@@ -1,8 +1,9 @@
 """Backend registry and dispatch.
 
 Order: `backend=` argument > `EMBGEOM_BACKEND` > auto (triton > cuda on CUDA tensors > cpp on
-CPU > torch; auto passes over an op that failed its check on a real GPU, FAILED_ON_DEVICE). Each backend answers `reasons(op, x) -> list[str]`: why it cannot run this call;
-the first with none wins. Compiled modules and optional packages load lazily, so importing
+CPU > torch; auto passes over an op that failed its check on a real GPU, FAILED_ON_DEVICE). Each
+backend answers `reasons(op, x) -> list[str]`: why it cannot run this call; the first with none
+wins. Compiled modules and optional packages load lazily, so importing
 embgeom never fails; an ImportError becomes a reason that says how to fix it.
 """
 from __future__ import annotations
@@ -27,8 +28,8 @@ GPU_CHECK_LOG = "benchmarks/results/gpu_check_2026-12-04_h200.log"
 FAILED_ON_DEVICE = {
     (name, "pairwise_stats"): (
         f"failed on an NVIDIA H200 (2026-12-04, Triton 3.6.0; {GPU_CHECK_LOG}): its cross-mode tests "
-        "failed and a fast-precision test stalled; auto-dispatch uses 'torch' on CUDA tensors until "
-        "`make gpu-check` passes (asked for by name, backend=, it still runs)")
+        "failed and a fast-precision test did not finish in its 120 s; auto-dispatch uses 'torch' on "
+        "CUDA tensors until `make gpu-check` passes (asked for by name, backend=, it still runs)")
     for name in ("triton", "cuda")
 }
 # backend= name -> its module in this package (a new backend is added here too)
