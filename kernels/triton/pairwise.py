@@ -702,8 +702,9 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
 # Shared memory above 48 KB per block needs an opt-in on the kernel (the CUDA attribute
 # MAX_DYNAMIC_SHARED_SIZE_BYTES). Triton 3.6 sets it only when its own, dynamic, share passes
 # 48 KB; the block library's slots are static shared memory on top of that. The exact fp32
-# variant with a histogram launches 42,000 dynamic + 9,216 static bytes: no opt-in, and every
-# launch failed on an H200 (2026-12-04, benchmarks/results/gpu_check_2026-12-04_h200.log).
+# variant with a histogram launches 42,000 dynamic + 9,216 static bytes with no opt-in: read
+# from the code as the likely cause of both exact-precision test failures on an H200
+# (2026-12-04, benchmarks/results/gpu_check_2026-12-04_h200.log, which holds no error text).
 SHARED_WITHOUT_OPT_IN = 48 * 1024
 CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8

@@ -30,6 +30,8 @@ from . import validation
 from .engine.lists import sort_rows
 from .io import atomic_write
 from .pair_shards import PAIR_METRICS as METRICS
+from .pair_shards import ShardWriter
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAGIC = b"EMBGEOM-INDEX1"
 FORMAT = 1
@@ -825,8 +827,6 @@ class Index:
         """Every pair i < j of the stored rows with similarity >= threshold (cosine, dot) or
         distance <= threshold (l2), streamed to .npy shards in the folder `out` with a manifest;
         see `embgeom.pairs_above`. Returns the finished manifest (a dict)."""
-        from .pair_shards import ShardWriter
-
         threshold = validation.finite_float(threshold, "threshold")
         if self.metric == "l2" and threshold < 0:
             raise ValueError(f"threshold: expected a distance >= 0 for metric='l2', got {threshold}")
