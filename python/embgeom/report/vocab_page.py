@@ -8,13 +8,6 @@ import numpy as np
 import torch
 
 from ..analysis.vocab.sections import MEAN_MEASURES, OUTSIDE, TABLE_K
-
-MEAN_MEASURE_NAMES = {"euclidean": "Euclidean distance to the mean embedding",
-                      "cosine": "cosine with the mean embedding",
-                      "abs_cosine": "|cosine| with the mean embedding",
-                      "dot": "dot product with the mean embedding",
-                      "abs_dot": "|dot product| with the mean embedding",
-                      "norm": "the token's own norm"}
 from . import new_figure, save_figure, table_html, write_html
 from ..formatting import fmt
 from .definitions import defined
@@ -109,7 +102,7 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
     sections.append(("How similar are the word embeddings? All pairs", pairs_body, [pngs["pairs_hist"]]))
     me = report["mean_embedding"]
     me_body = "".join(
-        f"<h3>{MEAN_MEASURE_NAMES[name]}</h3>" + t(["id", "token", "largest", "id", "token", "smallest"],
+        f"<h3>{MEAN_MEASURES[name]}</h3>" + t(["id", "token", "largest", "id", "token", "smallest"],
                                                   [a + b for a, b in zip(me[name]["top"], me[name]["bottom"])])
         for name in MEAN_MEASURES)
     sections.append(("Which tokens are closest to the mean embedding?",

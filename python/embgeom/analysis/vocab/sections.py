@@ -17,7 +17,13 @@ PROBE_WORDS = ("king", "queen", "man", "woman", "paris", "france", "dog", "cat",
                "big", "small", "run", "walk", "music", "science", "red", "blue", "one", "two")
 
 
-MEAN_MEASURES = ("euclidean", "cosine", "abs_cosine", "dot", "abs_dot", "norm")
+# each measure against the mean embedding, in report order, with the name the report prints
+MEAN_MEASURES = {"euclidean": "Euclidean distance to the mean embedding",
+                 "cosine": "cosine with the mean embedding",
+                 "abs_cosine": "|cosine| with the mean embedding",
+                 "dot": "dot product with the mean embedding",
+                 "abs_dot": "|dot product| with the mean embedding",
+                 "norm": "the token's own norm"}
 
 
 UNUSED_TOKEN = re.compile(r"^\[unused\d+\]$")
