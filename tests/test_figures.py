@@ -182,3 +182,32 @@ def test_scatter_page_without_plotly(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'plotly>=5.20'"):
         write_scatter_html(str(tmp_path / "p.html"), [[0.0, 1.0], [1.0, 0.0]])
     assert not (tmp_path / "p.html").exists()
+
+
+@pytest.mark.parametrize("labels", [["a"] * 6, list("abcdef")], ids=["one-label", "one-text-each"])
+def test_label_cosine_panels_without_pairs_say_why(labels, tmp_path, monkeypatch, recwarn):
+    """A panel with no pairs to draw (one label; labels of one text) carries a note, not empty
+    axes and an empty legend."""
+    import numpy as np
+
+    import embgeom.report.text_page as tp
+    from embgeom.analysis.clouds.geometry import group_geometry
+
+    saved = {}
+    real = tp.save_figure
+
+    def keep(fig, out_dir, name):
+        saved[name] = [(len(ax.get_lines()), [t.get_text() for t in ax.texts], ax.get_legend() is not None)
+                       for ax in fig.axes]
+        return real(fig, out_dir, name)
+
+    monkeypatch.setattr(tp, "save_figure", keep)
+    cls = np.random.default_rng(0).standard_normal((6, 3, 16)).astype(np.float32)
+    np.save(tmp_path / "cls.npy", cls)
+    tp.group_plots(str(tmp_path), str(tmp_path / "cls.npy"), labels, group_geometry(cls, labels), None)
+    panels = saved["groups_cosine_hist"]
+    assert len(panels) == 2
+    assert any(lines == 0 for lines, _, _ in panels)
+    for lines, texts, legend in panels:
+        assert (lines > 0 and legend and not texts) or (lines == 0 and texts and not legend), panels
+    assert not [w for w in recwarn if "No artists with labels" in str(w.message)]

@@ -388,6 +388,9 @@ def _head_grid(out_dir: str, name: str, maps, shown, style: dict, axes: tuple[st
     L, H = maps.shape[:2]
     fig, _ = new_figure(1.8 * H + 1.5, 1.8 * L + 1.0)
     fig.clf()
+    # constrained layout keeps the grid-wide axis names and the colour bar next to the panels
+    # (without it the square panels float in the figure, far from both)
+    fig.set_layout_engine("constrained")
     for l in range(L):
         for h in range(H):
             ax = fig.add_subplot(L, H, l * H + h + 1)

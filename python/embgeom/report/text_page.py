@@ -443,8 +443,15 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
         a.set_xlabel("cosine")
         a.set_ylabel("share of pairs")
         a.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
-    bx.legend(fontsize=6, ncol=2 if len(pairs) > 8 else 1, bbox_to_anchor=(1.01, 1), loc="upper left")
+    # a panel without curves says why instead of showing empty axes (and no empty legend)
+    for a, empty_note, legend in (
+            (ax, "no label has two texts: no pairs within a label", dict(fontsize=7)),
+            (bx, groups["last"].get("per_pair_note") or "one label only: no pairs across labels",
+             dict(fontsize=6, ncol=2 if len(pairs) > 8 else 1, bbox_to_anchor=(1.01, 1), loc="upper left"))):
+        if a.get_lines():
+            a.legend(**legend)
+        else:
+            a.text(0.5, 0.5, empty_note, ha="center", va="center", transform=a.transAxes, fontsize=9)
     fig.tight_layout()
     pngs.append(save_figure(fig, out_dir, "groups_cosine_hist"))
     return pngs, notes
