@@ -154,6 +154,27 @@ def test_threaded_tsne_fft_is_numpys_fft_bit_for_bit(monkeypatch):
     assert mm.np is np                                    # restored after the fit
 
 
+def test_layout_progress_bars_leave_the_layout_unchanged():
+    """The t-SNE iteration bar (openTSNE callbacks) and UMAP's epoch bar only draw: the same
+    layout as without them, and the bars reach their totals."""
+    import io
+
+    from embgeom.progress import Progress
+
+    x, _ = _clusters()
+    idx, sim, _ = projection.exact_knn(x, 20)
+    kw = dict(perplexity=5, seed=1, n_jobs=1, n_iter=100, early_exaggeration_iter=50)
+    stream = io.StringIO()
+    shown = Progress(enabled=True, prefix="test", stream=stream)
+    np.testing.assert_array_equal(projection.tsne_layout(x, idx, sim, **kw),
+                                  projection.tsne_layout(x, idx, sim, progress=shown, **kw))
+    assert "test: t-SNE iterations" in stream.getvalue() and "150/150" in stream.getvalue()
+    pytest.importorskip("umap")
+    np.testing.assert_array_equal(projection.umap_layout(x, idx, sim, seed=2, n_epochs=60),
+                                  projection.umap_layout(x, idx, sim, seed=2, n_epochs=60, progress=shown))
+    assert "test: UMAP epochs" in stream.getvalue() and "60/60" in stream.getvalue()
+
+
 def test_pca_matches_sklearn():
     from sklearn.decomposition import PCA
 

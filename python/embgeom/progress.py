@@ -65,18 +65,28 @@ class Progress:
         self.prefix = prefix
         self.stream = sys.stderr if stream is None else stream
 
-    def _tqdm(self, **kwargs):
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return None
+    def _sizing(self) -> dict:
         # a terminal that reports no size (a bare pty) would hide the bar: 100 x 50 then
         try:
             size = os.get_terminal_size(self.stream.fileno())
         except (AttributeError, OSError, ValueError):
             size = os.terminal_size((0, 0))
-        sizing = {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 50}
-        return tqdm(file=self.stream, leave=True, **sizing, **kwargs)
+        return {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 50}
+
+    def _tqdm(self, **kwargs):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(file=self.stream, leave=True, **self._sizing(), **kwargs)
+
+    def tqdm_options(self, desc: str, unit: str) -> dict | None:
+        """Keyword arguments for a library's own tqdm bar (umap-learn's `tqdm_kwds`), drawn like
+        ours; None when progress is off."""
+        if not self.enabled:
+            return None
+        return {"file": self.stream, "leave": True, "disable": False, "desc": f"{self.prefix}: {desc}",
+                "unit": unit, "mininterval": 0.25, "bar_format": None, **self._sizing()}
 
     @contextlib.contextmanager
     def bar(self, total: int | None, desc: str, unit: str = "it", unit_scale: bool = False) -> Iterator:

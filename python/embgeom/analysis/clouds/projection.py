@@ -233,9 +233,14 @@ class Projection:
 SPECTRAL_MIN_ROWS = 8  # up to this many rows UMAP starts from random positions (umap_layout)
 
 
-def umap_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, seed: int = 0, **kwargs) -> np.ndarray:
-    """UMAP of x (N, D) on a precomputed cosine graph (idx, sim: (N, k), self excluded)."""
+def umap_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, seed: int = 0, progress=None,
+                **kwargs) -> np.ndarray:
+    """UMAP of x (N, D) on a precomputed cosine graph (idx, sim: (N, k), self excluded).
+    progress: a progress.Progress: umap-learn's own bar over its epochs, drawn like ours."""
     umap = _require("umap", "umap-learn")
+    options = progress.tqdm_options("UMAP epochs", "epoch") if progress is not None else None
+    if options is not None:
+        kwargs.setdefault("tqdm_kwds", options)
     n, k = idx.shape
     self_col = np.arange(n, dtype=np.int64)[:, None]
     knn_i = np.ascontiguousarray(np.concatenate([self_col, idx], 1), dtype=np.int64)
@@ -344,18 +349,38 @@ def threaded_tsne_fft(workers: int):
                 mm.np = np
 
 
+TSNE_PROGRESS_EVERY = 25  # iterations between progress updates (openTSNE's callbacks)
+
+
 def tsne_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, perplexity: float = 30.0,
-                seed: int = 0, n_jobs: int = 1, **kwargs) -> np.ndarray:
+                seed: int = 0, n_jobs: int = 1, progress=None, **kwargs) -> np.ndarray:
     """openTSNE of x (N, D) on a precomputed cosine graph (idx, sim: (N, k), self excluded), with
     tsne_affinities; PCA initialisation as openTSNE's default; its FFT gradient's transforms on
-    n_jobs threads (threaded_tsne_fft: the same layout)."""
+    n_jobs threads (threaded_tsne_fft: the same layout). progress: a progress.Progress: the
+    affinities as a phase, then a bar over the gradient-descent iterations (a callback every
+    TSNE_PROGRESS_EVERY iterations; openTSNE then also sums the KL divergence, which leaves the
+    layout unchanged)."""
+    import contextlib
+
+    from ...progress import Progress
+
     _require("openTSNE", "openTSNE")
     from openTSNE import TSNE
 
-    aff = tsne_affinities(idx, sim, perplexity=perplexity, seed=seed, n_jobs=n_jobs)
-    with threaded_tsne_fft(n_jobs):
-        emb = TSNE(perplexity=perplexity, metric="cosine", random_state=seed, n_jobs=n_jobs,
-                   **kwargs).fit(x, affinities=aff)
+    progress = progress if progress is not None else Progress()
+    with progress.phase("t-SNE affinities (perplexity calibration)"):
+        aff = tsne_affinities(idx, sim, perplexity=perplexity, seed=seed, n_jobs=n_jobs)
+    tsne = TSNE(perplexity=perplexity, metric="cosine", random_state=seed, n_jobs=n_jobs, **kwargs)
+    bar_context = (progress.bar(tsne.early_exaggeration_iter + tsne.n_iter, "t-SNE iterations", unit="iteration")
+                   if progress.enabled else contextlib.nullcontext())
+    with bar_context as bar, threaded_tsne_fft(n_jobs):
+        if bar is not None:
+            def tick(iteration, error, embedding) -> bool:
+                bar.update(TSNE_PROGRESS_EVERY)
+                return False  # a true return would stop openTSNE's optimisation
+
+            tsne.callbacks, tsne.callbacks_every_iters = tick, TSNE_PROGRESS_EVERY
+        emb = tsne.fit(x, affinities=aff)
     return np.asarray(emb, dtype=np.float32)
 
 
@@ -427,14 +452,15 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
             # every neighbour distance 0: no perplexity can be calibrated (openTSNE gives NaN)
             raise ValueError(f"x: t-SNE is undefined for these rows: all {n} point in one direction "
                              "(every neighbour distance is 0)")
-        with prog.phase("UMAP layout" if method == "umap" else "t-SNE layout"):
-            if method == "umap":
-                out.embedding = umap_layout(xm, idx, sim, seed=seed)
-            else:
-                import os
+        if method == "umap":
+            # the clock covers UMAP's graph and spectral start, its own bar the epochs
+            with prog.phase("UMAP layout"):
+                out.embedding = umap_layout(xm, idx, sim, seed=seed, progress=prog)
+        else:
+            import os
 
-                out.embedding = tsne_layout(xm, idx, sim, perplexity=out.perplexity,
-                                            seed=seed, n_jobs=n_jobs or os.cpu_count() or 1)
+            out.embedding = tsne_layout(xm, idx, sim, perplexity=out.perplexity, seed=seed,
+                                        n_jobs=n_jobs or os.cpu_count() or 1, progress=prog)
     if not np.isfinite(out.embedding).all():
         raise ValueError(f"x: the {method} layout of these rows is undefined: it came out NaN")
     out.seconds = time.perf_counter() - start

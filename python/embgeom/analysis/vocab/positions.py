@@ -183,10 +183,20 @@ def section(word, words, pos_full, pos_range, tokenizer) -> tuple[dict, dict]:
     return rep, plots
 
 
-def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0) -> tuple[dict, dict]:
+def _named(progress, what: str):
+    """progress for one projection: its prefix says what is projected ("embgeom vocab, words")."""
+    from ...progress import Progress
+
+    if not isinstance(progress, Progress) or not progress.enabled:
+        return False
+    return Progress(enabled=True, prefix=f"{progress.prefix}, {what}", stream=progress.stream)
+
+
+def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0, progress=False) -> tuple[dict, dict]:
     """UMAP and t-SNE of the word and position embeddings on the exact graph. Returns (report,
     {name: (xy, labels, texts, ids, (knn indices, similarities))}); ids are token ids for words and
-    position ids for positions."""
+    position ids for positions. progress: a progress.Progress (each projection's phases and bars,
+    named by what they project) or False."""
     rep, arrays = {}, {}
     a, _ = pos_range
     buckets = [f"{128 * (p // 128)}-{128 * (p // 128) + 127}" for p in range(a, a + pos.shape[0])]
@@ -195,7 +205,8 @@ def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0) -> tuple[d
             ("positions", pos, buckets, [f"position {a + p}" for p in range(pos.shape[0])],
              list(range(a, a + pos.shape[0])))):
         for method in ("umap", "tsne"):
-            pr = clouds.project(x.cpu().numpy(), method=method, labels=labels, seed=seed)
+            pr = clouds.project(x.cpu().numpy(), method=method, labels=labels, seed=seed,
+                                progress=_named(progress, name))
             rep[f"{name}_{method}"] = pr.to_dict()
             # (xy, labels, hover texts, ids: token ids / position ids, the exact graph)
             arrays[f"{name}_{method}"] = (pr.embedding, labels, texts, row_ids, (pr.indices, pr.similarities))

@@ -85,12 +85,15 @@ def _remap_stats(d: dict, rows: torch.Tensor, cols: torch.Tensor) -> dict:
     return d
 
 
-def section_pairs(words: torch.Tensor, ids: torch.Tensor, tokens: list[str], *, backend, precision):
+def section_pairs(words: torch.Tensor, ids: torch.Tensor, tokens: list[str], *, backend, precision,
+                  progress=False):
     """All-pairs statistics over the analysed word embeddings (rows of `words` are vocabulary ids `ids`). The
-    engine's per-row top-10 comes from the same pass, for the neighbour agreement check."""
+    engine's per-row top-10 comes from the same pass, for the neighbour agreement check. progress:
+    the engine's bar over the pairs (a progress.Progress, or False)."""
     res = pairwise_stats(words, metric="cosine", topk=TABLE_K,
                          bottomk=TABLE_K, near=0.0, near_k=TABLE_K, row_topk=TABLE_K,
-                         outside=OUTSIDE, outside_limit=100, precision=precision, backend=backend)
+                         outside=OUTSIDE, outside_limit=100, precision=precision, backend=backend,
+                         progress=progress)
     d = res.to_dict()
     d.pop("row_topk")
     d["outside"].pop("row_counts")
@@ -312,10 +315,11 @@ class PhaseTimer:
         self.progress = progress
 
     @contextmanager
-    def __call__(self, name):
+    def __call__(self, name, own_bars: bool = False):
+        """own_bars: the phase's work draws its own bars (from self.progress), so no clock."""
         start = time.perf_counter()
         try:
-            if self.progress is None:
+            if self.progress is None or own_bars:
                 yield
             else:
                 with self.progress.phase(PHASES.get(name, name.replace("_", " "))):
@@ -353,8 +357,9 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
     report: dict = {"vocab_size": int(word.shape[0]), "hidden": int(word.shape[1]),
                     "tokens_analysed": int(ids.numel()), "tokens": excluded}
     plots: dict = {}
-    with timer("pairs"):
-        report["pairs"], res = section_pairs(words, ids, tokens, backend=backend, precision=precision)
+    with timer("pairs", own_bars=True):
+        report["pairs"], res = section_pairs(words, ids, tokens, backend=backend, precision=precision,
+                                             progress=timer.progress or False)
         plots["hist"] = res.hist
     with timer("mean_embedding"):
         report["mean_embedding"], plots["mean_measures"] = section_mean_embedding(words, ids, tokens)
@@ -388,7 +393,7 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
             report["position_geometry"], plots["position_geometry"] = position_geometry.section(
                 word, words, pos_full, pos_range, tokenizer)
         if projections:
-            with timer("projections"):
+            with timer("projections", own_bars=True):
                 report["projections"], plots["projections"] = position_geometry.projections(
-                    words, ids, tokens, pos, pos_range, seed=seed)
+                    words, ids, tokens, pos, pos_range, seed=seed, progress=timer.progress or False)
     return report, plots
