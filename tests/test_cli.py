@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import embgeom
 from embgeom import reference
 from embgeom.cli import main
 
@@ -156,13 +157,32 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path, capsys):
     assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "a.json")]) == 0
     assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--topk", "3", "--json",
                  str(tmp_path / "b.json")]) == 2
-    assert "another input or other settings" in capsys.readouterr().err
+    assert "another input or other settings (topk 10 then, 3 now)" in capsys.readouterr().err
+    np.save(tmp_path / "y.npy", make_embeddings(41, 8).numpy())
+    assert main(["pairs", str(tmp_path / "y.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "b.json")]) == 2
+    assert "x: shape [40, 8] then, [41, 8] now)" in capsys.readouterr().err
     (tmp_path / "c.ckpt").write_bytes(b"EMBGEOM-CKPT9\nbad\nbody")
     assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "a.json")]) == 2
     assert "checksum" in capsys.readouterr().err
     (tmp_path / "c.ckpt").write_bytes(b"EMBGEOM-CKPT1\nbad\nbody")  # pickled formats: refused unread
     assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "a.json")]) == 2
     assert "old embgeom format" in capsys.readouterr().err
+
+
+def test_checkpoint_is_not_resumed_on_other_arithmetic(tmp_path, monkeypatch):
+    """A run resumed under another product kernel (EMBGEOM_CPU, another host, another OpenBLAS
+    core) would mix two runs' roundings: refused, naming what changed."""
+    from embgeom.backends import registry
+
+    x = make_embeddings(60, 8)
+    ckpt = str(tmp_path / "c.ckpt")
+    embgeom.pairwise_stats(x, checkpoint=ckpt, block=16)
+    real = registry.numerics
+    monkeypatch.setattr(registry, "numerics", lambda *a: {**real(*a), "product": "another-kernel"})
+    with pytest.raises(ValueError, match=r"other settings \(product '[^']*' then, 'another-kernel' now\)"):
+        embgeom.pairwise_stats(x, checkpoint=ckpt, block=16)
+    monkeypatch.setattr(registry, "numerics", real)
+    assert embgeom.pairwise_stats(x, checkpoint=ckpt, block=16).count == 60 * 59 // 2
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -45,7 +45,8 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
     name, make_engine = registry.pick("pairwise_stats", x, backend, precision=precision)
     start = time.perf_counter()
     engine = make_engine(x, y, cfg)
-    fp = fingerprint(x, y, cfg, name, engine.num_tiles()) if checkpoint else None
+    fp = fingerprint(x, y, cfg, name, engine.num_tiles(),
+                     registry.numerics(name, x.device, precision)) if checkpoint else None
     state = run_engine(engine, fp=fp, checkpoint=checkpoint, progress=progress)
     result = state.finalize(cfg, d=x.shape[1], backend=name, device=x.device,
                             seconds=time.perf_counter() - start)

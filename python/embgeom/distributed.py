@@ -137,7 +137,8 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     ckpt = None if checkpoint is None else f"{checkpoint}.rank{rank}"
     fp = None
     if ckpt:
-        fp = fingerprint(x, None, cfg, f"{name}/dist{world}/g{groups}/r{rank}", len(jobs))
+        fp = fingerprint(x, None, cfg, f"{name}/dist{world}/g{groups}/r{rank}", len(jobs),
+                         registry.numerics(name, device, cfg.precision))
         saved = load_checkpoint(ckpt, fp)
         if saved is not None:
             state, done = saved["state"], list(saved["done"])

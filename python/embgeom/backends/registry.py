@@ -69,6 +69,27 @@ def cpp_kernel(name: str, *tensors: torch.Tensor):
     return getattr(cpp(), name, None)
 
 
+def numerics(backend: str, device: torch.device, precision: str) -> dict:
+    """What decides a run's float results besides its input and settings: the product kernel and
+    the pass over its values (the C++ core's vector level; OpenBLAS's build and core type where
+    the product is its sgemm), torch / Triton versions, the GPU. A checkpoint records it, so a
+    run is never resumed on other arithmetic (its numbers would mix two runs' roundings)."""
+    out: dict = {"backend": backend}
+    if backend == "cpp" and cpp() is not None and hasattr(cpp(), "cpu_info"):
+        info = dict(cpp().cpu_info())
+        product = info["gemm_fast" if precision == "fast" else "gemm_exact"]
+        out.update(product=product, fused_pass=info["fused_pass"])
+        if "blas" in product:
+            out["blas"] = info["blas"]
+    else:
+        out["torch"] = torch.__version__
+        if backend == "triton":
+            out["triton"] = getattr(importlib.import_module("triton"), "__version__", None)
+    if device.type == "cuda":
+        out["device"] = torch.cuda.get_device_name(device)
+    return out
+
+
 def cuda_ext():
     return load("embgeom._cuda", "rebuild with nvcc on PATH and EMBGEOM_CUDA=auto|on")
 

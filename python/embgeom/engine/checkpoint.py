@@ -3,7 +3,7 @@
 Format 3 (docs/architecture.md, checkpoints), no pickle anywhere:
 
     EMBGEOM-CKPT3\\n
-    {"fingerprint": ..., "meta_bytes": A, "arrays_bytes": B, "sha256": ...}\\n   one JSON line
+    {"fingerprint": ..., "identity": ..., "meta_bytes": A, "arrays_bytes": B, "sha256": ...}\\n   one JSON line
     A bytes of JSON: the payload's scalars (EngineState.to_record) and plain extras
     B bytes of .npz: the payload's arrays, stored uncompressed, read with allow_pickle=False
 
@@ -32,21 +32,63 @@ from .state import EngineState
 MAGIC = b"EMBGEOM-CKPT3"
 OLD_MAGICS = (b"EMBGEOM-CKPT1", b"EMBGEOM-CKPT2")
 HEADER_KEYS = {"fingerprint", "meta_bytes", "arrays_bytes", "sha256"}
-MAX_HEADER_BYTES = 4096
+OPTIONAL_HEADER_KEYS = {"identity"}  # what the fingerprint hashes, readable (none in older files)
+MAX_HEADER_BYTES = 16384
 
 
-def fingerprint(x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, backend: str, num_tiles: int) -> str:
-    """Identifies input + settings: a checkpoint from anything else is refused."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"cfg": cfg.describe(), "backend": backend, "tiles": num_tiles}, sort_keys=True).encode())
-    for t in (x, y):
+class Fingerprint(str):
+    """The hex digest identifying a run (input, settings, the arithmetic that decides its floats),
+    carrying the readable `identity` it hashes: the header keeps it, so a refusal names what
+    differs."""
+
+    identity: dict | None = None
+
+
+def fingerprint(x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, backend: str, num_tiles: int,
+                numerics: dict | None = None) -> Fingerprint:
+    """Identifies input + settings + numerics (registry.numerics: the product kernel and its
+    pass): a checkpoint from anything else is refused."""
+    identity: dict = {"settings": cfg.describe(), "backend": backend, "tiles": num_tiles,
+                      "numerics": numerics or {}}
+    for name, t in (("x", x), ("y", y)):
         if t is None:
-            h.update(b"none")
+            identity[name] = None
             continue
         c = t.detach().to("cpu", torch.float32).contiguous()
-        h.update(str(tuple(c.shape)).encode())
-        h.update(c.numpy().tobytes())
-    return h.hexdigest()
+        digest = hashlib.sha256(str(tuple(c.shape)).encode() + c.numpy().tobytes()).hexdigest()
+        identity[name] = {"shape": list(c.shape), "sha256": digest}
+    fp = Fingerprint(hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest())
+    fp.identity = identity
+    return fp
+
+
+def _short(v) -> str:
+    text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def differences(saved, now) -> list[str]:
+    """What differs between a checkpoint's identity (read from its file: any JSON) and this
+    run's, one phrase each: settings and numerics field by field, the inputs by shape or values."""
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return []
+    out = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key), now.get(key)
+        if a == b:
+            continue
+        if key in ("settings", "numerics") and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k} {_short(a.get(k))} then, {_short(b.get(k))} now"
+                    for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+        elif key in ("x", "y"):
+            shape = lambda v: v.get("shape") if isinstance(v, dict) else None  # noqa: E731
+            if a is None or b is None or shape(a) != shape(b):
+                out.append(f"{key}: shape {_short(shape(a))} then, {_short(shape(b))} now")
+            else:
+                out.append(f"{key}: other values (same shape)")
+        else:
+            out.append(f"{key} {_short(a)} then, {_short(b)} now")
+    return out
 
 
 def encode_payload(payload: Any) -> tuple[bytes, bytes]:
@@ -94,8 +136,11 @@ def decode_payload(meta_bytes: bytes, arrays_bytes: bytes) -> Any:
 def save_checkpoint(path: str, fp: str, payload: Any) -> None:
     """payload: an EngineState, or a dict holding one under "state" plus plain JSON values."""
     meta, arrays = encode_payload(payload)
-    header = json.dumps({"fingerprint": fp, "meta_bytes": len(meta), "arrays_bytes": len(arrays),
-                         "sha256": hashlib.sha256(meta + arrays).hexdigest()}, sort_keys=True).encode()
+    header = {"fingerprint": str(fp), "meta_bytes": len(meta), "arrays_bytes": len(arrays),
+              "sha256": hashlib.sha256(meta + arrays).hexdigest()}
+    if getattr(fp, "identity", None) is not None:
+        header["identity"] = fp.identity
+    header = json.dumps(header, sort_keys=True).encode()
     with atomic_write(path, binary=True, name="checkpoint") as f:
         f.write(MAGIC + b"\n" + header + b"\n")
         f.write(meta)
@@ -127,7 +172,9 @@ def load_checkpoint(path: str, fp: str) -> Any | None:
             if header is None:
                 raise _invalid(path, "bad header or checksum")
             if header["fingerprint"] != fp:
-                raise ValueError(f"checkpoint: {path} was written for another input or other settings; "
+                diff = differences(header.get("identity"), getattr(fp, "identity", None))
+                what = f" ({'; '.join(diff)})" if diff else " (or by an embgeom that did not record which)"
+                raise ValueError(f"checkpoint: {path} was written for another input or other settings{what}; "
                                  "delete it or pass another path")
             size = header["meta_bytes"] + header["arrays_bytes"]
             # compare with what the file holds before reading: a forged size allocates nothing
@@ -151,8 +198,9 @@ def _header(line: bytes) -> dict | None:
         h = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
-    if not isinstance(h, dict) or set(h) != HEADER_KEYS or not isinstance(h["fingerprint"], str) \
-            or not isinstance(h["sha256"], str):
+    if not isinstance(h, dict) or not HEADER_KEYS <= set(h) <= HEADER_KEYS | OPTIONAL_HEADER_KEYS \
+            or not isinstance(h["fingerprint"], str) or not isinstance(h["sha256"], str) \
+            or not isinstance(h.get("identity", {}), dict):
         return None
     for key in ("meta_bytes", "arrays_bytes"):
         if isinstance(h[key], bool) or not isinstance(h[key], int) or h[key] < 0:
