@@ -420,6 +420,38 @@ def test_output_folder_swaps_in_whole_runs_and_seals_them(tmp_path):
     assert (out / "a.txt").read_text() == "second" and os.listdir(tmp_path) == ["rep"]
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
+def test_output_folder_survives_a_kill_inside_the_swap(tmp_path, monkeypatch, exchange):
+    """A writer killed between the two renames of a swap (the old output moved aside, the new one
+    not yet in place) loses nothing: the next writer puts the old output back before its sweep of
+    dead writers' leftovers, and its own failure then leaves that output in place."""
+    import subprocess
+    import sys
+
+    import embgeom.io as eio
+
+    if not exchange:
+        monkeypatch.setattr(eio, "_exchange", lambda a, b: False)
+    out = tmp_path / "rep"
+    with output_folder(str(out), command="test") as staging:
+        (Path(staging) / "a.txt").write_text("first")
+    with output_folder(str(out), command="test") as staging:  # replaced whole, by either swap
+        (Path(staging) / "a.txt").write_text("second")
+    assert (out / "a.txt").read_text() == "second" and os.listdir(tmp_path) == ["rep"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    aside = tmp_path / f".rep.{dead}.x1.old.partial"
+    aside.mkdir()
+    os.rename(out, aside / "previous")  # where the kill left it
+    (tmp_path / f".rep.{dead}.x2.partial").mkdir()  # and the killed run's own staging folder
+    with pytest.raises(RuntimeError):
+        with output_folder(str(out), command="test"):
+            raise RuntimeError("this run fails too")
+    assert (out / "a.txt").read_text() == "second"
+    check_complete(str(out / "a.txt"), "X")
+    assert os.listdir(tmp_path) == ["rep"]
+
+
 def test_output_folder_refuses_files_it_did_not_write_and_creates_nothing_on_failure(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("keep me")

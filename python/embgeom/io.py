@@ -218,6 +218,7 @@ def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[st
         probe = os.path.dirname(probe)
     try:
         os.makedirs(parent, exist_ok=True)
+        _restore_previous(parent, base)
         _remove_orphans(parent, base, ".partial")
         staging = tempfile.mkdtemp(prefix=f".{base}.{os.getpid()}.", suffix=".partial", dir=parent)
         os.chmod(staging, 0o777 & ~_umask())  # what mkdir gives; mkdtemp's is 0o700
@@ -259,10 +260,57 @@ def _seal(staging: str, command: str) -> None:
         f.write("\n")
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two names in one step
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot (the caller then renames in two steps)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _restore_previous(parent: str, base: str) -> None:
+    """When `base` is missing but a killed writer's aside folder (`.BASE.PID.*.old.partial`, PID
+    not running) still holds the output it was replacing, put that output back: a kill between
+    the two renames of a two-step swap must not lose it (the orphan sweep would delete it)."""
+    path = os.path.join(parent, base)
+    if os.path.lexists(path):
+        return
+    prefix, found = f".{base}.", []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(parent):
+            pid = entry[len(prefix):].split(".", 1)[0] if entry.startswith(prefix) else ""
+            previous = os.path.join(parent, entry, "previous")
+            if entry.endswith(".old.partial") and pid.isdigit() and not _pid_alive(int(pid)) \
+                    and os.path.isdir(previous):
+                found.append((os.path.getmtime(previous), previous))
+    for _, previous in sorted(found, reverse=True)[:1]:
+        with contextlib.suppress(OSError):
+            os.rename(previous, path)
+
+
 def _swap_in(staging: str, path: str) -> None:
-    """Rename `staging` onto `path`; an existing folder there is first renamed aside, then removed
-    (two writers racing each end with one whole run in place)."""
+    """Put `staging` in place of `path`: where the system can, one atomic exchange of the two
+    names (the old output then sits in `staging` and is removed); elsewhere an existing folder
+    is first renamed aside, then removed (two writers racing each end with one whole run in
+    place; a kill between the two renames is repaired by the next writer, _restore_previous)."""
     parent, base = os.path.split(path)
+    if os.path.isdir(path) and not os.path.islink(path) and _exchange(staging, path):
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     for _ in range(8):
         old = None
         if os.path.isdir(path):
