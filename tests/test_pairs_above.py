@@ -147,6 +147,9 @@ def test_refuses_foreign_stale_and_non_pairs_folders(tmp_path):
         f.write(b"\0" * 16)
     with pytest.raises(ValueError, match="stale"):
         read_pairs(tmp_path / "p")
+    # a rerun builds on nothing it cannot trust: refused before any work, the shard named
+    with pytest.raises(ValueError, match=f"shard {shard} is missing or changed .*delete the folder"):
+        pairs_above(x, 0.5, tmp_path / "p")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and holds no embgeom pairs manifest"):
@@ -218,9 +221,27 @@ def test_no_pairs_and_single_row(tmp_path):
     assert i.shape == j.shape == s.shape == (0,) and i.dtype == np.int64
 
 
+def test_one_writer_at_a_time(tmp_path):
+    """A second run on a folder another run is writing is refused (two would commit shards
+    under the same names at different points); the lock goes with the first run."""
+    x = make_rows(300, 8)
+    first = pair_shards.ShardWriter(tmp_path / "p", fingerprint="f", n=300, d=8, metric="cosine",
+                                    threshold=0.5)
+    with pytest.raises(ValueError, match="being written by another pairs_above run"):
+        pairs_above(x, 0.5, tmp_path / "p")
+    first.close()
+    with pytest.raises(ValueError, match="fingerprint differ"):  # the lock is free: on to the manifest
+        pairs_above(x, 0.5, tmp_path / "p")
+    got = pairs_above(x, 0.5, tmp_path / "q")
+    assert got["complete"] and pairs_above(x, 0.5, tmp_path / "q")["complete"]  # released after each run
+    assert sorted(os.listdir(tmp_path / "q"))[0] == pair_shards.LOCK
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match="threshold"):
         pairs_above(make_rows(3, 2), None, "x")
+    with pytest.raises(TypeError, match="threshold: expected a number, got str '0.9'"):
+        pairs_above(make_rows(3, 2), "0.9", "x")
     with pytest.raises(ValueError, match="metric"):
         pairs_above(make_rows(3, 2), 0.5, "x", metric="jaccard")
 

@@ -834,14 +834,17 @@ class Index:
         writer = ShardWriter(out, fingerprint=self.fingerprint(), n=st.n, d=self.d,
                              metric=self.metric, threshold=threshold, progress=progress)
         start = writer.rows_done
-        if not writer.complete:
-            engine = self._pairs_engine_applies()
-            rb, nc = self._blocks(256, st.n)
-            rb = PAIR_BAND if engine else min(256, rb)
-            for r0 in range(start, st.n, rb):
-                r1 = min(st.n, r0 + rb)
-                writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc, engine))
+        try:
+            if not writer.complete:
+                engine = self._pairs_engine_applies()
+                rb, nc = self._blocks(256, st.n)
+                rb = PAIR_BAND if engine else min(256, rb)
+                for r0 in range(start, st.n, rb):
+                    r1 = min(st.n, r0 + rb)
+                    writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc, engine))
             writer.finish()
+        finally:
+            writer.close()
         return writer.manifest
 
     def _pairs_engine_applies(self) -> bool:

@@ -117,14 +117,36 @@ class ShardWriter:
         if not os.path.isdir(parent):
             raise ValueError(f"out: cannot create {folder}: no such folder {parent}")
         os.makedirs(folder, exist_ok=True)
+        self._lock = None
         self.folder, self.progress = folder, progress
         self.shard_pairs = SHARD_PAIRS if shard_pairs is None else shard_pairs
+        self._refuse_foreign()
+        self._lock = _lock_folder(folder)
+        try:
+            self._open(fingerprint=fingerprint, n=n, d=d, metric=metric, threshold=threshold)
+        except BaseException:
+            self.close()
+            raise
+        self._buf: list[np.ndarray] = []
+        self._held = 0
+        self._pending: list[dict] = []  # shards written since the manifest was last saved
+        self._saved = time.monotonic()
+
+    def _refuse_foreign(self) -> None:
+        """ValueError for a folder with files but no pairs manifest (before a lock file is made
+        in it)."""
+        if _read_manifest(self.folder, "out") is None and \
+                any(not name.startswith(".") for name in os.listdir(self.folder)):
+            raise ValueError(f"out: {self.folder} is not empty and holds no embgeom pairs manifest; "
+                             "refusing to write into it (use an empty or new folder)")
+
+    def _open(self, **mine) -> None:
+        """Under the lock: a new manifest, or the one on disk when it is for this input and its
+        shards are intact."""
+        folder = self.folder
+        self._refuse_foreign()  # again: another writer may have come and gone meanwhile
         old = _read_manifest(folder, "out")
-        mine = {"fingerprint": fingerprint, "n": n, "d": d, "metric": metric, "threshold": threshold}
         if old is None:
-            if any(not name.startswith(".") for name in os.listdir(folder)):
-                raise ValueError(f"out: {folder} is not empty and holds no embgeom pairs manifest; "
-                                 "refusing to write into it (use an empty or new folder)")
             self.manifest = {"kind": KIND, "version": VERSION, **mine, "rows_done": 0,
                              "complete": False, "count": 0, "shards": []}
             self._save()
@@ -133,11 +155,13 @@ class ShardWriter:
             if differ:
                 raise ValueError(f"out: {folder} holds pairs of another input or settings "
                                  f"({', '.join(differ)} differ); use an empty folder, or delete this one")
+            # a resumed (or repeated) run builds on the shards listed: they must be the ones written
+            for shard in old["shards"]:
+                if _shard_changed(folder, shard):
+                    raise ValueError(f"out: {folder}: shard {shard['file']} is missing or changed since the "
+                                     "manifest was written, so the pairs there cannot be built on; delete the "
+                                     "folder and run again")
             self.manifest = old
-        self._buf: list[np.ndarray] = []
-        self._held = 0
-        self._pending: list[dict] = []  # shards written since the manifest was last saved
-        self._saved = time.monotonic()
 
     @property
     def rows_done(self) -> int:
@@ -191,13 +215,48 @@ class ShardWriter:
             print(f"pairs_above: {rows_done:,} / {m['n']:,} rows, {m['count']:,} pairs", file=sys.stderr)
 
     def finish(self) -> None:
-        self._flush()
-        self.manifest["complete"] = True
-        self._commit(self.manifest["n"])
+        if not self.manifest["complete"]:
+            self._flush()
+            self.manifest["complete"] = True
+            self._commit(self.manifest["n"])
         listed = {s["file"] for s in self.manifest["shards"]}
         for name in os.listdir(self.folder):  # shards of a killed run past its last manifest
             if name.startswith("pairs-") and name.endswith(".npy") and name not in listed:
                 os.unlink(os.path.join(self.folder, name))
+        self.close()
+
+    def close(self) -> None:
+        """Let other writers in (finish calls it; a failed run's caller too)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+LOCK = ".lock"
+
+
+def _lock_folder(folder: str) -> int | None:
+    """An exclusive lock on the folder for one writer's run (flock on `.lock`, released when the
+    writer closes or its process ends, killed or not); ValueError when another run holds it.
+    Two writers would commit shards under the same names at different points."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one writer at a time is the user's to keep
+        return None
+    fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"out: {folder} is being written by another pairs_above run; wait for it to "
+                         "finish, or use another folder") from None
+    return fd
+
+
+def _shard_changed(folder: str, shard: dict) -> bool:
+    """Whether a listed shard is missing, or its size or sha256 is not the manifest's."""
+    path = os.path.join(folder, shard["file"])
+    return not os.path.isfile(path) or os.path.getsize(path) != shard["bytes"] or _sha256(path) != shard["sha256"]
 
 
 def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -217,7 +276,7 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     parts = []
     for s in m["shards"]:
         path = os.path.join(folder, s["file"])
-        if not os.path.isfile(path) or os.path.getsize(path) != s["bytes"] or _sha256(path) != s["sha256"]:
+        if _shard_changed(folder, s):
             raise ValueError(f"folder: {folder} is stale: shard {s['file']} is missing or changed since "
                              "the manifest was written; write the pairs again")
         try:

@@ -283,6 +283,9 @@ def choice(value: Any, name: str, options: tuple[str, ...]) -> str:
 
 
 def finite_float(value: Any, name: str) -> float:
+    # a string ("0.9") or a bool would convert, and hide a caller's mistake
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
     try:
         out = float(value)
     except (TypeError, ValueError):
