@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import embgeom
 from embgeom.compat import sentence_transformers as st_compat
 
 from test_index import make_rows
@@ -163,6 +164,11 @@ def test_community_detection_matches(st_util):
     got = st_compat.community_detection(x, threshold=0.75, min_community_size=4)
     assert [(g[0], sorted(g)) for g in got] == [(g[0], sorted(g)) for g in want]
     assert st_compat.community_detection(np.zeros((0, 4), np.float32)) == []
+    # above any cosine: the library's [] (embgeom.communities refuses it, naming why)
+    assert st_compat.community_detection(x, threshold=2.0, min_community_size=1) == \
+        st_util.community_detection(x, threshold=2.0, min_community_size=1) == []
+    with pytest.raises(ValueError, match="threshold: a cosine is at most 1"):
+        embgeom.communities(x, threshold=2.0)
 
 
 def test_compat_bad_arguments():

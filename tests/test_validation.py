@@ -79,6 +79,9 @@ def test_cone_and_entropy_bad_input():
         embgeom.cone_index(bad)
     with pytest.raises(ValueError, match=r"attn: expected \(B, H, T, T\)"):
         embgeom.attention_entropy(torch.rand(2, 3, 4, 5))
+    # a batch of one-head maps passed as 3-D: read as the heads of one sequence, and said so
+    with pytest.raises(ValueError, match=r"mask: \(2, 3\) is a batch of 2 sequences, .*attn\[:, None\]"):
+        embgeom.attention_entropy(torch.full((2, 3, 3), 1 / 3), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn: expected probabilities >= 0"):
         embgeom.attention_entropy(-torch.rand(1, 1, 2, 2))
     with pytest.raises(ValueError, match="smoothing"):

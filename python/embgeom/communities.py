@@ -26,6 +26,10 @@ def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
     batch_size: rows searched at once (memory ~ batch_size x N scores).
     """
     threshold = validation.finite_float(threshold, "threshold")
+    if threshold > 1.0:
+        # (sentence-transformers returns [] here; its drop-in, compat, does the same)
+        raise ValueError(f"threshold: a cosine is at most 1, so {threshold} would find no community; "
+                         "expected a threshold <= 1")
     min_size = validation.positive_int(min_community_size, "min_community_size", allow_zero=False)
     batch_size = validation.positive_int(batch_size, "batch_size", allow_zero=False)
     if isinstance(x, Index):

@@ -232,11 +232,17 @@ def batch_mask(mask: Any, B: int, T: int, device: torch.device) -> torch.Tensor 
 def attention(attn: Any, mask: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """attn: (B, H, T, T) float probabilities (rows = queries), mask: (B, T) bool."""
     attn = as_tensor(attn, "attn")
-    if attn.dim() == 3:
+    one_sequence = attn.dim() == 3
+    if one_sequence:
         attn = attn.unsqueeze(0)
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attn: expected (B, H, T, T) float, got {_describe(attn)}")
     _check_float(attn, "attn", "(B, H, T, T)")
+    if one_sequence and mask is not None and getattr(mask, "ndim", 0) == 2 and mask.shape[0] != 1:
+        # a (B, T, T) batch of one head would be read as B heads of one sequence: say so
+        raise ValueError(f"mask: {tuple(mask.shape)} is a batch of {mask.shape[0]} sequences, but a 3-D attn of "
+                         f"shape {tuple(attn.shape[1:])} is read as (H, T, T), the heads of one sequence; pass "
+                         "attn as (B, H, T, T) (e.g. attn[:, None] for one head)")
     mask = batch_mask(mask, attn.shape[0], attn.shape[2], attn.device)
     if attn.numel():
         check_finite(attn, "attn", row_dims=3)

@@ -287,4 +287,7 @@ def community_detection(embeddings, threshold: float = 0.75, min_community_size:
     if isinstance(x, torch.Tensor) and x.numel() == 0:
         return []
     with validation.renamed(x="embeddings"):
-        return communities(_tensor(x, "embeddings"), threshold, min_community_size, batch_size)
+        x = _tensor(x, "embeddings")
+        if validation.finite_float(threshold, "threshold") > 1.0:  # no cosine reaches it: [] as the library
+            return []
+        return communities(x, threshold, min_community_size, batch_size)
