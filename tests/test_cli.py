@@ -201,3 +201,42 @@ def test_bad_options_are_one_line_before_any_work(capsys, argv, message):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert message in err and "--help" in err
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--checkpoint", "CK"], "finished work is kept in CK; the same command resumes from it"),
+    ([], "nothing was kept; --checkpoint PATH keeps finished work"),
+])
+def test_interrupt_and_lost_peer_are_one_line(tmp_path, monkeypatch, capsys, extra, says):
+    """Ctrl-C says what the command keeps (a checkpoint, nothing, or the report folder as it was);
+    a distributed rank that lost a peer prints one line, not a traceback."""
+    import embgeom.commands.pairs as pairs_command
+    from embgeom.distributed import PeerLost
+
+    np.save(tmp_path / "x.npy", make_embeddings(10, 4).numpy())
+    argv = ["pairs", str(tmp_path / "x.npy"), "--json", str(tmp_path / "o.json"),
+            *[str(tmp_path / a) if a == "CK" else a for a in extra]]
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pairs_command, "main", interrupted)
+    assert main(argv) == 130
+    assert says.replace("CK", str(tmp_path / "CK")) in capsys.readouterr().err
+
+    def lost(args):
+        raise PeerLost("distributed: rank 1: gathering results failed (Connection closed by peer)")
+
+    monkeypatch.setattr(pairs_command, "main", lost)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("embgeom: error: distributed: rank 1") and err.count("\n") == 1
+
+
+def test_interrupted_report_command_says_its_folder_is_as_before(tmp_path, monkeypatch, capsys):
+    import embgeom.commands.project as project_command
+
+    np.save(tmp_path / "x.npy", make_embeddings(10, 4).numpy())
+    monkeypatch.setattr(project_command, "main", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["project", str(tmp_path / "x.npy"), "--out", str(tmp_path / "p")]) == 130
+    assert f"{tmp_path / 'p'} holds what it held before; no partial report" in capsys.readouterr().err

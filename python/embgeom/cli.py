@@ -59,8 +59,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embgeom: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("embgeom: interrupted (finished work is kept in the checkpoint, if one was given)", file=sys.stderr)
+        print(f"embgeom: interrupted ({_what_was_kept(args)})", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from .distributed import PeerLost
+
+        if not isinstance(exc, PeerLost):
+            raise
+        print(f"embgeom: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _what_was_kept(args) -> str:
+    """What an interrupted command leaves behind, for its one line."""
+    if getattr(args, "checkpoint", None):
+        return f"finished work is kept in {args.checkpoint}; the same command resumes from it"
+    if hasattr(args, "checkpoint"):
+        return "nothing was kept; --checkpoint PATH keeps finished work for a rerun"
+    if getattr(args, "out", None):
+        return f"{args.out} holds what it held before; no partial report is written"
+    return "nothing was written"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import validation
+from .validation import first_line
 from .backends import registry
 from .results import PairwiseStats
 from .engine.checkpoint import fingerprint, load_checkpoint, save_checkpoint
@@ -97,6 +98,10 @@ def _init_process_group(timeout_s: float):
     return dist
 
 
+class PeerLost(RuntimeError):
+    """A rank could not gather the others' results (one died): the CLI prints it in one line."""
+
+
 def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_s: float = 600.0,
                    checkpoint: str | None = None, progress: bool = False, backend: str | None = None,
                    **kwargs) -> PairwiseStats | None:
@@ -160,8 +165,9 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
         # leave together: a rank that exits while a peer still talks to it aborts the peer
         dist.barrier()
     except Exception as exc:  # noqa: BLE001 - a dead peer surfaces here; say so plainly
-        raise RuntimeError(f"distributed: rank {rank}: gathering results failed ({exc}); "
-                           "a rank probably died; restart the job, finished jobs are checkpointed") from None
+        kept = "finished jobs are checkpointed" if ckpt else "--checkpoint PATH would keep finished jobs"
+        raise PeerLost(f"distributed: rank {rank}: gathering results failed ({first_line(exc)}); "
+                       f"a rank probably died; restart the job ({kept})") from None
     finally:
         if owns_group:
             dist.destroy_process_group()

