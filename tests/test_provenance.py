@@ -59,6 +59,11 @@ def test_project_records_depth_and_input(tmp_path):
     assert prov["depth"] == 2 and prov["seed"] == 3
     assert prov["input"] == {"file": str(tmp_path / "cls.npy"), "shape": [30, 3, 8], "dtype": "float32"}
     assert "depth 2 of 2" in (out / "projection.html").read_text()
+    np.save(tmp_path / "rows.npy", x[:, 0])  # (N, D): no depth, null in report.json, "none" on the page
+    assert main(["project", str(tmp_path / "rows.npy"), "--method", "pca", "--out", str(tmp_path / "q")]) == 0
+    assert json.loads((tmp_path / "q" / "report.json").read_text())["provenance"]["depth"] is None
+    page = (tmp_path / "q" / "projection.html").read_text()
+    assert "<th style='text-align:left'>depth</th><td>none</td>" in page and ">None<" not in page
 
 
 def test_pairs_json_provenance(tmp_path):

@@ -28,7 +28,10 @@ def write_script_page(path: str, title: str, style: str, body: str, data_id: str
 
 
 def _plain(v) -> str:
-    """A provenance value as a reader writes it: lists as 138 x 7 x 384 for shapes, else joined."""
+    """A provenance value as a reader writes it: lists as 138 x 7 x 384 for shapes, else joined;
+    None (report.json's null: no depth for an (N, D) input) as "none", not Python's None."""
+    if v is None:
+        return "none"
     if isinstance(v, (list, tuple)):
         return " x ".join(str(x) for x in v) if all(isinstance(x, int) for x in v) else ", ".join(str(x) for x in v)
     return str(v)
