@@ -223,6 +223,9 @@ def test_interrupt_and_lost_peer_are_one_line(tmp_path, monkeypatch, capsys, ext
     monkeypatch.setattr(pairs_command, "main", interrupted)
     assert main(argv) == 130
     assert says.replace("CK", str(tmp_path / "CK")) in capsys.readouterr().err
+    if extra:  # --distributed keeps one checkpoint per rank: named as such
+        assert main([*argv, "--distributed"]) == 130
+        assert f"kept in {tmp_path / 'CK'}.rank<r> (one per rank)" in capsys.readouterr().err
 
     def lost(args):
         raise PeerLost("distributed: rank 1: gathering results failed (Connection closed by peer)")

@@ -117,9 +117,36 @@ def test_crafted_format3_checkpoint_with_pickled_array_is_refused(tmp_path):
 
 def test_fingerprint_is_checked_before_the_payload_is_parsed(tmp_path):
     path = tmp_path / "c.ckpt"
-    _format3(path, "a" * 64, b"not json", b"not a zip")
+    _format3(path, "a" * 64, b"not json", b"not a zip", {"identity": {"settings": {"bins": 10}}})
     with pytest.raises(ValueError, match="another input or other settings"):
         load_checkpoint(str(path), "b" * 64)
+    # a header of an embgeom from before the identity: said so, not blamed on the input
+    _format3(path, "a" * 64, b"not json", b"not a zip")
+    with pytest.raises(ValueError, match="written by an older embgeom, .*cannot be resumed; delete it"):
+        load_checkpoint(str(path), "b" * 64)
+
+
+@pytest.mark.parametrize("identity", [
+    {"settings": {"evil\nsecond line": 1, "bins\u2028": "x\ny"}, "numerics": {"a\rb": [1] * 100}},
+    "not a dict", [1, 2], None])
+def test_crafted_identity_gives_one_line(tmp_path, identity):
+    from embgeom.engine.checkpoint import fingerprint
+
+    path = tmp_path / "c.ckpt"
+    _format3(path, "a" * 64, b"not json", b"not a zip", {"identity": identity})
+    fp = fingerprint(make_embeddings(5, 3), None, PairwiseConfig(), "cpp", 1, {"product": "k"})
+    with pytest.raises(ValueError, match="checkpoint: ") as e:
+        load_checkpoint(str(path), fp)
+    one_line(e)
+    assert "\u2028" not in str(e.value) and "\r" not in str(e.value)
+
+
+def test_deeply_nested_header_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "c.ckpt"
+    path.write_bytes(MAGIC + b"\n" + b"[" * 3000 + b"\n")
+    with pytest.raises(ValueError, match="not a valid embgeom checkpoint") as e:
+        load_checkpoint(str(path), "b" * 64)
+    one_line(e)
 
 
 @pytest.mark.parametrize("bad", ["extra_header_key", "unknown_array", "wrong_dtype", "bad_shape", "extra_meta"])
@@ -450,6 +477,23 @@ def test_output_folder_survives_a_kill_inside_the_swap(tmp_path, monkeypatch, ex
     assert (out / "a.txt").read_text() == "second"
     check_complete(str(out / "a.txt"), "X")
     assert os.listdir(tmp_path) == ["rep"]
+    # the aside copy of another output whose name starts alike (rep.9) is not rep's to restore
+    with output_folder(str(tmp_path / "rep.9"), command="test") as staging:
+        (Path(staging) / "a.txt").write_text("rep.9's")
+    other = tmp_path / f".rep.9.{dead}.abcd1234.old.partial"
+    other.mkdir()
+    os.rename(tmp_path / "rep.9", other / "previous")
+    import shutil
+
+    shutil.rmtree(out)
+    with pytest.raises(RuntimeError):
+        with output_folder(str(out), command="test"):
+            raise RuntimeError("fails")
+    assert not out.exists() and (other / "previous" / "a.txt").read_text() == "rep.9's"
+    with pytest.raises(RuntimeError):  # rep.9's own next writer puts it back, even when it fails
+        with output_folder(str(tmp_path / "rep.9"), command="test"):
+            raise RuntimeError("fails")
+    assert (tmp_path / "rep.9" / "a.txt").read_text() == "rep.9's"
 
 
 def test_output_folder_refuses_files_it_did_not_write_and_creates_nothing_on_failure(tmp_path):

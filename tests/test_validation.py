@@ -160,3 +160,23 @@ def test_load_model_by_hub_id_from_the_cache(tiny_bert_dir, tmp_path):
                                "Hugging Face model id it could load)")
     with pytest.raises(ValueError, match="no such directory"):
         embgeom.load_model("./org/tiny-bert")
+    from embgeom.models import is_hub_id
+
+    (tmp_path / "models").mkdir()
+    os.chdir(tmp_path)  # (pytest restores nothing here: go back below)
+    try:
+        assert is_hub_id("org/tiny-bert") and is_hub_id("bert-base-uncased")
+        # a path under an existing folder, odd characters, a trailing newline: not Hub ids
+        assert not any(is_hub_id(n) for n in ("models/x", "org/name\n", "org/name\u0660", "a/b/c", "~/x", "org/"))
+    finally:
+        os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("value", [True, np.True_, torch.tensor(True), np.array(False), "0.9", b"1"])
+def test_thresholds_that_are_not_numbers_are_refused(value):
+    from embgeom import validation
+
+    with pytest.raises(TypeError, match="threshold: expected a number"):
+        validation.finite_float(value, "threshold")
+    assert [validation.finite_float(v, "t") for v in (np.float32(0.5), torch.tensor(0.5), np.int64(2), 3)] == \
+        [0.5, 0.5, 2.0, 3.0]

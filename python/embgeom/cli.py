@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 def _what_was_kept(args) -> str:
     """What an interrupted command leaves behind, for its one line."""
     if getattr(args, "checkpoint", None):
-        return f"finished work is kept in {args.checkpoint}; the same command resumes from it"
+        where = f"{args.checkpoint}.rank<r> (one per rank)" if getattr(args, "distributed", False) else args.checkpoint
+        return f"finished work is kept in {where}; the same command resumes from it"
     if hasattr(args, "checkpoint"):
         return "nothing was kept; --checkpoint PATH keeps finished work for a rerun"
     if getattr(args, "out", None):

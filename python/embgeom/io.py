@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from typing import IO, Iterator
@@ -89,7 +90,7 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output") -> It
     path = os.fspath(path)
     folder = check_output_path(path, name)
     base = os.path.basename(path)
-    _remove_orphans(folder, base, ".tmp")
+    _remove_orphans(folder, base, (".tmp",))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=".tmp", dir=folder)
     except OSError as exc:
@@ -120,18 +121,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_orphans(folder: str, base: str, suffix: str) -> None:
+def _leftover_pid(entry: str, base: str, suffixes: tuple[str, ...]) -> int | None:
+    """The writer's pid when `entry` is exactly a temporary name this module makes for `base`
+    (`.BASE.PID.RANDOM` + one of `suffixes`, RANDOM as tempfile draws it), else None: the
+    leftovers of `results` are never confused with those of `results.2`."""
+    pattern = rf"\.{re.escape(base)}\.(\d+)\.[a-z0-9_]+(?:{'|'.join(re.escape(x) for x in suffixes)})"
+    m = re.fullmatch(pattern, entry)
+    return int(m.group(1)) if m else None
+
+
+def _remove_orphans(folder: str, base: str, suffixes: tuple[str, ...]) -> None:
     """Remove `.BASE.PID.*SUFFIX` entries left in `folder` by killed writers (PID not running)."""
-    prefix = f".{base}."
     try:
         names = os.listdir(folder)
     except OSError:
         return
     for entry in names:
-        if not (entry.startswith(prefix) and entry.endswith(suffix)):
-            continue
-        pid = entry[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        pid = _leftover_pid(entry, base, suffixes)
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
             target = os.path.join(folder, entry)
             with contextlib.suppress(OSError):
                 if os.path.isdir(target) and not os.path.islink(target):
@@ -219,7 +226,7 @@ def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[st
     try:
         os.makedirs(parent, exist_ok=True)
         _restore_previous(parent, base)
-        _remove_orphans(parent, base, ".partial")
+        _remove_orphans(parent, base, (".partial", ".old.partial"))
         staging = tempfile.mkdtemp(prefix=f".{base}.{os.getpid()}.", suffix=".partial", dir=parent)
         os.chmod(staging, 0o777 & ~_umask())  # what mkdir gives; mkdtemp's is 0o700
     except OSError as exc:
@@ -289,13 +296,12 @@ def _restore_previous(parent: str, base: str) -> None:
     path = os.path.join(parent, base)
     if os.path.lexists(path):
         return
-    prefix, found = f".{base}.", []
+    found = []
     with contextlib.suppress(OSError):
         for entry in os.listdir(parent):
-            pid = entry[len(prefix):].split(".", 1)[0] if entry.startswith(prefix) else ""
+            pid = _leftover_pid(entry, base, (".old.partial",))
             previous = os.path.join(parent, entry, "previous")
-            if entry.endswith(".old.partial") and pid.isdigit() and not _pid_alive(int(pid)) \
-                    and os.path.isdir(previous):
+            if pid is not None and not _pid_alive(pid) and os.path.isdir(previous):
                 found.append((os.path.getmtime(previous), previous))
     for _, previous in sorted(found, reverse=True)[:1]:
         with contextlib.suppress(OSError):

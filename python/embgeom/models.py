@@ -21,12 +21,14 @@ def default_model_path() -> str:
 
 
 # a Hugging Face model id: "name" or "org/name" (the Hub's letters, digits, "-", "_", ".")
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", re.ASCII)
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether `name`, not found on disk, reads as a Hub id ("org/name") rather than a path."""
-    return bool(_HUB_ID.match(name)) and ".." not in name
+    """Whether `name`, not found on disk, reads as a Hub id ("org/name") rather than a path: the
+    Hub's characters only, and no first part that exists here (`models/x` beside a `models`
+    folder is a mistyped path, not a Hub id)."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not os.path.exists(name.split("/")[0])
 
 
 def resolve_model(name_or_path: str | None) -> str:

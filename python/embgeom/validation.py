@@ -238,7 +238,8 @@ def attention(attn: Any, mask: Any = None) -> tuple[torch.Tensor, torch.Tensor |
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"attn: expected (B, H, T, T) float, got {_describe(attn)}")
     _check_float(attn, "attn", "(B, H, T, T)")
-    if one_sequence and mask is not None and getattr(mask, "ndim", 0) == 2 and mask.shape[0] != 1:
+    if one_sequence and mask is not None and getattr(mask, "ndim", 0) == 2 \
+            and tuple(mask.shape) == (attn.shape[1], attn.shape[2]) and mask.shape[0] != 1:
         # a (B, T, T) batch of one head would be read as B heads of one sequence: say so
         raise ValueError(f"mask: {tuple(mask.shape)} is a batch of {mask.shape[0]} sequences, but a 3-D attn of "
                          f"shape {tuple(attn.shape[1:])} is read as (H, T, T), the heads of one sequence; pass "
@@ -295,8 +296,9 @@ def first_line(exc: Exception) -> str:
 
 
 def finite_float(value: Any, name: str) -> float:
-    # a string ("0.9") or a bool would convert, and hide a caller's mistake
-    if isinstance(value, (str, bytes, bool)):
+    # a string ("0.9") or a truth value (bool, numpy / torch bool) would convert, and hide a
+    # caller's mistake
+    if isinstance(value, (str, bytes, bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
     try:
         out = float(value)

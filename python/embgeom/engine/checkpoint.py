@@ -78,7 +78,7 @@ def differences(saved, now) -> list[str]:
         if a == b:
             continue
         if key in ("settings", "numerics") and isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{k} {_short(a.get(k))} then, {_short(b.get(k))} now"
+            out += [f"{_name(k)} {_short(a.get(k))} then, {_short(b.get(k))} now"
                     for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
         elif key in ("x", "y"):
             shape = lambda v: v.get("shape") if isinstance(v, dict) else None  # noqa: E731
@@ -87,8 +87,14 @@ def differences(saved, now) -> list[str]:
             else:
                 out.append(f"{key}: other values (same shape)")
         else:
-            out.append(f"{key} {_short(a)} then, {_short(b)} now")
+            out.append(f"{_name(key)} {_short(a)} then, {_short(b)} now")
     return out
+
+
+def _name(key) -> str:
+    """A key read from a file, printable on one line: plain names as they are, others quoted."""
+    key = str(key)
+    return key if key.isidentifier() and key.isascii() else _short(key)
 
 
 def encode_payload(payload: Any) -> tuple[bytes, bytes]:
@@ -172,8 +178,12 @@ def load_checkpoint(path: str, fp: str) -> Any | None:
             if header is None:
                 raise _invalid(path, "bad header or checksum")
             if header["fingerprint"] != fp:
-                diff = differences(header.get("identity"), getattr(fp, "identity", None))
-                what = f" ({'; '.join(diff)})" if diff else " (or by an embgeom that did not record which)"
+                if "identity" not in header:
+                    raise ValueError(f"checkpoint: {path} was written by an older embgeom, which did not record "
+                                     "the arithmetic its numbers came from, so it cannot be resumed; delete it "
+                                     "and rerun")
+                diff = differences(header["identity"], getattr(fp, "identity", None))
+                what = f" ({'; '.join(diff)})" if diff else ""
                 raise ValueError(f"checkpoint: {path} was written for another input or other settings{what}; "
                                  "delete it or pass another path")
             size = header["meta_bytes"] + header["arrays_bytes"]
@@ -196,7 +206,7 @@ def _header(line: bytes) -> dict | None:
         return None
     try:
         h = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # (a header nested past the parser's depth)
         return None
     if not isinstance(h, dict) or not HEADER_KEYS <= set(h) <= HEADER_KEYS | OPTIONAL_HEADER_KEYS \
             or not isinstance(h["fingerprint"], str) or not isinstance(h["sha256"], str) \
