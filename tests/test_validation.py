@@ -133,7 +133,7 @@ def test_histogram_range_whose_bin_scale_float64_cannot_hold(rng):
         embgeom.pairwise_stats(x, metric="dot", range=rng, bins=4)
 
 
-def test_load_model_by_hub_id_from_the_cache(tiny_bert_dir, tmp_path):
+def test_load_model_by_hub_id_from_the_cache(tiny_bert_dir, tmp_path, monkeypatch):
     """An "org/name" id that is no directory here is a Hugging Face id (found in the cache,
     offline), not a missing path; a relative "dir/name" that is neither says both."""
     import shutil
@@ -163,13 +163,10 @@ def test_load_model_by_hub_id_from_the_cache(tiny_bert_dir, tmp_path):
     from embgeom.models import is_hub_id
 
     (tmp_path / "models").mkdir()
-    os.chdir(tmp_path)  # (pytest restores nothing here: go back below)
-    try:
-        assert is_hub_id("org/tiny-bert") and is_hub_id("bert-base-uncased")
-        # a path under an existing folder, odd characters, a trailing newline: not Hub ids
-        assert not any(is_hub_id(n) for n in ("models/x", "org/name\n", "org/name\u0660", "a/b/c", "~/x", "org/"))
-    finally:
-        os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("org/tiny-bert") and is_hub_id("bert-base-uncased")
+    # a path under an existing folder, odd characters, a trailing newline: not Hub ids
+    assert not any(is_hub_id(n) for n in ("models/x", "org/name\n", "org/name\u0660", "a/b/c", "~/x", "org/"))
 
 
 @pytest.mark.parametrize("value", [True, np.True_, torch.tensor(True), np.array(False), "0.9", b"1"])
