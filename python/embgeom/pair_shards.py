@@ -120,7 +120,7 @@ class ShardWriter:
         self._lock = None
         self.folder, self.progress = folder, progress
         self.shard_pairs = SHARD_PAIRS if shard_pairs is None else shard_pairs
-        self._refuse_foreign()
+        self._refuse_foreign(_read_manifest(folder, "out"))
         self._lock = _lock_folder(folder)
         try:
             self._open(fingerprint=fingerprint, n=n, d=d, metric=metric, threshold=threshold)
@@ -132,11 +132,10 @@ class ShardWriter:
         self._pending: list[dict] = []  # shards written since the manifest was last saved
         self._saved = time.monotonic()
 
-    def _refuse_foreign(self) -> None:
-        """ValueError for a folder with files but no pairs manifest (before a lock file is made
-        in it)."""
-        if _read_manifest(self.folder, "out") is None and \
-                any(not name.startswith(".") for name in os.listdir(self.folder)):
+    def _refuse_foreign(self, manifest: dict | None) -> None:
+        """ValueError for a folder with files but no pairs manifest (`manifest`, as read; checked
+        before a lock file is made in the folder)."""
+        if manifest is None and any(not name.startswith(".") for name in os.listdir(self.folder)):
             raise ValueError(f"out: {self.folder} is not empty and holds no embgeom pairs manifest; "
                              "refusing to write into it (use an empty or new folder)")
 
@@ -144,8 +143,8 @@ class ShardWriter:
         """Under the lock: a new manifest, or the one on disk when it is for this input and its
         shards are intact."""
         folder = self.folder
-        self._refuse_foreign()  # again: another writer may have come and gone meanwhile
         old = _read_manifest(folder, "out")
+        self._refuse_foreign(old)  # again: another writer may have come and gone meanwhile
         if old is None:
             self.manifest = {"kind": KIND, "version": VERSION, **mine, "rows_done": 0,
                              "complete": False, "count": 0, "shards": []}
