@@ -200,3 +200,36 @@ def test_label_files_as_editors_write_them(tiny_bert_dir, tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "o3"), "--labels", str(one)]) == 0
     assert "the labels name one class" in capsys.readouterr().err
     assert "Note: the labels name one class" in (tmp_path / "o3" / "report.html").read_text()
+
+
+def test_correct_only_resumes_without_predicting_again(clf_dir, tmp_path, monkeypatch):
+    """--checkpoint keeps --correct-only's selection: the rerun skips the prediction pass."""
+    import os
+    import signal
+
+    from embgeom.analysis.text import labelled, trace as trace_module
+
+    labels = ["neg", "pos"] * 4
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "resumed").mkdir()
+    _, clean = run(clf_dir, tmp_path / "clean", labels, "--correct-only")
+    real = trace_module.iter_batches
+
+    def stop_after_one(*a, **kw):
+        for i, b in enumerate(real(*a, **kw)):
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield b
+
+    ckpt = str(tmp_path / "run.ckpt")
+    monkeypatch.setattr(trace_module, "iter_batches", stop_after_one)
+    with pytest.raises(AssertionError):       # run() asserts status 0; an interrupted run gives 130
+        run(clf_dir, tmp_path / "resumed", labels, "--correct-only", "--checkpoint", ckpt)
+    monkeypatch.setattr(trace_module, "iter_batches", real)
+    monkeypatch.setattr(labelled, "predict_labels", lambda *a, **kw: pytest.fail("predicted again"))
+    _, resumed = run(clf_dir, tmp_path / "resumed", labels, "--correct-only", "--checkpoint", ckpt)
+    for rep in (clean, resumed):
+        for key in ("forward_passes_seconds", "provenance", "total_seconds"):
+            rep.pop(key, None)
+    assert resumed == clean and resumed["correct_only"]["kept"] > 0

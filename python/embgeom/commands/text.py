@@ -35,6 +35,9 @@ def add_arguments(p) -> None:
                    "token types 0 / 1")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     add_model_options(p, batch_size=32, max_length_help="truncate texts to N tokens")
+    p.add_argument("--checkpoint", metavar="PATH", help="save the sums of finished batches here (at most a "
+                   "minute apart, and on Ctrl-C); the same command resumes after them (kept [CLS] rows in "
+                   "PATH.cls.npy)")
     p.add_argument("--pairs", metavar="FILE", help='JSONL {"group": g, "a": text, "b": text}: [CLS] '
                    "difference vectors per group")
     add_keep_arguments(p)
@@ -81,12 +84,21 @@ def main(args) -> int:
     with output_folder(args.out, command="text") as out:
         with prog.phase("loading the model"):
             model, tokenizer = load_model(args.model, device=args.device, classifier=args.correct_only)
+        ckpt = None
+        if args.checkpoint:
+            with prog.phase("checkpoint: fingerprint of the corpus and the model"):
+                ckpt = text_checkpoint(args, model, tokenizer)
+                ckpt.load()
         selection = None
         if args.correct_only:
-            with prog.phase("predicting classes (--correct-only)"):
-                predicted = predict_labels(model, tokenizer, texts, batch_size=args.batch_size,
-                                           max_length=args.max_length)
-            kept = [i for i, (p, g) in enumerate(zip(predicted, labels)) if p == g]
+            kept = ckpt.extra.get("kept") if ckpt is not None else None
+            if kept is None:
+                with prog.phase("predicting classes (--correct-only)"):
+                    predicted = predict_labels(model, tokenizer, texts, batch_size=args.batch_size,
+                                               max_length=args.max_length)
+                kept = [i for i, (p, g) in enumerate(zip(predicted, labels)) if p == g]
+                if ckpt is not None:
+                    ckpt.extra["kept"] = kept
             selection = {"texts": n_texts, "kept": len(kept), "accuracy": len(kept) / n_texts,
                          "kept_per_label": {g: sum(labels[i] == g for i in kept) for g in sorted(set(labels))},
                          "texts_per_label": {g: labels.count(g) for g in sorted(set(labels))}}
@@ -99,7 +111,8 @@ def main(args) -> int:
         prov.set_model(args.model, model)
         keeper = Keeper(out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
                         keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
-                        tokenizer=tokenizer) if keeping else None
+                        tokenizer=tokenizer, rows_path=ckpt.side_path("cls.npy") if ckpt else None) \
+            if keeping else None
         max_len = model_max_length(model, tokenizer, args.max_length)
         extras = TextExtras(args, model, tokenizer, max_len)
         split = LabelSplit(labels, model, tokenizer, max_len) if labels is not None else None
@@ -110,7 +123,7 @@ def main(args) -> int:
             warnings.simplefilter("always")
             result = trace(model, tokenizer, texts if selection is not None else args.corpus,
                            batch_size=args.batch_size, max_length=args.max_length, progress=prog,
-                           observers=observers)
+                           observers=observers, checkpoint=ckpt)
         for w in caught[:1]:
             print(f"embgeom text: warning: {w.message}", file=sys.stderr)
         result.model = args.model or DEFAULT_MODEL
@@ -149,9 +162,30 @@ def main(args) -> int:
         print(f"embgeom text: note: {no_class_maps_note(args.class_maps)}", file=sys.stderr)
     if labels is not None and len(set(labels)) < 2:
         print(f"embgeom text: note: {ONE_CLASS_NOTE}", file=sys.stderr)
-    print(f"embgeom text: {fmt(result.n_texts)} texts, {fmt(result.n_tokens)} tokens in {seconds(prov.seconds())} "
-          f"(forward passes {seconds(result.seconds)}) -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
+    resumed = f", {fmt(ckpt.resumed_texts)} of them from {args.checkpoint}" if ckpt and ckpt.resumed_texts else ""
+    print(f"embgeom text: {fmt(result.n_texts)} texts{resumed}, {fmt(result.n_tokens)} tokens in "
+          f"{seconds(prov.seconds())} (forward passes {seconds(result.seconds)}) -> "
+          f"{os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0
+
+
+# options that change only how the report is drawn or told, not the sums a checkpoint keeps
+NOT_IN_CHECKPOINT = ("out", "checkpoint", "quiet", "no_progress", "progress", "profile", "theta", "pairs", "func", "argv", "started")
+
+
+def text_checkpoint(args, model, tokenizer):
+    """The TraceCheckpoint of this command line: the corpus and labels (their texts), the model,
+    and every option that changes what is summed."""
+    from ..analysis.text.resume import TraceCheckpoint, file_digest, model_digest, numerics, texts_digest
+
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_CHECKPOINT}
+    settings["labels"] = file_digest(args.labels)
+    inputs = {"corpus": texts_digest(args.corpus), "labels": settings.pop("labels")}
+    return TraceCheckpoint(args.checkpoint, {
+        "command": "text", "inputs": inputs, "model": model_digest(model, tokenizer),
+        "settings": {k: v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
+                     for k, v in settings.items()},
+        "numerics": numerics(next(model.parameters()).device)})
 
 
 def add_keep_arguments(p) -> None:
@@ -202,7 +236,7 @@ def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[
     sections = []
     cls_path = os.path.join(out_dir, "cls.npy")
     if keeper is not None:
-        kept_cls = keeper.cls is not None
+        kept_cls = keeper.keep_cls
         keeper.close()
         if kept_cls:
             shape = np.load(cls_path, mmap_mode="r").shape

@@ -4,7 +4,8 @@ Format 3 (docs/architecture.md, checkpoints), no pickle anywhere:
 
     EMBGEOM-CKPT3\\n
     {"fingerprint": ..., "identity": ..., "meta_bytes": A, "arrays_bytes": B, "sha256": ...}\\n   one JSON line
-    A bytes of JSON: the payload's scalars (EngineState.to_record) and plain extras
+    A bytes of JSON: the payload's scalars (EngineState.to_record) and plain extras, or a
+                     tree of accumulators (TreeState: `embgeom text --checkpoint`)
     B bytes of .npz: the payload's arrays, stored uncompressed, read with allow_pickle=False
 
 The header line is read and the fingerprint compared before a byte of the payload is parsed;
@@ -97,8 +98,172 @@ def _name(key) -> str:
     return key if key.isidentifier() and key.isascii() else _short(key)
 
 
+class Resumable:
+    """Mixin of an accumulator a checkpoint can keep: every attribute except those named in
+    `not_saved` (references to the model, tokenizer, hooks, scratch buffers: the resumed run
+    builds them again). restore_state puts a saved state back into an object built with the
+    same settings; saved tensors go to the device of the tensor they replace."""
+
+    not_saved: tuple[str, ...] = ()
+
+    def checkpoint_state(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k not in self.not_saved}
+
+    def restore_state(self, saved: dict) -> None:
+        for key, value in saved.items():
+            # data attributes only: a name of the class (a method) or an unsaved one is not ours
+            if not isinstance(key, str) or not key.isidentifier() or key in self.not_saved \
+                    or hasattr(type(self), key):
+                raise ValueError(f"field {_short(key)} of {type(self).__name__} is not saved by embgeom")
+            setattr(self, key, restore_value(getattr(self, key, None), value, f"{type(self).__name__}.{key}"))
+
+
+class SavedObject:
+    """A Resumable's fields as read from a checkpoint (restore_value puts them into a live object)."""
+
+    def __init__(self, kind: str, fields: dict):
+        self.kind, self.fields = kind, fields
+
+
+class TreeState:
+    """A checkpoint payload of plain values, tensors, arrays and Resumable objects, nested in
+    dicts, lists and tuples (encode_tree lists what it takes)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+def encode_tree(value: Any) -> tuple[Any, dict]:
+    """(a JSON value, {name: array}): tensors and numpy arrays / scalars become references to
+    arrays; tuples, sets and dicts with keys other than plain strings become tagged lists;
+    Resumable objects their class name and checkpoint_state(). TypeError on anything else."""
+    arrays: dict = {}
+
+    def array(tag: str, a: np.ndarray) -> dict:
+        name = f"a{len(arrays)}"
+        arrays[name] = a
+        return {tag: name}
+
+    def enc(v, where):
+        if isinstance(v, np.generic):   # before float: numpy's float64 is a float
+            return array("$scalar", np.asarray(v))
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, torch.Tensor):
+            if v.dtype not in _TENSOR_DTYPES:
+                raise TypeError(f"checkpoint: cannot save the {v.dtype} tensor at {where}")
+            return array("$tensor", v.detach().cpu().numpy())
+        if isinstance(v, np.ndarray):
+            if v.dtype.hasobject:
+                raise TypeError(f"checkpoint: cannot save the object array at {where}")
+            return array("$array", v)
+        if isinstance(v, tuple):
+            return {"$tuple": [enc(x, f"{where}[{i}]") for i, x in enumerate(v)]}
+        if isinstance(v, list):
+            return [enc(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        if isinstance(v, (set, frozenset)):
+            return {"$set": [enc(x, where) for x in sorted(v, key=repr)]}
+        if isinstance(v, dict):
+            if all(isinstance(k, str) and not k.startswith("$") for k in v):
+                return {k: enc(x, f"{where}.{k}") for k, x in v.items()}
+            return {"$dict": [[enc(k, where), enc(x, f"{where}[{k!r}]")] for k, x in v.items()]}
+        if isinstance(v, Resumable):
+            return {"$object": type(v).__name__, "fields": enc(v.checkpoint_state(), type(v).__name__)}
+        raise TypeError(f"checkpoint: cannot save the {type(v).__name__} at {where}")
+
+    return enc(value, "state"), arrays
+
+
+_TENSOR_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                  torch.float16, torch.float32, torch.float64)
+_TAGS = {"$tensor", "$array", "$scalar", "$tuple", "$set", "$dict", "$object"}
+
+
+def decode_tree(value: Any, arrays: dict) -> Any:
+    """The inverse of encode_tree (Resumable objects come back as SavedObject); ValueError on
+    anything it does not write. Builds plain values only: nothing in the file names code."""
+    used: set = set()
+
+    def ref(name):
+        if not isinstance(name, str) or name not in arrays or name in used:
+            raise ValueError(f"bad array reference {name!r}")
+        used.add(name)
+        return arrays[name]
+
+    def dec(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, list):
+            return [dec(x) for x in v]
+        if not isinstance(v, dict):
+            raise ValueError(f"unexpected {type(v).__name__}")
+        tags = _TAGS & set(v)
+        if not tags:
+            return {k: dec(x) for k, x in v.items()}
+        tag = tags.pop()
+        if set(v) != ({tag, "fields"} if tag == "$object" else {tag}):
+            raise ValueError(f"unexpected keys beside {tag}")
+        body = v[tag]
+        if tag == "$tensor":
+            return torch.from_numpy(ref(body))
+        if tag == "$array":
+            return ref(body)
+        if tag == "$scalar":
+            a = ref(body)
+            if a.ndim:
+                raise ValueError("a scalar with dimensions")
+            return a[()]
+        if tag == "$object":
+            fields = dec(v["fields"])
+            if not isinstance(body, str) or not isinstance(fields, dict):
+                raise ValueError("bad saved object")
+            return SavedObject(body, fields)
+        if not isinstance(body, list):
+            raise ValueError(f"{tag} of a {type(body).__name__}")
+        if tag == "$tuple":
+            return tuple(dec(x) for x in body)
+        if tag == "$set":
+            return set(dec(x) for x in body)
+        if not all(isinstance(p, list) and len(p) == 2 for p in body):
+            raise ValueError("$dict entries are not pairs")
+        return {dec(k): dec(x) for k, x in body}
+
+    out = dec(value)
+    if used != set(arrays):
+        raise ValueError("arrays no value refers to")
+    return out
+
+
+def restore_value(live: Any, saved: Any, where: str) -> Any:
+    """`saved` (decode_tree's) put in the place of `live`: a SavedObject into the live Resumable
+    of its class (in place), a tensor onto the live tensor's device (same shape and dtype),
+    dicts key by key; anything else as saved."""
+    if isinstance(saved, SavedObject):
+        if not isinstance(live, Resumable) or type(live).__name__ != saved.kind:
+            raise ValueError(f"{where} holds a {saved.kind}, this run has {type(live).__name__}")
+        live.restore_state(saved.fields)
+        return live
+    if isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor):
+        if saved.shape != live.shape or saved.dtype != live.dtype:
+            raise ValueError(f"{where}: {saved.dtype} {list(saved.shape)} saved, this run has "
+                             f"{live.dtype} {list(live.shape)}")
+        return saved.to(live.device)
+    if isinstance(saved, dict) and isinstance(live, dict):
+        return {k: restore_value(live.get(k), v, f"{where}[{k!r}]") for k, v in saved.items()}
+    if isinstance(saved, list) and isinstance(live, list) and len(saved) == len(live):
+        return [restore_value(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(live, saved))]
+    return saved
+
+
 def encode_payload(payload: Any) -> tuple[bytes, bytes]:
-    """(JSON bytes, .npz bytes) of an EngineState or of {"state": EngineState, **plain JSON values}."""
+    """(JSON bytes, .npz bytes) of an EngineState, of {"state": EngineState, **plain JSON values}
+    or of a TreeState."""
+    if isinstance(payload, TreeState):
+        tree, arrays = encode_tree(payload.value)
+        text = json.dumps({"payload": "tree", "tree": tree}, allow_nan=True)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return text.encode(), buf.getvalue()
     if isinstance(payload, EngineState):
         state, extra, kind = payload, {}, "state"
     elif isinstance(payload, dict) and isinstance(payload.get("state"), EngineState):
@@ -119,12 +284,21 @@ def encode_payload(payload: Any) -> tuple[bytes, bytes]:
 def decode_payload(meta_bytes: bytes, arrays_bytes: bytes) -> Any:
     """The inverse of encode_payload; ValueError on anything it did not write."""
     meta = json.loads(meta_bytes.decode("utf-8"))
+    if isinstance(meta, dict) and meta.get("payload") == "tree":
+        if set(meta) != {"payload", "tree"}:
+            raise ValueError("unexpected payload description")
+        return TreeState(decode_tree(meta["tree"], _read_arrays(arrays_bytes)))
     if not isinstance(meta, dict) or set(meta) != {"payload", "state", "extra"} \
             or meta["payload"] not in ("state", "dict") or not isinstance(meta["extra"], dict):
         raise ValueError("unexpected payload description")
     if meta["payload"] == "state" and meta["extra"]:
         raise ValueError("extras beside a bare state")
-    arrays = {}
+    state = EngineState.from_record(meta["state"], _read_arrays(arrays_bytes))
+    return state if meta["payload"] == "state" else {"state": state, **meta["extra"]}
+
+
+def _read_arrays(arrays_bytes: bytes) -> dict:
+    arrays: dict = {}
     with zipfile.ZipFile(io.BytesIO(arrays_bytes)) as zf:
         for info in zf.infolist():
             # np.savez stores members uncompressed: their sizes are bounded by the file's
@@ -135,12 +309,12 @@ def decode_payload(meta_bytes: bytes, arrays_bytes: bytes) -> Any:
                 raise ValueError(f"array {name!r} twice")
             with zf.open(info) as f:
                 arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
-    state = EngineState.from_record(meta["state"], arrays)
-    return state if meta["payload"] == "state" else {"state": state, **meta["extra"]}
+    return arrays
 
 
 def save_checkpoint(path: str, fp: str, payload: Any) -> None:
-    """payload: an EngineState, or a dict holding one under "state" plus plain JSON values."""
+    """payload: an EngineState, a dict holding one under "state" plus plain JSON values, or a
+    TreeState."""
     meta, arrays = encode_payload(payload)
     header = {"fingerprint": str(fp), "meta_bytes": len(meta), "arrays_bytes": len(arrays),
               "sha256": hashlib.sha256(meta + arrays).hexdigest()}

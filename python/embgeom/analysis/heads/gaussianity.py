@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from ...engine.checkpoint import Resumable
+
 ALPHA = 0.05
 
 
@@ -63,7 +65,7 @@ def _stats_from_moments(n, mean, m2, m3, m4):
     return np.exp(-k2 / 2), g1, b2 - 3.0
 
 
-class GaussianityAccumulator:
+class GaussianityAccumulator(Resumable):
     def __init__(self, depths: int, hidden: int):
         if hidden < 20:
             raise ValueError(f"gaussianity: the K^2 test needs >= 20 components per vector, the model "

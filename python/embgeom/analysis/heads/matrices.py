@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ...engine.checkpoint import Resumable
 from .measures import k90, skew_fraction
 
 SMALL_SINGULAR = 1e-3
@@ -251,12 +252,14 @@ def per_head_counts(values: torch.Tensor, size: int) -> torch.Tensor:
     return torch.bincount((values + offset).flatten(), minlength=H * size).view(H, size)
 
 
-class MatricesAccumulator:
+class MatricesAccumulator(Resumable):
     """Observer of trace(): per-text measures of every head's real-token attention block, k90
     counts per (layer, head) and ||q||, ||k||, ||v|| histograms (with `capture()` active).
     spectra_texts: the per-text spectral measures (the block measures and the numerical ranks,
     the LAPACK work, a few ms a block) of the first that many texts only (None: every text);
     k90 and the norms cover every text."""
+
+    not_saved = ("store",)   # the q/k/v of the batch in hand
 
     def __init__(self, L: int, H: int, max_len: int, device, spectra_texts: int | None = None):
         z = lambda *s, dt=torch.float64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
@@ -324,7 +327,7 @@ class MatricesAccumulator:
             blocks64 = [g[3][sel].double() for g, sel in zip(groups, picked)]
             specs = lapack_map(lambda x: block_spectra(x, eps), [x.cpu() for x in blocks64], workers) \
                 if room else [None] * len(groups)
-            for (l, n, texts, raw), blocks, spec in zip(groups, blocks64, specs):
+            for (l, _n, _texts, raw), blocks, spec in zip(groups, blocks64, specs):
                 if blocks.shape[0]:
                     m = block_measures(blocks, eps, spec)
                     self.ranks["softmax"][l] += m.pop("rank").sum(0)

@@ -27,6 +27,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ...engine.checkpoint import Resumable
+
 JS_SMOOTHING = 0.001          # Clark head_distances.py: P = 0.999 A + 0.001 / n
 ENTROPY_SMOOTHING = 0.0001    # Clark General_Analysis: A' = 0.9999 A + 0.0001 / n
 VALUE_BINS = 20               # geometry-of-BERT code: pd.cut(values, 20)
@@ -270,7 +272,7 @@ def _hist_median(hist: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.where(total[..., 0] > 0, out, torch.full_like(out, math.nan))
 
 
-class HeadsAccumulator:
+class HeadsAccumulator(Resumable):
     """Streamed per-head measures of docs/metrics.md, attention heads. update(batch) per batch; result(tokenizer)
     for the report.json block `attention_heads`.
 
@@ -279,6 +281,8 @@ class HeadsAccumulator:
     passes, its dict as qk) plus the weight skew fraction; sample_maps: keep the real-token maps
     of the first N texts for the report's head-map grid, or of the first N that sample_filter(index,
     text) accepts (index: 0-based over the texts in order, as cls.npy's rows)."""
+
+    not_saved = ("qk", "sample_filter")
 
     def __init__(self, L: int, H: int, max_len: int, device, *, js: bool = False,
                  directionality: bool = False, qk: dict | None = None, sample_maps: int = 0,

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ...engine.checkpoint import Resumable
 from ..text.attention import sentence_index
 from ..text.trace import sentence_tables
 
@@ -67,9 +68,11 @@ def select_pairs(o: torch.Tensor, mask: torch.Tensor, rule) -> torch.Tensor:
     return pick & pair_ok
 
 
-class SimilarityAccumulator:
+class SimilarityAccumulator(Resumable):
     """Observer of trace(): the selected pairs' sums per (layer, head) and the S maps of the
     first `maps` texts (real tokens only, float32)."""
+
+    not_saved = ("tables", "tokenizer", "sample_filter", "rule")
 
     def __init__(self, L: int, H: int, max_len: int, tokenizer, rule=None, maps: int = 0,
                  sample_filter=None):
@@ -121,7 +124,7 @@ class SimilarityAccumulator:
         self.tokens += int((mask & (mask.sum(1) >= 2)[:, None]).sum())
         for l, h in enumerate(b.head_outputs):
             p = select_pairs(h.transpose(1, 2), mask, self.rule)                     # (B, H, T, T)
-            cnt = lambda m: (p & m).sum(dim=(0, 2, 3)).cpu()  # noqa: E731
+            cnt = lambda m, p=p: (p & m).sum(dim=(0, 2, 3)).cpu()  # noqa: E731
             self.s["pairs"][l] += p.sum(dim=(0, 2, 3)).cpu()
             self.s["distance"][l] += (p * dist).sum(dim=(0, 2, 3)).cpu()
             self.s["same"][l] += cnt(same)

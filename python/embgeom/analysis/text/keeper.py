@@ -8,22 +8,29 @@ is never in memory; --trajectories N keeps every real token's L+1 states for the
 from __future__ import annotations
 
 import os
+import shutil
+
 import numpy as np
 import torch
 
+from ...engine.checkpoint import Resumable
 
 
-class Keeper:
+class Keeper(Resumable):
     """Batch callback for trace(): writes [CLS] states to DIR/cls.npy and collects the token
-    trajectories of the first `trajectories` texts."""
+    trajectories of the first `trajectories` texts. rows_path: where the [CLS] rows are written
+    while the corpus runs (a checkpoint's PATH.cls.npy, which survives an interrupted run;
+    default DIR/cls.npy); close() puts them in DIR/cls.npy."""
+
+    not_saved = ("out_dir", "tokenizer", "cls", "rows_path")
 
     def __init__(self, out_dir: str, n_texts: int, layers: int, hidden: int, *, keep_cls: bool,
-                 trajectories: int, tokenizer):
+                 trajectories: int, tokenizer, rows_path: str | None = None):
         self.out_dir, self.n, self.tokenizer = out_dir, n_texts, tokenizer
-        self.cls = None
-        if keep_cls:
-            self.cls = np.lib.format.open_memmap(os.path.join(out_dir, "cls.npy"), mode="w+",
-                                                 dtype=np.float32, shape=(n_texts, layers + 1, hidden))
+        self.keep_cls = keep_cls
+        self.shape = (n_texts, layers + 1, hidden)
+        self.rows_path = rows_path or os.path.join(out_dir, "cls.npy")
+        self.cls = None   # the memory-mapped rows, opened at the first batch (or on restore)
         self.max_traj = trajectories
         self.traj: list[tuple[int, int, str, np.ndarray]] = []
         self.texts: list[str] = []
@@ -33,7 +40,8 @@ class Keeper:
         B = batch.mask.shape[0]
         if self.done + B > self.n:
             raise ValueError(f"texts: more texts than counted ({self.n})")
-        if self.cls is not None:
+        if self.keep_cls:
+            self._open()
             # (L+1, B, D) -> (B, L+1, D), one device->host copy per batch
             first = torch.stack([h[:, 0] for h in batch.hidden_states], 1).float().cpu().numpy()
             self.cls[self.done:self.done + B] = first
@@ -48,13 +56,45 @@ class Keeper:
             self.texts.append(batch.texts[i])
         self.done += B
 
-    def close(self) -> None:
+    def _open(self) -> None:
+        """The rows file: a new one before the first row, the one a checkpoint's rows went to after."""
         if self.cls is not None:
+            return
+        if self.done == 0:
+            self.cls = np.lib.format.open_memmap(self.rows_path, mode="w+", dtype=np.float32, shape=self.shape)
+            return
+        try:
+            rows = np.lib.format.open_memmap(self.rows_path, mode="r+")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"checkpoint: the [CLS] rows of the finished texts, {self.rows_path}, cannot be "
+                             f"read ({getattr(exc, 'strerror', None) or exc}); delete the checkpoint to start "
+                             "over") from None
+        if rows.shape != self.shape or rows.dtype != np.float32:
+            raise ValueError(f"checkpoint: {self.rows_path} holds {rows.dtype} {rows.shape}, expected float32 "
+                             f"{self.shape}; delete the checkpoint to start over")
+        self.cls = rows
+
+    def checkpoint_state(self) -> dict:
+        if self.cls is not None:
+            self.cls.flush()   # the rows the saved count covers are on disk before the count is
+        return super().checkpoint_state()
+
+    def restore_state(self, saved: dict) -> None:
+        super().restore_state(saved)
+        if self.keep_cls and self.done:
+            self._open()
+
+    def close(self) -> None:
+        if self.keep_cls:
             if self.done != self.n:
                 raise ValueError(f"texts: wrote {self.done} [CLS] rows, expected {self.n}")
+            self._open()
             self.cls.flush()
             del self.cls
             self.cls = None
+            out = os.path.join(self.out_dir, "cls.npy")
+            if os.path.abspath(self.rows_path) != os.path.abspath(out):
+                shutil.copyfile(self.rows_path, out)   # the checkpoint keeps its copy for a rerun
         if self.traj:
             np.savez(os.path.join(self.out_dir, "trajectories.npz"),
                      states=np.stack([t[3] for t in self.traj]).astype(np.float32),

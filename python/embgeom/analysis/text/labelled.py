@@ -10,6 +10,7 @@ import dataclasses
 
 import torch
 
+from ...engine.checkpoint import Resumable
 from . import adapters
 from .trace import Batch, TraceAccumulator, encode, model_max_length, sentence_tables
 
@@ -44,7 +45,7 @@ def no_class_maps_note(length: int) -> str:
             "(--class-maps N counts [CLS] and [SEP])")
 
 
-class _Rows:
+class _Rows(Resumable):
     """Which labels the rows of the next batch carry (batches arrive in corpus order)."""
 
     def __init__(self, labels: list[str]):
@@ -56,8 +57,10 @@ class _Rows:
         return out
 
 
-class LabelSplit:
+class LabelSplit(Resumable):
     """Observer: one TraceAccumulator per label, updated with that label's rows of each batch."""
+
+    not_saved = ("tokenizer",)
 
     def __init__(self, labels: list[str], model, tokenizer, max_len: int):
         self.rows = _Rows(labels)
@@ -94,7 +97,7 @@ class LabelSplit:
         return out
 
 
-class ClassMaps:
+class ClassMaps(Resumable):
     """Observer: per label, the sum of the attention maps (L, H, N, N) of the texts with N real
     tokens, [SEP] rows and columns zeroed (padding never enters: only the N real positions).
     pad_to: the length the authors' code pads its maps to (the model's input length), for the

@@ -8,6 +8,7 @@ grow with the corpus.
 from __future__ import annotations
 
 import html
+import itertools
 import math
 import os
 import unicodedata
@@ -18,6 +19,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ...backends import registry
+from ...engine.checkpoint import Resumable
 from ...progress import as_progress
 from . import adapters, attention
 from .inputs import read_lines
@@ -212,13 +214,13 @@ def _device_of(model, device):
 
 
 def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
-                 device=None, warn: bool = True) -> Iterator[Batch]:
+                 device=None, warn: bool = True, skip: int = 0) -> Iterator[Batch]:
     """Yield a `Batch` per forward pass over `texts` (a list, an iterable of str, or a path to a
     UTF-8 file with one text per line; blank lines are skipped). A text with a TAB is a
     sentence pair, [CLS] A [SEP] B [SEP] with token types 0 and 1 (see `encode`). Forward passes
     run under torch.inference_mode with eager attention; tensors stay on the model's device.
     Texts longer than max_length (default: the model's maximum) are truncated; the first batch
-    with a truncation warns once."""
+    with a truncation warns once. skip: start after that many texts (a resumed run)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     dev = _device_of(model, device)
@@ -240,10 +242,10 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
         captured.append((inputs[0], output))
 
     warned = False
-    done = 0
+    done = skip
     handles = [m.register_forward_hook(hook) for m in denses]
     try:
-        for chunk in _chunks(_texts(texts), batch_size):
+        for chunk in _chunks(itertools.islice(_texts(texts), skip, None), batch_size):
             # long texts are cut here (so that they can be counted), pairs from the longer side
             enc, truncated = encode(tokenizer, chunk, limit, done)
             done += len(chunk)
@@ -497,9 +499,11 @@ class TraceResult:
         return out
 
 
-class TraceAccumulator:
+class TraceAccumulator(Resumable):
     """Running sums of every metric over batches, on the model's device. `update(batch)` per
     batch, `merge(other)` to combine shards, `result()` for the means."""
+
+    not_saved = ("sentence_tables", "_ws")
 
     def __init__(self, L: int, H: int, max_len: int, vocab_size: int, device, *,
                  metrics: Iterable[str] = METRICS, model_name: str = "",
@@ -712,7 +716,7 @@ def step_sums(prev: torch.Tensor, cur: torch.Tensor) -> tuple[torch.Tensor, ...]
 def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
           device=None, metrics: Iterable[str] = METRICS, progress=False,
           observers: Iterable = (), heads: bool = False, clark_js: bool = False,
-          gaussianity: bool = False, directionality: bool = False) -> TraceResult:
+          gaussianity: bool = False, directionality: bool = False, checkpoint=None) -> TraceResult:
     """Run `texts` through an encoder `model` (any family of adapters.ADAPTERS) in batches and
     reduce the cone, attention and context metrics and the layer evolution over the corpus (see TraceResult for every
     field and its definition).
@@ -728,7 +732,13 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     the same passes: result.attention_heads (the report.json block `attention_heads`: Clark's
     entropies, [SEP]->[SEP], gate patterns; with clark_js the summed JS divergence between heads
     and its MDS map; with directionality its block) and result.gaussianity (K^2 normality per
-    depth); to_pandas("heads" | "clark_js" | "gaussianity") gives them as long tables."""
+    depth); to_pandas("heads" | "clark_js" | "gaussianity") gives them as long tables.
+
+    checkpoint: a file path (or a resume.TraceCheckpoint): the sums of finished batches are
+    saved there (at most a minute apart, on Ctrl-C and at the end), and a call with the same
+    texts, model and settings resumes after the texts they cover, with the same result as an
+    uninterrupted run (analysis/text/resume.py). texts must then be a list or a file path;
+    every observer must be a Resumable (embgeom's are)."""
     import contextlib
     import time
 
@@ -750,15 +760,22 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
         extras = TextExtras.options(model, tokenizer, max_len, heads=heads, clark_js=clark_js,
                                     gaussianity=gaussianity, directionality=directionality)
         observers = extras.observers + observers
+    ckpt = _trace_checkpoint(checkpoint, model, tokenizer, texts, dev, observers, dict(
+        batch_size=batch_size, max_length=max_len, metrics=sorted(acc.metrics), heads=heads, clark_js=clark_js,
+        gaussianity=gaussianity, directionality=directionality))
+    done = ckpt.restore([acc, *observers]) if ckpt is not None else 0
+    if done and prog.enabled:
+        prog.stream.write(f"embgeom text: resuming from {ckpt.path}: {done:,} of "
+                          f"{'?' if total is None else format(total, ',')} texts done\n")
     with extras.active() if extras is not None else contextlib.nullcontext(), \
             prog.bar(total, "forward passes", unit="text") as bar:
-        for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
-                                  device=None):
-            acc.update(batch)
-            for obs in observers:
-                obs.update(batch)
-            bar.update(batch.mask.shape[0])
-    result = acc.result(tokenizer, seconds=time.perf_counter() - start)
+        bar.update(done)
+        done = _run_batches(model, tokenizer, texts, batch_size, max_len, done, [acc, *observers], ckpt,
+                            bar, start)
+    if ckpt is not None:
+        ckpt.save(done, [acc, *observers], time.perf_counter() - start)
+    result = acc.result(tokenizer, seconds=(ckpt.seconds_before if ckpt is not None else 0.0)
+                        + time.perf_counter() - start)
     if extras is not None:
         with prog.phase("head measures"):
             blocks = extras.report(result)
@@ -766,6 +783,51 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
         result.gaussianity = blocks.get("gaussianity")
         result.seconds = time.perf_counter() - start
     return result
+
+
+def _trace_checkpoint(checkpoint, model, tokenizer, texts, device, observers, settings):
+    """None, the TraceCheckpoint given, or one for a path (its fingerprint: texts, model,
+    `settings` and the observers' kinds); observers that cannot be saved are refused first."""
+    from ...engine.checkpoint import Resumable
+    from .resume import TraceCheckpoint
+
+    if checkpoint is None:
+        return None
+    for obs in observers:
+        if not isinstance(obs, Resumable):
+            raise TypeError(f"checkpoint: the observer {type(obs).__name__} cannot be saved (not an "
+                            "embgeom.engine.checkpoint.Resumable)")
+    if isinstance(checkpoint, TraceCheckpoint):
+        return checkpoint
+    settings = dict(settings, observers=[type(o).__name__ for o in observers])
+    return TraceCheckpoint.for_trace(checkpoint, model, tokenizer, texts, device, settings)
+
+
+def _run_batches(model, tokenizer, texts, batch_size, max_len, done, accumulators, ckpt, bar, start) -> int:
+    """Update every accumulator with each batch after the first `done` texts; save the
+    checkpoint when due and on Ctrl-C (which waits for the batch in hand). The texts done."""
+    import time
+
+    from .resume import interrupt_after
+
+    whole = True   # the sums hold whole batches (False while one is being added)
+    try:
+        for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
+                                  device=None, skip=done):
+            with interrupt_after():
+                whole = False
+                for a in accumulators:
+                    a.update(batch)
+                done += batch.mask.shape[0]
+                whole = True
+            bar.update(batch.mask.shape[0])
+            if ckpt is not None and ckpt.due():
+                ckpt.save(done, accumulators, time.perf_counter() - start)
+    except KeyboardInterrupt:
+        if ckpt is not None and whole:
+            ckpt.save(done, accumulators, time.perf_counter() - start)
+        raise
+    return done
 
 
 def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32,

@@ -1,0 +1,200 @@
+"""Resumable corpus runs (`embgeom text --checkpoint PATH`, `trace(checkpoint=PATH)`): a run
+stopped by Ctrl-C and run again gives the report of an uninterrupted run, with every observer on;
+a checkpoint of other texts, settings or model is refused naming what differs; nothing in a
+checkpoint is executed (the tree format's decoder builds plain values only)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from embgeom.analysis.text import trace as trace_module
+from embgeom.analysis.text.trace import trace
+from embgeom.cli import main
+from embgeom.engine.checkpoint import (Resumable, SavedObject, TreeState, decode_payload, decode_tree,
+                                       encode_payload, encode_tree)
+
+TEXTS = ["the cat sat .", "a dog ran , fast .", "she was in the house", "red , green and blue .",
+         "one two three", "he was not .", "big small", "the king and the queen", "a b", "it is new .",
+         "they walk to the river", "good bad old new"]
+LABELS = ["x", "y", "x", "y", "x", "x", "y", "x", "y", "x", "y", "y"]
+EVERY_OPTION = ["--batch-size", "3", "--keep", "cls", "--trajectories", "4", "--class-maps", "6",
+                "--heads", "--clark-js", "--directionality", "--head-maps", "2", "--similar", "topk:2",
+                "--matrices", "--gaussianity"]
+REAL_BATCHES = trace_module.iter_batches
+# report keys that time the run or describe this invocation, not the corpus
+TIMING = {"forward_passes_seconds", "total_seconds", "provenance", "seconds"}
+
+
+@pytest.fixture(autouse=True)
+def _save_every_batch(monkeypatch):
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")
+
+
+def _files(tmp_path):
+    corpus, labels = tmp_path / "corpus.txt", tmp_path / "labels.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    labels.write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    return str(corpus), str(labels)
+
+
+def _strip(value):
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in TIMING}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def _interrupt_at_batch(monkeypatch, k: int):
+    """Ctrl-C while the forward pass of batch k + 1 would run (after k batches are summed)."""
+    def batches(*args, **kwargs):
+        for i, b in enumerate(REAL_BATCHES(*args, **kwargs)):
+            if i == k - (kwargs.get("skip", 0) // 3):
+                os.kill(os.getpid(), signal.SIGINT)
+            yield b
+
+    monkeypatch.setattr(trace_module, "iter_batches", batches)
+
+
+def test_interrupted_text_run_resumes_to_the_uninterrupted_report(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    corpus, labels = _files(tmp_path)
+    common = ["text", corpus, "--model", tiny_bert_dir, "--labels", labels, "--no-progress", *EVERY_OPTION]
+    assert main([*common, "--out", str(tmp_path / "clean")]) == 0
+    ckpt = str(tmp_path / "run.ckpt")
+    out = str(tmp_path / "resumed")
+    _interrupt_at_batch(monkeypatch, 2)
+    assert main([*common, "--out", out, "--checkpoint", ckpt]) == 130
+    assert f"finished work is kept in {ckpt}" in capsys.readouterr().err
+    assert not os.path.exists(out) and os.path.exists(ckpt) and os.path.exists(ckpt + ".cls.npy")
+    _interrupt_at_batch(monkeypatch, 3)          # a second interruption, after the resumed first one
+    assert main([*common, "--out", out, "--checkpoint", ckpt]) == 130
+    monkeypatch.undo()
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")
+    assert main([*common, "--out", out, "--checkpoint", ckpt]) == 0
+    err = capsys.readouterr().err
+    assert f"12 texts, 9 of them from {ckpt}" in err, err
+    clean = json.loads((tmp_path / "clean" / "report.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "report.json").read_text())
+    assert _strip(resumed) == _strip(clean)
+    for name in ("cls.npy", "trajectories.npz", "class_maps.npz", "context_maps.npz"):
+        a, b = np.load(tmp_path / "clean" / name), np.load(tmp_path / "resumed" / name)
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert sorted(a.files) == sorted(b.files)
+            for key in a.files:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+    # a finished checkpoint: the rerun does no forward pass and writes the same report
+    monkeypatch.setattr(trace_module, "iter_batches", lambda *a, **kw: iter(()))
+    assert main([*common, "--out", out, "--checkpoint", ckpt]) == 0
+    assert _strip(json.loads((tmp_path / "resumed" / "report.json").read_text())) == _strip(clean)
+
+
+def test_other_settings_texts_or_model_are_refused(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    corpus, labels = _files(tmp_path)
+    ckpt = str(tmp_path / "run.ckpt")
+    base = ["text", corpus, "--model", tiny_bert_dir, "--no-progress", "--out", str(tmp_path / "o"),
+            "--checkpoint", ckpt]
+    _interrupt_at_batch(monkeypatch, 1)
+    assert main([*base, "--batch-size", "3"]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*base, "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "written for another input or other settings" in err and "batch_size 3 then, 4 now" in err
+    assert main([*base, "--batch-size", "3", "--heads"]) == 2
+    assert "heads false then, true now" in capsys.readouterr().err
+    with open(corpus, "a", encoding="utf-8") as f:
+        f.write("one more text\n")
+    assert main([*base, "--batch-size", "3"]) == 2
+    assert "inputs" in capsys.readouterr().err
+    # the page-only options are not part of it: --theta / --profile do not refuse a resume
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write("\n".join(TEXTS) + "\n")
+    assert main([*base, "--batch-size", "3", "--profile"]) == 0
+
+
+def test_missing_cls_rows_are_named(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    corpus, _ = _files(tmp_path)
+    ckpt = str(tmp_path / "run.ckpt")
+    cmd = ["text", corpus, "--model", tiny_bert_dir, "--no-progress", "--out", str(tmp_path / "o"),
+           "--checkpoint", ckpt, "--batch-size", "3", "--keep", "cls"]
+    _interrupt_at_batch(monkeypatch, 2)
+    assert main(cmd) == 130
+    monkeypatch.undo()
+    os.remove(ckpt + ".cls.npy")
+    capsys.readouterr()
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt}.cls.npy" in err and "delete the checkpoint to start over" in err
+
+
+class Stopper(Resumable):
+    """An observer that presses Ctrl-C in the middle of its update of batch `at`."""
+
+    def __init__(self, at: int):
+        self.at, self.batches = at, 0
+
+    def update(self, b) -> None:
+        self.batches += 1
+        if self.batches == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+            self.after_signal = True   # still runs: the interrupt waits for the batch's sums
+
+
+def test_ctrl_c_inside_an_update_waits_for_the_batch(tiny_bert, tmp_path):
+    model, tokenizer = tiny_bert
+    ckpt = str(tmp_path / "api.ckpt")
+    clean = trace(model, tokenizer, TEXTS, batch_size=2, heads=True, gaussianity=True).to_dict()
+    with pytest.raises(KeyboardInterrupt):
+        trace(model, tokenizer, TEXTS, batch_size=2, heads=True, gaussianity=True,
+              observers=[Stopper(3)], checkpoint=ckpt)
+    resumed = trace(model, tokenizer, TEXTS, batch_size=2, heads=True, gaussianity=True,
+                    observers=[Stopper(0)], checkpoint=ckpt)
+    assert _strip(json.loads(json.dumps(resumed.to_dict(), default=float))) == \
+        _strip(json.loads(json.dumps(clean, default=float)))
+    with pytest.raises(TypeError, match="observer object cannot be saved"):
+        trace(model, tokenizer, TEXTS, observers=[object()], checkpoint=ckpt)
+    with pytest.raises(TypeError, match="needs texts as a list or a file path"):
+        trace(model, tokenizer, iter(TEXTS), checkpoint=str(tmp_path / "other.ckpt"))
+
+
+def test_tree_roundtrip_and_refusals():
+    value = {"t": torch.arange(6, dtype=torch.float64).reshape(2, 3), "b": torch.tensor([True, False]),
+             "a": np.arange(3, dtype=np.int64), "s": np.float64(0.1), "tuple": (1, "x", None, float("nan")),
+             "set": {"b", "a"}, 3: "int key", "$x": [1.5, -0.0, float("inf")], "nested": [{"k": (2,)}]}
+    tree, arrays = encode_tree(value)
+    back = decode_tree(json.loads(json.dumps(tree)), arrays)
+    assert torch.equal(back["t"], value["t"]) and back["t"].dtype == torch.float64
+    assert torch.equal(back["b"], value["b"]) and np.array_equal(back["a"], value["a"])
+    assert isinstance(back["s"], np.float64) and back["s"] == value["s"]
+    assert back["tuple"][:3] == (1, "x", None) and np.isnan(back["tuple"][3])
+    assert back["set"] == {"a", "b"} and back[3] == "int key" and back["nested"] == [{"k": (2,)}]
+    assert back["$x"][0] == 1.5 and str(back["$x"][1]) == "-0.0" and back["$x"][2] == float("inf")
+    with pytest.raises(TypeError, match="cannot save the function at state.f"):
+        encode_tree({"f": lambda: 0})
+    with pytest.raises(TypeError, match="bfloat16"):
+        encode_tree([torch.zeros(2, dtype=torch.bfloat16)])
+    # a payload names classes only as strings: restoring one into another class is refused
+    meta, arrays = encode_payload(TreeState({"obj": Stopper(1)}))
+    saved = decode_payload(meta, arrays).value["obj"]
+    assert isinstance(saved, SavedObject) and saved.kind == "Stopper" and saved.fields["at"] == 1
+    for bad in ({"$tensor": "a9"}, {"$tuple": 3}, {"$dict": [[1]]}, {"$object": 1, "fields": {}},
+                {"$array": "a0", "x": 1}):
+        with pytest.raises(ValueError):
+            decode_tree(bad, {"a0": np.zeros(1)})
+    with pytest.raises(ValueError, match="arrays no value refers to"):
+        decode_tree([1], {"a0": np.zeros(1)})
+    # a saved field may not shadow a method of the live object
+    from embgeom.engine.checkpoint import restore_value
+
+    for field in ("update", "not_saved", "1x"):
+        with pytest.raises(ValueError, match="is not saved by embgeom"):
+            restore_value(Stopper(1), SavedObject("Stopper", {field: "x"}), "s")
+    with pytest.raises(ValueError, match="holds a Other, this run has Stopper"):
+        restore_value(Stopper(1), SavedObject("Other", {}), "s")
