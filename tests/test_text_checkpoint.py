@@ -135,27 +135,33 @@ def test_missing_cls_rows_are_named(tiny_bert_dir, tmp_path, monkeypatch, capsys
 
 
 class Stopper(Resumable):
-    """An observer that presses Ctrl-C in the middle of its update of batch `at`."""
+    """An observer that sends `sig` to its process in the middle of its update of batch `at`."""
 
-    def __init__(self, at: int):
-        self.at, self.batches = at, 0
+    def __init__(self, at: int, sig: int = signal.SIGINT):
+        self.at, self.sig, self.batches = at, int(sig), 0
 
     def update(self, b) -> None:
         self.batches += 1
         if self.batches == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.sig)
             self.after_signal = True   # still runs: the interrupt waits for the batch's sums
 
 
-def test_ctrl_c_inside_an_update_waits_for_the_batch(tiny_bert, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_inside_an_update_waits_for_the_batch(tiny_bert, tmp_path, sig):
     model, tokenizer = tiny_bert
     ckpt = str(tmp_path / "api.ckpt")
     clean = trace(model, tokenizer, TEXTS, batch_size=2, heads=True, gaussianity=True).to_dict()
     with pytest.raises(KeyboardInterrupt):
         trace(model, tokenizer, TEXTS, batch_size=2, heads=True, gaussianity=True,
-              observers=[Stopper(3)], checkpoint=ckpt)
+              observers=[Stopper(3, sig)], checkpoint=ckpt)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL      # the run's handler is gone
+    stopper = Stopper(0, sig)
     resumed = trace(model, tokenizer, TEXTS, batch_size=2, heads=True, gaussianity=True,
-                    observers=[Stopper(0)], checkpoint=ckpt)
+                    observers=[stopper], checkpoint=ckpt)
+    # saved after the third batch's update ran to its end (the signal waited), then three more
+    assert getattr(stopper, "after_signal", False) and stopper.batches == 6 and stopper.at == 3
+    assert resumed.n_texts == len(TEXTS)
     assert _strip(json.loads(json.dumps(resumed.to_dict(), default=float))) == \
         _strip(json.loads(json.dumps(clean, default=float)))
     with pytest.raises(TypeError, match="observer object cannot be saved"):

@@ -36,7 +36,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     add_model_options(p, batch_size=32, max_length_help="truncate texts to N tokens")
     p.add_argument("--checkpoint", metavar="PATH", help="save the sums of finished batches here (at most a "
-                   "minute apart, and on Ctrl-C); the same command resumes after them (kept [CLS] rows in "
+                   "minute apart, and on Ctrl-C or SIGTERM); the same command resumes after them (kept [CLS] rows in "
                    "PATH.cls.npy)")
     p.add_argument("--pairs", metavar="FILE", help='JSONL {"group": g, "a": text, "b": text}: [CLS] '
                    "difference vectors per group")

@@ -8,9 +8,10 @@ the arithmetic). A rerun of the same command skips the finished texts and contin
 same batches, so its report equals an uninterrupted run's. Kept [CLS] rows are too large for
 the state file: they go to PATH.cls.npy, flushed before each save.
 
-Ctrl-C that arrives while a batch is being added to the sums waits for the batch to finish
-(the sums are then whole and are saved); any other error inside an update saves nothing, and
-the rerun starts from the last save.
+Ctrl-C (or SIGTERM, a scheduler's stop) that arrives while a batch is being added to the sums
+waits for the batch to finish (the sums are then whole and are saved); any other error inside
+an update saves nothing, and the rerun starts from the last save; SIGKILL loses what came after
+the last save.
 """
 from __future__ import annotations
 
@@ -180,19 +181,42 @@ def _seconds_between_saves() -> float:
     return value
 
 
+def _raise_interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def interrupt_after() -> Iterator[None]:
-    """Ctrl-C (SIGINT) during the block is raised when the block ends, so running sums are never
-    left half-updated. Only in the main thread with Python's own handler (elsewhere: no change)."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+def terminate_as_interrupt(active: bool = True) -> Iterator[None]:
+    """While a checkpoint can keep the finished work: SIGTERM (a scheduler's stop, `kill`) ends
+    the run the way Ctrl-C does, so the sums are saved first. Main thread, default handler only."""
+    if not active or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
-    got: list = []
-    signal.signal(signal.SIGINT, lambda *_: got.append(True))
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def interrupt_after() -> Iterator[None]:
+    """Ctrl-C (SIGINT), and SIGTERM under terminate_as_interrupt, during the block raise
+    KeyboardInterrupt when the block ends, so running sums are never left half-updated. Only in
+    the main thread and for those handlers (elsewhere: no change)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_interrupt}
+    held = {sig: h for sig, h in ours.items() if signal.getsignal(sig) is h}
+    got: list = []
+    for sig in held:
+        signal.signal(sig, lambda *_: got.append(True))
+    try:
+        yield
+    finally:
+        for sig, h in held.items():
+            signal.signal(sig, h)
     if got:
         raise KeyboardInterrupt

@@ -805,24 +805,25 @@ def _trace_checkpoint(checkpoint, model, tokenizer, texts, device, observers, se
 
 def _run_batches(model, tokenizer, texts, batch_size, max_len, done, accumulators, ckpt, bar, start) -> int:
     """Update every accumulator with each batch after the first `done` texts; save the
-    checkpoint when due and on Ctrl-C (which waits for the batch in hand). The texts done."""
+    checkpoint when due and on Ctrl-C or SIGTERM (which wait for the batch in hand). The texts done."""
     import time
 
-    from .resume import interrupt_after
+    from .resume import interrupt_after, terminate_as_interrupt
 
     whole = True   # the sums hold whole batches (False while one is being added)
     try:
-        for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
-                                  device=None, skip=done):
-            with interrupt_after():
-                whole = False
-                for a in accumulators:
-                    a.update(batch)
-                done += batch.mask.shape[0]
-                whole = True
-            bar.update(batch.mask.shape[0])
-            if ckpt is not None and ckpt.due():
-                ckpt.save(done, accumulators, time.perf_counter() - start)
+        with terminate_as_interrupt(ckpt is not None):
+            for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
+                                      device=None, skip=done):
+                with interrupt_after():
+                    whole = False
+                    for a in accumulators:
+                        a.update(batch)
+                    done += batch.mask.shape[0]
+                    whole = True
+                bar.update(batch.mask.shape[0])
+                if ckpt is not None and ckpt.due():
+                    ckpt.save(done, accumulators, time.perf_counter() - start)
     except KeyboardInterrupt:
         if ckpt is not None and whole:
             ckpt.save(done, accumulators, time.perf_counter() - start)
