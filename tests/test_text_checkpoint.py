@@ -204,3 +204,19 @@ def test_tree_roundtrip_and_refusals():
             restore_value(Stopper(1), SavedObject("Stopper", {field: "x"}), "s")
     with pytest.raises(ValueError, match="holds a Other, this run has Stopper"):
         restore_value(Stopper(1), SavedObject("Other", {}), "s")
+
+
+def test_a_saved_selection_must_be_text_ids(tmp_path):
+    from embgeom.commands.text import saved_selection
+
+    class Ckpt:
+        path, extra = "run.ckpt", {}
+
+    c = Ckpt()
+    assert saved_selection(c, 5) is None
+    c.extra = {"kept": [0, 2, 4]}
+    assert saved_selection(c, 5) == [0, 2, 4]
+    for bad in ([0, 5], [2, 1], [1, 1], ["0"], [True], "0,1", [0.0]):
+        c.extra = {"kept": bad}
+        with pytest.raises(ValueError, match="selection is not a list of text ids"):
+            saved_selection(c, 5)

@@ -91,7 +91,7 @@ def main(args) -> int:
                 ckpt.load()
         selection = None
         if args.correct_only:
-            kept = ckpt.extra.get("kept") if ckpt is not None else None
+            kept = saved_selection(ckpt, n_texts) if ckpt is not None else None
             if kept is None:
                 with prog.phase("predicting classes (--correct-only)"):
                     predicted = predict_labels(model, tokenizer, texts, batch_size=args.batch_size,
@@ -170,7 +170,20 @@ def main(args) -> int:
 
 
 # options that change only how the report is drawn or told, not the sums a checkpoint keeps
-NOT_IN_CHECKPOINT = ("out", "checkpoint", "quiet", "no_progress", "progress", "profile", "theta", "pairs", "func", "argv", "started")
+NOT_IN_CHECKPOINT = ("out", "checkpoint", "quiet", "no_progress", "progress", "profile", "theta", "pairs",
+                     "func", "argv", "started")
+
+
+def saved_selection(ckpt, n_texts: int) -> list[int] | None:
+    """--correct-only's kept text ids from a checkpoint (None before its first save)."""
+    kept = ckpt.extra.get("kept")
+    if kept is None:
+        return None
+    if not isinstance(kept, list) or not all(type(i) is int and 0 <= i < n_texts for i in kept) \
+            or any(a >= b for a, b in zip(kept, kept[1:])):
+        raise ValueError(f"checkpoint: {ckpt.path} is not a valid embgeom checkpoint (its --correct-only "
+                         "selection is not a list of text ids); delete it or pass another path")
+    return kept
 
 
 def text_checkpoint(args, model, tokenizer):
