@@ -220,3 +220,37 @@ def test_a_saved_selection_must_be_text_ids(tmp_path):
         c.extra = {"kept": bad}
         with pytest.raises(ValueError, match="selection is not a list of text ids"):
             saved_selection(c, 5)
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_report(tiny_bert_dir, tmp_path):
+    """A real process killed with SIGKILL once its checkpoint exists (wherever it was: a forward
+    pass, an update, a save, a [CLS] row write), then run again."""
+    import subprocess
+    import sys
+    import time
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS * 10) + "\n", encoding="utf-8")
+    ckpt = tmp_path / "run.ckpt"
+    env = dict(os.environ, EMBGEOM_CHECKPOINT_SECONDS="0", HF_HUB_OFFLINE="1")
+
+    def cmd(out):
+        return [sys.executable, "-m", "embgeom", "text", str(corpus), "--model", tiny_bert_dir, "--out",
+                str(tmp_path / out), "--batch-size", "2", "--keep", "cls", "--no-progress"]
+
+    subprocess.run(cmd("clean"), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(cmd("resumed") + ["--checkpoint", str(ckpt)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()                                   # after its first save, 59 batches before the end
+    proc.wait()
+    assert ckpt.exists() and not (tmp_path / "resumed").exists()
+    done = subprocess.run(cmd("resumed") + ["--checkpoint", str(ckpt)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "of them from" in done.stderr          # it resumed (the kill came before the end)
+    clean = json.loads((tmp_path / "clean" / "report.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "report.json").read_text())
+    assert _strip(resumed) == _strip(clean)
+    np.testing.assert_array_equal(np.load(tmp_path / "resumed" / "cls.npy"), np.load(tmp_path / "clean" / "cls.npy"))
