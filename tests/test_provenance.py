@@ -103,6 +103,10 @@ def test_progress_only_on_a_terminal():
         pass
     text = shown.getvalue()
     assert "embgeom text: forward passes" in text and "3/3" in text and "embgeom text: plots" in text
+    resumed = Tty()
+    with Progress(enabled=True, prefix="embgeom text", stream=resumed).bar(10, "forward passes", initial=7) as bar:
+        bar.update(3)
+    assert "10/10" in resumed.getvalue()          # a resumed run's bar starts at the texts done before
 
 
 @pytest.mark.parametrize("value,want", [

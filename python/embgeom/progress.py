@@ -89,15 +89,19 @@ class Progress:
                 "unit": unit, "mininterval": 0.25, "bar_format": None, **self._sizing()}
 
     @contextlib.contextmanager
-    def bar(self, total: int | None, desc: str, unit: str = "it", unit_scale: bool = False) -> Iterator:
+    def bar(self, total: int | None, desc: str, unit: str = "it", unit_scale: bool = False,
+            initial: int = 0) -> Iterator:
         """A bar of `total` steps (None: a counter); yields an object with update(n).
-        unit_scale: counts shown as 1.2M (pairs)."""
+        unit_scale: counts shown as 1.2M (pairs). initial: steps done before (a resumed run:
+        counted in the position, not in the rate)."""
         if not self.enabled:
             yield _Null()
             return
         label = f"{self.prefix}: {desc}"
         bar = self._tqdm(total=total, desc=label, unit=unit, unit_scale=unit_scale,
-                         mininterval=0.25) or _Plain(self.stream, label, total)
+                         mininterval=0.25, initial=initial) or _Plain(self.stream, label, total)
+        if isinstance(bar, _Plain):
+            bar.n = initial
         try:
             yield bar
         finally:

@@ -33,8 +33,7 @@ def run_engine(engine, *, fp: str | None = None, checkpoint: str | None = None,
         sys.stderr.write(f"embgeom pairs: resuming from {checkpoint}: {done} of {total_tiles} tiles done\n")
     total_pairs = engine.tile_pairs(0, total_tiles)
     resumed_pairs = engine.tile_pairs(0, done)
-    with prog.bar(total_pairs, "pairs", unit="pair", unit_scale=True) as bar:
-        bar.update(resumed_pairs)
+    with prog.bar(total_pairs, "pairs", unit="pair", unit_scale=True, initial=resumed_pairs) as bar:
         return _run_chunks(engine, fp, checkpoint, chunk_seconds, should_stop, bar, done, total_tiles)
 
 

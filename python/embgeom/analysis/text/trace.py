@@ -768,8 +768,7 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
         prog.stream.write(f"embgeom text: resuming from {ckpt.path}: {done:,} of "
                           f"{'?' if total is None else format(total, ',')} texts done\n")
     with extras.active() if extras is not None else contextlib.nullcontext(), \
-            prog.bar(total, "forward passes", unit="text") as bar:
-        bar.update(done)
+            prog.bar(total, "forward passes", unit="text", initial=done) as bar:
         done = _run_batches(model, tokenizer, texts, batch_size, max_len, done, [acc, *observers], ckpt,
                             bar, start)
     if ckpt is not None:
