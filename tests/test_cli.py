@@ -221,6 +221,10 @@ def test_interrupt_and_lost_peer_are_one_line(tmp_path, monkeypatch, capsys, ext
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pairs_command, "main", interrupted)
+    if extra:  # stopped before its first save: nothing to resume from
+        assert main(argv) == 130
+        assert f"stopped before the first save to {tmp_path / 'CK'}: nothing was kept" in capsys.readouterr().err
+        (tmp_path / "CK").write_bytes(b"a saved checkpoint")
     assert main(argv) == 130
     assert says.replace("CK", str(tmp_path / "CK")) in capsys.readouterr().err
     if extra:  # --distributed keeps one checkpoint per rank: named as such

@@ -112,11 +112,14 @@ def test_other_settings_texts_or_model_are_refused(tiny_bert_dir, tmp_path, monk
     with open(corpus, "a", encoding="utf-8") as f:
         f.write("one more text\n")
     assert main([*base, "--batch-size", "3"]) == 2
-    assert "inputs" in capsys.readouterr().err
-    # the page-only options are not part of it: --theta / --profile do not refuse a resume
-    with open(corpus, "w", encoding="utf-8") as f:
-        f.write("\n".join(TEXTS) + "\n")
+    assert "inputs: corpus differs" in capsys.readouterr().err
+    # the page-only options and the inputs' paths are not part of it: the same texts elsewhere,
+    # with --profile, resume
+    moved = tmp_path / "moved.txt"
+    moved.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    base[1] = str(moved)
     assert main([*base, "--batch-size", "3", "--profile"]) == 0
+    assert "of them from" in capsys.readouterr().err
 
 
 def test_missing_cls_rows_are_named(tiny_bert_dir, tmp_path, monkeypatch, capsys):
@@ -127,11 +130,64 @@ def test_missing_cls_rows_are_named(tiny_bert_dir, tmp_path, monkeypatch, capsys
     _interrupt_at_batch(monkeypatch, 2)
     assert main(cmd) == 130
     monkeypatch.undo()
-    os.remove(ckpt + ".cls.npy")
-    capsys.readouterr()
+    rows = open(ckpt + ".cls.npy", "rb").read()
+    for damage in ("cut short", "missing"):
+        if damage == "cut short":      # a memory map would have grown it with zero rows
+            with open(ckpt + ".cls.npy", "wb") as f:
+                f.write(rows[:1000])
+        else:
+            os.remove(ckpt + ".cls.npy")
+        capsys.readouterr()
+        assert main(cmd) == 2
+        err = capsys.readouterr().err
+        assert f"{ckpt}.cls.npy" in err and "delete the checkpoint to start over" in err, err
+
+
+def test_one_run_at_a_time_and_nothing_kept_before_the_first_save(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    from embgeom.analysis.text.resume import TraceCheckpoint
+
+    corpus, _ = _files(tmp_path)
+    ckpt = str(tmp_path / "run.ckpt")
+    cmd = ["text", corpus, "--model", tiny_bert_dir, "--no-progress", "--out", str(tmp_path / "o"),
+           "--checkpoint", ckpt, "--batch-size", "3"]
+    other = TraceCheckpoint(ckpt, {"another": "run"})
+    other.load()                                   # another run holds PATH
     assert main(cmd) == 2
-    err = capsys.readouterr().err
-    assert f"{ckpt}.cls.npy" in err and "delete the checkpoint to start over" in err
+    assert f"checkpoint: {ckpt} is in use by another run" in capsys.readouterr().err
+    other.close()
+    _interrupt_at_batch(monkeypatch, 0)            # Ctrl-C before the first batch is summed
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "600")
+    assert main(cmd) == 130
+    assert f"stopped before the first save to {ckpt}: nothing was kept" in capsys.readouterr().err
+    assert main([*cmd[:-2], "--checkpoint", str(tmp_path / "no" / "run.ckpt")]) == 2
+    assert "--checkpoint: cannot write" in capsys.readouterr().err
+
+
+def test_a_crafted_state_does_not_fit():
+    from embgeom.engine.checkpoint import restore_value
+
+    class Acc(Resumable):
+        fixed = ("n",)
+        count = "seen"
+
+        def __init__(self):
+            self.n, self.seen, self.s = 5, 0, {"a": torch.zeros(3)}
+
+    def fields(**kw):
+        return SavedObject("Acc", {**dict(n=5, seen=2, s={"a": torch.ones(3)}), **kw})
+
+    acc = restore_value(Acc(), fields(), "acc")
+    assert acc.seen == 2 and torch.equal(acc.s["a"], torch.ones(3))
+    for bad, why in [(dict(n=6), "Acc.n 6 saved, this run has 5"), (dict(seen="2"), "a str saved, this run has a number"),
+                     (dict(s={"a": np.ones(3)}), "a ndarray saved, this run has a Tensor"),
+                     (dict(s={"b": torch.ones(3)}), "keys"), (dict(s={"a": torch.ones(4)}), "this run has"),
+                     (dict(extra=1), "is not saved by embgeom")]:
+        with pytest.raises(ValueError, match=why):
+            restore_value(Acc(), fields(**bad), "acc")
+    saved = fields()
+    del saved.fields["s"]
+    with pytest.raises(ValueError, match="fields s missing"):
+        restore_value(Acc(), saved, "acc")
 
 
 class Stopper(Resumable):
@@ -139,6 +195,7 @@ class Stopper(Resumable):
 
     def __init__(self, at: int, sig: int = signal.SIGINT):
         self.at, self.sig, self.batches = at, int(sig), 0
+        self.after_signal = False
 
     def update(self, b) -> None:
         self.batches += 1
@@ -160,7 +217,7 @@ def test_a_stop_inside_an_update_waits_for_the_batch(tiny_bert, tmp_path, sig):
     resumed = trace(model, tokenizer, TEXTS, batch_size=2, heads=True, gaussianity=True,
                     observers=[stopper], checkpoint=ckpt)
     # saved after the third batch's update ran to its end (the signal waited), then three more
-    assert getattr(stopper, "after_signal", False) and stopper.batches == 6 and stopper.at == 3
+    assert stopper.after_signal and stopper.batches == 6 and stopper.at == 3
     assert resumed.n_texts == len(TEXTS)
     assert _strip(json.loads(json.dumps(resumed.to_dict(), default=float))) == \
         _strip(json.loads(json.dumps(clean, default=float)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -73,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 def _what_was_kept(args) -> str:
     """What an interrupted command leaves behind, for its one line."""
     if getattr(args, "checkpoint", None):
-        where = f"{args.checkpoint}.rank<r> (one per rank)" if getattr(args, "distributed", False) else args.checkpoint
+        distributed = getattr(args, "distributed", False)
+        if not distributed and not os.path.exists(args.checkpoint):
+            return f"stopped before the first save to {args.checkpoint}: nothing was kept"
+        where = f"{args.checkpoint}.rank<r> (one per rank)" if distributed else args.checkpoint
         return f"finished work is kept in {where}; the same command resumes from it"
     if hasattr(args, "checkpoint"):
         return "nothing was kept; --checkpoint PATH keeps finished work for a rerun"

@@ -74,6 +74,23 @@ def check_output_path(path: str, name: str = "output") -> str:
     return folder
 
 
+def exclusive_lock(lock_path: str, busy: str) -> int | None:
+    """An exclusive flock on lock_path (created) for one run, released when its fd is closed or
+    the process ends, killed or not; ValueError(busy) when another run holds it; None where
+    there is no flock (Windows: one run at a time is the user's to keep)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(busy) from None
+    return fd
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, *, binary: bool = False, name: str = "output") -> Iterator[IO]:
     """Open a unique temporary file beside `path` for writing; on a clean exit flush, fsync,

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from .io import _sha256, atomic_write
+from .io import _sha256, atomic_write, exclusive_lock
 
 # the metrics of an Index and of pairs_above, which the manifest records (index.py reads them
 # from here: it sits a layer above this module)
@@ -235,21 +235,10 @@ LOCK = ".lock"
 
 
 def _lock_folder(folder: str) -> int | None:
-    """An exclusive lock on the folder for one writer's run (flock on `.lock`, released when the
-    writer closes or its process ends, killed or not); ValueError when another run holds it.
-    Two writers would commit shards under the same names at different points."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): one writer at a time is the user's to keep
-        return None
-    fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise ValueError(f"out: {folder} is being written by another pairs_above run; wait for it to "
-                         "finish, or use another folder") from None
-    return fd
+    """One writer's run holds the folder (two writers would commit shards under the same names
+    at different points)."""
+    return exclusive_lock(os.path.join(folder, LOCK), f"out: {folder} is being written by another pairs_above "
+                          "run; wait for it to finish, or use another folder")
 
 
 def _shard_changed(folder: str, shard: dict) -> bool:

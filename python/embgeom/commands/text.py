@@ -19,7 +19,7 @@ from ..analysis.heads.text_extras import TextExtras, parse_show_texts
 from ..analysis.text.keeper import Keeper
 from ..analysis.text.labelled import ONE_CLASS_NOTE, no_class_maps_note
 from ..formatting import fmt, seconds
-from ..io import check_output_folder, output_folder
+from ..io import check_output_folder, check_output_path, output_folder
 from ..report import table_html
 from ..report.definitions import defined
 from ..report.text_page import group_plots, pair_plot, trajectory_plots, write_report
@@ -60,6 +60,8 @@ def main(args) -> int:
         raise ValueError(f"CORPUS: no such file: {args.corpus}")
     check_run_options(args)
     check_output_folder(args.out)
+    if args.checkpoint:
+        check_output_path(args.checkpoint, "--checkpoint")   # its folder, before the model loads
     # the whole file is read (UTF-8 to the last line, not empty) before the model loads
     n_texts = 0
     for n_texts, line in enumerate(read_lines(args.corpus, "CORPUS"), 1):  # every line checked before the model loads
@@ -81,81 +83,85 @@ def main(args) -> int:
     parse_show_texts(args.show_texts, n_texts)  # ids and the regex checked before the model loads
     check_label_options(args)
     texts = list(read_lines(args.corpus, "CORPUS")) if args.correct_only else None
-    with output_folder(args.out, command="text") as out:
-        with prog.phase("loading the model"):
-            model, tokenizer = load_model(args.model, device=args.device, classifier=args.correct_only)
-        ckpt = None
-        if args.checkpoint:
-            with prog.phase("checkpoint: fingerprint of the corpus and the model"):
-                ckpt = text_checkpoint(args, model, tokenizer)
-                ckpt.load()
-        selection = None
-        if args.correct_only:
-            kept = saved_selection(ckpt, n_texts) if ckpt is not None else None
-            if kept is None:
-                with prog.phase("predicting classes (--correct-only)"):
-                    predicted = predict_labels(model, tokenizer, texts, batch_size=args.batch_size,
-                                               max_length=args.max_length)
-                kept = [i for i, (p, g) in enumerate(zip(predicted, labels)) if p == g]
-                if ckpt is not None:
-                    ckpt.extra["kept"] = kept
-            selection = {"texts": n_texts, "kept": len(kept), "accuracy": len(kept) / n_texts,
-                         "kept_per_label": {g: sum(labels[i] == g for i in kept) for g in sorted(set(labels))},
-                         "texts_per_label": {g: labels.count(g) for g in sorted(set(labels))}}
-            if not kept:
-                raise ValueError(f"--correct-only: no text of {args.corpus} is classified as its label "
-                                 f"(0 of {n_texts} kept)")
-            texts, labels = [texts[i] for i in kept], [labels[i] for i in kept]
-            n_texts = len(kept)
-            model = model.base_model
-        prov.set_model(args.model, model)
-        keeper = Keeper(out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
-                        keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
-                        tokenizer=tokenizer, rows_path=ckpt.side_path("cls.npy") if ckpt else None) \
-            if keeping else None
-        max_len = model_max_length(model, tokenizer, args.max_length)
-        extras = TextExtras(args, model, tokenizer, max_len)
-        split = LabelSplit(labels, model, tokenizer, max_len) if labels is not None else None
-        class_maps = ClassMaps(labels, args.class_maps, model.config.num_hidden_layers,
-                               model.config.num_attention_heads, pad_to=max_len) if args.class_maps else None
-        observers = extras.observers + [o for o in (keeper, split, class_maps) if o is not None]
-        with warnings.catch_warnings(record=True) as caught, extras.active():
-            warnings.simplefilter("always")
-            result = trace(model, tokenizer, texts if selection is not None else args.corpus,
-                           batch_size=args.batch_size, max_length=args.max_length, progress=prog,
-                           observers=observers, checkpoint=ckpt)
-        for w in caught[:1]:
-            print(f"embgeom text: warning: {w.message}", file=sys.stderr)
-        result.model = args.model or DEFAULT_MODEL
-        report = result.to_dict()
-        if extras.observers:
-            with prog.phase("head measures"):
-                report.update(extras.report(result))
-                extras.add_context(report)
-        if selection is not None:
-            report["correct_only"] = selection
-        if split is not None:
-            with prog.phase("per-label metrics"):
-                report["by_label"] = split.result()
-        if class_maps is not None:
-            with prog.phase("class-mean maps' entropies"):  # (L, H) eigenvalue problems per label
-                report["class_maps"] = {**class_maps.result(), "theta": args.theta}
-            class_maps.write(os.path.join(out, CLASS_MAPS_FILE))
-        if pairs is not None:
-            with prog.phase("[CLS] difference vectors"):
-                report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
-                                                      max_length=args.max_length, keep=True)
-        report["provenance"] = prov.record()  # the footer of the scatter pages finish() writes
-        with prog.phase("kept vectors (groups, trajectories)"):
-            extra = finish(args, out, keeper, report, pairs, labels,
-                           lambda: texts if texts is not None else list(read_lines(args.corpus, "CORPUS")))
+    ckpt = None
+    try:
+        with output_folder(args.out, command="text") as out:
+            with prog.phase("loading the model"):
+                model, tokenizer = load_model(args.model, device=args.device, classifier=args.correct_only)
+            if args.checkpoint:
+                with prog.phase("checkpoint: fingerprint of the corpus and the model"):
+                    ckpt = text_checkpoint(args, model, tokenizer)
+                    ckpt.load()
+            selection = None
+            if args.correct_only:
+                kept = saved_selection(ckpt, n_texts) if ckpt is not None else None
+                if kept is None:
+                    with prog.phase("predicting classes (--correct-only)"):
+                        predicted = predict_labels(model, tokenizer, texts, batch_size=args.batch_size,
+                                                   max_length=args.max_length)
+                    kept = [i for i, (p, g) in enumerate(zip(predicted, labels)) if p == g]
+                    if ckpt is not None:
+                        ckpt.extra["kept"] = kept
+                selection = {"texts": n_texts, "kept": len(kept), "accuracy": len(kept) / n_texts,
+                             "kept_per_label": {g: sum(labels[i] == g for i in kept) for g in sorted(set(labels))},
+                             "texts_per_label": {g: labels.count(g) for g in sorted(set(labels))}}
+                if not kept:
+                    raise ValueError(f"--correct-only: no text of {args.corpus} is classified as its label "
+                                     f"(0 of {n_texts} kept)")
+                texts, labels = [texts[i] for i in kept], [labels[i] for i in kept]
+                n_texts = len(kept)
+                model = model.base_model
+            prov.set_model(args.model, model)
+            keeper = Keeper(out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
+                            keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
+                            tokenizer=tokenizer, rows_path=ckpt.side_path("cls.npy") if ckpt else None) \
+                if keeping else None
+            max_len = model_max_length(model, tokenizer, args.max_length)
+            extras = TextExtras(args, model, tokenizer, max_len)
+            split = LabelSplit(labels, model, tokenizer, max_len) if labels is not None else None
+            class_maps = ClassMaps(labels, args.class_maps, model.config.num_hidden_layers,
+                                   model.config.num_attention_heads, pad_to=max_len) if args.class_maps else None
+            observers = extras.observers + [o for o in (keeper, split, class_maps) if o is not None]
+            with warnings.catch_warnings(record=True) as caught, extras.active():
+                warnings.simplefilter("always")
+                result = trace(model, tokenizer, texts if selection is not None else args.corpus,
+                               batch_size=args.batch_size, max_length=args.max_length, progress=prog,
+                               observers=observers, checkpoint=ckpt)
+            for w in caught[:1]:
+                print(f"embgeom text: warning: {w.message}", file=sys.stderr)
+            result.model = args.model or DEFAULT_MODEL
+            report = result.to_dict()
+            if extras.observers:
+                with prog.phase("head measures"):
+                    report.update(extras.report(result))
+                    extras.add_context(report)
+            if selection is not None:
+                report["correct_only"] = selection
+            if split is not None:
+                with prog.phase("per-label metrics"):
+                    report["by_label"] = split.result()
             if class_maps is not None:
-                extra.append(class_maps_section(out, report["class_maps"], class_maps.means(), args.theta))
-        def page():
-            extras.write_files(out)
-            write_report(out, result, report, extra)
+                with prog.phase("class-mean maps' entropies"):  # (L, H) eigenvalue problems per label
+                    report["class_maps"] = {**class_maps.result(), "theta": args.theta}
+                class_maps.write(os.path.join(out, CLASS_MAPS_FILE))
+            if pairs is not None:
+                with prog.phase("[CLS] difference vectors"):
+                    report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
+                                                          max_length=args.max_length, keep=True)
+            report["provenance"] = prov.record()  # the footer of the scatter pages finish() writes
+            with prog.phase("kept vectors (groups, trajectories)"):
+                extra = finish(args, out, keeper, report, pairs, labels,
+                               lambda: texts if texts is not None else list(read_lines(args.corpus, "CORPUS")))
+                if class_maps is not None:
+                    extra.append(class_maps_section(out, report["class_maps"], class_maps.means(), args.theta))
+            def page():
+                extras.write_files(out)
+                write_report(out, result, report, extra)
 
-        finish_report(out, report, prov, prog, page)
+            finish_report(out, report, prov, prog, page)
+    finally:
+        if ckpt is not None:
+            ckpt.close()   # PATH free for the next run (a second run would have been refused)
     if args.profile:
         extras.print_profile(result.seconds)
     if class_maps is not None and not any(report["class_maps"]["texts"].values()):
@@ -169,9 +175,10 @@ def main(args) -> int:
     return 0
 
 
-# options that change only how the report is drawn or told, not the sums a checkpoint keeps
+# options that change only how the report is drawn or told, not the sums a checkpoint keeps, and
+# the paths of what it hashes (the corpus, labels and model may move: their contents count)
 NOT_IN_CHECKPOINT = ("out", "checkpoint", "quiet", "no_progress", "progress", "profile", "theta", "pairs",
-                     "func", "argv", "started")
+                     "func", "argv", "started", "corpus", "labels", "model", "device")
 
 
 def saved_selection(ckpt, n_texts: int) -> list[int] | None:
@@ -192,8 +199,7 @@ def text_checkpoint(args, model, tokenizer):
     from ..analysis.text.resume import TraceCheckpoint, file_digest, model_digest, numerics, texts_digest
 
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_CHECKPOINT}
-    settings["labels"] = file_digest(args.labels)
-    inputs = {"corpus": texts_digest(args.corpus), "labels": settings.pop("labels")}
+    inputs = {"corpus": texts_digest(args.corpus), "labels": file_digest(args.labels)}
     return TraceCheckpoint(args.checkpoint, {
         "command": "text", "inputs": inputs, "model": model_digest(model, tokenizer),
         "settings": {k: v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)

@@ -81,6 +81,9 @@ def differences(saved, now) -> list[str]:
         if key in ("settings", "numerics") and isinstance(a, dict) and isinstance(b, dict):
             out += [f"{_name(k)} {_short(a.get(k))} then, {_short(b.get(k))} now"
                     for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+        elif key in ("inputs", "model") and isinstance(a, dict) and isinstance(b, dict):
+            # contents by their digests: name the part that differs (texts, labels, weights, ...)
+            out += [f"{key}: {_name(k)} differs" for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
         elif key in ("x", "y"):
             shape = lambda v: v.get("shape") if isinstance(v, dict) else None  # noqa: E731
             if a is None or b is None or shape(a) != shape(b):
@@ -102,20 +105,53 @@ class Resumable:
     """Mixin of an accumulator a checkpoint can keep: every attribute except those named in
     `not_saved` (references to the model, tokenizer, hooks, scratch buffers: the resumed run
     builds them again). restore_state puts a saved state back into an object built with the
-    same settings; saved tensors go to the device of the tensor they replace."""
+    same settings: only attributes the object has, each of the kind it holds (a tensor of the
+    same shape and dtype, a dict, a number, ...), the `fixed` ones (its settings) equal to its
+    own. `count`: the attribute counting the texts it has seen, checked against the run's."""
 
     not_saved: tuple[str, ...] = ()
+    fixed: tuple[str, ...] = ()
+    count: str | None = None
 
     def checkpoint_state(self) -> dict:
         return {k: v for k, v in vars(self).items() if k not in self.not_saved}
 
     def restore_state(self, saved: dict) -> None:
+        live = self.checkpoint_state()
+        name = type(self).__name__
         for key, value in saved.items():
-            # data attributes only: a name of the class (a method) or an unsaved one is not ours
-            if not isinstance(key, str) or not key.isidentifier() or key in self.not_saved \
-                    or hasattr(type(self), key):
-                raise ValueError(f"field {_short(key)} of {type(self).__name__} is not saved by embgeom")
-            setattr(self, key, restore_value(getattr(self, key, None), value, f"{type(self).__name__}.{key}"))
+            if key not in live:   # only data attributes this object has: never a method or a new name
+                raise ValueError(f"field {_short(key)} of {name} is not saved by embgeom")
+            if key in self.fixed and not _same(value, live[key]):
+                raise ValueError(f"{name}.{key} {_short(_plain(value))} saved, this run has {_short(_plain(live[key]))}")
+        missing = sorted(set(live) - set(saved))
+        if missing:
+            raise ValueError(f"{name}: fields {', '.join(missing)} missing")
+        for key, value in saved.items():
+            setattr(self, key, restore_value(live[key], value, f"{name}.{key}"))
+
+
+def _plain(v):
+    return sorted(v) if isinstance(v, (set, frozenset)) else list(v) if isinstance(v, tuple) else v
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(_plain(a) == _plain(b)) and type(a) is type(b)
+    except Exception:  # noqa: BLE001 - arrays and other values without a plain ==: not settings
+        return False
+
+
+def _kind(v) -> str:
+    """The kind a restored value must share with the live one."""
+    if isinstance(v, (bool, np.bool_)):
+        return "bool"
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return "number"
+    for t in (torch.Tensor, np.ndarray, str, dict, list, tuple, set, Resumable, SavedObject):
+        if isinstance(v, t):
+            return "object" if t in (Resumable, SavedObject) else t.__name__
+    return type(v).__name__
 
 
 class SavedObject:
@@ -237,18 +273,23 @@ def decode_tree(value: Any, arrays: dict) -> Any:
 def restore_value(live: Any, saved: Any, where: str) -> Any:
     """`saved` (decode_tree's) put in the place of `live`: a SavedObject into the live Resumable
     of its class (in place), a tensor onto the live tensor's device (same shape and dtype),
-    dicts key by key; anything else as saved."""
+    dicts key by key (the same keys); anything else as saved, if of the live value's kind."""
     if isinstance(saved, SavedObject):
         if not isinstance(live, Resumable) or type(live).__name__ != saved.kind:
             raise ValueError(f"{where} holds a {saved.kind}, this run has {type(live).__name__}")
         live.restore_state(saved.fields)
         return live
+    if live is not None and saved is not None and _kind(live) != _kind(saved):
+        raise ValueError(f"{where}: a {_kind(saved)} saved, this run has a {_kind(live)}")
     if isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor):
         if saved.shape != live.shape or saved.dtype != live.dtype:
             raise ValueError(f"{where}: {saved.dtype} {list(saved.shape)} saved, this run has "
                              f"{live.dtype} {list(live.shape)}")
         return saved.to(live.device)
     if isinstance(saved, dict) and isinstance(live, dict):
+        if live and set(saved) != set(live):   # (an empty live dict fills as the run goes: class maps)
+            raise ValueError(f"{where}: keys {_short(sorted(map(str, saved)))} saved, this run has "
+                             f"{_short(sorted(map(str, live)))}")
         return {k: restore_value(live.get(k), v, f"{where}[{k!r}]") for k, v in saved.items()}
     if isinstance(saved, list) and isinstance(live, list) and len(saved) == len(live):
         return [restore_value(a, b, f"{where}[{i}]") for i, (a, b) in enumerate(zip(live, saved))]

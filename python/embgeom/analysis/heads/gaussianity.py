@@ -66,6 +66,8 @@ def _stats_from_moments(n, mean, m2, m3, m4):
 
 
 class GaussianityAccumulator(Resumable):
+    fixed = ("depths",)
+
     def __init__(self, depths: int, hidden: int):
         if hidden < 20:
             raise ValueError(f"gaussianity: the K^2 test needs >= 20 components per vector, the model "

@@ -260,6 +260,8 @@ class MatricesAccumulator(Resumable):
     k90 and the norms cover every text."""
 
     not_saved = ("store",)   # the q/k/v of the batch in hand
+    fixed = ("L", "H", "spectra_limit")
+    count = "texts"
 
     def __init__(self, L: int, H: int, max_len: int, device, spectra_texts: int | None = None):
         z = lambda *s, dt=torch.float64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731

@@ -283,6 +283,8 @@ class HeadsAccumulator(Resumable):
     text) accepts (index: 0-based over the texts in order, as cls.npy's rows)."""
 
     not_saved = ("qk", "sample_filter")
+    fixed = ("L", "H", "max_len", "js", "directionality", "sample_maps")
+    count = "seen"
 
     def __init__(self, L: int, H: int, max_len: int, device, *, js: bool = False,
                  directionality: bool = False, qk: dict | None = None, sample_maps: int = 0,

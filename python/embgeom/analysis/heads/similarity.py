@@ -73,6 +73,8 @@ class SimilarityAccumulator(Resumable):
     first `maps` texts (real tokens only, float32)."""
 
     not_saved = ("tables", "tokenizer", "sample_filter", "rule")
+    fixed = ("L", "H", "max_len", "maps")
+    count = "seen"
 
     def __init__(self, L: int, H: int, max_len: int, tokenizer, rule=None, maps: int = 0,
                  sample_filter=None):

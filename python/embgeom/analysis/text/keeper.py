@@ -23,6 +23,8 @@ class Keeper(Resumable):
     default DIR/cls.npy); close() puts them in DIR/cls.npy."""
 
     not_saved = ("out_dir", "tokenizer", "cls", "rows_path")
+    fixed = ("n", "keep_cls", "shape", "max_traj")
+    count = "done"
 
     def __init__(self, out_dir: str, n_texts: int, layers: int, hidden: int, *, keep_cls: bool,
                  trajectories: int, tokenizer, rows_path: str | None = None):
@@ -64,14 +66,12 @@ class Keeper(Resumable):
             self.cls = np.lib.format.open_memmap(self.rows_path, mode="w+", dtype=np.float32, shape=self.shape)
             return
         try:
+            _check_rows_file(self.rows_path, self.shape)
             rows = np.lib.format.open_memmap(self.rows_path, mode="r+")
         except (OSError, ValueError) as exc:
             raise ValueError(f"checkpoint: the [CLS] rows of the finished texts, {self.rows_path}, cannot be "
-                             f"read ({getattr(exc, 'strerror', None) or exc}); delete the checkpoint to start "
+                             f"used ({getattr(exc, 'strerror', None) or exc}); delete the checkpoint to start "
                              "over") from None
-        if rows.shape != self.shape or rows.dtype != np.float32:
-            raise ValueError(f"checkpoint: {self.rows_path} holds {rows.dtype} {rows.shape}, expected float32 "
-                             f"{self.shape}; delete the checkpoint to start over")
         self.cls = rows
 
     def checkpoint_state(self) -> dict:
@@ -101,3 +101,19 @@ class Keeper(Resumable):
                      text=np.array([t[0] for t in self.traj], dtype=np.int64),
                      position=np.array([t[1] for t in self.traj], dtype=np.int64),
                      token=np.array([t[2] for t in self.traj]), texts=np.array(self.texts))
+
+
+def _check_rows_file(path: str, shape: tuple) -> None:
+    """ValueError unless `path` is a float32 .npy of `shape` whose size covers every row (a
+    memory map in r+ mode would grow a cut-short file with zeros)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"an .npy version {version} header")
+        got_shape, fortran, dtype = read_header[version](f)
+        need = f.tell() + int(np.prod(got_shape)) * dtype.itemsize
+    if tuple(got_shape) != tuple(shape) or dtype != np.float32 or fortran:
+        raise ValueError(f"it holds {dtype} {tuple(got_shape)}, expected float32 {tuple(shape)}")
+    if os.path.getsize(path) != need:
+        raise ValueError(f"it has {os.path.getsize(path)} bytes, {need} expected (cut short?)")

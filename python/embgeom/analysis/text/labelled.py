@@ -48,6 +48,8 @@ def no_class_maps_note(length: int) -> str:
 class _Rows(Resumable):
     """Which labels the rows of the next batch carry (batches arrive in corpus order)."""
 
+    fixed = ("labels",)
+
     def __init__(self, labels: list[str]):
         self.labels, self.done = labels, 0
 
@@ -102,6 +104,8 @@ class ClassMaps(Resumable):
     tokens, [SEP] rows and columns zeroed (padding never enters: only the N real positions).
     pad_to: the length the authors' code pads its maps to (the model's input length), for the
     value entropy of the padded map."""
+
+    fixed = ("N", "L", "H", "pad_to")
 
     def __init__(self, labels: list[str], length: int, L: int, H: int, pad_to: int | None = None):
         if length < 2:

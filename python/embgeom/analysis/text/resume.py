@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from ...engine.checkpoint import Fingerprint, TreeState, load_checkpoint, restore_value, save_checkpoint
+from ...io import check_output_path, exclusive_lock
 from ...validation import optional_path
 from .inputs import read_lines
 
@@ -102,6 +103,8 @@ class TraceCheckpoint:
         self.path = optional_path(path, "checkpoint")
         if os.path.isdir(self.path):
             raise ValueError(f"checkpoint: {self.path} is a directory; pass a file path")
+        check_output_path(self.path, "checkpoint")
+        self._lock: int | None = None
         self.fp = Fingerprint(hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest())
         self.fp.identity = identity
         self.extra: dict = {}
@@ -126,13 +129,18 @@ class TraceCheckpoint:
         """The saved {"texts_done", "seconds", "objects", "extra"}, or None when there is none
         (read once; ValueError as load_checkpoint's for anything else)."""
         if not self._loaded:
+            # one run at a time on PATH: a second (a requeued job while the first still runs)
+            # would rewrite the [CLS] rows under the first one's feet
+            self._lock = exclusive_lock(f"{self.path}.lock", f"checkpoint: {self.path} is in use by another "
+                                        "run; wait for it to finish, or pass another path")
             self._loaded = True
             saved = load_checkpoint(self.path, self.fp)
             if saved is not None:
                 value = saved.value if isinstance(saved, TreeState) else None
                 if not isinstance(value, dict) or set(value) != {"texts_done", "seconds", "objects", "extra"} \
-                        or not isinstance(value["texts_done"], int) or not isinstance(value["objects"], list) \
-                        or not isinstance(value["extra"], dict):
+                        or type(value["texts_done"]) is not int or value["texts_done"] < 0 \
+                        or not isinstance(value["seconds"], (int, float)) or not 0 <= value["seconds"] < 1e12 \
+                        or not isinstance(value["objects"], list) or not isinstance(value["extra"], dict):
                     raise ValueError(f"checkpoint: {self.path} is not the checkpoint of a corpus run; "
                                      "delete it or pass another path")
                 self._saved = value
@@ -149,13 +157,18 @@ class TraceCheckpoint:
         if len(saved["objects"]) != len(objects):
             raise ValueError(f"checkpoint: {self.path} holds {len(saved['objects'])} accumulators, this run "
                              f"has {len(objects)}; delete it or pass another path")
+        done = saved["texts_done"]
         try:
             for i, (live, state) in enumerate(zip(objects, saved["objects"])):
                 restore_value(live, state, f"accumulator {i}")
-        except ValueError as exc:
-            raise ValueError(f"checkpoint: {self.path} does not fit this run ({exc}); delete it or "
+                if live.count is not None and getattr(live, live.count) != done:
+                    raise ValueError(f"{type(live).__name__} counts {getattr(live, live.count)} texts, the "
+                                     f"checkpoint {done}")
+        except Exception as exc:  # noqa: BLE001 - anything a file can make restore do: one line
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"checkpoint: {self.path} does not fit this run ({why}); delete it or "
                              "pass another path") from None
-        self.resumed_texts = saved["texts_done"]
+        self.resumed_texts = done
         return self.resumed_texts
 
     def save(self, texts_done: int, objects: list, seconds: float) -> None:
@@ -163,6 +176,12 @@ class TraceCheckpoint:
             "texts_done": int(texts_done), "seconds": self.seconds_before + seconds,
             "objects": list(objects), "extra": self.extra}))
         self._last = time.monotonic()
+
+    def close(self) -> None:
+        """Let another run use PATH (the process's end does it too)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.every

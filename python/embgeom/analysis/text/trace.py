@@ -504,6 +504,8 @@ class TraceAccumulator(Resumable):
     batch, `merge(other)` to combine shards, `result()` for the means."""
 
     not_saved = ("sentence_tables", "_ws")
+    fixed = ("L", "H", "max_len", "V", "metrics")
+    count = "n_texts"
 
     def __init__(self, L: int, H: int, max_len: int, vocab_size: int, device, *,
                  metrics: Iterable[str] = METRICS, model_name: str = "",
@@ -763,24 +765,32 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     ckpt = _trace_checkpoint(checkpoint, model, tokenizer, texts, dev, observers, dict(
         batch_size=batch_size, max_length=max_len, metrics=sorted(acc.metrics), heads=heads, clark_js=clark_js,
         gaussianity=gaussianity, directionality=directionality))
-    done = ckpt.restore([acc, *observers]) if ckpt is not None else 0
-    if done and prog.enabled:
-        prog.stream.write(f"embgeom text: resuming from {ckpt.path}: {done:,} of "
-                          f"{'?' if total is None else format(total, ',')} texts done\n")
-    with extras.active() if extras is not None else contextlib.nullcontext(), \
-            prog.bar(total, "forward passes", unit="text", initial=done) as bar:
-        done = _run_batches(model, tokenizer, texts, batch_size, max_len, done, [acc, *observers], ckpt,
-                            bar, start)
-    if ckpt is not None:
-        ckpt.save(done, [acc, *observers], time.perf_counter() - start)
-    result = acc.result(tokenizer, seconds=(ckpt.seconds_before if ckpt is not None else 0.0)
-                        + time.perf_counter() - start)
+    own = ckpt is not None and not isinstance(checkpoint, type(ckpt))   # made here: closed here
+    try:
+        done = ckpt.restore([acc, *observers]) if ckpt is not None else 0
+        if done and prog.enabled:
+            prog.stream.write(f"embgeom text: resuming from {ckpt.path}: {done:,} of "
+                              f"{'?' if total is None else format(total, ',')} texts done\n")
+        with extras.active() if extras is not None else contextlib.nullcontext(), \
+                prog.bar(total, "forward passes", unit="text", initial=done) as bar:
+            done = _run_batches(model, tokenizer, texts, batch_size, max_len, done, [acc, *observers], ckpt,
+                                bar, start)
+        # forward-pass seconds: this run's (none when every text was done before) and the earlier runs'
+        before = 0.0 if ckpt is None else ckpt.seconds_before
+        ran = time.perf_counter() - start if ckpt is None or done > ckpt.resumed_texts else 0.0
+        if ckpt is not None:
+            ckpt.save(done, [acc, *observers], ran)
+    finally:
+        if own:
+            ckpt.close()
+    result = acc.result(tokenizer, seconds=before + ran)
     if extras is not None:
+        t0 = time.perf_counter()
         with prog.phase("head measures"):
             blocks = extras.report(result)
         result.attention_heads = blocks.get("attention_heads")
         result.gaussianity = blocks.get("gaussianity")
-        result.seconds = time.perf_counter() - start
+        result.seconds += time.perf_counter() - t0
     return result
 
 
@@ -824,7 +834,7 @@ def _run_batches(model, tokenizer, texts, batch_size, max_len, done, accumulator
                 if ckpt is not None and ckpt.due():
                     ckpt.save(done, accumulators, time.perf_counter() - start)
     except KeyboardInterrupt:
-        if ckpt is not None and whole:
+        if ckpt is not None and whole and done > 0:
             ckpt.save(done, accumulators, time.perf_counter() - start)
         raise
     return done
