@@ -40,6 +40,17 @@ def tiny_bert(tiny_bert_dir):
     return load_model(tiny_bert_dir)
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as in a terminal: a shell starts background jobs (`make
+    test &`, some CI runners) with SIGINT ignored, and Python then never raises it."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 # ---------------------------------------------------------------------------------------------
 # Vector levels of the C++ core (EMBGEOM_CPU caps them; read on every engine construction).
 # Every level this host supports runs the engine suite: `cpu_cap` as a parametrized fixture, or

@@ -202,7 +202,7 @@ def test_label_files_as_editors_write_them(tiny_bert_dir, tmp_path, capsys):
     assert "Note: the labels name one class" in (tmp_path / "o3" / "report.html").read_text()
 
 
-def test_correct_only_resumes_without_predicting_again(clf_dir, tmp_path, monkeypatch):
+def test_correct_only_resumes_without_predicting_again(clf_dir, tmp_path, monkeypatch, ctrl_c_raises):
     """--checkpoint keeps --correct-only's selection: the rerun skips the prediction pass."""
     import os
     import signal

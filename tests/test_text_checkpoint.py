@@ -35,6 +35,9 @@ def _save_every_batch(monkeypatch):
     monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")
 
 
+pytestmark = pytest.mark.usefixtures("ctrl_c_raises")   # conftest.py: Ctrl-C raises, as in a terminal
+
+
 def _files(tmp_path):
     corpus, labels = tmp_path / "corpus.txt", tmp_path / "labels.txt"
     corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
