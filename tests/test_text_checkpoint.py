@@ -314,3 +314,26 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_report(tiny_bert_dir, tmp_pa
     resumed = json.loads((tmp_path / "resumed" / "report.json").read_text())
     assert _strip(resumed) == _strip(clean)
     np.testing.assert_array_equal(np.load(tmp_path / "resumed" / "cls.npy"), np.load(tmp_path / "clean" / "cls.npy"))
+
+
+def test_a_resumed_run_still_warns_of_earlier_truncations(tiny_bert, tmp_path):
+    model, tokenizer = tiny_bert
+    texts = ["a b c d e f g h i j"] + ["a b"] * 5      # only the first batch has a text over 5 tokens
+    ckpt = str(tmp_path / "cut.ckpt")
+    with pytest.warns(UserWarning, match="truncated"), pytest.raises(KeyboardInterrupt):
+        trace(model, tokenizer, texts, batch_size=2, max_length=5, observers=[Stopper(1, signal.SIGINT)],
+              checkpoint=ckpt)
+    with pytest.warns(UserWarning, match="longer than 5 tokens are truncated") as caught:
+        resumed = trace(model, tokenizer, texts, batch_size=2, max_length=5, observers=[Stopper(0, signal.SIGINT)],
+                        checkpoint=ckpt)
+    assert len([w for w in caught if "truncated" in str(w.message)]) == 1
+    assert resumed.truncated == 1 and resumed.n_texts == len(texts)
+
+
+def test_a_file_that_is_no_checkpoint_is_left_alone(tiny_bert, tmp_path):
+    model, tokenizer = tiny_bert
+    theirs = tmp_path / "notes.txt"
+    theirs.write_text("my notes\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="is not an embgeom checkpoint .*left as it is: pass another path") as e:
+        trace(model, tokenizer, TEXTS, checkpoint=str(theirs))
+    assert "delete" not in str(e.value) and theirs.read_text(encoding="utf-8") == "my notes\n"

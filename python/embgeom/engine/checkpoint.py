@@ -387,6 +387,10 @@ def load_checkpoint(path: str, fp: str) -> Any | None:
                 raise ValueError(f"checkpoint: {path} is in an old embgeom format (pickled), which is unsafe "
                                  "to load and is refused; delete it and rerun")
             if magic != MAGIC + b"\n":
+                if not (MAGIC + b"\n").startswith(magic):
+                    # somebody's file, not a torn one of ours: never suggest deleting it
+                    raise ValueError(f"checkpoint: {path} is not an embgeom checkpoint (it does not begin with "
+                                     "embgeom's header); it is left as it is: pass another path")
                 raise _invalid(path, "bad header or checksum")
             line = f.readline(MAX_HEADER_BYTES + 1)
             header = _header(line)

@@ -213,6 +213,11 @@ def _device_of(model, device):
     return next(model.parameters()).device
 
 
+def warn_truncated(limit: int) -> None:
+    warnings.warn(f"trace: texts longer than {limit} tokens are truncated (counted in TraceResult.truncated)",
+                  stacklevel=3)
+
+
 def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
                  device=None, warn: bool = True, skip: int = 0) -> Iterator[Batch]:
     """Yield a `Batch` per forward pass over `texts` (a list, an iterable of str, or a path to a
@@ -250,8 +255,7 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
             enc, truncated = encode(tokenizer, chunk, limit, done)
             done += len(chunk)
             if truncated and warn and not warned:
-                warnings.warn(f"trace: texts longer than {limit} tokens are truncated "
-                              "(counted in TraceResult.truncated)", stacklevel=2)
+                warn_truncated(limit)
                 warned = True
             enc = tokenizer.pad(enc, return_tensors="pt")
             enc = {k: v.to(dev) for k, v in adapters.model_inputs(model, enc).items()}
@@ -771,10 +775,13 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
         if done and prog.enabled:
             prog.stream.write(f"embgeom text: resuming from {ckpt.path}: {done:,} of "
                               f"{'?' if total is None else format(total, ',')} texts done\n")
+        warned = done > 0 and acc.truncated > 0   # texts of the earlier runs were cut: said once, here
+        if warned:
+            warn_truncated(max_len)
         with extras.active() if extras is not None else contextlib.nullcontext(), \
                 prog.bar(total, "forward passes", unit="text", initial=done) as bar:
             done = _run_batches(model, tokenizer, texts, batch_size, max_len, done, [acc, *observers], ckpt,
-                                bar, start)
+                                bar, start, warn=not warned)
         # forward-pass seconds: this run's (none when every text was done before) and the earlier runs'
         before = 0.0 if ckpt is None else ckpt.seconds_before
         ran = time.perf_counter() - start if ckpt is None or done > ckpt.resumed_texts else 0.0
@@ -812,7 +819,8 @@ def _trace_checkpoint(checkpoint, model, tokenizer, texts, device, observers, se
     return TraceCheckpoint.for_trace(checkpoint, model, tokenizer, texts, device, settings)
 
 
-def _run_batches(model, tokenizer, texts, batch_size, max_len, done, accumulators, ckpt, bar, start) -> int:
+def _run_batches(model, tokenizer, texts, batch_size, max_len, done, accumulators, ckpt, bar, start,
+                 warn: bool = True) -> int:
     """Update every accumulator with each batch after the first `done` texts; save the
     checkpoint when due and on Ctrl-C or SIGTERM (which wait for the batch in hand). The texts done."""
     import time
@@ -823,7 +831,7 @@ def _run_batches(model, tokenizer, texts, batch_size, max_len, done, accumulator
     try:
         with terminate_as_interrupt(ckpt is not None):
             for batch in iter_batches(model, tokenizer, texts, batch_size=batch_size, max_length=max_len,
-                                      device=None, skip=done):
+                                      device=None, skip=done, warn=warn):
                 with interrupt_after():
                     whole = False
                     for a in accumulators:
