@@ -337,3 +337,15 @@ def test_a_file_that_is_no_checkpoint_is_left_alone(tiny_bert, tmp_path):
     with pytest.raises(ValueError, match="is not an embgeom checkpoint .*left as it is: pass another path") as e:
         trace(model, tokenizer, TEXTS, checkpoint=str(theirs))
     assert "delete" not in str(e.value) and theirs.read_text(encoding="utf-8") == "my notes\n"
+
+
+def test_another_commands_checkpoint_is_named_in_short(tiny_bert, tmp_path):
+    import embgeom
+
+    model, tokenizer = tiny_bert
+    ckpt = str(tmp_path / "pairs.ckpt")
+    embgeom.pairwise_stats(torch.randn(40, 8), checkpoint=ckpt, block=16)
+    with pytest.raises(ValueError, match=r"\(the checkpoint of an all-pairs run \(pairwise_stats\), this is an "
+                                         r"`embgeom text` run\); delete it or pass another path$") as e:
+        trace(model, tokenizer, TEXTS, checkpoint=ckpt)
+    assert len(str(e.value)) < 250

@@ -73,6 +73,8 @@ def differences(saved, now) -> list[str]:
     run's, one phrase each: settings and numerics field by field, the inputs by shape or values."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return []
+    if _job(saved) != _job(now):   # another command's checkpoint: that alone, not every field of both
+        return [f"the checkpoint of {_job(saved)}, this is {_job(now)}"]
     out = []
     for key in sorted(set(saved) | set(now), key=str):
         a, b = saved.get(key), now.get(key)
@@ -93,6 +95,12 @@ def differences(saved, now) -> list[str]:
         else:
             out.append(f"{_name(key)} {_short(a)} then, {_short(b)} now")
     return out
+
+
+def _job(identity: dict) -> str:
+    """Which kind of run an identity is of (all-pairs identities name no command)."""
+    command = identity.get("command")
+    return "an all-pairs run (pairwise_stats)" if command is None else f"an `embgeom {_name(command)}` run"
 
 
 def _name(key) -> str:
@@ -387,7 +395,7 @@ def load_checkpoint(path: str, fp: str) -> Any | None:
                 raise ValueError(f"checkpoint: {path} is in an old embgeom format (pickled), which is unsafe "
                                  "to load and is refused; delete it and rerun")
             if magic != MAGIC + b"\n":
-                if not (MAGIC + b"\n").startswith(magic):
+                if not (MAGIC + b"\n").startswith(magic) and not magic.startswith(b"EMBGEOM-"):
                     # somebody's file, not a torn one of ours: never suggest deleting it
                     raise ValueError(f"checkpoint: {path} is not an embgeom checkpoint (it does not begin with "
                                      "embgeom's header); it is left as it is: pass another path")
