@@ -349,3 +349,29 @@ def test_another_commands_checkpoint_is_named_in_short(tiny_bert, tmp_path):
                                          r"`embgeom text` run\); delete it or pass another path$") as e:
         trace(model, tokenizer, TEXTS, checkpoint=ckpt)
     assert len(str(e.value)) < 250
+
+
+@pytest.mark.parametrize("options", [
+    ["--show-texts", "1,5,10", "--matrices", "--matrices-texts", "5", "--max-length", "6"],
+    ["--show-texts", "the|a", "--head-maps", "3", "--similar", "tau:0.5", "--keep", "cls", "--class-maps", "5"],
+], ids=["show-ids,matrices-texts,truncated", "show-regex,similar-tau"])
+def test_other_options_resume_to_the_same_files(tiny_bert_dir, tmp_path, monkeypatch, options):
+    corpus, labels = _files(tmp_path)
+    common = ["text", corpus, "--model", tiny_bert_dir, "--labels", labels, "--no-progress", "--batch-size", "3",
+              *options]
+    clean, resumed, ckpt = tmp_path / "clean", tmp_path / "resumed", str(tmp_path / "run.ckpt")
+    assert main([*common, "--out", str(clean)]) == 0
+    _interrupt_at_batch(monkeypatch, 2)
+    assert main([*common, "--out", str(resumed), "--checkpoint", ckpt]) == 130
+    monkeypatch.setattr(trace_module, "iter_batches", REAL_BATCHES)
+    assert main([*common, "--out", str(resumed), "--checkpoint", ckpt]) == 0
+    names = sorted(os.listdir(clean))
+    assert names == sorted(os.listdir(resumed))
+    for name in names:   # (manifest.json and the pages name the command line, which differs)
+        if name.endswith(".json") and name != "manifest.json":
+            assert _strip(json.loads((clean / name).read_text())) == _strip(json.loads((resumed / name).read_text()))
+        elif name.endswith((".npy", ".npz")):
+            a, b = np.load(clean / name), np.load(resumed / name)
+            for key in ([None] if isinstance(a, np.ndarray) else a.files):
+                np.testing.assert_array_equal(a if key is None else a[key], b if key is None else b[key],
+                                              err_msg=f"{name}: {key}")
