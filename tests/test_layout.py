@@ -26,6 +26,7 @@ LAYERS = [
     {"index"},
     {"communities"},
     {"compat", "sklearn", "faiss"},
+    {"analysis.run_checkpoint"},
     {"analysis.text", "analysis.heads", "analysis.clouds"},
     {"analysis.syntax", "analysis.vocab"},
     {"report"},

@@ -196,14 +196,14 @@ def saved_selection(ckpt, n_texts: int) -> list[int] | None:
 def text_checkpoint(args, model, tokenizer):
     """The TraceCheckpoint of this command line: the corpus and labels (their texts), the model,
     and every option that changes what is summed."""
-    from ..analysis.text.resume import TraceCheckpoint, file_digest, model_digest, numerics, texts_digest
+    from ..analysis.run_checkpoint import file_digest, model_digest, numerics, plain_settings
+    from ..analysis.text.resume import TraceCheckpoint, texts_digest
 
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_CHECKPOINT}
     inputs = {"corpus": texts_digest(args.corpus), "labels": file_digest(args.labels)}
     return TraceCheckpoint(args.checkpoint, {
         "command": "text", "inputs": inputs, "model": model_digest(model, tokenizer),
-        "settings": {k: v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
-                     for k, v in settings.items()},
+        "settings": plain_settings(settings),
         "numerics": numerics(next(model.parameters()).device)})
 
 

@@ -10,7 +10,8 @@ import torch
 
 from ..analysis.vocab.sections import PhaseTimer, analyse, peak_rss_mb
 from ..engine.config import DEFAULTS, PRECISIONS
-from ..io import check_output_folder, output_folder
+from ..analysis.vocab.layouts import LAYOUTS, LayoutCheckpoint
+from ..io import check_output_folder, check_output_path, output_folder
 from ..report import write_json
 from ..report.vocab_page import write_page, write_plots
 from .model_options import add_model_options, progress_for
@@ -27,13 +28,18 @@ def add_arguments(p) -> None:
     p.add_argument("--projections", action="store_true", help="UMAP and t-SNE of word and position "
                    "embeddings on the exact cosine graph (needs umap-learn, openTSNE)")
     p.add_argument("--seed", type=int, default=0, help="seed of the projections")
+    p.add_argument("--checkpoint", metavar="PATH", help="with --projections: save each finished UMAP / t-SNE "
+                   "layout here; the same command resumes with them (the other sections take seconds and "
+                   "are computed again)")
 
 
 def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, precision=DEFAULTS.precision,
-        backend=None, positions=None, projections=False, seed=0, progress=None, provenance=None) -> dict:
+        backend=None, positions=None, projections=False, seed=0, progress=None, provenance=None,
+        checkpoint=None) -> dict:
     """Load the model, analyse, write report.json + PNGs + report.html; returns the report.
     progress: a progress.Progress (phases on stderr); provenance: a provenance.Provenance (made
-    here when None)."""
+    here when None); checkpoint: a path keeping the finished projection layouts
+    (analysis/vocab/layouts.py); report["checkpoint"] then names the layouts taken from it."""
     from ..models import DEFAULT_MODEL, load_model
     from ..provenance import Provenance
 
@@ -44,28 +50,49 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
     timer = PhaseTimer(progress)
     check_output_folder(out_dir)
     parse_range(positions, UNKNOWN_SIZE)  # its form before the model loads; its bounds right after
-    with output_folder(out_dir, command="vocab") as out:
-        with timer("model_load"):
-            model, tokenizer = load_model(model_name, device=device)
-        prov.set_model(model_name, model)
-        with torch.no_grad():
-            report, plots = analyse(model, tokenizer, all_tokens=all_tokens, backend=backend,
-                                    precision=precision, timer=timer, positions=positions,
-                                    projections=projections, seed=seed)
-        report = {"model": model_name or DEFAULT_MODEL, **report}
-        with timer("plots"):
-            pngs = write_plots(out, plots, provenance=prov.record())
-        report["timing"] = dict(timer.seconds)
-        # the page shows the time up to itself; report.json adds the page and the whole run
-        report["timing"]["to_page"] = prov.seconds()
-        report["peak_rss_mb"] = peak_rss_mb()
-        report["provenance"] = prov.record()
-        with timer("page"):
-            write_page(out, report, pngs)
-        report["timing"]["page"] = timer.seconds["page"]
-        report["timing"]["total"] = prov.seconds()
-        report["provenance"] = prov.record()
-        write_json(os.path.join(out, "report.json"), report)
+    if checkpoint is not None:
+        if not projections:
+            raise ValueError("--checkpoint: keeps the --projections layouts; without --projections there is "
+                             "nothing to keep (the other sections take seconds)")
+        check_output_path(checkpoint, "--checkpoint")   # its folder, before the model loads
+    layouts = None
+    try:
+        with output_folder(out_dir, command="vocab") as out:
+            with timer("model_load"):
+                model, tokenizer = load_model(model_name, device=device)
+            prov.set_model(model_name, model)
+            if checkpoint is not None:
+                layouts = LayoutCheckpoint(checkpoint, model, tokenizer,
+                                           {"all_tokens": all_tokens, "positions": positions, "seed": seed})
+                layouts.load()
+            with torch.no_grad():
+                report, plots = analyse(model, tokenizer, all_tokens=all_tokens, backend=backend,
+                                        precision=precision, timer=timer, positions=positions,
+                                        projections=projections, seed=seed, layouts=layouts)
+            report = _write(out, {"model": model_name or DEFAULT_MODEL, **report}, plots, timer, prov, layouts)
+    finally:
+        if layouts is not None:
+            layouts.close()   # PATH free for the next run
+    return report
+
+
+def _write(out: str, report: dict, plots: dict, timer, prov, layouts) -> dict:
+    """PNGs, report.html and report.json of an analysed vocabulary."""
+    if layouts is not None:
+        report["checkpoint"] = {"path": layouts.path, "layouts_resumed": list(layouts.resumed)}
+    with timer("plots"):
+        pngs = write_plots(out, plots, provenance=prov.record())
+    report["timing"] = dict(timer.seconds)
+    # the page shows the time up to itself; report.json adds the page and the whole run
+    report["timing"]["to_page"] = prov.seconds()
+    report["peak_rss_mb"] = peak_rss_mb()
+    report["provenance"] = prov.record()
+    with timer("page"):
+        write_page(out, report, pngs)
+    report["timing"]["page"] = timer.seconds["page"]
+    report["timing"]["total"] = prov.seconds()
+    report["provenance"] = prov.record()
+    write_json(os.path.join(out, "report.json"), report)
     return report
 
 
@@ -77,9 +104,11 @@ def main(args) -> int:
     report = run(args.model, args.out, device=args.device, all_tokens=args.all_tokens,
                  precision=args.precision, backend=args.backend, positions=args.positions,
                  projections=args.projections, seed=args.seed,
-                 progress=progress_for(args, "embgeom vocab"), provenance=prov)
+                 progress=progress_for(args, "embgeom vocab"), provenance=prov, checkpoint=args.checkpoint)
     tm = report["timing"]
     parts = ", ".join(f"{k.replace('_', ' ')} {seconds(v)}" for k, v in tm.items() if k not in ("to_page", "total"))
-    print(f"embgeom vocab: {fmt(report['tokens_analysed'])} tokens in {seconds(prov.seconds())} ({parts}); "
+    kept = report.get("checkpoint", {}).get("layouts_resumed")
+    resumed = f" ({len(kept)} of {len(LAYOUTS)} projection layouts from {args.checkpoint})" if kept else ""
+    print(f"embgeom vocab: {fmt(report['tokens_analysed'])} tokens in {seconds(prov.seconds())}{resumed} ({parts}); "
           f"peak {fmt(round(report['peak_rss_mb']))} MB -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0

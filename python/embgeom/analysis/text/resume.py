@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import threading
 import time
 from typing import Any, Iterator
 
-import torch
 
-from ...engine.checkpoint import Fingerprint, TreeState, load_checkpoint, restore_value, save_checkpoint
-from ...io import check_output_path, exclusive_lock
-from ...validation import optional_path
+from ...engine.checkpoint import restore_value
+from ..run_checkpoint import RunCheckpoint, model_digest, numerics
 from .inputs import read_lines
 
 DEFAULT_SECONDS = 60.0
@@ -52,61 +49,13 @@ def texts_digest(texts: Any) -> dict:
     return {"texts": n, "sha256": h.hexdigest()}
 
 
-def file_digest(path: str | None) -> str | None:
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_digest(model, tokenizer) -> dict:
-    """The model's class, every parameter and buffer (name, dtype, shape, bytes) and the
-    tokenizer's vocabulary and special tokens."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        c = t.detach().to("cpu").contiguous()
-        h.update(f"{name} {c.dtype} {tuple(c.shape)}".encode())
-        h.update(c.view(torch.uint8).numpy().tobytes() if c.numel() else b"")
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
-    tok = hashlib.sha256(f"{type(tokenizer).__name__}\n{vocab}\n{special}".encode()).hexdigest()
-    return {"name": str(getattr(model.config, "_name_or_path", "")), "weights_sha256": h.hexdigest(),
-            "tokenizer_sha256": tok}
-
-
-def numerics(device: torch.device) -> dict:
-    """What decides the floats of a run besides its inputs: torch and its CPU kernels, the C++
-    core's kernels (EMBGEOM_CPU), the GPU."""
-    from ...backends import registry
-
-    out: dict = {"torch": torch.__version__, "device": str(device)}
-    if device.type == "cpu":
-        out["torch_cpu"] = torch.backends.cpu.get_cpu_capability()
-        core = registry.cpp()
-        if core is not None and hasattr(core, "cpu_info"):
-            out.update({k: v for k, v in dict(core.cpu_info()).items()
-                        if k not in ("cpu_features", "isa_supported", "cap")})
-    elif device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
-
-
-class TraceCheckpoint:
+class TraceCheckpoint(RunCheckpoint):
     """The checkpoint of one corpus run. identity: what the fingerprint hashes (for_trace builds
     it); extra: plain JSON values the command keeps beside the sums (e.g. --correct-only's
     selection), saved with them."""
 
     def __init__(self, path: str, identity: dict):
-        self.path = optional_path(path, "checkpoint")
-        if os.path.isdir(self.path):
-            raise ValueError(f"checkpoint: {self.path} is a directory; pass a file path")
-        check_output_path(self.path, "checkpoint")
-        self._lock: int | None = None
-        self.fp = Fingerprint(hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest())
-        self.fp.identity = identity
+        super().__init__(path, identity)
         self.extra: dict = {}
         self.seconds_before = 0.0   # forward-pass seconds of the runs before this one
         self.resumed_texts = 0      # texts the saved sums covered when this run started
@@ -121,28 +70,20 @@ class TraceCheckpoint:
                     "settings": settings, "numerics": numerics(device)}
         return cls(path, identity)
 
-    def side_path(self, name: str) -> str:
-        """A file kept beside the state (PATH.<name>), for data too large to rewrite at each save."""
-        return f"{self.path}.{name}"
-
     def load(self) -> dict | None:
         """The saved {"texts_done", "seconds", "objects", "extra"}, or None when there is none
         (read once; ValueError as load_checkpoint's for anything else)."""
         if not self._loaded:
             # one run at a time on PATH: a second (a requeued job while the first still runs)
             # would rewrite the [CLS] rows under the first one's feet
-            self._lock = exclusive_lock(f"{self.path}.lock", f"checkpoint: {self.path} is in use by another "
-                                        "run; wait for it to finish, or pass another path")
+            value = self.load_value()
             self._loaded = True
-            saved = load_checkpoint(self.path, self.fp)
-            if saved is not None:
-                value = saved.value if isinstance(saved, TreeState) else None
+            if value is not None:
                 if not isinstance(value, dict) or set(value) != {"texts_done", "seconds", "objects", "extra"} \
                         or type(value["texts_done"]) is not int or value["texts_done"] < 0 \
                         or not isinstance(value["seconds"], (int, float)) or not 0 <= value["seconds"] < 1e12 \
                         or not isinstance(value["objects"], list) or not isinstance(value["extra"], dict):
-                    raise ValueError(f"checkpoint: {self.path} is not the checkpoint of a corpus run; "
-                                     "delete it or pass another path")
+                    self.not_ours()
                 self._saved = value
                 self.extra = dict(value["extra"])
                 self.seconds_before = float(value["seconds"])
@@ -172,16 +113,9 @@ class TraceCheckpoint:
         return self.resumed_texts
 
     def save(self, texts_done: int, objects: list, seconds: float) -> None:
-        save_checkpoint(self.path, self.fp, TreeState({
-            "texts_done": int(texts_done), "seconds": self.seconds_before + seconds,
-            "objects": list(objects), "extra": self.extra}))
+        self.save_value({"texts_done": int(texts_done), "seconds": self.seconds_before + seconds,
+                         "objects": list(objects), "extra": self.extra})
         self._last = time.monotonic()
-
-    def close(self) -> None:
-        """Let another run use PATH (the process's end does it too)."""
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.every

@@ -192,11 +192,13 @@ def _named(progress, what: str):
     return Progress(enabled=True, prefix=f"{progress.prefix}, {what}", stream=progress.stream)
 
 
-def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0, progress=False) -> tuple[dict, dict]:
+def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0, progress=False,
+                layouts=None) -> tuple[dict, dict]:
     """UMAP and t-SNE of the word and position embeddings on the exact graph. Returns (report,
     {name: (xy, labels, texts, ids, (knn indices, similarities))}); ids are token ids for words and
     position ids for positions. progress: a progress.Progress (each projection's phases and bars,
-    named by what they project) or False."""
+    named by what they project) or False. layouts: a layouts.LayoutCheckpoint: saved layouts are
+    taken from it, each new one is saved to it when done."""
     rep, arrays = {}, {}
     a, _ = pos_range
     buckets = [f"{128 * (p // 128)}-{128 * (p // 128) + 127}" for p in range(a, a + pos.shape[0])]
@@ -205,9 +207,14 @@ def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0, progress=F
             ("positions", pos, buckets, [f"position {a + p}" for p in range(pos.shape[0])],
              list(range(a, a + pos.shape[0])))):
         for method in ("umap", "tsne"):
-            pr = clouds.project(x.cpu().numpy(), method=method, labels=labels, seed=seed,
-                                progress=_named(progress, name))
-            rep[f"{name}_{method}"] = pr.to_dict()
+            key = f"{name}_{method}"
+            pr = layouts.get(key, x.shape[0]) if layouts is not None else None
+            if pr is None:
+                pr = clouds.project(x.cpu().numpy(), method=method, labels=labels, seed=seed,
+                                    progress=_named(progress, name))
+                if layouts is not None:
+                    layouts.keep(key, pr)
+            rep[key] = pr.to_dict()
             # (xy, labels, hover texts, ids: token ids / position ids, the exact graph)
-            arrays[f"{name}_{method}"] = (pr.embedding, labels, texts, row_ids, (pr.indices, pr.similarities))
+            arrays[key] = (pr.embedding, labels, texts, row_ids, (pr.indices, pr.similarities))
     return rep, arrays

@@ -334,10 +334,11 @@ def peak_rss_mb() -> float:
 
 def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None = None,
             precision: str = DEFAULTS.precision, timer: PhaseTimer | None = None, positions: str | None = None,
-            projections: bool = False, seed: int = 0) -> tuple[dict, dict]:
+            projections: bool = False, seed: int = 0, layouts=None) -> tuple[dict, dict]:
     """Every section of the vocabulary report -> (report dict, arrays for the plots).
     positions: "A:B" restricts the position sections to positions A..B-1; projections: UMAP and
-    t-SNE of word and position embeddings (umap-learn, openTSNE)."""
+    t-SNE of word and position embeddings (umap-learn, openTSNE); layouts: their checkpoint
+    (layouts.LayoutCheckpoint)."""
     from . import positions as position_geometry
 
     timer = timer or PhaseTimer()
@@ -395,5 +396,6 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
         if projections:
             with timer("projections", own_bars=True):
                 report["projections"], plots["projections"] = position_geometry.projections(
-                    words, ids, tokens, pos, pos_range, seed=seed, progress=timer.progress or False)
+                    words, ids, tokens, pos, pos_range, seed=seed, progress=timer.progress or False,
+                    layouts=layouts)
     return report, plots
