@@ -18,6 +18,8 @@ from embgeom.cli import main
 from embgeom.engine.checkpoint import (Resumable, SavedObject, TreeState, decode_payload, decode_tree,
                                        encode_payload, encode_tree)
 
+from helpers import without_keys
+
 TEXTS = ["the cat sat .", "a dog ran , fast .", "she was in the house", "red , green and blue .",
          "one two three", "he was not .", "big small", "the king and the queen", "a b", "it is new .",
          "they walk to the river", "good bad old new"]
@@ -46,11 +48,7 @@ def _files(tmp_path):
 
 
 def _strip(value):
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in TIMING}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
+    return without_keys(value, TIMING)
 
 
 def _interrupt_at_batch(monkeypatch, k: int):

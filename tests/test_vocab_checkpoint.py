@@ -13,6 +13,8 @@ from embgeom.analysis.vocab import positions
 from embgeom.analysis.vocab.layouts import LayoutCheckpoint
 from embgeom.cli import main
 
+from helpers import without_keys
+
 pytest.importorskip("umap")
 pytest.importorskip("openTSNE")
 
@@ -21,11 +23,7 @@ RUN_FACTS = {"timing", "provenance", "peak_rss_mb", "checkpoint", "seconds", "kn
 
 
 def _strip(value):
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in RUN_FACTS}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
+    return without_keys(value, RUN_FACTS)
 
 
 def _counting(monkeypatch, stop_at: int | None = None) -> list:
