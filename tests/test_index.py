@@ -355,6 +355,9 @@ def test_bad_input_names_the_argument():
         index.search(x, 0)
     with pytest.raises(TypeError, match="k: expected an int"):
         index.search(x, 2.5)
+    with pytest.raises(ValueError, match=r"k: 10 queries x k = 10,000,000,000,000 results need 1,490,116.1 GiB, "
+                                         r".* GiB are free on cpu; the index holds 10 rows"):
+        index.search(x, 10**13)      # (the allocator's failure before)
     with pytest.raises(ValueError, match="more: expected D = 4"):
         index.add(torch.zeros(1, 3))
     with pytest.raises(TypeError, match="threshold"):

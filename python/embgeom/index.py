@@ -592,6 +592,7 @@ class Index:
         st = self._store
         qexact, qscan, qvalid, margin, qsq = self._queries(queries, st, search=True)
         Q, n = qexact.shape[0], st.n
+        self._check_result_size(Q, k, n)
         out_v = torch.full((Q, k), math.nan, dtype=torch.float64, device=self.device)
         out_i = torch.full((Q, k), -1, dtype=torch.int64, device=self.device)
         if Q and n:
@@ -609,6 +610,24 @@ class Index:
             out_v[~qvalid] = math.nan
             out_i[~qvalid] = -1
         return (out_v if float64 else out_v.float()), out_i
+
+    def _check_result_size(self, Q: int, k: int, n: int) -> None:
+        """ValueError naming k when the (Q, k) results (float64 scores and int64 ids while they
+        are built) need more memory than the device has free, instead of an allocator's failure."""
+        need = Q * k * 16
+        if need < 1 << 28:
+            return
+        if self.device.type == "cuda":
+            have = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            from .engine.limits import available_bytes
+
+            have = available_bytes()
+        if have is not None and need > have:
+            past = f"; the index holds {n:,} rows, so columns past {n:,} are padding" if k > n else ""
+            queries = f"{Q:,} {'query' if Q == 1 else 'queries'}"
+            raise ValueError(f"k: {queries} x k = {k:,} results need {need / 2**30:,.1f} GiB, "
+                             f"{have / 2**30:,.1f} GiB are free on {self.device}{past}")
 
     def _tie_group(self, st) -> int:
         """The size of the largest group of nonzero stored rows sharing one float32 projection
