@@ -3,6 +3,7 @@ a run stopped in the middle and run again writes the uninterrupted run's report 
 checkpoint of another seed or model is refused; a crafted layout is refused in one line."""
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -12,6 +13,8 @@ from embgeom.analysis.clouds import projection as clouds
 from embgeom.analysis.vocab import positions
 from embgeom.analysis.vocab.layouts import LayoutCheckpoint
 from embgeom.cli import main
+from embgeom.commands.vocab import run
+from embgeom.progress import Progress
 
 from helpers import without_keys
 
@@ -59,9 +62,12 @@ def test_stopped_projections_resume_to_the_uninterrupted_report(tiny_bert_dir, t
         a, b = np.load(clean / f"{name}_knn.npz"), np.load(resumed / f"{name}_knn.npz")
         for key in a.files:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
-    # every layout kept: a rerun projects nothing
+    # every layout kept: a rerun projects nothing, and its progress says so first
     calls = _counting(monkeypatch)
-    assert main([*common, "--out", str(resumed), "--checkpoint", ckpt]) == 0 and calls == []
+    stream = io.StringIO()
+    run(tiny_bert_dir, str(resumed), projections=True, checkpoint=ckpt,
+        progress=Progress(enabled=True, prefix="embgeom vocab", stream=stream))
+    assert calls == [] and f"embgeom vocab: resuming from {ckpt}: 4 of 4 projection layouts done" in stream.getvalue()
     assert _strip(json.loads((resumed / "report.json").read_text())) == _strip(want)
 
 

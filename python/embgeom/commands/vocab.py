@@ -65,6 +65,9 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
                 layouts = LayoutCheckpoint(checkpoint, model, tokenizer,
                                            {"all_tokens": all_tokens, "positions": positions, "seed": seed})
                 layouts.load()
+                if layouts.resumed and progress is not None and progress.enabled:
+                    progress.stream.write(f"embgeom vocab: resuming from {checkpoint}: {len(layouts.resumed)} of "
+                                          f"{len(LAYOUTS)} projection layouts done\n")
             with torch.no_grad():
                 report, plots = analyse(model, tokenizer, all_tokens=all_tokens, backend=backend,
                                         precision=precision, timer=timer, positions=positions,
