@@ -5,7 +5,8 @@ other section takes seconds. Each finished layout (with its exact neighbour grap
 numbers) is saved to PATH as soon as it is done; a rerun of the same command computes the other
 sections again and takes the saved layouts, so its report equals an uninterrupted run's (the
 layouts are seeded). PATH is refused for another model, other rows (--all-tokens, --positions),
-another seed or other arithmetic (analysis/run_checkpoint.py)."""
+another seed, other arithmetic (analysis/run_checkpoint.py) or other versions of the libraries
+that draw the layouts (umap-learn, openTSNE, numba)."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,8 @@ class LayoutCheckpoint(RunCheckpoint):
 
         device = next(model.parameters(), torch.empty(0)).device
         super().__init__(path, {"command": "vocab", "model": model_digest(model, tokenizer),
-                                "settings": plain_settings(settings), "numerics": numerics(device)})
+                                "settings": plain_settings(settings),
+                                "numerics": {**numerics(device), **_layout_libraries()}})
         self.layouts: dict[str, Projection] = {}
         self.resumed: list[str] = []   # the layouts taken from PATH when this run started
 
@@ -57,6 +59,19 @@ class LayoutCheckpoint(RunCheckpoint):
         """Save `pr` (a finished layout) with the ones before it."""
         self.layouts[key] = pr
         self.save_value({"layouts": {k: {f: getattr(p, f) for f in FIELDS} for k, p in self.layouts.items()}})
+
+
+def _layout_libraries() -> dict:
+    """The versions of the libraries that draw the layouts (a kept layout is theirs)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("umap-learn", "openTSNE", "numba"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _projection(key, fields) -> Projection:
