@@ -23,7 +23,6 @@ import threading
 import time
 from typing import Any, Iterator
 
-
 from ...engine.checkpoint import restore_value
 from ..run_checkpoint import RunCheckpoint, model_digest, numerics
 from .inputs import read_lines
