@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..engine.checkpoint import Fingerprint, TreeState, load_checkpoint, save_checkpoint
+from ..engine.checkpoint import Fingerprint, TreeState, load_checkpoint, run_kind, save_checkpoint
 from ..io import check_output_path, exclusive_lock
 from ..validation import optional_path
 
@@ -93,12 +93,8 @@ class RunCheckpoint:
         return saved.value if isinstance(saved, TreeState) else self.not_ours()
 
     def not_ours(self):
-        raise ValueError(f"checkpoint: {self.path} is not the checkpoint of {self.kind}; delete it or pass "
-                         "another path")
-
-    @property
-    def kind(self) -> str:
-        return f"an `embgeom {self.fp.identity.get('command')}` run"
+        raise ValueError(f"checkpoint: {self.path} is not the checkpoint of {run_kind(self.fp.identity)}; "
+                         "delete it or pass another path")
 
     def save_value(self, value: Any) -> None:
         save_checkpoint(self.path, self.fp, TreeState(value))

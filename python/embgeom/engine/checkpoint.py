@@ -73,8 +73,8 @@ def differences(saved, now) -> list[str]:
     run's, one phrase each: settings and numerics field by field, the inputs by shape or values."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return []
-    if _job(saved) != _job(now):   # another command's checkpoint: that alone, not every field of both
-        return [f"the checkpoint of {_job(saved)}, this is {_job(now)}"]
+    if run_kind(saved) != run_kind(now):   # another command's checkpoint: that alone, not every field of both
+        return [f"the checkpoint of {run_kind(saved)}, this is {run_kind(now)}"]
     out = []
     for key in sorted(set(saved) | set(now), key=str):
         a, b = saved.get(key), now.get(key)
@@ -97,7 +97,7 @@ def differences(saved, now) -> list[str]:
     return out
 
 
-def _job(identity: dict) -> str:
+def run_kind(identity: dict) -> str:
     """Which kind of run an identity is of (all-pairs identities name no command)."""
     command = identity.get("command")
     return "an all-pairs run (pairwise_stats)" if command is None else f"an `embgeom {_name(command)}` run"

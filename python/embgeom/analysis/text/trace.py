@@ -804,7 +804,6 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
 def _trace_checkpoint(checkpoint, model, tokenizer, texts, device, observers, settings):
     """None, the TraceCheckpoint given, or one for a path (its fingerprint: texts, model,
     `settings` and the observers' kinds); observers that cannot be saved are refused first."""
-    from ...engine.checkpoint import Resumable
     from .resume import TraceCheckpoint
 
     if checkpoint is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import torch
 
 from ..clouds.projection import Projection
 from ..run_checkpoint import RunCheckpoint, model_digest, numerics, plain_settings
@@ -24,8 +25,6 @@ class LayoutCheckpoint(RunCheckpoint):
     """The finished projection layouts of one `embgeom vocab --projections` run."""
 
     def __init__(self, path: str, model, tokenizer, settings: dict):
-        import torch
-
         device = next(model.parameters(), torch.empty(0)).device
         super().__init__(path, {"command": "vocab", "model": model_digest(model, tokenizer),
                                 "settings": plain_settings(settings),
