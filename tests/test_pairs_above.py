@@ -302,3 +302,66 @@ def test_pairs_above_names_its_own_arguments(tmp_path):
     with pytest.raises(ValueError, match="dtype: x is an Index of dtype"):
         embgeom.pairs_above(index, 0.5, tmp_path / "c", dtype="bfloat16")
     assert embgeom.pairs_above(index, 0.5, tmp_path / "d", metric="cosine")["complete"]
+
+
+def test_command_line_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
+    """`embgeom pairs-above`: the API's pairs; Ctrl-C keeps the finished rows and the same
+    command continues from them; bad input is one line naming the option."""
+    from embgeom.cli import main
+
+    x = make_rows(600, 6, seed=7)
+    np.save(tmp_path / "x.npy", x.numpy())
+    monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 500)
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND", 128)
+    real = Index._pairs_of_rows
+    calls = []
+
+    def stopped_once(self, st, r0, *args):
+        calls.append(r0)
+        if len(calls) == 3 and not getattr(stopped_once, "done", False):
+            stopped_once.done = True
+            raise KeyboardInterrupt
+        yield from real(self, st, r0, *args)
+
+    monkeypatch.setattr(Index, "_pairs_of_rows", stopped_once)
+    out = tmp_path / "p"
+    cmd = ["pairs-above", str(tmp_path / "x.npy"), "--threshold", "0.3", "--out", str(out)]
+    assert main(cmd) == 130
+    err = capsys.readouterr().err
+    assert f"the finished rows' pairs are kept in {out}; the same command continues from them" in err
+    done = json.loads((out / "manifest.json").read_text())["rows_done"]
+    assert done > 0
+    calls.clear()
+    assert main(cmd) == 0
+    assert min(calls) == done
+    i, j, s = read_pairs(out)
+    wi, wj, ws = brute_pairs(x, 0.3)
+    assert np.array_equal(i, wi) and np.array_equal(j, wj) and np.array_equal(s, ws.astype(np.float32))
+    err = capsys.readouterr().err
+    assert f"embgeom pairs-above: {len(wi):,} pairs with cosine >= 0.3 among 600 rows" in err
+    assert json.loads((out / "provenance.json").read_text())["inputs"][0]["name"] == "X"
+
+    np.save(tmp_path / "cube.npy", np.ones((2, 3, 4), np.float32))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    for argv, message in (
+        (["--threshold", "nan", "--out", str(tmp_path / "a")], "--threshold: expected a finite number"),
+        (["--threshold", "-1", "--metric", "l2", "--out", str(tmp_path / "a")], "--threshold: expected a distance >= 0"),
+        (["--threshold", "0.9", "--out", str(tmp_path / "full")], "--out: "),
+        (["--threshold", "0.2", "--out", str(out)], "--out: "),  # the folder of another threshold
+    ):
+        assert main(["pairs-above", str(tmp_path / "x.npy"), *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["pairs-above", str(tmp_path / "cube.npy"), "--threshold", "0.9", "--out", str(tmp_path / "b")]) == 2
+    assert "X: expected a matrix (N, D), got shape (2, 3, 4)" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert os.listdir(tmp_path / "full") == ["notes.txt"]
+
+
+def test_progress_is_a_bar_of_rows(tmp_path, capsys):
+    x = make_rows(300, 5, seed=2)
+    pairs_above(x, 0.5, tmp_path / "p", progress=True)
+    err = capsys.readouterr().err
+    assert "pairs_above: rows" in err and "300/300" in err
+    pairs_above(x, 0.5, tmp_path / "p", progress=True)  # finished: nothing to do, no bar
+    assert capsys.readouterr().err == ""

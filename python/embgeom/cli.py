@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _what_was_kept(args) -> str:
     """What an interrupted command leaves behind, for its one line."""
+    if getattr(args, "continues_in", None):
+        return f"the finished rows' pairs are kept in {args.continues_in}; the same command continues from them"
     if getattr(args, "checkpoint", None):
         distributed = getattr(args, "distributed", False)
         if not distributed and not os.path.exists(args.checkpoint):

@@ -31,6 +31,7 @@ from .engine.lists import sort_rows
 from .io import atomic_write
 from .pair_shards import PAIR_METRICS as METRICS
 from .pair_shards import ShardWriter
+from .progress import Progress, as_progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAGIC = b"EMBGEOM-INDEX1"
@@ -842,25 +843,28 @@ class Index:
 
     # -- all pairs above a threshold -------------------------------------------------------
 
-    def pairs_above(self, threshold: float, out, *, progress: bool = False):
+    def pairs_above(self, threshold: float, out, *, progress: bool | Progress = False):
         """Every pair i < j of the stored rows with similarity >= threshold (cosine, dot) or
         distance <= threshold (l2), streamed to .npy shards in the folder `out` with a manifest;
-        see `embgeom.pairs_above`. Returns the finished manifest (a dict)."""
+        see `embgeom.pairs_above`. progress: a bar of the rows done on stderr (True, or the
+        caller's Progress). Returns the finished manifest (a dict)."""
         threshold = validation.finite_float(threshold, "threshold")
         if self.metric == "l2" and threshold < 0:
             raise ValueError(f"threshold: expected a distance >= 0 for metric='l2', got {threshold}")
         st = self._store
         writer = ShardWriter(out, fingerprint=self.fingerprint(), n=st.n, d=self.d,
-                             metric=self.metric, threshold=threshold, progress=progress)
+                             metric=self.metric, threshold=threshold)
         start = writer.rows_done
         try:
             if not writer.complete:
                 engine = self._pairs_engine_applies()
                 rb, nc = self._blocks(256, st.n)
                 rb = PAIR_BAND if engine else min(256, rb)
-                for r0 in range(start, st.n, rb):
-                    r1 = min(st.n, r0 + rb)
-                    writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc, engine))
+                with as_progress(progress, "pairs_above").bar(st.n, "rows", unit="row", initial=start) as bar:
+                    for r0 in range(start, st.n, rb):
+                        r1 = min(st.n, r0 + rb)
+                        writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc, engine))
+                        bar.update(r1 - r0)
             writer.finish()
         finally:
             writer.close()
@@ -1127,7 +1131,7 @@ class Index:
 
 
 def pairs_above(x, threshold: float, out, *, metric: str | None = None, dtype: Any = None,
-                progress: bool = False) -> dict:
+                progress: bool | Progress = False) -> dict:
     """Every pair i < j of x (N, D) with similarity >= threshold (cosine, dot; distance <=
     threshold for l2), decided on exact float64 values, streamed to .npy shards in the folder
     `out` with a manifest; memory does not grow with the number of pairs. A rerun on the same

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 import numpy as np
@@ -109,7 +108,7 @@ class ShardWriter:
     nothing to do."""
 
     def __init__(self, out, *, fingerprint: str, n: int, d: int, metric: str, threshold: float,
-                 progress: bool = False, shard_pairs: int | None = None):
+                 shard_pairs: int | None = None):
         folder = os.path.abspath(os.fspath(out))
         parent = os.path.dirname(folder)
         if os.path.exists(folder) and not os.path.isdir(folder):
@@ -118,7 +117,7 @@ class ShardWriter:
             raise ValueError(f"out: cannot create {folder}: no such folder {parent}")
         os.makedirs(folder, exist_ok=True)
         self._lock = None
-        self.folder, self.progress = folder, progress
+        self.folder = folder
         self.shard_pairs = SHARD_PAIRS if shard_pairs is None else shard_pairs
         self._refuse_foreign(_read_manifest(folder, "out"))
         self._lock = _lock_folder(folder)
@@ -210,8 +209,6 @@ class ShardWriter:
         self._pending = []
         self._save()
         self._saved = time.monotonic()
-        if self.progress:
-            print(f"pairs_above: {rows_done:,} / {m['n']:,} rows, {m['count']:,} pairs", file=sys.stderr)
 
     def finish(self) -> None:
         if not self.manifest["complete"]:

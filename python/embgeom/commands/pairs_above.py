@@ -1,0 +1,54 @@
+"""`embgeom pairs-above X --threshold T --out DIR`: every pair i < j of X at or above a
+similarity (at or below a distance for l2), the dedup step of a pipeline (embgeom.pairs_above).
+
+DIR gets pairs-*.npy shards (fields i, j, similarity; read them back with
+`embgeom.read_pairs(DIR)`), manifest.json (the input's fingerprint, the rows done, the count) and
+provenance.json. Memory does not grow with the number of pairs; an interrupted run continues
+from its last finished rows when the same command runs again, and a finished one returns at once.
+"""
+from __future__ import annotations
+
+from ..pair_shards import PAIR_METRICS
+from .model_options import add_quiet_option, device_option, progress_for
+
+
+def add_arguments(p) -> None:
+    p.add_argument("x", metavar="X", help=".npy, .pt or .safetensors file of shape (N, D)")
+    p.add_argument("--threshold", type=float, required=True, metavar="T",
+                   help="cosine / dot: pairs with similarity >= T; l2: pairs at distance <= T")
+    p.add_argument("--metric", default="cosine", choices=list(PAIR_METRICS), help="(default %(default)s)")
+    p.add_argument("--device", type=device_option, help="torch device of the scan (default: cpu)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder of the shards and manifest (created; "
+                   "the folder of an unfinished run of the same X and threshold continues it)")
+    add_quiet_option(p)
+
+
+def main(args) -> int:
+    import json
+    import os
+    import sys
+
+    from ..formatting import fmt, seconds
+    from ..index import pairs_above
+    from ..io import atomic_write, check_complete, load_matrix
+    from ..provenance import Provenance
+    from ..validation import renamed
+
+    prov = Provenance(args, inputs={"X": args.x})
+    check_complete(args.x, "X")
+    x = load_matrix(args.x, "X")
+    if x.dim() != 2:
+        raise ValueError(f"X: expected a matrix (N, D), got shape {tuple(x.shape)}")
+    if args.device:
+        x = x.to(args.device)
+    args.continues_in = args.out  # an interrupted run's line says the folder keeps its rows
+    prog = progress_for(args, "embgeom pairs-above")
+    with renamed(x="X", out="--out", threshold="--threshold"):
+        manifest = pairs_above(x, args.threshold, args.out, metric=args.metric, progress=prog)
+    with atomic_write(os.path.join(args.out, "provenance.json"), name="--out") as f:
+        json.dump(prov.record(), f, indent=1)
+    relation = "at distance <=" if args.metric == "l2" else f"with {args.metric} >="
+    print(f"embgeom pairs-above: {fmt(manifest['count'])} pairs {relation} {args.threshold:g} among "
+          f"{fmt(manifest['n'])} rows in {seconds(prov.seconds())} -> {args.out} (embgeom.read_pairs)",
+          file=sys.stderr)
+    return 0
