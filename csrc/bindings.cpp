@@ -210,6 +210,28 @@ py::array_t<float> rows_dot_f32(const f32_array& q, const py::array_t<float>& ro
   return rows_dot(q, rows, "float32 values", embgeom::rows_dot_f32);
 }
 
+using f64_array = py::array_t<double, py::array::c_style>;
+
+// A bf16 index's scan rows (rows_dot.h): rows (N, D) float32, out (N, D) int16 bit patterns
+// (filled, or read when fill is false); scale / norm (N,) float64 or None. Returns the rows'
+// largest scan rounding.
+double bf16_scan_rows(const f32_array& rows, const std::optional<f64_array>& scale,
+                      const std::optional<f64_array>& norm, py::array out, bool fill) {
+  EMBGEOM_CHECK(rows.ndim() == 2, "rows: expected (N, D) float32, got " << rows.ndim() << " dims");
+  const int64_t N = rows.shape(0), D = rows.shape(1);
+  // written in place: a converted copy (another dtype or layout) would take the values instead
+  EMBGEOM_CHECK(out.dtype().is(py::dtype::of<int16_t>()) && out.ndim() == 2 && out.shape(0) == N &&
+                    out.shape(1) == D && (out.flags() & py::array::c_style) && (out.writeable() || !fill),
+                "out: expected a writable C-contiguous (N, D) int16 array of the rows' shape");
+  for (const auto* a : {&scale, &norm})
+    EMBGEOM_CHECK(!*a || ((*a)->ndim() == 1 && (*a)->shape(0) == N), "scale, norm: expected (N,) float64");
+  if (N == 0 || D == 0) return 0.0;
+  uint16_t* o = static_cast<uint16_t*>(const_cast<void*>(out.data()));  // written only when fill
+  py::gil_scoped_release release;
+  return embgeom::bf16_scan_rows(rows.data(), D, N, D, scale ? scale->data() : nullptr,
+                                 norm ? norm->data() : nullptr, o, D, fill);
+}
+
 int max_threads() {
 #ifdef EMBGEOM_OPENMP
   return omp_get_max_threads();
@@ -313,6 +335,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("rows_dot_f32", &rows_dot_f32, py::arg("q"), py::arg("rows"),
         "A float32 index's scan for a few queries: q (Q, D) float32, rows (N, D) float32 -> (Q, N) float32 dot "
         "products (float32 sums)");
+  m.def("bf16_scan_rows", &bf16_scan_rows, py::arg("rows"), py::arg("scale"), py::arg("norm"), py::arg("out"),
+        py::arg("fill") = true,
+        "A bf16 index's scan rows: rows (N, D) float32, scale / norm (N,) float64 or None, out (N, D) int16 "
+        "(filled with bf16(float32(rows * scale)), or only read if not fill) -> the largest float64 norm of "
+        "out - rows / norm over rows");
   m.def("attention_row_entropy", &attention_row_entropy, py::arg("attn"),
         py::arg("mask") = py::none(), py::arg("smoothing") = 0.0,
         "Row entropy in nats: attn (B, H, T, T) float32, mask (B, T) uint8 -> (B, H, T) float32");

@@ -1,9 +1,11 @@
 #include "rows_dot.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "check.h"
+#include "cpu/gemm.h"
 #include "cpu/isa.h"
 
 #if EMBGEOM_X86
@@ -135,6 +137,34 @@ void rows_dot_f32(const float* q, int64_t Q, const float* rows, int64_t ldr, int
 void rows_dot_bf16(const float* q, int64_t Q, const uint16_t* rows, int64_t ldr, int64_t N, int64_t D,
                    float* out) {
   rows_dot(q, Q, rows, ldr, N, D, out);
+}
+
+double bf16_scan_rows(const float* rows, int64_t ldr, int64_t N, int64_t D, const double* scale,
+                      const double* norm, uint16_t* out, int64_t ldo, bool fill) {
+  double worst = 0.0;
+  // (torch's float64 arithmetic for this took 1.3 s for 100,000 x 384 on 2 cores: 20 s at 1M rows)
+#pragma omp parallel for schedule(static) reduction(max : worst) if (N * D > (1 << 16))
+  for (int64_t r = 0; r < N; ++r) {
+    const float* row = rows + r * ldr;
+    uint16_t* o = out + r * ldo;
+    const double s = scale ? scale[r] : 1.0;
+    const double nr = norm ? std::max(norm[r], 1e-300) : 1.0;
+    double sq = 0.0;
+    for (int64_t k = 0; k < D; ++k) {
+      uint16_t b = o[k];
+      if (fill) {
+        b = to_bf16(scale ? static_cast<float>(double(row[k]) * s) : row[k]);
+        o[k] = b;
+      }
+      const uint32_t u = uint32_t(b) << 16;
+      float back;
+      std::memcpy(&back, &u, sizeof back);
+      const double e = double(back) - (norm ? double(row[k]) / nr : double(row[k]));
+      sq += e * e;
+    }
+    worst = std::max(worst, std::sqrt(sq));
+  }
+  return worst;
 }
 
 }  // namespace embgeom

@@ -17,6 +17,16 @@ void rows_dot_f32(const float* q, int64_t Q, const float* rows, int64_t ldr, int
 void rows_dot_bf16(const float* q, int64_t Q, const uint16_t* rows, int64_t ldr, int64_t N, int64_t D,
                    float* out);
 
+// The scan rows of a bf16 index (its own half-size copy of the corpus). fill: out[r * ldo + k] =
+// bf16(float32(rows[r][k] * scale[r])), the float64 product rounded to float32 and then to bf16,
+// both to nearest even (torch's conversion of float64 values to bfloat16); scale null:
+// bf16(rows[r][k]); not fill: out holds the scan already (a loaded index) and is only read.
+// Returns the largest float64 norm over rows of out[r] - rows[r] / norm[r] (norm null: out[r] -
+// rows[r]), the scan's rounding that the index's margins take; a norm of 0 counts as 1e-300.
+// Rows must be finite and their scaled values within float32's range.
+double bf16_scan_rows(const float* rows, int64_t ldr, int64_t N, int64_t D, const double* scale,
+                      const double* norm, uint16_t* out, int64_t ldo, bool fill);
+
 // The loop both take at the current vector level (cpu/isa.h).
 const char* rows_dot_path();
 

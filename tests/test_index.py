@@ -397,6 +397,48 @@ def test_bfloat16_index_without_bf16_instructions(metric, monkeypatch):
     assert torch.equal(i, i_all[lims_all[2]:lims_all[3]]) and torch.equal(v, v_all[lims_all[2]:lims_all[3]])
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_bf16_scan_rows_same_as_torch(metric, monkeypatch):
+    """A bf16 index's scan rows and their rounding from the C++ core (bf16_scan_rows) equal the
+    torch path's: the same bits (float64 products rounded to float32, then to bf16), the rounding
+    to float64 summation order; zero rows, odd widths, tiny and large scales, one row, no rows, a
+    loaded index (the scan read, not made) and added rows."""
+    core = pytest.importorskip("embgeom._C")
+    rng = np.random.default_rng(11)
+    for n, d, scale in ((700, 387, 1.0), (50, 1, 1e-20), (33, 17, 3e15), (1, 8, 1.0), (0, 5, 1.0)):
+        x = torch.from_numpy((rng.standard_normal((n, d)) * scale).astype(np.float32))
+        if n > 3:
+            x[3] = 0
+            x[n - 1] = x[0]
+        if metric != "cosine":
+            x = x / scale  # dot and l2 refuse products beyond float32's range or below its normals
+        made = Index(x, metric=metric, dtype=torch.bfloat16)._store
+        with monkeypatch.context() as m:
+            m.setattr(core, "bf16_scan_rows", None, raising=False)  # cpp_kernel finds no kernel: torch
+            want = Index(x, metric=metric, dtype=torch.bfloat16)._store
+        assert torch.equal(made.scan[:n].view(torch.int16), want.scan[:n].view(torch.int16)), (n, d, scale)
+        assert made.scan_delta == pytest.approx(want.scan_delta, rel=1e-14, abs=0)
+        if n and d > 1:  # (width 1 under cosine: every unit row is +-1, exact in bf16)
+            assert made.scan_delta > 0
+    rows = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match="out: expected a writable C-contiguous"):
+        core.bf16_scan_rows(rows, None, None, np.zeros((2, 3), np.int32))
+    with pytest.raises(ValueError, match="scale, norm: expected"):
+        core.bf16_scan_rows(rows, np.ones(3), None, np.zeros((2, 3), np.int16))
+
+
+def test_bf16_scan_of_loaded_and_grown_index(tmp_path):
+    x = make_rows(300, 24, seed=4, zero=(7,))
+    index = Index(x[:200], dtype=torch.bfloat16)
+    index.add(x[200:])
+    whole = Index(x, dtype=torch.bfloat16)
+    assert torch.equal(index._store.scan[:300].view(torch.int16), whole._store.scan.view(torch.int16))
+    assert index._store.scan_delta == whole._store.scan_delta
+    whole.save(tmp_path / "i.bin")
+    loaded = Index.load(tmp_path / "i.bin")
+    assert loaded._store.scan_delta == whole._store.scan_delta
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_core_rows_dot(dtype, monkeypatch):
     """_C.rows_dot_bf16 / rows_dot_f32: float32 queries times bf16 or float32 rows within the
