@@ -461,6 +461,53 @@ void check_entropy_masked(int64_t B, int64_t H, int64_t T, double smoothing) {
 
 }  // namespace
 
+// bf16_scan_rows: each value the nearest bf16 of float32(row * scale) (neither neighbour nearer),
+// the returned rounding the largest norm of out - row / norm (long double reference, a zero row's
+// norm counted as 1e-300); without fill the given bits are read and left; without scale, bf16(row).
+void check_bf16_scan_rows(int64_t N, int64_t D) {
+  std::vector<float> rows = randn(N * D, 31 + unsigned(D));
+  std::vector<double> scale(N), norm(N);
+  for (int64_t r = 0; r < N; ++r) {
+    if (r == 1)
+      for (int64_t k = 0; k < D; ++k) rows[r * D + k] = 0.0f;
+    double s = 0;
+    for (int64_t k = 0; k < D; ++k) s += double(rows[r * D + k]) * rows[r * D + k];
+    norm[r] = std::sqrt(s);
+    scale[r] = norm[r] > 0 ? 1.0 / norm[r] : 0.0;
+  }
+  for (bool scaled : {true, false}) {
+    std::vector<uint16_t> out(N * D);
+    const double* sc = scaled ? scale.data() : nullptr;
+    const double* nr = scaled ? norm.data() : nullptr;
+    const double delta = bf16_scan_rows(rows.data(), D, N, D, sc, nr, out.data(), D, true);
+    long double worst = 0;
+    for (int64_t r = 0; r < N; ++r) {
+      long double sq = 0;
+      for (int64_t k = 0; k < D; ++k) {
+        const float x = rows[r * D + k];
+        const float v = scaled ? float(double(x) * scale[r]) : x;
+        const uint16_t h = out[r * D + k];
+        const float b = from_bf16(h);
+        if ((h & 0x7fff) != 0)
+          for (uint16_t n : {uint16_t(h + 1), uint16_t(h - 1)})
+            CHECK(std::fabs(double(from_bf16(n)) - v) >= std::fabs(double(b) - v),
+                  "bf16_scan_rows N=%lld D=%lld (%lld, %lld): %.9g is not the nearest bf16 of %.9g",
+                  (long long)N, (long long)D, (long long)r, (long long)k, b, v);
+        else
+          CHECK(std::fabs(v) <= std::ldexp(1.0, -133), "bf16_scan_rows: %.9g rounded to zero", v);
+        const long double e = (long double)b - (scaled ? (long double)x / std::max(norm[r], 1e-300) : (long double)x);
+        sq += e * e;
+      }
+      worst = std::max(worst, std::sqrt(sq));
+    }
+    CHECK(std::fabs((long double)delta - worst) <= 1e-12L * worst, "bf16_scan_rows N=%lld D=%lld: rounding %.17g vs %.17Lg",
+          (long long)N, (long long)D, delta, worst);
+    const std::vector<uint16_t> made = out;
+    CHECK(bf16_scan_rows(rows.data(), D, N, D, nullptr, nr, out.data(), D, false) == delta && out == made,
+          "bf16_scan_rows N=%lld D=%lld: reading the scan changed it or its rounding", (long long)N, (long long)D);
+  }
+}
+
 void embgeom_checks::check_kernels() {
   std::printf("rows dot %s, pair values %s, context argmax %s, row pair sums %s, attention sums %s, "
               "js pair sums %s\n", rows_dot_path(), pair_values_path(), context_argmax_path(), row_pair_sums_path(),
@@ -475,6 +522,8 @@ void embgeom_checks::check_kernels() {
   // more rows than one cache block (and a block tail), five queries: two groups a block
   check_rows_dot<uint16_t>(5, 777, 384, 390);
   check_rows_dot<float>(5, 777, 384, 390);
+  for (int64_t D : {1, 7, 384}) check_bf16_scan_rows(9, D);
+  check_bf16_scan_rows(0, 5);
   for (int64_t D : {1, 3, 4, 13, 15, 16, 17, 64, 384}) check_pair_values(D);
   for (int64_t D : {1, 7, 16, 17, 384}) check_dot_exact_batch(D);
   for (int64_t D : {1, 5, 8, 33, 384}) check_row_pair_sums(7, D);
