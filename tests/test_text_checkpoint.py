@@ -96,6 +96,53 @@ def test_interrupted_text_run_resumes_to_the_uninterrupted_report(tiny_bert_dir,
     assert _strip(json.loads((tmp_path / "resumed" / "report.json").read_text())) == _strip(clean)
 
 
+def test_pairs_phase_resumes_after_ctrl_c(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    """--pairs with --checkpoint: Ctrl-C between batches of pairs keeps the finished ones in
+    PATH.pairs; the rerun takes the corpus and those pairs from the checkpoint, runs the rest and
+    writes the uninterrupted run's report and pair_differences.npz; another pairs file is refused
+    for PATH.pairs only."""
+    corpus, _ = _files(tmp_path)
+    pairs_file = tmp_path / "pairs.jsonl"
+    rows = [{"group": f"g{i % 3}", "a": TEXTS[i], "b": TEXTS[(i + 5) % len(TEXTS)]} for i in range(10)]
+    pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    common = ["text", corpus, "--model", tiny_bert_dir, "--no-progress", "--batch-size", "3", "--pairs",
+              str(pairs_file)]
+    assert main([*common, "--out", str(tmp_path / "clean")]) == 0
+    ckpt = str(tmp_path / "run.ckpt")
+    calls, stop = [], {"at": 6}   # the corpus is call 1; pairs batch c runs calls 2c + 2 and 2c + 3
+
+    def batches(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop["at"]:
+            os.kill(os.getpid(), signal.SIGINT)
+        yield from REAL_BATCHES(*args, **kwargs)
+
+    monkeypatch.setattr(trace_module, "iter_batches", batches)
+    out = str(tmp_path / "resumed")
+    assert main([*common, "--out", out, "--checkpoint", ckpt]) == 130
+    assert f"finished work is kept in {ckpt}" in capsys.readouterr().err
+    assert os.path.exists(ckpt + ".pairs") and not os.path.exists(out)
+    calls.clear()
+    stop["at"] = 0   # no interruption this time
+    assert main([*common, "--out", out, "--checkpoint", ckpt]) == 0
+    err = capsys.readouterr().err
+    assert f"12 texts, 12 of them from {ckpt} (6 --pairs pairs from {ckpt}.pairs)" in err, err
+    assert len(calls) == 1 + 2 * 2   # the corpus (nothing left to run) and the last two batches of pairs
+    clean = json.loads((tmp_path / "clean" / "report.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "report.json").read_text())
+    assert _strip(resumed) == _strip(clean)
+    a, b = np.load(tmp_path / "clean" / "pair_differences.npz"), np.load(tmp_path / "resumed" / "pair_differences.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+    # other pairs: PATH.pairs is refused, naming it; the corpus sums in PATH are not touched
+    pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]), encoding="utf-8")
+    assert main([*common, "--out", str(tmp_path / "other"), "--checkpoint", ckpt]) == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt}.pairs" in err and "inputs: pairs differs" in err, err
+
+
 def test_other_settings_texts_or_model_are_refused(tiny_bert_dir, tmp_path, monkeypatch, capsys):
     corpus, labels = _files(tmp_path)
     ckpt = str(tmp_path / "run.ckpt")

@@ -83,7 +83,7 @@ def main(args) -> int:
     parse_show_texts(args.show_texts, n_texts)  # ids and the regex checked before the model loads
     check_label_options(args)
     texts = list(read_lines(args.corpus, "CORPUS")) if args.correct_only else None
-    ckpt = None
+    ckpt = pairs_ckpt = None
     try:
         with output_folder(args.out, command="text") as out:
             with prog.phase("loading the model"):
@@ -145,9 +145,12 @@ def main(args) -> int:
                     report["class_maps"] = {**class_maps.result(), "theta": args.theta}
                 class_maps.write(os.path.join(out, CLASS_MAPS_FILE))
             if pairs is not None:
+                if ckpt is not None:
+                    pairs_ckpt = pairs_checkpoint(args, ckpt)
                 with prog.phase("[CLS] difference vectors"):
                     report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
-                                                          max_length=args.max_length, keep=True)
+                                                          max_length=args.max_length, keep=True,
+                                                          checkpoint=pairs_ckpt)
             report["provenance"] = prov.record()  # the footer of the scatter pages finish() writes
             with prog.phase("kept vectors (groups, trajectories)"):
                 extra = finish(args, out, keeper, report, pairs, labels,
@@ -160,8 +163,9 @@ def main(args) -> int:
 
             finish_report(out, report, prov, prog, page)
     finally:
-        if ckpt is not None:
-            ckpt.close()   # PATH free for the next run (a second run would have been refused)
+        for held in (ckpt, pairs_ckpt):
+            if held is not None:
+                held.close()   # PATH free for the next run (a second run would have been refused)
     if args.profile:
         extras.print_profile(result.seconds)
     if class_maps is not None and not any(report["class_maps"]["texts"].values()):
@@ -169,6 +173,8 @@ def main(args) -> int:
     if labels is not None and len(set(labels)) < 2:
         print(f"embgeom text: note: {ONE_CLASS_NOTE}", file=sys.stderr)
     resumed = f", {fmt(ckpt.resumed_texts)} of them from {args.checkpoint}" if ckpt and ckpt.resumed_texts else ""
+    if pairs_ckpt is not None and pairs_ckpt.resumed_pairs:
+        resumed += f" ({fmt(pairs_ckpt.resumed_pairs)} --pairs pairs from {pairs_ckpt.path})"
     print(f"embgeom text: {fmt(result.n_texts)} texts{resumed}, {fmt(result.n_tokens)} tokens in "
           f"{seconds(prov.seconds())} (forward passes {seconds(result.seconds)}) -> "
           f"{os.path.join(args.out, 'report.html')}", file=sys.stderr)
@@ -205,6 +211,19 @@ def text_checkpoint(args, model, tokenizer):
         "command": "text", "inputs": inputs, "model": model_digest(model, tokenizer),
         "settings": plain_settings(settings),
         "numerics": numerics(next(model.parameters()).device)})
+
+
+def pairs_checkpoint(args, ckpt):
+    """The PairsCheckpoint of --pairs beside the corpus checkpoint `ckpt` (PATH.pairs): the pairs
+    file's content, the model and arithmetic of ckpt, and the options that change the vectors."""
+    from ..analysis.run_checkpoint import file_digest
+    from ..analysis.text.resume import PairsCheckpoint
+
+    ident = ckpt.fp.identity
+    return PairsCheckpoint(ckpt.side_path("pairs"), {
+        "command": "text --pairs", "inputs": {"pairs": file_digest(args.pairs)}, "model": ident["model"],
+        "settings": {"batch_size": args.batch_size, "max_length": args.max_length},
+        "numerics": ident["numerics"]})
 
 
 def add_keep_arguments(p) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import os
 import zipfile
 from typing import Any
@@ -100,7 +101,12 @@ def differences(saved, now) -> list[str]:
 def run_kind(identity: dict) -> str:
     """Which kind of run an identity is of (all-pairs identities name no command)."""
     command = identity.get("command")
-    return "an all-pairs run (pairwise_stats)" if command is None else f"an `embgeom {_name(command)}` run"
+    if command is None:
+        return "an all-pairs run (pairwise_stats)"
+    # a command and its options as written ("text --pairs"); anything else read from a file quoted
+    text = str(command)
+    plain = re.fullmatch(r"[a-z][a-z0-9-]*( --[a-z][a-z0-9-]*)*", text) is not None
+    return f"an `embgeom {text if plain else _short(text)}` run"
 
 
 def _name(key) -> str:

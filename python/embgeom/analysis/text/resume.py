@@ -120,6 +120,44 @@ class TraceCheckpoint(RunCheckpoint):
         return time.monotonic() - self._last >= self.every
 
 
+class PairsCheckpoint(RunCheckpoint):
+    """`embgeom text --pairs` beside a corpus checkpoint PATH: PATH.pairs keeps the [CLS]
+    differences of the finished pairs (trace.PairDiffs), saved like the corpus sums. Its own file
+    and fingerprint (the pairs file's content, the model, --batch-size and --max-length, the
+    arithmetic): the corpus sums do not depend on --pairs, so another pairs file reuses them."""
+
+    def __init__(self, path: str, identity: dict):
+        super().__init__(path, identity)
+        self.every = _seconds_between_saves()
+        self._last = time.monotonic()
+        self.resumed_pairs = 0   # pairs the saved sums covered when this run started
+
+    def restore(self, acc) -> int:
+        """Put the saved sums into `acc` (a PairDiffs of this run); the pairs they cover."""
+        value = self.load_value()
+        if value is None:
+            return 0
+        if not isinstance(value, dict) or set(value) != {"pairs"}:
+            self.not_ours()
+        try:
+            restore_value(acc, value["pairs"], "pairs")
+            if type(acc.done) is not int or not 0 <= acc.done <= acc.n_pairs:
+                raise ValueError(f"{acc.done!r} pairs done of {acc.n_pairs}")
+        except Exception as exc:  # noqa: BLE001 - anything a file can make restore do: one line
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"checkpoint: {self.path} does not fit this run ({why}); delete it or "
+                             "pass another path") from None
+        self.resumed_pairs = acc.done
+        return acc.done
+
+    def save(self, acc) -> None:
+        self.save_value({"pairs": acc})
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.every
+
+
 def _seconds_between_saves() -> float:
     text = os.environ.get("EMBGEOM_CHECKPOINT_SECONDS")
     if text is None:

@@ -847,42 +847,76 @@ def _run_batches(model, tokenizer, texts, batch_size, max_len, done, accumulator
     return done
 
 
+class PairDiffs(Resumable):
+    """The running sums of cls_differences: per group the sum and count of the finished pairs'
+    [CLS] differences (added in pair order, a batch at a time), and with keep every pair's
+    vector (rows past `done` are zeros). A checkpoint keeps it (`embgeom text --pairs
+    --checkpoint`: resume.PairsCheckpoint)."""
+
+    fixed = ("groups", "n_pairs", "keep")
+
+    def __init__(self, groups: list, n_pairs: int, dim: int, keep: bool, device):
+        self.groups, self.n_pairs, self.keep = list(groups), int(n_pairs), bool(keep)
+        self.done = 0
+        self.sums = torch.zeros(len(groups), dim, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(len(groups), dtype=torch.int64, device=device)
+        self.vectors = torch.zeros(n_pairs if keep else 0, dim, dtype=torch.float64)
+
+    def add(self, idx: torch.Tensor, diff: torch.Tensor) -> None:
+        self.sums.index_add_(0, idx, diff)
+        self.counts += torch.bincount(idx, minlength=len(self.groups))
+        if self.keep:
+            self.vectors[self.done:self.done + diff.shape[0]] = diff.cpu()
+        self.done += diff.shape[0]
+
+
 def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32,
-                    max_length: int | None = None, device=None, keep: bool = False) -> dict:
+                    max_length: int | None = None, device=None, keep: bool = False, checkpoint=None) -> dict:
     """[CLS] difference vectors (Luisto 2024, section 4.4.2): per pair cls(a) - cls(b) of the last hidden
     state, the mean per group and the cosine matrix between group means.
 
     Returns {"groups": [g], "counts": [n_g], "mean_norm": [||mean_g||], "cosine": (G, G)}
     (tensors float64; cosine NaN for a zero mean); keep=True adds "vectors": (P, D) float64, the
-    difference vector of every pair in input order."""
+    difference vector of every pair in input order. checkpoint: a resume.PairsCheckpoint; the
+    finished batches of pairs are saved when due and on Ctrl-C or SIGTERM (which wait for the
+    batch in hand), and a rerun continues after them with the same batches."""
+    from .resume import interrupt_after, terminate_as_interrupt
+
     groups = sorted({p["group"] for p in pairs})
     gi = {g: i for i, g in enumerate(groups)}
     dev = _device_of(model, device)
-    D = model.config.hidden_size
-    sums = torch.zeros(len(groups), D, dtype=torch.float64, device=dev)
-    counts = torch.zeros(len(groups), dtype=torch.int64, device=dev)
-    kept = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        cls = {}
-        for side in ("a", "b"):
-            texts = [p[side] for p in chunk]
-            (batch,) = list(iter_batches(model, tokenizer, texts, batch_size=len(texts),
-                                         max_length=max_length, warn=False))
-            cls[side] = batch.hidden_states[-1][:, 0].double()
-        idx = torch.tensor([gi[p["group"]] for p in chunk], device=dev)
-        sums.index_add_(0, idx, cls["a"] - cls["b"])
-        if keep:
-            kept.append((cls["a"] - cls["b"]).cpu())
-        counts += torch.bincount(idx, minlength=len(groups))
-    means = sums / counts.clamp(min=1)[:, None].double()
+    acc = PairDiffs(groups, len(pairs), model.config.hidden_size, keep, dev)
+    if checkpoint is not None:
+        checkpoint.restore(acc)
+    try:
+        with terminate_as_interrupt(checkpoint is not None):
+            for start in range(acc.done, len(pairs), batch_size):
+                chunk = pairs[start:start + batch_size]
+                cls = {}
+                for side in ("a", "b"):
+                    texts = [p[side] for p in chunk]
+                    (batch,) = list(iter_batches(model, tokenizer, texts, batch_size=len(texts),
+                                                 max_length=max_length, warn=False))
+                    cls[side] = batch.hidden_states[-1][:, 0].double()
+                idx = torch.tensor([gi[p["group"]] for p in chunk], device=dev)
+                with interrupt_after():   # the sums hold whole batches
+                    acc.add(idx, cls["a"] - cls["b"])
+                if checkpoint is not None and checkpoint.due():
+                    checkpoint.save(acc)
+    except KeyboardInterrupt:
+        if checkpoint is not None and acc.done > 0:
+            checkpoint.save(acc)
+        raise
+    if checkpoint is not None:
+        checkpoint.save(acc)   # finished: a rerun runs no pair again
+    means = acc.sums / acc.counts.clamp(min=1)[:, None].double()
     norms = torch.linalg.vector_norm(means, dim=1)
     unit = means / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
     cos = unit @ unit.T
     bad = norms == 0
     cos[bad] = math.nan
     cos[:, bad] = math.nan
-    out = {"groups": groups, "counts": counts, "mean_norm": norms, "cosine": cos}
+    out = {"groups": groups, "counts": acc.counts, "mean_norm": norms, "cosine": cos}
     if keep:
-        out["vectors"] = torch.cat(kept)
+        out["vectors"] = acc.vectors
     return out
