@@ -212,6 +212,21 @@ py::array_t<float> rows_dot_f32(const f32_array& q, const py::array_t<float>& ro
 
 using f64_array = py::array_t<double, py::array::c_style>;
 
+// An index's selection after a scan (rows_dot.h): scores (Q, N) float32 -> (values (Q, k)
+// float32, columns (Q, k) int64), largest first.
+py::tuple scores_topk(const f32_array& scores, int64_t k) {
+  EMBGEOM_CHECK(scores.ndim() == 2, "scores: expected (Q, N) float32, got " << scores.ndim() << " dims");
+  EMBGEOM_CHECK(k >= 0, "k: expected >= 0, got " << k);
+  const int64_t Q = scores.shape(0), N = scores.shape(1);
+  py::array_t<float> vals({Q, k});
+  py::array_t<int64_t> idx({Q, k});
+  {
+    py::gil_scoped_release release;
+    embgeom::scores_topk(scores.data(), Q, N, k, vals.mutable_data(), idx.mutable_data());
+  }
+  return py::make_tuple(vals, idx);
+}
+
 // A bf16 index's scan rows (rows_dot.h): rows (N, D) float32, out (N, D) int16 bit patterns
 // (filled, or read when fill is false); scale / norm (N,) float64 or None. Returns the rows'
 // largest scan rounding.
@@ -335,6 +350,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("rows_dot_f32", &rows_dot_f32, py::arg("q"), py::arg("rows"),
         "A float32 index's scan for a few queries: q (Q, D) float32, rows (N, D) float32 -> (Q, N) float32 dot "
         "products (float32 sums)");
+  m.def("scores_topk", &scores_topk, py::arg("scores"), py::arg("k"),
+        "An index's selection after a scan: scores (Q, N) float32 -> (values (Q, k) float32, columns (Q, k) "
+        "int64), largest first, equal values by column, NaN as -inf; past a row's N: -inf and -1");
   m.def("bf16_scan_rows", &bf16_scan_rows, py::arg("rows"), py::arg("scale"), py::arg("norm"), py::arg("out"),
         py::arg("fill") = true,
         "A bf16 index's scan rows: rows (N, D) float32, scale / norm (N,) float64 or None, out (N, D) int16 "

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #include "check.h"
 #include "cpu/gemm.h"
@@ -165,6 +167,51 @@ double bf16_scan_rows(const float* rows, int64_t ldr, int64_t N, int64_t D, cons
     worst = std::max(worst, std::sqrt(sq));
   }
   return worst;
+}
+
+void scores_topk(const float* scores, int64_t Q, int64_t N, int64_t k, float* vals, int64_t* idx) {
+  EMBGEOM_CHECK(Q >= 0 && N >= 0 && k >= 0, "scores_topk: bad shape");
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  struct Entry {
+    float v;
+    int64_t j;
+  };
+  // heap order: the worst entry (smallest value, then largest column) on top
+  auto worse = [](const Entry& a, const Entry& b) { return a.v > b.v || (a.v == b.v && a.j < b.j); };
+  std::vector<Entry> heap;
+  for (int64_t q = 0; q < Q; ++q) {
+    const float* row = scores + q * N;
+    heap.clear();
+    const int64_t fill = std::min(k, N);
+    for (int64_t j = 0; j < fill; ++j) heap.push_back({row[j] == row[j] ? row[j] : kNegInf, j});
+    std::make_heap(heap.begin(), heap.end(), worse);
+    float thr = fill == k && k > 0 ? heap.front().v : std::numeric_limits<float>::infinity();
+    auto offer = [&](int64_t j) {
+      const float v = row[j];
+      if (!(v > thr)) return;  // NaN, or not above the k-th best (an equal value has a larger column)
+      std::pop_heap(heap.begin(), heap.end(), worse);
+      heap.back() = {v, j};
+      std::push_heap(heap.begin(), heap.end(), worse);
+      thr = heap.front().v;
+    };
+    int64_t j = fill;
+    if (fill == k && k > 0) {
+      // blocks of 8 with no value above the running k-th best are passed over in one test
+      for (; j + 8 <= N; j += 8) {
+        bool any = false;
+        for (int l = 0; l < 8; ++l) any |= row[j + l] > thr;
+        if (any)
+          for (int l = 0; l < 8; ++l) offer(j + l);
+      }
+      for (; j < N; ++j) offer(j);
+    }
+    std::sort_heap(heap.begin(), heap.end(), worse);  // best first
+    for (int64_t t = 0; t < k; ++t) {
+      const bool have = t < int64_t(heap.size());
+      vals[q * k + t] = have ? heap[t].v : kNegInf;
+      idx[q * k + t] = have ? heap[t].j : -1;
+    }
+  }
 }
 
 }  // namespace embgeom

@@ -27,6 +27,12 @@ void rows_dot_bf16(const float* q, int64_t Q, const uint16_t* rows, int64_t ldr,
 double bf16_scan_rows(const float* rows, int64_t ldr, int64_t N, int64_t D, const double* scale,
                       const double* norm, uint16_t* out, int64_t ldo, bool fill);
 
+// The k largest values of each of Q rows of scores (Q x N, row-major) and their columns, largest
+// first, equal values by column (an index's scan of a few queries: one pass a row, an 8-wide
+// test against the running k-th best before any insertion). NaN counts as -inf. Rows with fewer
+// than k values: vals padded with -inf, idx with -1.
+void scores_topk(const float* scores, int64_t Q, int64_t N, int64_t k, float* vals, int64_t* idx);
+
 // The loop both take at the current vector level (cpu/isa.h).
 const char* rows_dot_path();
 

@@ -427,6 +427,27 @@ def test_bf16_scan_rows_same_as_torch(metric, monkeypatch):
         core.bf16_scan_rows(rows, np.ones(3), None, np.zeros((2, 3), np.int16))
 
 
+def test_core_scores_topk():
+    """_C.scores_topk: the k largest of each row, largest first, equal values by column (the
+    stable order of a descending sort), NaN as -inf, -inf / -1 past a row's length; ties across
+    the running k-th best, blocks of 8 and their tails."""
+    core = pytest.importorskip("embgeom._C")
+    rng = np.random.default_rng(3)
+    for Q, N, k in ((1, 100_000, 14), (3, 37, 5), (2, 8, 8), (1, 5, 9), (2, 0, 3), (0, 6, 2), (2, 9, 0)):
+        s = rng.integers(-3, 4, size=(Q, N)).astype(np.float32)  # many ties
+        if N > 4:
+            s[:, 1], s[:, 3] = np.nan, -np.inf
+        vals, cols = core.scores_topk(s, k)
+        assert vals.shape == (Q, k) and cols.shape == (Q, k) and cols.dtype == np.int64
+        for q in range(Q):
+            key = np.where(np.isnan(s[q]), -np.inf, s[q])
+            want = np.argsort(-key, kind="stable")[:k]
+            m = len(want)
+            assert cols[q, :m].tolist() == want.tolist(), (Q, N, k, q)
+            assert np.array_equal(vals[q, :m], key[want])
+            assert (cols[q, m:] == -1).all() and (vals[q, m:] == -np.inf).all()
+
+
 def test_bf16_scan_of_loaded_and_grown_index(tmp_path):
     x = make_rows(300, 24, seed=4, zero=(7,))
     index = Index(x[:200], dtype=torch.bfloat16)

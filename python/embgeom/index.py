@@ -258,11 +258,19 @@ def native_bf16() -> bool:
 
 def _largest(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of s and their columns, largest first. A few CPU rows
-    go through numpy's argpartition: torch.topk's parallel region leaves its threads spinning
-    while the next numpy scan wants the same cores (measured: 8 ms a query instead of 3.6); for
-    more rows torch.topk's threads pay for themselves."""
+    go through the C++ core's scores_topk (one pass against the running k-th best: 0.05 ms for
+    100,000 scores where numpy's argpartition took 1 ms), or numpy's argpartition without the
+    core: torch.topk's parallel region leaves its threads spinning while the next scan wants the
+    same cores (measured: 8 ms a query instead of 3.6); for more rows torch.topk's threads pay
+    for themselves."""
     if s.shape[0] > SMALL_BATCH or s.device.type != "cpu" or s.dtype != torch.float32:
         return torch.topk(s, k, dim=1)
+    from .backends.registry import cpp_kernel
+
+    select = cpp_kernel("scores_topk", s)
+    if select is not None:
+        vals, cols = select(s.contiguous().numpy(), k)
+        return torch.from_numpy(vals), torch.from_numpy(cols)
     a = s.numpy()
     cols = np.argpartition(a, a.shape[1] - k, axis=1)[:, a.shape[1] - k:]
     vals = np.take_along_axis(a, cols, 1)
