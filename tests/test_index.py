@@ -367,16 +367,17 @@ def test_bad_input_names_the_argument():
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_bfloat16_index_without_bf16_instructions(metric, monkeypatch):
-    """Where the CPU path has no bf16 dot (EMBGEOM_CPU=avx2, AVX2 hosts) a bf16 index scans its
-    bf16 rows with the C++ core's rows_dot_bf16 for up to BF16_ROWS_SCAN queries and its float32
-    rows beyond (torch would emulate bf16): the same answers as float64, search and range search,
-    and the same as the other scan."""
+@pytest.mark.parametrize("native", [False, True], ids=["no-bf16-dot", "bf16-dot"])
+def test_bfloat16_index_few_queries_scan_bf16_rows(metric, native, monkeypatch):
+    """A bf16 CPU index scans its bf16 rows with the C++ core's rows_dot_bf16 for up to
+    BF16_ROWS_SCAN queries on every CPU path; beyond, its float32 rows where the CPU path has no
+    bf16 dot (EMBGEOM_CPU=avx2, AVX2 hosts: torch would emulate bf16), else the bf16 product: the
+    same answers as float64, search and range search, and the same as the other scan."""
     x = make_rows(1500, 40, zero=(0,), dup=((3, 7),))
     q = make_rows(40, 40, seed=3)
     q[2] = x[7]
     index = Index(x, metric=metric, dtype=torch.bfloat16)
-    monkeypatch.setattr(index_module, "native_bf16", lambda: False)
+    monkeypatch.setattr(index_module, "native_bf16", lambda: native)
     calls = []
     kernel = index_module._rows_dot(torch.bfloat16)
     if kernel is not None:

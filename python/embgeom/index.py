@@ -49,13 +49,11 @@ SMALL_BATCH = 4
 # C++ engine's per-row lists in cross mode against the corpus prepared once for it (packed
 # panels, _engine_columns): product near the sgemm rate, lists filtered inside the product's
 # pass, no queries x corpus score matrix. Over 100,000 x 384 (2 threads, Zen 5): 7.9 ms against
-# 13.9 ms at 2 queries, 11 against 33 at 32, 206 against 723 at 1,024; one query stays on
-# the memory-bound scan (_score: the core's rows_dot_f32).
-ENGINE_BATCH = 2
-# A bf16 scan (a CPU with bf16 dot instructions) takes the engine from one query: its bf16 product
-# over the prepared columns beats torch's bf16 matrix-vector product there (100,000 x 384, 2
-# threads, Zen 5: 5.5 ms against 6.4; FAISS float32 8.7-9.0 in the same run).
-ENGINE_BATCH_BF16 = 1
+# 13.9 ms at 2 queries, 11 against 33 at 32, 206 against 723 at 1,024. Up to SMALL_BATCH
+# queries stay on the memory-bound scan (_score: the core's rows_dot_f32, each row read once for
+# all of them, and scores_topk): on Zen 4, 5.4-5.8 ms at 2 and 4 queries against the engine's
+# 7.3-7.8 (the engine took 2 queries on until the scan's selection moved into the core).
+ENGINE_BATCH = SMALL_BATCH + 1
 # The engine's prepared copy of the corpus costs about one pass of packing over it (0.29 s for
 # 100,000 x 384 on the AVX2 Zen 3 host, where a scan of 32 queries takes 20-45 ms): a search
 # prepares it when the index has been searched before (a pipeline's repeated calls) or brings
@@ -64,12 +62,18 @@ ENGINE_BATCH_BF16 = 1
 ENGINE_PREPARE_QUERIES = 256
 # rows of queries prepared at a time (_queries): their float64 copies stay in the caches
 QUERY_PREP_ROWS = 2048
-# A bf16 index on a CPU path without bf16 dot instructions: up to this many queries a search
-# scans its bf16 rows with the C++ core's rows_dot_bf16 (float32 queries' products summed in
-# float32, each row read once for all queries: half the bytes of the float32 rows, where a few
-# queries are bound by memory; 100,000 x 384, 2 threads, Zen 3 AVX2: 7.8 ms a query against 15.6
-# for numpy's float32 product), beyond it its float32 rows (the engine; torch would emulate bf16).
+# A bf16 CPU index: up to this many queries a search scans its bf16 rows with the C++ core's
+# rows_dot_bf16 (float32 queries' products summed in float32, each row read once for all
+# queries: half the bytes of the float32 rows, where a few queries are bound by memory), on
+# every CPU path. 100,000 x 384, 2 threads: Zen 3 AVX2 7.8 ms a query against 15.6 for numpy's
+# float32 product; Zen 4 (bf16 dot) 2.6-2.8 ms against the engine's bf16 product 5.2-5.4 at one
+# query, 4.1-4.2 against 5.5 at four. Beyond it: the engine's bf16 product where the CPU has a
+# bf16 dot, else the float32 rows (the engine; torch would emulate bf16).
 BF16_ROWS_SCAN = SMALL_BATCH
+# A bf16 scan (a CPU with bf16 dot instructions) takes the engine past the rows scan: its bf16
+# product over the prepared columns beats torch's bf16 matrix product there (100,000 x 384, 2
+# threads, Zen 5, one query: 5.5 ms against 6.4, when the engine took one query on).
+ENGINE_BATCH_BF16 = BF16_ROWS_SCAN + 1
 EXACT_STEP_PAIRS = 4096  # candidate rows rescored per step (_exact)
 PREP_ROWS = 1 << 15  # rows per float64 step when preparing a corpus
 BF16_OUT = 2.0 ** -8  # relative rounding of a bf16 product's output (unit roundoff 2^-9, doubled)
@@ -413,9 +417,14 @@ class Index:
         unless a search or range search brings at most BF16_ROWS_SCAN queries (`queries`) and
         the C++ core has rows_dot_bf16 (_score)."""
         if self.dtype == torch.bfloat16 and self.device.type == "cpu" and not native_bf16():
-            few = queries is not None and queries <= BF16_ROWS_SCAN
-            return torch.bfloat16 if few and _rows_dot(torch.bfloat16) is not None else torch.float32
+            return torch.bfloat16 if queries is not None and self._bf16_rows_scan(queries) else torch.float32
         return self.dtype
+
+    def _bf16_rows_scan(self, queries: int) -> bool:
+        """Whether `queries` queries of this index scan its bf16 rows with the C++ core's
+        rows_dot_bf16 (BF16_ROWS_SCAN): a bf16 CPU index, a few queries, the core built."""
+        return (self.dtype == torch.bfloat16 and self.device.type == "cpu" and queries <= BF16_ROWS_SCAN
+                and _rows_dot(torch.bfloat16) is not None)
 
     def _queries(self, queries, st: _Store, *, search: bool = False):
         """-> (qexact (Q, D), qscan (Q, D) scan dtype, qvalid (Q,) bool, margin (Q,) float64,
@@ -484,8 +493,8 @@ class Index:
 
     def _score(self, st: _Store, qscan: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
         """Scan values (Qb, c1 - c0) float32, larger = nearer; excluded rows -inf."""
-        if qscan.device.type == "cpu" and qscan.dtype == torch.bfloat16 and not native_bf16():
-            # a few queries of a bf16 index without bf16 dot instructions (_scan_dtype)
+        if qscan.dtype == torch.bfloat16 and self._bf16_rows_scan(qscan.shape[0]):
+            # a few queries of a bf16 CPU index (BF16_ROWS_SCAN)
             s_np = _rows_dot(torch.bfloat16)(qscan.float().numpy(), st.scan[c0:c1].view(torch.int16).numpy())
             if st.bias is not None:
                 s_np += st.bias[c0:c1].numpy()

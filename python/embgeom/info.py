@@ -86,15 +86,14 @@ def main(args) -> int:
         if "context_argmax" in cpu:  # the text kernels of `embgeom text` (context similarity, evolution)
             print(f"  text: context_argmax {cpu['context_argmax']}; row_pair_sums {cpu.get('row_pair_sums', 'n/a')}; "
                   f"attention_sums {cpu.get('attention_sums', 'n/a')}; js_pair_sums {cpu.get('js_pair_sums', 'n/a')}")
-        from .index import BF16_ROWS_SCAN, ENGINE_BATCH, ENGINE_BATCH_BF16
+        from .index import BF16_ROWS_SCAN, ENGINE_BATCH, ENGINE_BATCH_BF16, SMALL_BATCH
 
         scan = f"rows_dot {cpu.get('rows_dot', 'n/a')}"
-        if "no native bf16" in cpu["gemm_fast"]:
-            bf16 = f"no bf16 dot: up to {BF16_ROWS_SCAN} queries its bf16 rows ({scan}), more as float32"
-        else:
-            bf16 = f"bf16 product from {ENGINE_BATCH_BF16} query"
-        print(f"  Index search (cosine/dot): the pairwise engine on rows prepared once; float32: "
-              f"{cpu['gemm_exact']} from {ENGINE_BATCH} queries (one query: {scan}); bfloat16: {bf16}; "
+        more = ("as float32 (no bf16 dot)" if "no native bf16" in cpu["gemm_fast"]
+                else f"bf16 product from {ENGINE_BATCH_BF16}")
+        print(f"  Index search (cosine/dot): up to {SMALL_BATCH} queries a scan of the rows ({scan}), more the "
+              f"pairwise engine on rows prepared once; float32: {cpu['gemm_exact']} from {ENGINE_BATCH} queries; "
+              f"bfloat16: up to {BF16_ROWS_SCAN} queries its bf16 rows, more {more}; "
               f"exact rescoring: pair_values {cpu.get('pair_values', 'n/a')}")
     print(f"{'backend':10} {'op':18} {'CPU':4} {'CUDA':4}  why not")
     for row in info["backends"]:
