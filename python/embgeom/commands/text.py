@@ -37,7 +37,7 @@ def add_arguments(p) -> None:
     add_model_options(p, batch_size=32, max_length_help="truncate texts to N tokens")
     p.add_argument("--checkpoint", metavar="PATH", help="save the sums of finished batches here (at most a "
                    "minute apart, and on Ctrl-C or SIGTERM); the same command resumes after them (kept [CLS] rows in "
-                   "PATH.cls.npy)")
+                   "PATH.cls.npy, --pairs' finished pairs in PATH.pairs)")
     p.add_argument("--pairs", metavar="FILE", help='JSONL {"group": g, "a": text, "b": text}: [CLS] '
                    "difference vectors per group")
     add_keep_arguments(p)
