@@ -42,8 +42,8 @@ DATA_ALIGN = 4096
 # one product per block dominates, small enough to stay near the caches.
 SCORE_BLOCK_BYTES = 32 << 20
 U32 = 2.0 ** -24
-# Up to this many queries, a scan block is computed and its best values selected by numpy
-# (see _score and _largest)
+# Up to this many queries, a scan block is computed by the C++ core (rows_dot) and its best
+# values selected by it (scores_topk; numpy without the core): see _score and _largest
 SMALL_BATCH = 4
 # From this many queries, a float32 cosine / dot search on the CPU takes its candidates from the
 # C++ engine's per-row lists in cross mode against the corpus prepared once for it (packed
