@@ -16,7 +16,8 @@ def add_arguments(p) -> None:
     p.add_argument("x", metavar="X", help=".npy, .pt or .safetensors file of shape (N, D)")
     p.add_argument("--threshold", type=float, required=True, metavar="T",
                    help="cosine / dot: pairs with similarity >= T; l2: pairs at distance <= T")
-    p.add_argument("--metric", default="cosine", choices=list(PAIR_METRICS), help="(default %(default)s)")
+    p.add_argument("--metric", default="cosine", choices=list(PAIR_METRICS),
+                   help="similarity of a pair: cosine, dot product, or Euclidean distance (l2) (default %(default)s)")
     p.add_argument("--device", type=device_option, help="torch device of the scan (default: cpu)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the shards and manifest (created; "
                    "the folder of an unfinished run of the same X and threshold continues it)")
