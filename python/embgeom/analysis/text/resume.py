@@ -48,7 +48,35 @@ def texts_digest(texts: Any) -> dict:
     return {"texts": n, "sha256": h.hexdigest()}
 
 
-class TraceCheckpoint(RunCheckpoint):
+class BatchCheckpoint(RunCheckpoint):
+    """A checkpoint saved after whole batches: `due` at most EMBGEOM_CHECKPOINT_SECONDS after the
+    last save (the caller also saves on Ctrl-C and at the end); restoring into the run's live
+    accumulators under `fitting`, whose failures are one line."""
+
+    def __init__(self, path: str, identity: dict):
+        super().__init__(path, identity)
+        self.every = _seconds_between_saves()
+        self._last = time.monotonic()
+
+    def save_value(self, value: Any) -> None:
+        super().save_value(value)
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.every
+
+    @contextlib.contextmanager
+    def fitting(self) -> Iterator[None]:
+        """Anything a file can make a restore raise, as one line naming PATH."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - anything a file can make restore do: one line
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"checkpoint: {self.path} does not fit this run ({why}); delete it or "
+                             "pass another path") from None
+
+
+class TraceCheckpoint(BatchCheckpoint):
     """The checkpoint of one corpus run. identity: what the fingerprint hashes (for_trace builds
     it); extra: plain JSON values the command keeps beside the sums (e.g. --correct-only's
     selection), saved with them."""
@@ -58,8 +86,6 @@ class TraceCheckpoint(RunCheckpoint):
         self.extra: dict = {}
         self.seconds_before = 0.0   # forward-pass seconds of the runs before this one
         self.resumed_texts = 0      # texts the saved sums covered when this run started
-        self.every = _seconds_between_saves()
-        self._last = time.monotonic()
         self._saved: dict | None = None
         self._loaded = False
 
@@ -98,29 +124,21 @@ class TraceCheckpoint(RunCheckpoint):
             raise ValueError(f"checkpoint: {self.path} holds {len(saved['objects'])} accumulators, this run "
                              f"has {len(objects)}; delete it or pass another path")
         done = saved["texts_done"]
-        try:
+        with self.fitting():
             for i, (live, state) in enumerate(zip(objects, saved["objects"])):
                 restore_value(live, state, f"accumulator {i}")
                 if live.count is not None and getattr(live, live.count) != done:
                     raise ValueError(f"{type(live).__name__} counts {getattr(live, live.count)} texts, the "
                                      f"checkpoint {done}")
-        except Exception as exc:  # noqa: BLE001 - anything a file can make restore do: one line
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f"checkpoint: {self.path} does not fit this run ({why}); delete it or "
-                             "pass another path") from None
         self.resumed_texts = done
         return self.resumed_texts
 
     def save(self, texts_done: int, objects: list, seconds: float) -> None:
         self.save_value({"texts_done": int(texts_done), "seconds": self.seconds_before + seconds,
                          "objects": list(objects), "extra": self.extra})
-        self._last = time.monotonic()
-
-    def due(self) -> bool:
-        return time.monotonic() - self._last >= self.every
 
 
-class PairsCheckpoint(RunCheckpoint):
+class PairsCheckpoint(BatchCheckpoint):
     """`embgeom text --pairs` beside a corpus checkpoint PATH: PATH.pairs keeps the [CLS]
     differences of the finished pairs (trace.PairDiffs), saved like the corpus sums. Its own file
     and fingerprint (the pairs file's content, the model, --batch-size and --max-length, the
@@ -128,8 +146,6 @@ class PairsCheckpoint(RunCheckpoint):
 
     def __init__(self, path: str, identity: dict):
         super().__init__(path, identity)
-        self.every = _seconds_between_saves()
-        self._last = time.monotonic()
         self.resumed_pairs = 0   # pairs the saved sums covered when this run started
 
     def restore(self, acc) -> int:
@@ -139,23 +155,15 @@ class PairsCheckpoint(RunCheckpoint):
             return 0
         if not isinstance(value, dict) or set(value) != {"pairs"}:
             self.not_ours()
-        try:
+        with self.fitting():
             restore_value(acc, value["pairs"], "pairs")
             if type(acc.done) is not int or not 0 <= acc.done <= acc.n_pairs:
                 raise ValueError(f"{acc.done!r} pairs done of {acc.n_pairs}")
-        except Exception as exc:  # noqa: BLE001 - anything a file can make restore do: one line
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f"checkpoint: {self.path} does not fit this run ({why}); delete it or "
-                             "pass another path") from None
         self.resumed_pairs = acc.done
         return acc.done
 
     def save(self, acc) -> None:
         self.save_value({"pairs": acc})
-        self._last = time.monotonic()
-
-    def due(self) -> bool:
-        return time.monotonic() - self._last >= self.every
 
 
 def _seconds_between_saves() -> float:
