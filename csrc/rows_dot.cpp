@@ -158,10 +158,7 @@ double bf16_scan_rows(const float* rows, int64_t ldr, int64_t N, int64_t D, cons
         b = to_bf16(scale ? static_cast<float>(double(row[k]) * s) : row[k]);
         o[k] = b;
       }
-      const uint32_t u = uint32_t(b) << 16;
-      float back;
-      std::memcpy(&back, &u, sizeof back);
-      const double e = double(back) - (norm ? double(row[k]) / nr : double(row[k]));
+      const double e = double(widen(b)) - (norm ? double(row[k]) / nr : double(row[k]));
       sq += e * e;
     }
     worst = std::max(worst, std::sqrt(sq));

@@ -25,14 +25,14 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    import json
     import os
     import sys
 
     from ..formatting import fmt, seconds
     from ..index import pairs_above
-    from ..io import atomic_write, check_complete, load_matrix
+    from ..io import check_complete, load_matrix
     from ..provenance import Provenance
+    from ..report import write_json
     from ..validation import renamed
 
     prov = Provenance(args, inputs={"X": args.x})
@@ -46,8 +46,7 @@ def main(args) -> int:
     prog = progress_for(args, "embgeom pairs-above")
     with renamed(x="X", out="--out", threshold="--threshold"):
         manifest = pairs_above(x, args.threshold, args.out, metric=args.metric, progress=prog)
-    with atomic_write(os.path.join(args.out, "provenance.json"), name="--out") as f:
-        json.dump(prov.record(), f, indent=1)
+    write_json(os.path.join(args.out, "provenance.json"), prov.record())
     relation = "at distance <=" if args.metric == "l2" else f"with {args.metric} >="
     print(f"embgeom pairs-above: {fmt(manifest['count'])} pairs {relation} {args.threshold:g} among "
           f"{fmt(manifest['n'])} rows in {seconds(prov.seconds())} -> {args.out} (embgeom.read_pairs)",
