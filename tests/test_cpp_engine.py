@@ -344,10 +344,22 @@ def test_long_lists_merge_offers_in_batches(limit, cross):
     assert_states_equal(one, e2.state())
 
 
+@pytest.fixture(params=["default", "avx512bf16", "amx"])
+def bf16_product(request, monkeypatch):
+    """Fast mode's product: the default pick, then each bf16 product EMBGEOM_GEMM forces (the
+    AVX-512 bf16 dot, AMX tiles), skipped where the CPU lacks it."""
+    if request.param != "default":
+        monkeypatch.setenv("EMBGEOM_GEMM", request.param)
+        got = _C.cpu_info()["gemm_fast"]
+        if not got.startswith(request.param):
+            pytest.skip(f"no {request.param} product at this CPU and level (fast runs {got})")
+    return request.param
+
+
 @pytest.mark.parametrize("fused", ["own", "portable"])
 @pytest.mark.parametrize("topk", [0, 6])
 @pytest.mark.parametrize("limit", [40, 100_000])
-def test_fast_mode_outside_lists_equal_exact(topk, limit, fused, monkeypatch):
+def test_fast_mode_outside_lists_equal_exact(topk, limit, fused, bf16_product, monkeypatch):
     """Fast mode's outside list and counts equal exact mode's: rows 0-59 a cluster (the first
     tiles, cold while the global lists fill, list most of their pairs, whose outside decisions
     wait for the tile's batch rescoring), rows 0 and 1 equal (so most of the cluster's pairs are
@@ -378,7 +390,7 @@ def test_fast_mode_outside_lists_equal_exact(topk, limit, fused, monkeypatch):
 
 @pytest.mark.parametrize("metric,cross", [("cosine", False), ("cosine", True), ("dot", False),
                                           ("euclidean", False)])
-def test_fast_mode_rescored(metric, cross):
+def test_fast_mode_rescored(metric, cross, bf16_product):
     x = make_x(140, 300, seed=7, zero_rows=(5,), dup=((1, 2),))
     y = make_x(60, 300, seed=8) if cross else None
     opts = dict(OPTS, near=0.05)
@@ -409,7 +421,7 @@ def test_fast_mode_thread_invariance():
 
 
 @pytest.mark.parametrize("k", [1, 3, 12])
-def test_fast_mode_row_lists_with_near_ties(k):
+def test_fast_mode_row_lists_with_near_ties(k, bf16_product):
     # 80 rows within bf16 rounding of one another: every row has far more candidates inside the
     # error band than its candidate buffer holds (spills), so only exact rescoring can order them
     rng = np.random.default_rng(11)

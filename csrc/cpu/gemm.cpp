@@ -89,6 +89,54 @@ EMBGEOM_AVX512BF16 void ukr_avx512bf16(int64_t kc, const void* av, const void* b
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + 16 * v, r[m][v]);
 }
 
+// AMX: a 32 x 32 block of C in four 16 x 16 float32 tiles (tmm0-3), from A's two 16-row halves
+// (tmm4, tmm5) and B's two 16-column halves (tmm6, tmm7), 16 pairs of k (64 bytes a tile row) per
+// step. `a` is an A panel in bf16_rows (row stride kc words: one k-block), `b` a B panel in
+// bf16_pairs of width 32 (row stride 32 words); kc is a multiple of 16 (the panels are padded).
+// TDPBF16PS rounds like VDPBF16PS (bf16 denormal inputs as zero, float32 sums, round to nearest
+// even), so fast mode's error bound and rescoring hold as they are.
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+static const AmxTileConfig kAmxTiles;
+
+EMBGEOM_AMX void ukr_amx_32x32(int64_t kc, const void* av, const void* bv, float* c, int64_t ldc,
+                               bool acc) {
+  const char* a = static_cast<const char*>(av);
+  const char* b = static_cast<const char*>(bv);
+  const long sa = long(kc) * 4, sc = long(ldc) * 4;
+  _tile_loadconfig(&kAmxTiles);
+  if (acc) {
+    _tile_loadd(0, c, sc);
+    _tile_loadd(1, c + 16, sc);
+    _tile_loadd(2, c + 16 * ldc, sc);
+    _tile_loadd(3, c + 16 * ldc + 16, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t k = 0; k < kc; k += 16) {
+    _tile_loadd(4, a + k * 4, sa);
+    _tile_loadd(5, a + 16 * sa + k * 4, sa);
+    _tile_loadd(6, b + k * 128, 128);
+    _tile_loadd(7, b + k * 128 + 64, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, sc);
+  _tile_stored(1, c + 16, sc);
+  _tile_stored(2, c + 16 * ldc, sc);
+  _tile_stored(3, c + 16 * ldc + 16, sc);
+  __asm__ volatile("" ::: "memory");  // the tile stores are asm the compiler cannot see into
+}
+
 // 6 x 16 with named accumulators: GCC keeps an array of twelve __m256 in memory and stores it
 // on every k step (half the FMA peak on the dev host); named variables stay in the 16 ymm
 // registers (12 accumulators, 2 B vectors, 1 broadcast) and run at the FMA peak.
@@ -171,6 +219,11 @@ GemmKernel kernel_blas() {
 #if EMBGEOM_X86
 GemmKernel kernel_avx2() { return make(6, 16, false, 384, ukr_avx2_6x16, "avx2-6x16"); }
 GemmKernel kernel_bf16() { return make(14, 32, true, 192, ukr_avx512bf16<14, 2>, "avx512bf16-14x32"); }
+GemmKernel kernel_amx() {
+  GemmKernel k = make(32, 32, true, 0, ukr_amx_32x32, "amx-bf16-32x32");
+  k.amx = true;
+  return k;
+}
 
 // k-blocks of 384 k values (192 bf16 pairs): d = 384 in one pass, and on the dev machine's
 // Zen 5 cores 8-15 % faster over the tiles than 256 (fp32) or 128 pairs (bf16); the values do
@@ -203,8 +256,10 @@ GemmKernel select_kernel(bool fast) {
   const char* f = std::getenv("EMBGEOM_GEMM");
   const std::string force = f ? f : "";
   EMBGEOM_CHECK(force.empty() || force == "avx512" || force == "avx2" || force == "scalar" ||
-                    force == "openblas",
-                "EMBGEOM_GEMM: expected 'avx512', 'avx2', 'scalar' or 'openblas', got '" << force << "'");
+                    force == "openblas" || force == "avx512bf16" || force == "amx",
+                "EMBGEOM_GEMM: expected 'avx512', 'avx2', 'scalar', 'openblas', 'avx512bf16' or 'amx', got '"
+                    << force << "'");
+  const bool bf16_force = force == "avx512bf16" || force == "amx";
   const Isa level = isa_level();
   if (force == "scalar") return kernel_scalar();
   if (force == "openblas") {
@@ -214,12 +269,14 @@ GemmKernel select_kernel(bool fast) {
 #if EMBGEOM_X86
   if (force == "avx2" && level >= Isa::avx2) return kernel_avx2();
   if (force == "avx512" && level >= Isa::avx512) return kernel_avx512();
-  if (fast && force.empty() && cpu_has_avx512bf16()) return kernel_bf16();
+  if (fast && (force.empty() || force == "amx") && cpu_has_amx_bf16()) return kernel_amx();
+  if (fast && (force.empty() || bf16_force) && cpu_has_avx512bf16()) return kernel_bf16();
   if (level == Isa::avx512) return kernel_avx512();
   if (level == Isa::avx2) return kernel_avx2();
   if (blas_available()) return kernel_blas();
 #else
   (void)fast;
+  (void)bf16_force;
   (void)level;  // one vector level off x86: NEON (portable code), the product from OpenBLAS
   if (blas_available()) return kernel_blas();
 #endif
@@ -230,19 +287,40 @@ GemmKernel select_kernel(bool fast) {
 // packing and the tile driver
 // ---------------------------------------------------------------------------------------------
 
+PanelSpec GemmKernel::a_panels() const {
+  PanelSpec s;
+  s.width = mr;
+  s.layout = amx ? PanelLayout::bf16_rows : bf16 ? PanelLayout::bf16_pairs : PanelLayout::f32;
+  s.k_multiple = amx ? 16 : 1;
+  return s;
+}
+
+PanelSpec GemmKernel::b_panels() const {
+  PanelSpec s;
+  s.width = nr;
+  s.layout = bf16 ? PanelLayout::bf16_pairs : PanelLayout::f32;
+  s.k_multiple = amx ? 16 : 1;
+  return s;
+}
+
+// bf16_rows panels start at k0 = 0 only (the AMX kernel takes the whole k in one block)
 const void* PackedPanels::panel(int64_t p, int64_t k0) const {
   const int64_t off = (p * kdim + k0) * width;
   return bf16 ? static_cast<const void*>(b16.data() + off) : static_cast<const void*>(f32.data() + off);
 }
 
-void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width, bool bf16,
+void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, const PanelSpec& spec,
                  PackedPanels& out, int threads) {
+  const int width = spec.width;
+  const bool bf16 = spec.layout != PanelLayout::f32;
   out.rows = rows;
   out.d = d;
   out.width = width;
   out.bf16 = bf16;
+  out.layout = spec.layout;
   out.panels = (rows + width - 1) / width;
   out.kdim = bf16 ? (d + 1) / 2 : d;
+  out.kdim = (out.kdim + spec.k_multiple - 1) / spec.k_multiple * spec.k_multiple;
   const int64_t total = out.panels * out.kdim * width;
   // (each panel is written in full below, by the thread that packs it)
   if (bf16) {
@@ -263,13 +341,19 @@ void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width,
     if (bf16) {
       uint32_t* dst = out.b16.data() + p * out.kdim * width;
       if (nr < width) std::fill_n(dst, out.kdim * width, 0u);  // the last panel's padding rows
+      // a pair's word sits at [kk][r] (bf16_pairs) or [r][kk] (bf16_rows)
+      const bool by_rows = spec.layout == PanelLayout::bf16_rows;
+      const int64_t row_step = by_rows ? out.kdim : 1, k_step = by_rows ? 1 : width;
+      const int64_t pairs = (d + 1) / 2;
       for (int64_t r = 0; r < nr; ++r) {
         const float* src = x + (r0 + r) * ld;
-        for (int64_t kk = 0; kk < out.kdim; ++kk) {
+        uint32_t* row = dst + r * row_step;
+        for (int64_t kk = 0; kk < pairs; ++kk) {
           const uint32_t lo = to_bf16(src[2 * kk]);
           const uint32_t hi = (2 * kk + 1 < d) ? to_bf16(src[2 * kk + 1]) : 0u;
-          dst[kk * width + r] = lo | (hi << 16);
+          row[kk * k_step] = lo | (hi << 16);
         }
+        for (int64_t kk = pairs; kk < out.kdim; ++kk) row[kk * k_step] = 0u;  // k padding
       }
     } else {
       // k outer: contiguous writes; the panel's nr source rows stay in L1

@@ -60,33 +60,54 @@ using RowBuffer = std::vector<float, NoInitAllocator<float>>;
 using MicroKernel = void (*)(int64_t kc, const void* a, const void* b, float* c, int64_t ldc,
                              bool accumulate);
 
+// How a micro-panel holds its rows.
+enum class PanelLayout : int {
+  f32,         // [k][r] float32
+  bf16_pairs,  // [k/2][r][2] bf16: the dot-product kernels' operands, and AMX's B tiles
+  bf16_rows,   // [r][k/2][2] bf16, each row's k contiguous: AMX's A tiles
+};
+
+// One side's panels: `width` rows each, kernel k units padded to a multiple of `k_multiple`.
+struct PanelSpec {
+  int width = 1;
+  PanelLayout layout = PanelLayout::f32;
+  int k_multiple = 1;
+};
+
 struct GemmKernel {
   int mr = 0, nr = 0;     // micro-tile rows (from A) and columns (from B)
   bool bf16 = false;      // panels hold bf16 pairs, kc counts pairs of k
-  int64_t kc_block = 0;   // k-block length (in kernel k units)
+  bool amx = false;       // AMX tiles: A panels in bf16_rows, k in steps of 16 pairs, one k-block
+  int64_t kc_block = 0;   // k-block length (in kernel k units); 0: the whole k in one block
   MicroKernel ukr = nullptr;
   bool blas = false;      // products from blas_sgemm_nt on unpacked rows (no panels, no ukr)
   const char* name = "";
+  PanelSpec a_panels() const;
+  PanelSpec b_panels() const;
 };
 
-// Best product for this CPU at isa_level() (cpu/isa.h). fast=true asks for bf16 products (falls
-// back to the exact product where the CPU lacks a native bf16 dot; check .bf16).
-// EMBGEOM_GEMM=avx512|avx2|scalar|openblas forces one fp32 product (tests, benchmarks).
+// Best product for this CPU at isa_level() (cpu/isa.h). fast=true asks for bf16 products (AMX
+// tiles where the CPU has them, else the AVX-512 bf16 dot; falls back to the exact product where
+// the CPU has neither; check .bf16).
+// EMBGEOM_GEMM=avx512|avx2|scalar|openblas forces one fp32 product, EMBGEOM_GEMM=avx512bf16|amx
+// fast mode's bf16 product (tests, benchmarks; exact mode keeps its own).
 GemmKernel select_kernel(bool fast);
 
-// Matrix packed into micro-panels of `width` rows: panel p holds rows [p*width, p*width+width),
-// k-major (fp32: [k][r]; bf16: [k/2][r][2]), zero padded in rows and k.
+// Matrix packed into micro-panels of `width` rows: panel p holds rows [p*width, p*width+width)
+// in its spec's layout, zero padded in rows and k.
 struct PackedPanels {
   int64_t rows = 0, d = 0, width = 0, panels = 0;
-  int64_t kdim = 0;  // kernel k units per panel: d (fp32) or ceil(d/2) (bf16)
+  int64_t kdim = 0;  // kernel k units per panel: d (fp32) or ceil(d/2) (bf16), padded to k_multiple
   bool bf16 = false;
+  PanelLayout layout = PanelLayout::f32;
   AlignedBuf<float> f32;
   AlignedBuf<uint32_t> b16;  // two bf16 per word, low half = even k
   const void* panel(int64_t p, int64_t k0) const;  // start of panel p at kernel k unit k0
 };
 
-// Pack `rows` rows of `x` (row stride ld floats, d columns) into panels of `width` rows.
-void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, int width, bool bf16,
+// Pack `rows` rows of `x` (row stride ld floats, d columns) into panels as `spec` says
+// (a kernel's a_panels() or b_panels()).
+void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, const PanelSpec& spec,
                  PackedPanels& out, int threads = 1);
 
 // C[(p - pa0)*mr + r][(q - pb0)*nr + c] = A-panel p row r . B-panel q row c for p in [pa0, pa1),

@@ -15,11 +15,15 @@
 #define EMBGEOM_AVX512BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 #define EMBGEOM_AVX2 __attribute__((target("avx2,fma")))
+// AMX tiles with bf16 products (Intel Sapphire Rapids and later), on top of AVX-512.
+#define EMBGEOM_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")))
 #else
 #define EMBGEOM_X86 0
 #define EMBGEOM_AVX512
 #define EMBGEOM_AVX512BF16
 #define EMBGEOM_AVX2
+#define EMBGEOM_AMX
 #endif
 
 #if defined(__aarch64__)
@@ -44,7 +48,11 @@ Isa isa_level();
 std::string isa_cap();
 const char* isa_name(Isa level);  // "avx512" | "avx2" | "generic" (aarch64: "neon")
 bool cpu_has_avx512bf16();      // native bf16 dot products (and isa_level() == avx512)
-// Names of the CPU features found, e.g. "avx512f avx512bf16 avx2 fma" or "neon".
+// AMX bf16 tiles usable (and isa_level() == avx512): the CPU has them and the kernel granted this
+// process their state (Linux arch_prctl, asked once, on the first call).
+bool cpu_has_amx_bf16();
+// Names of the CPU features found, e.g. "avx512f avx512bf16 amx-bf16 avx2 fma" or "neon"
+// (amx-bf16: usable, as cpu_has_amx_bf16 says, whatever the level cap).
 std::string cpu_features();
 
 // One of two builds of a kernel for the current level: `avx2` where the level is AVX2 or above

@@ -137,7 +137,7 @@ std::shared_ptr<const PreparedColumns> prepare_columns(const float* y, int64_t m
   c->d = d;
   compact_rows("y", y, m, d, metric, nthreads, c->map, c->inv, c->rows, c->n2);
   c->m = static_cast<int64_t>(c->map.size());
-  if (!kern.blas) pack_panels(c->rows.data(), c->m, d, d, kern.nr, kern.bf16, c->panels, nthreads);
+  if (!kern.blas) pack_panels(c->rows.data(), c->m, d, d, kern.b_panels(), c->panels, nthreads);
   if (kern.bf16) c->bf16_norms = bf16_rounding_norms(c->rows.data(), c->m, d, nthreads);
   if (!rows_needed(kern, metric)) RowBuffer().swap(c->rows);
   return c;
@@ -187,10 +187,10 @@ void PairwiseEngine::init(const float* x, int64_t n, std::shared_ptr<const Prepa
     ys_ = std::move(columns);
   }
   if (!kern_.blas) {
-    pack_panels(xr_.data(), n_, d, d, kern_.mr, kern_.bf16, pa_, threads);
+    pack_panels(xr_.data(), n_, d, d, kern_.a_panels(), pa_, threads);
     if (self_) {  // x packed once more as B panels (the only part of ys_ self mode reads)
       auto own = std::make_shared<PreparedColumns>();
-      pack_panels(xr_.data(), n_, d, d, kern_.nr, kern_.bf16, own->panels, threads);
+      pack_panels(xr_.data(), n_, d, d, kern_.b_panels(), own->panels, threads);
       ys_ = std::move(own);
     }
   }
@@ -239,7 +239,7 @@ void PairwiseEngine::prime_row_bounds(int threads) {
     std::memcpy(rows.data() + q * d_, yrow(cols[q]), sizeof(float) * d_);
   }
   PackedPanels B;
-  pack_panels(rows.data(), s, d_, d_, kern_.nr, kern_.bf16, B, threads);
+  pack_panels(rows.data(), s, d_, d_, kern_.b_panels(), B, threads);
   if (kt > 0) prime_top_.assign(n_, -kInf);
   if (kb > 0) prime_bottom_.assign(n_, kInf);
   const double M = err_bound_;

@@ -5,7 +5,9 @@
 // same kernels through the bindings on the host's own level only.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <functional>
 #include <limits>
 #include <type_traits>
@@ -110,6 +112,55 @@ void check_dot_exact_batch(int64_t D) {
     }
     CHECK(out[n] == -9.0f, "dot_exact_batch n=%lld wrote past its batch", (long long)n);
   }
+}
+
+// The bf16 tile products (fast mode's): every C[i][j] of R x Cn rows through gemm_tile over all
+// panels, against the float64 sum of the rows' round-to-nearest-even bf16 values (denormals as
+// zero), within the float32 summation bound. Shapes not a multiple of the micro-tile or of the
+// AMX k step; a zero row, a duplicate row and denormal inputs among the rows.
+// fast mode's product as EMBGEOM_GEMM=name picks it (the variable restored after)
+GemmKernel forced_fast_kernel(const char* name) {
+  const char* before = std::getenv("EMBGEOM_GEMM");
+  const std::string keep = before ? before : "";
+  setenv("EMBGEOM_GEMM", name, 1);
+  const GemmKernel k = select_kernel(true);
+  if (before) setenv("EMBGEOM_GEMM", keep.c_str(), 1);
+  else unsetenv("EMBGEOM_GEMM");
+  return k;
+}
+
+void check_bf16_product(const GemmKernel& k, int64_t R, int64_t Cn, int64_t D) {
+  std::vector<float> a = randn(R * D, 41), b = randn(Cn * D, 42);
+  if (R > 2) {
+    std::fill_n(a.begin() + D, D, 0.0f);                            // a zero row
+    std::copy_n(a.begin(), D, a.begin() + 2 * D);                   // a duplicate row
+  }
+  for (int64_t q = 0; q < Cn * D; q += 5) b[q] *= 1e-39f;           // denormals: zero in bf16 products
+  PackedPanels A, B;
+  pack_panels(a.data(), R, D, D, k.a_panels(), A);
+  pack_panels(b.data(), Cn, D, D, k.b_panels(), B);
+  const int64_t ldc = B.panels * k.nr + 16;
+  std::vector<float> C(A.panels * k.mr * ldc, -7.0f);
+  gemm_tile(k, A, 0, A.panels, B, 0, B.panels, C.data(), ldc);
+  auto bf = [](float x) {
+    uint32_t u = uint32_t(embgeom::to_bf16(x)) << 16;
+    if ((u & 0x7f800000u) == 0) u = 0;
+    float v;
+    std::memcpy(&v, &u, 4);
+    return double(v);
+  };
+  const double gam = (D + 2) * kU32 / (1 - (D + 2) * kU32);
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t j = 0; j < Cn; ++j) {
+      double want = 0, mag = 0;
+      for (int64_t t = 0; t < D; ++t) {
+        want += bf(a[i * D + t]) * bf(b[j * D + t]);
+        mag += std::fabs(bf(a[i * D + t]) * bf(b[j * D + t]));
+      }
+      const double got = C[i * ldc + j];
+      CHECK(std::fabs(got - want) <= gam * mag + 1e-30, "%s R=%lld C=%lld D=%lld (%lld, %lld): %.9g vs %.9g",
+            k.name, (long long)R, (long long)Cn, (long long)D, (long long)i, (long long)j, got, want);
+    }
 }
 
 void check_pair_values(int64_t D) {
@@ -526,6 +577,15 @@ void embgeom_checks::check_kernels() {
   check_bf16_scan_rows(0, 5);
   for (int64_t D : {1, 3, 4, 13, 15, 16, 17, 64, 384}) check_pair_values(D);
   for (int64_t D : {1, 7, 16, 17, 384}) check_dot_exact_batch(D);
+  for (const char* name : {"avx512bf16", "amx"}) {
+    const GemmKernel k = forced_fast_kernel(name);
+    const bool here = k.bf16 && std::strncmp(k.name, name, std::strlen(name)) == 0;
+    std::printf("bf16 product %s: %s\n", name, here ? k.name : "not at this level / on this CPU");
+    if (!here) continue;
+    for (int64_t D : {1, 2, 31, 32, 33, 384}) check_bf16_product(k, 33, 45, D);
+    check_bf16_product(k, 1, 1, 5);
+    check_bf16_product(k, 64, 64, 64);
+  }
   for (int64_t D : {1, 5, 8, 33, 384}) check_row_pair_sums(7, D);
   for (int64_t D : {1, 3, 20, 37, 384}) check_row_moments(5, D);
   check_context_argmax(2, 3, 13, 7);
