@@ -299,7 +299,7 @@ py::dict cpu_info() {
   d["gemm_exact"] = std::string(embgeom::select_kernel(false).name);
   const embgeom::GemmKernel fast = embgeom::select_kernel(true);
   d["gemm_fast"] = fast.bf16 ? std::string(fast.name)
-                             : std::string(fast.name) + " (no native bf16 dot: fast runs the exact product)";
+                             : std::string(fast.name) + " (" + embgeom::fast_product_note() + ")";
   {
     const float one = 1.0f;
     embgeom::PairwiseOptions o;

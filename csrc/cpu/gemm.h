@@ -87,11 +87,15 @@ struct GemmKernel {
 };
 
 // Best product for this CPU at isa_level() (cpu/isa.h). fast=true asks for bf16 products (AMX
-// tiles where the CPU has them, else the AVX-512 bf16 dot; falls back to the exact product where
-// the CPU has neither; check .bf16).
+// tiles where the CPU has them, else the AVX-512 bf16 dot where it beats fp32; falls back to the
+// exact product elsewhere; check .bf16).
 // EMBGEOM_GEMM=avx512|avx2|scalar|openblas forces one fp32 product, EMBGEOM_GEMM=avx512bf16|amx
 // fast mode's bf16 product (tests, benchmarks; exact mode keeps its own).
 GemmKernel select_kernel(bool fast);
+// Whether the AVX-512 bf16 dot kernel outruns the fp32 kernel on this CPU (AMD: yes, Intel: no).
+bool bf16_dot_beats_fp32();
+// Why fast mode runs the exact product here ("" where it runs a bf16 product).
+const char* fast_product_note();
 
 // Matrix packed into micro-panels of `width` rows: panel p holds rows [p*width, p*width+width)
 // in its spec's layout, zero padded in rows and k.

@@ -89,7 +89,7 @@ def main(args) -> int:
         from .index import BF16_ROWS_SCAN, ENGINE_BATCH, ENGINE_BATCH_BF16, SMALL_BATCH
 
         scan = f"rows_dot {cpu.get('rows_dot', 'n/a')}"
-        more = ("as float32 (no bf16 dot)" if "no native bf16" in cpu["gemm_fast"]
+        more = ("as float32 (no bf16 product here)" if "fast runs the exact product" in cpu["gemm_fast"]
                 else f"bf16 product from {ENGINE_BATCH_BF16}")
         print(f"  Index search (cosine/dot): up to {SMALL_BATCH} queries a scan of the rows ({scan}), more the "
               f"pairwise engine on rows prepared once; float32: {cpu['gemm_exact']} from {ENGINE_BATCH} queries; "
