@@ -100,6 +100,64 @@ EMBGEOM_AVX2 void dot_rows_avx2(const float* q, int G, int64_t D, const T* rows,
     default: return dot_rows_avx2_g<4>(q, D, rows, ldr, r0, r1, out, N);
   }
 }
+
+// AVX-512: a row's 16-value steps in S sums a query (four for one query: a lone chain of FMAs
+// would wait on each one's latency), the tail under a mask, queries from L1.
+EMBGEOM_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+EMBGEOM_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+EMBGEOM_AVX512 inline __m512 load16(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+EMBGEOM_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+template <int G, class T>
+EMBGEOM_AVX512 void dot_rows_avx512_g(const float* q, int64_t D, const T* rows, int64_t ldr, int64_t r0, int64_t r1,
+                                      float* out, int64_t N) {
+  constexpr int S = G <= 2 ? 4 : 2;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (D % 16)) - 1u);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = rows + r * ldr;
+    __m512 acc[G][S];
+    for (int g = 0; g < G; ++g)
+      for (int s = 0; s < S; ++s) acc[g][s] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 * S <= D; k += 16 * S)
+      for (int s = 0; s < S; ++s) {
+        const __m512 v = load16(row + k + 16 * s);
+        for (int g = 0; g < G; ++g)
+          acc[g][s] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + k + 16 * s), v, acc[g][s]);
+      }
+    for (; k + 16 <= D; k += 16) {
+      const __m512 v = load16(row + k);
+      for (int g = 0; g < G; ++g) acc[g][0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + k), v, acc[g][0]);
+    }
+    if (tail) {
+      const __m512 v = load16(row + k, tail);
+      for (int g = 0; g < G; ++g)
+        acc[g][S - 1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + g * D + k), v, acc[g][S - 1]);
+    }
+    for (int g = 0; g < G; ++g) {
+      __m512 t = acc[g][0];
+      for (int s = 1; s < S; ++s) t = _mm512_add_ps(t, acc[g][s]);
+      out[g * N + r] = _mm512_reduce_add_ps(t);
+    }
+  }
+}
+
+template <class T>
+EMBGEOM_AVX512 void dot_rows_avx512(const float* q, int G, int64_t D, const T* rows, int64_t ldr, int64_t r0,
+                                    int64_t r1, float* out, int64_t N) {
+  switch (G) {
+    case 1: return dot_rows_avx512_g<1>(q, D, rows, ldr, r0, r1, out, N);
+    case 2: return dot_rows_avx512_g<2>(q, D, rows, ldr, r0, r1, out, N);
+    case 3: return dot_rows_avx512_g<3>(q, D, rows, ldr, r0, r1, out, N);
+    default: return dot_rows_avx512_g<4>(q, D, rows, ldr, r0, r1, out, N);
+  }
+}
 #endif
 
 template <class T>
@@ -107,6 +165,12 @@ using DotRowsFn = void (*)(const float*, int, int64_t, const T*, int64_t, int64_
 
 template <class T>
 DotRowsFn<T> pick_dot_rows(const char** name) {
+#if EMBGEOM_X86
+  if (isa_level() == Isa::avx512) {
+    *name = "avx512";
+    return dot_rows_avx512<T>;
+  }
+#endif
   return pick_avx2_or_generic<DotRowsFn<T>>(dot_rows_generic<T>, EMBGEOM_IF_X86(dot_rows_avx2<T>), "avx2", name);
 }
 
