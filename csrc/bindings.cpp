@@ -298,6 +298,7 @@ py::dict cpu_info() {
   d["blas"] = embgeom::blas_status();
   d["gemm_exact"] = std::string(embgeom::select_kernel(false).name);
   const embgeom::GemmKernel fast = embgeom::select_kernel(true);
+  d["gemm_fast_bf16"] = fast.bf16;  // fast mode runs a bf16 product here
   d["gemm_fast"] = fast.bf16 ? std::string(fast.name)
                              : std::string(fast.name) + " (" + embgeom::fast_product_note() + ")";
   {

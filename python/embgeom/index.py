@@ -67,10 +67,11 @@ QUERY_PREP_ROWS = 2048
 # queries: half the bytes of the float32 rows, where a few queries are bound by memory), on
 # every CPU path. 100,000 x 384, 2 threads: Zen 3 AVX2 7.8 ms a query against 15.6 for numpy's
 # float32 product; Zen 4 (bf16 dot) 2.6-2.8 ms against the engine's bf16 product 5.2-5.4 at one
-# query, 4.1-4.2 against 5.5 at four. Beyond it: the engine's bf16 product where the CPU has a
-# bf16 dot, else the float32 rows (the engine; torch would emulate bf16).
+# query, 4.1-4.2 against 5.5 at four. Beyond it: the engine's bf16 product where it has one
+# (native_bf16: AMX tiles, or a bf16 dot faster than float32), else the float32 rows (the engine;
+# torch would emulate bf16).
 BF16_ROWS_SCAN = SMALL_BATCH
-# A bf16 scan (a CPU with bf16 dot instructions) takes the engine past the rows scan: its bf16
+# A bf16 scan (an engine with a bf16 product) takes the engine past the rows scan: its bf16
 # product over the prepared columns beats torch's bf16 matrix product there (100,000 x 384, 2
 # threads, Zen 5, one query: 5.5 ms against 6.4, when the engine took one query on).
 ENGINE_BATCH_BF16 = BF16_ROWS_SCAN + 1
@@ -247,14 +248,14 @@ def _rows_dot(dtype: torch.dtype):
 
 
 def native_bf16() -> bool:
-    """Whether this CPU path has bf16 dot instructions (the C++ core's dispatch, which follows
-    EMBGEOM_CPU); True when the core is not built (torch then decides alone)."""
+    """Whether the C++ engine has a bf16 product on this CPU path (AMX tiles, or a bf16 dot that
+    outruns float32: the core's dispatch, which follows EMBGEOM_CPU); True when the core is not
+    built (torch then decides alone)."""
     if not _NATIVE_BF16:
         try:
             from ._C import cpu_info
 
-            info = cpu_info()
-            _NATIVE_BF16.append(info["isa"] == "avx512" and "avx512bf16" in info["cpu_features"].split())
+            _NATIVE_BF16.append(bool(cpu_info()["gemm_fast_bf16"]))
         except ImportError:
             _NATIVE_BF16.append(True)
     return _NATIVE_BF16[0]
@@ -413,9 +414,9 @@ class Index:
 
     def _scan_dtype(self, queries: int | None = None) -> torch.dtype:
         """The precision a search scans in: the index's dtype, except that a bf16 index on a CPU
-        path without bf16 dot instructions scans its float32 rows (torch would emulate bf16),
-        unless a search or range search brings at most BF16_ROWS_SCAN queries (`queries`) and
-        the C++ core has rows_dot_bf16 (_score)."""
+        path whose engine has no bf16 product (native_bf16) scans its float32 rows (torch would
+        emulate bf16), unless a search or range search brings at most BF16_ROWS_SCAN queries
+        (`queries`) and the C++ core has rows_dot_bf16 (_score)."""
         if self.dtype == torch.bfloat16 and self.device.type == "cpu" and not native_bf16():
             return torch.bfloat16 if queries is not None and self._bf16_rows_scan(queries) else torch.float32
         return self.dtype
@@ -504,7 +505,7 @@ class Index:
             # the core's own threads), else numpy's BLAS (torch's q @ C.T ran as a gemv 3x
             # slower, 100,000 x 384). numpy's BLAS threads spinning beside an OpenMP pool on the
             # same cores made calls 2x slower at random (measured at 1 and 32 queries).
-            # A bf16 index on a CPU path without bf16 dot scans its float32 rows (_scan_dtype).
+            # A bf16 index on a CPU path without a bf16 product scans its float32 rows (_scan_dtype).
             rows = st.scan if st.scan.dtype == torch.float32 else st.rows
             dot = _rows_dot(torch.float32)
             q_np, rows_np = qscan.float().numpy(), rows[c0:c1].numpy()
@@ -696,7 +697,7 @@ class Index:
         from .backends.cpp import CppEngine
         from .engine.config import make_config
 
-        # with a bf16 dot the engine filters by bf16 products and keeps exact fp32 values: the
+        # with a bf16 product the engine filters by it and keeps exact fp32 values: the
         # same lists as exact mode, bit for bit (benchmarks/compare.py checks it); faster up to
         # FAST_STORED_K (row top-10: 0.78 s against 1.13 s on the vocabulary, Zen 5)
         fast = native_bf16() and kk <= FAST_STORED_K

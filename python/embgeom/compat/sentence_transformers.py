@@ -244,7 +244,7 @@ def _global_top_pairs(index: Index, max_pairs: int) -> list[list[float | int]] |
     n = st.n
     want = min(max_pairs + PAD_PAIRS, n * (n - 1) // 2)
     rows = index.vectors()
-    # with a bf16 dot the engine filters by bf16 products and lists exact fp32 values: the same
+    # with a bf16 product the engine filters by it and lists exact fp32 values: the same
     # list as exact mode (1.1 s against 2.0 s on the vocabulary, Zen 4)
     res = pairwise_stats(rows, metric=index.metric, bins=0, topk=want, bottomk=0, row_topk=0, near=None,
                          outside=None, precision="fast" if native_bf16() else "exact")
