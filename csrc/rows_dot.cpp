@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "check.h"
@@ -90,15 +91,22 @@ EMBGEOM_AVX2 void dot_rows_avx2_g(const float* q, int64_t D, const T* rows, int6
   }
 }
 
-template <class T>
-EMBGEOM_AVX2 void dot_rows_avx2(const float* q, int G, int64_t D, const T* rows, int64_t ldr, int64_t r0,
-                                int64_t r1, float* out, int64_t N) {
+// f(std::integral_constant<int, G>) for G in 1..kQueries: the query count as a template argument
+template <class F>
+inline void with_queries(int G, F&& f) {
+  static_assert(kQueries == 4, "one case per query count");
   switch (G) {
-    case 1: return dot_rows_avx2_g<1>(q, D, rows, ldr, r0, r1, out, N);
-    case 2: return dot_rows_avx2_g<2>(q, D, rows, ldr, r0, r1, out, N);
-    case 3: return dot_rows_avx2_g<3>(q, D, rows, ldr, r0, r1, out, N);
-    default: return dot_rows_avx2_g<4>(q, D, rows, ldr, r0, r1, out, N);
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    default: return f(std::integral_constant<int, 4>());
   }
+}
+
+template <class T>
+void dot_rows_avx2(const float* q, int G, int64_t D, const T* rows, int64_t ldr, int64_t r0, int64_t r1, float* out,
+                   int64_t N) {
+  with_queries(G, [&](auto g) { dot_rows_avx2_g<decltype(g)::value>(q, D, rows, ldr, r0, r1, out, N); });
 }
 
 // AVX-512: a row's 16-value steps in S sums a query (four for one query: a lone chain of FMAs
@@ -149,14 +157,9 @@ EMBGEOM_AVX512 void dot_rows_avx512_g(const float* q, int64_t D, const T* rows, 
 }
 
 template <class T>
-EMBGEOM_AVX512 void dot_rows_avx512(const float* q, int G, int64_t D, const T* rows, int64_t ldr, int64_t r0,
-                                    int64_t r1, float* out, int64_t N) {
-  switch (G) {
-    case 1: return dot_rows_avx512_g<1>(q, D, rows, ldr, r0, r1, out, N);
-    case 2: return dot_rows_avx512_g<2>(q, D, rows, ldr, r0, r1, out, N);
-    case 3: return dot_rows_avx512_g<3>(q, D, rows, ldr, r0, r1, out, N);
-    default: return dot_rows_avx512_g<4>(q, D, rows, ldr, r0, r1, out, N);
-  }
+void dot_rows_avx512(const float* q, int G, int64_t D, const T* rows, int64_t ldr, int64_t r0, int64_t r1,
+                     float* out, int64_t N) {
+  with_queries(G, [&](auto g) { dot_rows_avx512_g<decltype(g)::value>(q, D, rows, ldr, r0, r1, out, N); });
 }
 #endif
 
