@@ -628,6 +628,31 @@ def test_lists_reach_past_groups_of_identical_rows(metric, monkeypatch):
 
 
 @pytest.mark.parametrize("metric", METRICS)
+def test_rescoring_and_rescans_in_blocks(metric, monkeypatch):
+    """A search whose candidates came from the engine rescores RESCORE_PAIRS pairs a block, and
+    the queries scanned again (_collect, here every row of a group of 9 identical rows, lists of
+    7) go a score block of queries at a time: with tiny blocks, the answers of the default ones
+    and of float64 brute force."""
+    x = make_rows(280, 20)
+    x[:270] = x[:30].repeat_interleave(9, 0)
+    monkeypatch.setattr(index_module, "TIE_GROUP_QUERIES", 10 ** 9)  # lists of k + 4: rescans
+    index = Index(x, metric=metric)
+    want_v, want_i = ref_topk(x, x, 3, metric)
+    full_v, full_i = index.search_stored(3)
+    monkeypatch.setattr(index_module, "SCORE_BLOCK_BYTES", 4 * 280 * 16)  # 16 queries a score block
+    monkeypatch.setattr(index_module, "RESCORE_PAIRS", 700)  # 100 queries (lists of 7) a block
+    rescans = []
+    collect = index_module.Index._collect
+    monkeypatch.setattr(index_module.Index, "_collect",
+                        lambda self, st, q, *a: rescans.append(q.shape[0]) or collect(self, st, q, *a))
+    got_v, got_i = index.search_stored(3)
+    assert torch.equal(got_i, full_i) and torch.equal(got_v.nan_to_num(7), full_v.nan_to_num(7))
+    assert_same_neighbours(got_v, got_i, want_v, want_i)
+    assert max(rescans) <= 16 or (metric != "l2" and max(rescans) == 100), rescans  # (l2: a scan's blocks)
+    assert len(rescans) > 280 // 16, rescans  # split into score blocks
+
+
+@pytest.mark.parametrize("metric", METRICS)
 def test_queries_prepared_in_blocks(metric, monkeypatch):
     """Queries are prepared QUERY_PREP_ROWS at a time: a search over several blocks (float64
     queries, a zero query, a duplicate) gives each query's own search, and leaves the caller's
