@@ -137,6 +137,10 @@ EMBGEOM_AMX void ukr_amx_32x32(int64_t kc, const void* av, const void* bv, float
   __asm__ volatile("" ::: "memory");  // the tile stores are asm the compiler cannot see into
 }
 
+// Back to the tiles' initial state once a gemm_tile call is done: a thread's context switches
+// then skip saving its 8 KB of tile data (XSAVE's init optimisation).
+EMBGEOM_AMX static void amx_release() { _tile_release(); }
+
 // 6 x 16 with named accumulators: GCC keeps an array of twelve __m256 in memory and stores it
 // on every k step (half the FMA peak on the dev host); named variables stay in the 16 ymm
 // registers (12 accumulators, 2 B vectors, 1 broadcast) and run at the FMA peak.
@@ -403,6 +407,9 @@ void gemm_tile(const GemmKernel& kern, const PackedPanels& A, int64_t pa0, int64
         kern.ukr(kc, A.panel(p, k0), bp, cq + (p - pa0) * kern.mr * ldc, ldc, acc);
     }
   }
+#if EMBGEOM_X86
+  if (kern.amx) amx_release();
+#endif
 }
 
 #if EMBGEOM_X86
