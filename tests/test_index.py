@@ -491,6 +491,28 @@ def test_core_rows_dot(dtype, monkeypatch):
         kernel(np.zeros((1, 4), np.float32), np.zeros((2, 5), bits.dtype))
 
 
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_float32_engine_search_filters_by_bf16_where_it_can(metric, monkeypatch):
+    """Where the engine has a bf16 product (native_bf16) a float32 index's engine search runs
+    fast mode, whose lists hold exact mode's ids and fp32 values: the same answers as exact
+    mode's engine and as float64 (equal rows tie to the smaller id)."""
+    x = make_rows(700, 40, zero=(0,), dup=((3, 7),))
+    x[20] = x[21] = x[22]
+    q = make_rows(40, 40, seed=3)
+    q[4] = x[20]
+    monkeypatch.setattr(index_module, "ENGINE_PREPARE_QUERIES", 1)
+    out = {}
+    for native in (False, True):
+        monkeypatch.setattr(index_module, "native_bf16", lambda native=native: native)
+        index = Index(x, metric=metric)
+        out[native] = index.search(q, 9)
+        assert index._columns[1] == ("fast" if native else "exact")
+    assert torch.equal(out[True][1], out[False][1])
+    assert torch.equal(out[True][0].nan_to_num(7), out[False][0].nan_to_num(7))
+    assert_same_neighbours(*out[True], *ref_topk(x, q, 9, metric))
+    assert out[True][1][4, :3].tolist() == [20, 21, 22]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_many_queries_take_candidates_from_the_engine(metric, dtype, monkeypatch):

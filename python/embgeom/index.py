@@ -744,7 +744,10 @@ class Index:
 
         if not hasattr(cpp(), "prepare_columns"):
             return None
-        precision = "fast" if qscan.dtype == torch.bfloat16 else "exact"
+        # a float32 scan takes the bf16 filter too where the engine has a bf16 product: its lists
+        # hold the same ids and exact fp32 values as exact mode's (search_stored)
+        fast = qscan.dtype == torch.bfloat16 or (native_bf16() and kk <= FAST_STORED_K)
+        precision = "fast" if fast else "exact"
         cached = self._columns
         prepared = cached is not None and cached[0] is st and cached[1] == precision
         searched_before, self._searched = getattr(self, "_searched", None) is st, st

@@ -89,10 +89,11 @@ def main(args) -> int:
         from .index import BF16_ROWS_SCAN, ENGINE_BATCH, ENGINE_BATCH_BF16, SMALL_BATCH
 
         scan = f"rows_dot {cpu.get('rows_dot', 'n/a')}"
-        more = ("as float32 (no bf16 product here)" if "fast runs the exact product" in cpu["gemm_fast"]
-                else f"bf16 product from {ENGINE_BATCH_BF16}")
+        bf16 = cpu.get("gemm_fast_bf16", False)
+        more = f"bf16 product from {ENGINE_BATCH_BF16}" if bf16 else "as float32 (no bf16 product here)"
+        f32 = (f"{cpu['gemm_fast'].split()[0]} filter, exact fp32 lists," if bf16 else cpu["gemm_exact"])
         print(f"  Index search (cosine/dot): up to {SMALL_BATCH} queries a scan of the rows ({scan}), more the "
-              f"pairwise engine on rows prepared once; float32: {cpu['gemm_exact']} from {ENGINE_BATCH} queries; "
+              f"pairwise engine on rows prepared once; float32: {f32} from {ENGINE_BATCH} queries; "
               f"bfloat16: up to {BF16_ROWS_SCAN} queries its bf16 rows, more {more}; "
               f"exact rescoring: pair_values {cpu.get('pair_values', 'n/a')}")
     print(f"{'backend':10} {'op':18} {'CPU':4} {'CUDA':4}  why not")
