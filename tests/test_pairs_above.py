@@ -58,6 +58,7 @@ def test_engine_path_bands_chunks_and_overflow(tmp_path, monkeypatch, metric, th
     if cpu != "native":
         monkeypatch.setenv("EMBGEOM_CPU", cpu)
     monkeypatch.setattr(embgeom.index, "PAIR_BAND", 300)
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND_BF16", 300)  # (the band with a bf16 product)
     monkeypatch.setattr(embgeom.index, "PAIR_CHUNK", 257)
     monkeypatch.setattr(embgeom.index, "PAIR_LIST", 8000)
     x = make_rows(1100, 12, zero=(4,), dup=((2, 900), (5, 6)))
@@ -103,6 +104,7 @@ def test_shards_are_bounded_and_resume_skips_finished_rows(tmp_path, monkeypatch
     x = make_rows(600, 6, seed=5)
     monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 500)  # many shards
     monkeypatch.setattr(embgeom.index, "PAIR_BAND", 128)  # several bands on the engine path too
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND_BF16", 128)
     index = Index(x)
     calls = []
     real = Index._pairs_of_rows
@@ -313,6 +315,7 @@ def test_command_line_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     np.save(tmp_path / "x.npy", x.numpy())
     monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 500)
     monkeypatch.setattr(embgeom.index, "PAIR_BAND", 128)
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND_BF16", 128)
     real = Index._pairs_of_rows
     calls = []
 

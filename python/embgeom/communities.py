@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from . import validation
-from .index import PAIR_BAND, Index
+from .index import Index, pair_band
 
 
 def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
@@ -104,8 +104,9 @@ def _engine_candidates(index: Index, threshold: float, min_size: int):
     else:
         _, nc = index._blocks(256, n)
         parts, held = [], 0
-        for r0 in range(0, n, PAIR_BAND):
-            for i, j, v in index._pairs_of_rows(st, r0, min(n, r0 + PAIR_BAND), below, nc, True, exact64=True):
+        band = pair_band()
+        for r0 in range(0, n, band):
+            for i, j, v in index._pairs_of_rows(st, r0, min(n, r0 + band), below, nc, True, exact64=True):
                 parts.append((i, j, v))
                 held += len(i)
                 if held > ENGINE_PAIRS_LIMIT:

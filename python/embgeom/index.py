@@ -86,9 +86,14 @@ BF16_OUT = 2.0 ** -8  # relative rounding of a bf16 product's output (unit round
 # engine's packed copy of a chunk: 50 MB at D = 384, so memory stays the corpus plus a chunk);
 # a chunk whose candidates overflow PAIR_LIST falls back to the score blocks. 30,000 x 384 unit
 # rows at 0.9 (2 threads, Zen 5): 1.0 s (bf16 engine) / 1.5 s (fp32 engine) against 2.9 s.
+# With a bf16 product the bands are 4x longer (pair_band): on AMX tiles (Emerald Rapids) preparing
+# a chunk's columns (70 ms) took as long as a 2,048-row band's run against them (106 ms), and
+# 100,000 x 384 at 0.9 took 5.7-6.0 s in bands of 8,192 rows against 8.2-10.1 s (alternating
+# runs); the fp32 engine was no faster with them (35.6-45.7 against 33.4-41.5 s, AVX2 forced).
 PAIR_BAND = 2048
+PAIR_BAND_BF16 = 8192
 PAIR_CHUNK = 1 << 15
-PAIR_LIST = 1 << 16
+PAIR_LIST = 1 << 16  # per PAIR_BAND rows of a band
 
 # search_stored takes the engine's bf16 filter for lists up to this long (vocabulary, Zen 4, 2
 # threads, engine runs, medians of 3-5 interleaved, fast against exact, since fast mode's
@@ -248,6 +253,12 @@ def _rows_dot(dtype: torch.dtype):
     from .backends.registry import cpp_kernel
 
     return cpp_kernel("rows_dot_bf16" if dtype == torch.bfloat16 else "rows_dot_f32")
+
+
+def pair_band() -> int:
+    """Rows per band of pairs_above's engine path (PAIR_BAND_BF16 where the engine has a bf16
+    product, else PAIR_BAND)."""
+    return PAIR_BAND_BF16 if native_bf16() else PAIR_BAND
 
 
 def native_bf16() -> bool:
@@ -912,7 +923,7 @@ class Index:
             if not writer.complete:
                 engine = self._pairs_engine_applies()
                 rb, nc = self._blocks(256, st.n)
-                rb = PAIR_BAND if engine else min(256, rb)
+                rb = pair_band() if engine else min(256, rb)
                 with as_progress(progress, "pairs_above").bar(st.n, "rows", unit="row", initial=start) as bar:
                     for r0 in range(start, st.n, rb):
                         r1 = min(st.n, r0 + rb)
@@ -993,7 +1004,8 @@ class Index:
         scans that chunk instead)."""
         if scan_t.numel() == 0:
             return None
-        got = self._engine_pairs_reaching(qscan.float(), st.rows[c0:c1], float(scan_t.min()), PAIR_LIST)
+        limit = PAIR_LIST * max(1, qscan.shape[0] // PAIR_BAND)  # (a band's list grows with its rows)
+        got = self._engine_pairs_reaching(qscan.float(), st.rows[c0:c1], float(scan_t.min()), limit)
         if got is None:
             return None
         v, i, j = got
