@@ -363,6 +363,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mask") = py::none(), py::arg("smoothing") = 0.0,
         "Row entropy in nats: attn (B, H, T, T) float32, mask (B, T) uint8 -> (B, H, T) float32");
   m.def("max_threads", &max_threads, "OpenMP threads the kernels use");
+  m.def("fast_product_is_bf16", [] { return embgeom::select_kernel(true).bf16; },
+        "Whether a new engine in fast mode takes a bf16 product now (EMBGEOM_CPU / EMBGEOM_GEMM read)");
   m.def("cpu_info", &cpu_info,
         "Vector level (EMBGEOM_CPU cap applied), BLAS, and the product kernel / fused pass / "
         "text-kernel paths a new engine takes now");

@@ -244,9 +244,6 @@ def _bf16_scan(rows: torch.Tensor, norms: torch.Tensor | None, inv: torch.Tensor
     return scan, delta
 
 
-_NATIVE_BF16: list[bool] = []
-
-
 def _rows_dot(dtype: torch.dtype):
     """The C++ core's scan of a few queries over float32 or bf16 rows (rows_dot_f32,
     rows_dot_bf16), or None where the core is not built."""
@@ -262,17 +259,13 @@ def pair_band() -> int:
 
 
 def native_bf16() -> bool:
-    """Whether the C++ engine has a bf16 product on this CPU path (AMX tiles, or a bf16 dot that
-    outruns float32: the core's dispatch, which follows EMBGEOM_CPU); True when the core is not
-    built (torch then decides alone)."""
-    if not _NATIVE_BF16:
-        try:
-            from ._C import cpu_info
+    """Whether the C++ engine has a bf16 product on this CPU path now (AMX tiles, or a bf16 dot
+    that outruns float32: the core's dispatch, which reads EMBGEOM_CPU and EMBGEOM_GEMM on every
+    call, as a new engine does); True when the core is not built (torch then decides alone)."""
+    from .backends.registry import cpp
 
-            _NATIVE_BF16.append(bool(cpu_info()["gemm_fast_bf16"]))
-        except ImportError:
-            _NATIVE_BF16.append(True)
-    return _NATIVE_BF16[0]
+    core = cpp()
+    return True if core is None or not hasattr(core, "fast_product_is_bf16") else bool(core.fast_product_is_bf16())
 
 
 def _largest(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
