@@ -491,6 +491,18 @@ def test_core_rows_dot(dtype, monkeypatch):
         kernel(np.zeros((1, 4), np.float32), np.zeros((2, 5), bits.dtype))
 
 
+def test_native_bf16_follows_the_core_dispatch(monkeypatch):
+    """native_bf16 asks the core on every call, as a new engine reads EMBGEOM_CPU and
+    EMBGEOM_GEMM: no bf16 product at the AVX2 level or with an fp32 product forced."""
+    core = pytest.importorskip("embgeom._C")
+    assert index_module.native_bf16() == core.cpu_info()["gemm_fast_bf16"]
+    monkeypatch.setenv("EMBGEOM_CPU", "avx2")
+    assert not index_module.native_bf16() and not core.cpu_info()["gemm_fast_bf16"]
+    monkeypatch.delenv("EMBGEOM_CPU")
+    monkeypatch.setenv("EMBGEOM_GEMM", "scalar")
+    assert not index_module.native_bf16()
+
+
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_float32_engine_search_filters_by_bf16_where_it_can(metric, monkeypatch):
     """Where the engine has a bf16 product (native_bf16) a float32 index's engine search runs
