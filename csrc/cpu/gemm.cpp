@@ -246,14 +246,15 @@ GemmKernel kernel_avx512() {
 
 }  // namespace
 
-// Per level (docs/architecture.md, CPU dispatch): AVX-512 keeps its own 14x32 kernel and the
-// bf16 dot-product kernel for `fast`; AVX2 its own 6x16 kernel. Over panels packed once per run
+// Per level (docs/architecture.md, CPU dispatch): AVX-512 keeps its own 14x32 kernel and, for
+// `fast`, AMX tiles where the CPU has them, else the bf16 dot-product kernel where that outruns
+// fp32 (bf16_dot_beats_fp32); AVX2 its own 6x16 kernel. Over panels packed once per run
 // they beat OpenBLAS called per tile (which packs both operands again on every call): on the dev
 // host's Zen 5 the own AVX2 kernel computes the default vocabulary's unique pairs in 1.44 s,
 // OpenBLAS's Haswell sgemm per tile in about 2 s. The own kernels also compute every pair as one
 // FMA chain whatever the tile (block-invariant values; `fast`'s rescoring reproduces them). The
 // generic level (and aarch64) takes OpenBLAS's sgemm when the library is loaded, else the
-// portable kernel. `fast` without a native bf16 dot runs the exact product: the
+// portable kernel. `fast` without a bf16 product that pays runs the exact product: the
 // scipy-openblas32 wheel exports no sbgemm (built without bfloat16), no bf16 product is faster
 // there, and `fast` must not be slower than `exact`.
 // Intel's cores issue VDPBF16PS on one port, so a bf16 dot step (two products) takes the time of
