@@ -111,16 +111,12 @@ void dot_rows_avx2(const float* q, int G, int64_t D, const T* rows, int64_t ldr,
 
 // AVX-512: a row's 16-value steps in S sums a query (four for one query: a lone chain of FMAs
 // would wait on each one's latency), the tail under a mask, queries from L1.
-EMBGEOM_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
+constexpr __mmask16 kAll16 = 0xffff;
+EMBGEOM_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m = kAll16) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
-EMBGEOM_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-EMBGEOM_AVX512 inline __m512 load16(const uint16_t* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-EMBGEOM_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+EMBGEOM_AVX512 inline __m512 load16(const float* p, __mmask16 m = kAll16) { return _mm512_maskz_loadu_ps(m, p); }
 
 template <int G, class T>
 EMBGEOM_AVX512 void dot_rows_avx512_g(const float* q, int64_t D, const T* rows, int64_t ldr, int64_t r0, int64_t r1,
@@ -137,16 +133,16 @@ EMBGEOM_AVX512 void dot_rows_avx512_g(const float* q, int64_t D, const T* rows, 
       for (int s = 0; s < S; ++s) {
         const __m512 v = load16(row + k + 16 * s);
         for (int g = 0; g < G; ++g)
-          acc[g][s] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + k + 16 * s), v, acc[g][s]);
+          acc[g][s] = _mm512_fmadd_ps(load16(q + g * D + k + 16 * s), v, acc[g][s]);
       }
     for (; k + 16 <= D; k += 16) {
       const __m512 v = load16(row + k);
-      for (int g = 0; g < G; ++g) acc[g][0] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + k), v, acc[g][0]);
+      for (int g = 0; g < G; ++g) acc[g][0] = _mm512_fmadd_ps(load16(q + g * D + k), v, acc[g][0]);
     }
     if (tail) {
       const __m512 v = load16(row + k, tail);
       for (int g = 0; g < G; ++g)
-        acc[g][S - 1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + g * D + k), v, acc[g][S - 1]);
+        acc[g][S - 1] = _mm512_fmadd_ps(load16(q + g * D + k, tail), v, acc[g][S - 1]);
     }
     for (int g = 0; g < G; ++g) {
       __m512 t = acc[g][0];

@@ -261,7 +261,7 @@ GemmKernel kernel_avx512() {
 // two fp32 FMAs and the bf16 kernel gains nothing: on an Emerald Rapids host (forced with
 // EMBGEOM_GEMM=avx512bf16) the vocabulary's bare bf16 product took 1.505 s against the fp32
 // kernel's 0.877 s. AMD's Zen 4 and Zen 5 issue it on two (0.83 s against 1.63 s on Zen 4).
-bool bf16_dot_beats_fp32() {
+static bool bf16_dot_beats_fp32() {
 #if EMBGEOM_X86
   static const bool intel = __builtin_cpu_is("intel");
   return !intel;
@@ -340,7 +340,6 @@ void pack_panels(const float* x, int64_t rows, int64_t d, int64_t ld, const Pane
   out.d = d;
   out.width = width;
   out.bf16 = bf16;
-  out.layout = spec.layout;
   out.panels = (rows + width - 1) / width;
   out.kdim = bf16 ? (d + 1) / 2 : d;
   out.kdim = (out.kdim + spec.k_multiple - 1) / spec.k_multiple * spec.k_multiple;

@@ -92,8 +92,6 @@ struct GemmKernel {
 // EMBGEOM_GEMM=avx512|avx2|scalar|openblas forces one fp32 product, EMBGEOM_GEMM=avx512bf16|amx
 // fast mode's bf16 product (tests, benchmarks; exact mode keeps its own).
 GemmKernel select_kernel(bool fast);
-// Whether the AVX-512 bf16 dot kernel outruns the fp32 kernel on this CPU (AMD: yes, Intel: no).
-bool bf16_dot_beats_fp32();
 // Why fast mode runs the exact product here ("" where it runs a bf16 product).
 const char* fast_product_note();
 
@@ -103,7 +101,6 @@ struct PackedPanels {
   int64_t rows = 0, d = 0, width = 0, panels = 0;
   int64_t kdim = 0;  // kernel k units per panel: d (fp32) or ceil(d/2) (bf16), padded to k_multiple
   bool bf16 = false;
-  PanelLayout layout = PanelLayout::f32;
   AlignedBuf<float> f32;
   AlignedBuf<uint32_t> b16;  // two bf16 per word, low half = even k
   const void* panel(int64_t p, int64_t k0) const;  // start of panel p at kernel k unit k0
