@@ -258,6 +258,15 @@ def pair_band() -> int:
     return PAIR_BAND_BF16 if native_bf16() else PAIR_BAND
 
 
+def _bf16_filter(kk: int) -> bool:
+    """Whether an engine run for float32 per-row lists of kk takes fast mode's bf16 filter: where
+    the engine has a bf16 product, up to FAST_STORED_K. Its lists are exact mode's, bit for bit
+    (exact fp32 values; benchmarks/compare.py checks it), and faster: row top-10 0.78 s against
+    1.13 s on the vocabulary (Zen 5), 32 / 1,024 queries over 100,000 x 384 in 13-15 / 135-194 ms
+    against 29-42 / 434-485 (AMX, Emerald Rapids)."""
+    return native_bf16() and kk <= FAST_STORED_K
+
+
 def native_bf16() -> bool:
     """Whether the C++ engine has a bf16 product on this CPU path now (AMX tiles, or a bf16 dot
     that outruns float32: the core's dispatch, which reads EMBGEOM_CPU and EMBGEOM_GEMM on every
@@ -706,10 +715,7 @@ class Index:
         from .backends.cpp import CppEngine
         from .engine.config import make_config
 
-        # with a bf16 product the engine filters by it and keeps exact fp32 values: the
-        # same lists as exact mode, bit for bit (benchmarks/compare.py checks it); faster up to
-        # FAST_STORED_K (row top-10: 0.78 s against 1.13 s on the vocabulary, Zen 5)
-        fast = native_bf16() and kk <= FAST_STORED_K
+        fast = _bf16_filter(kk)
         cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=min(kk, n - 1),
                           row_bottomk=0, outside=None, precision="fast" if fast else "exact")
         engine = CppEngine(st.rows[:n], None, cfg)
@@ -748,9 +754,7 @@ class Index:
 
         if not hasattr(cpp(), "prepare_columns"):
             return None
-        # a float32 scan takes the bf16 filter too where the engine has a bf16 product: its lists
-        # hold the same ids and exact fp32 values as exact mode's (search_stored)
-        fast = qscan.dtype == torch.bfloat16 or (native_bf16() and kk <= FAST_STORED_K)
+        fast = qscan.dtype == torch.bfloat16 or _bf16_filter(kk)  # (a float32 scan too)
         precision = "fast" if fast else "exact"
         cached = self._columns
         prepared = cached is not None and cached[0] is st and cached[1] == precision
