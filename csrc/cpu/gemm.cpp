@@ -94,7 +94,10 @@ EMBGEOM_AVX512BF16 void ukr_avx512bf16(int64_t kc, const void* av, const void* b
 // step. `a` is an A panel in bf16_rows (row stride kc words: one k-block), `b` a B panel in
 // bf16_pairs of width 32 (row stride 32 words); kc is a multiple of 16 (the panels are padded).
 // TDPBF16PS rounds like VDPBF16PS (bf16 denormal inputs as zero, float32 sums, round to nearest
-// even), so fast mode's error bound and rescoring hold as they are.
+// even), so fast mode's error bound and rescoring hold as they are. The tiles are configured
+// once per gemm_tile call (amx_configure), not per block: LDTILECFG in every call made the
+// vocabulary's bare bf16 product 0.226 s against 0.176 s (Emerald Rapids, medians of 10
+// alternating runs).
 struct alignas(64) AmxTileConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
@@ -108,7 +111,6 @@ EMBGEOM_AMX void ukr_amx_32x32(int64_t kc, const void* av, const void* bv, float
   const char* a = static_cast<const char*>(av);
   const char* b = static_cast<const char*>(bv);
   const long sa = long(kc) * 4, sc = long(ldc) * 4;
-  _tile_loadconfig(&kAmxTiles);
   if (acc) {
     _tile_loadd(0, c, sc);
     _tile_loadd(1, c + 16, sc);
@@ -137,8 +139,10 @@ EMBGEOM_AMX void ukr_amx_32x32(int64_t kc, const void* av, const void* bv, float
   __asm__ volatile("" ::: "memory");  // the tile stores are asm the compiler cannot see into
 }
 
-// Back to the tiles' initial state once a gemm_tile call is done: a thread's context switches
-// then skip saving its 8 KB of tile data (XSAVE's init optimisation).
+// Tiles configured at the start of a gemm_tile call, and back to their initial state once it is
+// done: a thread's context switches then skip saving its 8 KB of tile data (XSAVE's init
+// optimisation).
+EMBGEOM_AMX static void amx_configure() { _tile_loadconfig(&kAmxTiles); }
 EMBGEOM_AMX static void amx_release() { _tile_release(); }
 
 // 6 x 16 with named accumulators: GCC keeps an array of twelve __m256 in memory and stores it
@@ -397,6 +401,9 @@ void gemm_tile(const GemmKernel& kern, const PackedPanels& A, int64_t pa0, int64
       std::memset(C + r * ldc, 0, sizeof(float) * (pb1 - pb0) * kern.nr);
     return;
   }
+#if EMBGEOM_X86
+  if (kern.amx) amx_configure();
+#endif
   for (int64_t k0 = 0; k0 < kdim; k0 += kcb) {
     const int64_t kc = std::min(kcb, kdim - k0);
     const bool acc = k0 > 0;

@@ -108,8 +108,10 @@ void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int
 }
 
 // kLean: no histogram, near list, outside counts or l2 (row and global lists and moments only,
-// as a search or a row top-k run): compiled out, which frees registers the flags kept in memory
-template <int W, bool kLean>
+// as a row top-k run): compiled out, which frees registers the flags kept in memory. kRowsOnly
+// (FusedArgs::rows_only, implies kLean): the per-row lists' filters alone, without the moments and
+// extremes (an index's candidate runs).
+template <int W, bool kLean, bool kRowsOnly = false>
 __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, PairwiseEngine::ThreadCtx& c,
                                                       float* C, int64_t ldc, int64_t r0, int64_t nr,
                                                       int64_t c0, int64_t nc, double* tsum,
@@ -204,12 +206,16 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
         for (; nd; nd &= nd - 1) dist[__builtin_ctz(nd)] = E.direct_distance(i, j0 + __builtin_ctz(nd));
         v = load<f32>(dist);
       }
-      const f64h d_lo = convert<f64h>(low<f32h>(v)), d_hi = convert<f64h>(high<f32h>(v));
-      const f64h e_lo = d_lo - shift, e_hi = d_hi - shift;
-      s_lo += e_lo;
-      s_hi += e_hi;
-      q_lo += e_lo * e_lo;
-      q_hi += e_hi * e_hi;
+      f64h d_lo = {}, d_hi = {};
+      if (!kRowsOnly) {
+        d_lo = convert<f64h>(low<f32h>(v));
+        d_hi = convert<f64h>(high<f32h>(v));
+        const f64h e_lo = d_lo - shift, e_hi = d_hi - shift;
+        s_lo += e_lo;
+        s_hi += e_hi;
+        q_lo += e_lo * e_lo;
+        q_hi += e_hi * e_hi;
+      }
       if (hist) {
         // count the previous block's slots (as fused_avx512.cpp: reading back the slots just
         // stored would wait for the vector stores to reach the cache)
@@ -234,7 +240,8 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
         pending = true;
         std::swap(slot, prev);
       }
-      i32 fl = ((v >= t_hi) | (v <= t_lo)) & int32_t(kG);
+      i32 fl = {};
+      if (!kRowsOnly) fl = ((v >= t_hi) | (v <= t_lo)) & int32_t(kG);
       if (do_near) {
         const f64h a_lo = d_lo - nearv, a_hi = d_hi - nearv;
         const i64h n_lo = select(a_lo < zero, -a_lo, a_lo) <= t_near;
@@ -276,8 +283,9 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
     for (int l = 0; l < W; ++l) hist[prev[l]]++;
   }
   if (A.fast && !c.cand.empty()) rescore_candidates(A, c, r0, c0);
-  *tsum = s + sum(s_lo + s_hi);
-  *tsumsq = s2 + sum(q_lo + q_hi);
+  // (rows only: the tails' moments are not kept either)
+  *tsum = kRowsOnly ? 0.0 : s + sum(s_lo + s_hi);
+  *tsumsq = kRowsOnly ? 0.0 : s2 + sum(q_lo + q_hi);
 }
 
 bool lean(const FusedArgs& A) { return !A.do_hist && !A.do_near && !A.do_out && A.metric != 2; }
@@ -286,7 +294,9 @@ bool lean(const FusedArgs& A) { return !A.do_hist && !A.do_near && !A.do_out && 
 
 void fused_tile_generic(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C, int64_t ldc,
                         int64_t r0, int64_t nr, int64_t c0, int64_t nc, double* tsum, double* tsumsq) {
-  if (lean(A))
+  if (A.rows_only)
+    fused_body<4, true, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
+  else if (lean(A))
     fused_body<4, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
   else
     fused_body<4, false>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
@@ -295,7 +305,9 @@ void fused_tile_generic(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float*
 EMBGEOM_AVX2 void fused_tile_avx2(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C,
                                   int64_t ldc, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                                   double* tsum, double* tsumsq) {
-  if (lean(A))
+  if (A.rows_only)
+    fused_body<8, true, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
+  else if (lean(A))
     fused_body<8, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
   else
     fused_body<8, false>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);

@@ -69,6 +69,12 @@ class CppEngine:
     def run(self, begin, end):
         self._engine.run(begin, end)
 
+    def keep_row_lists_only(self) -> None:
+        """Before the first run: the per-row lists are all the caller reads (cosine or dot, no
+        other output), so the pass filters for them alone; the state then has no count, moments
+        or extremes."""
+        self._engine.keep_row_lists_only()
+
     def set_row_top_floor(self, floor: float) -> None:
         """Before the first run: per-row top lists of the values >= floor only."""
         self._engine.set_row_top_floor(floor)
