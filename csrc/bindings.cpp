@@ -527,8 +527,9 @@ PYBIND11_MODULE(_C, m) {
              py::call_guard<py::gil_scoped_release>(), "Process tiles [begin, end) (GIL released)")
         .def("set_row_top_floor", &PairwiseEngine::set_row_top_floor, py::arg("floor"),
              "Before the first run: per-row top lists of the values >= floor only (NaN: none)")
-        .def("keep_row_lists_only", &PairwiseEngine::keep_row_lists_only,
-             "Before the first run: only the per-row lists are kept (no count, moments or extremes)")
+        .def("keep_lists_only", &PairwiseEngine::keep_lists_only,
+             "Before the first run: only the per-row lists and outside counts and pairs are kept "
+             "(no count, moments or extremes)")
         .def("discard_statistics", &PairwiseEngine::discard_statistics,
              "Benchmarks only: later runs compute the schedule's products and skip the statistics")
         .def_property_readonly("kernel", [](const PairwiseEngine& e) { return std::string(e.kernel_name()); })

@@ -513,35 +513,41 @@ def test_row_top_floor_cuts_the_lists(precision, cross):
 
 @pytest.mark.parametrize("fused", ["own", "portable"])
 @pytest.mark.parametrize("metric,cross", [("cosine", False), ("cosine", True), ("dot", False)])
-def test_row_lists_only(metric, cross, fused, bf16_product, monkeypatch):
-    """keep_row_lists_only(): the per-row lists of a run with every other output off, exact and
-    fast, 1 and 2 threads, chunks; the state then holds no count, moments or extremes; refused
-    after a run and with any other output."""
+@pytest.mark.parametrize("outside", [None, (-0.3, 0.35)])
+def test_lists_only(metric, cross, outside, fused, bf16_product, monkeypatch):
+    """keep_lists_only(): the per-row lists, outside counts and outside pairs of a run without
+    the statistics, exact and fast, 1 and 2 threads, chunks, the portable pass with and without
+    outside counts; the state then holds no count, moments or extremes; refused after a run and
+    with a histogram, global or near list or l2."""
     if fused == "portable":
         monkeypatch.setenv("EMBGEOM_FUSED", "portable")
     x = make_x(133, 40, seed=31, zero_rows=(7,), dup=((2, 3), (0, 132)))
     y = make_x(75, 40, seed=32, dup=((1, 2),)) if cross else None
     kw = dict(metric=metric, block=16, bins=0, topk=0, bottomk=0, row_topk=6, row_bottomk=3)
+    if outside is not None:
+        kw.update(outside=outside if metric == "cosine" else (-6.0, 7.0), outside_limit=40)
+    keys = ("row_top", "row_bottom", "outside_count", "outside_rows", "outside_cols", "outside_pairs")
     for precision in ("exact", "fast"):
         want = run_engine(x, y, threads=1, precision=precision, **kw)
         for threads, chunks in ((1, 1), (2, 3)):
             e = _C.PairwiseEngine(x, y, **engine_args(threads=threads, precision=precision, **kw))
-            e.keep_row_lists_only()
+            e.keep_lists_only()
             cuts = np.linspace(0, e.num_tiles(), chunks + 1).astype(int)
             for a, b in zip(cuts[:-1], cuts[1:]):
                 e.run(int(a), int(b))
             got = e.state()
-            assert_states_equal({k: want[k] for k in ("row_top", "row_bottom")},
-                                {k: got[k] for k in ("row_top", "row_bottom")})
+            assert_states_equal({k: want[k] for k in keys}, {k: got[k] for k in keys})
+            if outside is not None:
+                assert want["outside_count"] > len(want["outside_pairs"][0]) > 0
             assert got["count"] == 0 and got["min"] is None and got["max"] is None
     ran = _C.PairwiseEngine(x, y, **engine_args(**kw))
     ran.run(0, 1)
-    with pytest.raises(ValueError, match="keep_row_lists_only: the engine has run"):
-        ran.keep_row_lists_only()
-    for other in (dict(bins=10), dict(topk=2), dict(outside=(-0.1, 0.1)), dict(metric="euclidean")):
+    with pytest.raises(ValueError, match="keep_lists_only: the engine has run"):
+        ran.keep_lists_only()
+    for other in (dict(bins=10), dict(topk=2), dict(near=0.1), dict(metric="euclidean")):
         e = _C.PairwiseEngine(x, y, **engine_args(**{**kw, **other}))
         with pytest.raises(ValueError, match="needs metric cosine or dot and no histogram"):
-            e.keep_row_lists_only()
+            e.keep_lists_only()
 
 
 def test_kernels_agree_bitwise(monkeypatch):

@@ -30,12 +30,11 @@ void PairwiseEngine::set_row_top_floor(float floor) {
   row_top_floor_ = std::isnan(floor) ? -std::numeric_limits<float>::infinity() : floor;
 }
 
-void PairwiseEngine::keep_row_lists_only() {
-  EMBGEOM_CHECK(fresh_ && st_.tiles_done == 0, "keep_row_lists_only: the engine has run already");
-  EMBGEOM_CHECK(metric_ != 2 && opt_.bins == 0 && opt_.topk == 0 && opt_.bottomk == 0 && !opt_.has_near &&
-                    !opt_.has_outside,
-                "keep_row_lists_only: needs metric cosine or dot and no histogram, global, near or outside lists");
-  rows_only_ = true;
+void PairwiseEngine::keep_lists_only() {
+  EMBGEOM_CHECK(fresh_ && st_.tiles_done == 0, "keep_lists_only: the engine has run already");
+  EMBGEOM_CHECK(metric_ != 2 && opt_.bins == 0 && opt_.topk == 0 && opt_.bottomk == 0 && !opt_.has_near,
+                "keep_lists_only: needs metric cosine or dot and no histogram, global or near lists");
+  lists_only_ = true;
   st_ = empty_state();
 }
 
@@ -286,8 +285,8 @@ void PairwiseEngine::prime_row_bounds(int threads) {
 
 PairwiseState PairwiseEngine::empty_state() const {
   PairwiseState st;
-  st.max1.k = rows_only_ ? 0 : 1;  // (a list of k = 0 lets nothing in)
-  st.min1.k = rows_only_ ? 0 : 1;
+  st.max1.k = lists_only_ ? 0 : 1;  // (a list of k = 0 lets nothing in)
+  st.min1.k = lists_only_ ? 0 : 1;
   st.top.k = opt_.topk;
   st.bottom.k = opt_.bottomk;
   st.near.k = opt_.has_near ? opt_.near_k : 0;

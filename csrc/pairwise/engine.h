@@ -147,10 +147,11 @@ class PairwiseEngine {
   // (Index.search_stored's floored lists: paraphrase mining). Before the first run; the state
   // does not record it. NaN: no floor.
   void set_row_top_floor(float floor);
-  // The caller reads the per-row lists only (an index's candidates): the pass skips the moments
-  // and extremes, and the state keeps no count, moments or extremes. Before the first run; needs
-  // metric cosine or dot and no histogram, global, near or outside lists.
-  void keep_row_lists_only();
+  // The caller reads the per-row lists and the outside counts and pairs only (an index's
+  // candidates, pairs_above's pairs): the pass skips the moments and extremes, and the state keeps
+  // no count, moments or extremes. Before the first run; needs metric cosine or dot and no
+  // histogram, global or near lists.
+  void keep_lists_only();
 
   const PairwiseState& state() const { return st_; }
   // The state with original indices (state_io.cpp), and back: import_state checks every index
@@ -215,7 +216,7 @@ class PairwiseEngine {
   // per-row starting bounds of the row-list filters, from a sample of columns
   std::vector<float> prime_top_, prime_bottom_;
   float row_top_floor_ = -std::numeric_limits<float>::infinity();
-  bool rows_only_ = false;  // keep_row_lists_only
+  bool lists_only_ = false;  // keep_lists_only
   static constexpr int64_t kPrimeSample = 256;
   void prime_row_bounds(int threads);
   PairwiseState st_;

@@ -47,9 +47,9 @@ struct FusedArgs {
   bool cold;
   bool self, fast;
   bool diag;  // a diagonal tile (self mode, r0 >= c0 for its rows): pairs j > i only
-  // per-row lists only (PairwiseEngine::keep_row_lists_only): no moments, extremes, histogram,
-  // global or outside lists, metric cosine or dot
-  bool rows_only;
+  // per-row lists and outside counts only (PairwiseEngine::keep_lists_only): no moments,
+  // extremes, histogram, global or near lists, metric cosine or dot
+  bool lists_only;
   int metric;
   float M;  // decision margin (0 in exact mode)
   const float* xn2;

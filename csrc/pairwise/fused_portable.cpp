@@ -108,10 +108,10 @@ void block_slow(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, int64_t i, int
 }
 
 // kLean: no histogram, near list, outside counts or l2 (row and global lists and moments only,
-// as a row top-k run): compiled out, which frees registers the flags kept in memory. kRowsOnly
-// (FusedArgs::rows_only, implies kLean): the per-row lists' filters alone, without the moments and
-// extremes (an index's candidate runs).
-template <int W, bool kLean, bool kRowsOnly = false>
+// as a row top-k run): compiled out, which frees registers the flags kept in memory.
+// kListsOnly (FusedArgs::lists_only): no moments, extremes, histogram, global or near lists, or
+// l2 (an index's candidate runs and pairs_above's; outside counts unless kLean).
+template <int W, bool kLean, bool kListsOnly = false>
 __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, PairwiseEngine::ThreadCtx& c,
                                                       float* C, int64_t ldc, int64_t r0, int64_t nr,
                                                       int64_t c0, int64_t nc, double* tsum,
@@ -127,8 +127,9 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
   const float M = A.M;
   double s = 0.0, s2 = 0.0;                                       // tails
   f64h s_lo = {}, s_hi = {}, q_lo = {}, q_hi = {};  // blocks, per lane
-  const bool do_near = !kLean && A.do_near, do_out = !kLean && A.do_out, l2 = !kLean && A.metric == 2;
-  int64_t* hist = !kLean && A.do_hist ? c.hist.data() : nullptr;
+  constexpr bool kStats = !kLean && !kListsOnly;  // histogram, near list and l2 compiled in
+  const bool do_near = kStats && A.do_near, do_out = !kLean && A.do_out, l2 = kStats && A.metric == 2;
+  int64_t* hist = kStats && A.do_hist ? c.hist.data() : nullptr;
   alignas(32) int32_t slot_buf[2][W];  // histogram slots of this block and the previous one
   int32_t* slot = slot_buf[0];
   int32_t* prev = slot_buf[1];
@@ -207,7 +208,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
         v = load<f32>(dist);
       }
       f64h d_lo = {}, d_hi = {};
-      if (!kRowsOnly) {
+      if (!kListsOnly) {
         d_lo = convert<f64h>(low<f32h>(v));
         d_hi = convert<f64h>(high<f32h>(v));
         const f64h e_lo = d_lo - shift, e_hi = d_hi - shift;
@@ -241,7 +242,7 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
         std::swap(slot, prev);
       }
       i32 fl = {};
-      if (!kRowsOnly) fl = ((v >= t_hi) | (v <= t_lo)) & int32_t(kG);
+      if (!kListsOnly) fl = ((v >= t_hi) | (v <= t_lo)) & int32_t(kG);
       if (do_near) {
         const f64h a_lo = d_lo - nearv, a_hi = d_hi - nearv;
         const i64h n_lo = select(a_lo < zero, -a_lo, a_lo) <= t_near;
@@ -284,8 +285,8 @@ __attribute__((always_inline)) inline void fused_body(const FusedArgs& A, Pairwi
   }
   if (A.fast && !c.cand.empty()) rescore_candidates(A, c, r0, c0);
   // (rows only: the tails' moments are not kept either)
-  *tsum = kRowsOnly ? 0.0 : s + sum(s_lo + s_hi);
-  *tsumsq = kRowsOnly ? 0.0 : s2 + sum(q_lo + q_hi);
+  *tsum = kListsOnly ? 0.0 : s + sum(s_lo + s_hi);
+  *tsumsq = kListsOnly ? 0.0 : s2 + sum(q_lo + q_hi);
 }
 
 bool lean(const FusedArgs& A) { return !A.do_hist && !A.do_near && !A.do_out && A.metric != 2; }
@@ -294,7 +295,9 @@ bool lean(const FusedArgs& A) { return !A.do_hist && !A.do_near && !A.do_out && 
 
 void fused_tile_generic(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C, int64_t ldc,
                         int64_t r0, int64_t nr, int64_t c0, int64_t nc, double* tsum, double* tsumsq) {
-  if (A.rows_only)
+  if (A.lists_only && A.do_out)
+    fused_body<4, false, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
+  else if (A.lists_only)
     fused_body<4, true, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
   else if (lean(A))
     fused_body<4, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
@@ -305,7 +308,9 @@ void fused_tile_generic(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float*
 EMBGEOM_AVX2 void fused_tile_avx2(const FusedArgs& A, PairwiseEngine::ThreadCtx& c, float* C,
                                   int64_t ldc, int64_t r0, int64_t nr, int64_t c0, int64_t nc,
                                   double* tsum, double* tsumsq) {
-  if (A.rows_only)
+  if (A.lists_only && A.do_out)
+    fused_body<8, false, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
+  else if (A.lists_only)
     fused_body<8, true, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);
   else if (lean(A))
     fused_body<8, true>(A, c, C, ldc, r0, nr, c0, nc, tsum, tsumsq);

@@ -78,7 +78,7 @@ FusedArgs PairwiseEngine::fused_args(const ThreadCtx& c, bool diag) const {
   A.self = self_;
   A.fast = fast_;
   A.diag = diag;
-  A.rows_only = rows_only_;
+  A.lists_only = lists_only_;
   A.metric = metric_;
   A.M = static_cast<float>(err_bound_);
   if (double(A.M) < err_bound_) A.M = std::nextafter(A.M, kInf);
@@ -228,7 +228,7 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     st_.shifted_sum += tsum[t];
     st_.shifted_sumsq += tsumsq[t];
   }
-  if (!rows_only_) st_.count += tile_pairs(begin, end);
+  if (!lists_only_) st_.count += tile_pairs(begin, end);
   for (auto& cp : ctx) {
     if (!cp) continue;
     ThreadCtx& c = *cp;

@@ -164,25 +164,37 @@ static void check_pairwise(int64_t n, int64_t d, int64_t block, unsigned seed) {
         "state round trip");
   for (size_t q = 0; q < ex.top.size(); ++q)
     CHECK(ex2.top[q].i == ex.top[q].i && ex2.top[q].j == ex.top[q].j && ex2.top[q].v == ex.top[q].v, "top round trip");
-  // per-row lists alone (keep_row_lists_only), exact and fast: the same lists, nothing else kept
+  // per-row lists and outside counts alone (keep_lists_only), exact and fast: the same lists and
+  // counts, nothing else kept
   for (const char* precision : {"exact", "fast"}) {
     PairwiseOptions r;
     r.block = block;
     r.precision = precision;
     r.row_topk = o.row_topk;
     r.row_bottomk = o.row_bottomk;
+    r.has_outside = true;
+    r.out_a = o.out_a;
+    r.out_b = o.out_b;
+    r.outside_limit = o.outside_limit;
     PairwiseEngine er(x.data(), n, nullptr, 0, d, r);
-    er.keep_row_lists_only();
+    er.keep_lists_only();
     er.run(0, er.num_tiles());
     const PairwiseState& sr = er.state();
-    CHECK(sr.count == 0 && sr.max1.e.empty() && sr.min1.e.empty() && sr.shifted_sum == 0.0, "%s rows only: no statistics", precision);
+    CHECK(sr.count == 0 && sr.max1.e.empty() && sr.min1.e.empty() && sr.shifted_sum == 0.0, "%s lists only: no statistics", precision);
+    CHECK(sr.outside_count == s.outside_count && sr.outside_rows == s.outside_rows &&
+              sr.outside_pairs.e.size() == s.outside_pairs.e.size(),
+          "%s lists only: outside counts", precision);
+    for (size_t q = 0; q < s.outside_pairs.e.size() && q < sr.outside_pairs.e.size(); ++q)
+      CHECK(sr.outside_pairs.e[q].i == s.outside_pairs.e[q].i && sr.outside_pairs.e[q].j == s.outside_pairs.e[q].j &&
+                sr.outside_pairs.e[q].v == s.outside_pairs.e[q].v,
+            "%s lists only: outside pair %zu", precision, q);
     for (const auto* pr : {&sr.row_top, &sr.row_bottom}) {
       const RowLists& want = pr == &sr.row_top ? s.row_top : s.row_bottom;
-      CHECK(pr->cnt == want.cnt, "%s rows only: row counts", precision);
+      CHECK(pr->cnt == want.cnt, "%s lists only: row counts", precision);
       for (int64_t i = 0; i < c && pr->cnt == want.cnt; ++i)
         for (int64_t q = 0; q < want.cnt[i]; ++q)
           CHECK(pr->col[i * pr->k + q] == want.col[i * want.k + q] && pr->val[i * pr->k + q] == want.val[i * want.k + q],
-                "%s rows only: row %lld entry %lld", precision, (long long)i, (long long)q);
+                "%s lists only: row %lld entry %lld", precision, (long long)i, (long long)q);
     }
   }
 }

@@ -719,7 +719,7 @@ class Index:
         cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=min(kk, n - 1),
                           row_bottomk=0, outside=None, precision="fast" if fast else "exact")
         engine = CppEngine(st.rows[:n], None, cfg)
-        engine.keep_row_lists_only()
+        engine.keep_lists_only()
         if floor is not None:
             engine.set_row_top_floor(self._stored_scan_threshold(st, floor))
         engine.run(0, engine.num_tiles())
@@ -770,7 +770,7 @@ class Index:
         except ValueError:  # prepared for another product kernel (EMBGEOM_CPU changed): again
             self._columns = None
             engine = CppEngine(q, corpus, cfg, columns=self._engine_columns(st, precision))
-        engine.keep_row_lists_only()
+        engine.keep_lists_only()
         engine.run(0, engine.num_tiles())
         values, ids = engine.state().row_top
         return torch.from_numpy(values), torch.from_numpy(ids)
@@ -1054,6 +1054,7 @@ class Index:
         cfg = make_config(metric=self.metric, bins=0, topk=0, bottomk=0, near=None, row_topk=0, row_bottomk=0,
                           outside=(lo, b), outside_limit=limit, precision="fast" if native_bf16() else "exact")
         engine = CppEngine(x, y, cfg)
+        engine.keep_lists_only()
         engine.run(0, engine.num_tiles())
         state = engine.state()
         v, i, j = state.outside_pairs

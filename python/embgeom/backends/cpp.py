@@ -69,11 +69,11 @@ class CppEngine:
     def run(self, begin, end):
         self._engine.run(begin, end)
 
-    def keep_row_lists_only(self) -> None:
-        """Before the first run: the per-row lists are all the caller reads (cosine or dot, no
-        other output), so the pass filters for them alone; the state then has no count, moments
-        or extremes."""
-        self._engine.keep_row_lists_only()
+    def keep_lists_only(self) -> None:
+        """Before the first run: the per-row lists and the outside counts and pairs are all the
+        caller reads (cosine or dot, no histogram, global or near lists), so the pass skips the
+        moments and extremes; the state then has no count, moments or extremes."""
+        self._engine.keep_lists_only()
 
     def set_row_top_floor(self, floor: float) -> None:
         """Before the first run: per-row top lists of the values >= floor only."""
