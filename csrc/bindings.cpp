@@ -15,6 +15,7 @@
 #include "cone_index.h"
 #include "context.h"
 #include "pair_values.h"
+#include "eigvals.h"
 #include "row_pairs.h"
 #include "rows_dot.h"
 #include "value_histogram.h"
@@ -164,6 +165,19 @@ py::array_t<double> row_pair_sums(const py::array_t<float>& a, const py::array_t
     embgeom::row_pair_sums(a.data(), a.strides(0) / f, b.data(), b.strides(0) / f, N, D, out.mutable_data());
   }
   return out;
+}
+
+py::tuple eigvals_abs(const py::array_t<double, py::array::c_style | py::array::forcecast>& a, int threads) {
+  if (a.ndim() != 3 || a.shape(1) != a.shape(2))
+    throw std::invalid_argument("eigvals_abs: expected (k, n, n) float64, got " + std::to_string(a.ndim()) + " dims");
+  const int64_t k = a.shape(0), n = a.shape(1);
+  py::array_t<double> out({k, n});
+  py::array_t<uint8_t> ok(k);
+  {
+    py::gil_scoped_release release;
+    embgeom::eigvals_abs(a.data(), k, n, out.mutable_data(), ok.mutable_data(), threads);
+  }
+  return py::make_tuple(out, ok.attr("astype")("bool"));
 }
 
 py::array_t<double> row_moments(const py::array_t<float>& x) {
@@ -316,6 +330,7 @@ py::dict cpu_info() {
   d["js_pair_sums"] = std::string(embgeom::js_pair_sums_path());
   d["attention_sums"] = std::string(embgeom::attention_sums_path());
   d["cone_index"] = std::string(embgeom::cone_index_path());
+  d["eigvals"] = std::string(embgeom::eigvals_abs_path());
   return d;
 }
 
@@ -334,6 +349,8 @@ PYBIND11_MODULE(_C, m) {
         "(key_mass (B, H, K), sep_other, prev, next (B, H), row_sum (B, H, T), offsets (H, 2T - 1)) float64");
   m.def("row_pair_sums", &row_pair_sums, py::arg("a"), py::arg("b"),
         "Float64 row sums of two (N, D) float32 arrays -> (N, 4): |a|^2, |b|^2, |a - b|^2, a . b");
+  m.def("eigvals_abs", &eigvals_abs, py::arg("a"), py::arg("threads") = 0,
+        "(|eigenvalues| (k, n) float64, converged (k,) bool) of k real n x n matrices (lockstep QR)");
   m.def("row_moments", &row_moments, py::arg("x"),
         "Float64 mean and central moments of each row: x (N, D) float32 -> (N, 4): mean, m2, m3, m4");
   m.def("js_pair_sums", &js_pair_sums, py::arg("P"),

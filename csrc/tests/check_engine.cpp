@@ -14,6 +14,7 @@
 
 #include "attention.h"
 #include "cone_index.h"
+#include "eigvals.h"
 #include "cpu/isa.h"
 #include "numerics.h"
 #include "pairwise/engine.h"
@@ -282,6 +283,77 @@ static void check_entropy(int64_t B, int64_t H, int64_t T) {
   }
 }
 
+// eigenvalue magnitudes of matrices whose eigenvalues are known: companion matrices of
+// prod (x - r) with real roots r (any sign) and 2 x 2 rotation-scaling blocks (a complex pair of
+// magnitude rho) on a block diagonal mixed by a similarity with a triangular matrix; k = 11
+// matrices (a partial group of 8)
+static void check_eigvals(int64_t n) {
+  const int64_t k = 11;
+  std::vector<double> a(k * n * n, 0.0), want(k * n);
+  std::mt19937 gen{static_cast<unsigned>(n)};
+  std::uniform_real_distribution<double> u(-2.0, 2.0);
+  for (int64_t m = 0; m < k; ++m) {
+    double* A = a.data() + m * n * n;
+    double* w = want.data() + m * n;
+    if (m % 2 == 0) {
+      // companion matrix: coefficients of prod (x - r_i), r_i = (i + 1) / n with alternating signs
+      std::vector<double> c(n + 1, 0.0);
+      c[0] = 1.0;
+      for (int64_t i = 0; i < n; ++i) {
+        const double r = (i % 2 ? -1.0 : 1.0) * double(i + 1) / double(n);
+        w[i] = std::fabs(r);
+        for (int64_t q = i + 1; q >= 1; --q) c[q] -= r * c[q - 1];
+      }
+      for (int64_t j = 0; j < n; ++j) A[j] = -c[j + 1];
+      for (int64_t i = 1; i < n; ++i) A[i * n + i - 1] = 1.0;
+    } else {
+      // block diagonal: rotation-scaling pairs, and a last 1 x 1 when n is odd
+      std::vector<double> B(n * n, 0.0);
+      for (int64_t i = 0; i + 1 < n; i += 2) {
+        const double rho = 0.5 + 0.1 * double(i), th = 0.3 + 0.2 * double(i);
+        B[i * n + i] = B[(i + 1) * n + i + 1] = rho * std::cos(th);
+        B[i * n + i + 1] = -rho * std::sin(th);
+        B[(i + 1) * n + i] = rho * std::sin(th);
+        w[i] = w[i + 1] = rho;
+      }
+      if (n % 2) {
+        B[n * n - 1] = -0.7;
+        w[n - 1] = 0.7;
+      }
+      // A = T B T^-1 with T unit upper triangular (T^-1 by back substitution)
+      std::vector<double> T(n * n, 0.0), Ti(n * n, 0.0), TB(n * n, 0.0);
+      for (int64_t i = 0; i < n; ++i) {
+        T[i * n + i] = 1.0;
+        for (int64_t j = i + 1; j < n; ++j) T[i * n + j] = 0.3 * u(gen);
+      }
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t i = j; i >= 0; --i) {
+          double s = i == j ? 1.0 : 0.0;
+          for (int64_t q = i + 1; q <= j; ++q) s -= T[i * n + q] * Ti[q * n + j];
+          Ti[i * n + j] = s;
+        }
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t q = 0; q < n; ++q) TB[i * n + j] += T[i * n + q] * B[q * n + j];
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t q = 0; q < n; ++q) A[i * n + j] += TB[i * n + q] * Ti[q * n + j];
+    }
+    std::sort(w, w + n);
+  }
+  std::vector<double> got(k * n);
+  std::vector<uint8_t> ok(k);
+  eigvals_abs(a.data(), k, n, got.data(), ok.data(), 2);
+  for (int64_t m = 0; m < k; ++m) {
+    CHECK(ok[m], "eigvals n=%lld matrix %lld: not converged", (long long)n, (long long)m);
+    std::sort(got.begin() + m * n, got.begin() + (m + 1) * n);
+    for (int64_t i = 0; i < n; ++i)
+      CHECK(std::fabs(got[m * n + i] - want[m * n + i]) <= 1e-8 * (1.0 + want[m * n + n - 1]),
+            "eigvals n=%lld matrix %lld: |lambda| %.17g, want %.17g", (long long)n, (long long)m, got[m * n + i],
+            want[m * n + i]);
+  }
+}
+
 int main() {
   std::printf("vector level %s (%s), product %s, fused pass %s, entropy %s, cone %s\n",
               isa_name(isa_level()), cpu_features().c_str(), select_kernel(false).name,
@@ -292,6 +364,7 @@ int main() {
                 return PairwiseEngine(&one, 1, nullptr, 0, 1, o).fused_name();
               }(),
               attention_entropy_path(), cone_index_path());
+  std::printf("eigenvalues %s\n", eigvals_abs_path());
   check_pairwise(41, 13, 16, 1);
   check_pairwise(70, 37, 7, 2);
   check_pairwise(129, 5, 64, 3);
@@ -302,6 +375,7 @@ int main() {
   check_cone(1, 600, 33);
   check_entropy(2, 3, 37);
   check_entropy(1, 2, 5);
+  for (int64_t n : {1, 2, 3, 6, 9, 20}) check_eigvals(n);
   embgeom_checks::check_kernels();
   if (failures) {
     std::printf("%d checks failed\n", failures);

@@ -1,0 +1,442 @@
+// Eigenvalue magnitudes of many small nonsymmetric matrices, 8 at a time in the lanes of one
+// vector type (GCC vector extensions: one zmm register with AVX-512, two ymm with AVX2, four xmm
+// or NEON registers elsewhere). Every step of the algorithm runs on all 8 matrices at once; the
+// steps that depend on a matrix's values (the Householder vectors, deflation, the shifts) are
+// computed lane by lane, and a lane that has nothing to do in a step gets the identity reflection
+// (beta = 0). The algorithm is the textbook one (Golub and Van Loan, Matrix Computations, 7.4-7.5):
+// - scale each matrix by a power of two near its largest magnitude (exact; undone at the end);
+// - Householder reduction to upper Hessenberg form;
+// - Francis double-shift QR sweeps on each matrix's active window [lo, hi], deflating a
+//   1 x 1 or 2 x 2 block at the bottom whenever a subdiagonal entry is negligible against its
+//   two diagonal neighbours (ulp * (|h(k-1,k-1)| + |h(k,k)|)), exceptional shifts after every 10
+//   sweeps without a deflation, and a lane given up after 30 max(10, n) of them.
+// A sweep updates the rows and columns of the union of the sweeping lanes' windows (outside a
+// lane's own window only its coupling blocks change, which no eigenvalue reads), so lanes with
+// different windows share every loop bound.
+#include "eigvals.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "check.h"
+#include "cpu/isa.h"
+
+#ifdef EMBGEOM_OPENMP
+#include <omp.h>
+#endif
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors by value in inlined helpers only
+
+namespace embgeom {
+namespace {
+
+constexpr int kLanes = 8;
+typedef double V8 __attribute__((vector_size(8 * kLanes)));
+
+#define EIG_INLINE __attribute__((always_inline)) inline
+
+struct Lane {
+  int64_t hi = -1;       // bottom of the active window (-1: done)
+  int64_t lo = 0;        // top of this sweep's window
+  int64_t its = 0;       // sweeps since the last deflation
+  int64_t found = 0;     // magnitudes written
+  bool sweep = false;    // sweeps in this round
+  bool failed = false;
+  double scale = 1.0;    // the matrix was multiplied by 1 / scale
+  double anorm = 0.0;    // largest magnitude of the Hessenberg matrix
+  double x = 0, y = 0, z = 0;  // first column of the double-shift polynomial (the sweep's start)
+};
+
+// The magnitudes of a 2 x 2 block's eigenvalues [[a, b], [c, d]].
+EIG_INLINE void block2(double a, double b, double c, double d, double* m1, double* m2) {
+  const double half = 0.5 * (a - d), disc = half * half + b * c;
+  const double det = a * d - b * c;
+  if (disc >= 0.0) {
+    const double mid = 0.5 * (a + d), s = std::sqrt(disc);
+    const double big = mid >= 0.0 ? mid + s : mid - s;  // no cancellation
+    *m1 = std::fabs(big);
+    *m2 = big != 0.0 ? std::fabs(det / big) : std::fabs(mid - (mid >= 0.0 ? s : -s));
+  } else {  // a complex pair: |lambda|^2 = det
+    *m1 = *m2 = std::sqrt(std::max(det, 0.0));
+  }
+}
+
+// (x, y, z) -> Householder v and beta with (I - beta v v^T) (x, y, z)^T = (alpha, 0, 0)^T; all
+// zero: the identity (beta = 0).
+EIG_INLINE void householder3(double x, double y, double z, double* v, double* beta, double* alpha) {
+  const double m = std::fabs(x) + std::fabs(y) + std::fabs(z);
+  if (m == 0.0) {
+    v[0] = v[1] = v[2] = 0.0;
+    *beta = 0.0;
+    *alpha = 0.0;
+    return;
+  }
+  const double xs = x / m, ys = y / m, zs = z / m;
+  const double nrm = std::sqrt(xs * xs + ys * ys + zs * zs);
+  const double a = xs >= 0.0 ? -nrm : nrm;
+  v[0] = xs - a;
+  v[1] = ys;
+  v[2] = zs;
+  *beta = 2.0 / (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+  *alpha = a * m;
+}
+
+// A thread's buffer of V8s, 64-byte aligned (std::vector<V8> is not: its allocator takes the
+// alignment of the build's baseline, and an AVX-512 load of a misaligned element faults).
+struct Buf {
+  std::vector<double> raw;
+  V8* zeroed(size_t count) {
+    raw.assign(count * kLanes + kLanes, 0.0);
+    const uintptr_t at = (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63);
+    return reinterpret_cast<V8*>(at);
+  }
+};
+
+EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, double* const* outs, uint8_t* ok,
+                           Buf& hbuf, Buf& wbuf) {
+  V8* H = hbuf.zeroed(size_t(n * n));
+  V8* const work = wbuf.zeroed(size_t(2 * n));
+  Lane L[kLanes];
+  auto h = [&](int64_t r, int64_t c) -> V8& { return H[r * n + c]; };
+  // load, each lane scaled by a power of two near its largest magnitude
+  for (int l = 0; l < kLanes; ++l) {
+    if (l >= count) continue;  // a zero matrix: deflates at once, written nowhere
+    double big = 0.0;
+    for (int64_t q = 0; q < n * n; ++q) big = std::max(big, std::fabs(mats[l][q]));
+    int e = 0;
+    if (big > 0.0 && std::isfinite(big)) std::frexp(big, &e);
+    L[l].scale = std::ldexp(1.0, e);
+    L[l].failed = !std::isfinite(big);
+    const double inv = L[l].failed ? 0.0 : 1.0 / L[l].scale;
+    for (int64_t q = 0; q < n * n; ++q) H[q][l] = mats[l][q] * inv;
+  }
+  V8* v = work;
+  V8* p = work + n;
+  // Balancing (Parlett and Reinsch, as LAPACK's dgebal scales): row i times 1/f and column i
+  // times f, f a power of two, until the off-diagonal 1-norms of each row and column are within
+  // a factor 2 of each other; peaked attention rows (one large entry a row) made the computed
+  // eigenvalues 1e3 times less accurate without it
+  for (int pass = 0; pass < 100; ++pass) {
+    bool changed = false;
+    for (int64_t i = 0; i < n; ++i) {
+      V8 c = {}, r = {};
+      for (int64_t j = 0; j < n; ++j) {
+        if (j == i) continue;
+        const V8 cj = h(j, i), rj = h(i, j);
+        c += cj < 0 ? -cj : cj;
+        r += rj < 0 ? -rj : rj;
+      }
+      V8 f;
+      bool any = false;
+      for (int l = 0; l < kLanes; ++l) {
+        double cl = c[l], rl = r[l], fl = 1.0;
+        if (cl > 0.0 && rl > 0.0 && std::isfinite(cl) && std::isfinite(rl)) {
+          const double total = cl + rl;
+          double g = rl / 2.0;
+          while (cl < g && fl < 1e150) {
+            fl *= 2.0;
+            cl *= 4.0;
+          }
+          g = rl * 2.0;
+          while (cl >= g && fl > 1e-150) {
+            fl /= 2.0;
+            cl /= 4.0;
+          }
+          // (cl is now c f^2: the column's norm after the scaling is c f, the row's r / f)
+          if (!((cl + rl) / fl < 0.95 * total)) fl = 1.0;  // not worth it
+        }
+        f[l] = fl;
+        any |= fl != 1.0;
+      }
+      if (!any) continue;
+      changed = true;
+      const V8 g = 1.0 / f;
+      for (int64_t j = 0; j < n; ++j) h(i, j) *= g;
+      for (int64_t j = 0; j < n; ++j) h(j, i) *= f;
+    }
+    if (!changed) break;
+  }
+  // Householder reduction to upper Hessenberg form
+  for (int64_t j = 0; j + 2 < n; ++j) {
+    V8 ss = {};
+    for (int64_t i = j + 1; i < n; ++i) ss += h(i, j) * h(i, j);
+    V8 beta = {}, alpha = {};
+    const V8 x0 = h(j + 1, j);
+    V8 v0 = {};
+    for (int l = 0; l < kLanes; ++l) {
+      const double nrm = std::sqrt(ss[l]);
+      const double a = x0[l] >= 0.0 ? -nrm : nrm;
+      const double w0 = x0[l] - a;
+      const double vv = ss[l] - x0[l] * x0[l] + w0 * w0;
+      alpha[l] = a;
+      v0[l] = w0;
+      beta[l] = vv > 0.0 ? 2.0 / vv : 0.0;
+    }
+    v[j + 1] = v0;
+    for (int64_t i = j + 2; i < n; ++i) v[i] = h(i, j);
+    // from the left: rows j+1.., columns j+1.. (column j becomes (alpha, 0, ...))
+    for (int64_t c = j + 1; c < n; ++c) p[c] = V8{};
+    for (int64_t i = j + 1; i < n; ++i) {
+      const V8 vi = v[i];
+      const V8* row = &h(i, 0);
+      for (int64_t c = j + 1; c < n; ++c) p[c] += vi * row[c];
+    }
+    for (int64_t c = j + 1; c < n; ++c) p[c] *= beta;
+    for (int64_t i = j + 1; i < n; ++i) {
+      const V8 vi = v[i];
+      V8* row = &h(i, 0);
+      for (int64_t c = j + 1; c < n; ++c) row[c] -= vi * p[c];
+    }
+    // column j: alpha where the reflection acts, as it was where it is the identity
+    for (int l = 0; l < kLanes; ++l)
+      if (beta[l] != 0.0) {
+        h(j + 1, j)[l] = alpha[l];
+        for (int64_t i = j + 2; i < n; ++i) h(i, j)[l] = 0.0;
+      }
+    // from the right: every row, columns j+1..
+    for (int64_t r = 0; r < n; ++r) {
+      V8* row = &h(r, 0);
+      V8 q = {};
+      for (int64_t i = j + 1; i < n; ++i) q += row[i] * v[i];
+      q *= beta;
+      for (int64_t i = j + 1; i < n; ++i) row[i] -= q * v[i];
+    }
+  }
+  const double ulp = DBL_EPSILON, small = DBL_MIN * (double(n) / ulp);
+  const int64_t max_its = 30 * std::max<int64_t>(10, n);
+  for (int l = 0; l < kLanes; ++l) {
+    L[l].hi = n - 1;
+    double a = 0.0;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = std::max<int64_t>(0, r - 1); c < n; ++c) a = std::max(a, std::fabs(h(r, c)[l]));
+    L[l].anorm = a;
+    if (L[l].failed || !std::isfinite(a)) {
+      L[l].failed = true;
+      L[l].hi = -1;
+    }
+  }
+  double mag[kLanes][2];
+  while (true) {
+    bool any = false, sweeps = false;
+    int64_t kmin = n, kmax = -1;
+    for (int l = 0; l < kLanes; ++l) {
+      Lane& s = L[l];
+      s.sweep = false;
+      if (s.hi < 0) continue;
+      any = true;
+      const int64_t hi = s.hi;
+      int64_t lo = 0;
+      for (int64_t k = hi; k >= 1; --k) {
+        double tst = std::fabs(h(k - 1, k - 1)[l]) + std::fabs(h(k, k)[l]);
+        if (tst == 0.0) tst = s.anorm;
+        const double sub = std::fabs(h(k, k - 1)[l]);
+        if (sub <= ulp * tst || sub <= small) {
+          h(k, k - 1)[l] = 0.0;
+          lo = k;
+          break;
+        }
+      }
+      double* dst = outs[l];
+      if (lo == hi) {  // a 1 x 1 block
+        if (dst) dst[s.found] = std::fabs(h(hi, hi)[l]) * s.scale;
+        s.found += 1;
+        s.hi -= 1;
+        s.its = 0;
+        continue;
+      }
+      if (lo == hi - 1) {  // a 2 x 2 block
+        block2(h(hi - 1, hi - 1)[l], h(hi - 1, hi)[l], h(hi, hi - 1)[l], h(hi, hi)[l], &mag[l][0], &mag[l][1]);
+        if (dst) {
+          dst[s.found] = mag[l][0] * s.scale;
+          dst[s.found + 1] = mag[l][1] * s.scale;
+        }
+        s.found += 2;
+        s.hi -= 2;
+        s.its = 0;
+        continue;
+      }
+      if (++s.its > max_its) {
+        s.failed = true;
+        s.hi = -1;
+        continue;
+      }
+      // the shifts: the trailing 2 x 2 block's eigenvalues, or exceptional ones every 10 sweeps
+      double a, b, c, d;
+      if (s.its % 10 == 0) {
+        const double e = (s.its / 10) % 2 ? std::fabs(h(hi, hi - 1)[l]) + std::fabs(h(hi - 1, hi - 2)[l])
+                                          : std::fabs(h(lo + 1, lo)[l]) + std::fabs(h(lo + 2, lo + 1)[l]);
+        a = 0.75 * e + ((s.its / 10) % 2 ? h(hi, hi)[l] : h(lo, lo)[l]);
+        b = -0.4375 * e;
+        c = e;
+        d = a;
+      } else {
+        a = h(hi - 1, hi - 1)[l];
+        b = h(hi - 1, hi)[l];
+        c = h(hi, hi - 1)[l];
+        d = h(hi, hi)[l];
+      }
+      const double tr = a + d, det = a * d - b * c;
+      const double h00 = h(lo, lo)[l], h10 = h(lo + 1, lo)[l];
+      s.x = h00 * h00 + h(lo, lo + 1)[l] * h10 - tr * h00 + det;
+      s.y = h10 * (h00 + h(lo + 1, lo + 1)[l] - tr);
+      s.z = h10 * h(lo + 2, lo + 1)[l];
+      s.lo = lo;
+      s.sweep = true;
+      sweeps = true;
+      kmin = std::min(kmin, lo);
+      kmax = std::max(kmax, hi - 1);
+    }
+    if (!any) break;
+    if (!sweeps) continue;
+    // eigenvalues only: rows and columns of the sweeping windows (their union; outside a lane's
+    // own window the updates touch only its coupling blocks, which no eigenvalue reads)
+    int64_t cmax = 0;
+    for (int l = 0; l < kLanes; ++l)
+      if (L[l].sweep) cmax = std::max(cmax, L[l].hi);
+    // one double-shift sweep on every sweeping lane's window, chasing the bulge down
+    for (int64_t k = kmin; k <= kmax; ++k) {
+      V8 v0 = {}, v1 = {}, v2 = {}, beta = {};
+      bool fix[kLanes] = {};
+      double alpha[kLanes] = {};
+      bool third = false;  // some lane's reflection has three rows
+      for (int l = 0; l < kLanes; ++l) {
+        const Lane& s = L[l];
+        if (!s.sweep || k < s.lo || k > s.hi - 1) continue;
+        double x, y, z;
+        const bool three = k + 2 <= s.hi;
+        if (k == s.lo) {
+          x = s.x;
+          y = s.y;
+          z = three ? s.z : 0.0;
+        } else {
+          x = h(k, k - 1)[l];
+          y = h(k + 1, k - 1)[l];
+          z = three ? h(k + 2, k - 1)[l] : 0.0;
+          fix[l] = true;
+        }
+        double w[3], bt, al;
+        householder3(x, y, z, w, &bt, &al);
+        v0[l] = w[0];
+        v1[l] = w[1];
+        v2[l] = w[2];
+        beta[l] = bt;
+        alpha[l] = al;
+        third |= three;
+      }
+      const bool rows3 = third && k + 2 < n;
+      // rows k, k+1 (, k+2) from the left, columns k-1..
+      const int64_t c0 = std::max<int64_t>(0, k - 1);
+      V8* r0 = &h(k, 0);
+      V8* r1 = &h(k + 1, 0);
+      if (rows3) {
+        V8* r2 = &h(k + 2, 0);
+        for (int64_t c = c0; c <= cmax; ++c) {
+          const V8 t = (v0 * r0[c] + v1 * r1[c] + v2 * r2[c]) * beta;
+          r0[c] -= t * v0;
+          r1[c] -= t * v1;
+          r2[c] -= t * v2;
+        }
+      } else {
+        for (int64_t c = c0; c <= cmax; ++c) {
+          const V8 t = (v0 * r0[c] + v1 * r1[c]) * beta;
+          r0[c] -= t * v0;
+          r1[c] -= t * v1;
+        }
+      }
+      // columns k, k+1 (, k+2) from the right, rows kmin..k+3
+      const int64_t rend = std::min(cmax, k + 3);
+      for (int64_t r = kmin; r <= rend; ++r) {
+        V8* row = &h(r, 0);
+        if (rows3) {
+          const V8 t = (row[k] * v0 + row[k + 1] * v1 + row[k + 2] * v2) * beta;
+          row[k] -= t * v0;
+          row[k + 1] -= t * v1;
+          row[k + 2] -= t * v2;
+        } else {
+          const V8 t = (row[k] * v0 + row[k + 1] * v1) * beta;
+          row[k] -= t * v0;
+          row[k + 1] -= t * v1;
+        }
+      }
+      // the bulge's column k-1 as the reflection leaves it: (alpha, 0, 0) exactly
+      for (int l = 0; l < kLanes; ++l)
+        if (fix[l] && beta[l] != 0.0) {
+          h(k, k - 1)[l] = alpha[l];
+          h(k + 1, k - 1)[l] = 0.0;
+          if (k + 2 <= L[l].hi) h(k + 2, k - 1)[l] = 0.0;
+        }
+    }
+  }
+  for (int l = 0; l < count; ++l) {
+    ok[l] = !L[l].failed && L[l].found == n;
+    if (!ok[l])
+      for (int64_t q = 0; q < n; ++q) outs[l][q] = std::numeric_limits<double>::quiet_NaN();
+  }
+}
+
+using GroupFn = void (*)(const double* const*, int, int64_t, double* const*, uint8_t*, Buf&, Buf&);
+
+void group_generic(const double* const* m, int count, int64_t n, double* const* o, uint8_t* ok,
+                   Buf& H, Buf& w) {
+  group_body(m, count, n, o, ok, H, w);
+}
+#if EMBGEOM_X86
+EMBGEOM_AVX2 void group_avx2(const double* const* m, int count, int64_t n, double* const* o, uint8_t* ok,
+                             Buf& H, Buf& w) {
+  group_body(m, count, n, o, ok, H, w);
+}
+EMBGEOM_AVX512 void group_avx512(const double* const* m, int count, int64_t n, double* const* o, uint8_t* ok,
+                                 Buf& H, Buf& w) {
+  group_body(m, count, n, o, ok, H, w);
+}
+#endif
+
+GroupFn pick_group(const char** name) {
+#if EMBGEOM_X86
+  if (isa_level() == Isa::avx512) {
+    *name = "avx512";
+    return group_avx512;
+  }
+#endif
+  return pick_avx2_or_generic<GroupFn>(group_generic, EMBGEOM_IF_X86(group_avx2), "avx2", name);
+}
+
+}  // namespace
+
+const char* eigvals_abs_path() { return picked_name(pick_group); }
+
+void eigvals_abs(const double* a, int64_t k, int64_t n, double* out, uint8_t* ok, int threads) {
+  EMBGEOM_CHECK(k >= 0 && n >= 0, "eigvals_abs: bad shape");
+  if (k == 0 || n == 0) {
+    std::fill_n(ok, k, uint8_t(1));
+    return;
+  }
+  const char* name = "";
+  const GroupFn group = pick_group(&name);
+  const int64_t groups = (k + kLanes - 1) / kLanes;
+#ifdef EMBGEOM_OPENMP
+  if (threads <= 0) threads = omp_get_max_threads();
+#endif
+  (void)threads;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) if (groups > 1)
+  {
+    Buf H, work;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int count = int(std::min<int64_t>(kLanes, k - g * kLanes));
+      const double* mats[kLanes];
+      double* outs[kLanes];
+      for (int l = 0; l < kLanes; ++l) {
+        mats[l] = l < count ? a + (g * kLanes + l) * n * n : nullptr;
+        outs[l] = l < count ? out + (g * kLanes + l) * n : nullptr;
+      }
+      group(mats, count, n, outs, ok + g * kLanes, H, work);
+    }
+  }
+}
+
+}  // namespace embgeom
