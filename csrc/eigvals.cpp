@@ -5,6 +5,7 @@
 // computed lane by lane, and a lane that has nothing to do in a step gets the identity reflection
 // (beta = 0). The algorithm is the textbook one (Golub and Van Loan, Matrix Computations, 7.4-7.5):
 // - scale each matrix by a power of two near its largest magnitude (exact; undone at the end);
+// - balance it (rows and columns scaled by powers of two, as LAPACK's dgebal scales);
 // - Householder reduction to upper Hessenberg form;
 // - Francis double-shift QR sweeps on each matrix's active window [lo, hi], deflating a
 //   1 x 1 or 2 x 2 block at the bottom whenever a subdiagonal entry is negligible against its
@@ -18,7 +19,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 

@@ -5,8 +5,8 @@ namespace embgeom {
 
 // Eigenvalue magnitudes |lambda| of k real n x n matrices (row-major float64, matrix i at
 // a + i * n * n): out (k, n), each matrix's magnitudes in no particular order. The real
-// double-shift QR algorithm (Householder reduction to Hessenberg form, then Francis double-shift
-// sweeps with per-matrix deflation), run in lockstep over 8 matrices, one per vector lane
+// double-shift QR algorithm (balancing, Householder reduction to Hessenberg form, then Francis
+// double-shift sweeps with per-matrix deflation), run in lockstep over 8 matrices, one per vector lane
 // (docs/architecture.md, eigenvalues): the von Neumann entropy of `embgeom text --matrices`,
 // where LAPACK's dgeev took about 4.5 ms a 128 x 128 block one matrix at a time. ok[i] = 0 where
 // matrix i did not converge within 30 max(10, n) sweeps without a deflation, or holds a value
