@@ -219,7 +219,6 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
       L[l].hi = -1;
     }
   }
-  double mag[kLanes][2];
   while (true) {
     bool any = false, sweeps = false;
     int64_t kmin = n, kmax = -1;
@@ -252,10 +251,11 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
         goto again;
       }
       if (lo == hi - 1) {  // a 2 x 2 block
-        block2(h(hi - 1, hi - 1)[l], h(hi - 1, hi)[l], h(hi, hi - 1)[l], h(hi, hi)[l], &mag[l][0], &mag[l][1]);
+        double m1, m2;
+        block2(h(hi - 1, hi - 1)[l], h(hi - 1, hi)[l], h(hi, hi - 1)[l], h(hi, hi)[l], &m1, &m2);
         if (dst) {
-          dst[s.found] = mag[l][0] * s.scale;
-          dst[s.found + 1] = mag[l][1] * s.scale;
+          dst[s.found] = m1 * s.scale;
+          dst[s.found + 1] = m2 * s.scale;
         }
         s.found += 2;
         s.hi -= 2;

@@ -136,7 +136,7 @@ def sv_counts(a: np.ndarray, eps: float | None, small: float | None = None) -> t
 def eigenvalue_magnitudes(a: np.ndarray) -> np.ndarray:
     """|eigenvalues| (k, n) of square float64 blocks a (k, n, n), each row in no particular
     order: the C++ core's double-shift QR run in lockstep over 8 blocks (`eigvals_abs`, one
-    thread: the caller's lapack_map spreads the blocks over the cores; 2.7-4x faster than
+    thread: the caller's lapack_map spreads the blocks over the cores; 3-4x faster than
     numpy.linalg.eigvals one block at a time for 16-128 tokens, docs/architecture.md), with
     numpy.linalg.eigvals (LAPACK dgeev) for any block it gives up on, or without the core."""
     from ...backends.registry import cpp_kernel
