@@ -117,6 +117,45 @@ def test_few_queries_take_the_same_answers(metric, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("qdtype", ["float32", "float64-numpy", "float16"])
+def test_few_queries_numpy_path_equals_the_general_one(metric, dtype, qdtype):
+    """_search_few (up to SMALL_BATCH queries, numpy arrays) gives _search's answers bit for bit:
+    zero rows and a zero query (under dot and l2 it ties with every row), duplicates, a query equal to a row, k past n, n = 1, a cluster
+    of near-ties whose lists are too short for the margin (then it hands over to _search)."""
+    if index_module._rows_dot(torch.float32) is None:
+        pytest.skip("the C++ core is not built: _search_few does not apply")
+    cluster = make_rows(1, 24) + 1e-4 * make_rows(400, 24, seed=5)
+    cases = [(make_rows(700, 24, zero=(0, 9), dup=((3, 7), (5, 699))), 12),
+             (make_rows(5, 24, zero=(1,)), 9), (make_rows(1, 24), 3), (cluster, 10)]
+    for x, k in cases:
+        q = make_rows(4, 24, seed=3)
+        q[1] = x[min(3, x.shape[0] - 1)]
+        q[2] = 0
+        q = {"float32": q, "float64-numpy": q.double().numpy(), "float16": q.half()}[qdtype]
+        index = Index(x, metric=metric, dtype=dtype)
+        for rows in ([0], [1, 2], [0, 1, 2, 3]):
+            qr = q[rows]
+            few = index._search_few(qr, k, True)
+            want_v, want_i = index._search(qr, k, True, index._engine_candidates)
+            if x is cluster and dtype == torch.bfloat16:
+                continue  # (bf16 scans of the cluster may or may not be short: either way below)
+            if few is None:  # (a zero query ties with every row under dot and l2: too short)
+                assert x is cluster or (2 in rows and metric != "cosine"), "_search_few declined an ordinary search"
+                continue
+            assert torch.equal(few[1], want_i) and torch.equal(few[0].isnan(), want_v.isnan())
+            assert torch.equal(few[0].nan_to_num(), want_v.nan_to_num())
+        v, i = index.search(q, k, float64=True)  # whichever path takes it: exact
+        ref_v, ref_i = ref_topk(x, torch.as_tensor(q), k, metric)
+        assert_same_neighbours(v, i, ref_v, ref_i, tol=1e-9)  # (cdist's float64 product: not 1e-12)
+    bf = index_module.Index(make_rows(50, 24), metric=metric, dtype=dtype)
+    with pytest.raises(ValueError, match="k"):
+        bf.search(make_rows(1, 24), 0)
+    with pytest.raises(ValueError, match="queries"):
+        bf.search(make_rows(1, 23), 3)
+
+
+@pytest.mark.parametrize("metric", METRICS)
 def test_exact_ties_go_to_the_smaller_id(metric):
     x = make_rows(50, 16)
     x[10] = x[20] = x[30] = x[40]  # four equal rows
@@ -569,7 +608,7 @@ def test_many_queries_take_candidates_from_the_engine(metric, dtype, monkeypatch
     # one query: the engine only for a bf16 scan (a CPU with bf16 dot), the same neighbours
     taken.clear()
     one_v, one_i = index.search(q[4:5], 9)
-    assert (taken[0] is not None) == (index._scan_dtype() == torch.bfloat16)
+    assert (bool(taken) and taken[0] is not None) == (index._scan_dtype() == torch.bfloat16)  # (or _search_few)
     assert torch.equal(one_i, got_i[4:5]) and torch.equal(one_v, got_v[4:5])
     # the prepared rows follow the product kernel (EMBGEOM_CPU read per run) and the rows
     monkeypatch.setenv("EMBGEOM_CPU", "avx2")
