@@ -16,6 +16,7 @@
 #include "context.h"
 #include "pair_values.h"
 #include "eigvals.h"
+#include "sym_counts.h"
 #include "row_pairs.h"
 #include "rows_dot.h"
 #include "value_histogram.h"
@@ -180,6 +181,54 @@ py::tuple eigvals_abs(const py::array_t<double, py::array::c_style | py::array::
   return py::make_tuple(out, ok.attr("astype")("bool"));
 }
 
+using f64_c = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+py::tuple sym_tridiagonal(const f64_c& a, int threads) {
+  if (a.ndim() != 3 || a.shape(1) != a.shape(2))
+    throw std::invalid_argument("sym_tridiagonal: expected (k, n, n) float64, got " + std::to_string(a.ndim()) +
+                                " dims");
+  const int64_t k = a.shape(0), n = a.shape(1);
+  py::array_t<double> d({k, n}), e({k, std::max<int64_t>(0, n - 1)});
+  py::array_t<uint8_t> ok(k);
+  {
+    py::gil_scoped_release release;
+    embgeom::sym_tridiagonal(a.data(), k, n, d.mutable_data(), e.mutable_data(), ok.mutable_data(), threads);
+  }
+  return py::make_tuple(d, e, ok.attr("astype")("bool"));
+}
+
+// d (k, n), e (k, n - 1) float64: the shapes tridiag_count_below and tridiag_largest read
+static void check_tridiagonal(const f64_c& d, const f64_c& e, const char* fn) {
+  if (d.ndim() != 2 || e.ndim() != 2 || e.shape(0) != d.shape(0) || e.shape(1) != std::max<py::ssize_t>(0, d.shape(1) - 1))
+    throw std::invalid_argument(std::string(fn) + ": expected d (k, n) and e (k, n - 1) float64");
+}
+
+py::array_t<int64_t> tridiag_count_below(const f64_c& d, const f64_c& e, const f64_c& x) {
+  check_tridiagonal(d, e, "tridiag_count_below");
+  if (x.ndim() != 2 || x.shape(0) != d.shape(0))
+    throw std::invalid_argument("tridiag_count_below: expected x (k, T) float64 with k = d's rows");
+  const int64_t k = d.shape(0), n = d.shape(1), T = x.shape(1);
+  py::array_t<int64_t> out({k, T});
+  {
+    py::gil_scoped_release release;
+    embgeom::tridiag_count_below(d.data(), e.data(), k, n, x.data(), T, out.mutable_data());
+  }
+  return out;
+}
+
+py::array_t<double> tridiag_largest(const f64_c& d, const f64_c& e, const f64_c& tol) {
+  check_tridiagonal(d, e, "tridiag_largest");
+  if (tol.ndim() != 1 || tol.shape(0) != d.shape(0))
+    throw std::invalid_argument("tridiag_largest: expected tol (k,) float64 with k = d's rows");
+  const int64_t k = d.shape(0), n = d.shape(1);
+  py::array_t<double> out(k);
+  {
+    py::gil_scoped_release release;
+    embgeom::tridiag_largest(d.data(), e.data(), k, n, tol.data(), out.mutable_data());
+  }
+  return out;
+}
+
 py::array_t<double> row_moments(const py::array_t<float>& x) {
   EMBGEOM_CHECK(x.ndim() == 2 && x.shape(1) >= 1, "x: expected (N, D) float32 with D >= 1, got " << x.ndim()
                                                                                                  << " dims");
@@ -331,6 +380,7 @@ py::dict cpu_info() {
   d["attention_sums"] = std::string(embgeom::attention_sums_path());
   d["cone_index"] = std::string(embgeom::cone_index_path());
   d["eigvals"] = std::string(embgeom::eigvals_abs_path());
+  d["sym_tridiagonal"] = std::string(embgeom::sym_tridiagonal_path());
   return d;
 }
 
@@ -351,6 +401,13 @@ PYBIND11_MODULE(_C, m) {
         "Float64 row sums of two (N, D) float32 arrays -> (N, 4): |a|^2, |b|^2, |a - b|^2, a . b");
   m.def("eigvals_abs", &eigvals_abs, py::arg("a"), py::arg("threads") = 0,
         "(|eigenvalues| (k, n) float64, converged (k,) bool) of k real n x n matrices (lockstep QR)");
+  m.def("sym_tridiagonal", &sym_tridiagonal, py::arg("a"), py::arg("threads") = 0,
+        "(d (k, n), e (k, n - 1) float64, ok (k,) bool): k real symmetric n x n matrices (lower triangles read) "
+        "reduced to tridiagonal form (lockstep Householder)");
+  m.def("tridiag_count_below", &tridiag_count_below, py::arg("d"), py::arg("e"), py::arg("x"),
+        "Sturm counts: (k, T) int64, the eigenvalues of tridiagonal matrix i below x[i, t]");
+  m.def("tridiag_largest", &tridiag_largest, py::arg("d"), py::arg("e"), py::arg("tol"),
+        "(k,) float64 upper bounds hi on each tridiagonal matrix's largest eigenvalue, within tol[i] of it");
   m.def("row_moments", &row_moments, py::arg("x"),
         "Float64 mean and central moments of each row: x (N, D) float32 -> (N, 4): mean, m2, m3, m4");
   m.def("js_pair_sums", &js_pair_sums, py::arg("P"),

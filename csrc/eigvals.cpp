@@ -1,9 +1,9 @@
-// Eigenvalue magnitudes of many small nonsymmetric matrices, 8 at a time in the lanes of one
-// vector type (GCC vector extensions: one zmm register with AVX-512, two ymm with AVX2, four xmm
-// or NEON registers elsewhere). Every step of the algorithm runs on all 8 matrices at once; the
-// steps that depend on a matrix's values (the Householder vectors, deflation, the shifts) are
-// computed lane by lane, and a lane that has nothing to do in a step gets the identity reflection
-// (beta = 0). The algorithm is the textbook one (Golub and Van Loan, Matrix Computations, 7.4-7.5):
+// Eigenvalue magnitudes of many small nonsymmetric matrices, several at a time in the lanes of
+// one vector register (lanes.h: 8 with AVX-512, 4 with AVX2, 2 with SSE2 or NEON). Every step of
+// the algorithm runs on all of them at once; the steps that depend on a matrix's values (the
+// Householder vectors, deflation, the shifts) are computed lane by lane, and a lane that has
+// nothing to do in a step gets the identity reflection (beta = 0). The algorithm is the textbook
+// one (Golub and Van Loan, Matrix Computations, 7.4-7.5):
 // - scale each matrix by a power of two near its largest magnitude (exact; undone at the end);
 // - balance it (rows and columns scaled by powers of two, as LAPACK's dgebal scales);
 // - Householder reduction to upper Hessenberg form;
@@ -24,18 +24,17 @@
 
 #include "check.h"
 #include "cpu/isa.h"
+#include "lanes.h"
 
 #ifdef EMBGEOM_OPENMP
 #include <omp.h>
 #endif
 
-#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors by value in inlined helpers only
-
 namespace embgeom {
 namespace {
 
-constexpr int kLanes = 8;
-typedef double V8 __attribute__((vector_size(8 * kLanes)));
+using lanes::Buf;
+using lanes::kMaxLanes;
 
 #define EIG_INLINE __attribute__((always_inline)) inline
 
@@ -85,23 +84,14 @@ EIG_INLINE void householder3(double x, double y, double z, double* v, double* be
   *alpha = a * m;
 }
 
-// A thread's buffer of V8s, 64-byte aligned (std::vector<V8> is not: its allocator takes the
-// alignment of the build's baseline, and an AVX-512 load of a misaligned element faults).
-struct Buf {
-  std::vector<double> raw;
-  V8* zeroed(size_t count) {
-    raw.assign(count * kLanes + 8, 0.0);  // (+ 64 bytes: room to align)
-    const uintptr_t at = (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63);
-    return reinterpret_cast<V8*>(at);
-  }
-};
-
+template <int kLanes>
 EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, double* const* outs, uint8_t* ok,
                            Buf& hbuf, Buf& wbuf) {
-  V8* H = hbuf.zeroed(size_t(n * n));
-  V8* const work = wbuf.zeroed(size_t(2 * n));
+  using Vec = typename lanes::F64<kLanes>::type;  // (kLanes wide: the target's registers)
+  Vec* H = hbuf.zeroed<Vec>(size_t(n * n));
+  Vec* const work = wbuf.zeroed<Vec>(size_t(2 * n));
   Lane L[kLanes];
-  auto h = [&](int64_t r, int64_t c) -> V8& { return H[r * n + c]; };
+  auto h = [&](int64_t r, int64_t c) -> Vec& { return H[r * n + c]; };
   // load, each lane scaled by a power of two near its largest magnitude
   for (int l = 0; l < kLanes; ++l) {
     if (l >= count) continue;  // a zero matrix: deflates at once, written nowhere
@@ -114,8 +104,8 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
     const double inv = L[l].failed ? 0.0 : 1.0 / L[l].scale;
     for (int64_t q = 0; q < n * n; ++q) H[q][l] = mats[l][q] * inv;
   }
-  V8* v = work;
-  V8* p = work + n;
+  Vec* v = work;
+  Vec* p = work + n;
   // Balancing (Parlett and Reinsch, as LAPACK's dgebal scales): row i times 1/f and column i
   // times f, f a power of two, until the off-diagonal 1-norms of each row and column are within
   // a factor 2 of each other; peaked attention rows (one large entry a row) made the computed
@@ -123,14 +113,14 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
   for (int pass = 0; pass < 100; ++pass) {
     bool changed = false;
     for (int64_t i = 0; i < n; ++i) {
-      V8 c = {}, r = {};
+      Vec c = {}, r = {};
       for (int64_t j = 0; j < n; ++j) {
         if (j == i) continue;
-        const V8 cj = h(j, i), rj = h(i, j);
+        const Vec cj = h(j, i), rj = h(i, j);
         c += cj < 0 ? -cj : cj;
         r += rj < 0 ? -rj : rj;
       }
-      V8 f;
+      Vec f;
       bool any = false;
       for (int l = 0; l < kLanes; ++l) {
         double cl = c[l], rl = r[l], fl = 1.0;
@@ -154,7 +144,7 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
       }
       if (!any) continue;
       changed = true;
-      const V8 g = 1.0 / f;
+      const Vec g = 1.0 / f;
       for (int64_t j = 0; j < n; ++j) h(i, j) *= g;
       for (int64_t j = 0; j < n; ++j) h(j, i) *= f;
     }
@@ -162,11 +152,11 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
   }
   // Householder reduction to upper Hessenberg form
   for (int64_t j = 0; j + 2 < n; ++j) {
-    V8 ss = {};
+    Vec ss = {};
     for (int64_t i = j + 1; i < n; ++i) ss += h(i, j) * h(i, j);
-    V8 beta = {}, alpha = {};
-    const V8 x0 = h(j + 1, j);
-    V8 v0 = {};
+    Vec beta = {}, alpha = {};
+    const Vec x0 = h(j + 1, j);
+    Vec v0 = {};
     for (int l = 0; l < kLanes; ++l) {
       const double nrm = std::sqrt(ss[l]);
       const double a = x0[l] >= 0.0 ? -nrm : nrm;
@@ -179,16 +169,16 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
     v[j + 1] = v0;
     for (int64_t i = j + 2; i < n; ++i) v[i] = h(i, j);
     // from the left: rows j+1.., columns j+1.. (column j becomes (alpha, 0, ...))
-    for (int64_t c = j + 1; c < n; ++c) p[c] = V8{};
+    for (int64_t c = j + 1; c < n; ++c) p[c] = Vec{};
     for (int64_t i = j + 1; i < n; ++i) {
-      const V8 vi = v[i];
-      const V8* row = &h(i, 0);
+      const Vec vi = v[i];
+      const Vec* row = &h(i, 0);
       for (int64_t c = j + 1; c < n; ++c) p[c] += vi * row[c];
     }
     for (int64_t c = j + 1; c < n; ++c) p[c] *= beta;
     for (int64_t i = j + 1; i < n; ++i) {
-      const V8 vi = v[i];
-      V8* row = &h(i, 0);
+      const Vec vi = v[i];
+      Vec* row = &h(i, 0);
       for (int64_t c = j + 1; c < n; ++c) row[c] -= vi * p[c];
     }
     // column j: alpha where the reflection acts, as it was where it is the identity
@@ -199,8 +189,8 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
       }
     // from the right: every row, columns j+1..
     for (int64_t r = 0; r < n; ++r) {
-      V8* row = &h(r, 0);
-      V8 q = {};
+      Vec* row = &h(r, 0);
+      Vec q = {};
       for (int64_t i = j + 1; i < n; ++i) q += row[i] * v[i];
       q *= beta;
       for (int64_t i = j + 1; i < n; ++i) row[i] -= q * v[i];
@@ -302,7 +292,7 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
       if (L[l].sweep) cmax = std::max(cmax, L[l].hi);
     // one double-shift sweep on every sweeping lane's window, chasing the bulge down
     for (int64_t k = kmin; k <= kmax; ++k) {
-      V8 v0 = {}, v1 = {}, v2 = {}, beta = {};
+      Vec v0 = {}, v1 = {}, v2 = {}, beta = {};
       bool fix[kLanes] = {};
       double alpha[kLanes] = {};
       bool third = false;  // some lane's reflection has three rows
@@ -333,19 +323,19 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
       const bool rows3 = third && k + 2 < n;
       // rows k, k+1 (, k+2) from the left, columns k-1..
       const int64_t c0 = std::max<int64_t>(0, k - 1);
-      V8* r0 = &h(k, 0);
-      V8* r1 = &h(k + 1, 0);
+      Vec* r0 = &h(k, 0);
+      Vec* r1 = &h(k + 1, 0);
       if (rows3) {
-        V8* r2 = &h(k + 2, 0);
+        Vec* r2 = &h(k + 2, 0);
         for (int64_t c = c0; c <= cmax; ++c) {
-          const V8 t = (v0 * r0[c] + v1 * r1[c] + v2 * r2[c]) * beta;
+          const Vec t = (v0 * r0[c] + v1 * r1[c] + v2 * r2[c]) * beta;
           r0[c] -= t * v0;
           r1[c] -= t * v1;
           r2[c] -= t * v2;
         }
       } else {
         for (int64_t c = c0; c <= cmax; ++c) {
-          const V8 t = (v0 * r0[c] + v1 * r1[c]) * beta;
+          const Vec t = (v0 * r0[c] + v1 * r1[c]) * beta;
           r0[c] -= t * v0;
           r1[c] -= t * v1;
         }
@@ -353,14 +343,14 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
       // columns k, k+1 (, k+2) from the right, rows kmin..k+3
       const int64_t rend = std::min(cmax, k + 3);
       for (int64_t r = kmin; r <= rend; ++r) {
-        V8* row = &h(r, 0);
+        Vec* row = &h(r, 0);
         if (rows3) {
-          const V8 t = (row[k] * v0 + row[k + 1] * v1 + row[k + 2] * v2) * beta;
+          const Vec t = (row[k] * v0 + row[k + 1] * v1 + row[k + 2] * v2) * beta;
           row[k] -= t * v0;
           row[k + 1] -= t * v1;
           row[k + 2] -= t * v2;
         } else {
-          const V8 t = (row[k] * v0 + row[k + 1] * v1) * beta;
+          const Vec t = (row[k] * v0 + row[k + 1] * v1) * beta;
           row[k] -= t * v0;
           row[k + 1] -= t * v1;
         }
@@ -385,27 +375,28 @@ using GroupFn = void (*)(const double* const*, int, int64_t, double* const*, uin
 
 void group_generic(const double* const* m, int count, int64_t n, double* const* o, uint8_t* ok,
                    Buf& H, Buf& w) {
-  group_body(m, count, n, o, ok, H, w);
+  group_body<2>(m, count, n, o, ok, H, w);
 }
 #if EMBGEOM_X86
 EMBGEOM_AVX2 void group_avx2(const double* const* m, int count, int64_t n, double* const* o, uint8_t* ok,
                              Buf& H, Buf& w) {
-  group_body(m, count, n, o, ok, H, w);
+  group_body<4>(m, count, n, o, ok, H, w);
 }
 EMBGEOM_AVX512 void group_avx512(const double* const* m, int count, int64_t n, double* const* o, uint8_t* ok,
                                  Buf& H, Buf& w) {
-  group_body(m, count, n, o, ok, H, w);
+  group_body<8>(m, count, n, o, ok, H, w);
 }
 #endif
 
-GroupFn pick_group(const char** name) {
+lanes::Picked<GroupFn> pick_group(const char** name) {
 #if EMBGEOM_X86
   if (isa_level() == Isa::avx512) {
     *name = "avx512";
-    return group_avx512;
+    return {group_avx512, 8};
   }
 #endif
-  return pick_avx2_or_generic<GroupFn>(group_generic, EMBGEOM_IF_X86(group_avx2), "avx2", name);
+  const GroupFn fn = pick_avx2_or_generic<GroupFn>(group_generic, EMBGEOM_IF_X86(group_avx2), "avx2", name);
+  return {fn, fn == group_generic ? 2 : 4};
 }
 
 }  // namespace
@@ -419,8 +410,9 @@ void eigvals_abs(const double* a, int64_t k, int64_t n, double* out, uint8_t* ok
     return;
   }
   const char* name = "";
-  const GroupFn group = pick_group(&name);
-  const int64_t groups = (k + kLanes - 1) / kLanes;
+  const lanes::Picked<GroupFn> pick = pick_group(&name);
+  const int W = pick.lanes;
+  const int64_t groups = (k + W - 1) / W;
 #ifdef EMBGEOM_OPENMP
   if (threads <= 0) threads = omp_get_max_threads();
 #endif
@@ -430,14 +422,14 @@ void eigvals_abs(const double* a, int64_t k, int64_t n, double* out, uint8_t* ok
     Buf H, work;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < groups; ++g) {
-      const int count = int(std::min<int64_t>(kLanes, k - g * kLanes));
-      const double* mats[kLanes];
-      double* outs[kLanes];
-      for (int l = 0; l < kLanes; ++l) {
-        mats[l] = l < count ? a + (g * kLanes + l) * n * n : nullptr;
-        outs[l] = l < count ? out + (g * kLanes + l) * n : nullptr;
+      const int count = int(std::min<int64_t>(W, k - g * W));
+      const double* mats[kMaxLanes];
+      double* outs[kMaxLanes];
+      for (int l = 0; l < W; ++l) {
+        mats[l] = l < count ? a + (g * W + l) * n * n : nullptr;
+        outs[l] = l < count ? out + (g * W + l) * n : nullptr;
       }
-      group(mats, count, n, outs, ok + g * kLanes, H, work);
+      pick.fn(mats, count, n, outs, ok + g * W, H, work);
     }
   }
 }

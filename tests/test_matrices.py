@@ -226,14 +226,26 @@ def _with_singular_values(rng, m, n, s):
     return (u * np.asarray(s)) @ v.T
 
 
-def test_gram_counts_equal_svd_counts(monkeypatch):
+@pytest.mark.parametrize("path", ["avx512", "avx2", "generic", "numpy"])
+def test_gram_counts_equal_svd_counts(monkeypatch, path):
     """sv_counts (the eigenvalues of the smaller Gram matrix, an SVD only for matrices with a
     squared singular value within its error band of a threshold) counts exactly what numpy's SVD
     counts: random tall, wide and square matrices, float32 rank-deficient products, duplicate
     rows, an all-zero matrix, peaked softmax blocks, and singular values placed within 1e-9,
-    1e-6 and 1e-3 (relative) of both thresholds (the SVD must decide the first two)."""
+    1e-6 and 1e-3 (relative) of both thresholds (the SVD must decide the first two). On the C++
+    core's tridiagonal forms and Sturm counts at each vector level (EMBGEOM_CPU; a level above
+    the CPU's runs its best), and on numpy's eigvalsh without them."""
     from embgeom.analysis.heads import matrices
     from embgeom.analysis.heads.matrices import SMALL_SINGULAR, sv_counts
+
+    if path == "numpy":
+        monkeypatch.setattr(matrices, "_gram_counts", lambda *args: None)
+    else:
+        from embgeom.backends.registry import cpp_kernel
+
+        if cpp_kernel("sym_tridiagonal") is None:
+            pytest.skip("the C++ core is not built")
+        monkeypatch.setenv("EMBGEOM_CPU", path)
 
     svd_rows = []
     real_svd = np.linalg.svd

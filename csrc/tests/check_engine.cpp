@@ -15,6 +15,7 @@
 #include "attention.h"
 #include "cone_index.h"
 #include "eigvals.h"
+#include "sym_counts.h"
 #include "cpu/isa.h"
 #include "numerics.h"
 #include "pairwise/engine.h"
@@ -354,6 +355,79 @@ static void check_eigvals(int64_t n) {
   }
 }
 
+// tridiagonal forms of symmetric matrices of known spectra: Q diag(lambda) Q^T with Q a product
+// of two Householder reflections, lambda with repeats, zeros and both signs, one matrix all zero,
+// one scaled to 1e-200 (the power-of-two scaling); k = 11 (a partial group at every width). The
+// counts and the largest eigenvalue on the tridiagonal forms equal those of lambda.
+static void check_sym_tridiagonal(int64_t n) {
+  const int64_t k = 11;
+  std::vector<double> a(k * n * n, 0.0), want(k * n, 0.0);
+  std::mt19937 gen{static_cast<unsigned>(100 + n)};
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (int64_t m = 0; m < k; ++m) {
+    double* A = a.data() + m * n * n;
+    double* w = want.data() + m * n;
+    if (m == 3) continue;  // all zero
+    const double scale = m == 5 ? 1e-200 : 1.0;
+    for (int64_t i = 0; i < n; ++i) w[i] = scale * (i % 4 == 3 ? 0.0 : double((i * 7 + m) % 5) - 1.5);
+    std::vector<double> Q(n * n, 0.0);
+    for (int64_t i = 0; i < n; ++i) Q[i * n + i] = 1.0;
+    for (int refl = 0; refl < 2; ++refl) {  // Q = Q (I - 2 x x^T / x^T x)
+      std::vector<double> x(n);
+      double xx = 0.0;
+      for (auto& xi : x) {
+        xi = u(gen);
+        xx += xi * xi;
+      }
+      for (int64_t r = 0; r < n; ++r) {
+        double qx = 0.0;
+        for (int64_t c = 0; c < n; ++c) qx += Q[r * n + c] * x[c];
+        for (int64_t c = 0; c < n; ++c) Q[r * n + c] -= 2.0 * qx * x[c] / xx;
+      }
+    }
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < n; ++c) {
+        double s = 0.0;
+        for (int64_t q = 0; q < n; ++q) s += Q[r * n + q] * w[q] * Q[c * n + q];
+        A[r * n + c] = s;
+      }
+    std::sort(w, w + n);
+  }
+  std::vector<double> d(k * n), e(k * std::max<int64_t>(0, n - 1));
+  std::vector<uint8_t> ok(k);
+  sym_tridiagonal(a.data(), k, n, d.data(), e.data(), ok.data(), 2);
+  std::vector<double> tol(k, 0.0), hi(k);
+  tridiag_largest(d.data(), e.data(), k, n, tol.data(), hi.data());
+  // thresholds between the distinct eigenvalues -1.5, -0.5, 0, 0.5, 1.5, 2.5 (times the scale)
+  const double cuts[] = {-2.0, -1.0, -0.25, 0.25, 1.0, 2.0, 3.0};
+  const int64_t T = 7;
+  std::vector<double> x(k * T);
+  for (int64_t m = 0; m < k; ++m)
+    for (int64_t t = 0; t < T; ++t) x[m * T + t] = cuts[t] * (m == 5 ? 1e-200 : 1.0);
+  std::vector<int64_t> counts(k * T);
+  tridiag_count_below(d.data(), e.data(), k, n, x.data(), T, counts.data());
+  for (int64_t m = 0; m < k; ++m) {
+    const double* w = want.data() + m * n;
+    const double s = m == 5 ? 1e-200 : 1.0;
+    CHECK(ok[m], "sym_tridiagonal n=%lld matrix %lld: not ok", (long long)n, (long long)m);
+    double trace = 0.0, want_trace = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      trace += d[m * n + i];
+      want_trace += w[i];
+    }
+    CHECK(std::fabs(trace - want_trace) <= 1e-12 * n * s, "sym_tridiagonal n=%lld matrix %lld: trace %.17g, want %.17g",
+          (long long)n, (long long)m, trace, want_trace);
+    CHECK(std::fabs(hi[m] - w[n - 1]) <= 1e-12 * n * s && hi[m] >= w[n - 1] - 1e-12 * n * s,
+          "tridiag_largest n=%lld matrix %lld: %.17g, want %.17g", (long long)n, (long long)m, hi[m], w[n - 1]);
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t below = 0;
+      for (int64_t i = 0; i < n; ++i) below += w[i] < x[m * T + t];
+      CHECK(counts[m * T + t] == below, "tridiag_count_below n=%lld matrix %lld x=%g: %lld, want %lld", (long long)n,
+            (long long)m, x[m * T + t], (long long)counts[m * T + t], (long long)below);
+    }
+  }
+}
+
 int main() {
   std::printf("vector level %s (%s), product %s, fused pass %s, entropy %s, cone %s\n",
               isa_name(isa_level()), cpu_features().c_str(), select_kernel(false).name,
@@ -364,7 +438,7 @@ int main() {
                 return PairwiseEngine(&one, 1, nullptr, 0, 1, o).fused_name();
               }(),
               attention_entropy_path(), cone_index_path());
-  std::printf("eigenvalues %s\n", eigvals_abs_path());
+  std::printf("eigenvalues %s, symmetric tridiagonal %s\n", eigvals_abs_path(), sym_tridiagonal_path());
   check_pairwise(41, 13, 16, 1);
   check_pairwise(70, 37, 7, 2);
   check_pairwise(129, 5, 64, 3);
@@ -376,6 +450,7 @@ int main() {
   check_entropy(2, 3, 37);
   check_entropy(1, 2, 5);
   for (int64_t n : {1, 2, 3, 6, 9, 20}) check_eigvals(n);
+  for (int64_t n : {1, 2, 3, 5, 16, 33}) check_sym_tridiagonal(n);
   embgeom_checks::check_kernels();
   if (failures) {
     std::printf("%d checks failed\n", failures);

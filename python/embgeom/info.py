@@ -86,7 +86,8 @@ def main(args) -> int:
         if "context_argmax" in cpu:  # the text kernels of `embgeom text` (context similarity, evolution)
             print(f"  text: context_argmax {cpu['context_argmax']}; row_pair_sums {cpu.get('row_pair_sums', 'n/a')}; "
                   f"attention_sums {cpu.get('attention_sums', 'n/a')}; js_pair_sums {cpu.get('js_pair_sums', 'n/a')}; "
-                  f"eigenvalues (--matrices) {cpu.get('eigvals', 'n/a')}")
+                  f"--matrices: eigenvalues {cpu.get('eigvals', 'n/a')}, Gram counts "
+                  f"{cpu.get('sym_tridiagonal', 'n/a')}")
         from .index import BF16_ROWS_SCAN, ENGINE_BATCH, ENGINE_BATCH_BF16, SMALL_BATCH
 
         scan = f"rows_dot {cpu.get('rows_dot', 'n/a')}"

@@ -1,0 +1,45 @@
+#pragma once
+// Small float64 matrices processed in lockstep, one per vector lane: W lanes, W the target's
+// register width in doubles (8 inside EMBGEOM_AVX512 functions, 4 inside EMBGEOM_AVX2 ones, 2
+// for SSE2 and NEON). A vector wider than the target's registers is not split cleanly (cpu/simd.h):
+// eight lanes in an AVX2 function kept their accumulators in memory, moved through general
+// registers, and ran eigvals_abs 3x slower than the AVX-512 build and 1.7x slower than SSE2.
+// Shared by eigvals.cpp and sym_counts.cpp.
+#include <cstdint>
+#include <vector>
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors by value in inlined helpers only
+
+namespace embgeom {
+namespace lanes {
+
+constexpr int kMaxLanes = 8;
+
+template <int W>
+struct F64 {
+  static_assert(W == 2 || W == 4 || W == 8, "2, 4 or 8 float64 lanes");
+  typedef double type __attribute__((vector_size(8 * W)));
+};
+
+// A thread's buffer of vectors, 64-byte aligned (std::vector of a vector type is not: its
+// allocator takes the alignment of the build's baseline, and an AVX-512 load of a misaligned
+// element faults).
+struct Buf {
+  std::vector<double> raw;
+  template <class V>
+  V* zeroed(size_t count) {
+    raw.assign(count * (sizeof(V) / sizeof(double)) + 8, 0.0);  // (+ 64 bytes: room to align)
+    const uintptr_t at = (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63);
+    return reinterpret_cast<V*>(at);
+  }
+};
+
+// A group kernel and its lane count, as a level's pick gives them.
+template <class Fn>
+struct Picked {
+  Fn fn;
+  int lanes;
+};
+
+}  // namespace lanes
+}  // namespace embgeom
