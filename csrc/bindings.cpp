@@ -54,15 +54,22 @@ MapDims map_dims(const f32_array& p) {
   return {p.shape(0), p.shape(1), p.shape(2)};
 }
 
-py::tuple cone_unit_sums(const f32_array& x, const std::optional<u8_array>& mask) {
-  EMBGEOM_CHECK(x.ndim() == 3, "x: expected (B, T, D), got " << x.ndim() << " dims");
-  const int64_t B = x.shape(0), T = x.shape(1), D = x.shape(2);
+// x (B, T, D) or (G, B, T, D) float32, any strides but D's (contiguous): read in place
+py::tuple cone_unit_sums(const py::array_t<float>& x, const std::optional<u8_array>& mask) {
+  EMBGEOM_CHECK(x.ndim() == 3 || x.ndim() == 4, "x: expected (B, T, D) or (G, B, T, D), got " << x.ndim() << " dims");
+  const int lead = int(x.ndim()) - 3;
+  const int64_t G = lead ? x.shape(0) : 1, B = x.shape(lead), T = x.shape(lead + 1), D = x.shape(lead + 2);
+  const int64_t f = sizeof(float);
+  EMBGEOM_CHECK((D <= 1 || x.strides(lead + 2) == f) && x.strides(lead) % f == 0 && x.strides(lead + 1) % f == 0 &&
+                    (!lead || x.strides(0) % f == 0),
+                "x: the last dimension must be contiguous");
+  const int64_t sg = lead ? x.strides(0) / f : 0, sb = x.strides(lead) / f, st = x.strides(lead + 1) / f;
   const uint8_t* m = mask_ptr(mask, B, T);
-  py::array_t<double> sums({B, D});
-  py::array_t<int64_t> used(B), zero(B);
+  py::array_t<double> sums({G * B, D});
+  py::array_t<int64_t> used(G * B), zero(G * B);
   {
     py::gil_scoped_release release;
-    embgeom::cone_unit_sums(x.data(), B, T, D, m, sums.mutable_data(), used.mutable_data(),
+    embgeom::cone_unit_sums(x.data(), G, B, T, D, sg, sb, st, m, sums.mutable_data(), used.mutable_data(),
                             zero.mutable_data());
   }
   return py::make_tuple(sums, used, zero);
@@ -390,8 +397,8 @@ PYBIND11_MODULE(_C, m) {
   load_openblas();
   m.doc() = "embgeom C++ core (CPU kernels, OpenMP)";
   m.def("cone_unit_sums", &cone_unit_sums, py::arg("x"), py::arg("mask") = py::none(),
-        "Sum of unit vectors per set: x (B, T, D) float32, mask (B, T) uint8 -> "
-        "(sums (B, D) float64, used (B,) int64, zero_rows (B,) int64)");
+        "Sum of unit vectors per set: x (B, T, D) or (G, B, T, D) float32 (strided, D contiguous), mask (B, T) "
+        "uint8 -> (sums (G * B, D) float64, used (G * B,) int64, zero_rows (G * B,) int64)");
   m.def("context_argmax", &context_argmax, py::arg("head_out"), py::arg("mask") = py::none(),
         "Context similarity's argmax: head_out (B, H, T, d) float32, mask (B, T) uint8 -> (B, H, T) int64");
   m.def("attention_sums", &attention_sums, py::arg("attn"), py::arg("mask"), py::arg("keys"), py::arg("other"),

@@ -30,6 +30,33 @@ def test_cone_index_tuple_of_hidden_states_and_stream():
 
 
 @pytest.mark.parametrize("cap", CPU_CAPS)
+def test_cpp_cone_sums_read_groups_in_place(cap, monkeypatch):
+    """The C++ cone sums of a (G, B, T, d) permuted view (a layer's head outputs (B, T, H, d) read
+    in place, `embgeom text`) equal those of its contiguous copy bit for bit, and torch's float64
+    sums over (G * B, T, d) with the mask repeated: padding, zero rows, a chunk boundary
+    (T > 512), d not a multiple of 8; every vector level."""
+    from embgeom.backends import cpp as cpp_backend
+    from embgeom.backends.torch import torch_cone_unit_sums
+
+    if cpp_backend.cpp() is None:
+        pytest.skip("the C++ core is not built")
+    monkeypatch.setenv("EMBGEOM_CPU", cap)
+    for B, T, H, d in ((3, 9, 4, 5), (2, 600, 3, 32)):
+        x = torch.randn(B, T, H, d, generator=torch.Generator().manual_seed(T + d))
+        x[1, 2] = 0                                                  # zero rows in every group
+        mask = torch.ones(B, T, dtype=torch.bool)
+        mask[0, T - 3:] = False
+        view = x.permute(2, 0, 1, 3)                                 # (H, B, T, d), not contiguous
+        got = cpp_backend.cone_unit_sums(view, mask)
+        same = cpp_backend.cone_unit_sums(view.contiguous(), mask)
+        want = torch_cone_unit_sums(view.reshape(-1, T, d), mask.repeat(H, 1))
+        for g, c, w in zip(got, same, want):
+            assert torch.equal(g, c)
+            torch.testing.assert_close(g.double(), w.double(), rtol=1e-12, atol=1e-12)
+        assert got[2].tolist() == ([0, 1] if B == 2 else [0, 1, 0]) * H  # zero rows: b = 1, every group
+
+
+@pytest.mark.parametrize("cap", CPU_CAPS)
 def test_cpp_entropy_scalar_path_matches_vector_path(cap, monkeypatch):
     """The scalar std::log loop (EMBGEOM_SCALAR_ENTROPY) and the vector path of each level
     (both variables are read on every call)."""

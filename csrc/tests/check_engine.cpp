@@ -241,13 +241,23 @@ static void check_hist_edges(double lo, double hi, int64_t bins) {
         (long long)bins, (long long)wrong);
 }
 
+// contiguous sets, and the same sets read in place as G = 2 groups of a (B, T, G, D) layout (a
+// hook's head outputs), group g's rows scaled by g + 1 (the same unit vectors)
 static void check_cone(int64_t B, int64_t T, int64_t D) {
   std::vector<float> x = randn(B * T * D, 7);
   std::vector<uint8_t> mask(B * T, 1);
   if (B > 1) mask[T + T / 2] = 0;
   std::vector<double> sums(B * D);
   std::vector<int64_t> used(B), zero(B);
-  cone_unit_sums(x.data(), B, T, D, mask.data(), sums.data(), used.data(), zero.data());
+  cone_unit_sums(x.data(), 1, B, T, D, 0, T * D, D, mask.data(), sums.data(), used.data(), zero.data());
+  const int64_t G = 2;
+  std::vector<float> xg(B * T * G * D);
+  for (int64_t r = 0; r < B * T; ++r)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t k = 0; k < D; ++k) xg[(r * G + g) * D + k] = float(g + 1) * x[r * D + k];
+  std::vector<double> gsums(G * B * D);
+  std::vector<int64_t> gused(G * B), gzero(G * B);
+  cone_unit_sums(xg.data(), G, B, T, D, D, T * G * D, G * D, mask.data(), gsums.data(), gused.data(), gzero.data());
   for (int64_t b = 0; b < B; ++b) {
     std::vector<double> ref(D, 0.0);
     int64_t nu = 0;
@@ -260,6 +270,12 @@ static void check_cone(int64_t B, int64_t T, int64_t D) {
     }
     CHECK(used[b] == nu && zero[b] == 0, "cone counts");
     for (int64_t k = 0; k < D; ++k) CHECK(std::fabs(sums[b * D + k] - ref[k]) <= 1e-9 * T, "cone sum");
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t set = g * B + b;
+      CHECK(gused[set] == nu && gzero[set] == 0, "cone counts, strided groups");
+      for (int64_t k = 0; k < D; ++k)
+        CHECK(std::fabs(gsums[set * D + k] - ref[k]) <= 1e-9 * T, "cone sum, strided groups");
+    }
   }
 }
 

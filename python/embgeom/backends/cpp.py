@@ -24,8 +24,15 @@ def prepare_columns(y: torch.Tensor, metric: str, precision: str, threads: int =
 
 
 def cone_unit_sums(x: torch.Tensor, mask: torch.Tensor | None):
-    sums, used, zero = cpp().cone_unit_sums(_f32(x), _mask_u8(mask))
+    """x (B, T, D), or (G, B, T, D): G groups of B sets sharing mask (B, T) (takes_groups), read in
+    place where it is float32 with D contiguous (a layer's head outputs as a permuted view)."""
+    a = x.detach()
+    a = a.numpy() if a.dtype == torch.float32 and (a.shape[-1] <= 1 or a.stride(-1) == 1) else _f32(a)
+    sums, used, zero = cpp().cone_unit_sums(a, _mask_u8(mask))
     return torch.from_numpy(sums), torch.from_numpy(used), torch.from_numpy(zero)
+
+
+cone_unit_sums.takes_groups = True
 
 
 def row_entropy(attn: torch.Tensor, mask: torch.Tensor | None, smoothing: float = 0.0):
