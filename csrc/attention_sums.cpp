@@ -4,6 +4,7 @@
 
 #include "check.h"
 #include "cpu/isa.h"
+#include "cpu/simd.h"
 
 namespace embgeom {
 namespace {
@@ -11,9 +12,50 @@ namespace {
 constexpr int kLanes = 8;    // partial sums per dot product (plain arrays the compiler vectorises)
 constexpr int kMaxKeys = 8;
 
-// One (b, h) map. kf (K x Tp floats) and of (Tp floats): the key indicators and `other` as
+// The K key masses of one padded row: kLanes partial sums a key, all K keys in one pass over the
+// row (K independent chains of additions; a key at a time was one chain waiting on each add,
+// most of the kernel's time), each key's sums in the same order as a key at a time.
+template <int K, int W>
+__attribute__((always_inline)) inline void key_masses_k(const float* padded, int64_t Tp, const float* kf,
+                                                        float* mass) {
+  // the kLanes partial sums of a key in kLanes / W vectors of the target's width (cpu/simd.h:
+  // plain arrays of accumulators were kept on the stack)
+  using f32 = typename simd::Lanes<W>::f32;
+  constexpr int V = kLanes / W;
+  f32 acc[K][V] = {};
+  for (int64_t j = 0; j < Tp; j += kLanes)
+    for (int v = 0; v < V; ++v) {
+      const f32 x = simd::load<f32>(padded + j + v * W);
+      for (int k = 0; k < K; ++k) acc[k][v] += x * simd::load<f32>(kf + k * Tp + j + v * W);
+    }
+  for (int k = 0; k < K; ++k) {
+    float m = 0.0f;
+    for (int l = 0; l < kLanes; ++l) m += acc[k][l / W][l % W];
+    mass[k] = m;
+  }
+}
+
+template <int W>
+__attribute__((always_inline)) inline void key_masses(const float* padded, int64_t Tp, const float* kf, int64_t K,
+                                                      float* mass) {
+  static_assert(kMaxKeys == 8, "one case per key count");
+  switch (K) {
+    case 0: return;
+    case 1: return key_masses_k<1, W>(padded, Tp, kf, mass);
+    case 2: return key_masses_k<2, W>(padded, Tp, kf, mass);
+    case 3: return key_masses_k<3, W>(padded, Tp, kf, mass);
+    case 4: return key_masses_k<4, W>(padded, Tp, kf, mass);
+    case 5: return key_masses_k<5, W>(padded, Tp, kf, mass);
+    case 6: return key_masses_k<6, W>(padded, Tp, kf, mass);
+    case 7: return key_masses_k<7, W>(padded, Tp, kf, mass);
+    default: return key_masses_k<8, W>(padded, Tp, kf, mass);
+  }
+}
+
+// One (b, h) map (W: the target's float lanes, cpu/simd.h). kf (K x Tp floats) and of (Tp floats): the key indicators and `other` as
 // 0/1 weights, zero past T; Tp = T rounded up to kLanes. Float32 sums within a row, float64
 // across rows.
+template <int W>
 __attribute__((always_inline)) inline void map_sums(const float* p, int64_t T, int64_t Tp, const uint8_t* mask,
                                                     const float* kf, int64_t K, const uint8_t* other,
                                                     const float* of, float* padded, double* key_mass,
@@ -24,16 +66,8 @@ __attribute__((always_inline)) inline void map_sums(const float* p, int64_t T, i
     const float* row = p + i * T;
     for (int64_t j = 0; j < T; ++j) padded[j] = row[j];  // zero tail: whole blocks below
     float mass[kMaxKeys];
-    for (int64_t k = 0; k < K; ++k) {
-      const float* w = kf + k * Tp;
-      float acc[kLanes] = {};
-      for (int64_t j = 0; j < Tp; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) acc[l] += padded[j + l] * w[j + l];
-      float m = 0.0f;
-      for (int l = 0; l < kLanes; ++l) m += acc[l];
-      mass[k] = m;
-      key_mass[k] += double(m);
-    }
+    key_masses<W>(padded, Tp, kf, K, mass);
+    for (int64_t k = 0; k < K; ++k) key_mass[k] += double(mass[k]);
     if (other[i] && K > 1) sep_other += double(mass[1]);
     if (i >= 1 && mask[i - 1]) prev += double(row[i - 1]);
     if (i + 1 < T && mask[i + 1]) next += double(row[i + 1]);
@@ -49,14 +83,14 @@ using MapFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const flo
 void map_generic(const float* p, int64_t T, int64_t Tp, const uint8_t* mask, const float* kf, int64_t K,
                  const uint8_t* other, const float* of, float* padded, double* key_mass, double& sep_other,
                  double& prev, double& next, double* row_sum, double* offsets) {
-  map_sums(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets);
+  map_sums<4>(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets);
 }
 
 #if EMBGEOM_X86
 EMBGEOM_AVX2 void map_avx2(const float* p, int64_t T, int64_t Tp, const uint8_t* mask, const float* kf,
                            int64_t K, const uint8_t* other, const float* of, float* padded, double* key_mass,
                            double& sep_other, double& prev, double& next, double* row_sum, double* offsets) {
-  map_sums(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets);
+  map_sums<8>(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets);
 }
 #endif
 
