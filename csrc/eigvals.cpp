@@ -26,9 +26,6 @@
 #include "cpu/isa.h"
 #include "lanes.h"
 
-#ifdef EMBGEOM_OPENMP
-#include <omp.h>
-#endif
 
 namespace embgeom {
 namespace {
@@ -389,14 +386,7 @@ EMBGEOM_AVX512 void group_avx512(const double* const* m, int count, int64_t n, d
 #endif
 
 lanes::Picked<GroupFn> pick_group(const char** name) {
-#if EMBGEOM_X86
-  if (isa_level() == Isa::avx512) {
-    *name = "avx512";
-    return {group_avx512, 8};
-  }
-#endif
-  const GroupFn fn = pick_avx2_or_generic<GroupFn>(group_generic, EMBGEOM_IF_X86(group_avx2), "avx2", name);
-  return {fn, fn == group_generic ? 2 : 4};
+  return lanes::pick_lanes<GroupFn>(group_generic, EMBGEOM_IF_X86(group_avx2), EMBGEOM_IF_X86(group_avx512), name);
 }
 
 }  // namespace
@@ -412,26 +402,15 @@ void eigvals_abs(const double* a, int64_t k, int64_t n, double* out, uint8_t* ok
   const char* name = "";
   const lanes::Picked<GroupFn> pick = pick_group(&name);
   const int W = pick.lanes;
-  const int64_t groups = (k + W - 1) / W;
-#ifdef EMBGEOM_OPENMP
-  if (threads <= 0) threads = omp_get_max_threads();
-#endif
-  (void)threads;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1) if (groups > 1)
-  {
-    Buf H, work;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t g = 0; g < groups; ++g) {
-      const int count = int(std::min<int64_t>(W, k - g * W));
-      const double* mats[kMaxLanes];
-      double* outs[kMaxLanes];
-      for (int l = 0; l < W; ++l) {
-        mats[l] = l < count ? a + (g * W + l) * n * n : nullptr;
-        outs[l] = l < count ? out + (g * W + l) * n : nullptr;
-      }
-      pick.fn(mats, count, n, outs, ok + g * W, H, work);
+  lanes::for_each_group(k, W, threads, [&](int64_t g, int count, Buf& H, Buf& work) {
+    const double* mats[kMaxLanes];
+    double* outs[kMaxLanes];
+    for (int l = 0; l < W; ++l) {
+      mats[l] = l < count ? a + (g * W + l) * n * n : nullptr;
+      outs[l] = l < count ? out + (g * W + l) * n : nullptr;
     }
-  }
+    pick.fn(mats, count, n, outs, ok + g * W, H, work);
+  });
 }
 
 }  // namespace embgeom

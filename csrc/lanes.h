@@ -5,8 +5,15 @@
 // eight lanes in an AVX2 function kept their accumulators in memory, moved through general
 // registers, and ran eigvals_abs 3x slower than the AVX-512 build and 1.7x slower than SSE2.
 // Shared by eigvals.cpp and sym_counts.cpp.
+#include <algorithm>
 #include <cstdint>
 #include <vector>
+
+#include "cpu/isa.h"
+
+#ifdef EMBGEOM_OPENMP
+#include <omp.h>
+#endif
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vectors by value in inlined helpers only
 
@@ -40,6 +47,38 @@ struct Picked {
   Fn fn;
   int lanes;
 };
+
+// The build of a group kernel for the current level (cpu/isa.h): avx512 (8 lanes) where the
+// level is AVX-512, else avx2 (4 lanes) or generic (2 lanes); *name says which.
+template <class Fn>
+Picked<Fn> pick_lanes(Fn generic, Fn avx2, Fn avx512, const char** name) {
+#if EMBGEOM_X86
+  if (isa_level() == Isa::avx512) {
+    *name = "avx512";
+    return {avx512, 8};
+  }
+#endif
+  (void)avx512;
+  const Fn fn = pick_avx2_or_generic<Fn>(generic, avx2, "avx2", name);
+  return {fn, fn == generic ? 2 : 4};
+}
+
+// group(g, count, H, work) for each group g of `lanes` matrices of k (the last may hold fewer:
+// count), over OpenMP threads (0: the default), each thread with its own two buffers.
+template <class F>
+void for_each_group(int64_t k, int lanes, int threads, F&& group) {
+  const int64_t groups = (k + lanes - 1) / lanes;
+#ifdef EMBGEOM_OPENMP
+  if (threads <= 0) threads = omp_get_max_threads();
+#endif
+  (void)threads;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) if (groups > 1)
+  {
+    Buf H, work;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t g = 0; g < groups; ++g) group(g, int(std::min<int64_t>(lanes, k - g * lanes)), H, work);
+  }
+}
 
 }  // namespace lanes
 }  // namespace embgeom
