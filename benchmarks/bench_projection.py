@@ -243,7 +243,7 @@ def keep(args) -> None:
     from embgeom.cli import main
 
     _, tokenizer = load_model(None)
-    words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 1]
+    words = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 1)  # (a fixed order: see bench_text)
     rng = random.Random(0)
     tmp = tempfile.mkdtemp()
     corpus = os.path.join(tmp, "corpus.txt")

@@ -30,7 +30,9 @@ from embgeom.analysis.text.trace import (TraceAccumulator, iter_batches, model_m
 
 
 def _words(tokenizer) -> list[str]:
-    return [w for w in tokenizer.get_vocab() if w.isalpha() and not w.startswith("[") and len(w) > 1]
+    # sorted: get_vocab()'s order changes from one process to the next (a fast tokenizer's hash
+    # map), and the seeded choices below then picked other words every run
+    return sorted(w for w in tokenizer.get_vocab() if w.isalpha() and not w.startswith("[") and len(w) > 1)
 
 
 def _texts(tokenizer, n, lo, hi, seed=0) -> list[str]:
