@@ -118,7 +118,7 @@ def test_few_queries_take_the_same_answers(metric, dtype, monkeypatch):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
-@pytest.mark.parametrize("qdtype", ["float32", "float64-numpy", "float16"])
+@pytest.mark.parametrize("qdtype", ["float32", "float64-numpy", "float16", "bfloat16"])
 def test_few_queries_numpy_path_equals_the_general_one(metric, dtype, qdtype):
     """_search_few (up to SMALL_BATCH queries, numpy arrays) gives _search's answers bit for bit:
     zero rows and a zero query (under dot and l2 it ties with every row), duplicates, a query equal to a row, k past n, n = 1, a cluster
@@ -132,7 +132,7 @@ def test_few_queries_numpy_path_equals_the_general_one(metric, dtype, qdtype):
         q = make_rows(4, 24, seed=3)
         q[1] = x[min(3, x.shape[0] - 1)]
         q[2] = 0
-        q = {"float32": q, "float64-numpy": q.double().numpy(), "float16": q.half()}[qdtype]
+        q = {"float32": q, "float64-numpy": q.double().numpy(), "float16": q.half(), "bfloat16": q.bfloat16()}[qdtype]
         index = Index(x, metric=metric, dtype=dtype)
         for rows in ([0], [1, 2], [0, 1, 2, 3]):
             qr = q[rows]
@@ -146,7 +146,7 @@ def test_few_queries_numpy_path_equals_the_general_one(metric, dtype, qdtype):
             assert torch.equal(few[1], want_i) and torch.equal(few[0].isnan(), want_v.isnan())
             assert torch.equal(few[0].nan_to_num(), want_v.nan_to_num())
         v, i = index.search(q, k, float64=True)  # whichever path takes it: exact
-        ref_v, ref_i = ref_topk(x, torch.as_tensor(q), k, metric)
+        ref_v, ref_i = ref_topk(x, torch.as_tensor(q).double(), k, metric)
         assert_same_neighbours(v, i, ref_v, ref_i, tol=1e-9)  # (cdist's float64 product: not 1e-12)
     bf = index_module.Index(make_rows(50, 24), metric=metric, dtype=dtype)
     with pytest.raises(ValueError, match="k"):
