@@ -157,7 +157,7 @@ def _gram_counts(g: np.ndarray, mn: int, eps: float | None, big: int, small: flo
     trace = np.trace(g, axis1=1, axis2=2)
     delta = (GRAM_SLACK * mn * EPS64) * trace
     unsure = ~ok | ~np.isfinite(trace)
-    rank = count = np.zeros(k, dtype=np.int64)
+    rank, count = np.zeros(k, dtype=np.int64), np.zeros(k, dtype=np.int64)
     cuts = []
     if eps is not None:
         c2 = (big * eps) ** 2

@@ -545,7 +545,7 @@ class TraceAccumulator(Resumable):
         """xs: tensors (B, T, d), or (G, B, T, d) for G groups of B sets sharing mask (B, T), prod(groups)
         * B sets in all, in order; -> (sum of I/n over texts, n texts) per group, sets without a
         non-zero vector left out. Calls the cone kernel (embgeom.cone_index without its input
-        checks: the tensors come from the model); the C++ core's reads each tensor in place, a
+        checks: the tensors come from the model); the C++ core's kernel reads each tensor in place, a
         layer's head outputs (B, T, H, d) as H groups (stacked copies of the states and head
         outputs had cost 12-14 ms of a 32 x 128 batch's 47 ms of cone work, Emerald Rapids),
         other backends get the groups as (G * B, T, d)."""
