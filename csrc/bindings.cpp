@@ -87,6 +87,30 @@ f32_array attention_row_entropy(const f32_array& p, const std::optional<u8_array
   return out;
 }
 
+using i64_array = py::array_t<int64_t, py::array::c_style>;
+
+py::tuple context_summaries(const i64_array& j, const u8_array& mask, const u8_array& sep, const i64_array& ids,
+                            const std::optional<i64_array>& sentence, const std::optional<u8_array>& stop) {
+  EMBGEOM_CHECK(j.ndim() == 3, "j: expected (B, H, T) int64, got " << j.ndim() << " dims");
+  const int64_t B = j.shape(0), H = j.shape(1), T = j.shape(2);
+  auto bt = [&](const py::array& a, const char* name) {
+    EMBGEOM_CHECK(a.ndim() == 2 && a.shape(0) == B && a.shape(1) == T, name << ": expected (" << B << ", " << T << ")");
+  };
+  bt(mask, "mask");
+  bt(sep, "sep");
+  bt(ids, "ids");
+  if (sentence) bt(*sentence, "sentence");
+  if (stop) bt(*stop, "stop");
+  py::array_t<int64_t> counts({int64_t(6), H}), hist({H, T}), focus({B, H});
+  {
+    py::gil_scoped_release release;
+    embgeom::context_summaries(j.data(), B, H, T, mask.data(), sep.data(), ids.data(),
+                               sentence ? sentence->data() : nullptr, stop ? stop->data() : nullptr,
+                               counts.mutable_data(), hist.mutable_data(), focus.mutable_data());
+  }
+  return py::make_tuple(counts, hist, focus);
+}
+
 py::array_t<int64_t> context_argmax(const py::array_t<float>& o, const std::optional<u8_array>& mask) {
   EMBGEOM_CHECK(o.ndim() == 4, "head_out: expected (B, H, T, d), got " << o.ndim() << " dims");
   const int64_t B = o.shape(0), H = o.shape(1), T = o.shape(2), d = o.shape(3);
@@ -401,6 +425,10 @@ PYBIND11_MODULE(_C, m) {
         "uint8 -> (sums (G * B, D) float64, used (G * B,) int64, zero_rows (G * B,) int64)");
   m.def("context_argmax", &context_argmax, py::arg("head_out"), py::arg("mask") = py::none(),
         "Context similarity's argmax: head_out (B, H, T, d) float32, mask (B, T) uint8 -> (B, H, T) int64");
+  m.def("context_summaries", &context_summaries, py::arg("j"), py::arg("mask"), py::arg("sep"), py::arg("ids"),
+        py::arg("sentence") = py::none(), py::arg("stop") = py::none(),
+        "Context similarity's sums over one layer's argmax j (B, H, T) int64: (counts (6, H): rows, distance, "
+        "separator, repeated, same_sentence, period_or_separator; hist (H, T); focus (B, H) positions) int64");
   m.def("attention_sums", &attention_sums, py::arg("attn"), py::arg("mask"), py::arg("keys"), py::arg("other"),
         "One layer's attention summaries: attn (B, H, T, T) float32, mask/other (B, T), keys (B, T, K) uint8 -> "
         "(key_mass (B, H, K), sep_other, prev, next (B, H), row_sum (B, H, T), offsets (H, 2T - 1)) float64");

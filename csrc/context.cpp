@@ -272,4 +272,41 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
   }
 }
 
+void context_summaries(const int64_t* j, int64_t B, int64_t H, int64_t T, const uint8_t* mask, const uint8_t* sep,
+                       const int64_t* ids, const int64_t* sentence, const uint8_t* stop, int64_t* counts,
+                       int64_t* hist, int64_t* focus) {
+  EMBGEOM_CHECK(B >= 0 && H >= 0 && T >= 0, "context_summaries: bad shape");
+  std::fill_n(counts, 6 * H, int64_t(0));
+  std::fill_n(hist, H * T, int64_t(0));
+  std::vector<int64_t> hits(T);
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* m = mask + b * T;
+    int64_t real = 0;
+    for (int64_t t = 0; t < T; ++t) real += m[t] != 0;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t* jb = j + (b * H + h) * T;
+      std::fill(hits.begin(), hits.end(), int64_t(0));
+      if (real >= 2)
+        for (int64_t i = 0; i < T; ++i) {
+          if (!m[i]) continue;
+          const int64_t to = jb[i];
+          EMBGEOM_CHECK(to >= 0 && to < T, "context_summaries: j out of range");
+          const int64_t dist = to > i ? to - i : i - to;
+          counts[0 * H + h] += 1;
+          counts[1 * H + h] += dist;
+          counts[2 * H + h] += sep[b * T + to] != 0;
+          counts[3 * H + h] += ids[b * T + to] == ids[b * T + i];
+          if (sentence) counts[4 * H + h] += sentence[b * T + to] == sentence[b * T + i];
+          if (stop) counts[5 * H + h] += stop[b * T + to] != 0;
+          hist[h * T + dist] += 1;
+          hits[to] += 1;
+        }
+      int64_t best = 0;
+      for (int64_t t = 1; t < T; ++t)
+        if (hits[t] > hits[best]) best = t;
+      focus[b * H + h] = best;
+    }
+  }
+}
+
 }  // namespace embgeom

@@ -173,6 +173,30 @@ def test_context_similarity_in_chunks_of_heads_equals_one_block(monkeypatch):
         assert torch.equal(attention.context_argmax_torch(o, mask, workspace={}), whole)
 
 
+@pytest.mark.parametrize("with_sentences", [True, False])
+def test_context_summaries_kernel_equals_torch(with_sentences, monkeypatch):
+    """context_similarity's sums from the C++ core's context_summaries equal torch's (integers,
+    exactly): padding, a one-token text (no rows, focus 0), ties in the hits (the smaller
+    position), repeated ids, sentences and stop tokens or none."""
+    from embgeom.analysis.text import attention
+
+    if attention.registry.cpp_kernel("context_summaries") is None:
+        pytest.skip("the C++ core is not built")
+    o, mask, sep, ids = _context_case()
+    B, H, T, _ = o.shape
+    g = torch.Generator().manual_seed(5)
+    period = (torch.rand(B, T, generator=g) < 0.2) & mask if with_sentences else None
+    sentence = attention.sentence_index(period | sep) if with_sentences else None
+    got = attention.context_similarity(o, mask, sep, ids, 11, sentence=sentence, period=period)
+    core = attention.registry.cpp()
+    monkeypatch.setattr(attention.registry, "cpp_kernel",  # torch's sums, the same argmax
+                        lambda name, *t: None if name == "context_summaries" else getattr(core, name, None))
+    want = attention.context_similarity(o, mask, sep, ids, 11, sentence=sentence, period=period)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
 @pytest.mark.parametrize("T,d", [(1, 4), (2, 3), (9, 4), (37, 64), (130, 32)])
 def test_context_argmax_kernel_is_the_float64_argmax(T, d, cpu_cap):
     """The C++ kernel (CPU float32, every vector level) against float64 brute force: padding, a

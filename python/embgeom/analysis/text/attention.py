@@ -241,7 +241,8 @@ def context_argmax_torch(head_out: torch.Tensor, mask: torch.Tensor, workspace: 
 def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Tensor,
                        input_ids: torch.Tensor, vocab_size: int,
                        workspace: dict | None = None, sentence: torch.Tensor | None = None,
-                       period: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       period: torch.Tensor | None = None,
+                       focus_counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Context similarity (docs/metrics.md) for every head of one layer, one batch. head_out: (B, H, T, d_h), the head's
     output O before the output projection; S = O O^T (raw scalar products, arXiv 2512.21956).
 
@@ -254,11 +255,42 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
     With sentence (B, T) int64 sentence index of each token (sentence_index) and period (B, T)
     bool ('.' tokens), also: same_sentence (H,) hits inside the token's own sentence and
     period_or_separator (H,) hits on '.' or [SEP] (arXiv 2512.21956 counts '.' with [SEP]).
+    focus_counts: an (H, vocab_size) int64 tensor the focus counts are added to (and returned as
+    focus_counts) instead of a new one (a caller's running sums: no (H, vocab_size) zeros and sum
+    per layer, 0.8 ms of 2.9 MB each at the default model's vocabulary).
     """
     B, H, T, _ = head_out.shape
     n = mask.sum(1)
     qvalid = mask & (n >= 2)[:, None]                                      # (B, T)
     j = context_argmax(head_out, mask, workspace)
+    summaries = registry.cpp_kernel("context_summaries")
+    if summaries is not None and j.device.type == "cpu":
+        # one C++ pass over j for every sum below (the torch ops took 2.5 ms a layer, 32 x 128)
+        u8 = lambda t: t.to(torch.uint8).contiguous().numpy()  # noqa: E731
+        counts, hist, focus = (torch.from_numpy(x) for x in summaries(
+            j.contiguous().numpy(), u8(mask), u8(sep), input_ids.to(torch.int64).contiguous().numpy(),
+            None if sentence is None else sentence.to(torch.int64).contiguous().numpy(),
+            None if period is None else u8(period | sep)))
+        out = dict(zip(("rows", "distance", "separator", "repeated"), counts[:4]), distance_hist=hist)
+        if sentence is not None:
+            out["same_sentence"] = counts[4]
+        if period is not None:
+            out["period_or_separator"] = counts[5]
+    else:
+        out, focus = _context_sums_torch(j, mask, qvalid, sep, input_ids, sentence, period)
+    ids = input_ids.gather(1, focus.reshape(B, H).to(input_ids.device)).to(torch.int64)  # (B, H)
+    has = (n >= 2)[:, None].expand(B, H).long()
+    if focus_counts is None:
+        focus_counts = torch.zeros(H, vocab_size, dtype=torch.int64, device=mask.device)
+    focus_counts.scatter_add_(1, ids.T.to(focus_counts.device), has.T.to(focus_counts.device))
+    out["focus_counts"] = focus_counts
+    return out
+
+
+def _context_sums_torch(j, mask, qvalid, sep, input_ids, sentence, period):
+    """context_similarity's sums over the argmax j (B, H, T) in torch (the C++ core's
+    context_summaries elsewhere): (the dict without focus_counts, focus (B, H) positions)."""
+    B, H, T = j.shape
     w = qvalid[:, None, :].expand(B, H, T)
     pos = torch.arange(T, device=mask.device)
     dist = (j - pos).abs()
@@ -281,13 +313,7 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
     out["distance_hist"] = hist
     hits = torch.zeros(B, H, T, dtype=torch.int64, device=mask.device)
     hits.scatter_add_(-1, j, wl)
-    focus = hits.argmax(-1)                                                # (B, H)
-    ids = input_ids.gather(1, focus.reshape(B, H)).to(torch.int64)         # (B, H)
-    has = (n >= 2)[:, None].expand(B, H).long()
-    counts = torch.zeros(H, vocab_size, dtype=torch.int64, device=mask.device)
-    counts.scatter_add_(1, ids.T, has.T)
-    out["focus_counts"] = counts
-    return out
+    return out, hits.argmax(-1)                                            # focus (B, H)
 
 
 def sentence_index(ends: torch.Tensor) -> torch.Tensor:

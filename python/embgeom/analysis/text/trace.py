@@ -626,13 +626,12 @@ class TraceAccumulator(Resumable):
             if "context" in self.metrics:
                 c = attention.context_similarity(b.head_outputs[l].transpose(1, 2), mask, b.sep,
                                             b.input_ids, self.V, workspace=self._ws,
-                                            sentence=sentence, period=period)
+                                            sentence=sentence, period=period, focus_counts=s["focus"][l])
                 s["ctx_rows"][l] += c["rows"]
                 s["ctx_dist"][l] += c["distance"]
                 s["ctx_sep"][l] += c["separator"]
                 s["ctx_rep"][l] += c["repeated"]
                 s["ctx_hist"][l, :, :T] += c["distance_hist"]
-                s["focus"][l] += c["focus_counts"]
                 if sentence is not None:
                     s["ctx_same"][l] += c["same_sentence"]
                     s["ctx_period"][l] += c["period_or_separator"]
