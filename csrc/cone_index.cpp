@@ -38,12 +38,12 @@ __attribute__((always_inline)) inline void add_unit_rows_body(const float* rows,
   }
   for (int64_t t = t0; t < t1; ++t) {
     const double f = inv[t - t0];
-    if (f > 0.0) {
+    if (f == 0.0) {
+      ++*zero;
+    } else if (!(f < 0.0)) {  // (a row holding NaN is used, as row by row: its NaN reaches the sum)
       const float* row = rows + t * st;
       for (int64_t q = 0; q < D; ++q) acc[q] += double(row[q]) * f;
       ++*used;
-    } else if (f == 0.0) {
-      ++*zero;
     }
   }
 }
