@@ -230,7 +230,8 @@ py::tuple sym_tridiagonal(const f64_c& a, int threads) {
 
 // d (k, n), e (k, n - 1) float64: the shapes tridiag_count_below and tridiag_largest read
 static void check_tridiagonal(const f64_c& d, const f64_c& e, const char* fn) {
-  if (d.ndim() != 2 || e.ndim() != 2 || e.shape(0) != d.shape(0) || e.shape(1) != std::max<py::ssize_t>(0, d.shape(1) - 1))
+  if (d.ndim() != 2 || e.ndim() != 2 || e.shape(0) != d.shape(0) ||
+      e.shape(1) != std::max<py::ssize_t>(0, d.shape(1) - 1))
     throw std::invalid_argument(std::string(fn) + ": expected d (k, n) and e (k, n - 1) float64");
 }
 

@@ -94,9 +94,7 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
     if (l >= count) continue;  // a zero matrix: deflates at once, written nowhere
     double big = 0.0;
     for (int64_t q = 0; q < n * n; ++q) big = std::max(big, std::fabs(mats[l][q]));
-    int e = 0;
-    if (big > 0.0 && std::isfinite(big)) std::frexp(big, &e);
-    L[l].scale = std::ldexp(1.0, e);
+    L[l].scale = lanes::pow2_near(big);
     L[l].failed = !std::isfinite(big);
     const double inv = L[l].failed ? 0.0 : 1.0 / L[l].scale;
     for (int64_t q = 0; q < n * n; ++q) H[q][l] = mats[l][q] * inv;
@@ -395,21 +393,14 @@ const char* eigvals_abs_path() { return picked_name(pick_group); }
 
 void eigvals_abs(const double* a, int64_t k, int64_t n, double* out, uint8_t* ok, int threads) {
   EMBGEOM_CHECK(k >= 0 && n >= 0, "eigvals_abs: bad shape");
-  if (k == 0 || n == 0) {
-    std::fill_n(ok, k, uint8_t(1));
-    return;
-  }
-  const char* name = "";
-  const lanes::Picked<GroupFn> pick = pick_group(&name);
-  const int W = pick.lanes;
-  lanes::for_each_group(k, W, threads, [&](int64_t g, int count, Buf& H, Buf& work) {
+  lanes::run_groups(pick_group, k, n, ok, threads, [&](GroupFn fn, int W, int64_t g, int count, Buf& H, Buf& work) {
     const double* mats[kMaxLanes];
     double* outs[kMaxLanes];
     for (int l = 0; l < W; ++l) {
       mats[l] = l < count ? a + (g * W + l) * n * n : nullptr;
       outs[l] = l < count ? out + (g * W + l) * n : nullptr;
     }
-    pick.fn(mats, count, n, outs, ok + g * W, H, work);
+    fn(mats, count, n, outs, ok + g * W, H, work);
   });
 }
 

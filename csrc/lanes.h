@@ -6,6 +6,7 @@
 // registers, and ran eigvals_abs 3x slower than the AVX-512 build and 1.7x slower than SSE2.
 // Shared by eigvals.cpp and sym_counts.cpp.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -63,10 +64,19 @@ Picked<Fn> pick_lanes(Fn generic, Fn avx2, Fn avx512, const char** name) {
   return {fn, fn == generic ? 2 : 4};
 }
 
-// group(g, count, H, work) for each group g of `lanes` matrices of k (the last may hold fewer:
-// count), over OpenMP threads (0: the default), each thread with its own two buffers.
-template <class F>
-void for_each_group(int64_t k, int lanes, int threads, F&& group) {
+// The build `pick` gives for the current level run over k matrices of n x n in groups of its
+// lanes, over OpenMP threads (0: the default), each thread with its own two buffers:
+// group(fn, lanes, g, count, H, work) for each group g (the last may hold fewer: count). k = 0 or
+// n = 0: every ok[i] = 1 and nothing runs.
+template <class Fn, class F>
+void run_groups(Picked<Fn> (*pick)(const char**), int64_t k, int64_t n, uint8_t* ok, int threads, F&& group) {
+  if (k == 0 || n == 0) {
+    std::fill_n(ok, k, uint8_t(1));
+    return;
+  }
+  const char* name = "";
+  const Picked<Fn> picked = pick(&name);
+  const int lanes = picked.lanes;
   const int64_t groups = (k + lanes - 1) / lanes;
 #ifdef EMBGEOM_OPENMP
   if (threads <= 0) threads = omp_get_max_threads();
@@ -76,8 +86,17 @@ void for_each_group(int64_t k, int lanes, int threads, F&& group) {
   {
     Buf H, work;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t g = 0; g < groups; ++g) group(g, int(std::min<int64_t>(lanes, k - g * lanes)), H, work);
+    for (int64_t g = 0; g < groups; ++g)
+      group(picked.fn, lanes, g, int(std::min<int64_t>(lanes, k - g * lanes)), H, work);
   }
+}
+
+// A power of two near big (2^e with big = m 2^e, m in [0.5, 1)): a matrix divided by it, for its
+// largest magnitude big, is scaled exactly into [0.5, 1); 1 for a zero or non-finite big.
+inline double pow2_near(double big) {
+  int e = 0;
+  if (big > 0.0 && std::isfinite(big)) std::frexp(big, &e);
+  return std::ldexp(1.0, e);
 }
 
 }  // namespace lanes

@@ -13,7 +13,6 @@
 #include "cpu/isa.h"
 #include "lanes.h"
 
-
 namespace embgeom {
 namespace {
 
@@ -42,10 +41,8 @@ __attribute__((always_inline)) inline void tridiag_group_body(const double* cons
     double big = 0.0;
     for (int64_t r = 0; r < n; ++r)
       for (int64_t c = 0; c <= r; ++c) big = std::max(big, std::fabs(mats[l][r * n + c]));
-    int e = 0;
-    if (big > 0.0 && std::isfinite(big)) std::frexp(big, &e);
     failed[l] = !std::isfinite(big);
-    scale[l] = std::ldexp(1.0, e);
+    scale[l] = lanes::pow2_near(big);
     const double inv = failed[l] ? 0.0 : 1.0 / scale[l];
     for (int64_t r = 0; r < n; ++r)
       for (int64_t c = 0; c <= r; ++c) h(r, c)[l] = mats[l][r * n + c] * inv;
@@ -145,9 +142,7 @@ struct ScaledTridiagonal {
     double big = 0.0;
     for (int64_t i = 0; i < n; ++i) big = std::max(big, std::fabs(di[i]));
     for (int64_t i = 0; i + 1 < n; ++i) big = std::max(big, std::fabs(ei[i]));
-    int ex = 0;
-    if (big > 0.0 && std::isfinite(big)) std::frexp(big, &ex);
-    scale = std::ldexp(1.0, ex);
+    scale = lanes::pow2_near(big);
     d.assign(di, di + n);
     e.assign(ei, ei + std::max<int64_t>(0, n - 1));
     double m = 1.0;
@@ -177,15 +172,8 @@ const char* sym_tridiagonal_path() { return picked_name(pick_group); }
 
 void sym_tridiagonal(const double* a, int64_t k, int64_t n, double* d, double* e, uint8_t* ok, int threads) {
   EMBGEOM_CHECK(k >= 0 && n >= 0, "sym_tridiagonal: bad shape");
-  if (k == 0 || n == 0) {
-    std::fill_n(ok, k, uint8_t(1));
-    return;
-  }
-  const char* name = "";
-  const lanes::Picked<GroupFn> pick = pick_group(&name);
-  const int W = pick.lanes;
   const int64_t ne = n - 1;
-  lanes::for_each_group(k, W, threads, [&](int64_t g, int count, Buf& H, Buf& work) {
+  lanes::run_groups(pick_group, k, n, ok, threads, [&](GroupFn fn, int W, int64_t g, int count, Buf& H, Buf& work) {
     const double* mats[kMaxLanes];
     double* ds[kMaxLanes];
     double* es[kMaxLanes];
@@ -195,7 +183,7 @@ void sym_tridiagonal(const double* a, int64_t k, int64_t n, double* d, double* e
       ds[l] = l < count ? d + i * n : nullptr;
       es[l] = l < count ? e + i * ne : nullptr;
     }
-    pick.fn(mats, count, n, ds, es, ok + g * W, H, work);
+    fn(mats, count, n, ds, es, ok + g * W, H, work);
   });
 }
 

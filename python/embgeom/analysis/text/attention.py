@@ -133,6 +133,11 @@ def target_distribution(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tenso
     return out
 
 
+def _u8(t: torch.Tensor):
+    """A bool / flag tensor as the C++ core's contiguous uint8 numpy array."""
+    return t.to(torch.uint8).contiguous().numpy()
+
+
 def layer_summaries(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor, sep: torch.Tensor,
                     punct: torch.Tensor, period: torch.Tensor, comma: torch.Tensor, max_len: int,
                     workspace: dict | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -150,8 +155,7 @@ def layer_summaries(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor, s
                 target_distribution(attn, mask, cls, sep, max_len, workspace=workspace, mass=mass))
     if T > max_len:
         raise ValueError(f"attn: sequence length {T} exceeds max_len {max_len}")
-    u8 = lambda t: t.to(torch.uint8).contiguous().numpy()  # noqa: E731
-    out = attention_sums(attn.detach().contiguous().numpy(), u8(mask), u8(keys), u8(mask & ~cls & ~sep))
+    out = attention_sums(attn.detach().contiguous().numpy(), _u8(mask), _u8(keys), _u8(mask & ~cls & ~sep))
     key_mass, sep_other, prev, nxt, row_sum, offsets = (torch.from_numpy(x) for x in out)
     per = {k: key_mass[..., c] for c, k in enumerate(("cls", "sep", "punct", "period", "comma"))}
     per.update(sep_from_other=sep_other, prev=prev, next=nxt)
@@ -204,9 +208,8 @@ def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict |
     kernel = registry.cpp_kernel("context_argmax", head_out)
     if kernel is None:
         return context_argmax_torch(head_out, mask, workspace)
-    m = mask.to(torch.uint8).contiguous().numpy()
     o = head_out if head_out.stride(-1) == 1 else head_out.contiguous()  # rows read in place
-    return torch.from_numpy(kernel(o.detach().numpy(), m))
+    return torch.from_numpy(kernel(o.detach().numpy(), _u8(mask)))
 
 
 def context_argmax_torch(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
@@ -266,11 +269,10 @@ def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Te
     summaries = registry.cpp_kernel("context_summaries")
     if summaries is not None and j.device.type == "cpu":
         # one C++ pass over j for every sum below (the torch ops took 2.5 ms a layer, 32 x 128)
-        u8 = lambda t: t.to(torch.uint8).contiguous().numpy()  # noqa: E731
         counts, hist, focus = (torch.from_numpy(x) for x in summaries(
-            j.contiguous().numpy(), u8(mask), u8(sep), input_ids.to(torch.int64).contiguous().numpy(),
+            j.contiguous().numpy(), _u8(mask), _u8(sep), input_ids.to(torch.int64).contiguous().numpy(),
             None if sentence is None else sentence.to(torch.int64).contiguous().numpy(),
-            None if period is None else u8(period | sep)))
+            None if period is None else _u8(period | sep)))
         out = dict(zip(("rows", "distance", "separator", "repeated"), counts[:4]), distance_hist=hist)
         if sentence is not None:
             out["same_sentence"] = counts[4]
