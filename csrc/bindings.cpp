@@ -18,6 +18,7 @@
 #include "eigvals.h"
 #include "sym_counts.h"
 #include "row_pairs.h"
+#include "index_search.h"
 #include "rows_dot.h"
 #include "value_histogram.h"
 #include "cpu/blas.h"
@@ -322,6 +323,71 @@ py::tuple scores_topk(const f32_array& scores, int64_t k) {
   return py::make_tuple(vals, idx);
 }
 
+// A search of a few queries in one call (index_search.h): q (Q, D) float32 scan queries, rows
+// (N, D) float32 or int16 (bf16 bit patterns), scale / bias (N,) float32 or None, zero_rows (N,)
+// float64 norms or None, margin (Q,), exact_rows (N, D) float32, qexact (Q, D) float32 or
+// float64, qnorm (Q,), norms (N,) -> (values (Q, k) float64, ids (Q, k) int64), or None where a
+// query's list is too short for its margin.
+py::object few_search(const f32_array& q, const py::array& rows, const std::optional<f32_array>& scale,
+                      const std::optional<f32_array>& bias, const std::optional<f64_array>& zero_rows, int64_t kk,
+                      int64_t k, const f64_array& margin, double widen, const f32_array& exact_rows,
+                      const py::array& qexact, const f64_array& qnorm, const f64_array& norms,
+                      const std::string& metric) {
+  EMBGEOM_CHECK(q.ndim() == 2 && rows.ndim() == 2 && exact_rows.ndim() == 2 && qexact.ndim() == 2,
+                "q, rows, exact_rows, qexact: expected 2-d arrays");
+  embgeom::FewSearch a;
+  a.Q = q.shape(0);
+  a.D = q.shape(1);
+  a.N = rows.shape(0);
+  const bool bf16 = rows.dtype().is(py::dtype::of<int16_t>());
+  EMBGEOM_CHECK(bf16 || rows.dtype().is(py::dtype::of<float>()), "rows: expected float32 or int16 (bf16 bits)");
+  const int64_t h = bf16 ? 2 : 4;
+  EMBGEOM_CHECK(rows.shape(1) == a.D && (a.D <= 1 || rows.strides(1) == h) && rows.strides(0) % h == 0 &&
+                    rows.strides(0) / h >= a.D,
+                "rows: expected (N, D) rows of contiguous values, D = " << a.D);
+  EMBGEOM_CHECK(exact_rows.shape(0) == a.N && exact_rows.shape(1) == a.D, "exact_rows: expected (N, D) float32");
+  EMBGEOM_CHECK(qexact.shape(0) == a.Q && qexact.shape(1) == a.D && (qexact.flags() & py::array::c_style),
+                "qexact: expected C-contiguous (Q, D)");
+  const bool q64 = qexact.dtype().is(py::dtype::of<double>());
+  EMBGEOM_CHECK(q64 || qexact.dtype().is(py::dtype::of<float>()), "qexact: expected float32 or float64");
+  EMBGEOM_CHECK(margin.size() == a.Q && qnorm.size() == a.Q && norms.size() >= a.N, "margin, qnorm, norms: bad sizes");
+  for (const auto* v : {&scale, &bias})
+    EMBGEOM_CHECK(!*v || (*v)->size() == a.N, "scale, bias: expected (N,) float32");
+  EMBGEOM_CHECK(!zero_rows || zero_rows->size() == a.N, "zero_rows: expected (N,) float64");
+  EMBGEOM_CHECK(metric == "cosine" || metric == "dot" || metric == "l2", "metric: expected cosine, dot or l2");
+  EMBGEOM_CHECK(k >= 1 && kk >= 1 && kk <= a.N, "k, kk: expected 1 <= kk <= N and k >= 1");
+  a.qscan = q.data();
+  if (bf16)
+    a.rows_bf16 = static_cast<const uint16_t*>(rows.data());
+  else
+    a.rows_f32 = static_cast<const float*>(rows.data());
+  a.ldr = rows.strides(0) / h;
+  a.scale = scale ? scale->data() : nullptr;
+  a.bias = bias ? bias->data() : nullptr;
+  a.zero_rows = zero_rows ? zero_rows->data() : nullptr;
+  a.kk = kk;
+  a.k = k;
+  a.margin = margin.data();
+  a.widen = widen;
+  a.rows = exact_rows.data();
+  if (q64)
+    a.qexact_f64 = static_cast<const double*>(qexact.data());
+  else
+    a.qexact_f32 = static_cast<const float*>(qexact.data());
+  a.qnorm = qnorm.data();
+  a.norms = norms.data();
+  a.metric = metric == "cosine" ? 0 : metric == "dot" ? 1 : 2;
+  py::array_t<double> vals({a.Q, k});
+  py::array_t<int64_t> ids({a.Q, k});
+  bool done;
+  {
+    py::gil_scoped_release release;
+    done = embgeom::few_search(a, vals.mutable_data(), ids.mutable_data());
+  }
+  if (!done) return py::none();
+  return py::make_tuple(vals, ids);
+}
+
 // A bf16 index's scan rows (rows_dot.h): rows (N, D) float32, out (N, D) int16 bit patterns
 // (filled, or read when fill is false); scale / norm (N,) float64 or None. Returns the rows'
 // largest scan rounding.
@@ -464,6 +530,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("scores_topk", &scores_topk, py::arg("scores"), py::arg("k"),
         "An index's selection after a scan: scores (Q, N) float32 -> (values (Q, k) float32, columns (Q, k) "
         "int64), largest first, equal values by column, NaN as -inf; past a row's N: -inf and -1");
+  m.def("few_search", &few_search, py::arg("q"), py::arg("rows"), py::arg("scale"), py::arg("bias"),
+        py::arg("zero_rows"), py::arg("kk"), py::arg("k"), py::arg("margin"), py::arg("widen"), py::arg("exact_rows"),
+        py::arg("qexact"), py::arg("qnorm"), py::arg("norms"), py::arg("metric"),
+        "An index's search of a few queries in one call: the scan, its kk best, each query's threshold, the "
+        "candidates' float64 values and their order -> (values (Q, k) float64, ids (Q, k) int64), or None where "
+        "a query's list is too short for its margin");
   m.def("bf16_scan_rows", &bf16_scan_rows, py::arg("rows"), py::arg("scale"), py::arg("norm"), py::arg("out"),
         py::arg("fill") = true,
         "A bf16 index's scan rows: rows (N, D) float32, scale / norm (N,) float64 or None, out (N, D) int16 "

@@ -12,6 +12,7 @@ import torch
 
 from embgeom import Index
 from embgeom import index as index_module
+from embgeom.backends import registry
 
 METRICS = ["cosine", "dot", "l2"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -119,8 +120,9 @@ def test_few_queries_take_the_same_answers(metric, dtype, monkeypatch):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("qdtype", ["float32", "float64-numpy", "float16", "bfloat16"])
-def test_few_queries_numpy_path_equals_the_general_one(metric, dtype, qdtype):
-    """_search_few (up to SMALL_BATCH queries, numpy arrays) gives _search's answers bit for bit:
+def test_few_queries_core_path_equals_the_general_one(metric, dtype, qdtype):
+    """_search_few (up to SMALL_BATCH queries: numpy arrays and the core's few_search) gives
+    _search's answers bit for bit:
     zero rows and a zero query (under dot and l2 it ties with every row), duplicates, a query equal to a row, k past n, n = 1, a cluster
     of near-ties whose lists are too short for the margin (then it hands over to _search)."""
     if index_module._rows_dot(torch.float32) is None:
@@ -420,9 +422,19 @@ def test_bfloat16_index_few_queries_scan_bf16_rows(metric, native, monkeypatch):
     calls = []
     kernel = index_module._rows_dot(torch.bfloat16)
     if kernel is not None:
+        # the scan of bf16 rows: rows_dot_bf16 (range search), or few_search given them (search)
         real = index_module._rows_dot
         monkeypatch.setattr(index_module, "_rows_dot",
                             lambda dt: (lambda *a: calls.append(1) or kernel(*a)) if dt == torch.bfloat16 else real(dt))
+        real_cpp = registry.cpp_kernel
+
+        def cpp_kernel(name, *tensors):
+            f = real_cpp(name, *tensors)
+            if name != "few_search" or f is None:
+                return f
+            return lambda qs, rows, *rest: (rows.dtype == np.int16 and calls.append(1)) or f(qs, rows, *rest)
+
+        monkeypatch.setattr(registry, "cpp_kernel", cpp_kernel)
     want_v, want_i = ref_topk(x, q, 9, metric)
     many_v, many_i = index.search(q, 9)
     assert not calls  # 40 queries: the float32 rows

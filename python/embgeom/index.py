@@ -277,15 +277,6 @@ def native_bf16() -> bool:
     return True if core is None or not hasattr(core, "fast_product_is_bf16") else bool(core.fast_product_is_bf16())
 
 
-def _threshold_np(v: np.ndarray, margin: np.ndarray, scan_dtype: torch.dtype, metric: str) -> np.ndarray:
-    """Index._threshold on numpy arrays (_search_few): the same rule, float32 rounded down."""
-    t = v.astype(np.float64) - 2 * margin
-    if scan_dtype == torch.bfloat16 and metric != "l2":
-        t = t - 2.1 * BF16_OUT * (np.abs(v.astype(np.float64)) + 2 * margin)
-    tf = t.astype(np.float32)
-    return np.where(tf.astype(np.float64) > t, np.nextafter(tf, np.float32(-math.inf)), tf)
-
-
 def _largest(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of s and their columns, largest first. A few CPU rows
     go through the C++ core's scores_topk (one pass against the running k-th best: 0.05 ms for
@@ -517,30 +508,36 @@ class Index:
         tf = t.float()  # rounded down, never up
         return torch.where(tf.double() > t, torch.nextafter(tf, torch.full_like(tf, -math.inf)), tf)
 
+    def _few_scan_rows(self, st: _Store, qscan: torch.Tensor, c0: int, c1: int):
+        """What the C++ core's scan of a few CPU queries reads (_score, _search_few), as numpy
+        arrays: (rows [c0, c1): a bf16 query set's bf16 rows as int16 bit patterns (BF16_ROWS_SCAN),
+        else float32 rows (a bf16 index on a CPU path without a bf16 product scans its float32
+        rows, _scan_dtype); the float32 scale the values are multiplied by, or None; the float32
+        bias then added (l2), or None)."""
+        bias = st.bias[c0:c1].numpy() if st.bias is not None else None
+        if qscan.dtype == torch.bfloat16:
+            return st.scan[c0:c1].view(torch.int16).numpy(), None, bias
+        rows = st.scan if st.scan.dtype == torch.float32 else st.rows
+        scale = (st.scale[c0:c1].numpy() if st.scale is not None
+                 else _inverse_norms(st, c0, c1) if rows is st.rows and self.metric == "cosine" else None)
+        return rows[c0:c1].numpy(), scale, bias
+
     def _score(self, st: _Store, qscan: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
         """Scan values (Qb, c1 - c0) float32, larger = nearer; excluded rows -inf."""
-        if qscan.dtype == torch.bfloat16 and self._bf16_rows_scan(qscan.shape[0]):
-            # a few queries of a bf16 CPU index (BF16_ROWS_SCAN)
-            s_np = _rows_dot(torch.bfloat16)(qscan.float().numpy(), st.scan[c0:c1].view(torch.int16).numpy())
-            if st.bias is not None:
-                s_np += st.bias[c0:c1].numpy()
-            s = torch.from_numpy(s_np)
-        elif qscan.device.type == "cpu" and qscan.dtype == torch.float32 and qscan.shape[0] <= SMALL_BATCH:
-            # A few queries: the C++ core's rows_dot_f32 (each row read once for all of them, on
-            # the core's own threads), else numpy's BLAS (torch's q @ C.T ran as a gemv 3x
-            # slower, 100,000 x 384). numpy's BLAS threads spinning beside an OpenMP pool on the
-            # same cores made calls 2x slower at random (measured at 1 and 32 queries).
-            # A bf16 index on a CPU path without a bf16 product scans its float32 rows (_scan_dtype).
-            rows = st.scan if st.scan.dtype == torch.float32 else st.rows
-            dot = _rows_dot(torch.float32)
-            q_np, rows_np = qscan.float().numpy(), rows[c0:c1].numpy()
-            s_np = dot(q_np, rows_np) if dot is not None else q_np @ rows_np.T
-            if st.scale is not None:
-                s_np *= st.scale[c0:c1].numpy()
-            elif rows is st.rows and self.metric == "cosine":
-                s_np *= _inverse_norms(st, c0, c1)
-            if st.bias is not None:
-                s_np += st.bias[c0:c1].numpy()
+        if ((qscan.dtype == torch.bfloat16 and self._bf16_rows_scan(qscan.shape[0]))
+                or (qscan.device.type == "cpu" and qscan.dtype == torch.float32 and qscan.shape[0] <= SMALL_BATCH)):
+            # A few queries: the C++ core's rows_dot_f32 / rows_dot_bf16 (each row read once for
+            # all of them, on the core's own threads), else numpy's BLAS (torch's q @ C.T ran as a
+            # gemv 3x slower, 100,000 x 384). numpy's BLAS threads spinning beside an OpenMP pool
+            # on the same cores made calls 2x slower at random (measured at 1 and 32 queries).
+            rows, scale, bias = self._few_scan_rows(st, qscan, c0, c1)
+            dot = _rows_dot(torch.bfloat16 if rows.dtype == np.int16 else torch.float32)
+            q_np = qscan.float().numpy()
+            s_np = dot(q_np, rows) if dot is not None else q_np @ rows.T  # (bf16 rows: the core's only)
+            if scale is not None:
+                s_np *= scale
+            if bias is not None:
+                s_np += bias
             s = torch.from_numpy(s_np)
         else:
             rows = st.scan if st.scan.dtype == qscan.dtype else st.rows
@@ -610,21 +607,6 @@ class Index:
             bad = bad | (st.norms[safe] == 0)
         return v.masked_fill(bad, math.nan)
 
-    def _pair_values_np(self, st: _Store, v: np.ndarray, qsq: np.ndarray, qi: np.ndarray,
-                        ci: np.ndarray) -> np.ndarray:
-        """_pair_values on numpy arrays (_search_few): the same operations, the same bits."""
-        safe = np.maximum(ci, 0)
-        norms = st.norms.numpy()
-        if self.metric == "l2":
-            v = np.sqrt(v)
-        elif self.metric == "cosine":
-            denom = norms[safe] * np.sqrt(qsq)[qi]
-            v = np.clip(v / np.maximum(denom, 1e-300), -1.0, 1.0)
-        bad = ci < 0
-        if self.metric == "cosine":
-            bad = bad | (norms[safe] == 0)
-        return np.where(bad, math.nan, v)
-
     def _blocks(self, Q: int, n: int) -> tuple[int, int]:
         """(queries per block, corpus rows per block) for a score block within SCORE_BLOCK_BYTES."""
         cells = SCORE_BLOCK_BYTES // 4
@@ -646,25 +628,24 @@ class Index:
         return self._search(queries, k, float64, self._engine_candidates)
 
     def _search_few(self, queries, k, float64):
-        """search for up to SMALL_BATCH queries of a CPU index with the C++ core: _search's steps
-        (_queries, _search_block) on numpy arrays, whose small-array operations cost about a
-        quarter of torch's (0.2-0.3 ms a search of a 1,000-row index against 0.8: at one query over
-        100,000 rows the scan is 2.4-2.8 ms on an Emerald Rapids host, so torch's overhead alone
-        took the index from ahead of torch's topk(q @ C.T) to level with it). The same results:
-        the scan (_score, _largest) and the float64 values (pair_values) are _search's own calls,
-        and the candidates rescored are those within the same sound margin. None where it does
-        not apply (then _search), and where a query's list is too short for its margin (rare:
-        _search scans such a query again)."""
+        """search for up to SMALL_BATCH queries of a CPU index with the C++ core: _queries' steps
+        on numpy arrays (a small torch operation costs 3-9 us, a numpy one about 1), then the
+        scan, the selection, the threshold, the float64 values and their order in one call of the
+        core (few_search: _search_block's steps with the same float operations; after a scan of
+        154 MB each of some forty numpy operations took 15-100 us, the first touch of its code and
+        data). The same results as _search. None where it does not apply (then _search), and
+        where a query's list is too short for its margin (rare: _search scans such a query
+        again)."""
         from .backends.registry import cpp_kernel
 
         st = self._store
         if (self.device.type != "cpu" or not isinstance(queries, (torch.Tensor, np.ndarray))
                 or queries.ndim != 2 or not 0 < queries.shape[0] <= SMALL_BATCH or st.n == 0):
             return None
-        pair_values = cpp_kernel("pair_values", st.rows)
+        few_search = cpp_kernel("few_search", st.rows)
         scan_dtype = self._scan_dtype(queries.shape[0])
         bf16 = scan_dtype == torch.bfloat16
-        if (pair_values is None or cpp_kernel("scores_topk", st.rows) is None or _rows_dot(scan_dtype) is None
+        if (few_search is None or _rows_dot(scan_dtype) is None
                 or (bf16 and not self._bf16_rows_scan(queries.shape[0]))
                 or queries.shape[0] >= (ENGINE_BATCH_BF16 if bf16 else ENGINE_BATCH)):  # (the engine's, from there)
             return None
@@ -688,35 +669,20 @@ class Index:
         qnorm = np.sqrt(np.einsum("ij,ij->i", qs, qs))
         dq = np.sqrt(np.einsum("ij,ij->i", scanned - qs, scanned - qs)) if bf16 else U32 * qnorm
         margin = self._margin(st, np.maximum(qnorm, np.sqrt(np.einsum("ij,ij->i", scanned, scanned))), dq, scan_dtype)
-        # the scan's kk best of every query, as _search_block takes them (finite, or -inf for
-        # zero rows under cosine: no NaN to clean)
+        # the scan's kk best of every query (as _search_block takes them), the threshold, the
+        # float64 values and the order in one call of the core (few_search)
         kk = min(n, k + (EXTRA_BF16 if bf16 else EXTRA_F32))
-        best_v, best_i = (t.numpy() for t in _largest(self._score(st, qscan, 0, n), kk))
-        kth = best_v[:, min(k, best_v.shape[1]) - 1]
-        thresh = _threshold_np(kth, margin, scan_dtype, self.metric)
-        invalid = qn == 0 if self.metric == "cosine" else np.zeros(Q, dtype=bool)
-        # (a zero query under cosine scans 0 everywhere and answers nothing: never short)
-        if bool(((best_v.shape[1] < n) & (best_v[:, -1] >= thresh) & np.isfinite(kth) & ~invalid).any()):
+        rows, scale, bias = self._few_scan_rows(st, qscan, 0, n)
+        norms = st.norms[:n].numpy()
+        found = few_search(qscan.float().numpy(), rows, scale, bias,
+                           norms if self.metric == "cosine" and st.zero_rows else None, kk, k,
+                           np.ascontiguousarray(margin, dtype=np.float64),
+                           2.1 * BF16_OUT if bf16 and self.metric != "l2" else 0.0,  # (_threshold's widening)
+                           st.rows[:n].numpy(), qexact, qn, norms, self.metric)
+        if found is None:
             return None
-        keep = np.isfinite(best_v) & (best_v >= thresh[:, None])
-        width = max(1, int(keep.sum(1).max()))
-        ids = np.where(keep, best_i, -1)[:, :width]
-        qi = np.repeat(np.arange(Q, dtype=np.int64), width)
-        ci = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
-        sums = pair_values(st.rows[:n].numpy(), qexact, qi, np.maximum(ci, 0), self.metric == "l2")
-        exact = self._pair_values_np(st, sums, qn * qn, qi, ci).reshape(Q, width)
-        # (value desc | distance asc, id asc), misses (NaN) last, as sort_rows orders them
-        miss = np.isnan(exact)
-        key = np.where(miss, math.inf, -exact if self.metric != "l2" else exact)
-        ids = np.where(miss, -1, ids)
-        order = np.lexsort((np.where(miss, np.iinfo(np.int64).max, ids), key), axis=1)[:, :k]
-        out_v = np.full((Q, k), math.nan)
-        out_i = np.full((Q, k), -1, dtype=np.int64)
-        rows = np.arange(Q)[:, None]
-        out_v[:, :order.shape[1]] = exact[rows, order]  # (a miss is NaN already)
-        out_i[:, :order.shape[1]] = ids[rows, order]
-        out_v[invalid], out_i[invalid] = math.nan, -1
-        return torch.from_numpy(out_v if float64 else out_v.astype(np.float32)), torch.from_numpy(out_i)
+        vals, ids = found
+        return torch.from_numpy(vals if float64 else vals.astype(np.float32)), torch.from_numpy(ids)
 
     def search_stored(self, k: int, *, float64: bool = False,
                       floor: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
