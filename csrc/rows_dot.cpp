@@ -29,12 +29,27 @@ inline float widen(uint16_t h) {
 }
 inline float widen(float f) { return f; }
 
+// Rows a few KiB ahead asked for before they are read: the hardware's own prefetch left a
+// one-query scan of 100,000 x 384 rows short of the memory's rate (alternating in one process,
+// 2 threads, Emerald Rapids: float32 8.0-8.5 -> 6.7-7.6 ms, bf16 rows 4.9-5.4 -> 3.8-4.3 ms;
+// 32 rows ahead was slower again)
+constexpr int64_t kAheadBytes = 8 << 10;
+inline int64_t rows_ahead(int64_t row_bytes) {
+  return std::max<int64_t>(1, kAheadBytes / std::max<int64_t>(1, row_bytes));
+}
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
 // rows [r0, r1) against G <= kQueries queries; eight running sums a query (vectorisable)
 template <class T>
 void dot_rows_generic(const float* q, int G, int64_t D, const T* rows, int64_t ldr, int64_t r0, int64_t r1,
                       float* out, int64_t N) {
+  const int64_t bytes = D * int64_t(sizeof(T)), ahead = rows_ahead(bytes);
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = rows + r * ldr;
+    if (r + ahead < r1) prefetch_row(row + ahead * ldr, bytes);
     for (int g = 0; g < G; ++g) {
       const float* qg = q + g * D;
       float s[8] = {};
@@ -66,8 +81,10 @@ EMBGEOM_AVX2 inline float total8(__m256 v) {
 template <int G, class T>
 EMBGEOM_AVX2 void dot_rows_avx2_g(const float* q, int64_t D, const T* rows, int64_t ldr, int64_t r0, int64_t r1,
                                   float* out, int64_t N) {
+  const int64_t bytes = D * int64_t(sizeof(T)), ahead = rows_ahead(bytes);
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = rows + r * ldr;
+    if (r + ahead < r1) prefetch_row(row + ahead * ldr, bytes);
     __m256 a[G], b[G];
     for (int g = 0; g < G; ++g) a[g] = b[g] = _mm256_setzero_ps();
     int64_t k = 0;
@@ -123,8 +140,10 @@ EMBGEOM_AVX512 void dot_rows_avx512_g(const float* q, int64_t D, const T* rows, 
                                       float* out, int64_t N) {
   constexpr int S = G <= 2 ? 4 : 2;
   const __mmask16 tail = static_cast<__mmask16>((1u << (D % 16)) - 1u);
+  const int64_t bytes = D * int64_t(sizeof(T)), ahead = rows_ahead(bytes);
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = rows + r * ldr;
+    if (r + ahead < r1) prefetch_row(row + ahead * ldr, bytes);
     __m512 acc[G][S];
     for (int g = 0; g < G; ++g)
       for (int s = 0; s < S; ++s) acc[g][s] = _mm512_setzero_ps();
