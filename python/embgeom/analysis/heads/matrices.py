@@ -239,8 +239,9 @@ def block_measures(a: torch.Tensor, eps: float | None = None, spec=None) -> dict
     lapack_map) when computed already."""
     n = a.shape[-1]
     nrm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-    unit = a / torch.where(nrm > 0, nrm, torch.ones_like(nrm))
-    cone = torch.linalg.vector_norm(unit.sum(-2), dim=-1) / n
+    inv = torch.where(nrm > 0, 1 / nrm, torch.zeros_like(nrm))   # (a zero row adds nothing)
+    # sum of the unit rows as (1 / |a_i|)^T a: no (k, H, n, n) copy of the rows divided
+    cone = torch.linalg.vector_norm(inv.transpose(-1, -2) @ a, dim=-1)[..., 0] / n
     if spec is None:
         spec = lapack_map(lambda x: block_spectra(x, eps), [a.detach().cpu().double()], 1)[0]
     rank, small, lam = (x.to(a.device) for x in spec)
