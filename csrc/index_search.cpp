@@ -17,9 +17,14 @@ bool few_search(const FewSearch& a, double* vals, int64_t* ids) {
   EMBGEOM_CHECK(Q >= 0 && N >= 0 && a.D >= 0 && k >= 1 && kk >= 1 && kk <= N, "few_search: bad shape");
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-  // the scan values, in a buffer kept between calls (a new one took its pages' faults every call)
-  thread_local std::vector<float> scores;
-  scores.resize(size_t(Q * N));
+  // the scan values: up to 4 MiB in a buffer each thread keeps between calls (a new one took its
+  // pages' faults every call), more in one of this call's own (its faults are a small part of
+  // such a scan, and a thread does not hold on to them)
+  constexpr int64_t kKeptFloats = int64_t(1) << 20;
+  thread_local std::vector<float> kept;
+  std::vector<float> own;
+  std::vector<float>& scores = Q * N <= kKeptFloats ? kept : own;
+  scores.resize(static_cast<size_t>(Q * N));
   float* s = scores.data();
   if (a.rows_bf16)
     rows_dot_bf16(a.qscan, Q, a.rows_bf16, a.ldr, N, a.D, s);

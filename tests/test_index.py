@@ -157,6 +157,21 @@ def test_few_queries_core_path_equals_the_general_one(metric, dtype, qdtype):
         bf.search(make_rows(1, 23), 3)
 
 
+def test_few_queries_past_the_kept_scan_buffer():
+    """4 queries over 262,145 rows: a scan of more than the 2^20 values few_search keeps between
+    calls, in a buffer of the call's own; the same bits as _search, twice in a row (the kept
+    buffer, then the other)."""
+    if index_module._rows_dot(torch.float32) is None:
+        pytest.skip("the C++ core is not built: _search_few does not apply")
+    x = make_rows(262_145, 8, seed=7, zero=(5,), dup=((3, 262_144),))
+    q = make_rows(4, 8, seed=8)
+    index = Index(x)
+    want_v, want_i = index._search(q, 6, True, index._engine_candidates)
+    for rows in ([0], [0, 1, 2, 3], [0, 1, 2, 3]):
+        got = index._search_few(q[rows], 6, True)
+        assert got is not None and torch.equal(got[1], want_i[rows]) and torch.equal(got[0], want_v[rows])
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_exact_ties_go_to_the_smaller_id(metric):
     x = make_rows(50, 16)
