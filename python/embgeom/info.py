@@ -94,7 +94,8 @@ def main(args) -> int:
         bf16 = cpu.get("gemm_fast_bf16", False)
         more = f"bf16 product from {ENGINE_BATCH_BF16}" if bf16 else "as float32 (no bf16 product here)"
         f32 = (f"{cpu['gemm_fast'].split()[0]} filter, exact fp32 lists," if bf16 else cpu["gemm_exact"])
-        print(f"  Index search (cosine/dot): up to {SMALL_BATCH} queries a scan of the rows ({scan}), more the "
+        print(f"  Index search (cosine/dot): up to {SMALL_BATCH} queries one call of the core (few_search: a scan "
+              f"of the rows, {scan}, the selection and the rescoring), more the "
               f"pairwise engine on rows prepared once; float32: {f32} from {ENGINE_BATCH} queries; "
               f"bfloat16: up to {BF16_ROWS_SCAN} queries its bf16 rows, more {more}; "
               f"exact rescoring: pair_values {cpu.get('pair_values', 'n/a')}")
