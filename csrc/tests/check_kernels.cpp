@@ -17,6 +17,7 @@
 #include "attention_sums.h"
 #include "cpu/gemm.h"
 #include "context.h"
+#include "index_search.h"
 #include "pair_values.h"
 #include "row_pairs.h"
 #include "rows_dot.h"
@@ -559,6 +560,106 @@ void check_bf16_scan_rows(int64_t N, int64_t D) {
   }
 }
 
+// few_search (an Index's search of a few queries in one call): the k nearest of each query
+// exactly as float64 brute force orders them (value desc / distance asc, then id), with a zero
+// row (never returned under cosine), duplicate rows (equal values: the smaller id first), a
+// zero query under cosine (nothing), float32 or bf16 scan rows, and k past the valid rows
+void check_few_search(int metric, bool bf16, int64_t Q, int64_t N, int64_t D, int64_t k) {
+  std::vector<float> rows = randn(N * D, 61), q = randn(Q * D, 62);
+  for (int64_t c = 0; c < D; ++c) rows[3 % N * D + c] = 0.0f;                     // a zero row
+  if (N > 7)
+    for (int64_t c = 0; c < D; ++c) rows[7 * D + c] = rows[5 * D + c];             // a duplicate
+  if (Q > 1)
+    for (int64_t c = 0; c < D; ++c) q[1 * D + c] = rows[5 * D + c];               // a query on it
+  if (Q > 2 && metric == 0)
+    for (int64_t c = 0; c < D; ++c) q[2 * D + c] = 0.0f;                          // a zero query
+  std::vector<double> norms(N), qnorm(Q);
+  double cmax = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    double s = 0;
+    for (int64_t c = 0; c < D; ++c) s += double(rows[r * D + c]) * rows[r * D + c];
+    norms[r] = std::sqrt(s);
+    cmax = std::max(cmax, norms[r]);
+  }
+  std::vector<float> qscan(Q * D), scale, bias;
+  for (int64_t a = 0; a < Q; ++a) {
+    double s = 0;
+    for (int64_t c = 0; c < D; ++c) s += double(q[a * D + c]) * q[a * D + c];
+    qnorm[a] = std::sqrt(s);
+    for (int64_t c = 0; c < D; ++c) {
+      const double x = metric == 0 ? q[a * D + c] / std::max(qnorm[a], 1e-300) : q[a * D + c];
+      qscan[a * D + c] = bf16 ? from_bf16(embgeom::to_bf16(float(x))) : float(x);
+    }
+  }
+  std::vector<uint16_t> rows16(N * D);
+  for (int64_t i = 0; i < N * D; ++i) rows16[i] = embgeom::to_bf16(rows[i]);
+  if (metric == 0) {
+    scale.resize(N);
+    for (int64_t r = 0; r < N; ++r) scale[r] = norms[r] > 0 ? float(1.0 / norms[r]) : 0.0f;
+  }
+  if (metric == 2) {
+    bias.resize(N);
+    for (int64_t r = 0; r < N; ++r) bias[r] = float(-0.5 * norms[r] * norms[r]);
+  }
+  // a margin well past the scan's error (bf16 rows: 2^-8 of each product; float32: gamma_D)
+  std::vector<double> margin(Q);
+  for (int64_t a = 0; a < Q; ++a) {
+    const double qr = metric == 0 ? 1.0 : qnorm[a];
+    margin[a] = (bf16 ? 0.02 : 1e-4) * qr * (metric == 0 ? 1.0 : cmax) * (metric == 2 ? cmax + 1 : 1.0) + 1e-30;
+  }
+  FewSearch f;
+  f.Q = Q;
+  f.D = D;
+  f.N = N;
+  f.qscan = qscan.data();
+  if (bf16)
+    f.rows_bf16 = rows16.data();
+  else
+    f.rows_f32 = rows.data();
+  f.ldr = D;
+  f.scale = metric == 0 ? scale.data() : nullptr;
+  f.bias = metric == 2 ? bias.data() : nullptr;
+  f.zero_rows = metric == 0 ? norms.data() : nullptr;
+  f.kk = bf16 ? N : std::min(N, k + 4);
+  f.k = k;
+  f.margin = margin.data();
+  f.widen = bf16 && metric != 2 ? 2.1 * std::ldexp(1.0, -8) : 0.0;
+  f.rows = rows.data();
+  f.qexact_f32 = q.data();
+  f.qnorm = qnorm.data();
+  f.norms = norms.data();
+  f.metric = metric;
+  std::vector<double> vals(Q * k, -7.0);
+  std::vector<int64_t> ids(Q * k, -7);
+  CHECK(few_search(f, vals.data(), ids.data()), "few_search metric %d bf16 %d N=%lld D=%lld: short with kk = %lld",
+        metric, int(bf16), (long long)N, (long long)D, (long long)f.kk);
+  for (int64_t a = 0; a < Q; ++a) {
+    std::vector<std::pair<double, int64_t>> ref;  // (key: smaller is nearer, id)
+    for (int64_t r = 0; r < N; ++r) {
+      if (metric == 0 && (norms[r] == 0 || qnorm[a] == 0)) continue;
+      long double s = 0;
+      for (int64_t c = 0; c < D; ++c) {
+        const long double x = rows[r * D + c], y = q[a * D + c];
+        s += metric == 2 ? (x - y) * (x - y) : x * y;
+      }
+      const double v = metric == 2 ? std::sqrt(double(s)) : metric == 0 ? double(s) / (norms[r] * qnorm[a]) : double(s);
+      ref.push_back({metric == 2 ? v : -v, r});
+    }
+    std::sort(ref.begin(), ref.end());
+    for (int64_t t = 0; t < k; ++t) {
+      const bool have = t < int64_t(ref.size());
+      const int64_t want = have ? ref[t].second : -1;
+      CHECK(ids[a * k + t] == want, "few_search metric %d bf16 %d N=%lld D=%lld query %lld rank %lld: id %lld, want %lld",
+            metric, int(bf16), (long long)N, (long long)D, (long long)a, (long long)t, (long long)ids[a * k + t],
+            (long long)want);
+      const double wv = have ? (metric == 2 ? ref[t].first : -ref[t].first) : 0.0;
+      CHECK(have ? std::fabs(vals[a * k + t] - wv) <= 1e-12 * (1 + std::fabs(wv)) : std::isnan(vals[a * k + t]),
+            "few_search metric %d query %lld rank %lld: value %.17g, want %.17g", metric, (long long)a, (long long)t,
+            vals[a * k + t], wv);
+    }
+  }
+}
+
 void embgeom_checks::check_kernels() {
   std::printf("rows dot %s, pair values %s, context argmax %s, row pair sums %s, attention sums %s, "
               "js pair sums %s\n", rows_dot_path(), pair_values_path(), context_argmax_path(), row_pair_sums_path(),
@@ -573,6 +674,12 @@ void embgeom_checks::check_kernels() {
   // more rows than one cache block (and a block tail), five queries: two groups a block
   check_rows_dot<uint16_t>(5, 777, 384, 390);
   check_rows_dot<float>(5, 777, 384, 390);
+  for (int metric : {0, 1, 2})
+    for (bool bf16 : {false, true}) {
+      check_few_search(metric, bf16, 4, 300, 37, 10);
+      check_few_search(metric, bf16, 3, 9, 16, 12);  // k past the rows
+      check_few_search(metric, bf16, 1, 1, 5, 3);
+    }
   for (int64_t D : {1, 7, 384}) check_bf16_scan_rows(9, D);
   check_bf16_scan_rows(0, 5);
   for (int64_t D : {1, 3, 4, 13, 15, 16, 17, 64, 384}) check_pair_values(D);
