@@ -649,8 +649,9 @@ void check_few_search(int metric, bool bf16, int64_t Q, int64_t N, int64_t D, in
     for (int64_t t = 0; t < k; ++t) {
       const bool have = t < int64_t(ref.size());
       const int64_t want = have ? ref[t].second : -1;
-      CHECK(ids[a * k + t] == want, "few_search metric %d bf16 %d N=%lld D=%lld query %lld rank %lld: id %lld, want %lld",
-            metric, int(bf16), (long long)N, (long long)D, (long long)a, (long long)t, (long long)ids[a * k + t],
+      CHECK(ids[a * k + t] == want,
+            "few_search metric %d bf16 %d N=%lld D=%lld query %lld rank %lld: id %lld, want %lld", metric,
+            int(bf16), (long long)N, (long long)D, (long long)a, (long long)t, (long long)ids[a * k + t],
             (long long)want);
       const double wv = have ? (metric == 2 ? ref[t].first : -ref[t].first) : 0.0;
       CHECK(have ? std::fabs(vals[a * k + t] - wv) <= 1e-12 * (1 + std::fabs(wv)) : std::isnan(vals[a * k + t]),
