@@ -3,6 +3,7 @@
 #include <type_traits>
 
 #include "cpu/isa.h"
+#include "cpu/simd.h"
 
 #if EMBGEOM_X86
 #include <immintrin.h>
@@ -74,12 +75,6 @@ OnePairF32 pick_one_pair_f32(const char** name) {
                                           name);
 }
 
-template <typename T>
-inline void prefetch_row(const T* row, int64_t D) {
-  const char* b = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(b + off, 0, 3);
-}
-
 // Pairs a few places ahead are prefetched: the rows of a pair list are scattered over a corpus
 // larger than the caches, and one pair's arithmetic is too short for the out-of-order window to
 // reach the next pair's loads. 3M random pairs of the vocabulary (384 dims, 2 threads, Zen 3),
@@ -95,8 +90,8 @@ void run(const float* rows, const Q* q, int64_t D, const int64_t* qi, const int6
 #endif
   for (int64_t p = 0; p < P; ++p) {
     if (p + kPrefetchAhead < P) {
-      prefetch_row(rows + ci[p + kPrefetchAhead] * D, D);
-      if (qi[p + kPrefetchAhead] != qi[p]) prefetch_row(q + qi[p + kPrefetchAhead] * D, D);
+      simd::prefetch_row(rows + ci[p + kPrefetchAhead] * D, D);
+      if (qi[p + kPrefetchAhead] != qi[p]) simd::prefetch_row(q + qi[p + kPrefetchAhead] * D, D);
     }
     out[p] = one(rows + ci[p] * D, q + qi[p] * D, D);
   }

@@ -10,6 +10,7 @@
 #include "check.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
+#include "cpu/simd.h"
 
 #if EMBGEOM_X86
 #include <immintrin.h>
@@ -37,19 +38,15 @@ constexpr int64_t kAheadBytes = 8 << 10;
 inline int64_t rows_ahead(int64_t row_bytes) {
   return std::max<int64_t>(1, kAheadBytes / std::max<int64_t>(1, row_bytes));
 }
-inline void prefetch_row(const void* row, int64_t bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
-}
 
 // rows [r0, r1) against G <= kQueries queries; eight running sums a query (vectorisable)
 template <class T>
 void dot_rows_generic(const float* q, int G, int64_t D, const T* rows, int64_t ldr, int64_t r0, int64_t r1,
                       float* out, int64_t N) {
-  const int64_t bytes = D * int64_t(sizeof(T)), ahead = rows_ahead(bytes);
+  const int64_t ahead = rows_ahead(D * int64_t(sizeof(T)));
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = rows + r * ldr;
-    if (r + ahead < r1) prefetch_row(row + ahead * ldr, bytes);
+    if (r + ahead < r1) simd::prefetch_row(row + ahead * ldr, D);
     for (int g = 0; g < G; ++g) {
       const float* qg = q + g * D;
       float s[8] = {};
@@ -81,10 +78,10 @@ EMBGEOM_AVX2 inline float total8(__m256 v) {
 template <int G, class T>
 EMBGEOM_AVX2 void dot_rows_avx2_g(const float* q, int64_t D, const T* rows, int64_t ldr, int64_t r0, int64_t r1,
                                   float* out, int64_t N) {
-  const int64_t bytes = D * int64_t(sizeof(T)), ahead = rows_ahead(bytes);
+  const int64_t ahead = rows_ahead(D * int64_t(sizeof(T)));
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = rows + r * ldr;
-    if (r + ahead < r1) prefetch_row(row + ahead * ldr, bytes);
+    if (r + ahead < r1) simd::prefetch_row(row + ahead * ldr, D);
     __m256 a[G], b[G];
     for (int g = 0; g < G; ++g) a[g] = b[g] = _mm256_setzero_ps();
     int64_t k = 0;
@@ -140,10 +137,10 @@ EMBGEOM_AVX512 void dot_rows_avx512_g(const float* q, int64_t D, const T* rows, 
                                       float* out, int64_t N) {
   constexpr int S = G <= 2 ? 4 : 2;
   const __mmask16 tail = static_cast<__mmask16>((1u << (D % 16)) - 1u);
-  const int64_t bytes = D * int64_t(sizeof(T)), ahead = rows_ahead(bytes);
+  const int64_t ahead = rows_ahead(D * int64_t(sizeof(T)));
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = rows + r * ldr;
-    if (r + ahead < r1) prefetch_row(row + ahead * ldr, bytes);
+    if (r + ahead < r1) simd::prefetch_row(row + ahead * ldr, D);
     __m512 acc[G][S];
     for (int g = 0; g < G; ++g)
       for (int s = 0; s < S; ++s) acc[g][s] = _mm512_setzero_ps();

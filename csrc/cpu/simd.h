@@ -112,5 +112,13 @@ EMBGEOM_SIMD_INLINE auto sum(V v) -> decltype(v[0] + v[0]) {
   return s;
 }
 
+// Asks for the cache lines of a row of D values before it is read (pair_values: scattered pair
+// rows; rows_dot: the rows a few KiB ahead of a scan); any target, no intrinsics.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  const char* b = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(b + off, 0, 3);
+}
+
 }  // namespace simd
 }  // namespace embgeom
