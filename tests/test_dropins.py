@@ -253,6 +253,30 @@ def test_neighbour_graphs_match_sklearn(sk_neighbors, metric):
                 assert np.allclose(got.toarray(), want.toarray(), rtol=1e-6, atol=1e-6)
 
 
+def test_cosine_neighbour_graph_leaves_zero_rows_out(sk_neighbors):
+    """Under cosine a zero row is nobody's neighbour (kneighbors pads with id -1): the graph
+    holds the real neighbours only, never a column -1 (which scipy took as a valid entry)."""
+    from embgeom.sklearn import NearestNeighbors
+
+    x = _tie_free(40, 8, seed=3).double().numpy()
+    x[[0, 7]] = 0.0
+    q = np.vstack([x[:3], np.zeros((1, 8))])
+    nn = NearestNeighbors(metric="cosine").fit(x)
+    for X in (None, q):
+        for mode in ("connectivity", "distance"):
+            g = nn.kneighbors_graph(X, n_neighbors=39, mode=mode)
+            dist, ids = nn.kneighbors(X, n_neighbors=39)
+            assert g.indices.min() >= 0 and g.nnz == int((ids >= 0).sum())
+            dense = g.toarray()
+            for r in range(ids.shape[0]):
+                real = ids[r] >= 0
+                want = np.zeros(40)
+                want[ids[r][real]] = 1.0 if mode == "connectivity" else dist[r][real]
+                assert np.array_equal(dense[r], want)
+    # rows of zero vectors and the zero query have no neighbours at all
+    assert nn.kneighbors_graph(q, n_neighbors=39)[3].nnz == 0
+
+
 def test_check_estimator(sk_neighbors):
     from sklearn.utils.estimator_checks import check_estimator
 

@@ -113,12 +113,15 @@ class NearestNeighbors(BaseEstimator):
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
         """scipy.sparse CSR (Q, n_samples_fit): each query's k neighbours, 1.0
         (mode="connectivity") or their distances (mode="distance", zeros kept as entries), as
-        scikit-learn's; X=None: the fitted rows, each not its own neighbour."""
+        scikit-learn's; X=None: the fitted rows, each not its own neighbour. Under cosine a
+        zero row is nobody's neighbour and a zero query has none: kneighbors' padding (id -1)
+        is left out, so such a query's row holds fewer than k entries."""
         _graph_mode(mode)
         dist, ids = self.kneighbors(X, n_neighbors, return_distance=True)
-        Q, k = ids.shape
-        data = np.ones(Q * k) if mode == "connectivity" else dist.ravel()
-        return _csr(data, ids.ravel(), np.arange(0, Q * k + 1, k), Q, self.n_samples_fit_)
+        found = ids >= 0
+        indptr = np.concatenate([[0], np.cumsum(found.sum(1))])
+        data = np.ones(int(indptr[-1])) if mode == "connectivity" else dist[found]
+        return _csr(data, ids[found], indptr, ids.shape[0], self.n_samples_fit_)
 
     def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity", sort_results=False):
         """scipy.sparse CSR (Q, n_samples_fit) of radius_neighbors: 1.0 or the distances
