@@ -137,6 +137,18 @@ def test_shards_are_bounded_and_resume_skips_finished_rows(tmp_path, monkeypatch
     assert not [f for f in os.listdir(tmp_path / "p") if f.endswith(".tmp")]
 
 
+def test_an_index_grown_by_add_resumes_the_same_run(tmp_path):
+    """The fingerprint names the stored rows only: add()'s spare room past them (unwritten
+    memory) made an index grown by add() refuse its own folder on the next run."""
+    x = make_rows(100, 8)
+    grown = Index(x[:90])
+    grown.add(x[90:])
+    assert grown.fingerprint() == Index(x).fingerprint()
+    pairs_above(Index(x), 0.3, tmp_path / "p")
+    m = grown.pairs_above(0.3, tmp_path / "p")  # the same corpus: the finished folder as it is
+    assert m["complete"]
+
+
 def test_refuses_foreign_stale_and_non_pairs_folders(tmp_path):
     x = make_rows(200, 8)
     pairs_above(x, 0.5, tmp_path / "p")

@@ -1134,7 +1134,8 @@ class Index:
         h = hashlib.sha256(json.dumps({"metric": self.metric, "n": st.n, "d": self.d}).encode())
         step = 1 << 16
         for r0 in range(0, st.n, step):
-            h.update(st.rows[r0:r0 + step].cpu().contiguous().numpy())  # the buffer, not a copy
+            # (rows past n are add()'s spare room: unwritten, never part of the corpus)
+            h.update(st.rows[r0:min(r0 + step, st.n)].cpu().contiguous().numpy())  # the buffer, not a copy
         return h.hexdigest()
 
     # -- files --------------------------------------------------------------------------------
