@@ -326,13 +326,12 @@ py::tuple scores_topk(const f32_array& scores, int64_t k) {
 // A search of a few queries in one call (index_search.h): q (Q, D) float32 scan queries, rows
 // (N, D) float32 or int16 (bf16 bit patterns), scale / bias (N,) float32 or None, zero_rows (N,)
 // float64 norms or None, margin (Q,), exact_rows (N, D) float32, qexact (Q, D) float32 or
-// float64, qnorm (Q,), norms (N,) -> (values (Q, k) float64, ids (Q, k) int64), or None where a
-// query's list is too short for its margin.
+// float64 (cosine: Index._exact_queries' scaling), qnorm (Q,) -> (values (Q, k) float64, ids
+// (Q, k) int64), or None where a query's list is too short for its margin.
 py::object few_search(const f32_array& q, const py::array& rows, const std::optional<f32_array>& scale,
                       const std::optional<f32_array>& bias, const std::optional<f64_array>& zero_rows, int64_t kk,
                       int64_t k, const f64_array& margin, double widen, const f32_array& exact_rows,
-                      const py::array& qexact, const f64_array& qnorm, const f64_array& norms,
-                      const std::string& metric) {
+                      const py::array& qexact, const f64_array& qnorm, const std::string& metric) {
   EMBGEOM_CHECK(q.ndim() == 2 && rows.ndim() == 2 && exact_rows.ndim() == 2 && qexact.ndim() == 2,
                 "q, rows, exact_rows, qexact: expected 2-d arrays");
   embgeom::FewSearch a;
@@ -350,7 +349,7 @@ py::object few_search(const f32_array& q, const py::array& rows, const std::opti
                 "qexact: expected C-contiguous (Q, D)");
   const bool q64 = qexact.dtype().is(py::dtype::of<double>());
   EMBGEOM_CHECK(q64 || qexact.dtype().is(py::dtype::of<float>()), "qexact: expected float32 or float64");
-  EMBGEOM_CHECK(margin.size() == a.Q && qnorm.size() == a.Q && norms.size() >= a.N, "margin, qnorm, norms: bad sizes");
+  EMBGEOM_CHECK(margin.size() == a.Q && qnorm.size() == a.Q, "margin, qnorm: bad sizes");
   for (const auto* v : {&scale, &bias})
     EMBGEOM_CHECK(!*v || (*v)->size() == a.N, "scale, bias: expected (N,) float32");
   EMBGEOM_CHECK(!zero_rows || zero_rows->size() == a.N, "zero_rows: expected (N,) float64");
@@ -375,7 +374,6 @@ py::object few_search(const f32_array& q, const py::array& rows, const std::opti
   else
     a.qexact_f32 = static_cast<const float*>(qexact.data());
   a.qnorm = qnorm.data();
-  a.norms = norms.data();
   a.metric = metric == "cosine" ? 0 : metric == "dot" ? 1 : 2;
   py::array_t<double> vals({a.Q, k});
   py::array_t<int64_t> ids({a.Q, k});
@@ -474,6 +472,7 @@ py::dict cpu_info() {
   d["row_pair_sums"] = std::string(embgeom::row_pair_sums_path());
   d["rows_dot"] = std::string(embgeom::rows_dot_path());
   d["pair_values"] = std::string(embgeom::pair_values_path());
+  d["pair_cosines"] = std::string(embgeom::pair_cosines_path());
   d["js_pair_sums"] = std::string(embgeom::js_pair_sums_path());
   d["attention_sums"] = std::string(embgeom::attention_sums_path());
   d["cone_index"] = std::string(embgeom::cone_index_path());
@@ -532,7 +531,7 @@ PYBIND11_MODULE(_C, m) {
         "int64), largest first, equal values by column, NaN as -inf; past a row's N: -inf and -1");
   m.def("few_search", &few_search, py::arg("q"), py::arg("rows"), py::arg("scale"), py::arg("bias"),
         py::arg("zero_rows"), py::arg("kk"), py::arg("k"), py::arg("margin"), py::arg("widen"), py::arg("exact_rows"),
-        py::arg("qexact"), py::arg("qnorm"), py::arg("norms"), py::arg("metric"),
+        py::arg("qexact"), py::arg("qnorm"), py::arg("metric"),
         "An index's search of a few queries in one call: the scan, its kk best, each query's threshold, the "
         "candidates' float64 values and their order -> (values (Q, k) float64, ids (Q, k) int64), or None where "
         "a query's list is too short for its margin");
@@ -576,18 +575,26 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("kind"), py::arg("v"), py::arg("near") = 0.0);
   // float64 and float32 queries (pybind11 tries each overload without conversion first, so a
   // float32 query set is read where it lies instead of widened into a float64 copy)
-  auto pair_values = [](const f32_array& rows, const auto& q, const py::array_t<int64_t, py::array::c_style>& qi,
-                        const py::array_t<int64_t, py::array::c_style>& ci, bool sqdist) {
+  // the pairs of pair_values / pair_cosines checked: (rows, q) of one D, every (qi, ci) in range -> P
+  auto checked_pairs = [](const f32_array& rows, const auto& q, const py::array_t<int64_t, py::array::c_style>& qi,
+                          const py::array_t<int64_t, py::array::c_style>& ci) {
     EMBGEOM_CHECK(rows.ndim() == 2 && q.ndim() == 2 && rows.shape(1) == q.shape(1),
                   "rows, q: expected (N, D) float32 and (Q, D) float64 or float32 of one D");
     EMBGEOM_CHECK(qi.ndim() == 1 && ci.ndim() == 1 && qi.shape(0) == ci.shape(0),
                   "qi, ci: expected two int64 index vectors of one length");
-    const int64_t P = qi.shape(0), N = rows.shape(0), Q = q.shape(0), D = rows.shape(1);
+    const int64_t P = qi.shape(0), N = rows.shape(0), Q = q.shape(0);
     const int64_t* a = qi.data();
     const int64_t* b = ci.data();
     for (int64_t p = 0; p < P; ++p)
       EMBGEOM_CHECK(a[p] >= 0 && a[p] < Q && b[p] >= 0 && b[p] < N,
                     "qi, ci: pair " << p << " = (" << a[p] << ", " << b[p] << ") is outside (" << Q << ", " << N << ")");
+    return P;
+  };
+  using Ids = py::array_t<int64_t, py::array::c_style>;
+  auto pair_values = [checked_pairs](const f32_array& rows, const auto& q, const Ids& qi, const Ids& ci, bool sqdist) {
+    const int64_t P = checked_pairs(rows, q, qi, ci), D = rows.shape(1);
+    const int64_t* a = qi.data();
+    const int64_t* b = ci.data();
     py::array_t<double> out(P);
     {
       py::gil_scoped_release release;
@@ -606,6 +613,29 @@ PYBIND11_MODULE(_C, m) {
                                      const py::array_t<int64_t, py::array::c_style>& ci, bool sqdist) {
     return pair_values(rows, q, qi, ci, sqdist);
   }, py::arg("rows"), py::arg("q"), py::arg("qi"), py::arg("ci"), py::arg("sqdist"), pair_values_doc);
+  // exact cosines (pair_values.h, pair_cosines): float64 or float32 queries, as pair_values
+  auto pair_cosines = [checked_pairs](const f32_array& rows, const auto& q, const Ids& qi, const Ids& ci) {
+    const int64_t P = checked_pairs(rows, q, qi, ci), D = rows.shape(1);
+    const int64_t* a = qi.data();
+    const int64_t* b = ci.data();
+    py::array_t<double> out(P);
+    {
+      py::gil_scoped_release release;
+      embgeom::pair_cosines(rows.data(), q.data(), D, a, b, P, out.mutable_data());
+    }
+    return out;
+  };
+  const char* pair_cosines_doc = "Exact float64 cosines of (query qi[p], row ci[p]) pairs (NaN for a zero row)";
+  m.def("pair_cosines", [pair_cosines](const f32_array& rows, const py::array_t<double, py::array::c_style>& q,
+                                       const py::array_t<int64_t, py::array::c_style>& qi,
+                                       const py::array_t<int64_t, py::array::c_style>& ci) {
+    return pair_cosines(rows, q, qi, ci);
+  }, py::arg("rows"), py::arg("q"), py::arg("qi"), py::arg("ci"), pair_cosines_doc);
+  m.def("pair_cosines", [pair_cosines](const f32_array& rows, const f32_array& q,
+                                       const py::array_t<int64_t, py::array::c_style>& qi,
+                                       const py::array_t<int64_t, py::array::c_style>& ci) {
+    return pair_cosines(rows, q, qi, ci);
+  }, py::arg("rows"), py::arg("q"), py::arg("qi"), py::arg("ci"), pair_cosines_doc);
   m.def("direct_distance", [](const f32_array& a, const f32_array& b) {
     EMBGEOM_CHECK(a.ndim() == 1 && b.ndim() == 1 && a.shape(0) == b.shape(0), "a, b: expected two rows of one length");
     return embgeom::numerics::direct_distance(a.data(), b.data(), a.shape(0));

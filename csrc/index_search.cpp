@@ -69,24 +69,16 @@ bool few_search(const FewSearch& a, double* vals, int64_t* ids) {
     }
   const int64_t P = int64_t(qi.size());
   std::vector<double> v(static_cast<size_t>(P));
-  if (a.qexact_f64)
+  if (a.metric == 0 && a.qexact_f64)
+    pair_cosines(a.rows, a.qexact_f64, a.D, qi.data(), ci.data(), P, v.data());
+  else if (a.metric == 0)
+    pair_cosines(a.rows, a.qexact_f32, a.D, qi.data(), ci.data(), P, v.data());
+  else if (a.qexact_f64)
     pair_values(a.rows, a.qexact_f64, a.D, qi.data(), ci.data(), P, a.metric == 2, v.data());
   else
     pair_values(a.rows, a.qexact_f32, a.D, qi.data(), ci.data(), P, a.metric == 2, v.data());
-  for (int64_t p = 0; p < P; ++p) {
-    if (a.metric == 2) {
-      v[p] = std::sqrt(v[p]);
-    } else if (a.metric == 0) {
-      const double n = a.norms[ci[p]];
-      if (n == 0.0) {
-        v[p] = kNaN;
-        continue;
-      }
-      const double qn = a.qnorm[qi[p]];
-      const double denom = n * std::sqrt(qn * qn);  // (numpy's sqrt of the squared norm, as _search)
-      v[p] = std::min(std::max(v[p] / std::max(denom, 1e-300), -1.0), 1.0);
-    }
-  }
+  if (a.metric == 2)
+    for (int64_t p = 0; p < P; ++p) v[p] = std::sqrt(v[p]);
   // (value desc | distance asc, id asc), misses (a zero row: NaN) last
   int64_t p0 = 0;
   std::vector<int64_t> order;

@@ -6,7 +6,7 @@ namespace embgeom {
 // A search of a few queries over an index's stored rows in one call (python/embgeom/index.py,
 // Index._search_few; the rule is docs/metrics.md, prepared index): the scan (rows_dot), its
 // scale, bias and zero rows, the kk best scan values (scores_topk), each query's threshold,
-// the float64 values of the candidates at or above it (pair_values) and their order, with the
+// the float64 values of the candidates at or above it (pair_values, pair_cosines) and their order, with the
 // float operations of the general path (Index._search), so the same bits. One call instead of
 // some forty numpy operations: after a scan of 154 MB the first touch of each one's code and
 // data cost 50-100 us.
@@ -28,7 +28,6 @@ struct FewSearch {
   const float* qexact_f32 = nullptr;
   const double* qexact_f64 = nullptr;
   const double* qnorm = nullptr;      // (Q,) float64 query norms (cosine: a zero query answers nothing)
-  const double* norms = nullptr;      // (N,) float64 stored row norms (cosine)
   int metric = 0;                     // 0 cosine, 1 dot, 2 l2 (distance)
 };
 

@@ -1,5 +1,8 @@
 #include "pair_values.h"
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <type_traits>
 
 #include "cpu/isa.h"
@@ -41,6 +44,28 @@ inline double one_pair(const float* r, const Q* q, int64_t D) {
   return total16(s);
 }
 
+// (s_qc, s_qq, s_cc) -> the cosine (pair_values.h, pair_cosines)
+inline double cosine_of(double qc, double qq, double cc) {
+  if (cc == 0.0) return std::numeric_limits<double>::quiet_NaN();
+  return std::min(std::max(qc / std::max(std::sqrt(qq * cc), 1e-300), -1.0), 1.0);
+}
+
+template <typename Q>
+inline double one_cosine(const float* r, const Q* q, int64_t D) {
+  double qc[kSums] = {}, qq[kSums] = {}, cc[kSums] = {};
+  auto add = [&](int l, int64_t d) {
+    const double x = r[d], y = q[d];
+    qc[l] += x * y;
+    qq[l] += y * y;
+    cc[l] += x * x;
+  };
+  int64_t d = 0;
+  for (; d + kSums <= D; d += kSums)
+    for (int l = 0; l < kSums; ++l) add(l, d + l);
+  for (int l = 0; d < D; ++d, ++l) add(l, d);
+  return cosine_of(total16(qc), total16(qq), total16(cc));
+}
+
 #if EMBGEOM_X86
 // The same order for float32 rows and queries (dot): four vectors of four sums. Each product of
 // two floats is exact in double, so the FMA rounds once as the add does in one_pair: the
@@ -66,6 +91,64 @@ EMBGEOM_AVX2 double one_pair_f32_avx2(const float* r, const float* q, int64_t D)
   for (int l = 0; d < D; ++d, ++l) s[l] += double(r[d]) * double(q[d]);  // the last D % 16
   return total16(s);
 }
+
+// one_cosine for float32 rows and queries: one_pair_f32_avx2's order for each of the three sums
+// (every product of two floats exact: the values are one_cosine's, bit for bit)
+EMBGEOM_AVX2 double one_cosine_f32_avx2(const float* r, const float* q, int64_t D) {
+  __m256d qc[4], qq[4], cc[4];
+  for (int v = 0; v < 4; ++v) qc[v] = qq[v] = cc[v] = _mm256_setzero_pd();
+  int64_t d = 0;
+  for (; d + kSums <= D; d += kSums)
+    for (int v = 0; v < 4; ++v) {
+      const __m256d x = widen4(r + d + 4 * v), y = widen4(q + d + 4 * v);
+      qc[v] = _mm256_fmadd_pd(x, y, qc[v]);
+      qq[v] = _mm256_fmadd_pd(y, y, qq[v]);
+      cc[v] = _mm256_fmadd_pd(x, x, cc[v]);
+    }
+  alignas(32) double sqc[kSums], sqq[kSums], scc[kSums];
+  for (int v = 0; v < 4; ++v) {
+    _mm256_store_pd(sqc + 4 * v, qc[v]);
+    _mm256_store_pd(sqq + 4 * v, qq[v]);
+    _mm256_store_pd(scc + 4 * v, cc[v]);
+  }
+  for (int l = 0; d < D; ++d, ++l) {  // the last D % 16
+    const double x = r[d], y = q[d];
+    sqc[l] += x * y;
+    sqq[l] += y * y;
+    scc[l] += x * x;
+  }
+  return cosine_of(total16(sqc), total16(sqq), total16(scc));
+}
+
+// The same with sums 0-7 and 8-15 in two zmm a sum: half the instructions of the AVX2 loop
+// (2 threads, 2M random pairs of 100,000 x 384 rows: 140 ns a pair there against pair_values'
+// 100); the same values, bit for bit
+EMBGEOM_AVX512 double one_cosine_f32_avx512(const float* r, const float* q, int64_t D) {
+  __m512d qc[2], qq[2], cc[2];
+  for (int v = 0; v < 2; ++v) qc[v] = qq[v] = cc[v] = _mm512_setzero_pd();
+  int64_t d = 0;
+  for (; d + kSums <= D; d += kSums)
+    for (int v = 0; v < 2; ++v) {
+      const __m512d x = _mm512_cvtps_pd(_mm256_loadu_ps(r + d + 8 * v));
+      const __m512d y = _mm512_cvtps_pd(_mm256_loadu_ps(q + d + 8 * v));
+      qc[v] = _mm512_fmadd_pd(x, y, qc[v]);
+      qq[v] = _mm512_fmadd_pd(y, y, qq[v]);
+      cc[v] = _mm512_fmadd_pd(x, x, cc[v]);
+    }
+  alignas(64) double sqc[kSums], sqq[kSums], scc[kSums];
+  for (int v = 0; v < 2; ++v) {
+    _mm512_store_pd(sqc + 8 * v, qc[v]);
+    _mm512_store_pd(sqq + 8 * v, qq[v]);
+    _mm512_store_pd(scc + 8 * v, cc[v]);
+  }
+  for (int l = 0; d < D; ++d, ++l) {  // the last D % 16
+    const double x = r[d], y = q[d];
+    sqc[l] += x * y;
+    sqq[l] += y * y;
+    scc[l] += x * x;
+  }
+  return cosine_of(total16(sqc), total16(sqq), total16(scc));
+}
 #endif
 
 using OnePairF32 = double (*)(const float*, const float*, int64_t);
@@ -73,6 +156,16 @@ using OnePairF32 = double (*)(const float*, const float*, int64_t);
 OnePairF32 pick_one_pair_f32(const char** name) {
   return pick_avx2_or_generic<OnePairF32>(one_pair<false, float>, EMBGEOM_IF_X86(one_pair_f32_avx2), "avx2",
                                           name);
+}
+
+OnePairF32 pick_one_cosine_f32(const char** name) {
+#if EMBGEOM_X86
+  if (isa_level() >= Isa::avx512) {
+    *name = "avx512";
+    return one_cosine_f32_avx512;
+  }
+#endif
+  return pick_avx2_or_generic<OnePairF32>(one_cosine<float>, EMBGEOM_IF_X86(one_cosine_f32_avx2), "avx2", name);
 }
 
 // Pairs a few places ahead are prefetched: the rows of a pair list are scattered over a corpus
@@ -113,6 +206,7 @@ void dispatch(const float* rows, const Q* q, int64_t D, const int64_t* qi, const
 }  // namespace
 
 const char* pair_values_path() { return picked_name(pick_one_pair_f32); }
+const char* pair_cosines_path() { return picked_name(pick_one_cosine_f32); }
 
 void pair_values(const float* rows, const double* q, int64_t D, const int64_t* qi, const int64_t* ci,
                  int64_t P, bool sqdist, double* out) {
@@ -122,6 +216,17 @@ void pair_values(const float* rows, const double* q, int64_t D, const int64_t* q
 void pair_values(const float* rows, const float* q, int64_t D, const int64_t* qi, const int64_t* ci,
                  int64_t P, bool sqdist, double* out) {
   dispatch(rows, q, D, qi, ci, P, sqdist, out);
+}
+
+void pair_cosines(const float* rows, const double* q, int64_t D, const int64_t* qi, const int64_t* ci,
+                  int64_t P, double* out) {
+  run(rows, q, D, qi, ci, P, out, one_cosine<double>);
+}
+
+void pair_cosines(const float* rows, const float* q, int64_t D, const int64_t* qi, const int64_t* ci,
+                  int64_t P, double* out) {
+  const char* name = "";
+  run(rows, q, D, qi, ci, P, out, pick_one_cosine_f32(&name));
 }
 
 }  // namespace embgeom

@@ -263,6 +263,99 @@ def test_tiny_float64_query_keeps_its_direction():
     assert torch.equal(index.search(q, 3)[1], index.search(np.array([[1.0, 0, 0, 0]]), 3)[1])
 
 
+@pytest.mark.parametrize("Q", [3, 40])  # few_search's one call, and the general path
+def test_tiny_and_huge_float64_queries_score_their_true_cosines(Q):
+    """Under cosine a float64 query set of any magnitude the index takes gets the cosines of its
+    direction (its squared sum had underflowed below 1e-154: every cosine came out 1)."""
+    x = make_rows(200, 8, seed=3)
+    index = Index(x)
+    q = make_rows(Q, 8, seed=4).double()
+    want_v, want_i = index.search(q, 5, float64=True)
+    # powers of two (1e-160, 1e-200, 1e-300, 1e30): the same cosines to the bit
+    for scale in (2.0 ** -530, 2.0 ** -664, 2.0 ** -996, 2.0 ** 100):
+        got_v, got_i = index.search(q * scale, 5, float64=True)
+        assert torch.equal(got_i, want_i) and torch.equal(got_v, want_v), scale
+        lims, v, i = index.range_search(q * scale, 0.3, float64=True)
+        lims0, v0, i0 = index.range_search(q, 0.3, float64=True)
+        assert torch.equal(lims, lims0) and torch.equal(i, i0) and torch.equal(v, v0), scale
+
+
+@pytest.mark.parametrize("core", [True, False], ids=["core", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_identical_rows_score_exactly_one(dtype, core, monkeypatch):
+    """A row against itself or an identical copy scores exactly 1.0 under cosine, in every path
+    (few queries, many, search_stored, range_search at 1.0, pairs_above at 1.0, communities at
+    1.0), with the C++ core and without it (torch's sums): the product of two separately
+    rounded norms gave 1 - 2^-52 for about a quarter of rows, and a threshold of 1.0 then missed
+    exact duplicates."""
+    from embgeom import communities, pairs_above, read_pairs
+
+    if not core:
+        monkeypatch.setattr(registry, "cpp_kernel", lambda *a: None)
+
+    g = np.random.default_rng(0)
+    base = g.standard_normal((150, 8)).astype(np.float32)
+    x = torch.from_numpy(np.vstack([base, base]))                     # row r and row r + 150 equal
+    index = Index(x, dtype=dtype)
+    for rows in (x[:3], x[:40], x[:3].double(), x[:40].double()):
+        v, i = index.search(rows, 2, float64=True)
+        assert bool((v == 1.0).all()), rows.shape
+        assert torch.equal(i.sort(1).values, torch.stack([torch.arange(len(rows)), torch.arange(len(rows)) + 150], 1))
+    v, _ = index.search_stored(2, float64=True)
+    assert bool((v == 1.0).all())
+    lims, v, i = index.range_search(x[:40], 1.0, float64=True)
+    assert torch.equal(lims, torch.arange(0, 81, 2)) and bool((v == 1.0).all())
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        pairs_above(index, 1.0, os.path.join(d, "p"))
+        pi, pj, ps = read_pairs(os.path.join(d, "p"))
+    assert np.array_equal(pi, np.arange(150)) and np.array_equal(pj, np.arange(150) + 150)
+    groups = communities(index, 1.0, 2)
+    assert sorted(sorted(c) for c in groups) == [[r, r + 150] for r in range(150)]
+    # symmetric: (i, j) scores what (j, i) does
+    vi, ii = index.search(x[:150], 6, float64=True)
+    back = {}
+    for r in range(150):
+        for s_, c in zip(vi[r].tolist(), ii[r].tolist()):
+            back[(r, c)] = s_
+    for (r, c), s_ in back.items():
+        if (c, r) in back:
+            assert back[(c, r)] == s_
+
+
+def test_core_pair_cosines():
+    """_C.pair_cosines: the float64 cosine to 1e-12, exactly 1 for a row against its own values
+    (float32 and float64 queries), symmetric, NaN for a zero row, 0 for a zero query, the same
+    bits alone and threaded; indices out of range refused."""
+    core = pytest.importorskip("embgeom._C")
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((300, 37)).astype(np.float32)
+    rows[7] = 0
+    q = rng.standard_normal((40, 37))
+    q[3] = 0
+    P = 9000
+    qi, ci = rng.integers(0, 40, P), rng.integers(0, 300, P)
+    got = core.pair_cosines(rows, q, qi, ci)
+    r64 = rows.astype(np.float64)[ci]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want = (r64 * q[qi]).sum(1) / (np.linalg.norm(r64, axis=1) * np.linalg.norm(q[qi], axis=1))
+    real = (ci != 7) & (qi != 3)
+    assert np.allclose(got[real], want[real], rtol=1e-12, atol=1e-12)
+    assert np.isnan(got[ci == 7]).all() and (got[(qi == 3) & (ci != 7)] == 0).all()
+    one = [core.pair_cosines(rows, q, qi[k:k + 1], ci[k:k + 1])[0] for k in range(9)]
+    assert np.array_equal(np.array(one), got[:9], equal_nan=True)
+    idx = np.arange(300)
+    for own in (rows, rows.astype(np.float64)):
+        self_cos = core.pair_cosines(rows, own, idx, idx)
+        assert (self_cos[idx != 7] == 1.0).all()
+    a, b = rng.integers(8, 300, 500), rng.integers(8, 300, 500)  # (row 7 is zero: NaN one way, 0 the other)
+    for rq in (rows, rows.astype(np.float64)):
+        assert np.array_equal(core.pair_cosines(rows, rq, a, b), core.pair_cosines(rows, rq, b, a))
+    with pytest.raises(ValueError, match="outside"):
+        core.pair_cosines(rows, q, np.array([0]), np.array([300]))
+
+
 def test_vectors_slices_like_python():
     index = Index(np.ones((10, 4), np.float32))
     index.add(np.full((2, 4), 2, np.float32))  # spare capacity past ntotal must stay hidden

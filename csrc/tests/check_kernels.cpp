@@ -164,6 +164,55 @@ void check_bf16_product(const GemmKernel& k, int64_t R, int64_t Cn, int64_t D) {
     }
 }
 
+// pair_cosines: the float64 cosine (long double reference), exactly 1 for a row against its own
+// values (float32 and float64 queries, every vector level), symmetric, NaN for a zero row, 0 for
+// a zero query, float32 queries as their widening, bit for bit
+void check_pair_cosines(int64_t D) {
+  const int64_t N = 9;
+  std::vector<float> rows = randn(N * D, 33);
+  for (int64_t k = 0; k < D; ++k) rows[5 * D + k] = 0.0f;  // row 5: zero
+  std::vector<double> rows64(rows.begin(), rows.end());
+  std::vector<int64_t> qi, ci;
+  for (int64_t a = 0; a < N; ++a)
+    for (int64_t c = 0; c < N; ++c) {
+      qi.push_back(a);
+      ci.push_back(c);
+    }
+  const int64_t P = static_cast<int64_t>(qi.size());
+  std::vector<double> got(P), got64(P);
+  pair_cosines(rows.data(), rows.data(), D, qi.data(), ci.data(), P, got.data());
+  pair_cosines(rows.data(), rows64.data(), D, qi.data(), ci.data(), P, got64.data());
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t a = qi[p], c = ci[p];
+    CHECK(got[p] == got64[p] || (std::isnan(got[p]) && std::isnan(got64[p])),
+          "pair_cosines D=%lld pair %lld: float32 and float64 queries differ", (long long)D, (long long)p);
+    if (c == 5) {
+      CHECK(std::isnan(got[p]), "pair_cosines D=%lld: a zero row gives %.17g, not NaN", (long long)D, got[p]);
+      continue;
+    }
+    if (a == 5) {
+      CHECK(got[p] == 0.0, "pair_cosines D=%lld: a zero query gives %.17g, not 0", (long long)D, got[p]);
+      continue;
+    }
+    if (a == c) {
+      CHECK(got[p] == 1.0, "pair_cosines (%s) D=%lld row %lld with itself: %.17g", pair_cosines_path(), (long long)D,
+            (long long)a, got[p]);
+    }
+    CHECK(got[p] == got[c * N + a], "pair_cosines D=%lld: (%lld, %lld) and (%lld, %lld) differ", (long long)D,
+          (long long)a, (long long)c, (long long)c, (long long)a);
+    long double qc = 0, qq = 0, cc = 0;
+    for (int64_t k = 0; k < D; ++k) {
+      const long double x = rows[c * D + k], y = rows[a * D + k];
+      qc += x * y;
+      qq += y * y;
+      cc += x * x;
+    }
+    const double want = double(qc / std::sqrt(qq * cc));
+    CHECK(std::fabs(got[p] - want) <= 4 * (D + 4) * kU64, "pair_cosines D=%lld pair %lld: %.17g vs %.17g",
+          (long long)D, (long long)p, got[p], want);
+  }
+}
+
 void check_pair_values(int64_t D) {
   const int64_t N = 9, Q = 4;
   std::vector<float> rows = randn(N * D, 31), qf = randn(Q * D, 32);
@@ -627,7 +676,6 @@ void check_few_search(int metric, bool bf16, int64_t Q, int64_t N, int64_t D, in
   f.rows = rows.data();
   f.qexact_f32 = q.data();
   f.qnorm = qnorm.data();
-  f.norms = norms.data();
   f.metric = metric;
   std::vector<double> vals(Q * k, -7.0);
   std::vector<int64_t> ids(Q * k, -7);
@@ -659,12 +707,17 @@ void check_few_search(int metric, bool bf16, int64_t Q, int64_t N, int64_t D, in
             vals[a * k + t], wv);
     }
   }
+  // the query on row 5 (and its duplicate, row 7) scores exactly 1 under cosine (pair_cosines)
+  if (metric == 0 && Q > 1 && N > 7 && k > 1)
+    CHECK(ids[k] == 5 && ids[k + 1] == 7 && vals[k] == 1.0 && vals[k + 1] == 1.0,
+          "few_search D=%lld: a query on a stored row scores %.17g, %.17g (ids %lld, %lld), not exactly 1",
+          (long long)D, vals[k], vals[k + 1], (long long)ids[k], (long long)ids[k + 1]);
 }
 
 void embgeom_checks::check_kernels() {
-  std::printf("rows dot %s, pair values %s, context argmax %s, row pair sums %s, attention sums %s, "
-              "js pair sums %s\n", rows_dot_path(), pair_values_path(), context_argmax_path(), row_pair_sums_path(),
-              attention_sums_path(), js_pair_sums_path());
+  std::printf("rows dot %s, pair values %s, pair cosines %s, context argmax %s, row pair sums %s, attention sums %s, "
+              "js pair sums %s\n", rows_dot_path(), pair_values_path(), pair_cosines_path(), context_argmax_path(),
+              row_pair_sums_path(), attention_sums_path(), js_pair_sums_path());
   for (int64_t Q : {1, 3, 4})
     for (int64_t D : {1, 7, 16, 37}) {
       check_rows_dot<uint16_t>(Q, 19, D, D + (D % 3));
@@ -683,7 +736,10 @@ void embgeom_checks::check_kernels() {
     }
   for (int64_t D : {1, 7, 384}) check_bf16_scan_rows(9, D);
   check_bf16_scan_rows(0, 5);
-  for (int64_t D : {1, 3, 4, 13, 15, 16, 17, 64, 384}) check_pair_values(D);
+  for (int64_t D : {1, 3, 4, 13, 15, 16, 17, 64, 384}) {
+    check_pair_values(D);
+    check_pair_cosines(D);
+  }
   for (int64_t D : {1, 7, 16, 17, 384}) check_dot_exact_batch(D);
   for (const char* name : {"avx512bf16", "amx"}) {
     const GemmKernel k = forced_fast_kernel(name);

@@ -89,24 +89,20 @@ def _engine_candidates(index: Index, threshold: float, min_size: int):
 
     st = index._store
     n = st.n
-    # a little below the threshold: the reverse direction's value can differ in its last bits
-    # and must be decided on its own (below)
-    below = threshold - 1e-12 * max(1.0, abs(threshold))
-    # each direction scored as range_search scores a query row against a stored row (the
-    # query's float32 row and its norm)
-    q32, qsq = st.rows[:n], st.norms[:n] * st.norms[:n]
-    found = index._engine_self_pairs(st, below, SELF_RUN_PAIRS)
+    # each pair scored as range_search scores a query row (its float32 row) against a stored
+    # row: the exact cosine is the same for (i, j) and (j, i) (Index._exact_pairs), one value
+    # for both directions
+    q32 = st.rows[:n]
+    found = index._engine_self_pairs(st, threshold, SELF_RUN_PAIRS)
     if found is not None:
         fi, fj = found
-        sums = index._pair_sums(st, q32, fi, fj)  # (the same sums for (j, i): one pass)
-        fwd = index._pair_values(st, sums, qsq, fi, fj).numpy()
-        rev = index._pair_values(st, sums, qsq, fj, fi).numpy()
+        fwd = index._exact_pairs(st, q32, fi, fj).numpy()
     else:
         _, nc = index._blocks(256, n)
         parts, held = [], 0
         band = pair_band()
         for r0 in range(0, n, band):
-            for i, j, v in index._pairs_of_rows(st, r0, min(n, r0 + band), below, nc, True, exact64=True):
+            for i, j, v in index._pairs_of_rows(st, r0, min(n, r0 + band), threshold, nc, True, exact64=True):
                 parts.append((i, j, v))
                 held += len(i)
                 if held > ENGINE_PAIRS_LIMIT:
@@ -114,15 +110,15 @@ def _engine_candidates(index: Index, threshold: float, min_size: int):
         fi = torch.from_numpy(np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64))
         fj = torch.from_numpy(np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64))
         fwd = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0)
-        rev = index._exact_pairs(st, q32, qsq, fj, fi).numpy()  # the other direction
-    # each row with itself
+    rev = fwd
+    # each row with itself (exactly 1, a zero row NaN)
     ids = torch.arange(n)
-    own = index._exact_pairs(st, q32, qsq, ids, ids).numpy()
+    own = index._exact_pairs(st, q32, ids, ids).numpy()
     keep = np.nonzero(~np.isnan(own) & (own >= threshold))[0]
     fi, fj = fi.numpy().astype(np.int64, copy=False), fj.numpy().astype(np.int64, copy=False)
-    # each direction passes on its own value, as range_search decides it for its query row (NaN
+    # each direction passes on its value, as range_search decides it for its query row (NaN
     # fails >=)
-    ok_f, ok_r = fwd >= threshold, rev >= threshold
+    ok_f = ok_r = fwd >= threshold
     counts = np.bincount(fi[ok_f], minlength=n) + np.bincount(fj[ok_r], minlength=n)
     counts[keep] += 1
     centre = counts >= min_size

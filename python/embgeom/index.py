@@ -190,6 +190,36 @@ def _inverse_norms(st: "_Store", c0: int, c1: int) -> np.ndarray:
     return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
 
 
+# a float64 cosine query row whose largest magnitude lies outside [2^-100, 2^100] is scaled
+# (_exact_queries): its squared sum, and that times a stored row's, stay far from under- and
+# overflow
+EXACT_QUERY_RANGE = (2.0 ** -100, 2.0 ** 100)
+
+
+def _exact_queries(q: torch.Tensor, metric: str) -> torch.Tensor:
+    """The queries of the exact values (_exact_pairs): float32 or float64 as given (others as
+    float64). Under cosine a float64 row of very small or large magnitude (EXACT_QUERY_RANGE) is
+    multiplied by a power of two near its largest magnitude: exact, so its cosines keep their
+    bits, where its squared sum had underflowed (rows of 1e-200 scored 1 against everything)."""
+    qexact = q if q.dtype in (torch.float32, torch.float64) else q.double()
+    if metric != "cosine" or qexact.dtype != torch.float64 or qexact.numel() == 0:
+        return qexact
+    lo, hi = EXACT_QUERY_RANGE
+    if qexact.device.type == "cpu":  # (numpy: a few queries' latency, see _search_few)
+        x = qexact.numpy()
+        top = np.abs(x).max(axis=1)
+        odd = ((top < lo) | (top > hi)) & (top > 0)
+        if not odd.any():
+            return qexact
+        x = x.copy()
+        x[odd] = np.ldexp(x[odd], -np.frexp(top[odd])[1][:, None])
+        return torch.from_numpy(x)
+    top = qexact.abs().amax(dim=1)
+    odd = ((top < lo) | (top > hi)) & (top > 0)
+    e = torch.where(odd, torch.frexp(top)[1], torch.zeros_like(top, dtype=torch.int32))
+    return torch.ldexp(qexact, -e[:, None].double())
+
+
 def _norms64(rows: torch.Tensor) -> torch.Tensor:
     """float64 L2 norms (M,) of rows (M, D): for CPU float32 rows the C++ core's float64 sums of
     the float32 products (row_pair_sums, no float64 copy: 100,000 x 384 in about 0.03 s against
@@ -445,8 +475,8 @@ class Index:
 
     def _queries(self, queries, st: _Store, *, search: bool = False):
         """-> (qexact (Q, D), qscan (Q, D) scan dtype, qvalid (Q,) bool, margin (Q,) float64,
-        qsq (Q,) float64 squared norms). qexact: the queries for the exact values (_exact_pairs),
-        float32 or float64 as given (others as float64): the same values as a float64 copy, and
+        qsq (Q,) float64 squared norms). qexact: the queries for the exact values (_exact_pairs,
+        _exact_queries), float32 or float64 as given (others as float64): the same values as a float64 copy, and
         a float32 copy's rows are half the bytes to read (rescoring the vocabulary's 117
         neighbours a row: 117 against 172 ns a pair, bound by memory, before pair_values' AVX2
         path for float32 queries; 80-97 against 108-131 ns with it). The scan query is the
@@ -481,8 +511,7 @@ class Index:
             else:
                 dq[r0:r1] = torch.linalg.vector_norm(scanned - qs, dim=1)
             qr[r0:r1] = torch.maximum(qnorm[r0:r1], torch.linalg.vector_norm(scanned, dim=1))
-        qexact = q if q.dtype in (torch.float32, torch.float64) else q.double()
-        return qexact, qscan, qvalid, self._margin(st, qr, dq, scan_dtype), qn * qn
+        return _exact_queries(q, self.metric), qscan, qvalid, self._margin(st, qr, dq, scan_dtype), qn * qn
 
     def _margin(self, st: _Store, qr, dq, scan_dtype: torch.dtype):
         """The scan margin (see _queries) of queries whose scanned norm is at most qr and whose
@@ -554,24 +583,39 @@ class Index:
             s.masked_fill_(st.norms[c0:c1] == 0, -math.inf)
         return s
 
-    def _exact(self, st: _Store, qexact: torch.Tensor, qsq: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Exact float64 values (Q, m) of candidate ids (Q, m) (-1 = none: NaN). cosine is
-        clamped to [-1, 1]; l2 is the distance from the rows' difference."""
+    def _exact(self, st: _Store, qexact: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Exact float64 values (Q, m) of candidate ids (Q, m) (-1 = none: NaN)."""
         Q, m = ids.shape
         qi = torch.arange(Q, device=ids.device).repeat_interleave(m)
-        return self._exact_pairs(st, qexact, qsq, qi, ids.flatten()).view(Q, m)
+        return self._exact_pairs(st, qexact, qi, ids.flatten()).view(Q, m)
 
-    def _exact_pairs(self, st: _Store, qexact: torch.Tensor, qsq: torch.Tensor, qi: torch.Tensor,
-                     ci: torch.Tensor) -> torch.Tensor:
+    def _exact_pairs(self, st: _Store, qexact: torch.Tensor, qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
         """Exact float64 values (P,) of (query qi, stored row ci) pairs (ci = -1: NaN); qexact:
-        the queries, float64 or float32 (Q, D)."""
-        return self._pair_values(st, self._pair_sums(st, qexact, qi, ci), qsq, qi, ci)
+        the queries, float64 or float32 (Q, D), a cosine index's float64 ones as _exact_queries
+        scales them. l2: the distance from the rows' difference; dot: the sum; cosine: the sum
+        over the root of the product of both squared sums, each in the same fixed order in one
+        pass (pair_cosines: a row searched for itself scores exactly 1, and (i, j) as (j, i)),
+        clamped to [-1, 1], NaN for a zero row."""
+        from .backends.registry import cpp_kernel
+
+        if self.metric != "cosine":
+            v = self._pair_sums(st, qexact, qi, ci)
+            return (v.sqrt() if self.metric == "l2" else v).masked_fill(ci < 0, math.nan)
+        safe = ci.clamp(min=0)
+        cosines = cpp_kernel("pair_cosines", st.rows)  # (the stored rows are float32)
+        if cosines is not None:
+            v = torch.from_numpy(cosines(st.rows[:st.n].numpy(), qexact.contiguous().numpy(),
+                                         qi.contiguous().numpy(), safe.contiguous().numpy()))
+        else:
+            qc, qq, cc = self._torch_pair_sums(st, qexact, qi, safe, cosine=True)
+            v = (qc / (qq * cc).sqrt().clamp(min=1e-300)).clamp(-1.0, 1.0).masked_fill(cc == 0, math.nan)
+        return v.masked_fill(ci < 0, math.nan)
 
     def _pair_sums(self, st: _Store, qexact: torch.Tensor, qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
-        """The float64 sums (P,) behind _exact_pairs: sum of q * row (squared differences for l2)
-        over the dimensions (a float32 query's products are exact in float64). The C++
-        core's fixed-order float64 sums on the CPU (_C.pair_values: a pair's value never depends
-        on its batch; 2M pairs in about 0.3 s where gathering float64 copies took 2-4 s),
+        """The float64 sums (P,) behind _exact_pairs for dot and l2: sum of q * row (squared
+        differences for l2) over the dimensions (a float32 query's products are exact in float64).
+        The C++ core's fixed-order float64 sums on the CPU (_C.pair_values: a pair's value never
+        depends on its batch; 2M pairs in about 0.3 s where gathering float64 copies took 2-4 s),
         torch's elementwise sums in steps elsewhere. With the stored rows as the queries a sum
         is the same for (i, j) and (j, i): the same products in the same order."""
         from .backends.registry import cpp_kernel
@@ -582,30 +626,26 @@ class Index:
         if pair_values is not None:
             return torch.from_numpy(pair_values(st.rows[:st.n].numpy(), qexact.contiguous().numpy(),
                                                 qi.contiguous().numpy(), safe.contiguous().numpy(), l2))
-        v = torch.empty(qi.shape, dtype=torch.float64, device=qi.device)
+        return self._torch_pair_sums(st, qexact, qi, safe)[0]
+
+    def _torch_pair_sums(self, st: _Store, qexact: torch.Tensor, qi: torch.Tensor, safe: torch.Tensor,
+                         cosine: bool = False) -> tuple[torch.Tensor, ...]:
+        """_pair_sums without the C++ core (a GPU index, or no core): (sums,) of q * row (l2:
+        squared differences), or with cosine (sums of q * row, q * q, row * row): for a query of
+        a row's own values the three are the same sums of the same products."""
+        parts = 3 if cosine else 1
+        out = tuple(torch.empty(qi.shape, dtype=torch.float64, device=qi.device) for _ in range(parts))
+        l2 = self.metric == "l2"
         for p0 in range(0, qi.numel(), EXACT_STEP_PAIRS):
             # index_select, not rows[safe]: advanced indexing of a few rows still woke torch's
             # thread pool, whose spinning then halved the next numpy scan's speed (_largest)
             c = st.rows.index_select(0, safe[p0:p0 + EXACT_STEP_PAIRS]).double()
             q = qexact.index_select(0, qi[p0:p0 + EXACT_STEP_PAIRS]).double()
-            v[p0:p0 + EXACT_STEP_PAIRS] = ((c - q) ** 2 if l2 else c * q).sum(-1)
-        return v
-
-    def _pair_values(self, st: _Store, v: torch.Tensor, qsq: torch.Tensor, qi: torch.Tensor,
-                     ci: torch.Tensor) -> torch.Tensor:
-        """_pair_sums v (P,) -> the metric's exact values: the distance (l2), the sum over both
-        norms, clamped to [-1, 1] (cosine: query norm sqrt(qsq[qi])), the sum (dot); NaN where ci
-        is -1 and (cosine) for a zero row."""
-        safe = ci.clamp(min=0)
-        if self.metric == "l2":
-            v = v.sqrt()
-        elif self.metric == "cosine":
-            denom = st.norms[safe] * qsq.sqrt()[qi]
-            v = (v / denom.clamp(min=1e-300)).clamp(-1.0, 1.0)
-        bad = ci < 0
-        if self.metric == "cosine":
-            bad = bad | (st.norms[safe] == 0)
-        return v.masked_fill(bad, math.nan)
+            out[0][p0:p0 + EXACT_STEP_PAIRS] = ((c - q) ** 2 if l2 else c * q).sum(-1)
+            if cosine:
+                out[1][p0:p0 + EXACT_STEP_PAIRS] = (q * q).sum(-1)
+                out[2][p0:p0 + EXACT_STEP_PAIRS] = (c * c).sum(-1)
+        return out
 
     def _blocks(self, Q: int, n: int) -> tuple[int, int]:
         """(queries per block, corpus rows per block) for a score block within SCORE_BLOCK_BYTES."""
@@ -661,7 +701,7 @@ class Index:
         qn = qn_t.numpy()
         # (float16 and bfloat16 queries as float64, as _queries takes them: numpy has no bfloat16)
         qx = (q if q.dtype in (torch.float32, torch.float64) else q.double()).contiguous().numpy()
-        qexact, qs = qx, qx.astype(np.float64)
+        qexact, qs = _exact_queries(q, self.metric).contiguous().numpy(), qx.astype(np.float64)
         if self.metric == "cosine":
             qs /= np.maximum(qn, 1e-300)[:, None]
         qscan = torch.from_numpy(qs).to(scan_dtype)
@@ -678,7 +718,7 @@ class Index:
                            norms if self.metric == "cosine" and st.zero_rows else None, kk, k,
                            np.ascontiguousarray(margin, dtype=np.float64),
                            2.1 * BF16_OUT if bf16 and self.metric != "l2" else 0.0,  # (_threshold's widening)
-                           st.rows[:n].numpy(), qexact, qn, norms, self.metric)
+                           st.rows[:n].numpy(), qexact, qn, self.metric)
         if found is None:
             return None
         vals, ids = found
@@ -712,7 +752,7 @@ class Index:
         """search, with candidates(st, qscan, kk) -> (values, ids) or None (the scan)."""
         k = validation.positive_int(k, "k", allow_zero=False)
         st = self._store
-        qexact, qscan, qvalid, margin, qsq = self._queries(queries, st, search=True)
+        qexact, qscan, qvalid, margin, _ = self._queries(queries, st, search=True)
         Q, n = qexact.shape[0], st.n
         self._check_result_size(Q, k, n)
         out_v = torch.full((Q, k), math.nan, dtype=torch.float64, device=self.device)
@@ -727,8 +767,7 @@ class Index:
             for q0 in range(0, Q, qb):
                 q1 = min(Q, q0 + qb)
                 part = None if cand is None else (cand[0][q0:q1], cand[1][q0:q1])
-                v, i = self._search_block(st, qexact[q0:q1], qscan[q0:q1], qsq[q0:q1], margin[q0:q1], k, kk, nc,
-                                          part)
+                v, i = self._search_block(st, qexact[q0:q1], qscan[q0:q1], margin[q0:q1], k, kk, nc, part)
                 w = v.shape[1]
                 out_v[q0:q1, :w], out_i[q0:q1, :w] = v, i
             out_v[~qvalid] = math.nan
@@ -867,7 +906,7 @@ class Index:
             best_v, best_i = v, i
         return best_v, best_i
 
-    def _search_block(self, st, qexact, qscan, qsq, margin, k, kk, nc, cand=None):
+    def _search_block(self, st, qexact, qscan, margin, k, kk, nc, cand=None):
         """cand: the block's (values, ids) from _engine_candidates, else scanned here."""
         n = st.n
         best_v, best_i = self._scan_candidates(st, qscan, kk, nc) if cand is None else cand
@@ -891,7 +930,7 @@ class Index:
             width = max(ids.shape[1], wide.shape[1])
             ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=-1)
             ids[extra] = torch.nn.functional.pad(wide, (0, width - wide.shape[1]), value=-1)
-        exact = self._exact(st, qexact, qsq, ids)
+        exact = self._exact(st, qexact, ids)
         largest = self.metric != "l2"
         key = torch.where(torch.isnan(exact), torch.full_like(exact, -math.inf if largest else math.inf), exact)
         ids = torch.where(torch.isnan(exact), torch.full_like(ids, -1), ids)
@@ -952,7 +991,7 @@ class Index:
                 qi_all.append(qi)
                 ci_all.append(ci + c0)
             qi, ci = torch.cat(qi_all), torch.cat(ci_all)
-            v = self._exact_pairs(st, qexact[q0:q1], qsq[q0:q1], qi, ci)
+            v = self._exact_pairs(st, qexact[q0:q1], qi, ci)
             keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
             keep &= qvalid[q0:q1][qi]
             qi, ci, v = qi[keep], ci[keep], v[keep]
@@ -1029,7 +1068,7 @@ class Index:
                 qi, ci = qi[keep], ci[keep]
             if qi.numel() == 0:
                 continue
-            v = self._exact_pairs(st, qexact, qsq, qi, ci)
+            v = self._exact_pairs(st, qexact, qi, ci)
             keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
             keep &= qvalid[qi]
             if bool(keep.any()):

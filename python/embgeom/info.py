@@ -98,7 +98,8 @@ def main(args) -> int:
               f"of the rows, {scan}, the selection and the rescoring), more the "
               f"pairwise engine on rows prepared once; float32: {f32} from {ENGINE_BATCH} queries; "
               f"bfloat16: up to {BF16_ROWS_SCAN} queries its bf16 rows, more {more}; "
-              f"exact rescoring: pair_values {cpu.get('pair_values', 'n/a')}")
+              f"exact rescoring: pair_values {cpu.get('pair_values', 'n/a')}, "
+              f"pair_cosines {cpu.get('pair_cosines', 'n/a')}")
     print(f"{'backend':10} {'op':18} {'CPU':4} {'CUDA':4}  why not")
     for row in info["backends"]:
         why = row["why_not_cpu"] or row["why_not_cuda"]

@@ -254,7 +254,7 @@ def _global_top_pairs(index: Index, max_pairs: int) -> list[list[float | int]] |
     # the stored float32 rows are the queries (no float64 copy of the input); a zero row has
     # no cosine with anything
     norms = st.norms[:n]
-    exact = index._exact_pairs(st, rows, norms * norms, i, j)
+    exact = index._exact_pairs(st, rows, i, j)
     keep = ~torch.isnan(exact)
     if index.metric == "cosine":
         keep &= norms[i] > 0
