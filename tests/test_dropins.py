@@ -277,6 +277,49 @@ def test_cosine_neighbour_graph_leaves_zero_rows_out(sk_neighbors):
     assert nn.kneighbors_graph(q, n_neighbors=39)[3].nnz == 0
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_infinite_radius_and_argument_names_as_sklearn(sk_neighbors, metric):
+    """radius=inf lists every fitted row (nearest first, as scikit-learn's sorted results);
+    sort_results without distances is refused as scikit-learn refuses it; errors name X."""
+    from embgeom.sklearn import NearestNeighbors
+
+    x = _tie_free(60, 8, seed=9).double().numpy()
+    q = make_rows(4, 8, seed=10).double().numpy()
+    ours = NearestNeighbors(metric=metric).fit(x)
+    ref = sk_neighbors.NearestNeighbors(metric=metric, algorithm="brute").fit(x)
+    for X in (q, None):
+        got_d, got_i = ours.radius_neighbors(X, radius=math.inf)
+        want_d, want_i = ref.radius_neighbors(X, radius=math.inf, sort_results=True)
+        assert len(got_i) == len(want_i)
+        for a, b, c, d in zip(got_d, got_i, want_d, want_i):
+            assert np.array_equal(b, d) and np.allclose(a, c, rtol=1e-6, atol=1e-6)
+        assert [len(i) for i in ours.radius_neighbors(X, radius=math.inf, return_distance=False)] == \
+            [len(i) for i in want_i]
+    with pytest.raises(ValueError, match="return_distance must be True if sort_results is True"):
+        ours.radius_neighbors(q, 1.0, return_distance=False, sort_results=True)
+    for bad in (-1.0, math.nan):
+        with pytest.raises(ValueError, match="radius"):
+            ours.radius_neighbors(q, bad)
+    if metric == "euclidean":  # the index's own checks, under scikit-learn's argument name
+        with pytest.raises(ValueError, match="^X: rows with norms up to"):
+            ours.kneighbors(q * 1e30)
+        with pytest.raises(ValueError, match="^X: rows with norms up to"):
+            NearestNeighbors().fit(x * 1e30)
+
+
+def test_faiss_shaped_errors_name_x():
+    from embgeom import faiss as egf
+
+    ip = egf.IndexFlatIP(4)
+    with pytest.raises(ValueError, match=r"^x: values up to 1e\+300, beyond float32"):
+        ip.add(np.full((2, 4), 1e300))
+    ip.add(np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError, match="^x: "):
+        ip.search(np.full((1, 4), np.nan, np.float32), 2)
+    with pytest.raises(ValueError, match="^x: "):
+        ip.range_search(np.full((1, 4), np.inf, np.float32), 0.5)
+
+
 def test_check_estimator(sk_neighbors):
     from sklearn.utils.estimator_checks import check_estimator
 

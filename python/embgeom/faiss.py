@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 
+from . import validation
 from .index import Index
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -37,6 +38,12 @@ class _IndexFlat:
             raise ValueError(f"{name}: expected (n, {self.d}) float32, got {a.shape} {a.dtype}")
         if a.dtype.kind != "f":
             raise TypeError(f"{name}: expected (n, {self.d}) float32, got {a.shape} {a.dtype}")
+        if a.dtype.itemsize > 4 and a.size:
+            with np.errstate(invalid="ignore"):
+                big = np.abs(a).max()
+            if big > FLT_MAX:  # (NaN and inf pass here: the Index names them)
+                if np.isfinite(big):
+                    raise ValueError(f"{name}: values up to {big:.3g}, beyond float32's range ({FLT_MAX:.3g})")
         return np.ascontiguousarray(a, dtype=np.float32)
 
     @property
@@ -47,14 +54,16 @@ class _IndexFlat:
         self._index = Index(np.zeros((0, self.d), np.float32), metric=self._metric, dtype=self._dtype)
 
     def add(self, x) -> None:
-        self._index.add(self._rows(x, "x"))
+        with validation.renamed(more="x"):
+            self._index.add(self._rows(x, "x"))
 
     def search(self, x, k: int):
         """-> (D (n, k) float32, I (n, k) int64)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k: expected an int >= 1, got {k!r}")
         q = torch.from_numpy(self._rows(x, "x"))
-        s, ids = self._index.search(q, int(k), float64=True)
+        with validation.renamed(queries="x"):
+            s, ids = self._index.search(q, int(k), float64=True)
         s, ids = s.cpu().numpy(), ids.cpu().numpy()
         pad = ids < 0
         if self._metric == "l2":
@@ -80,7 +89,8 @@ class _IndexFlat:
             cut = math.sqrt(max(r, 0.0)) * (1 + 1e-12) if r < math.inf else 1e300
         else:
             cut = max(r, -1e300) if r < math.inf else 1e300
-        lims, s, ids = self._index.range_search(q, cut, float64=True)
+        with validation.renamed(queries="x"):
+            lims, s, ids = self._index.range_search(q, cut, float64=True)
         lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
         qid = np.repeat(np.arange(len(lims) - 1), np.diff(lims))
         if self._metric == "l2":  # the Index's own float64 sums of squared differences (the distances' squares)

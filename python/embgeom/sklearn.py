@@ -10,11 +10,14 @@ distance 1 to everything).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from . import validation
 from .index import Index
 
 METRICS = {"euclidean": "l2", "l2": "l2", "cosine": "cosine"}
@@ -45,7 +48,8 @@ class NearestNeighbors(BaseEstimator):
                 or self.n_neighbors < 1:
             raise ValueError(f"n_neighbors: expected an int >= 1, got {self.n_neighbors!r}")
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
-        self.index_ = Index(np.ascontiguousarray(X), metric=METRICS[self.metric], dtype=self.dtype)
+        with validation.renamed(corpus="X"):
+            self.index_ = Index(np.ascontiguousarray(X), metric=METRICS[self.metric], dtype=self.dtype)
         self.n_samples_fit_ = X.shape[0]
         self.effective_metric_ = "euclidean" if METRICS[self.metric] == "l2" else "cosine"
         return self
@@ -72,7 +76,8 @@ class NearestNeighbors(BaseEstimator):
             raise ValueError(f"n_neighbors: expected <= n_samples_fit = {self.n_samples_fit_}"
                              f"{' - 1 (X=None)' if self_query else ''}, got {k}")
         queries = self.index_.vectors() if self_query else torch.from_numpy(np.ascontiguousarray(Xq))
-        s, ids = self.index_.search(queries, k + (1 if self_query else 0), float64=True)
+        with validation.renamed(queries="X"):
+            s, ids = self.index_.search(queries, k + (1 if self_query else 0), float64=True)
         s, ids = s.cpu().numpy(), ids.cpu().numpy()
         if self_query:  # drop each row itself (or, where it is not listed, the last one)
             own = ids == np.arange(ids.shape[0])[:, None]
@@ -85,30 +90,45 @@ class NearestNeighbors(BaseEstimator):
 
     def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
         """Per query, every fitted row within `radius`: object arrays of (distances, indices)
-        arrays; nearest first (the results are always sorted, whatever sort_results)."""
+        arrays; nearest first (the results are always sorted, whatever sort_results). radius inf:
+        every fitted row, as scikit-learn; a negative or NaN radius is refused (scikit-learn
+        refuses a negative euclidean one and answers nothing for NaN)."""
         check_is_fitted(self)
+        if sort_results and not return_distance:
+            raise ValueError("sort_results: return_distance must be True if sort_results is True")
         r = float(self.radius if radius is None else radius)
-        if not np.isfinite(r) or r < 0:
-            raise ValueError(f"radius: expected a finite distance >= 0, got {r}")
+        if math.isnan(r) or r < 0:
+            raise ValueError(f"radius: expected a distance >= 0 (or inf: every row), got {r}")
+        if r == math.inf:  # every fitted row, as kneighbors lists them all (its -1 padding left out)
+            X_all = None if X is None else self._query(X)
+            k = self.n_samples_fit_ - (1 if X is None else 0)
+            if k == 0:
+                Q = self.n_samples_fit_ if X is None else X_all.shape[0]
+                return _object_rows([np.zeros(0)] * Q, [np.zeros(0, np.int64)] * Q, return_distance)
+            dist, ids = self.kneighbors(X_all, k)
+            found = ids >= 0
+            return _object_rows([d[f] for d, f in zip(dist, found)], [i[f] for i, f in zip(ids, found)],
+                                return_distance)
         Xq = self._query(X)
         self_query = Xq is None
         queries = self.index_.vectors() if self_query else torch.from_numpy(np.ascontiguousarray(Xq))
-        if self.index_.metric == "l2":
-            lims, s, ids = self.index_.range_search(queries, r, float64=True)
-        else:
-            lims, s, ids = self.index_.range_search(queries, 1.0 - r, float64=True)
+        with validation.renamed(queries="X"):
+            if self.index_.metric == "l2":
+                lims, s, ids = self.index_.range_search(queries, r, float64=True)
+            else:
+                lims, s, ids = self.index_.range_search(queries, 1.0 - r, float64=True)
         lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
         dist = self._to_distance(s)
         Q = lims.shape[0] - 1
-        out_d = np.empty(Q, dtype=object)
-        out_i = np.empty(Q, dtype=object)
+        out_d, out_i = [], []
         for q in range(Q):
             d_q, i_q = dist[lims[q]:lims[q + 1]], ids[lims[q]:lims[q + 1]]
             if self_query:
                 mine = i_q != q
                 d_q, i_q = d_q[mine], i_q[mine]
-            out_d[q], out_i[q] = d_q, i_q
-        return (out_d, out_i) if return_distance else out_i
+            out_d.append(d_q)
+            out_i.append(i_q)
+        return _object_rows(out_d, out_i, return_distance)
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
         """scipy.sparse CSR (Q, n_samples_fit): each query's k neighbours, 1.0
@@ -134,6 +154,14 @@ class NearestNeighbors(BaseEstimator):
         data = np.ones(len(cols)) if mode == "connectivity" else \
             (np.concatenate(list(dist)) if len(dist) else np.zeros(0))
         return _csr(data, cols, indptr, len(ids), self.n_samples_fit_)
+
+
+def _object_rows(dist: list, ids: list, return_distance: bool):
+    """radius_neighbors' result: object arrays of each query's (distances, indices) arrays."""
+    out_d, out_i = np.empty(len(ids), dtype=object), np.empty(len(ids), dtype=object)
+    for q, (d, i) in enumerate(zip(dist, ids)):
+        out_d[q], out_i[q] = d, i
+    return (out_d, out_i) if return_distance else out_i
 
 
 def _graph_mode(mode) -> None:

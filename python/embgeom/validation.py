@@ -129,7 +129,8 @@ def norm_range(nx: float, ny: float, metric: str, names: tuple[str, str]) -> Non
     name = names[0] if nx >= ny else names[1]
     if largest > FLOAT32_MAX / 4:
         raise ValueError(f"{name}: rows with norms up to {max(nx, ny):.3g} make {metric} products up to "
-                         f"{largest:.3g}, beyond float32 ({FLOAT32_MAX:.3g}); scale the rows down (values and "
+                         f"{largest:.3g}, beyond float32's safe range ({FLOAT32_MAX / 4:.3g}: a quarter of its "
+                         f"largest value {FLOAT32_MAX:.3g}, room for the sums); scale the rows down (values and "
                          f"statistics scale with them) or use the cosine")
     if 0 < largest < FLOAT32_TINY * 2.0**24:
         # the small side is the one to scale (with the other's largest norm)
