@@ -187,3 +187,6 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match="has no document"):
         mentions.read_mentions(str(tmp_path / "e.jsonl"))
+    (tmp_path / "b.jsonl").write_bytes(b'{"tokens": ["ok"], "clusters": []}\n{"tokens": ["\xff"]}\n')
+    with pytest.raises(ValueError, match=r"^MENTIONS: .*b\.jsonl line 2 is not UTF-8"):
+        mentions.read_mentions(str(tmp_path / "b.jsonl"))

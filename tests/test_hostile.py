@@ -785,6 +785,41 @@ def test_out_naming_a_file_or_a_foreign_folder_is_one_line(tmp_path, command):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_inputs_inside_out_and_other_commands_reports_are_refused(tiny_bert_dir, tmp_path, capsys):
+    """A run replaces its --out folder whole: an input inside it (`project DIR/cls.npy --out
+    DIR`, a corpus, a --checkpoint) would be deleted by the swap, and a report of another command
+    replaced silently. Each is refused in one line, the folder left as it was."""
+    from embgeom.cli import main
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat .\na dog ran .\n", encoding="utf-8")
+    rep = tmp_path / "rep"
+    assert main(["text", str(corpus), "--out", str(rep), "--model", tiny_bert_dir, "--keep", "cls",
+                 "--no-progress"]) == 0
+    sealed = sorted(p.name for p in rep.iterdir())
+    capsys.readouterr()
+    shutil.copy(corpus, rep / "inside.txt")
+    cases = [
+        (["project", str(rep / "cls.npy"), "--method", "pca", "--out", str(rep)], "X: "),
+        (["project", str(rep / "cls.npy"), "--method", "pca", "--out", str(rep) + "/"], "X: "),
+        (["text", str(corpus), "--out", str(rep), "--model", tiny_bert_dir, "--checkpoint", str(rep / "ck")],
+         "--checkpoint: "),
+        (["text", str(rep / "inside.txt"), "--out", str(rep), "--model", tiny_bert_dir], "CORPUS: "),
+    ]
+    for argv, word in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0] and "lies inside --out" in err[0], (argv, err)
+    (rep / "inside.txt").unlink()
+    np.save(tmp_path / "x.npy", make_embeddings(40, 6, seed=1).numpy())
+    assert main(["project", str(tmp_path / "x.npy"), "--method", "pca", "--out", str(rep)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds an `embgeom text` report" in err[0], err
+    assert sorted(p.name for p in rep.iterdir()) == sealed
+    # the same command into its own folder replaces it, as before
+    assert main(["text", str(corpus), "--out", str(rep), "--model", tiny_bert_dir, "--no-progress"]) == 0
+
+
 @pytest.mark.parametrize("n", [1, 2, 45])
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 def test_lists_of_length_zero_count_without_listing(cpu_cap, n, precision):

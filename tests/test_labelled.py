@@ -159,6 +159,12 @@ def test_correct_only(clf_dir, tmp_path):
     kept = [lab for i, lab in enumerate(labels) if i % 3]
     assert sel["kept_per_label"] == {g: kept.count(g) for g in sorted(set(labels))}
     assert sum(d["n_texts"] for d in rep["by_label"].values()) == 5
+    assert sel["kept_ids"] == [1, 2, 4, 5, 7]
+    # --show-texts ids are the corpus's, kept or not: text 0 was left out, 1 and 4 are drawn as 1 and 4
+    (tmp_path / "shown").mkdir()
+    _, rep = run(clf_dir, tmp_path / "shown", labels, "--correct-only", "--show-texts", "0,1,4")
+    assert rep["attention_heads"]["sample_maps"]["texts"] == [1, 4]
+    assert rep["context_similarity"]["maps"]["text_ids"] == [1, 4]
 
 
 def test_label_option_errors(tiny_bert_dir, tmp_path, capsys):
@@ -169,6 +175,7 @@ def test_label_option_errors(tiny_bert_dir, tmp_path, capsys):
     base = ["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir, "--no-progress"]
     for flags, word in ((["--class-maps", "4"], "--class-maps"), (["--correct-only"], "--correct-only"),
                         (["--labels", str(lab), "--class-maps", "1"], "--class-maps"),
+                        (["--labels", str(lab), "--class-maps", "0"], "--class-maps"),
                         (["--labels", str(lab), "--theta", "2"], "--theta"),
                         (["--labels", str(lab), "--correct-only"], "--correct-only")):
         assert main(base + flags) == 2, flags

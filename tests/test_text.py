@@ -82,6 +82,8 @@ def test_cli_bad_corpus(tiny_bert_dir, tmp_path, capsys, content, message):
     (["--pairs", "/nonexistent/pairs.jsonl"], "--pairs: no such file"),
     (["--theta", "0.5"], "--theta: needs --class-maps N"),
     (["--max-length", "1"], "--max-length: expected >= 2"),
+    (["--show-texts", ""], "--show-texts: expected comma-separated text ids or a regular expression"),
+    (["--class-maps", "0"], "--class-maps: needs --labels"),
     (["--out", ""], "--out: expected a folder path, got an empty one"),
 ])
 def test_cli_bad_options(tiny_bert_dir, tmp_path, capsys, args, message):
@@ -92,6 +94,22 @@ def test_cli_bad_options(tiny_bert_dir, tmp_path, capsys, args, message):
         argv += ["--model", tiny_bert_dir]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry", ['{"group": "g", "a": "", "b": "the dog"}', '{"group": "g", "a": "x", "b": "  "}'])
+def test_cli_pairs_with_an_empty_side(tiny_bert_dir, tmp_path, capsys, monkeypatch, entry):
+    """A --pairs text that is blank has no [CLS] state: refused before the model loads, naming
+    the file's entry (it had ended the run with 'not enough values to unpack')."""
+    import embgeom.models
+
+    corpus, pairs = tmp_path / "c.txt", tmp_path / "p.jsonl"
+    corpus.write_text("the cat .\n", encoding="utf-8")
+    pairs.write_text('{"group": "g", "a": "one", "b": "two"}\n' + entry + "\n", encoding="utf-8")
+    monkeypatch.setattr(embgeom.models, "load_model", None)  # (never reached)
+    assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir,
+                 "--pairs", str(pairs)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--pairs:" in last and "entry 2" in last and "is empty" in last
 
 
 def test_cli_missing_corpus(tmp_path, capsys):

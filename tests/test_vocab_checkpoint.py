@@ -80,6 +80,8 @@ def test_other_seed_model_or_options_are_refused(tiny_bert_dir, tiny_bert, tmp_p
     assert "written for another input or other settings (seed 0 then, 1 now)" in capsys.readouterr().err
     assert main(["vocab", "--model", tiny_bert_dir, "--quiet", "--checkpoint", ckpt, "--out", str(tmp_path / "c")]) == 2
     assert "--checkpoint: keeps the --projections layouts" in capsys.readouterr().err
+    assert main(["vocab", "--model", tiny_bert_dir, "--quiet", "--seed", "3", "--out", str(tmp_path / "d")]) == 2
+    assert "--seed: seeds the --projections layouts" in capsys.readouterr().err
     # a layout of another size (as if crafted) is refused in one line
     model, tokenizer = tiny_bert
     saved = LayoutCheckpoint(ckpt, model, tokenizer, {"all_tokens": False, "positions": None, "seed": 0})

@@ -13,7 +13,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -195,15 +195,23 @@ def _read_manifest(folder: str) -> dict | None:
     return manifest
 
 
-def check_output_folder(out: str, name: str = "--out") -> str:
+def check_output_folder(out: str, name: str = "--out", *, command: str | None = None,
+                        inputs: Iterable[tuple[str, str | None]] = ()) -> str:
     """The absolute path of a report folder about to be written; ValueError (one line) when it
-    names a file, or a folder holding files that no embgeom run sealed (they are never
-    replaced). Commands call it before their work; output_folder calls it again."""
+    names a file, a folder holding files that no embgeom run sealed (they are never replaced),
+    with command: a folder sealed by another command (`project` into a `text` report had replaced
+    it whole), or with inputs ((argument name, path or None), ...): an input inside the folder,
+    which the run's swap would delete (a corpus, `project DIR/cls.npy --out DIR`, a checkpoint).
+    Commands call it before their work; output_folder calls it again."""
     if not str(os.fspath(out)).strip():
         raise ValueError(f"{name}: expected a folder path, got an empty one")
     path = os.path.normpath(os.path.abspath(os.fspath(out)))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{name}: {out} is a file, expected a folder")
+    for what, given in inputs:
+        if given and _inside(given, path):
+            raise ValueError(f"{what}: {given} lies inside {name} {out}, which this run replaces whole; "
+                             f"move it out or choose another {name}")
     if os.path.isdir(path) and os.listdir(path):
         try:
             manifest = _read_manifest(path)
@@ -212,6 +220,9 @@ def check_output_folder(out: str, name: str = "--out") -> str:
         if manifest is None:
             raise ValueError(f"{name}: {out} holds files that no embgeom run wrote (no {MANIFEST}); "
                              "choose a new or empty folder, or remove them")
+        if command is not None and manifest.get("command", command) != command:
+            raise ValueError(f"{name}: {out} holds an `embgeom {manifest['command']}` report, which "
+                             f"`embgeom {command}` would replace; choose another folder or remove it")
     parent = os.path.dirname(path)
     while not os.path.isdir(parent):
         if os.path.exists(parent):
@@ -220,6 +231,12 @@ def check_output_folder(out: str, name: str = "--out") -> str:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{name}: cannot write {out}: the folder {parent} is not writable")
     return path
+
+
+def _inside(given: str, folder: str) -> bool:
+    """Whether the path `given` is the folder `folder` or lies below it (links resolved)."""
+    p, f = os.path.realpath(os.fspath(given)), os.path.realpath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
 
 
 @contextlib.contextmanager
@@ -233,7 +250,7 @@ def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[st
         with output_folder(args.out, command="text") as staging:
             write_json(os.path.join(staging, "report.json"), report)
     """
-    path = check_output_folder(out, name)
+    path = check_output_folder(out, name, command=command)
     parent, base = os.path.split(path)
     created = []
     probe = parent

@@ -38,7 +38,7 @@ def main(args) -> int:
     prov = Provenance(args, inputs={"MENTIONS": args.mentions})
     prog = progress_for(args, "embgeom coref")
     check_run_options(args)
-    check_output_folder(args.out)
+    check_output_folder(args.out, command="coref", inputs=[("MENTIONS", args.mentions)])
     docs = read_mentions(args.mentions)
     with output_folder(args.out, command="coref") as out:
         with prog.phase("loading the model"):

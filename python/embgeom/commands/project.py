@@ -52,7 +52,8 @@ def main(args) -> int:
     check_method_options(args)
     prov = Provenance(args, inputs={"X": args.x, "--labels": args.labels, "--texts": args.texts}, seed=args.seed)
     prog = progress_for(args, "embgeom project")
-    check_output_folder(args.out)
+    check_output_folder(args.out, command="project",
+                        inputs=[("X", args.x), ("--labels", args.labels), ("--texts", args.texts)])
     check_complete(args.x, "X")
     x = load_matrix(args.x, "X")
     prov.extra["input"] = {"file": os.path.abspath(args.x), "shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}

@@ -36,7 +36,7 @@ def main(args) -> int:
     prog = progress_for(args, "embgeom syntax")
     check_run_options(args)
     split = probe_split(args)
-    check_output_folder(args.out)
+    check_output_folder(args.out, command="syntax", inputs=[("TREEBANK", args.treebank)])
     sentences = read_conllu(args.treebank)
     with output_folder(args.out, command="syntax") as out:
         with prog.phase("loading the model"):

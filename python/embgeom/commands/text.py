@@ -59,7 +59,8 @@ def main(args) -> int:
     if not os.path.isfile(args.corpus):
         raise ValueError(f"CORPUS: no such file: {args.corpus}")
     check_run_options(args)
-    check_output_folder(args.out)
+    check_output_folder(args.out, command="text", inputs=[("CORPUS", args.corpus), ("--labels", args.labels),
+                                                          ("--pairs", args.pairs), ("--checkpoint", args.checkpoint)])
     if args.checkpoint:
         check_output_path(args.checkpoint, "--checkpoint")   # its folder, before the model loads
     # the whole file is read (UTF-8 to the last line, not empty) before the model loads
@@ -104,7 +105,8 @@ def main(args) -> int:
                         ckpt.extra["kept"] = kept
                 selection = {"texts": n_texts, "kept": len(kept), "accuracy": len(kept) / n_texts,
                              "kept_per_label": {g: sum(labels[i] == g for i in kept) for g in sorted(set(labels))},
-                             "texts_per_label": {g: labels.count(g) for g in sorted(set(labels))}}
+                             "texts_per_label": {g: labels.count(g) for g in sorted(set(labels))},
+                             "kept_ids": kept}  # (the corpus ids of cls.npy's rows)
                 if not kept:
                     raise ValueError(f"--correct-only: no text of {args.corpus} is classified as its label "
                                      f"(0 of {n_texts} kept)")
@@ -117,7 +119,7 @@ def main(args) -> int:
                             tokenizer=tokenizer, rows_path=ckpt.side_path("cls.npy") if ckpt else None) \
                 if keeping else None
             max_len = model_max_length(model, tokenizer, args.max_length)
-            extras = TextExtras(args, model, tokenizer, max_len)
+            extras = TextExtras(args, model, tokenizer, max_len, text_ids=kept if selection is not None else None)
             split = LabelSplit(labels, model, tokenizer, max_len) if labels is not None else None
             class_maps = ClassMaps(labels, args.class_maps, model.config.num_hidden_layers,
                                    model.config.num_attention_heads, pad_to=max_len) if args.class_maps else None
@@ -234,7 +236,7 @@ def add_keep_arguments(p) -> None:
     p.add_argument("--labels", metavar="FILE", help="one label per text (non-blank corpus line): "
                    "geometry of the labelled [CLS] sets (implies --keep cls) and every trace metric "
                    "per label (by_label; the default metrics computed once more per class)")
-    p.add_argument("--class-maps", type=int, default=0, metavar="N",
+    p.add_argument("--class-maps", type=int, default=None, metavar="N",
                    help="with --labels: class-mean attention maps of the texts with N real tokens "
                         "([SEP] rows and columns zeroed; class_maps.npz, heat maps)")
     p.add_argument("--theta", type=float, default=None, metavar="X",
@@ -249,9 +251,9 @@ def check_label_options(args) -> None:
     """One-line ValueErrors for the label options and --matrices-texts, before the model loads."""
     import math
 
-    if args.class_maps and not args.labels:
+    if args.class_maps is not None and not args.labels:
         raise ValueError("--class-maps: needs --labels FILE")
-    if args.class_maps < 0 or args.class_maps == 1:
+    if args.class_maps is not None and args.class_maps < 2:
         raise ValueError(f"--class-maps: expected a text length >= 2 tokens, got {args.class_maps}")
     if args.correct_only and not args.labels:
         raise ValueError("--correct-only: needs --labels FILE")

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
                    "(e.g. 0:384)")
     p.add_argument("--projections", action="store_true", help="UMAP and t-SNE of word and position "
                    "embeddings on the exact cosine graph (needs umap-learn, openTSNE)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the projections")
+    p.add_argument("--seed", type=int, default=None, help="with --projections: seed of the projections (default 0)")
     p.add_argument("--checkpoint", metavar="PATH", help="with --projections: save each finished UMAP / t-SNE "
                    "layout here; the same command resumes with them (the other sections take seconds and "
                    "are computed again)")
@@ -48,7 +48,7 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
     prov = provenance or Provenance(seed=seed)
     prov.seed = seed
     timer = PhaseTimer(progress)
-    check_output_folder(out_dir)
+    check_output_folder(out_dir, command="vocab", inputs=[("--checkpoint", checkpoint)])
     parse_range(positions, UNKNOWN_SIZE)  # its form before the model loads; its bounds right after
     if checkpoint is not None:
         if not projections:
@@ -103,6 +103,10 @@ def main(args) -> int:
     from ..formatting import fmt, seconds
     from ..provenance import Provenance
 
+    if args.seed is not None and not args.projections:
+        raise ValueError("--seed: seeds the --projections layouts; without --projections nothing is random")
+    if args.seed is None:
+        args.seed = 0
     prov = Provenance(args, seed=args.seed)
     report = run(args.model, args.out, device=args.device, all_tokens=args.all_tokens,
                  precision=args.precision, backend=args.backend, positions=args.positions,

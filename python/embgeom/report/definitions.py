@@ -53,8 +53,9 @@ DEFINITIONS = {
                            "v = |lambda| / sqrt(sum |lambda|^2) over its eigenvalues; k90 = the fewest "
                            "largest entries of a row summing to >= 0.9 (arXiv 2502.12033's code; "
                            "docs/metrics.md, attention_matrices)."),
-    "gaussianity": ("Gaussianity (K^2)", "D'Agostino-Pearson K^2 normality test of each hidden dimension "
-                    "over every real token, per depth; skewness and excess kurtosis."),
+    "gaussianity": ("Gaussianity (K^2)", "D'Agostino-Pearson K^2 normality test of each real token's "
+                    "hidden state (its D components as the sample), per depth, Bonferroni over the "
+                    "tokens; skewness and excess kurtosis; the same for each text's mean state."),
     "syntax": ("syntax-head accuracy", "Per dependency relation and head: the share of words whose "
                "most-attended word (word-level attention, either direction) is its gold head; the "
                "baseline is the best fixed offset -3..2."),

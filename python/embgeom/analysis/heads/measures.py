@@ -280,15 +280,16 @@ class HeadsAccumulator(Resumable):
     Spearman correlation and the map asymmetry (needs `capture_qk` active around the forward
     passes, its dict as qk) plus the weight skew fraction; sample_maps: keep the real-token maps
     of the first N texts for the report's head-map grid, or of the first N that sample_filter(index,
-    text) accepts (index: 0-based over the texts in order, as cls.npy's rows)."""
+    text) accepts (index: 0-based over the texts in order, as cls.npy's rows; with text_ids, the
+    corpus id text_ids[k] of the k-th text traced, where a selection of the corpus is traced)."""
 
-    not_saved = ("qk", "sample_filter")
+    not_saved = ("qk", "sample_filter", "text_ids")
     fixed = ("L", "H", "max_len", "js", "directionality", "sample_maps")
     count = "seen"
 
     def __init__(self, L: int, H: int, max_len: int, device, *, js: bool = False,
                  directionality: bool = False, qk: dict | None = None, sample_maps: int = 0,
-                 sample_filter=None):
+                 sample_filter=None, text_ids: list[int] | None = None):
         if directionality and qk is None:
             raise ValueError("directionality: pass qk=the dict of capture_qk(model)")
         self.L, self.H, self.max_len = L, H, max_len
@@ -310,6 +311,7 @@ class HeadsAccumulator(Resumable):
                           asymmetry=z(L, H))
         self.samples: list[dict] = []
         self.sample_filter = sample_filter
+        self.text_ids = text_ids
         self.seen = 0                 # texts updated so far: the index of the next batch's first text
         self.seconds: dict[str, float] = {}
 
@@ -393,7 +395,7 @@ class HeadsAccumulator(Resumable):
             t0 = self._tick("clark js", t0)
         if len(self.samples) < self.sample_maps:
             for i in range(B):
-                k = self.seen + i
+                k = self.seen + i if self.text_ids is None else self.text_ids[self.seen + i]
                 if len(self.samples) >= self.sample_maps:
                     break
                 if self.sample_filter is not None and not self.sample_filter(k, b.texts[i] if b.texts else ""):

@@ -72,16 +72,17 @@ class SimilarityAccumulator(Resumable):
     """Observer of trace(): the selected pairs' sums per (layer, head) and the S maps of the
     first `maps` texts (real tokens only, float32)."""
 
-    not_saved = ("tables", "tokenizer", "sample_filter", "rule")
+    not_saved = ("tables", "tokenizer", "sample_filter", "rule", "text_ids")
     fixed = ("L", "H", "max_len", "maps")
     count = "seen"
 
     def __init__(self, L: int, H: int, max_len: int, tokenizer, rule=None, maps: int = 0,
-                 sample_filter=None):
+                 sample_filter=None, text_ids: list[int] | None = None):
         self.L, self.H, self.max_len, self.rule, self.maps = L, H, max_len, rule, maps
         # the texts whose S maps are kept: the first `maps` that sample_filter(index, text) accepts
         # (--show-texts), the same texts as the attention maps of HeadsAccumulator
         self.sample_filter = sample_filter
+        self.text_ids = text_ids  # (the corpus id of each text traced: HeadsAccumulator's)
         self.seen = 0
         self.tables = sentence_tables(tokenizer)
         self.tokenizer = tokenizer
@@ -99,7 +100,7 @@ class SimilarityAccumulator(Resumable):
         for i in range(B):
             if len(self.samples) >= self.maps:
                 break
-            k = self.seen + i
+            k = self.seen + i if self.text_ids is None else self.text_ids[self.seen + i]
             if self.sample_filter is not None and not self.sample_filter(k, b.texts[i] if b.texts else ""):
                 continue
             idx = mask[i].nonzero().flatten()

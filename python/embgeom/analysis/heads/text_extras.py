@@ -33,8 +33,11 @@ def parse_show_texts(spec: str | None, n_texts: int | None = None):
     without a spec. Ids are checked against n_texts when it is given (ValueError)."""
     import re
 
-    if not spec:
+    if spec is None:
         return None, 0
+    if not spec.strip():
+        raise ValueError("--show-texts: expected comma-separated text ids or a regular expression, got an "
+                         "empty one")
     parts = [p.strip() for p in spec.split(",")]
     if all(p.isdigit() for p in parts):
         ids = sorted({int(p) for p in parts})
@@ -66,7 +69,9 @@ class TextExtras:
                                    directionality=directionality, head_maps=0, show_texts=None,
                                    matrices=False, similar=None), model, tokenizer, max_len)
 
-    def __init__(self, args, model, tokenizer, max_len: int):
+    def __init__(self, args, model, tokenizer, max_len: int, text_ids: list[int] | None = None):
+        """text_ids: the corpus id of each text traced, where a selection of the corpus is
+        (--correct-only): --show-texts ids and the maps' text ids are the corpus's."""
         if args.head_maps < 0:
             raise ValueError(f"--head-maps: expected >= 0, got {args.head_maps}")
         self.model, self.tokenizer = model, tokenizer
@@ -80,7 +85,8 @@ class TextExtras:
         dev = next(model.parameters()).device
         self.heads = HeadsAccumulator(L, H, max_len, dev, js=args.clark_js,
                                       directionality=args.directionality, qk=self._qk,
-                                      sample_maps=head_maps, sample_filter=accept) if want_heads else None
+                                      sample_maps=head_maps, sample_filter=accept, text_ids=text_ids) \
+            if want_heads else None
         self.gauss = GaussianityAccumulator(L + 1, model.config.hidden_size) if args.gaussianity else None
         self.matrices = MatricesAccumulator(L, H, max_len, dev, spectra_texts=getattr(args, "matrices_texts", None)) \
             if getattr(args, "matrices", False) else None
@@ -88,7 +94,7 @@ class TextExtras:
             weight_measures_check(model)
         rule = parse_similar(getattr(args, "similar", None))
         self.similarity = SimilarityAccumulator(L, H, max_len, tokenizer, rule=rule, maps=head_maps,
-                                                sample_filter=accept) \
+                                                sample_filter=accept, text_ids=text_ids) \
             if rule is not None or head_maps > 0 else None
         self.observers = [o for o in (self.heads, self.gauss, self.matrices, self.similarity) if o is not None]
         self.seconds: dict[str, float] = {}

@@ -92,19 +92,18 @@ def parse_document(obj, where: str) -> Document:
 
 def read_mentions(path: str) -> list[Document]:
     """The documents of a coreference JSON-lines file (format in the module docstring)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"MENTIONS: no such file: {path}")
+    from ..text.inputs import _all_lines
+
     docs = []
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"MENTIONS: {path}: line {number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            docs.append(parse_document(obj, where))
+    for number, line in _all_lines(path, "MENTIONS"):  # (UTF-8 checked line by line, named)
+        if not line.strip():
+            continue
+        where = f"MENTIONS: {path}: line {number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        docs.append(parse_document(obj, where))
     if not docs:
         raise ValueError(f"MENTIONS: {path} has no document")
     return docs

@@ -48,6 +48,9 @@ def read_pairs(path: str) -> list[dict]:
             raise ValueError(f"--pairs: {path} entry {number} is not JSON: {exc.msg}") from None
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("group", "a", "b")):
             raise ValueError(f'--pairs: {path} entry {number}: expected {{"group": str, "a": str, "b": str}}')
+        empty = [k for k in ("a", "b") if not obj[k].strip()]
+        if empty:  # (a blank text has no [CLS] state: the model never sees it)
+            raise ValueError(f"--pairs: {path} entry {number}: text {empty[0]!r} is empty")
         pairs.append(obj)
     if not pairs:
         raise ValueError(f"--pairs: {path} has no pairs")
