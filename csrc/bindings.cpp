@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -61,13 +62,21 @@ py::tuple cone_unit_sums(const py::array_t<float>& x, const std::optional<u8_arr
   const int lead = int(x.ndim()) - 3;
   const int64_t G = lead ? x.shape(0) : 1, B = x.shape(lead), T = x.shape(lead + 1), D = x.shape(lead + 2);
   const int64_t f = sizeof(float);
+  py::array_t<double> sums({G * B, D});
+  py::array_t<int64_t> used(G * B), zero(G * B);
+  if (x.size() == 0) {  // no vectors (an empty batch, sequence or chunk): nothing summed, whatever the strides
+    const uint8_t* m = mask_ptr(mask, B, T);  // (its shape checked all the same)
+    (void)m;
+    std::fill_n(sums.mutable_data(), sums.size(), 0.0);
+    std::fill_n(used.mutable_data(), used.size(), int64_t(0));
+    std::fill_n(zero.mutable_data(), zero.size(), int64_t(0));
+    return py::make_tuple(sums, used, zero);
+  }
   EMBGEOM_CHECK((D <= 1 || x.strides(lead + 2) == f) && x.strides(lead) % f == 0 && x.strides(lead + 1) % f == 0 &&
                     (!lead || x.strides(0) % f == 0),
                 "x: the last dimension must be contiguous");
   const int64_t sg = lead ? x.strides(0) / f : 0, sb = x.strides(lead) / f, st = x.strides(lead + 1) / f;
   const uint8_t* m = mask_ptr(mask, B, T);
-  py::array_t<double> sums({G * B, D});
-  py::array_t<int64_t> used(G * B), zero(G * B);
   {
     py::gil_scoped_release release;
     embgeom::cone_unit_sums(x.data(), G, B, T, D, sg, sb, st, m, sums.mutable_data(), used.mutable_data(),

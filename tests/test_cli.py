@@ -169,6 +169,44 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path, capsys):
     assert "old embgeom format" in capsys.readouterr().err
 
 
+def test_outputs_never_write_over_inputs(tmp_path, capsys):
+    """--json or --checkpoint naming an input file is refused before any work (it had written
+    the JSON report over X)."""
+    np.save(tmp_path / "x.npy", make_embeddings(30, 8).numpy())
+    x = str(tmp_path / "x.npy")
+    before = (tmp_path / "x.npy").read_bytes()
+    for argv in (["pairs", x, "--json", x], ["pairs", x, "--json", str(tmp_path / "a.json"), "--checkpoint", x],
+                 ["pairs", x, "--json", str(tmp_path / "c.ckpt"), "--checkpoint", str(tmp_path / "c.ckpt")],
+                 ["knn", x, "--k", "3", "--json", x]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "file this run reads" in err[0], (argv, err)
+    assert (tmp_path / "x.npy").read_bytes() == before
+
+
+def test_checkpoint_refusal_names_only_what_changed(tmp_path):
+    """A tuple setting (outside) is the list its file holds: not listed as changed."""
+    x = make_embeddings(50, 8)
+    ckpt = str(tmp_path / "m.ckpt")
+    embgeom.pairwise_stats(x, outside=(-0.2, 0.2), checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"other settings \(topk 10 then, 5 now\)"):
+        embgeom.pairwise_stats(x, outside=(-0.2, 0.2), topk=5, checkpoint=ckpt)
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "-1", ""])
+def test_bad_checkpoint_seconds_name_the_variable(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", value)
+    with pytest.raises(ValueError, match="^EMBGEOM_CHECKPOINT_SECONDS: expected seconds >= 0"):
+        embgeom.pairwise_stats(make_embeddings(30, 8), checkpoint=str(tmp_path / "c.ckpt"))
+
+
+def test_infinite_checkpoint_seconds_save_at_the_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "inf")
+    x = make_embeddings(200, 8)
+    got = embgeom.pairwise_stats(x, checkpoint=str(tmp_path / "c.ckpt"), block=16)
+    assert got.count == 200 * 199 // 2 and os.path.exists(tmp_path / "c.ckpt")
+
+
 def test_checkpoint_is_not_resumed_on_other_arithmetic(tmp_path, monkeypatch):
     """A run resumed under another product kernel (EMBGEOM_CPU, another host, another OpenBLAS
     core) would mix two runs' roundings: refused, naming what changed."""

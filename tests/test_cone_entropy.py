@@ -29,6 +29,21 @@ def test_cone_index_tuple_of_hidden_states_and_stream():
         embgeom.pairwise_stats(big, bins=0, topk=0, bottomk=0).mean, abs=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch", "reference"])
+def test_cone_index_of_empty_inputs(backend):
+    """No sets, no tokens, no rows: index 0 over n = 0 (normalized undefined) on every backend,
+    and an empty chunk adds nothing to a stream (the C++ core had refused it: 'the last
+    dimension must be contiguous', from numpy's strides of an empty array). A stream in chunks
+    is the whole set's index (the reference backend had added the chunks' indexes)."""
+    for shape, sets in (((0, 5, 3), 0), ((2, 0, 3), 2), ((0, 3), 1)):
+        got = embgeom.cone_index(torch.randn(*shape), backend=backend)
+        assert got.index.shape == (sets,) and bool((got.index == 0).all()) and bool((got.n == 0).all())
+    rows = make_embeddings(40, 8, seed=2)
+    whole = embgeom.cone_index_stream([rows], backend=backend)
+    split = embgeom.cone_index_stream([rows[:25], rows[:0], rows[25:]], backend=backend)
+    assert split.n.item() == 40 and split.index.item() == pytest.approx(whole.index.item(), rel=1e-12)
+
+
 @pytest.mark.parametrize("cap", CPU_CAPS)
 def test_cpp_cone_sums_read_groups_in_place(cap, monkeypatch):
     """The C++ cone sums of a (G, B, T, d) permuted view (a layer's head outputs (B, T, H, d) read

@@ -226,6 +226,34 @@ def test_resume_through_api_equals_uninterrupted_run(tmp_path, monkeypatch, back
     assert got == want
 
 
+def test_crafted_state_with_a_diagonal_or_reversed_pair_is_refused(tmp_path, monkeypatch):
+    """A self-mode run lists pairs i < j only: a state (its checksum made anew, as a crafted
+    file's would be) holding (i, i) or (j, i) is refused, not resumed into the lists."""
+    x = make_embeddings(40, 8, seed=6)
+    path = str(tmp_path / "run.ckpt")
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")
+    real_save = runner.save_checkpoint
+
+    def save_then_die(*args):
+        real_save(*args)
+        raise Killed
+
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        embgeom.pairwise_stats(x, checkpoint=path, backend="cpp", block=8, topk=5)
+    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    real_load = runner.load_checkpoint
+    for i, j in ((0, 0), (3, 1)):
+        def crafted(*a, i=i, j=j):
+            st = real_load(*a)
+            st.top = (np.array([0.99]), np.array([i]), np.array([j]))
+            return st
+
+        monkeypatch.setattr(runner, "load_checkpoint", crafted)
+        with pytest.raises(ValueError, match=rf"state: pair \({i}, {j}\) in a self-mode state"):
+            embgeom.pairwise_stats(x, checkpoint=path, backend="cpp", block=8, topk=5)
+
+
 def test_torn_checkpoint_is_refused_with_one_line(tmp_path):
     path = tmp_path / "s.ckpt"
     save_checkpoint(str(path), "fp", _state())

@@ -95,6 +95,8 @@ void PairwiseEngine::import_state(const ExportedState& in) {
   }
   using numerics::ListKind;
   auto offer = [&](PairList& dst, ListKind kind, const OrigPair& p) {
+    // (a self-mode run lists pairs i < j only: a crafted (i, i) or (j, i) would stand as a pair)
+    EMBGEOM_CHECK(!self_ || p.i < p.j, "state: pair (" << p.i << ", " << p.j << ") in a self-mode state (need i < j)");
     const float v = static_cast<float>(p.v);
     dst.offer(numerics::order_key(kind, v, opt_.near), v, cx(p.i), cy(p.j));
   };

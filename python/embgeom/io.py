@@ -63,12 +63,17 @@ def _write_error(name: str, path: str, exc: OSError) -> ValueError:
     return ValueError(f"{name}: cannot write {path}: {why}")
 
 
-def check_output_path(path: str, name: str = "output") -> str:
+def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple[str, str | None]] = ()) -> str:
     """The folder of an output file about to be written; ValueError (one line) when the folder is
-    missing or `path` is a directory. Commands call it before their work, atomic_write again."""
+    missing, `path` is a directory, or it is one of the inputs ((argument name, path or None),
+    ...: `pairs X.npy --json X.npy` had written over X). Commands call it before their work,
+    atomic_write again."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"{name}: cannot write {path}: it is a directory")
+    for what, given in inputs:
+        if given and os.path.realpath(given) == os.path.realpath(path):
+            raise ValueError(f"{name}: {path} is the {what} file this run reads; write elsewhere")
     if not os.path.isdir(folder):
         raise ValueError(f"{name}: cannot write {path}: no such folder {folder}")
     return folder

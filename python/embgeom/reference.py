@@ -123,23 +123,25 @@ def pairwise_stats(x, y=None, cfg: PairwiseConfig | None = None, **options) -> d
 
 
 def cone_index(x, mask=None) -> dict:
-    """x: (B, T, D) or (N, D); mask: (B, T) bool. I_b = ||sum_i x_i/||x_i|| ||, zero rows out."""
+    """x: (B, T, D) or (N, D); mask: (B, T) bool. I_b = ||sum_i x_i/||x_i|| ||, zero rows out;
+    "sums": the sums of unit rows themselves (B, D) (what a stream of chunks adds up)."""
     x = _f64(x).cpu()
     if x.dim() == 2:
         x = x[None]
         mask = None if mask is None else torch.as_tensor(mask)[None]
     B, T, _ = x.shape
     mask = torch.ones(B, T, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool().cpu()
-    index, n, zero = [], [], []
+    sums, n, zero = torch.zeros(B, x.shape[2], dtype=torch.float64), [], []
     for b in range(B):
         rows = x[b][mask[b]]
         unit, valid = unit_rows(rows)
-        index.append(float(torch.linalg.vector_norm(unit[valid].sum(0))))
+        sums[b] = unit[valid].sum(0)
         n.append(int(valid.sum()))
         zero.append(int((~valid).sum()))
-    index = torch.tensor(index, dtype=torch.float64)
+    index = torch.linalg.vector_norm(sums, dim=1)
     n = torch.tensor(n)
-    return {"index": index, "normalized": index / n.clamp(min=1), "n": n, "zero_rows": torch.tensor(zero)}
+    return {"index": index, "normalized": index / n.clamp(min=1), "n": n, "zero_rows": torch.tensor(zero),
+            "sums": sums}
 
 
 def attention_entropy(attn, mask=None, smoothing=0.0) -> dict:

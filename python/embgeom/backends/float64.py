@@ -4,7 +4,6 @@ Builds N x N matrices; never picked by auto dispatch."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .. import reference
 from ..engine.config import PairwiseConfig
@@ -76,10 +75,9 @@ class ReferenceEngine:
 
 def _reference_cone(x, mask):
     r = reference.cone_index(x.cpu(), None if mask is None else mask.cpu())
-    # back to the unit-sum form: only the norm of the sum is defined, so use (I, 0, ..., 0)
-    sums = torch.zeros(x.shape[0], x.shape[2], dtype=torch.float64)
-    sums[:, 0] = r["index"]
-    return sums.to(x.device), r["n"].to(x.device), r["zero_rows"].to(x.device)
+    # the sums of unit rows themselves: a stream adds them as vectors (their norms, as (I, 0, ...,
+    # 0), had added up to the sum of the chunks' indexes, not the union's)
+    return r["sums"].to(x.device), r["n"].to(x.device), r["zero_rows"].to(x.device)
 
 
 def _reference_entropy(attn, mask, smoothing=0.0):

@@ -23,7 +23,7 @@ def main(args) -> int:
     from ..report import write_json
     from ..io import check_output_path, load_matrix
 
-    check_output_path(args.json, "--json")  # before any work, not after it
+    check_output_path(args.json, "--json", inputs=[("X", args.x), ("--queries", args.queries)])  # before any work
     x = load_matrix(args.x, "X")
     q = load_matrix(args.queries, "Q") if args.queries else None
     res = knn(x, args.k, queries=q, index=args.index, device=args.device, nlist=args.nlist,

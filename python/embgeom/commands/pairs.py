@@ -45,7 +45,10 @@ def main(args) -> int:
     from ..report import write_json
 
     prov = Provenance(args, inputs={"X": args.x, "--against": args.against})
-    check_output_path(args.json, "--json")  # before any work, not after it
+    ins = [("X", args.x), ("--against", args.against)]
+    check_output_path(args.json, "--json", inputs=ins + [("--checkpoint", args.checkpoint)])  # before any work
+    if args.checkpoint:
+        check_output_path(args.checkpoint, "--checkpoint", inputs=ins)
     x = load_matrix(args.x, "X")
     y = load_matrix(args.against, "Y") if args.against else None
     if args.device:

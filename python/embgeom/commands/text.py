@@ -62,7 +62,8 @@ def main(args) -> int:
     check_output_folder(args.out, command="text", inputs=[("CORPUS", args.corpus), ("--labels", args.labels),
                                                           ("--pairs", args.pairs), ("--checkpoint", args.checkpoint)])
     if args.checkpoint:
-        check_output_path(args.checkpoint, "--checkpoint")   # its folder, before the model loads
+        check_output_path(args.checkpoint, "--checkpoint",   # its folder, before the model loads
+                          inputs=[("CORPUS", args.corpus), ("--labels", args.labels), ("--pairs", args.pairs)])
     # the whole file is read (UTF-8 to the last line, not empty) before the model loads
     n_texts = 0
     for n_texts, line in enumerate(read_lines(args.corpus, "CORPUS"), 1):  # every line checked before the model loads

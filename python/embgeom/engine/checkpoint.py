@@ -69,11 +69,30 @@ def _short(v) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def checkpoint_seconds(default: float) -> float:
+    """The time between checkpoint saves: EMBGEOM_CHECKPOINT_SECONDS (seconds >= 0; 0: after
+    every chunk or batch; inf: only at the end and on an interrupt), else default; a ValueError
+    naming the variable for anything else (one rule for `pairs` and `text`)."""
+    text = os.environ.get("EMBGEOM_CHECKPOINT_SECONDS")
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0.0:  # (NaN fails too)
+        raise ValueError(f"EMBGEOM_CHECKPOINT_SECONDS: expected seconds >= 0 (inf: save at the end and on "
+                         f"an interrupt only), got {text!r}")
+    return value
+
+
 def differences(saved, now) -> list[str]:
     """What differs between a checkpoint's identity (read from its file: any JSON) and this
     run's, one phrase each: settings and numerics field by field, the inputs by shape or values."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return []
+    # (this run's identity as its file holds it: a tuple is then a list, and equal to it)
+    now = json.loads(json.dumps(now, default=str))
     if run_kind(saved) != run_kind(now):   # another command's checkpoint: that alone, not every field of both
         return [f"the checkpoint of {run_kind(saved)}, this is {run_kind(now)}"]
     out = []

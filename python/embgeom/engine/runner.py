@@ -5,12 +5,11 @@ The engine protocol (every backend): `num_tiles()`, `tile_pairs(begin, end)`, `t
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 from ..progress import as_progress
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_seconds, load_checkpoint, save_checkpoint
 from .state import EngineState
 
 
@@ -23,7 +22,7 @@ def run_engine(engine, *, fp: str | None = None, checkpoint: str | None = None,
     """
     total_tiles = engine.num_tiles()
     if checkpoint:
-        chunk_seconds = float(os.environ.get("EMBGEOM_CHECKPOINT_SECONDS", chunk_seconds))
+        chunk_seconds = checkpoint_seconds(chunk_seconds)
         saved = load_checkpoint(checkpoint, fp)
         if saved is not None:
             engine.load_state(saved)
@@ -50,7 +49,7 @@ def _run_chunks(engine, fp, checkpoint, chunk_seconds, should_stop, bar, done, t
             save_checkpoint(checkpoint, fp, engine.state())
         bar.update(pairs)
         # size chunks to ~chunk_seconds so progress and checkpoints stay frequent but cheap
-        chunk = max(1, min(total_tiles, int(chunk_seconds / max(per_tile, 1e-6))))
+        chunk = max(1, int(min(total_tiles, chunk_seconds / max(per_tile, 1e-6))))  # (inf: all the rest)
         if should_stop is not None and should_stop():
             break
     return engine.state()

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Iterator
 
-from ...engine.checkpoint import restore_value
+from ...engine.checkpoint import checkpoint_seconds, restore_value
 from ..run_checkpoint import RunCheckpoint, model_digest, numerics
 from .inputs import read_lines
 
@@ -55,7 +55,7 @@ class BatchCheckpoint(RunCheckpoint):
 
     def __init__(self, path: str, identity: dict):
         super().__init__(path, identity)
-        self.every = _seconds_between_saves()
+        self.every = checkpoint_seconds(DEFAULT_SECONDS)
         self._last = time.monotonic()
 
     def save_value(self, value: Any) -> None:
@@ -164,19 +164,6 @@ class PairsCheckpoint(BatchCheckpoint):
 
     def save(self, acc) -> None:
         self.save_value({"pairs": acc})
-
-
-def _seconds_between_saves() -> float:
-    text = os.environ.get("EMBGEOM_CHECKPOINT_SECONDS")
-    if text is None:
-        return DEFAULT_SECONDS
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0.0 or value == float("inf"):
-        raise ValueError(f"EMBGEOM_CHECKPOINT_SECONDS: expected seconds >= 0, got {text!r}")
-    return value
 
 
 def _raise_interrupt(*_) -> None:
