@@ -120,3 +120,11 @@ def test_float64_rows_float32_cannot_hold_are_refused():
         embgeom.cone_index(np.array([[1e300, 0.0], [0.0, 1e300]]))
     with pytest.raises(ValueError, match="x: 1 nonzero row\\(s\\) with every value below float32's smallest normal"):
         embgeom.pairwise_stats(np.array([[1e-300, 0.0], [1.0, 1.0], [0.0, 1.0]]))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "reference"])
+def test_one_key_rows_have_entropy_plus_zero(backend):
+    """A row over one key has entropy 0, not -0.0 (-sum p ln p of p = 1), in reports too."""
+    got = embgeom.attention_entropy(torch.ones(2, 3, 1, 1), backend=backend)
+    assert bool((got.row_entropy == 0).all()) and not bool(torch.signbit(got.row_entropy).any())
+    assert not bool(torch.signbit(got.mean).any())

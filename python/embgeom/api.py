@@ -129,7 +129,7 @@ def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
         raise ValueError(f"smoothing: expected a value in [0, 1], got {smoothing}")
     attn, mask = validation.attention(attn, mask)
     name, run = registry.pick("attention_entropy", attn, backend)
-    ent = run(attn, mask, smoothing).to(attn.device)
+    ent = run(attn, mask, smoothing).to(attn.device) + 0.0  # (+ 0: a one-key row's -0.0 as 0.0)
     B, H, T, _ = attn.shape
     valid = ~torch.isnan(ent)
     n_rows = valid[:, 0, :].sum() if H else torch.tensor(0)
