@@ -290,3 +290,87 @@ def test_cli_refuses_a_checkpoint_missing_layers(tiny_bert_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "weight(s) missing from the checkpoint" in err[0] and "encoder.layer." in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def _close_results(a, b, tol=1e-6):
+    da, db = a.to_dict(), b.to_dict()
+
+    def walk(x, y, path):
+        if isinstance(x, dict):
+            for k in x:
+                walk(x[k], y[k], f"{path}.{k}")
+        elif isinstance(x, list):
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{path}[{i}]")
+        elif isinstance(x, float) and isinstance(y, float):
+            assert abs(x - y) <= tol * max(1.0, abs(y)), (path, x, y)
+        else:
+            assert x == y, (path, x, y)
+
+    for key in ("cone_index", "entropy", "attention_to", "context_similarity", "evolution"):
+        walk(da[key], db[key], key)
+
+
+def test_left_padding_tokenizer_and_training_mode_model(tiny_bert_dir):
+    """A tokenizer that pads on the left gives the numbers of one text a batch (trace pads on
+    the right: no position ids are passed, and absolute positions count from index 0); a model
+    in training mode runs without its dropout and is left in training mode."""
+    from transformers import AutoTokenizer, BertModel
+
+    texts = [t for t in CORPUS if t]
+    model = BertModel.from_pretrained(tiny_bert_dir, attn_implementation="eager")
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    model.eval()
+    one = trace(model, tok, texts, batch_size=1)
+    tok.padding_side = "left"
+    _close_results(trace(model, tok, texts, batch_size=3), one)
+    assert tok.padding_side == "left"
+    dropped = BertModel.from_pretrained(tiny_bert_dir, attn_implementation="eager",
+                                        hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5).train()
+    _close_results(trace(dropped, tok, texts, batch_size=3), one)
+    assert dropped.training
+
+
+def test_token_flags_follow_each_tokenizer_object():
+    """The punctuation tables are kept per tokenizer object while it lives: keyed by id(), a
+    freed tokenizer's table was handed to a new one of the same size given its id."""
+    import gc
+
+    from transformers import BertTokenizer
+
+    from embgeom.analysis.text.trace import _FLAG_CACHE, punctuation_table
+
+    base = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    for round_ in range(8):
+        words = ["dog", "cat", "red", "blue"] if round_ % 2 else [".", ",", "!", "?"]
+        tok = BertTokenizer(vocab={w: i for i, w in enumerate(base + words)})
+        table = punctuation_table(tok)
+        assert table[5:9].tolist() == [round_ % 2 == 0] * 4, round_
+        del tok
+        gc.collect()
+    assert len(_FLAG_CACHE) <= 1
+
+
+def test_sixteen_bit_maps_are_summed_as_float32():
+    """Attention summaries and the context argmax of float16 / bfloat16 tensors equal those of
+    the same values widened to float32 (they had summed and multiplied in 16 bits)."""
+    import embgeom.analysis.text.attention as A
+
+    g = torch.Generator().manual_seed(5)
+    B, H, T, d = 2, 3, 19, 16
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 12:] = False
+    flags = [torch.rand(B, T, generator=g) < 0.2 for _ in range(5)]
+    cls, sep, punct, period, comma = (f & mask for f in flags)
+    attn = torch.softmax(2 * torch.randn(B, H, T, T, generator=g), -1)
+    out = torch.randn(B, H, T, d, generator=g)
+    for dt in (torch.float16, torch.bfloat16):
+        low = attn.to(dt)
+        got = A.layer_summaries(low, mask, cls, sep, punct, period, comma, 40)
+        want = A.layer_summaries(low.float(), mask, cls, sep, punct, period, comma, 40)
+        for key in A.TARGETS:
+            assert torch.equal(got[0][key], want[0][key]), (dt, key)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        o = out.to(dt)
+        assert torch.equal(A.context_argmax(o, mask), A.context_argmax(o.float(), mask))
+        assert torch.equal(A.head_mean_entropy(low, mask), A.head_mean_entropy(low.float(), mask))

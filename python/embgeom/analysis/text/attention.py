@@ -14,9 +14,17 @@ from ...backends import registry
 TARGETS = ("cls", "sep", "punct", "prev", "next", "period", "comma", "sep_from_other")
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 maps and head outputs as float32 (others as they are): the sums and
+    products here are float32 at least (docs/metrics.md); in bf16 a context argmax differed from
+    float64's on half the rows and the key masses in their fourth digit."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def special_mass(attn: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """attn (B, H, T, T), keys (B, T, K) 0/1 -> (B, H, T, K): each row's mass on each key set
     (one batched matmul over the attention viewed as (B, H*T, T); no broadcast copies)."""
+    attn = at_least_fp32(attn)
     B, H, T, _ = attn.shape
     # keys as a contiguous (B, K, T) operand: BLAS then reads it transposed, about 4x faster
     # than a (B, T, K) one for K = 3 (measured on CPU)
@@ -46,6 +54,7 @@ def attention_targets_per_text(attn: torch.Tensor, mask: torch.Tensor, cls: torc
     """attention_targets per text: dict of (B, H) float64, each text's sums over its own real
     rows (divide by its mask.sum(1), or (mask & ~cls & ~sep).sum(1) for "sep_from_other", for
     the text's mean: Clark et al.'s per-text average before the mean over texts)."""
+    attn = at_least_fp32(attn)
     q = mask.to(attn.dtype)
     marks = period is not None and comma is not None
     if mass is None:
@@ -65,6 +74,7 @@ def attention_targets_per_text(attn: torch.Tensor, mask: torch.Tensor, cls: torc
 def head_mean_entropy(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of each head's mean attention row over the real queries of a sequence
     ("broad" vs "focused" heads), summed over the sequences of the batch: (H,) float64."""
+    attn = at_least_fp32(attn)
     B, H, T, _ = attn.shape
     q = mask.to(attn.dtype)
     n = q.sum(1).clamp(min=1)
@@ -104,6 +114,7 @@ def target_distribution(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tenso
     that the JS distance matrix compares (Clark et al., arXiv 1906.04341, compare heads by their attention; relative
     offsets plus the two special targets keep its head types apart: [CLS]/[SEP]/previous/next/
     broad). Returns the batch sums (H, R) float64."""
+    attn = at_least_fp32(attn)
     B, H, T, _ = attn.shape
     if T > max_len:
         raise ValueError(f"attn: sequence length {T} exceeds max_len {max_len}")
@@ -144,7 +155,8 @@ def layer_summaries(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor, s
     """One layer's attention summaries of `embgeom text`: (attention_targets_per_text with
     period and comma, head_mean_entropy, target_distribution). On CPU float32 maps one C++ pass
     over them (_C.attention_sums; float32 sums within a row, float64 across rows); elsewhere the
-    torch functions, which read the maps four times."""
+    torch functions, which read the maps four times. 16-bit maps are summed as float32."""
+    attn = at_least_fp32(attn)
     B, H, T, _ = attn.shape
     keys = torch.stack([cls, sep, punct, period, comma], dim=-1)
     attention_sums = registry.cpp_kernel("attention_sums", attn)
@@ -204,7 +216,8 @@ def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict |
     j != i maximising S[i, j] = o_i . o_j (ties to the smaller j); other rows hold any position.
     On CPU float32 tensors the C++ kernel (products in float32, every key within their error
     bound of the maximum rescored in float64: the float64 argmax); elsewhere torch's float32
-    scores (context_argmax_torch)."""
+    scores (context_argmax_torch); 16-bit head outputs as float32."""
+    head_out = at_least_fp32(head_out)
     kernel = registry.cpp_kernel("context_argmax", head_out)
     if kernel is None:
         return context_argmax_torch(head_out, mask, workspace)
@@ -214,6 +227,7 @@ def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict |
 
 def context_argmax_torch(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
     """context_argmax from torch's float32 scores, a cache-sized chunk of heads at a time."""
+    head_out = at_least_fp32(head_out)
     B, H, T, _ = head_out.shape
     # Padded keys are pushed to -1e30 inside the GEMM (one extra column: [o, 1] . [o, -1e30*pad]),
     # self-similarity by filling the diagonal: no extra pass over the (B, H, T, T) scores.

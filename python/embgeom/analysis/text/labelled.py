@@ -12,7 +12,7 @@ import torch
 
 from ...engine.checkpoint import Resumable
 from . import adapters
-from .trace import Batch, TraceAccumulator, encode, model_max_length, sentence_tables
+from .trace import Batch, TraceAccumulator, encode, eval_mode, model_max_length, pad_right, sentence_tables
 
 CLASS_MAPS_FILE = "class_maps.npz"
 
@@ -189,9 +189,9 @@ def predict_labels(model, tokenizer, texts: list[str], *, batch_size: int = 32,
     for done in range(0, len(texts), batch_size):
         chunk = texts[done:done + batch_size]
         enc, _ = encode(tokenizer, chunk, limit, done)
-        enc = tokenizer.pad(enc, return_tensors="pt")
+        enc = pad_right(tokenizer, enc)
         enc = {k: v.to(dev) for k, v in adapters.model_inputs(model, enc).items()}
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(model):
             logits = model(**enc).logits
         out += [id2label[int(i)] for i in logits.argmax(-1).tolist()]
     return out

@@ -7,12 +7,14 @@ grow with the corpus.
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import itertools
 import math
 import os
 import unicodedata
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -94,24 +96,30 @@ TOKEN_FLAGS = {
     "period": lambda t: t == ".",
     "comma": lambda t: t == ",",
 }
-_FLAG_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
+# per tokenizer object (weakly held: keyed by id(), a freed tokenizer's tables had been handed to
+# the next one given its id, marking ordinary words as punctuation), then by (size, name)
+_FLAG_CACHE: "weakref.WeakKeyDictionary[Any, dict[tuple[int, str], torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 def token_flags(tokenizer, *names: str) -> tuple[torch.Tensor, ...]:
     """One (V,) bool table per name of TOKEN_FLAGS: the token ids with that property (cached per
-    tokenizer)."""
+    tokenizer object while it lives)."""
+    try:
+        mine = _FLAG_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # (an object that takes no weak reference: no cache)
+        mine = {}
     vocab = None
     out = []
     for name in names:
-        key = (id(tokenizer), len(tokenizer), name)
-        if key not in _FLAG_CACHE:
+        key = (len(tokenizer), name)
+        if key not in mine:
             vocab = vocab or tokenizer.get_vocab()
             table = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
             test = TOKEN_FLAGS[name]
             for tok, i in vocab.items():
                 table[i] = test(tok[2:] if tok.startswith("##") else tok.lstrip("Ġ▁"))
-            _FLAG_CACHE[key] = table
-        out.append(_FLAG_CACHE[key])
+            mine[key] = table
+        out.append(mine[key])
     return tuple(out)
 
 
@@ -144,6 +152,33 @@ def split_pair(text: str, index: int) -> tuple[str, str | None]:
         raise ValueError(f"texts[{index}]: a text with a TAB is a sentence pair and needs text on both "
                          f"sides of the TAB, got {text[:60]!r}")
     return a, b
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode for the forward passes inside, then back in the mode it had: a model
+    built in training mode (BertModel(config)) ran with its dropout, and two calls on the same
+    texts disagreed."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def pad_right(tokenizer, enc: dict) -> dict:
+    """tokenizer.pad(enc) as torch tensors, padded on the right whatever the tokenizer's
+    padding_side: no position ids are passed, so a model with absolute position embeddings counts
+    positions from index 0, and a left-padded text's tokens took shifted positions (its numbers
+    then changed with the batch size). transformers >= 4.40 (the floor) has no padding_side
+    argument to pad() everywhere: the attribute is set for the call."""
+    side = getattr(tokenizer, "padding_side", "right")
+    tokenizer.padding_side = "right"
+    try:
+        return tokenizer.pad(enc, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
 
 
 def encode(tokenizer, chunk: list[str], limit: int, first_index: int = 0) -> tuple[dict, int]:
@@ -250,35 +285,36 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
     done = skip
     handles = [m.register_forward_hook(hook) for m in denses]
     try:
-        for chunk in _chunks(itertools.islice(_texts(texts), skip, None), batch_size):
-            # long texts are cut here (so that they can be counted), pairs from the longer side
-            enc, truncated = encode(tokenizer, chunk, limit, done)
-            done += len(chunk)
-            if truncated and warn and not warned:
-                warn_truncated(limit)
-                warned = True
-            enc = tokenizer.pad(enc, return_tensors="pt")
-            enc = {k: v.to(dev) for k, v in adapters.model_inputs(model, enc).items()}
-            captured.clear()
-            with torch.inference_mode():
-                out = model(**enc, output_hidden_states=True, output_attentions=True, return_dict=True)
-            if out.attentions is None or any(a is None for a in out.attentions):
-                raise ValueError("model: no attention probabilities; load it with "
-                                 "attn_implementation=\"eager\" (embgeom.load_model does)")
-            if not len(captured) == len(out.attentions) == L:
-                raise ValueError(f"model: {adapter.name}: {len(captured)} per-head outputs and "
-                                 f"{len(out.attentions)} attention maps for {L} layers")
-            ids = enc["input_ids"]
-            mask = enc["attention_mask"].bool()
-            heads = tuple(i.reshape(*i.shape[:-1], H, i.shape[-1] // H) for i, _ in captured)
-            yield Batch(
-                input_ids=ids, mask=mask,
-                cls=(ids == cls_id) & mask, sep=(ids == sep_id) & mask,
-                punct=punct_table[ids] & mask, hidden_states=tuple(out.hidden_states),
-                attentions=tuple(out.attentions), head_outputs=heads,
-                multihead_outputs=tuple(o for _, o in captured), truncated=truncated, texts=chunk,
-                period=period_table[ids] & mask, comma=comma_table[ids] & mask,
-                token_types=enc.get("token_type_ids"))
+        with eval_mode(model):  # (dropout off for the passes, the model's own mode after)
+            for chunk in _chunks(itertools.islice(_texts(texts), skip, None), batch_size):
+                # long texts are cut here (so that they can be counted), pairs from the longer side
+                enc, truncated = encode(tokenizer, chunk, limit, done)
+                done += len(chunk)
+                if truncated and warn and not warned:
+                    warn_truncated(limit)
+                    warned = True
+                enc = pad_right(tokenizer, enc)
+                enc = {k: v.to(dev) for k, v in adapters.model_inputs(model, enc).items()}
+                captured.clear()
+                with torch.inference_mode():
+                    out = model(**enc, output_hidden_states=True, output_attentions=True, return_dict=True)
+                if out.attentions is None or any(a is None for a in out.attentions):
+                    raise ValueError("model: no attention probabilities; load it with "
+                                     "attn_implementation=\"eager\" (embgeom.load_model does)")
+                if not len(captured) == len(out.attentions) == L:
+                    raise ValueError(f"model: {adapter.name}: {len(captured)} per-head outputs and "
+                                     f"{len(out.attentions)} attention maps for {L} layers")
+                ids = enc["input_ids"]
+                mask = enc["attention_mask"].bool()
+                heads = tuple(i.reshape(*i.shape[:-1], H, i.shape[-1] // H) for i, _ in captured)
+                yield Batch(
+                    input_ids=ids, mask=mask,
+                    cls=(ids == cls_id) & mask, sep=(ids == sep_id) & mask,
+                    punct=punct_table[ids] & mask, hidden_states=tuple(out.hidden_states),
+                    attentions=tuple(out.attentions), head_outputs=heads,
+                    multihead_outputs=tuple(o for _, o in captured), truncated=truncated, texts=chunk,
+                    period=period_table[ids] & mask, comma=comma_table[ids] & mask,
+                    token_types=enc.get("token_type_ids"))
     finally:
         for h in handles:
             h.remove()
