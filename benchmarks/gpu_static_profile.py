@@ -49,7 +49,9 @@ CHECK_OUTPUTS = {"widehist": dict(bins=10000, topk=1, bottomk=1),
                  # the full output without its histogram: what the histogram costs (--variants)
                  "fullnohist": dict(OUTPUTS["full"], bins=0),
                  # and with 500 bins (512 histogram slots instead of 2,048)
-                 "full500": dict(OUTPUTS["full"], bins=500)}
+                 "full500": dict(OUTPUTS["full"], bins=500),
+                 # euclidean (its distances' square roots correctly rounded: sqrt.rn in the PTX)
+                 "fulll2": dict(OUTPUTS["full"], metric="euclidean")}
 CHECK_VARIANTS = [f"{o}-{p}" for o in CHECK_OUTPUTS for p in PRECISIONS]
 
 

@@ -180,6 +180,20 @@ def test_speed_model_cold_path_is_the_guarded_append_region():
     assert gsp.cold_ranges(insns, labels, 0x0, 0xc0, (0x10, 0x20)) == [(0x41, 0x70)]
 
 
+def test_euclidean_distances_take_the_correctly_rounded_square_root():
+    """The euclidean variant's distances are exact mode's reported values (no rescoring): its PTX
+    has sqrt.rn, never the fast sqrt.approx.ftz that tl.sqrt lowers to on the GPU."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_static_profile as gsp
+
+    why = gsp.toolchain_missing()
+    if why:
+        pytest.skip(why)
+    kernel = gsp.compile_variant("fulll2-exact")[0]
+    ptx = kernel.asm["ptx"]
+    assert "sqrt.rn.f32" in ptx and "sqrt.approx" not in ptx
+
+
 def test_static_profile_targets(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_static_profile as gsp

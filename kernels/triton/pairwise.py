@@ -363,7 +363,10 @@ def _tile_epilogue(
         ys = tl.load(ysq_ptr + cols, mask=col_ok, other=0.0)
         scale2 = xs[:, None] + ys[None, :]
         d2 = tl.maximum(scale2 - 2.0 * acc, 0.0)
-        v = tl.sqrt(d2)
+        # correctly rounded, as the float64 reference, torch and the C++ core take it: tl.sqrt is
+        # the fast one on the GPU (sqrt.approx.ftz.f32 in the PTX), and exact mode reports the
+        # kernel's values without rescoring them
+        v = tl.sqrt_rn(d2)
         # |a|^2 + |b|^2 - 2ab cancels for near-duplicate rows: those few pairs leave the
         # kernel (stream 6) and the caller reduces their directly computed distances
         close = valid & (d2 < near_tau * scale2)
