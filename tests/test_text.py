@@ -374,3 +374,23 @@ def test_sixteen_bit_maps_are_summed_as_float32():
         o = out.to(dt)
         assert torch.equal(A.context_argmax(o, mask), A.context_argmax(o.float(), mask))
         assert torch.equal(A.head_mean_entropy(low, mask), A.head_mean_entropy(low.float(), mask))
+
+
+def test_trace_metrics_left_out_are_nan_and_a_text_string_is_named(tiny_bert):
+    """With metrics=, what was not computed is NaN (None in to_dict), not zeros; a single metric
+    may be given as a str; a str that is no file but looks like a text says to pass a list."""
+    import math
+
+    model, tokenizer = tiny_bert
+    texts = [t for t in CORPUS if t]
+    r = trace(model, tokenizer, texts, batch_size=2, metrics="cone")
+    assert bool(torch.isfinite(r.cone_layer_output).all())
+    for v in (r.entropy, r.head_mean_entropy, r.attention_to["cls"], r.step_distance, r.norm, r.focus_share,
+              r.context_mean_distance):
+        assert bool(torch.isnan(v).all())
+    assert math.isnan(r.uniform_baseline) and r.focus_token[0][0] is None
+    d = r.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["entropy"]["uniform_baseline"] is None and d["evolution"]["norm"][0] is None
+    with pytest.raises(ValueError, match=r"texts: no such file: 'the dog is big'; one text goes in a list"):
+        trace(model, tokenizer, "the dog is big")

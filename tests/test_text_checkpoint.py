@@ -393,7 +393,7 @@ def test_another_commands_checkpoint_is_named_in_short(tiny_bert, tmp_path):
     with pytest.raises(ValueError, match=r"\(the checkpoint of an all-pairs run \(pairwise_stats\), this is an "
                                          r"`embgeom text` run\); delete it or pass another path$") as e:
         trace(model, tokenizer, TEXTS, checkpoint=ckpt)
-    assert len(str(e.value)) < 250
+    assert len(str(e.value).replace(ckpt, "")) < 200  # (short but for the path, whose length varies)
 
 
 @pytest.mark.parametrize("options", [

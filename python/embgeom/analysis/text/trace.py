@@ -63,6 +63,9 @@ def check_model_inputs(model, tokenizer, texts) -> None:
             isinstance(texts, (str, os.PathLike)) or hasattr(texts, "__iter__")):
         raise TypeError(f"texts: expected a list/iterable of str or a path to a text file, "
                         f"got {type(texts).__name__}")
+    if isinstance(texts, str) and not os.path.isfile(texts) and (" " in texts or "\n" in texts):
+        # (a str is a path: one text passed as it is would be read as a file name)
+        raise ValueError(f"texts: no such file: {texts[:60]!r}; one text goes in a list, [text]")
 
 
 def _chunks(it: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -505,7 +508,8 @@ class TraceResult:
                            "head_output": as_list(self.cone_head_output),
                            "multihead_output": as_list(self.cone_multihead_output),
                            "layer_output": as_list(self.cone_layer_output)},
-            "entropy": {"mean": as_list(self.entropy), "uniform_baseline": self.uniform_baseline},
+            "entropy": {"mean": as_list(self.entropy),
+                        "uniform_baseline": self.uniform_baseline if math.isfinite(self.uniform_baseline) else None},
             "attention_to": {k: as_list(v) for k, v in self.attention_to.items()},
             "attention_to_per_text": {k: as_list(v) for k, v in self.attention_to_per_text.items()},
             "js_distance": as_list(self.js_distance),
@@ -551,7 +555,7 @@ class TraceAccumulator(Resumable):
                  metrics: Iterable[str] = METRICS, model_name: str = "",
                  sentence_tables: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.L, self.H, self.max_len, self.V = L, H, max_len, vocab_size
-        self.metrics = set(metrics)
+        self.metrics = {metrics} if isinstance(metrics, str) else set(metrics)  # ("cone" as ("cone",))
         unknown = self.metrics - set(METRICS)
         if unknown:
             raise ValueError(f"metrics: unknown {sorted(unknown)}; expected a subset of {METRICS}")
@@ -701,11 +705,17 @@ class TraceAccumulator(Resumable):
         focus_ids = s["focus"].argmax(-1)
         focus_total = s["focus"].sum(-1).clamp(min=1)
         focus_share = s["focus"].gather(-1, focus_ids[..., None])[..., 0].double() / focus_total
-        if tokenizer is not None and "context" in self.metrics:
+        if "context" not in self.metrics:
+            focus = [[None] * H for _ in range(L)]
+        elif tokenizer is not None:
             toks = tokenizer.convert_ids_to_tokens(focus_ids.reshape(-1).tolist())
             focus = [toks[l * H:(l + 1) * H] for l in range(L)]
         else:
             focus = [[str(int(i)) for i in row] for row in focus_ids.tolist()]
+        # a metric left out (metrics=) is NaN, not the zeros of sums never taken
+        skip = {"cone", "entropy", "attention", "context", "evolution"} - self.metrics
+        got = lambda name, v: torch.full_like(v, math.nan) if name in skip else v  # noqa: E731
+        baseline = float(s["baseline"]) / rows if "entropy" not in skip else math.nan
         return TraceResult(
             model=self.model_name, n_texts=self.n_texts, n_tokens=self.n_tokens, layers=L, heads=H,
             truncated=self.truncated,
@@ -713,22 +723,22 @@ class TraceAccumulator(Resumable):
             cone_head_output=nan_if(div(s["cone_head"], s["cone_head_n"]), s["cone_head_n"]),
             cone_multihead_output=nan_if(div(s["cone_mh"], s["cone_mh_n"]), s["cone_mh_n"]),
             cone_layer_output=nan_if(div(s["cone_out"], s["cone_out_n"]), s["cone_out_n"]),
-            entropy=s["entropy"] / rows, uniform_baseline=float(s["baseline"]) / rows,
-            head_mean_entropy=s["hme"] / float(s["hme_n"]),
-            attention_to={k: s["targets"][i] / (rows if k != "sep_from_other" else float(s["other_rows"]))
+            entropy=got("entropy", s["entropy"] / rows), uniform_baseline=baseline,
+            head_mean_entropy=got("attention", s["hme"] / float(s["hme_n"])),
+            attention_to={k: got("attention", s["targets"][i] / (rows if k != "sep_from_other"
+                                                                  else float(s["other_rows"])))
                           for i, k in enumerate(attention.TARGETS)},
-            attention_to_per_text={k: s["targets_text"][i] / float(self.n_texts if k != "sep_from_other"
-                                                                   else s["texts_other"])
-                                   for i, k in enumerate(attention.TARGETS)},
-            target_distribution=s["dist"] / rows,
+            attention_to_per_text={k: got("attention", s["targets_text"][i] / float(
+                self.n_texts if k != "sep_from_other" else s["texts_other"])) for i, k in enumerate(attention.TARGETS)},
+            target_distribution=got("attention", s["dist"] / rows),
             js_distance=attention.js_distance(s["dist"]) if "attention" in self.metrics
             else torch.full((L * H, L * H), math.nan, dtype=torch.float64),
             context_mean_distance=nan_if(s["ctx_dist"].double() / ctx_rows.clamp(min=1), ctx_rows),
             context_separator_share=nan_if(s["ctx_sep"].double() / ctx_rows.clamp(min=1), ctx_rows),
             context_repeated=nan_if(s["ctx_rep"].double() / ctx_rows.clamp(min=1), ctx_rows),
-            context_distance_hist=s["ctx_hist"], focus_token=focus, focus_share=focus_share,
-            step_distance=s["step_dist"] / rows, step_cosine=s["step_cos"] / rows,
-            norm=s["norm"] / rows, seconds=seconds,
+            context_distance_hist=s["ctx_hist"], focus_token=focus, focus_share=got("context", focus_share),
+            step_distance=got("evolution", s["step_dist"] / rows), step_cosine=got("evolution", s["step_cos"] / rows),
+            norm=got("evolution", s["norm"] / rows), seconds=seconds,
             context_same_sentence=None if self.sentence_tables is None else
             nan_if(s["ctx_same"].double() / ctx_rows.clamp(min=1), ctx_rows),
             context_period_separator=None if self.sentence_tables is None else
