@@ -137,3 +137,18 @@ def test_as_list_is_json_safe_at_every_depth():
     assert as_list(torch.ones(2, 1, 2, dtype=torch.float64) / 3) == [[[1 / 3, 1 / 3]], [[1 / 3, 1 / 3]]]
     assert as_list(torch.tensor(float("nan"))) is None and as_list(torch.tensor(2.5)) == 2.5
     assert as_list(torch.tensor([[1, 2]])) == [[1, 2]] and as_list(torch.zeros(0, 3)) == []
+
+
+def test_fast_error_bound_without_a_histogram():
+    """precision="fast" reports its values' bound on the result itself: with bins=0 there is no
+    histogram to carry it (the moments were compared with no allowance); exact mode reports 0."""
+    import embgeom
+    from helpers import make_embeddings
+
+    x = make_embeddings(60, 24, seed=3)
+    with_hist = embgeom.pairwise_stats(x, precision="fast", bins=20, backend="cpp")
+    bare = embgeom.pairwise_stats(x, precision="fast", bins=0, backend="cpp")
+    assert bare.hist is None and bare.error_bound == with_hist.hist.error_bound == with_hist.error_bound
+    assert ("error_bound" in bare.to_dict()) == (bare.error_bound > 0)
+    assert embgeom.pairwise_stats(x, bins=0, backend="cpp").error_bound == 0.0
+    assert abs(bare.mean - embgeom.pairwise_stats(x, bins=0, backend="reference").mean) <= bare.error_bound + 1e-6

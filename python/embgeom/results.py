@@ -218,6 +218,10 @@ class PairwiseStats:
     excluded_cols: list[int] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # options lowered to fit the input, and why
+    # precision="fast": the bound on |value - the exact mode's value| of every pair's value that the
+    # moments, the extremes and the histogram count (the lists are rescored exactly); 0 in exact
+    # mode. The histogram carries it too, but this one is there without a histogram (bins=0)
+    error_bound: float = 0.0
 
     def to_dict(self) -> dict:
         def pair(p):
@@ -235,6 +239,8 @@ class PairwiseStats:
             "top_pairs": plist(self.top_pairs), "bottom_pairs": plist(self.bottom_pairs),
             "near_pairs": plist(self.near_pairs),
         }
+        if self.error_bound:
+            out["error_bound"] = self.error_bound
         if self.near is not None:
             out["near"] = self.near
         if self.row_topk is not None:

@@ -358,6 +358,7 @@ class EngineState:
             row_topk=rows["row_top"], row_bottomk=rows["row_bottom"], outside=outside,
             excluded_rows=[int(r) for r in np.asarray(self.excluded_rows)],
             excluded_cols=[int(c) for c in np.asarray(self.excluded_cols)],
+            error_bound=float(self.hist_error_bound) if cfg.precision == "fast" else 0.0,
             seconds=seconds,
         )
 
