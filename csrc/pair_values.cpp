@@ -50,20 +50,23 @@ inline double cosine_of(double qc, double qq, double cc) {
   return std::min(std::max(qc / std::max(std::sqrt(qq * cc), 1e-300), -1.0), 1.0);
 }
 
+// The terms of dimensions [d, D) into running sums l = 0, 1, ... of each of the three (the last
+// D % 16 of every build, and all of them in one_cosine), then the cosine
 template <typename Q>
-inline double one_cosine(const float* r, const Q* q, int64_t D) {
-  double qc[kSums] = {}, qq[kSums] = {}, cc[kSums] = {};
-  auto add = [&](int l, int64_t d) {
+inline double cosine_from(const float* r, const Q* q, int64_t d, int64_t D, double* qc, double* qq, double* cc) {
+  for (int l = 0; d < D; ++d, l = (l + 1) % kSums) {
     const double x = r[d], y = q[d];
     qc[l] += x * y;
     qq[l] += y * y;
     cc[l] += x * x;
-  };
-  int64_t d = 0;
-  for (; d + kSums <= D; d += kSums)
-    for (int l = 0; l < kSums; ++l) add(l, d + l);
-  for (int l = 0; d < D; ++d, ++l) add(l, d);
+  }
   return cosine_of(total16(qc), total16(qq), total16(cc));
+}
+
+template <typename Q>
+inline double one_cosine(const float* r, const Q* q, int64_t D) {
+  double qc[kSums] = {}, qq[kSums] = {}, cc[kSums] = {};
+  return cosine_from(r, q, 0, D, qc, qq, cc);
 }
 
 #if EMBGEOM_X86
@@ -111,13 +114,7 @@ EMBGEOM_AVX2 double one_cosine_f32_avx2(const float* r, const float* q, int64_t 
     _mm256_store_pd(sqq + 4 * v, qq[v]);
     _mm256_store_pd(scc + 4 * v, cc[v]);
   }
-  for (int l = 0; d < D; ++d, ++l) {  // the last D % 16
-    const double x = r[d], y = q[d];
-    sqc[l] += x * y;
-    sqq[l] += y * y;
-    scc[l] += x * x;
-  }
-  return cosine_of(total16(sqc), total16(sqq), total16(scc));
+  return cosine_from(r, q, d, D, sqc, sqq, scc);
 }
 
 // The same with sums 0-7 and 8-15 in two zmm a sum: half the instructions of the AVX2 loop
@@ -141,13 +138,7 @@ EMBGEOM_AVX512 double one_cosine_f32_avx512(const float* r, const float* q, int6
     _mm512_store_pd(sqq + 8 * v, qq[v]);
     _mm512_store_pd(scc + 8 * v, cc[v]);
   }
-  for (int l = 0; d < D; ++d, ++l) {  // the last D % 16
-    const double x = r[d], y = q[d];
-    sqc[l] += x * y;
-    sqq[l] += y * y;
-    scc[l] += x * x;
-  }
-  return cosine_of(total16(sqc), total16(sqq), total16(scc));
+  return cosine_from(r, q, d, D, sqc, sqq, scc);
 }
 #endif
 

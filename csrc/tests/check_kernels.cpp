@@ -164,6 +164,16 @@ void check_bf16_product(const GemmKernel& k, int64_t R, int64_t Cn, int64_t D) {
     }
 }
 
+// (query a, row c) for every a < Q, c < N, in that order -> the number of pairs
+int64_t every_pair(int64_t Q, int64_t N, std::vector<int64_t>& qi, std::vector<int64_t>& ci) {
+  for (int64_t a = 0; a < Q; ++a)
+    for (int64_t c = 0; c < N; ++c) {
+      qi.push_back(a);
+      ci.push_back(c);
+    }
+  return static_cast<int64_t>(qi.size());
+}
+
 // pair_cosines: the float64 cosine (long double reference), exactly 1 for a row against its own
 // values (float32 and float64 queries, every vector level), symmetric, NaN for a zero row, 0 for
 // a zero query, float32 queries as their widening, bit for bit
@@ -173,12 +183,7 @@ void check_pair_cosines(int64_t D) {
   for (int64_t k = 0; k < D; ++k) rows[5 * D + k] = 0.0f;  // row 5: zero
   std::vector<double> rows64(rows.begin(), rows.end());
   std::vector<int64_t> qi, ci;
-  for (int64_t a = 0; a < N; ++a)
-    for (int64_t c = 0; c < N; ++c) {
-      qi.push_back(a);
-      ci.push_back(c);
-    }
-  const int64_t P = static_cast<int64_t>(qi.size());
+  const int64_t P = every_pair(N, N, qi, ci);
   std::vector<double> got(P), got64(P);
   pair_cosines(rows.data(), rows.data(), D, qi.data(), ci.data(), P, got.data());
   pair_cosines(rows.data(), rows64.data(), D, qi.data(), ci.data(), P, got64.data());
@@ -219,12 +224,7 @@ void check_pair_values(int64_t D) {
   std::vector<double> qd(Q * D);
   for (int64_t i = 0; i < Q * D; ++i) qd[i] = double(qf[i]) * (1.0 + 1e-9 * (i % 7));  // not floats
   std::vector<int64_t> qi, ci;
-  for (int64_t a = 0; a < Q; ++a)
-    for (int64_t c = 0; c < N; ++c) {
-      qi.push_back(a);
-      ci.push_back(c);
-    }
-  const int64_t P = static_cast<int64_t>(qi.size());
+  const int64_t P = every_pair(Q, N, qi, ci);
   for (bool sqdist : {false, true}) {
     std::vector<double> out(P), outf(P);
     pair_values(rows.data(), qd.data(), D, qi.data(), ci.data(), P, sqdist, out.data());
