@@ -341,6 +341,8 @@ def test_token_flags_follow_each_tokenizer_object():
     from embgeom.analysis.text.trace import _FLAG_CACHE, punctuation_table
 
     base = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    gc.collect()
+    before = len(_FLAG_CACHE)  # (other tests' tokenizers still alive)
     for round_ in range(8):
         words = ["dog", "cat", "red", "blue"] if round_ % 2 else [".", ",", "!", "?"]
         tok = BertTokenizer(vocab={w: i for i, w in enumerate(base + words)})
@@ -348,7 +350,7 @@ def test_token_flags_follow_each_tokenizer_object():
         assert table[5:9].tolist() == [round_ % 2 == 0] * 4, round_
         del tok
         gc.collect()
-    assert len(_FLAG_CACHE) <= 1
+    assert len(_FLAG_CACHE) <= before  # the loop's tokenizers are not held
 
 
 def test_sixteen_bit_maps_are_summed_as_float32():
