@@ -209,6 +209,15 @@ def test_within_between_vs_numpy():
     assert b == pytest.approx(cos[~same].mean(), abs=1e-12)
 
 
+def test_within_between_identical_rows_exactly_one():
+    # the sums' form rounds above 1 on identical rows (1 + 2^-50): the means are clamped as
+    # every cosine is
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        x = np.repeat(rng.standard_normal((1, 384)).astype(np.float32), 6, axis=0)
+        assert geometry.within_between_cosine(x, list("aaabbb")) == (1.0, 1.0)
+
+
 def test_set_stats_vs_numpy():
     x, labels = _clusters(n_per=9, groups=2)
     a, b = x[:9].astype(np.float64), x[9:].astype(np.float64)

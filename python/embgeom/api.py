@@ -73,8 +73,9 @@ def cone_index(x, mask=None, *, backend: str | None = None) -> ConeIndex:
 
 
 def _cone_result(sums, used, zero, name, device) -> ConeIndex:
-    index = torch.linalg.vector_norm(sums.double(), dim=-1).to(device)
+    # ||sum of n unit rows|| <= n; the rows' float64 rounding gave n identical rows 1 + 2^-51
     used = used.to(device)
+    index = torch.minimum(torch.linalg.vector_norm(sums.double(), dim=-1).to(device), used.double())
     normalized = torch.where(used > 0, index / used.clamp(min=1), torch.full_like(index, math.nan))
     return ConeIndex(index, normalized, used, zero.to(device), name)
 

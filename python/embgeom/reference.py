@@ -138,8 +138,8 @@ def cone_index(x, mask=None) -> dict:
         sums[b] = unit[valid].sum(0)
         n.append(int(valid.sum()))
         zero.append(int((~valid).sum()))
-    index = torch.linalg.vector_norm(sums, dim=1)
     n = torch.tensor(n)
+    index = torch.minimum(torch.linalg.vector_norm(sums, dim=1), n.double())  # (<= n, as rounded sums may not be)
     return {"index": index, "normalized": index / n.clamp(min=1), "n": n, "zero_rows": torch.tensor(zero),
             "sums": sums}
 

@@ -242,7 +242,8 @@ def block_measures(a: torch.Tensor, eps: float | None = None, spec=None) -> dict
     nrm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
     inv = torch.where(nrm > 0, 1 / nrm, torch.zeros_like(nrm))   # (a zero row adds nothing)
     # sum of the unit rows as (1 / |a_i|)^T a: no (k, H, n, n) copy of the rows divided
-    cone = torch.linalg.vector_norm(inv.transpose(-1, -2) @ a, dim=-1)[..., 0] / n
+    # (clamped: I <= n, which the rounded unit rows of identical rows pass by an ulp)
+    cone = (torch.linalg.vector_norm(inv.transpose(-1, -2) @ a, dim=-1)[..., 0] / n).clamp(max=1.0)
     if spec is None:
         spec = lapack_map(lambda x: block_spectra(x, eps), [a.detach().cpu().double()], 1)[0]
     rank, small, lam = (x.to(a.device) for x in spec)

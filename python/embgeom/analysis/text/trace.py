@@ -601,7 +601,7 @@ class TraceAccumulator(Resumable):
         dev = xs[0].device
         r = torch.linalg.vector_norm(torch.cat(sums).to(dev).double(), dim=-1)
         used = torch.cat(used).to(dev).reshape(*groups, -1)
-        r = r.reshape(*groups, -1) / used.clamp(min=1)
+        r = (r.reshape(*groups, -1) / used.clamp(min=1)).clamp(max=1.0)  # (I <= n: rounding aside)
         return torch.where(used > 0, r, torch.zeros_like(r)).sum(-1), (used > 0).sum(-1).double()
 
     def _buf(self, key, shape, like: torch.Tensor) -> torch.Tensor:
