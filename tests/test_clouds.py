@@ -409,3 +409,26 @@ def test_project_degenerate_inputs():
         project(np.ones((20, 4), np.float32), method="tsne")
     p = project(np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32), method="umap")
     assert p.embedding.shape == (3, 2) and np.isfinite(p.embedding).all()
+
+
+def test_trajectory_step_cosine_of_unchanged_states_is_one():
+    # a state that a layer leaves as it was: cos 1 exactly (dot / (|h| |h|) rounded past 1 by an ulp)
+    rng = np.random.default_rng(8)
+    h = rng.standard_normal((200, 1, 384)) * rng.uniform(0.01, 100, (200, 1, 1))
+    got = geometry.trajectory_steps(np.repeat(h, 3, axis=1))["step_cosine"]
+    assert got.max() == 1.0 and got.min() >= 1.0 - 1e-15
+
+
+def test_text_step_cosine_of_unchanged_states_is_one():
+    # the text trace's evolution sums: a layer that leaves its input as it was scores 1, not 1 + ulp
+    # (one token a batch: a sum over many would round the ulps away)
+    from embgeom.analysis.text.trace import Batch, TraceAccumulator
+
+    g = torch.Generator().manual_seed(2)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    flags = torch.zeros(1, 1, dtype=torch.bool)
+    for _ in range(40):
+        acc = TraceAccumulator(1, 1, 1, 10, "cpu", metrics=("evolution",))
+        h = torch.randn(1, 1, 384, generator=g) * 30
+        acc.update(Batch(torch.zeros(1, 1, dtype=torch.long), mask, flags, flags, flags, (h, h.clone()), (), (), (), 0))
+        assert 1.0 - 1e-15 <= acc.s["step_cos"][0].item() <= 1.0

@@ -191,5 +191,5 @@ def trajectory_steps(states) -> dict:
     norms = torch.linalg.vector_norm(h, dim=-1)
     step = torch.linalg.vector_norm(h[:, 1:] - h[:, :-1], dim=-1)
     dot = (h[:, 1:] * h[:, :-1]).sum(-1)
-    cos = dot / (norms[:, 1:] * norms[:, :-1]).clamp_min(1e-300)
+    cos = (dot / (norms[:, 1:] * norms[:, :-1]).clamp_min(1e-300)).clamp(-1.0, 1.0)  # (equal steps: 1, not 1 + ulp)
     return {"step_distance": step.numpy(), "step_cosine": cos.numpy(), "norm": norms.numpy()}

@@ -685,7 +685,7 @@ class TraceAccumulator(Resumable):
                     s["norm"][0] += (norm_prev * m).sum()
                 s["norm"][l + 1] += (norm_cur * m).sum()
                 s["step_dist"][l] += (step_sq.sqrt() * m).sum()
-                s["step_cos"][l] += (dot / (norm_prev * norm_cur).clamp(min=1e-300) * m).sum()
+                s["step_cos"][l] += ((dot / (norm_prev * norm_cur).clamp(min=1e-300)).clamp(-1.0, 1.0) * m).sum()
 
     def merge(self, other: "TraceAccumulator") -> None:
         for k, v in other.s.items():
