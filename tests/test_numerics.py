@@ -134,3 +134,21 @@ def test_sort_rows_skips_sorted_rows_and_matches_two_stable_sorts():
             assert torch.equal(want[1], got[1]) and want[0].dtype == got[0].dtype, (trial, largest)
             assert torch.equal(torch.signbit(want[0]), torch.signbit(got[0]))
             assert torch.equal(want[0].nan_to_num(7.0), got[0].nan_to_num(7.0)), (trial, largest)
+
+
+def test_cosine_matrix_identical_rows_exactly_one():
+    """numerics.cosine_matrix (vocab's position and token-type tables, the text trace's group
+    means): identical (here parallel) rows at most 1 (unclamped, their rounded unit rows gave 1 + 2^-52), zero
+    rows 0, float64, symmetric."""
+    from embgeom.numerics import cosine_matrix
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(1, 384, generator=g, dtype=torch.float64) * 13).repeat(40, 1) \
+        * torch.rand(40, 1, generator=g, dtype=torch.float64)
+    x[7] = 0
+    c = cosine_matrix(x.float())
+    assert c.dtype == torch.float64 and bool((c == c.T).all())
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[7] = False
+    assert c[keep][:, keep].max().item() == 1.0 and c[keep][:, keep].min().item() >= 1.0 - 1e-12  # (parallel after rounding)
+    assert bool((c[7] == 0).all())

@@ -48,6 +48,13 @@ def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return unit, valid
 
 
+def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
+    """All-pairs cosines of a small set of rows (n, D) -> (n, n) float64, clamped to [-1, 1] (an
+    identical pair's rounded unit rows give 1 + 2^-52 unclamped); a zero row's entries are 0."""
+    u, _ = unit_rows(x.to(torch.float64))
+    return (u @ u.T).clamp_(-1.0, 1.0)
+
+
 def order_key(kind: str, v: torch.Tensor, near: float | None = None) -> torch.Tensor:
     """Primary sort key (ascending) of a ranked-list kind; ties then go by (i, j) ascending."""
     if kind == "top":

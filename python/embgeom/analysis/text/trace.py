@@ -22,6 +22,7 @@ import torch
 
 from ...backends import registry
 from ...engine.checkpoint import Resumable
+from ...numerics import cosine_matrix
 from ...progress import as_progress
 from . import adapters, attention
 from .inputs import read_lines
@@ -958,8 +959,7 @@ def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32
         checkpoint.save(acc)   # finished: a rerun runs no pair again
     means = acc.sums / acc.counts.clamp(min=1)[:, None].double()
     norms = torch.linalg.vector_norm(means, dim=1)
-    unit = means / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
-    cos = unit @ unit.T
+    cos = cosine_matrix(means)
     bad = norms == 0
     cos[bad] = math.nan
     cos[:, bad] = math.nan

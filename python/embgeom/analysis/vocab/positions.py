@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from ...numerics import cosine_matrix
 from ..clouds import projection as clouds
 
 
@@ -55,8 +56,7 @@ def table_geometry(x: np.ndarray) -> dict:
     the variance and the helix period of the 3-D PCA path."""
     x = np.asarray(x, dtype=np.float64)
     nrm = np.linalg.norm(x, axis=1)
-    u = x / np.where(nrm > 0, nrm, 1.0)[:, None]
-    cos = u @ u.T
+    cos = cosine_matrix(torch.from_numpy(x)).numpy()
     P = x.shape[0]
     off = cos[~np.eye(P, dtype=bool)]
     ratio, mean, comps = clouds.pca_fit(x, min(3, x.shape[1]))

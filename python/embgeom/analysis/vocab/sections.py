@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 from ...api import pairwise_stats
 from ...engine.config import DEFAULTS
+from ...numerics import cosine_matrix
 from ..text import adapters
 
 
@@ -172,13 +173,6 @@ def _components_for(ratio: torch.Tensor, share: float) -> int | None:
 def pca_summary(ratio: torch.Tensor) -> dict:
     return {"explained_variance": ratio.tolist(),
             "components_for": {f"{int(s * 100)}pct": _components_for(ratio, s) for s in (0.5, 0.9, 0.99)}}
-
-
-def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
-    """Cosine matrix of a small set (positions, token types): float64, zero rows give 0."""
-    x = x.double()
-    xn = x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    return xn @ xn.T
 
 
 def offset_profile(cos: torch.Tensor) -> torch.Tensor:
