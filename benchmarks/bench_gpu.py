@@ -292,7 +292,7 @@ def check(name, got, want, dtype):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[30522, 262144, 1048576])
     ap.add_argument("--d", type=int, nargs="+", default=[384, 768])
     ap.add_argument("--dtype", nargs="+", default=["bf16", "tf32"], choices=["bf16", "tf32", "fp32"])

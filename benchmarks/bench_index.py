@@ -307,7 +307,7 @@ def dropins_bench(args, threads, rows):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not a measurement")
     p.add_argument("--sizes", type=int, nargs="*", default=None,
                    help="corpus rows (100,000 and 1,000,000; none: no search cases)")

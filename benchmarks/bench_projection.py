@@ -270,7 +270,7 @@ def keep(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["projection", "keep", "child"])
     p.add_argument("--n", type=int, default=0, help="first N vocabulary rows (0 = all)")
     p.add_argument("--k", type=int, default=15, help="UMAP n_neighbors (the point itself included)")

@@ -83,7 +83,7 @@ def report(x: np.ndarray, splits: list[int], k: int, rows: int, block: int, prim
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--random", type=int, default=0, help="random unit rows of this count instead of the vocabulary")
     ap.add_argument("--splits", default="96,192,240,288,336", help="comma-separated p (axes in the product)")
     ap.add_argument("--k", type=int, default=11, help="list length (11: semantic_search(E, E, top_k=11))")

@@ -49,7 +49,7 @@ def make_treebank(path: str, n: int, seed: int = 0) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sentences", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--model", default=None)

@@ -164,7 +164,7 @@ def corpus(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["overhead", "corpus"])
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)

@@ -54,7 +54,7 @@ def run_once(model: str | None, out: str) -> tuple[float, float, dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["default", "bert-base"], choices=["default", "bert-base"])
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()

@@ -345,7 +345,7 @@ def analyse(cubin: Path, plan, kw, prec: str = "bf16", dyn_shared: int = 0) -> d
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS + CHECK_VARIANTS)
     ap.add_argument("--expect-triton", help="refuse to run unless this Triton version is the one imported")

@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Iterator
 
+from .formatting import seconds
+
 
 def wanted(quiet: bool = False, stream=None) -> bool:
     """Progress is shown: not quiet, and the stream (stderr) is a terminal."""
@@ -53,7 +55,7 @@ class _Plain:
 
     def close(self) -> None:
         of = f"/{self.total}" if self.total else ""
-        self.stream.write(f"{self.desc}: {self.n}{of} in {time.perf_counter() - self.start:.1f}s\n")
+        self.stream.write(f"{self.desc}: {self.n}{of} in {seconds(time.perf_counter() - self.start)}\n")
         self.stream.flush()
 
 

@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+from ..formatting import fmt, seconds
 from ..neighbours import INDEXES, knn
 
 
@@ -31,7 +32,7 @@ def main(args) -> int:
     data = res.to_dict()
     data.update({"n": int(x.shape[0]), "d": int(x.shape[1])})
     write_json(args.json, data)
-    rec = "" if res.recall is None else f", recall@{res.k} {res.recall:.4f}"
-    print(f"embgeom knn: {res.indices.shape[0]} queries x {res.k} ({res.index}, {res.device}{rec}) "
-          f"in {res.seconds:.2f}s -> {args.json}")
+    rec = "" if res.recall is None else f", recall@{res.k} {fmt(res.recall)}"
+    print(f"embgeom knn: {fmt(res.indices.shape[0])} queries x {res.k} ({res.index}, {res.device}{rec}) "
+          f"in {seconds(res.seconds)} -> {args.json}")
     return 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+
+from ...formatting import seconds
 from .gaussianity import GaussianityAccumulator
 from .matrices import MatricesAccumulator
 from .measures import HeadsAccumulator, capture_qk
@@ -175,6 +177,6 @@ class TextExtras:
             parts.update(o.seconds)
         parts.update(self.seconds)
         extra = sum(v for k, v in parts.items() if not k.startswith(("heads: result", "matrices: result", "similar: result")))
-        print(f"embgeom text: profile: forward + default metrics {total - extra:.2f}s", file=stream)
+        print(f"embgeom text: profile: forward + default metrics {seconds(total - extra)}", file=stream)
         for k, v in parts.items():
-            print(f"embgeom text: profile:   {k:34s} {v:8.2f}s", file=stream)
+            print(f"embgeom text: profile:   {k:34s} {seconds(v):>10s}", file=stream)
