@@ -63,6 +63,86 @@ def test_exact_knn_errors():
         projection.exact_knn(x, 3)
 
 
+def _brute_knn_euclidean(x, k):
+    from scipy.spatial.distance import cdist
+
+    x64 = x.astype(np.float64)
+    d = cdist(x64, x64, "sqeuclidean")
+    np.fill_diagonal(d, np.inf)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]   # ascending distance, ties by column
+    return order, np.sqrt(np.take_along_axis(d, order, 1))
+
+
+def _hopf_link(n=200):
+    """Two unit circles, each through the other's centre (R. Luisto's thesis, Figure 2)."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    z = 0 * t
+    return np.concatenate([np.stack([np.cos(t), np.sin(t), z], 1),
+                           np.stack([1 + np.cos(t), z, np.sin(t)], 1)]).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", ["clusters", "far", "duplicates", "integers", "float64", "hopf"])
+def test_exact_knn_euclidean_is_float64_brute_force(case, monkeypatch):
+    """metric="euclidean": the k nearest by float64 distance, ties by column, on odd shapes: a
+    cloud far from the origin (its fp32 distances cancel: every row goes to the float64 search),
+    duplicates (zero distances, long ties), small integers (exact ties), float64 input, a Hopf
+    link (a ray through both circles: cosine would call (1, 0, 0) and (2, 0, 0) identical)."""
+    rng = np.random.default_rng(4)
+    x = {"clusters": _clusters()[0],
+         "far": (1e4 + rng.standard_normal((130, 5)) * 1e-2).astype(np.float32),
+         "duplicates": np.repeat(rng.standard_normal((23, 3)), 4, 0).astype(np.float32),
+         "integers": rng.integers(-2, 3, (97, 4)).astype(np.float32),
+         "float64": rng.standard_normal((70, 9)),
+         "hopf": _hopf_link(100)}[case]
+    searched = []
+    real = projection.knn_float64_rows
+    monkeypatch.setattr(projection, "knn_float64_rows", lambda *a, **kw: searched.append(a[1].size) or real(*a, **kw))
+    for k in (1, 6, len(x) - 1):
+        idx, dist, _ = projection.exact_knn(x, k, metric="euclidean")
+        want_i, want_d = _brute_knn_euclidean(x, k)
+        np.testing.assert_allclose(dist, want_d, rtol=1e-14, atol=1e-14)
+        # the reference's ids, except where two float64 sums of one distance round apart (the
+        # circles' mirror points: sqrt(2) from both sides, to an ulp): there our id's own
+        # distance equals the reference's at that rank
+        from scipy.spatial.distance import cdist
+
+        full = np.sqrt(cdist(x.astype(np.float64), x.astype(np.float64), "sqeuclidean"))
+        rows, ranks = np.nonzero(idx != want_i)
+        assert rows.size <= 0.01 * idx.size
+        np.testing.assert_allclose(full[rows, idx[rows, ranks]], want_d[rows, ranks], rtol=1e-14, atol=1e-14)
+    if case == "far":
+        assert searched and searched[0] == len(x)      # no fp32 certificate holds there
+    if case == "clusters":
+        assert not searched                             # every row certified from fp32
+    if case == "hopf":
+        a, b = (_hopf_link(100)[i] for i in (0, 100))
+        assert np.allclose(a, [1, 0, 0]) and np.allclose(b, [2, 0, 0])
+        assert set(projection.exact_knn(x, 2, metric="euclidean")[0][100]) == {101, 199}
+
+
+def test_project_euclidean_keeps_the_hopf_link_apart():
+    """Under cosine the two circles of a Hopf link touch ((1, 0, 0) and (2, 0, 0) are one
+    direction); under Euclidean distance no point's neighbours cross to the other circle, and
+    the layout separates them."""
+    x = _hopf_link(100)
+    labels = ["a"] * 100 + ["b"] * 100
+    cos = embgeom.project(x, "umap", labels=labels, k=5, seed=0)
+    assert 0 in cos.indices[100] and 100 in cos.indices[0]          # glued along one ray
+    p = embgeom.project(x, "umap", labels=labels, k=5, seed=0, metric="euclidean")
+    side = np.arange(200) >= 100
+    assert (side[p.indices] == side[:, None]).all()
+    assert p.metric == "euclidean" and p.similarities is None and p.distances.shape == (200, 5)
+    assert p.to_dict()["metric"] == "euclidean" and p.silhouette["projection"] > 0.3
+    np.testing.assert_array_equal(p.indices, projection.exact_knn(x, 5, metric="euclidean")[0])
+    t = embgeom.project(x, "tsne", labels=labels, perplexity=5, seed=0, metric="euclidean")
+    assert (side[t.indices] == side[:, None]).all()
+    df = p.to_pandas()
+    assert list(df.columns) == ["x", "y", "label", "nearest", "nearest_distance"] and len(df) == 200
+    assert "euclidean" in p._repr_html_() and "Projection" in p._repr_html_()
+    with pytest.raises(ValueError, match="metric: expected one of"):
+        embgeom.project(x, "umap", metric="l2")
+
+
 @pytest.mark.parametrize("method", ["pca", "tsne", "umap"])
 def test_projection_deterministic_and_graph_exact(method):
     x, labels = _clusters()
@@ -272,6 +352,14 @@ def test_project_cli(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("a\nb\n")
     assert main(["project", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "short.txt"), "--out", str(out)]) == 2
     assert "expected 60" in capsys.readouterr().err
+    # --metric euclidean: knn.npz holds distances, the page says which graph
+    assert main(["project", str(tmp_path / "x.npy"), "--method", "umap", "--k", "4", "--metric", "euclidean",
+                 "--out", str(out)]) == 0
+    knn = np.load(out / "knn.npz")
+    assert set(knn) == {"indices", "distances"}
+    np.testing.assert_array_equal(knn["indices"], _brute_knn_euclidean(x, 4)[0])
+    assert json.loads((out / "report.json").read_text())["metric"] == "euclidean"
+    assert "exact Euclidean graph" in scatter_page(out / "projection.html")["knn"]["note"]
 
 
 def test_text_keeps_vectors(tiny_bert_dir, tiny_bert, tmp_path):

@@ -1,7 +1,8 @@
 """`embgeom project X.npy --out DIR`: a 2-D projection (UMAP, t-SNE, PCA) on the exact graph.
 
-DIR gets projection.npy (N, 2) float32, knn.npz (indices (N, k) int64, similarities (N, k) float64;
-graph methods), report.json (method, n, d, k, seconds, knn_seconds; silhouette with labels;
+DIR gets projection.npy (N, 2) float32, knn.npz (indices (N, k) int64, similarities (N, k) float64,
+or distances with --metric euclidean; graph methods), report.json (method, metric, n, d, k,
+seconds, knn_seconds; silhouette with labels;
 explained variance for PCA), projection.png and a self-contained interactive projection.html.
 """
 from __future__ import annotations
@@ -32,6 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--labels", metavar="FILE", help="one label per line, aligned with the rows")
     p.add_argument("--texts", metavar="FILE", help="one text/token per line, shown on hover in the HTML")
     p.add_argument("--method", default="umap", choices=["umap", "tsne", "pca"])
+    p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"],
+                   help="the neighbour graph's geometry (and the original silhouette's): cosine for "
+                   "embeddings (default), euclidean for point clouds whose positions matter (a Hopf link)")
     p.add_argument("--k", type=int, default=None, help="UMAP neighbours besides the point itself "
                    f"(default {DEFAULT_K})")
     p.add_argument("--perplexity", type=float, default=None, help="t-SNE perplexity (k = 3 x perplexity; "
@@ -76,7 +80,7 @@ def main(args) -> int:
     labels = read_labels(args.labels, n) if args.labels else None
     texts = read_labels(args.texts, n, "--texts") if args.texts else None
     proj = project(x, method=args.method, labels=labels, k=args.k, perplexity=args.perplexity,
-                   seed=args.seed, backend=args.backend, progress=prog)
+                   seed=args.seed, metric=args.metric, backend=args.backend, progress=prog)
     for note in proj.notes:
         print(f"embgeom project: note: {note}", file=sys.stderr)
     with output_folder(args.out, command="project") as out, prog.phase("plots and page"):

@@ -143,15 +143,16 @@ def scatter_figure(xy, labels=None, texts=None, *, title: str = "projection", id
 def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "projection",
                        note: str = "", xlabel: str = "dimension 1", ylabel: str = "dimension 2",
                        provenance: dict | None = None, ids=None, knn=None, knn_show: int = 10,
-                       knn_note: str = "", knn_file: str | None = None) -> str:
+                       knn_note: str = "", knn_file: str | None = None, knn_metric: str = "cosine") -> str:
     """The one writer of the scatter pages. xy: (N, 2); labels: N strings or None; texts: N
     strings shown on hover and searched, or None; xlabel / ylabel: the axis titles;
     provenance: the report's provenance object, shown as the page footer. ids: N ids shown for
     each point and searched (e.g. token ids; default the row, #r); knn: (indices (N, k),
-    similarities (N, k)) of the exact neighbour graph: a click lists a point's first `knn_show`
-    neighbours under the heading knn_note (default: the exact cosine graph and its file).
-    knn_file: the name of the file beside the page the whole graph is saved to (np.savez:
-    indices (N, k) int64, similarities (N, k)), named in the page (data "knn" "file") so its
+    similarities (N, k), or distances with knn_metric="euclidean") of the exact neighbour graph:
+    a click lists a point's first `knn_show` neighbours under the heading knn_note (default: the
+    exact graph, its metric and its file). knn_file: the name of the file beside the page the
+    whole graph is saved to (np.savez: indices (N, k) int64, similarities or distances (N, k)),
+    named in the page (data "knn" "file") so its
     lists can be checked against it; None: the page's lists are the only copy.
     The page holds plotly.js once and one JSON block (<script id='data'>): "figure" (the
     Plotly figure: data and layout), "t", "ids", "knn"."""
@@ -176,9 +177,11 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
 
         idx, sim = (np.asarray(a) for a in knn)
         if knn_file:
+            values = {"similarities" if knn_metric == "cosine" else "distances": sim}
             np.savez(os.path.join(os.path.dirname(os.path.abspath(path)), knn_file),
-                     indices=idx.astype(np.int64), similarities=sim)
-        knn_note = knn_note or ("nearest neighbours (exact cosine graph" + (f", {knn_file})" if knn_file else ")"))
+                     indices=idx.astype(np.int64), **values)
+        graph = "exact cosine graph" if knn_metric == "cosine" else "exact Euclidean graph, distances"
+        knn_note = knn_note or (f"nearest neighbours ({graph}" + (f", {knn_file})" if knn_file else ")"))
         data["knn"] = {"note": knn_note, "file": knn_file, "i": idx[:, :knn_show].astype(np.int64).tolist(),
                        "s": [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
                              for row in sim[:, :knn_show]]}

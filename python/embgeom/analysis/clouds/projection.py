@@ -40,64 +40,102 @@ def fp32_cosine_error(d: int) -> float:
     return 1.1 * du / (1.0 - du)
 
 
-def exact_knn(x, k: int, *, backend: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Exact cosine k-NN graph in float64: the fused engine's per-row top-(k + extra) in fp32,
-    their similarities recomputed in float64 from the input's rows and each row re-sorted by them
-    (near-collinear clouds have cosine distances down to 1e-6, where the engine's float32 values
-    keep one or two digits). A row's k best are certain when its k-th float64 value exceeds its
-    last candidate's fp32 value by more than the fp32 error bound: every other column's exact
-    value lies below. Rows without that certificate are searched in float64 against every row.
+GRAPH_METRICS = ("cosine", "euclidean")
 
-    x: (N, D); k <= N - 1. Returns indices (N, k) int64 (self excluded, float64 similarity
-    descending, ties by column index), similarities (N, k) float64 and the seconds it took. Zero
-    rows have no direction: they are an error here."""
+
+def exact_knn(x, k: int, *, metric: str = "cosine", backend: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Exact k-NN graph in float64: the fused engine's per-row top-(k + extra) cosines (bottom for
+    Euclidean distances) in fp32, their values recomputed in float64 from the input's rows and each
+    row re-sorted by them (near-collinear clouds have cosine distances down to 1e-6, where the
+    engine's float32 values keep one or two digits). A row's k best are certain when its k-th
+    float64 value beats its last candidate's fp32 value by more than the fp32 error bound: every
+    other column's exact value lies beyond. Rows without that certificate are searched in float64
+    against every row.
+
+    x: (N, D); k <= N - 1; metric "cosine" or "euclidean". Returns indices (N, k) int64 (self
+    excluded; cosine descending or distance ascending, ties by column index), the values (N, k)
+    float64 (cosine similarities, or Euclidean distances) and the seconds it took. Under cosine
+    zero rows have no direction: they are an error there."""
+    if metric not in GRAPH_METRICS:
+        raise ValueError(f"metric: expected one of {GRAPH_METRICS}, got {metric!r}")
     xm = as_matrix(x)
     n = xm.shape[0]
     if not 1 <= k <= n - 1:
         raise ValueError(f"k: expected 1 <= k <= N - 1 = {n - 1}, got {k}")
+    cosine = metric == "cosine"
     zero = np.nonzero(~np.any(xm != 0, axis=1))[0]
-    if zero.size:
+    if cosine and zero.size:
         raise ValueError(f"x: zero rows have no cosine neighbours: rows {zero[:10].tolist()}")
     start = time.perf_counter()
     wide = min(n - 1, k + max(8, k // 8))  # the candidates beyond k make the certificate
-    res = pairwise_stats(torch.from_numpy(xm), metric="cosine", bins=0, topk=0, bottomk=0,
-                         row_topk=wide, backend=backend)
-    idx = res.row_topk.indices.cpu().numpy().astype(np.int64)
-    last32 = res.row_topk.values.cpu().numpy().astype(np.float64)[:, -1]
+    res = pairwise_stats(torch.from_numpy(xm), metric=metric, bins=0, topk=0, bottomk=0,
+                         row_topk=wide if cosine else 0, row_bottomk=0 if cosine else wide, backend=backend)
+    rows32 = res.row_topk if cosine else res.row_bottomk
+    idx = rows32.indices.cpu().numpy().astype(np.int64)
+    last32 = rows32.values.cpu().numpy().astype(np.float64)[:, -1]
     x64 = as_matrix64(x)
     pair_values = registry.cpp_kernel("pair_values")
     if pair_values is not None and np.array_equal(xm, x64):  # float32 rows: the C++ pair sums
         def rescore(i, rows=None):
-            return rescore_pairs(pair_values, xm, i, rows)
+            return rescore_pairs(pair_values, xm, i, rows, metric)
     else:
         def rescore(i, rows=None):
-            return rescore64(x64, i, rows)
-    idx, sim = _by_value(idx, rescore(idx))
+            return rescore64(x64, i, rows, metric=metric)
+    idx, val = _by_value(idx, rescore(idx), metric)
     if wide < n - 1:  # (with every other row a candidate there is nothing outside to fear)
-        unsure = np.nonzero(~(sim[:, k - 1] > last32 + fp32_cosine_error(xm.shape[1])))[0]
+        if cosine:
+            sure = val[:, k - 1] > last32 + fp32_cosine_error(xm.shape[1])
+        else:
+            # |fp32 d^2 - d^2| <= e (|x_i|^2 + |x_j|^2) (fp32_euclidean_error), |x_j| at most the
+            # largest norm; a column outside the list has fp32 distance >= last32
+            sq = np.einsum("ij,ij->i", x64, x64)
+            floor = last32 * last32 * (1.0 - 2.0 ** -22) - fp32_euclidean_error(xm.shape[1]) * (sq + sq.max())
+            sure = val[:, k - 1] * val[:, k - 1] < floor
+        unsure = np.nonzero(~sure)[0]
         if unsure.size:
-            found = knn_float64_rows(x64, unsure, k)
-            idx[unsure, :k], sim[unsure, :k] = _by_value(found, rescore(found, unsure))
+            found = knn_float64_rows(x64, unsure, k, metric=metric)
+            idx[unsure, :k], val[unsure, :k] = _by_value(found, rescore(found, unsure), metric)
     seconds = time.perf_counter() - start
-    return np.ascontiguousarray(idx[:, :k]), np.ascontiguousarray(sim[:, :k]), seconds
+    return np.ascontiguousarray(idx[:, :k]), np.ascontiguousarray(val[:, :k]), seconds
 
 
-def _by_value(idx: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row ordered by float64 similarity descending, ties by column ascending."""
-    order = np.lexsort((idx, -sim), axis=1)
-    return np.take_along_axis(idx, order, 1), np.take_along_axis(sim, order, 1)
+def fp32_euclidean_error(d: int) -> float:
+    """e with |fp32 squared distance - exact one| <= e (|x|^2 + |y|^2) for the engine's exact-mode
+    Euclidean values (|x|^2 + |y|^2 - 2 x.y in fp32, or the direct sum for near-duplicates): the
+    rows rounded to float32 (<= 4u (|x|^2 + |y|^2)), the norms' and the product's d-term fp32 sums
+    (gamma_d each, 2 gamma_d over |x|^2 + |y|^2) and the two additions (4u): four times the cosine
+    bound covers it with room."""
+    return 4.0 * fp32_cosine_error(d)
 
 
-def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
-    """The k nearest columns of each of `rows` by float64 cosine against every row (itself
-    excluded; ties by column), (len(rows), k) int64: the search behind rows whose fp32
-    candidates are not certain (exact_knn)."""
-    nrm = np.linalg.norm(x64, axis=1)
-    unit = x64 / nrm[:, None]
+def _by_value(idx: np.ndarray, val: np.ndarray, metric: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+    """Each row ordered by float64 value, cosine descending or distance ascending, ties by column
+    ascending."""
+    order = np.lexsort((idx, -val if metric == "cosine" else val), axis=1)
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)
+
+
+def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256, *,
+                     metric: str = "cosine") -> np.ndarray:
+    """The k nearest columns of each of `rows` by float64 cosine (or Euclidean distance, as
+    scipy's cdist: the differences' squares summed, no cancellation) against every row (itself
+    excluded; ties by column), (len(rows), k) int64: the search behind rows whose fp32 candidates
+    are not certain (exact_knn)."""
+    if metric == "cosine":
+        nrm = np.linalg.norm(x64, axis=1)
+        unit = x64 / nrm[:, None]
+
+        def scores(part):
+            return unit[part] @ unit.T
+    else:
+        from scipy.spatial.distance import cdist
+
+        def scores(part):
+            return -cdist(x64[part], x64, "sqeuclidean")
     out = np.empty((rows.size, k), np.int64)
     for r0 in range(0, rows.size, chunk):
         part = rows[r0:r0 + chunk]
-        vals = unit[part] @ unit.T
+        vals = scores(part)                                  # larger is nearer
         vals[np.arange(part.size), part] = -np.inf
         # torch.topk: np.partition degrades on long ties (100 ns an element on identical rows)
         kth = torch.topk(torch.from_numpy(vals), k, dim=1, sorted=False).values.amin(1).numpy()
@@ -111,14 +149,18 @@ def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256
     return out
 
 
-def rescore_pairs(pair_values, xm: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+def rescore_pairs(pair_values, xm: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None,
+                  metric: str = "cosine") -> np.ndarray:
     """rescore64 for float32 rows xm (N, D): _C.pair_values' float64 sums of the exact products
-    (one fixed order), divided by the float64 norms (the same sums of each row with itself).
-    rescore64 gathers float64 copies of every listed row: 2.3-2.5 s for the vocabulary's
-    30,522 x 90 graph on the AVX2 Zen 3 host, this about 0.3 s."""
+    (one fixed order), divided by the float64 norms (the same sums of each row with itself), or
+    its float64 sums of the squared differences (Euclidean). rescore64 gathers float64 copies of
+    every listed row: 2.3-2.5 s for the vocabulary's 30,522 x 90 graph on the AVX2 Zen 3 host,
+    this about 0.3 s."""
     rows = np.arange(idx.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
     k = idx.shape[1]
     ids = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
+    if metric == "euclidean":
+        return np.sqrt(pair_values(xm, xm, np.repeat(rows, k), ids, True)).reshape(rows.size, k)
     own = np.arange(xm.shape[0], dtype=np.int64)
     norm = np.sqrt(pair_values(xm, xm, own, own, False))
     dots = pair_values(xm, xm, np.repeat(rows, k), ids, False).reshape(rows.size, k)
@@ -126,14 +168,21 @@ def rescore_pairs(pair_values, xm: np.ndarray, idx: np.ndarray, rows: np.ndarray
     return np.clip(out, -1.0, 1.0, out=out)
 
 
-def rescore64(x64: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
-    """Cosine of every row i (or rows[i]) with its listed neighbours idx[i] (R, k), float64: the
-    unit rows' dot products as one matrix-vector product per row (np.matmul over a chunk of rows;
-    np.einsum took 17 s of the 30,522 x 90 graph's rescoring, this about 1.5 s)."""
+def rescore64(x64: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None, chunk: int = 256, *,
+              metric: str = "cosine") -> np.ndarray:
+    """Cosine (or Euclidean distance) of every row i (or rows[i]) with its listed neighbours
+    idx[i] (R, k), float64: for cosine the unit rows' dot products as one matrix-vector product
+    per row (np.matmul over a chunk of rows; np.einsum took 17 s of the 30,522 x 90 graph's
+    rescoring, this about 1.5 s); distances from the differences themselves."""
     rows = np.arange(idx.shape[0]) if rows is None else np.asarray(rows)
+    out = np.empty(idx.shape, np.float64)
+    if metric == "euclidean":
+        for r0 in range(0, idx.shape[0], chunk):
+            part = slice(r0, r0 + chunk)
+            out[part] = np.linalg.norm(x64[idx[part]] - x64[rows[part], None, :], axis=-1)
+        return out
     nrm = np.linalg.norm(x64, axis=1)
     unit = x64 / np.where(nrm > 0, nrm, 1.0)[:, None]
-    out = np.empty(idx.shape, np.float64)
     for r0 in range(0, idx.shape[0], chunk):
         part = slice(r0, r0 + chunk)
         out[part] = np.matmul(unit[idx[part]], unit[rows[part], :, None])[..., 0]
@@ -194,13 +243,17 @@ def pca_curves(x, labels: list[str] | None = None) -> dict:
 # ----------------------------------------------------------------------------- projection
 @dataclass
 class Projection:
-    """embedding: (N, 2) float32. indices/similarities: (N, k) exact graph (graph methods),
-    explained_variance: PCA ratios (pca), silhouette: {original, projection} (with labels)."""
+    """embedding: (N, 2) float32. indices (N, k) of the exact graph (graph methods) with
+    similarities (N, k) under metric "cosine" or distances (N, k) under "euclidean",
+    explained_variance: PCA ratios (pca), silhouette: {original, projection} (with labels; the
+    original space's under the graph's metric). Arrays are numpy arrays (the layouts are numpy's
+    libraries'), whatever the input."""
 
     method: str
     embedding: np.ndarray
     n: int
     d: int
+    metric: str = "cosine"
     k: int = 0
     seconds: float = 0.0
     knn_seconds: float = 0.0
@@ -208,6 +261,7 @@ class Projection:
     perplexity: float | None = None
     indices: np.ndarray | None = None
     similarities: np.ndarray | None = None
+    distances: np.ndarray | None = None
     explained_variance: np.ndarray | None = None
     pca_curves: dict | None = None
     silhouette: dict | None = None
@@ -215,8 +269,8 @@ class Projection:
     labels: list[str] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        out = {"method": self.method, "n": self.n, "d": self.d, "k": self.k, "seed": self.seed,
-               "seconds": self.seconds, "knn_seconds": self.knn_seconds}
+        out = {"method": self.method, "metric": self.metric, "n": self.n, "d": self.d, "k": self.k,
+               "seed": self.seed, "seconds": self.seconds, "knn_seconds": self.knn_seconds}
         if self.perplexity is not None:
             out["perplexity"] = self.perplexity
         if self.explained_variance is not None:
@@ -229,14 +283,47 @@ class Projection:
             out["notes"] = list(self.notes)
         return out
 
+    @property
+    def graph_values(self) -> np.ndarray | None:
+        """The graph's values: similarities (cosine) or distances (euclidean); None for PCA."""
+        return self.similarities if self.metric == "cosine" else self.distances
+
+    def to_pandas(self):
+        """One row per point: x, y (the layout), label (with labels), and the graph's nearest
+        neighbour and its value (graph methods)."""
+        from ...results import _pandas
+
+        data = {"x": self.embedding[:, 0], "y": self.embedding[:, 1]}
+        if self.labels is not None:
+            data["label"] = self.labels
+        if self.indices is not None and self.k:
+            data["nearest"] = self.indices[:, 0]
+            data["nearest_" + ("cosine" if self.metric == "cosine" else "distance")] = self.graph_values[:, 0]
+        return _pandas().DataFrame(data)
+
+    def _repr_html_(self) -> str:
+        from ...tables import table_html
+
+        rows = [("method", self.method), ("points", self.n), ("dimensions", self.d), ("metric", self.metric)]
+        if self.k:
+            rows.append(("neighbours", self.k))
+        if self.perplexity is not None:
+            rows.append(("perplexity", self.perplexity))
+        if self.silhouette is not None:
+            rows += [("silhouette, original", self.silhouette["original"]),
+                     ("silhouette, projection", self.silhouette["projection"])]
+        rows += [("seconds", self.seconds)] + [("note", note) for note in self.notes]
+        return "<b>Projection</b>" + table_html(None, rows)
+
 
 SPECTRAL_MIN_ROWS = 8  # up to this many rows UMAP starts from random positions (umap_layout)
 
 
-def umap_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, seed: int = 0, progress=None,
-                **kwargs) -> np.ndarray:
-    """UMAP of x (N, D) on a precomputed cosine graph (idx, sim: (N, k), self excluded).
-    progress: a progress.Progress: umap-learn's own bar over its epochs, drawn like ours."""
+def umap_layout(x: np.ndarray, idx: np.ndarray, values: np.ndarray, *, metric: str = "cosine", seed: int = 0,
+                progress=None, **kwargs) -> np.ndarray:
+    """UMAP of x (N, D) on a precomputed graph (idx, values: (N, k), self excluded; values the
+    cosine similarities, or the Euclidean distances with metric="euclidean"). progress: a
+    progress.Progress: umap-learn's own bar over its epochs, drawn like ours."""
     umap = _require("umap", "umap-learn")
     options = progress.tqdm_options("UMAP epochs", "epoch") if progress is not None else None
     if options is not None:
@@ -244,8 +331,8 @@ def umap_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, seed: int = 
     n, k = idx.shape
     self_col = np.arange(n, dtype=np.int64)[:, None]
     knn_i = np.ascontiguousarray(np.concatenate([self_col, idx], 1), dtype=np.int64)
-    knn_d = np.ascontiguousarray(np.concatenate([np.zeros((n, 1), np.float32),
-                                                 np.clip(1.0 - sim, 0.0, 2.0)], 1), dtype=np.float32)
+    dist = np.clip(1.0 - values, 0.0, 2.0) if metric == "cosine" else values   # (umap's cosine distance)
+    knn_d = np.ascontiguousarray(np.concatenate([np.zeros((n, 1), np.float32), dist], 1), dtype=np.float32)
     import warnings
 
     with warnings.catch_warnings():
@@ -258,15 +345,17 @@ def umap_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, seed: int = 
         # which needs more rows than that; a handful of rows start from random positions
         if n <= SPECTRAL_MIN_ROWS:
             kwargs.setdefault("init", "random")
-        reducer = umap.UMAP(n_neighbors=k + 1, metric="cosine", random_state=seed,
+        reducer = umap.UMAP(n_neighbors=k + 1, metric=metric, random_state=seed,
                             precomputed_knn=(knn_i, knn_d), **kwargs)
         return reducer.fit_transform(x).astype(np.float32)
 
 
-def tsne_affinities(idx: np.ndarray, sim: np.ndarray, *, perplexity: float = 30.0, seed: int = 0,
-                    n_jobs: int = 1, **kwargs):
-    """openTSNE's perplexity-calibrated affinities on a precomputed cosine graph (idx, sim:
-    (N, k), self excluded). The distances given are sqrt(2 - 2 s), the Euclidean distance of the
+def tsne_affinities(idx: np.ndarray, values: np.ndarray, *, metric: str = "cosine", perplexity: float = 30.0,
+                    seed: int = 0, n_jobs: int = 1, **kwargs):
+    """openTSNE's perplexity-calibrated affinities on a precomputed graph (idx, values: (N, k),
+    self excluded; values the cosine similarities, or with metric="euclidean" the Euclidean
+    distances, given as they are: p_j|i proportional to exp(-beta_i d_ij^2), openTSNE's and
+    scikit-learn's default). For cosine the distances given are sqrt(2 - 2 s), the Euclidean distance of the
     unit rows: openTSNE squares distances, so p_j|i is proportional to exp(-beta_i (1 - s_ij)),
     the kernel of openTSNE's own cosine search from 1,000 rows on (Annoy's angular distance) and
     of scikit-learn's TSNE(metric="cosine"). 1 - s (openTSNE's exact search below 1,000 rows)
@@ -275,7 +364,8 @@ def tsne_affinities(idx: np.ndarray, sim: np.ndarray, *, perplexity: float = 30.
     from openTSNE.affinity import PerplexityBasedNN
     from openTSNE.nearest_neighbors import PrecomputedNeighbors
 
-    dist = np.sqrt(np.clip(2.0 - 2.0 * np.asarray(sim, dtype=np.float64), 0.0, 4.0))
+    values = np.asarray(values, dtype=np.float64)
+    dist = np.sqrt(np.clip(2.0 - 2.0 * values, 0.0, 4.0)) if metric == "cosine" else values
     index = PrecomputedNeighbors(np.ascontiguousarray(idx, dtype=np.int64), np.ascontiguousarray(dist))
     return PerplexityBasedNN(knn_index=index, perplexity=perplexity, n_jobs=n_jobs, random_state=seed, **kwargs)
 
@@ -352,9 +442,10 @@ def threaded_tsne_fft(workers: int):
 TSNE_PROGRESS_EVERY = 25  # iterations between progress updates (openTSNE's callbacks)
 
 
-def tsne_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, perplexity: float = 30.0,
-                seed: int = 0, n_jobs: int = 1, progress=None, **kwargs) -> np.ndarray:
-    """openTSNE of x (N, D) on a precomputed cosine graph (idx, sim: (N, k), self excluded), with
+def tsne_layout(x: np.ndarray, idx: np.ndarray, values: np.ndarray, *, metric: str = "cosine",
+                perplexity: float = 30.0, seed: int = 0, n_jobs: int = 1, progress=None, **kwargs) -> np.ndarray:
+    """openTSNE of x (N, D) on a precomputed graph (idx, values: (N, k), self excluded; cosine
+    similarities, or Euclidean distances with metric="euclidean"), with
     tsne_affinities; PCA initialisation as openTSNE's default; its FFT gradient's transforms on
     n_jobs threads (threaded_tsne_fft: the same layout). progress: a progress.Progress: the
     affinities as a phase, then a bar over the gradient-descent iterations (a callback every
@@ -369,8 +460,8 @@ def tsne_layout(x: np.ndarray, idx: np.ndarray, sim: np.ndarray, *, perplexity: 
 
     progress = progress if progress is not None else Progress()
     with progress.phase("t-SNE affinities (perplexity calibration)"):
-        aff = tsne_affinities(idx, sim, perplexity=perplexity, seed=seed, n_jobs=n_jobs)
-    tsne = TSNE(perplexity=perplexity, metric="cosine", random_state=seed, n_jobs=n_jobs, **kwargs)
+        aff = tsne_affinities(idx, values, metric=metric, perplexity=perplexity, seed=seed, n_jobs=n_jobs)
+    tsne = TSNE(perplexity=perplexity, metric=metric, random_state=seed, n_jobs=n_jobs, **kwargs)
     bar_context = (progress.bar(tsne.early_exaggeration_iter + tsne.n_iter, "t-SNE iterations", unit="iteration")
                    if progress.enabled else contextlib.nullcontext())
     with bar_context as bar, threaded_tsne_fft(n_jobs):
@@ -389,12 +480,15 @@ DEFAULT_PERPLEXITY = 30.0  # t-SNE's perplexity (k = 3 x perplexity)
 
 
 def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
-            perplexity: float = DEFAULT_PERPLEXITY, seed: int = 0, *, backend: str | None = None,
-            n_jobs: int | None = None, progress=False) -> Projection:
-    """2-D projection of the rows of x on the exact cosine neighbour graph.
+            perplexity: float = DEFAULT_PERPLEXITY, seed: int = 0, *, metric: str = "cosine",
+            backend: str | None = None, n_jobs: int | None = None, progress=False) -> Projection:
+    """2-D projection of the rows of x on the exact neighbour graph.
 
     x: (N, D) tensor or array; method: "umap" (k neighbours besides the point itself), "tsne"
-    (k = min(N - 1, 3 * perplexity), `k` ignored) or "pca"; labels: N strings or None. The same
+    (k = min(N - 1, 3 * perplexity), `k` ignored) or "pca"; metric: the graph's and the original
+    silhouette's geometry, "cosine" (directions: embeddings) or "euclidean" (positions: point
+    clouds such as a Hopf link, where cosine would join points on one ray); PCA is Euclidean
+    either way. labels: N strings or None. The same
     seed gives the same embedding. Returns a Projection (embedding (N, 2) float32, the graph
     for umap/tsne, the explained variance for pca, silhouettes with labels). n_jobs: openTSNE
     threads (default: every core; the tests check a small input gives the same embedding with
@@ -404,6 +498,8 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
     prog = as_progress(progress, "embgeom project")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if metric not in GRAPH_METRICS:
+        raise ValueError(f"metric: expected one of {GRAPH_METRICS}, got {metric!r}")
     xm = as_matrix(x)
     n, d = xm.shape
     if labels is not None:
@@ -420,8 +516,8 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
     elif method == "umap" and (isinstance(k, bool) or not isinstance(k, (int, np.integer))):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     start = time.perf_counter()
-    out = Projection(method=method, embedding=np.zeros((n, 2), np.float32), n=n, d=d, seed=seed,
-                     labels=labels)
+    out = Projection(method=method, embedding=np.zeros((n, 2), np.float32), n=n, d=d, metric=metric,
+                     seed=seed, labels=labels)
     if method == "pca":
         with prog.phase("PCA"):
             x64 = as_matrix64(x)
@@ -445,21 +541,26 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
             if k > n - 1:
                 out.notes.append(f"k {k} lowered to N - 1 = {n - 1} for {n} rows")
             k = min(int(k), n - 1)
-        with prog.phase(f"exact {k}-neighbour graph of {n} rows"):
-            idx, sim, out.knn_seconds = exact_knn(x, k, backend=backend)
-        out.k, out.indices, out.similarities = k, idx, sim
-        if method == "tsne" and bool((np.asarray(sim) >= 1.0 - 1e-6).all()):
+        with prog.phase(f"exact {k}-neighbour {metric} graph of {n} rows"):
+            idx, val, out.knn_seconds = exact_knn(x, k, metric=metric, backend=backend)
+        out.k, out.indices = k, idx
+        if metric == "cosine":
+            out.similarities = val
+        else:
+            out.distances = val
+        if method == "tsne" and bool((np.asarray(val) >= 1.0 - 1e-6).all() if metric == "cosine" else (val == 0).all()):
             # every neighbour distance 0: no perplexity can be calibrated (openTSNE gives NaN)
-            raise ValueError(f"x: t-SNE is undefined for these rows: all {n} point in one direction "
+            where = "point in one direction" if metric == "cosine" else "are one point"
+            raise ValueError(f"x: t-SNE is undefined for these rows: all {n} {where} "
                              "(every neighbour distance is 0)")
         if method == "umap":
             # the clock covers UMAP's graph and spectral start, its own bar the epochs
             with prog.phase("UMAP layout"):
-                out.embedding = umap_layout(xm, idx, sim, seed=seed, progress=prog)
+                out.embedding = umap_layout(xm, idx, val, metric=metric, seed=seed, progress=prog)
         else:
             import os
 
-            out.embedding = tsne_layout(xm, idx, sim, perplexity=out.perplexity, seed=seed,
+            out.embedding = tsne_layout(xm, idx, val, metric=metric, perplexity=out.perplexity, seed=seed,
                                         n_jobs=n_jobs or os.cpu_count() or 1, progress=prog)
     if not np.isfinite(out.embedding).all():
         raise ValueError(f"x: the {method} layout of these rows is undefined: it came out NaN")
@@ -468,6 +569,6 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
         # float64 distances: the original space's cosine distances of a near-collinear cloud, and
         # the projection's coordinates widened from float32
         with prog.phase("silhouettes"):
-            out.silhouette = {"original": silhouette(x, labels, "cosine"),
+            out.silhouette = {"original": silhouette(x, labels, metric),
                               "projection": silhouette(out.embedding.astype(np.float64), labels, "euclidean")}
     return out
