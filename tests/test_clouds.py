@@ -81,16 +81,18 @@ def _hopf_link(n=200):
                            np.stack([1 + np.cos(t), z, np.sin(t)], 1)]).astype(np.float32)
 
 
-@pytest.mark.parametrize("case", ["clusters", "far", "duplicates", "integers", "float64", "hopf"])
+@pytest.mark.parametrize("case", ["clusters", "far", "duplicates", "identical", "integers", "float64", "hopf"])
 def test_exact_knn_euclidean_is_float64_brute_force(case, monkeypatch):
     """metric="euclidean": the k nearest by float64 distance, ties by column, on odd shapes: a
-    cloud far from the origin (its fp32 distances cancel: every row goes to the float64 search),
-    duplicates (zero distances, long ties), small integers (exact ties), float64 input, a Hopf
-    link (a ray through both circles: cosine would call (1, 0, 0) and (2, 0, 0) identical)."""
+    cloud far from the origin (its fp32 distances would cancel but for the centring: certified
+    from fp32), duplicates (zero distances, long ties: the float64 search), small integers (exact
+    ties), float64 input, a Hopf link (a ray through both circles: cosine would call (1, 0, 0) and
+    (2, 0, 0) identical), identical rows (one long tie: the float64 search)."""
     rng = np.random.default_rng(4)
     x = {"clusters": _clusters()[0],
          "far": (1e4 + rng.standard_normal((130, 5)) * 1e-2).astype(np.float32),
          "duplicates": np.repeat(rng.standard_normal((23, 3)), 4, 0).astype(np.float32),
+         "identical": np.repeat(rng.standard_normal((1, 6)) * 1e3, 40, 0).astype(np.float32),
          "integers": rng.integers(-2, 3, (97, 4)).astype(np.float32),
          "float64": rng.standard_normal((70, 9)),
          "hopf": _hopf_link(100)}[case]
@@ -110,10 +112,15 @@ def test_exact_knn_euclidean_is_float64_brute_force(case, monkeypatch):
         rows, ranks = np.nonzero(idx != want_i)
         assert rows.size <= 0.01 * idx.size
         np.testing.assert_allclose(full[rows, idx[rows, ranks]], want_d[rows, ranks], rtol=1e-14, atol=1e-14)
-    if case == "far":
-        assert searched and searched[0] == len(x)      # no fp32 certificate holds there
-    if case == "clusters":
+        # the float64 search alone (every row), on the same terms
+        got = real(x.astype(np.float64), np.arange(len(x)), k, chunk=17, metric="euclidean")
+        rows, ranks = np.nonzero(got != want_i)
+        assert rows.size <= 0.01 * got.size
+        np.testing.assert_allclose(full[rows, got[rows, ranks]], want_d[rows, ranks], rtol=1e-14, atol=1e-14)
+    if case in ("clusters", "far"):
         assert not searched                             # every row certified from fp32
+    if case == "identical":
+        assert searched and searched[0] == len(x)       # zero distances certify nothing
     if case == "hopf":
         a, b = (_hopf_link(100)[i] for i in (0, 100))
         assert np.allclose(a, [1, 0, 0]) and np.allclose(b, [2, 0, 0])

@@ -30,6 +30,9 @@ def _require(module: str, package: str):
 
 
 # ---------------------------------------------------------------------------------- graph
+EPS64 = float(np.finfo(np.float64).eps)
+
+
 def fp32_cosine_error(d: int) -> float:
     """A bound on |fp32 cosine - exact cosine| for the engine's exact-mode values, u = 2^-24:
     float64 rows rounded to float32 and their norm (2u a component), the unit rows rounded to
@@ -68,12 +71,19 @@ def exact_knn(x, k: int, *, metric: str = "cosine", backend: str | None = None) 
         raise ValueError(f"x: zero rows have no cosine neighbours: rows {zero[:10].tolist()}")
     start = time.perf_counter()
     wide = min(n - 1, k + max(8, k // 8))  # the candidates beyond k make the certificate
-    res = pairwise_stats(torch.from_numpy(xm), metric=metric, bins=0, topk=0, bottomk=0,
+    x64 = as_matrix64(x)
+    rows = xm
+    if not cosine:
+        # distances do not move with a translation: the engine gets the rows less their float64
+        # mean, so a cloud far from the origin keeps its digits in fp32 (embeddings share a large
+        # common component); the certificate's norms are the centred ones
+        centred = x64 - x64.mean(0)
+        rows = centred.astype(np.float32)
+    res = pairwise_stats(torch.from_numpy(rows), metric=metric, bins=0, topk=0, bottomk=0,
                          row_topk=wide if cosine else 0, row_bottomk=0 if cosine else wide, backend=backend)
     rows32 = res.row_topk if cosine else res.row_bottomk
     idx = rows32.indices.cpu().numpy().astype(np.int64)
     last32 = rows32.values.cpu().numpy().astype(np.float64)[:, -1]
-    x64 = as_matrix64(x)
     pair_values = registry.cpp_kernel("pair_values")
     if pair_values is not None and np.array_equal(xm, x64):  # float32 rows: the C++ pair sums
         def rescore(i, rows=None):
@@ -86,9 +96,10 @@ def exact_knn(x, k: int, *, metric: str = "cosine", backend: str | None = None) 
         if cosine:
             sure = val[:, k - 1] > last32 + fp32_cosine_error(xm.shape[1])
         else:
-            # |fp32 d^2 - d^2| <= e (|x_i|^2 + |x_j|^2) (fp32_euclidean_error), |x_j| at most the
-            # largest norm; a column outside the list has fp32 distance >= last32
-            sq = np.einsum("ij,ij->i", x64, x64)
+            # |fp32 d^2 - d^2| <= e (|c_i|^2 + |c_j|^2) (fp32_euclidean_error; c the centred
+            # rows, whose own float64 rounding e covers), |c_j| at most the largest norm; a column
+            # outside the list has fp32 distance >= last32
+            sq = np.einsum("ij,ij->i", centred, centred)
             floor = last32 * last32 * (1.0 - 2.0 ** -22) - fp32_euclidean_error(xm.shape[1]) * (sq + sq.max())
             sure = val[:, k - 1] * val[:, k - 1] < floor
         unsure = np.nonzero(~sure)[0]
@@ -117,25 +128,17 @@ def _by_value(idx: np.ndarray, val: np.ndarray, metric: str = "cosine") -> tuple
 
 def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256, *,
                      metric: str = "cosine") -> np.ndarray:
-    """The k nearest columns of each of `rows` by float64 cosine (or Euclidean distance, as
-    scipy's cdist: the differences' squares summed, no cancellation) against every row (itself
-    excluded; ties by column), (len(rows), k) int64: the search behind rows whose fp32 candidates
-    are not certain (exact_knn)."""
-    if metric == "cosine":
-        nrm = np.linalg.norm(x64, axis=1)
-        unit = x64 / nrm[:, None]
-
-        def scores(part):
-            return unit[part] @ unit.T
-    else:
-        from scipy.spatial.distance import cdist
-
-        def scores(part):
-            return -cdist(x64[part], x64, "sqeuclidean")
+    """The k nearest columns of each of `rows` by float64 cosine (or Euclidean distance) against
+    every row (itself excluded; ties by column), (len(rows), k) int64: the search behind rows whose
+    fp32 candidates are not certain (exact_knn)."""
+    if metric == "euclidean":
+        return _knn_float64_rows_euclidean(x64, rows, k, chunk)
+    nrm = np.linalg.norm(x64, axis=1)
+    unit = x64 / nrm[:, None]
     out = np.empty((rows.size, k), np.int64)
     for r0 in range(0, rows.size, chunk):
         part = rows[r0:r0 + chunk]
-        vals = scores(part)                                  # larger is nearer
+        vals = unit[part] @ unit.T
         vals[np.arange(part.size), part] = -np.inf
         # torch.topk: np.partition degrades on long ties (100 ns an element on identical rows)
         kth = torch.topk(torch.from_numpy(vals), k, dim=1, sorted=False).values.amin(1).numpy()
@@ -146,6 +149,38 @@ def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256
             above = above[np.lexsort((above, -vals[q, above]))]
             tied = np.flatnonzero(vals[q] == kth[q])[:k - above.size]
             out[r0 + q] = np.concatenate((above, tied))
+    return out
+
+
+def _knn_float64_rows_euclidean(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int) -> np.ndarray:
+    """knn_float64_rows under Euclidean distance. The squared distances of the centred rows c by
+    float64 matrix products, s = |c_i|^2 + |c_j|^2 - 2 c_i.c_j, are within E = 4 (D + 6) eps64
+    (|c_i|^2 + |c_j|^2) of the exact ones (the products' and norms' D-term sums, the centring's
+    rounding); every column whose s - E exceeds the row's k-th smallest s + E is out, and the
+    rest get their exact distances from the differences of the input rows (no cancellation), or
+    keep s where E is 0 (c_i = c_j = 0: the rows equal the mean, s = 0 exactly). Cost: a float64
+    product per chunk of rows plus the differences of the few columns near each row's boundary
+    (scipy's cdist of a whole row took 20 ms against the vocabulary)."""
+    centred = x64 - x64.mean(0)
+    sq = np.einsum("ij,ij->i", centred, centred)
+    slack = 4.0 * (x64.shape[1] + 6) * EPS64
+    out = np.empty((rows.size, k), np.int64)
+    for r0 in range(0, rows.size, chunk):
+        part = rows[r0:r0 + chunk]
+        s = sq[part, None] + sq[None, :] - 2.0 * (centred[part] @ centred.T)
+        err = slack * (sq[part, None] + sq[None, :])
+        hi = s + err
+        hi[np.arange(part.size), part] = np.inf
+        bound = torch.topk(torch.from_numpy(hi), k, dim=1, largest=False, sorted=False).values.amax(1).numpy()
+        for q in range(part.size):
+            cand = np.flatnonzero(s[q] - err[q] <= bound[q])
+            cand = cand[cand != part[q]]
+            d2 = s[q, cand].copy()
+            loose = err[q, cand] > 0
+            if loose.any():
+                diff = x64[cand[loose]] - x64[part[q]]
+                d2[loose] = np.einsum("ij,ij->i", diff, diff)
+            out[r0 + q] = cand[np.lexsort((cand, d2))[:k]]
     return out
 
 
