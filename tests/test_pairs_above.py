@@ -137,6 +137,45 @@ def test_shards_are_bounded_and_resume_skips_finished_rows(tmp_path, monkeypatch
     assert not [f for f in os.listdir(tmp_path / "p") if f.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("shard_pairs", [1 << 22, 40], ids=["one-shard", "shards-mid-band"])
+def test_an_interrupt_keeps_every_finished_band(tmp_path, monkeypatch, shard_pairs):
+    """Ctrl-C (or SIGTERM, taken as it) in the middle of a band: the manifest counts every band
+    finished before it, whatever the shard size and the save clock (pairs_above had saved only
+    every 4M pairs or 30 s: an interrupt lost every row since, yet the command said they were
+    kept); the band in hand is left out, also where its first pairs already went to a shard
+    (shard_pairs 40: shards written while the band comes in); the rerun gives the pairs of an
+    uninterrupted run."""
+    x = make_rows(700, 6, seed=11)
+    monkeypatch.setattr(pair_shards, "SHARD_PAIRS", shard_pairs)
+    monkeypatch.setattr(pair_shards, "SAVE_SECONDS", 1e9)
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND", 128)
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND_BF16", 128)
+    monkeypatch.setattr(embgeom.index, "PAIR_CHUNK", 64)        # several pieces a band
+    real = Index._pairs_of_rows
+    bands = []
+
+    def stopped_in_band_4(self, st, r0, *args):
+        bands.append(r0)
+        for k, piece in enumerate(real(self, st, r0, *args)):
+            if len(bands) == 4 and k == 1:
+                raise KeyboardInterrupt
+            yield piece
+
+    index = Index(x)
+    monkeypatch.setattr(Index, "_pairs_of_rows", stopped_in_band_4)
+    with pytest.raises(KeyboardInterrupt):
+        index.pairs_above(0.3, tmp_path / "p")
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["rows_done"] == bands[3] and not manifest["complete"]
+    monkeypatch.setattr(Index, "_pairs_of_rows", real)
+    index.pairs_above(0.3, tmp_path / "p")
+    i, j, s = read_pairs(tmp_path / "p")
+    wi, wj, _ = brute_pairs(x, 0.3)
+    assert np.array_equal(i, wi) and np.array_equal(j, wj)
+    assert sorted(os.listdir(tmp_path / "p")) == sorted(
+        ["manifest.json", ".lock"] + [s["file"] for s in json.loads((tmp_path / "p" / "manifest.json").read_text())["shards"]])
+
+
 def test_an_index_grown_by_add_resumes_the_same_run(tmp_path):
     """The fingerprint names the stored rows only: add()'s spare room past them (unwritten
     memory) made an index grown by add() refuse its own folder on the next run."""
@@ -226,6 +265,52 @@ def test_damaged_folders_are_refused_not_read(tmp_path):
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match=r"outside 0 <= i < j < n = 300"):
         read_pairs(folder)
+
+
+def test_repeated_pairs_and_rewound_manifests_are_refused(tmp_path, monkeypatch):
+    """A shard listed twice under a second name (sha256 and counts recomputed): read_pairs names
+    the repeated pair instead of returning it twice; a manifest rewound to fewer rows than its
+    shards hold is refused by the writer (it would write those rows' pairs again); deeply nested
+    JSON in place of the manifest is a one-line ValueError; a rerun removes only its own stale
+    shards (pairs-NNNNNN.npy), never another file named pairs-*.npy."""
+    import hashlib
+    import shutil
+
+    x = make_rows(300, 8)
+    folder = tmp_path / "p"
+    monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 300)
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND", 64)
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND_BF16", 64)
+    pairs_above(x, 0.3, folder)
+    good = json.loads((folder / "manifest.json").read_text())
+    assert len(good["shards"]) >= 3
+    m = json.loads(json.dumps(good))
+    last = folder / m["shards"][-1]["file"]
+    extra = f"pairs-{len(m['shards']):06d}.npy"
+    shutil.copy(folder / m["shards"][0]["file"], folder / extra)
+    m["shards"].append(dict(m["shards"][0], file=extra))
+    m["count"] += m["shards"][0]["count"]
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"damaged: the pair \(\d+, \d+\) is in it more than once"):
+        read_pairs(folder)
+    # rewound: rows_done below the rows the listed shards hold
+    rewound = dict(json.loads(json.dumps(good)), rows_done=10, complete=False)
+    (folder / "manifest.json").write_text(json.dumps(rewound))
+    with pytest.raises(ValueError, match="holds pairs of rows the manifest counts as not done"):
+        pairs_above(x, 0.3, folder)
+    (folder / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    for call in (lambda: read_pairs(folder), lambda: pairs_above(x, 0.3, folder)):
+        with pytest.raises(ValueError, match="is damaged"):
+            call()
+    # a finished rerun cleans its own leftovers only
+    (folder / "manifest.json").write_text(json.dumps(dict(good, rows_done=good["rows_done"])))
+    os.unlink(folder / extra)
+    (folder / "pairs-mine.npy").write_bytes(b"mine")
+    (folder / f"pairs-{len(good['shards']) + 3:06d}.npy").write_bytes(b"stale")
+    pairs_above(x, 0.3, folder)
+    assert (folder / "pairs-mine.npy").read_bytes() == b"mine"
+    assert not (folder / f"pairs-{len(good['shards']) + 3:06d}.npy").exists()
+    assert last.exists() and hashlib.sha256(last.read_bytes()).hexdigest() == good["shards"][-1]["sha256"]
 
 
 def test_no_pairs_and_single_row(tmp_path):

@@ -29,6 +29,7 @@ import torch
 from . import validation
 from .engine.lists import sort_rows
 from .io import atomic_write
+from .interrupts import interrupt_after, terminate_as_interrupt
 from .pair_shards import PAIR_METRICS as METRICS
 from .pair_shards import ShardWriter
 from .progress import Progress, as_progress
@@ -1028,11 +1029,18 @@ class Index:
                 engine = self._pairs_engine_applies()
                 rb, nc = self._blocks(256, st.n)
                 rb = pair_band() if engine else min(256, rb)
-                with as_progress(progress, "pairs_above").bar(st.n, "rows", unit="row", initial=start) as bar:
-                    for r0 in range(start, st.n, rb):
-                        r1 = min(st.n, r0 + rb)
-                        writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc, engine))
-                        bar.update(r1 - r0)
+                # Ctrl-C or SIGTERM: the pairs of the finished bands are saved before the run ends
+                with terminate_as_interrupt(), \
+                        as_progress(progress, "pairs_above").bar(st.n, "rows", unit="row", initial=start) as bar:
+                    try:
+                        for r0 in range(start, st.n, rb):
+                            r1 = min(st.n, r0 + rb)
+                            writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc, engine))
+                            bar.update(r1 - r0)
+                    except KeyboardInterrupt:
+                        with interrupt_after():
+                            writer.save_progress()
+                        raise
             writer.finish()
         finally:
             writer.close()

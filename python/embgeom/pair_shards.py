@@ -37,6 +37,9 @@ SHARD_PAIRS = 1 << 22   # pairs held in memory before a shard is written (80 MB)
 SAVE_SECONDS = 30.0     # the manifest is brought up to date at least this often
 
 
+SHARD_FILE = re.compile(r"pairs-[0-9]{6,}\.npy")
+
+
 def _shard_name(k: int) -> str:
     return f"pairs-{k:06d}.npy"
 
@@ -50,7 +53,7 @@ def _read_manifest(folder: str, arg: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             m = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError(f"{arg}: {path} is damaged (not the JSON manifest of an embgeom pairs folder)") from None
     want = {"kind", "version", "fingerprint", "n", "d", "metric", "threshold", "rows_done",
             "complete", "count", "shards"}
@@ -130,6 +133,10 @@ class ShardWriter:
         self._held = 0
         self._pending: list[dict] = []  # shards written since the manifest was last saved
         self._saved = time.monotonic()
+        # what holds only whole rows (below self._taken): the first _whole_buf pieces of the
+        # buffer and the first _whole_pending shards (save_progress keeps just those)
+        self._taken = self.rows_done
+        self._whole_buf = self._whole_pending = 0
 
     def _refuse_foreign(self, manifest: dict | None) -> None:
         """ValueError for a folder with files but no pairs manifest (`manifest`, as read; checked
@@ -159,6 +166,12 @@ class ShardWriter:
                     raise ValueError(f"out: {folder}: shard {shard['file']} is missing or changed since the "
                                      "manifest was written, so the pairs there cannot be built on; delete the "
                                      "folder and run again")
+                # the run continues at rows_done: a listed pair of a later row would be written twice
+                rows = np.load(os.path.join(folder, shard["file"]), mmap_mode="r", allow_pickle=False)
+                if rows.dtype != PAIR_DTYPE or (rows.shape[0] and int(rows["i"].max()) >= old["rows_done"]):
+                    raise ValueError(f"out: {folder}: shard {shard['file']} holds pairs of rows the manifest "
+                                     f"counts as not done (rows_done {old['rows_done']:,}): the manifest is not "
+                                     "the one written with it; delete the folder and run again")
             self.manifest = old
 
     @property
@@ -173,10 +186,13 @@ class ShardWriter:
         with atomic_write(os.path.join(self.folder, MANIFEST), name="out") as f:
             json.dump(self.manifest, f, indent=1)
 
-    def _flush(self) -> None:
-        if not self._held:
+    def _flush(self, parts: list | None = None) -> None:
+        """Write the buffer (or its first pieces `parts`) as the next shard."""
+        if parts is None:
+            parts, self._buf, self._held = self._buf, [], 0
+        if not parts or not sum(len(p) for p in parts):
             return
-        arr = np.concatenate(self._buf)
+        arr = np.concatenate(parts)
         arr = arr[np.lexsort((arr["j"], arr["i"]))]
         name = _shard_name(len(self.manifest["shards"]) + len(self._pending))
         with atomic_write(os.path.join(self.folder, name), binary=True, name="out") as f:
@@ -184,22 +200,41 @@ class ShardWriter:
         path = os.path.join(self.folder, name)
         self._pending.append({"file": name, "count": int(arr.shape[0]), "bytes": os.path.getsize(path),
                               "sha256": _sha256(path)})
-        self._buf, self._held = [], 0
 
     def add_rows(self, rows_done: int, pieces) -> None:
         """Take the pairs (i, j, similarity arrays) of every row below `rows_done` not yet
-        taken; the manifest is brought up to date when shards were written or SAVE_SECONDS
-        passed."""
+        taken (`pieces` may be a generator doing the work); the manifest is brought up to date
+        when shards were written or SAVE_SECONDS passed. A shard written while these rows are
+        still coming in (the memory bound) first gets the whole rows' pairs of before, alone, so
+        that save_progress can keep them."""
+        self._whole_buf, self._whole_pending = len(self._buf), len(self._pending)
         for i, j, v in pieces:
             part = np.empty(len(i), PAIR_DTYPE)
             part["i"], part["j"], part["similarity"] = i, j, v
             self._buf.append(part)
             self._held += len(part)
             if self._held >= self.shard_pairs:
+                if self._whole_buf:
+                    self._flush(self._buf[:self._whole_buf])
+                    self._buf = self._buf[self._whole_buf:]
+                    self._whole_buf, self._whole_pending = 0, len(self._pending)
                 self._flush()
+        self._taken = rows_done
+        self._whole_buf, self._whole_pending = len(self._buf), len(self._pending)
         if self._pending or time.monotonic() - self._saved >= SAVE_SECONDS:
             self._flush()
             self._commit(rows_done)
+
+    def save_progress(self) -> None:
+        """On an interrupt: the pairs of every whole row taken so far to shards and the manifest
+        (rows_done = the last add_rows' that returned); those of rows still coming in are
+        dropped (their shard files, if any, are overwritten or removed by the next run)."""
+        if self.complete:
+            return
+        self._buf = self._buf[:self._whole_buf]
+        self._pending = self._pending[:self._whole_pending]
+        self._flush()
+        self._commit(self._taken)
 
     def _commit(self, rows_done: int) -> None:
         m = self.manifest
@@ -217,7 +252,7 @@ class ShardWriter:
             self._commit(self.manifest["n"])
         listed = {s["file"] for s in self.manifest["shards"]}
         for name in os.listdir(self.folder):  # shards of a killed run past its last manifest
-            if name.startswith("pairs-") and name.endswith(".npy") and name not in listed:
+            if SHARD_FILE.fullmatch(name) and name not in listed:
                 os.unlink(os.path.join(self.folder, name))
         self.close()
 
@@ -280,5 +315,11 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ordered = np.all((key_i[1:] > key_i[:-1]) | ((key_i[1:] == key_i[:-1]) & (key_j[1:] > key_j[:-1])))
         if not ordered:
             arr = arr[np.lexsort((key_j, key_i))]
+            key_i, key_j = arr["i"], arr["j"]
+            twice = np.flatnonzero((key_i[1:] == key_i[:-1]) & (key_j[1:] == key_j[:-1]))
+            if twice.size:
+                raise ValueError(f"folder: {folder} is damaged: the pair ({int(key_i[twice[0]])}, "
+                                 f"{int(key_j[twice[0]])}) is in it {'twice' if twice.size == 1 else 'more than once'} "
+                                 f"({twice.size:,} repeated pairs); write the pairs again")
     return (np.ascontiguousarray(arr["i"]), np.ascontiguousarray(arr["j"]),
             np.ascontiguousarray(arr["similarity"]))

@@ -872,7 +872,7 @@ def _run_batches(model, tokenizer, texts, batch_size, max_len, done, accumulator
     checkpoint when due and on Ctrl-C or SIGTERM (which wait for the batch in hand). The texts done."""
     import time
 
-    from .resume import interrupt_after, terminate_as_interrupt
+    from ...interrupts import interrupt_after, terminate_as_interrupt
 
     whole = True   # the sums hold whole batches (False while one is being added)
     try:
@@ -928,7 +928,7 @@ def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32
     difference vector of every pair in input order. checkpoint: a resume.PairsCheckpoint; the
     finished batches of pairs are saved when due and on Ctrl-C or SIGTERM (which wait for the
     batch in hand), and a rerun continues after them with the same batches."""
-    from .resume import interrupt_after, terminate_as_interrupt
+    from ...interrupts import interrupt_after, terminate_as_interrupt
 
     groups = sorted({p["group"] for p in pairs})
     gi = {g: i for i, g in enumerate(groups)}
