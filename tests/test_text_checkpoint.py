@@ -157,6 +157,15 @@ def test_other_settings_texts_or_model_are_refused(tiny_bert_dir, tmp_path, monk
     assert "written for another input or other settings" in err and "batch_size 3 then, 4 now" in err
     assert main([*base, "--batch-size", "3", "--heads"]) == 2
     assert "heads false then, true now" in capsys.readouterr().err
+    # another torch thread count splits the forward's sums otherwise: a resumed report would
+    # match neither run's
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert main([*base, "--batch-size", "3"]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert f"torch_threads {threads} then, {threads + 1} now" in capsys.readouterr().err
     with open(corpus, "a", encoding="utf-8") as f:
         f.write("one more text\n")
     assert main([*base, "--batch-size", "3"]) == 2

@@ -42,13 +42,15 @@ def model_digest(model, tokenizer) -> dict:
 
 
 def numerics(device: torch.device) -> dict:
-    """What decides the floats of a run besides its inputs: torch and its CPU kernels, the C++
-    core's kernels (EMBGEOM_CPU), the GPU."""
+    """What decides the floats of a run besides its inputs: torch and its CPU kernels, with its
+    thread count (a CPU forward pass splits its sums by threads: the same batch on 1 and 2
+    threads differs in the last bits), the C++ core's kernels (EMBGEOM_CPU), the GPU."""
     from ..backends import registry
 
     out: dict = {"torch": torch.__version__, "device": str(device)}
     if device.type == "cpu":
         out["torch_cpu"] = torch.backends.cpu.get_cpu_capability()
+        out["torch_threads"] = torch.get_num_threads()
         core = registry.cpp()
         if core is not None and hasattr(core, "cpu_info"):
             out.update({k: v for k, v in dict(core.cpu_info()).items()
