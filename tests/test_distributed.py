@@ -135,3 +135,27 @@ def test_products_beyond_float32_are_refused_by_the_ranks(tmp_path):
                    "--json", tmp_path / "out.json"], tmp_path)
     assert r.returncode != 0 and "beyond float32" in r.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+def test_a_rank_checkpoint_that_is_not_this_ranks_is_refused():
+    """A rank's saved (state, finished jobs) is taken only when the jobs are its own, each once,
+    and the state is the merge of as many jobs of this run's shape: a crafted file (checksum
+    made anew) had been resumed as it was."""
+    from embgeom.distributed import _checked_rank_state
+    from embgeom.engine.config import make_config
+    from embgeom.engine.state import EngineState
+
+    cfg = make_config(bins=20, topk=3)
+    good = EngineState.empty(cfg, 30, None)
+    good.tiles_done = 2
+    state, done = _checked_rank_state({"state": good, "done": [1, 4]}, "c.rank0", cfg, 30, [1, 4, 6])
+    assert done == [1, 4] and state is good
+    short = EngineState.empty(cfg, 30, None)
+    short.tiles_done, short.hist = 1, np.zeros(3, np.int64)
+    for saved, message in (({"state": good, "done": [1, 9]}, "not this rank's"),
+                           ({"state": good, "done": [1, 1]}, "not this rank's"),
+                           ({"state": short, "done": [6]}, r"hist must be \(22,\)"),
+                           ({"state": "x", "done": []}, "not a rank's state"),
+                           ([1, 2], "not a rank's state")):
+        with pytest.raises(ValueError, match=f"checkpoint: c.rank0: .*{message}"):
+            _checked_rank_state(saved, "c.rank0", cfg, 30, [1, 4, 6])

@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -226,9 +227,37 @@ def test_resume_through_api_equals_uninterrupted_run(tmp_path, monkeypatch, back
     assert got == want
 
 
-def test_crafted_state_with_a_diagonal_or_reversed_pair_is_refused(tmp_path, monkeypatch):
-    """A self-mode run lists pairs i < j only: a state (its checksum made anew, as a crafted
-    file's would be) holding (i, i) or (j, i) is refused, not resumed into the lists."""
+def _crafted(name):
+    """A change a crafted checkpoint (its checksum made anew) could make to a saved state."""
+    def top(i, j):
+        return lambda st: setattr(st, "top", (np.array([0.99]), np.array([i]), np.array([j])))
+
+    def row_top_column(st):
+        vals, cols = (a.copy() for a in st.row_top)
+        cols[0, 0] = 10 ** 9
+        st.row_top = (vals, cols)
+
+    return {
+        "diagonal pair": (top(0, 0), "top: a pair outside"),
+        "reversed pair": (top(3, 1), "top: a pair outside"),
+        "far pair": (top(10 ** 9, 5), "top: a pair outside"),
+        "short histogram": (lambda st: setattr(st, "hist", st.hist[:3]), r"hist must be \(2002,\)"),
+        "tiles_done -1": (lambda st: setattr(st, "tiles_done", -1), "tiles_done must be an integer >= 0"),
+        "tiles_done 2^70": (lambda st: setattr(st, "tiles_done", 2 ** 70), "tiles_done 1180591620717411303424 of a run"),
+        "count too large": (lambda st: setattr(st, "count", st.count + 10 ** 6), "more than its"),
+        "row neighbour 10^9": (row_top_column, "row_top: a column outside"),
+        "long list": (lambda st: setattr(st, "top", tuple(np.concatenate([a] * 3) for a in st.top)), "top: 15 pairs, this run lists at most 5"),
+    }[name]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("change", ["diagonal pair", "reversed pair", "far pair", "short histogram", "tiles_done -1",
+                                    "tiles_done 2^70", "count too large", "row neighbour 10^9", "long list"])
+def test_a_crafted_state_that_does_not_fit_is_refused(tmp_path, monkeypatch, backend, change):
+    """A state that no run of these settings writes (its checksum made anew, as a crafted file's
+    would be) is refused with one line on every backend, before any engine takes it: the torch
+    engine had copied it as it was (a 3-bin histogram of a 2,000-bin run, a neighbour 10^9, a pair
+    count above the pairs there are), and the C++ one had answered 2^70 tiles with a RuntimeError."""
     x = make_embeddings(40, 8, seed=6)
     path = str(tmp_path / "run.ckpt")
     monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")
@@ -238,20 +267,25 @@ def test_crafted_state_with_a_diagonal_or_reversed_pair_is_refused(tmp_path, mon
         real_save(*args)
         raise Killed
 
+    opts = dict(checkpoint=path, backend=backend, block=8, topk=5, row_topk=3)
     monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        embgeom.pairwise_stats(x, checkpoint=path, backend="cpp", block=8, topk=5)
+        embgeom.pairwise_stats(x, **opts)
     monkeypatch.setattr(runner, "save_checkpoint", real_save)
     real_load = runner.load_checkpoint
-    for i, j in ((0, 0), (3, 1)):
-        def crafted(*a, i=i, j=j):
-            st = real_load(*a)
-            st.top = (np.array([0.99]), np.array([i]), np.array([j]))
-            return st
+    edit, message = _crafted(change)
 
-        monkeypatch.setattr(runner, "load_checkpoint", crafted)
-        with pytest.raises(ValueError, match=rf"state: pair \({i}, {j}\) in a self-mode state"):
-            embgeom.pairwise_stats(x, checkpoint=path, backend="cpp", block=8, topk=5)
+    def crafted(*a):
+        st = real_load(*a)
+        edit(st)
+        return st
+
+    monkeypatch.setattr(runner, "load_checkpoint", crafted)
+    with pytest.raises(ValueError, match=f"checkpoint: {re.escape(path)}: state does not fit this run: .*{message}") as info:
+        embgeom.pairwise_stats(x, **opts)
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(runner, "load_checkpoint", real_load)
+    assert embgeom.pairwise_stats(x, **opts).count == 40 * 39 // 2    # the file itself resumes
 
 
 def test_torn_checkpoint_is_refused_with_one_line(tmp_path):

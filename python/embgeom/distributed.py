@@ -31,7 +31,7 @@ from .engine.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .engine import limits
 from .engine.config import PairwiseConfig, make_config
 from .engine.runner import run_engine
-from .engine.state import EngineState
+from .engine.state import EngineState, check_fits
 
 
 def plan_jobs(n: int, groups: int) -> list[tuple[int, int, int]]:
@@ -81,6 +81,23 @@ def _run_job(rows, g, h, bounds, cfg: PairwiseConfig, make_engine, n) -> EngineS
         state = state.merge(rev, cfg)
     state.tiles_done = 1
     return state
+
+
+def _checked_rank_state(saved, ckpt: str, cfg: PairwiseConfig, n: int, mine: list[int]):
+    """(state, done jobs) of a rank's checkpoint, or a one-line ValueError when it is not one this
+    rank writes: the jobs distinct and this rank's, the state of this run's shape
+    (engine.state.check_fits)."""
+    state = saved.get("state") if isinstance(saved, dict) else None
+    done = saved.get("done") if isinstance(saved, dict) else None
+    try:
+        if not isinstance(state, EngineState) or not isinstance(done, list) or set(saved) != {"state", "done"}:
+            raise ValueError("not a rank's state and finished jobs")
+        if not all(type(j) is int for j in done) or len(set(done)) != len(done) or not set(done) <= set(mine):
+            raise ValueError(f"its finished jobs {done[:8]} are not this rank's ({mine[:8]}), each once")
+        check_fits(state, EngineState.empty(cfg, n, None), cfg, None, lambda a, b: n * (n - 1) // 2)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint: {ckpt}: {exc}; delete it or pass another path") from None
+    return state, list(done)
 
 
 def _init_process_group(timeout_s: float):
@@ -146,7 +163,7 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
                          registry.numerics(name, device, cfg.precision))
         saved = load_checkpoint(ckpt, fp)
         if saved is not None:
-            state, done = saved["state"], list(saved["done"])
+            state, done = _checked_rank_state(saved, ckpt, cfg, n, mine)
             if progress:
                 print(f"embgeom pairs [rank {rank}]: resuming from {ckpt}: {len(done)} of {len(mine)} jobs done", flush=True)
     for job in mine:

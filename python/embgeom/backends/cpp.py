@@ -55,6 +55,7 @@ class CppEngine:
                  columns=None):
         """columns: an embgeom._C.PreparedColumns of y (prepare_columns): y's rows are not
         prepared again (y then only gives the moment shift and the column count)."""
+        self.cfg = cfg
         self._x = _f32(x)  # keep the buffer alive
         self._y = None if (y is None or columns is not None) else _f32(y)
         self._n, self._m = x.shape[0], None if y is None else y.shape[0]

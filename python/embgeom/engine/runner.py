@@ -10,7 +10,7 @@ import time
 
 from ..progress import as_progress
 from .checkpoint import checkpoint_seconds, load_checkpoint, save_checkpoint
-from .state import EngineState
+from .state import EngineState, check_fits
 
 
 def run_engine(engine, *, fp: str | None = None, checkpoint: str | None = None,
@@ -25,7 +25,11 @@ def run_engine(engine, *, fp: str | None = None, checkpoint: str | None = None,
         chunk_seconds = checkpoint_seconds(chunk_seconds)
         saved = load_checkpoint(checkpoint, fp)
         if saved is not None:
-            engine.load_state(saved)
+            try:  # (the C++ engine's own import checks name no file: the path goes on here too)
+                check_fits(saved, engine.state(), engine.cfg, total_tiles, engine.tile_pairs)
+                engine.load_state(saved)
+            except ValueError as exc:
+                raise ValueError(f"checkpoint: {checkpoint}: {exc}; delete it or pass another path") from None
     done = int(engine.tiles_done)
     prog = as_progress(progress, "embgeom pairs")
     if done and prog.enabled:

@@ -403,3 +403,77 @@ def _json_float(v, name: str) -> float:
 def list_limits(cfg: PairwiseConfig) -> dict[str, int]:
     """Length of each global ranked list."""
     return {"top": cfg.topk, "bottom": cfg.bottomk, "near": cfg.near_k, "outside_pairs": cfg.outside_limit}
+
+
+def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_tiles: int | None,
+               tile_pairs) -> None:
+    """ValueError (one line, "does not fit this run: ...") unless a state read from a checkpoint
+    can be this run's: the shapes of a fresh engine's empty state `fresh`, tiles_done within the
+    run's tiles (num_tiles; None: a merged state, not checked), a pair count the finished tiles can hold (tile_pairs(0, tiles_done)), histogram
+    counts >= 0 summing to it, every listed pair and row column an index of this run (i < j in
+    self mode), counts >= 0. The C++ engine checks the same in its import; the torch and Triton
+    engines copy a state as it is, so a crafted one (its sha256 recomputed) had come back as a
+    3-bin histogram of a 2,000-bin run or a neighbour 10^9."""
+    def refuse(why: str):
+        raise ValueError(f"state does not fit this run: {why}")
+
+    n, m = fresh.n, fresh.m
+    cols = n if m is None else m
+    if (saved.n, saved.m) != (n, m):
+        refuse(f"it is of {saved.n} x {saved.m} rows, this run {n} x {m}")
+    for name in ("tiles_done", "count", "outside_count"):
+        v = getattr(saved, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            refuse(f"{name} must be an integer >= 0, got {v!r}")
+    if num_tiles is not None and saved.tiles_done > num_tiles:
+        refuse(f"tiles_done {saved.tiles_done} of a run of {num_tiles} tiles")
+    if saved.count > tile_pairs(0, int(saved.tiles_done)):
+        refuse(f"count {saved.count} is more than its {saved.tiles_done} finished tiles hold")
+    if saved.count and not (math.isfinite(saved.mean) and math.isfinite(saved.m2) and saved.m2 >= 0):
+        refuse("the moments must be finite, m2 >= 0")
+
+    def same_shape(name):
+        a, b = getattr(saved, name), getattr(fresh, name)
+        if (a is None) != (b is None) or (a is not None and np.shape(a) != np.shape(b)):
+            refuse(f"{name} must be {'absent' if b is None else np.shape(b)}, got "
+                   f"{'absent' if a is None else np.shape(a)}")
+
+    for name in ("hist", "outside_rows", "outside_cols"):
+        same_shape(name)
+        a = getattr(saved, name)
+        if a is not None and np.asarray(a).size and np.asarray(a).min() < 0:
+            refuse(f"{name} must hold counts >= 0")
+    if saved.hist is not None and int(np.asarray(saved.hist).sum()) != saved.count:
+        refuse(f"the histogram's counts sum to {int(np.asarray(saved.hist).sum())}, not count {saved.count}")
+
+    def pair_ok(i, j):
+        return (0 <= i < n) and (0 <= j < cols) and (m is not None or i < j)
+
+    limits = list_limits(cfg)
+    for kind in LIST_KINDS:
+        v, i, j = (np.asarray(a) for a in getattr(saved, kind))
+        if not (v.shape == i.shape == j.shape and v.ndim == 1):
+            refuse(f"{kind}: values, rows and columns must be three lists of one length")
+        if v.size > max(0, limits.get(kind, 0)):
+            refuse(f"{kind}: {v.size} pairs, this run lists at most {max(0, limits.get(kind, 0))}")
+        if v.size and not (np.isfinite(v).all() and all(pair_ok(a, b) for a, b in zip(i.tolist(), j.tolist()))):
+            refuse(f"{kind}: a pair outside this run's rows and columns (or a value not finite)")
+    for name in ("min", "max"):
+        e = getattr(saved, name)
+        if e is not None and not (len(e) == 3 and math.isfinite(float(e[0])) and pair_ok(int(e[1]), int(e[2]))):
+            refuse(f"{name}: not a pair of this run")
+    for name in ("row_top", "row_bottom"):
+        a, b = getattr(saved, name), getattr(fresh, name)
+        if (a is None) != (b is None):
+            refuse(f"{name} must be {'absent' if b is None else 'present'}")
+        if a is None:
+            continue
+        vals, idx = np.asarray(a[0]), np.asarray(a[1])
+        if vals.shape != b[0].shape or idx.shape != b[1].shape:
+            refuse(f"{name} must be {b[0].shape} arrays, got {vals.shape} and {idx.shape}")
+        if idx.size and (idx.min() < -1 or idx.max() >= cols or not np.isfinite(vals[idx >= 0]).all()):
+            refuse(f"{name}: a column outside this run's {cols} (or a value not finite)")
+    for name, size in (("excluded_rows", n), ("excluded_cols", cols)):
+        e = np.asarray(getattr(saved, name))
+        if e.size and (e.min() < 0 or e.max() >= size):
+            refuse(f"{name}: an index outside 0..{size - 1}")
