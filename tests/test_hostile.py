@@ -951,3 +951,26 @@ def test_concurrent_folder_writers_leave_one_whole_run(tmp_path):
         assert os.listdir(tmp_path) == ["rep"]
 
     race_two_writers(write, 6, check)
+
+
+def test_json_nested_past_the_parser_is_one_line(tmp_path, capsys):
+    """JSON nested deeper than Python's parser goes (RecursionError, not a ValueError) in a report
+    folder's manifest, a --pairs file or a mentions file: one line naming the file, exit 2."""
+    from embgeom.cli import main
+
+    deep = "[" * 100000 + "]" * 100000
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((20, 4)).astype(np.float32))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_text(deep)
+    (tmp_path / "deep.jsonl").write_text(deep + "\n")
+    (tmp_path / "c.txt").write_text("a b\n")
+    for argv, message in (
+        (["project", str(tmp_path / "x.npy"), "--method", "pca", "--out", str(tmp_path / "out")],
+         "its manifest.json is not one embgeom writes"),
+        (["text", str(tmp_path / "c.txt"), "--pairs", str(tmp_path / "deep.jsonl"), "--out", str(tmp_path / "t")],
+         "entry 1 is nested too deeply to read"),
+        (["coref", str(tmp_path / "deep.jsonl"), "--out", str(tmp_path / "co")], "line 1: nested too deeply to read"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -444,6 +444,19 @@ def test_load_refuses_bad_files(tmp_path):
     with pytest.raises(ValueError, match="damaged"):
         Index.load(tmp_path / "flip.index")
     Index.load(tmp_path / "flip.index", verify=False)  # the caller's choice
+    # the header's metric edited (same length, so every offset holds): the sha256 covers it
+    edited = data.replace(b'"metric": "cosine"', b'"metric": "l2"    ', 1)
+    assert edited != data and len(edited) == len(data)
+    (tmp_path / "metric.index").write_bytes(edited.replace(b'"metric": "l2"    ', b'"metric": "dot"   ', 1))
+    with pytest.raises(ValueError, match="damaged .the header's metric, dtype and shape"):
+        Index.load(tmp_path / "metric.index")
+    # a header nested past the JSON parser's depth: one line, not a RecursionError
+    (tmp_path / "deep.index").write_bytes(b"EMBGEOM-INDEX2\n" + b"[" * 50000 + b"\n")
+    with pytest.raises(ValueError, match="damaged header line"):
+        Index.load(tmp_path / "deep.index")
+    (tmp_path / "old.index").write_bytes(b"EMBGEOM-INDEX1\n{}\n")
+    with pytest.raises(ValueError, match="another format version"):
+        Index.load(tmp_path / "old.index")
     (tmp_path / "other.index").write_bytes(b"EMBGEOM-INDEX9\n{}\n")
     with pytest.raises(ValueError, match="another format version"):
         Index.load(tmp_path / "other.index")

@@ -35,8 +35,16 @@ from .pair_shards import ShardWriter
 from .progress import Progress, as_progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MAGIC = b"EMBGEOM-INDEX1"
-FORMAT = 1
+MAGIC = b"EMBGEOM-INDEX2"
+FORMAT = 2  # 2: the sha256 covers what the header says of the arrays (metric, dtype, shape) too
+
+
+def _file_digest(header: dict):
+    """The sha256 an index file records, started: the header's description of the rows
+    (format, metric, dtype, n, d) as canonical JSON, the arrays' bytes to follow (a file whose
+    metric was edited from cosine to dot had loaded and answered under dot)."""
+    about = {k: header[k] for k in ("format", "metric", "dtype", "n", "d")}
+    return hashlib.sha256(json.dumps(about, sort_keys=True).encode())
 MAX_HEADER_BYTES = 1 << 16
 DATA_ALIGN = 4096
 # A score block (queries x corpus rows, float32) stays within this many bytes: big enough that
@@ -1204,11 +1212,12 @@ class Index:
             blobs[name] = a
             specs[name] = {"offset": offset, "shape": list(a.shape), "dtype": a.dtype.str}
             offset += -(-a.nbytes // DATA_ALIGN) * DATA_ALIGN
-        h = hashlib.sha256()
+        header = {"format": FORMAT, "metric": self.metric, "dtype": str(self.dtype).replace("torch.", ""),
+                  "n": st.n, "d": self.d, "arrays": specs}
+        h = _file_digest(header)
         for a in blobs.values():
             h.update(_raw_bytes(a))
-        header = {"format": FORMAT, "metric": self.metric, "dtype": str(self.dtype).replace("torch.", ""),
-                  "n": st.n, "d": self.d, "arrays": specs, "sha256": h.hexdigest()}
+        header["sha256"] = h.hexdigest()
         line = json.dumps(header).encode()
         if len(line) > MAX_HEADER_BYTES - len(MAGIC) - 2:
             raise ValueError("path: index header too long")  # cannot happen with these fields
@@ -1243,7 +1252,7 @@ class Index:
             head_len = f.tell()
         try:
             header = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise ValueError(f"path: {path} has a damaged header line") from None
         want = {"format", "metric", "dtype", "n", "d", "arrays", "sha256"}
         if not isinstance(header, dict) or set(header) != want or header["format"] != FORMAT \
@@ -1269,7 +1278,7 @@ class Index:
         if size > end:
             raise ValueError(f"path: {path} is damaged ({size} bytes, its header says {end})")
         maps = {}
-        h = hashlib.sha256()
+        h = _file_digest(header)
         for name, (shape, dt) in names.items():
             spec = header["arrays"][name]
             if not isinstance(spec, dict) or spec.get("dtype") != dt or spec.get("shape") != list(shape) \
@@ -1286,7 +1295,8 @@ class Index:
             if verify:
                 h.update(_raw_bytes(np.ascontiguousarray(maps[name])))
         if verify and h.hexdigest() != header["sha256"]:
-            raise ValueError(f"path: {path} is damaged (the arrays do not match the header's sha256)")
+            raise ValueError(f"path: {path} is damaged (the header's metric, dtype and shape and the arrays do "
+                             "not match its sha256)")
         self = cls.__new__(cls)
         self.metric, self.dtype, self.d = header["metric"], DTYPES[header["dtype"]], d
         self.device = validation.device(device) if device is not None else torch.device("cpu")

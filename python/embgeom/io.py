@@ -192,7 +192,7 @@ def _read_manifest(folder: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (RecursionError: JSON nested past the parser)
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
             or not isinstance(manifest.get("files"), dict):
@@ -221,7 +221,8 @@ def check_output_folder(out: str, name: str = "--out", *, command: str | None = 
         try:
             manifest = _read_manifest(path)
         except ValueError:
-            manifest = None
+            raise ValueError(f"{name}: {out} holds files that no embgeom run wrote (its {MANIFEST} is not "
+                             "one embgeom writes); choose a new or empty folder, or remove them") from None
         if manifest is None:
             raise ValueError(f"{name}: {out} holds files that no embgeom run wrote (no {MANIFEST}); "
                              "choose a new or empty folder, or remove them")

@@ -52,7 +52,7 @@ def refuse_custom_code(path: str) -> None:
         try:
             with open(os.path.join(path, name), encoding="utf-8") as f:
                 cfg = json.load(f)
-        except (OSError, ValueError):  # missing or unreadable: transformers reports it
+        except (OSError, ValueError, RecursionError):  # missing or unreadable: transformers reports it
             continue
         if isinstance(cfg, dict) and cfg.get("auto_map"):
             raise ValueError(f"model: {path} needs its own Python code ({name} has an auto_map); embgeom never "

@@ -103,6 +103,8 @@ def read_mentions(path: str) -> list[Document]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{where}: nested too deeply to read") from None
         docs.append(parse_document(obj, where))
     if not docs:
         raise ValueError(f"MENTIONS: {path} has no document")

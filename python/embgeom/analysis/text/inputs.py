@@ -46,6 +46,8 @@ def read_pairs(path: str) -> list[dict]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"--pairs: {path} entry {number} is not JSON: {exc.msg}") from None
+        except RecursionError:
+            raise ValueError(f"--pairs: {path} entry {number} is nested too deeply to read") from None
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("group", "a", "b")):
             raise ValueError(f'--pairs: {path} entry {number}: expected {{"group": str, "a": str, "b": str}}')
         empty = [k for k in ("a", "b") if not obj[k].strip()]
