@@ -116,10 +116,17 @@ def test_project_page_axes_titled(tmp_path):
 
 
 def test_vocab_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
-    assert main(["vocab", "--model", tiny_bert_dir, "--out", str(tmp_path / "v"), "--quiet"]) == 0
+    import os
+
+    # (a model folder named like markup: the page shows the name as text, it had ended the page)
+    model = tmp_path / "tiny<!--x"
+    os.symlink(tiny_bert_dir, model)
+    assert main(["vocab", "--model", str(model), "--out", str(tmp_path / "v"), "--quiet"]) == 0
     assert len(figures) >= 5
     bad = _unlabelled(figures)
     assert bad == [], "\n".join(map(str, bad))
+    page = (tmp_path / "v" / "report.html").read_text(encoding="utf-8")
+    assert "<!--" not in page and "tiny&lt;!--x" in page
 
 
 def test_vocab_projection_pages(tiny_bert_dir, tmp_path):
@@ -211,3 +218,26 @@ def test_label_cosine_panels_without_pairs_say_why(labels, tmp_path, monkeypatch
     for lines, texts, legend in panels:
         assert (lines > 0 and legend and not texts) or (lines == 0 and texts and not legend), panels
     assert not [w for w in recwarn if "No artists with labels" in str(w.message)]
+
+
+def test_page_data_cannot_end_or_reshape_its_script_element(tmp_path):
+    """Texts, labels and tokens go into the pages' <script type=application/json> blocks with
+    every <, > and & escaped (JSON's \\u003c ...): "</script>" cannot end the block and
+    "<!--<script>" cannot make the browser read past its </script> (escaping "</" alone had let a
+    corpus line "hello <!--<script> world" swallow the page's script and footer)."""
+    import json
+
+    import numpy as np
+
+    from embgeom.report.interactive import write_scatter_html
+
+    hostile = ["hello <!--<script> world", "</script><b>x</b>", "a & b -->", "<!--"]
+    labels = ["<!--<b>L", "A&B</script>", "<!--<b>L", "c"]
+    path = write_scatter_html(str(tmp_path / "p.html"), np.zeros((4, 2), np.float32), labels, hostile,
+                              title="<!--t", note="n</script>")
+    page = (tmp_path / "p.html").read_text(encoding="utf-8")
+    block = page.split("id='data'>", 1)[1].split("</script>", 1)[0]
+    assert not set("<>&") & set(block)
+    data = json.loads(block)
+    assert data["t"] == hostile
+    assert path.endswith("p.html") and page.count("<!--") == 0

@@ -56,6 +56,18 @@ def close(a, b, path=""):
         assert a == b, path
 
 
+def test_labels_are_text_on_the_page(tiny_bert_dir, tmp_path):
+    """Label names are written as text everywhere on report.html: the class maps' text counts had
+    put a label "<!--<b>x" in raw, which commented out the rest of the page (its maps, the
+    definitions and the provenance footer)."""
+    labels = ["<!--<b>x", "y&z", "<!--<b>x", "y&z", "<!--<b>x", "<!--<b>x", "y&z", "<!--<b>x"]
+    out, rep = run(tiny_bert_dir, tmp_path, labels, "--class-maps", "6")
+    page = (out / "report.html").read_text()
+    assert sorted(rep["by_label"]) == sorted(set(labels))
+    assert "<!--" not in page and "<b>x" not in page and "&lt;!--&lt;b&gt;x" in page
+    assert "<footer id='provenance'>" in page
+
+
 def test_by_label_and_class_maps(tiny_bert, tiny_bert_dir, tmp_path):
     model, tokenizer = tiny_bert
     labels = ["x", "y", "x", "y", "x", "x", "y", "x"]

@@ -22,11 +22,11 @@ def write_coref_report(out_dir: str, report: dict) -> None:
     png = save_figure(fig, out_dir, "coref_heads")
     summary = table_html(["model", "documents", "mentions", "scored mentions", "skipped (too long)", "forward passes and scoring (s)"],
                          [[report["model"], c["n_documents"], c["n_mentions"], c["n_scored"],
-                           c["skipped_too_long"], round(c["seconds"], 1)]])
+                           c["skipped_too_long"], c["seconds"]]])
     b = c["baselines"]
-    rows = [[f"best head: L{c['best'][0]} h{c['best'][1]}", round(c["accuracy"], 4)],
-            ["nearest mention", round(b["nearest"], 4)],
-            ["nearest mention with the same head word (else nearest)", round(b["head_match"], 4)]]
+    rows = [[f"best head: L{c['best'][0]} h{c['best'][1]}", c["accuracy"]],
+            ["nearest mention", b["nearest"]],
+            ["nearest mention with the same head word (else nearest)", b["head_match"]]]
     body = (f"<p>{defined('coref')}: Clark et al. (arXiv 1906.04341, section 4.3, Table 2). For each mention "
             "with an earlier mention of its cluster, each head selects, among the earlier mentions, the one "
             "whose head word the mention's head word attends to most (word-level attention as for syntax "

@@ -3,6 +3,8 @@ directionality, the head-map grid, Gaussianity by depth and the context-similari
 Each function returns (heading, html body, [png paths]) sections for `write_html`."""
 from __future__ import annotations
 
+import html
+
 import numpy as np
 
 from .definitions import defined
@@ -266,7 +268,7 @@ def gaussianity_section(out_dir: str, entries: list[dict]):
         ax.plot(depth, [e[key] for e in entries], "o-", label="tokens")
         ax.plot(depth, [e["text_mean"][key] for e in entries], "s--", label="text mean vectors")
         ax.set_title(title, fontsize=9)
-        ax.set_ylabel({"share_rejected": "share of dimensions", "mean_skew": "skewness",
+        ax.set_ylabel({"share_rejected": "share of vectors rejecting normality", "mean_skew": "skewness",
                        "mean_excess_kurtosis": "excess kurtosis"}[key])
         depth_axis(ax, len(depth))
         ax.legend(fontsize=7)
@@ -433,7 +435,7 @@ def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
             layer_axis(ax, len(y))
             ax.legend(fontsize=7)
         pngs.append(save_figure(fig, out_dir, "class_map_entropy"))
-    counts = ", ".join(f"{g}: {fmt_number(c)}" for g, c in block["texts"].items())
+    counts = ", ".join(f"{html.escape(str(g))}: {fmt_number(c)}" for g, c in block["texts"].items())
     missing = "" if any(block["texts"].values()) else f"<p>Note: {no_class_maps_note(block['length'])}.</p>"
     return ("Class-mean attention maps (geometry-of-BERT authors' code)",
             f"<p>Mean attention map of each label's texts with {block['length']} real tokens "

@@ -3,7 +3,7 @@ maps travel as JSON inside report.html; a click on a head opens it large with th
 axes (rows = queries, columns = keys)."""
 from __future__ import annotations
 
-import json
+from .html import script_json
 
 _SCRIPT = r"""
 <script>
@@ -105,7 +105,7 @@ def headmaps_html(samples: list[dict], layers: int, heads: int, decimals: int = 
         data["samples"].append({"text": int(sm.get("text", len(data["samples"]))),
                                 "tokens": [str(t) for t in sm["tokens"]],
                                 "maps": [[[[r(v) for v in row] for row in m] for m in lay] for lay in maps]})
-    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    blob = script_json(data)
     return (_STYLE + "<p>Each small square is one head's attention map on a text's real tokens "
             "(rows: queries, columns: keys; white 0, dark blue 1). Click a head to enlarge it with "
             "the tokens on the axes; click again to close. Long texts show their first 64 tokens.</p>"

@@ -7,17 +7,25 @@ import html
 import os
 
 
+def script_json(data) -> str:
+    """`data` as JSON to put inside <script type=application/json>: every <, > and & written as
+    \\u003c, \\u003e, \\u0026 (the same string to JSON.parse), so no text in it (a corpus line, a
+    token, a label: "</script>", "<!--<script>") can end or reshape the element; replacing "</"
+    alone had let "<!--<script" swallow the rest of the page."""
+    import json
+
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def write_script_page(path: str, title: str, style: str, body: str, data_id: str, data: dict,
                       script: str, provenance: dict | None = None) -> str:
     """An interactive page: `body`, then `data` as JSON in <script type=application/json
     id=data_id> and the page's own `script`, then the provenance footer; self-contained, written
     through io.atomic_write. Returns path."""
-    import json
-
     from ..io import atomic_write
 
-    # JSON inside <script type=application/json>: "</" must not close the element
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    payload = script_json(data)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{body}"
             f"<script type='application/json' id='{data_id}'>{payload}</script>"

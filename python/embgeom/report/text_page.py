@@ -177,7 +177,7 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
 
     summary = table_html(
         ["model", "texts", "tokens", "layers", "heads", "truncated", "forward passes with metrics (s)"],
-        [[r.model, r.n_texts, r.n_tokens, L, H, r.truncated, round(r.seconds, 1)]])
+        [[r.model, r.n_texts, r.n_tokens, L, H, r.truncated, r.seconds]])
     per_layer = table_html(
         [LAYER, Raw(defined("cone_index", "cone in")), Raw(defined("cone_index", "cone heads (mean)")),
          Raw(defined("cone_index", "cone multi-head")), Raw(defined("cone_index", "cone out")),

@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+import html
 import os
 
 import numpy as np
@@ -86,7 +87,7 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
     t = table_html
     p = report["pairs"]
     tk = report["tokens"]
-    intro = (f"<p>{report['model']}: vocabulary {fmt(report['vocab_size'])} x {fmt(report['hidden'])}; "
+    intro = (f"<p>{html.escape(str(report['model']))}: vocabulary {fmt(report['vocab_size'])} x {fmt(report['hidden'])}; "
              f"{fmt(report['tokens_analysed'])} tokens analysed "
              + ("(all tokens)" if tk["all_tokens"] else
                 f"({tk['special']} special and {tk['unused']} [unusedN] tokens left out; --all-tokens keeps them)")
