@@ -120,6 +120,31 @@ def test_positional_and_token_position(vocab_report, mats):
     assert top[:3] == [int(ids[i]), mats["tokens"][ids[i]], int(j)] and abs(top[3] - cross[i, j]) < 1e-6
 
 
+def test_a_position_range_reports_absolute_positions(tiny_bert_dir, mats, tmp_path):
+    """--positions A:B: the positional and token x position sections name positions A..B-1 (they
+    had been numbered from 0: position 511 of --positions 384:512 read 127), and say where they
+    start; the page and the cosine picture say A..B-1 too."""
+    a, b = 5, 20
+    out = tmp_path / "v"
+    assert main(["vocab", "--model", tiny_bert_dir, "--positions", f"{a}:{b}", "--out", str(out), "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    pos, ids = mats["pos"][a:b], mats["ids"]
+    cross = _unit(mats["word"][ids]) @ _unit(pos).T
+    tp = rep["token_position"]
+    assert tp["first_position"] == a and len(tp["outside"]["per_position"]) == b - a
+    i, j = np.unravel_index(np.argmax(cross), cross.shape)
+    assert tp["top_pairs"][0][:3] == [int(ids[i]), mats["tokens"][ids[i]], a + int(j)]
+    assert all(a <= r[2] < b for r in tp["outside"]["pairs"] + tp["bottom_pairs"])
+    cp = _unit(pos) @ _unit(pos).T
+    np.fill_diagonal(cp, -np.inf)
+    p, q = np.unravel_index(np.argmax(cp), cp.shape)
+    positional = rep["positional"]
+    assert positional["first_position"] == a and positional["first_position_id"] == 0
+    assert positional["max"][:2] == [a + int(min(p, q)), a + int(max(p, q))]
+    assert all(a <= r[0] < r[1] < b for r in positional["top_pairs"] + positional["bottom_pairs"])
+    assert f"{b - a} positions, {a}..{b - 1} (position p is position id 0 + p" in (out / "report.html").read_text()
+
+
 def test_token_type(vocab_report, mats):
     _, rep = vocab_report
     tt = mats["tt"]

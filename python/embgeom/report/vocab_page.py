@@ -39,8 +39,11 @@ def write_plots(out_dir: str, plots: dict, provenance: dict | None = None) -> di
     pngs["mean_embedding"] = save_figure(fig, out_dir, "mean_embedding")
 
     if "pos_cos" in plots:
+        first = plots.get("pos_first", 0)   # (--positions A:B: positions A..B-1)
+        last = first + plots["pos_cos"].shape[0]
         fig, ax = new_figure(6, 5)
-        im = ax.imshow(plots["pos_cos"].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        im = ax.imshow(plots["pos_cos"].numpy(), cmap="RdBu_r", vmin=-1, vmax=1,
+                       extent=(first - 0.5, last - 0.5, last - 0.5, first - 0.5))
         fig.colorbar(im, ax=ax, label="cosine")
         pngs["positional_cosine"] = save_axes(fig, ax, out_dir, "positional_cosine", xlabel="position",
                                               ylabel="position", title="cosine of position embeddings")
@@ -56,7 +59,7 @@ def write_plots(out_dir: str, plots: dict, provenance: dict | None = None) -> di
         ax = fig.add_subplot(projection="3d")
         path = plots["pos_path"].numpy()
         ax.plot(path[:, 0], path[:, 1], path[:, 2], lw=0.6, color="grey")
-        sc = ax.scatter(path[:, 0], path[:, 1], path[:, 2], c=range(len(path)), s=4, cmap="viridis")
+        sc = ax.scatter(path[:, 0], path[:, 1], path[:, 2], c=range(first, first + len(path)), s=4, cmap="viridis")
         # the colour bar apart from the axes (pad): beside them it covered the z-axis title
         fig.colorbar(sc, ax=ax, label="position", shrink=0.7, pad=0.2)
         # labels set off from the tick labels (they overlapped them)
@@ -116,8 +119,9 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
         sections.append(("Position embeddings", f"<p>absent: {report['positional']['absent']}</p>", []))
     else:
         pos = report["positional"]
-        body = (f"<p>{pos['positions']} positions (index 0 = position id {pos['first_position_id']}, the "
-                f"first token's); mean cosine {fmt(pos['mean'])} (std {fmt(pos['std'])}; "
+        first = pos.get("first_position", 0)
+        body = (f"<p>{pos['positions']} positions, {first}..{first + pos['positions'] - 1} (position p is "
+                f"position id {pos['first_position_id']} + p: position 0 is the first token's); mean cosine {fmt(pos['mean'])} (std {fmt(pos['std'])}; "
                 f"{defined('offset_profile')} below); "
                 f"{pos['components_for_90pct']} principal components explain 90% of the variance.</p>")
         sections.append(("Position embeddings", body, [pngs["positional_cosine"], pngs["positional_offset"],

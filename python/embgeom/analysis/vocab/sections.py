@@ -180,9 +180,13 @@ def offset_profile(cos: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.diagonal(cos, k).mean() for k in range(cos.shape[0])])
 
 
-def section_positional(pos: torch.Tensor, *, backend, precision):
+def section_positional(pos: torch.Tensor, *, first: int = 0, backend, precision):
+    """The position rows `pos` are positions first, first + 1, ... (--positions A:B: first = A);
+    the pairs are reported by those positions."""
     stats = pairwise_stats(pos, metric="cosine", bins=200, topk=TABLE_K, bottomk=TABLE_K,
                            precision=precision, backend=backend).to_dict()
+    positions = torch.arange(first, first + pos.shape[0])
+    _remap_stats(stats, positions, positions)
     cos = cosine_matrix(pos).cpu()
     ratio, path = principal_components(pos, axes=3)  # path: the 3-D PCA path of the positions
     out = {"positions": int(pos.shape[0]), "mean": stats["mean"], "std": stats["std"],
@@ -194,12 +198,15 @@ def section_positional(pos: torch.Tensor, *, backend, precision):
     return out, cos, ratio, path
 
 
-def section_token_position(words, pos, ids, tokens, *, backend, precision):
+def section_token_position(words, pos, ids, tokens, *, first: int = 0, backend, precision):
+    """Words against the position rows `pos`, positions first, first + 1, ... (--positions A:B:
+    first = A; they had been numbered from 0, so position 511 of 384:512 read 127)."""
     res = pairwise_stats(words, pos, metric="cosine", bins=200, topk=TABLE_K,
                          bottomk=TABLE_K, outside=OUTSIDE, outside_limit=200,
                          precision=precision, backend=backend)
     d = res.to_dict()
-    positions = torch.arange(pos.shape[0])
+    d["first_position"] = first   # (outside.per_position[0] is this position's)
+    positions = torch.arange(first, first + pos.shape[0])
     per_position = d["outside"].pop("col_counts")
     d["outside"].pop("row_counts")
     _remap_stats(d, ids, positions)
@@ -361,12 +368,15 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
     if pos is not None:
         with timer("positional"):
             report["positional"], plots["pos_cos"], plots["pos_ratio"], plots["pos_path"] = \
-                section_positional(pos, backend=backend, precision=precision)
-            report["positional"]["first_position_id"] = mats["first_position"] + pos_range[0]
+                section_positional(pos, first=pos_range[0], backend=backend, precision=precision)
+            # positions count from the first token's; its position id is the model's own
+            report["positional"]["first_position"] = pos_range[0]
+            report["positional"]["first_position_id"] = mats["first_position"]
             plots["pos_offset"] = report["positional"]["offset_profile"]
+            plots["pos_first"] = pos_range[0]
         with timer("token_position"):
-            report["token_position"] = section_token_position(words, pos, ids, tokens, backend=backend,
-                                                              precision=precision)
+            report["token_position"] = section_token_position(words, pos, ids, tokens, first=pos_range[0],
+                                                              backend=backend, precision=precision)
     else:
         report["positional"] = {"absent": mats["absent"]["position"]}
         report["token_position"] = {"absent": mats["absent"]["position"]}
