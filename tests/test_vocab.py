@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from embgeom.cli import main
 from embgeom.analysis.vocab.sections import AGREEMENT_ROWS, MEAN_MEASURES, OUTSIDE
@@ -143,6 +144,25 @@ def test_a_position_range_reports_absolute_positions(tiny_bert_dir, mats, tmp_pa
     assert positional["max"][:2] == [a + int(min(p, q)), a + int(max(p, q))]
     assert all(a <= r[0] < r[1] < b for r in positional["top_pairs"] + positional["bottom_pairs"])
     assert f"{b - a} positions, {a}..{b - 1} (position p is position id 0 + p" in (out / "report.html").read_text()
+
+
+def test_a_zero_position_row_has_no_direction():
+    """A zero position embedding is left out of every cosine of the position geometry (it had
+    counted as cosine 0: offset_profile[0] 0.98 instead of 1, curves at 0.0), written null."""
+    from embgeom.analysis.vocab import positions
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((20, 8))
+    x[6] = 0
+    g = positions.table_geometry(x)
+    assert g["offset_profile"][0] == pytest.approx(1.0, abs=1e-15)
+    keep = np.r_[0:6, 7:20]
+    u = _unit(x[keep])
+    c = u @ u.T
+    assert g["cosine_mean"] == pytest.approx(c[~np.eye(19, dtype=bool)].mean(), abs=1e-12)
+    curves = positions.cosine_curves(torch.from_numpy(x), rows=[1, 6], window=10)
+    assert curves["raw"][0][6] is None and all(v is None for v in curves["raw"][1])
+    assert curves["shifted"][0][5] is None and curves["shifted"][0][0] == pytest.approx(1.0)
 
 
 def test_token_type(vocab_report, mats):

@@ -50,9 +50,13 @@ def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     """All-pairs cosines of a small set of rows (n, D) -> (n, n) float64, clamped to [-1, 1] (an
-    identical pair's rounded unit rows give 1 + 2^-52 unclamped); a zero row's entries are 0."""
-    u, _ = unit_rows(x.to(torch.float64))
-    return (u @ u.T).clamp_(-1.0, 1.0)
+    identical pair's rounded unit rows give 1 + 2^-52 unclamped); a zero row has no direction:
+    its row and column are NaN (null in report.json; means over them leave it out)."""
+    u, valid = unit_rows(x.to(torch.float64))
+    cos = (u @ u.T).clamp_(-1.0, 1.0)
+    cos[~valid] = math.nan
+    cos[:, ~valid] = math.nan
+    return cos
 
 
 def order_key(kind: str, v: torch.Tensor, near: float | None = None) -> torch.Tensor:

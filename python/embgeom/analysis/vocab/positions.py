@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from ...numerics import cosine_matrix
@@ -49,6 +51,12 @@ def sinusoidal(positions, width: int, formula: str = "vaswani") -> np.ndarray:
     return np.where(k % 2 == 0, np.sin(angle), np.cos(angle))
 
 
+def _nan_mean(v: np.ndarray) -> float | None:
+    """The mean of the values that are not NaN (None when there are none)."""
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else None
+
+
 def table_geometry(x: np.ndarray) -> dict:
     """Geometry of a position table (P, D), reported alike for the learned and the sinusoidal
     ones: norms (min, max), the pairwise cosines off the diagonal (mean, min, max), the mean
@@ -59,12 +67,14 @@ def table_geometry(x: np.ndarray) -> dict:
     cos = cosine_matrix(torch.from_numpy(x)).numpy()
     P = x.shape[0]
     off = cos[~np.eye(P, dtype=bool)]
+    off = off[~np.isnan(off)]   # (a zero row's: no direction)
     ratio, mean, comps = clouds.pca_fit(x, min(3, x.shape[1]))
     share = np.cumsum(ratio)
     return {"positions": P, "width": int(x.shape[1]),
             "norm_min": float(nrm.min()), "norm_max": float(nrm.max()),
-            "cosine_mean": float(off.mean()), "cosine_min": float(off.min()), "cosine_max": float(off.max()),
-            "offset_profile": [float(np.diagonal(cos, k).mean()) for k in range(P)],
+            "cosine_mean": float(off.mean()) if off.size else None,
+            "cosine_min": float(off.min()) if off.size else None, "cosine_max": float(off.max()) if off.size else None,
+            "offset_profile": [_nan_mean(np.diagonal(cos, k)) for k in range(P)],
             "components_for_90pct": int(np.searchsorted(share, 0.9) + 1) if share.size and share[-1] > 0 else None,
             "helix": helix_period((x - mean) @ comps)}
 
@@ -114,15 +124,18 @@ def parse_range(text: str | None, size: int) -> tuple[int, int] | None:
 
 def cosine_curves(pos: torch.Tensor, rows=CURVE_ROWS, window: int = CURVE_WINDOW, offset: int = 0) -> dict:
     """pos: (P, D). Rows outside [0, P) are skipped; `offset` is added to reported positions."""
-    x = pos.double()
-    u = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-300)
-    P = u.shape[0]
+    P = pos.shape[0]
     w = min(window, P)
     rows = [r for r in rows if 0 <= r < P]
+    cos = cosine_matrix(pos) if rows else None      # (a zero row's cosines: NaN, written null)
     raw, shifted = [], []
+
+    def plain(v):
+        return [None if math.isnan(c) else c for c in v.tolist()]
+
     for r in rows:
-        raw.append((u[:w] @ u[r]).tolist())
-        s = (u[r:r + w] @ u[r]).tolist()
+        raw.append(plain(cos[r, :w]))
+        s = plain(cos[r, r:r + w])
         shifted.append(s + [None] * (w - len(s)))
     return {"rows": [r + offset for r in rows], "window": w, "raw": raw, "shifted": shifted}
 

@@ -176,8 +176,9 @@ def pca_summary(ratio: torch.Tensor) -> dict:
 
 
 def offset_profile(cos: torch.Tensor) -> torch.Tensor:
-    """Mean cosine between positions p and p + k, for each offset k = 0..P-1."""
-    return torch.stack([torch.diagonal(cos, k).mean() for k in range(cos.shape[0])])
+    """Mean cosine between positions p and p + k, for each offset k = 0..P-1 (zero rows, NaN in
+    cosine_matrix, left out)."""
+    return torch.stack([torch.diagonal(cos, k).nanmean() for k in range(cos.shape[0])])
 
 
 def section_positional(pos: torch.Tensor, *, first: int = 0, backend, precision):
@@ -194,7 +195,8 @@ def section_positional(pos: torch.Tensor, *, first: int = 0, backend, precision)
            "bottom_pairs": stats["bottom_pairs"], "offset_profile": offset_profile(cos).tolist(),
            "explained_variance": ratio[:64].tolist(),
            "components_for_90pct": _components_for(ratio, 0.9),
-           "norms": pos.double().norm(dim=1).cpu().tolist()}
+           "norms": pos.double().norm(dim=1).cpu().tolist(),
+           "excluded_positions": stats["excluded_rows"]}   # (zero rows: no direction)
     return out, cos, ratio, path
 
 
