@@ -155,7 +155,7 @@ def test_map_entropies_odd_maps():
         map_entropies(torch.from_numpy(a), 4)
 
 
-def test_correct_only(clf_dir, tmp_path):
+def test_correct_only(clf_dir, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     clf = AutoModelForSequenceClassification.from_pretrained(clf_dir, attn_implementation="eager").eval()
@@ -177,6 +177,12 @@ def test_correct_only(clf_dir, tmp_path):
     _, rep = run(clf_dir, tmp_path / "shown", labels, "--correct-only", "--show-texts", "0,1,4")
     assert rep["attention_heads"]["sample_maps"]["texts"] == [1, 4]
     assert rep["context_similarity"]["maps"]["text_ids"] == [1, 4]
+    # a label the model has no class of could never be kept: refused, naming both sets
+    (tmp_path / "wrong.txt").write_text("\n".join("POSITIVE" if g == "pos" else g for g in labels) + "\n")
+    assert main(["text", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "unknown"), "--model", clf_dir,
+                 "--labels", str(tmp_path / "wrong.txt"), "--no-progress", "--correct-only"]) == 2
+    assert "labels that are none of the model's classes ('POSITIVE'; its id2label: 'neg', 'pos')" \
+        in capsys.readouterr().err
 
 
 def test_label_option_errors(tiny_bert_dir, tmp_path, capsys):

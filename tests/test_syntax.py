@@ -76,10 +76,13 @@ def _expected(model, tokenizer, sentences):
                     correct[s.relations[i]][k, d] += hit
                     correct["all"][k, d] += hit
         for i in range(W):
+            # Clark's offset_predictor (clamped to the sentence: 0 = ROOT) under the poss rule
+            q = i + 1 if (s.relations[i] in word_heads.POSS_RELATIONS and i + 1 < W
+                          and s.words[i + 1] in word_heads.POSS_CLITICS) else i
             for r in (s.relations[i], "all"):
                 total[r] += 1
                 for o in word_heads.OFFSETS:
-                    offs[r][o] += int(1 <= i + 1 + o <= W and i + 1 + o == s.heads[i])
+                    offs[r][o] += int(max(0, min(q + o + 1, W)) == s.heads[i])
     want = {}
     for r in rels + ["all"]:
         acc = correct[r] / total[r]

@@ -48,7 +48,7 @@ def main(args) -> int:
     import warnings
 
     from ..analysis.text.inputs import read_labels, read_lines, read_pairs
-    from ..analysis.text.labelled import CLASS_MAPS_FILE, ClassMaps, LabelSplit, predict_labels
+    from ..analysis.text.labelled import CLASS_MAPS_FILE, ClassMaps, LabelSplit, check_label_classes, predict_labels
     from ..analysis.text.trace import cls_differences, model_max_length, split_pair, trace
     from ..report.head_sections import class_maps_section
     from ..models import DEFAULT_MODEL, load_model
@@ -96,6 +96,7 @@ def main(args) -> int:
                     ckpt.load()
             selection = None
             if args.correct_only:
+                check_label_classes(labels, model, args.labels)
                 kept = saved_selection(ckpt, n_texts) if ckpt is not None else None
                 if kept is None:
                     with prog.phase("predicting classes (--correct-only)"):

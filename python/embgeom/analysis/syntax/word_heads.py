@@ -171,6 +171,10 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
                     W = len(sentences[i].words)
                     word_maps[i] = wa[r, :, :W + 1, :W + 1].float().clone()      # [CLS] + words
             Wmax = pred.shape[-1]
+            # each word's position (1-based) as the offset baseline reads it: the clitic's for a
+            # possessor followed by 's / s', as for the heads below (Clark's rule applies to every
+            # predictor, the offsets included)
+            opos = torch.arange(1, Wmax + 1).repeat(B, 1)
             gold = torch.zeros(B, Wmax, dtype=torch.long)
             rel = torch.full((B, Wmax), -1, dtype=torch.long)
             for r, i in enumerate(chunk):
@@ -182,6 +186,7 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
                 for w in range(W - 1):
                     if s.relations[w] in POSS_RELATIONS and s.words[w + 1] in POSS_CLITICS:
                         pred[r, :, :, w] = pred[r, :, :, w + 1]
+                        opos[r, w] = w + 2
             valid = rel >= 0
             ok = (pred == gold[:, None, None, :]) & valid[:, None, None, :]     # (B, K, 2, W)
             okf = ok.double().permute(1, 2, 0, 3).reshape(K, 2, -1)
@@ -190,9 +195,11 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
             correct[..., R] += okf.sum(-1)
             total[:R].index_add_(0, rel_flat, valid.double().reshape(-1))
             total[R] += valid.sum()
-            pos = torch.arange(1, Wmax + 1)
+            # Clark's offset_predictor: the word o away, clamped to the sentence (0 = ROOT before
+            # its first word, its last word past its end)
+            last = torch.tensor([len(sentences[i].words) for i in chunk])[:, None]
             for o_i, o in enumerate(OFFSETS):
-                hit = ((pos + o) == gold) & (gold > 0) & valid                   # offsets never predict root
+                hit = (torch.minimum((opos + o).clamp(min=0), last) == gold) & valid
                 offset_ok[o_i, :R].index_add_(0, rel_flat, hit.double().reshape(-1))
                 offset_ok[o_i, R] += hit.sum()
     if total[R] == 0:
@@ -206,7 +213,7 @@ def syntax_heads(model, tokenizer, sentences: list[Sentence], *, batch_size: int
         best = int(flat.argmax())                                          # first best
         k, d = divmod(best, 2)
         o = int(off[:, r].argmax())
-        # no head (offset) right on any word (root: nothing predicts ROOT): none to name
+        # no head (offset) right on any word (root: no head predicts ROOT): none to name
         return {"count": int(total[r]), "best": [k // H + 1, k % H, DIRECTIONS[d]] if flat[best] > 0 else None,
                 "accuracy": float(flat[best]),
                 "offset_baseline": {"offset": OFFSETS[o] if off[o, r] > 0 else None, "accuracy": float(off[o, r])}}

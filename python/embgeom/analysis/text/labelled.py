@@ -178,6 +178,19 @@ def check_classifier(model) -> dict[int, str]:
     return {int(k): str(v) for k, v in model.config.id2label.items()}
 
 
+def check_label_classes(labels: list[str], model, path: str) -> None:
+    """--correct-only: ValueError when a label of the file is none of the model's classes
+    (id2label's names): no text of it could ever be kept, and a label file spelled otherwise than
+    the model ("pos" for "POSITIVE") had kept nothing of those texts, silently."""
+    classes = set(check_classifier(model).values())
+    unknown = sorted(set(labels) - classes)
+    if unknown:
+        raise ValueError(f"--correct-only: {path} has labels that are none of the model's classes "
+                         f"({', '.join(map(repr, unknown[:8]))}{', ...' if len(unknown) > 8 else ''}; its "
+                         f"id2label: {', '.join(map(repr, sorted(classes)[:8]))}{', ...' if len(classes) > 8 else ''}); "
+                         "no text with them could be kept: write the labels as the model names its classes")
+
+
 def predict_labels(model, tokenizer, texts: list[str], *, batch_size: int = 32,
                    max_length: int | None = None) -> list[str]:
     """The classification head's predicted class (id2label) of every text, encoded as trace()
