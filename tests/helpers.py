@@ -352,9 +352,9 @@ def scatter_page(path) -> dict:
     text = open(path, encoding="utf-8").read()
     data = json.loads(re.search(r"id='data'>(.*?)</script>", text, re.S).group(1).replace("<\\/", "</"))
     rows = [None] * data["n"]
-    for trace in data["figure"]["data"][:data["match_trace"]]:
+    for k, trace in enumerate(data["figure"]["data"][:data["match_trace"]]):
         for r, x, y in zip(trace["customdata"], trace["x"], trace["y"]):
-            rows[r] = (x, y, trace["name"])
+            rows[r] = (x, y, data["labels"][k] if data["labels"] else trace["name"])
     data["rows"] = rows
     return data
 

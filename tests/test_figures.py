@@ -240,4 +240,9 @@ def test_page_data_cannot_end_or_reshape_its_script_element(tmp_path):
     assert not set("<>&") & set(block)
     data = json.loads(block)
     assert data["t"] == hostile
+    # legend names are text to Plotly (it draws <b> and friends): escaped there, as given in labels
+    names = [t["name"] for t in data["figure"]["data"][:data["match_trace"]]]
+    assert sorted(names) == ["&lt;!--&lt;b&gt;L", "A&amp;B&lt;/script&gt;", "c"]
+    assert sorted(data["labels"]) == ["<!--<b>L", "A&B</script>", "c"]
+    assert [n.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") for n in names] == data["labels"]
     assert path.endswith("p.html") and page.count("<!--") == 0

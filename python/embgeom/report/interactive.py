@@ -28,7 +28,7 @@ const LABELS = [...Array(MATCH).keys()];
 const where = new Array(n), X = new Array(n), Y = new Array(n);
 LABELS.forEach(k => F.data[k].customdata.forEach((r, j) => { where[r] = [k, j]; X[r] = F.data[k].x[j]; Y[r] = F.data[k].y[j]; }));
 const name = i => (P.ids ? P.ids[i] : '#' + i) + (P.t ? ' ' + P.t[i] : '') +
-  (P.labelled ? ' [' + F.data[where[i][0]].name + ']' : '');
+  (P.labelled ? ' [' + P.labels[where[i][0]] + ']' : '');
 const esc = s => String(s).replace(/[&<>'"]/g, c => '&#' + c.charCodeAt(0) + ';');
 function mark(k, rows, colors){
   const upd = {x: [rows.map(i => X[i])], y: [rows.map(i => Y[i])]};
@@ -101,7 +101,7 @@ def scatter_figure(xy, labels=None, texts=None, *, title: str = "projection", id
     are not hidden under thirty thousand words), each point's row in customdata and its name
     (id, text, [label]) on hover; then two empty overlay traces the page fills: the search
     matches and the clicked point with its neighbours. WebGL traces above GL_POINTS points.
-    Returns (figure, names of the label traces)."""
+    Returns (figure, the label of each label trace, in trace order)."""
     go, _ = _plotly()
 
     xy = np.asarray(xy, dtype=np.float64)
@@ -115,12 +115,15 @@ def scatter_figure(xy, labels=None, texts=None, *, title: str = "projection", id
     size = 4 if n > 5000 else 8
     ident = (lambda r: f"#{r}") if ids is None else (lambda r: str(ids[r]))
     fig = go.Figure()
-    for k in sorted(range(len(names)), key=lambda k: -len(rows[names[k]])):
+    order = sorted(range(len(names)), key=lambda k: -len(rows[names[k]]))
+    for k in order:
         name, rs = names[k], rows[names[k]]
         hover = [html.escape(ident(r) + ("" if texts is None else " " + str(texts[r])[:150])
                              + (f" [{name}]" if lab is not None else ""), quote=False) for r in rs]
         fig.add_trace(Trace(x=[round(float(xy[r, 0]), 5) for r in rs], y=[round(float(xy[r, 1]), 5) for r in rs],
-                            mode="markers", name=name or "points", showlegend=lab is not None,
+                            # (Plotly draws a few HTML tags in legend names: a label is text)
+                            mode="markers", name=html.escape(name, quote=False) or "points",
+                            showlegend=lab is not None,
                             legendrank=k, customdata=rs, hovertext=hover,
                             hovertemplate="%{hovertext}<extra></extra>",
                             marker=dict(color=PALETTE[k % len(PALETTE)], size=size, opacity=0.8),
@@ -137,7 +140,7 @@ def scatter_figure(xy, labels=None, texts=None, *, title: str = "projection", id
                       margin=dict(l=60, r=20, t=50, b=50), legend=dict(itemsizing="constant"),
                       xaxis=dict(title=dict(text=xlabel), zeroline=False),
                       yaxis=dict(title=dict(text=ylabel), zeroline=False))
-    return fig, names
+    return fig, [names[k] for k in order]
 
 
 def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "projection",
@@ -166,6 +169,7 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
     span = [float(np.ptp(xy[:, 0])) if n else 1.0, float(np.ptp(xy[:, 1])) if n else 1.0]
     data = {"figure": json.loads(fig.to_json()), "n": n, "labelled": labels is not None,
             "match_trace": len(names), "pick_trace": len(names) + 1,
+            "labels": names if labels is not None else None,   # (each label trace's, as given)
             "pick_color": "#d62728", "near_color": "#ff7f0e", "span": [s or 1.0 for s in span],
             # no "Share chart" button: it uploads the figure to Plotly Cloud
             "config": {"scrollZoom": True, "displaylogo": False, "responsive": True,
