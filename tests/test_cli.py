@@ -285,3 +285,55 @@ def test_interrupted_report_command_says_its_folder_is_as_before(tmp_path, monke
     monkeypatch.setattr(project_command, "main", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["project", str(tmp_path / "x.npy"), "--out", str(tmp_path / "p")]) == 130
     assert f"{tmp_path / 'p'} holds what it held before; no partial report" in capsys.readouterr().err
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) in any command: the Ctrl-C path (staging removed, what was
+    kept said, exit 130), where it had killed outright and left a hidden staging folder."""
+    import os
+    import signal
+
+    import embgeom.commands.project as project_command
+
+    np.save(tmp_path / "x.npy", make_embeddings(10, 4).numpy())
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(project_command, "main", terminated)
+    assert main(["project", str(tmp_path / "x.npy"), "--out", str(tmp_path / "p")]) == 130
+    assert "holds what it held before" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL          # put back after the command
+
+
+def test_files_the_machine_refuses_are_one_line(tmp_path, capsys, monkeypatch):
+    """A folder given for a file, an unreadable file, an unwritable folder: one line naming the
+    file, exit 2 (unreadable and unwritable had ended in PermissionError tracebacks, exit 1)."""
+    (tmp_path / "folder").mkdir()
+    assert main(["text", str(tmp_path / "folder"), "--out", str(tmp_path / "o")]) == 2
+    assert f"CORPUS: {tmp_path / 'folder'} is a folder, expected a file" in capsys.readouterr().err
+    assert main(["syntax", str(tmp_path / "folder"), "--out", str(tmp_path / "o")]) == 2
+    assert "TREEBANK: " in capsys.readouterr().err
+    # (as root every file is readable: the refusal is made where the file is opened)
+    import embgeom.io
+
+    np.save(tmp_path / "x.npy", make_embeddings(10, 4).numpy())
+
+    def refused(path, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(embgeom.io, "load_matrix", refused)
+    assert main(["pairs", str(tmp_path / "x.npy"), "--json", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"embgeom: error: Permission denied: {tmp_path / 'x.npy'}\n"
+
+
+def test_project_refuses_a_seed_its_method_ignores_or_cannot_take(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", make_embeddings(10, 4).numpy())
+    base = ["project", str(tmp_path / "x.npy"), "--out", str(tmp_path / "p")]
+    assert main([*base, "--method", "pca", "--seed", "5"]) == 2
+    assert "--seed: only for --method umap or tsne, got --method pca" in capsys.readouterr().err
+    assert main([*base, "--seed", "-1"]) == 2
+    assert "--seed: expected 0 .. 2^32 - 1, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -12,6 +12,7 @@ import sys
 import time
 
 from .commands import COMMANDS
+from .interrupts import terminate_as_interrupt
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -55,9 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     args.argv, args.started = argv, started  # provenance: the command line and its total wall time
     try:
-        return int(args.func(args) or 0)
+        # SIGTERM (a scheduler's stop, `kill`) ends a command as Ctrl-C does: its staging folder
+        # is removed, its checkpoint saved where it keeps one, and it says what was kept
+        with terminate_as_interrupt():
+            return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"embgeom: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # (`| head`: the reader left; nothing more to say to it)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # the machine refused: permissions, a folder for a file, a full disk
+        what = exc.strerror or type(exc).__name__
+        print(f"embgeom: error: {what}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"embgeom: interrupted ({_what_was_kept(args)})", file=sys.stderr)
@@ -81,7 +92,7 @@ def _what_was_kept(args) -> str:
             return f"stopped before the first save to {args.checkpoint}: nothing was kept"
         where = f"{args.checkpoint}.rank<r> (one per rank)" if distributed else args.checkpoint
         return f"finished work is kept in {where}; the same command resumes from it"
-    if hasattr(args, "checkpoint"):
+    if hasattr(args, "checkpoint") and getattr(args, "projections", True):
         return "nothing was kept; --checkpoint PATH keeps finished work for a rerun"
     if getattr(args, "out", None):
         return f"{args.out} holds what it held before; no partial report is written"

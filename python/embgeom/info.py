@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import platform
+import sys
 
 
 def _version(module: str) -> str | None:
@@ -116,4 +117,8 @@ def main(args) -> int:
 if __name__ == "__main__":  # pragma: no cover
     _parser = argparse.ArgumentParser(prog="python -m embgeom.info")
     add_arguments(_parser)
-    raise SystemExit(main(_parser.parse_args()))
+    try:
+        raise SystemExit(main(_parser.parse_args()))
+    except BrokenPipeError:  # (`| head`: the reader left; nothing more to say to it)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None

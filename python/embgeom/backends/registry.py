@@ -124,6 +124,9 @@ def _cpp_reasons(x: torch.Tensor) -> list[str]:
 
 
 def _cuda_device_reasons(x: torch.Tensor) -> list[str]:
+    if torch.version.cuda is None and not torch.cuda.is_available():
+        # (a GPU would not help: this torch has no CUDA at all)
+        return [f"this torch is a CPU-only build ({torch.__version__}); a CUDA build of torch is needed"]
     if not torch.cuda.is_available():
         return ["no usable CUDA device (torch.cuda.is_available() is False)"]
     if x.device.type != "cuda":

@@ -9,7 +9,8 @@ from ..neighbours import INDEXES, knn
 def add_arguments(p) -> None:
     p.add_argument("x", metavar="X", help=".npy, .pt or .safetensors file of shape (N, D)")
     p.add_argument("--k", type=int, required=True, help="neighbours per query")
-    p.add_argument("--index", default="flat", choices=list(INDEXES))
+    p.add_argument("--index", default="flat", choices=list(INDEXES),
+                   help="flat: exact search; ivf, hnsw: approximate, with recall@k against exact (default flat)")
     p.add_argument("--queries", metavar="Q", help="(Q, D) query matrix; default: every row of X "
                    "queries (itself excluded)")
     p.add_argument("--device", help="cpu or cuda (default: GPU when faiss-gpu and CUDA are usable)")
@@ -17,7 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument("--nprobe", type=int, help="--index ivf: lists probed (default nlist / 8)")
     p.add_argument("--hnsw-m", type=int, help="--index hnsw: links per node (default 32)")
     p.add_argument("--ef-search", type=int, help="--index hnsw: search breadth (default max(64, 2 k))")
-    p.add_argument("--json", required=True, metavar="OUT")
+    p.add_argument("--json", required=True, metavar="OUT", help="the neighbours as JSON (written atomically)")
 
 
 def main(args) -> int:

@@ -25,7 +25,8 @@ def add_model_options(p, *, batch_size: int | None = None, max_length_help: str 
     add_quiet_option(p)
     if batch_size is None:
         return
-    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"texts a forward pass (default {batch_size})")
     p.add_argument("--max-length", type=int, default=None, help=f"{max_length_help} "
                    "(default: the model's maximum)")
 

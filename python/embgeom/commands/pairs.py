@@ -33,9 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", help="cpp, torch, triton, cuda or reference (default: auto)")
     p.add_argument("--device", type=device_option, help="run on this torch device (e.g. cuda)")
     p.add_argument("--checkpoint", metavar="PATH", help="save finished tiles here; a rerun resumes")
-    p.add_argument("--progress", action="store_true")
+    p.add_argument("--progress", action="store_true", help="a bar of the pairs done on stderr")
     p.add_argument("--distributed", action="store_true", help="split the work over torchrun ranks")
-    p.add_argument("--json", required=True, metavar="OUT")
+    p.add_argument("--json", required=True, metavar="OUT", help="the statistics as JSON (written atomically)")
 
 
 def main(args) -> int:

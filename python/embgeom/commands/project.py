@@ -16,13 +16,17 @@ from .model_options import add_quiet_option, progress_for
 
 
 def check_method_options(args) -> None:
-    """--k is UMAP's, --perplexity t-SNE's: given to another method they would be ignored, so they
-    are refused; the defaults are filled in."""
-    for option, value, method in (("--k", args.k, "umap"), ("--perplexity", args.perplexity, "tsne")):
-        if value is not None and args.method != method:
-            raise ValueError(f"{option}: only for --method {method}, got --method {args.method}")
+    """--k is UMAP's, --perplexity t-SNE's, --seed theirs: given to another method they would be
+    ignored, so they are refused; the defaults are filled in."""
+    for option, value, methods in (("--k", args.k, ("umap",)), ("--perplexity", args.perplexity, ("tsne",)),
+                                   ("--seed", args.seed, ("umap", "tsne"))):
+        if value is not None and args.method not in methods:
+            raise ValueError(f"{option}: only for --method {' or '.join(methods)}, got --method {args.method}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed: expected 0 .. 2^32 - 1, got {args.seed}")
     args.k = DEFAULT_K if args.k is None else args.k
     args.perplexity = DEFAULT_PERPLEXITY if args.perplexity is None else args.perplexity
+    args.seed = 0 if args.seed is None else args.seed
 
 
 def add_arguments(p) -> None:
@@ -32,7 +36,7 @@ def add_arguments(p) -> None:
                    "project (0 = embedding output, l = output of layer l; default: the last)")
     p.add_argument("--labels", metavar="FILE", help="one label per line, aligned with the rows")
     p.add_argument("--texts", metavar="FILE", help="one text/token per line, shown on hover in the HTML")
-    p.add_argument("--method", default="umap", choices=["umap", "tsne", "pca"])
+    p.add_argument("--method", default="umap", choices=["umap", "tsne", "pca"], help="default umap")
     p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"],
                    help="the neighbour graph's geometry (and the original silhouette's): cosine for "
                    "embeddings (default), euclidean for point clouds whose positions matter (a Hopf link)")
@@ -40,7 +44,7 @@ def add_arguments(p) -> None:
                    f"(default {DEFAULT_K})")
     p.add_argument("--perplexity", type=float, default=None, help="t-SNE perplexity (k = 3 x perplexity; "
                    f"default {DEFAULT_PERPLEXITY:g})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed of the UMAP / t-SNE layout, 0..2^32-1 (default 0)")
     p.add_argument("--backend", default=None, help="all-pairs backend for the graph (default: auto)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     add_quiet_option(p)

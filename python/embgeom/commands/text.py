@@ -47,7 +47,7 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     import warnings
 
-    from ..analysis.text.inputs import read_labels, read_lines, read_pairs
+    from ..analysis.text.inputs import read_labels, read_lines, read_pairs, require_file
     from ..analysis.text.labelled import CLASS_MAPS_FILE, ClassMaps, LabelSplit, check_label_classes, predict_labels
     from ..analysis.text.trace import cls_differences, model_max_length, split_pair, trace
     from ..report.head_sections import class_maps_section
@@ -56,8 +56,7 @@ def main(args) -> int:
 
     prov = Provenance(args, inputs={"CORPUS": args.corpus, "--labels": args.labels, "--pairs": args.pairs})
     prog = progress_for(args, "embgeom text")
-    if not os.path.isfile(args.corpus):
-        raise ValueError(f"CORPUS: no such file: {args.corpus}")
+    require_file(args.corpus, "CORPUS")
     check_run_options(args)
     check_output_folder(args.out, command="text", inputs=[("CORPUS", args.corpus), ("--labels", args.labels),
                                                           ("--pairs", args.pairs), ("--checkpoint", args.checkpoint)])

@@ -19,9 +19,11 @@ from .model_options import add_model_options, progress_for
 
 def add_arguments(p) -> None:
     add_model_options(p)
-    p.add_argument("--out", default="embgeom-vocab", metavar="DIR", help="output directory (created)")
+    p.add_argument("--out", default="embgeom-vocab", metavar="DIR", help="output directory (created; default "
+                   "embgeom-vocab)")
     p.add_argument("--all-tokens", action="store_true", help="keep special and [unusedN] tokens")
-    p.add_argument("--precision", default=DEFAULTS.precision, choices=PRECISIONS)
+    p.add_argument("--precision", default=DEFAULTS.precision, choices=PRECISIONS,
+                   help=f"the all-pairs products (docs/metrics.md, precision; default {DEFAULTS.precision})")
     p.add_argument("--backend", default=None, help="all-pairs backend (default: auto)")
     p.add_argument("--positions", metavar="A:B", default=None, help="analyse positions A..B-1 only "
                    "(e.g. 0:384)")

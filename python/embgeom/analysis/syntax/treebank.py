@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from ..text.inputs import require_file
 
 
 
@@ -23,8 +24,7 @@ def read_conllu(path: str) -> list[Sentence]:
         import conllu
     except ImportError:
         raise ValueError("syntax: the conllu package is not installed; `pip install conllu`") from None
-    if not os.path.isfile(path):
-        raise ValueError(f"TREEBANK: no such file: {path}")
+    require_file(path, "TREEBANK")
     out = []
     with open(path, encoding="utf-8-sig") as f:  # (a leading byte-order mark is not part of the first line)
         try:

@@ -10,11 +10,18 @@ from typing import Iterator
 
 
 # ----------------------------------------------------------------------------------- inputs
+def require_file(path: str, what: str) -> None:
+    """ValueError naming `what` unless path is a file (a folder is said to be one)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: {path} is a folder, expected a file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what}: no such file: {path}")
+
+
 def _all_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
     """(number, line) of every line of a UTF-8 file, without its line break and without a
     leading byte-order mark (editors on Windows write one; it is not part of the first line)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{what}: no such file: {path}")
+    require_file(path, what)
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
@@ -38,8 +45,7 @@ def read_pairs(path: str) -> list[dict]:
     """JSONL of {"group": g, "a": text, "b": text}; clear errors for anything else."""
     import json
 
-    if not os.path.isfile(path):
-        raise ValueError(f"--pairs: no such file: {path}")
+    require_file(path, "--pairs")
     pairs = []
     for number, line in enumerate(read_lines(path, "--pairs"), 1):
         try:
