@@ -337,3 +337,22 @@ def test_project_refuses_a_seed_its_method_ignores_or_cannot_take(tmp_path, caps
     assert main([*base, "--seed", "-1"]) == 2
     assert "--seed: expected 0 .. 2^32 - 1, got -1" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_json_or_checkpoint_never_lands_in_a_sealed_folder(tmp_path, capsys):
+    """`pairs --json DIR/manifest.json` into a pairs_above folder had replaced its manifest (the
+    folder then read as damaged), `--json REPORT/report.json` a sealed report's file: refused."""
+    import embgeom
+
+    x = make_embeddings(30, 4)
+    np.save(tmp_path / "x.npy", x.numpy())
+    embgeom.pairs_above(x, 0.5, tmp_path / "pa")
+    assert main(["project", str(tmp_path / "x.npy"), "--method", "pca", "--out", str(tmp_path / "rep")]) == 0
+    capsys.readouterr()
+    for target, what in ((tmp_path / "pa" / "manifest.json", "a pairs_above folder"),
+                         (tmp_path / "rep" / "report.json", "the report folder of `embgeom project`")):
+        before = target.read_bytes()
+        assert main(["pairs", str(tmp_path / "x.npy"), "--json", str(target)]) == 2
+        assert f"is inside {target.parent}, {what}" in capsys.readouterr().err
+        assert target.read_bytes() == before
+    embgeom.read_pairs(tmp_path / "pa")

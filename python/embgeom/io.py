@@ -63,11 +63,14 @@ def _write_error(name: str, path: str, exc: OSError) -> ValueError:
     return ValueError(f"{name}: cannot write {path}: {why}")
 
 
-def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple[str, str | None]] = ()) -> str:
+def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple[str, str | None]] = (),
+                      own_folder: bool = False) -> str:
     """The folder of an output file about to be written; ValueError (one line) when the folder is
-    missing, `path` is a directory, or it is one of the inputs ((argument name, path or None),
-    ...: `pairs X.npy --json X.npy` had written over X). Commands call it before their work,
-    atomic_write again."""
+    missing, `path` is a directory, it is one of the inputs ((argument name, path or None), ...:
+    `pairs X.npy --json X.npy` had written over X), or (unless own_folder: the writer of that
+    folder itself, as atomic_write is called) the folder is an embgeom output sealed by its
+    manifest (`pairs --json DIR/manifest.json` had replaced a pairs folder's manifest). Commands
+    call it before their work, atomic_write again."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"{name}: cannot write {path}: it is a directory")
@@ -76,7 +79,31 @@ def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple
             raise ValueError(f"{name}: {path} is the {what} file this run reads; write elsewhere")
     if not os.path.isdir(folder):
         raise ValueError(f"{name}: cannot write {path}: no such folder {folder}")
+    sealed = None if own_folder else _sealed_folder(folder)
+    if sealed:
+        raise ValueError(f"{name}: {path} is inside {folder}, {sealed}, whose {MANIFEST} lists what it holds "
+                         "(a file written there would break it); write elsewhere")
     return folder
+
+
+def _sealed_folder(folder: str) -> str | None:
+    """What embgeom output `folder` is (a report folder, a pairs folder), by its manifest; None
+    for any other folder."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(m, dict):
+        return None
+    if m.get("format") == MANIFEST_FORMAT:
+        return f"the report folder of `embgeom {m['command']}`" if m.get("command") else "an embgeom report folder"
+    if m.get("kind") == "embgeom-pairs":  # (pair_shards.KIND: that module sits a layer above this one)
+        return "a pairs_above folder"
+    return None
 
 
 def exclusive_lock(lock_path: str, busy: str) -> int | None:
@@ -110,7 +137,7 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output") -> It
     is a directory; OSErrors while writing (disk full) become the same ValueError.
     """
     path = os.fspath(path)
-    folder = check_output_path(path, name)
+    folder = check_output_path(path, name, own_folder=True)
     base = os.path.basename(path)
     _remove_orphans(folder, base, (".tmp",))
     try:
