@@ -86,16 +86,23 @@ def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple
     return folder
 
 
+def read_json_file(path: str):
+    """The JSON value of a file; ValueError when it cannot be read as JSON (also JSON nested past
+    the parser's depth, a RecursionError there)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{path}: not readable JSON ({type(exc).__name__})") from None
+
+
 def _sealed_folder(folder: str) -> str | None:
     """What embgeom output `folder` is (a report folder, a pairs folder), by its manifest; None
     for any other folder."""
     path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        return None
     try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
-    except (OSError, ValueError, RecursionError):
+        m = read_json_file(path) if os.path.isfile(path) else None
+    except ValueError:
         return None
     if not isinstance(m, dict):
         return None
@@ -217,9 +224,8 @@ def _read_manifest(folder: str) -> dict | None:
     if not os.path.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError, RecursionError):  # (RecursionError: JSON nested past the parser)
+        manifest = read_json_file(path)
+    except ValueError:
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
             or not isinstance(manifest.get("files"), dict):

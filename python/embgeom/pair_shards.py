@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .io import _sha256, atomic_write, exclusive_lock
+from .io import _sha256, atomic_write, exclusive_lock, read_json_file
 
 # the metrics of an Index and of pairs_above, which the manifest records (index.py reads them
 # from here: it sits a layer above this module)
@@ -51,9 +51,8 @@ def _read_manifest(folder: str, arg: str) -> dict | None:
     if not os.path.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        m = read_json_file(path)
+    except ValueError:
         raise ValueError(f"{arg}: {path} is damaged (not the JSON manifest of an embgeom pairs folder)") from None
     want = {"kind", "version", "fingerprint", "n", "d", "metric", "threshold", "rows_done",
             "complete", "count", "shards"}
