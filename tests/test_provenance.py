@@ -52,7 +52,7 @@ def test_project_records_depth_and_input(tmp_path):
     x = np.random.default_rng(0).standard_normal((30, 3, 8)).astype(np.float32)
     np.save(tmp_path / "cls.npy", x)
     out = tmp_path / "p"
-    assert main(["project", str(tmp_path / "cls.npy"), "--method", "pca", "--depth", "-1", "--seed", "3",
+    assert main(["project", str(tmp_path / "cls.npy"), "--method", "umap", "--k", "5", "--depth", "-1", "--seed", "3",
                  "--out", str(out)]) == 0
     prov = json.loads((out / "report.json").read_text())["provenance"]
     _check(prov, "project")
