@@ -43,6 +43,7 @@ def main(args) -> int:
     from ..io import check_output_path, load_matrix
     from ..provenance import Provenance
     from ..report import write_json
+    from ..validation import renamed
 
     prov = Provenance(args, inputs={"X": args.x, "--against": args.against})
     ins = [("X", args.x), ("--against", args.against)]
@@ -63,16 +64,19 @@ def main(args) -> int:
             value = spec["default"] if value is None else value
         options[name] = tuple(value) if "pair" in spec and value is not None else value
     kwargs = dict(options, backend=args.backend, checkpoint=args.checkpoint, progress=args.progress)
-    if args.distributed:
-        from .. import distributed
+    # the engine's checks name the API's arguments (y, bins, ...): said here as this command's
+    names = {name: f"--{name.replace('_', '-')}" for name in [*options, "backend", "checkpoint"]}
+    with renamed(x="X", y="--against", **names):
+        if args.distributed:
+            from .. import distributed
 
-        result = distributed.pairwise_stats(x, y, **kwargs)
-        if result is None:  # not rank 0
-            return 0
-    else:
-        from ..api import pairwise_stats
+            result = distributed.pairwise_stats(x, y, **kwargs)
+            if result is None:  # not rank 0
+                return 0
+        else:
+            from ..api import pairwise_stats
 
-        result = pairwise_stats(x, y, **kwargs)
+            result = pairwise_stats(x, y, **kwargs)
     for note in result.notes:
         print(f"embgeom pairs: note: {note}", file=sys.stderr)
     out = result.to_dict()

@@ -409,8 +409,8 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
                tile_pairs) -> None:
     """ValueError (one line, "does not fit this run: ...") unless a state read from a checkpoint
     can be this run's: the shapes of a fresh engine's empty state `fresh`, tiles_done within the
-    run's tiles (num_tiles; None: a merged state, not checked), a pair count the finished tiles can hold (tile_pairs(0, tiles_done)), histogram
-    counts >= 0 summing to it, every listed pair and row column an index of this run (i < j in
+    run's tiles (num_tiles; None: a merged state, not checked), a pair count the finished tiles
+    can hold (tile_pairs(0, tiles_done)), histogram counts >= 0 summing to it, every listed pair and row column an index of this run (i < j in
     self mode), counts >= 0. The C++ engine checks the same in its import; the torch and Triton
     engines copy a state as it is, so a crafted one (its sha256 recomputed) had come back as a
     3-bin histogram of a 2,000-bin run or a neighbour 10^9."""
@@ -446,8 +446,9 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
     if saved.hist is not None and int(np.asarray(saved.hist).sum()) != saved.count:
         refuse(f"the histogram's counts sum to {int(np.asarray(saved.hist).sum())}, not count {saved.count}")
 
-    def pair_ok(i, j):
-        return (0 <= i < n) and (0 <= j < cols) and (m is not None or i < j)
+    def pair_ok(i, j):  # (arrays or numbers: every pair an (i, j) of this run)
+        i, j = np.asarray(i), np.asarray(j)
+        return bool(np.all((0 <= i) & (i < n) & (0 <= j) & (j < cols) & ((m is not None) | (i < j))))
 
     limits = list_limits(cfg)
     for kind in LIST_KINDS:
@@ -456,7 +457,7 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
             refuse(f"{kind}: values, rows and columns must be three lists of one length")
         if v.size > max(0, limits.get(kind, 0)):
             refuse(f"{kind}: {v.size} pairs, this run lists at most {max(0, limits.get(kind, 0))}")
-        if v.size and not (np.isfinite(v).all() and all(pair_ok(a, b) for a, b in zip(i.tolist(), j.tolist()))):
+        if v.size and not (np.isfinite(v).all() and pair_ok(i, j)):
             refuse(f"{kind}: a pair outside this run's rows and columns (or a value not finite)")
     for name in ("min", "max"):
         e = getattr(saved, name)
