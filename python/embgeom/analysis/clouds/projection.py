@@ -104,7 +104,7 @@ def exact_knn(x, k: int, *, metric: str = "cosine", backend: str | None = None) 
             sure = val[:, k - 1] * val[:, k - 1] < floor
         unsure = np.nonzero(~sure)[0]
         if unsure.size:
-            found = knn_float64_rows(x64, unsure, k, metric=metric)
+            found = knn_float64_rows(x64, unsure, k, metric=metric, centred=None if cosine else centred)
             idx[unsure, :k], val[unsure, :k] = _by_value(found, rescore(found, unsure), metric)
     seconds = time.perf_counter() - start
     return np.ascontiguousarray(idx[:, :k]), np.ascontiguousarray(val[:, :k]), seconds
@@ -127,12 +127,13 @@ def _by_value(idx: np.ndarray, val: np.ndarray, metric: str = "cosine") -> tuple
 
 
 def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256, *,
-                     metric: str = "cosine") -> np.ndarray:
+                     metric: str = "cosine", centred: np.ndarray | None = None) -> np.ndarray:
     """The k nearest columns of each of `rows` by float64 cosine (or Euclidean distance) against
     every row (itself excluded; ties by column), (len(rows), k) int64: the search behind rows whose
-    fp32 candidates are not certain (exact_knn)."""
+    fp32 candidates are not certain (exact_knn). centred: x64 less its mean, where the caller has
+    it already (Euclidean)."""
     if metric == "euclidean":
-        return _knn_float64_rows_euclidean(x64, rows, k, chunk)
+        return _knn_float64_rows_euclidean(x64, rows, k, chunk, x64 - x64.mean(0) if centred is None else centred)
     nrm = np.linalg.norm(x64, axis=1)
     unit = x64 / nrm[:, None]
     out = np.empty((rows.size, k), np.int64)
@@ -152,7 +153,8 @@ def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256
     return out
 
 
-def _knn_float64_rows_euclidean(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int) -> np.ndarray:
+def _knn_float64_rows_euclidean(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int,
+                                centred: np.ndarray) -> np.ndarray:
     """knn_float64_rows under Euclidean distance. The squared distances of the centred rows c by
     float64 matrix products, s = |c_i|^2 + |c_j|^2 - 2 c_i.c_j, are within E = 4 (D + 6) eps64
     (|c_i|^2 + |c_j|^2) of the exact ones (the products' and norms' D-term sums, the centring's
@@ -161,7 +163,6 @@ def _knn_float64_rows_euclidean(x64: np.ndarray, rows: np.ndarray, k: int, chunk
     keep s where E is 0 (c_i = c_j = 0: the rows equal the mean, s = 0 exactly). Cost: a float64
     product per chunk of rows plus the differences of the few columns near each row's boundary
     (scipy's cdist of a whole row took 20 ms against the vocabulary)."""
-    centred = x64 - x64.mean(0)
     sq = np.einsum("ij,ij->i", centred, centred)
     slack = 4.0 * (x64.shape[1] + 6) * EPS64
     out = np.empty((rows.size, k), np.int64)

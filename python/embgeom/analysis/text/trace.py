@@ -959,10 +959,7 @@ def cls_differences(model, tokenizer, pairs: list[dict], *, batch_size: int = 32
         checkpoint.save(acc)   # finished: a rerun runs no pair again
     means = acc.sums / acc.counts.clamp(min=1)[:, None].double()
     norms = torch.linalg.vector_norm(means, dim=1)
-    cos = cosine_matrix(means)
-    bad = norms == 0
-    cos[bad] = math.nan
-    cos[:, bad] = math.nan
+    cos = cosine_matrix(means)   # (a group without a direction: NaN, as cosine_matrix gives zero rows)
     out = {"groups": groups, "counts": acc.counts, "mean_norm": norms, "cosine": cos}
     if keep:
         out["vectors"] = acc.vectors
