@@ -78,7 +78,7 @@ def test_interrupted_text_run_resumes_to_the_uninterrupted_report(tiny_bert_dir,
     monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")
     assert main([*common, "--out", out, "--checkpoint", ckpt]) == 0
     err = capsys.readouterr().err
-    assert f"12 texts, 9 of them from {ckpt}" in err, err
+    assert f"12 texts, 9 of them from {ckpt}" in err and "this run and the earlier ones) ->" in err, err
     clean = json.loads((tmp_path / "clean" / "report.json").read_text())
     resumed = json.loads((tmp_path / "resumed" / "report.json").read_text())
     assert _strip(resumed) == _strip(clean)

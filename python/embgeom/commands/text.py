@@ -179,7 +179,8 @@ def main(args) -> int:
     if pairs_ckpt is not None and pairs_ckpt.resumed_pairs:
         resumed += f" ({fmt(pairs_ckpt.resumed_pairs)} --pairs pairs from {pairs_ckpt.path})"
     print(f"embgeom text: {fmt(result.n_texts)} texts{resumed}, {fmt(result.n_tokens)} tokens in "
-          f"{seconds(prov.seconds())} (forward passes {seconds(result.seconds)}) -> "
+          f"{seconds(prov.seconds())} (forward passes {seconds(result.seconds)}"
+          f"{', this run and the earlier ones' if resumed else ''}) -> "
           f"{os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0
 
