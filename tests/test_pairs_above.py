@@ -265,6 +265,17 @@ def test_damaged_folders_are_refused_not_read(tmp_path):
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match=r"outside 0 <= i < j < n = 300"):
         read_pairs(folder)
+    # bytes that are no .npy at all, under a recomputed sha256: one line naming the shard, from
+    # the reader and from a resuming writer
+    shard.write_bytes(b"not a numpy file")
+    m["shards"][0].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"^folder: cannot read shard .*pairs-000000.npy: "):
+        read_pairs(folder)
+    m.update(complete=False, rows_done=100)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"cannot read shard .*pairs-000000.npy: "):
+        pairs_above(x, 0.3, folder)
 
 
 def test_repeated_pairs_and_rewound_manifests_are_refused(tmp_path, monkeypatch):

@@ -15,15 +15,17 @@ SHARD_PAIRS pairs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import time
+from io import BytesIO
 
 import numpy as np
 
-from .io import _sha256, atomic_write, exclusive_lock, read_json_file
+from .io import atomic_write, exclusive_lock, read_json_file
 
 # the metrics of an Index and of pairs_above, which the manifest records (index.py reads them
 # from here: it sits a layer above this module)
@@ -161,12 +163,12 @@ class ShardWriter:
                                  f"({', '.join(differ)} differ); use an empty folder, or delete this one")
             # a resumed (or repeated) run builds on the shards listed: they must be the ones written
             for shard in old["shards"]:
-                if _shard_changed(folder, shard):
+                rows = _read_shard(folder, shard)
+                if rows is None:
                     raise ValueError(f"out: {folder}: shard {shard['file']} is missing or changed since the "
                                      "manifest was written, so the pairs there cannot be built on; delete the "
                                      "folder and run again")
                 # the run continues at rows_done: a listed pair of a later row would be written twice
-                rows = np.load(os.path.join(folder, shard["file"]), mmap_mode="r", allow_pickle=False)
                 if rows.dtype != PAIR_DTYPE or (rows.shape[0] and int(rows["i"].max()) >= old["rows_done"]):
                     raise ValueError(f"out: {folder}: shard {shard['file']} holds pairs of rows the manifest "
                                      f"counts as not done (rows_done {old['rows_done']:,}): the manifest is not "
@@ -195,10 +197,10 @@ class ShardWriter:
         arr = arr[np.lexsort((arr["j"], arr["i"]))]
         name = _shard_name(len(self.manifest["shards"]) + len(self._pending))
         with atomic_write(os.path.join(self.folder, name), binary=True, name="out") as f:
-            np.save(f, arr, allow_pickle=False)
-        path = os.path.join(self.folder, name)
-        self._pending.append({"file": name, "count": int(arr.shape[0]), "bytes": os.path.getsize(path),
-                              "sha256": _sha256(path)})
+            hashed = _HashingWriter(f)   # the sha256 of the bytes as they are written, not read back
+            np.save(hashed, arr, allow_pickle=False)
+        self._pending.append({"file": name, "count": int(arr.shape[0]), "bytes": hashed.size,
+                              "sha256": hashed.digest.hexdigest()})
 
     def add_rows(self, rows_done: int, pieces) -> None:
         """Take the pairs (i, j, similarity arrays) of every row below `rows_done` not yet
@@ -272,10 +274,33 @@ def _lock_folder(folder: str) -> int | None:
                           "run; wait for it to finish, or use another folder")
 
 
-def _shard_changed(folder: str, shard: dict) -> bool:
-    """Whether a listed shard is missing, or its size or sha256 is not the manifest's."""
+class _HashingWriter:
+    """A file's writer that keeps the sha256 and size of what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+def _read_shard(folder: str, shard: dict) -> np.ndarray | None:
+    """A listed shard's array, read once: None when the file is missing or its size or sha256 is
+    not the manifest's. A file with the right bytes but not a shard's layout (which only a forged
+    manifest lists) comes back as whatever .npy it is, for the caller's dtype and count checks."""
     path = os.path.join(folder, shard["file"])
-    return not os.path.isfile(path) or os.path.getsize(path) != shard["bytes"] or _sha256(path) != shard["sha256"]
+    if not os.path.isfile(path) or os.path.getsize(path) != shard["bytes"]:
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        return None
+    try:
+        return np.load(BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"cannot read shard {path}: {exc}") from None
 
 
 def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -295,13 +320,13 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     parts = []
     for s in m["shards"]:
         path = os.path.join(folder, s["file"])
-        if _shard_changed(folder, s):
+        try:
+            a = _read_shard(folder, s)
+        except ValueError as exc:
+            raise ValueError(f"folder: {exc}") from None
+        if a is None:
             raise ValueError(f"folder: {folder} is stale: shard {s['file']} is missing or changed since "
                              "the manifest was written; write the pairs again")
-        try:
-            a = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"folder: cannot read shard {path}: {exc}") from None
         if a.dtype != PAIR_DTYPE or a.shape != (s["count"],):
             raise ValueError(f"folder: {folder} is stale: shard {s['file']} holds {a.shape} {a.dtype}, "
                              f"the manifest says {s['count']} pairs")
