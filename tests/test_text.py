@@ -149,7 +149,7 @@ def test_cli_heads_extras(tiny_bert_dir, tmp_path, capsys):
     from embgeom.analysis.heads.measures import behaviours
 
     per_text = {k: torch.tensor(report["attention_to_per_text"][k], dtype=torch.float64)
-                for k in ("cls", "sep", "punct", "prev", "next")}
+                for k in ("cls", "sep", "period", "comma", "prev", "next")}
     assert ah["mds_behaviour"] == behaviours(torch.tensor(ah["clark_entropy"], dtype=torch.float64), per_text)
     html = (out / "report.html").read_text()
     assert "headmap-data" in html and "Contents" in html and "http" not in html
@@ -396,3 +396,16 @@ def test_trace_metrics_left_out_are_nan_and_a_text_string_is_named(tiny_bert):
     assert d["entropy"]["uniform_baseline"] is None and d["evolution"]["norm"][0] is None
     with pytest.raises(ValueError, match=r"texts: no such file: 'the dog is big'; one text goes in a list"):
         trace(model, tokenizer, "the dog is big")
+
+
+def test_behaviour_marker_takes_periods_and_commas_only():
+    """Clark's Fig. 6 marker for punctuation heads is his code's: the mass on the tokens '.' and
+    ',' together >= 0.6. A head on ';' (punctuation, but neither) is "other"."""
+    from embgeom.analysis.heads.measures import PERIOD_COMMA, behaviours
+
+    entropy = torch.ones(1, 3, dtype=torch.float64)
+    to = {k: torch.zeros(1, 3, dtype=torch.float64) for k in ("cls", "sep", "prev", "next", "period", "comma")}
+    to["punct"] = torch.tensor([[1.0, 0.65, 0.0]], dtype=torch.float64)   # head 0: all on ';'
+    to["period"][0, 1], to["comma"][0, 1] = 0.35, 0.3                      # head 1: '.' and ',' 0.65
+    to["period"][0, 2] = 0.59                                              # head 2: below 0.6
+    assert behaviours(entropy, to) == [["other", PERIOD_COMMA, "other"]]

@@ -9,6 +9,7 @@ import numpy as np
 
 from .definitions import defined
 from ..analysis.text.labelled import no_class_maps_note
+from ..analysis.heads.measures import PERIOD_COMMA
 from .attention_view import write_attention_view
 from .headmaps import headmaps_html
 from ..formatting import fmt as fmt_number
@@ -17,7 +18,7 @@ from .plots import (DEPTH, HEAD, LAYER, depth_axis, head_matrix, layer_axis, lay
                     new_figure, save_figure)
 
 MARKERS = {"broad": "o", "next": ">", "previous": "<", "[CLS]": "s", "[SEP]": "D",
-           "punctuation": "P", "other": "x"}
+           PERIOD_COMMA: "P", "other": "x"}
 ATTENTION_VIEW = "attention_view.html"
 LABEL_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#dddddd"]
 
@@ -127,7 +128,7 @@ def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) ->
                          "P = 0.999 A + 0.001/n (nats, not its square root); metric MDS "
                          "(scikit-learn, precomputed, n_init 5, max_iter 1000, eps 1e-10, seed 0). "
                          "Colour: layer; marker: Clark's behaviours (broad: entropy > 3.8 nats; "
-                         "next/previous >= 0.5; [CLS]/[SEP]/punctuation >= 0.6).</p>", [png]))
+                         "next/previous >= 0.5; [CLS]/[SEP]/'.' or ',' >= 0.6, the last on the two tokens' mass together).</p>", [png]))
 
     pats = block["patterns"]
     labels = block["pattern_labels"]

@@ -504,11 +504,15 @@ class HeadsAccumulator(Resumable):
         return out
 
 
+PERIOD_COMMA = "'.' or ','"   # Clark's Fig. 6 marker for heads on periods and commas
+
+
 def behaviours(clark_entropy: torch.Tensor, attention_to: dict | None) -> list[list[str]]:
     """Clark Fig. 6 markers per head: "broad" (mean entropy > 3.8 nats), "next"/"previous"
-    (>= 0.5), "[CLS]"/"[SEP]"/"punctuation" (>= 0.6), first that holds in that order, else
-    "other". attention_to: {cls, sep, punct, prev, next} (L, H) means; `embgeom text` passes
-    TraceResult.attention_to_per_text (Clark's per-text-first averages)."""
+    (>= 0.5), "[CLS]"/"[SEP]"/"'.' or ','" (>= 0.6; the last on the mass on tokens '.' and ','
+    together, as Clark's code marks them, not on every punctuation token), first that holds in
+    that order, else "other". attention_to: {cls, sep, period, comma, prev, next} (L, H) means;
+    `embgeom text` passes TraceResult.attention_to_per_text (Clark's per-text-first averages)."""
     L, H = clark_entropy.shape
     out = []
     for l in range(L):
@@ -519,9 +523,10 @@ def behaviours(clark_entropy: torch.Tensor, attention_to: dict | None) -> list[l
                 lab = "broad"
             elif attention_to is not None:
                 v = {k: float(t[l, h]) for k, t in attention_to.items()}
+                v["period_comma"] = v.get("period", 0.0) + v.get("comma", 0.0)
                 for key, name, thr in (("next", "next", 0.5), ("prev", "previous", 0.5),
                                        ("cls", "[CLS]", 0.6), ("sep", "[SEP]", 0.6),
-                                       ("punct", "punctuation", 0.6)):
+                                       ("period_comma", PERIOD_COMMA, 0.6)):
                     if v.get(key, 0.0) >= thr:
                         lab = name
                         break
