@@ -974,3 +974,11 @@ def test_json_nested_past_the_parser_is_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_row_lists_of_a_single_row_say_what_they_hold():
+    """One row in self mode has no neighbour: k is lowered to 1, one padded slot, and the note
+    gives N - 1 = 0 (it had said "lowered to N - 1 (self mode) = 1")."""
+    got = embgeom.pairwise_stats(make_embeddings(1, 8, seed=3), row_topk=5, backend="cpp")
+    assert got.row_topk.indices.tolist() == [[-1]] and torch.isnan(got.row_topk.values).all()
+    assert got.notes == ["row_topk 5 lowered to 1: N - 1 (self mode) = 0, so the list holds one padded slot (-1)"]

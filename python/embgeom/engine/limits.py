@@ -25,14 +25,19 @@ def fit_to_input(cfg: PairwiseConfig, n: int, m: int | None) -> tuple[PairwiseCo
     if cfg.bins > MAX_BINS:
         raise ValueError(f"bins: at most {MAX_BINS:,} (finer than float32 resolves), got {cfg.bins:,}")
     # never to 0: a list asked for stays in the result (empty or padded), only shorter
-    per_row = max(n - 1 if m is None else m, 1)
+    candidates = n - 1 if m is None else m
+    per_row = max(candidates, 1)
     notes, lowered = [], {}
     for name in ("row_topk", "row_bottomk"):
         asked = getattr(cfg, name)
         if asked > per_row:
             lowered[name] = per_row
             what = "N - 1 (self mode)" if m is None else "M (the rows of y)"
-            notes.append(f"{name} {asked:,} lowered to {what} = {per_row:,}: a row has no more neighbours")
+            if candidates >= 1:
+                notes.append(f"{name} {asked:,} lowered to {what} = {per_row:,}: a row has no more neighbours")
+            else:
+                notes.append(f"{name} {asked:,} lowered to 1: {what} = {candidates:,}, so the list holds "
+                             "one padded slot (-1)")
     # whole-matrix lists hold at most every pair: lowering them changes no result, so no note
     pairs = max(n * (n - 1) // 2 if m is None else n * m, 1)
     for name in ("topk", "bottomk", "near_k", "outside_limit"):
