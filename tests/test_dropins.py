@@ -297,14 +297,54 @@ def test_infinite_radius_and_argument_names_as_sklearn(sk_neighbors, metric):
             [len(i) for i in want_i]
     with pytest.raises(ValueError, match="return_distance must be True if sort_results is True"):
         ours.radius_neighbors(q, 1.0, return_distance=False, sort_results=True)
-    for bad in (-1.0, math.nan):
-        with pytest.raises(ValueError, match="radius"):
-            ours.radius_neighbors(q, bad)
+    for bad in (-1.0, math.nan):  # scikit-learn's brute search: no row, or (euclidean, < 0) refused
+        if metric == "euclidean" and bad < 0:
+            with pytest.raises(ValueError, match="radius"):
+                ours.radius_neighbors(q, bad)
+            continue
+        got_d, got_i = ours.radius_neighbors(q, bad)
+        want_d, want_i = ref.radius_neighbors(q, bad)
+        assert [len(i) for i in got_i] == [len(i) for i in want_i] == [0] * len(q)
     if metric == "euclidean":  # the index's own checks, under scikit-learn's argument name
         with pytest.raises(ValueError, match="^X: rows with norms up to"):
             ours.kneighbors(q * 1e30)
         with pytest.raises(ValueError, match="^X: rows with norms up to"):
             NearestNeighbors().fit(x * 1e30)
+
+
+def test_nearest_neighbors_takes_sklearns_constructor_and_dtypes(sk_neighbors):
+    """scikit-learn's own constructor call works unchanged (algorithm, leaf_size, p,
+    metric_params, n_jobs, metric "minkowski" as its default), get_params has its keys, other
+    metrics and p are refused naming them; distances and graphs come in its dtypes (cosine on
+    float32 rows float32; graphs' indices int64, its sparse type)."""
+    from embgeom.sklearn import NearestNeighbors
+
+    x = _tie_free(80, 8, seed=11).numpy()
+    sk_keys = set(sk_neighbors.NearestNeighbors().get_params())
+    assert sk_keys <= set(NearestNeighbors().get_params())
+    for kw in (dict(), dict(algorithm="brute", n_jobs=2, leaf_size=10), dict(metric="minkowski", p=2),
+               dict(metric="cosine", algorithm="brute", metric_params=None)):
+        ours = NearestNeighbors(n_neighbors=3, **kw).fit(x)
+        ref = sk_neighbors.NearestNeighbors(n_neighbors=3, **{**kw, "algorithm": "brute"}).fit(x)
+        assert ours.effective_metric_ == ref.effective_metric_ and ours.effective_metric_params_ == {}
+        for X in (None, x[:5], x[:5].astype(np.float64)):
+            (d, i), (dr, ir) = ours.kneighbors(X), ref.kneighbors(X)
+            assert np.array_equal(i, ir) and d.dtype == dr.dtype and np.allclose(d, dr, atol=1e-6)
+            (rd, ri), (rdr, rir) = ours.radius_neighbors(X, 1.0), ref.radius_neighbors(X, 1.0)
+            assert all(a.dtype == b.dtype for a, b in zip(rd, rdr)) and all(a.dtype == b.dtype for a, b in zip(ri, rir))
+            for name in ("kneighbors_graph", "radius_neighbors_graph"):
+                for mode in ("connectivity", "distance"):
+                    g, gr = getattr(ours, name)(X, mode=mode), getattr(ref, name)(X, mode=mode)
+                    assert type(g) is type(gr) and g.indices.dtype == gr.indices.dtype
+                    assert g.indptr.dtype == gr.indptr.dtype and g.dtype == gr.dtype
+    radius_only = NearestNeighbors(n_neighbors=None, radius=2.0).fit(x)
+    assert len(radius_only.radius_neighbors(x[:1])[1][0]) > 0
+    with pytest.raises(ValueError, match="n_neighbors: this estimator was made with n_neighbors=None"):
+        radius_only.kneighbors(x[:1])
+    for bad, name in ((dict(metric="minkowski", p=1), "^p: "), (dict(metric_params={"w": 1}), "^metric_params: "),
+                      (dict(algorithm="bogus"), "^algorithm: "), (dict(leaf_size=0), "^leaf_size: ")):
+        with pytest.raises(ValueError, match=name):
+            NearestNeighbors(**bad).fit(x)
 
 
 def test_faiss_shaped_errors_name_x():
@@ -318,6 +358,32 @@ def test_faiss_shaped_errors_name_x():
         ip.search(np.full((1, 4), np.nan, np.float32), 2)
     with pytest.raises(ValueError, match="^x: "):
         ip.range_search(np.full((1, 4), np.inf, np.float32), 0.5)
+
+
+def test_faiss_shaped_calls_faiss_takes():
+    """Integer rows are converted as FAISS converts them; search(x, k, D=, I=) fills and returns
+    the caller's arrays; params=None is taken; wrong buffers are refused naming them."""
+    from embgeom import faiss as egf
+
+    ip = egf.IndexFlatIP(3)
+    ip.add(np.array([[1, 0, 0], [0, 2, 0], [1, 1, 1]], np.int32))
+    assert ip.ntotal == 3
+    D, I = np.empty((2, 2), np.float32), np.empty((2, 2), np.int64)
+    got = ip.search(np.array([[1, 0, 0], [0, 1, 0]]), 2, params=None, D=D, I=I)
+    assert got[0] is D and got[1] is I
+    assert I.tolist() == [[0, 2], [1, 2]] and D.tolist() == [[1.0, 1.0], [2.0, 1.0]]
+    with pytest.raises(ValueError, match=r"^D: expected a writable C-contiguous \(2, 2\) float32"):
+        ip.search(np.ones((2, 3)), 2, D=np.empty((2, 3), np.float32))
+    with pytest.raises(ValueError, match="^I: "):
+        ip.search(np.ones((2, 3)), 2, I=np.empty((2, 2), np.int32))
+    with pytest.raises(ValueError, match="^params: "):
+        ip.search(np.ones((1, 3)), 1, params=object())
+
+
+def test_zero_top_k_or_max_pairs_mine_nothing(st_util):
+    x = make_rows(30, 8, seed=2)
+    for kw in (dict(top_k=0), dict(max_pairs=0)):
+        assert st_compat.paraphrase_mining_embeddings(x, **kw) == st_util.paraphrase_mining_embeddings(x, **kw) == []
 
 
 def test_check_estimator(sk_neighbors):
@@ -369,7 +435,7 @@ def test_flat_index_bad_input():
     with pytest.raises(ValueError, match=r"x: expected \(n, 4\)"):
         index.add(np.zeros((2, 3), np.float32))
     with pytest.raises(TypeError, match="x: expected"):
-        index.add(np.zeros((2, 4), np.int32))
+        index.add(np.zeros((2, 4), np.complex64))
     with pytest.raises(ValueError, match="k: expected an int >= 1"):
         index.search(np.zeros((1, 4), np.float32), 0)
     index.add(np.eye(4, dtype=np.float32))

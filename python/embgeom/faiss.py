@@ -36,7 +36,7 @@ class _IndexFlat:
         a = np.asarray(x)
         if a.ndim != 2 or a.shape[1] != self.d:
             raise ValueError(f"{name}: expected (n, {self.d}) float32, got {a.shape} {a.dtype}")
-        if a.dtype.kind != "f":
+        if a.dtype.kind not in "fiub":  # FAISS converts any real numbers to float32
             raise TypeError(f"{name}: expected (n, {self.d}) float32, got {a.shape} {a.dtype}")
         if a.dtype.itemsize > 4 and a.size:
             with np.errstate(invalid="ignore"):
@@ -57,11 +57,19 @@ class _IndexFlat:
         with validation.renamed(more="x"):
             self._index.add(self._rows(x, "x"))
 
-    def search(self, x, k: int):
-        """-> (D (n, k) float32, I (n, k) int64)."""
+    def search(self, x, k: int, *, params=None, D=None, I=None):  # noqa: E741 (FAISS's names)
+        """-> (D (n, k) float32, I (n, k) int64); D and I given: filled and returned, as FAISS
+        does. params: None (a flat index takes no search parameters)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k: expected an int >= 1, got {k!r}")
+        if params is not None:
+            raise ValueError(f"params: a flat index takes no search parameters, got {params!r}")
         q = torch.from_numpy(self._rows(x, "x"))
+        for name, out, dtype in (("D", D, np.float32), ("I", I, np.int64)):
+            if out is not None and (not isinstance(out, np.ndarray) or out.shape != (q.shape[0], k)
+                                    or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable):
+                raise ValueError(f"{name}: expected a writable C-contiguous ({q.shape[0]}, {k}) {np.dtype(dtype)} "
+                                 f"array, got {getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out).__name__)}")
         with validation.renamed(queries="x"):
             s, ids = self._index.search(q, int(k), float64=True)
         s, ids = s.cpu().numpy(), ids.cpu().numpy()
@@ -71,7 +79,14 @@ class _IndexFlat:
             s[pad] = FLT_MAX
         else:
             s[pad] = -FLT_MAX
-        return s.astype(np.float32), ids
+        s = s.astype(np.float32)
+        if D is not None:
+            D[...] = s
+            s = D
+        if I is not None:
+            I[...] = ids
+            ids = I
+        return s, ids
 
     def range_search(self, x, radius: float):
         """-> (lims (n + 1,) uint64, D float32, I int64); query q's results are

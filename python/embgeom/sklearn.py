@@ -3,10 +3,18 @@ kneighbors, radius_neighbors, kneighbors_graph, radius_neighbors_graph) for metr
 scikit-learn's estimator conventions (parameters in __init__, learned state in attributes
 ending in "_", validate_data, check_is_fitted). scikit-learn is imported with this module.
 
-Distances are the exact float64 values of the fitted rows (float32 storage); equal distances are
-ordered by index (scikit-learn's order at ties is unspecified). cosine distance = 1 - cosine
-similarity; a zero-norm row has no direction and is never a neighbour (scikit-learn gives it
-distance 1 to everything).
+The constructor takes scikit-learn's parameters: metric "minkowski" with p=2 (its default), "euclidean"
+(or "l2") and "cosine" are answered; algorithm (any of scikit-learn's names) and leaf_size choose
+among scikit-learn's search structures, which give the same neighbours, and are accepted and
+recorded only (every search here is the exact scan); n_jobs is recorded only (the core uses
+torch's thread count). Other metrics are refused.
+
+Distances are the exact float64 values of the fitted rows as stored in float32 (float64 input is
+rounded to float32 first: rows closer than float32 resolves may tie), returned in scikit-learn's
+dtypes (cosine: float32 when the fitted rows and the queries are float32; euclidean: float64);
+equal distances are ordered by index (scikit-learn's order at ties is unspecified). cosine
+distance = 1 - cosine similarity; a zero-norm row has no direction and is never a neighbour
+(scikit-learn gives it distance 1 to everything).
 """
 from __future__ import annotations
 
@@ -20,20 +28,53 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from . import validation
 from .index import Index
 
-METRICS = {"euclidean": "l2", "l2": "l2", "cosine": "cosine"}
+METRICS = {"euclidean": "l2", "l2": "l2", "cosine": "cosine", "minkowski": "l2"}
+ALGORITHMS = ("auto", "ball_tree", "kd_tree", "brute")
 
 
 class NearestNeighbors(BaseEstimator):
-    """Unsupervised nearest neighbours. n_neighbors: default k of kneighbors; radius: default
-    radius of radius_neighbors; metric: "euclidean" (or "l2") or "cosine"; dtype: the scan
-    precision of the index ("float32" or "bfloat16"; results are exact either way)."""
+    """Unsupervised nearest neighbours, scikit-learn's constructor. n_neighbors: default k of
+    kneighbors (None: only radius queries); radius: default radius of radius_neighbors; metric:
+    "minkowski" (p=2 only), "euclidean" (or "l2") or "cosine"; algorithm, leaf_size, n_jobs:
+    accepted and recorded (every search is the exact scan); metric_params: None or {} (or {"p":
+    2}); dtype (ours): the scan precision of the index ("float32" or "bfloat16"; results are
+    exact either way)."""
 
-    def __init__(self, n_neighbors: int = 5, radius: float = 1.0, metric: str = "euclidean",
-                 dtype: str = "float32"):
+    def __init__(self, *, n_neighbors: int | None = 5, radius: float = 1.0, algorithm: str = "auto",
+                 leaf_size: int = 30, metric: str = "minkowski", p: float = 2, metric_params: dict | None = None,
+                 n_jobs: int | None = None, dtype: str = "float32"):
         self.n_neighbors = n_neighbors
         self.radius = radius
+        self.algorithm = algorithm
+        self.leaf_size = leaf_size
         self.metric = metric
+        self.p = p
+        self.metric_params = metric_params
+        self.n_jobs = n_jobs
         self.dtype = dtype
+
+    def _check_params(self) -> str:
+        """The index metric the parameters ask for; ValueError naming the parameter that cannot
+        be answered."""
+        if self.metric not in METRICS:
+            raise ValueError(f"metric: expected one of {', '.join(map(repr, METRICS))}, got {self.metric!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: expected one of {', '.join(map(repr, ALGORITHMS))}, got {self.algorithm!r}")
+        if isinstance(self.leaf_size, bool) or not isinstance(self.leaf_size, (int, np.integer)) or self.leaf_size < 1:
+            raise ValueError(f"leaf_size: expected an int >= 1, got {self.leaf_size!r}")
+        if self.n_jobs is not None and (isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, (int, np.integer))):
+            raise ValueError(f"n_jobs: expected None or an int, got {self.n_jobs!r}")
+        params = {} if self.metric_params is None else self.metric_params
+        if not isinstance(params, dict) or set(params) - {"p"}:
+            raise ValueError(f"metric_params: expected None or {{'p': 2}}, got {self.metric_params!r}")
+        p = params.get("p", self.p)
+        if self.metric == "minkowski" and p != 2:
+            raise ValueError(f"p: only p=2 (euclidean) is answered with metric 'minkowski', got {p!r}")
+        if self.n_neighbors is not None and (isinstance(self.n_neighbors, bool)
+                                             or not isinstance(self.n_neighbors, (int, np.integer))
+                                             or self.n_neighbors < 1):
+            raise ValueError(f"n_neighbors: expected None or an int >= 1, got {self.n_neighbors!r}")
+        return METRICS[self.metric]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -42,16 +83,14 @@ class NearestNeighbors(BaseEstimator):
         return tags
 
     def fit(self, X, y=None):
-        if self.metric not in METRICS:
-            raise ValueError(f"metric: expected one of {', '.join(map(repr, METRICS))}, got {self.metric!r}")
-        if isinstance(self.n_neighbors, bool) or not isinstance(self.n_neighbors, (int, np.integer)) \
-                or self.n_neighbors < 1:
-            raise ValueError(f"n_neighbors: expected an int >= 1, got {self.n_neighbors!r}")
+        metric = self._check_params()
         X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
         with validation.renamed(corpus="X"):
-            self.index_ = Index(np.ascontiguousarray(X), metric=METRICS[self.metric], dtype=self.dtype)
+            self.index_ = Index(np.ascontiguousarray(X), metric=metric, dtype=self.dtype)
         self.n_samples_fit_ = X.shape[0]
-        self.effective_metric_ = "euclidean" if METRICS[self.metric] == "l2" else "cosine"
+        self.effective_metric_ = "euclidean" if metric == "l2" else "cosine"
+        self.effective_metric_params_ = {}
+        self._fit_float32 = X.dtype == np.float32
         return self
 
     def _query(self, X):
@@ -59,14 +98,24 @@ class NearestNeighbors(BaseEstimator):
             return None
         return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
 
-    def _to_distance(self, s: np.ndarray) -> np.ndarray:
-        return s if self.index_.metric == "l2" else np.clip(1.0 - s, 0.0, 2.0)
+    def _distance_dtype(self, Xq):
+        """scikit-learn's brute cosine keeps float32 when the fitted rows and the queries
+        (X=None: the fitted rows) are float32; every other distance is float64."""
+        single = self.index_.metric == "cosine" and self._fit_float32 and (Xq is None or Xq.dtype == np.float32)
+        return np.float32 if single else np.float64
+
+    def _to_distance(self, s: np.ndarray, Xq) -> np.ndarray:
+        """Similarities -> distances, in scikit-learn's dtype."""
+        d = s if self.index_.metric == "l2" else np.clip(1.0 - s, 0.0, 2.0)
+        return d.astype(self._distance_dtype(Xq), copy=False)
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
         """(distances (Q, k) float64, indices (Q, k) int64), nearest first. X=None: the fitted
         rows query, each not counted as its own neighbour."""
         check_is_fitted(self)
         k = self.n_neighbors if n_neighbors is None else n_neighbors
+        if k is None:
+            raise ValueError("n_neighbors: this estimator was made with n_neighbors=None; pass n_neighbors")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"n_neighbors: expected an int >= 1, got {k!r}")
         Xq = self._query(X)
@@ -85,20 +134,25 @@ class NearestNeighbors(BaseEstimator):
             keep = ~own
             s = s[keep].reshape(ids.shape[0], k)
             ids = ids[keep].reshape(ids.shape[0], k)
-        dist = self._to_distance(s)
+        dist = self._to_distance(s, Xq)
         return (dist, ids) if return_distance else ids
 
     def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
         """Per query, every fitted row within `radius`: object arrays of (distances, indices)
         arrays; nearest first (the results are always sorted, whatever sort_results). radius inf:
-        every fitted row, as scikit-learn; a negative or NaN radius is refused (scikit-learn
-        refuses a negative euclidean one and answers nothing for NaN)."""
+        every fitted row; NaN, or a negative cosine radius: no row; a negative euclidean radius is
+        refused (scikit-learn's brute search, all three)."""
         check_is_fitted(self)
         if sort_results and not return_distance:
             raise ValueError("sort_results: return_distance must be True if sort_results is True")
         r = float(self.radius if radius is None else radius)
-        if math.isnan(r) or r < 0:
+        if r < 0 and self.index_.metric == "l2":
             raise ValueError(f"radius: expected a distance >= 0 (or inf: every row), got {r}")
+        if math.isnan(r) or r < 0:  # no distance is below it
+            Xq = self._query(X)
+            Q = self.n_samples_fit_ if Xq is None else Xq.shape[0]
+            empty = np.zeros(0, self._distance_dtype(Xq))
+            return _object_rows([empty] * Q, [np.zeros(0, np.int64)] * Q, return_distance)
         if r == math.inf:  # every fitted row, as kneighbors lists them all (its -1 padding left out)
             X_all = None if X is None else self._query(X)
             k = self.n_samples_fit_ - (1 if X is None else 0)
@@ -118,7 +172,7 @@ class NearestNeighbors(BaseEstimator):
             else:
                 lims, s, ids = self.index_.range_search(queries, 1.0 - r, float64=True)
         lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
-        dist = self._to_distance(s)
+        dist = self._to_distance(s, Xq)
         Q = lims.shape[0] - 1
         out_d, out_i = [], []
         for q in range(Q):
@@ -170,7 +224,16 @@ def _graph_mode(mode) -> None:
 
 
 def _csr(data, indices, indptr, rows: int, cols: int):
-    from scipy.sparse import csr_matrix
+    """The graph as scikit-learn builds it: a csr_array of int64 indices (csr_matrix would take
+    int32 ones) in the sparse interface scikit-learn is set to hand out; data in its dtype."""
+    from scipy.sparse import csr_array
 
-    return csr_matrix((np.asarray(data, np.float64), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
+    graph = csr_array((np.asarray(data), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
                       shape=(rows, cols))
+    try:
+        from sklearn.utils import _align_api_if_sparse   # scikit-learn >= 1.8
+    except ImportError:
+        from scipy.sparse import csr_matrix
+
+        return csr_matrix(graph)
+    return _align_api_if_sparse(graph)

@@ -79,16 +79,17 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
                                  max_pairs: int = 500000, top_k: int = 100,
                                  score_function: Callable | str | None = None) -> list[list[float | int]]:
     """The highest-scoring pairs among each row's top_k neighbours: [score, i, j] with i < j,
-    score descending (ties by (i, j)), at most max_pairs."""
+    score descending (ties by (i, j)), at most max_pairs (top_k or max_pairs 0: none, as
+    sentence-transformers)."""
     validation.positive_int(query_chunk_size, "query_chunk_size", allow_zero=False)
     validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
-    max_pairs = validation.positive_int(max_pairs, "max_pairs", allow_zero=False)
-    top_k = validation.positive_int(top_k, "top_k", allow_zero=False)
+    max_pairs = validation.positive_int(max_pairs, "max_pairs")
+    top_k = validation.positive_int(top_k, "top_k")
     x = _tensor(embeddings, "embeddings")
     with validation.renamed(corpus="embeddings"):
         index = Index(x, metric=_metric(score_function))
     n = index.ntotal
-    if n < 2:
+    if n < 2 or top_k == 0 or max_pairs == 0:
         return []
     if max_pairs <= top_k:
         best = _global_top_pairs(index, max_pairs)
