@@ -121,10 +121,25 @@ def test_agrees_with_pairwise_row_topk(points):
     (dict(k=3, index="ivf", ef_search=64), "ef_search: only for index='hnsw', got index='ivf'"),
     (dict(k=3, index="hnsw", nlist=8), "nlist: only for index='ivf'"),
     (dict(k=3, hnsw_m=8), "hnsw_m: only for index='hnsw'"),
+    (dict(k=3, index="hnsw", hnsw_m=1), "hnsw_m: expected an int >= 2, got 1"),  # FAISS crashes on 1
 ])
 def test_bad_inputs(points, kwargs, match):
     with pytest.raises(ValueError, match=match):
         embgeom.knn(points, **kwargs)
+
+
+def test_near_duplicates_tie_at_one_in_id_order():
+    """FAISS's fp32 cosines of near-copies pass 1 (1.0000001): they are clamped before they are
+    ranked, so ties at 1.0 come in id order (pairwise_stats' row lists rank the clamped values
+    too; its own fp32 products of these near-copies differ from FAISS's in the last bit)."""
+    rng = np.random.default_rng(17)
+    for _ in range(60):
+        q = rng.standard_normal(64)
+        x = np.vstack([q] + [q + rng.standard_normal(64) * 3e-8 for _ in range(20)]
+                      + [rng.standard_normal((30, 64))]).astype(np.float32)
+        got = embgeom.knn(x, 5, queries=[0])
+        ids, vals = got.indices[0].tolist(), got.values[0].tolist()
+        assert all(vals[c] > vals[c + 1] or ids[c] < ids[c + 1] for c in range(4)), (ids, vals)
 
 
 def test_bad_x():

@@ -174,6 +174,9 @@ def _search_once(index, qn: np.ndarray, want: int, ids_map: np.ndarray, self_ids
     out_i = np.full((Q, k), -1, np.int64)
     out_v = np.full((Q, k), np.nan, np.float32)
     dist, lab = index.search(qn, want)
+    # cosines clamped before they are ranked (as pairwise_stats ranks them): FAISS's fp32 1.0000001
+    # of a near-duplicate would otherwise go before an equal 1.0 of a smaller id
+    dist = np.clip(dist, -1.0, 1.0)
     last = np.where(lab[:, -1] >= 0, dist[:, -1], -np.inf)
     valid_hit = lab >= 0
     ids = np.where(valid_hit, ids_map[np.clip(lab, 0, None)], -1)
@@ -187,7 +190,7 @@ def _search_once(index, qn: np.ndarray, want: int, ids_map: np.ndarray, self_ids
     keep = np.isfinite(vals) & q_valid[:, None]
     w = vals.shape[1]
     out_i[:, :w] = np.where(keep, ids, -1)
-    out_v[:, :w] = np.where(keep, np.clip(vals, -1.0, 1.0), np.nan)
+    out_v[:, :w] = np.where(keep, vals, np.nan)
     return out_i, out_v, last
 
 
@@ -263,6 +266,8 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
                   "ef_search": validation.positive_int(ef_search if ef_search is not None else max(64, 2 * k),
                                                       "ef_search", allow_zero=False),
                   "ef_construction": 80}
+        if params["hnsw_m"] < 2:  # FAISS's HNSW graph with one link a node ends the process (SIGSEGV)
+            raise ValueError(f"hnsw_m: expected an int >= 2, got {params['hnsw_m']}")
     want = min(n_valid, k + (1 if self_ids is not None else 0) + tie_margin)
     limit = min(n_valid, 2048) if use_gpu else n_valid  # GPU indexes limit k
     want = min(want, limit)
