@@ -982,3 +982,37 @@ def test_row_lists_of_a_single_row_say_what_they_hold():
     got = embgeom.pairwise_stats(make_embeddings(1, 8, seed=3), row_topk=5, backend="cpp")
     assert got.row_topk.indices.tolist() == [[-1]] and torch.isnan(got.row_topk.values).all()
     assert got.notes == ["row_topk 5 lowered to 1: N - 1 (self mode) = 0, so the list holds one padded slot (-1)"]
+
+
+def test_api_arguments_named_where_python_or_torch_would_not(tmp_path):
+    """Inputs an API probe found answered by torch, pybind11 or os.fspath in their own words (or
+    refused where they work): each now a one-line error naming the argument, or a result."""
+    from embgeom.index import Index
+
+    h = torch.randn(3, 7, 5)
+    with pytest.raises(ValueError, match=r"^x: every hidden state needs the same \(B, T\): state 0 has \(3, 7\), state 1 \(2, 7\)"):
+        embgeom.cone_index((h, torch.randn(2, 7, 5)))
+    with pytest.raises(TypeError, match="^x: a tuple or list is read as L\\+1 hidden states.*got one of list"):
+        embgeom.cone_index([[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(TypeError, match=r"^chunk: expected \(B, T, D\) or \(N, D\) float, got \(3, 4\) int64"):
+        embgeom.cone_index_stream([torch.ones(3, 4, dtype=torch.int64)])
+    with pytest.raises(TypeError, match="^mask: expected a \\(B, T\\) bool tensor or array, got \\(3, 7\\) object"):
+        embgeom.cone_index(h, np.full((3, 7), True, dtype=object))
+    with pytest.raises(ValueError, match="^metric: expected one of"):
+        embgeom.pairwise_stats(make_embeddings(5, 4, seed=1), metric=np.array(["cosine"]))
+    x = make_embeddings(20, 4, seed=2)
+    index = Index(x)
+    with pytest.raises(TypeError, match="^path: expected a path"):
+        index.save(None)
+    with pytest.raises(TypeError, match="^path: expected a path"):
+        Index.load(None)
+    with pytest.raises(TypeError, match="^out: expected a path"):
+        embgeom.pairs_above(x, 0.5, None)
+    with pytest.raises(TypeError, match="^folder: expected a path"):
+        embgeom.read_pairs(None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="^folder: not a folder: "):
+        embgeom.read_pairs(tmp_path / "file")
+    base = np.random.default_rng(3).standard_normal((40, 6))
+    assert embgeom.project(base, method="umap", seed=np.int64(1), k=5).seed == 1
+    assert embgeom.knn(x, 3, device=torch.device("cpu")).indices.shape == (20, 3)

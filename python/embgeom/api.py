@@ -5,6 +5,7 @@ import math
 import time
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from . import validation
@@ -63,6 +64,14 @@ def cone_index(x, mask=None, *, backend: str | None = None) -> ConeIndex:
     if isinstance(x, (tuple, list)):
         if not x:
             raise ValueError("x: expected a non-empty tuple of (B, T, D) hidden states")
+        if not all(isinstance(h, (torch.Tensor, np.ndarray)) for h in x):
+            raise TypeError("x: a tuple or list is read as L+1 hidden states, each a (B, T, D) tensor or array; "
+                            f"got one of {', '.join(sorted({type(h).__name__ for h in x}))} (nested lists of numbers: "
+                            "pass numpy.asarray(x))")
+        shapes = [tuple(h.shape[:-1]) for h in x]
+        if len(set(shapes)) > 1:
+            k = next(i for i, s in enumerate(shapes) if s != shapes[0])
+            raise ValueError(f"x: every hidden state needs the same (B, T): state 0 has {shapes[0]}, state {k} {shapes[k]}")
         parts = [cone_index(h, mask, backend=backend) for h in x]
         return ConeIndex(*(torch.stack([getattr(p, f) for p in parts])
                            for f in ("index", "normalized", "n", "zero_rows")), backend=parts[0].backend)

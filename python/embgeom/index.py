@@ -1198,7 +1198,7 @@ class Index:
     def save(self, path) -> None:
         """Write the index to one file (docs/architecture.md, index files): a magic line, one
         JSON header line, then the arrays at page-aligned offsets; written atomically."""
-        path = os.fspath(path)
+        path = validation.path(path, "path")
         st = self._store
         arrays = {"rows": st.rows[:st.n], "norms": st.norms[:st.n]}
         if st.scan.dtype == torch.bfloat16:
@@ -1236,7 +1236,7 @@ class Index:
         cache as searches need them). verify=True checks the sha256 of the arrays (one read
         of the file). ValueError (one line) on anything that is not a complete index file of
         this format."""
-        path = os.fspath(path)
+        path = validation.path(path, "path")
         if not os.path.isfile(path):
             raise ValueError(f"path: no index file at {path}")
         size = os.path.getsize(path)
@@ -1331,6 +1331,8 @@ def pairs_above(x, threshold: float, out, *, metric: str | None = None, dtype: A
     returns at once; another input is refused. Read the pairs back with `embgeom.read_pairs`.
     metric (default "cosine") and dtype (default torch.float32) are x's own when x is an Index.
     Returns the manifest (dict: count, shards, n, metric, threshold, complete, ...)."""
+    validation.finite_float(threshold, "threshold")   # (before a temporary index is built)
+    validation.path(out, "out")
     if isinstance(x, Index):
         if metric is not None and validation.choice(metric, "metric", METRICS) != x.metric:
             raise ValueError(f"metric: x is an Index of metric {x.metric!r}, which applies; got {metric!r}")

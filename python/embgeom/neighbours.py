@@ -235,6 +235,8 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
         raise ValueError(f"k: expected <= {limit} ({'N - 1 for self-queries' if self_ids is not None else 'N'}, "
                          f"N = {n}), got {k}")
     faiss = _faiss()
+    if isinstance(device, torch.device):  # torch.device("cpu") / ("cuda", 0) as their strings
+        device = str(device)
     if device not in (None, "cpu") and not str(device).startswith("cuda"):
         raise ValueError(f"device: expected None, 'cpu' or 'cuda[:i]', got {device!r}")
     if device is not None and str(device).startswith("cuda") and not _gpu_usable(faiss):

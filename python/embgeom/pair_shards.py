@@ -25,6 +25,7 @@ from io import BytesIO
 
 import numpy as np
 
+from . import validation
 from .io import atomic_write, exclusive_lock, read_json_file
 
 # the metrics of an Index and of pairs_above, which the manifest records (index.py reads them
@@ -113,7 +114,7 @@ class ShardWriter:
 
     def __init__(self, out, *, fingerprint: str, n: int, d: int, metric: str, threshold: float,
                  shard_pairs: int | None = None):
-        folder = os.path.abspath(os.fspath(out))
+        folder = os.path.abspath(validation.path(out, "out"))
         parent = os.path.dirname(folder)
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise ValueError(f"out: {folder} exists and is not a folder")
@@ -308,9 +309,9 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     similarity (P,) float32), ordered by (i, j). ValueError (one line) on a folder that is
     missing, unfinished, or whose shards do not match its manifest (size, sha256, dtype, count;
     pairs outside 0 <= i < j < n)."""
-    folder = os.path.abspath(os.fspath(folder))
+    folder = os.path.abspath(validation.path(folder, "folder"))
     if not os.path.isdir(folder):
-        raise ValueError(f"folder: no such folder {folder}")
+        raise ValueError(f"folder: {'not a folder' if os.path.exists(folder) else 'no such folder'}: {folder}")
     m = _read_manifest(folder, "folder")
     if m is None:
         raise ValueError(f"folder: {folder} has no {MANIFEST} (not written by embgeom.pairs_above)")

@@ -27,6 +27,11 @@ def optional_path(value: Any, name: str) -> str | None:
     """None, or a non-empty str / os.PathLike path as a str (TypeError / ValueError otherwise)."""
     if value is None:
         return None
+    return path(value, name)
+
+
+def path(value: Any, name: str) -> str:
+    """A non-empty str / os.PathLike path as a str; TypeError / ValueError naming `name`."""
     if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes):
         raise TypeError(f"{name}: expected a path (str or os.PathLike), got {type(value).__name__}")
     path = os.fspath(value)
@@ -195,15 +200,15 @@ def pair_of_embeddings(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor | Non
 def sequences(x: Any, mask: Any = None, name: str = "x") -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: (B, T, D) float (or (N, D), taken as one set), mask: (B, T) bool or None."""
     x = as_tensor(x, name)
+    _check_float(x, name, "(B, T, D) or (N, D)")  # (the shape as given, before (N, D) becomes (1, N, D))
     if x.dim() == 2:
         x = x.unsqueeze(0)
         if mask is not None:
-            mask = as_tensor(mask, "mask") if not isinstance(mask, np.ndarray) else torch.from_numpy(np.array(mask))
+            mask = _mask_tensor(mask)
             if mask.dim() == 1:
                 mask = mask.unsqueeze(0)
     if x.dim() != 3:
         raise ValueError(f"{name}: expected (B, T, D) or (N, D) float, got {_describe(x)}")
-    _check_float(x, name, "(B, T, D)")
     if x.shape[2] == 0:
         raise ValueError(f"{name}: expected D >= 1, got {_describe(x)}")
     mask = batch_mask(mask, x.shape[0], x.shape[1], x.device)
@@ -212,13 +217,22 @@ def sequences(x: Any, mask: Any = None, name: str = "x") -> tuple[torch.Tensor, 
     return x, mask
 
 
+def _mask_tensor(mask: Any) -> torch.Tensor:
+    """A mask as a tensor (numpy: a copy, since torch takes no negative strides (m[:, ::-1]));
+    TypeError naming `mask` for anything but a tensor or a bool / integer array."""
+    if isinstance(mask, np.ndarray):
+        if mask.dtype.kind not in "biuf":
+            raise TypeError(f"mask: expected a (B, T) bool tensor or array, got {_describe(mask)}")
+        return torch.from_numpy(np.array(mask))
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a (B, T) bool tensor, got {type(mask).__name__}")
+    return mask
+
+
 def batch_mask(mask: Any, B: int, T: int, device: torch.device) -> torch.Tensor | None:
     if mask is None:
         return None
-    if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.array(mask))  # a copy: torch takes no negative strides (m[:, ::-1])
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask: expected a (B, T) bool tensor, got {type(mask).__name__}")
+    mask = _mask_tensor(mask)
     if tuple(mask.shape) != (B, T):
         raise ValueError(f"mask: expected shape ({B}, {T}), got {_describe(mask)}")
     if mask.dtype != torch.bool:
@@ -285,7 +299,8 @@ def positive_int(value: Any, name: str, *, allow_zero: bool = True) -> int:
 
 
 def choice(value: Any, name: str, options: tuple[str, ...]) -> str:
-    if value not in options:
+    # (a str test first: a one-element array is "in" a tuple of strings)
+    if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, options))}, got {value!r}")
     return value
 

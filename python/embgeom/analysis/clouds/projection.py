@@ -536,14 +536,17 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if metric not in GRAPH_METRICS:
         raise ValueError(f"metric: expected one of {GRAPH_METRICS}, got {metric!r}")
+    # (refused where float32 cannot hold the values: the graphs' rows and every method's (N, 2)
+    # float32 embedding are float32; PCA itself then works on the float64 values as given)
     xm = as_matrix(x)
     n, d = xm.shape
     if labels is not None:
         labels = [str(v) for v in labels]
         if len(labels) != n:
             raise ValueError(f"labels: expected {n} (one per row), got {len(labels)}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    seed = int(seed)
     if not 0 <= seed < 2 ** 32:  # (umap-learn's and openTSNE's range: refused after the graph otherwise)
         raise ValueError(f"seed: expected 0 .. 2^32 - 1, got {seed}")
     if method == "tsne":
