@@ -62,6 +62,7 @@ def _expected(model, tokenizer, texts, batch):
     max_len = 32
     acc = {k: torch.zeros(L, dtype=torch.float64) for k in ("cin", "cout", "mh")}
     acc["head"] = torch.zeros(L, H, dtype=torch.float64)
+    raw = {k: torch.zeros_like(v) for k, v in acc.items()}   # the same sums of I itself
     ent = torch.zeros(L, H, dtype=torch.float64)
     to = {k: torch.zeros(L, H, dtype=torch.float64) for k in ("cls", "sep", "punct", "prev", "next")}
     dist = torch.zeros(L * H, 2 + 2 * max_len - 1, dtype=torch.float64)
@@ -81,9 +82,10 @@ def _expected(model, tokenizer, texts, batch):
         rows += int(n.sum())
         baseline += float((n * n.double().log()).sum())
         for l in range(L):
-            acc["cin"][l] += reference.cone_index(d["hs"][l], mask)["normalized"].sum()
-            acc["cout"][l] += reference.cone_index(d["hs"][l + 1], mask)["normalized"].sum()
-            acc["mh"][l] += reference.cone_index(d["multi"][l], mask)["normalized"].sum()
+            for key, t in (("cin", d["hs"][l]), ("cout", d["hs"][l + 1]), ("mh", d["multi"][l])):
+                cone = reference.cone_index(t, mask)
+                acc[key][l] += cone["normalized"].sum()
+                raw[key][l] += cone["index"].sum()
             re = reference.attention_entropy(d["attn"][l], mask)["row_entropy"]
             ent[l] += torch.nan_to_num(re).sum(dim=(0, 2))
             summ = reference.attention_summary(d["attn"][l], mask, d["special"])
@@ -92,7 +94,9 @@ def _expected(model, tokenizer, texts, batch):
             dist[l * H:(l + 1) * H] += reference.head_target_distribution(d["attn"][l], mask, d["special"], max_len)
             for h in range(H):
                 o = d["heads"][l][:, h]
-                acc["head"][l, h] += reference.cone_index(o, mask)["normalized"].sum()
+                cone = reference.cone_index(o, mask)
+                acc["head"][l, h] += cone["normalized"].sum()
+                raw["head"][l, h] += cone["index"].sum()
                 cs = reference.context_similarity(o, mask, d["special"]["sep"])
                 ctx_d[l, h] += sum(cs["distances"])
                 ctx_n[l, h] += len(cs["distances"])
@@ -110,7 +114,9 @@ def _expected(model, tokenizer, texts, batch):
     return {
         "n_texts": n_texts, "n_tokens": rows,
         "cone_index": {"layer_input": acc["cin"] / n_texts, "head_output": acc["head"] / n_texts,
-                       "multihead_output": acc["mh"] / n_texts, "layer_output": acc["cout"] / n_texts},
+                       "multihead_output": acc["mh"] / n_texts, "layer_output": acc["cout"] / n_texts,
+                       "raw": {"layer_input": raw["cin"] / n_texts, "head_output": raw["head"] / n_texts,
+                               "multihead_output": raw["mh"] / n_texts, "layer_output": raw["cout"] / n_texts}},
         "entropy": {"mean": ent / rows, "uniform_baseline": baseline / rows},
         "attention_to": {k: v / rows for k, v in to.items()},
         "js_distance": reference.js_distance(dist),
@@ -147,6 +153,8 @@ def test_trace_matches_direct_computation(tiny_bert, traced):
     assert got["n_tokens"] == want["n_tokens"]
     for k in ("layer_input", "head_output", "multihead_output", "layer_output"):
         _close(got["cone_index"][k], want["cone_index"][k], f"cone_index.{k}")
+        # I itself grows with the text's length (up to n): the same relative accuracy
+        _close(got["cone_index"][f"{k}_raw"], want["cone_index"]["raw"][k], f"cone_index.{k}_raw", 2e-5 * 32)
     _close(got["entropy"]["mean"], want["entropy"]["mean"], "entropy.mean")
     _close(got["entropy"]["uniform_baseline"], want["entropy"]["uniform_baseline"], "uniform_baseline", 1e-12)
     for k in ("cls", "sep", "punct", "prev", "next"):

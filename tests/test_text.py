@@ -35,7 +35,8 @@ def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
     assert list(report) == KEYS + ["cls_pairs", "provenance"]
     L, H = 2, 4
     assert (report["n_texts"], report["layers"], report["heads"], report["truncated"]) == (5, L, H, 1)
-    assert set(report["cone_index"]) == {"layer_input", "head_output", "multihead_output", "layer_output"}
+    four = ("layer_input", "head_output", "multihead_output", "layer_output")
+    assert set(report["cone_index"]) == {*four, *(f"{k}_raw" for k in four)}
     assert len(report["cone_index"]["head_output"]) == L and len(report["cone_index"]["head_output"][0]) == H
     assert set(report["attention_to"]) == {"cls", "sep", "punct", "prev", "next", "period", "comma",
                                            "sep_from_other"}

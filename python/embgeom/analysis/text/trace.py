@@ -333,7 +333,9 @@ class TraceResult:
     depths and heads).
 
     cone_layer_input (L,), cone_head_output (L, H), cone_multihead_output (L,),
-    cone_layer_output (L,): per text I/n over its real tokens, then the mean over texts.
+    cone_layer_output (L,): per text I/n over its real tokens, then the mean over texts;
+    cone_raw: {layer_input, head_output, multihead_output, layer_output}: the same means of I
+    itself (the authors' code reports I, which grows with the text's length).
     entropy (L, H): row entropy (nats) over every real query row; uniform_baseline: mean of
     ln(n_valid) over the same rows; head_mean_entropy (L, H): entropy of the head's mean row per
     text, mean over texts. attention_to: {cls, sep, punct, prev, next, period, comma: (L, H)}
@@ -379,6 +381,7 @@ class TraceResult:
     context_repeated: torch.Tensor | None = None
     attention_heads: dict | None = None
     gaussianity: list | None = None
+    cone_raw: dict[str, torch.Tensor] | None = None
 
     def per_layer(self) -> list[list]:
         """One row per layer: the layer (1..L), cone index I/n of the layer input, the multi-head
@@ -508,7 +511,8 @@ class TraceResult:
             "cone_index": {"layer_input": as_list(self.cone_layer_input),
                            "head_output": as_list(self.cone_head_output),
                            "multihead_output": as_list(self.cone_multihead_output),
-                           "layer_output": as_list(self.cone_layer_output)},
+                           "layer_output": as_list(self.cone_layer_output),
+                           **{f"{k}_raw": as_list(v) for k, v in (self.cone_raw or {}).items()}},
             "entropy": {"mean": as_list(self.entropy),
                         "uniform_baseline": self.uniform_baseline if math.isfinite(self.uniform_baseline) else None},
             "attention_to": {k: as_list(v) for k, v in self.attention_to.items()},
@@ -569,6 +573,7 @@ class TraceAccumulator(Resumable):
         self.s = {
             "cone_in": z(L), "cone_head": z(L, H), "cone_mh": z(L), "cone_out": z(L),
             "cone_in_n": z(L), "cone_head_n": z(L, H), "cone_mh_n": z(L), "cone_out_n": z(L),
+            "cone_in_raw": z(L), "cone_head_raw": z(L, H), "cone_mh_raw": z(L), "cone_out_raw": z(L),
             "entropy": z(L, H), "baseline": z(()), "hme": z(L, H), "hme_n": z(()),
             "targets": z(len(attention.TARGETS), L, H), "dist": z(L * H, 2 + 2 * max_len - 1),
             "ctx_rows": z(L, H, dt=torch.int64), "ctx_dist": z(L, H, dt=torch.int64),
@@ -584,8 +589,8 @@ class TraceAccumulator(Resumable):
     @staticmethod
     def _cone_sum(xs: list[torch.Tensor], mask: torch.Tensor, groups: tuple[int, ...]):
         """xs: tensors (B, T, d), or (G, B, T, d) for G groups of B sets sharing mask (B, T), prod(groups)
-        * B sets in all, in order; -> (sum of I/n over texts, n texts) per group, sets without a
-        non-zero vector left out. Calls the cone kernel (embgeom.cone_index without its input
+        * B sets in all, in order; -> (sum of I/n over texts, sum of I, n texts) per group, sets
+        without a non-zero vector left out. Calls the cone kernel (embgeom.cone_index without its input
         checks: the tensors come from the model); the C++ core's kernel reads each tensor in place, a
         layer's head outputs (B, T, H, d) as H groups (stacked copies of the states and head
         outputs had cost 12-14 ms of a 32 x 128 batch's 47 ms of cone work, Emerald Rapids),
@@ -600,10 +605,13 @@ class TraceAccumulator(Resumable):
             sums.append(s)
             used.append(u)
         dev = xs[0].device
-        r = torch.linalg.vector_norm(torch.cat(sums).to(dev).double(), dim=-1)
+        raw = torch.linalg.vector_norm(torch.cat(sums).to(dev).double(), dim=-1)
         used = torch.cat(used).to(dev).reshape(*groups, -1)
-        r = (r.reshape(*groups, -1) / used.clamp(min=1)).clamp(max=1.0)  # (I <= n: rounding aside)
-        return torch.where(used > 0, r, torch.zeros_like(r)).sum(-1), (used > 0).sum(-1).double()
+        raw = torch.minimum(raw.reshape(*groups, -1), used.double())  # (I <= n: rounding aside)
+        r = raw / used.clamp(min=1)
+        some = used > 0
+        return (torch.where(some, r, torch.zeros_like(r)).sum(-1), torch.where(some, raw, torch.zeros_like(raw)).sum(-1),
+                some.sum(-1).double())
 
     def _buf(self, key, shape, like: torch.Tensor) -> torch.Tensor:
         k = (key, tuple(shape), like.dtype, str(like.device))
@@ -624,14 +632,14 @@ class TraceAccumulator(Resumable):
         self.truncated += b.truncated
         if "cone" in self.metrics:
             # one kernel call per layer and tensor kind, each read in place where it lies
-            sums, cnt = self._cone_sum(list(b.hidden_states), mask, (L + 1,))  # (B, T, D) each
-            s["cone_in"] += sums[:L]; s["cone_in_n"] += cnt[:L]             # noqa: E702
-            s["cone_out"] += sums[1:]; s["cone_out_n"] += cnt[1:]           # noqa: E702
+            sums, raw, cnt = self._cone_sum(list(b.hidden_states), mask, (L + 1,))  # (B, T, D) each
+            s["cone_in"] += sums[:L]; s["cone_in_raw"] += raw[:L]; s["cone_in_n"] += cnt[:L]     # noqa: E702
+            s["cone_out"] += sums[1:]; s["cone_out_raw"] += raw[1:]; s["cone_out_n"] += cnt[1:]  # noqa: E702
             heads = [o.permute(2, 0, 1, 3) for o in b.head_outputs]         # (H, B, T, d_h) views
-            sums, cnt = self._cone_sum(heads, mask, (L, H))
-            s["cone_head"] += sums; s["cone_head_n"] += cnt                 # noqa: E702
-            sums, cnt = self._cone_sum(list(b.multihead_outputs), mask, (L,))
-            s["cone_mh"] += sums; s["cone_mh_n"] += cnt                     # noqa: E702
+            sums, raw, cnt = self._cone_sum(heads, mask, (L, H))
+            s["cone_head"] += sums; s["cone_head_raw"] += raw; s["cone_head_n"] += cnt  # noqa: E702
+            sums, raw, cnt = self._cone_sum(list(b.multihead_outputs), mask, (L,))
+            s["cone_mh"] += sums; s["cone_mh_raw"] += raw; s["cone_mh_n"] += cnt        # noqa: E702
         n_valid = mask.sum(1).double()
         s["baseline"] += (n_valid * torch.log(n_valid.clamp(min=1))).sum()
         none = torch.zeros_like(mask)
@@ -724,6 +732,9 @@ class TraceAccumulator(Resumable):
             cone_head_output=nan_if(div(s["cone_head"], s["cone_head_n"]), s["cone_head_n"]),
             cone_multihead_output=nan_if(div(s["cone_mh"], s["cone_mh_n"]), s["cone_mh_n"]),
             cone_layer_output=nan_if(div(s["cone_out"], s["cone_out_n"]), s["cone_out_n"]),
+            cone_raw={name: nan_if(div(s[f"cone_{key}_raw"], s[f"cone_{key}_n"]), s[f"cone_{key}_n"])
+                      for name, key in (("layer_input", "in"), ("head_output", "head"),
+                                        ("multihead_output", "mh"), ("layer_output", "out"))},
             entropy=got("entropy", s["entropy"] / rows), uniform_baseline=baseline,
             head_mean_entropy=got("attention", s["hme"] / float(s["hme_n"])),
             attention_to={k: got("attention", s["targets"][i] / (rows if k != "sep_from_other"
