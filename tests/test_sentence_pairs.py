@@ -49,6 +49,19 @@ def test_encode_pairs_and_truncation(tiny_bert):
         assert enc["input_ids"][i] == ids and enc["token_type_ids"][i] == types, t
     with pytest.raises(ValueError, match=r"texts\[1\]: a text with a TAB"):
         encode(tokenizer, ["fine", "\tno first side"], 32)
+    # a tokenizer whose model_input_names leave token types out still gives them (a pair had run
+    # as one segment, every token type 0, with no word of it)
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.model_input_names = ["input_ids", "attention_mask"]
+    assert "token_type_ids" not in bare("a\tb".split("\t")[0], "b")
+    enc, _ = encode(bare, TEXTS, 32)
+    assert enc["token_type_ids"] == [hand_encode(tokenizer, t, 32)[1] for t in TEXTS]
+    # a pair cannot be cut below its special tokens and one token of each text: said at once
+    with pytest.raises(ValueError, match=r"^max_length: a sentence pair \(texts\[4\], a line with a TAB\) "
+                                         r"needs at least 5 tokens .*got 4"):
+        encode(tokenizer, ["one", "a\tb"], 4, first_index=3)
 
 
 def expected(model, tokenizer, texts, limit=32):

@@ -189,14 +189,17 @@ def encode(tokenizer, chunk: list[str], limit: int, first_index: int = 0) -> tup
     """Token ids of a chunk of texts, not padded -> (dict of lists, number truncated). One text:
     [CLS] text [SEP], cut to its first limit - 1 tokens + the closing special token. A text with a
     TAB (split_pair): [CLS] A [SEP] B [SEP] with token types 0 / 1, over limit cut from the longer
-    side first (the tokenizer's truncation="longest_first")."""
+    side first (the tokenizer's truncation="longest_first"). Token types are always asked for (a
+    tokenizer whose model_input_names leave them out would give none, and a pair would run as
+    one segment); adapters.model_inputs drops them for families without token types."""
     parts = [split_pair(t, first_index + i) for i, t in enumerate(chunk)]
     singles = [i for i, (_, b) in enumerate(parts) if b is None]
     pairs = [i for i, (_, b) in enumerate(parts) if b is not None]
     rows: list[dict] = [{} for _ in chunk]
     truncated = 0
     if singles:
-        enc = tokenizer([parts[i][0] for i in singles], add_special_tokens=True, verbose=False)
+        enc = tokenizer([parts[i][0] for i in singles], add_special_tokens=True, return_token_type_ids=True,
+                        verbose=False)
         for slot, i in enumerate(singles):
             row = {k: list(v[slot]) for k, v in enc.items()}
             if len(row["input_ids"]) > limit:
@@ -204,11 +207,17 @@ def encode(tokenizer, chunk: list[str], limit: int, first_index: int = 0) -> tup
                 truncated += 1
             rows[i] = row
     if pairs:
+        least = tokenizer.num_special_tokens_to_add(pair=True) + 2
+        if limit < least:  # (the tokenizer cannot cut a pair below its special tokens)
+            raise ValueError(f"max_length: a sentence pair (texts[{first_index + pairs[0]}], a line with a TAB) "
+                             f"needs at least {least} tokens (its special tokens and one of each text), "
+                             f"got {limit}")
         a, b = [parts[i][0] for i in pairs], [parts[i][1] for i in pairs]
-        enc = tokenizer(a, b, add_special_tokens=True, verbose=False)
+        enc = tokenizer(a, b, add_special_tokens=True, return_token_type_ids=True, verbose=False)
         long = [slot for slot in range(len(pairs)) if len(enc["input_ids"][slot]) > limit]
         cut = tokenizer([a[s] for s in long], [b[s] for s in long], add_special_tokens=True,
-                        truncation="longest_first", max_length=limit, verbose=False) if long else None
+                        return_token_type_ids=True, truncation="longest_first", max_length=limit,
+                        verbose=False) if long else None
         for slot, i in enumerate(pairs):
             src, at = (cut, long.index(slot)) if slot in long else (enc, slot)
             rows[i] = {k: list(v[at]) for k, v in src.items()}
