@@ -58,7 +58,7 @@ def test_pairs_json_matches_reference(tmp_path, cross):
     assert isinstance(out["seconds"], float)
 
 
-def test_pairs_reads_pt_and_safetensors(tmp_path):
+def test_pairs_reads_pt_and_safetensors(tmp_path, capsys):
     from safetensors.torch import save_file
 
     x = make_embeddings(10, 4)
@@ -67,6 +67,10 @@ def test_pairs_reads_pt_and_safetensors(tmp_path):
     for name in ("x.pt", "x.safetensors"):
         assert main(["pairs", str(tmp_path / name), "--json", str(tmp_path / "o.json")]) == 0
         assert json.loads((tmp_path / "o.json").read_text())["count"] == 45
+    # the last line goes where every command's goes: stderr (stdout stays free for a pipe)
+    assert main(["knn", str(tmp_path / "x.pt"), "--k", "2", "--json", str(tmp_path / "k.json")]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "embgeom pairs: 45 pairs in " in err and "embgeom knn: 10 queries x 2 " in err
 
 
 @pytest.mark.parametrize("setup,args,message", [

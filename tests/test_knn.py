@@ -158,7 +158,7 @@ def test_cli(points, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["n"] == 600 and data["k"] == 4 and len(data["indices"]) == 600
     assert data["recall"] == pytest.approx(_recall(np.array(data["indices"]), points, 4))
-    assert "recall@4" in capsys.readouterr().out
+    assert "recall@4" in capsys.readouterr().err
     assert cli.main(["knn", str(tmp_path / "missing.npy"), "--k", "4", "--json", str(out)]) == 2
     assert "X: file not found" in capsys.readouterr().err
     assert cli.main(["knn", str(tmp_path / "x.npy"), "--k", "900", "--json", str(out)]) == 2

@@ -2,6 +2,8 @@
 """
 from __future__ import annotations
 
+import sys
+
 from ..formatting import fmt, seconds
 from ..neighbours import INDEXES, knn
 
@@ -35,5 +37,5 @@ def main(args) -> int:
     write_json(args.json, data)
     rec = "" if res.recall is None else f", recall@{res.k} {fmt(res.recall)}"
     print(f"embgeom knn: {fmt(res.indices.shape[0])} queries x {res.k} ({res.index}, {res.device}{rec}) "
-          f"in {seconds(res.seconds)} -> {args.json}")
+          f"in {seconds(res.seconds)} -> {args.json}", file=sys.stderr)
     return 0

@@ -83,5 +83,5 @@ def main(args) -> int:
     out["provenance"] = prov.record()
     write_json(args.json, out, indent=None)  # compact: row lists can be large
     print(f"embgeom pairs: {fmt(result.count)} pairs in {seconds(prov.seconds())} (engine {seconds(result.seconds)}, "
-          f"{result.backend}) -> {args.json}")
+          f"{result.backend}) -> {args.json}", file=sys.stderr)
     return 0
