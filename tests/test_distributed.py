@@ -124,7 +124,7 @@ def test_dead_rank_fails_the_job_and_restart_resumes(tmp_path):
     assert not (tmp_path / "out.json").exists()
     r = _torchrun(args, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "[rank 1]: resuming from" in r.stdout
+    assert "[rank 1]: resuming from" in r.stderr
     assert json.loads((tmp_path / "out.json").read_text())["count"] == 6000 * 5999 // 2
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
 import time
 from dataclasses import replace
 from typing import Any
@@ -165,7 +166,7 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
         if saved is not None:
             state, done = _checked_rank_state(saved, ckpt, cfg, n, mine)
             if progress:
-                print(f"embgeom pairs [rank {rank}]: resuming from {ckpt}: {len(done)} of {len(mine)} jobs done", flush=True)
+                print(f"embgeom pairs [rank {rank}]: resuming from {ckpt}: {len(done)} of {len(mine)} jobs done", file=sys.stderr, flush=True)
     for job in mine:
         if job in done:
             continue
@@ -175,7 +176,7 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
         if ckpt:
             save_checkpoint(ckpt, fp, {"state": state, "done": done})
         if progress:
-            print(f"embgeom pairs [rank {rank}]: job {len(done)}/{len(mine)} done", flush=True)
+            print(f"embgeom pairs [rank {rank}]: job {len(done)}/{len(mine)} done", file=sys.stderr, flush=True)
     try:
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(state, gathered, dst=0)
