@@ -144,9 +144,12 @@ def test_too_long_documents_are_skipped(pieces_bert, tmp_path, capsys):
     got = coreference.coreference_heads(model, tokenizer, docs, max_length=limit)
     assert got["skipped_too_long"] == sum(x > limit for x in lengths) >= 1
     assert got["n_documents"] == len(docs) - got["skipped_too_long"]
+    # every skipped document named (the list had been cut at 20)
+    too_long = {d.name for d in docs if 2 + sum(len(tokenizer.tokenize(w)) for w in d.tokens) > limit}
+    assert set(got["skipped"]) == too_long and len(got["skipped"]) == got["skipped_too_long"]
     assert main(["coref", SAMPLE, "--out", str(tmp_path / "o"), "--model", path, "--no-progress",
                  "--max-length", str(limit)]) == 0
-    assert "longer than the model's maximum were skipped" in capsys.readouterr().err
+    assert "longer than the model's maximum (--max-length) were skipped" in capsys.readouterr().err
     assert main(["coref", SAMPLE, "--out", str(tmp_path / "p"), "--model", path, "--no-progress",
                  "--max-length", "5"]) == 2
     assert "no mention has an earlier mention" in capsys.readouterr().err

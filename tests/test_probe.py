@@ -64,13 +64,19 @@ def test_loss_matches_loops():
     maps, sentences = _data(seed=1, n_sent=6, K=4)
     g = torch.Generator().manual_seed(3)
     w, u = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
-    A, gold, cand = probe.pack(maps, [s.heads for s in sentences])
-    got = float(probe.loss(A, gold, cand, w, u))
+    packed = probe.pack(maps, [s.heads for s in sentences])
+    got = float(probe.loss(packed, w, u))
     assert abs(got - _loop_loss(maps, sentences, w, u)) < 1e-12
     # at zero weights every candidate (ROOT and the W - 1 other words) is equally likely
     z = torch.zeros(4, dtype=torch.float64)
     want = sum(len(s.words) * math.log(len(s.words)) for s in sentences) / sum(len(s.words) for s in sentences)
-    assert abs(float(probe.loss(A, gold, cand, z, z)) - want) < 1e-12
+    assert abs(float(probe.loss(packed, z, z)) - want) < 1e-12
+    # in chunks of one sentence (a long treebank's blocks): the same loss
+    old, probe.CHUNK_BYTES = probe.CHUNK_BYTES, 1
+    try:
+        assert abs(float(probe.loss(packed, w, u)) - got) < 1e-12
+    finally:
+        probe.CHUNK_BYTES = old
 
 
 def test_head_equal_to_gold_gives_accuracy_one():
@@ -90,8 +96,7 @@ def test_head_equal_to_gold_gives_accuracy_one():
 
 def test_single_heads_match_loops():
     maps, sentences = _data(seed=4, n_sent=10, K=5)
-    A, gold, cand = probe.pack(maps, [s.heads for s in sentences])
-    got = probe.single_heads(A, gold, cand)
+    got = probe.single_heads(probe.pack(maps, [s.heads for s in sentences]))
     want = torch.zeros(5, 2, dtype=torch.float64)
     for m, s in zip(maps, sentences):
         W = len(s.words)
@@ -109,8 +114,9 @@ def test_training_lowers_the_loss_and_is_deterministic():
     a = probe.attention_probe(maps, sentences, 0.7, n_heads=4)
     b = probe.attention_probe(maps, sentences, 0.7, n_heads=4)
     assert a["loss_end"] < a["loss_start"]
-    A, gold, cand = probe.pack(maps[:21], [s.heads for s in sentences[:21]])
-    assert abs(float(probe.loss(A, gold, cand, a["w"].reshape(-1), a["u"].reshape(-1))) - a["loss_end"]) < 1e-9
+    packed = probe.pack(maps[:21], [s.heads for s in sentences[:21]])
+    assert abs(float(probe.loss(packed, a["w"].reshape(-1), a["u"].reshape(-1))) - a["loss_end"]) < 1e-9
+    assert a["converged"] and a["iterations"] < a["max_iter"]
     assert torch.equal(a["w"], b["w"]) and torch.equal(a["u"], b["u"])
     for key in ("uas_test", "uas_train", "loss_start", "loss_end", "iterations", "best_single_head_test"):
         assert a[key] == b[key], key
@@ -141,12 +147,25 @@ def test_split_leaving_one_side_empty():
 def test_root_is_the_cls_column():
     """Index 0 of a word map is [CLS], ROOT's candidate: every word is scored, the root word's gold
     index is 0, the [CLS] row scores nothing, and a map without the [CLS] row is refused."""
-    maps, sentences = _data(seed=7, n_sent=3, K=2)
-    A, gold, cand = probe.pack(maps, [s.heads for s in sentences])
-    for r, s in enumerate(sentences):
-        W = len(s.words)
-        assert gold[r, 0] == -1 and gold[r, 1:W + 1].tolist() == s.heads and 0 in s.heads
-        assert not cand[r, 0].any() and cand[r, 1:W + 1, 0].all()
-        assert not cand[r, 1:W + 1].diagonal(1).any()                         # never itself
+    maps, sentences = _data(seed=7, n_sent=6, K=2)
+    packed = probe.pack(maps, [s.heads for s in sentences])
+    # grouped by length, nothing padded: every sentence's map and heads once, as given
+    assert sorted(len(s.words) + 1 for s in sentences) == [A.shape[-1] for A, g in packed.groups for _ in g]
+    held = [(A[r], g[r]) for A, g in packed.groups for r in range(g.shape[0])]
+    for m, s in zip(maps, sentences):
+        assert any(torch.equal(a, m) and g[1:].tolist() == s.heads for a, g in held)
+    for A, gold, cand in packed.chunks():
+        n = A.shape[-1]
+        assert (gold[:, 0] == -1).all() and (gold[:, 1:] >= 0).all() and (gold[:, 1:] == 0).any(1).all()
+        assert not cand[0].any() and cand[1:, 0].all()                        # ROOT = the [CLS] column
+        assert not cand.diagonal().any() and int(cand.sum()) == (n - 1) * (n - 1)   # never itself
     with pytest.raises(ValueError, match="heads for a word map"):
         probe.pack([maps[0][:, 1:, 1:]], [sentences[0].heads])
+
+
+def test_a_capped_fit_says_it_did_not_converge():
+    maps, sentences = _data(seed=5, n_sent=30, K=8)
+    capped = probe.attention_probe(maps, sentences, 0.7, n_heads=4, max_iter=2)
+    assert capped["iterations"] == 2 and capped["converged"] is False
+    full = probe.attention_probe(maps, sentences, 0.7, n_heads=4)
+    assert full["converged"] is True and full["loss_end"] < capped["loss_end"]

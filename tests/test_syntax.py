@@ -210,6 +210,15 @@ def test_multiword_tokens_and_empty_nodes_skipped(tmp_path):
                  "4\tknow\t_\tVERB\t_\t_\t0\troot\t_\t_\n\n", encoding="utf-8")
     (s,) = treebank.read_conllu(str(f))
     assert s.words == ["I", "do", "n't", "know"] and s.heads == [4, 4, 4, 0]
+    # a sentence of ranges or empty nodes alone, and a range past its words: refused, not dropped
+    word = "1\tok\t_\tX\t_\t_\t0\troot\t_\t_\n\n"
+    for body, message in (("1-2\tdon't\t_\t_\t_\t_\t_\t_\t_\t_\n\n", "no word lines"),
+                          ("1.1\tx\t_\tX\t_\t_\t_\t_\t_\t_\n\n", "no word lines"),
+                          ("1-3\tab\t_\t_\t_\t_\t_\t_\t_\t_\n1\ta\t_\tX\t_\t_\t0\troot\t_\t_\n"
+                           "2\tb\t_\tX\t_\t_\t1\tdep\t_\t_\n\n", "the multiword range 1-3 is not over words 1..2")):
+        f.write_text(word + body, encoding="utf-8")
+        with pytest.raises(ValueError, match=f"sentence 2: {message}"):
+            treebank.read_conllu(str(f))
 
 
 def test_probe_on_sample(pieces_bert):

@@ -52,7 +52,8 @@ def main(args) -> int:
         finish_report(out, report, prov, prog, lambda: write_coref_report(out, report))
     if block["skipped_too_long"]:
         print(f"embgeom coref: note: {fmt(block['skipped_too_long'])} documents longer than the model's "
-              f"maximum were skipped (report.json coref.skipped names them)", file=sys.stderr)
+              f"maximum{' (--max-length)' if args.max_length else ''} were skipped (report.json coref.skipped "
+              "names them)", file=sys.stderr)
     b = block["baselines"]
     print(f"embgeom coref: {fmt(block['n_documents'])} documents, {fmt(block['n_scored'])} of "
           f"{fmt(block['n_mentions'])} mentions with an antecedent in {seconds(prov.seconds())}; best head "

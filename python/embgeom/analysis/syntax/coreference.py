@@ -85,7 +85,7 @@ def coreference_heads(model, tokenizer, docs: list[Document], *, batch_size: int
                        "(antecedent selection: the candidate whose head word the mention's head word "
                        "attends to most; word-level attention as for syntax heads)",
         "head_rule": "the span's head word if given ([start, end, head]), else its last word",
-        "n_documents": len(order), "skipped_too_long": len(skipped), "skipped": skipped[:20],
+        "n_documents": len(order), "skipped_too_long": len(skipped), "skipped": skipped,
         "n_mentions": mentions, "n_scored": scored,
         "best": [best // H + 1, best % H], "accuracy": float(acc[best]),
         "baselines": {"nearest": nearest_ok / scored, "head_match": head_match_ok / scored},

@@ -31,11 +31,13 @@ def read_conllu(path: str) -> list[Sentence]:
             for number, sent in enumerate(conllu.parse_incr(f), 1):
                 where = f"TREEBANK: {path} sentence {number}" + (
                     f" ({sent.metadata['sent_id']})" if "sent_id" in sent.metadata else "")
-                words, heads, rels = [], [], []
+                words, heads, rels, ranges = [], [], [], []
                 for tok in sent:
                     if len(tok) < 10 or not all(k in tok for k in ("id", "form", "head", "deprel")):
                         raise ValueError(f"{where}: a word line has {len(tok)} columns, CoNLL-U has 10")
                     if not isinstance(tok["id"], int):        # 1-2 multiword range, 1.1 empty node
+                        if isinstance(tok["id"], tuple) and len(tok["id"]) == 3 and tok["id"][1] == "-":
+                            ranges.append(tok["id"])
                         continue
                     if not isinstance(tok["head"], int):
                         raise ValueError(f"{where}, word {tok['id']} ({tok['form']!r}) has no head")
@@ -45,9 +47,16 @@ def read_conllu(path: str) -> list[Sentence]:
                     words.append(str(tok["form"]))
                     heads.append(int(tok["head"]))
                     rels.append(str(tok["deprel"]))
-                if words:
-                    check_tree(heads, where)
-                    out.append(Sentence(words, heads, rels))
+                if not len(sent):  # comments alone: no sentence
+                    continue
+                if not words:
+                    raise ValueError(f"{where}: no word lines (only multiword ranges or empty nodes)")
+                for first, _, last in ranges:
+                    if not 1 <= first < last <= len(words):
+                        raise ValueError(f"{where}: the multiword range {first}-{last} is not over words "
+                                         f"1..{len(words)} of the sentence")
+                check_tree(heads, where)
+                out.append(Sentence(words, heads, rels))
         except (conllu.exceptions.ParseException, UnicodeDecodeError, KeyError) as exc:
             raise ValueError(f"TREEBANK: {path} is not valid CoNLL-U: {exc}".splitlines()[0]) from None
     if not out:
