@@ -270,9 +270,14 @@ def test_interrupt_and_lost_peer_are_one_line(tmp_path, monkeypatch, capsys, ext
         (tmp_path / "CK").write_bytes(b"a saved checkpoint")
     assert main(argv) == 130
     assert says.replace("CK", str(tmp_path / "CK")) in capsys.readouterr().err
-    if extra:  # --distributed keeps one checkpoint per rank: named as such
+    if extra:  # --distributed keeps one checkpoint per rank: this rank's (RANK) is named
+        monkeypatch.setenv("RANK", "1")
         assert main([*argv, "--distributed"]) == 130
-        assert f"kept in {tmp_path / 'CK'}.rank<r> (one per rank)" in capsys.readouterr().err
+        assert f"before the first save to {tmp_path / 'CK'}.rank1: nothing was kept" in capsys.readouterr().err
+        (tmp_path / "CK.rank1").write_bytes(b"a saved checkpoint")
+        assert main([*argv, "--distributed"]) == 130
+        assert f"finished work is kept in {tmp_path / 'CK'}.rank1; the same command resumes" in capsys.readouterr().err
+        monkeypatch.delenv("RANK")
 
     def lost(args):
         raise PeerLost("distributed: rank 1: gathering results failed (Connection closed by peer)")

@@ -159,3 +159,68 @@ def test_a_rank_checkpoint_that_is_not_this_ranks_is_refused():
                            ([1, 2], "not a rank's state")):
         with pytest.raises(ValueError, match=f"checkpoint: c.rank0: .*{message}"):
             _checked_rank_state(saved, "c.rank0", cfg, 30, [1, 4, 6])
+
+
+def test_ranks_that_disagree_are_refused_naming_what_differs():
+    """Every rank compares its shape, dtype, options and a sample of rows with the others' before
+    any work: ranks given other files or options had merged their parts silently (exit 0)."""
+    import pytest
+
+    from embgeom.distributed import _check_ranks_agree
+    from embgeom.engine.config import make_config
+
+    x = make_embeddings(157, 6, seed=1)
+
+    class Peers:  # rank 1 of 2, the other rank's answer given
+        def __init__(self, theirs):
+            self.theirs = theirs
+
+        def all_gather_object(self, out, mine):
+            out[0], out[1] = self.theirs, mine
+
+    def answer(x, cfg, groups=4, backend=None):
+        got = {}
+
+        class Me:
+            def all_gather_object(self, out, mine):
+                got.update(mine)
+                out[:] = [mine] * len(out)
+
+        _check_ranks_agree(Me(), 0, 2, x, cfg, groups, backend)
+        return got
+
+    cfg = make_config(bins=40)
+    _check_ranks_agree(Peers(answer(x, cfg)), 1, 2, x, cfg, 4, None)          # the same: no word
+    other = make_embeddings(157, 6, seed=9)                                 # another file of the same shape
+    for theirs, what in ((answer(other, cfg), "x rows"), (answer(x, make_config(bins=20)), "bins"),
+                         (answer(x, make_config(bins=40, metric="dot", range=(-9, 9))), "metric"),
+                         (answer(x[:150], cfg), "shape"), (answer(x, cfg, groups=6), "groups")):
+        with pytest.raises(ValueError, match=f"^distributed: rank 1 runs another input or options than rank 0 "
+                                             f"\\({what}.*; run the same command on the same file on every rank"):
+            _check_ranks_agree(Peers(theirs), 1, 2, x, cfg, 4, None)
+
+
+def test_rank_errors_name_the_input_row_and_the_port(tmp_path, capsys, monkeypatch):
+    """A NaN is named by its row in X (a rank had counted from its row group's start); a port
+    another process holds is one line, not torch's traceback; --json onto a rank's checkpoint
+    file is refused before any work."""
+    import socket
+
+    x = make_embeddings(157, 6, seed=2).numpy()
+    x[100, 3] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    r = _torchrun(["pairs", tmp_path / "x.npy", "--distributed", "--json", tmp_path / "o.json"], tmp_path)
+    assert r.returncode != 0 and "NaN or Inf in 1 row(s): [100]" in r.stderr, r.stderr[-2000:]
+    np.save(tmp_path / "ok.npy", make_embeddings(10, 3).numpy())
+    args = ["pairs", str(tmp_path / "ok.npy"), "--distributed", "--json", str(tmp_path / "o.json")]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                     ("MASTER_PORT", str(held.getsockname()[1])), ("EMBGEOM_DIST_BACKEND", "gloo")):
+            monkeypatch.setenv(k, v)
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("embgeom: error: distributed: the ranks could not join (") and err.count("\n") == 1, err
+    assert main([*args[:-1], str(tmp_path / "ck.rank1"), "--checkpoint", str(tmp_path / "ck")]) == 2
+    assert "--json: " in capsys.readouterr().err

@@ -87,11 +87,12 @@ def _what_was_kept(args) -> str:
     if getattr(args, "continues_in", None):
         return f"the finished rows' pairs are kept in {args.continues_in}; the same command continues from them"
     if getattr(args, "checkpoint", None):
-        distributed = getattr(args, "distributed", False)
-        if not distributed and not os.path.exists(args.checkpoint):
-            return f"stopped before the first save to {args.checkpoint}: nothing was kept"
-        where = f"{args.checkpoint}.rank<r> (one per rank)" if distributed else args.checkpoint
-        return f"finished work is kept in {where}; the same command resumes from it"
+        # a distributed rank's own file: PATH.rank<r> (RANK set by torchrun)
+        mine = f"{args.checkpoint}.rank{os.environ.get('RANK', '0')}" if getattr(args, "distributed", False) \
+            else args.checkpoint
+        if not os.path.exists(mine):
+            return f"stopped before the first save to {mine}: nothing was kept"
+        return f"finished work is kept in {mine}; the same command resumes from it"
     if hasattr(args, "checkpoint") and getattr(args, "projections", True):
         return "nothing was kept; --checkpoint PATH keeps finished work for a rerun"
     if getattr(args, "out", None):

@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -110,10 +110,46 @@ def _init_process_group(timeout_s: float):
         raise ValueError("distributed: not launched by torchrun (RANK/WORLD_SIZE unset); "
                          "run `torchrun --nproc_per_node N -m embgeom pairs ... --distributed`")
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("EMBGEOM_DIST_BACKEND") != "gloo" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, OSError, ValueError) as exc:  # DistNetworkError, DistStoreError: a port, a peer
+        raise ValueError(f"distributed: the ranks could not join ({first_line(exc)}); check MASTER_ADDR / "
+                         "MASTER_PORT and that every rank was started") from None
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist
+
+
+AGREE_SAMPLE_ROWS = 64
+
+
+def _check_ranks_agree(dist, rank: int, world: int, x: torch.Tensor, cfg, groups: int,
+                       backend: str | None) -> None:
+    """ValueError on every rank unless all ranks run the same settings on the same input: the
+    shape, dtype, every option, and the sha256 of AGREE_SAMPLE_ROWS rows spread over x (all of
+    x would be read by every rank; the rows a rank reads are its own). Ranks given different
+    files or options had each computed their part and merged them, silently."""
+    import hashlib
+
+    n = x.shape[0]
+    picks = sorted({int(i) for i in torch.linspace(0, n - 1, min(AGREE_SAMPLE_ROWS, n)).round()})
+    sample = torch.stack([x[i] for i in picks]).detach().cpu().contiguous()
+    mine = {"shape": list(x.shape), "dtype": str(x.dtype), **{k: repr(v) for k, v in asdict(cfg).items()},
+            "groups": groups, "backend": backend,
+            "x rows": hashlib.sha256(sample.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]}
+    everyone = [None] * world
+    try:
+        dist.all_gather_object(everyone, mine)
+    except Exception as exc:  # noqa: BLE001 - a dead peer surfaces here
+        raise PeerLost(f"distributed: rank {rank}: comparing settings with the other ranks failed "
+                       f"({first_line(exc)}); a rank probably died") from None
+    for r, theirs in enumerate(everyone):
+        differ = [k for k in mine if theirs[k] != everyone[0][k]]
+        if differ:
+            k = differ[0]
+            raise ValueError(f"distributed: rank {r} runs another input or options than rank 0 ({', '.join(differ)} "
+                             f"differ; {k}: {everyone[0][k]!r} on rank 0, {theirs[k]!r} on rank {r}); run the "
+                             "same command on the same file on every rank")
 
 
 class PeerLost(RuntimeError):
@@ -150,8 +186,10 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     mine = assign_jobs(jobs, world)[rank]
 
     def rows(a, b):
-        part = validation.embeddings(x[a:b], "x")
+        part = validation.embeddings(x[a:b], "x", first_row=a)
         return part.to(device)
+
+    _check_ranks_agree(dist, rank, world, x, cfg, groups, backend)
 
     start = time.perf_counter()
     name, make_engine = registry.pick("pairwise_stats", rows(0, 1), backend, precision=cfg.precision)

@@ -64,8 +64,9 @@ def _check_float(x: torch.Tensor, name: str, shape_doc: str) -> None:
         raise TypeError(f"{name}: expected {shape_doc} float, got {_describe(x)}")
 
 
-def check_finite(x: torch.Tensor, name: str, row_dims: int = 1) -> None:
-    """Raise ValueError naming the rows (leading `row_dims` indices) that hold NaN or Inf."""
+def check_finite(x: torch.Tensor, name: str, row_dims: int = 1, first_row: int = 0) -> None:
+    """Raise ValueError naming the rows (leading `row_dims` indices) that hold NaN or Inf;
+    first_row: the index of x's first row in the caller's input (x a block of its rows)."""
     if x.numel() == 0:
         return
     # Fast path: NaN or Inf anywhere makes the sum non-finite, so a finite sum proves the input
@@ -77,7 +78,7 @@ def check_finite(x: torch.Tensor, name: str, row_dims: int = 1) -> None:
     if not bool(bad.any()):
         return
     rows = bad.reshape(*x.shape[:row_dims], -1).any(dim=-1).nonzero().tolist()
-    shown = [r[0] if row_dims == 1 else tuple(r) for r in rows[:10]]
+    shown = [r[0] + first_row if row_dims == 1 else tuple(r) for r in rows[:10]]
     more = f" (and {len(rows) - 10} more)" if len(rows) > 10 else ""
     raise ValueError(f"{name}: NaN or Inf in {len(rows)} row(s): {shown}{more}")
 
@@ -94,10 +95,11 @@ def matrix(x: Any, name: str = "x") -> torch.Tensor:
     return x
 
 
-def embeddings(x: Any, name: str = "x") -> torch.Tensor:
-    """x: (N, D) float -> tensor; as `matrix`, and rejects non-finite rows."""
+def embeddings(x: Any, name: str = "x", first_row: int = 0) -> torch.Tensor:
+    """x: (N, D) float -> tensor; as `matrix`, and rejects non-finite rows (named from
+    first_row on: x a block of the caller's rows)."""
     x = matrix(x, name)
-    check_finite(x, name)
+    check_finite(x, name, first_row=first_row)
     fits_float32(x, name)
     return x
 

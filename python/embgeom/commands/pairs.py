@@ -5,6 +5,8 @@ same names with dashes, the same defaults and choices.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 from ..engine.config import user_options
@@ -48,6 +50,10 @@ def main(args) -> int:
     prov = Provenance(args, inputs={"X": args.x, "--against": args.against})
     ins = [("X", args.x), ("--against", args.against)]
     check_output_path(args.json, "--json", inputs=ins + [("--checkpoint", args.checkpoint)])  # before any work
+    if args.checkpoint and args.distributed:  # each rank keeps PATH.rank<r>
+        rank_file = re.fullmatch(re.escape(os.path.abspath(args.checkpoint)) + r"\.rank[0-9]+", os.path.abspath(args.json))
+        if rank_file:
+            raise ValueError(f"--json: {args.json} is a rank's --checkpoint file (PATH.rank<r>); write elsewhere")
     if args.checkpoint:
         check_output_path(args.checkpoint, "--checkpoint", inputs=ins)
     x = load_matrix(args.x, "X")
