@@ -110,8 +110,8 @@ class NearestNeighbors(BaseEstimator):
         return d.astype(self._distance_dtype(Xq), copy=False)
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
-        """(distances (Q, k) float64, indices (Q, k) int64), nearest first. X=None: the fitted
-        rows query, each not counted as its own neighbour."""
+        """(distances (Q, k) in scikit-learn's dtype (module docstring), indices (Q, k) int64),
+        nearest first. X=None: the fitted rows query, each not counted as its own neighbour."""
         check_is_fitted(self)
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         if k is None:
