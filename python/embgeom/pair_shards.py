@@ -298,8 +298,20 @@ def _read_shard(folder: str, shard: dict) -> np.ndarray | None:
         data = f.read()
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         return None
-    try:
-        return np.load(BytesIO(data), allow_pickle=False)
+    try:  # the array over the bytes read (np.load of a BytesIO would copy them: twice a shard)
+        f = BytesIO(data)
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy format version {version}, not one np.save writes for a shard")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects")
+        count = math.prod(shape)
+        if len(data) - f.tell() != count * dtype.itemsize:
+            raise ValueError(f"{len(data) - f.tell()} data bytes for {count} entries of {dtype}")
+        a = np.frombuffer(data, dtype=dtype, count=count, offset=f.tell())
+        return a.reshape(shape, order="F" if fortran else "C")
     except ValueError as exc:
         raise ValueError(f"cannot read shard {path}: {exc}") from None
 
