@@ -406,3 +406,39 @@ def test_launches_match_the_signature_and_compile_once_per_run(monkeypatch, metr
     kwargs = getattr(rec.fn, "kwargs", None) or {}
     declared = kwargs.get("do_not_specialize") or rec.fn.do_not_specialize
     assert set(declared) == dns
+
+
+_WIDE_STRIDE = """
+import sys, torch, embgeom
+S = 2 ** 30   # one element 2^30 apart: 4 GiB of storage reserved, a handful of elements touched
+if sys.argv[1] == "entropy":
+    attn = torch.empty_strided((1, 1, 3, 3), (1, 1, 1, S), dtype=torch.float16)   # [q, k] at q + k*S
+    for q in range(3):
+        for k in range(3):
+            attn[0, 0, q, k] = (q + 2 * k + 1) / (3 * q + 9)
+    got = [embgeom.attention_entropy(attn, backend=b).row_entropy.double() for b in ("torch", "triton")]
+else:
+    x = torch.empty_strided((1, 2, 3), (1, 1, S), dtype=torch.float16)             # [t, d] at t + d*S
+    for t in range(2):
+        for d in range(3):
+            x[0, t, d] = float(1 + t + d)
+    got = [embgeom.cone_index(x, backend=b).index.double() for b in ("torch", "triton")]
+print(float((got[0] - got[1]).abs().max()))
+"""
+
+
+@pytest.mark.parametrize("kernel", ["entropy", "cone"])
+def test_offsets_past_int32_are_64_bit(kernel, tmp_path):
+    """A view whose key (entropy) or feature (cone) stride times its index passes 2^31 (a
+    transposed (T, T) map with T >= 46,341; (B, D, T) states seen as (B, T, D)): the kernels had
+    multiplied that index in int32, wrapped, and read outside the tensor (a SIGSEGV under the
+    interpreter, an illegal address on a GPU). In its own process, so a crash fails the test."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "wide.py"
+    script.write_text(_WIDE_STRIDE)
+    r = subprocess.run([sys.executable, str(script), kernel], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert float(r.stdout.strip()) < 1e-3, r.stdout

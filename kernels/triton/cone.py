@@ -26,12 +26,12 @@ def _cone_unit_sums_kernel(x_ptr, mask_ptr, part_ptr, used_ptr, zero_ptr, T, D,
         rows = t0 + tl.arange(0, BLOCK_T)
         keep = rows < T
         if HAS_MASK:
-            keep = keep & (tl.load(mask_ptr + b * stride_mb + rows * stride_mt, mask=rows < T, other=0) != 0)
+            keep = keep & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + rows * stride_mt, mask=rows < T, other=0) != 0)
         # norms in float64: no under/overflow for any finite fp32 row
         ss = tl.zeros([BLOCK_T], tl.float64)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
-            xx = tl.load(x_b + rows[:, None].to(tl.int64) * stride_xt + ds[None, :] * stride_xd,
+            xx = tl.load(x_b + rows[:, None].to(tl.int64) * stride_xt + ds[None, :].to(tl.int64) * stride_xd,
                          mask=keep[:, None] & (ds[None, :] < D), other=0.0).to(tl.float64)
             ss += tl.sum(xx * xx, 1)
         nz = ss > 0
@@ -41,7 +41,7 @@ def _cone_unit_sums_kernel(x_ptr, mask_ptr, part_ptr, used_ptr, zero_ptr, T, D,
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             dm = ds < D
-            xx = tl.load(x_b + rows[:, None].to(tl.int64) * stride_xt + ds[None, :] * stride_xd,
+            xx = tl.load(x_b + rows[:, None].to(tl.int64) * stride_xt + ds[None, :].to(tl.int64) * stride_xd,
                          mask=keep[:, None] & dm[None, :], other=0.0).to(tl.float64)
             add = tl.sum(xx * inv[:, None], 0)
             prev = tl.load(part_b + ds, mask=dm, other=0.0)
