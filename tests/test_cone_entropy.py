@@ -62,8 +62,8 @@ def test_cone_index_of_identical_rows_is_one(backend):
         assert one(got.index.item() / 50) and one(got.normalized.item())
         assert one(embgeom.cone_index_stream([x[:20], x[20:]], backend=backend).normalized.item())
         if backend == "cpp":
-            total, texts = TraceAccumulator._cone_sum([x[None]], torch.ones(1, 50, dtype=torch.bool), ())
-            assert one(total.item()) and texts.item() == 1.0
+            total, raw, texts = TraceAccumulator._cone_sum([x[None]], torch.ones(1, 50, dtype=torch.bool), ())
+            assert one(total.item()) and one(raw.item() / 50) and raw.item() <= 50 and texts.item() == 1.0
             rows = torch.softmax(torch.randn(1, 1, 1, 40, generator=g, dtype=torch.float64), -1).repeat(1, 1, 40, 1)
             assert one(block_measures(rows)["rows_cone"].item())
 
