@@ -274,7 +274,7 @@ def test_damaged_folders_are_refused_not_read(tmp_path):
         read_pairs(folder)
     m.update(complete=False, rows_done=100)
     (folder / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match=r"cannot read shard .*pairs-000000.npy: "):
+    with pytest.raises(ValueError, match=r"^out: cannot read shard .*pairs-000000.npy: "):
         pairs_above(x, 0.3, folder)
 
 

@@ -164,7 +164,7 @@ class ShardWriter:
                                  f"({', '.join(differ)} differ); use an empty folder, or delete this one")
             # a resumed (or repeated) run builds on the shards listed: they must be the ones written
             for shard in old["shards"]:
-                rows = _read_shard(folder, shard)
+                rows = _read_shard(folder, shard, "out")
                 if rows is None:
                     raise ValueError(f"out: {folder}: shard {shard['file']} is missing or changed since the "
                                      "manifest was written, so the pairs there cannot be built on; delete the "
@@ -287,10 +287,11 @@ class _HashingWriter:
         return self.f.write(data)
 
 
-def _read_shard(folder: str, shard: dict) -> np.ndarray | None:
+def _read_shard(folder: str, shard: dict, arg: str) -> np.ndarray | None:
     """A listed shard's array, read once: None when the file is missing or its size or sha256 is
     not the manifest's. A file with the right bytes but not a shard's layout (which only a forged
-    manifest lists) comes back as whatever .npy it is, for the caller's dtype and count checks."""
+    manifest lists) comes back as whatever .npy it is, for the caller's dtype and count checks;
+    bytes that are no .npy: ValueError naming `arg` (the caller's argument)."""
     path = os.path.join(folder, shard["file"])
     if not os.path.isfile(path) or os.path.getsize(path) != shard["bytes"]:
         return None
@@ -313,7 +314,7 @@ def _read_shard(folder: str, shard: dict) -> np.ndarray | None:
         a = np.frombuffer(data, dtype=dtype, count=count, offset=f.tell())
         return a.reshape(shape, order="F" if fortran else "C")
     except ValueError as exc:
-        raise ValueError(f"cannot read shard {path}: {exc}") from None
+        raise ValueError(f"{arg}: cannot read shard {path}: {exc}") from None
 
 
 def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -333,10 +334,7 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     parts = []
     for s in m["shards"]:
         path = os.path.join(folder, s["file"])
-        try:
-            a = _read_shard(folder, s)
-        except ValueError as exc:
-            raise ValueError(f"folder: {exc}") from None
+        a = _read_shard(folder, s, "folder")
         if a is None:
             raise ValueError(f"folder: {folder} is stale: shard {s['file']} is missing or changed since "
                              "the manifest was written; write the pairs again")

@@ -34,10 +34,10 @@ def path(value: Any, name: str) -> str:
     """A non-empty str / os.PathLike path as a str; TypeError / ValueError naming `name`."""
     if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes):
         raise TypeError(f"{name}: expected a path (str or os.PathLike), got {type(value).__name__}")
-    path = os.fspath(value)
-    if not isinstance(path, str) or not path.strip():
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{name}: expected a non-empty path, got {value!r}")
-    return path
+    return text
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:

@@ -410,8 +410,8 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
     """ValueError (one line, "does not fit this run: ...") unless a state read from a checkpoint
     can be this run's: the shapes of a fresh engine's empty state `fresh`, tiles_done within the
     run's tiles (num_tiles; None: a merged state, not checked), a pair count the finished tiles
-    can hold (tile_pairs(0, tiles_done)), histogram counts >= 0 summing to it, every listed pair and row column an index of this run (i < j in
-    self mode), counts >= 0. The C++ engine checks the same in its import; the torch and Triton
+    can hold (tile_pairs(0, tiles_done)), histogram counts >= 0 summing to it, every listed pair
+    and row column an index of this run (i < j in self mode), counts >= 0. The C++ engine checks the same in its import; the torch and Triton
     engines copy a state as it is, so a crafted one (its sha256 recomputed) had come back as a
     3-bin histogram of a 2,000-bin run or a neighbour 10^9."""
     def refuse(why: str):
