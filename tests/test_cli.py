@@ -366,3 +366,15 @@ def test_a_json_or_checkpoint_never_lands_in_a_sealed_folder(tmp_path, capsys):
         assert f"is inside {target.parent}, {what}" in capsys.readouterr().err
         assert target.read_bytes() == before
     embgeom.read_pairs(tmp_path / "pa")
+
+
+def test_ctrl_c_while_the_command_imports_is_one_line(monkeypatch, capsys):
+    import embgeom.cli as cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["pairs", "x.npy"]) == 130
+    err = capsys.readouterr().err
+    assert err == "embgeom: interrupted before the command started: nothing was written\n"

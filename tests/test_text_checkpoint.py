@@ -429,3 +429,31 @@ def test_other_options_resume_to_the_same_files(tiny_bert_dir, tmp_path, monkeyp
             for key in ([None] if isinstance(a, np.ndarray) else a.files):
                 np.testing.assert_array_equal(a if key is None else a[key], b if key is None else b[key],
                                               err_msg=f"{name}: {key}")
+
+
+def test_a_second_ctrl_c_waits_for_the_save(tiny_bert, tmp_path, monkeypatch):
+    from embgeom.analysis.text.resume import TraceCheckpoint
+
+    model, tokenizer = tiny_bert
+    ckpt = str(tmp_path / "twice.ckpt")
+    clean = trace(model, tokenizer, TEXTS, batch_size=2).to_dict()
+    stopper = Stopper(3)
+    save, restore = TraceCheckpoint.save, TraceCheckpoint.restore
+
+    def save_hit_again(self, *args):
+        if stopper.after_signal:              # the save after the first Ctrl-C: press it again
+            os.kill(os.getpid(), signal.SIGINT)
+        save(self, *args)
+
+    monkeypatch.setattr(TraceCheckpoint, "save", save_hit_again)
+    with pytest.raises(KeyboardInterrupt):
+        trace(model, tokenizer, TEXTS, batch_size=2, observers=[stopper], checkpoint=ckpt)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(TraceCheckpoint, "save", save)
+    resumed_from = []
+    monkeypatch.setattr(TraceCheckpoint, "restore", lambda self, objects: resumed_from.append(
+        restore(self, objects)) or resumed_from[-1])
+    resumed = trace(model, tokenizer, TEXTS, batch_size=2, observers=[Stopper(0)], checkpoint=ckpt)
+    assert resumed_from == [6]               # the third batch's save ran to its end
+    assert _strip(json.loads(json.dumps(resumed.to_dict(), default=float))) == \
+        _strip(json.loads(json.dumps(clean, default=float)))

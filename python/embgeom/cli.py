@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
         started = IMPORTED_AT
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    try:  # (a command's modules import torch: a second or more, and Ctrl-C lands there too)
+        args = build_parser(argv).parse_args(argv)
+    except KeyboardInterrupt:
+        print("embgeom: interrupted before the command started: nothing was written", file=sys.stderr)
+        return 130
     args.argv, args.started = argv, started  # provenance: the command line and its total wall time
     try:
         # SIGTERM (a scheduler's stop, `kill`) ends a command as Ctrl-C does: its staging folder

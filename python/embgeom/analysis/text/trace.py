@@ -910,7 +910,8 @@ def _run_batches(model, tokenizer, texts, batch_size, max_len, done, accumulator
                     ckpt.save(done, accumulators, time.perf_counter() - start)
     except KeyboardInterrupt:
         if ckpt is not None and whole and done > 0:
-            ckpt.save(done, accumulators, time.perf_counter() - start)
+            with interrupt_after():  # a second Ctrl-C waits for the save (it had cut it short)
+                ckpt.save(done, accumulators, time.perf_counter() - start)
         raise
     return done
 
