@@ -198,6 +198,13 @@ def test_ranks_that_disagree_are_refused_naming_what_differs():
         with pytest.raises(ValueError, match=f"^distributed: rank 1 runs another input or options than rank 0 "
                                              f"\\({what}.*; run the same command on the same file on every rank"):
             _check_ranks_agree(Peers(theirs), 1, 2, x, cfg, 4, None)
+    # a file that differs from rank 0's in one row outside the sample: named by the row group
+    one_row = x.clone()
+    one_row[120, 2] += 1.0
+    assert answer(one_row, cfg)["x rows"] == answer(x, cfg)["x rows"]
+    with pytest.raises(ValueError, match=r"^distributed: rank 1 runs another input than rank 0 \(rows 120-156 "
+                                         r"of x differ: sha256 \w+ on rank 0, \w+ on rank 1\); run the same"):
+        _check_ranks_agree(Peers(answer(one_row, cfg)), 1, 2, x, cfg, 4, None)
 
 
 def test_rank_errors_name_the_input_row_and_the_port(tmp_path, capsys, monkeypatch):

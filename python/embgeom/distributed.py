@@ -121,25 +121,42 @@ def _init_process_group(timeout_s: float):
 
 
 AGREE_SAMPLE_ROWS = 64
+HASH_BLOCK_BYTES = 64 << 20
+
+
+def _rows_sha256(x: torch.Tensor, a: int, b: int) -> str:
+    """sha256 of rows a..b-1 of x as stored (64 MB at a time: a memory-mapped file is read once)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    step = max(1, HASH_BLOCK_BYTES // max(1, math.prod(x.shape[1:]) * x.element_size()))
+    for r in range(a, b, step):
+        block = x[r:min(b, r + step)].detach().cpu().contiguous()
+        h.update(block.view(torch.uint8).numpy().data if block.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def _check_ranks_agree(dist, rank: int, world: int, x: torch.Tensor, cfg, groups: int,
                        backend: str | None) -> None:
     """ValueError on every rank unless all ranks run the same settings on the same input: the
-    shape, dtype, every option, and the sha256 of AGREE_SAMPLE_ROWS rows spread over x (all of
-    x would be read by every rank; the rows a rank reads are its own). Ranks given different
-    files or options had each computed their part and merged them, silently."""
-    import hashlib
-
+    shape, dtype, every option, the sha256 of AGREE_SAMPLE_ROWS rows spread over x, and the
+    sha256 of every row group a rank reads for its jobs, compared wherever two ranks read the
+    same group (each rank hashes only the rows it reads anyway). Ranks given different files or
+    options had each computed their part and merged them, silently."""
     n = x.shape[0]
     picks = sorted({int(i) for i in torch.linspace(0, n - 1, min(AGREE_SAMPLE_ROWS, n)).round()})
-    sample = torch.stack([x[i] for i in picks]).detach().cpu().contiguous()
+    sample = torch.stack([x[i] for i in picks]).detach().cpu().contiguous() if n else x[:0]
     mine = {"shape": list(x.shape), "dtype": str(x.dtype), **{k: repr(v) for k, v in asdict(cfg).items()},
-            "groups": groups, "backend": backend,
-            "x rows": hashlib.sha256(sample.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]}
+            "groups": groups, "backend": backend, "x rows": _rows_sha256(sample, 0, len(sample))}
+    read: dict[str, str] = {}
+    if world > 1 and n:
+        bounds, jobs = group_bounds(n, groups), plan_jobs(n, groups)
+        for g in sorted({g for job in assign_jobs(jobs, world)[rank] for g in jobs[job][:2]}):
+            a, b = bounds[g]
+            read[f"{a}-{b - 1}"] = _rows_sha256(x, a, b)
     everyone = [None] * world
     try:
-        dist.all_gather_object(everyone, mine)
+        dist.all_gather_object(everyone, {**mine, "row groups": read})
     except Exception as exc:  # noqa: BLE001 - a dead peer surfaces here
         raise PeerLost(f"distributed: rank {rank}: comparing settings with the other ranks failed "
                        f"({first_line(exc)}); a rank probably died") from None
@@ -150,6 +167,14 @@ def _check_ranks_agree(dist, rank: int, world: int, x: torch.Tensor, cfg, groups
             raise ValueError(f"distributed: rank {r} runs another input or options than rank 0 ({', '.join(differ)} "
                              f"differ; {k}: {everyone[0][k]!r} on rank 0, {theirs[k]!r} on rank {r}); run the "
                              "same command on the same file on every rank")
+    first_seen: dict[str, tuple[int, str]] = {}
+    for r, theirs in enumerate(everyone):
+        for span, digest in theirs["row groups"].items():
+            s, seen = first_seen.setdefault(span, (r, digest))
+            if seen != digest:
+                raise ValueError(f"distributed: rank {r} runs another input than rank {s} (rows {span} of x "
+                                 f"differ: sha256 {seen} on rank {s}, {digest} on rank {r}); run the same "
+                                 "command on the same file on every rank")
 
 
 class PeerLost(RuntimeError):
