@@ -190,8 +190,7 @@ EMBGEOM_AVX512 double row_entropy_avx512(const float* row, const float* weight, 
 
 #endif  // EMBGEOM_X86
 
-// weight: T floats, 1 for a real key and 0 for padding (nullptr: every key real)
-using RowEntropyFn = double (*)(const float*, const float*, int64_t, float, float);
+}  // namespace
 
 // EMBGEOM_SCALAR_ENTROPY=1: the scalar std::log loop (the reference the vector paths are
 // tested against)
@@ -215,6 +214,8 @@ RowEntropyFn pick_row_entropy(const char** name) {
   *name = EMBGEOM_NEON ? "portable-neon" : "portable-generic";
   return row_entropy_generic;
 }
+
+namespace {
 
 // sum_t s ln s over one row pair, s = p + q (> 0: smoothed rows; padded keys 1/2 in both rows give
 // s = 1 and a 0 term); float32 terms, float64 sums, as the row entropy

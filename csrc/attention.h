@@ -13,6 +13,12 @@ void attention_row_entropy(const float* p, int64_t B, int64_t H, int64_t T, cons
 // The row-entropy loop attention_row_entropy uses at the current vector level (cpu/isa.h).
 const char* attention_entropy_path();
 
+// One row's entropy -sum v ln v, v = keep * row[k] + uniform over the keys with weight[k] != 0
+// (weight: T floats 0/1, nullptr: every key), float32 terms summed in float64; the loop
+// attention_row_entropy calls per row (attention_sums calls it too, on the row it reads).
+using RowEntropyFn = double (*)(const float* row, const float* weight, int64_t T, float keep, float uniform);
+RowEntropyFn pick_row_entropy(const char** name);
+
 // Clark's head distance (the pair part of its JS divergences): P (K, R, T) float32, each head's R
 // smoothed rows (padded keys 1/2 in every row, so that they add s ln s = 0); out (K, K): for
 // a < b, out[a * K + b] = sum over rows and keys of s ln s with s = P[a] + P[b] (float32 terms,

@@ -1,7 +1,9 @@
 #include "attention_sums.h"
 
+#include <limits>
 #include <vector>
 
+#include "attention.h"
 #include "check.h"
 #include "cpu/isa.h"
 #include "cpu/simd.h"
@@ -60,10 +62,16 @@ __attribute__((always_inline)) inline void map_sums(const float* p, int64_t T, i
                                                     const float* kf, int64_t K, const uint8_t* other,
                                                     const float* of, float* padded, double* key_mass,
                                                     double& sep_other, double& prev, double& next,
-                                                    double* row_sum, double* offsets) {
+                                                    double* row_sum, double* offsets, RowEntropyFn entropy_of,
+                                                    const float* wf, float* entropy) {
   for (int64_t i = 0; i < T; ++i) {
-    if (!mask[i]) continue;
+    if (!mask[i]) {
+      if (entropy) entropy[i] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     const float* row = p + i * T;
+    // the row's entropy while it is in L1 (the entropy kernel's own call: the same value)
+    if (entropy) entropy[i] = static_cast<float>(entropy_of(row, wf, T, 1.0f, 0.0f));
     for (int64_t j = 0; j < T; ++j) padded[j] = row[j];  // zero tail: whole blocks below
     float mass[kMaxKeys];
     key_masses<W>(padded, Tp, kf, K, mass);
@@ -78,19 +86,24 @@ __attribute__((always_inline)) inline void map_sums(const float* p, int64_t T, i
 }
 
 using MapFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, int64_t, const uint8_t*,
-                       const float*, float*, double*, double&, double&, double&, double*, double*);
+                       const float*, float*, double*, double&, double&, double&, double*, double*, RowEntropyFn,
+                       const float*, float*);
 
 void map_generic(const float* p, int64_t T, int64_t Tp, const uint8_t* mask, const float* kf, int64_t K,
                  const uint8_t* other, const float* of, float* padded, double* key_mass, double& sep_other,
-                 double& prev, double& next, double* row_sum, double* offsets) {
-  map_sums<4>(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets);
+                 double& prev, double& next, double* row_sum, double* offsets, RowEntropyFn entropy_of,
+                 const float* wf, float* entropy) {
+  map_sums<4>(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets,
+              entropy_of, wf, entropy);
 }
 
 #if EMBGEOM_X86
 EMBGEOM_AVX2 void map_avx2(const float* p, int64_t T, int64_t Tp, const uint8_t* mask, const float* kf,
                            int64_t K, const uint8_t* other, const float* of, float* padded, double* key_mass,
-                           double& sep_other, double& prev, double& next, double* row_sum, double* offsets) {
-  map_sums<8>(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets);
+                           double& sep_other, double& prev, double& next, double* row_sum, double* offsets,
+                           RowEntropyFn entropy_of, const float* wf, float* entropy) {
+  map_sums<8>(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets,
+              entropy_of, wf, entropy);
 }
 #endif
 
@@ -104,11 +117,13 @@ const char* attention_sums_path() { return picked_name(pick_map); }
 
 void attention_sums(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask,
                     const uint8_t* keys, int64_t K, const uint8_t* other, double* key_mass,
-                    double* sep_other, double* prev, double* next, double* row_sum, double* offsets) {
+                    double* sep_other, double* prev, double* next, double* row_sum, double* offsets,
+                    float* entropy) {
   EMBGEOM_CHECK(B >= 0 && H >= 0 && T >= 0, "attention_sums: bad shape");
   EMBGEOM_CHECK(K >= 0 && K <= kMaxKeys, "keys: expected at most " << kMaxKeys << " columns, got " << K);
   const char* name = "";
   const MapFn map = pick_map(&name);
+  const RowEntropyFn entropy_of = pick_row_entropy(&name);
   const int64_t Tp = (T + kLanes - 1) / kLanes * kLanes;
   const int64_t R = T > 0 ? 2 * T - 1 : 0;
   for (int64_t q = 0; q < H * R; ++q) offsets[q] = 0.0;
@@ -120,7 +135,8 @@ void attention_sums(const float* p, int64_t B, int64_t H, int64_t T, const uint8
   std::vector<double> part(size_t(B * H * R), 0.0);
 #pragma omp parallel
   {
-    std::vector<float> kf(static_cast<size_t>(K * Tp)), of(static_cast<size_t>(Tp)), padded(static_cast<size_t>(Tp), 0.0f);
+    std::vector<float> kf(static_cast<size_t>(K * Tp)), of(static_cast<size_t>(Tp)), padded(static_cast<size_t>(Tp), 0.0f),
+        wf(static_cast<size_t>(T));
     int64_t loaded = -1;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
@@ -129,11 +145,13 @@ void attention_sums(const float* p, int64_t B, int64_t H, int64_t T, const uint8
           for (int64_t k = 0; k < K; ++k)
             for (int64_t j = 0; j < Tp; ++j) kf[k * Tp + j] = j < T && keys[(b * T + j) * K + k] ? 1.0f : 0.0f;
           for (int64_t j = 0; j < Tp; ++j) of[j] = j < T && other[b * T + j] ? 1.0f : 0.0f;
+          for (int64_t j = 0; j < T; ++j) wf[j] = mask[b * T + j] ? 1.0f : 0.0f;
           loaded = b;
         }
         const int64_t bh = b * H + h;
         map(p + bh * T * T, T, Tp, mask + b * T, kf.data(), K, other + b * T, of.data(), padded.data(),
-            key_mass + bh * K, sep_other[bh], prev[bh], next[bh], row_sum + bh * T, part.data() + bh * R);
+            key_mass + bh * K, sep_other[bh], prev[bh], next[bh], row_sum + bh * T, part.data() + bh * R,
+            entropy_of, wf.data(), entropy ? entropy + bh * T : nullptr);
       }
     }
   }

@@ -14,9 +14,12 @@ namespace embgeom {
 //   row_sum (B, H, T)   sum_i p[i, :]
 //   offsets (H, 2T - 1) sum over b and i of p[i, j] for `other` keys j, at index j - i + T - 1
 // Within one row the key masses are float32 dot products (as a float32 matrix product's).
+// entropy (B, H, T) or nullptr: each real row's entropy over the real keys, NaN for padded rows,
+// the values attention_row_entropy(p, mask, 0) gives (one pass over the maps for both).
 void attention_sums(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask,
                     const uint8_t* keys, int64_t K, const uint8_t* other, double* key_mass,
-                    double* sep_other, double* prev, double* next, double* row_sum, double* offsets);
+                    double* sep_other, double* prev, double* next, double* row_sum, double* offsets,
+                    float* entropy);
 
 // The loop attention_sums takes at the current vector level (cpu/isa.h).
 const char* attention_sums_path();

@@ -138,7 +138,8 @@ py::array_t<int64_t> context_argmax(const py::array_t<float>& o, const std::opti
   return out;
 }
 
-py::tuple attention_sums(const f32_array& p, const u8_array& mask, const u8_array& keys, const u8_array& other) {
+py::tuple attention_sums(const f32_array& p, const u8_array& mask, const u8_array& keys, const u8_array& other,
+                         bool entropy) {
   const auto [B, H, T] = map_dims(p);
   const uint8_t* m = mask_data(mask, B, T);
   EMBGEOM_CHECK(other.ndim() == 2 && other.shape(0) == B && other.shape(1) == T, "other: expected (B, T)");
@@ -146,13 +147,15 @@ py::tuple attention_sums(const f32_array& p, const u8_array& mask, const u8_arra
   const int64_t K = keys.shape(2);
   py::array_t<double> key_mass({B, H, K}), sep_other({B, H}), prev({B, H}), next({B, H}), row_sum({B, H, T}),
       offsets({H, T > 0 ? 2 * T - 1 : int64_t(0)});
+  py::array_t<float> ent(entropy ? std::vector<int64_t>{B, H, T} : std::vector<int64_t>{0});
   {
     py::gil_scoped_release release;
     embgeom::attention_sums(p.data(), B, H, T, m, keys.data(), K, other.data(), key_mass.mutable_data(),
                             sep_other.mutable_data(), prev.mutable_data(), next.mutable_data(),
-                            row_sum.mutable_data(), offsets.mutable_data());
+                            row_sum.mutable_data(), offsets.mutable_data(), entropy ? ent.mutable_data() : nullptr);
   }
-  return py::make_tuple(key_mass, sep_other, prev, next, row_sum, offsets);
+  if (!entropy) return py::make_tuple(key_mass, sep_other, prev, next, row_sum, offsets, py::none());
+  return py::make_tuple(key_mass, sep_other, prev, next, row_sum, offsets, ent);
 }
 
 py::array_t<double> js_pair_sums(const f32_array& P) {
@@ -505,8 +508,10 @@ PYBIND11_MODULE(_C, m) {
         "Context similarity's sums over one layer's argmax j (B, H, T) int64: (counts (6, H): rows, distance, "
         "separator, repeated, same_sentence, period_or_separator; hist (H, T); focus (B, H) positions) int64");
   m.def("attention_sums", &attention_sums, py::arg("attn"), py::arg("mask"), py::arg("keys"), py::arg("other"),
+        py::arg("entropy") = false,
         "One layer's attention summaries: attn (B, H, T, T) float32, mask/other (B, T), keys (B, T, K) uint8 -> "
-        "(key_mass (B, H, K), sep_other, prev, next (B, H), row_sum (B, H, T), offsets (H, 2T - 1)) float64");
+        "(key_mass (B, H, K), sep_other, prev, next (B, H), row_sum (B, H, T), offsets (H, 2T - 1)) float64, "
+        "and with entropy=True the rows' entropies (B, H, T) float32 (NaN for padded rows; else None)");
   m.def("row_pair_sums", &row_pair_sums, py::arg("a"), py::arg("b"),
         "Float64 row sums of two (N, D) float32 arrays -> (N, 4): |a|^2, |b|^2, |a - b|^2, a . b");
   m.def("eigvals_abs", &eigvals_abs, py::arg("a"), py::arg("threads") = 0,

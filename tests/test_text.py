@@ -265,13 +265,23 @@ def test_layer_summaries_kernel_equals_torch_path(T, cpu_cap, monkeypatch):
     args = (mask, cls, sep, punct, period, comma, max_len)
     got = A.layer_summaries(attn, *args)
     strided = A.layer_summaries(attn.transpose(0, 1).contiguous().transpose(0, 1), *args)
-    monkeypatch.setattr(A.registry, "cpp", lambda: None)
-    want = A.layer_summaries(attn, *args)
+    with monkeypatch.context() as m:
+        m.setattr(A.registry, "cpp", lambda: None)
+        want = A.layer_summaries(attn, *args)
     for key in A.TARGETS:
         torch.testing.assert_close(got[0][key], want[0][key].double(), rtol=1e-5, atol=1e-6, msg=key)
         torch.testing.assert_close(strided[0][key], got[0][key], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1].double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[2], want[2].double(), rtol=1e-5, atol=1e-6)
+    # the rows' entropies taken in the same pass: the entropy kernel's values, bit for bit (NaN
+    # on padded rows), and the summaries unchanged
+    assert A.fused_row_entropy(attn)
+    *same, ent = A.layer_summaries(attn, *args, row_entropy=True)
+    alone = A.registry.pick("attention_entropy", attn)[1](attn, mask, 0.0)   # (rows sum to 1 over all keys)
+    assert torch.equal(ent.isnan(), ~mask[:, None, :].expand(B, H, T))
+    assert torch.equal(torch.nan_to_num(ent, nan=-1.0), torch.nan_to_num(alone, nan=-1.0))
+    assert all(torch.equal(a, b) for a, b in zip(same[1:], got[1:]))
+    assert all(torch.equal(same[0][k], got[0][k]) for k in A.TARGETS)
 
 
 def test_cli_refuses_a_checkpoint_missing_layers(tiny_bert_dir, tmp_path, capsys):
@@ -397,6 +407,10 @@ def test_trace_metrics_left_out_are_nan_and_a_text_string_is_named(tiny_bert):
     assert d["entropy"]["uniform_baseline"] is None and d["evolution"]["norm"][0] is None
     with pytest.raises(ValueError, match=r"texts: no such file: 'the dog is big'; one text goes in a list"):
         trace(model, tokenizer, "the dog is big")
+    # entropy alone takes the entropy kernel; with the attention summaries, their pass: the same sums
+    alone = trace(model, tokenizer, texts, batch_size=2, metrics="entropy")
+    both = trace(model, tokenizer, texts, batch_size=2, metrics=("entropy", "attention"))
+    assert torch.equal(alone.entropy, both.entropy) and bool(torch.isfinite(both.entropy).all())
 
 
 def test_behaviour_marker_takes_periods_and_commas_only():

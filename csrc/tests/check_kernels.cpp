@@ -441,8 +441,14 @@ void check_attention_sums(int64_t B, int64_t H, int64_t T) {
   const int64_t R = 2 * T - 1;
   std::vector<double> key_mass(B * H * K), sep_other(B * H), prev(B * H), next(B * H), row_sum(B * H * T),
       offsets(H * R);
+  std::vector<float> entropy(B * H * T), entropy_alone(B * H * T);
   attention_sums(p.data(), B, H, T, mask.data(), keys.data(), K, other.data(), key_mass.data(), sep_other.data(),
-                 prev.data(), next.data(), row_sum.data(), offsets.data());
+                 prev.data(), next.data(), row_sum.data(), offsets.data(), entropy.data());
+  // the rows' entropies it takes on the way: the entropy kernel's values, bit for bit
+  attention_row_entropy(p.data(), B, H, T, mask.data(), 0.0, entropy_alone.data());
+  for (int64_t q = 0; q < B * H * T; ++q)
+    CHECK(std::memcmp(&entropy[q], &entropy_alone[q], sizeof(float)) == 0, "attention_sums entropy %lld",
+          (long long)q);
   std::vector<double> ref_off(H * R, 0.0);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < H; ++h) {

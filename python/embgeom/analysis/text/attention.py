@@ -149,17 +149,29 @@ def _u8(t: torch.Tensor):
     return t.to(torch.uint8).contiguous().numpy()
 
 
+def fused_row_entropy(attn: torch.Tensor) -> bool:
+    """Whether layer_summaries(..., row_entropy=True) takes the rows' entropies in its own pass
+    over these maps (the C++ pass on CPU float32 maps, where the entropy kernel is the C++ one)."""
+    return registry.cpp_kernel("attention_sums", at_least_fp32(attn)) is not None \
+        and registry.pick("attention_entropy", attn)[0] == "cpp"
+
+
 def layer_summaries(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor, sep: torch.Tensor,
                     punct: torch.Tensor, period: torch.Tensor, comma: torch.Tensor, max_len: int,
-                    workspace: dict | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+                    workspace: dict | None = None, row_entropy: bool = False):
     """One layer's attention summaries of `embgeom text`: (attention_targets_per_text with
-    period and comma, head_mean_entropy, target_distribution). On CPU float32 maps one C++ pass
-    over them (_C.attention_sums; float32 sums within a row, float64 across rows); elsewhere the
-    torch functions, which read the maps four times. 16-bit maps are summed as float32."""
+    period and comma, head_mean_entropy, target_distribution), and with row_entropy (where
+    fused_row_entropy holds) a fourth item, the rows' entropies (B, H, T) float32 as
+    attention_entropy(attn, mask) gives them (NaN for padded rows), taken while each row is in
+    cache. On CPU float32 maps one C++ pass over them (_C.attention_sums; float32 sums within a
+    row, float64 across rows); elsewhere the torch functions, which read the maps four times.
+    16-bit maps are summed as float32."""
     attn = at_least_fp32(attn)
     B, H, T, _ = attn.shape
     keys = torch.stack([cls, sep, punct, period, comma], dim=-1)
     attention_sums = registry.cpp_kernel("attention_sums", attn)
+    if row_entropy and not fused_row_entropy(attn):
+        raise ValueError("row_entropy: the maps' rows take the entropy kernel of their backend here")
     if attention_sums is None:
         mass = special_mass(attn, keys)
         per = attention_targets_per_text(attn, mask, cls, sep, punct, mass=mass, period=period, comma=comma)
@@ -167,8 +179,9 @@ def layer_summaries(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor, s
                 target_distribution(attn, mask, cls, sep, max_len, workspace=workspace, mass=mass))
     if T > max_len:
         raise ValueError(f"attn: sequence length {T} exceeds max_len {max_len}")
-    out = attention_sums(attn.detach().contiguous().numpy(), _u8(mask), _u8(keys), _u8(mask & ~cls & ~sep))
-    key_mass, sep_other, prev, nxt, row_sum, offsets = (torch.from_numpy(x) for x in out)
+    out = attention_sums(attn.detach().contiguous().numpy(), _u8(mask), _u8(keys), _u8(mask & ~cls & ~sep),
+                         entropy=row_entropy)
+    key_mass, sep_other, prev, nxt, row_sum, offsets = (torch.from_numpy(x) for x in out[:6])
     per = {k: key_mass[..., c] for c, k in enumerate(("cls", "sep", "punct", "period", "comma"))}
     per.update(sep_from_other=sep_other, prev=prev, next=nxt)
     n = mask.sum(1).clamp(min=1).double()
@@ -178,6 +191,8 @@ def layer_summaries(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor, s
     dist[:, :2] = key_mass[..., :2].sum(0)
     c = 2 + max_len - 1
     dist[:, c - (T - 1):c + T] = offsets
+    if row_entropy:
+        return per, hme, dist, torch.from_numpy(out[6])
     return per, hme, dist
 
 

@@ -664,16 +664,23 @@ class TraceAccumulator(Resumable):
         if "context" in self.metrics and self.sentence_tables is not None:
             ends, period = (t[b.input_ids] & mask for t in self.sentence_tables)
             sentence = attention.sentence_index(ends | b.sep)
-        if b.attentions and "entropy" in self.metrics:
+        # the row entropies inside the attention summaries' pass over each map where both run on
+        # the C++ core (the maps are read from memory once, not twice: 3-4 % of the forward)
+        fused = bool(b.attentions) and {"entropy", "attention"} <= self.metrics \
+            and attention.fused_row_entropy(b.attentions[0])
+        if b.attentions and "entropy" in self.metrics and not fused:
             # the row-entropy kernel (embgeom.attention_entropy without its input checks)
             _, entropy_kernel = registry.pick("attention_entropy", b.attentions[0])
         for l, attn in enumerate(b.attentions):
-            if "entropy" in self.metrics:
+            ent = None
+            if "entropy" in self.metrics and not fused:
                 ent = entropy_kernel(attn, mask, 0.0).to(attn.device)         # (B, H, T), NaN pads
-                s["entropy"][l] += torch.nan_to_num(ent, nan=0.0).sum(dim=(0, 2)).double()
             if "attention" in self.metrics:
-                t, hme, dist = attention.layer_summaries(attn, mask, b.cls, b.sep, b.punct, dot_key, comma_key,
-                                                         self.max_len, workspace=self._ws)
+                t, hme, dist, *rows = attention.layer_summaries(attn, mask, b.cls, b.sep, b.punct, dot_key,
+                                                                comma_key, self.max_len, workspace=self._ws,
+                                                                row_entropy=fused)
+                if fused:
+                    ent = rows[0]
                 per = torch.stack([t[k] for k in attention.TARGETS]).to(s["targets"].device)  # (K, B, H)
                 s["targets"][:, l] += per.sum(1)
                 # Clark's average: each text's mean over its own real rows, summed over texts
@@ -681,6 +688,8 @@ class TraceAccumulator(Resumable):
                 s["targets_text"][:, l] += (per / text_rows[:, :, None]).sum(1)
                 s["hme"][l] += hme.to(s["hme"].device)
                 s["dist"][l * H:(l + 1) * H] += dist.to(s["dist"].device)
+            if ent is not None:
+                s["entropy"][l] += torch.nan_to_num(ent, nan=0.0).sum(dim=(0, 2)).double()
             if "context" in self.metrics:
                 c = attention.context_similarity(b.head_outputs[l].transpose(1, 2), mask, b.sep,
                                             b.input_ids, self.V, workspace=self._ws,
