@@ -229,3 +229,29 @@ def test_context_argmax_kernel_is_the_float64_argmax(T, d, cpu_cap):
     assert not bad, bad[:5]
     if T >= 9:  # the padded / one-token rows point at themselves
         assert int(got[2, 0, 0]) == 0
+
+
+def test_tau_at_one_and_minus_one_takes_parallel_and_opposite_rows():
+    """Identical (and exactly scaled) rows have cos exactly 1 and opposite rows -1: the dot product
+    of the unit rows had given 1 - 1.1e-16 and -1 - 4.4e-16, so tau:1 dropped identical pairs and
+    tau:-1 opposite ones (in about a quarter of random draws)."""
+    from embgeom.analysis.heads.similarity import select_pairs
+
+    g = torch.Generator().manual_seed(5)
+    missed = 0
+    for _ in range(100):
+        a = torch.randn(7, generator=g, dtype=torch.float64).float()
+        o = torch.stack([a, a, 4 * a, -a / 2, torch.randn(7, generator=g), torch.zeros(7)])[None, None]
+        mask = torch.ones(1, 6, dtype=torch.bool)
+        at_one = select_pairs(o, mask, ("tau", 1.0))[0, 0]
+        want = torch.zeros(6, 6, dtype=torch.bool)
+        want[:3, :3] = True
+        want.fill_diagonal_(False)
+        missed += int(not torch.equal(at_one, want))
+        every = select_pairs(o, mask, ("tau", -1.0))[0, 0]        # every pair of nonzero rows
+        want = torch.ones(6, 6, dtype=torch.bool)
+        want[5, :] = want[:, 5] = False
+        want.fill_diagonal_(False)
+        missed += int(not torch.equal(every, want))
+        assert torch.equal(at_one, at_one.T)
+    assert missed == 0

@@ -5,6 +5,7 @@ right, against the model's own predictions."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -258,3 +259,16 @@ def test_correct_only_resumes_without_predicting_again(clf_dir, tmp_path, monkey
         for key in ("forward_passes_seconds", "provenance", "total_seconds"):
             rep.pop(key, None)
     assert resumed == clean and resumed["correct_only"]["kept"] > 0
+
+
+def test_labels_that_read_alike_as_file_names_get_a_heat_map_each(tmp_path):
+    """'a b' and 'a-b' both become class_maps_a_b: the second label's picture had overwritten
+    the first one's, and the page showed one map for both."""
+    from embgeom.report.head_sections import class_maps_section
+
+    means = {"a b": np.full((1, 1, 3, 3), 0.2), "a-b": np.full((1, 1, 3, 3), 0.9), "x" * 300: np.zeros((1, 1, 3, 3))}
+    block = {"texts": {g: 1 for g in means}, "length": 3, "file": "class_maps.npz", "entropies": {}}
+    _, _, pngs = class_maps_section(str(tmp_path), block, means, 0.1)[:3]
+    names = [os.path.basename(p) for p in pngs]
+    assert names == ["class_maps_a_b.png", "class_maps_a_b_1.png", f"class_maps_{'x' * 80}.png"]
+    assert all(os.path.exists(p) for p in pngs)

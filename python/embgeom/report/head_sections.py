@@ -412,9 +412,13 @@ def _head_grid(out_dir: str, name: str, maps, shown, style: dict, axes: tuple[st
 def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
     """One L x H grid per label of its class-mean attention map; entries below theta hidden; the
     authors' entropies of each label's maps per layer (mean over heads)."""
-    pngs = []
-    for g, m in means.items():
-        safe = "".join(c if c.isalnum() else "_" for c in str(g))
+    pngs, names = [], set()
+    for k, (g, m) in enumerate(means.items()):
+        # the label in the file name, shortened, and numbered where two labels would share one
+        # ("a b" and "a-b"): each label's picture had overwritten the other's
+        safe = "".join(c if c.isalnum() else "_" for c in str(g))[:80]
+        safe = safe if safe not in names else f"{safe}_{k}"
+        names.add(safe)
         pngs.append(_head_grid(out_dir, f"class_maps_{safe}", np.asarray(m, dtype=float),
                                lambda a: np.ma.masked_less(a, theta), dict(cmap="Blues", vmin=0, vmax=1),
                                ("key", "query"), f"class-mean attention (entries < {theta:g} hidden)",

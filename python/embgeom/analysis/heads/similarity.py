@@ -44,6 +44,9 @@ def parse_similar(text: str | None):
     raise ValueError(f"--similar: expected tau:X with -1 <= X <= 1 or topk:K with K >= 1, got {text!r}")
 
 
+NEAR_TAU = 1e-10   # well above the float64 rounding of a unit-row dot product (d <= 4096)
+
+
 def select_pairs(o: torch.Tensor, mask: torch.Tensor, rule) -> torch.Tensor:
     """o (B, H, T, d) one layer's head outputs, mask (B, T) -> (B, H, T, T) bool: the ordered
     pairs (i, j) the rule selects (i, j real, i != j, texts with >= 2 real tokens)."""
@@ -58,6 +61,19 @@ def select_pairs(o: torch.Tensor, mask: torch.Tensor, rule) -> torch.Tensor:
         norm = torch.linalg.vector_norm(o, dim=-1, keepdim=True)
         u = o / torch.where(norm > 0, norm, torch.ones_like(norm))
         cos = u @ u.transpose(-1, -2)
+        # pairs within rounding of tau are decided on cos = 1 - |u_i - u_j|^2 / 2 (or
+        # |u_i + u_j|^2 / 2 - 1 below 0), exact where the rows are parallel: the dot product had
+        # given identical rows 1 - 1.1e-16 and dropped them at tau:1 (opposite rows at tau:-1);
+        # both orders of a pair are decided alike
+        near = (cos - value).abs() <= NEAR_TAU
+        near = near | near.transpose(-1, -2)
+        if bool(near.any()):
+            b, h, i, j = near.nonzero(as_tuple=True)
+            ui, uj = u[b, h, i], u[b, h, j]
+            plus = (cos[b, h, i, j] + cos[b, h, j, i]) >= 0
+            close = torch.where(plus, 1 - ((ui - uj) ** 2).sum(-1) / 2, ((ui + uj) ** 2).sum(-1) / 2 - 1)
+            cos = cos.clone()
+            cos[b, h, i, j] = close.clamp(-1.0, 1.0)
         return pair_ok & (cos >= value) & (norm > 0) & (norm > 0).transpose(-1, -2)
     s = o @ o.transpose(-1, -2)
     s = s.masked_fill(~pair_ok, float("-inf"))
