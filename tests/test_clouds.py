@@ -168,7 +168,7 @@ def test_projection_deterministic_and_graph_exact(method):
         assert projection.knn_recall(a.indices, want_i) >= 0.99
     else:
         assert a.explained_variance.shape == (16,) and abs(a.explained_variance.sum() - 1) < 1e-9
-        assert set(a.pca_curves) == {"all", "g0", "g1", "g2"}
+        assert set(a.pca_curves) == {"all", "by_label"} and set(a.pca_curves["by_label"]) == {"g0", "g1", "g2"}
     from sklearn.metrics import silhouette_score
     assert a.silhouette["original"] == pytest.approx(silhouette_score(np.asarray(x, np.float64), labels, metric="cosine"), abs=1e-6)
     assert a.silhouette["projection"] == pytest.approx(silhouette_score(a.embedding.astype(np.float64), labels), abs=1e-6)
@@ -489,7 +489,9 @@ def test_project_cli_refuses_options_its_method_ignores(tmp_path, capsys):
     x = str(tmp_path / "x.npy")
     for flags, message in ((["--method", "pca", "--k", "4"], "--k: only for --method umap"),
                            (["--method", "umap", "--perplexity", "4"], "--perplexity: only for --method tsne"),
-                           (["--method", "pca", "--depth", "1"], "--depth: X is (12, 5)")):
+                           (["--method", "pca", "--depth", "1"], "--depth: X is (12, 5)"),
+                           (["--method", "pca", "--backend", "bogus"], "--backend: only for --method umap or tsne"),
+                           (["--method", "tsne", "--perplexity", "0.2"], "perplexity: expected a finite number >= 1/3")):
         assert main(["project", x, "--out", str(tmp_path / "o"), "--quiet"] + flags) == 2, flags
         assert message in capsys.readouterr().err
     (tmp_path / "bad.npy").write_bytes(b"not numpy")
@@ -504,6 +506,63 @@ def test_project_degenerate_inputs():
         project(np.ones((20, 4), np.float32), method="tsne")
     p = project(np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32), method="umap")
     assert p.embedding.shape == (3, 2) and np.isfinite(p.embedding).all()
+
+
+def test_project_far_near_collinear_and_identical_clouds():
+    """t-SNE lays out near-collinear and far-offset clouds (cosine distances 1e-7, below the 1e-6
+    it had taken for 'every distance 0'); identical rows are one point under Euclidean distance
+    whatever N (the mean's rounding had left 1e-16 rows and a refusal about their norms); the
+    Euclidean silhouette of a far cloud is its silhouette near the origin (sklearn's
+    |x|^2 + |y|^2 - 2 x.y had cancelled: 0.52 for 0.41); t-SNE of one column is refused naming x."""
+    from sklearn.metrics import silhouette_score
+
+    from embgeom.analysis.clouds.projection import project
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(16)
+    near = base + 1e-4 * rng.standard_normal((40, 16))                        # distances ~1e-8..1e-7
+    p = project(near, method="tsne", perplexity=5)
+    assert np.isfinite(p.embedding).all() and (1 - p.similarities).max() < 1e-6
+    for n in (8, 10):
+        same = np.tile(rng.standard_normal((1, 5)), (n, 1))
+        assert np.isfinite(project(same, method="umap", metric="euclidean", k=3).embedding).all()
+        with pytest.raises(ValueError, match=f"all {n} are one point"):
+            project(same, method="tsne", metric="euclidean", perplexity=2)
+    x, labels = _clusters()
+    x = x.astype(np.float64)
+    want = silhouette_score(x, labels, metric="euclidean")
+    for offset, scale in ((1e4, 1e-4), (1e8, 1e-2)):
+        far = offset + scale * x
+        got = geometry.silhouette(far, labels, "euclidean")
+        assert got == pytest.approx(want, abs=1e-6), (offset, got, want)
+    with pytest.raises(ValueError, match="x: t-SNE needs rows of at least 2 columns"):
+        project(rng.standard_normal((20, 1)), method="tsne", perplexity=3)
+
+
+def test_project_pca_report_keeps_every_component_and_a_label_named_all():
+    """Every explained-variance ratio (report.json kept the first 64), the whole cloud's curve
+    beside a label named 'all' (the label's curve had replaced it), and a zero row left out of
+    the cosine silhouette with a note (sklearn puts it at distance 1 from every row)."""
+    from sklearn.metrics import silhouette_score
+
+    from embgeom.analysis.clouds.projection import project
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((200, 100))
+    labels = ["all"] * 100 + ["other"] * 100
+    x[100:] = 3 * x[100:, ::-1]
+    p = project(x, method="pca", labels=labels)
+    d = json.loads(json.dumps(p.to_dict()))
+    ev = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
+    np.testing.assert_allclose(d["explained_variance"], ev / ev.sum(), rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(d["pca_cumulative"]["all"], np.cumsum(ev / ev.sum()), rtol=1e-9)
+    own = np.linalg.svd(x[:100] - x[:100].mean(0), compute_uv=False) ** 2
+    np.testing.assert_allclose(d["pca_cumulative"]["by_label"]["all"], np.cumsum(own / own.sum()), rtol=1e-9)
+    x[0] = 0.0
+    p = project(x, method="pca", labels=labels)
+    want = silhouette_score(x[1:], labels[1:], metric="cosine")
+    assert p.silhouette["original"] == pytest.approx(want, abs=1e-12)
+    assert p.notes == ["silhouette.original leaves out 1 zero row(s) (no direction: no cosine distance)"]
 
 
 def test_trajectory_step_cosine_of_unchanged_states_is_one():

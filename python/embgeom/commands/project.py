@@ -16,10 +16,10 @@ from .model_options import add_quiet_option, progress_for
 
 
 def check_method_options(args) -> None:
-    """--k is UMAP's, --perplexity t-SNE's, --seed theirs: given to another method they would be
-    ignored, so they are refused; the defaults are filled in."""
+    """--k is UMAP's, --perplexity t-SNE's, --seed and --backend (the graph's) theirs: given to
+    another method they would be ignored, so they are refused; the defaults are filled in."""
     for option, value, methods in (("--k", args.k, ("umap",)), ("--perplexity", args.perplexity, ("tsne",)),
-                                   ("--seed", args.seed, ("umap", "tsne"))):
+                                   ("--seed", args.seed, ("umap", "tsne")), ("--backend", args.backend, ("umap", "tsne"))):
         if value is not None and args.method not in methods:
             raise ValueError(f"{option}: only for --method {' or '.join(methods)}, got --method {args.method}")
     if args.seed is not None and not 0 <= args.seed < 2 ** 32:

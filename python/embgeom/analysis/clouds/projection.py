@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from ...api import pairwise_stats
 from ...backends import registry
-from .geometry import as_matrix, as_matrix64, silhouette
+from .geometry import as_matrix, as_matrix64, silhouette, translated
 
 
 
@@ -74,10 +74,10 @@ def exact_knn(x, k: int, *, metric: str = "cosine", backend: str | None = None) 
     x64 = as_matrix64(x)
     rows = xm
     if not cosine:
-        # distances do not move with a translation: the engine gets the rows less their float64
-        # mean, so a cloud far from the origin keeps its digits in fp32 (embeddings share a large
-        # common component); the certificate's norms are the centred ones
-        centred = x64 - x64.mean(0)
+        # distances do not move with a translation: the engine gets the rows less the row nearest
+        # their float64 mean, so a cloud far from the origin keeps its digits in fp32 (embeddings
+        # share a large common component); the certificate's norms are the translated ones
+        centred = translated(x64)
         rows = centred.astype(np.float32)
     res = pairwise_stats(torch.from_numpy(rows), metric=metric, bins=0, topk=0, bottomk=0,
                          row_topk=wide if cosine else 0, row_bottomk=0 if cosine else wide, backend=backend)
@@ -130,10 +130,10 @@ def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256
                      metric: str = "cosine", centred: np.ndarray | None = None) -> np.ndarray:
     """The k nearest columns of each of `rows` by float64 cosine (or Euclidean distance) against
     every row (itself excluded; ties by column), (len(rows), k) int64: the search behind rows whose
-    fp32 candidates are not certain (exact_knn). centred: x64 less its mean, where the caller has
-    it already (Euclidean)."""
+    fp32 candidates are not certain (exact_knn). centred: geometry.translated(x64), where the
+    caller has it already (Euclidean)."""
     if metric == "euclidean":
-        return _knn_float64_rows_euclidean(x64, rows, k, chunk, x64 - x64.mean(0) if centred is None else centred)
+        return _knn_float64_rows_euclidean(x64, rows, k, chunk, translated(x64) if centred is None else centred)
     nrm = np.linalg.norm(x64, axis=1)
     unit = x64 / nrm[:, None]
     out = np.empty((rows.size, k), np.int64)
@@ -155,12 +155,13 @@ def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256
 
 def _knn_float64_rows_euclidean(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int,
                                 centred: np.ndarray) -> np.ndarray:
-    """knn_float64_rows under Euclidean distance. The squared distances of the centred rows c by
-    float64 matrix products, s = |c_i|^2 + |c_j|^2 - 2 c_i.c_j, are within E = 4 (D + 6) eps64
-    (|c_i|^2 + |c_j|^2) of the exact ones (the products' and norms' D-term sums, the centring's
-    rounding); every column whose s - E exceeds the row's k-th smallest s + E is out, and the
-    rest get their exact distances from the differences of the input rows (no cancellation), or
-    keep s where E is 0 (c_i = c_j = 0: the rows equal the mean, s = 0 exactly). Cost: a float64
+    """knn_float64_rows under Euclidean distance. The squared distances of the translated rows c
+    (geometry.translated) by float64 matrix products, s = |c_i|^2 + |c_j|^2 - 2 c_i.c_j, are
+    within E = 4 (D + 6) eps64 (|c_i|^2 + |c_j|^2) of the exact ones (the products' and norms'
+    D-term sums, the translation's rounding); every column whose s - E exceeds the row's k-th
+    smallest s + E is out, and the rest get their exact distances from the differences of the
+    input rows (no cancellation), or keep s where E is 0 (c_i = c_j = 0: both rows equal the
+    reference row, s = 0 exactly). Cost: a float64
     product per chunk of rows plus the differences of the few columns near each row's boundary
     (scipy's cdist of a whole row took 20 ms against the vocabulary)."""
     sq = np.einsum("ij,ij->i", centred, centred)
@@ -263,16 +264,18 @@ def pca(x, axes: int = 2) -> tuple[np.ndarray, np.ndarray]:
 
 def pca_curves(x, labels: list[str] | None = None) -> dict:
     """Cumulative explained variance of the whole cloud and of each label's points (thesis 2.3.2):
-    {"all": [..], "<label>": [..]} (labels with fewer than 2 points are left out)."""
+    {"all": [..]} and with labels "by_label": {"<label>": [..]} (labels with fewer than 2 points
+    are left out; a label may be named "all")."""
     ratio, _ = pca(x, axes=0)
     out = {"all": np.cumsum(ratio).tolist()}
     if labels is not None:
         lab = np.asarray(labels)
         xm = as_matrix64(x)
+        out["by_label"] = {}
         for name in sorted(set(labels)):
             rows = xm[lab == name]
             if rows.shape[0] >= 2:
-                out[name] = np.cumsum(pca(rows, axes=0)[0]).tolist()
+                out["by_label"][name] = np.cumsum(pca(rows, axes=0)[0]).tolist()
     return out
 
 
@@ -310,9 +313,9 @@ class Projection:
         if self.perplexity is not None:
             out["perplexity"] = self.perplexity
         if self.explained_variance is not None:
-            out["explained_variance"] = self.explained_variance[:64].tolist()
+            out["explained_variance"] = self.explained_variance.tolist()
         if self.pca_curves is not None:
-            out["pca_cumulative"] = {k: v[:64] for k, v in self.pca_curves.items()}
+            out["pca_cumulative"] = self.pca_curves
         if self.silhouette is not None:
             out["silhouette"] = self.silhouette
         if self.notes:
@@ -552,8 +555,12 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
     if method == "tsne":
         if isinstance(perplexity, bool) or not isinstance(perplexity, (int, float, np.integer, np.floating)):
             raise TypeError(f"perplexity: expected a number, got {type(perplexity).__name__}")
-        if not (math.isfinite(perplexity) and perplexity > 0):
-            raise ValueError(f"perplexity: expected a finite number > 0, got {perplexity}")
+        if not (math.isfinite(perplexity) and perplexity >= 1 / 3):
+            raise ValueError(f"perplexity: expected a finite number >= 1/3 (the graph holds 3 x perplexity "
+                             f"neighbours, at least one), got {perplexity}")
+        if d < 2:
+            raise ValueError(f"x: t-SNE needs rows of at least 2 columns (its start is the rows' first two "
+                             f"principal components), got {d}")
     elif method == "umap" and (isinstance(k, bool) or not isinstance(k, (int, np.integer))):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     start = time.perf_counter()
@@ -589,8 +596,10 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
             out.similarities = val
         else:
             out.distances = val
-        if method == "tsne" and bool((np.asarray(val) >= 1.0 - 1e-6).all() if metric == "cosine" else (val == 0).all()):
-            # every neighbour distance 0: no perplexity can be calibrated (openTSNE gives NaN)
+        if method == "tsne" and bool((1.0 - np.asarray(val) <= 4 * EPS64).all() if metric == "cosine"
+                                     else (val == 0).all()):
+            # every neighbour distance 0 (cosine: to float64 rounding): no perplexity can be
+            # calibrated (openTSNE gives NaN); near-collinear clouds (1e-7) are laid out
             where = "point in one direction" if metric == "cosine" else "are one point"
             raise ValueError(f"x: t-SNE is undefined for these rows: all {n} {where} "
                              "(every neighbour distance is 0)")
@@ -610,6 +619,14 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
         # float64 distances: the original space's cosine distances of a near-collinear cloud, and
         # the projection's coordinates widened from float32
         with prog.phase("silhouettes"):
-            out.silhouette = {"original": silhouette(x, labels, metric),
+            original, kept = x, labels
+            if metric == "cosine":  # (PCA takes zero rows; they have no cosine distance)
+                x64 = as_matrix64(x)
+                zero = ~np.any(x64 != 0, axis=1)
+                if zero.any():
+                    original, kept = x64[~zero], [g for g, z in zip(labels, zero) if not z]
+                    out.notes.append(f"silhouette.original leaves out {int(zero.sum())} zero row(s) "
+                                     "(no direction: no cosine distance)")
+            out.silhouette = {"original": silhouette(original, kept, metric),
                               "projection": silhouette(out.embedding.astype(np.float64), labels, "euclidean")}
     return out

@@ -193,7 +193,7 @@ def section_positional(pos: torch.Tensor, *, first: int = 0, backend, precision)
     out = {"positions": int(pos.shape[0]), "mean": stats["mean"], "std": stats["std"],
            "min": stats["min"], "max": stats["max"], "top_pairs": stats["top_pairs"],
            "bottom_pairs": stats["bottom_pairs"], "offset_profile": offset_profile(cos).tolist(),
-           "explained_variance": ratio[:64].tolist(),
+           "explained_variance": ratio.tolist(),
            "components_for_90pct": _components_for(ratio, 0.9),
            "norms": pos.double().norm(dim=1).cpu().tolist(),
            "excluded_positions": stats["excluded_rows"]}   # (zero rows: no direction)
