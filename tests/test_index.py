@@ -934,3 +934,26 @@ def test_stored_norms_are_float64_norms_of_the_float32_rows(monkeypatch):
 
     monkeypatch.setattr(registry, "cpp_kernel", lambda *a: None)  # torch's float64 norms
     torch.testing.assert_close(Index(x)._store.norms[:300], want, rtol=0, atol=0)
+
+
+def test_a_shallow_copy_and_its_original_add_apart(tmp_path):
+    """copy.copy shares the stored buffers: each side's add() had written the same spare rows,
+    so the copy's added row was replaced by the original's; an index file whose line ends a
+    text tool changed to CRLF is named so, not 'another format version' of the same name."""
+    import copy
+
+    a = Index(torch.eye(4)[:3].repeat(40, 1), metric="cosine")
+    a.add(torch.eye(4)[:1])                                      # (buffers with spare rows from here)
+    b = copy.copy(a)
+    b.add(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    a.add(torch.tensor([[0.0, 0.0, 0.0, 7.0]]))
+    assert torch.equal(b.vectors(121), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert torch.equal(a.vectors(121), torch.tensor([[0.0, 0.0, 0.0, 7.0]]))
+    scores, ids = b.search(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), 1)
+    assert float(scores[0, 0]) == 0.0                            # b holds no row along the 4th axis
+    a.save(tmp_path / "a.index")
+    raw = (tmp_path / "a.index").read_bytes()
+    first = raw.index(b"\n")
+    (tmp_path / "crlf.index").write_bytes(raw[:first] + b"\r" + raw[first:])
+    with pytest.raises(ValueError, match=r"line ends were changed \(CRLF\)"):
+        Index.load(tmp_path / "crlf.index")

@@ -476,3 +476,68 @@ def test_progress_is_a_bar_of_rows(tmp_path, capsys):
     assert "pairs_above: rows" in err and "300/300" in err
     pairs_above(x, 0.5, tmp_path / "p", progress=True)  # finished: nothing to do, no bar
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("stop_at", [1, 2, 3])
+def test_an_interrupt_inside_a_shard_write_loses_no_pairs(tmp_path, monkeypatch, stop_at):
+    """SIGTERM (or Ctrl-C) while a shard is being written at the end of a band: the buffer had
+    been emptied before the write, so save_progress found nothing to keep and still counted the
+    band's rows as done; the finished folder then lacked their pairs (267,455 of 6.1M in a
+    probe) and read_pairs accepted it."""
+    x = make_rows(700, 6, seed=13)
+    monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 1 << 22)
+    monkeypatch.setattr(pair_shards, "SAVE_SECONDS", 0.0)       # a shard at the end of every band
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND", 128)
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND_BF16", 128)
+    real_save, saves = np.save, []
+
+    def stopped_save(f, arr, **kw):
+        saves.append(len(arr))
+        if len(saves) == stop_at:
+            raise KeyboardInterrupt                      # the signal lands inside the write
+        return real_save(f, arr, **kw)
+
+    index = Index(x)
+    monkeypatch.setattr(pair_shards.np, "save", stopped_save)
+    with pytest.raises(KeyboardInterrupt):
+        index.pairs_above(0.3, tmp_path / "p")
+    monkeypatch.setattr(pair_shards.np, "save", real_save)
+    index.pairs_above(0.3, tmp_path / "p")
+    i, j, s = read_pairs(tmp_path / "p")
+    wi, wj, _ = brute_pairs(x, 0.3)
+    assert np.array_equal(i, wi) and np.array_equal(j, wj)
+
+
+def test_thresholds_below_float32s_range_take_every_pair(tmp_path):
+    """A finite threshold below -3.4e38 is below every value: every pair (and one community of
+    all rows), as range_search and sentence-transformers answer; it had become -inf on the way
+    to the engine and was refused naming an argument the caller never gave (outside[0])."""
+    x = make_rows(50, 8, seed=3)
+    for metric, t in (("cosine", -1e39), ("dot", -1e300), ("dot", -3.5e38)):
+        embgeom.pairs_above(x, t, tmp_path / f"{metric}{t}", metric=metric)
+        i, j, _ = read_pairs(tmp_path / f"{metric}{t}")
+        assert len(i) == 50 * 49 // 2, (metric, t)
+    assert [len(c) for c in embgeom.communities(x, threshold=-1e39, min_community_size=5)] == [50]
+
+
+def test_l2_values_and_boundaries_agree_across_calls(tmp_path):
+    """A float64 l2 distance is correctly rounded whichever call computes it: torch's CPU sqrt
+    (2.13) gives sqrt(2) as 1.414213562373095, one ulp low, so a 5-query search, pairs_above and
+    a 1-query search (the C++ core's std::sqrt) disagreed, and a pair at distance sqrt(2) was
+    listed below the threshold nextafter(sqrt(2), 0)."""
+    import math
+
+    x = np.zeros((12, 4), np.float32)
+    x[1, :2] = 1.0                                  # |x0 - x1| = sqrt(2)
+    x[2, :] = [2.0, 2.0, 0.0, 0.0]                  # |x0 - x2| = sqrt(8)
+    x[3:] = make_rows(9, 4, seed=1)
+    index = Index(x, metric="l2")
+    one = index.search(x[:1], 12, float64=True)
+    five = index.search(x[:5], 12, float64=True)
+    np.testing.assert_array_equal(np.asarray(one[0])[0], np.asarray(five[0])[0])
+    got = dict(zip(np.asarray(one[1])[0].tolist(), np.asarray(one[0])[0].tolist()))
+    assert got[1] == math.sqrt(2) and got[2] == math.sqrt(8)
+    below = math.nextafter(math.sqrt(2), 0)
+    embgeom.pairs_above(x, below, tmp_path / "p", metric="l2")
+    i, j, d = read_pairs(tmp_path / "p")
+    assert (0, 1) not in set(zip(i.tolist(), j.tolist())) and bool((d <= below).all())

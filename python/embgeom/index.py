@@ -29,6 +29,7 @@ import torch
 from . import validation
 from .engine.lists import sort_rows
 from .io import atomic_write
+from .numerics import sqrt64
 from .interrupts import interrupt_after, terminate_as_interrupt
 from .pair_shards import PAIR_METRICS as METRICS
 from .pair_shards import ShardWriter
@@ -453,6 +454,9 @@ class Index:
         state = self.__dict__.copy()
         del state["_lock"]
         state["_columns"] = state["_searched"] = None  # the engine's prepared copy is made again where needed
+        # copy.copy shares the buffers with this index: the copy's add() takes fresh ones, so the
+        # two never write the same spare rows (a copy's added row had been overwritten)
+        state["_owns_buffers"] = False
         return state
 
     def __setstate__(self, state):
@@ -543,7 +547,10 @@ class Index:
         t = v.double() - 2 * margin
         if scan_dtype == torch.bfloat16 and self.metric != "l2":
             t = t - 2.1 * BF16_OUT * (v.double().abs() + 2 * margin)
-        tf = t.float()  # rounded down, never up
+        # rounded down, never up; at least float32's lowest value, which every scan value reaches
+        # (a threshold of -1e39 had become -inf, a bound the engine refuses)
+        t = t.clamp(min=-float(torch.finfo(torch.float32).max))
+        tf = t.float()
         return torch.where(tf.double() > t, torch.nextafter(tf, torch.full_like(tf, -math.inf)), tf)
 
     def _few_scan_rows(self, st: _Store, qscan: torch.Tensor, c0: int, c1: int):
@@ -609,7 +616,7 @@ class Index:
 
         if self.metric != "cosine":
             v = self._pair_sums(st, qexact, qi, ci)
-            return (v.sqrt() if self.metric == "l2" else v).masked_fill(ci < 0, math.nan)
+            return (sqrt64(v) if self.metric == "l2" else v).masked_fill(ci < 0, math.nan)
         safe = ci.clamp(min=0)
         cosines = cpp_kernel("pair_cosines", st.rows)  # (the stored rows are float32)
         if cosines is not None:
@@ -617,7 +624,7 @@ class Index:
                                          qi.contiguous().numpy(), safe.contiguous().numpy()))
         else:
             qc, qq, cc = self._torch_pair_sums(st, qexact, qi, safe, cosine=True)
-            v = (qc / (qq * cc).sqrt().clamp(min=1e-300)).clamp(-1.0, 1.0).masked_fill(cc == 0, math.nan)
+            v = (qc / sqrt64(qq * cc).clamp(min=1e-300)).clamp(-1.0, 1.0).masked_fill(cc == 0, math.nan)
         return v.masked_fill(ci < 0, math.nan)
 
     def _pair_sums(self, st: _Store, qexact: torch.Tensor, qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
@@ -1243,6 +1250,9 @@ class Index:
         with open(path, "rb") as f:
             magic = f.readline(len(MAGIC) + 2)
             if magic.rstrip(b"\n") != MAGIC:
+                if magic.rstrip(b"\r\n") == MAGIC:  # (a text tool's CRLF: not another version)
+                    raise ValueError(f"path: {path} is an index file whose line ends were changed (CRLF): "
+                                     "the bytes are no longer the ones saved; save it again")
                 if magic.startswith(b"EMBGEOM-INDEX"):
                     raise ValueError(f"path: {path} is an index file of another format version "
                                      f"({magic.strip().decode(errors='replace')}; this version reads "

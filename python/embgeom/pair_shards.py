@@ -26,6 +26,7 @@ from io import BytesIO
 import numpy as np
 
 from . import validation
+from .interrupts import interrupt_after
 from .io import atomic_write, exclusive_lock, read_json_file
 
 # the metrics of an Index and of pairs_above, which the manifest records (index.py reads them
@@ -189,10 +190,15 @@ class ShardWriter:
             json.dump(self.manifest, f, indent=1)
 
     def _flush(self, parts: list | None = None) -> None:
-        """Write the buffer (or its first pieces `parts`) as the next shard."""
-        if parts is None:
-            parts, self._buf, self._held = self._buf, [], 0
+        """Write the buffer (or its first pieces `parts`) as the next shard. The buffer is emptied
+        only once the shard is written and listed: an interrupt during the write leaves the pairs
+        in the buffer for save_progress (emptied first, a SIGTERM in the write had lost them
+        while the manifest counted their rows as done)."""
+        whole = parts is None
+        parts = self._buf if whole else parts
         if not parts or not sum(len(p) for p in parts):
+            if whole:
+                self._buf, self._held = [], 0
             return
         arr = np.concatenate(parts)
         arr = arr[np.lexsort((arr["j"], arr["i"]))]
@@ -200,8 +206,11 @@ class ShardWriter:
         with atomic_write(os.path.join(self.folder, name), binary=True, name="out") as f:
             hashed = _HashingWriter(f)   # the sha256 of the bytes as they are written, not read back
             np.save(hashed, arr, allow_pickle=False)
-        self._pending.append({"file": name, "count": int(arr.shape[0]), "bytes": hashed.size,
-                              "sha256": hashed.digest.hexdigest()})
+        with interrupt_after():  # listed and taken out of the buffer together, never one alone
+            self._pending.append({"file": name, "count": int(arr.shape[0]), "bytes": hashed.size,
+                                  "sha256": hashed.digest.hexdigest()})
+            if whole:
+                self._buf, self._held = [], 0
 
     def add_rows(self, rows_done: int, pieces) -> None:
         """Take the pairs (i, j, similarity arrays) of every row below `rows_done` not yet
@@ -218,11 +227,13 @@ class ShardWriter:
             if self._held >= self.shard_pairs:
                 if self._whole_buf:
                     self._flush(self._buf[:self._whole_buf])
-                    self._buf = self._buf[self._whole_buf:]
-                    self._whole_buf, self._whole_pending = 0, len(self._pending)
+                    with interrupt_after():  # (the buffer and what marks its whole rows move together)
+                        self._buf = self._buf[self._whole_buf:]
+                        self._whole_buf, self._whole_pending = 0, len(self._pending)
                 self._flush()
-        self._taken = rows_done
-        self._whole_buf, self._whole_pending = len(self._buf), len(self._pending)
+        with interrupt_after():
+            self._taken = rows_done
+            self._whole_buf, self._whole_pending = len(self._buf), len(self._pending)
         if self._pending or time.monotonic() - self._saved >= SAVE_SECONDS:
             self._flush()
             self._commit(rows_done)
