@@ -152,6 +152,24 @@ def test_histogram_value_just_below_hi_goes_to_last_bin(backend, device):
     assert got.hist.counts[-1] == 1 and got.hist.overflow == 0
 
 
+@pytest.mark.parametrize("backend,device", PAIRWISE)
+def test_outside_bounds_between_two_fp32_values(backend, device):
+    """Outside counts compare the fp32 values with the bounds as given: 0.699999988 (fp32 0.7) is
+    below 0.7 and 0.200000003 (fp32 0.2) above 0.2 (the torch backend had rounded the bounds to
+    fp32 first and missed both); Euclidean values correctly rounded (torch's CPU sqrt is an ulp
+    off for 7 of the integers below 2,000, 1421 among them)."""
+    x = torch.tensor([[0.7], [1.0], [0.2]])
+    y = torch.tensor([[1.0]])
+    for bounds, want in (((0.7, 5.0), 2), ((-5.0, 0.2), 3)):
+        got = embgeom.pairwise_stats(x.to(device), y.to(device), metric="dot", bins=0, outside=bounds,
+                                     backend=backend)
+        assert got.outside.count == want, (bounds, got.outside.pairs.to_list())
+    pts = torch.tensor([[0.0, 0.0], [14.0, 35.0], [100.0, 0.0]])           # sqrt(1421): torch gives it an ulp off
+    got = embgeom.pairwise_stats(pts.to(device), metric="euclidean", bins=0, topk=3, backend=backend)
+    want = sorted((math.dist(pts[i].tolist(), pts[j].tolist()) for i in range(3) for j in range(i + 1, 3)), reverse=True)
+    assert [float(v) for v in got.top_pairs.values] == [float(torch.tensor(w, dtype=torch.float32)) for w in want]
+
+
 # ---------------------------------------------------------------------------------------------
 # cone index and attention entropy
 # ---------------------------------------------------------------------------------------------

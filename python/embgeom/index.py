@@ -29,7 +29,7 @@ import torch
 from . import validation
 from .engine.lists import sort_rows
 from .io import atomic_write
-from .numerics import sqrt64
+from .numerics import correct_sqrt
 from .interrupts import interrupt_after, terminate_as_interrupt
 from .pair_shards import PAIR_METRICS as METRICS
 from .pair_shards import ShardWriter
@@ -616,7 +616,7 @@ class Index:
 
         if self.metric != "cosine":
             v = self._pair_sums(st, qexact, qi, ci)
-            return (sqrt64(v) if self.metric == "l2" else v).masked_fill(ci < 0, math.nan)
+            return (correct_sqrt(v) if self.metric == "l2" else v).masked_fill(ci < 0, math.nan)
         safe = ci.clamp(min=0)
         cosines = cpp_kernel("pair_cosines", st.rows)  # (the stored rows are float32)
         if cosines is not None:
@@ -624,7 +624,7 @@ class Index:
                                          qi.contiguous().numpy(), safe.contiguous().numpy()))
         else:
             qc, qq, cc = self._torch_pair_sums(st, qexact, qi, safe, cosine=True)
-            v = (qc / sqrt64(qq * cc).clamp(min=1e-300)).clamp(-1.0, 1.0).masked_fill(cc == 0, math.nan)
+            v = (qc / correct_sqrt(qq * cc).clamp(min=1e-300)).clamp(-1.0, 1.0).masked_fill(cc == 0, math.nan)
         return v.masked_fill(ci < 0, math.nan)
 
     def _pair_sums(self, st: _Store, qexact: torch.Tensor, qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,12 @@ NEAR_DUPLICATE_TAU = 1.0 / 64
 
 
 
-def sqrt64(t: torch.Tensor) -> torch.Tensor:
-    """The correctly rounded square root of a float64 tensor, as C++'s std::sqrt and numpy's give
-    it: torch's CPU kernel (2.13) is one ulp off for about 1 % of values (sqrt(2.0) gives
-    1.414213562373095), so two paths to one value disagreed. Other tensors: torch's own."""
-    if t.dtype == torch.float64 and t.device.type == "cpu":
+def correct_sqrt(t: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root of a float32 or float64 tensor, as C++'s std::sqrt and
+    numpy's give it: torch's CPU kernels (2.13) are one ulp off for about 1 % of values (sqrt(2.0)
+    in float64 gives 1.414213562373095, sqrt(267.0) in float32 16.340134), so two paths to one
+    value disagreed. GPU tensors (IEEE square roots) and other types: torch's own."""
+    if t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu":
         return torch.from_numpy(np.sqrt(t.detach().contiguous().numpy()))
     return t.sqrt()
 
@@ -31,7 +32,7 @@ def direct_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Euclidean distance of row pairs (a[q], b[q]) from their difference, summed in float64,
     rounded to a's float type: the near-duplicate rule above."""
     diff = a.double() - b.double()
-    return sqrt64((diff * diff).sum(-1)).to(a.dtype)
+    return correct_sqrt((diff * diff).sum(-1)).to(a.dtype)
 
 
 FP32_UNIT_ROUNDOFF = 2.0 ** -24

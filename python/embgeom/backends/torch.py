@@ -14,7 +14,8 @@ import torch
 from ..engine.config import DEFAULTS, PairwiseConfig
 from ..engine.lists import better_extreme, merge_pairs, merge_rows, select_smallest
 from ..engine.state import EngineState, list_limits, to_numpy
-from ..numerics import LIST_KINDS, NEAR_DUPLICATE_TAU, bin_index, direct_distance, moment_shift, order_key, unit_rows
+from ..numerics import (LIST_KINDS, NEAR_DUPLICATE_TAU, bin_index, correct_sqrt, direct_distance, f32_down, f32_up,
+                        moment_shift, order_key, unit_rows)
 from .registry import register
 
 
@@ -133,7 +134,7 @@ class TorchEngine:
             scale = self.x_sq[r0:r1, None] + self.y_sq[None, c0:c1]
             d2 = (scale - 2 * v).clamp_(min=0)
             close = (d2 < NEAR_DUPLICATE_TAU * scale).nonzero()
-            v = d2.sqrt_()
+            v = correct_sqrt(d2)
             if close.numel():
                 v[close[:, 0], close[:, 1]] = direct_distance(a[close[:, 0]], b[close[:, 1]])
         return v
@@ -187,6 +188,10 @@ class TorchEngine:
                 part[key_name + "_segments"] = self._row_lists(vals, valid, r0, c0, k, largest)
         if cfg.outside:
             a, b = cfg.outside
+            if vals.dtype == torch.float32:   # v < a <=> v < f32_up(a) for fp32 v (torch rounds a to nearest)
+                a, b = f32_up(a), f32_down(b)
+            else:
+                vals = vals.double()
             out_mask = valid & ((vals < a) | (vals > b))
             part["outside_count"] = int(out_mask.sum())
             part["outside_rows_segments"] = [(r0, to_numpy(out_mask.sum(1)))]
