@@ -107,7 +107,25 @@ EMBGEOM_AVX2 void map_avx2(const float* p, int64_t T, int64_t Tp, const uint8_t*
 }
 #endif
 
+#if EMBGEOM_X86
+// the AVX2 loop's sums in the same order (8 partial sums a key), the float64 row sums and offsets
+// in 512-bit vectors
+EMBGEOM_AVX512 void map_avx512(const float* p, int64_t T, int64_t Tp, const uint8_t* mask, const float* kf,
+                               int64_t K, const uint8_t* other, const float* of, float* padded, double* key_mass,
+                               double& sep_other, double& prev, double& next, double* row_sum, double* offsets,
+                               RowEntropyFn entropy_of, const float* wf, float* entropy) {
+  map_sums<8>(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets,
+              entropy_of, wf, entropy);
+}
+#endif
+
 MapFn pick_map(const char** name) {
+#if EMBGEOM_X86
+  if (isa_level() >= Isa::avx512) {
+    *name = "portable-avx512";
+    return map_avx512;
+  }
+#endif
   return pick_avx2_or_generic<MapFn>(map_generic, EMBGEOM_IF_X86(map_avx2), "portable-avx2", name);
 }
 

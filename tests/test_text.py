@@ -424,3 +424,22 @@ def test_behaviour_marker_takes_periods_and_commas_only():
     to["period"][0, 1], to["comma"][0, 1] = 0.35, 0.3                      # head 1: '.' and ',' 0.65
     to["period"][0, 2] = 0.59                                              # head 2: below 0.6
     assert behaviours(entropy, to) == [["other", PERIOD_COMMA, "other"]]
+
+
+def test_layer_summaries_equal_on_every_vector_level(monkeypatch):
+    """The one-pass sums take the same order at every level (8 partial sums a key; the AVX-512
+    build widens only the float64 loops): the summaries are bit for bit the same."""
+    import embgeom.analysis.text.attention as A
+    from helpers import CPU_CAPS
+
+    g = torch.Generator().manual_seed(1)
+    attn = torch.softmax(3 * torch.randn(3, 4, 45, 45, generator=g), -1)
+    mask = torch.ones(3, 45, dtype=torch.bool)
+    mask[1, 40:] = False
+    flags = [(torch.rand(3, 45, generator=g) < 0.2) & mask for _ in range(5)]
+    got = []
+    for cap in CPU_CAPS:
+        monkeypatch.setenv("EMBGEOM_CPU", cap)
+        per, hme, dist, ent = A.layer_summaries(attn, mask, *flags, 64, row_entropy=True)
+        got.append(torch.cat([per[k].flatten() for k in A.TARGETS] + [hme.flatten(), dist.flatten()]))
+    assert all(torch.equal(g, got[0]) for g in got[1:])
