@@ -459,3 +459,22 @@ def test_gaussianity_stats_equal_scipys():
         np.testing.assert_allclose(p, want[0], rtol=1e-9, atol=1e-300)
         np.testing.assert_allclose(sk, want[1], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(ku, want[2], rtol=1e-9, atol=1e-12)
+
+
+def test_spearman_of_a_constant_ranking_is_nan():
+    """A head whose |q| is the same for every token (a zeroed query head) has no Spearman
+    correlation (scipy: NaN); its ordinal ranks had been the token order, and 1.0 came out."""
+    from scipy.stats import spearmanr
+
+    from embgeom.analysis.heads.measures import spearman
+
+    g = torch.Generator().manual_seed(0)
+    varying = torch.rand(2, 7, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    flat = torch.zeros(2, 7, dtype=torch.float64)
+    flat[1, 5:] = 3.0                                                  # padding differs: still constant
+    assert torch.isnan(spearman(flat, varying, mask)).all() and torch.isnan(spearman(varying, flat, mask)).all()
+    got = spearman(varying, varying.flip(-1), mask)
+    for b, n in ((0, 7), (1, 5)):
+        assert float(got[b]) == pytest.approx(spearmanr(varying[b, :n], varying.flip(-1)[b, :n]).statistic, abs=1e-12)

@@ -362,7 +362,22 @@ static void check_eigvals(int64_t n) {
   std::vector<uint8_t> ok(k);
   eigvals_abs(a.data(), k, n, got.data(), ok.data(), 2);
   for (int64_t m = 0; m < k; ++m) {
-    CHECK(ok[m], "eigvals n=%lld matrix %lld: not converged", (long long)n, (long long)m);
+    // a row or column without off-diagonal entries (the similarity's last 1 x 1 block for odd
+    // n): an eigenvalue LAPACK permutes out, left to the caller's fallback (ok = 0)
+    bool isolated = false;
+    const double* am = a.data() + m * n * n;
+    for (int64_t i = 0; i < n && n > 1; ++i) {
+      bool row = true, col = true;
+      for (int64_t j = 0; j < n; ++j)
+        if (j != i) {
+          row = row && am[i * n + j] == 0.0;
+          col = col && am[j * n + i] == 0.0;
+        }
+      isolated = isolated || row || col;
+    }
+    CHECK(bool(ok[m]) == !isolated, "eigvals n=%lld matrix %lld: ok %d, isolated %d", (long long)n, (long long)m,
+          int(ok[m]), int(isolated));
+    if (isolated) continue;
     std::sort(got.begin() + m * n, got.begin() + (m + 1) * n);
     for (int64_t i = 0; i < n; ++i)
       CHECK(std::fabs(got[m * n + i] - want[m * n + i]) <= 1e-8 * (1.0 + want[m * n + n - 1]),

@@ -193,7 +193,11 @@ def spearman(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     mx, my = rx.sum(-1) / n.clamp(min=1), ry.sum(-1) / n.clamp(min=1)
     dx, dy = (rx - mx[..., None]) * m, (ry - my[..., None]) * m
     r = (dx * dy).sum(-1) / ((dx * dx).sum(-1) * (dy * dy).sum(-1)).sqrt()
-    return torch.where(n >= 3, r, torch.full_like(r, math.nan))
+
+    def constant(v):  # (ordinal ranks of equal values are 0..n-1 all the same: a zeroed head's |q|)
+        return torch.where(mask, v, math.inf).amin(-1) == torch.where(mask, v, -math.inf).amax(-1)
+
+    return torch.where((n >= 3) & ~constant(x) & ~constant(y), r, torch.full_like(r, math.nan))
 
 
 def skew_fraction(model) -> torch.Tensor:
