@@ -665,7 +665,7 @@ class TraceAccumulator(Resumable):
             ends, period = (t[b.input_ids] & mask for t in self.sentence_tables)
             sentence = attention.sentence_index(ends | b.sep)
         # the row entropies inside the attention summaries' pass over each map where both run on
-        # the C++ core (the maps are read from memory once, not twice: 3-4 % of the forward)
+        # the C++ core (the maps are read from memory once, not twice: 10-15 ms of a 32 x 128 batch)
         fused = bool(b.attentions) and {"entropy", "attention"} <= self.metrics \
             and attention.fused_row_entropy(b.attentions[0])
         if b.attentions and "entropy" in self.metrics and not fused:
