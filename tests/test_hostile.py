@@ -1016,3 +1016,48 @@ def test_api_arguments_named_where_python_or_torch_would_not(tmp_path):
     base = np.random.default_rng(3).standard_normal((40, 6))
     assert embgeom.project(base, method="umap", seed=np.int64(1), k=5).seed == 1
     assert embgeom.knn(x, 3, device=torch.device("cpu")).indices.shape == (20, 3)
+
+
+def test_pipes_links_and_long_chains_are_refused_or_fast(tmp_path, tiny_bert_dir):
+    """A pipe handed as an input, checkpoint, manifest or model config is refused (reading it had
+    hung the command); a lock file or the [CLS] rows file planted as a link never writes its
+    target; a CoNLL-U chain of 30,000 words is checked in linear time (a list's `in` had made it
+    quadratic: 79 s for 150,000)."""
+    from embgeom.analysis.syntax.treebank import check_tree
+    from embgeom.io import exclusive_lock, load_matrix
+
+    fifo = tmp_path / "x.npy"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="X: .* is not a regular file"):
+        load_matrix(str(fifo))
+    with pytest.raises(ValueError, match="checkpoint: .* is not a regular file"):
+        load_checkpoint(str(fifo), "fp")
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    os.mkfifo(folder / "manifest.json")
+    with pytest.raises(ValueError, match="is damaged"):
+        embgeom.read_pairs(folder)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, model)
+    (model / "config.json").unlink()
+    os.mkfifo(model / "config.json")
+    with pytest.raises(ValueError, match="model: .*config.json is not a regular file"):
+        embgeom.load_model(str(model))
+    outside = tmp_path / "outside"
+    (tmp_path / "lockdir").mkdir()
+    os.symlink(outside, tmp_path / "lockdir" / ".lock")
+    with pytest.raises(ValueError, match="a link is never followed"):
+        exclusive_lock(str(tmp_path / "lockdir" / ".lock"), "busy")
+    assert not outside.exists()
+    from embgeom.cli import main
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "ck").mkdir()
+    os.symlink(victim, tmp_path / "ck" / "run.cls.npy")
+    (tmp_path / "c.txt").write_text("the cat sat .\na dog ran .\n")
+    assert main(["text", str(tmp_path / "c.txt"), "--model", str(tiny_bert_dir), "--keep", "cls", "--quiet",
+                 "--checkpoint", str(tmp_path / "ck" / "run"), "--out", str(tmp_path / "rep")]) == 2
+    assert victim.read_text() == "keep me"
+    heads = list(range(2, 30001)) + [0]                     # word w's head is w + 1, the last is the root
+    check_tree(heads, "chain")

@@ -89,6 +89,8 @@ def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple
 def read_json_file(path: str):
     """The JSON value of a file; ValueError when it cannot be read as JSON (also JSON nested past
     the parser's depth, a RecursionError there)."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe or device would hang or never end
+        raise ValueError(f"{path} is not a regular file")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -121,7 +123,12 @@ def exclusive_lock(lock_path: str, busy: str) -> int | None:
         import fcntl
     except ImportError:
         return None
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a lock file planted as a link would create or lock its target outside the folder
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise ValueError(f"{lock_path}: cannot be used as a lock file ({exc.strerror}; a link is "
+                         "never followed)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -438,6 +445,8 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
         raise ValueError(f"{name}: file not found: {path}")
     if os.path.isdir(path):
         raise ValueError(f"{name}: expected a file, got a directory: {path}")
+    if not os.path.isfile(path):  # a pipe or device: reading it hangs or never ends
+        raise ValueError(f"{name}: {path} is not a regular file")
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"{name}: unsupported file type {suffix!r} for {path} (expected one of {', '.join(SUFFIXES)})")

@@ -49,8 +49,11 @@ def refuse_custom_code(path: str) -> None:
     """ValueError if the model directory needs its own Python code (an `auto_map` in its
     config.json or tokenizer_config.json): embgeom never runs code from a model directory."""
     for name in ("config.json", "tokenizer_config.json"):
+        file = os.path.join(path, name)
+        if os.path.exists(file) and not os.path.isfile(file):   # a pipe or device: never read (it hangs)
+            raise ValueError(f"model: {file} is not a regular file")
         try:
-            with open(os.path.join(path, name), encoding="utf-8") as f:
+            with open(file, encoding="utf-8") as f:
                 cfg = json.load(f)
         except (OSError, ValueError, RecursionError):  # missing or unreadable: transformers reports it
             continue

@@ -413,6 +413,8 @@ def load_checkpoint(path: str, fp: str) -> Any | None:
         raise ValueError(f"checkpoint: {path} is a directory; pass a file path")
     if not os.path.exists(path):
         return None
+    if not os.path.isfile(path):  # a pipe or device: reading it hangs
+        raise ValueError(f"checkpoint: {path} is not a regular file; pass a file path")
     try:
         with open(path, "rb") as f:
             magic = f.readline(len(MAGIC) + 1)

@@ -79,12 +79,13 @@ def check_tree(heads: list[int], where: str) -> None:
     reaches_root = [False] * (n + 1)
     reaches_root[0] = True
     for word in range(1, n + 1):
-        path, node = [], word
+        path, on_path, node = [], set(), word   # (a set: `in` on the list made a long chain quadratic)
         while not reaches_root[node]:
-            if node in path:
+            if node in on_path:
                 cycle = path[path.index(node):]
                 raise ValueError(f"{where}: the heads form a cycle {' -> '.join(map(str, cycle + [node]))}")
             path.append(node)
+            on_path.add(node)
             node = heads[node - 1]
         for w in path:
             reaches_root[w] = True

@@ -62,6 +62,9 @@ class Keeper(Resumable):
         """The rows file: a new one before the first row, the one a checkpoint's rows went to after."""
         if self.cls is not None:
             return
+        if os.path.islink(self.rows_path):  # its target would be written, wherever it lies
+            raise ValueError(f"checkpoint: {self.rows_path} is a link; the [CLS] rows are written only to a "
+                             "file of their own: remove the link")
         if self.done == 0:
             self.cls = np.lib.format.open_memmap(self.rows_path, mode="w+", dtype=np.float32, shape=self.shape)
             return
