@@ -105,9 +105,7 @@ EMBGEOM_AVX2 void map_avx2(const float* p, int64_t T, int64_t Tp, const uint8_t*
   map_sums<8>(p, T, Tp, mask, kf, K, other, of, padded, key_mass, sep_other, prev, next, row_sum, offsets,
               entropy_of, wf, entropy);
 }
-#endif
 
-#if EMBGEOM_X86
 // the AVX2 loop's sums in the same order (8 partial sums a key), the float64 row sums and offsets
 // in 512-bit vectors
 EMBGEOM_AVX512 void map_avx512(const float* p, int64_t T, int64_t Tp, const uint8_t* mask, const float* kf,

