@@ -359,6 +359,30 @@ def test_truncated_safetensors_is_one_line(tiny_bert_dir, tmp_path):
         one_line(e)
 
 
+@pytest.mark.parametrize("key, value, match", [
+    ("num_hidden_layers", 0, "asks for 0 layers"),
+    ("num_hidden_layers", 10**6, "asks for 1000000 layers"),
+    ("num_hidden_layers", 300, "describes a model of .* parameters but its weights hold"),
+    ("num_hidden_layers", 1, "no place for .*encoder.layer.1"),  # the second layer was left out
+    ("max_position_embeddings", 10**7, r"position_embeddings.weight the shape \[10000000, 64\]"),
+    ("num_hidden_layers", "2", "expected int, got str"),
+    ("hidden_act", "nope", "KeyError"),
+    ("num_attention_heads", 0, "ZeroDivisionError"),
+])
+def test_config_that_does_not_describe_its_weights_is_refused_before_building(tiny_bert_dir, tmp_path, key, value,
+                                                                             match):
+    # a config.json value is read by transformers before anything checks it: counts it builds
+    # (10^7 positions allocated 2.6 GB, 10^6 layers never finished), types and names it indexes
+    path = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg[key] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="^model: .*" + match) as e:
+        load_model(str(path))
+    one_line(e)
+
+
 # single-file writes ---------------------------------------------------------------------------
 
 def _writer(write, tag, rounds, barrier):

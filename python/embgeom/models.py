@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import struct
 
 from . import validation
 from .validation import first_line
@@ -76,6 +78,79 @@ def refuse_missing_weights(name_or_path, info: dict, classifier: bool) -> None:
                          f"another shape ({shown}); they would be random, so the model is refused")
 
 
+# no encoder has come near this many layers; a config.json that asks for more would build them
+# all (minutes and gigabytes) before its weights are found not to fit
+MAX_LAYERS = 1024
+
+
+def weights_shapes(path: str) -> dict[str, tuple[int, ...]] | None:
+    """Every weight's shape in the directory's .safetensors files, read from their headers alone
+    (a length and a JSON table); None when a header is unreadable (the loader then says why)."""
+    shapes = {}
+    for name in sorted(os.listdir(path)):
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with open(os.path.join(path, name), "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > 100_000_000:  # safetensors' own limit on a header
+                    return None
+                table = json.loads(f.read(length))
+            for key, entry in table.items():
+                if key != "__metadata__":
+                    shapes[key] = tuple(int(dim) for dim in entry["shape"])
+        except (OSError, ValueError, struct.error, TypeError, KeyError, AttributeError, RecursionError):
+            return None
+    return shapes
+
+
+def refuse_config_not_fitting_weights(path: str, config, auto) -> None:
+    """ValueError when config.json does not describe the weights beside it (a layer count,
+    vocabulary or width they do not have): checked on a model built on the meta device, which
+    holds no memory, before the real one would be allocated (a config asking for 10^7 positions
+    allocated gigabytes first)."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and not 1 <= layers <= MAX_LAYERS:
+        raise ValueError(f"model: {path}: config.json asks for {layers} layers (1 to {MAX_LAYERS} are loaded)")
+    held = weights_shapes(path)
+    if held is None:
+        return
+    import torch
+
+    with torch.device("meta"):
+        model = auto.from_config(config, attn_implementation="eager")
+    prefix = getattr(model, "base_model_prefix", "")
+    for key, param in model.state_dict().items():
+        # a checkpoint of the bare model loaded with a head, or the other way round
+        names = (key, f"{prefix}.{key}", key[len(prefix) + 1:] if key.startswith(prefix + ".") else None)
+        shape = next((held[n] for n in names if n in held), None)
+        if shape is not None and shape != tuple(param.shape):
+            raise ValueError(f"model: {path}: config.json gives {key} the shape {list(param.shape)} but the weights "
+                             f"hold {list(shape)}; it does not describe these weights, so the model is refused")
+    # a checkpoint may lack the pooler or hold heads the model leaves out: a factor of two
+    # separates those from a config that asks for far more than the weights hold
+    needed = sum(p.numel() for p in model.parameters())
+    have = sum(math.prod(shape) for shape in held.values())
+    if needed > 2 * have + 1_000_000:
+        raise ValueError(f"model: {path}: config.json describes a model of {needed:,} parameters but its weights "
+                         f"hold {have:,} values; it does not describe these weights, so the model is refused")
+
+
+def refuse_unused_weights(name_or_path, info: dict, model) -> None:
+    """ValueError when the checkpoint holds weights of the model's own parts that it has no place
+    for (encoder layers beyond config.json's layer count): the config then does not describe
+    the weights, and the analyses would run on part of the model. Weights of other heads (a
+    masked-LM head's `cls.*`) are left out by every pipeline and pass."""
+    parts = {name for name, _ in model.named_children()}
+    unused = sorted(k for k in info.get("unexpected_keys") or ()
+                    if k.split(".")[0] in parts and k.endswith((".weight", ".bias")))
+    if unused:
+        groups = sorted({".".join(k.split(".")[:3]) for k in unused})
+        shown = ", ".join(groups[:6]) + (f" and {len(groups) - 6} more" if len(groups) > 6 else "")
+        raise ValueError(f"model: {name_or_path!r}: the checkpoint holds {len(unused)} weight(s) its config.json has "
+                         f"no place for ({shown}); the config does not describe these weights, so the model is refused")
+
+
 def load_model(name_or_path: str | None = None, *, device=None, classifier: bool = False):
     """-> (model, tokenizer). Eager attention (so attention probabilities exist), safetensors
     weights only, eval mode. Default: the bundled all-MiniLM-L6-v2 BERT, loaded offline.
@@ -105,19 +180,25 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
     hf_logging.set_verbosity_error()  # its table of missing weights: refused below in one line
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        if classifier:
-            from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoConfig
 
-            archs = getattr(AutoConfig.from_pretrained(path, **kwargs), "architectures", None) or []
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        if classifier:
+            from transformers import AutoModelForSequenceClassification
+
+            archs = getattr(config, "architectures", None) or []
             if not any(a.endswith("ForSequenceClassification") for a in archs):
                 raise ValueError(f"--correct-only: model {name_or_path or DEFAULT_MODEL!r} has no sequence-classification "
                                  f"head (architectures {archs or 'unknown'})")
             auto = AutoModelForSequenceClassification
         else:
             auto = AutoModel
-        model, info = auto.from_pretrained(path, attn_implementation="eager", use_safetensors=True,
+        if local:
+            refuse_config_not_fitting_weights(path, config, auto)
+        model, info = auto.from_pretrained(path, config=config, attn_implementation="eager", use_safetensors=True,
                                            output_loading_info=True, **kwargs)
         refuse_missing_weights(name_or_path, info, classifier)
+        refuse_unused_weights(name_or_path, info, model)
     except SafetensorError as exc:
         raise ValueError(f"model: cannot load {name_or_path!r}: its .safetensors weights are truncated or "
                          f"corrupt ({first_line(exc)})") from None
@@ -128,6 +209,14 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
         where = (" (no such directory here, and not a Hugging Face model id it could load)"
                  if not local and "/" in path else "")
         raise ValueError(f"model: cannot load {name_or_path!r}{where}: {first_line(exc)}") from None
+    except (MemoryError, RecursionError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        # a config.json value transformers does not check before using it (a string for a
+        # count, an unknown activation, zero heads) surfaces as any error type from inside it
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2]) or type(exc).__name__
+        raise ValueError(f"model: cannot load {name_or_path!r}: {type(exc).__name__}: {detail} "
+                         "(its config.json or weights are not what transformers expects)") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
