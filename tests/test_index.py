@@ -469,6 +469,51 @@ def test_load_refuses_bad_files(tmp_path):
         index.save(tmp_path / "nope" / "a.index")
 
 
+def _recrafted(path, change) -> bytes:
+    """The index file at path with its arrays changed by change(arrays) and its sha256
+    recomputed, as a crafted file would be (the hash alone finds damage, not intent)."""
+    import json
+
+    from embgeom.index import DATA_ALIGN, _file_digest, _raw_bytes
+
+    data = bytearray(path.read_bytes())
+    first = data.index(b"\n") + 1
+    end = data.index(b"\n", first) + 1
+    header = json.loads(data[first:end])
+    base = end + (-end % DATA_ALIGN)
+    arrays = {}
+    for name, spec in header["arrays"].items():
+        count = int(np.prod(spec["shape"]))
+        arrays[name] = np.frombuffer(data, spec["dtype"], count, base + spec["offset"]).reshape(spec["shape"])
+    arrays = {k: v.copy() for k, v in arrays.items()}
+    change(arrays)
+    h = _file_digest(header)
+    for name, spec in header["arrays"].items():
+        raw = _raw_bytes(np.ascontiguousarray(arrays[name]))
+        data[base + spec["offset"]:base + spec["offset"] + len(raw)] = raw
+        h.update(raw)
+    line = data[first:end].replace(header["sha256"].encode(), h.hexdigest().encode())
+    return bytes(data[:first] + line + data[end:])
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a["rows"].__setitem__((3, 2), np.nan), r"rows: NaN or Inf in 1 row\(s\): \[3\]"),
+    (lambda a: a["norms"].__setitem__(5, a["norms"][5] * 2), "stored norms are not the rows' norms"),
+    # a row the scan cannot take, its norm made to match
+    (lambda a: (a["rows"].__setitem__(7, 1e37), a["norms"].__setitem__(7, np.linalg.norm(a["rows"][7].astype(float)))),
+     "norms outside"),
+])
+def test_load_refuses_crafted_files_with_their_hash_recomputed(tmp_path, change, match):
+    path = tmp_path / "a.index"
+    Index(make_rows(40, 8)).save(path)
+    crafted = tmp_path / "crafted.index"
+    crafted.write_bytes(_recrafted(path, lambda a: None))
+    Index.load(crafted)  # unchanged arrays, the hash as saved: loads
+    crafted.write_bytes(_recrafted(path, change))
+    with pytest.raises(ValueError, match=match):
+        Index.load(crafted)
+
+
 def test_reads_from_threads_while_adding():
     x = make_rows(3000, 16, seed=8)
     index = Index(x[:1000])

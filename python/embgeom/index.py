@@ -1241,8 +1241,9 @@ class Index:
     def load(cls, path, *, device: Any = None, verify: bool = True) -> "Index":
         """Open an index file written by `save`, memory-mapped (rows are read from the page
         cache as searches need them). verify=True checks the sha256 of the arrays (one read
-        of the file). ValueError (one line) on anything that is not a complete index file of
-        this format."""
+        of the file) and that the rows are finite and the stored norms theirs (a file crafted
+        with its hash recomputed). ValueError (one line) on anything that is not a complete index
+        file of this format; verify=False trusts the file."""
         path = validation.path(path, "path")
         if not os.path.isfile(path):
             raise ValueError(f"path: no index file at {path}")
@@ -1307,6 +1308,17 @@ class Index:
         if verify and h.hexdigest() != header["sha256"]:
             raise ValueError(f"path: {path} is damaged (the header's metric, dtype and shape and the arrays do "
                              "not match its sha256)")
+        if verify and n:
+            # the sha256 finds damage, not a file crafted with its hash recomputed: rows with NaN or
+            # norms that are not the rows' own would give wrong lists without an error
+            rows_in = torch.from_numpy(maps["rows"])
+            validation.check_finite(rows_in, f"path: {path}: rows")
+            norms_in = torch.from_numpy(maps["norms"])
+            own = _norms64(rows_in)
+            if not bool(((own - norms_in).abs() <= 1e-12 * own).all()):
+                raise ValueError(f"path: {path}: the stored norms are not the rows' norms (not a file `save` "
+                                 "wrote)")
+            _check_magnitudes(header["metric"], own, float(own.max()), ("path", "corpus"))
         self = cls.__new__(cls)
         self.metric, self.dtype, self.d = header["metric"], DTYPES[header["dtype"]], d
         self.device = validation.device(device) if device is not None else torch.device("cpu")
