@@ -22,8 +22,8 @@ TEXTS = ["the cat sat , he ran .\tshe was in the house .", "a dog , a cat .",
 
 
 def hand_encode(tokenizer, text, limit):
-    """ids and token types by hand: longest_first = drop the last token of the longer side
-    (the first side on equal lengths) until [CLS] A [SEP] B [SEP] fits."""
+    """ids and token types by hand: longest_first = [CLS] A [SEP] B [SEP] cut to limit, each side
+    keeping its first tokens (how many: below)."""
     vocab = tokenizer.get_vocab()
     cls, sep = vocab["[CLS]"], vocab["[SEP]"]
     if "\t" not in text:
@@ -32,11 +32,17 @@ def hand_encode(tokenizer, text, limit):
     a, b = text.split("\t", 1)
     ia = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(a))
     ib = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(b))
-    while len(ia) + len(ib) + 3 > limit:
-        if len(ia) > len(ib):
-            ia = ia[:-1]
-        else:
-            ib = ib[:-1]
+    m = limit - 3
+    if len(ia) + len(ib) > m:
+        # the shorter side keeps what the longer leaves it, at most half; an odd token goes to
+        # the longer side (to the second on equal lengths)
+        short, long = (len(ib), len(ia)) if len(ia) > len(ib) else (len(ia), len(ib))
+        keep_short = min(short, max(m // 2, m - long))
+        keep_long = min(long, m - keep_short)
+        if keep_short + keep_long > m or keep_short > m // 2:
+            keep_short, keep_long = m // 2, m - m // 2
+        na, nb = (keep_long, keep_short) if len(ia) > len(ib) else (keep_short, keep_long)
+        ia, ib = ia[:na], ib[:nb]
     return [cls] + ia + [sep] + ib + [sep], [0] * (len(ia) + 2) + [1] * (len(ib) + 1)
 
 
@@ -62,6 +68,117 @@ def test_encode_pairs_and_truncation(tiny_bert):
     with pytest.raises(ValueError, match=r"^max_length: a sentence pair \(texts\[4\], a line with a TAB\) "
                                          r"needs at least 5 tokens .*got 4"):
         encode(tokenizer, ["one", "a\tb"], 4, first_index=3)
+
+
+def _long(words: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    vocab = "the cat , dog . red green blue one two unbelievably tokenization house".split()
+    return " ".join(rng.choice(vocab, words))
+
+
+LONG_TEXTS = [
+    _long(3000, 0),                                  # one long text
+    " " * 3000 + _long(2000, 1),                     # a whitespace run past the first budget
+    "x" * 5000 + " " + _long(2000, 2),               # one long word first
+    f"{_long(3000, 3)}\tshort b side .",             # pairs: the long side first, second, both
+    f"short a side .\t{_long(3000, 4)}",
+    f"{_long(3000, 5)}\t{_long(2500, 6)}",           # both long: the first longer, the second, equal
+    f"{_long(2500, 10)}\t{_long(3000, 11)}",
+    f"{_long(3000, 12)}\t{_long(3000, 12)}",
+    f"{_long(3000, 7)}\t{', ' * 300}",                # the other side short in characters, long in tokens
+    _long(20, 8),
+]
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+@pytest.mark.parametrize("limit", [32, 33, 128])
+def test_long_texts_are_clipped_before_tokenizing_without_changing_a_token(tiny_bert, which, limit, monkeypatch):
+    # a text a model keeps `limit` tokens of is cut at whitespace first (a 38 MB line had taken
+    # 57 s and 6.9 GB to tokenize whole); the ids, token types and truncated count are those of
+    # the whole text's
+    from embgeom.analysis.text import trace as trace_module
+
+    if which == "tiny":
+        tokenizer = tiny_bert[1]
+    else:
+        from transformers import AutoTokenizer
+
+        from embgeom.models import default_model_path
+
+        tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    clipped = encode(tokenizer, LONG_TEXTS, limit)
+    assert trace_module.clip_text(tokenizer, LONG_TEXTS[0], limit)[1] is not None
+    a, b = LONG_TEXTS[3].split("\t")
+    assert trace_module.clip_pair(tokenizer, a, b, limit, limit - 3)[0] != a
+    calls = []
+    monkeypatch.setattr(trace_module, "clip_text", lambda tok, text, n: calls.append(1) or (text, None))
+    monkeypatch.setattr(trace_module, "clip_pair", lambda tok, a, b, n, kept: (a, b))
+    assert clipped == encode(tokenizer, LONG_TEXTS, limit)
+    assert calls  # (the whole texts were tokenized this time)
+    if which == "tiny":
+        for i, t in enumerate(LONG_TEXTS):
+            ids, types = hand_encode(tokenizer, t, limit)
+            assert clipped[0]["input_ids"][i] == ids and clipped[0]["token_type_ids"][i] == types
+
+
+def _trained_tokenizer(kind: str):
+    """A byte-level BPE (RoBERTa, ModernBERT) or a Metaspace unigram (XLM-R, DeBERTa-v3) tokenizer
+    trained on texts like the long ones, with [CLS] A [SEP] B [SEP] around its pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    if kind == "bpe":
+        tk = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tk = Tokenizer(models.Unigram())
+        tk.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=special, unk_token="[UNK]")
+    tk.train_from_iterator([_long(300, seed) for seed in range(3)] + ["x y z xx zz , ."], trainer)
+    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_clipping_keeps_the_tokens_of_other_tokenizer_kinds(kind, monkeypatch):
+    from embgeom.analysis.text import trace as trace_module
+
+    tokenizer = _trained_tokenizer(kind)
+    # (shorter than the others: the tokenizers' own truncation of two long sides, the reference
+    # here, takes minutes and gigabytes for a unigram model)
+    texts = [_long(500, 20), " " * 1500 + _long(400, 21), "x" * 2000 + " " + _long(400, 22),
+             f"{_long(500, 23)}\tshort b .", f"short a .\t{_long(500, 24)}", f"{_long(500, 25)}\t{_long(400, 26)}",
+             f"{_long(400, 27)}\t{_long(500, 28)}", f"{_long(450, 29)}\t{_long(450, 29)}",
+             "a   b  c " * 300, "  ".join(["x y"] * 500) + "\t" + "z " * 300]
+    for limit in (63, 64):
+        clipped = encode(tokenizer, texts, limit)
+        assert trace_module.clip_text(tokenizer, texts[-2], limit)[1] is not None
+        with monkeypatch.context() as m:
+            m.setattr(trace_module, "clip_text", lambda tok, text, n: (text, None))
+            m.setattr(trace_module, "clip_pair", lambda tok, a, b, n, kept: (a, b))
+            assert clipped == encode(tokenizer, texts, limit)
+
+
+def test_clip_text_cuts_long_texts_only():
+    from embgeom.analysis.text.trace import clip_text
+
+    class Words:  # a tokenizer of whitespace-separated words
+        def __call__(self, text, add_special_tokens, verbose):
+            return {"input_ids": text.split()}
+
+    text = _long(5000, 9)
+    prefix, count = clip_text(Words(), text, 100)
+    assert text.startswith(prefix) and 100 <= count < 1000 and len(prefix) < len(text) // 10
+    assert prefix.split() == text.split()[:count]
+    assert clip_text(Words(), "a b c", 100) == ("a b c", None)
+    assert clip_text(Words(), "y" * 100_000, 100) == ("y" * 100_000, None)  # no whitespace: whole
 
 
 def expected(model, tokenizer, texts, limit=32):
