@@ -514,6 +514,33 @@ def test_load_refuses_crafted_files_with_their_hash_recomputed(tmp_path, change,
         Index.load(crafted)
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_load_reads_one_file_while_a_save_replaces_it(tmp_path, monkeypatch, verify):
+    # a save renaming a new file over the path between the header's read and the arrays' maps had
+    # given the old header with the new arrays (wrong lists with verify=False, "damaged" with it)
+    import embgeom.index as index_module
+
+    path, other = tmp_path / "live.index", tmp_path / "other.index"
+    old = Index(make_rows(200, 16, seed=1))
+    old.save(path)
+    Index(make_rows(300, 16, seed=2)).save(other)
+    real_memmap = index_module.np.memmap
+    swapped = []
+
+    def memmap_after_a_save(*args, **kwargs):
+        if not swapped:
+            os.replace(other, path)
+            swapped.append(True)
+        return real_memmap(*args, **kwargs)
+
+    monkeypatch.setattr(index_module.np, "memmap", memmap_after_a_save)
+    loaded = Index.load(path, verify=verify)
+    assert swapped and loaded.ntotal == 200
+    q = make_rows(4, 16, seed=3)
+    for got, want in zip(loaded.search(q, 5), old.search(q, 5)):
+        assert torch.equal(got, want)
+
+
 def test_reads_from_threads_while_adding():
     x = make_rows(3000, 16, seed=8)
     index = Index(x[:1000])
@@ -539,6 +566,46 @@ def test_reads_from_threads_while_adding():
         t.join()
     assert not errors
     assert index.ntotal == 3000
+
+
+def test_stored_reads_take_one_snapshot_while_adding(tmp_path):
+    # an add() from another thread between two looks at the index (forced here inside the first):
+    # search_stored had mixed the old rows as queries with the new rows searched, pairs_above had
+    # written the old row count with the new rows' fingerprint (a folder nothing could resume)
+    import json
+
+    x = make_rows(300, 16, seed=10)
+    want = Index(x[:200]).search_stored(4)
+    index = Index(x[:200])
+    real = index._queries
+
+    def queries_then_add(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if index.ntotal == 200:
+            index.add(x[200:])
+        return out
+
+    real_vectors = index.vectors
+
+    def vectors_then_add(*args, **kwargs):
+        out = real_vectors(*args, **kwargs)
+        if index.ntotal == 200:
+            index.add(x[200:])
+        return out
+
+    index._queries, index.vectors = queries_then_add, vectors_then_add
+    for got, expected in zip(index.search_stored(4), want):
+        assert torch.equal(got, expected)
+    index = Index(x[:200])
+
+    def fingerprint_after_add(st):
+        index.add(x[200:])
+        return Index._fingerprint(index, st)
+
+    index._fingerprint = fingerprint_after_add
+    index.pairs_above(0.5, tmp_path / "pairs")
+    manifest = json.loads((tmp_path / "pairs" / "manifest.json").read_text())
+    assert manifest["n"] == 200 and manifest["fingerprint"] == Index(x[:200]).fingerprint()
 
 
 def test_bad_input_names_the_argument():

@@ -757,17 +757,19 @@ class Index:
             if self.metric == "l2":
                 raise ValueError("floor: expected metric 'cosine' or 'dot' (a floor on scores), got metric 'l2'")
         cand = self._stored_candidates if floor is None else functools.partial(self._stored_candidates, floor=floor)
-        v, i = self._search(self.vectors(), k, True, cand)
+        st = self._store  # one snapshot for the queries and the rows searched: an add() meanwhile had mixed them
+        v, i = self._search(st.rows[:st.n], k, True, cand, st)
         if floor is not None:
             # the scores below the floor end each row's list (score desc, then the NaN padding)
             below = ~(v >= floor)
             v, i = v.masked_fill(below, math.nan), i.masked_fill(below, -1)
         return (v if float64 else v.float()), i
 
-    def _search(self, queries, k, float64, candidates):
-        """search, with candidates(st, qscan, kk) -> (values, ids) or None (the scan)."""
+    def _search(self, queries, k, float64, candidates, st: "_Store | None" = None):
+        """search, with candidates(st, qscan, kk) -> (values, ids) or None (the scan); st: the
+        snapshot to search (default: the current one)."""
         k = validation.positive_int(k, "k", allow_zero=False)
-        st = self._store
+        st = self._store if st is None else st
         qexact, qscan, qvalid, margin, _ = self._queries(queries, st, search=True)
         Q, n = qexact.shape[0], st.n
         self._check_result_size(Q, k, n)
@@ -1036,7 +1038,7 @@ class Index:
         if self.metric == "l2" and threshold < 0:
             raise ValueError(f"threshold: expected a distance >= 0 for metric='l2', got {threshold}")
         st = self._store
-        writer = ShardWriter(out, fingerprint=self.fingerprint(), n=st.n, d=self.d,
+        writer = ShardWriter(out, fingerprint=self._fingerprint(st), n=st.n, d=self.d,
                              metric=self.metric, threshold=threshold)
         start = writer.rows_done
         try:
@@ -1192,7 +1194,9 @@ class Index:
 
     def fingerprint(self) -> str:
         """sha256 over the metric, shape and stored float32 rows: names this corpus."""
-        st = self._store
+        return self._fingerprint(self._store)
+
+    def _fingerprint(self, st: "_Store") -> str:
         h = hashlib.sha256(json.dumps({"metric": self.metric, "n": st.n, "d": self.d}).encode())
         step = 1 << 16
         for r0 in range(0, st.n, step):
@@ -1247,20 +1251,26 @@ class Index:
         path = validation.path(path, "path")
         if not os.path.isfile(path):
             raise ValueError(f"path: no index file at {path}")
-        size = os.path.getsize(path)
+        # one open file for the header, the size and the maps: a save renaming a new file over
+        # path meanwhile had given the header of one file and the arrays of the other
         with open(path, "rb") as f:
-            magic = f.readline(len(MAGIC) + 2)
-            if magic.rstrip(b"\n") != MAGIC:
-                if magic.rstrip(b"\r\n") == MAGIC:  # (a text tool's CRLF: not another version)
-                    raise ValueError(f"path: {path} is an index file whose line ends were changed (CRLF): "
-                                     "the bytes are no longer the ones saved; save it again")
-                if magic.startswith(b"EMBGEOM-INDEX"):
-                    raise ValueError(f"path: {path} is an index file of another format version "
-                                     f"({magic.strip().decode(errors='replace')}; this version reads "
-                                     f"{MAGIC.decode()}): rebuild it")
-                raise ValueError(f"path: {path} is not an embgeom index file (no {MAGIC.decode()} line)")
-            line = f.readline(MAX_HEADER_BYTES)
-            head_len = f.tell()
+            return cls._load_open(f, path, device, verify)
+
+    @classmethod
+    def _load_open(cls, f, path: str, device: Any, verify: bool) -> "Index":
+        size = os.fstat(f.fileno()).st_size
+        magic = f.readline(len(MAGIC) + 2)
+        if magic.rstrip(b"\n") != MAGIC:
+            if magic.rstrip(b"\r\n") == MAGIC:  # (a text tool's CRLF: not another version)
+                raise ValueError(f"path: {path} is an index file whose line ends were changed (CRLF): "
+                                 "the bytes are no longer the ones saved; save it again")
+            if magic.startswith(b"EMBGEOM-INDEX"):
+                raise ValueError(f"path: {path} is an index file of another format version "
+                                 f"({magic.strip().decode(errors='replace')}; this version reads "
+                                 f"{MAGIC.decode()}): rebuild it")
+            raise ValueError(f"path: {path} is not an embgeom index file (no {MAGIC.decode()} line)")
+        line = f.readline(MAX_HEADER_BYTES)
+        head_len = f.tell()
         try:
             header = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -1302,7 +1312,7 @@ class Index:
             if nbytes == 0:
                 maps[name] = np.zeros(shape, dt)
             else:  # copy-on-write: writable for torch, the file never changes
-                maps[name] = np.memmap(path, dtype=dt, mode="c", offset=base + spec["offset"], shape=shape)
+                maps[name] = np.memmap(f, dtype=dt, mode="c", offset=base + spec["offset"], shape=shape)
             if verify:
                 h.update(_raw_bytes(np.ascontiguousarray(maps[name])))
         if verify and h.hexdigest() != header["sha256"]:
