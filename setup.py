@@ -10,6 +10,21 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def cmake_command() -> str:
+    """The cmake of the build requirements (pip's `cmake` package, >= 3.26) where it is installed,
+    else the one on PATH: without build isolation and with the environment not activated, PATH
+    can hold an older system cmake that refuses the project."""
+    try:
+        import cmake
+
+        exe = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+        if exe.exists():
+            return str(exe)
+    except (ImportError, AttributeError):
+        pass
+    return "cmake"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -37,8 +52,9 @@ class CMakeBuild(build_ext):
         except ImportError:
             pass
         jobs = os.environ.get("MAX_JOBS", "2")
-        subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
-        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_temp, check=True)
+        cmake = cmake_command()
+        subprocess.run([cmake, str(ROOT), *args], cwd=build_temp, check=True)
+        subprocess.run([cmake, "--build", ".", "-j", jobs], cwd=build_temp, check=True)
 
     def copy_extensions_to_source(self) -> None:
         # editable installs copy only declared extensions; _cuda comes from the same CMake run
