@@ -137,6 +137,28 @@ def test_shards_are_bounded_and_resume_skips_finished_rows(tmp_path, monkeypatch
     assert not [f for f in os.listdir(tmp_path / "p") if f.endswith(".tmp")]
 
 
+def test_dense_pairs_keep_shards_and_blocks_bounded(tmp_path, monkeypatch):
+    # a threshold most pairs pass: one band's hits had been held together (9,000 rows: 3 GB) and
+    # written as one shard of 20 M pairs, far past SHARD_PAIRS
+    x = make_rows(700, 6, seed=6)
+    monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 1000)
+    monkeypatch.setattr(embgeom.index, "SCORE_BLOCK_BYTES", 1 << 18)
+    sizes = []
+    real = Index._exact_pairs
+
+    def spy(self, st, qexact, qi, ci):
+        sizes.append(qi.numel())
+        return real(self, st, qexact, qi, ci)
+
+    monkeypatch.setattr(Index, "_exact_pairs", spy)
+    m = Index(x).pairs_above(-1.0, tmp_path / "p")
+    assert m["count"] == 700 * 699 // 2 and max(s["count"] for s in m["shards"]) <= 1000
+    assert max(sizes) <= embgeom.index.SCORE_BLOCK_BYTES // 16  # one score block's hits at a time
+    i, j, _ = read_pairs(tmp_path / "p")
+    wi, wj, _ = brute_pairs(x, -1.0)
+    assert np.array_equal(i, wi) and np.array_equal(j, wj)
+
+
 @pytest.mark.parametrize("shard_pairs", [1 << 22, 40], ids=["one-shard", "shards-mid-band"])
 def test_an_interrupt_keeps_every_finished_band(tmp_path, monkeypatch, shard_pairs):
     """Ctrl-C (or SIGTERM, taken as it) in the middle of a band: the manifest counts every band

@@ -1085,28 +1085,29 @@ class Index:
         for c0 in range(r0, st.n, step):
             c1 = min(st.n, c0 + step)
             got = self._engine_pair_candidates(st, qscan, c0, c1, scan_t) if engine else None
-            if got is None:
-                got = self._scan_pair_candidates(st, qscan, c0, c1, scan_t, nc)
-            qi, ci = got
-            if c0 < r1:  # the diagonal block: only j > i
-                keep = ci > qi + r0
-                qi, ci = qi[keep], ci[keep]
-            if qi.numel() == 0:
-                continue
-            v = self._exact_pairs(st, qexact, qi, ci)
-            keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
-            keep &= qvalid[qi]
-            if bool(keep.any()):
-                yield ((qi[keep] + r0).cpu().numpy(), ci[keep].cpu().numpy(),
-                       (v[keep] if exact64 else v[keep].float()).cpu().numpy())
+            for qi, ci in [got] if got is not None else self._scan_pair_candidates(st, qscan, c0, c1, scan_t, nc):
+                if c0 < r1:  # the diagonal block: only j > i
+                    keep = ci > qi + r0
+                    qi, ci = qi[keep], ci[keep]
+                if qi.numel() == 0:
+                    continue
+                v = self._exact_pairs(st, qexact, qi, ci)
+                keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
+                keep &= qvalid[qi]
+                if bool(keep.any()):
+                    yield ((qi[keep] + r0).cpu().numpy(), ci[keep].cpu().numpy(),
+                           (v[keep] if exact64 else v[keep].float()).cpu().numpy())
 
     def _scan_pair_candidates(self, st, qscan, c0, c1, scan_t, nc):
-        """(query offsets, corpus rows) whose scan value reaches scan_t, columns [c0, c1), one
-        score block of at most nc rows at a time."""
+        """Yield (query offsets, corpus rows) whose scan value reaches scan_t, columns [c0, c1),
+        one score block of at most nc rows at a time (a chunk's hits held together, where most
+        pairs pass a low threshold, had taken 3 GB for 9,000 rows)."""
         by_column = st.scale is not None  # cosine on float32 rows: no scaling pass over the block
         if by_column:
             low = scan_t.double().min() if scan_t.numel() else 0.0
-        qs, cs = [], []
+        # a band of thousands of rows: fewer columns per block (nc is sized for 256 queries), and a
+        # quarter of the score block: where most pairs pass, a block's hits are rescored together
+        nc = max(1, min(nc, SCORE_BLOCK_BYTES // 16 // max(1, qscan.shape[0])))
         for b0 in range(c0, c1, nc):
             b1 = min(c1, b0 + nc)
             if by_column:
@@ -1121,9 +1122,8 @@ class Index:
                 s = self._score(st, qscan, b0, b1)
                 hit = s >= scan_t[:, None]
             qi, ci = hit.nonzero(as_tuple=True)
-            qs.append(qi)
-            cs.append(ci + b0)
-        return torch.cat(qs), torch.cat(cs)
+            if qi.numel():
+                yield qi, ci + b0
 
     def _engine_pair_candidates(self, st, qscan, c0, c1, scan_t):
         """(query offsets, corpus rows) of columns [c0, c1) whose engine value reaches the

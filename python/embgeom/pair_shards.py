@@ -220,17 +220,22 @@ class ShardWriter:
         that save_progress can keep them."""
         self._whole_buf, self._whole_pending = len(self._buf), len(self._pending)
         for i, j, v in pieces:
-            part = np.empty(len(i), PAIR_DTYPE)
-            part["i"], part["j"], part["similarity"] = i, j, v
-            self._buf.append(part)
-            self._held += len(part)
-            if self._held >= self.shard_pairs:
-                if self._whole_buf:
-                    self._flush(self._buf[:self._whole_buf])
-                    with interrupt_after():  # (the buffer and what marks its whole rows move together)
-                        self._buf = self._buf[self._whole_buf:]
-                        self._whole_buf, self._whole_pending = 0, len(self._pending)
-                self._flush()
+            whole = np.empty(len(i), PAIR_DTYPE)
+            whole["i"], whole["j"], whole["similarity"] = i, j, v
+            # taken in slices that fill the buffer to shard_pairs at most: no shard is larger
+            rest = whole
+            while len(rest):
+                room = self.shard_pairs - self._held
+                part, rest = rest[:room], rest[room:]
+                self._buf.append(part)
+                self._held += len(part)
+                if self._held >= self.shard_pairs:
+                    if self._whole_buf:
+                        self._flush(self._buf[:self._whole_buf])
+                        with interrupt_after():  # (the buffer and what marks its whole rows move together)
+                            self._buf = self._buf[self._whole_buf:]
+                            self._whole_buf, self._whole_pending = 0, len(self._pending)
+                    self._flush()
         with interrupt_after():
             self._taken = rows_done
             self._whole_buf, self._whole_pending = len(self._buf), len(self._pending)
