@@ -177,3 +177,59 @@ def test_thresholds_that_are_not_numbers_are_refused(value):
         validation.finite_float(value, "threshold")
     assert [validation.finite_float(v, "t") for v in (np.float32(0.5), torch.tensor(0.5), np.int64(2), 3)] == \
         [0.5, 0.5, 2.0, 3.0]
+
+
+def test_odd_layouts_and_byte_orders_are_read_or_named():
+    # found by probing every entry point with unusual inputs: each had failed inside torch
+    # or numpy with a message naming no argument
+    from embgeom.compat.sentence_transformers import semantic_search
+
+    attn = torch.full((2, 1, 4, 4), 0.25)
+    x = torch.randn(2, 4, 8)
+    big_endian = np.ones((2, 4), dtype=">i4")
+    want = embgeom.cone_index(x, np.ones((2, 4), bool)).index
+    assert torch.equal(embgeom.cone_index(x, big_endian).index, want)
+    embgeom.attention_entropy(attn, big_endian)
+    dense = torch.ones(2, 4, dtype=torch.bool)
+    for bad, err, match in [(dense.to_sparse(), TypeError, "mask: expected a dense tensor"),
+                            (torch.empty(2, 4, dtype=torch.bool, device="meta"), ValueError, "mask: a meta tensor")]:
+        with pytest.raises(err, match=match):
+            embgeom.cone_index(x, bad)
+        with pytest.raises(err, match=match):
+            embgeom.attention_entropy(attn, bad)
+    # a field of a packed record array: strides no multiple of the item size
+    rec = np.zeros(30, dtype=[("v", "f4", (8,)), ("tag", "i1")])
+    rec["v"] = np.random.default_rng(0).standard_normal((30, 8))
+    assert embgeom.pairwise_stats(rec["v"]).count == embgeom.pairwise_stats(np.ascontiguousarray(rec["v"])).count
+    nested = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(2, 8)])
+    with pytest.raises(TypeError, match="x: expected a dense tensor, got a nested tensor"):
+        embgeom.pairwise_stats(nested)
+    corpus = np.random.default_rng(1).standard_normal((10, 4)).astype(np.float32)
+    for rows, err, match in [([corpus[0], corpus[1][:3]], ValueError, "rows of a list must have one shape"),
+                             ([corpus[0], None], TypeError, "got NoneType"),
+                             ([True, False, True, False], TypeError, "got bool")]:
+        with pytest.raises(err, match="^query_embeddings: .*" + match):
+            semantic_search(rows, corpus)
+    assert semantic_search([corpus[0].astype(">f4")], corpus) == semantic_search(corpus[:1], corpus)
+    with pytest.raises(TypeError, match="queries: expected a dense tensor"):
+        embgeom.knn(corpus, 2, queries=torch.tensor([1, 3]).to_sparse())
+    with pytest.raises(ValueError, match="got max 9223372036854775809"):  # (not wrapped to a negative id)
+        embgeom.knn(corpus, 2, queries=np.array([2**63 + 1], np.uint64))
+    # a view of a conjugate's imaginary part carries torch's negative bit
+    imag = torch.complex(torch.zeros(30, 1), torch.randn(30, 1)).conj().imag
+    assert torch.equal(embgeom.cone_index(imag).index, embgeom.cone_index(imag.clone()).index)
+    # the shape named is the one passed, not the one it was reshaped to
+    with pytest.raises(ValueError, match=r"got \(2, 3, 8\) float32"):
+        embgeom.attention_entropy(np.ones((2, 3, 8), np.float32))
+    with pytest.raises(ValueError, match=r"got \(5, 0\) float32"):
+        embgeom.cone_index(np.zeros((5, 0), np.float32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "reference"])
+def test_results_hold_no_autograd_graph_on_any_backend(backend):
+    x = torch.randn(50, 8, requires_grad=True)
+    assert not embgeom.cone_index(x, backend=backend).index.requires_grad
+    attn = torch.softmax(torch.randn(1, 2, 5, 5, requires_grad=True), -1)
+    res = embgeom.attention_entropy(attn, backend=backend)
+    assert not res.mean.requires_grad and not res.row_entropy.requires_grad
+    assert embgeom.attention_entropy(torch.zeros(2, 0, 5, 5), backend=backend).mean.shape == (0,)

@@ -76,6 +76,7 @@ def cone_index(x, mask=None, *, backend: str | None = None) -> ConeIndex:
         return ConeIndex(*(torch.stack([getattr(p, f) for p in parts])
                            for f in ("index", "normalized", "n", "zero_rows")), backend=parts[0].backend)
     x, mask = validation.sequences(x, mask)
+    x = x.detach()  # statistics, not a graph: every backend's results alike
     name, run = registry.pick("cone_index", x, backend)
     sums, used, zero = run(x, mask)
     return _cone_result(sums, used, zero, name, x.device)
@@ -102,6 +103,7 @@ class ConeAccumulator:
 
     def update(self, chunk) -> None:
         x, _ = validation.sequences(chunk, None, name="chunk")
+        x = x.detach()
         if self.sums is not None and x.shape[-1] != self.sums.shape[-1]:
             raise ValueError(f"chunk: expected D = {self.sums.shape[-1]}, got {x.shape[-1]}")
         self._name, run = registry.pick("cone_index", x, self.backend)
@@ -138,6 +140,7 @@ def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"smoothing: expected a value in [0, 1], got {smoothing}")
     attn, mask = validation.attention(attn, mask)
+    attn = attn.detach()
     name, run = registry.pick("attention_entropy", attn, backend)
     ent = run(attn, mask, smoothing).to(attn.device) + 0.0  # (+ 0: a one-key row's -0.0 as 0.0)
     B, H, T, _ = attn.shape

@@ -101,8 +101,11 @@ def _queries(queries: Any, x: torch.Tensor):
     if isinstance(queries, torch.Tensor) and queries.dtype == torch.bool:
         raise TypeError("queries: expected (Q,) int row ids or (Q, D) float rows, got a bool tensor")
     if isinstance(queries, np.ndarray) and queries.dtype.kind in "iu":
+        if queries.size and queries.dtype.kind == "u" and int(queries.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"queries: row ids must be in [0, {x.shape[0]}), got max {int(queries.max())}")
         queries = torch.from_numpy(queries.astype(np.int64))
     if isinstance(queries, torch.Tensor) and not queries.dtype.is_floating_point:
+        validation.dense_tensor(queries, "queries")
         if queries.dim() != 1:
             raise ValueError(f"queries: expected (Q,) row ids or (Q, D) float, got {tuple(queries.shape)} "
                              f"{str(queries.dtype).replace('torch.', '')}")

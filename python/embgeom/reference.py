@@ -165,7 +165,7 @@ def attention_entropy(attn, mask=None, smoothing=0.0) -> dict:
                 nz = row[row > 0]
                 ent[b, h, q] = float(-(nz * nz.log()).sum())
     valid_rows = mask[:, None, :].expand(B, H, T)
-    mean = torch.stack([ent[:, h][valid_rows[:, h]].mean() for h in range(H)])
+    mean = torch.stack([ent[:, h][valid_rows[:, h]].mean() for h in range(H)]) if H else ent.new_zeros(0)
     baseline = torch.log(mask.sum(1).double())
     return {"row_entropy": ent, "mean": mean, "uniform_baseline": baseline}
 

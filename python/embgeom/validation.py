@@ -51,20 +51,35 @@ def not_special_file(path: str, name: str | None = None) -> None:
 def as_tensor(x: Any, name: str) -> torch.Tensor:
     """torch.Tensor or numpy array -> tensor, zero-copy for numpy."""
     if isinstance(x, torch.Tensor):
-        if x.layout != torch.strided:
-            raise TypeError(f"{name}: expected a dense tensor, got layout {x.layout}")
-        if x.device.type == "meta":
-            raise ValueError(f"{name}: a meta tensor holds no values")
-        return x
+        dense_tensor(x, name)
+        return x.resolve_neg()  # (a view of a conjugate's imaginary part: numpy() refuses it)
     if isinstance(x, np.ndarray):
         if x.dtype.kind == "f" and not x.dtype.isnative:
             x = x.astype(x.dtype.newbyteorder("="))  # a .npy written on a big-endian machine
         if x.dtype == np.float64 or x.dtype == np.float32 or x.dtype == np.float16:
-            if not x.flags.writeable or any(st < 0 for st in x.strides):
-                x = x.copy()  # torch takes neither read-only memory nor negative strides (x[::-1])
-            return torch.from_numpy(x)
+            return torch.from_numpy(torch_ready(x))
         raise TypeError(f"{name}: expected a float array, got {_describe(x)}")
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def dense_tensor(x: torch.Tensor, name: str) -> None:
+    """TypeError / ValueError naming `name` for a tensor that holds no plain values: sparse or
+    nested (a nested tensor reports the strided layout), or on the meta device."""
+    if x.layout != torch.strided or x.is_nested:
+        raise TypeError(f"{name}: expected a dense tensor, got {'a nested tensor' if x.is_nested else f'layout {x.layout}'}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: a meta tensor holds no values")
+
+
+def torch_ready(x: np.ndarray) -> np.ndarray:
+    """x in a form torch.from_numpy takes: a copy where it is read-only, has a negative stride
+    (x[::-1]) or one that is no multiple of its item size (a field of a packed record array),
+    or is not in native byte order."""
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    if not x.flags.writeable or any(st < 0 or st % x.itemsize for st in x.strides):
+        x = x.copy()
+    return x
 
 
 def _check_float(x: torch.Tensor, name: str, shape_doc: str) -> None:
@@ -211,6 +226,7 @@ def sequences(x: Any, mask: Any = None, name: str = "x") -> tuple[torch.Tensor, 
     """x: (B, T, D) float (or (N, D), taken as one set), mask: (B, T) bool or None."""
     x = as_tensor(x, name)
     _check_float(x, name, "(B, T, D) or (N, D)")  # (the shape as given, before (N, D) becomes (1, N, D))
+    given = _describe(x)
     if x.dim() == 2:
         x = x.unsqueeze(0)
         if mask is not None:
@@ -218,9 +234,9 @@ def sequences(x: Any, mask: Any = None, name: str = "x") -> tuple[torch.Tensor, 
             if mask.dim() == 1:
                 mask = mask.unsqueeze(0)
     if x.dim() != 3:
-        raise ValueError(f"{name}: expected (B, T, D) or (N, D) float, got {_describe(x)}")
+        raise ValueError(f"{name}: expected (B, T, D) or (N, D) float, got {given}")
     if x.shape[2] == 0:
-        raise ValueError(f"{name}: expected D >= 1, got {_describe(x)}")
+        raise ValueError(f"{name}: expected D >= 1, got {given}")
     mask = batch_mask(mask, x.shape[0], x.shape[1], x.device)
     check_finite(x, name, row_dims=2)
     fits_float32(x, name)
@@ -233,9 +249,10 @@ def _mask_tensor(mask: Any) -> torch.Tensor:
     if isinstance(mask, np.ndarray):
         if mask.dtype.kind not in "biuf":
             raise TypeError(f"mask: expected a (B, T) bool tensor or array, got {_describe(mask)}")
-        return torch.from_numpy(np.array(mask))
+        return torch.from_numpy(torch_ready(np.array(mask)))
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask: expected a (B, T) bool tensor, got {type(mask).__name__}")
+    dense_tensor(mask, "mask")
     return mask
 
 
@@ -257,11 +274,12 @@ def batch_mask(mask: Any, B: int, T: int, device: torch.device) -> torch.Tensor 
 def attention(attn: Any, mask: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """attn: (B, H, T, T) float probabilities (rows = queries), mask: (B, T) bool."""
     attn = as_tensor(attn, "attn")
+    given = _describe(attn)
     one_sequence = attn.dim() == 3
     if one_sequence:
         attn = attn.unsqueeze(0)
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
-        raise ValueError(f"attn: expected (B, H, T, T) float, got {_describe(attn)}")
+        raise ValueError(f"attn: expected (B, H, T, T) float, got {given}")
     _check_float(attn, "attn", "(B, H, T, T)")
     if one_sequence and mask is not None and getattr(mask, "ndim", 0) == 2 \
             and tuple(mask.shape) == (attn.shape[1], attn.shape[2]) and mask.shape[0] != 1:

@@ -11,7 +11,7 @@ from .registry import cpp, register
 
 def _f32(x: torch.Tensor):
     """Contiguous float32 numpy view (copies only when dtype or strides require it)."""
-    return x.detach().to(torch.float32).contiguous().numpy()
+    return x.detach().resolve_neg().to(torch.float32).contiguous().numpy()
 
 
 def _mask_u8(mask):
@@ -26,7 +26,7 @@ def prepare_columns(y: torch.Tensor, metric: str, precision: str, threads: int =
 def cone_unit_sums(x: torch.Tensor, mask: torch.Tensor | None):
     """x (B, T, D), or (G, B, T, D): G groups of B sets sharing mask (B, T) (takes_groups), read in
     place where it is float32 with D contiguous (a layer's head outputs as a permuted view)."""
-    a = x.detach()
+    a = x.detach().resolve_neg()
     a = a.numpy() if a.dtype == torch.float32 and (a.shape[-1] <= 1 or a.stride(-1) == 1) else _f32(a)
     sums, used, zero = cpp().cone_unit_sums(a, _mask_u8(mask))
     return torch.from_numpy(sums), torch.from_numpy(used), torch.from_numpy(zero)

@@ -38,12 +38,27 @@ def _metric(score_function: Callable | str | None) -> str:
 
 def _tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, list):
-        x = torch.stack([torch.as_tensor(r) for r in x]) if x and not isinstance(x[0], (int, float)) \
-            else torch.as_tensor(x, dtype=torch.float32)
+        x = _stack_rows(x, name)
     t = validation.as_tensor(x, name)
     if t.dim() == 1:
         t = t.unsqueeze(0)
     return t
+
+
+def _stack_rows(rows: list, name: str) -> torch.Tensor:
+    """A list of row tensors / arrays (as sentence-transformers' encode returns them), or of
+    numbers (one row) -> one tensor; a TypeError / ValueError naming `name` for anything else."""
+    if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+           for v in rows):
+        return torch.tensor([float(v) for v in rows], dtype=torch.float32)
+    if not all(isinstance(r, (torch.Tensor, np.ndarray)) for r in rows):
+        kinds = sorted({type(r).__name__ for r in rows if not isinstance(r, (torch.Tensor, np.ndarray))})
+        raise TypeError(f"{name}: a list must hold float rows (tensors or arrays) or numbers, got {', '.join(kinds)}")
+    tensors = [validation.as_tensor(r, f"{name}[{k}]") for k, r in enumerate(rows)]
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"{name}: the rows of a list must have one shape, got {sorted(shapes)}")
+    return torch.stack(tensors)
 
 
 def semantic_search(query_embeddings, corpus_embeddings, query_chunk_size: int = 100,
