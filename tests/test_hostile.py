@@ -495,6 +495,17 @@ def test_big_endian_npy_is_read_in_native_order(tmp_path):
     np.testing.assert_array_equal(got.numpy(), x)
 
 
+def test_expanded_pt_is_refused_not_read_as_a_huge_matrix(tmp_path):
+    # a 2 KB file of an expanded view had been read as a 3,000,000-row matrix of one row
+    torch.save(torch.randn(1, 64).expand(3_000_000, 64), tmp_path / "x.pt")
+    assert os.path.getsize(tmp_path / "x.pt") < 10_000
+    with pytest.raises(ValueError, match=r"holds a \(3000000, 64\) tensor stored as 64 values") as e:
+        load_matrix(str(tmp_path / "x.pt"))
+    one_line(e)
+    torch.save({"x": torch.randn(100, 8)[10:20]}, tmp_path / "view.pt")  # a slice of more: read
+    assert load_matrix(str(tmp_path / "view.pt")).shape == (10, 8)
+
+
 def test_pickled_pt_is_refused_with_one_line(tmp_path):
     marker = tmp_path / "ran"
     torch.save({"x": torch.zeros(2, 2), "obj": CreatesFile(marker)}, tmp_path / "x.pt")

@@ -487,10 +487,14 @@ def _first_line(exc: Exception) -> str:
 
 
 def _first_tensor(obj, name, path) -> torch.Tensor:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, dict):
-        for value in obj.values():
-            if isinstance(value, torch.Tensor):
-                return value
-    raise ValueError(f"{name}: no tensor found in {path}")
+    found = obj if isinstance(obj, torch.Tensor) else next(
+        (v for v in obj.values() if isinstance(v, torch.Tensor)), None) if isinstance(obj, dict) else None
+    if found is None:
+        raise ValueError(f"{name}: no tensor found in {path}")
+    stored = found.untyped_storage().nbytes() // max(1, found.element_size())
+    if found.numel() > stored:
+        # an expanded view (stride 0) is saved as its few stored values: a 2 KB file read as a
+        # 3,000,000-row matrix of one repeated row
+        raise ValueError(f"{name}: {path} holds a {tuple(found.shape)} tensor stored as {stored:,} values (an "
+                         "expanded view whose rows repeat); save tensor.contiguous() if those rows are meant")
+    return found
