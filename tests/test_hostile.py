@@ -848,6 +848,8 @@ def test_odd_python_arguments_name_themselves(tiny_bert):
         trace(None, tok, ["a"])
     with pytest.raises(TypeError, match="texts: expected"):
         trace(model, tok, None)
+    with pytest.raises(ValueError, match=r"texts\[1\]: a lone surrogate '\\ud800' at character 2"):
+        trace(model, tok, ["fine", "a \ud800 b"])  # (the tokenizer's TypeError named no text)
     x = make_embeddings(20, 8, seed=11)
     with pytest.raises(TypeError, match="perplexity: expected a number, got str"):
         project(x, method="tsne", perplexity="30")
@@ -998,13 +1000,19 @@ def test_json_nested_past_the_parser_is_one_line(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "manifest.json").write_text(deep)
     (tmp_path / "deep.jsonl").write_text(deep + "\n")
+    (tmp_path / "huge.jsonl").write_text('{"tokens": ["a"], "clusters": [[[0, 1' + "1" * 5000 + ']]]}\n')
     (tmp_path / "c.txt").write_text("a b\n")
     for argv, message in (
         (["project", str(tmp_path / "x.npy"), "--method", "pca", "--out", str(tmp_path / "out")],
          "its manifest.json is not one embgeom writes"),
         (["text", str(tmp_path / "c.txt"), "--pairs", str(tmp_path / "deep.jsonl"), "--out", str(tmp_path / "t")],
-         "entry 1 is nested too deeply to read"),
+         "entry 1: nested too deeply to read"),
         (["coref", str(tmp_path / "deep.jsonl"), "--out", str(tmp_path / "co")], "line 1: nested too deeply to read"),
+        # an integer past Python's 4,300 digits: json's ValueError had been printed as it was
+        (["coref", str(tmp_path / "huge.jsonl"), "--out", str(tmp_path / "co")],
+         "MENTIONS: " + str(tmp_path / "huge.jsonl") + ": line 1: not readable JSON (Exceeds the limit (4300 digits)"),
+        (["text", str(tmp_path / "c.txt"), "--pairs", str(tmp_path / "huge.jsonl"), "--out", str(tmp_path / "t")],
+         "entry 1: not readable JSON (Exceeds the limit"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err

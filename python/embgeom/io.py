@@ -88,6 +88,20 @@ def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple
     return folder
 
 
+def json_line(line: str, where: str):
+    """The JSON value of one line of a JSONL file; ValueError starting with `where` for anything
+    json cannot read: a syntax error (its message and column), nesting past the parser's depth,
+    or an integer of more digits than Python converts (4,300)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to read") from None
+    except ValueError as exc:
+        raise ValueError(f"{where}: not readable JSON ({str(exc).split(';')[0]})") from None
+
+
 def read_json_file(path: str):
     """The JSON value of a file; ValueError when it cannot be read as JSON (also JSON nested past
     the parser's depth, a RecursionError there)."""

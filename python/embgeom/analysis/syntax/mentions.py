@@ -23,6 +23,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from ...io import json_line
+
 
 @dataclass
 class Mention:
@@ -99,13 +101,7 @@ def read_mentions(path: str) -> list[Document]:
         if not line.strip():
             continue
         where = f"MENTIONS: {path}: line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        except RecursionError:
-            raise ValueError(f"{where}: nested too deeply to read") from None
-        docs.append(parse_document(obj, where))
+        docs.append(parse_document(json_line(line, where), where))
     if not docs:
         raise ValueError(f"MENTIONS: {path} has no document")
     return docs

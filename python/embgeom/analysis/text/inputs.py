@@ -43,17 +43,12 @@ def read_lines(path: str, what: str = "texts") -> Iterator[str]:
 # ---------------------------------------------------------------------- [CLS] differences
 def read_pairs(path: str) -> list[dict]:
     """JSONL of {"group": g, "a": text, "b": text}; clear errors for anything else."""
-    import json
+    from ...io import json_line
 
     require_file(path, "--pairs")
     pairs = []
     for number, line in enumerate(read_lines(path, "--pairs"), 1):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--pairs: {path} entry {number} is not JSON: {exc.msg}") from None
-        except RecursionError:
-            raise ValueError(f"--pairs: {path} entry {number} is nested too deeply to read") from None
+        obj = json_line(line, f"--pairs: {path} entry {number}")
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("group", "a", "b")):
             raise ValueError(f'--pairs: {path} entry {number}: expected {{"group": str, "a": str, "b": str}}')
         empty = [k for k in ("a", "b") if not obj[k].strip()]

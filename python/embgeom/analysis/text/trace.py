@@ -49,6 +49,11 @@ def _texts(texts: Any) -> Iterator[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}]: expected str, got {type(t).__name__}")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as exc:  # (the tokenizer's own message names no text)
+            raise ValueError(f"texts[{i}]: a lone surrogate {t[exc.start]!r} at character {exc.start} is no "
+                             "Unicode text (decode the bytes with errors='replace')") from None
         if t.strip():
             yield t
 
