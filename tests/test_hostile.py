@@ -1104,3 +1104,15 @@ def test_pipes_links_and_long_chains_are_refused_or_fast(tmp_path, tiny_bert_dir
     assert victim.read_text() == "keep me"
     heads = list(range(2, 30001)) + [0]                     # word w's head is w + 1, the last is the root
     check_tree(heads, "chain")
+
+
+def test_json_files_larger_than_embgeom_writes_are_not_read(tmp_path, monkeypatch):
+    # a sparse manifest of gigabytes had been read whole before anything checked it
+    import embgeom.io as io_module
+
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"shards": list(range(100))}))
+    assert io_module.read_json_file(str(path))["shards"][-1] == 99
+    monkeypatch.setattr(io_module, "MAX_JSON_BYTES", 64)
+    with pytest.raises(ValueError, match=r"manifest.json: 4.. bytes, more than any JSON file embgeom writes \(64\)"):
+        io_module.read_json_file(str(path))

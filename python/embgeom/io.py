@@ -102,15 +102,24 @@ def json_line(line: str, where: str):
         raise ValueError(f"{where}: not readable JSON ({str(exc).split(';')[0]})") from None
 
 
+# manifests and reports embgeom reads back are kilobytes to a few megabytes; a (sparse) file of
+# gigabytes in their place had been read whole into memory before anything checked it
+MAX_JSON_BYTES = 256 << 20
+
+
 def read_json_file(path: str):
     """The JSON value of a file; ValueError when it cannot be read as JSON (also JSON nested past
-    the parser's depth, a RecursionError there)."""
+    the parser's depth, a RecursionError there) or is larger than any embgeom writes."""
     validation.not_special_file(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            size = os.fstat(f.fileno()).st_size
+            if size <= MAX_JSON_BYTES:
+                return json.load(f)
     except (OSError, ValueError, RecursionError) as exc:
         raise ValueError(f"{path}: not readable JSON ({type(exc).__name__})") from None
+    raise ValueError(f"{path}: {size:,} bytes, more than any JSON file embgeom writes ({MAX_JSON_BYTES:,}); "
+                     "not read")
 
 
 def _sealed_folder(folder: str) -> str | None:
