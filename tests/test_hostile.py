@@ -237,6 +237,11 @@ def _crafted(name):
         cols[0, 0] = 10 ** 9
         st.row_top = (vals, cols)
 
+    def row_own(st):
+        vals, cols = (a.copy() for a in st.row_top)
+        cols[0, 0] = 0
+        st.row_top = (vals, cols)
+
     return {
         "diagonal pair": (top(0, 0), "top: a pair outside"),
         "reversed pair": (top(3, 1), "top: a pair outside"),
@@ -247,12 +252,21 @@ def _crafted(name):
         "count too large": (lambda st: setattr(st, "count", st.count + 10 ** 6), "more than its"),
         "row neighbour 10^9": (row_top_column, "row_top: a column outside"),
         "long list": (lambda st: setattr(st, "top", tuple(np.concatenate([a] * 3) for a in st.top)), "top: 15 pairs, this run lists at most 5"),
+        "outside 2^70": (lambda st: setattr(st, "outside_count", 2 ** 70), "outside_count .* more than its"),
+        "error bound NaN": (lambda st: setattr(st, "hist_error_bound", math.nan), "hist_error_bound must be finite"),
+        "cosine 5": (lambda st: setattr(st, "top", (st.top[0] * 0 + 5.0, *st.top[1:])), "top: .*out of range"),
+        "pair twice": (lambda st: setattr(st, "top", tuple(np.concatenate([a[:1]] * 2 + [a[2:]]) for a in st.top)),
+                       "top: a pair listed twice"),
+        "own neighbour": (row_own, "row_top: a row listed as its own neighbour"),
+        "excluded twice": (lambda st: setattr(st, "excluded_rows", np.array([3, 3], np.int64)), "excluded_rows: an index listed twice"),
     }[name]
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("change", ["diagonal pair", "reversed pair", "far pair", "short histogram", "tiles_done -1",
-                                    "tiles_done 2^70", "count too large", "row neighbour 10^9", "long list"])
+                                    "tiles_done 2^70", "count too large", "row neighbour 10^9", "long list",
+                                    "outside 2^70", "error bound NaN", "cosine 5", "pair twice", "own neighbour",
+                                    "excluded twice"])
 def test_a_crafted_state_that_does_not_fit_is_refused(tmp_path, monkeypatch, backend, change):
     """A state that no run of these settings writes (its checksum made anew, as a crafted file's
     would be) is refused with one line on every backend, before any engine takes it: the torch

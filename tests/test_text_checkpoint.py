@@ -457,3 +457,58 @@ def test_a_second_ctrl_c_waits_for_the_save(tiny_bert, tmp_path, monkeypatch):
     assert resumed_from == [6]               # the third batch's save ran to its end
     assert _strip(json.loads(json.dumps(resumed.to_dict(), default=float))) == \
         _strip(json.loads(json.dumps(clean, default=float)))
+
+
+def test_restored_values_must_be_what_the_fields_hold():
+    # a crafted file (its sha256 recomputed) had put None, a float or a negative count in a
+    # count's place: a ZeroDivisionError or a wrong report after the resumed run
+    from embgeom.engine.checkpoint import Resumable, SavedObject, restore_value
+
+    class Sums(Resumable):
+        count = None
+
+        def __init__(self):
+            self.n_texts, self.total, self.items = 0, 0.0, []
+
+    for fields, match in [({"n_texts": None}, "nothing saved"), ({"n_texts": 4.0}, "counts in integers"),
+                          ({"n_texts": -73}, "a count is never negative")]:
+        with pytest.raises(ValueError, match=match):
+            restore_value(Sums(), SavedObject("Sums", {"total": 1.5, "items": [], **fields}), "acc")
+    done = restore_value(Sums(), SavedObject("Sums", {"n_texts": 3, "total": -1.5, "items": [1]}), "acc")
+    assert (done.n_texts, done.total, done.items) == (3, -1.5, [1])
+
+
+def test_restored_samples_must_be_maps_of_texts_seen(tiny_bert):
+    # a sample's text id reached report.html unescaped and a file name ("<img src=x onerror=...>")
+    from embgeom.analysis.heads.similarity import SimilarityAccumulator
+    from embgeom.engine.checkpoint import SavedObject, restore_value
+
+    model, tok = tiny_bert
+    acc = SimilarityAccumulator(2, 4, 32, tok, maps=2)
+    state = dict(acc.checkpoint_state(), seen=5)
+    good = {"text": 1, "tokens": ["a"], "maps": torch.zeros(2, 4, 1, 1)}
+    restore_value(SimilarityAccumulator(2, 4, 32, tok, maps=2), SavedObject(
+        "SimilarityAccumulator", dict(state, samples=[good])), "acc")
+    for samples in ([dict(good, text="<img src=x onerror=alert(1)>")], [dict(good, text=7)], [good, good],
+                    [good] * 3, [dict(good, extra=1)]):
+        with pytest.raises(ValueError, match="SimilarityAccumulator.samples"):
+            restore_value(SimilarityAccumulator(2, 4, 32, tok, maps=2),
+                          SavedObject("SimilarityAccumulator", dict(state, samples=samples)), "acc")
+
+
+def test_an_error_after_a_resumed_run_names_the_checkpoint(tiny_bert, tmp_path, monkeypatch):
+    # sums of a crafted file that do not fit together (a token count of 0 beside finished texts)
+    # surfaced as a ZeroDivisionError traceback once the resumed run reduced them
+    model, tok = tiny_bert
+    ckpt = str(tmp_path / "ckpt")
+    trace(model, tok, TEXTS[:4], batch_size=2, checkpoint=ckpt)   # finished: every text saved
+
+    def divides_by_zero(self, *args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(trace_module.TraceAccumulator, "result", divides_by_zero)
+    with pytest.raises(ValueError, match=r"^checkpoint: .*ckpt: the run resumed from it failed \(ZeroDivisionError: "
+                                         r"division by zero\); the sums it held do not fit together"):
+        trace(model, tok, TEXTS[:4], batch_size=2, checkpoint=ckpt)
+    with pytest.raises(ZeroDivisionError):  # a run that resumed nothing: the error as it is
+        trace(model, tok, TEXTS[:4], batch_size=2, checkpoint=str(tmp_path / "fresh"))

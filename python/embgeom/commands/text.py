@@ -9,6 +9,8 @@ Options: --keep cls, --trajectories N, --labels FILE and --pairs FILE keep vecto
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 import sys
 
@@ -132,39 +134,40 @@ def main(args) -> int:
                                observers=observers, checkpoint=ckpt)
             for w in caught[:1]:
                 print(f"embgeom text: warning: {w.message}", file=sys.stderr)
-            result.model = args.model or DEFAULT_MODEL
-            report = result.to_dict()
-            if extras.observers:
-                with prog.phase("head measures"):
-                    report.update(extras.report(result))
-                    extras.add_context(report)
-            if selection is not None:
-                report["correct_only"] = selection
-            if split is not None:
-                with prog.phase("per-label metrics"):
-                    report["by_label"] = split.result()
-            if class_maps is not None:
-                with prog.phase("class-mean maps' entropies"):  # (L, H) eigenvalue problems per label
-                    report["class_maps"] = {**class_maps.result(), "theta": args.theta}
-                class_maps.write(os.path.join(out, CLASS_MAPS_FILE))
-            if pairs is not None:
-                if ckpt is not None:
-                    pairs_ckpt = pairs_checkpoint(args, ckpt)
-                with prog.phase("[CLS] difference vectors"):
-                    report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
-                                                          max_length=args.max_length, keep=True,
-                                                          checkpoint=pairs_ckpt)
-            report["provenance"] = prov.record()  # the footer of the scatter pages finish() writes
-            with prog.phase("kept vectors (groups, trajectories)"):
-                extra = finish(args, out, keeper, report, pairs, labels,
-                               lambda: texts if texts is not None else list(read_lines(args.corpus, "CORPUS")))
+            with ckpt.blamed(bool(ckpt.resumed_texts)) if ckpt is not None else contextlib.nullcontext():
+                result.model = args.model or DEFAULT_MODEL
+                report = result.to_dict()
+                if extras.observers:
+                    with prog.phase("head measures"):
+                        report.update(extras.report(result))
+                        extras.add_context(report)
+                if selection is not None:
+                    report["correct_only"] = selection
+                if split is not None:
+                    with prog.phase("per-label metrics"):
+                        report["by_label"] = split.result()
                 if class_maps is not None:
-                    extra.append(class_maps_section(out, report["class_maps"], class_maps.means(), args.theta))
-            def page():
-                extras.write_files(out)
-                write_report(out, result, report, extra)
+                    with prog.phase("class-mean maps' entropies"):  # (L, H) eigenvalue problems per label
+                        report["class_maps"] = {**class_maps.result(), "theta": args.theta}
+                    class_maps.write(os.path.join(out, CLASS_MAPS_FILE))
+                if pairs is not None:
+                    if ckpt is not None:
+                        pairs_ckpt = pairs_checkpoint(args, ckpt)
+                    with prog.phase("[CLS] difference vectors"):
+                        report["cls_pairs"] = cls_differences(model, tokenizer, pairs, batch_size=args.batch_size,
+                                                              max_length=args.max_length, keep=True,
+                                                              checkpoint=pairs_ckpt)
+                report["provenance"] = prov.record()  # the footer of the scatter pages finish() writes
+                with prog.phase("kept vectors (groups, trajectories)"):
+                    extra = finish(args, out, keeper, report, pairs, labels,
+                                   lambda: texts if texts is not None else list(read_lines(args.corpus, "CORPUS")))
+                    if class_maps is not None:
+                        extra.append(class_maps_section(out, report["class_maps"], class_maps.means(), args.theta))
+                def page():
+                    extras.write_files(out)
+                    write_report(out, result, report, extra)
 
-            finish_report(out, report, prov, prog, page)
+                finish_report(out, report, prov, prog, page)
     finally:
         for held in (ckpt, pairs_ckpt):
             if held is not None:

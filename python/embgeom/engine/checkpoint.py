@@ -163,6 +163,11 @@ class Resumable:
             raise ValueError(f"{name}: fields {', '.join(missing)} missing")
         for key, value in saved.items():
             setattr(self, key, restore_value(live[key], value, f"{name}.{key}"))
+        self.check_restored()
+
+    def check_restored(self) -> None:
+        """ValueError when the restored fields do not fit together (a subclass checks what its
+        free-form fields must hold: lists of samples, their ids)."""
 
 
 def _plain(v):
@@ -186,6 +191,26 @@ def _kind(v) -> str:
         if isinstance(v, t):
             return "object" if t in (Resumable, SavedObject) else t.__name__
     return type(v).__name__
+
+
+def check_samples(samples, limit: int, seen: int, name: str, keys: tuple[str, ...]) -> None:
+    """ValueError unless `samples` (kept maps of some texts) are at most `limit` dicts with the
+    keys `keys`, each of a text id "text" below `seen`, ids in increasing order (a crafted file's
+    ids reached report.html and file names)."""
+    if not isinstance(samples, list) or len(samples) > limit:
+        raise ValueError(f"{name}: {len(samples) if isinstance(samples, list) else 'no list of'} samples, "
+                         f"this run keeps at most {limit}")
+    last = -1
+    for sm in samples:
+        if not isinstance(sm, dict) or set(sm) != set(keys) or not _is_int(sm["text"]) \
+                or not last < sm["text"] < seen:
+            what = f"text {_short(sm.get('text'))}" if isinstance(sm, dict) else type(sm).__name__
+            raise ValueError(f"{name}: a sample is not the map of a text seen ({what}, {seen} texts seen)")
+        last = sm["text"]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 class SavedObject:
@@ -315,6 +340,13 @@ def restore_value(live: Any, saved: Any, where: str) -> Any:
         return live
     if live is not None and saved is not None and _kind(live) != _kind(saved):
         raise ValueError(f"{where}: a {_kind(saved)} saved, this run has a {_kind(live)}")
+    if saved is None and live is not None and not isinstance(live, (dict, list)):
+        raise ValueError(f"{where}: nothing saved, this run has a {_kind(live)}")
+    if _is_int(live) and not _is_int(saved) and saved is not None:
+        raise ValueError(f"{where}: {_short(saved)} saved, this run counts in integers")
+    if _is_int(live) and live >= 0 and saved < 0:
+        # (a fresh object's counts start at 0 and only grow)
+        raise ValueError(f"{where}: {saved} saved, a count is never negative")
     if isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor):
         if saved.shape != live.shape or saved.dtype != live.dtype:
             raise ValueError(f"{where}: {saved.dtype} {list(saved.shape)} saved, this run has "

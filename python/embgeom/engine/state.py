@@ -431,6 +431,16 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
         refuse(f"count {saved.count} is more than its {saved.tiles_done} finished tiles hold")
     if saved.count and not (math.isfinite(saved.mean) and math.isfinite(saved.m2) and saved.m2 >= 0):
         refuse("the moments must be finite, m2 >= 0")
+    if saved.outside_count > tile_pairs(0, int(saved.tiles_done)):
+        refuse(f"outside_count {saved.outside_count} is more than its {saved.tiles_done} finished tiles hold")
+    if not (math.isfinite(float(saved.hist_error_bound)) and float(saved.hist_error_bound) >= 0):
+        refuse(f"hist_error_bound must be finite and >= 0, got {saved.hist_error_bound!r}")
+    # a cosine is within [-1, 1] (its float32 rounding a little past): a crafted 5.0 had been reported
+    bound = 1.0 + 1e-3 if cfg.metric == "cosine" else math.inf
+
+    def in_range(v) -> bool:
+        v = np.asarray(v, dtype=np.float64)
+        return bool(np.all(np.abs(v[np.isfinite(v)]) <= bound))
 
     def same_shape(name):
         a, b = getattr(saved, name), getattr(fresh, name)
@@ -457,11 +467,14 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
             refuse(f"{kind}: values, rows and columns must be three lists of one length")
         if v.size > max(0, limits.get(kind, 0)):
             refuse(f"{kind}: {v.size} pairs, this run lists at most {max(0, limits.get(kind, 0))}")
-        if v.size and not (np.isfinite(v).all() and pair_ok(i, j)):
-            refuse(f"{kind}: a pair outside this run's rows and columns (or a value not finite)")
+        if v.size and not (np.isfinite(v).all() and pair_ok(i, j) and in_range(v)):
+            refuse(f"{kind}: a pair outside this run's rows and columns (or a value not finite or out of range)")
+        if v.size and np.unique(np.stack([i, j]), axis=1).shape[1] != v.size:
+            refuse(f"{kind}: a pair listed twice")
     for name in ("min", "max"):
         e = getattr(saved, name)
-        if e is not None and not (len(e) == 3 and math.isfinite(float(e[0])) and pair_ok(int(e[1]), int(e[2]))):
+        if e is not None and not (len(e) == 3 and math.isfinite(float(e[0])) and in_range(e[0])
+                                  and pair_ok(int(e[1]), int(e[2]))):
             refuse(f"{name}: not a pair of this run")
     for name in ("row_top", "row_bottom"):
         a, b = getattr(saved, name), getattr(fresh, name)
@@ -472,9 +485,21 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
         vals, idx = np.asarray(a[0]), np.asarray(a[1])
         if vals.shape != b[0].shape or idx.shape != b[1].shape:
             refuse(f"{name} must be {b[0].shape} arrays, got {vals.shape} and {idx.shape}")
-        if idx.size and (idx.min() < -1 or idx.max() >= cols or not np.isfinite(vals[idx >= 0]).all()):
-            refuse(f"{name}: a column outside this run's {cols} (or a value not finite)")
+        if idx.size and (idx.min() < -1 or idx.max() >= cols or not np.isfinite(vals[idx >= 0]).all()
+                         or not in_range(vals[idx >= 0])):
+            refuse(f"{name}: a column outside this run's {cols} (or a value not finite or out of range)")
+        if idx.ndim == 2 and idx.size:
+            if m is None and bool((idx == np.arange(idx.shape[0])[:, None]).any()):
+                refuse(f"{name}: a row listed as its own neighbour")
+            ordered = np.sort(np.where(idx >= 0, idx, -1 - np.arange(idx.shape[1])[None, :]), axis=1)
+            if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+                refuse(f"{name}: a column listed twice in one row")
     for name, size in (("excluded_rows", n), ("excluded_cols", cols)):
         e = np.asarray(getattr(saved, name))
         if e.size and (e.min() < 0 or e.max() >= size):
             refuse(f"{name}: an index outside 0..{size - 1}")
+        if np.unique(e).size != e.size:
+            refuse(f"{name}: an index listed twice")
+        known = np.asarray(getattr(fresh, name))
+        if known.size and not np.array_equal(np.sort(e), np.sort(known)):
+            refuse(f"{name}: {e.size} saved, this run's input has {known.size}")

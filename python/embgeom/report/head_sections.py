@@ -371,16 +371,17 @@ def context_maps_section(out_dir: str, cs: dict, max_tokens: int = 64):
         scale = np.abs(m).max() if m.size else 1.0
         return m / (scale if scale > 0 else 1.0)
 
-    for k in maps["text_ids"]:
+    text_ids = [int(k) for k in maps["text_ids"]]  # (numbers only: they name files and go into the page)
+    for k in text_ids:
         S = data[f"text{k}_S"][..., :max_tokens, :max_tokens].astype(float)
         pngs.append(_head_grid(out_dir, f"context_maps_{k}", S, scaled, dict(cmap="RdBu_r", vmin=-1, vmax=1),
                                ("token j", "token i"), "S[i, j] / max |S| of the head",
                                title=f"text {k}: S = O O\u1d40 per layer and head"))
-    ids = ", ".join(str(k) for k in maps["text_ids"])
+    ids = ", ".join(str(k) for k in text_ids)
     # (headings are escaped text: the transpose as a Unicode superscript, not <sup>)
     return ("Context similarity maps S = O O\u1d40 per head (arXiv 2512.21956)",
             f"<p>Texts {ids} (0-based; real tokens, at most {max_tokens} drawn); "
-            f"{maps['file']} holds every map (text<i>k</i>_S: layer, head, i, j; text<i>k</i>_tokens).</p>",
+            f"{html.escape(maps['file'])} holds every map (text<i>k</i>_S: layer, head, i, j; text<i>k</i>_tokens).</p>",
             pngs)
 
 

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ...engine.checkpoint import Resumable
+from ...engine.checkpoint import Resumable, check_samples
 
 JS_SMOOTHING = 0.001          # Clark head_distances.py: P = 0.999 A + 0.001 / n
 ENTROPY_SMOOTHING = 0.0001    # Clark General_Analysis: A' = 0.9999 A + 0.0001 / n
@@ -323,6 +323,11 @@ class HeadsAccumulator(Resumable):
         t = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + t - t0
         return t
+
+    def check_restored(self) -> None:
+        check_samples(self.samples, self.sample_maps,
+                      self.seen if self.text_ids is None else max(self.text_ids, default=-1) + 1,
+                      "HeadsAccumulator.samples", ("text", "ids", "maps"))
 
     def update(self, b) -> None:
         s, H = self.s, self.H

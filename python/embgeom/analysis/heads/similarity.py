@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ...engine.checkpoint import Resumable
+from ...engine.checkpoint import Resumable, check_samples
 from ..text.attention import sentence_index
 from ..text.trace import sentence_tables
 
@@ -108,6 +108,10 @@ class SimilarityAccumulator(Resumable):
         self.tokens = 0
         self.samples: list[dict] = []
         self.seconds: dict[str, float] = {}
+
+    def check_restored(self) -> None:
+        check_samples(self.samples, self.maps, self.seen if self.text_ids is None else max(self.text_ids, default=-1) + 1,
+                      "SimilarityAccumulator.samples", ("text", "tokens", "maps"))
 
     def update(self, b) -> None:
         t0 = time.perf_counter()

@@ -74,6 +74,21 @@ class BatchCheckpoint(RunCheckpoint):
                              "pass another path") from None
 
 
+    @contextlib.contextmanager
+    def blamed(self, resumed: bool) -> Iterator[None]:
+        """Around the results of a run resumed from PATH: an error no state the run saved can
+        cause (a division by a count of 0, an index past a list: sums of a crafted file that
+        do not fit together) as one line naming PATH."""
+        try:
+            yield
+        except (ArithmeticError, LookupError, AttributeError, TypeError, RuntimeError) as exc:
+            if not resumed:
+                raise
+            why = (str(exc).strip().splitlines() or [""])[0]
+            raise ValueError(f"checkpoint: {self.path}: the run resumed from it failed ({type(exc).__name__}: "
+                             f"{why}); the sums it held do not fit together: delete it and rerun") from None
+
+
 class TraceCheckpoint(BatchCheckpoint):
     """The checkpoint of one corpus run. identity: what the fingerprint hashes (for_trace builds
     it); extra: plain JSON values the command keeps beside the sums (e.g. --correct-only's

@@ -932,14 +932,15 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     finally:
         if own:
             ckpt.close()
-    result = acc.result(tokenizer, seconds=before + ran)
-    if extras is not None:
-        t0 = time.perf_counter()
-        with prog.phase("head measures"):
-            blocks = extras.report(result)
-        result.attention_heads = blocks.get("attention_heads")
-        result.gaussianity = blocks.get("gaussianity")
-        result.seconds += time.perf_counter() - t0
+    with ckpt.blamed(ckpt.resumed_texts > 0) if ckpt is not None else contextlib.nullcontext():
+        result = acc.result(tokenizer, seconds=before + ran)
+        if extras is not None:
+            t0 = time.perf_counter()
+            with prog.phase("head measures"):
+                blocks = extras.report(result)
+            result.attention_heads = blocks.get("attention_heads")
+            result.gaussianity = blocks.get("gaussianity")
+            result.seconds += time.perf_counter() - t0
     return result
 
 
