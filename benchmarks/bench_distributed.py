@@ -4,7 +4,7 @@
 
 One process uses every core (OMP_NUM_THREADS = cores); each of the R ranks uses cores / R, so
 the comparison shows the cost of the split and the merge, not extra hardware. Appends rows
-(provider `embgeom-<backend>-1rank` / `-2ranks`) to benchmarks/results/cpu.csv.
+(provider `embgeom-<backend>-1rank` / `-2rank`) to benchmarks/results/cpu.csv.
 """
 from __future__ import annotations
 

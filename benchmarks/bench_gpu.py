@@ -369,7 +369,7 @@ def main(argv=None) -> int:
         if not args.no_csv:  # written now: a step killed later keeps what it measured
             common.append_rows(args.csv, [row])
         print(f"  {metric:18} {provider:14} n={n:<8} d={d:<4} {dtype:5} {t['median_ms']:10.2f} ms"
-              f"  {row.get('tflops', '')} TFLOP/s  {row.get('roofline_pct', '')}%  peak {peak_mb:.0f} MB", flush=True)
+              f"  {row.get('tflops', '')} TFLOP/s  {row.get('roofline_pct', '')}%  peak {peak_mb:.0f} MiB", flush=True)
 
     for n in args.n:
         for d in args.d:

@@ -245,7 +245,7 @@ def pairs_bench(args, threads, rows):
         ok = r["planted_found"] == r["planted"] and (r["min_similarity"] is None or r["min_similarity"] >= args.threshold)
         print(f"pairs >= {args.threshold} on {args.pairs_n:,} x {args.d} ({args.dups:,} planted): {prov} "
               f"{r['seconds']:.2f} s, {r['count']:,} pairs, planted found {r['planted_found']}/{r['planted']}, "
-              f"min similarity {r['min_similarity']}, peak {r['peak_mb']:.0f} MB {'OK' if ok else 'CHECK FAILED'}")
+              f"min similarity {r['min_similarity']}, peak {r['peak_mb']:.0f} MiB {'OK' if ok else 'CHECK FAILED'}")
         rows.append({"metric": f"pairs_above_{args.threshold}", "provider": prov, "n": args.pairs_n, "m": args.dups,
                      "d": args.d, "dtype": "float32", "device": f"cpu {cpu_device()}", "threads": threads,
                      "median_ms": r["seconds"] * 1e3, "peak_mb": round(r["peak_mb"]),

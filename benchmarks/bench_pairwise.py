@@ -1,6 +1,6 @@
 """pytest-benchmark groups for all-pairs statistics at a size that runs in seconds.
 
-    .venv/bin/python -m pytest benchmarks/bench_pairwise.py --benchmark-group-by=param:n -p no:cacheprovider
+    .venv/bin/python -m pytest benchmarks/bench_pairwise.py --benchmark-group-by=param:data -p no:cacheprovider
 
 The full-size comparison with the CSV row per provider is benchmarks/compare.py.
 """

@@ -206,7 +206,7 @@ def projection(args) -> None:
         r = results[provider]
         extra = f" (graph {r['knn_seconds']:.1f} s)" if r.get("knn_seconds") else ""
         rec = f", recall of its graph {r['recall']:.4f}" if "recall" in r else ""
-        print(f"{provider:14s} {r['seconds']:8.1f} s{extra}, peak {r['peak_mb']:.0f} MB{rec}", flush=True)
+        print(f"{provider:14s} {r['seconds']:8.1f} s{extra}, peak {r['peak_mb']:.0f} MiB{rec}", flush=True)
     n, d = results[args.providers[0]]["n"], results[args.providers[0]]["d"]
     # quality after every timed run: one sample of rows for all layouts
     rows = np.sort(np.random.default_rng(0).choice(n, size=min(QUALITY_ROWS, n), replace=False))

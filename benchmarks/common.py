@@ -34,7 +34,8 @@ def timeit(fn, repeats: int = 3, warmup: int = 1) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process so far in MiB (2^20 bytes; Linux reports KiB): the
+    CSV column peak_mb and the scripts' "MiB" hold this."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -10,7 +10,7 @@ supports (EMBGEOM_CPU=avx512|avx2|generic, see `python -m embgeom.info`), each i
 subprocess. Each path is held against baselines on that path's own OpenBLAS kernel family, as a
 host of that class runs them: numpy and sklearn (OpenBLAS sgemm) on the native AVX-512 path with
 both OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset together (OpenBLAS's own AVX-512 kernels), on
-the AVX2 path with OPENBLAS_CORETYPE=Haswell, on the generic path with Prescott ("numpy-matmul@avx2").
+the AVX2 path with OPENBLAS_CORETYPE=Haswell, on the generic path with Prescott ("numpy-matmul@generic").
 FAISS runs once with the environment's pins kept (its bundled OpenBLAS misdetects newer CPUs
 without them). --keep-coretype keeps the environment's pins for every run. Ratios, the `fast`
 / exact ratio, the statistics' cost over the bare product of the same schedule
@@ -348,7 +348,7 @@ def main() -> int:
             results[key] = row
             rows.append(row)
             print(f"  {key:28} {row['median_ms'] / 1e3:8.2f} s  {row['pairs_per_s'] / 1e6:9.1f} Mpairs/s  "
-                  f"{row['tflops'] * 1e3:7.1f} GFLOP/s  peak {row['peak_mb']:7.0f} MB  ({PROVIDERS[provider][0]})")
+                  f"{row['tflops'] * 1e3:7.1f} GFLOP/s  peak {row['peak_mb']:7.0f} MiB  ({PROVIDERS[provider][0]})")
         for lv in levels:
             print(f"  -- path {lv} (baselines: {row_pins(lv, args.keep_coretype)})")
             seconds = {p: results[f"{p}@{lv}"]["median_ms"] / 1e3 for p in OURS + BLAS_BASELINES
