@@ -1,8 +1,11 @@
 """Checks of an all-pairs result that need no N x N matrix (a 1M-row run has 5.5e11 pairs):
 a float64 recheck of the reported top/bottom pairs, of a random sample of rows' lists against
 those rows' exact values over every column, and the counts (histogram total = count =
-unique valid pairs). Used by benchmarks/bench_gpu.py (and so benchmarks/gpu_check.sh); definitions
-in docs/metrics.md.
+unique valid pairs). Used by benchmarks/bench_gpu.py (and so benchmarks/gpu_check.sh) and
+benchmarks/compare.py; definitions in docs/metrics.md. The sampled rows' lists are checked
+complete (each rank's value against the row's exact ones); the global top/bottom lists only for
+their values and order: that no unlisted pair beats them needs every pair (the tests check it on
+small inputs against float64 brute force).
 """
 from __future__ import annotations
 
