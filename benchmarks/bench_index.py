@@ -338,6 +338,9 @@ def main(argv=None) -> int:
                               ("dups", 10_000, 200), ("repeats", 5, 2)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    if args.path == "host" and os.environ.get("EMBGEOM_CPU"):
+        # (EMBGEOM_CPU set by hand caps embgeom alone: the rows say so, not "host")
+        args.path = f"EMBGEOM_CPU={os.environ['EMBGEOM_CPU']}"
     args.providers = [s for s in args.providers.split(",") if s]
     args.pairs_providers = [s for s in args.pairs_providers.split(",") if s]
     if args.path == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
