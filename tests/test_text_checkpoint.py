@@ -512,3 +512,17 @@ def test_an_error_after_a_resumed_run_names_the_checkpoint(tiny_bert, tmp_path, 
         trace(model, tok, TEXTS[:4], batch_size=2, checkpoint=ckpt)
     with pytest.raises(ZeroDivisionError):  # a run that resumed nothing: the error as it is
         trace(model, tok, TEXTS[:4], batch_size=2, checkpoint=str(tmp_path / "fresh"))
+
+
+def test_restored_counts_must_fit_the_corpus_and_each_other(tiny_bert):
+    # texts done past the corpus had ended the run at once, reporting them; tokens that do not fit
+    # the texts (none beside finished texts) had divided by zero
+    model, tok = tiny_bert
+    with pytest.raises(ValueError, match="a checkpoint counts 100 texts done, this corpus has fewer"):
+        next(trace_module.iter_batches(model, tok, TEXTS, batch_size=4, max_length=32, skip=100))
+    acc = trace_module.TraceAccumulator(2, 4, 32, 60, "cpu")
+    acc.n_texts, acc.n_tokens = 4, 0
+    with pytest.raises(ValueError, match="0 tokens and 0 truncated in 4 texts of at most 32"):
+        acc.check_restored()
+    acc.n_tokens = 40
+    acc.check_restored()

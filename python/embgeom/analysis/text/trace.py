@@ -364,7 +364,11 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
     handles = [m.register_forward_hook(hook) for m in denses]
     try:
         with eval_mode(model):  # (dropout off for the passes, the model's own mode after)
-            for chunk in _chunks(itertools.islice(_texts(texts), skip, None), batch_size):
+            source = _texts(texts)
+            if skip and sum(1 for _ in itertools.islice(source, skip)) < skip:
+                # (a resumed run's count past the corpus: the run had ended at once, reporting it)
+                raise ValueError(f"texts: a checkpoint counts {skip:,} texts done, this corpus has fewer")
+            for chunk in _chunks(source, batch_size):
                 # long texts are cut here (so that they can be counted), pairs from the longer side
                 enc, truncated = encode(tokenizer, chunk, limit, done)
                 done += len(chunk)
@@ -659,6 +663,13 @@ class TraceAccumulator(Resumable):
             "targets_text": z(len(attention.TARGETS), L, H), "texts_other": z(()),
         }
         self._ws: dict = {}     # reusable scratch buffers (no page faults per batch)
+
+    def check_restored(self) -> None:
+        # each text holds at least one token and at most max_len: counts of a crafted file that
+        # do not fit (no tokens beside finished texts had divided by zero)
+        if not self.n_texts <= self.n_tokens <= self.n_texts * self.max_len or self.truncated > self.n_texts:
+            raise ValueError(f"TraceAccumulator: {self.n_tokens} tokens and {self.truncated} truncated in "
+                             f"{self.n_texts} texts of at most {self.max_len}")
 
     @staticmethod
     def _cone_sum(xs: list[torch.Tensor], mask: torch.Tensor, groups: tuple[int, ...]):
