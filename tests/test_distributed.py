@@ -161,6 +161,30 @@ def test_a_rank_checkpoint_that_is_not_this_ranks_is_refused():
             _checked_rank_state(saved, "c.rank0", cfg, 30, [1, 4, 6])
 
 
+def test_a_rank_state_must_count_the_pairs_of_its_finished_jobs():
+    """A crafted list of finished jobs (its checksum made anew) beside a state had counted a job
+    twice (done emptied, the state kept) or skipped jobs whose pairs the state lacks."""
+    from embgeom.distributed import _check_done_pairs
+    from embgeom.engine.config import make_config
+    from embgeom.engine.state import EngineState
+    from embgeom.distributed import group_bounds, plan_jobs
+
+    x = make_embeddings(30, 6, seed=2)
+    x[4] = 0  # a zero row: its pairs are left out under cosine
+    cfg = make_config(bins=20)
+    bounds, jobs = group_bounds(30, 3), plan_jobs(30, 3)
+    rows = lambda a, b: x[a:b]  # noqa: E731
+    sizes = [b - a for a, b in bounds]
+    valid = [s - (a <= 4 < b) for s, (a, b) in zip(sizes, bounds)]
+    pairs = [valid[g] * (valid[g] - 1) // 2 if g == h else valid[g] * valid[h] for g, h, _ in jobs]
+    state = EngineState.empty(cfg, 30, None)
+    state.count = pairs[0]
+    _check_done_pairs(state, [0], jobs, bounds, rows, cfg, "c.rank0")
+    for done in ([], [0, 1]):
+        with pytest.raises(ValueError, match="checkpoint: c.rank0: its state counts"):
+            _check_done_pairs(state, done, jobs, bounds, rows, cfg, "c.rank0")
+
+
 def test_ranks_that_disagree_are_refused_naming_what_differs():
     """Every rank compares its shape, dtype, options and a sample of rows with the others' before
     any work: ranks given other files or options had merged their parts silently (exit 0)."""

@@ -101,6 +101,29 @@ def _checked_rank_state(saved, ckpt: str, cfg: PairwiseConfig, n: int, mine: lis
     return state, list(done)
 
 
+def _check_done_pairs(state, done: list[int], jobs, bounds, rows, cfg: PairwiseConfig, ckpt: str) -> None:
+    """ValueError unless the state's pair count is that of its finished jobs: the pairs of their
+    row groups less those of rows a cosine leaves out (zero rows). A crafted list of finished jobs
+    (its sha256 recomputed) had counted a job twice or skipped jobs whose pairs were missing."""
+    valid = {}
+
+    def valid_rows(g: int) -> int:
+        if g not in valid:
+            a, b = bounds[g]
+            part = rows(a, b)
+            valid[g] = int((part.double().norm(dim=1) > 0).sum()) if cfg.metric == "cosine" else b - a
+        return valid[g]
+
+    want = 0
+    for job in done:
+        g, h, _ = jobs[job]
+        vg = valid_rows(g)
+        want += vg * (vg - 1) // 2 if g == h else vg * valid_rows(h)
+    if state.count != want:
+        raise ValueError(f"checkpoint: {ckpt}: its state counts {state.count:,} pairs, its {len(done)} finished "
+                         f"jobs hold {want:,}; delete it or pass another path")
+
+
 def _init_process_group(timeout_s: float):
     import torch.distributed as dist
 
@@ -228,6 +251,7 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
         saved = load_checkpoint(ckpt, fp)
         if saved is not None:
             state, done = _checked_rank_state(saved, ckpt, cfg, n, mine)
+            _check_done_pairs(state, done, jobs, bounds, rows, cfg, ckpt)
             if progress:
                 print(f"embgeom pairs [rank {rank}]: resuming from {ckpt}: {len(done)} of {len(mine)} jobs done", file=sys.stderr, flush=True)
     for job in mine:
