@@ -260,6 +260,9 @@ def _crafted(name):
         "own neighbour": (row_own, "row_top: a row listed as its own neighbour"),
         "excluded twice": (lambda st: setattr(st, "excluded_rows", np.array([3, 3], np.int64)), "excluded_rows: an index listed twice"),
         "count too small": (lambda st: (setattr(st, "count", 0), setattr(st, "hist", st.hist * 0)), "count 0 is less than"),
+        "shifted sums": (lambda st: setattr(st, "shifted_sumsq", -1e6) if math.isfinite(st.shifted_sumsq)
+                         else (setattr(st, "moment_shift", 0.0), setattr(st, "shifted_sum", 1e308),
+                               setattr(st, "shifted_sumsq", 1.0)), "shifted sums"),
     }[name]
 
 
@@ -267,7 +270,7 @@ def _crafted(name):
 @pytest.mark.parametrize("change", ["diagonal pair", "reversed pair", "far pair", "short histogram", "tiles_done -1",
                                     "tiles_done 2^70", "count too large", "row neighbour 10^9", "long list",
                                     "outside 2^70", "error bound NaN", "cosine 5", "pair twice", "own neighbour",
-                                    "excluded twice", "count too small"])
+                                    "excluded twice", "count too small", "shifted sums"])
 def test_a_crafted_state_that_does_not_fit_is_refused(tmp_path, monkeypatch, backend, change):
     """A state that no run of these settings writes (its checksum made anew, as a crafted file's
     would be) is refused with one line on every backend, before any engine takes it: the torch

@@ -437,6 +437,16 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
         + max(np.asarray(fresh.excluded_cols).size, np.asarray(saved.excluded_cols).size)
     if num_tiles is not None and saved.count < held - left_out * max(n, cols):
         refuse(f"count {saved.count} is less than its {saved.tiles_done} finished tiles hold ({held})")
+    shifted = (saved.moment_shift, saved.shifted_sum, saved.shifted_sumsq)
+    if any(math.isfinite(float(v)) for v in shifted):
+        # the engines resume from these sums, not from (mean, m2): they must be the same moments
+        # (a crafted shifted_sumsq of -1e6 had given a std of 0 beside a valid m2)
+        if not all(math.isfinite(float(v)) for v in shifted) or saved.shifted_sumsq < 0:
+            refuse("the shifted sums must be finite, their squares' sum >= 0")
+        _, mean, m2 = moments_from_shifted(int(saved.count), *map(float, shifted))
+        scale = abs(float(saved.mean)) + abs(float(saved.moment_shift)) + 1.0
+        if abs(mean - saved.mean) > 1e-9 * scale or abs(m2 - saved.m2) > 1e-9 * (abs(float(saved.m2)) + scale ** 2):
+            refuse("the shifted sums are not those of mean and m2")
     if saved.count and not (math.isfinite(saved.mean) and math.isfinite(saved.m2) and saved.m2 >= 0):
         refuse("the moments must be finite, m2 >= 0")
     if saved.outside_count > tile_pairs(0, int(saved.tiles_done)):
