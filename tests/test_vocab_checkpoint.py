@@ -92,5 +92,20 @@ def test_other_seed_model_or_options_are_refused(tiny_bert_dir, tiny_bert, tmp_p
     saved.close()
     assert main([*common, "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
-    assert "does not fit this run (layout 'words_umap': embedding: expected float32" in err
+    assert "does not fit this run (layout 'words_umap': embedding: expected finite float32" in err
     assert len(err.strip().splitlines()) == 1
+    # fields of a crafted file that the report would have shown as they were, or failed on
+    import numpy as np
+
+    from embgeom.analysis.vocab.layouts import FIELDS, _projection
+
+    good = {f: getattr(pr, f) for f in FIELDS}
+    good["embedding"] = np.zeros((pr.n, 2), np.float32)  # (the one cut above)
+    _projection("words_umap", good)
+    for change, match in [({"k": 999}, "indices"), ({"metric": "zzz"}, "metric 'zzz'"), ({"d": -1}, "d -1"),
+                          ({"perplexity": "abc"}, "perplexity 'abc'"),
+                          ({"indices": np.full_like(pr.indices, 999)}, "indices"),
+                          ({"explained_variance": [0.5, 0.2]}, "explained_variance"),
+                          ({"silhouette": {"original": 7.0}}, "silhouette")]:
+        with pytest.raises(ValueError, match=match):
+            _projection("words_umap", {**good, **change})

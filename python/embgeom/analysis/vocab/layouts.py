@@ -10,6 +10,7 @@ that draw the layouts (umap-learn, openTSNE, numba)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -46,12 +47,14 @@ class LayoutCheckpoint(RunCheckpoint):
                                  "delete it or pass another path") from None
         self.resumed = [k for k in LAYOUTS if k in self.layouts]
 
-    def get(self, key: str, rows: int) -> Projection | None:
-        """The saved layout `key` of `rows` points, None when it is not saved yet."""
+    def get(self, key: str, rows: int, dims: int, seed: int) -> Projection | None:
+        """The saved layout `key` of `rows` points of `dims` dimensions drawn with `seed`, None
+        when it is not saved yet."""
         pr = self.layouts.get(key)
-        if pr is not None and pr.n != rows:
-            raise ValueError(f"checkpoint: {self.path} does not fit this run (layout {key!r} has {pr.n} points, "
-                             f"this run {rows}); delete it or pass another path")
+        if pr is not None and (pr.n, pr.d, pr.seed) != (rows, dims, seed):
+            raise ValueError(f"checkpoint: {self.path} does not fit this run (layout {key!r} has {pr.n} points of "
+                             f"{pr.d} dimensions, seed {pr.seed}; this run {rows}, {dims}, {seed}); delete it or "
+                             "pass another path")
         return pr
 
     def keep(self, key: str, pr: Projection) -> None:
@@ -85,21 +88,40 @@ def _projection(key, fields) -> Projection:
         raise ValueError("n, d, k and seed must be ints")
     if f["method"] != key.rsplit("_", 1)[1]:
         raise ValueError(f"method {f['method']!r}")
+    if f["d"] < 1 or f["k"] < 1 or f["metric"] not in ("cosine", "euclidean"):
+        raise ValueError(f"d {f['d']!r}, k {f['k']!r}, metric {f['metric']!r}")
     emb = f["embedding"]
-    if not isinstance(emb, np.ndarray) or emb.dtype != np.float32 or emb.shape != (n, 2):
-        raise ValueError(f"embedding: expected float32 ({n}, 2)")
-    for name in ("indices", "similarities"):
-        a = f[name]
-        if not isinstance(a, np.ndarray) or a.ndim != 2 or a.shape[0] != n or a.dtype.kind not in "if":
-            raise ValueError(f"{name}: expected a numeric ({n}, k) array")
+    if not isinstance(emb, np.ndarray) or emb.dtype != np.float32 or emb.shape != (n, 2) \
+            or not np.isfinite(emb).all():
+        raise ValueError(f"embedding: expected finite float32 ({n}, 2)")
+    # the exact graph: k neighbours of each point, ids of the other points, finite values
+    idx, sims = f["indices"], f["similarities"]
+    if not isinstance(idx, np.ndarray) or idx.dtype.kind != "i" or idx.shape != (n, f["k"]) \
+            or (idx.size and (idx.min() < 0 or idx.max() >= n or (idx == np.arange(n)[:, None]).any())):
+        raise ValueError(f"indices: expected the ids of other points, ({n}, {f['k']}) integers")
+    if not isinstance(sims, np.ndarray) or sims.dtype.kind != "f" or sims.shape != idx.shape \
+            or not np.isfinite(sims).all():
+        raise ValueError(f"similarities: expected finite ({n}, {f['k']}) values")
+    if f["distances"] is not None and (not isinstance(f["distances"], np.ndarray) or f["distances"].shape != idx.shape):
+        raise ValueError("distances: expected None or the graph's shape")
+    if f["explained_variance"] is not None and not isinstance(f["explained_variance"], np.ndarray):
+        raise ValueError("explained_variance: expected None or an array")
+    if f["pca_curves"] is not None and not isinstance(f["pca_curves"], dict):
+        raise ValueError("pca_curves: expected None or a dict")
+    p = f["perplexity"]
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p <= 0):
+        raise ValueError(f"perplexity {p!r}")
     for name in ("seconds", "knn_seconds"):
-        if isinstance(f[name], bool) or not isinstance(f[name], (int, float)):
+        if isinstance(f[name], bool) or not isinstance(f[name], (int, float)) or not 0 <= f[name] < 1e9:
             raise ValueError(f"{name}: expected seconds")
     if not isinstance(f["notes"], list) or not all(isinstance(s, str) for s in f["notes"]):
         raise ValueError("notes: expected strings")
     if f["labels"] is not None and (not isinstance(f["labels"], list) or len(f["labels"]) != n
                                     or not all(isinstance(s, str) for s in f["labels"])):
         raise ValueError(f"labels: expected {n} strings")
-    if f["silhouette"] is not None and not isinstance(f["silhouette"], dict):
-        raise ValueError("silhouette: expected a dict")
+    s = f["silhouette"]
+    if s is not None and (not isinstance(s, dict) or not all(
+            isinstance(k, str) and (v is None or (isinstance(v, float) and (math.isnan(v) or -1 <= v <= 1)))
+            for k, v in s.items())):
+        raise ValueError("silhouette: expected {name: a value in [-1, 1]}")
     return Projection(**fields)

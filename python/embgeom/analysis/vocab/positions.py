@@ -221,7 +221,7 @@ def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0, progress=F
              list(range(a, a + pos.shape[0])))):
         for method in ("umap", "tsne"):
             key = f"{name}_{method}"
-            pr = layouts.get(key, x.shape[0]) if layouts is not None else None
+            pr = layouts.get(key, x.shape[0], x.shape[1], seed) if layouts is not None else None
             if pr is None:
                 pr = clouds.project(x.cpu().numpy(), method=method, labels=labels, seed=seed,
                                     progress=_named(progress, name))
