@@ -577,23 +577,16 @@ def test_stored_reads_take_one_snapshot_while_adding(tmp_path):
     x = make_rows(300, 16, seed=10)
     want = Index(x[:200]).search_stored(4)
     index = Index(x[:200])
-    real = index._queries
 
-    def queries_then_add(*args, **kwargs):
-        out = real(*args, **kwargs)
-        if index.ntotal == 200:
-            index.add(x[200:])
-        return out
+    def then_add(real):  # the method, then the add once
+        def wrapped(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if index.ntotal == 200:
+                index.add(x[200:])
+            return out
+        return wrapped
 
-    real_vectors = index.vectors
-
-    def vectors_then_add(*args, **kwargs):
-        out = real_vectors(*args, **kwargs)
-        if index.ntotal == 200:
-            index.add(x[200:])
-        return out
-
-    index._queries, index.vectors = queries_then_add, vectors_then_add
+    index._queries, index.vectors = then_add(index._queries), then_add(index.vectors)
     for got, expected in zip(index.search_stored(4), want):
         assert torch.equal(got, expected)
     index = Index(x[:200])
