@@ -526,3 +526,29 @@ def test_restored_counts_must_fit_the_corpus_and_each_other(tiny_bert):
         acc.check_restored()
     acc.n_tokens = 40
     acc.check_restored()
+
+
+def test_restored_observers_must_fit_the_texts_done(tiny_bert, tmp_path):
+    # a crafted file's extra trajectory texts, per-label counts that misalign labels and texts
+    # (or double a label's means), a class count past its texts: reported as they were
+    from embgeom.analysis.text.keeper import Keeper
+    from embgeom.analysis.text.labelled import ClassMaps, LabelSplit
+
+    model, tok = tiny_bert
+    keeper = Keeper(str(tmp_path), 12, 2, 64, keep_cls=False, trajectories=3, tokenizer=tok)
+    keeper.done, keeper.texts = 4, ["a", "b", "c"]
+    keeper.check_restored()
+    for texts, traj in ((["a", "b", "c", "d", "e"], []), (["a", "b", "c"], [(999, 0, "x", np.zeros((3, 64), np.float32))])):
+        keeper.texts, keeper.traj = texts, traj
+        with pytest.raises(ValueError, match="Keeper: "):
+            keeper.check_restored()
+    split = LabelSplit(LABELS, model, tok, 32)
+    split.rows.done = 4
+    with pytest.raises(ValueError, match="LabelSplit: per-label texts"):
+        split.check_restored()
+    split.acc["x"].n_texts, split.acc["y"].n_texts = 2, 2   # x y x y
+    split.check_restored()
+    maps = ClassMaps(LABELS, 6, 2, 4)
+    maps.rows.done, maps.counts["x"] = 2, 5
+    with pytest.raises(ValueError, match="ClassMaps: counts"):
+        maps.check_restored()

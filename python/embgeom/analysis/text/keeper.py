@@ -87,6 +87,18 @@ class Keeper(Resumable):
         if self.keep_cls and self.done:
             self._open()
 
+    def check_restored(self) -> None:
+        # the trajectories of the first min(done, max_traj) texts, token by token: a crafted
+        # file's extra texts or ids past them had gone into trajectories.npz and the report
+        kept = min(self.done, self.max_traj)
+        if not 0 <= self.done <= self.n or len(self.texts) != kept or not all(isinstance(t, str) for t in self.texts):
+            raise ValueError(f"Keeper: {len(self.texts)} trajectory texts of {self.done} done, this run keeps {kept}")
+        for t in self.traj:
+            if not (isinstance(t, tuple) and len(t) == 4 and type(t[0]) is int and 0 <= t[0] < kept
+                    and type(t[1]) is int and t[1] >= 0 and isinstance(t[2], str)
+                    and isinstance(t[3], np.ndarray) and t[3].shape == self.shape[1:]):
+                raise ValueError("Keeper: a trajectory step that is no token of the texts kept")
+
     def close(self) -> None:
         if self.keep_cls:
             if self.done != self.n:

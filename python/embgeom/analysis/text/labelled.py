@@ -74,6 +74,14 @@ class LabelSplit(Resumable):
         self.tokenizer = tokenizer
         self.seconds: dict[str, float] = {}
 
+    def check_restored(self) -> None:
+        # each label's sums hold exactly that label's texts among those done (a crafted count had
+        # misaligned labels and texts, or doubled a label's means)
+        done = self.rows.labels[:self.rows.done]
+        if self.rows.done > len(self.rows.labels) or any(a.n_texts != done.count(g) for g, a in self.acc.items()):
+            raise ValueError(f"LabelSplit: per-label texts {[a.n_texts for a in self.acc.values()]} are not those of "
+                             f"the {self.rows.done} texts done")
+
     def update(self, b: Batch) -> None:
         import time
 
@@ -115,6 +123,15 @@ class ClassMaps(Resumable):
         self.sums: dict[str, torch.Tensor] = {}
         self.counts = {g: 0 for g in sorted(set(labels))}
         self.seconds: dict[str, float] = {}
+
+    def check_restored(self) -> None:
+        # at most each label's texts done, their map sums of this run's shape
+        done = self.rows.labels[:self.rows.done]
+        if self.rows.done > len(self.rows.labels) or set(self.counts) != set(done) | set(self.counts) \
+                or any(not 0 <= c <= done.count(g) for g, c in self.counts.items()) \
+                or any(g not in self.counts or tuple(s.shape) != (self.L, self.H, self.N, self.N)
+                       or not s.dtype.is_floating_point for g, s in self.sums.items()):
+            raise ValueError(f"ClassMaps: counts {self.counts} or map sums not those of the {self.rows.done} texts done")
 
     def update(self, b: Batch) -> None:
         labs = self.rows.take(b.mask.shape[0])
