@@ -1372,7 +1372,7 @@ def pairs_above(x, threshold: float, out, *, metric: str | None = None, dtype: A
             raise ValueError(f"dtype: x is an Index of dtype {x.dtype}, which applies; got {dtype!r}")
         return x.pairs_above(threshold, out, progress=progress)
     # a temporary index reads x where it lies (memory stays ~ the input plus one score block or
-    # one engine chunk: 1,895 MB peak for a 1,536 MB input of 1,000,000 x 384)
+    # one engine chunk: 1,895 MiB peak for a 1,536 MB input of 1,000,000 x 384)
     with validation.renamed(corpus="x"):
         index = Index(x, metric=metric or "cosine", dtype=torch.float32 if dtype is None else dtype, copy=False)
     return index.pairs_above(threshold, out, progress=progress)

@@ -119,5 +119,5 @@ def main(args) -> int:
     kept = report.get("checkpoint", {}).get("layouts_resumed")
     resumed = f" ({len(kept)} of {len(LAYOUTS)} projection layouts from {args.checkpoint})" if kept else ""
     print(f"embgeom vocab: {fmt(report['tokens_analysed'])} tokens in {seconds(prov.seconds())}{resumed} ({parts}); "
-          f"peak {fmt(round(report['peak_rss_mb']))} MB -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
+          f"peak {fmt(round(report['peak_rss_mb']))} MiB -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0

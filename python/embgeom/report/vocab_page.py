@@ -95,7 +95,7 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
              + ("(all tokens)" if tk["all_tokens"] else
                 f"({tk['special']} special and {tk['unused']} [unusedN] tokens left out; --all-tokens keeps them)")
              + f". {fmt(report['timing']['to_page'], 3)} s up to this page (report.json timing.to_page; "
-             f"timing.total adds the page), peak memory {fmt(round(report['peak_rss_mb']))} MB.</p>")
+             f"timing.total adds the page), peak memory {fmt(round(report['peak_rss_mb']))} MiB.</p>")
     steps = [[k, v] for k, v in report["timing"].items() if k != "to_page"]
     sections = [("Overview", intro + t(["step", "seconds"], steps), [])]
     pairs_body = (f"<p>{fmt(p['count'])} pairs ({defined('pairs')}); mean {defined('cosine')} {fmt(p['mean'])}, "

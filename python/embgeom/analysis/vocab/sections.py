@@ -332,6 +332,7 @@ class PhaseTimer:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB; report.json peak_rss_mb)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
