@@ -54,9 +54,8 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
         dense_tensor(x, name)
         return x.resolve_neg()  # (a view of a conjugate's imaginary part: numpy() refuses it)
     if isinstance(x, np.ndarray):
-        if x.dtype.kind == "f" and not x.dtype.isnative:
-            x = x.astype(x.dtype.newbyteorder("="))  # a .npy written on a big-endian machine
-        if x.dtype == np.float64 or x.dtype == np.float32 or x.dtype == np.float16:
+        # (in either byte order: a .npy written on a big-endian machine is converted by torch_ready)
+        if x.dtype.newbyteorder("=") in (np.float64, np.float32, np.float16):
             return torch.from_numpy(torch_ready(x))
         raise TypeError(f"{name}: expected a float array, got {_describe(x)}")
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")

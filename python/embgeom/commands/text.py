@@ -10,7 +10,6 @@ Options: --keep cls, --trajectories N, --labels FILE and --pairs FILE keep vecto
 from __future__ import annotations
 
 import contextlib
-
 import os
 import sys
 

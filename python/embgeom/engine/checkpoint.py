@@ -193,10 +193,13 @@ def _kind(v) -> str:
     return type(v).__name__
 
 
-def check_samples(samples, limit: int, seen: int, name: str, keys: tuple[str, ...]) -> None:
+def check_samples(samples, limit: int, seen: int, text_ids: list[int] | None, name: str,
+                  keys: tuple[str, ...]) -> None:
     """ValueError unless `samples` (kept maps of some texts) are at most `limit` dicts with the
-    keys `keys`, each of a text id "text" below `seen`, ids in increasing order (a crafted file's
-    ids reached report.html and file names)."""
+    keys `keys`, each of a text id "text" of the `seen` texts traced (their corpus ids text_ids
+    where a selection was traced), ids in increasing order (a crafted file's ids reached
+    report.html and file names)."""
+    seen = seen if text_ids is None else max(text_ids, default=-1) + 1
     if not isinstance(samples, list) or len(samples) > limit:
         raise ValueError(f"{name}: {len(samples) if isinstance(samples, list) else 'no list of'} samples, "
                          f"this run keeps at most {limit}")

@@ -449,7 +449,7 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
             refuse("the shifted sums are not those of mean and m2")
     if saved.count and not (math.isfinite(saved.mean) and math.isfinite(saved.m2) and saved.m2 >= 0):
         refuse("the moments must be finite, m2 >= 0")
-    if saved.outside_count > tile_pairs(0, int(saved.tiles_done)):
+    if saved.outside_count > held:
         refuse(f"outside_count {saved.outside_count} is more than its {saved.tiles_done} finished tiles hold")
     if not (math.isfinite(float(saved.hist_error_bound)) and float(saved.hist_error_bound) >= 0):
         refuse(f"hist_error_bound must be finite and >= 0, got {saved.hist_error_bound!r}")

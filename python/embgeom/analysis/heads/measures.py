@@ -325,9 +325,8 @@ class HeadsAccumulator(Resumable):
         return t
 
     def check_restored(self) -> None:
-        check_samples(self.samples, self.sample_maps,
-                      self.seen if self.text_ids is None else max(self.text_ids, default=-1) + 1,
-                      "HeadsAccumulator.samples", ("text", "ids", "maps"))
+        check_samples(self.samples, self.sample_maps, self.seen, self.text_ids, "HeadsAccumulator.samples",
+                      ("text", "ids", "maps"))
 
     def update(self, b) -> None:
         s, H = self.s, self.H

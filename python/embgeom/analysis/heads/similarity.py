@@ -110,8 +110,8 @@ class SimilarityAccumulator(Resumable):
         self.seconds: dict[str, float] = {}
 
     def check_restored(self) -> None:
-        check_samples(self.samples, self.maps, self.seen if self.text_ids is None else max(self.text_ids, default=-1) + 1,
-                      "SimilarityAccumulator.samples", ("text", "tokens", "maps"))
+        check_samples(self.samples, self.maps, self.seen, self.text_ids, "SimilarityAccumulator.samples",
+                      ("text", "tokens", "maps"))
 
     def update(self, b) -> None:
         t0 = time.perf_counter()

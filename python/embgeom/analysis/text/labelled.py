@@ -53,6 +53,14 @@ class _Rows(Resumable):
     def __init__(self, labels: list[str]):
         self.labels, self.done = labels, 0
 
+    def check_restored(self) -> None:
+        if self.done > len(self.labels):
+            raise ValueError(f"_Rows: {self.done} texts done of {len(self.labels)} labels")
+
+    def taken(self) -> list[str]:
+        """The labels of the texts done."""
+        return self.labels[:self.done]
+
     def take(self, B: int) -> list[str]:
         out = self.labels[self.done:self.done + B]
         self.done += B
@@ -77,8 +85,8 @@ class LabelSplit(Resumable):
     def check_restored(self) -> None:
         # each label's sums hold exactly that label's texts among those done (a crafted count had
         # misaligned labels and texts, or doubled a label's means)
-        done = self.rows.labels[:self.rows.done]
-        if self.rows.done > len(self.rows.labels) or any(a.n_texts != done.count(g) for g, a in self.acc.items()):
+        done = self.rows.taken()
+        if any(a.n_texts != done.count(g) for g, a in self.acc.items()):
             raise ValueError(f"LabelSplit: per-label texts {[a.n_texts for a in self.acc.values()]} are not those of "
                              f"the {self.rows.done} texts done")
 
@@ -126,9 +134,8 @@ class ClassMaps(Resumable):
 
     def check_restored(self) -> None:
         # at most each label's texts done, their map sums of this run's shape
-        done = self.rows.labels[:self.rows.done]
-        if self.rows.done > len(self.rows.labels) or set(self.counts) != set(done) | set(self.counts) \
-                or any(not 0 <= c <= done.count(g) for g, c in self.counts.items()) \
+        done = self.rows.taken()
+        if not set(done) <= set(self.counts) or any(not 0 <= c <= done.count(g) for g, c in self.counts.items()) \
                 or any(g not in self.counts or tuple(s.shape) != (self.L, self.H, self.N, self.N)
                        or not s.dtype.is_floating_point for g, s in self.sums.items()):
             raise ValueError(f"ClassMaps: counts {self.counts} or map sums not those of the {self.rows.done} texts done")

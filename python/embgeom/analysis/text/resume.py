@@ -73,7 +73,6 @@ class BatchCheckpoint(RunCheckpoint):
             raise ValueError(f"checkpoint: {self.path} does not fit this run ({why}); delete it or "
                              "pass another path") from None
 
-
     @contextlib.contextmanager
     def blamed(self, resumed: bool) -> Iterator[None]:
         """Around the results of a run resumed from PATH: an error no state the run saved can

@@ -194,6 +194,11 @@ def pad_right(tokenizer, enc: dict) -> dict:
 _LAST_WORD = re.compile(r"\s+\S*\Z")  # the whitespace run before the last word, and that word
 
 
+def _token_count(tokenizer, text: str) -> int:
+    """The tokens of text, special tokens left out."""
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
 def clip_text(tokenizer, text: str, tokens: int) -> tuple[str, int | None]:
     """(a prefix of text, its token count without special tokens): cut before whitespace, holding at
     least `tokens` tokens, which are then text's own first tokens (every tokenizer here splits at
@@ -205,7 +210,7 @@ def clip_text(tokenizer, text: str, tokens: int) -> tuple[str, int | None]:
         cut = _LAST_WORD.search(text, 0, budget)
         if cut is not None and cut.start() > 0:
             prefix = text[:cut.start()]
-            count = len(tokenizer(prefix, add_special_tokens=False, verbose=False)["input_ids"])
+            count = _token_count(tokenizer, prefix)
             if count >= tokens:
                 return prefix, count
         budget *= 4
@@ -223,23 +228,19 @@ def clip_pair(tokenizer, a: str, b: str, tokens: int, kept: int) -> tuple[str, s
     cb, nb = clip_text(tokenizer, b, tokens)
     if na is None and nb is None:
         return a, b
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
     if nb is None:   # only the first side clipped: more tokens than the second whole
-        whole_b = count(b)
+        whole_b = _token_count(tokenizer, b)
         if na <= whole_b:
             ca, na = clip_text(tokenizer, a, whole_b + 1)
         return ca, b
     if na is None:
-        whole_a = count(a)
+        whole_a = _token_count(tokenizer, a)
         if nb <= whole_a:
             cb, nb = clip_text(tokenizer, b, whole_a + 1)
         return a, cb
     if kept % 2 == 0:  # both longer than kept: kept / 2 of each, whichever is longer
         return ca, cb
-    if count(a) > count(b):   # the first longer: it stays longer
+    if _token_count(tokenizer, a) > _token_count(tokenizer, b):   # the first longer: it stays longer
         if na <= nb:
             ca, na = clip_text(tokenizer, a, nb + 1)
     elif nb < na:               # the second longer or equal: it stays so
