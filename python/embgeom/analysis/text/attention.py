@@ -163,8 +163,8 @@ def layer_summaries(attn: torch.Tensor, mask: torch.Tensor, cls: torch.Tensor, s
     period and comma, head_mean_entropy, target_distribution), and with row_entropy (where
     fused_row_entropy holds) a fourth item, the rows' entropies (B, H, T) float32 as
     attention_entropy(attn, mask) gives them (NaN for padded rows), taken while each row is in
-    cache. On CPU float32 maps one C++ pass over them (_C.attention_sums; float32 sums within a
-    row, float64 across rows); elsewhere the torch functions, which read the maps four times.
+    cache. On CPU float32 maps one C++ pass over them (_C.attention_sums; float64 sums, the key
+    masses from the column sums); elsewhere the torch functions, which read the maps four times.
     16-bit maps are summed as float32."""
     attn = at_least_fp32(attn)
     B, H, T, _ = attn.shape
