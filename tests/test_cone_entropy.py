@@ -73,14 +73,14 @@ def test_cpp_cone_sums_read_groups_in_place(cap, monkeypatch):
     """The C++ cone sums of a (G, B, T, d) permuted view (a layer's head outputs (B, T, H, d) read
     in place, `embgeom text`) equal those of its contiguous copy bit for bit, and torch's float64
     sums over (G * B, T, d) with the mask repeated: padding, zero rows, a chunk boundary
-    (T > 512), d not a multiple of 8; every vector level."""
+    (T > 512), d not a multiple of 8, every group of a text in one pass (B >= 16); every vector level."""
     from embgeom.backends import cpp as cpp_backend
     from embgeom.backends.torch import torch_cone_unit_sums
 
     if cpp_backend.cpp() is None:
         pytest.skip("the C++ core is not built")
     monkeypatch.setenv("EMBGEOM_CPU", cap)
-    for B, T, H, d in ((3, 9, 4, 5), (2, 600, 3, 32)):
+    for B, T, H, d in ((3, 9, 4, 5), (2, 600, 3, 32), (17, 9, 3, 5)):
         x = torch.randn(B, T, H, d, generator=torch.Generator().manual_seed(T + d))
         x[1, 2] = 0                                                  # zero rows in every group
         mask = torch.ones(B, T, dtype=torch.bool)
@@ -92,7 +92,7 @@ def test_cpp_cone_sums_read_groups_in_place(cap, monkeypatch):
         for g, c, w in zip(got, same, want):
             assert torch.equal(g, c)
             torch.testing.assert_close(g.double(), w.double(), rtol=1e-12, atol=1e-12)
-        assert got[2].tolist() == ([0, 1] if B == 2 else [0, 1, 0]) * H  # zero rows: b = 1, every group
+        assert got[2].tolist() == ([0, 1] + [0] * (B - 2)) * H       # zero rows: b = 1, every group
 
 
 @pytest.mark.parametrize("cap", CPU_CAPS)

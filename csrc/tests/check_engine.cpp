@@ -478,6 +478,7 @@ int main() {
   check_hist_edges(0.1, 0.3, 3);
   check_cone(3, 29, 19);
   check_cone(1, 600, 33);
+  check_cone(20, 9, 7);  // B >= 16: every group of a text in one work item
   check_entropy(2, 3, 37);
   check_entropy(1, 2, 5);
   for (int64_t n : {1, 2, 3, 6, 9, 20}) check_eigvals(n);
