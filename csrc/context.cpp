@@ -90,10 +90,16 @@ EMBGEOM_AVX2 void scores_avx2(const float* const* q, const float* kt, int64_t ld
 
 // The AVX-512 block: kRows512 query rows x kCols keys, one zmm of keys a step and each query
 // value broadcast from memory (twice the AVX2 block's products a step: a layer of 32 x 128 tokens,
-// 12 heads of 32, 5.4 ms against 6.5 with the AVX2 block, 2 threads, Emerald Rapids; the rest of
-// the kernel, the copies, maxima and rescoring, is the same in both)
-EMBGEOM_AVX512 void scores_avx512(const float* const* q, const float* kt, int64_t ldk, int64_t d, float* acc) {
+// 12 heads of 32, 5.4 ms against 6.5 with the AVX2 block, 2 threads, Emerald Rapids). Each row's
+// own key (query r of the block is key self0 + r) is stored as -inf, and the row maxima are taken
+// from the registers (maxima[r]); keys past n are NaN columns in kt, which a max leaves out as
+// max_avx2 does (a separate pass over the stored scores had been 13 % of the kernel's time).
+EMBGEOM_AVX512 void scores_max_avx512(const float* const* q, const float* kt, int64_t ldk, int64_t d, float* acc,
+                                      int64_t self0, float* maxima) {
   static_assert(kRows512 == 8 && kCols == 16, "the register block below is 8 x 16");
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 top[kRows512];
+  for (int r = 0; r < kRows512; ++r) top[r] = ninf;
   for (int64_t c0 = 0; c0 < ldk; c0 += kCols) {
     __m512 a[kRows512];
     for (int r = 0; r < kRows512; ++r) a[r] = _mm512_setzero_ps();
@@ -102,17 +108,34 @@ EMBGEOM_AVX512 void scores_avx512(const float* const* q, const float* kt, int64_
       const __m512 keys = _mm512_loadu_ps(col);
       for (int r = 0; r < kRows512; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][k]), keys, a[r]);
     }
-    for (int r = 0; r < kRows512; ++r) _mm512_storeu_ps(acc + r * ldk + c0, a[r]);
+    for (int r = 0; r < kRows512; ++r) {
+      const int64_t own = self0 + r - c0;
+      if (own >= 0 && own < kCols) a[r] = _mm512_mask_mov_ps(a[r], __mmask16(1u << own), ninf);
+      top[r] = _mm512_max_ps(a[r], top[r]);  // (x, m): a NaN x leaves m
+      _mm512_storeu_ps(acc + r * ldk + c0, a[r]);
+    }
   }
+  for (int r = 0; r < kRows512; ++r) maxima[r] = _mm512_reduce_max_ps(top[r]);
+}
+
+// the columns c of s[0, n) (n a multiple of kCols) with s[c] >= reach, ascending, 16 at a time
+EMBGEOM_AVX512 int64_t hits_avx512(const float* s, int64_t n, float reach, int32_t* cand) {
+  const __m512 r = _mm512_set1_ps(reach);
+  int64_t nc = 0;
+  for (int64_t c = 0; c < n; c += kCols)
+    for (unsigned m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + c), r, _CMP_GE_OQ); m; m &= m - 1)
+      cand[nc++] = static_cast<int32_t>(c + __builtin_ctz(m));
+  return nc;
 }
 #endif
 
-// max of s[0, n), n a multiple of kCols: kCols running maxima (a select the compiler vectorises;
-// one running maximum is a chain of dependent compares)
+// max of s[0, n), n a multiple of kCols, NaN entries left out (-inf if every entry is NaN): kCols
+// running maxima (a select the compiler vectorises; one running maximum is a chain of dependent
+// compares)
 float max_generic(const float* s, int64_t n) {
   float m[kCols];
-  for (int l = 0; l < kCols; ++l) m[l] = s[l];
-  for (int64_t c = kCols; c < n; c += kCols)
+  for (int l = 0; l < kCols; ++l) m[l] = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < n; c += kCols)
     for (int l = 0; l < kCols; ++l) m[l] = s[c + l] > m[l] ? s[c + l] : m[l];
   float top = m[0];
   for (int l = 1; l < kCols; ++l) top = m[l] > top ? m[l] : top;
@@ -136,8 +159,8 @@ int64_t hits_generic(const float* s, int64_t n, float reach, int32_t* cand) {
 
 #if EMBGEOM_X86
 EMBGEOM_AVX2 float max_avx2(const float* s, int64_t n) {
-  __m256 m0 = _mm256_loadu_ps(s), m1 = _mm256_loadu_ps(s + 8);
-  for (int64_t c = kCols; c < n; c += kCols) {
+  __m256 m0 = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), m1 = m0;
+  for (int64_t c = 0; c < n; c += kCols) {
     // (x, m): a NaN x leaves m, as the generic select does
     m0 = _mm256_max_ps(_mm256_loadu_ps(s + c), m0);
     m1 = _mm256_max_ps(_mm256_loadu_ps(s + c + 8), m1);
@@ -163,6 +186,8 @@ EMBGEOM_AVX2 int64_t hits_avx2(const float* s, int64_t n, float reach, int32_t* 
 // one vector level's kernels
 struct Kernels {
   void (*scores)(const float* const*, const float*, int64_t, int64_t, float*);  // `rows` query rows
+  // or the scores with each row's own key at -inf and the row maxima (nullptr: scores, row_max)
+  void (*scores_max)(const float* const*, const float*, int64_t, int64_t, float*, int64_t, float*);
   int rows;
   float (*row_max)(const float*, int64_t);
   int64_t (*hits)(const float*, int64_t, float, int32_t*);
@@ -171,10 +196,11 @@ struct Kernels {
 
 Kernels pick_kernels() {
 #if EMBGEOM_X86
-  if (isa_level() >= Isa::avx512) return {scores_avx512, kRows512, max_avx2, hits_avx2, "avx512"};
-  if (isa_level() >= Isa::avx2) return {scores_avx2, kRows, max_avx2, hits_avx2, "avx2"};
+  if (isa_level() >= Isa::avx512) return {nullptr, scores_max_avx512, kRows512, max_avx2, hits_avx512, "avx512"};
+  if (isa_level() >= Isa::avx2) return {scores_avx2, nullptr, kRows, max_avx2, hits_avx2, "avx2"};
 #endif
-  return {scores_generic, kRows, max_generic, hits_generic, EMBGEOM_NEON ? "portable-neon" : "portable-generic"};
+  return {scores_generic, nullptr, kRows, max_generic, hits_generic,
+          EMBGEOM_NEON ? "portable-neon" : "portable-generic"};
 }
 
 // float64 dot product of float32 rows, four partial sums (a single sum waits on each add)
@@ -223,8 +249,13 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
         // chunks, where a stalled core's share goes to the other: median 10 -> 8 ms a layer
         // for 32 x 128 tokens, 12 heads of 32, 2 threads, Zen 3; equal on one thread)
         rows.resize(n * d);
-        for (int64_t c = 0; c < n; ++c) std::copy(ob + pos[c] * st, ob + pos[c] * st + d, rows.data() + c * d);
-        kt.assign(d * ldk, 0.0f);
+        for (int64_t c = 0; c < n; ++c) {  // (an inline loop: std::copy of d floats was a memmove call)
+          const float* src = ob + pos[c] * st;
+          float* to = rows.data() + c * d;
+          for (int64_t k = 0; k < d; ++k) to[k] = src[k];
+        }
+        // keys past n: NaN columns, which no maximum or hit takes
+        kt.assign(d * ldk, std::numeric_limits<float>::quiet_NaN());
         qnorm.resize(n);
         double kmax = 0.0;
         for (int64_t c = 0; c < n; ++c) {
@@ -235,23 +266,29 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
         }
         acc.resize(K.rows * ldk);
         cand.resize(ldk);
+        float maxima[kMaxRows];
         for (int64_t c0 = 0; c0 < n; c0 += K.rows) {
           const float* q[kMaxRows];
           for (int r = 0; r < K.rows; ++r) q[r] = rows.data() + std::min(n - 1, c0 + r) * d;
-          K.scores(q, kt.data(), ldk, d, acc.data());
+          if (K.scores_max) K.scores_max(q, kt.data(), ldk, d, acc.data(), c0, maxima);
+          else K.scores(q, kt.data(), ldk, d, acc.data());
           for (int r = 0; r < K.rows && c0 + r < n; ++r) {
             const int64_t self = c0 + r;
             float* s = acc.data() + r * ldk;
-            s[self] = -std::numeric_limits<float>::infinity();
-            for (int64_t c = n; c < ldk; ++c) s[c] = -std::numeric_limits<float>::infinity();
-            const float top = K.row_max(s, ldk);
+            float top = maxima[r];
+            if (!K.scores_max) {
+              s[self] = -std::numeric_limits<float>::infinity();
+              for (int64_t c = n; c < ldk; ++c) s[c] = -std::numeric_limits<float>::infinity();
+              top = K.row_max(s, ldk);
+            }
+            if (!(top > -std::numeric_limits<float>::infinity())) continue;  // no finite score: no answer
             // keys whose exact product may reach the row's maximum (a float bound rounded
             // down), then rescored in float64
             const double reach = double(top) - 2.02 * gamma * qnorm[self] * kmax;
             float reach_f = static_cast<float>(reach);
             if (double(reach_f) > reach) reach_f = std::nextafter(reach_f, -std::numeric_limits<float>::infinity());
             const int64_t nc = K.hits(s, ldk, reach_f, cand.data());
-            if (nc <= 1) {  // the maximum alone needs no rescoring (none: NaN scores, no answer)
+            if (nc <= 1) {  // the maximum alone needs no rescoring (none: a bound that is NaN, no answer)
               if (nc == 1) dst[pos[self]] = pos[cand[0]];
               continue;
             }
@@ -265,7 +302,7 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
                 best = c;
               }
             }
-            dst[pos[self]] = pos[best];
+            if (best >= 0) dst[pos[self]] = pos[best];
           }
         }
       }

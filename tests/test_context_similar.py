@@ -231,6 +231,26 @@ def test_context_argmax_kernel_is_the_float64_argmax(T, d, cpu_cap):
         assert int(got[2, 0, 0]) == 0
 
 
+@pytest.mark.parametrize("T", [5, 20])
+def test_context_argmax_kernel_leaves_nan_rows_out(T, cpu_cap):
+    """A token whose head output holds NaN is nobody's answer and gets none (it points at
+    itself), on every vector level alike: the other rows take the float64 argmax over the rest.
+    Before, a NaN key in the first column became the portable path's maximum and took every
+    row's answer away."""
+    from embgeom.analysis.text import attention
+
+    pytest.importorskip("embgeom._C")
+    o = torch.randn(1, 2, T, 4, generator=torch.Generator().manual_seed(T))
+    o[0, :, 0, 1] = float("nan")
+    mask = torch.ones(1, T, dtype=torch.bool)
+    got = attention.context_argmax(o, mask)
+    keep = list(range(1, T))
+    want = _argmax64(o[:, :, keep], mask[:, keep])
+    for (b, h, i), j in want.items():
+        assert int(got[b, h, keep[i]]) == keep[j], (h, keep[i])
+    assert got[0, :, 0].tolist() == [0, 0]
+
+
 def test_tau_at_one_and_minus_one_takes_parallel_and_opposite_rows():
     """Identical (and exactly scaled) rows have cos exactly 1 and opposite rows -1: the dot product
     of the unit rows had given 1 - 1.1e-16 and -1 - 4.4e-16, so tau:1 dropped identical pairs and
