@@ -464,7 +464,9 @@ def check_complete(path: str, name: str) -> None:
 
 
 def load_matrix(path: str, name: str = "X") -> torch.Tensor:
-    """Load the (first) tensor of a file; .npy files are memory-mapped (no copy until used)."""
+    """Load the (first) tensor of a file. A .npy file is read without pickles into one array of
+    its own (native byte order, writable: a mapping of the file would fail later if the file
+    were cut short under it)."""
     if not os.path.exists(path):
         raise ValueError(f"{name}: file not found: {path}")
     if os.path.isdir(path):
@@ -498,9 +500,8 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind != "f":
             raise ValueError(f"{name}: expected a float array in {path}, got dtype {obj.dtype}")
-        # memory-mapped arrays are read-only and torch needs a writable buffer in native byte
-        # order: one copy does both (a big-endian file is converted, values unchanged)
-        return torch.from_numpy(np.array(obj, dtype=obj.dtype.newbyteorder("=")))
+        # the read-only mapping copied once, in native byte order (big-endian files converted)
+        return torch.from_numpy(validation.torch_ready(obj))
     return _first_tensor(obj, name, path)
 
 
