@@ -67,8 +67,7 @@ __attribute__((always_inline)) inline double row_entropy_body(const float* row, 
   double acc[W] = {};
   int64_t k = 0;
   for (; k + W <= T; k += W) {
-    // branch-free so the compiler vectorises it: masked keys and terms below FLT_MIN get a
-    // weight 0 (their ln is taken of 1)
+    // branch-free so the compiler vectorises it: masked keys and terms below FLT_MIN add 0
     float weight[W], term[W];
     if (mask_weight) {
       for (int l = 0; l < W; ++l) weight[l] = mask_weight[k + l];
@@ -77,8 +76,9 @@ __attribute__((always_inline)) inline double row_entropy_body(const float* row, 
     }
     for (int l = 0; l < W; ++l) {
       const float v = keep * row[k + l] + uniform;
-      const bool use = v >= tiny;
-      term[l] = (use ? weight[l] : 0.0f) * v * log_poly(use ? v : 1.0f);
+      const bool use = v >= tiny && weight[l] != 0.0f;
+      // a select, not a product with the weight: a padded key's NaN must add nothing
+      term[l] = use ? v * log_poly(v) : 0.0f;
     }
     for (int l = 0; l < W; ++l) acc[l] += double(term[l]);
   }

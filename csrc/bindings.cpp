@@ -66,10 +66,15 @@ py::tuple cone_unit_sums(const py::array_t<float>& x, const std::optional<u8_arr
   py::array_t<int64_t> used(G * B), zero(G * B);
   if (x.size() == 0) {  // no vectors (an empty batch, sequence or chunk): nothing summed, whatever the strides
     const uint8_t* m = mask_ptr(mask, B, T);  // (its shape checked all the same)
-    (void)m;
     std::fill_n(sums.mutable_data(), sums.size(), 0.0);
     std::fill_n(used.mutable_data(), used.size(), int64_t(0));
-    std::fill_n(zero.mutable_data(), zero.size(), int64_t(0));
+    // D = 0: every valid row is a zero vector
+    int64_t* zero_out = zero.mutable_data();
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t valid = 0;
+      for (int64_t t = 0; t < T && D == 0; ++t) valid += !m || m[b * T + t];
+      for (int64_t g = 0; g < G; ++g) zero_out[g * B + b] = valid;
+    }
     return py::make_tuple(sums, used, zero);
   }
   EMBGEOM_CHECK((D <= 1 || x.strides(lead + 2) == f) && x.strides(lead) % f == 0 && x.strides(lead + 1) % f == 0 &&
@@ -125,11 +130,12 @@ py::array_t<int64_t> context_argmax(const py::array_t<float>& o, const std::opti
   EMBGEOM_CHECK(o.ndim() == 4, "head_out: expected (B, H, T, d), got " << o.ndim() << " dims");
   const int64_t B = o.shape(0), H = o.shape(1), T = o.shape(2), d = o.shape(3);
   const int64_t f = sizeof(float);
+  const uint8_t* m = mask_ptr(mask, B, T);
+  py::array_t<int64_t> out({B, H, T});
+  if (out.size() == 0) return out;  // (numpy gives empty arrays strides of 0)
   EMBGEOM_CHECK((d <= 1 || o.strides(3) == f) && o.strides(0) % f == 0 && o.strides(1) % f == 0 &&
                     o.strides(2) % f == 0,
                 "head_out: expected contiguous rows of d floats (any strides across b, h, t)");
-  const uint8_t* m = mask_ptr(mask, B, T);
-  py::array_t<int64_t> out({B, H, T});
   {
     py::gil_scoped_release release;
     embgeom::context_argmax(o.data(), B, H, T, d, o.strides(0) / f, o.strides(1) / f, o.strides(2) / f, m,

@@ -12,8 +12,9 @@ namespace {
 
 // A chunk of rows [t0, t1) of the G groups of one b (row t of group g at rows + g * sg + t * st;
 // mask: the set's T bytes or nullptr): each valid row's squared norm in float64 over 8
-// interleaved partial sums (a fixed order, so the result does not depend on the vector level),
-// then acc[g] += row / |row| for the non-zero ones, used[g] / zero[g] counted. The norms of the
+// interleaved partial sums (a fixed order; the AVX2 build fuses the multiply-adds, so its sums
+// may differ from the portable build's in the last bits), then acc[g] += row / |row| for the
+// non-zero ones, used[g] / zero[g] counted. The norms of the
 // whole chunk come first, so that one row's sqrt and division are not on the way of the next
 // row's sums (a layer's head outputs, rows of 32, took 88 ns a row row by row, most of it
 // waiting on them). The groups are walked token by token: a layer's head outputs (B, T, H, d)
@@ -27,10 +28,11 @@ __attribute__((always_inline)) inline void add_unit_rows_body(const float* rows,
                                                               int64_t D, double* inv, double* acc, int64_t* used,
                                                               int64_t* zero) {
   constexpr int W = 8;
+  constexpr double kPadded = -1.0, kZero = -2.0;  // inv's marks for rows that add nothing
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t g = 0; g < G; ++g) {
       double& f = inv[(t - t0) * G + g];
-      f = -1.0;  // (a padded row)
+      f = kPadded;
       if (mask && !mask[t]) continue;
       const float* row = rows + g * sg + t * st;
       double part[W] = {};
@@ -40,15 +42,15 @@ __attribute__((always_inline)) inline void add_unit_rows_body(const float* rows,
       for (; k < D; ++k) part[0] += double(row[k]) * double(row[k]);
       double sq = 0.0;
       for (int l = 0; l < W; ++l) sq += part[l];
-      f = sq == 0.0 ? 0.0 : 1.0 / std::sqrt(sq);
+      f = sq == 0.0 ? kZero : 1.0 / std::sqrt(sq);  // (a row holding inf: 0, used as torch's x / |x|)
     }
   }
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t g = 0; g < G; ++g) {
       const double f = inv[(t - t0) * G + g];
-      if (f == 0.0) {
+      if (f == kZero) {
         ++zero[g];
-      } else if (!(f < 0.0)) {  // (a row holding NaN is used, as row by row: its NaN reaches the sum)
+      } else if (f != kPadded) {  // (a row holding NaN is used too: its NaN reaches the sum)
         const float* row = rows + g * sg + t * st;
         double* a = acc + g * D;
         for (int64_t q = 0; q < D; ++q) a[q] += double(row[q]) * f;

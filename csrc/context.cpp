@@ -91,13 +91,15 @@ EMBGEOM_AVX2 void scores_avx2(const float* const* q, const float* kt, int64_t ld
 // The AVX-512 block: kRows512 query rows x kCols keys, one zmm of keys a step and each query
 // value broadcast from memory (twice the AVX2 block's products a step: a layer of 32 x 128 tokens,
 // 12 heads of 32, 5.4 ms against 6.5 with the AVX2 block, 2 threads, Emerald Rapids). Each row's
-// own key (query r of the block is key self0 + r) is stored as -inf, and the row maxima are taken
-// from the registers (maxima[r]); keys past n are NaN columns in kt, which a max leaves out as
-// max_avx2 does (a separate pass over the stored scores had been 13 % of the kernel's time).
+// own key (query r of the block is key self0 + r) is stored as NaN, and the row maxima are taken
+// from the registers (maxima[r]); keys past n are NaN columns in kt: a max leaves NaN out as
+// max_avx2 does, and no hit takes it (a separate pass over the stored scores for the maxima had
+// been 13 % of the kernel's time).
 EMBGEOM_AVX512 void scores_max_avx512(const float* const* q, const float* kt, int64_t ldk, int64_t d, float* acc,
                                       int64_t self0, float* maxima) {
   static_assert(kRows512 == 8 && kCols == 16, "the register block below is 8 x 16");
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 nan = _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN());
   __m512 top[kRows512];
   for (int r = 0; r < kRows512; ++r) top[r] = ninf;
   for (int64_t c0 = 0; c0 < ldk; c0 += kCols) {
@@ -110,7 +112,7 @@ EMBGEOM_AVX512 void scores_max_avx512(const float* const* q, const float* kt, in
     }
     for (int r = 0; r < kRows512; ++r) {
       const int64_t own = self0 + r - c0;
-      if (own >= 0 && own < kCols) a[r] = _mm512_mask_mov_ps(a[r], __mmask16(1u << own), ninf);
+      if (own >= 0 && own < kCols) a[r] = _mm512_mask_mov_ps(a[r], __mmask16(1u << own), nan);
       top[r] = _mm512_max_ps(a[r], top[r]);  // (x, m): a NaN x leaves m
       _mm512_storeu_ps(acc + r * ldk + c0, a[r]);
     }
@@ -223,9 +225,11 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
                     int64_t st, const uint8_t* mask, int64_t* out) {
   EMBGEOM_CHECK(B >= 0 && H >= 0 && T >= 0 && d >= 0, "context_argmax: bad shape");
   const Kernels K = pick_kernels();
-  // |fl(a . b) - a . b| <= gamma_d |a| |b| for a float32 dot product of length d (any order)
+  // |fl(a . b) - a . b| <= gamma_d |a| |b| + d eta for a float32 dot product of length d (any
+  // order; eta = 2^-149, the subnormal spacing, for products that underflow)
   const double u = std::ldexp(1.0, -24);
   const double gamma = double(d) * u / (1.0 - double(d) * u);
+  const double underflow = double(d) * std::ldexp(1.0, -149);
 #pragma omp parallel
   {
     std::vector<int64_t> pos;
@@ -275,33 +279,41 @@ void context_argmax(const float* o, int64_t B, int64_t H, int64_t T, int64_t d, 
           for (int r = 0; r < K.rows && c0 + r < n; ++r) {
             const int64_t self = c0 + r;
             float* s = acc.data() + r * ldk;
-            float top = maxima[r];
-            if (!K.scores_max) {
-              s[self] = -std::numeric_limits<float>::infinity();
-              for (int64_t c = n; c < ldk; ++c) s[c] = -std::numeric_limits<float>::infinity();
-              top = K.row_max(s, ldk);
-            }
-            if (!(top > -std::numeric_limits<float>::infinity())) continue;  // no finite score: no answer
-            // keys whose exact product may reach the row's maximum (a float bound rounded
-            // down), then rescored in float64
-            const double reach = double(top) - 2.02 * gamma * qnorm[self] * kmax;
-            float reach_f = static_cast<float>(reach);
-            if (double(reach_f) > reach) reach_f = std::nextafter(reach_f, -std::numeric_limits<float>::infinity());
-            const int64_t nc = K.hits(s, ldk, reach_f, cand.data());
-            if (nc <= 1) {  // the maximum alone needs no rescoring (none: a bound that is NaN, no answer)
-              if (nc == 1) dst[pos[self]] = pos[cand[0]];
-              continue;
-            }
             int64_t best = -1;
             double best_v = -std::numeric_limits<double>::infinity();
-            for (int64_t t = 0; t < nc; ++t) {
-              const int64_t c = cand[t];
+            // strictly greater: the smaller position keeps a tie (the first that is not NaN
+            // stands even at -inf)
+            auto offer = [&](int64_t c) {
               const double v = dot64(q[r], rows.data() + c * d, d);
-              if (v > best_v) {  // strictly: the smaller position keeps a tie
+              if (best < 0 ? v == v : v > best_v) {
                 best_v = v;
                 best = c;
               }
+            };
+            if (!(qnorm[self] * kmax < 0.5 * double(std::numeric_limits<float>::max()))) {
+              // a float32 product or partial sum may pass float32's range (|q . k| <= |q| |k|),
+              // or the rows hold NaN / inf: every key in float64
+              for (int64_t c = 0; c < n; ++c)
+                if (c != self) offer(c);
+              if (best >= 0) dst[pos[self]] = pos[best];
+              continue;
             }
+            float top = maxima[r];
+            if (!K.scores_max) {
+              s[self] = std::numeric_limits<float>::quiet_NaN();  // (keys past n: NaN columns)
+              top = K.row_max(s, ldk);
+            }
+            // keys whose exact product may reach the row's maximum (a float bound rounded
+            // down), then rescored in float64
+            const double reach = double(top) - 2.02 * (gamma * qnorm[self] * kmax + underflow);
+            float reach_f = static_cast<float>(reach);
+            if (double(reach_f) > reach) reach_f = std::nextafter(reach_f, -std::numeric_limits<float>::infinity());
+            const int64_t nc = K.hits(s, ldk, reach_f, cand.data());  // (never its own key or one past n)
+            if (nc == 1) {  // the maximum alone needs no rescoring
+              dst[pos[self]] = pos[cand[0]];
+              continue;
+            }
+            for (int64_t t = 0; t < nc; ++t) offer(cand[t]);
             if (best >= 0) dst[pos[self]] = pos[best];
           }
         }

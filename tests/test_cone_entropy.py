@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,47 @@ def test_cpp_cone_sums_read_groups_in_place(cap, monkeypatch):
             assert torch.equal(g, c)
             torch.testing.assert_close(g.double(), w.double(), rtol=1e-12, atol=1e-12)
         assert got[2].tolist() == ([0, 1] + [0] * (B - 2)) * H       # zero rows: b = 1, every group
+
+
+@pytest.mark.parametrize("cap", CPU_CAPS)
+def test_cpp_cone_sums_take_inf_rows_as_torch_does(cap, monkeypatch):
+    """A valid row holding inf is used (its unit vector NaN where inf / inf), as torch's x / |x|
+    takes it, not counted as a zero row (1 / sqrt(inf) = 0 had put it among the zeros); D = 0:
+    every valid row is a zero vector."""
+    from embgeom.backends import cpp as cpp_backend
+    from embgeom.backends.torch import torch_cone_unit_sums
+
+    if cpp_backend.cpp() is None:
+        pytest.skip("the C++ core is not built")
+    monkeypatch.setenv("EMBGEOM_CPU", cap)
+    x = torch.tensor([[[1.0, 0.0], [float("inf"), 0.0], [0.0, 0.0]]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    for got, want in zip(cpp_backend.cone_unit_sums(x, mask), torch_cone_unit_sums(x, mask)):
+        torch.testing.assert_close(got.double(), want.double(), equal_nan=True)
+    assert cpp_backend.cone_unit_sums(x, mask)[1:] == (torch.tensor([2]), torch.tensor([1]))
+    empty = torch.zeros(2, 3, 0)
+    mask[0, 2] = False
+    mask = mask.expand(2, 3).clone()
+    for got, want in zip(cpp_backend.cone_unit_sums(empty, mask), torch_cone_unit_sums(empty, mask)):
+        assert torch.equal(got.double(), want.double())
+
+
+@pytest.mark.parametrize("cap", CPU_CAPS)
+def test_cpp_entropy_leaves_padded_keys_out_whatever_they_hold(cap, monkeypatch):
+    """A padded key holding NaN or inf adds nothing on every vector level (the portable loop
+    multiplied the value by a weight 0: NaN)."""
+    from embgeom import _C
+
+    monkeypatch.setenv("EMBGEOM_CPU", cap)
+    p = torch.softmax(torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(3)), -1)
+    mask = torch.ones(1, 32, dtype=torch.uint8)
+    mask[0, 20:] = 0
+    p[..., 20:] = 0
+    want = _C.attention_row_entropy(p.numpy(), mask.numpy(), 0.0)
+    for bad in (float("nan"), float("inf")):
+        q = p.clone()
+        q[0, 0, :, 25] = bad
+        assert np.array_equal(_C.attention_row_entropy(q.numpy(), mask.numpy(), 0.0), want, equal_nan=True)
 
 
 @pytest.mark.parametrize("cap", CPU_CAPS)

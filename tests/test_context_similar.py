@@ -251,6 +251,41 @@ def test_context_argmax_kernel_leaves_nan_rows_out(T, cpu_cap):
     assert got[0, :, 0].tolist() == [0, 0]
 
 
+@pytest.mark.parametrize("rows,want", [
+    # a product past float32's range (-1e40 > -3e40): every float32 score -inf had left no answer
+    ([[1e20], [-1e20], [-3e20]], [1, 2, 1]),
+    # finite scores near -FLT_MAX: the bound had fallen to -inf and taken the row's own key
+    ([[1.8446743e19], [-1.8446743e19]] + [[-1.8446743e19]] * 3, [1, 2, 1, 1, 1]),
+    # products that underflow: the bound lacked the subnormal spacing (o0 . o2 > o0 . o1)
+    ([[1e-22, 0.0], [-8.5629e-23, 0.0], [-8.3327e-23, 0.0]], [2, 2, 1]),
+    # an inf key: the rows fall back to float64 products (not the row itself, nothing past T);
+    # the inf row's products are all -inf: ties, the smaller position
+    ([[1.0, 1.0], [2.0, 1.0], [1.0, 2.0], [3.0, 3.0], [float("-inf"), 1.0]], [3, 3, 3, 1, 0]),
+])
+def test_context_argmax_kernel_outside_float32_range(rows, want, cpu_cap):
+    """Scores that overflow or underflow float32, or rows holding inf: the float64 argmax on
+    every vector level (reported by a fuzzing run: self answers, and on the AVX2 and portable
+    paths indices read from past the scores, 9205357640488583168)."""
+    from embgeom.analysis.text import attention
+
+    pytest.importorskip("embgeom._C")
+    o = torch.tensor(rows, dtype=torch.float32)[None, None]
+    got = attention.context_argmax(o, torch.ones(1, o.shape[2], dtype=torch.bool))
+    assert got[0, 0].tolist() == want
+
+
+def test_context_argmax_kernel_of_empty_batches():
+    """No texts, heads or tokens: an empty answer (numpy's zero strides had been refused as
+    rows that are not contiguous)."""
+    from embgeom.analysis.text import attention
+
+    pytest.importorskip("embgeom._C")
+    for shape in ((0, 2, 3, 4), (2, 0, 3, 4), (2, 3, 0, 4)):
+        o = torch.zeros(shape)
+        got = attention.context_argmax(o, torch.ones(shape[0], shape[2], dtype=torch.bool))
+        assert got.shape == shape[:3]
+
+
 def test_tau_at_one_and_minus_one_takes_parallel_and_opposite_rows():
     """Identical (and exactly scaled) rows have cos exactly 1 and opposite rows -1: the dot product
     of the unit rows had given 1 - 1.1e-16 and -1 - 4.4e-16, so tau:1 dropped identical pairs and
