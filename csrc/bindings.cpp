@@ -296,7 +296,10 @@ py::array_t<double> row_moments(const py::array_t<float>& x) {
 
 // An index's scan for a few queries (rows_dot.h): q (Q, D) float32, rows (N, D) of T.
 template <class T, class Kernel>
-py::array_t<float> rows_dot(const f32_array& q, const py::array_t<T>& rows, const char* what, Kernel kernel) {
+py::array_t<float> rows_dot(const f32_array& q, const py::array& rows, const char* what, Kernel kernel) {
+  // rows of another dtype are refused, not converted (a float32 array read as bf16 had given NaN)
+  EMBGEOM_CHECK(rows.dtype().is(py::dtype::of<T>()),
+                "rows: expected " << what << ", got dtype " << std::string(py::str(rows.dtype())));
   EMBGEOM_CHECK(q.ndim() == 2 && rows.ndim() == 2, "q, rows: expected (Q, D) and (N, D) arrays, got "
                                                        << q.ndim() << " and " << rows.ndim() << " dims");
   const int64_t Q = q.shape(0), D = q.shape(1), N = rows.shape(0);
@@ -308,20 +311,20 @@ py::array_t<float> rows_dot(const f32_array& q, const py::array_t<T>& rows, cons
                 "rows: expected rows of contiguous " << what);
   {
     py::gil_scoped_release release;
-    kernel(q.data(), Q, rows.data(), rows.strides(0) / h, N, D, out.mutable_data());
+    kernel(q.data(), Q, static_cast<const T*>(rows.data()), rows.strides(0) / h, N, D, out.mutable_data());
   }
   return out;
 }
 
-py::array_t<float> rows_dot_bf16(const f32_array& q, const py::array_t<int16_t>& rows) {
-  return rows_dot(q, rows, "bf16 values (int16 bit patterns)",
+py::array_t<float> rows_dot_bf16(const f32_array& q, const py::array& rows) {
+  return rows_dot<int16_t>(q, rows, "bf16 values (int16 bit patterns)",
                   [](const float* qq, int64_t Q, const int16_t* r, int64_t ldr, int64_t N, int64_t D, float* out) {
                     embgeom::rows_dot_bf16(qq, Q, reinterpret_cast<const uint16_t*>(r), ldr, N, D, out);
                   });
 }
 
-py::array_t<float> rows_dot_f32(const f32_array& q, const py::array_t<float>& rows) {
-  return rows_dot(q, rows, "float32 values", embgeom::rows_dot_f32);
+py::array_t<float> rows_dot_f32(const f32_array& q, const py::array& rows) {
+  return rows_dot<float>(q, rows, "float32 values", embgeom::rows_dot_f32);
 }
 
 using f64_array = py::array_t<double, py::array::c_style>;

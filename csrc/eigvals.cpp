@@ -114,7 +114,10 @@ EIG_INLINE void group_body(const double* const* mats, int count, int64_t n, doub
   for (int l = 0; l < kLanes; ++l) {
     if (l >= count) continue;  // a zero matrix: deflates at once, written nowhere
     double big = 0.0;
-    for (int64_t q = 0; q < n * n; ++q) big = std::max(big, std::fabs(mats[l][q]));
+    for (int64_t q = 0; q < n * n; ++q) {  // (a NaN stays: std::max had passed over it, and ok said 1)
+      const double a = std::fabs(mats[l][q]);
+      big = a > big || a != a ? a : big;
+    }
     L[l].scale = lanes::pow2_near(big);
     L[l].failed = !std::isfinite(big) || (n > 1 && has_isolated_eigenvalue(mats[l], n));
     const double inv = L[l].failed ? 0.0 : 1.0 / L[l].scale;

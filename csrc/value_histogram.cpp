@@ -39,11 +39,18 @@ void value_histogram(const float* p, int64_t B, int64_t H, int64_t T, const uint
       zero_bin[bh] = 0;
       if (real.empty()) continue;
       float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+      bool finite = true;
       for (int64_t i : real)
         for (int64_t j : real) {
-          mn = std::min(mn, map[i * T + j]);
-          mx = std::max(mx, map[i * T + j]);
+          const float v = map[i * T + j];
+          finite &= std::fabs(v) <= std::numeric_limits<float>::max();
+          mn = std::min(mn, v);
+          mx = std::max(mx, v);
         }
+      if (!finite) {  // NaN / inf among the real entries: no histogram (a NaN's bin had been INT_MIN)
+        zero_bin[bh] = -1;
+        continue;
+      }
       double lo = mn, hi = mx;
       if (widen_to_zero) {
         lo = std::min(lo, 0.0);

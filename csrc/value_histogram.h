@@ -9,7 +9,8 @@ namespace embgeom {
 // max (widened to take 0 when widen_to_zero: the map zero-padded), inner edges
 // lo + b (hi - lo) / kValueBins in float64 rounded down to float32, the last edge hi; a value's
 // bin is the number of edges below it (right-closed bins, the min in bin 0). counts (B, H,
-// kValueBins): all zero for a map whose lo == hi; zero_bin (B, H): the bin of 0 (the padding's).
+// kValueBins): all zero for a map whose lo == hi; zero_bin (B, H): the bin of 0 (the padding's),
+// -1 for a map whose real entries hold NaN or inf (its counts all zero).
 constexpr int kValueBins = 20;
 void value_histogram(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask, bool widen_to_zero,
                      int64_t* counts, int64_t* zero_bin);

@@ -410,6 +410,34 @@ def test_value_histogram_kernel_equals_torch():
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-12)
 
 
+def test_value_histogram_of_maps_holding_nan_or_inf():
+    """A map whose real entries hold NaN or inf has no value histogram: its entropy is NaN on the
+    C++ and torch paths alike, the other maps' unchanged (the core had binned a NaN at INT_MIN and
+    crashed; torch's path had called the map constant, entropy 0). Padded entries are not read."""
+    core = pytest.importorskip("embgeom._C")
+    rng = np.random.default_rng(5)
+    a = rng.random((2, 3, 6, 6)).astype(np.float32)
+    a[0, 1, 2, 3] = np.nan
+    a[1, 0, 0, 0] = np.inf
+    a[1, 2, 5, 5] = np.nan                                    # padded: row and column 5 of text 1
+    mask = np.ones((2, 6), dtype=bool)
+    mask[1, 5] = False
+    attn, m = torch.from_numpy(a), torch.from_numpy(mask)
+    for widen in (False, True):
+        counts, zero_bin = core.value_histogram(a, mask.astype(np.uint8), widen)
+        assert zero_bin[0, 1] == zero_bin[1, 0] == -1 and counts[0, 1].sum() == counts[1, 0].sum() == 0
+        assert _value_counts_bad(attn, m, widen) == [[False, True, False], [True, False, False]]
+    for pad in (None, 8):
+        got = hd.value_histogram_entropy(attn, m, pad_to=pad)
+        want = hd.value_histogram_entropy(attn.double(), m, pad_to=pad)  # the torch path
+        assert torch.isnan(got).tolist() == [[False, True, False], [True, False, False]]
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-12)
+
+
+def _value_counts_bad(attn, mask, widen):
+    return (hd._value_counts(attn, mask, widen)[1][..., 0] < 0).tolist()
+
+
 @pytest.mark.parametrize("T", [1, 7, 8, 17, 40])
 def test_js_pair_sums_kernel(T, monkeypatch):
     """_C.js_pair_sums against float64 s ln s sums on every vector level (tails of 8 and 16 keys,

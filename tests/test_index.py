@@ -766,6 +766,10 @@ def test_core_rows_dot(dtype, monkeypatch):
     monkeypatch.delenv("EMBGEOM_CPU")
     with pytest.raises(ValueError, match="rows: expected 4 columns"):
         kernel(np.zeros((1, 4), np.float32), np.zeros((2, 5), bits.dtype))
+    # rows of the other kind are refused, not converted (float32 values read as bf16 had given NaN)
+    other = np.zeros((2, 4), np.float32 if dtype == "bfloat16" else np.int16)
+    with pytest.raises(ValueError, match="rows: expected .*, got dtype"):
+        kernel(np.zeros((1, 4), np.float32), other)
 
 
 def test_native_bf16_follows_the_core_dispatch(monkeypatch):

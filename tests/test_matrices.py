@@ -394,3 +394,29 @@ def test_eigenvalue_magnitudes_fall_back_to_numpy(monkeypatch):
     nan[1, 3, 4] = np.nan
     mags, ok = _C.eigvals_abs(nan, 1)
     assert ok.tolist() == [True, False] and np.isnan(mags[1]).all()
+    # 1 x 1 and 2 x 2 blocks with a NaN: the scale's maximum had passed over it and ok said 1
+    for n in (1, 2):
+        x = np.full((1, n, n), 0.5)
+        x[0, n - 1, 0] = np.nan
+        assert _C.eigvals_abs(x, 1)[1].tolist() == [False]
+    # a block holding NaN or inf: NaN magnitudes, with the core or without (numpy refuses them)
+    a[4, 0, 0], a[7, 2, 1] = np.nan, np.inf
+    for core in (_C, None):
+        monkeypatch.setattr(registry, "cpp", lambda core=core: core)
+        got = matrices.eigenvalue_magnitudes(a)
+        assert np.isnan(got).any(1).tolist() == [i in (4, 7) for i in range(13)]
+
+
+def test_matrices_refuse_maps_holding_nan():
+    """Attention maps holding NaN (a broken model's output) stop `--matrices` with the layer
+    named, where LAPACK's SVD had raised "SVD did not converge"."""
+    from types import SimpleNamespace
+
+    from embgeom.analysis.heads.matrices import MatricesAccumulator
+
+    attn = torch.softmax(torch.randn(2, 2, 5, 5, generator=torch.Generator().manual_seed(0)), -1)
+    attn[1, 0, 2, 3] = float("nan")
+    batch = SimpleNamespace(mask=torch.ones(2, 5, dtype=torch.bool), attentions=(attn.clone(), attn))
+    batch.attentions[0][1, 0, 2, 3] = 0.0
+    with pytest.raises(ValueError, match="layer 2's attention maps hold NaN or inf"):
+        MatricesAccumulator(2, 2, 8, torch.device("cpu")).update(batch)

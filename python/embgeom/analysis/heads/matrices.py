@@ -186,15 +186,24 @@ def eigenvalue_magnitudes(a: np.ndarray) -> np.ndarray:
     (`eigvals_abs`: 8 with AVX-512, 4 with AVX2, 2 with SSE2 or NEON; one thread: the caller's
     lapack_map spreads the blocks over the cores; 4.1-4.5x faster than numpy.linalg.eigvals one
     block at a time for 16-128 tokens, docs/architecture.md), with
-    numpy.linalg.eigvals (LAPACK dgeev) for any block it gives up on, or without the core."""
+    numpy.linalg.eigvals (LAPACK dgeev) for any block it gives up on, or without the core; NaN for
+    a block holding NaN or inf."""
     from ...backends.registry import cpp_kernel
 
     kernel = cpp_kernel("eigvals_abs")
-    if kernel is None or a.shape[0] == 0:
-        return np.abs(np.linalg.eigvals(a)) if a.shape[0] else np.zeros(a.shape[:2])
-    mags, ok = kernel(np.ascontiguousarray(a, dtype=np.float64), 1)
+    if a.shape[0] == 0:
+        return np.zeros(a.shape[:2])
+    if kernel is None:
+        mags, ok = np.zeros(a.shape[:2]), np.zeros(a.shape[0], dtype=bool)
+    else:
+        mags, ok = kernel(np.ascontiguousarray(a, dtype=np.float64), 1)
     if not ok.all():
-        mags[~ok] = np.abs(np.linalg.eigvals(a[~ok]))
+        # blocks holding NaN or inf get NaN (numpy refuses them); the rest LAPACK's
+        finite = np.isfinite(a).all(axis=(1, 2))
+        mags[~ok & ~finite] = np.nan
+        redo = ~ok & finite
+        if redo.any():
+            mags[redo] = np.abs(np.linalg.eigvals(a[redo]))
     return mags
 
 
@@ -393,6 +402,10 @@ class MatricesAccumulator(Resumable):
             # (the first `room` texts of a group: by_len lists each length's texts in batch order)
             picked = [[j for j, i in enumerate(g[2]) if i < room] for g in groups]
             blocks64 = [g[3][sel].double() for g, sel in zip(groups, picked)]
+            for (l, *_), blocks in zip(groups, blocks64):
+                if not bool(torch.isfinite(blocks).all()):  # (LAPACK's SVD would not converge)
+                    raise ValueError(f"--matrices: layer {l + 1}'s attention maps hold NaN or inf (the model's "
+                                     "output); their spectra are not defined")
             specs = lapack_map(lambda x: block_spectra(x, eps), [x.cpu() for x in blocks64], workers) \
                 if room else [None] * len(groups)
             for (l, _n, _texts, raw), blocks, spec in zip(groups, blocks64, specs):

@@ -123,7 +123,8 @@ def value_histogram_entropy(attn: torch.Tensor, mask: torch.Tensor, pad_to: int 
     """The authors' Shannon entropy of a map's value histogram, per text and head: the n*n
     entries on real tokens in 20 equal-width bins between their min and max (right-closed bins,
     the lowest one including the min, as pandas.cut), p_b = count_b / n^2, -sum p_b ln p_b
-    (nats). attn (B, H, T, T) -> (B, H) float64 (0 for a constant map). pad_to = P: the map as
+    (nats). attn (B, H, T, T) -> (B, H) float64 (0 for a constant map, NaN for one whose real
+    entries hold NaN or inf). pad_to = P: the map as
     the authors' code bins it, zero-padded to P x P (their inputs are padded to the model's
     length, pad rows and columns zeroed): P^2 - n^2 more zeros, the range widened to take 0.
     Float32 maps on the CPU: the C++ core's value_histogram (the same edges and counts)."""
@@ -141,16 +142,20 @@ def value_histogram_entropy(attn: torch.Tensor, mask: torch.Tensor, pad_to: int 
         counts, zero_bin = counts.double(), zero_bin[..., None]
     else:
         counts, zero_bin = _value_counts(attn, mask, pad_to is not None)
+    bad = zero_bin[..., 0] < 0                                               # NaN / inf entries
+    zero_bin = zero_bin.clamp(min=0)
     if pad_to is not None:
         counts.scatter_add_(-1, zero_bin, (pad_to * pad_to - n2).expand(B, H)[..., None] * (counts.sum(-1, keepdim=True) > 0))
         n2 = torch.full_like(n2, float(pad_to * pad_to))
     p = counts / n2[..., None].clamp(min=1)
-    return row_entropy(p)
+    ent = row_entropy(p)
+    return torch.where(bad.to(ent.device), torch.full_like(ent, math.nan), ent)
 
 
 def _value_counts(attn: torch.Tensor, mask: torch.Tensor, widen_to_zero: bool):
     """value_histogram_entropy's counts (B, H, 20) float64 (zero for a constant map) and the bin
-    of 0 (B, H, 1) int64, in torch (any device and dtype)."""
+    of 0 (B, H, 1) int64, -1 for a map whose real entries hold NaN or inf, in torch (any device
+    and dtype)."""
     B, H, T, _ = attn.shape
     pair = (mask[:, :, None] & mask[:, None, :])[:, None]                  # (B, 1, T, T)
     inf = torch.tensor(math.inf, dtype=attn.dtype, device=attn.device)
@@ -174,7 +179,9 @@ def _value_counts(attn: torch.Tensor, mask: torch.Tensor, widen_to_zero: bool):
     counts = counts.view(B, H, VALUE_BINS + 1)[..., :VALUE_BINS].double()
     counts = torch.where((step > 0)[..., None], counts, torch.zeros_like(counts))
     zero_bin = torch.searchsorted(edges, torch.zeros(B, H, 1, dtype=attn.dtype, device=attn.device))
-    return counts, zero_bin.clamp(max=VALUE_BINS - 1)
+    # amin / amax carry NaN and inf (a map without a real entry has lo = inf, hi = -inf: no histogram)
+    bad = (~(torch.isfinite(lo) & torch.isfinite(hi)) & pair.flatten(1).any(1)[:, None])[..., None]
+    return counts, torch.where(bad, torch.full_like(zero_bin, -1), zero_bin.clamp(max=VALUE_BINS - 1))
 
 
 def ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
