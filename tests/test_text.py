@@ -244,6 +244,25 @@ def test_trace_heads_clark_gaussianity_in_one_call(tiny_bert, tiny_bert_dir, tmp
     assert torch.equal(plain.entropy, r.entropy)
 
 
+def test_torch_target_distribution_sums_in_float64():
+    """The torch path's relative-offset sums (what js_distance compares) are float64 sums of the
+    float32 maps' exact products: equal to those of the same maps in float64 (float32 sums over a
+    batch of 64 texts had been up to 7e-7 off per entry)."""
+    import embgeom.analysis.text.attention as A
+
+    g = torch.Generator().manual_seed(2)
+    B, H, T = 64, 3, 24
+    attn = torch.softmax(3 * torch.randn(B, H, T, T, generator=g), -1)
+    mask = torch.rand(B, T, generator=g) < 0.9
+    mask[:, 0] = True
+    cls = torch.zeros(B, T, dtype=torch.bool)
+    cls[:, 0] = True
+    sep = torch.rand(B, T, generator=g) < 0.1
+    got = A.target_distribution(attn, mask, cls, sep, 30)
+    want = A.target_distribution(attn.double(), mask, cls, sep, 30)
+    torch.testing.assert_close(got[:, 2:], want[:, 2:], rtol=1e-15, atol=0)
+
+
 @pytest.mark.parametrize("T", [1, 2, 37])
 def test_layer_summaries_kernel_equals_torch_path(T, cpu_cap, monkeypatch):
     """The one-pass C++ attention summaries (every vector level) against the torch functions on
@@ -273,6 +292,15 @@ def test_layer_summaries_kernel_equals_torch_path(T, cpu_cap, monkeypatch):
         torch.testing.assert_close(strided[0][key], got[0][key], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1].double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[2], want[2].double(), rtol=1e-5, atol=1e-6)
+    # the kernel's sums are float64 throughout: the torch functions on the float64 maps; and the
+    # torch path's target distribution sums float64 too (float32 sums had put js_distance 7e-6 off)
+    with monkeypatch.context() as m:
+        m.setattr(A.registry, "cpp", lambda: None)
+        want64 = A.layer_summaries(attn.double(), *args)
+    for key in A.TARGETS:
+        torch.testing.assert_close(got[0][key], want64[0][key], rtol=1e-12, atol=1e-14, msg=key)
+    torch.testing.assert_close(got[1], want64[1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[2], want64[2], rtol=1e-12, atol=1e-14)
     # the rows' entropies taken in the same pass: the entropy kernel's values, bit for bit (NaN
     # on padded rows), and the summaries unchanged
     assert A.fused_row_entropy(attn)
