@@ -234,7 +234,8 @@ def test_context_argmax_kernel_is_the_float64_argmax(T, d, cpu_cap):
 @pytest.mark.parametrize("T", [5, 20])
 def test_context_argmax_kernel_leaves_nan_rows_out(T, cpu_cap):
     """A token whose head output holds NaN is nobody's answer and gets none (it points at
-    itself), on every vector level alike: the other rows take the float64 argmax over the rest.
+    itself), on every vector level alike and on torch's path: the other rows take the float64
+    argmax over the rest.
     Before, a NaN key in the first column became the portable path's maximum and took every
     row's answer away."""
     from embgeom.analysis.text import attention
@@ -243,12 +244,12 @@ def test_context_argmax_kernel_leaves_nan_rows_out(T, cpu_cap):
     o = torch.randn(1, 2, T, 4, generator=torch.Generator().manual_seed(T))
     o[0, :, 0, 1] = float("nan")
     mask = torch.ones(1, T, dtype=torch.bool)
-    got = attention.context_argmax(o, mask)
     keep = list(range(1, T))
     want = _argmax64(o[:, :, keep], mask[:, keep])
-    for (b, h, i), j in want.items():
-        assert int(got[b, h, keep[i]]) == keep[j], (h, keep[i])
-    assert got[0, :, 0].tolist() == [0, 0]
+    for got in (attention.context_argmax(o, mask), attention.context_argmax_torch(o, mask)):
+        for (b, h, i), j in want.items():
+            assert int(got[b, h, keep[i]]) == keep[j], (h, keep[i])
+        assert got[0, :, 0].tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("rows,want", [
@@ -272,6 +273,51 @@ def test_context_argmax_kernel_outside_float32_range(rows, want, cpu_cap):
     o = torch.tensor(rows, dtype=torch.float32)[None, None]
     got = attention.context_argmax(o, torch.ones(1, o.shape[2], dtype=torch.bool))
     assert got[0, 0].tolist() == want
+
+
+@pytest.mark.parametrize("T,d", [(2, 3), (9, 4), (37, 64), (130, 32)])
+def test_context_argmax_torch_is_the_float64_argmax(T, d):
+    """torch's path (GPUs, or no C++ core) rescores the keys near each row's float32 maximum in
+    float64, as the kernel does: exact ties to the smaller position, near-ties closer than float32
+    can tell apart decided by float64 (a differential run had found 19 of 1,524 rows where the
+    float32 argmax took the smaller position), padding and one-token texts."""
+    from embgeom.analysis.text import attention
+
+    g = torch.Generator().manual_seed(T * 100 + d)
+    B, H = 4, 3
+    o = torch.randn(B, H, T, d, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, T // 2 + 1:] = False
+    mask[2, 1:] = False
+    if T >= 9:
+        o[0, :, 7] = o[0, :, 2]                      # exact ties
+        base = o[3, :, 4].double()
+        for h in range(H):                           # near-ties below float32's resolution
+            o[3, h, 5] = o[3, h, 4]
+            o[3, h, 0] = (base[h] * 1.0000001).float()
+    got = attention.context_argmax_torch(o, mask)
+    bad = [(k, int(got[k]), j) for k, j in _argmax64(o, mask).items() if int(got[k]) != j]
+    assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("rows,want", [
+    ([[1e20], [-1e20], [-3e20]], [1, 2, 1]),
+    ([[1.8446743e19], [-1.8446743e19]] + [[-1.8446743e19]] * 3, [1, 2, 1, 1, 1]),
+    ([[1e-22, 0.0], [-8.5629e-23, 0.0], [-8.3327e-23, 0.0]], [2, 2, 1]),
+    ([[1.0, 1.0], [2.0, 1.0], [1.0, 2.0], [3.0, 3.0], [float("-inf"), 1.0]], [3, 3, 3, 1, 0]),
+    ([[1e16], [-1e16], [-1e16]], [1, 2, 1]),  # scores below the padding's -1e30 offset
+])
+def test_context_argmax_torch_outside_float32_range(rows, want):
+    """The torch path on the kernel's out-of-range cases, and scores below -1e30, where the
+    padded keys' offset had made a padded key the answer: the float64 argmax."""
+    from embgeom.analysis.text import attention
+
+    o = torch.tensor(rows, dtype=torch.float32)[None, None]
+    T = o.shape[2]
+    o = torch.cat([o, torch.ones(1, 1, 1, o.shape[3])], 2)        # one padded key
+    mask = torch.ones(1, T + 1, dtype=torch.bool)
+    mask[0, T] = False
+    assert attention.context_argmax_torch(o, mask)[0, 0, :T].tolist() == want
 
 
 def test_context_argmax_kernel_of_empty_batches():

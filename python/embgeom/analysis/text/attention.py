@@ -232,8 +232,8 @@ def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict |
     """(B, H, T) int64: for every real token i of a sequence with >= 2 real tokens, the real
     j != i maximising S[i, j] = o_i . o_j (ties to the smaller j); other rows hold any position.
     On CPU float32 tensors the C++ kernel (products in float32, every key within their error
-    bound of the maximum rescored in float64: the float64 argmax); elsewhere torch's float32
-    scores (context_argmax_torch); 16-bit head outputs as float32."""
+    bound of the maximum rescored in float64: the float64 argmax); elsewhere torch's scores with
+    the same float64 step (context_argmax_torch); 16-bit head outputs as float32."""
     head_out = at_least_fp32(head_out)
     kernel = registry.cpp_kernel("context_argmax", head_out)
     if kernel is None:
@@ -243,7 +243,11 @@ def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict |
 
 
 def context_argmax_torch(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
-    """context_argmax from torch's float32 scores, a cache-sized chunk of heads at a time."""
+    """context_argmax from torch's scores in head_out's dtype, a cache-sized chunk of heads at a
+    time; as the C++ kernel, every key within the scores' error bound of a row's maximum is
+    rescored in float64 (the float64 argmax; float32 near-ties had taken the smaller position
+    where float64 told them apart), and where |q| |k| may pass the dtype's range or the padding's
+    offset, or a row holds NaN / inf, every key is."""
     head_out = at_least_fp32(head_out)
     B, H, T, _ = head_out.shape
     # Padded keys are pushed to -1e30 inside the GEMM (one extra column: [o, 1] . [o, -1e30*pad]),
@@ -263,13 +267,49 @@ def context_argmax_torch(head_out: torch.Tensor, mask: torch.Tensor, workspace: 
     s = _buffer(workspace, "similarity", (step, T, T), head_out.dtype, head_out.device)
     scratch = _buffer(workspace, "argmax", (step, T, T), s.dtype, s.device)
     j = torch.empty(B * H, T, dtype=torch.int64, device=head_out.device)
+    o64 = head_out.reshape(B * H, T, d).double()
+    qn = torch.linalg.vector_norm(o64, dim=-1)                                    # (B H, T)
+    real = mask.repeat_interleave(H, 0)                                           # (B H, T)
+    kmax = torch.where(real, qn, torch.zeros_like(qn)).amax(-1)                   # (B H,)
     for a in range(0, B * H, step):
         e = min(B * H, a + step)
         sa = s[:e - a]
         torch.matmul(lhs2[a:e], rhs2[a:e].transpose(-1, -2), out=sa)
         sa.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
         j[a:e] = first_argmax(sa, scratch[:e - a])
+        _rescore_near_maxima(sa, j[a:e], o64[a:e], real[a:e], qn[a:e], kmax[a:e])
     return j.view(B, H, T)
+
+
+def _rescore_near_maxima(s: torch.Tensor, j: torch.Tensor, o64: torch.Tensor, real: torch.Tensor,
+                         qn: torch.Tensor, kmax: torch.Tensor) -> None:
+    """context_argmax_torch's float64 step on one chunk: s (n, T, T) the scores (own key -inf,
+    padded keys about -1e30), j (n, T) their first argmax, updated in place where the float64
+    products of the keys within the bound |fl(q . k) - q . k| <= gamma_(d+1) |q| |k| + (d+1) eta
+    of the row's maximum (all real keys where that bound is not to be trusted) pick another."""
+    n, T, _ = s.shape
+    d = o64.shape[-1]
+    fin = torch.finfo(s.dtype)
+    u, eta = fin.eps / 2, fin.smallest_normal * fin.eps                  # unit roundoff, subnormal spacing
+    gamma = (d + 1) * u / (1 - (d + 1) * u)
+    top = s.amax(-1, keepdim=True).double()
+    bound = 2.02 * (gamma * qn[..., None] * kmax[:, None, None] + (d + 1) * eta)
+    others = real[:, None, :] & ~torch.eye(T, dtype=torch.bool, device=s.device)
+    cand = (s.double() >= top - bound) & others
+    # products or their sums past the dtype's range or near the padding's -1e30, NaN, inf
+    wide = ~(qn * kmax[:, None] < min(0.5 * fin.max, 1e28))
+    cand |= wide[..., None] & others
+    redo = (cand.sum(-1) > 1) & real
+    if not bool(redo.any()):
+        return
+    r, i = redo.nonzero(as_tuple=True)
+    s64 = torch.einsum("md,mtd->mt", o64[r, i], o64[r])                      # (m, T)
+    valid = cand[r, i] & ~torch.isnan(s64)
+    score = torch.where(valid, s64, torch.full_like(s64, float("-inf")))
+    hit = valid & (score == score.amax(-1, keepdim=True))
+    pos = torch.arange(T, device=s.device).expand_as(hit)
+    pick = torch.where(hit, pos, torch.full_like(pos, T)).amin(-1)              # the first: ties to the smaller j
+    j[r, i] = torch.where(valid.any(-1), pick, i)                               # every product NaN: no answer
 
 
 def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Tensor,
