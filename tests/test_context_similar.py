@@ -197,6 +197,25 @@ def test_context_summaries_kernel_equals_torch(with_sentences, monkeypatch):
         assert torch.equal(got[key], want[key]), key
 
 
+def _near_tie_case(T, d):
+    """Head outputs (4, 3, T, d) and a mask: text 1 padded, text 2 one token; from T = 9 exact
+    ties (rows 2 and 7 of text 0) and near-ties below float32's resolution (text 3: o_5 = o_4,
+    o_0 = o_4 (1 + 1e-7) in float64 terms)."""
+    g = torch.Generator().manual_seed(T * 100 + d)
+    B, H = 4, 3
+    o = torch.randn(B, H, T, d, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, T // 2 + 1:] = False
+    mask[2, 1:] = False
+    if T >= 9:
+        o[0, :, 7] = o[0, :, 2]
+        base = o[3, :, 4].double()
+        for h in range(H):
+            o[3, h, 5] = o[3, h, 4]
+            o[3, h, 0] = (base[h] * 1.0000001).float()
+    return o, mask
+
+
 @pytest.mark.parametrize("T,d", [(1, 4), (2, 3), (9, 4), (37, 64), (130, 32)])
 def test_context_argmax_kernel_is_the_float64_argmax(T, d, cpu_cap):
     """The C++ kernel (CPU float32, every vector level) against float64 brute force: padding, a
@@ -209,18 +228,7 @@ def test_context_argmax_kernel_is_the_float64_argmax(T, d, cpu_cap):
     want_path = {"avx512": "avx512", "avx2": "avx2"}.get(cpu_cap, "portable")
     assert _C.cpu_info()["context_argmax"].startswith(want_path)
 
-    g = torch.Generator().manual_seed(T * 100 + d)
-    B, H = 4, 3
-    o = torch.randn(B, H, T, d, generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, T // 2 + 1:] = False
-    mask[2, 1:] = False
-    if T >= 9:
-        o[0, :, 7] = o[0, :, 2]                      # exact ties
-        base = o[3, :, 4].double()
-        for h in range(H):                           # near-ties: o_5 = o_4 (1 + 1e-9) in float64 terms
-            o[3, h, 5] = o[3, h, 4]
-            o[3, h, 0] = (base[h] * 1.0000001).float()
+    o, mask = _near_tie_case(T, d)
     got = attention.context_argmax(o, mask)
     want = _argmax64(o, mask)
     strided = o.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, d) memory, as the hooks'
@@ -283,18 +291,7 @@ def test_context_argmax_torch_is_the_float64_argmax(T, d):
     float32 argmax took the smaller position), padding and one-token texts."""
     from embgeom.analysis.text import attention
 
-    g = torch.Generator().manual_seed(T * 100 + d)
-    B, H = 4, 3
-    o = torch.randn(B, H, T, d, generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, T // 2 + 1:] = False
-    mask[2, 1:] = False
-    if T >= 9:
-        o[0, :, 7] = o[0, :, 2]                      # exact ties
-        base = o[3, :, 4].double()
-        for h in range(H):                           # near-ties below float32's resolution
-            o[3, h, 5] = o[3, h, 4]
-            o[3, h, 0] = (base[h] * 1.0000001).float()
+    o, mask = _near_tie_case(T, d)
     got = attention.context_argmax_torch(o, mask)
     bad = [(k, int(got[k]), j) for k, j in _argmax64(o, mask).items() if int(got[k]) != j]
     assert not bad, bad[:5]
