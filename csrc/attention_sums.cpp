@@ -1,5 +1,6 @@
 #include "attention_sums.h"
 
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -122,12 +123,17 @@ void attention_sums(const float* p, int64_t B, int64_t H, int64_t T, const uint8
         map(p + bh * T * T, T, mask + b * T, sep_cols.data(), int64_t(sep_cols.size()), other + b * T, of.data(),
             sep_other[bh], prev[bh], next[bh], sums, part.data() + bh * R, entropy_of, wf.data(),
             entropy ? entropy + bh * T : nullptr);
+        // a real row holding NaN / inf makes every key mass and [SEP]'s mass of the other rows
+        // NaN, as the row-by-row dot products (and torch's) take them
+        bool finite = true;
+        for (int64_t j = 0; j < T; ++j) finite &= std::fabs(sums[j]) <= std::numeric_limits<double>::max();
         for (int64_t k = 0; k < K; ++k) {
           double m = 0.0;
           for (int64_t j = 0; j < T; ++j)
             if (keys[(b * T + j) * K + k]) m += sums[j];
-          key_mass[bh * K + k] = m;
+          key_mass[bh * K + k] = finite ? m : std::numeric_limits<double>::quiet_NaN();
         }
+        if (!finite) sep_other[bh] = std::numeric_limits<double>::quiet_NaN();
       }
     }
   }

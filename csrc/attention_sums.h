@@ -13,7 +13,8 @@ namespace embgeom {
 //   prev, next (B, H)   p[i, i - 1] where i - 1 is real, p[i, i + 1] where i + 1 is real
 //   row_sum (B, H, T)   sum_i p[i, :]
 //   offsets (H, 2T - 1) sum over b and i of p[i, j] for `other` keys j, at index j - i + T - 1
-// Every sum is of float64 terms (the key masses from row_sum: sum_j row_sum[j] keys[j, k]).
+// Every sum is of float64 terms (the key masses from row_sum: sum_j row_sum[j] keys[j, k]); a
+// real row holding NaN or inf makes the map's key_mass and sep_other NaN.
 // entropy (B, H, T) or nullptr: each real row's entropy over the real keys, NaN for padded rows,
 // the values attention_row_entropy(p, mask, 0) gives (one pass over the maps for both).
 void attention_sums(const float* p, int64_t B, int64_t H, int64_t T, const uint8_t* mask,

@@ -298,7 +298,7 @@ py::array_t<double> row_moments(const py::array_t<float>& x) {
 template <class T, class Kernel>
 py::array_t<float> rows_dot(const f32_array& q, const py::array& rows, const char* what, Kernel kernel) {
   // rows of another dtype are refused, not converted (a float32 array read as bf16 had given NaN)
-  EMBGEOM_CHECK(rows.dtype().is(py::dtype::of<T>()),
+  EMBGEOM_CHECK(py::isinstance<py::array_t<T>>(rows),  // (an equivalent dtype: native order, any metadata)
                 "rows: expected " << what << ", got dtype " << std::string(py::str(rows.dtype())));
   EMBGEOM_CHECK(q.ndim() == 2 && rows.ndim() == 2, "q, rows: expected (Q, D) and (N, D) arrays, got "
                                                        << q.ndim() << " and " << rows.ndim() << " dims");

@@ -302,11 +302,11 @@ def test_context_argmax_torch_is_the_float64_argmax(T, d):
     ([[1.8446743e19], [-1.8446743e19]] + [[-1.8446743e19]] * 3, [1, 2, 1, 1, 1]),
     ([[1e-22, 0.0], [-8.5629e-23, 0.0], [-8.3327e-23, 0.0]], [2, 2, 1]),
     ([[1.0, 1.0], [2.0, 1.0], [1.0, 2.0], [3.0, 3.0], [float("-inf"), 1.0]], [3, 3, 3, 1, 0]),
-    ([[1e16], [-1e16], [-1e16]], [1, 2, 1]),  # scores below the padding's -1e30 offset
+    ([[1e16], [-1e16], [-1e16]], [1, 2, 1]),  # scores below -1e30 (once the padding's offset)
 ])
 def test_context_argmax_torch_outside_float32_range(rows, want):
     """The torch path on the kernel's out-of-range cases, and scores below -1e30, where the
-    padded keys' offset had made a padded key the answer: the float64 argmax."""
+    padded keys' offset (gone since) had made a padded key the answer: the float64 argmax."""
     from embgeom.analysis.text import attention
 
     o = torch.tensor(rows, dtype=torch.float32)[None, None]
@@ -315,6 +315,35 @@ def test_context_argmax_torch_outside_float32_range(rows, want):
     mask = torch.ones(1, T + 1, dtype=torch.bool)
     mask[0, T] = False
     assert attention.context_argmax_torch(o, mask)[0, 0, :T].tolist() == want
+
+
+def test_context_argmax_torch_equals_the_kernel_on_odd_rows():
+    """torch's path against the C++ kernel where a review found it apart: a padded row holding
+    NaN (its NaN maximum had given every row index T, out of range), a two-token text with a NaN
+    row, a padded row of norm 1e31 (it had outscored the padding's -1e30 offset), and two tokens
+    whose product is -1e32 (below that offset: the padded key had been the answer)."""
+    from embgeom.analysis.text import attention
+
+    pytest.importorskip("embgeom._C")
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    o = torch.randn(1, 1, 4, 3, generator=g)
+    o[0, 0, 3] = float("nan")
+    cases.append((o, torch.tensor([[True, True, True, False]])))
+    o = torch.randn(1, 1, 2, 3, generator=g)
+    o[0, 0, 0, 0] = float("nan")
+    cases.append((o, torch.ones(1, 2, dtype=torch.bool)))
+    o = torch.randn(1, 1, 3, 3, generator=g)
+    o[0, 0, 2] = o[0, 0, 0] * 1e31 / o[0, 0, 0].norm()
+    cases.append((o, torch.tensor([[True, True, False]])))
+    o = torch.zeros(1, 1, 3, 2)
+    o[0, 0, 0, 0], o[0, 0, 1, 0] = 1e16, -1e16
+    cases.append((o, torch.tensor([[True, True, False]])))
+    for o, mask in cases:
+        got = attention.context_argmax_torch(o, mask)
+        want = attention.context_argmax(o, mask)                 # the C++ kernel on CPU float32
+        assert got.tolist() == want.tolist(), (o, mask)
+        assert int(got.min()) >= 0 and int(got.max()) < o.shape[2]
 
 
 def test_context_argmax_kernel_of_empty_batches():

@@ -770,6 +770,9 @@ def test_core_rows_dot(dtype, monkeypatch):
     other = np.zeros((2, 4), np.float32 if dtype == "bfloat16" else np.int16)
     with pytest.raises(ValueError, match="rows: expected .*, got dtype"):
         kernel(np.zeros((1, 4), np.float32), other)
+    # an equivalent dtype object (metadata, '=' order) is the same kind: taken
+    same = bits[:3].view(np.dtype(bits.dtype.str, metadata={"k": 1}))
+    assert np.array_equal(kernel(q, same), kernel(q, bits[:3]))
 
 
 def test_native_bf16_follows_the_core_dispatch(monkeypatch):

@@ -244,6 +244,29 @@ def test_trace_heads_clark_gaussianity_in_one_call(tiny_bert, tiny_bert_dir, tmp
     assert torch.equal(plain.entropy, r.entropy)
 
 
+def test_layer_summaries_of_maps_holding_nan(monkeypatch):
+    """A real row holding NaN in a column no key reads: the key masses and [SEP]'s mass of the
+    other rows are NaN on the C++ path as on torch's (the column sums had left them finite once
+    the masses came from them)."""
+    import embgeom.analysis.text.attention as A
+
+    pytest.importorskip("embgeom._C")
+    attn = torch.softmax(torch.randn(2, 2, 6, 6, generator=torch.Generator().manual_seed(1)), -1)
+    attn[0, 1, 2, 3] = float("nan")
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    cls, sep = torch.zeros(2, 6, dtype=torch.bool), torch.zeros(2, 6, dtype=torch.bool)
+    cls[:, 0], sep[:, 5] = True, True
+    none = torch.zeros_like(mask)
+    args = (mask, cls, sep, none, none, none, 8)
+    got = A.layer_summaries(attn, *args)
+    with monkeypatch.context() as m:
+        m.setattr(A.registry, "cpp", lambda: None)
+        want = A.layer_summaries(attn, *args)
+    for key in ("cls", "sep", "sep_from_other"):
+        assert torch.equal(got[0][key].isnan(), want[0][key].isnan()), key
+        assert got[0][key].isnan().tolist() == [[False, True], [False, False]], key
+
+
 def test_torch_target_distribution_sums_in_float64():
     """The torch path's relative-offset sums (what js_distance compares) are float64 sums of the
     float32 maps' exact products: equal to those of the same maps in float64 (float32 sums over a

@@ -218,16 +218,6 @@ def js_distance(dists: torch.Tensor) -> torch.Tensor:
 CONTEXT_CHUNK_BYTES = 1 << 20
 
 
-def first_argmax(s: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """s.argmax(-1) (the first position of each row's maximum), from vectorised reductions:
-    torch's CPU argmax is ~10x slower than amax. scratch: a buffer shaped like s."""
-    T = s.shape[-1]
-    top = s.amax(-1, keepdim=True)
-    torch.ge(s, top, out=scratch)                  # 1 at every maximum, 0 elsewhere
-    scratch.mul_(torch.arange(T, 0, -1, dtype=s.dtype, device=s.device))  # earlier = larger
-    return T - scratch.amax(-1).long()
-
-
 def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
     """(B, H, T) int64: for every real token i of a sequence with >= 2 real tokens, the real
     j != i maximising S[i, j] = o_i . o_j (ties to the smaller j); other rows hold any position.
@@ -244,71 +234,67 @@ def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict |
 
 def context_argmax_torch(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
     """context_argmax from torch's scores in head_out's dtype, a cache-sized chunk of heads at a
-    time; as the C++ kernel, every key within the scores' error bound of a row's maximum is
-    rescored in float64 (the float64 argmax; float32 near-ties had taken the smaller position
-    where float64 told them apart), and where |q| |k| may pass the dtype's range or the padding's
-    offset, or a row holds NaN / inf, every key is."""
+    time, then as the C++ kernel: every real key within the scores' error bound of a row's
+    maximum rescored in float64 (the float64 argmax; float32 near-ties had taken the smaller
+    position where float64 told them apart), every real key where |q| |k| may pass the dtype's
+    range or a row holds NaN / inf; rows without an answer point at themselves."""
     head_out = at_least_fp32(head_out)
-    B, H, T, _ = head_out.shape
-    # Padded keys are pushed to -1e30 inside the GEMM (one extra column: [o, 1] . [o, -1e30*pad]),
-    # self-similarity by filling the diagonal: no extra pass over the (B, H, T, T) scores.
-    d = head_out.shape[-1]
-    lhs = _buffer(workspace, "sim_lhs", (B, H, T, d + 1), head_out.dtype, head_out.device)
-    rhs = _buffer(workspace, "sim_rhs", (B, H, T, d + 1), head_out.dtype, head_out.device)
-    lhs[..., :d].copy_(head_out)
-    lhs[..., d] = 1.0
-    rhs[..., :d].copy_(head_out)
-    rhs[..., d] = (~mask).to(head_out.dtype)[:, None, :] * -1e30
-    # S in chunks of heads whose (T, T) blocks stay in cache (about 1 MB): the matmul's output,
-    # the diagonal, amax and the argmax's passes then read cache, not a (B, H, T, T) array
-    # written and read four times
-    lhs2, rhs2 = lhs.view(B * H, T, d + 1), rhs.view(B * H, T, d + 1)
+    B, H, T, d = head_out.shape
+    o = head_out.reshape(B * H, T, d)
+    # S in chunks of heads whose (T, T) blocks stay in cache (about 1 MB): the products and the
+    # passes over them read cache, not a (B, H, T, T) array written and read again
     step = max(1, min(B * H, CONTEXT_CHUNK_BYTES // max(1, T * T * head_out.element_size())))
     s = _buffer(workspace, "similarity", (step, T, T), head_out.dtype, head_out.device)
-    scratch = _buffer(workspace, "argmax", (step, T, T), s.dtype, s.device)
     j = torch.empty(B * H, T, dtype=torch.int64, device=head_out.device)
-    o64 = head_out.reshape(B * H, T, d).double()
+    o64 = o.double()
     qn = torch.linalg.vector_norm(o64, dim=-1)                                    # (B H, T)
-    real = mask.repeat_interleave(H, 0)                                           # (B H, T)
+    real = mask.repeat_interleave(H, 0)                                           # (B H, T): b * H + h
     kmax = torch.where(real, qn, torch.zeros_like(qn)).amax(-1)                   # (B H,)
     for a in range(0, B * H, step):
         e = min(B * H, a + step)
         sa = s[:e - a]
-        torch.matmul(lhs2[a:e], rhs2[a:e].transpose(-1, -2), out=sa)
-        sa.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
-        j[a:e] = first_argmax(sa, scratch[:e - a])
+        torch.matmul(o[a:e], o[a:e].transpose(-1, -2), out=sa)
         _rescore_near_maxima(sa, j[a:e], o64[a:e], real[a:e], qn[a:e], kmax[a:e])
     return j.view(B, H, T)
 
 
 def _rescore_near_maxima(s: torch.Tensor, j: torch.Tensor, o64: torch.Tensor, real: torch.Tensor,
                          qn: torch.Tensor, kmax: torch.Tensor) -> None:
-    """context_argmax_torch's float64 step on one chunk: s (n, T, T) the scores (own key -inf,
-    padded keys about -1e30), j (n, T) their first argmax, updated in place where the float64
-    products of the keys within the bound |fl(q . k) - q . k| <= gamma_(d+1) |q| |k| + (d+1) eta
-    of the row's maximum (all real keys where that bound is not to be trusted) pick another."""
+    """context_argmax_torch's answers on one chunk, into j (n, T): s (n, T, T) the scores. The
+    candidates of a real row are its real keys (never itself, never a padded key, never a NaN
+    score) within the bound |fl(q . k) - q . k| <= gamma_d |q| |k| + d eta of their maximum: one
+    is the answer, several are rescored in float64; all real keys where that bound is not to be
+    trusted (|q| |k| near the dtype's range, NaN, inf) or no score is a number. A row without an
+    answer (padded, a one-token text, every product NaN) points at itself."""
     n, T, _ = s.shape
     d = o64.shape[-1]
     fin = torch.finfo(s.dtype)
     u, eta = fin.eps / 2, fin.smallest_normal * fin.eps                  # unit roundoff, subnormal spacing
-    gamma = (d + 1) * u / (1 - (d + 1) * u)
-    top = s.amax(-1, keepdim=True).double()
-    bound = 2.02 * (gamma * qn[..., None] * kmax[:, None, None] + (d + 1) * eta)
-    others = real[:, None, :] & ~torch.eye(T, dtype=torch.bool, device=s.device)
-    cand = (s.double() >= top - bound) & others
-    # products or their sums past the dtype's range or near the padding's -1e30, NaN, inf
-    wide = ~(qn * kmax[:, None] < min(0.5 * fin.max, 1e28))
-    cand |= wide[..., None] & others
-    redo = (cand.sum(-1) > 1) & real
+    gamma = d * u / (1 - d * u)
+    pos = torch.arange(T, device=s.device)
+    # (n, T, T): a real query's real keys, not itself
+    others = real[:, :, None] & real[:, None, :] & (pos[:, None] != pos[None, :])
+    s64 = s.double()
+    numbers = others & ~torch.isnan(s64)
+    top = torch.where(numbers, s64, torch.full_like(s64, float("-inf"))).amax(-1, keepdim=True)
+    bound = 2.02 * (gamma * qn[..., None] * kmax[:, None, None] + d * eta)
+    cand = numbers & (s64 >= top - bound)
+    # products or their sums past the dtype's range, NaN, inf, or no score a number: every real
+    # key, in float64
+    every = ~(qn * kmax[:, None] < 0.5 * fin.max) | (cand.sum(-1) == 0)
+    cand |= every[..., None] & others
+    count = cand.sum(-1)
+    first = torch.where(cand, pos.expand_as(cand), torch.full_like(cand, T, dtype=torch.int64)).amin(-1)
+    j.copy_(torch.where(count == 1, first, pos.expand_as(j)))
+    redo = (count > 1) | (every & (count > 0))
     if not bool(redo.any()):
         return
     r, i = redo.nonzero(as_tuple=True)
-    s64 = torch.einsum("md,mtd->mt", o64[r, i], o64[r])                      # (m, T)
-    valid = cand[r, i] & ~torch.isnan(s64)
-    score = torch.where(valid, s64, torch.full_like(s64, float("-inf")))
+    prod = torch.einsum("md,mtd->mt", o64[r, i], o64[r])                  # (m, T) float64
+    valid = cand[r, i] & ~torch.isnan(prod)
+    score = torch.where(valid, prod, torch.full_like(prod, float("-inf")))
     hit = valid & (score == score.amax(-1, keepdim=True))
-    pos = torch.arange(T, device=s.device).expand_as(hit)
-    pick = torch.where(hit, pos, torch.full_like(pos, T)).amin(-1)              # the first: ties to the smaller j
+    pick = torch.where(hit, pos.expand_as(hit), torch.full_like(pos.expand_as(hit), T)).amin(-1)  # ties: smaller j
     j[r, i] = torch.where(valid.any(-1), pick, i)                               # every product NaN: no answer
 
 
