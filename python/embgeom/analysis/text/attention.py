@@ -220,7 +220,7 @@ CONTEXT_CHUNK_BYTES = 1 << 20
 
 def context_argmax(head_out: torch.Tensor, mask: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
     """(B, H, T) int64: for every real token i of a sequence with >= 2 real tokens, the real
-    j != i maximising S[i, j] = o_i . o_j (ties to the smaller j); other rows hold any position.
+    j != i maximising S[i, j] = o_i . o_j (ties to the smaller j); other rows point at themselves.
     On CPU float32 tensors the C++ kernel (products in float32, every key within their error
     bound of the maximum rescored in float64: the float64 argmax); elsewhere torch's scores with
     the same float64 step (context_argmax_torch); 16-bit head outputs as float32."""
