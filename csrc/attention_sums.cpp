@@ -104,15 +104,21 @@ void attention_sums(const float* p, int64_t B, int64_t H, int64_t T, const uint8
   {
     std::vector<double> of(static_cast<size_t>(T));
     std::vector<float> wf(static_cast<size_t>(T));
-    std::vector<int64_t> sep_cols;
+    // the text's columns of each key, key k's at cols[starts[k], starts[k + 1]) ([SEP]: k = 1)
+    std::vector<int64_t> cols, starts(static_cast<size_t>(K + 1));
     int64_t loaded = -1;
 #pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t h = 0; h < H; ++h) {
-        if (loaded != b) {  // the text's key weights
-          sep_cols.clear();
+        if (loaded != b) {  // the text's key columns and weights
+          cols.clear();
+          for (int64_t k = 0; k < K; ++k) {
+            starts[size_t(k)] = int64_t(cols.size());
+            for (int64_t j = 0; j < T; ++j)
+              if (keys[(b * T + j) * K + k]) cols.push_back(j);
+          }
+          starts[size_t(K)] = int64_t(cols.size());
           for (int64_t j = 0; j < T; ++j) {
-            if (K > 1 && keys[(b * T + j) * K + 1]) sep_cols.push_back(j);
             of[j] = other[b * T + j] ? 1.0 : 0.0;
             wf[j] = mask[b * T + j] ? 1.0f : 0.0f;
           }
@@ -120,17 +126,17 @@ void attention_sums(const float* p, int64_t B, int64_t H, int64_t T, const uint8
         }
         const int64_t bh = b * H + h;
         double* sums = row_sum + bh * T;
-        map(p + bh * T * T, T, mask + b * T, sep_cols.data(), int64_t(sep_cols.size()), other + b * T, of.data(),
-            sep_other[bh], prev[bh], next[bh], sums, part.data() + bh * R, entropy_of, wf.data(),
-            entropy ? entropy + bh * T : nullptr);
+        const int64_t* sep_cols = cols.data() + (K > 1 ? starts[1] : 0);
+        const int64_t n_sep = K > 1 ? starts[2] - starts[1] : 0;
+        map(p + bh * T * T, T, mask + b * T, sep_cols, n_sep, other + b * T, of.data(), sep_other[bh], prev[bh],
+            next[bh], sums, part.data() + bh * R, entropy_of, wf.data(), entropy ? entropy + bh * T : nullptr);
         // a real row holding NaN / inf makes every key mass and [SEP]'s mass of the other rows
         // NaN, as the row-by-row dot products (and torch's) take them
         bool finite = true;
         for (int64_t j = 0; j < T; ++j) finite &= std::fabs(sums[j]) <= std::numeric_limits<double>::max();
         for (int64_t k = 0; k < K; ++k) {
           double m = 0.0;
-          for (int64_t j = 0; j < T; ++j)
-            if (keys[(b * T + j) * K + k]) m += sums[j];
+          for (int64_t c = starts[size_t(k)]; c < starts[size_t(k) + 1]; ++c) m += sums[cols[size_t(c)]];
           key_mass[bh * K + k] = finite ? m : std::numeric_limits<double>::quiet_NaN();
         }
         if (!finite) sep_other[bh] = std::numeric_limits<double>::quiet_NaN();

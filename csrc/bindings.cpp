@@ -72,7 +72,8 @@ py::tuple cone_unit_sums(const py::array_t<float>& x, const std::optional<u8_arr
     int64_t* zero_out = zero.mutable_data();
     for (int64_t b = 0; b < B; ++b) {
       int64_t valid = 0;
-      for (int64_t t = 0; t < T && D == 0; ++t) valid += !m || m[b * T + t];
+      if (D == 0)
+        for (int64_t t = 0; t < T; ++t) valid += !m || m[b * T + t];
       for (int64_t g = 0; g < G; ++g) zero_out[g * B + b] = valid;
     }
     return py::make_tuple(sums, used, zero);

@@ -14,10 +14,9 @@ namespace {
 // mask: the set's T bytes or nullptr): each valid row's squared norm in float64 over 8
 // interleaved partial sums (a fixed order; the AVX2 build fuses the multiply-adds, so its sums
 // may differ from the portable build's in the last bits), then acc[g] += row / |row| for the
-// non-zero ones, used[g] / zero[g] counted. The norms of the
-// whole chunk come first, so that one row's sqrt and division are not on the way of the next
-// row's sums (a layer's head outputs, rows of 32, took 88 ns a row row by row, most of it
-// waiting on them). The groups are walked token by token: a layer's head outputs (B, T, H, d)
+// non-zero ones, used[g] / zero[g] counted. The norms of the whole chunk come first, so that
+// one row's sqrt and division are not on the way of the next row's sums (a layer's head
+// outputs, rows of 32, took 88 ns a row row by row, most of it waiting on them). The groups are walked token by token: a layer's head outputs (B, T, H, d)
 // are then read in address order (a head at a time read 128 of every 1,536 bytes: twice the
 // time). Each set's rows are added in row order whatever the grouping. Plain loops the compiler
 // vectorises per target (baseline SSE2/NEON, AVX2+FMA).

@@ -188,7 +188,7 @@ EMBGEOM_AVX2 int64_t hits_avx2(const float* s, int64_t n, float reach, int32_t* 
 // one vector level's kernels
 struct Kernels {
   void (*scores)(const float* const*, const float*, int64_t, int64_t, float*);  // `rows` query rows
-  // or the scores with each row's own key at -inf and the row maxima (nullptr: scores, row_max)
+  // or the scores with each row's own key NaN and the row maxima (nullptr: scores, row_max)
   void (*scores_max)(const float* const*, const float*, int64_t, int64_t, float*, int64_t, float*);
   int rows;
   float (*row_max)(const float*, int64_t);

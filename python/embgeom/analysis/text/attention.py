@@ -284,8 +284,7 @@ def _rescore_near_maxima(s: torch.Tensor, j: torch.Tensor, o64: torch.Tensor, re
     every = ~(qn * kmax[:, None] < 0.5 * fin.max) | (cand.sum(-1) == 0)
     cand |= every[..., None] & others
     count = cand.sum(-1)
-    first = torch.where(cand, pos.expand_as(cand), torch.full_like(cand, T, dtype=torch.int64)).amin(-1)
-    j.copy_(torch.where(count == 1, first, pos.expand_as(j)))
+    j.copy_(torch.where(count == 1, _first_true(cand), pos.expand_as(j)))
     redo = (count > 1) | (every & (count > 0))
     if not bool(redo.any()):
         return
@@ -293,9 +292,15 @@ def _rescore_near_maxima(s: torch.Tensor, j: torch.Tensor, o64: torch.Tensor, re
     prod = torch.einsum("md,mtd->mt", o64[r, i], o64[r])                  # (m, T) float64
     valid = cand[r, i] & ~torch.isnan(prod)
     score = torch.where(valid, prod, torch.full_like(prod, float("-inf")))
-    hit = valid & (score == score.amax(-1, keepdim=True))
-    pick = torch.where(hit, pos.expand_as(hit), torch.full_like(pos.expand_as(hit), T)).amin(-1)  # ties: smaller j
+    pick = _first_true(valid & (score == score.amax(-1, keepdim=True)))         # ties: the smaller j
     j[r, i] = torch.where(valid.any(-1), pick, i)                               # every product NaN: no answer
+
+
+def _first_true(m: torch.Tensor) -> torch.Tensor:
+    """The first position along the last axis where m holds (its length where none does)."""
+    T = m.shape[-1]
+    pos = torch.arange(T, device=m.device).expand_as(m)
+    return torch.where(m, pos, torch.full_like(pos, T)).amin(-1)
 
 
 def context_similarity(head_out: torch.Tensor, mask: torch.Tensor, sep: torch.Tensor,
