@@ -418,5 +418,8 @@ def test_matrices_refuse_maps_holding_nan():
     attn[1, 0, 2, 3] = float("nan")
     batch = SimpleNamespace(mask=torch.ones(2, 5, dtype=torch.bool), attentions=(attn.clone(), attn))
     batch.attentions[0][1, 0, 2, 3] = 0.0
+    acc = MatricesAccumulator(2, 2, 8, torch.device("cpu"), spectra_texts=1)
     with pytest.raises(ValueError, match="layer 2's attention maps hold NaN or inf"):
-        MatricesAccumulator(2, 2, 8, torch.device("cpu")).update(batch)
+        acc.update(batch)
+    # refused before counting (the NaN text is past the spectra's limit: k90 would have taken it)
+    assert acc.texts == acc.spectra_texts == acc.real_tokens == 0 and int(acc.k90.sum()) == 0

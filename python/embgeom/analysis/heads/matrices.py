@@ -382,11 +382,20 @@ class MatricesAccumulator(Resumable):
         t0 = time.perf_counter()
         mask = b.mask
         B = mask.shape[0]
-        self.texts += B
         positions = [mask[i].nonzero().flatten() for i in range(B)]
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(positions):
             by_len.setdefault(int(p.numel()), []).append(i)
+        # each group: a layer's blocks of the texts with n real tokens (k, H, n, n), model dtype
+        groups = [(l, n, texts, attn[texts] if n == attn.shape[-1] else
+                   torch.stack([attn[i][:, positions[i]][:, :, positions[i]] for i in texts]))
+                  for l, attn in enumerate(b.attentions) for n, texts in by_len.items() if n]
+        # refused before anything is counted: a caller that goes on holds the earlier batches' sums
+        for l, _n, _texts, raw in groups:
+            if not bool(torch.isfinite(raw).all()):  # (LAPACK's SVD would not converge)
+                raise ValueError(f"--matrices: layer {l + 1}'s attention maps hold NaN or inf (the model's "
+                                 "output); their spectra are not defined")
+        self.texts += B
         if b.attentions:
             self.rank_eps = torch.finfo(b.attentions[0].dtype).eps
         eps = self.rank_eps
@@ -394,18 +403,10 @@ class MatricesAccumulator(Resumable):
         room = B if self.spectra_limit is None else max(0, min(B, self.spectra_limit - self.spectra_texts))
         self.spectra_texts += room
         self.real_tokens += int(mask[:room].sum())  # (the texts the ranks are of)
-        # each group: a layer's blocks of the texts with n real tokens (k, H, n, n), model dtype
-        groups = [(l, n, texts, attn[texts] if n == attn.shape[-1] else
-                   torch.stack([attn[i][:, positions[i]][:, :, positions[i]] for i in texts]))
-                  for l, attn in enumerate(b.attentions) for n, texts in by_len.items() if n]
         with one_blas_thread() as workers:
             # (the first `room` texts of a group: by_len lists each length's texts in batch order)
             picked = [[j for j, i in enumerate(g[2]) if i < room] for g in groups]
             blocks64 = [g[3][sel].double() for g, sel in zip(groups, picked)]
-            for (l, *_), blocks in zip(groups, blocks64):
-                if not bool(torch.isfinite(blocks).all()):  # (LAPACK's SVD would not converge)
-                    raise ValueError(f"--matrices: layer {l + 1}'s attention maps hold NaN or inf (the model's "
-                                     "output); their spectra are not defined")
             specs = lapack_map(lambda x: block_spectra(x, eps), [x.cpu() for x in blocks64], workers) \
                 if room else [None] * len(groups)
             for (l, _n, _texts, raw), blocks, spec in zip(groups, blocks64, specs):
