@@ -277,6 +277,26 @@ def test_cosine_neighbour_graph_leaves_zero_rows_out(sk_neighbors):
     assert nn.kneighbors_graph(q, n_neighbors=39)[3].nnz == 0
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_radius_neighbors_decide_on_the_distance_they_report(metric, dtype):
+    """A radius equal to a distance kneighbors reported lists that row, and the distances
+    radius_neighbors lists are <= the radius: cosine searches had cut at similarity >= 1 - r,
+    which rounds apart from 1 - s <= r (a row at distance == r missed, one above r listed)."""
+    from embgeom.sklearn import NearestNeighbors
+
+    x = np.array([[6.0, 9.0, -5.0], [4.0, 3.0, 0.0]] + make_rows(40, 3, seed=4).double().tolist(), dtype)
+    q = np.array([[-4.0, 7.0, -1.0], [1.0, 0.0, 0.0]] + make_rows(20, 3, seed=5).double().tolist(), dtype)
+    nn = NearestNeighbors(metric=metric).fit(x)
+    dist, ids = nn.kneighbors(q, n_neighbors=5)
+    for row in range(q.shape[0]):
+        for d, i in zip(dist[row], ids[row]):
+            for r in (float(d), float(np.nextafter(d, 0.0)), float(np.nextafter(np.float64(d), 0.0))):
+                got_d, got_i = nn.radius_neighbors(q[row:row + 1], radius=r)
+                assert (got_d[0] <= r).all()
+                assert (i in got_i[0]) == (d <= r)
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_infinite_radius_and_argument_names_as_sklearn(sk_neighbors, metric):
     """radius=inf lists every fitted row (nearest first, as scikit-learn's sorted results);

@@ -514,6 +514,36 @@ def test_load_refuses_crafted_files_with_their_hash_recomputed(tmp_path, change,
         Index.load(crafted)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, 3e38, 0.0])
+def test_load_refuses_crafted_bf16_scan_rows(tmp_path, metric, value):
+    """A bf16 index's scan rows are checked against its rows: a NaN there had dropped the query's
+    own row from search and range_search (their rounding bound NaN) without an error."""
+    import torch
+
+    path = tmp_path / "a.index"
+    rows = make_rows(50, 8)
+    Index(rows, metric=metric, dtype=torch.bfloat16).save(path)
+    crafted = tmp_path / "crafted.index"
+    crafted.write_bytes(_recrafted(path, lambda a: None))
+    assert Index.load(crafted).search(rows[:1], 1)[1].tolist() == [[0]] or metric != "cosine"
+    as_bf16 = torch.tensor([value], dtype=torch.float32).bfloat16().view(torch.int16).item()
+    crafted.write_bytes(_recrafted(path, lambda a: a["scan"].__setitem__((0, 0), as_bf16)))
+    with pytest.raises(ValueError, match="scan rows are not the rows' own"):
+        Index.load(crafted)
+
+
+def test_load_names_the_file_of_a_header_holding_a_huge_integer(tmp_path):
+    path = tmp_path / "a.index"
+    Index(make_rows(4, 3)).save(path)
+    data = path.read_bytes()
+    first = data.index(b"\n") + 1
+    end = data.index(b"\n", first)
+    path.write_bytes(data[:first] + b'{"n": ' + b"1" * 5000 + b"}" + data[end:])
+    with pytest.raises(ValueError, match="has a damaged header line"):
+        Index.load(path)
+
+
 @pytest.mark.parametrize("verify", [True, False])
 def test_load_reads_one_file_while_a_save_replaces_it(tmp_path, monkeypatch, verify):
     # a save renaming a new file over the path between the header's read and the arrays' maps had

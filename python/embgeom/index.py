@@ -1245,8 +1245,8 @@ class Index:
     def load(cls, path, *, device: Any = None, verify: bool = True) -> "Index":
         """Open an index file written by `save`, memory-mapped (rows are read from the page
         cache as searches need them). verify=True checks the sha256 of the arrays (one read
-        of the file) and that the rows are finite and the stored norms theirs (a file crafted
-        with its hash recomputed). ValueError (one line) on anything that is not a complete index
+        of the file) and that the rows are finite and the stored norms and bf16 scan rows theirs
+        (a file crafted with its hash recomputed). ValueError (one line) on anything that is not a complete index
         file of this format; verify=False trusts the file."""
         path = validation.path(path, "path")
         if not os.path.isfile(path):
@@ -1273,7 +1273,7 @@ class Index:
         head_len = f.tell()
         try:
             header = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # (ValueError: also an int of 4,300+ digits)
             raise ValueError(f"path: {path} has a damaged header line") from None
         want = {"format", "metric", "dtype", "n", "d", "arrays", "sha256"}
         if not isinstance(header, dict) or set(header) != want or header["format"] != FORMAT \
@@ -1329,6 +1329,15 @@ class Index:
                 raise ValueError(f"path: {path}: the stored norms are not the rows' norms (not a file `save` "
                                  "wrote)")
             _check_magnitudes(header["metric"], own, float(own.max()), ("path", "corpus"))
+            if "scan" in maps:
+                # a bf16 index's scan rows are made from its rows: NaN or foreign values there had
+                # dropped rows from searches (their rounding bound NaN) without an error
+                cosine = header["metric"] == "cosine"
+                inv = torch.where(norms_in > 0, 1.0 / norms_in.clamp(min=1e-300), torch.zeros_like(norms_in))
+                made, _ = _bf16_scan(rows_in, norms_in if cosine else None, inv if cosine else None)
+                if not torch.equal(made.view(torch.int16), torch.from_numpy(maps["scan"])):
+                    raise ValueError(f"path: {path}: the stored bfloat16 scan rows are not the rows' own (not a "
+                                     "file `save` wrote)")
         self = cls.__new__(cls)
         self.metric, self.dtype, self.d = header["metric"], DTYPES[header["dtype"]], d
         self.device = validation.device(device) if device is not None else torch.device("cpu")

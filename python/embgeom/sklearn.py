@@ -138,8 +138,8 @@ class NearestNeighbors(BaseEstimator):
         return (dist, ids) if return_distance else ids
 
     def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
-        """Per query, every fitted row within `radius`: object arrays of (distances, indices)
-        arrays; nearest first (the results are always sorted, whatever sort_results). radius inf:
+        """Per query, every fitted row within `radius` (its distance as reported, in its dtype,
+        <= radius): object arrays of (distances, indices) arrays; nearest first (the results are always sorted, whatever sort_results). radius inf:
         every fitted row; NaN, or a negative cosine radius: no row; a negative euclidean radius is
         refused (scikit-learn's brute search, all three)."""
         check_is_fitted(self)
@@ -170,16 +170,22 @@ class NearestNeighbors(BaseEstimator):
             if self.index_.metric == "l2":
                 lims, s, ids = self.index_.range_search(queries, r, float64=True)
             else:
-                lims, s, ids = self.index_.range_search(queries, 1.0 - r, float64=True)
+                # decided on the distance reported (1 - s, rounded, in its dtype), not on s >= 1 - r:
+                # rounded apart, a distance equal to the radius had been left out and one above it
+                # listed. The search takes every s whose distance may round to <= r (a float32
+                # distance by half an ulp of r), the filter below the rest.
+                slack = abs(r) * 2.0 ** -23 + 2.0 ** -50
+                lims, s, ids = self.index_.range_search(queries, 1.0 - r - slack, float64=True)
         lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
         dist = self._to_distance(s, Xq)
         Q = lims.shape[0] - 1
         out_d, out_i = [], []
         for q in range(Q):
             d_q, i_q = dist[lims[q]:lims[q + 1]], ids[lims[q]:lims[q + 1]]
+            keep = np.ones(i_q.shape, bool) if self.index_.metric == "l2" else d_q <= r
             if self_query:
-                mine = i_q != q
-                d_q, i_q = d_q[mine], i_q[mine]
+                keep &= i_q != q
+            d_q, i_q = d_q[keep], i_q[keep]
             out_d.append(d_q)
             out_i.append(i_q)
         return _object_rows(out_d, out_i, return_distance)
