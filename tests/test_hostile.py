@@ -227,6 +227,50 @@ def test_resume_through_api_equals_uninterrupted_run(tmp_path, monkeypatch, back
     assert got == want
 
 
+@pytest.mark.parametrize("seconds", ["0", "inf"])
+def test_a_signal_during_a_chunk_is_raised_after_that_chunk_is_saved(tmp_path, monkeypatch, seconds):
+    """SIGINT while the engine runs a chunk (the C++ call holds no GIL: Python takes the signal
+    as it returns): the chunk is saved, then KeyboardInterrupt. It had been raised before the
+    save, losing the chunk, and under EMBGEOM_CHECKPOINT_SECONDS=inf (one chunk) the whole run."""
+    import os
+    import signal
+
+    from embgeom import api
+
+    x = make_embeddings(60, 8, seed=5)
+    kw = dict(block=8, bins=20, topk=5, row_topk=3)
+    want = embgeom.pairwise_stats(x, **kw).to_dict()
+    path = str(tmp_path / "run.ckpt")
+    real_run_engine = api.run_engine
+
+    class SignalledInChunk2:
+        def __init__(self, engine):
+            self.engine, self.chunks = engine, 0
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def run(self, begin, end):
+            self.engine.run(begin, end)
+            self.chunks += 1
+            if self.chunks == 2:
+                os.kill(os.getpid(), signal.SIGINT)   # as if it came while the call ran
+
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", seconds)
+    monkeypatch.setattr(api, "run_engine", lambda engine, **k: real_run_engine(SignalledInChunk2(engine), **k))
+    with pytest.raises(KeyboardInterrupt):
+        embgeom.pairwise_stats(x, checkpoint=path, **kw)
+    monkeypatch.setattr(api, "run_engine", real_run_engine)
+    resumed_from = []
+    real_load = runner.load_checkpoint
+    monkeypatch.setattr(runner, "load_checkpoint", lambda *a: resumed_from.append(real_load(*a)) or resumed_from[-1])
+    got = embgeom.pairwise_stats(x, checkpoint=path, **kw).to_dict()
+    # chunks of one tile each, or (inf) a first tile, then the rest in one
+    assert resumed_from[0].tiles_done == (2 if seconds == "0" else 36)
+    want.pop("seconds"), got.pop("seconds")
+    assert got == want
+
+
 def _crafted(name):
     """A change a crafted checkpoint (its checksum made anew) could make to a saved state."""
     def top(i, j):

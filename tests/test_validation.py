@@ -233,3 +233,17 @@ def test_results_hold_no_autograd_graph_on_any_backend(backend):
     res = embgeom.attention_entropy(attn, backend=backend)
     assert not res.mean.requires_grad and not res.row_entropy.requires_grad
     assert embgeom.attention_entropy(torch.zeros(2, 0, 5, 5), backend=backend).mean.shape == (0,)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+def test_a_parameter_passed_whole_warns_of_nothing(metric):
+    """An nn.Embedding's weight (requires_grad) as x: the inputs are detached where they are
+    read; the product range's float() of it had raised torch's autograd UserWarning."""
+    import warnings
+
+    w = torch.nn.Embedding(20, 8).weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = embgeom.pairwise_stats(w, metric=metric, range=None if metric == "cosine" else (-30, 30), row_topk=2)
+        embgeom.Index(w).search(w[:3], 2)
+    assert not s.row_topk.values.requires_grad

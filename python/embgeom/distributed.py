@@ -32,6 +32,7 @@ from .engine.checkpoint import fingerprint, load_checkpoint, save_checkpoint
 from .engine import limits
 from .engine.config import PairwiseConfig, make_config
 from .engine.runner import run_engine
+from .interrupts import interrupt_after
 from .engine.state import EngineState, check_fits
 
 
@@ -258,10 +259,12 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
         if job in done:
             continue
         g, h, _ = jobs[job]
-        state = state.merge(_run_job(rows, g, h, bounds, cfg, make_engine, n), cfg)
-        done.append(job)
-        if ckpt:
-            save_checkpoint(ckpt, fp, {"state": state, "done": done})
+        finished = _run_job(rows, g, h, bounds, cfg, make_engine, n)
+        with interrupt_after():  # (a finished job is saved before a signal's KeyboardInterrupt)
+            state = state.merge(finished, cfg)
+            done.append(job)
+            if ckpt:
+                save_checkpoint(ckpt, fp, {"state": state, "done": done})
         if progress:
             print(f"embgeom pairs [rank {rank}]: job {len(done)}/{len(mine)} done", file=sys.stderr, flush=True)
     try:

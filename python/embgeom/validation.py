@@ -49,10 +49,11 @@ def not_special_file(path: str, name: str | None = None) -> None:
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:
-    """torch.Tensor or numpy array -> tensor, zero-copy for numpy."""
+    """torch.Tensor or numpy array -> tensor, zero-copy for numpy; detached (embgeom's numbers
+    take no gradient: a parameter's float() had warned, its products had recorded a graph)."""
     if isinstance(x, torch.Tensor):
         dense_tensor(x, name)
-        return x.resolve_neg()  # (a view of a conjugate's imaginary part: numpy() refuses it)
+        return x.detach().resolve_neg()  # (a view of a conjugate's imaginary part: numpy() refuses it)
     if isinstance(x, np.ndarray):
         # (in either byte order: a .npy written on a big-endian machine is converted by torch_ready)
         if x.dtype.newbyteorder("=") in (np.float64, np.float32, np.float16):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
+from ..interrupts import interrupt_after
 from ..progress import as_progress
 from .checkpoint import checkpoint_seconds, load_checkpoint, save_checkpoint
 from .state import EngineState, check_fits
@@ -45,13 +46,16 @@ def _run_chunks(engine, fp, checkpoint, chunk_seconds, should_stop, bar, done, t
     while done < total_tiles:
         begin, end = done, min(total_tiles, done + chunk)
         t0 = time.perf_counter()
-        engine.run(begin, end)
-        per_tile = (time.perf_counter() - t0) / (end - begin)
-        pairs = engine.tile_pairs(begin, end)
-        done = end
-        if checkpoint:
-            save_checkpoint(checkpoint, fp, engine.state())
-        bar.update(pairs)
+        # a signal during the run (the C++ engine holds no GIL: Python sees it only when the call
+        # returns) is raised once the finished range is saved; raised between the two, it had
+        # lost that range, with EMBGEOM_CHECKPOINT_SECONDS=inf the whole run
+        with interrupt_after():
+            engine.run(begin, end)
+            per_tile = (time.perf_counter() - t0) / (end - begin)
+            done = end
+            if checkpoint:
+                save_checkpoint(checkpoint, fp, engine.state())
+        bar.update(engine.tile_pairs(begin, end))
         # size chunks to ~chunk_seconds so progress and checkpoints stay frequent but cheap
         chunk = max(1, int(min(total_tiles, chunk_seconds / max(per_tile, 1e-6))))  # (inf: all the rest)
         if should_stop is not None and should_stop():
