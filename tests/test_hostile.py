@@ -218,13 +218,20 @@ def test_resume_through_api_equals_uninterrupted_run(tmp_path, monkeypatch, back
     with pytest.raises(Killed):
         embgeom.pairwise_stats(x, checkpoint=path, **kw)
     monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    assert _resumed_tiles(monkeypatch, x, path, kw, want) == 3
+
+
+def _resumed_tiles(monkeypatch, x, path, kw, want) -> int:
+    """Rerun pairwise_stats(x, checkpoint=path, **kw): assert its result is `want` (an
+    uninterrupted run's to_dict()) and return the tiles done in the checkpoint it resumed."""
     resumed_from = []
     real_load = runner.load_checkpoint
     monkeypatch.setattr(runner, "load_checkpoint", lambda *a: resumed_from.append(real_load(*a)) or resumed_from[-1])
     got = embgeom.pairwise_stats(x, checkpoint=path, **kw).to_dict()
-    assert resumed_from[0].tiles_done == 3
+    want, got = dict(want), dict(got)
     want.pop("seconds"), got.pop("seconds")
     assert got == want
+    return resumed_from[0].tiles_done
 
 
 @pytest.mark.parametrize("seconds", ["0", "inf"])
@@ -261,14 +268,8 @@ def test_a_signal_during_a_chunk_is_raised_after_that_chunk_is_saved(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         embgeom.pairwise_stats(x, checkpoint=path, **kw)
     monkeypatch.setattr(api, "run_engine", real_run_engine)
-    resumed_from = []
-    real_load = runner.load_checkpoint
-    monkeypatch.setattr(runner, "load_checkpoint", lambda *a: resumed_from.append(real_load(*a)) or resumed_from[-1])
-    got = embgeom.pairwise_stats(x, checkpoint=path, **kw).to_dict()
     # chunks of one tile each, or (inf) a first tile, then the rest in one
-    assert resumed_from[0].tiles_done == (2 if seconds == "0" else 36)
-    want.pop("seconds"), got.pop("seconds")
-    assert got == want
+    assert _resumed_tiles(monkeypatch, x, path, kw, want) == (2 if seconds == "0" else 36)
 
 
 def _crafted(name):
