@@ -368,6 +368,61 @@ def test_a_json_or_checkpoint_never_lands_in_a_sealed_folder(tmp_path, capsys):
     embgeom.read_pairs(tmp_path / "pa")
 
 
+def test_no_output_is_written_inside_a_sealed_folder_at_any_depth(tmp_path, capsys):
+    """A report or a pairs folder inside a sealed report (or inside a folder of it) had been
+    accepted, then deleted without a word when the outer report was written again."""
+    import embgeom
+
+    x = make_embeddings(30, 4)
+    np.save(tmp_path / "x.npy", x.numpy())
+    project = ["project", str(tmp_path / "x.npy"), "--method", "pca", "--out"]
+    assert main([*project, str(tmp_path / "rep")]) == 0
+    (tmp_path / "rep" / "sub").mkdir()
+    for inner in (tmp_path / "rep" / "inner", tmp_path / "rep" / "sub" / "inner"):
+        capsys.readouterr()
+        assert main([*project, str(inner)]) == 2
+        assert f"is inside {tmp_path / 'rep'}, the report folder of `embgeom project`" in capsys.readouterr().err
+        assert main(["pairs-above", str(tmp_path / "x.npy"), "--threshold", "0.5", "--out", str(inner)]) == 2
+        with pytest.raises(ValueError, match="out: .* is inside .*, the report folder of `embgeom project`"):
+            embgeom.pairs_above(x, 0.5, inner)
+        assert main(["pairs", str(tmp_path / "x.npy"), "--json", str(inner.parent / "x.json")]) == 2
+        assert not inner.exists() and not (inner.parent / "x.json").exists()
+
+
+def test_an_output_file_that_is_a_pipe_or_a_link(tmp_path, capsys):
+    """`--json /dev/null` had replaced the device with a regular file (as root, the system's
+    /dev/null), a pipe likewise; a link to a file is written through (the link had been replaced
+    by the file, its target left as it was); a dangling link is refused."""
+    x = make_embeddings(20, 4)
+    np.save(tmp_path / "x.npy", x.numpy())
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x.json")
+    # (never the real /dev/null here: run against the code before, as root, it was replaced)
+    for target in (pipe, tmp_path / "dangling"):
+        assert main(["pairs", str(tmp_path / "x.npy"), "--json", str(target)]) == 2
+        assert f"--json: cannot write {target}: it is not a regular file" in capsys.readouterr().err
+    assert pipe.is_fifo() and (tmp_path / "dangling").is_symlink()
+    (tmp_path / "real.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    assert main(["pairs", str(tmp_path / "x.npy"), "--json", str(tmp_path / "link.json")]) == 0
+    assert (tmp_path / "link.json").is_symlink() and json.loads((tmp_path / "real.json").read_text())["count"] == 190
+
+
+def test_a_model_folder_inside_out_is_refused(tiny_bert_dir, tmp_path, capsys):
+    """`vocab --model OUT/model --out OUT` had read the model, then deleted it with the old report."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_bert_dir, out / "model")
+    (tmp_path / "corpus.txt").write_text("a b c\n")
+    for command in (["vocab"], ["text", str(tmp_path / "corpus.txt")]):
+        capsys.readouterr()
+        assert main([*command, "--model", str(out / "model"), "--out", str(out)]) == 2
+        assert f"--model: {out / 'model'} lies inside --out {out}" in capsys.readouterr().err
+    assert (out / "model" / "config.json").is_file()
+
+
 def test_ctrl_c_while_the_command_imports_is_one_line(monkeypatch, capsys):
     import embgeom.cli as cli
 

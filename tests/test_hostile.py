@@ -578,6 +578,22 @@ def test_pickled_pt_is_refused_with_one_line(tmp_path):
     assert not marker.exists()
 
 
+def test_a_raw_pickle_as_pt_is_refused_without_torch_warnings(tmp_path):
+    """A bare pickle (protocol 4, a call of os.system) named .pt: refused in one line, never run,
+    and torch's pickle-protocol UserWarning no longer printed before the refusal."""
+    import pickle
+    import warnings
+
+    marker = tmp_path / "ran"
+    (tmp_path / "x.pt").write_bytes(pickle.dumps(CreatesFile(marker), protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="x.pt: not a tensor file torch can read safely") as e:
+            load_matrix(str(tmp_path / "x.pt"))
+    one_line(e)
+    assert not marker.exists()
+
+
 def test_unreadable_pt_is_one_line_without_torch_advice(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"garbage" * 10)
     with pytest.raises(ValueError, match="cannot read .*not a tensor file torch can read") as e:

@@ -13,6 +13,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from typing import IO, Iterable, Iterator
 
 import numpy as np
@@ -68,24 +69,43 @@ def _write_error(name: str, path: str, exc: OSError) -> ValueError:
 def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple[str, str | None]] = (),
                       own_folder: bool = False) -> str:
     """The folder of an output file about to be written; ValueError (one line) when the folder is
-    missing, `path` is a directory, it is one of the inputs ((argument name, path or None), ...:
+    missing, `path` is a directory or something else that is no regular file (a device, a pipe,
+    a dangling link: `--json /dev/null` had replaced the device; a link to a file is written
+    through by atomic_write), it is one of the inputs ((argument name, path or None), ...:
     `pairs X.npy --json X.npy` had written over X), or (unless own_folder: the writer of that
     folder itself, as atomic_write is called) the folder is an embgeom output sealed by its
-    manifest (`pairs --json DIR/manifest.json` had replaced a pairs folder's manifest). Commands
-    call it before their work, atomic_write again."""
+    manifest, or any folder above it is (`pairs --json DIR/manifest.json` had replaced a pairs
+    folder's manifest; refuse_sealed_above). Commands call it before their work, atomic_write
+    again."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"{name}: cannot write {path}: it is a directory")
+    if os.path.lexists(path) and not os.path.isfile(path):  # (a link to a regular file is written through)
+        raise ValueError(f"{name}: cannot write {path}: it is not a regular file (a device, a pipe or a "
+                         "dangling link is never replaced)")
     for what, given in inputs:
         if given and os.path.realpath(given) == os.path.realpath(path):
             raise ValueError(f"{name}: {path} is the {what} file this run reads; write elsewhere")
     if not os.path.isdir(folder):
         raise ValueError(f"{name}: cannot write {path}: no such folder {folder}")
-    sealed = None if own_folder else _sealed_folder(folder)
-    if sealed:
-        raise ValueError(f"{name}: {path} is inside {folder}, {sealed}, whose {MANIFEST} lists what it holds "
-                         "(a file written there would break it); write elsewhere")
+    # (own_folder: that folder is the writer's own; the folders above it are still checked)
+    refuse_sealed_above(folder if own_folder else path, name)
     return folder
+
+
+def refuse_sealed_above(path: str, name: str) -> None:
+    """ValueError (one line) when a folder above `path` (any level, `path` itself not counted) is
+    an embgeom output sealed by its manifest: a file written there breaks its manifest, and a
+    folder (a report, a pairs folder) written there went without a word when that output was
+    written again (its swap replaces the folder whole)."""
+    here = os.path.realpath(os.path.abspath(os.fspath(path)))
+    folder = os.path.dirname(here)
+    while folder != here:
+        sealed = _sealed_folder(folder)
+        if sealed:
+            raise ValueError(f"{name}: {path} is inside {folder}, {sealed}, whose {MANIFEST} lists what it "
+                             "holds (a run writing it again replaces it whole); write elsewhere")
+        here, folder = folder, os.path.dirname(folder)
 
 
 def json_line(line: str, where: str):
@@ -175,6 +195,8 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output") -> It
     is a directory; OSErrors while writing (disk full) become the same ValueError.
     """
     path = os.fspath(path)
+    if os.path.islink(path):  # the link's target is written (renamed over, the link had been replaced)
+        path = os.path.realpath(path)
     folder = check_output_path(path, name, own_folder=True)
     base = os.path.basename(path)
     _remove_orphans(folder, base, (".tmp",))
@@ -281,6 +303,7 @@ def check_output_folder(out: str, name: str = "--out", *, command: str | None = 
         if given and _inside(given, path):
             raise ValueError(f"{what}: {given} lies inside {name} {out}, which this run replaces whole; "
                              f"move it out or choose another {name}")
+    refuse_sealed_above(path, name)
     if os.path.isdir(path) and os.listdir(path):
         try:
             manifest = _read_manifest(path)
@@ -487,7 +510,9 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
 
             obj = load_file(path)
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # (its pickle-protocol notes came before the one-line refusal)
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's text suggests weights_only=False, i.e. running the file: never quote it
         if "unsupported global" not in str(exc).lower():

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import validation
 from .interrupts import interrupt_after
-from .io import atomic_write, exclusive_lock, read_json_file
+from .io import atomic_write, exclusive_lock, read_json_file, refuse_sealed_above
 
 # the metrics of an Index and of pairs_above, which the manifest records (index.py reads them
 # from here: it sits a layer above this module)
@@ -121,6 +121,7 @@ class ShardWriter:
             raise ValueError(f"out: {folder} exists and is not a folder")
         if not os.path.isdir(parent):
             raise ValueError(f"out: cannot create {folder}: no such folder {parent}")
+        refuse_sealed_above(folder, "out")
         os.makedirs(folder, exist_ok=True)
         self._lock = None
         self.folder = folder

@@ -11,7 +11,7 @@ from ..analysis.syntax.coreference import coreference_heads
 from ..analysis.syntax.mentions import read_mentions
 from ..io import check_output_folder, output_folder
 from ..report.coref_page import write_coref_report
-from .model_options import add_model_options, check_run_options, finish_report, progress_for
+from .model_options import add_model_options, check_run_options, finish_report, model_input, progress_for
 
 FORMAT = ("one JSON object per line: {\"tokens\": [words], \"clusters\": [[[start, end], ...], ...]}, "
           "spans 0-based word indices with END INCLUSIVE ([i, i] is the one word i); [start, end, head] "
@@ -38,7 +38,7 @@ def main(args) -> int:
     prov = Provenance(args, inputs={"MENTIONS": args.mentions})
     prog = progress_for(args, "embgeom coref")
     check_run_options(args)
-    check_output_folder(args.out, command="coref", inputs=[("MENTIONS", args.mentions)])
+    check_output_folder(args.out, command="coref", inputs=[("MENTIONS", args.mentions), model_input(args.model)])
     docs = read_mentions(args.mentions)
     with output_folder(args.out, command="coref") as out:
         with prog.phase("loading the model"):

@@ -31,6 +31,15 @@ def add_model_options(p, *, batch_size: int | None = None, max_length_help: str 
                    "(default: the model's maximum)")
 
 
+def model_input(model: str | None) -> tuple[str, str | None]:
+    """--model as one of a command's inputs for check_output_folder (a local directory inside
+    --out would go with the old report, as `vocab --model OUT/model --out OUT` had deleted it);
+    a Hugging Face id, or the default, is no path."""
+    import os
+
+    return "--model", model if model and os.path.exists(model) else None
+
+
 def add_quiet_option(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (progress is shown only "
                    "when stderr is a terminal; the last line, notes and errors are always printed)")

@@ -10,7 +10,7 @@ from ..analysis.syntax.treebank import read_conllu
 from ..analysis.syntax.word_heads import syntax_heads
 from ..io import check_output_folder, output_folder
 from ..report.syntax_page import write_syntax_report
-from .model_options import add_model_options, check_run_options, finish_report, progress_for
+from .model_options import add_model_options, check_run_options, finish_report, model_input, progress_for
 
 
 def add_arguments(p) -> None:
@@ -36,7 +36,7 @@ def main(args) -> int:
     prog = progress_for(args, "embgeom syntax")
     check_run_options(args)
     split = probe_split(args)
-    check_output_folder(args.out, command="syntax", inputs=[("TREEBANK", args.treebank)])
+    check_output_folder(args.out, command="syntax", inputs=[("TREEBANK", args.treebank), model_input(args.model)])
     sentences = read_conllu(args.treebank)
     with output_folder(args.out, command="syntax") as out:
         with prog.phase("loading the model"):

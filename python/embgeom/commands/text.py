@@ -24,7 +24,7 @@ from ..io import check_output_folder, check_output_path, output_folder
 from ..report import table_html
 from ..report.definitions import defined
 from ..report.text_page import group_plots, pair_plot, trajectory_plots, write_report
-from .model_options import add_model_options, check_run_options, finish_report, progress_for
+from .model_options import add_model_options, check_run_options, finish_report, model_input, progress_for
 
 DEFAULT_THETA = 0.01  # --theta: class-mean map entries below it are hidden in the heat maps
 
@@ -60,7 +60,8 @@ def main(args) -> int:
     require_file(args.corpus, "CORPUS")
     check_run_options(args)
     check_output_folder(args.out, command="text", inputs=[("CORPUS", args.corpus), ("--labels", args.labels),
-                                                          ("--pairs", args.pairs), ("--checkpoint", args.checkpoint)])
+                                                          ("--pairs", args.pairs), ("--checkpoint", args.checkpoint),
+                                                          model_input(args.model)])
     if args.checkpoint:
         check_output_path(args.checkpoint, "--checkpoint",   # its folder, before the model loads
                           inputs=[("CORPUS", args.corpus), ("--labels", args.labels), ("--pairs", args.pairs)])

@@ -14,7 +14,7 @@ from ..analysis.vocab.layouts import LAYOUTS, LayoutCheckpoint
 from ..io import check_output_folder, check_output_path, output_folder
 from ..report import write_json
 from ..report.vocab_page import write_page, write_plots
-from .model_options import add_model_options, progress_for
+from .model_options import add_model_options, model_input, progress_for
 
 
 def add_arguments(p) -> None:
@@ -50,7 +50,7 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
     prov = provenance or Provenance(seed=seed)
     prov.seed = seed
     timer = PhaseTimer(progress)
-    check_output_folder(out_dir, command="vocab", inputs=[("--checkpoint", checkpoint)])
+    check_output_folder(out_dir, command="vocab", inputs=[("--checkpoint", checkpoint), model_input(model_name)])
     parse_range(positions, UNKNOWN_SIZE)  # its form before the model loads; its bounds right after
     if checkpoint is not None:
         if not projections:
