@@ -172,6 +172,18 @@ def test_other_settings_texts_or_model_are_refused(tiny_bert_dir, tmp_path, monk
     assert "inputs: corpus differs" in capsys.readouterr().err
     # the page-only options and the inputs' paths are not part of it: the same texts elsewhere,
     # with --profile, resume
+    import shutil
+
+    # the model by its contents: a copy with another layer norm epsilon is another model ...
+    shutil.copytree(tiny_bert_dir, tmp_path / "model_eps")
+    config = json.loads((tmp_path / "model_eps" / "config.json").read_text())
+    config["layer_norm_eps"] = config.get("layer_norm_eps", 1e-12) * 10
+    (tmp_path / "model_eps" / "config.json").write_text(json.dumps(config))
+    assert main([*base[:3], str(tmp_path / "model_eps"), *base[4:], "--batch-size", "3"]) == 2
+    assert "model: config_sha256 differs" in capsys.readouterr().err
+    # ... a moved copy named with a trailing slash the same one (its path string had counted)
+    shutil.copytree(tiny_bert_dir, tmp_path / "model_moved")
+    base[3] = str(tmp_path / "model_moved") + os.sep
     moved = tmp_path / "moved.txt"
     moved.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     base[1] = str(moved)

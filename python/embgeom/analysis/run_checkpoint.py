@@ -27,8 +27,9 @@ def file_digest(path: str | None) -> str | None:
 
 
 def model_digest(model, tokenizer) -> dict:
-    """The model's class, every parameter and buffer (name, dtype, shape, bytes) and the
-    tokenizer's vocabulary and special tokens."""
+    """The model's class, every parameter and buffer (name, dtype, shape, bytes), its
+    configuration and the tokenizer's vocabulary and special tokens: contents, never the path it
+    was loaded from (`--model DIR/` or a moved copy of DIR had been refused as another model)."""
     h = hashlib.sha256(type(model).__name__.encode())
     for name, t in model.state_dict().items():
         c = t.detach().to("cpu").contiguous()
@@ -37,8 +38,9 @@ def model_digest(model, tokenizer) -> dict:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
     tok = hashlib.sha256(f"{type(tokenizer).__name__}\n{vocab}\n{special}".encode()).hexdigest()
-    return {"name": str(getattr(model.config, "_name_or_path", "")), "weights_sha256": h.hexdigest(),
-            "tokenizer_sha256": tok}
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "_commit_hash")}
+    config = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return {"weights_sha256": h.hexdigest(), "config_sha256": config, "tokenizer_sha256": tok}
 
 
 def numerics(device: torch.device) -> dict:
