@@ -410,6 +410,49 @@ def test_model_that_needs_its_own_code_is_refused(tiny_bert_dir, tmp_path, monke
     assert not marker.exists()
 
 
+def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_bert_dir, tmp_path):
+    """Weights without tokenizer files (transformers built a tokenizer of its five special
+    tokens: every word [UNK], a plausible report of nothing) and a tokenizer with ids past the
+    embeddings (an IndexError deep in the forward pass): one line each, naming the model."""
+    from transformers import BertConfig, BertModel
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_bert_dir, name), bare / name)
+    with pytest.raises(ValueError, match="has no tokenizer files") as e:
+        load_model(str(bare))
+    one_line(e)
+    small = tmp_path / "small"
+    shutil.copytree(tiny_bert_dir, small)
+    cfg = BertConfig.from_pretrained(small)
+    cfg.vocab_size -= 3
+    BertModel(cfg).save_pretrained(str(small), safe_serialization=True)
+    with pytest.raises(ValueError, match=f"its tokenizer has {cfg.vocab_size + 3} tokens, its embeddings "
+                       f"{cfg.vocab_size} rows") as e:
+        load_model(str(small))
+    one_line(e)
+
+
+def test_a_sentence_pair_on_a_model_of_one_token_type_is_one_line(tiny_bert_dir, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    from embgeom.cli import main
+
+    one_type = tmp_path / "one_type"
+    shutil.copytree(tiny_bert_dir, one_type)
+    cfg = BertConfig.from_pretrained(one_type)
+    cfg.type_vocab_size = 1
+    BertModel(cfg).save_pretrained(str(one_type), safe_serialization=True)
+    (tmp_path / "c.txt").write_text("the cat sat\tthe dog ran\n")
+    capsys.readouterr()   # (save_pretrained's own progress bar)
+    assert main(["text", str(tmp_path / "c.txt"), "--model", str(one_type), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "a sentence pair (a TAB in a line) gives its second side token type 1, and this model has 1 token" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_truncated_safetensors_is_one_line(tiny_bert_dir, tmp_path):
     path = tmp_path / "model"
     shutil.copytree(tiny_bert_dir, path)

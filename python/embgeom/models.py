@@ -151,6 +151,25 @@ def refuse_unused_weights(name_or_path, info: dict, model) -> None:
                          f"no place for ({shown}); the config does not describe these weights, so the model is refused")
 
 
+# a tokenizer's vocabulary lives in one of these (or a sentencepiece *.model file)
+VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
+
+
+def refuse_tokenizer_not_fitting(name_or_path: str | None, path: str, local: bool, tokenizer, config) -> None:
+    """ValueError when the tokenizer is not the model's: a local folder without vocabulary files
+    (transformers then builds a tokenizer of its five special tokens, every word [UNK], [CLS] an
+    unused row: a report of meaningless input), or ids past the model's embedding rows (an
+    IndexError deep in the forward pass)."""
+    name = name_or_path or DEFAULT_MODEL
+    if local and not any(f in VOCAB_FILES or f.endswith(".model") for f in os.listdir(path)):
+        raise ValueError(f"model: {name!r} has no tokenizer files ({', '.join(VOCAB_FILES)} or a sentencepiece "
+                         ".model); save the tokenizer beside the weights")
+    rows = getattr(config, "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise ValueError(f"model: {name!r}: its tokenizer has {len(tokenizer):,} tokens, its embeddings "
+                         f"{rows:,} rows (config vocab_size): not this model's tokenizer")
+
+
 def load_model(name_or_path: str | None = None, *, device=None, classifier: bool = False):
     """-> (model, tokenizer). Eager attention (so attention probabilities exist), safetensors
     weights only, eval mode. Default: the bundled all-MiniLM-L6-v2 BERT, loaded offline.
@@ -183,6 +202,7 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path, **kwargs)
+        refuse_tokenizer_not_fitting(name_or_path, path, local, tokenizer, config)
         if classifier:
             from transformers import AutoModelForSequenceClassification
 

@@ -222,7 +222,14 @@ def special_token_id(tokenizer, role: str, adapter: Adapter) -> int:
 
 
 def model_inputs(model, enc: dict) -> dict:
-    """The tokenizer's output without the inputs this family's forward pass does not take."""
+    """The tokenizer's output without the inputs this family's forward pass does not take;
+    ValueError for a token type past the model's (a sentence pair's second side, type 1, on a
+    model of one token type: an IndexError in its embeddings)."""
     if adapter_for(model).token_type_ids:
+        types, n = enc.get("token_type_ids"), getattr(model.config, "type_vocab_size", None)
+        # (type_vocab_size 0: no token-type embeddings, the ids are not read: DeBERTa)
+        if types is not None and isinstance(n, int) and n > 0 and types.numel() and int(types.max()) >= n:
+            raise ValueError(f"texts: a sentence pair (a TAB in a line) gives its second side token type 1, "
+                             f"and this model has {n} token type(s) (type_vocab_size); give it one text a line")
         return enc
     return {k: v for k, v in enc.items() if k != "token_type_ids"}
