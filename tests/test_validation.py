@@ -247,3 +247,12 @@ def test_a_parameter_passed_whole_warns_of_nothing(metric):
         s = embgeom.pairwise_stats(w, metric=metric, range=None if metric == "cosine" else (-30, 30), row_topk=2)
         embgeom.Index(w).search(w[:3], 2)
     assert not s.row_topk.values.requires_grad
+
+
+def test_a_backend_from_the_environment_is_named_as_such(monkeypatch):
+    """EMBGEOM_BACKEND=bogus had been reported as `--backend` / `backend`, which the user never passed."""
+    monkeypatch.setenv("EMBGEOM_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"EMBGEOM_BACKEND \(the environment\): expected one of .* got 'bogus'"):
+        embgeom.pairwise_stats(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="^backend: expected one of"):
+        embgeom.pairwise_stats(torch.randn(5, 3), backend="gpu")

@@ -168,11 +168,12 @@ def pick(op: str, x: torch.Tensor, backend: str | None = None, **kw) -> tuple[st
     ensure_registered()
     requested = backend if backend is not None else os.environ.get("EMBGEOM_BACKEND") or None
     if requested is not None:
+        given = "backend" if backend is not None else "EMBGEOM_BACKEND (the environment)"
         if requested not in BACKENDS:
-            raise ValueError(f"backend: expected one of {', '.join(ALL_BACKENDS)}, got {requested!r}")
+            raise ValueError(f"{given}: expected one of {', '.join(ALL_BACKENDS)}, got {requested!r}")
         why = BACKENDS[requested].reasons(op, x, **kw)
         if why:
-            raise ValueError(f"backend {requested!r} cannot run {op}: " + "; ".join(why))
+            raise ValueError(f"{given} {requested!r} cannot run {op}: " + "; ".join(why))
         return requested, BACKENDS[requested].ops[op][0]
     skipped = []
     for name in AUTO_ORDER:
