@@ -155,19 +155,22 @@ def refuse_unused_weights(name_or_path, info: dict, model) -> None:
 VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 
 
-def refuse_tokenizer_not_fitting(name_or_path: str | None, path: str, local: bool, tokenizer, config) -> None:
-    """ValueError when the tokenizer is not the model's: a local folder without vocabulary files
-    (transformers then builds a tokenizer of its five special tokens, every word [UNK], [CLS] an
-    unused row: a report of meaningless input), or ids past the model's embedding rows (an
-    IndexError deep in the forward pass)."""
-    name = name_or_path or DEFAULT_MODEL
-    if local and not any(f in VOCAB_FILES or f.endswith(".model") for f in os.listdir(path)):
-        raise ValueError(f"model: {name!r} has no tokenizer files ({', '.join(VOCAB_FILES)} or a sentencepiece "
-                         ".model); save the tokenizer beside the weights")
+def refuse_folder_without_tokenizer(name_or_path: str | None, path: str) -> None:
+    """ValueError for a model folder without vocabulary files: transformers then builds a
+    tokenizer of its five special tokens (every word [UNK], [CLS] an unused row: a report of
+    meaningless input), or fails with a message cut short."""
+    if not any(f in VOCAB_FILES or f.endswith(".model") for f in os.listdir(path)):
+        raise ValueError(f"model: {name_or_path or DEFAULT_MODEL!r} has no tokenizer files ({', '.join(VOCAB_FILES)} "
+                         "or a sentencepiece .model); save the tokenizer beside the weights")
+
+
+def refuse_tokenizer_past_embeddings(name_or_path: str | None, tokenizer, config) -> None:
+    """ValueError when the tokenizer's ids pass the model's embedding rows (another model's
+    tokenizer: an IndexError deep in the forward pass)."""
     rows = getattr(config, "vocab_size", None)
     if isinstance(rows, int) and len(tokenizer) > rows:
-        raise ValueError(f"model: {name!r}: its tokenizer has {len(tokenizer):,} tokens, its embeddings "
-                         f"{rows:,} rows (config vocab_size): not this model's tokenizer")
+        raise ValueError(f"model: {name_or_path or DEFAULT_MODEL!r}: its tokenizer has {len(tokenizer):,} tokens, its "
+                         f"embeddings {rows:,} rows (config vocab_size): not this model's tokenizer")
 
 
 def load_model(name_or_path: str | None = None, *, device=None, classifier: bool = False):
@@ -186,6 +189,7 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
         refuse_custom_code(path)
         if not any(f.endswith(".safetensors") for f in os.listdir(path)):
             raise ValueError(f"model: {path} has no .safetensors weights (only safetensors are loaded)")
+        refuse_folder_without_tokenizer(name_or_path, path)
     # trust_remote_code=False: transformers refuses a model that needs its own code instead of
     # asking [y/N] on the terminal (the local check above says why first)
     kwargs = {"local_files_only": local or bool(os.environ.get("HF_HUB_OFFLINE")), "trust_remote_code": False}
@@ -202,7 +206,7 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path, **kwargs)
-        refuse_tokenizer_not_fitting(name_or_path, path, local, tokenizer, config)
+        refuse_tokenizer_past_embeddings(name_or_path, tokenizer, config)
         if classifier:
             from transformers import AutoModelForSequenceClassification
 
