@@ -88,6 +88,10 @@ def test_pairs_reads_pt_and_safetensors(tmp_path, capsys):
     ("ok", ["pairs", "{t}/x.npy", "--backend", "cuda"], "cannot run"),
     ("ok", ["pairs", "{t}/x.npy", "--near-k", "5"], "--near-k: only with --near"),
     ("ok", ["pairs", "{t}/x.npy", "--outside-limit", "5"], "--outside-limit: only with --outside"),
+    # knn's checks name its flags (they had said k:, nlist:, queries:, the API's names)
+    ("ok", ["knn", "{t}/x.npy", "--k", "0"], "error: --k: expected >= 1"),
+    ("ok", ["knn", "{t}/x.npy", "--k", "2", "--index", "ivf", "--nlist", "0"], "error: --nlist: "),
+    ("ok", ["knn", "{t}/x.npy", "--k", "2", "--queries", "{t}/y.npy"], "error: --queries: "),
 ])
 def test_pairs_errors_are_clear(tmp_path, capsys, setup, args, message):
     x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
