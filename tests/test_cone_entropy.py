@@ -188,6 +188,31 @@ def test_float64_rows_float32_cannot_hold_are_refused():
         embgeom.pairwise_stats(np.array([[1e-300, 0.0], [1.0, 1.0], [0.0, 1.0]]))
 
 
+def test_float64_rows_give_the_engines_one_cone_index():
+    """The engines read float64 rows as fp32 (docs/metrics.md, conventions): the torch backend had
+    taken the float64 values themselves (7.258853054 against the C++ core's 7.258852999 for 50
+    rows of width 16). The float64 reference keeps the values as given."""
+    x = torch.randn(50, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cpp, tch = (float(embgeom.cone_index(x, backend=b).index) for b in ("cpp", "torch"))
+    rounded = float(embgeom.cone_index(x.float().double(), backend="reference").index)
+    assert cpp == pytest.approx(rounded, rel=1e-14) and tch == pytest.approx(rounded, rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_map_made_float32_is_taken_as_itself(dtype):
+    """`.float()` of a half-precision model's maps: the same values give the same entropies (the
+    float32 tolerance of the row sums had refused rows that sum to 1.00013 in float16)."""
+    attn = torch.softmax(torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(0)).to(dtype), -1)
+    want = embgeom.attention_entropy(attn, backend="reference").mean
+    for backend in ("cpp", "torch", "reference"):
+        got = embgeom.attention_entropy(attn.float(), backend=backend).mean
+        assert torch.allclose(got, want, rtol=1e-6)
+    # float32 maps that do not sum to 1 are still refused
+    bad = torch.softmax(torch.randn(1, 2, 8, 8), -1) * 1.001
+    with pytest.raises(ValueError, match="expected each row to be a probability distribution"):
+        embgeom.attention_entropy(bad)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "torch", "reference"])
 def test_one_key_rows_have_entropy_plus_zero(backend):
     """A row over one key has entropy 0, not -0.0 (-sum p ln p of p = 1), in reports too."""

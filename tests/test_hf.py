@@ -255,3 +255,18 @@ def test_cls_differences(tiny_bert):
     _close(got["mean_norm"], means.norm(dim=1), "mean_norm", 1e-4)
     cos = torch.nn.functional.cosine_similarity(means[:, None], means[None], dim=-1)
     _close(got["cosine"], cos, "cosine", 1e-5)
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:7"])
+def test_a_device_that_is_not_here_is_named(tiny_bert_dir, tiny_bert, device):
+    """trace and load_model check `device` (torch's RuntimeError / 'Torch not compiled with CUDA'
+    AssertionError before); the model stays where it was."""
+    from embgeom import load_model
+    from embgeom.analysis.text.trace import trace
+
+    model, tok = tiny_bert
+    with pytest.raises(ValueError, match="^device: "):
+        trace(model, tok, ["a b c"], device=device)
+    assert next(model.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="^device: "):
+        load_model(tiny_bert_dir, device=device)

@@ -183,6 +183,8 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         raise ValueError("model: transformers is not installed; `pip install 'embgeom[hf]'`") from None
+    if device is not None:  # (before the load: a device that is not here, in one line)
+        device = validation.device(device)
     path = resolve_model(name_or_path)
     local = os.path.isdir(path)
     if local:

@@ -388,8 +388,9 @@ class ConeIndex:
 @dataclass
 class AttentionEntropy:
     """row_entropy: (B, H, T) nats, NaN on padded query rows. mean: (H,) over valid rows and
-    sequences. uniform_baseline: (B,) ln(n_valid). head_mean_entropy: (H,) entropy of the head's
-    mean attention distribution (broad vs focused), averaged over sequences."""
+    sequences. uniform_baseline: (B,) ln(n_valid). n_rows: the valid rows counted; smoothing: as
+    asked. (The entropy of each head's mean attention row, broad vs focused heads, is
+    `embgeom text`'s head_mean_entropy: analysis.text.attention.)"""
 
     row_entropy: torch.Tensor
     mean: torch.Tensor

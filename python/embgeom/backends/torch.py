@@ -233,7 +233,9 @@ def torch_cone_unit_sums(x: torch.Tensor, mask: torch.Tensor | None, chunk: int 
     used = torch.zeros(B, dtype=torch.int64, device=x.device)
     zero = torch.zeros(B, dtype=torch.int64, device=x.device)
     for t0 in range(0, T, chunk):
-        part = x[:, t0:t0 + chunk].double()
+        # (the engines' input is fp32: float64 rows are rounded first, as the C++ core reads them)
+        part = x[:, t0:t0 + chunk]
+        part = (part.float() if part.dtype == torch.float64 else part).double()
         valid = torch.ones(part.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask[:, t0:t0 + chunk]
         unit, nonzero = unit_rows(part)
         keep = valid & nonzero

@@ -1,6 +1,6 @@
 """Per-batch attention and head-output summaries (docs/metrics.md, attention rows and context similarity), vectorised torch on the tensors'
 device. Every function returns *sums* (float64) and counts over one batch, so a corpus is the
-sum of its batches (see `embgeom.hf.TraceAccumulator`); nothing here keeps per-token state.
+sum of its batches (see `analysis.text.trace.TraceAccumulator`); nothing here keeps per-token state.
 
 Conventions: attn (B, H, T, T) rows = queries (padded keys ~0); mask (B, T) bool (True = real
 token); cls / sep / punct (B, T) bool; head_out (B, H, T, d_h).

@@ -321,9 +321,14 @@ class Batch:
 
 
 def _device_of(model, device):
+    """The device the model runs on: `device` (checked: 'foo' or an absent GPU had raised torch's
+    RuntimeError / AssertionError), the model moved there, or else its own."""
     if device is not None:
-        model.to(device)
-        return torch.device(device)
+        from ...validation import device as checked_device
+
+        dev = checked_device(device)
+        model.to(dev)
+        return dev
     return next(model.parameters()).device
 
 
