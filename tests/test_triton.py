@@ -117,6 +117,20 @@ def test_fast_precision_rescored_lists(fast_dtype):
     check_stats(got, x, **{**opts, "range": (-1.0, 1.0)})
 
 
+@pytest.mark.parametrize("delta, b", [(-2.0 ** -10, 0.9995), (2.0 ** -10, 1.0005)])
+def test_fast_outside_list_holds_the_exact_outside_pairs(delta, b):
+    """Fast mode's outside list: pairs taken within the products' error of a or b, rescored,
+    kept where the exact value is outside (the bf16 value had decided: 0.9990234375 listed as
+    outside (-5, 0.9995), 1.0009765625 left out of (-5, 1.0005)). Counts stay within M (docs)."""
+    x = torch.tensor([[1.0 + delta, 0.0]])
+    y = torch.tensor([[1.0, 0.0]])
+    want = [[0, 0, 1.0 + delta]] if 1.0 + delta > b else []
+    for precision in ("exact", "fast"):
+        s = embgeom.pairwise_stats(x, y, metric="dot", range=(-2.0, 2.0), outside=(-5.0, b), backend="triton",
+                                   precision=precision)
+        assert s.outside.pairs.to_list() == want, precision
+
+
 def test_checkpoint_resume_equals_full_run():
     x = make_embeddings(50, 12, zero_rows=1, duplicate_rows=1, seed=9)
     cfg = PairwiseConfig(**_cfg_opts(ALL_OUTPUTS))

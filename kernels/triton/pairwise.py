@@ -463,8 +463,9 @@ def _candidate_score(v, rows, cols, row_ok, col_ok, gthr_ptr, rthr_ptr, n_rows, 
     if NEAR:
         score = tl.maximum(score, -tl.abs(v - near) - (tl.load(gthr_ptr + 2) - near_margin))
     if OUTL:
-        # superset of "before (cut_i, cut_j)": rows up to cut_i; outside: v < a or v > b
-        o = tl.maximum(out_a - v, v - out_b)
+        # superset of "before (cut_i, cut_j)": rows up to cut_i; outside: v < a or v > b, within
+        # the products' error (margin, 0 in exact mode: the host re-tests rescored values)
+        o = tl.maximum(out_a - v, v - out_b) + margin
         score = tl.maximum(score, tl.where((rows <= cut_i)[:, None], o, float("-inf")))
     return score
 
@@ -497,7 +498,7 @@ def _candidates(v, rows, cols, row_ok, col_ok, N, out_a, out_b,
     if OUTL:
         # only pairs before (cut_i, cut_j) in (i, j) order can still enter the list
         before = (rows[:, None] < cut_i) | ((rows[:, None] == cut_i) & (cols[None, :] < cut_j))
-        om2 = ((v < out_a) | (v > out_b)) & before
+        om2 = ((v < out_a + margin) | (v > out_b - margin)) & before
         _append(om2, v, rows, cols, 5, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, LINKED)
 
 

@@ -122,6 +122,9 @@ class Candidates:
         v, i, j = self.cv[s, :n], self.ci[s, :n].long(), self.cj[s, :n].long()
         if self.mode != "exact":
             v = self._rescore(i, j)
+            if kind == "outside_pairs":  # (taken within the products' error of a or b)
+                out = (v < self.out_a) | (v > self.out_b)
+                v, i, j = v[out], i[out], j[out]
         self._select(s, kind, v, i, j)
 
     def _select(self, s: int, kind: str, v: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> None:
