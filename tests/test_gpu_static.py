@@ -41,6 +41,17 @@ def test_plan_at_1m_bf16_suits_hopper():
     assert (ex.bm, ex.block_n, ex.bk, ex.num_warps) == (64, 64, 32, 8)
 
 
+@pytest.mark.parametrize("n, elem_bytes, mma", [(8 << 20, 4, False), (10 << 20, 2, True), (16 << 20, 4, False),
+                                                (16 << 20, 2, True)])
+def test_a_programs_pairs_of_a_band_fit_its_int32_counts(n, elem_bytes, mma):
+    """The kernel keeps a program's histogram slots and row counts in int32 for a band (int64 at
+    its end): 128 bands at 8M rows had given a program 1.76 x 2^31 pairs (one bin holding 57 % of
+    them wrapped negative). Bands are now cut so a program's share stays below 2^30."""
+    p = gpu_plan.make_plan(n, n, 384, elem_bytes=elem_bytes, on_gpu=True, sms=132, mma=mma)
+    assert p.group * p.bm * p.block_n * p.nbc <= (1 << 30) * p.programs
+    assert p.nbands * p.group >= p.nbr
+
+
 @pytest.mark.parametrize("n,m,bm,bn,group", [(100, None, 16, 32, 2), (77, None, 16, 64, 3), (130, None, 32, 32, 1),
                                              (50, 90, 16, 32, 2)])
 def test_tile_walk_covers_each_pair_once(n, m, bm, bn, group):

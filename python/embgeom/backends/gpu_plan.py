@@ -103,13 +103,17 @@ def make_plan(n: int, m: int, d: int, *, elem_bytes: int, on_gpu: bool, sms: int
     bk = (64 if elem_bytes == 2 else 32) if on_gpu else min(64, max(16, next_pow2(d)))
     nbr = -(-n // bm)
     nbc = -(-m // bn)
-    # ~128 bands: few launches and syncs, yet frequent checkpoints and threshold refreshes
-    group = group or (max(8, -(-nbr // 128)) if on_gpu else 4)
     pending = False
     if programs is None:
         # one program per SM until the compiled kernel's registers say more fit
         programs = sms if on_gpu else 2
         pending = on_gpu
+    if group is None:
+        # ~128 bands: few launches and syncs, yet frequent checkpoints and threshold refreshes;
+        # a program's pairs of a band at most 2^30: its histogram slots and row counts are int32
+        # until the band's end (at 8M rows, 128 bands gave a program 1.76 x 2^31 pairs)
+        group = max(8, -(-nbr // 128)) if on_gpu else 4
+        group = max(1, min(group, (1 << 30) * max(programs, 1) // (bm * bn * max(nbc, 1))))
     # candidates per band are ~ O(rows * k * log); the exact selection handles tens of millions
     default_cap = min(1 << 25, max(1 << 20, 4 * n * max(row_k, 1)))
     cap = max(capacity or (default_cap if on_gpu else (1 << 12)), 2 * need + 64)
