@@ -26,7 +26,7 @@ def _cone_unit_sums_kernel(x_ptr, mask_ptr, part_ptr, used_ptr, zero_ptr, T, D,
         rows = t0 + tl.arange(0, BLOCK_T)
         keep = rows < T
         if HAS_MASK:
-            keep = keep & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + rows * stride_mt, mask=rows < T, other=0) != 0)
+            keep = keep & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + rows.to(tl.int64) * stride_mt, mask=rows < T, other=0) != 0)
         # norms in float64: no under/overflow for any finite fp32 row
         ss = tl.zeros([BLOCK_T], tl.float64)
         for d0 in range(0, D, BLOCK_D):

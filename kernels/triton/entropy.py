@@ -29,7 +29,7 @@ def _row_entropy_kernel(p_ptr, mask_ptr, nvalid_ptr, out_ptr, H, T,
         keys = k0 + tl.arange(0, BLOCK_K)
         key_ok = keys < T
         if HAS_MASK:
-            key_ok = key_ok & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + keys * stride_mt, mask=keys < T, other=0) != 0)
+            key_ok = key_ok & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + keys.to(tl.int64) * stride_mt, mask=keys < T, other=0) != 0)
         p = tl.load(base + rows[:, None].to(tl.int64) * stride_pq + keys[None, :].to(tl.int64) * stride_pk,
                     mask=row_ok[:, None] & key_ok[None, :], other=0.0).to(tl.float32)
         if SMOOTH:
@@ -37,7 +37,7 @@ def _row_entropy_kernel(p_ptr, mask_ptr, nvalid_ptr, out_ptr, H, T,
         acc += tl.sum(tl.where(p > 0, -p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), 1)
     q_ok = row_ok
     if HAS_MASK:
-        q_ok = q_ok & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + rows * stride_mt, mask=row_ok, other=0) != 0)
+        q_ok = q_ok & (tl.load(mask_ptr + b.to(tl.int64) * stride_mb + rows.to(tl.int64) * stride_mt, mask=row_ok, other=0) != 0)
     out = tl.where(q_ok, acc, float("nan"))
     tl.store(out_ptr + bh.to(tl.int64) * T + rows, out, mask=row_ok)
 
