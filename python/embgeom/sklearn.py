@@ -139,9 +139,10 @@ class NearestNeighbors(BaseEstimator):
 
     def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
         """Per query, every fitted row within `radius` (its distance as reported, in its dtype,
-        <= radius): object arrays of (distances, indices) arrays; nearest first (the results are always sorted, whatever sort_results). radius inf:
-        every fitted row; NaN, or a negative cosine radius: no row; a negative euclidean radius is
-        refused (scikit-learn's brute search, all three)."""
+        <= radius): object arrays of (distances, indices) arrays; nearest first (the results are
+        always sorted, whatever sort_results). radius inf: every fitted row; NaN, or a negative
+        cosine radius: no row; a negative euclidean radius is refused (scikit-learn's brute
+        search, all three)."""
         check_is_fitted(self)
         if sort_results and not return_distance:
             raise ValueError("sort_results: return_distance must be True if sort_results is True")
