@@ -1246,8 +1246,8 @@ class Index:
         """Open an index file written by `save`, memory-mapped (rows are read from the page
         cache as searches need them). verify=True checks the sha256 of the arrays (one read
         of the file) and that the rows are finite and the stored norms and bf16 scan rows theirs
-        (a file crafted with its hash recomputed). ValueError (one line) on anything that is not a complete index
-        file of this format; verify=False trusts the file."""
+        (a file crafted with its hash recomputed). ValueError (one line) on anything that is not
+        a complete index file of this format; verify=False trusts the file."""
         path = validation.path(path, "path")
         if not os.path.isfile(path):
             raise ValueError(f"path: no index file at {path}")
