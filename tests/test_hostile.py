@@ -235,7 +235,7 @@ def _resumed_tiles(monkeypatch, x, path, kw, want) -> int:
 
 
 @pytest.mark.parametrize("seconds", ["0", "inf"])
-def test_a_signal_during_a_chunk_is_raised_after_that_chunk_is_saved(tmp_path, monkeypatch, seconds):
+def test_a_signal_during_a_chunk_is_raised_after_that_chunk_is_saved(tmp_path, monkeypatch, seconds, ctrl_c_raises):
     """SIGINT while the engine runs a chunk (the C++ call holds no GIL: Python takes the signal
     as it returns): the chunk is saved, then KeyboardInterrupt. It had been raised before the
     save, losing the chunk, and under EMBGEOM_CHECKPOINT_SECONDS=inf (one chunk) the whole run."""

@@ -77,7 +77,7 @@ def test_env_backend_selection(monkeypatch):
     monkeypatch.setenv("EMBGEOM_BACKEND", "torch")
     assert embgeom.pairwise_stats(make_embeddings(5, 3)).backend == "torch"
     monkeypatch.setenv("EMBGEOM_BACKEND", "nope")
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="EMBGEOM_BACKEND"):
         embgeom.pairwise_stats(make_embeddings(5, 3))
 
 
