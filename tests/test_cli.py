@@ -82,6 +82,8 @@ def test_pairs_reads_pt_and_safetensors(tmp_path, capsys):
     ("ok", ["pairs", "{t}/x.npy", "--against", "{t}/y.npy"], "error: --against: .*D = 3"),
     ("ok", ["pairs", "{t}/x.npy", "--metric", "dot"], "error: --range: required"),
     ("ok", ["pairs", "{t}/x.npy", "--range", "1", "0"], "error: --range: .*lo < hi"),
+    ("ok", ["pairs", "{t}/x.npy", "--range", "1", "nan"], r"error: --range\[1\]: expected a finite number"),
+    ("ok", ["pairs", "{t}/x.npy", "--outside", "nan", "1"], r"error: --outside\[0\]: expected a finite number"),
     ("ok", ["pairs", "{t}/x.npy", "--topk", "-1"], "error: --topk: "),
     ("ok", ["pairs", "{t}/x.npy", "--bins", "-3"], "error: --bins: "),
     ("garbage", ["pairs", "{t}/x.npy"], "is not a .npy file"),

@@ -179,8 +179,9 @@ def renamed(**names: str):
         yield
     except (ValueError, TypeError) as e:
         head, sep, rest = str(e).partition(":")
-        if sep and head in names:
-            raise type(e)(f"{names[head]}:{rest}") from None
+        base, bracket, index = head.partition("[")   # (an element: `range[1]: ...`)
+        if sep and base in names:
+            raise type(e)(f"{names[base]}{bracket}{index}:{rest}") from None
         raise
 
 
