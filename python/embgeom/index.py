@@ -192,6 +192,11 @@ class _Store:
     scan_delta: float           # max |bf16 row - row| of the scanned rows (0 for float32)
 
 
+def _inverse_norms64(norms: torch.Tensor) -> torch.Tensor:
+    """1 / |x| of float64 norms, 0 for zero rows (what a cosine index scales its rows by)."""
+    return torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms))
+
+
 def _inverse_norms(st: "_Store", c0: int, c1: int) -> np.ndarray:
     """float32 1/|c| of stored rows [c0, c1) (0 for zero rows), for scanning a bf16 index's
     float32 rows under cosine; in numpy: a torch op over a whole block would wake its thread
@@ -380,7 +385,7 @@ class Index:
         _check_magnitudes(self.metric, norms, max(own, stored_max or 0.0), (name, "corpus"))
         scale = bias = inv = None
         if self.metric == "cosine":
-            inv = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms))
+            inv = _inverse_norms64(norms)
             if self.dtype == torch.float32:
                 scale = inv.float()
         elif self.metric == "l2":
@@ -1318,6 +1323,7 @@ class Index:
         if verify and h.hexdigest() != header["sha256"]:
             raise ValueError(f"path: {path} is damaged (the header's metric, dtype and shape and the arrays do "
                              "not match its sha256)")
+        scan_delta = None  # (the bf16 scan rows' rounding, when verify has measured it)
         if verify and n:
             # the sha256 finds damage, not a file crafted with its hash recomputed: rows with NaN or
             # norms that are not the rows' own would give wrong lists without an error
@@ -1333,8 +1339,8 @@ class Index:
                 # a bf16 index's scan rows are made from its rows: NaN or foreign values there had
                 # dropped rows from searches (their rounding bound NaN) without an error
                 cosine = header["metric"] == "cosine"
-                inv = torch.where(norms_in > 0, 1.0 / norms_in.clamp(min=1e-300), torch.zeros_like(norms_in))
-                made, _ = _bf16_scan(rows_in, norms_in if cosine else None, inv if cosine else None)
+                made, scan_delta = _bf16_scan(rows_in, norms_in if cosine else None,
+                                              _inverse_norms64(norms_in) if cosine else None)
                 if not torch.equal(made.view(torch.int16), torch.from_numpy(maps["scan"])):
                     raise ValueError(f"path: {path}: the stored bfloat16 scan rows are not the rows' own (not a "
                                      "file `save` wrote)")
@@ -1351,13 +1357,14 @@ class Index:
             scan = rows
         scale = bias = None
         if self.metric == "cosine" and self.dtype == torch.float32:
-            scale = torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms)).float()
+            scale = _inverse_norms64(norms).float()
         if self.metric == "l2":
             bias = (-0.5 * norms * norms).float()
         zero, cmax, bias_max = self._summary(norms, bias)
         delta = 0.0
-        if scan.dtype == torch.bfloat16:
-            _, delta = _bf16_scan(rows, norms if self.metric == "cosine" else None, None, scan)
+        if scan.dtype == torch.bfloat16:  # (verify made the same scan rows: their rounding is known)
+            delta = scan_delta if scan_delta is not None else \
+                _bf16_scan(rows, norms if self.metric == "cosine" else None, None, scan)[1]
         self._store = _Store(rows, norms, scan, scale, bias, n, zero, cmax, bias_max, delta)
         self._owns_buffers = self.device.type != "cpu"
         return self
