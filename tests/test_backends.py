@@ -34,7 +34,7 @@ def _small_only(backend, device, size):
 
 
 @pytest.mark.parametrize("backend,device", PAIRWISE)
-@pytest.mark.parametrize("n,d,block", [(1, 8, 256), (2, 5, 256), (37, 16, 8), (70, 40, 16), (129, 64, 64),
+@pytest.mark.parametrize("n,d,block", [(0, 8, 256), (1, 8, 256), (2, 5, 256), (37, 16, 8), (70, 40, 16), (129, 64, 64),
                                        (70, 768, 32)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_self_mode_all_outputs(backend, device, dtype, n, d, block):
@@ -47,7 +47,7 @@ def test_self_mode_all_outputs(backend, device, dtype, n, d, block):
 
 
 @pytest.mark.parametrize("backend,device", PAIRWISE)
-@pytest.mark.parametrize("n,m,d", [(1, 1, 4), (23, 9, 16), (40, 67, 32)])
+@pytest.mark.parametrize("n,m,d", [(0, 3, 4), (3, 0, 4), (1, 1, 4), (23, 9, 16), (40, 67, 32)])
 def test_cross_mode_all_outputs(backend, device, n, m, d):
     x = make_embeddings(n, d, zero_rows=1 if n > 5 else 0, seed=1)
     y = make_embeddings(m, d, zero_rows=1 if m > 5 else 0, seed=2)

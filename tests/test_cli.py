@@ -78,8 +78,13 @@ def test_pairs_reads_pt_and_safetensors(tmp_path, capsys):
     ("nan", ["pairs", "{t}/x.npy"], r"NaN or Inf in 2 row\(s\): \[1, 4\]"),
     ("1d", ["pairs", "{t}/x.npy"], r"expected \(N, D\)"),
     ("int", ["pairs", "{t}/x.npy"], "float"),
-    ("empty", ["pairs", "{t}/x.npy"], "at least one row"),
-    ("ok", ["pairs", "{t}/x.npy", "--against", "{t}/y.npy"], "error: --against: .*D = 3"),
+    ("no columns", ["pairs", "{t}/x.npy"], "at least one row and one column"),
+    # the engine's words said as the command's: the first matrix (it said "to match x"), --backend
+    # and --precision's values (it said backend 'torch' ... use precision='exact', or backend='cpp')
+    ("ok", ["pairs", "{t}/x.npy", "--against", "{t}/y.npy"],
+     r"error: --against: expected 3 columns, as many as the first matrix has, got \(2, 4\)"),
+    ("ok", ["pairs", "{t}/x.npy", "--backend", "torch", "--precision", "fast"],
+     "error: --backend: 'torch' cannot run pairwise_stats: precision 'fast' is not implemented here"),
     ("ok", ["pairs", "{t}/x.npy", "--metric", "dot"], "error: --range: required"),
     ("ok", ["pairs", "{t}/x.npy", "--range", "1", "0"], "error: --range: .*lo < hi"),
     ("ok", ["pairs", "{t}/x.npy", "--range", "1", "nan"], r"error: --range\[1\]: expected a finite number"),
@@ -104,8 +109,8 @@ def test_pairs_errors_are_clear(tmp_path, capsys, setup, args, message):
         x = x[0]
     if setup == "int":
         x = np.arange(6).reshape(2, 3)
-    if setup == "empty":
-        x = np.zeros((0, 3), np.float32)
+    if setup == "no columns":
+        x = np.zeros((3, 0), np.float32)
     if setup == "garbage":
         (tmp_path / "x.npy").write_bytes(b"not numpy")
     elif setup is not None:

@@ -840,7 +840,7 @@ def test_row_lists_are_lowered_to_the_candidates_with_a_note():
     ref = embgeom.pairwise_stats(x, row_topk=39, backend="cpp")
     assert torch.equal(got.row_topk.indices, ref.row_topk.indices) and not ref.notes
     cross = embgeom.pairwise_stats(x, make_embeddings(5, 8, seed=4), row_topk=7, backend="cpp")
-    assert cross.row_topk.indices.shape == (40, 5) and "M (the rows of y) = 5" in cross.notes[0]
+    assert cross.row_topk.indices.shape == (40, 5) and "M (cross mode: the second matrix's rows) = 5" in cross.notes[0]
 
 
 def test_absurd_bins_and_memory_are_refused_before_work(monkeypatch):
@@ -866,7 +866,8 @@ def test_pairs_prints_the_note(tmp_path):
     np.save(tmp_path / "x.npy", make_embeddings(20, 4, seed=7).numpy())
     r = subprocess.run([sys.executable, "-m", "embgeom", "pairs", str(tmp_path / "x.npy"), "--row-topk",
                         "100000", "--json", str(tmp_path / "o.json")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "note: row_topk 100,000 lowered to N - 1 (self mode) = 19" in r.stderr
+    # the note names the flag (it said row_topk, the API's name)
+    assert r.returncode == 0 and "note: --row-topk 100,000 lowered to N - 1 (self mode) = 19" in r.stderr
     assert len(json.loads((tmp_path / "o.json").read_text())["row_topk"]["indices"][0]) == 19
 
 

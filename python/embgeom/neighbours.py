@@ -116,7 +116,7 @@ def _queries(queries: Any, x: torch.Tensor):
         return x[ids.to(x.device)], ids.numpy()
     q = validation.embeddings(queries, "queries")
     if q.shape[1] != x.shape[1]:
-        raise ValueError(f"queries: expected D = {x.shape[1]} to match x, got {tuple(q.shape)}")
+        raise ValueError(f"queries: expected {x.shape[1]} columns, as many as the indexed rows have, got {tuple(q.shape)}")
     return q, None
 
 

@@ -106,22 +106,22 @@ def check_finite(x: torch.Tensor, name: str, row_dims: int = 1, first_row: int =
     raise ValueError(f"{name}: NaN or Inf in {len(rows)} row(s): {shown}{more}")
 
 
-def matrix(x: Any, name: str = "x") -> torch.Tensor:
-    """x: (N, D) float -> tensor; rejects wrong rank, dtype and empty input without reading the
-    values (a memory-mapped matrix stays on disk)."""
+def matrix(x: Any, name: str = "x", *, rows_may_be_empty: bool = False) -> torch.Tensor:
+    """x: (N, D) float -> tensor; rejects wrong rank, dtype, no columns and (unless
+    rows_may_be_empty) no rows, without reading the values (a memory-mapped matrix stays on disk)."""
     x = as_tensor(x, name)
     if x.dim() != 2:
         raise ValueError(f"{name}: expected (N, D) float, got {_describe(x)}")
     _check_float(x, name, "(N, D)")
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    if x.shape[1] == 0 or (x.shape[0] == 0 and not rows_may_be_empty):
         raise ValueError(f"{name}: expected at least one row and one column, got {_describe(x)}")
     return x
 
 
-def embeddings(x: Any, name: str = "x", first_row: int = 0) -> torch.Tensor:
+def embeddings(x: Any, name: str = "x", first_row: int = 0, *, rows_may_be_empty: bool = False) -> torch.Tensor:
     """x: (N, D) float -> tensor; as `matrix`, and rejects non-finite rows (named from
     first_row on: x a block of the caller's rows)."""
-    x = matrix(x, name)
+    x = matrix(x, name, rows_may_be_empty=rows_may_be_empty)
     check_finite(x, name, first_row=first_row)
     fits_float32(x, name)
     return x
@@ -212,12 +212,14 @@ def fits_float32(x: torch.Tensor, name: str, *, small_rows: bool = True) -> None
 
 
 def pair_of_embeddings(x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    x = embeddings(x, "x")
+    """The all-pairs engine's inputs. Zero rows on either side are a run over no pairs (as one
+    row in self mode is), the answer a pipeline's empty batch expects; zero columns are refused."""
+    x = embeddings(x, "x", rows_may_be_empty=True)
     if y is None:
         return x, None
-    y = embeddings(y, "y")
+    y = embeddings(y, "y", rows_may_be_empty=True)
     if y.shape[1] != x.shape[1]:
-        raise ValueError(f"y: expected D = {x.shape[1]} to match x, got {_describe(y)}")
+        raise ValueError(f"y: expected {x.shape[1]} columns, as many as the first matrix has, got {_describe(y)}")
     if y.device != x.device:
         raise ValueError(f"y: expected the same device as x ({x.device}), got {y.device}")
     return x, y

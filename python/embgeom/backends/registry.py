@@ -173,7 +173,7 @@ def pick(op: str, x: torch.Tensor, backend: str | None = None, **kw) -> tuple[st
             raise ValueError(f"{given}: expected one of {', '.join(ALL_BACKENDS)}, got {requested!r}")
         why = BACKENDS[requested].reasons(op, x, **kw)
         if why:
-            raise ValueError(f"{given} {requested!r} cannot run {op}: " + "; ".join(why))
+            raise ValueError(f"{given}: {requested!r} cannot run {op}: " + "; ".join(why))
         return requested, BACKENDS[requested].ops[op][0]
     skipped = []
     for name in AUTO_ORDER:

@@ -21,7 +21,7 @@ from .registry import register
 
 def exact_only(x, *, precision=DEFAULTS.precision, **_):
     if precision != "exact":
-        return [f"precision={precision!r} is not implemented here (use precision='exact', or backend='cpp')"]
+        return [f"precision {precision!r} is not implemented here (exact only; the cpp backend runs {precision!r})"]
     return []
 
 

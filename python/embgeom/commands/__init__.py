@@ -16,3 +16,13 @@ COMMANDS = {
     "syntax": ("embgeom.commands.syntax", "syntax heads: word-level attention against a CoNLL-U treebank"),
     "coref": ("embgeom.commands.coref", "coreference heads: antecedent selection accuracy against mention clusters"),
 }
+
+
+def say_notes(command: str, notes: list[str], flags: dict[str, str]) -> None:
+    """A result's notes on stderr. A note starts with the API option it lowered (`row_topk 5
+    lowered to ...`): said as the command's flag (`--row-topk 5 lowered to ...`)."""
+    import sys
+
+    for note in notes:
+        option, space, rest = note.partition(" ")
+        print(f"embgeom {command}: note: {flags.get(option, option)}{space}{rest}", file=sys.stderr)

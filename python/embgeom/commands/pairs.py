@@ -46,6 +46,7 @@ def main(args) -> int:
     from ..provenance import Provenance
     from ..report import write_json
     from ..validation import renamed
+    from . import say_notes
 
     prov = Provenance(args, inputs={"X": args.x, "--against": args.against})
     ins = [("X", args.x), ("--against", args.against)]
@@ -83,8 +84,7 @@ def main(args) -> int:
             from ..api import pairwise_stats
 
             result = pairwise_stats(x, y, **kwargs)
-    for note in result.notes:
-        print(f"embgeom pairs: note: {note}", file=sys.stderr)
+    say_notes("pairs", result.notes, names)
     out = result.to_dict()
     out["provenance"] = prov.record()
     write_json(args.json, out, indent=None)  # compact: row lists can be large

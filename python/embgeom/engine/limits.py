@@ -32,7 +32,7 @@ def fit_to_input(cfg: PairwiseConfig, n: int, m: int | None) -> tuple[PairwiseCo
         asked = getattr(cfg, name)
         if asked > per_row:
             lowered[name] = per_row
-            what = "N - 1 (self mode)" if m is None else "M (the rows of y)"
+            what = "N - 1 (self mode)" if m is None else "M (cross mode: the second matrix's rows)"
             if candidates >= 1:
                 notes.append(f"{name} {asked:,} lowered to {what} = {per_row:,}: a row has no more neighbours")
             else:
