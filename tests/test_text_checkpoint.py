@@ -222,7 +222,8 @@ def test_one_run_at_a_time_and_nothing_kept_before_the_first_save(tiny_bert_dir,
     other = TraceCheckpoint(ckpt, {"another": "run"})
     other.load()                                   # another run holds PATH
     assert main(cmd) == 2
-    assert f"checkpoint: {ckpt} is in use by another run" in capsys.readouterr().err
+    # (said as the flag: it had said `checkpoint:`, the API's name)
+    assert f"error: --checkpoint: {ckpt} is in use by another run" in capsys.readouterr().err
     other.close()
     _interrupt_at_batch(monkeypatch, 0)            # Ctrl-C before the first batch is summed
     monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "600")

@@ -46,6 +46,13 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
+    from ..validation import renamed
+
+    with renamed(checkpoint="--checkpoint"):  # the run checkpoint's errors, said as this command's flag
+        return _main(args)
+
+
+def _main(args) -> int:
     import warnings
 
     from ..analysis.text.inputs import read_labels, read_lines, read_pairs, require_file

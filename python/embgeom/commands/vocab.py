@@ -104,16 +104,18 @@ def _write(out: str, report: dict, plots: dict, timer, prov, layouts) -> dict:
 def main(args) -> int:
     from ..formatting import fmt, seconds
     from ..provenance import Provenance
+    from ..validation import renamed
 
     if args.seed is not None and not args.projections:
         raise ValueError("--seed: seeds the --projections layouts; without --projections nothing is random")
     if args.seed is None:
         args.seed = 0
     prov = Provenance(args, seed=args.seed)
-    report = run(args.model, args.out, device=args.device, all_tokens=args.all_tokens,
-                 precision=args.precision, backend=args.backend, positions=args.positions,
-                 projections=args.projections, seed=args.seed,
-                 progress=progress_for(args, "embgeom vocab"), provenance=prov, checkpoint=args.checkpoint)
+    with renamed(checkpoint="--checkpoint"):  # the layouts checkpoint's errors, said as this command's flag
+        report = run(args.model, args.out, device=args.device, all_tokens=args.all_tokens,
+                     precision=args.precision, backend=args.backend, positions=args.positions,
+                     projections=args.projections, seed=args.seed,
+                     progress=progress_for(args, "embgeom vocab"), provenance=prov, checkpoint=args.checkpoint)
     tm = report["timing"]
     parts = ", ".join(f"{k.replace('_', ' ')} {seconds(v)}" for k, v in tm.items() if k not in ("to_page", "total"))
     kept = report.get("checkpoint", {}).get("layouts_resumed")
