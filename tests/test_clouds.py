@@ -539,6 +539,33 @@ def test_project_far_near_collinear_and_identical_clouds():
         project(rng.standard_normal((20, 1)), method="tsne", perplexity=3)
 
 
+def test_silhouette_of_clusters_far_apart_and_in_chunks(monkeypatch):
+    """Two tight pairs of labels (spread 1e-4, 1e-3 apart) at +1e4 and -1e4: no single translation
+    brings both near the origin, and the product formula's distances had cancelled (0.5332 for
+    0.5194; 0.24 at +-1e5). Distances from differences where it cancels give the definition's
+    value; computed a few rows at a time, equal to scikit-learn's on ordinary clouds (a label
+    of one point counts 0), cosine and Euclidean."""
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(0)
+    d = 16
+    e1, e2 = np.eye(d)[0], np.eye(d)[1]
+    centres = [1e4 * e1, 1e4 * e1 + 1e-3 * e2, -1e4 * e1, -1e4 * e1 + 1e-3 * e2]
+    for far in (1.0, 10.0):
+        x = np.vstack([far * c + 1e-4 * rng.standard_normal((20, d)) for c in centres])
+        labels = [g for g in "abcd" for _ in range(20)]
+        diff = x[:, None, :] - x[None, :, :]
+        want = silhouette_score(np.sqrt(np.einsum("ijk,ijk->ij", diff, diff)), labels, metric="precomputed")
+        assert geometry.silhouette(x, labels, "euclidean") == pytest.approx(want, abs=1e-9)
+    x, labels = _clusters()
+    x = x.astype(np.float64)
+    labels = list(labels[:-1]) + ["alone"]
+    monkeypatch.setattr(geometry, "SILHOUETTE_CHUNK", 7 * len(labels))  # 7 rows a step
+    for metric in ("cosine", "euclidean"):
+        assert geometry.silhouette(x, labels, metric) == pytest.approx(silhouette_score(x, labels, metric=metric),
+                                                                        abs=1e-12)
+
+
 def test_project_pca_report_keeps_every_component_and_a_label_named_all():
     """Every explained-variance ratio (report.json kept the first 64), the whole cloud's curve
     beside a label named 'all' (the label's curve had replaced it), and a zero row left out of
