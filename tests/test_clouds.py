@@ -566,6 +566,31 @@ def test_silhouette_of_clusters_far_apart_and_in_chunks(monkeypatch):
                                                                         abs=1e-12)
 
 
+def test_pca_ratios_keep_their_digits_below_the_products_rounding():
+    """A cloud along one direction with a 1e-9 spread across it: the covariance's eigenvalues gave
+    1.6e-16 for 1.4e-18 (every small ratio noise, or 0); from the singular values each small ratio
+    keeps its digits. Four points in six dimensions: centred, rank 3, the last ratio exactly 0.
+    A well-conditioned cloud (the fast path through X^T X) agrees with the SVD, and the vocabulary
+    report's principal_components is the same computation."""
+    from embgeom.analysis.vocab.sections import principal_components
+
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(8)
+    v /= np.linalg.norm(v)
+    for x in (rng.standard_normal((200, 1)) * v + 1e-9 * rng.standard_normal((200, 8)),
+              rng.standard_normal((300, 8)) * np.arange(1, 9)):
+        s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+        want = s ** 2 / (s ** 2).sum()
+        ratio, _, comps = projection.pca_fit(x, 8)
+        np.testing.assert_allclose(ratio, want, rtol=1e-5, atol=0)  # (the mean's rounding: ~1e-7)
+        np.testing.assert_allclose(np.abs(comps.T @ comps), np.eye(8), atol=1e-9)
+        got, path = principal_components(torch.from_numpy(x), axes=2)
+        np.testing.assert_allclose(got.numpy(), ratio, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(path.numpy(), (x - x.mean(0)) @ comps[:, :2], rtol=1e-9, atol=1e-9)
+    ratio, _, _ = projection.pca_fit(rng.standard_normal((4, 6)) + 100.0, 2)
+    assert ratio.shape == (4,) and ratio[3] == 0.0 and ratio[:3].sum() == pytest.approx(1.0, abs=1e-15)
+
+
 def test_project_pca_report_keeps_every_component_and_a_label_named_all():
     """Every explained-variance ratio (report.json kept the first 64), the whole cloud's curve
     beside a label named 'all' (the label's curve had replaced it), and a zero row left out of

@@ -233,19 +233,38 @@ def knn_recall(approx: np.ndarray, exact: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------ PCA
+# smallest eigenvalue of X^T X, as a share of the largest, that keeps ~7 digits (D eps / share)
+GRAM_TRUST = 1e-6
+
+
 def pca_fit(x, axes: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x: (N, D) -> (explained-variance ratio (min(N, D),) descending, mean (D,), components
-    (D, axes)), from the D x D covariance in float64 of the rows as given (a float64 input is
-    not rounded to float32); each component's sign makes its largest-magnitude loading positive
-    (deterministic)."""
+    (D, axes)), in float64 of the rows as given (a float64 input is not rounded to float32); each
+    component's sign makes its largest-magnitude loading positive (deterministic).
+
+    From the eigenvalues of the D x D product X^T X of the centred rows when they are all within
+    GRAM_TRUST of the largest; else from the singular values of the centred rows (of their
+    D x D triangular factor when N > D): the product squares the condition number, and an
+    eigenvalue below about D eps of the largest is rounding noise there (1.6e-16 for 1.4e-18
+    across a 1e-9 spread). The product is 2-5x faster on the vocabulary. Centred rows have rank
+    <= N - 1, so with N <= D the last ratio is exactly 0."""
     xd = torch.from_numpy(as_matrix64(x))
     n, d = xd.shape
     mean = xd.mean(0) if n else torch.zeros(d, dtype=torch.float64)
     if n < 2:
         return np.zeros(0), mean.numpy(), np.eye(d, axes)
     xc = xd - mean
-    ev, vecs = torch.linalg.eigh(xc.T @ xc / (n - 1))
-    ev, vecs = ev.flip(0).clamp_min(0)[:min(n, d)], vecs.flip(1)
+    trusted = False
+    if n > d:
+        ev, vecs = torch.linalg.eigh(xc.T @ xc)
+        ev, vecs = ev.flip(0), vecs.flip(1)
+        trusted = bool(ev[-1] >= GRAM_TRUST * ev[0])
+    if not trusted:
+        _, sv, vh = torch.linalg.svd(torch.linalg.qr(xc, mode="r").R if n > d else xc, full_matrices=True)
+        ev, vecs = sv * sv, vh.T
+    ev = ev[:min(n, d)].clone()
+    if n <= d:
+        ev[n - 1:] = 0.0
     pick = vecs.abs().argmax(0)
     vecs = vecs * torch.sign(vecs[pick, torch.arange(d)])[None, :]
     total = ev.sum()

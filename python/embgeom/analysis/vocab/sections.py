@@ -11,6 +11,7 @@ import torch
 from ...api import pairwise_stats
 from ...engine.config import DEFAULTS
 from ...numerics import cosine_matrix
+from ..clouds.projection import pca_fit
 from ..text import adapters
 
 
@@ -150,18 +151,10 @@ def section_mean_embedding(words, ids, tokens):
 
 def principal_components(x: torch.Tensor, axes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Explained-variance ratio of each principal component (descending) and the rows projected
-    on the first `axes` components, from the D x D covariance (float64) rather than an SVD of
-    the N x D matrix."""
-    x = x.double()
-    if x.shape[0] < 2:
-        return torch.zeros(0, dtype=torch.float64), torch.zeros(x.shape[0], axes, dtype=torch.float64)
-    xc = x - x.mean(0)
-    ev, vecs = torch.linalg.eigh(xc.T @ xc / (x.shape[0] - 1))
-    ev, vecs = ev.flip(0).clamp_min(0), vecs.flip(1)
-    ev = ev[:min(x.shape)]  # the rank is at most min(N, D): drop the structural zeros
-    total = ev.sum()
-    ratio = (ev / total if total > 0 else ev).cpu()
-    return ratio, (xc @ vecs[:, :axes]).cpu()
+    on the first `axes` components (float64; clouds.pca_fit)."""
+    x64 = x.detach().double().cpu().numpy()
+    ratio, mean, comps = pca_fit(x64, axes)
+    return torch.from_numpy(ratio), torch.from_numpy((x64 - mean) @ comps)
 
 
 def _components_for(ratio: torch.Tensor, share: float) -> int | None:
