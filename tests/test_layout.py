@@ -216,3 +216,29 @@ def test_sdist_carries_what_the_build_compiles(tmp_path):
         held = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
     missing = sorted(set(tracked.stdout.split()) - held)
     assert not missing, missing
+
+
+def test_readme_synopsis_names_every_flag_of_every_command():
+    """The README's command-line synopsis lists every option each command's --help has (a probe
+    found ten flags, --row-bottomk to --ef-search, that no page named)."""
+    from embgeom.cli import build_parser
+    from embgeom.commands import COMMANDS
+
+    readme = (ROOT / "README.md").read_text()
+    synopsis = readme[readme.index("## Command line"):]
+    synopsis = synopsis[:synopsis.index("```", synopsis.index("```") + 3)]
+    missing = []
+    for name in COMMANDS:
+        if name == "info":
+            continue
+        sub = next(a for a in build_parser([name])._actions if a.dest == "command").choices[name]
+        for action in sub._actions:
+            flags = [f for f in action.option_strings if f.startswith("--")]
+            if not flags or flags[0] in ("--help", "--no-progress", "--quiet"):
+                continue
+            # the command's lines: `embgeom NAME ...` and its continuations, or `torchrun ... -m embgeom NAME ...`
+            lines = re.compile(rf"^(?:embgeom|torchrun .*?-m embgeom) {re.escape(name)} .*?(?=^embgeom |^\(|^torchrun|\Z)",
+                               re.M | re.S)
+            if not any(re.search(rf"{re.escape(flags[0])}\b", b) for b in lines.findall(synopsis)):
+                missing.append(f"{name} {flags[0]}")
+    assert not missing, missing

@@ -1,4 +1,4 @@
-"""The files of `embgeom project`: projection.npz, report.json, the PNG and the interactive scatter.
+"""The files of `embgeom project`: projection.npy, report.json, the PNG and the interactive scatter.
 """
 from __future__ import annotations
 
