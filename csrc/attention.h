@@ -19,10 +19,10 @@ const char* attention_entropy_path();
 using RowEntropyFn = double (*)(const float* row, const float* weight, int64_t T, float keep, float uniform);
 RowEntropyFn pick_row_entropy(const char** name);
 
-// Clark's head distance (the pair part of its JS divergences): P (K, R, T) float32, each head's R
-// smoothed rows (padded keys 1/2 in every row, so that they add s ln s = 0); out (K, K): for
-// a < b, out[a * K + b] = sum over rows and keys of s ln s with s = P[a] + P[b] (float32 terms,
-// float64 sums in a fixed order); the rest 0.
+// Clark's head distance: P (K, R, T) float32, each head's R smoothed rows (> 0; padded keys 1/2 in
+// every row, so that they add 0); out (K, K): for a < b, out[a * K + b] = the JS divergences of the
+// row pairs (P[a][r], P[b][r]) summed over r, each key's term 1/2 [p ln(2p/s) + q ln(2q/s)] taken
+// without cancellation (attention.cpp); float32 terms, float64 sums in a fixed order; the rest 0.
 void js_pair_sums(const float* P, int64_t K, int64_t R, int64_t T, double* out);
 const char* js_pair_sums_path();
 

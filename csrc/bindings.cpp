@@ -536,8 +536,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("row_moments", &row_moments, py::arg("x"),
         "Float64 mean and central moments of each row: x (N, D) float32 -> (N, 4): mean, m2, m3, m4");
   m.def("js_pair_sums", &js_pair_sums, py::arg("P"),
-        "Clark's head distance, pair part: P (K, R, T) float32 smoothed rows -> (K, K) float64, "
-        "[a, b] (a < b) = sum of s ln s over rows and keys, s = P[a] + P[b]");
+        "Clark's head distance: P (K, R, T) float32 smoothed rows -> (K, K) float64, "
+        "[a, b] (a < b) = the JS divergences of the row pairs (P[a][r], P[b][r]) summed over r");
   m.def("prefix_sums_below", &prefix_sums_below, py::arg("x"), py::arg("mass"),
         "k90's count: x (..., T) float32 rows of negated entries sorted ascending -> (...) int64, the number of "
         "prefixes whose float64 running sum of -x stays below mass");

@@ -380,6 +380,29 @@ def test_js_vectorised_equals_pair_loop():
     _close(got, want, "clark_js_sums", 1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["cpp", "torch"])
+def test_js_of_nearly_identical_heads_keeps_its_digits(kernel, monkeypatch):
+    """Two heads whose logits differ by noise 1e-3 (JS about 1e-7 per row): the sum had been 13 %
+    low. The identity ln 2 (sum p + sum q) / 2 + ... had taken sum p = 1 per row (float32
+    softmax rows are 1 within 1e-7: a bias of ln 2 / 2 x their sum), and p ln p was summed per
+    row in float32. Each key's term is now taken without cancellation: 1e-5 of the definition."""
+    from embgeom.backends import registry
+
+    if kernel == "torch":
+        monkeypatch.setattr(registry, "cpp_kernel", lambda *a, **k: None)
+    torch.manual_seed(0)
+    B, T = 8, 128
+    logits = torch.randn(B, 1, T, T) * 3
+    mask = torch.ones(B, T, dtype=torch.bool)
+    for noise, tol in ((1e-3, 1e-5), (1e-2, 1e-5), (1.0, 1e-6)):
+        attn = torch.softmax(torch.cat([logits, logits + noise * torch.randn(B, 1, T, T)], 1), -1)
+        got = float(hd.clark_js_sums([attn], mask)[0, 1])
+        P = 0.999 * attn.double() + 0.001 / T
+        M = P.mean(1)
+        want = float(0.5 * ((P[:, 0] * (P[:, 0] / M).log()).sum() + (P[:, 1] * (P[:, 1] / M).log()).sum()))
+        assert got == pytest.approx(want, rel=tol), (noise, got, want)
+
+
 def test_value_histogram_kernel_equals_torch():
     """The C++ core's value histogram (float32 maps on the CPU) gives the torch path's counts and
     bin of 0 exactly: padding, one-token and empty texts, constant and one-hot maps, entries on
@@ -440,24 +463,31 @@ def _value_counts_bad(attn, mask, widen):
 
 @pytest.mark.parametrize("T", [1, 7, 8, 17, 40])
 def test_js_pair_sums_kernel(T, monkeypatch):
-    """_C.js_pair_sums against float64 s ln s sums on every vector level (tails of 8 and 16 keys,
-    padded keys at 1/2 adding nothing), the lower triangle and diagonal left 0."""
+    """_C.js_pair_sums against the float64 definition on every vector level (tails of 8 and 16
+    keys, padded keys at 1/2 adding nothing, a head equal to another: 0, a head within 1e-4 of
+    another: its JS to 1e-6, no cancellation), the lower triangle and diagonal left 0; the torch
+    path's js_terms the same."""
     core = pytest.importorskip("embgeom._C")
     rng = np.random.default_rng(T)
     K, R = 5, 11
     P = rng.random((K, R, T)).astype(np.float32) + np.float32(1e-3)
     P /= P.sum(-1, keepdims=True)
+    P[2] = P[0]
+    P[3] = P[0] * (1 + 1e-4 * rng.standard_normal((R, T))).astype(np.float32)
     if T > 3:
         P[:, :, -2:] = 0.5                                    # padded keys
-    s = P[:, None].astype(np.float64) + P[None].astype(np.float64)
-    want = (s * np.log(s)).sum(axis=(-1, -2))
+    p, q = P[:, None].astype(np.float64), P[None].astype(np.float64)
+    s = p + q
+    want = (0.5 * (p * np.log(2 * p / s) + q * np.log(2 * q / s))).sum(axis=(-1, -2))
+    iu = np.triu_indices(K, 1)
     levels = ["generic"] + (["avx2"] if core.cpu_info()["isa"] in ("avx2", "avx512") else [])
     for level in levels:
         monkeypatch.setenv("EMBGEOM_CPU", level)
         got = core.js_pair_sums(P)
-        iu = np.triu_indices(K, 1)
-        np.testing.assert_allclose(got[iu], want[iu], rtol=1e-6, atol=1e-6 * R * T, err_msg=level)
-        assert (got[np.tril_indices(K)] == 0).all()
+        np.testing.assert_allclose(got[iu], want[iu], rtol=2e-6, atol=1e-15, err_msg=level)
+        assert (got[np.tril_indices(K)] == 0).all() and got[0, 2] == 0
+    terms = hd.js_terms(torch.from_numpy(P)[:, None], torch.from_numpy(P)[None]).double().sum((-1, -2)).numpy()
+    np.testing.assert_allclose(terms[iu], want[iu], rtol=2e-6, atol=1e-15)
 
 
 def test_gaussianity_stats_equal_scipys():
