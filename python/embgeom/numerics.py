@@ -170,3 +170,28 @@ def f32_down(v: float) -> float:
     if float(t) > v:
         t = np.nextafter(t, np.float32(-np.inf))
     return float(t)
+
+
+# The JS term's series F(x) / x^2 = sum_k x^(2k-2) / (k (2k - 1)), highest power first, to k = 6 for
+# float32 (the C++ core's kJsSeries: the next term is below 1e-9 of the sum where x^2 < 1/16) and to
+# k = 14 for float64 (below 1e-18)
+def _js_series(terms: int) -> list[float]:
+    return [1.0 / (k * (2 * k - 1)) for k in range(terms, 0, -1)]
+
+
+def js_terms(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """1/2 [p ln(2p/s) + q ln(2q/s)] elementwise (p, q >= 0, broadcast; in their dtype), s = p + q,
+    the Jensen-Shannon divergence's terms (nats), as (s / 4) F(x), x = (p - q) / s,
+    F(x) = (1 + x) ln(1 + x) + (1 - x) ln(1 - x) >= 0: its series where x^2 < 1/16, the logarithms
+    beyond (F >= 0.063 there, so their rounding is a few ulps of it); 0 where s = 0. Every term
+    is >= 0: sums of them do not cancel, however similar p and q are."""
+    s = p + q
+    x = (p - q) / s
+    y = x * x
+    series = _js_series(14 if y.dtype == torch.float64 else 6)
+    f = torch.full_like(y, series[0])
+    for c in series[1:]:
+        f = f * y + c
+    logs = 0.5 * (torch.special.xlogy(p, 2 * p / s) + torch.special.xlogy(q, 2 * q / s))
+    term = torch.where(y < 0.0625, 0.25 * s * (y * f), logs)
+    return torch.where(s > 0, term, torch.zeros_like(term))

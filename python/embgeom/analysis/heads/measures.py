@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ...engine.checkpoint import Resumable, check_samples
+from ...numerics import js_terms
 
 JS_SMOOTHING = 0.001          # Clark head_distances.py: P = 0.999 A + 0.001 / n
 ENTROPY_SMOOTHING = 0.0001    # Clark General_Analysis: A' = 0.9999 A + 0.0001 / n
@@ -86,25 +87,6 @@ def clark_js_sums(attentions, mask: torch.Tensor, row_chunk: int = 512) -> torch
         for a in range(K - 1):
             out[a, a + 1:] += js_terms(P[a], P[a + 1:]).sum(-1).double().sum(-1)
     return out + out.T
-
-
-# JS term F(x) / x^2 = sum_k x^(2k-2) / (k (2k - 1)), highest power first (the C++ core's kJsSeries)
-_JS_SERIES = [1.0 / (k * (2 * k - 1)) for k in range(6, 0, -1)]
-
-
-def js_terms(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """1/2 [p ln(2p/s) + q ln(2q/s)] elementwise (float32; p, q >= 0, broadcast), s = p + q, as
-    (s / 4) F(x), x = (p - q) / s, F(x) = (1 + x) ln(1 + x) + (1 - x) ln(1 - x) >= 0: its series
-    where x^2 < 1/16 (6 terms), the logarithms beyond (F >= 0.063 there); 0 where s = 0."""
-    s = p + q
-    x = (p - q) / s
-    y = x * x
-    f = torch.full_like(y, _JS_SERIES[0])
-    for c in _JS_SERIES[1:]:
-        f = f * y + c
-    logs = 0.5 * (torch.special.xlogy(p, 2 * p / s) + torch.special.xlogy(q, 2 * q / s))
-    term = torch.where(y < 0.0625, 0.25 * s * (y * f), logs)
-    return torch.where(s > 0, term, torch.zeros_like(term))
 
 
 def k90(attn: torch.Tensor) -> torch.Tensor:

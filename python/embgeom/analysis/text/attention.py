@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...backends import registry
+from ...numerics import js_terms
 
 TARGETS = ("cls", "sep", "punct", "prev", "next", "period", "comma", "sep_from_other")
 
@@ -204,12 +205,11 @@ def js_distance(dists: torch.Tensor) -> torch.Tensor:
     per row of the result."""
     p = dists.double()
     p = p / p.sum(-1, keepdim=True).clamp(min=1e-300)
-    ent = -torch.special.xlogy(p, p).sum(-1)                               # (K,)
     out = torch.empty(p.shape[0], p.shape[0], dtype=torch.float64, device=p.device)
     for i in range(p.shape[0]):
-        m = 0.5 * (p[i] + p)                                               # (K, R)
-        h_m = -torch.special.xlogy(m, m).sum(-1)
-        out[i] = (h_m - 0.5 * (ent[i] + ent)).clamp(min=0).sqrt()
+        # terms >= 0 (numerics.js_terms): a difference of entropies had lost the digits of
+        # nearly equal heads (0.9 % at a distance of 4e-8)
+        out[i] = js_terms(p[i], p).sum(-1).sqrt()
     out.fill_diagonal_(0.0)
     return 0.5 * (out + out.T)
 
