@@ -88,6 +88,26 @@ def test_candidate_overflow_retries_and_multiband(metric, rng, outside):
     check_stats(got, x, exact_ties=True, metric=metric, range=rng, **opts)
 
 
+@pytest.mark.parametrize("cross", [False, True])
+def test_ties_at_the_kth_value_are_cut_by_index(cross):
+    """Sixty copies of one row: 1,770 pairs (3,600 in cross mode) tie at cosine 1. Exact mode cuts
+    ties past the k-th pair in the list's order in the kernel: the top list's buffer keeps its
+    first size (it had grown until every tied pair fitted), and with row lists it holds what the
+    lists need (each copy's 3 nearest are the first copies: about 3 pairs a copy), not every
+    tied pair. The lists are the reference's, ties by (i, j) and by column."""
+    rng = np.random.default_rng(3)
+    base = torch.from_numpy(rng.standard_normal((1, 8)).astype(np.float32))
+    x = torch.cat([base.repeat(60, 1), torch.from_numpy(rng.standard_normal((10, 8)).astype(np.float32))])
+    y = x.flip(0).contiguous() if cross else None
+    for opts, most in ((dict(bins=20, topk=5, bottomk=3), 1), (dict(bins=0, topk=0, bottomk=0, row_topk=3), 8)):
+        cfg = PairwiseConfig(metric="cosine", **_cfg_opts(opts))
+        eng = triton_backend.TritonEngine(x, y, cfg, block=16, group=1, programs=1, capacity=64)
+        first = eng.cap
+        got = run_engine(eng).finalize(cfg, d=8, backend="triton", device=x.device, seconds=0.0)
+        assert eng.cap <= most * first, (opts, first, eng.cap)
+        check_stats(got, x, y, exact_ties=True, metric="cosine", range=(-1.0, 1.0), **opts)
+
+
 def test_tiling_invariance():
     x = small_int_embeddings(61, 7, seed=5)
     opts = dict(ALL_OUTPUTS, outside=(-3.0, 3.0))

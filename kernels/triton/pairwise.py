@@ -238,11 +238,15 @@ def _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, LINKED: t
 
 
 @triton.jit
-def _global_stream(key, v, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
-                   ci_ptr, cj_ptr, cap, margin, G: tl.constexpr, BM: tl.constexpr, LINKED: tl.constexpr):
+def _global_stream(key, v, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, tie_ptr, cnt_ptr, cv_ptr,
+                   ci_ptr, cj_ptr, cap, margin, G: tl.constexpr, BM: tl.constexpr, LINKED: tl.constexpr,
+                   TIES: tl.constexpr):
     """Global list s. Live bound: the pairs are split into G buckets by tile-local row block; the
     running maximum of each bucket (gbuck, global memory) is a distinct pair, so their minimum
-    bounds the G-th (>= k-th) best key, and it keeps rising as tiles go by."""
+    bounds the G-th (>= k-th) best key, and it keeps rising as tiles go by. Tie cut (exact mode,
+    top and bottom): k known pairs rank at or before (key thr_ptr[3 + s], pair tie_ptr[2s:2s+2])
+    in the list's order (key, then (i, j)), so a pair with that key after that pair cannot enter:
+    many equal values (duplicate rows) no longer all wait in the buffer."""
     k = tl.where(key == key, key, float("-inf"))  # invalid pairs are NaN (see the kernel)
     thr = tl.load(thr_ptr + s)
     if G > 0:
@@ -255,20 +259,30 @@ def _global_stream(key, v, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, cnt_
             tl.atomic_max(thr_ptr + s, lb, sem="relaxed")
             thr = lb
     m = key >= thr - margin
+    if TIES and s < 2:
+        cut_v = tl.load(thr_ptr + 3 + s)
+        tie_i = tl.load(tie_ptr + 2 * s)
+        tie_j = tl.load(tie_ptr + 2 * s + 1)
+        after = (rows[:, None] > tie_i) | ((rows[:, None] == tie_i) & (cols[None, :] > tie_j))
+        m = m & ((key != cut_v) | (after == 0))
     _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, LINKED)
 
 
 @triton.jit
-def _row_stream(key, v, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, rbuck_ptr, n_rows,
+def _row_stream(key, v, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, tie_ptr, rbuck_ptr, n_rows,
                 cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF: tl.constexpr,
-                G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LINKED: tl.constexpr):
+                G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LINKED: tl.constexpr, TIES: tl.constexpr):
     """Per-row lists: row i gets neighbour j; in self mode row j also gets neighbour i, and a
     pair that passes either row's threshold is appended once as (i, j) (the caller offers it
     to both rows). Live bound per row as in _global_stream: row i's pairs (i, j) fall in G buckets by the
     tile-local position of j (the same on the row and on the column side, BM == BN), with
-    running bucket maxima rbuck (N, G) in global memory."""
+    running bucket maxima rbuck (N, G) in global memory. Tie cut per row as _global_stream's
+    (exact mode): k known neighbours rank at or before (key rthr[s - 1][row], column
+    tie_ptr[6 + (s - 3) N + row]), so a neighbour with that key past that column cannot enter."""
     k = tl.where(key == key, key, float("-inf"))  # invalid pairs are NaN (see the kernel)
     base = rthr_ptr + (s - 3) * n_rows
+    cut_base = rthr_ptr + (s - 1) * n_rows
+    col_base = tie_ptr + 6 + (s - 3) * n_rows
     thr = tl.load(base + rows, mask=row_ok, other=float("inf"))
     if G > 0:
         gs = tl.arange(0, G)
@@ -280,6 +294,10 @@ def _row_stream(key, v, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, r
         tl.atomic_max(base + rows, lb, mask=row_ok & (lb > thr), sem="relaxed")
         thr = tl.maximum(thr, lb)
     m = key >= thr[:, None] - margin
+    if TIES:
+        cut_v = tl.load(cut_base + rows, mask=row_ok, other=float("nan"))
+        cut_c = tl.load(col_base + rows, mask=row_ok, other=0)
+        m = m & ((key != cut_v[:, None]) | (cols[None, :] <= cut_c[:, None]))
     if SELF:
         cthr = tl.load(base + cols, mask=col_ok, other=float("inf"))
         if G > 0:
@@ -292,7 +310,12 @@ def _row_stream(key, v, rows, cols, row_ok, col_ok, s: tl.constexpr, rthr_ptr, r
             tl.atomic_max(base + cols, clb, mask=col_ok & (clb > cthr), sem="relaxed")
             cthr = tl.maximum(cthr, clb)
         # one append for both sides: the caller offers each (i, j) to rows i and j
-        m = m | (key >= cthr[None, :] - margin)
+        cm = key >= cthr[None, :] - margin
+        if TIES:
+            ccut_v = tl.load(cut_base + cols, mask=col_ok, other=float("nan"))
+            ccut_c = tl.load(col_base + cols, mask=col_ok, other=0)
+            cm = cm & ((key != ccut_v[None, :]) | (rows[:, None] <= ccut_c[None, :]))
+        m = m | cm
     _append(m, v, rows, cols, s, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap, LINKED)
 
 
@@ -321,7 +344,7 @@ def _tile_epilogue(
     acc, rows, cols, acc_n, acc_s, acc_q, hist,
     N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
     lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
-    gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+    gthr_ptr, gbuck_ptr, rthr_ptr, tie_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
     near, margin, near_margin, cut_i, cut_j, shift, near_tau,
     METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, DO_STATS: tl.constexpr,
     NB: tl.constexpr, GHIST: tl.constexpr, LINKED: tl.constexpr, HAS_OUT: tl.constexpr,
@@ -329,7 +352,7 @@ def _tile_epilogue(
     TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr, RTOP: tl.constexpr,
     RBOT: tl.constexpr, OUTL: tl.constexpr,
     G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
-    G_RBOT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr,
+    G_RBOT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr, TIES: tl.constexpr,
 ):
     """Every reduction of one (BM, BW) slab of products: acc holds rows x cols. Returns the
     per-program accumulators (count, shifted sums, histogram).
@@ -420,10 +443,10 @@ def _tile_epilogue(
             hit = tl.max(tl.max(score, 1), 0) >= 0.0
         if hit:
             _candidates(v, rows, cols, row_ok, col_ok, N, out_a, out_b,
-                        gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr,
+                        gthr_ptr, gbuck_ptr, rthr_ptr, tie_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr,
                         cj_ptr, cap, near, margin, near_margin, cut_i, cut_j,
                         SELF, TOP, BOT, NEAR, RTOP, RBOT, OUTL,
-                        G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BW, LINKED)
+                        G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BW, LINKED, TIES)
     return acc_n, acc_s, acc_q, hist
 
 
@@ -472,29 +495,30 @@ def _candidate_score(v, rows, cols, row_ok, col_ok, gthr_ptr, rthr_ptr, n_rows, 
 
 @triton.jit
 def _candidates(v, rows, cols, row_ok, col_ok, N, out_a, out_b,
-                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+                gthr_ptr, gbuck_ptr, rthr_ptr, tie_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
                 cap, near, margin, near_margin, cut_i, cut_j,
                 SELF: tl.constexpr, TOP: tl.constexpr, BOT: tl.constexpr, NEAR: tl.constexpr,
                 RTOP: tl.constexpr, RBOT: tl.constexpr, OUTL: tl.constexpr,
                 G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
-                G_RBOT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr, LINKED: tl.constexpr):
+                G_RBOT: tl.constexpr, BM: tl.constexpr, BW: tl.constexpr, LINKED: tl.constexpr,
+                TIES: tl.constexpr):
     """The candidate streams of a slab that holds at least one candidate (rarely taken once
     thresholds are seeded): each stream's exact mask and its appends."""
     if TOP:
-        _global_stream(v, v, rows, cols, 0, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
-                       cap, margin, G_TOP, BM, LINKED)
+        _global_stream(v, v, rows, cols, 0, gthr_ptr, gbuck_ptr, tie_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+                       cap, margin, G_TOP, BM, LINKED, TIES)
     if BOT:
-        _global_stream(-v, v, rows, cols, 1, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
-                       cap, margin, G_BOT, BM, LINKED)
+        _global_stream(-v, v, rows, cols, 1, gthr_ptr, gbuck_ptr, tie_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr,
+                       cap, margin, G_BOT, BM, LINKED, TIES)
     if NEAR:
-        _global_stream(-tl.abs(v - near), v, rows, cols, 2, gthr_ptr, gbuck_ptr, cnt_ptr, cv_ptr,
-                       ci_ptr, cj_ptr, cap, near_margin, G_NEAR, BM, LINKED)
+        _global_stream(-tl.abs(v - near), v, rows, cols, 2, gthr_ptr, gbuck_ptr, tie_ptr, cnt_ptr, cv_ptr,
+                       ci_ptr, cj_ptr, cap, near_margin, G_NEAR, BM, LINKED, TIES)
     if RTOP:
-        _row_stream(v, v, rows, cols, row_ok, col_ok, 3, rthr_ptr, rbuck_top_ptr, N, cnt_ptr,
-                    cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RTOP, BM, BW, LINKED)
+        _row_stream(v, v, rows, cols, row_ok, col_ok, 3, rthr_ptr, tie_ptr, rbuck_top_ptr, N, cnt_ptr,
+                    cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RTOP, BM, BW, LINKED, TIES)
     if RBOT:
-        _row_stream(-v, v, rows, cols, row_ok, col_ok, 4, rthr_ptr, rbuck_bot_ptr, N, cnt_ptr,
-                    cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RBOT, BM, BW, LINKED)
+        _row_stream(-v, v, rows, cols, row_ok, col_ok, 4, rthr_ptr, tie_ptr, rbuck_bot_ptr, N, cnt_ptr,
+                    cv_ptr, ci_ptr, cj_ptr, cap, margin, SELF, G_RBOT, BM, BW, LINKED, TIES)
     if OUTL:
         # only pairs before (cut_i, cut_j) in (i, j) order can still enter the list
         before = (rows[:, None] < cut_i) | ((rows[:, None] == cut_i) & (cols[None, :] < cut_j))
@@ -539,7 +563,7 @@ def _pairwise_stats_kernel(
     part_cnt_ptr, part_sum_ptr, part_sq_ptr, hist_ptr, edges_ptr,
     lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
     # candidate streams
-    gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+    gthr_ptr, gbuck_ptr, rthr_ptr, tie_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
     near, margin, near_margin, cut_i, cut_j, shift, near_tau,
     METRIC: tl.constexpr, SELF: tl.constexpr, HAS_VALID: tl.constexpr, IN_PREC: tl.constexpr,
     DO_STATS: tl.constexpr, NB: tl.constexpr, GHIST: tl.constexpr, LINKED: tl.constexpr,
@@ -549,7 +573,7 @@ def _pairwise_stats_kernel(
     G_TOP: tl.constexpr, G_BOT: tl.constexpr, G_NEAR: tl.constexpr, G_RTOP: tl.constexpr,
     G_RBOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-    HB: tl.constexpr,
+    HB: tl.constexpr, TIES: tl.constexpr,
 ):
     """METRIC: 0 cosine (rows pre-normalised, values clamped), 1 dot, 2 euclidean.
     IN_PREC: "ieee" / "tf32" for fp32 rows, "" for 16-bit rows. NB: per-program histogram slots
@@ -596,10 +620,10 @@ def _pairwise_stats_kernel(
                 _slab(acc, q, SPLIT, BM, BN), rows, c * BN + q * (BN // SPLIT) + tl.arange(0, BN // SPLIT),
                 acc_n, acc_s, acc_q, hist, N, M, xv_ptr, yv_ptr, xsq_ptr, ysq_ptr, hist_ptr, edges_ptr,
                 lo_f, hi_f, scale_f, off_f, edge_w, bins, out_a, out_b, out_rows_ptr, out_cols_ptr,
-                gthr_ptr, gbuck_ptr, rthr_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
+                gthr_ptr, gbuck_ptr, rthr_ptr, tie_ptr, rbuck_top_ptr, rbuck_bot_ptr, cnt_ptr, cv_ptr, ci_ptr, cj_ptr, cap,
                 near, margin, near_margin, cut_i, cut_j, shift, near_tau,
                 METRIC, SELF, HAS_VALID, DO_STATS, NB, GHIST, LINKED, HAS_OUT, COLLECT_CLOSE,
-                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // SPLIT)
+                TOP, BOT, NEAR, RTOP, RBOT, OUTL, G_TOP, G_BOT, G_NEAR, G_RTOP, G_RBOT, BM, BN // SPLIT, TIES)
 
     if DO_STATS:
         tl.store(part_cnt_ptr + pid, tl.sum(acc_n.to(tl.int64), 0))
@@ -616,13 +640,16 @@ def constexprs(*, metric, self_mode, has_valid, in_prec, do_stats, nb, ghist, ha
                streams, groups, bm, bk, upcast, split=1, bn=None, linked=False):
     """The compile-time arguments of _pairwise_stats_kernel (see launch_pairwise); bn: tile
     columns (default bm); linked: the block library is linked in (compiled kernels: the histogram
-    in shared memory and the candidate vote; see compile_options)."""
+    in shared memory and the candidate vote; see compile_options). Tie cuts (TIES) are compiled
+    into exact fp32 variants only: the 16-bit and tf32 ones compare within a margin, where ties
+    of the products' values decide nothing (and the cut's loads spilled registers there)."""
     return dict(METRIC=metric, SELF=self_mode, HAS_VALID=has_valid, IN_PREC=in_prec, DO_STATS=do_stats,
                 NB=nb, GHIST=ghist, LINKED=bool(linked), HAS_OUT=has_out,
                 COLLECT_CLOSE=collect_close, TOP=streams[0],
                 BOT=streams[1], NEAR=streams[2], RTOP=streams[3], RBOT=streams[4], OUTL=streams[5],
                 G_TOP=groups[0], G_BOT=groups[1], G_NEAR=groups[2], G_RTOP=groups[3], G_RBOT=groups[4],
-                BM=bm, BN=bn or bm, BK=bk, UPCAST=upcast, SPLIT=split, HB=max(nb, 2))
+                BM=bm, BN=bn or bm, BK=bk, UPCAST=upcast, SPLIT=split, HB=max(nb, 2),
+                TIES=in_prec == "ieee")
 
 
 # The argument types the engine launches _pairwise_stats_kernel with (its tensors' dtypes and
@@ -635,7 +662,8 @@ ARG_TYPES = dict(
     hist_ptr="*i64", edges_ptr="*fp32",
     lo_f="fp32", hi_f="fp32", scale_f="fp32", off_f="fp32", edge_w="fp32", bins="i32",
     out_a="fp32", out_b="fp32", out_rows_ptr="*i64", out_cols_ptr="*i64",
-    gthr_ptr="*fp32", gbuck_ptr="*fp32", rthr_ptr="*fp32", rbuck_top_ptr="*fp32", rbuck_bot_ptr="*fp32",
+    gthr_ptr="*fp32", gbuck_ptr="*fp32", rthr_ptr="*fp32", tie_ptr="*i32", rbuck_top_ptr="*fp32",
+    rbuck_bot_ptr="*fp32",
     cnt_ptr="*i32", cv_ptr="*fp32", ci_ptr="*i32", cj_ptr="*i32", cap="i32",
     near="fp32", margin="fp32", near_margin="fp32", cut_i="i32", cut_j="i32", shift="fp32", near_tau="fp32",
 )
@@ -674,7 +702,7 @@ def specialization(ints: dict) -> dict:
 
 def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
                     part_cnt, part_sum, part_sq, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
-                    out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv,
+                    out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, ties, rbuck_top, rbuck_bot, cnt, cv,
                     ci, cj, cap, near, margin, near_margin, cut_i, cut_j, shift, near_tau, *, metric, self_mode, has_valid,
                     in_prec, do_stats, nb, ghist, has_out, collect_close, streams, groups, bm, bk,
                     split=1, bn=None, num_warps=4, num_stages=3):
@@ -689,7 +717,7 @@ def launch_pairwise(grid, x, y, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows,
     compiled = x.device.type != "cpu"  # the CPU interpreter cannot link the block library
     args = (x_desc, y_desc, xv, yv, xsq, ysq, n, m, d, band_row0, band_rows, num_tiles,
             part_cnt, part_sum, part_sq, hist, edges, lo_f, hi_f, scale_f, off_f, edge_w, bins,
-            out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap,
+            out_a, out_b, out_rows, out_cols, gthr, gbuck, rthr, ties, rbuck_top, rbuck_bot, cnt, cv, ci, cj, cap,
             near, margin, near_margin, cut_i, cut_j, shift, near_tau)
     kw = dict(**constexprs(metric=metric, self_mode=self_mode, has_valid=has_valid, in_prec=in_prec,
                            do_stats=do_stats, nb=nb, ghist=ghist, has_out=has_out, collect_close=collect_close,

@@ -57,18 +57,29 @@ def binning_error(lo: float, hi: float, bins: int) -> float:
 
 class Thresholds:
     """The list thresholds of TritonEngine (a mixin: the state lives on the engine, which the
-    kernel launch reads). gthr: the global streams' (top, bottom, near) keys; rthr: the per-row
-    streams' keys, one per row; gbuck/rbuck: live bucket maxima (interpreter plan only);
-    out_cut: the (i, j) before which outside pairs can still enter their list.
+    kernel launch reads). gthr: the global streams' (top, bottom, near) keys, then their tie cuts'
+    keys; rthr: the per-row streams' keys, one per row, then their tie cuts' keys; ties (int32):
+    the tie cuts' pairs (i, j) of the three global streams, then the per-row cuts' columns;
+    gbuck/rbuck: live bucket maxima (interpreter plan only); out_cut: the (i, j) before which
+    outside pairs can still enter their list.
 
-    Reads the engine's cfg, device, n, m, d, self_mode, kinds_k, active, groups, lists, rows,
+    A tie cut (exact mode; top, bottom and the per-row lists): k known pairs rank at or before
+    (key, pair) in the list's order (key, then (i, j), or the column for a row), so the kernel
+    drops a pair with that key that comes after it. Without it every pair equal to the k-th best
+    (duplicate rows: 1,770 pairs at cosine 1 among 60 copies) waited in the buffer, which grew
+    to hold them all.
+
+    Reads the engine's cfg, device, mode, n, m, d, self_mode, kinds_k, active, groups, lists, rows,
     x32, y32, xsq, ysq, xv, yv, has_valid, norm_max, seed_sample, cv/ci/cj."""
 
     def _reset_thresholds(self) -> None:
         dev = self.device
-        self.gthr = torch.full((3,), -math.inf, dtype=torch.float32, device=dev)
+        self.gthr = torch.full((6,), -math.inf, dtype=torch.float32, device=dev)
+        self.gthr[3:] = math.nan                 # no tie cut: no key equals NaN
         self.gbuck = torch.full((3, 64), -math.inf, dtype=torch.float32, device=dev)
-        self.rthr = torch.full((2, max(self.n, 1)), -math.inf, dtype=torch.float32, device=dev)
+        self.rthr = torch.full((4, max(self.n, 1)), -math.inf, dtype=torch.float32, device=dev)
+        self.rthr[2:] = math.nan
+        self.ties = torch.full((6 + 2 * max(self.n, 1),), NO_CUT, dtype=torch.int32, device=dev)
         self.rbuck = [torch.full((max(self.n, 1), max(g, 1)), -math.inf, dtype=torch.float32, device=dev)
                       for g in self.groups[3:5]]
         self.out_cut = (NO_CUT, 0)  # (i, j): only pairs before it can still enter the list
@@ -83,20 +94,59 @@ class Thresholds:
             return -(v - torch.tensor(float(self.cfg.near or 0.0), dtype=torch.float32)).abs()
         return v
 
+    def _cuts_ties(self, s: int) -> bool:
+        """Stream s takes tie cuts: exact mode's top and bottom lists and per-row lists (the near
+        list is ordered by a float64 distance the kernel's fp32 key does not reproduce)."""
+        return self.mode == "exact" and s != 2
+
+    def _raise_global(self, s: int, key: torch.Tensor, i: int, j: int) -> bool:
+        """(key, (i, j)): the k-th of k known pairs of global stream s in its list's order. The
+        threshold rises to key; at an equal key the tie cut moves to (i, j) when that is earlier.
+        True when anything changed."""
+        if bool(key > self.gthr[s]):
+            self.gthr[s] = key
+            if self._cuts_ties(s):
+                self.gthr[3 + s] = key
+                self.ties[2 * s], self.ties[2 * s + 1] = i, j
+            return True
+        if not (self._cuts_ties(s) and bool(key == self.gthr[s])):
+            return False
+        if bool(self.gthr[3 + s] == key) and (i, j) >= (int(self.ties[2 * s]), int(self.ties[2 * s + 1])):
+            return False
+        self.gthr[3 + s] = key
+        self.ties[2 * s], self.ties[2 * s + 1] = i, j
+        return True
+
+    def _raise_rows(self, s: int, rows: torch.Tensor, key: torch.Tensor, col: torch.Tensor) -> bool:
+        """As _raise_global for per-row stream s: rows' k-th known neighbours (key, column)."""
+        thr = self.rthr[s - 3]
+        before = thr[rows].clone()
+        thr[rows] = torch.maximum(before, key)
+        changed = bool((thr[rows] > before).any())
+        if not self._cuts_ties(s):
+            return changed
+        cut_key, cut_col = self.rthr[s - 1], self.ties[6 + (s - 3) * self.n:6 + (s - 2) * self.n]
+        old_key, old_col = cut_key[rows].clone(), cut_col[rows].long()
+        at = key == thr[rows]                                   # the k-th key is the row's threshold
+        earlier = at & ((old_key != key) | (col < old_col))
+        cut_key[rows[earlier]] = key[earlier]
+        cut_col[rows[earlier]] = col[earlier].to(torch.int32)
+        return changed or bool(earlier.any())
+
     def _refresh_thresholds(self) -> None:
-        """Seed each stream's threshold with the merged state's k-th best key (a lower bound
-        of the final k-th best: thresholds only ever rise)."""
+        """Seed each stream's threshold (and tie cut) with the merged state's k-th best key (a
+        lower bound of the final k-th best: thresholds only ever rise)."""
         for s, kind in enumerate(STREAMS[:3]):
             k = self.kinds_k[kind]
-            v = self.lists[kind][0]
+            v, i, j = self.lists[kind]
             if k and v.numel() >= k:
-                self.gthr[s] = torch.maximum(self.gthr[s], self._key(s, v[k - 1:k])[0])
+                self._raise_global(s, self._key(s, v[k - 1:k])[0], int(i[k - 1]), int(j[k - 1]))
         for s, kind in enumerate(STREAMS[3:5], 3):
             if kind in self.rows:
                 v, i = self.rows[kind]
-                full = i[:, -1] >= 0
-                key = torch.where(full, self._key(s, v[:, -1]), torch.full_like(v[:, -1], -math.inf))
-                self.rthr[s - 3, :self.n] = torch.maximum(self.rthr[s - 3, :self.n], key)
+                full = (i[:, -1] >= 0).nonzero()[:, 0]
+                if full.numel():
+                    self._raise_rows(s, full, self._key(s, v[full, -1]), i[full, -1])
         if self.cfg.outside:
             v, i, j = self.lists["outside_pairs"]
             k = self.kinds_k["outside_pairs"]
@@ -171,24 +221,22 @@ class Thresholds:
                 return True
             return False
         key = self._key(s, v)
-        if s >= 3 and self.self_mode:  # each buffered (i, j) is a neighbour of both rows
-            i, key = torch.cat([i, j]), torch.cat([key, key])
-        if s < 3:
-            kth = torch.topk(key, k).values[-1]
-            if bool(kth > self.gthr[s]):
-                self.gthr[s] = kth
-                return True
-            return False
-        order = torch.argsort(-key, stable=True)
+        if s < 3:  # the k-th in the list's order: key descending, then (i, j)
+            order = torch.argsort(i * self.m + j, stable=True)
+            order = order[torch.argsort(-key[order], stable=True)][k - 1]
+            return self._raise_global(s, key[order], int(i[order]), int(j[order]))
+        col = j
+        if self.self_mode:  # each buffered (i, j) is a neighbour of both rows
+            i, col, key = torch.cat([i, j]), torch.cat([j, i]), torch.cat([key, key])
+        # per row, in the list's order: key descending, then column
+        order = torch.argsort(col, stable=True)
+        order = order[torch.argsort(-key[order], stable=True)]
         order = order[torch.argsort(i[order], stable=True)]
-        rows_sorted, key_sorted = i[order], key[order]
+        rows_sorted, key_sorted, col_sorted = i[order], key[order], col[order]
         uniq, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
         full = counts >= k
         if not bool(full.any()):
             return False
-        kth = key_sorted[starts[full] + k - 1]
-        target = self.rthr[s - 3]
-        before = target[uniq[full]].clone()
-        target[uniq[full]] = torch.maximum(before, kth)
-        return bool((target[uniq[full]] > before).any())
+        at = starts[full] + k - 1
+        return self._raise_rows(s, uniq[full], key_sorted[at], col_sorted[at])

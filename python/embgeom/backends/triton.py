@@ -288,13 +288,17 @@ class TritonEngine(Thresholds, Candidates):
         if self.bins:
             h = self.hist_buf[:grid * self.nb].view(grid, self.nb).sum(0) if self.nb else self.hist_buf
             self.hist += h[: self.bins + 2]  # slot bins + 2: the invalid pairs, dropped
-        # an overflowed stream gets a higher threshold (or more room) and runs again alone
+        # an overflowed stream gets a higher threshold or an earlier tie cut (or more room) and
+        # runs again alone; from the third retry of a band on, more room too (a tie cut may
+        # settle only the rows whose candidates filled the buffer: one retry each would be slow)
+        retries = 0
         while True:
             over = [s for s in range(len(STREAMS)) if self.active[s] and counts[s] > stored[s]]
             if not over:
                 break
             retry = [False] * len(STREAMS)
-            grow = False
+            retries += 1
+            grow = retries > 2
             for s in over:
                 grow |= not self._raise_threshold(s, stored[s])
                 retry[s] = True
@@ -327,7 +331,7 @@ class TritonEngine(Thresholds, Candidates):
             self.hist_buf, self.edges, self.lo_f, self.hi_f, self.scale_f, self.off_f, self.edge_w,
             max(self.bins, 1),
             self.out_a, self.out_b, self.out_rows, self.out_cols, self.gthr, self.gbuck, self.rthr,
-            self.rbuck[0], self.rbuck[1], self.cnt_buf,
+            self.ties, self.rbuck[0], self.rbuck[1], self.cnt_buf,
             self.cv, self.ci, self.cj, self.cap, float(cfg.near or 0.0), self.margin,
             self.near_margin, *self.out_cut, self.shift, NEAR_DUPLICATE_TAU,
             **variant(cfg, mode=self.mode, plan=self.plan, self_mode=self.self_mode,
