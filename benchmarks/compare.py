@@ -10,7 +10,8 @@ supports (EMBGEOM_CPU=avx512|avx2|generic, see `python -m embgeom.info`), each i
 subprocess. Each path is held against baselines on that path's own OpenBLAS kernel family, as a
 host of that class runs them: numpy and sklearn (OpenBLAS sgemm) on the native AVX-512 path with
 both OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset together (OpenBLAS's own AVX-512 kernels), on
-the AVX2 path with OPENBLAS_CORETYPE=Haswell, on the generic path with Prescott ("numpy-matmul@generic").
+the AVX2 path with OPENBLAS_CORETYPE=Haswell, on the generic path with Prescott ("numpy-matmul@generic";
+OpenBLAS loads its Katmai kernels for that pin, which the sgemm probe's row records).
 FAISS runs once with the environment's pins kept (its bundled OpenBLAS misdetects newer CPUs
 without them). --keep-coretype keeps the environment's pins for every run. Ratios, the `fast`
 / exact ratio, the statistics' cost over the bare product of the same schedule
@@ -146,9 +147,14 @@ def gemm_peak_worker() -> dict:
         t = time.perf_counter()
         np.matmul(a, a, out=out)
         best = min(best, time.perf_counter() - t)
+    # what numpy's OpenBLAS ran, as it reports it (a pin can load another kernel than it names:
+    # Prescott loads Katmai), and its threads
+    from threadpoolctl import threadpool_info
+
+    blas = next((i for i in threadpool_info() if i.get("internal_api") == "openblas"), {})
     return {"gflops": 2.0 * GEMM_PEAK_N ** 3 / best / 1e9,
-            "coretype": os.environ.get("OPENBLAS_CORETYPE", "autodetected"),
-            "threads": int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)}
+            "coretype": blas.get("architecture") or os.environ.get("OPENBLAS_CORETYPE", "autodetected"),
+            "threads": int(blas.get("num_threads") or os.cpu_count() or 1)}
 
 
 def pins_text(env: dict) -> str:
@@ -273,8 +279,9 @@ def worker(provider: str, data: str, repeats: int) -> dict:
     info = _C.cpu_info()
     path = os.environ.get("EMBGEOM_CPU")
     name = f"{provider}@{path}" if path else provider
-    print(f"  [{name}] level {info['isa']}, product {info['gemm_fast' if 'fast' in provider else 'gemm_exact']}, "
-          f"fused pass {info['fused_pass']}, blas {info['blas']}", file=sys.stderr)
+    if provider in OURS:  # (the engine's own kernels: a baseline's line would describe embgeom)
+        print(f"  [{name}] level {info['isa']}, product {info['gemm_fast' if 'fast' in provider else 'gemm_exact']}, "
+              f"fused pass {info['fused_pass']}, blas {info['blas']}", file=sys.stderr)
     return {"metric": "pairwise_cosine", "provider": name, "n": n, "m": n, "d": d, "dtype": "float32",
             "device": common.cpu_device(), "threads": threads, **timing,
             "pairs_per_s": pairs / seconds, "tflops": gflops / 1e3,
@@ -300,10 +307,16 @@ def main() -> int:
         print(json.dumps(gemm_peak_worker() if args.worker == "gemm-peak" else worker(args.worker, args.data, args.repeats)))
         return 0
     rows = []
+    for data in args.data.split(","):
+        if data not in DATASETS:
+            parser.error(f"--data: expected names from {', '.join(DATASETS)}, got {data!r}")
     levels = supported_levels() if args.cpu_paths == "all" else args.cpu_paths.split(",")
     for lv in levels:
         if lv not in CPU_LEVELS:
             parser.error(f"--cpu-paths: expected levels from {', '.join(CPU_LEVELS)}, got {lv!r}")
+        if lv not in supported_levels():
+            # EMBGEOM_CPU only caps the level: the row would say avx512 for what ran avx2
+            parser.error(f"--cpu-paths: this host has no {lv} path (it has {', '.join(supported_levels())})")
     # per path, the sgemm of the kernel family that path's baselines use
     path_peak = {lv: measured_gemm_peak(blas_env(os.environ, lv, args.keep_coretype), lv, rows) for lv in levels}
     pins = {k: os.environ.get(k, "unset") for k in OPENBLAS_PINS}
@@ -329,15 +342,15 @@ def main() -> int:
                 env["EMBGEOM_CPU"] = level  # (names the row "provider@level" for baselines)
                 if provider in BLAS_BASELINES:
                     env = blas_env(env, level, args.keep_coretype)
-            if provider == "sklearn-cosine" and not env.get("OPENBLAS_CORETYPE"):
-                # one N x N GEMM call: OpenBLAS 0.3.31's own AVX-512 kernel crashes past 2^31
-                # output bytes on this AMD CPU (see numpy-matmul, which splits the call)
-                print(f"  {key:28} skipped: one N x N call crashes OpenBLAS's own AVX-512 kernel here")
-                continue
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
             except subprocess.TimeoutExpired:
                 print(f"  {key:28} timed out after {args.timeout}s")
+                continue
+            if proc.returncode < 0 and provider == "sklearn-cosine":
+                # one N x N GEMM call: OpenBLAS 0.3.31's own AVX-512 kernel crashed past 2^31
+                # output bytes on an AMD Zen 4 (numpy-matmul splits the call); an Intel host ran it
+                print(f"  {key:28} crashed (signal {-proc.returncode}): OpenBLAS's one N x N call")
                 continue
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
@@ -372,7 +385,7 @@ def main() -> int:
                 if a in seconds and b in seconds:
                     print(f"  ratio {what}: {seconds[a] / seconds[b]:.3f}")
             for a in ("embgeom-rowtopk", "embgeom-rowtopk-fast"):
-                for b in ("faiss-flat-10nn", "keops-argkmin", "embgeom-torch"):
+                for b in ("faiss-flat-10nn", "keops-argkmin"):  # (the same row top-10 work)
                     if a in seconds and b in results:
                         t = results[b]["median_ms"] / 1e3
                         print(f"  ratio {b} / {a}@{lv}: {t / seconds[a]:.2f}x (embgeom that many times faster)")

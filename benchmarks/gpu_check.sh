@@ -50,8 +50,10 @@ BENCH="$PY benchmarks/bench_gpu.py --d 768 --dtype bf16 --workloads pairwise_sta
 # compiles), the 1M benchmark, then the model-package steps.
 NAMES=(); declare -A MIN NOM RUN DRYRUN
 step() { NAMES+=("$1"); MIN[$1]=$2; NOM[$1]=$3; RUN[$1]=$4; DRYRUN[$1]=$5; }
+# fails (and the check stops) without Python, torch, Triton or a usable CUDA device: every later
+# step needs them, and would only fail in its own words
 step versions 10 15 \
-  "$PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"triton\", triton.__version__); print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"NO CUDA DEVICE\")'; { nvcc --version | tail -2; } 2>&1; cmake --version | head -1; { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true; }" \
+  "$PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda); print(\"triton\", triton.__version__); print(torch.cuda.get_device_name() if torch.cuda.is_available() else \"NO CUDA DEVICE\"); sys.exit(0 if torch.cuda.is_available() else 1)'; rc=\$?; { nvcc --version | tail -2; } 2>&1; cmake --version | head -1; { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true; }; exit \$rc" \
   "$PY -c 'import sys; print(sys.version)'; command -v nvcc cmake || true"
 step wheels 5 15 \
   "$PY -c 'import pybind11, pytest' 2>/dev/null || $PY -m pip install --no-index --find-links '$WHL' --target '$WORK/pydeps' pybind11 pytest" \
@@ -136,6 +138,10 @@ for name in "${NAMES[@]}"; do
   json+="{\"step\": \"$name\", \"status\": \"$status\", \"rc\": $rc, \"seconds\": $secs, \"limit\": $limit, \"timed_out\": $([ $rc -eq 124 ] || [ $rc -eq 137 ] && echo true || echo false)},"
   write_summary
   i=$((i + 1))
+  if [ "$name" = versions ] && [ $status = failed ]; then
+    echo "gpu-check: stopping: no usable CUDA device, or Python / torch / Triton missing (see versions above)" | tee -a "$LOG"
+    break
+  fi
 done
 [ -f "$CSV" ] || echo "gpu-check: no gpu.csv rows$([ -n "$DRY" ] && echo ' (dry run: nothing measured)')" | tee -a "$LOG"
 echo "gpu-check: $failed failed step(s); steps.log, gpu.csv and summary.json in $OUT" | tee -a "$LOG"

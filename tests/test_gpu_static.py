@@ -286,6 +286,25 @@ def test_gpu_wheels_are_ignored_and_small():
 # recheck at scale (run here on small inputs)
 # --------------------------------------------------------------------------------------------
 
+def test_gpu_check_stops_where_there_is_no_gpu(tmp_path):
+    """A real run on a machine without a usable CUDA device: versions fails and the check stops
+    there (its later steps had failed each in its own words: a CUDA assertion in the build, a
+    traceback in the text step), exit status 1."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PYTHON=sys.executable, WORK=str(work), STEPS="versions build tests")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], capture_output=True,
+                         text=True, timeout=120, env=env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert res.returncode == 1 and [s["step"] for s in summary["steps"]] == ["versions"], res.stdout[-2000:]
+    assert summary["steps"][0]["status"] == "failed" and "NO CUDA DEVICE" in res.stdout
+    assert "stopping: no usable CUDA device" in res.stdout
+
+
 def test_recheck_accepts_a_correct_result_and_finds_errors():
     import embgeom
 
