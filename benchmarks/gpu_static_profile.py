@@ -374,8 +374,11 @@ def main(argv=None) -> int:
               f"loop {row['loop']:5d} kloop {row['kloop']:4d} epi/elem {row['epi_per_elem']} "
               f"vote {row['vote']} atom {row['atoms']} p/SM {row['model'].get('programs_per_sm')} predicted {row['model']['predicted_seconds']} s "
               f"(all blocks {row['model'].get('predicted_seconds_all')} s) ({secs:.0f} s)", flush=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common  # (benchmarks/common.py: the commit the kernels were read at)
+
     (args.out / "profile.json").write_text(json.dumps(dict(
-        n=N, d=D, target="sm_90a", triton=triton.__version__,
+        n=N, d=D, target="sm_90a", triton=triton.__version__, git_sha=common.git_sha(), date=common.today(),
         model=MODEL, variants=table), indent=1))
     return 0
 
