@@ -4,6 +4,8 @@ Axes, and the Plotly figure each interactive scatter page holds as JSON), and he
 integer ticks."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import untitled_plotly_axes
 
@@ -83,10 +85,11 @@ def test_text_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
                      '{"group": "h", "a": "big", "b": "small"}\n', encoding="utf-8")
     assert main(["text", str(corpus), "--out", str(tmp_path / "t"), "--model", tiny_bert_dir, "--quiet",
                  "--labels", str(labels), "--trajectories", "2", "--pairs", str(pairs), "--heads",
-                 "--clark-js", "--gaussianity", "--similar", "topk:2", "--head-maps", "1"]) == 0
+                 "--clark-js", "--gaussianity", "--similar", "topk:2", "--head-maps", "1", "--directionality"]) == 0
     assert len(figures) >= 12
     bad = _unlabelled(figures)
     assert bad == [], "\n".join(map(str, bad))
+    assert "head_directionality" in dict(figures)  # (its layer axis named once, for its row)
     # Clark's strips: entropy and six attention targets, one panel each, over layers 1..L
     clark = dict(figures)["clark_heads"]
     assert len(clark) == 7
@@ -115,6 +118,20 @@ def test_project_page_axes_titled(tmp_path):
         assert (layout["xaxis"]["title"]["text"], layout["yaxis"]["title"]["text"]) == (f"{axis} 1", f"{axis} 2")
 
 
+def test_scatter_page_neighbours_keep_a_float32s_digits(tmp_path):
+    """The neighbour list a click shows keeps 8 significant digits: an early layer's [CLS] cloud
+    has cosines of 0.99999985 and 0.99999976, which 4 decimals had shown as 1 and 1."""
+    import numpy as np
+
+    from embgeom.report.interactive import write_scatter_html
+    from helpers import scatter_page
+
+    sims = np.array([[0.99999985, 0.99999976], [0.99999983, 0.5]], dtype=np.float32)
+    write_scatter_html(str(tmp_path / "p.html"), np.zeros((2, 2)), knn=(np.array([[1, 0], [0, 1]]), sims))
+    shown = scatter_page(tmp_path / "p.html")["knn"]["s"]
+    assert shown == [[0.99999982, 0.99999976], [0.99999982, 0.5]], shown  # (the float32 values, 8 digits)
+
+
 def test_vocab_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     import os
 
@@ -127,6 +144,19 @@ def test_vocab_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     assert bad == [], "\n".join(map(str, bad))
     page = (tmp_path / "v" / "report.html").read_text(encoding="utf-8")
     assert "<!--" not in page and "tiny&lt;!--x" in page
+    # the pairs nearest 0: a float32 value within rounding of 0 reads "≈0", not its noise digits
+    import re
+
+    from embgeom.numerics import fp32_cosine_bound
+
+    report = json.loads((tmp_path / "v" / "report.json").read_text())
+    bound = fp32_cosine_bound(report["hidden"])
+    table = page[page.index("<h3>nearest to 0</h3>"):]
+    table = table[:table.index("</table>")]
+    cells = [re.findall(r"<td>(.*?)</td>", row)[2] for row in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
+    values = [v for _, _, v in report["pairs"]["near_zero_tokens"]]
+    assert len(cells) == len(values)
+    assert all((c == "≈0") == (abs(v) < bound) for c, v in zip(cells, values)), (cells, values)
 
 
 def test_vocab_projection_pages(tiny_bert_dir, tmp_path):

@@ -152,3 +152,24 @@ def test_cosine_matrix_identical_rows_exactly_one():
     keep[7] = False
     assert c[keep][:, keep].max().item() == 1.0 and c[keep][:, keep].min().item() >= 1.0 - 1e-12  # (parallel after rounding)
     assert bool(c[7].isnan().all()) and bool(c[:, 7].isnan().all())
+
+
+def test_fp32_cosine_bound_holds_for_the_engines_values():
+    """fp32_cosine_bound(d) bounds |fp32 cosine - float64 cosine| of the engine's exact values
+    (the vocabulary page shows a value below it as ≈0): random rows, rows of one large and many
+    small entries, and near-orthogonal pairs, at d = 8 and 384."""
+    import embgeom
+    from embgeom.numerics import fp32_cosine_bound
+
+    rng = np.random.default_rng(11)
+    for d in (8, 384):
+        x = rng.standard_normal((300, d)).astype(np.float32)
+        x[:50, 0] *= 1e3                                  # one large entry a row
+        x[50:100] = x[100:150] + np.float32(1e-3) * rng.standard_normal((50, d)).astype(np.float32)
+        got = embgeom.pairwise_stats(x, bins=0, topk=200, bottomk=200, near=0.0, near_k=200, backend="cpp")
+        x64 = x.astype(np.float64)
+        u = x64 / np.linalg.norm(x64, axis=1, keepdims=True)
+        for lst in (got.top_pairs, got.bottom_pairs, got.near_pairs):
+            i, j, v = lst.i.numpy(), lst.j.numpy(), lst.values.double().numpy()
+            err = np.abs(v - np.einsum("ij,ij->i", u[i], u[j]))
+            assert err.max() <= fp32_cosine_bound(d), (d, err.max(), fp32_cosine_bound(d))

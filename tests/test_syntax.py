@@ -182,6 +182,9 @@ def test_cli_syntax(pieces_bert, tmp_path, capsys):
     assert e["best"][2] in word_heads.DIRECTIONS and set(e["offset_baseline"]) == {"offset", "accuracy"}
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html
+    # a baseline offset reads as the CLI prints it, signed (+1, -2)
+    off = e["offset_baseline"]["offset"]
+    assert off is None or f"<td>{off:+d}</td>" in html
 
 
 @pytest.mark.parametrize("content,message", [
@@ -265,7 +268,10 @@ def test_cli_syntax_probe(pieces_bert, tmp_path, capsys):
     assert pr["root_candidate"] == "[CLS]" and "excluded_root" not in pr
     assert len(pr["w"]) == 2 and len(pr["w"][0]) == 4
     assert f"{pr['uas_test']:.3f}" in err
-    assert "Attention-only probe" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    # whether LBFGS converged or stopped at its cap is on the page too, not only in report.json
+    assert "Attention-only probe" in page
+    assert ("iterations, converged" in page) == pr["converged"] and ("not converged" in page) != pr["converged"]
     assert main(["syntax", SAMPLE, "--out", str(tmp_path / "p"), "--model", path, "--no-progress"]) == 0
     assert "probe" not in json.loads((tmp_path / "p" / "report.json").read_text())["syntax"]
 

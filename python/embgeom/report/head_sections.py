@@ -12,6 +12,7 @@ from ..analysis.text.labelled import no_class_maps_note
 from ..analysis.heads.measures import PERIOD_COMMA
 from .attention_view import write_attention_view
 from .headmaps import headmaps_html
+from .interactive import label_color
 from ..formatting import fmt as fmt_number
 from ..tables import table_html
 from .plots import (DEPTH, HEAD, LAYER, depth_axis, head_matrix, layer_axis, layer_head_axes,
@@ -172,6 +173,9 @@ def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) ->
             _heat(ax, fig, _arr(d[k]), k.replace("_", " "), "coolwarm" if k.startswith("spearman") else "viridis",
                   -1 if k.startswith("spearman") else None, 1 if k.startswith("spearman") else None,
                   label=k.replace("_", " "))
+            if i:  # the layer axis named once: each colour bar's label had printed over the next panel's
+                ax.set_ylabel("")
+        fig.tight_layout()
         png = save_figure(fig, out_dir, "head_directionality")
         sections.append(("Directionality of subspace selection: do queries and keys read different directions? (ours)",
                          "<p>Two readings proposed for the paper's undefined notion: skew fraction "
@@ -401,7 +405,7 @@ def _head_grid(out_dir: str, name: str, maps, shown, style: dict, axes: tuple[st
             im = ax.imshow(shown(maps[l, h]), **style)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"L{l + 1} H{h}", fontsize=9)
+            ax.set_title(f"L{l + 1} h{h}", fontsize=9)
     fig.supxlabel(f"{axes[0]} (left to right) in every panel", fontsize=11)
     fig.supylabel(f"{axes[1]} (top to bottom) in every panel", fontsize=11)
     if title:
@@ -433,9 +437,10 @@ def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
         fig.clf()
         for k, (key, title) in enumerate(panels):
             ax = fig.add_subplot(1, 3, k + 1)
-            for c, (g, e) in enumerate(ent.items()):
+            for g, e in ent.items():
                 y = np.asarray(e["layer_mean"][key], dtype=float)
-                ax.plot(np.arange(1, y.size + 1), y, "o-", color=LABEL_COLORS[c % len(LABEL_COLORS)], label=str(g))
+                # each label in its colour of the report's other figures (by sorted label)
+                ax.plot(np.arange(1, y.size + 1), y, "o-", color=label_color(g, block["texts"]), label=str(g))
             ax.set_title(title, fontsize=9)
             ax.set_ylabel("entropy (nats), mean over heads")
             layer_axis(ax, len(y))

@@ -14,6 +14,15 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
            "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363"]
 
+
+
+def label_color(label, labels) -> str:
+    """A label's colour in every figure of a report: its place among the run's labels sorted
+    (as strings) in PALETTE, so a label reads in one colour from the scatters to the curves."""
+    names = sorted({str(g) for g in labels})
+    return PALETTE[names.index(str(label)) % len(PALETTE)]
+
+
 GL_POINTS = 1000               # above this many points the traces are WebGL (scattergl)
 PLOT_ID = "plot"               # the figure's <div>; the page data is <script id='data'>
 
@@ -187,7 +196,9 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
         graph = "exact cosine graph" if knn_metric == "cosine" else "exact Euclidean graph, distances"
         knn_note = knn_note or (f"nearest neighbours ({graph}" + (f", {knn_file})" if knn_file else ")"))
         data["knn"] = {"note": knn_note, "file": knn_file, "i": idx[:, :knn_show].astype(np.int64).tolist(),
-                       "s": [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
+                       # 8 significant digits, a float32's (4 decimals had read 1 for every
+                       # neighbour of an early layer's [CLS] cloud, cosine distances of 1e-7)
+                       "s": [[None if not np.isfinite(v) else float(f"{v:.8g}") for v in row]
                              for row in sim[:, :knn_show]]}
     help_text = ("Wheel: zoom; drag: pan; double click: whole view; click a point: "
                  + ("its nearest neighbours; " if knn is not None else "select it; ")

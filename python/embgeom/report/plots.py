@@ -113,16 +113,14 @@ def explained_variance_png(out_dir: str, name: str, curves: dict) -> str:
     """Cumulative explained-variance curves (projection.pca_curves: the whole cloud's, drawn
     thicker in black, and each label's) as name.png; each label in its colour in the scatters
     (scatter_png: the palette by sorted label)."""
-    from .interactive import PALETTE
+    from .interactive import label_color
 
     fig, ax = new_figure()
     by_label = curves.get("by_label", {})
-    labels = sorted(str(k) for k in by_label)
     all_points = curves["all"]
     ax.plot(range(1, len(all_points) + 1), all_points, label="all points", lw=2, color="black")
     for key, curve in by_label.items():
-        ax.plot(range(1, len(curve) + 1), curve, label=key, lw=1,
-                color=PALETTE[labels.index(str(key)) % len(PALETTE)])
+        ax.plot(range(1, len(curve) + 1), curve, label=key, lw=1, color=label_color(key, by_label))
     ax.set_xlabel("principal components")
     ax.set_ylabel("cumulative explained variance")
     ax.set_ylim(0, 1.02)

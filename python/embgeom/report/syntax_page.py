@@ -20,8 +20,9 @@ def write_syntax_report(out_dir: str, report: dict) -> None:
     fig.clf()
     for d, name in enumerate(DIRECTIONS):
         ax = fig.add_subplot(1, 2, d + 1)
-        im = ax.imshow(acc[:, :, d], cmap="viridis", vmin=0, aspect="auto")
-        fig.colorbar(im, ax=ax)
+        # one scale (0..1) for both directions: equal colours are equal accuracies
+        im = ax.imshow(acc[:, :, d], cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        fig.colorbar(im, ax=ax, label="accuracy")
         ax.set_title(f"accuracy over all words, {name}", fontsize=9)
         layer_head_axes(ax, acc.shape[0], acc.shape[1])
     png = save_figure(fig, out_dir, "syntax_heads")
@@ -29,7 +30,8 @@ def write_syntax_report(out_dir: str, report: dict) -> None:
     for name, e in sorted(s["relations"].items(), key=lambda kv: -kv[1]["count"]) + [("all", s["all"])]:
         b = e["best"]  # None: no head gets any word right (root: no head predicts ROOT); so for offsets
         rows.append([name, e["count"], f"L{b[0]} h{b[1]}" if b else "none", b[2] if b else "-", e["accuracy"],
-                     "none" if e["offset_baseline"]["offset"] is None else e["offset_baseline"]["offset"], e["offset_baseline"]["accuracy"]])
+                     "none" if e["offset_baseline"]["offset"] is None else f"{int(e['offset_baseline']['offset']):+d}",
+                     e["offset_baseline"]["accuracy"]])
     summary = table_html(["model", "sentences", "words", "skipped (too long)", "forward passes and scoring (s)"],
                          [[report["model"], s["n_sentences"], s["n_words"], s["skipped_too_long"],
                            s["seconds"]]])
@@ -60,7 +62,10 @@ def probe_html(pr: dict, table_html) -> str:
     return ("<p>Clark et al. (arXiv 1906.04341, section 5): p(head(i) = j) proportional to "
             "exp(sum_k w_k a<sup>k</sup><sub>ij</sub> + u_k a<sup>k</sup><sub>ji</sub>) over every head k of every "
             "layer, candidates j = ROOT ([CLS]) and the other words of the sentence. Trained (LBFGS, float64, from zero, "
-            f"{pr['iterations']} iterations, cross-entropy {pr['loss_start']:.3f} -> {pr['loss_end']:.3f}) on the "
+            f"{pr['iterations']} iterations, "
+            + ("converged" if pr.get("converged") else f"<b>stopped at the cap of {pr.get('max_iter')} iterations, "
+               "not converged</b>")
+            + f", cross-entropy {pr['loss_start']:.3f} -> {pr['loss_end']:.3f}) on the "
             f"first {pr['train_sentences']} sentences ({pr['train_words']} words), tested on the other "
             f"{pr['test_sentences']} ({pr['test_words']} words). Every word is scored: the candidates of a "
             "word are ROOT and the other words, ROOT being the [CLS] word (its column and row of the word map; "

@@ -11,7 +11,7 @@ from ..analysis.clouds import geometry, projection
 from ..formatting import fmt
 from . import explained_variance_png
 from .definitions import defined
-from .interactive import PALETTE, scatter_png, write_scatter_html
+from .interactive import PALETTE, label_color, scatter_png, write_scatter_html
 from ..tables import Raw
 
 
@@ -420,21 +420,20 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
         used = np.nonzero(counts)[0]
         return edges, counts / max(counts.sum(), 1), used
 
-    for i, (g, st) in enumerate(groups["last"]["per_label"].items()):
+    for g, st in groups["last"]["per_label"].items():
         if "cosine" not in st:
             continue
         edges, share, used = curve(st["cosine"]["hist"])
         if used.size:
             lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
-        ax.step(edges[:-1], share, where="post", color=PALETTE[i % len(PALETTE)], lw=1.4, label=g)
+        ax.stairs(share, edges, color=label_color(g, groups["last"]["per_label"]), lw=1.4, label=g)
     pairs = list(groups["last"]["per_pair"].items())
     cmap = __import__("matplotlib").colormaps["tab20" if len(pairs) <= 20 else "turbo"]
     for k, (key, st) in enumerate(pairs):
         edges, share, used = curve(st["cosine"]["hist"])
         if used.size:
             lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
-        bx.step(edges[:-1], share, where="post", lw=1, color=cmap(k / max(len(pairs) - 1, 1)),
-                label=key.replace("|", " x "))
+        bx.stairs(share, edges, lw=1, color=cmap(k / max(len(pairs) - 1, 1)), label=key.replace("|", " x "))
     for a, title in ((ax, "pairwise cosine within each label"),
                      (bx, f"pairwise cosine across label pairs ({len(pairs)})")):
         if lo < hi:  # the range the data covers (both panels alike), not -1..1
