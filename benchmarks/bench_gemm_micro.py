@@ -1,6 +1,8 @@
 """Micro-benchmark of the C++ pairwise engine against plain matrix products.
 
-    python benchmarks/bench_gemm_micro.py [--n 30522] [--d 384] [--threads 2]
+    python benchmarks/bench_gemm_micro.py [--n 30522] [--d 384] [--threads 0] [--repeats 1] [--baselines]
+
+--threads 0 (the default): the engine's OpenMP threads, OMP_NUM_THREADS or else every core.
 
 Times, on the same random (n, d) float32 input: numpy `x @ x.T` (OpenBLAS, full matrix),
 torch fp32 and bf16 `x @ x.T`, and embgeom._C.PairwiseEngine in self mode (cosine, 2000-bin
@@ -28,7 +30,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=30522)
     ap.add_argument("--d", type=int, default=384)
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="engine threads (0: OpenMP's, OMP_NUM_THREADS or every core)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--baselines", action="store_true", help="also time numpy/torch matmuls")
     a = ap.parse_args()

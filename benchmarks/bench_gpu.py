@@ -47,7 +47,9 @@ PEAKS = (
 
 
 def device_peaks(name: str) -> dict:
-    for key, peaks in PEAKS:
+    """The peaks of the longest PEAKS key in the device's name: "NVIDIA GH200 480GB" holds "H200"
+    too, "NVIDIA H100 PCIe" holds "H100"."""
+    for key, peaks in sorted(PEAKS, key=lambda kv: -len(kv[0])):
         if key in name:
             return peaks
     return {}

@@ -39,12 +39,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, cpu_device, cpu_name, git_sha, peak_rss_mb, timeit, today, versions  # noqa: E402
+from common import append_rows, cpu_name, peak_rss_mb, provenance, timeit, versions  # noqa: E402
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
             "EMBGEOM_CPU": "avx2"}
 SEARCH_PROVIDERS = ("embgeom-f32", "embgeom-bf16", "faiss-flat", "torch-topk", "st-semantic-search",
                     "compat-semantic-search", "sklearn-brute")
+PAIRS_PROVIDERS = ("embgeom-pairs", "faiss-range", "torch-chunked")
 
 
 def unit_rows(n, d, seed):
@@ -68,21 +69,29 @@ def reference_ids(corpus, q, k):
 
 
 def make_search(provider, corpus, k):
-    """-> (prepare seconds, search(q) -> ids (Q, k) numpy) or None when not installed."""
+    """-> (prepare seconds, search(q) -> ids (Q, k) numpy) or None when not installed. The
+    provider's imports come before the clock: prepare is the preparation alone."""
     import numpy as np
     import torch
 
+    import embgeom
+
+    if provider == "compat-semantic-search":
+        from embgeom.compat.sentence_transformers import semantic_search
+    try:
+        if provider == "faiss-flat":
+            import faiss
+        elif provider == "st-semantic-search":
+            from sentence_transformers.util import semantic_search
+        elif provider == "sklearn-brute":
+            from sklearn.neighbors import NearestNeighbors
+    except ImportError:
+        return None
     t0 = time.perf_counter()
     if provider.startswith("embgeom"):
-        import embgeom
-
         index = embgeom.Index(corpus, dtype=torch.float32 if provider == "embgeom-f32" else torch.bfloat16)
         fn = lambda q: index.search(q, k)[1].numpy()  # noqa: E731
     elif provider == "faiss-flat":
-        try:
-            import faiss
-        except ImportError:
-            return None
         index = faiss.IndexFlatIP(corpus.shape[1])
         index.add(corpus.numpy())
         fn = lambda q: index.search(q.numpy(), k)[1]  # noqa: E731
@@ -94,22 +103,10 @@ def make_search(provider, corpus, k):
     elif provider in ("st-semantic-search", "compat-semantic-search"):
         # the drop-in and the function it replaces, called as a pipeline calls them: the raw
         # corpus every call (no prepared index kept between calls)
-        if provider == "compat-semantic-search":
-            from embgeom.compat.sentence_transformers import semantic_search
-        else:
-            try:
-                from sentence_transformers.util import semantic_search
-            except ImportError:
-                return None
-
         def fn(q):
             hits = semantic_search(q, corpus, top_k=k)
             return np.array([[h["corpus_id"] for h in row] for row in hits])
     elif provider == "sklearn-brute":
-        try:
-            from sklearn.neighbors import NearestNeighbors
-        except ImportError:
-            return None
         nn = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(corpus.numpy())
         fn = lambda q: nn.kneighbors(q.numpy(), return_distance=False)  # noqa: E731
     else:
@@ -120,6 +117,9 @@ def make_search(provider, corpus, k):
 def search_bench(args, threads, rows, failures):
     import numpy as np
 
+    if not args.providers:  # (no corpora, no references: the drop-in rows' peak memory is their own)
+        return
+    where = provenance(threads=threads)
     for n in args.sizes:
         corpus = unit_rows(n, args.d, seed=0)
         queries = unit_rows(max(args.batches), args.d, seed=1)
@@ -146,10 +146,11 @@ def search_bench(args, threads, rows, failures):
                 t = timeit(lambda: fn(q), repeats=args.repeats)
                 table[(prov, Q)] = t["median_ms"]
                 rows.append({"metric": f"search_top{args.k}", "provider": prov, "n": n, "m": Q, "d": args.d,
-                             "dtype": "bfloat16" if prov.endswith("bf16") else "float32",
-                             "device": f"cpu {cpu_device()}", "threads": threads, **t, "peak_mb": round(peak_rss_mb()),
-                             "versions": versions() + f" path={args.path} agree={agree:.4f} prepare_s={prep:.2f}",
-                             "git_sha": git_sha(), "date": today()})
+                             "dtype": "bfloat16" if prov.endswith("bf16") else "float32", **where, **t,
+                             "peak_mb": round(peak_rss_mb()),
+                             "versions": where["versions"] + f" path={args.path} agree={agree:.4f} prepare_s={prep:.2f}"})
+        if not table:  # (every provider skipped: no table to print)
+            continue
         print(f"\ncorpus {n:,} x {args.d}, top-{args.k}, median ms per call ({args.repeats} calls, {threads} threads)")
         print(f"{'provider':<22}" + "".join(f"{'Q=' + str(Q):>12}" for Q in args.batches))
         for prov in args.providers:
@@ -200,18 +201,22 @@ def pairs_child(args) -> None:
     """One provider of the pairs benchmark (own process: own peak RSS); prints a JSON line."""
     import numpy as np
 
+    if args.child == "embgeom-pairs":  # (imports before the clock)
+        import embgeom
+    elif args.child == "faiss-range":
+        try:
+            import faiss
+        except ImportError:
+            print(json.dumps({"missing": "faiss"}))  # the parent says "not installed"
+            return
     x, src, dst = planted(args.pairs_n, args.d, args.dups)
     t0 = time.perf_counter()
     if args.child == "embgeom-pairs":
-        import embgeom
-
         with tempfile.TemporaryDirectory() as out:
             embgeom.pairs_above(x, args.threshold, out=os.path.join(out, "p"))
             seconds = time.perf_counter() - t0
             i, j, s = embgeom.read_pairs(os.path.join(out, "p"))
     elif args.child == "faiss-range":
-        import faiss
-
         index = faiss.IndexFlatIP(args.d)
         index.add(x.numpy())
         lims, s, j = index.range_search(x.numpy(), args.threshold)
@@ -236,6 +241,7 @@ def pairs_child(args) -> None:
 
 
 def pairs_bench(args, threads, rows, failures):
+    where = provenance(threads=threads)
     for prov in args.pairs_providers:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", prov, "--pairs-n", str(args.pairs_n),
                "--dups", str(args.dups), "--threshold", str(args.threshold), "--d", str(args.d)]
@@ -244,6 +250,9 @@ def pairs_bench(args, threads, rows, failures):
             print(f"pairs {prov}: failed\n{proc.stderr[-2000:]}")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
+        if "missing" in r:
+            print(f"pairs {prov}: not installed ({r['missing']}), skipped")
+            continue
         ok = r["planted_found"] == r["planted"] and (r["min_similarity"] is None or r["min_similarity"] >= args.threshold)
         print(f"pairs >= {args.threshold} on {args.pairs_n:,} x {args.d} ({args.dups:,} planted): {prov} "
               f"{r['seconds']:.2f} s, {r['count']:,} pairs, planted found {r['planted_found']}/{r['planted']}, "
@@ -252,10 +261,9 @@ def pairs_bench(args, threads, rows, failures):
             failures.append(f"{prov}: planted pairs found {r['planted_found']}/{r['planted']}, "
                             f"min similarity {r['min_similarity']}")
         rows.append({"metric": f"pairs_above_{args.threshold}", "provider": prov, "n": args.pairs_n, "m": args.dups,
-                     "d": args.d, "dtype": "float32", "device": f"cpu {cpu_device()}", "threads": threads,
-                     "median_ms": r["seconds"] * 1e3, "peak_mb": round(r["peak_mb"]),
-                     "versions": versions() + f" path={args.path} pairs={r['count']} check={'ok' if ok else 'failed'}",
-                     "git_sha": git_sha(), "date": today()})
+                     "d": args.d, "dtype": "float32", **where, "median_ms": r["seconds"] * 1e3,
+                     "peak_mb": round(r["peak_mb"]),
+                     "versions": where["versions"] + f" path={args.path} pairs={r['count']} check={'ok' if ok else 'failed'}"})
 
 
 def vocabulary():
@@ -293,6 +301,7 @@ def dropins_bench(args, threads, rows):
                        max(len(a), len(b)))),
     ]
     print(f"\ndrop-ins on the default model's vocabulary {tuple(e.shape)}, one call each")
+    where = provenance(threads=threads)
     for name, call, same in cases:
         got = {}
         for prov, mod in (("sentence-transformers", util), ("embgeom-compat", ours)):
@@ -305,10 +314,9 @@ def dropins_bench(args, threads, rows):
               f"{st_s / ours_s:5.1f}x faster   equal {equal}/{total}")
         for prov, sec in (("sentence-transformers", st_s), ("embgeom-compat", ours_s)):
             rows.append({"metric": f"dropin_{name}", "provider": prov, "n": int(e.shape[0]), "m": 0,
-                         "d": int(e.shape[1]), "dtype": "float32", "device": f"cpu {cpu_device()}",
-                         "threads": threads, "median_ms": sec * 1e3, "peak_mb": round(peak_rss_mb()),
-                         "versions": versions() + f" path={args.path} equal={equal}/{total}",
-                         "git_sha": git_sha(), "date": today()})
+                         "d": int(e.shape[1]), "dtype": "float32", **where, "median_ms": sec * 1e3,
+                         "peak_mb": round(peak_rss_mb()),
+                         "versions": where["versions"] + f" path={args.path} equal={equal}/{total}"})
 
 
 def main(argv=None) -> int:
@@ -348,6 +356,10 @@ def main(argv=None) -> int:
         args.path = f"EMBGEOM_CPU={os.environ['EMBGEOM_CPU']}"
     args.providers = [s for s in args.providers.split(",") if s]
     args.pairs_providers = [s for s in args.pairs_providers.split(",") if s]
+    for given, known, flag in ((args.providers, SEARCH_PROVIDERS, "--providers"),
+                               (args.pairs_providers, PAIRS_PROVIDERS, "--pairs-providers")):
+        if set(given) - set(known):  # (before any corpus is built)
+            p.error(f"{flag}: unknown {sorted(set(given) - set(known))}; expected names from {', '.join(known)}")
     if args.path == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
         env = {**os.environ, **AVX2_ENV}
         env.setdefault("OPENBLAS_CORETYPE", "Haswell")

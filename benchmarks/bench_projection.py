@@ -23,13 +23,19 @@ set's, so it is also computed over every row with exact float64 ranks) and the s
 number, word, other) in the layout, beside the same classes' silhouette in the original space
 (cosine, float64). Before timing, 500 rows of the exact graph are checked against a numpy brute
 force.
-keep: `embgeom text CORPUS` with and without `--keep cls` on a synthetic corpus, alternating;
-quoted: the median per-round ratio - 1 (target <= 10 %).
+keep: `embgeom text CORPUS` with and without `--keep cls` on a synthetic corpus, after one
+untimed warm-up run, alternating (which goes first alternates too); quoted: the median per-round
+ratio - 1 (target <= 10 %).
+A provider whose library is not installed (umap-learn, openTSNE) is skipped with a line; another
+provider's failure prints its error and the rest still run and are recorded, and the exit status
+is then 1. Every provider runs on torch's thread count (openTSNE's n_jobs too), which the rows
+record with the CPU (model, instruction set) and embgeom's CPU path.
 --record appends rows to benchmarks/results/projection.csv (run it on a quiet machine).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
@@ -42,10 +48,14 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import append_rows, git_sha, peak_rss_mb, today, versions  # noqa: E402
+from common import append_rows, peak_rss_mb, provenance  # noqa: E402
 
 DEFAULT_PROVIDERS = ("umap-embgeom", "umap-learn", "tsne-embgeom", "tsne-openTSNE")
 PROVIDERS = DEFAULT_PROVIDERS + ("tsne-openTSNE-exact",)
+# the optional library each provider needs (embgeom's layouts are umap-learn's and openTSNE's):
+# absent, the provider is skipped, not failed
+NEEDS = {"umap-embgeom": "umap", "umap-learn": "umap", "tsne-embgeom": "openTSNE", "tsne-openTSNE": "openTSNE",
+         "tsne-openTSNE-exact": "openTSNE"}
 
 
 def word_embeddings(n: int) -> np.ndarray:
@@ -101,6 +111,12 @@ def trustworthiness_all(x: np.ndarray, emb: np.ndarray, k: int = 15, block: int 
     return float(1.0 - penalty * 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0)))
 
 
+def fixed4(value: float | None) -> str:
+    """A silhouette to 4 places; None (one token class only: the first rows of the vocabulary
+    are all [unusedN]) as n/a."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def quality(x: np.ndarray, emb: np.ndarray, rows: np.ndarray, classes: np.ndarray) -> dict:
     """Trustworthiness (15 neighbours) and the token classes' silhouette of a layout, on `rows`;
     trustworthiness over every row too (trustworthiness_all)."""
@@ -116,9 +132,11 @@ def quality(x: np.ndarray, emb: np.ndarray, rows: np.ndarray, classes: np.ndarra
 
 def run_one(provider: str, x: np.ndarray, args) -> dict:
     """Time one provider on x; returns seconds, knn_seconds and the layout ("embedding")."""
+    import torch
+
     import embgeom
 
-    threads = os.cpu_count() or 1
+    threads = torch.get_num_threads()  # every provider's threads: the engine's, the row's `threads`
     if provider == "umap-embgeom":
         p = embgeom.project(x, method="umap", k=args.k - 1, seed=args.seed)
         return {"seconds": p.seconds, "knn_seconds": p.knn_seconds, "embedding": p.embedding}
@@ -143,6 +161,8 @@ def run_one(provider: str, x: np.ndarray, args) -> dict:
 
 def their_graph(provider: str, x: np.ndarray, args) -> np.ndarray:
     """The neighbour lists the library computes for itself (self excluded)."""
+    import torch
+
     n = x.shape[0]
     if provider == "umap-learn":
         from sklearn.utils import check_random_state
@@ -154,14 +174,21 @@ def their_graph(provider: str, x: np.ndarray, args) -> np.ndarray:
         from openTSNE.nearest_neighbors import Annoy
 
         k = min(n - 1, int(3 * args.perplexity))
-        idx, _ = Annoy(x, k=k, metric="cosine", random_state=args.seed, n_jobs=os.cpu_count() or 1).build()
+        idx, _ = Annoy(x, k=k, metric="cosine", random_state=args.seed, n_jobs=torch.get_num_threads()).build()
     # drop the point itself wherever it appears, keep the first k others
     return np.stack([[j for j in row if j != i][:k] for i, row in enumerate(idx.tolist())])
 
 
 def child(args) -> None:
+    import torch
+
     from embgeom.analysis.clouds.projection import exact_knn, knn_recall
 
+    try:  # (before the model loads; a module that library needs, absent, counts the same)
+        importlib.import_module(NEEDS[args.provider])
+    except ModuleNotFoundError as exc:
+        print(f"MISSING {exc.name}")  # the parent prints "not installed" and goes on
+        return
     x = word_embeddings(args.n)
     run_one(args.provider, x[:300], args)              # warm-up: numba / pynndescent compilation
     out = run_one(args.provider, x, args)
@@ -172,6 +199,7 @@ def child(args) -> None:
         exact, _, _ = exact_knn(x, theirs.shape[1])
         out["recall"] = knn_recall(theirs, exact)
     out["n"], out["d"] = x.shape
+    out["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(out))
 
 
@@ -189,36 +217,47 @@ def check_exact(x: np.ndarray, k: int) -> None:
     print(f"exact graph: {len(rows)} rows match numpy brute force (max |diff| {err:.1e})")
 
 
-def projection(args) -> None:
+def projection(args) -> int:
     x = word_embeddings(args.n)
     check_exact(x, min(x.shape[0] - 1, int(3 * args.perplexity)))
     results = {}
+    failed = []
     layouts = tempfile.mkdtemp()
     for provider in args.providers:
         cmd = [sys.executable, os.path.abspath(__file__), "child", "--provider", provider, "--n", str(args.n),
                "--k", str(args.k), "--perplexity", str(args.perplexity), "--seed", str(args.seed),
                "--save", os.path.join(layouts, provider + ".npy")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        missing = [ln[8:] for ln in proc.stdout.splitlines() if ln.startswith("MISSING ")]
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if missing:
+            print(f"{provider}: not installed ({missing[0]}), skipped", flush=True)
+            continue
         if proc.returncode or not line:
-            raise SystemExit(f"{provider} failed:\n{proc.stderr[-3000:]}")
+            # the rows measured so far are kept; the exit status says something failed
+            print(f"{provider} failed (exit status {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            failed.append(provider)
+            continue
         results[provider] = json.loads(line[-1][7:])
         r = results[provider]
         extra = f" (graph {r['knn_seconds']:.1f} s)" if r.get("knn_seconds") else ""
         rec = f", recall of its graph {r['recall']:.4f}" if "recall" in r else ""
         print(f"{provider:14s} {r['seconds']:8.1f} s{extra}, peak {r['peak_mb']:.0f} MiB{rec}", flush=True)
-    n, d = results[args.providers[0]]["n"], results[args.providers[0]]["d"]
+    if not results:
+        print(f"no provider ran ({len(failed)} failed)")
+        return 1 if failed else 0
+    n, d = x.shape
     # quality after every timed run: one sample of rows for all layouts
     rows = np.sort(np.random.default_rng(0).choice(n, size=min(QUALITY_ROWS, n), replace=False))
     classes = token_classes(n)
     from embgeom.analysis.clouds.geometry import silhouette
 
     original = silhouette(x[rows], classes[rows], "cosine")
-    print(f"quality on {len(rows)} rows (token classes' silhouette in the original space, cosine: {original:.4f})")
+    print(f"quality on {len(rows)} rows (token classes' silhouette in the original space, cosine: {fixed4(original)})")
     for provider, r in results.items():
         r.update(quality(x, np.load(os.path.join(layouts, provider + ".npy")), rows, classes))
         print(f"  {provider:14s} trustworthiness(15) {r['trustworthiness']:.4f} (all {n} rows: "
-              f"{r['trustworthiness_all']:.4f}), silhouette {r['silhouette']:.4f}")
+              f"{r['trustworthiness_all']:.4f}), silhouette {fixed4(r['silhouette'])}")
     for method, ours, theirs, target in (("umap", "umap-embgeom", "umap-learn", 0.5),
                                          ("tsne", "tsne-embgeom", "tsne-openTSNE", 0.75),
                                          ("tsne, both on the exact graph", "tsne-embgeom", "tsne-openTSNE-exact", None)):
@@ -227,15 +266,19 @@ def projection(args) -> None:
             goal = f" (target <= {target})" if target else ""
             print(f"{method}: ours / theirs = {ratio:.2f}{goal}; n={n} d={d}")
     if args.record:
-        common = dict(n=n, d=d, dtype="float32", device="cpu", threads=os.cpu_count(), git_sha=git_sha(), date=today())
-        append_rows("projection.csv", [dict(metric=f"project_{p.split('-')[0]}", provider=p,
+        where = provenance()
+        append_rows("projection.csv", [dict(where, metric=f"project_{p.split('-')[0]}", provider=p, n=n, d=d,
+                                            dtype="float32", threads=r["threads"],  # (the child's)
                                             median_ms=round(r["seconds"] * 1e3, 1), peak_mb=round(r["peak_mb"], 1),
                                             m=round(r.get("recall", 1.0), 5),
-                                            versions=versions() + f" trustworthiness15={r['trustworthiness']:.4f}"
+                                            versions=where["versions"] + f" trustworthiness15={r['trustworthiness']:.4f}"
                                             f" trustworthiness15_all={r['trustworthiness_all']:.4f}"
-                                            f" silhouette={r['silhouette']:.4f} silhouette_original={original:.4f}"
-                                            f" quality_rows={len(rows)}", **common)
+                                            f" silhouette={fixed4(r['silhouette'])} silhouette_original={fixed4(original)}"
+                                            f" quality_rows={len(rows)}")
                                        for p, r in results.items()])
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 def keep(args) -> None:
@@ -251,9 +294,12 @@ def keep(args) -> None:
         for _ in range(args.lines):
             f.write(" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) + "\n")
     base = ["text", corpus, "--batch-size", str(args.batch), "--no-progress"]
+    runs = (("plain", []), ("keep", ["--keep", "cls"]))
+    # untimed, with --keep cls (a plain run's code and its own): first-call costs land here
+    assert main(base + ["--out", os.path.join(tmp, "warm-up")] + runs[1][1]) == 0
     times = {"plain": [], "keep": []}
     for r in range(args.repeats):
-        for name, extra in (("plain", []), ("keep", ["--keep", "cls"])):
+        for name, extra in runs if r % 2 == 0 else runs[::-1]:  # alternating order: no side always goes first
             t0 = time.perf_counter()
             assert main(base + ["--out", os.path.join(tmp, f"{name}{r}")] + extra) == 0
             times[name].append(time.perf_counter() - t0)
@@ -262,14 +308,13 @@ def keep(args) -> None:
     print(f"text {args.lines} lines: plain {min(times['plain']):.1f} s, --keep cls {min(times['keep']):.1f} s; "
           f"added {100 * med:+.1f} % (median per round; target <= 10 %)")
     if args.record:
-        common = dict(n=args.lines, dtype="float32", device="cpu", threads=os.cpu_count(), versions=versions(),
-                      git_sha=git_sha(), date=today(), peak_mb=round(peak_rss_mb(), 1))
+        common = dict(n=args.lines, dtype="float32", peak_mb=round(peak_rss_mb(), 1), **provenance())
         append_rows("projection.csv", [dict(metric="text_keep_cls", provider=name,
                                             median_ms=round(sorted(v)[len(v) // 2] * 1e3, 1), **common)
                                        for name, v in times.items()])
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["projection", "keep", "child"])
     p.add_argument("--n", type=int, default=0, help="first N vocabulary rows (0 = all)")
@@ -284,8 +329,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--record", action="store_true", help="append rows to benchmarks/results/projection.csv")
     args = p.parse_args()
-    {"projection": projection, "keep": keep, "child": child}[args.what](args)
+    return {"projection": projection, "keep": keep, "child": child}[args.what](args) or 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

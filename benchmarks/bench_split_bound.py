@@ -56,11 +56,15 @@ def candidates(z: np.ndarray, rows: np.ndarray, p: int, k: int, block: int, prim
     n = len(z)
     sample = np.random.default_rng(seed).choice(n, min(prime, n), replace=False)
     best = -np.sort(-exact[:, sample], axis=1)[:, :k]  # the k best seen, primed by the sample
+    primed = np.zeros(n, dtype=bool)
+    primed[sample] = True
     running = np.zeros(len(rows), dtype=np.int64)
     for c0 in range(0, n, block):
         thr = best[:, k - 1] if best.shape[1] >= k else np.full(len(rows), -np.inf)
         running += (bound[:, c0:c0 + block] >= thr[:, None]).sum(1)
-        seen = exact[:, c0:c0 + block]
+        # each column once: a sampled one is in `best` already (twice, the threshold could pass
+        # the true k-th best)
+        seen = exact[:, c0:c0 + block][:, ~primed[c0:c0 + block]]
         both = np.concatenate([best, seen], axis=1)
         best = -np.sort(-both, axis=1)[:, :k]
     return {"final": final, "running": running, "resid": resid}

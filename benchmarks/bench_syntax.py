@@ -5,7 +5,9 @@
 
 The treebank is the shipped sample (embgeom/data/sample.conllu) repeated with variation: every
 NOUN, ADJ and VERB form is replaced by a random form of the same UPOS from the sample, so the
-trees stay valid and the word pieces vary. Rows go to benchmarks/results/text.csv.
+trees stay valid and the word pieces vary. Rows go to benchmarks/results/text.csv (--no-csv:
+nothing written) and record the CPU (model, instruction set), embgeom's CPU path and torch's
+threads.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, git_sha, peak_rss_mb, today, versions  # noqa: E402
+from common import append_rows, peak_rss_mb, provenance  # noqa: E402
 
 from embgeom import load_model  # noqa: E402
 from embgeom.analysis.syntax import treebank, word_heads  # noqa: E402
@@ -53,6 +55,7 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--model", default=None)
+    p.add_argument("--no-csv", action="store_true", help="append nothing to benchmarks/results/text.csv")
     args = p.parse_args()
     path = os.path.join(tempfile.mkdtemp(), "bench.conllu")
     make_treebank(path, args.sentences)
@@ -67,11 +70,11 @@ def main() -> None:
     print(f"threads={torch.get_num_threads()} sentences={block['n_sentences']} words={words}: "
           f"read {t_read:.1f}s, syntax_heads {t_run:.1f}s (target < 120 s end to end); "
           f"all: L{block['all']['best'][0] + 1} h{block['all']['best'][1]} {block['all']['accuracy']:.3f}")
-    append_rows("text.csv", [dict(metric="syntax", provider="syntax_heads", n=args.sentences, m=words,
-                                  d=model.config.hidden_size, dtype="float32", device="cpu",
-                                  threads=torch.get_num_threads(), median_ms=round((t_read + t_run) * 1e3, 1),
-                                  peak_mb=round(peak_rss_mb(), 1), versions=versions(), git_sha=git_sha(),
-                                  date=today())])
+    if not args.no_csv:
+        append_rows("text.csv", [dict(metric="syntax", provider="syntax_heads", n=args.sentences, m=words,
+                                      d=model.config.hidden_size, dtype="float32",
+                                      median_ms=round((t_read + t_run) * 1e3, 1), peak_mb=round(peak_rss_mb(), 1),
+                                      **provenance(next(model.parameters()).device))])
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """`embgeom text` costs: metric overhead over the bare forward pass, and a corpus run's peak RSS.
 
-  python benchmarks/bench_text.py overhead [--batch 32 --tokens 128 --repeats 3]
+  python benchmarks/bench_text.py overhead [--batch 32 --tokens 128 --repeats 7]
   python benchmarks/bench_text.py corpus [--lines 10000 --batch 32]
 
 overhead: the default model on the default device, eager attention; the bare pass is
 model(..., output_attentions=True, output_hidden_states=True) under inference_mode; ours is the
 same pass with the head hooks plus TraceAccumulator.update (every metric). Target (issue 23): < 20 %.
 corpus: a synthetic corpus (random vocabulary words, 5-60 words a line) through trace(); peak
-RSS after 10% of the lines and at the end (flat memory: the two agree). Rows go to
-benchmarks/results/text.csv.
+RSS after a first pass over 10% of the lines and at the end of the timed pass over all of them
+(flat memory: the two agree); the time is the full pass's alone. Rows go to
+benchmarks/results/text.csv (--no-csv: nothing written) and record the device (CPU model and
+instruction set, or the GPU's name), embgeom's CPU path and torch's threads. A device that is
+not here (--device cuda without one) is a one-line error, exit status 1.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, git_sha, peak_rss_mb, timeit, today, versions  # noqa: E402
+from common import append_rows, peak_rss_mb, provenance, timeit  # noqa: E402
 
 from embgeom import load_model  # noqa: E402
 from embgeom.analysis.text.trace import (TraceAccumulator, iter_batches, model_max_length,  # noqa: E402
@@ -46,8 +49,17 @@ def _texts(tokenizer, n, lo, hi, seed=0) -> list[str]:
     return out
 
 
+def load(args):
+    """The model and tokenizer on --device; a device or model that is not here ends the run in
+    one line (gpu_check.sh's text step asks for cuda)."""
+    try:
+        return load_model(args.model, device=args.device)
+    except ValueError as exc:
+        raise SystemExit(f"bench_text: {exc}") from None
+
+
 def overhead(args) -> None:
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load(args)
     dev = next(model.parameters()).device
     texts = _texts(tokenizer, args.batch, 400, 400)             # every text fills --tokens
     enc = tokenizer(texts, padding=True, truncation=True, max_length=args.tokens, return_tensors="pt").to(dev)
@@ -128,8 +140,10 @@ def overhead(args) -> None:
     print(f"trace end to end vs bare forward          overhead {100 * total_ratio:+.1f}% (tokenization included)")
     for name, ms in parts.items():
         print(f"  {name:14s} {ms:8.1f} ms  ({100 * ms / t_bare['median_ms']:.0f}% of the bare forward)")
-    common = dict(n=args.batch, m=args.tokens, d=model.config.hidden_size, dtype="float32", device=str(dev),
-                  threads=threads, versions=versions(), git_sha=git_sha(), date=today(), peak_mb=round(peak_rss_mb(), 1))
+    if args.no_csv:
+        return
+    common = dict(n=args.batch, m=args.tokens, d=model.config.hidden_size, dtype="float32",
+                  peak_mb=round(peak_rss_mb(), 1), **provenance(dev, threads))
     append_rows("text.csv", [
         dict(metric="text_forward", provider="bare", **common, **t_bare),
         dict(metric="text_forward", provider="iter_batches", **common, **t_fwd),
@@ -138,7 +152,7 @@ def overhead(args) -> None:
 
 
 def corpus(args) -> None:
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load(args)
     path = os.path.join(tempfile.mkdtemp(), "corpus.txt")
     with open(path, "w", encoding="utf-8") as f:
         for t in _texts(tokenizer, args.lines, 5, 60, seed=1):
@@ -147,20 +161,18 @@ def corpus(args) -> None:
     tenth = max(args.lines // 10, 1)
     with open(path) as f:
         head = [next(f).rstrip("\n") for _ in range(tenth)]
-    start = time.perf_counter()
     trace(model, tokenizer, head, batch_size=args.batch)
     rss["after_10pct"] = peak_rss_mb()
+    start = time.perf_counter()  # (after the first pass: the time is for the r.n_texts lines reported)
     r = trace(model, tokenizer, path, batch_size=args.batch, progress=True)
     seconds = time.perf_counter() - start
     rss["end"] = peak_rss_mb()
     print(f"{r.n_texts} texts, {r.n_tokens} tokens, {r.truncated} truncated in {seconds:.1f}s; "
           f"peak RSS after 10% of the lines {rss['after_10pct']:.0f} MiB, at the end {rss['end']:.0f} MiB")
-    append_rows("text.csv", [dict(metric="text_corpus", provider="trace", n=args.lines, m=r.n_tokens,
-                                  d=model.config.hidden_size, dtype="float32",
-                                  device=str(next(model.parameters()).device),
-                                  threads=torch.get_num_threads(), median_ms=round(seconds * 1e3, 1),
-                                  peak_mb=round(rss["end"], 1), versions=versions(), git_sha=git_sha(),
-                                  date=today())])
+    if not args.no_csv:
+        append_rows("text.csv", [dict(metric="text_corpus", provider="trace", n=args.lines, m=r.n_tokens,
+                                      d=model.config.hidden_size, dtype="float32", median_ms=round(seconds * 1e3, 1),
+                                      peak_mb=round(rss["end"], 1), **provenance(next(model.parameters()).device))])
 
 
 def main() -> None:
@@ -173,6 +185,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--lines", type=int, default=10000)
     p.add_argument("--profile", action="store_true", help="time each metric group alone")
+    p.add_argument("--no-csv", action="store_true", help="append nothing to benchmarks/results/text.csv")
     args = p.parse_args()
     overhead(args) if args.what == "overhead" else corpus(args)
 

@@ -7,7 +7,9 @@ Each run is a fresh `embgeom vocab` subprocess (so the peak RSS is that run's al
 bert-base case is a random 1-layer BertModel with bert-base's embedding shapes (30,522 x 768
 words, 512 positions, 2 token types) and the default model's tokenizer, saved to a temp dir.
 Targets (issue 5): default model <= 60 s and <= 1.5 GB. Rows go to benchmarks/results/vocab.csv
-(metric vocab_total plus one row per section).
+(metric vocab_total plus one row per section; --no-csv: nothing written) and record the CPU
+(model, instruction set), embgeom's CPU path and torch's threads (the subprocess's: the same
+environment).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, git_sha, today, versions  # noqa: E402
+from common import append_rows, provenance  # noqa: E402
 
 
 def bert_base_sized(path: str) -> str:
@@ -57,9 +59,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["default", "bert-base"], choices=["default", "bert-base"])
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--no-csv", action="store_true", help="append nothing to benchmarks/results/vocab.csv")
     args = p.parse_args()
-    import torch
-
+    where = provenance()  # (the subprocess gets no --device: the CPU, embgeom vocab's default)
     tmp = tempfile.mkdtemp()
     for name in args.models:
         model = None if name == "default" else bert_base_sized(os.path.join(tmp, "bert-base-random"))
@@ -69,13 +71,13 @@ def main() -> None:
             print(f"{name}: {rep['tokens_analysed']} x {rep['hidden']}  wall {wall:.1f} s  peak {peak:.0f} MiB  "
                   + "  ".join(f"{k} {v:.1f}" for k, v in tm.items()))
             common = dict(provider="embgeom-vocab", n=rep["tokens_analysed"], d=rep["hidden"], dtype="float32",
-                          device="cpu", threads=torch.get_num_threads(), versions=versions(),
-                          git_sha=git_sha(), date=today())
+                          **where)
             rows = [dict(metric=f"vocab_total[{name}]", median_ms=round(wall * 1e3, 1), peak_mb=round(peak, 1),
                          **common)]
             rows += [dict(metric=f"vocab_{k}[{name}]", median_ms=round(v * 1e3, 1), **common)
                      for k, v in tm.items() if k not in ("total", "to_page")]  # (to_page: all steps so far)
-            print(f"  -> {append_rows('vocab.csv', rows)}")
+            if not args.no_csv:
+                print(f"  -> {append_rows('vocab.csv', rows)}")
 
 
 if __name__ == "__main__":

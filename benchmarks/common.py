@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import importlib.metadata
 import os
 import platform
 import resource
@@ -40,9 +41,17 @@ def peak_rss_mb() -> float:
 
 
 def git_sha() -> str:
+    """The commit, "+dirty" after it when tracked files differ from it: a row measured on
+    uncommitted code says so."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=here).stdout.strip()
+        if not sha:
+            return "unknown"
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=here).stdout.strip()
+        return sha + "+dirty" if changed else sha
     except OSError:
         return "unknown"
 
@@ -57,6 +66,13 @@ def versions() -> str:
             m = __import__(mod)
             parts.append(f"{mod}={getattr(m, '__version__', '?')}")
         except Exception:  # noqa: BLE001 - absent is fine
+            pass
+    # the projection and text baselines by their distributions' metadata: importing them (numba,
+    # transformers) costs seconds and memory that every later row's peak RSS would then hold
+    for dist in ("openTSNE", "umap-learn", "sentence-transformers", "transformers"):
+        try:
+            parts.append(f"{dist}={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
             pass
     return " ".join(parts)
 
@@ -90,6 +106,30 @@ def cpu_device() -> str:
         return f"{cpu_name()} [{_C.cpu_info()['cpu_features']}]"
     except ImportError:
         return cpu_name()
+
+
+def cpu_level() -> str:
+    """The vector level embgeom's C++ core runs in this process (avx512, avx2, generic):
+    EMBGEOM_CPU only caps it, so a host without AVX-512 runs avx2 under EMBGEOM_CPU=avx512."""
+    from embgeom import _C
+
+    return _C.cpu_info()["isa"]
+
+
+def provenance(device="cpu", threads: int | None = None) -> dict:
+    """The CSV columns that say where a number comes from: device ("cpu <model> [<instruction
+    set>]", or "cuda:0 <GPU name>"), threads (torch's, what the run used, unless given),
+    versions (with "cpu_path=<level>", the C++ core's level actually run, for CPU rows),
+    git_sha ("+dirty" on uncommitted code) and date."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        where, tail = f"{dev} {torch.cuda.get_device_name(dev)}", ""
+    else:
+        where, tail = f"cpu {cpu_device()}", f" cpu_path={cpu_level()}"
+    return {"device": where, "threads": torch.get_num_threads() if threads is None else threads,
+            "versions": versions() + tail, "git_sha": git_sha(), "date": today()}
 
 
 def cpu_fp32_peak_gflops(threads: int) -> float:

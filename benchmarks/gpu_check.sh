@@ -75,8 +75,9 @@ step bench_262k 40 75 \
 step bench_1m 200 0 \
   "cd '$ROOT' && $BENCH --n 1048576 --repeats 1" \
   "cd '$ROOT' && $BENCH --n 1048576 --repeats 1 --check-args"
+# its numbers go to steps.log (--no-csv: nothing appended to the checkout's text.csv)
 step text 10 25 \
-  "$NEEDS_MODEL; cd '$ROOT' && $PY benchmarks/bench_text.py overhead --device cuda --repeats 3" \
+  "$NEEDS_MODEL; cd '$ROOT' && $PY benchmarks/bench_text.py overhead --device cuda --repeats 3 --no-csv" \
   "$NEEDS_MODEL; echo 'would run: benchmarks/bench_text.py overhead --device cuda --repeats 3'"
 step vocab 10 0 \
   "$NEEDS_MODEL; cd '$ROOT' && $PY -m embgeom vocab --device cuda --out '$WORK/vocab' 2>&1 | tail -25 && cp '$WORK/vocab/report.json' '$OUT/vocab.json'" \
