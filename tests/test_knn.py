@@ -113,7 +113,7 @@ def test_agrees_with_pairwise_row_topk(points):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(k=600), "k: expected <= 599"),
     (dict(k=0), "k: expected >= 1"),
-    (dict(k=3, queries=np.zeros((2, 5), np.float32)), "queries: expected D = 24"),
+    (dict(k=3, queries=np.zeros((2, 5), np.float32)), "queries: expected 24 columns, as many as the indexed rows have"),
     (dict(k=3, queries=torch.tensor([0, 600])), r"queries: row ids must be in \[0, 600\)"),
     (dict(k=3, index="lsh"), "index: expected one of"),
     (dict(k=3, device="tpu"), "device: expected"),

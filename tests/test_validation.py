@@ -64,7 +64,7 @@ def test_pairwise_bad_options(kwargs, exc, match):
 
 
 def test_cross_mode_mismatch():
-    with pytest.raises(ValueError, match="y: expected D = 3"):
+    with pytest.raises(ValueError, match="y: expected 3 columns, as many as the first matrix has"):
         embgeom.pairwise_stats(torch.randn(5, 3), torch.randn(4, 2))
 
 
