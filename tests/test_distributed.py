@@ -65,6 +65,29 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, exact_input):
     assert _close(c["top_pairs"], a["top_pairs"]) and _close(c["row_topk"], a["row_topk"])
 
 
+def test_no_rows_is_a_run_over_no_pairs(tmp_path):
+    """x with no rows: what pairwise_stats answers (count 0, moments null, empty lists), as one
+    row gives; it had been refused ("expected at least one row") on the distributed path only.
+    One rank, gloo, in its own process."""
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np, embgeom\n"
+            "from embgeom import distributed\n"
+            "x = np.zeros((0, 5), np.float32)\n"
+            "kw = dict(bins=10, topk=3, row_topk=2, outside=(-0.5, 0.5))\n"
+            "a, b = embgeom.pairwise_stats(x, **kw).to_dict(), distributed.pairwise_stats(x, **kw).to_dict()\n"
+            "print(json.dumps([a, b]))\n")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 400),
+               EMBGEOM_DIST_BACKEND="gloo")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = json.loads(r.stdout.strip().splitlines()[-1])
+    assert b["count"] == 0 and b["mean"] is None and b["top_pairs"] == a["top_pairs"]
+    assert {k: v for k, v in a.items() if k not in ("backend", "seconds")} == \
+        {k: v for k, v in b.items() if k not in ("backend", "seconds")}
+
+
 def _close(a, b, tol=1e-6):
     """Equal structure and integers, floats within tol."""
     if isinstance(a, dict):

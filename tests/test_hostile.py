@@ -1148,6 +1148,12 @@ def test_row_lists_of_a_single_row_say_what_they_hold():
     got = embgeom.pairwise_stats(make_embeddings(1, 8, seed=3), row_topk=5, backend="cpp")
     assert got.row_topk.indices.tolist() == [[-1]] and torch.isnan(got.row_topk.values).all()
     assert got.notes == ["row_topk 5 lowered to 1: N - 1 (self mode) = 0, so the list holds one padded slot (-1)"]
+    # no rows: no list to hold anything, nothing to say (it had said N - 1 = -1, one padded slot)
+    none = embgeom.pairwise_stats(torch.zeros(0, 8), row_topk=5, backend="cpp")
+    assert none.notes == [] and tuple(none.row_topk.indices.shape) == (0, 1)
+    cross = embgeom.pairwise_stats(make_embeddings(2, 8, seed=3), torch.zeros(0, 8), row_topk=5, backend="cpp")
+    assert cross.notes == ["row_topk 5 lowered to 1: M (cross mode: the second matrix's rows) = 0, so the list "
+                           "holds one padded slot (-1)"] and cross.row_topk.indices.tolist() == [[-1], [-1]]
 
 
 def test_api_arguments_named_where_python_or_torch_would_not(tmp_path):

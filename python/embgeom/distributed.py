@@ -49,6 +49,8 @@ def plan_jobs(n: int, groups: int) -> list[tuple[int, int, int]]:
 
 
 def group_bounds(n: int, groups: int) -> list[tuple[int, int]]:
+    if n == 0:  # no rows: no groups, no jobs (a run over no pairs)
+        return []
     groups = max(1, min(groups, n))
     size = math.ceil(n / groups)
     return [(s, min(s + size, n)) for s in range(0, n, size)]
@@ -215,13 +217,15 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     2 * world size, so every rank gets several balanced jobs).
     """
     if y is not None:
-        raise ValueError("y: distributed cross mode is not supported; shard the rows of x instead")
+        raise ValueError("y: distributed cross mode is not supported; shard the first matrix's rows instead")
     import torch.distributed as tdist
 
     owns_group = not tdist.is_initialized()
     dist = _init_process_group(timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    x = validation.matrix(x, "x")  # values are checked per row group, where a rank reads them
+    # values are checked per row group, where a rank reads them; no rows: a run over no pairs,
+    # as pairwise_stats takes it
+    x = validation.matrix(x, "x", rows_may_be_empty=True)
     cfg = make_config(**kwargs)
     n = x.shape[0]
     cfg, notes = limits.fit_to_input(cfg, n, None)
@@ -235,13 +239,13 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     mine = assign_jobs(jobs, world)[rank]
 
     def rows(a, b):
-        part = validation.embeddings(x[a:b], "x", first_row=a)
+        part = validation.embeddings(x[a:b], "x", first_row=a, rows_may_be_empty=a == b)
         return part.to(device)
 
     _check_ranks_agree(dist, rank, world, x, cfg, groups, backend)
 
     start = time.perf_counter()
-    name, make_engine = registry.pick("pairwise_stats", rows(0, 1), backend, precision=cfg.precision)
+    name, make_engine = registry.pick("pairwise_stats", rows(0, min(1, n)), backend, precision=cfg.precision)
     state = EngineState.empty(cfg, n, None)
     done: list[int] = []
     ckpt = None if checkpoint is None else f"{checkpoint}.rank{rank}"

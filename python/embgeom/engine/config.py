@@ -84,7 +84,7 @@ def make_config(**options) -> PairwiseConfig:
         if rng is None and metric == "cosine":
             rng = (DEFAULTS.lo, DEFAULTS.hi)
         if rng is None:
-            raise ValueError(f"range: required for metric={metric!r} when bins > 0 (e.g. range=(lo, hi))")
+            raise ValueError(f"range: required for the {metric} metric when there are bins: its (lo, hi)")
         lo, hi = validation.interval(rng, "range")
         # the bin rule scales by bins / (hi - lo) (docs/metrics.md, bin index): both finite and nonzero
         width = hi - lo

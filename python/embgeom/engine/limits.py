@@ -33,6 +33,8 @@ def fit_to_input(cfg: PairwiseConfig, n: int, m: int | None) -> tuple[PairwiseCo
         if asked > per_row:
             lowered[name] = per_row
             what = "N - 1 (self mode)" if m is None else "M (cross mode: the second matrix's rows)"
+            if n == 0:  # no rows, no lists to hold anything: nothing to say
+                continue
             if candidates >= 1:
                 notes.append(f"{name} {asked:,} lowered to {what} = {per_row:,}: a row has no more neighbours")
             else:
@@ -89,5 +91,5 @@ def check_memory(cfg: PairwiseConfig, n: int, m: int | None, d: int, threads: in
         parts = _state_bytes(cfg, n)
         biggest = max(parts, key=parts.get)
         raise ValueError(f"{biggest}: this run needs about {need / 2**30:.1f} GiB ({threads} threads), "
-                         f"the machine has {have / 2**30:.1f} GiB available; lower {biggest}")
+                         f"the machine has {have / 2**30:.1f} GiB available; lower it")
     return need
