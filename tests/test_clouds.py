@@ -564,6 +564,18 @@ def test_silhouette_of_clusters_far_apart_and_in_chunks(monkeypatch):
     for metric in ("cosine", "euclidean"):
         assert geometry.silhouette(x, labels, metric) == pytest.approx(silhouette_score(x, labels, metric=metric),
                                                                         abs=1e-12)
+    # float64 rows at +-1e6, sub-clusters 1e-6 apart: the translation rounds the far group's rows,
+    # so the direct distances are taken of the rows as given (2.2e-6 off before)
+    c = rng.standard_normal((2, 4)) * 1e-6
+    far = np.concatenate([off + c[k] + 2e-7 * rng.standard_normal((6, 4)) for off in (1e6, -1e6) for k in range(2)])
+    diff = far[:, None, :] - far[None, :, :]
+    sub = np.repeat(np.arange(4), 6)
+    want = silhouette_score(np.sqrt(np.einsum("ijk,ijk->ij", diff, diff)), sub, metric="precomputed")
+    assert geometry.silhouette(far, sub, "euclidean") == pytest.approx(want, abs=1e-12)
+    with pytest.raises(ValueError, match="metric: expected 'cosine' or 'euclidean', got 'manhattan'"):
+        geometry.silhouette(x, labels, "manhattan")
+    with pytest.raises(ValueError, match=r"labels: expected one per row \(60\), got 59"):
+        geometry.silhouette(x, labels[:-1], "cosine")
 
 
 def test_pca_ratios_keep_their_digits_below_the_products_rounding():

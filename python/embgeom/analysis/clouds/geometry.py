@@ -57,17 +57,24 @@ def silhouette(x, labels, metric: str = "cosine") -> float | None:
     conventions: a point alone in its label counts 0) of float64 rows; None unless
     2 <= labels <= N - 1. Distances by `pair_distances` (differences where the product formula
     cancels); memory O(chunk x N), never N x N."""
-    xm = as_matrix64(x)
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric: expected 'cosine' or 'euclidean', got {metric!r}")
+    raw = as_matrix64(x)
     lab = np.asarray(labels)
+    if lab.shape != (raw.shape[0],):
+        raise ValueError(f"labels: expected one per row ({raw.shape[0]}), got {lab.shape[0] if lab.ndim else 0}")
     distinct, code = np.unique(lab, return_inverse=True)
     if not 2 <= len(distinct) <= len(lab) - 1:
         return None
-    n = xm.shape[0]
+    n = raw.shape[0]
     if metric == "euclidean":
-        xm = translated(xm)  # (fewer pairs need the direct distance)
+        # the product formula on rows near the origin (fewer pairs need the direct distance),
+        # the direct distance from the rows as given: a float64 cloud at 1e6 is rounded by the
+        # translation (5e-4 of a 1e-6 distance)
+        xm = translated(raw)
     else:
-        norms = np.linalg.norm(xm, axis=1, keepdims=True)
-        xm = np.divide(xm, norms, out=np.zeros_like(xm), where=norms > 0)
+        norms = np.linalg.norm(raw, axis=1, keepdims=True)
+        raw = xm = np.divide(raw, norms, out=np.zeros_like(raw), where=norms > 0)
     onehot = np.zeros((n, len(distinct)))
     onehot[np.arange(n), code] = 1.0
     size = onehot.sum(0)
@@ -75,7 +82,7 @@ def silhouette(x, labels, metric: str = "cosine") -> float | None:
     step = max(1, SILHOUETTE_CHUNK // max(n, 1))
     for a in range(0, n, step):
         b = min(n, a + step)
-        dist = pair_distances(xm[a:b], xm, metric)
+        dist = pair_distances(xm[a:b], xm, metric, raw[a:b], raw)
         dist[np.arange(b - a), np.arange(a, b)] = 0.0  # a point's distance to itself
         mean = (dist @ onehot) / size                   # (rows, labels): mean distance to each label
         own = code[a:b]
@@ -90,12 +97,17 @@ def silhouette(x, labels, metric: str = "cosine") -> float | None:
     return float(scores.mean())
 
 
-def pair_distances(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+def pair_distances(a: np.ndarray, b: np.ndarray, metric: str, raw_a: np.ndarray | None = None,
+                   raw_b: np.ndarray | None = None) -> np.ndarray:
     """(len(a), len(b)) float64 distances: Euclidean, or cosine 1 - a.b of unit rows (clipped to
     [0, 2]; zero rows at distance 1, as scikit-learn has them). From the product formula, and
     where it has cancelled (below NEAR_DUPLICATE_TAU of the scale, as the engine's rule) from the
     differences: |a - b| or |a - b|^2 / 2 = 1 - a.b, so near-equal and far-off rows keep their
-    digits (two clusters 1e-3 apart at +-1e4 had given a silhouette of 0.53 for 0.52)."""
+    digits (two clusters 1e-3 apart at +-1e4 had given a silhouette of 0.53 for 0.52). raw_a /
+    raw_b: the rows the differences are taken of (default a / b; Euclidean distances do not
+    change under a translation, so a, b may be translated rows and raw_a, raw_b the originals)."""
+    raw_a = a if raw_a is None else raw_a
+    raw_b = b if raw_b is None else raw_b
     prod = a @ b.T
     if metric == "euclidean":
         scale = np.einsum("ij,ij->i", a, a)[:, None] + np.einsum("ij,ij->i", b, b)[None, :]
@@ -106,7 +118,7 @@ def pair_distances(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
         redo = d < NEAR_DUPLICATE_TAU
     i, j = np.nonzero(redo)
     for s in range(0, i.size, 1 << 16):  # (bounds the gathered rows' memory)
-        diff = a[i[s:s + (1 << 16)]] - b[j[s:s + (1 << 16)]]
+        diff = raw_a[i[s:s + (1 << 16)]] - raw_b[j[s:s + (1 << 16)]]
         sq = np.einsum("ij,ij->i", diff, diff)
         d[i[s:s + (1 << 16)], j[s:s + (1 << 16)]] = sq if metric == "euclidean" else sq / 2.0
     if metric == "euclidean":
