@@ -237,7 +237,9 @@ __attribute__((always_inline)) inline float js_term(float p, float q) {
   for (int c = 1; c < kJsTerms; ++c) f = f * y + kJsSeries[c];
   const float series = 0.25f * s * (y * f);
   const float logs = 0.5f * (p * log_poly(2.0f * p * inv) + q * log_poly(2.0f * q * inv));
-  return s > 0.0f ? (y < kJsSeriesBelow ? series : logs) : 0.0f;  // (two zero entries: no term)
+  // below the smallest normal float 1 / s overflows (x = 0 x inf): such a term is 0 within
+  // float32 anyway (the rows are smoothed far above it)
+  return s >= std::numeric_limits<float>::min() ? (y < kJsSeriesBelow ? series : logs) : 0.0f;
 }
 
 double pair_js_generic(const float* p, const float* q, int64_t T) {
@@ -273,7 +275,8 @@ EMBGEOM_AVX2 inline __m256 js_terms_avx2(__m256 p, __m256 q) {
     const __m256 logs = _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_fmadd_ps(p, lp, _mm256_mul_ps(q, lq)));
     term = _mm256_blendv_ps(term, logs, far);
   }
-  return _mm256_and_ps(term, _mm256_cmp_ps(s, _mm256_setzero_ps(), _CMP_GT_OQ));  // (0 / 0: no term)
+  // (as js_term: no term below the smallest normal float, where 1 / s overflows)
+  return _mm256_and_ps(term, _mm256_cmp_ps(s, _mm256_set1_ps(std::numeric_limits<float>::min()), _CMP_GE_OQ));
 }
 
 EMBGEOM_AVX2 double pair_js_avx2(const float* p, const float* q, int64_t T) {

@@ -511,6 +511,14 @@ def test_js_pair_sums_kernel(T, monkeypatch):
 
     terms = js_terms(torch.from_numpy(P)[:, None], torch.from_numpy(P)[None]).double().sum((-1, -2)).numpy()
     np.testing.assert_allclose(terms[iu], want[iu], rtol=2e-6, atol=1e-15)
+    # an entry below float32's smallest normal number in two equal rows: 0, not NaN (1 / s had
+    # overflowed in the vector lanes: 0 x inf)
+    tiny = np.full((2, 1, max(T, 2)), 0.5 / max(T, 2), np.float32)
+    tiny[:, 0, 1] = np.float32(1e-40)
+    for level in levels:
+        monkeypatch.setenv("EMBGEOM_CPU", level)
+        assert core.js_pair_sums(tiny)[0, 1] == 0.0, level
+    assert float(js_terms(torch.from_numpy(tiny[0]), torch.from_numpy(tiny[1])).sum()) == 0.0
 
 
 def test_gaussianity_stats_equal_scipys():

@@ -183,8 +183,9 @@ def js_terms(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """1/2 [p ln(2p/s) + q ln(2q/s)] elementwise (p, q >= 0, broadcast; in their dtype), s = p + q,
     the Jensen-Shannon divergence's terms (nats), as (s / 4) F(x), x = (p - q) / s,
     F(x) = (1 + x) ln(1 + x) + (1 - x) ln(1 - x) >= 0: its series where x^2 < 1/16, the logarithms
-    beyond (F >= 0.063 there, so their rounding is a few ulps of it); 0 where s = 0. Every term
-    is >= 0: sums of them do not cancel, however similar p and q are."""
+    beyond (F >= 0.063 there, so their rounding is a few ulps of it); 0 where s is below the
+    smallest normal number. Every term is >= 0: sums of them do not cancel, however similar p
+    and q are."""
     s = p + q
     x = (p - q) / s
     y = x * x
@@ -194,7 +195,8 @@ def js_terms(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         f = f * y + c
     logs = 0.5 * (torch.special.xlogy(p, 2 * p / s) + torch.special.xlogy(q, 2 * q / s))
     term = torch.where(y < 0.0625, 0.25 * s * (y * f), logs)
-    return torch.where(s > 0, term, torch.zeros_like(term))
+    # no term below the dtype's smallest normal number, where 1 / s would overflow (0 within it)
+    return torch.where(s >= torch.finfo(s.dtype).tiny, term, torch.zeros_like(term))
 
 
 def fp32_cosine_bound(d: int) -> float:
