@@ -173,10 +173,10 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path, capsys):
     assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "a.json")]) == 0
     assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--topk", "3", "--json",
                  str(tmp_path / "b.json")]) == 2
-    assert "another input or other settings (topk 10 then, 3 now)" in capsys.readouterr().err
+    assert "another input or other settings (--topk 10 then, 3 now)" in capsys.readouterr().err
     np.save(tmp_path / "y.npy", make_embeddings(41, 8).numpy())
     assert main(["pairs", str(tmp_path / "y.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "b.json")]) == 2
-    assert "x: shape [40, 8] then, [41, 8] now)" in capsys.readouterr().err
+    assert "(X: shape [40, 8] then, [41, 8] now)" in capsys.readouterr().err
     (tmp_path / "c.ckpt").write_bytes(b"EMBGEOM-CKPT9\nbad\nbody")
     assert main(["pairs", str(tmp_path / "x.npy"), "--checkpoint", ckpt, "--json", str(tmp_path / "a.json")]) == 2
     assert "checksum" in capsys.readouterr().err
@@ -444,3 +444,21 @@ def test_ctrl_c_while_the_command_imports_is_one_line(monkeypatch, capsys):
     assert cli.main(["pairs", "x.npy"]) == 130
     err = capsys.readouterr().err
     assert err == "embgeom: interrupted before the command started: nothing was written\n"
+
+
+def test_pairs_checkpoint_refusal_names_the_flags(tmp_path, capsys):
+    """A checkpoint written with other options is refused naming them as typed (it said `bins 10
+    then`, `y: shape`, a lowered `outside_limit` the user never gave, the backend twice)."""
+    x = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    ck, out = str(tmp_path / "ck"), str(tmp_path / "o.json")
+    base = ["pairs", str(tmp_path / "x.npy"), "--checkpoint", ck, "--json", out]
+    assert main(base + ["--bins", "10"]) == 0
+    for extra, said in ((["--bins", "20"], "(--bins 10 then, 20 now)"),
+                        (["--bins", "10", "--against", str(tmp_path / "x.npy")], "(--against: shape null then, [5, 12] now)")):
+        capsys.readouterr()
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"embgeom: error: --checkpoint: {ck} was written for") and said in err, err
+    assert main(base + ["--bins", "10", "--backend", "torch"]) == 2
+    assert capsys.readouterr().err.count("--backend 'cpp' then, 'torch' now") == 1

@@ -140,7 +140,7 @@ def test_pairs_phase_resumes_after_ctrl_c(tiny_bert_dir, tmp_path, monkeypatch, 
     pairs_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]), encoding="utf-8")
     assert main([*common, "--out", str(tmp_path / "other"), "--checkpoint", ckpt]) == 2
     err = capsys.readouterr().err
-    assert f"{ckpt}.pairs" in err and "inputs: pairs differs" in err, err
+    assert f"{ckpt}.pairs" in err and "inputs: --pairs differs" in err, err
 
 
 def test_other_settings_texts_or_model_are_refused(tiny_bert_dir, tmp_path, monkeypatch, capsys):
@@ -154,9 +154,9 @@ def test_other_settings_texts_or_model_are_refused(tiny_bert_dir, tmp_path, monk
     capsys.readouterr()
     assert main([*base, "--batch-size", "4"]) == 2
     err = capsys.readouterr().err
-    assert "written for another input or other settings" in err and "batch_size 3 then, 4 now" in err
+    assert "written for another input or other settings" in err and "--batch-size 3 then, 4 now" in err  # (the flag: it had said batch_size)
     assert main([*base, "--batch-size", "3", "--heads"]) == 2
-    assert "heads false then, true now" in capsys.readouterr().err
+    assert "--heads false then, true now" in capsys.readouterr().err
     # another torch thread count splits the forward's sums otherwise: a resumed report would
     # match neither run's
     threads = torch.get_num_threads()
@@ -169,7 +169,7 @@ def test_other_settings_texts_or_model_are_refused(tiny_bert_dir, tmp_path, monk
     with open(corpus, "a", encoding="utf-8") as f:
         f.write("one more text\n")
     assert main([*base, "--batch-size", "3"]) == 2
-    assert "inputs: corpus differs" in capsys.readouterr().err
+    assert "inputs: CORPUS differs" in capsys.readouterr().err
     # the page-only options and the inputs' paths are not part of it: the same texts elsewhere,
     # with --profile, resume
     import shutil

@@ -79,7 +79,7 @@ def test_other_seed_model_or_options_are_refused(tiny_bert_dir, tiny_bert, tmp_p
     assert main([*common, "--out", str(tmp_path / "b"), "--seed", "1"]) == 2
     err = capsys.readouterr().err  # (said as the flag: it had said `checkpoint:`, the API's name)
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"embgeom: error: --checkpoint: {ckpt}") and "(seed 0 then, 1 now)" in last
+    assert last.startswith(f"embgeom: error: --checkpoint: {ckpt}") and "(--seed 0 then, 1 now)" in last
     assert main(["vocab", "--model", tiny_bert_dir, "--quiet", "--checkpoint", ckpt, "--out", str(tmp_path / "c")]) == 2
     assert "--checkpoint: keeps the --projections layouts" in capsys.readouterr().err
     assert main(["vocab", "--model", tiny_bert_dir, "--quiet", "--seed", "3", "--out", str(tmp_path / "d")]) == 2

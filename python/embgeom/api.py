@@ -40,13 +40,16 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
                       outside_limit=outside_limit, precision=precision, block=block)
     validation.product_range(x, y, cfg.metric)
     m = None if y is None else y.shape[0]
+    # the checkpoint's identity holds what was asked: the lowering follows from it and the
+    # shapes, and a lowered list length named in a refusal is one the user never gave
+    asked = cfg
     cfg, notes = limits.fit_to_input(cfg, x.shape[0], m)
     limits.check_memory(cfg, x.shape[0], m, x.shape[1])
     precision = cfg.precision
     name, make_engine = registry.pick("pairwise_stats", x, backend, precision=precision)
     start = time.perf_counter()
     engine = make_engine(x, y, cfg)
-    fp = fingerprint(x, y, cfg, name, engine.num_tiles(),
+    fp = fingerprint(x, y, asked, name, engine.num_tiles(),
                      registry.numerics(name, x.device, precision)) if checkpoint else None
     state = run_engine(engine, fp=fp, checkpoint=checkpoint, progress=progress)
     result = state.finalize(cfg, d=x.shape[1], backend=name, device=x.device,

@@ -228,6 +228,7 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     x = validation.matrix(x, "x", rows_may_be_empty=True)
     cfg = make_config(**kwargs)
     n = x.shape[0]
+    asked = cfg  # (the checkpoint's identity: what was asked, as pairwise_stats keeps it)
     cfg, notes = limits.fit_to_input(cfg, n, None)
     limits.check_memory(cfg, n, None, x.shape[1])
     device = x.device
@@ -251,7 +252,7 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     ckpt = None if checkpoint is None else f"{checkpoint}.rank{rank}"
     fp = None
     if ckpt:
-        fp = fingerprint(x, None, cfg, f"{name}/dist{world}/g{groups}/r{rank}", len(jobs),
+        fp = fingerprint(x, None, asked, f"{name}/dist{world}/g{groups}/r{rank}", len(jobs),
                          registry.numerics(name, device, cfg.precision))
         saved = load_checkpoint(ckpt, fp)
         if saved is not None:

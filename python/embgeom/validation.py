@@ -6,6 +6,7 @@ masks of matching shape; backends never re-check.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from typing import Any
 
@@ -171,10 +172,22 @@ def norm_range(nx: float, ny: float, metric: str, names: tuple[str, str]) -> Non
                          "scale the rows up (values and statistics scale with them)")
 
 
+# the caller's names of the API's arguments inside `renamed` (a command's flags, a drop-in's
+# arguments), for messages that name several inside their text (a checkpoint's differences)
+_CALLER_NAMES: contextvars.ContextVar[tuple] = contextvars.ContextVar("caller_names", default=())
+
+
+def caller_name(name: str) -> str:
+    """The caller's name of an API argument inside `renamed` (`bins` -> `--bins`), else itself."""
+    return dict(_CALLER_NAMES.get()).get(name, name)
+
+
 @contextlib.contextmanager
 def renamed(**names: str):
     """Errors of the checks inside, `name: ...`, re-raised under the caller's argument names
-    (renamed(corpus="corpus_embeddings")): a drop-in reports its own arguments, not the Index's."""
+    (renamed(corpus="corpus_embeddings")): a drop-in reports its own arguments, not the Index's.
+    Messages that name arguments inside their text take the same names (caller_name)."""
+    token = _CALLER_NAMES.set(tuple({**dict(_CALLER_NAMES.get()), **names}.items()))
     try:
         yield
     except (ValueError, TypeError) as e:
@@ -183,6 +196,8 @@ def renamed(**names: str):
         if sep and base in names:
             raise type(e)(f"{names[base]}{bracket}{index}:{rest}") from None
         raise
+    finally:
+        _CALLER_NAMES.reset(token)
 
 
 def fits_float32(x: torch.Tensor, name: str, *, small_rows: bool = True) -> None:

@@ -26,3 +26,11 @@ def say_notes(command: str, notes: list[str], flags: dict[str, str]) -> None:
     for note in notes:
         option, space, rest = note.partition(" ")
         print(f"embgeom {command}: note: {flags.get(option, option)}{space}{rest}", file=sys.stderr)
+
+
+def flags_of(args, positional: tuple[str, ...] = ()) -> dict[str, str]:
+    """The command line's names of its arguments (argparse dests): `batch_size` -> `--batch-size`,
+    a positional `corpus` -> `CORPUS`; for validation.renamed, so messages name what was typed."""
+    names = {dest: "--" + dest.replace("_", "-") for dest in vars(args) if dest not in ("command", "func")}
+    names.update({dest: dest.upper() for dest in positional})
+    return names

@@ -48,7 +48,9 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     from ..validation import renamed
 
-    with renamed(checkpoint="--checkpoint"):  # the run checkpoint's errors, said as this command's flag
+    from . import flags_of
+
+    with renamed(**flags_of(args, positional=("corpus",))):  # errors and checkpoint differences by flag
         return _main(args)
 
 

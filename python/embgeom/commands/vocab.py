@@ -105,13 +105,14 @@ def main(args) -> int:
     from ..formatting import fmt, seconds
     from ..provenance import Provenance
     from ..validation import renamed
+    from . import flags_of
 
     if args.seed is not None and not args.projections:
         raise ValueError("--seed: seeds the --projections layouts; without --projections nothing is random")
     if args.seed is None:
         args.seed = 0
     prov = Provenance(args, seed=args.seed)
-    with renamed(checkpoint="--checkpoint"):  # the layouts checkpoint's errors, said as this command's flag
+    with renamed(**flags_of(args)):  # errors and the layouts checkpoint's differences by flag
         report = run(args.model, args.out, device=args.device, all_tokens=args.all_tokens,
                      precision=args.precision, backend=args.backend, positions=args.positions,
                      projections=args.projections, seed=args.seed,

@@ -110,12 +110,12 @@ def differences(saved, now) -> list[str]:
         elif key in ("x", "y"):
             shape = lambda v: v.get("shape") if isinstance(v, dict) else None  # noqa: E731
             if a is None or b is None or shape(a) != shape(b):
-                out.append(f"{key}: shape {_short(shape(a))} then, {_short(shape(b))} now")
+                out.append(f"{_name(key)}: shape {_short(shape(a))} then, {_short(shape(b))} now")
             else:
-                out.append(f"{key}: other values (same shape)")
+                out.append(f"{_name(key)}: other values (same shape)")
         else:
             out.append(f"{_name(key)} {_short(a)} then, {_short(b)} now")
-    return out
+    return list(dict.fromkeys(out))  # (a field in both settings and numerics, e.g. the backend: once)
 
 
 def run_kind(identity: dict) -> str:
@@ -130,9 +130,10 @@ def run_kind(identity: dict) -> str:
 
 
 def _name(key) -> str:
-    """A key read from a file, printable on one line: plain names as they are, others quoted."""
+    """A key read from a file, printable on one line: plain names as the caller calls them (a
+    command's flag: validation.caller_name), others quoted."""
     key = str(key)
-    return key if key.isidentifier() and key.isascii() else _short(key)
+    return validation.caller_name(key) if key.isidentifier() and key.isascii() else _short(key)
 
 
 class Resumable:
