@@ -293,9 +293,51 @@ EMBGEOM_AVX2 double pair_js_avx2(const float* p, const float* q, int64_t T) {
 }
 #endif
 
+#if EMBGEOM_X86
+// 16 keys a step, the tail masked (masked lanes are 0 and 0: no term); as js_terms_avx2
+EMBGEOM_AVX512 inline __m512 js_terms_avx512(__m512 p, __m512 q) {
+  const __m512 s = _mm512_add_ps(p, q);
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), s);
+  const __m512 x = _mm512_mul_ps(_mm512_sub_ps(p, q), inv);
+  const __m512 y = _mm512_mul_ps(x, x);
+  __m512 f = _mm512_set1_ps(kJsSeries[0]);
+  for (int c = 1; c < kJsTerms; ++c) f = _mm512_fmadd_ps(f, y, _mm512_set1_ps(kJsSeries[c]));
+  __m512 term = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.25f), s), _mm512_mul_ps(y, f));
+  const __mmask16 far = _mm512_cmp_ps_mask(y, _mm512_set1_ps(kJsSeriesBelow), _CMP_GE_OQ);
+  const __m512 tiny = _mm512_set1_ps(std::numeric_limits<float>::min());
+  if (far) {
+    // the arguments kept >= the smallest normal float: getexp(0) is -inf, and 0 x -inf NaN
+    const __m512 twice = _mm512_add_ps(inv, inv);
+    const __m512 lp = log_ps(_mm512_max_ps(_mm512_mul_ps(p, twice), tiny));
+    const __m512 lq = log_ps(_mm512_max_ps(_mm512_mul_ps(q, twice), tiny));
+    const __m512 logs = _mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_fmadd_ps(p, lp, _mm512_mul_ps(q, lq)));
+    term = _mm512_mask_blend_ps(far, term, logs);
+  }
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, tiny, _CMP_GE_OQ), term);
+}
+
+EMBGEOM_AVX512 double pair_js_avx512(const float* p, const float* q, int64_t T) {
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = acc0;
+  for (int64_t k = 0; k < T; k += 16) {
+    const int64_t rem = T - k;
+    const __mmask16 m = rem >= 16 ? __mmask16(0xffff) : __mmask16((1u << rem) - 1);
+    const __m512 term = js_terms_avx512(_mm512_maskz_loadu_ps(m, p + k), _mm512_maskz_loadu_ps(m, q + k));
+    acc0 = _mm512_add_pd(acc0, _mm512_cvtps_pd(_mm512_castps512_ps256(term)));
+    acc1 = _mm512_add_pd(acc1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(term), 1))));
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+}
+#endif
+
 using PairJsFn = double (*)(const float*, const float*, int64_t);
 
 PairJsFn pick_pair_js(const char** name) {
+#if EMBGEOM_X86
+  if (isa_level() == Isa::avx512) {
+    *name = "avx512";
+    return pair_js_avx512;
+  }
+#endif
   return pick_avx2_or_generic<PairJsFn>(pair_js_generic, EMBGEOM_IF_X86(pair_js_avx2), "avx2", name);
 }
 
