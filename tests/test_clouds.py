@@ -603,6 +603,20 @@ def test_pca_ratios_keep_their_digits_below_the_products_rounding():
     assert ratio.shape == (4,) and ratio[3] == 0.0 and ratio[:3].sum() == pytest.approx(1.0, abs=1e-15)
 
 
+def test_pca_sign_of_an_axis_with_tied_loadings_does_not_follow_the_row_order():
+    """An axis (1, -1, 0) / sqrt 2: its two loadings differ in the last bits, and which one was
+    'largest' had followed the rows' order (15 of 50 orders flipped the axis); tied loadings now
+    leave the sign to the first of them."""
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal(40)
+    x = np.c_[t, -t, 0.01 * rng.standard_normal(40)]
+    first = projection.pca_fit(x, 1)[2][:, 0]
+    assert first[0] > 0
+    for seed in range(30):
+        order = np.random.default_rng(seed).permutation(40)
+        assert np.sign(projection.pca_fit(x[order], 1)[2][0, 0]) == 1, seed
+
+
 def test_project_pca_report_keeps_every_component_and_a_label_named_all():
     """Every explained-variance ratio (report.json kept the first 64), the whole cloud's curve
     beside a label named 'all' (the label's curve had replaced it), and a zero row left out of

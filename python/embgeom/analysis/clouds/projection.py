@@ -265,7 +265,11 @@ def pca_fit(x, axes: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ev = ev[:min(n, d)].clone()
     if n <= d:
         ev[n - 1:] = 0.0
-    pick = vecs.abs().argmax(0)
+    # the sign: the largest-magnitude loading positive; loadings within 1e-9 of that magnitude
+    # count as tied and the first of them decides (a (1, -1, 0) / sqrt 2 axis had flipped with
+    # the rows' order, its two loadings differing in the last bits)
+    mag = vecs.abs()
+    pick = (mag >= mag.amax(0, keepdim=True) * (1 - 1e-9)).to(torch.int8).argmax(0)
     vecs = vecs * torch.sign(vecs[pick, torch.arange(d)])[None, :]
     total = ev.sum()
     ratio = (ev / total if total > 0 else ev).numpy()
