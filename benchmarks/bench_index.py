@@ -248,6 +248,8 @@ def pairs_bench(args, threads, rows, failures):
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"pairs {prov}: failed\n{proc.stderr[-2000:]}")
+            if prov == "embgeom-pairs":  # (a baseline's crash is its own; embgeom's fails the run)
+                failures.append(f"{prov}: the run failed (exit status {proc.returncode})")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         if "missing" in r:
