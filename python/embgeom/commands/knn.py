@@ -27,13 +27,13 @@ def main(args) -> int:
     from ..report import write_json
     from ..io import check_output_path, load_matrix
     from ..validation import renamed
+    from . import flags_of
 
     check_output_path(args.json, "--json", inputs=[("X", args.x), ("--queries", args.queries)])  # before any work
     x = load_matrix(args.x, "X")
     q = load_matrix(args.queries, "Q") if args.queries else None
     # (knn's checks name its arguments: said here as this command's flags)
-    with renamed(x="X", queries="--queries", k="--k", index="--index", device="--device", nlist="--nlist",
-                 nprobe="--nprobe", hnsw_m="--hnsw-m", ef_search="--ef-search"):
+    with renamed(**flags_of(args, positional=("x",))):
         res = knn(x, args.k, queries=q, index=args.index, device=args.device, nlist=args.nlist,
                   nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search)
     data = res.to_dict()

@@ -34,6 +34,7 @@ def main(args) -> int:
     from ..provenance import Provenance
     from ..report import write_json
     from ..validation import renamed
+    from . import flags_of
 
     prov = Provenance(args, inputs={"X": args.x})
     check_complete(args.x, "X")
@@ -44,7 +45,7 @@ def main(args) -> int:
         x = x.to(args.device)
     args.continues_in = args.out  # an interrupted run's line says the folder keeps its rows
     prog = progress_for(args, "embgeom pairs-above")
-    with renamed(x="X", out="--out", threshold="--threshold"):
+    with renamed(**flags_of(args, positional=("x",))):
         manifest = pairs_above(x, args.threshold, args.out, metric=args.metric, progress=prog)
     write_json(os.path.join(args.out, "provenance.json"), prov.record())
     relation = "at distance <=" if args.metric == "l2" else f"with {args.metric} >="

@@ -13,7 +13,7 @@ import sys
 from ..analysis.clouds.projection import DEFAULT_K, DEFAULT_PERPLEXITY
 from ..report.projection_page import write_outputs
 from .model_options import add_quiet_option, progress_for
-from . import say_notes
+from . import flags_of, say_notes
 
 
 def check_method_options(args) -> None:
@@ -86,7 +86,7 @@ def main(args) -> int:
     texts = read_labels(args.texts, n, "--texts") if args.texts else None
     proj = project(x, method=args.method, labels=labels, k=args.k, perplexity=args.perplexity,
                    seed=args.seed, metric=args.metric, backend=args.backend, progress=prog)
-    say_notes("project", proj.notes, {"perplexity": "--perplexity", "k": "--k"})
+    say_notes("project", proj.notes, flags_of(args, positional=("x",)))
     with output_folder(args.out, command="project") as out, prog.phase("plots and page"):
         report = write_outputs(out, proj, texts=texts, provenance=prov)
     print(f"embgeom project: {args.method} of {fmt(n)} x {fmt(x.shape[1])} in {seconds(prov.seconds())} "
