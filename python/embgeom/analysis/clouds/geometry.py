@@ -117,10 +117,12 @@ def pair_distances(a: np.ndarray, b: np.ndarray, metric: str, raw_a: np.ndarray 
         d = 1.0 - prod
         redo = d < NEAR_DUPLICATE_TAU
     i, j = np.nonzero(redo)
-    for s in range(0, i.size, 1 << 16):  # (bounds the gathered rows' memory)
-        diff = raw_a[i[s:s + (1 << 16)]] - raw_b[j[s:s + (1 << 16)]]
+    step = 1 << 16  # pairs a step (bounds the gathered rows' memory)
+    for s in range(0, i.size, step):
+        ii, jj = i[s:s + step], j[s:s + step]
+        diff = raw_a[ii] - raw_b[jj]
         sq = np.einsum("ij,ij->i", diff, diff)
-        d[i[s:s + (1 << 16)], j[s:s + (1 << 16)]] = sq if metric == "euclidean" else sq / 2.0
+        d[ii, jj] = sq if metric == "euclidean" else sq / 2.0
     if metric == "euclidean":
         return np.sqrt(np.maximum(d, 0.0))
     return np.clip(d, 0.0, 2.0)
