@@ -39,7 +39,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_rows, cpu_name, peak_rss_mb, provenance, timeit, versions  # noqa: E402
+from common import (append_rows, cpu_name, missing_module, peak_rss_mb, provenance, say_missing, timeit,  # noqa: E402
+                    versions)
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
             "EMBGEOM_CPU": "avx2"}
@@ -207,7 +208,7 @@ def pairs_child(args) -> None:
         try:
             import faiss
         except ImportError:
-            print(json.dumps({"missing": "faiss"}))  # the parent says "not installed"
+            say_missing("faiss")
             return
     x, src, dst = planted(args.pairs_n, args.d, args.dups)
     t0 = time.perf_counter()
@@ -246,15 +247,16 @@ def pairs_bench(args, threads, rows, failures):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", prov, "--pairs-n", str(args.pairs_n),
                "--dups", str(args.dups), "--threshold", str(args.threshold), "--d", str(args.d)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
+        missing = missing_module(proc.stdout)
+        if missing:
+            print(f"pairs {prov}: not installed ({missing}), skipped")
+            continue
         if proc.returncode != 0:
             print(f"pairs {prov}: failed\n{proc.stderr[-2000:]}")
             if prov == "embgeom-pairs":  # (a baseline's crash is its own; embgeom's fails the run)
                 failures.append(f"{prov}: the run failed (exit status {proc.returncode})")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        if "missing" in r:
-            print(f"pairs {prov}: not installed ({r['missing']}), skipped")
-            continue
         ok = r["planted_found"] == r["planted"] and (r["min_similarity"] is None or r["min_similarity"] >= args.threshold)
         print(f"pairs >= {args.threshold} on {args.pairs_n:,} x {args.d} ({args.dups:,} planted): {prov} "
               f"{r['seconds']:.2f} s, {r['count']:,} pairs, planted found {r['planted_found']}/{r['planted']}, "

@@ -48,7 +48,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import append_rows, peak_rss_mb, provenance  # noqa: E402
+from common import append_rows, missing_module, peak_rss_mb, provenance, say_missing  # noqa: E402
 
 DEFAULT_PROVIDERS = ("umap-embgeom", "umap-learn", "tsne-embgeom", "tsne-openTSNE")
 PROVIDERS = DEFAULT_PROVIDERS + ("tsne-openTSNE-exact",)
@@ -187,7 +187,7 @@ def child(args) -> None:
     try:  # (before the model loads; a module that library needs, absent, counts the same)
         importlib.import_module(NEEDS[args.provider])
     except ModuleNotFoundError as exc:
-        print(f"MISSING {exc.name}")  # the parent prints "not installed" and goes on
+        say_missing(exc.name)  # the parent prints "not installed" and goes on
         return
     x = word_embeddings(args.n)
     run_one(args.provider, x[:300], args)              # warm-up: numba / pynndescent compilation
@@ -228,10 +228,10 @@ def projection(args) -> int:
                "--k", str(args.k), "--perplexity", str(args.perplexity), "--seed", str(args.seed),
                "--save", os.path.join(layouts, provider + ".npy")]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        missing = [ln[8:] for ln in proc.stdout.splitlines() if ln.startswith("MISSING ")]
+        missing = missing_module(proc.stdout)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if missing:
-            print(f"{provider}: not installed ({missing[0]}), skipped", flush=True)
+            print(f"{provider}: not installed ({missing}), skipped", flush=True)
             continue
         if proc.returncode or not line:
             # the rows measured so far are kept; the exit status says something failed

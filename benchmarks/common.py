@@ -132,6 +132,17 @@ def provenance(device="cpu", threads: int | None = None) -> dict:
             "versions": versions() + tail, "git_sha": git_sha(), "date": today()}
 
 
+def say_missing(module: str) -> None:
+    """In a benchmark's child process: the optional library a provider needs is not installed
+    (the parent, missing_module, then says so and goes on instead of failing)."""
+    print(f"MISSING {module}", flush=True)
+
+
+def missing_module(stdout: str) -> str | None:
+    """The module a child said was missing (say_missing), or None."""
+    return next((ln[len("MISSING "):] for ln in stdout.splitlines() if ln.startswith("MISSING ")), None)
+
+
 def cpu_fp32_peak_gflops(threads: int) -> float:
     """Dense fp32 FMA peak: cores x GHz x flops/cycle (32 with two 256-bit or one 512-bit FMA
     pipe pair, AVX-512/AVX2 FMA; 16 otherwise). A ceiling for the roofline column."""
