@@ -135,7 +135,7 @@ def scatter_figure(xy, labels=None, texts=None, *, title: str = "projection", id
                             showlegend=lab is not None,
                             legendrank=k, customdata=rs, hovertext=hover,
                             hovertemplate="%{hovertext}<extra></extra>",
-                            marker=dict(color=PALETTE[k % len(PALETTE)], size=size, opacity=0.8),
+                            marker=dict(color=label_color(name, names), size=size, opacity=0.8),
                             selected=dict(marker=dict(opacity=1.0)),
                             unselected=dict(marker=dict(opacity=0.1))))
     ring = dict(size=size + 8, symbol="circle-open", color="#000", line=dict(width=2))
@@ -238,11 +238,11 @@ def scatter_png(out_dir: str, name: str, xy, labels=None, *, title: str = "", ar
             m = lab == g
             few = m.sum() < 0.2 * len(lab)
             ax.scatter(xy[m, 0], xy[m, 1], s=size * (3 if few and size < 12 else 1), alpha=0.75,
-                       color=PALETTE[i % len(PALETTE)], label=g, zorder=2 + z)
+                       color=label_color(g, groups), label=g, zorder=2 + z)
             if arrows and g in arrows:
                 start, end = arrows[g]
                 ax.annotate("", xy=tuple(end), xytext=tuple(start),
-                            arrowprops=dict(arrowstyle="->", color=PALETTE[i % len(PALETTE)], lw=2))
+                            arrowprops=dict(arrowstyle="->", color=label_color(g, groups), lw=2))
         if len(set(lab.tolist())) <= 20:
             ax.legend(fontsize=7, markerscale=1.5)
     ax.set_title(title)

@@ -262,9 +262,9 @@ def label_section(out_dir: str, by_label: dict, L: int):
     layers = np.arange(1, L + 1)
     for n, (title, keys, over_heads) in enumerate(LABEL_CURVES):
         ax = fig.add_subplot(2, 3, n + 1)
-        for i, label in enumerate(labels):
+        for label in labels:
             ax.plot(layers, curve(label, keys, over_heads), "o-", ms=3, lw=1.2,
-                    color=PALETTE[i % len(PALETTE)], label=f"{label} ({by_label[label]['n_texts']})")
+                    color=label_color(label, labels), label=f"{label} ({by_label[label]['n_texts']})")
         ax.set_title(title, fontsize=9)
         ax.set_ylabel(title.split(" (")[0], fontsize=8)
         layer_axis(ax, L)
