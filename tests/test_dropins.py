@@ -171,6 +171,23 @@ def test_community_detection_matches(st_util):
         embgeom.communities(x, threshold=2.0)
 
 
+def test_nested_lists_as_sentence_transformers_takes_them(st_util):
+    """Rows as lists of Python floats (torch.tensor's input, which sentence-transformers takes):
+    the same answers as the library; ragged rows and non-numbers refused, naming the argument."""
+    x = _tie_free(30, 6, seed=4).double().tolist()
+    got = st_compat.semantic_search(x[:4], x, top_k=3)
+    want = st_util.semantic_search(x[:4], x, top_k=3)
+    assert [[h["corpus_id"] for h in row] for row in got] == [[h["corpus_id"] for h in row] for row in want]
+    assert [p[1:] for p in st_compat.paraphrase_mining_embeddings(x, top_k=3)] == \
+        [p[1:] for p in st_util.paraphrase_mining_embeddings(x, top_k=3)]
+    pairs = [[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]
+    assert st_compat.community_detection(pairs, 0.9, 2) == st_util.community_detection(pairs, 0.9, 2) == [[0, 1]]
+    with pytest.raises(ValueError, match="^corpus_embeddings: the rows of a list must have one length"):
+        st_compat.semantic_search(x[:1], [[1.0, 2.0], [3.0]])
+    with pytest.raises(TypeError, match=r"^corpus_embeddings\[1\]: a row given as a list must hold numbers"):
+        st_compat.semantic_search(x[:1], [[1.0, 2.0], [3.0, "a"]])
+
+
 def test_compat_bad_arguments():
     x = _tie_free(10, 4)
     with pytest.raises(ValueError, match="score_function"):
@@ -248,9 +265,17 @@ def test_neighbour_graphs_match_sklearn(sk_neighbors, metric):
     for X in (q, None):
         for mode in ("connectivity", "distance"):
             for name in ("kneighbors_graph", "radius_neighbors_graph"):
-                got, want = getattr(ours, name)(X, mode=mode), getattr(ref, name)(X, mode=mode)
-                assert got.format == "csr" and got.shape == want.shape and got.nnz == want.nnz
-                assert np.allclose(got.toarray(), want.toarray(), rtol=1e-6, atol=1e-6)
+                for sort in ((False, True) if name == "radius_neighbors_graph" else (None,)):
+                    kw = {} if sort is None else {"sort_results": sort}
+                    if sort and mode == "connectivity":
+                        continue
+                    got, want = getattr(ours, name)(X, mode=mode, **kw), getattr(ref, name)(X, mode=mode, **kw)
+                    assert got.format == "csr" and got.shape == want.shape and got.nnz == want.nnz
+                    # the same entries in the same order (by column, or nearest first where
+                    # scikit-learn sorts them): its CSR's has_sorted_indices alike
+                    assert np.array_equal(got.indices, want.indices) and np.array_equal(got.indptr, want.indptr)
+                    assert got.has_sorted_indices == want.has_sorted_indices
+                    assert np.allclose(got.data, want.data, rtol=1e-6, atol=1e-6)
 
 
 def test_cosine_neighbour_graph_leaves_zero_rows_out(sk_neighbors):
@@ -295,6 +320,12 @@ def test_radius_neighbors_decide_on_the_distance_they_report(metric, dtype):
                 got_d, got_i = nn.radius_neighbors(q[row:row + 1], radius=r)
                 assert (got_d[0] <= r).all()
                 assert (i in got_i[0]) == (d <= r)
+            # a numpy float64 radius: scikit-learn's `d <= radius` compares in float64 (a Python
+            # float is NumPy 2's weak scalar: the distances' dtype); rounded to float32 it had
+            # come up to d and listed the row
+            r64 = np.nextafter(np.float64(d), 0.0)
+            got_d, got_i = nn.radius_neighbors(q[row:row + 1], radius=r64)
+            assert (got_d[0] <= r64).all() and i not in got_i[0]
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -343,11 +374,14 @@ def test_nearest_neighbors_takes_sklearns_constructor_and_dtypes(sk_neighbors):
     sk_keys = set(sk_neighbors.NearestNeighbors().get_params())
     assert sk_keys <= set(NearestNeighbors().get_params())
     for kw in (dict(), dict(algorithm="brute", n_jobs=2, leaf_size=10), dict(metric="minkowski", p=2),
-               dict(metric="cosine", algorithm="brute", metric_params=None)):
-        ours = NearestNeighbors(n_neighbors=3, **kw).fit(x)
-        ref = sk_neighbors.NearestNeighbors(n_neighbors=3, **{**kw, "algorithm": "brute"}).fit(x)
+               dict(metric="cosine", algorithm="brute", metric_params=None), dict(metric="l2"),
+               dict(metric="cosine", fit_tensor=True)):
+        # float32 torch tensors keep float32 as scikit-learn keeps them (they had become float64)
+        fit_x = torch.from_numpy(x) if kw.pop("fit_tensor", False) else x
+        ours = NearestNeighbors(n_neighbors=3, **kw).fit(fit_x)
+        ref = sk_neighbors.NearestNeighbors(n_neighbors=3, **{**kw, "algorithm": "brute"}).fit(fit_x)
         assert ours.effective_metric_ == ref.effective_metric_ and ours.effective_metric_params_ == {}
-        for X in (None, x[:5], x[:5].astype(np.float64)):
+        for X in (None, x[:5], x[:5].astype(np.float64), torch.from_numpy(x[:5])):
             (d, i), (dr, ir) = ours.kneighbors(X), ref.kneighbors(X)
             assert np.array_equal(i, ir) and d.dtype == dr.dtype and np.allclose(d, dr, atol=1e-6)
             (rd, ri), (rdr, rir) = ours.radius_neighbors(X, 1.0), ref.radius_neighbors(X, 1.0)
@@ -357,6 +391,11 @@ def test_nearest_neighbors_takes_sklearns_constructor_and_dtypes(sk_neighbors):
                     g, gr = getattr(ours, name)(X, mode=mode), getattr(ref, name)(X, mode=mode)
                     assert type(g) is type(gr) and g.indices.dtype == gr.indices.dtype
                     assert g.indptr.dtype == gr.indptr.dtype and g.dtype == gr.dtype
+    one = np.ones((1, 4), np.float32)  # radius inf with no other row: empty, in the distances' dtype
+    for metric in ("cosine", "euclidean"):
+        got = NearestNeighbors(metric=metric).fit(one).radius_neighbors(radius=np.inf)[0][0]
+        want = sk_neighbors.NearestNeighbors(metric=metric, algorithm="brute").fit(one).radius_neighbors(radius=np.inf)[0][0]
+        assert got.dtype == want.dtype and len(got) == len(want) == 0
     radius_only = NearestNeighbors(n_neighbors=None, radius=2.0).fit(x)
     assert len(radius_only.radius_neighbors(x[:1])[1][0]) > 0
     with pytest.raises(ValueError, match="n_neighbors: this estimator was made with n_neighbors=None"):

@@ -84,11 +84,11 @@ class NearestNeighbors(BaseEstimator):
 
     def fit(self, X, y=None):
         metric = self._check_params()
-        X = validate_data(self, X, dtype=[np.float64, np.float32], ensure_min_samples=1)
+        X = validate_data(self, _numpy_if_tensor(X), dtype=[np.float64, np.float32], ensure_min_samples=1)
         with validation.renamed(corpus="X"):
             self.index_ = Index(np.ascontiguousarray(X), metric=metric, dtype=self.dtype)
         self.n_samples_fit_ = X.shape[0]
-        self.effective_metric_ = "euclidean" if metric == "l2" else "cosine"
+        self.effective_metric_ = "euclidean" if self.metric == "minkowski" else self.metric  # (as scikit-learn's)
         self.effective_metric_params_ = {}
         self._fit_float32 = X.dtype == np.float32
         return self
@@ -96,7 +96,7 @@ class NearestNeighbors(BaseEstimator):
     def _query(self, X):
         if X is None:
             return None
-        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return validate_data(self, _numpy_if_tensor(X), dtype=[np.float64, np.float32], reset=False)
 
     def _distance_dtype(self, Xq):
         """scikit-learn's brute cosine keeps float32 when the fitted rows and the queries
@@ -146,7 +146,11 @@ class NearestNeighbors(BaseEstimator):
         check_is_fitted(self)
         if sort_results and not return_distance:
             raise ValueError("sort_results: return_distance must be True if sort_results is True")
-        r = float(self.radius if radius is None else radius)
+        given = self.radius if radius is None else radius
+        r = float(given)
+        # the listing test as scikit-learn's `d <= radius`: a numpy float64 radius compares in
+        # float64, a Python float (NumPy 2's weak scalar) in the distances' dtype
+        r_test = given if isinstance(given, (np.generic, np.ndarray)) else r
         if r < 0 and self.index_.metric == "l2":
             raise ValueError(f"radius: expected a distance >= 0 (or inf: every row), got {r}")
         if math.isnan(r) or r < 0:  # no distance is below it
@@ -159,7 +163,8 @@ class NearestNeighbors(BaseEstimator):
             k = self.n_samples_fit_ - (1 if X is None else 0)
             if k == 0:
                 Q = self.n_samples_fit_ if X is None else X_all.shape[0]
-                return _object_rows([np.zeros(0)] * Q, [np.zeros(0, np.int64)] * Q, return_distance)
+                empty = np.zeros(0, self._distance_dtype(X_all))
+                return _object_rows([empty] * Q, [np.zeros(0, np.int64)] * Q, return_distance)
             dist, ids = self.kneighbors(X_all, k)
             found = ids >= 0
             return _object_rows([d[f] for d, f in zip(dist, found)], [i[f] for i, f in zip(ids, found)],
@@ -183,7 +188,7 @@ class NearestNeighbors(BaseEstimator):
         out_d, out_i = [], []
         for q in range(Q):
             d_q, i_q = dist[lims[q]:lims[q + 1]], ids[lims[q]:lims[q + 1]]
-            keep = np.ones(i_q.shape, bool) if self.index_.metric == "l2" else d_q <= r
+            keep = np.ones(i_q.shape, bool) if self.index_.metric == "l2" else d_q <= r_test
             if self_query:
                 keep &= i_q != q
             d_q, i_q = d_q[keep], i_q[keep]
@@ -206,15 +211,28 @@ class NearestNeighbors(BaseEstimator):
 
     def radius_neighbors_graph(self, X=None, radius=None, mode="connectivity", sort_results=False):
         """scipy.sparse CSR (Q, n_samples_fit) of radius_neighbors: 1.0 or the distances
-        (zeros kept as entries), each query's entries nearest first."""
+        (zeros kept as entries); each query's entries nearest first with mode="distance" and
+        sort_results=True, else by column, as scikit-learn's brute search leaves them."""
         _graph_mode(mode)
         dist, ids = self.radius_neighbors(X, radius, return_distance=True, sort_results=sort_results)
+        if mode == "connectivity" or not sort_results:
+            order = [np.argsort(i, kind="stable") for i in ids]
+            dist, ids = _object_rows([d[o] for d, o in zip(dist, order)], [i[o] for i, o in zip(ids, order)], True)
         counts = np.array([len(i) for i in ids], dtype=np.int64)
         indptr = np.concatenate([[0], np.cumsum(counts)])
         cols = np.concatenate(list(ids)) if len(ids) else np.zeros(0, np.int64)
         data = np.ones(len(cols)) if mode == "connectivity" else \
             (np.concatenate(list(dist)) if len(dist) else np.zeros(0))
         return _csr(data, cols, indptr, len(ids), self.n_samples_fit_)
+
+
+def _numpy_if_tensor(X):
+    """A torch tensor as the numpy array scikit-learn would make of it: validate_data with a
+    dtype list turned a tensor (no numpy dtype) into float64, where scikit-learn keeps float32."""
+    if isinstance(X, torch.Tensor) and X.dtype != torch.bfloat16:  # (numpy has no bfloat16)
+        validation.dense_tensor(X, "X")
+        return X.detach().cpu().resolve_conj().resolve_neg().numpy()
+    return X
 
 
 def _object_rows(dist: list, ids: list, return_distance: bool):

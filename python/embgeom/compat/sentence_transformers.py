@@ -7,7 +7,8 @@ drop-ins): the same arguments and return values, exact float64 rescoring and a f
 
 Differences, all at ties or degenerate rows: equal scores are ordered by id (torch.topk's order
 is unspecified); a zero-norm row has no direction and is never returned (sentence-transformers
-scores it 0 against everything).
+scores it 0 against everything); a NaN or infinite value in either input is refused with a
+ValueError naming the rows (sentence-transformers returns NaN scores in no defined order).
 """
 from __future__ import annotations
 
@@ -51,14 +52,31 @@ def _stack_rows(rows: list, name: str) -> torch.Tensor:
     if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
            for v in rows):
         return torch.tensor([float(v) for v in rows], dtype=torch.float32)
+    if rows and all(isinstance(r, (list, tuple)) for r in rows):  # nested lists: torch.tensor(a)'s input
+        return _nested_rows(rows, name)
     if not all(isinstance(r, (torch.Tensor, np.ndarray)) for r in rows):
         kinds = sorted({type(r).__name__ for r in rows if not isinstance(r, (torch.Tensor, np.ndarray))})
-        raise TypeError(f"{name}: a list must hold float rows (tensors or arrays) or numbers, got {', '.join(kinds)}")
+        raise TypeError(f"{name}: a list must hold float rows (tensors, arrays or lists of numbers) or "
+                        f"numbers, got {', '.join(kinds)}")
     tensors = [validation.as_tensor(r, f"{name}[{k}]") for k, r in enumerate(rows)]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         raise ValueError(f"{name}: the rows of a list must have one shape, got {sorted(shapes)}")
     return torch.stack(tensors)
+
+
+def _nested_rows(rows: list, name: str) -> torch.Tensor:
+    """Rows given as lists of numbers -> one float32 tensor (what torch.tensor makes of Python
+    floats); a ValueError naming `name` for rows of different lengths."""
+    lengths = {len(r) for r in rows}
+    if len(lengths) > 1:
+        raise ValueError(f"{name}: the rows of a list must have one length, got {sorted(lengths)}")
+    for k, r in enumerate(rows):
+        bad = [type(v).__name__ for v in r
+               if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_))]
+        if bad:
+            raise TypeError(f"{name}[{k}]: a row given as a list must hold numbers, got {bad[0]}")
+    return torch.tensor(np.asarray(rows, dtype=np.float64), dtype=torch.float32)
 
 
 def semantic_search(query_embeddings, corpus_embeddings, query_chunk_size: int = 100,
