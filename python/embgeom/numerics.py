@@ -138,16 +138,19 @@ def rounding_norms(rows: torch.Tensor, rounded: torch.Tensor) -> tuple[float, fl
 def moment_shift(x: torch.Tensor, y: torch.Tensor | None, metric: str, sample: int = 64) -> float:
     """A value near the mean of all pair values, from the pairs of the first `sample` rows
     (and columns): engines sum (v - shift) and (v - shift)^2 so the variance does not cancel
-    when std << |mean|. Any value is correct; a near one keeps the sums small. It is rounded
+    when std << |mean| (the dot metric on anisotropic embeddings; cosines of near-collinear
+    rows, all near 1). Any value is correct; a near one keeps the sums small. It is rounded
     to 8 significant bits so that v - shift stays exact for fp32 values of similar size (the
     sums of exactly representable inputs then do not depend on the order of the tiles).
-    x, y are the rows the engine multiplies (unit rows for cosine)."""
-    if metric == "cosine" or x.shape[0] == 0:
+    x, y: the rows as given, or the unit rows for cosine (normalised here either way)."""
+    if x.shape[0] == 0:
         return 0.0
     a = x[:sample].double()
     b = a if y is None else y[:sample].double()
     if b.shape[0] == 0:
         return 0.0
+    if metric == "cosine":  # (a zero row stays zero: its cosines count as 0 here)
+        a, b = (r / torch.linalg.vector_norm(r, dim=1, keepdim=True).clamp(min=1e-300) for r in (a, b))
     v = a @ b.T
     if metric == "euclidean":
         sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :]
