@@ -11,6 +11,7 @@ import json
 import math
 import multiprocessing
 import os
+import stat
 import pickle
 import re
 import shutil
@@ -713,6 +714,30 @@ def test_output_folder_survives_a_kill_inside_the_swap(tmp_path, monkeypatch, ex
         with output_folder(str(tmp_path / "rep.9"), command="test"):
             raise RuntimeError("fails")
     assert (tmp_path / "rep.9" / "a.txt").read_text() == "rep.9's"
+
+
+def test_output_folder_through_a_link_replaces_the_folder_it_names(tmp_path):
+    """--out naming a link to a folder: the run replaces that folder and the link stays (the swap
+    had renamed the link aside and put a new folder in its place, the target never written); a
+    link to nothing, or to a file, is refused in one line. The folder keeps its permission bits."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to("target")
+    for text in ("first", "second"):
+        with output_folder(str(tmp_path / "link"), command="test") as staging:
+            (Path(staging) / "a.txt").write_text(text)
+        assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "a.txt").read_text() == text
+    assert sorted(os.listdir(tmp_path)) == ["link", "target"]
+    os.chmod(tmp_path / "target", 0o750)
+    with output_folder(str(tmp_path / "link"), command="test") as staging:
+        (Path(staging) / "a.txt").write_text("third")
+    assert stat.S_IMODE(os.stat(tmp_path / "target").st_mode) == 0o750
+    (tmp_path / "dangling").symlink_to("missing")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "to_file").symlink_to("file")
+    for name, state in (("dangling", "missing"), ("to_file", "a file")):
+        with pytest.raises(ValueError, match=f"^--out: .*{name} is a link to .*, which is {state}; expected a folder") as e:
+            check_output_folder(str(tmp_path / name))
+        one_line(e)
 
 
 def test_output_folder_refuses_files_it_did_not_write_and_creates_nothing_on_failure(tmp_path):

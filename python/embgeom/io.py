@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import tempfile
 import warnings
 from typing import IO, Iterable, Iterator
@@ -297,6 +298,14 @@ def check_output_folder(out: str, name: str = "--out", *, command: str | None = 
     if not str(os.fspath(out)).strip():
         raise ValueError(f"{name}: expected a folder path, got an empty one")
     path = os.path.normpath(os.path.abspath(os.fspath(out)))
+    if os.path.islink(path):
+        # a link to a folder: the run replaces the folder it names and the link stays (the
+        # swap had renamed the link aside and put a folder in its place, the target unwritten)
+        target = os.path.realpath(path)
+        if not os.path.isdir(target):
+            state = "a file" if os.path.exists(target) else "missing"
+            raise ValueError(f"{name}: {out} is a link to {target}, which is {state}; expected a folder")
+        path = target
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{name}: {out} is a file, expected a folder")
     for what, given in inputs:
@@ -362,6 +371,8 @@ def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[st
     try:
         yield staging
         _seal(staging, command)
+        if os.path.isdir(path):  # the folder keeps its permission bits
+            os.chmod(staging, stat.S_IMODE(os.stat(path).st_mode))
         _swap_in(staging, path)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
