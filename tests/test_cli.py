@@ -1,8 +1,10 @@
 """The `embgeom` command line: pairs JSON vs the reference, errors, checkpoint resume."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +73,12 @@ def test_pairs_reads_pt_and_safetensors(tmp_path, capsys):
     assert main(["knn", str(tmp_path / "x.pt"), "--k", "2", "--json", str(tmp_path / "k.json")]) == 0
     out, err = capsys.readouterr()
     assert out == "" and "embgeom pairs: 45 pairs in " in err and "embgeom knn: 10 queries x 2 " in err
+    np.save(tmp_path / "two.npy", x[:2].numpy())  # counts of one in the singular
+    assert main(["pairs", str(tmp_path / "two.npy"), "--json", str(tmp_path / "o.json")]) == 0
+    assert main(["knn", str(tmp_path / "x.pt"), "--k", "2", "--queries", str(tmp_path / "two.npy"),
+                 "--json", str(tmp_path / "k.json")]) == 0
+    err = capsys.readouterr().err
+    assert "embgeom pairs: 1 pair in " in err and "embgeom knn: 2 queries x 2 " in err
 
 
 @pytest.mark.parametrize("setup,args,message", [
@@ -123,6 +131,39 @@ def test_pairs_errors_are_clear(tmp_path, capsys, setup, args, message):
     assert "Traceback" not in err
     import re
     assert re.search(message, err), err
+
+
+def test_project_knn_and_unknown_options_name_what_was_typed(tmp_path, capsys):
+    """project's checks name its flags and X (they had said k:, perplexity:, x:, the API's
+    names); knn's integer --queries says --queries (it had said Q); an option no parser knows is
+    refused by the command it follows, pointing at that command's --help; a list of zero rows
+    says how many there are."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    x[3] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    np.save(tmp_path / "zero.npy", np.zeros((50, 4), np.float32))
+    np.save(tmp_path / "int.npy", np.ones((2, 4), np.int32))
+    out = ["--out", str(tmp_path / "p")]
+    for args, message in (
+            (["project", "{t}/x.npy", "--k", "0"], "embgeom: error: --k: expected"),
+            (["project", "{t}/x.npy", "--method", "tsne", "--perplexity", "0"], "embgeom: error: --perplexity: "),
+            (["project", "{t}/nan.npy"], r"embgeom: error: X: NaN or Inf in 1 row\(s\): \[3\]"),
+            (["project", "{t}/x.npy", "--backend", "foo"], "embgeom: error: --backend: "),
+            (["project", "{t}/zero.npy"], r"embgeom: error: X: zero rows have no cosine neighbours: 50 row\(s\): "
+                                          r"\[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] \(and 40 more\)"),
+            (["knn", "{t}/x.npy", "--k", "2", "--queries", "{t}/int.npy", "--json", "{t}/k.json"],
+             "embgeom: error: --queries: expected a float array"),
+            (["knn", "{t}/x.npy", "--k", "2", "--device", "gpu", "--json", "{t}/k.json"],
+             "embgeom: error: --device: expected 'cpu' or 'cuda"),
+            (["project", "{t}/x.npy", "--bogus", "1"],
+             r"embgeom project: error: unrecognized arguments: --bogus 1 \(see embgeom project --help\)")):
+        argv = [a.format(t=tmp_path) for a in args] + (out if args[0] == "project" else [])
+        with pytest.raises(SystemExit) if "unrecognized" in message else contextlib.nullcontext():
+            assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert re.search("^" + message, err) and err.count("\n") == 1, err
 
 
 def test_info_runs():

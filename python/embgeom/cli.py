@@ -21,6 +21,15 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but arguments no parser knows are refused by the command they follow
+        (`embgeom text: error: ...`, see `embgeom text --help`), not by the top-level parser."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = self.command_parsers.get(getattr(parsed, "command", None), self)
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the subcommand named in argv (if any) has its module imported."""
@@ -28,8 +37,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = OneLineParser(prog="embgeom", description="Geometry of transformer embeddings")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.command_parsers = {}
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = parser.command_parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         if name != chosen:
             continue
         try:

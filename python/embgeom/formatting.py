@@ -11,6 +11,11 @@ import math
 from typing import Any
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 text', '2 texts', '30,522 queries': a count with its noun in the right number."""
+    return f"{fmt(int(n))} {noun if int(n) == 1 else (plural or noun + 's')}"
+
+
 def fmt(v: Any, digits: int = 4) -> str:
     try:
         import numpy as np

@@ -241,7 +241,7 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
     if isinstance(device, torch.device):  # torch.device("cpu") / ("cuda", 0) as their strings
         device = str(device)
     if device not in (None, "cpu") and not str(device).startswith("cuda"):
-        raise ValueError(f"device: expected None, 'cpu' or 'cuda[:i]', got {device!r}")
+        raise ValueError(f"device: expected 'cpu' or 'cuda[:i]' (or None: a GPU where faiss has one), got {device!r}")
     if device is not None and str(device).startswith("cuda") and not _gpu_usable(faiss):
         raise ValueError("device: a GPU index needs faiss with GPU support (faiss-gpu) and a usable "
                          "CUDA device; use device='cpu'")

@@ -102,9 +102,13 @@ def check_finite(x: torch.Tensor, name: str, row_dims: int = 1, first_row: int =
     if not bool(bad.any()):
         return
     rows = bad.reshape(*x.shape[:row_dims], -1).any(dim=-1).nonzero().tolist()
-    shown = [r[0] + first_row if row_dims == 1 else tuple(r) for r in rows[:10]]
-    more = f" (and {len(rows) - 10} more)" if len(rows) > 10 else ""
-    raise ValueError(f"{name}: NaN or Inf in {len(rows)} row(s): {shown}{more}")
+    raise ValueError(f"{name}: NaN or Inf in {some_rows([r[0] + first_row if row_dims == 1 else tuple(r) for r in rows])}")
+
+
+def some_rows(rows: list, shown: int = 10) -> str:
+    """'3 row(s): [0, 4, 9]', the first `shown` listed and the rest counted ('(and 40 more)')."""
+    more = f" (and {len(rows) - shown} more)" if len(rows) > shown else ""
+    return f"{len(rows)} row(s): {list(rows[:shown])}{more}"
 
 
 def matrix(x: Any, name: str = "x", *, rows_may_be_empty: bool = False) -> torch.Tensor:

@@ -31,7 +31,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from ..formatting import fmt, seconds
+    from ..formatting import counted, fmt, seconds
     from ..models import DEFAULT_MODEL, load_model
     from ..provenance import Provenance
 
@@ -51,11 +51,11 @@ def main(args) -> int:
                   "coref": block}
         finish_report(out, report, prov, prog, lambda: write_coref_report(out, report))
     if block["skipped_too_long"]:
-        print(f"embgeom coref: note: {fmt(block['skipped_too_long'])} documents longer than the model's "
+        print(f"embgeom coref: note: {counted(block['skipped_too_long'], 'document')} longer than the model's "
               f"maximum{' (--max-length)' if args.max_length else ''} were skipped (report.json coref.skipped "
               "names them)", file=sys.stderr)
     b = block["baselines"]
-    print(f"embgeom coref: {fmt(block['n_documents'])} documents, {fmt(block['n_scored'])} of "
+    print(f"embgeom coref: {counted(block['n_documents'], 'document')}, {fmt(block['n_scored'])} of "
           f"{fmt(block['n_mentions'])} mentions with an antecedent in {seconds(prov.seconds())}; best head "
           f"L{block['best'][0]} h{block['best'][1]} {block['accuracy']:.3f} (nearest {b['nearest']:.3f}, "
           f"head match {b['head_match']:.3f}) -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..formatting import fmt, seconds
+from ..formatting import counted, fmt, seconds
 from ..neighbours import INDEXES, knn
 
 
@@ -31,7 +31,7 @@ def main(args) -> int:
 
     check_output_path(args.json, "--json", inputs=[("X", args.x), ("--queries", args.queries)])  # before any work
     x = load_matrix(args.x, "X")
-    q = load_matrix(args.queries, "Q") if args.queries else None
+    q = load_matrix(args.queries, "--queries") if args.queries else None
     # (knn's checks name its arguments: said here as this command's flags)
     with renamed(**flags_of(args, positional=("x",))):
         res = knn(x, args.k, queries=q, index=args.index, device=args.device, nlist=args.nlist,
@@ -40,6 +40,6 @@ def main(args) -> int:
     data.update({"n": int(x.shape[0]), "d": int(x.shape[1])})
     write_json(args.json, data)
     rec = "" if res.recall is None else f", recall@{res.k} {fmt(res.recall)}"
-    print(f"embgeom knn: {fmt(res.indices.shape[0])} queries x {res.k} ({res.index}, {res.device}{rec}) "
+    print(f"embgeom knn: {counted(res.indices.shape[0], 'query', 'queries')} x {res.k} ({res.index}, {res.device}{rec}) "
           f"in {seconds(res.seconds)} -> {args.json}", file=sys.stderr)
     return 0

@@ -41,7 +41,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from ..formatting import fmt, seconds
+    from ..formatting import counted, seconds
     from ..io import check_output_path, load_matrix
     from ..provenance import Provenance
     from ..report import write_json
@@ -88,6 +88,6 @@ def main(args) -> int:
     out = result.to_dict()
     out["provenance"] = prov.record()
     write_json(args.json, out, indent=None)  # compact: row lists can be large
-    print(f"embgeom pairs: {fmt(result.count)} pairs in {seconds(prov.seconds())} (engine {seconds(result.seconds)}, "
+    print(f"embgeom pairs: {counted(result.count, 'pair')} in {seconds(prov.seconds())} (engine {seconds(result.seconds)}, "
           f"{result.backend}) -> {args.json}", file=sys.stderr)
     return 0

@@ -28,7 +28,7 @@ def main(args) -> int:
     import os
     import sys
 
-    from ..formatting import fmt, seconds
+    from ..formatting import counted, seconds
     from ..index import pairs_above
     from ..io import check_complete, load_matrix
     from ..provenance import Provenance
@@ -49,7 +49,7 @@ def main(args) -> int:
         manifest = pairs_above(x, args.threshold, args.out, metric=args.metric, progress=prog)
     write_json(os.path.join(args.out, "provenance.json"), prov.record())
     relation = "at distance <=" if args.metric == "l2" else f"with {args.metric} >="
-    print(f"embgeom pairs-above: {fmt(manifest['count'])} pairs {relation} {args.threshold:g} among "
-          f"{fmt(manifest['n'])} rows in {seconds(prov.seconds())} -> {args.out} (embgeom.read_pairs)",
+    print(f"embgeom pairs-above: {counted(manifest['count'], 'pair')} {relation} {args.threshold:g} among "
+          f"{counted(manifest['n'], 'row')} in {seconds(prov.seconds())} -> {args.out} (embgeom.read_pairs)",
           file=sys.stderr)
     return 0

@@ -57,6 +57,7 @@ def main(args) -> int:
     from ..formatting import fmt, seconds
     from ..io import check_complete, check_output_folder, load_matrix, output_folder
     from ..provenance import Provenance
+    from ..validation import renamed
 
     check_method_options(args)
     prov = Provenance(args, inputs={"X": args.x, "--labels": args.labels, "--texts": args.texts}, seed=args.seed)
@@ -84,9 +85,11 @@ def main(args) -> int:
     n = x.shape[0]
     labels = read_labels(args.labels, n) if args.labels else None
     texts = read_labels(args.texts, n, "--texts") if args.texts else None
-    proj = project(x, method=args.method, labels=labels, k=args.k, perplexity=args.perplexity,
-                   seed=args.seed, metric=args.metric, backend=args.backend, progress=prog)
-    say_notes("project", proj.notes, flags_of(args, positional=("x",)))
+    flags = flags_of(args, positional=("x",))
+    with renamed(**flags):  # (project's checks name its arguments: said here as this command's flags)
+        proj = project(x, method=args.method, labels=labels, k=args.k, perplexity=args.perplexity,
+                       seed=args.seed, metric=args.metric, backend=args.backend, progress=prog)
+    say_notes("project", proj.notes, flags)
     with output_folder(args.out, command="project") as out, prog.phase("plots and page"):
         report = write_outputs(out, proj, texts=texts, provenance=prov)
     print(f"embgeom project: {args.method} of {fmt(n)} x {fmt(x.shape[1])} in {seconds(prov.seconds())} "

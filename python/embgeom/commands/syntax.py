@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from ..formatting import fmt, seconds
+    from ..formatting import counted, fmt, seconds
     from ..models import DEFAULT_MODEL, load_model
     from ..provenance import Provenance
 
@@ -55,12 +55,12 @@ def main(args) -> int:
                   "syntax": block}
         finish_report(out, report, prov, prog, lambda: write_syntax_report(out, report))
     if block["skipped_too_long"]:
-        print(f"embgeom syntax: note: {fmt(block['skipped_too_long'])} sentences longer than the model's "
+        print(f"embgeom syntax: note: {counted(block['skipped_too_long'], 'sentence')} longer than the model's "
               f"maximum{' (--max-length)' if args.max_length else ''} were skipped (report.json "
               "syntax.skipped_too_long)", file=sys.stderr)
     a = block["all"]
     offset = a["offset_baseline"]["offset"]
-    print(f"embgeom syntax: {fmt(block['n_sentences'])} sentences, {fmt(block['n_words'])} words in "
+    print(f"embgeom syntax: {counted(block['n_sentences'], 'sentence')}, {counted(block['n_words'], 'word')} in "
           f"{seconds(prov.seconds())} (forward passes {seconds(block['seconds'])}); best head overall "
           f"{'L{} h{} {}'.format(*a['best']) if a['best'] else 'none'} {a['accuracy']:.3f} (offset {'none' if offset is None else f'{offset:+d}'}: "
           f"{a['offset_baseline']['accuracy']:.3f}) -> {os.path.join(args.out, 'report.html')}",

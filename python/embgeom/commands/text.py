@@ -19,7 +19,7 @@ from ..analysis.clouds.geometry import group_geometry
 from ..analysis.heads.text_extras import TextExtras, parse_show_texts
 from ..analysis.text.keeper import Keeper
 from ..analysis.text.labelled import ONE_CLASS_NOTE, no_class_maps_note
-from ..formatting import fmt, seconds
+from ..formatting import counted, fmt, seconds
 from ..io import check_output_folder, check_output_path, output_folder
 from ..report import table_html
 from ..report.definitions import defined
@@ -190,7 +190,7 @@ def _main(args) -> int:
     resumed = f", {fmt(ckpt.resumed_texts)} of them from {args.checkpoint}" if ckpt and ckpt.resumed_texts else ""
     if pairs_ckpt is not None and pairs_ckpt.resumed_pairs:
         resumed += f" ({fmt(pairs_ckpt.resumed_pairs)} --pairs pairs from {pairs_ckpt.path})"
-    print(f"embgeom text: {fmt(result.n_texts)} texts{resumed}, {fmt(result.n_tokens)} tokens in "
+    print(f"embgeom text: {counted(result.n_texts, 'text')}{resumed}, {counted(result.n_tokens, 'token')} in "
           f"{seconds(prov.seconds())} (forward passes {seconds(result.seconds)}"
           f"{', this run and the earlier ones' if resumed else ''}) -> "
           f"{os.path.join(args.out, 'report.html')}", file=sys.stderr)

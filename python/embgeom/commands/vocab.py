@@ -102,7 +102,7 @@ def _write(out: str, report: dict, plots: dict, timer, prov, layouts) -> dict:
 
 
 def main(args) -> int:
-    from ..formatting import fmt, seconds
+    from ..formatting import counted, fmt, seconds
     from ..provenance import Provenance
     from ..validation import renamed
     from . import flags_of
@@ -121,6 +121,6 @@ def main(args) -> int:
     parts = ", ".join(f"{k.replace('_', ' ')} {seconds(v)}" for k, v in tm.items() if k not in ("to_page", "total"))
     kept = report.get("checkpoint", {}).get("layouts_resumed")
     resumed = f" ({len(kept)} of {len(LAYOUTS)} projection layouts from {args.checkpoint})" if kept else ""
-    print(f"embgeom vocab: {fmt(report['tokens_analysed'])} tokens in {seconds(prov.seconds())}{resumed} ({parts}); "
+    print(f"embgeom vocab: {counted(report['tokens_analysed'], 'token')} in {seconds(prov.seconds())}{resumed} ({parts}); "
           f"peak {fmt(round(report['peak_rss_mb']))} MiB -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0

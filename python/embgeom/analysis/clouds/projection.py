@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 import numpy as np
 import torch
+from ... import validation
 from ...api import pairwise_stats
 from ...backends import registry
 from .geometry import as_matrix, as_matrix64, silhouette, translated
@@ -68,7 +69,7 @@ def exact_knn(x, k: int, *, metric: str = "cosine", backend: str | None = None) 
     cosine = metric == "cosine"
     zero = np.nonzero(~np.any(xm != 0, axis=1))[0]
     if cosine and zero.size:
-        raise ValueError(f"x: zero rows have no cosine neighbours: rows {zero[:10].tolist()}")
+        raise ValueError(f"x: zero rows have no cosine neighbours: {validation.some_rows(zero.tolist())}")
     start = time.perf_counter()
     wide = min(n - 1, k + max(8, k // 8))  # the candidates beyond k make the certificate
     x64 = as_matrix64(x)
