@@ -151,6 +151,47 @@ def test_fast_outside_list_holds_the_exact_outside_pairs(delta, b):
         assert s.outside.pairs.to_list() == want, precision
 
 
+@pytest.mark.parametrize("fast_dtype", ["bf16", "tf32"])
+def test_fast_outside_list_cut_counts_exactly_outside_pairs(fast_dtype):
+    """A full outside buffer in fast mode holds pairs within the products' error of b too (here
+    70 values exactly b): the list's cut at the k-th buffered pair had ended it before the 10
+    pairs that are outside, and it came back empty. The cut counts the exactly outside ones."""
+    x = torch.tensor([[1.0]])
+    y = torch.tensor([10.0] * 70 + [11.0] * 10)[:, None]
+    opts = dict(metric="dot", bins=0, topk=1, bottomk=1, outside=(-10.0, 10.0), outside_limit=2)
+    want = [[0, 70, 11.0], [0, 71, 11.0]]
+    for precision in ("exact", "fast"):
+        got, _ = _engine_stats(x, y, engine_kw=dict(capacity=1, fast_dtype=fast_dtype),
+                               precision=precision, **_cfg_opts(opts, (-20.0, 20.0)))
+        assert got.outside.count == 10 and got.outside.truncated, precision
+        assert got.outside.pairs.to_list() == want, precision
+
+
+def test_moments_subtract_the_shift_in_float64():
+    """Values far from the shift's size (every bin edge of (-3, 5) and the fp32 values either
+    side, against y = 1: the shift is 1): v - shift in fp32 had rounded (-3.0000002 - 1 = -4) and
+    the mean came out 1.0000000155 where every other engine gives 1.0000000088."""
+    edges = torch.linspace(-3.0, 5.0, 9)
+    vals = torch.cat([torch.nextafter(edges, torch.tensor(-math.inf)), edges,
+                      torch.nextafter(edges, torch.tensor(math.inf))])
+    x, y = vals[:, None], torch.tensor([[1.0]])
+    got = embgeom.pairwise_stats(x, y, metric="dot", bins=8, range=(-3.0, 5.0), backend="triton")
+    want = reference.pairwise_stats(x, y, metric="dot", bins=8, range=(-3.0, 5.0))
+    assert got.mean == pytest.approx(want["mean"], rel=1e-15)
+    assert got.std == pytest.approx(want["std"], rel=1e-14)
+
+
+def test_global_live_bound_buckets_fit_their_buffer():
+    """A slab side of 128 with topk 100 had asked for 128 buckets per global list in a buffer of
+    64 per list: the lists' buckets overlapped and the last ran past the buffer."""
+    from embgeom.backends.gpu_plan import GLOBAL_BUCKETS, stream_groups
+
+    lengths = dict(top=100, bottom=100, near=100, row_top=100, row_bottom=100)
+    assert stream_groups(lengths, 128) == [0, 0, 0, 128, 128]
+    assert stream_groups(lengths, 64) == [0, 0, 0, 0, 0]
+    assert stream_groups(dict(lengths, top=40), 128)[0] == GLOBAL_BUCKETS
+
+
 def test_checkpoint_resume_equals_full_run():
     x = make_embeddings(50, 12, zero_rows=1, duplicate_rows=1, seed=9)
     cfg = PairwiseConfig(**_cfg_opts(ALL_OUTPUTS))

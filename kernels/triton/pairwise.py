@@ -38,8 +38,8 @@ here is a static prediction, never a measurement):
   epilogue) / 2) instead of their sum (one 8-warp 128 x 128 program per SM before);
 - validity: one integer compare per element (each row's bound against each column's index);
   invalid pairs become NaN, which every later comparison rejects;
-- moments: the fp32 shift, a select, cvt to f64 (16/clk/SM), DADD + DFMA, the count in int32:
-  ~7 instructions;
+- moments: cvt to f64 (16/clk/SM), the shift (DADD), a select, DADD + DFMA, the count in
+  int32: ~7 instructions;
 - candidate streams: one score per element, key minus the lowest threshold that applies
   (lists of the same key merged per row and column: a subtract and a maximum, a min more for
   the column side of per-row lists), reduced to one maximum per row inside each warp, then
@@ -251,7 +251,7 @@ def _global_stream(key, v, rows, cols, s: tl.constexpr, thr_ptr, gbuck_ptr, tie_
     thr = tl.load(thr_ptr + s)
     if G > 0:
         tile_max = tl.max(tl.reshape(tl.max(k, 1), (G, BM // G)), 1)
-        bptr = gbuck_ptr + s * 64 + tl.arange(0, G)
+        bptr = gbuck_ptr + s * 64 + tl.arange(0, G)  # (64: gpu_plan.GLOBAL_BUCKETS, G <= 64)
         old = tl.load(bptr)
         tl.atomic_max(bptr, tile_max, mask=tile_max > old, sem="relaxed")
         lb = tl.min(tl.maximum(old, tile_max), 0)
@@ -398,9 +398,10 @@ def _tile_epilogue(
         valid = valid & (close == 0)
 
     if DO_STATS:
-        # (v - shift) is exact in fp32 (shift: 8 significant bits near the mean); float64
-        # sums (docs/metrics.md, moments); the count in int32 along a row (<= BW)
-        vz = tl.where(valid, v - shift, 0.0).to(tl.float64)
+        # (v - shift) in float64, as every engine takes it (docs/metrics.md, moments): exact
+        # there; in fp32 it rounded where v is far from the shift's size (-3.0000002 - 1 gave
+        # -4); float64 sums; the count in int32 along a row (<= BW)
+        vz = tl.where(valid, v.to(tl.float64) - shift, 0.0)
         acc_n += tl.sum(valid.to(tl.int32), 1)
         acc_s += tl.sum(vz, 1)
         acc_q += tl.sum(vz * vz, 1)

@@ -170,15 +170,21 @@ def slab_side(plan: GpuPlan) -> int:
     return min(plan.bm, plan.block_n // plan.split)
 
 
+# buckets of a global list's live bound: each list's row of the (3, GLOBAL_BUCKETS) gbuck buffer
+# (the kernel's _global_stream indexes it so)
+GLOBAL_BUCKETS = 64
+
+
 def stream_groups(lengths: dict, bm: int, live: bool = True) -> list[int]:
     """Live-bound buckets per stream (0: none): next_pow2(k), at most one per slab row and column
-    (bm: the slab's shorter side)."""
+    (bm: the slab's shorter side), at most GLOBAL_BUCKETS for the global lists (a slab side of 128
+    had given 128 buckets: the lists' rows of gbuck overlapped, the last one ran past it)."""
     if not live:
         return [0] * 5
     out = []
-    for s in STREAMS[:5]:
-        g = next_pow2(lengths[s]) if lengths[s] else 0
-        out.append(g if g <= bm else 0)
+    for s, name in enumerate(STREAMS[:5]):
+        g = next_pow2(lengths[name]) if lengths[name] else 0
+        out.append(g if g <= (bm if s >= 3 else min(bm, GLOBAL_BUCKETS)) else 0)
     return out
 
 

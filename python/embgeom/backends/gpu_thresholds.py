@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..numerics import bin_scale
-from .gpu_plan import STREAMS
+from .gpu_plan import GLOBAL_BUCKETS, STREAMS
 
 # out_cut before any outside pair is known: every (i, j) can still enter the list
 NO_CUT = 2 ** 31 - 1
@@ -76,7 +76,7 @@ class Thresholds:
         dev = self.device
         self.gthr = torch.full((6,), -math.inf, dtype=torch.float32, device=dev)
         self.gthr[3:] = math.nan                 # no tie cut: no key equals NaN
-        self.gbuck = torch.full((3, 64), -math.inf, dtype=torch.float32, device=dev)
+        self.gbuck = torch.full((3, GLOBAL_BUCKETS), -math.inf, dtype=torch.float32, device=dev)
         self.rthr = torch.full((4, max(self.n, 1)), -math.inf, dtype=torch.float32, device=dev)
         self.rthr[2:] = math.nan
         self.ties = torch.full((6 + 2 * max(self.n, 1),), NO_CUT, dtype=torch.int32, device=dev)
@@ -213,6 +213,15 @@ class Thresholds:
         k = self.kinds_k[STREAMS[s]]
         v, i, j = self.cv[s, :n], self.ci[s, :n].long(), self.cj[s, :n].long()
         if s == 5:
+            if self.mode != "exact":
+                # fast mode buffers the pairs within the products' error of a or b too: a cut at
+                # the k-th of those had ended the list before pairs that are outside (it came
+                # back short, or empty); the cut counts the exactly outside ones only
+                exact = self._rescore(i, j)
+                out = (exact < self.out_a) | (exact > self.out_b)
+                i, j = i[out], j[out]
+                if i.numel() < k:
+                    return False
             lin = i * self.m + j
             kth = int(lin.topk(k, largest=False).values[-1])
             cut = (kth // self.m, kth % self.m + 1)  # pairs up to the k-th buffered one
