@@ -152,12 +152,40 @@ def test_dead_rank_fails_the_job_and_restart_resumes(tmp_path):
 
 
 def test_products_beyond_float32_are_refused_by_the_ranks(tmp_path):
-    """Each rank checks the magnitudes of the row groups it reads, as it checks their values."""
+    """The ranks check the products' range on the whole matrix's largest norm (each rank's row
+    groups' norms gathered before any work): every rank refuses, in one process's words."""
     np.save(tmp_path / "x.npy", make_embeddings(40, 8, seed=14).numpy() * 1e20)
     r = _torchrun(["pairs", tmp_path / "x.npy", "--metric", "dot", "--range", "-1", "1", "--distributed",
                    "--json", tmp_path / "out.json"], tmp_path)
-    assert r.returncode != 0 and "beyond float32" in r.stderr
+    assert r.returncode != 0 and r.stderr.count("embgeom: error: X: rows with norms up to") == 2, r.stderr[-2000:]
+    assert "a rank probably died" not in r.stderr
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("case", ["tiny-group", "near-collinear"])
+def test_ranks_check_and_sum_as_one_process(tmp_path, case):
+    """tiny-group: a row group of norms 1e-17 beside rows of norm ~2 (dot): one process takes it,
+    the ranks had refused it (the products' underflow checked per job), one rank dying first.
+    near-collinear: cosines within 1e-7 of 1: the ranks' std had been 3e-12 off one process's
+    (the jobs' moments merged by Chan's formula around means rounded near 1; 8e-9 with the
+    float64 reference backend); now the jobs sum around one shift and their sums add."""
+    rng = np.random.default_rng(8)
+    if case == "tiny-group":
+        x = rng.standard_normal((8, 4)).astype(np.float32)
+        x[:2] *= 1e-17
+        opts = ["--metric", "dot", "--range", "-5", "5", "--bins", "10"]
+    else:
+        x = (np.ones(16) + 1e-4 * rng.standard_normal((1500, 16))).astype(np.float32)
+        opts = ["--bins", "0", "--topk", "0", "--bottomk", "0"]
+    np.save(tmp_path / "x.npy", x)
+    common = ["pairs", tmp_path / "x.npy", *opts]
+    assert main([str(a) for a in common] + ["--json", str(tmp_path / "single.json")]) == 0
+    r = _torchrun([*common, "--distributed", "--json", tmp_path / "dist.json"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("single.json", "dist.json"))
+    for key in ("count", "hist", "top_pairs", "bottom_pairs", "min", "max"):
+        assert a[key] == b[key], key
+    assert b["std"] == pytest.approx(a["std"], rel=1e-13, abs=0) and b["mean"] == pytest.approx(a["mean"], rel=1e-15, abs=0)
 
 
 def test_a_rank_checkpoint_that_is_not_this_ranks_is_refused():

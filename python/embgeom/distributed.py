@@ -33,6 +33,7 @@ from .engine import limits
 from .engine.config import PairwiseConfig, make_config
 from .engine.runner import run_engine
 from .interrupts import interrupt_after
+from .numerics import MOMENT_SAMPLE_ROWS, moment_shift
 from .engine.state import EngineState, check_fits
 
 
@@ -71,11 +72,11 @@ def _run_job(rows, g, h, bounds, cfg: PairwiseConfig, make_engine, n) -> EngineS
     """One job's raw engine state, shifted into the indices of the whole matrix."""
     (g0, g1), (h0, h1) = bounds[g], bounds[h]
     xg = rows(g0, g1)
+    # (the products' range was checked on the whole matrix's largest norm, as one process checks
+    # it: a job of tiny rows had been refused where the matrix is fine)
     if g == h:
-        validation.product_range(xg, None, cfg.metric)  # checked where the values are read
         return run_engine(make_engine(xg, None, cfg)).shift(cfg, n, g0, g0)
     xh = rows(h0, h1)
-    validation.product_range(xg, xh, cfg.metric)
     state = run_engine(make_engine(xg, xh, cfg)).shift(cfg, n, g0, h0)
     if cfg.row_topk or cfg.row_bottomk:
         # rows of group h need their neighbours in group g too: the transposed cross job,
@@ -168,24 +169,37 @@ def _check_ranks_agree(dist, rank: int, world: int, x: torch.Tensor, cfg, groups
     shape, dtype, every option, the sha256 of AGREE_SAMPLE_ROWS rows spread over x, and the
     sha256 of every row group a rank reads for its jobs, compared wherever two ranks read the
     same group (each rank hashes only the rows it reads anyway). Ranks given different files or
-    options had each computed their part and merged them, silently."""
+    options had each computed their part and merged them, silently. The same pass checks the
+    values of those groups and takes their largest row norm: every rank then refuses in the
+    same words the first group's bad values (its peers had waited for it, then said a rank
+    died), and the products' range on the whole matrix's largest norm, as one process does."""
     n = x.shape[0]
     picks = sorted({int(i) for i in torch.linspace(0, n - 1, min(AGREE_SAMPLE_ROWS, n)).round()})
     sample = torch.stack([x[i] for i in picks]).detach().cpu().contiguous() if n else x[:0]
     mine = {"shape": list(x.shape), "dtype": str(x.dtype), **{k: repr(v) for k, v in asdict(cfg).items()},
             "groups": groups, "backend": backend, "x rows": _rows_sha256(sample, 0, len(sample))}
     read: dict[str, str] = {}
-    if world > 1 and n:
+    problem, norm = None, 0.0
+    if n:
         bounds, jobs = group_bounds(n, groups), plan_jobs(n, groups)
-        for g in sorted({g for job in assign_jobs(jobs, world)[rank] for g in jobs[job][:2]}):
-            a, b = bounds[g]
-            read[f"{a}-{b - 1}"] = _rows_sha256(x, a, b)
+        try:
+            for g in sorted({g for job in assign_jobs(jobs, world)[rank] for g in jobs[job][:2]}):
+                a, b = bounds[g]
+                if world > 1:
+                    read[f"{a}-{b - 1}"] = _rows_sha256(x, a, b)
+                part = validation.embeddings(x[a:b], "x", first_row=a, rows_may_be_empty=a == b)
+                norm = max(norm, validation.max_row_norm(part))
+        except ValueError as exc:
+            problem = str(exc)
     everyone = [None] * world
     try:
-        dist.all_gather_object(everyone, {**mine, "row groups": read})
+        dist.all_gather_object(everyone, {**mine, "row groups": read, "problem": problem, "norm": norm})
     except Exception as exc:  # noqa: BLE001 - a dead peer surfaces here
         raise PeerLost(f"distributed: rank {rank}: comparing settings with the other ranks failed "
                        f"({first_line(exc)}); a rank probably died") from None
+    for theirs in everyone:
+        if theirs["problem"]:
+            raise ValueError(theirs["problem"])
     for r, theirs in enumerate(everyone):
         differ = [k for k in mine if theirs[k] != everyone[0][k]]
         if differ:
@@ -201,6 +215,9 @@ def _check_ranks_agree(dist, rank: int, world: int, x: torch.Tensor, cfg, groups
                 raise ValueError(f"distributed: rank {r} runs another input than rank {s} (rows {span} of x "
                                  f"differ: sha256 {seen} on rank {s}, {digest} on rank {r}); run the same "
                                  "command on the same file on every rank")
+    if cfg.metric != "cosine":
+        largest = max(theirs["norm"] for theirs in everyone)
+        validation.norm_range(largest, largest, cfg.metric, ("x", "x"))
 
 
 class PeerLost(RuntimeError):
@@ -246,7 +263,14 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     _check_ranks_agree(dist, rank, world, x, cfg, groups, backend)
 
     start = time.perf_counter()
-    name, make_engine = registry.pick("pairwise_stats", rows(0, min(1, n)), backend, precision=cfg.precision)
+    name, pick_engine = registry.pick("pairwise_stats", rows(0, min(1, n)), backend, precision=cfg.precision)
+    # one moment shift for every job (from the matrix's first rows, as one process takes it),
+    # so the jobs' shifted sums add as one engine's tiles do (EngineState.merge_moments)
+    shift = moment_shift(rows(0, min(MOMENT_SAMPLE_ROWS, n)), None, cfg.metric)
+
+    def make_engine(a, b, c):
+        return pick_engine(a, b, c, shift=shift)
+
     state = EngineState.empty(cfg, n, None)
     done: list[int] = []
     ckpt = None if checkpoint is None else f"{checkpoint}.rank{rank}"

@@ -135,7 +135,10 @@ def rounding_norms(rows: torch.Tensor, rounded: torch.Tensor) -> tuple[float, fl
             float(torch.linalg.vector_norm(q64 - r64, dim=1).max()))
 
 
-def moment_shift(x: torch.Tensor, y: torch.Tensor | None, metric: str, sample: int = 64) -> float:
+MOMENT_SAMPLE_ROWS = 64  # the rows (and columns) whose pairs give the moment shift
+
+
+def moment_shift(x: torch.Tensor, y: torch.Tensor | None, metric: str, sample: int = MOMENT_SAMPLE_ROWS) -> float:
     """A value near the mean of all pair values, from the pairs of the first `sample` rows
     (and columns): engines sum (v - shift) and (v - shift)^2 so the variance does not cancel
     when std << |mean| (the dot metric on anisotropic embeddings; cosines of near-collinear

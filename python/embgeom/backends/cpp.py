@@ -52,14 +52,16 @@ class CppEngine:
     name = "cpp"
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, threads: int = 0,
-                 columns=None):
+                 columns=None, shift: float | None = None):
         """columns: an embgeom._C.PreparedColumns of y (prepare_columns): y's rows are not
-        prepared again (y then only gives the moment shift and the column count)."""
+        prepared again (y then only gives the moment shift and the column count). shift: the
+        moment shift to sum around (default: numerics.moment_shift of x and y; the distributed
+        jobs of one matrix share one, so their sums add)."""
         self.cfg = cfg
         self._x = _f32(x)  # keep the buffer alive
         self._y = None if (y is None or columns is not None) else _f32(y)
         self._n, self._m = x.shape[0], None if y is None else y.shape[0]
-        options = binding_options(cfg, threads=threads, moment_shift=moment_shift(x, y, cfg.metric),
+        options = binding_options(cfg, threads=threads, moment_shift=moment_shift(x, y, cfg.metric) if shift is None else shift,
                                   columns=columns)
         self._engine = cpp().PairwiseEngine(self._x, self._y, **options)
 

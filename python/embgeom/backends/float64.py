@@ -18,8 +18,10 @@ class ReferenceEngine:
 
     name = "reference"
 
-    def __init__(self, x, y, cfg: PairwiseConfig):
-        self.x, self.y, self.cfg = x, y, cfg
+    def __init__(self, x, y, cfg: PairwiseConfig, shift: float | None = None):
+        """shift: also keep the values' sums around it (the distributed jobs of one matrix
+        share one, so their sums add); the moments themselves are two-pass either way."""
+        self.x, self.y, self.cfg, self.shift = x, y, cfg, shift
         self._state = EngineState.empty(cfg, x.shape[0], None if y is None else y.shape[0])
 
     def num_tiles(self):
@@ -52,7 +54,11 @@ class ReferenceEngine:
                     np.array([p[1] for p in pairs], np.int64))
 
         s.tiles_done = 1
-        s.count, s.mean, s.m2 = moments_of(r["values"][r["mask"]])
+        values = r["values"][r["mask"]]
+        s.count, s.mean, s.m2 = moments_of(values)
+        if self.shift is not None:
+            dev = values.double() - self.shift
+            s.moment_shift, s.shifted_sum, s.shifted_sumsq = float(self.shift), float(dev.sum()), float((dev * dev).sum())
         s.min = None if r["min"] is None else (r["min"][2], r["min"][0], r["min"][1])
         s.max = None if r["max"] is None else (r["max"][2], r["max"][0], r["max"][1])
         if c.bins:

@@ -33,7 +33,7 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, shift: float | None = None):
         self.cfg = cfg
         self.self_mode = y is None
         compute = torch.float32  # exact mode is defined as fp32 products of fp32-normalised rows
@@ -55,7 +55,7 @@ class TorchEngine:
             self.tiles = [(r, c) for r in range(len(self.row_blocks)) for c in range(len(self.col_blocks))]
         self._state = EngineState.empty(cfg, self.n, None if self.self_mode else self.m)
         # moments: sums of (v - shift) and its square over all tiles, as every engine
-        self.shift = moment_shift(self.x, None if self.self_mode else self.y, cfg.metric)
+        self.shift = moment_shift(self.x, None if self.self_mode else self.y, cfg.metric) if shift is None else shift
         self._sums = [0.0, 0.0]
         self._state.excluded_rows = excluded_x
         if excluded_y is not None:

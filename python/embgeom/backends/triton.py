@@ -42,7 +42,7 @@ class TritonEngine(Thresholds, Candidates):
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, *,
                  fast_dtype: str = "bf16", block: int | None = None, group: int | None = None,
                  programs: int | None = None, capacity: int | None = None, split: int | None = None,
-                 live_bounds: bool | None = None, block_n: int | None = None):
+                 live_bounds: bool | None = None, block_n: int | None = None, shift: float | None = None):
         if fast_dtype not in FAST_DTYPES:
             raise ValueError(f"fast_dtype: expected one of {', '.join(FAST_DTYPES)}, got {fast_dtype!r}")
         self.cfg = cfg
@@ -95,7 +95,7 @@ class TritonEngine(Thresholds, Candidates):
             raise ValueError("fast_dtype='fp16': values beyond the fp16 range (|v| > 6e4); use 'bf16' or 'tf32'")
         eps = 0.0 if self.mode == "exact" else self._fast_error_bound()
         self.eps = eps
-        self.shift = moment_shift(self.x32, None if self.self_mode else self.y32, cfg.metric)
+        self.shift = moment_shift(self.x32, None if self.self_mode else self.y32, cfg.metric) if shift is None else shift
         self.margin = 2 * eps
         self.norm_max = (nx, ny)
         vmax = {"cosine": 1.0, "dot": nx * ny, "euclidean": nx + ny}[cfg.metric]
