@@ -461,17 +461,27 @@ def test_command_line_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     cmd = ["pairs-above", str(tmp_path / "x.npy"), "--threshold", "0.3", "--out", str(out)]
     assert main(cmd) == 130
     err = capsys.readouterr().err
-    assert f"the finished rows' pairs are kept in {out}; the same command continues from them" in err
     done = json.loads((out / "manifest.json").read_text())["rows_done"]
     assert done > 0
+    assert f"the pairs of rows 0-{done - 1} of 600 are kept in {out}; the same command continues from them" in err
     calls.clear()
     assert main(cmd) == 0
     assert min(calls) == done
+    assert f"embgeom pairs-above: {len(brute_pairs(x, 0.3)[0]):,} pairs with cosine >= 0.3 among 600 rows" in \
+        capsys.readouterr().err
+    # stopped before any row was saved, the line says nothing was kept (it said the rows were)
+    capsys.readouterr()
+
+    def stopped_first(self, st, r0, *args):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(Index, "_pairs_of_rows", stopped_first)
+    assert main([*cmd[:-1], str(tmp_path / "q")]) == 130
+    assert f"stopped before the first row was saved to {tmp_path / 'q'}: nothing was kept" in capsys.readouterr().err
     i, j, s = read_pairs(out)
     wi, wj, ws = brute_pairs(x, 0.3)
     assert np.array_equal(i, wi) and np.array_equal(j, wj) and np.array_equal(s, ws.astype(np.float32))
-    err = capsys.readouterr().err
-    assert f"embgeom pairs-above: {len(wi):,} pairs with cosine >= 0.3 among 600 rows" in err
     assert json.loads((out / "provenance.json").read_text())["inputs"][0]["name"] == "X"
 
     np.save(tmp_path / "cube.npy", np.ones((2, 3, 4), np.float32))
@@ -527,6 +537,31 @@ def test_an_interrupt_inside_a_shard_write_loses_no_pairs(tmp_path, monkeypatch,
     index.pairs_above(0.3, tmp_path / "p")
     i, j, s = read_pairs(tmp_path / "p")
     wi, wj, _ = brute_pairs(x, 0.3)
+    assert np.array_equal(i, wi) and np.array_equal(j, wj)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_the_final_write_keeps_every_row(tmp_path, monkeypatch, sig):
+    """Ctrl-C or SIGTERM while the last shard and the manifest are written, after every row was
+    scanned: the run had ended with the manifest at its last save (0 of 3,000 rows here). The
+    write now finishes first; the signal then ends the call, and the folder is complete."""
+    import os
+    import signal
+
+    x = make_rows(3000, 16, seed=5)
+    real_flush = pair_shards.ShardWriter._flush
+
+    def flush(self, *args, **kw):
+        if self._taken == self.manifest["n"]:
+            os.kill(os.getpid(), getattr(signal, sig))
+        return real_flush(self, *args, **kw)
+
+    monkeypatch.setattr(pair_shards.ShardWriter, "_flush", flush)
+    with pytest.raises(KeyboardInterrupt):
+        embgeom.pairs_above(x, 0.2, tmp_path / "p")
+    monkeypatch.setattr(pair_shards.ShardWriter, "_flush", real_flush)
+    i, j, _ = read_pairs(tmp_path / "p")                      # complete as it stands
+    wi, wj, _ = brute_pairs(x, 0.2)
     assert np.array_equal(i, wi) and np.array_equal(j, wj)
 
 

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 def _what_was_kept(args) -> str:
     """What an interrupted command leaves behind, for its one line."""
     if getattr(args, "continues_in", None):
-        return f"the finished rows' pairs are kept in {args.continues_in}; the same command continues from them"
+        return _rows_kept(args.continues_in)
     if getattr(args, "checkpoint", None):
         # a distributed rank's own file: PATH.rank<r> (RANK set by torchrun)
         mine = f"{args.checkpoint}.rank{os.environ.get('RANK', '0')}" if getattr(args, "distributed", False) \
@@ -112,6 +112,26 @@ def _what_was_kept(args) -> str:
     if getattr(args, "out", None):
         return f"{args.out} holds what it held before; no partial report is written"
     return "nothing was written"
+
+
+def _rows_kept(folder: str) -> str:
+    """What an interrupted pairs-above run's folder holds, from its manifest (it had said the
+    finished rows' pairs are kept when none were)."""
+    import json
+
+    from .pair_shards import MANIFEST
+
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            manifest = json.load(f)
+        done, n = int(manifest["rows_done"]), int(manifest["n"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"stopped before the first save to {folder}: nothing was kept"
+    if manifest.get("complete"):
+        return f"every row was done first: {folder} is complete"
+    if done == 0:
+        return f"stopped before the first row was saved to {folder}: nothing was kept"
+    return f"the pairs of rows 0-{done - 1} of {n:,} are kept in {folder}; the same command continues from them"
 
 
 if __name__ == "__main__":  # pragma: no cover

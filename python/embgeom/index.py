@@ -1047,23 +1047,26 @@ class Index:
                              metric=self.metric, threshold=threshold)
         start = writer.rows_done
         try:
-            if not writer.complete:
-                engine = self._pairs_engine_applies()
-                rb, nc = self._blocks(256, st.n)
-                rb = pair_band() if engine else min(256, rb)
-                # Ctrl-C or SIGTERM: the pairs of the finished bands are saved before the run ends
-                with terminate_as_interrupt(), \
-                        as_progress(progress, "pairs_above").bar(st.n, "rows", unit="row", initial=start) as bar:
-                    try:
-                        for r0 in range(start, st.n, rb):
-                            r1 = min(st.n, r0 + rb)
-                            writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc, engine))
-                            bar.update(r1 - r0)
-                    except KeyboardInterrupt:
-                        with interrupt_after():
-                            writer.save_progress()
-                        raise
-            writer.finish()
+            # Ctrl-C or SIGTERM: the pairs of the finished bands are saved before the run ends
+            with terminate_as_interrupt():
+                if not writer.complete:
+                    engine = self._pairs_engine_applies()
+                    rb, nc = self._blocks(256, st.n)
+                    rb = pair_band() if engine else min(256, rb)
+                    with as_progress(progress, "pairs_above").bar(st.n, "rows", unit="row", initial=start) as bar:
+                        try:
+                            for r0 in range(start, st.n, rb):
+                                r1 = min(st.n, r0 + rb)
+                                writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc, engine))
+                                bar.update(r1 - r0)
+                        except KeyboardInterrupt:
+                            with interrupt_after():
+                                writer.save_progress()
+                            raise
+                # every row is done: the last shard and the manifest are written whole before
+                # a signal ends the run (one during them had lost every row since the last save)
+                with interrupt_after():
+                    writer.finish()
         finally:
             writer.close()
         return writer.manifest
