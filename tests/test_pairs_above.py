@@ -557,8 +557,17 @@ def test_a_signal_during_the_final_write_keeps_every_row(tmp_path, monkeypatch, 
         return real_flush(self, *args, **kw)
 
     monkeypatch.setattr(pair_shards.ShardWriter, "_flush", flush)
-    with pytest.raises(KeyboardInterrupt):
-        embgeom.pairs_above(x, 0.2, tmp_path / "p")
+    # Python's own handlers, whatever the test run inherited (a shell's background job ignores
+    # SIGINT; terminate_as_interrupt takes over SIGTERM only from its default)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            embgeom.pairs_above(x, 0.2, tmp_path / "p")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     monkeypatch.setattr(pair_shards.ShardWriter, "_flush", real_flush)
     i, j, _ = read_pairs(tmp_path / "p")                      # complete as it stands
     wi, wj, _ = brute_pairs(x, 0.2)
