@@ -117,17 +117,16 @@ def _what_was_kept(args) -> str:
 def _rows_kept(folder: str) -> str:
     """What an interrupted pairs-above run's folder holds, from its manifest (it had said the
     finished rows' pairs are kept when none were)."""
-    import json
-
-    from .pair_shards import MANIFEST
+    from .pair_shards import _read_manifest
 
     try:
-        with open(os.path.join(folder, MANIFEST)) as f:
-            manifest = json.load(f)
-        done, n = int(manifest["rows_done"]), int(manifest["n"])
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = _read_manifest(folder, "--out")
+    except (OSError, ValueError):
+        manifest = None
+    if manifest is None:
         return f"stopped before the first save to {folder}: nothing was kept"
-    if manifest.get("complete"):
+    done, n = manifest["rows_done"], manifest["n"]
+    if manifest["complete"]:
         return f"every row was done first: {folder} is complete"
     if done == 0:
         return f"stopped before the first row was saved to {folder}: nothing was kept"
