@@ -186,6 +186,23 @@ def test_correct_only(clf_dir, tmp_path, capsys):
         in capsys.readouterr().err
 
 
+def test_correct_only_class_maps_count_every_label(clf_dir, tmp_path):
+    """A label none of whose texts is kept reads 0 texts in class_maps, as in kept_per_label (it
+    had gone missing from class_maps.texts)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    clf = AutoModelForSequenceClassification.from_pretrained(clf_dir, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(clf_dir)
+    with torch.no_grad():
+        pred = [clf.config.id2label[int(clf(**tok(t, return_tensors="pt")).logits.argmax())] for t in TEXTS]
+    common = max(set(pred), key=pred.count)
+    rare = {"neg": "pos", "pos": "neg"}[common]
+    labels = [rare if i == pred.index(common) else common for i in range(len(TEXTS))]  # rare: never kept
+    _, rep = run(clf_dir, tmp_path, labels, "--correct-only", "--class-maps", "5")
+    assert rep["correct_only"]["kept_per_label"][rare] == 0
+    assert rep["class_maps"]["texts"][rare] == 0 and set(rep["class_maps"]["texts"]) == {"neg", "pos"}
+
+
 def test_label_option_errors(tiny_bert_dir, tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("a b\nc d\n", encoding="utf-8")

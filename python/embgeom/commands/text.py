@@ -134,7 +134,9 @@ def _main(args) -> int:
             extras = TextExtras(args, model, tokenizer, max_len, text_ids=kept if selection is not None else None)
             split = LabelSplit(labels, model, tokenizer, max_len) if labels is not None else None
             class_maps = ClassMaps(labels, args.class_maps, model.config.num_hidden_layers,
-                                   model.config.num_attention_heads, pad_to=max_len) if args.class_maps else None
+                                   model.config.num_attention_heads, pad_to=max_len,
+                                   classes=list(selection["kept_per_label"]) if selection else None) \
+                if args.class_maps else None
             observers = extras.observers + [o for o in (keeper, split, class_maps) if o is not None]
             with warnings.catch_warnings(record=True) as caught, extras.active():
                 warnings.simplefilter("always")

@@ -119,17 +119,19 @@ class ClassMaps(Resumable):
     """Observer: per label, the sum of the attention maps (L, H, N, N) of the texts with N real
     tokens, [SEP] rows and columns zeroed (padding never enters: only the N real positions).
     pad_to: the length the authors' code pads its maps to (the model's input length), for the
-    value entropy of the padded map."""
+    value entropy of the padded map. classes: every label to count (default: those of labels), so
+    that --correct-only's labels with no text kept read 0 texts rather than going missing."""
 
     fixed = ("N", "L", "H", "pad_to")
 
-    def __init__(self, labels: list[str], length: int, L: int, H: int, pad_to: int | None = None):
+    def __init__(self, labels: list[str], length: int, L: int, H: int, pad_to: int | None = None,
+                 classes: list[str] | None = None):
         if length < 2:
             raise ValueError(f"--class-maps: expected a text length >= 2 tokens, got {length}")
         self.rows, self.N, self.L, self.H = _Rows(labels), length, L, H
         self.pad_to = max(pad_to or length, length)
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts = {g: 0 for g in sorted(set(labels))}
+        self.counts = {g: 0 for g in sorted(set(labels) | set(classes or ()))}
         self.seconds: dict[str, float] = {}
 
     def check_restored(self) -> None:
