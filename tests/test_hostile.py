@@ -293,6 +293,9 @@ def _crafted(name):
         "reversed pair": (top(3, 1), "top: a pair outside"),
         "far pair": (top(10 ** 9, 5), "top: a pair outside"),
         "short histogram": (lambda st: setattr(st, "hist", st.hist[:3]), r"hist must be \(2002,\)"),
+        "histogram wraps": (lambda st: setattr(st, "hist", st.hist + np.array([2 ** 62] * 4 + [0] * (st.hist.size - 4),
+                                                                       st.hist.dtype)),
+                            r"the histogram.s counts sum to 184467440737095\d{5}, not count \d+"),
         "tiles_done -1": (lambda st: setattr(st, "tiles_done", -1), "tiles_done must be an integer >= 0"),
         "tiles_done 2^70": (lambda st: setattr(st, "tiles_done", 2 ** 70), "tiles_done 1180591620717411303424 of a run"),
         "count too large": (lambda st: setattr(st, "count", st.count + 10 ** 6), "more than its"),
@@ -313,7 +316,8 @@ def _crafted(name):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
-@pytest.mark.parametrize("change", ["diagonal pair", "reversed pair", "far pair", "short histogram", "tiles_done -1",
+@pytest.mark.parametrize("change", ["diagonal pair", "reversed pair", "far pair", "short histogram", "histogram wraps",
+                                    "tiles_done -1",
                                     "tiles_done 2^70", "count too large", "row neighbour 10^9", "long list",
                                     "outside 2^70", "error bound NaN", "cosine 5", "pair twice", "own neighbour",
                                     "excluded twice", "count too small", "shifted sums"])

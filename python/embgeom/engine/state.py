@@ -491,8 +491,10 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
         a = getattr(saved, name)
         if a is not None and np.asarray(a).size and np.asarray(a).min() < 0:
             refuse(f"{name} must hold counts >= 0")
-    if saved.hist is not None and int(np.asarray(saved.hist).sum()) != saved.count:
-        refuse(f"the histogram's counts sum to {int(np.asarray(saved.hist).sum())}, not count {saved.count}")
+    # summed as Python ints: in int64, bins of 2^62 had wrapped around to the count and passed
+    hist_total = None if saved.hist is None else sum(np.asarray(saved.hist).ravel().tolist())
+    if hist_total is not None and hist_total != saved.count:
+        refuse(f"the histogram's counts sum to {hist_total}, not count {saved.count}")
 
     def pair_ok(i, j):  # (arrays or numbers: every pair an (i, j) of this run)
         i, j = np.asarray(i), np.asarray(j)
