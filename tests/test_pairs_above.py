@@ -300,6 +300,83 @@ def test_damaged_folders_are_refused_not_read(tmp_path):
         pairs_above(x, 0.3, folder)
 
 
+def _resign(folder, m, k=0):
+    """The manifest m with shard k's size and sha256 made anew for its bytes (a forger's edit)."""
+    import hashlib
+
+    shard = folder / m["shards"][k]["file"]
+    m["shards"][k].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def test_planted_links_are_never_written_through(tmp_path):
+    """An unfinished folder whose next shard name, or whose manifest, is a link to a file
+    elsewhere (a planted folder: its fingerprint is the input's sha256, which anyone with the
+    input can compute): the resumed run refuses to write through the link and the file it names
+    is unchanged (atomic_write had replaced it with the shard's bytes)."""
+    x = make_rows(200, 8)
+    folder, victim = tmp_path / "p", tmp_path / "victim.txt"
+    pairs_above(x, 0.3, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    unfinished = dict(m, rows_done=0, complete=False, count=0, shards=[])
+    for f in folder.glob("pairs-*.npy"):
+        f.unlink()
+    (folder / "manifest.json").write_text(json.dumps(unfinished))
+    victim.write_text("mine\n")
+    (folder / "pairs-000000.npy").symlink_to(victim)
+    with pytest.raises(ValueError, match=r"pairs-000000.npy is a symbolic link, which embgeom never writes through"):
+        pairs_above(x, 0.3, folder)
+    assert victim.read_text() == "mine\n"
+    (folder / "pairs-000000.npy").unlink()
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps(unfinished))
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"manifest.json is a symbolic link"):
+        pairs_above(x, 0.3, folder)
+    assert json.loads(outside.read_text()) == unfinished
+
+
+def test_forged_manifests_and_shards_are_one_line(tmp_path):
+    """Forged manifests and shards (sha256 recomputed) are refused in one line: a threshold of
+    400 digits (OverflowError before), a version that is a string (named as given), a shard
+    listed past the largest one a writer makes (it had been read whole before its checksum: a
+    64 GiB sparse file), a shard of the wrong shape on resume, NaN or below-threshold
+    similarities."""
+    x = make_rows(300, 8)
+    folder = tmp_path / "p"
+    pairs_above(x, 0.3, folder)
+    good = json.loads((folder / "manifest.json").read_text())
+    shard = folder / "pairs-000000.npy"
+    original = shard.read_bytes()
+
+    def refused(m, match, call=read_pairs):
+        (folder / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ValueError, match=match) as info:
+            call(folder)
+        assert "\n" not in str(info.value)
+
+    refused(dict(good, threshold=10 ** 400), "threshold must be a finite number, got 1000000")
+    refused(dict(good, version="2"), "written by pairs folder version '2'; this version reads 2")
+    big = json.loads(json.dumps(good))
+    big["shards"][0]["bytes"] = 64 << 30
+    refused(big, r"at most 4,194,304 pairs and 83,890,176 bytes")
+    for value, said in ((np.nan, "a similarity of nan"), (0.25, "a similarity of 0.25 below the threshold 0.3")):
+        arr = np.load(shard)
+        arr["similarity"][3] = value
+        np.save(shard, arr, allow_pickle=False)
+        m = json.loads(json.dumps(good))
+        _resign(folder, m)
+        refused(m, said)
+        shard.write_bytes(original)
+    arr = np.load(shard)
+    np.save(shard, arr[:4].reshape(2, 2), allow_pickle=False)
+    m = json.loads(json.dumps(good))
+    m.update(complete=False)
+    _resign(folder, m)
+    refused(m, r"^out: .* holds \(2, 2\)", call=lambda f: pairs_above(x, 0.3, f))
+
+
 def test_repeated_pairs_and_rewound_manifests_are_refused(tmp_path, monkeypatch):
     """A shard listed twice under a second name (sha256 and counts recomputed): read_pairs names
     the repeated pair instead of returning it twice; a manifest rewound to fewer rows than its

@@ -183,7 +183,8 @@ def exclusive_lock(lock_path: str, busy: str) -> int | None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, *, binary: bool = False, name: str = "output") -> Iterator[IO]:
+def atomic_write(path: str, *, binary: bool = False, name: str = "output",
+                 follow_link: bool = True) -> Iterator[IO]:
     """Open a unique temporary file beside `path` for writing; on a clean exit flush, fsync,
     rename it onto `path` and fsync the folder, so readers see the old file or the whole new
     one, never a partial one, and concurrent writers never share a temporary name. On any
@@ -194,9 +195,15 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output") -> It
 
     ValueError (one line, naming `path`) when the folder is missing or not writable, or `path`
     is a directory; OSErrors while writing (disk full) become the same ValueError.
+    A link at `path` has its target written (renamed over, the link had been replaced); with
+    follow_link=False (files inside a folder embgeom owns, whose links only someone else can have
+    planted there) it is refused, so that writing never reaches outside the folder.
     """
     path = os.fspath(path)
-    if os.path.islink(path):  # the link's target is written (renamed over, the link had been replaced)
+    if os.path.islink(path):
+        if not follow_link:
+            raise ValueError(f"{name}: {path} is a symbolic link, which embgeom never writes through in its "
+                             "own folders; remove it (or use a new folder)")
         path = os.path.realpath(path)
     folder = check_output_path(path, name, own_folder=True)
     base = os.path.basename(path)

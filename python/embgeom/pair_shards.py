@@ -9,7 +9,8 @@ far, the shards with their pair counts, sizes and sha256, and `complete`. A kill
 manifest of its last finished block: a rerun with the same input continues after it, a rerun
 with another input is refused, and `read_pairs` refuses a folder that is not complete, a manifest
 that is not one this module writes, a shard whose bytes changed (sha256) and pairs outside
-0 <= i < j < n.
+0 <= i < j < n or on the wrong side of the threshold. Nothing is written through a link in the
+folder (io.atomic_write(follow_link=False)).
 Memory stays independent of the pair count: pairs are flushed to a shard every
 SHARD_PAIRS pairs.
 """
@@ -38,6 +39,10 @@ KIND = "embgeom-pairs"
 VERSION = 2             # 2: shards carry their sha256
 PAIR_DTYPE = np.dtype([("i", "<i8"), ("j", "<i8"), ("similarity", "<f4")])
 SHARD_PAIRS = 1 << 22   # pairs held in memory before a shard is written (80 MB)
+# the most pairs, and bytes, a listed shard may have: a reader allocates no more than this for
+# one (a forged manifest had made it read a 64 GiB sparse file whole before its checksum)
+SHARD_PAIRS_LIMIT = 1 << 22
+SHARD_BYTES_LIMIT = SHARD_PAIRS_LIMIT * PAIR_DTYPE.itemsize + 4096  # (4096: the .npy header, at most)
 SAVE_SECONDS = 30.0     # the manifest is brought up to date at least this often
 
 
@@ -63,7 +68,7 @@ def _read_manifest(folder: str, arg: str) -> dict | None:
     if not isinstance(m, dict) or m.get("kind") != KIND or set(m) != want:
         raise ValueError(f"{arg}: {path} is not the manifest of an embgeom pairs folder")
     if m["version"] != VERSION:
-        raise ValueError(f"{arg}: {path} was written by pairs folder version {m['version']}; "
+        raise ValueError(f"{arg}: {path} was written by pairs folder version {m['version']!r}; "
                          f"this version reads {VERSION}: write the pairs again into an empty folder")
     problem = _manifest_problem(m)
     if problem:
@@ -73,6 +78,17 @@ def _read_manifest(folder: str, arg: str) -> dict | None:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite_number(v) -> bool:
+    """An int or float that is finite as a float (an int of 400 digits is not: math.isfinite had
+    raised OverflowError on it)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _manifest_problem(m: dict) -> str | None:
@@ -85,9 +101,8 @@ def _manifest_problem(m: dict) -> str | None:
             return f"{key} must be an integer >= 0, got {m[key]!r}"
     if m["metric"] not in PAIR_METRICS:
         return f"metric must be one of {', '.join(PAIR_METRICS)}, got {m['metric']!r}"
-    if not isinstance(m["threshold"], (int, float)) or isinstance(m["threshold"], bool) \
-            or not math.isfinite(m["threshold"]):
-        return f"threshold must be a finite number, got {m['threshold']!r}"
+    if not _finite_number(m["threshold"]):
+        return f"threshold must be a finite number, got {str(m['threshold'])[:40]}"
     if m["rows_done"] > m["n"]:
         return f"rows_done {m['rows_done']} > n {m['n']}"
     if not isinstance(m["complete"], bool) or (m["complete"] and m["rows_done"] != m["n"]):
@@ -99,8 +114,10 @@ def _manifest_problem(m: dict) -> str | None:
             return f"shard entry {k} must hold exactly file, count, bytes and sha256"
         if s["file"] != _shard_name(k):  # in order, each once
             return f"shard entry {k} names {s['file']!r}, expected {_shard_name(k)!r}"
-        if not (_is_int(s["count"]) and s["count"] >= 0 and _is_int(s["bytes"]) and s["bytes"] >= 0):
-            return f"shard {s['file']}: count and bytes must be integers >= 0"
+        if not (_is_int(s["count"]) and 0 <= s["count"] <= SHARD_PAIRS_LIMIT
+                and _is_int(s["bytes"]) and 0 <= s["bytes"] <= SHARD_BYTES_LIMIT):
+            return (f"shard {s['file']}: count and bytes must be integers >= 0, at most "
+                    f"{SHARD_PAIRS_LIMIT:,} pairs and {SHARD_BYTES_LIMIT:,} bytes")
         if not (isinstance(s["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", s["sha256"])):
             return f"shard {s['file']}: sha256 must be 64 hex digits"
     if m["count"] != sum(s["count"] for s in m["shards"]):
@@ -125,7 +142,7 @@ class ShardWriter:
         os.makedirs(folder, exist_ok=True)
         self._lock = None
         self.folder = folder
-        self.shard_pairs = SHARD_PAIRS if shard_pairs is None else shard_pairs
+        self.shard_pairs = min(SHARD_PAIRS if shard_pairs is None else shard_pairs, SHARD_PAIRS_LIMIT)
         self._refuse_foreign(_read_manifest(folder, "out"))
         self._lock = _lock_folder(folder)
         try:
@@ -171,10 +188,9 @@ class ShardWriter:
                     raise ValueError(f"out: {folder}: shard {shard['file']} is missing or changed since the "
                                      "manifest was written, so the pairs there cannot be built on; delete the "
                                      "folder and run again")
-                # the run continues at rows_done: a listed pair of a later row would be written twice
-                if rows.dtype != PAIR_DTYPE or (rows.shape[0] and int(rows["i"].max()) >= old["rows_done"]):
-                    raise ValueError(f"out: {folder}: shard {shard['file']} holds pairs of rows the manifest "
-                                     f"counts as not done (rows_done {old['rows_done']:,}): the manifest is not "
+                problem = _shard_problem(rows, shard, old)
+                if problem:
+                    raise ValueError(f"out: {folder}: shard {shard['file']} {problem}: the manifest is not "
                                      "the one written with it; delete the folder and run again")
             self.manifest = old
 
@@ -187,7 +203,7 @@ class ShardWriter:
         return bool(self.manifest["complete"])
 
     def _save(self) -> None:
-        with atomic_write(os.path.join(self.folder, MANIFEST), name="out") as f:
+        with atomic_write(os.path.join(self.folder, MANIFEST), name="out", follow_link=False) as f:
             json.dump(self.manifest, f, indent=1)
 
     def _flush(self, parts: list | None = None) -> None:
@@ -204,7 +220,7 @@ class ShardWriter:
         arr = np.concatenate(parts)
         arr = arr[np.lexsort((arr["j"], arr["i"]))]
         name = _shard_name(len(self.manifest["shards"]) + len(self._pending))
-        with atomic_write(os.path.join(self.folder, name), binary=True, name="out") as f:
+        with atomic_write(os.path.join(self.folder, name), binary=True, name="out", follow_link=False) as f:
             hashed = _HashingWriter(f)   # the sha256 of the bytes as they are written, not read back
             np.save(hashed, arr, allow_pickle=False)
         with interrupt_after():  # listed and taken out of the buffer together, never one alone
@@ -334,6 +350,29 @@ def _read_shard(folder: str, shard: dict, arg: str) -> np.ndarray | None:
         raise ValueError(f"{arg}: cannot read shard {path}: {exc}") from None
 
 
+def _shard_problem(a: np.ndarray, shard: dict, m: dict) -> str | None:
+    """What makes a shard's array other than the pairs ShardWriter writes for the manifest m
+    (None: nothing): its layout and count, pairs outside 0 <= i < j < n or of rows not yet done
+    (a resumed run would write them twice), similarities not finite or on the wrong side of the
+    threshold (compared in float32, as they are stored: rounding keeps the order)."""
+    if a.dtype != PAIR_DTYPE or a.shape != (shard["count"],):
+        return f"holds {a.shape} {a.dtype}, the manifest says {shard['count']} pairs of {PAIR_DTYPE}"
+    if not a.shape[0]:
+        return None
+    if not (a["i"].min() >= 0 and a["j"].max() < m["n"] and np.all(a["i"] < a["j"])):
+        return f"holds pairs outside 0 <= i < j < n = {m['n']}"
+    if int(a["i"].max()) >= m["rows_done"]:
+        return f"holds pairs of rows the manifest counts as not done (rows_done {m['rows_done']:,})"
+    sim, threshold = a["similarity"], np.float32(m["threshold"])
+    kept = sim <= threshold if m["metric"] == "l2" else sim >= threshold
+    if not np.all(kept):  # (NaN fails both tests)
+        bad = sim[~kept][0]
+        return (f"holds a {'distance' if m['metric'] == 'l2' else 'similarity'} of {bad} "
+                f"{'above' if m['metric'] == 'l2' else 'below'} the threshold {m['threshold']}"
+                if np.isfinite(bad) else f"holds a similarity of {bad}")
+    return None
+
+
 def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of a finished `pairs_above` folder -> (i (P,) int64, j (P,) int64,
     similarity (P,) float32), ordered by (i, j). ValueError (one line) on a folder that is
@@ -355,11 +394,9 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if a is None:
             raise ValueError(f"folder: {folder} is stale: shard {s['file']} is missing or changed since "
                              "the manifest was written; write the pairs again")
-        if a.dtype != PAIR_DTYPE or a.shape != (s["count"],):
-            raise ValueError(f"folder: {folder} is stale: shard {s['file']} holds {a.shape} {a.dtype}, "
-                             f"the manifest says {s['count']} pairs")
-        if a.shape[0] and not (a["i"].min() >= 0 and a["j"].max() < m["n"] and np.all(a["i"] < a["j"])):
-            raise ValueError(f"folder: shard {path} holds pairs outside 0 <= i < j < n = {m['n']}")
+        problem = _shard_problem(a, s, m)
+        if problem:
+            raise ValueError(f"folder: {folder} is damaged: shard {path} {problem}; write the pairs again")
         parts.append(a)
     arr = np.concatenate(parts) if parts else np.empty(0, PAIR_DTYPE)
     if arr.shape[0] > 1:
