@@ -373,6 +373,32 @@ def test_torn_checkpoint_is_refused_with_one_line(tmp_path):
         load_checkpoint(str(path), "fp")
 
 
+def test_a_huge_declared_body_is_checked_before_it_is_read(tmp_path):
+    """A checkpoint whose header declares a 256 MB body and whose file is that size (sparse: a
+    forger's 64 GiB costs no disk) is refused on its checksum, taken in pieces: the body had been
+    read whole first (MemoryError for 64 GiB)."""
+    import json
+    import tracemalloc
+
+    path = tmp_path / "s.ckpt"
+    save_checkpoint(str(path), "fp", _state())
+    whole = path.read_bytes()
+    header_end = whole.index(b"\n", len(MAGIC) + 1) + 1
+    header = json.loads(whole[len(MAGIC) + 1:header_end])
+    header["arrays_bytes"] = (256 << 20) - header["meta_bytes"]
+    with open(path, "wb") as f:
+        f.write(MAGIC + b"\n" + json.dumps(header).encode() + b"\n")
+        f.truncate(f.tell() + (256 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="size or checksum does not match"):
+            load_checkpoint(str(path), "fp")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, peak
+
+
 def test_checkpoint_path_that_is_a_directory(tmp_path):
     with pytest.raises(ValueError, match="is a directory") as e:
         load_checkpoint(str(tmp_path), "fp")

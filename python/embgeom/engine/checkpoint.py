@@ -477,17 +477,33 @@ def load_checkpoint(path: str, fp: str) -> Any | None:
                 raise ValueError(f"checkpoint: {path} was written for another input or other settings{what}; "
                                  "delete it or pass another path")
             size = header["meta_bytes"] + header["arrays_bytes"]
-            # compare with what the file holds before reading: a forged size allocates nothing
-            body = f.read(size) if os.fstat(f.fileno()).st_size - f.tell() == size else b""
+            # the size compared with what the file holds and the checksum taken piece by piece
+            # before the body is read: a forged size, or a 64 GiB sparse file, allocates nothing
+            start = f.tell()
+            if os.fstat(f.fileno()).st_size - start != size or _sha256_from(f) != header["sha256"]:
+                raise _invalid(path, "truncated or corrupt: size or checksum does not match")
+            f.seek(start)
+            body = f.read(size)
     except OSError as exc:
         raise ValueError(f"checkpoint: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
-    if len(body) != size or hashlib.sha256(body).hexdigest() != header["sha256"]:
+    except MemoryError:
+        raise ValueError(f"checkpoint: {path} holds {size:,} bytes, more than this machine can read into "
+                         "memory; pass another path") from None
+    if len(body) != size or hashlib.sha256(body).hexdigest() != header["sha256"]:  # (changed meanwhile)
         raise _invalid(path, "truncated or corrupt: size or checksum does not match")
     try:
         return decode_payload(body[:header["meta_bytes"]], body[header["meta_bytes"]:])
     except Exception as exc:  # noqa: BLE001 - anything in a payload we did not write: one line
         why = (str(exc).strip().splitlines() or [""])[0]
         raise _invalid(path, f"payload: {type(exc).__name__}: {why}") from None
+
+
+def _sha256_from(f) -> str:
+    """The sha256 of the rest of the open file f, read in 8 MB pieces."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(8 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def _header(line: bytes) -> dict | None:
