@@ -786,6 +786,44 @@ def test_output_folder_refuses_files_it_did_not_write_and_creates_nothing_on_fai
     assert sorted(os.listdir(tmp_path)) == ["file", "mine"]  # no empty folders left behind
 
 
+def test_output_folder_refuses_files_added_after_the_run(tmp_path):
+    """A sealed report folder where the user has since put a file, or a folder of their own: a
+    rerun there is refused before any work, naming them, and they are kept (the swap had deleted
+    them without a word); a malformed manifest entry is one line (it had been an AttributeError
+    in check_complete)."""
+    out = tmp_path / "rep"
+    with output_folder(str(out), command="test") as staging:
+        (Path(staging) / "figures").mkdir()
+        (Path(staging) / "figures" / "a.png").write_bytes(b"png")
+        (Path(staging) / "report.json").write_text("{}")
+    check_output_folder(str(out), command="test")  # as sealed: a rerun may replace it
+    (out / "notes.txt").write_text("mine")
+    (out / "mywork").mkdir()
+    (out / "mywork" / "results.csv").write_text("1,2")
+    (out / "figures" / "mine.png").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"holds 3 entries that the embgeom run which wrote it did not "
+                                         r"\(figures/mine.png, mywork/, notes.txt\); a run there would delete") as e:
+        check_output_folder(str(out), command="test")
+    one_line(e)
+    with pytest.raises(ValueError, match="holds 3 entries"):
+        with output_folder(str(out), command="test"):
+            pass
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mywork" / "results.csv").exists()
+    for f in ("notes.txt", "figures/mine.png"):
+        (out / f).unlink()
+    shutil.rmtree(out / "mywork")
+    (out / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"holds 1 entry .*\(empty/\)"):
+        check_output_folder(str(out), command="test")
+    (out / "empty").rmdir()
+    m = json.loads((out / "manifest.json").read_text())
+    m["files"]["report.json"] = 5
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="not a readable embgeom manifest") as e:
+        check_complete(str(out / "report.json"), "X")
+    one_line(e)
+
+
 def test_readers_refuse_partial_stale_and_foreign_files(tmp_path):
     out = tmp_path / "rep"
     with output_folder(str(out), command="test") as staging:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import validation
+from .formatting import counted
 
 SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 
@@ -289,9 +290,27 @@ def _read_manifest(folder: str) -> dict | None:
     except ValueError:
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
-            or not isinstance(manifest.get("files"), dict):
+            or not isinstance(manifest.get("files"), dict) \
+            or not all(isinstance(e, dict) for e in manifest["files"].values()):
         raise ValueError(f"{path}: not a readable embgeom manifest")
     return manifest
+
+
+def _unlisted(folder: str, manifest: dict) -> list[str]:
+    """The entries of a sealed folder that its manifest does not list (relative paths, folders
+    with a trailing /): files someone put there after the run, which a rerun's swap would delete."""
+    listed = set(manifest["files"]) | {MANIFEST}
+    parents = {p.rsplit("/", k)[0] for p in listed for k in range(1, p.count("/") + 1)}
+    found = []
+    for root, dirs, names in os.walk(folder):
+        rel = os.path.relpath(root, folder).replace(os.sep, "/")
+        rel = "" if rel == "." else rel + "/"
+        for d in list(dirs):
+            if rel + d not in parents:
+                found.append(rel + d + "/")
+                dirs.remove(d)  # (its contents are that one entry)
+        found += [rel + n for n in names if rel + n not in listed]
+    return sorted(found)
 
 
 def check_output_folder(out: str, name: str = "--out", *, command: str | None = None,
@@ -329,6 +348,11 @@ def check_output_folder(out: str, name: str = "--out", *, command: str | None = 
         if manifest is None:
             raise ValueError(f"{name}: {out} holds files that no embgeom run wrote (no {MANIFEST}); "
                              "choose a new or empty folder, or remove them")
+        extra = _unlisted(path, manifest)
+        if extra:
+            raise ValueError(f"{name}: {out} holds {counted(len(extra), 'entry', 'entries')} that the embgeom run "
+                             f"which wrote it did not ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); "
+                             "a run there would delete them: move them out, or choose another folder")
         if command is not None and manifest.get("command", command) != command:
             raise ValueError(f"{name}: {out} holds an `embgeom {manifest['command']}` report, which "
                              f"`embgeom {command}` would replace; choose another folder or remove it")
