@@ -441,6 +441,38 @@ def test_model_that_needs_its_own_code_is_refused(tiny_bert_dir, tmp_path, monke
     assert not marker.exists()
 
 
+def test_a_cached_hub_model_that_needs_its_own_code_is_refused(tiny_bert_dir, tmp_path):
+    """A Hub id whose cached snapshot has an auto_map (config.json, then tokenizer_config.json):
+    refused as a local folder is, its code never run; transformers, told not to run it, had
+    loaded the stock BERT classes in its place without a word. (A process of its own: the cache
+    folder is read from HF_HOME at import.)"""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "ran"
+    snap = tmp_path / "hf" / "hub" / "models--evil--automap" / "snapshots" / ("0" * 40)
+    shutil.copytree(_custom_code_model(tiny_bert_dir, tmp_path, marker), snap)
+    cfg = json.loads((snap / "config.json").read_text())
+    (snap / "config.json").write_text(json.dumps(dict(cfg, model_type="bert")))  # (one transformers knows)
+    (tmp_path / "hf" / "hub" / "models--evil--automap" / "refs").mkdir()
+    (tmp_path / "hf" / "hub" / "models--evil--automap" / "refs" / "main").write_text("0" * 40)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    script = ("import embgeom\ntry:\n    embgeom.load_model('evil/automap')\nexcept ValueError as e:\n    print(e)\n"
+              "else:\n    print('LOADED')\n")
+
+    def run():
+        return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                              timeout=300).stdout.strip()
+
+    assert run() == ("model: 'evil/automap' needs its own Python code (config.json has an auto_map); "
+                     "embgeom never runs code from a model, so it is refused")
+    (snap / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "auto_map"} | {"model_type": "bert"}))
+    tok = json.loads((snap / "tokenizer_config.json").read_text())
+    (snap / "tokenizer_config.json").write_text(json.dumps(dict(tok, auto_map={"AutoTokenizer": ["evil.Tok", None]})))
+    assert "(tokenizer_config.json has an auto_map)" in run()
+    assert not marker.exists()
+
+
 def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_bert_dir, tmp_path):
     """Weights without tokenizer files (transformers built a tokenizer of its five special
     tokens: every word [UNK], a plausible report of nothing) and a tokenizer with ids past the
@@ -452,6 +484,24 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tiny_bert_dir, tmp_path):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(os.path.join(tiny_bert_dir, name), bare / name)
     with pytest.raises(ValueError, match="has no tokenizer files") as e:
+        load_model(str(bare))
+    one_line(e)
+    # names alone are no tokenizer: a link to nothing (a Hub snapshot copied without -L), a pipe,
+    # a folder, an unrelated *.model file had each loaded the five-token tokenizer silently
+    (bare / "tokenizer.json").symlink_to(tmp_path / "blobs" / "missing")
+    with pytest.raises(ValueError, match=r"has no tokenizer files .*\(tokenizer.json: a link to nothing\)"):
+        load_model(str(bare))
+    (bare / "tokenizer.json").unlink()
+    os.mkfifo(bare / "tokenizer.json")
+    with pytest.raises(ValueError, match="model: .*tokenizer.json is not a regular file"):
+        load_model(str(bare))
+    (bare / "tokenizer.json").unlink()
+    (bare / "tokenizer.json").mkdir()
+    with pytest.raises(ValueError, match="model: .*tokenizer.json is not a regular file"):
+        load_model(str(bare))
+    (bare / "tokenizer.json").rmdir()
+    (bare / "notes.model").write_bytes(b"not sentencepiece")
+    with pytest.raises(ValueError, match=r"its tokenizer has only its 5 special tokens \(every word would be \[UNK\]\)") as e:
         load_model(str(bare))
     one_line(e)
     small = tmp_path / "small"
@@ -1307,6 +1357,11 @@ def test_pipes_links_and_long_chains_are_refused_or_fast(tmp_path, tiny_bert_dir
     (model / "config.json").unlink()
     os.mkfifo(model / "config.json")
     with pytest.raises(ValueError, match="model: .*config.json is not a regular file"):
+        embgeom.load_model(str(model))
+    (model / "config.json").unlink()
+    shutil.copy(os.path.join(tiny_bert_dir, "config.json"), model / "config.json")
+    os.mkfifo(model / "extra.safetensors")  # (its header had been read: the load hung)
+    with pytest.raises(ValueError, match="model: .*extra.safetensors is not a regular file"):
         embgeom.load_model(str(model))
     outside = tmp_path / "outside"
     (tmp_path / "lockdir").mkdir()

@@ -90,6 +90,8 @@ def weights_shapes(path: str) -> dict[str, tuple[int, ...]] | None:
     for name in sorted(os.listdir(path)):
         if not name.endswith(".safetensors"):
             continue
+        # a pipe there had hung the load (opened and read, never ending)
+        validation.not_special_file(os.path.join(path, name), "model")
         try:
             with open(os.path.join(path, name), "rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
@@ -156,12 +158,39 @@ VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 
 
 def refuse_folder_without_tokenizer(name_or_path: str | None, path: str) -> None:
-    """ValueError for a model folder without vocabulary files: transformers then builds a
-    tokenizer of its five special tokens (every word [UNK], [CLS] an unused row: a report of
-    meaningless input), or fails with a message cut short."""
-    if not any(f in VOCAB_FILES or f.endswith(".model") for f in os.listdir(path)):
+    """ValueError for a model folder without vocabulary files, as regular files: transformers then
+    builds a tokenizer of its five special tokens (every word [UNK], [CLS] an unused row: a report
+    of meaningless input), or fails with a message cut short. A tokenizer.json that is a pipe, a
+    folder or a link to nothing (a copy of a Hub snapshot without -L) counts as none."""
+    names = [f for f in os.listdir(path) if f in VOCAB_FILES or f.endswith(".model")]
+    for f in names:
+        validation.not_special_file(os.path.join(path, f), "model")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in names):
+        broken = [f for f in names if os.path.islink(os.path.join(path, f))]
+        why = f" ({', '.join(broken)}: a link to nothing)" if broken else ""
         raise ValueError(f"model: {name_or_path or DEFAULT_MODEL!r} has no tokenizer files ({', '.join(VOCAB_FILES)} "
-                         "or a sentencepiece .model); save the tokenizer beside the weights")
+                         f"or a sentencepiece .model){why}; save the tokenizer beside the weights")
+
+
+def refuse_tokenizer_without_vocabulary(name_or_path: str | None, tokenizer) -> None:
+    """ValueError when the tokenizer loaded holds no token besides its special ones (the files
+    named like vocabularies were not one: an unrelated *.model file), so every word would be
+    [UNK]."""
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ValueError(f"model: {name_or_path or DEFAULT_MODEL!r}: its tokenizer has only its {len(tokenizer)} special "
+                         "tokens (every word would be [UNK]): the tokenizer files beside the weights are not "
+                         "this model's vocabulary")
+
+
+def refuse_auto_map(name_or_path: str | None, config, tokenizer) -> None:
+    """refuse_custom_code for a model taken from the Hub or its cache, whose folder is not known
+    before the load: its config.json or tokenizer_config.json asks for its own code (auto_map),
+    which transformers, not allowed to run it, had replaced silently with the stock classes."""
+    for name, cfg in (("config.json", getattr(config, "auto_map", None)),
+                      ("tokenizer_config.json", getattr(tokenizer, "init_kwargs", {}).get("auto_map"))):
+        if cfg:
+            raise ValueError(f"model: {name_or_path!r} needs its own Python code ({name} has an auto_map); embgeom "
+                             "never runs code from a model, so it is refused")
 
 
 def refuse_tokenizer_past_embeddings(name_or_path: str | None, tokenizer, config) -> None:
@@ -208,6 +237,8 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path, **kwargs)
+        refuse_auto_map(name_or_path, config, tokenizer)
+        refuse_tokenizer_without_vocabulary(name_or_path, tokenizer)
         refuse_tokenizer_past_embeddings(name_or_path, tokenizer, config)
         if classifier:
             from transformers import AutoModelForSequenceClassification
