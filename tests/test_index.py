@@ -244,6 +244,12 @@ def test_magnitudes_the_scan_cannot_take_are_refused():
             index.add(np.full((1, 8), 1e37))
         with pytest.raises(ValueError, match="rows with norms up to .* beyond float32"):
             index.search(np.full((1, 8), 1e37), 2)
+        # tiny rows: the message gives the products' size and the floor they fall below (it had
+        # said "below float32's normal range (1.18e-38)" of products near 1e-33)
+        with pytest.raises(ValueError, match=r"corpus: rows with norms of at most .* make "
+                           rf"{metric} products of at most \d\.\d+e-3\d, below 1.97e-31 \(2\^24 times "
+                           r"float32's smallest normal 1.18e-38\)"):
+            Index(rng.standard_normal((10, 8)) * 1e-17, metric=metric)
     cosine = Index(big)  # cosine takes large rows
     assert torch.equal(cosine.search(big[:3], 1)[1].flatten(), torch.arange(3))
     wide = rng.standard_normal((5, 4))

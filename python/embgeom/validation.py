@@ -171,8 +171,9 @@ def norm_range(nx: float, ny: float, metric: str, names: tuple[str, str]) -> Non
         # the small side is the one to scale (with the other's largest norm)
         small = names[0] if nx <= ny else names[1]
         raise ValueError(f"{small}: rows with norms of at most {min(nx, ny):.3g} (beside norms up to "
-                         f"{max(nx, ny):.3g}) make {metric} products "
-                         f"below float32's normal range ({FLOAT32_TINY:.3g}), where digits are lost; "
+                         f"{max(nx, ny):.3g}) make {metric} products of at most {largest:.3g}, below "
+                         f"{FLOAT32_TINY * 2.0**24:.3g} (2^24 times float32's smallest normal {FLOAT32_TINY:.3g}), "
+                         "where a product's terms and its smaller sums lose digits in subnormals; "
                          "scale the rows up (values and statistics scale with them)")
 
 
