@@ -131,6 +131,39 @@ def test_word_attention_matches_clark_conversion():
         torch.testing.assert_close(got[b, :, :W, :W].sum(-1), torch.ones(K, W, dtype=torch.float64))
 
 
+def test_exact_ties_between_words_go_to_the_first_word():
+    """Uniform attention over words of 12, 28 and 8 pieces: every head->dep row is an exact tie
+    (the attention to word 1 from words 2 and 3 is 12/50 both), which goes to the first word. The
+    FROM mean had divided each piece's row before summing them, so the tie came out an ulp apart
+    and rounding chose (predictions [3, 1, 2])."""
+    sizes = [1, 12, 28, 8, 1]                                   # [CLS], three words, [SEP]
+    T = sum(sizes)
+    groups = torch.cat([torch.full((n,), w) for w, n in enumerate(sizes)])[None]
+    attn = torch.full((1, 1, T, T), 1.0 / T, dtype=torch.float32)
+    wa = word_heads.word_attention(attn, groups, torch.tensor([len(sizes)]))
+    assert wa[0, 0, 2, 1] == wa[0, 0, 3, 1]
+    pred = word_heads.predictions(wa, torch.tensor([len(sizes)]))[0, 0]
+    assert pred[word_heads.DIRECTIONS.index("head->dep")].tolist() == [2, 1, 1]
+
+
+def test_batches_of_long_texts_are_cut_to_the_memory_budget(pieces_bert, monkeypatch):
+    """Batches keep their word maps under WORD_MAP_BUDGET_BYTES (64 sentences of 500 words had
+    asked for 50 GB at the default batch size), at least one text each, and give the same
+    accuracies as one batch."""
+    order, lengths = [0, 1, 2, 3, 4], [10, 10, 20, 30, 40]
+    entry = 72 * word_heads.WORD_MAP_ENTRY_BYTES
+    monkeypatch.setattr(word_heads, "WORD_MAP_BUDGET_BYTES", 3 * 20 * 20 * entry)
+    assert word_heads.word_batches(order, lengths, 64, 72) == [[0, 1, 2], [3], [4]]
+    assert word_heads.word_batches(order, lengths, 2, 72) == [[0, 1], [2], [3], [4]]
+    _, (model, tokenizer) = pieces_bert
+    sentences = treebank.read_conllu(SAMPLE)
+    whole = word_heads.syntax_heads(model, tokenizer, sentences, batch_size=64)
+    monkeypatch.setattr(word_heads, "WORD_MAP_BUDGET_BYTES", 1)
+    single = word_heads.syntax_heads(model, tokenizer, sentences, batch_size=64)
+    assert single["relations"] == whole["relations"] and single["all"] == whole["all"]
+    assert torch.equal(single["all_accuracy"], whole["all_accuracy"])
+
+
 def test_syntax_heads_match_direct(pieces_bert):
     _, (model, tokenizer) = pieces_bert
     sentences = treebank.read_conllu(SAMPLE)
@@ -185,6 +218,16 @@ def test_cli_syntax(pieces_bert, tmp_path, capsys):
     # a baseline offset reads as the CLI prints it, signed (+1, -2)
     off = e["offset_baseline"]["offset"]
     assert off is None or f"<td>{off:+d}</td>" in html
+    # one sentence skipped: its note in the singular ("1 sentence ... were skipped" before)
+    def sentence(n):
+        return "".join(f"{i}\tw\t_\tX\t_\t_\t{0 if i == 1 else 1}\t{'root' if i == 1 else 'dep'}\t_\t_\n"
+                       for i in range(1, n + 1)) + "\n"
+
+    short_and_long = tmp_path / "two.conllu"
+    short_and_long.write_text(sentence(3) + sentence(12))
+    assert main(["syntax", str(short_and_long), "--out", str(tmp_path / "one"), "--model", path, "--no-progress",
+                 "--max-length", "8"]) == 0
+    assert "1 sentence longer than the model's maximum (--max-length) was skipped" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content,message", [

@@ -67,16 +67,38 @@ def word_setup(model, tokenizer, word_lists: list[list[str]], batch_size: int, m
     return L, H, model_max_length(model, tokenizer, max_length), word_pieces(tokenizer, word_lists)
 
 
+# the working memory of one batch's word maps: about this many bytes per (map, token, token)
+# entry (the stacked float32 attentions, their masked copy, float64 copies, the token -> word
+# sums and the maps); measured 0.8 GB a 512-token text on a 6 x 12-head model
+WORD_MAP_ENTRY_BYTES = 40
+WORD_MAP_BUDGET_BYTES = 2 << 30   # a batch holds fewer texts than --batch-size where it would pass this
+
+
+def word_batches(order: list[int], lengths: list[int], batch_size: int, maps: int) -> list[list[int]]:
+    """The texts `order` (shortest first) cut into batches of at most batch_size texts whose word
+    maps fit WORD_MAP_BUDGET_BYTES (at least one text a batch): 64 sentences of 500 words had
+    asked for 50 GB at the default batch size."""
+    batches, chunk = [], []
+    for i in order:
+        T = max([lengths[i]] + [lengths[j] for j in chunk])
+        if chunk and (len(chunk) == batch_size
+                      or (len(chunk) + 1) * maps * T * T * WORD_MAP_ENTRY_BYTES > WORD_MAP_BUDGET_BYTES):
+            batches.append(chunk)
+            chunk = []
+        chunk.append(i)
+    return batches + ([chunk] if chunk else [])
+
+
 def word_attention_batches(model, tokenizer, pieces, order, lengths, *, batch_size: int, bar=None):
     """The forward passes behind every word-level analysis: the texts `order` (indices into
-    pieces / lengths) in batches of batch_size, each as [CLS] pieces [SEP] with token types 0.
+    pieces / lengths) in batches of batch_size (fewer where long texts' maps would pass
+    WORD_MAP_BUDGET_BYTES), each as [CLS] pieces [SEP] with token types 0.
     Yields (chunk, wa): chunk = the text indices of the batch, wa (B, L*H, Wn, Wn) float64 their
     word maps (`word_attention`: index 0 = [CLS], 1..W the words, W+1 = [SEP], padded slots 0)."""
     K = model.config.num_hidden_layers * model.config.num_attention_heads
     dev = next(model.parameters()).device
     cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
-    for b0 in range(0, len(order), batch_size):
-        chunk = order[b0:b0 + batch_size]
+    for chunk in word_batches(order, lengths, batch_size, K):
         B, T = len(chunk), max(lengths[i] for i in chunk)
         ids = torch.full((B, T), pad_id, dtype=torch.long)
         groups = torch.full((B, T), -1, dtype=torch.long)
@@ -115,10 +137,11 @@ def word_attention(attn: torch.Tensor, groups: torch.Tensor, n_words: torch.Tens
     real = groups >= 0
     G[real.nonzero(as_tuple=True) + (groups[real],)] = 1.0
     counts = G.sum(1)                                                      # (B, Wn)
-    Gmean = G / counts.clamp(min=1)[:, None, :]
     a = attn.double()
     to_words = a @ G[:, None]                                              # (B, K, T, Wn)
-    return Gmean.transpose(1, 2)[:, None] @ to_words                       # (B, K, Wn, Wn)
+    # rows summed, then divided by the piece count (Clark's np.mean): divided first, each term
+    # was rounded, and an exact tie between two words came out an ulp apart
+    return (G.transpose(1, 2)[:, None] @ to_words) / counts.clamp(min=1)[:, None, :, None]
 
 
 def predictions(word_attn: torch.Tensor, n_words: torch.Tensor) -> torch.Tensor:
