@@ -107,6 +107,29 @@ def test_selection_on_a_built_map():
     assert coreference.baseline_choices(doc, 2, [1, 0]) == (1, 1)          # no head match: nearest
 
 
+def test_no_head_right_names_no_best_head(pieces_bert, tmp_path, monkeypatch, capsys):
+    """Maps that tie everywhere (each head takes the nearest candidate, wrong on every mention):
+    `best` is null, as in the syntax report, and the page and the summary line say none (a head
+    had been named best at accuracy 0)."""
+    path, (model, tokenizer) = pieces_bert
+    real = coreference.word_attention_batches
+
+    def tied(*args, **kwargs):
+        for chunk, wa in real(*args, **kwargs):
+            yield chunk, torch.zeros_like(wa)
+
+    monkeypatch.setattr(coreference, "word_attention_batches", tied)
+    corpus = tmp_path / "zero.jsonl"
+    corpus.write_text(json.dumps({"tokens": ["john", "met", "mary", ".", "john", "left"],
+                                  "clusters": [[[0, 0], [4, 4]], [[2, 2]]]}) + "\n")
+    out = tmp_path / "c"
+    assert main(["coref", str(corpus), "--out", str(out), "--model", path, "--no-progress"]) == 0
+    c = json.loads((out / "report.json").read_text())["coref"]
+    assert c["best"] is None and c["accuracy"] == 0.0 and c["n_scored"] == 1
+    assert "best head none 0.000" in capsys.readouterr().err
+    assert "<td>best head: none (no head is right on any mention)</td>" in (out / "report.html").read_text()
+
+
 def test_cli_coref(pieces_bert, tmp_path, capsys):
     path, _ = pieces_bert
     out = tmp_path / "c"

@@ -52,11 +52,12 @@ def main(args) -> int:
         finish_report(out, report, prov, prog, lambda: write_coref_report(out, report))
     if block["skipped_too_long"]:
         print(f"embgeom coref: note: {counted(block['skipped_too_long'], 'document')} longer than the model's "
-              f"maximum{' (--max-length)' if args.max_length else ''} were skipped (report.json coref.skipped "
+              f"maximum{' (--max-length)' if args.max_length else ''} {'was' if block['skipped_too_long'] == 1 else 'were'} skipped (report.json coref.skipped "
               "names them)", file=sys.stderr)
     b = block["baselines"]
     print(f"embgeom coref: {counted(block['n_documents'], 'document')}, {fmt(block['n_scored'])} of "
           f"{fmt(block['n_mentions'])} mentions with an antecedent in {seconds(prov.seconds())}; best head "
-          f"L{block['best'][0]} h{block['best'][1]} {block['accuracy']:.3f} (nearest {b['nearest']:.3f}, "
+          f"{'L{} h{}'.format(*block['best']) if block['best'] else 'none'} {block['accuracy']:.3f} "
+          f"(nearest {b['nearest']:.3f}, "
           f"head match {b['head_match']:.3f}) -> {os.path.join(args.out, 'report.html')}", file=sys.stderr)
     return 0

@@ -56,7 +56,7 @@ def main(args) -> int:
         finish_report(out, report, prov, prog, lambda: write_syntax_report(out, report))
     if block["skipped_too_long"]:
         print(f"embgeom syntax: note: {counted(block['skipped_too_long'], 'sentence')} longer than the model's "
-              f"maximum{' (--max-length)' if args.max_length else ''} were skipped (report.json "
+              f"maximum{' (--max-length)' if args.max_length else ''} {'was' if block['skipped_too_long'] == 1 else 'were'} skipped (report.json "
               "syntax.skipped_too_long)", file=sys.stderr)
     a = block["all"]
     offset = a["offset_baseline"]["offset"]

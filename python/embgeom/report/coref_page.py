@@ -24,7 +24,8 @@ def write_coref_report(out_dir: str, report: dict) -> None:
                          [[report["model"], c["n_documents"], c["n_mentions"], c["n_scored"],
                            c["skipped_too_long"], c["seconds"]]])
     b = c["baselines"]
-    rows = [[f"best head: L{c['best'][0]} h{c['best'][1]}", c["accuracy"]],
+    best = f"L{c['best'][0]} h{c['best'][1]}" if c["best"] else "none (no head is right on any mention)"
+    rows = [[f"best head: {best}", c["accuracy"]],
             ["nearest mention", b["nearest"]],
             ["nearest mention with the same head word (else nearest)", b["head_match"]]]
     body = (f"<p>{defined('coref')}: Clark et al. (arXiv 1906.04341, section 4.3, Table 2). For each mention "

@@ -87,7 +87,8 @@ def coreference_heads(model, tokenizer, docs: list[Document], *, batch_size: int
         "head_rule": "the span's head word if given ([start, end, head]), else its last word",
         "n_documents": len(order), "skipped_too_long": len(skipped), "skipped": skipped,
         "n_mentions": mentions, "n_scored": scored,
-        "best": [best // H + 1, best % H], "accuracy": float(acc[best]),
+        # null where no head selects any antecedent right, as syntax's best (a head had been named)
+        "best": [best // H + 1, best % H] if acc[best] > 0 else None, "accuracy": float(acc[best]),
         "baselines": {"nearest": nearest_ok / scored, "head_match": head_match_ok / scored},
         "all_accuracy": acc.reshape(L, H),
         "seconds": time.perf_counter() - start,
