@@ -600,10 +600,10 @@ PYBIND11_MODULE(_C, m) {
   // float64 and float32 queries (pybind11 tries each overload without conversion first, so a
   // float32 query set is read where it lies instead of widened into a float64 copy)
   // the pairs of pair_values / pair_cosines checked: (rows, q) of one D, every (qi, ci) in range -> P
-  auto checked_pairs = [](const f32_array& rows, const auto& q, const py::array_t<int64_t, py::array::c_style>& qi,
+  auto checked_pairs = [](const auto& rows, const auto& q, const py::array_t<int64_t, py::array::c_style>& qi,
                           const py::array_t<int64_t, py::array::c_style>& ci) {
     EMBGEOM_CHECK(rows.ndim() == 2 && q.ndim() == 2 && rows.shape(1) == q.shape(1),
-                  "rows, q: expected (N, D) float32 and (Q, D) float64 or float32 of one D");
+                  "rows, q: expected (N, D) rows and (Q, D) queries of one D");
     EMBGEOM_CHECK(qi.ndim() == 1 && ci.ndim() == 1 && qi.shape(0) == ci.shape(0),
                   "qi, ci: expected two int64 index vectors of one length");
     const int64_t P = qi.shape(0), N = rows.shape(0), Q = q.shape(0);
@@ -638,7 +638,7 @@ PYBIND11_MODULE(_C, m) {
     return pair_values(rows, q, qi, ci, sqdist);
   }, py::arg("rows"), py::arg("q"), py::arg("qi"), py::arg("ci"), py::arg("sqdist"), pair_values_doc);
   // exact cosines (pair_values.h, pair_cosines): float64 or float32 queries, as pair_values
-  auto pair_cosines = [checked_pairs](const f32_array& rows, const auto& q, const Ids& qi, const Ids& ci) {
+  auto pair_cosines = [checked_pairs](const auto& rows, const auto& q, const Ids& qi, const Ids& ci) {
     const int64_t P = checked_pairs(rows, q, qi, ci), D = rows.shape(1);
     const int64_t* a = qi.data();
     const int64_t* b = ci.data();
@@ -656,6 +656,13 @@ PYBIND11_MODULE(_C, m) {
     return pair_cosines(rows, q, qi, ci);
   }, py::arg("rows"), py::arg("q"), py::arg("qi"), py::arg("ci"), pair_cosines_doc);
   m.def("pair_cosines", [pair_cosines](const f32_array& rows, const f32_array& q,
+                                       const py::array_t<int64_t, py::array::c_style>& qi,
+                                       const py::array_t<int64_t, py::array::c_style>& ci) {
+    return pair_cosines(rows, q, qi, ci);
+  }, py::arg("rows"), py::arg("q"), py::arg("qi"), py::arg("ci"), pair_cosines_doc);
+  // float64 rows and queries (a float64 cloud's neighbour graph: projection.exact_knn)
+  m.def("pair_cosines", [pair_cosines](const py::array_t<double, py::array::c_style>& rows,
+                                       const py::array_t<double, py::array::c_style>& q,
                                        const py::array_t<int64_t, py::array::c_style>& qi,
                                        const py::array_t<int64_t, py::array::c_style>& ci) {
     return pair_cosines(rows, q, qi, ci);

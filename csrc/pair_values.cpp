@@ -52,8 +52,8 @@ inline double cosine_of(double qc, double qq, double cc) {
 
 // The terms of dimensions [d, D) into running sums l = 0, 1, ... of each of the three (the last
 // D % 16 of every build, and all of them in one_cosine), then the cosine
-template <typename Q>
-inline double cosine_from(const float* r, const Q* q, int64_t d, int64_t D, double* qc, double* qq, double* cc) {
+template <typename R, typename Q>
+inline double cosine_from(const R* r, const Q* q, int64_t d, int64_t D, double* qc, double* qq, double* cc) {
   for (int l = 0; d < D; ++d, l = (l + 1) % kSums) {
     const double x = r[d], y = q[d];
     qc[l] += x * y;
@@ -63,8 +63,8 @@ inline double cosine_from(const float* r, const Q* q, int64_t d, int64_t D, doub
   return cosine_of(total16(qc), total16(qq), total16(cc));
 }
 
-template <typename Q>
-inline double one_cosine(const float* r, const Q* q, int64_t D) {
+template <typename R, typename Q>
+inline double one_cosine(const R* r, const Q* q, int64_t D) {
   double qc[kSums] = {}, qq[kSums] = {}, cc[kSums] = {};
   return cosine_from(r, q, 0, D, qc, qq, cc);
 }
@@ -156,7 +156,7 @@ OnePairF32 pick_one_cosine_f32(const char** name) {
     return one_cosine_f32_avx512;
   }
 #endif
-  return pick_avx2_or_generic<OnePairF32>(one_cosine<float>, EMBGEOM_IF_X86(one_cosine_f32_avx2), "avx2", name);
+  return pick_avx2_or_generic<OnePairF32>(one_cosine<float, float>, EMBGEOM_IF_X86(one_cosine_f32_avx2), "avx2", name);
 }
 
 // Pairs a few places ahead are prefetched: the rows of a pair list are scattered over a corpus
@@ -166,8 +166,8 @@ OnePairF32 pick_one_cosine_f32(const char** name) {
 // the rows in flight outgrow L1).
 constexpr int64_t kPrefetchAhead = 4;
 
-template <typename Q, class OnePair>
-void run(const float* rows, const Q* q, int64_t D, const int64_t* qi, const int64_t* ci, int64_t P,
+template <typename R, typename Q, class OnePair>
+void run(const R* rows, const Q* q, int64_t D, const int64_t* qi, const int64_t* ci, int64_t P,
          double* out, OnePair one) {
 #ifdef EMBGEOM_OPENMP
 #pragma omp parallel for schedule(static) if (P > 4096)
@@ -211,7 +211,12 @@ void pair_values(const float* rows, const float* q, int64_t D, const int64_t* qi
 
 void pair_cosines(const float* rows, const double* q, int64_t D, const int64_t* qi, const int64_t* ci,
                   int64_t P, double* out) {
-  run(rows, q, D, qi, ci, P, out, one_cosine<double>);
+  run(rows, q, D, qi, ci, P, out, one_cosine<float, double>);
+}
+
+void pair_cosines(const double* rows, const double* q, int64_t D, const int64_t* qi, const int64_t* ci,
+                  int64_t P, double* out) {
+  run(rows, q, D, qi, ci, P, out, one_cosine<double, double>);
 }
 
 void pair_cosines(const float* rows, const float* q, int64_t D, const int64_t* qi, const int64_t* ci,

@@ -27,6 +27,12 @@ void pair_cosines(const float* rows, const double* q, int64_t D, const int64_t* 
                   int64_t P, double* out);
 void pair_cosines(const float* rows, const float* q, int64_t D, const int64_t* qi, const int64_t* ci,
                   int64_t P, double* out);
+// float64 rows (a float64 point cloud's exact neighbour graph): the same order, every product
+// rounded once; the rows' squared sums must neither overflow nor underflow (the caller scales
+// each row by a power of two). A pair's value depends on its two rows alone, so identical rows
+// tie exactly wherever they sit (a matrix product's blocking had set them an ulp apart).
+void pair_cosines(const double* rows, const double* q, int64_t D, const int64_t* qi, const int64_t* ci,
+                  int64_t P, double* out);
 
 // The builds the float32 dot products and cosines take at the current vector level (cpu/isa.h).
 const char* pair_values_path();

@@ -272,12 +272,40 @@ def test_float64_search_breaks_long_ties_by_column():
     np.testing.assert_allclose(sim, 1.0)
     ints = np.random.default_rng(1).integers(-1, 2, (400, 6)).astype(np.float64)
     ints[~ints.any(1)] = 1.0
-    u = ints / np.linalg.norm(ints, axis=1)[:, None]
-    c = u @ u.T
+    # the values: every pair's fixed-order cosine (a matrix product's blocking sets identical
+    # rows an ulp apart by where they sit)
+    every = np.tile(np.arange(400), (400, 1))
+    c = projection.cosines64(projection.scaled_rows(ints), every)
     np.fill_diagonal(c, -np.inf)
     got = projection.knn_float64_rows(ints, np.arange(400), 9)
     for i in range(400):
         np.testing.assert_array_equal(got[i], np.lexsort((np.arange(400), -c[i]))[:9])
+
+
+@pytest.mark.parametrize("seed", [14, 15, 16])
+def test_identical_float64_rows_tie_wherever_they_sit(seed):
+    """A float64 cloud with a group of identical rows scattered among others: every row lists the
+    group's members with one similarity, by column, and where k falls inside the group, the
+    lowest columns (rescored by matrix products, they had come an ulp apart by position: wrong
+    order, and at k the wrong members)."""
+    rng = np.random.default_rng(seed)
+    d, g, m = int(rng.integers(3, 40)), int(rng.integers(20, 80)), int(rng.integers(10, 60))
+    b = rng.normal(size=(1, d))
+    x = np.vstack([rng.normal(size=(m, d)), np.repeat(b, g, 0)])
+    x = x[rng.permutation(len(x))]
+    dup = np.flatnonzero((x == b).all(1))
+    for k in (g // 2, g - 1, min(g + m // 2, len(x) - 1)):
+        idx, sim, _ = projection.exact_knn(x, k)
+        for i in dup[:5]:
+            group = np.isin(idx[i], dup)
+            assert len(set(sim[i][group].tolist())) == 1, (k, i)            # one value
+            listed = idx[i][group]
+            assert listed.tolist() == sorted(listed.tolist())
+            others = dup[dup != i]
+            assert listed.tolist() == others[:listed.size].tolist()          # the lowest columns
+        for i in np.setdiff1d(np.arange(len(x)), dup)[:5]:
+            listed = idx[i][np.isin(idx[i], dup)]
+            assert listed.tolist() == dup[:listed.size].tolist(), (k, i)
 
 def test_half_precision_tensors_are_read_exactly():
     """bfloat16 and float16 tensors (a model's own dtype) go through as their exact values:

@@ -89,6 +89,11 @@ def exact_knn(x, k: int, *, metric: str = "cosine", backend: str | None = None) 
     if pair_values is not None and np.array_equal(xm, x64):  # float32 rows: the C++ pair sums
         def rescore(i, rows=None):
             return rescore_pairs(pair_values, xm, i, rows, metric)
+    elif cosine:  # float64 rows: cosines in one fixed order, a function of the two rows alone
+        scaled = scaled_rows(x64)
+
+        def rescore(i, rows=None):
+            return cosines64(scaled, i, rows)
     else:
         def rescore(i, rows=None):
             return rescore64(x64, i, rows, metric=metric)
@@ -137,6 +142,13 @@ def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256
         return _knn_float64_rows_euclidean(x64, rows, k, chunk, translated(x64) if centred is None else centred)
     nrm = np.linalg.norm(x64, axis=1)
     unit = x64 / nrm[:, None]
+    # the product's cosines are within `slack` of cosines64's (the unit rows' rounding, the
+    # D-term sums in an order the product's blocking sets, those of cosines64): the columns
+    # within twice that of the k-th are rescored in the fixed order, which decides (identical
+    # rows had been set an ulp apart by where they sat, and a tie group cut at k by that
+    # instead of by column)
+    slack = 4.0 * (x64.shape[1] + 4) * EPS64
+    scaled = scaled_rows(x64)
     out = np.empty((rows.size, k), np.int64)
     for r0 in range(0, rows.size, chunk):
         part = rows[r0:r0 + chunk]
@@ -145,13 +157,36 @@ def knn_float64_rows(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int = 256
         # torch.topk: np.partition degrades on long ties (100 ns an element on identical rows)
         kth = torch.topk(torch.from_numpy(vals), k, dim=1, sorted=False).values.amin(1).numpy()
         for q in range(part.size):
-            # the columns above the k-th value (fewer than k) by value, then those equal to it
-            # by column (flatnonzero's order): no sort of a long tie (identical rows)
-            above = np.flatnonzero(vals[q] > kth[q])
-            above = above[np.lexsort((above, -vals[q, above]))]
-            tied = np.flatnonzero(vals[q] == kth[q])[:k - above.size]
-            out[r0 + q] = np.concatenate((above, tied))
+            # every column that can be among the k best (fewer than k above the k-th's band, the
+            # band's columns), ordered by their fixed-order cosines and column: no sort of a long
+            # tie by the product's values
+            cand = np.flatnonzero(vals[q] >= kth[q] - 2 * slack)
+            cand = cand[cand != part[q]]
+            exact = cosines64(scaled, cand[None, :], np.array([part[q]]))[0]
+            out[r0 + q] = cand[np.lexsort((cand, -exact))[:k]]
     return out
+
+
+def scaled_rows(x64: np.ndarray) -> np.ndarray:
+    """x64 (N, D) with each row multiplied by the power of two that brings its largest magnitude
+    into [0.5, 1): exact, cosines unchanged, and the rows' squared sums neither overflow nor
+    underflow (cosines64's input)."""
+    big = np.abs(x64).max(axis=1) if x64.size else np.zeros(x64.shape[0])
+    return np.ascontiguousarray(np.ldexp(x64, -np.frexp(np.where(big > 0, big, 1.0))[1][:, None]))
+
+
+def cosines64(scaled: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Cosine of every row i (or rows[i]) of a float64 cloud, its rows scaled (scaled_rows), with
+    its listed neighbours idx[i] (R, k), each s_qc / sqrt(s_qq s_cc) from three sums in one fixed
+    order (_C.pair_cosines of float64 rows): a function of the two rows alone, so identical rows
+    tie exactly wherever they sit. Without the C++ core: rescore64."""
+    cosines = registry.cpp_kernel("pair_cosines")
+    if cosines is None:
+        return rescore64(scaled, idx, rows)
+    rows = np.arange(idx.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    k = idx.shape[1]
+    ids = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
+    return cosines(scaled, scaled, np.repeat(rows, k), ids).reshape(rows.size, k)
 
 
 def _knn_float64_rows_euclidean(x64: np.ndarray, rows: np.ndarray, k: int, chunk: int,
