@@ -539,6 +539,25 @@ def test_project_far_near_collinear_and_identical_clouds():
         project(rng.standard_normal((20, 1)), method="tsne", perplexity=3)
 
 
+def test_page_coordinates_keep_the_spread_of_tiny_and_far_clouds():
+    """The scatter page rounds coordinates to 1e-5 of the points' spread: a PCA of spread 1e-6,
+    or a cloud at 1e3 with that spread, keeps its points apart (rounded to 5 decimals, every
+    point of it had been drawn at one place while the .npy and .png held the spread)."""
+    pytest.importorskip("plotly")
+    from embgeom.report.interactive import coordinate_decimals, scatter_figure
+
+    rng = np.random.default_rng(0)
+    for offset in (0.0, 1e3):
+        xy = offset + 1e-6 * rng.standard_normal((50, 2))
+        fig, _ = scatter_figure(xy)
+        drawn = np.column_stack([fig.data[0].x, fig.data[0].y])
+        assert np.abs(drawn - xy).max() <= 1e-6 * 1e-5
+        assert len({tuple(p) for p in drawn.tolist()}) == 50
+    assert coordinate_decimals(np.array([[0.0, 0.0], [3.0, 1.0]])) == 5
+    assert coordinate_decimals(np.array([[0.0, 0.0], [300.0, 1.0]])) == 3
+    assert coordinate_decimals(np.zeros((3, 2))) == 5 and coordinate_decimals(np.zeros((0, 2))) == 5
+
+
 def test_silhouette_of_clusters_far_apart_and_in_chunks(monkeypatch):
     """Two tight pairs of labels (spread 1e-4, 1e-3 apart) at +1e4 and -1e4: no single translation
     brings both near the origin, and the product formula's distances had cancelled (0.5332 for

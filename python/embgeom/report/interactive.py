@@ -7,6 +7,7 @@ ids (Enter zooms to them); a click lists the point's nearest neighbours from the
 from __future__ import annotations
 
 import html
+import math
 
 import numpy as np
 
@@ -103,6 +104,18 @@ def _plotly():
     return go, offline
 
 
+def coordinate_decimals(xy: np.ndarray) -> int:
+    """The decimals that keep a page's coordinates to 1e-5 of the points' spread (the page's
+    size: no more digits than a screen shows): 5 for a spread of about 1, 11 for 1e-6 (rounded to
+    5 decimals, a near-collinear cloud's PCA had put every point at (0, 0) on the page while the
+    .npy and .png held its spread)."""
+    finite = xy[np.isfinite(xy).all(1)] if xy.size else xy
+    spread = float(np.ptp(finite, axis=0).max()) if finite.shape[0] else 0.0
+    if spread <= 0.0:
+        return 5
+    return int(min(max(5 - math.floor(math.log10(spread)), 0), 320))
+
+
 def scatter_figure(xy, labels=None, texts=None, *, title: str = "projection", ids=None,
                    xlabel: str = "dimension 1", ylabel: str = "dimension 2", height: int = 720):
     """The Plotly figure of a scatter page (a plotly.graph_objects.Figure): one trace per label
@@ -123,13 +136,15 @@ def scatter_figure(xy, labels=None, texts=None, *, title: str = "projection", id
     Trace = go.Scattergl if n > GL_POINTS else go.Scatter
     size = 4 if n > 5000 else 8
     ident = (lambda r: f"#{r}") if ids is None else (lambda r: str(ids[r]))
+    decimals = coordinate_decimals(xy)
     fig = go.Figure()
     order = sorted(range(len(names)), key=lambda k: -len(rows[names[k]]))
     for k in order:
         name, rs = names[k], rows[names[k]]
         hover = [html.escape(ident(r) + ("" if texts is None else " " + str(texts[r])[:150])
                              + (f" [{name}]" if lab is not None else ""), quote=False) for r in rs]
-        fig.add_trace(Trace(x=[round(float(xy[r, 0]), 5) for r in rs], y=[round(float(xy[r, 1]), 5) for r in rs],
+        fig.add_trace(Trace(x=[round(float(xy[r, 0]), decimals) for r in rs],
+                            y=[round(float(xy[r, 1]), decimals) for r in rs],
                             # (Plotly draws a few HTML tags in legend names: a label is text)
                             mode="markers", name=html.escape(name, quote=False) or "points",
                             showlegend=lab is not None,
