@@ -504,6 +504,12 @@ def test_project_degenerate_inputs():
 
     with pytest.raises(ValueError, match="t-SNE is undefined for these rows: all 20 point in one direction"):
         project(np.ones((20, 4), np.float32), method="tsne")
+    # two groups of 20 copies at perplexity 2 (6 neighbours, all copies): not one point
+    groups = np.repeat(np.random.default_rng(10).normal(size=(2, 5)), 20, axis=0)
+    for metric in ("cosine", "euclidean"):
+        with pytest.raises(ValueError, match=r"every row's 6 nearest neighbours are copies of it; raise the "
+                                             r"perplexity \(2: 6 neighbours\)"):
+            project(groups, method="tsne", perplexity=2, metric=metric)
     p = project(np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32), method="umap")
     assert p.embedding.shape == (3, 2) and np.isfinite(p.embedding).all()
 

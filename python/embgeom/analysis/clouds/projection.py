@@ -658,10 +658,22 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
         if method == "tsne" and bool((1.0 - np.asarray(val) <= 4 * EPS64).all() if metric == "cosine"
                                      else (val == 0).all()):
             # every neighbour distance 0 (cosine: to float64 rounding): no perplexity can be
-            # calibrated (openTSNE gives NaN); near-collinear clouds (1e-7) are laid out
-            where = "point in one direction" if metric == "cosine" else "are one point"
-            raise ValueError(f"x: t-SNE is undefined for these rows: all {n} {where} "
-                             "(every neighbour distance is 0)")
+            # calibrated (openTSNE gives NaN); near-collinear clouds (1e-7) are laid out. All the
+            # rows one point, or each row among k or more copies of itself (two groups of 20
+            # identical rows at perplexity 2 had been called one point)
+            x64 = as_matrix64(x)
+            if metric == "cosine":
+                unit = x64 / np.linalg.norm(x64, axis=1)[:, None]
+                one = bool((1.0 - unit @ unit[0] <= 4 * EPS64).all())
+            else:
+                one = bool((x64 == x64[0]).all())
+            if one:
+                why = f"all {n} {'point in one direction' if metric == 'cosine' else 'are one point'}"
+            else:
+                why = (f"every row's {k} nearest neighbours are copies of it; raise the perplexity "
+                       f"({out.perplexity:g}: {k} neighbours) until 3 x perplexity passes a row's number of "
+                       "copies, or drop the copies")
+            raise ValueError(f"x: t-SNE is undefined for these rows: {why} (every neighbour distance is 0)")
         if method == "umap":
             # the clock covers UMAP's graph and spectral start, its own bar the epochs
             with prog.phase("UMAP layout"):
