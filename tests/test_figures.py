@@ -191,6 +191,8 @@ def test_vocab_projection_pages(tiny_bert_dir, tmp_path):
         assert on_file["indices"].dtype == np.int64 and on_file["indices"].shape == on_file["similarities"].shape
         k = len(d["knn"]["i"][0])
         assert on_file["indices"][:, :k].tolist() == d["knn"]["i"]
+        # the rows' ids travel with the graph: its indices are rows, not token ids
+        assert on_file["ids"].dtype == np.int64 and on_file["ids"].tolist() == d["ids"]
 
 
 def test_scatter_script_parses():

@@ -178,8 +178,9 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
     similarities (N, k), or distances with knn_metric="euclidean") of the exact neighbour graph:
     a click lists a point's first `knn_show` neighbours under the heading knn_note (default: the
     exact graph, its metric and its file). knn_file: the name of the file beside the page the
-    whole graph is saved to (np.savez: indices (N, k) int64, similarities or distances (N, k)),
-    named in the page (data "knn" "file") so its
+    whole graph is saved to (np.savez: indices (N, k) int64, similarities or distances (N, k);
+    with ids also `ids` (N,) int64: the indices are rows of the page's points, ids[row] their ids,
+    as a vocabulary page's token ids after the first 999), named in the page (data "knn" "file") so its
     lists can be checked against it; None: the page's lists are the only copy.
     The page holds plotly.js once and one JSON block (<script id='data'>): "figure" (the
     Plotly figure: data and layout), "t", "ids", "knn"."""
@@ -206,6 +207,8 @@ def write_scatter_html(path: str, xy, labels=None, texts=None, *, title: str = "
         idx, sim = (np.asarray(a) for a in knn)
         if knn_file:
             values = {"similarities" if knn_metric == "cosine" else "distances": sim}
+            if ids is not None:  # (the rows' token or position ids: the file reads on its own)
+                values["ids"] = np.asarray([int(v) for v in ids], dtype=np.int64)
             np.savez(os.path.join(os.path.dirname(os.path.abspath(path)), knn_file),
                      indices=idx.astype(np.int64), **values)
         graph = "exact cosine graph" if knn_metric == "cosine" else "exact Euclidean graph, distances"
