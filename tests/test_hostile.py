@@ -296,6 +296,9 @@ def _crafted(name):
         "histogram wraps": (lambda st: setattr(st, "hist", st.hist + np.array([2 ** 62] * 4 + [0] * (st.hist.size - 4),
                                                                        st.hist.dtype)),
                             r"the histogram.s counts sum to 184467440737095\d{5}, not count \d+"),
+        "outside rows": (lambda st: setattr(st, "outside_rows", st.outside_rows + np.eye(1, st.outside_rows.size, 3,
+                                                                                      dtype=np.int64)[0] * 10 ** 12),
+                         r"outside_rows sums to 10000000\d+, not twice outside_count \d+"),
         "tiles_done -1": (lambda st: setattr(st, "tiles_done", -1), "tiles_done must be an integer >= 0"),
         "tiles_done 2^70": (lambda st: setattr(st, "tiles_done", 2 ** 70), "tiles_done 1180591620717411303424 of a run"),
         "count too large": (lambda st: setattr(st, "count", st.count + 10 ** 6), "more than its"),
@@ -317,6 +320,7 @@ def _crafted(name):
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("change", ["diagonal pair", "reversed pair", "far pair", "short histogram", "histogram wraps",
+                                    "outside rows",
                                     "tiles_done -1",
                                     "tiles_done 2^70", "count too large", "row neighbour 10^9", "long list",
                                     "outside 2^70", "error bound NaN", "cosine 5", "pair twice", "own neighbour",
@@ -335,7 +339,7 @@ def test_a_crafted_state_that_does_not_fit_is_refused(tmp_path, monkeypatch, bac
         real_save(*args)
         raise Killed
 
-    opts = dict(checkpoint=path, backend=backend, block=8, topk=5, row_topk=3)
+    opts = dict(checkpoint=path, backend=backend, block=8, topk=5, row_topk=3, outside=(-0.2, 0.2))
     monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         embgeom.pairwise_stats(x, **opts)

@@ -495,6 +495,14 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
     hist_total = None if saved.hist is None else sum(np.asarray(saved.hist).ravel().tolist())
     if hist_total is not None and hist_total != saved.count:
         refuse(f"the histogram's counts sum to {hist_total}, not count {saved.count}")
+    # each outside pair counts once for its row and once for its column (self mode: both ends
+    # in outside_rows): a crafted outside_rows + 10^12 had been reported beside its count
+    for name, per_pair in (("outside_rows", 2 if m is None else 1), ("outside_cols", 1)):
+        counts = getattr(saved, name)
+        total = None if counts is None else sum(np.asarray(counts).ravel().tolist())
+        if total is not None and total != per_pair * saved.outside_count:
+            refuse(f"{name} sums to {total}, not {'twice ' if per_pair == 2 else ''}outside_count "
+                   f"{saved.outside_count}")
 
     def pair_ok(i, j):  # (arrays or numbers: every pair an (i, j) of this run)
         i, j = np.asarray(i), np.asarray(j)
