@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -295,6 +296,60 @@ def test_a_stop_inside_an_update_waits_for_the_batch(tiny_bert, tmp_path, sig):
         trace(model, tokenizer, TEXTS, observers=[object()], checkpoint=ckpt)
     with pytest.raises(TypeError, match="needs texts as a list or a file path"):
         trace(model, tokenizer, iter(TEXTS), checkpoint=str(tmp_path / "other.ckpt"))
+
+
+class _SignalsInItsFinalizer:
+    """An object whose finalizer sends SIGTERM to its process: the handler's KeyboardInterrupt is
+    raised inside the finalizer, where Python prints "Exception ignored" and drops it."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class SwallowedStop(Resumable):
+    """An observer whose update of batch `at` drops a finalizer that is sent SIGTERM."""
+
+    def __init__(self, at: int):
+        self.at, self.batches = at, 0
+
+    def update(self, b) -> None:
+        self.batches += 1
+        if self.batches == self.at:
+            _SignalsInItsFinalizer()   # (collected at once: the signal lands in __del__)
+
+
+def test_a_stop_dropped_inside_a_finalizer_still_stops_the_run(tiny_bert, tmp_path):
+    """A SIGTERM whose KeyboardInterrupt lands in a finalizer (dropped by Python as "Exception
+    ignored") stops the run at the next batch, its sums saved, as any SIGTERM does: the run had
+    gone on to the end with status 0. Other unraisable exceptions still reach Python's hook."""
+    from embgeom.interrupts import raise_swallowed, terminate_as_interrupt
+
+    model, tokenizer = tiny_bert
+    ckpt = str(tmp_path / "api.ckpt")
+    stopper = SwallowedStop(2)
+    with pytest.raises(KeyboardInterrupt):
+        trace(model, tokenizer, TEXTS, batch_size=2, observers=[stopper], checkpoint=ckpt)
+    assert stopper.batches == 2                                    # stopped before the third batch
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    resumed = trace(model, tokenizer, TEXTS, batch_size=2, observers=[SwallowedStop(0)], checkpoint=ckpt)
+    assert resumed.n_texts == len(TEXTS)
+    # a block that ends right after the drop raises at its end; the flag is not left behind
+    with pytest.raises(KeyboardInterrupt):
+        with terminate_as_interrupt():
+            _SignalsInItsFinalizer()
+    raise_swallowed()                                              # nothing pending
+    seen = []
+    real = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with terminate_as_interrupt():
+            class Fails:
+                def __del__(self):
+                    raise RuntimeError("another error")
+            Fails()
+    finally:
+        sys.unraisablehook = real
+    assert [type(u.exc_value) for u in seen] == [RuntimeError]
 
 
 def test_tree_roundtrip_and_refusals():

@@ -5,12 +5,41 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Iterator
 
 
 def _raise_interrupt(*_) -> None:
     raise KeyboardInterrupt
+
+
+# A signal's KeyboardInterrupt raised while Python runs a finalizer or a weakref callback is
+# printed as "Exception ignored" and dropped: a SIGTERM there had let a run finish with status 0.
+# While terminate_as_interrupt is active such a drop is noted and raised again at the next safe
+# point (raise_swallowed).
+_swallowed = False
+
+
+def _note_swallowed(previous):
+    def hook(unraisable) -> None:
+        global _swallowed
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _swallowed = True
+            return
+        previous(unraisable)
+    return hook
+
+
+def raise_swallowed() -> None:
+    """KeyboardInterrupt when a Ctrl-C or SIGTERM was dropped inside a finalizer since the last
+    call (see _swallowed); called where a run can stop cleanly: the start of an interrupt_after
+    block, of a progress phase or bar, and the end of terminate_as_interrupt. Not while an
+    exception is being handled (a save after an interrupt runs to its end)."""
+    global _swallowed
+    if _swallowed and sys.exc_info()[0] is None:
+        _swallowed = False
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -21,11 +50,20 @@ def terminate_as_interrupt(active: bool = True) -> Iterator[None]:
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
+    global _swallowed
+    _swallowed = False
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _note_swallowed(previous_hook)
     try:
         yield
+    except BaseException:
+        _swallowed = False  # (the run is ending anyway)
+        raise
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sys.unraisablehook = previous_hook
+    raise_swallowed()
 
 
 @contextlib.contextmanager
@@ -36,6 +74,7 @@ def interrupt_after() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    raise_swallowed()
     ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_interrupt}
     held = {sig: h for sig, h in ours.items() if signal.getsignal(sig) is h}
     got: list = []

@@ -21,6 +21,7 @@ import time
 from typing import Iterator
 
 from .formatting import seconds
+from .interrupts import raise_swallowed
 
 
 def wanted(quiet: bool = False, stream=None) -> bool:
@@ -96,6 +97,7 @@ class Progress:
         """A bar of `total` steps (None: a counter); yields an object with update(n).
         unit_scale: counts shown as 1.2M (pairs). initial: steps done before (a resumed run:
         counted in the position, not in the rate)."""
+        raise_swallowed()  # (an interrupt a finalizer dropped stops the run here)
         if not self.enabled:
             yield _Null()
             return
@@ -112,6 +114,7 @@ class Progress:
     @contextlib.contextmanager
     def phase(self, desc: str) -> Iterator[None]:
         """A phase without a count: its elapsed time ticks twice a second until it ends."""
+        raise_swallowed()
         if not self.enabled:
             yield
             return
