@@ -389,6 +389,42 @@ def test_range_search_vs_float64(metric, threshold, dtype):
         assert torch.allclose(s[lims[r]:lims[r + 1]].double(), row[want[order]], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_a_float32_score_fed_back_as_threshold_lists_its_row(metric):
+    """A float32 threshold (a score search returned, as a 0-d tensor, numpy.float32 or a
+    one-element array) is compared with the values rounded to float32, as they are returned: the
+    row it came from is listed (compared in float64, it had been left out about half the time)
+    and every listed score passes it; a Python float keeps the float64 rule."""
+    from embgeom.validation import float32_test_threshold
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 8)).astype(np.float32)
+    q = rng.standard_normal((20, 8)).astype(np.float32)
+    index = Index(x, metric=metric)
+    s32, ids = index.search(q, 3)
+    for r in range(20):
+        for thr in (s32[r, 2], s32[r, 2].numpy(), np.float32(s32[r, 2]), s32[r, 2:3]):
+            lims, s, got = index.range_search(q[r:r + 1], thr)
+            assert int(ids[r, 2]) in got.tolist()
+            passes = (s <= s32[r, 2]) if metric == "l2" else (s >= s32[r, 2])
+            assert bool(passes.all())
+        # exactly the rows whose float32 score passes: those of the float64 rule at a lower
+        # threshold, filtered by their float32 rounding
+        wide = float(s32[r, 2]) + (1e-3 if metric == "l2" else -1e-3)
+        _, v64, cand = index.range_search(q[r:r + 1], wide, float64=True)
+        v32 = v64.numpy().astype(np.float32)
+        want = cand.numpy()[(v32 <= s32[r, 2].numpy()) if metric == "l2" else (v32 >= s32[r, 2].numpy())]
+        assert sorted(index.range_search(q[r:r + 1], s32[r, 2])[2].tolist()) == sorted(want.tolist())
+    # the float64 test threshold: the float32 rounding decides at and around the midpoints
+    for t in (np.float32(0.75), np.float32(1.0000001), np.float32(-0.3), np.float32(3.0)):
+        for below in (False, True):
+            t64 = float32_test_threshold(float(t), below)
+            outward = -np.inf if not below else np.inf    # one double past t64, away from t
+            assert np.float32(t64) == t                   # t64 itself rounds to t: kept
+            past = np.float32(np.nextafter(t64, outward))
+            assert (past < t) if not below else (past > t)  # the next double does not
+
+
 def test_add_continues_ids_and_matches_one_index():
     x = make_rows(900, 16, seed=5)
     whole = Index(x)

@@ -987,12 +987,18 @@ class Index:
 
     def range_search(self, queries, threshold: float, *, float64: bool = False):
         """Every stored row within `threshold` of each query: similarity >= threshold (cosine,
-        dot) or distance <= threshold (l2), decided on the exact float64 values.
+        dot) or distance <= threshold (l2), decided on the exact float64 values; a float32
+        threshold (numpy.float32, or a one-element float32 array or tensor, such as a score
+        `search` returned) is compared with the values rounded to float32, as they are returned,
+        so a row whose returned score is the threshold is listed.
 
         queries: (Q, D) float. Returns (lims (Q + 1,) int64, scores (R,) float32, ids (R,) int64):
         query q's results are [lims[q], lims[q + 1]), ordered as in `search`.
         """
+        as_float32 = validation.is_float32_scalar(threshold)
         threshold = validation.finite_float(threshold, "threshold")
+        if as_float32:  # (a score fed back had lost its own row about half the time)
+            threshold = validation.float32_test_threshold(threshold, below=self.metric == "l2")
         st = self._store
         qexact, qscan, qvalid, margin, qsq = self._queries(queries, st, search=True)
         Q, n = qexact.shape[0], st.n

@@ -386,6 +386,31 @@ def finite_float(value: Any, name: str) -> float:
     return out
 
 
+def is_float32_scalar(value: Any) -> bool:
+    """Whether value is one float32 number: numpy.float32, or a one-element float32 array or
+    tensor (a score taken from a float32 result, such as Index.search's)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or getattr(value, "size", None) is None:
+        return False
+    size = value.numel() if isinstance(value, torch.Tensor) else value.size
+    return size == 1 and dtype in (np.float32, torch.float32)
+
+
+def float32_test_threshold(threshold: float, below: bool) -> float:
+    """The float64 t with `v >= t` exactly when float32(v) >= threshold (below=False), or
+    `v <= t` exactly when float32(v) <= threshold (below=True), for float64 values v and a float32
+    threshold: the midpoint to the next float32 outwards, itself in where round-to-nearest-even
+    takes it to the threshold."""
+    t = np.float32(threshold)
+    out = np.nextafter(t, np.float32(np.inf) if below else np.float32(-np.inf))
+    if not np.isfinite(out):
+        return float(t)
+    mid = (float(t) + float(out)) / 2.0   # (exact: float32 values have 24 bits)
+    if np.float32(mid) == t:
+        return mid
+    return float(np.nextafter(mid, -np.inf if below else np.inf))
+
+
 def interval(value: Any, name: str) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name}: expected a pair (lo, hi), got {value!r}")
