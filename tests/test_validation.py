@@ -256,3 +256,42 @@ def test_a_backend_from_the_environment_is_named_as_such(monkeypatch):
         embgeom.pairwise_stats(torch.randn(5, 3))
     with pytest.raises(ValueError, match="^backend: expected one of"):
         embgeom.pairwise_stats(torch.randn(5, 3), backend="gpu")
+
+
+def test_public_api_misuse_is_named(tiny_bert_dir, tiny_bert, tmp_path):
+    """Arguments the API had let through to a bare error, and results compared with ==: a
+    model name that is no string (re's TypeError), classifier not a bool or on a model without a
+    head (named by the CLI's flag), an observer without update (AttributeError), chunks that
+    are no iterable, Index.vectors bounds that are no ints; == on results is identity (it had
+    compared tensors field by field: RuntimeError)."""
+    import copy
+    import subprocess
+    import sys
+
+    with pytest.raises(TypeError, match="name_or_path: expected a model folder or Hugging Face id"):
+        embgeom.load_model(5)
+    with pytest.raises(TypeError, match="classifier: expected True or False, got str"):
+        embgeom.load_model(tiny_bert_dir, classifier="yes")
+    with pytest.raises(ValueError, match="^classifier: model .* has no sequence-classification head"):
+        embgeom.load_model(tiny_bert_dir, classifier=True)
+    model, tokenizer = tiny_bert
+    with pytest.raises(TypeError, match=r"observers: item 0 \(object\) has no update\(batch\) method"):
+        embgeom.trace(model, tokenizer, ["a b"], observers=[object()])
+    with pytest.raises(TypeError, match="chunks: expected an iterable"):
+        embgeom.cone_index_stream(5)
+    index = embgeom.Index(np.ones((4, 3), np.float32))
+    for bad in (True, "a", 1.5):
+        with pytest.raises(TypeError, match="start: expected an int"):
+            index.vectors(bad)
+    assert index.vectors(-1).shape == (1, 3)                      # Python's slicing, as documented
+    r = embgeom.pairwise_stats(np.random.default_rng(0).standard_normal((20, 4)))
+    assert (copy.deepcopy(r) == r) is False and (r == r) is True
+    # the module tools answer a bad setting in one line, as `embgeom info` does
+    env = dict(os.environ, EMBGEOM_CPU="bogus")
+    done = subprocess.run([sys.executable, "-m", "embgeom.info"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "embgeom: error: EMBGEOM_CPU: expected 'avx512', 'avx2' or 'generic', got 'bogus'"]
+    # the drop-in module without importing it first (the lazy `compat` had not loaded it)
+    done = subprocess.run([sys.executable, "-c", "import embgeom; print(embgeom.compat.sentence_transformers.__name__)"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "embgeom.compat.sentence_transformers", done.stderr

@@ -125,6 +125,8 @@ class ConeAccumulator:
 
 def cone_index_stream(chunks: Iterable[Any], *, backend: str | None = None) -> ConeIndex:
     """Cone index of the union of all chunks ((N_i, D) each), streaming."""
+    if not hasattr(chunks, "__iter__"):
+        raise TypeError(f"chunks: expected an iterable of (N_i, D) matrices, got {type(chunks).__name__}")
     acc = ConeAccumulator(backend)
     for c in chunks:
         acc.update(c)

@@ -469,7 +469,11 @@ class Index:
         self._lock = threading.Lock()
 
     def vectors(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The stored float32 rows [start, stop) (a view, do not modify)."""
+        """The stored float32 rows [start, stop) (a view, do not modify); Python's slicing
+        (negative from the end, None for the end)."""
+        for name, v in (("start", start), ("stop", stop)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                raise TypeError(f"{name}: expected an int (or None), got {type(v).__name__}")
         st = self._store
         start, stop, _ = slice(start, stop).indices(st.n)  # Python's slicing, within ntotal
         return st.rows[start:max(start, stop)]

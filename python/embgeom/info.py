@@ -119,6 +119,9 @@ if __name__ == "__main__":  # pragma: no cover
     add_arguments(_parser)
     try:
         raise SystemExit(main(_parser.parse_args()))
+    except ValueError as exc:  # a bad EMBGEOM_CPU / EMBGEOM_GEMM: one line, as `embgeom info` says it
+        print(f"embgeom: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except BrokenPipeError:  # (`| head`: the reader left; nothing more to say to it)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0) from None

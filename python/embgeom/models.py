@@ -212,6 +212,12 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         raise ValueError("model: transformers is not installed; `pip install 'embgeom[hf]'`") from None
+    if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path: expected a model folder or Hugging Face id (str), got "
+                        f"{type(name_or_path).__name__}")
+    name_or_path = None if name_or_path is None else os.fspath(name_or_path)
+    if not isinstance(classifier, bool):
+        raise TypeError(f"classifier: expected True or False, got {type(classifier).__name__}")
     if device is not None:  # (before the load: a device that is not here, in one line)
         device = validation.device(device)
     path = resolve_model(name_or_path)
@@ -245,8 +251,8 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
 
             archs = getattr(config, "architectures", None) or []
             if not any(a.endswith("ForSequenceClassification") for a in archs):
-                raise ValueError(f"--correct-only: model {name_or_path or DEFAULT_MODEL!r} has no sequence-classification "
-                                 f"head (architectures {archs or 'unknown'})")
+                raise ValueError(f"{validation.caller_name('classifier')}: model {name_or_path or DEFAULT_MODEL!r} has "
+                                 f"no sequence-classification head (architectures {archs or 'unknown'})")
             auto = AutoModelForSequenceClassification
         else:
             auto = AutoModel
@@ -260,7 +266,7 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
         raise ValueError(f"model: cannot load {name_or_path!r}: its .safetensors weights are truncated or "
                          f"corrupt ({first_line(exc)})") from None
     except (OSError, ValueError) as exc:
-        if str(exc).startswith(("--correct-only", "model: ")):
+        if str(exc).startswith((validation.caller_name("classifier") + ":", "model: ")):
             raise
         # a relative "dir/name" that is no directory here was tried as a Hub id: say both
         where = (" (no such directory here, and not a Hugging Face model id it could load)"

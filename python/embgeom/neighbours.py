@@ -22,7 +22,7 @@ from .results import RowTopK
 INDEXES = ("flat", "ivf", "hnsw")
 
 
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class KnnResult:
     """indices: (Q, k) int64 row ids of x (-1 = padding), values: (Q, k) float32 cosines (NaN =
     padding), rows ordered by (value desc, id asc). recall: recall@k of an approximate index

@@ -83,7 +83,7 @@ def as_list(t: torch.Tensor) -> list:
     return clean(out)
 
 
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class PairList:
     """Pairs (i, j) with their values, in report order. i, j: (K,) int64; values: (K,) float64."""
 
@@ -107,7 +107,7 @@ class PairList:
         return table_html(["i", "j", "value"], self.to_list()[:50])
 
 
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class Histogram:
     """counts: (bins,) int64; bin b covers [lo + b*w, lo + (b+1)*w), hi falls in the last bin."""
 
@@ -138,7 +138,7 @@ class Histogram:
         return out
 
 
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class RowTopK:
     """indices: (N, K) int64 (-1 = padding), values: (N, K) float (NaN = padding)."""
 
@@ -157,7 +157,7 @@ class RowTopK:
                                     "column": idx[keep].numpy(), "value": val[keep].numpy()})
 
 
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class Outside:
     """Pairs with value < a or > b: total count, per-row counts (N,), first `limit` pairs by (i, j).
     `truncated`: the list holds fewer pairs than `count` (every pair, streamed to disk:
@@ -190,7 +190,7 @@ class Outside:
         return df
 
 
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class PairwiseStats:
     """Statistics over every pair: unique pairs i<j of x (self mode) or all of x times y (cross)."""
 
@@ -344,7 +344,7 @@ class PairwiseStats:
         return "".join(parts)
 
 
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class ConeIndex:
     """index: cone index I = ||sum x_i/||x_i|| ||, normalized = I/n, n: vectors used; all (B,)
     (or (L+1, B) for a tuple of hidden states). zero_rows: excluded zero-norm rows per set."""
@@ -385,7 +385,7 @@ class ConeIndex:
                 + table_html(["set", "I", "I / n", "n", "zero rows"], rows))
 
 
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class AttentionEntropy:
     """row_entropy: (B, H, T) nats, NaN on padded query rows. mean: (H,) over valid rows and
     sequences. uniform_baseline: (B,) ln(n_valid). n_rows: the valid rows counted; smoothing: as

@@ -19,6 +19,7 @@ from ..analysis.clouds.geometry import group_geometry
 from ..analysis.heads.text_extras import TextExtras, parse_show_texts
 from ..analysis.text.keeper import Keeper
 from ..analysis.text.labelled import ONE_CLASS_NOTE, no_class_maps_note
+from .. import validation
 from ..formatting import counted, fmt, seconds
 from ..io import check_output_folder, check_output_path, output_folder
 from ..report import table_html
@@ -99,7 +100,8 @@ def _main(args) -> int:
     try:
         with output_folder(args.out, command="text") as out:
             with prog.phase("loading the model"):
-                model, tokenizer = load_model(args.model, device=args.device, classifier=args.correct_only)
+                with validation.renamed(classifier="--correct-only"):
+                    model, tokenizer = load_model(args.model, device=args.device, classifier=args.correct_only)
             if args.checkpoint:
                 with prog.phase("checkpoint: fingerprint of the corpus and the model"):
                     ckpt = text_checkpoint(args, model, tokenizer)

@@ -339,7 +339,7 @@ def pca_curves(x, labels: list[str] | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------- projection
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class Projection:
     """embedding: (N, 2) float32. indices (N, k) of the exact graph (graph methods) with
     similarities (N, k) under metric "cosine" or distances (N, k) under "euclidean",

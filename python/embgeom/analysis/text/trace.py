@@ -291,7 +291,7 @@ def encode(tokenizer, chunk: list[str], limit: int, first_index: int = 0) -> tup
     return {k: [r[k] for r in rows] for k in rows[0]}, truncated
 
 
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class Batch:
     """One forward pass. B texts, T padded length, L layers, H heads, D hidden, d_h = D / H.
 
@@ -409,7 +409,7 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
 
 
 # ------------------------------------------------------------------------------ reduction
-@dataclass
+@dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class TraceResult:
     """Corpus-level means (L layers, H heads; tensors float64 on the model's device). Per-layer
     tensors have index i = layer i + 1, per-depth ones (norm) index = depth (0 = embeddings);
@@ -918,6 +918,9 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
                            metrics=metrics, model_name=str(getattr(model.config, "_name_or_path", "")),
                            sentence_tables=sentence_tables(tokenizer))
     observers = list(observers)
+    for k, obs in enumerate(observers):
+        if not callable(getattr(obs, "update", None)):
+            raise TypeError(f"observers: item {k} ({type(obs).__name__}) has no update(batch) method")
     extras = None
     if heads or clark_js or gaussianity or directionality:
         from ..heads.text_extras import TextExtras
