@@ -295,3 +295,25 @@ def test_public_api_misuse_is_named(tiny_bert_dir, tiny_bert, tmp_path):
     done = subprocess.run([sys.executable, "-c", "import embgeom; print(embgeom.compat.sentence_transformers.__name__)"],
                           capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "embgeom.compat.sentence_transformers", done.stderr
+
+
+def test_a_fast_run_on_the_exact_product_says_so(monkeypatch):
+    """precision="fast" where the C++ core has no bf16 product faster than float32 (here: the AVX2
+    level forced, even with EMBGEOM_GEMM asking for AMX) runs the exact product, and its notes say
+    so (it had said 'fast' with error bound 0 and no word why); with one, no note."""
+    from embgeom.backends.registry import cpp
+
+    if cpp() is None:
+        pytest.skip("the C++ core is not built")
+    x = np.random.default_rng(0).standard_normal((60, 8))
+    monkeypatch.setenv("EMBGEOM_CPU", "avx2")
+    monkeypatch.setenv("EMBGEOM_GEMM", "amx")
+    r = embgeom.pairwise_stats(x, precision="fast", backend="cpp")
+    assert r.notes == ["precision='fast' ran the exact product avx2-6x16 at vector level avx2 (no native bf16 dot); "
+                       "its values are exact-mode's"] and r.error_bound == 0
+    assert r.to_dict()["notes"] == r.notes
+    assert embgeom.pairwise_stats(x, precision="exact", backend="cpp").notes == []
+    monkeypatch.delenv("EMBGEOM_CPU")
+    monkeypatch.delenv("EMBGEOM_GEMM")
+    native = embgeom.pairwise_stats(x, precision="fast", backend="cpp")
+    assert (native.notes == []) == bool(cpp().fast_product_is_bf16())

@@ -54,8 +54,22 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
     state = run_engine(engine, fp=fp, checkpoint=checkpoint, progress=progress)
     result = state.finalize(cfg, d=x.shape[1], backend=name, device=x.device,
                             seconds=time.perf_counter() - start)
-    result.notes = notes
+    result.notes = notes + _fast_ran_exact(name, precision)
     return result
+
+
+def _fast_ran_exact(backend: str, precision: str) -> list[str]:
+    """The note of a precision="fast" run that the C++ core ran on its exact float32 product (no
+    bf16 product faster than it at this vector level: EMBGEOM_CPU's cap, an EMBGEOM_GEMM it cannot
+    honour there, or the CPU): the result had said 'fast' with error bound 0 and no word why."""
+    core = registry.cpp() if backend == "cpp" and precision == "fast" else None
+    if core is None or not hasattr(core, "fast_product_is_bf16") or core.fast_product_is_bf16():
+        return []
+    info = dict(core.cpu_info())
+    product = info["gemm_fast"]
+    why = product[product.find("(") + 1:product.rfind(")")] if "(" in product else "no bf16 product here"
+    return [f"precision='fast' ran the exact product {product.split()[0]} at vector level {info['isa']} "
+            f"({why.split(':')[0]}); its values are exact-mode's"]
 
 
 def cone_index(x, mask=None, *, backend: str | None = None) -> ConeIndex:

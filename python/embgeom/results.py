@@ -217,7 +217,7 @@ class PairwiseStats:
     excluded_rows: list[int]
     excluded_cols: list[int] = field(default_factory=list)
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)  # options lowered to fit the input, and why
+    notes: list[str] = field(default_factory=list)  # options lowered to fit the input, and why; a fast run on the exact product
     # precision="fast": the bound on |value - the exact mode's value| of every pair's value that the
     # moments, the extremes and the histogram count (the lists are rescored exactly); 0 in exact
     # mode. The histogram carries it too, but this one is there without a histogram (bins=0)
