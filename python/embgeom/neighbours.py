@@ -213,7 +213,9 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
         ef_search: int | None = None, tie_margin: int = 8) -> KnnResult:
     """The k nearest rows of x by cosine similarity, for every query.
 
-    x: (N, D) float. queries: None (every row of x queries, itself excluded), (Q,) int row ids
+    k: 1 to N - 1 with self-queries (queries None or row ids), 1 to N with external queries;
+    more is refused (Index.search pads instead, pairwise_stats' row lists are lowered with a
+    note). x: (N, D) float. queries: None (every row of x queries, itself excluded), (Q,) int row ids
     of x (those rows query, themselves excluded) or (Q, D) float (external queries). index:
     "flat" (exact, IndexFlatIP on normalised rows), "ivf" (IVF-Flat, `nlist` lists, `nprobe`
     probed; default nlist ~4 sqrt(N) capped at N / 39, FAISS's 39 training points a list, and
