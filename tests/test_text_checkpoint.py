@@ -292,8 +292,12 @@ def test_a_stop_inside_an_update_waits_for_the_batch(tiny_bert, tmp_path, sig):
     assert resumed.n_texts == len(TEXTS)
     assert _strip(json.loads(json.dumps(resumed.to_dict(), default=float))) == \
         _strip(json.loads(json.dumps(clean, default=float)))
-    with pytest.raises(TypeError, match="observer object cannot be saved"):
-        trace(model, tokenizer, TEXTS, observers=[object()], checkpoint=ckpt)
+    class Unsaveable:  # (an observer, but not a Resumable)
+        def update(self, b) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="observer Unsaveable cannot be saved"):
+        trace(model, tokenizer, TEXTS, observers=[Unsaveable()], checkpoint=ckpt)
     with pytest.raises(TypeError, match="needs texts as a list or a file path"):
         trace(model, tokenizer, iter(TEXTS), checkpoint=str(tmp_path / "other.ckpt"))
 
