@@ -56,6 +56,7 @@ def test_finite_check_sees_what_its_sum_hides(dtype):
     (dict(outside=(0.5, 0.1)), ValueError, "outside: expected a <= b"),
     (dict(outside=0.5), TypeError, "outside: expected a pair"),
     (dict(block=0), ValueError, "block: expected >= 1"),
+    (dict(block=2 ** 63 - 1), ValueError, r"block: expected 1 to 2,147,483,648 \(2\^31\)"),  # (it had given count 0)
     (dict(backend="gpu"), ValueError, "backend: expected one of"),
 ])
 def test_pairwise_bad_options(kwargs, exc, match):

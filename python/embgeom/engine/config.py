@@ -111,4 +111,16 @@ def make_config(**options) -> PairwiseConfig:
         row_topk=validation.positive_int(o["row_topk"], "row_topk"),
         row_bottomk=validation.positive_int(o["row_bottomk"], "row_bottomk"), outside=outside,
         outside_limit=validation.positive_int(o["outside_limit"], "outside_limit"), precision=precision,
-        block=validation.positive_int(o["block"], "block", allow_zero=False))
+        block=_block(o["block"]))
+
+
+# a tile edge past this gains nothing (one tile holds any input's rows) and the tile count's
+# (N + block - 1) // block had wrapped around in the core's int64 at 2^63 - 1: no tile, count 0
+MAX_BLOCK = 1 << 31
+
+
+def _block(value) -> int:
+    block = validation.positive_int(value, "block", allow_zero=False)
+    if block > MAX_BLOCK:
+        raise ValueError(f"block: expected 1 to {MAX_BLOCK:,} (2^31), got {block:,}")
+    return block
