@@ -363,7 +363,8 @@ def _shard_problem(a: np.ndarray, shard: dict, m: dict) -> str | None:
         return f"holds pairs outside 0 <= i < j < n = {m['n']}"
     if int(a["i"].max()) >= m["rows_done"]:
         return f"holds pairs of rows the manifest counts as not done (rows_done {m['rows_done']:,})"
-    sim, threshold = a["similarity"], np.float32(m["threshold"])
+    with np.errstate(over="ignore"):  # (a threshold past float32's range is -inf or inf there)
+        sim, threshold = a["similarity"], np.float32(m["threshold"])
     kept = sim <= threshold if m["metric"] == "l2" else sim >= threshold
     if not np.all(kept):  # (NaN fails both tests)
         bad = sim[~kept][0]
