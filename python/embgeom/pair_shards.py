@@ -41,7 +41,7 @@ PAIR_DTYPE = np.dtype([("i", "<i8"), ("j", "<i8"), ("similarity", "<f4")])
 SHARD_PAIRS = 1 << 22   # pairs held in memory before a shard is written (80 MB)
 # the most pairs, and bytes, a listed shard may have: a reader allocates no more than this for
 # one (a forged manifest had made it read a 64 GiB sparse file whole before its checksum)
-SHARD_PAIRS_LIMIT = 1 << 22
+SHARD_PAIRS_LIMIT = SHARD_PAIRS  # (the default: tests lower SHARD_PAIRS at run time, not this)
 SHARD_BYTES_LIMIT = SHARD_PAIRS_LIMIT * PAIR_DTYPE.itemsize + 4096  # (4096: the .npy header, at most)
 SAVE_SECONDS = 30.0     # the manifest is brought up to date at least this often
 

@@ -491,17 +491,18 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
         a = getattr(saved, name)
         if a is not None and np.asarray(a).size and np.asarray(a).min() < 0:
             refuse(f"{name} must hold counts >= 0")
-    # summed as Python ints: in int64, bins of 2^62 had wrapped around to the count and passed
-    hist_total = None if saved.hist is None else sum(np.asarray(saved.hist).ravel().tolist())
+    def total(counts):  # summed as Python ints: in int64, bins of 2^62 had wrapped around to the count
+        return None if counts is None else sum(np.asarray(counts).ravel().tolist())
+
+    hist_total = total(saved.hist)
     if hist_total is not None and hist_total != saved.count:
         refuse(f"the histogram's counts sum to {hist_total}, not count {saved.count}")
     # each outside pair counts once for its row and once for its column (self mode: both ends
     # in outside_rows): a crafted outside_rows + 10^12 had been reported beside its count
     for name, per_pair in (("outside_rows", 2 if m is None else 1), ("outside_cols", 1)):
-        counts = getattr(saved, name)
-        total = None if counts is None else sum(np.asarray(counts).ravel().tolist())
-        if total is not None and total != per_pair * saved.outside_count:
-            refuse(f"{name} sums to {total}, not {'twice ' if per_pair == 2 else ''}outside_count "
+        got = total(getattr(saved, name))
+        if got is not None and got != per_pair * saved.outside_count:
+            refuse(f"{name} sums to {got}, not {'twice ' if per_pair == 2 else ''}outside_count "
                    f"{saved.outside_count}")
 
     def pair_ok(i, j):  # (arrays or numbers: every pair an (i, j) of this run)

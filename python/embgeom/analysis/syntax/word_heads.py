@@ -78,14 +78,15 @@ def word_batches(order: list[int], lengths: list[int], batch_size: int, maps: in
     """The texts `order` (shortest first) cut into batches of at most batch_size texts whose word
     maps fit WORD_MAP_BUDGET_BYTES (at least one text a batch): 64 sentences of 500 words had
     asked for 50 GB at the default batch size."""
-    batches, chunk = [], []
+    batches, chunk, longest = [], [], 0
     for i in order:
-        T = max([lengths[i]] + [lengths[j] for j in chunk])
+        T = max(longest, lengths[i])   # the batch's padded length with text i in it
         if chunk and (len(chunk) == batch_size
                       or (len(chunk) + 1) * maps * T * T * WORD_MAP_ENTRY_BYTES > WORD_MAP_BUDGET_BYTES):
             batches.append(chunk)
-            chunk = []
+            chunk, T = [], lengths[i]
         chunk.append(i)
+        longest = T
     return batches + ([chunk] if chunk else [])
 
 
