@@ -487,6 +487,20 @@ def test_ctrl_c_while_the_command_imports_is_one_line(monkeypatch, capsys):
     assert err == "embgeom: interrupted before the command started: nothing was written\n"
 
 
+def test_the_package_and_help_load_without_torch():
+    """`import embgeom` and `embgeom --help` import no torch (it took 2 s before the parser
+    existed, and a Ctrl-C there was a traceback); each public name still loads on first use."""
+    probe = ("import sys, embgeom, embgeom.cli as cli\n"
+             "try:\n    cli.build_parser(['--help']).parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+             "assert 'torch' not in sys.modules, 'torch loaded'\n"
+             "assert set(embgeom.__all__) <= set(dir(embgeom))\n"
+             "assert all(getattr(embgeom, name) is not None for name in embgeom.__all__)\n"
+             "import embgeom.community_detection\n"
+             "assert callable(embgeom.communities) and embgeom.communities.__module__ == 'embgeom.community_detection'\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
 def test_pairs_checkpoint_refusal_names_the_flags(tmp_path, capsys):
     """A checkpoint written with other options is refused naming them as typed (it said `bins 10
     then`, `y: shape`, a lowered `outside_limit` the user never gave, the backend twice)."""

@@ -543,7 +543,7 @@ def test_communities_engine_path_equals_range_search(monkeypatch, threshold, siz
 
     from test_pairs_above import _clusters
 
-    comm = importlib.import_module("embgeom.communities")  # the module (embgeom.communities is the function)
+    comm = importlib.import_module("embgeom.community_detection")
     x = _clusters(seed=4)
     x[5] = x[9]
     x[12] = 0

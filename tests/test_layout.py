@@ -24,7 +24,7 @@ LAYERS = [
     {"api", "distributed"},
     {"neighbours", "pair_shards"},
     {"index"},
-    {"communities"},
+    {"community_detection"},
     {"compat", "sklearn", "faiss"},
     {"analysis.run_checkpoint"},
     {"analysis.text", "analysis.heads", "analysis.clouds"},

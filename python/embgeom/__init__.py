@@ -28,14 +28,23 @@ def _source_kernels() -> None:
 
 
 _source_kernels()
-# knn is imported eagerly (faiss itself loads on first call)
-from .neighbours import knn
-from .api import ConeAccumulator, attention_entropy, cone_index, cone_index_stream, pairwise_stats
-from .models import load_model
-from .index import Index, pairs_above
-from .pair_shards import read_pairs
-from .communities import communities
-from .results import AttentionEntropy, ConeIndex, Histogram, PairList, PairwiseStats, RowTopK
+# Every public name loads its module on first use (PEP 562): `embgeom --help` and a Ctrl-C at
+# a command's start answer before torch has loaded (cli.main), and `import embgeom` stays cheap.
+_EXPORTS = {
+    "knn": ".neighbours",
+    "ConeAccumulator": ".api", "attention_entropy": ".api", "cone_index": ".api",
+    "cone_index_stream": ".api", "pairwise_stats": ".api",
+    "load_model": ".models",
+    "Index": ".index", "pairs_above": ".index",
+    "read_pairs": ".pair_shards",
+    "communities": ".community_detection",
+    "AttentionEntropy": ".results", "ConeIndex": ".results", "Histogram": ".results",
+    "PairList": ".results", "PairwiseStats": ".results", "RowTopK": ".results",
+    "trace": ".analysis.text.trace",
+    "project": ".analysis.clouds.projection",
+}
+# drop-ins: submodules whose library loads on first use
+_DROP_INS = ("compat", "sklearn", "faiss")
 
 __version__ = "0.1.0"
 
@@ -48,17 +57,16 @@ __all__ = [
 
 
 def __getattr__(name):
-    # heavy optional parts (transformers, faiss) load on first use
-    if name == "trace":
-        from .analysis.text.trace import trace
+    import importlib
 
-        return trace
-    if name == "project":
-        from .analysis.clouds.projection import project
-
-        return project
-    if name in ("compat", "sklearn", "faiss"):  # drop-ins: their library loads on first use
-        import importlib
-
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if name in _DROP_INS:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'embgeom' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_DROP_INS))

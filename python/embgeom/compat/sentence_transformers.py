@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import validation
-from ..communities import communities
+from ..community_detection import communities
 from ..index import Index, native_bf16
 
 
