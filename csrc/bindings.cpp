@@ -481,7 +481,8 @@ py::dict cpu_info() {
   const embgeom::GemmKernel fast = embgeom::select_kernel(true);
   d["gemm_fast_bf16"] = fast.bf16;  // fast mode runs a bf16 product here
   d["gemm_fast"] = fast.bf16 ? std::string(fast.name)
-                             : std::string(fast.name) + " (" + embgeom::fast_product_note() + ")";
+                             : std::string(fast.name) + " (" + embgeom::fast_product_note() +
+                                   ": fast runs the exact product)";
   {
     const float one = 1.0f;
     embgeom::PairwiseOptions o;
@@ -568,8 +569,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mask") = py::none(), py::arg("smoothing") = 0.0,
         "Row entropy in nats: attn (B, H, T, T) float32, mask (B, T) uint8 -> (B, H, T) float32");
   m.def("max_threads", &max_threads, "OpenMP threads the kernels use");
-  m.def("fast_product_is_bf16", [] { return embgeom::select_kernel(true).bf16; },
-        "Whether a new engine in fast mode takes a bf16 product now (EMBGEOM_CPU / EMBGEOM_GEMM read)");
+  m.def("fast_product", [] {
+        const embgeom::GemmKernel fast = embgeom::select_kernel(true);
+        py::dict d;
+        d["kernel"] = std::string(fast.name);
+        d["bf16"] = fast.bf16;
+        d["why_exact"] = std::string(embgeom::fast_product_note());  // "" when bf16
+        return d;
+      },
+        "The product a new engine in fast mode takes now (EMBGEOM_CPU / EMBGEOM_GEMM read): "
+        "{kernel, bf16, why_exact: why it is the exact float32 product, '' when bf16}");
   m.def("cpu_info", &cpu_info,
         "Vector level (EMBGEOM_CPU cap applied), BLAS, and the product kernel / fused pass / "
         "text-kernel paths a new engine takes now");
@@ -685,6 +694,12 @@ PYBIND11_MODULE(_C, m) {
     using f32_in = py::array_t<float, py::array::c_style | py::array::forcecast>;
     using i64_arr = py::array_t<int64_t>;
     using f64_arr = py::array_t<double>;
+    // every call but run's own reads or changes the engine's state: refused while a run (GIL
+    // released) is under way in another thread
+    auto idle = [](auto& e) -> auto& {
+      EMBGEOM_CHECK(!e.running(), "engine: a run is under way in another thread; wait for it to finish");
+      return e;
+    };
     auto vec_i64 = [](const std::vector<int64_t>& v) {
       i64_arr a(static_cast<py::ssize_t>(v.size()));
       if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(int64_t));
@@ -768,20 +783,21 @@ PYBIND11_MODULE(_C, m) {
         .def("tile_pairs", &PairwiseEngine::tile_pairs, py::arg("begin"), py::arg("end"))
         .def("run", &PairwiseEngine::run, py::arg("begin"), py::arg("end"),
              py::call_guard<py::gil_scoped_release>(), "Process tiles [begin, end) (GIL released)")
-        .def("set_row_top_floor", &PairwiseEngine::set_row_top_floor, py::arg("floor"),
-             "Before the first run: per-row top lists of the values >= floor only (NaN: none)")
-        .def("keep_lists_only", &PairwiseEngine::keep_lists_only,
+        .def("set_row_top_floor", [idle](PairwiseEngine& e, double floor) { idle(e).set_row_top_floor(floor); },
+             py::arg("floor"), "Before the first run: per-row top lists of the values >= floor only (NaN: none)")
+        .def("keep_lists_only", [idle](PairwiseEngine& e) { idle(e).keep_lists_only(); },
              "Before the first run: only the per-row lists and outside counts and pairs are kept "
              "(no count, moments or extremes)")
-        .def("discard_statistics", &PairwiseEngine::discard_statistics,
+        .def("discard_statistics", [idle](PairwiseEngine& e) { idle(e).discard_statistics(); },
              "Benchmarks only: later runs compute the schedule's products and skip the statistics")
         .def_property_readonly("kernel", [](const PairwiseEngine& e) { return std::string(e.kernel_name()); })
         .def_property_readonly("fused_pass", [](const PairwiseEngine& e) { return std::string(e.fused_name()); })
         .def_property_readonly("isa", [](const PairwiseEngine& e) { return std::string(embgeom::isa_name(e.isa())); })
         .def_property_readonly("hist_error_bound", &PairwiseEngine::hist_error_bound)
-        .def_property_readonly("tiles_done", [](const PairwiseEngine& e) { return e.state().tiles_done; })
-        .def("state", [vec_i64](const PairwiseEngine& e) {
-          const embgeom::ExportedState s = e.export_state();
+        .def_property_readonly("running", &PairwiseEngine::running, "Whether a run is under way")
+        .def_property_readonly("tiles_done", [idle](const PairwiseEngine& e) { return idle(e).state().tiles_done; })
+        .def("state", [vec_i64, idle](const PairwiseEngine& e) {
+          const embgeom::ExportedState s = idle(e).export_state();
           auto pair = [](bool has, const embgeom::OrigPair& p) -> py::object {
             if (!has) return py::none();
             return py::make_tuple(p.v, p.i, p.j);
@@ -833,7 +849,8 @@ PYBIND11_MODULE(_C, m) {
           d["hist_error_bound"] = s.hist_error_bound;
           return d;
         })
-        .def("load_state", [](PairwiseEngine& e, const py::dict& d) {
+        .def("load_state", [idle](PairwiseEngine& e, const py::dict& d) {
+          idle(e);
           auto get = [&](const char* k) -> py::object {
             EMBGEOM_CHECK(d.contains(k), "state: missing key '" << k << "'");
             return d[k];

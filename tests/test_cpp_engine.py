@@ -662,3 +662,29 @@ def test_row_lists_exact_under_heavy_ties(k, cross):
             assert ri[r].tolist() == order.tolist(), (key, r)
             assert np.array_equal(rv[r], v[r, order].astype(np.float32))
     assert_states_equal(got, run_engine(x, y, threads=1, **kw))
+
+
+def test_one_run_at_a_time_on_an_engine():
+    """run() releases the GIL: a second run of the same tiles from another thread had been
+    accepted and counted every pair twice; it and every read of the state wait their turn now."""
+    import threading
+
+    x = make_x(6000, 384, seed=11)
+    for _ in range(5):  # the first run must still be under way when the second call comes
+        e = _C.PairwiseEngine(x, None, **engine_args(metric="cosine", block=64, threads=1))
+        t = e.num_tiles()
+        worker = threading.Thread(target=e.run, args=(0, t))
+        worker.start()
+        while worker.is_alive() and not e.running:
+            pass
+        refused = []
+        if e.running:
+            for call in (lambda: e.run(0, t), e.state, lambda: e.tiles_done, e.keep_lists_only):
+                with pytest.raises(ValueError, match="a run is under way in another thread") as err:
+                    call()
+                refused.append(err)
+        worker.join()
+        if refused:
+            break
+    assert len(refused) == 4
+    assert not e.running and e.state()["count"] == 6000 * 5999 // 2 and e.tiles_done == t

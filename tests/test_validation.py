@@ -317,4 +317,4 @@ def test_a_fast_run_on_the_exact_product_says_so(monkeypatch):
     monkeypatch.delenv("EMBGEOM_CPU")
     monkeypatch.delenv("EMBGEOM_GEMM")
     native = embgeom.pairwise_stats(x, precision="fast", backend="cpp")
-    assert (native.notes == []) == bool(cpp().fast_product_is_bf16())
+    assert (native.notes == []) == bool(cpp().fast_product()["bf16"])

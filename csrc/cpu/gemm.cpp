@@ -276,8 +276,7 @@ static bool bf16_dot_beats_fp32() {
 
 const char* fast_product_note() {
   if (select_kernel(true).bf16) return "";
-  return cpu_has_avx512bf16() ? "bf16 dot no faster than fp32 on this CPU: fast runs the exact product"
-                              : "no native bf16 dot: fast runs the exact product";
+  return cpu_has_avx512bf16() ? "bf16 dot no faster than fp32 on this CPU" : "no native bf16 dot";
 }
 
 GemmKernel select_kernel(bool fast) {

@@ -4,6 +4,7 @@
 // Indices inside the engine are "compact" (zero-norm rows dropped for cosine); the state
 // accessors map them back to original row indices.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -123,6 +124,9 @@ class PairwiseEngine {
   // Process tiles [begin, end) of the schedule; begin must equal tiles_done (or the engine is
   // fresh, e.g. one shard of the schedule).
   void run(int64_t begin, int64_t end);
+  // Whether a run() is under way: the binding releases the GIL for it, and refuses every other
+  // call on this engine meanwhile (a second run from another thread had counted tiles twice).
+  bool running() const { return running_.load(); }
 
   const PairwiseOptions& options() const { return opt_; }
   bool self_mode() const { return self_; }
@@ -221,6 +225,7 @@ class PairwiseEngine {
   void prime_row_bounds(int threads);
   PairwiseState st_;
   bool fresh_ = true;
+  std::atomic<bool> running_{false};
 };
 
 }  // namespace embgeom

@@ -155,6 +155,13 @@ bool PairwiseEngine::tile_is_cold(const ThreadCtx& c) const {
 }
 
 void PairwiseEngine::run(int64_t begin, int64_t end) {
+  bool idle = false;
+  EMBGEOM_CHECK(running_.compare_exchange_strong(idle, true),
+                "engine: a run is under way in another thread; one run at a time on an engine");
+  struct Finished {
+    std::atomic<bool>& running;
+    ~Finished() { running = false; }
+  } finished{running_};
   EMBGEOM_CHECK(0 <= begin && begin <= end && end <= num_tiles_,
                 "tiles: expected 0 <= begin <= end <= " << num_tiles_ << ", got [" << begin << ", " << end << ")");
   EMBGEOM_CHECK(begin == st_.tiles_done || (fresh_ && st_.tiles_done == 0),

@@ -63,13 +63,11 @@ def _fast_ran_exact(backend: str, precision: str) -> list[str]:
     bf16 product faster than it at this vector level: EMBGEOM_CPU's cap, an EMBGEOM_GEMM it cannot
     honour there, or the CPU): the result had said 'fast' with error bound 0 and no word why."""
     core = registry.cpp() if backend == "cpp" and precision == "fast" else None
-    if core is None or not hasattr(core, "fast_product_is_bf16") or core.fast_product_is_bf16():
+    product = core.fast_product() if core is not None and hasattr(core, "fast_product") else None
+    if product is None or product["bf16"]:
         return []
-    info = dict(core.cpu_info())
-    product = info["gemm_fast"]
-    why = product[product.find("(") + 1:product.rfind(")")] if "(" in product else "no bf16 product here"
-    return [f"precision='fast' ran the exact product {product.split()[0]} at vector level {info['isa']} "
-            f"({why.split(':')[0]}); its values are exact-mode's"]
+    return [f"precision='fast' ran the exact product {product['kernel']} at vector level "
+            f"{core.cpu_info()['isa']} ({product['why_exact']}); its values are exact-mode's"]
 
 
 def cone_index(x, mask=None, *, backend: str | None = None) -> ConeIndex:

@@ -319,7 +319,7 @@ def native_bf16() -> bool:
     from .backends.registry import cpp
 
     core = cpp()
-    return True if core is None or not hasattr(core, "fast_product_is_bf16") else bool(core.fast_product_is_bf16())
+    return True if core is None or not hasattr(core, "fast_product") else bool(core.fast_product()["bf16"])
 
 
 def _largest(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
