@@ -11,7 +11,8 @@ from ..analysis.syntax.coreference import coreference_heads
 from ..analysis.syntax.mentions import read_mentions
 from ..io import check_output_folder, output_folder
 from ..report.coref_page import write_coref_report
-from .model_options import add_model_options, check_run_options, finish_report, model_input, progress_for
+from .model_options import (add_model_options, check_run_options, finish_report, model_input,
+                            note_skipped_too_long, progress_for)
 
 FORMAT = ("one JSON object per line: {\"tokens\": [words], \"clusters\": [[[start, end], ...], ...]}, "
           "spans 0-based word indices with END INCLUSIVE ([i, i] is the one word i); [start, end, head] "
@@ -50,10 +51,7 @@ def main(args) -> int:
                   "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
                   "coref": block}
         finish_report(out, report, prov, prog, lambda: write_coref_report(out, report))
-    if block["skipped_too_long"]:
-        print(f"embgeom coref: note: {counted(block['skipped_too_long'], 'document')} longer than the model's "
-              f"maximum{' (--max-length)' if args.max_length else ''} {'was' if block['skipped_too_long'] == 1 else 'were'} skipped (report.json coref.skipped "
-              "names them)", file=sys.stderr)
+    note_skipped_too_long("coref", block["skipped_too_long"], "document", args, "report.json coref.skipped names them")
     b = block["baselines"]
     print(f"embgeom coref: {counted(block['n_documents'], 'document')}, {fmt(block['n_scored'])} of "
           f"{fmt(block['n_mentions'])} mentions with an antecedent in {seconds(prov.seconds())}; best head "

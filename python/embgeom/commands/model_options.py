@@ -4,6 +4,7 @@ one check; the progress display they ask for; and how they finish a report folde
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..validation import device
 
@@ -75,3 +76,14 @@ def finish_report(out: str, report: dict, prov, prog, write_page) -> None:
         write_page()
     report["provenance"] = prov.record()
     write_json(os.path.join(out, "report.json"), report)
+
+
+def note_skipped_too_long(command: str, skipped: int, noun: str, args, where: str) -> None:
+    """The stderr note of inputs left out for passing the model's length (or --max-length);
+    where: the report key that names them."""
+    from ..formatting import counted
+
+    if skipped:
+        limit = " (--max-length)" if args.max_length else ""
+        print(f"embgeom {command}: note: {counted(skipped, noun)} longer than the model's maximum{limit} "
+              f"{'was' if skipped == 1 else 'were'} skipped ({where})", file=sys.stderr)

@@ -10,7 +10,8 @@ from ..analysis.syntax.treebank import read_conllu
 from ..analysis.syntax.word_heads import syntax_heads
 from ..io import check_output_folder, output_folder
 from ..report.syntax_page import write_syntax_report
-from .model_options import add_model_options, check_run_options, finish_report, model_input, progress_for
+from .model_options import (add_model_options, check_run_options, finish_report, model_input,
+                            note_skipped_too_long, progress_for)
 
 
 def add_arguments(p) -> None:
@@ -54,10 +55,7 @@ def main(args) -> int:
                   "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
                   "syntax": block}
         finish_report(out, report, prov, prog, lambda: write_syntax_report(out, report))
-    if block["skipped_too_long"]:
-        print(f"embgeom syntax: note: {counted(block['skipped_too_long'], 'sentence')} longer than the model's "
-              f"maximum{' (--max-length)' if args.max_length else ''} {'was' if block['skipped_too_long'] == 1 else 'were'} skipped (report.json "
-              "syntax.skipped_too_long)", file=sys.stderr)
+    note_skipped_too_long("syntax", block["skipped_too_long"], "sentence", args, "report.json syntax.skipped_too_long")
     a = block["all"]
     offset = a["offset_baseline"]["offset"]
     print(f"embgeom syntax: {counted(block['n_sentences'], 'sentence')}, {counted(block['n_words'], 'word')} in "
