@@ -222,6 +222,7 @@ py::array_t<double> row_pair_sums(const py::array_t<float>& a, const py::array_t
 py::tuple eigvals_abs(const py::array_t<double, py::array::c_style | py::array::forcecast>& a, int threads) {
   if (a.ndim() != 3 || a.shape(1) != a.shape(2))
     throw std::invalid_argument("eigvals_abs: expected (k, n, n) float64, got " + std::to_string(a.ndim()) + " dims");
+  embgeom::check_threads(threads);
   const int64_t k = a.shape(0), n = a.shape(1);
   py::array_t<double> out({k, n});
   py::array_t<uint8_t> ok(k);
@@ -238,6 +239,7 @@ py::tuple sym_tridiagonal(const f64_c& a, int threads) {
   if (a.ndim() != 3 || a.shape(1) != a.shape(2))
     throw std::invalid_argument("sym_tridiagonal: expected (k, n, n) float64, got " + std::to_string(a.ndim()) +
                                 " dims");
+  embgeom::check_threads(threads);
   const int64_t k = a.shape(0), n = a.shape(1);
   py::array_t<double> d({k, n}), e({k, std::max<int64_t>(0, n - 1)});
   py::array_t<uint8_t> ok(k);
@@ -713,6 +715,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("prepare_columns",
           [](const f32_in& y, const std::string& metric, const std::string& precision, int threads) {
             EMBGEOM_CHECK(y.ndim() == 2, "y: expected (M, D), got " << y.ndim() << " dims");
+            embgeom::check_threads(threads);
             embgeom::PairwiseOptions o;
             o.metric = metric;
             o.precision = precision;

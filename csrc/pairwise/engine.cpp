@@ -53,16 +53,19 @@ void check_options(const PairwiseOptions& opt) {
   EMBGEOM_CHECK(opt.bins >= 0, "bins: expected >= 0, got " << opt.bins);
   EMBGEOM_CHECK(opt.bins == 0 || (std::isfinite(opt.lo) && std::isfinite(opt.hi) && opt.hi > opt.lo),
                 "range: expected finite lo < hi, got (" << opt.lo << ", " << opt.hi << ")");
+  EMBGEOM_CHECK(!opt.has_near || std::isfinite(opt.near), "near: expected a finite value");
+  EMBGEOM_CHECK(!opt.has_outside || (!std::isnan(opt.out_a) && !std::isnan(opt.out_b) && opt.out_a <= opt.out_b),
+                "outside: expected (a, b) with a <= b, got (" << opt.out_a << ", " << opt.out_b << ")");
   EMBGEOM_CHECK(opt.topk >= 0, "topk: expected >= 0, got " << opt.topk);
   EMBGEOM_CHECK(opt.bottomk >= 0, "bottomk: expected >= 0, got " << opt.bottomk);
   EMBGEOM_CHECK(opt.near_k >= 0, "near_k: expected >= 0, got " << opt.near_k);
-  EMBGEOM_CHECK(!opt.has_near || std::isfinite(opt.near), "near: expected a finite value");
-  EMBGEOM_CHECK(opt.row_topk >= 0, "row_topk: expected >= 0, got " << opt.row_topk);
-  EMBGEOM_CHECK(opt.row_bottomk >= 0, "row_bottomk: expected >= 0, got " << opt.row_bottomk);
-  EMBGEOM_CHECK(!opt.has_outside || (!std::isnan(opt.out_a) && !std::isnan(opt.out_b) && opt.out_a <= opt.out_b),
-                "outside: expected (a, b) with a <= b, got (" << opt.out_a << ", " << opt.out_b << ")");
   EMBGEOM_CHECK(opt.outside_limit >= 0, "outside_limit: expected >= 0, got " << opt.outside_limit);
-  EMBGEOM_CHECK(opt.threads >= 0, "threads: expected >= 0, got " << opt.threads);
+  // a row has fewer than 2^31 neighbours (M < 2^31): a longer per-row list had wrapped its size
+  EMBGEOM_CHECK(opt.row_topk >= 0 && opt.row_topk <= kMaxRowList,
+                "row_topk: expected 0 to " << kMaxRowList << ", got " << opt.row_topk);
+  EMBGEOM_CHECK(opt.row_bottomk >= 0 && opt.row_bottomk <= kMaxRowList,
+                "row_bottomk: expected 0 to " << kMaxRowList << ", got " << opt.row_bottomk);
+  check_threads(opt.threads);
 }
 
 int metric_code(const std::string& metric) { return metric == "cosine" ? 0 : (metric == "dot" ? 1 : 2); }
