@@ -318,3 +318,27 @@ def test_a_fast_run_on_the_exact_product_says_so(monkeypatch):
     monkeypatch.delenv("EMBGEOM_GEMM")
     native = embgeom.pairwise_stats(x, precision="fast", backend="cpp")
     assert (native.notes == []) == bool(cpp().fast_product()["bf16"])
+
+
+def test_yes_no_arguments_refuse_strings_and_numbers(tiny_bert, tmp_path):
+    """"no" and "false" are truthy: float64="no" had run the float64 search, copy="no" copied,
+    progress="no" showed the bars, verify="no" checked the file. Each is refused by name."""
+    x = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    index = embgeom.Index(x)
+    index.save(tmp_path / "i.emb")
+    model, tokenizer = tiny_bert
+    calls = {
+        "copy": lambda: embgeom.Index(x, copy="no"),
+        "float64": lambda: index.search(x[:2], 3, float64="no"),
+        "float64 ": lambda: index.search_stored(3, float64=1),
+        "float64  ": lambda: index.range_search(x[:2], 0.5, float64="false"),
+        "verify": lambda: embgeom.Index.load(tmp_path / "i.emb", verify="no"),
+        "progress": lambda: embgeom.pairwise_stats(x, progress="no"),
+        "classifier": lambda: embgeom.load_model(None, classifier="no"),
+        "heads": lambda: embgeom.trace(model, tokenizer, ["a b c"], heads="no"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"^{name.strip()}: expected True"):
+            call()
+    assert index.search(x[:2], 3, float64=np.bool_(True))[0].dtype == torch.float64
+    assert embgeom.Index(x, copy=np.bool_(False)).ntotal == 20

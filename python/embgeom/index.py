@@ -359,6 +359,7 @@ class Index:
     def __init__(self, corpus, metric: str = "cosine", dtype: Any = torch.float32, device: Any = None,
                  *, copy: bool = True):
         self.metric = validation.choice(metric, "metric", METRICS)
+        copy = validation.flag(copy, "copy")
         self.dtype = _dtype(dtype)
         x = _rows(corpus, "corpus")
         self.device = validation.device(device) if device is not None else x.device
@@ -368,7 +369,7 @@ class Index:
         self._ties = None  # (snapshot, _tie_group)
         self._searched = None  # the snapshot the last engine-eligible search ran on (ENGINE_PREPARE_QUERIES)
         # by default the index keeps its own copy: a caller's later writes cannot reach it
-        rows = x.detach().to(self.device, torch.float32, copy=bool(copy)).contiguous()
+        rows = x.detach().to(self.device, torch.float32, copy=copy).contiguous()
         self._store = self._prepare(rows, None, 0)
 
     # -- preparing rows ---------------------------------------------------------------------
@@ -687,6 +688,7 @@ class Index:
         (kept in float64 with float64=True). Fewer than k results (k > N, zero rows, a zero
         query under cosine) pad with id -1 and score NaN.
         """
+        float64 = validation.flag(float64, "float64")
         few = self._search_few(queries, k, float64)
         if few is not None:
             return few
@@ -761,6 +763,7 @@ class Index:
         has fewer: id -1, score NaN past them), decided on the exact values; the engine's lists
         then hold values above the floor only, far fewer offers where most rows have few such
         neighbours (paraphrase mining)."""
+        float64 = validation.flag(float64, "float64")
         if floor is not None:
             floor = validation.finite_float(floor, "floor")
             if self.metric == "l2":
@@ -999,6 +1002,7 @@ class Index:
         queries: (Q, D) float. Returns (lims (Q + 1,) int64, scores (R,) float32, ids (R,) int64):
         query q's results are [lims[q], lims[q + 1]), ordered as in `search`.
         """
+        float64 = validation.flag(float64, "float64")
         as_float32 = validation.is_float32_scalar(threshold)
         threshold = validation.finite_float(threshold, "threshold")
         if as_float32:  # (a score fed back had lost its own row about half the time)
@@ -1267,6 +1271,7 @@ class Index:
         (a file crafted with its hash recomputed). ValueError (one line) on anything that is not
         a complete index file of this format; verify=False trusts the file."""
         path = validation.path(path, "path")
+        verify = validation.flag(verify, "verify")
         if not os.path.isfile(path):
             raise ValueError(f"path: no index file at {path}")
         # one open file for the header, the size and the maps: a save renaming a new file over

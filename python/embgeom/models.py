@@ -216,8 +216,7 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
         raise TypeError(f"name_or_path: expected a model folder or Hugging Face id (str), got "
                         f"{type(name_or_path).__name__}")
     name_or_path = None if name_or_path is None else os.fspath(name_or_path)
-    if not isinstance(classifier, bool):
-        raise TypeError(f"classifier: expected True or False, got {type(classifier).__name__}")
+    classifier = validation.flag(classifier, "classifier")
     if device is not None:  # (before the load: a device that is not here, in one line)
         device = validation.device(device)
     path = resolve_model(name_or_path)

@@ -143,7 +143,12 @@ class Progress:
 
 def as_progress(progress, prefix: str) -> Progress:
     """A function's `progress=` argument (a bool or a Progress) as a Progress: True shows it
-    whatever stderr is (the caller asked), False is silent."""
+    whatever stderr is (the caller asked), False (or None) is silent."""
     if isinstance(progress, Progress):
         return progress
+    if progress is not None and not isinstance(progress, bool):
+        import numpy as np
+
+        if not isinstance(progress, np.bool_):  # ("no" had shown the bars)
+            raise TypeError(f"progress: expected True, False or a Progress, got {type(progress).__name__}")
     return Progress(enabled=bool(progress), prefix=prefix)

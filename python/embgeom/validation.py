@@ -359,6 +359,19 @@ def positive_int(value: Any, name: str, *, allow_zero: bool = True) -> int:
     return int(value)
 
 
+def flag(value: Any, name: str) -> bool:
+    """A yes/no argument: True or False (numpy's bools too). A string or a number is refused: "no"
+    and "false" had read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {_short_repr(value)}")
+    return bool(value)
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def choice(value: Any, name: str, options: tuple[str, ...]) -> str:
     # (a str test first: a one-element array is "in" a tuple of strings)
     if not isinstance(value, str) or value not in options:

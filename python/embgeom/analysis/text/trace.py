@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from ... import validation
 from ...backends import registry
 from ...engine.checkpoint import Resumable
 from ...numerics import cosine_matrix
@@ -921,6 +922,8 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     for k, obs in enumerate(observers):
         if not callable(getattr(obs, "update", None)):
             raise TypeError(f"observers: item {k} ({type(obs).__name__}) has no update(batch) method")
+    heads, clark_js, gaussianity, directionality = (validation.flag(v, name) for v, name in (
+        (heads, "heads"), (clark_js, "clark_js"), (gaussianity, "gaussianity"), (directionality, "directionality")))
     extras = None
     if heads or clark_js or gaussianity or directionality:
         from ..heads.text_extras import TextExtras
