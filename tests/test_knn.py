@@ -86,6 +86,15 @@ def test_query_ids_and_external_queries(points):
     assert not ext.self_query
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_no_query_rows_is_an_empty_answer(points, kind):
+    """(0, D) query rows answer (0, k), as an empty id list and FAISS do (they had been refused)."""
+    r = embgeom.knn(points, 5, queries=points[:0], index=kind)
+    assert tuple(r.indices.shape) == tuple(r.values.shape) == (0, 5) and not r.self_query
+    with pytest.raises(ValueError, match="queries: expected 24 columns"):
+        embgeom.knn(points, 5, queries=np.zeros((0, 7), np.float32))
+
+
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_recall(points, kind):
     got = embgeom.knn(torch.from_numpy(points), 10, index=kind)

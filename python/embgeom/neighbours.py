@@ -114,7 +114,7 @@ def _queries(queries: Any, x: torch.Tensor):
             raise ValueError(f"queries: row ids must be in [0, {x.shape[0]}), got min {int(ids.min())}, "
                              f"max {int(ids.max())}")
         return x[ids.to(x.device)], ids.numpy()
-    q = validation.embeddings(queries, "queries")
+    q = validation.embeddings(queries, "queries", rows_may_be_empty=True)  # (no queries: no rows, as an empty id list)
     if q.shape[1] != x.shape[1]:
         raise ValueError(f"queries: expected {x.shape[1]} columns, as many as the indexed rows have, got {tuple(q.shape)}")
     return q, None
