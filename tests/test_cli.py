@@ -501,6 +501,28 @@ def test_the_package_and_help_load_without_torch():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("broken", ["missing", "oserror"])
+def test_a_torch_that_cannot_load_is_named_in_one_line(tmp_path, broken):
+    """Without torch, `embgeom pairs X --json O` had said `unrecognized arguments: X --json O`,
+    and `embgeom info` two tracebacks; a torch whose CUDA library is missing (an OSError) had
+    been a traceback, or `error: OSError` with the library's name lost."""
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        'raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n' if broken == "missing" else
+        'raise OSError("libcudnn.so.9: cannot open shared object file: No such file or directory")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    why = ("No module named 'torch' (embgeom needs torch >= 2.4: pip install torch)" if broken == "missing" else
+           "OSError: libcudnn.so.9: cannot open shared object file: No such file or directory")
+    for argv, want in ((["pairs", "x.npy", "--json", "o.json"], f"pairs is unavailable: importing its modules failed: {why}"),
+                       (["vocab", "--out", "r"], f"vocab is unavailable: importing its modules failed: {why}"),
+                       (["info"], "torch cannot be imported here")):
+        done = subprocess.run([sys.executable, "-m", "embgeom", *argv], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and want in done.stderr, (argv, done.stderr)
+    assert not (tmp_path / "o.json").exists() and not (tmp_path / "r").exists()
+
+
 def test_pairs_checkpoint_refusal_names_the_flags(tmp_path, capsys):
     """A checkpoint written with other options is refused naming them as typed (it said `bins 10
     then`, `y: shape`, a lowered `outside_limit` the user never gave, the backend twice)."""

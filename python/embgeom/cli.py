@@ -25,8 +25,8 @@ class OneLineParser(argparse.ArgumentParser):
         """As argparse's, but arguments no parser knows are refused by the command they follow
         (`embgeom text: error: ...`, see `embgeom text --help`), not by the top-level parser."""
         parsed, extra = self.parse_known_args(args, namespace)
-        if extra:
-            command = self.command_parsers.get(getattr(parsed, "command", None), self)
+        command = self.command_parsers.get(getattr(parsed, "command", None), self)
+        if extra and not getattr(command, "unavailable", False):  # (an unavailable one says why instead)
             command.error(f"unrecognized arguments: {' '.join(extra)}")
         return parsed
 
@@ -44,7 +44,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             continue
         try:
             mod = importlib.import_module(module)
-        except ImportError as exc:
+        except Exception as exc:  # noqa: BLE001 - torch missing or broken (a CUDA library it cannot open)
+            p.unavailable = True   # its arguments are not known: the command says why it cannot run
             p.set_defaults(func=lambda a, n=name, e=exc: _unavailable(n, e))
             continue
         mod.add_arguments(p)
@@ -52,8 +53,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _unavailable(name: str, exc: ImportError) -> int:
-    raise ValueError(f"{name} is unavailable: {exc}")
+def _unavailable(name: str, exc: Exception) -> int:
+    why = (str(exc).strip().splitlines() or [""])[0]
+    why = why if isinstance(exc, ImportError) else f"{type(exc).__name__}: {why}"
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "torch":
+        why += " (embgeom needs torch >= 2.4: pip install torch)"
+    raise ValueError(f"{name} is unavailable: importing its modules failed: {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,16 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:  # the machine refused: permissions, a folder for a file, a full disk
-        what = exc.strerror or type(exc).__name__
+        what = exc.strerror or str(exc) or type(exc).__name__
         print(f"embgeom: error: {what}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"embgeom: interrupted ({_what_was_kept(args)})", file=sys.stderr)
         return 130
     except Exception as exc:
-        from .distributed import PeerLost
-
-        if not isinstance(exc, PeerLost):
+        # (a lost peer can only come from distributed, if it was imported: importing it here, with
+        # torch, had raised a second traceback over the first where torch cannot load)
+        distributed = sys.modules.get(f"{__package__}.distributed")
+        if distributed is None or not isinstance(exc, distributed.PeerLost):
             raise
         print(f"embgeom: error: {exc}", file=sys.stderr)
         return 1

@@ -68,6 +68,15 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     """`embgeom info` and `python -m embgeom.info`: what is built and usable, and why not."""
+    try:
+        import torch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - the first thing an install check must say
+        from . import __version__
+
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"torch cannot be imported here ({type(exc).__name__}: {why}); embgeom {__version__} "
+                         f"needs torch >= 2.4 (pip install torch); python {platform.python_version()} at "
+                         f"{sys.executable}") from None
     info = collect()
     if args.json:
         print(json.dumps(info, indent=1))
