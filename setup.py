@@ -51,7 +51,9 @@ class CMakeBuild(build_ext):
             args.append("-GNinja")
         except ImportError:
             pass
-        jobs = os.environ.get("MAX_JOBS", "2")
+        args += os.environ.get("CMAKE_ARGS", "").split()  # e.g. -DCMAKE_CUDA_ARCHITECTURES=80
+        # MAX_JOBS, else CMake's own CMAKE_BUILD_PARALLEL_LEVEL (an explicit -j overrides it), else 2
+        jobs = os.environ.get("MAX_JOBS") or os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or "2"
         cmake = cmake_command()
         subprocess.run([cmake, str(ROOT), *args], cwd=build_temp, check=True)
         subprocess.run([cmake, "--build", ".", "-j", jobs], cwd=build_temp, check=True)

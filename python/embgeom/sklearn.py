@@ -23,7 +23,14 @@ import math
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted, validate_data
+
+try:
+    from sklearn.utils.validation import check_is_fitted, validate_data
+except ImportError as _old:  # (validate_data is new in scikit-learn 1.6)
+    import sklearn as _sklearn
+
+    raise ImportError(f"embgeom.sklearn needs scikit-learn >= 1.6 (its validate_data), found "
+                      f"{_sklearn.__version__}: pip install 'scikit-learn>=1.6'") from _old
 
 from . import validation
 from .index import Index
