@@ -27,8 +27,8 @@ ALL_BACKENDS = AUTO_ORDER + ("reference",)
 GPU_CHECK_LOG = "benchmarks/results/gpu_check_2026-12-04_h200.log"
 FAILED_ON_DEVICE = {
     (name, "pairwise_stats"): (
-        f"failed on an NVIDIA H200 (2026-12-04, Triton 3.6.0; {GPU_CHECK_LOG}): its cross-mode tests "
-        "failed and a fast-precision test did not finish in its 120 s; auto-dispatch uses 'torch' on "
+        f"failed on an NVIDIA H200 (2026-12-04, Triton 3.6.0; the source repository's {GPU_CHECK_LOG}): "
+        "its cross-mode tests failed and a fast-precision test did not finish in its 120 s; auto-dispatch uses 'torch' on "
         "CUDA tensors until `make gpu-check` passes (asked for by name, backend=, it still runs)")
     for name in ("triton", "cuda")
 }
