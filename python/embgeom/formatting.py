@@ -2,7 +2,7 @@
 
 fmt(v): integers (and floats that are whole numbers below 1e15) as integers with thousands
 separators (435,789,003); other floats to `digits` significant digits (0.449, 1.23e-05), with
-thousands separators from 1e4 on (12,346); no negative zero (-0.0000001 at 4 digits is "0"); None,
+thousands separators from 1e4 on (12,346); no negative zero (-0.0 is "0"); None,
 NaN and Inf as "n/a", "inf", "-inf"; booleans as yes/no; anything else as str().
 """
 from __future__ import annotations
