@@ -521,6 +521,9 @@ def test_a_torch_that_cannot_load_is_named_in_one_line(tmp_path, broken):
                               timeout=300, env=env, cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and want in done.stderr, (argv, done.stderr)
     assert not (tmp_path / "o.json").exists() and not (tmp_path / "r").exists()
+    helped = subprocess.run([sys.executable, "-m", "embgeom", "pairs", "--help"], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=tmp_path)
+    assert helped.returncode == 0 and "Unavailable here: importing its modules failed" in " ".join(helped.stdout.split())
 
 
 def test_pairs_checkpoint_refusal_names_the_flags(tmp_path, capsys):

@@ -46,6 +46,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             mod = importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001 - torch missing or broken (a CUDA library it cannot open)
             p.unavailable = True   # its arguments are not known: the command says why it cannot run
+            p.description = f"{help_text}. Unavailable here: {_why_unavailable(exc)}"   # (its --help)
             p.set_defaults(func=lambda a, n=name, e=exc: _unavailable(n, e))
             continue
         mod.add_arguments(p)
@@ -53,12 +54,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _unavailable(name: str, exc: Exception) -> int:
+def _why_unavailable(exc: Exception) -> str:
     why = (str(exc).strip().splitlines() or [""])[0]
     why = why if isinstance(exc, ImportError) else f"{type(exc).__name__}: {why}"
     if isinstance(exc, ModuleNotFoundError) and exc.name == "torch":
         why += " (embgeom needs torch >= 2.4: pip install torch)"
-    raise ValueError(f"{name} is unavailable: importing its modules failed: {why}")
+    return f"importing its modules failed: {why}"
+
+
+def _unavailable(name: str, exc: Exception) -> int:
+    raise ValueError(f"{name} is unavailable: {_why_unavailable(exc)}")
 
 
 def main(argv: list[str] | None = None) -> int:
