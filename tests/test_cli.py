@@ -526,6 +526,25 @@ def test_a_torch_that_cannot_load_is_named_in_one_line(tmp_path, broken):
     assert helped.returncode == 0 and "Unavailable here: importing its modules failed" in " ".join(helped.stdout.split())
 
 
+@pytest.mark.parametrize("stderr", ["reader_left", "closed"])
+def test_a_lost_stderr_loses_notes_not_the_result(tmp_path, stderr):
+    """`2>&1 | head` or `2>&-`: a note or bar on stderr had raised mid-run (BrokenPipeError,
+    or tqdm writing to None) and the result was dropped, with status 0 or 1."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32))
+    read, write = os.pipe()
+    os.close(read)  # every write to `write` fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "embgeom", "pairs", "x.npy", "--json", "o.json", "--row-topk", "400",
+             "--progress", "--block", "16"], cwd=tmp_path, timeout=300,
+            stderr=write if stderr == "reader_left" else None,
+            preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None)
+    finally:
+        os.close(write)
+    assert done.returncode == 0
+    assert json.loads((tmp_path / "o.json").read_text())["count"] == 300 * 299 // 2
+
+
 def test_pairs_checkpoint_refusal_names_the_flags(tmp_path, capsys):
     """A checkpoint written with other options is refused naming them as typed (it said `bins 10
     then`, `y: shape`, a lowered `outside_limit` the user never gave, the backend twice)."""

@@ -66,7 +66,50 @@ def _unavailable(name: str, exc: Exception) -> int:
     raise ValueError(f"{name} is unavailable: {_why_unavailable(exc)}")
 
 
+class _Diagnostics:
+    """sys.stderr while a command runs: its notes, bars and errors are best-effort. A reader that
+    left (`2>&1 | head`), a full disk (`2>/dev/full`) or a closed stderr (`2>&-`) loses them, never
+    the run: a note had raised BrokenPipeError mid-run and the result was dropped, with status 0."""
+
+    def __init__(self, stream):
+        self.stream = stream if stream is not None else open(os.devnull, "w")  # noqa: SIM115
+        self.lost = stream is None
+
+    def write(self, text: str) -> int:
+        if not self.lost:
+            try:
+                return self.stream.write(text)
+            except (OSError, ValueError):  # EPIPE, ENOSPC, EBADF; a closed file
+                self.lost = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.lost:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self.lost = True
+
+    def isatty(self) -> bool:
+        try:
+            return not self.lost and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def __getattr__(self, name):  # encoding, errors, fileno, buffer: the stream's own
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stderr = sys.stderr
+    sys.stderr = _Diagnostics(stderr)
+    try:
+        return _main(argv)
+    finally:
+        sys.stderr = stderr
+
+
+def _main(argv: list[str] | None) -> int:
     started = time.perf_counter()
     if argv is None:  # the process is this command: its clock starts when embgeom began importing
         from . import IMPORTED_AT
