@@ -640,6 +640,26 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_temp(tmp_path):
     assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["out.json"]
 
 
+def test_atomic_write_takes_names_up_to_name_max_and_undecoded_paths(tmp_path):
+    """A legal 255-byte name had been refused ("File name too long": the temporary name beside it
+    added 20 bytes); a file name the file system gave back undecoded (a C locale: surrogates) had
+    failed the whole report's write after the work was done."""
+    from embgeom.io import output_folder
+
+    for name in ("b" * 255, "é" * 127 + "x"):
+        write_json(str(tmp_path / name), {"a": 1})
+        assert json.loads((tmp_path / name).read_text()) == {"a": 1}
+        with output_folder(str(tmp_path / (name[:-4] + ".out")), command="test") as out:
+            with atomic_write(os.path.join(out, "page.html"), name="page") as f:
+                f.write("x")
+        assert (tmp_path / (name[:-4] + ".out") / "page.html").read_text() == "x"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    undecoded = b"caf\xc3\xa9".decode("ascii", "surrogateescape")  # as a C locale decodes the name
+    with atomic_write(str(tmp_path / "page.html"), name="page") as f:
+        f.write(f"<p>{undecoded}</p>")
+    assert (tmp_path / "page.html").read_bytes() == "<p>café</p>".encode()
+
+
 def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     old = os.umask(0o027)
     try:

@@ -210,11 +210,13 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output",
     base = os.path.basename(path)
     _remove_orphans(folder, base, (".tmp",))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.{os.getpid()}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(base), suffix=".tmp", dir=folder)
     except OSError as exc:
         raise _write_error(name, path, exc) from None
     try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        # (a path the file system gave back undecoded, under a C locale, is written as its own bytes)
+        text = {} if binary else {"encoding": "utf-8", "errors": "surrogateescape"}
+        with os.fdopen(fd, "wb" if binary else "w", **text) as f:
             os.fchmod(f.fileno(), _new_file_mode())
             yield f
             f.flush()
@@ -239,11 +241,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# the longest name a folder entry may have (NAME_MAX on Linux and macOS), and what a temporary
+# name adds to its stem: "." + "." + pid (at most 10 digits) + "." + 8 random + ".old.partial"
+NAME_MAX = 255
+_TEMP_NAME_EXTRA = 1 + 1 + 10 + 1 + 8 + len(".old.partial")
+
+
+def _temp_stem(base: str) -> str:
+    """`base` as the stem of its temporary names (`.STEM.PID.RANDOM.tmp`): itself, or when that
+    would pass NAME_MAX its start and a hash of it (a legal 240-byte name had been refused as
+    "File name too long", blaming the user's name for the temporary one's length)."""
+    raw = os.fsencode(base)
+    if len(raw) + _TEMP_NAME_EXTRA <= NAME_MAX:
+        return base
+    keep = NAME_MAX - _TEMP_NAME_EXTRA - 9
+    return os.fsdecode(raw[:keep]) + "~" + hashlib.sha256(raw).hexdigest()[:8]
+
+
+def _temp_prefix(base: str) -> str:
+    return f".{_temp_stem(base)}.{os.getpid()}."
+
+
 def _leftover_pid(entry: str, base: str, suffixes: tuple[str, ...]) -> int | None:
     """The writer's pid when `entry` is exactly a temporary name this module makes for `base`
     (`.BASE.PID.RANDOM` + one of `suffixes`, RANDOM as tempfile draws it), else None: the
     leftovers of `results` are never confused with those of `results.2`."""
-    pattern = rf"\.{re.escape(base)}\.(\d+)\.[a-z0-9_]+(?:{'|'.join(re.escape(x) for x in suffixes)})"
+    pattern = rf"\.{re.escape(_temp_stem(base))}\.(\d+)\.[a-z0-9_]+(?:{'|'.join(re.escape(x) for x in suffixes)})"
     m = re.fullmatch(pattern, entry)
     return int(m.group(1)) if m else None
 
@@ -394,7 +417,7 @@ def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[st
         os.makedirs(parent, exist_ok=True)
         _restore_previous(parent, base)
         _remove_orphans(parent, base, (".partial", ".old.partial"))
-        staging = tempfile.mkdtemp(prefix=f".{base}.{os.getpid()}.", suffix=".partial", dir=parent)
+        staging = tempfile.mkdtemp(prefix=_temp_prefix(base), suffix=".partial", dir=parent)
         os.chmod(staging, 0o777 & ~_umask())  # what mkdir gives; mkdtemp's is 0o700
     except OSError as exc:
         _remove_created(created)
@@ -489,7 +512,7 @@ def _swap_in(staging: str, path: str) -> None:
     for _ in range(8):
         old = None
         if os.path.isdir(path):
-            old = tempfile.mkdtemp(prefix=f".{base}.{os.getpid()}.", suffix=".old.partial", dir=parent)
+            old = tempfile.mkdtemp(prefix=_temp_prefix(base), suffix=".old.partial", dir=parent)
             try:
                 os.rename(path, os.path.join(old, "previous"))
             except FileNotFoundError:  # another writer moved it first
