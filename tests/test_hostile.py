@@ -660,6 +660,17 @@ def test_atomic_write_takes_names_up_to_name_max_and_undecoded_paths(tmp_path):
     assert (tmp_path / "page.html").read_bytes() == "<p>café</p>".encode()
 
 
+def test_an_out_folder_holding_the_working_folder_is_refused(tmp_path, monkeypatch):
+    """`cd d && embgeom project ../x.npy --out .` had swapped the folder out from under the shell:
+    its next command (torch's import) failed in a deleted working folder."""
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "d" / "e")
+    for out in (".", "..", str(tmp_path / "d")):
+        with pytest.raises(ValueError, match="holds the current folder"):
+            check_output_folder(out, command="project")
+    assert check_output_folder("../f", command="project") == str(tmp_path / "d" / "f")
+
+
 def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     old = os.umask(0o027)
     try:

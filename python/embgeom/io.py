@@ -357,6 +357,10 @@ def check_output_folder(out: str, name: str = "--out", *, command: str | None = 
         path = target
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{name}: {out} is a file, expected a folder")
+    with contextlib.suppress(OSError):  # (a working folder already deleted: nothing to keep)
+        if _inside(os.getcwd(), path):
+            raise ValueError(f"{name}: {out} holds the current folder, which the run's swap would leave "
+                             "deleted under this shell; run from outside it or choose another folder")
     for what, given in inputs:
         if given and _inside(given, path):
             raise ValueError(f"{what}: {given} lies inside {name} {out}, which this run replaces whole; "
