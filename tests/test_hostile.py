@@ -671,6 +671,23 @@ def test_an_out_folder_holding_the_working_folder_is_refused(tmp_path, monkeypat
     assert check_output_folder("../f", command="project") == str(tmp_path / "d" / "f")
 
 
+def test_one_run_at_a_time_on_a_pairs_checkpoint(tmp_path):
+    """Two `pairs --checkpoint PATH` runs at once had both run in full, each saving over the
+    other's progress; the second is refused in one line, as `text` and `pairs-above` do."""
+    from embgeom.io import exclusive_lock
+
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    path = str(tmp_path / "ck")
+    held = exclusive_lock(path + ".lock", "held")  # another run holds PATH
+    try:
+        with pytest.raises(ValueError, match=f"checkpoint: {path} is in use by another run"):
+            embgeom.pairwise_stats(x, checkpoint=path)
+    finally:
+        os.close(held)
+    assert embgeom.pairwise_stats(x, checkpoint=path).count == 50 * 49 // 2
+    assert embgeom.pairwise_stats(x, checkpoint=path).count == 50 * 49 // 2  # its own lock let go
+
+
 def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     old = os.umask(0o027)
     try:
