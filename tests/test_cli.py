@@ -545,6 +545,52 @@ def test_a_lost_stderr_loses_notes_not_the_result(tmp_path, stderr):
     assert json.loads((tmp_path / "o.json").read_text())["count"] == 300 * 299 // 2
 
 
+def test_sigterm_while_the_command_loads_is_one_line(monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) in the second a command's modules load had killed the
+    process silently (status -15) where Ctrl-C said it in one line."""
+    import embgeom.cli as cli
+
+    def stopped(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the handler raises before this ends)
+
+    monkeypatch.setattr(cli, "build_parser", stopped)
+    assert cli.main(["pairs", "x.npy"]) == 130
+    assert capsys.readouterr().err == "embgeom: interrupted before the command started: nothing was written\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_second_signal_after_the_first_keeps_status_130(tmp_path):
+    """A second Ctrl-C while the interrupt's line was made, or a SIGTERM during the interpreter's
+    exit, had given a traceback or a death by signal (-2, -15) after the one line."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import atexit, os, signal, sys, types\n"
+        "import embgeom.cli as cli\n"
+        "def command(args):\n    raise KeyboardInterrupt\n"
+        "def kept(args):\n    os.kill(os.getpid(), signal.SIGINT)\n    return 'x'\n"
+        "cli._what_was_kept = kept\n"
+        "parser = types.SimpleNamespace(parse_args=lambda argv: types.SimpleNamespace(func=command))\n"
+        "cli.build_parser = lambda argv: parser\n"
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+        "sys.argv = ['embgeom', 'pairs']\n"
+        "sys.exit(cli.main())\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    assert (done.returncode, done.stderr) == (130, "embgeom: interrupted (x)\n")
+
+
+def test_a_rerun_says_it_resumed(tmp_path, capsys):
+    """pairs and pairs-above reruns resumed without a word (text and vocab say so)."""
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32))
+    x, ck, o, out = (str(tmp_path / n) for n in ("x.npy", "ck", "o.json", "pa"))
+    for run in range(2):
+        assert main(["pairs", x, "--json", o, "--checkpoint", ck]) == 0
+        assert (f"resumed from {ck}" in capsys.readouterr().err) == (run == 1)
+        assert main(["pairs-above", x, "--threshold", "0.5", "--out", out]) == 0
+        assert ("the pairs of 60 rows from an earlier run" in capsys.readouterr().err) == (run == 1)
+
+
 def test_pairs_checkpoint_refusal_names_the_flags(tmp_path, capsys):
     """A checkpoint written with other options is refused naming them as typed (it said `bins 10
     then`, `y: shape`, a lowered `outside_limit` the user never gave, the backend twice)."""

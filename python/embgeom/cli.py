@@ -6,8 +6,10 @@ exits with status 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
 import time
 
@@ -101,24 +103,39 @@ class _Diagnostics:
 
 
 def main(argv: list[str] | None = None) -> int:
+    process = argv is None  # this process is the command: its signals are the command's to set
     stderr = sys.stderr
     sys.stderr = _Diagnostics(stderr)
     try:
-        return _main(argv)
+        return _main(argv, process)
     finally:
         sys.stderr = stderr
+        if process:
+            _ignore_interrupts()
 
 
-def _main(argv: list[str] | None) -> int:
+def _ignore_interrupts() -> None:
+    """The command has ended (finished, or its interrupt said what was kept): a Ctrl-C or SIGTERM
+    during the interpreter's exit had turned its status into a death by signal, or added an
+    atexit traceback under its one line."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):  # (not the main thread)
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _main(argv: list[str] | None, process: bool) -> int:
     started = time.perf_counter()
     if argv is None:  # the process is this command: its clock starts when embgeom began importing
         from . import IMPORTED_AT
 
         started = IMPORTED_AT
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:  # (a command's modules import torch: a second or more, and Ctrl-C lands there too)
-        args = build_parser(argv).parse_args(argv)
+    try:  # (a command's modules import torch: a second or more, and Ctrl-C or SIGTERM land there too)
+        with terminate_as_interrupt():
+            args = build_parser(argv).parse_args(argv)
     except KeyboardInterrupt:
+        if process:
+            _ignore_interrupts()
         print("embgeom: interrupted before the command started: nothing was written", file=sys.stderr)
         return 130
     args.argv, args.started = argv, started  # provenance: the command line and its total wall time
@@ -138,6 +155,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"embgeom: error: {what}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if process:
+            _ignore_interrupts()  # (a second Ctrl-C had cut this line's work short: status -2)
         print(f"embgeom: interrupted ({_what_was_kept(args)})", file=sys.stderr)
         return 130
     except Exception as exc:
