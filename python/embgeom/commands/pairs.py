@@ -71,6 +71,8 @@ def main(args) -> int:
             value = spec["default"] if value is None else value
         options[name] = tuple(value) if "pair" in spec and value is not None else value
     kwargs = dict(options, backend=args.backend, checkpoint=args.checkpoint, progress=args.progress)
+    # (a checkpoint there is resumed or refused: the last line says a run resumed, as text's does)
+    resumed = bool(args.checkpoint) and not args.distributed and os.path.isfile(args.checkpoint)
     # the engine's checks name the API's arguments (y, bins, ...): said here as this command's
     names = {name: f"--{name.replace('_', '-')}" for name in [*options, "backend", "checkpoint"]}
     with renamed(x="X", y="--against", **names):
@@ -88,6 +90,7 @@ def main(args) -> int:
     out = result.to_dict()
     out["provenance"] = prov.record()
     write_json(args.json, out, indent=None)  # compact: row lists can be large
+    since = f", resumed from {args.checkpoint}" if resumed else ""
     print(f"embgeom pairs: {counted(result.count, 'pair')} in {seconds(prov.seconds())} (engine {seconds(result.seconds)}, "
-          f"{result.backend}) -> {args.json}", file=sys.stderr)
+          f"{result.backend}{since}) -> {args.json}", file=sys.stderr)
     return 0

@@ -45,11 +45,25 @@ def main(args) -> int:
         x = x.to(args.device)
     args.continues_in = args.out  # an interrupted run's line says the folder keeps its rows
     prog = progress_for(args, "embgeom pairs-above")
+    kept = _rows_kept_before(args.out)
     with renamed(**flags_of(args, positional=("x",))):
         manifest = pairs_above(x, args.threshold, args.out, metric=args.metric, progress=prog)
     write_json(os.path.join(args.out, "provenance.json"), prov.record())
     relation = "at distance <=" if args.metric == "l2" else f"with {args.metric} >="
+    earlier = f", the pairs of {counted(kept, 'row')} from an earlier run" if kept else ""
     print(f"embgeom pairs-above: {counted(manifest['count'], 'pair')} {relation} {args.threshold:g} among "
-          f"{counted(manifest['n'], 'row')} in {seconds(prov.seconds())} -> {args.out} (embgeom.read_pairs)",
-          file=sys.stderr)
+          f"{counted(manifest['n'], 'row')} in {seconds(prov.seconds())}{earlier} -> {args.out} "
+          "(embgeom.read_pairs)", file=sys.stderr)
     return 0
+
+
+def _rows_kept_before(out: str) -> int:
+    """Rows whose pairs an earlier run left in `out` (its manifest; 0 where there is none): the
+    last line says a run continued, as text's does."""
+    from ..pair_shards import _read_manifest
+
+    try:
+        manifest = _read_manifest(out, "--out")
+    except (OSError, ValueError):
+        return 0
+    return int(manifest["rows_done"]) if manifest else 0
