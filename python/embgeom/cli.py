@@ -14,6 +14,7 @@ import sys
 import time
 
 from .commands import COMMANDS
+from .formatting import first_line
 from .interrupts import terminate_as_interrupt
 
 
@@ -57,8 +58,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _why_unavailable(exc: Exception) -> str:
-    why = (str(exc).strip().splitlines() or [""])[0]
-    why = why if isinstance(exc, ImportError) else f"{type(exc).__name__}: {why}"
+    why = first_line(exc, typed=not isinstance(exc, ImportError))
     if isinstance(exc, ModuleNotFoundError) and exc.name == "torch":
         why += " (embgeom needs torch >= 2.4: pip install torch)"
     return f"importing its modules failed: {why}"
@@ -190,12 +190,9 @@ def _what_was_kept(args) -> str:
 def _rows_kept(folder: str) -> str:
     """What an interrupted pairs-above run's folder holds, from its manifest (it had said the
     finished rows' pairs are kept when none were)."""
-    from .pair_shards import _read_manifest
+    from .pair_shards import saved_manifest
 
-    try:
-        manifest = _read_manifest(folder, "--out")
-    except (OSError, ValueError):
-        manifest = None
+    manifest = saved_manifest(folder)
     if manifest is None:
         return f"stopped before the first save to {folder}: nothing was kept"
     done, n = manifest["rows_done"], manifest["n"]

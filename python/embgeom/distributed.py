@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import validation
-from .validation import first_line
+from .formatting import first_line
 from .backends import registry
 from .results import PairwiseStats
 from .engine.checkpoint import fingerprint, load_checkpoint, save_checkpoint

@@ -48,6 +48,15 @@ def fmt(v: Any, digits: int = 4) -> str:
     return text
 
 
+def first_line(exc: BaseException, *, typed: bool = False) -> str:
+    """An exception's message cut to its first line, for one-line errors (its type's name where it
+    has no message); typed: "Type: message". Torch-free, for the CLI's start where torch may not load."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0]}" if typed else lines[0]
+
+
 def seconds(v: float) -> str:
     """A duration for a terminal line: 0.42 s, 6.0 s, 34 s, 2 min 13 s."""
     if v < 10:

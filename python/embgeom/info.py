@@ -72,9 +72,9 @@ def main(args) -> int:
         import torch  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - the first thing an install check must say
         from . import __version__
+        from .formatting import first_line
 
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"torch cannot be imported here ({type(exc).__name__}: {why}); embgeom {__version__} "
+        raise ValueError(f"torch cannot be imported here ({first_line(exc, typed=True)}); embgeom {__version__} "
                          f"needs torch >= 2.4 (pip install torch); python {platform.python_version()} at "
                          f"{sys.executable}") from None
     info = collect()

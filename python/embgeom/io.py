@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import validation
-from .formatting import counted
+from .formatting import counted, first_line
 
 SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 
@@ -590,18 +590,13 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
         raise ValueError(f"{name}: {path} holds pickled objects beyond plain tensors; refused for safety "
                          "(save a tensor or a dict of tensors, or use .npy / .safetensors)") from None
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear message
-        raise ValueError(f"{name}: cannot read {path}: {_first_line(exc)}") from None
+        raise ValueError(f"{name}: cannot read {path}: {first_line(exc, typed=True)}") from None
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind != "f":
             raise ValueError(f"{name}: expected a float array in {path}, got dtype {obj.dtype}")
         # the read-only mapping copied once, in native byte order (big-endian files converted)
         return torch.from_numpy(validation.torch_ready(obj))
     return _first_tensor(obj, name, path)
-
-
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _first_tensor(obj, name, path) -> torch.Tensor:

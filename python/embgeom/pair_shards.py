@@ -76,6 +76,15 @@ def _read_manifest(folder: str, arg: str) -> dict | None:
     return m
 
 
+def saved_manifest(folder: str) -> dict | None:
+    """What an earlier run left in `folder`, for a command's last line: its manifest, or None
+    where there is none or it cannot be read (the run itself refuses a damaged one)."""
+    try:
+        return _read_manifest(folder, "--out")
+    except (OSError, ValueError):
+        return None
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -147,8 +147,7 @@ def as_progress(progress, prefix: str) -> Progress:
     if isinstance(progress, Progress):
         return progress
     if progress is not None and not isinstance(progress, bool):
-        import numpy as np
+        from .validation import flag
 
-        if not isinstance(progress, np.bool_):  # ("no" had shown the bars)
-            raise TypeError(f"progress: expected True, False or a Progress, got {type(progress).__name__}")
+        progress = flag(progress, "progress")  # ("no" had shown the bars)
     return Progress(enabled=bool(progress), prefix=prefix)

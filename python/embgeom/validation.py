@@ -379,12 +379,6 @@ def choice(value: Any, name: str, options: tuple[str, ...]) -> str:
     return value
 
 
-def first_line(exc: Exception) -> str:
-    """An exception's message cut to its first line (for one-line errors)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def finite_float(value: Any, name: str) -> float:
     # a string ("0.9") or a truth value (bool, numpy / torch bool) would convert, and hide a
     # caller's mistake

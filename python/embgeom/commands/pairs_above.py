@@ -31,6 +31,7 @@ def main(args) -> int:
     from ..formatting import counted, seconds
     from ..index import pairs_above
     from ..io import check_complete, load_matrix
+    from ..pair_shards import saved_manifest
     from ..provenance import Provenance
     from ..report import write_json
     from ..validation import renamed
@@ -45,7 +46,8 @@ def main(args) -> int:
         x = x.to(args.device)
     args.continues_in = args.out  # an interrupted run's line says the folder keeps its rows
     prog = progress_for(args, "embgeom pairs-above")
-    kept = _rows_kept_before(args.out)
+    before = saved_manifest(args.out)  # (the last line says what an earlier run had kept)
+    kept = before["rows_done"] if before else 0
     with renamed(**flags_of(args, positional=("x",))):
         manifest = pairs_above(x, args.threshold, args.out, metric=args.metric, progress=prog)
     write_json(os.path.join(args.out, "provenance.json"), prov.record())
@@ -55,15 +57,3 @@ def main(args) -> int:
           f"{counted(manifest['n'], 'row')} in {seconds(prov.seconds())}{earlier} -> {args.out} "
           "(embgeom.read_pairs)", file=sys.stderr)
     return 0
-
-
-def _rows_kept_before(out: str) -> int:
-    """Rows whose pairs an earlier run left in `out` (its manifest; 0 where there is none): the
-    last line says a run continued, as text's does."""
-    from ..pair_shards import _read_manifest
-
-    try:
-        manifest = _read_manifest(out, "--out")
-    except (OSError, ValueError):
-        return 0
-    return int(manifest["rows_done"]) if manifest else 0

@@ -22,6 +22,7 @@ import time
 from typing import Any, Iterator
 
 from ...engine.checkpoint import checkpoint_seconds, restore_value
+from ...formatting import first_line
 from ..run_checkpoint import RunCheckpoint, model_digest, numerics
 from .inputs import read_lines
 
@@ -69,8 +70,7 @@ class BatchCheckpoint(RunCheckpoint):
         try:
             yield
         except Exception as exc:  # noqa: BLE001 - anything a file can make restore do: one line
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f"checkpoint: {self.path} does not fit this run ({why}); delete it or "
+            raise ValueError(f"checkpoint: {self.path} does not fit this run ({first_line(exc)}); delete it or "
                              "pass another path") from None
 
     @contextlib.contextmanager
