@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .. import validation
+from ..formatting import first_line
 from ..io import atomic_write
 from .config import PairwiseConfig
 from .state import EngineState
@@ -494,8 +495,7 @@ def load_checkpoint(path: str, fp: str) -> Any | None:
     try:
         return decode_payload(body[:header["meta_bytes"]], body[header["meta_bytes"]:])
     except Exception as exc:  # noqa: BLE001 - anything in a payload we did not write: one line
-        why = (str(exc).strip().splitlines() or [""])[0]
-        raise _invalid(path, f"payload: {type(exc).__name__}: {why}") from None
+        raise _invalid(path, f"payload: {first_line(exc, typed=True)}") from None
 
 
 def _sha256_from(f) -> str:

@@ -83,9 +83,8 @@ class BatchCheckpoint(RunCheckpoint):
         except (ArithmeticError, LookupError, AttributeError, TypeError, RuntimeError) as exc:
             if not resumed:
                 raise
-            why = (str(exc).strip().splitlines() or [""])[0]
-            raise ValueError(f"checkpoint: {self.path}: the run resumed from it failed ({type(exc).__name__}: "
-                             f"{why}); the sums it held do not fit together: delete it and rerun") from None
+            raise ValueError(f"checkpoint: {self.path}: the run resumed from it failed "
+                             f"({first_line(exc, typed=True)}); the sums it held do not fit together: delete it and rerun") from None
 
 
 class TraceCheckpoint(BatchCheckpoint):
