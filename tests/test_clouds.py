@@ -305,6 +305,25 @@ def test_within_between_identical_rows_exactly_one():
         assert geometry.within_between_cosine(x, list("aaabbb")) == (1.0, 1.0)
 
 
+def test_label_pairs_keep_apart_labels_holding_bars_and_backslashes():
+    # "x" with "y|z" and "x|y" with "z" had both been per_pair["x|y|z"]: one pair silently lost
+    names = ["x", "x|y", "y|z", "z", "a\\", "\\|b"]
+    labels = names * 2
+    rng = np.random.default_rng(5)
+    cls = rng.standard_normal((len(labels), 2, 8)).astype(np.float32)
+    g = geometry.group_geometry(cls, labels, bins=10)
+    pairs = g["last"]["per_pair"]
+    assert len(pairs) == len(names) * (len(names) - 1) // 2
+    lab = np.asarray(labels)
+    for key, st in pairs.items():
+        a, b = st["labels"]
+        assert key == geometry.pair_key(a, b) and a < b
+        want = geometry.set_stats(cls[lab == a, 1], cls[lab == b, 1], bins=10)
+        assert st["cosine"] == want["cosine"]
+    assert pairs["x|y\\|z"]["labels"] == ["x", "y|z"] and pairs["x\\|y|z"]["labels"] == ["x|y", "z"]
+    assert geometry.pair_key("a\\", "\\|b") == "a\\\\|\\\\\\|b"
+
+
 def test_set_stats_vs_numpy():
     x, labels = _clusters(n_per=9, groups=2)
     a, b = x[:9].astype(np.float64), x[9:].astype(np.float64)

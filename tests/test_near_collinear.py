@@ -118,7 +118,8 @@ def test_text_labels_groups_vs_float64():
         assert got["norms"]["mean"] == pytest.approx(nrm.mean(), rel=1e-13)
         assert got["norms"]["std"] == pytest.approx(nrm.std(), rel=1e-6, abs=1e-15)
     for key, s in g["last"]["per_pair"].items():
-        a, b = key.split("|")
+        a, b = s["labels"]
+        assert key == geometry.pair_key(a, b)
         ra, rb = last[lab == a], last[lab == b]
         for metric, lo, hi in (("cosine", -1.0, 1.0), ("euclidean", 0.0, hi_of(ra, rb))):
             v, counts = pair_stats_np(ra, rb, bins=50, lo=lo, hi=hi, metric=metric)

@@ -429,11 +429,11 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
         ax.stairs(share, edges, color=label_color(g, groups["last"]["per_label"]), lw=1.4, label=g)
     pairs = list(groups["last"]["per_pair"].items())
     cmap = __import__("matplotlib").colormaps["tab20" if len(pairs) <= 20 else "turbo"]
-    for k, (key, st) in enumerate(pairs):
+    for k, (_, st) in enumerate(pairs):
         edges, share, used = curve(st["cosine"]["hist"])
         if used.size:
             lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
-        bx.stairs(share, edges, lw=1, color=cmap(k / max(len(pairs) - 1, 1)), label=key.replace("|", " x "))
+        bx.stairs(share, edges, lw=1, color=cmap(k / max(len(pairs) - 1, 1)), label=" x ".join(st["labels"]))
     for a, title in ((ax, "pairwise cosine within each label"),
                      (bx, f"pairwise cosine across label pairs ({len(pairs)})")):
         if lo < hi:  # the range the data covers (both panels alike), not -1..1

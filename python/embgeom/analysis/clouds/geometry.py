@@ -226,13 +226,23 @@ def norm_stats(x) -> dict:
 MAX_PAIR_LABELS = 20
 
 
+def pair_key(a: str, b: str) -> str:
+    """per_pair's key of labels a and b: "a|b", where each label's own backslash is doubled and
+    its own bar takes a backslash before it, so that no two pairs share a key (x with y|z, x|y
+    with z)."""
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace("|", "\\|")
+    return f"{esc(a)}|{esc(b)}"
+
+
 def group_geometry(cls, labels, *, bins: int = 100) -> dict:
     """Geometry of labelled [CLS] vectors at every depth.
 
     cls: (N, L+1, D) array (a memmap is read one depth at a time); labels: N strings.
     Returns {"labels", "counts", "silhouette" [L+1], "within_cosine" [L+1],
     "between_cosine" [L+1], "last": {"per_label": {label: {cosine, euclidean, norms}},
-    "per_pair": {"a|b": {cosine, euclidean}}}} (per_pair only up to MAX_PAIR_LABELS labels)."""
+    "per_pair": {pair_key(a, b): {labels: [a, b], cosine, euclidean}}}} (per_pair only up to
+    MAX_PAIR_LABELS labels)."""
     labels = [str(v) for v in labels]
     n, depths, _ = cls.shape
     if len(labels) != n:
@@ -256,7 +266,8 @@ def group_geometry(cls, labels, *, bins: int = 100) -> dict:
     if len(names) <= MAX_PAIR_LABELS:
         for i, a in enumerate(names):
             for b in names[i + 1:]:
-                per_pair[f"{a}|{b}"] = set_stats(last[lab == a], last[lab == b], bins=bins)
+                per_pair[pair_key(a, b)] = {"labels": [a, b],
+                                            **set_stats(last[lab == a], last[lab == b], bins=bins)}
     out["last"] = {"depth": depths - 1, "per_label": per_label, "per_pair": per_pair,
                    "per_pair_note": None if len(names) <= MAX_PAIR_LABELS else
                    f"more than {MAX_PAIR_LABELS} labels: label pairs left out"}
