@@ -437,6 +437,27 @@ def test_add_continues_ids_and_matches_one_index():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adds_under_inference_mode_leave_the_index_growable(dtype):
+    # buffers grown under torch.inference_mode had been inference tensors: every later add
+    # outside it raised "Inplace update to inference tensor outside InferenceMode"
+    x = make_rows(700, 16, seed=7)
+    with torch.inference_mode():
+        built_inside = Index(x[:100], dtype=dtype)
+        built_inside.add(x[100:110])   # grown to 150 rows: 40 spare
+    grown = Index(x[:100], dtype=dtype)
+    with torch.inference_mode():
+        grown.add(x[100:110])
+    for index in (built_inside, grown):
+        index.add(x[110:140])   # in place into the spare rows
+        for a in range(140, 700, 80):   # grown again
+            index.add(x[a:a + 80])
+        assert index.ntotal == 700
+        q = make_rows(5, 16, seed=8)
+        for got, want in zip(index.search(q, 7), Index(x, dtype=dtype).search(q, 7)):
+            assert torch.equal(got, want)
+
+
 def test_corpus_is_copied():
     x = make_rows(30, 8)
     index = Index(x)

@@ -405,6 +405,13 @@ class Index:
         return zero, cmax, bias_max
 
     def _prepare(self, rows: torch.Tensor, old: _Store | None, spare: int, name: str = "corpus") -> _Store:
+        # the index's buffers are ordinary tensors whatever the caller's grad mode: buffers made
+        # under torch.inference_mode are inference tensors, which no later add outside it could
+        # write into
+        with torch.inference_mode(False):
+            return self._prepared(rows, old, spare, name)
+
+    def _prepared(self, rows: torch.Tensor, old: _Store | None, spare: int, name: str) -> _Store:
         norms, scan, scale, bias, delta = self._derived(rows, name, None if old is None or not old.n else old.cmax)
         zero, cmax, bias_max = self._summary(norms, bias)
         if old is None:
