@@ -1162,3 +1162,50 @@ def test_a_shallow_copy_and_its_original_add_apart(tmp_path):
     (tmp_path / "crlf.index").write_bytes(raw[:first] + b"\r" + raw[first:])
     with pytest.raises(ValueError, match=r"line ends were changed \(CRLF\)"):
         Index.load(tmp_path / "crlf.index")
+
+
+FORKED_CHILDREN = r"""
+import multiprocessing, os, sys
+import numpy as np, torch, embgeom
+
+x = np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32)
+index = embgeom.Index(x)                       # the parent's OpenMP threads start here
+want = index.search(x[:32], 10)[1]
+stats = embgeom.pairwise_stats(torch.from_numpy(x[:500]))
+near = embgeom.knn(torch.from_numpy(x), 5).indices if "faiss" in sys.argv else None
+
+
+def child(_):
+    same = torch.equal(index.search(x[:32], 10)[1], want)
+    same &= embgeom.pairwise_stats(torch.from_numpy(x[:500])).count == stats.count
+    if near is not None:
+        same &= torch.equal(torch.as_tensor(embgeom.knn(torch.from_numpy(x), 5).indices), torch.as_tensor(near))
+    return bool(same), torch.get_num_threads()
+
+
+pid = os.fork()
+if pid == 0:
+    ok, threads = child(0)
+    os._exit(0 if ok and threads == 1 else 3)
+assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    assert pool.map(child, range(2), chunksize=1) == [(True, 1)] * 2
+assert torch.get_num_threads() == 2
+print("children ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/task"), reason="needs fork and /proc")
+def test_forked_children_run_on_one_thread_instead_of_hanging(tmp_path):
+    # GNU OpenMP (the core's and torch's runtime; FAISS has its own copy) cannot start threads in
+    # a child forked after its pool started: os.fork and fork pools had hung forever
+    import importlib.util
+    import subprocess
+    import sys
+
+    script = tmp_path / "forks.py"
+    script.write_text(FORKED_CHILDREN)
+    args = ["faiss"] if importlib.util.find_spec("faiss") else []
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and "children ok" in done.stdout, done.stderr[-2000:]

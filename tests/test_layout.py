@@ -16,7 +16,7 @@ PKG = ROOT / "python" / "embgeom"
 
 # Lowest first; a module may import from its own layer and the layers before it.
 LAYERS = [
-    {"formatting", "tables", "numerics", "validation", "io", "models", "progress", "interrupts", "provenance"},
+    {"formatting", "tables", "numerics", "validation", "io", "models", "progress", "interrupts", "threads", "provenance"},
     {"results"},
     {"engine"},
     {"reference"},

@@ -18,6 +18,7 @@ import torch
 from . import numerics, validation
 from .tables import table_html
 from .results import RowTopK
+from .threads import one_thread_in_forked_children
 
 INDEXES = ("flat", "ivf", "hnsw")
 
@@ -68,6 +69,7 @@ def _faiss():
     except ImportError as exc:
         raise ValueError(f"knn: faiss is not installed ({exc}); `pip install faiss-cpu` "
                          "(or faiss-gpu for GPU indexes)") from None
+    one_thread_in_forked_children("faiss", faiss.omp_set_num_threads)  # (its own OpenMP copy)
     return faiss
 
 

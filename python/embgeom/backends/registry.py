@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from ..threads import one_thread_in_forked_children
+
 log = logging.getLogger("embgeom")
 
 # triton before cuda: the cuda engine is triton's with a CUDA top-k merge, not yet measured faster
@@ -57,7 +59,10 @@ def import_reason(module: str) -> str:
 
 
 def cpp():
-    return load("embgeom._C", "rebuild with `pip install -e .` (needs cmake and a C++ compiler)")
+    mod = load("embgeom._C", "rebuild with `pip install -e .` (needs cmake and a C++ compiler)")
+    if mod is not None:
+        one_thread_in_forked_children("torch", torch.set_num_threads)  # (the OpenMP runtime both use)
+    return mod
 
 
 def cpp_kernel(name: str, *tensors: torch.Tensor):
