@@ -678,7 +678,7 @@ def test_one_run_at_a_time_on_a_pairs_checkpoint(tmp_path):
 
     x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
     path = str(tmp_path / "ck")
-    held = exclusive_lock(path + ".lock", "held")  # another run holds PATH
+    held = exclusive_lock(path + ".lock", "held", "checkpoint")  # another run holds PATH
     try:
         with pytest.raises(ValueError, match=f"checkpoint: {path} is in use by another run"):
             embgeom.pairwise_stats(x, checkpoint=path)
@@ -1418,8 +1418,8 @@ def test_pipes_links_and_long_chains_are_refused_or_fast(tmp_path, tiny_bert_dir
     outside = tmp_path / "outside"
     (tmp_path / "lockdir").mkdir()
     os.symlink(outside, tmp_path / "lockdir" / ".lock")
-    with pytest.raises(ValueError, match="a link is never followed"):
-        exclusive_lock(str(tmp_path / "lockdir" / ".lock"), "busy")
+    with pytest.raises(ValueError, match="^out: .*a link is never followed"):
+        exclusive_lock(str(tmp_path / "lockdir" / ".lock"), "busy", "out")
     assert not outside.exists()
     from embgeom.cli import main
 

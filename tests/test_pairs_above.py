@@ -513,6 +513,49 @@ def test_pairs_above_names_its_own_arguments(tmp_path):
     assert embgeom.pairs_above(index, 0.5, tmp_path / "d", metric="cosine")["complete"]
 
 
+UNWRITABLE = r"""
+import os, sys
+import numpy as np, embgeom
+x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+for out in sys.argv[1:]:
+    try:
+        embgeom.pairs_above(x, 0.5, out)
+        print("written")
+    except ValueError as e:
+        print(e)
+"""
+
+
+def test_unwritable_folders_are_named_as_out(tmp_path):
+    # a new folder under a read-only one had raised a bare PermissionError, an existing read-only
+    # folder "PATH/.lock: cannot be used as a lock file", neither naming the argument
+    import shutil
+    import subprocess
+    import sys
+
+    command = [sys.executable]
+    if os.geteuid() == 0:  # root writes anywhere unless it gives up CAP_DAC_OVERRIDE
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: read-only folders are writable")
+        command = ["setpriv", "--inh-caps=-dac_override", "--bounding-set=-dac_override", *command]
+    ro = tmp_path / "ro"
+    (ro / "existing").mkdir(parents=True)
+    script = tmp_path / "unwritable.py"
+    script.write_text(UNWRITABLE)
+    for folder in (ro / "existing", ro):
+        folder.chmod(0o555)
+    try:
+        done = subprocess.run([*command, str(script), str(ro / "new"), str(ro / "existing")],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        for folder in (ro, ro / "existing"):
+            folder.chmod(0o755)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        f"out: cannot write {ro / 'new'}: the folder {ro} is not writable",
+        f"out: cannot write {ro / 'existing' / '.lock'}: the folder {ro / 'existing'} is not writable"]
+
+
 def test_command_line_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     """`embgeom pairs-above`: the API's pairs; Ctrl-C keeps the finished rows and the same
     command continues from them; bad input is one line naming the option."""

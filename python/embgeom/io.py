@@ -57,7 +57,8 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _write_error(name: str, path: str, exc: OSError) -> ValueError:
+def write_error(name: str, path: str, exc: OSError) -> ValueError:
+    """The one-line ValueError for an OSError met writing `path` (the argument `name`'s output)."""
     folder = os.path.dirname(os.path.abspath(path))
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         why = f"the folder {folder} is not writable"
@@ -161,10 +162,11 @@ def _sealed_folder(folder: str) -> str | None:
     return None
 
 
-def exclusive_lock(lock_path: str, busy: str) -> int | None:
+def exclusive_lock(lock_path: str, busy: str, name: str) -> int | None:
     """An exclusive flock on lock_path (created) for one run, released when its fd is closed or
-    the process ends, killed or not; ValueError(busy) when another run holds it; None where
-    there is no flock (Windows: one run at a time is the user's to keep)."""
+    the process ends, killed or not; ValueError(busy) when another run holds it, a ValueError
+    naming the argument `name` when the file cannot be made; None where there is no flock
+    (Windows: one run at a time is the user's to keep)."""
     try:
         import fcntl
     except ImportError:
@@ -173,8 +175,10 @@ def exclusive_lock(lock_path: str, busy: str) -> int | None:
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
-        raise ValueError(f"{lock_path}: cannot be used as a lock file ({exc.strerror}; a link is "
-                         "never followed)") from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise write_error(name, lock_path, exc) from None
+        raise ValueError(f"{name}: {lock_path} cannot be used as a lock file ({exc.strerror}; a link "
+                         "is never followed)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -212,7 +216,7 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output",
     try:
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(base), suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise _write_error(name, path, exc) from None
+        raise write_error(name, path, exc) from None
     try:
         # (a path the file system gave back undecoded, under a C locale, is written as its own bytes)
         text = {} if binary else {"encoding": "utf-8", "errors": "surrogateescape"}
@@ -226,7 +230,7 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output",
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise _write_error(name, path, exc) from None
+            raise write_error(name, path, exc) from None
         raise
     _fsync_dir(folder)
 
@@ -425,7 +429,7 @@ def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[st
         os.chmod(staging, 0o777 & ~_umask())  # what mkdir gives; mkdtemp's is 0o700
     except OSError as exc:
         _remove_created(created)
-        raise _write_error(name, out, exc) from None
+        raise write_error(name, out, exc) from None
     try:
         yield staging
         _seal(staging, command)
@@ -436,7 +440,7 @@ def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[st
         shutil.rmtree(staging, ignore_errors=True)
         _remove_created(created)
         if isinstance(exc, OSError):
-            raise _write_error(name, out, exc) from None
+            raise write_error(name, out, exc) from None
         raise
     _fsync_dir(parent)
 

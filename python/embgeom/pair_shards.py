@@ -28,7 +28,7 @@ import numpy as np
 
 from . import validation
 from .interrupts import interrupt_after
-from .io import atomic_write, exclusive_lock, read_json_file, refuse_sealed_above
+from .io import atomic_write, exclusive_lock, read_json_file, refuse_sealed_above, write_error
 
 # the metrics of an Index and of pairs_above, which the manifest records (index.py reads them
 # from here: it sits a layer above this module)
@@ -148,7 +148,10 @@ class ShardWriter:
         if not os.path.isdir(parent):
             raise ValueError(f"out: cannot create {folder}: no such folder {parent}")
         refuse_sealed_above(folder, "out")
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise write_error("out", folder, exc) from None
         self._lock = None
         self.folder = folder
         self.shard_pairs = min(SHARD_PAIRS if shard_pairs is None else shard_pairs, SHARD_PAIRS_LIMIT)
@@ -314,7 +317,7 @@ def _lock_folder(folder: str) -> int | None:
     """One writer's run holds the folder (two writers would commit shards under the same names
     at different points)."""
     return exclusive_lock(os.path.join(folder, LOCK), f"out: {folder} is being written by another pairs_above "
-                          "run; wait for it to finish, or use another folder")
+                          "run; wait for it to finish, or use another folder", "out")
 
 
 class _HashingWriter:

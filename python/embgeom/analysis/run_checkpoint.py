@@ -90,7 +90,7 @@ class RunCheckpoint:
         """The saved tree, None when PATH does not exist (ValueError as load_checkpoint's)."""
         if self._lock is None:
             self._lock = exclusive_lock(f"{self.path}.lock", f"checkpoint: {self.path} is in use by another "
-                                        "run; wait for it to finish, or pass another path")
+                                        "run; wait for it to finish, or pass another path", "checkpoint")
         saved = load_checkpoint(self.path, self.fp)
         if saved is None:
             return None

@@ -29,7 +29,7 @@ def run_engine(engine, *, fp: str | None = None, checkpoint: str | None = None,
             # one run at a time on PATH (PATH.lock, as `text` and `pairs-above` keep theirs): two had
             # both run in full, each saving over the other's progress
             lock = exclusive_lock(f"{checkpoint}.lock", f"checkpoint: {checkpoint} is in use by another run; "
-                                  "wait for it to finish, or pass another path")
+                                  "wait for it to finish, or pass another path", "checkpoint")
         return _run(engine, fp, checkpoint, progress, chunk_seconds, should_stop)
     finally:
         if lock is not None:
