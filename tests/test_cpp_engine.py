@@ -465,6 +465,25 @@ def test_fast_mode_row_lists_with_overflowing_products():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
 
+@pytest.mark.parametrize("big", [3.39e38, 3.4e38, float(np.finfo(np.float32).max)])
+def test_fast_mode_takes_values_past_bf16s_largest(big, bf16_product):
+    """A value that rounds past bf16's largest finite one (3.3961e38 and up) beside tiny columns:
+    the bf16 copy had been inf, its products inf * 0 = NaN, the bound inf: wrong lists, padded
+    rows. It now saturates to bf16's largest, a finite rounding inside the bound."""
+    x = np.array([[big, 0.0], [-big, 0.0], [big / 2, big / 3]], np.float32)
+    y = np.array([[2e-38, 0.0], [4e-38, 2e-38], [0.0, 3e-38], [-1e-38, 1e-38]], np.float32)
+    opts = dict(bins=4, lo=-20.0, hi=20.0, topk=3, bottomk=3, near=None, row_topk=2, row_bottomk=2,
+                outside=(-5.0, 5.0), outside_limit=20)
+    kw = dict(metric="dot", block=32, threads=2, **opts)
+    exact = run_engine(x, y, precision="exact", **kw)
+    fast = run_engine(x, y, precision="fast", **kw)
+    assert math.isfinite(fast["hist_error_bound"]) and math.isfinite(fast["mean"])
+    for key in ("count", "min", "max", "top", "bottom", "row_top", "row_bottom", "outside_count",
+                "outside_rows", "outside_cols", "outside_pairs"):
+        assert_states_equal({key: exact[key]}, {key: fast[key]})
+    check_against_reference(fast, x, y, "dot", opts, extra_tol=fast["hist_error_bound"])
+
+
 @pytest.mark.parametrize("precision", ["exact", "fast"])
 @pytest.mark.parametrize("cross", [False, True])
 def test_row_top_floor_cuts_the_lists(precision, cross):

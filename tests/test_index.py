@@ -458,6 +458,25 @@ def test_adds_under_inference_mode_leave_the_index_growable(dtype):
             assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", [1, 8])
+def test_dot_queries_past_bf16s_largest_keep_exact_ids(dtype, queries):
+    # a value rounding past bf16's largest finite one (3.3961e38) had become inf in the bf16
+    # scan: inf * 0 = NaN scores, ids -1 (bf16 index, one query, every CPU path; a float32 index's
+    # bf16 filter from 5 queries on AVX-512 bf16 hosts); (a corpus so large is refused: its rows
+    # meet each other in pairs_above)
+    corpus = np.array([[1e-10, 0.0], [2e-10, 1e-10], [-1e-10, 3e-10], [0.0, -2e-10]], np.float32)
+    q = np.resize(np.array([[3.4e38, 0.0], [-3.39e38, 1e38], [3.4028e38, -3.4e38]], np.float32), (queries, 2))
+    want = torch.from_numpy(q.astype(np.float64) @ corpus.astype(np.float64).T)
+    index = Index(torch.from_numpy(corpus), metric="dot", dtype=dtype)
+    for _ in range(2):
+        scores, ids = index.search(torch.from_numpy(q), corpus.shape[0])
+        assert torch.isfinite(scores).all()
+        for r in range(queries):
+            order = sorted(range(corpus.shape[0]), key=lambda j: (-float(want[r, j]), j))
+            assert ids[r].tolist() == order
+
+
 def test_corpus_is_copied():
     x = make_rows(30, 8)
     index = Index(x)

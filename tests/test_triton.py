@@ -137,6 +137,19 @@ def test_fast_precision_rescored_lists(fast_dtype):
     check_stats(got, x, **{**opts, "range": (-1.0, 1.0)})
 
 
+def test_bf16_inputs_past_its_largest_saturate():
+    # a value past bf16's largest finite one (3.3961e38) had been inf in the product's input (and
+    # in the threshold seeds' products): NaN products beside tiny columns, an inf bound; it
+    # saturates (numerics.saturated), a finite rounding the bound covers
+    x = torch.zeros(20, 8)
+    x[torch.arange(20), torch.arange(20) % 8] = 3.4e38
+    y = torch.full((24, 8), 1.5e-38)
+    eng = triton_backend.TritonEngine(x, y, PairwiseConfig(metric="dot", precision="fast", lo=-40.0, hi=40.0),
+                                      fast_dtype="bf16", block=16)
+    assert torch.isfinite(eng.xin.float()).all() and math.isfinite(eng.eps)
+    assert float(eng.xin.float().max()) == float(torch.finfo(torch.bfloat16).max)
+
+
 @pytest.mark.parametrize("delta, b", [(-2.0 ** -10, 0.9995), (2.0 ** -10, 1.0005)])
 def test_fast_outside_list_holds_the_exact_outside_pairs(delta, b):
     """Fast mode's outside list: pairs taken within the products' error of a or b, rescored,

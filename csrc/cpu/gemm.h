@@ -122,12 +122,17 @@ float dot_exact(const float* a, const float* b, int64_t d);
 // out[q] = dot_exact(a[q], b[q], d) for q < n, several chains interleaved (throughput-bound).
 void dot_exact_batch(const float* const* a, const float* const* b, int64_t n, int64_t d, float* out);
 
-// Round-to-nearest-even fp32 -> bf16 bits (finite inputs). Inline: packing calls it per element.
+// Round-to-nearest-even fp32 -> bf16 bits (finite inputs), saturating: a value past bf16's
+// largest finite one (|x| >= 0x1.ff8p127, 3.3961e38) becomes it, not inf, so its rounding error
+// stays finite and inside fast mode's bound (an inf had made inf * 0 = NaN products that no
+// filter passes, pairs lost). Inline: packing calls it per element.
 inline uint16_t to_bf16(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t r = u + 0x7fffu + ((u >> 16) & 1u);
+  if ((r & 0x7f800000u) == 0x7f800000u && (u & 0x7f800000u) != 0x7f800000u)
+    return static_cast<uint16_t>(((u >> 16) & 0x8000u) | 0x7f7fu);
+  return static_cast<uint16_t>(r >> 16);
 }
 
 }  // namespace embgeom

@@ -29,7 +29,7 @@ import torch
 from . import validation
 from .engine.lists import sort_rows
 from .io import atomic_write
-from .numerics import correct_sqrt
+from .numerics import correct_sqrt, saturated
 from .interrupts import interrupt_after, terminate_as_interrupt
 from .pair_shards import PAIR_METRICS as METRICS
 from .pair_shards import ShardWriter
@@ -528,7 +528,7 @@ class Index:
             qs = q[r0:r1].double()  # (float64 queries: the caller's own rows, not to be changed)
             if self.metric == "cosine":
                 qs = qs / qn[r0:r1].clamp(min=1e-300)[:, None]
-            qscan[r0:r1] = qs
+            qscan[r0:r1] = saturated(qs, scan_dtype)
             qnorm[r0:r1] = torch.linalg.vector_norm(qs, dim=1)
             scanned = qscan[r0:r1].double()
             # Sound bound on |scan value - exact value| (docs/metrics.md, prepared index):
@@ -738,7 +738,7 @@ class Index:
         qexact, qs = _exact_queries(q, self.metric).contiguous().numpy(), qx.astype(np.float64)
         if self.metric == "cosine":
             qs /= np.maximum(qn, 1e-300)[:, None]
-        qscan = torch.from_numpy(qs).to(scan_dtype)
+        qscan = saturated(torch.from_numpy(qs), scan_dtype).to(scan_dtype)
         scanned = qscan.double().numpy()
         qnorm = np.sqrt(np.einsum("ij,ij->i", qs, qs))
         dq = np.sqrt(np.einsum("ij,ij->i", scanned - qs, scanned - qs)) if bf16 else U32 * qnorm

@@ -125,6 +125,15 @@ def fast_error_bound(*, d: int, metric: str, x_full: float, x_rounded: float, x_
     return edot
 
 
+def saturated(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t with values past `dtype`'s largest finite one set to it, before a cast to that dtype (a
+    product's bf16 / fp16 inputs; csrc to_bf16 saturates alike): the rounding error stays finite,
+    inside fast_error_bound and the index's margin, where an inf input had made inf * 0 = NaN
+    products that no filter passes (pairs lost)."""
+    big = float(torch.finfo(dtype).max)
+    return t.clamp(-big, big)
+
+
 def rounding_norms(rows: torch.Tensor, rounded: torch.Tensor) -> tuple[float, float, float]:
     """(max |row|, max |rounded row|, max |rounded - row|) over the rows, in float64."""
     if rows.shape[0] == 0:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..numerics import bin_scale
+from ..numerics import bin_scale, saturated
 from .gpu_plan import GLOBAL_BUCKETS, STREAMS
 
 # out_cut before any outside pair is known: every (i, j) can still enter the list
@@ -166,7 +166,7 @@ class Thresholds:
             return
         dev, cfg = self.device, self.cfg
         idx = torch.unique(torch.linspace(0, self.m - 1, S, device=dev).round().long())
-        ys = self.y32[idx].to(torch.bfloat16)
+        ys = saturated(self.y32[idx], torch.bfloat16).to(torch.bfloat16)
         u = 2.0 ** -8  # bf16 inputs and bf16 output rounding
         nx, ny = self.norm_max
         meps = (3 * u + u * u + 2 * (self.d + 2) * 2.0 ** -24) * nx * ny * 1.01
@@ -177,7 +177,7 @@ class Thresholds:
         chunk = max(1, (1 << 24) // idx.numel())
         for c0 in range(0, self.n, chunk):
             c1 = min(self.n, c0 + chunk)
-            dot = (self.x32[c0:c1].to(torch.bfloat16) @ ys.T).float()
+            dot = (saturated(self.x32[c0:c1], torch.bfloat16).to(torch.bfloat16) @ ys.T).float()
             if cfg.metric == "cosine":
                 v = dot.clamp(-1.0, 1.0)
             elif cfg.metric == "euclidean":

@@ -16,7 +16,7 @@ import torch
 from ..engine.config import PairwiseConfig
 from ..engine.lists import merge_pairs
 from ..engine.state import EngineState, list_limits, to_numpy
-from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, f32_down, f32_up, fast_error_bound, moment_shift,
+from ..numerics import (NEAR_DUPLICATE_TAU, UNIT_ROUNDOFF, f32_down, f32_up, fast_error_bound, moment_shift, saturated,
                         rounding_norms, unit_rows)
 from .gpu_candidates import NUM_BUFFERS, Candidates
 from .gpu_cone_entropy import triton_cone_unit_sums, triton_row_entropy
@@ -162,7 +162,7 @@ class TritonEngine(Thresholds, Candidates):
         per16 = 16 // torch.empty(0, dtype=dt).element_size()
         d_pad = max(per16, -(-v.shape[1] // per16) * per16)
         out = torch.zeros(max(v.shape[0], 1), d_pad, dtype=dt, device=v.device)
-        out[:v.shape[0], :v.shape[1]] = v
+        out[:v.shape[0], :v.shape[1]] = saturated(v, dt)
         return out
 
     def _reset_accumulators(self) -> None:
