@@ -195,6 +195,51 @@ def test_neighbors_match_numpy_and_engine(vocab_report, mats):
         assert [g[0] for g in got] == [i for i, _ in want]
 
 
+def _saved_variant(tiny_bert_dir, tmp_path, change, dtype=torch.float32):
+    """The tiny BERT with its weights changed by change(model) under no_grad, saved in `dtype`."""
+    import shutil
+
+    from transformers import BertModel
+
+    path = tmp_path / "variant"
+    shutil.copytree(tiny_bert_dir, path)
+    model = BertModel.from_pretrained(tiny_bert_dir, attn_implementation="eager").to(dtype)
+    with torch.no_grad():
+        change(model)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+def test_a_probe_word_on_a_zero_row_has_no_neighbours(tiny_bert_dir, mats, tmp_path):
+    # FAISS pads a zero row's list with id -1, which ids[-1] had turned into the last analysed
+    # token, k times
+    king = mats["tokens"].index("king")
+    path = _saved_variant(tiny_bert_dir, tmp_path, lambda m: m.embeddings.word_embeddings.weight[king].zero_())
+    rep = run(path, str(tmp_path / "out"))
+    assert rep["neighbors"]["probes"]["king"] == []
+    queen = rep["neighbors"]["probes"]["queen"]
+    assert len(queen) == rep["neighbors"]["k"] and all(t != "king" for _, t, _ in queen)
+
+
+def test_a_float64_model_keeps_its_digits(tiny_bert_dir, mats, tmp_path):
+    # the embedding matrices had been rounded to float32 first: two token-type rows 6e-11 apart
+    # were at distance 0.0
+    gen = torch.Generator().manual_seed(4)
+
+    def close_token_types(m):
+        t = m.embeddings.token_type_embeddings.weight
+        t[1] = t[0] + 1e-12 * torch.randn(t.shape[1], generator=gen, dtype=torch.float64)
+
+    path = _saved_variant(tiny_bert_dir, tmp_path, close_token_types, torch.float64)
+    rep = run(path, str(tmp_path / "out"))
+    from safetensors.torch import load_file
+
+    tt = load_file(f"{path}/model.safetensors")["embeddings.token_type_embeddings.weight"].numpy()
+    want = float(np.linalg.norm(tt[0] - tt[1]))
+    assert 1e-12 < want < 1e-10
+    assert rep["token_type"]["distance"][0][1] == pytest.approx(want, rel=1e-6)
+
+
 def test_all_tokens_keeps_specials(tiny_bert_dir, tmp_path):
     rep = run(tiny_bert_dir, str(tmp_path), all_tokens=True)
     assert rep["tokens"]["excluded"] == 0 and rep["tokens_analysed"] == rep["vocab_size"]

@@ -188,6 +188,13 @@ class EmbeddingMatrices:
     absent: dict[str, str]
 
 
+def _as_computed(w: torch.Tensor) -> torch.Tensor:
+    """An embedding weight as the analyses take it: float64 as it is (a float64 checkpoint's
+    sections keep its digits), anything else as float32."""
+    w = w.detach()
+    return w if w.dtype == torch.float64 else w.float()
+
+
 def embedding_matrices(model) -> EmbeddingMatrices:
     a = adapter_for(model)
     word = model.get_input_embeddings()
@@ -201,14 +208,14 @@ def embedding_matrices(model) -> EmbeddingMatrices:
         if w is None:
             absent[key] = reason or f"{a.family} has no {key.replace('_', '-')} embeddings"
             return None
-        return w.detach().float()
+        return _as_computed(w)
 
     first = first_position_id(model)
     pos = matrix(a.position, "position", a.position_absent)
     if pos is not None:
         pos = pos[first:]
     tt = matrix(a.token_type, "token_type", a.token_type_absent)
-    return EmbeddingMatrices(word.weight.detach().float(), pos, tt, first, absent)
+    return EmbeddingMatrices(_as_computed(word.weight), pos, tt, first, absent)
 
 
 def special_token_id(tokenizer, role: str, adapter: Adapter) -> int:

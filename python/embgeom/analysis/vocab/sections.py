@@ -41,7 +41,8 @@ AGREEMENT_ROWS = 2000  # rows whose FAISS neighbours are compared with the engin
 
 
 def input_embeddings(model) -> dict:
-    """The word, position and token-type embedding matrices (float32, detached, model's device),
+    """The word, position and token-type embedding matrices (float32, float64 for a float64
+    model; detached, model's device),
     None where the family has none; the position matrix starts at the first real position id
     (row p = the p-th token). Also "first_position" and "absent" ({section: why}), from the
     family's adapter (analysis/text/adapters.py)."""
@@ -280,7 +281,9 @@ def section_neighbors(words, ids, tokens, engine_rowtopk, *, k=TABLE_K):
         q = torch.tensor([position[vocab[w]] for w in probes])
         res = knn(words, k, queries=q, device=faiss_device)
         for w, row_i, row_v in zip(probes, res.indices.tolist(), res.values.tolist()):
-            out["probes"][w] = [[int(ids[i]), tokens[int(ids[i])], float(v)] for i, v in zip(row_i, row_v)]
+            # (-1: no neighbour there, as for a zero row, which has none; ids[-1] had named the
+            # last token k times)
+            out["probes"][w] = [[int(ids[i]), tokens[int(ids[i])], float(v)] for i, v in zip(row_i, row_v) if i >= 0]
     # agreement with the engine on a fixed sample (all rows when few)
     g = torch.Generator().manual_seed(0)
     sample = torch.randperm(n, generator=g)[:AGREEMENT_ROWS].sort().values
