@@ -45,6 +45,8 @@ def fmt(v: Any, digits: int = 4) -> str:
     text = f"{v:.{digits}g}"
     if float(text) == 0.0:  # -0, or a value that rounds to zero at these digits
         return "0"
+    if abs(v) < 10 ** digits <= abs(float(text)):  # rounded up to it: 9999.96 is 10,000, not 1e+04
+        return f"{int(float(text)):,}"
     return text
 
 
