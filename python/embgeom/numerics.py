@@ -212,10 +212,3 @@ def js_terms(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     term = torch.where(y < 0.0625, 0.25 * s * (y * f), logs)
     # no term below the dtype's smallest normal number, where 1 / s would overflow (0 within it)
     return torch.where(s >= torch.finfo(s.dtype).tiny, term, torch.zeros_like(term))
-
-
-def fp32_cosine_bound(d: int) -> float:
-    """A bound of |fp32 cosine - exact cosine| for rows of width d normalised and multiplied in
-    float32 (the engine's exact mode): (d + 2) u for the product and (d / 2 + 3) u for each
-    row's normalisation, u = 2^-24. Values below it are 0 within float32 rounding."""
-    return (2 * d + 8) * 2.0 ** -24

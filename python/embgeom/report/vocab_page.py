@@ -11,7 +11,6 @@ import torch
 from ..analysis.vocab.sections import MEAN_MEASURES, OUTSIDE, TABLE_K
 from . import new_figure, save_figure, table_html, write_html
 from ..formatting import fmt
-from ..numerics import fp32_cosine_bound
 from .definitions import defined
 from .plots import save_axes
 
@@ -98,17 +97,14 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
              + f". {fmt(report['timing']['to_page'], 3)} s up to this page (report.json timing.to_page; "
              f"timing.total adds the page), peak memory {fmt(round(report['peak_rss_mb']))} MiB.</p>")
     steps = [[k, v] for k, v in report["timing"].items() if k != "to_page"]
-    # the pairs nearest 0 are float32 values within rounding of 0: their digits are noise
-    # (2.2e-10 where float64 gives 1.7e-8, signs flipped in 7 of 10)
-    zero_bound = fp32_cosine_bound(report["hidden"])
     sections = [("Overview", intro + t(["step", "seconds"], steps), [])]
     pairs_body = (f"<p>{fmt(p['count'])} pairs ({defined('pairs')}); mean {defined('cosine')} {fmt(p['mean'])}, "
                   f"std {fmt(p['std'])}; {fmt(p['outside']['count'])} pairs outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
                   "<h3>most similar</h3>" + t(["token a", "token b", "cosine"], p["top_tokens"])
                   + "<h3>least similar</h3>" + t(["token a", "token b", "cosine"], p["bottom_tokens"])
-                  + "<h3>nearest to 0</h3>" + t([
-                      "token a", "token b", f"cosine (≈0: below {fmt(zero_bound, 2)}, float32 rounding)"],
-                      [[a, b, "≈0" if abs(v) < zero_bound else v] for a, b, v in p["near_zero_tokens"]]))
+                  + "<h3>nearest to 0</h3>" + t(
+                      ["token a", "token b", "cosine (float64; the pairs are those whose float32 cosine is nearest 0)"],
+                      p["near_zero_tokens"]))
     sections.append(("How similar are the word embeddings? All pairs", pairs_body, [pngs["pairs_hist"]]))
     me = report["mean_embedding"]
     me_body = "".join(

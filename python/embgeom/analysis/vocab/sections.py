@@ -100,14 +100,27 @@ def section_pairs(words: torch.Tensor, ids: torch.Tensor, tokens: list[str], *, 
     d = res.to_dict()
     d.pop("row_topk")
     d["outside"].pop("row_counts")
+    # the pairs nearest 0, picked by the engine's float32 values, shown with their float64
+    # cosines: near 0 a float32 cosine's rounding (up to (2d + 8) 2^-24) is most of its digits
+    near64 = _cosines64(words, [(i, j) for i, j, _ in d["near_pairs"]])
     _remap_stats(d, ids, ids)
 
     def named(pairs):
         return [[tokens[i], tokens[j], v] for i, j, v in pairs]
 
     d["top_tokens"], d["bottom_tokens"] = named(d["top_pairs"]), named(d["bottom_pairs"])
-    d["near_zero_tokens"] = named(d["near_pairs"])
+    d["near_zero_tokens"] = [[tokens[i], tokens[j], v] for (i, j, _), v in zip(d["near_pairs"], near64)]
     return d, res
+
+
+def _cosines64(words: torch.Tensor, pairs: list) -> list[float]:
+    """Float64 cosines of the rows (i, j) of words."""
+    if not pairs:
+        return []
+    idx = torch.tensor(pairs, dtype=torch.long, device=words.device)
+    a, b = words[idx[:, 0]].double(), words[idx[:, 1]].double()
+    cos = (a * b).sum(1) / (torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1))
+    return [float(v) for v in cos.cpu()]
 
 
 def _extremes(values: torch.Tensor, ids: torch.Tensor, tokens: list[str], k: int) -> dict:
