@@ -64,6 +64,7 @@ def _expected(model, tokenizer, texts, batch):
     acc["head"] = torch.zeros(L, H, dtype=torch.float64)
     raw = {k: torch.zeros_like(v) for k, v in acc.items()}   # the same sums of I itself
     ent = torch.zeros(L, H, dtype=torch.float64)
+    head_mean = torch.zeros(L, H, dtype=torch.float64)   # entropy of each sequence's mean row
     to = {k: torch.zeros(L, H, dtype=torch.float64) for k in ("cls", "sep", "punct", "prev", "next")}
     dist = torch.zeros(L * H, 2 + 2 * max_len - 1, dtype=torch.float64)
     ctx_d = torch.zeros(L, H, dtype=torch.float64)
@@ -88,6 +89,10 @@ def _expected(model, tokenizer, texts, batch):
                 raw[key][l] += cone["index"].sum()
             re = reference.attention_entropy(d["attn"][l], mask)["row_entropy"]
             ent[l] += torch.nan_to_num(re).sum(dim=(0, 2))
+            for b in range(B):
+                real = mask[b]
+                mean_row = d["attn"][l][b][:, real][:, :, real].mean(1)           # (H, n)
+                head_mean[l] -= torch.special.xlogy(mean_row, mean_row).sum(-1)
             summ = reference.attention_summary(d["attn"][l], mask, d["special"])
             for k in to:
                 to[k][l] += summ[k] * int(n.sum())
@@ -117,11 +122,12 @@ def _expected(model, tokenizer, texts, batch):
                        "multihead_output": acc["mh"] / n_texts, "layer_output": acc["cout"] / n_texts,
                        "raw": {"layer_input": raw["cin"] / n_texts, "head_output": raw["head"] / n_texts,
                                "multihead_output": raw["mh"] / n_texts, "layer_output": raw["cout"] / n_texts}},
-        "entropy": {"mean": ent / rows, "uniform_baseline": baseline / rows},
+        "entropy": {"mean": ent / rows, "uniform_baseline": baseline / rows, "head_mean": head_mean / n_texts},
         "attention_to": {k: v / rows for k, v in to.items()},
         "js_distance": reference.js_distance(dist),
         "context_similarity": {"mean_distance": ctx_d / ctx_n, "separator_share": ctx_s / ctx_n,
-                               "focus_token": [tokenizer.convert_ids_to_tokens(r) for r in ids.tolist()]},
+                               "focus_token": [tokenizer.convert_ids_to_tokens(r) for r in ids.tolist()],
+                               "focus_share": focus.amax(-1).double() / focus.sum(-1).clamp(min=1)},
         "evolution": {"step_distance": step_d / rows, "step_cosine": step_c / rows, "norm": norm / rows},
     }
 
@@ -157,6 +163,7 @@ def test_trace_matches_direct_computation(tiny_bert, traced):
         _close(got["cone_index"][f"{k}_raw"], want["cone_index"]["raw"][k], f"cone_index.{k}_raw", 2e-5 * 32)
     _close(got["entropy"]["mean"], want["entropy"]["mean"], "entropy.mean")
     _close(got["entropy"]["uniform_baseline"], want["entropy"]["uniform_baseline"], "uniform_baseline", 1e-12)
+    _close(got["entropy"]["head_mean"], want["entropy"]["head_mean"], "entropy.head_mean")
     for k in ("cls", "sep", "punct", "prev", "next"):
         _close(got["attention_to"][k], want["attention_to"][k], f"attention_to.{k}")
     _close(got["js_distance"], want["js_distance"], "js_distance", 1e-4)
@@ -164,6 +171,7 @@ def test_trace_matches_direct_computation(tiny_bert, traced):
     _close(cs["mean_distance"], want["context_similarity"]["mean_distance"], "mean_distance", 1e-12)
     _close(cs["separator_share"], want["context_similarity"]["separator_share"], "separator_share", 1e-12)
     assert cs["focus_token"] == want["context_similarity"]["focus_token"]
+    _close(cs["focus_share"], want["context_similarity"]["focus_share"], "focus_share", 1e-12)
     for k in ("step_distance", "step_cosine", "norm"):
         _close(got["evolution"][k], want["evolution"][k], f"evolution.{k}", 1e-4)
 

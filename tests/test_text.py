@@ -41,7 +41,8 @@ def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
     assert set(report["attention_to"]) == {"cls", "sep", "punct", "prev", "next", "period", "comma",
                                            "sep_from_other"}
     assert len(report["js_distance"]) == L * H and len(report["evolution"]["norm"]) == L + 1
-    assert set(report["context_similarity"]) == {"mean_distance", "focus_token", "separator_share",
+    assert set(report["entropy"]) == {"mean", "uniform_baseline", "head_mean"}
+    assert set(report["context_similarity"]) == {"mean_distance", "focus_token", "focus_share", "separator_share",
                                                  "distance_hist", "layer_distance_hist",
                                                  "same_sentence_share", "period_separator_share",
                                                  "repeated_token_share"}
