@@ -573,3 +573,36 @@ def test_spearman_of_a_constant_ranking_is_nan():
     got = spearman(varying, varying.flip(-1), mask)
     for b, n in ((0, 7), (1, 5)):
         assert float(got[b]) == pytest.approx(spearmanr(varying[b, :n], varying.flip(-1)[b, :n]).statistic, abs=1e-12)
+
+
+def test_library_warnings_stay_off_the_commands_stderr(tiny_bert_dir, tmp_path):
+    """Heads that all attend alike (--clark-js: every JS divergence 0) had flooded stderr with
+    scikit-learn's MDS RuntimeWarnings (9,990 lines); --similar tau:1 (no pair selected) with
+    numpy's 'Mean of empty slice'; a CJK or 300-character label with matplotlib's glyph and
+    tight-layout notes. The command prints its one last line."""
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import BertModel
+
+    model = tmp_path / "alike"
+    shutil.copytree(tiny_bert_dir, model)
+    bert = BertModel.from_pretrained(tiny_bert_dir, attn_implementation="eager")
+    with torch.no_grad():
+        for layer in bert.encoder.layer:   # uniform attention: every head the same
+            for lin in (layer.attention.self.query, layer.attention.self.key):
+                lin.weight.zero_()
+                lin.bias.zero_()
+    bert.save_pretrained(str(model), safe_serialization=True)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat .\na dog ran , fast .\nthe king and the queen\nhe was not .\n", encoding="utf-8")
+    labels = tmp_path / "l.txt"
+    labels.write_text("東京\n東京\n" + "x" * 300 + "\n" + "x" * 300 + "\n", encoding="utf-8")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "embgeom", "text", str(corpus), "--model", str(model),
+                           "--out", str(tmp_path / "out"), "--clark-js", "--similar", "tau:1",
+                           "--labels", str(labels)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("embgeom text: 4 texts"), lines[:20]

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 from .commands import COMMANDS
 from .formatting import first_line
@@ -107,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     stderr = sys.stderr
     sys.stderr = _Diagnostics(stderr)
     try:
-        return _main(argv, process)
+        with warnings.catch_warnings():
+            # matplotlib's notes on a picture (a label's glyph its font lacks: drawn as a box; a
+            # layout it left as it was) are no notes on the command: 300-character or CJK labels
+            # had put them between its lines
+            for message in (r"Glyph \d+ .*missing from", "Tight layout not applied"):
+                warnings.filterwarnings("ignore", message=message, category=UserWarning)
+            return _main(argv, process)
     finally:
         sys.stderr = stderr
         if process:

@@ -4,6 +4,7 @@ Each function returns (heading, html body, [png paths]) sections for `write_html
 from __future__ import annotations
 
 import html
+import warnings
 
 import numpy as np
 
@@ -346,7 +347,8 @@ def similar_section(out_dir: str, cs: dict):
     for key, lab in (("same_sentence_share", "inside the same sentence"),
                      ("period_separator_share", "on '.' or [SEP]"), ("separator_share", "on [SEP]"),
                      ("repeated_token_share", "one token repeated")):
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # (no pair selected: a layer of NaN)
             a2.plot(np.arange(1, L + 1), np.nanmean(_arr(sim[key]), 1), "o-", label=lab)
     layer_axis(a2, L)
     a2.set_ylim(0, 1.02)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -558,4 +559,8 @@ def mds_embedding(dissimilarity: torch.Tensor, seed: int = 0) -> torch.Tensor:
         mds = MDS(metric_mds=True, metric="precomputed", init="random", **kw)
     except TypeError:                                      # scikit-learn < 1.8
         mds = MDS(metric=True, dissimilarity="precomputed", **kw)
-    return torch.from_numpy(mds.fit_transform(d)).double()
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        # all dissimilarities 0 (one head, or heads alike): scikit-learn's stress ratio is 0 / 0
+        # at every iteration, a RuntimeWarning each (9,990 lines on stderr); the layout is 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return torch.from_numpy(mds.fit_transform(d)).double()
