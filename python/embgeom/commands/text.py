@@ -349,7 +349,7 @@ def add_head_arguments(p) -> None:
                    help="skew fraction, asymmetry, positive-cos share, Spearman(|q|, entropy) "
                         "(implies --heads; hooks the query/key projections)")
     g.add_argument("--head-maps", type=int, default=0, metavar="N",
-                   help="draw the L x H attention maps of the first N texts in report.html (implies --heads), "
+                   help="draw the L x H attention maps of the first N texts in report.html (N >= 1 implies --heads), "
                         "and their context-similarity maps S = O O^T per head (context_maps.npz, heat maps)")
     g.add_argument("--show-texts", metavar="SEL",
                    help="the texts whose attention maps to keep (report.html grid and attention_view.html, "
