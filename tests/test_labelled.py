@@ -165,9 +165,11 @@ def test_correct_only(clf_dir, tmp_path, capsys):
         pred = [clf.config.id2label[int(clf(**tok(t, return_tensors="pt")).logits.argmax())] for t in TEXTS]
     other = {"neg": "pos", "pos": "neg"}
     labels = [p if i % 3 else other[p] for i, p in enumerate(pred)]      # texts 0, 3, 6 wrong
-    _, rep = run(clf_dir, tmp_path, labels, "--correct-only")
+    out, rep = run(clf_dir, tmp_path, labels, "--correct-only")
     sel = rep["correct_only"]
     assert (sel["texts"], sel["kept"]) == (8, 5)
+    # the page says the numbers are over the kept texts (its Summary had read "texts 5" alone)
+    assert "--correct-only: 5 of 8 texts kept" in (out / "report.html").read_text(encoding="utf-8")
     assert rep["n_texts"] == 5 and abs(sel["accuracy"] - 5 / 8) < 1e-12
     kept = [lab for i, lab in enumerate(labels) if i % 3]
     assert sel["kept_per_label"] == {g: kept.count(g) for g in sorted(set(labels))}

@@ -190,6 +190,13 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
          + [float(r.context_mean_distance[l].nanmean()), float(r.step_cosine[l])] for l in range(L)])
     focus = table_html([f"{LAYER} / {HEAD}"] + [f"h{h}" for h in range(H)],
                                [[l + 1] + list(r.focus_token[l]) for l in range(L)])
+    sel = report.get("correct_only")
+    if sel:  # every number below is over the kept texts: say so where the counts are read
+        summary += (f"<p>--correct-only: {fmt(sel['kept'])} of {fmt(sel['texts'])} texts kept, those the "
+                    f"model classifies as their label (accuracy {fmt(sel['accuracy'])}); every number on "
+                    "this page is over the kept texts.</p>" + table_html(
+                        ["label", "texts", "kept"],
+                        [[g, n, sel["kept_per_label"].get(g, 0)] for g, n in sel["texts_per_label"].items()]))
     sections = [
         ("Summary", summary + per_layer, []),
         ("Cone index: do a layer's vectors point one way?",
