@@ -495,3 +495,14 @@ def test_layer_summaries_equal_on_every_vector_level(monkeypatch):
         per, hme, dist, ent = A.layer_summaries(attn, mask, *flags, 64, row_entropy=True)
         got.append(torch.cat([per[k].flatten() for k in A.TARGETS] + [hme.flatten(), dist.flatten()]))
     assert all(torch.equal(g, got[0]) for g in got[1:])
+
+
+def test_a_max_length_past_the_models_is_lowered_with_a_note(tiny_bert_dir, tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat .\na dog ran .\n", encoding="utf-8")
+    assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir,
+                 "--max-length", "100", "--no-progress"]) == 0
+    assert "note: --max-length 100 lowered to 32, the longest input the model takes" in capsys.readouterr().err
+    assert main(["text", str(corpus), "--out", str(tmp_path / "p"), "--model", tiny_bert_dir,
+                 "--max-length", "32", "--no-progress"]) == 0
+    assert "lowered" not in capsys.readouterr().err

@@ -191,6 +191,9 @@ def _main(args) -> int:
         print(f"embgeom text: note: {no_class_maps_note(args.class_maps)}", file=sys.stderr)
     if labels is not None and len(set(labels)) < 2:
         print(f"embgeom text: note: {ONE_CLASS_NOTE}", file=sys.stderr)
+    if args.max_length is not None and args.max_length > max_len:
+        print(f"embgeom text: note: --max-length {args.max_length} lowered to {max_len}, the longest input "
+              "the model takes", file=sys.stderr)
     resumed = f", {fmt(ckpt.resumed_texts)} of them from {args.checkpoint}" if ckpt and ckpt.resumed_texts else ""
     if pairs_ckpt is not None and pairs_ckpt.resumed_pairs:
         resumed += f" ({fmt(pairs_ckpt.resumed_pairs)} --pairs pairs from {pairs_ckpt.path})"
