@@ -55,7 +55,9 @@ def test_show_texts_ids_and_regex(tiny_bert_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sel,message", [("7", "text id 7 out of range; the corpus has 5 texts"),
-                                         ("a(b", "neither comma-separated text ids nor a valid regular")])
+                                         ("a(b", "neither comma-separated text ids nor a valid regular"),
+                                         ("-1", "text ids are 0-based and never negative, got '-1'"),
+                                         ("0,-3", "text ids are 0-based and never negative")])
 def test_show_texts_errors(tiny_bert_dir, tmp_path, capsys, sel, message):
     code, _ = _run(tiny_bert_dir, tmp_path, "--show-texts", sel)
     assert code == 2
