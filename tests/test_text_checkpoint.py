@@ -503,6 +503,24 @@ def test_other_options_resume_to_the_same_files(tiny_bert_dir, tmp_path, monkeyp
                                               err_msg=f"{name}: {key}")
 
 
+@pytest.mark.parametrize("first,then", [
+    (["--labels", "{labels}"], ["--labels", "{labels}", "--keep", "cls"]),   # --labels keeps [CLS] rows anyway
+    ([], ["--max-length", "32"]),                                           # the model's longest, asked or not
+    (["--max-length", "100"], ["--max-length", "32"]),                      # lowered to it
+])
+def test_spellings_of_one_run_share_its_checkpoint(tiny_bert_dir, tmp_path, monkeypatch, capsys, first, then):
+    # options meaning the same run had been refused: "--keep [] then, ["cls"] now"
+    corpus, labels = _files(tmp_path)
+    ckpt = str(tmp_path / "run.ckpt")
+    base = ["text", corpus, "--model", tiny_bert_dir, "--no-progress", "--batch-size", "3", "--checkpoint", ckpt]
+    _interrupt_at_batch(monkeypatch, 2)
+    assert main([*base, "--out", str(tmp_path / "a"), *[a.format(labels=labels) for a in first]]) == 130
+    monkeypatch.setattr(trace_module, "iter_batches", REAL_BATCHES)
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "b"), *[a.format(labels=labels) for a in then]]) == 0
+    assert f"6 of them from {ckpt}" in capsys.readouterr().err
+
+
 def test_a_second_ctrl_c_waits_for_the_save(tiny_bert, tmp_path, monkeypatch):
     from embgeom.analysis.text.resume import TraceCheckpoint
 

@@ -227,8 +227,14 @@ def text_checkpoint(args, model, tokenizer):
     and every option that changes what is summed."""
     from ..analysis.run_checkpoint import file_digest, model_digest, numerics, plain_settings
     from ..analysis.text.resume import TraceCheckpoint, texts_digest
+    from ..analysis.text.trace import model_max_length
 
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_CHECKPOINT}
+    # settings as the run takes them, so that two spellings of one run share a checkpoint:
+    # --labels keeps the [CLS] rows with or without --keep cls; --max-length is the length used
+    # (none asked, the model's longest; more than that, lowered to it)
+    settings["keep"] = sorted(set(args.keep or ()) | ({"cls"} if args.labels else set()))
+    settings["max_length"] = model_max_length(model, tokenizer, args.max_length)
     inputs = {"corpus": texts_digest(args.corpus), "labels": file_digest(args.labels)}
     return TraceCheckpoint(args.checkpoint, {
         "command": "text", "inputs": inputs, "model": model_digest(model, tokenizer),
@@ -245,7 +251,7 @@ def pairs_checkpoint(args, ckpt):
     ident = ckpt.fp.identity
     return PairsCheckpoint(ckpt.side_path("pairs"), {
         "command": "text --pairs", "inputs": {"pairs": file_digest(args.pairs)}, "model": ident["model"],
-        "settings": {"batch_size": args.batch_size, "max_length": args.max_length},
+        "settings": {"batch_size": args.batch_size, "max_length": ident["settings"]["max_length"]},
         "numerics": ident["numerics"]})
 
 
