@@ -1228,3 +1228,28 @@ def test_forked_children_run_on_one_thread_instead_of_hanging(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0 and "children ok" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_grown_index_keeps_one_copy_and_pickles_its_rows_in_use(dtype):
+    # a float32 index's scan is its rows: grown apart by an add they had held every row twice;
+    # a pickle had carried the spare capacity of the last add (1.5x the rows)
+    import pickle
+
+    x = make_rows(2000, 32, seed=9)
+    index = Index(x, dtype=dtype)
+    before = len(pickle.dumps(index))
+    index.add(make_rows(10, 32, seed=10))
+    st = index._store
+    assert st.rows.shape[0] > st.n
+    if dtype == torch.float32:
+        assert st.scan.data_ptr() == st.rows.data_ptr()
+    assert len(pickle.dumps(index)) < before * 1.02
+    back = pickle.loads(pickle.dumps(index))
+    q = make_rows(4, 32, seed=11)
+    for got, want in zip(back.search(q, 6), index.search(q, 6)):
+        assert torch.equal(got, want)
+    back.add(make_rows(700, 32, seed=12))
+    index.add(make_rows(700, 32, seed=12))
+    for got, want in zip(back.search(q, 6), index.search(q, 6)):
+        assert torch.equal(got, want)

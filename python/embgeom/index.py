@@ -20,6 +20,7 @@ import json
 import math
 import os
 import threading
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -421,20 +422,27 @@ class Index:
             bufs = old  # room past every reader's end: write in place
         else:
             cap = max(n + m, int(old.rows.shape[0] * 1.5))
+            grown: dict[int, torch.Tensor] = {}
 
             def grow(t):
+                # one buffer per stored array: a float32 index's scan is its rows (grown apart,
+                # they had held every row twice after an add)
                 if t is None:
                     return None
-                out = torch.empty((cap,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-                out[:n] = t[:n]
-                return out
+                if id(t) not in grown:
+                    out = torch.empty((cap,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+                    out[:n] = t[:n]
+                    grown[id(t)] = out
+                return grown[id(t)]
 
             bufs = _Store(grow(old.rows), grow(old.norms), grow(old.scan), grow(old.scale),
                           grow(old.bias), n, old.zero_rows, old.cmax, old.bias_max, old.scan_delta)
+        written: set[int] = set()
         for mine, new in ((bufs.rows, rows), (bufs.norms, norms), (bufs.scan, scan),
                           (bufs.scale, scale), (bufs.bias, bias)):
-            if mine is not None:
+            if mine is not None and id(mine) not in written:
                 mine[n:n + m] = new
+                written.add(id(mine))
         return _Store(bufs.rows, bufs.norms, bufs.scan, bufs.scale, bufs.bias, n + m,
                       old.zero_rows + zero, max(old.cmax, cmax), max(old.bias_max, bias_max),
                       max(old.scan_delta, delta))
@@ -463,13 +471,28 @@ class Index:
         dt = str(self.dtype).replace("torch.", "")
         return f"Index(n={self.ntotal}, d={self.d}, metric={self.metric!r}, dtype={dt}, device={self.device})"
 
-    def __getstate__(self):  # picklable in memory (scikit-learn clones and pickles estimators)
+    def _shared_state(self) -> dict:
         state = self.__dict__.copy()
         del state["_lock"]
         state["_columns"] = state["_searched"] = None  # the engine's prepared copy is made again where needed
-        # copy.copy shares the buffers with this index: the copy's add() takes fresh ones, so the
+        # a copy shares the buffers with this index: the copy's add() takes fresh ones, so the
         # two never write the same spare rows (a copy's added row had been overwritten)
         state["_owns_buffers"] = False
+        return state
+
+    def __copy__(self) -> "Index":
+        new = object.__new__(type(self))
+        new.__setstate__(self._shared_state())
+        return new
+
+    def __getstate__(self):  # picklable in memory (scikit-learn clones and pickles estimators)
+        state = self._shared_state()
+        st = self._store
+        if st.rows.shape[0] > st.n:  # the rows in use, not the spare capacity of the last add
+            trimmed: dict[int, torch.Tensor] = {}  # (a float32 index's scan is its rows: one copy)
+            state["_store"] = dataclasses.replace(st, **{
+                name: trimmed[id(t)] if id(t) in trimmed else trimmed.setdefault(id(t), t[:st.n].clone())
+                for name in ("rows", "norms", "scan", "scale", "bias") if (t := getattr(st, name)) is not None})
         return state
 
     def __setstate__(self, state):
