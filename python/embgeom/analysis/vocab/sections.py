@@ -7,10 +7,12 @@ import re
 import resource
 import time
 from contextlib import contextmanager
+import numpy as np
 import torch
 from ...api import pairwise_stats
 from ...engine.config import DEFAULTS
 from ...numerics import cosine_matrix
+from ..clouds import projection as clouds
 from ..clouds.projection import pca_fit
 from ..text import adapters
 
@@ -114,13 +116,15 @@ def section_pairs(words: torch.Tensor, ids: torch.Tensor, tokens: list[str], *, 
 
 
 def _cosines64(words: torch.Tensor, pairs: list) -> list[float]:
-    """Float64 cosines of the rows (i, j) of words."""
+    """Float64 cosines of the rows (i, j) of words: the clouds' rule (projection.cosines64, one
+    fixed order of three sums) on the rows the pairs name."""
     if not pairs:
         return []
-    idx = torch.tensor(pairs, dtype=torch.long, device=words.device)
-    a, b = words[idx[:, 0]].double(), words[idx[:, 1]].double()
-    cos = (a * b).sum(1) / (torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1))
-    return [float(v) for v in cos.cpu()]
+    ij = np.asarray(pairs, dtype=np.int64)
+    used, at = np.unique(ij, return_inverse=True)
+    at = at.reshape(ij.shape)
+    scaled = clouds.scaled_rows(words[torch.from_numpy(used).to(words.device)].double().cpu().numpy())
+    return clouds.cosines64(scaled, at[:, 1:], rows=at[:, 0])[:, 0].tolist()
 
 
 def _extremes(values: torch.Tensor, ids: torch.Tensor, tokens: list[str], k: int) -> dict:
