@@ -193,6 +193,20 @@ class _Store:
     scan_delta: float           # max |bf16 row - row| of the scanned rows (0 for float32)
 
 
+def _each_buffer(st: _Store, fn) -> dict:
+    """{field: fn(field, array)} over the store's row arrays (None stays None), fn called once per
+    distinct array: a float32 index's scan is its rows (grown apart by an add, they had held
+    every row twice)."""
+    done: dict[int, Any] = {}
+    out = {}
+    for name in ("rows", "norms", "scan", "scale", "bias"):
+        t = getattr(st, name)
+        if t is not None and id(t) not in done:
+            done[id(t)] = fn(name, t)
+        out[name] = None if t is None else done[id(t)]
+    return out
+
+
 def _inverse_norms64(norms: torch.Tensor) -> torch.Tensor:
     """1 / |x| of float64 norms, 0 for zero rows (what a cosine index scales its rows by)."""
     return torch.where(norms > 0, 1.0 / norms.clamp(min=1e-300), torch.zeros_like(norms))
@@ -422,27 +436,20 @@ class Index:
             bufs = old  # room past every reader's end: write in place
         else:
             cap = max(n + m, int(old.rows.shape[0] * 1.5))
-            grown: dict[int, torch.Tensor] = {}
 
-            def grow(t):
-                # one buffer per stored array: a float32 index's scan is its rows (grown apart,
-                # they had held every row twice after an add)
-                if t is None:
-                    return None
-                if id(t) not in grown:
-                    out = torch.empty((cap,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-                    out[:n] = t[:n]
-                    grown[id(t)] = out
-                return grown[id(t)]
+            def grow(_, t):
+                out = torch.empty((cap,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+                out[:n] = t[:n]
+                return out
 
-            bufs = _Store(grow(old.rows), grow(old.norms), grow(old.scan), grow(old.scale),
-                          grow(old.bias), n, old.zero_rows, old.cmax, old.bias_max, old.scan_delta)
-        written: set[int] = set()
-        for mine, new in ((bufs.rows, rows), (bufs.norms, norms), (bufs.scan, scan),
-                          (bufs.scale, scale), (bufs.bias, bias)):
-            if mine is not None and id(mine) not in written:
-                mine[n:n + m] = new
-                written.add(id(mine))
+            bufs = dataclasses.replace(old, **_each_buffer(old, grow))
+        new = {"rows": rows, "norms": norms, "scan": scan, "scale": scale, "bias": bias}
+
+        def append(name: str, mine: torch.Tensor) -> torch.Tensor:
+            mine[n:n + m] = new[name]
+            return mine
+
+        _each_buffer(bufs, append)
         return _Store(bufs.rows, bufs.norms, bufs.scan, bufs.scale, bufs.bias, n + m,
                       old.zero_rows + zero, max(old.cmax, cmax), max(old.bias_max, bias_max),
                       max(old.scan_delta, delta))
@@ -489,10 +496,7 @@ class Index:
         state = self._shared_state()
         st = self._store
         if st.rows.shape[0] > st.n:  # the rows in use, not the spare capacity of the last add
-            trimmed: dict[int, torch.Tensor] = {}  # (a float32 index's scan is its rows: one copy)
-            state["_store"] = dataclasses.replace(st, **{
-                name: trimmed[id(t)] if id(t) in trimmed else trimmed.setdefault(id(t), t[:st.n].clone())
-                for name in ("rows", "norms", "scan", "scale", "bias") if (t := getattr(st, name)) is not None})
+            state["_store"] = dataclasses.replace(st, **_each_buffer(st, lambda _, t: t[:st.n].clone()))
         return state
 
     def __setstate__(self, state):
