@@ -131,6 +131,8 @@ def saturated(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     inside fast_error_bound and the index's margin, where an inf input had made inf * 0 = NaN
     products that no filter passes (pairs lost)."""
     big = float(torch.finfo(dtype).max)
+    if t.dtype.is_floating_point and big >= float(torch.finfo(t.dtype).max):
+        return t  # (nothing of t can pass it: no copy, e.g. the Triton engine's exact-mode rows)
     return t.clamp(-big, big)
 
 
