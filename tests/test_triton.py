@@ -150,6 +150,27 @@ def test_bf16_inputs_past_its_largest_saturate():
     assert float(eng.xin.float().max()) == float(torch.finfo(torch.bfloat16).max)
 
 
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_rows_whose_float32_norms_overflow_or_underflow_keep_their_lists(precision):
+    # rows of norm 1e30 beside rows of norm 1e-30 (legal under dot: their products are near 1):
+    # their float32 norms had been inf and 0, the seeds' margin inf * 0 = NaN, every threshold
+    # NaN, and no pair passed the candidate filter (empty top lists, rows padded)
+    big = 1e30
+    x = torch.tensor([[big, 0.0], [-big, 0.0], [big / 2, big / 3]])
+    y = torch.tensor([[1 / big, 0.0], [2 / big, 1 / big], [0.0, 1.5 / big], [-0.5 / big, 0.5 / big]])
+    opts = dict(metric="dot", bins=4, range=(-20.0, 20.0), topk=3, bottomk=3, row_topk=2, row_bottomk=2)
+    got = embgeom.pairwise_stats(x, y, backend="triton", precision=precision, **opts)
+    want = embgeom.pairwise_stats(x, y, backend="cpp", precision="exact", **opts)
+    for pairs in ("top_pairs", "bottom_pairs"):
+        a, b = getattr(got, pairs), getattr(want, pairs)
+        assert a.i.tolist() == b.i.tolist() and a.j.tolist() == b.j.tolist() and a.values.tolist() == b.values.tolist()
+    for rows in ("row_topk", "row_bottomk"):
+        a, b = getattr(got, rows), getattr(want, rows)
+        assert a.indices.tolist() == b.indices.tolist() and a.values.tolist() == b.values.tolist()
+    assert got.hist.counts.tolist() == want.hist.counts.tolist()
+    assert abs(got.mean - want.mean) <= got.error_bound + 1e-6  # (fast: bf16 products, within the bound)
+
+
 @pytest.mark.parametrize("delta, b", [(-2.0 ** -10, 0.9995), (2.0 ** -10, 1.0005)])
 def test_fast_outside_list_holds_the_exact_outside_pairs(delta, b):
     """Fast mode's outside list: pairs taken within the products' error of a or b, rescored,

@@ -88,8 +88,8 @@ class TritonEngine(Thresholds, Candidates):
         self.groups = stream_groups(self.kinds_k, slab_side(plan), plan.live_bounds)
 
         # error of the products (fast) -> filter margin and histogram error bound
-        nx = float(torch.linalg.vector_norm(self.x32, dim=1).max()) if self.n else 0.0
-        ny = float(torch.linalg.vector_norm(self.y32, dim=1).max()) if self.m else 0.0
+        nx = float(torch.linalg.vector_norm(self.x32, dim=1, dtype=torch.float64).max()) if self.n else 0.0
+        ny = float(torch.linalg.vector_norm(self.y32, dim=1, dtype=torch.float64).max()) if self.m else 0.0
         if self.mode == "fp16" and max(float(self.x32.abs().max()) if self.n else 0.0,
                                        float(self.y32.abs().max()) if self.m else 0.0) > 6e4:
             raise ValueError("fast_dtype='fp16': values beyond the fp16 range (|v| > 6e4); use 'bf16' or 'tf32'")
