@@ -507,6 +507,8 @@ def test_other_options_resume_to_the_same_files(tiny_bert_dir, tmp_path, monkeyp
     (["--labels", "{labels}"], ["--labels", "{labels}", "--keep", "cls"]),   # --labels keeps [CLS] rows anyway
     ([], ["--max-length", "32"]),                                           # the model's longest, asked or not
     (["--max-length", "100"], ["--max-length", "32"]),                      # lowered to it
+    (["--head-maps", "1"], ["--head-maps", "1", "--heads"]),                # --head-maps N implies --heads
+    (["--show-texts", "0,2"], ["--show-texts", "0,2", "--head-maps", "2", "--heads"]),  # draws the 2 it names
 ])
 def test_spellings_of_one_run_share_its_checkpoint(tiny_bert_dir, tmp_path, monkeypatch, capsys, first, then):
     # options meaning the same run had been refused: "--keep [] then, ["cls"] now"

@@ -235,6 +235,10 @@ def text_checkpoint(args, model, tokenizer):
     # (none asked, the model's longest; more than that, lowered to it)
     settings["keep"] = sorted(set(args.keep or ()) | ({"cls"} if args.labels else set()))
     settings["max_length"] = model_max_length(model, tokenizer, args.max_length)
+    # --clark-js, --directionality, --head-maps N and --show-texts imply --heads; --show-texts
+    # without --head-maps draws the texts it names (TextExtras)
+    settings["head_maps"] = args.head_maps or parse_show_texts(args.show_texts)[1]
+    settings["heads"] = bool(args.heads or args.clark_js or args.directionality or settings["head_maps"] > 0)
     inputs = {"corpus": texts_digest(args.corpus), "labels": file_digest(args.labels)}
     return TraceCheckpoint(args.checkpoint, {
         "command": "text", "inputs": inputs, "model": model_digest(model, tokenizer),
