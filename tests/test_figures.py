@@ -284,3 +284,50 @@ def test_page_data_cannot_end_or_reshape_its_script_element(tmp_path):
     assert sorted(data["labels"]) == ["<!--<b>L", "A&B</script>", "c"]
     assert [n.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&") for n in names] == data["labels"]
     assert path.endswith("p.html") and page.count("<!--") == 0
+
+
+def test_users_strings_are_drawn_letter_for_letter(tiny_bert_dir, tmp_path, monkeypatch):
+    """Labels, group names and tokens reach matplotlib as text, not mathtext: two `$` in one had
+    started a formula whose parse error ended the run after its forward passes, and a label
+    starting with `_` (fastText's `__label__pos`) was left out of every legend."""
+    drawn = []
+    real = plots.save_figure
+
+    def record(fig, out_dir, name):
+        fig.canvas.draw()  # (every text laid out, as the saved PNG has it)
+        drawn.extend(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
+        drawn.extend(t.get_text() for ax in fig.axes for t in ax.get_xticklabels() + ax.texts)
+        return real(fig, out_dir, name)
+
+    import embgeom.report as report
+    import embgeom.report.head_sections as hs
+    import embgeom.report.text_page as tp
+
+    for mod in (plots, report, hs, tp):
+        monkeypatch.setattr(mod, "save_figure", record)
+    texts = ["it cost $5 and $6 .", "a dollar $$ sign .", "we paid $ 7 .", "the king rode on .",
+             "a queen sat down .", "big dogs bark now ."]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    names = ["cost: $5%, $6", "__label__pos", "a$b_$c"]
+    labels = tmp_path / "l.txt"
+    labels.write_text("\n".join(names * 2) + "\n", encoding="utf-8")
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text('{"group": "a$b_$c", "a": "the king", "b": "the queen"}\n'
+                     '{"group": "__h", "a": "big", "b": "small"}\n', encoding="utf-8")
+    assert main(["text", str(corpus), "--out", str(tmp_path / "t"), "--model", tiny_bert_dir, "--quiet",
+                 "--labels", str(labels), "--class-maps", "7", "--trajectories", "2", "--pairs", str(pairs)]) == 0
+    def as_shown(text):  # (what the PNG shows of a text that is not mathtext)
+        return text.replace("\u2060", "").replace("\\$", "$")
+
+    shown = {as_shown(t) for t in drawn}
+    for name in names:
+        assert name in shown or any(s.startswith(name + " (") for s in shown), (name, sorted(shown))
+    assert {"a$b_$c", "__h"} <= shown
+    assert any("$" in s for s in shown if ":" in s)  # a token of the trajectories, "0:$"
+    x = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    drawn.clear()
+    assert main(["project", str(tmp_path / "x.npy"), "--labels", str(labels), "--method", "pca",
+                 "--out", str(tmp_path / "p")]) == 0
+    assert set(names) <= {as_shown(t) for t in drawn}

@@ -17,7 +17,7 @@ from .interactive import label_color
 from ..formatting import fmt as fmt_number
 from ..tables import table_html
 from .plots import (DEPTH, HEAD, LAYER, depth_axis, head_matrix, layer_axis, layer_head_axes,
-                    new_figure, save_figure)
+                    literal, new_figure, save_figure)
 
 MARKERS = {"broad": "o", "next": ">", "previous": "<", "[CLS]": "s", "[SEP]": "D",
            PERIOD_COMMA: "P", "other": "x"}
@@ -429,7 +429,7 @@ def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
         pngs.append(_head_grid(out_dir, f"class_maps_{safe}", np.asarray(m, dtype=float),
                                lambda a: np.ma.masked_less(a, theta), dict(cmap="Blues", vmin=0, vmax=1),
                                ("key", "query"), f"class-mean attention (entries < {theta:g} hidden)",
-                               title=f"label {g}: class-mean attention per layer and head"))
+                               title=literal(f"label {g}: class-mean attention per layer and head")))
     ent = block.get("entropies") or {}
     if ent:
         panels = (("value_entropy_padded", f"value-histogram entropy, padded to {block['padded_to']} (nats)"),
@@ -442,7 +442,7 @@ def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
             for g, e in ent.items():
                 y = np.asarray(e["layer_mean"][key], dtype=float)
                 # each label in its colour of the report's other figures (by sorted label)
-                ax.plot(np.arange(1, y.size + 1), y, "o-", color=label_color(g, block["texts"]), label=str(g))
+                ax.plot(np.arange(1, y.size + 1), y, "o-", color=label_color(g, block["texts"]), label=literal(g))
             ax.set_title(title, fontsize=9)
             ax.set_ylabel("entropy (nats), mean over heads")
             layer_axis(ax, len(y))

@@ -238,7 +238,7 @@ def scatter_png(out_dir: str, name: str, xy, labels=None, *, title: str = "", ar
                 xlabel: str = "", ylabel: str = "") -> str:
     """A 2-D scatter coloured by label (matplotlib); arrows: {label: ((x0, y0), (x1, y1))} drawn
     in the label's colour."""
-    from .plots import new_figure, save_figure
+    from .plots import literal, new_figure, save_figure
 
     xy = np.asarray(xy, dtype=np.float64)
     fig, ax = new_figure(6.5, 5.5)
@@ -256,7 +256,7 @@ def scatter_png(out_dir: str, name: str, xy, labels=None, *, title: str = "", ar
             m = lab == g
             few = m.sum() < 0.2 * len(lab)
             ax.scatter(xy[m, 0], xy[m, 1], s=size * (3 if few and size < 12 else 1), alpha=0.75,
-                       color=label_color(g, groups), label=g, zorder=2 + z)
+                       color=label_color(g, groups), label=literal(g), zorder=2 + z)
             if arrows and g in arrows:
                 start, end = arrows[g]
                 ax.annotate("", xy=tuple(end), xytext=tuple(start),

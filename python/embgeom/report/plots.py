@@ -10,6 +10,15 @@ HEAD = "head (from 0)"
 HEAD_INDEX = "(layer - 1) * H + head"
 
 
+def literal(text) -> str:
+    """A user's string (a label, token or group name) as matplotlib draws it, letter for letter:
+    `$` escaped (two of them started mathtext, whose parse error ended the run), and a leading
+    `_` behind an invisible word joiner (matplotlib leaves labels starting with `_` out of legends:
+    fastText's `__label__pos`)."""
+    text = str(text).replace("$", r"\$")
+    return "\u2060" + text if text.startswith("_") else text
+
+
 def save_figure(fig, out_dir: str, name: str) -> str:
     """Save a matplotlib figure as out_dir/name.png, close it, return the path."""
     import matplotlib.pyplot as plt
@@ -120,7 +129,7 @@ def explained_variance_png(out_dir: str, name: str, curves: dict) -> str:
     all_points = curves["all"]
     ax.plot(range(1, len(all_points) + 1), all_points, label="all points", lw=2, color="black")
     for key, curve in by_label.items():
-        ax.plot(range(1, len(curve) + 1), curve, label=key, lw=1, color=label_color(key, by_label))
+        ax.plot(range(1, len(curve) + 1), curve, label=literal(key), lw=1, color=label_color(key, by_label))
     ax.set_xlabel("principal components")
     ax.set_ylabel("cumulative explained variance")
     ax.set_ylim(0, 1.02)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from . import new_figure, save_figure, table_html, write_html
-from .plots import HEAD, LAYER, depth_axis, head_matrix, head_strips, layer_axis, layer_head_axes
+from .plots import HEAD, LAYER, depth_axis, head_matrix, head_strips, layer_axis, layer_head_axes, literal
 import numpy as np
 from ..analysis.clouds import geometry, projection
 from ..formatting import fmt
@@ -38,6 +38,7 @@ def heatmap_figure(data, title, xlabel=None, ylabel=None, cmap="viridis", vmin=N
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
     if ticks is not None:
+        ticks = [literal(t) for t in ticks]
         ax.set_xticks(range(len(ticks)), ticks, rotation=45, ha="right")
         ax.set_yticks(range(len(ticks)), ticks)
     return fig, ax
@@ -271,7 +272,7 @@ def label_section(out_dir: str, by_label: dict, L: int):
         ax = fig.add_subplot(2, 3, n + 1)
         for label in labels:
             ax.plot(layers, curve(label, keys, over_heads), "o-", ms=3, lw=1.2,
-                    color=label_color(label, labels), label=f"{label} ({by_label[label]['n_texts']})")
+                    color=label_color(label, labels), label=literal(f"{label} ({by_label[label]['n_texts']})"))
         ax.set_title(title, fontsize=9)
         ax.set_ylabel(title.split(" (")[0], fontsize=8)
         layer_axis(ax, L)
@@ -297,7 +298,7 @@ def trajectory_plots(out_dir: str, path: str) -> tuple[list[str], dict]:
     z = np.load(path)
     states, text, tokens = z["states"], z["text"], z["token"]
     n, depths, d = states.shape
-    names = [f"{t}:{tok}" for t, tok in zip(text.tolist(), tokens.tolist())]
+    names = [literal(f"{t}:{tok}") for t, tok in zip(text.tolist(), tokens.tolist())]
     pngs = []
     fig = new_figure(12, 5.5)[0]
     fig.clf()
@@ -315,7 +316,7 @@ def trajectory_plots(out_dir: str, path: str) -> tuple[list[str], dict]:
                     label=None if t in shown else f"text {t}")
             shown.add(t)
             # the end label set off by a few points, stepped by token: ends that meet stay readable
-            ax.annotate(str(tokens[i]), paths[i, last - 1], xytext=(3, -6 + 6 * (i % 3)),
+            ax.annotate(literal(tokens[i]), paths[i, last - 1], xytext=(3, -6 + 6 * (i % 3)),
                         textcoords="offset points", fontsize=6, color=c)
         ax.scatter(paths[:, 0, 0], paths[:, 0, 1], color="red", s=12, zorder=3, label="depth 0 (embeddings)")
         ax.set_title("token paths, PCA of all depths" if last == depths else "PCA without the last depth")
@@ -433,14 +434,14 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
         edges, share, used = curve(st["cosine"]["hist"])
         if used.size:
             lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
-        ax.stairs(share, edges, color=label_color(g, groups["last"]["per_label"]), lw=1.4, label=g)
+        ax.stairs(share, edges, color=label_color(g, groups["last"]["per_label"]), lw=1.4, label=literal(g))
     pairs = list(groups["last"]["per_pair"].items())
     cmap = __import__("matplotlib").colormaps["tab20" if len(pairs) <= 20 else "turbo"]
     for k, (_, st) in enumerate(pairs):
         edges, share, used = curve(st["cosine"]["hist"])
         if used.size:
             lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
-        bx.stairs(share, edges, lw=1, color=cmap(k / max(len(pairs) - 1, 1)), label=" x ".join(st["labels"]))
+        bx.stairs(share, edges, lw=1, color=cmap(k / max(len(pairs) - 1, 1)), label=literal(" x ".join(st["labels"])))
     for a, title in ((ax, "pairwise cosine within each label"),
                      (bx, f"pairwise cosine across label pairs ({len(pairs)})")):
         if lo < hi:  # the range the data covers (both panels alike), not -1..1
