@@ -164,6 +164,51 @@ def test_batches_of_long_texts_are_cut_to_the_memory_budget(pieces_bert, monkeyp
     assert torch.equal(single["all_accuracy"], whole["all_accuracy"])
 
 
+def _trained_tokenizer(kind: str, texts: list[str]):
+    """A fast tokenizer trained on `texts`: byte-level BPE (RoBERTa's "Ġ" marks a word after a
+    space) or a Metaspace unigram (sentencepiece's "▁", as a piece of its own before some words)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bpe":
+        tk = Tokenizer(models.BPE(unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tk = Tokenizer(models.Unigram())
+        tk.pre_tokenizer = pre_tokenizers.Metaspace()
+        tk.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                          unk_token="<unk>")
+    tk.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", cls_token="<s>",
+                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["bpe", "metaspace"])
+def test_word_pieces_are_the_sentences_own_tokens(kind, pieces_bert):
+    """Each word's pieces are those the space-joined sentence gives it: a word tokenized alone
+    had lost the space before it, which byte-level BPE writes into the word's first piece
+    (mid-sentence "the" was 't', 'he' where the sentence has 'Ġthe')."""
+    sentences = treebank.read_conllu(SAMPLE)
+    words = [s.words for s in sentences] + [["New York", "is", "(", "big", ")", "!"], ["x", "\x01", "y"]]
+    tokenizer = _trained_tokenizer(kind, [" ".join(w) for w in words])
+    got = word_heads.word_pieces(tokenizer, words)
+    for ws, ps in zip(words, got):
+        assert len(ps) == len(ws) and all(ps)
+        if "\x01" not in ws:
+            assert [t for p in ps for t in p] == tokenizer(" ".join(ws), add_special_tokens=False)["input_ids"]
+    if kind == "bpe":
+        first = [tokenizer.convert_ids_to_tokens(ps[1])[0] for ps in got[:-1]]
+        assert all(t.startswith("Ġ") for t in first), first
+    # WordPiece ignores the spaces: each word's pieces are its own, as before
+    _, (_, bert_tok) = pieces_bert
+    for ws, ps in zip(words[:-2], word_heads.word_pieces(bert_tok, words[:-2])):
+        assert ps == [bert_tok(w, add_special_tokens=False)["input_ids"] or [bert_tok.unk_token_id] for w in ws]
+
+
 def test_syntax_heads_match_direct(pieces_bert):
     _, (model, tokenizer) = pieces_bert
     sentences = treebank.read_conllu(SAMPLE)

@@ -2,8 +2,8 @@
 et al. measure them (arXiv 1906.04341, section 4.2; docs/metrics.md, attention heads).
 
 Each sentence's words (the syntactic words of a CoNLL-U file: multiword-token ranges and empty
-nodes are skipped) are split into word pieces one word at a time and run through the model as
-[CLS] pieces [SEP]. Token attention becomes word attention as the paper describes it: attention
+nodes are skipped) are split into word pieces as the space-joined sentence's tokenization has them
+(word_pieces) and run through the model as [CLS] pieces [SEP]. Token attention becomes word attention as the paper describes it: attention
 TO a split word is the sum over its pieces, attention FROM it the mean of its pieces' rows
 ([CLS] and [SEP] are words of their own). Per head and sentence the word map has its diagonal
 excluded and its [CLS]/[SEP] rows and columns dropped; the prediction for word i is the word it
@@ -37,14 +37,34 @@ POSS_CLITICS = ("'s", "s'")
 
 
 def word_pieces(tokenizer, word_lists: list[list[str]]) -> list[list[list[int]]]:
-    """Per text, per word, its piece ids (the tokenizer run on the word alone; [UNK] for a
-    word that yields no piece). word_lists: the words of each text (a sentence, a document)."""
-    flat = [w for words in word_lists for w in words]
-    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-    out, k = [], 0
+    """Per text, per word, its piece ids as the text's own tokenization has them: the words
+    joined by single spaces and tokenized once, each piece given to the word its last character
+    falls in (a piece of the space before a word, sentencepiece's lone "▁", to that word).
+    A word tokenized alone had lost the space before it, which byte-level BPE (RoBERTa, DeBERTa,
+    ModernBERT) writes into the word's first piece: mid-sentence "the" became 't', 'he' where
+    the sentence has 'Ġthe'. [UNK] for a word that yields no piece. Tokenizers without character
+    offsets (slow ones) tokenize each word alone, after a space but the first. word_lists: the
+    words of each text (a sentence, a document)."""
+    out = []
     for words in word_lists:
-        out.append([p if p else [tokenizer.unk_token_id] for p in ids[k:k + len(words)]])
-        k += len(words)
+        if not words:
+            out.append([])
+            continue
+        if getattr(tokenizer, "is_fast", False):
+            enc = tokenizer(" ".join(words), add_special_tokens=False, return_offsets_mapping=True)
+            ends, at = [], -1
+            for w in words:
+                at += 1 + len(w)
+                ends.append(at)            # one past the word's last character
+            pieces, w = [[] for _ in words], 0
+            for tok, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+                while w < len(words) - 1 and end > ends[w]:
+                    w += 1
+                pieces[w].append(tok)
+        else:
+            pieces = tokenizer([w if k == 0 else " " + w for k, w in enumerate(words)],
+                               add_special_tokens=False)["input_ids"]
+        out.append([p if p else [tokenizer.unk_token_id] for p in pieces])
     return out
 
 
