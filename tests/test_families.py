@@ -266,3 +266,42 @@ def test_unknown_family_and_sdpa(family_dirs):
     sdpa = AutoModel.from_pretrained(family_dirs["distilbert"], attn_implementation="sdpa").eval()
     with pytest.raises(ValueError, match=r'DistilBERT was loaded with .*sdpa.*attn_implementation="eager"'):
         trace(sdpa, tokenizer, TEXTS[:2])
+
+
+def test_albert_with_layers_inside_its_groups_takes_every_option(tmp_path):
+    """ALBERT with inner_group_num = 2 applies num_hidden_layers x 2 attention blocks: every
+    analysis sizes itself by them (adapters.num_layers). The extras, kept [CLS] rows, class maps,
+    syntax and coref had read num_hidden_layers (IndexError, a broadcast error, a reshape error)."""
+    from transformers import AlbertConfig, AutoModel
+
+    tok, V = _tokenizer(BERT_SPECIALS)
+    tok.save_pretrained(str(tmp_path / "m"))
+    torch.manual_seed(0)
+    config = AlbertConfig(**{**COMMON, "vocab_size": V, "num_hidden_layers": 2}, embedding_size=16,
+                          num_hidden_groups=1, inner_group_num=2, pad_token_id=0)
+    AutoModel.from_config(config, attn_implementation="eager").save_pretrained(str(tmp_path / "m"))
+    model, _ = load_model(str(tmp_path / "m"))
+    L = adapters.num_layers(model)
+    assert L == 4
+    corpus, labels = tmp_path / "c.txt", tmp_path / "l.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    labels.write_text("x\ny\n" * 3, encoding="utf-8")
+    model_dir = ["--model", str(tmp_path / "m"), "--quiet"]
+    assert main(["text", str(corpus), "--out", str(tmp_path / "t"), *model_dir, "--heads", "--clark-js",
+                 "--gaussianity", "--head-maps", "1", "--similar", "topk:2", "--labels", str(labels),
+                 "--class-maps", "5", "--trajectories", "1"]) == 0
+    rep = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert rep["layers"] == L and rep["kept"]["cls"]["shape"] == [len(TEXTS), L + 1, 32]
+    assert len(rep["attention_heads"]["clark_entropy"]) == L
+    assert [g["depth"] for g in rep["gaussianity"]] == list(range(L + 1))
+    assert len(rep["class_maps"]["entropies"]["y"]["value_entropy"]) == L
+    from embgeom.analysis.syntax import treebank
+
+    assert main(["syntax", treebank.sample_path(), "--out", str(tmp_path / "s"), *model_dir]) == 0
+    rep = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert rep["layers"] == L and len(rep["syntax"]["all_accuracy"]) == L
+    from embgeom.analysis.syntax import mentions
+
+    assert main(["coref", mentions.sample_path(), "--out", str(tmp_path / "k"), *model_dir]) == 0
+    rep = json.loads((tmp_path / "k" / "report.json").read_text())
+    assert rep["layers"] == L and len(rep["coref"]["all_accuracy"]) == L

@@ -9,6 +9,7 @@ import sys
 
 from ..analysis.syntax.coreference import coreference_heads
 from ..analysis.syntax.mentions import read_mentions
+from ..analysis.text.adapters import num_layers
 from ..io import check_output_folder, output_folder
 from ..report.coref_page import write_coref_report
 from .model_options import (add_model_options, check_run_options, finish_report, model_input,
@@ -48,7 +49,7 @@ def main(args) -> int:
         block = coreference_heads(model, tokenizer, docs, batch_size=args.batch_size,
                                   max_length=args.max_length, progress=prog)
         report = {"model": args.model or DEFAULT_MODEL, "mentions": os.path.abspath(args.mentions),
-                  "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
+                  "layers": num_layers(model), "heads": model.config.num_attention_heads,
                   "coref": block}
         finish_report(out, report, prov, prog, lambda: write_coref_report(out, report))
     note_skipped_too_long("coref", block["skipped_too_long"], "document", args, "report.json coref.skipped names them")

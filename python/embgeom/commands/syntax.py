@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..analysis.syntax.treebank import read_conllu
+from ..analysis.text.adapters import num_layers
 from ..analysis.syntax.word_heads import syntax_heads
 from ..io import check_output_folder, output_folder
 from ..report.syntax_page import write_syntax_report
@@ -52,7 +53,7 @@ def main(args) -> int:
                 block["probe"] = attention_probe(maps, sentences, split, model.config.num_attention_heads)
             del maps
         report = {"model": args.model or DEFAULT_MODEL, "treebank": os.path.abspath(args.treebank),
-                  "layers": model.config.num_hidden_layers, "heads": model.config.num_attention_heads,
+                  "layers": num_layers(model), "heads": model.config.num_attention_heads,
                   "syntax": block}
         finish_report(out, report, prov, prog, lambda: write_syntax_report(out, report))
     note_skipped_too_long("syntax", block["skipped_too_long"], "sentence", args, "report.json syntax.skipped_too_long")

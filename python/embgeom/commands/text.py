@@ -17,6 +17,7 @@ import numpy as np
 
 from ..analysis.clouds.geometry import group_geometry
 from ..analysis.heads.text_extras import TextExtras, parse_show_texts
+from ..analysis.text.adapters import num_layers
 from ..analysis.text.keeper import Keeper
 from ..analysis.text.labelled import ONE_CLASS_NOTE, no_class_maps_note
 from .. import validation
@@ -128,14 +129,14 @@ def _main(args) -> int:
                 n_texts = len(kept)
                 model = model.base_model
             prov.set_model(args.model, model)
-            keeper = Keeper(out, n_texts, model.config.num_hidden_layers, model.config.hidden_size,
+            keeper = Keeper(out, n_texts, num_layers(model), model.config.hidden_size,
                             keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
                             tokenizer=tokenizer, rows_path=ckpt.side_path("cls.npy") if ckpt else None) \
                 if keeping else None
             max_len = model_max_length(model, tokenizer, args.max_length)
             extras = TextExtras(args, model, tokenizer, max_len, text_ids=kept if selection is not None else None)
             split = LabelSplit(labels, model, tokenizer, max_len) if labels is not None else None
-            class_maps = ClassMaps(labels, args.class_maps, model.config.num_hidden_layers,
+            class_maps = ClassMaps(labels, args.class_maps, num_layers(model),
                                    model.config.num_attention_heads, pad_to=max_len,
                                    classes=list(selection["kept_per_label"]) if selection else None) \
                 if args.class_maps else None

@@ -8,6 +8,7 @@ import sys
 import time
 
 from ...formatting import seconds
+from ..text.adapters import num_layers
 from .gaussianity import GaussianityAccumulator
 from .matrices import MatricesAccumulator
 from .measures import HeadsAccumulator, capture_qk
@@ -86,7 +87,7 @@ class TextExtras:
         want_heads = args.heads or args.clark_js or args.directionality or head_maps > 0
         self.directionality = args.directionality
         self._qk = {}
-        L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+        L, H = num_layers(model), model.config.num_attention_heads
         dev = next(model.parameters()).device
         self.heads = HeadsAccumulator(L, H, max_len, dev, js=args.clark_js,
                                       directionality=args.directionality, qk=self._qk,

@@ -20,6 +20,7 @@ import time
 import torch
 
 from ...progress import as_progress
+from ..text.adapters import num_layers
 from .treebank import Sentence
 
 
@@ -51,7 +52,8 @@ def word_pieces(tokenizer, word_lists: list[list[str]]) -> list[list[list[int]]]
             out.append([])
             continue
         if getattr(tokenizer, "is_fast", False):
-            enc = tokenizer(" ".join(words), add_special_tokens=False, return_offsets_mapping=True)
+            enc = tokenizer(" ".join(words), add_special_tokens=False, return_offsets_mapping=True,
+                            verbose=False)  # (no warning for a text past the model's maximum: it is skipped and counted later)
             ends, at = [], -1
             for w in words:
                 at += 1 + len(w)
@@ -83,7 +85,7 @@ def word_setup(model, tokenizer, word_lists: list[list[str]], batch_size: int, m
 
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
-    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    L, H = num_layers(model), model.config.num_attention_heads
     return L, H, model_max_length(model, tokenizer, max_length), word_pieces(tokenizer, word_lists)
 
 
@@ -116,7 +118,7 @@ def word_attention_batches(model, tokenizer, pieces, order, lengths, *, batch_si
     WORD_MAP_BUDGET_BYTES), each as [CLS] pieces [SEP] with token types 0.
     Yields (chunk, wa): chunk = the text indices of the batch, wa (B, L*H, Wn, Wn) float64 their
     word maps (`word_attention`: index 0 = [CLS], 1..W the words, W+1 = [SEP], padded slots 0)."""
-    K = model.config.num_hidden_layers * model.config.num_attention_heads
+    K = num_layers(model) * model.config.num_attention_heads
     dev = next(model.parameters()).device
     cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id or 0
     for chunk in word_batches(order, lengths, batch_size, K):
