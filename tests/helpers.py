@@ -399,3 +399,26 @@ def save_pieces_bert(path, words, extra_tokens, *, seed: int, hidden: int, heads
                      intermediate_size=2 * hidden, max_position_embeddings=64, attn_implementation="eager")
     BertModel(cfg).save_pretrained(str(path), safe_serialization=True)
     return str(path)
+
+
+def trained_tokenizer(kind: str, texts: list[str]):
+    """A fast tokenizer trained on `texts`: byte-level BPE (RoBERTa's "Ġ" marks a word after a
+    space) or a Metaspace unigram (sentencepiece's "▁", as a piece of its own before some words)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "bpe":
+        tk = Tokenizer(models.BPE(unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tk = Tokenizer(models.Unigram())
+        tk.pre_tokenizer = pre_tokenizers.Metaspace()
+        tk.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                          unk_token="<unk>")
+    tk.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", cls_token="<s>",
+                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>")

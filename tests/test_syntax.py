@@ -12,7 +12,7 @@ import torch
 
 from embgeom.analysis.syntax import treebank, word_heads
 from embgeom.cli import main
-from helpers import save_pieces_bert
+from helpers import save_pieces_bert, trained_tokenizer
 
 SAMPLE = treebank.sample_path()
 
@@ -164,29 +164,6 @@ def test_batches_of_long_texts_are_cut_to_the_memory_budget(pieces_bert, monkeyp
     assert torch.equal(single["all_accuracy"], whole["all_accuracy"])
 
 
-def _trained_tokenizer(kind: str, texts: list[str]):
-    """A fast tokenizer trained on `texts`: byte-level BPE (RoBERTa's "Ġ" marks a word after a
-    space) or a Metaspace unigram (sentencepiece's "▁", as a piece of its own before some words)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if kind == "bpe":
-        tk = Tokenizer(models.BPE(unk_token="<unk>"))
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tk.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    else:
-        tk = Tokenizer(models.Unigram())
-        tk.pre_tokenizer = pre_tokenizers.Metaspace()
-        tk.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                          unk_token="<unk>")
-    tk.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", cls_token="<s>",
-                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>")
-
-
 @pytest.mark.parametrize("kind", ["bpe", "metaspace"])
 def test_word_pieces_are_the_sentences_own_tokens(kind, pieces_bert):
     """Each word's pieces are those the space-joined sentence gives it: a word tokenized alone
@@ -194,7 +171,7 @@ def test_word_pieces_are_the_sentences_own_tokens(kind, pieces_bert):
     (mid-sentence "the" was 't', 'he' where the sentence has 'Ġthe')."""
     sentences = treebank.read_conllu(SAMPLE)
     words = [s.words for s in sentences] + [["New York", "is", "(", "big", ")", "!"], ["x", "\x01", "y"]]
-    tokenizer = _trained_tokenizer(kind, [" ".join(w) for w in words])
+    tokenizer = trained_tokenizer(kind, [" ".join(w) for w in words])
     got = word_heads.word_pieces(tokenizer, words)
     for ws, ps in zip(words, got):
         assert len(ps) == len(ws) and all(ps)

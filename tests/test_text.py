@@ -416,6 +416,27 @@ def test_token_flags_follow_each_tokenizer_object():
     assert len(_FLAG_CACHE) <= before  # the loop's tokenizers are not held
 
 
+def test_byte_level_tokens_are_read_as_their_characters():
+    """Byte-level BPE writes each byte as a printable stand-in: '“' is the token 'âĢľ' (with a
+    space before it 'ĠâĢľ'). The tables read the decoded characters: curly quotes, dashes and
+    the ellipsis are punctuation, a piece of a character (U+FFFD) and 'Ġthe' are not."""
+    from helpers import trained_tokenizer
+
+    from embgeom.analysis.text.trace import mark_tables, punctuation_table
+
+    texts = ["he said “ yes ” — then … left .", "a “ b ” , c — d … e ."] * 20
+    tok = trained_tokenizer("bpe", texts)
+    table, (period, comma) = punctuation_table(tok), mark_tables(tok)
+    ids = tok(texts[0], add_special_tokens=False)["input_ids"]
+    pieces = tok.convert_ids_to_tokens(ids)
+    marks = [p for p, i in zip(pieces, ids) if table[i]]
+    assert [tok.convert_tokens_to_string([p]).strip() for p in marks] == ["“", "”", "—", "…", "."], pieces
+    vocab = tok.get_vocab()
+    assert not any(table[i] for p, i in vocab.items() if p.lstrip("Ġ").isascii() and p.lstrip("Ġ").isalpha())
+    assert sorted(p for p, i in vocab.items() if period[i]) == sorted(p for p in vocab if p.lstrip("Ġ") == ".")
+    assert sorted(p for p, i in vocab.items() if comma[i]) == sorted(p for p in vocab if p.lstrip("Ġ") == ",")
+
+
 def test_sixteen_bit_maps_are_summed_as_float32():
     """Attention summaries and the context argmax of float16 / bfloat16 tensors equal those of
     the same values widened to float32 (they had summed and multiplied in 16 bits)."""

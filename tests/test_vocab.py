@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import embgeom
 from embgeom.cli import main
 from embgeom.analysis.vocab.sections import AGREEMENT_ROWS, MEAN_MEASURES, OUTSIDE
 from embgeom.commands.vocab import run
@@ -299,3 +300,22 @@ def test_sinusoidal_positions(vocab_report, mats):
     assert {"positions_sinusoidal.png", "positions_sinusoidal_vs_learned.png"} <= {p.name for p in out.glob("*.png")}
     with pytest.raises(ValueError, match="formula"):
         sinusoidal(range(3), 4, "other")
+
+
+def test_probe_words_are_the_tokens_of_words_after_a_space():
+    """'▁dog' (sentencepiece) and 'Ġdog' (byte-level BPE) are the word dog in a text; bare 'man'
+    is the piece of 'wo' + 'man' there. Probes had looked for the bare strings only: none found
+    on XLM-R, the word-internal piece on ALBERT."""
+    from embgeom.analysis.vocab.sections import section_neighbors
+
+    tokens = ["<pad>", "▁dog", "dog", "man", "▁man", "Ġcat", "cat", "king", "x", "y"]
+    g = torch.Generator().manual_seed(0)
+    words = torch.randn(len(tokens), 8, generator=g)
+    ids = torch.arange(len(tokens))
+    res = embgeom.pairwise_stats(words, row_topk=3, bins=0, topk=0, bottomk=0)
+    out = section_neighbors(words, ids, tokens, res.row_topk, k=3)
+    assert out["probe_tokens"] == {"man": "▁man", "king": "king", "dog": "▁dog", "cat": "Ġcat"}
+    want = embgeom.knn(words, 3, queries=torch.tensor([4, 7, 1, 5]))
+    for w, row in zip(("man", "king", "dog", "cat"), want.indices.tolist()):
+        assert [i for i, _, _ in out["probes"][w]] == row
+    assert "man" not in out["missing_probes"] and "queen" in out["missing_probes"]

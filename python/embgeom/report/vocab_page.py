@@ -149,7 +149,9 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
                      f"<p>{defined('pca', 'Components needed')} for 50, 90 and 99 % of the variance.</p>" + body,
                      [pngs["pca"]]))
     nb = report["neighbors"]
-    rows = [[w, ", ".join(f"{tok} ({fmt(v, 3)})" for _, tok, v in lst)] for w, lst in nb["probes"].items()]
+    used = nb.get("probe_tokens", {})
+    rows = [[w if used.get(w, w) == w else f"{w} ({used[w]})", ", ".join(f"{tok} ({fmt(v, 3)})" for _, tok, v in lst)]
+            for w, lst in nb["probes"].items()]
     ag = nb.get("agreement") or {}
     body = t(["probe", f"{nb.get('k', TABLE_K)} nearest tokens (cosine), FAISS exact"], rows)
     if ag:

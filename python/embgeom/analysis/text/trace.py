@@ -127,11 +127,23 @@ def token_flags(tokenizer, *names: str) -> tuple[torch.Tensor, ...]:
             vocab = vocab or tokenizer.get_vocab()
             table = torch.zeros(max(len(tokenizer), max(vocab.values()) + 1), dtype=torch.bool)
             test = TOKEN_FLAGS[name]
+            text = token_text(tokenizer)
             for tok, i in vocab.items():
-                table[i] = test(tok[2:] if tok.startswith("##") else tok.lstrip("Ġ▁"))
+                table[i] = test(text(tok))
             mine[key] = table
         out.append(mine[key])
     return tuple(out)
+
+
+def token_text(tokenizer):
+    """tok -> the characters a vocabulary token stands for, without its word marker ('##', 'Ġ',
+    '▁'). Byte-level BPE (RoBERTa, DeBERTa, ModernBERT) writes each byte as a printable stand-in:
+    its tokens are decoded ('ĠâĢľ' is '“'; a piece of a character decodes to U+FFFD), where the
+    stand-ins had been read as letters and no curly quote or dash counted as punctuation."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ == "ByteLevel":
+        return lambda tok: decoder.decode([tok]).strip()
+    return lambda tok: tok[2:] if tok.startswith("##") else tok.lstrip("Ġ▁")
 
 
 def punctuation_table(tokenizer) -> torch.Tensor:

@@ -291,11 +291,19 @@ def section_neighbors(words, ids, tokens, engine_rowtopk, *, k=TABLE_K):
         return {"probes": {}, "agreement": None, "note": "fewer than 2 tokens"}
     position = {int(v): p for p, v in enumerate(ids.tolist())}
     vocab = {t: i for i, t in enumerate(tokens)}
-    probes = [w for w in PROBE_WORDS if w in vocab and vocab[w] in position]
+    probe_ids = {}
+    for w in PROBE_WORDS:
+        # the word as a word of a text: after a space sentencepiece and byte-level BPE mark it
+        # ('▁dog', 'Ġdog'; unmarked, 'man' is the piece of 'wo' + 'man'); WordPiece leaves it bare
+        found = [vocab[t] for t in ("▁" + w, "Ġ" + w, w) if t in vocab and vocab[t] in position]
+        if found:
+            probe_ids[w] = found[0]
+    probes = list(probe_ids)
     faiss_device = "cpu" if words.device.type == "cpu" else None
-    out: dict = {"k": k, "probes": {}, "missing_probes": [w for w in PROBE_WORDS if w not in probes]}
+    out: dict = {"k": k, "probes": {}, "missing_probes": [w for w in PROBE_WORDS if w not in probes],
+                 "probe_tokens": {w: tokens[probe_ids[w]] for w in probes}}
     if probes:
-        q = torch.tensor([position[vocab[w]] for w in probes])
+        q = torch.tensor([position[probe_ids[w]] for w in probes])
         res = knn(words, k, queries=q, device=faiss_device)
         for w, row_i, row_v in zip(probes, res.indices.tolist(), res.values.tolist()):
             # (-1: no neighbour there, as for a zero row, which has none; ids[-1] had named the
