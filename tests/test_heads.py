@@ -575,6 +575,30 @@ def test_spearman_of_a_constant_ranking_is_nan():
         assert float(got[b]) == pytest.approx(spearmanr(varying[b, :n], varying.flip(-1)[b, :n]).statistic, abs=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spearman_takes_ties_as_scipy_does(dtype):
+    """Rows of entropy exactly 0 (saturated softmax rows) tie: ties take the mean of their ranks,
+    as scipy.stats.spearmanr's; ordinal ranks had ordered them by position, and the same tokens
+    padded to another length gave -0.132, -0.157 or -0.164."""
+    from scipy.stats import spearmanr
+
+    from embgeom.analysis.heads.measures import spearman
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 4, (3, 11), generator=g).to(dtype)          # many ties
+    y = torch.rand(3, 11, generator=g, dtype=torch.float64).to(dtype)
+    y[:, ::3] = 0.0
+    n = (11, 8, 5)
+    want = [spearmanr(x[b, :k].double(), y[b, :k].double()).statistic for b, k in enumerate(n)]
+    for pad in (0, 1, 9):                                             # the batch's padded length
+        xp = torch.cat([x, torch.full((3, pad), 7.0, dtype=dtype)], 1)
+        yp = torch.cat([y, torch.zeros(3, pad, dtype=dtype)], 1)
+        mask = torch.arange(11 + pad)[None, :] < torch.tensor(n)[:, None]
+        got = spearman(xp, yp, mask)
+        for b in range(3):
+            assert float(got[b]) == pytest.approx(want[b], abs=1e-6 if dtype == torch.float32 else 1e-12)
+
+
 def test_library_warnings_stay_off_the_commands_stderr(tiny_bert_dir, tmp_path):
     """Heads that all attend alike (--clark-js: every JS divergence 0) had flooded stderr with
     scikit-learn's MDS RuntimeWarnings (9,990 lines); --similar tau:1 (no pair selected) with

@@ -179,15 +179,27 @@ def _value_counts(attn: torch.Tensor, mask: torch.Tensor, widen_to_zero: bool):
 
 
 def ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Ordinal ranks 0..n-1 of the real entries along the last axis (padding ranked last)."""
-    big = torch.finfo(x.dtype).max
-    return torch.where(mask, x, torch.full_like(x, big)).argsort(-1).argsort(-1).to(x.dtype)
+    """Ranks 0..n-1 of the real entries along the last axis, equal values given the mean of the
+    ranks they span (scipy.stats.rankdata's "average"; padding ranked last)."""
+    v = torch.where(mask, x, torch.full_like(x, torch.finfo(x.dtype).max))
+    order = v.argsort(dim=-1, stable=True)
+    s = v.gather(-1, order)
+    T = x.shape[-1]
+    pos = torch.arange(T, device=x.device).expand_as(s)
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[..., 1:] = s[..., 1:] != s[..., :-1]
+    last = torch.ones_like(s, dtype=torch.bool)
+    last[..., :-1] = s[..., :-1] != s[..., 1:]
+    start = torch.where(first, pos, 0).cummax(-1).values
+    end = torch.where(last, pos, T - 1).flip(-1).cummin(-1).values.flip(-1)
+    return torch.empty_like(x).scatter_(-1, order, ((start + end) / 2).to(x.dtype))
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Spearman correlation along the last axis over the real entries (ordinal ranks; ties are
-    measure-zero for float norms and entropies). x, y (..., T); mask (..., T) -> (...); NaN for
-    fewer than 3 entries or a constant ranking."""
+    """Spearman correlation along the last axis over the real entries: Pearson's of their ranks,
+    ties averaged (scipy.stats.spearmanr; rows of entropy exactly 0, saturated softmax rows, tie:
+    ordinal ranks had ordered them by position, so that the padding of a batch moved the value).
+    x, y (..., T); mask (..., T) -> (...); NaN for fewer than 3 entries or a constant ranking."""
     m = mask.to(x.dtype)
     n = m.sum(-1)
     rx, ry = ranks(x, mask) * m, ranks(y, mask) * m
@@ -195,7 +207,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     dx, dy = (rx - mx[..., None]) * m, (ry - my[..., None]) * m
     r = (dx * dy).sum(-1) / ((dx * dx).sum(-1) * (dy * dy).sum(-1)).sqrt()
 
-    def constant(v):  # (ordinal ranks of equal values are 0..n-1 all the same: a zeroed head's |q|)
+    def constant(v):  # (a zeroed head's |q|: every rank equal, a correlation 0 / 0)
         return torch.where(mask, v, math.inf).amin(-1) == torch.where(mask, v, -math.inf).amax(-1)
 
     return torch.where((n >= 3) & ~constant(x) & ~constant(y), r, torch.full_like(r, math.nan))
