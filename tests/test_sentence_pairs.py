@@ -121,6 +121,22 @@ def test_long_texts_are_clipped_before_tokenizing_without_changing_a_token(tiny_
             assert clipped[0]["input_ids"][i] == ids and clipped[0]["token_type_ids"][i] == types
 
 
+@pytest.mark.parametrize("sep", ["\x1c", "\x85", "\x0b", "\x0c", "\u2028"])
+@pytest.mark.parametrize("fill", [28, 29])
+def test_clipping_cuts_only_where_the_tokenizer_splits_words(sep, fill):
+    # Python's \s takes characters BERT's normaliser deletes or keeps inside a word: a cut there,
+    # a prefix of just enough tokens, ended in 'q', '##z' where the whole text has one word
+    # 'qzxv...blorf' (the whole text's tokens are the reference)
+    from transformers import AutoTokenizer
+
+    from embgeom.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    text = ("the" + " " * 13) * fill + "qzxv" * 5 + sep + "blorf" * 30 + " more words" * 10
+    enc, _ = encode(tokenizer, [text], 32)
+    assert enc["input_ids"][0] == tokenizer(text, truncation=True, max_length=32)["input_ids"]
+
+
 def _trained_tokenizer(kind: str):
     """A byte-level BPE (RoBERTa, ModernBERT) or a Metaspace unigram (XLM-R, DeBERTa-v3) tokenizer
     trained on texts like the long ones, with [CLS] A [SEP] B [SEP] around its pieces."""

@@ -204,7 +204,12 @@ def pad_right(tokenizer, enc: dict) -> dict:
         tokenizer.padding_side = side
 
 
-_LAST_WORD = re.compile(r"\s+\S*\Z")  # the whitespace run before the last word, and that word
+# the whitespace run before the last word, and that word. Whitespace = what every tokenizer here
+# splits words at: space, tab, newline, carriage return and the Unicode space separators (Zs).
+# Python's \s also takes characters BERT's normaliser deletes (\x1c-\x1f, \x85, \x0b, \x0c) or
+# keeps inside a word (U+2028): a cut there split a word the whole text has joined ('q', '##z').
+_SPACE = " \t\n\r\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+_LAST_WORD = re.compile(f"[{_SPACE}]+[^{_SPACE}]*\\Z")
 
 
 def _token_count(tokenizer, text: str) -> int:
