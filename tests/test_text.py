@@ -111,7 +111,7 @@ def test_cli_pairs_with_an_empty_side(tiny_bert_dir, tmp_path, capsys, monkeypat
     assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir,
                  "--pairs", str(pairs)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--pairs:" in last and "entry 2" in last and "is empty" in last
+    assert "--pairs:" in last and "line 2" in last and "is empty" in last
 
 
 def test_cli_missing_corpus(tmp_path, capsys):
@@ -527,3 +527,24 @@ def test_a_max_length_past_the_models_is_lowered_with_a_note(tiny_bert_dir, tmp_
     assert main(["text", str(corpus), "--out", str(tmp_path / "p"), "--model", tiny_bert_dir,
                  "--max-length", "32", "--no-progress"]) == 0
     assert "lowered" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [("one\ttwo\tthree", "has 2 TABs"), ("one\t ", "needs text on both sides")])
+def test_cli_pairs_texts_are_checked_as_corpus_lines_before_the_run(tiny_bert_dir, tmp_path, capsys, monkeypatch,
+                                                                     text, message):
+    """A --pairs text with a TAB is a sentence pair, as a corpus line: two TABs or an empty side
+    are refused before the model loads, naming the file and line (the run had ended after the
+    corpus's passes with 'texts[2]: ...')."""
+    import json as json_module
+
+    import embgeom.models
+
+    corpus, pairs = tmp_path / "c.txt", tmp_path / "p.jsonl"
+    corpus.write_text("the cat .\n", encoding="utf-8")
+    pairs.write_text('{"group": "g", "a": "one", "b": "two\\tthree"}\n\n'
+                     + json_module.dumps({"group": "h", "a": "x", "b": text}) + "\n", encoding="utf-8")
+    monkeypatch.setattr(embgeom.models, "load_model", None)  # (never reached)
+    assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir,
+                 "--pairs", str(pairs)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--pairs: {pairs} line 3: text 'b': a text with a TAB is a sentence pair" in last and message in last

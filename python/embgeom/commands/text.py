@@ -42,7 +42,7 @@ def add_arguments(p) -> None:
                    "minute apart, and on Ctrl-C or SIGTERM); the same command resumes after them (kept [CLS] rows in "
                    "PATH.cls.npy, --pairs' finished pairs in PATH.pairs)")
     p.add_argument("--pairs", metavar="FILE", help='JSONL {"group": g, "a": text, "b": text}: [CLS] '
-                   "difference vectors per group")
+                   "difference vectors per group (a text with a TAB is a sentence pair, as in the corpus)")
     add_keep_arguments(p)
     add_head_arguments(p)
 

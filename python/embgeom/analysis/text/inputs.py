@@ -42,18 +42,28 @@ def read_lines(path: str, what: str = "texts") -> Iterator[str]:
 
 # ---------------------------------------------------------------------- [CLS] differences
 def read_pairs(path: str) -> list[dict]:
-    """JSONL of {"group": g, "a": text, "b": text}; clear errors for anything else."""
+    """JSONL of {"group": g, "a": text, "b": text}; clear errors, naming the line, for anything
+    else. A text with a TAB is a sentence pair, as a corpus line is (checked here, before the
+    model loads: a second TAB or an empty side had ended the run after the corpus's passes)."""
     from ...io import json_line
+    from .trace import split_pair
 
     require_file(path, "--pairs")
     pairs = []
-    for number, line in enumerate(read_lines(path, "--pairs"), 1):
-        obj = json_line(line, f"--pairs: {path} entry {number}")
+    for number, line in _all_lines(path, "--pairs"):
+        if not line.strip():
+            continue
+        where = f"--pairs: {path} line {number}"
+        obj = json_line(line, where)
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("group", "a", "b")):
-            raise ValueError(f'--pairs: {path} entry {number}: expected {{"group": str, "a": str, "b": str}}')
-        empty = [k for k in ("a", "b") if not obj[k].strip()]
-        if empty:  # (a blank text has no [CLS] state: the model never sees it)
-            raise ValueError(f"--pairs: {path} entry {number}: text {empty[0]!r} is empty")
+            raise ValueError(f'{where}: expected {{"group": str, "a": str, "b": str}}')
+        for k in ("a", "b"):
+            if not obj[k].strip():  # (a blank text has no [CLS] state: the model never sees it)
+                raise ValueError(f"{where}: text {k!r} is empty")
+            try:
+                split_pair(obj[k], 0)
+            except ValueError as exc:
+                raise ValueError(f"{where}: text {k!r}: {str(exc).split(': ', 1)[1]}") from None
         pairs.append(obj)
     if not pairs:
         raise ValueError(f"--pairs: {path} has no pairs")
