@@ -291,3 +291,13 @@ def test_labels_that_read_alike_as_file_names_get_a_heat_map_each(tmp_path):
     names = [os.path.basename(p) for p in pngs]
     assert names == ["class_maps_a_b.png", "class_maps_a_b_1.png", f"class_maps_{'x' * 80}.png"]
     assert all(os.path.exists(p) for p in pngs)
+
+
+def test_a_byte_order_mark_inside_a_labels_file_is_no_character_of_its_label(tmp_path):
+    """Two label files joined by cat: the second's byte-order mark starts a later line. It had
+    made '\\ufeffa' a class of its own beside 'a' (drawn alike; a 3-class silhouette)."""
+    from embgeom.analysis.text.inputs import read_labels
+
+    lab = tmp_path / "joined.txt"
+    lab.write_bytes("\ufeffa\nb\n".encode("utf-8") + "\ufeffa\nb\n".encode("utf-8"))
+    assert read_labels(str(lab), 4) == ["a", "b", "a", "b"]

@@ -82,7 +82,9 @@ def read_labels(path: str, n: int | None = None, what: str = "--labels") -> list
         lines = [line for _, line in _all_lines(path, what)]
         while lines and not lines[-1].strip():
             lines.pop()
-        lines = [line.strip() for line in lines]
+        # (a byte-order mark starting a later line: files joined by cat; '\ufeffa' had been a
+        # label of its own beside 'a', drawn alike)
+        lines = [line.strip().lstrip("\ufeff").strip() for line in lines]
         blank = [number for number, line in enumerate(lines, 1) if not line]
         if blank:
             raise ValueError(f"{what}: {path} line {blank[0]} is blank: one label per line, aligned with "
