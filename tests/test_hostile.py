@@ -1128,7 +1128,9 @@ def _word(i, head, form="w"):
     ([_word(1, 0), _word(2, 0)], r"exactly one root .* found 2"),
     ([_word(1, 2), _word(2, 1)], "exactly one root .* found 0"),
     ([_word(1, 0), _word(1, 1)], "ids must run 1..n"),
-    ([_word(1, 0), [2, "b", "b", "X", "X"]], "has 5 columns"),
+    ([_word(1, 0), [2, "b", "b", "X", "X"]], "line 3, sentence 1 \\(s1\\): a word line has 5 TAB-separated columns"),
+    ([_word(1, 0), _word(2, 1) + ["extra"]], "line 3, sentence 1 \\(s1\\): a word line has 11 TAB-separated columns"),
+    ([_word(1, 0), _word(2, "x")], r"line 3, sentence 1 \(s1\): word 2 \(.w.\) has HEAD .x., expected a word number"),
 ])
 def test_bad_trees_are_refused_naming_the_sentence(tmp_path, rows, match):
     from embgeom.analysis.syntax.treebank import read_conllu

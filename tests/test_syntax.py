@@ -254,7 +254,7 @@ def test_cli_syntax(pieces_bert, tmp_path, capsys):
 
 @pytest.mark.parametrize("content,message", [
     (None, "TREEBANK: no such file"),
-    ("1\tthe\t_\tDET\t_\t_\t_\tdet\t_\t_\n\n", "has no head"),
+    ("1\tthe\t_\tDET\t_\t_\t_\tdet\t_\t_\n\n", "word 1 ('the') has HEAD '_'"),
     ("# only a comment\n\n", "has no sentence"),
     ("1\tthe\t_\tDET\t_\t_\t5\tdet\t_\t_\n\n", "outside 0..1"),
 ])

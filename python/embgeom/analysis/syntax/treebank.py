@@ -17,7 +17,7 @@ class Sentence:
 
 def read_conllu(path: str) -> list[Sentence]:
     """The sentences of a CoNLL-U file (`conllu` package); one-line errors for a missing file, a
-    malformed line (fewer than 10 columns, a missing head) and a sentence that is not a tree:
+    malformed line (not 10 columns, a HEAD that is no word number: check_lines names its line) and a sentence that is not a tree:
     word ids 1..n in order, exactly one root, no word its own head, no cycle. Each error names
     the sentence (its sent_id, or its number in the file)."""
     try:
@@ -25,6 +25,7 @@ def read_conllu(path: str) -> list[Sentence]:
     except ImportError:
         raise ValueError("syntax: the conllu package is not installed; `pip install conllu`") from None
     require_file(path, "TREEBANK")
+    check_lines(path)
     out = []
     with open(path, encoding="utf-8-sig") as f:  # (a leading byte-order mark is not part of the first line)
         try:
@@ -62,6 +63,37 @@ def read_conllu(path: str) -> list[Sentence]:
     if not out:
         raise ValueError(f"TREEBANK: {path} has no sentence")
     return out
+
+
+def check_lines(path: str) -> None:
+    """ValueError naming the line (and sentence) of the first word line the conllu package would
+    misread: not 10 TAB-separated columns (it drops an 11th, a TAB inside MISC, silently) or, on
+    a word (an integer ID), a HEAD that is not a word number (its own error named no line)."""
+    sentence, sent_id, in_sentence = 0, None, False
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"TREEBANK: {path} line {number} is not UTF-8 ({exc.reason})") from None
+            if not line.strip():
+                in_sentence, sent_id = False, None
+                continue
+            if not in_sentence:
+                sentence, in_sentence = sentence + 1, True
+            if line.startswith("#"):
+                key, _, value = line[1:].partition("=")
+                if key.strip() == "sent_id":
+                    sent_id = value.strip()
+                continue
+            where = (f"TREEBANK: {path} line {number}, sentence {sentence}"
+                     + (f" ({sent_id})" if sent_id else ""))
+            cols = line.split("\t")
+            if len(cols) != 10:
+                raise ValueError(f"{where}: a word line has {len(cols)} TAB-separated columns, CoNLL-U has 10")
+            if cols[0].isascii() and cols[0].isdigit() and not (cols[6].isascii() and cols[6].isdigit()):
+                raise ValueError(f"{where}: word {cols[0]} ({cols[1]!r}) has HEAD {cols[6]!r}, expected a "
+                                 "word number (0 = root)")
 
 
 def check_tree(heads: list[int], where: str) -> None:
