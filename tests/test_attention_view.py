@@ -139,3 +139,15 @@ def test_head_mds_page(tiny_bert_dir, tmp_path):
         d = js[k, near]
         assert np.all(np.diff(d) >= 0) and d[0] == np.delete(js[k], k).min()
     assert "summed JS divergence" in data["knn"]["note"]
+
+
+def test_show_texts_ids_are_ascii_digits():
+    """'²' and '١' are digits to str.isdigit: '²' had raised int()'s error naming no option, '١'
+    had been text id 1; both are regular expressions (texts holding them)."""
+    from embgeom.analysis.heads.text_extras import parse_show_texts
+
+    for spec in ("²", "١", "1,²"):
+        accept, named = parse_show_texts(spec)
+        assert accept(0, f"a {spec} b") and not accept(1, "plain text")
+    accept, named = parse_show_texts("1,3")
+    assert named == 2 and accept(3, "") and not accept(2, "")

@@ -42,10 +42,11 @@ def parse_show_texts(spec: str | None, n_texts: int | None = None):
         raise ValueError("--show-texts: expected comma-separated text ids or a regular expression, got an "
                          "empty one")
     parts = [p.strip() for p in spec.split(",")]
-    if all(re.fullmatch(r"-\d+|\d+", p) for p in parts) and any(p.startswith("-") for p in parts):
+    # ids are ASCII digits: '²' and '١' are digits to str.isdigit (int('²') raised; '١' was id 1)
+    if all(re.fullmatch(r"-?[0-9]+", p) for p in parts) and any(p.startswith("-") for p in parts):
         # (read as a regular expression, "-1" had matched no text, silently)
         raise ValueError(f"--show-texts: text ids are 0-based and never negative, got {spec!r}")
-    if all(p.isdigit() for p in parts):
+    if all(re.fullmatch(r"[0-9]+", p) for p in parts):
         ids = sorted({int(p) for p in parts})
         if n_texts is not None and ids[-1] >= n_texts:
             raise ValueError(f"--show-texts: text id {ids[-1]} out of range; the corpus has {n_texts} "
