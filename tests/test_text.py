@@ -66,8 +66,10 @@ def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
     (b"fine\n\xc3\x28 broken\n", "CORPUS: "),
     (b"fine\n\xc3\x28 broken\n", "line 2 is not UTF-8"),
     (b"", "empty corpus"),
-    (b"One.\tTwo.\tThree.\nA dog.\n", "text 1 (blank lines not counted): a text with a TAB is a sentence pair "
+    (b"One.\tTwo.\tThree.\nA dog.\n", "line 1 (text id 0): a text with a TAB is a sentence pair "
                                       "A<TAB>B; this one has 2 TABs"),
+    # the file's line, where blank lines come first (the text count had been given: "text 2")
+    (b"A dog.\n\n\n\nOne.\t\n", "line 5 (text id 1): a text with a TAB is a sentence pair and needs text on both"),
 ])
 def test_cli_bad_corpus(tiny_bert_dir, tmp_path, capsys, content, message):
     corpus = tmp_path / "c.txt"

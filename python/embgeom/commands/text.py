@@ -59,7 +59,7 @@ def main(args) -> int:
 def _main(args) -> int:
     import warnings
 
-    from ..analysis.text.inputs import read_labels, read_lines, read_pairs, require_file
+    from ..analysis.text.inputs import numbered_lines, read_labels, read_lines, read_pairs, require_file
     from ..analysis.text.labelled import CLASS_MAPS_FILE, ClassMaps, LabelSplit, check_label_classes, predict_labels
     from ..analysis.text.trace import cls_differences, model_max_length, split_pair, trace
     from ..report.head_sections import class_maps_section
@@ -78,11 +78,11 @@ def _main(args) -> int:
                           inputs=[("CORPUS", args.corpus), ("--labels", args.labels), ("--pairs", args.pairs)])
     # the whole file is read (UTF-8 to the last line, not empty) before the model loads
     n_texts = 0
-    for n_texts, line in enumerate(read_lines(args.corpus, "CORPUS"), 1):  # every line checked before the model loads
+    for n_texts, (number, line) in enumerate(numbered_lines(args.corpus, "CORPUS"), 1):
         try:
             split_pair(line, n_texts - 1)
         except ValueError as exc:
-            raise ValueError(f"CORPUS: {args.corpus} text {n_texts} (blank lines not counted): "
+            raise ValueError(f"CORPUS: {args.corpus} line {number} (text id {n_texts - 1}): "
                              f"{str(exc).split(': ', 1)[1]}") from None
     if n_texts == 0:
         raise ValueError(f"CORPUS: {args.corpus} has no non-blank line (empty corpus)")

@@ -32,12 +32,18 @@ def _all_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
             yield number, line.rstrip("\r\n")
 
 
-def read_lines(path: str, what: str = "texts") -> Iterator[str]:
-    """Non-blank lines of a UTF-8 file, stripped of the line break (a clear error, naming the
-    argument `what`, otherwise)."""
-    for _, line in _all_lines(path, what):
+def numbered_lines(path: str, what: str = "texts") -> Iterator[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of a UTF-8 file, stripped of the line break (a
+    clear error, naming the argument `what`, otherwise)."""
+    for number, line in _all_lines(path, what):
         if line.strip():
-            yield line
+            yield number, line
+
+
+def read_lines(path: str, what: str = "texts") -> Iterator[str]:
+    """Non-blank lines of a UTF-8 file, stripped of the line break (numbered_lines)."""
+    for _, line in numbered_lines(path, what):
+        yield line
 
 
 # ---------------------------------------------------------------------- [CLS] differences
