@@ -1326,13 +1326,13 @@ def test_json_nested_past_the_parser_is_one_line(tmp_path, capsys):
         (["project", str(tmp_path / "x.npy"), "--method", "pca", "--out", str(tmp_path / "out")],
          "its manifest.json is not one embgeom writes"),
         (["text", str(tmp_path / "c.txt"), "--pairs", str(tmp_path / "deep.jsonl"), "--out", str(tmp_path / "t")],
-         "entry 1: nested too deeply to read"),
+         "line 1: nested too deeply to read"),
         (["coref", str(tmp_path / "deep.jsonl"), "--out", str(tmp_path / "co")], "line 1: nested too deeply to read"),
         # an integer past Python's 4,300 digits: json's ValueError had been printed as it was
         (["coref", str(tmp_path / "huge.jsonl"), "--out", str(tmp_path / "co")],
          "MENTIONS: " + str(tmp_path / "huge.jsonl") + ": line 1: not readable JSON (Exceeds the limit (4300 digits)"),
         (["text", str(tmp_path / "c.txt"), "--pairs", str(tmp_path / "huge.jsonl"), "--out", str(tmp_path / "t")],
-         "entry 1: not readable JSON (Exceeds the limit"),
+         "line 1: not readable JSON (Exceeds the limit"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err

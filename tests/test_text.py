@@ -550,3 +550,21 @@ def test_cli_pairs_texts_are_checked_as_corpus_lines_before_the_run(tiny_bert_di
                  "--pairs", str(pairs)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"--pairs: {pairs} line 3: text 'b': a text with a TAB is a sentence pair" in last and message in last
+
+
+def test_text_inputs_that_are_no_utf8_text_files(tmp_path):
+    """A named pipe had been called missing ('no such file'); a UTF-16 file of ASCII letters is
+    valid UTF-8 with a NUL after each, whose NULs the tokenizer dropped (and its last NUL made a
+    phantom text)."""
+    from embgeom.analysis.text.inputs import read_labels, read_lines
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"^CORPUS: .*pipe.txt is not a regular file \(a named pipe"):
+        list(read_lines(str(fifo), "CORPUS"))
+    wide = tmp_path / "utf16.txt"
+    wide.write_bytes("one text\nanother\n".encode("utf-16-le"))
+    with pytest.raises(ValueError, match=r"^CORPUS: .*utf16.txt line 1 holds NUL bytes: is the file UTF-16\?"):
+        list(read_lines(str(wide), "CORPUS"))
+    with pytest.raises(ValueError, match=r"^--labels: .*line 1 holds NUL bytes"):
+        read_labels(str(wide))

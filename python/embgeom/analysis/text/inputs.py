@@ -15,6 +15,9 @@ def require_file(path: str, what: str) -> None:
     if os.path.isdir(path):
         raise ValueError(f"{what}: {path} is a folder, expected a file")
     if not os.path.isfile(path):
+        if os.path.exists(path):  # (a named pipe or a device had been called missing)
+            raise ValueError(f"{what}: {path} is not a regular file (a named pipe or a device): save "
+                             "it to a file first")
         raise ValueError(f"{what}: no such file: {path}")
 
 
@@ -29,6 +32,9 @@ def _all_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{what}: {path} line {number} is not UTF-8 ({exc.reason} at byte "
                                  f"{exc.start})") from None
+            if "\x00" in line:  # (UTF-16 text of ASCII letters is valid UTF-8, with a NUL after each)
+                raise ValueError(f"{what}: {path} line {number} holds NUL bytes: is the file UTF-16? Save it "
+                                 "as UTF-8")
             yield number, line.rstrip("\r\n")
 
 
