@@ -708,3 +708,18 @@ def test_text_step_cosine_of_unchanged_states_is_one():
         h = torch.randn(1, 1, 384, generator=g) * 30
         acc.update(Batch(torch.zeros(1, 1, dtype=torch.long), mask, flags, flags, flags, (h, h.clone()), (), (), (), 0))
         assert 1.0 - 1e-15 <= acc.s["step_cos"][0].item() <= 1.0
+
+
+def test_pca_coordinates_past_float32_are_refused_by_name():
+    """Rows near float32's largest value have PCA coordinates past it: the cast to the layout's
+    float32 had warned of an overflow and then called the layout NaN."""
+    import warnings
+
+    from embgeom.analysis.clouds.projection import project
+
+    x = np.full((5, 4), 3e38, np.float32)
+    x[0, 0] = x[1, 1] = -3e38
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"^x: the rows' PCA coordinates reach 4.24e\+38, past float32's range"):
+            project(x, method="pca")

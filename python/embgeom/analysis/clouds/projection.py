@@ -629,6 +629,10 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
         with prog.phase("PCA"):
             x64 = as_matrix64(x)
             ratio, proj = pca(x64, axes=2)
+            big = float(np.abs(proj).max()) if proj.size else 0.0
+            if big > float(np.finfo(np.float32).max):  # (the cast had warned of an overflow, then "came out NaN")
+                raise ValueError(f"x: the rows' PCA coordinates reach {big:.3g}, past float32's range (the "
+                                 "layout's type): scale the rows down (the picture does not change)")
             out.embedding = proj.astype(np.float32)
             out.explained_variance = ratio
             out.pca_curves = pca_curves(x64, labels)
