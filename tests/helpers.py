@@ -402,23 +402,28 @@ def save_pieces_bert(path, words, extra_tokens, *, seed: int, hidden: int, heads
 
 
 def trained_tokenizer(kind: str, texts: list[str]):
-    """A fast tokenizer trained on `texts`: byte-level BPE (RoBERTa's "Ġ" marks a word after a
-    space) or a Metaspace unigram (sentencepiece's "▁", as a piece of its own before some words)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A fast tokenizer trained on `texts`, [CLS] A [SEP] and [CLS] A [SEP] B [SEP] (token types 0
+    and 1) around its pieces: byte-level BPE ("bpe": RoBERTa's, ModernBERT's; "Ġ" marks a word
+    after a space) or a Metaspace unigram (sentencepiece's, XLM-R's, DeBERTa-v3's; "▁", sometimes
+    a piece of its own before a word)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
     if kind == "bpe":
-        tk = Tokenizer(models.BPE(unk_token="<unk>"))
+        tk = Tokenizer(models.BPE(unk_token="[UNK]"))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     else:
         tk = Tokenizer(models.Unigram())
         tk.pre_tokenizer = pre_tokenizers.Metaspace()
         tk.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                          unk_token="<unk>")
+        trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=special, unk_token="[UNK]")
     tk.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", cls_token="<s>",
-                                   sep_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")

@@ -12,6 +12,7 @@ import torch
 
 from embgeom.analysis.text.trace import encode, trace
 from embgeom.cli import main
+from helpers import trained_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:trace. texts longer")
 
@@ -137,36 +138,11 @@ def test_clipping_cuts_only_where_the_tokenizer_splits_words(sep, fill):
     assert enc["input_ids"][0] == tokenizer(text, truncation=True, max_length=32)["input_ids"]
 
 
-def _trained_tokenizer(kind: str):
-    """A byte-level BPE (RoBERTa, ModernBERT) or a Metaspace unigram (XLM-R, DeBERTa-v3) tokenizer
-    trained on texts like the long ones, with [CLS] A [SEP] B [SEP] around its pieces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    if kind == "bpe":
-        tk = Tokenizer(models.BPE(unk_token="[UNK]"))
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tk.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    else:
-        tk = Tokenizer(models.Unigram())
-        tk.pre_tokenizer = pre_tokenizers.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=special, unk_token="[UNK]")
-    tk.train_from_iterator([_long(300, seed) for seed in range(3)] + ["x y z xx zz , ."], trainer)
-    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
-    tk.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]")
-
-
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_clipping_keeps_the_tokens_of_other_tokenizer_kinds(kind, monkeypatch):
     from embgeom.analysis.text import trace as trace_module
 
-    tokenizer = _trained_tokenizer(kind)
+    tokenizer = trained_tokenizer(kind, [_long(300, seed) for seed in range(3)] + ["x y z xx zz , ."])
     # (shorter than the others: the tokenizers' own truncation of two long sides, the reference
     # here, takes minutes and gigabytes for a unigram model)
     texts = [_long(500, 20), " " * 1500 + _long(400, 21), "x" * 2000 + " " + _long(400, 22),
