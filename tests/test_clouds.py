@@ -723,3 +723,24 @@ def test_pca_coordinates_past_float32_are_refused_by_name():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match=r"^x: the rows' PCA coordinates reach 4.24e\+38, past float32's range"):
             project(x, method="pca")
+
+
+def test_pca_axes_without_spread_are_flat(monkeypatch, tmp_path):
+    """Two [CLS] difference vectors span one axis: the second had been rounding noise (1e-15)
+    filling the plot's height, and each arrow from the origin's image, at an arbitrary height on
+    that axis, left the picture (matplotlib < 3.8.3 hung drawing it; later ones refused an image
+    of 644 x 982,273,248 pixels). Rows and origin now lie at 0 on it."""
+    import embgeom.report.text_page as tp
+    from embgeom.analysis.clouds.projection import pca_fit
+
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((2, 384))
+    ratio, _, comps = pca_fit(vectors, 3)
+    assert ratio.tolist() == [1.0, 0.0] and not comps[:, 1:].any()
+    rank2 = np.r_[vectors, vectors.mean(0, keepdims=True)]           # a third point on their line
+    assert not pca_fit(rank2, 2)[2][:, 1].any()
+    seen = {}
+    monkeypatch.setattr(tp, "scatter_png", lambda out_dir, name, xy, labels, arrows, **kw: seen.update(
+        xy=xy, arrows=arrows) or "x.png")
+    tp.pair_plot(str(tmp_path), vectors.astype(np.float32), ["g", "h"])
+    assert not seen["xy"][:, 1].any() and all(a[0][1] == 0 and a[1][1] == 0 for a in seen["arrows"].values())

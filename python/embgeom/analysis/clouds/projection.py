@@ -297,7 +297,8 @@ def pca_fit(x, axes: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         trusted = bool(ev[-1] >= GRAM_TRUST * ev[0])
     if not trusted:
         _, sv, vh = torch.linalg.svd(torch.linalg.qr(xc, mode="r").R if n > d else xc, full_matrices=True)
-        ev, vecs = sv * sv, vh.T
+        # singular values below numpy's matrix_rank tolerance are rounding: no spread there
+        ev, vecs = torch.where(sv > sv[0] * max(n, d) * torch.finfo(sv.dtype).eps, sv * sv, 0.0), vh.T
     ev = ev[:min(n, d)].clone()
     if n <= d:
         ev[n - 1:] = 0.0
@@ -309,7 +310,14 @@ def pca_fit(x, axes: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     vecs = vecs * torch.sign(vecs[pick, torch.arange(d)])[None, :]
     total = ev.sum()
     ratio = (ev / total if total > 0 else ev).numpy()
-    comps = vecs[:, :axes].numpy()
+    # an axis without spread is no direction of the cloud (with N <= D, the N - 1 past the first
+    # N - 1; a rank-deficient cloud's): zero loadings, so that the rows lie on it at 0, where
+    # rounding noise (1e-15) had filled the plot's whole height and an arrow from the origin's
+    # image, at an arbitrary height, left the picture
+    comps = vecs[:, :axes].clone()
+    spread = torch.zeros(comps.shape[1], dtype=torch.bool)
+    spread[:min(comps.shape[1], ev.numel())] = ev[:comps.shape[1]] > 0
+    comps = (comps * spread.to(comps.dtype)[None, :]).numpy()
     if comps.shape[1] < axes:
         comps = np.pad(comps, ((0, 0), (0, axes - comps.shape[1])))
     return ratio, mean.numpy(), comps
