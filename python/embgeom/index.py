@@ -267,7 +267,8 @@ def _norms64(rows: torch.Tensor) -> torch.Tensor:
         # scaled by a power of two near each row's largest magnitude: exact, so the norm has the
         # bits of the unscaled one wherever that neither underflows nor overflows
         r = r.double()
-        _, e = torch.frexp(r.abs().amax(dim=1, keepdim=True))
+        # (a float64 exponent: torch < 2.5 takes 2^e of an int32 e in float32, inf or 0 past 2^127)
+        e = torch.frexp(r.abs().amax(dim=1, keepdim=True))[1].double()
         return torch.linalg.vector_norm(torch.ldexp(r, -e), dim=1) * torch.ldexp(torch.ones_like(r[:, 0]), e[:, 0])
 
     return torch.cat([block(rows[a:a + PREP_ROWS]) for a in range(0, rows.shape[0], PREP_ROWS)]

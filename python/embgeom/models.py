@@ -106,6 +106,16 @@ def weights_shapes(path: str) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
+def checkpoint_dtype() -> dict:
+    """from_pretrained's argument keeping the weights' own dtype (a float64 model's digits, a bf16
+    model's memory): transformers 5 does by default, 4.x made every model float32 unless asked
+    (`torch_dtype`, named `dtype` from 4.56)."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": "auto"}
+
+
 def refuse_config_not_fitting_weights(path: str, config, auto) -> None:
     """ValueError when config.json does not describe the weights beside it (a layer count,
     vocabulary or width they do not have): checked on a model built on the meta device, which
@@ -258,7 +268,7 @@ def load_model(name_or_path: str | None = None, *, device=None, classifier: bool
         if local:
             refuse_config_not_fitting_weights(path, config, auto)
         model, info = auto.from_pretrained(path, config=config, attn_implementation="eager", use_safetensors=True,
-                                           output_loading_info=True, **kwargs)
+                                           output_loading_info=True, **checkpoint_dtype(), **kwargs)
         refuse_missing_weights(name_or_path, info, classifier)
         refuse_unused_weights(name_or_path, info, model)
     except SafetensorError as exc:
