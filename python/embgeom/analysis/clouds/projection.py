@@ -444,7 +444,9 @@ def umap_layout(x: np.ndarray, idx: np.ndarray, values: np.ndarray, *, metric: s
     with warnings.catch_warnings():
         # no NNDescent search index: only `transform` of new points is unavailable
         warnings.filterwarnings("ignore", message=".*knn_search_index.*")
-        warnings.filterwarnings("ignore", message=".*n_jobs value 1 overridden.*")
+        warnings.filterwarnings("ignore", message=".*n_jobs value -?[0-9]+ overridden.*")  # (-1: umap-learn 0.5.5)
+        # umap-learn 0.5.5's call of scikit-learn >= 1.6's check_array
+        warnings.filterwarnings("ignore", message=".*force_all_finite.*", category=FutureWarning)
         # k = N - 1 (every other row a neighbour): the graph holds them all, self included
         warnings.filterwarnings("ignore", message=".*n_neighbors is larger than the dataset size.*")
         # UMAP's spectral initialisation asks scipy for dim + 1 = 3 eigenvectors of the graph,
@@ -522,14 +524,16 @@ def threaded_tsne_fft(workers: int):
     """While active, openTSNE's FFT gradient (its numpy build: the module computing the 2-D
     convolutions reads numpy as `np`) runs its transforms on `workers` threads (_ThreadedFFT):
     the same layout bit for bit, its FFTs (half of a vocabulary t-SNE's time, single-threaded
-    in numpy) 1.6x faster on 2 cores. A no-op for one worker, without scipy, or where openTSNE's
-    module is another build (FFTW) or reads numpy differently."""
+    in numpy) 1.6x faster on 2 cores. A no-op for one worker, without scipy, under numpy 1.x (its
+    FFTs are the C pocketfft, scipy's the C++ one numpy 2 took: the last bits differ), or where
+    openTSNE's module is another build (FFTW) or reads numpy differently."""
     try:
         import openTSNE._matrix_mul.matrix_mul as mm
         import scipy.fft  # noqa: F401
     except ImportError:
         mm = None
-    if mm is None or workers <= 1 or not isinstance(getattr(mm, "np", None), (type(np), _NumpyWithThreadedFFT)):
+    if mm is None or workers <= 1 or int(np.__version__.split(".")[0]) < 2 \
+            or not isinstance(getattr(mm, "np", None), (type(np), _NumpyWithThreadedFFT)):
         yield
         return
     with _FFT_LOCK:
