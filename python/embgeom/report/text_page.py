@@ -441,7 +441,8 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
         edges, share, used = curve(st["cosine"]["hist"])
         if used.size:
             lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
-        bx.stairs(share, edges, lw=1, color=cmap(k / max(len(pairs) - 1, 1)), label=literal(" x ".join(st["labels"])))
+        bx.stairs(share, edges, lw=1, color=cmap(k / max(len(pairs) - 1, 1)),
+                  label=literal(" x ".join(st["labels"])))
     for a, title in ((ax, "pairwise cosine within each label"),
                      (bx, f"pairwise cosine across label pairs ({len(pairs)})")):
         if lo < hi:  # the range the data covers (both panels alike), not -1..1

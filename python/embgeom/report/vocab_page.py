@@ -150,8 +150,8 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
                      [pngs["pca"]]))
     nb = report["neighbors"]
     used = nb.get("probe_tokens", {})
-    rows = [[w if used.get(w, w) == w else f"{w} ({used[w]})", ", ".join(f"{tok} ({fmt(v, 3)})" for _, tok, v in lst)]
-            for w, lst in nb["probes"].items()]
+    rows = [[w if used.get(w, w) == w else f"{w} ({used[w]})",
+             ", ".join(f"{tok} ({fmt(v, 3)})" for _, tok, v in lst)] for w, lst in nb["probes"].items()]
     ag = nb.get("agreement") or {}
     body = t(["probe", f"{nb.get('k', TABLE_K)} nearest tokens (cosine), FAISS exact"], rows)
     if ag:

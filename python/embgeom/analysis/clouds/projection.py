@@ -444,7 +444,8 @@ def umap_layout(x: np.ndarray, idx: np.ndarray, values: np.ndarray, *, metric: s
     with warnings.catch_warnings():
         # no NNDescent search index: only `transform` of new points is unavailable
         warnings.filterwarnings("ignore", message=".*knn_search_index.*")
-        warnings.filterwarnings("ignore", message=".*n_jobs value -?[0-9]+ overridden.*")  # (-1: umap-learn 0.5.5)
+        # (n_jobs 1 and, from umap-learn 0.5.5, -1)
+        warnings.filterwarnings("ignore", message=".*n_jobs value -?[0-9]+ overridden.*")
         # umap-learn 0.5.5's call of scikit-learn >= 1.6's check_array
         warnings.filterwarnings("ignore", message=".*force_all_finite.*", category=FutureWarning)
         # k = N - 1 (every other row a neighbour): the graph holds them all, self included

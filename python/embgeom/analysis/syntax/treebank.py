@@ -17,9 +17,9 @@ class Sentence:
 
 def read_conllu(path: str) -> list[Sentence]:
     """The sentences of a CoNLL-U file (`conllu` package); one-line errors for a missing file, a
-    malformed line (not 10 columns, a HEAD that is no word number: check_lines names its line) and a sentence that is not a tree:
-    word ids 1..n in order, exactly one root, no word its own head, no cycle. Each error names
-    the sentence (its sent_id, or its number in the file)."""
+    malformed line (not 10 columns, a HEAD that is no word number: check_lines names its line)
+    and a sentence that is not a tree: word ids 1..n in order, exactly one root, no word its own
+    head, no cycle. Each error names the sentence (its sent_id, or its number in the file)."""
     try:
         import conllu
     except ImportError:

@@ -2,10 +2,11 @@
 et al. measure them (arXiv 1906.04341, section 4.2; docs/metrics.md, attention heads).
 
 Each sentence's words (the syntactic words of a CoNLL-U file: multiword-token ranges and empty
-nodes are skipped) are split into word pieces as the space-joined sentence's tokenization has them
-(word_pieces) and run through the model as [CLS] pieces [SEP]. Token attention becomes word attention as the paper describes it: attention
-TO a split word is the sum over its pieces, attention FROM it the mean of its pieces' rows
-([CLS] and [SEP] are words of their own). Per head and sentence the word map has its diagonal
+nodes are skipped) are split into word pieces as the space-joined sentence's tokenization has
+them (word_pieces) and run through the model as [CLS] pieces [SEP]. Token attention becomes word
+attention as the paper describes it: attention TO a split word is the sum over its pieces,
+attention FROM it the mean of its pieces' rows ([CLS] and [SEP] are words of their own). Per head
+and sentence the word map has its diagonal
 excluded and its [CLS]/[SEP] rows and columns dropped; the prediction for word i is the word it
 attends to most ("dep->head") or the word that attends most to it ("head->dep", the transposed
 map). Accuracy of a relation = correct predictions of the gold head / words with that relation
@@ -52,8 +53,10 @@ def word_pieces(tokenizer, word_lists: list[list[str]]) -> list[list[list[int]]]
             out.append([])
             continue
         if getattr(tokenizer, "is_fast", False):
+            # (verbose=False: no warning for a text past the model's maximum; it is skipped, and
+            # counted, later)
             enc = tokenizer(" ".join(words), add_special_tokens=False, return_offsets_mapping=True,
-                            verbose=False)  # (no warning for a text past the model's maximum: it is skipped and counted later)
+                            verbose=False)
             ends, at = [], -1
             for w in words:
                 at += 1 + len(w)

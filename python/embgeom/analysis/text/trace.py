@@ -198,9 +198,10 @@ def pad_right(tokenizer, enc: dict) -> dict:
     argument to pad() everywhere: the attribute is set for the call."""
     side = getattr(tokenizer, "padding_side", "right")
     tokenizer.padding_side = "right"
+    # transformers 4.x says on every run that __call__ pads faster than pad(): the ids exist already
     warned = getattr(tokenizer, "deprecation_warnings", None)
-    if isinstance(warned, dict):  # (transformers 4.x: "padding with a fast tokenizer is slower than __call__",
-        warned.setdefault("Asking-to-pad-a-fast-tokenizer", True)  # on every run: the ids exist already)
+    if isinstance(warned, dict):
+        warned.setdefault("Asking-to-pad-a-fast-tokenizer", True)
     try:
         return tokenizer.pad(enc, return_tensors="pt")
     finally:
