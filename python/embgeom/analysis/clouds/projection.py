@@ -314,10 +314,9 @@ def pca_fit(x, axes: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # N - 1; a rank-deficient cloud's): zero loadings, so that the rows lie on it at 0, where
     # rounding noise (1e-15) had filled the plot's whole height and an arrow from the origin's
     # image, at an arbitrary height, left the picture
-    comps = vecs[:, :axes].clone()
-    spread = torch.zeros(comps.shape[1], dtype=torch.bool)
-    spread[:min(comps.shape[1], ev.numel())] = ev[:comps.shape[1]] > 0
-    comps = (comps * spread.to(comps.dtype)[None, :]).numpy()
+    spread = torch.zeros(d, dtype=vecs.dtype)
+    spread[:ev.numel()] = (ev > 0).to(vecs.dtype)
+    comps = (vecs * spread)[:, :axes].numpy()
     if comps.shape[1] < axes:
         comps = np.pad(comps, ((0, 0), (0, axes - comps.shape[1])))
     return ratio, mean.numpy(), comps
