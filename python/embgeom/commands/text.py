@@ -79,11 +79,7 @@ def _main(args) -> int:
     # the whole file is read (UTF-8 to the last line, not empty) before the model loads
     n_texts = 0
     for n_texts, (number, line) in enumerate(numbered_lines(args.corpus, "CORPUS"), 1):
-        try:
-            split_pair(line, n_texts - 1)
-        except ValueError as exc:
-            raise ValueError(f"CORPUS: {args.corpus} line {number} (text id {n_texts - 1}): "
-                             f"{str(exc).split(': ', 1)[1]}") from None
+        split_pair(line, f"CORPUS: {args.corpus} line {number} (text id {n_texts - 1})")
     if n_texts == 0:
         raise ValueError(f"CORPUS: {args.corpus} has no non-blank line (empty corpus)")
     pairs = read_pairs(args.pairs) if args.pairs else None

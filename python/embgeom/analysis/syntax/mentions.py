@@ -94,10 +94,10 @@ def parse_document(obj, where: str) -> Document:
 
 def read_mentions(path: str) -> list[Document]:
     """The documents of a coreference JSON-lines file (format in the module docstring)."""
-    from ..text.inputs import _all_lines
+    from ..text.inputs import all_lines
 
     docs = []
-    for number, line in _all_lines(path, "MENTIONS"):  # (UTF-8 checked line by line, named)
+    for number, line in all_lines(path, "MENTIONS"):  # (UTF-8 checked line by line, named)
         if not line.strip():
             continue
         where = f"MENTIONS: {path}: line {number}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from ..text.inputs import require_file
+from ..text.inputs import all_lines, require_file
 
 
 
@@ -70,30 +70,24 @@ def check_lines(path: str) -> None:
     misread: not 10 TAB-separated columns (it drops an 11th, a TAB inside MISC, silently) or, on
     a word (an integer ID), a HEAD that is not a word number (its own error named no line)."""
     sentence, sent_id, in_sentence = 0, None, False
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"TREEBANK: {path} line {number} is not UTF-8 ({exc.reason})") from None
-            if not line.strip():
-                in_sentence, sent_id = False, None
-                continue
-            if not in_sentence:
-                sentence, in_sentence = sentence + 1, True
-            if line.startswith("#"):
-                key, _, value = line[1:].partition("=")
-                if key.strip() == "sent_id":
-                    sent_id = value.strip()
-                continue
-            where = (f"TREEBANK: {path} line {number}, sentence {sentence}"
-                     + (f" ({sent_id})" if sent_id else ""))
-            cols = line.split("\t")
-            if len(cols) != 10:
-                raise ValueError(f"{where}: a word line has {len(cols)} TAB-separated columns, CoNLL-U has 10")
-            if cols[0].isascii() and cols[0].isdigit() and not (cols[6].isascii() and cols[6].isdigit()):
-                raise ValueError(f"{where}: word {cols[0]} ({cols[1]!r}) has HEAD {cols[6]!r}, expected a "
-                                 "word number (0 = root)")
+    for number, line in all_lines(path, "TREEBANK"):
+        if not line.strip():
+            in_sentence, sent_id = False, None
+            continue
+        if not in_sentence:
+            sentence, in_sentence = sentence + 1, True
+        if line.startswith("#"):
+            key, _, value = line[1:].partition("=")
+            if key.strip() == "sent_id":
+                sent_id = value.strip()
+            continue
+        where = f"TREEBANK: {path} line {number}, sentence {sentence}" + (f" ({sent_id})" if sent_id else "")
+        cols = line.split("\t")
+        if len(cols) != 10:
+            raise ValueError(f"{where}: a word line has {len(cols)} TAB-separated columns, CoNLL-U has 10")
+        if cols[0].isascii() and cols[0].isdigit() and not (cols[6].isascii() and cols[6].isdigit()):
+            raise ValueError(f"{where}: word {cols[0]} ({cols[1]!r}) has HEAD {cols[6]!r}, expected a "
+                             "word number (0 = root)")
 
 
 def check_tree(heads: list[int], where: str) -> None:

@@ -21,7 +21,7 @@ def require_file(path: str, what: str) -> None:
         raise ValueError(f"{what}: no such file: {path}")
 
 
-def _all_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
+def all_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
     """(number, line) of every line of a UTF-8 file, without its line break and without a
     leading byte-order mark (editors on Windows write one; it is not part of the first line)."""
     require_file(path, what)
@@ -41,7 +41,7 @@ def _all_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
 def numbered_lines(path: str, what: str = "texts") -> Iterator[tuple[int, str]]:
     """(line number, line) of the non-blank lines of a UTF-8 file, stripped of the line break (a
     clear error, naming the argument `what`, otherwise)."""
-    for number, line in _all_lines(path, what):
+    for number, line in all_lines(path, what):
         if line.strip():
             yield number, line
 
@@ -62,7 +62,7 @@ def read_pairs(path: str) -> list[dict]:
 
     require_file(path, "--pairs")
     pairs = []
-    for number, line in _all_lines(path, "--pairs"):
+    for number, line in all_lines(path, "--pairs"):
         if not line.strip():
             continue
         where = f"--pairs: {path} line {number}"
@@ -72,10 +72,7 @@ def read_pairs(path: str) -> list[dict]:
         for k in ("a", "b"):
             if not obj[k].strip():  # (a blank text has no [CLS] state: the model never sees it)
                 raise ValueError(f"{where}: text {k!r} is empty")
-            try:
-                split_pair(obj[k], 0)
-            except ValueError as exc:
-                raise ValueError(f"{where}: text {k!r}: {str(exc).split(': ', 1)[1]}") from None
+            split_pair(obj[k], f"{where}: text {k!r}")
         pairs.append(obj)
     if not pairs:
         raise ValueError(f"--pairs: {path} has no pairs")
@@ -91,7 +88,7 @@ def read_labels(path: str, n: int | None = None, what: str = "--labels") -> list
     if what == "--texts":
         lines = list(read_lines(path, what))
     else:
-        lines = [line for _, line in _all_lines(path, what)]
+        lines = [line for _, line in all_lines(path, what)]
         while lines and not lines[-1].strip():
             lines.pop()
         # (a byte-order mark starting a later line: files joined by cat; '\ufeffa' had been a

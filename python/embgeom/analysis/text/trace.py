@@ -162,17 +162,18 @@ def mark_tables(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     return token_flags(tokenizer, "period", "comma")
 
 
-def split_pair(text: str, index: int) -> tuple[str, str | None]:
+def split_pair(text: str, where: str) -> tuple[str, str | None]:
     """A text with a TAB is a sentence pair: (the part before the TAB, the part after it); else
-    (text, None). Both parts must hold non-blank text, and a text holds at most one TAB."""
+    (text, None). Both parts must hold non-blank text, and a text holds at most one TAB (a
+    ValueError starting with `where`, the text's place: "texts[3]", a file's line)."""
     if "\t" not in text:
         return text, None
     if text.count("\t") > 1:
-        raise ValueError(f"texts[{index}]: a text with a TAB is a sentence pair A<TAB>B; this one has "
+        raise ValueError(f"{where}: a text with a TAB is a sentence pair A<TAB>B; this one has "
                          f"{text.count(chr(9))} TABs: {text[:60]!r}")
     a, b = text.split("\t", 1)
     if not a.strip() or not b.strip():
-        raise ValueError(f"texts[{index}]: a text with a TAB is a sentence pair and needs text on both "
+        raise ValueError(f"{where}: a text with a TAB is a sentence pair and needs text on both "
                          f"sides of the TAB, got {text[:60]!r}")
     return a, b
 
@@ -277,7 +278,7 @@ def encode(tokenizer, chunk: list[str], limit: int, first_index: int = 0) -> tup
     side first (the tokenizer's truncation="longest_first"). Token types are always asked for (a
     tokenizer whose model_input_names leave them out would give none, and a pair would run as
     one segment); adapters.model_inputs drops them for families without token types."""
-    parts = [split_pair(t, first_index + i) for i, t in enumerate(chunk)]
+    parts = [split_pair(t, f"texts[{first_index + i}]") for i, t in enumerate(chunk)]
     kept = limit - tokenizer.num_special_tokens_to_add(pair=True)
     parts = [(clip_text(tokenizer, a, limit)[0], None) if b is None else clip_pair(tokenizer, a, b, limit, kept)
              for a, b in parts]
