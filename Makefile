@@ -10,7 +10,7 @@ OUT    ?= reports/vocab
 DATA   := python/embgeom/data
 TEXT_OUT ?= reports/text
 
-.PHONY: install build demo demo-text test test-fast test-triton bench info clean gpu-wheels gpu-check gpu-static
+.PHONY: install build demo demo-text test test-triton bench info clean gpu-wheels gpu-check gpu-static
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,7 +50,21 @@ demo-text: build
 test: build check-native
 	$(PY) -m embgeom.info
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
-	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton_interp tests
+	$(TRITON_TESTS)
+
+# The Triton kernels under the CPU interpreter alone. TRITON=3.6.0 runs them with the lent GPU
+# machine's Triton (pip-installed once into build/triton-3.6.0, as gpu-static does) and numpy
+# 2.2 beside it in build/numpy-interp: that interpreter turns 1-element arrays into loop bounds
+# with int(), which numpy 2.4 refuses.
+TRITON_TESTS = HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -m triton_interp tests
+test-triton: build
+ifeq ($(TRITON),)
+	$(TRITON_TESTS)
+else
+	test -f build/triton-$(TRITON)/triton/__init__.py || $(PIP) install -q --no-deps --target build/triton-$(TRITON) "triton==$(TRITON)"
+	test -f build/numpy-interp/numpy/__init__.py || $(PIP) install -q --no-deps --target build/numpy-interp "numpy==2.2.*"
+	PYTHONPATH=build/triton-$(TRITON):build/numpy-interp:python $(TRITON_TESTS)
+endif
 
 info: build
 	$(PY) -m embgeom.info
