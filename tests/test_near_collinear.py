@@ -327,7 +327,7 @@ def test_vocab_float64_sections():
     words, _ = near_collinear(n_per=10, dtype=np.float32)
     w = torch.from_numpy(words)
     tt = w[:2].clone()
-    out = sections.section_token_type(tt, None, None, backend=None, precision="exact")
+    out = sections.section_token_type(tt, None, None, backend=None)
     t = tt.double().numpy()
     np.testing.assert_allclose(out["distance"], np.sqrt(((t[:, None] - t[None]) ** 2).sum(-1)), rtol=1e-12)
     np.testing.assert_allclose(1 - np.asarray(out["cosine"]), 1 - unit(t) @ unit(t).T, rtol=1e-8, atol=1e-15)

@@ -319,3 +319,29 @@ def test_probe_words_are_the_tokens_of_words_after_a_space():
     for w, row in zip(("man", "king", "dog", "cat"), want.indices.tolist()):
         assert [i for i, _, _ in out["probes"][w]] == row
     assert "man" not in out["missing_probes"] and "queen" in out["missing_probes"]
+
+
+def test_fast_precision_is_the_word_pairs_alone_and_the_page_gives_its_bound(vocab_report, tiny_bert_dir, tmp_path):
+    """--precision fast takes bf16 products for the word pairs only (where the CPU has them): the
+    position, token x position and token-type sections are exact mode's to the bit, and the
+    page says how far the word pairs' mean and std may be from exact mode's (they had been
+    shown to 4 digits with no word that they came from bf16 products)."""
+    from embgeom.report.vocab_page import write_page
+
+    exact_dir, exact = vocab_report
+    out = tmp_path / "fast"
+    assert main(["vocab", "--model", tiny_bert_dir, "--out", str(out), "--precision", "fast", "--quiet"]) == 0
+    fast = json.loads((out / "report.json").read_text())
+    for key in ("positional", "token_position", "token_type"):
+        fast[key].pop("seconds", None)
+        assert fast[key] == {k: v for k, v in exact[key].items() if k != "seconds"}, key
+    page = (out / "report.html").read_text()
+    bound = fast["pairs"].get("error_bound")
+    assert ("fast products" in page) == bool(bound)
+    # the note itself, whatever this CPU's fast product is
+    rep = json.loads(json.dumps(exact))
+    rep["pairs"]["error_bound"] = 0.004213
+    (tmp_path / "page").mkdir()
+    html_path = write_page(str(tmp_path / "page"), rep, {p.stem: str(p) for p in exact_dir.glob("*.png")})
+    text = open(html_path).read()
+    assert "fast products" in text and "within 0.0042 of its exact fp32 value" in text

@@ -23,7 +23,8 @@ def add_arguments(p) -> None:
                    "embgeom-vocab)")
     p.add_argument("--all-tokens", action="store_true", help="keep special and [unusedN] tokens")
     p.add_argument("--precision", default=DEFAULTS.precision, choices=PRECISIONS,
-                   help=f"the all-pairs products (docs/metrics.md, precision; default {DEFAULTS.precision})")
+                   help=f"the word pairs' products (docs/metrics.md, precision; default {DEFAULTS.precision}; "
+                   "the position and token-type sections are always exact)")
     p.add_argument("--backend", default=None, help="all-pairs backend (default: auto)")
     p.add_argument("--positions", metavar="A:B", default=None, help="analyse positions A..B-1 only "
                    "(e.g. 0:384)")

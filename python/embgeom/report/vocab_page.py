@@ -98,8 +98,11 @@ def write_page(out_dir: str, report: dict, pngs: dict) -> str:
              f"timing.total adds the page), peak memory {fmt(round(report['peak_rss_mb']))} MiB.</p>")
     steps = [[k, v] for k, v in report["timing"].items() if k != "to_page"]
     sections = [("Overview", intro + t(["step", "seconds"], steps), [])]
+    fast = (f" (fast products: every cosine the mean, the std and the histogram take lies within "
+            f"{fmt(p['error_bound'], 2)} of its exact fp32 value, and so do they; the listed pairs and the "
+            "outside count are exact)" if p.get("error_bound") else "")
     pairs_body = (f"<p>{fmt(p['count'])} pairs ({defined('pairs')}); mean {defined('cosine')} {fmt(p['mean'])}, "
-                  f"std {fmt(p['std'])}; {fmt(p['outside']['count'])} pairs outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
+                  f"std {fmt(p['std'])}{fast}; {fmt(p['outside']['count'])} pairs outside [{OUTSIDE[0]}, {OUTSIDE[1]}].</p>"
                   "<h3>most similar</h3>" + t(["token a", "token b", "cosine"], p["top_tokens"])
                   + "<h3>least similar</h3>" + t(["token a", "token b", "cosine"], p["bottom_tokens"])
                   + "<h3>nearest to 0</h3>" + t(

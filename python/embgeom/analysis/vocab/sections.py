@@ -192,11 +192,11 @@ def offset_profile(cos: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.diagonal(cos, k).nanmean() for k in range(cos.shape[0])])
 
 
-def section_positional(pos: torch.Tensor, *, first: int = 0, backend, precision):
+def section_positional(pos: torch.Tensor, *, first: int = 0, backend):
     """The position rows `pos` are positions first, first + 1, ... (--positions A:B: first = A);
     the pairs are reported by those positions."""
     stats = pairwise_stats(pos, metric="cosine", bins=200, topk=TABLE_K, bottomk=TABLE_K,
-                           precision=precision, backend=backend).to_dict()
+                           backend=backend).to_dict()
     positions = torch.arange(first, first + pos.shape[0])
     _remap_stats(stats, positions, positions)
     cos = cosine_matrix(pos).cpu()
@@ -211,12 +211,11 @@ def section_positional(pos: torch.Tensor, *, first: int = 0, backend, precision)
     return out, cos, ratio, path
 
 
-def section_token_position(words, pos, ids, tokens, *, first: int = 0, backend, precision):
+def section_token_position(words, pos, ids, tokens, *, first: int = 0, backend):
     """Words against the position rows `pos`, positions first, first + 1, ... (--positions A:B:
     first = A; they had been numbered from 0, so position 511 of 384:512 read 127)."""
     res = pairwise_stats(words, pos, metric="cosine", bins=200, topk=TABLE_K,
-                         bottomk=TABLE_K, outside=OUTSIDE, outside_limit=200,
-                         precision=precision, backend=backend)
+                         bottomk=TABLE_K, outside=OUTSIDE, outside_limit=200, backend=backend)
     d = res.to_dict()
     d["first_position"] = first   # (outside.per_position[0] is this position's)
     positions = torch.arange(first, first + pos.shape[0])
@@ -237,7 +236,7 @@ def section_token_position(words, pos, ids, tokens, *, first: int = 0, backend, 
     return d
 
 
-def section_token_type(tt, words, pos, *, backend, precision):
+def section_token_type(tt, words, pos, *, backend):
     t = tt.double()
     # from the differences (no ||a||^2 + ||b||^2 - 2ab cancellation for near-equal rows)
     dist = torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist")
@@ -249,7 +248,7 @@ def section_token_type(tt, words, pos, *, backend, precision):
             if other is None:
                 continue
             s = pairwise_stats(tt[k:k + 1], other, metric="cosine", bins=0, topk=0, bottomk=0,
-                               precision=precision, backend=backend)
+                               backend=backend)
             out[key].append({"mean": s.mean, "std": s.std,
                              "min": None if s.min is None else s.min[2],
                              "max": None if s.max is None else s.max[2]})
@@ -383,6 +382,8 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
     report: dict = {"vocab_size": int(word.shape[0]), "hidden": int(word.shape[1]),
                     "tokens_analysed": int(ids.numel()), "tokens": excluded}
     plots: dict = {}
+    # precision applies to the word pairs alone: the position, token x position and token-type
+    # sections take exact products (milliseconds), so their means and stds are fp32's
     with timer("pairs", own_bars=True):
         report["pairs"], res = section_pairs(words, ids, tokens, backend=backend, precision=precision,
                                              progress=timer.progress or False)
@@ -392,7 +393,7 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
     if pos is not None:
         with timer("positional"):
             report["positional"], plots["pos_cos"], plots["pos_ratio"], plots["pos_path"] = \
-                section_positional(pos, first=pos_range[0], backend=backend, precision=precision)
+                section_positional(pos, first=pos_range[0], backend=backend)
             # positions count from the first token's; its position id is the model's own
             report["positional"]["first_position"] = pos_range[0]
             report["positional"]["first_position_id"] = mats["first_position"]
@@ -400,14 +401,13 @@ def analyse(model, tokenizer, *, all_tokens: bool = False, backend: str | None =
             plots["pos_first"] = pos_range[0]
         with timer("token_position"):
             report["token_position"] = section_token_position(words, pos, ids, tokens, first=pos_range[0],
-                                                              backend=backend, precision=precision)
+                                                              backend=backend)
     else:
         report["positional"] = {"absent": mats["absent"]["position"]}
         report["token_position"] = {"absent": mats["absent"]["position"]}
     if tt is not None:
         with timer("token_type"):
-            report["token_type"] = section_token_type(tt, words, pos, backend=backend,
-                                                      precision=precision)
+            report["token_type"] = section_token_type(tt, words, pos, backend=backend)
     else:
         report["token_type"] = {"absent": mats["absent"]["token_type"]}
     with timer("pca"):
