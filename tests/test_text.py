@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:trace. texts longer")
 
 CORPUS = ["the cat sat on the mat .", "", "a dog !", "she was in the house ? he was not .",
           " ".join(["one two"] * 20), "red , green and blue ."]
-KEYS = ["model", "n_texts", "n_tokens", "layers", "heads", "truncated", "forward_passes_seconds", "cone_index",
+KEYS = ["model", "n_texts", "n_tokens", "layers", "heads", "truncated", "special_only", "forward_passes_seconds", "cone_index",
         "entropy", "attention_to", "attention_to_per_text", "js_distance", "context_similarity", "evolution"]
 
 
@@ -568,3 +568,27 @@ def test_text_inputs_that_are_no_utf8_text_files(tmp_path):
         list(read_lines(str(wide), "CORPUS"))
     with pytest.raises(ValueError, match=r"^--labels: .*line 1 holds NUL bytes"):
         read_labels(str(wide))
+
+
+def test_texts_the_tokenizer_empties_are_counted_and_said(tiny_bert_dir, tmp_path, capsys):
+    """A line of zero-width or control characters is a text of [CLS] [SEP] alone: it counts in
+    every mean, and report.json, the page and stderr say how many there were (they had been
+    counted with no word); a resumed run keeps the count."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat .\n\u200b\u200b\na dog !\n\x07\u200d\nred and blue .\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["text", str(corpus), "--out", str(out), "--model", tiny_bert_dir, "--batch-size", "2",
+                 "--checkpoint", str(tmp_path / "ck")]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert (report["n_texts"], report["special_only"]) == (5, 2)
+    assert "2 texts came out of the tokenizer as special tokens alone" in err
+    assert "2 texts came out of the tokenizer as special tokens alone" in (out / "report.html").read_text()
+    assert main(["text", str(corpus), "--out", str(tmp_path / "again"), "--model", tiny_bert_dir,
+                 "--batch-size", "2", "--checkpoint", str(tmp_path / "ck")]) == 0
+    assert json.loads((tmp_path / "again" / "report.json").read_text())["special_only"] == 2
+    assert "2 texts came out of the tokenizer" in capsys.readouterr().err
+    corpus.write_text("the cat sat .\n", encoding="utf-8")
+    assert main(["text", str(corpus), "--out", str(tmp_path / "plain"), "--model", tiny_bert_dir]) == 0
+    assert "special tokens alone" not in capsys.readouterr().err
+    assert "special tokens alone" not in (tmp_path / "plain" / "report.html").read_text()

@@ -614,10 +614,13 @@ def test_restored_counts_must_fit_the_corpus_and_each_other(tiny_bert):
         next(trace_module.iter_batches(model, tok, TEXTS, batch_size=4, max_length=32, skip=100))
     acc = trace_module.TraceAccumulator(2, 4, 32, 60, "cpu")
     acc.n_texts, acc.n_tokens = 4, 0
-    with pytest.raises(ValueError, match="0 tokens and 0 truncated in 4 texts of at most 32"):
+    with pytest.raises(ValueError, match="0 tokens, 0 truncated and 0 of special tokens only in 4 texts of at most 32"):
         acc.check_restored()
     acc.n_tokens = 40
     acc.check_restored()
+    acc.special_only = 5
+    with pytest.raises(ValueError, match="5 of special tokens only in 4 texts"):
+        acc.check_restored()
 
 
 def test_restored_observers_must_fit_the_texts_done(tiny_bert, tmp_path):

@@ -61,7 +61,7 @@ def _main(args) -> int:
 
     from ..analysis.text.inputs import numbered_lines, read_labels, read_lines, read_pairs, require_file
     from ..analysis.text.labelled import CLASS_MAPS_FILE, ClassMaps, LabelSplit, check_label_classes, predict_labels
-    from ..analysis.text.trace import cls_differences, model_max_length, split_pair, trace
+    from ..analysis.text.trace import cls_differences, model_max_length, special_only_note, split_pair, trace
     from ..report.head_sections import class_maps_section
     from ..models import DEFAULT_MODEL, load_model
     from ..provenance import Provenance
@@ -188,6 +188,8 @@ def _main(args) -> int:
         print(f"embgeom text: note: {no_class_maps_note(args.class_maps)}", file=sys.stderr)
     if labels is not None and len(set(labels)) < 2:
         print(f"embgeom text: note: {ONE_CLASS_NOTE}", file=sys.stderr)
+    if result.special_only:
+        print(f"embgeom text: note: {special_only_note(result.special_only)}", file=sys.stderr)
     if args.max_length is not None and args.max_length > max_len:
         print(f"embgeom text: note: --max-length {args.max_length} lowered to {max_len}, the longest input "
               "the model takes", file=sys.stderr)

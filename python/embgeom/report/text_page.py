@@ -3,11 +3,13 @@ scatters (trajectories, labelled sets, difference vectors).
 """
 from __future__ import annotations
 
+import html
 import os
 from . import new_figure, save_figure, table_html, write_html
 from .plots import HEAD, LAYER, depth_axis, head_matrix, head_strips, layer_axis, layer_head_axes, literal
 import numpy as np
 from ..analysis.clouds import geometry, projection
+from ..analysis.text.trace import special_only_note
 from ..formatting import fmt
 from . import explained_variance_png
 from .definitions import defined
@@ -179,6 +181,8 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
     summary = table_html(
         ["model", "texts", "tokens", "layers", "heads", "truncated", "forward passes with metrics (s)"],
         [[r.model, r.n_texts, r.n_tokens, L, H, r.truncated, r.seconds]])
+    if r.special_only:
+        summary += f"<p>{html.escape(special_only_note(r.special_only))}.</p>"
     per_layer = table_html(
         [LAYER, Raw(defined("cone_index", "cone in")), Raw(defined("cone_index", "cone heads (mean)")),
          Raw(defined("cone_index", "cone multi-head")), Raw(defined("cone_index", "cone out")),

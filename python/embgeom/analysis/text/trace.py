@@ -355,6 +355,13 @@ def _device_of(model, device):
     return next(model.parameters()).device
 
 
+def special_only_note(count: int) -> str:
+    """What report.json's special_only counts, for the page and the command's stderr."""
+    return (f"{count:,} {'text' if count == 1 else 'texts'} came out of the tokenizer as special tokens "
+            "alone (lines of control or zero-width characters, which it deletes); each counts in every "
+            "mean as a text of [CLS] [SEP] (report.json special_only)")
+
+
 def warn_truncated(limit: int) -> None:
     warnings.warn(f"trace: texts longer than {limit} tokens are truncated (counted in TraceResult.truncated)",
                   stacklevel=3)
@@ -463,6 +470,7 @@ class TraceResult:
     layers: int
     heads: int
     truncated: int
+    special_only: int   # texts the tokenizer left nothing of but their special tokens
     cone_layer_input: torch.Tensor
     cone_head_output: torch.Tensor
     cone_multihead_output: torch.Tensor
@@ -613,6 +621,7 @@ class TraceResult:
         return {
             "model": self.model, "n_texts": self.n_texts, "n_tokens": self.n_tokens,
             "layers": self.layers, "heads": self.heads, "truncated": self.truncated,
+            "special_only": self.special_only,
             # the page's "forward passes (s)": the passes with every metric taken on them
             "forward_passes_seconds": self.seconds,
             "cone_index": {"layer_input": as_list(self.cone_layer_input),
@@ -679,6 +688,7 @@ class TraceAccumulator(Resumable):
         self.n_texts = 0
         self.n_tokens = 0
         self.truncated = 0
+        self.special_only = 0
         self.s = {
             "cone_in": z(L), "cone_head": z(L, H), "cone_mh": z(L), "cone_out": z(L),
             "cone_in_n": z(L), "cone_head_n": z(L, H), "cone_mh_n": z(L), "cone_out_n": z(L),
@@ -698,9 +708,11 @@ class TraceAccumulator(Resumable):
     def check_restored(self) -> None:
         # each text holds at least one token and at most max_len: counts of a crafted file that
         # do not fit (no tokens beside finished texts had divided by zero)
-        if not self.n_texts <= self.n_tokens <= self.n_texts * self.max_len or self.truncated > self.n_texts:
-            raise ValueError(f"TraceAccumulator: {self.n_tokens} tokens and {self.truncated} truncated in "
-                             f"{self.n_texts} texts of at most {self.max_len}")
+        if not self.n_texts <= self.n_tokens <= self.n_texts * self.max_len or self.truncated > self.n_texts \
+                or self.special_only > self.n_texts:
+            raise ValueError(f"TraceAccumulator: {self.n_tokens} tokens, {self.truncated} truncated and "
+                             f"{self.special_only} of special tokens only in {self.n_texts} texts of at most "
+                             f"{self.max_len}")
 
     @staticmethod
     def _cone_sum(xs: list[torch.Tensor], mask: torch.Tensor, groups: tuple[int, ...]):
@@ -746,6 +758,8 @@ class TraceAccumulator(Resumable):
         n_tok = int(mask.sum())
         self.n_tokens += n_tok
         self.truncated += b.truncated
+        # (a line of control or zero-width characters: [CLS] [SEP] alone, counted in every mean)
+        self.special_only += int((~(mask & ~b.cls & ~b.sep).any(1)).sum())
         if "cone" in self.metrics:
             # one kernel call per layer and tensor kind, each read in place where it lies
             sums, raw, cnt = self._cone_sum(list(b.hidden_states), mask, (L + 1,))  # (B, T, D) each
@@ -827,6 +841,7 @@ class TraceAccumulator(Resumable):
         self.n_texts += other.n_texts
         self.n_tokens += other.n_tokens
         self.truncated += other.truncated
+        self.special_only += other.special_only
 
     def result(self, tokenizer=None, seconds: float = 0.0) -> TraceResult:
         if self.n_texts == 0:
@@ -852,7 +867,7 @@ class TraceAccumulator(Resumable):
         baseline = float(s["baseline"]) / rows if "entropy" not in skip else math.nan
         return TraceResult(
             model=self.model_name, n_texts=self.n_texts, n_tokens=self.n_tokens, layers=L, heads=H,
-            truncated=self.truncated,
+            truncated=self.truncated, special_only=self.special_only,
             cone_layer_input=nan_if(div(s["cone_in"], s["cone_in_n"]), s["cone_in_n"]),
             cone_head_output=nan_if(div(s["cone_head"], s["cone_head_n"]), s["cone_head_n"]),
             cone_multihead_output=nan_if(div(s["cone_mh"], s["cone_mh_n"]), s["cone_mh_n"]),
