@@ -731,3 +731,29 @@ def test_l2_values_and_boundaries_agree_across_calls(tmp_path):
     embgeom.pairs_above(x, below, tmp_path / "p", metric="l2")
     i, j, d = read_pairs(tmp_path / "p")
     assert (0, 1) not in set(zip(i.tolist(), j.tolist())) and bool((d <= below).all())
+
+
+def test_a_finished_folder_lists_every_shard_in_it(tmp_path, monkeypatch):
+    """Shards a killed run wrote past its last manifest are removed before the folder is marked
+    complete, so read_pairs refuses a complete folder holding a shard its manifest does not list
+    (a manifest edited to leave out its last shard, count fixed, had read short)."""
+    x = make_rows(400, 6, seed=8)
+    monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 500)
+    folder = tmp_path / "p"
+    m = pairs_above(x, 0.3, folder)
+    assert len(m["shards"]) >= 2
+    # a leftover of a killed run beside an unfinished manifest: gone once the run finishes
+    manifest = json.loads((folder / "manifest.json").read_text())
+    stray = folder / "pairs-000099.npy"
+    stray.write_bytes((folder / m["shards"][0]["file"]).read_bytes())
+    manifest["complete"] = False
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    pairs_above(x, 0.3, folder)
+    assert not stray.exists()
+    want = read_pairs(folder)
+    assert np.array_equal(want[0], brute_pairs(x, 0.3)[0])
+    last = manifest["shards"].pop()
+    manifest.update(complete=True, count=manifest["count"] - last["count"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"is damaged: it holds {last['file']}, which its manifest.json does not list"):
+        read_pairs(folder)

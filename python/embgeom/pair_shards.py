@@ -295,12 +295,15 @@ class ShardWriter:
     def finish(self) -> None:
         if not self.manifest["complete"]:
             self._flush()
-            self.manifest["complete"] = True
-            self._commit(self.manifest["n"])
-        listed = {s["file"] for s in self.manifest["shards"]}
-        for name in os.listdir(self.folder):  # shards of a killed run past its last manifest
+        # shards of a killed run past its last manifest go before the folder is marked
+        # complete: a complete folder lists every shard in it (read_pairs holds it to that)
+        listed = {s["file"] for s in self.manifest["shards"] + self._pending}
+        for name in os.listdir(self.folder):
             if SHARD_FILE.fullmatch(name) and name not in listed:
                 os.unlink(os.path.join(self.folder, name))
+        if not self.manifest["complete"]:
+            self.manifest["complete"] = True
+            self._commit(self.manifest["n"])
         self.close()
 
     def close(self) -> None:
@@ -400,6 +403,12 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not m["complete"]:
         raise ValueError(f"folder: {folder} is unfinished ({m['rows_done']:,} of {m['n']:,} rows done); "
                          "run pairs_above again with the same input and threshold to finish it")
+    listed = {s["file"] for s in m["shards"]}
+    unlisted = sorted(name for name in os.listdir(folder) if SHARD_FILE.fullmatch(name) and name not in listed)
+    if unlisted:
+        raise ValueError(f"folder: {folder} is damaged: it holds {unlisted[0]}"
+                         f"{f' and {len(unlisted) - 1} more shards' if len(unlisted) > 1 else ''}, which its "
+                         f"{MANIFEST} does not list (a finished folder lists all of its shards); write the pairs again")
     parts = []
     for s in m["shards"]:
         path = os.path.join(folder, s["file"])
