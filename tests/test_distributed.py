@@ -212,6 +212,24 @@ def test_a_rank_checkpoint_that_is_not_this_ranks_is_refused():
             _checked_rank_state(saved, "c.rank0", cfg, 30, [1, 4, 6])
 
 
+def test_another_ranks_checkpoint_is_named_by_its_place_in_the_run():
+    """A rank's checkpoint from another rank, world size or row-group count is refused naming
+    those (it had read "--backend 'cpp/dist2/g4/r0' then, 'cpp/dist2/g4/r1' now")."""
+    from embgeom.engine.checkpoint import differences, fingerprint
+    from embgeom.engine.config import make_config
+
+    x, cfg = make_embeddings(20, 4, seed=1), make_config(bins=10)
+
+    def place(world, groups, rank):
+        return fingerprint(x, None, cfg, "cpp", 3, {}, distributed={"world_size": world, "row_groups": groups,
+                                                                     "rank": rank}).identity
+
+    assert differences(place(2, 4, 0), place(2, 4, 1)) == ["rank 0 then, 1 now"]
+    assert differences(place(2, 4, 0), place(3, 6, 0)) == ["row_groups 4 then, 6 now", "world_size 2 then, 3 now"]
+    assert differences(fingerprint(x, None, cfg, "cpp", 3, {}).identity, place(2, 4, 0)) == \
+        ["distributed null then, {\"rank\": 0, \"row_groups\": 4, \"world_size\": 2} now"]
+
+
 def test_a_rank_state_must_count_the_pairs_of_its_finished_jobs():
     """A crafted list of finished jobs (its checksum made anew) beside a state had counted a job
     twice (done emptied, the state kept) or skipped jobs whose pairs the state lacks."""

@@ -276,8 +276,8 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     ckpt = None if checkpoint is None else f"{checkpoint}.rank{rank}"
     fp = None
     if ckpt:
-        fp = fingerprint(x, None, asked, f"{name}/dist{world}/g{groups}/r{rank}", len(jobs),
-                         registry.numerics(name, device, cfg.precision))
+        fp = fingerprint(x, None, asked, name, len(jobs), registry.numerics(name, device, cfg.precision),
+                         distributed={"world_size": world, "row_groups": groups, "rank": rank})
         saved = load_checkpoint(ckpt, fp)
         if saved is not None:
             state, done = _checked_rank_state(saved, ckpt, cfg, n, mine)

@@ -49,11 +49,14 @@ class Fingerprint(str):
 
 
 def fingerprint(x: torch.Tensor, y: torch.Tensor | None, cfg: PairwiseConfig, backend: str, num_tiles: int,
-                numerics: dict | None = None) -> Fingerprint:
+                numerics: dict | None = None, distributed: dict | None = None) -> Fingerprint:
     """Identifies input + settings + numerics (registry.numerics: the product kernel and its
-    pass): a checkpoint from anything else is refused."""
+    pass) and, for a rank of a distributed run, its place (world_size, row_groups, rank): a
+    checkpoint from anything else is refused."""
     identity: dict = {"settings": cfg.describe(), "backend": backend, "tiles": num_tiles,
                       "numerics": numerics or {}}
+    if distributed is not None:
+        identity["distributed"] = distributed
     for name, t in (("x", x), ("y", y)):
         if t is None:
             identity[name] = None
@@ -102,7 +105,7 @@ def differences(saved, now) -> list[str]:
         a, b = saved.get(key), now.get(key)
         if a == b:
             continue
-        if key in ("settings", "numerics") and isinstance(a, dict) and isinstance(b, dict):
+        if key in ("settings", "numerics", "distributed") and isinstance(a, dict) and isinstance(b, dict):
             out += [f"{_name(k)} {_short(a.get(k))} then, {_short(b.get(k))} now"
                     for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
         elif key in ("inputs", "model") and isinstance(a, dict) and isinstance(b, dict):
