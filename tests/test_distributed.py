@@ -88,6 +88,29 @@ def test_no_rows_is_a_run_over_no_pairs(tmp_path):
         {k: v for k, v in b.items() if k not in ("backend", "seconds")}
 
 
+def test_a_rank_checkpoint_in_use_is_refused(tmp_path):
+    """Two jobs on one --checkpoint: a rank whose file another run holds is refused, naming it
+    (both had run in full, each saving over the other's file). One rank, gloo, in its own process."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\n"
+            "from embgeom import distributed\n"
+            "from embgeom.io import lock_checkpoint\n"
+            "held = lock_checkpoint('ck.rank0')\n"
+            "try:\n"
+            "    distributed.pairwise_stats(np.eye(4, dtype=np.float32), bins=4, checkpoint='ck')\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29100 + os.getpid() % 400),
+               EMBGEOM_DIST_BACKEND="gloo")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == ("checkpoint: ck.rank0 is in use by another run; wait for it to finish, or pass "
+                                "another path")
+    assert not (tmp_path / "ck.rank0").exists()
+
+
 def _close(a, b, tol=1e-6):
     """Equal structure and integers, floats within tol."""
     if isinstance(a, dict):

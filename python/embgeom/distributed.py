@@ -33,6 +33,7 @@ from .engine import limits
 from .engine.config import PairwiseConfig, make_config
 from .engine.runner import run_engine
 from .interrupts import interrupt_after
+from .io import checkpoint_lock
 from .numerics import MOMENT_SAMPLE_ROWS, moment_shift
 from .engine.state import EngineState, check_fits
 
@@ -275,27 +276,30 @@ def pairwise_stats(x: Any, y: Any = None, *, groups: int | None = None, timeout_
     done: list[int] = []
     ckpt = None if checkpoint is None else f"{checkpoint}.rank{rank}"
     fp = None
-    if ckpt:
-        fp = fingerprint(x, None, asked, name, len(jobs), registry.numerics(name, device, cfg.precision),
-                         distributed={"world_size": world, "row_groups": groups, "rank": rank})
-        saved = load_checkpoint(ckpt, fp)
-        if saved is not None:
-            state, done = _checked_rank_state(saved, ckpt, cfg, n, mine)
-            _check_done_pairs(state, done, jobs, bounds, rows, cfg, ckpt)
+    # one run at a time on a rank's file, as pairwise_stats(checkpoint=) keeps its own: a second
+    # job on the same --checkpoint had run in full beside the first, each saving over the other
+    with checkpoint_lock(ckpt):
+        if ckpt:
+            fp = fingerprint(x, None, asked, name, len(jobs), registry.numerics(name, device, cfg.precision),
+                             distributed={"world_size": world, "row_groups": groups, "rank": rank})
+            saved = load_checkpoint(ckpt, fp)
+            if saved is not None:
+                state, done = _checked_rank_state(saved, ckpt, cfg, n, mine)
+                _check_done_pairs(state, done, jobs, bounds, rows, cfg, ckpt)
+                if progress:
+                    print(f"embgeom pairs [rank {rank}]: resuming from {ckpt}: {len(done)} of {len(mine)} jobs done", file=sys.stderr, flush=True)
+        for job in mine:
+            if job in done:
+                continue
+            g, h, _ = jobs[job]
+            finished = _run_job(rows, g, h, bounds, cfg, make_engine, n)
+            with interrupt_after():  # (a finished job is saved before a signal's KeyboardInterrupt)
+                state = state.merge(finished, cfg)
+                done.append(job)
+                if ckpt:
+                    save_checkpoint(ckpt, fp, {"state": state, "done": done})
             if progress:
-                print(f"embgeom pairs [rank {rank}]: resuming from {ckpt}: {len(done)} of {len(mine)} jobs done", file=sys.stderr, flush=True)
-    for job in mine:
-        if job in done:
-            continue
-        g, h, _ = jobs[job]
-        finished = _run_job(rows, g, h, bounds, cfg, make_engine, n)
-        with interrupt_after():  # (a finished job is saved before a signal's KeyboardInterrupt)
-            state = state.merge(finished, cfg)
-            done.append(job)
-            if ckpt:
-                save_checkpoint(ckpt, fp, {"state": state, "done": done})
-        if progress:
-            print(f"embgeom pairs [rank {rank}]: job {len(done)}/{len(mine)} done", file=sys.stderr, flush=True)
+                print(f"embgeom pairs [rank {rank}]: job {len(done)}/{len(mine)} done", file=sys.stderr, flush=True)
     try:
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(state, gathered, dst=0)

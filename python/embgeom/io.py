@@ -187,6 +187,24 @@ def exclusive_lock(lock_path: str, busy: str, name: str) -> int | None:
     return fd
 
 
+def lock_checkpoint(checkpoint: str) -> int | None:
+    """exclusive_lock on PATH.lock of a checkpoint PATH; a second run is refused naming the path."""
+    return exclusive_lock(f"{checkpoint}.lock", f"checkpoint: {checkpoint} is in use by another run; wait for "
+                          "it to finish, or pass another path", "checkpoint")
+
+
+@contextlib.contextmanager
+def checkpoint_lock(checkpoint: str | None) -> Iterator[None]:
+    """One run at a time on a checkpoint PATH: exclusive_lock on PATH.lock for the body (nothing
+    when checkpoint is None); a second run is refused naming the path."""
+    fd = None if not checkpoint else lock_checkpoint(checkpoint)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, *, binary: bool = False, name: str = "output",
                  follow_link: bool = True) -> Iterator[IO]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..engine.checkpoint import Fingerprint, TreeState, load_checkpoint, run_kind, save_checkpoint
-from ..io import check_output_path, exclusive_lock
+from ..io import check_output_path, lock_checkpoint
 from ..validation import optional_path
 
 
@@ -89,8 +89,7 @@ class RunCheckpoint:
     def load_value(self) -> Any | None:
         """The saved tree, None when PATH does not exist (ValueError as load_checkpoint's)."""
         if self._lock is None:
-            self._lock = exclusive_lock(f"{self.path}.lock", f"checkpoint: {self.path} is in use by another "
-                                        "run; wait for it to finish, or pass another path", "checkpoint")
+            self._lock = lock_checkpoint(self.path)
         saved = load_checkpoint(self.path, self.fp)
         if saved is None:
             return None

@@ -5,12 +5,11 @@ The engine protocol (every backend): `num_tiles()`, `tile_pairs(begin, end)`, `t
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 from ..interrupts import interrupt_after
-from ..io import exclusive_lock
+from ..io import checkpoint_lock
 from ..progress import as_progress
 from .checkpoint import checkpoint_seconds, load_checkpoint, save_checkpoint
 from .state import EngineState, check_fits
@@ -23,17 +22,10 @@ def run_engine(engine, *, fp: str | None = None, checkpoint: str | None = None,
     Ctrl-C stops after the tile range in flight: the checkpoint then holds every finished
     chunk, so the next call with the same path resumes where this one stopped.
     """
-    lock = None
-    try:
-        if checkpoint:
-            # one run at a time on PATH (PATH.lock, as `text` and `pairs-above` keep theirs): two had
-            # both run in full, each saving over the other's progress
-            lock = exclusive_lock(f"{checkpoint}.lock", f"checkpoint: {checkpoint} is in use by another run; "
-                                  "wait for it to finish, or pass another path", "checkpoint")
+    # one run at a time on PATH (PATH.lock, as `text` and `pairs-above` keep theirs): two had
+    # both run in full, each saving over the other's progress
+    with checkpoint_lock(checkpoint):
         return _run(engine, fp, checkpoint, progress, chunk_seconds, should_stop)
-    finally:
-        if lock is not None:
-            os.close(lock)
 
 
 def _run(engine, fp, checkpoint, progress, chunk_seconds, should_stop) -> EngineState:
