@@ -5,6 +5,7 @@ checkpoint is executed (the tree format's decoder builds plain values only)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -621,6 +622,18 @@ def test_restored_counts_must_fit_the_corpus_and_each_other(tiny_bert):
     acc.special_only = 5
     with pytest.raises(ValueError, match="5 of special tokens only in 4 texts"):
         acc.check_restored()
+    acc.special_only = 0
+    # sums no run reaches (a crafted file's, its checksum made anew): NaN, a negative count, a
+    # cone index past 1
+    for key, value, message in (("entropy", math.nan, "sums 'entropy' hold NaN or Inf"),
+                                ("ctx_rows", -5, "counts 'ctx_rows' hold a negative count"),
+                                ("cone_in", 3.0, "cone sums 'cone_in' pass what 4 texts of 40 tokens allow")):
+        saved = acc.s[key].clone()
+        acc.s[key].view(-1)[0] = value
+        with pytest.raises(ValueError, match=message):
+            acc.check_restored()
+        acc.s[key] = saved
+    acc.check_restored()
 
 
 def test_restored_observers_must_fit_the_texts_done(tiny_bert, tmp_path):

@@ -713,6 +713,20 @@ class TraceAccumulator(Resumable):
             raise ValueError(f"TraceAccumulator: {self.n_tokens} tokens, {self.truncated} truncated and "
                              f"{self.special_only} of special tokens only in {self.n_texts} texts of at most "
                              f"{self.max_len}")
+        # sums a run cannot reach: NaN or Inf, a negative count, a cone index past 1 (a crafted
+        # file under a recomputed checksum had reported them as means)
+        for key, v in self.s.items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"TraceAccumulator: its sums {key!r} hold NaN or Inf")
+            if not v.is_floating_point() and bool((v < 0).any()):
+                raise ValueError(f"TraceAccumulator: its counts {key!r} hold a negative count")
+        slack = 1 + 1e-9
+        for key in ("in", "head", "mh", "out"):
+            texts, per_text, raw = (self.s[f"cone_{key}{end}"] for end in ("_n", "", "_raw"))
+            if bool(((texts < 0) | (texts > self.n_texts) | (per_text < 0) | (per_text > texts * slack)
+                     | (raw < 0) | (raw > self.n_tokens * slack)).any()):
+                raise ValueError(f"TraceAccumulator: its cone sums {f'cone_{key}'!r} pass what {self.n_texts} "
+                                 f"texts of {self.n_tokens} tokens allow (I/n <= 1 a text, I <= n)")
 
     @staticmethod
     def _cone_sum(xs: list[torch.Tensor], mask: torch.Tensor, groups: tuple[int, ...]):
