@@ -202,6 +202,18 @@ def test_missing_cls_rows_are_named(tiny_bert_dir, tmp_path, monkeypatch, capsys
     assert main(cmd) == 130
     monkeypatch.undo()
     rows = open(ckpt + ".cls.npy", "rb").read()
+    # a finished row changed in place, or another run's rows of the same shape: the header alone
+    # had been checked, and the report's cls.npy had taken them
+    changed = np.load(ckpt + ".cls.npy")
+    changed[3, 2, 5] += 1.0
+    np.save(ckpt + ".cls.npy", changed)
+    capsys.readouterr()
+    assert main(cmd) == 2
+    err = capsys.readouterr().err
+    assert f"the [CLS] rows of its 6 finished texts in {ckpt}.cls.npy are not the rows it saved" in err, err
+    assert err.count("delete") == 1, err
+    changed[3, 2, 5] -= 1.0
+    np.save(ckpt + ".cls.npy", changed)   # the same rows again: resumable
     for damage in ("cut short", "missing"):
         if damage == "cut short":      # a memory map would have grown it with zero rows
             with open(ckpt + ".cls.npy", "wb") as f:
@@ -211,7 +223,12 @@ def test_missing_cls_rows_are_named(tiny_bert_dir, tmp_path, monkeypatch, capsys
         capsys.readouterr()
         assert main(cmd) == 2
         err = capsys.readouterr().err
-        assert f"{ckpt}.cls.npy" in err and "delete the checkpoint to start over" in err, err
+        assert f"{ckpt}.cls.npy" in err and "delete it or pass another path" in err, err
+        assert err.count("delete") == 1, err
+    with open(ckpt + ".cls.npy", "wb") as f:
+        f.write(rows)
+    capsys.readouterr()
+    assert main(cmd) == 0
 
 
 def test_one_run_at_a_time_and_nothing_kept_before_the_first_save(tiny_bert_dir, tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ is never in memory; --trajectories N keeps every real token's L+1 states for the
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 
@@ -22,7 +23,7 @@ class Keeper(Resumable):
     while the corpus runs (a checkpoint's PATH.cls.npy, which survives an interrupted run;
     default DIR/cls.npy); close() puts them in DIR/cls.npy."""
 
-    not_saved = ("out_dir", "tokenizer", "cls", "rows_path")
+    not_saved = ("out_dir", "tokenizer", "cls", "rows_path", "rows_hash")
     fixed = ("n", "keep_cls", "shape", "max_traj")
     count = "done"
 
@@ -37,6 +38,11 @@ class Keeper(Resumable):
         self.traj: list[tuple[int, int, str, np.ndarray]] = []
         self.texts: list[str] = []
         self.done = 0
+        # sha256 of the [CLS] rows written, in order: saved with the count, checked on resume
+        # against the rows file (whose header alone had been checked: another run's rows, or
+        # rows changed in place, had gone into cls.npy)
+        self.rows_hash = hashlib.sha256()
+        self.rows_sha256 = self.rows_hash.hexdigest()
 
     def update(self, batch) -> None:
         B = batch.mask.shape[0]
@@ -47,6 +53,7 @@ class Keeper(Resumable):
             # (L+1, B, D) -> (B, L+1, D), one device->host copy per batch
             first = torch.stack([h[:, 0] for h in batch.hidden_states], 1).float().cpu().numpy()
             self.cls[self.done:self.done + B] = first
+            self.rows_hash.update(np.ascontiguousarray(first).data)
         want = min(B, max(self.max_traj - self.done, 0))
         for i in range(want):
             m = batch.mask[i]
@@ -72,20 +79,28 @@ class Keeper(Resumable):
             _check_rows_file(self.rows_path, self.shape)
             rows = np.lib.format.open_memmap(self.rows_path, mode="r+")
         except (OSError, ValueError) as exc:
-            raise ValueError(f"checkpoint: the [CLS] rows of the finished texts, {self.rows_path}, cannot be "
-                             f"used ({getattr(exc, 'strerror', None) or exc}); delete the checkpoint to start "
-                             "over") from None
+            # (raised inside the checkpoint's restore, which names the checkpoint and what to do)
+            raise ValueError(f"the [CLS] rows of the finished texts, {self.rows_path}, cannot be used "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
         self.cls = rows
 
     def checkpoint_state(self) -> dict:
         if self.cls is not None:
             self.cls.flush()   # the rows the saved count covers are on disk before the count is
+        self.rows_sha256 = self.rows_hash.hexdigest()
         return super().checkpoint_state()
 
     def restore_state(self, saved: dict) -> None:
         super().restore_state(saved)
         if self.keep_cls and self.done:
             self._open()
+            h = hashlib.sha256()
+            for r0 in range(0, self.done, 1024):
+                h.update(np.ascontiguousarray(self.cls[r0:min(self.done, r0 + 1024)]).data)
+            if h.hexdigest() != self.rows_sha256:
+                raise ValueError(f"the [CLS] rows of its {self.done:,} finished texts in {self.rows_path} are not "
+                                 "the rows it saved (changed since, or another run's)")
+            self.rows_hash = h
 
     def check_restored(self) -> None:
         # the trajectories of the first min(done, max_traj) texts, token by token: a crafted
