@@ -1045,13 +1045,80 @@ def test_absurd_bins_and_memory_are_refused_before_work(monkeypatch):
     with pytest.raises(ValueError, match="bins: at most 33,554,432") as e:
         embgeom.pairwise_stats(x, bins=2_000_000_000)
     one_line(e)
-    monkeypatch.setattr(limits, "available_bytes", lambda: 64 << 20)  # a 64 MiB machine
+    monkeypatch.setattr(limits, "memory_available", lambda: (64 << 20, "the machine has"))  # a 64 MiB machine
     with pytest.raises(ValueError, match=r"bins: this run needs about .* GiB .* 0\.1 GiB available") as e:
         embgeom.pairwise_stats(x, bins=30_000_000)
     one_line(e)
     with pytest.raises(ValueError, match="row_topk: this run needs"):
         embgeom.pairwise_stats(make_embeddings(3000, 8, seed=6), row_topk=2999, bins=0)
     embgeom.pairwise_stats(x, bins=100_000)  # what fits still runs
+
+
+def test_a_process_memory_limit_counts_as_the_machine_does(tmp_path):
+    """ulimit -v (RLIMIT_AS) bounds what the checks allow, not only the machine's MemAvailable:
+    a run past it is refused naming the option and that limit (it had started and aborted)."""
+    import subprocess
+    import sys
+
+    code = ("import resource, embgeom, torch\n"
+            "from embgeom.engine import limits\n"
+            "from helpers import make_embeddings\n"
+            "size = limits._read_keyed('/proc/self/status')['VmSize']\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (size + (1 << 30), resource.RLIM_INFINITY))\n"
+            "have, where = limits.memory_available()\n"
+            "assert where == 'its address-space limit (ulimit -v) leaves' and have <= 1 << 30, (have, where)\n"
+            "try:\n"
+            "    embgeom.pairwise_stats(make_embeddings(6000, 8, seed=1), row_topk=5999, bins=0)\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.match(r"row_topk: this run needs about [\d.]+ GiB \(\d+ threads\), its address-space limit "
+                    r"\(ulimit -v\) leaves [\d.]+ GiB available; lower it$", r.stdout.strip()), r.stdout
+
+
+def test_the_engine_out_of_memory_in_its_threads_is_a_memory_error():
+    """A std::bad_alloc inside the C++ engine's OpenMP threads (a thread's row lists) is raised
+    as MemoryError after the parallel region; it had called std::terminate (SIGABRT, no message).
+    The memory check is told the machine is large, so that the run starts under ulimit -v."""
+    import subprocess
+    import sys
+
+    code = ("import resource, embgeom, torch\n"
+            "from embgeom.engine import limits\n"
+            "from helpers import make_embeddings\n"
+            "limits.memory_available = lambda: (1 << 50, 'the machine has')\n"
+            "x, y = make_embeddings(500, 8, seed=1), make_embeddings(100_000, 8, seed=2)\n"
+            "size = limits._read_keyed('/proc/self/status')['VmSize']\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (size + (1200 << 20), resource.RLIM_INFINITY))\n"
+            "try:\n"
+            "    embgeom.pairwise_stats(x, y, row_topk=100_000, bins=0, topk=0, bottomk=0, backend='cpp')\n"
+            "except MemoryError as e:\n"
+            "    print('MemoryError', e)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.startswith("MemoryError"), r.stdout
+
+
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """An allocation that fails anyway (the C++ core's std::bad_alloc, numpy's, torch's
+    allocator) ends a command with one line and status 2, not a traceback."""
+    from embgeom import api
+    from embgeom.cli import main
+
+    np.save(tmp_path / "x.npy", make_embeddings(10, 4).numpy())
+    for exc in (MemoryError("std::bad_alloc"),
+                RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2807136000 bytes")):
+        def fail(*args, exc=exc, **kwargs):
+            raise exc
+        monkeypatch.setattr(api, "pairwise_stats", fail)
+        assert main(["pairs", str(tmp_path / "x.npy"), "--json", str(tmp_path / "o.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("embgeom: error: out of memory (") and err.count("\n") == 1, err
+        assert err.rstrip().endswith("nothing was kept; --checkpoint PATH keeps finished work for a rerun"), err
 
 
 def test_pairs_prints_the_note(tmp_path):

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 
+#include "parallel_errors.h"
 #include "check.h"
 #include "numerics.h"
 #include "pairwise/fused.h"
@@ -256,13 +257,14 @@ void PairwiseEngine::prime_row_bounds(int threads) {
   const double M = err_bound_;
   const int64_t width = B.panels * kern_.nr, chunk = 8;  // A panels per work item
   const int64_t items = (pa_.panels + chunk - 1) / chunk;
+  ParallelErrors errors;
 #pragma omp parallel num_threads(std::max(1, threads))
   {
     AlignedBuf<float> C;
-    C.reset(chunk * kern_.mr * width);
+    errors.run([&] { C.reset(chunk * kern_.mr * width); });
     std::vector<float> vals, best;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
+    for (int64_t it = 0; it < items; ++it) errors.run([&] {
       const int64_t p0 = it * chunk, p1 = std::min(pa_.panels, p0 + chunk);
       gemm_tile(kern_, pa_, p0, p1, B, 0, B.panels, C.data(), width);
       for (int64_t r = p0 * kern_.mr; r < std::min(n_, p1 * kern_.mr); ++r) {
@@ -282,8 +284,9 @@ void PairwiseEngine::prime_row_bounds(int threads) {
         if (kt > 0) prime_top_[r] = bound(kt, true);
         if (kb > 0) prime_bottom_[r] = bound(kb, false);
       }
-    }
+    });
   }
+  errors.rethrow();
 }
 
 PairwiseState PairwiseEngine::empty_state() const {

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "check.h"
+#include "parallel_errors.h"
 #include "cpu/blas.h"
 #include "pairwise/fused.h"
 
@@ -216,19 +217,24 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     return c;
   };
 
+  ParallelErrors errors;  // (a thread's failure, e.g. bad_alloc, raised after the region; st_ untouched)
 #pragma omp parallel num_threads(nth)
   {
     int tid = 0;
 #ifdef EMBGEOM_OPENMP
     tid = omp_get_thread_num();
 #endif
-    ctx[tid] = make_ctx();
-    ThreadCtx& c = *ctx[tid];
+    errors.run([&] { ctx[tid] = make_ctx(); });
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = begin; t < end; ++t) process_tile(t, c, &tsum[t - begin], &tsumsq[t - begin]);
+    for (int64_t t = begin; t < end; ++t)
+      errors.run([&] { process_tile(t, *ctx[tid], &tsum[t - begin], &tsumsq[t - begin]); });
     // each thread sorts its own waiting offers: the merge below is then linear
-    for (PairList* l : {&c.max1, &c.min1, &c.top, &c.bottom, &c.near, &c.outp}) l->settle();
+    errors.run([&] {
+      ThreadCtx& c = *ctx[tid];
+      for (PairList* l : {&c.max1, &c.min1, &c.top, &c.bottom, &c.near, &c.outp}) l->settle();
+    });
   }
+  errors.rethrow();
 
   // deterministic merge (the result sets are unique under the total orders, sums are sequential)
   for (int64_t t = 0; t < end - begin; ++t) {
@@ -262,8 +268,11 @@ void PairwiseEngine::run(int64_t begin, int64_t end) {
     for (auto& cp : ctx)
       if (cp) srcs.push_back(top ? &cp->rtop : &cp->rbot);
     const int64_t step = 256;
+    ParallelErrors merge_errors;
 #pragma omp parallel for schedule(static) num_threads(nth)
-    for (int64_t r = 0; r < n_; r += step) dst->merge_rows(srcs, r, std::min(n_, r + step));
+    for (int64_t r = 0; r < n_; r += step)
+      merge_errors.run([&] { dst->merge_rows(srcs, r, std::min(n_, r + step)); });
+    merge_errors.rethrow();
   }
   st_.tiles_done = end;
 }
@@ -286,6 +295,7 @@ void PairwiseEngine::settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx
   }
   constexpr int64_t kRows = 64;  // rows per rescoring batch
   const int64_t blocks = (n_ + kRows - 1) / kRows;
+  ParallelErrors errors;
 #pragma omp parallel num_threads(std::max(1, nth))
   {
     struct Pending {
@@ -296,7 +306,7 @@ void PairwiseEngine::settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx
     std::vector<const float*> pa, pb;
     std::vector<std::pair<float, int32_t>> row_cands;
 #pragma omp for schedule(dynamic, 4)
-    for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t b = 0; b < blocks; ++b) errors.run([&] {
       pend.clear();
       for (int64_t r = b * kRows; r < std::min(n_, (b + 1) * kRows); ++r) {
         row_cands.clear();
@@ -340,8 +350,9 @@ void PairwiseEngine::settle_row_candidates(std::vector<std::unique_ptr<ThreadCtx
         if (top && v < row_top_floor_) continue;  // a candidate within M below the floor
         dst.offer(pend[q].row, v, pend[q].col);
       }
-    }
+    });
   }
+  errors.rethrow();
 }
 
 }  // namespace embgeom

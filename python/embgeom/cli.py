@@ -154,6 +154,9 @@ def _main(argv: list[str] | None, process: bool) -> int:
     except (ValueError, TypeError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"embgeom: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError as exc:
+        print(_out_of_memory(exc, args), file=sys.stderr)
+        return 2
     except BrokenPipeError:  # (`| head`: the reader left; nothing more to say to it)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -167,6 +170,9 @@ def _main(argv: list[str] | None, process: bool) -> int:
         print(f"embgeom: interrupted ({_what_was_kept(args)})", file=sys.stderr)
         return 130
     except Exception as exc:
+        if isinstance(exc, RuntimeError) and any(m in str(exc) for m in ALLOCATOR_FAILURES):
+            print(_out_of_memory(exc, args), file=sys.stderr)   # torch's allocators say it so
+            return 2
         # (a lost peer can only come from distributed, if it was imported: importing it here, with
         # torch, had raised a second traceback over the first where torch cannot load)
         distributed = sys.modules.get(f"{__package__}.distributed")
@@ -174,6 +180,18 @@ def _main(argv: list[str] | None, process: bool) -> int:
             raise
         print(f"embgeom: error: {exc}", file=sys.stderr)
         return 1
+
+
+# torch's RuntimeErrors for an allocation that failed (CPU allocator, CUDA caching allocator)
+ALLOCATOR_FAILURES = ("can't allocate memory", "CUDA out of memory", "std::bad_alloc")
+
+
+def _out_of_memory(exc: BaseException, args) -> str:
+    """One line for a command that ran out of memory (the C++ core's std::bad_alloc, numpy's or
+    torch's failed allocation) instead of a traceback."""
+    detail = first_line(exc) if str(exc).strip() else "an allocation failed"
+    return (f"embgeom: error: out of memory ({detail}): ask for less (shorter lists, fewer neighbours, a "
+            f"smaller --batch-size or input) or run where more memory is free; {_what_was_kept(args)}")
 
 
 def _what_was_kept(args) -> str:

@@ -15,7 +15,10 @@ from .config import PairwiseConfig
 # Bins finer than float32's spacing near 1 (2**-24) hold nothing more: over the default cosine
 # range (-1, 1) that is 2**25 bins; wider ranges of dot/euclidean get the same number.
 MAX_BINS = 1 << 25
-_PAIR_ENTRY = 24   # bytes per listed pair: value (8) + i (8) + j (8)
+# bytes per listed pair: a PairEntry (double value, float, int64 i, int64 j: 32) and the quarter
+# more a long list stages its offers in (csrc/pairwise/lists.cpp); 24 had estimated about half
+# of the peak measured for outside_limit=1e7
+_PAIR_ENTRY = 40
 _ROW_ENTRY = 12    # bytes per row-list entry: value (4) + column (8)
 
 
@@ -66,19 +69,99 @@ def estimate_bytes(cfg: PairwiseConfig, n: int, m: int | None, d: int, threads: 
     return (max(threads, 1) + 2) * state + 2 * rows * d * 4
 
 
+_UNLIMITED = 1 << 60   # (cgroup v1 writes "no limit" as 2**63 less a page)
+
+
+def memory_available() -> tuple[int | None, str]:
+    """(bytes this process can still allocate, where that bound comes from): the least of the
+    machine's MemAvailable, its cgroup's memory limit less the cgroup's usage (a container's, a
+    scheduler's --mem: v2 memory.max, v1 memory.limit_in_bytes) and the address-space limit
+    (ulimit -v) less this process's virtual size; (None, "") where none can be read. The
+    machine's figure alone had let runs past a container's limit start, to be killed."""
+    bounds: list[tuple[int, str]] = []
+    meminfo = _read_keyed("/proc/meminfo")
+    if "MemAvailable" in meminfo:
+        bounds.append((meminfo["MemAvailable"], "the machine has"))
+    else:
+        try:
+            bounds.append((os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "the machine has"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    room = _cgroup_room()
+    if room is not None:
+        bounds.append((room, "its memory limit (cgroup) leaves"))
+    room = _address_space_room()
+    if room is not None:
+        bounds.append((room, "its address-space limit (ulimit -v) leaves"))
+    if not bounds:
+        return None, ""
+    return min(bounds)
+
+
 def available_bytes() -> int | None:
-    """Memory the machine can still give (MemAvailable); None where it cannot be read."""
+    """memory_available's bytes."""
+    return memory_available()[0]
+
+
+def _read_keyed(path: str) -> dict[str, int]:
+    """'Key:  N kB' lines (/proc/meminfo, /proc/self/status) in bytes."""
+    out: dict[str, int] = {}
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+                key, _, value = line.partition(":")
+                parts = value.split()
+                if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+                    out[key] = int(parts[0]) * 1024
+    except OSError:
         pass
+    return out
+
+
+def _read_int(path: str) -> int | None:
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
         return None
+    return int(text) if text.isdigit() else None   # ("max": no limit)
+
+
+def _cgroup_room() -> int | None:
+    """This process's cgroup memory limit less its usage, None without a limit."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "", "")
+        if controllers == "" and os.path.exists("/sys/fs/cgroup/cgroup.controllers"):   # v2
+            names, roots = ("memory.max", "memory.current"), ["/sys/fs/cgroup" + path, "/sys/fs/cgroup"]
+        elif "memory" in controllers.split(","):                                           # v1
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            roots = ["/sys/fs/cgroup/memory" + path, "/sys/fs/cgroup/memory"]
+        else:
+            continue
+        for root in roots:   # (inside a container the cgroup's own folder is often the root)
+            limit, used = (_read_int(os.path.join(root, name)) for name in names)
+            if limit is not None and used is not None:
+                return max(limit - used, 0) if limit < _UNLIMITED else None
+    return None
+
+
+def _address_space_room() -> int | None:
+    """RLIMIT_AS less this process's virtual size, None without a limit."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    size = _read_keyed("/proc/self/status").get("VmSize")
+    return None if size is None else max(soft - size, 0)
 
 
 def check_memory(cfg: PairwiseConfig, n: int, m: int | None, d: int, threads: int | None = None) -> int:
@@ -86,10 +169,10 @@ def check_memory(cfg: PairwiseConfig, n: int, m: int | None, d: int, threads: in
     it exceeds the memory available now."""
     threads = threads or os.cpu_count() or 1
     need = estimate_bytes(cfg, n, m, d, threads)
-    have = available_bytes()
+    have, where = memory_available()
     if have is not None and need > have:
         parts = _state_bytes(cfg, n)
         biggest = max(parts, key=parts.get)
         raise ValueError(f"{biggest}: this run needs about {need / 2**30:.1f} GiB ({threads} threads), "
-                         f"the machine has {have / 2**30:.1f} GiB available; lower it")
+                         f"{where} {have / 2**30:.1f} GiB available; lower it")
     return need
