@@ -1253,3 +1253,35 @@ def test_a_grown_index_keeps_one_copy_and_pickles_its_rows_in_use(dtype):
     index.add(make_rows(700, 32, seed=12))
     for got, want in zip(back.search(q, 6), index.search(q, 6)):
         assert torch.equal(got, want)
+
+
+def test_range_search_past_memory_is_refused_naming_threshold(monkeypatch):
+    """A threshold every pair passes, on more pairs than memory holds: a ValueError naming the
+    threshold as the matches are found (it had run minutes, then failed in the allocator);
+    communities, which searches through it, says the same."""
+    import embgeom
+    from embgeom.engine import limits
+
+    x = make_rows(3000, 8, seed=3)
+    index = Index(x)
+    monkeypatch.setattr(Index, "RANGE_CANDIDATE_BYTES", 1 << 10)   # as if 3000 x 3000 pairs were large
+    monkeypatch.setattr(limits, "memory_available", lambda: (1 << 30, "the machine has"))
+    with pytest.raises(ValueError, match=r"^threshold: -1\.0 matches [\d,]+ or more of the 3,000 x 3,000 "
+                                         r"\(query, row\) pairs; holding them needs [\d.]+ GiB, the machine has "
+                                         r"1\.0 GiB available: raise the threshold"):
+        index.range_search(x, -1.0)
+    lims, _, _ = index.range_search(x[:10], -1.0)   # what fits still runs
+    assert lims[-1] == 10 * 3000
+    monkeypatch.setattr(Index, "_pairs_engine_applies", lambda self: False)   # the range search path
+    with pytest.raises(ValueError, match="^threshold: -1.0 matches "):
+        embgeom.communities(x, threshold=-1.0, min_community_size=2)
+    # the candidate communities themselves, batch after batch (each batch's search fits)
+    from embgeom import community_detection
+
+    monkeypatch.setattr(Index, "RANGE_CANDIDATE_BYTES", 64)
+    monkeypatch.setattr(limits, "memory_available", lambda: (200 << 20, "the machine has"))
+    monkeypatch.setattr(community_detection, "_check_held", lambda held, n, t, m, real=community_detection._check_held:
+                        real(held * 1000, n, t, m))   # as if each member were 1000
+    with pytest.raises(ValueError, match=r"^threshold: -1.0 puts [\d,]+ or more members in the candidate "
+                                         r"communities of 3,000 rows .* raise the threshold$"):
+        embgeom.communities(x, threshold=-1.0, min_community_size=2, batch_size=100)

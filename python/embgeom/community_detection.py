@@ -45,6 +45,7 @@ def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
     found = _engine_candidates(index, threshold, min_size) if index._pairs_engine_applies() else None
     if found is None:
         found = []  # (centre, members with the centre, their exact cosines), in centre order
+        held = 0    # members listed in found
         for r0 in range(0, n, batch_size):
             rows = index.vectors(r0, min(n, r0 + batch_size))
             lims, values, ids = index.range_search(rows, threshold, float64=True)
@@ -52,6 +53,8 @@ def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
             for q in range(rows.shape[0]):
                 if lims[q + 1] - lims[q] >= min_size:
                     found.append((r0 + q, ids[lims[q]:lims[q + 1]], values[lims[q]:lims[q + 1]]))
+                    held += int(lims[q + 1] - lims[q])
+            _check_held(held, n, threshold, min_size)
     found.sort(key=lambda c: len(c[1]), reverse=True)  # stable: centres in id order among equals
     used = np.zeros(n, dtype=bool)
     out = []
@@ -69,6 +72,22 @@ def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
             used[group] = True
     return sorted(out, key=len, reverse=True)
 
+
+
+def _check_held(held: int, n: int, threshold: float, min_size: int) -> None:
+    """ValueError naming threshold when the candidate communities' members (an id and a float64
+    cosine each) outgrow the memory free: every centre lists up to N rows, so a low threshold
+    holds N^2 (the batches bound the search's memory, not these lists)."""
+    need = held * 16
+    if need < 1 << 28:
+        return
+    from .engine.limits import memory_available
+
+    have, where = memory_available()
+    if have is not None and need > have:
+        raise ValueError(f"threshold: {threshold} puts {held:,} or more members in the candidate communities "
+                         f"of {n:,} rows (each centre with >= {min_size} rows at or above it); they need "
+                         f"{need / 2**30:,.1f} GiB, {where} {have / 2**30:,.1f} GiB available: raise the threshold")
 
 
 # pairs at or above the threshold held in memory by the engine path before it gives way to the

@@ -857,6 +857,30 @@ class Index:
             raise ValueError(f"k: {queries} x k = {k:,} results need {need / 2**30:,.1f} GiB, "
                              f"{have / 2**30:,.1f} GiB are free on {self.device}{past}")
 
+    # bytes per candidate of a query block while it is rescored and ordered (ids, float64 values,
+    # sort keys and orders), and per result kept until the blocks are joined (value and id, twice)
+    RANGE_CANDIDATE_BYTES = 64
+    RANGE_RESULT_BYTES = 32
+
+    def _check_range_results(self, hits: int, kept: int, Q: int, n: int, threshold: float) -> None:
+        """ValueError naming threshold when range_search's matches (hits of this query block
+        found so far, kept of the blocks before) would need more memory than is free: a
+        threshold every pair passes had run minutes and then failed in the allocator."""
+        need = hits * self.RANGE_CANDIDATE_BYTES + (kept + hits) * self.RANGE_RESULT_BYTES
+        if need < 1 << 28:
+            return
+        if self.device.type == "cuda":
+            have, where = torch.cuda.mem_get_info(self.device)[0], f"{self.device} has"
+        else:
+            from .engine.limits import memory_available
+
+            have, where = memory_available()
+        if have is not None and need > have:
+            raise ValueError(f"threshold: {threshold} matches {kept + hits:,} or more of the {Q:,} x {n:,} "
+                             f"(query, row) pairs; holding them needs {need / 2**30:,.1f} GiB, {where} "
+                             f"{have / 2**30:,.1f} GiB available: raise the threshold or search fewer queries "
+                             "a call (every pair of the rows: pairs_above, which streams them to disk)")
+
     def _tie_group(self, st) -> int:
         """The size of the largest group of nonzero stored rows sharing one float32 projection
         (kept per snapshot): identical rows share it where the product computes every row
@@ -1053,13 +1077,17 @@ class Index:
             scan_t = torch.full_like(qsq, threshold)
         scan_t = self._threshold(scan_t, margin, qscan.dtype)
         counts, vals, idss = [], [], []
+        kept = 0   # results of the finished query blocks
         qb, nc = self._blocks(Q, n) if Q and n else (1, 1)
         for q0 in range(0, Q if n else 0, qb):
             q1 = min(Q, q0 + qb)
             qi_all, ci_all = [], []
+            hits = 0
             for c0 in range(0, n, nc):
                 s = self._score(st, qscan[q0:q1], c0, min(n, c0 + nc))
                 qi, ci = (s >= scan_t[q0:q1, None]).nonzero(as_tuple=True)
+                hits += qi.numel()
+                self._check_range_results(hits, kept, Q, n, threshold)
                 qi_all.append(qi)
                 ci_all.append(ci + c0)
             qi, ci = torch.cat(qi_all), torch.cat(ci_all)
@@ -1074,6 +1102,7 @@ class Index:
             counts.append(torch.bincount(qi, minlength=q1 - q0))
             vals.append(v[order])
             idss.append(ci[order])
+            kept += int(qi.numel())
         lims = torch.zeros(Q + 1, dtype=torch.int64, device=self.device)
         if counts:
             lims[1:] = torch.cumsum(torch.cat(counts), 0)
