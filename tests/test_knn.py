@@ -205,3 +205,18 @@ def test_queries_that_are_not_row_ids_are_refused():
     with pytest.raises(TypeError, match="queries: a list must hold int row ids"):
         embgeom.knn(x, 1, queries=[0.0, 1.0])
     assert embgeom.knn(x, 1, queries=[0, 1]).indices.flatten().tolist() == [1, 0]
+
+
+def test_a_search_past_memory_is_refused_naming_k(points, monkeypatch):
+    """Queries x (k + its tie margin) answers past the memory free: a ValueError naming k before
+    the search (a k near N had failed in numpy's allocator after FAISS's search)."""
+    from embgeom import neighbours
+    from embgeom.engine import limits
+
+    monkeypatch.setattr(neighbours, "SEARCH_ENTRY_BYTES", 1 << 20)   # as if the answers were large
+    monkeypatch.setattr(limits, "memory_available", lambda: (1 << 30, "the machine has"))
+    n = points.shape[0]
+    with pytest.raises(ValueError, match=rf"^k: {n:,} queries x [\d,]+ candidates \(k and its tie margin\) need "
+                                         r"about [\d.,]+ GiB, the machine has 1\.0 GiB available; lower k"):
+        embgeom.knn(points, k=n - 1)
+    assert embgeom.knn(points, queries=[0], k=3).indices.shape == (1, 3)   # what fits still runs

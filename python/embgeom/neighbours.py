@@ -171,6 +171,26 @@ def _search(index, qn: np.ndarray, want: int, ids_map: np.ndarray, self_ids: np.
     return out_i, out_v
 
 
+# bytes per (query, candidate) while a search's answers are ordered: FAISS's distances and
+# labels, the ids mapped, the sort keys and order, the values and ids taken, the output
+SEARCH_ENTRY_BYTES = 80
+
+
+def _check_search_memory(Q: int, want: int) -> None:
+    """ValueError naming k when Q queries x want candidates outgrow the memory free (knn had no
+    estimate: a k near N on 20,000 rows failed in numpy's allocator after FAISS's search)."""
+    need = Q * want * SEARCH_ENTRY_BYTES
+    if need < 1 << 28:
+        return
+    from .engine.limits import memory_available
+
+    have, where = memory_available()
+    if have is not None and need > have:
+        raise ValueError(f"k: {Q:,} {'query' if Q == 1 else 'queries'} x {want:,} candidates (k and its tie "
+                         f"margin) need about {need / 2**30:,.1f} GiB, {where} {have / 2**30:,.1f} GiB "
+                         "available; lower k or search fewer queries at a time")
+
+
 def _search_once(index, qn: np.ndarray, want: int, ids_map: np.ndarray, self_ids: np.ndarray | None,
                  q_valid: np.ndarray, k: int):
     """One search of `want` candidates -> (ids (Q, k), values (Q, k), the smallest fetched
@@ -280,6 +300,7 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
     want = min(n_valid, k + (1 if self_ids is not None else 0) + tie_margin)
     limit = min(n_valid, 2048) if use_gpu else n_valid  # GPU indexes limit k
     want = min(want, limit)
+    _check_search_memory(qn.shape[0], want)
     recall = None  # measured for approximate indexes only
     if n_valid == 0:
         out_i = np.full((qn.shape[0], k), -1, np.int64)
