@@ -757,3 +757,24 @@ def test_a_finished_folder_lists_every_shard_in_it(tmp_path, monkeypatch):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=f"is damaged: it holds {last['file']}, which its manifest.json does not list"):
         read_pairs(folder)
+
+
+def test_reading_more_pairs_than_memory_holds_is_refused_naming_the_folder(tmp_path, monkeypatch):
+    """read_pairs checks the manifest's count against the memory free before reading a shard,
+    and fills the three arrays shard by shard (the pairs once, not 3.6 times)."""
+    from embgeom.engine import limits
+
+    x = make_rows(400, 6, seed=8)
+    monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 500)
+    folder = tmp_path / "p"
+    m = pairs_above(x, 0.0, folder)
+    assert len(m["shards"]) >= 3
+    i, j, s = read_pairs(folder)
+    wi, wj, ws = brute_pairs(x, 0.0)
+    assert np.array_equal(i, wi) and np.array_equal(j, wj) and i.dtype == j.dtype == np.int64
+    assert s.dtype == np.float32 and i.flags.c_contiguous and s.flags.c_contiguous
+    monkeypatch.setattr(pair_shards, "SHARD_PAIRS", 1 << 28)   # as if a shard were large
+    monkeypatch.setattr(limits, "memory_available", lambda: (1 << 30, "the machine has"))
+    with pytest.raises(ValueError, match=rf"^folder: .* holds {m['count']:,} pairs; reading them needs about "
+                                         r"[\d.,]+ GiB, the machine has 1\.0 GiB available: read its shards one"):
+        read_pairs(folder)

@@ -409,7 +409,15 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise ValueError(f"folder: {folder} is damaged: it holds {unlisted[0]}"
                          f"{f' and {len(unlisted) - 1} more shards' if len(unlisted) > 1 else ''}, which its "
                          f"{MANIFEST} does not list (a finished folder lists all of its shards); write the pairs again")
-    parts = []
+    total = int(m["count"])
+    _check_read_memory(folder, total)
+    # the three arrays filled shard by shard: the pairs once in memory, and one shard (a list of
+    # shards, their concatenation and the fields' copies had peaked at 3.6 times the pairs: 3.39
+    # GiB for 50 million, 2.49 now); a band's pairs span several shards, so a large folder is
+    # put in (i, j) order after
+    key_i, key_j = np.empty(total, np.int64), np.empty(total, np.int64)
+    sim = np.empty(total, np.float32)
+    at, ordered, last = 0, True, None
     for s in m["shards"]:
         path = os.path.join(folder, s["file"])
         a = _read_shard(folder, s, "folder")
@@ -419,18 +427,44 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         problem = _shard_problem(a, s, m)
         if problem:
             raise ValueError(f"folder: {folder} is damaged: shard {path} {problem}; write the pairs again")
-        parts.append(a)
-    arr = np.concatenate(parts) if parts else np.empty(0, PAIR_DTYPE)
-    if arr.shape[0] > 1:
-        key_i, key_j = arr["i"], arr["j"]
-        ordered = np.all((key_i[1:] > key_i[:-1]) | ((key_i[1:] == key_i[:-1]) & (key_j[1:] > key_j[:-1])))
+        if a.shape[0]:
+            # (i, j) strictly increasing within the shard and from the shard before (checked a
+            # shard at a time: temporaries of one shard, not of every pair)
+            ai, aj = a["i"], a["j"]
+            ordered = ordered and bool(np.all((ai[1:] > ai[:-1]) | ((ai[1:] == ai[:-1]) & (aj[1:] > aj[:-1])))) \
+                and (last is None or (int(ai[0]), int(aj[0])) > last)
+            last = (int(ai[-1]), int(aj[-1]))
+        key_i[at:at + a.shape[0]], key_j[at:at + a.shape[0]] = a["i"], a["j"]
+        sim[at:at + a.shape[0]] = a["similarity"]
+        at += a.shape[0]
+        del a
+    if total > 1:
         if not ordered:
-            arr = arr[np.lexsort((key_j, key_i))]
-            key_i, key_j = arr["i"], arr["j"]
+            order = np.lexsort((key_j, key_i))
+            key_i, key_j, sim = key_i[order], key_j[order], sim[order]
             twice = np.flatnonzero((key_i[1:] == key_i[:-1]) & (key_j[1:] == key_j[:-1]))
             if twice.size:
                 raise ValueError(f"folder: {folder} is damaged: the pair ({int(key_i[twice[0]])}, "
                                  f"{int(key_j[twice[0]])}) is in it {'twice' if twice.size == 1 else 'more than once'} "
                                  f"({twice.size:,} repeated pairs); write the pairs again")
-    return (np.ascontiguousarray(arr["i"]), np.ascontiguousarray(arr["j"]),
-            np.ascontiguousarray(arr["similarity"]))
+    return key_i, key_j, sim
+
+
+# bytes per pair while read_pairs runs: the arrays it returns (20), and while they are put in
+# (i, j) order lexsort's order and one array's copy at a time (measured: 2.49 GiB for 50 million
+# pairs, 53 bytes a pair with the interpreter and torch)
+READ_BYTES_PER_PAIR = 48
+
+
+def _check_read_memory(folder: str, count: int) -> None:
+    """ValueError naming folder when its pairs outgrow the memory free, before any is read."""
+    need = count * READ_BYTES_PER_PAIR + SHARD_PAIRS * PAIR_DTYPE.itemsize
+    if need < 1 << 28:
+        return
+    from .engine.limits import memory_available
+
+    have, where = memory_available()
+    if have is not None and need > have:
+        raise ValueError(f"folder: {folder} holds {count:,} pairs; reading them needs about {need / 2**30:,.1f} "
+                         f"GiB, {where} {have / 2**30:,.1f} GiB available: read its shards one at a time "
+                         f"(numpy.load of each pairs-NNNNNN.npy its {MANIFEST} lists) or raise the threshold")
