@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import pytest
@@ -592,3 +593,28 @@ def test_texts_the_tokenizer_empties_are_counted_and_said(tiny_bert_dir, tmp_pat
     assert main(["text", str(corpus), "--out", str(tmp_path / "plain"), "--model", tiny_bert_dir]) == 0
     assert "special tokens alone" not in capsys.readouterr().err
     assert "special tokens alone" not in (tmp_path / "plain" / "report.html").read_text()
+
+
+def test_batches_and_head_maps_past_memory_are_refused_by_their_option(tiny_bert_dir, tmp_path, capsys, monkeypatch):
+    """A batch whose forward pass (attention maps of every layer, states) would not fit is
+    refused before it runs, naming --batch-size (2,000 texts had failed in torch's allocator);
+    --head-maps texts whose maps would not fit, before any forward pass (500 had failed at the
+    end, writing head_maps.json)."""
+    from embgeom.analysis.heads import text_extras
+    from embgeom.analysis.text import trace as trace_module
+    from embgeom.engine import limits
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat .\na dog !\n", encoding="utf-8")
+    monkeypatch.setattr(limits, "memory_available", lambda: (1 << 10, "the machine has"))
+    monkeypatch.setattr(trace_module, "BATCH_CHECK_FLOOR", 0)
+    assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"embgeom: error: --batch-size: a batch of 2 texts padded to \d+ tokens needs about [\d.]+ GiB "
+                     r"for its forward pass \(2 layers x 4 heads of \d+ x \d+ attention maps a text, and the "
+                     r"states\), the machine has 0\.0 GiB available; lower --batch-size \(or --max-length\)", err), err
+    monkeypatch.setattr(limits, "memory_available", lambda: (1 << 30, "the machine has"))
+    with pytest.raises(ValueError, match=r"^--head-maps: the maps of 2,000 texts \(6 layers x 12 heads x up to 512 "
+                                         r"x 512 each\) need up to [\d.]+ GiB, the machine has 1\.0 GiB available"):
+        text_extras._check_maps_memory(2000, 6, 12, 512)
+    text_extras._check_maps_memory(2, 6, 12, 512)   # a few texts' maps fit

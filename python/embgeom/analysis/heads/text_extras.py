@@ -61,6 +61,26 @@ def parse_show_texts(spec: str | None, n_texts: int | None = None):
     return (lambda k, text: pattern.search(text) is not None), REGEX_SHOWN
 
 
+# bytes per map entry a --head-maps text holds until the page is written: its attention maps and
+# its context-similarity maps (float32 each), and the JSON text of the attention maps
+MAP_ENTRY_BYTES = 16
+
+
+def _check_maps_memory(texts: int, L: int, H: int, max_len: int) -> None:
+    """ValueError naming --head-maps when its texts' maps (L x H x n x n each, n up to max_len)
+    outgrow the memory free, before the forward passes (--head-maps 500 had failed at the end)."""
+    need = texts * L * H * max_len * max_len * MAP_ENTRY_BYTES
+    if need < 1 << 28:
+        return
+    from ...engine.limits import memory_available
+
+    have, where = memory_available()
+    if have is not None and need > have:
+        raise ValueError(f"--head-maps: the maps of {texts:,} texts ({L} layers x {H} heads x up to {max_len} x "
+                         f"{max_len} each) need up to {need / 2**30:,.1f} GiB, {where} {have / 2**30:,.1f} GiB "
+                         "available; show fewer texts (or lower --max-length)")
+
+
 class TextExtras:
     """Built from the parsed flags (or `options`, trace()'s heads= / clark_js= / gaussianity= /
     directionality=); `observers` go to trace(), `active()` wraps the run."""
@@ -85,6 +105,7 @@ class TextExtras:
         self.show_texts = getattr(args, "show_texts", None)
         accept, named = parse_show_texts(self.show_texts)
         self.head_maps = head_maps = args.head_maps or named
+        _check_maps_memory(head_maps, num_layers(model), model.config.num_attention_heads, max_len)
         want_heads = args.heads or args.clark_js or args.directionality or head_maps > 0
         self.directionality = args.directionality
         self._qk = {}
@@ -167,13 +188,18 @@ class TextExtras:
             import json
             import os
 
-            data = [{"text": sm["text"], "tokens": sm["tokens"],
-                     "maps": [[[[round(float(v), 3) for v in row] for row in m] for m in lay]
-                              for lay in sm["maps"].tolist()]} for sm in self.sample_maps]
             from ...io import atomic_write
 
+            # a text at a time (the Python lists of every text's L x H x n x n values at once
+            # had run out of memory at --head-maps 500, after all the forward passes)
             with atomic_write(os.path.join(out_dir, HEAD_MAPS_FILE), name=HEAD_MAPS_FILE) as f:
-                json.dump(data, f, separators=(",", ":"))
+                f.write("[")
+                for i, sm in enumerate(self.sample_maps):
+                    one = {"text": sm["text"], "tokens": sm["tokens"],
+                           "maps": [[[[round(float(v), 3) for v in row] for row in m] for m in lay]
+                                    for lay in sm["maps"].tolist()]}
+                    f.write(("," if i else "") + json.dumps(one, separators=(",", ":")))
+                f.write("]")
 
     def print_profile(self, total: float, stream=None) -> None:
         stream = stream or sys.stderr

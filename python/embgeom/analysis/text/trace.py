@@ -367,6 +367,31 @@ def warn_truncated(limit: int) -> None:
                   stacklevel=3)
 
 
+BATCH_CHECK_FLOOR = 1 << 28   # (smaller batches are not checked: the read of /proc costs more)
+
+
+def _check_batch_memory(B: int, T: int, L: int, H: int, D: int, dev) -> None:
+    """ValueError naming batch_size when a batch's forward pass would need more memory than is
+    free (a batch of 2,000 texts had failed in torch's allocator): the attention maps of every
+    layer kept (B H T^2 each) and two more of the layer being computed (scores and
+    probabilities), the hidden states and per-head outputs of every depth (B T D each, three
+    times), float32."""
+    need = 4 * B * T * (H * T * (L + 2) + D * (3 * L + 2))
+    if need < BATCH_CHECK_FLOOR:
+        return
+    if dev.type == "cuda":
+        have, where = torch.cuda.mem_get_info(dev)[0], f"{dev} has"
+    else:
+        from ...engine.limits import memory_available
+
+        have, where = memory_available()
+    if have is not None and need > have:
+        raise ValueError(f"batch_size: a batch of {B:,} texts padded to {T:,} tokens needs about "
+                         f"{need / 2**30:,.1f} GiB for its forward pass ({L} layers x {H} heads of {T} x {T} "
+                         f"attention maps a text, and the states), {where} {have / 2**30:,.1f} GiB available; "
+                         f"lower {validation.caller_name('batch_size')} (or {validation.caller_name('max_length')})")
+
+
 def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
                  device=None, warn: bool = True, skip: int = 0) -> Iterator[Batch]:
     """Yield a `Batch` per forward pass over `texts` (a list, an iterable of str, or a path to a
@@ -412,6 +437,7 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
                     warn_truncated(limit)
                     warned = True
                 enc = pad_right(tokenizer, enc)
+                _check_batch_memory(*enc["input_ids"].shape, L, H, model.config.hidden_size, dev)
                 enc = {k: v.to(dev) for k, v in adapters.model_inputs(model, enc).items()}
                 captured.clear()
                 with torch.inference_mode():
