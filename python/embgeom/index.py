@@ -840,22 +840,28 @@ class Index:
         return (out_v if float64 else out_v.float()), out_i
 
     def _check_result_size(self, Q: int, k: int, n: int) -> None:
-        """ValueError naming k when the (Q, k) results (float64 scores and int64 ids while they
-        are built) need more memory than the device has free, instead of an allocator's failure."""
+        """ValueError naming k when a search's memory would pass what the device has free,
+        instead of an allocator's failure (or, in the C++ engine's threads, an abort): the (Q, k)
+        results (float64 scores and int64 ids while they are built) and, on the CPU, the
+        engine's candidate lists of up to min(k, N) a query (the state's, one reservoir of 1.5
+        times that a thread, the values and ids taken from them, their float64 rescoring and
+        order): 500 queries x k = 100,000 had been checked at 0.75 GiB and peaked at 4.5."""
         need = Q * k * 16
+        if self.device.type != "cuda":
+            need += Q * min(k, n) * (12 * (1.5 * max(1, torch.get_num_threads()) + 1) + 48)
         if need < 1 << 28:
             return
         if self.device.type == "cuda":
-            have = torch.cuda.mem_get_info(self.device)[0]
+            have, where = torch.cuda.mem_get_info(self.device)[0], f"{self.device} has"
         else:
-            from .engine.limits import available_bytes
+            from .engine.limits import memory_available
 
-            have = available_bytes()
+            have, where = memory_available()
         if have is not None and need > have:
             past = f"; the index holds {n:,} rows, so columns past {n:,} are padding" if k > n else ""
             queries = f"{Q:,} {'query' if Q == 1 else 'queries'}"
-            raise ValueError(f"k: {queries} x k = {k:,} results need {need / 2**30:,.1f} GiB, "
-                             f"{have / 2**30:,.1f} GiB are free on {self.device}{past}")
+            raise ValueError(f"k: {queries} x k = {k:,} results need about {need / 2**30:,.1f} GiB, "
+                             f"{where} {have / 2**30:,.1f} GiB available{past}")
 
     # bytes per candidate of a query block while it is rescored and ordered (ids, float64 values,
     # sort keys and orders), and per result kept until the blocks are joined (value and id, twice)
