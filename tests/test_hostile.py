@@ -1045,6 +1045,8 @@ def test_absurd_bins_and_memory_are_refused_before_work(monkeypatch):
     with pytest.raises(ValueError, match="bins: at most 33,554,432") as e:
         embgeom.pairwise_stats(x, bins=2_000_000_000)
     one_line(e)
+    with pytest.raises(ValueError, match="^checkpoint: no such folder /nonexistent-embgeom/dir$"):
+        embgeom.pairwise_stats(x, checkpoint="/nonexistent-embgeom/dir/ckpt")   # (had named PATH.lock)
     monkeypatch.setattr(limits, "memory_available", lambda: (64 << 20, "the machine has"))  # a 64 MiB machine
     with pytest.raises(ValueError, match=r"bins: this run needs about .* GiB .* 0\.1 GiB available") as e:
         embgeom.pairwise_stats(x, bins=30_000_000)

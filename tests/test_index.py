@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 
 import numpy as np
@@ -526,6 +527,13 @@ def test_load_refuses_bad_files(tmp_path):
     with pytest.raises(ValueError, match="damaged"):
         Index.load(tmp_path / "flip.index")
     Index.load(tmp_path / "flip.index", verify=False)  # the caller's choice
+    # a folder, a link in a loop, nothing: said as what they are (all had read "no index file")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    for where, said in ((tmp_path, "is a folder, not an index file"),
+                        (tmp_path / "loop", "is a link that leads nowhere (or in a loop)"),
+                        (tmp_path / "none.index", "no index file at")):
+        with pytest.raises(ValueError, match=f"^path: .*{re.escape(said)}"):
+            Index.load(where)
     # the header's metric edited (same length, so every offset holds): the sha256 covers it
     edited = data.replace(b'"metric": "cosine"', b'"metric": "l2"    ', 1)
     assert edited != data and len(edited) == len(data)

@@ -177,6 +177,9 @@ def exclusive_lock(lock_path: str, busy: str, name: str) -> int | None:
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise write_error(name, lock_path, exc) from None
+        folder = os.path.dirname(os.path.abspath(lock_path))
+        if exc.errno == errno.ENOENT and not os.path.isdir(folder):
+            raise ValueError(f"{name}: no such folder {folder}") from None
         raise ValueError(f"{name}: {lock_path} cannot be used as a lock file ({exc.strerror}; a link "
                          "is never followed)") from None
     try:

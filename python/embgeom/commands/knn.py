@@ -38,7 +38,7 @@ def main(args) -> int:
                   nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search)
     data = res.to_dict()
     data.update({"n": int(x.shape[0]), "d": int(x.shape[1])})
-    write_json(args.json, data)
+    write_json(args.json, data, name="--json")
     rec = "" if res.recall is None else f", recall@{res.k} {fmt(res.recall)}"
     print(f"embgeom knn: {counted(res.indices.shape[0], 'query', 'queries')} x {res.k} ({res.index}, {res.device}{rec}) "
           f"in {seconds(res.seconds)} -> {args.json}", file=sys.stderr)

@@ -89,7 +89,7 @@ def main(args) -> int:
     say_notes("pairs", result.notes, names)
     out = result.to_dict()
     out["provenance"] = prov.record()
-    write_json(args.json, out, indent=None)  # compact: row lists can be large
+    write_json(args.json, out, indent=None, name="--json")  # compact: row lists can be large
     since = f", resumed from {args.checkpoint}" if resumed else ""
     print(f"embgeom pairs: {counted(result.count, 'pair')} in {seconds(prov.seconds())} (engine {seconds(result.seconds)}, "
           f"{result.backend}{since}) -> {args.json}", file=sys.stderr)

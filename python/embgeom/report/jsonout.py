@@ -7,12 +7,12 @@ from typing import Any
 from ..results import jsonable
 
 
-def write_json(path: str, data: Any, *, indent: int | None = 1) -> None:
+def write_json(path: str, data: Any, *, indent: int | None = 1, name: str = "output") -> None:
     """data as JSON at path, atomically (io.atomic_write): readers and concurrent writers see
-    one whole file; ValueError (one line) for a missing or read-only folder or a directory.
-    indent None: compact (large row lists)."""
+    one whole file; ValueError (one line, naming `name`: the caller's option) for a missing or
+    read-only folder, a directory, a full disk. indent None: compact (large row lists)."""
     from ..io import atomic_write
 
     text = json.dumps(jsonable(data), indent=indent)  # before the file opens: a bad value writes nothing
-    with atomic_write(path, name="output") as f:
+    with atomic_write(path, name=name) as f:
         f.write(text)
