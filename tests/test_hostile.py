@@ -117,6 +117,39 @@ def test_crafted_format3_checkpoint_with_pickled_array_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_an_array_header_claiming_more_than_its_member_holds_is_refused_before_allocating(tmp_path, monkeypatch):
+    """A checkpoint's .npz member whose .npy header claims a shape past the member's bytes
+    (checksum made anew) is refused from the sizes; numpy had allocated the claimed array
+    (GBs for a header of a few bytes) before failing."""
+    import zipfile
+
+    meta, arrays = _state().to_record()
+    member = next(k for k in arrays if arrays[k].size > 1)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:   # (an .npz as np.savez writes it)
+        for name, a in arrays.items():
+            one = io.BytesIO()
+            np.save(one, a, allow_pickle=False)
+            data = one.getvalue()
+            if name == member:   # the header's shape made 2**31 rows, its padding shortened to match
+                shape = str(tuple(a.shape)).encode()
+                big = str((2**31,) + tuple(a.shape[1:])).encode()
+                data = data.replace(b"'shape': " + shape, b"'shape': " + big, 1)
+                data = data.replace(b" " * (len(big) - len(shape)) + b"\n", b"\n", 1)
+            zf.writestr(name + ".npy", data)
+    crafted = buf.getvalue()
+    allocated = []
+    real_empty = np.empty
+    monkeypatch.setattr(np, "empty", lambda *a, **k: allocated.append(a) or real_empty(*a, **k))
+    path = tmp_path / "c.ckpt"
+    _format3(path, "f" * 64, json.dumps({"payload": "state", "state": meta, "extra": {}}).encode(), crafted)
+    with pytest.raises(ValueError, match=rf"not a valid embgeom checkpoint .*array '{re.escape(member)}' claims "
+                                         r"\(2147483648") as e:
+        load_checkpoint(str(path), "f" * 64)
+    one_line(e)
+    assert not any(a and isinstance(a[0], tuple) and a[0] and a[0][0] == 2**31 for a in allocated)
+
+
 def test_fingerprint_is_checked_before_the_payload_is_parsed(tmp_path):
     path = tmp_path / "c.ckpt"
     _format3(path, "a" * 64, b"not json", b"not a zip", {"identity": {"settings": {"bins": 10}}})

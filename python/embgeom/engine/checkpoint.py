@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import os
 import zipfile
@@ -423,7 +424,22 @@ def _read_arrays(arrays_bytes: bytes) -> dict:
             if name in arrays:
                 raise ValueError(f"array {name!r} twice")
             with zf.open(info) as f:
-                arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
+                # the header's shape against the member's size before anything is allocated (a
+                # crafted header had numpy allocate what it claims, GBs, before failing)
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f"array {name!r}: .npy format version {version}, not one np.savez writes")
+                shape, fortran, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise ValueError(f"array {name!r} holds Python objects")
+                size = math.prod(shape) * dtype.itemsize
+                if f.tell() + size != info.file_size:
+                    raise ValueError(f"array {name!r} claims {tuple(shape)} {dtype} in a member of "
+                                     f"{info.file_size} bytes")
+                data = np.frombuffer(f.read(size), dtype=dtype) if size else np.empty(0, dtype)
+                arrays[name] = data.reshape(shape, order="F" if fortran else "C").copy()
     return arrays
 
 
