@@ -321,7 +321,30 @@ def _crafted(name):
         cols[0, 0] = 0
         st.row_top = (vals, cols)
 
+    def moments(mean=None, m2=None, m2_times=None):
+        """mean and m2 set, the shifted sums the engines resume from made to agree with them"""
+        def edit(st):
+            new_mean = st.mean if mean is None else mean(st)
+            new_m2 = st.m2 if m2 is None else m2(st)
+            shift = st.moment_shift if math.isfinite(st.moment_shift) else 0.0
+            st.moment_shift, st.mean, st.m2 = shift, new_mean, new_m2
+            st.shifted_sum = st.count * (new_mean - shift)
+            st.shifted_sumsq = new_m2 + st.count * (new_mean - shift) ** 2
+        return edit
+
+    def outside_inside(st):
+        vals, i, j = (a.copy() for a in st.outside_pairs)
+        vals[0] = 0.0
+        st.outside_pairs = (vals, i, j)
+
     return {
+        "mean past max": (moments(mean=lambda st: float(st.max[0]) + 0.05), "the mean must lie between min and max"),
+        "m2 too large": (moments(m2=lambda st: st.count * 10.0), "m2 is more than values between min and max allow"),
+        "m2 zero": (moments(m2=lambda st: 0.0), "m2 is less than min and max give together"),
+        "max above lists": (lambda st: setattr(st, "max", (0.9999, *st.max[1:])), "top: its first value is not the max"),
+        "outside inside": (outside_inside, r"outside_pairs: a value inside \(-0.2, 0.2\)"),
+        "outside undercounted": (lambda st: (setattr(st, "outside_count", 0), setattr(st, "outside_rows", st.outside_rows * 0)),
+                                 "outside_pairs: [0-9]+ listed, outside_count 0"),
         "diagonal pair": (top(0, 0), "top: a pair outside"),
         "reversed pair": (top(3, 1), "top: a pair outside"),
         "far pair": (top(10 ** 9, 5), "top: a pair outside"),
@@ -357,7 +380,9 @@ def _crafted(name):
                                     "tiles_done -1",
                                     "tiles_done 2^70", "count too large", "row neighbour 10^9", "long list",
                                     "outside 2^70", "error bound NaN", "cosine 5", "pair twice", "own neighbour",
-                                    "excluded twice", "count too small", "shifted sums"])
+                                    "excluded twice", "count too small", "shifted sums", "mean past max",
+                                    "m2 too large", "m2 zero", "max above lists", "outside inside",
+                                    "outside undercounted"])
 def test_a_crafted_state_that_does_not_fit_is_refused(tmp_path, monkeypatch, backend, change):
     """A state that no run of these settings writes (its checksum made anew, as a crafted file's
     would be) is refused with one line on every backend, before any engine takes it: the torch

@@ -552,3 +552,54 @@ def check_fits(saved: EngineState, fresh: EngineState, cfg: PairwiseConfig, num_
         known = np.asarray(getattr(fresh, name))
         if known.size and not np.array_equal(np.sort(e), np.sort(known)):
             refuse(f"{name}: {e.size} saved, this run's input has {known.size}")
+    _check_values_agree(saved, cfg, refuse)
+
+
+def _check_values_agree(saved: EngineState, cfg: PairwiseConfig, refuse) -> None:
+    """Values of a saved state that cannot sit together: the mean between the extremes, m2 within
+    what values between them allow (Popoviciu: m2 <= count (max - min)^2 / 4) and at least what
+    the two extremes give ((max - min)^2 / 2), every listed value between the extremes and the
+    top and bottom lists led by them, the outside pairs outside (a, b) and no more of them listed
+    than counted. Fast mode's moments are of values within the error bound M of the exact ones
+    the extremes are. A crafted mean of 5.0 under cosine, an m2 of 1e9, a max above every listed
+    value and an outside pair inside the band (their checksum made anew) had been resumed."""
+    M = float(saved.hist_error_bound)
+    if cfg.outside and saved.outside_pairs is not None:
+        a, b = cfg.outside
+        v = np.asarray(saved.outside_pairs[0], dtype=np.float64)
+        if v.size > int(saved.outside_count):
+            refuse(f"outside_pairs: {v.size} listed, outside_count {saved.outside_count}")
+        slack = 1e-6 * (abs(a) + abs(b) + 1.0)
+        if v.size and bool(((v > a + slack) & (v < b - slack)).any()):
+            refuse(f"outside_pairs: a value inside ({a}, {b})")
+    lo_e, hi_e = saved.min, saved.max
+    if not saved.count or lo_e is None or hi_e is None:
+        return
+    lo, hi = float(lo_e[0]), float(hi_e[0])
+    tol = 1e-6 * (abs(lo) + abs(hi) + 1.0)
+    if hi < lo - tol:
+        refuse("min is more than max")
+    if not lo - M - tol <= float(saved.mean) <= hi + M + tol:
+        refuse("the mean must lie between min and max")
+    count, m2 = int(saved.count), float(saved.m2)
+    wide, narrow = hi - lo + 2 * M, max(hi - lo - 2 * M, 0.0)
+    if m2 > count * wide * wide / 4 * (1 + 1e-6) + count * tol:
+        refuse("m2 is more than values between min and max allow")
+    if count >= 2 and m2 < narrow * narrow / 2 * (1 - 1e-6) - tol:
+        refuse("m2 is less than min and max give together")
+    for kind in LIST_KINDS:
+        v = np.asarray(getattr(saved, kind)[0], dtype=np.float64)
+        if v.size and bool(((v < lo - tol) | (v > hi + tol)).any()):
+            refuse(f"{kind}: a value outside [min, max]")
+    for kind, end, lead in (("top", hi, max), ("bottom", lo, min)):
+        v = np.asarray(getattr(saved, kind)[0], dtype=np.float64)
+        if v.size and abs(lead(v.tolist()) - end) > tol:
+            refuse(f"{kind}: its first value is not the {'max' if kind == 'top' else 'min'}")
+    for name in ("row_top", "row_bottom"):
+        rows = getattr(saved, name)
+        if rows is None:
+            continue
+        vals, idx = np.asarray(rows[0], dtype=np.float64), np.asarray(rows[1])
+        listed = vals[idx >= 0]
+        if listed.size and bool(((listed < lo - tol) | (listed > hi + tol)).any()):
+            refuse(f"{name}: a value outside [min, max]")
