@@ -69,19 +69,12 @@ def test_no_rows_is_a_run_over_no_pairs(tmp_path):
     """x with no rows: what pairwise_stats answers (count 0, moments null, empty lists), as one
     row gives; it had been refused ("expected at least one row") on the distributed path only.
     One rank, gloo, in its own process."""
-    import subprocess
-    import sys
-
-    code = ("import json, numpy as np, embgeom\n"
-            "from embgeom import distributed\n"
-            "x = np.zeros((0, 5), np.float32)\n"
-            "kw = dict(bins=10, topk=3, row_topk=2, outside=(-0.5, 0.5))\n"
-            "a, b = embgeom.pairwise_stats(x, **kw).to_dict(), distributed.pairwise_stats(x, **kw).to_dict()\n"
-            "print(json.dumps([a, b]))\n")
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 400),
-               EMBGEOM_DIST_BACKEND="gloo")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = _one_rank(("import json, numpy as np, embgeom\n"
+                   "from embgeom import distributed\n"
+                   "x = np.zeros((0, 5), np.float32)\n"
+                   "kw = dict(bins=10, topk=3, row_topk=2, outside=(-0.5, 0.5))\n"
+                   "a, b = embgeom.pairwise_stats(x, **kw).to_dict(), distributed.pairwise_stats(x, **kw).to_dict()\n"
+                   "print(json.dumps([a, b]))\n"), tmp_path, port=29500)
     a, b = json.loads(r.stdout.strip().splitlines()[-1])
     assert b["count"] == 0 and b["mean"] is None and b["top_pairs"] == a["top_pairs"]
     assert {k: v for k, v in a.items() if k not in ("backend", "seconds")} == \
@@ -91,24 +84,29 @@ def test_no_rows_is_a_run_over_no_pairs(tmp_path):
 def test_a_rank_checkpoint_in_use_is_refused(tmp_path):
     """Two jobs on one --checkpoint: a rank whose file another run holds is refused, naming it
     (both had run in full, each saving over the other's file). One rank, gloo, in its own process."""
-    import subprocess
-    import sys
-
-    code = ("import numpy as np\n"
-            "from embgeom import distributed\n"
-            "from embgeom.io import lock_checkpoint\n"
-            "held = lock_checkpoint('ck.rank0')\n"
-            "try:\n"
-            "    distributed.pairwise_stats(np.eye(4, dtype=np.float32), bins=4, checkpoint='ck')\n"
-            "except ValueError as e:\n"
-            "    print(e)\n")
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29100 + os.getpid() % 400),
-               EMBGEOM_DIST_BACKEND="gloo")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = _one_rank(("import numpy as np\n"
+                   "from embgeom import distributed\n"
+                   "from embgeom.io import lock_checkpoint\n"
+                   "held = lock_checkpoint('ck.rank0')\n"
+                   "try:\n"
+                   "    distributed.pairwise_stats(np.eye(4, dtype=np.float32), bins=4, checkpoint='ck')\n"
+                   "except ValueError as e:\n"
+                   "    print(e)\n"), tmp_path, port=29100)
     assert r.stdout.strip() == ("checkpoint: ck.rank0 is in use by another run; wait for it to finish, or pass "
                                 "another path")
     assert not (tmp_path / "ck.rank0").exists()
+
+
+def _one_rank(code: str, cwd, port: int):
+    """`python -c code` as rank 0 of 1 (gloo) in cwd; its CompletedProcess, checked for status 0."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port + os.getpid() % 400),
+               EMBGEOM_DIST_BACKEND="gloo")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
 
 
 def _close(a, b, tol=1e-6):

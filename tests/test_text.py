@@ -601,13 +601,12 @@ def test_batches_and_head_maps_past_memory_are_refused_by_their_option(tiny_bert
     --head-maps texts whose maps would not fit, before any forward pass (500 had failed at the
     end, writing head_maps.json)."""
     from embgeom.analysis.heads import text_extras
-    from embgeom.analysis.text import trace as trace_module
     from embgeom.engine import limits
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat .\na dog !\n", encoding="utf-8")
     monkeypatch.setattr(limits, "memory_available", lambda: (1 << 10, "the machine has"))
-    monkeypatch.setattr(trace_module, "BATCH_CHECK_FLOOR", 0)
+    monkeypatch.setattr(limits, "MEMORY_CHECK_FLOOR", 0)
     assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir]) == 2
     err = capsys.readouterr().err
     assert re.search(r"embgeom: error: --batch-size: a batch of 2 texts padded to \d+ tokens needs about [\d.]+ GiB "

@@ -78,16 +78,11 @@ def _check_held(held: int, n: int, threshold: float, min_size: int) -> None:
     """ValueError naming threshold when the candidate communities' members (an id and a float64
     cosine each) outgrow the memory free: every centre lists up to N rows, so a low threshold
     holds N^2 (the batches bound the search's memory, not these lists)."""
-    need = held * 16
-    if need < 1 << 28:
-        return
-    from .engine.limits import memory_available
+    from .engine.limits import refuse_past_memory
 
-    have, where = memory_available()
-    if have is not None and need > have:
-        raise ValueError(f"threshold: {threshold} puts {held:,} or more members in the candidate communities "
-                         f"of {n:,} rows (each centre with >= {min_size} rows at or above it); they need "
-                         f"{need / 2**30:,.1f} GiB, {where} {have / 2**30:,.1f} GiB available: raise the threshold")
+    refuse_past_memory(held * 16, lambda need, free: (
+        f"threshold: {threshold} puts {held:,} or more members in the candidate communities of {n:,} rows "
+        f"(each centre with >= {min_size} rows at or above it); they need {need}, {free}: raise the threshold"))
 
 
 # pairs at or above the threshold held in memory by the engine path before it gives way to the

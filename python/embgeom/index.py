@@ -846,22 +846,15 @@ class Index:
         engine's candidate lists of up to min(k, N) a query (the state's, one reservoir of 1.5
         times that a thread, the values and ids taken from them, their float64 rescoring and
         order): 500 queries x k = 100,000 had been checked at 0.75 GiB and peaked at 4.5."""
+        from .engine.limits import refuse_past_memory
+
         need = Q * k * 16
         if self.device.type != "cuda":
             need += Q * min(k, n) * (12 * (1.5 * max(1, torch.get_num_threads()) + 1) + 48)
-        if need < 1 << 28:
-            return
-        if self.device.type == "cuda":
-            have, where = torch.cuda.mem_get_info(self.device)[0], f"{self.device} has"
-        else:
-            from .engine.limits import memory_available
-
-            have, where = memory_available()
-        if have is not None and need > have:
-            past = f"; the index holds {n:,} rows, so columns past {n:,} are padding" if k > n else ""
-            queries = f"{Q:,} {'query' if Q == 1 else 'queries'}"
-            raise ValueError(f"k: {queries} x k = {k:,} results need about {need / 2**30:,.1f} GiB, "
-                             f"{where} {have / 2**30:,.1f} GiB available{past}")
+        past = f"; the index holds {n:,} rows, so columns past {n:,} are padding" if k > n else ""
+        queries = f"{Q:,} {'query' if Q == 1 else 'queries'}"
+        refuse_past_memory(need, lambda need, free: f"k: {queries} x k = {k:,} results need about {need}, {free}{past}",
+                           self.device)
 
     # bytes per candidate of a query block while it is rescored and ordered (ids, float64 values,
     # sort keys and orders), and per result kept until the blocks are joined (value and id, twice)
@@ -872,20 +865,13 @@ class Index:
         """ValueError naming threshold when range_search's matches (hits of this query block
         found so far, kept of the blocks before) would need more memory than is free: a
         threshold every pair passes had run minutes and then failed in the allocator."""
-        need = hits * self.RANGE_CANDIDATE_BYTES + (kept + hits) * self.RANGE_RESULT_BYTES
-        if need < 1 << 28:
-            return
-        if self.device.type == "cuda":
-            have, where = torch.cuda.mem_get_info(self.device)[0], f"{self.device} has"
-        else:
-            from .engine.limits import memory_available
+        from .engine.limits import refuse_past_memory
 
-            have, where = memory_available()
-        if have is not None and need > have:
-            raise ValueError(f"threshold: {threshold} matches {kept + hits:,} or more of the {Q:,} x {n:,} "
-                             f"(query, row) pairs; holding them needs {need / 2**30:,.1f} GiB, {where} "
-                             f"{have / 2**30:,.1f} GiB available: raise the threshold or search fewer queries "
-                             "a call (every pair of the rows: pairs_above, which streams them to disk)")
+        need = hits * self.RANGE_CANDIDATE_BYTES + (kept + hits) * self.RANGE_RESULT_BYTES
+        refuse_past_memory(need, lambda need, free: (
+            f"threshold: {threshold} matches {kept + hits:,} or more of the {Q:,} x {n:,} (query, row) pairs; "
+            f"holding them needs {need}, {free}: raise the threshold or search fewer queries a call (every "
+            "pair of the rows: pairs_above, which streams them to disk)"), self.device)
 
     def _tie_group(self, st) -> int:
         """The size of the largest group of nonzero stored rows sharing one float32 projection

@@ -179,16 +179,11 @@ SEARCH_ENTRY_BYTES = 80
 def _check_search_memory(Q: int, want: int) -> None:
     """ValueError naming k when Q queries x want candidates outgrow the memory free (knn had no
     estimate: a k near N on 20,000 rows failed in numpy's allocator after FAISS's search)."""
-    need = Q * want * SEARCH_ENTRY_BYTES
-    if need < 1 << 28:
-        return
-    from .engine.limits import memory_available
+    from .engine.limits import refuse_past_memory
 
-    have, where = memory_available()
-    if have is not None and need > have:
-        raise ValueError(f"k: {Q:,} {'query' if Q == 1 else 'queries'} x {want:,} candidates (k and its tie "
-                         f"margin) need about {need / 2**30:,.1f} GiB, {where} {have / 2**30:,.1f} GiB "
-                         "available; lower k or search fewer queries at a time")
+    refuse_past_memory(Q * want * SEARCH_ENTRY_BYTES, lambda need, free: (
+        f"k: {Q:,} {'query' if Q == 1 else 'queries'} x {want:,} candidates (k and its tie margin) need "
+        f"about {need}, {free}; lower k or search fewer queries at a time"))
 
 
 def _search_once(index, qn: np.ndarray, want: int, ids_map: np.ndarray, self_ids: np.ndarray | None,

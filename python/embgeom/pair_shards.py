@@ -458,13 +458,8 @@ READ_BYTES_PER_PAIR = 48
 
 def _check_read_memory(folder: str, count: int) -> None:
     """ValueError naming folder when its pairs outgrow the memory free, before any is read."""
-    need = count * READ_BYTES_PER_PAIR + SHARD_PAIRS * PAIR_DTYPE.itemsize
-    if need < 1 << 28:
-        return
-    from .engine.limits import memory_available
+    from .engine.limits import refuse_past_memory
 
-    have, where = memory_available()
-    if have is not None and need > have:
-        raise ValueError(f"folder: {folder} holds {count:,} pairs; reading them needs about {need / 2**30:,.1f} "
-                         f"GiB, {where} {have / 2**30:,.1f} GiB available: read its shards one at a time "
-                         f"(numpy.load of each pairs-NNNNNN.npy its {MANIFEST} lists) or raise the threshold")
+    refuse_past_memory(count * READ_BYTES_PER_PAIR + SHARD_PAIRS * PAIR_DTYPE.itemsize, lambda need, free: (
+        f"folder: {folder} holds {count:,} pairs; reading them needs about {need}, {free}: read its shards "
+        f"one at a time (numpy.load of each pairs-NNNNNN.npy its {MANIFEST} lists) or raise the threshold"))

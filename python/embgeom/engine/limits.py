@@ -98,6 +98,31 @@ def memory_available() -> tuple[int | None, str]:
     return min(bounds)
 
 
+# answers smaller than this are not checked: reading /proc costs more than they risk
+MEMORY_CHECK_FLOOR = 1 << 28
+
+
+def free_memory(device=None) -> tuple[int | None, str]:
+    """memory_available on the CPU; a CUDA device's free bytes (torch.cuda.mem_get_info)."""
+    if device is not None and getattr(device, "type", str(device).split(":")[0]) == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0], f"{device} has"
+    return memory_available()
+
+
+def refuse_past_memory(need: float, message, device=None) -> None:
+    """ValueError(message(need, free)) when `need` bytes pass what is free: need as "X GiB",
+    free as "<where> Y GiB available" (memory_available's bound, or the device's); nothing
+    below MEMORY_CHECK_FLOOR. One rule for the answers the arguments size (searches, knn,
+    pair folders, text batches)."""
+    if need < MEMORY_CHECK_FLOOR:
+        return
+    have, where = free_memory(device)
+    if have is not None and need > have:
+        raise ValueError(message(f"{need / 2**30:,.1f} GiB", f"{where} {have / 2**30:,.1f} GiB available"))
+
+
 def available_bytes() -> int | None:
     """memory_available's bytes."""
     return memory_available()[0]

@@ -69,16 +69,11 @@ MAP_ENTRY_BYTES = 16
 def _check_maps_memory(texts: int, L: int, H: int, max_len: int) -> None:
     """ValueError naming --head-maps when its texts' maps (L x H x n x n each, n up to max_len)
     outgrow the memory free, before the forward passes (--head-maps 500 had failed at the end)."""
-    need = texts * L * H * max_len * max_len * MAP_ENTRY_BYTES
-    if need < 1 << 28:
-        return
-    from ...engine.limits import memory_available
+    from ...engine.limits import refuse_past_memory
 
-    have, where = memory_available()
-    if have is not None and need > have:
-        raise ValueError(f"--head-maps: the maps of {texts:,} texts ({L} layers x {H} heads x up to {max_len} x "
-                         f"{max_len} each) need up to {need / 2**30:,.1f} GiB, {where} {have / 2**30:,.1f} GiB "
-                         "available; show fewer texts (or lower --max-length)")
+    refuse_past_memory(texts * L * H * max_len * max_len * MAP_ENTRY_BYTES, lambda need, free: (
+        f"--head-maps: the maps of {texts:,} texts ({L} layers x {H} heads x up to {max_len} x {max_len} each) "
+        f"need up to {need}, {free}; show fewer texts (or lower --max-length)"))
 
 
 class TextExtras:

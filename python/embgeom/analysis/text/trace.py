@@ -367,29 +367,18 @@ def warn_truncated(limit: int) -> None:
                   stacklevel=3)
 
 
-BATCH_CHECK_FLOOR = 1 << 28   # (smaller batches are not checked: the read of /proc costs more)
-
-
 def _check_batch_memory(B: int, T: int, L: int, H: int, D: int, dev) -> None:
     """ValueError naming batch_size when a batch's forward pass would need more memory than is
     free (a batch of 2,000 texts had failed in torch's allocator): the attention maps of every
     layer kept (B H T^2 each) and two more of the layer being computed (scores and
     probabilities), the hidden states and per-head outputs of every depth (B T D each, three
     times), float32."""
-    need = 4 * B * T * (H * T * (L + 2) + D * (3 * L + 2))
-    if need < BATCH_CHECK_FLOOR:
-        return
-    if dev.type == "cuda":
-        have, where = torch.cuda.mem_get_info(dev)[0], f"{dev} has"
-    else:
-        from ...engine.limits import memory_available
+    from ...engine.limits import refuse_past_memory
 
-        have, where = memory_available()
-    if have is not None and need > have:
-        raise ValueError(f"batch_size: a batch of {B:,} texts padded to {T:,} tokens needs about "
-                         f"{need / 2**30:,.1f} GiB for its forward pass ({L} layers x {H} heads of {T} x {T} "
-                         f"attention maps a text, and the states), {where} {have / 2**30:,.1f} GiB available; "
-                         f"lower {validation.caller_name('batch_size')} (or {validation.caller_name('max_length')})")
+    refuse_past_memory(4 * B * T * (H * T * (L + 2) + D * (3 * L + 2)), lambda need, free: (
+        f"batch_size: a batch of {B:,} texts padded to {T:,} tokens needs about {need} for its forward pass "
+        f"({L} layers x {H} heads of {T} x {T} attention maps a text, and the states), {free}; lower "
+        f"{validation.caller_name('batch_size')} (or {validation.caller_name('max_length')})"), dev)
 
 
 def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
