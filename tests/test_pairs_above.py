@@ -587,8 +587,11 @@ def test_command_line_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     calls.clear()
     assert main(cmd) == 0
     assert min(calls) == done
-    assert f"embgeom pairs-above: {len(brute_pairs(x, 0.3)[0]):,} pairs with cosine >= 0.3 among 600 rows" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"embgeom pairs-above: {len(brute_pairs(x, 0.3)[0]):,} pairs with cosine >= 0.3 among 600 rows" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    size = sum(s["bytes"] for s in manifest["shards"]) / 2**20
+    assert f" MiB in {len(manifest['shards'])} shards; embgeom.read_pairs)" in err and f"({size:.3g} MiB" in err, err
     # stopped before any row was saved, the line says nothing was kept (it said the rows were)
     capsys.readouterr()
 

@@ -28,7 +28,7 @@ def main(args) -> int:
     import os
     import sys
 
-    from ..formatting import counted, seconds
+    from ..formatting import counted, fmt, seconds
     from ..index import pairs_above
     from ..io import check_complete, load_matrix
     from ..pair_shards import saved_manifest
@@ -53,7 +53,9 @@ def main(args) -> int:
     write_json(os.path.join(args.out, "provenance.json"), prov.record())
     relation = "at distance <=" if args.metric == "l2" else f"with {args.metric} >="
     earlier = f", the pairs of {counted(kept, 'row')} from an earlier run" if kept else ""
+    # the folder's size: a threshold most pairs pass writes 20 bytes a pair, N^2 / 2 of them
+    size = sum(s["bytes"] for s in manifest["shards"]) / 2**20
     print(f"embgeom pairs-above: {counted(manifest['count'], 'pair')} {relation} {args.threshold:g} among "
           f"{counted(manifest['n'], 'row')} in {seconds(prov.seconds())}{earlier} -> {args.out} "
-          "(embgeom.read_pairs)", file=sys.stderr)
+          f"({fmt(size, 3)} MiB in {counted(len(manifest['shards']), 'shard')}; embgeom.read_pairs)", file=sys.stderr)
     return 0
