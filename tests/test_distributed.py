@@ -275,6 +275,29 @@ def test_a_rank_state_must_count_the_pairs_of_its_finished_jobs():
             _check_done_pairs(state, done, jobs, bounds, rows, cfg, "c.rank0")
 
 
+def test_a_rank_state_must_list_pairs_of_its_finished_jobs_only():
+    """A finished-jobs list relabelled to another job of the same pair count (its checksum made
+    anew) passes the count check; the pairs the state lists name the job they came from, and a
+    state listing pairs of a job it does not count is refused (it had been resumed and merged
+    with that job's own run: a neighbour listed twice)."""
+    from embgeom.backends import registry
+    from embgeom.distributed import _check_done_pairs, _run_job, group_bounds, plan_jobs
+    from embgeom.engine.config import make_config
+
+    x = make_embeddings(40, 6, seed=3)
+    cfg = make_config(bins=20, topk=4, bottomk=2, row_topk=3, outside=(-0.2, 0.2))
+    bounds, jobs = group_bounds(40, 4), plan_jobs(40, 4)
+    rows = lambda a, b: x[a:b]  # noqa: E731
+    _, pick = registry.pick("pairwise_stats", x, "cpp", precision="exact")
+    selfs = [k for k, (g, h, _) in enumerate(jobs) if g == h]
+    g, h, _ = jobs[selfs[0]]
+    state = _run_job(rows, g, h, bounds, cfg, lambda a, b, c: pick(a, b, c, shift=0.0), 40)
+    _check_done_pairs(state, [selfs[0]], jobs, bounds, rows, cfg, "c.rank0")
+    with pytest.raises(ValueError, match="^checkpoint: c.rank0: its state lists pairs of jobs it does not count "
+                                         "as finished; delete it"):
+        _check_done_pairs(state, [selfs[1]], jobs, bounds, rows, cfg, "c.rank0")   # the same pair count
+
+
 def test_ranks_that_disagree_are_refused_naming_what_differs():
     """Every rank compares its shape, dtype, options and a sample of rows with the others' before
     any work: ranks given other files or options had merged their parts silently (exit 0)."""

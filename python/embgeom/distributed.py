@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import validation
@@ -34,7 +35,7 @@ from .engine.config import PairwiseConfig, make_config
 from .engine.runner import run_engine
 from .interrupts import interrupt_after
 from .io import checkpoint_lock
-from .numerics import MOMENT_SAMPLE_ROWS, moment_shift
+from .numerics import LIST_KINDS, MOMENT_SAMPLE_ROWS, moment_shift
 from .engine.state import EngineState, check_fits
 
 
@@ -127,6 +128,34 @@ def _check_done_pairs(state, done: list[int], jobs, bounds, rows, cfg: PairwiseC
     if state.count != want:
         raise ValueError(f"checkpoint: {ckpt}: its state counts {state.count:,} pairs, its {len(done)} finished "
                          f"jobs hold {want:,}; delete it or pass another path")
+    _check_listed_pairs(state, done, jobs, bounds, ckpt)
+
+
+def _check_listed_pairs(state, done: list[int], jobs, bounds, ckpt: str) -> None:
+    """ValueError unless every pair the state lists (ranked and outside lists, extremes, per-row
+    lists) lies in the row groups of a finished job: a finished-jobs list relabelled to another
+    job of the same size (its sha256 recomputed) had been resumed, its pairs merged with the
+    real job's (a row's neighbour listed twice, outside pairs twice)."""
+    starts = np.array([a for a, _ in bounds])
+    finished = {(min(g, h), max(g, h)) for g, h, _ in (jobs[j] for j in done)}
+
+    def outside_jobs(i, j) -> bool:
+        gi = np.searchsorted(starts, np.asarray(i), side="right") - 1
+        gj = np.searchsorted(starts, np.asarray(j), side="right") - 1
+        keys = set(zip(np.minimum(gi, gj).ravel().tolist(), np.maximum(gi, gj).ravel().tolist()))
+        return not keys <= finished
+
+    listed = [getattr(state, kind)[1:] for kind in LIST_KINDS]
+    listed += [(e[1], e[2]) for e in (state.min, state.max) if e is not None]
+    for name in ("row_top", "row_bottom"):
+        rows = getattr(state, name)
+        if rows is not None:
+            idx = np.asarray(rows[1])
+            r, c = np.nonzero(idx >= 0)
+            listed.append((r, idx[r, c]))
+    if any(np.asarray(i).size and outside_jobs(i, j) for i, j in listed):
+        raise ValueError(f"checkpoint: {ckpt}: its state lists pairs of jobs it does not count as finished; "
+                         "delete it or pass another path")
 
 
 def _init_process_group(timeout_s: float):
