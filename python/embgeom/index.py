@@ -1328,10 +1328,12 @@ class Index:
         a complete index file of this format; verify=False trusts the file."""
         path = validation.path(path, "path")
         verify = validation.flag(verify, "verify")
+        if os.path.isdir(path):
+            raise ValueError(f"path: {path} is a folder, not an index file")
+        if os.path.islink(path) and not os.path.isfile(path):
+            raise ValueError(f"path: {path} is a link that leads nowhere (or in a loop)")
         if not os.path.isfile(path):
-            what = ("a folder, not an index file" if os.path.isdir(path) else
-                    "a link that leads nowhere (or in a loop)" if os.path.islink(path) else "no index file")
-            raise ValueError(f"path: {path} is {what}" if what != "no index file" else f"path: no index file at {path}")
+            raise ValueError(f"path: no index file at {path}")
         # one open file for the header, the size and the maps: a save renaming a new file over
         # path meanwhile had given the header of one file and the arrays of the other
         with open(path, "rb") as f:

@@ -438,15 +438,14 @@ def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sim[at:at + a.shape[0]] = a["similarity"]
         at += a.shape[0]
         del a
-    if total > 1:
-        if not ordered:
-            order = np.lexsort((key_j, key_i))
-            key_i, key_j, sim = key_i[order], key_j[order], sim[order]
-            twice = np.flatnonzero((key_i[1:] == key_i[:-1]) & (key_j[1:] == key_j[:-1]))
-            if twice.size:
-                raise ValueError(f"folder: {folder} is damaged: the pair ({int(key_i[twice[0]])}, "
-                                 f"{int(key_j[twice[0]])}) is in it {'twice' if twice.size == 1 else 'more than once'} "
-                                 f"({twice.size:,} repeated pairs); write the pairs again")
+    if not ordered:
+        order = np.lexsort((key_j, key_i))
+        key_i, key_j, sim = key_i[order], key_j[order], sim[order]
+        twice = np.flatnonzero((key_i[1:] == key_i[:-1]) & (key_j[1:] == key_j[:-1]))
+        if twice.size:
+            raise ValueError(f"folder: {folder} is damaged: the pair ({int(key_i[twice[0]])}, "
+                             f"{int(key_j[twice[0]])}) is in it {'twice' if twice.size == 1 else 'more than once'} "
+                             f"({twice.size:,} repeated pairs); write the pairs again")
     return key_i, key_j, sim
 
 

@@ -123,11 +123,6 @@ def refuse_past_memory(need: float, message, device=None) -> None:
         raise ValueError(message(f"{need / 2**30:,.1f} GiB", f"{where} {have / 2**30:,.1f} GiB available"))
 
 
-def available_bytes() -> int | None:
-    """memory_available's bytes."""
-    return memory_available()[0]
-
-
 def _read_keyed(path: str) -> dict[str, int]:
     """'Key:  N kB' lines (/proc/meminfo, /proc/self/status) in bytes."""
     out: dict[str, int] = {}

@@ -100,11 +100,11 @@ class TextExtras:
         self.show_texts = getattr(args, "show_texts", None)
         accept, named = parse_show_texts(self.show_texts)
         self.head_maps = head_maps = args.head_maps or named
-        _check_maps_memory(head_maps, num_layers(model), model.config.num_attention_heads, max_len)
+        L, H = num_layers(model), model.config.num_attention_heads
+        _check_maps_memory(head_maps, L, H, max_len)
         want_heads = args.heads or args.clark_js or args.directionality or head_maps > 0
         self.directionality = args.directionality
         self._qk = {}
-        L, H = num_layers(model), model.config.num_attention_heads
         dev = next(model.parameters()).device
         self.heads = HeadsAccumulator(L, H, max_len, dev, js=args.clark_js,
                                       directionality=args.directionality, qk=self._qk,
