@@ -158,6 +158,36 @@ def test_clipping_keeps_the_tokens_of_other_tokenizer_kinds(kind, monkeypatch):
             assert clipped == encode(tokenizer, texts, limit)
 
 
+@pytest.mark.parametrize("chinese_chars", [True, False])
+def test_clipping_cuts_at_cjk_and_punctuation_for_bert_tokenizers(chinese_chars):
+    # a line without whitespace (Chinese; numbers joined by commas) had been tokenized whole: a
+    # 12 MB line of ideographs for 13 s; BERT's normaliser and pre-tokenizer end a word at each
+    # ideograph (when it spaces them) and each ASCII punctuation character. The whole text's
+    # tokens are the reference; kana and accented letters run on inside words.
+    from tokenizers.normalizers import BertNormalizer
+    from transformers import AutoTokenizer
+
+    from embgeom.analysis.text.trace import clip_text
+    from embgeom.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    tokenizer.backend_tokenizer.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=chinese_chars,
+                                                            strip_accents=None, lowercase=True)
+    rng = np.random.default_rng(3)
+    ideographs = "".join(chr(c) for c in rng.integers(0x4E00, 0x9FFF, 30_000))
+    kana = "".join(chr(c) for c in rng.integers(0x3041, 0x3096, 600))
+    numbers = ",".join(str(v) for v in rng.integers(0, 10**6, 6_000))
+    # (the last two: one word of 18,000 letters, an [UNK]; a cut after the first character)
+    texts = [ideographs, kana + ideographs, numbers, "é" * 300 + "," + numbers, "x" * 9000 + numbers,
+             "\u4e00" + "ab" * 9000, "," + "abc" * 8000 + "\u4e00"]
+    for limit in (32, 128):
+        enc, _ = encode(tokenizer, texts, limit)
+        for i, text in enumerate(texts):
+            assert enc["input_ids"][i] == tokenizer(text, truncation=True, max_length=limit)["input_ids"], i
+    clipped = [clip_text(tokenizer, t, 128)[1] is not None for t in texts]
+    assert clipped == [chinese_chars, chinese_chars, True, True, True, False, False]
+
+
 def test_clip_text_cuts_long_texts_only():
     from embgeom.analysis.text.trace import clip_text
 

@@ -217,6 +217,43 @@ _SPACE = " \t\n\r\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
 _LAST_WORD = re.compile(f"[{_SPACE}]+[^{_SPACE}]*\\Z")
 
 
+# BERT's normaliser puts spaces around CJK ideographs (handle_chinese_chars) and its
+# pre-tokenizer makes every punctuation character a word: for tokenizers built of those two, a
+# cut before or after such a character is a word boundary too, so a 12 MB line of Chinese or of
+# comma-joined numbers (no whitespace) need not be tokenized whole. The ideograph blocks are
+# BERT's (_is_chinese_char); of punctuation only ASCII's, which every version of the tokenizers
+# library splits alike (Unicode's category P grows with its version).
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ceaf\U0002f800-\U0002fa1f"
+_ASCII_PUNCT = re.escape("".join(c for c in map(chr, range(33, 127)) if not c.isalnum()))
+_SPLIT_CHARS = {cjk: re.compile(f"[{_ASCII_PUNCT}{_CJK if cjk else ''}][^{_ASCII_PUNCT}{_CJK if cjk else ''}]*\\Z")
+                for cjk in (False, True)}
+
+
+def _split_chars(tokenizer) -> re.Pattern | None:
+    """The last character a word of this tokenizer's cannot run through (pattern searched to a
+    budget's end; None: a tokenizer not of BERT's normaliser and pre-tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.pre_tokenizer).__name__ != "BertPreTokenizer":
+        return None
+    normaliser = backend.normalizer
+    if normaliser is not None and type(normaliser).__name__ != "BertNormalizer":
+        return None
+    return _SPLIT_CHARS[bool(normaliser is not None and getattr(normaliser, "handle_chinese_chars", False))]
+
+
+def _last_cut(text: str, budget: int, split_chars: re.Pattern | None) -> int:
+    """The last position in (0, budget) where the tokenizer ends a word (0: none): before a
+    whitespace run, or before or after a split character."""
+    cut = _LAST_WORD.search(text, 0, budget)
+    best = cut.start() if cut is not None else 0
+    if split_chars is not None:
+        hit = split_chars.search(text, 0, budget)
+        if hit is not None:
+            at = hit.start()
+            best = max(best, at if at > 0 else (1 if budget > 1 else 0))
+    return best
+
+
 def _token_count(tokenizer, text: str) -> int:
     """The tokens of text, special tokens left out."""
     return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
@@ -225,14 +262,16 @@ def _token_count(tokenizer, text: str) -> int:
 def clip_text(tokenizer, text: str, tokens: int) -> tuple[str, int | None]:
     """(a prefix of text, its token count without special tokens): cut before whitespace, holding at
     least `tokens` tokens, which are then text's own first tokens (every tokenizer here splits at
-    whitespace before anything else, so whole words tokenize alike in a prefix); a text a model
-    keeps 512 tokens of had been tokenized whole (a 38 MB line: 57 s and 6.9 GB). (text, None)
-    when text is short, or no such prefix exists (whitespace runs, one long word)."""
+    whitespace before anything else, so whole words tokenize alike in a prefix; BERT's also at
+    CJK ideographs and punctuation, _split_chars); a text a model keeps 512 tokens of had been
+    tokenized whole (a 38 MB line: 57 s and 6.9 GB). (text, None) when text is short, or no such
+    prefix exists (whitespace runs, one long word)."""
     budget = 16 * tokens + 64
+    split_chars = _split_chars(tokenizer)
     while budget < len(text):
-        cut = _LAST_WORD.search(text, 0, budget)
-        if cut is not None and cut.start() > 0:
-            prefix = text[:cut.start()]
+        cut = _last_cut(text, budget, split_chars)
+        if cut > 0:
+            prefix = text[:cut]
             count = _token_count(tokenizer, prefix)
             if count >= tokens:
                 return prefix, count
