@@ -91,11 +91,13 @@ def test_text_figures_have_labelled_axes(figures, tiny_bert_dir, tmp_path):
     bad = _unlabelled(figures)
     assert bad == [], "\n".join(map(str, bad))
     assert "head_directionality" in dict(figures)  # (its layer axis named once, for its row)
-    # Clark's strips: entropy and six attention targets, one panel each, over layers 1..L
+    # Clark's strips (figures 2 and 4): the row entropy and the [CLS] row's, and eight attention
+    # targets ([CLS], [SEP], '.' or ',', '.', ',', other -> [SEP], next, previous), one panel each,
+    # over layers 1..L
     clark = dict(figures)["clark_heads"]
-    assert len(clark) == 7
+    assert len(clark) == 10
     assert all(labels[0] == plots.LAYER and ticks == ["1", "2"] for labels, ticks in clark)
-    assert clark[0][0][1] == "entropy (nats)" and clark[1][0][1] == "attention mass per query row"
+    assert [labels[1] for labels, _ in clark] == ["entropy (nats)"] * 2 + ["attention mass per query row"] * 8
     # the interactive scatters (Plotly figures in the pages): every axis titled
     bad, pages = untitled_plotly_axes(tmp_path / "t")
     assert {"groups_pca.html", "head_mds.html"} <= set(pages) and bad == [], (pages, bad)

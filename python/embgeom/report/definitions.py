@@ -44,8 +44,8 @@ DEFINITIONS = {
             "explained-variance ratio of each component and the components needed for 50/90/99 %."),
     "offset_profile": ("relative-offset profile", "The mean cosine of position embeddings p_i and p_(i+k) "
                        "over i, as a function of the offset k."),
-    "clark": ("Clark's head measures", "Per head: smoothed row entropy, attention to [CLS], [SEP], '.', "
-              "',' and the neighbours, the summed JS divergence between heads and its MDS map "
+    "clark": ("Clark's head measures", "Per head: smoothed row entropy, the [CLS] row's entropy, attention to "
+              "[CLS], [SEP], '.' or ',', '.', ',', the neighbours and other tokens' to [SEP], the summed JS divergence between heads and its MDS map "
               "(Clark et al. 2019, arXiv 1906.04341; docs/metrics.md, attention heads)."),
     "attention_matrices": ("attention-block spectra (GoB code)", "Per text and head, on the real-token "
                            "attention block A (n x n): the cone index I/n of its rows, the number of its "

@@ -46,15 +46,19 @@ def heatmap_figure(data, title, xlabel=None, ylabel=None, cmap="viridis", vmin=N
     return fig, ax
 
 
-CLARK_TARGETS = (("cls", "attention to [CLS]"), ("sep", "attention to [SEP]"), ("period", "attention to '.'"),
-                 ("comma", "attention to ','"), ("next", "attention to the next token"),
-                 ("prev", "attention to the previous token"))
+# Clark's figure 2 panels ([CLS], [SEP], ". or ,") and the other targets the report keeps;
+# (key or keys summed, title): "period" + "comma" is Clark's ". ," (each text's mean of the sum)
+CLARK_TARGETS = ((("cls",), "attention to [CLS]"), (("sep",), "attention to [SEP]"),
+                 (("period", "comma"), "attention to '.' or ',' (Clark)"), (("period",), "attention to '.'"),
+                 (("comma",), "attention to ','"), (("sep_from_other",), "other tokens' attention to [SEP]"),
+                 (("next",), "attention to the next token"), (("prev",), "attention to the previous token"))
 
 
 def clark_strips(out_dir: str, report: dict, L: int, H: int) -> str:
-    """clark_heads.png: Clark's one-dot-per-head strips for the row entropy (Clark's smoothed
-    one with --heads, else entropy.mean) and the attention_to_per_text targets of report.json
-    (Clark's per-text-first averages; attention_to when a report has none)."""
+    """clark_heads.png: Clark's one-dot-per-head strips (figures 2 and 4) for the row entropy
+    (Clark's smoothed one with --heads, else entropy.mean), the entropy of the [CLS] row (with
+    --heads) and the attention_to_per_text targets of report.json (Clark's per-text-first
+    averages; attention_to when a report has none)."""
     def nan(v):  # a report.json [L][H] list (None for NaN) or a tensor
         v = v.tolist() if hasattr(v, "tolist") else v
         return np.array([[np.nan if x is None else x for x in row] for row in v], dtype=float)
@@ -63,22 +67,26 @@ def clark_strips(out_dir: str, report: dict, L: int, H: int) -> str:
     if heads is not None and "clark_entropy" in heads:
         panels = [("row entropy, smoothed 1e-4 (Clark)", nan(heads["clark_entropy"]), "entropy (nats)",
                    float(heads["uniform_entropy"]))]
+        if "cls_entropy" in heads:
+            panels.append(("entropy of the [CLS] row (Clark)", nan(heads["cls_entropy"]), "entropy (nats)", None))
     else:
         panels = [("row entropy", nan(report["entropy"]["mean"]), "entropy (nats)",
                    report["entropy"]["uniform_baseline"])]
+    entropies = len(panels)
     # Clark's figure 2 averages per text first (attention_to_per_text); older reports lack it
     to = report.get("attention_to_per_text") or report["attention_to"]
-    for key, title in CLARK_TARGETS:
-        if key in to:
-            v = nan(to[key])
+    for keys, title in CLARK_TARGETS:
+        if all(k in to for k in keys):
+            v = sum(nan(to[k]) for k in keys)
             # softmax attention is never 0: a mass of 0 everywhere means no such token
             absent = bool(np.isfinite(v).all() and not v.any())
             panels.append((title + ("\n(no such token in these texts)" if absent else ""), v,
                            "attention mass per query row", None))
-    fig = new_figure(14, 6.4)[0]
+    rows = -(-len(panels) // 4)
+    fig = new_figure(14, 3.2 * rows)[0]
     fig.clf()
     head_strips(fig, panels, L, H)
-    for ax in fig.axes[1:]:
+    for ax in fig.axes[entropies:]:
         ax.set_ylim(-0.02, 1.02)
     return save_figure(fig, out_dir, "clark_heads")
 
@@ -214,12 +222,15 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
         ("Every head, layer by layer: entropy and attention targets (Clark et al., figures 2 and 4)",
          f"<p>One dot per head at its layer (1..L; heads spread a little sideways and coloured by "
          f"index), the black bar the mean over the layer's heads: the {defined('entropy', 'row entropy')} "
-         + ("with Clark's smoothing (attention_heads.clark_entropy)" if "attention_heads" in report
-            else "(entropy.mean; --heads adds Clark's smoothed one)")
+         + ("with Clark's smoothing (attention_heads.clark_entropy) and the entropy of the [CLS] row "
+            "(.cls_entropy)" if "attention_heads" in report
+            else "(entropy.mean; --heads adds Clark's smoothed one and the [CLS] row's)")
          + f" and the {defined('attention_to_per_text', 'attention mass')} of a real query row on [CLS], "
-         "[SEP], '.', ',' and the next and previous token, averaged per text first and then over texts "
-         "as Clark et al. do (report.json attention_to_per_text.cls, .sep, .period, .comma, .next, "
-         ".prev).</p>", [pngs["clark"]]),
+         "[SEP], '.' or ',' (Clark's panel: the two summed), '.', ',' and the next and previous token, "
+         "averaged per text first and then over texts as Clark et al. do (report.json "
+         "attention_to_per_text.cls, .sep, .period + .comma, .period, .comma, .next, .prev), and the "
+         "attention of the rows that are neither [CLS] nor [SEP] to [SEP] (.sep_from_other).</p>",
+         [pngs["clark"]]),
         ("How different the heads are: Jensen-Shannon distances",
          f"<p>{defined('js_distance', 'JS distance')} between heads' mean attention over [CLS], [SEP] and "
          "relative offsets.</p>", [pngs["js"]]),
