@@ -9,6 +9,7 @@
 #include <optional>
 
 #include <cstdlib>
+#include <unistd.h>  // access
 
 #include "attention.h"
 #include "attention_sums.h"
@@ -441,7 +442,8 @@ int max_threads() {
 // OpenBLAS from the scipy-openblas32 wheel, opened once at import (cpu/blas.h).
 // EMBGEOM_OPENBLAS=0 keeps the own kernels; EMBGEOM_OPENBLAS=<path> opens that library.
 // EMBGEOM_CPU caps OpenBLAS's kernel family too (OPENBLAS_CORETYPE, read when it loads), unless
-// OPENBLAS_CORETYPE is already set.
+// OPENBLAS_CORETYPE is already set: set for that load alone, then removed (left set, it had
+// capped every OpenBLAS the process opened later).
 void load_openblas() {
   const char* env = std::getenv("EMBGEOM_OPENBLAS");
   const std::string want = env ? env : "";
@@ -449,26 +451,36 @@ void load_openblas() {
     embgeom::blas_set_unavailable("off (EMBGEOM_OPENBLAS=0)");
     return;
   }
-#if EMBGEOM_X86
-  const std::string cap = embgeom::isa_cap();
-  if (!std::getenv("OPENBLAS_CORETYPE")) {
-    if (cap == "avx2") setenv("OPENBLAS_CORETYPE", "Haswell", 0);
-    else if (cap == "generic") setenv("OPENBLAS_CORETYPE", "Prescott", 0);
-  }
-#endif
   std::string path = want;
   if (path.empty()) {
+    // The wheel's library file, found without importing its package: the import opens the library
+    // RTLD_GLOBAL "to make the namespace available to NumPy/SciPy", and scipy, loaded later, then
+    // bound its own BLAS calls (ARPACK's, under UMAP's spectral start) to this OpenBLAS: scipy's
+    // results changed with embgeom's import, and with EMBGEOM_CPU.
     try {
-      py::module_ wheel = py::module_::import("scipy_openblas32");
-      path = wheel.attr("get_lib_dir")().cast<std::string>() + "/lib" +
-             wheel.attr("get_library")().cast<std::string>() + ".so";
+      py::object spec = py::module_::import("importlib.util").attr("find_spec")("scipy_openblas32");
+      if (!spec.is_none() && !spec.attr("submodule_search_locations").is_none()) {
+        py::list where = spec.attr("submodule_search_locations");
+        if (py::len(where) > 0) path = where[0].cast<std::string>() + "/lib/libscipy_openblas.so";
+      }
     } catch (const std::exception&) {
       PyErr_Clear();
+    }
+    if (path.empty() || access(path.c_str(), R_OK) != 0) {
       embgeom::blas_set_unavailable("scipy-openblas32 not installed (own kernels)");
       return;
     }
   }
+  bool capped = false;
+#if EMBGEOM_X86
+  const std::string cap = embgeom::isa_cap();
+  if (!std::getenv("OPENBLAS_CORETYPE") && (cap == "avx2" || cap == "generic")) {
+    setenv("OPENBLAS_CORETYPE", cap == "avx2" ? "Haswell" : "Prescott", 0);
+    capped = true;
+  }
+#endif
   embgeom::blas_load(path);
+  if (capped) unsetenv("OPENBLAS_CORETYPE");
 }
 
 py::dict cpu_info() {

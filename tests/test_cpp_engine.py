@@ -619,6 +619,40 @@ def test_cpu_cap_is_reported_and_checked(cpu_cap, monkeypatch):
         _C.PairwiseEngine(make_x(4, 3), None, **engine_args())
 
 
+def test_embgeoms_openblas_stays_its_own():
+    """The core opens the scipy-openblas32 wheel's library for itself alone: importing the wheel's
+    package had opened it RTLD_GLOBAL, and scipy, loaded later, bound its BLAS calls to it (its
+    ARPACK results changed with `import embgeom._C`: UMAP layouts with the process's history); and
+    EMBGEOM_CPU caps that library alone (OPENBLAS_CORETYPE had stayed set for every OpenBLAS the
+    process opened later). (The pin is removed from the subprocesses alone: what they check is the
+    cap's own setting.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import ctypes, hashlib, json, sys, numpy as np\n"
+            "if sys.argv[1] != 'none': import embgeom._C as C\n"
+            "libc = ctypes.CDLL(None); libc.getenv.restype = ctypes.c_char_p\n"
+            "left = libc.getenv(b'OPENBLAS_CORETYPE')\n"
+            "import scipy.sparse as sp, scipy.sparse.linalg as sla\n"
+            "a = sp.random(600, 600, density=0.03, random_state=1); a = a + a.T\n"
+            "v = sla.eigsh(a, 3, which='SM', tol=1e-4, v0=np.ones(600), ncv=20, maxiter=3000)[1]\n"
+            "blas = C.cpu_info()['blas'] if sys.argv[1] != 'none' else ''\n"
+            "print(json.dumps({'left': left and left.decode(), 'blas': blas,\n"
+            "                  'arpack': hashlib.sha256(v.tobytes()).hexdigest()}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "EMBGEOM_CPU")}
+    runs = {}
+    for run, cap in (("none", None), ("native", None), ("avx2", "avx2")):
+        out = subprocess.run([sys.executable, "-c", code, run], capture_output=True, text=True, check=True,
+                             env={**env, "EMBGEOM_CPU": cap} if cap else env)
+        runs[run] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(r["left"] is None for r in runs.values())
+    if "core=" in runs["avx2"]["blas"]:
+        assert runs["avx2"]["blas"].endswith("core=Haswell")
+    assert runs["native"]["arpack"] == runs["none"]["arpack"] == runs["avx2"]["arpack"]
+
+
 def test_without_openblas_the_own_kernels_run(cpu_cap):
     """EMBGEOM_OPENBLAS=0 (as without the wheel): own kernels, and `info` says why."""
     import json
