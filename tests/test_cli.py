@@ -91,6 +91,8 @@ def test_pairs_reads_pt_and_safetensors(tmp_path, capsys):
     # and --precision's values (it said backend 'torch' ... use precision='exact', or backend='cpp')
     ("ok", ["pairs", "{t}/x.npy", "--against", "{t}/y.npy"],
      r"error: --against: expected 3 columns, as many as the first matrix has, got \(2, 4\)"),
+    # (the second file's loading said Y, a name no one typed)
+    ("ok", ["pairs", "{t}/x.npy", "--against", "{t}/y.csv"], r"error: --against: file not found"),
     ("ok", ["pairs", "{t}/x.npy", "--backend", "torch", "--precision", "fast"],
      "error: --backend: 'torch' cannot run pairwise_stats: precision 'fast' is not implemented here"),
     ("ok", ["pairs", "{t}/x.npy", "--metric", "dot"], "error: --range: required"),
@@ -158,7 +160,15 @@ def test_project_knn_and_unknown_options_name_what_was_typed(tmp_path, capsys):
             (["knn", "{t}/x.npy", "--k", "2", "--device", "gpu", "--json", "{t}/k.json"],
              "embgeom: error: --device: expected 'cpu' or 'cuda"),
             (["project", "{t}/x.npy", "--bogus", "1"],
-             r"embgeom project: error: unrecognized arguments: --bogus 1 \(see embgeom project --help\)")):
+             r"embgeom project: error: unrecognized arguments: --bogus 1 \(see embgeom project --help\)"),
+            # a misspelt required option is named, not "required: --json"; options are taken as
+            # spelled (a prefix had run as the option it begins), the one meant said beside
+            (["knn", "{t}/x.npy", "--k", "2", "--jsn", "{t}/k.json"],
+             r"embgeom knn: error: unrecognized arguments: --jsn \(did you mean --json\?\) \(see embgeom knn --help\)"),
+            (["project", "{t}/x.npy", "--meth", "pca"],
+             r"embgeom project: error: unrecognized arguments: --meth \(did you mean --method\?\) pca "),
+            (["project", "{t}/x.npy", "--perplexty=5"],
+             r"embgeom project: error: unrecognized arguments: --perplexty=5 \(did you mean --perplexity\?\) ")):
         argv = [a.format(t=tmp_path) for a in args] + (out if args[0] == "project" else [])
         with pytest.raises(SystemExit) if "unrecognized" in message else contextlib.nullcontext():
             assert main(argv) == 2

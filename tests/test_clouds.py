@@ -746,3 +746,31 @@ def test_pca_axes_without_spread_are_flat(monkeypatch, tmp_path):
         xy=xy, arrows=arrows) or "x.png")
     tp.pair_plot(str(tmp_path), vectors.astype(np.float32), ["g", "h"])
     assert not seen["xy"][:, 1].any() and all(a[0][1] == 0 and a[1][1] == 0 for a in seen["arrows"].values())
+
+
+@pytest.mark.parametrize("missing", ["umap", "openTSNE"])
+def test_a_missing_layout_package_is_said_before_any_work(missing, tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    # UMAP and t-SNE run last: without their package `project` had built the neighbour graph and
+    # `vocab --projections` run every other section (20 s on the default model) before saying so
+    import sys
+
+    from embgeom.analysis.clouds import projection
+    from embgeom.cli import main
+    from embgeom.commands import vocab
+
+    monkeypatch.setitem(sys.modules, missing, None)   # (an import of it raises ImportError)
+    work = []
+    monkeypatch.setattr(projection, "exact_knn", lambda *a, **k: work.append("graph"))
+    monkeypatch.setattr(vocab, "analyse", lambda *a, **k: work.append("vocab"))
+    package = {"umap": "umap-learn", "openTSNE": "openTSNE"}[missing]
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32))
+    method = {"umap": "umap", "openTSNE": "tsne"}[missing]
+    runs = (["project", str(tmp_path / "x.npy"), "--method", method, "--out", str(tmp_path / "p")],
+            ["vocab", "--projections", "--model", tiny_bert_dir, "--out", str(tmp_path / "v")])
+    for argv in runs:
+        assert main([*argv, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"embgeom: error: {package} is not installed; `pip install {package}` "
+                       "(or `pip install 'embgeom[clouds]'`)"], argv
+        assert not (tmp_path / "v").exists()
+    assert work == []

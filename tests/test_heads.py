@@ -630,3 +630,27 @@ def test_library_warnings_stay_off_the_commands_stderr(tiny_bert_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("embgeom text: 4 texts"), lines[:20]
+
+
+def test_clark_js_without_scikit_learn_is_refused_before_the_forward_passes(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    # its MDS (scikit-learn) runs at the end: without the package `text --clark-js` had ended in a
+    # traceback after every forward pass
+    import sys
+
+    from embgeom.analysis.text import trace as trace_module
+    from embgeom.cli import main
+
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)   # (an import of it raises ImportError)
+    forwards = []
+    real = trace_module.iter_batches
+    monkeypatch.setattr(trace_module, "iter_batches", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat .\na dog ran , fast .\n", encoding="utf-8")
+    assert main(["text", str(corpus), "--clark-js", "--model", tiny_bert_dir, "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["embgeom: error: --clark-js: scikit-learn is not installed (the MDS of the heads); "
+                   "`pip install scikit-learn` (or `pip install 'embgeom[heads]'`)"]
+    assert not forwards
+    with pytest.raises(ValueError, match="^clark_js: scikit-learn is not installed"):
+        hd.HeadsAccumulator(2, 2, 8, "cpu", js=True)

@@ -310,8 +310,15 @@ def test_a_fast_run_on_the_exact_product_says_so(monkeypatch):
     monkeypatch.setenv("EMBGEOM_CPU", "avx2")
     monkeypatch.setenv("EMBGEOM_GEMM", "amx")
     r = embgeom.pairwise_stats(x, precision="fast", backend="cpp")
-    assert r.notes == ["precision='fast' ran the exact product avx2-6x16 at vector level avx2 (no native bf16 dot); "
+    # (why: the cap, on a CPU with a bf16 product; else the CPU's lack of one)
+    why = "EMBGEOM_CPU caps the vector level below avx512" if cpp().cpu_info()["isa_supported"] == "avx512" and \
+        any(f in cpp().cpu_info()["cpu_features"] for f in ("avx512bf16", "amx-bf16")) else "no native bf16 dot"
+    assert r.notes == [f"precision='fast' ran the exact product avx2-6x16 at vector level avx2 ({why}); "
                        "its values are exact-mode's"] and r.error_bound == 0
+    monkeypatch.setenv("EMBGEOM_GEMM", "scalar")   # a product without bf16 forced: said so, whatever the CPU
+    assert embgeom.pairwise_stats(x, precision="fast", backend="cpp").notes == [
+        "precision='fast' ran the exact product scalar-4x8 at vector level avx2 (EMBGEOM_GEMM forces a product "
+        "without bf16); its values are exact-mode's"]
     assert r.to_dict()["notes"] == r.notes
     assert embgeom.pairwise_stats(x, precision="exact", backend="cpp").notes == []
     monkeypatch.delenv("EMBGEOM_CPU")

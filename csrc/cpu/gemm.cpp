@@ -274,9 +274,18 @@ static bool bf16_dot_beats_fp32() {
 #endif
 }
 
+// Why `fast` runs the exact product here: a forced product or a capped level is named before the
+// CPU (EMBGEOM_GEMM=scalar on an AMX host had been said "bf16 dot no faster than fp32 on this CPU").
 const char* fast_product_note() {
   if (select_kernel(true).bf16) return "";
-  return cpu_has_avx512bf16() ? "bf16 dot no faster than fp32 on this CPU" : "no native bf16 dot";
+  const char* forced = std::getenv("EMBGEOM_GEMM");
+  const std::string force = forced ? forced : "";
+  if (!force.empty() && force != "amx" && force != "avx512bf16") return "EMBGEOM_GEMM forces a product without bf16";
+  const std::string features = cpu_features();  // (the CPU's, whatever the cap)
+  const bool bf16_cpu = features.find("avx512bf16") != std::string::npos ||
+                        features.find("amx-bf16") != std::string::npos;
+  if (bf16_cpu && isa_level() != isa_supported()) return "EMBGEOM_CPU caps the vector level below avx512";
+  return bf16_cpu ? "bf16 dot no faster than fp32 on this CPU" : "no native bf16 dot";
 }
 
 GemmKernel select_kernel(bool fast) {

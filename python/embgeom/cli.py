@@ -20,9 +20,47 @@ from .interrupts import terminate_as_interrupt
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """A refused command line is one line (with where to look), not the usage block."""
+    """A refused command line is one line (with where to look), not the usage block. Options are
+    taken as spelled (no prefixes: `--head-map` had run as --head-maps, and a script's prefix would
+    change meaning once an option sharing it is added); an option no parser knows is named, with
+    the nearest known one, even where a required option is missing too (`--jsn` had been refused
+    as "the following arguments are required: --json")."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def _unknown_option(self, a: str) -> bool:
+        """An option-like string this parser does not know (a negative number is a value)."""
+        return (a.startswith("-") and a not in ("-", "--") and not self._negative_number_matcher.match(a)
+                and a.split("=", 1)[0] not in self._option_string_actions)
+
+    def _named(self, items: list[str]) -> str:
+        """'unrecognized arguments: ...', each unknown option with the known one it begins or is
+        closest to."""
+        import difflib
+
+        names = {o.lstrip("-"): o for o in self._option_string_actions if o.startswith("--")}
+
+        def hint(a):
+            if not self._unknown_option(a):
+                return a
+            typed = a.split("=", 1)[0].lstrip("-")
+            begun = [n for n in names if typed and n.startswith(typed)]
+            near = begun if len(begun) == 1 else difflib.get_close_matches(typed, list(names), n=1, cutoff=0.7)
+            return f"{a} (did you mean {names[near[0]]}?)" if near else a
+
+        return "unrecognized arguments: " + " ".join(map(hint, items))
 
     def error(self, message):
+        if message.startswith("the following arguments are required"):
+            unknown = [a for a in getattr(self, "_given", []) if self._unknown_option(a)]
+            if unknown:   # (the misspelling is what to say: the option it meant is the one missing)
+                message = self._named(unknown)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
@@ -31,7 +69,7 @@ class OneLineParser(argparse.ArgumentParser):
         parsed, extra = self.parse_known_args(args, namespace)
         command = self.command_parsers.get(getattr(parsed, "command", None), self)
         if extra and not getattr(command, "unavailable", False):  # (an unavailable one says why instead)
-            command.error(f"unrecognized arguments: {' '.join(extra)}")
+            command.error(command._named(extra))
         return parsed
 
 

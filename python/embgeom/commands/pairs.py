@@ -58,7 +58,7 @@ def main(args) -> int:
     if args.checkpoint:
         check_output_path(args.checkpoint, "--checkpoint", inputs=ins)
     x = load_matrix(args.x, "X")
-    y = load_matrix(args.against, "Y") if args.against else None
+    y = load_matrix(args.against, "--against") if args.against else None
     if args.device:
         x = x.to(args.device)
         y = None if y is None else y.to(args.device)

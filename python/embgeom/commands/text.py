@@ -353,10 +353,10 @@ def add_head_arguments(p) -> None:
     g = p.add_argument_group("attention heads and Gaussianity (opt-in; docs/metrics.md, attention heads)")
     g.add_argument("--heads", action="store_true",
                    help="attention_heads: Clark's entropies and [SEP]->[SEP], gate-pattern features and "
-                        "labels, value-histogram entropy (about 1-2x the forward pass)")
+                        "labels, value-histogram entropy (about 0.5-0.7x the forward pass)")
     g.add_argument("--clark-js", action="store_true",
                    help="Clark's summed JS divergence between all heads and its MDS map (implies --heads; "
-                        "(L*H)^2 x tokens work: about 5-10x the forward pass for a 6x12 model)")
+                        "(L*H)^2 x tokens work: about 1.3-2.3x the forward pass for a 6x12 model, 3x on AVX2)")
     g.add_argument("--directionality", action="store_true",
                    help="skew fraction, asymmetry, positive-cos share, Spearman(|q|, entropy) "
                         "(implies --heads; hooks the query/key projections)")
@@ -376,7 +376,8 @@ def add_head_arguments(p) -> None:
                    help="attention_matrices: cone index of the attention rows, singular values < 1e-3, "
                         "von Neumann entropy, k90 quantiles per head; rank, singular values and eigenvalue "
                         "signs of W_Q,h W_K,h^T, |q|/|k|/|v| histograms; numerical ranks of the softmax, V, "
-                        "W_V, head and layer outputs (geometry-of-BERT authors' code)")
+                        "W_V, head and layer outputs (geometry-of-BERT authors' code; about 4-5x the forward "
+                        "pass, --matrices-texts bounds it)")
     g.add_argument("--matrices-texts", type=int, metavar="N",
                    help="with --matrices: the per-text spectra (attention-block cone, singular values, von "
                         "Neumann entropy, numerical ranks; a few ms of LAPACK a block) of the first N texts only "

@@ -30,6 +30,16 @@ def _require(module: str, package: str):
                          f"(or `pip install 'embgeom[clouds]'`)") from None
 
 
+LAYOUT_PACKAGES = {"umap": ("umap", "umap-learn"), "tsne": ("openTSNE", "openTSNE")}
+
+
+def require_packages(*methods: str) -> None:
+    """ValueError naming the package a layout method needs, where it cannot be imported."""
+    for method in methods:
+        if method in LAYOUT_PACKAGES:
+            _require(*LAYOUT_PACKAGES[method])
+
+
 # ---------------------------------------------------------------------------------- graph
 EPS64 = float(np.finfo(np.float64).eps)
 
@@ -608,6 +618,7 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
     prog = as_progress(progress, "embgeom project")
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    require_packages(method)  # (before the neighbour graph: a missing package had been said after it)
     if metric not in GRAPH_METRICS:
         raise ValueError(f"metric: expected one of {GRAPH_METRICS}, got {metric!r}")
     # (refused where float32 cannot hold the values: the graphs' rows and every method's (N, 2)
