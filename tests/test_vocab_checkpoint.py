@@ -108,6 +108,8 @@ def test_other_seed_model_or_options_are_refused(tiny_bert_dir, tiny_bert, tmp_p
                           ({"perplexity": "abc"}, "perplexity 'abc'"),
                           ({"indices": np.full_like(pr.indices, 999)}, "indices"),
                           ({"explained_variance": [0.5, 0.2]}, "explained_variance"),
-                          ({"silhouette": {"original": 7.0}}, "silhouette")]:
+                          ({"silhouette": {"original": 7.0}}, "silhouette"),
+                          ({"similarities": np.full_like(pr.similarities, 5.0)}, "cosines within"),
+                          ({"similarities": pr.similarities[:, ::-1].copy()}, "decreasing order")]:
         with pytest.raises(ValueError, match=match):
             _projection("words_umap", {**good, **change})

@@ -102,6 +102,9 @@ def _projection(key, fields) -> Projection:
     if not isinstance(sims, np.ndarray) or sims.dtype.kind != "f" or sims.shape != idx.shape \
             or not np.isfinite(sims).all():
         raise ValueError(f"similarities: expected finite ({n}, {f['k']}) values")
+    # cosines, each point's from its nearest on (a crafted 5.0 had been drawn in the neighbour lists)
+    if f["metric"] == "cosine" and sims.size and (np.abs(sims).max() > 1.0 + 1e-3 or (np.diff(sims, axis=1) > 0).any()):
+        raise ValueError("similarities: expected cosines within [-1, 1], each point's in decreasing order")
     if f["distances"] is not None and (not isinstance(f["distances"], np.ndarray) or f["distances"].shape != idx.shape):
         raise ValueError("distances: expected None or the graph's shape")
     if f["explained_variance"] is not None and not isinstance(f["explained_variance"], np.ndarray):
