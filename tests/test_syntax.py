@@ -339,6 +339,17 @@ def test_cli_syntax_probe(pieces_bert, tmp_path, capsys):
     assert ("iterations, converged" in page) == pr["converged"] and ("not converged" in page) != pr["converged"]
     assert main(["syntax", SAMPLE, "--out", str(tmp_path / "p"), "--model", path, "--no-progress"]) == 0
     assert "probe" not in json.loads((tmp_path / "p" / "report.json").read_text())["syntax"]
+    assert pr["max_eval"] == pr["max_iter"] * 5 // 4 and pr["evaluations"] >= pr["iterations"]
+
+
+def test_an_unconverged_probe_names_the_cap_it_met():
+    # LBFGS stops at max_iter iterations or max_eval loss evaluations: 826 iterations that met the
+    # evaluation cap had been said "stopped at its cap of 1,000 iterations"
+    from embgeom.analysis.syntax.probe import cap_met
+
+    assert cap_met({"iterations": 826, "max_iter": 1000, "max_eval": 1250}) == \
+        "the cap of 1,250 loss evaluations, after 826 iterations"
+    assert cap_met({"iterations": 1000, "max_iter": 1000, "max_eval": 1250}) == "the cap of 1,000 iterations"
 
 
 @pytest.mark.parametrize("args, message", [

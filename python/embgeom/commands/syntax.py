@@ -72,9 +72,11 @@ def main(args) -> int:
               f"roots included, ROOT = [CLS]), train {pr['uas_train']:.3f}; best single head on test "
               f"L{b['best'][0]} h{b['best'][1]} {b['best'][2]} {b['accuracy']:.3f}", file=sys.stderr)
         if not pr["converged"]:
-            print(f"embgeom syntax: note: the probe's LBFGS stopped at its cap of {fmt(pr['max_iter'])} iterations "
-                  "before its tolerances: its weights and UAS are the last iterate's, not the loss's minimum "
-                  "(report.json syntax.probe.converged)", file=sys.stderr)
+            from ..analysis.syntax.probe import cap_met
+
+            print(f"embgeom syntax: note: the probe's LBFGS stopped at {cap_met(pr)}, short of its tolerances: its weights "
+                  "and UAS are the last iterate's, not the loss's minimum (report.json syntax.probe.converged)",
+                  file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..analysis.syntax.probe import cap_met
 from ..analysis.syntax.word_heads import DIRECTIONS
 
 
@@ -63,8 +64,7 @@ def probe_html(pr: dict, table_html) -> str:
             "exp(sum_k w_k a<sup>k</sup><sub>ij</sub> + u_k a<sup>k</sup><sub>ji</sub>) over every head k of every "
             "layer, candidates j = ROOT ([CLS]) and the other words of the sentence. Trained (LBFGS, float64, from zero, "
             f"{pr['iterations']} iterations, "
-            + ("converged" if pr.get("converged") else f"<b>stopped at the cap of {pr.get('max_iter')} iterations, "
-               "not converged</b>")
+            + ("converged" if pr.get("converged") else f"<b>stopped at {cap_met(pr)}, not converged</b>")
             + f", cross-entropy {pr['loss_start']:.3f} -> {pr['loss_end']:.3f}) on the "
             f"first {pr['train_sentences']} sentences ({pr['train_words']} words), tested on the other "
             f"{pr['test_sentences']} ({pr['test_words']} words). Every word is scored: the candidates of a "

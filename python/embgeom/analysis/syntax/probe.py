@@ -149,10 +149,10 @@ def train(packed: Packed, *, max_iter: int = MAX_ITER) -> dict:
     th = theta.detach()
     end = float(loss(packed, th[:K], th[K:]))
     state = opt.state[theta]
-    iterations = int(state.get("n_iter", 0))
-    converged = iterations < max_iter and int(state.get("func_evals", 0)) < max_eval
+    iterations, evaluations = int(state.get("n_iter", 0)), int(state.get("func_evals", 0))
+    converged = iterations < max_iter and evaluations < max_eval
     return {"w": th[:K].clone(), "u": th[K:].clone(), "loss_start": start, "loss_end": end,
-            "iterations": iterations, "converged": converged}
+            "iterations": iterations, "evaluations": evaluations, "max_eval": max_eval, "converged": converged}
 
 
 def accuracy(packed: Packed, w, u) -> tuple[int, int]:
@@ -173,6 +173,14 @@ def single_heads(packed: Packed) -> torch.Tensor:
             pred = torch.where(c, m, neg)[:, :, 1:].argmax(-1)               # (S, K, n - 1)
             out[:, d] += (pred == g[:, None, 1:]).sum((0, 2))
     return out
+
+
+def cap_met(pr: dict) -> str:
+    """The cap an unconverged probe (report.json syntax.probe) stopped at, in words: 826 iterations
+    that met the evaluation cap had been said "the cap of 1,000 iterations"."""
+    if pr["iterations"] >= pr["max_iter"] or "max_eval" not in pr:
+        return f"the cap of {pr['max_iter']:,} iterations"
+    return f"the cap of {pr['max_eval']:,} loss evaluations, after {pr['iterations']:,} iterations"
 
 
 def attention_probe(maps: list[torch.Tensor | None], sentences: list[Sentence], fraction: float,
@@ -215,7 +223,8 @@ def attention_probe(maps: list[torch.Tensor | None], sentences: list[Sentence], 
         "best_single_head_train_picked": {"best": head(b_tr), "accuracy_test": float(acc_te[b_tr]),
                                           "accuracy_train": float(acc_tr[b_tr])},
         "loss_start": fit["loss_start"], "loss_end": fit["loss_end"], "iterations": fit["iterations"],
-        "max_iter": max_iter, "converged": fit["converged"], "parameters": 2 * K,
+        "max_iter": max_iter, "evaluations": fit["evaluations"], "max_eval": fit["max_eval"],
+        "converged": fit["converged"], "parameters": 2 * K,
         "w": fit["w"].reshape(-1, H), "u": fit["u"].reshape(-1, H),
         "seconds": time.perf_counter() - start,
     }
