@@ -179,6 +179,8 @@ def test_correct_only(clf_dir, tmp_path, capsys):
     (tmp_path / "shown").mkdir()
     _, rep = run(clf_dir, tmp_path / "shown", labels, "--correct-only", "--show-texts", "0,1,4")
     assert rep["attention_heads"]["sample_maps"]["texts"] == [1, 4]
+    assert "selected 2 text(s) of the 3 asked for (texts --correct-only did not keep are not drawn)" \
+        in capsys.readouterr().err
     assert rep["context_similarity"]["maps"]["text_ids"] == [1, 4]
     # a label the model has no class of could never be kept: refused, naming both sets
     (tmp_path / "wrong.txt").write_text("\n".join("POSITIVE" if g == "pos" else g for g in labels) + "\n")
@@ -188,7 +190,7 @@ def test_correct_only(clf_dir, tmp_path, capsys):
         in capsys.readouterr().err
 
 
-def test_correct_only_class_maps_count_every_label(clf_dir, tmp_path):
+def test_correct_only_class_maps_count_every_label(clf_dir, tmp_path, capsys):
     """A label none of whose texts is kept reads 0 texts in class_maps, as in kept_per_label (it
     had gone missing from class_maps.texts)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -203,6 +205,27 @@ def test_correct_only_class_maps_count_every_label(clf_dir, tmp_path):
     _, rep = run(clf_dir, tmp_path, labels, "--correct-only", "--class-maps", "5")
     assert rep["correct_only"]["kept_per_label"][rare] == 0
     assert rep["class_maps"]["texts"][rare] == 0 and set(rep["class_maps"]["texts"]) == {"neg", "pos"}
+    # the file names two classes, the kept texts one ("the labels name one class" had been said)
+    assert "note: the texts --correct-only kept are of one class" in capsys.readouterr().err
+
+
+def test_class_maps_longer_than_any_input_refused_before_the_run(tiny_bert_dir, tmp_path, capsys, monkeypatch):
+    # the whole corpus had run to find no text of that length, and reported maps "padded to" it
+    from embgeom.analysis.text import trace as trace_module
+
+    forwards = []
+    real = trace_module.iter_batches
+    monkeypatch.setattr(trace_module, "iter_batches", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    corpus, lab = tmp_path / "c.txt", tmp_path / "l.txt"
+    corpus.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    lab.write_text("\n".join(["x", "y"] * 4) + "\n", encoding="utf-8")
+    for flags, most in (([], 32), (["--max-length", "16"], 16)):   # (the tiny model takes 32)
+        assert main(["text", str(corpus), "--out", str(tmp_path / "o"), "--model", tiny_bert_dir, "--labels", str(lab),
+                     "--class-maps", "600", "--no-progress", *flags]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"embgeom: error: --class-maps: 600 real tokens, more than an input holds here: at most {most} (the "
+            "model's longest input, or --max-length)")
+    assert not forwards
 
 
 def test_label_option_errors(tiny_bert_dir, tmp_path, capsys):
@@ -231,11 +254,11 @@ def test_label_files_as_editors_write_them(tiny_bert_dir, tmp_path, capsys):
     base = ["text", str(corpus), "--model", tiny_bert_dir, "--no-progress"]
     lab = tmp_path / "bom.txt"
     lab.write_bytes("\ufeffx\ny\n\n\n".encode("utf-8"))
-    assert main(base + ["--out", str(tmp_path / "o1"), "--labels", str(lab), "--class-maps", "40"]) == 0
+    assert main(base + ["--out", str(tmp_path / "o1"), "--labels", str(lab), "--class-maps", "30"]) == 0
     rep = json.loads((tmp_path / "o1" / "report.json").read_text())
     assert rep["groups"]["labels"] == ["x", "y"] and sorted(rep["by_label"]) == ["x", "y"]
-    assert "no text has 40 real tokens" in capsys.readouterr().err
-    assert "Note: no text has 40 real tokens" in (tmp_path / "o1" / "report.html").read_text()
+    assert "no text has 30 real tokens" in capsys.readouterr().err
+    assert "Note: no text has 30 real tokens" in (tmp_path / "o1" / "report.html").read_text()
     gap = tmp_path / "gap.txt"
     gap.write_text("x\n\ny\n", encoding="utf-8")
     assert main(base + ["--out", str(tmp_path / "o2"), "--labels", str(gap)]) == 2
@@ -301,3 +324,44 @@ def test_a_byte_order_mark_inside_a_labels_file_is_no_character_of_its_label(tmp
     lab = tmp_path / "joined.txt"
     lab.write_bytes("\ufeffa\nb\n".encode("utf-8") + "\ufeffa\nb\n".encode("utf-8"))
     assert read_labels(str(lab), 4) == ["a", "b", "a", "b"]
+
+
+def test_labels_named_like_numpys_arguments_or_alike_keep_their_maps(tiny_bert_dir, tmp_path):
+    """class_maps.npz holds one array per label whatever the label's name (np.savez(f, **maps)
+    had taken "file" as its own argument, an error after every forward pass, and "allow_pickle",
+    which left that label out), and each label's heat map its own file ("a_b_2" taken, then "a b"
+    and "a.b" numbered into it: one label's picture had overwritten another's)."""
+    labels = ["a_b_2", "a b", "a.b", "file", "allow_pickle"]   # (in this order "a.b" comes second to "a_b")
+    corpus, lab, out = tmp_path / "c.txt", tmp_path / "l.txt", tmp_path / "out"
+    corpus.write_text("the cat sat .\na dog ran .\nhe was not .\nthe cat ran .\na dog sat .\n", encoding="utf-8")
+    lab.write_text("\n".join(labels) + "\n", encoding="utf-8")
+    assert main(["text", str(corpus), "--out", str(out), "--model", tiny_bert_dir, "--labels", str(lab),
+                 "--class-maps", "6", "--no-progress"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["class_maps"]["texts"] == {g: 1 for g in labels}       # (every case has its map)
+    assert sorted(np.load(out / "class_maps.npz").files) == sorted(labels)
+    pngs = sorted(f for f in os.listdir(out) if f.startswith("class_maps_") and f.endswith(".png"))
+    assert len(pngs) == len(labels)
+    page = (out / "report.html").read_text()
+    assert all(page.count(p) == 1 for p in pngs)
+
+
+def test_class_names_with_spaces_match_the_labels(clf_dir, tmp_path):
+    """id2label names are taken stripped, as --labels values are: a class 'neg ' could never be
+    matched (and the refusal asked for the labels written as the model names them)."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    spaced = tmp_path / "spaced"
+    shutil.copytree(clf_dir, spaced)
+    config = json.loads((spaced / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "neg ", "1": " pos"}, {"neg ": 0, " pos": 1}
+    (spaced / "config.json").write_text(json.dumps(config))
+    clf = AutoModelForSequenceClassification.from_pretrained(clf_dir, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(clf_dir)
+    with torch.no_grad():
+        pred = [clf.config.id2label[int(clf(**tok(t, return_tensors="pt")).logits.argmax())] for t in TEXTS]
+    (tmp_path / "o").mkdir()
+    _, rep = run(str(spaced), tmp_path / "o", pred, "--correct-only")
+    assert rep["correct_only"]["kept"] == len(TEXTS)

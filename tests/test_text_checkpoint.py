@@ -677,3 +677,25 @@ def test_restored_observers_must_fit_the_texts_done(tiny_bert, tmp_path):
     maps.rows.done, maps.counts["x"] = 2, 5
     with pytest.raises(ValueError, match="ClassMaps: counts"):
         maps.check_restored()
+
+
+def test_labels_count_by_what_is_read(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    # the labels as read, as the corpus by its texts: the same labels with CRLF line ends and
+    # spaces around them resume (their file's bytes had counted: refused as "--labels differs");
+    # another label does not
+    corpus, labels = _files(tmp_path)
+    ckpt = str(tmp_path / "run.ckpt")
+    base = ["text", corpus, "--model", tiny_bert_dir, "--no-progress", "--out", str(tmp_path / "o"),
+            "--checkpoint", ckpt, "--batch-size", "3"]
+    _interrupt_at_batch(monkeypatch, 1)
+    assert main([*base, "--labels", labels]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    other = tmp_path / "labels_crlf.txt"
+    other.write_bytes(("\r\n".join(f" {g}\t" for g in LABELS) + "\r\n\r\n").encode())
+    changed = tmp_path / "labels_changed.txt"
+    changed.write_text("\n".join(["zz"] + LABELS[1:]) + "\n", encoding="utf-8")
+    assert main([*base, "--labels", str(changed)]) == 2
+    assert "inputs: --labels differs" in capsys.readouterr().err
+    assert main([*base, "--labels", str(other)]) == 0
+    assert "of them from" in capsys.readouterr().err

@@ -256,6 +256,19 @@ def atomic_write(path: str, *, binary: bool = False, name: str = "output",
     _fsync_dir(folder)
 
 
+def savez_named(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
+    """np.savez's file (uncompressed .npy members, np.load reads it) with the keys taken as
+    given: np.savez(f, **arrays) takes a key "file" or "allow_pickle" as its own argument (a label
+    named file had ended `text --class-maps` in an error after every forward pass; one named
+    allow_pickle had been left out of the file)."""
+    import zipfile
+
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, a in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

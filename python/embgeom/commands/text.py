@@ -19,7 +19,7 @@ from ..analysis.clouds.geometry import group_geometry
 from ..analysis.heads.text_extras import TextExtras, parse_show_texts
 from ..analysis.text.adapters import num_layers
 from ..analysis.text.keeper import Keeper
-from ..analysis.text.labelled import ONE_CLASS_NOTE, no_class_maps_note
+from ..analysis.text.labelled import no_class_maps_note, one_class_note
 from .. import validation
 from ..formatting import counted, fmt, seconds
 from ..io import check_output_folder, check_output_path, output_folder
@@ -99,6 +99,11 @@ def _main(args) -> int:
             with prog.phase("loading the model"):
                 with validation.renamed(classifier="--correct-only"):
                     model, tokenizer = load_model(args.model, device=args.device, classifier=args.correct_only)
+            longest = model_max_length(model, tokenizer, args.max_length)
+            if args.class_maps is not None and args.class_maps > longest:
+                # (before any forward pass: the whole corpus had run to find no text that long)
+                raise ValueError(f"--class-maps: {args.class_maps} real tokens, more than an input holds here: at most "
+                                 f"{longest} (the model's longest input, or --max-length)")
             if args.checkpoint:
                 with prog.phase("checkpoint: fingerprint of the corpus and the model"):
                     ckpt = text_checkpoint(args, model, tokenizer)
@@ -187,7 +192,8 @@ def _main(args) -> int:
     if class_maps is not None and not any(report["class_maps"]["texts"].values()):
         print(f"embgeom text: note: {no_class_maps_note(args.class_maps)}", file=sys.stderr)
     if labels is not None and len(set(labels)) < 2:
-        print(f"embgeom text: note: {ONE_CLASS_NOTE}", file=sys.stderr)
+        print(f"embgeom text: note: {one_class_note(bool(selection) and len(selection['texts_per_label']) > 1)}",
+              file=sys.stderr)
     if result.special_only:
         print(f"embgeom text: note: {special_only_note(result.special_only)}", file=sys.stderr)
     if args.max_length is not None and args.max_length > max_len:
@@ -224,7 +230,8 @@ def saved_selection(ckpt, n_texts: int) -> list[int] | None:
 def text_checkpoint(args, model, tokenizer):
     """The TraceCheckpoint of this command line: the corpus and labels (their texts), the model,
     and every option that changes what is summed."""
-    from ..analysis.run_checkpoint import file_digest, model_digest, numerics, plain_settings
+    from ..analysis.run_checkpoint import model_digest, numerics, plain_settings
+    from ..analysis.text.inputs import read_labels
     from ..analysis.text.resume import TraceCheckpoint, texts_digest
     from ..analysis.text.trace import model_max_length
 
@@ -238,7 +245,9 @@ def text_checkpoint(args, model, tokenizer):
     # without --head-maps draws the texts it names (TextExtras)
     settings["head_maps"] = args.head_maps or parse_show_texts(args.show_texts)[1]
     settings["heads"] = bool(args.heads or args.clark_js or args.directionality or settings["head_maps"] > 0)
-    inputs = {"corpus": texts_digest(args.corpus), "labels": file_digest(args.labels)}
+    # the labels as read, as the corpus is its texts (a copy with CRLF line ends had been refused)
+    inputs = {"corpus": texts_digest(args.corpus),
+              "labels": None if args.labels is None else texts_digest(read_labels(args.labels))}
     return TraceCheckpoint(args.checkpoint, {
         "command": "text", "inputs": inputs, "model": model_digest(model, tokenizer),
         "settings": plain_settings(settings),
@@ -335,7 +344,8 @@ def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[
                 + ", ".join(f"<a href='{f}'>{f}</a>" for f in pages) + ".</p>"
                 + table_html(["label", "texts", "mean cosine within", "mean norm"], rows)
                 + "".join(f"<p>{n}</p>" for n in notes)
-                + (f"<p>Note: {ONE_CLASS_NOTE}.</p>" if len(groups["labels"]) < 2 else ""))
+                + (f"<p>Note: {one_class_note(len(report.get('correct_only', {}).get('texts_per_label', ())) > 1)}."
+                   "</p>" if len(groups["labels"]) < 2 else ""))
         sections.append(("Labelled [CLS] sets: do texts with one label sit together? (thesis 4.4.1, 4.4.3)",
                          body, pngs))
     if pairs is not None and "cls_pairs" in report and "vectors" in report["cls_pairs"]:

@@ -422,10 +422,13 @@ def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
     pngs, names = [], set()
     for k, (g, m) in enumerate(means.items()):
         # the label in the file name, shortened, and numbered where two labels would share one
-        # ("a b" and "a-b"): each label's picture had overwritten the other's
-        safe = "".join(c if c.isalnum() else "_" for c in str(g))[:80]
-        safe = safe if safe not in names else f"{safe}_{k}"
-        names.add(safe)
+        # ("a b" and "a-b"; "A" and "a" on a case-blind disk): each label's picture had overwritten
+        # the other's, and a number already taken ("a_b_2", then "a b" and "a.b") had again
+        base = "".join(c if c.isalnum() else "_" for c in str(g))[:80]
+        safe, n = base, k
+        while safe.lower() in names:
+            safe, n = f"{base}_{n}", n + 1
+        names.add(safe.lower())
         pngs.append(_head_grid(out_dir, f"class_maps_{safe}", np.asarray(m, dtype=float),
                                lambda a: np.ma.masked_less(a, theta), dict(cmap="Blues", vmin=0, vmax=1),
                                ("key", "query"), f"class-mean attention (entries < {theta:g} hidden)",

@@ -97,6 +97,7 @@ class TextExtras:
         if args.head_maps < 0:
             raise ValueError(f"--head-maps: expected >= 0, got {args.head_maps}")
         self.model, self.tokenizer = model, tokenizer
+        self.selected = text_ids is not None
         self.show_texts = getattr(args, "show_texts", None)
         accept, named = parse_show_texts(self.show_texts)
         self.head_maps = head_maps = args.head_maps or named
@@ -145,8 +146,10 @@ class TextExtras:
                                         "texts": [sm["text"] for sm in self.sample_maps],
                                         "tokens": [sm["tokens"] for sm in self.sample_maps]}
             if self.show_texts and len(self.sample_maps) < self.head_maps:
+                # (a selection of the corpus: the texts it left out are not drawn, said so)
+                why = " (texts --correct-only did not keep are not drawn)" if self.selected else ""
                 print(f"embgeom text: note: --show-texts {self.show_texts!r} selected "
-                      f"{len(self.sample_maps)} text(s) of the {self.head_maps} asked for", file=sys.stderr)
+                      f"{len(self.sample_maps)} text(s) of the {self.head_maps} asked for{why}", file=sys.stderr)
             out["attention_heads"] = block
             self.seconds["heads: result (MDS, skew fraction)"] = time.perf_counter() - t0
         if self.gauss is not None:

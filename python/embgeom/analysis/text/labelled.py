@@ -36,8 +36,11 @@ def slice_batch(b: Batch, idx: torch.Tensor) -> Batch:
 
 
 # Notes shown on stderr and on the page where a labelled run has nothing between classes to show.
-ONE_CLASS_NOTE = ("the labels name one class: between-class numbers (silhouettes, between cosines) "
-                  "need two and are null")
+def one_class_note(correct_only: bool) -> str:
+    """Why the between-class numbers are null; after --correct-only the file may name more classes
+    than the texts it kept (it had said "the labels name one class" of a file naming two)."""
+    who = "the texts --correct-only kept are of one class" if correct_only else "the labels name one class"
+    return f"{who}: between-class numbers (silhouettes, between cosines) need two and are null"
 
 
 def no_class_maps_note(length: int) -> str:
@@ -168,12 +171,10 @@ class ClassMaps(Resumable):
 
     def write(self, path: str) -> None:
         """class_maps.npz: one (L, H, N, N) float64 mean per label with texts (key = label)."""
-        import numpy as np
-
-        from ...io import atomic_write
+        from ...io import atomic_write, savez_named
 
         with atomic_write(path, binary=True, name=CLASS_MAPS_FILE) as f:
-            np.savez(f, **{g: m.numpy() for g, m in self.means().items()})
+            savez_named(f, {g: m.numpy() for g, m in self.means().items()})
 
 
 def map_entropies(maps: torch.Tensor, pad_to: int) -> dict:
@@ -196,12 +197,18 @@ def map_entropies(maps: torch.Tensor, pad_to: int) -> dict:
 
 
 def check_classifier(model) -> dict[int, str]:
-    """The model's id2label, or a ValueError when it has no sequence-classification head."""
+    """The model's id2label, names stripped as --labels values are (a class 'neg ' could never be
+    matched, and the message asked for labels written as the model names them), or a ValueError
+    when it has no sequence-classification head or two classes share a name once stripped."""
     archs = getattr(model.config, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise ValueError(f"--correct-only: the model has no sequence-classification head "
                          f"(architectures {archs or 'unknown'})")
-    return {int(k): str(v) for k, v in model.config.id2label.items()}
+    names = {int(k): str(v).strip() for k, v in model.config.id2label.items()}
+    if len(set(names.values())) < len(names):
+        raise ValueError(f"--correct-only: the model's id2label names two classes alike (spaces around names "
+                         f"dropped, as in --labels): {model.config.id2label}")
+    return names
 
 
 def check_label_classes(labels: list[str], model, path: str) -> None:
