@@ -1309,3 +1309,64 @@ def test_a_search_counts_the_engines_candidate_lists(monkeypatch):
                                          r"has 0\.5 GiB available$"):
         index.search(x, 3000)
     assert index.search(x[:10], 3000)[1].shape == (10, 3000)
+
+
+TORCH_STARTED_THE_POOL = """
+import os, sys, faulthandler, torch, embgeom
+a = torch.randn(600, 600); (a @ a).sum()              # torch alone starts the OpenMP pool
+x = torch.randn(1500, 32)
+pid = os.fork()
+if pid == 0:
+    faulthandler.dump_traceback_later(60, exit=True)
+    ok = embgeom.pairwise_stats(x, bins=10).count == 1500 * 1499 // 2 and torch.get_num_threads() == 1
+    os._exit(0 if ok else 3)
+print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/task"), reason="needs fork and /proc")
+def test_a_child_forked_after_torch_alone_started_the_pool_runs(tmp_path):
+    # the one-thread hook was registered at the first call into the core: a parent that had only
+    # imported embgeom and run torch forked children that hung in their first embgeom call
+    import subprocess
+    import sys
+
+    script = tmp_path / "torch_first.py"
+    script.write_text(TORCH_STARTED_THE_POOL)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0 and "child 0" in done.stdout, (done.stdout, done.stderr[-2000:])
+
+
+FIRST_CALLS_AT_ONCE = """
+import importlib, threading, time, torch, embgeom, embgeom.api
+real = importlib.import_module
+def slow(name, *a):   # the backends' imports made slow, as on a cold disk: the window made wide
+    if name.startswith("embgeom.backends."):
+        time.sleep(0.05)
+    return real(name, *a)
+importlib.import_module = slow
+x = torch.randn(200, 16)
+barrier, errors = threading.Barrier(6), []
+def call():
+    barrier.wait()
+    try:
+        embgeom.pairwise_stats(x, bins=10)
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=call) for _ in range(6)]
+[t.start() for t in threads]; [t.join() for t in threads]
+print("failed", len(errors), errors[:1])
+"""
+
+
+def test_first_calls_from_several_threads_at_once_find_the_backends(tmp_path):
+    # the registry marked itself done before the backends' imports had registered their ops: the
+    # other threads' first calls said "no backend can run pairwise_stats"
+    import subprocess
+    import sys
+
+    script = tmp_path / "first_calls.py"
+    script.write_text(FIRST_CALLS_AT_ONCE)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "failed 0 " in done.stdout, (done.stdout, done.stderr[-2000:])

@@ -28,6 +28,26 @@ def _source_kernels() -> None:
 
 
 _source_kernels()
+
+
+def _torch_threads_in_forked_children() -> None:
+    """From `import embgeom` on, a child forked after the parent's threads started runs torch (the
+    OpenMP runtime the core shares) on one thread: registered at the first call into the core
+    before, a parent whose pool torch alone had started (a forward pass) forked children that hung
+    in their first call. torch is not imported for it: the child sets it only where it is loaded."""
+    import sys
+
+    from .threads import one_thread_in_forked_children
+
+    def set_threads(n: int) -> None:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(n)
+
+    one_thread_in_forked_children("torch", set_threads)
+
+
+_torch_threads_in_forked_children()
 # Every public name loads its module on first use (PEP 562): `embgeom --help` and a Ctrl-C at
 # a command's start answer before torch has loaded (cli.main), and `import embgeom` stays cheap.
 _EXPORTS = {

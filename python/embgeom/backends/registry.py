@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -195,17 +196,29 @@ def pick(op: str, x: torch.Tensor, backend: str | None = None, **kw) -> tuple[st
 
 
 _registered = False
+_registering = threading.RLock()
+_registering_here = threading.local()   # .active: this thread is importing the backends
 
 
 def ensure_registered() -> None:
-    """Backends register their ops on first use (keeps `import embgeom` light)."""
+    """Backends register their ops on first use (keeps `import embgeom` light). Marked done only
+    once every module has registered, under a lock: threads making their first call at once had
+    found the flag set while the imports ran, and no backend ("no backend can run
+    pairwise_stats"). (Re-entrant: a backend's import may ask again.)"""
     global _registered
     if _registered:
         return
-    _registered = True
-    for module in MODULES.values():
-        # each backend's module registers its ops on import
-        importlib.import_module(f"{__package__}.{module}")
+    with _registering:
+        if _registered or getattr(_registering_here, "active", False):   # (asked again by an import in flight)
+            return
+        _registering_here.active = True
+        try:
+            for module in MODULES.values():
+                # each backend's module registers its ops on import
+                importlib.import_module(f"{__package__}.{module}")
+        finally:
+            _registering_here.active = False
+        _registered = True
 
 
 def usable_report() -> list[dict]:
