@@ -17,7 +17,6 @@ from typing import Callable
 
 import torch
 
-from ..threads import one_thread_in_forked_children
 
 log = logging.getLogger("embgeom")
 
@@ -60,10 +59,8 @@ def import_reason(module: str) -> str:
 
 
 def cpp():
-    mod = load("embgeom._C", "rebuild with `pip install -e .` (needs cmake and a C++ compiler)")
-    if mod is not None:
-        one_thread_in_forked_children("torch", torch.set_num_threads)  # (the OpenMP runtime both use)
-    return mod
+    # (forked children run it on one thread: registered at `import embgeom`, for torch's runtime)
+    return load("embgeom._C", "rebuild with `pip install -e .` (needs cmake and a C++ compiler)")
 
 
 def cpp_kernel(name: str, *tensors: torch.Tensor):
