@@ -182,6 +182,19 @@ def norm_range(nx: float, ny: float, metric: str, names: tuple[str, str]) -> Non
 _CALLER_NAMES: contextvars.ContextVar[tuple] = contextvars.ContextVar("caller_names", default=())
 
 
+def require_package(module: str, package: str, extra: str, *, option: str | None = None, why: str = ""):
+    """The module `module` imported, or a one-line ValueError naming the package to install (and
+    the embgeom extra that brings it), led by the option that needs it (caller_name) and why."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        lead = f"{caller_name(option)}: " if option else ""
+        raise ValueError(f"{lead}{package} is not installed{f' ({why})' if why else ''}; `pip install {package}` "
+                         f"(or `pip install 'embgeom[{extra}]'`)") from None
+
+
 def caller_name(name: str) -> str:
     """The caller's name of an API argument inside `renamed` (`bins` -> `--bins`), else itself."""
     return dict(_CALLER_NAMES.get()).get(name, name)

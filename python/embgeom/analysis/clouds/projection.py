@@ -20,17 +20,11 @@ from .geometry import as_matrix, as_matrix64, silhouette, translated
 METHODS = ("umap", "tsne", "pca")
 
 
-def _require(module: str, package: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ValueError(f"{package} is not installed; `pip install {package}` "
-                         f"(or `pip install 'embgeom[clouds]'`)") from None
-
-
 LAYOUT_PACKAGES = {"umap": ("umap", "umap-learn"), "tsne": ("openTSNE", "openTSNE")}
+
+
+def _require(module: str, package: str):
+    return validation.require_package(module, package, "clouds")
 
 
 def require_packages(*methods: str) -> None:

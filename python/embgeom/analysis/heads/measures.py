@@ -311,7 +311,8 @@ class HeadsAccumulator(Resumable):
         if directionality and qk is None:
             raise ValueError("directionality: pass qk=the dict of capture_qk(model)")
         if js:  # (its MDS runs at the end: a missing scikit-learn had failed after every forward pass)
-            require_sklearn("clark_js")
+            validation.require_package("sklearn.manifold", "scikit-learn", "heads", option="clark_js",
+                                       why="the MDS of the heads")
         self.L, self.H, self.max_len = L, H, max_len
         self.js, self.directionality, self.qk, self.sample_maps = js, directionality, qk, sample_maps
         z = lambda *s, dt=torch.float64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
@@ -557,15 +558,6 @@ def behaviours(clark_entropy: torch.Tensor, attention_to: dict | None) -> list[l
             row.append(lab)
         out.append(row)
     return out
-
-
-def require_sklearn(option: str) -> None:
-    """ValueError naming option when scikit-learn (Clark's MDS) cannot be imported."""
-    try:
-        import sklearn.manifold  # noqa: F401
-    except ImportError:
-        raise ValueError(f"{validation.caller_name(option)}: scikit-learn is not installed (the MDS of the heads); "
-                         "`pip install scikit-learn` (or `pip install 'embgeom[heads]'`)") from None
 
 
 def mds_embedding(dissimilarity: torch.Tensor, seed: int = 0) -> torch.Tensor:
