@@ -99,11 +99,11 @@ def _main(args) -> int:
             with prog.phase("loading the model"):
                 with validation.renamed(classifier="--correct-only"):
                     model, tokenizer = load_model(args.model, device=args.device, classifier=args.correct_only)
-            longest = model_max_length(model, tokenizer, args.max_length)
-            if args.class_maps is not None and args.class_maps > longest:
+            max_len = model_max_length(model, tokenizer, args.max_length)
+            if args.class_maps is not None and args.class_maps > max_len:
                 # (before any forward pass: the whole corpus had run to find no text that long)
                 raise ValueError(f"--class-maps: {args.class_maps} real tokens, more than an input holds here: at most "
-                                 f"{longest} (the model's longest input, or --max-length)")
+                                 f"{max_len} (the model's longest input, or --max-length)")
             if args.checkpoint:
                 with prog.phase("checkpoint: fingerprint of the corpus and the model"):
                     ckpt = text_checkpoint(args, model, tokenizer)
@@ -134,7 +134,6 @@ def _main(args) -> int:
                             keep_cls=bool(args.keep or args.labels), trajectories=args.trajectories,
                             tokenizer=tokenizer, rows_path=ckpt.side_path("cls.npy") if ckpt else None) \
                 if keeping else None
-            max_len = model_max_length(model, tokenizer, args.max_length)
             extras = TextExtras(args, model, tokenizer, max_len, text_ids=kept if selection is not None else None)
             split = LabelSplit(labels, model, tokenizer, max_len) if labels is not None else None
             class_maps = ClassMaps(labels, args.class_maps, num_layers(model),
@@ -192,8 +191,7 @@ def _main(args) -> int:
     if class_maps is not None and not any(report["class_maps"]["texts"].values()):
         print(f"embgeom text: note: {no_class_maps_note(args.class_maps)}", file=sys.stderr)
     if labels is not None and len(set(labels)) < 2:
-        print(f"embgeom text: note: {one_class_note(bool(selection) and len(selection['texts_per_label']) > 1)}",
-              file=sys.stderr)
+        print(f"embgeom text: note: {one_class_note(selection)}", file=sys.stderr)
     if result.special_only:
         print(f"embgeom text: note: {special_only_note(result.special_only)}", file=sys.stderr)
     if args.max_length is not None and args.max_length > max_len:
@@ -344,8 +342,7 @@ def finish(args, out_dir: str, keeper: Keeper | None, report: dict, pairs: list[
                 + ", ".join(f"<a href='{f}'>{f}</a>" for f in pages) + ".</p>"
                 + table_html(["label", "texts", "mean cosine within", "mean norm"], rows)
                 + "".join(f"<p>{n}</p>" for n in notes)
-                + (f"<p>Note: {one_class_note(len(report.get('correct_only', {}).get('texts_per_label', ())) > 1)}."
-                   "</p>" if len(groups["labels"]) < 2 else ""))
+                + (f"<p>Note: {one_class_note(report.get('correct_only'))}.</p>" if len(groups["labels"]) < 2 else ""))
         sections.append(("Labelled [CLS] sets: do texts with one label sit together? (thesis 4.4.1, 4.4.3)",
                          body, pngs))
     if pairs is not None and "cls_pairs" in report and "vectors" in report["cls_pairs"]:

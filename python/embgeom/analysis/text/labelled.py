@@ -36,10 +36,12 @@ def slice_batch(b: Batch, idx: torch.Tensor) -> Batch:
 
 
 # Notes shown on stderr and on the page where a labelled run has nothing between classes to show.
-def one_class_note(correct_only: bool) -> str:
-    """Why the between-class numbers are null; after --correct-only the file may name more classes
-    than the texts it kept (it had said "the labels name one class" of a file naming two)."""
-    who = "the texts --correct-only kept are of one class" if correct_only else "the labels name one class"
+def one_class_note(correct_only: dict | None) -> str:
+    """Why the between-class numbers are null; correct_only: report.json's block of that name, or
+    None. Its label file may name more classes than the texts it kept (it had said "the labels name
+    one class" of a file naming two)."""
+    kept_fewer = correct_only is not None and len(correct_only["texts_per_label"]) > 1
+    who = "the texts --correct-only kept are of one class" if kept_fewer else "the labels name one class"
     return f"{who}: between-class numbers (silhouettes, between cosines) need two and are null"
 
 

@@ -248,9 +248,8 @@ def _last_cut(text: str, budget: int, split_chars: re.Pattern | None) -> int:
     best = cut.start() if cut is not None else 0
     if split_chars is not None:
         hit = split_chars.search(text, 0, budget)
-        if hit is not None:
-            at = hit.start()
-            best = max(best, at if at > 0 else (1 if budget > 1 else 0))
+        if hit is not None:   # before the character, or after it where it is the first
+            best = max(best, hit.start() or 1)
     return best
 
 
