@@ -219,3 +219,16 @@ def test_one_key_rows_have_entropy_plus_zero(backend):
     got = embgeom.attention_entropy(torch.ones(2, 3, 1, 1), backend=backend)
     assert bool((got.row_entropy == 0).all()) and not bool(torch.signbit(got.row_entropy).any())
     assert not bool(torch.signbit(got.mean).any())
+
+
+def test_mean_cosine_of_one_vector_is_nan():
+    """A set of one vector has no pair: NaN, as documented (the index's float64 rounding,
+    0.9999999999999999 for many single rows, had given (I^2 - 1) / 0 = -inf)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 1, 7, generator=g)
+    cone = embgeom.cone_index(x, backend="cpp")
+    assert bool(torch.isnan(cone.mean_cosine()).all())
+    two = embgeom.cone_index(torch.randn(5, 2, 7, generator=g), backend="cpp")
+    assert bool(torch.isfinite(two.mean_cosine()).all())
+    empty = embgeom.cone_index(torch.randn(2, 0, 7), backend="cpp")
+    assert bool(torch.isnan(empty.mean_cosine()).all())

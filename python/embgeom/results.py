@@ -358,7 +358,9 @@ class ConeIndex:
     def mean_cosine(self) -> torch.Tensor:
         """Mean off-diagonal cosine of each set, (I^2 - n) / (n (n - 1)); NaN for n < 2."""
         n = self.n.double()
-        return (self.index.double() ** 2 - n) / (n * (n - 1))
+        mean = (self.index.double() ** 2 - n) / (n * (n - 1))
+        # n = 1: the index's rounding (1 - 2^-53) made the numerator nonzero, -inf not NaN
+        return torch.where(n >= 2, mean, torch.full_like(mean, math.nan))
 
     def to_dict(self) -> dict:
         return {"index": as_list(self.index), "normalized": as_list(self.normalized),
