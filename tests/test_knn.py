@@ -126,6 +126,8 @@ def test_agrees_with_pairwise_row_topk(points):
     (dict(k=3, queries=torch.tensor([0, 600])), r"queries: row ids must be in \[0, 600\)"),
     (dict(k=3, index="lsh"), "index: expected one of"),
     (dict(k=3, device="tpu"), "device: expected"),
+    (dict(k=3, device="cudafoo"), "device: expected"),  # (any string starting 'cuda' had passed)
+    (dict(k=3, device="cuda:7"), "device: 'cuda:7' asked for"),
     (dict(k=3, nprobe=4), "nprobe: only for index='ivf', got index='flat'"),
     (dict(k=3, index="ivf", ef_search=64), "ef_search: only for index='hnsw', got index='ivf'"),
     (dict(k=3, index="hnsw", nlist=8), "nlist: only for index='ivf'"),

@@ -122,7 +122,7 @@ def _queries(queries: Any, x: torch.Tensor):
     return q, None
 
 
-def _build(faiss, kind: str, xn: np.ndarray, use_gpu: bool, params: dict):
+def _build(faiss, kind: str, xn: np.ndarray, gpu: int | None, params: dict):
     n, d = xn.shape
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
@@ -135,9 +135,9 @@ def _build(faiss, kind: str, xn: np.ndarray, use_gpu: bool, params: dict):
         index = faiss.IndexHNSWFlat(d, params["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = params["ef_construction"]
         index.hnsw.efSearch = params["ef_search"]
-    if use_gpu and kind != "hnsw":  # faiss has no GPU HNSW
+    if gpu is not None and kind != "hnsw":  # faiss has no GPU HNSW
         res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, torch.cuda.current_device(), index)
+        index = faiss.index_cpu_to_gpu(res, gpu, index)
         index._embgeom_res = res  # keep the resources alive with the index
         if kind == "ivf":
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", params["nprobe"])
@@ -238,7 +238,8 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
     probed; default nlist ~4 sqrt(N) capped at N / 39, FAISS's 39 training points a list, and
     nprobe nlist / 8) or "hnsw" (`hnsw_m` links, default 32; `ef_search`, default max(64, 2k));
     an index's options given with another index are refused. Approximate indexes also run exact
-    search and report recall@k. device: None = GPU when faiss-gpu and CUDA are usable, "cpu", "cuda".
+    search and report recall@k. device: None = GPU when faiss-gpu and CUDA are usable, "cpu",
+    "cuda" (the current CUDA device) or "cuda:i".
     Zero-norm rows have no direction: they are never neighbours. `tie_margin` extra candidates
     are fetched so that equal values are ordered by id. Returns KnnResult, tensors on x's device.
     """
@@ -257,14 +258,17 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
         raise ValueError(f"k: expected <= {limit} ({'N - 1 for self-queries' if self_ids is not None else 'N'}, "
                          f"N = {n}), got {k}")
     faiss = _faiss()
-    if isinstance(device, torch.device):  # torch.device("cpu") / ("cuda", 0) as their strings
-        device = str(device)
-    if device not in (None, "cpu") and not str(device).startswith("cuda"):
-        raise ValueError(f"device: expected 'cpu' or 'cuda[:i]' (or None: a GPU where faiss has one), got {device!r}")
-    if device is not None and str(device).startswith("cuda") and not _gpu_usable(faiss):
-        raise ValueError("device: a GPU index needs faiss with GPU support (faiss-gpu) and a usable "
-                         "CUDA device; use device='cpu'")
-    use_gpu = _gpu_usable(faiss) if device is None else str(device).startswith("cuda")
+    gpu = None  # the CUDA device's number for a GPU index
+    if device is not None:
+        dev = validation.device(device)
+        if dev.type == "cuda":
+            if not _gpu_usable(faiss):
+                raise ValueError("device: a GPU index needs faiss with GPU support (faiss-gpu) and a usable "
+                                 "CUDA device; use device='cpu'")
+            gpu = torch.cuda.current_device() if dev.index is None else dev.index
+    elif _gpu_usable(faiss):
+        gpu = torch.cuda.current_device()
+    use_gpu = gpu is not None
 
     start = time.perf_counter()
     xn, x_valid = _normalised(x)
@@ -301,17 +305,17 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
         out_i = np.full((qn.shape[0], k), -1, np.int64)
         out_v = np.full((qn.shape[0], k), np.nan, np.float32)
     else:
-        idx = _build(faiss, index, base, use_gpu and index != "hnsw", params)
+        idx = _build(faiss, index, base, gpu, params)
         out_i, out_v = _search(idx, qn, want, valid_ids, self_ids, q_valid, k, limit)
         if index != "flat":
-            exact = _build(faiss, "flat", base, use_gpu, {})
+            exact = _build(faiss, "flat", base, gpu, {})
             ex_i, _ = _search(exact, qn, want, valid_ids, self_ids, q_valid, k, limit)
             recall = recall_at_k(out_i, ex_i)
     seconds = time.perf_counter() - start
     return KnnResult(
         indices=torch.from_numpy(out_i).to(x.device), values=torch.from_numpy(out_v).to(x.device),
         index=index, k=k, recall=recall, seconds=seconds,
-        device="cuda" if use_gpu and index != "hnsw" else "cpu", self_query=self_ids is not None,
+        device=f"cuda:{gpu}" if use_gpu and index != "hnsw" else "cpu", self_query=self_ids is not None,
         excluded_rows=excluded, params=params)
 
 

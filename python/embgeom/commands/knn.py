@@ -6,6 +6,7 @@ import sys
 
 from ..formatting import counted, fmt, seconds
 from ..neighbours import INDEXES, knn
+from .model_options import device_option
 
 
 def add_arguments(p) -> None:
@@ -15,7 +16,8 @@ def add_arguments(p) -> None:
                    help="flat: exact search; ivf, hnsw: approximate, with recall@k against exact (default flat)")
     p.add_argument("--queries", metavar="Q", help="(Q, D) query matrix; default: every row of X "
                    "queries (itself excluded)")
-    p.add_argument("--device", help="cpu or cuda (default: GPU when faiss-gpu and CUDA are usable)")
+    p.add_argument("--device", type=device_option,
+                   help="cpu, cuda or cuda:i (default: GPU when faiss-gpu and CUDA are usable)")
     p.add_argument("--nlist", type=int, help="--index ivf: lists (default ~4 sqrt(N), at most N / 39)")
     p.add_argument("--nprobe", type=int, help="--index ivf: lists probed (default nlist / 8)")
     p.add_argument("--hnsw-m", type=int, help="--index hnsw: links per node (default 32)")
