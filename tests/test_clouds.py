@@ -146,8 +146,10 @@ def test_project_euclidean_keeps_the_hopf_link_apart():
     df = p.to_pandas()
     assert list(df.columns) == ["x", "y", "label", "nearest", "nearest_distance"] and len(df) == 200
     assert "euclidean" in p._repr_html_() and "Projection" in p._repr_html_()
+    # 'l2' names the same metric (the Index's spelling)
+    np.testing.assert_array_equal(embgeom.project(x, "umap", k=5, seed=0, metric="l2").embedding, p.embedding)
     with pytest.raises(ValueError, match="metric: expected one of"):
-        embgeom.project(x, "umap", metric="l2")
+        embgeom.project(x, "umap", metric="manhattan")
 
 
 @pytest.mark.parametrize("method", ["pca", "tsne", "umap"])

@@ -1370,3 +1370,22 @@ def test_first_calls_from_several_threads_at_once_find_the_backends(tmp_path):
     script.write_text(FIRST_CALLS_AT_ONCE)
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "failed 0 " in done.stdout, (done.stdout, done.stderr[-2000:])
+
+
+def test_euclidean_and_l2_name_one_metric():
+    """pairwise_stats and projections say 'euclidean', Index and pairs_above 'l2' (FAISS's word):
+    each takes the other's spelling for the same distances and reports its own."""
+    import embgeom
+
+    x = np.random.default_rng(3).standard_normal((40, 6)).astype(np.float32)
+    a = Index(x, metric="euclidean")
+    assert a.metric == "l2"
+    s1, i1 = a.search(x[:5], 3)
+    s2, i2 = Index(x, metric="l2").search(x[:5], 3)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+    p = embgeom.pairwise_stats(x, metric="l2", bins=10, range=(0.0, 10.0), row_topk=0)
+    q = embgeom.pairwise_stats(x, metric="euclidean", bins=10, range=(0.0, 10.0), row_topk=0)
+    assert p.metric == q.metric == "euclidean" and p.mean == q.mean
+    with pytest.raises(ValueError, match="metric: expected one of 'cosine', 'dot', 'l2'"):
+        Index(x, metric="manhattan")

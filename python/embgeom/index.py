@@ -374,7 +374,7 @@ class Index:
 
     def __init__(self, corpus, metric: str = "cosine", dtype: Any = torch.float32, device: Any = None,
                  *, copy: bool = True):
-        self.metric = validation.choice(metric, "metric", METRICS)
+        self.metric = validation.metric(metric, "metric", METRICS)
         copy = validation.flag(copy, "copy")
         self.dtype = _dtype(dtype)
         x = _rows(corpus, "corpus")
@@ -1460,7 +1460,7 @@ def pairs_above(x, threshold: float, out, *, metric: str | None = None, dtype: A
     validation.finite_float(threshold, "threshold")   # (before a temporary index is built)
     validation.path(out, "out")
     if isinstance(x, Index):
-        if metric is not None and validation.choice(metric, "metric", METRICS) != x.metric:
+        if metric is not None and validation.metric(metric, "metric", METRICS) != x.metric:
             raise ValueError(f"metric: x is an Index of metric {x.metric!r}, which applies; got {metric!r}")
         if dtype is not None and _dtype(dtype) != x.dtype:
             raise ValueError(f"dtype: x is an Index of dtype {x.dtype}, which applies; got {dtype!r}")

@@ -392,6 +392,16 @@ def choice(value: Any, name: str, options: tuple[str, ...]) -> str:
     return value
 
 
+EUCLIDEAN = ("euclidean", "l2")  # one metric: pairwise_stats and projections say euclidean, Index l2
+
+
+def metric(value: Any, name: str, options: tuple[str, ...]) -> str:
+    """choice() where 'euclidean' and 'l2' name the same metric, returned as options spell it."""
+    if isinstance(value, str) and value in EUCLIDEAN:
+        value = next((o for o in options if o in EUCLIDEAN), value)
+    return choice(value, name, options)
+
+
 def finite_float(value: Any, name: str) -> float:
     # a string ("0.9") or a truth value (bool, numpy / torch bool) would convert, and hide a
     # caller's mistake

@@ -16,8 +16,9 @@ def add_arguments(p) -> None:
     p.add_argument("x", metavar="X", help=".npy, .pt or .safetensors file of shape (N, D)")
     p.add_argument("--threshold", type=float, required=True, metavar="T",
                    help="cosine / dot: pairs with similarity >= T; l2: pairs at distance <= T")
-    p.add_argument("--metric", default="cosine", choices=list(PAIR_METRICS),
-                   help="similarity of a pair: cosine, dot product, or Euclidean distance (l2) (default %(default)s)")
+    p.add_argument("--metric", default="cosine", choices=[*PAIR_METRICS, "euclidean"],
+                   help="similarity of a pair: cosine, dot product, or Euclidean distance (l2, also "
+                   "spelled euclidean) (default %(default)s)")
     p.add_argument("--device", type=device_option, help="torch device of the scan (default: cpu)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder of the shards and manifest (created; "
                    "the folder of an unfinished run of the same X and threshold continues it)")
@@ -51,7 +52,7 @@ def main(args) -> int:
     with renamed(**flags_of(args, positional=("x",))):
         manifest = pairs_above(x, args.threshold, args.out, metric=args.metric, progress=prog)
     write_json(os.path.join(args.out, "provenance.json"), prov.record())
-    relation = "at distance <=" if args.metric == "l2" else f"with {args.metric} >="
+    relation = "at distance <=" if manifest["metric"] == "l2" else f"with {manifest['metric']} >="
     earlier = f", the pairs of {counted(kept, 'row')} from an earlier run" if kept else ""
     # the folder's size: a threshold most pairs pass writes 20 bytes a pair, N^2 / 2 of them
     size = sum(s["bytes"] for s in manifest["shards"]) / 2**20

@@ -38,9 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument("--labels", metavar="FILE", help="one label per line, aligned with the rows")
     p.add_argument("--texts", metavar="FILE", help="one text/token per line, shown on hover in the HTML")
     p.add_argument("--method", default="umap", choices=["umap", "tsne", "pca"], help="default umap")
-    p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean"],
+    p.add_argument("--metric", default="cosine", choices=["cosine", "euclidean", "l2"],
                    help="the neighbour graph's geometry (and the original silhouette's): cosine for "
-                   "embeddings (default), euclidean for point clouds whose positions matter (a Hopf link)")
+                   "embeddings (default), euclidean (or l2) for point clouds whose positions matter (a Hopf link)")
     p.add_argument("--k", type=int, default=None, help="UMAP neighbours besides the point itself "
                    f"(default {DEFAULT_K})")
     p.add_argument("--perplexity", type=float, default=None, help="t-SNE perplexity (k = 3 x perplexity; "

@@ -20,7 +20,8 @@ def _option(default, help_text: str, **extra):
 
 @dataclass(frozen=True)
 class PairwiseConfig:
-    metric: str = _option("cosine", "similarity of a pair", choices=METRICS)
+    metric: str = _option("cosine", "similarity of a pair (euclidean also spelled l2, as the Index does)",
+                          choices=(*METRICS, "l2"))
     bins: int = _option(2000, "histogram bins over the range (0: no histogram)")
     lo: float = _option(-1.0, "histogram range, lower edge (option `range`)")
     hi: float = _option(1.0, "histogram range, upper edge (option `range`)")
@@ -76,7 +77,7 @@ def make_config(**options) -> PairwiseConfig:
         raise TypeError(f"{unknown[0]}: not an option of pairwise_stats (options: {', '.join(known)})")
     o = {name: spec["default"] for name, spec in known.items()}
     o.update(options)
-    metric = validation.choice(o["metric"], "metric", METRICS)
+    metric = validation.metric(o["metric"], "metric", METRICS)
     precision = validation.choice(o["precision"], "precision", PRECISIONS)
     bins = validation.positive_int(o["bins"], "bins")
     rng = o["range"]

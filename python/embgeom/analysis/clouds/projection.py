@@ -64,8 +64,7 @@ def exact_knn(x, k: int, *, metric: str = "cosine", backend: str | None = None) 
     excluded; cosine descending or distance ascending, ties by column index), the values (N, k)
     float64 (cosine similarities, or Euclidean distances) and the seconds it took. Under cosine
     zero rows have no direction: they are an error there."""
-    if metric not in GRAPH_METRICS:
-        raise ValueError(f"metric: expected one of {GRAPH_METRICS}, got {metric!r}")
+    metric = validation.metric(metric, "metric", GRAPH_METRICS)
     xm = as_matrix(x)
     n = xm.shape[0]
     if not 1 <= k <= n - 1:
@@ -613,8 +612,7 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     require_packages(method)  # (before the neighbour graph: a missing package had been said after it)
-    if metric not in GRAPH_METRICS:
-        raise ValueError(f"metric: expected one of {GRAPH_METRICS}, got {metric!r}")
+    metric = validation.metric(metric, "metric", GRAPH_METRICS)
     # (refused where float32 cannot hold the values: the graphs' rows and every method's (N, 2)
     # float32 embedding are float32; PCA itself then works on the float64 values as given)
     xm = as_matrix(x)
