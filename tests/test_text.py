@@ -171,7 +171,10 @@ def test_trace_per_head_table(tiny_bert):
     texts = [t for t in CORPUS if t]
     acc = HeadsAccumulator(2, 4, 512, torch.device("cpu"), js=True)
     r = trace(model, tokenizer, texts, batch_size=2, observers=[acc])
-    block = acc.result(model, tokenizer, r.attention_to)
+    block = acc.result(model, tokenizer, r.attention_to_per_text)  # (as the README shows)
+    # the same block as the command's own code gives (trace(heads=True) passes the per-text masses)
+    own = trace(model, tokenizer, texts, batch_size=2, heads=True, clark_js=True).attention_heads
+    assert block["mds_behaviour"] == own["mds_behaviour"]
     df = r.to_pandas("heads", heads_block=block)
     assert len(df) == 2 * 4 and df["layer"].tolist() == [1] * 4 + [2] * 4
     assert df["head"].tolist() == [0, 1, 2, 3] * 2 and df["head_index"].tolist() == list(range(8))
