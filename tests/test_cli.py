@@ -410,6 +410,18 @@ def test_project_refuses_a_seed_its_method_ignores_or_cannot_take(tmp_path, caps
     assert not (tmp_path / "p").exists()
 
 
+def test_vocab_refuses_a_seed_out_of_range_before_the_model(tmp_path, capsys, monkeypatch):
+    """(it had been refused by the layouts, after the model load and every other section)"""
+    from embgeom import models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(models, "load_model", no_load)
+    assert main(["vocab", "--projections", "--seed", "-1", "--out", str(tmp_path / "v")]) == 2
+    assert "--seed: expected 0 .. 2^32 - 1, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
+
+
 def test_a_json_or_checkpoint_never_lands_in_a_sealed_folder(tmp_path, capsys):
     """`pairs --json DIR/manifest.json` into a pairs_above folder had replaced its manifest (the
     folder then read as damaged), `--json REPORT/report.json` a sealed report's file: refused."""

@@ -402,6 +402,16 @@ def metric(value: Any, name: str, options: tuple[str, ...]) -> str:
     return choice(value, name, options)
 
 
+def seed(value: Any, name: str = "seed") -> int:
+    """A layout seed: an int in umap-learn's and openTSNE's range, 0 .. 2^32 - 1 (beyond it they
+    fail after the neighbour graph)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not 0 <= int(value) < 2 ** 32:
+        raise ValueError(f"{name}: expected 0 .. 2^32 - 1, got {value}")
+    return int(value)
+
+
 def finite_float(value: Any, name: str) -> float:
     # a string ("0.9") or a truth value (bool, numpy / torch bool) would convert, and hide a
     # caller's mistake

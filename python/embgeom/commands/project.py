@@ -11,6 +11,7 @@ import os
 import sys
 
 from ..analysis.clouds.projection import DEFAULT_K, DEFAULT_PERPLEXITY
+from .. import validation
 from ..report.projection_page import write_outputs
 from .model_options import add_quiet_option, progress_for
 from . import flags_of, say_notes
@@ -23,8 +24,8 @@ def check_method_options(args) -> None:
                                    ("--seed", args.seed, ("umap", "tsne")), ("--backend", args.backend, ("umap", "tsne"))):
         if value is not None and args.method not in methods:
             raise ValueError(f"{option}: only for --method {' or '.join(methods)}, got --method {args.method}")
-    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
-        raise ValueError(f"--seed: expected 0 .. 2^32 - 1, got {args.seed}")
+    if args.seed is not None:
+        validation.seed(args.seed, "--seed")
     args.k = DEFAULT_K if args.k is None else args.k
     args.perplexity = DEFAULT_PERPLEXITY if args.perplexity is None else args.perplexity
     args.seed = 0 if args.seed is None else args.seed

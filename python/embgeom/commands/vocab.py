@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from .. import validation
 from ..analysis.vocab.sections import PhaseTimer, analyse, peak_rss_mb
 from ..engine.config import DEFAULTS, PRECISIONS
 from ..analysis.vocab.layouts import LAYOUTS, LayoutCheckpoint
@@ -48,6 +49,7 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
 
     from ..analysis.vocab.positions import UNKNOWN_SIZE, parse_range
 
+    seed = validation.seed(seed)  # (before the model: the layouts that take it run last)
     prov = provenance or Provenance(seed=seed)
     prov.seed = seed
     timer = PhaseTimer(progress)

@@ -621,11 +621,7 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
         labels = [str(v) for v in labels]
         if len(labels) != n:
             raise ValueError(f"labels: expected {n} (one per row), got {len(labels)}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-    seed = int(seed)
-    if not 0 <= seed < 2 ** 32:  # (umap-learn's and openTSNE's range: refused after the graph otherwise)
-        raise ValueError(f"seed: expected 0 .. 2^32 - 1, got {seed}")
+    seed = validation.seed(seed)
     if method == "tsne":
         if isinstance(perplexity, bool) or not isinstance(perplexity, (int, float, np.integer, np.floating)):
             raise TypeError(f"perplexity: expected a number, got {type(perplexity).__name__}")
