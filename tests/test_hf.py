@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,6 +233,12 @@ def test_metric_subset_and_max_length(tiny_bert):
         trace(model, tokenizer, TEXTS[:2], metrics=("cone", "nope"))
     with pytest.raises(ValueError, match="max_length"):
         trace(model, tokenizer, TEXTS[:2], max_length=1)
+    # numpy ints are ints (they had been refused as "expected an int >= 1, got 8"); 2.5 is no int
+    a = trace(model, tokenizer, TEXTS[:3], metrics=("cone",), batch_size=np.int64(2), max_length=np.int64(16))
+    b = trace(model, tokenizer, TEXTS[:3], metrics=("cone",), batch_size=2, max_length=16)
+    torch.testing.assert_close(a.cone_layer_output, b.cone_layer_output, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="batch_size: expected an int, got float"):
+        trace(model, tokenizer, TEXTS[:2], batch_size=2.5)
 
 
 @pytest.mark.parametrize("content,match", [(b"ok\n\xff\xfe bad\n", "line 2 is not UTF-8"),

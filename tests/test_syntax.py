@@ -365,3 +365,14 @@ def test_cli_probe_split_errors(pieces_bert, tmp_path, capsys, args, message):
     assert main(["syntax", SAMPLE, "--out", str(tmp_path / "o"), "--model", path, "--no-progress"] + args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_word_setup_batch_size_is_an_int_named_as_the_library_names_it(tiny_bert):
+    """(2.5 had passed and batches were then cut by memory alone; the message named the CLI's flag)"""
+    from embgeom.analysis.syntax.word_heads import word_setup
+
+    model, tokenizer = tiny_bert
+    with pytest.raises(TypeError, match="batch_size: expected an int"):
+        word_setup(model, tokenizer, [["a", "b"]], 2.5, None)
+    with pytest.raises(ValueError, match="batch_size: expected >= 1"):
+        word_setup(model, tokenizer, [["a", "b"]], 0, None)

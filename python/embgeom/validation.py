@@ -372,6 +372,14 @@ def positive_int(value: Any, name: str, *, allow_zero: bool = True) -> int:
     return int(value)
 
 
+def token_limit(value: Any, name: str = "max_length") -> int:
+    """A model input's length in tokens: an int >= 2 ([CLS] and [SEP])."""
+    value = positive_int(value, name)
+    if value < 2:
+        raise ValueError(f"{name}: expected >= 2 tokens ([CLS] and [SEP]), got {value}")
+    return value
+
+
 def flag(value: Any, name: str) -> bool:
     """A yes/no argument: True or False (numpy's bools too). A string or a number is refused: "no"
     and "false" had read as True."""

@@ -58,10 +58,11 @@ def progress_for(args, prefix: str):
 
 def check_run_options(args) -> None:
     """--batch-size and --max-length, in one line each, before the model loads."""
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
-    if args.max_length is not None and args.max_length < 2:
-        raise ValueError(f"--max-length: expected >= 2 tokens ([CLS] and [SEP]), got {args.max_length}")
+    from ..validation import positive_int, token_limit
+
+    positive_int(args.batch_size, "--batch-size", allow_zero=False)
+    if args.max_length is not None:
+        token_limit(args.max_length, "--max-length")
 
 
 def finish_report(out: str, report: dict, prov, prog, write_page) -> None:

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from ... import validation
 from ...progress import as_progress
 from ..text.adapters import num_layers
 from .treebank import Sentence
@@ -83,11 +84,10 @@ def fitting_order(pieces: list[list[list[int]]], limit: int) -> tuple[list[int],
 
 def word_setup(model, tokenizer, word_lists: list[list[str]], batch_size: int, max_length: int | None):
     """What every word-attention analysis starts from: (L, H, the token limit, each text's
-    word pieces); ValueError for a batch size below 1."""
+    word pieces); batch_size checked (the commands say --batch-size through validation.renamed)."""
     from ..text.trace import model_max_length
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
+    validation.positive_int(batch_size, "batch_size", allow_zero=False)
     L, H = num_layers(model), model.config.num_attention_heads
     return L, H, model_max_length(model, tokenizer, max_length), word_pieces(tokenizer, word_lists)
 

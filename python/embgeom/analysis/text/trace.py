@@ -95,9 +95,7 @@ def model_max_length(model, tokenizer, max_length: int | None = None) -> int:
         limit = min(limit, int(tok_max))
     if max_length is None:
         return int(limit)
-    if not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
-    return min(int(max_length), int(limit))
+    return min(validation.token_limit(max_length), int(limit))
 
 
 # What a vocabulary token is, once its '##' / 'Ġ' / '▁' prefix is stripped
@@ -427,8 +425,7 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
     run under torch.inference_mode with eager attention; tensors stay on the model's device.
     Texts longer than max_length (default: the model's maximum) are truncated; the first batch
     with a truncation warns once. skip: start after that many texts (a resumed run)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    batch_size = validation.positive_int(batch_size, "batch_size", allow_zero=False)
     dev = _device_of(model, device)
     limit = model_max_length(model, tokenizer, max_length)
     H = model.config.num_attention_heads
