@@ -219,16 +219,27 @@ def test_scatter_script_parses():
 
 
 def test_scatter_page_without_plotly(tmp_path, monkeypatch):
-    """Without plotly a scatter page fails with how to install it, not a bare ModuleNotFoundError."""
+    """Without plotly a scatter page fails with how to install it, not a bare ModuleNotFoundError;
+    `embgeom project` says so before any work (it had printed a traceback after the layout)."""
     import sys
 
     from embgeom.report.interactive import write_scatter_html
 
     for name in ("plotly", "plotly.graph_objects", "plotly.offline"):
         monkeypatch.setitem(sys.modules, name, None)
-    with pytest.raises(ImportError, match=r"pip install 'plotly>=5.20'"):
+    with pytest.raises(ValueError, match=r"plotly is not installed \(the interactive scatter pages\); "
+                                         r"`pip install plotly` \(or `pip install 'embgeom\[hf\]'`\)"):
         write_scatter_html(str(tmp_path / "p.html"), [[0.0, 1.0], [1.0, 0.0]])
     assert not (tmp_path / "p.html").exists()
+    import numpy as np
+
+    from embgeom import cli
+    from embgeom.analysis.clouds import projection
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32))
+    monkeypatch.setattr(projection, "exact_knn", lambda *a, **k: pytest.fail("the graph was computed"))
+    assert cli.main(["project", str(tmp_path / "x.npy"), "--method", "pca", "--out", str(tmp_path / "p")]) == 2
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.parametrize("labels", [["a"] * 6, list("abcdef")], ids=["one-label", "one-text-each"])

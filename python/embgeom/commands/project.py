@@ -12,6 +12,7 @@ import sys
 
 from ..analysis.clouds.projection import DEFAULT_K, DEFAULT_PERPLEXITY
 from .. import validation
+from ..report.interactive import require_page_packages
 from ..report.projection_page import write_outputs
 from .model_options import add_quiet_option, progress_for
 from . import flags_of, say_notes
@@ -61,6 +62,7 @@ def main(args) -> int:
     from ..validation import renamed
 
     check_method_options(args)
+    require_page_packages()
     prov = Provenance(args, inputs={"X": args.x, "--labels": args.labels, "--texts": args.texts}, seed=args.seed)
     prog = progress_for(args, "embgeom project")
     check_output_folder(args.out, command="project",

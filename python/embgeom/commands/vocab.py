@@ -57,8 +57,10 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
     parse_range(positions, UNKNOWN_SIZE)  # its form before the model loads; its bounds right after
     if projections:  # (UMAP and t-SNE run last: a missing package had been said after the other sections)
         from ..analysis.clouds.projection import require_packages
+        from ..report.interactive import require_page_packages
 
         require_packages("umap", "tsne")
+        require_page_packages()  # (their pages are written after the layouts)
     if checkpoint is not None:
         if not projections:
             raise ValueError("--checkpoint: keeps the --projections layouts; without --projections there is "

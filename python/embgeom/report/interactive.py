@@ -94,14 +94,23 @@ Plotly.newPlot(gd, F.data, F.layout, P.config).then(() => {
 
 
 def _plotly():
-    """plotly's graph_objects and offline modules, or an ImportError saying how to install it."""
-    try:
-        import plotly.graph_objects as go
-        import plotly.offline as offline
-    except ImportError:
-        raise ImportError("the interactive scatter pages need plotly: pip install 'plotly>=5.20' "
-                          "(or embgeom[hf])") from None
+    """plotly's graph_objects and offline modules, or the one-line ValueError of a missing package."""
+    from ..validation import require_package
+
+    require_package("plotly", "plotly", "hf", why="the interactive scatter pages")
+    import plotly.graph_objects as go
+    import plotly.offline as offline
+
     return go, offline
+
+
+def require_page_packages() -> None:
+    """A scatter page's packages (plotly; matplotlib for its PNG), or the one-line ValueError
+    naming the missing one: a command asks before its work, not after its layouts."""
+    from ..validation import require_package
+
+    _plotly()
+    require_package("matplotlib", "matplotlib", "hf", why="the PNG plots")
 
 
 def coordinate_decimals(xy: np.ndarray) -> int:
