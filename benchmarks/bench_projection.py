@@ -187,7 +187,8 @@ def their_graph(provider: str, x: np.ndarray, args) -> np.ndarray:
 def child(args) -> None:
     import torch
 
-    from embgeom.analysis.clouds.projection import exact_knn, knn_recall
+    from embgeom.analysis.clouds.projection import exact_knn
+    from embgeom.neighbours import recall_at_k
 
     try:  # (before the model loads; a module that library needs, absent, counts the same)
         importlib.import_module(NEEDS[args.provider])
@@ -202,7 +203,7 @@ def child(args) -> None:
     if args.provider in ("umap-learn", "tsne-openTSNE"):
         theirs = their_graph(args.provider, x, args)
         exact, _, _ = exact_knn(x, theirs.shape[1])
-        out["recall"] = knn_recall(theirs, exact)
+        out["recall"] = recall_at_k(theirs, exact)
     out["n"], out["d"] = x.shape
     out["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(out))

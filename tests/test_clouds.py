@@ -15,6 +15,7 @@ import embgeom
 from embgeom.analysis.clouds import geometry, projection
 from embgeom.analysis.vocab import positions
 from embgeom.cli import main
+from embgeom.neighbours import recall_at_k
 from helpers import scatter_page
 
 pytestmark = pytest.mark.filterwarnings("ignore:trace. texts longer")
@@ -51,7 +52,7 @@ def test_exact_knn_vs_brute_force(n, k):
     # equal up to ties: indices differ only where the values tie
     same = idx == want_i
     assert np.all(same | np.isclose(sim, want_s, atol=1e-6))
-    assert projection.knn_recall(idx, want_i) >= 0.99
+    assert recall_at_k(idx, want_i) >= 0.99
 
 
 def test_exact_knn_errors():
@@ -167,7 +168,7 @@ def test_projection_deterministic_and_graph_exact(method):
         k = 8 if method == "umap" else 15                # t-SNE: k = 3 * perplexity
         want_i, _ = _brute_knn(x, k)
         assert a.k == k and a.indices.shape == (60, k)
-        assert projection.knn_recall(a.indices, want_i) >= 0.99
+        assert recall_at_k(a.indices, want_i) >= 0.99
     else:
         assert a.explained_variance.shape == (16,) and abs(a.explained_variance.sum() - 1) < 1e-9
         assert set(a.pca_curves) == {"all", "by_label"} and set(a.pca_curves["by_label"]) == {"g0", "g1", "g2"}

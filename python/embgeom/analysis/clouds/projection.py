@@ -265,12 +265,6 @@ def rescore64(x64: np.ndarray, idx: np.ndarray, rows: np.ndarray | None = None, 
     return np.clip(out, -1.0, 1.0, out=out)
 
 
-def knn_recall(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Mean over rows of |approx_i ∩ exact_i| / k (both (N, k), self excluded)."""
-    hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact))
-    return hits / float(exact.size)
-
-
 # ------------------------------------------------------------------------------------ PCA
 # smallest eigenvalue of X^T X, as a share of the largest, that keeps ~7 digits (D eps / share)
 GRAM_TRUST = 1e-6
