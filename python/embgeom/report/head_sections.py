@@ -371,15 +371,15 @@ def context_maps_section(out_dir: str, cs: dict, max_tokens: int = 64):
     maps = cs.get("maps")
     if not maps:
         return None
-    data = np.load(os.path.join(out_dir, maps["file"]))
     pngs = []
     def scaled(m):
         scale = np.abs(m).max() if m.size else 1.0
         return m / (scale if scale > 0 else 1.0)
 
     text_ids = [int(k) for k in maps["text_ids"]]  # (numbers only: they name files and go into the page)
-    for k in text_ids:
-        S = data[f"text{k}_S"][..., :max_tokens, :max_tokens].astype(float)
+    with np.load(os.path.join(out_dir, maps["file"])) as data:  # (an npz holds its file open until closed)
+        shown = {k: data[f"text{k}_S"][..., :max_tokens, :max_tokens].astype(float) for k in text_ids}
+    for k, S in shown.items():
         pngs.append(_head_grid(out_dir, f"context_maps_{k}", S, scaled, dict(cmap="RdBu_r", vmin=-1, vmax=1),
                                ("token j", "token i"), "S[i, j] / max |S| of the head",
                                title=f"text {k}: S = O O\u1d40 per layer and head"))

@@ -310,8 +310,8 @@ def label_section(out_dir: str, by_label: dict, L: int):
 def trajectory_plots(out_dir: str, path: str) -> tuple[list[str], dict]:
     """PCA paths of the kept tokens (all depths; without the last step) and per-token step
     distance, step cosine and norm (thesis 4.3, figures 20-22)."""
-    z = np.load(path)
-    states, text, tokens = z["states"], z["text"], z["token"]
+    with np.load(path) as z:  # (an npz holds its file open until closed)
+        states, text, tokens = z["states"], z["text"], z["token"]
     n, depths, d = states.shape
     names = [literal(f"{t}:{tok}") for t, tok in zip(text.tolist(), tokens.tolist())]
     pngs = []
