@@ -495,12 +495,14 @@ def test_flat_index_bad_input():
         index.add(np.zeros((2, 3), np.float32))
     with pytest.raises(TypeError, match="x: expected"):
         index.add(np.zeros((2, 4), np.complex64))
-    with pytest.raises(ValueError, match="k: expected an int >= 1"):
+    with pytest.raises(ValueError, match="k: expected >= 1, got 0"):
         index.search(np.zeros((1, 4), np.float32), 0)
+    with pytest.raises(TypeError, match="k: expected an int, got float"):  # (as every embgeom k)
+        index.search(np.zeros((1, 4), np.float32), 2.0)
     index.add(np.eye(4, dtype=np.float32))
     with pytest.raises(ValueError, match="k: 1 query x k = 10,000,000,000,000 results need"):
         index.search(np.zeros((1, 4), np.float32), 10**13)
-    with pytest.raises(ValueError, match="d: expected an int >= 1"):
+    with pytest.raises(ValueError, match="d: expected >= 1, got 0"):
         egf.IndexFlatL2(0)
     with pytest.raises(ValueError, match="radius: expected a number"):
         index.range_search(np.zeros((1, 4), np.float32), float("nan"))

@@ -26,9 +26,7 @@ class _IndexFlat:
     is_trained = True
 
     def __init__(self, d: int, dtype: str = "float32"):
-        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-            raise ValueError(f"d: expected an int >= 1, got {d!r}")
-        self.d = int(d)
+        self.d = validation.positive_int(d, "d", allow_zero=False)
         self._dtype = dtype
         self.reset()
 
@@ -60,8 +58,7 @@ class _IndexFlat:
     def search(self, x, k: int, *, params=None, D=None, I=None):  # noqa: E741 (FAISS's names)
         """-> (D (n, k) float32, I (n, k) int64); D and I given: filled and returned, as FAISS
         does. params: None (a flat index takes no search parameters)."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k: expected an int >= 1, got {k!r}")
+        k = validation.positive_int(k, "k", allow_zero=False)
         if params is not None:
             raise ValueError(f"params: a flat index takes no search parameters, got {params!r}")
         q = torch.from_numpy(self._rows(x, "x"))
