@@ -136,8 +136,9 @@ def _dtype(value: Any) -> torch.dtype:
     raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16 (or 'float32', 'bfloat16'), got {value!r}")
 
 
-def _rows(x: Any, name: str, d: int | None = None) -> torch.Tensor:
-    """(N, D) float, N may be 0 (an empty corpus or query set); finite values."""
+def _rows(x: Any, name: str, d: int | None = None, *, queries: bool = False) -> torch.Tensor:
+    """(N, D) float, N may be 0 (an empty corpus or query set); finite values. queries: rows
+    that are normalised (cosine) or checked against the stored rows, not stored themselves."""
     t = validation.as_tensor(x, name)
     if t.dim() != 2 or t.shape[1] == 0 or not t.dtype.is_floating_point or t.dtype not in validation.FLOAT_DTYPES:
         got = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
@@ -148,7 +149,7 @@ def _rows(x: Any, name: str, d: int | None = None) -> torch.Tensor:
         raise ValueError(f"{name}: expected D = {d} to match the index, got {tuple(t.shape)}")
     validation.check_finite(t, name)
     # queries are normalised (cosine) or checked against the rows (dot, l2) in float64
-    validation.fits_float32(t, name, small_rows=name != "queries")
+    validation.fits_float32(t, name, small_rows=not queries)
     return t
 
 
@@ -541,7 +542,7 @@ class Index:
         unit query (cosine) or the query.
         search: the queries of one search or range search (their count may pick the scan,
         _scan_dtype)."""
-        q = _rows(queries, "queries", self.d).detach().to(self.device).contiguous()
+        q = _rows(queries, "queries", self.d, queries=True).detach().to(self.device).contiguous()
         qn = _norms64(q)  # (the stored rows' norms are taken the same way: a stored row as a query, the same norm)
         if self.metric != "cosine" and st.n:  # (a cosine query is scanned as a unit row)
             _check_magnitudes(self.metric, qn, st.cmax, ("queries", "corpus"))
@@ -752,7 +753,7 @@ class Index:
                 or queries.shape[0] >= (ENGINE_BATCH_BF16 if bf16 else ENGINE_BATCH)):  # (the engine's, from there)
             return None
         k = validation.positive_int(k, "k", allow_zero=False)
-        q = _rows(queries, "queries", self.d).detach()
+        q = _rows(queries, "queries", self.d, queries=True).detach()
         Q, n = q.shape[0], st.n
         if q.device.type != "cpu" or self._blocks(Q, n)[1] < n:
             return None

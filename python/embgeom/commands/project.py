@@ -87,7 +87,7 @@ def main(args) -> int:
         raise ValueError(f"X: expected (N, D) or (N, L+1, D), got {tuple(x.shape)}")
     n = x.shape[0]
     labels = read_labels(args.labels, n) if args.labels else None
-    texts = read_labels(args.texts, n, "--texts") if args.texts else None
+    texts = read_labels(args.texts, n, texts=True) if args.texts else None
     flags = flags_of(args, positional=("x",))
     with renamed(**flags):  # (project's checks name its arguments: said here as this command's flags)
         proj = project(x, method=args.method, labels=labels, k=args.k, perplexity=args.perplexity,

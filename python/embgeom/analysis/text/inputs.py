@@ -79,13 +79,14 @@ def read_pairs(path: str) -> list[dict]:
     return pairs
 
 
-def read_labels(path: str, n: int | None = None, what: str = "--labels") -> list[str]:
+def read_labels(path: str, n: int | None = None, *, texts: bool = False) -> list[str]:
     """One value per line (UTF-8), aligned with the rows or texts; blank lines at the end of the
     file are not values. --labels: stripped, and a blank line before the last label is an error
     (skipping it would shift every later label onto the wrong row); --texts: the non-blank lines,
     as the corpus reader counts texts (a corpus is its own --texts file for `embgeom text
-    --keep cls`'s rows). With n, exactly n of them."""
-    if what == "--texts":
+    --keep cls`'s rows; texts=True). With n, exactly n of them."""
+    what = "--texts" if texts else "--labels"
+    if texts:
         lines = list(read_lines(path, what))
     else:
         lines = [line for _, line in all_lines(path, what)]
@@ -99,6 +100,6 @@ def read_labels(path: str, n: int | None = None, what: str = "--labels") -> list
             raise ValueError(f"{what}: {path} line {blank[0]} is blank: one label per line, aligned with "
                              f"the rows/texts ({len(blank)} blank line(s) before the last label)")
     if n is not None and len(lines) != n:
-        kind = "non-blank lines" if what == "--texts" else "labels"
+        kind = "non-blank lines" if texts else "labels"
         raise ValueError(f"{what}: {path} has {len(lines)} {kind}, expected {n} (one per row/text)")
     return lines
