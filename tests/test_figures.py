@@ -242,10 +242,12 @@ def test_scatter_page_without_plotly(tmp_path, monkeypatch):
     assert not (tmp_path / "p").exists()
 
 
-@pytest.mark.parametrize("labels", [["a"] * 6, list("abcdef")], ids=["one-label", "one-text-each"])
+@pytest.mark.parametrize("labels", [["a"] * 6, list("abcdef"), list("aaabbb")],
+                         ids=["one-label", "one-text-each", "two-labels"])
 def test_label_cosine_panels_without_pairs_say_why(labels, tmp_path, monkeypatch, recwarn):
     """A panel with no pairs to draw (one label; labels of one text) carries a note, not empty
-    axes and an empty legend."""
+    axes and an empty legend; a panel with curves has its legend and no note (the curves are
+    stairs, patches: the check had counted lines, and every panel said it had no pairs)."""
     import numpy as np
 
     import embgeom.report.text_page as tp
@@ -255,7 +257,7 @@ def test_label_cosine_panels_without_pairs_say_why(labels, tmp_path, monkeypatch
     real = tp.save_figure
 
     def keep(fig, out_dir, name):
-        saved[name] = [(len(ax.get_lines()), [t.get_text() for t in ax.texts], ax.get_legend() is not None)
+        saved[name] = [(len(ax.patches), [t.get_text() for t in ax.texts], ax.get_legend() is not None)
                        for ax in fig.axes]
         return real(fig, out_dir, name)
 
@@ -265,9 +267,10 @@ def test_label_cosine_panels_without_pairs_say_why(labels, tmp_path, monkeypatch
     tp.group_plots(str(tmp_path), str(tmp_path / "cls.npy"), labels, group_geometry(cls, labels), None)
     panels = saved["groups_cosine_hist"]
     assert len(panels) == 2
-    assert any(lines == 0 for lines, _, _ in panels)
-    for lines, texts, legend in panels:
-        assert (lines > 0 and legend and not texts) or (lines == 0 and texts and not legend), panels
+    # within a label: curves where a label has two texts; across: where there are two labels
+    assert [curves > 0 for curves, _, _ in panels] == [len(set(labels)) < 6, len(set(labels)) > 1]
+    for curves, texts, legend in panels:
+        assert (curves > 0 and legend and not texts) or (curves == 0 and texts and not legend), panels
     assert not [w for w in recwarn if "No artists with labels" in str(w.message)]
 
 

@@ -471,7 +471,7 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
             (ax, "no label has two texts: no pairs within a label", dict(fontsize=7)),
             (bx, groups["last"].get("per_pair_note") or "one label only: no pairs across labels",
              dict(fontsize=6, ncol=2 if len(pairs) > 8 else 1, bbox_to_anchor=(1.01, 1), loc="upper left"))):
-        if a.get_lines():
+        if a.patches:  # (the curves are stairs: patches, not lines)
             a.legend(**legend)
         else:
             a.text(0.5, 0.5, empty_note, ha="center", va="center", transform=a.transAxes, fontsize=9)
