@@ -347,3 +347,28 @@ def test_users_strings_are_drawn_letter_for_letter(tiny_bert_dir, tmp_path, monk
     assert main(["project", str(tmp_path / "x.npy"), "--labels", str(labels), "--method", "pca",
                  "--out", str(tmp_path / "p")]) == 0
     assert set(names) <= {as_shown(t) for t in drawn}
+
+
+def test_explained_variance_curves_take_the_scatters_colours(tmp_path, monkeypatch):
+    """A label of one point has no curve; the others keep their scatter colours (the curves had
+    been coloured by the labels with curves: b took a's colour, c b's)."""
+    import numpy as np
+    from matplotlib.colors import to_hex
+
+    import embgeom.report.plots as plots
+    from embgeom.analysis.clouds import projection
+    from embgeom.report.interactive import label_color
+
+    labels = ["a"] + ["b"] * 5 + ["c"] * 5
+    x = np.random.default_rng(1).standard_normal((11, 4))
+    seen = {}
+    real = plots.save_figure
+
+    def keep(fig, out_dir, name):
+        seen.update({line.get_label(): to_hex(line.get_color()) for line in fig.axes[0].get_lines()})
+        return real(fig, out_dir, name)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    plots.explained_variance_png(str(tmp_path), "ev", projection.pca_curves(x, labels), labels)
+    assert set(seen) == {"all points", "b", "c"}
+    assert seen["b"] == label_color("b", labels) and seen["c"] == label_color("c", labels)

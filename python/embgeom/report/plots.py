@@ -118,10 +118,11 @@ def new_figure(width=7.0, height=4.0):
     return plt.subplots(figsize=(width, height))
 
 
-def explained_variance_png(out_dir: str, name: str, curves: dict) -> str:
+def explained_variance_png(out_dir: str, name: str, curves: dict, labels) -> str:
     """Cumulative explained-variance curves (projection.pca_curves: the whole cloud's, drawn
     thicker in black, and each label's) as name.png; each label in its colour in the scatters
-    (scatter_png: the palette by sorted label)."""
+    (scatter_png: the palette by sorted label over every label of `labels`, the points' labels:
+    pca_curves leaves out a label of one point, and the colours had shifted)."""
     from .interactive import label_color
 
     fig, ax = new_figure()
@@ -129,7 +130,7 @@ def explained_variance_png(out_dir: str, name: str, curves: dict) -> str:
     all_points = curves["all"]
     ax.plot(range(1, len(all_points) + 1), all_points, label="all points", lw=2, color="black")
     for key, curve in by_label.items():
-        ax.plot(range(1, len(curve) + 1), curve, label=literal(key), lw=1, color=label_color(key, by_label))
+        ax.plot(range(1, len(curve) + 1), curve, label=literal(key), lw=1, color=label_color(key, labels))
     ax.set_xlabel("principal components")
     ax.set_ylabel("cumulative explained variance")
     ax.set_ylim(0, 1.02)

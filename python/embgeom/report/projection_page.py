@@ -25,7 +25,7 @@ def write_outputs(out_dir: str, proj, *, texts=None, title: str = "", provenance
     scatter_png(out_dir, "projection", proj.embedding, proj.labels, title=name,
                 xlabel=f"{axis} 1", ylabel=f"{axis} 2")
     if proj.pca_curves is not None:
-        explained_variance_png(out_dir, "explained_variance", proj.pca_curves)
+        explained_variance_png(out_dir, "explained_variance", proj.pca_curves, proj.labels)
     sil = report.get("silhouette")
     note = f"{proj.method}, n={proj.n}, d={proj.d}" + (f", k={proj.k}, {proj.metric}" if proj.k else "") + \
         (f"; silhouette original {fmt(sil['original'], 3)}, projection {fmt(sil['projection'], 3)}" if sil else "")

@@ -386,7 +386,7 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
     write_scatter_html(os.path.join(out_dir, "groups_pca.html"), proj.embedding, labels, texts,
                        title="[CLS] at the last depth, PCA", xlabel="PC 1", ylabel="PC 2",
                        provenance=provenance)
-    pngs.append(explained_variance_png(out_dir, "groups_explained_variance", proj.pca_curves))
+    pngs.append(explained_variance_png(out_dir, "groups_explained_variance", proj.pca_curves, labels))
     if last.shape[0] >= 4:
         try:
             um = projection.project(last, method="umap", labels=labels, k=min(15, last.shape[0] - 2), seed=seed)
