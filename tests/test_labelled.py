@@ -310,10 +310,38 @@ def test_labels_that_read_alike_as_file_names_get_a_heat_map_each(tmp_path):
 
     means = {"a b": np.full((1, 1, 3, 3), 0.2), "a-b": np.full((1, 1, 3, 3), 0.9), "x" * 300: np.zeros((1, 1, 3, 3))}
     block = {"texts": {g: 1 for g in means}, "length": 3, "file": "class_maps.npz", "entropies": {}}
-    _, _, pngs = class_maps_section(str(tmp_path), block, means, 0.1)[:3]
+    _, _, pngs = class_maps_section(str(tmp_path), block, means, 0.1, list(means))[:3]
     names = [os.path.basename(p) for p in pngs]
     assert names == ["class_maps_a_b.png", "class_maps_a_b_1.png", f"class_maps_{'x' * 80}.png"]
     assert all(os.path.exists(p) for p in pngs)
+
+
+def test_class_map_entropy_curves_take_the_scatters_colours(tmp_path, monkeypatch):
+    """Under --correct-only block["texts"] also names a class with no kept text ('a'); the
+    curves are coloured as the scatters, by the analysed texts' labels (they had been coloured
+    by every class: b took the second colour where the scatters give it the first)."""
+    from matplotlib.colors import to_hex
+
+    import embgeom.report.head_sections as hs
+    from embgeom.analysis.text.labelled import map_entropies
+    from embgeom.report.interactive import label_color
+
+    means = {"b": torch.full((1, 1, 3, 3), 1 / 3, dtype=torch.float64),
+             "c": torch.eye(3, dtype=torch.float64)[None, None]}
+    block = {"texts": {"a": 0, "b": 2, "c": 1}, "length": 3, "padded_to": 4, "file": "class_maps.npz",
+             "entropies": {g: map_entropies(m, 4) for g, m in means.items()}}
+    seen = {}
+    real = hs.save_figure
+
+    def keep(fig, out_dir, name):
+        if name == "class_map_entropy":
+            seen.update({line.get_label(): to_hex(line.get_color()) for line in fig.axes[0].get_lines()})
+        return real(fig, out_dir, name)
+
+    monkeypatch.setattr(hs, "save_figure", keep)
+    labels = ["b", "b", "c"]
+    hs.class_maps_section(str(tmp_path), block, means, 0.1, labels)
+    assert seen == {"b": label_color("b", labels), "c": label_color("c", labels)}
 
 
 def test_a_byte_order_mark_inside_a_labels_file_is_no_character_of_its_label(tmp_path):

@@ -176,7 +176,8 @@ def _main(args) -> int:
                     extra = finish(args, out, keeper, report, pairs, labels,
                                    lambda: texts if texts is not None else list(read_lines(args.corpus, "CORPUS")))
                     if class_maps is not None:
-                        extra.append(class_maps_section(out, report["class_maps"], class_maps.means(), args.theta))
+                        extra.append(class_maps_section(out, report["class_maps"], class_maps.means(), args.theta,
+                                                         labels))
                 def page():
                     extras.write_files(out)
                     write_report(out, result, report, extra)

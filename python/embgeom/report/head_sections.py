@@ -416,9 +416,11 @@ def _head_grid(out_dir: str, name: str, maps, shown, style: dict, axes: tuple[st
     return save_figure(fig, out_dir, name)
 
 
-def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
+def class_maps_section(out_dir: str, block: dict, means: dict, theta: float, labels: list[str]):
     """One L x H grid per label of its class-mean attention map; entries below theta hidden; the
-    authors' entropies of each label's maps per layer (mean over heads)."""
+    authors' entropies of each label's maps per layer (mean over heads). labels: the analysed
+    texts' labels, whose sorted set gives every figure's colours (block["texts"] also names the
+    classes --correct-only kept no text of, and had shifted the colours)."""
     pngs, names = [], set()
     for k, (g, m) in enumerate(means.items()):
         # the label in the file name, shortened, and numbered where two labels would share one
@@ -440,12 +442,13 @@ def class_maps_section(out_dir: str, block: dict, means: dict, theta: float):
                   ("von_neumann", "von Neumann entropy of the eigenvalues"))
         fig, _ = new_figure(12, 3.4)
         fig.clf()
+        coloured = {str(g) for g in labels} | {str(g) for g in ent}  # (ent's labels are among labels)
         for k, (key, title) in enumerate(panels):
             ax = fig.add_subplot(1, 3, k + 1)
             for g, e in ent.items():
                 y = np.asarray(e["layer_mean"][key], dtype=float)
                 # each label in its colour of the report's other figures (by sorted label)
-                ax.plot(np.arange(1, y.size + 1), y, "o-", color=label_color(g, block["texts"]), label=literal(g))
+                ax.plot(np.arange(1, y.size + 1), y, "o-", color=label_color(g, coloured), label=literal(g))
             ax.set_title(title, fontsize=9)
             ax.set_ylabel("entropy (nats), mean over heads")
             layer_axis(ax, len(y))
