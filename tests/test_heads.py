@@ -654,3 +654,26 @@ def test_clark_js_without_scikit_learn_is_refused_before_the_forward_passes(tiny
     assert not forwards
     with pytest.raises(ValueError, match="^clark_js: scikit-learn is not installed"):
         hd.HeadsAccumulator(2, 2, 8, "cpu", js=True)
+
+
+def test_gaussianity_leaves_a_flat_state_out_of_the_means_and_counts_it():
+    """A state whose components are all equal has no skewness: one such token had made its
+    depth's mean_skew and mean_excess_kurtosis NaN (null in report.json) and counted in N as
+    not rejected."""
+    from types import SimpleNamespace
+
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 5, 32, generator=g)
+    h[0, 2] = 0.25                                   # one flat token
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2], dtype=torch.bool)
+    acc = GaussianityAccumulator(1, 32)
+    acc.update(SimpleNamespace(hidden_states=(h,), mask=mask))
+    got = acc.result()[0]
+    rows = torch.cat([h[0, [0, 1, 3, 4]], h[1, :3]]).double().numpy()
+    assert got["count"] == 7 and got["flat"] == 1 and got["text_mean"]["flat"] == 0
+    _close(got["mean_skew"], float(stats.skew(rows, axis=1).mean()), "mean_skew", 1e-9)
+    _close(got["mean_excess_kurtosis"], float(stats.kurtosis(rows, axis=1).mean()), "kurtosis", 1e-9)
+    p = stats.normaltest(rows, axis=1).pvalue
+    _close(got["share_rejected"], float((p < 0.05 / 7).mean()), "share_rejected", 1e-12)

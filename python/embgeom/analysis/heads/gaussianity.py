@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from ...engine.checkpoint import Resumable
@@ -36,8 +37,6 @@ def _stats(x):
 
 def _stats_from_moments(n, mean, m2, m3, m4):
     """_stats from each row's length n, mean and central moments m2, m3, m4 ((N,) float64)."""
-    import numpy as np
-
     n = float(n)
     with np.errstate(divide="ignore", invalid="ignore"):
         flat = m2 <= (np.finfo(np.float64).eps * np.abs(mean)) ** 2
@@ -74,7 +73,8 @@ class GaussianityAccumulator(Resumable):
                              f"has hidden size {hidden}")
         self.depths = depths
         self.p = {"token": [[] for _ in range(depths)], "text_mean": [[] for _ in range(depths)]}
-        self.sums = {kind: {"skew": [0.0] * depths, "kurtosis": [0.0] * depths}
+        # flat: vectors whose components are all equal (no skew, kurtosis or test: left out of N)
+        self.sums = {kind: {"skew": [0.0] * depths, "kurtosis": [0.0] * depths, "flat": [0] * depths}
                      for kind in ("token", "text_mean")}
         self.seconds: dict[str, float] = {}
 
@@ -95,9 +95,11 @@ class GaussianityAccumulator(Resumable):
                     p, sk, ku = _stats_from_moments(x.shape[-1], *mo.T)
                 else:
                     p, sk, ku = _stats((x.double()[rows] if rows is not None else x).cpu().numpy())
-                self.p[kind][l].append(torch.from_numpy(p))
-                self.sums[kind]["skew"][l] += float(sk.sum())
-                self.sums[kind]["kurtosis"][l] += float(ku.sum())
+                tested = ~np.isnan(sk)  # (one flat vector had made the depth's means NaN)
+                self.p[kind][l].append(torch.from_numpy(p[tested]))
+                self.sums[kind]["skew"][l] += float(sk[tested].sum())
+                self.sums[kind]["kurtosis"][l] += float(ku[tested].sum())
+                self.sums[kind]["flat"][l] += int((~tested).sum())
         self.seconds["gaussianity"] = self.seconds.get("gaussianity", 0.0) + time.perf_counter() - t0
 
     def result(self) -> list[dict]:
@@ -113,7 +115,7 @@ class GaussianityAccumulator(Resumable):
                 vals = {"share_rejected": float((p < thr).double().mean()) if N else float("nan"),
                         "mean_skew": self.sums[kind]["skew"][l] / max(N, 1),
                         "mean_excess_kurtosis": self.sums[kind]["kurtosis"][l] / max(N, 1),
-                        "threshold": thr, "count": N}
+                        "threshold": thr, "count": N, "flat": self.sums[kind]["flat"][l]}
                 if kind == "token":
                     entry.update(vals)
                 else:
