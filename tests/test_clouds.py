@@ -777,3 +777,49 @@ def test_a_missing_layout_package_is_said_before_any_work(missing, tiny_bert_dir
                        "(or `pip install 'embgeom[clouds]'`)"], argv
         assert not (tmp_path / "v").exists()
     assert work == []
+
+
+def _screen(text: str) -> list[str]:
+    """The lines a terminal shows after `text` (carriage return, newline, cursor up)."""
+    import re
+
+    rows, r, c = [[]], 0, 0
+    for token in re.findall(r"\x1b\[\d*[A-Za-z]|.|\n", text, flags=re.S):
+        if token.startswith("\x1b["):
+            if token.endswith("A"):
+                r = max(0, r - int(token[2:-1] or 1))
+            elif token.endswith("K"):
+                del rows[r][c:]
+        elif token == "\r":
+            c = 0
+        elif token == "\n":
+            r, c = r + 1, 0
+        else:
+            while len(rows[r]) <= c:
+                rows[r].append(" ")
+            rows[r][c] = token
+            c += 1
+        while len(rows) <= r:
+            rows.append([])
+    return ["".join(row).rstrip() for row in rows if "".join(row).strip()]
+
+
+def test_umap_progress_leaves_one_clean_line_per_phase():
+    """UMAP's own epoch bar runs under the layout phase's clock; it had closed with its line left
+    and the clock's last line had been written over it ('UMAP layout 00:16|#####| 494/500')."""
+    import io
+
+    from embgeom.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    pytest.importorskip("umap")
+    pytest.importorskip("tqdm")
+    term = Terminal()
+    x, _ = _clusters()
+    embgeom.project(x, "umap", k=5, seed=0, progress=Progress(enabled=True, prefix="p", stream=term))
+    lines = _screen(term.getvalue())
+    assert any(line.startswith("p: UMAP layout") for line in lines), lines
+    assert not [line for line in lines if "epoch" in line], lines

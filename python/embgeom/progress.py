@@ -85,10 +85,11 @@ class Progress:
 
     def tqdm_options(self, desc: str, unit: str) -> dict | None:
         """Keyword arguments for a library's own tqdm bar (umap-learn's `tqdm_kwds`), drawn like
-        ours; None when progress is off."""
+        ours and gone when done (it runs under a phase's clock, whose line stays: left, it had
+        been overwritten by the clock's last line); None when progress is off."""
         if not self.enabled:
             return None
-        return {"file": self.stream, "leave": True, "disable": False, "desc": f"{self.prefix}: {desc}",
+        return {"file": self.stream, "leave": False, "disable": False, "desc": f"{self.prefix}: {desc}",
                 "unit": unit, "mininterval": 0.25, "bar_format": None, **self._sizing()}
 
     @contextlib.contextmanager
