@@ -624,13 +624,51 @@ def test_command_line_writes_resumes_and_refuses(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path / "full") == ["notes.txt"]
 
 
-def test_progress_is_a_bar_of_rows(tmp_path, capsys):
+def test_progress_is_a_bar_of_pairs(tmp_path, capsys, monkeypatch):
+    """The bar counts the pairs compared (row i meets the n - 1 - i rows after it; counted in
+    rows, the first rows' share had put the ETA at several times the run), a resumed run from
+    the pairs of the rows already done."""
+    from contextlib import contextmanager
+
+    from embgeom.progress import Progress
+
     x = make_rows(300, 5, seed=2)
     pairs_above(x, 0.5, tmp_path / "p", progress=True)
     err = capsys.readouterr().err
-    assert "pairs_above: rows" in err and "300/300" in err
+    assert "embgeom.pairs_above: pairs" in err and "44.9k/44.9k" in err  # 300 x 299 / 2 = 44,850
     pairs_above(x, 0.5, tmp_path / "p", progress=True)  # finished: nothing to do, no bar
     assert capsys.readouterr().err == ""
+
+    bars = []
+
+    class Recorder(Progress):
+        @contextmanager
+        def bar(self, total, desc, unit="it", unit_scale=False, initial=0):
+            seen = {"total": total, "initial": initial, "done": initial}
+            bars.append(seen)
+
+            class Counter:
+                def update(self, n=1):
+                    seen["done"] += n
+            yield Counter()
+
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND", 64)
+    monkeypatch.setattr(embgeom.index, "PAIR_BAND_BF16", 64)
+    real, calls = pair_shards.ShardWriter.add_rows, []
+
+    def stop_at_the_third_band(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pair_shards.ShardWriter, "add_rows", stop_at_the_third_band)
+    with pytest.raises(KeyboardInterrupt):
+        pairs_above(x, 0.5, tmp_path / "q", progress=Recorder(enabled=True))
+    monkeypatch.setattr(pair_shards.ShardWriter, "add_rows", real)
+    pairs_above(x, 0.5, tmp_path / "q", progress=Recorder(enabled=True))
+    done_rows = 128  # two bands of 64
+    assert bars[1] == {"total": 44850, "initial": done_rows * 299 - done_rows * 127 // 2, "done": 44850}
 
 
 @pytest.mark.parametrize("stop_at", [1, 2, 3])

@@ -1108,8 +1108,8 @@ class Index:
     def pairs_above(self, threshold: float, out, *, progress: bool | Progress = False):
         """Every pair i < j of the stored rows with similarity >= threshold (cosine, dot) or
         distance <= threshold (l2), streamed to .npy shards in the folder `out` with a manifest;
-        see `embgeom.pairs_above`. progress: a bar of the rows done on stderr (True, or the
-        caller's Progress). Returns the finished manifest (a dict)."""
+        see `embgeom.pairs_above`. progress: a bar of the pairs compared on stderr (True, or
+        the caller's Progress). Returns the finished manifest (a dict)."""
         threshold = validation.finite_float(threshold, "threshold")
         if self.metric == "l2" and threshold < 0:
             raise ValueError(f"threshold: expected a distance >= 0 for metric='l2', got {threshold}")
@@ -1124,12 +1124,16 @@ class Index:
                     engine = self._pairs_engine_applies()
                     rb, nc = self._blocks(256, st.n)
                     rb = pair_band() if engine else min(256, rb)
-                    with as_progress(progress, "pairs_above").bar(st.n, "rows", unit="row", initial=start) as bar:
+                    # counted in pairs, as the work goes: row i meets the n - 1 - i rows after it
+                    # (counted in rows, the first rows' share had put the ETA at several times the run)
+                    before = lambda r: r * (st.n - 1) - r * (r - 1) // 2  # noqa: E731 (pairs of rows < r)
+                    with as_progress(progress, "embgeom.pairs_above").bar(
+                            before(st.n), "pairs", unit="pair", unit_scale=True, initial=before(start)) as bar:
                         try:
                             for r0 in range(start, st.n, rb):
                                 r1 = min(st.n, r0 + rb)
                                 writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc, engine))
-                                bar.update(r1 - r0)
+                                bar.update(before(r1) - before(r0))
                         except KeyboardInterrupt:
                             with interrupt_after():
                                 writer.save_progress()
