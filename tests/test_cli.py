@@ -79,6 +79,8 @@ def test_pairs_reads_pt_and_safetensors(tmp_path, capsys):
                  "--json", str(tmp_path / "k.json")]) == 0
     err = capsys.readouterr().err
     assert "embgeom pairs: 1 pair in " in err and "embgeom knn: 2 queries x 2 " in err
+    prov = json.loads((tmp_path / "k.json").read_text())["provenance"]  # (as pairs --json has it)
+    assert prov["command"].startswith("embgeom knn") and [i["name"] for i in prov["inputs"]] == ["X", "--queries"]
 
 
 @pytest.mark.parametrize("setup,args,message", [
@@ -208,7 +210,7 @@ def test_checkpoint_survives_sigkill_and_resumes_identically(tmp_path):
     resumed = run_cli(*common, "--checkpoint", ckpt, "--progress", "--json", tmp_path / "out.json")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
-    done = int(resumed.stderr.split("resuming from")[1].split(":")[1].split("of")[0])
+    done = int(resumed.stderr.split("resuming from")[1].split(":")[1].split("of")[0].replace(",", ""))
     assert done > 0
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("ref.json", "out.json"))
     a.pop("seconds"), b.pop("seconds")
@@ -628,3 +630,23 @@ def test_pairs_checkpoint_refusal_names_the_flags(tmp_path, capsys):
         assert err.startswith(f"embgeom: error: --checkpoint: {ck} was written for") and said in err, err
     assert main(base + ["--bins", "10", "--backend", "torch"]) == 2
     assert capsys.readouterr().err.count("--backend 'cpp' then, 'torch' now") == 1
+
+
+def test_pairs_shows_its_bar_on_a_terminal_as_every_command(tmp_path, capsys, monkeypatch):
+    """pairs had shown progress only with --progress (the other commands: on a terminal unless
+    --quiet); --progress now also writes it where stderr is no terminal, and --quiet beside it
+    is refused."""
+    np.save(tmp_path / "x.npy", make_embeddings(300, 8).numpy())
+    base = ["pairs", str(tmp_path / "x.npy"), "--json", str(tmp_path / "o.json")]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(base) == 0
+    assert "embgeom pairs: pairs: 100%" in capsys.readouterr().err
+    assert main([*base, "--quiet"]) == 0
+    assert "100%" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert main(base) == 0
+    assert "100%" not in capsys.readouterr().err
+    assert main([*base, "--progress"]) == 0
+    assert "embgeom pairs: pairs: 100%" in capsys.readouterr().err
+    assert main([*base, "--progress", "--no-progress"]) == 2
+    assert "embgeom: error: --progress: asks for the bar that --no-progress turns off" in capsys.readouterr().err

@@ -222,3 +222,25 @@ def test_a_search_past_memory_is_refused_naming_k(points, monkeypatch):
                                          r"about [\d.,]+ GiB, the machine has 1\.0 GiB available; lower k"):
         embgeom.knn(points, k=n - 1)
     assert embgeom.knn(points, queries=[0], k=3).indices.shape == (1, 3)   # what fits still runs
+
+
+def test_progress_shows_the_build_and_a_bar_of_queries_and_changes_nothing(points, monkeypatch):
+    """knn had run silent (111 s for an HNSW index of 100,000 rows); the searches go in parts
+    of SEARCH_PART queries, each query's answer its own."""
+    import io
+
+    from embgeom import neighbours
+    from embgeom.progress import Progress
+
+    stream = io.StringIO()
+    monkeypatch.setattr(neighbours, "SEARCH_PART", 64)
+    got = embgeom.knn(points, 5, index="hnsw", progress=Progress(enabled=True, prefix="k", stream=stream))
+    monkeypatch.setattr(neighbours, "SEARCH_PART", 1 << 20)
+    whole = embgeom.knn(points, 5, index="hnsw")
+    np.testing.assert_array_equal(got.indices.numpy(), whole.indices.numpy())
+    np.testing.assert_array_equal(got.values.numpy(), whole.values.numpy())
+    assert got.recall == whole.recall
+    err = stream.getvalue()
+    n = len(points)
+    assert f"k: building the hnsw index of {n - 1:,} rows" in err  # (the zero row is not indexed)
+    assert "k: queries: 100%" in err and "k: exact search for recall: 100%" in err and f"{n}/{n}" in err

@@ -35,7 +35,7 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
     finished tiles so an interrupted run resumes. Returns PairwiseStats (tensors on x's device).
     """
     checkpoint = validation.optional_path(checkpoint, "checkpoint")
-    progress = as_progress(progress, "embgeom pairs")  # (checked before the engine and the fingerprint)
+    progress = as_progress(progress, "embgeom.pairwise_stats")  # (checked before the engine and the fingerprint)
     x, y = validation.pair_of_embeddings(x, y)
     cfg = make_config(metric=metric, bins=bins, range=range, topk=topk, bottomk=bottomk, near=near,
                       near_k=near_k, row_topk=row_topk, row_bottomk=row_bottomk, outside=outside,

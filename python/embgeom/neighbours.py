@@ -18,6 +18,7 @@ import torch
 from . import numerics, validation
 from .tables import table_html
 from .results import RowTopK
+from .progress import as_progress
 from .threads import one_thread_in_forked_children
 
 INDEXES = ("flat", "ivf", "hnsw")
@@ -171,6 +172,24 @@ def _search(index, qn: np.ndarray, want: int, ids_map: np.ndarray, self_ids: np.
     return out_i, out_v
 
 
+SEARCH_PART = 16384  # queries a search call (FAISS's flat search takes them in blocks of 4,096)
+
+
+def _search_in_parts(prog, desc: str, index, qn, want, ids_map, self_ids, q_valid, k, limit):
+    """_search over the queries in parts of SEARCH_PART, a bar of queries on `prog` (each
+    query's answer is its own: the parts give what one call gives)."""
+    Q = qn.shape[0]
+    out_i = np.full((Q, k), -1, np.int64)
+    out_v = np.full((Q, k), np.nan, np.float32)
+    with prog.bar(Q, desc, unit="query") as bar:
+        for a in range(0, Q, SEARCH_PART):
+            b = min(Q, a + SEARCH_PART)
+            out_i[a:b], out_v[a:b] = _search(index, qn[a:b], want, ids_map,
+                                             None if self_ids is None else self_ids[a:b], q_valid[a:b], k, limit)
+            bar.update(b - a)
+    return out_i, out_v
+
+
 # bytes per (query, candidate) while a search's answers are ordered: FAISS's distances and
 # labels, the ids mapped, the sort keys and order, the values and ids taken, the output
 SEARCH_ENTRY_BYTES = 80
@@ -227,7 +246,7 @@ def recall_at_k(approx: np.ndarray | torch.Tensor, exact: np.ndarray | torch.Ten
 
 def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = None,
         nlist: int | None = None, nprobe: int | None = None, hnsw_m: int | None = None,
-        ef_search: int | None = None, tie_margin: int = 8) -> KnnResult:
+        ef_search: int | None = None, tie_margin: int = 8, progress=False) -> KnnResult:
     """The k nearest rows of x by cosine similarity, for every query.
 
     k: 1 to N - 1 with self-queries (queries None or row ids), 1 to N with external queries;
@@ -241,8 +260,11 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
     search and report recall@k. device: None = GPU when faiss-gpu and CUDA are usable, "cpu",
     "cuda" (the current CUDA device) or "cuda:i".
     Zero-norm rows have no direction: they are never neighbours. `tie_margin` extra candidates
-    are fetched so that equal values are ordered by id. Returns KnnResult, tensors on x's device.
+    are fetched so that equal values are ordered by id. progress: True (or a progress.Progress):
+    the index build as a phase, the searches as a bar of queries, on stderr. Returns KnnResult,
+    tensors on x's device.
     """
+    prog = as_progress(progress, "embgeom.knn")
     x = validation.embeddings(x, "x")
     index = validation.choice(index, "index", INDEXES)
     for name, value, owner in (("nlist", nlist, "ivf"), ("nprobe", nprobe, "ivf"),
@@ -305,11 +327,13 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
         out_i = np.full((qn.shape[0], k), -1, np.int64)
         out_v = np.full((qn.shape[0], k), np.nan, np.float32)
     else:
-        idx = _build(faiss, index, base, gpu, params)
-        out_i, out_v = _search(idx, qn, want, valid_ids, self_ids, q_valid, k, limit)
+        with prog.phase(f"building the {index} index of {n_valid:,} rows"):
+            idx = _build(faiss, index, base, gpu, params)
+        out_i, out_v = _search_in_parts(prog, "queries", idx, qn, want, valid_ids, self_ids, q_valid, k, limit)
         if index != "flat":
             exact = _build(faiss, "flat", base, gpu, {})
-            ex_i, _ = _search(exact, qn, want, valid_ids, self_ids, q_valid, k, limit)
+            ex_i, _ = _search_in_parts(prog, "exact search for recall", exact, qn, want, valid_ids, self_ids,
+                                       q_valid, k, limit)
             recall = recall_at_k(out_i, ex_i)
     seconds = time.perf_counter() - start
     return KnnResult(

@@ -6,7 +6,7 @@ import sys
 
 from ..formatting import counted, fmt, seconds
 from ..neighbours import INDEXES, knn
-from .model_options import device_option
+from .model_options import add_quiet_option, device_option, progress_for
 
 
 def add_arguments(p) -> None:
@@ -23,6 +23,7 @@ def add_arguments(p) -> None:
     p.add_argument("--hnsw-m", type=int, help="--index hnsw: links per node (default 32)")
     p.add_argument("--ef-search", type=int, help="--index hnsw: search breadth (default max(64, 2 k))")
     p.add_argument("--json", required=True, metavar="OUT", help="the neighbours as JSON (written atomically)")
+    add_quiet_option(p)
 
 
 def main(args) -> int:
@@ -31,17 +32,21 @@ def main(args) -> int:
     from ..validation import renamed
     from . import flags_of
 
+    from ..provenance import Provenance
+
+    prov = Provenance(args, inputs={"X": args.x, "--queries": args.queries})
     check_output_path(args.json, "--json", inputs=[("X", args.x), ("--queries", args.queries)])  # before any work
     x = load_matrix(args.x, "X")
     q = load_matrix(args.queries, "--queries") if args.queries else None
     # (knn's checks name its arguments: said here as this command's flags)
     with renamed(**flags_of(args, positional=("x",))):
         res = knn(x, args.k, queries=q, index=args.index, device=args.device, nlist=args.nlist,
-                  nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search)
+                  nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search,
+                  progress=progress_for(args, "embgeom knn"))
     data = res.to_dict()
-    data.update({"n": int(x.shape[0]), "d": int(x.shape[1])})
+    data.update({"n": int(x.shape[0]), "d": int(x.shape[1]), "provenance": prov.record()})
     write_json(args.json, data, name="--json")
     rec = "" if res.recall is None else f", recall@{res.k} {fmt(res.recall)}"
     print(f"embgeom knn: {counted(res.indices.shape[0], 'query', 'queries')} x {res.k} ({res.index}, {res.device}{rec}) "
-          f"in {seconds(res.seconds)} -> {args.json}", file=sys.stderr)
+          f"in {seconds(prov.seconds())} (index and search {seconds(res.seconds)}) -> {args.json}", file=sys.stderr)
     return 0

@@ -10,7 +10,7 @@ import re
 import sys
 
 from ..engine.config import user_options
-from .model_options import device_option
+from .model_options import add_quiet_option, device_option, progress_for
 
 
 def add_arguments(p) -> None:
@@ -35,7 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", help="cpp, torch, triton, cuda or reference (default: auto)")
     p.add_argument("--device", type=device_option, help="run on this torch device (e.g. cuda)")
     p.add_argument("--checkpoint", metavar="PATH", help="save finished tiles here; a rerun resumes")
-    p.add_argument("--progress", action="store_true", help="a bar of the pairs done on stderr")
+    p.add_argument("--progress", action="store_true", help="the bar of the pairs done on stderr even where "
+                   "stderr is no terminal (a log; with --distributed, one line a finished job per rank)")
+    add_quiet_option(p)
     p.add_argument("--distributed", action="store_true", help="split the work over torchrun ranks")
     p.add_argument("--json", required=True, metavar="OUT", help="the statistics as JSON (written atomically)")
 
@@ -43,6 +45,7 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     from ..formatting import counted, seconds
     from ..io import check_output_path, load_matrix
+    from ..progress import Progress
     from ..provenance import Provenance
     from ..report import write_json
     from ..validation import renamed
@@ -70,7 +73,12 @@ def main(args) -> int:
                 raise ValueError(f"--{name.replace('_', '-')}: only with --{spec['needs']}")
             value = spec["default"] if value is None else value
         options[name] = tuple(value) if "pair" in spec and value is not None else value
-    kwargs = dict(options, backend=args.backend, checkpoint=args.checkpoint, progress=args.progress)
+    if args.progress and (args.quiet or args.no_progress):
+        raise ValueError(f"--progress: asks for the bar that --{'quiet' if args.quiet else 'no-progress'} turns off")
+    # the bar where stderr is a terminal, as every command; --progress: also into a log
+    prog = Progress(enabled=True, prefix="embgeom pairs") if args.progress else progress_for(args, "embgeom pairs")
+    kwargs = dict(options, backend=args.backend, checkpoint=args.checkpoint,
+                  progress=prog.enabled if args.distributed else prog)
     # (a checkpoint there is resumed or refused: the last line says a run resumed, as text's does)
     resumed = bool(args.checkpoint) and not args.distributed and os.path.isfile(args.checkpoint)
     # the engine's checks name the API's arguments (y, bins, ...): said here as this command's

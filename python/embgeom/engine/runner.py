@@ -5,7 +5,6 @@ The engine protocol (every backend): `num_tiles()`, `tile_pairs(begin, end)`, `t
 """
 from __future__ import annotations
 
-import sys
 import time
 
 from ..interrupts import interrupt_after
@@ -42,7 +41,7 @@ def _run(engine, fp, checkpoint, progress, chunk_seconds, should_stop) -> Engine
     done = int(engine.tiles_done)
     prog = as_progress(progress, "embgeom pairs")
     if done and prog.enabled:
-        sys.stderr.write(f"embgeom pairs: resuming from {checkpoint}: {done} of {total_tiles} tiles done\n")
+        prog.stream.write(f"{prog.prefix}: resuming from {checkpoint}: {done:,} of {total_tiles:,} tiles done\n")
     total_pairs = engine.tile_pairs(0, total_tiles)
     resumed_pairs = engine.tile_pairs(0, done)
     with prog.bar(total_pairs, "pairs", unit="pair", unit_scale=True, initial=resumed_pairs) as bar:
