@@ -1053,8 +1053,9 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
         # forward-pass seconds: this run's (none when every text was done before) and the earlier runs'
         before = 0.0 if ckpt is None else ckpt.seconds_before
         ran = time.perf_counter() - start if ckpt is None or done > ckpt.resumed_texts else 0.0
-        if ckpt is not None:
-            ckpt.save(done, [acc, *observers], ran)
+        if ckpt is not None and done > ckpt.resumed_texts:  # (a run with nothing left to do keeps the file)
+            with prog.phase("saving the checkpoint"):
+                ckpt.save(done, [acc, *observers], ran)
     finally:
         if own:
             ckpt.close()
