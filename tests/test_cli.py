@@ -650,3 +650,17 @@ def test_pairs_shows_its_bar_on_a_terminal_as_every_command(tmp_path, capsys, mo
     assert "embgeom pairs: pairs: 100%" in capsys.readouterr().err
     assert main([*base, "--progress", "--no-progress"]) == 2
     assert "embgeom: error: --progress: asks for the bar that --no-progress turns off" in capsys.readouterr().err
+
+
+def test_json_dash_is_standard_output(tmp_path, capsys, monkeypatch):
+    """`--json -` had written a file named '-' (and a later run replaced it without a word);
+    it is the pipe the command feeds, its last line on stderr as ever."""
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "x.npy", make_embeddings(10, 4).numpy())
+    assert main(["pairs", "x.npy", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["count"] == 45 and err.rstrip().endswith("-> standard output")
+    assert main(["knn", "x.npy", "--k", "2", "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["k"] == 2 and "-> standard output" in err
+    assert not (tmp_path / "-").exists()

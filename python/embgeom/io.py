@@ -70,7 +70,7 @@ def write_error(name: str, path: str, exc: OSError) -> ValueError:
 
 
 def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple[str, str | None]] = (),
-                      own_folder: bool = False) -> str:
+                      own_folder: bool = False, stdout: bool = False) -> str:
     """The folder of an output file about to be written; ValueError (one line) when the folder is
     missing, `path` is a directory or something else that is no regular file (a device, a pipe,
     a dangling link: `--json /dev/null` had replaced the device; a link to a file is written
@@ -79,7 +79,9 @@ def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple
     folder itself, as atomic_write is called) the folder is an embgeom output sealed by its
     manifest, or any folder above it is (`pairs --json DIR/manifest.json` had replaced a pairs
     folder's manifest; refuse_sealed_above). Commands call it before their work, atomic_write
-    again."""
+    again. stdout: "-" is standard output (a --json that write_json writes there), checked no further."""
+    if stdout and path == "-":  # standard output (report.jsonout.write_json; `--json -`)
+        return ""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"{name}: cannot write {path}: it is a directory")

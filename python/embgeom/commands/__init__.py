@@ -34,3 +34,8 @@ def flags_of(args, positional: tuple[str, ...] = ()) -> dict[str, str]:
     names = {dest: "--" + dest.replace("_", "-") for dest in vars(args) if dest not in ("command", "func")}
     names.update({dest: dest.upper() for dest in positional})
     return names
+
+
+def shown_path(path: str) -> str:
+    """An output path as a command's last line names it: `--json -` is standard output."""
+    return "standard output" if path == "-" else path

@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--nprobe", type=int, help="--index ivf: lists probed (default nlist / 8)")
     p.add_argument("--hnsw-m", type=int, help="--index hnsw: links per node (default 32)")
     p.add_argument("--ef-search", type=int, help="--index hnsw: search breadth (default max(64, 2 k))")
-    p.add_argument("--json", required=True, metavar="OUT", help="the neighbours as JSON (written atomically)")
+    p.add_argument("--json", required=True, metavar="OUT", help="the neighbours as JSON (written atomically; - for standard output)")
     add_quiet_option(p)
 
 
@@ -30,12 +30,12 @@ def main(args) -> int:
     from ..report import write_json
     from ..io import check_output_path, load_matrix
     from ..validation import renamed
-    from . import flags_of
+    from . import flags_of, shown_path
 
     from ..provenance import Provenance
 
     prov = Provenance(args, inputs={"X": args.x, "--queries": args.queries})
-    check_output_path(args.json, "--json", inputs=[("X", args.x), ("--queries", args.queries)])  # before any work
+    check_output_path(args.json, "--json", inputs=[("X", args.x), ("--queries", args.queries)], stdout=True)  # before any work
     x = load_matrix(args.x, "X")
     q = load_matrix(args.queries, "--queries") if args.queries else None
     # (knn's checks name its arguments: said here as this command's flags)
@@ -48,5 +48,5 @@ def main(args) -> int:
     write_json(args.json, data, name="--json")
     rec = "" if res.recall is None else f", recall@{res.k} {fmt(res.recall)}"
     print(f"embgeom knn: {counted(res.indices.shape[0], 'query', 'queries')} x {res.k} ({res.index}, {res.device}{rec}) "
-          f"in {seconds(prov.seconds())} (index and search {seconds(res.seconds)}) -> {args.json}", file=sys.stderr)
+          f"in {seconds(prov.seconds())} (index and search {seconds(res.seconds)}) -> {shown_path(args.json)}", file=sys.stderr)
     return 0

@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
                    "stderr is no terminal (a log; with --distributed, one line a finished job per rank)")
     add_quiet_option(p)
     p.add_argument("--distributed", action="store_true", help="split the work over torchrun ranks")
-    p.add_argument("--json", required=True, metavar="OUT", help="the statistics as JSON (written atomically)")
+    p.add_argument("--json", required=True, metavar="OUT", help="the statistics as JSON (written atomically; - for standard output)")
 
 
 def main(args) -> int:
@@ -49,11 +49,11 @@ def main(args) -> int:
     from ..provenance import Provenance
     from ..report import write_json
     from ..validation import renamed
-    from . import say_notes
+    from . import say_notes, shown_path
 
     prov = Provenance(args, inputs={"X": args.x, "--against": args.against})
     ins = [("X", args.x), ("--against", args.against)]
-    check_output_path(args.json, "--json", inputs=ins + [("--checkpoint", args.checkpoint)])  # before any work
+    check_output_path(args.json, "--json", inputs=ins + [("--checkpoint", args.checkpoint)], stdout=True)  # before any work
     if args.checkpoint and args.distributed:  # each rank keeps PATH.rank<r>
         rank_file = re.fullmatch(re.escape(os.path.abspath(args.checkpoint)) + r"\.rank[0-9]+", os.path.abspath(args.json))
         if rank_file:
@@ -100,5 +100,5 @@ def main(args) -> int:
     write_json(args.json, out, indent=None, name="--json")  # compact: row lists can be large
     since = f", resumed from {args.checkpoint}" if resumed else ""
     print(f"embgeom pairs: {counted(result.count, 'pair')} in {seconds(prov.seconds())} (engine {seconds(result.seconds)}, "
-          f"{result.backend}{since}) -> {args.json}", file=sys.stderr)
+          f"{result.backend}{since}) -> {shown_path(args.json)}", file=sys.stderr)
     return 0
