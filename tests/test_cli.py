@@ -356,8 +356,12 @@ def test_interrupted_report_command_says_its_folder_is_as_before(tmp_path, monke
 
     np.save(tmp_path / "x.npy", make_embeddings(10, 4).numpy())
     monkeypatch.setattr(project_command, "main", lambda args: (_ for _ in ()).throw(KeyboardInterrupt))
+    (tmp_path / "p").mkdir()  # an earlier report's folder
     assert main(["project", str(tmp_path / "x.npy"), "--out", str(tmp_path / "p")]) == 130
     assert f"{tmp_path / 'p'} holds what it held before; no partial report" in capsys.readouterr().err
+    # a folder the run was to make (it had said it 'holds what it held before')
+    assert main(["project", str(tmp_path / "x.npy"), "--out", str(tmp_path / "new")]) == 130
+    assert f"{tmp_path / 'new'} was not created; no partial report" in capsys.readouterr().err
 
 
 def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
@@ -376,7 +380,7 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(project_command, "main", terminated)
     assert main(["project", str(tmp_path / "x.npy"), "--out", str(tmp_path / "p")]) == 130
-    assert "holds what it held before" in capsys.readouterr().err
+    assert "was not created; no partial report" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL          # put back after the command
 
 

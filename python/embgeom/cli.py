@@ -184,6 +184,8 @@ def _main(argv: list[str] | None, process: bool) -> int:
         print("embgeom: interrupted before the command started: nothing was written", file=sys.stderr)
         return 130
     args.argv, args.started = argv, started  # provenance: the command line and its total wall time
+    # (an interrupted run's line says whether --out held an earlier report or was never made)
+    args.out_existed = bool(getattr(args, "out", None)) and os.path.lexists(args.out)
     try:
         # SIGTERM (a scheduler's stop, `kill`) ends a command as Ctrl-C does: its staging folder
         # is removed, its checkpoint saved where it keeps one, and it says what was kept
@@ -246,6 +248,8 @@ def _what_was_kept(args) -> str:
     if hasattr(args, "checkpoint") and getattr(args, "projections", True):
         return "nothing was kept; --checkpoint PATH keeps finished work for a rerun"
     if getattr(args, "out", None):
+        if not getattr(args, "out_existed", True):
+            return f"{args.out} was not created; no partial report is written"
         return f"{args.out} holds what it held before; no partial report is written"
     return "nothing was written"
 

@@ -95,7 +95,9 @@ def main(args) -> int:
     say_notes("project", proj.notes, flags)
     with output_folder(args.out, command="project") as out, prog.phase("plots and page"):
         report = write_outputs(out, proj, texts=texts, provenance=prov)
+    # (PCA builds no graph: its time is the projection's)
+    parts = f"projection {seconds(report['seconds'])}" if args.method == "pca" else \
+        f"graph {seconds(report['knn_seconds'])}, layout {seconds(report['seconds'] - report['knn_seconds'])}"
     print(f"embgeom project: {args.method} of {fmt(n)} x {fmt(x.shape[1])} in {seconds(prov.seconds())} "
-          f"(graph {seconds(report['knn_seconds'])}, layout {seconds(report['seconds'] - report['knn_seconds'])})"
-          f" -> {os.path.join(args.out, 'projection.html')}", file=sys.stderr)
+          f"({parts}) -> {os.path.join(args.out, 'projection.html')}", file=sys.stderr)
     return 0

@@ -657,7 +657,7 @@ def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
             if k > n - 1:
                 out.notes.append(f"k {k} lowered to N - 1 = {n - 1} for {n} rows")
             k = min(int(k), n - 1)
-        with prog.phase(f"exact {k}-neighbour {metric} graph of {n} rows"):
+        with prog.phase(f"exact {k}-neighbour {metric} graph of {n:,} rows"):
             idx, val, out.knn_seconds = exact_knn(x, k, metric=metric, backend=backend)
         out.k, out.indices = k, idx
         if metric == "cosine":
