@@ -59,15 +59,10 @@ def main(args) -> int:
     note_skipped_too_long("syntax", block["skipped_too_long"], "sentence", args, "report.json syntax.skipped_too_long")
     a = block["all"]
     offset = a["offset_baseline"]["offset"]
-    print(f"embgeom syntax: {counted(block['n_sentences'], 'sentence')}, {counted(block['n_words'], 'word')} in "
-          f"{seconds(prov.seconds())} (forward passes {seconds(block['seconds'])}); best head overall "
-          f"{'L{} h{} {}'.format(*a['best']) if a['best'] else 'none'} {a['accuracy']:.3f} (offset {'none' if offset is None else f'{offset:+d}'}: "
-          f"{a['offset_baseline']['accuracy']:.3f}) -> {os.path.join(args.out, 'report.html')}",
-          file=sys.stderr)
     if "probe" in block:
         pr = block["probe"]
         b = pr["best_single_head_test"]
-        print(f"embgeom syntax: probe (attention only, {pr['parameters']} weights, trained on "
+        print(f"embgeom syntax: probe (attention only, {fmt(pr['parameters'])} weights, trained on "
               f"{fmt(pr['train_sentences'])} sentences) UAS test {pr['uas_test']:.3f} ({fmt(pr['test_words'])} words, "
               f"roots included, ROOT = [CLS]), train {pr['uas_train']:.3f}; best single head on test "
               f"L{b['best'][0]} h{b['best'][1]} {b['best'][2]} {b['accuracy']:.3f}", file=sys.stderr)
@@ -77,6 +72,12 @@ def main(args) -> int:
             print(f"embgeom syntax: note: the probe's LBFGS stopped at {cap_met(pr)}, short of its tolerances: its weights "
                   "and UAS are the last iterate's, not the loss's minimum (report.json syntax.probe.converged)",
                   file=sys.stderr)
+    # the last line names the report, after the probe's lines
+    print(f"embgeom syntax: {counted(block['n_sentences'], 'sentence')}, {counted(block['n_words'], 'word')} in "
+          f"{seconds(prov.seconds())} (forward passes {seconds(block['seconds'])}); best head overall "
+          f"{'L{} h{} {}'.format(*a['best']) if a['best'] else 'none'} {a['accuracy']:.3f} (offset {'none' if offset is None else f'{offset:+d}'}: "
+          f"{a['offset_baseline']['accuracy']:.3f}) -> {os.path.join(args.out, 'report.html')}",
+          file=sys.stderr)
     return 0
 
 
