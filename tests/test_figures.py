@@ -372,3 +372,22 @@ def test_explained_variance_curves_take_the_scatters_colours(tmp_path, monkeypat
     plots.explained_variance_png(str(tmp_path), "ev", projection.pca_curves(x, labels), labels)
     assert set(seen) == {"all points", "b", "c"}
     assert seen["b"] == label_color("b", labels) and seen["c"] == label_color("c", labels)
+
+
+def test_curves_over_heads_leave_a_head_without_a_value_out():
+    """The cone-index plot and the heads' bands took the plain mean, min and max over heads: one
+    head without a value (None in report.json) had left a gap where the table beside it has a
+    number; a layer with no value at all stays a gap, without a warning."""
+    import warnings
+
+    import numpy as np
+
+    from embgeom.report.plots import over_heads
+
+    v = np.array([[0.2, np.nan, 0.4], [np.nan, np.nan, np.nan], [0.1, 0.3, 0.5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, low, high = over_heads(v)
+    np.testing.assert_allclose(mean, [0.3, np.nan, 0.3])
+    np.testing.assert_array_equal(low, [0.2, np.nan, 0.1])
+    np.testing.assert_array_equal(high, [0.4, np.nan, 0.5])

@@ -17,7 +17,7 @@ from .interactive import label_color
 from ..formatting import fmt as fmt_number
 from ..tables import table_html
 from .plots import (DEPTH, HEAD, LAYER, depth_axis, head_matrix, layer_axis, layer_head_axes,
-                    literal, new_figure, save_figure)
+                    literal, new_figure, over_heads, save_figure)
 
 MARKERS = {"broad": "o", "next": ">", "previous": "<", "[CLS]": "s", "[SEP]": "D",
            PERIOD_COMMA: "P", "other": "x"}
@@ -41,7 +41,8 @@ def _heat(ax, fig, data, title, cmap="viridis", vmin=None, vmax=None, fmt=None, 
             # up to 2 decimals, as many as it takes for cells of different values to read
             # differently (12.8 in every cell hid what the colours showed)
             distinct = np.unique(finite).size
-            for decimals in range(int(fmt[-3]), 3):
+            least = decimals = int(fmt[-3])  # (a format of 3 or more decimals is kept as it is)
+            for decimals in range(least, 3):
                 if len({f"{v:.{decimals}f}" for v in finite.tolist()}) == distinct:
                     break
             fmt = f"{{:.{decimals}f}}"
@@ -55,8 +56,9 @@ def _layer_band(ax, v, label: str = "mean over heads", color=None) -> None:
     """Curve over layers of v (L, H)'s mean over heads, its range over heads shaded."""
     layers = np.arange(1, v.shape[0] + 1)
     style = {} if color is None else {"color": color}
-    ax.plot(layers, v.mean(1), "o-", label=label, **style)
-    ax.fill_between(layers, v.min(1), v.max(1), alpha=0.2, label="range over heads", **style)
+    mean, low, high = over_heads(v)
+    ax.plot(layers, mean, "o-", label=label, **style)
+    ax.fill_between(layers, low, high, alpha=0.2, label="range over heads", **style)
 
 
 def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) -> list:

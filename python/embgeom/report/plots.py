@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 # axis and column names (docs/metrics.md, layers, depths and heads)
 LAYER = "layer (1..L)"
 DEPTH = "depth (0 = embeddings)"
@@ -82,7 +84,6 @@ def head_strips(fig, panels: list[tuple], layers: int, heads: int, *, columns: i
     (title, values (L, H), y label, baseline or None); x = layer 1..L, one dot per head (spread a
     little within its layer, coloured by head), the mean over the layer's heads as a black bar
     joined by a line, a dotted horizontal baseline where given."""
-    import numpy as np
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20" if heads > 10 else "tab10"]
@@ -116,6 +117,17 @@ def new_figure(width=7.0, height=4.0):
     import matplotlib.pyplot as plt
 
     return plt.subplots(figsize=(width, height))
+
+
+def over_heads(v) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, min, max) over the heads (axis 1) of v (L, H), a head without a value (NaN: None in
+    report.json) left out as the tables leave it out; NaN where a layer has no value at all."""
+    import warnings
+
+    v = np.asarray(v, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (all-NaN layers: NaN, said by the gap)
+        return np.nanmean(v, 1), np.nanmin(v, 1), np.nanmax(v, 1)
 
 
 def explained_variance_png(out_dir: str, name: str, curves: dict, labels) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import html
 import os
 from . import new_figure, save_figure, table_html, write_html
-from .plots import HEAD, LAYER, depth_axis, head_matrix, head_strips, layer_axis, layer_head_axes, literal
+from .plots import (HEAD, LAYER, depth_axis, head_matrix, head_strips, layer_axis, layer_head_axes, literal,
+                    over_heads)
 import numpy as np
 from ..analysis.clouds import geometry, projection
 from ..analysis.text.trace import special_only_note
@@ -123,8 +124,9 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
     f = lambda v: np.array([np.nan if x is None else x for x in v], dtype=float)  # noqa: E731
     heads = np.array([[np.nan if x is None else x for x in row] for row in ci["head_output"]], dtype=float)
     ax.plot(layers, f(ci["layer_input"]), "o-", label="layer input (hidden state l-1)")
-    ax.plot(layers, heads.mean(1), "s-", label="head output (mean over heads)")
-    ax.fill_between(layers, heads.min(1), heads.max(1), alpha=0.15, color="C1", label="head output range")
+    mean, low, high = over_heads(heads)  # (as the table beside it: a head without a value left out)
+    ax.plot(layers, mean, "s-", label="head output (mean over heads)")
+    ax.fill_between(layers, low, high, alpha=0.15, color="C1", label="head output range")
     ax.plot(layers, f(ci["multihead_output"]), "^-", label="multi-head output")
     ax.plot(layers, f(ci["layer_output"]), "d-", label="layer output (hidden state l)")
     layer_axis(ax, L)
@@ -272,21 +274,21 @@ def label_section(out_dir: str, by_label: dict, L: int):
     label) and a table of the last layer. -> (heading, body, PNGs)."""
     labels = sorted(by_label, key=str)
 
-    def curve(label, keys, over_heads):
+    def curve(label, keys, per_head):
         v = by_label[label]
         for k in keys:
             v = v[k]
         a = np.array([[np.nan if x is None else x for x in (row if isinstance(row, list) else [row])] for row in v],
                      dtype=float)
-        return np.nanmean(a, 1) if over_heads else a[:, 0]
+        return over_heads(a)[0] if per_head else a[:, 0]
 
     fig, _ = new_figure(13, 6.6)
     fig.clf()
     layers = np.arange(1, L + 1)
-    for n, (title, keys, over_heads) in enumerate(LABEL_CURVES):
+    for n, (title, keys, per_head) in enumerate(LABEL_CURVES):
         ax = fig.add_subplot(2, 3, n + 1)
         for label in labels:
-            ax.plot(layers, curve(label, keys, over_heads), "o-", ms=3, lw=1.2,
+            ax.plot(layers, curve(label, keys, per_head), "o-", ms=3, lw=1.2,
                     color=label_color(label, labels), label=literal(f"{label} ({by_label[label]['n_texts']})"))
         ax.set_title(title, fontsize=9)
         ax.set_ylabel(title.split(" (")[0], fontsize=8)
