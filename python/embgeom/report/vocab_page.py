@@ -49,7 +49,7 @@ def write_plots(out_dir: str, plots: dict, provenance: dict | None = None) -> di
                                               ylabel="position", title="cosine of position embeddings")
 
         fig, ax = new_figure()
-        ax.plot(plots["pos_offset"])
+        ax.plot(np.array(plots["pos_offset"], dtype=float))  # (None: an offset without a value)
         pngs["positional_offset"] = save_axes(fig, ax, out_dir, "positional_offset", xlabel="offset k",
                                               ylabel="mean cosine(p, p + k)",
                                               title="relative-offset profile of position embeddings")
@@ -253,7 +253,7 @@ def sinusoidal_plots(out_dir: str, sp: dict) -> dict[str, str]:
     fig, ax = new_figure(8, 4)
     for key, label in (("learned_profile", "learned (the model's table)"),
                        ("matched_profile", "sinusoidal, same positions and width")):
-        ax.plot(np.arange(len(sp[key])), sp[key], lw=1, label=label)
+        ax.plot(np.arange(len(sp[key])), np.array(sp[key], dtype=float), lw=1, label=label)
     ax.set_xlabel("offset k")
     ax.set_ylabel("mean cos(p, p + k)")
     ax.set_title(f"mean cosine by offset, positions from {a}")

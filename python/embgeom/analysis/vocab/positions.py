@@ -57,6 +57,19 @@ def _nan_mean(v: np.ndarray) -> float | None:
     return float(v.mean()) if v.size else None
 
 
+def offset_profile(cos: np.ndarray) -> list[float | None]:
+    """Mean cosine between positions p and p + k for each offset k = 0..P-1 of a cosine matrix
+    (P, P); a zero row's NaN cosines left out, None where an offset has none."""
+    return [_nan_mean(np.diagonal(cos, k)) for k in range(cos.shape[0])]
+
+
+def components_for(ratio: np.ndarray, share: float) -> int | None:
+    """The principal components that explain `share` of the variance (ratios descending); None
+    without variance."""
+    total = np.cumsum(ratio)
+    return int(np.searchsorted(total, share) + 1) if total.size and total[-1] > 0 else None
+
+
 def table_geometry(x: np.ndarray) -> dict:
     """Geometry of a position table (P, D), reported alike for the learned and the sinusoidal
     ones: norms (min, max), the pairwise cosines off the diagonal (mean, min, max), the mean
@@ -69,13 +82,12 @@ def table_geometry(x: np.ndarray) -> dict:
     off = cos[~np.eye(P, dtype=bool)]
     off = off[~np.isnan(off)]   # (a zero row's: no direction)
     ratio, mean, comps = clouds.pca_fit(x, min(3, x.shape[1]))
-    share = np.cumsum(ratio)
     return {"positions": P, "width": int(x.shape[1]),
             "norm_min": float(nrm.min()), "norm_max": float(nrm.max()),
             "cosine_mean": float(off.mean()) if off.size else None,
             "cosine_min": float(off.min()) if off.size else None, "cosine_max": float(off.max()) if off.size else None,
-            "offset_profile": [_nan_mean(np.diagonal(cos, k)) for k in range(P)],
-            "components_for_90pct": int(np.searchsorted(share, 0.9) + 1) if share.size and share[-1] > 0 else None,
+            "offset_profile": offset_profile(cos),
+            "components_for_90pct": components_for(ratio, 0.9),
             "helix": helix_period((x - mean) @ comps)}
 
 

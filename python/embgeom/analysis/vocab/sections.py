@@ -15,6 +15,7 @@ from ...numerics import cosine_matrix
 from ..clouds import projection as clouds
 from ..clouds.projection import pca_fit
 from ..text import adapters
+from .positions import components_for, offset_profile
 
 
 PROBE_WORDS = ("king", "queen", "man", "woman", "paris", "france", "dog", "cat", "good", "bad",
@@ -175,21 +176,9 @@ def principal_components(x: torch.Tensor, axes: int = 0) -> tuple[torch.Tensor, 
     return torch.from_numpy(ratio), torch.from_numpy((x64 - mean) @ comps)
 
 
-def _components_for(ratio: torch.Tensor, share: float) -> int | None:
-    if ratio.numel() == 0 or ratio.sum() <= 0:
-        return None
-    return int(torch.searchsorted(ratio.cumsum(0), torch.tensor(share, dtype=torch.float64)).item()) + 1
-
-
 def pca_summary(ratio: torch.Tensor) -> dict:
     return {"explained_variance": ratio.tolist(),
-            "components_for": {f"{int(s * 100)}pct": _components_for(ratio, s) for s in (0.5, 0.9, 0.99)}}
-
-
-def offset_profile(cos: torch.Tensor) -> torch.Tensor:
-    """Mean cosine between positions p and p + k, for each offset k = 0..P-1 (zero rows, NaN in
-    cosine_matrix, left out)."""
-    return torch.stack([torch.diagonal(cos, k).nanmean() for k in range(cos.shape[0])])
+            "components_for": {f"{int(s * 100)}pct": components_for(ratio.numpy(), s) for s in (0.5, 0.9, 0.99)}}
 
 
 def section_positional(pos: torch.Tensor, *, first: int = 0, backend):
@@ -203,9 +192,9 @@ def section_positional(pos: torch.Tensor, *, first: int = 0, backend):
     ratio, path = principal_components(pos, axes=3)  # path: the 3-D PCA path of the positions
     out = {"positions": int(pos.shape[0]), "mean": stats["mean"], "std": stats["std"],
            "min": stats["min"], "max": stats["max"], "top_pairs": stats["top_pairs"],
-           "bottom_pairs": stats["bottom_pairs"], "offset_profile": offset_profile(cos).tolist(),
+           "bottom_pairs": stats["bottom_pairs"], "offset_profile": offset_profile(cos.numpy()),
            "explained_variance": ratio.tolist(),
-           "components_for_90pct": _components_for(ratio, 0.9),
+           "components_for_90pct": components_for(ratio.numpy(), 0.9),
            "norms": pos.double().norm(dim=1).cpu().tolist(),
            "excluded_positions": stats["excluded_rows"]}   # (zero rows: no direction)
     return out, cos, ratio, path
