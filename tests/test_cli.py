@@ -595,7 +595,7 @@ def test_a_second_signal_after_the_first_keeps_status_130(tmp_path):
         "import atexit, os, signal, sys, types\n"
         "import embgeom.cli as cli\n"
         "def command(args):\n    raise KeyboardInterrupt\n"
-        "def kept(args):\n    os.kill(os.getpid(), signal.SIGINT)\n    return 'x'\n"
+        "def kept(args, out_existed):\n    os.kill(os.getpid(), signal.SIGINT)\n    return 'x'\n"
         "cli._what_was_kept = kept\n"
         "parser = types.SimpleNamespace(parse_args=lambda argv: types.SimpleNamespace(func=command))\n"
         "cli.build_parser = lambda argv: parser\n"

@@ -184,8 +184,9 @@ def _main(argv: list[str] | None, process: bool) -> int:
         print("embgeom: interrupted before the command started: nothing was written", file=sys.stderr)
         return 130
     args.argv, args.started = argv, started  # provenance: the command line and its total wall time
-    # (an interrupted run's line says whether --out held an earlier report or was never made)
-    args.out_existed = bool(getattr(args, "out", None)) and os.path.lexists(args.out)
+    # (an interrupted run's line says whether --out held an earlier report or was never made;
+    # not an attribute of args, whose values make a checkpoint's settings)
+    out_existed = bool(getattr(args, "out", None)) and os.path.lexists(args.out)
     try:
         # SIGTERM (a scheduler's stop, `kill`) ends a command as Ctrl-C does: its staging folder
         # is removed, its checkpoint saved where it keeps one, and it says what was kept
@@ -195,7 +196,7 @@ def _main(argv: list[str] | None, process: bool) -> int:
         print(f"embgeom: error: {exc}", file=sys.stderr)
         return 2
     except MemoryError as exc:
-        print(_out_of_memory(exc, args), file=sys.stderr)
+        print(_out_of_memory(exc, args, out_existed), file=sys.stderr)
         return 2
     except BrokenPipeError:  # (`| head`: the reader left; nothing more to say to it)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -207,11 +208,11 @@ def _main(argv: list[str] | None, process: bool) -> int:
     except KeyboardInterrupt:
         if process:
             _ignore_interrupts()  # (a second Ctrl-C had cut this line's work short: status -2)
-        print(f"embgeom: interrupted ({_what_was_kept(args)})", file=sys.stderr)
+        print(f"embgeom: interrupted ({_what_was_kept(args, out_existed)})", file=sys.stderr)
         return 130
     except Exception as exc:
         if isinstance(exc, RuntimeError) and any(m in str(exc) for m in ALLOCATOR_FAILURES):
-            print(_out_of_memory(exc, args), file=sys.stderr)   # torch's allocators say it so
+            print(_out_of_memory(exc, args, out_existed), file=sys.stderr)   # torch's allocators say it so
             return 2
         # (a lost peer can only come from distributed, if it was imported: importing it here, with
         # torch, had raised a second traceback over the first where torch cannot load)
@@ -226,15 +227,15 @@ def _main(argv: list[str] | None, process: bool) -> int:
 ALLOCATOR_FAILURES = ("can't allocate memory", "CUDA out of memory", "std::bad_alloc")
 
 
-def _out_of_memory(exc: BaseException, args) -> str:
+def _out_of_memory(exc: BaseException, args, out_existed: bool) -> str:
     """One line for a command that ran out of memory (the C++ core's std::bad_alloc, numpy's or
     torch's failed allocation) instead of a traceback."""
     detail = first_line(exc) if str(exc).strip() else "an allocation failed"
     return (f"embgeom: error: out of memory ({detail}): ask for less (shorter lists, fewer neighbours, a "
-            f"smaller --batch-size or input) or run where more memory is free; {_what_was_kept(args)}")
+            f"smaller --batch-size or input) or run where more memory is free; {_what_was_kept(args, out_existed)}")
 
 
-def _what_was_kept(args) -> str:
+def _what_was_kept(args, out_existed: bool) -> str:
     """What an interrupted command leaves behind, for its one line."""
     if getattr(args, "continues_in", None):
         return _rows_kept(args.continues_in)
@@ -248,7 +249,7 @@ def _what_was_kept(args) -> str:
     if hasattr(args, "checkpoint") and getattr(args, "projections", True):
         return "nothing was kept; --checkpoint PATH keeps finished work for a rerun"
     if getattr(args, "out", None):
-        if not getattr(args, "out_existed", True):
+        if not out_existed:
             return f"{args.out} was not created; no partial report is written"
         return f"{args.out} holds what it held before; no partial report is written"
     return "nothing was written"
