@@ -650,10 +650,36 @@ def test_pairs_shows_its_bar_on_a_terminal_as_every_command(tmp_path, capsys, mo
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     assert main(base) == 0
     assert "100%" not in capsys.readouterr().err
-    assert main([*base, "--progress"]) == 0
-    assert "embgeom pairs: pairs: 100%" in capsys.readouterr().err
+    assert main([*base, "--progress"]) == 0  # (into a log: plain lines)
+    assert "embgeom pairs: pairs: 44,850/44,850 pairs (100 %) in " in capsys.readouterr().err
     assert main([*base, "--progress", "--no-progress"]) == 2
-    assert "embgeom: error: --progress: asks for the bar that --no-progress turns off" in capsys.readouterr().err
+    assert "embgeom: error: --progress: asks for the progress that --no-progress turns off" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["text", "knn", "pairs-above", "project"])
+def test_progress_into_a_log_is_plain_lines(command, tmp_path, capsys, monkeypatch, tiny_bert_dir):
+    """Every command's --progress where stderr is no terminal (nohup, a scheduler's log): a line
+    where each phase starts and ends, and every LOG_SECONDS one with the count, rate and time left
+    (they had written nothing but the last line, or tqdm's redrawn line with its carriage returns)."""
+    from embgeom import progress
+
+    monkeypatch.setattr(progress, "LOG_SECONDS", 0.02)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    x = tmp_path / "x.npy"
+    np.save(x, make_embeddings(300, 8).numpy())
+    (tmp_path / "c.txt").write_text("the cat sat .\na dog ran .\nred and blue\n", encoding="utf-8")
+    argv = {"text": ["text", str(tmp_path / "c.txt"), "--model", str(tiny_bert_dir), "--out", str(tmp_path / "o")],
+            "knn": ["knn", str(x), "--k", "3", "--json", str(tmp_path / "k.json")],
+            "pairs-above": ["pairs-above", str(x), "--threshold", "0.5", "--out", str(tmp_path / "o")],
+            "project": ["project", str(x), "--method", "pca", "--out", str(tmp_path / "o")]}[command]
+    assert main(argv) == 0
+    assert "\r" not in capsys.readouterr().err and main([*argv[:-1], str(tmp_path / "o2"), "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err, err
+    lines = err.splitlines()
+    assert len(lines) >= 3 and lines[-1].startswith(f"embgeom {command}: "), err
+    if command != "project":  # (a counted phase: its lines say how far, the last one where it ended)
+        assert " (100 %) in " in err, err
 
 
 def test_json_dash_is_standard_output(tmp_path, capsys, monkeypatch):
@@ -668,3 +694,21 @@ def test_json_dash_is_standard_output(tmp_path, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert json.loads(out)["k"] == 2 and "-> standard output" in err
     assert not (tmp_path / "-").exists()
+
+
+def test_a_logged_bar_says_how_far_and_how_long_is_left(monkeypatch):
+    import io
+
+    from embgeom import progress
+
+    clock = iter([0.0, 61.0, 122.0, 130.0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    with progress.Progress(enabled=True, prefix="p", stream=out, log=True).bar(400, "queries", unit="query") as bar:
+        bar.update(100)   # at 61 s: 100 of 400, 183 s left at that rate
+        bar.update(100)   # at 122 s
+    assert out.getvalue().splitlines() == [
+        "p: queries: 0/400 queries (0 %)",
+        "p: queries: 100/400 queries (25 %) after 61 s, about 3 min 3 s left",
+        "p: queries: 200/400 queries (50 %) after 2 min 2 s, about 2 min 2 s left",
+        "p: queries: 200/400 queries (50 %) in 2 min 10 s"]

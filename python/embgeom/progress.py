@@ -1,9 +1,11 @@
 """Progress on stderr for every long phase of a command: tqdm bars for counted work (texts,
 sentences, pairs) and a ticking clock for phases without a count (model load, UMAP, plots).
 
-Shown only when stderr is a terminal and the user did not ask for quiet (`--quiet`,
-`--no-progress`); otherwise every call here does nothing. Without tqdm the bars fall back to one
-plain line per phase.
+Shown when stderr is a terminal and the user did not ask for quiet (`--quiet`,
+`--no-progress`); otherwise every call here does nothing, unless the user asked for it
+(`--progress`): then, into a log, plain lines (log=True): a phase's start and end, and every
+LOG_SECONDS a bar's count, rate and time left or a phase's time so far. Without tqdm a terminal
+gets those lines too.
 
     prog = Progress(enabled=wanted(quiet=args.quiet), prefix="embgeom text")
     with prog.phase("loading the model"):
@@ -41,32 +43,56 @@ class _Null:
         pass
 
 
-class _Plain:
-    """A bar without tqdm: one line at the end."""
+LOG_SECONDS = 60.0  # a log's lines of a long phase or bar: one this often
 
-    def __init__(self, stream, desc: str, total: int | None):
-        self.stream, self.desc, self.total, self.n = stream, desc, total, 0
-        self.start = time.perf_counter()
+
+def _line(stream, text: str) -> None:
+    stream.write(text + "\n")
+    stream.flush()
+
+
+class _Logged:
+    """A bar as plain lines (a log, or a terminal without tqdm): where it starts, its count every
+    LOG_SECONDS with the rate and the time left, and where it ends."""
+
+    def __init__(self, stream, label: str, total: int | None, unit: str, initial: int = 0):
+        self.stream, self.label, self.total, self.unit = stream, label, total, unit
+        self.n = self.initial = initial
+        self.start = self.last = time.perf_counter()
+        _line(stream, f"{label}: {self._count()}" + (" (resumed)" if initial else ""))
+
+    def _count(self) -> str:
+        units = self.unit[:-1] + "ies" if self.unit.endswith("y") else self.unit + "s"  # (query: queries)
+        if not self.total:
+            return f"{self.n:,} {units}"
+        return f"{self.n:,}/{self.total:,} {units} ({100 * self.n / self.total:.0f} %)"
 
     def update(self, n: int = 1) -> None:
         self.n += n
+        now = time.perf_counter()
+        if now - self.last >= LOG_SECONDS:
+            self.last = now
+            spent, done = now - self.start, self.n - self.initial
+            left = f", about {seconds((self.total - self.n) * spent / done)} left" \
+                if self.total and done > 0 and self.n < self.total else ""
+            _line(self.stream, f"{self.label}: {self._count()} after {seconds(spent)}{left}")
 
     def set_postfix_str(self, s: str) -> None:
         pass
 
     def close(self) -> None:
-        of = f"/{self.total}" if self.total else ""
-        self.stream.write(f"{self.desc}: {self.n}{of} in {seconds(time.perf_counter() - self.start)}\n")
-        self.stream.flush()
+        _line(self.stream, f"{self.label}: {self._count()} in {seconds(time.perf_counter() - self.start)}")
 
 
 class Progress:
-    """enabled False: every bar and phase is silent. prefix: the command, e.g. "embgeom text"."""
+    """enabled False: every bar and phase is silent. prefix: the command, e.g. "embgeom text".
+    log: plain lines (a log file) rather than tqdm's redrawn ones."""
 
-    def __init__(self, enabled: bool = False, prefix: str = "embgeom", stream=None):
+    def __init__(self, enabled: bool = False, prefix: str = "embgeom", stream=None, log: bool = False):
         self.enabled = enabled
         self.prefix = prefix
         self.stream = sys.stderr if stream is None else stream
+        self.log = log
 
     def _sizing(self) -> dict:
         # a terminal that reports no size (a bare pty) would hide the bar: 100 x 50 then
@@ -77,6 +103,8 @@ class Progress:
         return {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 50}
 
     def _tqdm(self, **kwargs):
+        if self.log:
+            return None
         try:
             from tqdm.auto import tqdm
         except ImportError:
@@ -87,7 +115,7 @@ class Progress:
         """Keyword arguments for a library's own tqdm bar (umap-learn's `tqdm_kwds`), drawn like
         ours and gone when done (it runs under a phase's clock, whose line stays: left, it had
         been overwritten by the clock's last line); None when progress is off."""
-        if not self.enabled:
+        if not self.enabled or self.log:  # (a log has the phase's lines)
             return None
         return {"file": self.stream, "leave": False, "disable": False, "desc": f"{self.prefix}: {desc}",
                 "unit": unit, "mininterval": 0.25, "bar_format": None, **self._sizing()}
@@ -104,9 +132,7 @@ class Progress:
             return
         label = f"{self.prefix}: {desc}"
         bar = self._tqdm(total=total, desc=label, unit=unit, unit_scale=unit_scale,
-                         mininterval=0.25, initial=initial) or _Plain(self.stream, label, total)
-        if isinstance(bar, _Plain):
-            bar.n = initial
+                         mininterval=0.25, initial=initial) or _Logged(self.stream, label, total, unit, initial)
         try:
             yield bar
         finally:
@@ -114,32 +140,41 @@ class Progress:
 
     @contextlib.contextmanager
     def phase(self, desc: str) -> Iterator[None]:
-        """A phase without a count: its elapsed time ticks twice a second until it ends."""
+        """A phase without a count: its elapsed time ticks twice a second until it ends (a log:
+        a line where it starts, one every LOG_SECONDS and one where it ends)."""
         raise_swallowed()
         if not self.enabled:
             yield
             return
         label = f"{self.prefix}: {desc}"
         bar = self._tqdm(total=None, desc=label, bar_format="{desc} {elapsed}")
+        start = time.perf_counter()
         if bar is None:
-            self.stream.write(label + " ...\n")
-            self.stream.flush()
-            yield
-            return
+            _line(self.stream, label + " ...")
         stop = threading.Event()
 
         def tick():
+            if bar is None:  # plain lines: the time so far every LOG_SECONDS
+                while not stop.wait(LOG_SECONDS):
+                    _line(self.stream, f"{label}: {seconds(time.perf_counter() - start)} so far")
+                return
             while not stop.wait(0.5):
                 bar.refresh()
 
         thread = threading.Thread(target=tick, daemon=True)
         thread.start()
+        finished = False
         try:
             yield
+            finished = True
         finally:
             stop.set()
             thread.join()
-            bar.close()
+            if bar is None:
+                _line(self.stream, f"{label}: {'done in' if finished else 'stopped after'} "
+                                   f"{seconds(time.perf_counter() - start)}")
+            else:
+                bar.close()
 
 
 def as_progress(progress, prefix: str) -> Progress:

@@ -41,19 +41,26 @@ def model_input(model: str | None) -> tuple[str, str | None]:
     return "--model", model if model and os.path.exists(model) else None
 
 
-def add_quiet_option(p) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr (progress is shown only "
+def add_quiet_option(p, progress_help: str = "") -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr (progress is shown "
                    "when stderr is a terminal; the last line, notes and errors are always printed)")
     p.add_argument("--no-progress", action="store_true", help="the same as --quiet")
+    p.add_argument("--progress", action="store_true", help="progress also where stderr is no terminal (a "
+                   "log): plain lines where a phase starts and ends and one a minute" + progress_help)
 
 
 def progress_for(args, prefix: str):
-    """The command's Progress: shown when stderr is a terminal and neither --quiet nor
-    --no-progress was given."""
+    """The command's Progress: tqdm's lines where stderr is a terminal, unless --quiet or
+    --no-progress; plain lines into a log where it is not and --progress asks for them."""
     from ..progress import Progress, wanted
 
     quiet = bool(getattr(args, "quiet", False) or getattr(args, "no_progress", False))
-    return Progress(enabled=wanted(quiet), prefix=prefix)
+    asked = bool(getattr(args, "progress", False))
+    if asked and quiet:
+        raise ValueError(f"--progress: asks for the progress that --{'quiet' if args.quiet else 'no-progress'} "
+                         "turns off")
+    terminal = wanted()
+    return Progress(enabled=not quiet and (terminal or asked), prefix=prefix, log=asked and not terminal)
 
 
 def check_run_options(args) -> None:

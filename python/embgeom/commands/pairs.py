@@ -35,9 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", help="cpp, torch, triton, cuda or reference (default: auto)")
     p.add_argument("--device", type=device_option, help="run on this torch device (e.g. cuda)")
     p.add_argument("--checkpoint", metavar="PATH", help="save finished tiles here; a rerun resumes")
-    p.add_argument("--progress", action="store_true", help="the bar of the pairs done on stderr even where "
-                   "stderr is no terminal (a log; with --distributed, one line a finished job per rank)")
-    add_quiet_option(p)
+    add_quiet_option(p, progress_help=" (with --distributed: a line a finished job, per rank)")
     p.add_argument("--distributed", action="store_true", help="split the work over torchrun ranks")
     p.add_argument("--json", required=True, metavar="OUT", help="the statistics as JSON (written atomically; - for standard output)")
 
@@ -45,7 +43,6 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     from ..formatting import counted, seconds
     from ..io import check_output_path, load_matrix
-    from ..progress import Progress
     from ..provenance import Provenance
     from ..report import write_json
     from ..validation import renamed
@@ -73,10 +70,7 @@ def main(args) -> int:
                 raise ValueError(f"--{name.replace('_', '-')}: only with --{spec['needs']}")
             value = spec["default"] if value is None else value
         options[name] = tuple(value) if "pair" in spec and value is not None else value
-    if args.progress and (args.quiet or args.no_progress):
-        raise ValueError(f"--progress: asks for the bar that --{'quiet' if args.quiet else 'no-progress'} turns off")
-    # the bar where stderr is a terminal, as every command; --progress: also into a log
-    prog = Progress(enabled=True, prefix="embgeom pairs") if args.progress else progress_for(args, "embgeom pairs")
+    prog = progress_for(args, "embgeom pairs")
     kwargs = dict(options, backend=args.backend, checkpoint=args.checkpoint,
                   progress=prog.enabled if args.distributed else prog)
     # (a checkpoint there is resumed or refused: the last line says a run resumed, as text's does)

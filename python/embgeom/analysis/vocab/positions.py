@@ -214,7 +214,7 @@ def _named(progress, what: str):
 
     if not isinstance(progress, Progress) or not progress.enabled:
         return False
-    return Progress(enabled=True, prefix=f"{progress.prefix}, {what}", stream=progress.stream)
+    return Progress(enabled=True, prefix=f"{progress.prefix}, {what}", stream=progress.stream, log=progress.log)
 
 
 def projections(words, ids, tokens, pos, pos_range, *, seed: int = 0, progress=False,
