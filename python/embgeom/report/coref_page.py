@@ -16,7 +16,7 @@ def write_coref_report(out_dir: str, report: dict) -> None:
     acc = np.asarray(c["all_accuracy"].cpu() if hasattr(c["all_accuracy"], "cpu") else c["all_accuracy"])
     fig, ax = new_figure(0.45 * acc.shape[1] + 3, 0.35 * acc.shape[0] + 2.5)
     im = ax.imshow(acc, cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="accuracy")
     ax.set_title("antecedent selection accuracy per head", fontsize=9)
     layer_head_axes(ax, acc.shape[0], acc.shape[1])
     png = save_figure(fig, out_dir, "coref_heads")
@@ -25,6 +25,10 @@ def write_coref_report(out_dir: str, report: dict) -> None:
                            c["skipped_too_long"], c["seconds"]]])
     b = c["baselines"]
     best = f"L{c['best'][0]} h{c['best'][1]}" if c["best"] else "none (no head is right on any mention)"
+    if c["best"]:  # heads with the best head's accuracy (few scored mentions tie often)
+        tied = [f"L{l + 1} h{h}" for l, h in zip(*np.nonzero(acc == acc.max())) if (l + 1, h) != tuple(c["best"][:2])]
+        if tied:
+            best += f" (tied with {', '.join(tied[:5])}{f' and {len(tied) - 5} more' if len(tied) > 5 else ''})"
     rows = [[f"best head: {best}", c["accuracy"]],
             ["nearest mention", b["nearest"]],
             ["nearest mention with the same head word (else nearest)", b["head_match"]]]

@@ -131,7 +131,8 @@ def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) ->
                          "D(a, b) = sum over every real query row of every text of JS(P_a, P_b), "
                          "P = 0.999 A + 0.001/n (nats, not its square root); metric MDS "
                          "(scikit-learn, precomputed, n_init 5, max_iter 1000, eps 1e-10, seed 0). "
-                         "Colour: layer; marker: Clark's behaviours (broad: entropy > 3.8 nats; "
+                         "In the picture colour: layer, marker: Clark's behaviours; on the interactive page "
+                         "colour: behaviour, the layer on hover (behaviours: broad: entropy > 3.8 nats; "
                          "next/previous >= 0.5; [CLS]/[SEP]/'.' or ',' >= 0.6, the last on the two tokens' mass together).</p>", [png]))
 
     pats = block["patterns"]

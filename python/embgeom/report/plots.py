@@ -145,6 +145,7 @@ def explained_variance_png(out_dir: str, name: str, curves: dict, labels) -> str
         ax.plot(range(1, len(curve) + 1), curve, label=literal(key), lw=1, color=label_color(key, labels))
     ax.set_xlabel("principal components")
     ax.set_ylabel("cumulative explained variance")
+    ax.set_title("PCA: cumulative explained variance" + (", all points and each label" if by_label else ""))
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
     return save_figure(fig, out_dir, name)

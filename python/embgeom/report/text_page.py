@@ -20,10 +20,15 @@ from ..tables import Raw
 
 
 def _heatmap(out_dir, name, data, title, xlabel=None, ylabel=None, cmap="viridis", vmin=None, vmax=None,
-             label="", ticks=None):
+             label="", ticks=None, values: str | None = None):
     """A heat map saved as name.png; without xlabel/ylabel its rows are layers 1..L and its
-    columns heads 0..H-1. label: the colour bar's quantity; ticks: names of rows and columns."""
-    fig, _ = heatmap_figure(data, title, xlabel, ylabel, cmap, vmin, vmax, label=label, ticks=ticks)
+    columns heads 0..H-1. label: the colour bar's quantity; ticks: names of rows and columns;
+    values: a format ("{:.2f}") writing each cell's value in it (a table's worth of cells)."""
+    fig, ax = heatmap_figure(data, title, xlabel, ylabel, cmap, vmin, vmax, label=label, ticks=ticks)
+    if values is not None:
+        for (i, j), v in np.ndenumerate(np.asarray(data, dtype=float)):
+            if np.isfinite(v):
+                ax.text(j, i, values.format(v), ha="center", va="center", fontsize=8)
     return save_figure(fig, out_dir, name)
 
 
@@ -131,6 +136,7 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
     ax.plot(layers, f(ci["layer_output"]), "d-", label="layer output (hidden state l)")
     layer_axis(ax, L)
     ax.set_ylabel("cone index I/n (mean over texts)")
+    ax.set_title("cone index of the hidden states and the heads' outputs")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8)
     pngs["cone"] = save_figure(fig, out_dir, "cone_index")
@@ -184,9 +190,10 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
     if "cls_pairs" in report:
         cp = report["cls_pairs"]
         pngs["pairs"] = _heatmap(out_dir, "cls_pairs", cp["cosine"].cpu().numpy(),
-                                 "cosine between mean [CLS] difference vectors", "group", "group",
+                                 "cosine between mean [CLS] difference vectors (last layer)", "group", "group",
                                  cmap="coolwarm", vmin=-1, vmax=1, label="cosine",
-                                 ticks=[str(g) for g in cp["groups"]])
+                                 ticks=[str(g) for g in cp["groups"]],
+                                 values="{:.2f}" if len(cp["groups"]) <= 16 else None)
 
     summary = table_html(
         ["model", "texts", "tokens", "layers", "heads", "truncated", "forward passes with metrics (s)"],
@@ -460,8 +467,10 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
             lo, hi = min(lo, edges[used[0]]), max(hi, edges[used[-1] + 1])
         bx.stairs(share, edges, lw=1, color=cmap(k / max(len(pairs) - 1, 1)),
                   label=literal(" x ".join(st["labels"])))
-    for a, title in ((ax, "pairwise cosine within each label"),
-                     (bx, f"pairwise cosine across label pairs ({len(pairs)})")):
+    depth = groups["last"].get("depth")
+    at = "" if depth is None else f", depth {depth}"
+    for a, title in ((ax, f"pairwise cosine within each label{at}"),
+                     (bx, f"pairwise cosine across label pairs ({len(pairs)}){at}")):
         if lo < hi:  # the range the data covers (both panels alike), not -1..1
             pad = 0.02 * (hi - lo)
             a.set_xlim(lo - pad, hi + pad)
