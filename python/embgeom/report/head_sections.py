@@ -88,6 +88,7 @@ def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) ->
     a3 = fig.add_subplot(1, 3, 3)
     _heat(a3, fig, _arr(block["sep_to_sep"]), "[SEP] -> [SEP] attention", "Blues", 0, 1,
           label="attention mass")
+    a3.tick_params(axis="x", labelsize=7 if H > 8 else 9)  # (a third of the figure: "10" and "11" had met)
     png = save_figure(fig, out_dir, "head_entropy")
     fig, ax = new_figure(0.5 * H + 3, 0.4 * L + 2)
     _heat(ax, fig, ce, "Clark entropy per head (nats)", fmt="{:.1f}", label="entropy (nats)")

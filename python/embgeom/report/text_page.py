@@ -185,6 +185,7 @@ def write_report(out_dir: str, r, report: dict, extra_sections=()) -> list[str]:
     for a in (a1, a2):
         layer_axis(a, L)
     depth_axis(a3, L + 1)
+    fig.tight_layout()  # (the panels' y labels had run into the panels beside them)
     pngs["evolution"] = save_figure(fig, out_dir, "evolution")
 
     if "cls_pairs" in report:
@@ -430,10 +431,11 @@ def group_plots(out_dir: str, cls_path: str, labels: list[str], groups: dict, te
     # the two curves can differ at 1e-5 where both are near 1: the gap on a log axis shows it
     if np.all(gap[np.isfinite(gap)] > 0):
         a3.set_yscale("log")
-    else:
+        a3.set_title("gap between the two (log axis)")
+    else:  # (log where |gap| > 1e-6, linear through 0)
         a3.set_yscale("symlog", linthresh=1e-6)
+        a3.set_title("gap between the two (symmetric log axis)")
     a3.set_ylabel("within - between (mean cosine)")
-    a3.set_title("gap between the two (log axis)")
     for ax in (a1, a2, a3):
         depth_axis(ax, depths)
     fig.suptitle("labelled [CLS] sets over depth", fontsize=10)
