@@ -658,9 +658,11 @@ def test_pairs_shows_its_bar_on_a_terminal_as_every_command(tmp_path, capsys, mo
 
 @pytest.mark.parametrize("command", ["text", "knn", "pairs-above", "project"])
 def test_progress_into_a_log_is_plain_lines(command, tmp_path, capsys, monkeypatch, tiny_bert_dir):
-    """Every command's --progress where stderr is no terminal (nohup, a scheduler's log): a line
-    where each phase starts and ends, and every LOG_SECONDS one with the count, rate and time left
-    (they had written nothing but the last line, or tqdm's redrawn line with its carriage returns)."""
+    """Every command's --progress where stderr is no terminal (nohup, a scheduler's log): plain
+    lines, where each phase starts and ends and a bar's count (they had written nothing but the
+    last line, or tqdm's redrawn line with its carriage returns); --progress beside --quiet is
+    refused before X is read (test_a_logged_bar_says_how_far_and_how_long_is_left: the lines
+    between)."""
     from embgeom import progress
 
     monkeypatch.setattr(progress, "LOG_SECONDS", 0.02)
@@ -680,6 +682,10 @@ def test_progress_into_a_log_is_plain_lines(command, tmp_path, capsys, monkeypat
     assert len(lines) >= 3 and lines[-1].startswith(f"embgeom {command}: "), err
     if command != "project":  # (a counted phase: its lines say how far, the last one where it ended)
         assert " (100 %) in " in err, err
+    if command != "text":
+        missing = [a if a != str(x) else str(tmp_path / "missing.npy") for a in argv]
+        assert main([*missing, "--progress", "--quiet"]) == 2
+        assert "embgeom: error: --progress: asks for the progress that --quiet turns off" in capsys.readouterr().err
 
 
 def test_json_dash_is_standard_output(tmp_path, capsys, monkeypatch):

@@ -238,7 +238,7 @@ def test_scatter_page_without_plotly(tmp_path, monkeypatch):
 
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32))
     monkeypatch.setattr(projection, "exact_knn", lambda *a, **k: pytest.fail("the graph was computed"))
-    assert cli.main(["project", str(tmp_path / "x.npy"), "--method", "pca", "--out", str(tmp_path / "p")]) == 2
+    assert cli.main(["project", str(tmp_path / "x.npy"), "--method", "umap", "--out", str(tmp_path / "p")]) == 2
     assert not (tmp_path / "p").exists()
 
 

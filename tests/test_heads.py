@@ -677,3 +677,20 @@ def test_gaussianity_leaves_a_flat_state_out_of_the_means_and_counts_it():
     _close(got["mean_excess_kurtosis"], float(stats.kurtosis(rows, axis=1).mean()), "kurtosis", 1e-9)
     p = stats.normaltest(rows, axis=1).pvalue
     _close(got["share_rejected"], float((p < 0.05 / 7).mean()), "share_rejected", 1e-12)
+
+
+def test_gaussianity_of_flat_states_only_is_nan_and_an_older_state_resumes():
+    """A depth whose every state is flat has no skewness: NaN (it had read 0.0 once flat states
+    were left out); a saved state from before the flat count restores with none counted."""
+    from types import SimpleNamespace
+
+    acc = GaussianityAccumulator(1, 32)
+    acc.update(SimpleNamespace(hidden_states=(torch.full((1, 3, 32), 0.25),), mask=torch.ones(1, 3, dtype=torch.bool)))
+    got = acc.result()[0]
+    assert got["count"] == 0 and got["flat"] == 3 and math.isnan(got["mean_skew"])
+    assert math.isnan(got["mean_excess_kurtosis"])
+    older = acc.checkpoint_state()
+    older = {**older, "sums": {k: {"skew": v["skew"], "kurtosis": v["kurtosis"]} for k, v in older["sums"].items()}}
+    again = GaussianityAccumulator(1, 32)
+    again.restore_state(older)
+    assert again.sums["token"]["flat"] == [0]

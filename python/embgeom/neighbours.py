@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import numerics, validation
+from .formatting import counted
 from .tables import table_html
 from .results import RowTopK
 from .progress import as_progress
@@ -327,7 +328,7 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
         out_i = np.full((qn.shape[0], k), -1, np.int64)
         out_v = np.full((qn.shape[0], k), np.nan, np.float32)
     else:
-        with prog.phase(f"building the {index} index of {n_valid:,} rows"):
+        with prog.phase(f"building the {index} index of {counted(n_valid, 'row')}"):
             idx = _build(faiss, index, base, gpu, params)
         out_i, out_v = _search_in_parts(prog, "queries", idx, qn, want, valid_ids, self_ids, q_valid, k, limit)
         if index != "flat":

@@ -4,7 +4,7 @@ sentences, pairs) and a ticking clock for phases without a count (model load, UM
 Shown when stderr is a terminal and the user did not ask for quiet (`--quiet`,
 `--no-progress`); otherwise every call here does nothing, unless the user asked for it
 (`--progress`): then, into a log, plain lines (log=True): a phase's start and end, and every
-LOG_SECONDS a bar's count, rate and time left or a phase's time so far. Without tqdm a terminal
+LOG_SECONDS a bar's count, the time so far and the time left, or a phase's time so far. Without tqdm a terminal
 gets those lines too.
 
     prog = Progress(enabled=wanted(quiet=args.quiet), prefix="embgeom text")

@@ -36,13 +36,14 @@ def main(args) -> int:
 
     prov = Provenance(args, inputs={"X": args.x, "--queries": args.queries})
     check_output_path(args.json, "--json", inputs=[("X", args.x), ("--queries", args.queries)], stdout=True)  # before any work
+    prog = progress_for(args, "embgeom knn")  # (--progress beside --quiet: refused before X loads)
     x = load_matrix(args.x, "X")
     q = load_matrix(args.queries, "--queries") if args.queries else None
     # (knn's checks name its arguments: said here as this command's flags)
     with renamed(**flags_of(args, positional=("x",))):
         res = knn(x, args.k, queries=q, index=args.index, device=args.device, nlist=args.nlist,
                   nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search,
-                  progress=progress_for(args, "embgeom knn"))
+                  progress=prog)
     data = res.to_dict()
     data.update({"n": int(x.shape[0]), "d": int(x.shape[1]), "provenance": prov.record()})
     write_json(args.json, data, name="--json")

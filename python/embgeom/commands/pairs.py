@@ -57,6 +57,7 @@ def main(args) -> int:
             raise ValueError(f"--json: {args.json} is a rank's --checkpoint file (PATH.rank<r>); write elsewhere")
     if args.checkpoint:
         check_output_path(args.checkpoint, "--checkpoint", inputs=ins)
+    prog = progress_for(args, "embgeom pairs")  # (--progress beside --quiet: refused before X loads)
     x = load_matrix(args.x, "X")
     y = load_matrix(args.against, "--against") if args.against else None
     if args.device:
@@ -70,7 +71,6 @@ def main(args) -> int:
                 raise ValueError(f"--{name.replace('_', '-')}: only with --{spec['needs']}")
             value = spec["default"] if value is None else value
         options[name] = tuple(value) if "pair" in spec and value is not None else value
-    prog = progress_for(args, "embgeom pairs")
     kwargs = dict(options, backend=args.backend, checkpoint=args.checkpoint,
                   progress=prog.enabled if args.distributed else prog)
     # (a checkpoint there is resumed or refused: the last line says a run resumed, as text's does)

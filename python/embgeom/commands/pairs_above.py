@@ -40,13 +40,13 @@ def main(args) -> int:
 
     prov = Provenance(args, inputs={"X": args.x})
     check_complete(args.x, "X")
+    prog = progress_for(args, "embgeom pairs-above")  # (--progress beside --quiet: refused before X loads)
     x = load_matrix(args.x, "X")
     if x.dim() != 2:
         raise ValueError(f"X: expected a matrix (N, D), got shape {tuple(x.shape)}")
     if args.device:
         x = x.to(args.device)
     args.continues_in = args.out  # an interrupted run's line says the folder keeps its rows
-    prog = progress_for(args, "embgeom pairs-above")
     before = saved_manifest(args.out)  # (the last line says what an earlier run had kept)
     kept = before["rows_done"] if before else 0
     with renamed(**flags_of(args, positional=("x",))):

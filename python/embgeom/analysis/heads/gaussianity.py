@@ -78,6 +78,16 @@ class GaussianityAccumulator(Resumable):
                      for kind in ("token", "text_mean")}
         self.seconds: dict[str, float] = {}
 
+    def restore_state(self, saved: dict) -> None:
+        # a checkpoint written before the flat count (45c17d8) resumes: its flat states were
+        # counted with NaN sums (those depths read NaN either way), and none are counted here
+        sums = saved.get("sums")
+        if isinstance(sums, dict):
+            saved = {**saved, "sums": {kind: {"flat": [0] * len(v.get("skew", [])), **v}
+                                       if isinstance(v, dict) and "flat" not in v else v
+                                       for kind, v in sums.items()}}
+        super().restore_state(saved)
+
     def update(self, b) -> None:
         t0 = time.perf_counter()
         mask = b.mask
@@ -113,8 +123,9 @@ class GaussianityAccumulator(Resumable):
                 N = p.numel()
                 thr = ALPHA / max(N, 1)
                 vals = {"share_rejected": float((p < thr).double().mean()) if N else float("nan"),
-                        "mean_skew": self.sums[kind]["skew"][l] / max(N, 1),
-                        "mean_excess_kurtosis": self.sums[kind]["kurtosis"][l] / max(N, 1),
+                        # (no tested state: NaN, not a symmetric, normal-tailed 0)
+                        "mean_skew": self.sums[kind]["skew"][l] / N if N else float("nan"),
+                        "mean_excess_kurtosis": self.sums[kind]["kurtosis"][l] / N if N else float("nan"),
                         "threshold": thr, "count": N, "flat": self.sums[kind]["flat"][l]}
                 if kind == "token":
                     entry.update(vals)
