@@ -234,7 +234,7 @@ def test_readme_synopsis_names_every_flag_of_every_command():
         sub = next(a for a in build_parser([name])._actions if a.dest == "command").choices[name]
         for action in sub._actions:
             flags = [f for f in action.option_strings if f.startswith("--")]
-            if not flags or flags[0] in ("--help", "--no-progress", "--quiet"):
+            if not flags or flags[0] in ("--help", "--no-progress", "--quiet", "--progress"):  # (said once for all)
                 continue
             # the command's lines: `embgeom NAME ...` and its continuations, or `torchrun ... -m embgeom NAME ...`
             lines = re.compile(rf"^(?:embgeom|torchrun .*?-m embgeom) {re.escape(name)} .*?(?=^embgeom |^\(|^torchrun|\Z)",
