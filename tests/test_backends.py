@@ -232,3 +232,15 @@ def test_attention_entropy_no_mask_fp16_strided(backend, device):
     want = reference.attention_entropy(pt.cpu().double())
     got = embgeom.attention_entropy(pt, backend=backend)
     torch.testing.assert_close(got.row_entropy.cpu().double(), want["row_entropy"], atol=1e-4, rtol=1e-4)
+
+
+def test_backend_auto_is_the_automatic_choice(monkeypatch):
+    """Every --backend help names the default 'auto'; given, it had been refused."""
+    import embgeom
+
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    a = embgeom.pairwise_stats(x, backend="auto", bins=10)
+    b = embgeom.pairwise_stats(x, bins=10)
+    assert a.backend == b.backend and a.mean == b.mean
+    monkeypatch.setenv("EMBGEOM_BACKEND", "auto")
+    assert embgeom.pairwise_stats(x, bins=10).backend == b.backend

@@ -192,7 +192,8 @@ class ShardWriter:
             differ = [k for k, v in mine.items() if old[k] != v]
             if differ:
                 raise ValueError(f"out: {folder} holds pairs of another input or settings "
-                                 f"({', '.join(differ)} differ); use an empty folder, or delete this one")
+                                 f"({', '.join(differ)} {'differs' if len(differ) == 1 else 'differ'}); use an empty folder, "
+                                 "or delete this one")
             # a resumed (or repeated) run builds on the shards listed: they must be the ones written
             for shard in old["shards"]:
                 rows = _read_shard(folder, shard, "out")

@@ -170,6 +170,8 @@ def pick(op: str, x: torch.Tensor, backend: str | None = None, **kw) -> tuple[st
     """Return (name, run) of the backend for this call; raise ValueError listing why not."""
     ensure_registered()
     requested = backend if backend is not None else os.environ.get("EMBGEOM_BACKEND") or None
+    if requested == "auto":  # (the name the help gives the default)
+        requested = None
     if requested is not None:
         given = "backend" if backend is not None else "EMBGEOM_BACKEND (the environment)"
         if requested not in BACKENDS:

@@ -7,8 +7,8 @@ cli.py imports a command's module only when that command runs (or its --help is 
 COMMANDS = {
     "info": ("embgeom.info", "what is built and what is usable, and why not"),
     "pairs": ("embgeom.commands.pairs", "all-pairs statistics of X (self) or X against Y (cross)"),
-    "pairs-above": ("embgeom.commands.pairs_above", "every pair at or above a similarity, streamed to disk "
-                    "(resumable)"),
+    "pairs-above": ("embgeom.commands.pairs_above", "every pair at or above a similarity (l2: at or below a "
+                    "distance), streamed to disk (resumable)"),
     "knn": ("embgeom.commands.knn", "nearest neighbours with FAISS"),
     "vocab": ("embgeom.commands.vocab", "analysis of a model's input embeddings (word, position, type)"),
     "text": ("embgeom.commands.text", "per-layer / per-head analysis of a corpus run through a model"),

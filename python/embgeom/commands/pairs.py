@@ -32,7 +32,7 @@ def add_arguments(p) -> None:
         else:
             p.add_argument(flag, type=type(default), default=default,
                            help=spec["help"] + " (default %(default)s)")
-    p.add_argument("--backend", help="cpp, torch, triton, cuda or reference (default: auto)")
+    p.add_argument("--backend", help="cpp, torch, triton, cuda or reference (default: auto, or EMBGEOM_BACKEND)")
     p.add_argument("--device", type=device_option, help="run on this torch device (e.g. cuda)")
     p.add_argument("--checkpoint", metavar="PATH", help="save finished tiles here; a rerun resumes")
     add_quiet_option(p, progress_help=" (with --distributed: a line a finished job, per rank)")

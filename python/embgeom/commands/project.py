@@ -48,7 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument("--perplexity", type=float, default=None, help="t-SNE perplexity (k = 3 x perplexity; "
                    f"default {DEFAULT_PERPLEXITY:g})")
     p.add_argument("--seed", type=int, default=None, help="seed of the UMAP / t-SNE layout, 0..2^32-1 (default 0)")
-    p.add_argument("--backend", default=None, help="all-pairs backend for the graph (default: auto)")
+    p.add_argument("--backend", default=None, help="all-pairs backend for the graph: cpp, torch, triton, cuda "
+                   "or reference (default: auto, or EMBGEOM_BACKEND)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     add_quiet_option(p)
 

@@ -26,9 +26,10 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", default=DEFAULTS.precision, choices=PRECISIONS,
                    help=f"the word pairs' products (docs/metrics.md, precision; default {DEFAULTS.precision}; "
                    "the position and token-type sections are always exact)")
-    p.add_argument("--backend", default=None, help="all-pairs backend (default: auto)")
+    p.add_argument("--backend", default=None, help="all-pairs backend: cpp, torch, triton, cuda or reference "
+                   "(default: auto, or EMBGEOM_BACKEND)")
     p.add_argument("--positions", metavar="A:B", default=None, help="analyse positions A..B-1 only "
-                   "(e.g. 0:384)")
+                   "(e.g. 0:384; :B from 0, A: to the end; at least 4 positions)")
     p.add_argument("--projections", action="store_true", help="UMAP and t-SNE of word and position "
                    "embeddings on the exact cosine graph (needs umap-learn, openTSNE)")
     p.add_argument("--seed", type=int, default=None, help="with --projections: seed of the projections (default 0)")

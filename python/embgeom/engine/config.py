@@ -29,8 +29,9 @@ class PairwiseConfig:
     bottomk: int = _option(10, "smallest pairs over the whole matrix")
     near: float | None = _option(None, "also list the pairs closest to this value")
     near_k: int = _option(10, "how many pairs closest to `near`", needs="near")
-    row_topk: int = _option(0, "largest values per row (nearest neighbours)")
-    row_bottomk: int = _option(0, "smallest values per row")
+    row_topk: int = _option(0, "largest values per row (the nearest neighbours under cosine and dot; "
+                                "under euclidean the farthest)")
+    row_bottomk: int = _option(0, "smallest values per row (the nearest neighbours under euclidean)")
     outside: tuple[float, float] | None = _option(None, "count (and list) the pairs outside [a, b]")
     outside_limit: int = _option(1000, "how many outside pairs are listed (all are counted)",
                                  needs="outside")
