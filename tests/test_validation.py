@@ -349,3 +349,12 @@ def test_yes_no_arguments_refuse_strings_and_numbers(tiny_bert, tmp_path):
             call()
     assert index.search(x[:2], 3, float64=np.bool_(True))[0].dtype == torch.float64
     assert embgeom.Index(x, copy=np.bool_(False)).ntotal == 20
+
+
+def test_a_range_without_bins_is_refused():
+    """range given with bins=0 had been ignored without a word (near_k without near is refused)."""
+    import embgeom
+
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"range: the histogram's range, only with bins > 0"):
+        embgeom.pairwise_stats(x, bins=0, range=(0.0, 1.0))

@@ -94,6 +94,8 @@ def make_config(**options) -> PairwiseConfig:
             raise ValueError(f"range: ({lo}, {hi}) with {bins} bins gives a bin scale bins / (hi - lo) = "
                              f"{bins / width if width else math.inf}, which float64 cannot hold; narrow or widen it")
     else:
+        if rng is not None:  # (it had been ignored without a word, as near_k without near is not)
+            raise ValueError("range: the histogram's range, only with bins > 0 (bins=0: no histogram)")
         lo, hi = DEFAULTS.lo, DEFAULTS.hi
     outside = o["outside"]
     if outside is not None:
