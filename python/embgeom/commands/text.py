@@ -106,7 +106,7 @@ def _main(args) -> int:
                                  f"{max_len} (the model's longest input, or --max-length)")
             if args.checkpoint:
                 with prog.phase("checkpoint: fingerprint of the corpus and the model"):
-                    ckpt = text_checkpoint(args, model, tokenizer)
+                    ckpt = text_checkpoint(args, model, tokenizer, max_len, labels)
                     ckpt.load()
             selection = None
             if args.correct_only:
@@ -226,27 +226,26 @@ def saved_selection(ckpt, n_texts: int) -> list[int] | None:
     return kept
 
 
-def text_checkpoint(args, model, tokenizer):
-    """The TraceCheckpoint of this command line: the corpus and labels (their texts), the model,
-    and every option that changes what is summed."""
+def text_checkpoint(args, model, tokenizer, max_len: int, labels: list[str] | None):
+    """The TraceCheckpoint of this command line: the corpus and labels (their texts, as read:
+    `labels`), the model, and every option that changes what is summed (max_len: the input
+    length the run takes)."""
     from ..analysis.run_checkpoint import model_digest, numerics, plain_settings
-    from ..analysis.text.inputs import read_labels
     from ..analysis.text.resume import TraceCheckpoint, texts_digest
-    from ..analysis.text.trace import model_max_length
 
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_CHECKPOINT}
     # settings as the run takes them, so that two spellings of one run share a checkpoint:
     # --labels keeps the [CLS] rows with or without --keep cls; --max-length is the length used
     # (none asked, the model's longest; more than that, lowered to it)
     settings["keep"] = sorted(set(args.keep or ()) | ({"cls"} if args.labels else set()))
-    settings["max_length"] = model_max_length(model, tokenizer, args.max_length)
+    settings["max_length"] = max_len
     # --clark-js, --directionality, --head-maps N and --show-texts imply --heads; --show-texts
     # without --head-maps draws the texts it names (TextExtras)
     settings["head_maps"] = args.head_maps or parse_show_texts(args.show_texts)[1]
     settings["heads"] = bool(args.heads or args.clark_js or args.directionality or settings["head_maps"] > 0)
     # the labels as read, as the corpus is its texts (a copy with CRLF line ends had been refused)
     inputs = {"corpus": texts_digest(args.corpus),
-              "labels": None if args.labels is None else texts_digest(read_labels(args.labels))}
+              "labels": None if labels is None else texts_digest(labels)}
     return TraceCheckpoint(args.checkpoint, {
         "command": "text", "inputs": inputs, "model": model_digest(model, tokenizer),
         "settings": plain_settings(settings),
