@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Iterator
 
-from .formatting import seconds
+from .formatting import counted, seconds
 from .interrupts import raise_swallowed
 
 
@@ -53,7 +53,7 @@ def _line(stream, text: str) -> None:
 
 class _Logged:
     """A bar as plain lines (a log, or a terminal without tqdm): where it starts, its count every
-    LOG_SECONDS with the rate and the time left, and where it ends."""
+    LOG_SECONDS with the time so far and the time left, and where it ends."""
 
     def __init__(self, stream, label: str, total: int | None, unit: str, initial: int = 0):
         self.stream, self.label, self.total, self.unit = stream, label, total, unit
@@ -62,10 +62,10 @@ class _Logged:
         _line(stream, f"{label}: {self._count()}" + (" (resumed)" if initial else ""))
 
     def _count(self) -> str:
-        units = self.unit[:-1] + "ies" if self.unit.endswith("y") else self.unit + "s"  # (query: queries)
+        plural = self.unit[:-1] + "ies" if self.unit.endswith("y") else None  # (query: queries)
         if not self.total:
-            return f"{self.n:,} {units}"
-        return f"{self.n:,}/{self.total:,} {units} ({100 * self.n / self.total:.0f} %)"
+            return counted(self.n, self.unit, plural)
+        return f"{self.n:,}/{counted(self.total, self.unit, plural)} ({100 * self.n / self.total:.0f} %)"
 
     def update(self, n: int = 1) -> None:
         self.n += n

@@ -30,9 +30,8 @@ def main(args) -> int:
     from ..report import write_json
     from ..io import check_output_path, load_matrix
     from ..validation import renamed
-    from . import flags_of, shown_path
-
     from ..provenance import Provenance
+    from . import flags_of, shown_path
 
     prov = Provenance(args, inputs={"X": args.x, "--queries": args.queries})
     check_output_path(args.json, "--json", inputs=[("X", args.x), ("--queries", args.queries)], stdout=True)  # before any work
