@@ -175,7 +175,7 @@ def test_cli(points, tmp_path, capsys):
     assert cli.main(["knn", str(tmp_path / "x.npy"), "--k", "900", "--json", str(out)]) == 2
     assert "k: expected <= 599" in capsys.readouterr().err
     assert cli.main(["knn", str(tmp_path / "x.npy"), "--k", "4", "--nprobe", "4", "--json", str(out)]) == 2
-    assert "nprobe: only for index='ivf'" in capsys.readouterr().err
+    assert "--nprobe: only for --index ivf, got --index flat" in capsys.readouterr().err
 
 
 def test_ties_past_the_fetched_candidates_go_to_the_smaller_id():

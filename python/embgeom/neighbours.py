@@ -271,7 +271,9 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
     for name, value, owner in (("nlist", nlist, "ivf"), ("nprobe", nprobe, "ivf"),
                                ("hnsw_m", hnsw_m, "hnsw"), ("ef_search", ef_search, "hnsw")):
         if value is not None and index != owner:  # it would be ignored
-            raise ValueError(f"{name}: only for index={owner!r}, got index={index!r}")
+            shown = validation.caller_name("index")
+            said = (lambda v: f"{shown} {v}") if shown.startswith("--") else (lambda v: f"{shown}={v!r}")
+            raise ValueError(f"{name}: only for {said(owner)}, got {said(index)}")
     k = validation.positive_int(k, "k", allow_zero=False)
     tie_margin = validation.positive_int(tie_margin, "tie_margin")
     q, self_ids = _queries(queries, x)
