@@ -112,6 +112,12 @@ def test_approximate_recall(points, kind):
     assert d["recall"] == got.recall and d["params"]
 
 
+def test_an_nprobe_past_nlist_records_the_lists_probed(points):
+    """FAISS probes at most every list: params say what ran, and it is the exact answer."""
+    got = embgeom.knn(points, 5, index="ivf", nlist=4, nprobe=999)
+    assert got.params["nprobe"] == 4 and got.recall == 1.0
+
+
 def test_agrees_with_pairwise_row_topk(points):
     ps = embgeom.pairwise_stats(points, bins=0, topk=0, bottomk=0, row_topk=6)
     got = embgeom.knn(points, 6)

@@ -256,7 +256,7 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
     of x (those rows query, themselves excluded) or (Q, D) float (external queries). index:
     "flat" (exact, IndexFlatIP on normalised rows), "ivf" (IVF-Flat, `nlist` lists, `nprobe`
     probed; default nlist ~4 sqrt(N) capped at N / 39, FAISS's 39 training points a list, and
-    nprobe nlist / 8) or "hnsw" (`hnsw_m` links, default 32; `ef_search`, default max(64, 2k));
+    nprobe nlist / 8; an nprobe above nlist probes every list, and the result's params say so) or "hnsw" (`hnsw_m` links, default 32; `ef_search`, default max(64, 2k));
     an index's options given with another index are refused. Approximate indexes also run exact
     search and report recall@k. device: None = GPU when faiss-gpu and CUDA are usable, "cpu",
     "cuda" (the current CUDA device) or "cuda:i".
@@ -311,8 +311,9 @@ def knn(x, k: int, *, queries=None, index: str = "flat", device: str | None = No
         params = {"nlist": validation.positive_int(lists, "nlist", allow_zero=False)}
         if params["nlist"] > max(n_valid, 1):
             raise ValueError(f"nlist: expected <= number of non-zero rows ({n_valid}), got {params['nlist']}")
-        params["nprobe"] = validation.positive_int(
-            nprobe if nprobe is not None else max(1, params["nlist"] // 8), "nprobe", allow_zero=False)
+        # (FAISS probes at most every list: the value recorded is the one that runs)
+        params["nprobe"] = min(params["nlist"], validation.positive_int(
+            nprobe if nprobe is not None else max(1, params["nlist"] // 8), "nprobe", allow_zero=False))
     elif index == "hnsw":
         params = {"hnsw_m": validation.positive_int(32 if hnsw_m is None else hnsw_m, "hnsw_m",
                                                    allow_zero=False),
