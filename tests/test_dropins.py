@@ -50,6 +50,50 @@ def test_paraphrase_mining_matches(st_util, top_k, max_pairs):
     assert np.allclose([p[0] for p in got], [p[0] for p in want], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunks", [dict(), dict(query_chunk_size=5, corpus_chunk_size=37)])
+def test_any_score_function_and_float64_rows_match(st_util, chunks):
+    """A score_function other than cos_sim / dot_score is called on the rows as the library
+    calls it, and float64 rows are scored in float64: the same ids and the same scores."""
+    corpus, queries = _tie_free(300, 16, seed=3), make_rows(17, 16, seed=4)
+
+    def ids(hits):
+        return [[h["corpus_id"] for h in row] for row in hits]
+
+    def scores(hits):
+        return [[h["score"] for h in row] for row in hits]
+
+    for fn, c, q in [(st_util.manhattan_sim, corpus, queries), (lambda a, b: st_util.euclidean_sim(a, b), corpus, queries),
+                     (st_util.cos_sim, corpus.double(), queries.double()),
+                     (st_util.dot_score, corpus.double(), queries.double())]:
+        want = st_util.semantic_search(q, c, top_k=10, score_function=fn, **chunks)
+        got = st_compat.semantic_search(q, c, top_k=10, score_function=fn, **chunks)
+        assert ids(got) == ids(want) and np.allclose(scores(got), scores(want), rtol=1e-15, atol=1e-15)
+        want = st_util.paraphrase_mining_embeddings(c, top_k=5, score_function=fn, **chunks)
+        got = st_compat.paraphrase_mining_embeddings(c, top_k=5, score_function=fn, **chunks)
+        assert [p[1:] for p in got] == [p[1:] for p in want]
+        assert np.allclose([p[0] for p in got], [p[0] for p in want], rtol=1e-15, atol=1e-15)
+
+
+def test_scored_path_ties_by_id_and_zero_rows():
+    """The scored path (float64 rows, a score_function) ranks as the index does: equal scores
+    by id, across corpus chunks too; under cosine a zero row is never a neighbour and has none."""
+    x = make_rows(40, 8, seed=5).double()
+    x[[7, 21, 30]] = x[3].clone()  # four copies of row 3
+    x[11] = 0
+    for size in (500000, 6):
+        hits = st_compat.semantic_search(x[[3, 11]], x, top_k=6, corpus_chunk_size=size)
+        assert [h["corpus_id"] for h in hits[0]][:4] == [3, 7, 21, 30] and hits[1] == []
+        assert len(st_compat.semantic_search(x[:1], x, top_k=100, corpus_chunk_size=size)[0]) == 39
+    want = x[3].numpy() @ x.numpy().T
+    got = st_compat.semantic_search(x[3], x, top_k=40, score_function=st_compat_dot)[0]
+    assert [h["corpus_id"] for h in got] == list(np.lexsort((np.arange(40), -want)))
+    assert np.allclose([h["score"] for h in got], sorted(want.tolist(), reverse=True), rtol=1e-15, atol=1e-14)
+
+
+def st_compat_dot(a, b):
+    return a @ b.T
+
+
 def _mined_pairs_by_definition(s_all, j_all, top_k, max_pairs):
     """Paraphrase mining from neighbour lists written out directly: rows in order, each row's
     first top_k other rows, a pair kept where first met, then (score desc, i, j)."""
@@ -190,8 +234,14 @@ def test_nested_lists_as_sentence_transformers_takes_them(st_util):
 
 def test_compat_bad_arguments():
     x = _tie_free(10, 4)
-    with pytest.raises(ValueError, match="score_function"):
-        st_compat.semantic_search(x, x, score_function=lambda a, b: a @ b.T)
+    with pytest.raises(ValueError, match="^score_function: expected a callable"):
+        st_compat.semantic_search(x, x, score_function="manhattan")
+    with pytest.raises(TypeError, match=r"^score_function: expected a \(10, 10\) tensor"):
+        st_compat.semantic_search(x, x, score_function=lambda a, b: 1.0)
+    with pytest.raises(ValueError, match="^score_function: returned NaN scores"):
+        st_compat.paraphrase_mining_embeddings(x, score_function=lambda a, b: (a @ b.T) * math.nan)
+    with pytest.raises(ValueError, match="^query_embeddings: expected D = 4"):
+        st_compat.semantic_search(torch.zeros(2, 5, dtype=torch.float64), x.double())
     with pytest.raises(ValueError, match="top_k"):
         st_compat.semantic_search(x, x, top_k=-1)
     assert st_compat.semantic_search(x[:3], x, top_k=0) == [[], [], []]  # as sentence-transformers

@@ -5,10 +5,16 @@ drop-ins): the same arguments and return values, exact float64 rescoring and a f
     from embgeom.compat.sentence_transformers import semantic_search
     hits = semantic_search(query_embeddings, corpus_embeddings, top_k=10)
 
+cos_sim and dot_score on float32, bfloat16 or float16 rows run on the index. float64 rows, and
+any other score_function (a callable taking two (n, D) tensors and returning their (n, m) scores,
+as the library calls it), are scored chunk by chunk as the library does (float64 rows in float64,
+the function on the rows as given) and ranked with the same tie order.
+
 Differences, all at ties or degenerate rows: equal scores are ordered by id (torch.topk's order
-is unspecified); a zero-norm row has no direction and is never returned (sentence-transformers
-scores it 0 against everything); a NaN or infinite value in either input is refused with a
-ValueError naming the rows (sentence-transformers returns NaN scores in no defined order).
+is unspecified); under cos_sim a zero-norm row has no direction and is never returned
+(sentence-transformers scores it 0 against everything); a NaN or infinite value in either input
+is refused with a ValueError naming the rows, and NaN scores from a score_function with one
+naming it (sentence-transformers returns NaN scores in no defined order).
 """
 from __future__ import annotations
 
@@ -25,8 +31,9 @@ from ..community_detection import communities
 from ..index import Index, native_bf16
 
 
-def _metric(score_function: Callable | str | None) -> str:
-    """cos_sim -> cosine, dot_score -> dot (the functions themselves or their names)."""
+def _metric(score_function: Callable | str | None) -> str | None:
+    """cos_sim -> cosine, dot_score -> dot (the functions themselves or their names); None for
+    any other callable (scored by calling it)."""
     if score_function is None:
         return "cosine"
     name = score_function if isinstance(score_function, str) else getattr(score_function, "__name__", "")
@@ -34,7 +41,114 @@ def _metric(score_function: Callable | str | None) -> str:
         return "cosine"
     if name in ("dot_score", "dot"):
         return "dot"
-    raise ValueError(f"score_function: expected sentence_transformers.util.cos_sim or dot_score, got {score_function!r}")
+    if callable(score_function) and not isinstance(score_function, str):
+        return None
+    raise ValueError(f"score_function: expected a callable (such as sentence_transformers.util.cos_sim or "
+                     f"dot_score) or 'cosine' / 'dot', got {score_function!r}")
+
+
+# -- the scored path: float64 rows or the caller's score_function, chunk by chunk -----------------
+
+def _scored_rows(x: torch.Tensor, name: str, d: int | None = None) -> torch.Tensor:
+    """(N, D) float rows for the scored path, N may be 0: finite values, D as the other input's."""
+    x = validation.matrix(x, name, rows_may_be_empty=True)
+    if d is not None and x.shape[1] != d:
+        raise ValueError(f"{name}: expected D = {d} to match the corpus, got {tuple(x.shape)}")
+    validation.check_finite(x, name)
+    return x
+
+
+class _Scorer:
+    """Scores of query rows against corpus rows as sentence-transformers computes them: the
+    caller's function on the rows as given, or (metric) cos_sim / dot_score in float64; under
+    cosine a zero row has no direction (never a neighbour, no neighbours)."""
+
+    def __init__(self, metric: str | None, function: Callable | None):
+        self.metric, self.function = metric, function
+
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows ready to score, and (cosine) which of them have a direction."""
+        if self.function is not None:
+            return x, None
+        x = x.to(torch.float64)
+        if self.metric == "dot":
+            return x, None
+        norms = torch.linalg.vector_norm(x, dim=1)
+        valid = norms > 0
+        return x / torch.where(valid, norms, 1.0)[:, None], valid
+
+    def __call__(self, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.function is None:
+            return q @ c.T
+        s = self.function(q, c)
+        if not isinstance(s, torch.Tensor) or tuple(s.shape) != (q.shape[0], c.shape[0]):
+            got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise TypeError(f"score_function: expected a ({q.shape[0]}, {c.shape[0]}) tensor of scores for "
+                            f"{q.shape[0]} x {c.shape[0]} rows, got {got}")
+        s = s.detach()
+        if not s.dtype.is_floating_point:
+            s = s.double()
+        if bool(torch.isnan(s).any()):
+            raise ValueError("score_function: returned NaN scores")
+        return s
+
+
+def _ranked(values: np.ndarray, ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first `width` entries by (value desc, id asc): (Q, C) -> (Q, min(width, C))."""
+    order = np.lexsort((ids, -values), axis=-1)[:, :width]
+    return np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _best_of_chunk(scores: torch.Tensor, width: int, first_id: int,
+                   valid: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's `width` best columns of one corpus chunk's scores (Q, C) by (score desc, id
+    asc), as float64 values and global ids (first_id + column); columns without a direction
+    (valid False) get -inf and id -1. torch.topk finds each row's width-th score; the columns at
+    or above it (more only where scores tie there) are put in order."""
+    q, c = scores.shape
+    width = min(width, c)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[None, :], -math.inf)
+    if width == 0 or q == 0:
+        return np.zeros((q, width)), np.zeros((q, width), np.int64)
+    kth = torch.topk(scores, width, dim=1).values[:, -1:]
+    rows, cols = torch.nonzero(scores >= kth, as_tuple=True)
+    v = scores[rows, cols].double().cpu().numpy()
+    r, col = rows.cpu().numpy(), cols.cpu().numpy()
+    order = np.lexsort((col, -v, r))
+    r, col, v = r[order], col[order], v[order]
+    rank = np.arange(len(r)) - np.searchsorted(r, np.arange(q))[r]
+    keep = rank < width
+    v, ids = v[keep].reshape(q, width), col[keep].reshape(q, width) + first_id
+    if valid is not None:
+        ids = np.where(np.isneginf(v) & ~valid.cpu().numpy()[ids - first_id], -1, ids)
+    return v, ids
+
+
+def _scored_neighbours(queries: torch.Tensor, corpus: torch.Tensor, width: int, scorer: _Scorer,
+                       query_chunk_size: int, corpus_chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every query's `width` best corpus rows by (score desc, id asc), chunk by chunk as
+    sentence-transformers scores them: (Q, w) float64 scores and int64 ids, -1 past the rows
+    that have a direction (w = min(width, N))."""
+    if queries.device != corpus.device:  # (the library's rule: queries go to the corpus)
+        queries = queries.to(corpus.device)
+    c_rows, c_valid = scorer.rows(corpus)
+    q_rows, q_valid = scorer.rows(queries)
+    n, w = corpus.shape[0], min(width, corpus.shape[0])
+    values, ids = np.full((queries.shape[0], w), -math.inf), np.full((queries.shape[0], w), -1, np.int64)
+    for q0 in range(0, queries.shape[0], query_chunk_size):
+        q1 = min(queries.shape[0], q0 + query_chunk_size)
+        best_v, best_i = values[q0:q1, :0], ids[q0:q1, :0]
+        for c0 in range(0, n, corpus_chunk_size):
+            c1 = min(n, c0 + corpus_chunk_size)
+            v, i = _best_of_chunk(scorer(q_rows[q0:q1], c_rows[c0:c1]), w, c0,
+                                  None if c_valid is None else c_valid[c0:c1])
+            best_v, best_i = _ranked(np.concatenate([best_v, v], 1), np.concatenate([best_i, i], 1), w) \
+                if best_v.shape[1] else (v, i)
+        values[q0:q1], ids[q0:q1] = best_v, best_i
+    if q_valid is not None:
+        ids[~q_valid.cpu().numpy()] = -1
+    return values, ids
 
 
 def _tensor(x: Any, name: str) -> torch.Tensor:
@@ -85,13 +199,20 @@ def semantic_search(query_embeddings, corpus_embeddings, query_chunk_size: int =
     """For each query, the top_k corpus rows: a list per query of {"corpus_id", "score"} dicts,
     score descending. query_embeddings: (Q, D) or (D,); corpus_embeddings: (N, D). The chunk
     sizes are accepted for compatibility (the index blocks its own scan)."""
-    validation.positive_int(query_chunk_size, "query_chunk_size", allow_zero=False)
-    validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
+    query_chunk_size = validation.positive_int(query_chunk_size, "query_chunk_size", allow_zero=False)
+    corpus_chunk_size = validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
     top_k = validation.positive_int(top_k, "top_k")
+    metric = _metric(score_function)
     corpus = _tensor(corpus_embeddings, "corpus_embeddings")
     queries = _tensor(query_embeddings, "query_embeddings")
+    if metric is None or torch.float64 in (corpus.dtype, queries.dtype):
+        corpus = _scored_rows(corpus, "corpus_embeddings")
+        queries = _scored_rows(queries, "query_embeddings", corpus.shape[1])
+        scores, ids = _scored_neighbours(queries, corpus, top_k, _Scorer(metric, None if metric else score_function),
+                                         query_chunk_size, corpus_chunk_size)
+        return _hits(scores, ids)
     with validation.renamed(corpus="corpus_embeddings", queries="query_embeddings"):
-        index = Index(corpus, metric=_metric(score_function), copy=False)  # (read during this call only)
+        index = Index(corpus, metric=metric, copy=False)  # (read during this call only)
         if top_k == 0:  # sentence-transformers' answer: an empty list per query
             index.search(queries.to(index.device), 1)  # (the queries checked as for any top_k)
             return [[] for _ in range(queries.shape[0])]
@@ -102,10 +223,15 @@ def semantic_search(query_embeddings, corpus_embeddings, query_chunk_size: int =
             scores, ids = index.search_stored(width)  # every row against all: half the products
         else:
             scores, ids = index.search(queries.to(index.device), width)
+    return _hits(scores.cpu().numpy(), ids.cpu().numpy())
+
+
+def _hits(scores: np.ndarray, ids: np.ndarray) -> list[list[dict[str, int | float]]]:
+    """semantic_search's answer from (Q, k) scores and ids (-1: no row)."""
     # numpy's tolist: torch's took 0.4 s for 30,522 x 11
     with _no_gc():
         return [[{"corpus_id": i, "score": s} for s, i in zip(s_row, i_row) if i >= 0]
-                for s_row, i_row in zip(scores.cpu().numpy().tolist(), ids.cpu().numpy().tolist())]
+                for s_row, i_row in zip(scores.astype(np.float64).tolist(), ids.tolist())]
 
 
 def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpus_chunk_size: int = 100000,
@@ -114,13 +240,21 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
     """The highest-scoring pairs among each row's top_k neighbours: [score, i, j] with i < j,
     score descending (ties by (i, j)), at most max_pairs (top_k or max_pairs 0: none, as
     sentence-transformers)."""
-    validation.positive_int(query_chunk_size, "query_chunk_size", allow_zero=False)
-    validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
+    query_chunk_size = validation.positive_int(query_chunk_size, "query_chunk_size", allow_zero=False)
+    corpus_chunk_size = validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
     max_pairs = validation.positive_int(max_pairs, "max_pairs")
     top_k = validation.positive_int(top_k, "top_k")
+    metric = _metric(score_function)
     x = _tensor(embeddings, "embeddings")
+    if metric is None or x.dtype == torch.float64:
+        x = _scored_rows(x, "embeddings")
+        if x.shape[0] < 2 or top_k == 0 or max_pairs == 0:
+            return []
+        s_all, j_all = _scored_neighbours(x, x, top_k + 1, _Scorer(metric, None if metric else score_function),
+                                          query_chunk_size, corpus_chunk_size)
+        return _mined_pairs_first_seen(s_all, j_all, top_k, max_pairs)
     with validation.renamed(corpus="embeddings"):
-        index = Index(x, metric=_metric(score_function))
+        index = Index(x, metric=metric)
     n = index.ntotal
     if n < 2 or top_k == 0 or max_pairs == 0:
         return []
@@ -222,6 +356,21 @@ def _mined_pairs(s_all: np.ndarray, j_all: np.ndarray, top_k: int, max_pairs: in
         kth = np.partition(s_, len(s_) - max_pairs)[len(s_) - max_pairs]
         best = np.flatnonzero(s_ >= kth)
         a, b, s_ = a[best], b[best], s_[best]
+    order = _pair_order(s_, a, b)[:max_pairs]
+    return _pair_lists(s_[order], a[order], b[order])
+
+
+def _mined_pairs_first_seen(s_all: np.ndarray, j_all: np.ndarray, top_k: int, max_pairs: int) -> list[list[float | int]]:
+    """_mined_pairs for scores that need not be symmetric to the last bit (a score_function's,
+    or float64 products of differently chunked rows): each pair with the score of the first
+    row that lists it, as the library keeps it."""
+    n = len(j_all)
+    rows = np.arange(n)
+    kept = _first_others(j_all, rows, top_k)
+    i_, j_, s_ = np.broadcast_to(rows[:, None], j_all.shape)[kept], j_all[kept], s_all[kept]
+    a, b = np.minimum(i_, j_), np.maximum(i_, j_)
+    _, first = np.unique(a * n + b, return_index=True)  # (entries in row order)
+    a, b, s_ = a[first], b[first], s_[first]
     order = _pair_order(s_, a, b)[:max_pairs]
     return _pair_lists(s_[order], a[order], b[order])
 
