@@ -46,6 +46,21 @@ def test_cone_index_of_empty_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch", "reference"])
+def test_stream_of_hidden_states_leaves_padding_out(backend):
+    """(B, T, D) chunks with a mask: the set of their real tokens, as cone_index over them."""
+    h = make_embeddings(10, 8, seed=3).reshape(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    acc = embgeom.ConeAccumulator(backend)
+    acc.update(h, mask)
+    got, want = acc.result(), embgeom.cone_index(h[mask], backend=backend)
+    assert got.n.item() == 8 and got.index.item() == pytest.approx(want.index.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="^chunks: no chunk"):
+        embgeom.cone_index_stream([], backend=backend)
+    with pytest.raises(ValueError, match=r"^ConeAccumulator.result: no chunk was added"):
+        embgeom.ConeAccumulator(backend).result()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "reference"])
 def test_cone_index_of_identical_rows_is_one(backend):
     """n identical rows: I/n within an ulp or two of 1 and never above it, on every route (one set,
     a stream, the text trace's per-text sums, the attention blocks' row cone). The rows' rounded

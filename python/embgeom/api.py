@@ -13,7 +13,7 @@ from .backends import registry
 from .engine.checkpoint import fingerprint
 from .engine.config import DEFAULTS as _D
 from .engine import limits
-from .engine.config import make_config
+from .engine.config import make_config, options_doc
 from .engine.runner import run_engine
 from .progress import as_progress
 from .results import AttentionEntropy, ConeIndex, PairwiseStats
@@ -30,9 +30,19 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
     """Statistics over all pairs, tile by tile (docs/metrics.md, all-pairs statistics); the N x N matrix is never built.
 
     x: (N, D) float; y: (M, D) float or None. Self mode (y None) covers the pairs i < j; cross
-    mode every (i, j). Every output is optional (bins=0, topk=0, ... switch it off). The
-    histogram `range` defaults to (-1, 1) for cosine and is required for `dot`/`euclidean`. `checkpoint=PATH` saves
-    finished tiles so an interrupted run resumes. Returns PairwiseStats (tensors on x's device).
+    mode every (i, j). N = 0 (or M = 0) is a run over no pairs: count 0, moments and extremes
+    NaN / None, empty lists. Every output is optional (bins=0, topk=0, ... switch it off).
+    Options (docs/metrics.md defines each value, list order and tie rule):
+
+{options}
+
+    A row list's k above what a row can have (N - 1 in self mode, M in cross mode) is lowered
+    to it, with a note in the result's `notes` (where N > 0). backend: 'cpp', 'torch', 'triton', 'cuda' or
+    'reference' (the float64 implementation); default None (or 'auto'): EMBGEOM_BACKEND, else
+    the first usable for x's device (`python -m embgeom.info` lists them). checkpoint=PATH
+    saves finished tiles so that an interrupted run resumes (same inputs and options).
+    progress: True (or a progress.Progress) shows a bar of tiles on stderr.
+    Returns PairwiseStats (tensors on x's device).
     """
     checkpoint = validation.optional_path(checkpoint, "checkpoint")
     progress = as_progress(progress, "embgeom.pairwise_stats")  # (checked before the engine and the fingerprint)
@@ -58,6 +68,10 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
                             seconds=time.perf_counter() - start)
     result.notes = notes + _fast_ran_exact(name, precision)
     return result
+
+
+if pairwise_stats.__doc__:  # (the options' lines from their one source; python -OO drops docstrings)
+    pairwise_stats.__doc__ = pairwise_stats.__doc__.replace("{options}", options_doc("    "))
 
 
 def _fast_ran_exact(backend: str, precision: str) -> list[str]:
@@ -108,7 +122,7 @@ def _cone_result(sums, used, zero, name, device) -> ConeIndex:
 
 
 class ConeAccumulator:
-    """Streaming cone index of one huge set: `update(chunk (N_i, D))` as often as needed, then
+    """Streaming cone index of one huge set: `update(chunk)` as often as needed, then
     `result()`. Memory stays O(D) whatever the number of vectors."""
 
     def __init__(self, backend: str | None = None):
@@ -118,32 +132,41 @@ class ConeAccumulator:
         self.zero = 0
         self._name = None
 
-    def update(self, chunk) -> None:
-        x, _ = validation.sequences(chunk, None, name="chunk")
+    def update(self, chunk, mask=None) -> None:
+        """Add the rows of chunk: (N_i, D), or (B, T, D) hidden states whose every (b, t) row
+        joins the one set, with mask (B, T) (True = a real token) leaving padding out. Zero rows
+        are counted apart (zero_rows), as cone_index counts them."""
+        x, mask = validation.sequences(chunk, mask, name="chunk")
         x = x.detach()
         if self.sums is not None and x.shape[-1] != self.sums.shape[-1]:
             raise ValueError(f"chunk: expected D = {self.sums.shape[-1]}, got {x.shape[-1]}")
         self._name, run = registry.pick("cone_index", x, self.backend)
-        sums, used, zero = run(x.reshape(1, -1, x.shape[-1]), None)
+        sums, used, zero = run(x.reshape(1, -1, x.shape[-1]), None if mask is None else mask.reshape(1, -1))
         self.sums = sums[0].to(x.device) if self.sums is None else self.sums + sums[0].to(self.sums.device)
         self.used += int(used.sum())
         self.zero += int(zero.sum())
 
     def result(self) -> ConeIndex:
+        """The cone index of every row added so far (one set: index, normalized, n, zero_rows of
+        shape (1,)); a ValueError before any update (the rows' D is not known)."""
         if self.sums is None:
-            raise ValueError("ConeAccumulator: no chunk was added")
+            raise ValueError("ConeAccumulator.result: no chunk was added (call update(chunk) first)")
         dev = self.sums.device
         return _cone_result(self.sums[None], torch.tensor([self.used], device=dev),
                             torch.tensor([self.zero], device=dev), self._name, dev)
 
 
 def cone_index_stream(chunks: Iterable[Any], *, backend: str | None = None) -> ConeIndex:
-    """Cone index of the union of all chunks ((N_i, D) each), streaming."""
+    """Cone index of the union of all chunks ((N_i, D) each, or (B, T, D) with every row
+    counted: ConeAccumulator.update takes a mask), streaming; a ValueError for no chunk."""
     if not hasattr(chunks, "__iter__"):
         raise TypeError(f"chunks: expected an iterable of (N_i, D) matrices, got {type(chunks).__name__}")
     acc = ConeAccumulator(backend)
     for c in chunks:
         acc.update(c)
+    if acc.sums is None:
+        raise ValueError("chunks: no chunk (an empty iterable): the rows' D is not known; pass at "
+                         "least one (N_i, D) chunk, which may have no rows")
     return acc.result()
 
 

@@ -22,8 +22,11 @@ def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
     and kept when that leaves at least `min_community_size` rows. Each community lists its
     centre first, then its members by (cosine desc, id asc); communities are returned largest
     first. This is sentence-transformers' community_detection with exact float64 cosines and a
-    fixed tie order; zero rows have no direction and belong to no community.
-    batch_size: rows searched at once (memory ~ batch_size x N scores).
+    fixed tie order; zero rows have no direction and belong to no community. A threshold above
+    1 is a ValueError (no cosine reaches it; the sentence-transformers drop-in returns []).
+    batch_size: rows searched at once (memory ~ batch_size x N scores) where the rows are
+    searched one batch at a time (a GPU index); on the CPU the all-pairs engine finds the pairs
+    at or above the threshold in bands of its own, and batch_size is not used.
     """
     threshold = validation.finite_float(threshold, "threshold")
     if threshold > 1.0:

@@ -1459,7 +1459,8 @@ def pairs_above(x, threshold: float, out, *, metric: str | None = None, dtype: A
     threshold for l2), decided on exact float64 values, streamed to .npy shards in the folder
     `out` with a manifest; memory does not grow with the number of pairs. A rerun on the same
     input and threshold continues an unfinished folder (finished rows are not recomputed) or
-    returns at once; another input is refused. Read the pairs back with `embgeom.read_pairs`.
+    returns at once; another input is refused. Read the pairs back with `embgeom.read_pairs`
+    (the value of each pair rounded to float32: the similarity, or the distance for l2).
     metric (default "cosine") and dtype (default torch.float32) are x's own when x is an Index.
     Returns the manifest (dict: count, shards, n, metric, threshold, complete, ...)."""
     validation.finite_float(threshold, "threshold")   # (before a temporary index is built)

@@ -214,7 +214,12 @@ def refuse_tokenizer_past_embeddings(name_or_path: str | None, tokenizer, config
 
 def load_model(name_or_path: str | None = None, *, device=None, classifier: bool = False):
     """-> (model, tokenizer). Eager attention (so attention probabilities exist), safetensors
-    weights only, eval mode. Default: the bundled all-MiniLM-L6-v2 BERT, loaded offline.
+    weights only, eval mode. name_or_path: None (or "default") for the bundled all-MiniLM-L6-v2
+    BERT, loaded offline; a local model folder; or a Hugging Face id ("org/name"), which
+    transformers takes from its cache (or the Hub where it may go online). A folder whose config
+    asks for its own code (auto_map), a missing folder, a file, or a tokenizer with more tokens
+    than the model's embeddings is a ValueError naming `model`. device: "cpu", "cuda" or
+    "cuda:i", checked before the load (default: where transformers loads it, the CPU).
     classifier=True: the model with its sequence-classification head (a ValueError when the
     checkpoint has none, instead of a randomly initialised head)."""
     try:

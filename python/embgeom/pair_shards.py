@@ -392,7 +392,8 @@ def _shard_problem(a: np.ndarray, shard: dict, m: dict) -> str | None:
 
 def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of a finished `pairs_above` folder -> (i (P,) int64, j (P,) int64,
-    similarity (P,) float32), ordered by (i, j). ValueError (one line) on a folder that is
+    value (P,) float32: the similarity, or for metric "l2" the distance; the shards' field is
+    named "similarity" for both), ordered by (i, j). ValueError (one line) on a folder that is
     missing, unfinished, or whose shards do not match its manifest (size, sha256, dtype, count;
     pairs outside 0 <= i < j < n)."""
     folder = os.path.abspath(validation.path(folder, "folder"))

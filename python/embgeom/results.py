@@ -192,7 +192,19 @@ class Outside:
 
 @dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class PairwiseStats:
-    """Statistics over every pair: unique pairs i<j of x (self mode) or all of x times y (cross)."""
+    """Statistics over every pair: unique pairs i<j of x (self mode) or all of x times y (cross).
+
+    n, m, d: rows of x, of y (n in self mode), columns; mode 'self' | 'cross'; metric,
+    precision, backend: what ran. count: pairs counted (zero rows excluded under cosine); mean,
+    std: float, NaN without pairs (None in to_dict()); min, max: (i, j, value) or None. hist:
+    Histogram or None (bins=0). top_pairs, bottom_pairs, near_pairs: PairList (float64 values)
+    or None where switched off; near: the value near_pairs are near. row_topk, row_bottomk:
+    RowTopK (float32 values, -1 / NaN padding) or None. outside: Outside or None.
+    excluded_rows, excluded_cols: zero rows of x / y, left out under cosine. seconds: the run's
+    wall time. notes: options lowered to fit the input, and why (and a fast run that ran the
+    exact product). error_bound: precision='fast''s bound on |value - exact value| of the values
+    the moments, extremes and histogram count (0 in exact mode; the lists are rescored exactly).
+    to_dict() (JSON-safe), to_pandas(which), summary() (one row), repr and _repr_html_ show it."""
 
     n: int
     m: int

@@ -69,6 +69,23 @@ def user_options() -> dict[str, dict]:
     return out
 
 
+def options_doc(indent: str = "    ") -> str:
+    """The options of user_options() as docstring lines (pairwise_stats's help: one source for
+    their defaults, choices and meaning)."""
+    import textwrap
+
+    lines = []
+    for name, spec in user_options().items():
+        said = [f"default {spec['default']!r}"]
+        if "choices" in spec:
+            said.append("one of " + ", ".join(repr(c) for c in spec["choices"]))
+        if "needs" in spec:
+            said.append(f"with {spec['needs']} only")
+        lines.append(textwrap.fill(f"{name} ({'; '.join(said)}): {spec['help']}", width=96,
+                                   initial_indent=indent, subsequent_indent=indent + "    "))
+    return "\n".join(lines)
+
+
 def make_config(**options) -> PairwiseConfig:
     """Validate the user options of pairwise_stats (names as in `user_options()`, missing ones
     take their defaults) into a PairwiseConfig: one place for every caller."""

@@ -491,7 +491,8 @@ def iter_batches(model, tokenizer, texts, *, batch_size: int = 32, max_length: i
 # ------------------------------------------------------------------------------ reduction
 @dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class TraceResult:
-    """Corpus-level means (L layers, H heads; tensors float64 on the model's device). Per-layer
+    """Corpus-level means (L layers, H heads; tensors float64 on the model's device, counts
+    int64). Per-layer
     tensors have index i = layer i + 1, per-depth ones (norm) index = depth (0 = embeddings);
     the tables (per_layer, to_pandas, the HTML) number layers 1..L (docs/metrics.md, layers,
     depths and heads).
@@ -509,8 +510,11 @@ class TraceResult:
     rows that are neither [CLS] nor [SEP], texts without one left out), then the mean over texts.
     target_distribution (L*H, R): each head's mean attention over [CLS], [SEP], relative offsets
     (see attention.target_distribution); js_distance (L*H, L*H) between those rows (head index
-    (layer - 1) * H + head). context_*: context similarity (attention.context_similarity) with focus_token[l][h] the token
-    most often the focus of a text, context_repeated (L, H) the share of argmax hits on another
+    (layer - 1) * H + head). context_*: context similarity (attention.context_similarity):
+    context_mean_distance and context_separator_share (L, H), context_distance_hist (L, H, T)
+    int64 counts of |i - j| over each real token i and its most similar other token j (T = max_length; report.json trims it
+    after the largest distance seen), focus_token[l][h] the token most often the focus of a text
+    and focus_share (L, H) its share, context_repeated (L, H) the share of argmax hits on another
     occurrence of the token's own id; evolution: step_distance (L,), step_cosine (L,), norm (L+1,)
     means over every real token."""
 
@@ -991,7 +995,13 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     field and its definition).
 
     texts: list / iterable of str, or a path to a UTF-8 file with one text per line (blank lines
-    skipped). metrics: subset of ("cone", "entropy", "attention", "context", "evolution").
+    skipped; no text left is a ValueError). metrics: subset of ("cone", "entropy", "attention",
+    "context", "evolution"). batch_size: texts per forward pass (default 32). max_length: tokens
+    per text with the special tokens, at most the model's positions (and the tokenizer's
+    model_max_length), which is also the default; longer texts are truncated and counted in
+    result.truncated. device: "cpu", "cuda" or "cuda:i" to run on, where the model is moved
+    (model.to(device): it stays there after the call); default the model's own device.
+    progress: True (or a progress.Progress) shows a bar of texts on stderr.
     Tensors never leave the model's device; memory does not grow with the number of texts.
     observers: more accumulators, each `update(batch)`ed after the trace metrics (e.g.
     embgeom.analysis.heads.measures.HeadsAccumulator, or analysis.text.keeper.Keeper keeping vectors).
