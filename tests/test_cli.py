@@ -88,7 +88,7 @@ def test_pairs_reads_pt_and_safetensors(tmp_path, capsys):
     ("nan", ["pairs", "{t}/x.npy"], r"NaN or Inf in 2 row\(s\): \[1, 4\]"),
     ("1d", ["pairs", "{t}/x.npy"], r"expected \(N, D\)"),
     ("int", ["pairs", "{t}/x.npy"], "float"),
-    ("no columns", ["pairs", "{t}/x.npy"], "at least one row and one column"),
+    ("no columns", ["pairs", "{t}/x.npy"], "expected at least one column"),
     # the engine's words said as the command's: the first matrix (it said "to match x"), --backend
     # and --precision's values (it said backend 'torch' ... use precision='exact', or backend='cpp')
     ("ok", ["pairs", "{t}/x.npy", "--against", "{t}/y.npy"],

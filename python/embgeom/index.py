@@ -471,9 +471,11 @@ class Index:
 
     @property
     def ntotal(self) -> int:
+        """The number of rows in the index (FAISS's name; len(index) is the same)."""
         return self._store.n
 
     def __len__(self) -> int:
+        """The number of rows in the index."""
         return self._store.n
 
     def __repr__(self) -> str:

@@ -92,9 +92,11 @@ class PairList:
     values: torch.Tensor
 
     def __len__(self) -> int:
+        """The number of pairs listed."""
         return int(self.i.numel())
 
     def to_list(self) -> list[list]:
+        """[[i, j, value], ...] as Python ints and floats (NaN -> None), in report order."""
         return [[int(a), int(b), _num(float(v))] for a, b, v in
                 zip(self.i.tolist(), self.j.tolist(), self.values.double().tolist())]
 
@@ -120,9 +122,11 @@ class Histogram:
 
     @property
     def bins(self) -> int:
+        """The number of bins (under- and overflow not included)."""
         return int(self.counts.numel())
 
     def edges(self) -> torch.Tensor:
+        """(bins + 1,) float64 bin edges, lo to hi (the bin rule: docs/metrics.md, histogram)."""
         return torch.linspace(self.lo, self.hi, self.bins + 1, dtype=torch.float64)
 
     def to_pandas(self):
@@ -131,6 +135,7 @@ class Histogram:
         return _pandas().DataFrame({"lo": e[:-1], "hi": e[1:], "count": self.counts.cpu().numpy()})
 
     def to_dict(self) -> dict:
+        """JSON-safe: lo, hi, bins, counts, underflow, overflow (and error_bound in fast mode)."""
         out = {"lo": self.lo, "hi": self.hi, "bins": self.bins, "counts": self.counts.tolist(),
                "underflow": int(self.underflow), "overflow": int(self.overflow)}
         if self.error_bound:
@@ -140,12 +145,14 @@ class Histogram:
 
 @dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class RowTopK:
-    """indices: (N, K) int64 (-1 = padding), values: (N, K) float (NaN = padding)."""
+    """indices: (N, K) int64 (-1 = padding), values: (N, K) float32 (NaN = padding); each row's
+    columns by value (descending for top lists, ascending for bottom lists), then by column."""
 
     indices: torch.Tensor
     values: torch.Tensor
 
     def to_dict(self) -> dict:
+        """JSON-safe nested lists: indices (-1 padding) and values (null padding)."""
         return {"indices": self.indices.tolist(), "values": as_list(self.values)}
 
     def to_pandas(self):
@@ -175,6 +182,8 @@ class Outside:
         return len(self.pairs) < int(self.count)
 
     def to_dict(self) -> dict:
+        """JSON-safe: a, b, the true count, truncated, the listed pairs, per-row (and per-column)
+        counts."""
         out = {"a": self.a, "b": self.b, "count": int(self.count), "truncated": self.truncated,
                "pairs": self.pairs.to_list(), "row_counts": self.row_counts.tolist()}
         if self.col_counts is not None:
@@ -236,6 +245,8 @@ class PairwiseStats:
     error_bound: float = 0.0
 
     def to_dict(self) -> dict:
+        """Every field as JSON-safe values (NaN -> None; min / max as [i, j, value]; lists as
+        [[i, j, value], ...]); `embgeom pairs --json` writes it."""
         def pair(p):
             return None if p is None else [int(p[0]), int(p[1]), _num(float(p[2]))]
 
@@ -358,8 +369,9 @@ class PairwiseStats:
 
 @dataclass(eq=False)  # (== compared tensors field by field: a RuntimeError, not a bool)
 class ConeIndex:
-    """index: cone index I = ||sum x_i/||x_i|| ||, normalized = I/n, n: vectors used; all (B,)
-    (or (L+1, B) for a tuple of hidden states). zero_rows: excluded zero-norm rows per set."""
+    """index: cone index I = ||sum x_i/||x_i|| ||, normalized = I/n (NaN for a set with n = 0),
+    n: vectors used; all (B,) (or (L+1, B) for a tuple of hidden states). zero_rows: excluded
+    zero-norm rows per set."""
 
     index: torch.Tensor
     normalized: torch.Tensor
@@ -375,11 +387,12 @@ class ConeIndex:
         return torch.where(n >= 2, mean, torch.full_like(mean, math.nan))
 
     def to_dict(self) -> dict:
+        """JSON-safe lists (NaN -> None) and the backend."""
         return {"index": as_list(self.index), "normalized": as_list(self.normalized),
                 "n": self.n.tolist(), "zero_rows": self.zero_rows.tolist(), "backend": self.backend}
 
     def to_pandas(self):
-        """One row per set (columns index, normalized, n, zero_rows; a depth column for (L+1, B))."""
+        """One row per set: columns set, index, normalized, n, zero_rows (depth first for (L+1, B))."""
         cols = {k: getattr(self, k).detach().cpu() for k in ("index", "normalized", "n", "zero_rows")}
         if self.index.dim() == 2:
             depth, seq = torch.meshgrid(torch.arange(self.index.shape[0]), torch.arange(self.index.shape[1]),
@@ -414,6 +427,8 @@ class AttentionEntropy:
     backend: str
 
     def to_dict(self) -> dict:
+        """JSON-safe: the means, baselines, row count, smoothing and backend (not the (B, H, T)
+        row entropies)."""
         return {"mean": as_list(self.mean), "uniform_baseline": as_list(self.uniform_baseline),
                 "n_rows": self.n_rows, "smoothing": self.smoothing, "backend": self.backend}
 

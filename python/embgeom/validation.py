@@ -119,7 +119,8 @@ def matrix(x: Any, name: str = "x", *, rows_may_be_empty: bool = False) -> torch
         raise ValueError(f"{name}: expected (N, D) float, got {_describe(x)}")
     _check_float(x, name, "(N, D)")
     if x.shape[1] == 0 or (x.shape[0] == 0 and not rows_may_be_empty):
-        raise ValueError(f"{name}: expected at least one row and one column, got {_describe(x)}")
+        need = "at least one column" if rows_may_be_empty else "at least one row and one column"
+        raise ValueError(f"{name}: expected {need}, got {_describe(x)}")
     return x
 
 
