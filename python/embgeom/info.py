@@ -17,6 +17,23 @@ def _version(module: str) -> str | None:
     return getattr(mod, "__version__", "installed")
 
 
+# optional distributions -> what they enable (versions read from their metadata: importing
+# umap-learn alone takes seconds)
+OPTIONAL = (("plotly", "interactive pages"), ("tqdm", "progress bars"), ("pandas", "to_pandas"),
+            ("scikit-learn", "embgeom.sklearn, text --clark-js"), ("umap-learn", "project --method umap"),
+            ("openTSNE", "project --method tsne"), ("scipy", "t-SNE, sparse graphs"),
+            ("conllu", "syntax"), ("threadpoolctl", "text --matrices in parallel"))
+
+
+def _distribution(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _gemm_kernel(c) -> str | None:
     """The tile-GEMM micro-kernel the runtime CPU check picked (e.g. avx512-14x32)."""
     if c is None or not hasattr(c, "PairwiseEngine"):
@@ -53,6 +70,7 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "packages": {m: _version(m) for m in ("numpy", "triton", "faiss", "transformers", "safetensors", "matplotlib")},
+        "optional": {name: {"version": _distribution(name), "for": use} for name, use in OPTIONAL},
         "env": {k: os.environ.get(k) for k in ("EMBGEOM_BACKEND", "EMBGEOM_CPU", "EMBGEOM_GEMM", "EMBGEOM_OPENBLAS",
                                                "OPENBLAS_CORETYPE", "TRITON_INTERPRET", "OMP_NUM_THREADS")},
         "built": built,
@@ -84,6 +102,7 @@ def main(args) -> int:
     print(f"embgeom {info['embgeom']}  python {info['python']}  torch {info['torch']}")
     print(f"CUDA usable: {info['cuda_available']}" + (f" ({info['cuda_device']})" if info["cuda_device"] else ""))
     print("packages: " + ", ".join(f"{k} {v or '-'}" for k, v in info["packages"].items()))
+    print("optional: " + ", ".join(f"{k} {v['version'] or '-'} ({v['for']})" for k, v in info["optional"].items()))
     print("built: " + ", ".join(f"{k}={v}" for k, v in info["built"].items()))
     cpu = info["cpu"]
     if cpu:
@@ -98,7 +117,7 @@ def main(args) -> int:
                   f"attention_sums {cpu.get('attention_sums', 'n/a')}; js_pair_sums {cpu.get('js_pair_sums', 'n/a')}; "
                   f"--matrices: eigenvalues {cpu.get('eigvals', 'n/a')}, Gram counts "
                   f"{cpu.get('sym_tridiagonal', 'n/a')}")
-        from .index import BF16_ROWS_SCAN, ENGINE_BATCH, ENGINE_BATCH_BF16, SMALL_BATCH
+        from .index import BF16_ROWS_SCAN, ENGINE_BATCH, ENGINE_BATCH_BF16, ENGINE_PREPARE_QUERIES, SMALL_BATCH
 
         scan = f"rows_dot {cpu.get('rows_dot', 'n/a')}"
         bf16 = cpu.get("gemm_fast_bf16", False)
@@ -106,7 +125,8 @@ def main(args) -> int:
         f32 = (f"{cpu['gemm_fast'].split()[0]} filter, exact fp32 lists," if bf16 else cpu["gemm_exact"])
         print(f"  Index search (cosine/dot): up to {SMALL_BATCH} queries one call of the core (few_search: a scan "
               f"of the rows, {scan}, the selection and the rescoring), more the "
-              f"pairwise engine on rows prepared once; float32: {f32} from {ENGINE_BATCH} queries; "
+              f"pairwise engine on rows prepared once; float32: {f32} from {ENGINE_BATCH} queries (a first "
+              f"search of new rows from {ENGINE_PREPARE_QUERIES}); "
               f"bfloat16: up to {BF16_ROWS_SCAN} queries its bf16 rows, more {more}; "
               f"exact rescoring: pair_values {cpu.get('pair_values', 'n/a')}, "
               f"pair_cosines {cpu.get('pair_cosines', 'n/a')}")
