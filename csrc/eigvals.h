@@ -7,7 +7,7 @@ namespace embgeom {
 // a + i * n * n): out (k, n), each matrix's magnitudes in no particular order. The real
 // double-shift QR algorithm (balancing, Householder reduction to Hessenberg form, then Francis
 // double-shift sweeps with per-matrix deflation), run in lockstep over several matrices, one per
-// vector lane (docs/architecture.md, eigenvalues): the von Neumann entropy of `embgeom text --matrices`,
+// vector lane (docs/architecture.md, eigvals.cpp): the von Neumann entropy of `embgeom text --matrices`,
 // where LAPACK's dgeev took about 4.5 ms a 128 x 128 block one matrix at a time. ok[i] = 0 where
 // matrix i did not converge within 30 max(10, n) sweeps without a deflation, holds a value
 // that is not finite, or has a row or column without off-diagonal entries (an eigenvalue LAPACK

@@ -1,6 +1,6 @@
 """Checkpoints of a run: the state of finished tiles, tied to its input and settings.
 
-Format 3 (docs/architecture.md, checkpoints), no pickle anywhere:
+Format 3 (docs/architecture.md, engine state), no pickle anywhere:
 
     EMBGEOM-CKPT3\\n
     {"fingerprint": ..., "identity": ..., "meta_bytes": A, "arrays_bytes": B, "sha256": ...}\\n   one JSON line
