@@ -197,8 +197,11 @@ def semantic_search(query_embeddings, corpus_embeddings, query_chunk_size: int =
                     corpus_chunk_size: int = 500000, top_k: int = 10,
                     score_function: Callable | str | None = None) -> list[list[dict[str, int | float]]]:
     """For each query, the top_k corpus rows: a list per query of {"corpus_id", "score"} dicts,
-    score descending. query_embeddings: (Q, D) or (D,); corpus_embeddings: (N, D). The chunk
-    sizes are accepted for compatibility (the index blocks its own scan)."""
+    score descending. query_embeddings: (Q, D) or (D,); corpus_embeddings: (N, D).
+    score_function: cos_sim (default) or dot_score, which run on the index for float32 / 16-bit
+    rows (the chunk sizes then accepted for compatibility: the index blocks its own scan), or
+    any callable (q, c) -> (q, c) scores; float64 rows and other callables are scored in
+    query_chunk_size x corpus_chunk_size blocks as the library scores them."""
     query_chunk_size = validation.positive_int(query_chunk_size, "query_chunk_size", allow_zero=False)
     corpus_chunk_size = validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
     top_k = validation.positive_int(top_k, "top_k")
@@ -239,7 +242,8 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
                                  score_function: Callable | str | None = None) -> list[list[float | int]]:
     """The highest-scoring pairs among each row's top_k neighbours: [score, i, j] with i < j,
     score descending (ties by (i, j)), at most max_pairs (top_k or max_pairs 0: none, as
-    sentence-transformers)."""
+    sentence-transformers). score_function as semantic_search's (float64 rows and callables
+    other than cos_sim / dot_score scored in chunks, as the library does)."""
     query_chunk_size = validation.positive_int(query_chunk_size, "query_chunk_size", allow_zero=False)
     corpus_chunk_size = validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
     max_pairs = validation.positive_int(max_pairs, "max_pairs")
