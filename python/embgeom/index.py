@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import math
+import mmap
 import os
 import threading
 import dataclasses
@@ -468,6 +469,10 @@ class Index:
             own = getattr(self, "_owns_buffers", True)
             self._store = self._prepare(x, old, spare=int(own), name="more")
             self._owns_buffers = True
+            # what was kept for the old snapshot (the engine's packed rows, its tie groups, a
+            # loaded file's mappings) serves no later search: let it go now, not at the next
+            # search that takes the engine (few-query searches never replaced it)
+            self._columns = self._searched = self._ties = None
 
     @property
     def ntotal(self) -> int:
@@ -1389,6 +1394,7 @@ class Index:
         if size > end:
             raise ValueError(f"path: {path} is damaged ({size} bytes, its header says {end})")
         maps = {}
+        mapped = None  # one copy-on-write mapping of the file for every array (one fd an index)
         h = _file_digest(header)
         for name, (shape, dt) in names.items():
             spec = header["arrays"][name]
@@ -1402,7 +1408,10 @@ class Index:
             if nbytes == 0:
                 maps[name] = np.zeros(shape, dt)
             else:  # copy-on-write: writable for torch, the file never changes
-                maps[name] = np.memmap(f, dtype=dt, mode="c", offset=base + spec["offset"], shape=shape)
+                if mapped is None:
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                maps[name] = np.frombuffer(mapped, dtype=dt, count=int(np.prod(shape)),
+                                           offset=base + spec["offset"]).reshape(shape)
             if verify:
                 h.update(_raw_bytes(np.ascontiguousarray(maps[name])))
         if verify and h.hexdigest() != header["sha256"]:
