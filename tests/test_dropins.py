@@ -518,6 +518,11 @@ def test_flat_indexes_match_faiss(kind):
         ours.add(part)
         ref.add(part)
     assert ours.ntotal == ref.ntotal == 500 and ours.d == 16 and ours.metric_type == ref.metric_type
+    ours.train(x)  # (nothing to learn: accepted, as FAISS does)
+    assert ours.is_trained and ours.reconstruct(7).dtype == np.float32
+    assert np.array_equal(ours.reconstruct(499), ref.reconstruct(499))
+    assert np.array_equal(ours.reconstruct_n(3, 40), ref.reconstruct_n(3, 40))
+    assert np.array_equal(ours.reconstruct_n(), ref.reconstruct_n())
     for k in (1, 10, 600):
         d_got, i_got = ours.search(q, k)
         d_want, i_want = ref.search(q, k)
@@ -541,6 +546,17 @@ def test_flat_index_bad_input():
     from embgeom import faiss as egf
 
     index = egf.IndexFlatIP(4)
+    index.add(np.eye(4, dtype=np.float32))
+    for call, match in ((lambda: index.reconstruct(-1), r"^key: expected 0 <= key < 4 \(ntotal\), got -1"),
+                        (lambda: index.reconstruct(4), "^key: expected 0 <= key < 4"),
+                        (lambda: index.reconstruct_n(2, 3), r"^ni: expected 0 \.\. 2 rows from n0 = 2"),
+                        (lambda: index.reconstruct_n(5), "^n0: expected 0 <= n0 <= 4"),
+                        (lambda: index.train(np.zeros((2, 3), np.float32)), r"^x: expected \(n, 4\)")):
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(TypeError, match="^key: expected an int, got float"):
+        index.reconstruct(1.0)
+    index.reset()
     with pytest.raises(ValueError, match=r"x: expected \(n, 4\)"):
         index.add(np.zeros((2, 3), np.float32))
     with pytest.raises(TypeError, match="x: expected"):

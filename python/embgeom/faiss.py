@@ -1,6 +1,6 @@
 """`embgeom.faiss.IndexFlatIP` / `IndexFlatL2`: the calls pipelines make on FAISS's flat
-indexes (add, search, range_search, reset, ntotal, d) on an embgeom Index, with FAISS's
-arguments and return values: float32 numpy arrays in, (distances float32, labels int64) out,
+indexes (add, search, range_search, reset, ntotal, d, train, reconstruct, reconstruct_n) on an
+embgeom Index, with FAISS's arguments and return values: float32 numpy arrays in, (distances float32, labels int64) out,
 padding label -1 with distance -FLT_MAX (IP) / FLT_MAX (L2), L2 as squared distance, range
 results (lims uint64, D, I) in label order with IP > radius and L2 < radius, as FAISS does.
 FAISS itself is not imported. Values are exact (float64 rescoring), equal scores ordered by
@@ -52,8 +52,38 @@ class _IndexFlat:
         self._index = Index(np.zeros((0, self.d), np.float32), metric=self._metric, dtype=self._dtype)
 
     def add(self, x) -> None:
+        """Append rows (n, d); their labels continue from ntotal."""
         with validation.renamed(more="x"):
             self._index.add(self._rows(x, "x"))
+
+    def train(self, x) -> None:
+        """Nothing to learn for a flat index (is_trained is True): x is checked, as FAISS does."""
+        self._rows(x, "x")
+
+    def reconstruct(self, key: int) -> np.ndarray:
+        """The stored row `key` as a (d,) float32 array (a copy)."""
+        key = self._label(key, "key")
+        return self._index.vectors(key, key + 1)[0].cpu().numpy().copy()
+
+    def reconstruct_n(self, n0: int = 0, ni: int = -1) -> np.ndarray:
+        """Stored rows n0 .. n0 + ni - 1 as an (ni, d) float32 array (a copy); ni = -1: to the end."""
+        n0 = self._label(n0, "n0", end_ok=True)
+        if isinstance(ni, bool) or not isinstance(ni, (int, np.integer)):
+            raise TypeError(f"ni: expected an int, got {type(ni).__name__}")
+        ni = self.ntotal - n0 if ni == -1 else int(ni)
+        if not 0 <= ni <= self.ntotal - n0:
+            raise ValueError(f"ni: expected 0 .. {self.ntotal - n0} rows from n0 = {n0} (ntotal {self.ntotal}), "
+                             f"or -1, got {ni}")
+        return self._index.vectors(n0, n0 + ni).cpu().numpy().copy()
+
+    def _label(self, value, name: str, end_ok: bool = False) -> int:
+        """A stored row's label checked (FAISS read past its rows for -1)."""
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        if not 0 <= int(value) < self.ntotal + int(end_ok):
+            raise ValueError(f"{name}: expected 0 <= {name} {'<=' if end_ok else '<'} {self.ntotal} (ntotal), "
+                             f"got {int(value)}")
+        return int(value)
 
     def search(self, x, k: int, *, params=None, D=None, I=None):  # noqa: E741 (FAISS's names)
         """-> (D (n, k) float32, I (n, k) int64); D and I given: filled and returned, as FAISS
