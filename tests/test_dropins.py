@@ -74,6 +74,64 @@ def test_any_score_function_and_float64_rows_match(st_util, chunks):
         assert np.allclose([p[0] for p in got], [p[0] for p in want], rtol=1e-15, atol=1e-15)
 
 
+def test_mining_replays_the_library_on_asymmetric_and_masking_functions(st_util):
+    """A score_function need not be symmetric nor finite: paraphrase mining keeps what the
+    library's loop keeps (a pair pushed out of the heap may return from its other row with its
+    own score; -inf pairs never), and a caller's function named like the library's is called."""
+    m = torch.tensor([[1.0, 4, 7], [9, 8, 2], [5, 0, 3]], dtype=torch.float64)
+
+    def table(a, b):  # row i's score for j: m[i, j] (the rows carry their ids)
+        return m[a[:, 0].long()][:, b[:, 0].long()]
+
+    rows = torch.arange(3, dtype=torch.float64)[:, None].repeat(1, 2)
+    for max_pairs in (1, 2, 3):
+        want = st_util.paraphrase_mining_embeddings(rows, top_k=2, max_pairs=max_pairs, score_function=table)
+        assert st_compat.paraphrase_mining_embeddings(rows, top_k=2, max_pairs=max_pairs, score_function=table) == want
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = torch.from_numpy(rng.standard_normal((23, 4)))
+        w = torch.from_numpy(rng.standard_normal((4, 4)))
+
+        def skew(a, b):  # asymmetric, -inf below 0
+            s = a @ w @ b.T
+            return s.masked_fill(s < 0, -math.inf)
+
+        for top_k, max_pairs, chunk in ((3, 5, 4), (5, 500, 7), (2, 1, 23)):
+            want = st_util.paraphrase_mining_embeddings(x, top_k=top_k, max_pairs=max_pairs, score_function=skew,
+                                                        query_chunk_size=chunk, corpus_chunk_size=chunk)
+            got = st_compat.paraphrase_mining_embeddings(x, top_k=top_k, max_pairs=max_pairs, score_function=skew,
+                                                         query_chunk_size=chunk, corpus_chunk_size=chunk)
+            assert got == want and all(p[0] > -math.inf for p in got)
+
+    def dot(a, b):  # a caller's own `dot`: a temperature, not sentence-transformers' dot_score
+        return (a @ b.T) / 0.05
+
+    x = make_rows(30, 8, seed=13)
+    assert st_compat.semantic_search(x[:2], x, top_k=3, score_function=dot) == \
+        st_util.semantic_search(x[:2], x, top_k=3, score_function=dot)
+
+
+def test_scored_path_rows_at_the_ends_of_float64():
+    """float64 rows near 1e-200 or 1e200 have directions (their norms had underflowed to a zero
+    row or overflowed); dot products past float64's range are refused, not a reshape error."""
+    x = torch.tensor([[1e-200, 0.0], [0.0, 1.0], [1e200, 1e200], [-1.0, 0.0]], dtype=torch.float64)
+    hits = st_compat.semantic_search(torch.tensor([1.0, 0.0], dtype=torch.float64), x, top_k=4)[0]
+    assert [h["corpus_id"] for h in hits] == [0, 2, 1, 3]
+    assert [h["score"] for h in hits] == pytest.approx([1.0, math.sqrt(0.5), 0.0, -1.0], abs=1e-15)
+    with pytest.raises(ValueError, match="^query_embeddings: dot products with corpus_embeddings beyond"):
+        st_compat.semantic_search(torch.tensor([[1e200, -1e200]], dtype=torch.float64), x[1:],
+                                  score_function="dot_score")
+
+
+def test_scored_path_many_equal_scores():
+    """A function scoring every pair alike: each query's first top_k ids, across chunks too."""
+    x = make_rows(50, 4, seed=14)
+    flat = lambda a, b: torch.zeros(a.shape[0], b.shape[0])  # noqa: E731
+    for size in (500000, 7):
+        hits = st_compat.semantic_search(x[:3], x, top_k=9, score_function=flat, corpus_chunk_size=size)
+        assert [[h["corpus_id"] for h in row] for row in hits] == [list(range(9))] * 3
+
+
 def test_scored_path_ties_by_id_and_zero_rows():
     """The scored path (float64 rows, a score_function) ranks as the index does: equal scores
     by id, across corpus chunks too; under cosine a zero row is never a neighbour and has none."""

@@ -38,8 +38,9 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
 
     A row list's k above what a row can have (N - 1 in self mode, M in cross mode) is lowered
     to it, with a note in the result's `notes` (where N > 0). backend: 'cpp', 'torch', 'triton', 'cuda' or
-    'reference' (the float64 implementation); default None (or 'auto'): EMBGEOM_BACKEND, else
-    the first usable for x's device (`python -m embgeom.info` lists them). checkpoint=PATH
+    'reference' (the float64 implementation); default None: EMBGEOM_BACKEND where it is set,
+    else the first usable for x's device; 'auto': that first usable one, whatever the
+    environment says (`python -m embgeom.info` lists them). checkpoint=PATH
     saves finished tiles so that an interrupted run resumes (same inputs and options).
     progress: True (or a progress.Progress) shows a bar of tiles on stderr.
     Returns PairwiseStats (tensors on x's device).

@@ -25,8 +25,9 @@ def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
     fixed tie order; zero rows have no direction and belong to no community. A threshold above
     1 is a ValueError (no cosine reaches it; the sentence-transformers drop-in returns []).
     batch_size: rows searched at once (memory ~ batch_size x N scores) where the rows are
-    searched one batch at a time (a GPU index); on the CPU the all-pairs engine finds the pairs
-    at or above the threshold in bands of its own, and batch_size is not used.
+    searched one batch at a time: a GPU index, a CPU without the C++ engine, or more than 2^24
+    pairs at or above the threshold; otherwise the all-pairs engine finds those pairs in bands
+    of its own and batch_size is not used.
     """
     threshold = validation.finite_float(threshold, "threshold")
     if threshold > 1.0:
