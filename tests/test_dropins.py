@@ -386,28 +386,71 @@ def test_neighbour_graphs_match_sklearn(sk_neighbors, metric):
                     assert np.allclose(got.data, want.data, rtol=1e-6, atol=1e-6)
 
 
-def test_cosine_neighbour_graph_leaves_zero_rows_out(sk_neighbors):
-    """Under cosine a zero row is nobody's neighbour (kneighbors pads with id -1): the graph
-    holds the real neighbours only, never a column -1 (which scipy took as a valid entry)."""
+def test_cosine_zero_rows_at_distance_one_as_sklearn(sk_neighbors):
+    """Under cosine a zero row (fitted or queried) is at distance 1 from every row, as
+    scikit-learn's cosine has it: kneighbors lists it where that ranks it (ties by index), the
+    radius search within a radius >= 1, and a graph fed to a precomputed classifier has k
+    neighbours a row (the -1 padding of a zero row had made KNeighborsClassifier refuse it)."""
+    from sklearn.neighbors import KNeighborsClassifier
+
     from embgeom.sklearn import NearestNeighbors
 
     x = _tie_free(40, 8, seed=3).double().numpy()
     x[[0, 7]] = 0.0
-    q = np.vstack([x[:3], np.zeros((1, 8))])
-    nn = NearestNeighbors(metric="cosine").fit(x)
+    q = np.vstack([x[1:4], np.zeros((1, 8))]).copy()
+    ours = NearestNeighbors(metric="cosine").fit(x)
+    ref = sk_neighbors.NearestNeighbors(metric="cosine", algorithm="brute").fit(x)
     for X in (None, q):
-        for mode in ("connectivity", "distance"):
-            g = nn.kneighbors_graph(X, n_neighbors=39, mode=mode)
-            dist, ids = nn.kneighbors(X, n_neighbors=39)
-            assert g.indices.min() >= 0 and g.nnz == int((ids >= 0).sum())
-            dense = g.toarray()
-            for r in range(ids.shape[0]):
-                real = ids[r] >= 0
-                want = np.zeros(40)
-                want[ids[r][real]] = 1.0 if mode == "connectivity" else dist[r][real]
-                assert np.array_equal(dense[r], want)
-    # rows of zero vectors and the zero query have no neighbours at all
-    assert nn.kneighbors_graph(q, n_neighbors=39)[3].nnz == 0
+        for k in (3, 39):
+            d_got, i_got = ours.kneighbors(X, n_neighbors=k)
+            d_want, i_want = ref.kneighbors(X, n_neighbors=k)
+            assert np.allclose(d_got, d_want, atol=1e-6) and (i_got >= 0).all()
+            for r in range(i_got.shape[0]):  # the same rows, equal distances by index (at the cut: any)
+                cut = np.isclose(d_want[r], d_want[r][-1], atol=1e-6)
+                order = np.lexsort((i_want[r], np.round(d_want[r], 6)))
+                assert list(i_got[r][~cut]) == list(i_want[r][order][~cut[order]])
+        for radius in (0.5, 1.0, 1.7):
+            got, want = ours.radius_neighbors(X, radius=radius)[1], ref.radius_neighbors(X, radius=radius)[1]
+            assert [sorted(g.tolist()) for g in got] == [sorted(w.tolist()) for w in want]
+    labels = np.arange(40) % 3
+    graph = ours.kneighbors_graph(n_neighbors=5, mode="distance")
+    assert graph.nnz == 40 * 5
+    KNeighborsClassifier(5, metric="precomputed").fit(graph, labels).predict(graph)
+
+
+def test_sklearn_conventions_in_workflows(sk_neighbors):
+    """A fitted float64 row queried again is at distance 0 (queries are rounded to float32 as
+    the fitted rows were); sklearn.neighbors.kneighbors_graph takes the fitted estimator;
+    an infinite radius on a DataFrame gives no feature-name warning, a read-only query no torch
+    warning; parameter errors are scikit-learn's InvalidParameterError (ValueError and TypeError)."""
+    import warnings
+
+    from sklearn.neighbors import kneighbors_graph
+
+    from embgeom.sklearn import NearestNeighbors
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((12, 3))
+    x[5] = x[0]
+    nn = NearestNeighbors(n_neighbors=2).fit(x)
+    assert np.array_equal(nn.kneighbors(x[:2])[0][:, 0], [0.0, 0.0])
+    assert [r.tolist() for r in nn.radius_neighbors(x[:2], radius=0)[1]] == [[0, 5], [1]]
+    ref = sk_neighbors.NearestNeighbors(n_neighbors=2, algorithm="brute").fit(x)
+    assert (kneighbors_graph(nn, 2) != kneighbors_graph(ref, 2)).nnz == 0
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame(rng.random((20, 3)), columns=list("abc"))
+    fixed = np.asarray(frame, dtype=np.float32)
+    fixed.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = NearestNeighbors(n_neighbors=3).fit(frame)
+        assert len(est.radius_neighbors(frame, radius=np.inf)[1][0]) == 20
+        NearestNeighbors(n_neighbors=3).fit(fixed).kneighbors(fixed)
+    for bad in (dict(radius="a"), dict(n_neighbors=2.0)):
+        with pytest.raises(TypeError):
+            NearestNeighbors(**bad).fit(x)
+    with pytest.raises(ValueError, match="^n_neighbors: expected an int >= 1, got 2.0"):
+        nn.kneighbors(n_neighbors=2.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

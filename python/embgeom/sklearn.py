@@ -9,12 +9,14 @@ among scikit-learn's search structures, which give the same neighbours, and are 
 recorded only (every search here is the exact scan); n_jobs is recorded only (the core uses
 torch's thread count). Other metrics are refused.
 
-Distances are the exact float64 values of the fitted rows as stored in float32 (float64 input is
-rounded to float32 first: rows closer than float32 resolves may tie), returned in scikit-learn's
-dtypes (cosine: float32 when the fitted rows and the queries are float32; euclidean: float64);
-equal distances are ordered by index (scikit-learn's order at ties is unspecified). cosine
-distance = 1 - cosine similarity; a zero-norm row has no direction and is never a neighbour
-(scikit-learn gives it distance 1 to everything).
+Distances are the exact float64 values of the fitted rows and the queries as float32 (float64
+input, fitted or queried, is rounded to float32 first, so a fitted row queried again is at
+distance 0; rows closer than float32 resolves may tie), returned in scikit-learn's dtypes
+(cosine: float32 when the fitted rows and the queries are float32; euclidean: float64); equal
+distances are ordered by index (scikit-learn's order at ties is unspecified). cosine distance =
+1 - cosine similarity; a zero-norm row has no direction and is at distance 1 from every row, as
+scikit-learn has it. The class is one of scikit-learn's KNeighborsMixin / RadiusNeighborsMixin,
+so `sklearn.neighbors.kneighbors_graph(estimator, ...)` takes a fitted one.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import math
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.neighbors._base import KNeighborsMixin, RadiusNeighborsMixin  # (what kneighbors_graph(estimator) checks)
 
 try:
     from sklearn.utils.validation import check_is_fitted, validate_data
@@ -35,11 +38,16 @@ except ImportError as _old:  # (validate_data is new in scikit-learn 1.6)
 from . import validation
 from .index import Index
 
+try:  # scikit-learn's own parameter error: a ValueError and a TypeError at once
+    from sklearn.utils._param_validation import InvalidParameterError as _ParameterError
+except ImportError:  # pragma: no cover
+    _ParameterError = ValueError
+
 METRICS = {"euclidean": "l2", "l2": "l2", "cosine": "cosine", "minkowski": "l2"}
 ALGORITHMS = ("auto", "ball_tree", "kd_tree", "brute")
 
 
-class NearestNeighbors(BaseEstimator):
+class NearestNeighbors(KNeighborsMixin, RadiusNeighborsMixin, BaseEstimator):
     """Unsupervised nearest neighbours, scikit-learn's constructor. n_neighbors: default k of
     kneighbors (None: only radius queries); radius: default radius of radius_neighbors; metric:
     "minkowski" (p=2 only), "euclidean" (or "l2") or "cosine"; algorithm, leaf_size, n_jobs:
@@ -64,23 +72,25 @@ class NearestNeighbors(BaseEstimator):
         """The index metric the parameters ask for; ValueError naming the parameter that cannot
         be answered."""
         if self.metric not in METRICS:
-            raise ValueError(f"metric: expected one of {', '.join(map(repr, METRICS))}, got {self.metric!r}")
+            raise _ParameterError(f"metric: expected one of {', '.join(map(repr, METRICS))}, got {self.metric!r}")
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm: expected one of {', '.join(map(repr, ALGORITHMS))}, got {self.algorithm!r}")
+            raise _ParameterError(f"algorithm: expected one of {', '.join(map(repr, ALGORITHMS))}, got {self.algorithm!r}")
         if isinstance(self.leaf_size, bool) or not isinstance(self.leaf_size, (int, np.integer)) or self.leaf_size < 1:
-            raise ValueError(f"leaf_size: expected an int >= 1, got {self.leaf_size!r}")
+            raise _ParameterError(f"leaf_size: expected an int >= 1, got {self.leaf_size!r}")
         if self.n_jobs is not None and (isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, (int, np.integer))):
-            raise ValueError(f"n_jobs: expected None or an int, got {self.n_jobs!r}")
+            raise _ParameterError(f"n_jobs: expected None or an int, got {self.n_jobs!r}")
         params = {} if self.metric_params is None else self.metric_params
         if not isinstance(params, dict) or set(params) - {"p"}:
-            raise ValueError(f"metric_params: expected None or {{'p': 2}}, got {self.metric_params!r}")
+            raise _ParameterError(f"metric_params: expected None or {{'p': 2}}, got {self.metric_params!r}")
         p = params.get("p", self.p)
         if self.metric == "minkowski" and p != 2:
-            raise ValueError(f"p: only p=2 (euclidean) is answered with metric 'minkowski', got {p!r}")
+            raise _ParameterError(f"p: only p=2 (euclidean) is answered with metric 'minkowski', got {p!r}")
         if self.n_neighbors is not None and (isinstance(self.n_neighbors, bool)
                                              or not isinstance(self.n_neighbors, (int, np.integer))
                                              or self.n_neighbors < 1):
-            raise ValueError(f"n_neighbors: expected None or an int >= 1, got {self.n_neighbors!r}")
+            raise _ParameterError(f"n_neighbors: expected None or an int >= 1, got {self.n_neighbors!r}")
+        if isinstance(self.radius, bool) or not isinstance(self.radius, (int, float, np.integer, np.floating)):
+            raise _ParameterError(f"radius: expected a number, got {self.radius!r}")
         return METRICS[self.metric]
 
     def __sklearn_tags__(self):
@@ -98,12 +108,30 @@ class NearestNeighbors(BaseEstimator):
         self.effective_metric_ = "euclidean" if self.metric == "minkowski" else self.metric  # (as scikit-learn's)
         self.effective_metric_params_ = {}
         self._fit_float32 = X.dtype == np.float32
+        # under cosine the zero rows, at distance 1 from every row (scikit-learn's cosine of a
+        # zero row is 0); the index never lists them
+        self._zero_rows = np.flatnonzero(~np.any(X != 0, axis=1)) if metric == "cosine" else np.zeros(0, np.int64)
         return self
+
+    @property
+    def _fit_X(self) -> np.ndarray:
+        """The fitted rows as stored (float32), where scikit-learn keeps its own: its
+        kneighbors_graph(estimator, include_self=True) queries them."""
+        return self.index_.vectors().cpu().numpy()
 
     def _query(self, X):
         if X is None:
             return None
         return validate_data(self, _numpy_if_tensor(X), dtype=[np.float64, np.float32], reset=False)
+
+    def _queries(self, Xq) -> torch.Tensor:
+        """The rows to search: the stored ones (X=None), or the queries rounded to float32 as the
+        fitted rows were (a fitted float64 row queried again had been 1e-8 from its own copy), in
+        a writable array (torch warns on a read-only one, a memory map's say)."""
+        if Xq is None:
+            return self.index_.vectors()
+        q = np.ascontiguousarray(Xq, dtype=np.float32)
+        return torch.from_numpy(q if q.flags.writeable else q.copy())
 
     def _distance_dtype(self, Xq):
         """scikit-learn's brute cosine keeps float32 when the fitted rows and the queries
@@ -118,31 +146,57 @@ class NearestNeighbors(BaseEstimator):
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
         """(distances (Q, k) in scikit-learn's dtype (module docstring), indices (Q, k) int64),
-        nearest first. X=None: the fitted rows query, each not counted as its own neighbour."""
+        nearest first, equal distances by index. X=None: the fitted rows query, each not counted
+        as its own neighbour."""
         check_is_fitted(self)
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         if k is None:
-            raise ValueError("n_neighbors: this estimator was made with n_neighbors=None; pass n_neighbors")
+            raise _ParameterError("n_neighbors: this estimator was made with n_neighbors=None; pass n_neighbors")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"n_neighbors: expected an int >= 1, got {k!r}")
-        Xq = self._query(X)
+            raise _ParameterError(f"n_neighbors: expected an int >= 1, got {k!r}")
+        dist, ids = self._kneighbors(self._query(X), int(k))
+        return (dist, ids) if return_distance else ids
+
+    def _kneighbors(self, Xq, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """kneighbors of validated queries (None: the fitted rows, themselves excluded)."""
         self_query = Xq is None
         limit = self.n_samples_fit_ - (1 if self_query else 0)
         if k > limit:
             raise ValueError(f"n_neighbors: expected <= n_samples_fit = {self.n_samples_fit_}"
                              f"{' - 1 (X=None)' if self_query else ''}, got {k}")
-        queries = self.index_.vectors() if self_query else torch.from_numpy(np.ascontiguousarray(Xq))
+        queries = self._queries(Xq)
         with validation.renamed(queries="X"):
             s, ids = self.index_.search(queries, k + (1 if self_query else 0), float64=True)
         s, ids = s.cpu().numpy(), ids.cpu().numpy()
+        if self._zero_rows.size or (self.index_.metric == "cosine" and queries.shape[0]):
+            s, ids = self._with_zero_rows(s, ids, queries, k + (1 if self_query else 0))
         if self_query:  # drop each row itself (or, where it is not listed, the last one)
             own = ids == np.arange(ids.shape[0])[:, None]
             own[~own.any(1), -1] = True
             keep = ~own
             s = s[keep].reshape(ids.shape[0], k)
             ids = ids[keep].reshape(ids.shape[0], k)
-        dist = self._to_distance(s, Xq)
-        return (dist, ids) if return_distance else ids
+        return self._to_distance(s, Xq), ids
+
+    def _with_zero_rows(self, s: np.ndarray, ids: np.ndarray, queries: torch.Tensor, width: int):
+        """Cosine search results with scikit-learn's zero rows: a zero fitted row scores 0
+        (distance 1) against every query, a zero query 0 against every row. Each query's width
+        best of its listed rows and the zero rows, by (score desc, index asc)."""
+        zero_query = ~torch.any(queries != 0, dim=1).cpu().numpy()
+        n = self.n_samples_fit_
+        extra = self._zero_rows[:width]
+        cand_s = np.concatenate([s, np.zeros((s.shape[0], extra.size))], axis=1)
+        cand_i = np.concatenate([ids, np.broadcast_to(extra, (s.shape[0], extra.size))], axis=1)
+        if zero_query.any():  # every row at score 0: the first width rows by index
+            cand_s[zero_query] = -np.inf
+            cand_i[zero_query] = -1
+            first = np.arange(min(width, n))
+            cand_s[zero_query, :first.size] = 0.0
+            cand_i[zero_query, :first.size] = first
+        cand_s = np.where(cand_i < 0, -np.inf, cand_s)
+        order = np.lexsort((np.where(cand_i < 0, n, cand_i), -cand_s), axis=-1)[:, :width]
+        s, ids = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+        return np.where(ids < 0, np.nan, s), ids
 
     def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
         """Per query, every fitted row within `radius` (its distance as reported, in its dtype,
@@ -172,13 +226,13 @@ class NearestNeighbors(BaseEstimator):
                 Q = self.n_samples_fit_ if X is None else X_all.shape[0]
                 empty = np.zeros(0, self._distance_dtype(X_all))
                 return _object_rows([empty] * Q, [np.zeros(0, np.int64)] * Q, return_distance)
-            dist, ids = self.kneighbors(X_all, k)
+            dist, ids = self._kneighbors(X_all, k)  # (X_all validated once: no feature-name warning)
             found = ids >= 0
             return _object_rows([d[f] for d, f in zip(dist, found)], [i[f] for i, f in zip(ids, found)],
                                 return_distance)
         Xq = self._query(X)
         self_query = Xq is None
-        queries = self.index_.vectors() if self_query else torch.from_numpy(np.ascontiguousarray(Xq))
+        queries = self._queries(Xq)
         with validation.renamed(queries="X"):
             if self.index_.metric == "l2":
                 lims, s, ids = self.index_.range_search(queries, r, float64=True)
@@ -192,9 +246,21 @@ class NearestNeighbors(BaseEstimator):
         lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
         dist = self._to_distance(s, Xq)
         Q = lims.shape[0] - 1
+        # under cosine a zero row (fitted or queried) is at distance 1 from every row
+        one = self._to_distance(np.zeros(1), Xq)
+        at_one = self.index_.metric == "cosine" and bool(one[0] <= r_test)
+        zero_query = ~torch.any(queries != 0, dim=1).cpu().numpy() if at_one else np.zeros(Q, bool)
         out_d, out_i = [], []
         for q in range(Q):
             d_q, i_q = dist[lims[q]:lims[q + 1]], ids[lims[q]:lims[q + 1]]
+            if zero_query[q]:
+                i_q = np.arange(self.n_samples_fit_)
+                d_q = np.repeat(one, i_q.size)
+            elif at_one and self._zero_rows.size:
+                d_q = np.concatenate([d_q, np.repeat(one, self._zero_rows.size)])
+                i_q = np.concatenate([i_q, self._zero_rows])
+                order = np.lexsort((i_q, d_q))
+                d_q, i_q = d_q[order], i_q[order]
             keep = np.ones(i_q.shape, bool) if self.index_.metric == "l2" else d_q <= r_test
             if self_query:
                 keep &= i_q != q
@@ -206,9 +272,8 @@ class NearestNeighbors(BaseEstimator):
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
         """scipy.sparse CSR (Q, n_samples_fit): each query's k neighbours, 1.0
         (mode="connectivity") or their distances (mode="distance", zeros kept as entries), as
-        scikit-learn's; X=None: the fitted rows, each not its own neighbour. Under cosine a
-        zero row is nobody's neighbour and a zero query has none: kneighbors' padding (id -1)
-        is left out, so such a query's row holds fewer than k entries."""
+        scikit-learn's; X=None: the fitted rows, each not its own neighbour (under cosine a
+        zero row is at distance 1 from every row, as scikit-learn has it)."""
         _graph_mode(mode)
         dist, ids = self.kneighbors(X, n_neighbors, return_distance=True)
         found = ids >= 0
