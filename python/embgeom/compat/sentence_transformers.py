@@ -14,7 +14,8 @@ Differences, all at ties or degenerate rows: equal scores are ordered by id (tor
 is unspecified); under cos_sim a zero-norm row has no direction and is never returned
 (sentence-transformers scores it 0 against everything); a NaN or infinite value in either input
 is refused with a ValueError naming the rows, and NaN scores from a score_function with one
-naming it (sentence-transformers returns NaN scores in no defined order).
+naming it (sentence-transformers returns NaN scores in no defined order); a float64 row of norm
+below 1e-12 keeps its direction under cos_sim (the library divides it by 1e-12, not its norm).
 """
 from __future__ import annotations
 
@@ -80,12 +81,21 @@ class _Scorer:
         x = x.to(torch.float64)
         if self.metric == "dot":
             return x, None
-        # each row scaled by its largest magnitude before its norm: a norm of rows near 1e-200
-        # had underflowed to 0 (the row dropped as a zero row), one near 1e200 overflowed
+        # x / |x| as the library's normalize takes it (the same bits: its scores); a row whose
+        # norm underflows (below 1e-12, where the library divides by 1e-12 instead) or
+        # overflows is scaled by its largest magnitude first, so that it keeps its direction
+        norms = torch.linalg.vector_norm(x, dim=1)
+        plain = (norms >= 1e-12) & torch.isfinite(norms)
         peak = x.abs().amax(dim=1) if x.shape[0] else x.new_zeros(0)
         valid = peak > 0
-        x = x / torch.where(valid, peak, 1.0)[:, None]
-        return x / torch.where(valid, torch.linalg.vector_norm(x, dim=1), 1.0)[:, None], valid
+        odd = valid & ~plain
+        if bool(odd.any()):
+            scaled = x[odd] / peak[odd, None]
+            x = x.clone()
+            x[odd] = scaled
+            norms = norms.clone()
+            norms[odd] = torch.linalg.vector_norm(scaled, dim=1)
+        return x / torch.where(valid, norms, 1.0)[:, None], valid
 
     def __call__(self, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.function is None:
@@ -130,7 +140,7 @@ def _best_of_chunk(scores: torch.Tensor, width: int, first_id: int,
     above = scores > kth
     at = scores == kth
     room = width - above.sum(dim=1, keepdim=True)  # (>= 1: t is the width-th largest)
-    taken = above | (at & (torch.cumsum(at, dim=1, dtype=torch.int32) <= room))
+    taken = above | (at & (at.to(torch.int32).cumsum_(dim=1) <= room))  # (one int32 block)
     rows, cols = torch.nonzero(taken, as_tuple=True)  # (exactly width a row, in row order)
     v = scores[rows, cols].double().cpu().numpy().reshape(q, width)
     col = cols.cpu().numpy().reshape(q, width)
@@ -385,14 +395,15 @@ def _mined_pairs_replayed(s_all: np.ndarray, j_all: np.ndarray, top_k: int, max_
     not be symmetric to the last bit: a score_function's, or float64 products of differently
     chunked rows): rows in order, each row's first top_k others, a pair taken once (the score of
     the first row listing it) into a heap of the best max_pairs, a pair pushed out of it free to
-    come back from its other row, nothing at or below the last score pushed out (so never -inf).
-    Equal scores: the heap keeps and lists the smaller (i, j)."""
+    come back from its other row, nothing below the last score pushed out and never -inf.
+    Equal scores: the heap keeps and lists the smaller (i, j) (the library skips a pair equal to
+    the last score pushed out; here it competes, so that ties go as on the index path)."""
     import heapq
 
     heap: list[tuple[float, int, int]] = []  # (score, -i, -j): the worst, then the largest pair, leaves first
     queued: set[tuple[int, int]] = set()
     floor = -math.inf
-    for i, (s_row, j_row) in enumerate(zip(s_all.tolist(), j_all.tolist())):
+    for i, (s_row, j_row) in _rows_as_lists(s_all, j_all):
         taken = 0
         for s, j in zip(s_row, j_row):
             if j < 0 or j == i:
@@ -400,7 +411,7 @@ def _mined_pairs_replayed(s_all: np.ndarray, j_all: np.ndarray, top_k: int, max_
             if taken == top_k:
                 break
             taken += 1
-            if s <= floor:
+            if s < floor or s == -math.inf:
                 continue
             pair = (i, j) if i < j else (j, i)
             if pair in queued:
@@ -417,6 +428,14 @@ def _mined_pairs_replayed(s_all: np.ndarray, j_all: np.ndarray, top_k: int, max_
     b = np.array([-h[2] for h in heap], dtype=np.int64)
     order = _pair_order(score, a, b)
     return _pair_lists(score[order], a[order], b[order])
+
+
+def _rows_as_lists(s_all: np.ndarray, j_all: np.ndarray, block: int = 4096):
+    """(i, (scores, ids)) of every row as Python lists, a block of rows converted at a time (the
+    whole lists at once had been 5x the arrays' memory)."""
+    for r0 in range(0, len(j_all), block):
+        rows = zip(s_all[r0:r0 + block].tolist(), j_all[r0:r0 + block].tolist())
+        yield from enumerate(rows, start=r0)
 
 
 def _pair_order(score: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
