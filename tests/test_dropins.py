@@ -431,6 +431,29 @@ def test_cosine_zero_rows_at_distance_one_as_sklearn(sk_neighbors):
     KNeighborsClassifier(5, metric="precomputed").fit(graph, labels).predict(graph)
 
 
+def test_sklearn_graph_functions_include_self_under_cosine(sk_neighbors):
+    """scikit-learn's kneighbors_graph / radius_neighbors_graph(estimator, include_self=True)
+    query the fitted array itself, which its cosine puts at distance 0 from itself, zero rows
+    included; equal reported distances are listed by index (float32 distances that round two
+    similarities to one value had kept the similarities' order)."""
+    from sklearn.neighbors import kneighbors_graph, radius_neighbors_graph
+
+    from embgeom.sklearn import NearestNeighbors
+
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    ours = NearestNeighbors(metric="cosine").fit(x)
+    ref = sk_neighbors.NearestNeighbors(metric="cosine", algorithm="brute").fit(x)
+    for graph, kw in ((kneighbors_graph, dict(n_neighbors=2)), (radius_neighbors_graph, dict(radius=0.5)),
+                      (radius_neighbors_graph, dict(radius=1.0))):
+        for mode in ("connectivity", "distance"):
+            got = graph(ours, mode=mode, metric="cosine", include_self=True, **kw).toarray()
+            want = graph(ref, mode=mode, metric="cosine", include_self=True, **kw).toarray()
+            assert np.allclose(got, want)
+    d, i = NearestNeighbors(metric="cosine").fit(np.array([[2, 3], [3, 3], [3, 2], [1, 1]], np.float32)) \
+        .kneighbors(np.array([[2, 3]], np.float32), 4)
+    assert d[0, 1] == d[0, 2] and list(i[0]) == [0, 1, 3, 2]
+
+
 def test_sklearn_conventions_in_workflows(sk_neighbors):
     """A fitted float64 row queried again is at distance 0 (queries are rounded to float32 as
     the fitted rows were); sklearn.neighbors.kneighbors_graph takes the fitted estimator;

@@ -15,12 +15,14 @@ distance 0; rows closer than float32 resolves may tie), returned in scikit-learn
 (cosine: float32 when the fitted rows and the queries are float32; euclidean: float64); equal
 distances are ordered by index (scikit-learn's order at ties is unspecified). cosine distance =
 1 - cosine similarity; a zero-norm row has no direction and is at distance 1 from every row, as
-scikit-learn has it. The class is one of scikit-learn's KNeighborsMixin / RadiusNeighborsMixin,
+scikit-learn has it (rows of norms below scikit-learn's 10 eps of their dtype, which its
+normalize leaves unscaled, keep their direction here). The class is one of scikit-learn's KNeighborsMixin / RadiusNeighborsMixin,
 so `sklearn.neighbors.kneighbors_graph(estimator, ...)` takes a fitted one.
 """
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -101,6 +103,7 @@ class NearestNeighbors(KNeighborsMixin, RadiusNeighborsMixin, BaseEstimator):
 
     def fit(self, X, y=None):
         metric = self._check_params()
+        given = X
         X = validate_data(self, _numpy_if_tensor(X), dtype=[np.float64, np.float32], ensure_min_samples=1)
         with validation.renamed(corpus="X"):
             self.index_ = Index(np.ascontiguousarray(X), metric=metric, dtype=self.dtype)
@@ -111,13 +114,35 @@ class NearestNeighbors(KNeighborsMixin, RadiusNeighborsMixin, BaseEstimator):
         # under cosine the zero rows, at distance 1 from every row (scikit-learn's cosine of a
         # zero row is 0); the index never lists them
         self._zero_rows = np.flatnonzero(~np.any(X != 0, axis=1)) if metric == "cosine" else np.zeros(0, np.int64)
+        # the fitted array itself, as a query: scikit-learn's cosine then puts every row at
+        # distance 0 from itself (its `X is Y` diagonal), a zero row too
+        self.__dict__.pop("_fit_X_cache", None)
+        try:
+            self._fit_given = weakref.ref(given)
+        except TypeError:  # (a list: never the same object again)
+            self._fit_given = None
         return self
 
     @property
     def _fit_X(self) -> np.ndarray:
-        """The fitted rows as stored (float32), where scikit-learn keeps its own: its
-        kneighbors_graph(estimator, include_self=True) queries them."""
-        return self.index_.vectors().cpu().numpy()
+        """The fitted rows as stored (float32, one array kept), where scikit-learn keeps its
+        own: its kneighbors_graph(estimator, include_self=True) queries them."""
+        if "_fit_X_cache" not in self.__dict__:
+            self.__dict__["_fit_X_cache"] = self.index_.vectors().cpu().numpy()
+        return self.__dict__["_fit_X_cache"]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_fit_X_cache", None)  # (a view of the index's rows: rebuilt on use)
+        state["_fit_given"] = None       # (a weak reference does not pickle)
+        return state
+
+    def _is_fit_input(self, X) -> bool:
+        """X is the very array the estimator was fitted on (or its _fit_X)."""
+        if X is None:
+            return False
+        given = getattr(self, "_fit_given", None)
+        return X is self.__dict__.get("_fit_X_cache") or (given is not None and X is given())
 
     def _query(self, X):
         if X is None:
@@ -154,11 +179,12 @@ class NearestNeighbors(KNeighborsMixin, RadiusNeighborsMixin, BaseEstimator):
             raise _ParameterError("n_neighbors: this estimator was made with n_neighbors=None; pass n_neighbors")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise _ParameterError(f"n_neighbors: expected an int >= 1, got {k!r}")
-        dist, ids = self._kneighbors(self._query(X), int(k))
+        dist, ids = self._kneighbors(self._query(X), int(k), itself=self._is_fit_input(X))
         return (dist, ids) if return_distance else ids
 
-    def _kneighbors(self, Xq, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """kneighbors of validated queries (None: the fitted rows, themselves excluded)."""
+    def _kneighbors(self, Xq, k: int, itself: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """kneighbors of validated queries (None: the fitted rows, themselves excluded; itself:
+        the queries are the fitted array, each row at distance 0 from itself)."""
         self_query = Xq is None
         limit = self.n_samples_fit_ - (1 if self_query else 0)
         if k > limit:
@@ -169,19 +195,25 @@ class NearestNeighbors(KNeighborsMixin, RadiusNeighborsMixin, BaseEstimator):
             s, ids = self.index_.search(queries, k + (1 if self_query else 0), float64=True)
         s, ids = s.cpu().numpy(), ids.cpu().numpy()
         if self._zero_rows.size or (self.index_.metric == "cosine" and queries.shape[0]):
-            s, ids = self._with_zero_rows(s, ids, queries, k + (1 if self_query else 0))
+            s, ids = self._with_zero_rows(s, ids, queries, k + (1 if self_query else 0), itself)
         if self_query:  # drop each row itself (or, where it is not listed, the last one)
             own = ids == np.arange(ids.shape[0])[:, None]
             own[~own.any(1), -1] = True
             keep = ~own
             s = s[keep].reshape(ids.shape[0], k)
             ids = ids[keep].reshape(ids.shape[0], k)
-        return self._to_distance(s, Xq), ids
+        dist = self._to_distance(s, Xq)
+        # equal distances as reported (two similarities an ulp apart round to one float32
+        # distance) by index
+        order = np.lexsort((ids, dist), axis=-1)
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
 
-    def _with_zero_rows(self, s: np.ndarray, ids: np.ndarray, queries: torch.Tensor, width: int):
+    def _with_zero_rows(self, s: np.ndarray, ids: np.ndarray, queries: torch.Tensor, width: int,
+                        itself: bool = False):
         """Cosine search results with scikit-learn's zero rows: a zero fitted row scores 0
-        (distance 1) against every query, a zero query 0 against every row. Each query's width
-        best of its listed rows and the zero rows, by (score desc, index asc)."""
+        (distance 1) against every query, a zero query 0 against every row (itself: the queries
+        are the fitted rows, and a zero one scores 1 against itself, scikit-learn's diagonal).
+        Each query's width best of its listed rows and the zero rows, by (score desc, index asc)."""
         zero_query = ~torch.any(queries != 0, dim=1).cpu().numpy()
         n = self.n_samples_fit_
         extra = self._zero_rows[:width]
@@ -196,6 +228,11 @@ class NearestNeighbors(KNeighborsMixin, RadiusNeighborsMixin, BaseEstimator):
         cand_s = np.where(cand_i < 0, -np.inf, cand_s)
         order = np.lexsort((np.where(cand_i < 0, n, cand_i), -cand_s), axis=-1)[:, :width]
         s, ids = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+        if itself:  # a zero row against itself: first, at score 1 (distance 0)
+            for q in np.flatnonzero(zero_query):
+                others = [i for i in range(min(width + 1, n)) if i != q][:width - 1]
+                ids[q] = np.concatenate([[q], others]).astype(np.int64)
+                s[q] = np.concatenate([[1.0], np.zeros(width - 1)])
         return np.where(ids < 0, np.nan, s), ids
 
     def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
@@ -226,7 +263,8 @@ class NearestNeighbors(KNeighborsMixin, RadiusNeighborsMixin, BaseEstimator):
                 Q = self.n_samples_fit_ if X is None else X_all.shape[0]
                 empty = np.zeros(0, self._distance_dtype(X_all))
                 return _object_rows([empty] * Q, [np.zeros(0, np.int64)] * Q, return_distance)
-            dist, ids = self._kneighbors(X_all, k)  # (X_all validated once: no feature-name warning)
+            # (X_all validated once: no feature-name warning)
+            dist, ids = self._kneighbors(X_all, k, itself=self._is_fit_input(X))
             found = ids >= 0
             return _object_rows([d[f] for d, f in zip(dist, found)], [i[f] for i, f in zip(ids, found)],
                                 return_distance)
@@ -246,21 +284,27 @@ class NearestNeighbors(KNeighborsMixin, RadiusNeighborsMixin, BaseEstimator):
         lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
         dist = self._to_distance(s, Xq)
         Q = lims.shape[0] - 1
-        # under cosine a zero row (fitted or queried) is at distance 1 from every row
+        # under cosine a zero row (fitted or queried) is at distance 1 from every row, and a zero
+        # row of the fitted array queried as itself at 0 from itself (scikit-learn's diagonal)
+        cosine = self.index_.metric == "cosine"
         one = self._to_distance(np.zeros(1), Xq)
-        at_one = self.index_.metric == "cosine" and bool(one[0] <= r_test)
-        zero_query = ~torch.any(queries != 0, dim=1).cpu().numpy() if at_one else np.zeros(Q, bool)
+        at_one = cosine and bool(one[0] <= r_test)
+        zero_query = ~torch.any(queries != 0, dim=1).cpu().numpy() if cosine else np.zeros(Q, bool)
+        itself = cosine and self._is_fit_input(X)
         out_d, out_i = [], []
         for q in range(Q):
             d_q, i_q = dist[lims[q]:lims[q + 1]], ids[lims[q]:lims[q + 1]]
             if zero_query[q]:
-                i_q = np.arange(self.n_samples_fit_)
+                i_q = np.arange(self.n_samples_fit_) if at_one else np.zeros(0, np.int64)
                 d_q = np.repeat(one, i_q.size)
+                if itself:
+                    i_q = np.union1d(i_q, [q])
+                    d_q = np.where(i_q == q, 0.0, one[0]).astype(one.dtype)
             elif at_one and self._zero_rows.size:
                 d_q = np.concatenate([d_q, np.repeat(one, self._zero_rows.size)])
                 i_q = np.concatenate([i_q, self._zero_rows])
-                order = np.lexsort((i_q, d_q))
-                d_q, i_q = d_q[order], i_q[order]
+            order = np.lexsort((i_q, d_q))  # (equal distances as reported by index)
+            d_q, i_q = d_q[order], i_q[order]
             keep = np.ones(i_q.shape, bool) if self.index_.metric == "l2" else d_q <= r_test
             if self_query:
                 keep &= i_q != q
