@@ -16,8 +16,9 @@ distance 0; rows closer than float32 resolves may tie), returned in scikit-learn
 distances are ordered by index (scikit-learn's order at ties is unspecified). cosine distance =
 1 - cosine similarity; a zero-norm row has no direction and is at distance 1 from every row, as
 scikit-learn has it (rows of norms below scikit-learn's 10 eps of their dtype, which its
-normalize leaves unscaled, keep their direction here). The class is one of scikit-learn's KNeighborsMixin / RadiusNeighborsMixin,
-so `sklearn.neighbors.kneighbors_graph(estimator, ...)` takes a fitted one.
+normalize leaves unscaled, keep their direction here). The class is one of scikit-learn's
+KNeighborsMixin / RadiusNeighborsMixin, so `sklearn.neighbors.kneighbors_graph(estimator, ...)`
+takes a fitted one.
 """
 from __future__ import annotations
 
