@@ -28,7 +28,6 @@ import weakref
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.neighbors._base import KNeighborsMixin, RadiusNeighborsMixin  # (what kneighbors_graph(estimator) checks)
 
 try:
     from sklearn.utils.validation import check_is_fitted, validate_data
@@ -41,6 +40,12 @@ except ImportError as _old:  # (validate_data is new in scikit-learn 1.6)
 from . import validation
 from .index import Index
 
+try:  # what sklearn.neighbors.kneighbors_graph(estimator) checks (a private module: optional)
+    from sklearn.neighbors._base import KNeighborsMixin, RadiusNeighborsMixin
+    _MIXINS: tuple = (KNeighborsMixin, RadiusNeighborsMixin)
+except ImportError:  # pragma: no cover
+    _MIXINS = ()
+
 try:  # scikit-learn's own parameter error: a ValueError and a TypeError at once
     from sklearn.utils._param_validation import InvalidParameterError as _ParameterError
 except ImportError:  # pragma: no cover
@@ -50,7 +55,7 @@ METRICS = {"euclidean": "l2", "l2": "l2", "cosine": "cosine", "minkowski": "l2"}
 ALGORITHMS = ("auto", "ball_tree", "kd_tree", "brute")
 
 
-class NearestNeighbors(KNeighborsMixin, RadiusNeighborsMixin, BaseEstimator):
+class NearestNeighbors(*_MIXINS, BaseEstimator):
     """Unsupervised nearest neighbours, scikit-learn's constructor. n_neighbors: default k of
     kneighbors (None: only radius queries); radius: default radius of radius_neighbors; metric:
     "minkowski" (p=2 only), "euclidean" (or "l2") or "cosine"; algorithm, leaf_size, n_jobs:
