@@ -121,12 +121,10 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         # zero row is 0); the index never lists them
         self._zero_rows = np.flatnonzero(~np.any(X != 0, axis=1)) if metric == "cosine" else np.zeros(0, np.int64)
         # the fitted array itself, as a query: scikit-learn's cosine then puts every row at
-        # distance 0 from itself (its `X is Y` diagonal), a zero row too
+        # distance 0 from itself (its `X is Y` diagonal), a zero row too; that is the caller's
+        # array where validation kept it as it is (a float ndarray), as scikit-learn keeps it
         self.__dict__.pop("_fit_X_cache", None)
-        try:
-            self._fit_given = weakref.ref(given)
-        except TypeError:  # (a list: never the same object again)
-            self._fit_given = None
+        self._fit_given = weakref.ref(X) if X is given else None
         return self
 
     @property
