@@ -13,7 +13,7 @@ import embgeom
 @pytest.mark.parametrize("x,exc,match", [
     (torch.zeros(3), ValueError, r"x: expected \(N, D\) float, got \(3,\) float32"),
     (torch.zeros(3, 4, dtype=torch.int64), TypeError, "x: expected .* float, got .* int64"),
-    (torch.zeros(4, 0), ValueError, "x: expected at least one column, got \(4, 0\)"),
+    (torch.zeros(4, 0), ValueError, r"x: expected at least one column, got \(4, 0\)"),
     ([[1.0, 2.0]], TypeError, "x: expected a torch.Tensor or numpy.ndarray, got list"),
     (np.arange(6).reshape(2, 3), TypeError, "x: expected a float array"),
 ])
