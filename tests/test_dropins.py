@@ -134,6 +134,9 @@ def test_scored_path_rows_at_the_ends_of_float64():
     with pytest.raises(ValueError, match="^query_embeddings: dot products with corpus_embeddings beyond"):
         st_compat.semantic_search(torch.tensor([[1e200, -1e200]], dtype=torch.float64), x[1:],
                                   score_function="dot_score")
+    with pytest.raises(ValueError, match="^embeddings: dot products of its rows beyond"):
+        st_compat.paraphrase_mining_embeddings(torch.tensor([[1e200, 1e200], [1e200, -1e200]], dtype=torch.float64),
+                                               score_function="dot_score")
 
 
 def test_scored_path_many_equal_scores():

@@ -71,8 +71,9 @@ class _Scorer:
     caller's function on the rows as given, or (metric) cos_sim / dot_score in float64; under
     cosine a zero row has no direction (never a neighbour, no neighbours)."""
 
-    def __init__(self, metric: str | None, function: Callable | None):
-        self.metric, self.function = metric, function
+    def __init__(self, metric: str | None, function: Callable | None,
+                 names: tuple[str, str] = ("query_embeddings", "corpus_embeddings")):
+        self.metric, self.function, self.names = metric, function, names
 
     def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows ready to score, and (cosine) which of them have a direction."""
@@ -101,8 +102,9 @@ class _Scorer:
         if self.function is None:
             s = q @ c.T
             if bool(torch.isnan(s).any()):  # (inf - inf in a sum: dot products past float64's range)
-                raise ValueError("query_embeddings: dot products with corpus_embeddings beyond float64's range "
-                                 "(NaN scores); scale the rows down")
+                queries, corpus = self.names
+                raise ValueError(f"{queries}: dot products {'of its rows' if queries == corpus else 'with ' + corpus} "
+                                 "beyond float64's range (NaN scores); scale the rows down")
             return s
         s = self.function(q, c)
         if not isinstance(s, torch.Tensor) or tuple(s.shape) != (q.shape[0], c.shape[0]):
@@ -280,8 +282,8 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
         x = _scored_rows(x, "embeddings")
         if x.shape[0] < 2 or top_k == 0 or max_pairs == 0:
             return []
-        s_all, j_all = _scored_neighbours(x, x, top_k + 1, _Scorer(metric, None if metric else score_function),
-                                          query_chunk_size, corpus_chunk_size)
+        scorer = _Scorer(metric, None if metric else score_function, names=("embeddings", "embeddings"))
+        s_all, j_all = _scored_neighbours(x, x, top_k + 1, scorer, query_chunk_size, corpus_chunk_size)
         return _mined_pairs_replayed(s_all, j_all, top_k, max_pairs)
     with validation.renamed(corpus="embeddings"):
         index = Index(x, metric=metric)
