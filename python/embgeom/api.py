@@ -37,8 +37,8 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
 {options}
 
     A row list's k above what a row can have (N - 1 in self mode, M in cross mode) is lowered
-    to it, with a note in the result's `notes` (where N > 0). backend: 'cpp', 'torch', 'triton', 'cuda' or
-    'reference' (the float64 implementation); default None: EMBGEOM_BACKEND where it is set,
+    to it, with a note in the result's `notes` (where N > 0). backend: 'cpp', 'torch',
+    'triton', 'cuda' or 'reference' (the float64 implementation); default None: EMBGEOM_BACKEND where it is set,
     else the first usable for x's device; 'auto': that first usable one, whatever the
     environment says (`python -m embgeom.info` lists them). checkpoint=PATH
     saves finished tiles so that an interrupted run resumes (same inputs and options).

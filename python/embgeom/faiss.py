@@ -1,8 +1,9 @@
 """`embgeom.faiss.IndexFlatIP` / `IndexFlatL2`: the calls pipelines make on FAISS's flat
 indexes (add, search, range_search, reset, ntotal, d, train, reconstruct, reconstruct_n) on an
-embgeom Index, with FAISS's arguments and return values: float32 numpy arrays in, (distances float32, labels int64) out,
-padding label -1 with distance -FLT_MAX (IP) / FLT_MAX (L2), L2 as squared distance, range
-results (lims uint64, D, I) in label order with IP > radius and L2 < radius, as FAISS does.
+embgeom Index, with FAISS's arguments and return values: float32 numpy arrays in, (distances
+float32, labels int64) out, padding label -1 with distance -FLT_MAX (IP) / FLT_MAX (L2), L2 as
+squared distance, range results (lims uint64, D, I) in label order with IP > radius and L2 <
+radius, as FAISS does.
 FAISS itself is not imported. Values are exact (float64 rescoring), equal scores ordered by
 label.
 """

@@ -198,8 +198,9 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         with validation.renamed(queries="X"):
             s, ids = self.index_.search(queries, k + (1 if self_query else 0), float64=True)
         s, ids = s.cpu().numpy(), ids.cpu().numpy()
-        if self._zero_rows.size or (self.index_.metric == "cosine" and queries.shape[0]):
-            s, ids = self._with_zero_rows(s, ids, queries, k + (1 if self_query else 0), itself)
+        zero_query = self._zero_queries(queries)
+        if self._zero_rows.size or zero_query.any():
+            s, ids = self._with_zero_rows(s, ids, zero_query, k + (1 if self_query else 0), itself)
         if self_query:  # drop each row itself (or, where it is not listed, the last one)
             own = ids == np.arange(ids.shape[0])[:, None]
             own[~own.any(1), -1] = True
@@ -212,13 +213,19 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         order = np.lexsort((ids, dist), axis=-1)
         return np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
 
-    def _with_zero_rows(self, s: np.ndarray, ids: np.ndarray, queries: torch.Tensor, width: int,
+    def _zero_queries(self, queries: torch.Tensor) -> np.ndarray:
+        """(Q,) bool: the queries that are zero rows, under cosine (none under l2, where a zero
+        row is a point like any other)."""
+        if self.index_.metric != "cosine":
+            return np.zeros(queries.shape[0], bool)
+        return ~torch.any(queries != 0, dim=1).cpu().numpy()
+
+    def _with_zero_rows(self, s: np.ndarray, ids: np.ndarray, zero_query: np.ndarray, width: int,
                         itself: bool = False):
         """Cosine search results with scikit-learn's zero rows: a zero fitted row scores 0
         (distance 1) against every query, a zero query 0 against every row (itself: the queries
         are the fitted rows, and a zero one scores 1 against itself, scikit-learn's diagonal).
         Each query's width best of its listed rows and the zero rows, by (score desc, index asc)."""
-        zero_query = ~torch.any(queries != 0, dim=1).cpu().numpy()
         n = self.n_samples_fit_
         extra = self._zero_rows[:width]
         cand_s = np.concatenate([s, np.zeros((s.shape[0], extra.size))], axis=1)
@@ -293,7 +300,7 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         cosine = self.index_.metric == "cosine"
         one = self._to_distance(np.zeros(1), Xq)
         at_one = cosine and bool(one[0] <= r_test)
-        zero_query = ~torch.any(queries != 0, dim=1).cpu().numpy() if cosine else np.zeros(Q, bool)
+        zero_query = self._zero_queries(queries)
         itself = cosine and self._is_fit_input(X)
         out_d, out_i = [], []
         for q in range(Q):

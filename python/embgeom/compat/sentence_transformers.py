@@ -144,10 +144,8 @@ def _best_of_chunk(scores: torch.Tensor, width: int, first_id: int,
     room = width - above.sum(dim=1, keepdim=True)  # (>= 1: t is the width-th largest)
     taken = above | (at & (at.to(torch.int32).cumsum_(dim=1) <= room))  # (one int32 block)
     rows, cols = torch.nonzero(taken, as_tuple=True)  # (exactly width a row, in row order)
-    v = scores[rows, cols].double().cpu().numpy().reshape(q, width)
-    col = cols.cpu().numpy().reshape(q, width)
-    order = np.lexsort((col, -v), axis=-1)
-    v, ids = np.take_along_axis(v, order, 1), np.take_along_axis(col, order, 1) + first_id
+    v, ids = _ranked(scores[rows, cols].double().cpu().numpy().reshape(q, width),
+                     cols.cpu().numpy().reshape(q, width) + first_id, width)
     if valid is not None:
         ids = np.where(np.isneginf(v) & ~valid.cpu().numpy()[ids - first_id], -1, ids)
     return v, ids
