@@ -352,11 +352,13 @@ def test_nearest_neighbors_matches_sklearn(sk_neighbors, metric):
     assert np.array_equal(ours.kneighbors(q, 2, return_distance=False), ref.kneighbors(q, 2, return_distance=False))
     radius = float(np.median(d_want[:, 3])) + 1e-4
     for X in (q, None):
-        d_got, i_got = ours.radius_neighbors(X, radius)
-        d_want, i_want = ref.radius_neighbors(X, radius, sort_results=True)
-        for a, b, c, e in zip(i_got, i_want, d_got, d_want):
-            assert sorted(a.tolist()) == sorted(b.tolist())
-            assert np.allclose(np.sort(c), np.sort(e), rtol=1e-6, atol=1e-6)
+        # the same rows in the same order: nearest first when sorted, else by index (np.where's)
+        for sort in (True, False):
+            d_got, i_got = ours.radius_neighbors(X, radius, sort_results=sort)
+            d_want, i_want = ref.radius_neighbors(X, radius, sort_results=sort)
+            for a, b, c, e in zip(i_got, i_want, d_got, d_want):
+                assert np.array_equal(a, b)
+                assert np.allclose(c, e, rtol=1e-6, atol=1e-6)
     assert ours.n_features_in_ == 12 and ours.n_samples_fit_ == 250
 
 
@@ -520,7 +522,8 @@ def test_radius_neighbors_decide_on_the_distance_they_report(metric, dtype):
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_infinite_radius_and_argument_names_as_sklearn(sk_neighbors, metric):
-    """radius=inf lists every fitted row (nearest first, as scikit-learn's sorted results);
+    """radius=inf lists every fitted row (nearest first when sorted, else by index, as
+    scikit-learn's);
     sort_results without distances is refused as scikit-learn refuses it; errors name X."""
     from embgeom.sklearn import NearestNeighbors
 
@@ -529,11 +532,12 @@ def test_infinite_radius_and_argument_names_as_sklearn(sk_neighbors, metric):
     ours = NearestNeighbors(metric=metric).fit(x)
     ref = sk_neighbors.NearestNeighbors(metric=metric, algorithm="brute").fit(x)
     for X in (q, None):
-        got_d, got_i = ours.radius_neighbors(X, radius=math.inf)
-        want_d, want_i = ref.radius_neighbors(X, radius=math.inf, sort_results=True)
-        assert len(got_i) == len(want_i)
-        for a, b, c, d in zip(got_d, got_i, want_d, want_i):
-            assert np.array_equal(b, d) and np.allclose(a, c, rtol=1e-6, atol=1e-6)
+        for sort in (True, False):
+            got_d, got_i = ours.radius_neighbors(X, radius=math.inf, sort_results=sort)
+            want_d, want_i = ref.radius_neighbors(X, radius=math.inf, sort_results=sort)
+            assert len(got_i) == len(want_i)
+            for a, b, c, d in zip(got_d, got_i, want_d, want_i):
+                assert np.array_equal(b, d) and np.allclose(a, c, rtol=1e-6, atol=1e-6)
         assert [len(i) for i in ours.radius_neighbors(X, radius=math.inf, return_distance=False)] == \
             [len(i) for i in want_i]
     with pytest.raises(ValueError, match="return_distance must be True if sort_results is True"):

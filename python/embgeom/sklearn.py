@@ -248,8 +248,9 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
 
     def radius_neighbors(self, X=None, radius=None, return_distance=True, sort_results=False):
         """Per query, every fitted row within `radius` (its distance as reported, in its dtype,
-        <= radius): object arrays of (distances, indices) arrays; nearest first (the results are
-        always sorted, whatever sort_results). radius inf: every fitted row; NaN, or a negative
+        <= radius): object arrays of (distances, indices) arrays; nearest first with
+        sort_results=True (equal distances by index), else by index, as scikit-learn's brute
+        search lists them. radius inf: every fitted row; NaN, or a negative
         cosine radius: no row; a negative euclidean radius is refused (scikit-learn's brute
         search, all three)."""
         check_is_fitted(self)
@@ -277,8 +278,8 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
             # (X_all validated once: no feature-name warning)
             dist, ids = self._kneighbors(X_all, k, itself=self._is_fit_input(X))
             found = ids >= 0
-            return _object_rows([d[f] for d, f in zip(dist, found)], [i[f] for i, f in zip(ids, found)],
-                                return_distance)
+            return _object_rows(*_listed([d[f] for d, f in zip(dist, found)], [i[f] for i, f in zip(ids, found)],
+                                         sort_results), return_distance)
         Xq = self._query(X)
         self_query = Xq is None
         queries = self._queries(Xq)
@@ -322,7 +323,7 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
             d_q, i_q = d_q[keep], i_q[keep]
             out_d.append(d_q)
             out_i.append(i_q)
-        return _object_rows(out_d, out_i, return_distance)
+        return _object_rows(*_listed(out_d, out_i, sort_results), return_distance)
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
         """scipy.sparse CSR (Q, n_samples_fit): each query's k neighbours, 1.0
@@ -341,10 +342,8 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         (zeros kept as entries); each query's entries nearest first with mode="distance" and
         sort_results=True, else by column, as scikit-learn's brute search leaves them."""
         _graph_mode(mode)
-        dist, ids = self.radius_neighbors(X, radius, return_distance=True, sort_results=sort_results)
-        if mode == "connectivity" or not sort_results:
-            order = [np.argsort(i, kind="stable") for i in ids]
-            dist, ids = _object_rows([d[o] for d, o in zip(dist, order)], [i[o] for i, o in zip(ids, order)], True)
+        dist, ids = self.radius_neighbors(X, radius, return_distance=True,
+                                          sort_results=sort_results and mode == "distance")
         counts = np.array([len(i) for i in ids], dtype=np.int64)
         indptr = np.concatenate([[0], np.cumsum(counts)])
         cols = np.concatenate(list(ids)) if len(ids) else np.zeros(0, np.int64)
@@ -360,6 +359,15 @@ def _numpy_if_tensor(X):
         validation.dense_tensor(X, "X")
         return X.detach().cpu().resolve_conj().resolve_neg().numpy()
     return X
+
+
+def _listed(dist: list, ids: list, sort_results: bool) -> tuple[list, list]:
+    """radius_neighbors' rows (each nearest first) as returned: by index unless sort_results,
+    the order scikit-learn's brute search gives them (np.where over each row)."""
+    if sort_results:
+        return dist, ids
+    order = [np.argsort(i, kind="stable") for i in ids]
+    return [d[o] for d, o in zip(dist, order)], [i[o] for i, o in zip(ids, order)]
 
 
 def _object_rows(dist: list, ids: list, return_distance: bool):
