@@ -194,7 +194,7 @@ def heads_sections(out_dir: str, block: dict, provenance: dict | None = None) ->
         import json
         import os
 
-        with open(os.path.join(out_dir, maps["file"])) as f:
+        with open(os.path.join(out_dir, maps["file"]), encoding="utf-8") as f:
             maps = json.load(f)
     if maps:
         import os
