@@ -178,3 +178,23 @@ def test_fp32_cosine_bound_holds_for_the_engines_values():
             i, j, v = lst.i.numpy(), lst.j.numpy(), lst.values.double().numpy()
             err = np.abs(v - np.einsum("ij,ij->i", u[i], u[j]))
             assert err.max() <= fp32_cosine_bound(d), (d, err.max(), fp32_cosine_bound(d))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 2**24 + 4, 2**24 + 5, 2**31 + 11, 10**12 + 3])
+@pytest.mark.parametrize("count", [1, 2, 3, 256, 4096])
+def test_spread_rows_are_distinct_in_range_and_evenly_rounded(n, count):
+    """The sample rows of the GPU engines' threshold seeding, the distributed ranks' agreement
+    check and paraphrase mining's floor: float32 linspace had given row n from n = 16,777,220."""
+    from fractions import Fraction
+
+    from embgeom.numerics import spread_rows
+
+    got = spread_rows(n, count).tolist()
+    m = min(count, n)
+    assert len(got) == m == len(set(got)) and got == sorted(got)
+    assert got[0] == 0 and got[-1] == (n - 1 if m > 1 else 0)
+    if m > 1:
+        for q in (0, 1, m // 3, m - 2, m - 1):
+            exact = Fraction(q * (n - 1), m - 1)
+            assert abs(got[q] - exact) <= Fraction(1, 2)
+    assert spread_rows(0, count).numel() == 0

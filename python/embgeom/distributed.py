@@ -35,7 +35,7 @@ from .engine.config import PairwiseConfig, make_config
 from .engine.runner import run_engine
 from .interrupts import interrupt_after
 from .io import checkpoint_lock
-from .numerics import LIST_KINDS, MOMENT_SAMPLE_ROWS, moment_shift
+from .numerics import LIST_KINDS, MOMENT_SAMPLE_ROWS, moment_shift, spread_rows
 from .engine.state import EngineState, check_fits
 
 
@@ -204,7 +204,7 @@ def _check_ranks_agree(dist, rank: int, world: int, x: torch.Tensor, cfg, groups
     same words the first group's bad values (its peers had waited for it, then said a rank
     died), and the products' range on the whole matrix's largest norm, as one process does."""
     n = x.shape[0]
-    picks = sorted({int(i) for i in torch.linspace(0, n - 1, min(AGREE_SAMPLE_ROWS, n)).round()})
+    picks = spread_rows(n, AGREE_SAMPLE_ROWS).tolist()
     sample = torch.stack([x[i] for i in picks]).detach().cpu().contiguous() if n else x[:0]
     mine = {"shape": list(x.shape), "dtype": str(x.dtype), **{k: repr(v) for k, v in asdict(cfg).items()},
             "groups": groups, "backend": backend, "x rows": _rows_sha256(sample, 0, len(sample))}

@@ -18,6 +18,17 @@ NEAR_DUPLICATE_TAU = 1.0 / 64
 
 
 
+def spread_rows(n: int, count: int, device=None) -> torch.Tensor:
+    """`min(count, n)` distinct row indices spread evenly over [0, n), first and last included:
+    round(q (n - 1) / (count - 1)) in integer arithmetic, int64. torch.linspace in its default
+    float32 had rounded n - 1 up to n from n = 16,777,220 on (a sample one past the last row)."""
+    count = min(int(count), int(n))
+    if count <= 1:
+        return torch.zeros(count, dtype=torch.int64, device=device)
+    q = torch.arange(count, dtype=torch.int64, device=device)
+    return (2 * q * (n - 1) + (count - 1)) // (2 * (count - 1))
+
+
 def correct_sqrt(t: torch.Tensor) -> torch.Tensor:
     """The correctly rounded square root of a float32 or float64 tensor, as C++'s std::sqrt and
     numpy's give it: torch's CPU kernels (2.13) are one ulp off for about 1 % of values (sqrt(2.0)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..numerics import bin_scale, saturated
+from ..numerics import bin_scale, saturated, spread_rows
 from .gpu_plan import GLOBAL_BUCKETS, STREAMS
 
 # out_cut before any outside pair is known: every (i, j) can still enter the list
@@ -165,7 +165,7 @@ class Thresholds:
         if S == 0 or not (rows_s or glob_s):
             return
         dev, cfg = self.device, self.cfg
-        idx = torch.unique(torch.linspace(0, self.m - 1, S, device=dev).round().long())
+        idx = spread_rows(self.m, S, device=dev)
         ys = saturated(self.y32[idx], torch.bfloat16).to(torch.bfloat16)
         u = 2.0 ** -8  # bf16 inputs and bf16 output rounding
         nx, ny = self.norm_max

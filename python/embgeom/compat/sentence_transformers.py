@@ -30,6 +30,7 @@ import torch
 from .. import validation
 from ..community_detection import communities
 from ..index import Index, native_bf16
+from ..numerics import spread_rows
 
 
 def _metric(score_function: Callable | str | None) -> str | None:
@@ -333,7 +334,7 @@ def _mining_floor(index: Index, width: int, top_k: int, max_pairs: int) -> float
     n = index.ntotal
     if n <= 4 * FLOOR_SAMPLE_ROWS or index.metric == "l2":
         return None
-    rows = torch.linspace(0, n - 1, FLOOR_SAMPLE_ROWS, dtype=torch.float64).round().long()
+    rows = spread_rows(n, FLOOR_SAMPLE_ROWS)
     s, j = index.search(index.vectors()[rows], width, float64=True)
     s, j = s.cpu().numpy(), j.cpu().numpy()
     entries = np.sort(s[_first_others(j, rows.numpy(), top_k)])[::-1]
