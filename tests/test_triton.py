@@ -551,3 +551,15 @@ def test_offsets_past_int32_are_64_bit(kernel, tmp_path):
                        env=dict(os.environ, TRITON_INTERPRET="1"))
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert float(r.stdout.strip()) < 1e-3, r.stdout
+
+
+def test_rows_beyond_the_kernels_32_bit_offsets_are_refused():
+    """The kernel reads its per-row thresholds at (stream - 1) * rows in int32: more than
+    (2^31 - 1) // 3 rows is refused before any work, naming the argument (rows expanded from one,
+    no memory)."""
+    big = torch.zeros(1, 4).expand(triton_backend.MAX_ROWS + 1, 4)
+    ok = torch.zeros(3, 4)
+    cfg = PairwiseConfig()
+    for x, y, name in ((big, None, "x"), (ok, big, "y")):
+        with pytest.raises(ValueError, match=rf"^{name}: 715,827,883 rows, the triton backend takes at most 715,827,882"):
+            triton_backend.TritonEngine(x, y, cfg)

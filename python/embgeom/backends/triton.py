@@ -26,6 +26,9 @@ from .gpu_thresholds import Thresholds, binning_error, hist_edges
 from .registry import register
 
 FAST_DTYPES = tuple(UNIT_ROUNDOFF)
+# Row counts the kernel's 32-bit offsets take: its per-row threshold arrays are read at
+# (stream - 1) * rows for streams up to 4 (kernels/triton/pairwise.py), and ids are int32.
+MAX_ROWS = (2**31 - 1) // 3
 
 
 class TritonEngine(Thresholds, Candidates):
@@ -45,6 +48,10 @@ class TritonEngine(Thresholds, Candidates):
                  live_bounds: bool | None = None, block_n: int | None = None, shift: float | None = None):
         if fast_dtype not in FAST_DTYPES:
             raise ValueError(f"fast_dtype: expected one of {', '.join(FAST_DTYPES)}, got {fast_dtype!r}")
+        for name, v in (("x", x), ("y", y)):
+            if v is not None and v.shape[0] > MAX_ROWS:
+                raise ValueError(f"{name}: {v.shape[0]:,} rows, the {self.name} backend takes at most {MAX_ROWS:,} "
+                                 "(its kernel's 32-bit offsets); use backend='cpp' or embgeom.distributed")
         self.cfg = cfg
         self.self_mode = y is None
         self.device = x.device
