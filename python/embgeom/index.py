@@ -1387,7 +1387,7 @@ class Index:
         for name, (shape, dt) in names.items():
             spec = header["arrays"][name]
             if isinstance(spec, dict) and isinstance(spec.get("offset"), int):
-                nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+                nbytes = math.prod(shape) * np.dtype(dt).itemsize
                 end = max(end, base + spec["offset"] + -(-nbytes // DATA_ALIGN) * DATA_ALIGN)
         if size < end:
             raise ValueError(f"path: {path} is truncated ({size} bytes, its header says {end})")
@@ -1401,7 +1401,7 @@ class Index:
             if not isinstance(spec, dict) or spec.get("dtype") != dt or spec.get("shape") != list(shape) \
                     or not isinstance(spec.get("offset"), int) or spec["offset"] < 0:
                 raise ValueError(f"path: {path}: array {name!r} is not the {dt} array of shape {shape} expected")
-            nbytes = int(np.prod(shape)) * np.dtype(dt).itemsize
+            nbytes = math.prod(shape) * np.dtype(dt).itemsize
             if base + spec["offset"] + nbytes > size:
                 raise ValueError(f"path: {path} is truncated ({size} bytes; array {name!r} needs "
                                  f"{base + spec['offset'] + nbytes})")
@@ -1410,7 +1410,7 @@ class Index:
             else:  # copy-on-write: writable for torch, the file never changes
                 if mapped is None:
                     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                maps[name] = np.frombuffer(mapped, dtype=dt, count=int(np.prod(shape)),
+                maps[name] = np.frombuffer(mapped, dtype=dt, count=math.prod(shape),
                                            offset=base + spec["offset"]).reshape(shape)
             if verify:
                 h.update(_raw_bytes(np.ascontiguousarray(maps[name])))

@@ -8,6 +8,7 @@ is never in memory; --trajectories N keeps every real token's L+1 states for the
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 
@@ -142,7 +143,7 @@ def _check_rows_file(path: str, shape: tuple) -> None:
         if version not in read_header:
             raise ValueError(f"an .npy version {version} header")
         got_shape, fortran, dtype = read_header[version](f)
-        need = f.tell() + int(np.prod(got_shape)) * dtype.itemsize
+        need = f.tell() + math.prod(got_shape) * dtype.itemsize
     if tuple(got_shape) != tuple(shape) or dtype != np.float32 or fortran:
         raise ValueError(f"it holds {dtype} {tuple(got_shape)}, expected float32 {tuple(shape)}")
     if os.path.getsize(path) != need:
