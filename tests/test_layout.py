@@ -16,7 +16,8 @@ PKG = ROOT / "python" / "embgeom"
 
 # Lowest first; a module may import from its own layer and the layers before it.
 LAYERS = [
-    {"formatting", "tables", "numerics", "validation", "io", "models", "progress", "interrupts", "threads", "provenance"},
+    {"formatting", "tables", "numerics", "validation", "api_types", "io", "models", "progress", "interrupts", "threads",
+     "provenance"},
     {"results"},
     {"engine"},
     {"reference"},

@@ -1,5 +1,6 @@
 """embgeom: a metric engine for the geometry of transformer embeddings."""
 import time as _time
+from typing import TYPE_CHECKING, Any
 
 # when this package began importing (time.perf_counter): a command's total wall time counts from
 # here, the interpreter's start being a few milliseconds earlier (cli.main, provenance)
@@ -60,11 +61,27 @@ _EXPORTS = {
     "communities": ".community_detection",
     "AttentionEntropy": ".results", "ConeIndex": ".results", "Histogram": ".results",
     "PairList": ".results", "PairwiseStats": ".results", "RowTopK": ".results",
-    "trace": ".analysis.text.trace",
-    "project": ".analysis.clouds.projection",
+    "trace": ".analysis.text.trace", "TraceResult": ".analysis.text.trace",
+    "project": ".analysis.clouds.projection", "Projection": ".analysis.clouds.projection",
+    "KnnResult": ".neighbours",
 }
 # drop-ins: submodules whose library loads on first use
 _DROP_INS = ("compat", "sklearn", "faiss")
+
+if TYPE_CHECKING:  # what type checkers see of the lazy names above (tests/test_typing.py keeps them equal)
+    from . import compat as compat, faiss as faiss, sklearn as sklearn
+    from .analysis.clouds.projection import Projection as Projection, project as project
+    from .analysis.text.trace import TraceResult as TraceResult, trace as trace
+    from .api import (ConeAccumulator as ConeAccumulator, attention_entropy as attention_entropy,
+                      cone_index as cone_index, cone_index_stream as cone_index_stream,
+                      pairwise_stats as pairwise_stats)
+    from .community_detection import communities as communities
+    from .index import Index as Index, pairs_above as pairs_above
+    from .models import load_model as load_model
+    from .neighbours import KnnResult as KnnResult, knn as knn
+    from .pair_shards import read_pairs as read_pairs
+    from .results import (AttentionEntropy as AttentionEntropy, ConeIndex as ConeIndex, Histogram as Histogram,
+                          PairList as PairList, PairwiseStats as PairwiseStats, RowTopK as RowTopK)
 
 __version__ = "0.1.0"
 
@@ -73,10 +90,11 @@ __all__ = [
     "attention_entropy", "load_model", "trace", "knn", "project",
     "Index", "pairs_above", "read_pairs", "communities",
     "PairwiseStats", "PairList", "Histogram", "RowTopK", "ConeIndex", "AttentionEntropy",
+    "TraceResult", "Projection", "KnnResult",
 ]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     import importlib
 
     if name in _EXPORTS:
@@ -88,5 +106,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'embgeom' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS) | set(_DROP_INS))

@@ -16,16 +16,17 @@ from .engine import limits
 from .engine.config import make_config, options_doc
 from .engine.runner import run_engine
 from .progress import as_progress
+from .api_types import Interval, PathArg, ProgressArg, Scalar
 from .results import AttentionEntropy, ConeIndex, PairwiseStats
 
 
 def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
-                   range: tuple[float, float] | None = None, topk: int = _D.topk,
-                   bottomk: int = _D.bottomk, near: float | None = _D.near, near_k: int = _D.near_k,
+                   range: Interval | None = None, topk: int = _D.topk,
+                   bottomk: int = _D.bottomk, near: Scalar | None = _D.near, near_k: int = _D.near_k,
                    row_topk: int = _D.row_topk, row_bottomk: int = _D.row_bottomk,
-                   outside: tuple[float, float] | None = _D.outside, outside_limit: int = _D.outside_limit,
+                   outside: Interval | None = _D.outside, outside_limit: int = _D.outside_limit,
                    precision: str = _D.precision, backend: str | None = None,
-                   checkpoint: str | None = None, progress: bool = False,
+                   checkpoint: PathArg | None = None, progress: ProgressArg = False,
                    block: int = _D.block) -> PairwiseStats:
     """Statistics over all pairs, tile by tile (docs/metrics.md, all-pairs statistics); the N x N matrix is never built.
 
@@ -171,7 +172,7 @@ def cone_index_stream(chunks: Iterable[Any], *, backend: str | None = None) -> C
     return acc.result()
 
 
-def attention_entropy(attn, mask=None, *, smoothing: float = 0.0,
+def attention_entropy(attn, mask=None, *, smoothing: Scalar = 0.0,
                       backend: str | None = None) -> AttentionEntropy:
     """Row entropy H = -sum_j p_ij ln p_ij (nats) of attention probabilities (docs/metrics.md, attention rows).
 

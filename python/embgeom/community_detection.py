@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 
 from . import validation
+from .api_types import Scalar
 from .index import Index, pair_band
 
 
-def communities(x: Any, threshold: float = 0.75, min_community_size: int = 10,
+def communities(x: Any, threshold: Scalar = 0.75, min_community_size: int = 10,
                 batch_size: int = 1024) -> list[list[int]]:
     """Groups of rows whose cosine similarity to a central row is >= threshold.
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import validation
+from .api_types import Scalar
 from .index import Index
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -86,7 +87,8 @@ class _IndexFlat:
                              f"got {int(value)}")
         return int(value)
 
-    def search(self, x, k: int, *, params=None, D=None, I=None):  # noqa: E741 (FAISS's names)
+    def search(self, x, k: int, *, params=None, D=None,
+               I=None) -> tuple[np.ndarray, np.ndarray]:  # noqa: E741 (FAISS's names)
         """-> (D (n, k) float32, I (n, k) int64); D and I given: filled and returned, as FAISS
         does. params: None (a flat index takes no search parameters)."""
         k = validation.positive_int(k, "k", allow_zero=False)
@@ -116,7 +118,7 @@ class _IndexFlat:
             ids = I
         return s, ids
 
-    def range_search(self, x, radius: float):
+    def range_search(self, x, radius: Scalar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (lims (n + 1,) uint64, D float32, I int64); query q's results are
         [lims[q], lims[q + 1]), in label order. L2: squared distance < radius, decided on the
         float64 sum of the squared differences (the distance's square would round either way

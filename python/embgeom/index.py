@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from . import validation
+from .api_types import Count, DeviceArg, PathArg, ProgressArg, Scalar
 from .engine.lists import sort_rows
 from .io import atomic_write
 from .numerics import correct_sqrt, saturated
 from .interrupts import interrupt_after, terminate_as_interrupt
 from .pair_shards import PAIR_METRICS as METRICS
 from .pair_shards import ShardWriter
-from .progress import Progress, as_progress
+from .progress import as_progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAGIC = b"EMBGEOM-INDEX2"
@@ -374,7 +375,7 @@ class Index:
     on that device (no second copy of a large corpus; the caller must not change it meanwhile).
     """
 
-    def __init__(self, corpus, metric: str = "cosine", dtype: Any = torch.float32, device: Any = None,
+    def __init__(self, corpus, metric: str = "cosine", dtype: torch.dtype | str = torch.float32, device: DeviceArg = None,
                  *, copy: bool = True):
         self.metric = validation.metric(metric, "metric", METRICS)
         copy = validation.flag(copy, "copy")
@@ -512,7 +513,7 @@ class Index:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def vectors(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def vectors(self, start: Count = 0, stop: Count | None = None) -> torch.Tensor:
         """The stored float32 rows [start, stop) (a view, do not modify); Python's slicing
         (negative from the end, None for the end)."""
         for name, v in (("start", start), ("stop", stop)):
@@ -722,7 +723,7 @@ class Index:
         nc = max(1, min(max(n, 1), max(4096, cells // max(1, min(Q, 256)))))
         return max(1, min(Q, cells // nc)), nc
 
-    def search(self, queries, k: int, *, float64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries, k: Count, *, float64: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest stored rows of every query.
 
         queries: (Q, D) float. Returns (scores (Q, k) float32, ids (Q, k) int64) on the index's
@@ -794,8 +795,8 @@ class Index:
         vals, ids = found
         return torch.from_numpy(vals if float64 else vals.astype(np.float32)), torch.from_numpy(ids)
 
-    def search_stored(self, k: int, *, float64: bool = False,
-                      floor: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_stored(self, k: Count, *, float64: bool = False,
+                      floor: Scalar | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """search(self.vectors(), k): the k nearest stored rows of every stored row, the row
         itself included as a search for it finds it. Where the C++ engine runs (CPU, cosine or
         dot, float32 scan) its candidates come from one self-mode run (half the products of a
@@ -1051,7 +1052,8 @@ class Index:
         out[qi, torch.arange(qi.numel(), device=qi.device) - starts[qi]] = ci
         return out
 
-    def range_search(self, queries, threshold: float, *, float64: bool = False):
+    def range_search(self, queries, threshold: Scalar, *,
+                     float64: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every stored row within `threshold` of each query: similarity >= threshold (cosine,
         dot) or distance <= threshold (l2), decided on the exact float64 values; a float32
         threshold (numpy.float32, or a one-element float32 array or tensor, such as a score
@@ -1112,7 +1114,7 @@ class Index:
 
     # -- all pairs above a threshold -------------------------------------------------------
 
-    def pairs_above(self, threshold: float, out, *, progress: bool | Progress = False):
+    def pairs_above(self, threshold: Scalar, out: PathArg, *, progress: ProgressArg = False) -> dict:
         """Every pair i < j of the stored rows with similarity >= threshold (cosine, dot) or
         distance <= threshold (l2), streamed to .npy shards in the folder `out` with a manifest;
         see `embgeom.pairs_above`. progress: a bar of the pairs compared on stderr (True, or
@@ -1296,7 +1298,7 @@ class Index:
 
     # -- files --------------------------------------------------------------------------------
 
-    def save(self, path) -> None:
+    def save(self, path: PathArg) -> None:
         """Write the index to one file (docs/architecture.md, index files): a magic line, one
         JSON header line, then the arrays at page-aligned offsets; written atomically."""
         path = validation.path(path, "path")
@@ -1332,7 +1334,7 @@ class Index:
                 f.write(b"\0" * (-a.nbytes % DATA_ALIGN))
 
     @classmethod
-    def load(cls, path, *, device: Any = None, verify: bool = True) -> "Index":
+    def load(cls, path: PathArg, *, device: DeviceArg = None, verify: bool = True) -> "Index":
         """Open an index file written by `save`, memory-mapped (rows are read from the page
         cache as searches need them). verify=True checks the sha256 of the arrays (one read
         of the file) and that the rows are finite and the stored norms and bf16 scan rows theirs
@@ -1464,8 +1466,8 @@ class Index:
         return self
 
 
-def pairs_above(x, threshold: float, out, *, metric: str | None = None, dtype: Any = None,
-                progress: bool | Progress = False) -> dict:
+def pairs_above(x, threshold: Scalar, out: PathArg, *, metric: str | None = None,
+                dtype: torch.dtype | str | None = None, progress: ProgressArg = False) -> dict:
     """Every pair i < j of x (N, D) with similarity >= threshold (cosine, dot; distance <=
     threshold for l2), decided on exact float64 values, streamed to .npy shards in the folder
     `out` with a manifest; memory does not grow with the number of pairs. A rerun on the same

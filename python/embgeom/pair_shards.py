@@ -27,6 +27,7 @@ from io import BytesIO
 import numpy as np
 
 from . import validation
+from .api_types import PathArg
 from .interrupts import interrupt_after
 from .io import atomic_write, exclusive_lock, read_json_file, refuse_sealed_above, write_error
 
@@ -390,7 +391,7 @@ def _shard_problem(a: np.ndarray, shard: dict, m: dict) -> str | None:
     return None
 
 
-def read_pairs(folder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_pairs(folder: PathArg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair of a finished `pairs_above` folder -> (i (P,) int64, j (P,) int64,
     value (P,) float32: the similarity, or for metric "l2" the distance; the shards' field is
     named "similarity" for both), ordered by (i, j). ValueError (one line) on a folder that is

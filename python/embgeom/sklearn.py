@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Self
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ except ImportError as _old:  # (validate_data is new in scikit-learn 1.6)
                       f"{_sklearn.__version__}: pip install 'scikit-learn>=1.6'") from _old
 
 from . import validation
+from .api_types import Count, Scalar
 from .index import Index
 
 try:  # what sklearn.neighbors.kneighbors_graph(estimator) checks (a private module: optional)
@@ -63,7 +65,7 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
     2}); dtype (ours): the scan precision of the index ("float32" or "bfloat16"; results are
     exact either way)."""
 
-    def __init__(self, *, n_neighbors: int | None = 5, radius: float = 1.0, algorithm: str = "auto",
+    def __init__(self, *, n_neighbors: Count | None = 5, radius: Scalar = 1.0, algorithm: str = "auto",
                  leaf_size: int = 30, metric: str = "minkowski", p: float = 2, metric_params: dict | None = None,
                  n_jobs: int | None = None, dtype: str = "float32"):
         self.n_neighbors = n_neighbors
@@ -107,7 +109,7 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         tags.input_tags.sparse = False
         return tags
 
-    def fit(self, X, y=None):
+    def fit(self, X, y=None) -> Self:
         metric = self._check_params()
         given = X
         X = validate_data(self, _numpy_if_tensor(X), dtype=[np.float64, np.float32], ensure_min_samples=1)

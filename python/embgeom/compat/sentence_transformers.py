@@ -30,6 +30,7 @@ import torch
 from .. import validation
 from ..community_detection import communities
 from ..index import Index, native_bf16
+from ..api_types import Scalar
 from ..numerics import spread_rows
 
 
@@ -524,7 +525,7 @@ STORED_SEARCH_ROWS = 1 << 18  # up to this many rows, paraphrase mining takes In
 PAD_PAIRS = 64  # engine pairs beyond max_pairs, so the boundary check of _global_top_pairs holds
 
 
-def community_detection(embeddings, threshold: float = 0.75, min_community_size: int = 10,
+def community_detection(embeddings, threshold: Scalar = 0.75, min_community_size: int = 10,
                         batch_size: int = 1024, show_progress_bar: bool = False) -> list[list[int]]:
     """Groups of rows with cosine >= threshold to a centre, centre first, largest first
     (embgeom.communities)."""

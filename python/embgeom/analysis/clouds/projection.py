@@ -8,12 +8,18 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from ... import validation
+from ...api_types import ProgressArg
 from ...api import pairwise_stats
 from ...backends import registry
 from .geometry import as_matrix, as_matrix64, silhouette, translated
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 
@@ -390,7 +396,7 @@ class Projection:
         """The graph's values: similarities (cosine) or distances (euclidean); None for PCA."""
         return self.similarities if self.metric == "cosine" else self.distances
 
-    def to_pandas(self):
+    def to_pandas(self) -> pd.DataFrame:
         """One row per point: x, y (the layout), label (with labels), and the graph's nearest
         neighbour and its value (graph methods)."""
         from ...results import _pandas
@@ -588,7 +594,7 @@ DEFAULT_PERPLEXITY = 30.0  # t-SNE's perplexity (k = 3 x perplexity)
 
 def project(x, method: str = "umap", labels=None, k: int = DEFAULT_K,
             perplexity: float = DEFAULT_PERPLEXITY, seed: int = 0, *, metric: str = "cosine",
-            backend: str | None = None, n_jobs: int | None = None, progress=False) -> Projection:
+            backend: str | None = None, n_jobs: int | None = None, progress: ProgressArg = False) -> Projection:
     """2-D projection of the rows of x on the exact neighbour graph.
 
     x: (N, D) tensor or array; method: "umap" (k neighbours besides the point itself), "tsne"

@@ -17,17 +17,21 @@ import unicodedata
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 
 from ... import validation
+from ...api_types import DeviceArg, PathArg, ProgressArg
 from ...backends import registry
 from ...engine.checkpoint import Resumable
 from ...numerics import cosine_matrix
 from ...progress import as_progress
 from . import adapters, attention
 from .inputs import read_lines
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 METRICS = ("cone", "entropy", "attention", "context", "evolution")
 
@@ -634,7 +638,7 @@ class TraceResult:
 
     TABLES = ("layers", "heads", "clark_js", "gaussianity")
 
-    def to_pandas(self, what: str = "layers", heads_block: dict | None = None):
+    def to_pandas(self, what: str = "layers", heads_block: dict | None = None) -> pd.DataFrame:
         """A long DataFrame (pandas optional) of one of TABLES:
         "layers": the per-layer table (PER_LAYER_COLUMNS; column "layer" runs 1..L);
         "heads": one row per (layer, head), `per_head` (heads_block: the `attention_heads` block
@@ -987,9 +991,10 @@ def step_sums(prev: torch.Tensor, cur: torch.Tensor) -> tuple[torch.Tensor, ...]
 
 
 def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | None = None,
-          device=None, metrics: Iterable[str] = METRICS, progress=False,
+          device: DeviceArg = None, metrics: Iterable[str] = METRICS, progress: ProgressArg = False,
           observers: Iterable = (), heads: bool = False, clark_js: bool = False,
-          gaussianity: bool = False, directionality: bool = False, checkpoint=None) -> TraceResult:
+          gaussianity: bool = False, directionality: bool = False,
+          checkpoint: PathArg | None = None) -> TraceResult:
     """Run `texts` through an encoder `model` (any family of adapters.ADAPTERS) in batches and
     reduce the cone, attention and context metrics and the layer evolution over the corpus (see TraceResult for every
     field and its definition).
