@@ -18,7 +18,8 @@ namespace embgeom {
 // direct call from wrapping a size or asking OpenMP for a billion threads, where a failure
 // inside a parallel region ends the process instead of raising).
 constexpr int kMaxThreads = 4096;
-constexpr long long kMaxRowList = 1LL << 31;
+// (a thread's row list is a reservoir of up to 1.5 k entries counted in int32)
+constexpr long long kMaxRowList = 1LL << 30;
 
 inline void check_threads(int threads) {
   EMBGEOM_CHECK(threads >= 0 && threads <= kMaxThreads,

@@ -751,12 +751,12 @@ def test_one_run_at_a_time_on_an_engine():
 
 
 def test_direct_calls_refuse_sizes_that_would_end_the_process():
-    """A direct call with a billion threads or a row list past 2^31 had ended the process inside
+    """A direct call with a billion threads or a row list past 2^30 had ended the process inside
     OpenMP (an allocation failing in a parallel region, or a size wrapped around)."""
     x = make_x(10, 8, seed=1)
     with pytest.raises(ValueError, match="threads: expected 0 .OpenMP's default. to 4096, got 1000000000"):
         _C.PairwiseEngine(x, None, **engine_args(threads=10**9))
-    with pytest.raises(ValueError, match="row_topk: expected 0 to 2147483648, got 4611686018427387904"):
+    with pytest.raises(ValueError, match="row_topk: expected 0 to 1073741824, got 4611686018427387904"):
         _C.PairwiseEngine(x, None, **engine_args(row_topk=2**62))
     with pytest.raises(ValueError, match="threads: expected 0"):
         _C.eigvals_abs(np.eye(3)[None], 10**9)
