@@ -19,6 +19,51 @@ KEYS = ["model", "n_texts", "n_tokens", "layers", "heads", "truncated", "special
         "entropy", "attention_to", "attention_to_per_text", "js_distance", "context_similarity", "evolution"]
 
 
+def test_truncation_warning_names_the_callers_line_and_other_warnings_reach_the_user(tiny_bert_dir, tiny_bert,
+                                                                                      tmp_path, monkeypatch, capsys):
+    """trace's truncation warning is attributed to the line that called trace (it had named a
+    line of embgeom's, so filters by module saw embgeom); `embgeom text` says it as one stderr
+    line with the count, and any other warning during the forward passes reaches the user as
+    Python shows it (all had been recorded, the first printed and the rest dropped: -W error
+    could not see a deprecation)."""
+    from transformers.models.bert import modeling_bert
+
+    model, tok = tiny_bert
+    with pytest.warns(UserWarning, match="texts longer than 32 tokens") as rec:
+        trace(model, tok, [" ".join(["one two"] * 40)], batch_size=1)
+    assert [w.filename for w in rec] == [__file__]
+    forward = modeling_bert.BertModel.forward
+
+    def deprecated_forward(self, *a, **k):
+        import warnings
+
+        warnings.warn("a library's deprecation", DeprecationWarning, stacklevel=2)
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(modeling_bert.BertModel, "forward", deprecated_forward)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    with pytest.warns(DeprecationWarning, match="a library's deprecation"):
+        assert main(["text", str(corpus), "--out", str(tmp_path / "out"), "--model", tiny_bert_dir]) == 0
+    err = capsys.readouterr().err
+    assert "embgeom text: warning: 1 text longer than 32 tokens truncated (report.json truncated)" in err
+
+
+def test_optional_packages_import_under_warnings_as_errors(tmp_path, monkeypatch):
+    """An ImportWarning a package raises about a part of itself embgeom never uses (umap's
+    "Tensorflow not installed") had ended `project` and `text --labels` under -W error."""
+    import warnings
+
+    from embgeom import validation
+
+    (tmp_path / "warns_on_import.py").write_text(
+        "import warnings\nwarnings.warn('an optional part is unavailable', ImportWarning)\nVALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert validation.require_package("warns_on_import", "warns-on-import", "clouds").VALUE == 1
+
+
 def test_cli_writes_report(tiny_bert_dir, tiny_bert, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")

@@ -187,9 +187,14 @@ def require_package(module: str, package: str, extra: str, *, option: str | None
     """The module `module` imported, or a one-line ValueError naming the package to install (and
     the embgeom extra that brings it), led by the option that needs it (caller_name) and why."""
     import importlib
+    import warnings
 
     try:
-        return importlib.import_module(module)
+        # an ImportWarning of the package's own (umap's "Tensorflow not installed", about a
+        # part embgeom never uses) had ended the command under -W error / PYTHONWARNINGS=error
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImportWarning)
+            return importlib.import_module(module)
     except ImportError:
         lead = f"{caller_name(option)}: " if option else ""
         raise ValueError(f"{lead}{package} is not installed{f' ({why})' if why else ''}; `pip install {package}` "

@@ -57,11 +57,13 @@ def main(args) -> int:
 
 
 def _main(args) -> int:
+    import re
     import warnings
 
     from ..analysis.text.inputs import numbered_lines, read_labels, read_lines, read_pairs, require_file
     from ..analysis.text.labelled import CLASS_MAPS_FILE, ClassMaps, LabelSplit, check_label_classes, predict_labels
-    from ..analysis.text.trace import cls_differences, model_max_length, special_only_note, split_pair, trace
+    from ..analysis.text.trace import (TRUNCATED_WARNING, cls_differences, model_max_length, special_only_note,
+                                       split_pair, trace)
     from ..report.head_sections import class_maps_section
     from ..models import DEFAULT_MODEL, load_model
     from ..provenance import Provenance
@@ -141,13 +143,17 @@ def _main(args) -> int:
                                    classes=list(selection["kept_per_label"]) if selection else None) \
                 if args.class_maps else None
             observers = extras.observers + [o for o in (keeper, split, class_maps) if o is not None]
-            with warnings.catch_warnings(record=True) as caught, extras.active():
-                warnings.simplefilter("always")
+            # trace's own truncation warning becomes the line below; any other warning (torch's,
+            # transformers') reaches the user as Python shows it (-W error raises it)
+            with warnings.catch_warnings(), extras.active():
+                warnings.filterwarnings("ignore", message=re.escape(TRUNCATED_WARNING.split("{")[0]),
+                                        category=UserWarning)
                 result = trace(model, tokenizer, texts if selection is not None else args.corpus,
                                batch_size=args.batch_size, max_length=args.max_length, progress=prog,
                                observers=observers, checkpoint=ckpt)
-            for w in caught[:1]:
-                print(f"embgeom text: warning: {w.message}", file=sys.stderr)
+            if result.truncated:
+                print(f"embgeom text: warning: {counted(result.truncated, 'text')} longer than {max_len} tokens "
+                      "truncated (report.json truncated)", file=sys.stderr)
             with ckpt.blamed(bool(ckpt.resumed_texts)) if ckpt is not None else contextlib.nullcontext():
                 result.model = args.model or DEFAULT_MODEL
                 report = result.to_dict()

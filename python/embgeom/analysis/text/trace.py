@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import re
+import sys
 import unicodedata
 import warnings
 import weakref
@@ -402,9 +403,18 @@ def special_only_note(count: int) -> str:
             "mean as a text of [CLS] [SEP] (report.json special_only)")
 
 
+TRUNCATED_WARNING = "trace: texts longer than {limit} tokens are truncated (counted in TraceResult.truncated)"
+
+
 def warn_truncated(limit: int) -> None:
-    warnings.warn(f"trace: texts longer than {limit} tokens are truncated (counted in TraceResult.truncated)",
-                  stacklevel=3)
+    """A UserWarning attributed to the caller's line that called into embgeom (the first frame
+    outside the package): a fixed stacklevel had named a line of embgeom's own, so filters by
+    module, pytest's summary and the once-per-line display saw embgeom instead."""
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    level, frame = 1, sys._getframe(0)  # (stacklevel 1: this function)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(TRUNCATED_WARNING.format(limit=limit), UserWarning, stacklevel=level)
 
 
 def _check_batch_memory(B: int, T: int, L: int, H: int, D: int, dev) -> None:
