@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Self
 
 import numpy as np
 import torch
@@ -109,7 +108,7 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         tags.input_tags.sparse = False
         return tags
 
-    def fit(self, X, y=None) -> Self:
+    def fit(self, X, y=None) -> NearestNeighbors:
         metric = self._check_params()
         given = X
         X = validate_data(self, _numpy_if_tensor(X), dtype=[np.float64, np.float32], ensure_min_samples=1)
