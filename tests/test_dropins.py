@@ -379,6 +379,17 @@ def test_nearest_neighbors_errors(sk_neighbors):
         nn.kneighbors_graph(mode="weights")
 
 
+def test_p_in_metric_params_warns_as_sklearn(sk_neighbors):
+    """p given in metric_params: scikit-learn's warning (a SyntaxWarning), at the caller's fit."""
+    from embgeom.sklearn import NearestNeighbors
+
+    x = np.random.default_rng(0).random((4, 2))
+    for cls in (NearestNeighbors, sk_neighbors.NearestNeighbors):
+        with pytest.warns(SyntaxWarning, match="Parameter p is found in metric_params") as rec:
+            cls(metric_params={"p": 2}).fit(x)
+        assert cls is not NearestNeighbors or rec[0].filename == __file__
+
+
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_neighbour_graphs_match_sklearn(sk_neighbors, metric):
     from embgeom.sklearn import NearestNeighbors

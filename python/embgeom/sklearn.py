@@ -23,6 +23,7 @@ takes a fitted one.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 
 import numpy as np
@@ -91,6 +92,9 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         params = {} if self.metric_params is None else self.metric_params
         if not isinstance(params, dict) or set(params) - {"p"}:
             raise _ParameterError(f"metric_params: expected None or {{'p': 2}}, got {self.metric_params!r}")
+        if "p" in params:  # scikit-learn's own warning, in its category
+            warnings.warn("Parameter p is found in metric_params. The corresponding parameter from __init__ is ignored.",
+                          SyntaxWarning, stacklevel=3)
         p = params.get("p", self.p)
         if self.metric == "minkowski" and p != 2:
             raise _ParameterError(f"p: only p=2 (euclidean) is answered with metric 'minkowski', got {p!r}")
