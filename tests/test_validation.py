@@ -358,3 +358,64 @@ def test_a_range_without_bins_is_refused():
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"range: the histogram's range, only with bins > 0"):
         embgeom.pairwise_stats(x, bins=0, range=(0.0, 1.0))
+
+
+READ_ONLY_SCRIPT = r'''
+import sys, warnings
+warnings.simplefilter("error")          # torch's "not writable" note, or any other, fails the run
+import numpy as np, torch
+import embgeom
+from embgeom import validation
+from embgeom.compat.sentence_transformers import semantic_search
+from embgeom.faiss import IndexFlatIP
+from embgeom.sklearn import NearestNeighbors
+
+x = np.load(sys.argv[1], mmap_mode="r")    # PROT_READ: a write into it would end this process
+w = np.array(x)
+assert not x.flags.writeable
+assert validation.as_tensor(x, "x").data_ptr() == x.ctypes.data   # no copy
+index = embgeom.Index(x, copy=False)
+assert index.vectors().data_ptr() == x.ctypes.data
+index.add(x[:3])
+assert index.search(x[:2], 4)[1].tolist() == embgeom.Index(np.vstack([w, w[:3]])).search(w[:2], 4)[1].tolist()
+a, b = embgeom.pairwise_stats(x, topk=5, row_topk=3), embgeom.pairwise_stats(w, topk=5, row_topk=3)
+assert a.top_pairs.to_list() == b.top_pairs.to_list() and torch.equal(a.row_topk.indices, b.row_topk.indices)
+assert embgeom.pairwise_stats(x, x[:7], backend="torch").count == 7 * len(w)
+embgeom.pairs_above(x, 0.5, out=sys.argv[2])
+assert len(embgeom.read_pairs(sys.argv[2])[0]) == embgeom.pairwise_stats(w, outside=(-2.0, 0.5 - 1e-7)).outside.count
+assert embgeom.communities(x, 0.5, 2) == embgeom.communities(w, 0.5, 2)
+assert embgeom.knn(x, 3).indices.tolist() == embgeom.knn(w, 3).indices.tolist()
+assert semantic_search(x[:3], x, top_k=3) == semantic_search(w[:3], w, top_k=3)
+nn = NearestNeighbors(n_neighbors=3).fit(w)
+assert np.array_equal(nn.kneighbors(x[:4])[1], nn.kneighbors(w[:4])[1])
+flat = IndexFlatIP(w.shape[1])
+flat.add(x)
+assert np.array_equal(flat.search(x[:4], 3)[1], flat.search(w[:4], 3)[1])
+assert np.array_equal(flat.range_search(x[:4], 0.5)[2], flat.range_search(w[:4], 0.5)[2])
+embgeom.cone_index(x)
+print("read-only ok")
+'''
+
+
+def test_read_only_arrays_are_read_in_place_never_written(tmp_path):
+    """A read-only array (np.load(mmap_mode="r"), a pyarrow or polars buffer) is read where it
+    is: it had been copied whole by every entry point (1.5 GB for pairs_above on 1M x 384), and
+    torch's not-writable note had failed runs under -W error. A child process: a write into the
+    PROT_READ mapping would end it, not the test run."""
+    import subprocess
+    import sys
+
+    rows = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    rows[:40:2] = rows[1:41:2] + 0.1  # pairs above 0.5
+    np.save(tmp_path / "x.npy", rows)
+    run = subprocess.run([sys.executable, "-c", READ_ONLY_SCRIPT, str(tmp_path / "x.npy"), str(tmp_path / "pairs")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0 and "read-only ok" in run.stdout, run.stdout + run.stderr
+
+
+def test_masked_arrays_with_masked_values_are_refused():
+    x = np.ma.masked_array(np.ones((3, 2), np.float32), mask=[[0, 0], [1, 0], [0, 0]])
+    with pytest.raises(ValueError, match=r"^x: a masked array with 1 masked value\(s\); embgeom reads every value"):
+        embgeom.pairwise_stats(x)
+    assert embgeom.pairwise_stats(np.ma.masked_array(np.eye(3, dtype=np.float32))).count == 3

@@ -94,7 +94,7 @@ class _IndexFlat:
         k = validation.positive_int(k, "k", allow_zero=False)
         if params is not None:
             raise ValueError(f"params: a flat index takes no search parameters, got {params!r}")
-        q = torch.from_numpy(self._rows(x, "x"))
+        q = validation.numpy_tensor(self._rows(x, "x"))
         for name, out, dtype in (("D", D, np.float32), ("I", I, np.int64)):
             if out is not None and (not isinstance(out, np.ndarray) or out.shape != (q.shape[0], k)
                                     or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable):
@@ -124,7 +124,7 @@ class _IndexFlat:
         float64 sum of the squared differences (the distance's square would round either way
         at the radius); IP: inner product > radius. An infinite radius is taken as FAISS
         takes it (L2 inf: every row; IP -inf: every row)."""
-        q = torch.from_numpy(self._rows(x, "x"))
+        q = validation.numpy_tensor(self._rows(x, "x"))
         if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)) \
                 or math.isnan(radius):
             raise ValueError(f"radius: expected a number, got {radius!r}")

@@ -634,8 +634,9 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind != "f":
             raise ValueError(f"{name}: expected a float array in {path}, got dtype {obj.dtype}")
-        # the read-only mapping copied once, in native byte order (big-endian files converted)
-        return torch.from_numpy(validation.torch_ready(obj))
+        # the read-only mapping copied once, in native byte order (big-endian files converted):
+        # a file cut short under the mapping would end the process, a copy fails at once
+        return torch.from_numpy(validation.torch_ready(obj.astype(obj.dtype.newbyteorder("="), copy=True)))
     return _first_tensor(obj, name, path)
 
 

@@ -160,12 +160,11 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
 
     def _queries(self, Xq) -> torch.Tensor:
         """The rows to search: the stored ones (X=None), or the queries rounded to float32 as the
-        fitted rows were (a fitted float64 row queried again had been 1e-8 from its own copy), in
-        a writable array (torch warns on a read-only one, a memory map's say)."""
+        fitted rows were (a fitted float64 row queried again had been 1e-8 from its own copy);
+        a read-only array (a memory map's) is read where it is."""
         if Xq is None:
             return self.index_.vectors()
-        q = np.ascontiguousarray(Xq, dtype=np.float32)
-        return torch.from_numpy(q if q.flags.writeable else q.copy())
+        return validation.numpy_tensor(np.ascontiguousarray(Xq, dtype=np.float32))
 
     def _distance_dtype(self, Xq):
         """scikit-learn's brute cosine keeps float32 when the fitted rows and the queries

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -56,9 +57,12 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
         dense_tensor(x, name)
         return x.detach().resolve_neg()  # (a view of a conjugate's imaginary part: numpy() refuses it)
     if isinstance(x, np.ndarray):
+        if isinstance(x, np.ma.MaskedArray) and np.ma.getmaskarray(x).any():
+            raise ValueError(f"{name}: a masked array with {int(np.ma.getmaskarray(x).sum()):,} masked "
+                             "value(s); embgeom reads every value (fill them, or drop their rows)")
         # (in either byte order: a .npy written on a big-endian machine is converted by torch_ready)
         if x.dtype.newbyteorder("=") in (np.float64, np.float32, np.float16):
-            return torch.from_numpy(torch_ready(x))
+            return numpy_tensor(np.asarray(x))
         raise TypeError(f"{name}: expected a float array, got {_describe(x)}")
     raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
@@ -73,14 +77,27 @@ def dense_tensor(x: torch.Tensor, name: str) -> None:
 
 
 def torch_ready(x: np.ndarray) -> np.ndarray:
-    """x in a form torch.from_numpy takes: a copy where it is read-only, has a negative stride
-    (x[::-1]) or one that is no multiple of its item size (a field of a packed record array),
-    or is not in native byte order."""
+    """x in a form torch.from_numpy takes: a copy where it has a negative stride (x[::-1]) or
+    one that is no multiple of its item size (a field of a packed record array), or is not in
+    native byte order. A read-only array is kept as it is (numpy_tensor)."""
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
-    if not x.flags.writeable or any(st < 0 or st % x.itemsize for st in x.strides):
+    if any(st < 0 or st % x.itemsize for st in x.strides):
         x = x.copy()
     return x
+
+
+def numpy_tensor(x: np.ndarray) -> torch.Tensor:
+    """A tensor on x's memory (torch_ready's copy only where torch cannot take x's layout): a
+    read-only array too (np.load(mmap_mode="r"), a pyarrow or polars buffer), which embgeom only
+    reads; it had been copied whole (1.5 GB for pairs_above on a 1M x 384 memory map), and
+    torch's note that the array is not writable is not shown for it."""
+    x = torch_ready(x)
+    if x.flags.writeable:
+        return torch.from_numpy(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(x)
 
 
 def _check_float(x: torch.Tensor, name: str, shape_doc: str) -> None:
