@@ -665,3 +665,29 @@ def test_batches_and_head_maps_past_memory_are_refused_by_their_option(tiny_bert
                                          r"x 512 each\) need up to [\d.]+ GiB, the machine has 1\.0 GiB available"):
         text_extras._check_maps_memory(2000, 6, 12, 512)
     text_extras._check_maps_memory(2, 6, 12, 512)   # a few texts' maps fit
+
+
+def test_reports_leave_the_callers_matplotlib_as_it_was(tiny_bert_dir, tmp_path):
+    """A report written from a notebook or a caller's process (cli.main) keeps the caller's
+    matplotlib backend, open figures and rcParams: matplotlib.use("Agg") had switched a
+    notebook's inline backend off for the rest of its session. A child process, which picks its
+    own backend first."""
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    script = (
+        "import sys, matplotlib\n"
+        "matplotlib.use('svg')\n"
+        "import matplotlib.pyplot as plt\n"
+        "fig = plt.figure(); before = dict(matplotlib.rcParams)\n"
+        "from embgeom.cli import main\n"
+        "assert main(['text', sys.argv[1], '--out', sys.argv[2], '--model', sys.argv[3], '--heads']) == 0\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "assert plt.get_fignums() == [fig.number] and dict(matplotlib.rcParams) == before\n"
+        "print('matplotlib untouched')\n")
+    run = subprocess.run([sys.executable, "-c", script, str(corpus), str(tmp_path / "out"), tiny_bert_dir],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0 and "matplotlib untouched" in run.stdout, run.stdout + run.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) > 3

@@ -22,12 +22,9 @@ def literal(text) -> str:
 
 
 def save_figure(fig, out_dir: str, name: str) -> str:
-    """Save a matplotlib figure as out_dir/name.png, close it, return the path."""
-    import matplotlib.pyplot as plt
-
+    """Save a matplotlib figure (new_figure's) as out_dir/name.png, return the path."""
     path = os.path.join(out_dir, f"{name}.png")
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -111,12 +108,15 @@ def head_strips(fig, panels: list[tuple], layers: int, heads: int, *, columns: i
 
 
 def new_figure(width=7.0, height=4.0):
-    import matplotlib
+    """(figure, axes) drawn by Agg without pyplot: a report written from a notebook or a
+    caller's process (cli.main) leaves its matplotlib backend, figures and rcParams as they were
+    (matplotlib.use("Agg") had switched an inline backend off for the rest of the session)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
 
 
 def over_heads(v) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
