@@ -691,3 +691,20 @@ def test_reports_leave_the_callers_matplotlib_as_it_was(tiny_bert_dir, tmp_path)
                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0 and "matplotlib untouched" in run.stdout, run.stdout + run.stderr
     assert len(list((tmp_path / "out").glob("*.png"))) > 3
+
+
+def test_result_reprs_are_one_short_line(tiny_bert):
+    """TraceResult, Projection and KnnResult print one line, as PairwiseStats does: the
+    dataclasses' own reprs printed every tensor (55 KB for 20 texts with heads=True), into a
+    notebook's saved output and a console."""
+    import numpy as np
+
+    import embgeom
+
+    model, tok = tiny_bert
+    x = np.random.default_rng(0).standard_normal((60, 8)).astype(np.float32)
+    results = [trace(model, tok, CORPUS, heads=True), embgeom.project(x, method="pca", labels=["a", "b"] * 30),
+               embgeom.knn(x, 3)]
+    for r in results:
+        text = repr(r)
+        assert "\n" not in text and len(text) < 300 and text.startswith(type(r).__name__ + "("), text

@@ -18,7 +18,7 @@ import torch
 
 from . import numerics, validation
 from .api_types import DeviceArg, ProgressArg
-from .formatting import counted
+from .formatting import counted, fmt
 from .tables import table_html
 from .results import RowTopK
 from .progress import as_progress
@@ -47,6 +47,12 @@ class KnnResult:
     self_query: bool
     excluded_rows: list[int]
     params: dict
+
+    def __repr__(self) -> str:
+        """One line (the dataclass's own repr printed the tensors)."""
+        recall = "" if self.recall is None else f", recall={fmt(self.recall)}"
+        return (f"KnnResult({self.index}, queries={fmt(self.indices.shape[0])}, k={self.k}{recall}, "
+                f"device={self.device!r}, seconds={fmt(self.seconds, 3)})")
 
     def to_dict(self) -> dict:
         vals = self.values.double().cpu().numpy()

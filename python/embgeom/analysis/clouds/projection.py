@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from ... import validation
+from ...formatting import fmt
 from ...api_types import ProgressArg
 from ...api import pairwise_stats
 from ...backends import registry
@@ -375,6 +376,13 @@ class Projection:
     silhouette: dict | None = None
     notes: list[str] = field(default_factory=list)
     labels: list[str] | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        """One line (the dataclass's own repr printed the arrays)."""
+        sil = "" if not self.silhouette else ", silhouette=" + "/".join(
+            fmt(v) for v in (self.silhouette.get("original"), self.silhouette.get("projection")))
+        return (f"Projection({self.method}, n={fmt(self.n)}, d={fmt(self.d)}, metric={self.metric!r}, k={self.k}, "
+                f"seconds={fmt(self.seconds, 3)}{sil})")
 
     def to_dict(self) -> dict:
         out = {"method": self.method, "metric": self.metric, "n": self.n, "d": self.d, "k": self.k,
