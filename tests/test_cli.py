@@ -718,3 +718,31 @@ def test_a_logged_bar_says_how_far_and_how_long_is_left(monkeypatch):
         "p: queries: 100/400 queries (25 %) after 61 s, about 3 min 3 s left",
         "p: queries: 200/400 queries (50 %) after 2 min 2 s, about 2 min 2 s left",
         "p: queries: 200/400 queries (50 %) in 2 min 10 s"]
+
+
+def test_progress_true_draws_bars_only_where_they_can_be_redrawn(monkeypatch, capsys):
+    """progress=True: tqdm's bars on a terminal (tqdm.std: tqdm.auto had warned "IProgress not
+    found" in a notebook without ipywidgets), plain lines elsewhere (a log, such a notebook: its
+    redrawn bars had left hundreds of lines in the saved notebook), widgets in a notebook that
+    has them."""
+    import io
+    import sys
+
+    from embgeom import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, log in ((io.StringIO(), True), (Terminal(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        p = progress.as_progress(True, "embgeom.test")
+        assert p.enabled and p.log is log
+        with p.bar(total=3, desc="rows", unit="row") as bar:
+            bar.update(3)
+        text = stream.getvalue()
+        assert ("embgeom.test: rows: 3/3 rows (100 %) in " in text) is log and ("\r" in text) is not log
+        assert not progress.as_progress(False, "x").enabled
+    monkeypatch.setattr(progress, "_notebook_widgets", lambda: True)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress.as_progress(True, "embgeom.test").log is False

@@ -106,7 +106,12 @@ class Progress:
         if self.log:
             return None
         try:
-            from tqdm.auto import tqdm
+            # tqdm.auto's notebook bar without ipywidgets warned "IProgress not found" and drew
+            # text whose cursor moves a notebook ignores: widgets only where they exist
+            if _notebook_widgets():
+                from tqdm.notebook import tqdm
+            else:
+                from tqdm.std import tqdm
         except ImportError:
             return None
         return tqdm(file=self.stream, leave=True, **self._sizing(), **kwargs)
@@ -177,13 +182,34 @@ class Progress:
                 bar.close()
 
 
+def _notebook_widgets() -> bool:
+    """Running in a Jupyter kernel that can show ipywidgets (tqdm.notebook's bars)."""
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+        if shell is None or "IPKernelApp" not in shell.config:
+            return False
+        import ipywidgets  # noqa: F401
+    except Exception:  # noqa: BLE001 - no kernel, no widgets, or an IPython without these
+        return False
+    return True
+
+
+def _redrawn(stream) -> bool:
+    """Bars can be redrawn in place on `stream`: a terminal, or a notebook with widgets."""
+    return wanted(stream=stream) or _notebook_widgets()
+
+
 def as_progress(progress, prefix: str) -> Progress:
     """A function's `progress=` argument (a bool or a Progress) as a Progress: True shows it
-    whatever stderr is (the caller asked), False (or None) is silent."""
+    whatever stderr is (the caller asked): bars on a terminal or as a notebook's widgets, else
+    plain lines (a log, a notebook without ipywidgets: a phase's start and end, a bar's count
+    every LOG_SECONDS; redrawn bars had left hundreds of lines in a saved notebook). False (or
+    None) is silent."""
     if isinstance(progress, Progress):
         return progress
     if progress is not None and not isinstance(progress, bool):
         from .validation import flag
 
         progress = flag(progress, "progress")  # ("no" had shown the bars)
-    return Progress(enabled=bool(progress), prefix=prefix)
+    return Progress(enabled=bool(progress), prefix=prefix, log=bool(progress) and not _redrawn(sys.stderr))
