@@ -60,6 +60,26 @@ def test_pairs_json_matches_reference(tmp_path, cross):
     assert isinstance(out["seconds"], float)
 
 
+def test_a_file_of_several_tensors_gives_its_only_matrix_or_is_refused(tmp_path, capsys):
+    """Of several tensors the only (N, D) float one is read; several such (or none) are refused
+    naming them: the first by key order had been taken without a word (a .safetensors file's
+    keys come sorted: its 20 queries analysed instead of its 200 rows)."""
+    from safetensors.torch import save_file
+
+    x, q = make_embeddings(12, 4), make_embeddings(3, 4)
+    torch.save({"ids": torch.arange(12), "emb": x, "name": "vocab"}, tmp_path / "one.pt")
+    assert main(["pairs", str(tmp_path / "one.pt"), "--json", str(tmp_path / "o.json")]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["count"] == 66
+    save_file({"z_embeddings": x, "a_queries": q}, str(tmp_path / "two.safetensors"))
+    torch.save({"ids": torch.arange(12), "mask": torch.ones(12, 4, dtype=torch.bool)}, tmp_path / "none.pt")
+    for name, listed in (("two.safetensors", "2 tensors, 2 of them (N, D) float (a_queries (3, 4) float32, "
+                                             "z_embeddings (12, 4) float32)"),
+                         ("none.pt", "2 tensors, none of them (N, D) float (ids (12,) int64, mask (12, 4) bool)")):
+        capsys.readouterr()
+        assert main(["pairs", str(tmp_path / name), "--json", str(tmp_path / "r.json")]) == 2
+        assert f"{name} holds {listed}; save the one to analyse alone" in capsys.readouterr().err
+
+
 def test_pairs_reads_pt_and_safetensors(tmp_path, capsys):
     from safetensors.torch import save_file
 

@@ -596,7 +596,7 @@ def check_complete(path: str, name: str) -> None:
 
 
 def load_matrix(path: str, name: str = "X") -> torch.Tensor:
-    """Load the (first) tensor of a file. A .npy file is read without pickles into one array of
+    """Load the tensor of a file (of several, the only (N, D) float one). A .npy file is read without pickles into one array of
     its own (native byte order, writable: a mapping of the file would fail later if the file
     were cut short under it)."""
     if not os.path.exists(path):
@@ -641,10 +641,23 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
 
 
 def _first_tensor(obj, name, path) -> torch.Tensor:
-    found = obj if isinstance(obj, torch.Tensor) else next(
-        (v for v in obj.values() if isinstance(v, torch.Tensor)), None) if isinstance(obj, dict) else None
-    if found is None:
-        raise ValueError(f"{name}: no tensor found in {path}")
+    """The file's tensor: the only one, or of several the only (N, D) float one. Several such
+    are refused, naming them: the first by key order had been taken without a word (a
+    .safetensors file's keys come sorted: its 20 queries analysed instead of its 200 rows)."""
+    if isinstance(obj, torch.Tensor):
+        found = obj
+    else:
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+        if not tensors:
+            raise ValueError(f"{name}: no tensor found in {path}")
+        matrices = {k: v for k, v in tensors.items() if v.dim() == 2 and v.dtype.is_floating_point}
+        if len(tensors) > 1 and len(matrices) != 1:
+            listed = ", ".join(f"{k!s} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+                               for k, v in (matrices or tensors).items())
+            raise ValueError(f"{name}: {path} holds {len(tensors)} tensors, {len(matrices) or 'none'} of them "
+                             f"(N, D) float ({listed}); save the one to analyse alone "
+                             "(torch.save(tensor, ...) or numpy.save)")
+        found = next(iter(matrices.values() if len(tensors) > 1 else tensors.values()))
     stored = found.untyped_storage().nbytes() // max(1, found.element_size())
     if found.numel() > stored:
         # an expanded view (stride 0) is saved as its few stored values: a 2 KB file read as a
