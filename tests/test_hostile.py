@@ -255,6 +255,33 @@ def test_resume_through_api_equals_uninterrupted_run(tmp_path, monkeypatch, back
     assert _resumed_tiles(monkeypatch, x, path, kw, want) == 3
 
 
+def test_an_interrupted_checkpointed_run_says_what_it_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in pairwise_stats(checkpoint=...): the KeyboardInterrupt a caller sees (a notebook's
+    traceback) says how many tiles are saved and that the same call resumes; a finished
+    checkpoint's rerun says it holds the finished run (it said 'resuming ... 36 of 36 tiles')."""
+    x = make_embeddings(60, 8, seed=4)
+    kw = dict(block=8, bins=20, topk=5)
+    path = str(tmp_path / "run.ckpt")
+    real_save, saves = runner.save_checkpoint, []
+
+    def save_then_interrupt(*args):
+        real_save(*args)
+        saves.append(1)
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")  # one tile per chunk
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt, match=rf"^interrupted: 3 of 36 tiles are saved in {re.escape(path)}; "
+                                                "the same call resumes from them$"):
+        embgeom.pairwise_stats(x, checkpoint=path, **kw)
+    monkeypatch.setattr(runner, "save_checkpoint", real_save)
+    embgeom.pairwise_stats(x, checkpoint=path, progress=True, **kw)
+    assert f"resuming from {path}: 3 of 36 tiles done" in capsys.readouterr().err
+    embgeom.pairwise_stats(x, checkpoint=path, progress=True, **kw)
+    assert f"{path} holds the finished run (36 tiles)" in capsys.readouterr().err
+
+
 def _resumed_tiles(monkeypatch, x, path, kw, want) -> int:
     """Rerun pairwise_stats(x, checkpoint=path, **kw): assert its result is `want` (an
     uninterrupted run's to_dict()) and return the tiles done in the checkpoint it resumed."""

@@ -117,7 +117,9 @@ def test_shards_are_bounded_and_resume_skips_finished_rows(tmp_path, monkeypatch
         yield from real(self, st, r0, *args)
 
     monkeypatch.setattr(Index, "_pairs_of_rows", spy)
-    with pytest.raises(KeyboardInterrupt):
+    # what a caller's traceback ends with: what was kept and how to go on
+    with pytest.raises(KeyboardInterrupt, match=r"^interrupted: the pairs of the first 128 of 600 rows are saved in .*p; "
+                                                r"the same call continues from them$"):
         index.pairs_above(0.3, tmp_path / "p")
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert not manifest["complete"] and manifest["rows_done"] > 0

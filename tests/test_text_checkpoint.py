@@ -298,7 +298,7 @@ def test_a_stop_inside_an_update_waits_for_the_batch(tiny_bert, tmp_path, sig):
     model, tokenizer = tiny_bert
     ckpt = str(tmp_path / "api.ckpt")
     clean = trace(model, tokenizer, TEXTS, batch_size=2, heads=True, gaussianity=True).to_dict()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"^interrupted: 6 texts are saved in .*api.ckpt; the same call resumes"):
         trace(model, tokenizer, TEXTS, batch_size=2, heads=True, gaussianity=True,
               observers=[Stopper(3, sig)], checkpoint=ckpt)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL      # the run's handler is gone

@@ -1143,9 +1143,11 @@ class Index:
                                 r1 = min(st.n, r0 + rb)
                                 writer.add_rows(r1, self._pairs_of_rows(st, r0, r1, threshold, nc, engine))
                                 bar.update(before(r1) - before(r0))
-                        except KeyboardInterrupt:
+                        except KeyboardInterrupt as exc:
                             with interrupt_after():
                                 writer.save_progress()
+                            exc.args = (f"interrupted: the pairs of the first {writer.rows_done:,} of {st.n:,} "
+                                        f"rows are saved in {out}; the same call continues from them",)
                             raise
                 # every row is done: the last shard and the manifest are written whole before
                 # a signal ends the run (one during them had lost every row since the last save)

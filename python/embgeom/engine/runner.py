@@ -41,11 +41,19 @@ def _run(engine, fp, checkpoint, progress, chunk_seconds, should_stop) -> Engine
     done = int(engine.tiles_done)
     prog = as_progress(progress, "embgeom pairs")
     if done and prog.enabled:
-        prog.stream.write(f"{prog.prefix}: resuming from {checkpoint}: {done:,} of {total_tiles:,} tiles done\n")
+        prog.stream.write(f"{prog.prefix}: {checkpoint} holds the finished run ({total_tiles:,} tiles)\n"
+                          if done == total_tiles else
+                          f"{prog.prefix}: resuming from {checkpoint}: {done:,} of {total_tiles:,} tiles done\n")
     total_pairs = engine.tile_pairs(0, total_tiles)
     resumed_pairs = engine.tile_pairs(0, done)
-    with prog.bar(total_pairs, "pairs", unit="pair", unit_scale=True, initial=resumed_pairs) as bar:
-        return _run_chunks(engine, fp, checkpoint, chunk_seconds, should_stop, bar, done, total_tiles)
+    try:
+        with prog.bar(total_pairs, "pairs", unit="pair", unit_scale=True, initial=resumed_pairs) as bar:
+            return _run_chunks(engine, fp, checkpoint, chunk_seconds, should_stop, bar, done, total_tiles)
+    except KeyboardInterrupt as exc:
+        if checkpoint:  # (what a caller's traceback ends with: what was kept, how to go on)
+            exc.args = (f"interrupted: {int(engine.tiles_done):,} of {total_tiles:,} tiles are saved in "
+                        f"{checkpoint}; the same call resumes from them",)
+        raise
 
 
 def _run_chunks(engine, fp, checkpoint, chunk_seconds, should_stop, bar, done, total_tiles) -> EngineState:

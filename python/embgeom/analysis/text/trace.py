@@ -1143,10 +1143,11 @@ def _run_batches(model, tokenizer, texts, batch_size, max_len, done, accumulator
                 bar.update(batch.mask.shape[0])
                 if ckpt is not None and ckpt.due():
                     ckpt.save(done, accumulators, time.perf_counter() - start)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if ckpt is not None and whole and done > 0:
             with interrupt_after():  # a second Ctrl-C waits for the save (it had cut it short)
                 ckpt.save(done, accumulators, time.perf_counter() - start)
+            exc.args = (f"interrupted: {done:,} texts are saved in {ckpt.path}; the same call resumes from them",)
         raise
     return done
 
