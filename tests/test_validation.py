@@ -14,7 +14,8 @@ import embgeom
     (torch.zeros(3), ValueError, r"x: expected \(N, D\) float, got \(3,\) float32"),
     (torch.zeros(3, 4, dtype=torch.int64), TypeError, "x: expected .* float, got .* int64"),
     (torch.zeros(4, 0), ValueError, r"x: expected at least one column, got \(4, 0\)"),
-    ([[1.0, 2.0]], TypeError, "x: expected a torch.Tensor or numpy.ndarray, got list"),
+    ([[1.0, 2.0]], TypeError, r"x: expected a torch.Tensor or numpy.ndarray, got list \(numpy.asarray\(x, "
+                              r"dtype=numpy.float32\) converts an array of floats\)"),
     (np.arange(6).reshape(2, 3), TypeError, "x: expected a float array"),
 ])
 def test_pairwise_bad_x(x, exc, match):

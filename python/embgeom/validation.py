@@ -64,7 +64,11 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
         if x.dtype.newbyteorder("=") in (np.float64, np.float32, np.float16):
             return numpy_tensor(np.asarray(x))
         raise TypeError(f"{name}: expected a float array, got {_describe(x)}")
-    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    # (a pipeline's containers: a list of rows, a DataFrame, a datasets or pyarrow column, a JAX
+    # array; which conversion copies, and into which dtype, is the caller's choice)
+    how = "torch.from_dlpack(x)" if hasattr(x, "__dlpack__") else "numpy.asarray(x, dtype=numpy.float32)"
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__} ({how} converts "
+                    "an array of floats)")
 
 
 def dense_tensor(x: torch.Tensor, name: str) -> None:
