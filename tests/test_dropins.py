@@ -73,6 +73,35 @@ def test_any_score_function_and_float64_rows_match(st_util, chunks):
         assert got == want
 
 
+def test_quantized_rows_with_a_callers_score_function_match(st_util):
+    """sentence-transformers' int8 / uint8 / binary embeddings (encode(precision=...)) scored by
+    a function of the caller's (a Hamming similarity on packed bits, an int dot product) give
+    the library's hits (they had been refused as not float); cos_sim / dot_score on them stay
+    refused (the library fails on cos_sim, and its int8 products wrap)."""
+    quantize = pytest.importorskip("sentence_transformers.quantization").quantize_embeddings
+    rows = make_rows(120, 64, seed=8).numpy()
+    table = torch.tensor([bin(v).count("1") for v in range(256)])
+
+    def hamming_sim(a, b):  # packed bits: the number of equal bits
+        return 8 * a.shape[1] - table[(a[:, None, :] ^ b[None, :, :]).long()].sum(-1)
+
+    def int_dot(a, b):
+        return a.long() @ b.long().T
+
+    for precision, fn in (("ubinary", hamming_sim), ("binary", hamming_sim), ("int8", int_dot), ("uint8", int_dot)):
+        q = quantize(rows, precision=precision, calibration_embeddings=rows)
+        for c in (q, torch.from_numpy(q)):
+            want = st_util.semantic_search(torch.from_numpy(q[:5]), torch.from_numpy(q), top_k=7, score_function=fn)
+            got = st_compat.semantic_search(c[:5], c, top_k=7, score_function=fn)
+            assert [[(h["corpus_id"], h["score"]) for h in r] for r in got] == \
+                [[(h["corpus_id"], float(h["score"])) for h in r] for r in want] or \
+                [[h["score"] for h in r] for r in got] == [[float(h["score"]) for h in r] for r in want]
+        mined = st_compat.paraphrase_mining_embeddings(q, top_k=3, max_pairs=20, score_function=fn)
+        assert len(mined) == 20 and all(isinstance(p[0], float) for p in mined)
+    with pytest.raises(TypeError, match="corpus_embeddings: expected .*float"):
+        st_compat.semantic_search(q[:2], q, top_k=3)
+
+
 def test_mining_replays_the_library_on_asymmetric_and_masking_functions(st_util):
     """A score_function need not be symmetric nor finite: paraphrase mining keeps what the
     library's loop keeps (a pair pushed out of the heap may return from its other row with its

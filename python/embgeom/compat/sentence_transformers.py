@@ -59,8 +59,21 @@ def _metric(score_function: Callable | str | None) -> str | None:
 
 # -- the scored path: float64 rows or the caller's score_function, chunk by chunk -----------------
 
+def _integer_rows(x: np.ndarray | torch.Tensor) -> bool:
+    return x.dtype.kind in "iub" if isinstance(x, np.ndarray) else \
+        (not x.dtype.is_floating_point and not x.dtype.is_complex)
+
+
 def _scored_rows(x: torch.Tensor, name: str, d: int | None = None) -> torch.Tensor:
-    """(N, D) float rows for the scored path, N may be 0: finite values, D as the other input's."""
+    """(N, D) rows for the scored path, N may be 0: finite float values, or integer rows
+    (quantized embeddings: _tensor) as they are; D as the other input's."""
+    if _integer_rows(x):
+        validation.dense_tensor(x, name)
+        if x.dim() != 2 or x.shape[1] == 0:
+            raise ValueError(f"{name}: expected (N, D) rows with D >= 1, got {tuple(x.shape)}")
+        if d is not None and x.shape[1] != d:
+            raise ValueError(f"{name}: expected D = {d} to match the corpus, got {tuple(x.shape)}")
+        return x
     x = validation.matrix(x, name, rows_may_be_empty=True)
     if d is not None and x.shape[1] != d:
         raise ValueError(f"{name}: expected D = {d} to match the corpus, got {tuple(x.shape)}")
@@ -179,9 +192,14 @@ def _scored_neighbours(queries: torch.Tensor, corpus: torch.Tensor, width: int, 
     return values, ids
 
 
-def _tensor(x: Any, name: str) -> torch.Tensor:
+def _tensor(x: Any, name: str, quantized: bool = False) -> torch.Tensor:
+    """The rows as a tensor; quantized: integer rows (sentence-transformers' int8 / uint8 /
+    binary embeddings) taken as they are, for a score_function of the caller's to score."""
     if isinstance(x, list):
         x = _stack_rows(x, name)
+    if quantized and isinstance(x, (np.ndarray, torch.Tensor)) and _integer_rows(x):
+        t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x.detach()
+        return t.unsqueeze(0) if t.dim() == 1 else t
     t = validation.as_tensor(x, name)
     if t.dim() == 1:
         t = t.unsqueeze(0)
@@ -234,8 +252,8 @@ def semantic_search(query_embeddings, corpus_embeddings, query_chunk_size: int =
     corpus_chunk_size = validation.positive_int(corpus_chunk_size, "corpus_chunk_size", allow_zero=False)
     top_k = validation.positive_int(top_k, "top_k")
     metric = _metric(score_function)
-    corpus = _tensor(corpus_embeddings, "corpus_embeddings")
-    queries = _tensor(query_embeddings, "query_embeddings")
+    corpus = _tensor(corpus_embeddings, "corpus_embeddings", quantized=metric is None)
+    queries = _tensor(query_embeddings, "query_embeddings", quantized=metric is None)
     if metric is None or torch.float64 in (corpus.dtype, queries.dtype):
         corpus = _scored_rows(corpus, "corpus_embeddings")
         queries = _scored_rows(queries, "query_embeddings", corpus.shape[1])
@@ -277,7 +295,7 @@ def paraphrase_mining_embeddings(embeddings, query_chunk_size: int = 5000, corpu
     max_pairs = validation.positive_int(max_pairs, "max_pairs")
     top_k = validation.positive_int(top_k, "top_k")
     metric = _metric(score_function)
-    x = _tensor(embeddings, "embeddings")
+    x = _tensor(embeddings, "embeddings", quantized=metric is None)
     if metric is None or x.dtype == torch.float64:
         x = _scored_rows(x, "embeddings")
         if x.shape[0] < 2 or top_k == 0 or max_pairs == 0:
