@@ -766,3 +766,17 @@ def test_progress_true_draws_bars_only_where_they_can_be_redrawn(monkeypatch, ca
     monkeypatch.setattr(progress, "_notebook_widgets", lambda: True)
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert progress.as_progress(True, "embgeom.test").log is False
+
+
+def test_a_cut_short_or_object_npy_is_named_as_such(tmp_path, capsys):
+    """A .npy file cut short said numpy's 'mmap length is greater than file size', an object
+    array 'Array can't be memory-mapped: Python objects in dtype'."""
+    np.save(tmp_path / "x.npy", np.ones((50, 8), np.float32))
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:-100])
+    np.save(tmp_path / "obj.npy", np.array([[1.0, "a"]], dtype=object), allow_pickle=True)
+    for name, said in (("cut.npy", "cut.npy is cut short: its header says (50, 8) float32 (1,728 bytes), the "
+                                   "file has 1,628"),
+                       ("obj.npy", "expected a float array in ")):
+        assert main(["pairs", str(tmp_path / name), "--json", str(tmp_path / "o.json")]) == 2
+        assert said in capsys.readouterr().err

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -595,6 +596,18 @@ def check_complete(path: str, name: str) -> None:
                          f"(size or sha256 differs from {MANIFEST})")
 
 
+def npy_header(path: str) -> tuple[tuple, bool, np.dtype, int]:
+    """(shape, fortran order, dtype, bytes the file needs) of a .npy file's header; ValueError
+    for a header numpy cannot read."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"an .npy version {version} header")
+        shape, fortran, dtype = read_header[version](f)
+        return tuple(shape), bool(fortran), dtype, f.tell() + math.prod(shape) * dtype.itemsize
+
+
 def load_matrix(path: str, name: str = "X") -> torch.Tensor:
     """Load the tensor of a file (of several, the only (N, D) float one). A .npy file is read without pickles into one array of
     its own (native byte order, writable: a mapping of the file would fail later if the file
@@ -611,6 +624,15 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
         with open(path, "rb") as f:
             if f.read(6) != b"\x93NUMPY":  # else numpy calls any non-.npy bytes "pickled data"
                 raise ValueError(f"{name}: {path} is not a .npy file (no NumPy header)")
+        try:  # (what numpy's mapping says of these: "mmap length is greater than file size", ...)
+            shape, _, dtype, need = npy_header(path)
+        except ValueError as exc:
+            raise ValueError(f"{name}: cannot read {path}: {first_line(exc)}") from None
+        if dtype.kind != "f":
+            raise ValueError(f"{name}: expected a float array in {path}, got dtype {dtype}")
+        if os.path.getsize(path) < need:
+            raise ValueError(f"{name}: {path} is cut short: its header says {shape} {dtype} ({need:,} bytes), "
+                             f"the file has {os.path.getsize(path):,}")
     try:
         if suffix == ".npy":
             obj = np.load(path, mmap_mode="r", allow_pickle=False)

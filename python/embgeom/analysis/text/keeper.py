@@ -8,7 +8,6 @@ is never in memory; --trajectories N keeps every real token's L+1 states for the
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import shutil
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ...engine.checkpoint import Resumable
+from ...io import npy_header
 
 
 class Keeper(Resumable):
@@ -137,13 +137,7 @@ class Keeper(Resumable):
 def _check_rows_file(path: str, shape: tuple) -> None:
     """ValueError unless `path` is a float32 .npy of `shape` whose size covers every row (a
     memory map in r+ mode would grow a cut-short file with zeros)."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            raise ValueError(f"an .npy version {version} header")
-        got_shape, fortran, dtype = read_header[version](f)
-        need = f.tell() + math.prod(got_shape) * dtype.itemsize
+    got_shape, fortran, dtype, need = npy_header(path)
     if tuple(got_shape) != tuple(shape) or dtype != np.float32 or fortran:
         raise ValueError(f"it holds {dtype} {tuple(got_shape)}, expected float32 {tuple(shape)}")
     if os.path.getsize(path) != need:
