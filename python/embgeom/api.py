@@ -43,7 +43,8 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
     else the first usable for x's device; 'auto': that first usable one, whatever the
     environment says (`python -m embgeom.info` lists them). checkpoint=PATH
     saves finished tiles so that an interrupted run resumes (same inputs and options).
-    progress: True (or a progress.Progress) shows a bar of tiles on stderr.
+    progress: True (or a progress.Progress) shows a bar of tiles on stderr (plain lines where
+    stderr is no terminal and no notebook with ipywidgets: progress.as_progress).
     Returns PairwiseStats (tensors on x's device).
     """
     checkpoint = validation.optional_path(checkpoint, "checkpoint")
