@@ -763,6 +763,16 @@ def test_progress_true_draws_bars_only_where_they_can_be_redrawn(monkeypatch, ca
         text = stream.getvalue()
         assert ("embgeom.test: rows: 3/3 rows (100 %) in " in text) is log and ("\r" in text) is not log
         assert not progress.as_progress(False, "x").enabled
+    class WriteOnly:  # a caller's replaced stderr: no flush, or closed
+        def write(self, text):
+            return len(text)
+
+    closed = io.StringIO()
+    closed.close()
+    for stream in (WriteOnly(), closed):
+        monkeypatch.setattr(sys, "stderr", stream)
+        with progress.as_progress(True, "embgeom.test").bar(total=3, desc="rows") as bar:
+            bar.update(3)
     monkeypatch.setattr(progress, "_notebook_widgets", lambda: True)
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert progress.as_progress(True, "embgeom.test").log is False

@@ -413,10 +413,15 @@ def test_p_in_metric_params_warns_as_sklearn(sk_neighbors):
     from embgeom.sklearn import NearestNeighbors
 
     x = np.random.default_rng(0).random((4, 2))
+    import warnings
+
     for cls in (NearestNeighbors, sk_neighbors.NearestNeighbors):
         with pytest.warns(SyntaxWarning, match="Parameter p is found in metric_params") as rec:
             cls(metric_params={"p": 2}).fit(x)
         assert cls is not NearestNeighbors or rec[0].filename == __file__
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cls(p=None, metric_params={"p": 2}).fit(x)  # (scikit-learn's warning-free form)
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])

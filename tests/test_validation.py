@@ -420,3 +420,23 @@ def test_masked_arrays_with_masked_values_are_refused():
     with pytest.raises(ValueError, match=r"^x: a masked array with 1 masked value\(s\); embgeom reads every value"):
         embgeom.pairwise_stats(x)
     assert embgeom.pairwise_stats(np.ma.masked_array(np.eye(3, dtype=np.float32))).count == 3
+
+
+def test_read_only_arrays_leave_torchs_own_warning_to_the_caller():
+    """embgeom reads a read-only array without torch.from_numpy, whose not-writable warning is
+    shown once a process: the caller's own from_numpy of such an array still warns (a child
+    process: the once is per process)."""
+    import subprocess
+    import sys
+
+    script = ("import warnings, numpy as np, torch, embgeom\n"
+              "x = np.ones((20, 4), np.float32); x.flags.writeable = False\n"
+              "with warnings.catch_warnings(record=True) as w:\n"
+              "    warnings.simplefilter('always')\n"
+              "    embgeom.pairwise_stats(x); embgeom.Index(x).search(x[:2], 2)\n"
+              "    assert not w, [str(m.message) for m in w]\n"
+              "    torch.from_numpy(x)\n"
+              "    assert any('not writable' in str(m.message) for m in w)\n"
+              "print('warned once, for the caller')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "warned once, for the caller" in run.stdout, run.stdout + run.stderr

@@ -20,7 +20,7 @@ from embgeom.sklearn import NearestNeighbors
 
 
 def statistics(x: np.ndarray, folder: Path) -> PairwiseStats:
-    s = embgeom.pairwise_stats(x, bins=50, topk=5, row_topk=3, outside=[-0.2, 0.2], range=(-1, 1),
+    s = embgeom.pairwise_stats(x, bins=np.int64(50), topk=5, row_topk=3, outside=[-0.2, 0.2], range=(-1, 1),
                                near=np.float32(0.5), checkpoint=folder / "run.ckpt",
                                progress=Progress(enabled=False, prefix="stats"))
     count: int = s.count
@@ -62,12 +62,13 @@ def drop_ins(x: np.ndarray) -> None:
     flat = IndexFlatIP(x.shape[1])
     flat.add(x)
     D, I = flat.search(x[:2], 3)
+    lims, rd, ri = flat.range_search(x[:2], torch.tensor(0.5))
     lims, rd, ri = flat.range_search(x[:2], np.float32(0.5))
     assert D.shape == I.shape == dist.shape == ind.shape and lims.shape == (3,)
 
 
 def neighbours(x: np.ndarray) -> KnnResult:
-    result = embgeom.knn(x, 3, device=torch.device("cpu"), progress=False)
+    result = embgeom.knn(x, np.int64(3), device=torch.device("cpu"), progress=False)
     frame: pd.DataFrame = result.to_pandas()
     assert len(frame) > 0
     return result

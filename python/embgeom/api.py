@@ -16,18 +16,18 @@ from .engine import limits
 from .engine.config import make_config, options_doc
 from .engine.runner import run_engine
 from .progress import as_progress
-from .api_types import Interval, PathArg, ProgressArg, Scalar
+from .api_types import Count, Interval, PathArg, ProgressArg, Scalar
 from .results import AttentionEntropy, ConeIndex, PairwiseStats
 
 
-def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: int = _D.bins,
-                   range: Interval | None = None, topk: int = _D.topk,
-                   bottomk: int = _D.bottomk, near: Scalar | None = _D.near, near_k: int = _D.near_k,
-                   row_topk: int = _D.row_topk, row_bottomk: int = _D.row_bottomk,
-                   outside: Interval | None = _D.outside, outside_limit: int = _D.outside_limit,
+def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: Count = _D.bins,
+                   range: Interval | None = None, topk: Count = _D.topk,
+                   bottomk: Count = _D.bottomk, near: Scalar | None = _D.near, near_k: Count = _D.near_k,
+                   row_topk: Count = _D.row_topk, row_bottomk: Count = _D.row_bottomk,
+                   outside: Interval | None = _D.outside, outside_limit: Count = _D.outside_limit,
                    precision: str = _D.precision, backend: str | None = None,
                    checkpoint: PathArg | None = None, progress: ProgressArg = False,
-                   block: int = _D.block) -> PairwiseStats:
+                   block: Count = _D.block) -> PairwiseStats:
     """Statistics over all pairs, tile by tile (docs/metrics.md, all-pairs statistics); the N x N matrix is never built.
 
     x: (N, D) float; y: (M, D) float or None. Self mode (y None) covers the pairs i < j; cross

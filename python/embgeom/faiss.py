@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import validation
-from .api_types import Scalar
+from .api_types import Count, Scalar
 from .index import Index
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -87,7 +87,7 @@ class _IndexFlat:
                              f"got {int(value)}")
         return int(value)
 
-    def search(self, x, k: int, *, params=None, D=None,
+    def search(self, x, k: Count, *, params=None, D=None,
                I=None) -> tuple[np.ndarray, np.ndarray]:  # noqa: E741 (FAISS's names)
         """-> (D (n, k) float32, I (n, k) int64); D and I given: filled and returned, as FAISS
         does. params: None (a flat index takes no search parameters)."""
@@ -125,10 +125,10 @@ class _IndexFlat:
         at the radius); IP: inner product > radius. An infinite radius is taken as FAISS
         takes it (L2 inf: every row; IP -inf: every row)."""
         q = validation.numpy_tensor(self._rows(x, "x"))
-        if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)) \
-                or math.isnan(radius):
+        r = validation.number(radius, "radius")
+        if math.isnan(r):
             raise ValueError(f"radius: expected a number, got {radius!r}")
-        r = float(np.float32(radius))  # FAISS takes the radius as a float32
+        r = float(np.float32(r))  # FAISS takes the radius as a float32
         # the Index's inclusive cut, a little wider than the radius (the exact test follows)
         if self._metric == "l2":
             cut = math.sqrt(max(r, 0.0)) * (1 + 1e-12) if r < math.inf else 1e300

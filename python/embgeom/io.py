@@ -674,8 +674,9 @@ def _first_tensor(obj, name, path) -> torch.Tensor:
             raise ValueError(f"{name}: no tensor found in {path}")
         matrices = {k: v for k, v in tensors.items() if v.dim() == 2 and v.dtype.is_floating_point}
         if len(tensors) > 1 and len(matrices) != 1:
-            listed = ", ".join(f"{k!s} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
-                               for k, v in (matrices or tensors).items())
+            shown = list((matrices or tensors).items())
+            listed = ", ".join(f"{k!s} {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in shown[:10])
+            listed += f", ... {len(shown) - 10} more" if len(shown) > 10 else ""
             raise ValueError(f"{name}: {path} holds {len(tensors)} tensors, {len(matrices) or 'none'} of them "
                              f"(N, D) float ({listed}); save the one to analyse alone "
                              "(torch.save(tensor, ...) or numpy.save)")

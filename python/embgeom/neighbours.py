@@ -11,21 +11,18 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Any
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import numerics, validation
-from .api_types import DeviceArg, ProgressArg
+from .api_types import Count, DataFrame, DeviceArg, ProgressArg
 from .formatting import counted, fmt
 from .tables import table_html
 from .results import RowTopK
 from .progress import as_progress
 from .threads import one_thread_in_forked_children
 
-if TYPE_CHECKING:
-    import pandas as pd
 
 INDEXES = ("flat", "ivf", "hnsw")
 
@@ -64,7 +61,7 @@ class KnnResult:
             "values": [[None if math.isnan(v) else float(v) for v in row] for row in vals],
         }
 
-    def to_pandas(self) -> pd.DataFrame:
+    def to_pandas(self) -> DataFrame:
         """Long format: columns query, rank, neighbor, cosine; padding (-1) left out."""
         return RowTopK(self.indices, self.values).to_pandas().rename(
             columns={"row": "query", "column": "neighbor", "value": "cosine"})
@@ -256,7 +253,7 @@ def recall_at_k(approx: np.ndarray | torch.Tensor, exact: np.ndarray | torch.Ten
     return hits / total if total else None
 
 
-def knn(x, k: int, *, queries=None, index: str = "flat", device: DeviceArg = None,
+def knn(x, k: Count, *, queries=None, index: str = "flat", device: DeviceArg = None,
         nlist: int | None = None, nprobe: int | None = None, hnsw_m: int | None = None,
         ef_search: int | None = None, tie_margin: int = 8, progress: ProgressArg = False) -> KnnResult:
     """The k nearest rows of x by cosine similarity, for every query.

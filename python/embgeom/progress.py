@@ -47,8 +47,15 @@ LOG_SECONDS = 60.0  # a log's lines of a long phase or bar: one this often
 
 
 def _line(stream, text: str) -> None:
-    stream.write(text + "\n")
-    stream.flush()
+    """One line on stream; nothing where it cannot take it (None, closed, no flush): a caller's
+    replaced stderr never ends a run (tqdm's bars had skipped such streams too)."""
+    try:
+        stream.write(text + "\n")
+        flush = getattr(stream, "flush", None)
+        if flush is not None:
+            flush()
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 class _Logged:
@@ -110,11 +117,15 @@ class Progress:
             # text whose cursor moves a notebook ignores: widgets only where they exist
             if _notebook_widgets():
                 from tqdm.notebook import tqdm
+
+                sizing = {}  # (a width in columns becomes one in pixels: 100 px wide)
             else:
                 from tqdm.std import tqdm
+
+                sizing = self._sizing()
         except ImportError:
             return None
-        return tqdm(file=self.stream, leave=True, **self._sizing(), **kwargs)
+        return tqdm(file=self.stream, leave=True, **sizing, **kwargs)
 
     def tqdm_options(self, desc: str, unit: str) -> dict | None:
         """Keyword arguments for a library's own tqdm bar (umap-learn's `tqdm_kwds`), drawn like

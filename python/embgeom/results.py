@@ -6,15 +6,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
-from typing import TYPE_CHECKING
 
 import torch
 
+from .api_types import DataFrame
 from .formatting import fmt
 from .tables import table_html
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 def _namer(tokens, size: int, name: str):
@@ -104,7 +101,7 @@ class PairList:
         return [[int(a), int(b), _num(float(v))] for a, b, v in
                 zip(self.i.tolist(), self.j.tolist(), self.values.double().tolist())]
 
-    def to_pandas(self) -> pd.DataFrame:
+    def to_pandas(self) -> DataFrame:
         """DataFrame with columns i, j, value, one row per pair in report order."""
         return _pandas().DataFrame({"i": self.i.cpu().numpy(), "j": self.j.cpu().numpy(),
                                     "value": self.values.double().cpu().numpy()})
@@ -133,7 +130,7 @@ class Histogram:
         """(bins + 1,) float64 bin edges, lo to hi (the bin rule: docs/metrics.md, histogram)."""
         return torch.linspace(self.lo, self.hi, self.bins + 1, dtype=torch.float64)
 
-    def to_pandas(self) -> pd.DataFrame:
+    def to_pandas(self) -> DataFrame:
         """DataFrame with columns lo, hi, count, one row per bin (under/overflow not included)."""
         e = self.edges().numpy()
         return _pandas().DataFrame({"lo": e[:-1], "hi": e[1:], "count": self.counts.cpu().numpy()})
@@ -159,7 +156,7 @@ class RowTopK:
         """JSON-safe nested lists: indices (-1 padding) and values (null padding)."""
         return {"indices": self.indices.tolist(), "values": as_list(self.values)}
 
-    def to_pandas(self) -> pd.DataFrame:
+    def to_pandas(self) -> DataFrame:
         """Long format: columns row, rank, column, value; padding (-1) left out."""
         idx, val = self.indices.cpu(), self.values.double().cpu()
         keep = idx >= 0
@@ -194,7 +191,7 @@ class Outside:
             out["col_counts"] = self.col_counts.tolist()
         return out
 
-    def to_pandas(self) -> pd.DataFrame:
+    def to_pandas(self) -> DataFrame:
         """The first listed pairs outside [a, b] (columns i, j, value); df.attrs["count"] is the
         true number of pairs outside and df.attrs["truncated"] says whether the list is cut."""
         df = self.pairs.to_pandas()
@@ -284,7 +281,7 @@ class PairwiseStats:
             out["notes"] = list(self.notes)
         return out
 
-    def to_pandas(self, which: str = "top_pairs", *, tokens=None, col_tokens=None) -> pd.DataFrame:
+    def to_pandas(self, which: str = "top_pairs", *, tokens=None, col_tokens=None) -> DataFrame:
         """One ranked list or table as a DataFrame: which = top_pairs, bottom_pairs, near_pairs,
         outside, row_topk, row_bottomk or hist.
 
@@ -313,7 +310,7 @@ class PairwiseStats:
             df.insert(3, "token_j", cols(df["j"]))
         return df
 
-    def summary(self) -> pd.DataFrame:
+    def summary(self) -> DataFrame:
         """Every scalar of the run as a one-row DataFrame (concatenate the summaries of several
         runs to compare them): sizes, options, count, mean, std, min / max with their pair,
         excluded rows, pairs outside, histogram bins, seconds."""
@@ -395,7 +392,7 @@ class ConeIndex:
         return {"index": as_list(self.index), "normalized": as_list(self.normalized),
                 "n": self.n.tolist(), "zero_rows": self.zero_rows.tolist(), "backend": self.backend}
 
-    def to_pandas(self) -> pd.DataFrame:
+    def to_pandas(self) -> DataFrame:
         """One row per set: columns set, index, normalized, n, zero_rows (depth first for (L+1, B))."""
         cols = {k: getattr(self, k).detach().cpu() for k in ("index", "normalized", "n", "zero_rows")}
         if self.index.dim() == 2:
@@ -436,7 +433,7 @@ class AttentionEntropy:
         return {"mean": as_list(self.mean), "uniform_baseline": as_list(self.uniform_baseline),
                 "n_rows": self.n_rows, "smoothing": self.smoothing, "backend": self.backend}
 
-    def to_pandas(self) -> pd.DataFrame:
+    def to_pandas(self) -> DataFrame:
         """One row per head: columns head, mean_entropy."""
         return _pandas().DataFrame({"head": range(self.mean.numel()),
                                     "mean_entropy": self.mean.detach().double().cpu().numpy()})

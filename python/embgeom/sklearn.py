@@ -92,7 +92,7 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         params = {} if self.metric_params is None else self.metric_params
         if not isinstance(params, dict) or set(params) - {"p"}:
             raise _ParameterError(f"metric_params: expected None or {{'p': 2}}, got {self.metric_params!r}")
-        if "p" in params:  # scikit-learn's own warning, in its category
+        if "p" in params and self.p is not None:  # scikit-learn's own warning, in its category
             warnings.warn("Parameter p is found in metric_params. The corresponding parameter from __init__ is ignored.",
                           SyntaxWarning, stacklevel=3)
         p = params.get("p", self.p)
@@ -102,8 +102,10 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
                                              or not isinstance(self.n_neighbors, (int, np.integer))
                                              or self.n_neighbors < 1):
             raise _ParameterError(f"n_neighbors: expected None or an int >= 1, got {self.n_neighbors!r}")
-        if isinstance(self.radius, bool) or not isinstance(self.radius, (int, float, np.integer, np.floating)):
-            raise _ParameterError(f"radius: expected a number, got {self.radius!r}")
+        try:
+            validation.number(self.radius, "radius")
+        except TypeError:
+            raise _ParameterError(f"radius: expected a number, got {self.radius!r}") from None
         return METRICS[self.metric]
 
     def __sklearn_tags__(self):

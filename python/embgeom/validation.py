@@ -91,17 +91,25 @@ def torch_ready(x: np.ndarray) -> np.ndarray:
     return x
 
 
+_BUFFER_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                  np.dtype(np.float64): torch.float64}
+
+
 def numpy_tensor(x: np.ndarray) -> torch.Tensor:
     """A tensor on x's memory (torch_ready's copy only where torch cannot take x's layout): a
-    read-only array too (np.load(mmap_mode="r"), a pyarrow or polars buffer), which embgeom only
-    reads; it had been copied whole (1.5 GB for pairs_above on a 1M x 384 memory map), and
-    torch's note that the array is not writable is not shown for it."""
+    read-only C-contiguous float array too (np.load(mmap_mode="r"), a pyarrow or polars buffer),
+    which embgeom only reads; it had been copied whole (1.5 GB for pairs_above on a 1M x 384
+    memory map). It is taken through torch.frombuffer, whose note on read-only buffers is not
+    shown: torch.from_numpy's, shown once a process, stays for the caller's own calls. Other
+    read-only layouts are copied."""
     x = torch_ready(x)
     if x.flags.writeable:
         return torch.from_numpy(x)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-        return torch.from_numpy(x)
+    if x.flags.c_contiguous and x.size and x.dtype in _BUFFER_DTYPES:
+        with warnings.catch_warnings():  # (the buffer is kept alive by the tensor)
+            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+            return torch.frombuffer(memoryview(x).cast("B"), dtype=_BUFFER_DTYPES[x.dtype]).view(x.shape)
+    return torch.from_numpy(x.copy())
 
 
 def _check_float(x: torch.Tensor, name: str, shape_doc: str) -> None:
@@ -447,15 +455,21 @@ def seed(value: Any, name: str = "seed") -> int:
     return int(value)
 
 
-def finite_float(value: Any, name: str) -> float:
+def number(value: Any, name: str) -> float:
+    """Any real number as a float (a Python or numpy scalar, a 0-d tensor; inf and NaN kept);
+    TypeError naming `name` otherwise."""
     # a string ("0.9") or a truth value (bool, numpy / torch bool) would convert, and hide a
     # caller's mistake
     if isinstance(value, (str, bytes, bool, np.bool_)) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
     try:
-        out = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}") from None
+
+
+def finite_float(value: Any, name: str) -> float:
+    out = number(value, name)
     if not np.isfinite(out):
         raise ValueError(f"{name}: expected a finite number, got {value}")
     return out

@@ -8,19 +8,16 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from ... import validation
 from ...formatting import fmt
-from ...api_types import ProgressArg
+from ...api_types import DataFrame, ProgressArg
 from ...api import pairwise_stats
 from ...backends import registry
 from .geometry import as_matrix, as_matrix64, silhouette, translated
 
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 
@@ -404,7 +401,7 @@ class Projection:
         """The graph's values: similarities (cosine) or distances (euclidean); None for PCA."""
         return self.similarities if self.metric == "cosine" else self.distances
 
-    def to_pandas(self) -> pd.DataFrame:
+    def to_pandas(self) -> DataFrame:
         """One row per point: x, y (the layout), label (with labels), and the graph's nearest
         neighbour and its value (graph methods)."""
         from ...results import _pandas

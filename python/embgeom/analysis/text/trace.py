@@ -18,13 +18,13 @@ import unicodedata
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from ... import validation
 from ...formatting import fmt
-from ...api_types import DeviceArg, PathArg, ProgressArg
+from ...api_types import DataFrame, DeviceArg, PathArg, ProgressArg
 from ...backends import registry
 from ...engine.checkpoint import Resumable
 from ...numerics import cosine_matrix
@@ -32,8 +32,6 @@ from ...progress import as_progress
 from . import adapters, attention
 from .inputs import read_lines
 
-if TYPE_CHECKING:
-    import pandas as pd
 
 METRICS = ("cone", "entropy", "attention", "context", "evolution")
 
@@ -649,7 +647,7 @@ class TraceResult:
 
     TABLES = ("layers", "heads", "clark_js", "gaussianity")
 
-    def to_pandas(self, what: str = "layers", heads_block: dict | None = None) -> pd.DataFrame:
+    def to_pandas(self, what: str = "layers", heads_block: dict | None = None) -> DataFrame:
         """A long DataFrame (pandas optional) of one of TABLES:
         "layers": the per-layer table (PER_LAYER_COLUMNS; column "layer" runs 1..L);
         "heads": one row per (layer, head), `per_head` (heads_block: the `attention_heads` block
