@@ -4,6 +4,7 @@ refusals of the readers. Every crafted payload is first shown to be live (loadin
 way does create its marker file), so a marker that stays absent means nothing ran."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -239,20 +240,28 @@ def test_resume_through_api_equals_uninterrupted_run(tmp_path, monkeypatch, back
     kw = dict(backend=backend, block=8, bins=20, topk=5, bottomk=5, row_topk=3, outside=(-0.3, 0.3))
     want = embgeom.pairwise_stats(x, **kw).to_dict()
     path = str(tmp_path / "run.ckpt")
+    with _ended_after_three_saves(monkeypatch, Killed), pytest.raises(Killed):
+        embgeom.pairwise_stats(x, checkpoint=path, **kw)
+    assert _resumed_tiles(monkeypatch, x, path, kw, want) == 3
+
+
+@contextlib.contextmanager
+def _ended_after_three_saves(monkeypatch, exc):
+    """Inside: the run's checkpoint saves (one tile each) raise `exc` after the third."""
     real_save, saves = runner.save_checkpoint, []
 
-    def save_then_die(*args):
+    def save_then_end(*args):
         real_save(*args)
         saves.append(1)
         if len(saves) == 3:
-            raise Killed
+            raise exc
 
     monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")  # one tile per chunk
-    monkeypatch.setattr(runner, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        embgeom.pairwise_stats(x, checkpoint=path, **kw)
-    monkeypatch.setattr(runner, "save_checkpoint", real_save)
-    assert _resumed_tiles(monkeypatch, x, path, kw, want) == 3
+    monkeypatch.setattr(runner, "save_checkpoint", save_then_end)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(runner, "save_checkpoint", real_save)
 
 
 def test_an_interrupted_checkpointed_run_says_what_it_kept(tmp_path, monkeypatch, capsys):
@@ -262,20 +271,10 @@ def test_an_interrupted_checkpointed_run_says_what_it_kept(tmp_path, monkeypatch
     x = make_embeddings(60, 8, seed=4)
     kw = dict(block=8, bins=20, topk=5)
     path = str(tmp_path / "run.ckpt")
-    real_save, saves = runner.save_checkpoint, []
-
-    def save_then_interrupt(*args):
-        real_save(*args)
-        saves.append(1)
-        if len(saves) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setenv("EMBGEOM_CHECKPOINT_SECONDS", "0")  # one tile per chunk
-    monkeypatch.setattr(runner, "save_checkpoint", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt, match=rf"^interrupted: 3 of 36 tiles are saved in {re.escape(path)}; "
-                                                "the same call resumes from them$"):
+    with _ended_after_three_saves(monkeypatch, KeyboardInterrupt), \
+            pytest.raises(KeyboardInterrupt, match=rf"^interrupted: 3 of 36 tiles are saved in {re.escape(path)}; "
+                                                   "the same call resumes from them$"):
         embgeom.pairwise_stats(x, checkpoint=path, **kw)
-    monkeypatch.setattr(runner, "save_checkpoint", real_save)
     embgeom.pairwise_stats(x, checkpoint=path, progress=True, **kw)
     assert f"resuming from {path}: 3 of 36 tiles done" in capsys.readouterr().err
     embgeom.pairwise_stats(x, checkpoint=path, progress=True, **kw)
