@@ -715,3 +715,17 @@ def test_a_finished_checkpoint_is_not_rewritten(tiny_bert, tmp_path, monkeypatch
     again = trace(model, tokenizer, TEXTS, batch_size=3, checkpoint=str(ckpt))
     assert saves == []
     assert _strip(again.to_dict()) == _strip(first.to_dict())
+
+
+def test_a_finished_checkpoint_says_it_holds_the_finished_run(tiny_bert, tmp_path):
+    """A rerun on a finished checkpoint said 'resuming ... 12 of 12 texts done'."""
+    import io
+
+    from embgeom.progress import Progress
+
+    model, tokenizer = tiny_bert
+    ckpt = str(tmp_path / "done.ckpt")
+    trace(model, tokenizer, TEXTS, batch_size=4, checkpoint=ckpt)
+    said = io.StringIO()
+    trace(model, tokenizer, TEXTS, batch_size=4, checkpoint=ckpt, progress=Progress(enabled=True, stream=said, log=True))
+    assert f"embgeom text: {ckpt} holds the finished run ({len(TEXTS)} texts)" in said.getvalue()

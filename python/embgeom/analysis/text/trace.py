@@ -1072,8 +1072,9 @@ def trace(model, tokenizer, texts, *, batch_size: int = 32, max_length: int | No
     try:
         done = ckpt.restore([acc, *observers]) if ckpt is not None else 0
         if done and prog.enabled:
-            prog.stream.write(f"embgeom text: resuming from {ckpt.path}: {done:,} of "
-                              f"{'?' if total is None else format(total, ',')} texts done\n")
+            prog.stream.write(f"embgeom text: {ckpt.path} holds the finished run ({done:,} texts)\n" if done == total
+                              else f"embgeom text: resuming from {ckpt.path}: {done:,} of "
+                                   f"{'?' if total is None else format(total, ',')} texts done\n")
         warned = done > 0 and acc.truncated > 0   # texts of the earlier runs were cut: said once, here
         if warned:
             warn_truncated(max_len)
