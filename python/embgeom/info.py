@@ -19,7 +19,8 @@ def _version(module: str) -> str | None:
 
 # optional distributions -> what they enable (versions read from their metadata: importing
 # umap-learn alone takes seconds)
-OPTIONAL = (("plotly", "interactive pages"), ("tqdm", "progress bars"), ("pandas", "to_pandas"),
+OPTIONAL = (("plotly", "interactive pages"), ("tqdm", "progress bars"), ("ipywidgets", "progress bars in notebooks"),
+            ("pandas", "to_pandas"),
             ("scikit-learn", "embgeom.sklearn, text --clark-js"), ("umap-learn", "project --method umap"),
             ("openTSNE", "project --method tsne"), ("scipy", "t-SNE, sparse graphs"),
             ("conllu", "syntax"), ("threadpoolctl", "text --matrices in parallel"))
