@@ -606,7 +606,7 @@ def test_nearest_neighbors_takes_sklearns_constructor_and_dtypes(sk_neighbors):
     """scikit-learn's own constructor call works unchanged (algorithm, leaf_size, p,
     metric_params, n_jobs, metric "minkowski" as its default), get_params has its keys, other
     metrics and p are refused naming them; distances and graphs come in its dtypes (cosine on
-    float32 rows float32; graphs' indices int64, its sparse type)."""
+    float32 rows float32; graphs' indices and sparse type as its version makes them)."""
     from embgeom.sklearn import NearestNeighbors
 
     x = _tie_free(80, 8, seed=11).numpy()
@@ -836,3 +836,21 @@ def test_pair_order_is_score_desc_then_i_then_j(n, levels):
     got, want = st_compat._pair_order(s, i, j), np.lexsort((j, i, -s.astype(np.float64)))
     for key in (s, i, j):
         assert np.array_equal(key[got], key[want])
+
+
+def test_graphs_before_sklearn_1_8_are_its_csr_matrix_of_int32_indices(sk_neighbors, monkeypatch):
+    """Without scikit-learn 1.8's sparse-interface helper (1.7 is the last for Python 3.10) a
+    graph is the csr_matrix scikit-learn 1.7 builds from the three arrays, int32 indices (a
+    converted csr_array had kept int64 ones)."""
+    import sklearn.utils
+    from scipy.sparse import csr_matrix
+
+    from embgeom.sklearn import NearestNeighbors
+
+    monkeypatch.delattr(sklearn.utils, "_align_api_if_sparse", raising=False)
+    x = _tie_free(30, 4, seed=2).numpy()
+    for graph in (NearestNeighbors(n_neighbors=3).fit(x).kneighbors_graph(),
+                  NearestNeighbors(radius=2.0).fit(x).radius_neighbors_graph(mode="distance")):
+        want = csr_matrix((graph.data, graph.indices.astype(np.int64), graph.indptr.astype(np.int64)),
+                          shape=graph.shape)
+        assert type(graph) is csr_matrix and graph.indices.dtype == want.indices.dtype == np.int32

@@ -390,8 +390,9 @@ def _graph_mode(mode) -> None:
 
 
 def _csr(data, indices, indptr, rows: int, cols: int):
-    """The graph as scikit-learn builds it: a csr_array of int64 indices (csr_matrix would take
-    int32 ones) in the sparse interface scikit-learn is set to hand out; data in its dtype."""
+    """The graph as scikit-learn builds it, data in its dtype: from 1.8 a csr_array of int64
+    indices in the sparse interface scikit-learn is set to hand out; before, a csr_matrix made
+    from the three arrays, which scipy narrows to int32 indices (Python 3.10 has at most 1.7)."""
     from scipy.sparse import csr_array
 
     graph = csr_array((np.asarray(data), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
@@ -401,5 +402,5 @@ def _csr(data, indices, indptr, rows: int, cols: int):
     except ImportError:
         from scipy.sparse import csr_matrix
 
-        return csr_matrix(graph)
+        return csr_matrix((graph.data, graph.indices, graph.indptr), shape=graph.shape)
     return _align_api_if_sparse(graph)
