@@ -375,8 +375,8 @@ class Index:
     on that device (no second copy of a large corpus; the caller must not change it meanwhile).
     """
 
-    def __init__(self, corpus, metric: str = "cosine", dtype: torch.dtype | str = torch.float32, device: DeviceArg = None,
-                 *, copy: bool = True):
+    def __init__(self, corpus, metric: str = "cosine", dtype: torch.dtype | str = torch.float32,
+                 device: DeviceArg = None, *, copy: bool = True):
         self.metric = validation.metric(metric, "metric", METRICS)
         copy = validation.flag(copy, "copy")
         self.dtype = _dtype(dtype)

@@ -609,9 +609,9 @@ def npy_header(path: str) -> tuple[tuple, bool, np.dtype, int]:
 
 
 def load_matrix(path: str, name: str = "X") -> torch.Tensor:
-    """Load the tensor of a file (of several, the only (N, D) float one). A .npy file is read without pickles into one array of
-    its own (native byte order, writable: a mapping of the file would fail later if the file
-    were cut short under it)."""
+    """Load the tensor of a file (of several, the only (N, D) float one). A .npy file is read
+    without pickles into one array of its own (native byte order, writable: a mapping of the
+    file would fail later if the file were cut short under it)."""
     if not os.path.exists(path):
         raise ValueError(f"{name}: file not found: {path}")
     if os.path.isdir(path):
@@ -653,12 +653,10 @@ def load_matrix(path: str, name: str = "X") -> torch.Tensor:
                          "(save a tensor or a dict of tensors, or use .npy / .safetensors)") from None
     except Exception as exc:  # noqa: BLE001 - any reader failure becomes one clear message
         raise ValueError(f"{name}: cannot read {path}: {first_line(exc, typed=True)}") from None
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind != "f":
-            raise ValueError(f"{name}: expected a float array in {path}, got dtype {obj.dtype}")
+    if isinstance(obj, np.ndarray):  # (a .npy file: its header's float dtype checked above)
         # the read-only mapping copied once, in native byte order (big-endian files converted):
         # a file cut short under the mapping would end the process, a copy fails at once
-        return torch.from_numpy(validation.torch_ready(obj.astype(obj.dtype.newbyteorder("="), copy=True)))
+        return torch.from_numpy(obj.astype(obj.dtype.newbyteorder("="), copy=True))
     return _first_tensor(obj, name, path)
 
 

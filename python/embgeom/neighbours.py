@@ -23,7 +23,6 @@ from .results import RowTopK
 from .progress import as_progress
 from .threads import one_thread_in_forked_children
 
-
 INDEXES = ("flat", "ivf", "hnsw")
 
 

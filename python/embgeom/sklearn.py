@@ -93,8 +93,8 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         if not isinstance(params, dict) or set(params) - {"p"}:
             raise _ParameterError(f"metric_params: expected None or {{'p': 2}}, got {self.metric_params!r}")
         if "p" in params and self.p is not None:  # scikit-learn's own warning, in its category
-            warnings.warn("Parameter p is found in metric_params. The corresponding parameter from __init__ is ignored.",
-                          SyntaxWarning, stacklevel=3)
+            warnings.warn("Parameter p is found in metric_params. The corresponding parameter from __init__ is "
+                          "ignored.", SyntaxWarning, stacklevel=3)
         p = params.get("p", self.p)
         if self.metric == "minkowski" and p != 2:
             raise _ParameterError(f"p: only p=2 (euclidean) is answered with metric 'minkowski', got {p!r}")
@@ -393,14 +393,11 @@ def _csr(data, indices, indptr, rows: int, cols: int):
     """The graph as scikit-learn builds it, data in its dtype: from 1.8 a csr_array of int64
     indices in the sparse interface scikit-learn is set to hand out; before, a csr_matrix made
     from the three arrays, which scipy narrows to int32 indices (Python 3.10 has at most 1.7)."""
-    from scipy.sparse import csr_array
+    from scipy.sparse import csr_array, csr_matrix
 
-    graph = csr_array((np.asarray(data), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
-                      shape=(rows, cols))
+    arrays = (np.asarray(data), np.asarray(indices, np.int64), np.asarray(indptr, np.int64))
     try:
         from sklearn.utils import _align_api_if_sparse   # scikit-learn >= 1.8
     except ImportError:
-        from scipy.sparse import csr_matrix
-
-        return csr_matrix((graph.data, graph.indices, graph.indptr), shape=graph.shape)
-    return _align_api_if_sparse(graph)
+        return csr_matrix(arrays, shape=(rows, cols))
+    return _align_api_if_sparse(csr_array(arrays, shape=(rows, cols)))

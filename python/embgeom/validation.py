@@ -216,7 +216,6 @@ def require_package(module: str, package: str, extra: str, *, option: str | None
     """The module `module` imported, or a one-line ValueError naming the package to install (and
     the embgeom extra that brings it), led by the option that needs it (caller_name) and why."""
     import importlib
-    import warnings
 
     try:
         # an ImportWarning of the package's own (umap's "Tensorflow not installed", about a

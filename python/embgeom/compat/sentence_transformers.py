@@ -67,17 +67,17 @@ def _integer_rows(x: np.ndarray | torch.Tensor) -> bool:
 def _scored_rows(x: torch.Tensor, name: str, d: int | None = None) -> torch.Tensor:
     """(N, D) rows for the scored path, N may be 0: finite float values, or integer rows
     (quantized embeddings: _tensor) as they are; D as the other input's."""
-    if _integer_rows(x):
+    integers = _integer_rows(x)
+    if integers:
         validation.dense_tensor(x, name)
         if x.dim() != 2 or x.shape[1] == 0:
             raise ValueError(f"{name}: expected (N, D) rows with D >= 1, got {tuple(x.shape)}")
-        if d is not None and x.shape[1] != d:
-            raise ValueError(f"{name}: expected D = {d} to match the corpus, got {tuple(x.shape)}")
-        return x
-    x = validation.matrix(x, name, rows_may_be_empty=True)
+    else:
+        x = validation.matrix(x, name, rows_may_be_empty=True)
     if d is not None and x.shape[1] != d:
         raise ValueError(f"{name}: expected D = {d} to match the corpus, got {tuple(x.shape)}")
-    validation.check_finite(x, name)
+    if not integers:  # (integers hold no NaN or Inf)
+        validation.check_finite(x, name)
     return x
 
 
@@ -197,10 +197,10 @@ def _tensor(x: Any, name: str, quantized: bool = False) -> torch.Tensor:
     binary embeddings) taken as they are, for a score_function of the caller's to score."""
     if isinstance(x, list):
         x = _stack_rows(x, name)
-    if quantized and isinstance(x, (np.ndarray, torch.Tensor)) and _integer_rows(x):
-        t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x.detach()
-        return t.unsqueeze(0) if t.dim() == 1 else t
-    t = validation.as_tensor(x, name)
+    if quantized and isinstance(x, np.ndarray) and _integer_rows(x):  # (as_tensor takes float arrays only)
+        t = validation.numpy_tensor(np.ascontiguousarray(x))
+    else:
+        t = validation.as_tensor(x, name)
     if t.dim() == 1:
         t = t.unsqueeze(0)
     return t

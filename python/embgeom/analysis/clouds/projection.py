@@ -8,7 +8,6 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 from ... import validation
@@ -17,7 +16,6 @@ from ...api_types import DataFrame, ProgressArg
 from ...api import pairwise_stats
 from ...backends import registry
 from .geometry import as_matrix, as_matrix64, silhouette, translated
-
 
 
 

@@ -32,7 +32,6 @@ from ...progress import as_progress
 from . import adapters, attention
 from .inputs import read_lines
 
-
 METRICS = ("cone", "entropy", "attention", "context", "evolution")
 
 
