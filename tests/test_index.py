@@ -426,6 +426,33 @@ def test_a_float32_score_fed_back_as_threshold_lists_its_row(metric):
             assert (past < t) if not below else (past > t)  # the next double does not
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_a_float32_score_fed_back_passes_every_threshold_taking_one(metric, tmp_path):
+    """The float32 rule of range_search holds wherever a threshold is taken: pairs_above,
+    search_stored(floor=) and communities list the pair whose returned score is the threshold
+    (compared in float64 they had dropped it in about half the cases)."""
+    from embgeom import communities, read_pairs
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((60, 6)).astype(np.float32)
+    index = Index(x, metric=metric)
+    s32, ids = index.search(x[:12], 2)   # column 1: each row's nearest other row
+    for r in range(12):
+        score, j = s32[r, 1], int(ids[r, 1])
+        for form, thr in enumerate((score, score.numpy(), np.float32(score))):
+            index.pairs_above(thr, tmp_path / f"p{r}_{form}")
+            pi, pj, _ = read_pairs(tmp_path / f"p{r}_{form}")
+            assert (min(r, j), max(r, j)) in set(zip(pi.tolist(), pj.tolist()))
+            if metric == "cosine":
+                _, got = index.search_stored(2, floor=thr)
+                assert j in got[r].tolist()
+    # communities: the best pair's score as the threshold, communities of 2: its pair is one
+    s32, ids = Index(x).search(x, 2)
+    best = int(torch.argmax(s32[:, 1]))
+    got = communities(x, s32[best, 1], 2)
+    assert sorted([best, int(ids[best, 1])]) in [sorted(c) for c in got]
+
+
 def test_add_continues_ids_and_matches_one_index():
     x = make_rows(900, 16, seed=5)
     whole = Index(x)

@@ -30,7 +30,7 @@ def communities(x: Any, threshold: Scalar = 0.75, min_community_size: int = 10,
     pairs at or above the threshold; otherwise the all-pairs engine finds those pairs in bands
     of its own and batch_size is not used.
     """
-    threshold = validation.finite_float(threshold, "threshold")
+    threshold = validation.score_threshold(threshold, "threshold")
     if threshold > 1.0:
         # (sentence-transformers returns [] here; its drop-in, compat, does the same)
         raise ValueError(f"threshold: a cosine is at most 1, so {threshold} would find no community; "

@@ -804,12 +804,13 @@ class Index:
         its exact value. The same results as search.
 
         floor (cosine, dot): only scores >= floor, each row's k best of those (fewer where it
-        has fewer: id -1, score NaN past them), decided on the exact values; the engine's lists
+        has fewer: id -1, score NaN past them), decided on the exact values (a float32 floor: on
+        the values rounded to float32, as in range_search); the engine's lists
         then hold values above the floor only, far fewer offers where most rows have few such
         neighbours (paraphrase mining)."""
         float64 = validation.flag(float64, "float64")
         if floor is not None:
-            floor = validation.finite_float(floor, "floor")
+            floor = validation.score_threshold(floor, "floor")
             if self.metric == "l2":
                 raise ValueError("floor: expected metric 'cosine' or 'dot' (a floor on scores), got metric 'l2'")
         cand = self._stored_candidates if floor is None else functools.partial(self._stored_candidates, floor=floor)
@@ -1064,10 +1065,8 @@ class Index:
         query q's results are [lims[q], lims[q + 1]), ordered as in `search`.
         """
         float64 = validation.flag(float64, "float64")
-        as_float32 = validation.is_float32_scalar(threshold)
-        threshold = validation.finite_float(threshold, "threshold")
-        if as_float32:  # (a score fed back had lost its own row about half the time)
-            threshold = validation.float32_test_threshold(threshold, below=self.metric == "l2")
+        # (a float32 score fed back had lost its own row about half the time)
+        threshold = validation.score_threshold(threshold, "threshold", below=self.metric == "l2")
         st = self._store
         qexact, qscan, qvalid, margin, qsq = self._queries(queries, st, search=True)
         Q, n = qexact.shape[0], st.n
@@ -1119,7 +1118,7 @@ class Index:
         distance <= threshold (l2), streamed to .npy shards in the folder `out` with a manifest;
         see `embgeom.pairs_above`. progress: a bar of the pairs compared on stderr (True, or
         the caller's Progress). Returns the finished manifest (a dict)."""
-        threshold = validation.finite_float(threshold, "threshold")
+        threshold = validation.score_threshold(threshold, "threshold", below=self.metric == "l2")
         if self.metric == "l2" and threshold < 0:
             raise ValueError(f"threshold: expected a distance >= 0 for metric='l2', got {threshold}")
         st = self._store
@@ -1477,6 +1476,8 @@ def pairs_above(x, threshold: Scalar, out: PathArg, *, metric: str | None = None
     returns at once; another input is refused. Read the pairs back with `embgeom.read_pairs`
     (the value of each pair rounded to float32: the similarity, or the distance for l2).
     metric (default "cosine") and dtype (default torch.float32) are x's own when x is an Index.
+    A float32 threshold (a score a search returned) is compared with the values rounded to
+    float32, as in Index.range_search.
     Returns the manifest (dict: count, shards, n, metric, threshold, complete, ...)."""
     validation.finite_float(threshold, "threshold")   # (before a temporary index is built)
     validation.path(out, "out")

@@ -265,7 +265,9 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         given = self.radius if radius is None else radius
         r = float(given)
         # the listing test as scikit-learn's `d <= radius`: a numpy float64 radius compares in
-        # float64, a Python float (NumPy 2's weak scalar) in the distances' dtype
+        # float64, a Python float (NumPy 2's weak scalar) in the distances' dtype (not its float32
+        # euclidean reduction's d^2 <= float32(float32(r)^2): the distances reported are exact,
+        # and one given back as the radius lists its row; README, drop-ins)
         r_test = given if isinstance(given, (np.generic, np.ndarray)) else r
         if r < 0 and self.index_.metric == "l2":
             raise ValueError(f"radius: expected a distance >= 0 (or inf: every row), got {r}")

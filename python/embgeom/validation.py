@@ -499,6 +499,17 @@ def float32_test_threshold(threshold: float, below: bool) -> float:
     return float(np.nextafter(mid, -np.inf if below else np.inf))
 
 
+def score_threshold(value: Any, name: str, below: bool = False) -> float:
+    """A finite threshold on scores (below=False: kept where value >= it; below=True: distances,
+    kept where <= it) as the float64 number the exact values are tested against. A float32 one
+    (a score a search returned) is compared with the values rounded to float32, as they are
+    returned, so the row whose score it is passes (float32_test_threshold); a Python float is
+    tested as it is."""
+    as_float32 = is_float32_scalar(value)
+    out = finite_float(value, name)
+    return float32_test_threshold(out, below) if as_float32 else out
+
+
 def interval(value: Any, name: str) -> tuple[float, float]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name}: expected a pair (lo, hi), got {value!r}")
