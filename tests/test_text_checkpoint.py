@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 
@@ -729,3 +730,36 @@ def test_a_finished_checkpoint_says_it_holds_the_finished_run(tiny_bert, tmp_pat
     said = io.StringIO()
     trace(model, tokenizer, TEXTS, batch_size=4, checkpoint=ckpt, progress=Progress(enabled=True, stream=said, log=True))
     assert f"embgeom text: {ckpt} holds the finished run ({len(TEXTS)} texts)" in said.getvalue()
+
+
+@pytest.mark.parametrize("where", ["out", "checkpoint"])
+def test_cls_rows_take_their_disk_space_before_any_row_is_stored(tmp_path, monkeypatch, where):
+    """The [CLS] rows file is allocated whole when it is opened (not a sparse file that the
+    memory map fills: a full disk had ended `text --keep cls` with SIGBUS, exit 135 and no word);
+    a disk too small is a one-line ValueError naming the option and folder, and a new rows file
+    is not left behind."""
+    import errno
+
+    from embgeom.analysis.text.keeper import Keeper
+
+    stage = tmp_path / ".out.1.x.partial"
+    stage.mkdir()
+    rows = None if where == "out" else str(tmp_path / "ck.cls.npy")
+    keeper = Keeper(str(stage), 300, 2, 64, keep_cls=True, trajectories=0, tokenizer=None, rows_path=rows)
+    keeper._open()
+    st = os.stat(keeper.rows_path)
+    assert st.st_blocks * 512 >= st.st_size == 128 + 300 * 3 * 64 * 4
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if not hasattr(os, "posix_fallocate"):
+        pytest.skip("no posix_fallocate on this system (the rows are written as zeros instead)")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    other = Keeper(str(stage), 300, 2, 64, keep_cls=True, trajectories=0, tokenizer=None,
+                   rows_path=None if rows is None else str(tmp_path / "ck2.cls.npy"))
+    option = "--out" if where == "out" else "--checkpoint"
+    with pytest.raises(ValueError, match=rf"^{option}: the \[CLS\] rows \(230,528 bytes\) cannot be written in "
+                                         rf"{re.escape(str(tmp_path))}: No space left on device$"):
+        other._open()
+    assert not os.path.exists(other.rows_path)

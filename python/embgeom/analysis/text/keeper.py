@@ -7,6 +7,7 @@ is never in memory; --trajectories N keeps every real token's L+1 states for the
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -74,7 +75,9 @@ class Keeper(Resumable):
             raise ValueError(f"checkpoint: {self.rows_path} is a link; the [CLS] rows are written only to a "
                              "file of their own: remove the link")
         if self.done == 0:
-            self.cls = np.lib.format.open_memmap(self.rows_path, mode="w+", dtype=np.float32, shape=self.shape)
+            cls = np.lib.format.open_memmap(self.rows_path, mode="w+", dtype=np.float32, shape=self.shape)
+            self._reserve(cls, new=True)
+            self.cls = cls
             return
         try:
             _check_rows_file(self.rows_path, self.shape)
@@ -83,7 +86,35 @@ class Keeper(Resumable):
             # (raised inside the checkpoint's restore, which names the checkpoint and what to do)
             raise ValueError(f"the [CLS] rows of the finished texts, {self.rows_path}, cannot be used "
                              f"({getattr(exc, 'strerror', None) or exc})") from None
+        self._reserve(rows, new=False)
         self.cls = rows
+
+    def _reserve(self, rows: np.memmap, new: bool) -> None:
+        """Allocate the rows file's blocks before any row is stored: the memory map's stores into
+        a sparse file the disk cannot hold had ended the run with SIGBUS (no error, no message,
+        exit 135). A disk too small is a ValueError naming the folder, at the first batch."""
+        size = os.path.getsize(self.rows_path)
+        try:
+            with open(self.rows_path, "r+b") as f:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(f.fileno(), 0, size)   # (glibc emulates it where the file system cannot)
+                elif new:  # (macOS: no fallocate; zeros written through the file, not the map)
+                    f.seek(rows.offset)
+                    zeros = bytes(1 << 20)
+                    for at in range(rows.offset, size, len(zeros)):
+                        f.write(zeros[:min(len(zeros), size - at)])
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            if new:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.rows_path)
+            where = "--checkpoint" if self.rows_path != os.path.join(self.out_dir, "cls.npy") else "--out"
+            folder = os.path.dirname(os.path.abspath(self.rows_path))
+            if where == "--out":  # (the run's hidden staging folder: its parent is the folder the user named)
+                folder = os.path.dirname(folder)
+            raise ValueError(f"{where}: the [CLS] rows ({size:,} bytes) cannot be written in {folder}: "
+                             f"{exc.strerror or exc}") from None
 
     def checkpoint_state(self) -> dict:
         if self.cls is not None:
