@@ -1449,3 +1449,25 @@ def test_euclidean_and_l2_name_one_metric():
     assert p.metric == q.metric == "euclidean" and p.mean == q.mean
     with pytest.raises(ValueError, match="metric: expected one of 'cosine', 'dot', 'l2'"):
         Index(x, metric="manhattan")
+
+
+def test_save_and_engine_checkpoints_refuse_what_the_cli_refuses(tmp_path):
+    """Index.save and pairwise_stats(checkpoint=) check their path as the CLI's outputs do: a
+    dangling link (its target had been created), a file inside a sealed pairs or report folder
+    (a pairs folder's manifest had been replaced, losing its pairs) are refused before anything
+    is written, no lock file included."""
+    import embgeom
+
+    x = make_rows(30, 8, seed=2)
+    index = Index(x)
+    index.pairs_above(0.5, tmp_path / "pairs")
+    before = sorted(os.listdir(tmp_path / "pairs"))
+    os.symlink(tmp_path / "missing" / "target", tmp_path / "dangling")
+    for path in (tmp_path / "dangling", tmp_path / "pairs" / "manifest.json", tmp_path / "pairs" / "x.index"):
+        with pytest.raises(ValueError, match=r"^path: "):
+            index.save(path)
+        with pytest.raises(ValueError, match=r"^checkpoint: "):
+            embgeom.pairwise_stats(x, checkpoint=path)
+    assert sorted(os.listdir(tmp_path / "pairs")) == before
+    assert not os.path.lexists(tmp_path / "missing") and not os.path.lexists(tmp_path / "dangling.lock")
+    embgeom.read_pairs(tmp_path / "pairs")

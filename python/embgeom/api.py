@@ -15,6 +15,7 @@ from .engine.config import DEFAULTS as _D
 from .engine import limits
 from .engine.config import make_config, options_doc
 from .engine.runner import run_engine
+from .io import check_output_path
 from .progress import as_progress
 from .api_types import Count, Interval, PathArg, ProgressArg, Scalar
 from .results import AttentionEntropy, ConeIndex, PairwiseStats
@@ -48,6 +49,8 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: Count = _D.bins,
     Returns PairwiseStats (tensors on x's device).
     """
     checkpoint = validation.optional_path(checkpoint, "checkpoint")
+    if checkpoint:  # (as the CLI's --checkpoint: before the lock file or any work)
+        check_output_path(checkpoint, "checkpoint")
     progress = as_progress(progress, "embgeom.pairwise_stats")  # (checked before the engine and the fingerprint)
     x, y = validation.pair_of_embeddings(x, y)
     cfg = make_config(metric=metric, bins=bins, range=range, topk=topk, bottomk=bottomk, near=near,

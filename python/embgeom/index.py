@@ -31,7 +31,7 @@ import torch
 from . import validation
 from .api_types import Count, DeviceArg, PathArg, ProgressArg, Scalar
 from .engine.lists import sort_rows
-from .io import atomic_write
+from .io import atomic_write, check_output_path
 from .numerics import correct_sqrt, saturated
 from .interrupts import interrupt_after, terminate_as_interrupt
 from .pair_shards import PAIR_METRICS as METRICS
@@ -1303,6 +1303,8 @@ class Index:
         """Write the index to one file (docs/architecture.md, index files): a magic line, one
         JSON header line, then the arrays at page-aligned offsets; written atomically."""
         path = validation.path(path, "path")
+        # (a dangling link, a sealed report or pairs folder: refused as the CLI refuses them)
+        check_output_path(path, "path")
         st = self._store
         arrays = {"rows": st.rows[:st.n], "norms": st.norms[:st.n]}
         if st.scan.dtype == torch.bfloat16:
