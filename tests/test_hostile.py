@@ -1129,7 +1129,7 @@ def test_absurd_bins_and_memory_are_refused_before_work(monkeypatch):
     with pytest.raises(ValueError, match="bins: at most 33,554,432") as e:
         embgeom.pairwise_stats(x, bins=2_000_000_000)
     one_line(e)
-    with pytest.raises(ValueError, match="^checkpoint: no such folder /nonexistent-embgeom/dir$"):
+    with pytest.raises(ValueError, match="^checkpoint: cannot write /nonexistent-embgeom/dir/ckpt: no such folder /nonexistent-embgeom/dir$"):
         embgeom.pairwise_stats(x, checkpoint="/nonexistent-embgeom/dir/ckpt")   # (had named PATH.lock)
     monkeypatch.setattr(limits, "memory_available", lambda: (64 << 20, "the machine has"))  # a 64 MiB machine
     with pytest.raises(ValueError, match=r"bins: this run needs about .* GiB .* 0\.1 GiB available") as e:
@@ -1600,3 +1600,64 @@ def test_json_files_larger_than_embgeom_writes_are_not_read(tmp_path, monkeypatc
     monkeypatch.setattr(io_module, "MAX_JSON_BYTES", 64)
     with pytest.raises(ValueError, match=r"manifest.json: 4.. bytes, more than any JSON file embgeom writes \(64\)"):
         io_module.read_json_file(str(path))
+
+
+def test_a_report_is_not_swapped_over_what_came_into_its_folder_meanwhile(tmp_path):
+    """output_folder checks the folder again just before its swap: a pairs_above folder being
+    written there (or another command's report) since the run began is not replaced (a project
+    run had swapped its report over a pairs folder in progress, both runs ending with 0), and
+    the refusal names the pairs folder as such."""
+    out = tmp_path / "shared"
+    x = make_embeddings(40, 8, seed=3)
+    with pytest.raises(ValueError, match=r"^--out: .*shared is a pairs_above folder, which `embgeom project` "
+                                         r"would replace; choose another folder or remove it$"):
+        with output_folder(str(out), command="project") as staging:
+            write_json(os.path.join(staging, "report.json"), {"a": 1})
+            embgeom.pairs_above(x, 0.5, out)   # (another process's run, finished meanwhile)
+    embgeom.read_pairs(out)                    # intact
+    assert [e for e in os.listdir(tmp_path) if e.endswith(".partial")] == []
+    with pytest.raises(ValueError, match=r"^--out: .*shared is a pairs_above folder, which `embgeom text` would"):
+        check_output_folder(str(out), command="text")
+
+
+def test_a_write_error_inside_the_staging_folder_names_the_folder_given(tmp_path):
+    """A page writer's OSError about a file of the hidden staging folder is said of the folder
+    the user named, under its argument (it had named .NAME.PID.RANDOM.partial/FILE, gone by then)."""
+    from embgeom.io import write_error
+
+    out = tmp_path / "report"
+    with pytest.raises(ValueError) as info:
+        with output_folder(str(out), command="project") as staging:
+            raise write_error("output", os.path.join(staging, "projection.html"),
+                              OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    assert str(info.value) == f"--out: cannot write {out}/projection.html: No space left on device"
+
+
+def test_checkpoint_paths_are_checked_for_their_side_files_and_a_writable_folder(tmp_path, monkeypatch):
+    """A checkpoint name whose side files (PATH.lock, PATH.cls.npy, PATH.pairs.lock) would pass
+    NAME_MAX, and a folder that is not writable, are refused by check_output_path before any work
+    (they had failed after the model loaded, or after the whole corpus); a lock file that cannot
+    be made does not blame a link where there is none."""
+    from embgeom.io import NAME_MAX, check_output_path, exclusive_lock
+
+    long_name = str(tmp_path / ("c" * (NAME_MAX - 8)))
+    check_output_path(long_name, "--checkpoint", beside=(".lock",))
+    with pytest.raises(ValueError, match=r"^--checkpoint: .*: the name is too long for the file '\.pairs\.lock' "
+                                         rf"kept beside it \(at most {NAME_MAX - 11} bytes, got {NAME_MAX - 8}\)$"):
+        check_output_path(long_name, "--checkpoint", beside=(".lock", ".cls.npy", ".pairs.lock"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.fspath(p) == str(tmp_path)
+                        else real_access(p, mode, **kw))
+    with pytest.raises(ValueError, match=rf"^checkpoint: cannot write .*: the folder {re.escape(str(tmp_path))} is "
+                                         "not writable$"):
+        embgeom.pairwise_stats(make_embeddings(10, 4), checkpoint=tmp_path / "run.ckpt")
+    monkeypatch.setattr(os, "access", real_access)
+    with pytest.raises(ValueError) as info:
+        exclusive_lock(str(tmp_path / ("l" * (NAME_MAX + 1))), "busy", "checkpoint")
+    assert "File name too long" in str(info.value) and "link" not in str(info.value)
+
+
+def test_pairs_above_into_a_dangling_link_says_so(tmp_path):
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    with pytest.raises(ValueError, match=r"^out: .*link is a link to .*gone, which is missing; expected a folder$"):
+        embgeom.pairs_above(make_embeddings(10, 4), 0.9, tmp_path / "link")

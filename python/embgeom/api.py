@@ -50,7 +50,7 @@ def pairwise_stats(x, y=None, *, metric: str = _D.metric, bins: Count = _D.bins,
     """
     checkpoint = validation.optional_path(checkpoint, "checkpoint")
     if checkpoint:  # (as the CLI's --checkpoint: before the lock file or any work)
-        check_output_path(checkpoint, "checkpoint")
+        check_output_path(checkpoint, "checkpoint", beside=(".lock",))
     progress = as_progress(progress, "embgeom.pairwise_stats")  # (checked before the engine and the fingerprint)
     x, y = validation.pair_of_embeddings(x, y)
     cfg = make_config(metric=metric, bins=bins, range=range, topk=topk, bottomk=bottomk, near=near,

@@ -71,7 +71,7 @@ def write_error(name: str, path: str, exc: OSError) -> ValueError:
 
 
 def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple[str, str | None]] = (),
-                      own_folder: bool = False, stdout: bool = False) -> str:
+                      own_folder: bool = False, stdout: bool = False, beside: Iterable[str] = ()) -> str:
     """The folder of an output file about to be written; ValueError (one line) when the folder is
     missing, `path` is a directory or something else that is no regular file (a device, a pipe,
     a dangling link: `--json /dev/null` had replaced the device; a link to a file is written
@@ -80,7 +80,10 @@ def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple
     folder itself, as atomic_write is called) the folder is an embgeom output sealed by its
     manifest, or any folder above it is (`pairs --json DIR/manifest.json` had replaced a pairs
     folder's manifest; refuse_sealed_above). Commands call it before their work, atomic_write
-    again. stdout: "-" is standard output (a --json that write_json writes there), checked no further."""
+    again. stdout: "-" is standard output (a --json that write_json writes there), checked no further.
+    The folder must be writable (a read-only one had been found at the first save, after the model
+    loaded). beside: suffixes of the files a run keeps next to `path` (a checkpoint's ".lock"): a
+    name they would take past NAME_MAX is refused now (it had failed after the whole corpus)."""
     if stdout and path == "-":  # standard output (report.jsonout.write_json; `--json -`)
         return ""
     folder = os.path.dirname(os.path.abspath(path))
@@ -96,6 +99,14 @@ def check_output_path(path: str, name: str = "output", *, inputs: Iterable[tuple
         raise ValueError(f"{name}: cannot write {path}: no such folder {folder}")
     # (own_folder: that folder is the writer's own; the folders above it are still checked)
     refuse_sealed_above(folder if own_folder else path, name)
+    written = os.path.dirname(os.path.realpath(path)) if os.path.islink(path) else folder  # (a link's target)
+    if not os.access(written, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write {path}: the folder {written} is not writable")
+    stem = os.fsencode(os.path.basename(path))
+    longest = max((os.fsencode(s) for s in beside), key=len, default=b"")
+    if len(stem) + len(longest) > NAME_MAX:
+        raise ValueError(f"{name}: {path}: the name is too long for the file {os.fsdecode(longest)!r} kept beside it "
+                         f"(at most {NAME_MAX - len(longest)} bytes, got {len(stem)})")
     return folder
 
 
@@ -183,8 +194,8 @@ def exclusive_lock(lock_path: str, busy: str, name: str) -> int | None:
         folder = os.path.dirname(os.path.abspath(lock_path))
         if exc.errno == errno.ENOENT and not os.path.isdir(folder):
             raise ValueError(f"{name}: no such folder {folder}") from None
-        raise ValueError(f"{name}: {lock_path} cannot be used as a lock file ({exc.strerror}; a link "
-                         "is never followed)") from None
+        link = "; a link is never followed" if exc.errno == errno.ELOOP else ""
+        raise ValueError(f"{name}: {lock_path} cannot be used as a lock file ({exc.strerror}{link})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -411,6 +422,11 @@ def check_output_folder(out: str, name: str = "--out", *, command: str | None = 
         try:
             manifest = _read_manifest(path)
         except ValueError:
+            sealed = _sealed_folder(path)
+            if sealed:  # (a pairs folder: its manifest is of another kind)
+                what = f"`embgeom {command}`" if command else "a report"
+                raise ValueError(f"{name}: {out} is {sealed}, which {what} would replace; choose another "
+                                 "folder or remove it") from None
             raise ValueError(f"{name}: {out} holds files that no embgeom run wrote (its {MANIFEST} is not "
                              "one embgeom writes); choose a new or empty folder, or remove them") from None
         if manifest is None:
@@ -470,6 +486,9 @@ def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[st
     try:
         yield staging
         _seal(staging, command)
+        # again, just before the swap: what came there during the run (a pairs_above folder being
+        # written, another command's report) is not replaced (it had been, both runs ending with 0)
+        check_output_folder(out, name, command=command)
         if os.path.isdir(path):  # the folder keeps its permission bits
             os.chmod(staging, stat.S_IMODE(os.stat(path).st_mode))
         _swap_in(staging, path)
@@ -478,8 +497,20 @@ def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[st
         _remove_created(created)
         if isinstance(exc, OSError):
             raise write_error(name, out, exc) from None
+        if isinstance(exc, ValueError):
+            _name_the_folder(exc, staging, path, name)
         raise
     _fsync_dir(parent)
+
+
+def _name_the_folder(exc: ValueError, staging: str, path: str, name: str) -> None:
+    """A writer's `NAME: cannot write FILE: why` about a file of the staging folder (a page
+    writer's "output: cannot write .../.pr.9900.x.partial/projection.html") names the folder the
+    user gave and its argument instead: the staging folder is gone by the time it is read."""
+    message = str(exc.args[0]) if exc.args else ""
+    m = re.fullmatch(r"[^:\n]*: cannot write (.*)", message, flags=re.S)
+    if m and staging in m.group(1):
+        exc.args = (f"{name}: cannot write {m.group(1).replace(staging, path)}",) + exc.args[1:]
 
 
 def _remove_created(created: list[str]) -> None:

@@ -146,6 +146,9 @@ class ShardWriter:
         parent = os.path.dirname(folder)
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise ValueError(f"out: {folder} exists and is not a folder")
+        if os.path.islink(folder) and not os.path.exists(folder):  # (makedirs had said only "File exists")
+            raise ValueError(f"out: {folder} is a link to {os.path.realpath(folder)}, which is missing; "
+                             "expected a folder")
         if not os.path.isdir(parent):
             raise ValueError(f"out: cannot create {folder}: no such folder {parent}")
         refuse_sealed_above(folder, "out")

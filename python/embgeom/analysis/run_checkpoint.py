@@ -77,7 +77,7 @@ class RunCheckpoint:
         self.path = optional_path(path, "checkpoint")
         if os.path.isdir(self.path):
             raise ValueError(f"checkpoint: {self.path} is a directory; pass a file path")
-        check_output_path(self.path, "checkpoint")
+        check_output_path(self.path, "checkpoint", beside=(".lock",))
         self._lock: int | None = None
         self.fp = Fingerprint(hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest())
         self.fp.identity = identity

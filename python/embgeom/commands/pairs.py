@@ -56,7 +56,7 @@ def main(args) -> int:
         if rank_file:
             raise ValueError(f"--json: {args.json} is a rank's --checkpoint file (PATH.rank<r>); write elsewhere")
     if args.checkpoint:
-        check_output_path(args.checkpoint, "--checkpoint", inputs=ins)
+        check_output_path(args.checkpoint, "--checkpoint", inputs=ins, beside=(".lock",))
     prog = progress_for(args, "embgeom pairs")  # (--progress beside --quiet: refused before X loads)
     x = load_matrix(args.x, "X")
     y = load_matrix(args.against, "--against") if args.against else None

@@ -77,7 +77,8 @@ def _main(args) -> int:
                                                           model_input(args.model)])
     if args.checkpoint:
         check_output_path(args.checkpoint, "--checkpoint",   # its folder, before the model loads
-                          inputs=[("CORPUS", args.corpus), ("--labels", args.labels), ("--pairs", args.pairs)])
+                          inputs=[("CORPUS", args.corpus), ("--labels", args.labels), ("--pairs", args.pairs)],
+                          beside=(".lock", ".cls.npy", ".pairs.lock"))
     # the whole file is read (UTF-8 to the last line, not empty) before the model loads
     n_texts = 0
     for n_texts, (number, line) in enumerate(numbered_lines(args.corpus, "CORPUS"), 1):

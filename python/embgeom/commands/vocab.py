@@ -66,7 +66,7 @@ def run(model_name: str | None, out_dir: str, *, device=None, all_tokens=False, 
         if not projections:
             raise ValueError("--checkpoint: keeps the --projections layouts; without --projections there is "
                              "nothing to keep (the other sections take seconds)")
-        check_output_path(checkpoint, "--checkpoint")   # its folder, before the model loads
+        check_output_path(checkpoint, "--checkpoint", beside=(".lock",))   # its folder, before the model loads
     layouts = None
     try:
         with output_folder(out_dir, command="vocab") as out:
