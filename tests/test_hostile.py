@@ -1661,3 +1661,33 @@ def test_pairs_above_into_a_dangling_link_says_so(tmp_path):
     os.symlink(tmp_path / "gone", tmp_path / "link")
     with pytest.raises(ValueError, match=r"^out: .*link is a link to .*gone, which is missing; expected a folder$"):
         embgeom.pairs_above(make_embeddings(10, 4), 0.9, tmp_path / "link")
+
+
+def test_leftovers_of_writers_in_other_pid_namespaces_are_left_alone(tmp_path):
+    """Temporary names carry the writer's pid namespace (host and /proc/self/ns/pid): a staging
+    folder or temporary file whose pid is not visible here because its writer runs in another
+    container (or on another host of a network file system) is not swept as a dead writer's (a
+    live text run's staging folder had been deleted under it); a dead writer's of this namespace
+    still is, and so are the names earlier versions wrote."""
+    import subprocess
+    import sys
+
+    from embgeom.io import _pid_namespace, _temp_prefix
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert _temp_prefix("rep") == f".rep.{os.getpid()}-{_pid_namespace()}."
+    other_ns = "0" * 6 if _pid_namespace() != "0" * 6 else "1" * 6
+    elsewhere = tmp_path / f".rep.{dead}-{other_ns}.ab12cd34.partial"
+    ours_dead = tmp_path / f".rep.{dead}-{_pid_namespace()}.ef56gh78.partial"
+    earlier = tmp_path / f".rep.{dead}.ij90kl12.partial"
+    temp_file = tmp_path / f".rep.json.{dead}-{other_ns}.zz99yy88.tmp"
+    for folder in (elsewhere, ours_dead, earlier):
+        folder.mkdir()
+    temp_file.write_text("{}")
+    with output_folder(str(tmp_path / "rep"), command="test") as staging:
+        (Path(staging) / "a.txt").write_text("x")
+    with atomic_write(str(tmp_path / "rep.json")) as f:
+        f.write("{}")
+    assert elsewhere.is_dir() and temp_file.exists()
+    assert not ours_dead.exists() and not earlier.exists()

@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import stat
 import tempfile
 import warnings
@@ -294,9 +295,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 # the longest name a folder entry may have (NAME_MAX on Linux and macOS), and what a temporary
-# name adds to its stem: "." + "." + pid (at most 10 digits) + "." + 8 random + ".old.partial"
+# name adds to its stem: "." + "." + pid (at most 10 digits) + "-" + 6 (namespace) + "." + 8
+# random + ".old.partial"
 NAME_MAX = 255
-_TEMP_NAME_EXTRA = 1 + 1 + 10 + 1 + 8 + len(".old.partial")
+_TEMP_NAME_EXTRA = 1 + 1 + 10 + 1 + 6 + 1 + 8 + len(".old.partial")
+
+
+def _pid_namespace() -> str:
+    """Six hex digits naming where this process's pid means something: the host and its pid
+    namespace. A leftover of another (a container's writer on a shared folder, another host on
+    a network file system) is never taken for a dead writer's: its pid is not visible here, and
+    a live run's staging folder had been swept away as an orphan."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return hashlib.sha256(f"{socket.gethostname()}/{ns}".encode()).hexdigest()[:6]
 
 
 def _temp_stem(base: str) -> str:
@@ -311,16 +325,21 @@ def _temp_stem(base: str) -> str:
 
 
 def _temp_prefix(base: str) -> str:
-    return f".{_temp_stem(base)}.{os.getpid()}."
+    return f".{_temp_stem(base)}.{os.getpid()}-{_pid_namespace()}."
 
 
 def _leftover_pid(entry: str, base: str, suffixes: tuple[str, ...]) -> int | None:
     """The writer's pid when `entry` is exactly a temporary name this module makes for `base`
-    (`.BASE.PID.RANDOM` + one of `suffixes`, RANDOM as tempfile draws it), else None: the
-    leftovers of `results` are never confused with those of `results.2`."""
-    pattern = rf"\.{re.escape(_temp_stem(base))}\.(\d+)\.[a-z0-9_]+(?:{'|'.join(re.escape(x) for x in suffixes)})"
+    (`.BASE.PID-NS.RANDOM` + one of `suffixes`, RANDOM as tempfile draws it) and its writer ran
+    where this process sees its pid (NS, _pid_namespace; names without one are of earlier
+    versions), else None: the leftovers of `results` are never confused with those of
+    `results.2`, nor a live writer's in another container or host with a dead one's."""
+    pattern = (rf"\.{re.escape(_temp_stem(base))}\.(\d+)(?:-([0-9a-f]{{6}}))?\.[a-z0-9_]+"
+               rf"(?:{'|'.join(re.escape(x) for x in suffixes)})")
     m = re.fullmatch(pattern, entry)
-    return int(m.group(1)) if m else None
+    if not m or (m.group(2) is not None and m.group(2) != _pid_namespace()):
+        return None
+    return int(m.group(1))
 
 
 def _remove_orphans(folder: str, base: str, suffixes: tuple[str, ...]) -> None:
