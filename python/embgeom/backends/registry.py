@@ -182,9 +182,10 @@ def pick(op: str, x: torch.Tensor, backend: str | None = None, **kw) -> tuple[st
         return requested, BACKENDS[requested].ops[op][0]
     skipped = []
     for name in AUTO_ORDER:
-        why = BACKENDS[name].reasons(op, x, **kw)
-        if not why and name == "triton" and x.device.type == "cpu":
+        if name == "triton" and x.device.type == "cpu":  # (before its reasons, which import triton: 0.3 s)
             why = ["the Triton interpreter runs on CPU tensors only when backend='triton' is asked for"]
+        else:
+            why = BACKENDS[name].reasons(op, x, **kw)
         if not why and x.device.type == "cuda" and (name, op) in FAILED_ON_DEVICE:
             why = [FAILED_ON_DEVICE[(name, op)]]
         if not why:
