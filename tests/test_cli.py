@@ -404,6 +404,36 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL          # put back after the command
 
 
+@pytest.mark.parametrize("command", ["pairs", "pairs-above", "project"])
+def test_a_signal_after_the_output_is_whole_ends_the_command_as_finished(tmp_path, monkeypatch, capsys, command):
+    """SIGTERM or Ctrl-C once the command's output is whole (its --json written, its folder
+    swapped in, its pairs folder complete) stops nothing: status 0 and no 'interrupted' line
+    (exit 130 had told a scheduler the finished run failed); the Ctrl-C handler is put back."""
+    import os
+    import signal
+
+    from embgeom import interrupts
+
+    np.save(tmp_path / "x.npy", make_embeddings(30, 4).numpy())
+    real = interrupts.output_complete
+
+    def then_signals():
+        real()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(interrupts, "output_complete", then_signals)
+    for module in ("embgeom.io", "embgeom.commands.pairs", "embgeom.commands.knn", "embgeom.commands.pairs_above"):
+        monkeypatch.setattr(f"{module}.output_complete", then_signals, raising=False)
+    handler = signal.getsignal(signal.SIGINT)
+    argv = {"pairs": ["pairs", str(tmp_path / "x.npy"), "--json", str(tmp_path / "o.json")],
+            "pairs-above": ["pairs-above", str(tmp_path / "x.npy"), "--threshold", "0.5", "--out", str(tmp_path / "pa")],
+            "project": ["project", str(tmp_path / "x.npy"), "--method", "pca", "--out", str(tmp_path / "p")]}[command]
+    assert main(argv) == 0
+    assert "interrupted" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is handler and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_files_the_machine_refuses_are_one_line(tmp_path, capsys, monkeypatch):
     """A folder given for a file, an unreadable file, an unwritable folder: one line naming the
     file, exit 2 (unreadable and unwritable had ended in PermissionError tracebacks, exit 1)."""

@@ -16,7 +16,7 @@ import warnings
 
 from .commands import COMMANDS
 from .formatting import first_line
-from .interrupts import terminate_as_interrupt
+from .interrupts import command_run, terminate_as_interrupt
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -190,7 +190,7 @@ def _main(argv: list[str] | None, process: bool) -> int:
     try:
         # SIGTERM (a scheduler's stop, `kill`) ends a command as Ctrl-C does: its staging folder
         # is removed, its checkpoint saved where it keeps one, and it says what was kept
-        with terminate_as_interrupt():
+        with command_run(), terminate_as_interrupt():
             return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"embgeom: error: {exc}", file=sys.stderr)

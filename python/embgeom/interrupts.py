@@ -42,6 +42,37 @@ def raise_swallowed() -> None:
         raise KeyboardInterrupt
 
 
+# A command-line command runs (cli, command_run): once its output is whole (output_complete), a
+# Ctrl-C or SIGTERM can stop nothing, and ending with status 130 and "interrupted ... resumes"
+# had misreported a finished run (a scheduler would count it failed and run it again).
+_in_command = False
+
+
+@contextlib.contextmanager
+def command_run() -> Iterator[None]:
+    """The body is one command-line command: output_complete takes effect in it, and the
+    Ctrl-C handler it replaced is put back after (a command run by cli.main in a notebook)."""
+    global _in_command
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before, _in_command = signal.getsignal(signal.SIGINT), True
+    try:
+        yield
+    finally:
+        _in_command = False
+        with contextlib.suppress(TypeError, ValueError):   # (None: a handler set outside Python)
+            signal.signal(signal.SIGINT, before)
+
+
+def output_complete() -> None:
+    """A command's output is whole and in place: from here to the command's end Ctrl-C and SIGTERM
+    are ignored (command-line runs only, command_run; elsewhere nothing changes)."""
+    if _in_command and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt(active: bool = True) -> Iterator[None]:
     """While a checkpoint can keep the finished work: SIGTERM (a scheduler's stop, `kill`) ends

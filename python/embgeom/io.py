@@ -24,6 +24,7 @@ import torch
 
 from . import validation
 from .formatting import counted, first_line
+from .interrupts import output_complete
 
 SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
 
@@ -520,6 +521,7 @@ def output_folder(out: str, *, command: str, name: str = "--out") -> Iterator[st
             _name_the_folder(exc, staging, path, name)
         raise
     _fsync_dir(parent)
+    output_complete()
 
 
 def _name_the_folder(exc: ValueError, staging: str, path: str, name: str) -> None:

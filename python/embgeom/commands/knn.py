@@ -28,6 +28,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from ..report import write_json
+    from ..interrupts import output_complete
     from ..io import check_output_path, load_matrix
     from ..validation import renamed
     from ..provenance import Provenance
@@ -46,6 +47,7 @@ def main(args) -> int:
     data = res.to_dict()
     data.update({"n": int(x.shape[0]), "d": int(x.shape[1]), "provenance": prov.record()})
     write_json(args.json, data, name="--json")
+    output_complete()
     rec = "" if res.recall is None else f", recall@{res.k} {fmt(res.recall)}"
     print(f"embgeom knn: {counted(res.indices.shape[0], 'query', 'queries')} x {res.k} ({res.index}, {res.device}{rec}) "
           f"in {seconds(prov.seconds())} (index and search {seconds(res.seconds)}) -> {shown_path(args.json)}", file=sys.stderr)

@@ -42,6 +42,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from ..formatting import counted, seconds
+    from ..interrupts import output_complete
     from ..io import check_output_path, load_matrix
     from ..provenance import Provenance
     from ..report import write_json
@@ -92,6 +93,7 @@ def main(args) -> int:
     out = result.to_dict()
     out["provenance"] = prov.record()
     write_json(args.json, out, indent=None, name="--json")  # compact: row lists can be large
+    output_complete()
     since = f", resumed from {args.checkpoint}" if resumed else ""
     print(f"embgeom pairs: {counted(result.count, 'pair')} in {seconds(prov.seconds())} (engine {seconds(result.seconds)}, "
           f"{result.backend}{since}) -> {shown_path(args.json)}", file=sys.stderr)

@@ -31,6 +31,7 @@ def main(args) -> int:
 
     from ..formatting import counted, fmt, seconds
     from ..index import pairs_above
+    from ..interrupts import output_complete
     from ..io import check_complete, load_matrix
     from ..pair_shards import saved_manifest
     from ..provenance import Provenance
@@ -52,6 +53,7 @@ def main(args) -> int:
     with renamed(**flags_of(args, positional=("x",))):
         manifest = pairs_above(x, args.threshold, args.out, metric=args.metric, progress=prog)
     write_json(os.path.join(args.out, "provenance.json"), prov.record())
+    output_complete()
     relation = "at distance <=" if manifest["metric"] == "l2" else f"with {manifest['metric']} >="
     earlier = f", the pairs of {counted(kept, 'row')} from an earlier run" if kept else ""
     # the folder's size: a threshold most pairs pass writes 20 bytes a pair, N^2 / 2 of them
