@@ -1102,15 +1102,15 @@ def test_search_stored_equals_search_of_the_rows(metric, dtype):
 def test_lists_reach_past_groups_of_identical_rows(metric, monkeypatch):
     """Identical rows tie in every list holding one of them: a search with many queries lists
     past the largest group (_tie_group, zero rows not counted), so no row is scanned again
-    (_collect); grouped or not, the answers equal float64 brute force (ties by id)."""
+    (_best_of_scan); grouped or not, the answers equal float64 brute force (ties by id)."""
     x = make_rows(300, 20, zero=tuple(range(280, 300)))
     x[:270] = x[:30].repeat_interleave(9, 0)  # 30 groups of 9 identical rows
     grouped_index = Index(x, metric=metric)
     assert grouped_index._tie_group(grouped_index._store) == 9  # (not the 20 zero rows)
     x = x[:280]  # (a zero query ties with every row under dot and l2: rescanned)
     rescans = []
-    collect = index_module.Index._collect
-    monkeypatch.setattr(index_module.Index, "_collect",
+    collect = index_module.Index._best_of_scan
+    monkeypatch.setattr(index_module.Index, "_best_of_scan",
                         lambda self, st, q, *a: rescans.append(q.shape[0]) or collect(self, st, q, *a))
     index = Index(x, metric=metric)
     q = torch.cat([x[:200], x[:200] + 0.01])
@@ -1128,7 +1128,7 @@ def test_lists_reach_past_groups_of_identical_rows(metric, monkeypatch):
 @pytest.mark.parametrize("metric", METRICS)
 def test_rescoring_and_rescans_in_blocks(metric, monkeypatch):
     """A search whose candidates came from the engine rescores RESCORE_PAIRS pairs a block, and
-    the queries scanned again (_collect, here every row of a group of 9 identical rows, lists of
+    the queries scanned again (_best_of_scan, here every row of a group of 9 identical rows, lists of
     7) go a score block of queries at a time: with tiny blocks, the answers of the default ones
     and of float64 brute force."""
     x = make_rows(280, 20)
@@ -1140,8 +1140,8 @@ def test_rescoring_and_rescans_in_blocks(metric, monkeypatch):
     monkeypatch.setattr(index_module, "SCORE_BLOCK_BYTES", 4 * 280 * 16)  # 16 queries a score block
     monkeypatch.setattr(index_module, "RESCORE_PAIRS", 700)  # 100 queries (lists of 7) a block
     rescans = []
-    collect = index_module.Index._collect
-    monkeypatch.setattr(index_module.Index, "_collect",
+    collect = index_module.Index._best_of_scan
+    monkeypatch.setattr(index_module.Index, "_best_of_scan",
                         lambda self, st, q, *a: rescans.append(q.shape[0]) or collect(self, st, q, *a))
     got_v, got_i = index.search_stored(3)
     assert torch.equal(got_i, full_i) and torch.equal(got_v.nan_to_num(7), full_v.nan_to_num(7))
@@ -1471,3 +1471,20 @@ def test_save_and_engine_checkpoints_refuse_what_the_cli_refuses(tmp_path):
     assert sorted(os.listdir(tmp_path / "pairs")) == before
     assert not os.path.lexists(tmp_path / "missing") and not os.path.lexists(tmp_path / "dangling.lock")
     embgeom.read_pairs(tmp_path / "pairs")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_queries_tied_with_every_row_are_rescored_a_block_at_a_time(metric, monkeypatch):
+    """A query whose kept list ends in a tie with every row (all rows identical) gets its k
+    smallest ids, rescored one score block at a time into a running list: the whole corpus is
+    never gathered per query (200,000 identical rows had taken 6.8 GB for 512 queries)."""
+    x = make_rows(1, 12).repeat(10000, 1)
+    index = Index(x, metric=metric)
+    monkeypatch.setattr(index_module, "SCORE_BLOCK_BYTES", 4 * 40 * 500)   # blocks of 4,096 rows
+    widths = []
+    exact = index_module.Index._exact
+    monkeypatch.setattr(index_module.Index, "_exact",
+                        lambda self, st, q, ids: widths.append(ids.shape[1]) or exact(self, st, q, ids))
+    v, i = index.search(x[:40], 5)
+    assert (i == torch.arange(5)).all() and torch.isfinite(v).all()
+    assert max(widths) <= 4096 + 5, widths

@@ -113,7 +113,7 @@ PAIR_LIST = 1 << 16  # per PAIR_BAND rows of a band
 # compactions are branch-free: row top-117 2.48 / 2.90 s, 200 3.49 / 3.67, 400 5.08 / 4.47)
 FAST_STORED_K = 200
 # candidates listed beyond k before the float64 rescoring (float32 and bf16 scans): rows whose
-# list is too short for the scan margin are scanned again (_collect). search_stored(11) on the
+# list is too short for the scan margin are scanned again (_best_of_scan). search_stored(11) on the
 # vocabulary (Zen 4, fast mode): 16 extra 2.00-2.11 s, 8: 2.25 s, 4: 1.73 s (no row
 # rescanned), 2: 1.74 s (14 rows rescanned), 1: 2.43 s (602 rows); AVX2 Zen 3, exact mode:
 # 16 2.78 s, 4 2.67 s. Identical rows tie in every list holding one of them, so a search with
@@ -1012,46 +1012,61 @@ class Index:
         short = (best_v.shape[1] < n) & (best_v[:, -1] >= thresh) & torch.isfinite(kth)
         # topk lists values in descending order: the candidates at or above the threshold are
         # a prefix of each row; only those are rescored
+        extra = short.nonzero().flatten()
         keep = torch.isfinite(best_v) & (best_v >= thresh[:, None])
+        keep[extra] = False  # (their rows come from the full scan below)
         width = max(1, int(keep.sum(1).max()))
         ids = torch.where(keep, best_i, torch.full_like(best_i, -1))[:, :width]
-        extra = short.nonzero().flatten()
-        if extra.numel():
-            wide = self._collect(st, qscan[extra], thresh[extra], nc)
-            width = max(ids.shape[1], wide.shape[1])
-            ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=-1)
-            ids[extra] = torch.nn.functional.pad(wide, (0, width - wide.shape[1]), value=-1)
-        exact = self._exact(st, qexact, ids)
         largest = self.metric != "l2"
-        key = torch.where(torch.isnan(exact), torch.full_like(exact, -math.inf if largest else math.inf), exact)
-        ids = torch.where(torch.isnan(exact), torch.full_like(ids, -1), ids)
-        v, i = sort_rows(key, ids, k, largest)
+        v, i = self._exact_best(st, qexact, ids, k, largest)
+        if extra.numel():
+            ev, ei = self._best_of_scan(st, qexact[extra], qscan[extra], thresh[extra], k, nc, largest)
+            width = max(v.shape[1], ev.shape[1])
+            v = torch.nn.functional.pad(v, (0, width - v.shape[1]), value=math.nan)
+            i = torch.nn.functional.pad(i, (0, width - i.shape[1]), value=-1)
+            v[extra] = torch.nn.functional.pad(ev, (0, width - ev.shape[1]), value=math.nan)
+            i[extra] = torch.nn.functional.pad(ei, (0, width - ei.shape[1]), value=-1)
         v = torch.where(i < 0, torch.full_like(v, math.nan), v)
         return v, i
 
-    def _collect(self, st, qscan, thresh: torch.Tensor, nc: int) -> torch.Tensor:
-        """Every id whose scan value is >= thresh[q], per query -> (Q, width) ids, -1 padded."""
+    def _exact_best(self, st, qexact, ids, k, largest, best=None):
+        """The k best (exact float64 value, id) of each query's candidate ids (-1: none), ordered
+        by value, then id; best: a running (values, ids) the candidates join."""
+        exact = self._exact(st, qexact, ids)
+        key = torch.where(torch.isnan(exact), torch.full_like(exact, -math.inf if largest else math.inf), exact)
+        ids = torch.where(torch.isnan(exact), torch.full_like(ids, -1), ids)
+        if best is not None:
+            key, ids = torch.cat([best[0], key], 1), torch.cat([best[1], ids], 1)
+        return sort_rows(key, ids, k, largest)
+
+    def _best_of_scan(self, st, qexact, qscan, thresh, k, nc, largest):
+        """The exact k best of each query among every row scanning at or above thresh[q] (a
+        query whose kept list ended at or above it), rescored one score block at a time into a
+        running list: memory ~ queries x (k + block). Gathering all of them first had held every
+        row per query where the rows tie (200,000 identical rows: 6.8 GB and 71 s for 512 queries
+        of k = 10; torch's topk 0.5 GB and 1.2 s)."""
         step = max(1, SCORE_BLOCK_BYTES // 4 // nc)  # queries a score block holds
         if qscan.shape[0] > step:
-            parts = [self._collect(st, qscan[a:a + step], thresh[a:a + step], nc)
-                     for a in range(0, qscan.shape[0], step)]
-            width = max(part.shape[1] for part in parts)
-            return torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1]), value=-1) for part in parts])
-        qs, cs = [], []
+            parts = [self._best_of_scan(st, qexact[a:a + step], qscan[a:a + step], thresh[a:a + step], k, nc,
+                                        largest) for a in range(0, qscan.shape[0], step)]
+            width = max(p[0].shape[1] for p in parts)
+            return (torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1]), value=math.nan)
+                               for p in parts]),
+                    torch.cat([torch.nn.functional.pad(p[1], (0, width - p[1].shape[1]), value=-1) for p in parts]))
+        Q = qscan.shape[0]
+        best = (torch.zeros((Q, 0), dtype=torch.float64, device=qscan.device),
+                torch.zeros((Q, 0), dtype=torch.int64, device=qscan.device))
         for c0 in range(0, st.n, nc):
-            s = self._score(st, qscan, c0, min(st.n, c0 + nc))
-            qi, ci = (s >= thresh[:, None]).nonzero(as_tuple=True)
-            qs.append(qi)
-            cs.append(ci + c0)
-        qi, ci = torch.cat(qs), torch.cat(cs)
-        counts = torch.bincount(qi, minlength=qscan.shape[0])
-        out = torch.full((qscan.shape[0], max(1, int(counts.max()) if counts.numel() else 1)), -1,
-                         dtype=torch.int64, device=qscan.device)
-        order = torch.argsort(qi, stable=True)
-        qi, ci = qi[order], ci[order]
-        starts = torch.cumsum(counts, 0) - counts
-        out[qi, torch.arange(qi.numel(), device=qi.device) - starts[qi]] = ci
-        return out
+            c1 = min(st.n, c0 + nc)
+            hit = self._score(st, qscan, c0, c1) >= thresh[:, None]
+            width = int(hit.sum(1).max())
+            if width == 0:
+                continue
+            # each query's hits first, in column order (a stable sort puts the misses after them)
+            order = torch.argsort((~hit).to(torch.uint8), dim=1, stable=True)[:, :width]
+            ids = torch.where(torch.gather(hit, 1, order), order + c0, torch.full_like(order, -1))
+            best = self._exact_best(st, qexact, ids, k, largest, best)
+        return best
 
     def range_search(self, queries, threshold: Scalar, *,
                      float64: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
