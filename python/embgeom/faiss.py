@@ -135,7 +135,7 @@ class _IndexFlat:
         else:
             cut = max(r, -1e300) if r < math.inf else 1e300
         with validation.renamed(queries="x"):
-            lims, s, ids = self._index.range_search(q, cut, float64=True)
+            lims, s, ids = self._index._range(q, cut, float64=True, by_score=False)   # (label order)
         lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
         qid = np.repeat(np.arange(len(lims) - 1), np.diff(lims))
         if self._metric == "l2":  # the Index's own float64 sums of squared differences (the distances' squares)
@@ -145,10 +145,9 @@ class _IndexFlat:
         qid = qid[keep]
         counts = np.bincount(qid, minlength=len(lims) - 1)
         s, ids = s[keep], ids[keep]
-        order = np.lexsort((ids, qid))  # label order within each query
         new_lims = np.zeros(len(lims), np.uint64)
         new_lims[1:] = np.cumsum(counts)
-        return new_lims, s[order].astype(np.float32), ids[order]
+        return new_lims, s.astype(np.float32), ids
 
 
 class IndexFlatIP(_IndexFlat):

@@ -1079,6 +1079,11 @@ class Index:
         queries: (Q, D) float. Returns (lims (Q + 1,) int64, scores (R,) float32, ids (R,) int64):
         query q's results are [lims[q], lims[q + 1]), ordered as in `search`.
         """
+        return self._range(queries, threshold, float64=float64, by_score=True)
+
+    def _range(self, queries, threshold: Scalar, *, float64: bool, by_score: bool):
+        """range_search; by_score=False: each query's results by id (the drop-ins' order: the
+        score sorts had been most of a range search where most rows qualify)."""
         float64 = validation.flag(float64, "float64")
         # (a float32 score fed back had lost its own row about half the time)
         threshold = validation.score_threshold(threshold, "threshold", below=self.metric == "l2")
@@ -1111,9 +1116,11 @@ class Index:
             keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
             keep &= qvalid[q0:q1][qi]
             qi, ci, v = qi[keep], ci[keep], v[keep]
-            key = v if self.metric == "l2" else -v
-            order = torch.argsort(ci, stable=True)
-            order = order[torch.argsort(key[order], stable=True)]
+            # the hits come by column block, each block's by (query, id): every query's own in id
+            # order already, so stable sorts by score (by_score) and then by query finish the order
+            order = torch.arange(qi.numel(), device=qi.device)
+            if by_score:
+                order = torch.argsort(v if self.metric == "l2" else -v, stable=True)
             order = order[torch.argsort(qi[order], stable=True)]
             counts.append(torch.bincount(qi, minlength=q1 - q0))
             vals.append(v[order])

@@ -293,14 +293,14 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
         queries = self._queries(Xq)
         with validation.renamed(queries="X"):
             if self.index_.metric == "l2":
-                lims, s, ids = self.index_.range_search(queries, r, float64=True)
+                lims, s, ids = self.index_._range(queries, r, float64=True, by_score=sort_results)
             else:
                 # decided on the distance reported (1 - s, rounded, in its dtype), not on s >= 1 - r:
                 # rounded apart, a distance equal to the radius had been left out and one above it
                 # listed. The search takes every s whose distance may round to <= r (a float32
                 # distance by half an ulp of r), the filter below the rest.
                 slack = abs(r) * 2.0 ** -23 + 2.0 ** -50
-                lims, s, ids = self.index_.range_search(queries, 1.0 - r - slack, float64=True)
+                lims, s, ids = self.index_._range(queries, 1.0 - r - slack, float64=True, by_score=sort_results)
         lims, s, ids = lims.cpu().numpy(), s.cpu().numpy(), ids.cpu().numpy()
         dist = self._to_distance(s, Xq)
         Q = lims.shape[0] - 1
@@ -323,15 +323,19 @@ class NearestNeighbors(*_MIXINS, BaseEstimator):
             elif at_one and self._zero_rows.size:
                 d_q = np.concatenate([d_q, np.repeat(one, self._zero_rows.size)])
                 i_q = np.concatenate([i_q, self._zero_rows])
-            order = np.lexsort((i_q, d_q))  # (equal distances as reported by index)
-            d_q, i_q = d_q[order], i_q[order]
+                if not sort_results:   # (the rest came by id)
+                    order = np.argsort(i_q, kind="stable")
+                    d_q, i_q = d_q[order], i_q[order]
+            if sort_results:
+                order = np.lexsort((i_q, d_q))  # (equal distances as reported by index)
+                d_q, i_q = d_q[order], i_q[order]
             keep = np.ones(i_q.shape, bool) if self.index_.metric == "l2" else d_q <= r_test
             if self_query:
                 keep &= i_q != q
             d_q, i_q = d_q[keep], i_q[keep]
             out_d.append(d_q)
             out_i.append(i_q)
-        return _object_rows(*_listed(out_d, out_i, sort_results), return_distance)
+        return _object_rows(out_d, out_i, return_distance)
 
     def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
         """scipy.sparse CSR (Q, n_samples_fit): each query's k neighbours, 1.0
