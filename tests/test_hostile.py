@@ -1691,3 +1691,18 @@ def test_leftovers_of_writers_in_other_pid_namespaces_are_left_alone(tmp_path):
         f.write("{}")
     assert elsewhere.is_dir() and temp_file.exists()
     assert not ours_dead.exists() and not earlier.exists()
+
+
+def test_engine_calls_grow_past_a_fixed_cost_per_call():
+    """The runner's chunks: about chunk_seconds of work a call, and at least three times a call's
+    fixed cost once two calls of different sizes tell it apart (counted as per-tile cost, 1.4 s
+    of list merging a call had held row top-2000 runs at a few tiles a call)."""
+    from embgeom.engine.runner import next_chunk
+
+    assert next_chunk([(1, 0.01)], 2.0, 10_000) == 200              # cheap tiles: ~2 s of them
+    assert next_chunk([(1, 1.5)], 2.0, 10_000) == 2                 # a second size first
+    assert next_chunk([(1, 1.5), (2, 1.6)], 2.0, 10_000) in (41, 42)   # 1.4 s fixed: 4.2 s of tiles
+    assert next_chunk([(1, 0.01), (200, 2.0)], 2.0, 10_000) in (200, 201)
+    assert next_chunk([(1, 1.5), (2, 1.6)], math.inf, 10_000) == 10_000
+    assert next_chunk([(5, 1.0)], 2.0, 7) == 7
+    assert next_chunk([(1, 1.5), (2, 1.6)], 0.0, 10_000) == 1       # EMBGEOM_CHECKPOINT_SECONDS=0
