@@ -189,6 +189,8 @@ def check_memory(cfg: PairwiseConfig, n: int, m: int | None, d: int, threads: in
     it exceeds the memory available now."""
     threads = threads or os.cpu_count() or 1
     need = estimate_bytes(cfg, n, m, d, threads)
+    if need < MEMORY_CHECK_FLOOR:  # (reading /proc and the cgroup was most of a tiny call's time)
+        return need
     have, where = memory_available()
     if have is not None and need > have:
         parts = _state_bytes(cfg, n)
