@@ -341,7 +341,8 @@ def test_eigenvalue_magnitudes_equal_numpy(level, monkeypatch):
     level, converged, and in groups of 8 with a partial last group (k not a multiple of 8). The
     worst case, peaked 128-token attention rows, differs by 5.6e-13: against 30-digit eigenvalues
     (mpmath) the core's error there is 3.7e-13 and LAPACK's 4.6e-13; without balancing the core's
-    was 3.5e-11."""
+    was 3.5e-11. numpy's LAPACK answer moves with the host's kernels: on an AVX2-only Zen 3 it
+    differed from the core's (the same at every level) by 1.6e-12 there, so the bound is 3e-12."""
     from embgeom import _C
 
     if level != "native":
@@ -359,9 +360,9 @@ def test_eigenvalue_magnitudes_equal_numpy(level, monkeypatch):
         assert np.array_equal(ok, ~isolated), name
         want = np.sort(np.abs(np.linalg.eigvals(a)), -1)
         bound = np.maximum(np.abs(a).sum(-1).max(-1, keepdims=True), 1e-300)
-        np.testing.assert_allclose(np.sort(mags[ok], -1) / bound[ok], want[ok] / bound[ok], rtol=0, atol=1e-12,
+        np.testing.assert_allclose(np.sort(mags[ok], -1) / bound[ok], want[ok] / bound[ok], rtol=0, atol=3e-12,
                                    err_msg=name)
-        np.testing.assert_allclose(np.sort(eigenvalue_magnitudes(a), -1) / bound, want / bound, rtol=0, atol=1e-12,
+        np.testing.assert_allclose(np.sort(eigenvalue_magnitudes(a), -1) / bound, want / bound, rtol=0, atol=3e-12,
                                    err_msg=name)
     # (the triangular block's eigenvalues are its diagonal: the sweeps had lost 2 % of them)
     np.testing.assert_allclose(np.sort(eigenvalue_magnitudes(causal), -1),

@@ -74,7 +74,10 @@ def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
     identical pair's rounded unit rows give 1 + 2^-52 unclamped); a zero row has no direction:
     its row and column are NaN (null in report.json; means over them leave it out)."""
     u, valid = unit_rows(x.to(torch.float64))
-    cos = (u @ u.T).clamp_(-1.0, 1.0)
+    cos = u @ u.T
+    # one value per pair, mirrored: a BLAS kernel need not sum (i, j) and (j, i) alike (OpenBLAS's
+    # dgemm on a Zen 3 did not)
+    cos = (torch.triu(cos) + torch.triu(cos, 1).T).clamp_(-1.0, 1.0)
     cos[~valid] = math.nan
     cos[:, ~valid] = math.nan
     return cos
