@@ -38,12 +38,12 @@ def pairwise_values(x, y=None, metric="cosine"):
     if metric == "cosine":
         xu, xv = unit_rows(x)
         yu, yv = unit_rows(y)
-        values = (xu @ yu.T).clamp(-1.0, 1.0)
+        values = _pair_sums(xu, yu).clamp(-1.0, 1.0)
         mask &= xv[:, None] & yv[None, :]
         excluded_rows = torch.nonzero(~xv).flatten().tolist()
         excluded_cols = [] if self_mode else torch.nonzero(~yv).flatten().tolist()
     elif metric == "dot":
-        values = x @ y.T
+        values = _pair_sums(x, y)
     elif metric == "euclidean":
         values = torch.cdist(x, y)
     else:
@@ -51,6 +51,17 @@ def pairwise_values(x, y=None, metric="cosine"):
     if self_mode:
         mask &= torch.ones(n, m, dtype=torch.bool).triu(diagonal=1)
     return values, mask, excluded_rows, excluded_cols
+
+
+def _pair_sums(x, y):
+    """x @ y.T, each pair's sum taken in one order for every pair (elementwise products summed
+    along the rows, blocks of rows at a time): a BLAS dgemm need not (OpenBLAS's on an AVX2 Zen 3
+    gave identical columns different values, and the reference broke exact ties by them)."""
+    out = torch.empty(x.shape[0], y.shape[0], dtype=torch.float64)
+    step = max(1, (1 << 22) // max(1, y.shape[0] * x.shape[1]))
+    for a in range(0, x.shape[0], step):
+        out[a:a + step] = (x[a:a + step, None, :] * y[None, :, :]).sum(-1)
+    return out
 
 
 def _sorted_pairs(values, mask, key, limit):
