@@ -344,7 +344,7 @@ def test_forged_manifests_and_shards_are_one_line(tmp_path):
     400 digits (OverflowError before), a version that is a string (named as given), a shard
     listed past the largest one a writer makes (it had been read whole before its checksum: a
     64 GiB sparse file), a shard of the wrong shape on resume, NaN or below-threshold
-    similarities."""
+    similarities, more rows than pair keys can number."""
     x = make_rows(300, 8)
     folder = tmp_path / "p"
     pairs_above(x, 0.3, folder)
@@ -360,6 +360,8 @@ def test_forged_manifests_and_shards_are_one_line(tmp_path):
 
     refused(dict(good, threshold=10 ** 400), "threshold must be a finite number, got 1000000")
     refused(dict(good, version="2"), "written by pairs folder version '2'; this version reads 2")
+    # rows past those whose pair keys (i n + j) fit an int64: keys that wrap would misorder pairs
+    refused(dict(good, n=2 ** 62, rows_done=2 ** 62), r"n must be at most 3,037,000,499, got 4611686018427387904")
     big = json.loads(json.dumps(good))
     big["shards"][0]["bytes"] = 64 << 30
     refused(big, r"at most 4,194,304 pairs and 83,890,176 bytes")
