@@ -148,9 +148,9 @@ def test_dense_pairs_keep_shards_and_blocks_bounded(tmp_path, monkeypatch):
     sizes = []
     real = Index._exact_pairs
 
-    def spy(self, st, qexact, qi, ci):
+    def spy(self, st, qexact, qi, ci, **kw):
         sizes.append(qi.numel())
-        return real(self, st, qexact, qi, ci)
+        return real(self, st, qexact, qi, ci, **kw)
 
     monkeypatch.setattr(Index, "_exact_pairs", spy)
     m = Index(x).pairs_above(-1.0, tmp_path / "p")

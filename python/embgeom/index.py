@@ -341,6 +341,33 @@ def native_bf16() -> bool:
     return True if core is None or not hasattr(core, "fast_product") else bool(core.fast_product()["bf16"])
 
 
+def _true_at(mask: torch.Tensor) -> torch.Tensor:
+    """Flat positions (int64) of mask's True entries, in order. On the CPU numpy's flatnonzero:
+    torch's nonzero and boolean indexing took 180 ms to select 4 million entries, numpy 15."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.flatten().nonzero().squeeze(1)
+
+
+def _take(at: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each 1-D tensor's entries at positions `at` (numpy's gather on the CPU, as in _true_at)."""
+    if at.device.type == "cpu":
+        where = at.numpy()
+        return tuple(torch.from_numpy(t.numpy()[where]) for t in tensors)
+    return tuple(t[at] for t in tensors)
+
+
+def _hits(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of a 2-D bool tensor's True entries in row-major order (2-D nonzero took
+    76 ms for 2,048 x 4,096 in torch and numpy; flat positions and a division 16 ms)."""
+    if hit.device.type != "cpu":
+        return hit.nonzero(as_tuple=True)
+    at = np.flatnonzero(hit.numpy())
+    rows = at // hit.shape[1]
+    at -= rows * hit.shape[1]
+    return torch.from_numpy(rows), torch.from_numpy(at)
+
+
 def _largest(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of s and their columns, largest first. A few CPU rows
     go through the C++ core's scores_topk (one pass against the running k-th best: 0.05 ms for
@@ -659,8 +686,10 @@ class Index:
         qi = torch.arange(Q, device=ids.device).repeat_interleave(m)
         return self._exact_pairs(st, qexact, qi, ids.flatten()).view(Q, m)
 
-    def _exact_pairs(self, st: _Store, qexact: torch.Tensor, qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
-        """Exact float64 values (P,) of (query qi, stored row ci) pairs (ci = -1: NaN); qexact:
+    def _exact_pairs(self, st: _Store, qexact: torch.Tensor, qi: torch.Tensor, ci: torch.Tensor,
+                     padded: bool = True) -> torch.Tensor:
+        """Exact float64 values (P,) of (query qi, stored row ci) pairs (ci = -1: NaN; padded=False:
+        the caller has no -1, and the passes that look for them are skipped); qexact:
         the queries, float64 or float32 (Q, D), a cosine index's float64 ones as _exact_queries
         scales them. l2: the distance from the rows' difference; dot: the sum; cosine: the sum
         over the root of the product of both squared sums, each in the same fixed order in one
@@ -669,9 +698,10 @@ class Index:
         from .backends.registry import cpp_kernel
 
         if self.metric != "cosine":
-            v = self._pair_sums(st, qexact, qi, ci)
-            return (correct_sqrt(v) if self.metric == "l2" else v).masked_fill(ci < 0, math.nan)
-        safe = ci.clamp(min=0)
+            v = self._pair_sums(st, qexact, qi, ci, padded)
+            v = correct_sqrt(v) if self.metric == "l2" else v
+            return v.masked_fill(ci < 0, math.nan) if padded else v
+        safe = ci.clamp(min=0) if padded else ci
         cosines = cpp_kernel("pair_cosines", st.rows)  # (the stored rows are float32)
         if cosines is not None:
             v = torch.from_numpy(cosines(st.rows[:st.n].numpy(), qexact.contiguous().numpy(),
@@ -679,9 +709,10 @@ class Index:
         else:
             qc, qq, cc = self._torch_pair_sums(st, qexact, qi, safe, cosine=True)
             v = (qc / correct_sqrt(qq * cc).clamp(min=1e-300)).clamp(-1.0, 1.0).masked_fill(cc == 0, math.nan)
-        return v.masked_fill(ci < 0, math.nan)
+        return v.masked_fill(ci < 0, math.nan) if padded else v
 
-    def _pair_sums(self, st: _Store, qexact: torch.Tensor, qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
+    def _pair_sums(self, st: _Store, qexact: torch.Tensor, qi: torch.Tensor, ci: torch.Tensor,
+                   padded: bool = True) -> torch.Tensor:
         """The float64 sums (P,) behind _exact_pairs for dot and l2: sum of q * row (squared
         differences for l2) over the dimensions (a float32 query's products are exact in float64).
         The C++ core's fixed-order float64 sums on the CPU (_C.pair_values: a pair's value never
@@ -690,7 +721,7 @@ class Index:
         is the same for (i, j) and (j, i): the same products in the same order."""
         from .backends.registry import cpp_kernel
 
-        safe = ci.clamp(min=0)
+        safe = ci.clamp(min=0) if padded else ci
         l2 = self.metric == "l2"
         pair_values = cpp_kernel("pair_values", st.rows)  # (the stored rows are float32)
         if pair_values is not None:
@@ -1196,22 +1227,24 @@ class Index:
         else:
             scan_t = torch.full_like(qsq, threshold)
         scan_t = self._threshold(scan_t, margin, qscan.dtype)
+        every_query = bool(qvalid.all())
         step = PAIR_CHUNK if engine else nc
         for c0 in range(r0, st.n, step):
             c1 = min(st.n, c0 + step)
             got = self._engine_pair_candidates(st, qscan, c0, c1, scan_t) if engine else None
             for qi, ci in [got] if got is not None else self._scan_pair_candidates(st, qscan, c0, c1, scan_t, nc):
                 if c0 < r1:  # the diagonal block: only j > i
-                    keep = ci > qi + r0
-                    qi, ci = qi[keep], ci[keep]
+                    qi, ci = _take(_true_at(ci > qi + r0), qi, ci)
                 if qi.numel() == 0:
                     continue
-                v = self._exact_pairs(st, qexact, qi, ci)
-                keep = ~torch.isnan(v) & (v <= threshold if self.metric == "l2" else v >= threshold)
-                keep &= qvalid[qi]
-                if bool(keep.any()):
-                    yield ((qi[keep] + r0).cpu().numpy(), ci[keep].cpu().numpy(),
-                           (v[keep] if exact64 else v[keep].float()).cpu().numpy())
+                v = self._exact_pairs(st, qexact, qi, ci, padded=False)
+                keep = v <= threshold if self.metric == "l2" else v >= threshold  # (NaN fails both)
+                if not every_query:
+                    keep &= qvalid[qi]
+                at = _true_at(keep)
+                if at.numel():
+                    qi, ci, v = _take(at, qi, ci, v)
+                    yield ((qi + r0).cpu().numpy(), ci.cpu().numpy(), (v if exact64 else v.float()).cpu().numpy())
 
     def _scan_pair_candidates(self, st, qscan, c0, c1, scan_t, nc):
         """Yield (query offsets, corpus rows) whose scan value reaches scan_t, columns [c0, c1),
@@ -1236,7 +1269,7 @@ class Index:
             else:
                 s = self._score(st, qscan, b0, b1)
                 hit = s >= scan_t[:, None]
-            qi, ci = hit.nonzero(as_tuple=True)
+            qi, ci = _hits(hit)
             if qi.numel():
                 yield qi, ci + b0
 
