@@ -3,25 +3,32 @@ while a run can save, and Ctrl-C held back until a block of work is whole. Used 
 that checkpoint (the text trace, `pairs_above`)."""
 from __future__ import annotations
 
-import _thread
 import contextlib
 import signal
 import sys
 import threading
-import time
 from typing import Iterator
 
 
-def _raise_interrupt(*_) -> None:
+def _raise_interrupt(signum=None, frame=None) -> None:
+    """SIGTERM's handler under terminate_as_interrupt (and SIGINT's where it was Python's own):
+    KeyboardInterrupt, unless the handler runs inside the unraisable hook, where a raise is lost
+    without a trace (a second signal right after a first one dropped in a finalizer had let a
+    run end with status 0): there the stop is noted for raise_swallowed."""
+    global _swallowed
+    if _inside_hook(frame):
+        _swallowed = True
+        return
+    _swallowed = False   # (a stop noted before is this one)
     raise KeyboardInterrupt
 
 
 # A signal's KeyboardInterrupt raised while Python runs a finalizer or a weakref callback is
 # printed as "Exception ignored" and dropped: a SIGTERM there had let a run finish with status 0.
-# While terminate_as_interrupt is active such a drop is noted and the signal delivered again to
-# the main thread, whose handler raises it once the finalizer is over (one that lands in the next
-# finalizer is dropped and delivered again); raise_swallowed raises it at the next safe point if
-# it is still pending. Noted only, a stop in `vocab`'s plots had waited 6 s for the phase's end.
+# While terminate_as_interrupt is active such a drop is noted and raised again at the next safe
+# point (raise_swallowed: a progress phase or bar, an interrupt_after block, a figure saved).
+# (Delivering it again at once from another thread raced with signals still arriving: a second
+# stop raised inside the first's clean-up, cutting short the restoring of the handlers.)
 _swallowed = False
 
 
@@ -30,21 +37,21 @@ def _note_swallowed(previous):
         global _swallowed
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
             _swallowed = True
-            _thread.start_new_thread(_deliver_again, ())
             return
         previous(unraisable)
     return hook
 
 
-def _deliver_again() -> None:
-    """(Another thread) SIGTERM's handler again, terminate_as_interrupt's or an interrupt_after
-    block's (none once it is SIG_DFL or SIG_IGN), a moment after the hook returned: tripped
-    inside the hook, the handler ran there, where its raise was lost too. One that lands in a
-    finalizer again is noted and delivered again; the flag stays set until a stop is raised, so
-    raise_swallowed still catches one lost any other way."""
-    time.sleep(0.001)
-    if _swallowed and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
-        _thread.interrupt_main(signal.SIGTERM)
+_HOOK_CODE = _note_swallowed(None).__code__
+
+
+def _inside_hook(frame) -> bool:
+    """Whether `frame` (a signal handler's) is the unraisable hook's or one it called."""
+    while frame is not None:
+        if frame.f_code is _HOOK_CODE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def raise_swallowed() -> None:
@@ -100,6 +107,10 @@ def terminate_as_interrupt(active: bool = True) -> Iterator[None]:
     global _swallowed
     _swallowed = False
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C too, where Python's own handler has it: the same raise, hook-aware (_raise_interrupt)
+    own_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if own_int:
+        signal.signal(signal.SIGINT, _raise_interrupt)
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _note_swallowed(previous_hook)
     try:
@@ -108,8 +119,22 @@ def terminate_as_interrupt(active: bool = True) -> Iterator[None]:
         _swallowed = False  # (the run is ending anyway)
         raise
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # every step taken even when one raises: a signal left pending by a handler that raised
+        # runs at the next explicit check, which signal.signal makes before it sets anything
+        # (Ctrl-C and SIGTERM together had left SIGINT or SIGTERM on this module's handler)
+        stopped = False
+        for restore in (lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+                        lambda: own_int and signal.getsignal(signal.SIGINT) is _raise_interrupt
+                        and signal.signal(signal.SIGINT, signal.default_int_handler)):
+            for _ in range(3):   # (the pending handler runs once: the next try restores)
+                try:
+                    restore()
+                    break
+                except KeyboardInterrupt:
+                    stopped = True
         sys.unraisablehook = previous_hook
+        if stopped and sys.exc_info()[0] is None:
+            _swallowed = True   # (raised just below)
     raise_swallowed()
 
 
@@ -122,8 +147,8 @@ def interrupt_after() -> Iterator[None]:
         yield
         return
     raise_swallowed()
-    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_interrupt}
-    held = {sig: h for sig, h in ours.items() if signal.getsignal(sig) is h}
+    ours = {signal.SIGINT: (signal.default_int_handler, _raise_interrupt), signal.SIGTERM: (_raise_interrupt,)}
+    held = {sig: signal.getsignal(sig) for sig, hs in ours.items() if signal.getsignal(sig) in hs}
     got: list = []
     for sig in held:
         signal.signal(sig, lambda *_: got.append(True))

@@ -22,7 +22,12 @@ def literal(text) -> str:
 
 
 def save_figure(fig, out_dir: str, name: str) -> str:
-    """Save a matplotlib figure (new_figure's) as out_dir/name.png, return the path."""
+    """Save a matplotlib figure (new_figure's) as out_dir/name.png, return the path. A stop
+    that a figure's finalizer dropped is raised first (raise_swallowed: a page of figures had
+    held it to the phase's end, 6-14 s in `vocab`)."""
+    from ..interrupts import raise_swallowed
+
+    raise_swallowed()
     path = os.path.join(out_dir, f"{name}.png")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
