@@ -405,6 +405,12 @@ def _hits(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(rows), torch.from_numpy(at)
 
 
+def _pad_lists(values: torch.Tensor, ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query (values, ids) lists (Q, w) widened to `width` columns: value NaN, id -1 (none)."""
+    pad = (0, width - values.shape[1])
+    return torch.nn.functional.pad(values, pad, value=math.nan), torch.nn.functional.pad(ids, pad, value=-1)
+
+
 def _largest(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest values of each row of s and their columns, largest first. A few CPU rows
     go through the C++ core's scores_topk (one pass against the running k-th best: 0.05 ms for
@@ -1091,10 +1097,8 @@ class Index:
         if extra.numel():
             ev, ei = self._best_of_scan(st, qexact[extra], qscan[extra], thresh[extra], k, nc, largest)
             width = max(v.shape[1], ev.shape[1])
-            v = torch.nn.functional.pad(v, (0, width - v.shape[1]), value=math.nan)
-            i = torch.nn.functional.pad(i, (0, width - i.shape[1]), value=-1)
-            v[extra] = torch.nn.functional.pad(ev, (0, width - ev.shape[1]), value=math.nan)
-            i[extra] = torch.nn.functional.pad(ei, (0, width - ei.shape[1]), value=-1)
+            v, i = _pad_lists(v, i, width)
+            v[extra], i[extra] = _pad_lists(ev, ei, width)
         v = torch.where(i < 0, torch.full_like(v, math.nan), v)
         return v, i
 
@@ -1119,9 +1123,8 @@ class Index:
             parts = [self._best_of_scan(st, qexact[a:a + step], qscan[a:a + step], thresh[a:a + step], k, nc,
                                         largest) for a in range(0, qscan.shape[0], step)]
             width = max(p[0].shape[1] for p in parts)
-            return (torch.cat([torch.nn.functional.pad(p[0], (0, width - p[0].shape[1]), value=math.nan)
-                               for p in parts]),
-                    torch.cat([torch.nn.functional.pad(p[1], (0, width - p[1].shape[1]), value=-1) for p in parts]))
+            padded = [_pad_lists(v, i, width) for v, i in parts]
+            return torch.cat([v for v, _ in padded]), torch.cat([i for _, i in padded])
         Q = qscan.shape[0]
         best = (torch.zeros((Q, 0), dtype=torch.float64, device=qscan.device),
                 torch.zeros((Q, 0), dtype=torch.int64, device=qscan.device))
